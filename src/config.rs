@@ -1,0 +1,731 @@
+//! Configuration: `config.yaml` is parsed into plain data ([`Config`]),
+//! validated in its own step ([`Config::validate`]) — every problem is
+//! collected with its key path — and only then turned into the runtime
+//! [`Settings`]. Parsing, validating and running never mix.
+//!
+//! YAML is read with `serde-saphyr`: it rejects duplicate keys and reports
+//! line and column, and every struct denies unknown fields.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use url::Url;
+
+/// Algorithms an issuer may be allowed to use: asymmetric only.
+pub const ALLOWED_ALGORITHMS: &[&str] = &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+
+/// Routes below the FHIR base that pass without a token by default.
+pub const DEFAULT_PUBLIC_ROUTES: &[&str] = &["metadata", ".well-known/smart-configuration"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the FHIR proxy listens on, e.g. `0.0.0.0:8080`.
+    pub listen: String,
+    /// The FHIR base URL as clients see it, e.g. `https://fhir.example.org/fhir`.
+    pub public_base_url: String,
+    /// Extra paths below the base that need no token (besides the defaults).
+    #[serde(default)]
+    pub public_routes: Vec<String>,
+    pub upstream: UpstreamConfig,
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub tokens: TokenConfig,
+    #[serde(default)]
+    pub jwks: JwksConfig,
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Verified context forwarded to the upstream as headers: context name
+    /// (`sub`, `client_id`, `patient`, `fhir_user`, `scope`, `issuer`) → header name.
+    #[serde(default)]
+    pub forward_headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Upstream FHIR base, `http://` or `https://`, e.g. `http://10.0.0.5:8080/fhir`.
+    pub url: String,
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "d_read_timeout")]
+    pub read_timeout_ms: u64,
+    #[serde(default = "d_read_timeout")]
+    pub write_timeout_ms: u64,
+    #[serde(default = "d_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// Verify the upstream's TLS certificate (https only).
+    #[serde(default = "d_true")]
+    pub verify_tls: bool,
+    /// PEM bundle of CAs to trust for the upstream (https only).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Pass the client's `Authorization` header on to the upstream.
+    #[serde(default)]
+    pub forward_authorization: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Short name used in metrics and audit records.
+    pub name: String,
+    /// Exact `iss` value of the tokens.
+    pub issuer: String,
+    /// JWKS location; when absent, `discovery` must be true.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Find `jwks_uri` via `{issuer}/.well-known/openid-configuration`,
+    /// then `{issuer}/.well-known/smart-configuration`.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Accepted `aud` values; the token's `aud` must contain one.
+    pub audiences: Vec<String>,
+    #[serde(default = "d_algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default = "d_leeway")]
+    pub leeway_seconds: u64,
+    /// Require the JWT header `typ` to be `at+jwt` (RFC 9068).
+    #[serde(default)]
+    pub require_at_jwt_typ: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    #[serde(default = "d_max_token")]
+    pub max_bytes: usize,
+    #[serde(default = "d_cache_entries")]
+    pub cache_max_entries: u64,
+    #[serde(default = "d_cache_ttl")]
+    pub cache_max_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    /// An unknown `kid` re-fetches an issuer's JWKS at most this often.
+    #[serde(default = "d_refetch")]
+    pub min_refetch_interval_seconds: u64,
+    /// Refresh period when the JWKS response has no Cache-Control max-age.
+    #[serde(default = "d_refresh")]
+    pub refresh_default_seconds: u64,
+    #[serde(default = "d_refresh_min")]
+    pub refresh_min_seconds: u64,
+    #[serde(default = "d_refresh_max")]
+    pub refresh_max_seconds: u64,
+    #[serde(default = "d_fetch_timeout")]
+    pub fetch_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `stdout` or `file`.
+    #[serde(default = "d_sink")]
+    pub sink: String,
+    /// File to append to when `sink: file`.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Worker threads; 0 means one per core.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default = "d_grace")]
+    pub grace_period_seconds: u64,
+    #[serde(default = "d_shutdown")]
+    pub graceful_shutdown_timeout_seconds: u64,
+    /// Largest request body fhirwall reads to classify (Bundles, `_search` forms).
+    #[serde(default = "d_max_body")]
+    pub max_classified_body_bytes: usize,
+}
+
+fn d_connect_timeout() -> u64 {
+    2_000
+}
+fn d_read_timeout() -> u64 {
+    30_000
+}
+fn d_idle_timeout() -> u64 {
+    60_000
+}
+fn d_true() -> bool {
+    true
+}
+fn d_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn d_leeway() -> u64 {
+    30
+}
+fn d_max_token() -> usize {
+    16 * 1024
+}
+fn d_cache_entries() -> u64 {
+    100_000
+}
+fn d_cache_ttl() -> u64 {
+    300
+}
+fn d_refetch() -> u64 {
+    30
+}
+fn d_refresh() -> u64 {
+    300
+}
+fn d_refresh_min() -> u64 {
+    60
+}
+fn d_refresh_max() -> u64 {
+    86_400
+}
+fn d_fetch_timeout() -> u64 {
+    5_000
+}
+fn d_sink() -> String {
+    "stdout".into()
+}
+fn d_grace() -> u64 {
+    5
+}
+fn d_shutdown() -> u64 {
+    25
+}
+fn d_max_body() -> usize {
+    64 * 1024
+}
+
+macro_rules! default_from_serde {
+    ($t:ty) => {
+        impl Default for $t {
+            fn default() -> Self {
+                serde_saphyr::from_str("{}").expect("all fields have defaults")
+            }
+        }
+    };
+}
+default_from_serde!(TokenConfig);
+default_from_serde!(JwksConfig);
+default_from_serde!(AuditConfig);
+default_from_serde!(ServerConfig);
+
+/// One configuration problem, with the key path it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { file: String, problems: Vec<Problem> },
+}
+
+/// Validated, runtime form of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub public_base: Url,
+    /// Path of the public base without a trailing slash, e.g. `/fhir` (or ``).
+    pub public_base_path: String,
+    /// Public routes relative to the base, without leading `/`.
+    pub public_routes: Vec<String>,
+    pub upstream: Upstream,
+    pub issuers: Vec<Issuer>,
+    pub tokens: TokenConfig,
+    pub jwks: JwksConfig,
+    pub admin_listen: SocketAddr,
+    pub audit: AuditSink,
+    pub server: ServerConfig,
+    pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub addr: String,
+    pub tls: bool,
+    pub sni: String,
+    /// `Host` header sent upstream (host, plus port when not the default).
+    pub host_header: String,
+    /// Upstream base path without trailing slash, e.g. `/r4` (or ``).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub verify_tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub forward_authorization: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    pub name: String,
+    pub issuer: String,
+    pub jwks_uri: Option<Url>,
+    pub discovery: bool,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway_seconds: u64,
+    pub require_at_jwt_typ: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+}
+
+/// Verified context that can be forwarded upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedContext {
+    Sub,
+    ClientId,
+    Patient,
+    FhirUser,
+    Scope,
+    Issuer,
+}
+
+impl ForwardedContext {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "sub" => Self::Sub,
+            "client_id" => Self::ClientId,
+            "patient" => Self::Patient,
+            "fhir_user" => Self::FhirUser,
+            "scope" => Self::Scope,
+            "issuer" => Self::Issuer,
+            _ => return None,
+        })
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+    let config = Config::parse(&text).map_err(|message| ConfigError::Parse { file: file.clone(), message })?;
+    config.validate().map_err(|problems| ConfigError::Invalid { file, problems })
+}
+
+fn parse_algorithm(s: &str) -> Option<Algorithm> {
+    Some(match s {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+impl Config {
+    /// Parses YAML text; the message carries line and column.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every setting and returns the runtime form, or every problem found.
+    pub fn validate(&self) -> Result<Settings, Vec<Problem>> {
+        let mut p = Vec::new();
+        let mut problem = |path: &str, message: String| p.push(Problem { path: path.to_string(), message });
+
+        let listen = parse_addr(&self.listen, "listen", &mut problem);
+        let admin_listen = parse_addr(&self.admin.listen, "admin.listen", &mut problem);
+        if listen.is_some() && listen == admin_listen {
+            problem("admin.listen", "must differ from listen".into());
+        }
+
+        let public_base = match Url::parse(&self.public_base_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                if u.query().is_some() || u.fragment().is_some() {
+                    problem("public_base_url", "must not carry a query or fragment".into());
+                }
+                Some(u)
+            }
+            Ok(_) => {
+                problem("public_base_url", format!("'{}' must be an http(s) URL with a host", self.public_base_url));
+                None
+            }
+            Err(e) => {
+                problem("public_base_url", format!("'{}' is not a URL: {e}", self.public_base_url));
+                None
+            }
+        };
+        let mut public_routes: Vec<String> = DEFAULT_PUBLIC_ROUTES.iter().map(|s| s.to_string()).collect();
+        for (i, r) in self.public_routes.iter().enumerate() {
+            let r = r.trim_start_matches('/');
+            let bad = r.is_empty()
+                || r.contains("..")
+                || r.contains('%')
+                || r.contains('?')
+                || r.contains('#')
+                || r.contains(';')
+                || r.contains("//")
+                || r.contains('\\');
+            if bad {
+                problem(
+                    &format!("public_routes[{i}]"),
+                    format!("'{r}' must be a plain path below the FHIR base (no '..', '%', '?', '#', ';', '//')"),
+                );
+            } else {
+                public_routes.push(r.trim_end_matches('/').to_string());
+            }
+        }
+
+        let upstream = self.validate_upstream(&mut problem);
+
+        if self.issuers.is_empty() {
+            problem("issuers", "at least one issuer is required".into());
+        }
+        let mut issuers = Vec::new();
+        for (i, c) in self.issuers.iter().enumerate() {
+            let at = |k: &str| format!("issuers[{i}].{k}");
+            let mut ok = true;
+            if c.name.is_empty() || !c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                problem(&at("name"), format!("'{}' must be non-empty letters, digits, '-' or '_'", c.name));
+                ok = false;
+            }
+            if self.issuers[..i].iter().any(|o| o.name == c.name) {
+                problem(&at("name"), format!("duplicate issuer name '{}'", c.name));
+                ok = false;
+            }
+            if self.issuers[..i].iter().any(|o| o.issuer == c.issuer) {
+                problem(&at("issuer"), format!("duplicate issuer '{}'", c.issuer));
+                ok = false;
+            }
+            if Url::parse(&c.issuer).is_err() {
+                problem(&at("issuer"), format!("'{}' is not a URL", c.issuer));
+                ok = false;
+            }
+            let jwks_uri = match (&c.jwks_uri, c.discovery) {
+                (Some(u), false) => match Url::parse(u) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+                    _ => {
+                        problem(&at("jwks_uri"), format!("'{u}' is not an http(s) URL"));
+                        ok = false;
+                        None
+                    }
+                },
+                (Some(_), true) => {
+                    problem(&at("jwks_uri"), "set either jwks_uri or discovery: true, not both".into());
+                    ok = false;
+                    None
+                }
+                (None, true) => None,
+                (None, false) => {
+                    problem(&at("jwks_uri"), "missing: set jwks_uri, or discovery: true".into());
+                    ok = false;
+                    None
+                }
+            };
+            if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
+                problem(&at("audiences"), "at least one non-empty audience is required".into());
+                ok = false;
+            }
+            if c.algorithms.is_empty() {
+                problem(&at("algorithms"), "at least one algorithm is required".into());
+                ok = false;
+            }
+            let mut algorithms = Vec::new();
+            for (j, a) in c.algorithms.iter().enumerate() {
+                match parse_algorithm(a) {
+                    Some(alg) => algorithms.push(alg),
+                    None => {
+                        problem(
+                            &format!("issuers[{i}].algorithms[{j}]"),
+                            format!("'{a}' is not allowed; allowed: {}", ALLOWED_ALGORITHMS.join(", ")),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            if c.leeway_seconds > 300 {
+                problem(&at("leeway_seconds"), format!("{} is more than the 300 s maximum", c.leeway_seconds));
+                ok = false;
+            }
+            if ok {
+                issuers.push(Issuer {
+                    name: c.name.clone(),
+                    issuer: c.issuer.clone(),
+                    jwks_uri,
+                    discovery: c.discovery,
+                    audiences: c.audiences.clone(),
+                    algorithms,
+                    leeway_seconds: c.leeway_seconds,
+                    require_at_jwt_typ: c.require_at_jwt_typ,
+                });
+            }
+        }
+
+        if self.tokens.max_bytes < 256 || self.tokens.max_bytes > 64 * 1024 {
+            problem("tokens.max_bytes", format!("{} must be between 256 and 65536", self.tokens.max_bytes));
+        }
+        if self.tokens.cache_max_entries == 0 {
+            problem("tokens.cache_max_entries", "must be at least 1".into());
+        }
+        let j = &self.jwks;
+        if j.refresh_min_seconds == 0 || j.refresh_min_seconds > j.refresh_max_seconds {
+            problem("jwks.refresh_min_seconds", "must be at least 1 and not more than jwks.refresh_max_seconds".into());
+        }
+        if j.fetch_timeout_ms == 0 {
+            problem("jwks.fetch_timeout_ms", "must be at least 1".into());
+        }
+
+        let audit = match (self.audit.sink.as_str(), &self.audit.path) {
+            ("stdout", None) => Some(AuditSink::Stdout),
+            ("stdout", Some(_)) => {
+                problem("audit.path", "only used with sink: file".into());
+                None
+            }
+            ("file", Some(path)) => Some(AuditSink::File(PathBuf::from(path))),
+            ("file", None) => {
+                problem("audit.path", "required with sink: file".into());
+                None
+            }
+            (other, _) => {
+                problem("audit.sink", format!("'{other}' is not a sink; use stdout or file"));
+                None
+            }
+        };
+
+        if !(1024..=65536).contains(&self.server.max_classified_body_bytes) {
+            problem(
+                "server.max_classified_body_bytes",
+                format!("{} must be between 1024 and 65536 (Pingora's request body buffer)", self.server.max_classified_body_bytes),
+            );
+        }
+
+        let mut forward_headers = Vec::new();
+        for (k, v) in &self.forward_headers {
+            let path = format!("forward_headers.{k}");
+            let ctx = ForwardedContext::parse(k);
+            if ctx.is_none() {
+                problem(&path, "unknown context; use sub, client_id, patient, fhir_user, scope or issuer".into());
+            }
+            let name = http::HeaderName::from_bytes(v.as_bytes()).ok();
+            if name.is_none() {
+                problem(&path, format!("'{v}' is not a valid header name"));
+            }
+            if let (Some(c), Some(n)) = (ctx, name) {
+                if crate::proxy_headers::is_reserved(n.as_str()) {
+                    problem(&path, format!("'{v}' is a hop-by-hop or forwarding header fhirwall manages itself"));
+                }
+                forward_headers.push((c, n));
+            }
+        }
+
+        if !p.is_empty() {
+            return Err(p);
+        }
+        let public_base = public_base.expect("validated");
+        Ok(Settings {
+            listen: listen.expect("validated"),
+            public_base_path: public_base.path().trim_end_matches('/').to_string(),
+            public_base,
+            public_routes,
+            upstream: upstream.expect("validated"),
+            issuers,
+            tokens: self.tokens.clone(),
+            jwks: self.jwks.clone(),
+            admin_listen: admin_listen.expect("validated"),
+            audit: audit.expect("validated"),
+            server: self.server.clone(),
+            forward_headers,
+        })
+    }
+
+    fn validate_upstream(&self, problem: &mut impl FnMut(&str, String)) -> Option<Upstream> {
+        let u = &self.upstream;
+        let url = match Url::parse(&u.url) {
+            Ok(url) => url,
+            Err(e) => {
+                problem("upstream.url", format!("'{}' is not a URL: {e}", u.url));
+                return None;
+            }
+        };
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            s => {
+                problem("upstream.url", format!("scheme '{s}' is not supported; use http or https"));
+                return None;
+            }
+        };
+        let Some(host) = url.host_str() else {
+            problem("upstream.url", "has no host".into());
+            return None;
+        };
+        if url.query().is_some() || url.fragment().is_some() {
+            problem("upstream.url", "must not carry a query or fragment".into());
+        }
+        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let host_header = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+        let mut ok = true;
+        for (k, v) in [
+            ("connect_timeout_ms", u.connect_timeout_ms),
+            ("read_timeout_ms", u.read_timeout_ms),
+            ("write_timeout_ms", u.write_timeout_ms),
+            ("idle_timeout_ms", u.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                problem(&format!("upstream.{k}"), "must be at least 1".into());
+                ok = false;
+            }
+        }
+        if let Some(ca) = &u.ca_file {
+            if !tls {
+                problem("upstream.ca_file", "only used with an https upstream".into());
+                ok = false;
+            } else if let Err(e) = std::fs::read(ca) {
+                problem("upstream.ca_file", format!("cannot read '{ca}': {e}"));
+                ok = false;
+            }
+        }
+        // Host may be a name; pingora connects to a socket address, so resolve at start.
+        let addr = format!("{host}:{port}");
+        let addr = addr.trim_start_matches('[').replace("]:", ":");
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(|c| c == '[' || c == ']'), port))
+            .ok()
+            .and_then(|mut a| a.next());
+        let Some(resolved) = resolved else {
+            problem("upstream.url", format!("cannot resolve host '{host}' ({addr})"));
+            return None;
+        };
+        ok.then(|| Upstream {
+            addr: resolved.to_string(),
+            tls,
+            sni: host.trim_matches(|c| c == '[' || c == ']').to_string(),
+            host_header,
+            base_path: url.path().trim_end_matches('/').to_string(),
+            connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+            read_timeout: Duration::from_millis(u.read_timeout_ms),
+            write_timeout: Duration::from_millis(u.write_timeout_ms),
+            idle_timeout: Duration::from_millis(u.idle_timeout_ms),
+            verify_tls: u.verify_tls,
+            ca_file: u.ca_file.as_ref().map(PathBuf::from),
+            forward_authorization: u.forward_authorization,
+        })
+    }
+}
+
+fn parse_addr(s: &str, path: &str, problem: &mut impl FnMut(&str, String)) -> Option<SocketAddr> {
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problem(path, format!("'{s}' is not an address:port such as 0.0.0.0:8080"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen: 127.0.0.1:8080
+public_base_url: http://localhost:8080/fhir
+upstream:
+  url: http://127.0.0.1:9090/r4
+issuers:
+  - name: local
+    issuer: http://127.0.0.1:9999
+    jwks_uri: http://127.0.0.1:9999/jwks.json
+    audiences: [http://localhost:8080/fhir]
+admin:
+  listen: 127.0.0.1:9901
+"#;
+
+    #[test]
+    fn good_config_validates_with_defaults() {
+        let s = Config::parse(GOOD).unwrap().validate().unwrap();
+        assert_eq!(s.public_base_path, "/fhir");
+        assert_eq!(s.upstream.base_path, "/r4");
+        assert_eq!(s.upstream.host_header, "127.0.0.1:9090");
+        assert_eq!(s.issuers[0].algorithms, vec![Algorithm::RS256, Algorithm::ES256]);
+        assert_eq!(s.audit, AuditSink::Stdout);
+        assert_eq!(s.public_routes, vec!["metadata", ".well-known/smart-configuration"]);
+    }
+
+    #[test]
+    fn unknown_and_duplicate_keys_are_errors() {
+        let e = Config::parse(&format!("{GOOD}\nbogus: 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
+        assert!(e.to_lowercase().contains("duplicate"), "{e}");
+        let e = Config::parse(&GOOD.replace("    audiences:", "    audience: x\n    audiences:")).unwrap_err();
+        assert!(e.contains("audience"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let bad = GOOD
+            .replace("listen: 127.0.0.1:8080", "listen: nowhere")
+            .replace("http://127.0.0.1:9090/r4", "ftp://127.0.0.1/r4")
+            .replace("    audiences: [http://localhost:8080/fhir]", "    audiences: []\n    algorithms: [RS256, HS256, none]");
+        let problems = Config::parse(&bad).unwrap().validate().unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["listen", "upstream.url", "issuers[0].audiences", "issuers[0].algorithms[1]", "issuers[0].algorithms[2]"],
+            "{problems:?}"
+        );
+        assert!(problems[3].message.contains("HS256"));
+    }
+
+    #[test]
+    fn jwks_source_must_be_exactly_one() {
+        let both = GOOD.replace("    audiences:", "    discovery: true\n    audiences:");
+        let p = Config::parse(&both).unwrap().validate().unwrap_err();
+        assert_eq!(p[0].path, "issuers[0].jwks_uri");
+        let neither = GOOD.replace("    jwks_uri: http://127.0.0.1:9999/jwks.json\n", "");
+        let p = Config::parse(&neither).unwrap().validate().unwrap_err();
+        assert_eq!(p[0].path, "issuers[0].jwks_uri");
+    }
+
+    #[test]
+    fn reference_config_is_valid() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+        Config::parse(&text).unwrap().validate().unwrap();
+    }
+}

@@ -1,0 +1,180 @@
+//! The one mapping from a refusal to an HTTP answer: status,
+//! `WWW-Authenticate` (RFC 6750) and a FHIR `OperationOutcome` body.
+//!
+//! - No token: 401, `Bearer realm="…"`, no error code.
+//! - Bad token: 401 `error="invalid_token"` with a description naming the
+//!   failed check (never the token).
+//! - Bad request for credentials: 400 `error="invalid_request"`.
+//! - Valid token, not allowed: 403 `error="insufficient_scope"` (+ `scope`).
+//! - Keys or upstream unavailable: 503 with `Retry-After` / 502 / 504.
+
+use serde_json::json;
+
+/// A refusal, with everything needed to answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// No credentials on a protected route.
+    NoToken,
+    /// Credentials malformed or presented in a refused way (400).
+    InvalidRequest { code: &'static str, description: String },
+    /// The token failed validation (401).
+    InvalidToken { code: &'static str, description: String },
+    /// The grant does not allow the request (403).
+    InsufficientScope { description: String, scope: Option<String> },
+    /// Outside the FHIR base, or not a FHIR path (404).
+    NotFound { description: String },
+    /// Not a well-formed FHIR interaction (400).
+    BadFhirRequest { code: &'static str, description: String },
+    /// The method does not apply to the path (405).
+    MethodNotAllowed { description: String },
+    /// Body larger than what fhirwall reads to classify (413).
+    TooLarge { description: String },
+    /// A dependency (JWKS) is unavailable: 503 with Retry-After.
+    Unavailable { code: &'static str, description: String, retry_after_seconds: u64 },
+    /// The upstream failed: 502 (refused, reset) or 504 (timeout).
+    Upstream { status: u16, code: &'static str, description: String },
+}
+
+/// The HTTP answer for a [`Denial`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub www_authenticate: Option<String>,
+    pub retry_after: Option<u64>,
+    pub body: Vec<u8>,
+}
+
+/// Keeps a header quoted-string safe: printable ASCII without `"` and `\`.
+fn quoted(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '?' })
+        .take(300)
+        .collect()
+}
+
+impl Denial {
+    /// Stable reason code for metrics and the audit record.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::NoToken => "no_token",
+            Denial::InvalidRequest { code, .. }
+            | Denial::InvalidToken { code, .. }
+            | Denial::BadFhirRequest { code, .. }
+            | Denial::Unavailable { code, .. }
+            | Denial::Upstream { code, .. } => code,
+            Denial::InsufficientScope { .. } => "insufficient_scope",
+            Denial::NotFound { .. } => "not_found",
+            Denial::MethodNotAllowed { .. } => "method_not_allowed",
+            Denial::TooLarge { .. } => "body_too_large",
+        }
+    }
+
+    /// The human-readable reason.
+    pub fn description(&self) -> String {
+        match self {
+            Denial::NoToken => "no access token: send Authorization: Bearer <token>".into(),
+            Denial::InvalidRequest { description, .. }
+            | Denial::InvalidToken { description, .. }
+            | Denial::InsufficientScope { description, .. }
+            | Denial::NotFound { description }
+            | Denial::BadFhirRequest { description, .. }
+            | Denial::MethodNotAllowed { description }
+            | Denial::TooLarge { description }
+            | Denial::Unavailable { description, .. }
+            | Denial::Upstream { description, .. } => description.clone(),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Denial::NoToken | Denial::InvalidToken { .. } => 401,
+            Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } => 400,
+            Denial::InsufficientScope { .. } => 403,
+            Denial::NotFound { .. } => 404,
+            Denial::MethodNotAllowed { .. } => 405,
+            Denial::TooLarge { .. } => 413,
+            Denial::Unavailable { .. } => 503,
+            Denial::Upstream { status, .. } => *status,
+        }
+    }
+
+    /// Builds the answer; `realm` is the protected resource's realm.
+    pub fn answer(&self, realm: &str) -> Answer {
+        let realm = quoted(realm);
+        let desc = quoted(&self.description());
+        let www_authenticate = match self {
+            Denial::NoToken => Some(format!("Bearer realm=\"{realm}\"")),
+            Denial::InvalidRequest { .. } => {
+                Some(format!("Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{desc}\""))
+            }
+            Denial::InvalidToken { .. } => {
+                Some(format!("Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{desc}\""))
+            }
+            Denial::InsufficientScope { scope, .. } => Some(match scope {
+                Some(s) => format!(
+                    "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\", scope=\"{}\"",
+                    quoted(s)
+                ),
+                None => format!("Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\""),
+            }),
+            _ => None,
+        };
+        let (severity, issue_code) = match self {
+            Denial::NoToken | Denial::InvalidToken { .. } => ("error", "login"),
+            Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } | Denial::MethodNotAllowed { .. } => {
+                ("error", "invalid")
+            }
+            Denial::InsufficientScope { .. } => ("error", "forbidden"),
+            Denial::NotFound { .. } => ("error", "not-found"),
+            Denial::TooLarge { .. } => ("error", "too-costly"),
+            Denial::Unavailable { .. } => ("error", "transient"),
+            Denial::Upstream { status: 504, .. } => ("error", "timeout"),
+            Denial::Upstream { .. } => ("error", "exception"),
+        };
+        let body = json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": severity,
+                "code": issue_code,
+                "details": {"text": self.code()},
+                "diagnostics": format!("fhirwall: {}", self.description()),
+            }]
+        });
+        let retry_after = match self {
+            Denial::Unavailable { retry_after_seconds, .. } => Some(*retry_after_seconds),
+            _ => None,
+        };
+        Answer { status: self.status(), www_authenticate, retry_after, body: body.to_string().into_bytes() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers() {
+        let a = Denial::NoToken.answer("https://fhir.example/fhir");
+        assert_eq!(a.status, 401);
+        assert_eq!(a.www_authenticate.as_deref(), Some("Bearer realm=\"https://fhir.example/fhir\""));
+
+        let a = Denial::InvalidToken { code: "token_expired", description: "token \"expired\"\n".into() }.answer("r");
+        assert_eq!(a.status, 401);
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some("Bearer realm=\"r\", error=\"invalid_token\", error_description=\"token ?expired??\"")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert_eq!(body["issue"][0]["code"], "login");
+
+        let a = Denial::InsufficientScope { description: "needs s".into(), scope: Some("user/Observation.s".into()) }
+            .answer("r");
+        assert_eq!(a.status, 403);
+        assert!(a.www_authenticate.unwrap().ends_with("scope=\"user/Observation.s\""));
+
+        let a = Denial::Unavailable { code: "keys_unavailable", description: "x".into(), retry_after_seconds: 5 }.answer("r");
+        assert_eq!((a.status, a.retry_after, a.www_authenticate), (503, Some(5), None));
+        assert_eq!(Denial::Upstream { status: 504, code: "upstream_timeout", description: "t".into() }.status(), 504);
+    }
+}

@@ -1,0 +1,584 @@
+//! Stage 5, classify: turns an HTTP request below the FHIR base into a typed
+//! [`FhirRequest`] — interaction, resource type, id, compartment, operation,
+//! search parameters — or refuses it.
+//!
+//! Pure: no I/O, no clock. Anything that is not a well-formed FHIR R4 RESTful
+//! interaction (unknown resource type, malformed id, unexpected path shape,
+//! method that does not fit the path) is refused with a [`ClassifyError`]
+//! that names what is wrong; nothing is guessed.
+
+use std::fmt;
+
+use percent_encoding::percent_decode_str;
+use serde_json::Value;
+
+use super::resource_types::is_resource_type;
+
+/// Resource types that define a compartment in FHIR R4
+/// (`[base]/[CompartmentType]/[id]/[type]` searches).
+pub const COMPARTMENT_TYPES: &[&str] = &["Device", "Encounter", "Patient", "Practitioner", "RelatedPerson"];
+
+/// Largest number of entries a batch or transaction Bundle may carry.
+pub const MAX_BUNDLE_ENTRIES: usize = 1000;
+
+/// A FHIR RESTful interaction, as the R4 HTTP page names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interaction {
+    Read,
+    Vread,
+    Update,
+    Patch,
+    Delete,
+    HistoryInstance,
+    HistoryType,
+    HistorySystem,
+    Create,
+    SearchType,
+    SearchSystem,
+    SearchCompartment,
+    Capabilities,
+    Batch,
+    Transaction,
+    Operation,
+}
+
+impl Interaction {
+    /// Every interaction, for enumerating metric labels at start-up.
+    pub const ALL: [Interaction; 16] = [
+        Interaction::Read,
+        Interaction::Vread,
+        Interaction::Update,
+        Interaction::Patch,
+        Interaction::Delete,
+        Interaction::HistoryInstance,
+        Interaction::HistoryType,
+        Interaction::HistorySystem,
+        Interaction::Create,
+        Interaction::SearchType,
+        Interaction::SearchSystem,
+        Interaction::SearchCompartment,
+        Interaction::Capabilities,
+        Interaction::Batch,
+        Interaction::Transaction,
+        Interaction::Operation,
+    ];
+
+    /// The name used in audit records, metrics and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interaction::Read => "read",
+            Interaction::Vread => "vread",
+            Interaction::Update => "update",
+            Interaction::Patch => "patch",
+            Interaction::Delete => "delete",
+            Interaction::HistoryInstance => "history-instance",
+            Interaction::HistoryType => "history-type",
+            Interaction::HistorySystem => "history-system",
+            Interaction::Create => "create",
+            Interaction::SearchType => "search-type",
+            Interaction::SearchSystem => "search-system",
+            Interaction::SearchCompartment => "search-compartment",
+            Interaction::Capabilities => "capabilities",
+            Interaction::Batch => "batch",
+            Interaction::Transaction => "transaction",
+            Interaction::Operation => "operation",
+        }
+    }
+}
+
+impl fmt::Display for Interaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The level an operation is invoked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationLevel {
+    System,
+    Type,
+    Instance,
+}
+
+/// `[base]/[type]/[id]/...` compartment reference of a compartment search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compartment {
+    pub resource_type: String,
+    pub id: String,
+}
+
+/// A classified FHIR request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FhirRequest {
+    pub interaction: Interaction,
+    /// The resource type acted on; `None` for system-level interactions.
+    /// For a compartment search this is the type searched for, `None` for `*`.
+    pub resource_type: Option<String>,
+    pub id: Option<String>,
+    pub version_id: Option<String>,
+    pub compartment: Option<Compartment>,
+    /// Operation name without the `$`, with its level.
+    pub operation: Option<(String, OperationLevel)>,
+    /// Conditional create/update/patch/delete (the server runs a search).
+    pub conditional: bool,
+    /// Decoded query (or form) parameters, in order.
+    pub params: Vec<(String, String)>,
+    /// Entries of a batch or transaction Bundle, each classified.
+    pub entries: Vec<FhirRequest>,
+}
+
+impl FhirRequest {
+    fn new(interaction: Interaction) -> Self {
+        FhirRequest {
+            interaction,
+            resource_type: None,
+            id: None,
+            version_id: None,
+            compartment: None,
+            operation: None,
+            conditional: false,
+            params: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    /// True when this is a batch or transaction whose body must be read to classify it.
+    pub fn is_bundle(&self) -> bool {
+        matches!(self.interaction, Interaction::Batch | Interaction::Transaction)
+    }
+}
+
+/// Why a request could not be classified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("unknown FHIR R4 resource type '{0}'")]
+    UnknownResourceType(String),
+    #[error("malformed resource id '{0}' (FHIR ids are 1-64 characters of A-Z a-z 0-9 - .)")]
+    MalformedId(String),
+    #[error("malformed path: {0}")]
+    MalformedPath(String),
+    #[error("method {method} is not a FHIR interaction on {what}")]
+    MethodNotAllowed { method: String, what: String },
+    #[error("malformed query string: {0}")]
+    MalformedQuery(String),
+    #[error("malformed Bundle: {0}")]
+    MalformedBundle(String),
+    #[error("Bundle entry {index}: {reason}")]
+    BadEntry { index: usize, reason: Box<ClassifyError> },
+}
+
+/// What the classifier needs to know about the HTTP request.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// Path below the FHIR base, already percent-decoded and normalised by
+    /// the route stage, without a leading `/` (empty for the base itself).
+    pub path: &'a str,
+    /// Raw query string (not decoded), without the `?`.
+    pub query: Option<&'a str>,
+    /// Value of the `If-None-Exist` header (conditional create).
+    pub if_none_exist: Option<&'a str>,
+}
+
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn is_valid_operation(seg: &str) -> bool {
+    seg.len() > 1
+        && seg.len() <= 64
+        && seg.starts_with('$')
+        && seg[1..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn resource_type(seg: &str) -> Result<String, ClassifyError> {
+    if is_resource_type(seg) {
+        Ok(seg.to_string())
+    } else {
+        Err(ClassifyError::UnknownResourceType(seg.to_string()))
+    }
+}
+
+fn id(seg: &str) -> Result<String, ClassifyError> {
+    if is_valid_id(seg) {
+        Ok(seg.to_string())
+    } else {
+        Err(ClassifyError::MalformedId(seg.to_string()))
+    }
+}
+
+/// Decodes an `application/x-www-form-urlencoded` string (a query string or
+/// a `_search` form body) into name/value pairs. `+` is a space.
+pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
+    let mut out = Vec::new();
+    for pair in raw.split('&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| -> Result<String, ClassifyError> {
+            let s = s.replace('+', " ");
+            percent_decode_str(&s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ClassifyError::MalformedQuery(format!("parameter '{pair}' is not valid UTF-8")))
+        };
+        let name = decode(name)?;
+        if name.is_empty() {
+            return Err(ClassifyError::MalformedQuery("parameter with an empty name".into()));
+        }
+        out.push((name, decode(value)?));
+    }
+    Ok(out)
+}
+
+fn not_allowed(method: &str, what: &str) -> ClassifyError {
+    ClassifyError::MethodNotAllowed { method: method.to_string(), what: what.to_string() }
+}
+
+/// Classifies one request. A batch/transaction is returned with no entries:
+/// call [`classify_bundle`] with its body.
+pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
+    let method = req.method;
+    let params = match req.query {
+        Some(q) => parse_params(q)?,
+        None => Vec::new(),
+    };
+    let segs: Vec<&str> = if req.path.is_empty() { Vec::new() } else { req.path.split('/').collect() };
+    if segs.iter().any(|s| s.is_empty()) {
+        return Err(ClassifyError::MalformedPath("empty path segment".into()));
+    }
+    let is_get = matches!(method, "GET" | "HEAD");
+    let mut r = match segs.as_slice() {
+        [] => match method {
+            _ if is_get => FhirRequest::new(Interaction::SearchSystem),
+            // The kind (batch or transaction) comes from the body.
+            "POST" => FhirRequest::new(Interaction::Batch),
+            _ => return Err(not_allowed(method, "the FHIR base")),
+        },
+        ["metadata"] if is_get => FhirRequest::new(Interaction::Capabilities),
+        ["metadata"] => return Err(not_allowed(method, "metadata")),
+        ["_search"] if is_get || method == "POST" => FhirRequest::new(Interaction::SearchSystem),
+        ["_history"] if is_get => FhirRequest::new(Interaction::HistorySystem),
+        [op] if is_valid_operation(op) => operation(method, op, OperationLevel::System)?,
+        [t] => {
+            let t = resource_type(t)?;
+            let mut r = match method {
+                "GET" | "HEAD" => FhirRequest::new(Interaction::SearchType),
+                "POST" => {
+                    let mut r = FhirRequest::new(Interaction::Create);
+                    r.conditional = req.if_none_exist.is_some();
+                    r
+                }
+                "PUT" | "PATCH" | "DELETE" => {
+                    if params.is_empty() {
+                        return Err(ClassifyError::MalformedPath(format!(
+                            "{method} on a resource type needs an id or search parameters (conditional {})",
+                            method.to_ascii_lowercase()
+                        )));
+                    }
+                    let mut r = FhirRequest::new(match method {
+                        "PUT" => Interaction::Update,
+                        "PATCH" => Interaction::Patch,
+                        _ => Interaction::Delete,
+                    });
+                    r.conditional = true;
+                    r
+                }
+                _ => return Err(not_allowed(method, "a resource type")),
+            };
+            r.resource_type = Some(t);
+            r
+        }
+        [t, "_search"] if is_get || method == "POST" => {
+            let mut r = FhirRequest::new(Interaction::SearchType);
+            r.resource_type = Some(resource_type(t)?);
+            r
+        }
+        [t, "_history"] if is_get => {
+            let mut r = FhirRequest::new(Interaction::HistoryType);
+            r.resource_type = Some(resource_type(t)?);
+            r
+        }
+        [t, op] if is_valid_operation(op) => {
+            let mut r = operation(method, op, OperationLevel::Type)?;
+            r.resource_type = Some(resource_type(t)?);
+            r
+        }
+        [t, i] => {
+            let t = resource_type(t)?;
+            let i = id(i)?;
+            let mut r = FhirRequest::new(match method {
+                "GET" | "HEAD" => Interaction::Read,
+                "PUT" => Interaction::Update,
+                "PATCH" => Interaction::Patch,
+                "DELETE" => Interaction::Delete,
+                _ => return Err(not_allowed(method, "a resource instance")),
+            });
+            r.resource_type = Some(t);
+            r.id = Some(i);
+            r
+        }
+        [t, i, "_history"] if is_get => {
+            let mut r = FhirRequest::new(Interaction::HistoryInstance);
+            r.resource_type = Some(resource_type(t)?);
+            r.id = Some(id(i)?);
+            r
+        }
+        [t, i, "_history", v] if is_get => {
+            let mut r = FhirRequest::new(Interaction::Vread);
+            r.resource_type = Some(resource_type(t)?);
+            r.id = Some(id(i)?);
+            r.version_id = Some(id(v)?);
+            r
+        }
+        [t, i, op] if is_valid_operation(op) => {
+            let mut r = operation(method, op, OperationLevel::Instance)?;
+            r.resource_type = Some(resource_type(t)?);
+            r.id = Some(id(i)?);
+            r
+        }
+        [t, i, target] | [t, i, target, "_search"]
+            if (is_get || (segs.len() == 4 && method == "POST")) && !target.starts_with('_') =>
+        {
+            let ct = resource_type(t)?;
+            if !COMPARTMENT_TYPES.contains(&ct.as_str()) {
+                return Err(ClassifyError::MalformedPath(format!(
+                    "{ct} does not define a compartment; compartment searches exist for {}",
+                    COMPARTMENT_TYPES.join(", ")
+                )));
+            }
+            let mut r = FhirRequest::new(Interaction::SearchCompartment);
+            r.compartment = Some(Compartment { resource_type: ct, id: id(i)? });
+            r.resource_type = if *target == "*" { None } else { Some(resource_type(target)?) };
+            r
+        }
+        _ => {
+            return Err(ClassifyError::MalformedPath(format!(
+                "'{}' with method {method} is not a FHIR RESTful interaction",
+                req.path
+            )))
+        }
+    };
+    r.params = params;
+    Ok(r)
+}
+
+fn operation(method: &str, seg: &str, level: OperationLevel) -> Result<FhirRequest, ClassifyError> {
+    if !matches!(method, "GET" | "HEAD" | "POST") {
+        return Err(not_allowed(method, "an operation"));
+    }
+    let mut r = FhirRequest::new(Interaction::Operation);
+    r.operation = Some((seg[1..].to_string(), level));
+    Ok(r)
+}
+
+/// Classifies the body of a `POST [base]` request: a JSON Bundle of type
+/// `batch` or `transaction`, each entry classified by its `request`.
+/// Returns the request with its interaction set and its entries filled in.
+pub fn classify_bundle(mut base: FhirRequest, body: &[u8]) -> Result<FhirRequest, ClassifyError> {
+    let bundle: Value = serde_json::from_slice(body)
+        .map_err(|e| ClassifyError::MalformedBundle(format!("body is not JSON: {e}")))?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ClassifyError::MalformedBundle(
+            "POST to the FHIR base must carry a Bundle (resourceType \"Bundle\")".into(),
+        ));
+    }
+    base.interaction = match bundle.get("type").and_then(Value::as_str) {
+        Some("batch") => Interaction::Batch,
+        Some("transaction") => Interaction::Transaction,
+        Some(other) => {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "Bundle.type '{other}' cannot be posted to the base; only batch and transaction"
+            )))
+        }
+        None => return Err(ClassifyError::MalformedBundle("Bundle.type is missing".into())),
+    };
+    let entries = match bundle.get("entry") {
+        None => &[][..],
+        Some(Value::Array(a)) => a.as_slice(),
+        Some(_) => return Err(ClassifyError::MalformedBundle("Bundle.entry is not an array".into())),
+    };
+    if entries.len() > MAX_BUNDLE_ENTRIES {
+        return Err(ClassifyError::MalformedBundle(format!(
+            "{} entries, more than the {MAX_BUNDLE_ENTRIES} allowed",
+            entries.len()
+        )));
+    }
+    base.entries = entries
+        .iter()
+        .enumerate()
+        .map(|(index, e)| classify_entry(e).map_err(|reason| ClassifyError::BadEntry { index, reason: Box::new(reason) }))
+        .collect::<Result<_, _>>()?;
+    Ok(base)
+}
+
+fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
+    let request = entry
+        .get("request")
+        .ok_or_else(|| ClassifyError::MalformedBundle("entry has no request".into()))?;
+    let method = request
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ClassifyError::MalformedBundle("entry.request.method is missing".into()))?;
+    if !matches!(method, "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") {
+        return Err(ClassifyError::MalformedBundle(format!("entry.request.method '{method}' is not an HTTP verb FHIR allows")));
+    }
+    let url = request
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ClassifyError::MalformedBundle("entry.request.url is missing".into()))?;
+    if url.contains("://") || url.starts_with('/') || url.contains('#') {
+        return Err(ClassifyError::MalformedBundle(format!(
+            "entry.request.url '{url}' must be relative to the FHIR base"
+        )));
+    }
+    let (raw_path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (url, None),
+    };
+    let path = percent_decode_str(raw_path)
+        .decode_utf8()
+        .map_err(|_| ClassifyError::MalformedBundle(format!("entry.request.url '{url}' is not valid UTF-8")))?;
+    if path.contains("..") || path.contains(';') || path.contains('\\') {
+        return Err(ClassifyError::MalformedBundle(format!("entry.request.url '{url}' is not a plain path")));
+    }
+    let if_none_exist = request.get("ifNoneExist").and_then(Value::as_str);
+    let r = classify(HttpRequest { method, path: path.trim_end_matches('/'), query, if_none_exist })?;
+    if matches!(r.interaction, Interaction::Batch | Interaction::Transaction) {
+        return Err(ClassifyError::MalformedBundle("a Bundle entry cannot itself be a batch or transaction".into()));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(method: &str, path: &str, query: Option<&str>) -> Result<FhirRequest, ClassifyError> {
+        classify(HttpRequest { method, path, query, if_none_exist: None })
+    }
+
+    #[test]
+    fn interactions_table() {
+        use Interaction::*;
+        let cases: &[(&str, &str, &str, Option<&str>, Interaction, Option<&str>, Option<&str>)] = &[
+            ("read", "GET", "Patient/123", None, Read, Some("Patient"), Some("123")),
+            ("head read", "HEAD", "Patient/123", None, Read, Some("Patient"), Some("123")),
+            ("vread", "GET", "Observation/o1/_history/2", None, Vread, Some("Observation"), Some("o1")),
+            ("update", "PUT", "Patient/123", None, Update, Some("Patient"), Some("123")),
+            ("patch", "PATCH", "Patient/123", None, Patch, Some("Patient"), Some("123")),
+            ("delete", "DELETE", "Patient/123", None, Delete, Some("Patient"), Some("123")),
+            ("conditional update", "PUT", "Patient", Some("identifier=x|1"), Update, Some("Patient"), None),
+            ("conditional delete", "DELETE", "Observation", Some("code=1"), Delete, Some("Observation"), None),
+            ("conditional patch", "PATCH", "Observation", Some("code=1"), Patch, Some("Observation"), None),
+            ("history instance", "GET", "Patient/1/_history", None, HistoryInstance, Some("Patient"), Some("1")),
+            ("history type", "GET", "Patient/_history", None, HistoryType, Some("Patient"), None),
+            ("history system", "GET", "_history", None, HistorySystem, None, None),
+            ("create", "POST", "Observation", None, Create, Some("Observation"), None),
+            ("search type", "GET", "Observation", Some("patient=1"), SearchType, Some("Observation"), None),
+            ("search type POST", "POST", "Observation/_search", None, SearchType, Some("Observation"), None),
+            ("search system", "GET", "", Some("_type=Patient"), SearchSystem, None, None),
+            ("search system _search", "POST", "_search", None, SearchSystem, None, None),
+            ("search compartment", "GET", "Patient/123/Observation", None, SearchCompartment, Some("Observation"), None),
+            ("search compartment *", "GET", "Patient/123/*", None, SearchCompartment, None, None),
+            ("capabilities", "GET", "metadata", None, Capabilities, None, None),
+            ("batch or transaction", "POST", "", None, Batch, None, None),
+            ("system op", "POST", "$export", None, Operation, None, None),
+            ("type op", "GET", "Patient/$export", None, Operation, Some("Patient"), None),
+            ("instance op", "GET", "Patient/1/$everything", None, Operation, Some("Patient"), Some("1")),
+        ];
+        for (name, m, p, q, i, t, id) in cases {
+            let r = c(m, p, *q).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(r.interaction, *i, "{name}");
+            assert_eq!(r.resource_type.as_deref(), *t, "{name}");
+            assert_eq!(r.id.as_deref(), *id, "{name}");
+        }
+    }
+
+    #[test]
+    fn details() {
+        let r = c("GET", "Patient/123/Observation", Some("code=a%20b&x=1+2")).unwrap();
+        assert_eq!(r.compartment, Some(Compartment { resource_type: "Patient".into(), id: "123".into() }));
+        assert_eq!(r.params, vec![("code".into(), "a b".into()), ("x".into(), "1 2".into())]);
+        let r = c("GET", "Patient/1/$everything", None).unwrap();
+        assert_eq!(r.operation, Some(("everything".into(), OperationLevel::Instance)));
+        let r = classify(HttpRequest { method: "POST", path: "Patient", query: None, if_none_exist: Some("identifier=1") }).unwrap();
+        assert!(r.conditional);
+        assert!(c("PUT", "Patient", Some("identifier=1")).unwrap().conditional);
+        assert_eq!(c("GET", "Observation/o/_history/7", None).unwrap().version_id.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn refusals_table() {
+        let cases: &[(&str, &str, &str, Option<&str>)] = &[
+            ("unknown type", "GET", "Patientt/1", None),
+            ("lowercase type", "GET", "patient/1", None),
+            ("abstract type", "GET", "Resource/1", None),
+            ("abstract DomainResource", "GET", "DomainResource", None),
+            ("bad id chars", "GET", "Patient/a_b", None),
+            ("id too long", "GET", "Patient/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", None),
+            ("too deep", "GET", "Patient/1/Observation/2/x", None),
+            ("empty segment", "GET", "Patient//1", None),
+            ("PUT on type without params", "PUT", "Patient", None),
+            ("DELETE on base", "DELETE", "", None),
+            ("POST on instance", "POST", "Patient/1", None),
+            ("OPTIONS", "OPTIONS", "Patient", None),
+            ("non-compartment type", "GET", "Observation/1/Patient", None),
+            ("compartment of unknown type", "GET", "Patient/1/Foo", None),
+            ("DELETE history", "DELETE", "Patient/1/_history", None),
+            ("bad operation name", "GET", "Patient/$ev!l", None),
+            ("operation with PUT", "PUT", "Patient/1/$everything", None),
+            ("unknown underscore", "GET", "Patient/1/_foo", None),
+            ("metadata POST", "POST", "metadata", None),
+            ("query bad utf8", "GET", "Patient", Some("name=%ff")),
+            ("empty param name", "GET", "Patient", Some("=x")),
+        ];
+        for (name, m, p, q) in cases {
+            assert!(c(m, p, *q).is_err(), "{name} should be refused: {:?}", c(m, p, *q));
+        }
+    }
+
+    #[test]
+    fn bundles() {
+        let base = c("POST", "", None).unwrap();
+        let body = br#"{"resourceType":"Bundle","type":"transaction","entry":[
+            {"request":{"method":"GET","url":"Patient/1"}},
+            {"request":{"method":"POST","url":"Observation","ifNoneExist":"identifier=1"},"resource":{"resourceType":"Observation"}},
+            {"request":{"method":"GET","url":"Observation?patient=1&code=x"}},
+            {"request":{"method":"DELETE","url":"Condition/c1"}}
+        ]}"#;
+        let r = classify_bundle(base.clone(), body).unwrap();
+        assert_eq!(r.interaction, Interaction::Transaction);
+        let kinds: Vec<_> = r.entries.iter().map(|e| e.interaction).collect();
+        assert_eq!(kinds, vec![Interaction::Read, Interaction::Create, Interaction::SearchType, Interaction::Delete]);
+        assert!(r.entries[1].conditional);
+        assert_eq!(r.entries[2].params.len(), 2);
+
+        let batch = br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#;
+        assert_eq!(classify_bundle(base.clone(), batch).unwrap().interaction, Interaction::Batch);
+
+        let bad: &[(&str, &[u8])] = &[
+            ("not json", b"<Bundle/>"),
+            ("not a bundle", br#"{"resourceType":"Patient"}"#),
+            ("searchset", br#"{"resourceType":"Bundle","type":"searchset"}"#),
+            ("no type", br#"{"resourceType":"Bundle"}"#),
+            ("entry not array", br#"{"resourceType":"Bundle","type":"batch","entry":{}}"#),
+            ("no request", br#"{"resourceType":"Bundle","type":"batch","entry":[{}]}"#),
+            ("absolute url", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"GET","url":"http://evil/Patient/1"}}]}"#),
+            ("dotdot", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"GET","url":"Patient/%2e%2e/Observation"}}]}"#),
+            ("unknown type", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"GET","url":"Foo/1"}}]}"#),
+            ("nested bundle", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":""}}]}"#),
+            ("bad verb", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"TRACE","url":"Patient"}}]}"#),
+        ];
+        for (name, body) in bad {
+            assert!(classify_bundle(base.clone(), body).is_err(), "{name} should be refused");
+        }
+    }
+}

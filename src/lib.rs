@@ -1,0 +1,23 @@
+//! fhirwall: a SMART on FHIR enforcement gateway on Pingora.
+//!
+//! The request pipeline, one module per stage (see `ARCHITECTURE.md`):
+//! [`route`] → [`extract`] → [`token`] (validate) → bind (in [`proxy`]) →
+//! [`fhir::classify`] → [`decide`] (with [`scope`]) → [`proxy`] →
+//! record ([`audit`], [`metrics`]). Denials are mapped to HTTP in [`deny`].
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod decide;
+pub mod demo;
+pub mod deny;
+pub mod extract;
+pub mod fhir;
+pub mod metrics;
+pub mod proxy;
+pub mod proxy_headers;
+pub mod route;
+pub mod sandbox;
+pub mod scope;
+pub mod server;
+pub mod token;

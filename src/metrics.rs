@@ -1,0 +1,142 @@
+//! Prometheus metrics (stage 9, record). Names carry the `fhirwall_` prefix
+//! and base units; labels have bounded cardinality only (decision,
+//! interaction, reason code, configured issuer name) and every label value
+//! is registered at start-up.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::fhir::classify::Interaction;
+
+/// Decisions, as labels.
+pub const DECISIONS: &[&str] = &["allow", "deny", "error"];
+
+/// Reason codes a request can end with, as labels.
+pub const REASONS: &[&str] = &[
+    "allowed",
+    "public",
+    "no_token",
+    "token_too_long",
+    "token_malformed",
+    "token_alg_not_allowed",
+    "token_header_refused",
+    "token_unknown_issuer",
+    "token_unknown_key",
+    "token_bad_signature",
+    "token_bad_claims",
+    "token_expired",
+    "token_not_yet_valid",
+    "token_wrong_audience",
+    "token_binding_unsupported",
+    "keys_unavailable",
+    "credentials_refused",
+    "insufficient_scope",
+    "not_found",
+    "bad_path",
+    "fhir_malformed",
+    "method_not_allowed",
+    "body_too_large",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_error",
+];
+
+/// The registry and the handles the request path uses.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    denials: IntCounterVec,
+    duration: HistogramVec,
+    jwks_fetches: IntCounterVec,
+    pub token_cache_hits: IntCounter,
+    pub token_cache_misses: IntCounter,
+    pub token_cache_entries: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric and pre-creates every label combination.
+    pub fn new(issuers: &[String]) -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("fhirwall_requests_total", "Requests by decision and FHIR interaction"),
+            &["decision", "interaction"],
+        )
+        .expect("valid metric");
+        let denials = IntCounterVec::new(
+            Opts::new("fhirwall_request_outcomes_total", "Requests by the reason code they ended with"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("fhirwall_request_duration_seconds", "Time from request to response, by decision")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["decision"],
+        )
+        .expect("valid metric");
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new("fhirwall_jwks_fetches_total", "JWKS fetches by issuer and result"),
+            &["issuer", "result"],
+        )
+        .expect("valid metric");
+        let token_cache_hits = IntCounter::new("fhirwall_token_cache_hits_total", "Verified-token cache hits").expect("valid metric");
+        let token_cache_misses =
+            IntCounter::new("fhirwall_token_cache_misses_total", "Verified-token cache misses").expect("valid metric");
+        let token_cache_entries =
+            IntGauge::new("fhirwall_token_cache_entries", "Entries in the verified-token cache").expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(denials.clone()),
+            Box::new(duration.clone()),
+            Box::new(jwks_fetches.clone()),
+            Box::new(token_cache_hits.clone()),
+            Box::new(token_cache_misses.clone()),
+            Box::new(token_cache_entries.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        for d in DECISIONS {
+            duration.with_label_values(&[d]);
+            requests.with_label_values(&[d, "none"]);
+            for i in Interaction::ALL {
+                requests.with_label_values(&[d, i.as_str()]);
+            }
+        }
+        for r in REASONS {
+            denials.with_label_values(&[r]);
+        }
+        for i in issuers {
+            for r in ["success", "failure"] {
+                jwks_fetches.with_label_values(&[i, r]);
+            }
+        }
+        Metrics {
+            registry,
+            requests,
+            denials,
+            duration,
+            jwks_fetches,
+            token_cache_hits,
+            token_cache_misses,
+            token_cache_entries,
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn request(&self, decision: &str, interaction: Option<Interaction>, reason: &str, seconds: f64) {
+        let interaction = interaction.map(Interaction::as_str).unwrap_or("none");
+        self.requests.with_label_values(&[decision, interaction]).inc();
+        let reason = if REASONS.contains(&reason) { reason } else { "upstream_error" };
+        self.denials.with_label_values(&[reason]).inc();
+        self.duration.with_label_values(&[decision]).observe(seconds);
+    }
+
+    pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
+        self.jwks_fetches.with_label_values(&[issuer, if ok { "success" } else { "failure" }]).inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        out
+    }
+}

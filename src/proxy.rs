@@ -1,0 +1,485 @@
+//! The Pingora glue: one [`Gateway`] implementing `ProxyHttp`. Each phase
+//! calls into a pipeline module and records what it decided in the
+//! per-request [`Ctx`]:
+//!
+//! - `request_filter`: route → extract → validate → bind → classify →
+//!   decide; a refusal is answered here and never reaches the upstream.
+//! - `upstream_peer` / `upstream_request_filter`: proxy (path mapping, Host,
+//!   header stripping, forwarded context).
+//! - `response_filter`: request id on the answer.
+//! - `fail_to_proxy`: upstream refused/timed out → 502/504 OperationOutcome.
+//! - `logging`: record (audit line + metrics) on every path.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorType;
+
+use crate::audit::{hex, AuditLog, Record};
+use crate::config::{ForwardedContext, Settings};
+use crate::decide::decide;
+use crate::deny::Denial;
+use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
+use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
+use crate::metrics::Metrics;
+use crate::proxy_headers;
+use crate::route::{normalise, route, Route};
+use crate::token::validator::{Validated, Validator};
+use crate::token::TokenError;
+
+/// Pingora's retry buffer: the most of a request body that can be read for
+/// classification and still be forwarded upstream.
+pub const PINGORA_BODY_BUFFER: usize = 64 * 1024;
+
+/// Everything the request path needs, shared by all workers.
+pub struct Gateway {
+    pub settings: Settings,
+    pub validator: Validator,
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditLog,
+    realm: String,
+    context_header_names: Vec<String>,
+}
+
+impl Gateway {
+    pub fn new(settings: Settings, validator: Validator, metrics: Arc<Metrics>, audit: AuditLog) -> Gateway {
+        let realm = settings.public_base.as_str().trim_end_matches('/').to_string();
+        let context_header_names = settings.forward_headers.iter().map(|(_, n)| n.as_str().to_string()).collect();
+        Gateway { settings, validator, metrics, audit, realm, context_header_names }
+    }
+}
+
+/// Per-request state handed from phase to phase.
+pub struct Ctx {
+    started: Instant,
+    time: SystemTime,
+    request_id: String,
+    rel_path: Option<String>,
+    fhir: Option<FhirRequest>,
+    token: Option<Validated>,
+    scopes_used: Vec<String>,
+    denial: Option<Denial>,
+    public: bool,
+    upstream_status: Option<u16>,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn valid_request_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn new_request_id() -> String {
+    hex(&rand::random::<[u8; 16]>())
+}
+
+fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
+    match e {
+        TokenError::KeysUnavailable(_) => Denial::Unavailable {
+            code: e.code(),
+            description: e.to_string(),
+            retry_after_seconds: retry_after,
+        },
+        _ => Denial::InvalidToken { code: e.code(), description: e.to_string() },
+    }
+}
+
+fn extract_denial(e: &ExtractError) -> Denial {
+    match e {
+        ExtractError::UnsupportedScheme(_) | ExtractError::MalformedToken | ExtractError::DpopNotEnabled => {
+            Denial::InvalidToken { code: "credentials_refused", description: e.to_string() }
+        }
+        _ => Denial::InvalidRequest { code: "credentials_refused", description: e.to_string() },
+    }
+}
+
+fn classify_denial(e: &ClassifyError) -> Denial {
+    match e {
+        ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed { description: e.to_string() },
+        _ => Denial::BadFhirRequest { code: "fhir_malformed", description: e.to_string() },
+    }
+}
+
+impl Gateway {
+    /// Writes a denial as the complete response.
+    async fn answer(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
+        let a = denial.answer(&self.realm);
+        let mut h = ResponseHeader::build(a.status, Some(6))?;
+        h.insert_header(header::CONTENT_TYPE, "application/fhir+json")?;
+        h.insert_header(header::CONTENT_LENGTH, a.body.len().to_string())?;
+        h.insert_header(header::CACHE_CONTROL, "no-store")?;
+        h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(w) = &a.www_authenticate {
+            h.insert_header(header::WWW_AUTHENTICATE, w.as_str())?;
+        }
+        if let Some(r) = a.retry_after {
+            h.insert_header(header::RETRY_AFTER, r.to_string())?;
+        }
+        let head = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(h), head).await?;
+        if !head {
+            session.write_response_body(Some(Bytes::from(a.body)), true).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole request body (bounded) so it can be classified; it
+    /// stays in Pingora's retry buffer and is forwarded unchanged.
+    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, Denial> {
+        let limit = self.settings.server.max_classified_body_bytes.min(PINGORA_BODY_BUFFER);
+        let too_large = || Denial::TooLarge {
+            description: format!("request body is larger than the {limit} bytes fhirwall reads to classify it"),
+        };
+        let declared = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|l| l > limit) {
+            return Err(too_large());
+        }
+        session.enable_retry_buffering();
+        let mut body = BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Denial::InvalidRequest {
+                        code: "fhir_malformed",
+                        description: format!("could not read the request body: {}", e.etype().as_str()),
+                    })
+                }
+            }
+        }
+        Ok(body.freeze())
+    }
+
+    /// Stages 1-6 for one request. `Ok(())` means allowed.
+    async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
+        let req = session.req_header();
+        // 1. Route
+        let path = normalise(req.uri.path())
+            .map_err(|e| Denial::BadFhirRequest { code: "bad_path", description: e.to_string() })?;
+        let rel = match route(&path, &self.settings.public_base_path, &self.settings.public_routes) {
+            Route::NotFound => {
+                return Err(Denial::NotFound { description: format!("'{path}' is not below the FHIR base") })
+            }
+            Route::Public(rel) => {
+                if !matches!(req.method, http::Method::GET | http::Method::HEAD) {
+                    return Err(Denial::MethodNotAllowed { description: format!("public route '{rel}' only answers GET") });
+                }
+                ctx.public = true;
+                ctx.rel_path = Some(rel);
+                return Ok(());
+            }
+            Route::Fhir(rel) => rel,
+        };
+        ctx.rel_path = Some(rel.clone());
+        let query = req.uri.query().map(str::to_string);
+        let query_params = match &query {
+            Some(q) => classify::parse_params(q).map_err(|e| classify_denial(&e))?,
+            None => Vec::new(),
+        };
+
+        // 2. Extract
+        if has_access_token_param(&query_params) {
+            return Err(extract_denial(&ExtractError::TokenInQuery));
+        }
+        let auth: Vec<&[u8]> = req.headers.get_all(header::AUTHORIZATION).iter().map(|v| v.as_bytes()).collect();
+        let token = match extract(&auth).map_err(|e| extract_denial(&e))? {
+            Extracted::None => return Err(Denial::NoToken),
+            Extracted::Bearer(t) => t.to_string(),
+        };
+        let is_form = req
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+        let method = req.method.as_str().to_string();
+        let if_none_exist = req.headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_string);
+
+        // 3. Validate
+        let v = self.validator.validate(&token, now_unix()).await;
+        let v = v.map_err(|e| token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)))?;
+        if v.cache_hit {
+            self.metrics.token_cache_hits.inc();
+        } else {
+            self.metrics.token_cache_misses.inc();
+        }
+        let claims = v.claims.clone();
+        ctx.token = Some(v);
+
+        // 4. Bind: sender-constrained tokens need proof checking, which is not enabled.
+        if claims.cnf.is_some() {
+            return Err(Denial::InvalidToken {
+                code: "token_binding_unsupported",
+                description: "token is sender-constrained (cnf) but this gateway does not check DPoP or mTLS binding yet"
+                    .into(),
+            });
+        }
+
+        // 5. Classify (reading the body where it decides the interaction).
+        let needs_body = is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")));
+        let body = if needs_body { Some(self.read_body(session).await?) } else { None };
+        let mut fhir = classify::classify(HttpRequest {
+            method: &method,
+            path: &rel,
+            query: query.as_deref(),
+            if_none_exist: if_none_exist.as_deref(),
+        })
+        .map_err(|e| classify_denial(&e))?;
+        if let Some(body) = &body {
+            if is_form {
+                let text = std::str::from_utf8(body).map_err(|_| Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: "form body is not UTF-8".into(),
+                })?;
+                let form = classify::parse_params(text).map_err(|e| classify_denial(&e))?;
+                if has_access_token_param(&form) {
+                    return Err(extract_denial(&ExtractError::TokenInBody));
+                }
+                if matches!(fhir.interaction, Interaction::SearchType | Interaction::SearchSystem) {
+                    fhir.params.extend(form);
+                }
+            }
+            if fhir.is_bundle() {
+                fhir = classify::classify_bundle(fhir, body).map_err(|e| classify_denial(&e))?;
+            }
+        }
+        ctx.fhir = Some(fhir);
+        let fhir = ctx.fhir.as_ref().expect("just set");
+
+        // 6. Decide
+        let used = decide(fhir, &claims.scopes, claims.patient.as_deref())
+            .map_err(|d| Denial::InsufficientScope { description: d.reason, scope: d.missing_scope })?;
+        ctx.scopes_used = used;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            time: SystemTime::now(),
+            request_id: String::new(),
+            rel_path: None,
+            fhir: None,
+            token: None,
+            scopes_used: Vec::new(),
+            denial: None,
+            public: false,
+            upstream_status: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.request_id = session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| valid_request_id(v))
+            .map(str::to_string)
+            .unwrap_or_else(new_request_id);
+        match self.admit(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(denial) => {
+                let result = self.answer(session, ctx, &denial).await;
+                ctx.denial = Some(denial);
+                result.map(|_| true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let u = &self.settings.upstream;
+        let mut peer = HttpPeer::new(u.addr.as_str(), u.tls, u.sni.clone());
+        peer.options.connection_timeout = Some(u.connect_timeout);
+        peer.options.total_connection_timeout = Some(u.connect_timeout * 2);
+        peer.options.read_timeout = Some(u.read_timeout);
+        peer.options.write_timeout = Some(u.write_timeout);
+        peer.options.idle_timeout = Some(u.idle_timeout);
+        peer.options.verify_cert = u.verify_tls;
+        peer.options.verify_hostname = u.verify_tls;
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, up: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+        let u = &self.settings.upstream;
+        // Path: the normalised path we classified, mapped below the upstream base.
+        let rel = ctx.rel_path.as_deref().unwrap_or("");
+        let mut path = u.base_path.clone();
+        if !rel.is_empty() {
+            path.push('/');
+            path.push_str(rel);
+        }
+        if path.is_empty() {
+            path.push('/');
+        }
+        if let Some(q) = session.req_header().uri.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        let uri: http::Uri = path
+            .parse()
+            .map_err(|_| pingora::Error::explain(ErrorType::InternalError, "mapped upstream path is not a valid URI"))?;
+        up.set_uri(uri);
+
+        // Headers: strip what the client may not assert, then set ours.
+        let conn = proxy_headers::connection_tokens(up.headers.get_all(header::CONNECTION).iter().map(|v| v.as_bytes()));
+        let names: Vec<http::HeaderName> = up.headers.keys().cloned().collect();
+        for name in names {
+            if proxy_headers::strip(name.as_str(), &conn, &self.context_header_names) {
+                up.remove_header(&name);
+            }
+        }
+        if !u.forward_authorization {
+            up.remove_header(&header::AUTHORIZATION);
+        }
+        up.insert_header(header::HOST, u.host_header.as_str())?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            up.insert_header("x-forwarded-for", addr.ip().to_string())?;
+        }
+        up.insert_header("x-forwarded-proto", self.settings.public_base.scheme())?;
+        if let Some(host) = self.settings.public_base.host_str() {
+            let host = match self.settings.public_base.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_string(),
+            };
+            up.insert_header("x-forwarded-host", host)?;
+        }
+        up.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(t) = &ctx.token {
+            let c = &t.claims;
+            for (what, name) in &self.settings.forward_headers {
+                let value = match what {
+                    ForwardedContext::Sub => c.sub.clone(),
+                    ForwardedContext::ClientId => c.client_id.clone(),
+                    ForwardedContext::Patient => c.patient.clone(),
+                    ForwardedContext::FhirUser => c.fhir_user.clone(),
+                    ForwardedContext::Scope => Some(ctx.scopes_used.join(" ")),
+                    ForwardedContext::Issuer => Some(c.iss.clone()),
+                };
+                if let Some(v) = value.filter(|v| http::HeaderValue::from_str(v).is_ok()) {
+                    up.insert_header(name.clone(), v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
+        let denial = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Denial::Upstream {
+                status: 504,
+                code: "upstream_timeout",
+                description: format!("upstream did not answer in time ({})", e.etype().as_str()),
+            }),
+            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError | ErrorType::TLSHandshakeFailure => {
+                Some(Denial::Upstream {
+                    status: 502,
+                    code: "upstream_unreachable",
+                    description: format!("upstream could not be reached ({})", e.etype().as_str()),
+                })
+            }
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => Some(Denial::Upstream {
+                    status: 502,
+                    code: "upstream_error",
+                    description: format!("upstream failed ({})", e.etype().as_str()),
+                }),
+                // The client went away or sent garbage: nothing to answer.
+                pingora::ErrorSource::Downstream => None,
+                _ => Some(Denial::Upstream {
+                    status: 502,
+                    code: "upstream_error",
+                    description: format!("proxy error ({})", e.etype().as_str()),
+                }),
+            },
+        };
+        let code = match &denial {
+            Some(d) if session.response_written().is_none() => {
+                let _ = self.answer(session, ctx, d).await;
+                d.status()
+            }
+            Some(d) => d.status(),
+            None => 0,
+        };
+        ctx.denial = denial.or(Some(Denial::Upstream {
+            status: 499,
+            code: "upstream_error",
+            description: format!("client connection failed ({})", e.etype().as_str()),
+        }));
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let (decision, reason, detail) = match &ctx.denial {
+            Some(d @ Denial::Upstream { .. }) => ("error", d.code(), Some(d.description())),
+            Some(d) => ("deny", d.code(), Some(d.description())),
+            None if ctx.public => ("allow", "public", None),
+            None => ("allow", "allowed", None),
+        };
+        let latency = ctx.started.elapsed().as_secs_f64();
+        let interaction = ctx.fhir.as_ref().map(|f| f.interaction);
+        self.metrics.request(decision, interaction, reason, latency);
+        self.metrics.token_cache_entries.set(self.validator.cache_entries() as i64);
+        let req = session.req_header();
+        let claims = ctx.token.as_ref().map(|t| &t.claims);
+        let record = Record {
+            time: time::OffsetDateTime::from(ctx.time)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            request_id: ctx.request_id.clone(),
+            method: req.method.as_str().to_string(),
+            path: req.uri.path().chars().take(512).collect(),
+            issuer: claims.map(|c| c.issuer_name.clone()),
+            client_id: claims.and_then(|c| c.client_id.clone()),
+            sub: claims.and_then(|c| c.sub.clone()),
+            fhir_user: claims.and_then(|c| c.fhir_user.clone()),
+            patient: claims.and_then(|c| c.patient.clone()),
+            token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
+            token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
+            interaction: interaction.map(|i| i.as_str().to_string()),
+            resource_type: ctx.fhir.as_ref().and_then(|f| f.resource_type.clone()),
+            resource_id: ctx.fhir.as_ref().and_then(|f| f.id.clone()),
+            operation: ctx.fhir.as_ref().and_then(|f| f.operation.as_ref().map(|(n, _)| format!("${n}"))),
+            scopes_used: std::mem::take(&mut ctx.scopes_used),
+            decision: decision.to_string(),
+            reason: reason.to_string(),
+            detail,
+            status,
+            upstream_status: ctx.upstream_status,
+            latency_ms: (latency * 1e6).round() / 1e3,
+        };
+        if let Err(e) = self.audit.write(&record) {
+            tracing::error!(error = %e, request_id = %ctx.request_id, "audit record could not be written");
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Stage 7 header policy (pure): which client request headers never reach
+//! the upstream. Hop-by-hop headers (and those named in `Connection`),
+//! every forwarding header a client could spoof (`X-Forwarded-*`,
+//! `Forwarded`, `X-Real-IP`, `X-Original-URL`, …, also spelled with
+//! underscores), fhirwall's own `X-Fhirwall-*` namespace and any header
+//! configured to carry verified context are removed before fhirwall sets
+//! its own.
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), except the framing headers
+/// (`Transfer-Encoding`, `Content-Length`) Pingora manages itself.
+const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"];
+
+/// Headers that carry a client-asserted origin or routing; the upstream
+/// must only ever see the values fhirwall sets.
+const SPOOFABLE: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-request-id",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Canonical form for comparison: lowercase, `_` read as `-`.
+fn canonical(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
+/// Headers fhirwall manages and that may not be configured as context headers.
+pub fn is_reserved(name: &str) -> bool {
+    let n = canonical(name);
+    HOP_BY_HOP.contains(&n.as_str())
+        || SPOOFABLE.contains(&n.as_str())
+        || n.starts_with("x-forwarded-")
+        || matches!(n.as_str(), "host" | "authorization" | "content-length" | "transfer-encoding" | "dpop")
+}
+
+/// Should this client header be removed before the request goes upstream?
+/// `connection_tokens` are the header names listed in `Connection`;
+/// `context_headers` are the configured verified-context header names.
+pub fn strip(name: &str, connection_tokens: &[String], context_headers: &[String]) -> bool {
+    let n = canonical(name);
+    HOP_BY_HOP.contains(&n.as_str())
+        || SPOOFABLE.contains(&n.as_str())
+        || n.starts_with("x-forwarded-")
+        || n.starts_with("x-fhirwall-")
+        || connection_tokens.iter().any(|t| canonical(t) == n)
+        || context_headers.iter().any(|c| canonical(c) == n)
+}
+
+/// The header names listed in `Connection` values.
+pub fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_table() {
+        let ctx = vec!["X-Patient".to_string()];
+        let conn = connection_tokens([b"keep-alive, X-Secret".as_slice()].into_iter());
+        for name in [
+            "Connection",
+            "keep-alive",
+            "Upgrade",
+            "TE",
+            "X-Forwarded-For",
+            "x-forwarded-uri",
+            "X_Forwarded_Host",
+            "x_forwarded_proto",
+            "Forwarded",
+            "X-Real-IP",
+            "X-Original-URL",
+            "x-fhirwall-patient",
+            "X_Fhirwall_Sub",
+            "x-patient",
+            "X_PATIENT",
+            "x-secret",
+            "X-Request-Id",
+        ] {
+            assert!(strip(name, &conn, &ctx), "{name} must be stripped");
+        }
+        for name in ["Accept", "Content-Type", "Prefer", "If-Match", "Content-Length", "User-Agent"] {
+            assert!(!strip(name, &conn, &ctx), "{name} must pass");
+        }
+    }
+
+    #[test]
+    fn reserved() {
+        assert!(is_reserved("X-Forwarded-User"));
+        assert!(is_reserved("authorization"));
+        assert!(!is_reserved("X-Fhirwall-Patient"));
+    }
+}

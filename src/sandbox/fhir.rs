@@ -1,0 +1,199 @@
+//! A small in-memory FHIR R4 server with synthetic patients, for
+//! `fhirwall demo`, the integration tests and the load bench. It records
+//! every request it receives, so tests can prove what never reached it.
+//! Not a real FHIR server: enough reads and searches to show the gateway.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::{json, Value};
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, as received.
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+/// Shared state of a running sandbox upstream.
+pub struct FhirSandbox {
+    pub base_path: String,
+    resources: BTreeMap<(String, String), Value>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// Synthetic data: three patients, their Observations and Conditions.
+pub fn synthetic_resources() -> Vec<Value> {
+    let mut out = Vec::new();
+    let people = [("p1", "Alice", "Example"), ("p2", "Bob", "Sample"), ("p3", "Carol", "Test")];
+    for (i, (id, given, family)) in people.iter().enumerate() {
+        out.push(json!({
+            "resourceType": "Patient", "id": id,
+            "name": [{"given": [given], "family": family}],
+            "gender": if i == 1 { "male" } else { "female" },
+            "birthDate": format!("19{}-0{}-1{}", 70 + i * 7, i + 1, i)
+        }));
+        for (n, (code, display, value)) in
+            [("8867-4", "Heart rate", 72 + i), ("2339-0", "Glucose", 95 + 3 * i)].iter().enumerate()
+        {
+            out.push(json!({
+                "resourceType": "Observation", "id": format!("obs-{id}-{n}"), "status": "final",
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                    "code": if n == 0 { "vital-signs" } else { "laboratory" }}]}],
+                "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
+                "subject": {"reference": format!("Patient/{id}")},
+                "valueQuantity": {"value": value}
+            }));
+        }
+        let condition = ["Hypertension", "Asthma", "Type 2 diabetes"][i];
+        out.push(json!({
+            "resourceType": "Condition", "id": format!("cond-{id}"),
+            "code": {"text": condition},
+            "subject": {"reference": format!("Patient/{id}")}
+        }));
+    }
+    out
+}
+
+impl FhirSandbox {
+    pub fn new(base_path: &str) -> Arc<FhirSandbox> {
+        let resources = synthetic_resources()
+            .into_iter()
+            .map(|r| ((r["resourceType"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string()), r))
+            .collect();
+        Arc::new(FhirSandbox { base_path: base_path.trim_end_matches('/').to_string(), resources, seen: Mutex::new(Vec::new()) })
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// How many received requests have a URI containing `needle`.
+    pub fn count_containing(&self, needle: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|s| s.uri.contains(needle)).count()
+    }
+
+    /// Serves on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let app = Router::new().fallback(handle).with_state(self);
+        let _ = axum::serve(listener, app).await;
+    }
+
+    /// Binds 127.0.0.1 on a free port and serves in a spawned task.
+    pub async fn spawn(base_path: &str) -> (Arc<FhirSandbox>, SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sandbox upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let s = FhirSandbox::new(base_path);
+        tokio::spawn(s.clone().serve(listener));
+        (s, addr)
+    }
+
+    fn matches(&self, r: &Value, params: &[(String, String)]) -> bool {
+        params.iter().all(|(k, v)| match k.as_str() {
+            "_id" => r["id"] == *v,
+            "patient" | "subject" => {
+                let want = if v.contains('/') { v.clone() } else { format!("Patient/{v}") };
+                r["subject"]["reference"] == want.as_str()
+            }
+            "code" => r["code"]["coding"][0]["code"] == v.rsplit('|').next().unwrap_or(v),
+            _ => true,
+        })
+    }
+
+    fn search(&self, types: &[&str], params: &[(String, String)]) -> Value {
+        let entries: Vec<Value> = self
+            .resources
+            .iter()
+            .filter(|((t, _), r)| types.contains(&t.as_str()) && self.matches(r, params))
+            .map(|(_, r)| json!({"resource": r, "search": {"mode": "match"}}))
+            .collect();
+        json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries})
+    }
+}
+
+fn fhir(status: StatusCode, body: Value) -> Response {
+    (status, [("content-type", "application/fhir+json")], body.to_string()).into_response()
+}
+
+fn not_found(what: &str) -> Response {
+    fhir(
+        StatusCode::NOT_FOUND,
+        json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found", "diagnostics": what}]}),
+    )
+}
+
+async fn handle(State(s): State<Arc<FhirSandbox>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    s.seen.lock().unwrap().push(Seen {
+        method: method.to_string(),
+        uri: uri.to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body_len: body.len(),
+    });
+    let Some(rel) = uri.path().strip_prefix(&s.base_path) else {
+        return not_found("outside the sandbox base");
+    };
+    let segs: Vec<&str> = rel.split('/').filter(|x| !x.is_empty()).collect();
+    let params: Vec<(String, String)> = uri
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    // A resource id starting with "slow" makes the sandbox stall (timeout tests).
+    if segs.iter().any(|x| x.starts_with("slow")) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let all = ["Patient", "Observation", "Condition"];
+    match (method.as_str(), segs.as_slice()) {
+        (_, ["metadata"]) => fhir(
+            StatusCode::OK,
+            json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+                   "fhirVersion": "4.0.1", "format": ["json"], "rest": [{"mode": "server"}]}),
+        ),
+        (_, [".well-known", "smart-configuration"]) => fhir(
+            StatusCode::OK,
+            json!({"capabilities": ["permission-v2", "permission-v1"], "scopes_supported": ["patient/*.rs", "user/*.rs"]}),
+        ),
+        ("GET", [t, id]) => match s.resources.get(&(t.to_string(), id.to_string())) {
+            Some(r) => fhir(StatusCode::OK, r.clone()),
+            None => not_found(&format!("{t}/{id} is not known")),
+        },
+        ("GET", [t]) | ("POST", [t, "_search"]) => fhir(StatusCode::OK, s.search(&[t], &params)),
+        ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
+        ("GET", ["Patient", id, "$everything"]) => {
+            let mut p = params.clone();
+            p.push(("patient".into(), id.to_string()));
+            let mut b = s.search(&["Observation", "Condition"], &p);
+            if let Some(r) = s.resources.get(&("Patient".into(), id.to_string())) {
+                b["entry"].as_array_mut().unwrap().insert(0, json!({"resource": r}));
+            }
+            fhir(StatusCode::OK, b)
+        }
+        ("GET", ["Patient", id, t]) => {
+            let mut p = params.clone();
+            p.push(("patient".into(), id.to_string()));
+            let types: Vec<&str> = if *t == "*" { vec!["Observation", "Condition"] } else { vec![t] };
+            fhir(StatusCode::OK, s.search(&types, &p))
+        }
+        ("POST", []) => fhir(
+            StatusCode::OK,
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": []}),
+        ),
+        ("POST", [t]) => fhir(StatusCode::CREATED, json!({"resourceType": t, "id": "new-1"})),
+        ("PUT", [t, id]) | ("PATCH", [t, id]) => fhir(StatusCode::OK, json!({"resourceType": t, "id": id})),
+        ("DELETE", [_, _]) => StatusCode::NO_CONTENT.into_response(),
+        _ => not_found("not supported by the sandbox"),
+    }
+}

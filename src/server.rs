@@ -1,0 +1,75 @@
+//! Start-up: turns validated [`Settings`] into running Pingora services —
+//! the FHIR proxy, the admin listener and the JWKS refresher — and runs
+//! them. Also builds the pieces in-process for `fhirwall demo`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::audit::AuditLog;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::token::jwks::JwksStore;
+use crate::token::validator::Validator;
+
+/// Keeps every issuer's keys fresh, in the background.
+struct JwksRefresher(Arc<JwksStore>);
+
+#[async_trait]
+impl BackgroundService for JwksRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let errors = self.0.load_all().await;
+        for (issuer, e) in errors {
+            tracing::error!(issuer = %issuer, error = %e, "initial JWKS load failed; not ready until it succeeds");
+        }
+        tokio::select! {
+            _ = self.0.clone().refresh_loop() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Builds and runs the server; returns only if Pingora stops.
+pub fn run(settings: Settings) -> Result<(), String> {
+    let threads = if settings.server.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        settings.server.threads
+    };
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(settings.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(settings.server.graceful_shutdown_timeout_seconds),
+        ca_file: settings.upstream.ca_file.as_ref().map(|p| p.display().to_string()),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let issuer_names: Vec<String> = settings.issuers.iter().map(|i| i.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(&issuer_names));
+    let store = Arc::new(JwksStore::new(&settings.issuers, &settings.jwks, metrics.clone()));
+    let audit = AuditLog::open(&settings.audit).map_err(|e| format!("audit sink {:?}: {e}", settings.audit))?;
+    let validator = Validator::new(&settings, store.clone());
+    let listen = settings.listen.to_string();
+    let admin_listen = settings.admin_listen.to_string();
+    let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "fhirwall proxy");
+    proxy.add_tcp(&listen);
+    let mut admin = Service::new("fhirwall admin".to_string(), Admin { metrics, jwks: store.clone() });
+    admin.add_tcp(&admin_listen);
+    let refresher = background_service("fhirwall jwks", JwksRefresher(store));
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(refresher);
+    tracing::info!(%listen, %admin_listen, threads, "fhirwall starting");
+    server.run_forever()
+}

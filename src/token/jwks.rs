@@ -1,0 +1,288 @@
+//! JWKS fetching and caching per issuer (I/O edge of stage 3).
+//!
+//! Keys are fetched at start (after discovery, if configured) and held in an
+//! `ArcSwap` so the request path reads them without locks. An unknown `kid`
+//! triggers a re-fetch at most once per issuer per
+//! `jwks.min_refetch_interval_seconds`; concurrent misses queue on one
+//! mutex and share the fetch. A periodic refresh honours the response's
+//! `Cache-Control: max-age` (clamped). When the endpoint is down, the keys
+//! already loaded keep working; a token that needs keys we do not have gets
+//! [`TokenError::KeysUnavailable`] (503), never an allow.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use serde_json::Value;
+use url::Url;
+
+use super::{KeySet, TokenError};
+use crate::config::{Issuer, JwksConfig};
+use crate::metrics::Metrics;
+
+/// Largest JWKS or discovery document accepted.
+const MAX_DOC_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Default)]
+struct FetchState {
+    last_attempt: Option<Instant>,
+    last_failed: bool,
+}
+
+/// The keys of one configured issuer.
+pub struct IssuerKeys {
+    pub issuer: Issuer,
+    keys: ArcSwapOption<KeySet>,
+    jwks_uri: ArcSwapOption<Url>,
+    fetch: tokio::sync::Mutex<FetchState>,
+}
+
+impl IssuerKeys {
+    /// Keys currently loaded, if any.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.keys.load_full()
+    }
+}
+
+/// All issuers' keys.
+pub struct JwksStore {
+    issuers: Vec<IssuerKeys>,
+    client: reqwest::Client,
+    cfg: JwksConfig,
+    metrics: Arc<Metrics>,
+}
+
+/// Outcome of one fetch: the keys and how long until the next refresh.
+struct Fetched {
+    keys: KeySet,
+    max_age: Option<Duration>,
+}
+
+impl JwksStore {
+    pub fn new(issuers: &[Issuer], cfg: &JwksConfig, metrics: Arc<Metrics>) -> JwksStore {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.fetch_timeout_ms))
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()
+            .expect("reqwest client with rustls builds");
+        JwksStore {
+            issuers: issuers
+                .iter()
+                .map(|i| IssuerKeys {
+                    issuer: i.clone(),
+                    keys: ArcSwapOption::empty(),
+                    jwks_uri: ArcSwapOption::new(i.jwks_uri.clone().map(Arc::new)),
+                    fetch: tokio::sync::Mutex::new(FetchState::default()),
+                })
+                .collect(),
+            client,
+            cfg: cfg.clone(),
+            metrics,
+        }
+    }
+
+    /// The configured issuer whose `iss` is exactly `iss`.
+    pub fn issuer(&self, iss: &str) -> Option<&IssuerKeys> {
+        self.issuers.iter().find(|i| i.issuer.issuer == iss)
+    }
+
+    /// True once every issuer has keys.
+    pub fn ready(&self) -> bool {
+        self.issuers.iter().all(|i| i.keys.load().is_some())
+    }
+
+    /// Fetches every issuer's keys once; returns the errors (issuer name, message).
+    pub async fn load_all(&self) -> Vec<(String, String)> {
+        let mut errors = Vec::new();
+        for ik in &self.issuers {
+            let mut st = ik.fetch.lock().await;
+            if let Err(e) = self.refresh_locked(ik, &mut st).await {
+                errors.push((ik.issuer.name.clone(), e));
+            }
+        }
+        errors
+    }
+
+    /// Runs forever: refreshes each issuer's keys on its own schedule.
+    pub async fn refresh_loop(self: Arc<Self>) {
+        let mut next: Vec<Instant> = self.issuers.iter().map(|_| Instant::now()).collect();
+        loop {
+            let now = Instant::now();
+            for (i, ik) in self.issuers.iter().enumerate() {
+                if next[i] > now {
+                    continue;
+                }
+                let mut st = ik.fetch.lock().await;
+                let fresh = st.last_attempt.is_some_and(|t| t.elapsed() < Duration::from_secs(self.cfg.refresh_min_seconds));
+                let wait = if fresh && !st.last_failed {
+                    Duration::from_secs(self.cfg.refresh_min_seconds)
+                } else {
+                    match self.refresh_locked(ik, &mut st).await {
+                        Ok(max_age) => self.period(max_age),
+                        Err(_) => Duration::from_secs(self.cfg.refresh_min_seconds.min(30)),
+                    }
+                };
+                next[i] = Instant::now() + wait;
+            }
+            let sleep_until = next.iter().min().copied().unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            tokio::time::sleep_until(sleep_until.into()).await;
+        }
+    }
+
+    fn period(&self, max_age: Option<Duration>) -> Duration {
+        let secs = max_age
+            .map(|d| d.as_secs())
+            .unwrap_or(self.cfg.refresh_default_seconds)
+            .clamp(self.cfg.refresh_min_seconds, self.cfg.refresh_max_seconds);
+        Duration::from_secs(secs)
+    }
+
+    /// Keys for a token with `kid`: the loaded set if it holds the kid (or
+    /// the token has none); otherwise at most one shared re-fetch per interval.
+    pub async fn keys_for(&self, ik: &IssuerKeys, kid: Option<&str>) -> Result<Arc<KeySet>, TokenError> {
+        let hit = |ks: &Option<Arc<KeySet>>| match (ks, kid) {
+            (Some(k), Some(kid)) if k.has_kid(kid) => true,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let current = ik.keys.load_full();
+        if hit(&current) {
+            return Ok(current.expect("hit implies keys"));
+        }
+        let mut st = ik.fetch.lock().await;
+        let current = ik.keys.load_full();
+        if hit(&current) {
+            return Ok(current.expect("hit implies keys"));
+        }
+        let recent = st
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds));
+        if recent {
+            return match (current, st.last_failed) {
+                (Some(k), false) => Ok(k),
+                _ => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
+            };
+        }
+        match self.refresh_locked(ik, &mut st).await {
+            Ok(_) => Ok(ik.keys.load_full().expect("refresh stored keys")),
+            Err(_) => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
+        }
+    }
+
+    /// Fetches and stores keys; the caller holds the issuer's fetch lock.
+    async fn refresh_locked(&self, ik: &IssuerKeys, st: &mut FetchState) -> Result<Option<Duration>, String> {
+        st.last_attempt = Some(Instant::now());
+        let result = self.fetch(ik).await;
+        let name = ik.issuer.name.as_str();
+        match result {
+            Ok(f) => {
+                st.last_failed = false;
+                self.metrics.jwks_fetch(name, true);
+                tracing::info!(issuer = name, keys = f.keys.keys.len(), "JWKS loaded");
+                ik.keys.store(Some(Arc::new(f.keys)));
+                Ok(f.max_age)
+            }
+            Err(e) => {
+                st.last_failed = true;
+                self.metrics.jwks_fetch(name, false);
+                tracing::warn!(issuer = name, error = %e, "JWKS fetch failed; keys already loaded stay in use");
+                Err(e)
+            }
+        }
+    }
+
+    async fn fetch(&self, ik: &IssuerKeys) -> Result<Fetched, String> {
+        let uri = match ik.jwks_uri.load_full() {
+            Some(u) => u,
+            None => {
+                let u = Arc::new(self.discover(&ik.issuer).await?);
+                ik.jwks_uri.store(Some(u.clone()));
+                u
+            }
+        };
+        let (doc, max_age) = self.get_json(&uri).await?;
+        let (keys, skipped) = KeySet::from_jwks(&doc).map_err(|e| format!("{uri}: {e}"))?;
+        for s in skipped {
+            tracing::warn!(issuer = %ik.issuer.name, jwks_uri = %uri, "JWKS key skipped: {s}");
+        }
+        if keys.keys.is_empty() {
+            return Err(format!("{uri}: JWKS holds no usable signature key"));
+        }
+        Ok(Fetched { keys, max_age })
+    }
+
+    /// OpenID/SMART discovery: the `jwks_uri` of `issuer`.
+    async fn discover(&self, issuer: &Issuer) -> Result<Url, String> {
+        let base = issuer.issuer.trim_end_matches('/');
+        let mut errors = Vec::new();
+        for doc in ["openid-configuration", "smart-configuration"] {
+            let url = format!("{base}/.well-known/{doc}");
+            let url = Url::parse(&url).map_err(|e| format!("{url}: {e}"))?;
+            match self.get_json(&url).await {
+                Ok((v, _)) => {
+                    if let Some(i) = v.get("issuer").and_then(Value::as_str) {
+                        if i != issuer.issuer {
+                            errors.push(format!("{url}: issuer '{i}' differs from configured '{}'", issuer.issuer));
+                            continue;
+                        }
+                    }
+                    match v.get("jwks_uri").and_then(Value::as_str).map(Url::parse) {
+                        Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => return Ok(u),
+                        _ => errors.push(format!("{url}: no usable jwks_uri")),
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("discovery failed: {}", errors.join("; ")))
+    }
+
+    async fn get_json(&self, url: &Url) -> Result<(Value, Option<Duration>), String> {
+        let resp = self.client.get(url.clone()).send().await.map_err(|e| format!("{url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url}: HTTP {}", resp.status()));
+        }
+        let max_age = resp
+            .headers()
+            .get(http::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_max_age);
+        if resp.content_length().is_some_and(|l| l as usize > MAX_DOC_BYTES) {
+            return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
+        }
+        let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+        if body.len() > MAX_DOC_BYTES {
+            return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
+        }
+        let v = serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+        Ok((v, max_age))
+    }
+}
+
+/// `max-age` of a Cache-Control value (`no-store`/`no-cache` mean 0).
+pub fn parse_max_age(cc: &str) -> Option<Duration> {
+    let mut out = None;
+    for d in cc.split(',').map(str::trim) {
+        let lower = d.to_ascii_lowercase();
+        if lower == "no-store" || lower == "no-cache" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(v) = lower.strip_prefix("max-age=") {
+            out = v.trim_matches('"').parse().ok().map(Duration::from_secs);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control() {
+        assert_eq!(parse_max_age("public, max-age=600"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(parse_max_age("public"), None);
+        assert_eq!(parse_max_age("max-age=abc"), None);
+    }
+}

@@ -1,0 +1,419 @@
+//! Stage 3, validate: JWT access tokens.
+//!
+//! The pure part lives here: [`inspect`] reads the unverified header and
+//! issuer of a token (after capping its size), [`KeySet::from_jwks`] turns a
+//! JWKS document into verification keys (refusing symmetric and private
+//! keys), and [`verify`] checks the signature with one allow-listed
+//! asymmetric algorithm and then every claim against a `now` passed in.
+//! Fetching JWKS ([`jwks`]) and caching verified tokens ([`cache`]) are the
+//! I/O edges.
+
+pub mod cache;
+pub mod jwks;
+pub mod validator;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::Issuer;
+use crate::scope::ScopeSet;
+
+/// Why a token is refused (or cannot be checked now).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is longer than {0} bytes")]
+    TooLong(usize),
+    #[error("token is not a JWS compact serialization (three base64url parts)")]
+    NotJwt,
+    #[error("token header is not base64url-encoded JSON")]
+    BadHeader,
+    #[error("token payload is not base64url-encoded JSON")]
+    BadPayload,
+    #[error("token algorithm '{0}' is not allowed (only asymmetric algorithms configured for the issuer)")]
+    AlgorithmNotAllowed(String),
+    #[error("token header carries 'crit', which is not supported")]
+    CritHeader,
+    #[error("token header typ '{0}' is not an access token type")]
+    BadTyp(String),
+    #[error("token has no 'iss' claim")]
+    NoIssuer,
+    #[error("issuer '{0}' is not configured")]
+    UnknownIssuer(String),
+    #[error("no key in the issuer's JWKS has kid '{0}'")]
+    UnknownKid(String),
+    #[error("token has no kid and the issuer's JWKS has {0} usable keys for its algorithm")]
+    AmbiguousKey(usize),
+    #[error("key '{kid}' cannot be used with algorithm {alg}")]
+    KeyAlgorithmMismatch { kid: String, alg: String },
+    #[error("signature verification failed")]
+    BadSignature,
+    #[error("claim '{0}' is missing")]
+    MissingClaim(&'static str),
+    #[error("claim '{0}' has the wrong type")]
+    BadClaim(&'static str),
+    #[error("token expired at {exp} (now {now}, leeway {leeway}s)")]
+    Expired { exp: i64, now: i64, leeway: u64 },
+    #[error("token is not valid before {nbf} (now {now}, leeway {leeway}s)")]
+    NotYetValid { nbf: i64, now: i64, leeway: u64 },
+    #[error("token was issued in the future (iat {iat}, now {now}, leeway {leeway}s)")]
+    IssuedInFuture { iat: i64, now: i64, leeway: u64 },
+    #[error("audience does not contain any accepted audience of issuer '{0}'")]
+    WrongAudience(String),
+    #[error("keys of issuer '{0}' are not available (JWKS endpoint unreachable); retry later")]
+    KeysUnavailable(String),
+}
+
+impl TokenError {
+    /// Short, stable code for metrics and audit.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::TooLong(_) => "token_too_long",
+            TokenError::NotJwt | TokenError::BadHeader | TokenError::BadPayload => "token_malformed",
+            TokenError::AlgorithmNotAllowed(_) => "token_alg_not_allowed",
+            TokenError::CritHeader | TokenError::BadTyp(_) => "token_header_refused",
+            TokenError::NoIssuer | TokenError::UnknownIssuer(_) => "token_unknown_issuer",
+            TokenError::UnknownKid(_) | TokenError::AmbiguousKey(_) | TokenError::KeyAlgorithmMismatch { .. } => {
+                "token_unknown_key"
+            }
+            TokenError::BadSignature => "token_bad_signature",
+            TokenError::MissingClaim(_) | TokenError::BadClaim(_) => "token_bad_claims",
+            TokenError::Expired { .. } => "token_expired",
+            TokenError::NotYetValid { .. } | TokenError::IssuedInFuture { .. } => "token_not_yet_valid",
+            TokenError::WrongAudience(_) => "token_wrong_audience",
+            TokenError::KeysUnavailable(_) => "keys_unavailable",
+        }
+    }
+}
+
+/// What can be read from a token before its signature is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unverified {
+    pub alg: String,
+    pub kid: Option<String>,
+    pub typ: Option<String>,
+    pub iss: String,
+}
+
+fn b64_json(part: &str) -> Option<Value> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Reads the header and issuer of a token without verifying it, and refuses
+/// what can be refused without keys (size, shape, algorithm, `crit`, `typ`).
+pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> {
+    if token.len() > max_bytes {
+        return Err(TokenError::TooLong(max_bytes));
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(TokenError::NotJwt);
+    };
+    if h.is_empty() || p.is_empty() || s.is_empty() {
+        return Err(TokenError::NotJwt);
+    }
+    let header = b64_json(h).filter(Value::is_object).ok_or(TokenError::BadHeader)?;
+    let alg = header.get("alg").and_then(Value::as_str).ok_or(TokenError::BadHeader)?;
+    if !crate::config::ALLOWED_ALGORITHMS.contains(&alg) {
+        return Err(TokenError::AlgorithmNotAllowed(alg.chars().take(16).collect()));
+    }
+    if header.get("crit").is_some() {
+        return Err(TokenError::CritHeader);
+    }
+    let typ = match header.get("typ") {
+        None => None,
+        Some(Value::String(typ)) => {
+            if !["jwt", "at+jwt", "application/at+jwt"].contains(&typ.to_ascii_lowercase().as_str()) {
+                return Err(TokenError::BadTyp(typ.chars().take(32).collect()));
+            }
+            Some(typ.to_ascii_lowercase())
+        }
+        Some(_) => return Err(TokenError::BadHeader),
+    };
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(k)) => Some(k.clone()),
+        Some(_) => return Err(TokenError::BadHeader),
+    };
+    let payload = b64_json(p).filter(Value::is_object).ok_or(TokenError::BadPayload)?;
+    let iss = match payload.get("iss") {
+        None => return Err(TokenError::NoIssuer),
+        Some(Value::String(i)) => i.clone(),
+        Some(_) => return Err(TokenError::BadClaim("iss")),
+    };
+    Ok(Unverified { alg: alg.to_string(), kid, typ, iss })
+}
+
+fn algorithm(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// One verification key from a JWKS.
+#[derive(Clone)]
+pub struct VerifyKey {
+    pub kid: Option<String>,
+    /// Algorithms this key may verify (its family, narrowed by the JWK `alg`).
+    pub algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyKey").field("kid", &self.kid).field("algorithms", &self.algorithms).finish()
+    }
+}
+
+/// The usable keys of one issuer.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    pub keys: Vec<VerifyKey>,
+}
+
+impl KeySet {
+    /// Builds a key set from a JWKS document. Symmetric (`oct`) keys, keys
+    /// carrying private members, keys not for signatures and unsupported
+    /// curves are skipped; each skip is returned as a message.
+    pub fn from_jwks(doc: &Value) -> Result<(KeySet, Vec<String>), String> {
+        let keys = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| "JWKS has no 'keys' array".to_string())?;
+        let mut set = KeySet::default();
+        let mut skipped = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            match verify_key(k) {
+                Ok(key) => set.keys.push(key),
+                Err(why) => skipped.push(format!("keys[{i}]: {why}")),
+            }
+        }
+        Ok((set, skipped))
+    }
+
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+}
+
+fn verify_key(k: &Value) -> Result<VerifyKey, String> {
+    let s = |name: &str| k.get(name).and_then(Value::as_str);
+    let kty = s("kty").ok_or("no kty")?;
+    for private in ["d", "p", "q", "dp", "dq", "qi", "oth", "k"] {
+        if k.get(private).is_some() {
+            return Err(format!("carries private or secret member '{private}'"));
+        }
+    }
+    if let Some(u) = k.get("use") {
+        if u.as_str() != Some("sig") {
+            return Err("use is not 'sig'".into());
+        }
+    }
+    if let Some(ops) = k.get("key_ops") {
+        let verify = ops.as_array().is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));
+        if !verify {
+            return Err("key_ops does not include 'verify'".into());
+        }
+    }
+    let (family, key): (Vec<Algorithm>, DecodingKey) = match kty {
+        "RSA" => {
+            let (n, e) = (s("n").ok_or("RSA key without n")?, s("e").ok_or("RSA key without e")?);
+            let key = DecodingKey::from_rsa_components(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
+            use Algorithm::*;
+            (vec![RS256, RS384, RS512, PS256, PS384, PS512], key)
+        }
+        "EC" => {
+            let alg = match s("crv") {
+                Some("P-256") => Algorithm::ES256,
+                Some("P-384") => Algorithm::ES384,
+                other => return Err(format!("unsupported EC curve {other:?}")),
+            };
+            let (x, y) = (s("x").ok_or("EC key without x")?, s("y").ok_or("EC key without y")?);
+            let key = DecodingKey::from_ec_components(x, y).map_err(|e| format!("bad EC key: {e}"))?;
+            (vec![alg], key)
+        }
+        "OKP" => {
+            if s("crv") != Some("Ed25519") {
+                return Err(format!("unsupported OKP curve {:?}", s("crv")));
+            }
+            let key = DecodingKey::from_ed_components(s("x").ok_or("OKP key without x")?)
+                .map_err(|e| format!("bad Ed25519 key: {e}"))?;
+            (vec![Algorithm::EdDSA], key)
+        }
+        "oct" => return Err("symmetric key (kty oct) is never used".into()),
+        other => return Err(format!("unsupported kty '{other}'")),
+    };
+    let algorithms = match s("alg") {
+        None => family,
+        Some(a) => match algorithm(a) {
+            Some(alg) if family.contains(&alg) => vec![alg],
+            _ => return Err(format!("alg '{a}' does not fit kty {kty} or is not allowed")),
+        },
+    };
+    Ok(VerifyKey { kid: s("kid").map(str::to_string), algorithms, key })
+}
+
+/// A verified access token's claims, in the shape every later stage uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// Configured issuer name.
+    pub issuer_name: String,
+    pub iss: String,
+    pub sub: Option<String>,
+    pub client_id: Option<String>,
+    pub fhir_user: Option<String>,
+    pub patient: Option<String>,
+    pub scopes: ScopeSet,
+    pub exp: i64,
+    pub jti: Option<String>,
+    /// The confirmation claim (`cnf`) when the token is sender-constrained.
+    pub cnf: Option<Value>,
+}
+
+/// Hex SHA-256 of a token: the only form of a token that is ever stored or audited.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Verifies `token` (already [`inspect`]ed) for `issuer` with `keys` at time `now` (Unix seconds).
+pub fn verify(token: &str, u: &Unverified, issuer: &Issuer, keys: &KeySet, now: i64) -> Result<Claims, TokenError> {
+    let alg = algorithm(&u.alg)
+        .filter(|a| issuer.algorithms.contains(a))
+        .ok_or_else(|| TokenError::AlgorithmNotAllowed(u.alg.clone()))?;
+    if issuer.require_at_jwt_typ && !matches!(u.typ.as_deref(), Some("at+jwt" | "application/at+jwt")) {
+        return Err(TokenError::BadTyp(u.typ.clone().unwrap_or_else(|| "(none)".into())));
+    }
+    let key = match &u.kid {
+        Some(kid) => {
+            let key = keys
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .ok_or_else(|| TokenError::UnknownKid(kid.chars().take(64).collect()))?;
+            if !key.algorithms.contains(&alg) {
+                return Err(TokenError::KeyAlgorithmMismatch { kid: kid.chars().take(64).collect(), alg: u.alg.clone() });
+            }
+            key
+        }
+        None => {
+            let fitting: Vec<&VerifyKey> = keys.keys.iter().filter(|k| k.algorithms.contains(&alg)).collect();
+            match fitting.as_slice() {
+                [one] => *one,
+                _ => return Err(TokenError::AmbiguousKey(fitting.len())),
+            }
+        }
+    };
+    let mut validation = Validation::new(alg);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<Value>(token, &key.key, &validation).map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
+        jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => TokenError::BadPayload,
+        _ => TokenError::BadSignature,
+    })?;
+    check_claims(&data.claims, issuer, now)
+}
+
+/// Checks the claims of a token whose signature is valid.
+pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, TokenError> {
+    let leeway = issuer.leeway_seconds;
+    let lw = leeway as i64;
+    let str_claim = |name: &'static str| -> Result<Option<String>, TokenError> {
+        match c.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(TokenError::BadClaim(name)),
+        }
+    };
+    let time_claim = |name: &'static str| -> Result<Option<i64>, TokenError> {
+        match c.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+                .map(Some)
+                .ok_or(TokenError::BadClaim(name)),
+            Some(_) => Err(TokenError::BadClaim(name)),
+        }
+    };
+    let iss = str_claim("iss")?.ok_or(TokenError::NoIssuer)?;
+    if iss != issuer.issuer {
+        return Err(TokenError::UnknownIssuer(iss));
+    }
+    let exp = time_claim("exp")?.ok_or(TokenError::MissingClaim("exp"))?;
+    if exp.saturating_add(lw) <= now {
+        return Err(TokenError::Expired { exp, now, leeway });
+    }
+    if let Some(nbf) = time_claim("nbf")? {
+        if nbf > now.saturating_add(lw) {
+            return Err(TokenError::NotYetValid { nbf, now, leeway });
+        }
+    }
+    if let Some(iat) = time_claim("iat")? {
+        if iat > now.saturating_add(lw) {
+            return Err(TokenError::IssuedInFuture { iat, now, leeway });
+        }
+    }
+    let auds: Vec<&str> = match c.get("aud") {
+        None => return Err(TokenError::MissingClaim("aud")),
+        Some(Value::String(a)) => vec![a.as_str()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().ok_or(TokenError::BadClaim("aud")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(TokenError::BadClaim("aud")),
+    };
+    if !auds.iter().any(|a| issuer.audiences.iter().any(|x| x == a)) {
+        return Err(TokenError::WrongAudience(issuer.name.clone()));
+    }
+    let scope = match (c.get("scope"), c.get("scp")) {
+        (Some(Value::String(s)), _) => s.clone(),
+        (Some(_), _) => return Err(TokenError::BadClaim("scope")),
+        (None, Some(Value::Array(a))) => a
+            .iter()
+            .map(|v| v.as_str().ok_or(TokenError::BadClaim("scp")))
+            .collect::<Result<Vec<_>, _>>()?
+            .join(" "),
+        (None, Some(Value::String(s))) => s.clone(),
+        (None, Some(_)) => return Err(TokenError::BadClaim("scp")),
+        (None, None) => String::new(),
+    };
+    let client_id = match str_claim("client_id")? {
+        Some(c) => Some(c),
+        None => str_claim("azp")?,
+    };
+    let cnf = match c.get("cnf") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Object(_)) => Some(v.clone()),
+        Some(_) => return Err(TokenError::BadClaim("cnf")),
+    };
+    Ok(Claims {
+        issuer_name: issuer.name.clone(),
+        iss,
+        sub: str_claim("sub")?,
+        client_id,
+        fhir_user: str_claim("fhirUser")?,
+        patient: str_claim("patient")?,
+        scopes: ScopeSet::parse(&scope),
+        exp,
+        jti: str_claim("jti")?,
+        cnf,
+    })
+}
+
+#[cfg(test)]
+mod tests;

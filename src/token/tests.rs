@@ -1,0 +1,173 @@
+//! Table tests for the pure token checks, with real keys and signatures.
+
+use jsonwebtoken::{Algorithm, Header};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::config::Issuer;
+use crate::sandbox::keys::{hs256_token, jwks, raw_token, KeyKind, SigningKey};
+
+const NOW: i64 = 1_800_000_000;
+const ISS: &str = "https://idp.example";
+const AUD: &str = "https://fhir.example/fhir";
+
+fn issuer(algs: &[Algorithm]) -> Issuer {
+    Issuer {
+        name: "idp".into(),
+        issuer: ISS.into(),
+        jwks_uri: None,
+        discovery: true,
+        audiences: vec![AUD.into()],
+        algorithms: algs.to_vec(),
+        leeway_seconds: 30,
+        require_at_jwt_typ: false,
+    }
+}
+
+fn claims() -> Value {
+    json!({"iss": ISS, "aud": AUD, "sub": "u1", "client_id": "app", "scope": "user/*.rs openid",
+           "exp": NOW + 300, "iat": NOW - 10, "patient": "p1", "fhirUser": "Practitioner/9", "jti": "j1"})
+}
+
+fn check(token: &str, keys: &KeySet, iss: &Issuer) -> Result<Claims, TokenError> {
+    let u = inspect(token, 16 * 1024)?;
+    verify(token, &u, iss, keys, NOW)
+}
+
+fn keyset(keys: &[&SigningKey]) -> KeySet {
+    KeySet::from_jwks(&jwks(keys)).unwrap().0
+}
+
+#[test]
+fn every_supported_key_kind_verifies() {
+    for (kind, alg) in [
+        (KeyKind::Rsa2048, Algorithm::RS256),
+        (KeyKind::P256, Algorithm::ES256),
+        (KeyKind::P384, Algorithm::ES384),
+        (KeyKind::Ed25519, Algorithm::EdDSA),
+    ] {
+        let k = SigningKey::generate(kind, "k1");
+        let c = check(&k.sign(&claims()), &keyset(&[&k]), &issuer(&[alg])).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        assert_eq!(c.sub.as_deref(), Some("u1"));
+        assert_eq!(c.patient.as_deref(), Some("p1"));
+        assert_eq!(c.client_id.as_deref(), Some("app"));
+        assert_eq!(c.fhir_user.as_deref(), Some("Practitioner/9"));
+        assert_eq!(c.scopes.scopes.len(), 1);
+    }
+}
+
+#[test]
+fn hostile_tokens_are_refused() {
+    let rsa = SigningKey::generate(KeyKind::Rsa2048, "rsa1");
+    let ec = SigningKey::generate(KeyKind::P256, "ec1");
+    let keys = keyset(&[&rsa, &ec]);
+    let iss = issuer(&[Algorithm::RS256, Algorithm::ES256]);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = claims();
+        f(&mut c);
+        rsa.sign(&c)
+    };
+    let other = SigningKey::generate(KeyKind::Rsa2048, "rsa1");
+    let mut ps_header = Header::new(Algorithm::PS256);
+    ps_header.kid = Some("rsa1".into());
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("expired", with(&|c| c["exp"] = json!(NOW - 31)), "token_expired"),
+        ("not yet valid", with(&|c| c["nbf"] = json!(NOW + 31)), "token_not_yet_valid"),
+        ("issued in the future", with(&|c| c["iat"] = json!(NOW + 60)), "token_not_yet_valid"),
+        ("no exp", with(&|c| drop(c.as_object_mut().unwrap().remove("exp"))), "token_bad_claims"),
+        ("string exp", with(&|c| c["exp"] = json!("1900000000")), "token_bad_claims"),
+        ("wrong audience", with(&|c| c["aud"] = json!("https://other")), "token_wrong_audience"),
+        ("no audience", with(&|c| drop(c.as_object_mut().unwrap().remove("aud"))), "token_bad_claims"),
+        ("audience list without ours", with(&|c| c["aud"] = json!(["a", "b"])), "token_wrong_audience"),
+        ("issuer mismatch after lookup", with(&|c| c["iss"] = json!("https://evil")), "token_unknown_issuer"),
+        ("alg none", raw_token(&json!({"alg": "none", "kid": "rsa1"}), &claims(), b""), "token_malformed"),
+        ("alg none with sig", raw_token(&json!({"alg": "none", "kid": "rsa1"}), &claims(), b"x"), "token_alg_not_allowed"),
+        ("HS256 with the RSA public key", hs256_token("rsa1", &claims(), rsa.public_pem.as_bytes()), "token_alg_not_allowed"),
+        ("unknown kid", { let k = SigningKey::generate(KeyKind::Rsa2048, "rsa9"); k.sign(&claims()) }, "token_unknown_key"),
+        ("signed by another key, same kid", other.sign(&claims()), "token_bad_signature"),
+        ("alg not allowed for issuer", rsa.sign_with_header(&ps_header, &claims()), "token_alg_not_allowed"),
+        ("kid of an EC key with RS256", raw_token(&json!({"alg": "RS256", "kid": "ec1"}), &claims(), b"sig"), "token_unknown_key"),
+        ("crit header", raw_token(&json!({"alg": "RS256", "kid": "rsa1", "crit": ["exp"]}), &claims(), b"s"), "token_header_refused"),
+        ("dpop typ", raw_token(&json!({"alg": "RS256", "kid": "rsa1", "typ": "dpop+jwt"}), &claims(), b"s"), "token_header_refused"),
+        ("malformed base64", "a!b.c$d.e%f".to_string(), "token_malformed"),
+        ("two parts", "abc.def".to_string(), "token_malformed"),
+        ("payload not json", format!("{}.bm90IGpzb24.c2ln", URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#)), "token_malformed"),
+        ("tampered payload", { let t = rsa.sign(&claims()); let p: Vec<&str> = t.split('.').collect();
+            let c = URL_SAFE_NO_PAD.encode(with_scope("user/*.cruds").to_string()); format!("{}.{}.{}", p[0], c, p[2]) }, "token_bad_signature"),
+        ("oversized", "a".repeat(20_000), "token_too_long"),
+    ];
+    for (name, token, code) in cases {
+        let e = check(&token, &keys, &iss).expect_err(name);
+        assert_eq!(e.code(), code, "{name}: {e}");
+    }
+}
+
+fn with_scope(s: &str) -> Value {
+    let mut c = claims();
+    c["scope"] = json!(s);
+    c
+}
+
+#[test]
+fn leeway_is_honoured() {
+    let k = SigningKey::generate(KeyKind::P256, "k");
+    let keys = keyset(&[&k]);
+    let iss = issuer(&[Algorithm::ES256]);
+    let mut c = claims();
+    c["exp"] = json!(NOW - 29);
+    c["nbf"] = json!(NOW + 29);
+    assert!(check(&k.sign(&c), &keys, &iss).is_ok());
+}
+
+#[test]
+fn at_jwt_typ_can_be_required() {
+    let k = SigningKey::generate(KeyKind::P256, "k");
+    let keys = keyset(&[&k]);
+    let mut iss = issuer(&[Algorithm::ES256]);
+    iss.require_at_jwt_typ = true;
+    assert!(check(&k.sign(&claims()), &keys, &iss).is_ok(), "sign() sets typ at+jwt");
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k".into());
+    assert_eq!(check(&k.sign_with_header(&h, &claims()), &keys, &iss).unwrap_err().code(), "token_header_refused");
+}
+
+#[test]
+fn jwks_filtering() {
+    let rsa = SigningKey::generate(KeyKind::Rsa2048, "r");
+    let mut doc = jwks(&[&rsa]);
+    let keys = doc["keys"].as_array_mut().unwrap();
+    keys.push(json!({"kty": "oct", "kid": "h", "k": "c2VjcmV0"}));
+    let mut private = rsa.jwk().clone();
+    private["kid"] = json!("priv");
+    private["d"] = json!("AAAA");
+    keys.push(private);
+    let mut enc = rsa.jwk().clone();
+    enc["kid"] = json!("enc");
+    enc["use"] = json!("enc");
+    keys.push(enc);
+    let mut wrong_alg = rsa.jwk().clone();
+    wrong_alg["kid"] = json!("wa");
+    wrong_alg["alg"] = json!("ES256");
+    keys.push(wrong_alg);
+    keys.push(json!({"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AA", "y": "AA"}));
+    let (set, skipped) = KeySet::from_jwks(&doc).unwrap();
+    assert_eq!(set.keys.len(), 1, "{skipped:?}");
+    assert_eq!(skipped.len(), 5, "{skipped:?}");
+    assert!(skipped[0].contains("private or secret"), "{skipped:?}");
+    // An HS256 token against a JWKS holding a symmetric key is still refused.
+    let hs = hs256_token("h", &claims(), b"secret");
+    assert_eq!(check(&hs, &set, &issuer(&[Algorithm::RS256])).unwrap_err().code(), "token_alg_not_allowed");
+}
+
+#[test]
+fn scp_array_and_azp() {
+    let k = SigningKey::generate(KeyKind::P256, "k");
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("scope");
+    c.as_object_mut().unwrap().remove("client_id");
+    c["scp"] = json!(["user/Patient.rs", "openid"]);
+    c["azp"] = json!("azp-app");
+    let got = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256])).unwrap();
+    assert_eq!(got.client_id.as_deref(), Some("azp-app"));
+    assert_eq!(got.scopes.scopes[0].raw, "user/Patient.rs");
+}

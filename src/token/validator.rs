@@ -1,0 +1,60 @@
+//! The token validator the proxy calls: cache lookup by token hash, then
+//! [`inspect`](super::inspect), issuer lookup, keys (with at most one
+//! shared re-fetch on an unknown `kid`) and [`verify`](super::verify).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cache::TokenCache;
+use super::jwks::JwksStore;
+use super::{inspect, token_hash, verify, Claims, TokenError};
+use crate::config::Settings;
+
+/// Validates access tokens for the configured issuers.
+pub struct Validator {
+    pub store: Arc<JwksStore>,
+    cache: TokenCache,
+    max_bytes: usize,
+}
+
+/// A validated token.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub claims: Arc<Claims>,
+    pub hash: [u8; 32],
+    pub cache_hit: bool,
+}
+
+impl Validator {
+    pub fn new(settings: &Settings, store: Arc<JwksStore>) -> Validator {
+        Validator {
+            store,
+            cache: TokenCache::new(
+                settings.tokens.cache_max_entries,
+                Duration::from_secs(settings.tokens.cache_max_ttl_seconds),
+            ),
+            max_bytes: settings.tokens.max_bytes,
+        }
+    }
+
+    /// Validates `token` at `now` (Unix seconds).
+    pub async fn validate(&self, token: &str, now: i64) -> Result<Validated, TokenError> {
+        if token.len() > self.max_bytes {
+            return Err(TokenError::TooLong(self.max_bytes));
+        }
+        let hash = token_hash(token);
+        if let Some(claims) = self.cache.get(&hash, now) {
+            return Ok(Validated { claims, hash, cache_hit: true });
+        }
+        let u = inspect(token, self.max_bytes)?;
+        let ik = self.store.issuer(&u.iss).ok_or_else(|| TokenError::UnknownIssuer(u.iss.chars().take(128).collect()))?;
+        let keys = self.store.keys_for(ik, u.kid.as_deref()).await?;
+        let claims = Arc::new(verify(token, &u, &ik.issuer, &keys, now)?);
+        self.cache.insert(hash, claims.clone(), now);
+        Ok(Validated { claims, hash, cache_hit: false })
+    }
+
+    pub fn cache_entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
