@@ -1,0 +1,241 @@
+//! Test support: starts the real `fhirwall` binary on loopback in front of
+//! an in-process sandbox FHIR upstream and sandbox issuer, and talks to it
+//! over real sockets.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fhirwall::sandbox::fhir::FhirSandbox;
+use fhirwall::sandbox::issuer::{Mint, SandboxIssuer};
+use fhirwall::sandbox::keys::KeyKind;
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Extra YAML and knobs for one gateway.
+#[derive(Clone)]
+pub struct Options {
+    /// Replaces the default `upstream.url` (e.g. a closed port).
+    pub upstream_url: Option<String>,
+    pub read_timeout_ms: u64,
+    pub min_refetch_interval_seconds: u64,
+    pub leeway_seconds: u64,
+    /// Use discovery instead of jwks_uri.
+    pub discovery: bool,
+    /// Appended to the config as top-level YAML.
+    pub extra_yaml: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            upstream_url: None,
+            read_timeout_ms: 5_000,
+            min_refetch_interval_seconds: 30,
+            leeway_seconds: 0,
+            discovery: false,
+            extra_yaml: String::new(),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub base: String,
+    pub admin: String,
+    pub upstream: Arc<FhirSandbox>,
+    pub issuer: Arc<SandboxIssuer>,
+    pub audit_path: PathBuf,
+    pub client: reqwest::Client,
+    child: Child,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("fhirwall-test-{tag}-{}-{}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fhirwall")
+}
+
+impl Gateway {
+    /// Starts upstream, issuer (RSA key `k1`) and the gateway; waits until ready.
+    pub async fn start(opts: Options) -> Gateway {
+        let (upstream, up_addr) = FhirSandbox::spawn("/r4").await;
+        let port = free_port();
+        let admin_port = free_port();
+        let base = format!("http://127.0.0.1:{port}/fhir");
+        let issuer = SandboxIssuer::spawn(&base, KeyKind::Rsa2048, "k1").await;
+        let dir = TempDir::new("gw");
+        let audit_path = dir.0.join("audit.jsonl");
+        let jwks = if opts.discovery {
+            "discovery: true".to_string()
+        } else {
+            format!("jwks_uri: {}/jwks.json", issuer.issuer)
+        };
+        let upstream_url = opts.upstream_url.clone().unwrap_or(format!("http://{up_addr}/r4"));
+        let yaml = format!(
+            "listen: 127.0.0.1:{port}\n\
+             public_base_url: {base}\n\
+             upstream:\n  url: {upstream_url}\n  connect_timeout_ms: 1000\n  read_timeout_ms: {rt}\n\
+             issuers:\n  - name: test\n    issuer: {iss}\n    {jwks}\n    audiences: [{base}]\n    algorithms: [RS256, ES256]\n    leeway_seconds: {lw}\n\
+             jwks:\n  min_refetch_interval_seconds: {mri}\n\
+             admin:\n  listen: 127.0.0.1:{admin_port}\n\
+             audit:\n  sink: file\n  path: {audit}\n\
+             server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{extra}",
+            rt = opts.read_timeout_ms,
+            iss = issuer.issuer,
+            lw = opts.leeway_seconds,
+            mri = opts.min_refetch_interval_seconds,
+            audit = audit_path.display(),
+            extra = opts.extra_yaml,
+        );
+        let config = dir.0.join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fhirwall");
+        let gw = Gateway {
+            base,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            upstream,
+            issuer,
+            audit_path,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+            child,
+            _dir: dir,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.admin)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "gateway did not become ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn mint(&self, scope: &str, patient: Option<&str>) -> String {
+        self.issuer.mint(&Mint {
+            scope: scope.into(),
+            patient: patient.map(str::to_string),
+            sub: "user-1".into(),
+            client_id: "test-app".into(),
+            lifetime_seconds: 600,
+        })
+    }
+
+    /// Standard claims of this issuer, for tests that tamper with them.
+    pub fn claims(&self, scope: &str) -> serde_json::Value {
+        self.issuer.claims(&Mint {
+            scope: scope.into(),
+            patient: None,
+            sub: "user-1".into(),
+            client_id: "test-app".into(),
+            lifetime_seconds: 600,
+        })
+    }
+
+    pub async fn get(&self, rel: &str, token: Option<&str>) -> reqwest::Response {
+        let mut r = self.client.get(format!("{}/{rel}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap()
+    }
+
+    /// The audit file's lines, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// The audit record of a request id.
+    pub fn audit_for(&self, request_id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(r) = self.audit().into_iter().find(|r| r["request_id"] == request_id) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no audit record for {request_id}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.base.trim_start_matches("http://").split('/').next().unwrap().parse().unwrap()
+    }
+}
+
+/// Sends raw bytes as one HTTP/1.1 request (for paths a client library
+/// would normalise) and returns the status code and the whole response.
+pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
+                    if len.is_some_and(|l| body.len() >= l) {
+                        break;
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
