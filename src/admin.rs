@@ -36,7 +36,11 @@ impl ServeHttp for Admin {
             "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" if self.jwks.ready() => reply(200, "text/plain", b"ready\n".to_vec()),
-            "/readyz" => reply(503, "text/plain", b"not ready: JWKS of some issuer not loaded\n".to_vec()),
+            "/readyz" => reply(
+                503,
+                "text/plain",
+                b"not ready: JWKS of some issuer not loaded\n".to_vec(),
+            ),
             _ => reply(404, "text/plain", b"not found\n".to_vec()),
         }
     }

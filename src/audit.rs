@@ -74,9 +74,13 @@ impl AuditLog {
     pub fn open(sink: &AuditSink) -> io::Result<AuditLog> {
         let out = match sink {
             AuditSink::Stdout => Out::Stdout(io::stdout()),
-            AuditSink::File(path) => Out::File(BufWriter::new(OpenOptions::new().create(true).append(true).open(path)?)),
+            AuditSink::File(path) => Out::File(BufWriter::new(
+                OpenOptions::new().create(true).append(true).open(path)?,
+            )),
         };
-        Ok(AuditLog { out: Mutex::new(out) })
+        Ok(AuditLog {
+            out: Mutex::new(out),
+        })
     }
 
     /// Writes one record as a JSON line and flushes it.

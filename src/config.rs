@@ -17,7 +17,9 @@ use serde::Deserialize;
 use url::Url;
 
 /// Algorithms an issuer may be allowed to use: asymmetric only.
-pub const ALLOWED_ALGORITHMS: &[&str] = &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+pub const ALLOWED_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
 
 /// Routes below the FHIR base that pass without a token by default.
 pub const DEFAULT_PUBLIC_ROUTES: &[&str] = &["metadata", ".well-known/smart-configuration"];
@@ -245,11 +247,17 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { file: String, problems: Vec<Problem> },
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
 }
 
 /// Validated, runtime form of the configuration.
@@ -335,9 +343,17 @@ impl ForwardedContext {
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
-    let config = Config::parse(&text).map_err(|message| ConfigError::Parse { file: file.clone(), message })?;
-    config.validate().map_err(|problems| ConfigError::Invalid { file, problems })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+        file: file.clone(),
+        message,
+    })?;
+    config
+        .validate()
+        .map_err(|problems| ConfigError::Invalid { file, problems })
 }
 
 fn parse_algorithm(s: &str) -> Option<Algorithm> {
@@ -364,7 +380,12 @@ impl Config {
     /// Checks every setting and returns the runtime form, or every problem found.
     pub fn validate(&self) -> Result<Settings, Vec<Problem>> {
         let mut p = Vec::new();
-        let mut problem = |path: &str, message: String| p.push(Problem { path: path.to_string(), message });
+        let mut problem = |path: &str, message: String| {
+            p.push(Problem {
+                path: path.to_string(),
+                message,
+            })
+        };
 
         let listen = parse_addr(&self.listen, "listen", &mut problem);
         let admin_listen = parse_addr(&self.admin.listen, "admin.listen", &mut problem);
@@ -375,20 +396,35 @@ impl Config {
         let public_base = match Url::parse(&self.public_base_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
                 if u.query().is_some() || u.fragment().is_some() {
-                    problem("public_base_url", "must not carry a query or fragment".into());
+                    problem(
+                        "public_base_url",
+                        "must not carry a query or fragment".into(),
+                    );
                 }
                 Some(u)
             }
             Ok(_) => {
-                problem("public_base_url", format!("'{}' must be an http(s) URL with a host", self.public_base_url));
+                problem(
+                    "public_base_url",
+                    format!(
+                        "'{}' must be an http(s) URL with a host",
+                        self.public_base_url
+                    ),
+                );
                 None
             }
             Err(e) => {
-                problem("public_base_url", format!("'{}' is not a URL: {e}", self.public_base_url));
+                problem(
+                    "public_base_url",
+                    format!("'{}' is not a URL: {e}", self.public_base_url),
+                );
                 None
             }
         };
-        let mut public_routes: Vec<String> = DEFAULT_PUBLIC_ROUTES.iter().map(|s| s.to_string()).collect();
+        let mut public_routes: Vec<String> = DEFAULT_PUBLIC_ROUTES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         for (i, r) in self.public_routes.iter().enumerate() {
             let r = r.trim_start_matches('/');
             let bad = r.is_empty()
@@ -418,8 +454,16 @@ impl Config {
         for (i, c) in self.issuers.iter().enumerate() {
             let at = |k: &str| format!("issuers[{i}].{k}");
             let mut ok = true;
-            if c.name.is_empty() || !c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                problem(&at("name"), format!("'{}' must be non-empty letters, digits, '-' or '_'", c.name));
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                problem(
+                    &at("name"),
+                    format!("'{}' must be non-empty letters, digits, '-' or '_'", c.name),
+                );
                 ok = false;
             }
             if self.issuers[..i].iter().any(|o| o.name == c.name) {
@@ -444,23 +488,35 @@ impl Config {
                     }
                 },
                 (Some(_), true) => {
-                    problem(&at("jwks_uri"), "set either jwks_uri or discovery: true, not both".into());
+                    problem(
+                        &at("jwks_uri"),
+                        "set either jwks_uri or discovery: true, not both".into(),
+                    );
                     ok = false;
                     None
                 }
                 (None, true) => None,
                 (None, false) => {
-                    problem(&at("jwks_uri"), "missing: set jwks_uri, or discovery: true".into());
+                    problem(
+                        &at("jwks_uri"),
+                        "missing: set jwks_uri, or discovery: true".into(),
+                    );
                     ok = false;
                     None
                 }
             };
             if c.audiences.is_empty() || c.audiences.iter().any(String::is_empty) {
-                problem(&at("audiences"), "at least one non-empty audience is required".into());
+                problem(
+                    &at("audiences"),
+                    "at least one non-empty audience is required".into(),
+                );
                 ok = false;
             }
             if c.algorithms.is_empty() {
-                problem(&at("algorithms"), "at least one algorithm is required".into());
+                problem(
+                    &at("algorithms"),
+                    "at least one algorithm is required".into(),
+                );
                 ok = false;
             }
             let mut algorithms = Vec::new();
@@ -470,14 +526,20 @@ impl Config {
                     None => {
                         problem(
                             &format!("issuers[{i}].algorithms[{j}]"),
-                            format!("'{a}' is not allowed; allowed: {}", ALLOWED_ALGORITHMS.join(", ")),
+                            format!(
+                                "'{a}' is not allowed; allowed: {}",
+                                ALLOWED_ALGORITHMS.join(", ")
+                            ),
                         );
                         ok = false;
                     }
                 }
             }
             if c.leeway_seconds > 300 {
-                problem(&at("leeway_seconds"), format!("{} is more than the 300 s maximum", c.leeway_seconds));
+                problem(
+                    &at("leeway_seconds"),
+                    format!("{} is more than the 300 s maximum", c.leeway_seconds),
+                );
                 ok = false;
             }
             if ok {
@@ -495,14 +557,20 @@ impl Config {
         }
 
         if self.tokens.max_bytes < 256 || self.tokens.max_bytes > 64 * 1024 {
-            problem("tokens.max_bytes", format!("{} must be between 256 and 65536", self.tokens.max_bytes));
+            problem(
+                "tokens.max_bytes",
+                format!("{} must be between 256 and 65536", self.tokens.max_bytes),
+            );
         }
         if self.tokens.cache_max_entries == 0 {
             problem("tokens.cache_max_entries", "must be at least 1".into());
         }
         let j = &self.jwks;
         if j.refresh_min_seconds == 0 || j.refresh_min_seconds > j.refresh_max_seconds {
-            problem("jwks.refresh_min_seconds", "must be at least 1 and not more than jwks.refresh_max_seconds".into());
+            problem(
+                "jwks.refresh_min_seconds",
+                "must be at least 1 and not more than jwks.refresh_max_seconds".into(),
+            );
         }
         if j.fetch_timeout_ms == 0 {
             problem("jwks.fetch_timeout_ms", "must be at least 1".into());
@@ -520,7 +588,10 @@ impl Config {
                 None
             }
             (other, _) => {
-                problem("audit.sink", format!("'{other}' is not a sink; use stdout or file"));
+                problem(
+                    "audit.sink",
+                    format!("'{other}' is not a sink; use stdout or file"),
+                );
                 None
             }
         };
@@ -528,7 +599,10 @@ impl Config {
         if !(1024..=65536).contains(&self.server.max_classified_body_bytes) {
             problem(
                 "server.max_classified_body_bytes",
-                format!("{} must be between 1024 and 65536 (Pingora's request body buffer)", self.server.max_classified_body_bytes),
+                format!(
+                    "{} must be between 1024 and 65536 (Pingora's request body buffer)",
+                    self.server.max_classified_body_bytes
+                ),
             );
         }
 
@@ -537,7 +611,11 @@ impl Config {
             let path = format!("forward_headers.{k}");
             let ctx = ForwardedContext::parse(k);
             if ctx.is_none() {
-                problem(&path, "unknown context; use sub, client_id, patient, fhir_user, scope or issuer".into());
+                problem(
+                    &path,
+                    "unknown context; use sub, client_id, patient, fhir_user, scope or issuer"
+                        .into(),
+                );
             }
             let name = http::HeaderName::from_bytes(v.as_bytes()).ok();
             if name.is_none() {
@@ -545,7 +623,12 @@ impl Config {
             }
             if let (Some(c), Some(n)) = (ctx, name) {
                 if crate::proxy_headers::is_reserved(n.as_str()) {
-                    problem(&path, format!("'{v}' is a hop-by-hop or forwarding header fhirwall manages itself"));
+                    problem(
+                        &path,
+                        format!(
+                            "'{v}' is a hop-by-hop or forwarding header fhirwall manages itself"
+                        ),
+                    );
                 }
                 forward_headers.push((c, n));
             }
@@ -584,7 +667,10 @@ impl Config {
             "http" => false,
             "https" => true,
             s => {
-                problem("upstream.url", format!("scheme '{s}' is not supported; use http or https"));
+                problem(
+                    "upstream.url",
+                    format!("scheme '{s}' is not supported; use http or https"),
+                );
                 return None;
             }
         };
@@ -595,7 +681,9 @@ impl Config {
         if url.query().is_some() || url.fragment().is_some() {
             problem("upstream.url", "must not carry a query or fragment".into());
         }
-        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
         let host_header = match url.port() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
@@ -614,7 +702,10 @@ impl Config {
         }
         if let Some(ca) = &u.ca_file {
             if !tls {
-                problem("upstream.ca_file", "only used with an https upstream".into());
+                problem(
+                    "upstream.ca_file",
+                    "only used with an https upstream".into(),
+                );
                 ok = false;
             } else if let Err(e) = std::fs::read(ca) {
                 problem("upstream.ca_file", format!("cannot read '{ca}': {e}"));
@@ -624,11 +715,17 @@ impl Config {
         // Host may be a name; pingora connects to a socket address, so resolve at start.
         let addr = format!("{host}:{port}");
         let addr = addr.trim_start_matches('[').replace("]:", ":");
-        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(|c| c == '[' || c == ']'), port))
-            .ok()
-            .and_then(|mut a| a.next());
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(
+            host.trim_matches(|c| c == '[' || c == ']'),
+            port,
+        ))
+        .ok()
+        .and_then(|mut a| a.next());
         let Some(resolved) = resolved else {
-            problem("upstream.url", format!("cannot resolve host '{host}' ({addr})"));
+            problem(
+                "upstream.url",
+                format!("cannot resolve host '{host}' ({addr})"),
+            );
             return None;
         };
         ok.then(|| Upstream {
@@ -652,7 +749,10 @@ fn parse_addr(s: &str, path: &str, problem: &mut impl FnMut(&str, String)) -> Op
     match s.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            problem(path, format!("'{s}' is not an address:port such as 0.0.0.0:8080"));
+            problem(
+                path,
+                format!("'{s}' is not an address:port such as 0.0.0.0:8080"),
+            );
             None
         }
     }
@@ -682,18 +782,26 @@ admin:
         assert_eq!(s.public_base_path, "/fhir");
         assert_eq!(s.upstream.base_path, "/r4");
         assert_eq!(s.upstream.host_header, "127.0.0.1:9090");
-        assert_eq!(s.issuers[0].algorithms, vec![Algorithm::RS256, Algorithm::ES256]);
+        assert_eq!(
+            s.issuers[0].algorithms,
+            vec![Algorithm::RS256, Algorithm::ES256]
+        );
         assert_eq!(s.audit, AuditSink::Stdout);
-        assert_eq!(s.public_routes, vec!["metadata", ".well-known/smart-configuration"]);
+        assert_eq!(
+            s.public_routes,
+            vec!["metadata", ".well-known/smart-configuration"]
+        );
     }
 
     #[test]
     fn unknown_and_duplicate_keys_are_errors() {
         let e = Config::parse(&format!("{GOOD}\nbogus: 1\n")).unwrap_err();
         assert!(e.contains("bogus"), "{e}");
-        let e = Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
+        let e =
+            Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
-        let e = Config::parse(&GOOD.replace("    audiences:", "    audience: x\n    audiences:")).unwrap_err();
+        let e = Config::parse(&GOOD.replace("    audiences:", "    audience: x\n    audiences:"))
+            .unwrap_err();
         assert!(e.contains("audience"), "{e}");
     }
 
@@ -702,12 +810,21 @@ admin:
         let bad = GOOD
             .replace("listen: 127.0.0.1:8080", "listen: nowhere")
             .replace("http://127.0.0.1:9090/r4", "ftp://127.0.0.1/r4")
-            .replace("    audiences: [http://localhost:8080/fhir]", "    audiences: []\n    algorithms: [RS256, HS256, none]");
+            .replace(
+                "    audiences: [http://localhost:8080/fhir]",
+                "    audiences: []\n    algorithms: [RS256, HS256, none]",
+            );
         let problems = Config::parse(&bad).unwrap().validate().unwrap_err();
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            vec!["listen", "upstream.url", "issuers[0].audiences", "issuers[0].algorithms[1]", "issuers[0].algorithms[2]"],
+            vec![
+                "listen",
+                "upstream.url",
+                "issuers[0].audiences",
+                "issuers[0].algorithms[1]",
+                "issuers[0].algorithms[2]"
+            ],
             "{problems:?}"
         );
         assert!(problems[3].message.contains("HS256"));
@@ -725,7 +842,8 @@ admin:
 
     #[test]
     fn reference_config_is_valid() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
         Config::parse(&text).unwrap().validate().unwrap();
     }
 }

@@ -48,22 +48,40 @@ struct Need {
 
 impl Need {
     fn on(perm: Perm, resource: Option<&str>) -> Need {
-        Need { perm, resource: resource.map(str::to_string), context: None }
+        Need {
+            perm,
+            resource: resource.map(str::to_string),
+            context: None,
+        }
     }
 
     fn describe(&self) -> String {
-        let ctx = self.context.map(Context::as_str).unwrap_or("patient|user|system");
-        format!("{ctx}/{}.{}", self.resource.as_deref().unwrap_or("*"), self.perm.letter())
+        let ctx = self
+            .context
+            .map(Context::as_str)
+            .unwrap_or("patient|user|system");
+        format!(
+            "{ctx}/{}.{}",
+            self.resource.as_deref().unwrap_or("*"),
+            self.perm.letter()
+        )
     }
 }
 
 fn deny(reason: impl Into<String>) -> ScopeDenial {
-    ScopeDenial { reason: reason.into(), missing_scope: None }
+    ScopeDenial {
+        reason: reason.into(),
+        missing_scope: None,
+    }
 }
 
 /// Decides one request (a batch/transaction entry by entry).
 /// Returns the raw scopes that granted it.
-pub fn decide(req: &FhirRequest, scopes: &ScopeSet, patient: Option<&str>) -> Result<Vec<String>, ScopeDenial> {
+pub fn decide(
+    req: &FhirRequest,
+    scopes: &ScopeSet,
+    patient: Option<&str>,
+) -> Result<Vec<String>, ScopeDenial> {
     if req.is_bundle() {
         let mut used = Vec::new();
         for (i, entry) in req.entries.iter().enumerate() {
@@ -71,7 +89,10 @@ pub fn decide(req: &FhirRequest, scopes: &ScopeSet, patient: Option<&str>) -> Re
                 Ok(u) => used.extend(u),
                 Err(d) => {
                     return Err(ScopeDenial {
-                        reason: format!("{} entry {i} ({}) refused: {}", req.interaction, entry.interaction, d.reason),
+                        reason: format!(
+                            "{} entry {i} ({}) refused: {}",
+                            req.interaction, entry.interaction, d.reason
+                        ),
                         missing_scope: d.missing_scope,
                     })
                 }
@@ -86,7 +107,11 @@ pub fn decide(req: &FhirRequest, scopes: &ScopeSet, patient: Option<&str>) -> Re
         return Ok(Vec::new());
     }
     // Usable scopes: v2 filtered scopes grant nothing until filters are enforced.
-    let usable: Vec<&Scope> = scopes.scopes.iter().filter(|s| s.filter.is_none()).collect();
+    let usable: Vec<&Scope> = scopes
+        .scopes
+        .iter()
+        .filter(|s| s.filter.is_none())
+        .collect();
 
     // First: can scopes that are not bound to a patient grant everything?
     let unbound = |s: &&Scope| s.context != Context::Patient;
@@ -97,14 +122,30 @@ pub fn decide(req: &FhirRequest, scopes: &ScopeSet, patient: Option<&str>) -> Re
     let Some(used) = grant(&needs, usable.iter().copied()) else {
         let missing = needs
             .iter()
-            .find(|n| !usable.iter().any(|s| s.covers(n.perm, n.resource.as_deref()) && ctx_ok(s, n)))
+            .find(|n| {
+                !usable
+                    .iter()
+                    .any(|s| s.covers(n.perm, n.resource.as_deref()) && ctx_ok(s, n))
+            })
             .expect("some need is unmet when grant fails");
-        let filtered = scopes.scopes.iter().any(|s| s.filter.is_some() && s.covers(missing.perm, missing.resource.as_deref()));
-        let mut reason = format!("{} needs scope {} and the token has none that grants it", req.interaction, missing.describe());
+        let filtered = scopes
+            .scopes
+            .iter()
+            .any(|s| s.filter.is_some() && s.covers(missing.perm, missing.resource.as_deref()));
+        let mut reason = format!(
+            "{} needs scope {} and the token has none that grants it",
+            req.interaction,
+            missing.describe()
+        );
         if filtered {
-            reason.push_str(" (scopes with a query filter grant nothing until filter enforcement is enabled)");
+            reason.push_str(
+                " (scopes with a query filter grant nothing until filter enforcement is enabled)",
+            );
         }
-        return Err(ScopeDenial { reason, missing_scope: Some(missing.describe()) });
+        return Err(ScopeDenial {
+            reason,
+            missing_scope: Some(missing.describe()),
+        });
     };
     let Some(ctx) = patient else {
         return Err(deny(
@@ -127,10 +168,15 @@ fn ctx_ok(s: &Scope, n: &Need) -> bool {
 }
 
 /// Every need granted by some scope: the raw scopes used, or `None`.
-fn grant<'a>(needs: &[Need], scopes: impl Iterator<Item = &'a Scope> + Clone) -> Option<Vec<String>> {
+fn grant<'a>(
+    needs: &[Need],
+    scopes: impl Iterator<Item = &'a Scope> + Clone,
+) -> Option<Vec<String>> {
     let mut used = Vec::new();
     for n in needs {
-        let s = scopes.clone().find(|s| s.covers(n.perm, n.resource.as_deref()) && ctx_ok(s, n))?;
+        let s = scopes
+            .clone()
+            .find(|s| s.covers(n.perm, n.resource.as_deref()) && ctx_ok(s, n))?;
         if !used.contains(&s.raw) {
             used.push(s.raw.clone());
         }
@@ -149,7 +195,10 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
         Create => vec![Need::on(Perm::Create, t)],
         SearchType | HistoryType | SearchCompartment => vec![Need::on(Perm::Search, t)],
         SearchSystem | HistorySystem => match type_list(req) {
-            Some(types) => types.into_iter().map(|ty| Need::on(Perm::Search, Some(ty))).collect(),
+            Some(types) => types
+                .into_iter()
+                .map(|ty| Need::on(Perm::Search, Some(ty)))
+                .collect(),
             None => vec![Need::on(Perm::Search, None)],
         },
         Capabilities => Vec::new(),
@@ -171,21 +220,34 @@ fn type_list(req: &FhirRequest) -> Option<Vec<&str>> {
         return None;
     }
     let types: Vec<&str> = v.split(',').collect();
-    types.iter().all(|t| crate::fhir::resource_types::is_resource_type(t)).then_some(types)
+    types
+        .iter()
+        .all(|t| crate::fhir::resource_types::is_resource_type(t))
+        .then_some(types)
 }
 
 fn operation_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
-    let (name, level) = req.operation.as_ref().expect("operation interaction has an operation");
+    let (name, level) = req
+        .operation
+        .as_ref()
+        .expect("operation interaction has an operation");
     let t = req.resource_type.as_deref();
     match (name.as_str(), level, t) {
         ("everything", OperationLevel::Instance | OperationLevel::Type, Some("Patient")) => {
-            Ok(vec![Need::on(Perm::Read, None), Need::on(Perm::Search, None)])
+            Ok(vec![
+                Need::on(Perm::Read, None),
+                Need::on(Perm::Search, None),
+            ])
         }
         ("export", OperationLevel::System, None)
         | ("export", OperationLevel::Type, Some("Patient"))
         | ("export", OperationLevel::Instance, Some("Group")) => Ok([Perm::Read, Perm::Search]
             .into_iter()
-            .map(|perm| Need { perm, resource: None, context: Some(Context::System) })
+            .map(|perm| Need {
+                perm,
+                resource: None,
+                context: Some(Context::System),
+            })
             .collect()),
         _ => Err(deny(format!(
             "operation ${name} is not granted by SMART scopes; no policy allows it"
@@ -200,7 +262,9 @@ fn param_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
         let base = name.split(':').next().unwrap_or(name);
         match base {
             "_filter" | "_query" | "_contained" | "_containedType" => {
-                return Err(deny(format!("search parameter {base} cannot be bounded to the grant and is refused")))
+                return Err(deny(format!(
+                    "search parameter {base} cannot be bounded to the grant and is refused"
+                )))
             }
             "_include" | "_revinclude" => {
                 // value: Source:param[:Target] or *
@@ -208,19 +272,30 @@ fn param_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
                 let source = parts.next().unwrap_or("");
                 let _param = parts.next();
                 let target = parts.next();
-                let reached = if base == "_include" { target } else { Some(source) };
-                let reached = reached.filter(|t| *t != "*" && crate::fhir::resource_types::is_resource_type(t));
+                let reached = if base == "_include" {
+                    target
+                } else {
+                    Some(source)
+                };
+                let reached = reached
+                    .filter(|t| *t != "*" && crate::fhir::resource_types::is_resource_type(t));
                 needs.push(Need::on(Perm::Read, reached));
                 needs.push(Need::on(Perm::Search, reached));
             }
             _ if name.starts_with("_has:") => {
-                let ty = name.split(':').nth(1).filter(|t| crate::fhir::resource_types::is_resource_type(t));
+                let ty = name
+                    .split(':')
+                    .nth(1)
+                    .filter(|t| crate::fhir::resource_types::is_resource_type(t));
                 needs.push(Need::on(Perm::Search, ty));
             }
             _ if name.contains('.') => {
                 // Chained: param:Type.x or param.x — reaches Type (or any type).
                 let head = name.split('.').next().unwrap_or("");
-                let ty = head.split(':').nth(1).filter(|t| crate::fhir::resource_types::is_resource_type(t));
+                let ty = head
+                    .split(':')
+                    .nth(1)
+                    .filter(|t| crate::fhir::resource_types::is_resource_type(t));
                 needs.push(Need::on(Perm::Search, ty));
             }
             _ => {}
@@ -231,7 +306,10 @@ fn param_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 
 fn reaches_other_types(req: &FhirRequest) -> bool {
     req.params.iter().any(|(n, _)| {
-        n.starts_with("_include") || n.starts_with("_revinclude") || n.starts_with("_has:") || n.contains('.')
+        n.starts_with("_include")
+            || n.starts_with("_revinclude")
+            || n.starts_with("_has:")
+            || n.contains('.')
     })
 }
 
@@ -243,9 +321,16 @@ fn in_patient_compartment(req: &FhirRequest, ctx: &str) -> bool {
     }
     let is_patient = req.resource_type.as_deref() == Some("Patient");
     match req.interaction {
-        Read | Vread | HistoryInstance | Update | Patch => is_patient && req.id.as_deref() == Some(ctx) && !req.conditional,
+        Read | Vread | HistoryInstance | Update | Patch => {
+            is_patient && req.id.as_deref() == Some(ctx) && !req.conditional
+        }
         SearchType => {
-            let ids: Vec<&str> = req.params.iter().filter(|(n, _)| n == "_id").map(|(_, v)| v.as_str()).collect();
+            let ids: Vec<&str> = req
+                .params
+                .iter()
+                .filter(|(n, _)| n == "_id")
+                .map(|(_, v)| v.as_str())
+                .collect();
             is_patient && ids == [ctx]
         }
         SearchCompartment => req
@@ -271,84 +356,558 @@ mod tests {
             Some((p, q)) => (p, Some(q)),
             None => (url, None),
         };
-        classify(HttpRequest { method, path, query, if_none_exist: None }).unwrap()
+        classify(HttpRequest {
+            method,
+            path,
+            query,
+            if_none_exist: None,
+        })
+        .unwrap()
     }
 
-    fn check(scopes: &str, patient: Option<&str>, method: &str, url: &str) -> Result<Vec<String>, ScopeDenial> {
+    fn check(
+        scopes: &str,
+        patient: Option<&str>,
+        method: &str,
+        url: &str,
+    ) -> Result<Vec<String>, ScopeDenial> {
         decide(&req(method, url), &ScopeSet::parse(scopes), patient)
     }
 
     #[test]
     fn decision_table() {
         // (name, scopes, patient, method, url, allowed)
-        let cases: &[(&str, &str, Option<&str>, &str, &str, bool)] = &[
-            ("user read", "user/Observation.rs", None, "GET", "Observation/1", true),
-            ("user v1 read", "user/Observation.read", None, "GET", "Observation/1", true),
-            ("user read other type", "user/Observation.rs", None, "GET", "Condition/1", false),
-            ("user search", "user/Observation.s", None, "GET", "Observation?code=x", true),
-            ("r does not search", "user/Observation.r", None, "GET", "Observation?code=x", false),
-            ("s does not read", "user/Observation.s", None, "GET", "Observation/1", false),
-            ("vread needs r", "user/Observation.r", None, "GET", "Observation/1/_history/2", true),
-            ("instance history needs r", "user/Observation.r", None, "GET", "Observation/1/_history", true),
-            ("type history needs s", "user/Observation.r", None, "GET", "Observation/_history", false),
-            ("type history with s", "user/Observation.s", None, "GET", "Observation/_history", true),
-            ("system history needs wildcard", "user/Observation.s", None, "GET", "_history", false),
-            ("system history wildcard", "user/*.s", None, "GET", "_history", true),
-            ("write v1 create", "user/Observation.write", None, "POST", "Observation", true),
-            ("write v1 update", "user/Observation.write", None, "PUT", "Observation/1", true),
-            ("write v1 delete", "user/Observation.write", None, "DELETE", "Observation/1", true),
-            ("write does not read", "user/Observation.write", None, "GET", "Observation/1", false),
-            ("patch needs u", "user/Observation.u", None, "PATCH", "Observation/1", true),
-            ("delete needs d", "user/Observation.cru", None, "DELETE", "Observation/1", false),
-            ("conditional delete needs s", "user/Observation.d", None, "DELETE", "Observation?code=1", false),
-            ("conditional delete d+s", "user/Observation.ds", None, "DELETE", "Observation?code=1", true),
-            ("conditional update u only", "user/Observation.u", None, "PUT", "Observation?code=1", false),
-            ("system search needs wildcard", "user/Observation.rs", None, "GET", "?code=x", false),
-            ("system search _type narrowed", "user/Observation.rs user/Condition.s", None, "GET", "?_type=Observation,Condition", true),
-            ("system search _type partly", "user/Observation.rs", None, "GET", "?_type=Observation,Condition", false),
-            ("wildcard read", "user/*.read", None, "GET", "Condition/1", true),
-            ("system context", "system/*.rs", None, "GET", "Condition/1", true),
-            ("filtered scope grants nothing", "user/Observation.rs?category=laboratory", None, "GET", "Observation?category=laboratory", false),
-            ("non-resource scopes", "openid fhirUser launch/patient offline_access", None, "GET", "Observation/1", false),
-            ("malformed letters", "user/Observation.sr", None, "GET", "Observation/1", false),
-            ("include needs target", "user/Observation.rs", None, "GET", "Observation?_include=Observation:subject:Patient", false),
-            ("include with target granted", "user/Observation.rs user/Patient.rs", None, "GET", "Observation?_include=Observation:subject:Patient", true),
-            ("include without target needs wildcard", "user/Observation.rs user/Patient.rs", None, "GET", "Observation?_include=Observation:subject", false),
-            ("revinclude needs source", "user/Patient.rs", None, "GET", "Patient?_revinclude=Observation:subject", false),
-            ("has needs type", "user/Patient.rs", None, "GET", "Patient?_has:Observation:patient:code=1234", false),
-            ("has with type", "user/Patient.rs user/Observation.s", None, "GET", "Patient?_has:Observation:patient:code=1234", true),
-            ("chain typed", "user/Observation.rs", None, "GET", "Observation?subject:Patient.name=peter", false),
-            ("chain typed granted", "user/Observation.rs user/Patient.s", None, "GET", "Observation?subject:Patient.name=peter", true),
-            ("chain untyped needs wildcard", "user/Observation.rs user/Patient.s", None, "GET", "Observation?subject.name=peter", false),
-            ("_filter refused", "user/*.cruds", None, "GET", "Observation?_filter=x", false),
-            ("_query refused", "user/*.cruds", None, "GET", "Observation?_query=x", false),
-            ("_contained refused", "user/*.cruds", None, "GET", "Observation?_contained=true", false),
-            ("compartment search", "user/Observation.s", None, "GET", "Patient/1/Observation", true),
-            ("compartment * needs wildcard", "user/Observation.s", None, "GET", "Patient/1/*", false),
-            ("capabilities needs nothing", "", None, "GET", "metadata", true),
-            ("export needs system", "user/*.rs", None, "GET", "$export", false),
-            ("export with system", "system/*.rs", None, "GET", "$export", true),
-            ("group export", "system/*.read", None, "GET", "Group/g1/$export", true),
-            ("patient export under patient", "patient/*.rs", Some("p1"), "GET", "Patient/$export", false),
-            ("unknown operation", "user/*.cruds", None, "POST", "Observation/$lastn", false),
-            ("everything type level user", "user/*.rs", None, "GET", "Patient/$everything", true),
+        type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, &'a str, bool);
+        let cases: &[Case] = &[
+            (
+                "user read",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation/1",
+                true,
+            ),
+            (
+                "user v1 read",
+                "user/Observation.read",
+                None,
+                "GET",
+                "Observation/1",
+                true,
+            ),
+            (
+                "user read other type",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Condition/1",
+                false,
+            ),
+            (
+                "user search",
+                "user/Observation.s",
+                None,
+                "GET",
+                "Observation?code=x",
+                true,
+            ),
+            (
+                "r does not search",
+                "user/Observation.r",
+                None,
+                "GET",
+                "Observation?code=x",
+                false,
+            ),
+            (
+                "s does not read",
+                "user/Observation.s",
+                None,
+                "GET",
+                "Observation/1",
+                false,
+            ),
+            (
+                "vread needs r",
+                "user/Observation.r",
+                None,
+                "GET",
+                "Observation/1/_history/2",
+                true,
+            ),
+            (
+                "instance history needs r",
+                "user/Observation.r",
+                None,
+                "GET",
+                "Observation/1/_history",
+                true,
+            ),
+            (
+                "type history needs s",
+                "user/Observation.r",
+                None,
+                "GET",
+                "Observation/_history",
+                false,
+            ),
+            (
+                "type history with s",
+                "user/Observation.s",
+                None,
+                "GET",
+                "Observation/_history",
+                true,
+            ),
+            (
+                "system history needs wildcard",
+                "user/Observation.s",
+                None,
+                "GET",
+                "_history",
+                false,
+            ),
+            (
+                "system history wildcard",
+                "user/*.s",
+                None,
+                "GET",
+                "_history",
+                true,
+            ),
+            (
+                "write v1 create",
+                "user/Observation.write",
+                None,
+                "POST",
+                "Observation",
+                true,
+            ),
+            (
+                "write v1 update",
+                "user/Observation.write",
+                None,
+                "PUT",
+                "Observation/1",
+                true,
+            ),
+            (
+                "write v1 delete",
+                "user/Observation.write",
+                None,
+                "DELETE",
+                "Observation/1",
+                true,
+            ),
+            (
+                "write does not read",
+                "user/Observation.write",
+                None,
+                "GET",
+                "Observation/1",
+                false,
+            ),
+            (
+                "patch needs u",
+                "user/Observation.u",
+                None,
+                "PATCH",
+                "Observation/1",
+                true,
+            ),
+            (
+                "delete needs d",
+                "user/Observation.cru",
+                None,
+                "DELETE",
+                "Observation/1",
+                false,
+            ),
+            (
+                "conditional delete needs s",
+                "user/Observation.d",
+                None,
+                "DELETE",
+                "Observation?code=1",
+                false,
+            ),
+            (
+                "conditional delete d+s",
+                "user/Observation.ds",
+                None,
+                "DELETE",
+                "Observation?code=1",
+                true,
+            ),
+            (
+                "conditional update u only",
+                "user/Observation.u",
+                None,
+                "PUT",
+                "Observation?code=1",
+                false,
+            ),
+            (
+                "system search needs wildcard",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "?code=x",
+                false,
+            ),
+            (
+                "system search _type narrowed",
+                "user/Observation.rs user/Condition.s",
+                None,
+                "GET",
+                "?_type=Observation,Condition",
+                true,
+            ),
+            (
+                "system search _type partly",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "?_type=Observation,Condition",
+                false,
+            ),
+            (
+                "wildcard read",
+                "user/*.read",
+                None,
+                "GET",
+                "Condition/1",
+                true,
+            ),
+            (
+                "system context",
+                "system/*.rs",
+                None,
+                "GET",
+                "Condition/1",
+                true,
+            ),
+            (
+                "filtered scope grants nothing",
+                "user/Observation.rs?category=laboratory",
+                None,
+                "GET",
+                "Observation?category=laboratory",
+                false,
+            ),
+            (
+                "non-resource scopes",
+                "openid fhirUser launch/patient offline_access",
+                None,
+                "GET",
+                "Observation/1",
+                false,
+            ),
+            (
+                "malformed letters",
+                "user/Observation.sr",
+                None,
+                "GET",
+                "Observation/1",
+                false,
+            ),
+            (
+                "include needs target",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?_include=Observation:subject:Patient",
+                false,
+            ),
+            (
+                "include with target granted",
+                "user/Observation.rs user/Patient.rs",
+                None,
+                "GET",
+                "Observation?_include=Observation:subject:Patient",
+                true,
+            ),
+            (
+                "include without target needs wildcard",
+                "user/Observation.rs user/Patient.rs",
+                None,
+                "GET",
+                "Observation?_include=Observation:subject",
+                false,
+            ),
+            (
+                "revinclude needs source",
+                "user/Patient.rs",
+                None,
+                "GET",
+                "Patient?_revinclude=Observation:subject",
+                false,
+            ),
+            (
+                "has needs type",
+                "user/Patient.rs",
+                None,
+                "GET",
+                "Patient?_has:Observation:patient:code=1234",
+                false,
+            ),
+            (
+                "has with type",
+                "user/Patient.rs user/Observation.s",
+                None,
+                "GET",
+                "Patient?_has:Observation:patient:code=1234",
+                true,
+            ),
+            (
+                "chain typed",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?subject:Patient.name=peter",
+                false,
+            ),
+            (
+                "chain typed granted",
+                "user/Observation.rs user/Patient.s",
+                None,
+                "GET",
+                "Observation?subject:Patient.name=peter",
+                true,
+            ),
+            (
+                "chain untyped needs wildcard",
+                "user/Observation.rs user/Patient.s",
+                None,
+                "GET",
+                "Observation?subject.name=peter",
+                false,
+            ),
+            (
+                "_filter refused",
+                "user/*.cruds",
+                None,
+                "GET",
+                "Observation?_filter=x",
+                false,
+            ),
+            (
+                "_query refused",
+                "user/*.cruds",
+                None,
+                "GET",
+                "Observation?_query=x",
+                false,
+            ),
+            (
+                "_contained refused",
+                "user/*.cruds",
+                None,
+                "GET",
+                "Observation?_contained=true",
+                false,
+            ),
+            (
+                "compartment search",
+                "user/Observation.s",
+                None,
+                "GET",
+                "Patient/1/Observation",
+                true,
+            ),
+            (
+                "compartment * needs wildcard",
+                "user/Observation.s",
+                None,
+                "GET",
+                "Patient/1/*",
+                false,
+            ),
+            (
+                "capabilities needs nothing",
+                "",
+                None,
+                "GET",
+                "metadata",
+                true,
+            ),
+            (
+                "export needs system",
+                "user/*.rs",
+                None,
+                "GET",
+                "$export",
+                false,
+            ),
+            (
+                "export with system",
+                "system/*.rs",
+                None,
+                "GET",
+                "$export",
+                true,
+            ),
+            (
+                "group export",
+                "system/*.read",
+                None,
+                "GET",
+                "Group/g1/$export",
+                true,
+            ),
+            (
+                "patient export under patient",
+                "patient/*.rs",
+                Some("p1"),
+                "GET",
+                "Patient/$export",
+                false,
+            ),
+            (
+                "unknown operation",
+                "user/*.cruds",
+                None,
+                "POST",
+                "Observation/$lastn",
+                false,
+            ),
+            (
+                "everything type level user",
+                "user/*.rs",
+                None,
+                "GET",
+                "Patient/$everything",
+                true,
+            ),
             // Patient context.
-            ("patient own record", "patient/Patient.r", Some("p1"), "GET", "Patient/p1", true),
-            ("patient other record", "patient/Patient.r", Some("p1"), "GET", "Patient/p2", false),
-            ("patient no context", "patient/Patient.r", None, "GET", "Patient/p1", false),
-            ("patient _id search own", "patient/Patient.s", Some("p1"), "GET", "Patient?_id=p1", true),
-            ("patient _id search other", "patient/Patient.s", Some("p1"), "GET", "Patient?_id=p2", false),
-            ("patient _id two values", "patient/Patient.s", Some("p1"), "GET", "Patient?_id=p1&_id=p2", false),
-            ("patient unscoped search", "patient/Patient.s", Some("p1"), "GET", "Patient?name=x", false),
-            ("patient compartment own", "patient/Observation.rs", Some("p1"), "GET", "Patient/p1/Observation", true),
-            ("patient compartment other", "patient/Observation.rs", Some("p1"), "GET", "Patient/p2/Observation", false),
-            ("patient compartment include", "patient/*.rs", Some("p1"), "GET", "Patient/p1/Observation?_include=Observation:subject", false),
-            ("patient type search refused", "patient/Observation.rs", Some("p1"), "GET", "Observation?patient=p1", false),
-            ("patient read other type unproven", "patient/Observation.rs", Some("p1"), "GET", "Observation/o1", false),
-            ("patient everything own", "patient/*.rs", Some("p1"), "GET", "Patient/p1/$everything", true),
-            ("patient everything other", "patient/*.rs", Some("p1"), "GET", "Patient/p2/$everything", false),
-            ("patient create unproven", "patient/Observation.c", Some("p1"), "POST", "Observation", false),
-            ("user beats patient", "patient/Observation.rs user/Observation.rs", Some("p1"), "GET", "Observation/o1", true),
+            (
+                "patient own record",
+                "patient/Patient.r",
+                Some("p1"),
+                "GET",
+                "Patient/p1",
+                true,
+            ),
+            (
+                "patient other record",
+                "patient/Patient.r",
+                Some("p1"),
+                "GET",
+                "Patient/p2",
+                false,
+            ),
+            (
+                "patient no context",
+                "patient/Patient.r",
+                None,
+                "GET",
+                "Patient/p1",
+                false,
+            ),
+            (
+                "patient _id search own",
+                "patient/Patient.s",
+                Some("p1"),
+                "GET",
+                "Patient?_id=p1",
+                true,
+            ),
+            (
+                "patient _id search other",
+                "patient/Patient.s",
+                Some("p1"),
+                "GET",
+                "Patient?_id=p2",
+                false,
+            ),
+            (
+                "patient _id two values",
+                "patient/Patient.s",
+                Some("p1"),
+                "GET",
+                "Patient?_id=p1&_id=p2",
+                false,
+            ),
+            (
+                "patient unscoped search",
+                "patient/Patient.s",
+                Some("p1"),
+                "GET",
+                "Patient?name=x",
+                false,
+            ),
+            (
+                "patient compartment own",
+                "patient/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Patient/p1/Observation",
+                true,
+            ),
+            (
+                "patient compartment other",
+                "patient/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Patient/p2/Observation",
+                false,
+            ),
+            (
+                "patient compartment include",
+                "patient/*.rs",
+                Some("p1"),
+                "GET",
+                "Patient/p1/Observation?_include=Observation:subject",
+                false,
+            ),
+            (
+                "patient type search refused",
+                "patient/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Observation?patient=p1",
+                false,
+            ),
+            (
+                "patient read other type unproven",
+                "patient/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Observation/o1",
+                false,
+            ),
+            (
+                "patient everything own",
+                "patient/*.rs",
+                Some("p1"),
+                "GET",
+                "Patient/p1/$everything",
+                true,
+            ),
+            (
+                "patient everything other",
+                "patient/*.rs",
+                Some("p1"),
+                "GET",
+                "Patient/p2/$everything",
+                false,
+            ),
+            (
+                "patient create unproven",
+                "patient/Observation.c",
+                Some("p1"),
+                "POST",
+                "Observation",
+                false,
+            ),
+            (
+                "user beats patient",
+                "patient/Observation.rs user/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Observation/o1",
+                true,
+            ),
         ];
         for (name, scopes, patient, method, url, allowed) in cases {
             let got = check(scopes, *patient, method, url);
@@ -359,9 +918,18 @@ mod tests {
     #[test]
     fn denial_names_missing_scope() {
         let d = check("user/Observation.r", None, "GET", "Observation?code=1").unwrap_err();
-        assert_eq!(d.missing_scope.as_deref(), Some("patient|user|system/Observation.s"));
+        assert_eq!(
+            d.missing_scope.as_deref(),
+            Some("patient|user|system/Observation.s")
+        );
         assert!(d.reason.contains("search-type"), "{}", d.reason);
-        let d = check("user/Observation.rs?category=laboratory", None, "GET", "Observation/1").unwrap_err();
+        let d = check(
+            "user/Observation.rs?category=laboratory",
+            None,
+            "GET",
+            "Observation/1",
+        )
+        .unwrap_err();
         assert!(d.reason.contains("query filter"), "{}", d.reason);
     }
 
@@ -371,9 +939,25 @@ mod tests {
             {"request":{"method":"GET","url":"Observation/1"}},
             {"request":{"method":"DELETE","url":"Condition/1"}}]}"#;
         let t = classify_bundle(req("POST", ""), body).unwrap();
-        let d = decide(&t, &ScopeSet::parse("user/Observation.rs user/Condition.rs"), None).unwrap_err();
+        let d = decide(
+            &t,
+            &ScopeSet::parse("user/Observation.rs user/Condition.rs"),
+            None,
+        )
+        .unwrap_err();
         assert!(d.reason.contains("entry 1"), "{}", d.reason);
-        let ok = decide(&t, &ScopeSet::parse("user/Observation.rs user/Condition.d"), None).unwrap();
-        assert_eq!(ok, vec!["user/Condition.d".to_string(), "user/Observation.rs".to_string()]);
+        let ok = decide(
+            &t,
+            &ScopeSet::parse("user/Observation.rs user/Condition.d"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            vec![
+                "user/Condition.d".to_string(),
+                "user/Observation.rs".to_string()
+            ]
+        );
     }
 }

@@ -29,7 +29,9 @@ pub fn run(listen: &str, admin: &str) -> Result<(), String> {
             });
         })
         .map_err(|e| format!("cannot start the sandbox thread: {e}"))?;
-    let (upstream, issuer) = rx.recv().map_err(|_| "sandbox servers did not start".to_string())?;
+    let (upstream, issuer) = rx
+        .recv()
+        .map_err(|_| "sandbox servers did not start".to_string())?;
 
     let yaml = format!(
         r#"
@@ -53,9 +55,15 @@ server:
         iss = issuer.issuer
     );
     let config = crate::config::Config::parse(&yaml).map_err(|e| format!("demo config: {e}"))?;
-    let settings = config
-        .validate()
-        .map_err(|p| format!("demo config: {}", p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; ")))?;
+    let settings = config.validate().map_err(|p| {
+        format!(
+            "demo config: {}",
+            p.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
 
     let patient_token = issuer.mint(&Mint {
         scope: "openid fhirUser launch/patient patient/*.rs".into(),

@@ -16,23 +16,43 @@ pub enum Denial {
     /// No credentials on a protected route.
     NoToken,
     /// Credentials malformed or presented in a refused way (400).
-    InvalidRequest { code: &'static str, description: String },
+    InvalidRequest {
+        code: &'static str,
+        description: String,
+    },
     /// The token failed validation (401).
-    InvalidToken { code: &'static str, description: String },
+    InvalidToken {
+        code: &'static str,
+        description: String,
+    },
     /// The grant does not allow the request (403).
-    InsufficientScope { description: String, scope: Option<String> },
+    InsufficientScope {
+        description: String,
+        scope: Option<String>,
+    },
     /// Outside the FHIR base, or not a FHIR path (404).
     NotFound { description: String },
     /// Not a well-formed FHIR interaction (400).
-    BadFhirRequest { code: &'static str, description: String },
+    BadFhirRequest {
+        code: &'static str,
+        description: String,
+    },
     /// The method does not apply to the path (405).
     MethodNotAllowed { description: String },
     /// Body larger than what fhirwall reads to classify (413).
     TooLarge { description: String },
     /// A dependency (JWKS) is unavailable: 503 with Retry-After.
-    Unavailable { code: &'static str, description: String, retry_after_seconds: u64 },
+    Unavailable {
+        code: &'static str,
+        description: String,
+        retry_after_seconds: u64,
+    },
     /// The upstream failed: 502 (refused, reset) or 504 (timeout).
-    Upstream { status: u16, code: &'static str, description: String },
+    Upstream {
+        status: u16,
+        code: &'static str,
+        description: String,
+    },
 }
 
 /// The HTTP answer for a [`Denial`].
@@ -47,7 +67,13 @@ pub struct Answer {
 /// Keeps a header quoted-string safe: printable ASCII without `"` and `\`.
 fn quoted(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(300)
         .collect()
 }
@@ -121,9 +147,9 @@ impl Denial {
         };
         let (severity, issue_code) = match self {
             Denial::NoToken | Denial::InvalidToken { .. } => ("error", "login"),
-            Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } | Denial::MethodNotAllowed { .. } => {
-                ("error", "invalid")
-            }
+            Denial::InvalidRequest { .. }
+            | Denial::BadFhirRequest { .. }
+            | Denial::MethodNotAllowed { .. } => ("error", "invalid"),
             Denial::InsufficientScope { .. } => ("error", "forbidden"),
             Denial::NotFound { .. } => ("error", "not-found"),
             Denial::TooLarge { .. } => ("error", "too-costly"),
@@ -141,10 +167,18 @@ impl Denial {
             }]
         });
         let retry_after = match self {
-            Denial::Unavailable { retry_after_seconds, .. } => Some(*retry_after_seconds),
+            Denial::Unavailable {
+                retry_after_seconds,
+                ..
+            } => Some(*retry_after_seconds),
             _ => None,
         };
-        Answer { status: self.status(), www_authenticate, retry_after, body: body.to_string().into_bytes() }
+        Answer {
+            status: self.status(),
+            www_authenticate,
+            retry_after,
+            body: body.to_string().into_bytes(),
+        }
     }
 }
 
@@ -156,9 +190,16 @@ mod tests {
     fn answers() {
         let a = Denial::NoToken.answer("https://fhir.example/fhir");
         assert_eq!(a.status, 401);
-        assert_eq!(a.www_authenticate.as_deref(), Some("Bearer realm=\"https://fhir.example/fhir\""));
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some("Bearer realm=\"https://fhir.example/fhir\"")
+        );
 
-        let a = Denial::InvalidToken { code: "token_expired", description: "token \"expired\"\n".into() }.answer("r");
+        let a = Denial::InvalidToken {
+            code: "token_expired",
+            description: "token \"expired\"\n".into(),
+        }
+        .answer("r");
         assert_eq!(a.status, 401);
         assert_eq!(
             a.www_authenticate.as_deref(),
@@ -168,13 +209,35 @@ mod tests {
         assert_eq!(body["resourceType"], "OperationOutcome");
         assert_eq!(body["issue"][0]["code"], "login");
 
-        let a = Denial::InsufficientScope { description: "needs s".into(), scope: Some("user/Observation.s".into()) }
-            .answer("r");
+        let a = Denial::InsufficientScope {
+            description: "needs s".into(),
+            scope: Some("user/Observation.s".into()),
+        }
+        .answer("r");
         assert_eq!(a.status, 403);
-        assert!(a.www_authenticate.unwrap().ends_with("scope=\"user/Observation.s\""));
+        assert!(a
+            .www_authenticate
+            .unwrap()
+            .ends_with("scope=\"user/Observation.s\""));
 
-        let a = Denial::Unavailable { code: "keys_unavailable", description: "x".into(), retry_after_seconds: 5 }.answer("r");
-        assert_eq!((a.status, a.retry_after, a.www_authenticate), (503, Some(5), None));
-        assert_eq!(Denial::Upstream { status: 504, code: "upstream_timeout", description: "t".into() }.status(), 504);
+        let a = Denial::Unavailable {
+            code: "keys_unavailable",
+            description: "x".into(),
+            retry_after_seconds: 5,
+        }
+        .answer("r");
+        assert_eq!(
+            (a.status, a.retry_after, a.www_authenticate),
+            (503, Some(5), None)
+        );
+        assert_eq!(
+            Denial::Upstream {
+                status: 504,
+                code: "upstream_timeout",
+                description: "t".into()
+            }
+            .status(),
+            504
+        );
     }
 }

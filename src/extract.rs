@@ -28,7 +28,9 @@ pub enum ExtractError {
     NotAscii,
     #[error("Authorization scheme '{0}' is not supported; use Bearer")]
     UnsupportedScheme(String),
-    #[error("DPoP-bound tokens are not accepted by this gateway (DPoP proof checking is not enabled)")]
+    #[error(
+        "DPoP-bound tokens are not accepted by this gateway (DPoP proof checking is not enabled)"
+    )]
     DpopNotEnabled,
     #[error("Bearer token is empty or not an RFC 6750 b64token")]
     MalformedToken,
@@ -37,9 +39,9 @@ pub enum ExtractError {
 fn is_b64token(t: &str) -> bool {
     let body = t.trim_end_matches('=');
     !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+        && body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
 }
 
 /// True if a decoded parameter list carries an `access_token`.
@@ -62,7 +64,9 @@ pub fn extract<'a>(authorization: &[&'a [u8]]) -> Result<Extracted<'a>, ExtractE
         return Err(ExtractError::DpopNotEnabled);
     }
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(ExtractError::UnsupportedScheme(scheme.chars().take(16).collect()));
+        return Err(ExtractError::UnsupportedScheme(
+            scheme.chars().take(16).collect(),
+        ));
     }
     let token = rest.trim_matches(' ');
     if !is_b64token(token) {
@@ -79,22 +83,46 @@ mod tests {
     fn table() {
         let ok: &[(&str, &[&[u8]], Extracted)] = &[
             ("none", &[], Extracted::None),
-            ("bearer", &[b"Bearer abc.def.ghi"], Extracted::Bearer("abc.def.ghi")),
-            ("case-insensitive", &[b"bearer abc"], Extracted::Bearer("abc")),
+            (
+                "bearer",
+                &[b"Bearer abc.def.ghi"],
+                Extracted::Bearer("abc.def.ghi"),
+            ),
+            (
+                "case-insensitive",
+                &[b"bearer abc"],
+                Extracted::Bearer("abc"),
+            ),
             ("padding", &[b"Bearer abc=="], Extracted::Bearer("abc==")),
         ];
         for (name, h, want) in ok {
             assert_eq!(&extract(h).unwrap(), want, "{name}");
         }
         let bad: &[(&str, &[&[u8]], ExtractError)] = &[
-            ("two headers", &[b"Bearer a", b"Bearer b"], ExtractError::SeveralHeaders),
-            ("basic", &[b"Basic dXNlcjpwYXNz"], ExtractError::UnsupportedScheme("Basic".into())),
+            (
+                "two headers",
+                &[b"Bearer a", b"Bearer b"],
+                ExtractError::SeveralHeaders,
+            ),
+            (
+                "basic",
+                &[b"Basic dXNlcjpwYXNz"],
+                ExtractError::UnsupportedScheme("Basic".into()),
+            ),
             ("dpop", &[b"DPoP abc"], ExtractError::DpopNotEnabled),
             ("empty", &[b"Bearer "], ExtractError::MalformedToken),
             ("no token", &[b"Bearer"], ExtractError::MalformedToken),
-            ("space inside", &[b"Bearer a b"], ExtractError::MalformedToken),
+            (
+                "space inside",
+                &[b"Bearer a b"],
+                ExtractError::MalformedToken,
+            ),
             ("quote", &[b"Bearer a\"b"], ExtractError::MalformedToken),
-            ("only padding", &[b"Bearer =="], ExtractError::MalformedToken),
+            (
+                "only padding",
+                &[b"Bearer =="],
+                ExtractError::MalformedToken,
+            ),
             ("non-ascii", &[b"Bearer \xc3\xa9"], ExtractError::NotAscii),
         ];
         for (name, h, want) in bad {
@@ -104,7 +132,13 @@ mod tests {
 
     #[test]
     fn access_token_param() {
-        assert!(has_access_token_param(&[("access_token".into(), "x".into())]));
-        assert!(!has_access_token_param(&[("code".into(), "access_token".into())]));
+        assert!(has_access_token_param(&[(
+            "access_token".into(),
+            "x".into()
+        )]));
+        assert!(!has_access_token_param(&[(
+            "code".into(),
+            "access_token".into()
+        )]));
     }
 }

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fhirwall", version, about = "SMART on FHIR enforcement gateway")]
+#[command(
+    name = "fhirwall",
+    version,
+    about = "SMART on FHIR enforcement gateway"
+)]
 struct Cli {
     /// Log as JSON lines (to stderr).
     #[arg(long, global = true)]
@@ -39,8 +43,11 @@ enum Command {
 }
 
 fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -51,7 +58,9 @@ fn init_logs(json: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_json);
-    let command = cli.command.unwrap_or(Command::Run { config: "config.yaml".into() });
+    let command = cli.command.unwrap_or(Command::Run {
+        config: "config.yaml".into(),
+    });
     match command {
         Command::Check { config } => match fhirwall::config::load(&config) {
             Ok(s) => {

@@ -3,7 +3,10 @@
 //! interaction, reason code, configured issuer name) and every label value
 //! is registered at start-up.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::fhir::classify::Interaction;
 
@@ -57,31 +60,56 @@ impl Metrics {
     pub fn new(issuers: &[String]) -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("fhirwall_requests_total", "Requests by decision and FHIR interaction"),
+            Opts::new(
+                "fhirwall_requests_total",
+                "Requests by decision and FHIR interaction",
+            ),
             &["decision", "interaction"],
         )
         .expect("valid metric");
         let denials = IntCounterVec::new(
-            Opts::new("fhirwall_request_outcomes_total", "Requests by the reason code they ended with"),
+            Opts::new(
+                "fhirwall_request_outcomes_total",
+                "Requests by the reason code they ended with",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let duration = HistogramVec::new(
-            HistogramOpts::new("fhirwall_request_duration_seconds", "Time from request to response, by decision")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new(
+                "fhirwall_request_duration_seconds",
+                "Time from request to response, by decision",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
             &["decision"],
         )
         .expect("valid metric");
         let jwks_fetches = IntCounterVec::new(
-            Opts::new("fhirwall_jwks_fetches_total", "JWKS fetches by issuer and result"),
+            Opts::new(
+                "fhirwall_jwks_fetches_total",
+                "JWKS fetches by issuer and result",
+            ),
             &["issuer", "result"],
         )
         .expect("valid metric");
-        let token_cache_hits = IntCounter::new("fhirwall_token_cache_hits_total", "Verified-token cache hits").expect("valid metric");
-        let token_cache_misses =
-            IntCounter::new("fhirwall_token_cache_misses_total", "Verified-token cache misses").expect("valid metric");
-        let token_cache_entries =
-            IntGauge::new("fhirwall_token_cache_entries", "Entries in the verified-token cache").expect("valid metric");
+        let token_cache_hits = IntCounter::new(
+            "fhirwall_token_cache_hits_total",
+            "Verified-token cache hits",
+        )
+        .expect("valid metric");
+        let token_cache_misses = IntCounter::new(
+            "fhirwall_token_cache_misses_total",
+            "Verified-token cache misses",
+        )
+        .expect("valid metric");
+        let token_cache_entries = IntGauge::new(
+            "fhirwall_token_cache_entries",
+            "Entries in the verified-token cache",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(denials.clone()),
@@ -121,22 +149,40 @@ impl Metrics {
     }
 
     /// Counts one finished request.
-    pub fn request(&self, decision: &str, interaction: Option<Interaction>, reason: &str, seconds: f64) {
+    pub fn request(
+        &self,
+        decision: &str,
+        interaction: Option<Interaction>,
+        reason: &str,
+        seconds: f64,
+    ) {
         let interaction = interaction.map(Interaction::as_str).unwrap_or("none");
-        self.requests.with_label_values(&[decision, interaction]).inc();
-        let reason = if REASONS.contains(&reason) { reason } else { "upstream_error" };
+        self.requests
+            .with_label_values(&[decision, interaction])
+            .inc();
+        let reason = if REASONS.contains(&reason) {
+            reason
+        } else {
+            "upstream_error"
+        };
         self.denials.with_label_values(&[reason]).inc();
-        self.duration.with_label_values(&[decision]).observe(seconds);
+        self.duration
+            .with_label_values(&[decision])
+            .observe(seconds);
     }
 
     pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
-        self.jwks_fetches.with_label_values(&[issuer, if ok { "success" } else { "failure" }]).inc();
+        self.jwks_fetches
+            .with_label_values(&[issuer, if ok { "success" } else { "failure" }])
+            .inc();
     }
 
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
         out
     }
 }

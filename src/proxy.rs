@@ -48,10 +48,30 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(settings: Settings, validator: Validator, metrics: Arc<Metrics>, audit: AuditLog) -> Gateway {
-        let realm = settings.public_base.as_str().trim_end_matches('/').to_string();
-        let context_header_names = settings.forward_headers.iter().map(|(_, n)| n.as_str().to_string()).collect();
-        Gateway { settings, validator, metrics, audit, realm, context_header_names }
+    pub fn new(
+        settings: Settings,
+        validator: Validator,
+        metrics: Arc<Metrics>,
+        audit: AuditLog,
+    ) -> Gateway {
+        let realm = settings
+            .public_base
+            .as_str()
+            .trim_end_matches('/')
+            .to_string();
+        let context_header_names = settings
+            .forward_headers
+            .iter()
+            .map(|(_, n)| n.as_str().to_string())
+            .collect();
+        Gateway {
+            settings,
+            validator,
+            metrics,
+            audit,
+            realm,
+            context_header_names,
+        }
     }
 }
 
@@ -70,11 +90,17 @@ pub struct Ctx {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn valid_request_id(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn new_request_id() -> String {
@@ -88,23 +114,37 @@ fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
             description: e.to_string(),
             retry_after_seconds: retry_after,
         },
-        _ => Denial::InvalidToken { code: e.code(), description: e.to_string() },
+        _ => Denial::InvalidToken {
+            code: e.code(),
+            description: e.to_string(),
+        },
     }
 }
 
 fn extract_denial(e: &ExtractError) -> Denial {
     match e {
-        ExtractError::UnsupportedScheme(_) | ExtractError::MalformedToken | ExtractError::DpopNotEnabled => {
-            Denial::InvalidToken { code: "credentials_refused", description: e.to_string() }
-        }
-        _ => Denial::InvalidRequest { code: "credentials_refused", description: e.to_string() },
+        ExtractError::UnsupportedScheme(_)
+        | ExtractError::MalformedToken
+        | ExtractError::DpopNotEnabled => Denial::InvalidToken {
+            code: "credentials_refused",
+            description: e.to_string(),
+        },
+        _ => Denial::InvalidRequest {
+            code: "credentials_refused",
+            description: e.to_string(),
+        },
     }
 }
 
 fn classify_denial(e: &ClassifyError) -> Denial {
     match e {
-        ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed { description: e.to_string() },
-        _ => Denial::BadFhirRequest { code: "fhir_malformed", description: e.to_string() },
+        ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed {
+            description: e.to_string(),
+        },
+        _ => Denial::BadFhirRequest {
+            code: "fhir_malformed",
+            description: e.to_string(),
+        },
     }
 }
 
@@ -126,7 +166,9 @@ impl Gateway {
         let head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), head).await?;
         if !head {
-            session.write_response_body(Some(Bytes::from(a.body)), true).await?;
+            session
+                .write_response_body(Some(Bytes::from(a.body)), true)
+                .await?;
         }
         Ok(())
     }
@@ -134,9 +176,15 @@ impl Gateway {
     /// Reads the whole request body (bounded) so it can be classified; it
     /// stays in Pingora's retry buffer and is forwarded unchanged.
     async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, Denial> {
-        let limit = self.settings.server.max_classified_body_bytes.min(PINGORA_BODY_BUFFER);
+        let limit = self
+            .settings
+            .server
+            .max_classified_body_bytes
+            .min(PINGORA_BODY_BUFFER);
         let too_large = || Denial::TooLarge {
-            description: format!("request body is larger than the {limit} bytes fhirwall reads to classify it"),
+            description: format!(
+                "request body is larger than the {limit} bytes fhirwall reads to classify it"
+            ),
         };
         let declared = session
             .req_header()
@@ -161,7 +209,10 @@ impl Gateway {
                 Err(e) => {
                     return Err(Denial::InvalidRequest {
                         code: "fhir_malformed",
-                        description: format!("could not read the request body: {}", e.etype().as_str()),
+                        description: format!(
+                            "could not read the request body: {}",
+                            e.etype().as_str()
+                        ),
                     })
                 }
             }
@@ -173,15 +224,25 @@ impl Gateway {
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
         let req = session.req_header();
         // 1. Route
-        let path = normalise(req.uri.path())
-            .map_err(|e| Denial::BadFhirRequest { code: "bad_path", description: e.to_string() })?;
-        let rel = match route(&path, &self.settings.public_base_path, &self.settings.public_routes) {
+        let path = normalise(req.uri.path()).map_err(|e| Denial::BadFhirRequest {
+            code: "bad_path",
+            description: e.to_string(),
+        })?;
+        let rel = match route(
+            &path,
+            &self.settings.public_base_path,
+            &self.settings.public_routes,
+        ) {
             Route::NotFound => {
-                return Err(Denial::NotFound { description: format!("'{path}' is not below the FHIR base") })
+                return Err(Denial::NotFound {
+                    description: format!("'{path}' is not below the FHIR base"),
+                })
             }
             Route::Public(rel) => {
                 if !matches!(req.method, http::Method::GET | http::Method::HEAD) {
-                    return Err(Denial::MethodNotAllowed { description: format!("public route '{rel}' only answers GET") });
+                    return Err(Denial::MethodNotAllowed {
+                        description: format!("public route '{rel}' only answers GET"),
+                    });
                 }
                 ctx.public = true;
                 ctx.rel_path = Some(rel);
@@ -200,7 +261,12 @@ impl Gateway {
         if has_access_token_param(&query_params) {
             return Err(extract_denial(&ExtractError::TokenInQuery));
         }
-        let auth: Vec<&[u8]> = req.headers.get_all(header::AUTHORIZATION).iter().map(|v| v.as_bytes()).collect();
+        let auth: Vec<&[u8]> = req
+            .headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
         let token = match extract(&auth).map_err(|e| extract_denial(&e))? {
             Extracted::None => return Err(Denial::NoToken),
             Extracted::Bearer(t) => t.to_string(),
@@ -209,13 +275,22 @@ impl Gateway {
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+            .is_some_and(|v| {
+                v.to_ascii_lowercase()
+                    .starts_with("application/x-www-form-urlencoded")
+            });
         let method = req.method.as_str().to_string();
-        let if_none_exist = req.headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let if_none_exist = req
+            .headers
+            .get("if-none-exist")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
 
         // 3. Validate
         let v = self.validator.validate(&token, now_unix()).await;
-        let v = v.map_err(|e| token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)))?;
+        let v = v.map_err(|e| {
+            token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1))
+        })?;
         if v.cache_hit {
             self.metrics.token_cache_hits.inc();
         } else {
@@ -234,8 +309,13 @@ impl Gateway {
         }
 
         // 5. Classify (reading the body where it decides the interaction).
-        let needs_body = is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")));
-        let body = if needs_body { Some(self.read_body(session).await?) } else { None };
+        let needs_body =
+            is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")));
+        let body = if needs_body {
+            Some(self.read_body(session).await?)
+        } else {
+            None
+        };
         let mut fhir = classify::classify(HttpRequest {
             method: &method,
             path: &rel,
@@ -253,7 +333,10 @@ impl Gateway {
                 if has_access_token_param(&form) {
                     return Err(extract_denial(&ExtractError::TokenInBody));
                 }
-                if matches!(fhir.interaction, Interaction::SearchType | Interaction::SearchSystem) {
+                if matches!(
+                    fhir.interaction,
+                    Interaction::SearchType | Interaction::SearchSystem
+                ) {
                     fhir.params.extend(form);
                 }
             }
@@ -265,8 +348,12 @@ impl Gateway {
         let fhir = ctx.fhir.as_ref().expect("just set");
 
         // 6. Decide
-        let used = decide(fhir, &claims.scopes, claims.patient.as_deref())
-            .map_err(|d| Denial::InsufficientScope { description: d.reason, scope: d.missing_scope })?;
+        let used = decide(fhir, &claims.scopes, claims.patient.as_deref()).map_err(|d| {
+            Denial::InsufficientScope {
+                description: d.reason,
+                scope: d.missing_scope,
+            }
+        })?;
         ctx.scopes_used = used;
         Ok(())
     }
@@ -323,7 +410,12 @@ impl ProxyHttp for Gateway {
         Ok(Box::new(peer))
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, up: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         let u = &self.settings.upstream;
         // Path: the normalised path we classified, mapped below the upstream base.
         let rel = ctx.rel_path.as_deref().unwrap_or("");
@@ -339,13 +431,21 @@ impl ProxyHttp for Gateway {
             path.push('?');
             path.push_str(q);
         }
-        let uri: http::Uri = path
-            .parse()
-            .map_err(|_| pingora::Error::explain(ErrorType::InternalError, "mapped upstream path is not a valid URI"))?;
+        let uri: http::Uri = path.parse().map_err(|_| {
+            pingora::Error::explain(
+                ErrorType::InternalError,
+                "mapped upstream path is not a valid URI",
+            )
+        })?;
         up.set_uri(uri);
 
         // Headers: strip what the client may not assert, then set ours.
-        let conn = proxy_headers::connection_tokens(up.headers.get_all(header::CONNECTION).iter().map(|v| v.as_bytes()));
+        let conn = proxy_headers::connection_tokens(
+            up.headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
         let names: Vec<http::HeaderName> = up.headers.keys().cloned().collect();
         for name in names {
             if proxy_headers::strip(name.as_str(), &conn, &self.context_header_names) {
@@ -387,26 +487,42 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut Ctx,
+    ) -> FailToProxy {
         let denial = match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Denial::Upstream {
-                status: 504,
-                code: "upstream_timeout",
-                description: format!("upstream did not answer in time ({})", e.etype().as_str()),
-            }),
-            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError | ErrorType::TLSHandshakeFailure => {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 Some(Denial::Upstream {
-                    status: 502,
-                    code: "upstream_unreachable",
-                    description: format!("upstream could not be reached ({})", e.etype().as_str()),
+                    status: 504,
+                    code: "upstream_timeout",
+                    description: format!(
+                        "upstream did not answer in time ({})",
+                        e.etype().as_str()
+                    ),
                 })
             }
+            ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure => Some(Denial::Upstream {
+                status: 502,
+                code: "upstream_unreachable",
+                description: format!("upstream could not be reached ({})", e.etype().as_str()),
+            }),
             _ => match e.esource() {
                 pingora::ErrorSource::Upstream => Some(Denial::Upstream {
                     status: 502,
@@ -435,11 +551,17 @@ impl ProxyHttp for Gateway {
             code: "upstream_error",
             description: format!("client connection failed ({})", e.etype().as_str()),
         }));
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
         let (decision, reason, detail) = match &ctx.denial {
             Some(d @ Denial::Upstream { .. }) => ("error", d.code(), Some(d.description())),
             Some(d) => ("deny", d.code(), Some(d.description())),
@@ -449,7 +571,9 @@ impl ProxyHttp for Gateway {
         let latency = ctx.started.elapsed().as_secs_f64();
         let interaction = ctx.fhir.as_ref().map(|f| f.interaction);
         self.metrics.request(decision, interaction, reason, latency);
-        self.metrics.token_cache_entries.set(self.validator.cache_entries() as i64);
+        self.metrics
+            .token_cache_entries
+            .set(self.validator.cache_entries() as i64);
         let req = session.req_header();
         let claims = ctx.token.as_ref().map(|t| &t.claims);
         let record = Record {
@@ -469,7 +593,10 @@ impl ProxyHttp for Gateway {
             interaction: interaction.map(|i| i.as_str().to_string()),
             resource_type: ctx.fhir.as_ref().and_then(|f| f.resource_type.clone()),
             resource_id: ctx.fhir.as_ref().and_then(|f| f.id.clone()),
-            operation: ctx.fhir.as_ref().and_then(|f| f.operation.as_ref().map(|(n, _)| format!("${n}"))),
+            operation: ctx
+                .fhir
+                .as_ref()
+                .and_then(|f| f.operation.as_ref().map(|(n, _)| format!("${n}"))),
             scopes_used: std::mem::take(&mut ctx.scopes_used),
             decision: decision.to_string(),
             reason: reason.to_string(),

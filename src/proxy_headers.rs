@@ -8,7 +8,16 @@
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), except the framing headers
 /// (`Transfer-Encoding`, `Content-Length`) Pingora manages itself.
-const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
 
 /// Headers that carry a client-asserted origin or routing; the upstream
 /// must only ever see the values fhirwall sets.
@@ -37,7 +46,10 @@ pub fn is_reserved(name: &str) -> bool {
     HOP_BY_HOP.contains(&n.as_str())
         || SPOOFABLE.contains(&n.as_str())
         || n.starts_with("x-forwarded-")
-        || matches!(n.as_str(), "host" | "authorization" | "content-length" | "transfer-encoding" | "dpop")
+        || matches!(
+            n.as_str(),
+            "host" | "authorization" | "content-length" | "transfer-encoding" | "dpop"
+        )
 }
 
 /// Should this client header be removed before the request goes upstream?
@@ -92,7 +104,14 @@ mod tests {
         ] {
             assert!(strip(name, &conn, &ctx), "{name} must be stripped");
         }
-        for name in ["Accept", "Content-Type", "Prefer", "If-Match", "Content-Length", "User-Agent"] {
+        for name in [
+            "Accept",
+            "Content-Type",
+            "Prefer",
+            "If-Match",
+            "Content-Length",
+            "User-Agent",
+        ] {
             assert!(!strip(name, &conn, &ctx), "{name} must pass");
         }
     }

@@ -51,7 +51,11 @@ pub fn normalise(raw: &str) -> Result<String, PathError> {
         return Err(PathError::DotSegment);
     }
     let trimmed = decoded.trim_end_matches('/');
-    if trimmed.split('/').skip(1).any(|s| s.is_empty() || s == "." || s == "..") {
+    if trimmed
+        .split('/')
+        .skip(1)
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err(PathError::DotSegment);
     }
     Ok(trimmed.to_string())
@@ -62,7 +66,10 @@ pub fn normalise(raw: &str) -> Result<String, PathError> {
 pub fn route(path: &str, base_path: &str, public_routes: &[String]) -> Route {
     let rel = if path == base_path {
         ""
-    } else if let Some(rest) = path.strip_prefix(base_path).and_then(|r| r.strip_prefix('/')) {
+    } else if let Some(rest) = path
+        .strip_prefix(base_path)
+        .and_then(|r| r.strip_prefix('/'))
+    {
         rest
     } else {
         return Route::NotFound;
@@ -88,14 +95,22 @@ mod tests {
         let cases: &[(&str, &str, Route)] = &[
             ("/fhir/metadata", "/fhir", Route::Public("metadata".into())),
             ("/fhir/metadata/", "/fhir", Route::Public("metadata".into())),
-            ("/fhir/.well-known/smart-configuration", "/fhir", Route::Public(".well-known/smart-configuration".into())),
+            (
+                "/fhir/.well-known/smart-configuration",
+                "/fhir",
+                Route::Public(".well-known/smart-configuration".into()),
+            ),
             ("/fhir/Patient/1", "/fhir", Route::Fhir("Patient/1".into())),
             ("/fhir", "/fhir", Route::Fhir("".into())),
             ("/fhir/", "/fhir", Route::Fhir("".into())),
             ("/fhirx/Patient", "/fhir", Route::NotFound),
             ("/other", "/fhir", Route::NotFound),
             ("/Patient/1", "", Route::Fhir("Patient/1".into())),
-            ("/fhir/Patient/metadata", "/fhir", Route::Fhir("Patient/metadata".into())),
+            (
+                "/fhir/Patient/metadata",
+                "/fhir",
+                Route::Fhir("Patient/metadata".into()),
+            ),
         ];
         for (path, base, want) in cases {
             let n = normalise(path).unwrap();
@@ -122,6 +137,9 @@ mod tests {
         }
         // A public route name in the query is not a public route.
         let n = normalise("/fhir/Patient").unwrap();
-        assert_eq!(route(&n, "/fhir", &publics()), Route::Fhir("Patient".into()));
+        assert_eq!(
+            route(&n, "/fhir", &publics()),
+            Route::Fhir("Patient".into())
+        );
     }
 }

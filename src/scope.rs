@@ -79,12 +79,22 @@ impl Perms {
     pub fn parse(suffix: &str) -> Option<Perms> {
         match suffix {
             "read" => return Some(Perms(Perm::Read.bit() | Perm::Search.bit())),
-            "write" => return Some(Perms(Perm::Create.bit() | Perm::Update.bit() | Perm::Delete.bit())),
+            "write" => {
+                return Some(Perms(
+                    Perm::Create.bit() | Perm::Update.bit() | Perm::Delete.bit(),
+                ))
+            }
             "*" => return Some(Perms::ALL),
             "" => return None,
             _ => {}
         }
-        let order = [Perm::Create, Perm::Read, Perm::Update, Perm::Delete, Perm::Search];
+        let order = [
+            Perm::Create,
+            Perm::Read,
+            Perm::Update,
+            Perm::Delete,
+            Perm::Search,
+        ];
         let mut next = 0;
         let mut bits = 0u8;
         for ch in suffix.chars() {
@@ -139,7 +149,13 @@ impl Scope {
         if filter.as_deref() == Some("") {
             return None;
         }
-        Some(Scope { raw: raw.to_string(), context, resources, perms, filter })
+        Some(Scope {
+            raw: raw.to_string(),
+            context,
+            resources,
+            perms,
+            filter,
+        })
     }
 
     /// Does this scope, ignoring its context and filter, cover `perm` on
@@ -179,7 +195,9 @@ impl ScopeSet {
             match Scope::parse(raw) {
                 Some(s) => set.scopes.push(s),
                 None => {
-                    let looks_clinical = ["patient/", "user/", "system/"].iter().any(|p| raw.starts_with(p));
+                    let looks_clinical = ["patient/", "user/", "system/"]
+                        .iter()
+                        .any(|p| raw.starts_with(p));
                     if looks_clinical {
                         set.unrecognised.push(raw.to_string());
                     }
@@ -201,11 +219,17 @@ mod tests {
 
     fn perms(s: &str) -> String {
         let p = Perms::parse(s).unwrap();
-        [Perm::Create, Perm::Read, Perm::Update, Perm::Delete, Perm::Search]
-            .iter()
-            .filter(|x| p.contains(**x))
-            .map(|x| x.letter())
-            .collect()
+        [
+            Perm::Create,
+            Perm::Read,
+            Perm::Update,
+            Perm::Delete,
+            Perm::Search,
+        ]
+        .iter()
+        .filter(|x| p.contains(**x))
+        .map(|x| x.letter())
+        .collect()
     }
 
     #[test]
@@ -221,7 +245,17 @@ mod tests {
             assert_eq!(perms(ok), ok, "{ok}");
         }
         // ".dus" is the specification's own example of an undefined request.
-        for bad in ["dus", "sr", "rr", "x", "", "readwrite", "R", "cruds*", "c r"] {
+        for bad in [
+            "dus",
+            "sr",
+            "rr",
+            "x",
+            "",
+            "readwrite",
+            "R",
+            "cruds*",
+            "c r",
+        ] {
             assert!(Perms::parse(bad).is_none(), "{bad} must not parse");
         }
     }
@@ -241,7 +275,10 @@ mod tests {
         assert!(s.covers(Perm::Search, None));
 
         let s = Scope::parse("patient/Observation.cu").unwrap();
-        assert!(s.covers(Perm::Create, Some("Observation")) && s.covers(Perm::Update, Some("Observation")));
+        assert!(
+            s.covers(Perm::Create, Some("Observation"))
+                && s.covers(Perm::Update, Some("Observation"))
+        );
         assert!(!s.covers(Perm::Read, Some("Observation")));
 
         let s = Scope::parse(
@@ -255,9 +292,14 @@ mod tests {
 
         let s = Scope::parse("system/*.read").unwrap();
         assert_eq!(s.context, Context::System);
-        assert!(s.covers(Perm::Read, Some("Encounter")) && !s.covers(Perm::Update, Some("Encounter")));
+        assert!(
+            s.covers(Perm::Read, Some("Encounter")) && !s.covers(Perm::Update, Some("Encounter"))
+        );
         let t = Scope::parse("user/Patient.r").unwrap();
-        assert!(!t.covers(Perm::Read, None), "a typed scope does not cover every type");
+        assert!(
+            !t.covers(Perm::Read, None),
+            "a typed scope does not cover every type"
+        );
     }
 
     #[test]

@@ -38,7 +38,9 @@ impl BackgroundService for JwksRefresher {
 /// Builds and runs the server; returns only if Pingora stops.
 pub fn run(settings: Settings) -> Result<(), String> {
     let threads = if settings.server.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         settings.server.threads
     };
@@ -46,7 +48,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
         threads,
         grace_period_seconds: Some(settings.server.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(settings.server.graceful_shutdown_timeout_seconds),
-        ca_file: settings.upstream.ca_file.as_ref().map(|p| p.display().to_string()),
+        ca_file: settings
+            .upstream
+            .ca_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -54,16 +60,31 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
     let issuer_names: Vec<String> = settings.issuers.iter().map(|i| i.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&issuer_names));
-    let store = Arc::new(JwksStore::new(&settings.issuers, &settings.jwks, metrics.clone()));
-    let audit = AuditLog::open(&settings.audit).map_err(|e| format!("audit sink {:?}: {e}", settings.audit))?;
+    let store = Arc::new(JwksStore::new(
+        &settings.issuers,
+        &settings.jwks,
+        metrics.clone(),
+    ));
+    let audit = AuditLog::open(&settings.audit)
+        .map_err(|e| format!("audit sink {:?}: {e}", settings.audit))?;
     let validator = Validator::new(&settings, store.clone());
     let listen = settings.listen.to_string();
     let admin_listen = settings.admin_listen.to_string();
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "fhirwall proxy");
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "fhirwall proxy",
+    );
     proxy.add_tcp(&listen);
-    let mut admin = Service::new("fhirwall admin".to_string(), Admin { metrics, jwks: store.clone() });
+    let mut admin = Service::new(
+        "fhirwall admin".to_string(),
+        Admin {
+            metrics,
+            jwks: store.clone(),
+        },
+    );
     admin.add_tcp(&admin_listen);
     let refresher = background_service("fhirwall jwks", JwksRefresher(store));
 

@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 use support::{free_port, raw_request, Gateway, Options};
 
 fn www(r: &reqwest::Response) -> String {
-    r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    r.headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
 }
 
 async fn outcome(r: reqwest::Response) -> Value {
@@ -39,29 +42,81 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
     let none_header = json!({"alg": "none", "kid": "k1"});
     let cases: Vec<(&str, String, &str)> = vec![
         ("expired", with(&|c| c["exp"] = json!(now - 5)), "expired"),
-        ("not-yet-valid", with(&|c| c["nbf"] = json!(now + 120)), "not valid before"),
-        ("wrong-audience", with(&|c| c["aud"] = json!("https://other.example/fhir")), "audience"),
-        ("unknown-issuer", evil_key.sign(&json!({"iss": "https://evil.example", "aud": gw.base, "exp": now + 60})), "issuer"),
+        (
+            "not-yet-valid",
+            with(&|c| c["nbf"] = json!(now + 120)),
+            "not valid before",
+        ),
+        (
+            "wrong-audience",
+            with(&|c| c["aud"] = json!("https://other.example/fhir")),
+            "audience",
+        ),
+        (
+            "unknown-issuer",
+            evil_key.sign(&json!({"iss": "https://evil.example", "aud": gw.base, "exp": now + 60})),
+            "issuer",
+        ),
         ("alg-none", raw_token(&none_header, &claims, b""), "JWS"),
-        ("alg-none-sig", raw_token(&none_header, &claims, b"sig"), "algorithm 'none'"),
-        ("hs256-public-key", hs256_token("k1", &claims, key.public_pem.as_bytes()), "algorithm 'HS256'"),
+        (
+            "alg-none-sig",
+            raw_token(&none_header, &claims, b"sig"),
+            "algorithm 'none'",
+        ),
+        (
+            "hs256-public-key",
+            hs256_token("k1", &claims, key.public_pem.as_bytes()),
+            "algorithm 'HS256'",
+        ),
         ("forged-same-kid", evil_key.sign(&claims), "signature"),
-        ("unknown-kid", SigningKey::generate(KeyKind::Rsa2048, "k-unknown").sign(&claims), "kid"),
-        ("malformed-base64", "bad~header.e30.c2ln".to_string(), "base64url"),
-        ("oversized", format!("{}.{}.{}", "a".repeat(9000), "b".repeat(9000), "c"), "longer than"),
-        ("string-exp", with(&|c| c["exp"] = json!("9999999999")), "exp"),
+        (
+            "unknown-kid",
+            SigningKey::generate(KeyKind::Rsa2048, "k-unknown").sign(&claims),
+            "kid",
+        ),
+        (
+            "malformed-base64",
+            "bad~header.e30.c2ln".to_string(),
+            "base64url",
+        ),
+        (
+            "oversized",
+            format!("{}.{}.{}", "a".repeat(9000), "b".repeat(9000), "c"),
+            "longer than",
+        ),
+        (
+            "string-exp",
+            with(&|c| c["exp"] = json!("9999999999")),
+            "exp",
+        ),
     ];
     for (name, token, describes) in cases {
         let marker = format!("hostile-{name}");
         let r = gw.get(&format!("Patient/{marker}"), Some(&token)).await;
         assert_eq!(r.status(), 401, "{name}");
         let w = www(&r);
-        assert!(w.starts_with(&format!("Bearer realm=\"{}\", error=\"invalid_token\"", gw.base)), "{name}: {w}");
-        assert!(w.contains(describes), "{name}: '{w}' should name '{describes}'");
-        assert!(!w.contains(&token[..20.min(token.len())]) || token.len() < 20, "{name}: token echoed");
+        assert!(
+            w.starts_with(&format!(
+                "Bearer realm=\"{}\", error=\"invalid_token\"",
+                gw.base
+            )),
+            "{name}: {w}"
+        );
+        assert!(
+            w.contains(describes),
+            "{name}: '{w}' should name '{describes}'"
+        );
+        assert!(
+            !w.contains(&token[..20.min(token.len())]) || token.len() < 20,
+            "{name}: token echoed"
+        );
         let o = outcome(r).await;
         assert_eq!(o["issue"][0]["code"], "login", "{name}");
-        assert_eq!(gw.upstream.count_containing(&marker), 0, "{name} reached the upstream");
+        assert_eq!(
+            gw.upstream.count_containing(&marker),
+            0,
+            "{name} reached the upstream"
+        );
     }
     // Records carry the token hash, never the token.
     let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
@@ -83,7 +138,10 @@ async fn credentials_in_the_wrong_place_are_refused() {
     // Token in the query string.
     let r = gw
         .client
-        .get(format!("{}/Patient/query-token-1?access_token={token}", gw.base))
+        .get(format!(
+            "{}/Patient/query-token-1?access_token={token}",
+            gw.base
+        ))
         .send()
         .await
         .unwrap();
@@ -115,7 +173,13 @@ async fn credentials_in_the_wrong_place_are_refused() {
     assert_eq!(r.status(), 400);
 
     // Basic and DPoP schemes.
-    let r = gw.client.get(format!("{}/Patient/basic-1", gw.base)).basic_auth("u", Some("p")).send().await.unwrap();
+    let r = gw
+        .client
+        .get(format!("{}/Patient/basic-1", gw.base))
+        .basic_auth("u", Some("p"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert!(www(&r).contains("error=\"invalid_token\""));
     let r = gw
@@ -135,8 +199,20 @@ async fn credentials_in_the_wrong_place_are_refused() {
     assert_eq!(r.status(), 401);
     assert!(www(&r).contains("sender-constrained"));
 
-    for marker in ["no-token-1", "query-token-1", "two-auth-1", "form-token-1", "basic-1", "dpop-1", "cnf-1"] {
-        assert_eq!(gw.upstream.count_containing(marker), 0, "{marker} reached the upstream");
+    for marker in [
+        "no-token-1",
+        "query-token-1",
+        "two-auth-1",
+        "form-token-1",
+        "basic-1",
+        "dpop-1",
+        "cnf-1",
+    ] {
+        assert_eq!(
+            gw.upstream.count_containing(marker),
+            0,
+            "{marker} reached the upstream"
+        );
     }
 }
 
@@ -152,7 +228,10 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
     let r = gw.get("Condition/cond-p1", Some(&obs)).await;
     assert_eq!(r.status(), 403);
     let w = www(&r);
-    assert!(w.contains("error=\"insufficient_scope\"") && w.contains("scope=\""), "{w}");
+    assert!(
+        w.contains("error=\"insufficient_scope\"") && w.contains("scope=\""),
+        "{w}"
+    );
     assert!(w.contains("Condition.r"), "{w}");
     let o = outcome(r).await;
     assert_eq!(o["issue"][0]["code"], "forbidden");
@@ -167,11 +246,23 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(gw.upstream.seen().iter().filter(|s| s.method == "DELETE").count(), 0);
+    assert_eq!(
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "DELETE")
+            .count(),
+        0
+    );
 
     // A filtered v2 scope grants nothing yet.
     let filtered = gw.mint("user/Observation.rs?category=laboratory", None);
-    let r = gw.get("Observation?category=laboratory&code=filtered-1", Some(&filtered)).await;
+    let r = gw
+        .get(
+            "Observation?category=laboratory&code=filtered-1",
+            Some(&filtered),
+        )
+        .await;
     assert_eq!(r.status(), 403);
     assert_eq!(gw.upstream.count_containing("filtered-1"), 0);
 
@@ -182,10 +273,16 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
     // Patient scopes: own record yes, another patient's no.
     let pt = gw.mint("patient/*.rs", Some("p1"));
     assert_eq!(gw.get("Patient/p1", Some(&pt)).await.status(), 200);
-    assert_eq!(gw.get("Patient/p1/Observation", Some(&pt)).await.status(), 200);
+    assert_eq!(
+        gw.get("Patient/p1/Observation", Some(&pt)).await.status(),
+        200
+    );
     let before = gw.upstream.count_containing("Patient/p2");
     assert_eq!(gw.get("Patient/p2", Some(&pt)).await.status(), 403);
-    assert_eq!(gw.get("Patient/p2/Observation", Some(&pt)).await.status(), 403);
+    assert_eq!(
+        gw.get("Patient/p2/Observation", Some(&pt)).await.status(),
+        403
+    );
     assert_eq!(gw.upstream.count_containing("Patient/p2"), before);
     // Patient scope without a patient claim.
     let no_ctx = gw.mint("patient/*.rs", None);
@@ -205,31 +302,61 @@ async fn bundles_are_decided_entry_by_entry() {
         ]})
         .to_string()
     };
-    let post = |body: String| gw.client.post(gw.base.clone()).bearer_auth(&token).header("content-type", "application/fhir+json").body(body);
+    let post = |body: String| {
+        gw.client
+            .post(gw.base.clone())
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+    };
 
     let bad = bundle("transaction", "Condition/cond-bundle-1");
     let r = post(bad.clone()).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(www(&r).contains("entry 1"));
-    let r = post(bundle("batch", "Condition/cond-bundle-1")).send().await.unwrap();
+    let r = post(bundle("batch", "Condition/cond-bundle-1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    assert_eq!(gw.upstream.seen().iter().filter(|s| s.method == "POST").count(), 0, "a refused bundle reached the upstream");
+    assert_eq!(
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST")
+            .count(),
+        0,
+        "a refused bundle reached the upstream"
+    );
 
     let good = bundle("transaction", "Observation?code=8867-4");
     let r = post(good.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let seen = gw.upstream.seen();
-    let forwarded = seen.iter().find(|s| s.method == "POST").expect("allowed bundle reached the upstream");
-    assert_eq!(forwarded.body_len, good.len(), "the bundle body is forwarded unchanged");
+    let forwarded = seen
+        .iter()
+        .find(|s| s.method == "POST")
+        .expect("allowed bundle reached the upstream");
+    assert_eq!(
+        forwarded.body_len,
+        good.len(),
+        "the bundle body is forwarded unchanged"
+    );
 
     // Malformed bundles and unknown types are refused, not guessed.
-    let r = post("{\"resourceType\":\"Bundle\",\"type\":\"searchset\"}".into()).send().await.unwrap();
+    let r = post("{\"resourceType\":\"Bundle\",\"type\":\"searchset\"}".into())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let r = gw.get("Foo/unknown-type-1", Some(&token)).await;
     assert_eq!(r.status(), 400);
     let r = gw.get("Patient/p1/_bogus", Some(&token)).await;
     assert_eq!(r.status(), 400);
-    assert_eq!(gw.upstream.count_containing("unknown-type-1") + gw.upstream.count_containing("_bogus"), 0);
+    assert_eq!(
+        gw.upstream.count_containing("unknown-type-1") + gw.upstream.count_containing("_bogus"),
+        0
+    );
 
     // Bodies larger than what fhirwall can classify are refused.
     let big = json!({"resourceType": "Bundle", "type": "batch", "entry": [],
@@ -237,7 +364,14 @@ async fn bundles_are_decided_entry_by_entry() {
     .to_string();
     let r = post(big).send().await.unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(gw.upstream.seen().iter().filter(|s| s.method == "POST").count(), 1);
+    assert_eq!(
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,10 +380,23 @@ async fn routes_public_paths_and_path_tricks() {
     // Public routes without a token reach the upstream.
     let r = gw.get("metadata", None).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["resourceType"], "CapabilityStatement");
-    assert_eq!(gw.get(".well-known/smart-configuration", None).await.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["resourceType"],
+        "CapabilityStatement"
+    );
+    assert_eq!(
+        gw.get(".well-known/smart-configuration", None)
+            .await
+            .status(),
+        200
+    );
     // Outside the base: 404.
-    let r = gw.client.get(format!("http://{}/admin/secret", gw.proxy_addr())).send().await.unwrap();
+    let r = gw
+        .client
+        .get(format!("http://{}/admin/secret", gw.proxy_addr()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     // Path tricks around public routes are refused and never forwarded.
     let addr = gw.proxy_addr();
@@ -261,18 +408,26 @@ async fn routes_public_paths_and_path_tricks() {
         ("/fhir/Patient/trick-5?x=/metadata", 401),
         ("/fhir//Patient/trick-6", 400),
     ] {
-        let (got, text) = raw_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+        let (got, text) = raw_request(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
         assert_eq!(got, status, "{path}: {text}");
     }
     for i in 1..=6 {
-        assert_eq!(gw.upstream.count_containing(&format!("trick-{i}")), 0, "trick-{i} reached the upstream");
+        assert_eq!(
+            gw.upstream.count_containing(&format!("trick-{i}")),
+            0,
+            "trick-{i} reached the upstream"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofable_headers_are_stripped_and_context_forwarded() {
     let gw = Gateway::start(Options {
-        extra_yaml: "forward_headers:\n  patient: X-Fhirwall-Patient\n  sub: X-Fhirwall-Sub\n".into(),
+        extra_yaml: "forward_headers:\n  patient: X-Fhirwall-Patient\n  sub: X-Fhirwall-Sub\n"
+            .into(),
         ..Options::default()
     })
     .await;
@@ -297,31 +452,68 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-request-id"], "client-chosen-id");
     let seen = gw.upstream.seen();
-    let s = seen.iter().find(|s| s.uri == "/r4/Patient/p1").expect("forwarded with the upstream base path");
-    let h = |name: &str| -> Vec<&str> { s.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect() };
+    let s = seen
+        .iter()
+        .find(|s| s.uri == "/r4/Patient/p1")
+        .expect("forwarded with the upstream base path");
+    let h = |name: &str| -> Vec<&str> {
+        s.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
     assert_eq!(h("x-forwarded-for"), vec!["127.0.0.1"]);
-    assert_eq!(h("x-forwarded-host"), vec![gw.proxy_addr().to_string().as_str()]);
+    assert_eq!(
+        h("x-forwarded-host"),
+        vec![gw.proxy_addr().to_string().as_str()]
+    );
     assert_eq!(h("x-forwarded-proto"), vec!["http"]);
     assert_eq!(h("x-fhirwall-patient"), vec!["p1"]);
     assert_eq!(h("x-fhirwall-sub"), vec!["user-1"]);
     assert_eq!(h("x-request-id"), vec!["client-chosen-id"]);
-    for gone in ["x_forwarded_uri", "x-original-url", "x_fhirwall_sub", "forwarded", "x-hop", "authorization"] {
-        assert!(h(gone).is_empty(), "{gone} reached the upstream: {:?}", s.headers);
+    for gone in [
+        "x_forwarded_uri",
+        "x-original-url",
+        "x_fhirwall_sub",
+        "forwarded",
+        "x-hop",
+        "authorization",
+    ] {
+        assert!(
+            h(gone).is_empty(),
+            "{gone} reached the upstream: {:?}",
+            s.headers
+        );
     }
-    assert!(h("host")[0].starts_with("127.0.0.1:"), "Host is the upstream's");
+    assert!(
+        h("host")[0].starts_with("127.0.0.1:"),
+        "Host is the upstream's"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_and_slow_answer_502_and_504() {
     let closed = free_port();
-    let gw = Gateway::start(Options { upstream_url: Some(format!("http://127.0.0.1:{closed}/r4")), ..Options::default() }).await;
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://127.0.0.1:{closed}/r4")),
+        ..Options::default()
+    })
+    .await;
     let token = gw.mint("user/*.rs", None);
     let r = gw.get("Patient/p1", Some(&token)).await;
     assert_eq!(r.status(), 502);
     let o = outcome(r).await;
-    assert!(o["issue"][0]["diagnostics"].as_str().unwrap().contains("upstream"));
+    assert!(o["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("upstream"));
 
-    let gw = Gateway::start(Options { read_timeout_ms: 300, ..Options::default() }).await;
+    let gw = Gateway::start(Options {
+        read_timeout_ms: 300,
+        ..Options::default()
+    })
+    .await;
     let token = gw.mint("user/*.rs", None);
     let r = gw.get("Patient/slow-1", Some(&token)).await;
     assert_eq!(r.status(), 504);
@@ -336,19 +528,26 @@ async fn upstream_down_and_slow_answer_502_and_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kid_refetches_once_and_key_rotation_works() {
-    let gw = Gateway::start(Options { min_refetch_interval_seconds: 2, ..Options::default() }).await;
+    let gw = Gateway::start(Options {
+        min_refetch_interval_seconds: 2,
+        ..Options::default()
+    })
+    .await;
     let fetches = || gw.issuer.jwks_fetches.load(Ordering::SeqCst);
     // Let the start-up fetch fall out of the re-fetch interval.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let start = fetches();
     // Rotation: the issuer publishes a new key and signs with it.
-    gw.issuer.rotate_to(SigningKey::generate(KeyKind::P256, "k2"));
+    gw.issuer
+        .rotate_to(SigningKey::generate(KeyKind::P256, "k2"));
     let tokens: Vec<String> = (0..20).map(|_| gw.mint("user/*.rs", None)).collect();
     let mut tasks = Vec::new();
     for t in tokens.clone() {
         let c = gw.client.clone();
         let url = format!("{}/Patient/p1", gw.base);
-        tasks.push(tokio::spawn(async move { c.get(url).bearer_auth(t).send().await.unwrap().status() }));
+        tasks.push(tokio::spawn(async move {
+            c.get(url).bearer_auth(t).send().await.unwrap().status()
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -360,16 +559,29 @@ async fn unknown_kid_refetches_once_and_key_rotation_works() {
     let claims = gw.claims("user/*.rs");
     let before = fetches();
     for i in 0..5 {
-        let r = gw.get(&format!("Patient/stranger-{i}"), Some(&stranger.sign(&claims))).await;
+        let r = gw
+            .get(
+                &format!("Patient/stranger-{i}"),
+                Some(&stranger.sign(&claims)),
+            )
+            .await;
         assert_eq!(r.status(), 401);
     }
-    assert!(fetches() - before <= 1, "unknown kids re-fetched {} times", fetches() - before);
+    assert!(
+        fetches() - before <= 1,
+        "unknown kids re-fetched {} times",
+        fetches() - before
+    );
     assert_eq!(gw.upstream.count_containing("stranger-"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_outage_keeps_loaded_keys_and_answers_503_for_new_ones() {
-    let gw = Gateway::start(Options { min_refetch_interval_seconds: 1, ..Options::default() }).await;
+    let gw = Gateway::start(Options {
+        min_refetch_interval_seconds: 1,
+        ..Options::default()
+    })
+    .await;
     gw.issuer.down.store(true, Ordering::SeqCst);
     // A new token with a loaded kid verifies from the loaded keys.
     let t = gw.mint("user/*.rs", None);
@@ -377,7 +589,9 @@ async fn jwks_outage_keeps_loaded_keys_and_answers_503_for_new_ones() {
     // A token needing a key we do not have: 503 with Retry-After, never an allow.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let k3 = SigningKey::generate(KeyKind::P256, "k3");
-    let r = gw.get("Patient/outage-1", Some(&k3.sign(&gw.claims("user/*.rs")))).await;
+    let r = gw
+        .get("Patient/outage-1", Some(&k3.sign(&gw.claims("user/*.rs"))))
+        .await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     outcome(r).await;
@@ -386,12 +600,21 @@ async fn jwks_outage_keeps_loaded_keys_and_answers_503_for_new_ones() {
     gw.issuer.rotate_to(k3);
     gw.issuer.down.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(gw.get("Patient/p1", Some(&gw.mint("user/*.rs", None))).await.status(), 200);
+    assert_eq!(
+        gw.get("Patient/p1", Some(&gw.mint("user/*.rs", None)))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_cache_audit_and_metrics() {
-    let gw = Gateway::start(Options { discovery: true, ..Options::default() }).await;
+    let gw = Gateway::start(Options {
+        discovery: true,
+        ..Options::default()
+    })
+    .await;
     // Token expiring in 2 s: cached, then refused once expired.
     let short = gw.issuer.mint(&fhirwall::sandbox::issuer::Mint {
         scope: "user/*.rs".into(),
@@ -418,12 +641,37 @@ async fn discovery_cache_audit_and_metrics() {
     assert_eq!(r.status(), 401, "a cached token never outlives its exp");
     assert_eq!(gw.upstream.count_containing("expired-cached-1"), 0);
 
-    let m = gw.client.get(format!("{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();
-    assert!(m.contains("fhirwall_requests_total{decision=\"allow\",interaction=\"read\"} 2"), "{m}");
-    assert!(m.contains("fhirwall_request_outcomes_total{reason=\"token_expired\"} 1"), "{m}");
-    assert!(m.contains("fhirwall_request_duration_seconds_bucket"), "{m}");
-    assert!(m.contains("fhirwall_jwks_fetches_total{issuer=\"test\",result=\"success\"}"), "{m}");
-    let h = gw.client.get(format!("{}/healthz", gw.admin)).send().await.unwrap();
+    let m = gw
+        .client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirwall_requests_total{decision=\"allow\",interaction=\"read\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fhirwall_request_outcomes_total{reason=\"token_expired\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fhirwall_request_duration_seconds_bucket"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fhirwall_jwks_fetches_total{issuer=\"test\",result=\"success\"}"),
+        "{m}"
+    );
+    let h = gw
+        .client
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(h.status(), 200);
 }
 
@@ -437,21 +685,43 @@ fn check_reports_every_problem_and_run_refuses_to_start() {
     )
     .unwrap();
     for cmd in ["check", "run"] {
-        let out = std::process::Command::new(support::bin()).args([cmd, "--config"]).arg(&bad).output().unwrap();
+        let out = std::process::Command::new(support::bin())
+            .args([cmd, "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{cmd}");
         let err = String::from_utf8_lossy(&out.stderr);
-        for path in ["listen:", "upstream.url:", "issuers[0].jwks_uri:", "issuers[0].audiences:", "issuers[0].algorithms[0]:"] {
+        for path in [
+            "listen:",
+            "upstream.url:",
+            "issuers[0].jwks_uri:",
+            "issuers[0].audiences:",
+            "issuers[0].algorithms[0]:",
+        ] {
             assert!(err.contains(path), "{cmd}: missing {path} in {err}");
         }
     }
     let unknown = dir.0.join("unknown.yaml");
     std::fs::write(&unknown, "listen: 127.0.0.1:1\nlisten_typo: 1\n").unwrap();
-    let out = std::process::Command::new(support::bin()).args(["check", "--config"]).arg(&unknown).output().unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_typo"));
     let good = std::process::Command::new(support::bin())
-        .args(["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")])
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"),
+        ])
         .output()
         .unwrap();
-    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
 }

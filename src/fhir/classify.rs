@@ -16,7 +16,13 @@ use super::resource_types::is_resource_type;
 
 /// Resource types that define a compartment in FHIR R4
 /// (`[base]/[CompartmentType]/[id]/[type]` searches).
-pub const COMPARTMENT_TYPES: &[&str] = &["Device", "Encounter", "Patient", "Practitioner", "RelatedPerson"];
+pub const COMPARTMENT_TYPES: &[&str] = &[
+    "Device",
+    "Encounter",
+    "Patient",
+    "Practitioner",
+    "RelatedPerson",
+];
 
 /// Largest number of entries a batch or transaction Bundle may carry.
 pub const MAX_BUNDLE_ENTRIES: usize = 1000;
@@ -144,7 +150,10 @@ impl FhirRequest {
 
     /// True when this is a batch or transaction whose body must be read to classify it.
     pub fn is_bundle(&self) -> bool {
-        matches!(self.interaction, Interaction::Batch | Interaction::Transaction)
+        matches!(
+            self.interaction,
+            Interaction::Batch | Interaction::Transaction
+        )
     }
 }
 
@@ -164,7 +173,10 @@ pub enum ClassifyError {
     #[error("malformed Bundle: {0}")]
     MalformedBundle(String),
     #[error("Bundle entry {index}: {reason}")]
-    BadEntry { index: usize, reason: Box<ClassifyError> },
+    BadEntry {
+        index: usize,
+        reason: Box<ClassifyError>,
+    },
 }
 
 /// What the classifier needs to know about the HTTP request.
@@ -227,11 +239,15 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
             percent_decode_str(&s)
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|_| ClassifyError::MalformedQuery(format!("parameter '{pair}' is not valid UTF-8")))
+                .map_err(|_| {
+                    ClassifyError::MalformedQuery(format!("parameter '{pair}' is not valid UTF-8"))
+                })
         };
         let name = decode(name)?;
         if name.is_empty() {
-            return Err(ClassifyError::MalformedQuery("parameter with an empty name".into()));
+            return Err(ClassifyError::MalformedQuery(
+                "parameter with an empty name".into(),
+            ));
         }
         out.push((name, decode(value)?));
     }
@@ -239,7 +255,10 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
 }
 
 fn not_allowed(method: &str, what: &str) -> ClassifyError {
-    ClassifyError::MethodNotAllowed { method: method.to_string(), what: what.to_string() }
+    ClassifyError::MethodNotAllowed {
+        method: method.to_string(),
+        what: what.to_string(),
+    }
 }
 
 /// Classifies one request. A batch/transaction is returned with no entries:
@@ -250,7 +269,11 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
         Some(q) => parse_params(q)?,
         None => Vec::new(),
     };
-    let segs: Vec<&str> = if req.path.is_empty() { Vec::new() } else { req.path.split('/').collect() };
+    let segs: Vec<&str> = if req.path.is_empty() {
+        Vec::new()
+    } else {
+        req.path.split('/').collect()
+    };
     if segs.iter().any(|s| s.is_empty()) {
         return Err(ClassifyError::MalformedPath("empty path segment".into()));
     }
@@ -355,8 +378,15 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
                 )));
             }
             let mut r = FhirRequest::new(Interaction::SearchCompartment);
-            r.compartment = Some(Compartment { resource_type: ct, id: id(i)? });
-            r.resource_type = if *target == "*" { None } else { Some(resource_type(target)?) };
+            r.compartment = Some(Compartment {
+                resource_type: ct,
+                id: id(i)?,
+            });
+            r.resource_type = if *target == "*" {
+                None
+            } else {
+                Some(resource_type(target)?)
+            };
             r
         }
         _ => {
@@ -398,12 +428,20 @@ pub fn classify_bundle(mut base: FhirRequest, body: &[u8]) -> Result<FhirRequest
                 "Bundle.type '{other}' cannot be posted to the base; only batch and transaction"
             )))
         }
-        None => return Err(ClassifyError::MalformedBundle("Bundle.type is missing".into())),
+        None => {
+            return Err(ClassifyError::MalformedBundle(
+                "Bundle.type is missing".into(),
+            ))
+        }
     };
     let entries = match bundle.get("entry") {
         None => &[][..],
         Some(Value::Array(a)) => a.as_slice(),
-        Some(_) => return Err(ClassifyError::MalformedBundle("Bundle.entry is not an array".into())),
+        Some(_) => {
+            return Err(ClassifyError::MalformedBundle(
+                "Bundle.entry is not an array".into(),
+            ))
+        }
     };
     if entries.len() > MAX_BUNDLE_ENTRIES {
         return Err(ClassifyError::MalformedBundle(format!(
@@ -414,7 +452,12 @@ pub fn classify_bundle(mut base: FhirRequest, body: &[u8]) -> Result<FhirRequest
     base.entries = entries
         .iter()
         .enumerate()
-        .map(|(index, e)| classify_entry(e).map_err(|reason| ClassifyError::BadEntry { index, reason: Box::new(reason) }))
+        .map(|(index, e)| {
+            classify_entry(e).map_err(|reason| ClassifyError::BadEntry {
+                index,
+                reason: Box::new(reason),
+            })
+        })
         .collect::<Result<_, _>>()?;
     Ok(base)
 }
@@ -428,7 +471,9 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         .and_then(Value::as_str)
         .ok_or_else(|| ClassifyError::MalformedBundle("entry.request.method is missing".into()))?;
     if !matches!(method, "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") {
-        return Err(ClassifyError::MalformedBundle(format!("entry.request.method '{method}' is not an HTTP verb FHIR allows")));
+        return Err(ClassifyError::MalformedBundle(format!(
+            "entry.request.method '{method}' is not an HTTP verb FHIR allows"
+        )));
     }
     let url = request
         .get("url")
@@ -443,16 +488,25 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         Some((p, q)) => (p, Some(q)),
         None => (url, None),
     };
-    let path = percent_decode_str(raw_path)
-        .decode_utf8()
-        .map_err(|_| ClassifyError::MalformedBundle(format!("entry.request.url '{url}' is not valid UTF-8")))?;
+    let path = percent_decode_str(raw_path).decode_utf8().map_err(|_| {
+        ClassifyError::MalformedBundle(format!("entry.request.url '{url}' is not valid UTF-8"))
+    })?;
     if path.contains("..") || path.contains(';') || path.contains('\\') {
-        return Err(ClassifyError::MalformedBundle(format!("entry.request.url '{url}' is not a plain path")));
+        return Err(ClassifyError::MalformedBundle(format!(
+            "entry.request.url '{url}' is not a plain path"
+        )));
     }
     let if_none_exist = request.get("ifNoneExist").and_then(Value::as_str);
-    let r = classify(HttpRequest { method, path: path.trim_end_matches('/'), query, if_none_exist })?;
+    let r = classify(HttpRequest {
+        method,
+        path: path.trim_end_matches('/'),
+        query,
+        if_none_exist,
+    })?;
     if matches!(r.interaction, Interaction::Batch | Interaction::Transaction) {
-        return Err(ClassifyError::MalformedBundle("a Bundle entry cannot itself be a batch or transaction".into()));
+        return Err(ClassifyError::MalformedBundle(
+            "a Bundle entry cannot itself be a batch or transaction".into(),
+        ));
     }
     Ok(r)
 }
@@ -462,37 +516,227 @@ mod tests {
     use super::*;
 
     fn c(method: &str, path: &str, query: Option<&str>) -> Result<FhirRequest, ClassifyError> {
-        classify(HttpRequest { method, path, query, if_none_exist: None })
+        classify(HttpRequest {
+            method,
+            path,
+            query,
+            if_none_exist: None,
+        })
     }
 
     #[test]
     fn interactions_table() {
         use Interaction::*;
-        let cases: &[(&str, &str, &str, Option<&str>, Interaction, Option<&str>, Option<&str>)] = &[
-            ("read", "GET", "Patient/123", None, Read, Some("Patient"), Some("123")),
-            ("head read", "HEAD", "Patient/123", None, Read, Some("Patient"), Some("123")),
-            ("vread", "GET", "Observation/o1/_history/2", None, Vread, Some("Observation"), Some("o1")),
-            ("update", "PUT", "Patient/123", None, Update, Some("Patient"), Some("123")),
-            ("patch", "PATCH", "Patient/123", None, Patch, Some("Patient"), Some("123")),
-            ("delete", "DELETE", "Patient/123", None, Delete, Some("Patient"), Some("123")),
-            ("conditional update", "PUT", "Patient", Some("identifier=x|1"), Update, Some("Patient"), None),
-            ("conditional delete", "DELETE", "Observation", Some("code=1"), Delete, Some("Observation"), None),
-            ("conditional patch", "PATCH", "Observation", Some("code=1"), Patch, Some("Observation"), None),
-            ("history instance", "GET", "Patient/1/_history", None, HistoryInstance, Some("Patient"), Some("1")),
-            ("history type", "GET", "Patient/_history", None, HistoryType, Some("Patient"), None),
-            ("history system", "GET", "_history", None, HistorySystem, None, None),
-            ("create", "POST", "Observation", None, Create, Some("Observation"), None),
-            ("search type", "GET", "Observation", Some("patient=1"), SearchType, Some("Observation"), None),
-            ("search type POST", "POST", "Observation/_search", None, SearchType, Some("Observation"), None),
-            ("search system", "GET", "", Some("_type=Patient"), SearchSystem, None, None),
-            ("search system _search", "POST", "_search", None, SearchSystem, None, None),
-            ("search compartment", "GET", "Patient/123/Observation", None, SearchCompartment, Some("Observation"), None),
-            ("search compartment *", "GET", "Patient/123/*", None, SearchCompartment, None, None),
-            ("capabilities", "GET", "metadata", None, Capabilities, None, None),
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Interaction,
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let cases: &[Case] = &[
+            (
+                "read",
+                "GET",
+                "Patient/123",
+                None,
+                Read,
+                Some("Patient"),
+                Some("123"),
+            ),
+            (
+                "head read",
+                "HEAD",
+                "Patient/123",
+                None,
+                Read,
+                Some("Patient"),
+                Some("123"),
+            ),
+            (
+                "vread",
+                "GET",
+                "Observation/o1/_history/2",
+                None,
+                Vread,
+                Some("Observation"),
+                Some("o1"),
+            ),
+            (
+                "update",
+                "PUT",
+                "Patient/123",
+                None,
+                Update,
+                Some("Patient"),
+                Some("123"),
+            ),
+            (
+                "patch",
+                "PATCH",
+                "Patient/123",
+                None,
+                Patch,
+                Some("Patient"),
+                Some("123"),
+            ),
+            (
+                "delete",
+                "DELETE",
+                "Patient/123",
+                None,
+                Delete,
+                Some("Patient"),
+                Some("123"),
+            ),
+            (
+                "conditional update",
+                "PUT",
+                "Patient",
+                Some("identifier=x|1"),
+                Update,
+                Some("Patient"),
+                None,
+            ),
+            (
+                "conditional delete",
+                "DELETE",
+                "Observation",
+                Some("code=1"),
+                Delete,
+                Some("Observation"),
+                None,
+            ),
+            (
+                "conditional patch",
+                "PATCH",
+                "Observation",
+                Some("code=1"),
+                Patch,
+                Some("Observation"),
+                None,
+            ),
+            (
+                "history instance",
+                "GET",
+                "Patient/1/_history",
+                None,
+                HistoryInstance,
+                Some("Patient"),
+                Some("1"),
+            ),
+            (
+                "history type",
+                "GET",
+                "Patient/_history",
+                None,
+                HistoryType,
+                Some("Patient"),
+                None,
+            ),
+            (
+                "history system",
+                "GET",
+                "_history",
+                None,
+                HistorySystem,
+                None,
+                None,
+            ),
+            (
+                "create",
+                "POST",
+                "Observation",
+                None,
+                Create,
+                Some("Observation"),
+                None,
+            ),
+            (
+                "search type",
+                "GET",
+                "Observation",
+                Some("patient=1"),
+                SearchType,
+                Some("Observation"),
+                None,
+            ),
+            (
+                "search type POST",
+                "POST",
+                "Observation/_search",
+                None,
+                SearchType,
+                Some("Observation"),
+                None,
+            ),
+            (
+                "search system",
+                "GET",
+                "",
+                Some("_type=Patient"),
+                SearchSystem,
+                None,
+                None,
+            ),
+            (
+                "search system _search",
+                "POST",
+                "_search",
+                None,
+                SearchSystem,
+                None,
+                None,
+            ),
+            (
+                "search compartment",
+                "GET",
+                "Patient/123/Observation",
+                None,
+                SearchCompartment,
+                Some("Observation"),
+                None,
+            ),
+            (
+                "search compartment *",
+                "GET",
+                "Patient/123/*",
+                None,
+                SearchCompartment,
+                None,
+                None,
+            ),
+            (
+                "capabilities",
+                "GET",
+                "metadata",
+                None,
+                Capabilities,
+                None,
+                None,
+            ),
             ("batch or transaction", "POST", "", None, Batch, None, None),
             ("system op", "POST", "$export", None, Operation, None, None),
-            ("type op", "GET", "Patient/$export", None, Operation, Some("Patient"), None),
-            ("instance op", "GET", "Patient/1/$everything", None, Operation, Some("Patient"), Some("1")),
+            (
+                "type op",
+                "GET",
+                "Patient/$export",
+                None,
+                Operation,
+                Some("Patient"),
+                None,
+            ),
+            (
+                "instance op",
+                "GET",
+                "Patient/1/$everything",
+                None,
+                Operation,
+                Some("Patient"),
+                Some("1"),
+            ),
         ];
         for (name, m, p, q, i, t, id) in cases {
             let r = c(m, p, *q).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -505,14 +749,42 @@ mod tests {
     #[test]
     fn details() {
         let r = c("GET", "Patient/123/Observation", Some("code=a%20b&x=1+2")).unwrap();
-        assert_eq!(r.compartment, Some(Compartment { resource_type: "Patient".into(), id: "123".into() }));
-        assert_eq!(r.params, vec![("code".into(), "a b".into()), ("x".into(), "1 2".into())]);
+        assert_eq!(
+            r.compartment,
+            Some(Compartment {
+                resource_type: "Patient".into(),
+                id: "123".into()
+            })
+        );
+        assert_eq!(
+            r.params,
+            vec![("code".into(), "a b".into()), ("x".into(), "1 2".into())]
+        );
         let r = c("GET", "Patient/1/$everything", None).unwrap();
-        assert_eq!(r.operation, Some(("everything".into(), OperationLevel::Instance)));
-        let r = classify(HttpRequest { method: "POST", path: "Patient", query: None, if_none_exist: Some("identifier=1") }).unwrap();
+        assert_eq!(
+            r.operation,
+            Some(("everything".into(), OperationLevel::Instance))
+        );
+        let r = classify(HttpRequest {
+            method: "POST",
+            path: "Patient",
+            query: None,
+            if_none_exist: Some("identifier=1"),
+        })
+        .unwrap();
         assert!(r.conditional);
-        assert!(c("PUT", "Patient", Some("identifier=1")).unwrap().conditional);
-        assert_eq!(c("GET", "Observation/o/_history/7", None).unwrap().version_id.as_deref(), Some("7"));
+        assert!(
+            c("PUT", "Patient", Some("identifier=1"))
+                .unwrap()
+                .conditional
+        );
+        assert_eq!(
+            c("GET", "Observation/o/_history/7", None)
+                .unwrap()
+                .version_id
+                .as_deref(),
+            Some("7")
+        );
     }
 
     #[test]
@@ -523,7 +795,12 @@ mod tests {
             ("abstract type", "GET", "Resource/1", None),
             ("abstract DomainResource", "GET", "DomainResource", None),
             ("bad id chars", "GET", "Patient/a_b", None),
-            ("id too long", "GET", "Patient/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", None),
+            (
+                "id too long",
+                "GET",
+                "Patient/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                None,
+            ),
             ("too deep", "GET", "Patient/1/Observation/2/x", None),
             ("empty segment", "GET", "Patient//1", None),
             ("PUT on type without params", "PUT", "Patient", None),
@@ -541,7 +818,11 @@ mod tests {
             ("empty param name", "GET", "Patient", Some("=x")),
         ];
         for (name, m, p, q) in cases {
-            assert!(c(m, p, *q).is_err(), "{name} should be refused: {:?}", c(m, p, *q));
+            assert!(
+                c(m, p, *q).is_err(),
+                "{name} should be refused: {:?}",
+                c(m, p, *q)
+            );
         }
     }
 
@@ -557,12 +838,23 @@ mod tests {
         let r = classify_bundle(base.clone(), body).unwrap();
         assert_eq!(r.interaction, Interaction::Transaction);
         let kinds: Vec<_> = r.entries.iter().map(|e| e.interaction).collect();
-        assert_eq!(kinds, vec![Interaction::Read, Interaction::Create, Interaction::SearchType, Interaction::Delete]);
+        assert_eq!(
+            kinds,
+            vec![
+                Interaction::Read,
+                Interaction::Create,
+                Interaction::SearchType,
+                Interaction::Delete
+            ]
+        );
         assert!(r.entries[1].conditional);
         assert_eq!(r.entries[2].params.len(), 2);
 
         let batch = br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#;
-        assert_eq!(classify_bundle(base.clone(), batch).unwrap().interaction, Interaction::Batch);
+        assert_eq!(
+            classify_bundle(base.clone(), batch).unwrap().interaction,
+            Interaction::Batch
+        );
 
         let bad: &[(&str, &[u8])] = &[
             ("not json", b"<Bundle/>"),
@@ -578,7 +870,10 @@ mod tests {
             ("bad verb", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"TRACE","url":"Patient"}}]}"#),
         ];
         for (name, body) in bad {
-            assert!(classify_bundle(base.clone(), body).is_err(), "{name} should be refused");
+            assert!(
+                classify_bundle(base.clone(), body).is_err(),
+                "{name} should be refused"
+            );
         }
     }
 }

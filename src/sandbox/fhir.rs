@@ -35,7 +35,11 @@ pub struct FhirSandbox {
 /// Synthetic data: three patients, their Observations and Conditions.
 pub fn synthetic_resources() -> Vec<Value> {
     let mut out = Vec::new();
-    let people = [("p1", "Alice", "Example"), ("p2", "Bob", "Sample"), ("p3", "Carol", "Test")];
+    let people = [
+        ("p1", "Alice", "Example"),
+        ("p2", "Bob", "Sample"),
+        ("p3", "Carol", "Test"),
+    ];
     for (i, (id, given, family)) in people.iter().enumerate() {
         out.push(json!({
             "resourceType": "Patient", "id": id,
@@ -43,8 +47,12 @@ pub fn synthetic_resources() -> Vec<Value> {
             "gender": if i == 1 { "male" } else { "female" },
             "birthDate": format!("19{}-0{}-1{}", 70 + i * 7, i + 1, i)
         }));
-        for (n, (code, display, value)) in
-            [("8867-4", "Heart rate", 72 + i), ("2339-0", "Glucose", 95 + 3 * i)].iter().enumerate()
+        for (n, (code, display, value)) in [
+            ("8867-4", "Heart rate", 72 + i),
+            ("2339-0", "Glucose", 95 + 3 * i),
+        ]
+        .iter()
+        .enumerate()
         {
             out.push(json!({
                 "resourceType": "Observation", "id": format!("obs-{id}-{n}"), "status": "final",
@@ -69,9 +77,21 @@ impl FhirSandbox {
     pub fn new(base_path: &str) -> Arc<FhirSandbox> {
         let resources = synthetic_resources()
             .into_iter()
-            .map(|r| ((r["resourceType"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string()), r))
+            .map(|r| {
+                (
+                    (
+                        r["resourceType"].as_str().unwrap().to_string(),
+                        r["id"].as_str().unwrap().to_string(),
+                    ),
+                    r,
+                )
+            })
             .collect();
-        Arc::new(FhirSandbox { base_path: base_path.trim_end_matches('/').to_string(), resources, seen: Mutex::new(Vec::new()) })
+        Arc::new(FhirSandbox {
+            base_path: base_path.trim_end_matches('/').to_string(),
+            resources,
+            seen: Mutex::new(Vec::new()),
+        })
     }
 
     /// Every request received so far.
@@ -81,7 +101,12 @@ impl FhirSandbox {
 
     /// How many received requests have a URI containing `needle`.
     pub fn count_containing(&self, needle: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|s| s.uri.contains(needle)).count()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.uri.contains(needle))
+            .count()
     }
 
     /// Serves on `listener` until the task is dropped.
@@ -92,7 +117,9 @@ impl FhirSandbox {
 
     /// Binds 127.0.0.1 on a free port and serves in a spawned task.
     pub async fn spawn(base_path: &str) -> (Arc<FhirSandbox>, SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sandbox upstream");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sandbox upstream");
         let addr = listener.local_addr().expect("local addr");
         let s = FhirSandbox::new(base_path);
         tokio::spawn(s.clone().serve(listener));
@@ -103,7 +130,11 @@ impl FhirSandbox {
         params.iter().all(|(k, v)| match k.as_str() {
             "_id" => r["id"] == *v,
             "patient" | "subject" => {
-                let want = if v.contains('/') { v.clone() } else { format!("Patient/{v}") };
+                let want = if v.contains('/') {
+                    v.clone()
+                } else {
+                    format!("Patient/{v}")
+                };
                 r["subject"]["reference"] == want.as_str()
             }
             "code" => r["code"]["coding"][0]["code"] == v.rsplit('|').next().unwrap_or(v),
@@ -123,7 +154,12 @@ impl FhirSandbox {
 }
 
 fn fhir(status: StatusCode, body: Value) -> Response {
-    (status, [("content-type", "application/fhir+json")], body.to_string()).into_response()
+    (
+        status,
+        [("content-type", "application/fhir+json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn not_found(what: &str) -> Response {
@@ -133,13 +169,24 @@ fn not_found(what: &str) -> Response {
     )
 }
 
-async fn handle(State(s): State<Arc<FhirSandbox>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(s): State<Arc<FhirSandbox>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     s.seen.lock().unwrap().push(Seen {
         method: method.to_string(),
         uri: uri.to_string(),
         headers: headers
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         body_len: body.len(),
     });
@@ -149,7 +196,11 @@ async fn handle(State(s): State<Arc<FhirSandbox>>, method: Method, uri: Uri, hea
     let segs: Vec<&str> = rel.split('/').filter(|x| !x.is_empty()).collect();
     let params: Vec<(String, String)> = uri
         .query()
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
         .unwrap_or_default();
     // A resource id starting with "slow" makes the sandbox stall (timeout tests).
     if segs.iter().any(|x| x.starts_with("slow")) {
@@ -177,22 +228,34 @@ async fn handle(State(s): State<Arc<FhirSandbox>>, method: Method, uri: Uri, hea
             p.push(("patient".into(), id.to_string()));
             let mut b = s.search(&["Observation", "Condition"], &p);
             if let Some(r) = s.resources.get(&("Patient".into(), id.to_string())) {
-                b["entry"].as_array_mut().unwrap().insert(0, json!({"resource": r}));
+                b["entry"]
+                    .as_array_mut()
+                    .unwrap()
+                    .insert(0, json!({"resource": r}));
             }
             fhir(StatusCode::OK, b)
         }
         ("GET", ["Patient", id, t]) => {
             let mut p = params.clone();
             p.push(("patient".into(), id.to_string()));
-            let types: Vec<&str> = if *t == "*" { vec!["Observation", "Condition"] } else { vec![t] };
+            let types: Vec<&str> = if *t == "*" {
+                vec!["Observation", "Condition"]
+            } else {
+                vec![t]
+            };
             fhir(StatusCode::OK, s.search(&types, &p))
         }
         ("POST", []) => fhir(
             StatusCode::OK,
             json!({"resourceType": "Bundle", "type": "batch-response", "entry": []}),
         ),
-        ("POST", [t]) => fhir(StatusCode::CREATED, json!({"resourceType": t, "id": "new-1"})),
-        ("PUT", [t, id]) | ("PATCH", [t, id]) => fhir(StatusCode::OK, json!({"resourceType": t, "id": id})),
+        ("POST", [t]) => fhir(
+            StatusCode::CREATED,
+            json!({"resourceType": t, "id": "new-1"}),
+        ),
+        ("PUT", [t, id]) | ("PATCH", [t, id]) => {
+            fhir(StatusCode::OK, json!({"resourceType": t, "id": id}))
+        }
         ("DELETE", [_, _]) => StatusCode::NO_CONTENT.into_response(),
         _ => not_found("not supported by the sandbox"),
     }

@@ -60,7 +60,10 @@ fn default_lifetime() -> i64 {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl SandboxIssuer {
@@ -127,7 +130,9 @@ impl SandboxIssuer {
     /// Binds 127.0.0.1 on a free port and serves in a spawned task; the
     /// issuer URL is `http://127.0.0.1:PORT`.
     pub async fn spawn(audience: &str, kind: KeyKind, kid: &str) -> Arc<SandboxIssuer> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sandbox issuer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sandbox issuer");
         let addr: SocketAddr = listener.local_addr().expect("local addr");
         let s = SandboxIssuer::new(&format!("http://{addr}"), audience, kind, kid);
         let app = s.clone().router();
@@ -144,7 +149,11 @@ async fn jwks_handler(State(s): State<Arc<SandboxIssuer>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
     }
     let max_age = s.max_age_seconds.load(Ordering::SeqCst);
-    ([("cache-control", format!("max-age={max_age}"))], Json(s.jwks())).into_response()
+    (
+        [("cache-control", format!("max-age={max_age}"))],
+        Json(s.jwks()),
+    )
+        .into_response()
 }
 
 async fn discovery(State(s): State<Arc<SandboxIssuer>>) -> Response {

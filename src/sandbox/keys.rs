@@ -5,7 +5,8 @@
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
-    EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING,
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING,
+    ECDSA_P384_SHA384_FIXED_SIGNING,
 };
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -41,10 +42,12 @@ impl SigningKey {
     pub fn generate(kind: KeyKind, kid: &str) -> SigningKey {
         match kind {
             KeyKind::Rsa2048 => {
-                let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("RSA keygen");
+                let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                    .expect("RSA keygen");
                 let pkcs8 = kp.as_der().expect("RSA pkcs8");
                 let pem_priv = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
-                let encoding = EncodingKey::from_rsa_pem(pem_priv.as_bytes()).expect("RSA encoding key");
+                let encoding =
+                    EncodingKey::from_rsa_pem(pem_priv.as_bytes()).expect("RSA encoding key");
                 let public = kp.public_key();
                 let spki = public.as_der().expect("RSA spki");
                 let n = public.modulus().big_endian_without_leading_zero().to_vec();
@@ -59,9 +62,19 @@ impl SigningKey {
             }
             KeyKind::P256 | KeyKind::P384 => {
                 let (signing, alg, crv, len) = if kind == KeyKind::P256 {
-                    (&ECDSA_P256_SHA256_FIXED_SIGNING, Algorithm::ES256, "P-256", 32)
+                    (
+                        &ECDSA_P256_SHA256_FIXED_SIGNING,
+                        Algorithm::ES256,
+                        "P-256",
+                        32,
+                    )
                 } else {
-                    (&ECDSA_P384_SHA384_FIXED_SIGNING, Algorithm::ES384, "P-384", 48)
+                    (
+                        &ECDSA_P384_SHA384_FIXED_SIGNING,
+                        Algorithm::ES384,
+                        "P-384",
+                        48,
+                    )
                 };
                 let kp = EcdsaKeyPair::generate(signing).expect("EC keygen");
                 let pkcs8 = kp.to_pkcs8v1().expect("EC pkcs8");
@@ -77,7 +90,8 @@ impl SigningKey {
                 }
             }
             KeyKind::Ed25519 => {
-                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("Ed25519 keygen");
+                let pkcs8 =
+                    Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("Ed25519 keygen");
                 let kp = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("Ed25519 parse");
                 let x = kp.public_key().as_ref().to_vec();
                 SigningKey {
@@ -106,7 +120,8 @@ impl SigningKey {
 
     /// Signs with a caller-made header (tests use it for hostile headers).
     pub fn sign_with_header(&self, header: &Header, claims: &Value) -> String {
-        jsonwebtoken::encode(header, claims, &self.encoding).expect("signing a JSON value cannot fail")
+        jsonwebtoken::encode(header, claims, &self.encoding)
+            .expect("signing a JSON value cannot fail")
     }
 }
 

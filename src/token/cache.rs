@@ -18,7 +18,12 @@ struct Entry {
 struct ExpireAtTokenExp;
 
 impl moka::Expiry<[u8; 32], Entry> for ExpireAtTokenExp {
-    fn expire_after_create(&self, _k: &[u8; 32], v: &Entry, _now: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _k: &[u8; 32],
+        v: &Entry,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
         Some(v.ttl)
     }
 }
@@ -32,7 +37,10 @@ pub struct TokenCache {
 impl TokenCache {
     pub fn new(max_entries: u64, max_ttl: Duration) -> TokenCache {
         TokenCache {
-            cache: Cache::builder().max_capacity(max_entries).expire_after(ExpireAtTokenExp).build(),
+            cache: Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(ExpireAtTokenExp)
+                .build(),
             max_ttl,
         }
     }

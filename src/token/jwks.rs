@@ -113,7 +113,9 @@ impl JwksStore {
                     continue;
                 }
                 let mut st = ik.fetch.lock().await;
-                let fresh = st.last_attempt.is_some_and(|t| t.elapsed() < Duration::from_secs(self.cfg.refresh_min_seconds));
+                let fresh = st.last_attempt.is_some_and(|t| {
+                    t.elapsed() < Duration::from_secs(self.cfg.refresh_min_seconds)
+                });
                 let wait = if fresh && !st.last_failed {
                     Duration::from_secs(self.cfg.refresh_min_seconds)
                 } else {
@@ -124,7 +126,11 @@ impl JwksStore {
                 };
                 next[i] = Instant::now() + wait;
             }
-            let sleep_until = next.iter().min().copied().unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            let sleep_until = next
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
             tokio::time::sleep_until(sleep_until.into()).await;
         }
     }
@@ -139,7 +145,11 @@ impl JwksStore {
 
     /// Keys for a token with `kid`: the loaded set if it holds the kid (or
     /// the token has none); otherwise at most one shared re-fetch per interval.
-    pub async fn keys_for(&self, ik: &IssuerKeys, kid: Option<&str>) -> Result<Arc<KeySet>, TokenError> {
+    pub async fn keys_for(
+        &self,
+        ik: &IssuerKeys,
+        kid: Option<&str>,
+    ) -> Result<Arc<KeySet>, TokenError> {
         let hit = |ks: &Option<Arc<KeySet>>| match (ks, kid) {
             (Some(k), Some(kid)) if k.has_kid(kid) => true,
             (Some(_), None) => true,
@@ -154,9 +164,9 @@ impl JwksStore {
         if hit(&current) {
             return Ok(current.expect("hit implies keys"));
         }
-        let recent = st
-            .last_attempt
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds));
+        let recent = st.last_attempt.is_some_and(|t| {
+            t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds)
+        });
         if recent {
             return match (current, st.last_failed) {
                 (Some(k), false) => Ok(k),
@@ -170,7 +180,11 @@ impl JwksStore {
     }
 
     /// Fetches and stores keys; the caller holds the issuer's fetch lock.
-    async fn refresh_locked(&self, ik: &IssuerKeys, st: &mut FetchState) -> Result<Option<Duration>, String> {
+    async fn refresh_locked(
+        &self,
+        ik: &IssuerKeys,
+        st: &mut FetchState,
+    ) -> Result<Option<Duration>, String> {
         st.last_attempt = Some(Instant::now());
         let result = self.fetch(ik).await;
         let name = ik.issuer.name.as_str();
@@ -222,7 +236,10 @@ impl JwksStore {
                 Ok((v, _)) => {
                     if let Some(i) = v.get("issuer").and_then(Value::as_str) {
                         if i != issuer.issuer {
-                            errors.push(format!("{url}: issuer '{i}' differs from configured '{}'", issuer.issuer));
+                            errors.push(format!(
+                                "{url}: issuer '{i}' differs from configured '{}'",
+                                issuer.issuer
+                            ));
                             continue;
                         }
                     }
@@ -238,7 +255,12 @@ impl JwksStore {
     }
 
     async fn get_json(&self, url: &Url) -> Result<(Value, Option<Duration>), String> {
-        let resp = self.client.get(url.clone()).send().await.map_err(|e| format!("{url}: {e}"))?;
+        let resp = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
         if !resp.status().is_success() {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
@@ -247,7 +269,10 @@ impl JwksStore {
             .get(http::header::CACHE_CONTROL)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_max_age);
-        if resp.content_length().is_some_and(|l| l as usize > MAX_DOC_BYTES) {
+        if resp
+            .content_length()
+            .is_some_and(|l| l as usize > MAX_DOC_BYTES)
+        {
             return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
         }
         let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
@@ -280,7 +305,10 @@ mod tests {
 
     #[test]
     fn cache_control() {
-        assert_eq!(parse_max_age("public, max-age=600"), Some(Duration::from_secs(600)));
+        assert_eq!(
+            parse_max_age("public, max-age=600"),
+            Some(Duration::from_secs(600))
+        );
         assert_eq!(parse_max_age("no-store"), Some(Duration::ZERO));
         assert_eq!(parse_max_age("public"), None);
         assert_eq!(parse_max_age("max-age=abc"), None);

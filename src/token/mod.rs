@@ -71,17 +71,21 @@ impl TokenError {
     pub fn code(&self) -> &'static str {
         match self {
             TokenError::TooLong(_) => "token_too_long",
-            TokenError::NotJwt | TokenError::BadHeader | TokenError::BadPayload => "token_malformed",
+            TokenError::NotJwt | TokenError::BadHeader | TokenError::BadPayload => {
+                "token_malformed"
+            }
             TokenError::AlgorithmNotAllowed(_) => "token_alg_not_allowed",
             TokenError::CritHeader | TokenError::BadTyp(_) => "token_header_refused",
             TokenError::NoIssuer | TokenError::UnknownIssuer(_) => "token_unknown_issuer",
-            TokenError::UnknownKid(_) | TokenError::AmbiguousKey(_) | TokenError::KeyAlgorithmMismatch { .. } => {
-                "token_unknown_key"
-            }
+            TokenError::UnknownKid(_)
+            | TokenError::AmbiguousKey(_)
+            | TokenError::KeyAlgorithmMismatch { .. } => "token_unknown_key",
             TokenError::BadSignature => "token_bad_signature",
             TokenError::MissingClaim(_) | TokenError::BadClaim(_) => "token_bad_claims",
             TokenError::Expired { .. } => "token_expired",
-            TokenError::NotYetValid { .. } | TokenError::IssuedInFuture { .. } => "token_not_yet_valid",
+            TokenError::NotYetValid { .. } | TokenError::IssuedInFuture { .. } => {
+                "token_not_yet_valid"
+            }
             TokenError::WrongAudience(_) => "token_wrong_audience",
             TokenError::KeysUnavailable(_) => "keys_unavailable",
         }
@@ -109,16 +113,25 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
         return Err(TokenError::TooLong(max_bytes));
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(TokenError::NotJwt);
     };
     if h.is_empty() || p.is_empty() || s.is_empty() {
         return Err(TokenError::NotJwt);
     }
-    let header = b64_json(h).filter(Value::is_object).ok_or(TokenError::BadHeader)?;
-    let alg = header.get("alg").and_then(Value::as_str).ok_or(TokenError::BadHeader)?;
+    let header = b64_json(h)
+        .filter(Value::is_object)
+        .ok_or(TokenError::BadHeader)?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(TokenError::BadHeader)?;
     if !crate::config::ALLOWED_ALGORITHMS.contains(&alg) {
-        return Err(TokenError::AlgorithmNotAllowed(alg.chars().take(16).collect()));
+        return Err(TokenError::AlgorithmNotAllowed(
+            alg.chars().take(16).collect(),
+        ));
     }
     if header.get("crit").is_some() {
         return Err(TokenError::CritHeader);
@@ -126,7 +139,8 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
     let typ = match header.get("typ") {
         None => None,
         Some(Value::String(typ)) => {
-            if !["jwt", "at+jwt", "application/at+jwt"].contains(&typ.to_ascii_lowercase().as_str()) {
+            if !["jwt", "at+jwt", "application/at+jwt"].contains(&typ.to_ascii_lowercase().as_str())
+            {
                 return Err(TokenError::BadTyp(typ.chars().take(32).collect()));
             }
             Some(typ.to_ascii_lowercase())
@@ -138,13 +152,20 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
         Some(Value::String(k)) => Some(k.clone()),
         Some(_) => return Err(TokenError::BadHeader),
     };
-    let payload = b64_json(p).filter(Value::is_object).ok_or(TokenError::BadPayload)?;
+    let payload = b64_json(p)
+        .filter(Value::is_object)
+        .ok_or(TokenError::BadPayload)?;
     let iss = match payload.get("iss") {
         None => return Err(TokenError::NoIssuer),
         Some(Value::String(i)) => i.clone(),
         Some(_) => return Err(TokenError::BadClaim("iss")),
     };
-    Ok(Unverified { alg: alg.to_string(), kid, typ, iss })
+    Ok(Unverified {
+        alg: alg.to_string(),
+        kid,
+        typ,
+        iss,
+    })
 }
 
 fn algorithm(name: &str) -> Option<Algorithm> {
@@ -173,7 +194,10 @@ pub struct VerifyKey {
 
 impl std::fmt::Debug for VerifyKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifyKey").field("kid", &self.kid).field("algorithms", &self.algorithms).finish()
+        f.debug_struct("VerifyKey")
+            .field("kid", &self.kid)
+            .field("algorithms", &self.algorithms)
+            .finish()
     }
 }
 
@@ -222,15 +246,21 @@ fn verify_key(k: &Value) -> Result<VerifyKey, String> {
         }
     }
     if let Some(ops) = k.get("key_ops") {
-        let verify = ops.as_array().is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));
+        let verify = ops
+            .as_array()
+            .is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")));
         if !verify {
             return Err("key_ops does not include 'verify'".into());
         }
     }
     let (family, key): (Vec<Algorithm>, DecodingKey) = match kty {
         "RSA" => {
-            let (n, e) = (s("n").ok_or("RSA key without n")?, s("e").ok_or("RSA key without e")?);
-            let key = DecodingKey::from_rsa_components(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
+            let (n, e) = (
+                s("n").ok_or("RSA key without n")?,
+                s("e").ok_or("RSA key without e")?,
+            );
+            let key =
+                DecodingKey::from_rsa_components(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
             use Algorithm::*;
             (vec![RS256, RS384, RS512, PS256, PS384, PS512], key)
         }
@@ -240,8 +270,12 @@ fn verify_key(k: &Value) -> Result<VerifyKey, String> {
                 Some("P-384") => Algorithm::ES384,
                 other => return Err(format!("unsupported EC curve {other:?}")),
             };
-            let (x, y) = (s("x").ok_or("EC key without x")?, s("y").ok_or("EC key without y")?);
-            let key = DecodingKey::from_ec_components(x, y).map_err(|e| format!("bad EC key: {e}"))?;
+            let (x, y) = (
+                s("x").ok_or("EC key without x")?,
+                s("y").ok_or("EC key without y")?,
+            );
+            let key =
+                DecodingKey::from_ec_components(x, y).map_err(|e| format!("bad EC key: {e}"))?;
             (vec![alg], key)
         }
         "OKP" => {
@@ -259,10 +293,18 @@ fn verify_key(k: &Value) -> Result<VerifyKey, String> {
         None => family,
         Some(a) => match algorithm(a) {
             Some(alg) if family.contains(&alg) => vec![alg],
-            _ => return Err(format!("alg '{a}' does not fit kty {kty} or is not allowed")),
+            _ => {
+                return Err(format!(
+                    "alg '{a}' does not fit kty {kty} or is not allowed"
+                ))
+            }
         },
     };
-    Ok(VerifyKey { kid: s("kid").map(str::to_string), algorithms, key })
+    Ok(VerifyKey {
+        kid: s("kid").map(str::to_string),
+        algorithms,
+        key,
+    })
 }
 
 /// A verified access token's claims, in the shape every later stage uses.
@@ -288,12 +330,22 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 }
 
 /// Verifies `token` (already [`inspect`]ed) for `issuer` with `keys` at time `now` (Unix seconds).
-pub fn verify(token: &str, u: &Unverified, issuer: &Issuer, keys: &KeySet, now: i64) -> Result<Claims, TokenError> {
+pub fn verify(
+    token: &str,
+    u: &Unverified,
+    issuer: &Issuer,
+    keys: &KeySet,
+    now: i64,
+) -> Result<Claims, TokenError> {
     let alg = algorithm(&u.alg)
         .filter(|a| issuer.algorithms.contains(a))
         .ok_or_else(|| TokenError::AlgorithmNotAllowed(u.alg.clone()))?;
-    if issuer.require_at_jwt_typ && !matches!(u.typ.as_deref(), Some("at+jwt" | "application/at+jwt")) {
-        return Err(TokenError::BadTyp(u.typ.clone().unwrap_or_else(|| "(none)".into())));
+    if issuer.require_at_jwt_typ
+        && !matches!(u.typ.as_deref(), Some("at+jwt" | "application/at+jwt"))
+    {
+        return Err(TokenError::BadTyp(
+            u.typ.clone().unwrap_or_else(|| "(none)".into()),
+        ));
     }
     let key = match &u.kid {
         Some(kid) => {
@@ -303,12 +355,19 @@ pub fn verify(token: &str, u: &Unverified, issuer: &Issuer, keys: &KeySet, now: 
                 .find(|k| k.kid.as_deref() == Some(kid.as_str()))
                 .ok_or_else(|| TokenError::UnknownKid(kid.chars().take(64).collect()))?;
             if !key.algorithms.contains(&alg) {
-                return Err(TokenError::KeyAlgorithmMismatch { kid: kid.chars().take(64).collect(), alg: u.alg.clone() });
+                return Err(TokenError::KeyAlgorithmMismatch {
+                    kid: kid.chars().take(64).collect(),
+                    alg: u.alg.clone(),
+                });
             }
             key
         }
         None => {
-            let fitting: Vec<&VerifyKey> = keys.keys.iter().filter(|k| k.algorithms.contains(&alg)).collect();
+            let fitting: Vec<&VerifyKey> = keys
+                .keys
+                .iter()
+                .filter(|k| k.algorithms.contains(&alg))
+                .collect();
             match fitting.as_slice() {
                 [one] => *one,
                 _ => return Err(TokenError::AmbiguousKey(fitting.len())),
@@ -320,9 +379,13 @@ pub fn verify(token: &str, u: &Unverified, issuer: &Issuer, keys: &KeySet, now: 
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let data = jsonwebtoken::decode::<Value>(token, &key.key, &validation).map_err(|e| match e.kind() {
+    let data = jsonwebtoken::decode::<Value>(token, &key.key, &validation).map_err(|e| match e
+        .kind()
+    {
         jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-        jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => TokenError::BadPayload,
+        jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
+            TokenError::BadPayload
+        }
         _ => TokenError::BadSignature,
     })?;
     check_claims(&data.claims, issuer, now)
@@ -344,7 +407,11 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
             None => Ok(None),
             Some(Value::Number(n)) => n
                 .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.is_finite())
+                        .map(|f| f.floor() as i64)
+                })
                 .map(Some)
                 .ok_or(TokenError::BadClaim(name)),
             Some(_) => Err(TokenError::BadClaim(name)),

@@ -47,7 +47,8 @@ fn every_supported_key_kind_verifies() {
         (KeyKind::Ed25519, Algorithm::EdDSA),
     ] {
         let k = SigningKey::generate(kind, "k1");
-        let c = check(&k.sign(&claims()), &keyset(&[&k]), &issuer(&[alg])).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        let c = check(&k.sign(&claims()), &keyset(&[&k]), &issuer(&[alg]))
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
         assert_eq!(c.sub.as_deref(), Some("u1"));
         assert_eq!(c.patient.as_deref(), Some("p1"));
         assert_eq!(c.client_id.as_deref(), Some("app"));
@@ -71,29 +72,131 @@ fn hostile_tokens_are_refused() {
     let mut ps_header = Header::new(Algorithm::PS256);
     ps_header.kid = Some("rsa1".into());
     let cases: Vec<(&str, String, &str)> = vec![
-        ("expired", with(&|c| c["exp"] = json!(NOW - 31)), "token_expired"),
-        ("not yet valid", with(&|c| c["nbf"] = json!(NOW + 31)), "token_not_yet_valid"),
-        ("issued in the future", with(&|c| c["iat"] = json!(NOW + 60)), "token_not_yet_valid"),
-        ("no exp", with(&|c| drop(c.as_object_mut().unwrap().remove("exp"))), "token_bad_claims"),
-        ("string exp", with(&|c| c["exp"] = json!("1900000000")), "token_bad_claims"),
-        ("wrong audience", with(&|c| c["aud"] = json!("https://other")), "token_wrong_audience"),
-        ("no audience", with(&|c| drop(c.as_object_mut().unwrap().remove("aud"))), "token_bad_claims"),
-        ("audience list without ours", with(&|c| c["aud"] = json!(["a", "b"])), "token_wrong_audience"),
-        ("issuer mismatch after lookup", with(&|c| c["iss"] = json!("https://evil")), "token_unknown_issuer"),
-        ("alg none", raw_token(&json!({"alg": "none", "kid": "rsa1"}), &claims(), b""), "token_malformed"),
-        ("alg none with sig", raw_token(&json!({"alg": "none", "kid": "rsa1"}), &claims(), b"x"), "token_alg_not_allowed"),
-        ("HS256 with the RSA public key", hs256_token("rsa1", &claims(), rsa.public_pem.as_bytes()), "token_alg_not_allowed"),
-        ("unknown kid", { let k = SigningKey::generate(KeyKind::Rsa2048, "rsa9"); k.sign(&claims()) }, "token_unknown_key"),
-        ("signed by another key, same kid", other.sign(&claims()), "token_bad_signature"),
-        ("alg not allowed for issuer", rsa.sign_with_header(&ps_header, &claims()), "token_alg_not_allowed"),
-        ("kid of an EC key with RS256", raw_token(&json!({"alg": "RS256", "kid": "ec1"}), &claims(), b"sig"), "token_unknown_key"),
-        ("crit header", raw_token(&json!({"alg": "RS256", "kid": "rsa1", "crit": ["exp"]}), &claims(), b"s"), "token_header_refused"),
-        ("dpop typ", raw_token(&json!({"alg": "RS256", "kid": "rsa1", "typ": "dpop+jwt"}), &claims(), b"s"), "token_header_refused"),
-        ("malformed base64", "a!b.c$d.e%f".to_string(), "token_malformed"),
+        (
+            "expired",
+            with(&|c| c["exp"] = json!(NOW - 31)),
+            "token_expired",
+        ),
+        (
+            "not yet valid",
+            with(&|c| c["nbf"] = json!(NOW + 31)),
+            "token_not_yet_valid",
+        ),
+        (
+            "issued in the future",
+            with(&|c| c["iat"] = json!(NOW + 60)),
+            "token_not_yet_valid",
+        ),
+        (
+            "no exp",
+            with(&|c| drop(c.as_object_mut().unwrap().remove("exp"))),
+            "token_bad_claims",
+        ),
+        (
+            "string exp",
+            with(&|c| c["exp"] = json!("1900000000")),
+            "token_bad_claims",
+        ),
+        (
+            "wrong audience",
+            with(&|c| c["aud"] = json!("https://other")),
+            "token_wrong_audience",
+        ),
+        (
+            "no audience",
+            with(&|c| drop(c.as_object_mut().unwrap().remove("aud"))),
+            "token_bad_claims",
+        ),
+        (
+            "audience list without ours",
+            with(&|c| c["aud"] = json!(["a", "b"])),
+            "token_wrong_audience",
+        ),
+        (
+            "issuer mismatch after lookup",
+            with(&|c| c["iss"] = json!("https://evil")),
+            "token_unknown_issuer",
+        ),
+        (
+            "alg none",
+            raw_token(&json!({"alg": "none", "kid": "rsa1"}), &claims(), b""),
+            "token_malformed",
+        ),
+        (
+            "alg none with sig",
+            raw_token(&json!({"alg": "none", "kid": "rsa1"}), &claims(), b"x"),
+            "token_alg_not_allowed",
+        ),
+        (
+            "HS256 with the RSA public key",
+            hs256_token("rsa1", &claims(), rsa.public_pem.as_bytes()),
+            "token_alg_not_allowed",
+        ),
+        (
+            "unknown kid",
+            {
+                let k = SigningKey::generate(KeyKind::Rsa2048, "rsa9");
+                k.sign(&claims())
+            },
+            "token_unknown_key",
+        ),
+        (
+            "signed by another key, same kid",
+            other.sign(&claims()),
+            "token_bad_signature",
+        ),
+        (
+            "alg not allowed for issuer",
+            rsa.sign_with_header(&ps_header, &claims()),
+            "token_alg_not_allowed",
+        ),
+        (
+            "kid of an EC key with RS256",
+            raw_token(&json!({"alg": "RS256", "kid": "ec1"}), &claims(), b"sig"),
+            "token_unknown_key",
+        ),
+        (
+            "crit header",
+            raw_token(
+                &json!({"alg": "RS256", "kid": "rsa1", "crit": ["exp"]}),
+                &claims(),
+                b"s",
+            ),
+            "token_header_refused",
+        ),
+        (
+            "dpop typ",
+            raw_token(
+                &json!({"alg": "RS256", "kid": "rsa1", "typ": "dpop+jwt"}),
+                &claims(),
+                b"s",
+            ),
+            "token_header_refused",
+        ),
+        (
+            "malformed base64",
+            "a!b.c$d.e%f".to_string(),
+            "token_malformed",
+        ),
         ("two parts", "abc.def".to_string(), "token_malformed"),
-        ("payload not json", format!("{}.bm90IGpzb24.c2ln", URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#)), "token_malformed"),
-        ("tampered payload", { let t = rsa.sign(&claims()); let p: Vec<&str> = t.split('.').collect();
-            let c = URL_SAFE_NO_PAD.encode(with_scope("user/*.cruds").to_string()); format!("{}.{}.{}", p[0], c, p[2]) }, "token_bad_signature"),
+        (
+            "payload not json",
+            format!(
+                "{}.bm90IGpzb24.c2ln",
+                URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#)
+            ),
+            "token_malformed",
+        ),
+        (
+            "tampered payload",
+            {
+                let t = rsa.sign(&claims());
+                let p: Vec<&str> = t.split('.').collect();
+                let c = URL_SAFE_NO_PAD.encode(with_scope("user/*.cruds").to_string());
+                format!("{}.{}.{}", p[0], c, p[2])
+            },
+            "token_bad_signature",
+        ),
         ("oversized", "a".repeat(20_000), "token_too_long"),
     ];
     for (name, token, code) in cases {
@@ -125,10 +228,18 @@ fn at_jwt_typ_can_be_required() {
     let keys = keyset(&[&k]);
     let mut iss = issuer(&[Algorithm::ES256]);
     iss.require_at_jwt_typ = true;
-    assert!(check(&k.sign(&claims()), &keys, &iss).is_ok(), "sign() sets typ at+jwt");
+    assert!(
+        check(&k.sign(&claims()), &keys, &iss).is_ok(),
+        "sign() sets typ at+jwt"
+    );
     let mut h = Header::new(Algorithm::ES256);
     h.kid = Some("k".into());
-    assert_eq!(check(&k.sign_with_header(&h, &claims()), &keys, &iss).unwrap_err().code(), "token_header_refused");
+    assert_eq!(
+        check(&k.sign_with_header(&h, &claims()), &keys, &iss)
+            .unwrap_err()
+            .code(),
+        "token_header_refused"
+    );
 }
 
 #[test]
@@ -156,7 +267,12 @@ fn jwks_filtering() {
     assert!(skipped[0].contains("private or secret"), "{skipped:?}");
     // An HS256 token against a JWKS holding a symmetric key is still refused.
     let hs = hs256_token("h", &claims(), b"secret");
-    assert_eq!(check(&hs, &set, &issuer(&[Algorithm::RS256])).unwrap_err().code(), "token_alg_not_allowed");
+    assert_eq!(
+        check(&hs, &set, &issuer(&[Algorithm::RS256]))
+            .unwrap_err()
+            .code(),
+        "token_alg_not_allowed"
+    );
 }
 
 #[test]

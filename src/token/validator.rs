@@ -44,14 +44,25 @@ impl Validator {
         }
         let hash = token_hash(token);
         if let Some(claims) = self.cache.get(&hash, now) {
-            return Ok(Validated { claims, hash, cache_hit: true });
+            return Ok(Validated {
+                claims,
+                hash,
+                cache_hit: true,
+            });
         }
         let u = inspect(token, self.max_bytes)?;
-        let ik = self.store.issuer(&u.iss).ok_or_else(|| TokenError::UnknownIssuer(u.iss.chars().take(128).collect()))?;
+        let ik = self
+            .store
+            .issuer(&u.iss)
+            .ok_or_else(|| TokenError::UnknownIssuer(u.iss.chars().take(128).collect()))?;
         let keys = self.store.keys_for(ik, u.kid.as_deref()).await?;
         let claims = Arc::new(verify(token, &u, &ik.issuer, &keys, now)?);
         self.cache.insert(hash, claims.clone(), now);
-        Ok(Validated { claims, hash, cache_hit: false })
+        Ok(Validated {
+            claims,
+            hash,
+            cache_hit: false,
+        })
     }
 
     pub fn cache_entries(&self) -> u64 {

@@ -16,7 +16,11 @@ use fhirwall::sandbox::keys::KeyKind;
 
 /// A free loopback port (bound and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Extra YAML and knobs for one gateway.
@@ -62,7 +66,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("fhirwall-test-{tag}-{}-{}", std::process::id(), rand::random::<u64>()));
+        let p = std::env::temp_dir().join(format!(
+            "fhirwall-test-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -100,7 +108,10 @@ impl Gateway {
         } else {
             format!("jwks_uri: {}/jwks.json", issuer.issuer)
         };
-        let upstream_url = opts.upstream_url.clone().unwrap_or(format!("http://{up_addr}/r4"));
+        let upstream_url = opts
+            .upstream_url
+            .clone()
+            .unwrap_or(format!("http://{up_addr}/r4"));
         let yaml = format!(
             "listen: 127.0.0.1:{port}\n\
              public_base_url: {base}\n\
@@ -133,7 +144,10 @@ impl Gateway {
             upstream,
             issuer,
             audit_path,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
             child,
             _dir: dir,
         };
@@ -144,12 +158,20 @@ impl Gateway {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = self.client.get(format!("{}/readyz", self.admin)).send().await {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/readyz", self.admin))
+                .send()
+                .await
+            {
                 if r.status() == 200 {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "gateway did not become ready in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not become ready in 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -196,16 +218,29 @@ impl Gateway {
     pub fn audit_for(&self, request_id: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(r) = self.audit().into_iter().find(|r| r["request_id"] == request_id) {
+            if let Some(r) = self
+                .audit()
+                .into_iter()
+                .find(|r| r["request_id"] == request_id)
+            {
                 return r;
             }
-            assert!(Instant::now() < deadline, "no audit record for {request_id}");
+            assert!(
+                Instant::now() < deadline,
+                "no audit record for {request_id}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.base.trim_start_matches("http://").split('/').next().unwrap().parse().unwrap()
+        self.base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 }
 
@@ -224,9 +259,11 @@ pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
                 buf.extend_from_slice(&chunk[..n]);
                 let text = String::from_utf8_lossy(&buf);
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
+                    let len = head.lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    });
                     if len.is_some_and(|l| body.len() >= l) {
                         break;
                     }
@@ -236,6 +273,10 @@ pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
         }
     }
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, text)
 }
