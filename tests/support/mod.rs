@@ -35,6 +35,8 @@ pub struct Options {
     pub discovery: bool,
     /// Appended to the config as top-level YAML.
     pub extra_yaml: String,
+    /// Appended under `upstream:` (each line indented by two spaces).
+    pub upstream_yaml: String,
 }
 
 impl Default for Options {
@@ -46,6 +48,7 @@ impl Default for Options {
             leeway_seconds: 0,
             discovery: false,
             extra_yaml: String::new(),
+            upstream_yaml: String::new(),
         }
     }
 }
@@ -97,6 +100,15 @@ impl Gateway {
     /// Starts upstream, issuer (RSA key `k1`) and the gateway; waits until ready.
     pub async fn start(opts: Options) -> Gateway {
         let (upstream, up_addr) = FhirSandbox::spawn("/r4").await;
+        Gateway::start_with(opts, upstream, up_addr).await
+    }
+
+    /// Like [`Gateway::start`] with an upstream the caller started.
+    pub async fn start_with(
+        opts: Options,
+        upstream: Arc<FhirSandbox>,
+        up_addr: SocketAddr,
+    ) -> Gateway {
         let port = free_port();
         let admin_port = free_port();
         let base = format!("http://127.0.0.1:{port}/fhir");
@@ -115,7 +127,7 @@ impl Gateway {
         let yaml = format!(
             "listen: 127.0.0.1:{port}\n\
              public_base_url: {base}\n\
-             upstream:\n  url: {upstream_url}\n  connect_timeout_ms: 1000\n  read_timeout_ms: {rt}\n\
+             upstream:\n  url: {upstream_url}\n  connect_timeout_ms: 1000\n  read_timeout_ms: {rt}\n{up_extra}\
              issuers:\n  - name: test\n    issuer: {iss}\n    {jwks}\n    audiences: [{base}]\n    algorithms: [RS256, ES256]\n    leeway_seconds: {lw}\n\
              jwks:\n  min_refetch_interval_seconds: {mri}\n\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
@@ -127,6 +139,7 @@ impl Gateway {
             mri = opts.min_refetch_interval_seconds,
             audit = audit_path.display(),
             extra = opts.extra_yaml,
+            up_extra = opts.upstream_yaml,
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();

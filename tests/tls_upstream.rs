@@ -1,0 +1,121 @@
+//! An https upstream: real TLS with a CA and server certificate generated
+//! here. The sandbox FHIR server sits behind a TLS relay on loopback.
+
+mod support;
+
+use std::sync::Arc;
+
+use fhirwall::sandbox::fhir::FhirSandbox;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use support::{Gateway, Options, TempDir};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Pki {
+    ca_pem: String,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_der: cert.der().to_vec(),
+        key_der: key.serialize_der(),
+    }
+}
+
+/// Terminates TLS on a free port and relays bytes to `plain`.
+async fn tls_relay(pki: &Pki, plain: std::net::SocketAddr) -> u16 {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![pki.cert_der.clone().into()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    if let Ok(mut up) = TcpStream::connect(plain).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_configured_ca() {
+    let pki = pki();
+    let dir = TempDir::new("tls");
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+
+    let (upstream, plain) = FhirSandbox::spawn("/r4").await;
+    let port = tls_relay(&pki, plain).await;
+    let gw = Gateway::start_with(
+        Options {
+            upstream_url: Some(format!("https://localhost:{port}/r4")),
+            upstream_yaml: format!("  ca_file: {}\n", ca_file.display()),
+            ..Options::default()
+        },
+        upstream.clone(),
+        plain,
+    )
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let r = gw.get("Patient/p2", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["id"], "p2");
+    let seen = upstream.seen();
+    let s = seen
+        .iter()
+        .find(|s| s.uri == "/r4/Patient/p2")
+        .expect("reached the upstream over TLS");
+    assert!(s
+        .headers
+        .iter()
+        .any(|(k, v)| k == "host" && v == &format!("localhost:{port}")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_untrusted_certificate_is_502() {
+    let pki = pki();
+    let (upstream, plain) = FhirSandbox::spawn("/r4").await;
+    let port = tls_relay(&pki, plain).await;
+    let gw = Gateway::start_with(
+        Options {
+            upstream_url: Some(format!("https://localhost:{port}/r4")),
+            ..Options::default()
+        },
+        upstream.clone(),
+        plain,
+    )
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let r = gw.get("Patient/untrusted-1", Some(&token)).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        upstream.count_containing("untrusted-1"),
+        0,
+        "nothing sent over an unverified connection"
+    );
+}
