@@ -725,3 +725,36 @@ fn check_reports_every_problem_and_run_refuses_to_start() {
         String::from_utf8_lossy(&good.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_refresh_honours_cache_control() {
+    let gw = Gateway::start(Options {
+        jwks_yaml: "  refresh_min_seconds: 1\n".into(),
+        min_refetch_interval_seconds: 1,
+        ..Options::default()
+    })
+    .await;
+    let fetches = || gw.issuer.jwks_fetches.load(Ordering::SeqCst);
+    // max-age 300 (the sandbox default): no refresh within 2.5 s.
+    let before = fetches();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(fetches(), before, "refreshed before max-age");
+    // max-age 1: the next refresh (due at 300 s) is far away, so publish the
+    // new max-age and a new key, and force one fetch via an unknown kid.
+    gw.issuer.max_age_seconds.store(1, Ordering::SeqCst);
+    gw.issuer
+        .rotate_to(SigningKey::generate(KeyKind::P256, "k-periodic"));
+    assert_eq!(
+        gw.get("Patient/p1", Some(&gw.mint("user/*.rs", None)))
+            .await
+            .status(),
+        200
+    );
+    let after_kid = fetches();
+    tokio::time::sleep(Duration::from_millis(3600)).await;
+    let refreshed = fetches() - after_kid;
+    assert!(
+        (2..=5).contains(&refreshed),
+        "with max-age 1 s expected 2-5 refreshes in 3.6 s, got {refreshed}"
+    );
+}

@@ -27,6 +27,8 @@ const MAX_DOC_BYTES: usize = 1024 * 1024;
 struct FetchState {
     last_attempt: Option<Instant>,
     last_failed: bool,
+    /// When the periodic refresh is next due; set by every fetch.
+    next_refresh: Option<Instant>,
 }
 
 /// The keys of one configured issuer.
@@ -103,35 +105,19 @@ impl JwksStore {
         errors
     }
 
-    /// Runs forever: refreshes each issuer's keys on its own schedule.
+    /// Runs forever: refreshes each issuer's keys when its schedule says
+    /// so. Every fetch (periodic, start-up or unknown `kid`) reschedules the
+    /// next one from the response's `Cache-Control: max-age`.
     pub async fn refresh_loop(self: Arc<Self>) {
-        let mut next: Vec<Instant> = self.issuers.iter().map(|_| Instant::now()).collect();
+        let tick = Duration::from_millis(250);
         loop {
-            let now = Instant::now();
-            for (i, ik) in self.issuers.iter().enumerate() {
-                if next[i] > now {
-                    continue;
-                }
+            for ik in &self.issuers {
                 let mut st = ik.fetch.lock().await;
-                let fresh = st.last_attempt.is_some_and(|t| {
-                    t.elapsed() < Duration::from_secs(self.cfg.refresh_min_seconds)
-                });
-                let wait = if fresh && !st.last_failed {
-                    Duration::from_secs(self.cfg.refresh_min_seconds)
-                } else {
-                    match self.refresh_locked(ik, &mut st).await {
-                        Ok(max_age) => self.period(max_age),
-                        Err(_) => Duration::from_secs(self.cfg.refresh_min_seconds.min(30)),
-                    }
-                };
-                next[i] = Instant::now() + wait;
+                if st.next_refresh.is_none_or(|t| t <= Instant::now()) {
+                    let _ = self.refresh_locked(ik, &mut st).await;
+                }
             }
-            let sleep_until = next
-                .iter()
-                .min()
-                .copied()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
-            tokio::time::sleep_until(sleep_until.into()).await;
+            tokio::time::sleep(tick).await;
         }
     }
 
@@ -185,12 +171,14 @@ impl JwksStore {
         ik: &IssuerKeys,
         st: &mut FetchState,
     ) -> Result<Option<Duration>, String> {
-        st.last_attempt = Some(Instant::now());
+        let started = Instant::now();
+        st.last_attempt = Some(started);
         let result = self.fetch(ik).await;
         let name = ik.issuer.name.as_str();
         match result {
             Ok(f) => {
                 st.last_failed = false;
+                st.next_refresh = Some(started + self.period(f.max_age));
                 self.metrics.jwks_fetch(name, true);
                 tracing::info!(issuer = name, keys = f.keys.keys.len(), "JWKS loaded");
                 ik.keys.store(Some(Arc::new(f.keys)));
@@ -198,6 +186,8 @@ impl JwksStore {
             }
             Err(e) => {
                 st.last_failed = true;
+                st.next_refresh =
+                    Some(started + Duration::from_secs(self.cfg.refresh_min_seconds.min(30)));
                 self.metrics.jwks_fetch(name, false);
                 tracing::warn!(issuer = name, error = %e, "JWKS fetch failed; keys already loaded stay in use");
                 Err(e)

@@ -37,6 +37,8 @@ pub struct Options {
     pub extra_yaml: String,
     /// Appended under `upstream:` (each line indented by two spaces).
     pub upstream_yaml: String,
+    /// Appended under `jwks:` (each line indented by two spaces).
+    pub jwks_yaml: String,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             discovery: false,
             extra_yaml: String::new(),
             upstream_yaml: String::new(),
+            jwks_yaml: String::new(),
         }
     }
 }
@@ -129,7 +132,7 @@ impl Gateway {
              public_base_url: {base}\n\
              upstream:\n  url: {upstream_url}\n  connect_timeout_ms: 1000\n  read_timeout_ms: {rt}\n{up_extra}\
              issuers:\n  - name: test\n    issuer: {iss}\n    {jwks}\n    audiences: [{base}]\n    algorithms: [RS256, ES256]\n    leeway_seconds: {lw}\n\
-             jwks:\n  min_refetch_interval_seconds: {mri}\n\
+             jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
              audit:\n  sink: file\n  path: {audit}\n\
              server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{extra}",
@@ -140,6 +143,7 @@ impl Gateway {
             audit = audit_path.display(),
             extra = opts.extra_yaml,
             up_extra = opts.upstream_yaml,
+            jwks_extra = opts.jwks_yaml,
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
