@@ -62,30 +62,36 @@ async fn tls_relay(pki: &Pki, plain: std::net::SocketAddr) -> u16 {
     port
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_upstream_with_configured_ca() {
+/// A gateway in front of the sandbox behind a TLS relay; `trust_ca` puts
+/// the generated CA in `upstream.ca_file`. Returns the gateway and the port.
+async fn gateway_over_tls(trust_ca: bool) -> (Gateway, u16, TempDir) {
     let pki = pki();
     let dir = TempDir::new("tls");
     let ca_file = dir.0.join("ca.pem");
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-
     let (upstream, plain) = FhirSandbox::spawn("/r4").await;
     let port = tls_relay(&pki, plain).await;
-    let gw = Gateway::start_with(
-        Options {
-            upstream_url: Some(format!("https://localhost:{port}/r4")),
-            upstream_yaml: format!("  ca_file: {}\n", ca_file.display()),
-            ..Options::default()
-        },
-        upstream.clone(),
-        plain,
-    )
-    .await;
+    let upstream_yaml = if trust_ca {
+        format!("  ca_file: {}\n", ca_file.display())
+    } else {
+        String::new()
+    };
+    let opts = Options {
+        upstream_url: Some(format!("https://localhost:{port}/r4")),
+        upstream_yaml,
+        ..Options::default()
+    };
+    (Gateway::start_with(opts, upstream, plain).await, port, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_configured_ca() {
+    let (gw, port, _dir) = gateway_over_tls(true).await;
     let token = gw.mint("user/*.rs", None);
     let r = gw.get("Patient/p2", Some(&token)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["id"], "p2");
-    let seen = upstream.seen();
+    let seen = gw.upstream.seen();
     let s = seen
         .iter()
         .find(|s| s.uri == "/r4/Patient/p2")
@@ -98,23 +104,12 @@ async fn https_upstream_with_configured_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_with_untrusted_certificate_is_502() {
-    let pki = pki();
-    let (upstream, plain) = FhirSandbox::spawn("/r4").await;
-    let port = tls_relay(&pki, plain).await;
-    let gw = Gateway::start_with(
-        Options {
-            upstream_url: Some(format!("https://localhost:{port}/r4")),
-            ..Options::default()
-        },
-        upstream.clone(),
-        plain,
-    )
-    .await;
+    let (gw, _port, _dir) = gateway_over_tls(false).await;
     let token = gw.mint("user/*.rs", None);
     let r = gw.get("Patient/untrusted-1", Some(&token)).await;
     assert_eq!(r.status(), 502);
     assert_eq!(
-        upstream.count_containing("untrusted-1"),
+        gw.upstream.count_containing("untrusted-1"),
         0,
         "nothing sent over an unverified connection"
     );
