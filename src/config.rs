@@ -126,6 +126,10 @@ pub struct JwksConfig {
     pub refresh_max_seconds: u64,
     #[serde(default = "d_fetch_timeout")]
     pub fetch_timeout_ms: u64,
+    /// PEM bundle of extra CAs to trust for JWKS and discovery over https
+    /// (added to the system roots), e.g. a hospital's internal CA.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +277,8 @@ pub struct Settings {
     pub issuers: Vec<Issuer>,
     pub tokens: TokenConfig,
     pub jwks: JwksConfig,
+    /// Certificates from `jwks.ca_file`, parsed.
+    pub jwks_roots: Vec<reqwest::Certificate>,
     pub admin_listen: SocketAddr,
     pub audit: AuditSink,
     pub server: ServerConfig,
@@ -575,6 +581,19 @@ impl Config {
         if j.fetch_timeout_ms == 0 {
             problem("jwks.fetch_timeout_ms", "must be at least 1".into());
         }
+        let mut jwks_roots = Vec::new();
+        if let Some(ca) = &j.ca_file {
+            match std::fs::read(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    reqwest::Certificate::from_pem_bundle(&pem)
+                        .map_err(|e| format!("not a PEM certificate bundle: {e}"))
+                }) {
+                Ok(certs) if !certs.is_empty() => jwks_roots = certs,
+                Ok(_) => problem("jwks.ca_file", format!("'{ca}' holds no certificate")),
+                Err(e) => problem("jwks.ca_file", format!("cannot use '{ca}': {e}")),
+            }
+        }
 
         let audit = match (self.audit.sink.as_str(), &self.audit.path) {
             ("stdout", None) => Some(AuditSink::Stdout),
@@ -647,6 +666,7 @@ impl Config {
             issuers,
             tokens: self.tokens.clone(),
             jwks: self.jwks.clone(),
+            jwks_roots,
             admin_listen: admin_listen.expect("validated"),
             audit: audit.expect("validated"),
             server: self.server.clone(),

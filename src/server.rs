@@ -63,6 +63,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let store = Arc::new(JwksStore::new(
         &settings.issuers,
         &settings.jwks,
+        &settings.jwks_roots,
         metrics.clone(),
     ));
     let audit = AuditLog::open(&settings.audit)

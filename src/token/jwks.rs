@@ -61,8 +61,15 @@ struct Fetched {
 }
 
 impl JwksStore {
-    pub fn new(issuers: &[Issuer], cfg: &JwksConfig, metrics: Arc<Metrics>) -> JwksStore {
+    /// `roots` are CAs trusted in addition to the system's (`jwks.ca_file`).
+    pub fn new(
+        issuers: &[Issuer],
+        cfg: &JwksConfig,
+        roots: &[reqwest::Certificate],
+        metrics: Arc<Metrics>,
+    ) -> JwksStore {
         let client = reqwest::Client::builder()
+            .tls_certs_merge(roots.iter().cloned())
             .timeout(Duration::from_millis(cfg.fetch_timeout_ms))
             .redirect(reqwest::redirect::Policy::limited(3))
             .build()

@@ -39,6 +39,10 @@ pub struct Options {
     pub upstream_yaml: String,
     /// Appended under `jwks:` (each line indented by two spaces).
     pub jwks_yaml: String,
+    /// Replaces the issuer's `jwks_uri`.
+    pub jwks_uri: Option<String>,
+    /// Wait for `/readyz` (else only for `/healthz`).
+    pub expect_ready: bool,
 }
 
 impl Default for Options {
@@ -52,6 +56,8 @@ impl Default for Options {
             extra_yaml: String::new(),
             upstream_yaml: String::new(),
             jwks_yaml: String::new(),
+            jwks_uri: None,
+            expect_ready: true,
         }
     }
 }
@@ -118,10 +124,10 @@ impl Gateway {
         let issuer = SandboxIssuer::spawn(&base, KeyKind::Rsa2048, "k1").await;
         let dir = TempDir::new("gw");
         let audit_path = dir.0.join("audit.jsonl");
-        let jwks = if opts.discovery {
-            "discovery: true".to_string()
-        } else {
-            format!("jwks_uri: {}/jwks.json", issuer.issuer)
+        let jwks = match (&opts.jwks_uri, opts.discovery) {
+            (Some(uri), _) => format!("jwks_uri: {uri}"),
+            (None, true) => "discovery: true".to_string(),
+            (None, false) => format!("jwks_uri: {}/jwks.json", issuer.issuer),
         };
         let upstream_url = opts
             .upstream_url
@@ -152,7 +158,9 @@ impl Gateway {
             .arg(&config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.0.join("stderr.log")).unwrap(),
+            ))
             .spawn()
             .expect("start fhirwall");
         let gw = Gateway {
@@ -168,26 +176,27 @@ impl Gateway {
             child,
             _dir: dir,
         };
-        gw.wait_ready().await;
+        gw.wait_for(if opts.expect_ready {
+            "readyz"
+        } else {
+            "healthz"
+        })
+        .await;
         gw
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_for(&self, probe: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/readyz", self.admin))
-                .send()
-                .await
-            {
+            let url = format!("{}/{probe}", self.admin);
+            if let Ok(r) = self.client.get(url).send().await {
                 if r.status() == 200 {
                     return;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "gateway did not become ready in 30 s"
+                "gateway did not answer /{probe} with 200 in 30 s"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

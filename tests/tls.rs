@@ -1,11 +1,14 @@
-//! An https upstream: real TLS with a CA and server certificate generated
-//! here. The sandbox FHIR server sits behind a TLS relay on loopback.
+//! Real TLS with a CA and server certificate generated here: an https
+//! upstream (the sandbox FHIR server behind a TLS relay on loopback) and an
+//! issuer whose JWKS is served over https.
 
 mod support;
 
 use std::sync::Arc;
 
 use fhirwall::sandbox::fhir::FhirSandbox;
+use fhirwall::sandbox::issuer::SandboxIssuer;
+use fhirwall::sandbox::keys::KeyKind;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use support::{Gateway, Options, TempDir};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,7 +36,7 @@ fn pki() -> Pki {
 }
 
 /// Terminates TLS on a free port and relays bytes to `plain`.
-async fn tls_relay(pki: &Pki, plain: std::net::SocketAddr) -> u16 {
+async fn tls_relay(pki: &Pki, plain: String) -> u16 {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -50,6 +53,7 @@ async fn tls_relay(pki: &Pki, plain: std::net::SocketAddr) -> u16 {
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let plain = plain.clone();
             tokio::spawn(async move {
                 if let Ok(mut tls) = acceptor.accept(tcp).await {
                     if let Ok(mut up) = TcpStream::connect(plain).await {
@@ -70,7 +74,7 @@ async fn gateway_over_tls(trust_ca: bool) -> (Gateway, u16, TempDir) {
     let ca_file = dir.0.join("ca.pem");
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
     let (upstream, plain) = FhirSandbox::spawn("/r4").await;
-    let port = tls_relay(&pki, plain).await;
+    let port = tls_relay(&pki, plain.to_string()).await;
     let upstream_yaml = if trust_ca {
         format!("  ca_file: {}\n", ca_file.display())
     } else {
@@ -113,4 +117,50 @@ async fn https_upstream_with_untrusted_certificate_is_502() {
         0,
         "nothing sent over an unverified connection"
     );
+}
+
+/// The JWKS over https: trusted through `jwks.ca_file`, the gateway gets
+/// ready and verifies tokens with the keys fetched over TLS; without it, it
+/// never becomes ready and tokens get 503, never an allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_over_https_needs_a_trusted_ca() {
+    let pki = pki();
+    let dir = TempDir::new("jwks-tls");
+    let ca_file = dir.0.join("idp-ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let (upstream, plain) = FhirSandbox::spawn("/r4").await;
+    // The key server behind TLS; tokens carry the harness issuer's iss and
+    // aud but are signed with this server's key.
+    let idp = SandboxIssuer::spawn("unused", KeyKind::P256, "k-tls").await;
+    let port = tls_relay(&pki, idp.issuer.trim_start_matches("http://").to_string()).await;
+
+    for trusted in [true, false] {
+        let opts = Options {
+            jwks_uri: Some(format!("https://localhost:{port}/jwks.json")),
+            jwks_yaml: if trusted {
+                format!("  ca_file: {}\n", ca_file.display())
+            } else {
+                String::new()
+            },
+            expect_ready: trusted,
+            ..Options::default()
+        };
+        let gw = Gateway::start_with(opts, upstream.clone(), plain).await;
+        let token = idp.signing_key().sign(&gw.claims("user/*.rs"));
+        if trusted {
+            assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+        } else {
+            let r = gw.get("Patient/jwks-untrusted-1", Some(&token)).await;
+            assert_eq!(r.status(), 503);
+            assert!(r.headers().contains_key("retry-after"));
+            let ready = gw
+                .client
+                .get(format!("{}/readyz", gw.admin))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(ready.status(), 503);
+            assert_eq!(upstream.count_containing("jwks-untrusted-1"), 0);
+        }
+    }
 }
