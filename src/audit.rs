@@ -1,12 +1,12 @@
 //! The audit record (stage 9): one JSON line per request, on every path,
 //! allowed or denied. It carries the SHA-256 of the token, never the token,
 //! and query parameter names are not recorded here at all (values can be
-//! PHI). Written synchronously to stdout or appended to a file, flushed per
-//! record.
+//! PHI). Records go through a bounded queue to a writer thread that appends
+//! them to stdout or a file and flushes after every batch.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
-use std::sync::Mutex;
+use std::sync::mpsc;
 
 use serde::Serialize;
 
@@ -59,50 +59,163 @@ pub struct Record {
     pub latency_ms: f64,
 }
 
-enum Out {
-    Stdout(io::Stdout),
-    File(BufWriter<File>),
+/// Records queued for the writer before `write` has to wait for it.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+
+enum Msg {
+    Line(Vec<u8>),
+    /// Acknowledged once every line queued before it is written and flushed.
+    Flush(mpsc::SyncSender<()>),
 }
 
-/// Where records go.
+/// Where records go: a bounded queue drained by one writer thread, which
+/// writes whatever has queued up and flushes once per batch (so a busy
+/// gateway makes one `write` per batch, not per request). A full queue
+/// makes the request path wait for the writer: records are never dropped.
+/// Clones share the queue.
+#[derive(Clone)]
 pub struct AuditLog {
-    out: Mutex<Out>,
+    tx: mpsc::SyncSender<Msg>,
 }
 
 impl AuditLog {
-    /// Opens the sink (the file is created if missing, appended to).
+    /// Opens the sink (the file is created if missing, appended to) and
+    /// starts its writer thread.
     pub fn open(sink: &AuditSink) -> io::Result<AuditLog> {
-        let out = match sink {
-            AuditSink::Stdout => Out::Stdout(io::stdout()),
-            AuditSink::File(path) => Out::File(BufWriter::new(
-                OpenOptions::new().create(true).append(true).open(path)?,
-            )),
+        let out: Box<dyn Write + Send> = match sink {
+            AuditSink::Stdout => Box::new(io::stdout()),
+            AuditSink::File(path) => {
+                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            }
         };
-        Ok(AuditLog {
-            out: Mutex::new(out),
-        })
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("fhirwall-audit".into())
+            .spawn(move || writer(rx, BufWriter::with_capacity(64 * 1024, out)))?;
+        Ok(AuditLog { tx })
     }
 
-    /// Writes one record as a JSON line and flushes it.
+    /// Queues one record as a JSON line.
     pub fn write(&self, record: &Record) -> io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
         line.push(b'\n');
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *out {
-            Out::Stdout(s) => {
-                let mut s = s.lock();
-                s.write_all(&line)?;
-                s.flush()
-            }
-            Out::File(f) => {
-                f.write_all(&line)?;
-                f.flush()
-            }
-        }
+        let msg = match self.tx.try_send(Msg::Line(line)) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::TrySendError::Full(msg)) => msg,
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(writer_gone()),
+        };
+        tracing::warn!("audit queue full; waiting for the writer");
+        self.tx.send(msg).map_err(|_| writer_gone())
+    }
+
+    /// Waits until every record queued so far is written and flushed.
+    pub fn flush(&self) -> io::Result<()> {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Msg::Flush(ack_tx))
+            .map_err(|_| writer_gone())?;
+        ack_rx.recv().map_err(|_| writer_gone())
     }
 }
 
-/// Hex encoding of a hash.
+fn writer_gone() -> io::Error {
+    io::Error::other("the audit writer thread has stopped")
+}
+
+/// How long the writer lets records gather after a busy batch. While it
+/// waits (rather than blocking in `recv`), senders never have to wake it,
+/// so a loaded gateway pays no futex call per record.
+const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The writer thread: takes every queued message, writes them, flushes once;
+/// blocks in `recv` only when the queue was found empty.
+fn writer(rx: mpsc::Receiver<Msg>, mut out: BufWriter<Box<dyn Write + Send>>) {
+    let mut acks = Vec::new();
+    let mut next = rx.recv().ok();
+    while let Some(first) = next {
+        let mut msg = Some(first);
+        let mut lines = 0usize;
+        while let Some(m) = msg {
+            match m {
+                Msg::Line(line) => {
+                    lines += 1;
+                    if let Err(e) = out.write_all(&line) {
+                        tracing::error!(error = %e, "audit record could not be written");
+                    }
+                }
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            msg = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush() {
+            tracing::error!(error = %e, "audit sink could not be flushed");
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+        next = if lines > 1 {
+            // Busy: let the next batch gather, then take it without blocking.
+            std::thread::sleep(BATCH_PAUSE);
+            match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::TryRecvError::Empty) => rx.recv().ok(),
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        } else {
+            rx.recv().ok()
+        };
+    }
+    let _ = out.flush();
+}
+
+/// Lowercase hex encoding of a hash.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_encodes_every_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
+    }
+
+    #[test]
+    fn flush_writes_every_queued_record() {
+        let path =
+            std::env::temp_dir().join(format!("fhirwall-audit-test-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let log = AuditLog::open(&AuditSink::File(path.clone())).unwrap();
+        for i in 0..1000 {
+            let r = Record {
+                request_id: format!("r{i}"),
+                decision: "allow".into(),
+                ..Record::default()
+            };
+            log.write(&r).unwrap();
+        }
+        log.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().enumerate().all(|(i, id)| *id == format!("r{i}")));
+    }
 }

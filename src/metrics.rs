@@ -4,8 +4,8 @@
 //! is registered at start-up.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::fhir::classify::Interaction;
@@ -46,13 +46,17 @@ pub const REASONS: &[&str] = &[
 /// The registry and the handles the request path uses.
 pub struct Metrics {
     pub registry: Registry,
-    requests: IntCounterVec,
-    denials: IntCounterVec,
-    duration: HistogramVec,
     jwks_fetches: IntCounterVec,
     pub token_cache_hits: IntCounter,
     pub token_cache_misses: IntCounter,
     pub token_cache_entries: IntGauge,
+    /// Handles resolved at start-up, so the request path never hashes labels:
+    /// `[decision][0 = none, 1.. = Interaction::ALL]`.
+    requests_by: Vec<Vec<IntCounter>>,
+    /// Aligned with [`REASONS`].
+    outcomes_by: Vec<IntCounter>,
+    /// Aligned with [`DECISIONS`].
+    duration_by: Vec<Histogram>,
 }
 
 impl Metrics {
@@ -121,16 +125,23 @@ impl Metrics {
         ] {
             registry.register(c).expect("unique metric names");
         }
-        for d in DECISIONS {
-            duration.with_label_values(&[d]);
-            requests.with_label_values(&[d, "none"]);
-            for i in Interaction::ALL {
-                requests.with_label_values(&[d, i.as_str()]);
-            }
-        }
-        for r in REASONS {
-            denials.with_label_values(&[r]);
-        }
+        let duration_by = DECISIONS
+            .iter()
+            .map(|d| duration.with_label_values(&[d]))
+            .collect();
+        let requests_by = DECISIONS
+            .iter()
+            .map(|d| {
+                std::iter::once("none")
+                    .chain(Interaction::ALL.iter().map(|i| i.as_str()))
+                    .map(|i| requests.with_label_values(&[d, i]))
+                    .collect()
+            })
+            .collect();
+        let outcomes_by = REASONS
+            .iter()
+            .map(|r| denials.with_label_values(&[r]))
+            .collect();
         for i in issuers {
             for r in ["success", "failure"] {
                 jwks_fetches.with_label_values(&[i, r]);
@@ -138,13 +149,13 @@ impl Metrics {
         }
         Metrics {
             registry,
-            requests,
-            denials,
-            duration,
             jwks_fetches,
             token_cache_hits,
             token_cache_misses,
             token_cache_entries,
+            requests_by,
+            outcomes_by,
+            duration_by,
         }
     }
 
@@ -156,19 +167,18 @@ impl Metrics {
         reason: &str,
         seconds: f64,
     ) {
-        let interaction = interaction.map(Interaction::as_str).unwrap_or("none");
-        self.requests
-            .with_label_values(&[decision, interaction])
-            .inc();
-        let reason = if REASONS.contains(&reason) {
-            reason
-        } else {
-            "upstream_error"
-        };
-        self.denials.with_label_values(&[reason]).inc();
-        self.duration
-            .with_label_values(&[decision])
-            .observe(seconds);
+        let d = DECISIONS.iter().position(|x| *x == decision).unwrap_or(2);
+        let i = interaction
+            .and_then(|i| Interaction::ALL.iter().position(|x| *x == i))
+            .map_or(0, |p| p + 1);
+        self.requests_by[d][i].inc();
+        let r = REASONS
+            .iter()
+            .position(|x| *x == reason)
+            .or_else(|| REASONS.iter().position(|x| *x == "upstream_error"))
+            .expect("upstream_error is a reason");
+        self.outcomes_by[r].inc();
+        self.duration_by[d].observe(seconds);
     }
 
     pub fn jwks_fetch(&self, issuer: &str, ok: bool) {

@@ -45,6 +45,10 @@ pub struct Gateway {
     pub audit: AuditLog,
     realm: String,
     context_header_names: Vec<String>,
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host`, fixed by the public base URL.
+    forwarded_proto: http::HeaderValue,
+    forwarded_host: Option<http::HeaderValue>,
+    host_header: http::HeaderValue,
 }
 
 impl Gateway {
@@ -64,6 +68,17 @@ impl Gateway {
             .iter()
             .map(|(_, n)| n.as_str().to_string())
             .collect();
+        let b = &settings.public_base;
+        let forwarded_proto = http::HeaderValue::from_str(b.scheme()).expect("URL scheme");
+        let forwarded_host = b.host_str().and_then(|h| {
+            let v = match b.port() {
+                Some(p) => format!("{h}:{p}"),
+                None => h.to_string(),
+            };
+            http::HeaderValue::from_str(&v).ok()
+        });
+        let host_header = http::HeaderValue::from_str(&settings.upstream.host_header)
+            .expect("validated upstream host");
         Gateway {
             settings,
             validator,
@@ -71,6 +86,9 @@ impl Gateway {
             audit,
             realm,
             context_header_names,
+            forwarded_proto,
+            forwarded_host,
+            host_header,
         }
     }
 }
@@ -446,26 +464,25 @@ impl ProxyHttp for Gateway {
                 .iter()
                 .map(|v| v.as_bytes()),
         );
-        let names: Vec<http::HeaderName> = up.headers.keys().cloned().collect();
-        for name in names {
-            if proxy_headers::strip(name.as_str(), &conn, &self.context_header_names) {
-                up.remove_header(&name);
-            }
+        let doomed: Vec<http::HeaderName> = up
+            .headers
+            .keys()
+            .filter(|n| proxy_headers::strip(n.as_str(), &conn, &self.context_header_names))
+            .cloned()
+            .collect();
+        for name in doomed {
+            up.remove_header(&name);
         }
         if !u.forward_authorization {
             up.remove_header(&header::AUTHORIZATION);
         }
-        up.insert_header(header::HOST, u.host_header.as_str())?;
+        up.insert_header(header::HOST, self.host_header.clone())?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             up.insert_header("x-forwarded-for", addr.ip().to_string())?;
         }
-        up.insert_header("x-forwarded-proto", self.settings.public_base.scheme())?;
-        if let Some(host) = self.settings.public_base.host_str() {
-            let host = match self.settings.public_base.port() {
-                Some(p) => format!("{host}:{p}"),
-                None => host.to_string(),
-            };
-            up.insert_header("x-forwarded-host", host)?;
+        up.insert_header("x-forwarded-proto", self.forwarded_proto.clone())?;
+        if let Some(host) = &self.forwarded_host {
+            up.insert_header("x-forwarded-host", host.clone())?;
         }
         up.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(t) = &ctx.token {

@@ -35,34 +35,53 @@ const SPOOFABLE: &[&str] = &[
     "x-method-override",
 ];
 
-/// Canonical form for comparison: lowercase, `_` read as `-`.
-fn canonical(name: &str) -> String {
-    name.to_ascii_lowercase().replace('_', "-")
+/// Header-name equality with ASCII case folded and `_` read as `-`.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
+fn fold(b: u8) -> u8 {
+    match b {
+        b'_' => b'-',
+        _ => b.to_ascii_lowercase(),
+    }
+}
+
+/// `name` starts with `prefix` (lowercase, with `-`), compared as in [`same`].
+fn has_prefix(name: &str, prefix: &str) -> bool {
+    name.len() >= prefix.len() && same(&name[..prefix.len()], prefix)
+}
+
+/// Managed by fhirwall in every configuration: hop-by-hop, spoofable and
+/// `X-Forwarded-*`.
+fn always_managed(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| same(name, h))
+        || SPOOFABLE.iter().any(|h| same(name, h))
+        || has_prefix(name, "x-forwarded-")
 }
 
 /// Headers fhirwall manages and that may not be configured as context headers.
 pub fn is_reserved(name: &str) -> bool {
-    let n = canonical(name);
-    HOP_BY_HOP.contains(&n.as_str())
-        || SPOOFABLE.contains(&n.as_str())
-        || n.starts_with("x-forwarded-")
-        || matches!(
-            n.as_str(),
-            "host" | "authorization" | "content-length" | "transfer-encoding" | "dpop"
-        )
+    always_managed(name)
+        || [
+            "host",
+            "authorization",
+            "content-length",
+            "transfer-encoding",
+            "dpop",
+        ]
+        .iter()
+        .any(|h| same(name, h))
 }
 
 /// Should this client header be removed before the request goes upstream?
 /// `connection_tokens` are the header names listed in `Connection`;
 /// `context_headers` are the configured verified-context header names.
 pub fn strip(name: &str, connection_tokens: &[String], context_headers: &[String]) -> bool {
-    let n = canonical(name);
-    HOP_BY_HOP.contains(&n.as_str())
-        || SPOOFABLE.contains(&n.as_str())
-        || n.starts_with("x-forwarded-")
-        || n.starts_with("x-fhirwall-")
-        || connection_tokens.iter().any(|t| canonical(t) == n)
-        || context_headers.iter().any(|c| canonical(c) == n)
+    always_managed(name)
+        || has_prefix(name, "x-fhirwall-")
+        || connection_tokens.iter().any(|t| same(t, name))
+        || context_headers.iter().any(|c| same(c, name))
 }
 
 /// The header names listed in `Connection` values.

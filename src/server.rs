@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -35,7 +35,8 @@ impl BackgroundService for JwksRefresher {
     }
 }
 
-/// Builds and runs the server; returns only if Pingora stops.
+/// Builds and runs the server; returns when Pingora has shut down and
+/// every audit record is written.
 pub fn run(settings: Settings) -> Result<(), String> {
     let threads = if settings.server.threads == 0 {
         std::thread::available_parallelism()
@@ -71,6 +72,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let validator = Validator::new(&settings, store.clone());
     let listen = settings.listen.to_string();
     let admin_listen = settings.admin_listen.to_string();
+    let audit_at_exit = audit.clone();
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -93,5 +95,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
     server.add_service(admin);
     server.add_service(refresher);
     tracing::info!(%listen, %admin_listen, threads, "fhirwall starting");
-    server.run_forever()
+    server.run(RunArgs::default());
+    // The proxy's runtimes have stopped: write out every queued record.
+    if let Err(e) = audit_at_exit.flush() {
+        tracing::error!(error = %e, "audit records queued at shutdown could not be written");
+    }
+    tracing::info!("fhirwall stopped");
+    Ok(())
 }
