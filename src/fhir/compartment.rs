@@ -1,0 +1,253 @@
+//! The Patient compartment (pure): which resources belong to a patient.
+//!
+//! The table ([`PATIENT_COMPARTMENT`]) is generated from the FHIR R4
+//! `CompartmentDefinition` for Patient and the R4 `SearchParameter`
+//! definitions by `tools/gen_compartment.py`. A resource of type T is in
+//! Patient/{id}'s compartment when one of T's compartment parameters holds a
+//! reference to that patient, i.e. when an element on one of the parameter's
+//! paths is a `Reference` whose `reference` names `Patient/{id}`. The
+//! Patient resource itself is in its own compartment by id only (the
+//! definition's `link` parameter would also admit other Patient records that
+//! link to it; fhirwall does not follow links).
+
+use serde_json::Value;
+
+pub use super::patient_compartment::PATIENT_COMPARTMENT;
+
+/// A search parameter that links a resource type to a Patient.
+#[derive(Debug)]
+pub struct LinkParam {
+    pub name: &'static str,
+    /// Element paths (dotted, below the resource) the parameter searches.
+    pub paths: &'static [&'static str],
+    /// Every path can only hold a Patient reference (so a bare id in the
+    /// parameter names a Patient).
+    pub patient_only: bool,
+    /// Listed in the CompartmentDefinition itself; otherwise a parameter
+    /// whose every path is a compartment path (e.g. Observation `patient`).
+    pub in_definition: bool,
+}
+
+/// One resource type of the compartment definition.
+#[derive(Debug)]
+pub struct CompartmentType {
+    pub resource_type: &'static str,
+    /// Empty: the type is not in the Patient compartment.
+    pub params: &'static [LinkParam],
+}
+
+/// The compartment parameters of `resource_type`; empty when the type is not
+/// in the Patient compartment (or unknown).
+pub fn link_params(resource_type: &str) -> &'static [LinkParam] {
+    PATIENT_COMPARTMENT
+        .binary_search_by(|t| t.resource_type.cmp(resource_type))
+        .map(|i| PATIENT_COMPARTMENT[i].params)
+        .unwrap_or(&[])
+}
+
+/// Is `resource_type` in the Patient compartment at all?
+pub fn is_compartment_type(resource_type: &str) -> bool {
+    resource_type == "Patient" || !link_params(resource_type).is_empty()
+}
+
+/// How references to the context patient may be spelled: relative
+/// (`Patient/{id}`) or absolute below one of these FHIR base URLs (the
+/// gateway's public base and the upstream's), without a trailing slash.
+#[derive(Debug, Clone, Default)]
+pub struct Bases(pub Vec<String>);
+
+impl Bases {
+    /// Does this `Reference.reference` value name `Patient/{patient}`
+    /// (optionally with a `/_history/{v}` suffix)?
+    pub fn names_patient(&self, reference: &str, patient: &str) -> bool {
+        let rel = match reference.strip_prefix("Patient/") {
+            Some(_) => reference,
+            None => match self.0.iter().find_map(|b| {
+                reference
+                    .strip_prefix(b.as_str())
+                    .and_then(|r| r.strip_prefix('/'))
+            }) {
+                Some(r) => r,
+                None => return false,
+            },
+        };
+        let Some(rest) = rel.strip_prefix("Patient/") else {
+            return false;
+        };
+        let id = match rest.split_once("/_history/") {
+            Some((id, v)) if !v.is_empty() && !v.contains('/') => id,
+            Some(_) => return false,
+            None => rest,
+        };
+        id == patient
+    }
+}
+
+/// Is `resource` (a FHIR resource as JSON) in the compartment of
+/// `Patient/{patient}`? Fails closed: anything that is not a well-formed
+/// resource of a compartment type that references the patient is outside.
+pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
+    let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
+        return false;
+    };
+    if rtype == "Patient" {
+        return resource.get("id").and_then(Value::as_str) == Some(patient);
+    }
+    link_params(rtype).iter().any(|p| {
+        p.paths
+            .iter()
+            .any(|path| references_at(resource, path, &mut |r| bases.names_patient(r, patient)))
+    })
+}
+
+/// Calls `hit` on every `reference` string found at `path` (arrays are
+/// walked at every step); true as soon as one call returns true.
+fn references_at(node: &Value, path: &str, hit: &mut dyn FnMut(&str) -> bool) -> bool {
+    match path.split_once('.') {
+        Some((head, rest)) => each(node.get(head), &mut |v| references_at(v, rest, hit)),
+        None => each(node.get(path), &mut |v| {
+            v.get("reference")
+                .and_then(Value::as_str)
+                .is_some_and(&mut *hit)
+        }),
+    }
+}
+
+fn each(v: Option<&Value>, f: &mut dyn FnMut(&Value) -> bool) -> bool {
+    match v {
+        Some(Value::Array(items)) => items.iter().any(f),
+        Some(v @ Value::Object(_)) => f(v),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::resource_types::RESOURCE_TYPES;
+    use serde_json::json;
+
+    fn bases() -> Bases {
+        Bases(vec![
+            "https://gw.example/fhir".into(),
+            "http://legacy:8080/baseR4".into(),
+        ])
+    }
+
+    #[test]
+    fn table_is_sorted_and_covers_r4() {
+        let names: Vec<&str> = PATIENT_COMPARTMENT
+            .iter()
+            .map(|t| t.resource_type)
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "binary search needs sorted types");
+        // Every R4 resource type but Parameters is listed in the definition.
+        for t in RESOURCE_TYPES {
+            assert_eq!(names.contains(t), *t != "Parameters", "{t}");
+        }
+        let members = PATIENT_COMPARTMENT
+            .iter()
+            .filter(|t| !t.params.is_empty())
+            .count();
+        assert_eq!(members, 66);
+    }
+
+    #[test]
+    fn spec_examples() {
+        let names = |t: &str| -> Vec<&str> {
+            link_params(t)
+                .iter()
+                .filter(|p| p.in_definition)
+                .map(|p| p.name)
+                .collect()
+        };
+        assert_eq!(names("Observation"), ["subject", "performer"]);
+        assert_eq!(names("Encounter"), ["patient"]);
+        assert_eq!(names("Patient"), ["link"]);
+        assert!(names("Practitioner").is_empty());
+        assert!(names("Medication").is_empty());
+        assert!(!is_compartment_type("Organization"));
+        assert!(is_compartment_type("Patient"));
+        assert!(is_compartment_type("Condition"));
+        let obs_patient = link_params("Observation")
+            .iter()
+            .find(|p| p.name == "patient")
+            .unwrap();
+        assert!(obs_patient.patient_only && !obs_patient.in_definition);
+        assert_eq!(obs_patient.paths, ["subject"]);
+        let obs_subject = &link_params("Observation")[0];
+        assert!(!obs_subject.patient_only);
+    }
+
+    #[test]
+    fn references() {
+        let b = bases();
+        for (r, ok) in [
+            ("Patient/p1", true),
+            ("Patient/p1/_history/3", true),
+            ("https://gw.example/fhir/Patient/p1", true),
+            ("http://legacy:8080/baseR4/Patient/p1", true),
+            ("Patient/p10", false),
+            ("Patient/p", false),
+            ("Group/p1", false),
+            ("p1", false),
+            ("https://evil.example/fhir/Patient/p1", false),
+            ("https://gw.example/fhirX/Patient/p1", false),
+            ("Patient/p1/_history/", false),
+            ("Patient/p1/extra", false),
+            ("#p1", false),
+            ("", false),
+        ] {
+            assert_eq!(b.names_patient(r, "p1"), ok, "{r}");
+        }
+    }
+
+    #[test]
+    fn membership() {
+        let b = bases();
+        let cases = [
+            (json!({"resourceType": "Patient", "id": "p1"}), true),
+            (json!({"resourceType": "Patient", "id": "p2"}), false),
+            (
+                json!({"resourceType": "Patient", "id": "p2", "link": [{"other": {"reference": "Patient/p1"}}]}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p2"},
+                       "performer": [{"reference": "Practitioner/x"}, {"reference": "Patient/p1"}]}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p2"}}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "focus": [{"reference": "Patient/p1"}]}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Appointment", "participant": [
+                    {"actor": {"reference": "Practitioner/d"}},
+                    {"actor": {"reference": "https://gw.example/fhir/Patient/p1"}}]}),
+                true,
+            ),
+            (json!({"resourceType": "Practitioner", "id": "p1"}), false),
+            (json!({"resourceType": "Observation"}), false),
+            (json!({"subject": {"reference": "Patient/p1"}}), false),
+            (json!("Patient/p1"), false),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": ["Patient/p1"]}}),
+                false,
+            ),
+        ];
+        for (r, ok) in cases {
+            assert_eq!(in_compartment(&r, "p1", &b), ok, "{r}");
+        }
+    }
+}

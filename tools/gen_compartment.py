@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Generate src/fhir/patient_compartment.rs from the FHIR R4 (4.0.1) specification.
+
+Python 3 standard library only.
+
+Usage (from the repository root), with PACKAGE_DIR an unpacked copy of the
+official hl7.fhir.r4.core 4.0.1 package (see tools/fhir-r4/SOURCE.md):
+
+    python3 tools/gen_compartment.py PACKAGE_DIR          # (re)write the .rs file
+    python3 tools/gen_compartment.py --check PACKAGE_DIR  # exit 1 if it is stale
+
+Inputs:
+
+- CompartmentDefinition-patient.json: for every resource type, the search
+  parameters whose value puts a resource in a Patient's compartment
+  (e.g. Observation: subject, performer). A type listed without parameters is
+  not in the compartment.
+- every StructureDefinition-{type}.json of those types: which resource types
+  each path's Reference may point to (a parameter whose paths can only hold
+  Patient references is "patient_only": a bare id in it names a Patient).
+- every SearchParameter-*.json: the FHIRPath `expression` of each of those
+  parameters, reduced to plain element paths (e.g. `Observation.subject` ->
+  `subject`; `CarePlan.subject.where(resolve() is Patient)` -> `subject`,
+  restricted to Patient references). Every compartment parameter of R4 has
+  that simple shape; the generator fails on any other, so nothing is guessed.
+
+Besides the compartment parameters themselves, the table lists, per type, the
+other reference search parameters whose every path is a compartment path
+(e.g. Observation `patient` = `subject` restricted to Patient). A search that
+names the context patient in one of them is narrowed to the compartment just
+as if it used the compartment parameter.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+
+FHIR_VERSION = "4.0.1"
+PACKAGE_NAME = "hl7.fhir.r4.core"
+COMPARTMENT_URL = "http://hl7.org/fhir/CompartmentDefinition/patient"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTPUT = os.path.join(ROOT, "src", "fhir", "patient_compartment.rs")
+SCRIPT = "tools/gen_compartment.py"
+
+# One alternative of a search parameter expression, for one base type:
+# `Type.a.b` or `Type.a.b.where(resolve() is Patient)`, optionally in parentheses.
+PART = re.compile(
+    r"^\(?(?P<type>[A-Z][A-Za-z]+)(?P<path>(\.[a-z][A-Za-z]*)+)"
+    r"(?P<patient>\.where\(resolve\(\) is Patient\))?\)?$"
+)
+
+
+def fail(msg):
+    sys.exit("gen_compartment: " + msg)
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def paths_for(sp, rtype):
+    """The element paths `sp` searches on `rtype`, each with its Patient-only flag,
+    or None if one of its alternatives for `rtype` is not a plain path."""
+    out = []
+    for part in (p.strip() for p in sp.get("expression", "").split("|")):
+        m = PART.match(part)
+        if part.startswith(rtype + ".") or part.startswith("(" + rtype + "."):
+            if not m or m.group("type") != rtype:
+                return None
+            out.append((m.group("path")[1:], bool(m.group("patient"))))
+    return out
+
+
+def element_targets(pkg, cache, rtype, path):
+    """The resource types a Reference element `rtype.path` may point to, from
+    the type's StructureDefinition snapshot."""
+    if rtype not in cache:
+        sd = load(os.path.join(pkg, f"StructureDefinition-{rtype}.json"))
+        cache[rtype] = {e["path"]: e for e in sd["snapshot"]["element"]}
+    el = cache[rtype].get(f"{rtype}.{path}")
+    if el is None:
+        fail(f"{rtype}.{path}: no such element in StructureDefinition-{rtype}.json")
+    targets = set()
+    for t in el.get("type", []):
+        if t.get("code") != "Reference":
+            fail(f"{rtype}.{path}: type {t.get('code')}, need Reference")
+        for prof in t.get("targetProfile", []):
+            targets.add(prof.rsplit("/", 1)[-1])
+    if not targets:
+        fail(f"{rtype}.{path}: Reference without target profiles")
+    return targets
+
+
+def extract(pkg):
+    meta = load(os.path.join(pkg, "package.json"))
+    if meta.get("name") != PACKAGE_NAME or meta.get("version") != FHIR_VERSION:
+        fail(f"{pkg} is {meta.get('name')} {meta.get('version')}, need {PACKAGE_NAME} {FHIR_VERSION}")
+    cd_path = os.path.join(pkg, "CompartmentDefinition-patient.json")
+    cd = load(cd_path)
+    if cd.get("url") != COMPARTMENT_URL or cd.get("code") != "Patient":
+        fail(f"{cd_path} is not the Patient CompartmentDefinition")
+
+    by_base = {}
+    sp_files = sorted(glob.glob(os.path.join(pkg, "SearchParameter-*.json")))
+    for f in sp_files:
+        sp = load(f)
+        for base in sp.get("base", []):
+            by_base.setdefault((base, sp["code"]), []).append(sp)
+
+    sds = {}
+
+    def patient_only(rtype, paths):
+        # Every path either filters on Patient references or can only hold one.
+        return all(
+            flag or element_targets(pkg, sds, rtype, p) == {"Patient"} for p, flag in paths
+        )
+
+    types = []
+    for entry in cd["resource"]:
+        rtype = entry["code"]
+        names = entry.get("param", [])
+        compartment = []
+        for name in names:
+            sps = by_base.get((rtype, name), [])
+            if len(sps) != 1:
+                fail(f"{rtype}.{name}: {len(sps)} SearchParameter definitions, need exactly 1")
+            sp = sps[0]
+            if sp.get("type") != "reference":
+                fail(f"{rtype}.{name}: type {sp.get('type')}, need reference")
+            paths = paths_for(sp, rtype)
+            if not paths:
+                fail(f"{rtype}.{name}: expression {sp.get('expression')!r} is not a plain path")
+            compartment.append((name, paths, patient_only(rtype, paths)))
+        compartment_paths = {p for _, ps, _ in compartment for p, _ in ps}
+        narrowing = []
+        if compartment:
+            for (base, name), sps in sorted(by_base.items()):
+                if base != rtype or name in names:
+                    continue
+                sp = sps[0]
+                if len(sps) != 1 or sp.get("type") != "reference":
+                    continue
+                paths = paths_for(sp, rtype)
+                if paths and all(p in compartment_paths for p, _ in paths):
+                    narrowing.append((name, paths, patient_only(rtype, paths)))
+        types.append((rtype, compartment, narrowing))
+    types.sort(key=lambda t: t[0])
+    return meta, cd_path, sp_files, types
+
+
+def render(meta, cd_path, sp_files, types):
+    def param(name, paths, patient_only, in_definition):
+        ps = ", ".join(f'"{p}"' for p, _ in paths)
+        return (
+            f'            LinkParam {{ name: "{name}", paths: &[{ps}], '
+            f"patient_only: {str(patient_only).lower()}, in_definition: {str(in_definition).lower()} }},\n"
+        )
+
+    members = sum(1 for _, c, _ in types if c)
+    out = []
+    out.append(f"//! GENERATED by `{SCRIPT}` from `{PACKAGE_NAME}` {meta['version']} — do not edit.\n")
+    out.append("//!\n")
+    out.append(f"//! Source: `CompartmentDefinition-patient.json` (sha256 {sha256_of(cd_path)})\n")
+    out.append(f"//! and the {len(sp_files)} `SearchParameter-*.json` of the package; see\n")
+    out.append("//! `tools/fhir-r4/SOURCE.md`. The Patient compartment definition lists\n")
+    out.append(f"//! {len(types)} resource types, {members} of them with parameters (in the compartment).\n\n")
+    out.append("use super::compartment::{CompartmentType, LinkParam};\n\n")
+    out.append("/// Every resource type of the R4 Patient CompartmentDefinition, sorted by name.\n")
+    out.append("pub static PATIENT_COMPARTMENT: &[CompartmentType] = &[\n")
+    for rtype, compartment, narrowing in types:
+        out.append("    CompartmentType {\n")
+        out.append(f'        resource_type: "{rtype}",\n')
+        if not compartment:
+            out.append("        params: &[],\n")
+        else:
+            out.append("        params: &[\n")
+            for name, paths, only in compartment:
+                out.append(param(name, paths, only, True))
+            for name, paths, only in narrowing:
+                out.append(param(name, paths, only, False))
+            out.append("        ],\n")
+        out.append("    },\n")
+    out.append("];\n")
+    return "".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("package_dir")
+    ap.add_argument("--check", action="store_true", help="fail if the output is stale")
+    args = ap.parse_args()
+    text = render(*extract(args.package_dir))
+    if args.check:
+        with open(OUTPUT, encoding="utf-8") as f:
+            if f.read() != text:
+                fail(f"{OUTPUT} is stale; rerun without --check")
+        print(f"{OUTPUT} is up to date")
+        return
+    with open(OUTPUT, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {OUTPUT}")
+
+
+if __name__ == "__main__":
+    main()
