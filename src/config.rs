@@ -73,6 +73,14 @@ pub struct UpstreamConfig {
     /// Pass the client's `Authorization` header on to the upstream.
     #[serde(default)]
     pub forward_authorization: bool,
+    /// Largest upstream answer fhirwall reads whole to check it (reads by id
+    /// under patient/ scopes); a larger one is refused with 502.
+    #[serde(default = "d_max_checked_answer")]
+    pub max_checked_answer_bytes: usize,
+}
+
+fn d_max_checked_answer() -> usize {
+    16 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +308,11 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     pub verify_tls: bool,
     pub ca_file: Option<PathBuf>,
+    /// Certificates from `upstream.ca_file`, parsed (for the checked-answer client).
+    pub roots: Vec<reqwest::Certificate>,
+    /// The upstream FHIR base URL as configured.
+    pub url: Url,
+    pub max_checked_answer_bytes: usize,
     pub forward_authorization: bool,
 }
 
@@ -581,19 +594,10 @@ impl Config {
         if j.fetch_timeout_ms == 0 {
             problem("jwks.fetch_timeout_ms", "must be at least 1".into());
         }
-        let mut jwks_roots = Vec::new();
-        if let Some(ca) = &j.ca_file {
-            match std::fs::read(ca)
-                .map_err(|e| e.to_string())
-                .and_then(|pem| {
-                    reqwest::Certificate::from_pem_bundle(&pem)
-                        .map_err(|e| format!("not a PEM certificate bundle: {e}"))
-                }) {
-                Ok(certs) if !certs.is_empty() => jwks_roots = certs,
-                Ok(_) => problem("jwks.ca_file", format!("'{ca}' holds no certificate")),
-                Err(e) => problem("jwks.ca_file", format!("cannot use '{ca}': {e}")),
-            }
-        }
+        let jwks_roots = match &j.ca_file {
+            Some(ca) => pem_bundle("jwks.ca_file", ca, &mut problem),
+            None => Vec::new(),
+        };
 
         let audit = match (self.audit.sink.as_str(), &self.audit.path) {
             ("stdout", None) => Some(AuditSink::Stdout),
@@ -720,6 +724,14 @@ impl Config {
                 ok = false;
             }
         }
+        if !(1024..=1 << 30).contains(&u.max_checked_answer_bytes) {
+            problem(
+                "upstream.max_checked_answer_bytes",
+                "must be between 1024 and 1073741824".into(),
+            );
+            ok = false;
+        }
+        let mut roots = Vec::new();
         if let Some(ca) = &u.ca_file {
             if !tls {
                 problem(
@@ -727,9 +739,9 @@ impl Config {
                     "only used with an https upstream".into(),
                 );
                 ok = false;
-            } else if let Err(e) = std::fs::read(ca) {
-                problem("upstream.ca_file", format!("cannot read '{ca}': {e}"));
-                ok = false;
+            } else {
+                roots = pem_bundle("upstream.ca_file", ca, problem);
+                ok &= !roots.is_empty();
             }
         }
         // Host may be a name; pingora connects to a socket address, so resolve at start.
@@ -760,8 +772,37 @@ impl Config {
             idle_timeout: Duration::from_millis(u.idle_timeout_ms),
             verify_tls: u.verify_tls,
             ca_file: u.ca_file.as_ref().map(PathBuf::from),
+            roots,
+            url: url.clone(),
+            max_checked_answer_bytes: u.max_checked_answer_bytes,
             forward_authorization: u.forward_authorization,
         })
+    }
+}
+
+/// The certificates of a PEM bundle named at config key `key`; empty (with
+/// a problem reported) when the file cannot be read or holds none.
+fn pem_bundle(
+    key: &str,
+    path: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Vec<reqwest::Certificate> {
+    let certs = std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| {
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("not a PEM certificate bundle: {e}"))
+        });
+    match certs {
+        Ok(certs) if !certs.is_empty() => certs,
+        Ok(_) => {
+            problem(key, format!("'{path}' holds no certificate"));
+            Vec::new()
+        }
+        Err(e) => {
+            problem(key, format!("cannot use '{path}': {e}"));
+            Vec::new()
+        }
     }
 }
 

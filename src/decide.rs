@@ -14,17 +14,21 @@
 //! (`_filter`, `_query`, `_contained`) are refused.
 //!
 //! Patient context. A request allowed only by `patient/` scopes must be
-//! provably inside the context patient's compartment. Until compartment
-//! checking lands, the provable cases are: the Patient resource itself
-//! (`Patient/{ctx}` by id, `Patient?_id={ctx}`), compartment searches
-//! `Patient/{ctx}/{type}` and `Patient/{ctx}/$everything`. Everything else
-//! under patient-only grants is refused with a reason that says so.
+//! provably inside the context patient's compartment. Provable from the
+//! request alone: the Patient resource itself (`Patient/{ctx}` by id,
+//! `Patient?_id={ctx}`), compartment searches `Patient/{ctx}/{type}` and
+//! `Patient/{ctx}/$everything`. A read, vread or instance history of a
+//! compartment type is allowed with a [`ResponseCheck`]: the upstream's
+//! answer must show the resource in the compartment (stage 8). Types
+//! outside the compartment are never reached. Everything else under
+//! patient-only grants is refused with a reason that says so.
 //!
 //! v2 scopes with a query filter grant nothing yet (their filter is not
 //! enforced); `$export` needs `system/` scopes; other operations are not
 //! granted by scopes at all.
 
 use crate::fhir::classify::{FhirRequest, Interaction, OperationLevel};
+use crate::fhir::compartment;
 use crate::scope::{Context, Perm, Scope, ScopeSet};
 
 /// Why the grant does not allow the request.
@@ -34,6 +38,25 @@ pub struct ScopeDenial {
     pub reason: String,
     /// A scope that would have allowed it, when one can be named.
     pub missing_scope: Option<String>,
+}
+
+/// What the grant allows, and what must still be proved about the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The raw scopes that granted the request.
+    pub scopes_used: Vec<String>,
+    /// Set when the request alone cannot prove that the answer stays inside
+    /// the grant: the upstream's answer must be checked (stage 8).
+    pub check: Option<ResponseCheck>,
+}
+
+/// A check stage 8 must make on the upstream's answer before it is passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseCheck {
+    /// The resource read (or every version in an instance history) must be
+    /// in the compartment of `Patient/{patient}`; otherwise the answer is a
+    /// 404 as if the resource did not exist.
+    InCompartment { patient: String },
 }
 
 /// One permission the request needs.
@@ -76,17 +99,23 @@ fn deny(reason: impl Into<String>) -> ScopeDenial {
 }
 
 /// Decides one request (a batch/transaction entry by entry).
-/// Returns the raw scopes that granted it.
 pub fn decide(
     req: &FhirRequest,
     scopes: &ScopeSet,
     patient: Option<&str>,
-) -> Result<Vec<String>, ScopeDenial> {
+) -> Result<Decision, ScopeDenial> {
     if req.is_bundle() {
         let mut used = Vec::new();
         for (i, entry) in req.entries.iter().enumerate() {
             match decide(entry, scopes, patient) {
-                Ok(u) => used.extend(u),
+                Ok(Decision { check: Some(_), .. }) => {
+                    return Err(deny(format!(
+                        "{} entry {i} ({}) refused: under patient/ scopes its answer would have to be checked \
+                         against the patient's compartment, which fhirwall does not do inside a Bundle",
+                        req.interaction, entry.interaction
+                    )))
+                }
+                Ok(d) => used.extend(d.scopes_used),
                 Err(d) => {
                     return Err(ScopeDenial {
                         reason: format!(
@@ -100,11 +129,17 @@ pub fn decide(
         }
         used.sort();
         used.dedup();
-        return Ok(used);
+        return Ok(Decision {
+            scopes_used: used,
+            check: None,
+        });
     }
     let needs = needs(req)?;
     if needs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Decision {
+            scopes_used: Vec::new(),
+            check: None,
+        });
     }
     // Usable scopes: v2 filtered scopes grant nothing until filters are enforced.
     let usable: Vec<&Scope> = scopes
@@ -116,7 +151,10 @@ pub fn decide(
     // First: can scopes that are not bound to a patient grant everything?
     let unbound = |s: &&Scope| s.context != Context::Patient;
     if let Some(used) = grant(&needs, usable.iter().copied().filter(unbound)) {
-        return Ok(used);
+        return Ok(Decision {
+            scopes_used: used,
+            check: None,
+        });
     }
     // Second: with patient scopes too, if the request stays in the compartment.
     let Some(used) = grant(&needs, usable.iter().copied()) else {
@@ -153,14 +191,45 @@ pub fn decide(
         ));
     };
     if in_patient_compartment(req, ctx) {
-        Ok(used)
-    } else {
-        Err(deny(format!(
-            "under patient/ scopes only requests provably inside the compartment of Patient/{ctx} are allowed: \
-             the Patient itself, Patient/{ctx}/[type] compartment searches and Patient/{ctx}/$everything; this {} is not",
-            req.interaction
-        )))
+        return Ok(Decision {
+            scopes_used: used,
+            check: None,
+        });
     }
+    if read_checkable(req) {
+        return Ok(Decision {
+            scopes_used: used,
+            check: Some(ResponseCheck::InCompartment {
+                patient: ctx.to_string(),
+            }),
+        });
+    }
+    let t = req.resource_type.as_deref().unwrap_or("");
+    if !t.is_empty() && !compartment::is_compartment_type(t) {
+        return Err(deny(format!(
+            "{t} is not in the Patient compartment, so patient/ scopes do not reach it"
+        )));
+    }
+    Err(deny(format!(
+        "under patient/ scopes only requests provably inside the compartment of Patient/{ctx} are allowed: \
+         the Patient itself, reads of resources in its compartment, Patient/{ctx}/[type] compartment searches \
+         and Patient/{ctx}/$everything; this {} is not",
+        req.interaction
+    )))
+}
+
+/// A read, vread or instance history of a (non-Patient) compartment type,
+/// with nothing that reaches further: its answer can be checked.
+fn read_checkable(req: &FhirRequest) -> bool {
+    matches!(
+        req.interaction,
+        Interaction::Read | Interaction::Vread | Interaction::HistoryInstance
+    ) && !req.conditional
+        && !reaches_other_types(req)
+        && req
+            .resource_type
+            .as_deref()
+            .is_some_and(|t| t != "Patient" && !compartment::link_params(t).is_empty())
 }
 
 fn ctx_ok(s: &Scope, n: &Need) -> bool {
@@ -370,7 +439,7 @@ mod tests {
         patient: Option<&str>,
         method: &str,
         url: &str,
-    ) -> Result<Vec<String>, ScopeDenial> {
+    ) -> Result<Decision, ScopeDenial> {
         decide(&req(method, url), &ScopeSet::parse(scopes), patient)
     }
 
@@ -869,12 +938,12 @@ mod tests {
                 false,
             ),
             (
-                "patient read other type unproven",
+                "patient read of a compartment type (answer checked)",
                 "patient/Observation.rs",
                 Some("p1"),
                 "GET",
                 "Observation/o1",
-                false,
+                true,
             ),
             (
                 "patient everything own",
@@ -934,6 +1003,55 @@ mod tests {
     }
 
     #[test]
+    fn patient_reads_carry_a_response_check() {
+        let checked = Some(ResponseCheck::InCompartment {
+            patient: "p1".into(),
+        });
+        for url in [
+            "Observation/o1",
+            "Observation/o1/_history/2",
+            "Condition/c/_history",
+        ] {
+            let d = check("patient/*.rs", Some("p1"), "GET", url).unwrap();
+            assert_eq!(d.check, checked, "{url}");
+        }
+        // The Patient itself is decided from the request; user/ scopes need no check.
+        let d = check("patient/*.rs", Some("p1"), "GET", "Patient/p1").unwrap();
+        assert_eq!(d.check, None);
+        let d = check(
+            "patient/*.rs user/Observation.r",
+            Some("p1"),
+            "GET",
+            "Observation/o1",
+        )
+        .unwrap();
+        assert_eq!(d.check, None);
+        // Refused outright: another Patient, a type outside the compartment,
+        // a read that reaches further, a read inside a Bundle.
+        let d = check("patient/*.rs", Some("p1"), "GET", "Patient/p2").unwrap_err();
+        assert!(d.reason.contains("Patient/p1"), "{}", d.reason);
+        let d = check("patient/*.rs", Some("p1"), "GET", "Practitioner/x").unwrap_err();
+        assert!(
+            d.reason.contains("not in the Patient compartment"),
+            "{}",
+            d.reason
+        );
+        assert!(check(
+            "patient/*.rs",
+            Some("p1"),
+            "GET",
+            "Observation/o1?_include=Observation:performer"
+        )
+        .is_err());
+        assert!(check("patient/*.rs", None, "GET", "Observation/o1").is_err());
+        let body = br#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"request":{"method":"GET","url":"Observation/o1"}}]}"#;
+        let b = classify_bundle(req("POST", ""), body).unwrap();
+        let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1")).unwrap_err();
+        assert!(d.reason.contains("inside a Bundle"), "{}", d.reason);
+    }
+
+    #[test]
     fn bundles_need_every_entry() {
         let body = br#"{"resourceType":"Bundle","type":"transaction","entry":[
             {"request":{"method":"GET","url":"Observation/1"}},
@@ -953,7 +1071,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            ok,
+            ok.scopes_used,
             vec![
                 "user/Condition.d".to_string(),
                 "user/Observation.rs".to_string()

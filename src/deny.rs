@@ -47,6 +47,11 @@ pub enum Denial {
         description: String,
         retry_after_seconds: u64,
     },
+    /// A checked answer is withheld (404): the resource is outside the
+    /// patient's compartment (`why: "outside_compartment"`) or the upstream
+    /// did not return it (`why: "upstream_not_found"`). Both look the same
+    /// to the client; `why` is for the audit.
+    Hidden { resource: String, why: &'static str },
     /// The upstream failed: 502 (refused, reset) or 504 (timeout).
     Upstream {
         status: u16,
@@ -90,6 +95,7 @@ impl Denial {
             | Denial::Upstream { code, .. } => code,
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::NotFound { .. } => "not_found",
+            Denial::Hidden { why, .. } => why,
             Denial::MethodNotAllowed { .. } => "method_not_allowed",
             Denial::TooLarge { .. } => "body_too_large",
         }
@@ -99,6 +105,7 @@ impl Denial {
     pub fn description(&self) -> String {
         match self {
             Denial::NoToken => "no access token: send Authorization: Bearer <token>".into(),
+            Denial::Hidden { resource, .. } => format!("{resource} is not known"),
             Denial::InvalidRequest { description, .. }
             | Denial::InvalidToken { description, .. }
             | Denial::InsufficientScope { description, .. }
@@ -116,7 +123,7 @@ impl Denial {
             Denial::NoToken | Denial::InvalidToken { .. } => 401,
             Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } => 400,
             Denial::InsufficientScope { .. } => 403,
-            Denial::NotFound { .. } => 404,
+            Denial::NotFound { .. } | Denial::Hidden { .. } => 404,
             Denial::MethodNotAllowed { .. } => 405,
             Denial::TooLarge { .. } => 413,
             Denial::Unavailable { .. } => 503,
@@ -151,7 +158,7 @@ impl Denial {
             | Denial::BadFhirRequest { .. }
             | Denial::MethodNotAllowed { .. } => ("error", "invalid"),
             Denial::InsufficientScope { .. } => ("error", "forbidden"),
-            Denial::NotFound { .. } => ("error", "not-found"),
+            Denial::NotFound { .. } | Denial::Hidden { .. } => ("error", "not-found"),
             Denial::TooLarge { .. } => ("error", "too-costly"),
             Denial::Unavailable { .. } => ("error", "transient"),
             Denial::Upstream { status: 504, .. } => ("error", "timeout"),
@@ -162,7 +169,11 @@ impl Denial {
             "issue": [{
                 "severity": severity,
                 "code": issue_code,
-                "details": {"text": self.code()},
+                // A withheld answer must not tell why it was withheld.
+                "details": {"text": match self {
+                    Denial::Hidden { .. } => "not_found",
+                    _ => self.code(),
+                }},
                 "diagnostics": format!("fhirwall: {}", self.description()),
             }]
         });

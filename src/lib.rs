@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod check;
 pub mod config;
 pub mod decide;
 pub mod demo;
@@ -21,3 +22,4 @@ pub mod sandbox;
 pub mod scope;
 pub mod server;
 pub mod token;
+pub mod upstream;

@@ -34,6 +34,8 @@ pub const REASONS: &[&str] = &[
     "credentials_refused",
     "insufficient_scope",
     "not_found",
+    "outside_compartment",
+    "upstream_not_found",
     "bad_path",
     "fhir_malformed",
     "method_not_allowed",
@@ -41,6 +43,8 @@ pub const REASONS: &[&str] = &[
     "upstream_unreachable",
     "upstream_timeout",
     "upstream_error",
+    "upstream_answer_unchecked",
+    "upstream_answer_too_large",
 ];
 
 /// The registry and the handles the request path uses.

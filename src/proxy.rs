@@ -22,16 +22,19 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorType;
 
 use crate::audit::{hex, AuditLog, Record};
+use crate::check::{judge, Verdict};
 use crate::config::{ForwardedContext, Settings};
-use crate::decide::decide;
+use crate::decide::{decide, ResponseCheck};
 use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
+use crate::fhir::compartment::Bases;
 use crate::metrics::Metrics;
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
 use crate::token::validator::{Validated, Validator};
 use crate::token::TokenError;
+use crate::upstream::{self, CheckedClient};
 
 /// Pingora's retry buffer: the most of a request body that can be read for
 /// classification and still be forwarded upstream.
@@ -49,6 +52,10 @@ pub struct Gateway {
     forwarded_proto: http::HeaderValue,
     forwarded_host: Option<http::HeaderValue>,
     host_header: http::HeaderValue,
+    /// Fetches answers that must be checked before they are passed on.
+    checked: CheckedClient,
+    /// Base URLs under which a reference may name the context patient.
+    bases: Bases,
 }
 
 impl Gateway {
@@ -79,6 +86,16 @@ impl Gateway {
         });
         let host_header = http::HeaderValue::from_str(&settings.upstream.host_header)
             .expect("validated upstream host");
+        let checked = CheckedClient::new(&settings.upstream);
+        let bases = Bases(vec![
+            realm.clone(),
+            settings
+                .upstream
+                .url
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
+        ]);
         Gateway {
             settings,
             validator,
@@ -89,6 +106,8 @@ impl Gateway {
             forwarded_proto,
             forwarded_host,
             host_header,
+            checked,
+            bases,
         }
     }
 }
@@ -102,6 +121,8 @@ pub struct Ctx {
     fhir: Option<FhirRequest>,
     token: Option<Validated>,
     scopes_used: Vec<String>,
+    /// What stage 8 must prove about the upstream's answer.
+    check: Option<ResponseCheck>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -238,6 +259,163 @@ impl Gateway {
         Ok(body.freeze())
     }
 
+    /// The proxy's header policy for a request going upstream, as a plan
+    /// both upstream paths apply: client headers to remove (hop-by-hop,
+    /// spoofable, fhirwall's own and `Authorization` unless forwarded), and
+    /// the headers fhirwall sets (forwarding context, request id, verified
+    /// context). `Host` is each path's business.
+    fn header_plan(
+        &self,
+        headers: &http::HeaderMap,
+        client_ip: Option<std::net::IpAddr>,
+        ctx: &Ctx,
+    ) -> (
+        Vec<http::HeaderName>,
+        Vec<(http::HeaderName, http::HeaderValue)>,
+    ) {
+        let conn = proxy_headers::connection_tokens(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        let mut remove: Vec<http::HeaderName> = headers
+            .keys()
+            .filter(|n| proxy_headers::strip(n.as_str(), &conn, &self.context_header_names))
+            .cloned()
+            .collect();
+        if !self.settings.upstream.forward_authorization {
+            remove.push(header::AUTHORIZATION);
+        }
+        let mut set = Vec::with_capacity(8);
+        if let Some(ip) = client_ip {
+            if let Ok(v) = http::HeaderValue::from_str(&ip.to_string()) {
+                set.push((http::HeaderName::from_static("x-forwarded-for"), v));
+            }
+        }
+        set.push((
+            http::HeaderName::from_static("x-forwarded-proto"),
+            self.forwarded_proto.clone(),
+        ));
+        if let Some(host) = &self.forwarded_host {
+            set.push((
+                http::HeaderName::from_static("x-forwarded-host"),
+                host.clone(),
+            ));
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
+            set.push((http::HeaderName::from_static("x-request-id"), v));
+        }
+        if let Some(t) = &ctx.token {
+            let c = &t.claims;
+            for (what, name) in &self.settings.forward_headers {
+                let value = match what {
+                    ForwardedContext::Sub => c.sub.clone(),
+                    ForwardedContext::ClientId => c.client_id.clone(),
+                    ForwardedContext::Patient => c.patient.clone(),
+                    ForwardedContext::FhirUser => c.fhir_user.clone(),
+                    ForwardedContext::Scope => Some(ctx.scopes_used.join(" ")),
+                    ForwardedContext::Issuer => Some(c.iss.clone()),
+                };
+                if let Some(v) = value.and_then(|v| http::HeaderValue::from_str(&v).ok()) {
+                    set.push((name.clone(), v));
+                }
+            }
+        }
+        (remove, set)
+    }
+
+    /// Stages 7-8 for a request whose answer must be checked: fetch it
+    /// whole, judge it, then pass it on or answer the denial instead.
+    async fn checked_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let req = session.req_header();
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let mut headers = req.headers.clone();
+        let (remove, set) = self.header_plan(&req.headers, client_ip, ctx);
+        for name in remove {
+            headers.remove(&name);
+        }
+        for (name, value) in set {
+            headers.insert(name, value);
+        }
+        // HEAD is answered from a GET: the check needs the body.
+        let head = req.method == http::Method::HEAD;
+        let method = if head {
+            http::Method::GET
+        } else {
+            req.method.clone()
+        };
+        let query = req.uri.query().map(str::to_string);
+        let rel = ctx.rel_path.clone().unwrap_or_default();
+        let fetched = self
+            .checked
+            .fetch(method, &rel, query.as_deref(), headers)
+            .await;
+        let answer = match fetched {
+            Ok(a) => a,
+            Err(denial) => {
+                let r = self.answer(session, ctx, &denial).await;
+                ctx.denial = Some(denial);
+                return r;
+            }
+        };
+        ctx.upstream_status = Some(answer.status);
+        let (Some(check), Some(fhir)) = (&ctx.check, &ctx.fhir) else {
+            return Err(pingora::Error::explain(
+                ErrorType::InternalError,
+                "checked exchange without a check",
+            ));
+        };
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let denial = match judge(
+            check,
+            fhir,
+            answer.status,
+            content_type,
+            &answer.body,
+            &self.bases,
+        ) {
+            Verdict::Pass => None,
+            Verdict::Hide { why } => Some(Denial::Hidden {
+                resource: format!(
+                    "{}/{}",
+                    fhir.resource_type.as_deref().unwrap_or(""),
+                    fhir.id.as_deref().unwrap_or("")
+                ),
+                why,
+            }),
+            Verdict::Unverifiable { why } => Some(Denial::Upstream {
+                status: 502,
+                code: "upstream_answer_unchecked",
+                description: format!("the upstream's answer could not be checked: {why}"),
+            }),
+        };
+        if let Some(denial) = denial {
+            let r = self.answer(session, ctx, &denial).await;
+            ctx.denial = Some(denial);
+            return r;
+        }
+        let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
+        for (name, value) in &answer.headers {
+            if upstream::passes_on(name) {
+                h.append_header(name.clone(), value.clone())?;
+            }
+        }
+        h.insert_header(header::CONTENT_LENGTH, answer.body.len().to_string())?;
+        h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        session.write_response_header(Box::new(h), head).await?;
+        if !head {
+            session.write_response_body(Some(answer.body), true).await?;
+        }
+        Ok(())
+    }
+
     /// Stages 1-6 for one request. `Ok(())` means allowed.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
         let req = session.req_header();
@@ -366,13 +544,14 @@ impl Gateway {
         let fhir = ctx.fhir.as_ref().expect("just set");
 
         // 6. Decide
-        let used = decide(fhir, &claims.scopes, claims.patient.as_deref()).map_err(|d| {
+        let d = decide(fhir, &claims.scopes, claims.patient.as_deref()).map_err(|d| {
             Denial::InsufficientScope {
                 description: d.reason,
                 scope: d.missing_scope,
             }
         })?;
-        ctx.scopes_used = used;
+        ctx.scopes_used = d.scopes_used;
+        ctx.check = d.check;
         Ok(())
     }
 }
@@ -390,6 +569,7 @@ impl ProxyHttp for Gateway {
             fhir: None,
             token: None,
             scopes_used: Vec::new(),
+            check: None,
             denial: None,
             public: false,
             upstream_status: None,
@@ -406,6 +586,10 @@ impl ProxyHttp for Gateway {
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
         match self.admit(session, ctx).await {
+            Ok(()) if ctx.check.is_some() => {
+                self.checked_exchange(session, ctx).await?;
+                Ok(true)
+            }
             Ok(()) => Ok(false),
             Err(denial) => {
                 let result = self.answer(session, ctx, &denial).await;
@@ -458,49 +642,18 @@ impl ProxyHttp for Gateway {
         up.set_uri(uri);
 
         // Headers: strip what the client may not assert, then set ours.
-        let conn = proxy_headers::connection_tokens(
-            up.headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
-        let doomed: Vec<http::HeaderName> = up
-            .headers
-            .keys()
-            .filter(|n| proxy_headers::strip(n.as_str(), &conn, &self.context_header_names))
-            .cloned()
-            .collect();
-        for name in doomed {
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let (remove, set) = self.header_plan(&up.headers, client_ip, ctx);
+        for name in remove {
             up.remove_header(&name);
         }
-        if !u.forward_authorization {
-            up.remove_header(&header::AUTHORIZATION);
+        for (name, value) in set {
+            up.insert_header(name, value)?;
         }
         up.insert_header(header::HOST, self.host_header.clone())?;
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            up.insert_header("x-forwarded-for", addr.ip().to_string())?;
-        }
-        up.insert_header("x-forwarded-proto", self.forwarded_proto.clone())?;
-        if let Some(host) = &self.forwarded_host {
-            up.insert_header("x-forwarded-host", host.clone())?;
-        }
-        up.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(t) = &ctx.token {
-            let c = &t.claims;
-            for (what, name) in &self.settings.forward_headers {
-                let value = match what {
-                    ForwardedContext::Sub => c.sub.clone(),
-                    ForwardedContext::ClientId => c.client_id.clone(),
-                    ForwardedContext::Patient => c.patient.clone(),
-                    ForwardedContext::FhirUser => c.fhir_user.clone(),
-                    ForwardedContext::Scope => Some(ctx.scopes_used.join(" ")),
-                    ForwardedContext::Issuer => Some(c.iss.clone()),
-                };
-                if let Some(v) = value.filter(|v| http::HeaderValue::from_str(v).is_ok()) {
-                    up.insert_header(name.clone(), v)?;
-                }
-            }
-        }
         Ok(())
     }
 
@@ -581,6 +734,20 @@ impl ProxyHttp for Gateway {
             .unwrap_or(0);
         let (decision, reason, detail) = match &ctx.denial {
             Some(d @ Denial::Upstream { .. }) => ("error", d.code(), Some(d.description())),
+            // Allowed, and the upstream did not have it.
+            Some(
+                d @ Denial::Hidden {
+                    why: "upstream_not_found",
+                    ..
+                },
+            ) => ("allow", d.code(), None),
+            Some(d @ Denial::Hidden { resource, .. }) => (
+                "deny",
+                d.code(),
+                Some(format!(
+                    "{resource} is outside the compartment of the token's patient; answered 404"
+                )),
+            ),
             Some(d) => ("deny", d.code(), Some(d.description())),
             None if ctx.public => ("allow", "public", None),
             None => ("allow", "allowed", None),

@@ -2,7 +2,7 @@
 //! (Pingora swallows request panics, which would leave no audit record),
 //! and decisions behave like grants should.
 
-use fhirwall::decide::decide;
+use fhirwall::decide::{decide, ResponseCheck};
 use fhirwall::extract::extract;
 use fhirwall::fhir::classify::{classify, classify_bundle, HttpRequest, Interaction};
 use fhirwall::route::{normalise, route};
@@ -151,9 +151,22 @@ proptest! {
         // Bundles are decided entry by entry from their body (tested in decide.rs and tests/gateway.rs).
         // Capabilities is public and carries no patient data.
         let judged = !req.is_bundle() && req.interaction != Interaction::Capabilities;
-        if judged && decide(&req, &grant, Some("p1")).is_ok() {
-            let names_other = path.split('/').any(|s| s == "p2") || q.as_deref().is_some_and(|q| q.contains("p2"));
-            prop_assert!(!names_other, "{m} {path} {q:?} reached p2 under patient/ scopes of p1");
+        if !judged {
+            return Ok(());
+        }
+        match decide(&req, &grant, Some("p1")) {
+            // Decided from the request alone: it must not name p2.
+            Ok(d) if d.check.is_none() => {
+                let names_other = path.split('/').any(|s| s == "p2") || q.as_deref().is_some_and(|q| q.contains("p2"));
+                prop_assert!(!names_other, "{m} {path} {q:?} reached p2 under patient/ scopes of p1");
+            }
+            // Left to the answer check: only plain reads of compartment types (not Patient).
+            Ok(d) => {
+                prop_assert_eq!(d.check, Some(ResponseCheck::InCompartment { patient: "p1".into() }));
+                prop_assert!(matches!(req.interaction, Interaction::Read | Interaction::Vread | Interaction::HistoryInstance), "{m} {path} {q:?}");
+                prop_assert!(req.resource_type.as_deref() != Some("Patient"), "{m} {path} {q:?}");
+            }
+            Err(_) => {}
         }
     }
 }

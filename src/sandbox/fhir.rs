@@ -70,7 +70,39 @@ pub fn synthetic_resources() -> Vec<Value> {
             "subject": {"reference": format!("Patient/{id}")}
         }));
     }
+    // In p1's compartment only as performer (the subject is p2).
+    out.push(json!({
+        "resourceType": "Observation", "id": "obs-shared", "status": "final",
+        "code": {"text": "Observation by p1 about p2"},
+        "subject": {"reference": "Patient/p2"},
+        "performer": [{"reference": "Practitioner/dr-1"}, {"reference": "Patient/p1"}]
+    }));
+    // Moved from p2 to p1: version 1 (see `history`) belonged to p2.
+    out.push(json!({
+        "resourceType": "Observation", "id": "obs-moved", "status": "final",
+        "meta": {"versionId": "2"},
+        "code": {"text": "Reassigned observation"},
+        "subject": {"reference": "Patient/p1"}
+    }));
+    // Outside every patient's compartment.
+    out.push(json!({
+        "resourceType": "Practitioner", "id": "dr-1",
+        "name": [{"family": "Welby"}]
+    }));
     out
+}
+
+/// Earlier versions, oldest first, of resources that have them.
+fn earlier_versions(t: &str, id: &str) -> Vec<Value> {
+    match (t, id) {
+        ("Observation", "obs-moved") => vec![json!({
+            "resourceType": "Observation", "id": "obs-moved", "status": "preliminary",
+            "meta": {"versionId": "1"},
+            "code": {"text": "Glucose of Bob (p2)"},
+            "subject": {"reference": "Patient/p2"}
+        })],
+        _ => Vec::new(),
+    }
 }
 
 impl FhirSandbox {
@@ -206,7 +238,7 @@ async fn handle(
     if segs.iter().any(|x| x.starts_with("slow")) {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    let all = ["Patient", "Observation", "Condition"];
+    let all = ["Patient", "Observation", "Condition", "Practitioner"];
     match (method.as_str(), segs.as_slice()) {
         (_, ["metadata"]) => fhir(
             StatusCode::OK,
@@ -217,10 +249,45 @@ async fn handle(
             StatusCode::OK,
             json!({"capabilities": ["permission-v2", "permission-v1"], "scopes_supported": ["patient/*.rs", "user/*.rs"]}),
         ),
+        // Misbehaving upstream answers, for the answer-check tests.
+        ("GET", ["Observation", "xml-answer"]) => (
+            StatusCode::OK,
+            [("content-type", "application/fhir+xml")],
+            "<Observation xmlns=\"http://hl7.org/fhir\"><subject><reference value=\"Patient/p2\"/></subject></Observation>",
+        )
+            .into_response(),
+        ("GET", ["Observation", "wrong-answer"]) => match s.resources.get(&("Observation".into(), "obs-p2-0".into())) {
+            Some(r) => fhir(StatusCode::OK, r.clone()),
+            None => not_found("gone"),
+        },
         ("GET", [t, id]) => match s.resources.get(&(t.to_string(), id.to_string())) {
             Some(r) => fhir(StatusCode::OK, r.clone()),
             None => not_found(&format!("{t}/{id} is not known")),
         },
+        ("GET", [t, id, "_history"]) => match s.resources.get(&(t.to_string(), id.to_string())) {
+            Some(r) => {
+                let mut versions = earlier_versions(t, id);
+                versions.push(r.clone());
+                versions.reverse();
+                let entries: Vec<Value> = versions.into_iter().map(|v| json!({"resource": v})).collect();
+                fhir(
+                    StatusCode::OK,
+                    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries}),
+                )
+            }
+            None => not_found(&format!("{t}/{id} is not known")),
+        },
+        ("GET", [t, id, "_history", v]) => {
+            let current = s.resources.get(&(t.to_string(), id.to_string()));
+            let version = earlier_versions(t, id)
+                .into_iter()
+                .chain(current.cloned())
+                .find(|r| r["meta"]["versionId"].as_str().unwrap_or("1") == *v);
+            match version {
+                Some(r) => fhir(StatusCode::OK, r),
+                None => not_found(&format!("{t}/{id}/_history/{v} is not known")),
+            }
+        }
         ("GET", [t]) | ("POST", [t, "_search"]) => fhir(StatusCode::OK, s.search(&[t], &params)),
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
         ("GET", ["Patient", id, "$everything"]) => {

@@ -1,0 +1,205 @@
+//! Patient context (issue 3) against the real binary: under `patient/`
+//! scopes nothing of another patient reaches the client. The sandbox
+//! upstream holds three patients (p1 Alice, p2 Bob, p3 Carol) with their
+//! Observations and Conditions, an Observation of p2 performed by p1
+//! (`obs-shared`), one moved from p2 to p1 (`obs-moved`, version 1 is
+//! Bob's) and a Practitioner.
+
+mod support;
+
+use serde_json::Value;
+use support::{Gateway, Options};
+
+/// Bytes that only p2's (Bob's) resources contain. (Their ids may appear:
+/// the client itself sent them in the URL.)
+const P2_MARKERS: &[&str] = &["Bob", "Sample", "Patient/p2", "Asthma", "\"male\""];
+
+fn assert_nothing_of_p2(what: &str, body: &str) {
+    for m in P2_MARKERS {
+        assert!(!body.contains(m), "{what}: answer holds '{m}': {body}");
+    }
+}
+
+async fn status_and_body(r: reqwest::Response) -> (u16, String) {
+    let s = r.status().as_u16();
+    (s, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_by_id_answer_only_the_context_patients_compartment() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("launch/patient patient/*.rs", Some("p1"));
+
+    // The patient itself: own yes; another's is refused before the upstream.
+    let (s, body) = status_and_body(gw.get("Patient/p1", Some(&p1)).await).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("Alice"));
+    let (s, body) = status_and_body(gw.get("Patient/p2", Some(&p1)).await).await;
+    assert_eq!(s, 403, "{body}");
+    assert_nothing_of_p2("Patient/p2", &body);
+    assert_eq!(gw.upstream.count_containing("Patient/p2"), 0);
+
+    // Reads of compartment types: checked against the answer.
+    for (path, ok) in [
+        ("Observation/obs-p1-0", true),
+        ("Condition/cond-p1", true),
+        ("Observation/obs-shared", true), // p1 is a performer
+        ("Observation/obs-moved", true),
+        ("Observation/obs-moved/_history/2", true),
+        ("Observation/obs-p1-0/_history", true),
+        ("Observation/obs-p2-0", false),
+        ("Observation/obs-p2-1", false),
+        ("Condition/cond-p2", false),
+        ("Observation/obs-p3-0", false),
+        ("Observation/obs-moved/_history/1", false), // Bob's version
+        ("Observation/obs-moved/_history", false),   // holds Bob's version
+        ("Observation/obs-p2-0/_history", false),
+    ] {
+        let r = gw.get(path, Some(&p1)).await;
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let (s, body) = status_and_body(r).await;
+        if ok {
+            assert_eq!(s, 200, "{path}: {body}");
+            assert!(body.contains("Patient/p1"), "{path}: {body}");
+        } else {
+            assert_eq!(s, 404, "{path}: {body}");
+            let o: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(o["resourceType"], "OperationOutcome");
+            assert_eq!(o["issue"][0]["code"], "not-found");
+            assert_eq!(o["issue"][0]["details"]["text"], "not_found");
+            assert!(
+                !body.contains("subject") && !body.contains("valueQuantity"),
+                "{path}: {body}"
+            );
+            let rec = gw.audit_for(&id);
+            assert_eq!(rec["decision"], "deny", "{path}: {rec}");
+            assert_eq!(rec["reason"], "outside_compartment", "{path}: {rec}");
+            assert_eq!(rec["upstream_status"], 200, "{path}: {rec}");
+        }
+        if path != "Observation/obs-shared" {
+            assert_nothing_of_p2(path, &body);
+        }
+    }
+
+    // A resource that does not exist looks exactly like one that is hidden.
+    let (s, missing) = status_and_body(gw.get("Observation/no-such-1", Some(&p1)).await).await;
+    assert_eq!(s, 404);
+    let (_, hidden) = status_and_body(gw.get("Observation/obs-p2-0", Some(&p1)).await).await;
+    let shape = |b: &str| {
+        let mut v: Value = serde_json::from_str(b).unwrap();
+        v["issue"][0]["diagnostics"] = Value::Null;
+        v
+    };
+    assert_eq!(shape(&missing), shape(&hidden));
+
+    // HEAD is judged like GET and carries no body.
+    let r = gw
+        .client
+        .head(format!("{}/Observation/obs-p2-0", gw.base))
+        .bearer_auth(&p1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = gw
+        .client
+        .head(format!("{}/Observation/obs-p1-0", gw.base))
+        .bearer_auth(&p1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().is_empty());
+
+    // Conditional and compression headers cannot make the answer uncheckable.
+    let r = gw
+        .client
+        .get(format!("{}/Observation/obs-p2-0", gw.base))
+        .bearer_auth(&p1)
+        .header("accept-encoding", "gzip")
+        .header("if-none-match", "W/\"1\"")
+        .header("accept", "application/fhir+xml")
+        .send()
+        .await
+        .unwrap();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 404, "{body}");
+    assert_nothing_of_p2("conditional read", &body);
+    let seen = gw.upstream.seen();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|s| s.uri.contains("obs-p2-0"))
+        .expect("the upstream was asked");
+    let header = |n: &str| {
+        last.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(header("if-none-match"), None);
+    assert_eq!(header("accept"), Some("application/fhir+json"));
+    assert_eq!(header("authorization"), None);
+
+    // Types outside the compartment are not reached under patient/ scopes.
+    let (s, body) = status_and_body(gw.get("Practitioner/dr-1", Some(&p1)).await).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("not in the Patient compartment"), "{body}");
+    assert_eq!(gw.upstream.count_containing("dr-1"), 0);
+
+    // An answer that cannot be judged is refused, not passed on.
+    for path in ["Observation/xml-answer", "Observation/wrong-answer"] {
+        let (s, body) = status_and_body(gw.get(path, Some(&p1)).await).await;
+        assert_eq!(s, 502, "{path}: {body}");
+        assert_nothing_of_p2(path, &body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_contexts_and_missing_patient_claim() {
+    let gw = Gateway::start(Options::default()).await;
+
+    // user/ scopes are not bound to a patient.
+    let user = gw.mint("user/Observation.rs", None);
+    let (s, body) = status_and_body(gw.get("Observation/obs-p2-0", Some(&user)).await).await;
+    assert_eq!(s, 200, "{body}");
+
+    // Both kinds: allowed if any scope allows it under its own rules.
+    let both = gw.mint("patient/*.rs user/Condition.rs", Some("p1"));
+    assert_eq!(gw.get("Condition/cond-p2", Some(&both)).await.status(), 200);
+    assert_eq!(
+        gw.get("Observation/obs-p2-0", Some(&both)).await.status(),
+        404
+    );
+
+    // patient/ scopes without a patient claim: refused before the upstream.
+    let before = gw.upstream.seen().len();
+    let orphan = gw.mint("patient/*.rs", None);
+    let (s, body) = status_and_body(gw.get("Observation/obs-p1-1", Some(&orphan)).await).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("no patient launch context"), "{body}");
+    assert_eq!(gw.upstream.seen().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_reads_report_upstream_failures() {
+    let gw = Gateway::start(Options {
+        read_timeout_ms: 500,
+        ..Options::default()
+    })
+    .await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let (s, body) = status_and_body(gw.get("Observation/slow-1", Some(&p1)).await).await;
+    assert_eq!(s, 504, "{body}");
+    assert!(body.contains("OperationOutcome"), "{body}");
+
+    let down = Gateway::start(Options {
+        upstream_url: Some(format!("http://127.0.0.1:{}/fhir", support::free_port())),
+        ..Options::default()
+    })
+    .await;
+    let p1 = down.mint("patient/*.rs", Some("p1"));
+    let (s, body) = status_and_body(down.get("Observation/obs-p1-0", Some(&p1)).await).await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("upstream_unreachable"), "{body}");
+}
