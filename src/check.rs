@@ -22,8 +22,12 @@ pub enum Verdict {
     Pass,
     /// Answer 404 as if the resource did not exist; `why` is for the audit.
     Hide { why: &'static str },
-    /// Answer 502: the upstream's answer could not be judged.
+    /// Answer 502: the upstream's answer could not be judged, or the
+    /// upstream did not honour the narrowing.
     Unverifiable { why: String },
+    /// Answer 403: the answer reaches beyond the grant (e.g. an included
+    /// resource outside the compartment).
+    Refuse { why: String },
 }
 
 /// Judges an upstream answer (`status`, `content_type`, `body`) to `req`.
@@ -35,7 +39,12 @@ pub fn judge(
     body: &[u8],
     bases: &Bases,
 ) -> Verdict {
-    let ResponseCheck::InCompartment { patient } = check;
+    let patient = match check {
+        ResponseCheck::InCompartment { patient } => patient,
+        ResponseCheck::SearchInCompartment { patient } => {
+            return judge_search(patient, status, content_type, body, bases)
+        }
+    };
     match status {
         200 => {}
         500..=599 => {
@@ -124,6 +133,127 @@ pub fn judge(
             why: format!("no answer check for {}", req.interaction),
         },
     }
+}
+
+/// The answer as JSON, or the verdict for an answer that is not.
+fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
+    let json_type = content_type.is_some_and(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t.eq_ignore_ascii_case("application/fhir+json")
+            || t.eq_ignore_ascii_case("application/json")
+    });
+    if !json_type {
+        return Err(Verdict::Unverifiable {
+            why: format!(
+                "upstream answer is {}, not FHIR JSON",
+                content_type.unwrap_or("untyped")
+            ),
+        });
+    }
+    serde_json::from_slice::<Value>(body).map_err(|_| Verdict::Unverifiable {
+        why: "upstream answer is not valid JSON".into(),
+    })
+}
+
+/// A search answer: every resource in the searchset must be in the
+/// compartment. A match outside means the upstream ignored the narrowing
+/// (502); an include outside means the request reached beyond the grant
+/// (403). Error answers pass only as an `OperationOutcome`.
+fn judge_search(
+    patient: &str,
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    bases: &Bases,
+) -> Verdict {
+    if status >= 500 {
+        return Verdict::Unverifiable {
+            why: format!("upstream answered {status}"),
+        };
+    }
+    let doc = match parse(content_type, body) {
+        Ok(doc) => doc,
+        Err(v) => return v,
+    };
+    let rtype = doc.get("resourceType").and_then(Value::as_str);
+    if status != 200 {
+        return if rtype == Some("OperationOutcome") {
+            Verdict::Pass
+        } else {
+            Verdict::Unverifiable {
+                why: format!("upstream answered {status} without an OperationOutcome"),
+            }
+        };
+    }
+    if rtype != Some("Bundle") || doc.get("type").and_then(Value::as_str) != Some("searchset") {
+        return Verdict::Unverifiable {
+            why: "upstream answer to a search is not a searchset Bundle".into(),
+        };
+    }
+    let entries = doc.get("entry").and_then(Value::as_array);
+    for e in entries.into_iter().flatten() {
+        let Some(r) = e.get("resource") else { continue };
+        let mode = e.pointer("/search/mode").and_then(Value::as_str);
+        let outcome = r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome");
+        if outcome && mode == Some("outcome") {
+            continue;
+        }
+        if in_compartment(r, patient, bases) {
+            continue;
+        }
+        let what = r
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("a resource");
+        return if mode == Some("include") {
+            Verdict::Refuse {
+                why: format!(
+                    "the search would include {what} resources outside the compartment of Patient/{patient}"
+                ),
+            }
+        } else {
+            Verdict::Unverifiable {
+                why: format!(
+                    "the upstream's search answer holds {what} resources outside the compartment of \
+                     Patient/{patient} (did it ignore the patient parameter?)"
+                ),
+            }
+        };
+    }
+    Verdict::Pass
+}
+
+/// Rewrites a searchset's paging links and `fullUrl`s from the upstream's
+/// base to the public base, so paging goes through the gateway (and is
+/// decided and checked again). `None` when there is nothing to rewrite.
+pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Option<Vec<u8>> {
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let mut changed = false;
+    let mut fix = |v: &mut Value| {
+        if let Some(u) = v.as_str() {
+            if let Some(rest) = u.strip_prefix(upstream_base) {
+                if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
+                    *v = Value::String(format!("{public_base}{rest}"));
+                    changed = true;
+                }
+            }
+        }
+    };
+    if let Some(links) = doc.get_mut("link").and_then(Value::as_array_mut) {
+        for l in links {
+            if let Some(u) = l.get_mut("url") {
+                fix(u);
+            }
+        }
+    }
+    if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
+        for e in entries {
+            if let Some(u) = e.get_mut("fullUrl") {
+                fix(u);
+            }
+        }
+    }
+    changed.then(|| doc.to_string().into_bytes())
 }
 
 #[cfg(test)]
@@ -257,5 +387,111 @@ mod tests {
             judge_json(path, 200, obs("o1", "p1")),
             Verdict::Unverifiable { .. }
         ));
+    }
+
+    fn searchset(entries: Vec<(Value, &str)>) -> Value {
+        json!({"resourceType": "Bundle", "type": "searchset",
+               "entry": entries.into_iter().map(|(r, mode)| json!({"resource": r, "search": {"mode": mode}})).collect::<Vec<_>>()})
+    }
+
+    fn judge_search_json(status: u16, body: Value) -> Verdict {
+        let check = ResponseCheck::SearchInCompartment {
+            patient: "p1".into(),
+        };
+        judge(
+            &check,
+            &req("Observation"),
+            status,
+            Some("application/fhir+json"),
+            body.to_string().as_bytes(),
+            &Bases::default(),
+        )
+    }
+
+    #[test]
+    fn searches() {
+        let patient = |id: &str| json!({"resourceType": "Patient", "id": id});
+        let outcome = json!({"resourceType": "OperationOutcome", "issue": []});
+        for ok in [
+            searchset(vec![]),
+            searchset(vec![(obs("a", "p1"), "match"), (obs("b", "p1"), "match")]),
+            searchset(vec![(obs("a", "p1"), "match"), (patient("p1"), "include")]),
+            searchset(vec![
+                (obs("a", "p1"), "match"),
+                (outcome.clone(), "outcome"),
+            ]),
+        ] {
+            assert_eq!(judge_search_json(200, ok.clone()), Verdict::Pass, "{ok}");
+        }
+        // A match of another patient: the upstream ignored the narrowing.
+        assert!(matches!(
+            judge_search_json(
+                200,
+                searchset(vec![(obs("a", "p1"), "match"), (obs("b", "p2"), "match")])
+            ),
+            Verdict::Unverifiable { .. }
+        ));
+        // Unmarked entries count as matches.
+        assert!(matches!(
+            judge_search_json(
+                200,
+                json!({"resourceType": "Bundle", "type": "searchset",
+                "entry": [{"resource": obs("b", "p2")}]})
+            ),
+            Verdict::Unverifiable { .. }
+        ));
+        // An include outside the compartment: beyond the grant.
+        assert!(matches!(
+            judge_search_json(
+                200,
+                searchset(vec![(obs("a", "p1"), "match"), (patient("p2"), "include")])
+            ),
+            Verdict::Refuse { .. }
+        ));
+        // An OperationOutcome dressed as a match proves nothing.
+        assert!(matches!(
+            judge_search_json(200, searchset(vec![(outcome.clone(), "match")])),
+            Verdict::Unverifiable { .. }
+        ));
+        assert!(matches!(
+            judge_search_json(200, json!({"resourceType": "Bundle", "type": "collection"})),
+            Verdict::Unverifiable { .. }
+        ));
+        assert_eq!(judge_search_json(400, outcome), Verdict::Pass);
+        assert!(matches!(
+            judge_search_json(400, obs("b", "p2")),
+            Verdict::Unverifiable { .. }
+        ));
+        assert!(matches!(
+            judge_search_json(500, json!({})),
+            Verdict::Unverifiable { .. }
+        ));
+    }
+
+    #[test]
+    fn paging_links_are_rewritten_to_the_public_base() {
+        let body = json!({"resourceType": "Bundle", "type": "searchset",
+            "link": [
+                {"relation": "self", "url": "http://up:9/r4/Observation?patient=p1"},
+                {"relation": "next", "url": "http://up:9/r4?_getpages=x"},
+                {"relation": "other", "url": "http://up:9/r4x/Observation"},
+                {"relation": "elsewhere", "url": "https://other/r4/Observation"}],
+            "entry": [{"fullUrl": "http://up:9/r4/Observation/a"}]});
+        let out = rewrite_links(
+            body.to_string().as_bytes(),
+            "http://up:9/r4",
+            "https://gw/fhir",
+        )
+        .unwrap();
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            out["link"][0]["url"],
+            "https://gw/fhir/Observation?patient=p1"
+        );
+        assert_eq!(out["link"][1]["url"], "https://gw/fhir?_getpages=x");
+        assert_eq!(out["link"][2]["url"], "http://up:9/r4x/Observation");
+        assert_eq!(out["link"][3]["url"], "https://other/r4/Observation");
+        assert_eq!(out["entry"][0]["fullUrl"], "https://gw/fhir/Observation/a");
+        assert!(rewrite_links(b"{}", "http://up:9/r4", "https://gw/fhir").is_none());
     }
 }

@@ -49,6 +49,30 @@ pub struct Config {
     /// (`sub`, `client_id`, `patient`, `fhir_user`, `scope`, `issuer`) → header name.
     #[serde(default)]
     pub forward_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub patient_context: PatientContextConfig,
+}
+
+/// How requests under `patient/` scopes are treated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatientContextConfig {
+    /// A type search that names no patient: `narrow` (add the patient
+    /// parameter) or `refuse` (403).
+    #[serde(default = "d_unnarrowed")]
+    pub unnarrowed_search: String,
+}
+
+impl Default for PatientContextConfig {
+    fn default() -> Self {
+        PatientContextConfig {
+            unnarrowed_search: d_unnarrowed(),
+        }
+    }
+}
+
+fn d_unnarrowed() -> String {
+    "narrow".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +308,7 @@ pub struct Settings {
     pub upstream: Upstream,
     pub issuers: Vec<Issuer>,
     pub tokens: TokenConfig,
+    pub unnarrowed_search: crate::decide::UnnarrowedSearch,
     pub jwks: JwksConfig,
     /// Certificates from `jwks.ca_file`, parsed.
     pub jwks_roots: Vec<reqwest::Certificate>,
@@ -599,6 +624,17 @@ impl Config {
             None => Vec::new(),
         };
 
+        let unnarrowed = match self.patient_context.unnarrowed_search.as_str() {
+            "narrow" => Some(crate::decide::UnnarrowedSearch::Narrow),
+            "refuse" => Some(crate::decide::UnnarrowedSearch::Refuse),
+            other => {
+                problem(
+                    "patient_context.unnarrowed_search",
+                    format!("'{other}' is not one of: narrow, refuse"),
+                );
+                None
+            }
+        };
         let audit = match (self.audit.sink.as_str(), &self.audit.path) {
             ("stdout", None) => Some(AuditSink::Stdout),
             ("stdout", Some(_)) => {
@@ -669,6 +705,7 @@ impl Config {
             upstream: upstream.expect("validated"),
             issuers,
             tokens: self.tokens.clone(),
+            unnarrowed_search: unnarrowed.expect("validated"),
             jwks: self.jwks.clone(),
             jwks_roots,
             admin_listen: admin_listen.expect("validated"),

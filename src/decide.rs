@@ -28,7 +28,7 @@
 //! granted by scopes at all.
 
 use crate::fhir::classify::{FhirRequest, Interaction, OperationLevel};
-use crate::fhir::compartment;
+use crate::fhir::compartment::{self, Bases};
 use crate::scope::{Context, Perm, Scope, ScopeSet};
 
 /// Why the grant does not allow the request.
@@ -48,6 +48,28 @@ pub struct Decision {
     /// Set when the request alone cannot prove that the answer stays inside
     /// the grant: the upstream's answer must be checked (stage 8).
     pub check: Option<ResponseCheck>,
+    /// A search parameter (name, value) to add to the request upstream so
+    /// it is narrowed to the context patient.
+    pub narrow: Option<(String, String)>,
+}
+
+/// What a type search under `patient/` scopes that names no patient does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnnarrowedSearch {
+    /// Add the patient parameter (SMART: patient-level scopes mean "this
+    /// patient's data", so the search is read as "this patient's X").
+    #[default]
+    Narrow,
+    /// Refuse it (403), so apps must name the patient themselves.
+    Refuse,
+}
+
+/// Deployment choices that shape decisions.
+#[derive(Debug, Clone, Default)]
+pub struct DecideOptions {
+    pub unnarrowed_search: UnnarrowedSearch,
+    /// Base URLs under which an absolute reference may name a patient.
+    pub bases: Bases,
 }
 
 /// A check stage 8 must make on the upstream's answer before it is passed on.
@@ -57,6 +79,10 @@ pub enum ResponseCheck {
     /// in the compartment of `Patient/{patient}`; otherwise the answer is a
     /// 404 as if the resource did not exist.
     InCompartment { patient: String },
+    /// A searchset Bundle: every resource in it must be in the compartment
+    /// of `Patient/{patient}` (matches, includes); otherwise nothing of it is
+    /// passed on.
+    SearchInCompartment { patient: String },
 }
 
 /// One permission the request needs.
@@ -98,17 +124,28 @@ fn deny(reason: impl Into<String>) -> ScopeDenial {
     }
 }
 
-/// Decides one request (a batch/transaction entry by entry).
+/// Decides one request (a batch/transaction entry by entry) with the
+/// default [`DecideOptions`].
 pub fn decide(
     req: &FhirRequest,
     scopes: &ScopeSet,
     patient: Option<&str>,
 ) -> Result<Decision, ScopeDenial> {
+    decide_with(req, scopes, patient, &DecideOptions::default())
+}
+
+/// Decides one request (a batch/transaction entry by entry).
+pub fn decide_with(
+    req: &FhirRequest,
+    scopes: &ScopeSet,
+    patient: Option<&str>,
+    opts: &DecideOptions,
+) -> Result<Decision, ScopeDenial> {
     if req.is_bundle() {
         let mut used = Vec::new();
         for (i, entry) in req.entries.iter().enumerate() {
-            match decide(entry, scopes, patient) {
-                Ok(Decision { check: Some(_), .. }) => {
+            match decide_with(entry, scopes, patient, opts) {
+                Ok(Decision { check: Some(_), .. } | Decision { narrow: Some(_), .. }) => {
                     return Err(deny(format!(
                         "{} entry {i} ({}) refused: under patient/ scopes its answer would have to be checked \
                          against the patient's compartment, which fhirwall does not do inside a Bundle",
@@ -132,6 +169,7 @@ pub fn decide(
         return Ok(Decision {
             scopes_used: used,
             check: None,
+            narrow: None,
         });
     }
     let needs = needs(req)?;
@@ -139,6 +177,7 @@ pub fn decide(
         return Ok(Decision {
             scopes_used: Vec::new(),
             check: None,
+            narrow: None,
         });
     }
     // Usable scopes: v2 filtered scopes grant nothing until filters are enforced.
@@ -154,6 +193,7 @@ pub fn decide(
         return Ok(Decision {
             scopes_used: used,
             check: None,
+            narrow: None,
         });
     }
     // Second: with patient scopes too, if the request stays in the compartment.
@@ -194,6 +234,7 @@ pub fn decide(
         return Ok(Decision {
             scopes_used: used,
             check: None,
+            narrow: None,
         });
     }
     if read_checkable(req) {
@@ -202,6 +243,16 @@ pub fn decide(
             check: Some(ResponseCheck::InCompartment {
                 patient: ctx.to_string(),
             }),
+            narrow: None,
+        });
+    }
+    if let Some(narrow) = patient_search(req, ctx, opts)? {
+        return Ok(Decision {
+            scopes_used: used,
+            check: Some(ResponseCheck::SearchInCompartment {
+                patient: ctx.to_string(),
+            }),
+            narrow,
         });
     }
     let t = req.resource_type.as_deref().unwrap_or("");
@@ -212,10 +263,179 @@ pub fn decide(
     }
     Err(deny(format!(
         "under patient/ scopes only requests provably inside the compartment of Patient/{ctx} are allowed: \
-         the Patient itself, reads of resources in its compartment, Patient/{ctx}/[type] compartment searches \
-         and Patient/{ctx}/$everything; this {} is not",
+         the Patient itself, reads and type searches of resources in its compartment, Patient/{ctx}/[type] \
+         compartment searches and Patient/{ctx}/$everything; this {} is not",
         req.interaction
     )))
+}
+
+/// Parameters that only page through, format or count a result: a search
+/// made only of them (a server's paging link) names nothing.
+const PAGING_PARAMS: &[&str] = &[
+    "_getpages",
+    "_getpagesoffset",
+    "_pageId",
+    "_page",
+    "_offset",
+    "_count",
+    "_bundletype",
+    "_format",
+    "_pretty",
+    "_summary",
+    "_elements",
+    "_total",
+];
+
+/// A search under patient-only scopes: `Ok(Some(narrow))` when it can go
+/// upstream (with the answer checked), `narrow` being the parameter to add
+/// when the request names no patient; `Ok(None)` when this is not such a
+/// search; an error when it names another patient or may not be narrowed.
+#[allow(clippy::type_complexity)]
+fn patient_search(
+    req: &FhirRequest,
+    ctx: &str,
+    opts: &DecideOptions,
+) -> Result<Option<Option<(String, String)>>, ScopeDenial> {
+    // A paging link (`?_getpages=…`): nothing to narrow; every page is checked.
+    if req.interaction == Interaction::SearchSystem
+        && !req.params.is_empty()
+        && req
+            .params
+            .iter()
+            .all(|(n, _)| PAGING_PARAMS.contains(&n.as_str()))
+    {
+        return Ok(Some(None));
+    }
+    if req.interaction == Interaction::SearchCompartment
+        && !reaches_other_types(req)
+        && req
+            .compartment
+            .as_ref()
+            .is_some_and(|c| c.resource_type == "Patient" && c.id == ctx)
+    {
+        // Patient/{ctx}/[type]: narrowed by its path; the answer is still
+        // checked, in case the upstream does not implement compartments.
+        return Ok(Some(None));
+    }
+    if req.interaction != Interaction::SearchType || req.conditional {
+        return Ok(None);
+    }
+    let t = req.resource_type.as_deref().unwrap_or("");
+    let (narrowed, add) = if t == "Patient" {
+        // The Patient is in its own compartment by id only.
+        let mut named = false;
+        for (name, value) in &req.params {
+            for v in value.split(',') {
+                if named_patient(v, false, &opts.bases).is_some_and(|id| id != ctx) {
+                    return Err(names_other(name, value, ctx));
+                }
+            }
+            if name == "_id" {
+                if value != ctx {
+                    return Err(names_other(name, value, ctx));
+                }
+                named = true;
+            } else if name == "link" || name.starts_with("link:") {
+                return Err(deny(format!(
+                    "under patient/ scopes Patient searches may not follow links ({name}): \
+                     only Patient/{ctx} itself is reachable"
+                )));
+            }
+        }
+        (named, ("_id".to_string(), ctx.to_string()))
+    } else {
+        let links = compartment::link_params(t);
+        if links.is_empty() {
+            return Err(deny(format!(
+                "{t} is not in the Patient compartment, so patient/ scopes do not reach it"
+            )));
+        }
+        let mut narrowed = false;
+        for (name, value) in &req.params {
+            let (head, chained) = match name.split_once('.') {
+                Some((h, _)) => (h, true),
+                None => (name.as_str(), false),
+            };
+            let (base, modifier) = match head.split_once(':') {
+                Some((b, m)) => (b, Some(m)),
+                None => (head, None),
+            };
+            // Whatever the parameter (chains and non-compartment ones too),
+            // no value may name another patient (`Patient/x`, a Patient URL).
+            for v in value.split(',') {
+                if named_patient(v, false, &opts.bases).is_some_and(|id| id != ctx) {
+                    return Err(names_other(name, value, ctx));
+                }
+            }
+            let Some(link) = links.iter().find(|l| l.name == base) else {
+                continue;
+            };
+            if chained || !matches!(modifier, None | Some("Patient")) {
+                // Chains and other modifiers filter further; they never name
+                // the patient that narrows the search.
+                continue;
+            }
+            let bare_is_patient = link.patient_only || modifier == Some("Patient");
+            let mut names_ctx = true;
+            for v in value.split(',') {
+                match named_patient(v, bare_is_patient, &opts.bases) {
+                    Some(id) if id == ctx => {}
+                    Some(_) => return Err(names_other(name, value, ctx)),
+                    None => names_ctx = false,
+                }
+            }
+            // One value only: `a,b` is an OR, wider than the patient.
+            narrowed |= names_ctx && !value.contains(',');
+        }
+        let add = match links.iter().find(|l| l.patient_only) {
+            Some(l) => (l.name.to_string(), ctx.to_string()),
+            None => (links[0].name.to_string(), format!("Patient/{ctx}")),
+        };
+        (narrowed, add)
+    };
+    if narrowed {
+        return Ok(Some(None));
+    }
+    match opts.unnarrowed_search {
+        UnnarrowedSearch::Narrow => Ok(Some(Some(add))),
+        UnnarrowedSearch::Refuse => Err(deny(format!(
+            "under patient/ scopes a {t} search must name the context patient \
+             (e.g. {}={}); this deployment does not add it",
+            add.0, add.1
+        ))),
+    }
+}
+
+fn names_other(name: &str, value: &str, ctx: &str) -> ScopeDenial {
+    deny(format!(
+        "search parameter {name}={value} names a patient other than the token's (Patient/{ctx})"
+    ))
+}
+
+/// The patient a reference search value names, if it names one:
+/// `Patient/{id}` or `{base}/Patient/{id}` under a known base give the id;
+/// a Patient URL on any other server gives the whole URL (never equal to
+/// the context patient's id, so it counts as another patient); a bare
+/// `{id}` counts where the parameter can only mean a Patient.
+fn named_patient<'a>(value: &'a str, bare_is_patient: bool, bases: &Bases) -> Option<&'a str> {
+    if let Some(id) = value.strip_prefix("Patient/") {
+        return Some(id);
+    }
+    if value.contains("://") {
+        let (prefix, id) = value.rsplit_once("/Patient/")?;
+        if id.is_empty() || id.contains('/') {
+            return None;
+        }
+        return Some(if bases.0.iter().any(|b| b == prefix) {
+            id
+        } else {
+            value
+        });
+    }
+    if value.contains('/') {
+        return None;
+    }
+    bare_is_patient.then_some(value)
 }
 
 /// A read, vread or instance history of a (non-Patient) compartment type,
@@ -393,19 +613,6 @@ fn in_patient_compartment(req: &FhirRequest, ctx: &str) -> bool {
         Read | Vread | HistoryInstance | Update | Patch => {
             is_patient && req.id.as_deref() == Some(ctx) && !req.conditional
         }
-        SearchType => {
-            let ids: Vec<&str> = req
-                .params
-                .iter()
-                .filter(|(n, _)| n == "_id")
-                .map(|(_, v)| v.as_str())
-                .collect();
-            is_patient && ids == [ctx]
-        }
-        SearchCompartment => req
-            .compartment
-            .as_ref()
-            .is_some_and(|c| c.resource_type == "Patient" && c.id == ctx),
         Operation => {
             is_patient
                 && req.id.as_deref() == Some(ctx)
@@ -898,12 +1105,12 @@ mod tests {
                 false,
             ),
             (
-                "patient unscoped search",
+                "patient unscoped search (narrowed by default)",
                 "patient/Patient.s",
                 Some("p1"),
                 "GET",
                 "Patient?name=x",
-                false,
+                true,
             ),
             (
                 "patient compartment own",
@@ -930,12 +1137,12 @@ mod tests {
                 false,
             ),
             (
-                "patient type search refused",
+                "patient type search naming the patient",
                 "patient/Observation.rs",
                 Some("p1"),
                 "GET",
                 "Observation?patient=p1",
-                false,
+                true,
             ),
             (
                 "patient read of a compartment type (answer checked)",
@@ -1049,6 +1256,96 @@ mod tests {
         let b = classify_bundle(req("POST", ""), body).unwrap();
         let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1")).unwrap_err();
         assert!(d.reason.contains("inside a Bundle"), "{}", d.reason);
+    }
+
+    #[test]
+    fn patient_searches_are_narrowed_or_refused() {
+        let opts = DecideOptions {
+            unnarrowed_search: UnnarrowedSearch::Narrow,
+            bases: Bases(vec!["https://gw/fhir".into()]),
+        };
+        let strict = DecideOptions {
+            unnarrowed_search: UnnarrowedSearch::Refuse,
+            ..opts.clone()
+        };
+        let grant = ScopeSet::parse("patient/*.rs");
+        let run =
+            |url: &str, o: &DecideOptions| decide_with(&req("GET", url), &grant, Some("p1"), o);
+        let add = |n: &str, v: &str| Some((n.to_string(), v.to_string()));
+        let checked = Some(ResponseCheck::SearchInCompartment {
+            patient: "p1".into(),
+        });
+        // (url, narrowing parameter to add: None = already narrowed)
+        for (url, narrow) in [
+            ("Observation?patient=p1", None),
+            ("Observation?patient=Patient/p1", None),
+            ("Observation?subject=Patient/p1&code=1", None),
+            ("Observation?subject:Patient=p1", None),
+            ("Observation?performer=Patient/p1", None),
+            ("Observation?subject=https://gw/fhir/Patient/p1", None),
+            ("Observation?patient=p1&performer.name=x", None),
+            ("Observation?patient=p1&_count=2&_offset=4", None),
+            (
+                "Observation?patient=p1&_has:Provenance:target:agent=x",
+                None,
+            ),
+            ("Patient?_id=p1&name=x", None),
+            ("Observation?code=1", add("patient", "p1")),
+            // A bare id in a parameter that may hold other types names no patient.
+            ("Observation?subject=p1", add("patient", "p1")),
+            ("Observation?subject=Group/g1", add("patient", "p1")),
+            ("Observation?subject.name=Alice", add("patient", "p1")),
+            ("Observation?patient=p1,p1", add("patient", "p1")),
+            ("Observation?patient:missing=false", add("patient", "p1")),
+            ("Encounter?date=ge2020", add("patient", "p1")),
+            ("Appointment?status=booked", add("patient", "p1")),
+            ("Patient?name=Alice", add("_id", "p1")),
+            ("AdverseEvent?date=ge2020", add("subject", "Patient/p1")),
+        ] {
+            let d = run(url, &opts).unwrap_or_else(|e| panic!("{url}: {}", e.reason));
+            assert_eq!(d.check, checked, "{url}");
+            assert_eq!(d.narrow, narrow, "{url}");
+            let strict_ok = run(url, &strict).is_ok();
+            assert_eq!(strict_ok, narrow.is_none(), "{url} (refuse mode)");
+        }
+        // Naming another patient anywhere is refused, in either mode.
+        for url in [
+            "Observation?patient=p2",
+            "Observation?patient=Patient/p2",
+            "Observation?subject=Patient/p2",
+            "Observation?subject:Patient=p2",
+            "Observation?patient=p1&performer=Patient/p2",
+            "Observation?patient=p1,p2",
+            "Observation?subject=https://gw/fhir/Patient/p2",
+            "Observation?subject=https://evil/fhir/Patient/p1",
+            "Observation?patient=p1&focus=Patient/p2",
+            "Condition?subject=Patient/p2",
+            "Observation?patient=p1&subject:Patient.link=Patient/p2",
+            "Patient?_id=p2",
+            "Patient?_id=p1,p2",
+        ] {
+            let e = run(url, &opts).unwrap_err();
+            assert!(
+                e.reason.contains("other than the token's"),
+                "{url}: {}",
+                e.reason
+            );
+        }
+        // Not narrowable: links of Patient, types outside the compartment,
+        // history, unbounded parameters, conditional interactions.
+        for url in [
+            "Patient?link=Patient/p1",
+            "Practitioner?name=x",
+            "Observation/_history",
+            "Observation?patient=p1&_filter=x",
+            "Observation?patient=p1&_contained=true",
+            "?code=1",
+        ] {
+            assert!(run(url, &opts).is_err(), "{url}");
+        }
+        // A server's opaque paging link: allowed, every page checked.
+        let d = run("?_getpages=abc&_getpagesoffset=20&_count=10", &opts).unwrap();
+        assert_eq!((d.check, d.narrow), (checked, None));
     }
 
     #[test]

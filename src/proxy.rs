@@ -22,9 +22,10 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorType;
 
 use crate::audit::{hex, AuditLog, Record};
+use crate::check::rewrite_links;
 use crate::check::{judge, Verdict};
 use crate::config::{ForwardedContext, Settings};
-use crate::decide::{decide, ResponseCheck};
+use crate::decide::{decide_with, DecideOptions, ResponseCheck};
 use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
@@ -56,6 +57,7 @@ pub struct Gateway {
     checked: CheckedClient,
     /// Base URLs under which a reference may name the context patient.
     bases: Bases,
+    decide_opts: DecideOptions,
 }
 
 impl Gateway {
@@ -96,6 +98,10 @@ impl Gateway {
                 .trim_end_matches('/')
                 .to_string(),
         ]);
+        let decide_opts = DecideOptions {
+            unnarrowed_search: settings.unnarrowed_search,
+            bases: bases.clone(),
+        };
         Gateway {
             settings,
             validator,
@@ -108,6 +114,7 @@ impl Gateway {
             host_header,
             checked,
             bases,
+            decide_opts,
         }
     }
 }
@@ -123,6 +130,8 @@ pub struct Ctx {
     scopes_used: Vec<String>,
     /// What stage 8 must prove about the upstream's answer.
     check: Option<ResponseCheck>,
+    /// A parameter added upstream to narrow a search to the patient.
+    narrow: Option<(String, String)>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -348,11 +357,24 @@ impl Gateway {
         } else {
             req.method.clone()
         };
-        let query = req.uri.query().map(str::to_string);
+        let mut query = req.uri.query().map(str::to_string);
+        if let Some((name, value)) = &ctx.narrow {
+            let q = query.get_or_insert_with(String::new);
+            if !q.is_empty() {
+                q.push('&');
+            }
+            q.push_str(
+                &url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair(name, value)
+                    .finish(),
+            );
+        }
         let rel = ctx.rel_path.clone().unwrap_or_default();
+        // A body read to classify the request (POST _search) goes along.
+        let body = session.get_retry_buffer();
         let fetched = self
             .checked
-            .fetch(method, &rel, query.as_deref(), headers)
+            .fetch(method, &rel, query.as_deref(), headers, body)
             .await;
         let answer = match fetched {
             Ok(a) => a,
@@ -395,23 +417,37 @@ impl Gateway {
                 code: "upstream_answer_unchecked",
                 description: format!("the upstream's answer could not be checked: {why}"),
             }),
+            Verdict::Refuse { why } => Some(Denial::InsufficientScope {
+                description: why,
+                scope: None,
+            }),
         };
         if let Some(denial) = denial {
             let r = self.answer(session, ctx, &denial).await;
             ctx.denial = Some(denial);
             return r;
         }
+        let body = match check {
+            ResponseCheck::SearchInCompartment { .. } => rewrite_links(
+                &answer.body,
+                self.settings.upstream.url.as_str().trim_end_matches('/'),
+                &self.realm,
+            )
+            .map(Bytes::from)
+            .unwrap_or(answer.body),
+            ResponseCheck::InCompartment { .. } => answer.body,
+        };
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
         for (name, value) in &answer.headers {
             if upstream::passes_on(name) {
                 h.append_header(name.clone(), value.clone())?;
             }
         }
-        h.insert_header(header::CONTENT_LENGTH, answer.body.len().to_string())?;
+        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
         session.write_response_header(Box::new(h), head).await?;
         if !head {
-            session.write_response_body(Some(answer.body), true).await?;
+            session.write_response_body(Some(body), true).await?;
         }
         Ok(())
     }
@@ -544,14 +580,19 @@ impl Gateway {
         let fhir = ctx.fhir.as_ref().expect("just set");
 
         // 6. Decide
-        let d = decide(fhir, &claims.scopes, claims.patient.as_deref()).map_err(|d| {
-            Denial::InsufficientScope {
-                description: d.reason,
-                scope: d.missing_scope,
-            }
+        let d = decide_with(
+            fhir,
+            &claims.scopes,
+            claims.patient.as_deref(),
+            &self.decide_opts,
+        )
+        .map_err(|d| Denial::InsufficientScope {
+            description: d.reason,
+            scope: d.missing_scope,
         })?;
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;
+        ctx.narrow = d.narrow;
         Ok(())
     }
 }
@@ -570,6 +611,7 @@ impl ProxyHttp for Gateway {
             token: None,
             scopes_used: Vec::new(),
             check: None,
+            narrow: None,
             denial: None,
             public: false,
             upstream_status: None,

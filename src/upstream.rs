@@ -69,14 +69,15 @@ impl CheckedClient {
     }
 
     /// Sends `method` `rel?query` below the upstream base with `headers`
-    /// (already filtered by the proxy's header policy) and reads the whole
-    /// answer, at most `max_body` bytes.
+    /// (already filtered by the proxy's header policy) and `body`, and reads
+    /// the whole answer, at most `max_body` bytes.
     pub async fn fetch(
         &self,
         method: Method,
         rel: &str,
         query: Option<&str>,
         mut headers: HeaderMap,
+        body: Option<Bytes>,
     ) -> Result<Answer, Denial> {
         let mut url = self.base.clone();
         if !rel.is_empty() {
@@ -101,13 +102,11 @@ impl CheckedClient {
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
-        let mut resp = self
-            .client
-            .request(method, &url)
-            .headers(headers)
-            .send()
-            .await
-            .map_err(|e| failure(&e))?;
+        let mut request = self.client.request(method, &url).headers(headers);
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let mut resp = request.send().await.map_err(|e| failure(&e))?;
         let status = resp.status().as_u16();
         let headers = std::mem::take(resp.headers_mut());
         let too_large = || Denial::Upstream {

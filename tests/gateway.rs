@@ -641,15 +641,24 @@ async fn discovery_cache_audit_and_metrics() {
     assert_eq!(r.status(), 401, "a cached token never outlives its exp");
     assert_eq!(gw.upstream.count_containing("expired-cached-1"), 0);
 
-    let m = gw
-        .client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Metrics are recorded in the logging phase, just after the answer is
+    // sent: wait (bounded) until the last request has been counted.
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = gw
+            .client
+            .get(format!("{}/metrics", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("fhirwall_request_outcomes_total{reason=\"token_expired\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         m.contains("fhirwall_requests_total{decision=\"allow\",interaction=\"read\"} 2"),
         "{m}"

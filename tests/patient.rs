@@ -203,3 +203,194 @@ async fn checked_reads_report_upstream_failures() {
     assert_eq!(s, 502, "{body}");
     assert!(body.contains("upstream_unreachable"), "{body}");
 }
+
+/// Entry resource ids of a searchset answer.
+fn entry_ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["resource"]["id"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_are_narrowed_to_the_context_patient() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let get = |rel: &'static str| {
+        let (gw, p1) = (&gw, p1.clone());
+        async move {
+            let r = gw.get(rel, Some(&p1)).await;
+            status_and_body(r).await
+        }
+    };
+
+    // Naming the context patient: passes, answer checked.
+    let (s, body) = get("Observation?patient=p1").await;
+    assert_eq!(s, 200, "{body}");
+    let ids = entry_ids(&serde_json::from_str(&body).unwrap());
+    assert_eq!(ids, ["obs-moved", "obs-p1-0", "obs-p1-1"], "{body}");
+    assert_nothing_of_p2("Observation?patient=p1", &body);
+
+    // Naming no patient: narrowed by adding the patient parameter.
+    let (s, body) = get("Observation?code=2339-0").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&body).unwrap()),
+        ["obs-p1-1"]
+    );
+    assert_nothing_of_p2("Observation?code", &body);
+    let seen = gw.upstream.seen();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|s| s.uri.contains("code=2339-0"))
+        .unwrap();
+    assert!(last.uri.contains("patient=p1"), "{}", last.uri);
+    let (s, body) = get("Patient?gender=male").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(entry_ids(&serde_json::from_str(&body).unwrap()), ["p1"]);
+    assert_nothing_of_p2("Patient?gender=male", &body);
+
+    // Naming another patient: refused before the upstream.
+    for rel in [
+        "Observation?patient=p2&code=other-1",
+        "Observation?subject=Patient/p2&code=other-2",
+        "Observation?subject=Patient/p1,Patient/p2&code=other-3",
+        "Patient?_id=p2&name=other-4",
+        "Patient/p2/Observation?code=other-5",
+    ] {
+        let (s, body) = get(rel).await;
+        assert_eq!(s, 403, "{rel}: {body}");
+        let o: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(o["resourceType"], "OperationOutcome");
+        assert!(
+            !body.contains("entry") && !body.contains("valueQuantity"),
+            "{rel}: {body}"
+        );
+    }
+    assert_eq!(gw.upstream.count_containing("other-"), 0);
+
+    // Compartment search of the context patient.
+    let (s, body) = get("Patient/p1/Condition").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&body).unwrap()),
+        ["cond-p1"]
+    );
+
+    // The (lenient) upstream ignores `performer`: its answer holds every
+    // patient's Observations, so nothing of it is passed on.
+    let (s, body) = get("Observation?performer=Patient/p1").await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("outside the compartment"), "{body}");
+    assert_nothing_of_p2("Observation?performer", &body);
+
+    // An include that leaves the compartment (the Practitioner) is refused.
+    let (s, body) = get("Observation?patient=p1&_include=Observation:performer").await;
+    assert_eq!(s, 403, "{body}");
+    assert!(!body.contains("Welby"), "{body}");
+
+    // Unbounded parameters are refused before the upstream.
+    for rel in [
+        "Observation?patient=p1&_filter=code%20eq%20x",
+        "Observation?patient=p1&_contained=true",
+        "Observation?patient=p1&_query=everything",
+    ] {
+        let (s, _) = get(rel).await;
+        assert_eq!(s, 403, "{rel}");
+    }
+    assert_eq!(gw.upstream.count_containing("_filter"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_links_go_through_the_gateway_and_stay_narrowed() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let mut url = format!("{}/Observation?_count=1", gw.base);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let r = gw.client.get(&url).bearer_auth(&p1).send().await.unwrap();
+        let (s, body) = status_and_body(r).await;
+        assert_eq!(s, 200, "{url}: {body}");
+        assert_nothing_of_p2(&url, &body);
+        let b: Value = serde_json::from_str(&body).unwrap();
+        ids.extend(entry_ids(&b));
+        let next = b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(n) => {
+                assert!(
+                    n.starts_with(&gw.base),
+                    "next link not through the gateway: {n}"
+                );
+                assert!(n.contains("patient=p1"), "next link not narrowed: {n}");
+                url = n;
+            }
+            None => break,
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, ["obs-moved", "obs-p1-0", "obs-p1-1"]);
+
+    // A tampered next link naming another patient is refused.
+    let evil = format!("{}/Observation?patient=p2&_count=1&_offset=1", gw.base);
+    let r = gw.client.get(&evil).bearer_auth(&p1).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_search_bodies_are_decided_and_narrowed() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let post = |form: &'static str| {
+        let (gw, p1) = (&gw, p1.clone());
+        async move {
+            let r = gw
+                .client
+                .post(format!("{}/Observation/_search", gw.base))
+                .bearer_auth(&p1)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form)
+                .send()
+                .await
+                .unwrap();
+            status_and_body(r).await
+        }
+    };
+    let (s, body) = post("code=8867-4").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&body).unwrap()),
+        ["obs-p1-0"]
+    );
+    assert_nothing_of_p2("POST _search", &body);
+
+    let before = gw.upstream.seen().len();
+    let (s, body) = post("patient=p2").await;
+    assert_eq!(s, 403, "{body}");
+    assert_eq!(gw.upstream.seen().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuse_mode_requires_searches_to_name_the_patient() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "patient_context:\n  unnarrowed_search: refuse\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let (s, body) = status_and_body(gw.get("Observation?code=unnamed-1", Some(&p1)).await).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("must name the context patient"), "{body}");
+    assert_eq!(gw.upstream.count_containing("unnamed-1"), 0);
+    let (s, _) = status_and_body(gw.get("Observation?patient=p1", Some(&p1)).await).await;
+    assert_eq!(s, 200);
+}

@@ -49,6 +49,9 @@ fn query() -> impl Strategy<Value = Option<String>> {
     let param = prop::sample::select(vec![
         "patient=p1",
         "patient=p2",
+        "subject=Patient/p2",
+        "subject=Patient/p1,Patient/p2",
+        "performer=Patient/p2",
         "_id=p1",
         "_id=p2",
         "code=x",
@@ -160,11 +163,27 @@ proptest! {
                 let names_other = path.split('/').any(|s| s == "p2") || q.as_deref().is_some_and(|q| q.contains("p2"));
                 prop_assert!(!names_other, "{m} {path} {q:?} reached p2 under patient/ scopes of p1");
             }
-            // Left to the answer check: only plain reads of compartment types (not Patient).
-            Ok(d) => {
-                prop_assert_eq!(d.check, Some(ResponseCheck::InCompartment { patient: "p1".into() }));
+            // Left to the answer check: plain reads of compartment types (not Patient) ...
+            Ok(d) if d.check == Some(ResponseCheck::InCompartment { patient: "p1".into() }) => {
                 prop_assert!(matches!(req.interaction, Interaction::Read | Interaction::Vread | Interaction::HistoryInstance), "{m} {path} {q:?}");
                 prop_assert!(req.resource_type.as_deref() != Some("Patient"), "{m} {path} {q:?}");
+            }
+            // ... and searches, which must never name p2 in a patient parameter.
+            Ok(d) => {
+                prop_assert_eq!(d.check, Some(ResponseCheck::SearchInCompartment { patient: "p1".into() }));
+                prop_assert!(matches!(req.interaction, Interaction::SearchType | Interaction::SearchCompartment | Interaction::SearchSystem), "{m} {path} {q:?}");
+                let params = q.as_deref().unwrap_or("");
+                let on_patient = path.starts_with("Patient");
+                let names_p2 = params.split('&').any(|p| {
+                    p.starts_with("patient=") && p.contains("p2")
+                        || p.starts_with("subject=") && p.contains("p2")
+                        || p.starts_with("performer=") && p.contains("p2")
+                        || on_patient && p == "_id=p2"
+                }) || path.split('/').any(|s| s == "p2");
+                prop_assert!(!names_p2, "{m} {path} {q:?} searched p2 under patient/ scopes of p1");
+                if let Some((n, v)) = &d.narrow {
+                    prop_assert!(v == "p1" || v == "Patient/p1", "narrowed by {n}={v}");
+                }
             }
             Err(_) => {}
         }

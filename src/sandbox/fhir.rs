@@ -60,6 +60,7 @@ pub fn synthetic_resources() -> Vec<Value> {
                     "code": if n == 0 { "vital-signs" } else { "laboratory" }}]}],
                 "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
                 "subject": {"reference": format!("Patient/{id}")},
+                "performer": if n == 0 { json!([{"reference": "Practitioner/dr-1"}]) } else { json!([]) },
                 "valueQuantity": {"value": value}
             }));
         }
@@ -181,8 +182,78 @@ impl FhirSandbox {
             .filter(|((t, _), r)| types.contains(&t.as_str()) && self.matches(r, params))
             .map(|(_, r)| json!({"resource": r, "search": {"mode": "match"}}))
             .collect();
-        json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(), "entry": entries})
+        let total = entries.len();
+        // `_include=Type:element`: the resources the matches reference there.
+        let mut included: Vec<Value> = Vec::new();
+        for (_, inc) in params.iter().filter(|(k, _)| k == "_include") {
+            let Some(element) = inc.split(':').nth(1) else {
+                continue;
+            };
+            for e in &entries {
+                let refs = match &e["resource"][element] {
+                    Value::Array(a) => a.clone(),
+                    v @ Value::Object(_) => vec![v.clone()],
+                    _ => Vec::new(),
+                };
+                for r in refs {
+                    let Some((t, id)) = r["reference"].as_str().and_then(|x| x.split_once('/'))
+                    else {
+                        continue;
+                    };
+                    if let Some(found) = self.resources.get(&(t.to_string(), id.to_string())) {
+                        if !included.iter().any(|i| i["resource"] == *found) {
+                            included
+                                .push(json!({"resource": found, "search": {"mode": "include"}}));
+                        }
+                    }
+                }
+            }
+        }
+        let mut all = entries;
+        all.extend(included);
+        json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": all})
     }
+}
+
+/// `_count` / `_offset` paging of a searchset, with `self` and `next` links
+/// carrying every other parameter (as a server's paging links do).
+fn page(mut bundle: Value, self_url: &str, params: &[(String, String)]) -> Value {
+    let get = |n: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == n)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+    };
+    let rest: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "_count" && k != "_offset")
+        .cloned()
+        .collect();
+    let url = |extra: &[(&str, String)]| {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &rest {
+            q.append_pair(k, v);
+        }
+        for (k, v) in extra {
+            q.append_pair(k, v);
+        }
+        format!("{self_url}?{}", q.finish())
+    };
+    let mut links = vec![json!({"relation": "self", "url": url(&[])})];
+    if let Some(count) = get("_count") {
+        let offset = get("_offset").unwrap_or(0);
+        let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+        let total = entries.len();
+        bundle["entry"] = Value::Array(entries.into_iter().skip(offset).take(count).collect());
+        if offset + count < total {
+            links.push(json!({"relation": "next", "url": url(&[
+                ("_count", count.to_string()),
+                ("_offset", (offset + count).to_string()),
+            ])}));
+        }
+    }
+    bundle["link"] = Value::Array(links);
+    bundle
 }
 
 fn fhir(status: StatusCode, body: Value) -> Response {
@@ -288,7 +359,19 @@ async fn handle(
                 None => not_found(&format!("{t}/{id}/_history/{v} is not known")),
             }
         }
-        ("GET", [t]) | ("POST", [t, "_search"]) => fhir(StatusCode::OK, s.search(&[t], &params)),
+        ("GET", [t]) | ("POST", [t, "_search"]) => {
+            // POST _search: form parameters count like query parameters.
+            let mut params = params.clone();
+            if method == Method::POST {
+                params.extend(url::form_urlencoded::parse(&body).into_owned());
+            }
+            let host = headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            let self_url = format!("http://{host}{}/{t}", s.base_path);
+            fhir(StatusCode::OK, page(s.search(&[t], &params), &self_url, &params))
+        }
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
         ("GET", ["Patient", id, "$everything"]) => {
             let mut p = params.clone();
