@@ -41,8 +41,8 @@ pub fn judge(
 ) -> Verdict {
     let patient = match check {
         ResponseCheck::InCompartment { patient } => patient,
-        ResponseCheck::SearchInCompartment { patient } => {
-            return judge_search(patient, status, content_type, body, bases)
+        ResponseCheck::SearchInCompartment { patient, types } => {
+            return judge_search(patient, types.as_deref(), status, content_type, body, bases)
         }
     };
     match status {
@@ -161,6 +161,7 @@ fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
 /// (403). Error answers pass only as an `OperationOutcome`.
 fn judge_search(
     patient: &str,
+    types: Option<&[String]>,
     status: u16,
     content_type: Option<&str>,
     body: &[u8],
@@ -198,13 +199,20 @@ fn judge_search(
         if outcome && mode == Some("outcome") {
             continue;
         }
-        if in_compartment(r, patient, bases) {
-            continue;
-        }
         let what = r
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("a resource");
+        if types.is_some_and(|t| !t.iter().any(|t| t == what)) {
+            return Verdict::Refuse {
+                why: format!(
+                    "the answer would hold {what} resources, which the token's scopes do not grant"
+                ),
+            };
+        }
+        if in_compartment(r, patient, bases) {
+            continue;
+        }
         return if mode == Some("include") {
             Verdict::Refuse {
                 why: format!(
@@ -397,6 +405,7 @@ mod tests {
     fn judge_search_json(status: u16, body: Value) -> Verdict {
         let check = ResponseCheck::SearchInCompartment {
             patient: "p1".into(),
+            types: None,
         };
         judge(
             &check,
@@ -465,6 +474,33 @@ mod tests {
         assert!(matches!(
             judge_search_json(500, json!({})),
             Verdict::Unverifiable { .. }
+        ));
+    }
+
+    #[test]
+    fn searches_hold_only_granted_types() {
+        let check = ResponseCheck::SearchInCompartment {
+            patient: "p1".into(),
+            types: Some(vec!["Observation".into()]),
+        };
+        let run = |body: Value| {
+            judge(
+                &check,
+                &req("Observation"),
+                200,
+                Some("application/fhir+json"),
+                body.to_string().as_bytes(),
+                &Bases::default(),
+            )
+        };
+        assert_eq!(
+            run(searchset(vec![(obs("a", "p1"), "match")])),
+            Verdict::Pass
+        );
+        let own = json!({"resourceType": "Patient", "id": "p1"});
+        assert!(matches!(
+            run(searchset(vec![(obs("a", "p1"), "match"), (own, "include")])),
+            Verdict::Refuse { .. }
         ));
     }
 

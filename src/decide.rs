@@ -29,7 +29,7 @@
 
 use crate::fhir::classify::{FhirRequest, Interaction, OperationLevel};
 use crate::fhir::compartment::{self, Bases};
-use crate::scope::{Context, Perm, Scope, ScopeSet};
+use crate::scope::{Context, Perm, Resources, Scope, ScopeSet};
 
 /// Why the grant does not allow the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,9 +80,13 @@ pub enum ResponseCheck {
     /// 404 as if the resource did not exist.
     InCompartment { patient: String },
     /// A searchset Bundle: every resource in it must be in the compartment
-    /// of `Patient/{patient}` (matches, includes); otherwise nothing of it is
-    /// passed on.
-    SearchInCompartment { patient: String },
+    /// of `Patient/{patient}` (matches, includes) and, unless `types` is
+    /// `None` (a wildcard grant), of a type the scopes grant; otherwise
+    /// nothing of it is passed on.
+    SearchInCompartment {
+        patient: String,
+        types: Option<Vec<String>>,
+    },
 }
 
 /// One permission the request needs.
@@ -251,6 +255,7 @@ pub fn decide_with(
             scopes_used: used,
             check: Some(ResponseCheck::SearchInCompartment {
                 patient: ctx.to_string(),
+                types: granted_types(&usable),
             }),
             narrow,
         });
@@ -404,6 +409,30 @@ fn patient_search(
             add.0, add.1
         ))),
     }
+}
+
+/// The resource types the scopes let an answer hold (read or search);
+/// `None` when a wildcard scope covers every type.
+fn granted_types(scopes: &[&Scope]) -> Option<Vec<String>> {
+    let reach = |s: &&&Scope| s.perms.contains(Perm::Read) || s.perms.contains(Perm::Search);
+    if scopes
+        .iter()
+        .filter(reach)
+        .any(|s| s.resources == Resources::All)
+    {
+        return None;
+    }
+    let mut types: Vec<String> = scopes
+        .iter()
+        .filter(reach)
+        .filter_map(|s| match &s.resources {
+            Resources::Type(t) => Some(t.clone()),
+            Resources::All => None,
+        })
+        .collect();
+    types.sort();
+    types.dedup();
+    Some(types)
 }
 
 fn names_other(name: &str, value: &str, ctx: &str) -> ScopeDenial {
@@ -1274,6 +1303,7 @@ mod tests {
         let add = |n: &str, v: &str| Some((n.to_string(), v.to_string()));
         let checked = Some(ResponseCheck::SearchInCompartment {
             patient: "p1".into(),
+            types: None,
         });
         // (url, narrowing parameter to add: None = already narrowed)
         for (url, narrow) in [

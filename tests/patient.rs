@@ -294,6 +294,28 @@ async fn searches_are_narrowed_to_the_context_patient() {
     assert_eq!(s, 403, "{body}");
     assert!(!body.contains("Welby"), "{body}");
 
+    // An include that stays inside (the patient itself) passes, with a token
+    // that grants both types; without Patient in the grant it is refused.
+    let both = gw.mint("patient/Observation.rs patient/Patient.rs", Some("p1"));
+    let r = gw
+        .get(
+            "Observation?patient=p1&_include=Observation:subject:Patient",
+            Some(&both),
+        )
+        .await;
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 200, "{body}");
+    let ids = entry_ids(&serde_json::from_str(&body).unwrap());
+    assert!(ids.contains(&"p1".to_string()), "{body}");
+    let obs_only = gw.mint("patient/Observation.rs", Some("p1"));
+    let r = gw
+        .get(
+            "Observation?patient=p1&_include=Observation:subject:Patient",
+            Some(&obs_only),
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+
     // Unbounded parameters are refused before the upstream.
     for rel in [
         "Observation?patient=p1&_filter=code%20eq%20x",
