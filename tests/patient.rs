@@ -416,3 +416,153 @@ async fn refuse_mode_requires_searches_to_name_the_patient() {
     let (s, _) = status_and_body(gw.get("Observation?patient=p1", Some(&p1)).await).await;
     assert_eq!(s, 200);
 }
+
+/// Property, end to end: random GET requests under random `patient/`
+/// scopes of p1, through the real gateway in front of the sandbox. Whatever
+/// comes back with 200 holds only resources of p1's compartment (judged
+/// independently of fhirwall's table: the Patient p1 itself, or a resource
+/// whose JSON mentions `Patient/p1`) and only types the scopes grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn property_nothing_outside_the_grant_reaches_the_client() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let gw = Gateway::start(Options::default()).await;
+    let types = [
+        "Patient",
+        "Observation",
+        "Condition",
+        "Practitioner",
+        "Encounter",
+    ];
+    let ids = [
+        "p1",
+        "p2",
+        "p3",
+        "obs-p1-0",
+        "obs-p2-0",
+        "obs-shared",
+        "obs-moved",
+        "cond-p1",
+        "cond-p2",
+        "dr-1",
+        "nope",
+    ];
+    let path = (
+        0..7usize,
+        prop::sample::select(types.to_vec()),
+        prop::sample::select(ids.to_vec()),
+    )
+        .prop_map(|(shape, t, id)| match shape {
+            0 => t.to_string(),
+            1 => format!("{t}/{id}"),
+            2 => format!("{t}/{id}/_history"),
+            3 => format!("{t}/{id}/_history/1"),
+            4 => format!("Patient/{id}/{t}"),
+            5 => format!("Patient/{id}/$everything"),
+            _ => String::new(),
+        });
+    let param = prop::sample::select(vec![
+        "patient=p1",
+        "patient=p2",
+        "subject=Patient/p1",
+        "subject=Patient/p2",
+        "subject=p2",
+        "performer=Patient/p1",
+        "_id=p1",
+        "_id=p2",
+        "_include=Observation:performer",
+        "_include=Observation:subject:Patient",
+        "_revinclude=Observation:subject",
+        "_count=1",
+        "code=8867-4",
+        "gender=male",
+    ]);
+    let query = prop::collection::vec(param, 0..3).prop_map(|v| v.join("&"));
+    let scope = prop::sample::select(vec![
+        "patient/*.rs",
+        "patient/*.read",
+        "patient/Observation.rs",
+        "patient/Observation.r",
+        "patient/Patient.r",
+        "patient/Patient.rs",
+        "patient/Condition.s",
+        "patient/Practitioner.rs",
+        "patient/Encounter.rs",
+    ]);
+    let scopes = prop::collection::vec(scope, 1..4).prop_map(|v| v.join(" "));
+
+    let handle = tokio::runtime::Handle::current();
+    let mut runner = TestRunner::new(Config {
+        cases: 160,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let passed = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&(path, query, scopes), |(path, query, scopes)| {
+        let url = if query.is_empty() {
+            format!("{}/{path}", gw.base)
+        } else {
+            format!("{}/{path}?{query}", gw.base)
+        };
+        let token = gw.mint(&scopes, Some("p1"));
+        let (status, body) = tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let r = gw
+                    .client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                status_and_body(r).await
+            })
+        });
+        if status != 200 {
+            return Ok(());
+        }
+        passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let doc: Value = serde_json::from_str(&body)
+            .map_err(|e| TestCaseError::fail(format!("{url}: 200 but not JSON ({e}): {body}")))?;
+        let resources: Vec<&Value> = if doc["resourceType"] == "Bundle" {
+            doc["entry"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["search"]["mode"] != "outcome")
+                .filter_map(|e| e.get("resource"))
+                .collect()
+        } else {
+            vec![&doc]
+        };
+        let granted = |t: &str| {
+            scopes.split(' ').any(|s| {
+                let (ty, _) = s.trim_start_matches("patient/").split_once('.').unwrap();
+                ty == "*" || ty == t
+            })
+        };
+        for r in resources {
+            let t = r["resourceType"].as_str().unwrap_or("");
+            let text = r.to_string();
+            let inside = (t == "Patient" && r["id"] == "p1") || text.contains("\"Patient/p1\"");
+            prop_assert!(
+                inside,
+                "{url} [{scopes}] passed a resource outside p1's compartment: {text}"
+            );
+            prop_assert!(
+                granted(t),
+                "{url} [{scopes}] passed a {t}, not granted: {text}"
+            );
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // The property must have seen allowed answers, not only refusals.
+    let passed = passed.into_inner();
+    assert!(
+        passed >= 10,
+        "only {passed} of 160 requests were answered 200"
+    );
+}
