@@ -425,7 +425,7 @@ async fn refuse_mode_requires_searches_to_name_the_patient() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn property_nothing_outside_the_grant_reaches_the_client() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
     let gw = Gateway::start(Options::default()).await;
     let types = [
@@ -481,6 +481,8 @@ async fn property_nothing_outside_the_grant_reaches_the_client() {
     let query = prop::collection::vec(param, 0..3).prop_map(|v| v.join("&"));
     let scope = prop::sample::select(vec![
         "patient/*.rs",
+        "patient/*.rs",
+        "patient/*.rs",
         "patient/*.read",
         "patient/Observation.rs",
         "patient/Observation.r",
@@ -493,11 +495,16 @@ async fn property_nothing_outside_the_grant_reaches_the_client() {
     let scopes = prop::collection::vec(scope, 1..4).prop_map(|v| v.join(" "));
 
     let handle = tokio::runtime::Handle::current();
-    let mut runner = TestRunner::new(Config {
-        cases: 160,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // A fixed seed: the same 512 requests on every run, so CI is stable;
+    // change the seed to explore others.
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: 512,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]),
+    );
     let passed = std::sync::atomic::AtomicUsize::new(0);
     let result = runner.run(&(path, query, scopes), |(path, query, scopes)| {
         let url = if query.is_empty() {
@@ -561,8 +568,9 @@ async fn property_nothing_outside_the_grant_reaches_the_client() {
     }
     // The property must have seen allowed answers, not only refusals.
     let passed = passed.into_inner();
+    eprintln!("{passed} of 512 requests were answered 200");
     assert!(
-        passed >= 10,
-        "only {passed} of 160 requests were answered 200"
+        passed >= 40,
+        "only {passed} of 512 requests were answered 200"
     );
 }
