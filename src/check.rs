@@ -135,6 +135,86 @@ pub fn judge(
     }
 }
 
+/// Judges the body of a write under `patient/` scopes (create, update,
+/// patch of `req`'s type and id): the resource as it would be stored must
+/// be in the compartment of `Patient/{patient}`. Returns why not.
+pub fn judge_write_body(
+    req: &FhirRequest,
+    content_type: Option<&str>,
+    body: &[u8],
+    patient: &str,
+    bases: &Bases,
+) -> Result<(), String> {
+    let media = content_type
+        .and_then(|t| t.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let rtype = req.resource_type.as_deref().unwrap_or("");
+    if req.interaction == Interaction::Patch {
+        if media != "application/json-patch+json" {
+            return Err(format!(
+                "under patient/ scopes only JSON Patch (application/json-patch+json) is accepted, not '{media}'"
+            ));
+        }
+        let ops: Vec<Value> = serde_json::from_slice(body)
+            .map_err(|_| "the JSON Patch is not a JSON array of operations".to_string())?;
+        // Paths the patch may not touch: identity and every element that
+        // links the resource to a patient.
+        let mut guarded: Vec<&str> = vec!["resourceType", "id"];
+        if rtype == "Patient" {
+            guarded.push("link");
+        }
+        for p in crate::fhir::compartment::link_params(rtype) {
+            guarded.extend(p.paths.iter().map(|p| p.split('.').next().unwrap_or(p)));
+        }
+        for op in &ops {
+            for key in ["path", "from"] {
+                let Some(path) = op.get(key) else { continue };
+                let path = path.as_str().ok_or("a JSON Patch path is not a string")?;
+                let head = path.strip_prefix('/').unwrap_or("");
+                let head = head
+                    .split('/')
+                    .next()
+                    .unwrap_or("")
+                    .replace("~1", "/")
+                    .replace("~0", "~");
+                if head.is_empty() || guarded.contains(&head.as_str()) {
+                    return Err(format!(
+                        "the patch touches '{path}', which decides whether the resource is in the \
+                         compartment of Patient/{patient}"
+                    ));
+                }
+            }
+        }
+        return Ok(());
+    }
+    if media != "application/fhir+json" && media != "application/json" {
+        return Err(format!(
+            "under patient/ scopes the resource must be sent as FHIR JSON, not '{media}'"
+        ));
+    }
+    let doc: Value = serde_json::from_slice(body)
+        .map_err(|_| "the request body is not valid JSON".to_string())?;
+    if doc.get("resourceType").and_then(Value::as_str) != Some(rtype) {
+        return Err(format!("the request body is not a {rtype}"));
+    }
+    if req.interaction == Interaction::Update
+        && doc.get("id").and_then(Value::as_str) != req.id.as_deref()
+    {
+        return Err(format!(
+            "the resource's id does not match {rtype}/{}",
+            req.id.as_deref().unwrap_or("")
+        ));
+    }
+    if in_compartment(&doc, patient, bases) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the {rtype} would be outside the compartment of Patient/{patient}"
+        ))
+    }
+}
+
 /// The answer as JSON, or the verdict for an answer that is not.
 fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
     let json_type = content_type.is_some_and(|t| {

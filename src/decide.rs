@@ -51,6 +51,22 @@ pub struct Decision {
     /// A search parameter (name, value) to add to the request upstream so
     /// it is narrowed to the context patient.
     pub narrow: Option<(String, String)>,
+    /// A write under `patient/` scopes: what must be proved before it may go
+    /// upstream.
+    pub write: Option<WriteCheck>,
+}
+
+/// Proof a write under `patient/` scopes needs before it goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteCheck {
+    pub patient: String,
+    /// The request body (the resource to create or store, or the patch)
+    /// must keep the resource in the compartment.
+    pub body: bool,
+    /// The resource as stored now (fetched first) must be in the
+    /// compartment; a missing one is acceptable only for an update (which
+    /// then creates it).
+    pub existing: bool,
 }
 
 /// What a type search under `patient/` scopes that names no patient does.
@@ -149,7 +165,11 @@ pub fn decide_with(
         let mut used = Vec::new();
         for (i, entry) in req.entries.iter().enumerate() {
             match decide_with(entry, scopes, patient, opts) {
-                Ok(Decision { check: Some(_), .. } | Decision { narrow: Some(_), .. }) => {
+                Ok(
+                    Decision { check: Some(_), .. }
+                    | Decision { narrow: Some(_), .. }
+                    | Decision { write: Some(_), .. },
+                ) => {
                     return Err(deny(format!(
                         "{} entry {i} ({}) refused: under patient/ scopes its answer would have to be checked \
                          against the patient's compartment, which fhirwall does not do inside a Bundle",
@@ -174,6 +194,7 @@ pub fn decide_with(
             scopes_used: used,
             check: None,
             narrow: None,
+            write: None,
         });
     }
     let needs = needs(req)?;
@@ -182,6 +203,7 @@ pub fn decide_with(
             scopes_used: Vec::new(),
             check: None,
             narrow: None,
+            write: None,
         });
     }
     // Usable scopes: v2 filtered scopes grant nothing until filters are enforced.
@@ -198,6 +220,7 @@ pub fn decide_with(
             scopes_used: used,
             check: None,
             narrow: None,
+            write: None,
         });
     }
     // Second: with patient scopes too, if the request stays in the compartment.
@@ -239,6 +262,7 @@ pub fn decide_with(
             scopes_used: used,
             check: None,
             narrow: None,
+            write: None,
         });
     }
     if read_checkable(req) {
@@ -248,6 +272,15 @@ pub fn decide_with(
                 patient: ctx.to_string(),
             }),
             narrow: None,
+            write: None,
+        });
+    }
+    if let Some(write) = patient_write(req, ctx)? {
+        return Ok(Decision {
+            scopes_used: used,
+            check: None,
+            narrow: None,
+            write: Some(write),
         });
     }
     if let Some(narrow) = patient_search(req, ctx, opts)? {
@@ -258,6 +291,7 @@ pub fn decide_with(
                 types: granted_types(&usable),
             }),
             narrow,
+            write: None,
         });
     }
     let t = req.resource_type.as_deref().unwrap_or("");
@@ -272,6 +306,49 @@ pub fn decide_with(
          compartment searches and Patient/{ctx}/$everything; this {} is not",
         req.interaction
     )))
+}
+
+/// A write under patient-only scopes: `Ok(Some(check))` when it can be
+/// proved to keep the compartment, `Ok(None)` when this is not a write.
+fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, ScopeDenial> {
+    use Interaction::*;
+    if !matches!(req.interaction, Create | Update | Patch | Delete) {
+        return Ok(None);
+    }
+    if req.conditional {
+        return Err(deny(format!(
+            "conditional {} is refused under patient/ scopes: its target is chosen by a search \
+             fhirwall cannot confine to Patient/{ctx}",
+            req.interaction
+        )));
+    }
+    let t = req.resource_type.as_deref().unwrap_or("");
+    if t == "Patient" {
+        return match (req.interaction, req.id.as_deref()) {
+            (Update | Patch, Some(id)) if id == ctx => Ok(Some(WriteCheck {
+                patient: ctx.into(),
+                body: true,
+                existing: false,
+            })),
+            (Create, _) => Err(deny(format!(
+                "creating a Patient is outside the compartment of Patient/{ctx}"
+            ))),
+            _ => Err(deny(format!(
+                "under patient/ scopes only Patient/{ctx} itself may be written, not Patient/{}",
+                req.id.as_deref().unwrap_or("")
+            ))),
+        };
+    }
+    if compartment::link_params(t).is_empty() {
+        return Err(deny(format!(
+            "{t} is not in the Patient compartment, so patient/ scopes do not reach it"
+        )));
+    }
+    Ok(Some(WriteCheck {
+        patient: ctx.into(),
+        body: req.interaction != Delete,
+        existing: req.interaction != Create,
+    }))
 }
 
 /// Parameters that only page through, format or count a result: a search
@@ -639,7 +716,7 @@ fn in_patient_compartment(req: &FhirRequest, ctx: &str) -> bool {
     }
     let is_patient = req.resource_type.as_deref() == Some("Patient");
     match req.interaction {
-        Read | Vread | HistoryInstance | Update | Patch => {
+        Read | Vread | HistoryInstance => {
             is_patient && req.id.as_deref() == Some(ctx) && !req.conditional
         }
         Operation => {
@@ -1198,12 +1275,12 @@ mod tests {
                 false,
             ),
             (
-                "patient create unproven",
+                "patient create (body checked)",
                 "patient/Observation.c",
                 Some("p1"),
                 "POST",
                 "Observation",
-                false,
+                true,
             ),
             (
                 "user beats patient",
@@ -1376,6 +1453,43 @@ mod tests {
         // A server's opaque paging link: allowed, every page checked.
         let d = run("?_getpages=abc&_getpagesoffset=20&_count=10", &opts).unwrap();
         assert_eq!((d.check, d.narrow), (checked, None));
+    }
+
+    #[test]
+    fn patient_writes_carry_a_write_check() {
+        let w = |body, existing| {
+            Some(WriteCheck {
+                patient: "p1".into(),
+                body,
+                existing,
+            })
+        };
+        for (method, url, want) in [
+            ("POST", "Observation", w(true, false)),
+            ("PUT", "Observation/o1", w(true, true)),
+            ("PATCH", "Observation/o1", w(true, true)),
+            ("DELETE", "Observation/o1", w(false, true)),
+            ("PUT", "Patient/p1", w(true, false)),
+            ("PATCH", "Patient/p1", w(true, false)),
+        ] {
+            let d = check("patient/*.cruds", Some("p1"), method, url).unwrap();
+            assert_eq!(d.write, want, "{method} {url}");
+            assert_eq!(d.check, None);
+        }
+        for (method, url, why) in [
+            ("POST", "Patient", "creating a Patient"),
+            ("PUT", "Patient/p2", "only Patient/p1 itself"),
+            ("DELETE", "Patient/p1", "only Patient/p1 itself"),
+            ("PUT", "Practitioner/x", "not in the Patient compartment"),
+            ("PUT", "Observation?code=1", "conditional"),
+            ("DELETE", "Observation?code=1", "conditional"),
+        ] {
+            let e = check("patient/*.cruds", Some("p1"), method, url).unwrap_err();
+            assert!(e.reason.contains(why), "{method} {url}: {}", e.reason);
+        }
+        // user/ scopes: no write check.
+        let d = check("user/*.cruds", None, "PUT", "Observation/o1").unwrap();
+        assert_eq!(d.write, None);
     }
 
     #[test]

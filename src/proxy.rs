@@ -23,9 +23,9 @@ use pingora::ErrorType;
 
 use crate::audit::{hex, AuditLog, Record};
 use crate::check::rewrite_links;
-use crate::check::{judge, Verdict};
+use crate::check::{judge, judge_write_body, Verdict};
 use crate::config::{ForwardedContext, Settings};
-use crate::decide::{decide_with, DecideOptions, ResponseCheck};
+use crate::decide::{decide_with, DecideOptions, ResponseCheck, WriteCheck};
 use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
@@ -132,6 +132,8 @@ pub struct Ctx {
     check: Option<ResponseCheck>,
     /// A parameter added upstream to narrow a search to the patient.
     narrow: Option<(String, String)>,
+    /// `If-Match` for a write proved against the version fetched first.
+    if_match: Option<http::HeaderValue>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -452,6 +454,111 @@ impl Gateway {
         Ok(())
     }
 
+    /// A write under `patient/` scopes: the body must keep the resource in
+    /// the compartment, and the resource as stored now must be in it (an
+    /// update of a missing one creates it). The write then goes upstream
+    /// with `If-Match` on the version that was checked, so it cannot land on
+    /// a resource changed in between.
+    async fn prove_write(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        w: &WriteCheck,
+    ) -> std::result::Result<(), Denial> {
+        let Some(fhir) = ctx.fhir.clone() else {
+            return Err(Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: "write without a classified request".into(),
+            });
+        };
+        let refuse = |description: String| Denial::InsufficientScope {
+            description,
+            scope: None,
+        };
+        if w.body {
+            let body = self.read_body(session).await?;
+            let content_type = session
+                .req_header()
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            judge_write_body(&fhir, content_type, &body, &w.patient, &self.bases)
+                .map_err(refuse)?;
+        }
+        if !w.existing {
+            return Ok(());
+        }
+        let req = session.req_header();
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let mut headers = req.headers.clone();
+        let (remove, set) = self.header_plan(&req.headers, client_ip, ctx);
+        for name in remove {
+            headers.remove(&name);
+        }
+        for (name, value) in set {
+            headers.insert(name, value);
+        }
+        headers.remove(header::CONTENT_TYPE);
+        let rel = ctx.rel_path.clone().unwrap_or_default();
+        let answer = self
+            .checked
+            .fetch(http::Method::GET, &rel, None, headers, None)
+            .await?;
+        let read = FhirRequest {
+            interaction: Interaction::Read,
+            params: Vec::new(),
+            entries: Vec::new(),
+            ..fhir.clone()
+        };
+        let check = ResponseCheck::InCompartment {
+            patient: w.patient.clone(),
+        };
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let resource = || {
+            format!(
+                "{}/{}",
+                fhir.resource_type.as_deref().unwrap_or(""),
+                fhir.id.as_deref().unwrap_or("")
+            )
+        };
+        match judge(
+            &check,
+            &read,
+            answer.status,
+            content_type,
+            &answer.body,
+            &self.bases,
+        ) {
+            Verdict::Pass => {
+                let version = serde_json::from_slice::<serde_json::Value>(&answer.body)
+                    .ok()
+                    .and_then(|d| d.pointer("/meta/versionId")?.as_str().map(str::to_string));
+                ctx.if_match =
+                    version.and_then(|v| http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok());
+                Ok(())
+            }
+            Verdict::Hide {
+                why: "upstream_not_found",
+            } if fhir.interaction == Interaction::Update && answer.status == 404 => Ok(()),
+            Verdict::Hide { why } => Err(Denial::Hidden {
+                resource: resource(),
+                why,
+            }),
+            Verdict::Unverifiable { why } => Err(Denial::Upstream {
+                status: 502,
+                code: "upstream_answer_unchecked",
+                description: format!("the stored resource could not be checked: {why}"),
+            }),
+            Verdict::Refuse { why } => Err(refuse(why)),
+        }
+    }
+
     /// Stages 1-6 for one request. `Ok(())` means allowed.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
         let req = session.req_header();
@@ -593,6 +700,9 @@ impl Gateway {
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;
         ctx.narrow = d.narrow;
+        if let Some(w) = d.write {
+            self.prove_write(session, ctx, &w).await?;
+        }
         Ok(())
     }
 }
@@ -612,6 +722,7 @@ impl ProxyHttp for Gateway {
             scopes_used: Vec::new(),
             check: None,
             narrow: None,
+            if_match: None,
             denial: None,
             public: false,
             upstream_status: None,
@@ -696,6 +807,11 @@ impl ProxyHttp for Gateway {
             up.insert_header(name, value)?;
         }
         up.insert_header(header::HOST, self.host_header.clone())?;
+        if let Some(v) = &ctx.if_match {
+            if up.headers.get(header::IF_MATCH).is_none() {
+                up.insert_header(header::IF_MATCH, v.clone())?;
+            }
+        }
         Ok(())
     }
 

@@ -574,3 +574,235 @@ async fn property_nothing_outside_the_grant_reaches_the_client() {
         "only {passed} of 512 requests were answered 200"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_keep_the_compartment() {
+    use serde_json::json;
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.cruds", Some("p1"));
+    let writes = |method: &str| {
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == method)
+            .count()
+    };
+    let send = |method: &'static str, rel: String, ctype: &'static str, body: String| {
+        let (gw, p1) = (&gw, p1.clone());
+        async move {
+            let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let mut r = gw
+                .client
+                .request(m, format!("{}/{rel}", gw.base))
+                .bearer_auth(&p1);
+            if !ctype.is_empty() {
+                r = r.header("content-type", ctype).body(body);
+            }
+            status_and_body(r.send().await.unwrap()).await
+        }
+    };
+    let fhir = "application/fhir+json";
+    let obs = |id: Option<&str>, patient: &str| {
+        let mut o = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "written"}, "subject": {"reference": format!("Patient/{patient}")}});
+        if let Some(id) = id {
+            o["id"] = json!(id);
+        }
+        o.to_string()
+    };
+
+    // Create: the new resource must be in the compartment.
+    let (s, body) = send("POST", "Observation".into(), fhir, obs(None, "p1")).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(writes("POST"), 1);
+    for (ctype, body, why) in [
+        (fhir, obs(None, "p2"), "outside the compartment"),
+        (
+            fhir,
+            json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"}})
+                .to_string(),
+            "not a Observation",
+        ),
+        (
+            "application/fhir+xml",
+            "<Observation/>".to_string(),
+            "FHIR JSON",
+        ),
+        (fhir, "{not json".to_string(), "not valid JSON"),
+    ] {
+        let (s, answer) = send("POST", "Observation".into(), ctype, body).await;
+        assert_eq!(s, 403, "{answer}");
+        assert!(answer.contains(why), "{why}: {answer}");
+    }
+    let (s, _) = send(
+        "POST",
+        "Patient".into(),
+        fhir,
+        json!({"resourceType": "Patient"}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert_eq!(writes("POST"), 1, "refused creates reached the upstream");
+
+    // Update: the stored resource and the new one must both be inside.
+    let (s, body) = send(
+        "PUT",
+        "Observation/obs-p1-0".into(),
+        fhir,
+        obs(Some("obs-p1-0"), "p1"),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(writes("PUT"), 1);
+    // Moving it out, to another patient.
+    let (s, body) = send(
+        "PUT",
+        "Observation/obs-p1-0".into(),
+        fhir,
+        obs(Some("obs-p1-0"), "p2"),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    // Taking over another patient's resource: as if it did not exist.
+    let (s, body) = send(
+        "PUT",
+        "Observation/obs-p2-0".into(),
+        fhir,
+        obs(Some("obs-p2-0"), "p1"),
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+    assert_nothing_of_p2("PUT obs-p2-0", &body);
+    // Id in the body differs from the URL.
+    let (s, _) = send(
+        "PUT",
+        "Observation/obs-p1-0".into(),
+        fhir,
+        obs(Some("obs-p2-0"), "p1"),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert_eq!(writes("PUT"), 1, "refused updates reached the upstream");
+    // Update of a missing resource creates it (inside the compartment).
+    let (s, body) = send(
+        "PUT",
+        "Observation/brand-new".into(),
+        fhir,
+        obs(Some("brand-new"), "p1"),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    // The version that was checked goes along as If-Match.
+    let (s, body) = send(
+        "PUT",
+        "Observation/obs-moved".into(),
+        fhir,
+        obs(Some("obs-moved"), "p1"),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let put = gw
+        .upstream
+        .seen()
+        .into_iter()
+        .rev()
+        .find(|s| s.method == "PUT")
+        .unwrap();
+    assert!(put.uri.ends_with("/Observation/obs-moved"), "{}", put.uri);
+    assert!(
+        put.headers
+            .iter()
+            .any(|(k, v)| k == "if-match" && v == "W/\"2\""),
+        "{:?}",
+        put.headers
+    );
+    // The patient's own record; not another's.
+    let me =
+        json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Example"}]}).to_string();
+    let (s, body) = send("PUT", "Patient/p1".into(), fhir, me).await;
+    assert_eq!(s, 200, "{body}");
+    let other = json!({"resourceType": "Patient", "id": "p2"}).to_string();
+    let puts = writes("PUT");
+    let (s, _) = send("PUT", "Patient/p2".into(), fhir, other).await;
+    assert_eq!(s, 403);
+    assert_eq!(writes("PUT"), puts);
+
+    // Patch: JSON Patch only, never on the elements that link to a patient.
+    let jp = "application/json-patch+json";
+    let patch = |ops: serde_json::Value| ops.to_string();
+    let (s, body) = send(
+        "PATCH",
+        "Observation/obs-p1-0".into(),
+        jp,
+        patch(json!([{"op": "replace", "path": "/status", "value": "amended"}])),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    for ops in [
+        json!([{"op": "replace", "path": "/subject", "value": {"reference": "Patient/p2"}}]),
+        json!([{"op": "add", "path": "/performer/-", "value": {"reference": "Patient/p2"}}]),
+        json!([{"op": "move", "from": "/subject", "path": "/focus"}]),
+        json!([{"op": "replace", "path": "", "value": {}}]),
+        json!([{"op": "replace", "path": "/id", "value": "x"}]),
+    ] {
+        let (s, body) = send(
+            "PATCH",
+            "Observation/obs-p1-0".into(),
+            jp,
+            patch(ops.clone()),
+        )
+        .await;
+        assert_eq!(s, 403, "{ops}: {body}");
+    }
+    let (s, _) = send(
+        "PATCH",
+        "Observation/obs-p1-0".into(),
+        fhir,
+        json!({"resourceType": "Parameters"}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 403, "FHIRPath Patch cannot be confined");
+    let (s, _) = send(
+        "PATCH",
+        "Observation/obs-p2-0".into(),
+        jp,
+        patch(json!([{"op": "replace", "path": "/status", "value": "x"}])),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert_eq!(writes("PATCH"), 1, "refused patches reached the upstream");
+
+    // Delete: only inside; another patient's looks absent.
+    let (s, _) = send("DELETE", "Observation/obs-p1-1".into(), "", String::new()).await;
+    assert_eq!(s, 204);
+    let (s, _) = send("DELETE", "Observation/obs-p2-1".into(), "", String::new()).await;
+    assert_eq!(s, 404);
+    let (s, _) = send("DELETE", "Observation/no-such".into(), "", String::new()).await;
+    assert_eq!(s, 404);
+    assert_eq!(writes("DELETE"), 1, "refused deletes reached the upstream");
+
+    // Conditional writes cannot be confined: refused before the upstream.
+    let before = gw.upstream.seen().len();
+    let (s, _) = send(
+        "PUT",
+        "Observation?identifier=x".into(),
+        fhir,
+        obs(None, "p1"),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _) = send("DELETE", "Observation?code=1".into(), "", String::new()).await;
+    assert_eq!(s, 403);
+    let r = gw
+        .client
+        .post(format!("{}/Observation", gw.base))
+        .bearer_auth(&p1)
+        .header("content-type", fhir)
+        .header("if-none-exist", "identifier=x")
+        .body(obs(None, "p1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.upstream.seen().len(), before);
+}

@@ -158,6 +158,15 @@ proptest! {
             return Ok(());
         }
         match decide(&req, &grant, Some("p1")) {
+            // Writes are proved against the body and the stored resource;
+            // the Patient itself only as p1.
+            Ok(d) if d.write.is_some() => {
+                prop_assert!(matches!(req.interaction, Interaction::Create | Interaction::Update | Interaction::Patch | Interaction::Delete), "{m} {path} {q:?}");
+                prop_assert!(!req.conditional, "{m} {path} {q:?}");
+                if req.resource_type.as_deref() == Some("Patient") {
+                    prop_assert_eq!(req.id.as_deref(), Some("p1"), "{} {} {:?}", m, path, q);
+                }
+            }
             // Decided from the request alone: it must not name p2.
             Ok(d) if d.check.is_none() => {
                 let names_other = path.split('/').any(|s| s == "p2") || q.as_deref().is_some_and(|q| q.contains("p2"));
