@@ -54,6 +54,8 @@ pub struct Decision {
     /// A write under `patient/` scopes: what must be proved before it may go
     /// upstream.
     pub write: Option<WriteCheck>,
+    /// The same for the writes inside a batch/transaction, by entry index.
+    pub entry_writes: Vec<(usize, WriteCheck)>,
 }
 
 /// Proof a write under `patient/` scopes needs before it goes upstream.
@@ -163,20 +165,40 @@ pub fn decide_with(
 ) -> Result<Decision, ScopeDenial> {
     if req.is_bundle() {
         let mut used = Vec::new();
+        let mut entry_writes = Vec::new();
         for (i, entry) in req.entries.iter().enumerate() {
+            let refused = |why: String| ScopeDenial {
+                reason: format!(
+                    "{} entry {i} ({}) refused: {why}",
+                    req.interaction, entry.interaction
+                ),
+                missing_scope: None,
+            };
             match decide_with(entry, scopes, patient, opts) {
                 Ok(
                     Decision { check: Some(_), .. }
-                    | Decision { narrow: Some(_), .. }
-                    | Decision { write: Some(_), .. },
+                    | Decision {
+                        narrow: Some(_), ..
+                    },
                 ) => {
-                    return Err(deny(format!(
-                        "{} entry {i} ({}) refused: under patient/ scopes its answer would have to be checked \
-                         against the patient's compartment, which fhirwall does not do inside a Bundle",
-                        req.interaction, entry.interaction
-                    )))
+                    return Err(refused(
+                        "under patient/ scopes its answer would have to be checked against the \
+                         patient's compartment, which fhirwall does not do inside a Bundle"
+                            .into(),
+                    ))
                 }
-                Ok(d) => used.extend(d.scopes_used),
+                Ok(Decision { write: Some(_), .. }) if entry.interaction == Interaction::Patch => {
+                    return Err(refused(
+                        "a PATCH inside a Bundle cannot be confined to the patient's compartment"
+                            .into(),
+                    ))
+                }
+                Ok(d) => {
+                    if let Some(w) = d.write {
+                        entry_writes.push((i, w));
+                    }
+                    used.extend(d.scopes_used)
+                }
                 Err(d) => {
                     return Err(ScopeDenial {
                         reason: format!(
@@ -195,6 +217,7 @@ pub fn decide_with(
             check: None,
             narrow: None,
             write: None,
+            entry_writes,
         });
     }
     let needs = needs(req)?;
@@ -204,6 +227,7 @@ pub fn decide_with(
             check: None,
             narrow: None,
             write: None,
+            entry_writes: Vec::new(),
         });
     }
     // Usable scopes: v2 filtered scopes grant nothing until filters are enforced.
@@ -221,6 +245,7 @@ pub fn decide_with(
             check: None,
             narrow: None,
             write: None,
+            entry_writes: Vec::new(),
         });
     }
     // Second: with patient scopes too, if the request stays in the compartment.
@@ -263,6 +288,7 @@ pub fn decide_with(
             check: None,
             narrow: None,
             write: None,
+            entry_writes: Vec::new(),
         });
     }
     if read_checkable(req) {
@@ -273,6 +299,7 @@ pub fn decide_with(
             }),
             narrow: None,
             write: None,
+            entry_writes: Vec::new(),
         });
     }
     if let Some(write) = patient_write(req, ctx)? {
@@ -281,6 +308,7 @@ pub fn decide_with(
             check: None,
             narrow: None,
             write: Some(write),
+            entry_writes: Vec::new(),
         });
     }
     if let Some(narrow) = patient_search(req, ctx, opts)? {
@@ -292,6 +320,7 @@ pub fn decide_with(
             }),
             narrow,
             write: None,
+            entry_writes: Vec::new(),
         });
     }
     let t = req.resource_type.as_deref().unwrap_or("");
@@ -1490,6 +1519,66 @@ mod tests {
         // user/ scopes: no write check.
         let d = check("user/*.cruds", None, "PUT", "Observation/o1").unwrap();
         assert_eq!(d.write, None);
+    }
+
+    #[test]
+    fn patient_bundles_carry_entry_write_checks() {
+        let grant = ScopeSet::parse("patient/*.cruds");
+        let bundle = |kind: &str, entries: &str| {
+            let body =
+                format!(r#"{{"resourceType":"Bundle","type":"{kind}","entry":[{entries}]}}"#);
+            classify_bundle(req("POST", ""), body.as_bytes()).unwrap()
+        };
+        let create = r#"{"resource":{"resourceType":"Observation"},"request":{"method":"POST","url":"Observation"}}"#;
+        let update = r#"{"resource":{"resourceType":"Observation","id":"o1"},"request":{"method":"PUT","url":"Observation/o1"}}"#;
+        let delete = r#"{"request":{"method":"DELETE","url":"Condition/c1"}}"#;
+        let d = decide(
+            &bundle("transaction", &format!("{create},{update},{delete}")),
+            &grant,
+            Some("p1"),
+        )
+        .unwrap();
+        let w = |body, existing| WriteCheck {
+            patient: "p1".into(),
+            body,
+            existing,
+        };
+        assert_eq!(
+            d.entry_writes,
+            vec![(0, w(true, false)), (1, w(true, true)), (2, w(false, true))]
+        );
+        for (entries, why) in [
+            (
+                r#"{"request":{"method":"GET","url":"Observation/o1"}}"#,
+                "inside a Bundle",
+            ),
+            (
+                r#"{"request":{"method":"PATCH","url":"Observation/o1"}}"#,
+                "PATCH inside a Bundle",
+            ),
+            (
+                r#"{"resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}}"#,
+                "creating a Patient",
+            ),
+            (
+                r#"{"request":{"method":"DELETE","url":"Observation?code=1"}}"#,
+                "conditional",
+            ),
+        ] {
+            for kind in ["batch", "transaction"] {
+                let e = decide(
+                    &bundle(kind, &format!("{create},{entries}")),
+                    &grant,
+                    Some("p1"),
+                )
+                .unwrap_err();
+                assert!(
+                    e.reason.contains("entry 1") && e.reason.contains(why),
+                    "{kind} {entries}: {}",
+                    e.reason
+                );
+            }
+        }
     }
 
     #[test]

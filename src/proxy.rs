@@ -471,22 +471,123 @@ impl Gateway {
                 description: "write without a classified request".into(),
             });
         };
+        let body = if w.body {
+            Some(self.read_body(session).await?)
+        } else {
+            None
+        };
+        let content_type = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let rel = ctx.rel_path.clone().unwrap_or_default();
+        ctx.if_match = self
+            .prove_one_write(
+                session,
+                ctx,
+                &fhir,
+                &rel,
+                body.as_deref().map(|b| (content_type.as_deref(), b)),
+                w,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Writes inside a Bundle under `patient/` scopes: each entry's resource
+    /// must keep the compartment and each stored resource it changes must be
+    /// in it. (Entries carry no `If-Match` of ours: the Bundle is forwarded
+    /// as the client sent it.)
+    async fn prove_bundle_writes(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        bundle: &[u8],
+        writes: &[(usize, WriteCheck)],
+    ) -> std::result::Result<(), Denial> {
+        let Some(fhir) = &ctx.fhir else {
+            return Ok(());
+        };
+        let doc: serde_json::Value =
+            serde_json::from_slice(bundle).map_err(|_| Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: "the Bundle is not JSON".into(),
+            })?;
+        for (i, w) in writes {
+            let (Some(entry_req), Some(entry)) =
+                (fhir.entries.get(*i), doc.pointer(&format!("/entry/{i}")))
+            else {
+                continue;
+            };
+            let resource = entry.get("resource").map(|r| r.to_string());
+            if w.body && resource.is_none() {
+                return Err(Denial::InsufficientScope {
+                    description: format!(
+                        "{} entry {i} carries no resource to check",
+                        fhir.interaction
+                    ),
+                    scope: None,
+                });
+            }
+            let rel = format!(
+                "{}/{}",
+                entry_req.resource_type.as_deref().unwrap_or(""),
+                entry_req.id.as_deref().unwrap_or("")
+            );
+            self.prove_one_write(
+                session,
+                ctx,
+                entry_req,
+                &rel,
+                resource
+                    .as_deref()
+                    .map(|r| (Some("application/fhir+json"), r.as_bytes())),
+                w,
+            )
+            .await
+            .map_err(|d| match d {
+                Denial::InsufficientScope { description, scope } => Denial::InsufficientScope {
+                    description: format!("{} entry {i} refused: {description}", fhir.interaction),
+                    scope,
+                },
+                // A Bundle is refused whole; an entry on another patient's
+                // resource reads exactly like one on a missing resource.
+                Denial::Hidden { resource, .. } => Denial::InsufficientScope {
+                    description: format!(
+                        "{} entry {i} refused: {resource} is not known",
+                        fhir.interaction
+                    ),
+                    scope: None,
+                },
+                d => d,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The checks of one write (`fhir` at `rel`, with its body): returns the
+    /// `If-Match` for the version of the stored resource that was checked.
+    async fn prove_one_write(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        fhir: &FhirRequest,
+        rel: &str,
+        body: Option<(Option<&str>, &[u8])>,
+        w: &WriteCheck,
+    ) -> std::result::Result<Option<http::HeaderValue>, Denial> {
         let refuse = |description: String| Denial::InsufficientScope {
             description,
             scope: None,
         };
         if w.body {
-            let body = self.read_body(session).await?;
-            let content_type = session
-                .req_header()
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok());
-            judge_write_body(&fhir, content_type, &body, &w.patient, &self.bases)
-                .map_err(refuse)?;
+            let (content_type, body) = body.unwrap_or((None, b""));
+            judge_write_body(fhir, content_type, body, &w.patient, &self.bases).map_err(refuse)?;
         }
         if !w.existing {
-            return Ok(());
+            return Ok(None);
         }
         let req = session.req_header();
         let client_ip = session
@@ -502,10 +603,9 @@ impl Gateway {
             headers.insert(name, value);
         }
         headers.remove(header::CONTENT_TYPE);
-        let rel = ctx.rel_path.clone().unwrap_or_default();
         let answer = self
             .checked
-            .fetch(http::Method::GET, &rel, None, headers, None)
+            .fetch(http::Method::GET, rel, None, headers, None)
             .await?;
         let read = FhirRequest {
             interaction: Interaction::Read,
@@ -520,13 +620,6 @@ impl Gateway {
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let resource = || {
-            format!(
-                "{}/{}",
-                fhir.resource_type.as_deref().unwrap_or(""),
-                fhir.id.as_deref().unwrap_or("")
-            )
-        };
         match judge(
             &check,
             &read,
@@ -539,15 +632,17 @@ impl Gateway {
                 let version = serde_json::from_slice::<serde_json::Value>(&answer.body)
                     .ok()
                     .and_then(|d| d.pointer("/meta/versionId")?.as_str().map(str::to_string));
-                ctx.if_match =
-                    version.and_then(|v| http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok());
-                Ok(())
+                Ok(version.and_then(|v| http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok()))
             }
             Verdict::Hide {
                 why: "upstream_not_found",
-            } if fhir.interaction == Interaction::Update && answer.status == 404 => Ok(()),
+            } if fhir.interaction == Interaction::Update && answer.status == 404 => Ok(None),
             Verdict::Hide { why } => Err(Denial::Hidden {
-                resource: resource(),
+                resource: format!(
+                    "{}/{}",
+                    fhir.resource_type.as_deref().unwrap_or(""),
+                    fhir.id.as_deref().unwrap_or("")
+                ),
                 why,
             }),
             Verdict::Unverifiable { why } => Err(Denial::Upstream {
@@ -702,6 +797,11 @@ impl Gateway {
         ctx.narrow = d.narrow;
         if let Some(w) = d.write {
             self.prove_write(session, ctx, &w).await?;
+        }
+        if !d.entry_writes.is_empty() {
+            let bundle = body.unwrap_or_default();
+            self.prove_bundle_writes(session, ctx, &bundle, &d.entry_writes)
+                .await?;
         }
         Ok(())
     }

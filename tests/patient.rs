@@ -806,3 +806,83 @@ async fn writes_keep_the_compartment() {
     assert_eq!(r.status(), 403);
     assert_eq!(gw.upstream.seen().len(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_checked_entry_by_entry() {
+    use serde_json::json;
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.cruds", Some("p1"));
+    let obs = |patient: &str| {
+        json!({"resourceType": "Observation", "status": "final",
+               "subject": {"reference": format!("Patient/{patient}")}})
+    };
+    let post_bundle = |kind: &'static str, entries: Vec<Value>| {
+        let (gw, p1) = (&gw, p1.clone());
+        async move {
+            let body = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
+            let r = gw
+                .client
+                .post(format!("{}/", gw.base))
+                .bearer_auth(&p1)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            status_and_body(r).await
+        }
+    };
+    let bundles_seen = || {
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST" && s.uri.trim_end_matches('/') == "/r4")
+            .count()
+    };
+    let create =
+        |r: Value| json!({"resource": r, "request": {"method": "POST", "url": "Observation"}});
+    let mut own = obs("p1");
+    own["id"] = json!("obs-p1-0");
+    let update_own =
+        json!({"resource": own, "request": {"method": "PUT", "url": "Observation/obs-p1-0"}});
+    let delete =
+        |id: &str| json!({"request": {"method": "DELETE", "url": format!("Observation/{id}")}});
+
+    // Every entry inside: forwarded.
+    let (s, body) = post_bundle(
+        "transaction",
+        vec![create(obs("p1")), update_own.clone(), delete("obs-p1-1")],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(bundles_seen(), 1);
+
+    // One entry outside: the whole transaction (and batch) is refused.
+    for kind in ["transaction", "batch"] {
+        for (entries, why) in [
+            (vec![create(obs("p1")), create(obs("p2"))], "entry 1"),
+            (vec![update_own.clone(), delete("obs-p2-0")], "entry 1"),
+            (vec![delete("obs-p2-1"), create(obs("p1"))], "entry 0"),
+            (
+                vec![
+                    create(obs("p1")),
+                    json!({"request": {"method": "GET", "url": "Observation/obs-p2-0"}}),
+                ],
+                "entry 1",
+            ),
+        ] {
+            let (s, body) = post_bundle(kind, entries).await;
+            assert_eq!(s, 403, "{kind}: {body}");
+            assert!(body.contains(why), "{kind}: {body}");
+            assert_nothing_of_p2(kind, &body);
+        }
+    }
+    // Deleting another patient's resource reads exactly like deleting a missing one.
+    let (_, other) = post_bundle("batch", vec![delete("obs-p2-1")]).await;
+    let (_, missing) = post_bundle("batch", vec![delete("obs-none")]).await;
+    assert_eq!(
+        other.replace("obs-p2-1", "X"),
+        missing.replace("obs-none", "X")
+    );
+    assert_eq!(bundles_seen(), 1, "a refused Bundle reached the upstream");
+}
