@@ -11,9 +11,10 @@
 
 use serde_json::Value;
 
-use crate::decide::ResponseCheck;
+use crate::decide::{ResponseCheck, WriteCheck};
 use crate::fhir::classify::{FhirRequest, Interaction};
 use crate::fhir::compartment::{in_compartment, Bases};
+use crate::fhir::search_param::Filter;
 
 /// What to do with the upstream's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,10 +40,19 @@ pub fn judge(
     body: &[u8],
     bases: &Bases,
 ) -> Verdict {
-    let patient = match check {
-        ResponseCheck::InCompartment { patient } => patient,
-        ResponseCheck::SearchInCompartment { patient, types } => {
-            return judge_search(patient, types.as_deref(), status, content_type, body, bases)
+    let (patient, filters) = match check {
+        ResponseCheck::Resource { patient, filters } => (patient.as_deref(), filters.as_deref()),
+        ResponseCheck::Search {
+            patient,
+            types,
+            filters,
+        } => {
+            let grant = Grant {
+                patient: patient.as_deref(),
+                types: types.as_deref(),
+                filters: filters.as_deref(),
+            };
+            return judge_search(&grant, status, content_type, body, bases);
         }
     };
     match status {
@@ -84,18 +94,18 @@ pub fn judge(
         r.get("resourceType").and_then(Value::as_str) == Some(rtype)
             && r.get("id").and_then(Value::as_str) == Some(id)
     };
-    let inside = |r: &Value| in_compartment(r, patient, bases);
+    // Why a resource is outside the grant, if it is.
+    let outside = |r: &Value| outside_grant(r, patient, filters, bases);
     match req.interaction {
         Interaction::Read | Interaction::Vread => {
             if !is_asked(&doc) {
                 Verdict::Unverifiable {
                     why: format!("upstream answer is not {rtype}/{id}"),
                 }
-            } else if inside(&doc) {
-                Verdict::Pass
             } else {
-                Verdict::Hide {
-                    why: "outside_compartment",
+                match outside(&doc) {
+                    None => Verdict::Pass,
+                    Some(why) => Verdict::Hide { why },
                 }
             }
         }
@@ -121,18 +131,44 @@ pub fn judge(
             // Every version must be inside: a resource moved between patients
             // would otherwise show the other patient's versions. A history
             // with no version to judge proves nothing.
-            if !resources.is_empty() && resources.iter().all(|r| inside(r)) {
-                Verdict::Pass
-            } else {
-                Verdict::Hide {
+            if resources.is_empty() {
+                return Verdict::Hide {
                     why: "outside_compartment",
-                }
+                };
+            }
+            match resources.iter().find_map(|r| outside(r)) {
+                None => Verdict::Pass,
+                Some(why) => Verdict::Hide { why },
             }
         }
         _ => Verdict::Unverifiable {
             why: format!("no answer check for {}", req.interaction),
         },
     }
+}
+
+/// What a checked answer may hold.
+struct Grant<'a> {
+    patient: Option<&'a str>,
+    types: Option<&'a [String]>,
+    filters: Option<&'a [Filter]>,
+}
+
+/// Why `r` is outside the compartment of `patient` (when set) or matches
+/// none of `filters` (when set); `None` when it is inside.
+fn outside_grant(
+    r: &Value,
+    patient: Option<&str>,
+    filters: Option<&[Filter]>,
+    bases: &Bases,
+) -> Option<&'static str> {
+    if patient.is_some_and(|p| !in_compartment(r, p, bases)) {
+        return Some("outside_compartment");
+    }
+    if filters.is_some_and(|fs| !fs.iter().any(|f| f.matches(r))) {
+        return Some("outside_scope_filter");
+    }
+    None
 }
 
 /// Judges the body of a write under `patient/` scopes (create, update,
@@ -142,15 +178,22 @@ pub fn judge_write_body(
     req: &FhirRequest,
     content_type: Option<&str>,
     body: &[u8],
-    patient: &str,
+    w: &WriteCheck,
     bases: &Bases,
 ) -> Result<(), String> {
+    let patient = w.patient.as_deref().unwrap_or("");
     let media = content_type
         .and_then(|t| t.split(';').next())
         .map(|t| t.trim().to_ascii_lowercase())
         .unwrap_or_default();
     let rtype = req.resource_type.as_deref().unwrap_or("");
     if req.interaction == Interaction::Patch {
+        if w.filters.is_some() {
+            return Err(
+                "a PATCH under a scope with a query filter cannot be proved to keep matching it"
+                    .into(),
+            );
+        }
         if media != "application/json-patch+json" {
             return Err(format!(
                 "under patient/ scopes only JSON Patch (application/json-patch+json) is accepted, not '{media}'"
@@ -206,12 +249,14 @@ pub fn judge_write_body(
             req.id.as_deref().unwrap_or("")
         ));
     }
-    if in_compartment(&doc, patient, bases) {
-        Ok(())
-    } else {
-        Err(format!(
+    match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
+        None => Ok(()),
+        Some("outside_compartment") => Err(format!(
             "the {rtype} would be outside the compartment of Patient/{patient}"
-        ))
+        )),
+        Some(_) => Err(format!(
+            "the {rtype} would match none of the token's scope filters"
+        )),
     }
 }
 
@@ -240,8 +285,7 @@ fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
 /// (502); an include outside means the request reached beyond the grant
 /// (403). Error answers pass only as an `OperationOutcome`.
 fn judge_search(
-    patient: &str,
-    types: Option<&[String]>,
+    grant: &Grant,
     status: u16,
     content_type: Option<&str>,
     body: &[u8],
@@ -283,27 +327,39 @@ fn judge_search(
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("a resource");
-        if types.is_some_and(|t| !t.iter().any(|t| t == what)) {
+        if grant.types.is_some_and(|t| !t.iter().any(|t| t == what)) {
             return Verdict::Refuse {
                 why: format!(
                     "the answer would hold {what} resources, which the token's scopes do not grant"
                 ),
             };
         }
-        if in_compartment(r, patient, bases) {
+        // Includes are other resource types: a scope filter is on the
+        // searched type, so it judges the matches only.
+        let filters = if mode == Some("include") {
+            None
+        } else {
+            grant.filters
+        };
+        let Some(why) = outside_grant(r, grant.patient, filters, bases) else {
             continue;
-        }
+        };
+        let inside_what = match why {
+            "outside_compartment" => format!(
+                "outside the compartment of Patient/{}",
+                grant.patient.unwrap_or("")
+            ),
+            _ => "that match none of the token's scope filters".to_string(),
+        };
         return if mode == Some("include") {
             Verdict::Refuse {
-                why: format!(
-                    "the search would include {what} resources outside the compartment of Patient/{patient}"
-                ),
+                why: format!("the search would include {what} resources {inside_what}"),
             }
         } else {
             Verdict::Unverifiable {
                 why: format!(
-                    "the upstream's search answer holds {what} resources outside the compartment of \
-                     Patient/{patient} (did it ignore the patient parameter?)"
+                    "the upstream's search answer holds {what} resources {inside_what} \
+                     (did it ignore a narrowing parameter?)"
                 ),
             }
         };
@@ -361,9 +417,7 @@ mod tests {
     }
 
     fn judge_json(path: &str, status: u16, body: Value) -> Verdict {
-        let check = ResponseCheck::InCompartment {
-            patient: "p1".into(),
-        };
+        let check = ResponseCheck::in_compartment("p1");
         judge(
             &check,
             &req(path),
@@ -422,9 +476,7 @@ mod tests {
 
     #[test]
     fn unjudgeable_answers() {
-        let check = ResponseCheck::InCompartment {
-            patient: "p1".into(),
-        };
+        let check = ResponseCheck::in_compartment("p1");
         let r = req("Observation/o1");
         let bases = Bases::default();
         let body = obs("o1", "p1").to_string();
@@ -483,9 +535,10 @@ mod tests {
     }
 
     fn judge_search_json(status: u16, body: Value) -> Verdict {
-        let check = ResponseCheck::SearchInCompartment {
-            patient: "p1".into(),
+        let check = ResponseCheck::Search {
+            patient: Some("p1".into()),
             types: None,
+            filters: None,
         };
         judge(
             &check,
@@ -559,9 +612,10 @@ mod tests {
 
     #[test]
     fn searches_hold_only_granted_types() {
-        let check = ResponseCheck::SearchInCompartment {
-            patient: "p1".into(),
+        let check = ResponseCheck::Search {
+            patient: Some("p1".into()),
             types: Some(vec!["Observation".into()]),
+            filters: None,
         };
         let run = |body: Value| {
             judge(

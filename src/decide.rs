@@ -29,6 +29,7 @@
 
 use crate::fhir::classify::{FhirRequest, Interaction, OperationLevel};
 use crate::fhir::compartment::{self, Bases};
+use crate::fhir::search_param::Filter;
 use crate::scope::{Context, Perm, Resources, Scope, ScopeSet};
 
 /// Why the grant does not allow the request.
@@ -48,9 +49,9 @@ pub struct Decision {
     /// Set when the request alone cannot prove that the answer stays inside
     /// the grant: the upstream's answer must be checked (stage 8).
     pub check: Option<ResponseCheck>,
-    /// A search parameter (name, value) to add to the request upstream so
-    /// it is narrowed to the context patient.
-    pub narrow: Option<(String, String)>,
+    /// Search parameters (name, value) to add to the request upstream so it
+    /// is narrowed to the context patient and to a scope's filter.
+    pub narrow: Vec<(String, String)>,
     /// A write under `patient/` scopes: what must be proved before it may go
     /// upstream.
     pub write: Option<WriteCheck>,
@@ -58,16 +59,20 @@ pub struct Decision {
     pub entry_writes: Vec<(usize, WriteCheck)>,
 }
 
-/// Proof a write under `patient/` scopes needs before it goes upstream.
+/// Proof a write under `patient/` or filtered scopes needs before it goes
+/// upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteCheck {
-    pub patient: String,
+    /// The compartment the resource must stay in, if patient-bound.
+    pub patient: Option<String>,
+    /// The filters of the scopes that granted it: the resource must match
+    /// one of them (`None`: no filter).
+    pub filters: Option<Vec<Filter>>,
     /// The request body (the resource to create or store, or the patch)
-    /// must keep the resource in the compartment.
+    /// must keep the resource inside.
     pub body: bool,
-    /// The resource as stored now (fetched first) must be in the
-    /// compartment; a missing one is acceptable only for an update (which
-    /// then creates it).
+    /// The resource as stored now (fetched first) must be inside; a missing
+    /// one is acceptable only for an update (which then creates it).
     pub existing: bool,
 }
 
@@ -94,17 +99,32 @@ pub struct DecideOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseCheck {
     /// The resource read (or every version in an instance history) must be
-    /// in the compartment of `Patient/{patient}`; otherwise the answer is a
-    /// 404 as if the resource did not exist.
-    InCompartment { patient: String },
-    /// A searchset Bundle: every resource in it must be in the compartment
-    /// of `Patient/{patient}` (matches, includes) and, unless `types` is
-    /// `None` (a wildcard grant), of a type the scopes grant; otherwise
-    /// nothing of it is passed on.
-    SearchInCompartment {
-        patient: String,
-        types: Option<Vec<String>>,
+    /// in the compartment of `Patient/{patient}` (when set) and match one of
+    /// `filters` (when set); otherwise the answer is a 404 as if the
+    /// resource did not exist.
+    Resource {
+        patient: Option<String>,
+        filters: Option<Vec<Filter>>,
     },
+    /// A searchset Bundle: every resource in it must be in the compartment
+    /// (when `patient` is set), of a type the scopes grant (unless `types`
+    /// is `None`: a wildcard grant) and its matches must match one of
+    /// `filters` (when set); otherwise nothing of it is passed on.
+    Search {
+        patient: Option<String>,
+        types: Option<Vec<String>>,
+        filters: Option<Vec<Filter>>,
+    },
+}
+
+impl ResponseCheck {
+    /// The read check for the compartment of `patient`, no filter.
+    pub fn in_compartment(patient: &str) -> ResponseCheck {
+        ResponseCheck::Resource {
+            patient: Some(patient.to_string()),
+            filters: None,
+        }
+    }
 }
 
 /// One permission the request needs.
@@ -175,15 +195,10 @@ pub fn decide_with(
                 missing_scope: None,
             };
             match decide_with(entry, scopes, patient, opts) {
-                Ok(
-                    Decision { check: Some(_), .. }
-                    | Decision {
-                        narrow: Some(_), ..
-                    },
-                ) => {
+                Ok(d) if d.check.is_some() || !d.narrow.is_empty() => {
                     return Err(refused(
-                        "under patient/ scopes its answer would have to be checked against the \
-                         patient's compartment, which fhirwall does not do inside a Bundle"
+                        "its answer would have to be checked (patient compartment or scope \
+                         filter), which fhirwall does not do inside a Bundle"
                             .into(),
                     ))
                 }
@@ -215,7 +230,7 @@ pub fn decide_with(
         return Ok(Decision {
             scopes_used: used,
             check: None,
-            narrow: None,
+            narrow: Vec::new(),
             write: None,
             entry_writes,
         });
@@ -225,7 +240,7 @@ pub fn decide_with(
         return Ok(Decision {
             scopes_used: Vec::new(),
             check: None,
-            narrow: None,
+            narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
         });
@@ -243,7 +258,7 @@ pub fn decide_with(
         return Ok(Decision {
             scopes_used: used,
             check: None,
-            narrow: None,
+            narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
         });
@@ -286,7 +301,7 @@ pub fn decide_with(
         return Ok(Decision {
             scopes_used: used,
             check: None,
-            narrow: None,
+            narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
         });
@@ -294,10 +309,8 @@ pub fn decide_with(
     if read_checkable(req) {
         return Ok(Decision {
             scopes_used: used,
-            check: Some(ResponseCheck::InCompartment {
-                patient: ctx.to_string(),
-            }),
-            narrow: None,
+            check: Some(ResponseCheck::in_compartment(ctx)),
+            narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
         });
@@ -306,7 +319,7 @@ pub fn decide_with(
         return Ok(Decision {
             scopes_used: used,
             check: None,
-            narrow: None,
+            narrow: Vec::new(),
             write: Some(write),
             entry_writes: Vec::new(),
         });
@@ -314,11 +327,12 @@ pub fn decide_with(
     if let Some(narrow) = patient_search(req, ctx, opts)? {
         return Ok(Decision {
             scopes_used: used,
-            check: Some(ResponseCheck::SearchInCompartment {
-                patient: ctx.to_string(),
+            check: Some(ResponseCheck::Search {
+                patient: Some(ctx.to_string()),
                 types: granted_types(&usable),
+                filters: None,
             }),
-            narrow,
+            narrow: narrow.into_iter().collect(),
             write: None,
             entry_writes: Vec::new(),
         });
@@ -355,7 +369,8 @@ fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, Sco
     if t == "Patient" {
         return match (req.interaction, req.id.as_deref()) {
             (Update | Patch, Some(id)) if id == ctx => Ok(Some(WriteCheck {
-                patient: ctx.into(),
+                patient: Some(ctx.into()),
+                filters: None,
                 body: true,
                 existing: false,
             })),
@@ -374,7 +389,8 @@ fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, Sco
         )));
     }
     Ok(Some(WriteCheck {
-        patient: ctx.into(),
+        patient: Some(ctx.into()),
+        filters: None,
         body: req.interaction != Delete,
         existing: req.interaction != Create,
     }))
@@ -1346,9 +1362,7 @@ mod tests {
 
     #[test]
     fn patient_reads_carry_a_response_check() {
-        let checked = Some(ResponseCheck::InCompartment {
-            patient: "p1".into(),
-        });
+        let checked = Some(ResponseCheck::in_compartment("p1"));
         for url in [
             "Observation/o1",
             "Observation/o1/_history/2",
@@ -1407,9 +1421,10 @@ mod tests {
         let run =
             |url: &str, o: &DecideOptions| decide_with(&req("GET", url), &grant, Some("p1"), o);
         let add = |n: &str, v: &str| Some((n.to_string(), v.to_string()));
-        let checked = Some(ResponseCheck::SearchInCompartment {
-            patient: "p1".into(),
+        let checked = Some(ResponseCheck::Search {
+            patient: Some("p1".into()),
             types: None,
+            filters: None,
         });
         // (url, narrowing parameter to add: None = already narrowed)
         for (url, narrow) in [
@@ -1440,7 +1455,11 @@ mod tests {
         ] {
             let d = run(url, &opts).unwrap_or_else(|e| panic!("{url}: {}", e.reason));
             assert_eq!(d.check, checked, "{url}");
-            assert_eq!(d.narrow, narrow, "{url}");
+            assert_eq!(
+                d.narrow,
+                narrow.clone().into_iter().collect::<Vec<_>>(),
+                "{url}"
+            );
             let strict_ok = run(url, &strict).is_ok();
             assert_eq!(strict_ok, narrow.is_none(), "{url} (refuse mode)");
         }
@@ -1481,14 +1500,15 @@ mod tests {
         }
         // A server's opaque paging link: allowed, every page checked.
         let d = run("?_getpages=abc&_getpagesoffset=20&_count=10", &opts).unwrap();
-        assert_eq!((d.check, d.narrow), (checked, None));
+        assert_eq!((d.check, d.narrow), (checked, Vec::new()));
     }
 
     #[test]
     fn patient_writes_carry_a_write_check() {
         let w = |body, existing| {
             Some(WriteCheck {
-                patient: "p1".into(),
+                patient: Some("p1".into()),
+                filters: None,
                 body,
                 existing,
             })
@@ -1539,7 +1559,8 @@ mod tests {
         )
         .unwrap();
         let w = |body, existing| WriteCheck {
-            patient: "p1".into(),
+            patient: Some("p1".into()),
+            filters: None,
             body,
             existing,
         };

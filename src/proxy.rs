@@ -130,8 +130,9 @@ pub struct Ctx {
     scopes_used: Vec<String>,
     /// What stage 8 must prove about the upstream's answer.
     check: Option<ResponseCheck>,
-    /// A parameter added upstream to narrow a search to the patient.
-    narrow: Option<(String, String)>,
+    /// Parameters added upstream to narrow a search to the patient and a
+    /// scope's filter.
+    narrow: Vec<(String, String)>,
     /// `If-Match` for a write proved against the version fetched first.
     if_match: Option<http::HeaderValue>,
     denial: Option<Denial>,
@@ -360,7 +361,7 @@ impl Gateway {
             req.method.clone()
         };
         let mut query = req.uri.query().map(str::to_string);
-        if let Some((name, value)) = &ctx.narrow {
+        for (name, value) in &ctx.narrow {
             let q = query.get_or_insert_with(String::new);
             if !q.is_empty() {
                 q.push('&');
@@ -430,14 +431,14 @@ impl Gateway {
             return r;
         }
         let body = match check {
-            ResponseCheck::SearchInCompartment { .. } => rewrite_links(
+            ResponseCheck::Search { .. } => rewrite_links(
                 &answer.body,
                 self.settings.upstream.url.as_str().trim_end_matches('/'),
                 &self.realm,
             )
             .map(Bytes::from)
             .unwrap_or(answer.body),
-            ResponseCheck::InCompartment { .. } => answer.body,
+            ResponseCheck::Resource { .. } => answer.body,
         };
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
         for (name, value) in &answer.headers {
@@ -584,7 +585,7 @@ impl Gateway {
         };
         if w.body {
             let (content_type, body) = body.unwrap_or((None, b""));
-            judge_write_body(fhir, content_type, body, &w.patient, &self.bases).map_err(refuse)?;
+            judge_write_body(fhir, content_type, body, w, &self.bases).map_err(refuse)?;
         }
         if !w.existing {
             return Ok(None);
@@ -613,8 +614,9 @@ impl Gateway {
             entries: Vec::new(),
             ..fhir.clone()
         };
-        let check = ResponseCheck::InCompartment {
+        let check = ResponseCheck::Resource {
             patient: w.patient.clone(),
+            filters: w.filters.clone(),
         };
         let content_type = answer
             .headers
@@ -821,7 +823,7 @@ impl ProxyHttp for Gateway {
             token: None,
             scopes_used: Vec::new(),
             check: None,
-            narrow: None,
+            narrow: Vec::new(),
             if_match: None,
             denial: None,
             public: false,

@@ -173,13 +173,13 @@ proptest! {
                 prop_assert!(!names_other, "{m} {path} {q:?} reached p2 under patient/ scopes of p1");
             }
             // Left to the answer check: plain reads of compartment types (not Patient) ...
-            Ok(d) if d.check == Some(ResponseCheck::InCompartment { patient: "p1".into() }) => {
+            Ok(d) if d.check == Some(ResponseCheck::in_compartment("p1")) => {
                 prop_assert!(matches!(req.interaction, Interaction::Read | Interaction::Vread | Interaction::HistoryInstance), "{m} {path} {q:?}");
                 prop_assert!(req.resource_type.as_deref() != Some("Patient"), "{m} {path} {q:?}");
             }
             // ... and searches, which must never name p2 in a patient parameter.
             Ok(d) => {
-                prop_assert!(matches!(&d.check, Some(ResponseCheck::SearchInCompartment { patient, .. }) if patient == "p1"), "{:?}", d.check);
+                prop_assert!(matches!(&d.check, Some(ResponseCheck::Search { patient: Some(patient), .. }) if patient == "p1"), "{:?}", d.check);
                 prop_assert!(matches!(req.interaction, Interaction::SearchType | Interaction::SearchCompartment | Interaction::SearchSystem), "{m} {path} {q:?}");
                 let params = q.as_deref().unwrap_or("");
                 let on_patient = path.starts_with("Patient");
@@ -190,7 +190,7 @@ proptest! {
                         || on_patient && p == "_id=p2"
                 }) || path.split('/').any(|s| s == "p2");
                 prop_assert!(!names_p2, "{m} {path} {q:?} searched p2 under patient/ scopes of p1");
-                if let Some((n, v)) = &d.narrow {
+                for (n, v) in &d.narrow {
                     prop_assert!(v == "p1" || v == "Patient/p1", "narrowed by {n}={v}");
                 }
             }
