@@ -23,9 +23,9 @@
 //! outside the compartment are never reached. Everything else under
 //! patient-only grants is refused with a reason that says so.
 //!
-//! v2 scopes with a query filter grant nothing yet (their filter is not
-//! enforced); `$export` needs `system/` scopes; other operations are not
-//! granted by scopes at all.
+//! v2 scopes with a query filter grant only what matches their filter
+//! (see [`filtered_grant`]); `$export` needs `system/` scopes; other
+//! operations are not granted by scopes at all.
 
 use crate::fhir::classify::{FhirRequest, Interaction, OperationLevel};
 use crate::fhir::compartment::{self, Bases};
@@ -245,7 +245,8 @@ pub fn decide_with(
             entry_writes: Vec::new(),
         });
     }
-    // Usable scopes: v2 filtered scopes grant nothing until filters are enforced.
+    // Unfiltered scopes; v2 filtered scopes are tried separately (their
+    // filters must be proved on the request or the answer).
     let usable: Vec<&Scope> = scopes
         .scopes
         .iter()
@@ -263,8 +264,32 @@ pub fn decide_with(
             entry_writes: Vec::new(),
         });
     }
-    // Second: with patient scopes too, if the request stays in the compartment.
-    let Some(used) = grant(&needs, usable.iter().copied()) else {
+    // Then scopes with a query filter that are not bound to a patient.
+    if let Some(Ok(d)) = filtered_grant(req, &needs, scopes, None, opts) {
+        return Ok(d);
+    }
+    // Then patient scopes: unfiltered if the request stays in the
+    // compartment, else filtered ones (compartment and filter).
+    let patient_result = patient_grant(req, &needs, &usable, scopes, patient, opts);
+    if patient_result.is_err() {
+        if let Some(Ok(d)) = filtered_grant(req, &needs, scopes, Some(patient), opts) {
+            return Ok(d);
+        }
+    }
+    patient_result
+}
+
+/// The request under unfiltered scopes including `patient/` ones: needs a
+/// patient context and the compartment rules.
+fn patient_grant(
+    req: &FhirRequest,
+    needs: &[Need],
+    usable: &[&Scope],
+    scopes: &ScopeSet,
+    patient: Option<&str>,
+    opts: &DecideOptions,
+) -> Result<Decision, ScopeDenial> {
+    let Some(used) = grant(needs, usable.iter().copied()) else {
         let missing = needs
             .iter()
             .find(|n| {
@@ -284,7 +309,8 @@ pub fn decide_with(
         );
         if filtered {
             reason.push_str(
-                " (scopes with a query filter grant nothing until filter enforcement is enabled)",
+                " (scopes with a query filter grant only plain reads, type searches, creates, updates \
+                 and deletes of their resource type, with token filters fhirwall can evaluate)",
             );
         }
         return Err(ScopeDenial {
@@ -329,7 +355,7 @@ pub fn decide_with(
             scopes_used: used,
             check: Some(ResponseCheck::Search {
                 patient: Some(ctx.to_string()),
-                types: granted_types(&usable),
+                types: granted_types(usable),
                 filters: None,
             }),
             narrow: narrow.into_iter().collect(),
@@ -349,6 +375,154 @@ pub fn decide_with(
          compartment searches and Patient/{ctx}/$everything; this {} is not",
         req.interaction
     )))
+}
+
+/// The request under v2 scopes with a query filter, not bound to a patient
+/// (`patient: None`) or bound to the token's patient (`Some(claim)`).
+/// `None` when no such scope applies. Filters apply to one need on one
+/// type — a read, type search, create, update or delete that reaches no
+/// other type — and must be understood (see [`Filter::parse`]); a scope
+/// set grants the union of its filters.
+fn filtered_grant(
+    req: &FhirRequest,
+    needs: &[Need],
+    scopes: &ScopeSet,
+    patient: Option<Option<&str>>,
+    opts: &DecideOptions,
+) -> Option<Result<Decision, ScopeDenial>> {
+    use Interaction::*;
+    let [need] = needs else { return None };
+    let t = need.resource.as_deref()?;
+    if req.conditional
+        || reaches_other_types(req)
+        || !matches!(
+            req.interaction,
+            Read | Vread | HistoryInstance | SearchType | Create | Update | Delete
+        )
+    {
+        return None;
+    }
+    let bound = patient.is_some();
+    let mut used = Vec::new();
+    let mut filters = Vec::new();
+    for s in &scopes.scopes {
+        let Some(q) = &s.filter else { continue };
+        if (s.context == Context::Patient) != bound
+            || !s.covers(need.perm, Some(t))
+            || !ctx_ok(s, need)
+        {
+            continue;
+        }
+        if let Ok(f) = Filter::parse(t, q) {
+            used.push(s.raw.clone());
+            filters.push(f);
+        }
+    }
+    if filters.is_empty() {
+        return None;
+    }
+    let ctx = match patient {
+        None => None,
+        Some(Some(p)) => Some(p),
+        Some(None) => {
+            return Some(Err(deny(
+                "the request is granted only by patient/ scopes, but the token carries no patient launch context (claim 'patient')",
+            )))
+        }
+    };
+    Some(filtered_decision(req, t, ctx, filters, used, opts))
+}
+
+fn filtered_decision(
+    req: &FhirRequest,
+    t: &str,
+    ctx: Option<&str>,
+    filters: Vec<Filter>,
+    used: Vec<String>,
+    opts: &DecideOptions,
+) -> Result<Decision, ScopeDenial> {
+    use Interaction::*;
+    let decision = |check, narrow, write| Decision {
+        scopes_used: used.clone(),
+        check,
+        narrow,
+        write,
+        entry_writes: Vec::new(),
+    };
+    match req.interaction {
+        Read | Vread | HistoryInstance => {
+            if let Some(ctx) = ctx {
+                let own_patient = t == "Patient" && req.id.as_deref() == Some(ctx);
+                if !own_patient && !read_checkable(req) {
+                    return Err(deny(format!(
+                        "under patient/ scopes only Patient/{ctx} and resources in its compartment can be read"
+                    )));
+                }
+            }
+            Ok(decision(
+                Some(ResponseCheck::Resource {
+                    patient: ctx.map(str::to_string),
+                    filters: Some(filters),
+                }),
+                Vec::new(),
+                None,
+            ))
+        }
+        SearchType => {
+            let mut narrow = Vec::new();
+            if !filters.iter().any(|f| f.carried_by(&req.params)) {
+                narrow.extend(filter_narrowing(&filters));
+            }
+            if let Some(ctx) = ctx {
+                match patient_search(req, ctx, opts)? {
+                    Some(n) => narrow.extend(n),
+                    None => {
+                        return Err(deny(format!(
+                            "this search cannot be confined to Patient/{ctx}"
+                        )))
+                    }
+                }
+            }
+            Ok(decision(
+                Some(ResponseCheck::Search {
+                    patient: ctx.map(str::to_string),
+                    types: Some(vec![t.to_string()]),
+                    filters: Some(filters),
+                }),
+                narrow,
+                None,
+            ))
+        }
+        _ => {
+            let mut w = match ctx {
+                Some(ctx) => patient_write(req, ctx)?.ok_or_else(|| deny("not a write"))?,
+                None => WriteCheck {
+                    patient: None,
+                    filters: None,
+                    body: req.interaction != Delete,
+                    existing: req.interaction != Create,
+                },
+            };
+            w.filters = Some(filters);
+            Ok(decision(None, Vec::new(), Some(w)))
+        }
+    }
+}
+
+/// Parameters that narrow a search to the filters' union: one parameter
+/// with the values OR-ed when every filter is one value of the same
+/// parameter, else the first filter's parameters (narrower than the union).
+fn filter_narrowing(filters: &[Filter]) -> Vec<(String, String)> {
+    let first = &filters[0].params;
+    let same_param = filters
+        .iter()
+        .all(|f| f.params.len() == 1 && f.params[0].0 == first[0].0);
+    if same_param {
+        let values: Vec<&str> = filters.iter().map(|f| f.params[0].1.as_str()).collect();
+        vec![(first[0].0.clone(), values.join(","))]
+    } else {
+        first.clone()
+    }
 }
 
 /// A write under patient-only scopes: `Ok(Some(check))` when it can be
@@ -1015,12 +1189,12 @@ mod tests {
                 true,
             ),
             (
-                "filtered scope grants nothing",
+                "filtered scope: search carrying its filter",
                 "user/Observation.rs?category=laboratory",
                 None,
                 "GET",
                 "Observation?category=laboratory",
-                false,
+                true,
             ),
             (
                 "non-resource scopes",
@@ -1350,14 +1524,138 @@ mod tests {
             Some("patient|user|system/Observation.s")
         );
         assert!(d.reason.contains("search-type"), "{}", d.reason);
+        // A filter on a parameter fhirwall cannot evaluate grants nothing.
         let d = check(
-            "user/Observation.rs?category=laboratory",
+            "user/Observation.rs?date=ge2020",
             None,
             "GET",
             "Observation/1",
         )
         .unwrap_err();
         assert!(d.reason.contains("query filter"), "{}", d.reason);
+    }
+
+    #[test]
+    fn filtered_scopes_grant_their_filter_only() {
+        const LAB: &str = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
+        let lab = Filter::parse("Observation", &format!("category={LAB}")).unwrap();
+        let vs = Filter::parse("Observation", "category=vital-signs").unwrap();
+        let user_lab = format!("user/Observation.rs?category={LAB}");
+        // Read: the answer must match.
+        let d = check(&user_lab, None, "GET", "Observation/o1").unwrap();
+        assert_eq!(
+            d.check,
+            Some(ResponseCheck::Resource {
+                patient: None,
+                filters: Some(vec![lab.clone()])
+            })
+        );
+        // Search carrying the filter: not narrowed; without it: narrowed.
+        let d = check(
+            &user_lab,
+            None,
+            "GET",
+            &format!("Observation?category={LAB}&code=x"),
+        )
+        .unwrap();
+        assert!(d.narrow.is_empty());
+        let d = check(&user_lab, None, "GET", "Observation?code=x").unwrap();
+        assert_eq!(d.narrow, vec![("category".to_string(), LAB.to_string())]);
+        // Union of two filters on the same parameter: OR-ed.
+        let both = format!("{user_lab} user/Observation.rs?category=vital-signs");
+        let d = check(&both, None, "GET", "Observation?code=x").unwrap();
+        assert_eq!(
+            d.narrow,
+            vec![("category".to_string(), format!("{LAB},vital-signs"))]
+        );
+        assert!(
+            matches!(&d.check, Some(ResponseCheck::Search { filters: Some(f), .. }) if f == &vec![lab.clone(), vs.clone()])
+        );
+        // Patient-bound filter: compartment and filter.
+        let d = check(
+            &format!("patient/Observation.rs?category={LAB}"),
+            Some("p1"),
+            "GET",
+            "Observation?code=x",
+        )
+        .unwrap();
+        assert_eq!(
+            d.narrow,
+            vec![
+                ("category".to_string(), LAB.to_string()),
+                ("patient".to_string(), "p1".to_string())
+            ]
+        );
+        assert!(
+            matches!(&d.check, Some(ResponseCheck::Search { patient: Some(p), .. }) if p == "p1")
+        );
+        assert!(check(
+            &format!("patient/Observation.rs?category={LAB}"),
+            Some("p1"),
+            "GET",
+            "Observation?patient=p2"
+        )
+        .is_err());
+        assert!(check(
+            &format!("patient/Observation.rs?category={LAB}"),
+            None,
+            "GET",
+            "Observation/o1"
+        )
+        .is_err());
+        // Writes: the body (and the stored resource) must match.
+        let d = check(
+            &format!("user/Observation.cud?category={LAB}"),
+            None,
+            "PUT",
+            "Observation/o1",
+        )
+        .unwrap();
+        assert_eq!(
+            d.write,
+            Some(WriteCheck {
+                patient: None,
+                filters: Some(vec![lab.clone()]),
+                body: true,
+                existing: true
+            })
+        );
+        // Not covered by filters: other types, includes, conditional, patch, history of the type.
+        for (scope, method, url) in [
+            (user_lab.as_str(), "GET", "Condition/c1"),
+            (
+                user_lab.as_str(),
+                "GET",
+                "Observation?_include=Observation:subject",
+            ),
+            (user_lab.as_str(), "GET", "Observation/_history"),
+            (
+                "user/Observation.u?category=laboratory",
+                "PATCH",
+                "Observation/o1",
+            ),
+            (
+                "user/Observation.d?category=laboratory",
+                "DELETE",
+                "Observation?code=1",
+            ),
+            // On a wildcard the filter is evaluated per type: Patient has no `category`.
+            ("user/*.rs?category=laboratory", "GET", "Patient/p1"),
+        ] {
+            assert!(
+                check(scope, None, method, url).is_err(),
+                "{scope} {method} {url}"
+            );
+        }
+        // An unfiltered scope still wins over a filtered one.
+        let d = check(
+            &format!("{user_lab} user/Observation.r"),
+            None,
+            "GET",
+            "Observation/o1",
+        )
+        .unwrap();
+        assert_eq!(d.check, None);
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub const REASONS: &[&str] = &[
     "insufficient_scope",
     "not_found",
     "outside_compartment",
+    "outside_scope_filter",
     "upstream_not_found",
     "bad_path",
     "fhir_malformed",

@@ -1001,12 +1001,14 @@ impl ProxyHttp for Gateway {
                     ..
                 },
             ) => ("allow", d.code(), None),
-            Some(d @ Denial::Hidden { resource, .. }) => (
+            Some(d @ Denial::Hidden { resource, why }) => (
                 "deny",
                 d.code(),
-                Some(format!(
-                    "{resource} is outside the compartment of the token's patient; answered 404"
-                )),
+                Some(if *why == "outside_scope_filter" {
+                    format!("{resource} matches none of the token's scope filters; answered 404")
+                } else {
+                    format!("{resource} is outside the compartment of the token's patient; answered 404")
+                }),
             ),
             Some(d) => ("deny", d.code(), Some(d.description())),
             None if ctx.public => ("allow", "public", None),

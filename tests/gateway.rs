@@ -255,13 +255,11 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
         0
     );
 
-    // A filtered v2 scope grants nothing yet.
-    let filtered = gw.mint("user/Observation.rs?category=laboratory", None);
+    // A v2 scope whose filter fhirwall cannot evaluate grants nothing
+    // (filters it can evaluate are tested in tests/patient.rs).
+    let filtered = gw.mint("user/Observation.rs?date=ge2020", None);
     let r = gw
-        .get(
-            "Observation?category=laboratory&code=filtered-1",
-            Some(&filtered),
-        )
+        .get("Observation?date=ge2020&code=filtered-1", Some(&filtered))
         .await;
     assert_eq!(r.status(), 403);
     assert_eq!(gw.upstream.count_containing("filtered-1"), 0);

@@ -886,3 +886,104 @@ async fn bundles_are_checked_entry_by_entry() {
     );
     assert_eq!(bundles_seen(), 1, "a refused Bundle reached the upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_filtered_scopes_grant_only_their_filter() {
+    use serde_json::json;
+    const LAB: &str = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
+    let gw = Gateway::start(Options::default()).await;
+    let get = |rel: String, token: String| {
+        let gw = &gw;
+        async move { status_and_body(gw.get(&rel, Some(&token)).await).await }
+    };
+    let ids = |body: &str| entry_ids(&serde_json::from_str(body).unwrap());
+
+    // user/: any patient, laboratory only.
+    let user_lab = gw.mint(&format!("user/Observation.rs?category={LAB}"), None);
+    let (s, body) = get("Observation/obs-p2-1".into(), user_lab.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = get("Observation/obs-p1-0".into(), user_lab.clone()).await;
+    assert_eq!(s, 404, "vital signs are outside the filter: {body}");
+    assert!(!body.contains("Heart rate"), "{body}");
+    let (s, body) = get(format!("Observation?category={LAB}"), user_lab.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body), ["obs-p1-1", "obs-p2-1", "obs-p3-1"]);
+    // Without the filter: narrowed to it.
+    let (s, body) = get("Observation?_count=50".into(), user_lab.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body), ["obs-p1-1", "obs-p2-1", "obs-p3-1"]);
+    let seen = gw.upstream.seen();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|s| s.uri.contains("_count=50"))
+        .unwrap();
+    assert!(last.uri.contains("category="), "{}", last.uri);
+    // Another type is not granted at all.
+    let (s, _) = get("Condition/cond-p1".into(), user_lab.clone()).await;
+    assert_eq!(s, 403);
+    assert_eq!(gw.upstream.count_containing("cond-p1"), 0);
+
+    // patient/: the compartment and the filter.
+    let p1_lab = gw.mint(
+        &format!("patient/Observation.rs?category={LAB}"),
+        Some("p1"),
+    );
+    let (s, body) = get("Observation?code=2339-0".into(), p1_lab.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body), ["obs-p1-1"]);
+    let (s, body) = get("Observation".into(), p1_lab.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ids(&body), ["obs-p1-1"]);
+    for (rel, want) in [
+        ("Observation/obs-p1-1", 200),
+        ("Observation/obs-p1-0", 404), // p1's, but vital signs
+        ("Observation/obs-p2-1", 404), // laboratory, but p2's
+        ("Observation?patient=p2", 403),
+    ] {
+        let (s, body) = get(rel.into(), p1_lab.clone()).await;
+        assert_eq!(s, want, "{rel}: {body}");
+        if want != 200 {
+            assert_nothing_of_p2(rel, &body);
+        }
+    }
+
+    // Writes: the resource must match the filter.
+    let writer = gw.mint(&format!("user/Observation.cu?category={LAB}"), None);
+    let post = |category: &str| {
+        let (gw, writer) = (&gw, writer.clone());
+        let body = json!({"resourceType": "Observation", "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+            "subject": {"reference": "Patient/p3"}});
+        async move {
+            let r = gw
+                .client
+                .post(format!("{}/Observation", gw.base))
+                .bearer_auth(&writer)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            status_and_body(r).await
+        }
+    };
+    let posts = || {
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST")
+            .count()
+    };
+    let (s, body) = post("laboratory").await;
+    assert_eq!(s, 201, "{body}");
+    let (s, body) = post("vital-signs").await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("scope filters"), "{body}");
+    assert_eq!(posts(), 1);
+
+    // A filter fhirwall cannot evaluate grants nothing.
+    let dated = gw.mint("user/Observation.rs?date=ge2020", None);
+    let (s, body) = get("Observation/obs-p1-1".into(), dated).await;
+    assert_eq!(s, 403, "{body}");
+}

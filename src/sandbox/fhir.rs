@@ -171,6 +171,20 @@ impl FhirSandbox {
                 r["subject"]["reference"] == want.as_str()
             }
             "code" => r["code"]["coding"][0]["code"] == v.rsplit('|').next().unwrap_or(v),
+            // Token search on category: `code`, `system|code`, OR-ed with `,`.
+            "category" => v.split(',').any(|want| {
+                let (system, code) = match want.split_once('|') {
+                    Some((s, c)) => (Some(s), c),
+                    None => (None, want),
+                };
+                r["category"].as_array().into_iter().flatten().any(|cc| {
+                    cc["coding"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["code"] == code && system.is_none_or(|s| c["system"] == s))
+                })
+            }),
             _ => true,
         })
     }
