@@ -24,7 +24,7 @@
 //! patient-only grants is refused with a reason that says so.
 //!
 //! v2 scopes with a query filter grant only what matches their filter
-//! (see [`filtered_grant`]); `$export` needs `system/` scopes; other
+//! (see `filtered_grant`); `$export` needs `system/` scopes; other
 //! operations are not granted by scopes at all.
 
 use crate::fhir::classify::{FhirRequest, Interaction, OperationLevel};

@@ -1,6 +1,6 @@
 //! The token validator the proxy calls: cache lookup by token hash, then
-//! [`inspect`](super::inspect), issuer lookup, keys (with at most one
-//! shared re-fetch on an unknown `kid`) and [`verify`](super::verify).
+//! [`inspect`], issuer lookup, keys (with at most one
+//! shared re-fetch on an unknown `kid`) and [`verify`].
 
 use std::sync::Arc;
 use std::time::Duration;
