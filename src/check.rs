@@ -11,7 +11,7 @@
 
 use serde_json::Value;
 
-use crate::decide::{ResponseCheck, WriteCheck};
+use crate::decide::{EntryCheck, ResponseCheck, WriteCheck};
 use crate::fhir::classify::{FhirRequest, Interaction};
 use crate::fhir::compartment::{in_compartment, Bases};
 use crate::fhir::search_param::Filter;
@@ -367,6 +367,114 @@ fn judge_search(
     Verdict::Pass
 }
 
+/// The batch/transaction body with each checked entry's `request.url`
+/// narrowed by its parameters; `None` when the body is not a Bundle.
+pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    for c in checks.iter().filter(|c| !c.narrow.is_empty()) {
+        let url = doc.pointer_mut(&format!("/entry/{}/request/url", c.index))?;
+        let mut u = url.as_str()?.to_string();
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (n, v) in &c.narrow {
+            q.append_pair(n, v);
+        }
+        u.push(if u.contains('?') { '&' } else { '?' });
+        u.push_str(&q.finish());
+        *url = Value::String(u);
+    }
+    Some(doc.to_string().into_bytes())
+}
+
+/// Judges a batch/transaction response entry by entry: each checked entry's
+/// answer passes, or is replaced by an entry carrying only its own denial
+/// (404 as if absent, 403, or 502) — the other entries are untouched. The
+/// whole answer is refused (502) when it is not the response Bundle of the
+/// request, entry for entry.
+pub fn judge_bundle_answer(
+    checks: &[EntryCheck],
+    req: &FhirRequest,
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    bases: &Bases,
+) -> Result<Vec<u8>, Verdict> {
+    let mut doc = parse(content_type, body)?;
+    if status != 200 {
+        // The whole Bundle failed: an OperationOutcome holds no entry's data.
+        return if doc.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome") {
+            Ok(body.to_vec())
+        } else {
+            Err(Verdict::Unverifiable {
+                why: format!("upstream answered the Bundle with {status} and no OperationOutcome"),
+            })
+        };
+    }
+    let want = match req.interaction {
+        Interaction::Transaction => "transaction-response",
+        _ => "batch-response",
+    };
+    if doc.get("type").and_then(Value::as_str) != Some(want) {
+        return Err(Verdict::Unverifiable {
+            why: format!("upstream answer to the Bundle is not a {want}"),
+        });
+    }
+    let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) else {
+        return Err(Verdict::Unverifiable {
+            why: "upstream answer to the Bundle has no entries".into(),
+        });
+    };
+    if entries.len() != req.entries.len() {
+        return Err(Verdict::Unverifiable {
+            why: format!(
+                "upstream answer to the Bundle has {} entries for {} requested",
+                entries.len(),
+                req.entries.len()
+            ),
+        });
+    }
+    for c in checks {
+        let (Some(entry), Some(entry_req)) = (entries.get_mut(c.index), req.entries.get(c.index))
+        else {
+            continue;
+        };
+        let code: u16 = entry
+            .pointer("/response/status")
+            .and_then(Value::as_str)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let resource = entry
+            .get("resource")
+            .or_else(|| entry.pointer("/response/outcome"))
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        let verdict = judge(
+            &c.check,
+            entry_req,
+            code,
+            Some("application/fhir+json"),
+            resource.as_bytes(),
+            bases,
+        );
+        let (status, issue, text) = match &verdict {
+            Verdict::Pass => continue,
+            Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
+            Verdict::Refuse { why } => ("403 Forbidden", "forbidden", why.clone()),
+            Verdict::Unverifiable { why } => ("502 Bad Gateway", "exception", why.clone()),
+        };
+        *entry = serde_json::json!({
+            "response": {
+                "status": status,
+                "outcome": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": issue, "diagnostics": format!("fhirwall: {text}")}]
+                }
+            }
+        });
+    }
+    Ok(doc.to_string().into_bytes())
+}
+
 /// Rewrites a searchset's paging links and `fullUrl`s from the upstream's
 /// base to the public base, so paging goes through the gateway (and is
 /// decided and checked again). `None` when there is nothing to rewrite.
@@ -663,5 +771,92 @@ mod tests {
         assert_eq!(out["link"][3]["url"], "https://other/r4/Observation");
         assert_eq!(out["entry"][0]["fullUrl"], "https://gw/fhir/Observation/a");
         assert!(rewrite_links(b"{}", "http://up:9/r4", "https://gw/fhir").is_none());
+    }
+
+    #[test]
+    fn bundle_answers_are_judged_entry_by_entry() {
+        use crate::fhir::classify::classify_bundle;
+        let request = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Observation/o1"}},
+            {"request": {"method": "GET", "url": "Observation/o2"}},
+            {"request": {"method": "DELETE", "url": "Observation/o3"}},
+            {"request": {"method": "GET", "url": "Observation/o4"}}]});
+        let b = classify_bundle(
+            classify(HttpRequest {
+                method: "POST",
+                path: "",
+                query: None,
+                if_none_exist: None,
+            })
+            .unwrap(),
+            request.to_string().as_bytes(),
+        )
+        .unwrap();
+        let checks: Vec<EntryCheck> = [0, 1, 3]
+            .into_iter()
+            .map(|index| EntryCheck {
+                index,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: Vec::new(),
+            })
+            .collect();
+        let answer = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"resource": obs("o1", "p1"), "response": {"status": "200 OK"}},
+            {"resource": obs("o2", "p2"), "response": {"status": "200 OK"}},
+            {"response": {"status": "204 No Content"}},
+            {"response": {"status": "404 Not Found"}}]});
+        let run = |a: &Value| {
+            judge_bundle_answer(
+                &checks,
+                &b,
+                200,
+                Some("application/fhir+json"),
+                a.to_string().as_bytes(),
+                &Bases::default(),
+            )
+        };
+        let out: Value = serde_json::from_slice(&run(&answer).unwrap()).unwrap();
+        assert_eq!(out["entry"][0]["resource"]["id"], "o1");
+        assert_eq!(out["entry"][1]["response"]["status"], "404 Not Found");
+        assert!(!out.to_string().contains("Patient/p2"), "{out}");
+        assert_eq!(out["entry"][2]["response"]["status"], "204 No Content");
+        assert_eq!(out["entry"][3]["response"]["status"], "404 Not Found");
+        // Not the answer to this request: refused whole.
+        let mut short = answer.clone();
+        short["entry"].as_array_mut().unwrap().pop();
+        assert!(run(&short).is_err());
+        let mut wrong = answer.clone();
+        wrong["type"] = json!("transaction-response");
+        assert!(run(&wrong).is_err());
+    }
+
+    #[test]
+    fn bundle_entries_are_narrowed() {
+        let body = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Observation?code=1"}},
+            {"request": {"method": "GET", "url": "Condition"}}]});
+        let checks = vec![
+            EntryCheck {
+                index: 0,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: vec![("patient".into(), "p1".into())],
+            },
+            EntryCheck {
+                index: 1,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: vec![("category".into(), "a|b".into())],
+            },
+        ];
+        let out: Value =
+            serde_json::from_slice(&narrow_bundle(body.to_string().as_bytes(), &checks).unwrap())
+                .unwrap();
+        assert_eq!(
+            out["entry"][0]["request"]["url"],
+            "Observation?code=1&patient=p1"
+        );
+        assert_eq!(
+            out["entry"][1]["request"]["url"],
+            "Condition?category=a%7Cb"
+        );
     }
 }

@@ -57,6 +57,18 @@ pub struct Decision {
     pub write: Option<WriteCheck>,
     /// The same for the writes inside a batch/transaction, by entry index.
     pub entry_writes: Vec<(usize, WriteCheck)>,
+    /// Reads and searches inside a batch/transaction whose answers must be
+    /// checked, by entry index, with the parameters to add to the entry's
+    /// URL.
+    pub entry_checks: Vec<EntryCheck>,
+}
+
+/// A Bundle entry whose answer stage 8 must check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryCheck {
+    pub index: usize,
+    pub check: ResponseCheck,
+    pub narrow: Vec<(String, String)>,
 }
 
 /// Proof a write under `patient/` or filtered scopes needs before it goes
@@ -186,6 +198,7 @@ pub fn decide_with(
     if req.is_bundle() {
         let mut used = Vec::new();
         let mut entry_writes = Vec::new();
+        let mut entry_checks = Vec::new();
         for (i, entry) in req.entries.iter().enumerate() {
             let refused = |why: String| ScopeDenial {
                 reason: format!(
@@ -195,12 +208,19 @@ pub fn decide_with(
                 missing_scope: None,
             };
             match decide_with(entry, scopes, patient, opts) {
-                Ok(d) if d.check.is_some() || !d.narrow.is_empty() => {
-                    return Err(refused(
-                        "its answer would have to be checked (patient compartment or scope \
-                         filter), which fhirwall does not do inside a Bundle"
-                            .into(),
-                    ))
+                Ok(Decision {
+                    check: Some(check),
+                    narrow,
+                    scopes_used,
+                    ..
+                }) => {
+                    // Its answer is checked in the batch/transaction response.
+                    entry_checks.push(EntryCheck {
+                        index: i,
+                        check,
+                        narrow,
+                    });
+                    used.extend(scopes_used)
                 }
                 Ok(Decision { write: Some(_), .. }) if entry.interaction == Interaction::Patch => {
                     return Err(refused(
@@ -233,6 +253,7 @@ pub fn decide_with(
             narrow: Vec::new(),
             write: None,
             entry_writes,
+            entry_checks,
         });
     }
     let needs = needs(req)?;
@@ -243,6 +264,7 @@ pub fn decide_with(
             narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
         });
     }
     // Unfiltered scopes; v2 filtered scopes are tried separately (their
@@ -262,6 +284,7 @@ pub fn decide_with(
             narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
         });
     }
     // Then scopes with a query filter that are not bound to a patient.
@@ -330,6 +353,7 @@ fn patient_grant(
             narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
         });
     }
     if read_checkable(req) {
@@ -339,6 +363,7 @@ fn patient_grant(
             narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
         });
     }
     if let Some(write) = patient_write(req, ctx)? {
@@ -348,6 +373,7 @@ fn patient_grant(
             narrow: Vec::new(),
             write: Some(write),
             entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
         });
     }
     if let Some(narrow) = patient_search(req, ctx, opts)? {
@@ -361,6 +387,7 @@ fn patient_grant(
             narrow: narrow.into_iter().collect(),
             write: None,
             entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
         });
     }
     let t = req.resource_type.as_deref().unwrap_or("");
@@ -448,6 +475,7 @@ fn filtered_decision(
         narrow,
         write,
         entry_writes: Vec::new(),
+        entry_checks: Vec::new(),
     };
     match req.interaction {
         Read | Vread | HistoryInstance => {
@@ -1701,8 +1729,15 @@ mod tests {
         let body = br#"{"resourceType":"Bundle","type":"batch","entry":[
             {"request":{"method":"GET","url":"Observation/o1"}}]}"#;
         let b = classify_bundle(req("POST", ""), body).unwrap();
-        let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1")).unwrap_err();
-        assert!(d.reason.contains("inside a Bundle"), "{}", d.reason);
+        let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1")).unwrap();
+        assert_eq!(
+            d.entry_checks,
+            vec![EntryCheck {
+                index: 0,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: Vec::new()
+            }]
+        );
     }
 
     #[test]
@@ -1866,10 +1901,29 @@ mod tests {
             d.entry_writes,
             vec![(0, w(true, false)), (1, w(true, true)), (2, w(false, true))]
         );
+        // Reads and searches: checked in the response, searches narrowed.
+        let d = decide(
+            &bundle(
+                "batch",
+                &format!(
+                    r#"{create},{{"request":{{"method":"GET","url":"Observation/o1"}}}},{{"request":{{"method":"GET","url":"Condition?code=x"}}}}"#
+                ),
+            ),
+            &grant,
+            Some("p1"),
+        )
+        .unwrap();
+        assert_eq!(d.entry_checks.len(), 2);
+        assert_eq!(d.entry_checks[0].index, 1);
+        assert_eq!(d.entry_checks[1].index, 2);
+        assert_eq!(
+            d.entry_checks[1].narrow,
+            vec![("patient".to_string(), "p1".to_string())]
+        );
         for (entries, why) in [
             (
-                r#"{"request":{"method":"GET","url":"Observation/o1"}}"#,
-                "inside a Bundle",
+                r#"{"request":{"method":"GET","url":"Observation?patient=p2"}}"#,
+                "other than the token's",
             ),
             (
                 r#"{"request":{"method":"PATCH","url":"Observation/o1"}}"#,

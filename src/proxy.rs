@@ -23,9 +23,9 @@ use pingora::ErrorType;
 
 use crate::audit::{hex, AuditLog, Record};
 use crate::check::rewrite_links;
-use crate::check::{judge, judge_write_body, Verdict};
+use crate::check::{judge, judge_bundle_answer, judge_write_body, narrow_bundle, Verdict};
 use crate::config::{ForwardedContext, Settings};
-use crate::decide::{decide_with, DecideOptions, ResponseCheck, WriteCheck};
+use crate::decide::{decide_with, DecideOptions, EntryCheck, ResponseCheck, WriteCheck};
 use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
@@ -135,6 +135,8 @@ pub struct Ctx {
     narrow: Vec<(String, String)>,
     /// `If-Match` for a write proved against the version fetched first.
     if_match: Option<http::HeaderValue>,
+    /// Bundle entries whose answers stage 8 must check.
+    entry_checks: Vec<EntryCheck>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -373,8 +375,15 @@ impl Gateway {
             );
         }
         let rel = ctx.rel_path.clone().unwrap_or_default();
-        // A body read to classify the request (POST _search) goes along.
-        let body = session.get_retry_buffer();
+        // A body read to classify the request (POST _search, a Bundle) goes
+        // along; a Bundle's checked entries narrowed.
+        let mut body = session.get_retry_buffer();
+        if !ctx.entry_checks.is_empty() {
+            body = body
+                .as_deref()
+                .and_then(|b| narrow_bundle(b, &ctx.entry_checks))
+                .map(Bytes::from);
+        }
         let fetched = self
             .checked
             .fetch(method, &rel, query.as_deref(), headers, body)
@@ -388,57 +397,80 @@ impl Gateway {
             }
         };
         ctx.upstream_status = Some(answer.status);
-        let (Some(check), Some(fhir)) = (&ctx.check, &ctx.fhir) else {
+        let Some(fhir) = &ctx.fhir else {
             return Err(pingora::Error::explain(
                 ErrorType::InternalError,
-                "checked exchange without a check",
+                "checked exchange without a request",
             ));
         };
         let content_type = answer
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let denial = match judge(
-            check,
-            fhir,
-            answer.status,
-            content_type,
-            &answer.body,
-            &self.bases,
-        ) {
-            Verdict::Pass => None,
-            Verdict::Hide { why } => Some(Denial::Hidden {
-                resource: format!(
-                    "{}/{}",
-                    fhir.resource_type.as_deref().unwrap_or(""),
-                    fhir.id.as_deref().unwrap_or("")
-                ),
-                why,
-            }),
-            Verdict::Unverifiable { why } => Some(Denial::Upstream {
-                status: 502,
-                code: "upstream_answer_unchecked",
-                description: format!("the upstream's answer could not be checked: {why}"),
-            }),
-            Verdict::Refuse { why } => Some(Denial::InsufficientScope {
-                description: why,
-                scope: None,
-            }),
-        };
-        if let Some(denial) = denial {
-            let r = self.answer(session, ctx, &denial).await;
-            ctx.denial = Some(denial);
-            return r;
-        }
-        let body = match check {
-            ResponseCheck::Search { .. } => rewrite_links(
+        let judged: std::result::Result<Bytes, Verdict> = match &ctx.check {
+            _ if !ctx.entry_checks.is_empty() => judge_bundle_answer(
+                &ctx.entry_checks,
+                fhir,
+                answer.status,
+                content_type,
                 &answer.body,
-                self.settings.upstream.url.as_str().trim_end_matches('/'),
-                &self.realm,
+                &self.bases,
             )
-            .map(Bytes::from)
-            .unwrap_or(answer.body),
-            ResponseCheck::Resource { .. } => answer.body,
+            .map(Bytes::from),
+            Some(check) => match judge(
+                check,
+                fhir,
+                answer.status,
+                content_type,
+                &answer.body,
+                &self.bases,
+            ) {
+                Verdict::Pass => Ok(match check {
+                    ResponseCheck::Search { .. } => rewrite_links(
+                        &answer.body,
+                        self.settings.upstream.url.as_str().trim_end_matches('/'),
+                        &self.realm,
+                    )
+                    .map(Bytes::from)
+                    .unwrap_or(answer.body.clone()),
+                    ResponseCheck::Resource { .. } => answer.body.clone(),
+                }),
+                v => Err(v),
+            },
+            None => {
+                return Err(pingora::Error::explain(
+                    ErrorType::InternalError,
+                    "checked exchange without a check",
+                ))
+            }
+        };
+        let body = match judged {
+            Ok(body) => body,
+            Err(verdict) => {
+                let denial = match verdict {
+                    Verdict::Pass => unreachable!("a passing verdict is Ok"),
+                    Verdict::Hide { why } => Denial::Hidden {
+                        resource: format!(
+                            "{}/{}",
+                            fhir.resource_type.as_deref().unwrap_or(""),
+                            fhir.id.as_deref().unwrap_or("")
+                        ),
+                        why,
+                    },
+                    Verdict::Unverifiable { why } => Denial::Upstream {
+                        status: 502,
+                        code: "upstream_answer_unchecked",
+                        description: format!("the upstream's answer could not be checked: {why}"),
+                    },
+                    Verdict::Refuse { why } => Denial::InsufficientScope {
+                        description: why,
+                        scope: None,
+                    },
+                };
+                let r = self.answer(session, ctx, &denial).await;
+                ctx.denial = Some(denial);
+                return r;
+            }
         };
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
         for (name, value) in &answer.headers {
@@ -800,6 +832,7 @@ impl Gateway {
         if let Some(w) = d.write {
             self.prove_write(session, ctx, &w).await?;
         }
+        ctx.entry_checks = d.entry_checks;
         if !d.entry_writes.is_empty() {
             let bundle = body.unwrap_or_default();
             self.prove_bundle_writes(session, ctx, &bundle, &d.entry_writes)
@@ -825,6 +858,7 @@ impl ProxyHttp for Gateway {
             check: None,
             narrow: Vec::new(),
             if_match: None,
+            entry_checks: Vec::new(),
             denial: None,
             public: false,
             upstream_status: None,
@@ -841,7 +875,7 @@ impl ProxyHttp for Gateway {
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
         match self.admit(session, ctx).await {
-            Ok(()) if ctx.check.is_some() => {
+            Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
                 self.checked_exchange(session, ctx).await?;
                 Ok(true)
             }

@@ -310,8 +310,11 @@ async fn bundles_are_decided_entry_by_entry() {
 
     let bad = bundle("transaction", "Condition/cond-bundle-1");
     let r = post(bad.clone()).send().await.unwrap();
-    assert_eq!(r.status(), 403);
-    assert!(www(&r).contains("entry 1"));
+    let st = r.status();
+    let w = www(&r);
+    let tx = r.text().await.unwrap();
+    assert_eq!(st, 403, "{w} {tx}");
+    assert!(w.contains("entry 1"));
     let r = post(bundle("batch", "Condition/cond-bundle-1"))
         .send()
         .await

@@ -866,7 +866,7 @@ async fn bundles_are_checked_entry_by_entry() {
             (
                 vec![
                     create(obs("p1")),
-                    json!({"request": {"method": "GET", "url": "Observation/obs-p2-0"}}),
+                    json!({"request": {"method": "GET", "url": "Observation?patient=p2"}}),
                 ],
                 "entry 1",
             ),
@@ -885,6 +885,42 @@ async fn bundles_are_checked_entry_by_entry() {
         missing.replace("obs-none", "X")
     );
     assert_eq!(bundles_seen(), 1, "a refused Bundle reached the upstream");
+
+    // Reads and searches inside a batch: each answer checked, a failing
+    // entry replaced by its own 404; the others pass untouched.
+    let get = |url: &str| json!({"request": {"method": "GET", "url": url}});
+    let (s, body) = post_bundle(
+        "batch",
+        vec![
+            get("Observation/obs-p1-0"),
+            get("Observation/obs-p2-0"),
+            get("Condition?_count=10"),
+            get("Patient/p1"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_nothing_of_p2("batch reads", &body);
+    let b: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(b["type"], "batch-response");
+    assert_eq!(b["entry"][0]["resource"]["id"], "obs-p1-0");
+    assert_eq!(b["entry"][1]["response"]["status"], "404 Not Found");
+    assert!(b["entry"][1].get("resource").is_none(), "{body}");
+    // The search entry was narrowed to the patient (else the upstream would
+    // have answered every patient's Conditions and the entry would be a 502).
+    assert_eq!(b["entry"][2]["resource"]["type"], "searchset");
+    assert_eq!(entry_ids(&b["entry"][2]["resource"]), ["cond-p1"]);
+    assert_eq!(b["entry"][3]["resource"]["id"], "p1");
+    // A transaction with a read: the same per-entry check.
+    let (s, body) = post_bundle(
+        "transaction",
+        vec![create(obs("p1")), get("Condition/cond-p2")],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_nothing_of_p2("transaction read", &body);
+    let b: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(b["entry"][1]["response"]["status"], "404 Not Found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

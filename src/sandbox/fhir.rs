@@ -189,6 +189,41 @@ impl FhirSandbox {
         })
     }
 
+    /// A batch or transaction, entry by entry: reads and searches answered
+    /// from the data, writes acknowledged (nothing is stored).
+    fn bundle(&self, body: &[u8]) -> Value {
+        let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let kind = match doc["type"].as_str() {
+            Some("transaction") => "transaction-response",
+            _ => "batch-response",
+        };
+        let entries: Vec<Value> = doc["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let method = e["request"]["method"].as_str().unwrap_or("");
+                let url = e["request"]["url"].as_str().unwrap_or("");
+                let (path, query) = url.split_once('?').unwrap_or((url, ""));
+                let segs: Vec<&str> = path.split('/').filter(|x| !x.is_empty()).collect();
+                let params: Vec<(String, String)> =
+                    url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+                match (method, segs.as_slice()) {
+                    ("GET", [t, id]) => match self.resources.get(&(t.to_string(), id.to_string())) {
+                        Some(r) => json!({"resource": r, "response": {"status": "200 OK"}}),
+                        None => json!({"response": {"status": "404 Not Found"}}),
+                    },
+                    ("GET", [t]) => json!({"resource": self.search(&[t], &params), "response": {"status": "200 OK"}}),
+                    ("POST", _) => json!({"response": {"status": "201 Created"}}),
+                    ("PUT", _) | ("PATCH", _) => json!({"response": {"status": "200 OK"}}),
+                    ("DELETE", _) => json!({"response": {"status": "204 No Content"}}),
+                    _ => json!({"response": {"status": "400 Bad Request"}}),
+                }
+            })
+            .collect();
+        json!({"resourceType": "Bundle", "type": kind, "entry": entries})
+    }
+
     fn search(&self, types: &[&str], params: &[(String, String)]) -> Value {
         let entries: Vec<Value> = self
             .resources
@@ -409,10 +444,7 @@ async fn handle(
             };
             fhir(StatusCode::OK, s.search(&types, &p))
         }
-        ("POST", []) => fhir(
-            StatusCode::OK,
-            json!({"resourceType": "Bundle", "type": "batch-response", "entry": []}),
-        ),
+        ("POST", []) => fhir(StatusCode::OK, s.bundle(&body)),
         ("POST", [t]) => fhir(
             StatusCode::CREATED,
             json!({"resourceType": t, "id": "new-1"}),

@@ -14,13 +14,23 @@ use fhirwall::sandbox::fhir::FhirSandbox;
 use fhirwall::sandbox::issuer::{Mint, SandboxIssuer};
 use fhirwall::sandbox::keys::KeyKind;
 
-/// A free loopback port (bound and released).
+/// A free loopback port for a gateway listener, which must be named in its
+/// config before it binds. Taken below the kernel's ephemeral range
+/// (32768+ on Linux), where the in-process sandboxes' `127.0.0.1:0` binds
+/// and outgoing connections never land, so a port released here cannot be
+/// handed to a concurrent test before the gateway binds it. Each test
+/// binary (one process) walks its own stretch, seeded by its pid.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id() % 500 * 24;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + (seed + n) % 12000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// Extra YAML and knobs for one gateway.
@@ -185,12 +195,19 @@ impl Gateway {
         gw
     }
 
+    /// Waits until the admin listener answers `probe` with 200 and the
+    /// proxy listener accepts connections (Pingora starts its services
+    /// independently).
     async fn wait_for(&self, probe: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let url = format!("{}/{probe}", self.admin);
             if let Ok(r) = self.client.get(url).send().await {
-                if r.status() == 200 {
+                if r.status() == 200
+                    && tokio::net::TcpStream::connect(self.proxy_addr())
+                        .await
+                        .is_ok()
+                {
                     return;
                 }
             }
