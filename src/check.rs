@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::decide::{EntryCheck, ResponseCheck, WriteCheck};
 use crate::fhir::classify::{FhirRequest, Interaction};
-use crate::fhir::compartment::{in_compartment, Bases};
+use crate::fhir::compartment::{in_compartment, references_other_patient, Bases};
 use crate::fhir::search_param::Filter;
 
 /// What to do with the upstream's answer.
@@ -250,6 +250,12 @@ pub fn judge_write_body(
         ));
     }
     match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
+        None if w.patient.is_some() && references_other_patient(&doc, patient, bases) => {
+            Err(format!(
+                "the {rtype} would also reference another patient on a compartment element; \
+                 under the scopes of Patient/{patient} it may reference no other patient there"
+            ))
+        }
         None => Ok(()),
         Some("outside_compartment") => Err(format!(
             "the {rtype} would be outside the compartment of Patient/{patient}"

@@ -629,6 +629,14 @@ async fn writes_keep_the_compartment() {
             "FHIR JSON",
         ),
         (fhir, "{not json".to_string(), "not valid JSON"),
+        // In p1's compartment, but also in p2's: writing into another record.
+        (
+            fhir,
+            json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                   "performer": [{"reference": "Patient/p2"}]})
+            .to_string(),
+            "reference another patient",
+        ),
     ] {
         let (s, answer) = send("POST", "Observation".into(), ctype, body).await;
         assert_eq!(s, 403, "{answer}");

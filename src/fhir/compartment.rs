@@ -100,6 +100,25 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
     })
 }
 
+/// Does `resource` reference, on one of its compartment paths, a Patient
+/// other than `Patient/{patient}` (relative, or under one of `bases`, or
+/// any absolute URL to a Patient)? A resource written under a patient's
+/// scopes must not also land in another patient's compartment.
+pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
+    let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
+        return false;
+    };
+    let other = |r: &str| {
+        let names_patient = r.starts_with("Patient/") || r.contains("/Patient/");
+        names_patient && !bases.names_patient(r, patient)
+    };
+    link_params(rtype).iter().any(|p| {
+        p.paths
+            .iter()
+            .any(|path| references_at(resource, path, &mut |r| other(r)))
+    })
+}
+
 /// Calls `hit` on every `reference` string found at `path` (arrays are
 /// walked at every step); true as soon as one call returns true.
 fn references_at(node: &Value, path: &str, hit: &mut dyn FnMut(&str) -> bool) -> bool {
@@ -201,6 +220,37 @@ mod tests {
             ("", false),
         ] {
             assert_eq!(b.names_patient(r, "p1"), ok, "{r}");
+        }
+    }
+
+    #[test]
+    fn other_patients() {
+        let b = bases();
+        for (r, other) in [
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "performer": [{"reference": "Patient/p2"}]}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "performer": [{"reference": "Practitioner/d"}]}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "https://other.example/fhir/Patient/p1"}}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "focus": [{"reference": "Patient/p2"}]}),
+                false,
+            ),
+        ] {
+            assert_eq!(references_other_patient(&r, "p1", &b), other, "{r}");
         }
     }
 
