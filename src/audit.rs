@@ -12,44 +12,46 @@ use serde::Serialize;
 
 use crate::config::AuditSink;
 
-/// One audit record.
+/// One audit record. It borrows from the request's state: building it
+/// costs no copies; it is serialised once, on the request's thread.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Record {
+pub struct Record<'a> {
     /// RFC 3339 time the request arrived.
     pub time: String,
-    pub request_id: String,
-    pub method: String,
-    pub path: String,
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub issuer: Option<String>,
+    pub issuer: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
+    pub client_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
+    pub sub: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fhir_user: Option<String>,
+    pub fhir_user: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub patient: Option<String>,
+    pub patient: Option<&'a str>,
     /// Hex SHA-256 of the access token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_cache_hit: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub interaction: Option<String>,
+    pub interaction: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub resource_type: Option<String>,
+    pub resource_type: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub resource_id: Option<String>,
+    pub resource_id: Option<&'a str>,
+    /// Operation name without the `$`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub operation: Option<String>,
+    pub operation: Option<&'a str>,
     /// Scopes that granted the request.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub scopes_used: Vec<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub scopes_used: &'a [String],
     /// allow, deny or error.
-    pub decision: String,
+    pub decision: &'a str,
     /// Reason code (see the metrics' `reason` label).
-    pub reason: String,
+    pub reason: &'a str,
     /// Human-readable reason for a denial or error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -196,9 +198,10 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let log = AuditLog::open(&AuditSink::File(path.clone())).unwrap();
         for i in 0..1000 {
+            let id = format!("r{i}");
             let r = Record {
-                request_id: format!("r{i}"),
-                decision: "allow".into(),
+                request_id: &id,
+                decision: "allow",
                 ..Record::default()
             };
             log.write(&r).unwrap();

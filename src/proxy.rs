@@ -1056,30 +1056,29 @@ impl ProxyHttp for Gateway {
             .set(self.validator.cache_entries() as i64);
         let req = session.req_header();
         let claims = ctx.token.as_ref().map(|t| &t.claims);
+        let path = req.uri.path();
+        let fhir = ctx.fhir.as_ref();
         let record = Record {
             time: time::OffsetDateTime::from(ctx.time)
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
-            request_id: ctx.request_id.clone(),
-            method: req.method.as_str().to_string(),
-            path: req.uri.path().chars().take(512).collect(),
-            issuer: claims.map(|c| c.issuer_name.clone()),
-            client_id: claims.and_then(|c| c.client_id.clone()),
-            sub: claims.and_then(|c| c.sub.clone()),
-            fhir_user: claims.and_then(|c| c.fhir_user.clone()),
-            patient: claims.and_then(|c| c.patient.clone()),
+            request_id: &ctx.request_id,
+            method: req.method.as_str(),
+            path: path.get(..512).unwrap_or(path),
+            issuer: claims.map(|c| c.issuer_name.as_str()),
+            client_id: claims.and_then(|c| c.client_id.as_deref()),
+            sub: claims.and_then(|c| c.sub.as_deref()),
+            fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
+            patient: claims.and_then(|c| c.patient.as_deref()),
             token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
             token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
-            interaction: interaction.map(|i| i.as_str().to_string()),
-            resource_type: ctx.fhir.as_ref().and_then(|f| f.resource_type.clone()),
-            resource_id: ctx.fhir.as_ref().and_then(|f| f.id.clone()),
-            operation: ctx
-                .fhir
-                .as_ref()
-                .and_then(|f| f.operation.as_ref().map(|(n, _)| format!("${n}"))),
-            scopes_used: std::mem::take(&mut ctx.scopes_used),
-            decision: decision.to_string(),
-            reason: reason.to_string(),
+            interaction: interaction.map(|i| i.as_str()),
+            resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
+            resource_id: fhir.and_then(|f| f.id.as_deref()),
+            operation: fhir.and_then(|f| f.operation.as_ref().map(|(n, _)| n.as_str())),
+            scopes_used: &ctx.scopes_used,
+            decision,
+            reason,
             detail,
             status,
             upstream_status: ctx.upstream_status,
