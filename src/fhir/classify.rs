@@ -508,6 +508,40 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
             "a Bundle entry cannot itself be a batch or transaction".into(),
         ));
     }
+    // Servers process entries by method and resource, not by URL alone
+    // (e.g. HAPI creates whatever resource a POST entry carries): an entry's
+    // resource must be exactly what its URL says is written, and only
+    // writes carry one.
+    let resource_type = entry
+        .get("resource")
+        .map(|res| res.get("resourceType").and_then(Value::as_str));
+    match (method, resource_type) {
+        ("POST", _) if r.interaction != Interaction::Create => {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "a POST entry must create a resource at '[type]', not '{url}' ({}): \
+                 searches in a Bundle use GET, operations are not accepted in Bundles",
+                r.interaction
+            )))
+        }
+        ("POST" | "PUT", Some(t)) if t != r.resource_type.as_deref() => {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "the entry's resource is a {} but its URL '{url}' writes a {}",
+                t.unwrap_or("(no resourceType)"),
+                r.resource_type.as_deref().unwrap_or("(nothing)")
+            )))
+        }
+        ("POST" | "PUT", None) => {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "the {method} entry for '{url}' carries no resource"
+            )))
+        }
+        ("GET" | "HEAD" | "DELETE", Some(_)) => {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "a {method} entry ('{url}') may not carry a resource"
+            )))
+        }
+        _ => {}
+    }
     Ok(r)
 }
 
@@ -868,6 +902,15 @@ mod tests {
             ("unknown type", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"GET","url":"Foo/1"}}]}"#),
             ("nested bundle", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":""}}]}"#),
             ("bad verb", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"TRACE","url":"Patient"}}]}"#),
+            // What a server would create regardless of the URL.
+            ("post to _search", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":"Observation/_search"},"resource":{"resourceType":"Condition"}}]}"#),
+            ("post to operation", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":"Patient/p1/$everything"},"resource":{"resourceType":"Condition"}}]}"#),
+            ("post to compartment", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":"Patient/p1/Observation"},"resource":{"resourceType":"Observation"}}]}"#),
+            ("create of another type", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":"Observation"},"resource":{"resourceType":"Condition"}}]}"#),
+            ("update of another type", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"PUT","url":"Observation/1"},"resource":{"resourceType":"Condition"}}]}"#),
+            ("create without resource", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"POST","url":"Observation"}}]}"#),
+            ("get with resource", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"GET","url":"Observation/1"},"resource":{"resourceType":"Observation"}}]}"#),
+            ("delete with resource", br#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"DELETE","url":"Observation/1"},"resource":{"resourceType":"Observation"}}]}"#),
         ];
         for (name, body) in bad {
             assert!(
