@@ -249,6 +249,14 @@ pub fn judge_write_body(
             req.id.as_deref().unwrap_or("")
         ));
     }
+    if w.patient.is_some() {
+        if let Some(r) = conditional_reference(&doc) {
+            return Err(format!(
+                "the {rtype} holds the conditional reference '{r}', which the server would \
+                 resolve by a search fhirwall cannot confine to Patient/{patient}"
+            ));
+        }
+    }
     match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
         None if w.patient.is_some() && references_other_patient(&doc, patient, bases) => {
             Err(format!(
@@ -263,6 +271,19 @@ pub fn judge_write_body(
         Some(_) => Err(format!(
             "the {rtype} would match none of the token's scope filters"
         )),
+    }
+}
+
+/// The first `reference` anywhere in `v` that is a search (`Type?params`,
+/// a "conditional reference"), if any.
+fn conditional_reference(v: &Value) -> Option<&str> {
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, v)| match (k.as_str(), v) {
+            ("reference", Value::String(r)) if r.contains('?') => Some(r.as_str()),
+            _ => conditional_reference(v),
+        }),
+        Value::Array(a) => a.iter().find_map(conditional_reference),
+        _ => None,
     }
 }
 

@@ -567,6 +567,19 @@ fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, Sco
             req.interaction
         )));
     }
+    // Parameters on a write can widen it (e.g. HAPI's `_cascade=delete`
+    // deletes other resources, possibly other patients'); only formatting
+    // ones pass.
+    if let Some((name, _)) = req
+        .params
+        .iter()
+        .find(|(n, _)| !matches!(n.as_str(), "_format" | "_pretty"))
+    {
+        return Err(deny(format!(
+            "parameter {name} on a {} is refused under patient/ scopes",
+            req.interaction
+        )));
+    }
     let t = req.resource_type.as_deref().unwrap_or("");
     if t == "Patient" {
         return match (req.interaction, req.id.as_deref()) {

@@ -29,7 +29,7 @@ use crate::decide::{decide_with, DecideOptions, EntryCheck, ResponseCheck, Write
 use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
-use crate::fhir::compartment::Bases;
+use crate::fhir::compartment::{references_other_patient, Bases};
 use crate::metrics::Metrics;
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
@@ -504,6 +504,14 @@ impl Gateway {
                 description: "write without a classified request".into(),
             });
         };
+        if w.patient.is_some() && session.req_header().headers.contains_key("x-cascade") {
+            return Err(Denial::InsufficientScope {
+                description: "X-Cascade on a write is refused under patient/ scopes: it would \
+                              delete other resources, possibly other patients'"
+                    .into(),
+                scope: None,
+            });
+        }
         let body = if w.body {
             Some(self.read_body(session).await?)
         } else {
@@ -543,6 +551,16 @@ impl Gateway {
         let Some(fhir) = &ctx.fhir else {
             return Ok(());
         };
+        if writes.iter().any(|(_, w)| w.patient.is_some())
+            && session.req_header().headers.contains_key("x-cascade")
+        {
+            return Err(Denial::InsufficientScope {
+                description: "X-Cascade on a Bundle is refused under patient/ scopes: it would \
+                              delete other resources, possibly other patients'"
+                    .into(),
+                scope: None,
+            });
+        }
         let doc: serde_json::Value =
             serde_json::from_slice(bundle).map_err(|_| Denial::BadFhirRequest {
                 code: "fhir_malformed",
@@ -663,14 +681,31 @@ impl Gateway {
             &self.bases,
         ) {
             Verdict::Pass => {
-                let version = serde_json::from_slice::<serde_json::Value>(&answer.body)
-                    .ok()
-                    .and_then(|d| d.pointer("/meta/versionId")?.as_str().map(str::to_string));
+                let stored = serde_json::from_slice::<serde_json::Value>(&answer.body).ok();
+                if let (Some(p), Some(doc)) = (&w.patient, &stored) {
+                    if references_other_patient(doc, p, &self.bases) {
+                        return Err(refuse(format!(
+                            "{}/{} is shared with another patient's record; under the scopes of \
+                             Patient/{p} it may be read but not changed",
+                            fhir.resource_type.as_deref().unwrap_or(""),
+                            fhir.id.as_deref().unwrap_or("")
+                        )));
+                    }
+                }
+                let version =
+                    stored.and_then(|d| d.pointer("/meta/versionId")?.as_str().map(str::to_string));
                 Ok(version.and_then(|v| http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok()))
             }
+            // Under patient/ scopes an update never creates (so a 404 for
+            // another patient's id cannot be told from a missing one).
             Verdict::Hide {
                 why: "upstream_not_found",
-            } if fhir.interaction == Interaction::Update && answer.status == 404 => Ok(None),
+            } if fhir.interaction == Interaction::Update
+                && answer.status == 404
+                && w.patient.is_none() =>
+            {
+                Ok(None)
+            }
             Verdict::Hide { why } => Err(Denial::Hidden {
                 resource: format!(
                     "{}/{}",
@@ -943,10 +978,9 @@ impl ProxyHttp for Gateway {
             up.insert_header(name, value)?;
         }
         up.insert_header(header::HOST, self.host_header.clone())?;
+        // The version that was checked: the write lands on it or fails.
         if let Some(v) = &ctx.if_match {
-            if up.headers.get(header::IF_MATCH).is_none() {
-                up.insert_header(header::IF_MATCH, v.clone())?;
-            }
+            up.insert_header(header::IF_MATCH, v.clone())?;
         }
         Ok(())
     }

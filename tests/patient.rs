@@ -691,7 +691,9 @@ async fn writes_keep_the_compartment() {
     .await;
     assert_eq!(s, 403);
     assert_eq!(writes("PUT"), 1, "refused updates reached the upstream");
-    // Update of a missing resource creates it (inside the compartment).
+    // Under patient/ scopes an update never creates: a missing id answers
+    // like another patient's (no existence oracle); creates use POST.
+    let puts = writes("PUT");
     let (s, body) = send(
         "PUT",
         "Observation/brand-new".into(),
@@ -699,15 +701,38 @@ async fn writes_keep_the_compartment() {
         obs(Some("brand-new"), "p1"),
     )
     .await;
-    assert_eq!(s, 200, "{body}");
-    // The version that was checked goes along as If-Match.
-    let (s, body) = send(
-        "PUT",
-        "Observation/obs-moved".into(),
-        fhir,
-        obs(Some("obs-moved"), "p1"),
-    )
-    .await;
+    assert_eq!(s, 404, "{body}");
+    assert_eq!(writes("PUT"), puts);
+    // A resource shared with another patient (p1 performer, p2 subject)
+    // may be read but not changed or deleted.
+    let mut shared = obs(Some("obs-shared"), "p1");
+    shared = shared.replace("\"status\":\"final\"", "\"status\":\"amended\"");
+    let (s, body) = send("PUT", "Observation/obs-shared".into(), fhir, shared).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("shared with another patient"), "{body}");
+    let (s, _) = send("DELETE", "Observation/obs-shared".into(), "", String::new()).await;
+    assert_eq!(s, 403);
+    assert_eq!(writes("PUT"), puts);
+    // A conditional reference would be resolved by the server: refused.
+    let sneaky = json!({"resourceType": "Observation", "status": "final",
+        "subject": {"reference": "Patient?identifier=urn:mrn|P2"},
+        "performer": [{"reference": "Patient/p1"}]})
+    .to_string();
+    let (s, body) = send("POST", "Observation".into(), fhir, sneaky).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("conditional reference"), "{body}");
+    // The version that was checked goes along as If-Match, replacing the client's.
+    let r = gw
+        .client
+        .put(format!("{}/Observation/obs-moved", gw.base))
+        .bearer_auth(&p1)
+        .header("content-type", fhir)
+        .header("if-match", "W/\"1\"")
+        .body(obs(Some("obs-moved"), "p1"))
+        .send()
+        .await
+        .unwrap();
+    let (s, body) = status_and_body(r).await;
     assert_eq!(s, 200, "{body}");
     let put = gw
         .upstream
@@ -789,8 +814,28 @@ async fn writes_keep_the_compartment() {
     assert_eq!(s, 404);
     assert_eq!(writes("DELETE"), 1, "refused deletes reached the upstream");
 
-    // Conditional writes cannot be confined: refused before the upstream.
+    // Cascading deletes could reach other patients' resources: refused.
     let before = gw.upstream.seen().len();
+    let (s, _) = send(
+        "DELETE",
+        "Observation/obs-p1-0?_cascade=delete".into(),
+        "",
+        String::new(),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let r = gw
+        .client
+        .delete(format!("{}/Observation/obs-p1-0", gw.base))
+        .bearer_auth(&p1)
+        .header("x-cascade", "delete")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.upstream.seen().len(), before);
+
+    // Conditional writes cannot be confined: refused before the upstream.
     let (s, _) = send(
         "PUT",
         "Observation?identifier=x".into(),
