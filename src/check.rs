@@ -54,6 +54,9 @@ pub fn judge(
             };
             return judge_search(&grant, status, content_type, body, bases);
         }
+        ResponseCheck::Everything { patient } => {
+            return judge_everything(patient, status, content_type, body, bases)
+        }
     };
     match status {
         200 => {}
@@ -500,6 +503,54 @@ pub fn judge_bundle_answer(
         });
     }
     Ok(doc.to_string().into_bytes())
+}
+
+/// `Patient/{patient}/$everything`: resources of types outside the
+/// compartment may come along (the operation returns what the patient's
+/// resources reference), but every resource of a compartment type must be
+/// in the patient's compartment — otherwise nothing is passed on (403).
+fn judge_everything(
+    patient: &str,
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    bases: &Bases,
+) -> Verdict {
+    let grant = Grant {
+        patient: None,
+        types: None,
+        filters: None,
+    };
+    // The shape checks of a search answer (status, JSON, searchset).
+    match judge_search(&grant, status, content_type, body, bases) {
+        Verdict::Pass if status == 200 => {}
+        v => return v,
+    }
+    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
+        return Verdict::Unverifiable {
+            why: "upstream answer is not valid JSON".into(),
+        };
+    };
+    for r in doc
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("resource"))
+    {
+        let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        if t == "OperationOutcome" || !crate::fhir::compartment::is_compartment_type(t) {
+            continue;
+        }
+        if !in_compartment(r, patient, bases) {
+            return Verdict::Refuse {
+                why: format!(
+                    "the answer would include {t} resources outside the compartment of Patient/{patient}"
+                ),
+            };
+        }
+    }
+    Verdict::Pass
 }
 
 /// Rewrites a searchset's paging links and `fullUrl`s from the upstream's

@@ -127,6 +127,11 @@ pub enum ResponseCheck {
         types: Option<Vec<String>>,
         filters: Option<Vec<Filter>>,
     },
+    /// `Patient/{patient}/$everything`: the answer may hold resources of
+    /// types outside the compartment (Practitioner, Medication, …, as the
+    /// operation defines), but every resource of a compartment type must be
+    /// in the compartment of `Patient/{patient}`, and no other Patient.
+    Everything { patient: String },
 }
 
 impl ResponseCheck {
@@ -350,6 +355,23 @@ fn patient_grant(
         return Ok(Decision {
             scopes_used: used,
             check: None,
+            narrow: Vec::new(),
+            write: None,
+            entry_writes: Vec::new(),
+            entry_checks: Vec::new(),
+        });
+    }
+    if req.interaction == Interaction::Operation
+        && req.resource_type.as_deref() == Some("Patient")
+        && req.id.as_deref() == Some(ctx)
+        && matches!(&req.operation, Some((n, OperationLevel::Instance)) if n == "everything")
+        && !reaches_other_types(req)
+    {
+        return Ok(Decision {
+            scopes_used: used,
+            check: Some(ResponseCheck::Everything {
+                patient: ctx.to_string(),
+            }),
             narrow: Vec::new(),
             write: None,
             entry_writes: Vec::new(),
@@ -978,11 +1000,6 @@ fn in_patient_compartment(req: &FhirRequest, ctx: &str) -> bool {
     match req.interaction {
         Read | Vread | HistoryInstance => {
             is_patient && req.id.as_deref() == Some(ctx) && !req.conditional
-        }
-        Operation => {
-            is_patient
-                && req.id.as_deref() == Some(ctx)
-                && matches!(&req.operation, Some((n, OperationLevel::Instance)) if n == "everything")
         }
         _ => false,
     }

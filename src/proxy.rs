@@ -426,13 +426,15 @@ impl Gateway {
                 &self.bases,
             ) {
                 Verdict::Pass => Ok(match check {
-                    ResponseCheck::Search { .. } => rewrite_links(
-                        &answer.body,
-                        self.settings.upstream.url.as_str().trim_end_matches('/'),
-                        &self.realm,
-                    )
-                    .map(Bytes::from)
-                    .unwrap_or(answer.body.clone()),
+                    ResponseCheck::Search { .. } | ResponseCheck::Everything { .. } => {
+                        rewrite_links(
+                            &answer.body,
+                            self.settings.upstream.url.as_str().trim_end_matches('/'),
+                            &self.realm,
+                        )
+                        .map(Bytes::from)
+                        .unwrap_or(answer.body.clone())
+                    }
                     ResponseCheck::Resource { .. } => answer.body.clone(),
                 }),
                 v => Err(v),

@@ -274,6 +274,23 @@ async fn searches_are_narrowed_to_the_context_patient() {
     }
     assert_eq!(gw.upstream.count_containing("other-"), 0);
 
+    // $everything: the patient's own, with what it references (the
+    // Practitioner); an answer holding another patient's resource is refused.
+    let (s, body) = get("Patient/p1/$everything").await;
+    assert_eq!(s, 200, "{body}");
+    let ids = entry_ids(&serde_json::from_str(&body).unwrap());
+    assert!(
+        ids.contains(&"p1".to_string()) && ids.contains(&"dr-1".to_string()),
+        "{body}"
+    );
+    assert_nothing_of_p2("$everything", &body);
+    let (s, _) = get("Patient/p2/$everything").await;
+    assert_eq!(s, 403);
+    let p3 = gw.mint("patient/*.rs", Some("p3"));
+    let (s, body) = status_and_body(gw.get("Patient/p3/$everything", Some(&p3)).await).await;
+    assert_eq!(s, 403, "{body}");
+    assert_nothing_of_p2("$everything of p3", &body);
+
     // Compartment search of the context patient.
     let (s, body) = get("Patient/p1/Condition").await;
     assert_eq!(s, 200, "{body}");

@@ -177,6 +177,10 @@ proptest! {
                 prop_assert!(matches!(req.interaction, Interaction::Read | Interaction::Vread | Interaction::HistoryInstance), "{m} {path} {q:?}");
                 prop_assert!(req.resource_type.as_deref() != Some("Patient"), "{m} {path} {q:?}");
             }
+            // ... p1's $everything, whose answer is judged ...
+            Ok(d) if matches!(&d.check, Some(ResponseCheck::Everything { patient }) if patient == "p1") => {
+                prop_assert_eq!(req.id.as_deref(), Some("p1"), "{} {} {:?}", m, path, q);
+            }
             // ... and searches, which must never name p2 in a patient parameter.
             Ok(d) => {
                 prop_assert!(matches!(&d.check, Some(ResponseCheck::Search { patient: Some(patient), .. }) if patient == "p1"), "{:?}", d.check);

@@ -426,11 +426,21 @@ async fn handle(
             let mut p = params.clone();
             p.push(("patient".into(), id.to_string()));
             let mut b = s.search(&["Observation", "Condition"], &p);
+            let entries = b["entry"].as_array_mut().unwrap();
             if let Some(r) = s.resources.get(&("Patient".into(), id.to_string())) {
-                b["entry"]
-                    .as_array_mut()
-                    .unwrap()
-                    .insert(0, json!({"resource": r}));
+                entries.insert(0, json!({"resource": r}));
+            }
+            // What the patient's resources reference comes along (the
+            // Practitioner performer) — and, for p3, a misbehaving server's
+            // extra: another patient's Condition.
+            let mut extra = vec![("Practitioner", "dr-1")];
+            if *id == "p3" {
+                extra.push(("Condition", "cond-p2"));
+            }
+            for (t, x) in extra {
+                if let Some(r) = s.resources.get(&(t.to_string(), x.to_string())) {
+                    entries.push(json!({"resource": r}));
+                }
             }
             fhir(StatusCode::OK, b)
         }
