@@ -699,6 +699,22 @@ fn patient_search(
                     return Err(names_other(name, value, ctx));
                 }
                 named = true;
+            } else if let Some(has) = name.strip_prefix("_has:") {
+                // `_has:X:p:…` on Patient: X resources whose `p` is this
+                // patient — inside only when `p` links X to a Patient.
+                let mut parts = has.split(':');
+                let (x, p) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                if !compartment::link_params(x).iter().any(|l| l.name == p) {
+                    return Err(deny(format!(
+                        "under patient/ scopes {name} must reach back through a parameter that \
+                         links {x} to the patient, which '{p}' does not"
+                    )));
+                }
+            } else if name.contains('.') {
+                return Err(deny(format!(
+                    "under patient/ scopes a Patient search may not chain ({name}): the chained \
+                     resources need not be Patient/{ctx}'s"
+                )));
             } else if name == "link" || name.starts_with("link:") {
                 return Err(deny(format!(
                     "under patient/ scopes Patient searches may not follow links ({name}): \
@@ -731,7 +747,21 @@ fn patient_search(
                     return Err(names_other(name, value, ctx));
                 }
             }
-            let Some(link) = links.iter().find(|l| l.name == base) else {
+            if name.starts_with("_has:") {
+                return Err(deny(format!(
+                    "under patient/ scopes {name} is refused on {t}: the resources it tests need \
+                     not be Patient/{ctx}'s"
+                )));
+            }
+            let link = links.iter().find(|l| l.name == base);
+            if chained && link.is_none() {
+                return Err(deny(format!(
+                    "under patient/ scopes a chain ({name}) may only go through a parameter that \
+                     links {t} to the patient: through '{base}' it would test resources that need \
+                     not be Patient/{ctx}'s"
+                )));
+            }
+            let Some(link) = link else {
                 continue;
             };
             if chained || !matches!(modifier, None | Some("Patient")) {
@@ -1799,10 +1829,6 @@ mod tests {
             ("Observation?subject=https://gw/fhir/Patient/p1", None),
             ("Observation?patient=p1&performer.name=x", None),
             ("Observation?patient=p1&_count=2&_offset=4", None),
-            (
-                "Observation?patient=p1&_has:Provenance:target:agent=x",
-                None,
-            ),
             ("Patient?_id=p1&name=x", None),
             ("Observation?code=1", add("patient", "p1")),
             // A bare id in a parameter that may hold other types names no patient.
@@ -1848,6 +1874,23 @@ mod tests {
                 "{url}: {}",
                 e.reason
             );
+        }
+        // Chains and reverse chains that could test other patients' data.
+        for url in [
+            "Observation?patient=p1&focus:Condition.code=x",
+            "Observation?patient=p1&encounter.status=x",
+            "Observation?patient=p1&_has:Provenance:target:agent=x",
+            "Patient?_id=p1&general-practitioner.name=x",
+            "Patient?_has:Observation:focus:code=x",
+        ] {
+            assert!(run(url, &opts).is_err(), "{url}");
+        }
+        for url in [
+            "Observation?patient=p1&subject:Patient.name=x",
+            "Patient?_has:Observation:patient:code=x",
+            "Patient?_id=p1&_has:Observation:subject:code=x",
+        ] {
+            assert!(run(url, &opts).is_ok(), "{url}");
         }
         // Not narrowable: links of Patient, types outside the compartment,
         // history, unbounded parameters, conditional interactions.
