@@ -645,9 +645,6 @@ const PAGING_PARAMS: &[&str] = &[
     "_bundletype",
     "_format",
     "_pretty",
-    "_summary",
-    "_elements",
-    "_total",
 ];
 
 /// A search under patient-only scopes: `Ok(Some(narrow))` when it can go
@@ -660,9 +657,14 @@ fn patient_search(
     ctx: &str,
     opts: &DecideOptions,
 ) -> Result<Option<Option<(String, String)>>, ScopeDenial> {
-    // A paging link (`?_getpages=…`): nothing to narrow; every page is checked.
+    // A server's paging link (`?_getpages=…`): nothing to narrow; every page
+    // is checked. It must carry a page id: `?_summary=count` alone would
+    // count every patient's resources.
     if req.interaction == Interaction::SearchSystem
-        && !req.params.is_empty()
+        && req
+            .params
+            .iter()
+            .any(|(n, _)| matches!(n.as_str(), "_getpages" | "_pageId"))
         && req
             .params
             .iter()
@@ -1907,6 +1909,9 @@ mod tests {
         // A server's opaque paging link: allowed, every page checked.
         let d = run("?_getpages=abc&_getpagesoffset=20&_count=10", &opts).unwrap();
         assert_eq!((d.check, d.narrow), (checked, Vec::new()));
+        // Without a page id it is a search of every patient's data.
+        assert!(run("?_summary=count", &opts).is_err());
+        assert!(run("?_count=0", &opts).is_err());
     }
 
     #[test]

@@ -189,6 +189,33 @@ fn extract_denial(e: &ExtractError) -> Denial {
     }
 }
 
+/// An answer fhirwall must check has to come whole and as JSON: parameters
+/// that change its format or cut elements out are refused (they would make
+/// the check fail, or tell a hidden resource apart from a missing one).
+fn checkable_params(req: &FhirRequest) -> std::result::Result<(), Denial> {
+    for (name, value) in &req.params {
+        let ok = match name.as_str() {
+            "_format" => matches!(
+                value.as_str(),
+                "json" | "application/json" | "application/fhir+json"
+            ),
+            "_summary" => matches!(value.as_str(), "count" | "false"),
+            "_elements" => false,
+            _ => true,
+        };
+        if !ok {
+            return Err(Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: format!(
+                    "{name}={value} is refused here: this answer is checked before it is passed \
+                     on, so it must be whole FHIR JSON"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn classify_denial(e: &ClassifyError) -> Denial {
     match e {
         ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed {
@@ -838,11 +865,23 @@ impl Gateway {
                 if has_access_token_param(&form) {
                     return Err(extract_denial(&ExtractError::TokenInBody));
                 }
+                // Form parameters are search parameters: they count like the
+                // query's. Anywhere else a form body is not understood.
                 if matches!(
                     fhir.interaction,
-                    Interaction::SearchType | Interaction::SearchSystem
+                    Interaction::SearchType
+                        | Interaction::SearchSystem
+                        | Interaction::SearchCompartment
                 ) {
                     fhir.params.extend(form);
+                } else {
+                    return Err(Denial::BadFhirRequest {
+                        code: "fhir_malformed",
+                        description: format!(
+                            "a form-encoded body is accepted only for searches, not for a {}",
+                            fhir.interaction
+                        ),
+                    });
                 }
             }
             if fhir.is_bundle() {
@@ -863,6 +902,14 @@ impl Gateway {
             description: d.reason,
             scope: d.missing_scope,
         })?;
+        if d.check.is_some() {
+            checkable_params(fhir)?;
+        }
+        for c in &d.entry_checks {
+            if let Some(entry) = fhir.entries.get(c.index) {
+                checkable_params(entry)?;
+            }
+        }
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;
         ctx.narrow = d.narrow;

@@ -333,6 +333,40 @@ async fn searches_are_narrowed_to_the_context_patient() {
         .await;
     assert_eq!(r.status(), 403);
 
+    // Checked answers must come whole, as JSON: no oracle through _format
+    // (502 for an existing resource vs 404 for a missing one).
+    for rel in [
+        "Observation/obs-p2-0?_format=xml",
+        "Observation/no-such-2?_format=xml",
+        "Observation?patient=p1&_elements=code",
+        "Observation?patient=p1&_summary=true",
+    ] {
+        let (s, body) = get(rel).await;
+        assert_eq!(s, 400, "{rel}: {body}");
+        assert!(body.contains("must be whole FHIR JSON"), "{rel}: {body}");
+    }
+    let (s, body) = get("Observation?patient=p1&_summary=count").await;
+    assert_eq!(s, 200, "{body}");
+    // A system search without a page id would count every patient's data.
+    let (s, _) = get("?_summary=count").await;
+    assert_eq!(s, 403);
+
+    // Form bodies are search parameters; anywhere else they are refused.
+    let r = gw
+        .client
+        .post(format!("{}/Patient/p1/Observation/_search", gw.base))
+        .bearer_auth(&p1)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("_filter=code%20eq%20x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "form parameters of a compartment search are decided"
+    );
+
     // Unbounded parameters are refused before the upstream.
     for rel in [
         "Observation?patient=p1&_filter=code%20eq%20x",
