@@ -553,9 +553,10 @@ fn judge_everything(
     Verdict::Pass
 }
 
-/// Rewrites a searchset's paging links and `fullUrl`s from the upstream's
-/// base to the public base, so paging goes through the gateway (and is
-/// decided and checked again). `None` when there is nothing to rewrite.
+/// Rewrites a checked searchset's paging links and `fullUrl`s from the
+/// upstream's base to the public base, so paging goes through the gateway
+/// (and is decided and checked again), and drops a `total` that no entry
+/// backs. `None` when there is nothing to change.
 pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Option<Vec<u8>> {
     let mut doc: Value = serde_json::from_slice(body).ok()?;
     let mut changed = false;
@@ -581,6 +582,18 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
             if let Some(u) = e.get_mut("fullUrl") {
                 fix(u);
             }
+        }
+    }
+    // A total with no entry to check proves nothing: an upstream that
+    // ignored the narrowing would be counting every patient's resources
+    // (`_summary=count`, `_count=0`). It is dropped.
+    let no_entries = doc
+        .get("entry")
+        .and_then(Value::as_array)
+        .is_none_or(|e| e.is_empty());
+    if no_entries {
+        if let Some(obj) = doc.as_object_mut() {
+            changed |= obj.remove("total").is_some_and(|t| t != Value::from(0));
         }
     }
     changed.then(|| doc.to_string().into_bytes())
@@ -849,6 +862,23 @@ mod tests {
         assert_eq!(out["link"][3]["url"], "https://other/r4/Observation");
         assert_eq!(out["entry"][0]["fullUrl"], "https://gw/fhir/Observation/a");
         assert!(rewrite_links(b"{}", "http://up:9/r4", "https://gw/fhir").is_none());
+        // A count with nothing to check is dropped; a zero count stays.
+        let count = json!({"resourceType": "Bundle", "type": "searchset", "total": 42});
+        let out = rewrite_links(
+            count.to_string().as_bytes(),
+            "http://up:9/r4",
+            "https://gw/fhir",
+        )
+        .unwrap();
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert!(out.get("total").is_none(), "{out}");
+        let zero = json!({"resourceType": "Bundle", "type": "searchset", "total": 0});
+        assert!(rewrite_links(
+            zero.to_string().as_bytes(),
+            "http://up:9/r4",
+            "https://gw/fhir"
+        )
+        .is_none());
     }
 
     #[test]
