@@ -593,7 +593,7 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
         .is_none_or(|e| e.is_empty());
     if no_entries {
         if let Some(obj) = doc.as_object_mut() {
-            changed |= obj.remove("total").is_some_and(|t| t != Value::from(0));
+            changed |= obj.remove("total").is_some_and(|t| t != 0);
         }
     }
     changed.then(|| doc.to_string().into_bytes())
