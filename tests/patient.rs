@@ -1137,3 +1137,48 @@ async fn query_filtered_scopes_grant_only_their_filter() {
     let (s, body) = get("Observation/obs-p1-1".into(), dated).await;
     assert_eq!(s, 403, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_under_patient_scopes() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let system = gw.mint("system/*.rs", None);
+    // Bulk export: never under patient/ scopes, system- and Group-level
+    // need system/ scopes.
+    for (rel, token, want) in [
+        ("Patient/$export", &p1, 403),
+        ("$export", &p1, 403),
+        ("Group/g1/$export", &p1, 403),
+        ("Patient/p1/$export", &p1, 403),
+        ("$export", &system, 200),
+        ("Group/g1/$export", &system, 200),
+    ] {
+        let r = gw
+            .client
+            .get(format!("{}/{rel}", gw.base))
+            .bearer_auth(token)
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        // The sandbox does not implement $export; what matters is whether
+        // fhirwall let it through.
+        let reached = gw.upstream.count_containing("$export") > 0;
+        if want == 403 {
+            assert_eq!(status, 403, "{rel}");
+            assert!(!reached, "{rel} reached the upstream");
+        } else {
+            assert_ne!(status, 403, "{rel}");
+        }
+    }
+    // Other operations are refused under patient/ scopes.
+    for rel in [
+        "Observation/obs-p1-0/$meta",
+        "Patient/p1/$match",
+        "$convert",
+    ] {
+        let (s, _) = status_and_body(gw.get(rel, Some(&p1)).await).await;
+        assert_eq!(s, 403, "{rel}");
+    }
+}
