@@ -42,7 +42,7 @@ pub struct ScopeDenial {
 }
 
 /// What the grant allows, and what must still be proved about the answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
     /// The raw scopes that granted the request.
     pub scopes_used: Vec<String>,
@@ -132,6 +132,16 @@ pub enum ResponseCheck {
     /// operation defines), but every resource of a compartment type must be
     /// in the compartment of `Patient/{patient}`, and no other Patient.
     Everything { patient: String },
+}
+
+impl Decision {
+    /// Allowed by `scopes_used`, with nothing left to prove.
+    pub fn allow(scopes_used: Vec<String>) -> Decision {
+        Decision {
+            scopes_used,
+            ..Decision::default()
+        }
+    }
 }
 
 impl ResponseCheck {
@@ -254,23 +264,14 @@ pub fn decide_with(
         used.dedup();
         return Ok(Decision {
             scopes_used: used,
-            check: None,
-            narrow: Vec::new(),
-            write: None,
             entry_writes,
             entry_checks,
+            ..Decision::default()
         });
     }
     let needs = needs(req)?;
     if needs.is_empty() {
-        return Ok(Decision {
-            scopes_used: Vec::new(),
-            check: None,
-            narrow: Vec::new(),
-            write: None,
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
-        });
+        return Ok(Decision::allow(Vec::new()));
     }
     // Unfiltered scopes; v2 filtered scopes are tried separately (their
     // filters must be proved on the request or the answer).
@@ -283,14 +284,7 @@ pub fn decide_with(
     // First: can scopes that are not bound to a patient grant everything?
     let unbound = |s: &&Scope| s.context != Context::Patient;
     if let Some(used) = grant(&needs, usable.iter().copied().filter(unbound)) {
-        return Ok(Decision {
-            scopes_used: used,
-            check: None,
-            narrow: Vec::new(),
-            write: None,
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
-        });
+        return Ok(Decision::allow(used));
     }
     // Then scopes with a query filter that are not bound to a patient.
     if let Some(Ok(d)) = filtered_grant(req, &needs, scopes, None, opts) {
@@ -352,14 +346,7 @@ fn patient_grant(
         ));
     };
     if in_patient_compartment(req, ctx) {
-        return Ok(Decision {
-            scopes_used: used,
-            check: None,
-            narrow: Vec::new(),
-            write: None,
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
-        });
+        return Ok(Decision::allow(used));
     }
     if req.interaction == Interaction::Operation
         && req.resource_type.as_deref() == Some("Patient")
@@ -372,30 +359,21 @@ fn patient_grant(
             check: Some(ResponseCheck::Everything {
                 patient: ctx.to_string(),
             }),
-            narrow: Vec::new(),
-            write: None,
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
+            ..Decision::default()
         });
     }
     if read_checkable(req) {
         return Ok(Decision {
             scopes_used: used,
             check: Some(ResponseCheck::in_compartment(ctx)),
-            narrow: Vec::new(),
-            write: None,
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
+            ..Decision::default()
         });
     }
     if let Some(write) = patient_write(req, ctx)? {
         return Ok(Decision {
             scopes_used: used,
-            check: None,
-            narrow: Vec::new(),
             write: Some(write),
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
+            ..Decision::default()
         });
     }
     if let Some(narrow) = patient_search(req, ctx, opts)? {
@@ -407,9 +385,7 @@ fn patient_grant(
                 filters: None,
             }),
             narrow: narrow.into_iter().collect(),
-            write: None,
-            entry_writes: Vec::new(),
-            entry_checks: Vec::new(),
+            ..Decision::default()
         });
     }
     let t = req.resource_type.as_deref().unwrap_or("");
@@ -496,8 +472,7 @@ fn filtered_decision(
         check,
         narrow,
         write,
-        entry_writes: Vec::new(),
-        entry_checks: Vec::new(),
+        ..Decision::default()
     };
     match req.interaction {
         Read | Vread | HistoryInstance => {

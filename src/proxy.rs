@@ -366,9 +366,9 @@ impl Gateway {
         (remove, set)
     }
 
-    /// Stages 7-8 for a request whose answer must be checked: fetch it
-    /// whole, judge it, then pass it on or answer the denial instead.
-    async fn checked_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    /// The client's headers with the proxy's header plan applied, for a
+    /// request fhirwall sends upstream itself.
+    fn checked_headers(&self, session: &Session, ctx: &Ctx) -> http::HeaderMap {
         let req = session.req_header();
         let client_ip = session
             .client_addr()
@@ -382,6 +382,14 @@ impl Gateway {
         for (name, value) in set {
             headers.insert(name, value);
         }
+        headers
+    }
+
+    /// Stages 7-8 for a request whose answer must be checked: fetch it
+    /// whole, judge it, then pass it on or answer the denial instead.
+    async fn checked_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let req = session.req_header();
+        let headers = self.checked_headers(session, ctx);
         // HEAD is answered from a GET: the check needs the body.
         let head = req.method == http::Method::HEAD;
         let method = if head {
@@ -669,19 +677,7 @@ impl Gateway {
         if !w.existing {
             return Ok(None);
         }
-        let req = session.req_header();
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let mut headers = req.headers.clone();
-        let (remove, set) = self.header_plan(&req.headers, client_ip, ctx);
-        for name in remove {
-            headers.remove(&name);
-        }
-        for (name, value) in set {
-            headers.insert(name, value);
-        }
+        let mut headers = self.checked_headers(session, ctx);
         headers.remove(header::CONTENT_TYPE);
         let answer = self
             .checked
