@@ -25,6 +25,20 @@ async fn status_and_body(r: reqwest::Response) -> (u16, String) {
     (s, r.text().await.unwrap())
 }
 
+/// POSTs FHIR JSON to `rel` below the gateway's base.
+async fn post_fhir(gw: &Gateway, token: &str, rel: &str, body: &Value) -> (u16, String) {
+    let r = gw
+        .client
+        .post(format!("{}/{rel}", gw.base))
+        .bearer_auth(token)
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    status_and_body(r).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_by_id_answer_only_the_context_patients_compartment() {
     let gw = Gateway::start(Options::default()).await;
@@ -932,19 +946,8 @@ async fn bundles_are_checked_entry_by_entry() {
     };
     let post_bundle = |kind: &'static str, entries: Vec<Value>| {
         let (gw, p1) = (&gw, p1.clone());
-        async move {
-            let body = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
-            let r = gw
-                .client
-                .post(format!("{}/", gw.base))
-                .bearer_auth(&p1)
-                .header("content-type", "application/fhir+json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            status_and_body(r).await
-        }
+        let body = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
+        async move { post_fhir(gw, &p1, "", &body).await }
     };
     let bundles_seen = || {
         gw.upstream
@@ -1105,18 +1108,7 @@ async fn query_filtered_scopes_grant_only_their_filter() {
         let body = json!({"resourceType": "Observation", "status": "final",
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
             "subject": {"reference": "Patient/p3"}});
-        async move {
-            let r = gw
-                .client
-                .post(format!("{}/Observation", gw.base))
-                .bearer_auth(&writer)
-                .header("content-type", "application/fhir+json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            status_and_body(r).await
-        }
+        async move { post_fhir(gw, &writer, "Observation", &body).await }
     };
     let posts = || {
         gw.upstream
