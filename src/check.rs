@@ -505,6 +505,20 @@ pub fn judge_bundle_answer(
     Ok(doc.to_string().into_bytes())
 }
 
+/// Types outside the Patient compartment that `$everything` may return as
+/// what the patient's resources reference: shared reference data about
+/// providers, places and products, never a patient's own content.
+const EVERYTHING_SHARED_TYPES: &[&str] = &[
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Location",
+    "HealthcareService",
+    "Endpoint",
+    "Medication",
+    "Substance",
+];
+
 /// `Patient/{patient}/$everything`: resources of types outside the
 /// compartment may come along (the operation returns what the patient's
 /// resources reference), but every resource of a compartment type must be
@@ -539,8 +553,16 @@ fn judge_everything(
         .filter_map(|e| e.get("resource"))
     {
         let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
-        if t == "OperationOutcome" || !crate::fhir::compartment::is_compartment_type(t) {
+        if t == "OperationOutcome" || EVERYTHING_SHARED_TYPES.contains(&t) {
             continue;
+        }
+        if !crate::fhir::compartment::is_compartment_type(t) {
+            // Binary, Bundle, Linkage, …: anything could be in them.
+            return Verdict::Refuse {
+                why: format!(
+                    "the answer would include {t} resources, which fhirwall cannot tie to Patient/{patient}"
+                ),
+            };
         }
         if !in_compartment(r, patient, bases) {
             return Verdict::Refuse {
@@ -966,5 +988,54 @@ mod tests {
             out["entry"][1]["request"]["url"],
             "Condition?category=a%7Cb"
         );
+    }
+
+    #[test]
+    fn everything_passes_shared_reference_data_only() {
+        let check = ResponseCheck::Everything {
+            patient: "p1".into(),
+        };
+        let everything = |extra: Value| {
+            let body = searchset(vec![
+                (json!({"resourceType": "Patient", "id": "p1"}), "match"),
+                (obs("a", "p1"), "match"),
+                (extra, "match"),
+            ]);
+            let r = classify(HttpRequest {
+                method: "GET",
+                path: "Patient/p1/$everything",
+                query: None,
+                if_none_exist: None,
+            })
+            .unwrap();
+            judge(
+                &check,
+                &r,
+                200,
+                Some("application/fhir+json"),
+                body.to_string().as_bytes(),
+                &Bases::default(),
+            )
+        };
+        assert_eq!(
+            everything(json!({"resourceType": "Practitioner", "id": "d"})),
+            Verdict::Pass
+        );
+        assert_eq!(
+            everything(json!({"resourceType": "Medication", "id": "m"})),
+            Verdict::Pass
+        );
+        for other in [
+            json!({"resourceType": "Binary", "id": "b", "data": "JVBERi0="}),
+            json!({"resourceType": "Bundle", "id": "d", "type": "document"}),
+            json!({"resourceType": "Linkage", "id": "l"}),
+            json!({"resourceType": "Patient", "id": "p2"}),
+            obs("b", "p2"),
+        ] {
+            assert!(
+                matches!(everything(other.clone()), Verdict::Refuse { .. }),
+                "{other}"
+            );
+        }
     }
 }

@@ -211,6 +211,18 @@ pub fn decide_with(
     opts: &DecideOptions,
 ) -> Result<Decision, ScopeDenial> {
     if req.is_bundle() {
+        // The Bundle's own URL parameters apply to every entry on some
+        // servers (HAPI reads `_cascade` there): only formatting ones pass.
+        if let Some((name, _)) = req
+            .params
+            .iter()
+            .find(|(n, _)| !matches!(n.as_str(), "_format" | "_pretty"))
+        {
+            return Err(deny(format!(
+                "parameter {name} on a {} is refused: it would apply to entries fhirwall decides one by one",
+                req.interaction
+            )));
+        }
         let mut used = Vec::new();
         let mut entry_writes = Vec::new();
         let mut entry_checks = Vec::new();
@@ -681,6 +693,13 @@ fn patient_search(
                 // patient — inside only when `p` links X to a Patient.
                 let mut parts = has.split(':');
                 let (x, p) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let inner = parts.collect::<Vec<_>>().join(":");
+                if inner.contains('.') || inner.starts_with("_has") {
+                    return Err(deny(format!(
+                        "under patient/ scopes {name} may not chain further: the resources it \
+                         would test need not be Patient/{ctx}'s"
+                    )));
+                }
                 if !compartment::link_params(x).iter().any(|l| l.name == p) {
                     return Err(deny(format!(
                         "under patient/ scopes {name} must reach back through a parameter that \
@@ -731,11 +750,13 @@ fn patient_search(
                 )));
             }
             let link = links.iter().find(|l| l.name == base);
-            if chained && link.is_none() {
+            if chained {
+                // Even through a compartment parameter a chain can test
+                // another patient (performer, Group.member, Account.subject
+                // hold several; later hops go anywhere).
                 return Err(deny(format!(
-                    "under patient/ scopes a chain ({name}) may only go through a parameter that \
-                     links {t} to the patient: through '{base}' it would test resources that need \
-                     not be Patient/{ctx}'s"
+                    "under patient/ scopes chained parameters ({name}) are refused: the chained \
+                     resources need not be Patient/{ctx}'s"
                 )));
             }
             let Some(link) = link else {
@@ -949,6 +970,14 @@ fn param_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
                 return Err(deny(format!(
                     "search parameter {base} cannot be bounded to the grant and is refused"
                 )))
+            }
+            // A server-side cascade (HAPI) deletes resources the scopes were
+            // never checked against.
+            "_cascade" => {
+                return Err(deny(
+                    "_cascade is refused: a cascading delete reaches resources the token's grant \
+                     was not checked against",
+                ))
             }
             "_include" | "_revinclude" => {
                 // value: Source:param[:Target] or *
@@ -1804,14 +1833,12 @@ mod tests {
             ("Observation?subject:Patient=p1", None),
             ("Observation?performer=Patient/p1", None),
             ("Observation?subject=https://gw/fhir/Patient/p1", None),
-            ("Observation?patient=p1&performer.name=x", None),
             ("Observation?patient=p1&_count=2&_offset=4", None),
             ("Patient?_id=p1&name=x", None),
             ("Observation?code=1", add("patient", "p1")),
             // A bare id in a parameter that may hold other types names no patient.
             ("Observation?subject=p1", add("patient", "p1")),
             ("Observation?subject=Group/g1", add("patient", "p1")),
-            ("Observation?subject.name=Alice", add("patient", "p1")),
             ("Observation?patient=p1,p1", add("patient", "p1")),
             ("Observation?patient:missing=false", add("patient", "p1")),
             ("Encounter?date=ge2020", add("patient", "p1")),
@@ -1864,6 +1891,16 @@ mod tests {
         }
         for url in [
             "Observation?patient=p1&subject:Patient.name=x",
+            "Observation?patient=p1&performer.name=x",
+            "Observation?subject.name=Alice",
+            "Group?member:Patient.birthdate=lt1980-01-01",
+            "Observation?subject:Patient.link:Patient.birthdate=lt1980",
+            "Patient?_has:Observation:patient:focus.code=x",
+            "Patient?_has:Observation:patient:_has:Provenance:target:agent=x",
+        ] {
+            assert!(run(url, &opts).is_err(), "{url}");
+        }
+        for url in [
             "Patient?_has:Observation:patient:code=x",
             "Patient?_id=p1&_has:Observation:subject:code=x",
         ] {

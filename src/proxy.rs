@@ -541,14 +541,6 @@ impl Gateway {
                 description: "write without a classified request".into(),
             });
         };
-        if w.patient.is_some() && session.req_header().headers.contains_key("x-cascade") {
-            return Err(Denial::InsufficientScope {
-                description: "X-Cascade on a write is refused under patient/ scopes: it would \
-                              delete other resources, possibly other patients'"
-                    .into(),
-                scope: None,
-            });
-        }
         let body = if w.body {
             Some(self.read_body(session).await?)
         } else {
@@ -588,16 +580,6 @@ impl Gateway {
         let Some(fhir) = &ctx.fhir else {
             return Ok(());
         };
-        if writes.iter().any(|(_, w)| w.patient.is_some())
-            && session.req_header().headers.contains_key("x-cascade")
-        {
-            return Err(Denial::InsufficientScope {
-                description: "X-Cascade on a Bundle is refused under patient/ scopes: it would \
-                              delete other resources, possibly other patients'"
-                    .into(),
-                scope: None,
-            });
-        }
         let doc: serde_json::Value =
             serde_json::from_slice(bundle).map_err(|_| Denial::BadFhirRequest {
                 code: "fhir_malformed",
@@ -813,6 +795,17 @@ impl Gateway {
             .get("if-none-exist")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+
+        // A server-side cascade (HAPI's `X-Cascade: delete`) deletes
+        // resources no scope was checked against.
+        if req.headers.contains_key("x-cascade") {
+            return Err(Denial::InsufficientScope {
+                description: "X-Cascade is refused: a cascading delete reaches resources the \
+                              token's grant was not checked against"
+                    .into(),
+                scope: None,
+            });
+        }
 
         // 3. Validate
         let v = self.validator.validate(&token, now_unix()).await;

@@ -889,7 +889,12 @@ async fn writes_keep_the_compartment() {
     assert_eq!(s, 404);
     assert_eq!(writes("DELETE"), 1, "refused deletes reached the upstream");
 
-    // Cascading deletes could reach other patients' resources: refused.
+    // Cascading deletes could reach other patients' resources: refused,
+    // on the write and on a Bundle's own URL.
+    let cascade = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": "Observation/obs-p1-0"}}]});
+    let (s, body) = post_fhir(&gw, &p1, "?_cascade=delete", &cascade).await;
+    assert_eq!(s, 403, "{body}");
     let before = gw.upstream.seen().len();
     let (s, _) = send(
         "DELETE",
