@@ -106,6 +106,10 @@ server:
    curl -i {base}/Patient/p1 -H "Authorization: Bearer ${{PT}}x"
  403 — the patient reads another patient:
    curl -i {base}/Patient/p2 -H "Authorization: Bearer $PT"
+ 404 — the patient reads another patient's Observation (the answer is checked, then withheld):
+   curl -i {base}/Observation/obs-p2-0 -H "Authorization: Bearer $PT"
+ 200 — the patient searches without naming themselves (narrowed to p1):
+   curl -i '{base}/Observation?code=8867-4' -H "Authorization: Bearer $PT"
  403 — the clinician reads Conditions (no Condition scope):
    curl -i {base}/Condition/cond-p1 -H "Authorization: Bearer $CT"
  200 — the clinician searches Observations:
