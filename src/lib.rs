@@ -12,6 +12,7 @@ pub mod config;
 pub mod decide;
 pub mod demo;
 pub mod deny;
+pub mod dpop;
 pub mod extract;
 pub mod fhir;
 pub mod metrics;

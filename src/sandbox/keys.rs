@@ -118,6 +118,19 @@ impl SigningKey {
         self.sign_with_header(&header, claims)
     }
 
+    /// Signs `claims` under a header given as JSON (DPoP proofs carry the
+    /// public JWK in theirs; tests build hostile ones).
+    pub fn sign_json(&self, header: &Value, claims: &Value) -> String {
+        let message = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.alg)
+            .expect("signing cannot fail");
+        format!("{message}.{sig}")
+    }
+
     /// Signs with a caller-made header (tests use it for hostile headers).
     pub fn sign_with_header(&self, header: &Header, claims: &Value) -> String {
         jsonwebtoken::encode(header, claims, &self.encoding)

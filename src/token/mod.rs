@@ -168,7 +168,8 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
     })
 }
 
-fn algorithm(name: &str) -> Option<Algorithm> {
+/// The allow-listed asymmetric algorithm of that name.
+pub(crate) fn algorithm(name: &str) -> Option<Algorithm> {
     Some(match name {
         "RS256" => Algorithm::RS256,
         "RS384" => Algorithm::RS384,
@@ -190,6 +191,12 @@ pub struct VerifyKey {
     /// Algorithms this key may verify (its family, narrowed by the JWK `alg`).
     pub algorithms: Vec<Algorithm>,
     key: DecodingKey,
+}
+
+impl VerifyKey {
+    pub(crate) fn decoding_key(&self) -> &DecodingKey {
+        &self.key
+    }
 }
 
 impl std::fmt::Debug for VerifyKey {
@@ -232,7 +239,8 @@ impl KeySet {
     }
 }
 
-fn verify_key(k: &Value) -> Result<VerifyKey, String> {
+/// A verification key from one JWK (also a DPoP proof's embedded key).
+pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
     let s = |name: &str| k.get(name).and_then(Value::as_str);
     let kty = s("kty").ok_or("no kty")?;
     for private in ["d", "p", "q", "dp", "dq", "qi", "oth", "k"] {

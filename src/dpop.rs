@@ -1,0 +1,522 @@
+//! Stage 4, bind — DPoP proofs (RFC 9449), resource-server side. Pure:
+//! the proof, the request as the client sent it, the access token, the
+//! token's `cnf.jkt` and `now` in; the proof's `jti` (for the caller's
+//! replay cache) or a [`DpopError`] out.
+//!
+//! Checks, in order: JWS shape; header `typ` = `dpop+jwt`, an allowed
+//! asymmetric `alg`, a public `jwk` (private members refused) that fits
+//! the `alg` and verifies the signature; claims `htm` = method, `htu` = the
+//! request's public URL without query and fragment (RFC 3986 normalised),
+//! `iat` within the window, a `jti`, `ath` = base64url(SHA-256(token)),
+//! and the key's RFC 7638 thumbprint = `cnf.jkt`.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::Algorithm;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::token::{algorithm, verify_key};
+
+/// Why a DPoP proof is refused. Every variant answers 401 with
+/// `WWW-Authenticate: DPoP error="invalid_dpop_proof"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DpopError {
+    #[error("DPoP proof is not a compact JWS")]
+    Malformed,
+    #[error("DPoP proof header typ must be 'dpop+jwt'")]
+    BadType,
+    #[error("DPoP proof algorithm '{0}' is not allowed")]
+    AlgNotAllowed(String),
+    #[error("DPoP proof jwk is not a usable public key: {0}")]
+    BadJwk(String),
+    #[error("DPoP proof signature does not verify with its jwk")]
+    BadSignature,
+    #[error("DPoP proof claim {0} is missing or malformed")]
+    BadClaim(&'static str),
+    #[error("DPoP proof htm '{0}' does not match the request method")]
+    WrongMethod(String),
+    #[error("DPoP proof htu does not match the request URL")]
+    WrongUrl,
+    #[error("DPoP proof iat is too old")]
+    Stale,
+    #[error("DPoP proof iat is in the future")]
+    Future,
+    #[error("DPoP proof ath does not match the access token")]
+    WrongAth,
+    #[error("DPoP proof key does not match the token's cnf.jkt")]
+    WrongKey,
+    #[error("DPoP proof jti was already used")]
+    Replayed,
+    #[error("DPoP proof must carry the nonce this server issued")]
+    NonceRequired,
+}
+
+impl DpopError {
+    /// Reason code for the audit record and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DpopError::Malformed => "dpop_malformed",
+            DpopError::BadType => "dpop_bad_typ",
+            DpopError::AlgNotAllowed(_) => "dpop_alg_not_allowed",
+            DpopError::BadJwk(_) => "dpop_bad_jwk",
+            DpopError::BadSignature => "dpop_bad_signature",
+            DpopError::BadClaim(_) => "dpop_bad_claim",
+            DpopError::WrongMethod(_) => "dpop_wrong_htm",
+            DpopError::WrongUrl => "dpop_wrong_htu",
+            DpopError::Stale => "dpop_stale",
+            DpopError::Future => "dpop_future",
+            DpopError::WrongAth => "dpop_wrong_ath",
+            DpopError::WrongKey => "dpop_wrong_key",
+            DpopError::Replayed => "dpop_replayed",
+            DpopError::NonceRequired => "dpop_nonce_required",
+        }
+    }
+}
+
+/// Policy for proofs.
+#[derive(Debug, Clone)]
+pub struct DpopPolicy {
+    /// Algorithms a proof may use (asymmetric only).
+    pub algorithms: Vec<Algorithm>,
+    /// How old a proof's `iat` may be, in seconds.
+    pub max_age_seconds: i64,
+    /// How far in the future a proof's `iat` may be (clock skew), in seconds.
+    pub leeway_seconds: i64,
+}
+
+/// The request a proof must match.
+#[derive(Debug, Clone, Copy)]
+pub struct ProofContext<'a> {
+    pub method: &'a str,
+    /// The request's URL as the client sees it (public base origin + path);
+    /// a query or fragment is ignored.
+    pub url: &'a str,
+    pub access_token: &'a str,
+    /// The token's `cnf.jkt`.
+    pub jkt: &'a str,
+    /// A nonce the proof must carry, when the server requires one.
+    pub nonce: Option<&'a str>,
+    pub now: i64,
+}
+
+/// A proof that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    pub jti: String,
+    pub iat: i64,
+}
+
+fn b64_json(part: &str) -> Option<Value> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// base64url(SHA-256(bytes)), as `ath` and thumbprints are written.
+pub fn sha256_b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(bytes))
+}
+
+/// The RFC 7638 JWK thumbprint: the required members of the key type in
+/// lexicographic order, no white space, SHA-256, base64url.
+pub fn thumbprint(jwk: &Value) -> Result<String, String> {
+    let members: &[&str] = match jwk.get("kty").and_then(Value::as_str) {
+        Some("RSA") => &["e", "kty", "n"],
+        Some("EC") => &["crv", "kty", "x", "y"],
+        Some("OKP") => &["crv", "kty", "x"],
+        other => return Err(format!("no thumbprint for kty {other:?}")),
+    };
+    let mut canonical = serde_json::Map::new();
+    for m in members {
+        let v = jwk
+            .get(*m)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("jwk has no '{m}'"))?;
+        canonical.insert((*m).to_string(), Value::String(v.to_string()));
+    }
+    // serde_json's map keeps keys sorted (no `preserve_order` feature), and
+    // `to_string` writes no white space.
+    Ok(sha256_b64(Value::Object(canonical).to_string().as_bytes()))
+}
+
+/// `url` per RFC 9449 §4.3: scheme and host lowercased, default port
+/// dropped, dot segments resolved, query and fragment removed.
+pub fn normalise_htu(url: &str) -> Option<String> {
+    let mut u = url::Url::parse(url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return None;
+    }
+    u.set_query(None);
+    u.set_fragment(None);
+    Some(u.to_string())
+}
+
+/// Checks a DPoP proof against the request, the token and its `cnf.jkt`.
+pub fn check_proof(
+    proof: &str,
+    ctx: &ProofContext,
+    policy: &DpopPolicy,
+) -> Result<Proof, DpopError> {
+    let mut parts = proof.split('.');
+    let (Some(h), Some(c), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(DpopError::Malformed);
+    };
+    let header = b64_json(h)
+        .filter(Value::is_object)
+        .ok_or(DpopError::Malformed)?;
+    let claims = b64_json(c)
+        .filter(Value::is_object)
+        .ok_or(DpopError::Malformed)?;
+    if header.get("typ").and_then(Value::as_str) != Some("dpop+jwt") {
+        return Err(DpopError::BadType);
+    }
+    let alg_name = header.get("alg").and_then(Value::as_str).unwrap_or("");
+    let alg = algorithm(alg_name)
+        .filter(|a| policy.algorithms.contains(a))
+        .ok_or_else(|| DpopError::AlgNotAllowed(alg_name.chars().take(16).collect()))?;
+    if header.get("crit").is_some() {
+        return Err(DpopError::Malformed);
+    }
+    let jwk = header
+        .get("jwk")
+        .filter(|j| j.is_object())
+        .ok_or_else(|| DpopError::BadJwk("no jwk in the header".into()))?;
+    // verify_key refuses private members (d, p, q, …) and symmetric keys.
+    let key = verify_key(jwk).map_err(DpopError::BadJwk)?;
+    if !key.algorithms.contains(&alg) {
+        return Err(DpopError::BadJwk(format!(
+            "key does not fit alg {alg_name}"
+        )));
+    }
+    let message = &proof[..h.len() + 1 + c.len()];
+    match jsonwebtoken::crypto::verify(sig, message.as_bytes(), key.decoding_key(), alg) {
+        Ok(true) => {}
+        _ => return Err(DpopError::BadSignature),
+    }
+
+    let s = |name: &'static str| {
+        claims
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or(DpopError::BadClaim(name))
+    };
+    let jti = s("jti")?;
+    if jti.len() > 256 {
+        return Err(DpopError::BadClaim("jti"));
+    }
+    let htm = s("htm")?;
+    if htm != ctx.method {
+        return Err(DpopError::WrongMethod(htm.chars().take(16).collect()));
+    }
+    let htu = s("htu")?;
+    match (normalise_htu(htu), normalise_htu(ctx.url)) {
+        (Some(a), Some(b)) if a == b => {}
+        _ => return Err(DpopError::WrongUrl),
+    }
+    let iat = claims
+        .get("iat")
+        .and_then(Value::as_i64)
+        .ok_or(DpopError::BadClaim("iat"))?;
+    if iat > ctx.now + policy.leeway_seconds {
+        return Err(DpopError::Future);
+    }
+    if iat < ctx.now - policy.max_age_seconds {
+        return Err(DpopError::Stale);
+    }
+    if s("ath")? != sha256_b64(ctx.access_token.as_bytes()) {
+        return Err(DpopError::WrongAth);
+    }
+    if let Some(nonce) = ctx.nonce {
+        if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
+            return Err(DpopError::NonceRequired);
+        }
+    }
+    let tp = thumbprint(jwk).map_err(DpopError::BadJwk)?;
+    if tp != ctx.jkt {
+        return Err(DpopError::WrongKey);
+    }
+    Ok(Proof {
+        jti: jti.to_string(),
+        iat,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::keys::{hs256_token, raw_token, KeyKind, SigningKey};
+    use serde_json::json;
+
+    const URL: &str = "https://fhir.example.org/fhir/Patient/p1";
+    const TOKEN: &str = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+    const NOW: i64 = 1_800_000_000;
+
+    fn policy() -> DpopPolicy {
+        use Algorithm::*;
+        DpopPolicy {
+            algorithms: vec![RS256, PS256, ES256, ES384, EdDSA],
+            max_age_seconds: 60,
+            leeway_seconds: 5,
+        }
+    }
+
+    fn public_jwk(key: &SigningKey) -> Value {
+        let mut jwk = key.jwk().clone();
+        let o = jwk.as_object_mut().unwrap();
+        o.remove("kid");
+        o.remove("use");
+        o.remove("alg");
+        jwk
+    }
+
+    fn alg_name(key: &SigningKey) -> &'static str {
+        match key.alg {
+            Algorithm::RS256 => "RS256",
+            Algorithm::ES256 => "ES256",
+            Algorithm::ES384 => "ES384",
+            Algorithm::EdDSA => "EdDSA",
+            _ => unreachable!(),
+        }
+    }
+
+    fn claims() -> Value {
+        json!({"jti": "j-1", "htm": "GET", "htu": URL, "iat": NOW,
+               "ath": sha256_b64(TOKEN.as_bytes())})
+    }
+
+    fn proof(key: &SigningKey, header: Value, claims: Value) -> String {
+        key.sign_json(&header, &claims)
+    }
+
+    fn header(key: &SigningKey) -> Value {
+        json!({"typ": "dpop+jwt", "alg": alg_name(key), "jwk": public_jwk(key)})
+    }
+
+    fn ctx<'a>(jkt: &'a str) -> ProofContext<'a> {
+        ProofContext {
+            method: "GET",
+            url: URL,
+            access_token: TOKEN,
+            jkt,
+            nonce: None,
+            now: NOW,
+        }
+    }
+
+    #[test]
+    fn valid_proofs_of_every_key_kind() {
+        for kind in [
+            KeyKind::P256,
+            KeyKind::P384,
+            KeyKind::Rsa2048,
+            KeyKind::Ed25519,
+        ] {
+            let key = SigningKey::generate(kind, "k");
+            let jkt = thumbprint(&public_jwk(&key)).unwrap();
+            let p = proof(&key, header(&key), claims());
+            assert_eq!(
+                check_proof(&p, &ctx(&jkt), &policy()),
+                Ok(Proof {
+                    jti: "j-1".into(),
+                    iat: NOW
+                }),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rfc7638_example_thumbprint() {
+        // RFC 7638 §3.1.
+        let jwk = json!({"kty": "RSA", "e": "AQAB", "alg": "RS256", "kid": "2011-04-29",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"});
+        assert_eq!(
+            thumbprint(&jwk).unwrap(),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
+    }
+
+    #[test]
+    fn htu_normalisation() {
+        for (a, b, same) in [
+            (URL, "https://FHIR.example.org:443/fhir/Patient/p1", true),
+            (URL, "https://fhir.example.org/fhir/Patient/p1?x=1#f", true),
+            (URL, "https://fhir.example.org/fhir/./Patient/p1", true),
+            (URL, "http://fhir.example.org/fhir/Patient/p1", false),
+            (URL, "https://fhir.example.org:8443/fhir/Patient/p1", false),
+            (URL, "https://fhir.example.org/fhir/Patient/p1/", false),
+            (URL, "https://fhir.example.org/fhir/Patient/p2", false),
+            (URL, "https://other.example.org/fhir/Patient/p1", false),
+        ] {
+            assert_eq!(normalise_htu(a) == normalise_htu(b), same, "{a} vs {b}");
+        }
+        assert!(normalise_htu("urn:x").is_none());
+        assert!(normalise_htu("not a url").is_none());
+    }
+
+    #[test]
+    fn every_failure() {
+        let key = SigningKey::generate(KeyKind::P256, "k");
+        let other = SigningKey::generate(KeyKind::P256, "o");
+        let jkt = thumbprint(&public_jwk(&key)).unwrap();
+        let c = ctx(&jkt);
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut cl = claims();
+            f(&mut cl);
+            proof(&key, header(&key), cl)
+        };
+        let mut private = header(&key);
+        private["jwk"]["d"] = json!("AAAA");
+        let mut typ = header(&key);
+        typ["typ"] = json!("JWT");
+        let mut hs = header(&key);
+        hs["alg"] = json!("HS256");
+        let mut none = header(&key);
+        none["alg"] = json!("none");
+        let mut rsa_on_ec = header(&key);
+        rsa_on_ec["alg"] = json!("RS256");
+        let mut no_jwk = header(&key);
+        no_jwk.as_object_mut().unwrap().remove("jwk");
+        let mut oct = header(&key);
+        oct["jwk"] = json!({"kty": "oct", "k": "c2VjcmV0"});
+        let cases: Vec<(&str, String, DpopError)> = vec![
+            ("not a JWS", "abc".into(), DpopError::Malformed),
+            ("typ", proof(&key, typ, claims()), DpopError::BadType),
+            (
+                "HS256",
+                hs256_token("k", &claims(), b"secret"),
+                DpopError::BadType,
+            ),
+            (
+                "alg HS256 header",
+                proof(&key, hs, claims()),
+                DpopError::AlgNotAllowed("HS256".into()),
+            ),
+            (
+                "alg none",
+                raw_token(&none, &claims(), b""),
+                DpopError::AlgNotAllowed("none".into()),
+            ),
+            (
+                "private key in jwk",
+                proof(&key, private, claims()),
+                DpopError::BadJwk("carries private or secret member 'd'".into()),
+            ),
+            (
+                "symmetric jwk",
+                proof(&key, oct, claims()),
+                DpopError::BadJwk("carries private or secret member 'k'".into()),
+            ),
+            (
+                "no jwk",
+                proof(&key, no_jwk, claims()),
+                DpopError::BadJwk("no jwk in the header".into()),
+            ),
+            (
+                "alg does not fit the key",
+                proof(&key, rsa_on_ec, claims()),
+                DpopError::BadJwk("key does not fit alg RS256".into()),
+            ),
+            (
+                "signed by another key",
+                proof(&other, header(&key), claims()),
+                DpopError::BadSignature,
+            ),
+            (
+                "wrong htm",
+                with(&|c| c["htm"] = json!("POST")),
+                DpopError::WrongMethod("POST".into()),
+            ),
+            (
+                "lowercase htm",
+                with(&|c| c["htm"] = json!("get")),
+                DpopError::WrongMethod("get".into()),
+            ),
+            (
+                "wrong htu path",
+                with(&|c| c["htu"] = json!("https://fhir.example.org/fhir/Patient/p2")),
+                DpopError::WrongUrl,
+            ),
+            (
+                "wrong htu scheme",
+                with(&|c| c["htu"] = json!("http://fhir.example.org/fhir/Patient/p1")),
+                DpopError::WrongUrl,
+            ),
+            (
+                "wrong htu port",
+                with(&|c| c["htu"] = json!("https://fhir.example.org:8443/fhir/Patient/p1")),
+                DpopError::WrongUrl,
+            ),
+            (
+                "trailing slash",
+                with(&|c| c["htu"] = json!("https://fhir.example.org/fhir/Patient/p1/")),
+                DpopError::WrongUrl,
+            ),
+            (
+                "stale",
+                with(&|c| c["iat"] = json!(NOW - 61)),
+                DpopError::Stale,
+            ),
+            (
+                "future",
+                with(&|c| c["iat"] = json!(NOW + 6)),
+                DpopError::Future,
+            ),
+            (
+                "iat string",
+                with(&|c| c["iat"] = json!(NOW.to_string())),
+                DpopError::BadClaim("iat"),
+            ),
+            (
+                "no jti",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("jti");
+                }),
+                DpopError::BadClaim("jti"),
+            ),
+            (
+                "no ath",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("ath");
+                }),
+                DpopError::BadClaim("ath"),
+            ),
+            (
+                "wrong ath",
+                with(&|c| c["ath"] = json!(sha256_b64(b"another token"))),
+                DpopError::WrongAth,
+            ),
+        ];
+        for (name, p, want) in cases {
+            assert_eq!(check_proof(&p, &c, &policy()), Err(want), "{name}");
+        }
+        // The right proof for another key than the token is bound to.
+        let p = proof(&other, header(&other), claims());
+        assert_eq!(check_proof(&p, &c, &policy()), Err(DpopError::WrongKey));
+        // A required nonce.
+        let nonce_ctx = ProofContext {
+            nonce: Some("n-1"),
+            ..c
+        };
+        let p = proof(&key, header(&key), claims());
+        assert_eq!(
+            check_proof(&p, &nonce_ctx, &policy()),
+            Err(DpopError::NonceRequired)
+        );
+        let p = with(&|c| c["nonce"] = json!("n-1"));
+        assert!(check_proof(&p, &nonce_ctx, &policy()).is_ok());
+        // An algorithm the policy does not allow, though asymmetric.
+        let strict = DpopPolicy {
+            algorithms: vec![Algorithm::RS256],
+            ..policy()
+        };
+        let p = proof(&key, header(&key), claims());
+        assert_eq!(
+            check_proof(&p, &c, &strict),
+            Err(DpopError::AlgNotAllowed("ES256".into()))
+        );
+    }
+}
