@@ -51,6 +51,61 @@ pub struct Config {
     pub forward_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub patient_context: PatientContextConfig,
+    #[serde(default)]
+    pub dpop: DpopConfig,
+}
+
+/// DPoP (RFC 9449) proof checking for DPoP-bound tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpopConfig {
+    /// Accept the DPoP scheme (DPoP-bound tokens are refused when off).
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// Algorithms a proof may use; default: every allowed asymmetric one.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// How old a proof's `iat` may be.
+    #[serde(default = "d_dpop_max_age")]
+    pub max_age_seconds: u64,
+    /// How far a proof's `iat` may lie in the future (clock skew).
+    #[serde(default = "d_dpop_leeway")]
+    pub leeway_seconds: u64,
+    /// Proof `jti`s remembered (for `max_age_seconds`) to refuse replays.
+    #[serde(default = "d_dpop_replay")]
+    pub replay_cache_max_entries: u64,
+}
+
+impl Default for DpopConfig {
+    fn default() -> Self {
+        DpopConfig {
+            enabled: true,
+            algorithms: Vec::new(),
+            max_age_seconds: d_dpop_max_age(),
+            leeway_seconds: d_dpop_leeway(),
+            replay_cache_max_entries: d_dpop_replay(),
+        }
+    }
+}
+
+fn d_dpop_max_age() -> u64 {
+    60
+}
+fn d_dpop_leeway() -> u64 {
+    5
+}
+fn d_dpop_replay() -> u64 {
+    1_000_000
+}
+
+/// DPoP settings, validated.
+#[derive(Debug, Clone)]
+pub struct Dpop {
+    pub enabled: bool,
+    pub policy: crate::dpop::DpopPolicy,
+    /// The proof algorithms, space-separated, for `WWW-Authenticate` `algs`.
+    pub algs: String,
+    pub replay_cache_max_entries: u64,
 }
 
 /// How requests under `patient/` scopes are treated.
@@ -309,6 +364,7 @@ pub struct Settings {
     pub issuers: Vec<Issuer>,
     pub tokens: TokenConfig,
     pub unnarrowed_search: crate::decide::UnnarrowedSearch,
+    pub dpop: Dpop,
     pub jwks: JwksConfig,
     /// Certificates from `jwks.ca_file`, parsed.
     pub jwks_roots: Vec<reqwest::Certificate>,
@@ -624,6 +680,55 @@ impl Config {
             None => Vec::new(),
         };
 
+        let dpop = {
+            let d = &self.dpop;
+            let names: Vec<String> = if d.algorithms.is_empty() {
+                ALLOWED_ALGORITHMS.iter().map(|a| a.to_string()).collect()
+            } else {
+                d.algorithms.clone()
+            };
+            let mut algorithms = Vec::new();
+            let mut ok = true;
+            for (i, a) in names.iter().enumerate() {
+                match crate::token::algorithm(a)
+                    .filter(|_| ALLOWED_ALGORITHMS.contains(&a.as_str()))
+                {
+                    Some(alg) => algorithms.push(alg),
+                    None => {
+                        problem(
+                            &format!("dpop.algorithms[{i}]"),
+                            format!("'{a}' is not one of {}", ALLOWED_ALGORITHMS.join(", ")),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            if !(1..=3600).contains(&d.max_age_seconds) {
+                problem("dpop.max_age_seconds", "must be between 1 and 3600".into());
+                ok = false;
+            }
+            if d.leeway_seconds > 300 {
+                problem("dpop.leeway_seconds", "must be at most 300".into());
+                ok = false;
+            }
+            if d.replay_cache_max_entries < 1000 {
+                problem(
+                    "dpop.replay_cache_max_entries",
+                    "must be at least 1000".into(),
+                );
+                ok = false;
+            }
+            ok.then(|| Dpop {
+                enabled: d.enabled,
+                algs: names.join(" "),
+                policy: crate::dpop::DpopPolicy {
+                    algorithms,
+                    max_age_seconds: d.max_age_seconds as i64,
+                    leeway_seconds: d.leeway_seconds as i64,
+                },
+                replay_cache_max_entries: d.replay_cache_max_entries,
+            })
+        };
         let unnarrowed = match self.patient_context.unnarrowed_search.as_str() {
             "narrow" => Some(crate::decide::UnnarrowedSearch::Narrow),
             "refuse" => Some(crate::decide::UnnarrowedSearch::Refuse),
@@ -706,6 +811,7 @@ impl Config {
             issuers,
             tokens: self.tokens.clone(),
             unnarrowed_search: unnarrowed.expect("validated"),
+            dpop: dpop.expect("validated"),
             jwks: self.jwks.clone(),
             jwks_roots,
             admin_listen: admin_listen.expect("validated"),

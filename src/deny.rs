@@ -25,6 +25,15 @@ pub enum Denial {
         code: &'static str,
         description: String,
     },
+    /// A DPoP request (RFC 9449) failed: the proof (`invalid_dpop_proof`)
+    /// or the token presented with it (`invalid_token`). 401 with a `DPoP`
+    /// challenge.
+    InvalidDpop {
+        code: &'static str,
+        /// `invalid_dpop_proof` or `invalid_token`.
+        error: &'static str,
+        description: String,
+    },
     /// The grant does not allow the request (403).
     InsufficientScope {
         description: String,
@@ -90,6 +99,7 @@ impl Denial {
             Denial::NoToken => "no_token",
             Denial::InvalidRequest { code, .. }
             | Denial::InvalidToken { code, .. }
+            | Denial::InvalidDpop { code, .. }
             | Denial::BadFhirRequest { code, .. }
             | Denial::Unavailable { code, .. }
             | Denial::Upstream { code, .. } => code,
@@ -108,6 +118,7 @@ impl Denial {
             Denial::Hidden { resource, .. } => format!("{resource} is not known"),
             Denial::InvalidRequest { description, .. }
             | Denial::InvalidToken { description, .. }
+            | Denial::InvalidDpop { description, .. }
             | Denial::InsufficientScope { description, .. }
             | Denial::NotFound { description }
             | Denial::BadFhirRequest { description, .. }
@@ -120,7 +131,7 @@ impl Denial {
 
     pub fn status(&self) -> u16 {
         match self {
-            Denial::NoToken | Denial::InvalidToken { .. } => 401,
+            Denial::NoToken | Denial::InvalidToken { .. } | Denial::InvalidDpop { .. } => 401,
             Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } => 400,
             Denial::InsufficientScope { .. } => 403,
             Denial::NotFound { .. } | Denial::Hidden { .. } => 404,
@@ -131,12 +142,23 @@ impl Denial {
         }
     }
 
-    /// Builds the answer; `realm` is the protected resource's realm.
-    pub fn answer(&self, realm: &str) -> Answer {
+    /// Builds the answer; `realm` is the protected resource's realm and
+    /// `dpop_algs` the DPoP proof algorithms when DPoP is enabled (a `DPoP`
+    /// challenge then accompanies `Bearer` on 401s without a token).
+    pub fn answer(&self, realm: &str, dpop_algs: Option<&str>) -> Answer {
         let realm = quoted(realm);
         let desc = quoted(&self.description());
+        let dpop = dpop_algs
+            .map(|a| format!(", DPoP algs=\"{}\"", quoted(a)))
+            .unwrap_or_default();
         let www_authenticate = match self {
-            Denial::NoToken => Some(format!("Bearer realm=\"{realm}\"")),
+            Denial::NoToken => Some(format!("Bearer realm=\"{realm}\"{dpop}")),
+            Denial::InvalidDpop { error, .. } => Some(format!(
+                "DPoP realm=\"{realm}\", error=\"{error}\", error_description=\"{desc}\"{}",
+                dpop_algs
+                    .map(|a| format!(", algs=\"{}\"", quoted(a)))
+                    .unwrap_or_default()
+            )),
             Denial::InvalidRequest { .. } => {
                 Some(format!("Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{desc}\""))
             }
@@ -153,7 +175,9 @@ impl Denial {
             _ => None,
         };
         let (severity, issue_code) = match self {
-            Denial::NoToken | Denial::InvalidToken { .. } => ("error", "login"),
+            Denial::NoToken | Denial::InvalidToken { .. } | Denial::InvalidDpop { .. } => {
+                ("error", "login")
+            }
             Denial::InvalidRequest { .. }
             | Denial::BadFhirRequest { .. }
             | Denial::MethodNotAllowed { .. } => ("error", "invalid"),
@@ -198,8 +222,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dpop_challenges() {
+        let a = Denial::NoToken.answer("r", Some("ES256 RS256"));
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some("Bearer realm=\"r\", DPoP algs=\"ES256 RS256\"")
+        );
+        let a = Denial::InvalidDpop {
+            code: "dpop_stale",
+            error: "invalid_dpop_proof",
+            description: "DPoP proof iat is too old".into(),
+        }
+        .answer("r", Some("ES256"));
+        assert_eq!(a.status, 401);
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some("DPoP realm=\"r\", error=\"invalid_dpop_proof\", error_description=\"DPoP proof iat is too old\", algs=\"ES256\"")
+        );
+    }
+
+    #[test]
     fn answers() {
-        let a = Denial::NoToken.answer("https://fhir.example/fhir");
+        let a = Denial::NoToken.answer("https://fhir.example/fhir", None);
         assert_eq!(a.status, 401);
         assert_eq!(
             a.www_authenticate.as_deref(),
@@ -210,7 +254,7 @@ mod tests {
             code: "token_expired",
             description: "token \"expired\"\n".into(),
         }
-        .answer("r");
+        .answer("r", None);
         assert_eq!(a.status, 401);
         assert_eq!(
             a.www_authenticate.as_deref(),
@@ -224,7 +268,7 @@ mod tests {
             description: "needs s".into(),
             scope: Some("user/Observation.s".into()),
         }
-        .answer("r");
+        .answer("r", None);
         assert_eq!(a.status, 403);
         assert!(a
             .www_authenticate
@@ -236,7 +280,7 @@ mod tests {
             description: "x".into(),
             retry_after_seconds: 5,
         }
-        .answer("r");
+        .answer("r", None);
         assert_eq!(
             (a.status, a.retry_after, a.www_authenticate),
             (503, Some(5), None)

@@ -3,8 +3,8 @@
 //! Pure. Exactly one `Authorization` header with the `Bearer` scheme
 //! (case-insensitive) and an RFC 6750 `b64token`. Tokens in the query
 //! string or a form body are refused, as are several `Authorization`
-//! headers. The `DPoP` scheme is recognised and refused until proof
-//! checking is enabled, so a DPoP-bound token is never accepted as bearer.
+//! headers. The `DPoP` scheme (RFC 9449) is recognised; whether it is
+//! accepted, and the proof, are decided by the bind stage.
 
 /// What the request carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,8 @@ pub enum Extracted<'a> {
     None,
     /// A bearer token.
     Bearer(&'a str),
+    /// A token presented with the DPoP scheme (a proof must come along).
+    Dpop(&'a str),
 }
 
 /// Why the credentials are refused.
@@ -26,11 +28,9 @@ pub enum ExtractError {
     TokenInBody,
     #[error("Authorization header is not valid ASCII")]
     NotAscii,
-    #[error("Authorization scheme '{0}' is not supported; use Bearer")]
+    #[error("Authorization scheme '{0}' is not supported; use Bearer or DPoP")]
     UnsupportedScheme(String),
-    #[error(
-        "DPoP-bound tokens are not accepted by this gateway (DPoP proof checking is not enabled)"
-    )]
+    #[error("the DPoP scheme is not enabled on this gateway (dpop.enabled: false)")]
     DpopNotEnabled,
     #[error("Bearer token is empty or not an RFC 6750 b64token")]
     MalformedToken,
@@ -60,10 +60,8 @@ pub fn extract<'a>(authorization: &[&'a [u8]]) -> Result<Extracted<'a>, ExtractE
         return Err(ExtractError::NotAscii);
     }
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-    if scheme.eq_ignore_ascii_case("dpop") {
-        return Err(ExtractError::DpopNotEnabled);
-    }
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let dpop = scheme.eq_ignore_ascii_case("dpop");
+    if !dpop && !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ExtractError::UnsupportedScheme(
             scheme.chars().take(16).collect(),
         ));
@@ -72,7 +70,11 @@ pub fn extract<'a>(authorization: &[&'a [u8]]) -> Result<Extracted<'a>, ExtractE
     if !is_b64token(token) {
         return Err(ExtractError::MalformedToken);
     }
-    Ok(Extracted::Bearer(token))
+    Ok(if dpop {
+        Extracted::Dpop(token)
+    } else {
+        Extracted::Bearer(token)
+    })
 }
 
 #[cfg(test)]
@@ -94,6 +96,12 @@ mod tests {
                 Extracted::Bearer("abc"),
             ),
             ("padding", &[b"Bearer abc=="], Extracted::Bearer("abc==")),
+            (
+                "dpop",
+                &[b"DPoP abc.def.ghi"],
+                Extracted::Dpop("abc.def.ghi"),
+            ),
+            ("dpop case", &[b"dpop abc"], Extracted::Dpop("abc")),
         ];
         for (name, h, want) in ok {
             assert_eq!(&extract(h).unwrap(), want, "{name}");
@@ -109,7 +117,11 @@ mod tests {
                 &[b"Basic dXNlcjpwYXNz"],
                 ExtractError::UnsupportedScheme("Basic".into()),
             ),
-            ("dpop", &[b"DPoP abc"], ExtractError::DpopNotEnabled),
+            (
+                "dpop without token",
+                &[b"DPoP "],
+                ExtractError::MalformedToken,
+            ),
             ("empty", &[b"Bearer "], ExtractError::MalformedToken),
             ("no token", &[b"Bearer"], ExtractError::MalformedToken),
             (

@@ -58,6 +58,12 @@ pub struct Gateway {
     /// Base URLs under which a reference may name the context patient.
     bases: Bases,
     decide_opts: DecideOptions,
+    /// `scheme://host[:port]` of the public base: DPoP `htu` is checked
+    /// against it and the request path.
+    public_origin: String,
+    /// DPoP proofs seen, by SHA-256 of (key thumbprint, jti), for as long as
+    /// a proof is fresh.
+    dpop_replay: moka::sync::Cache<[u8; 32], ()>,
 }
 
 impl Gateway {
@@ -102,6 +108,13 @@ impl Gateway {
             unnarrowed_search: settings.unnarrowed_search,
             bases: bases.clone(),
         };
+        let public_origin = settings.public_base.origin().ascii_serialization();
+        let dpop_replay = moka::sync::Cache::builder()
+            .max_capacity(settings.dpop.replay_cache_max_entries)
+            .time_to_live(std::time::Duration::from_secs(
+                (settings.dpop.policy.max_age_seconds + settings.dpop.policy.leeway_seconds) as u64,
+            ))
+            .build();
         Gateway {
             settings,
             validator,
@@ -115,6 +128,8 @@ impl Gateway {
             checked,
             bases,
             decide_opts,
+            public_origin,
+            dpop_replay,
         }
     }
 }
@@ -137,6 +152,8 @@ pub struct Ctx {
     if_match: Option<http::HeaderValue>,
     /// Bundle entries whose answers stage 8 must check.
     entry_checks: Vec<EntryCheck>,
+    /// How the token was bound: `bearer` or `dpop`.
+    binding: Option<&'static str>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -231,7 +248,7 @@ fn classify_denial(e: &ClassifyError) -> Denial {
 impl Gateway {
     /// Writes a denial as the complete response.
     async fn answer(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
-        let a = denial.answer(&self.realm);
+        let a = denial.answer(&self.realm, self.dpop_algs());
         let mut h = ResponseHeader::build(a.status, Some(6))?;
         h.insert_header(header::CONTENT_TYPE, "application/fhir+json")?;
         h.insert_header(header::CONTENT_LENGTH, a.body.len().to_string())?;
@@ -730,6 +747,128 @@ impl Gateway {
         }
     }
 
+    /// The DPoP algorithms for `WWW-Authenticate`, when DPoP is enabled.
+    fn dpop_algs(&self) -> Option<&str> {
+        self.settings
+            .dpop
+            .enabled
+            .then_some(self.settings.dpop.algs.as_str())
+    }
+
+    /// Stage 4, bind: a token bound to a key (`cnf.jkt`) needs a valid,
+    /// fresh DPoP proof by that key for this request; an unbound token may
+    /// carry no proof and may not use the DPoP scheme. Returns the binding
+    /// for the audit record.
+    fn bind(
+        &self,
+        claims: &crate::token::Claims,
+        token: &str,
+        dpop_scheme: bool,
+        proofs: &[String],
+        method: &str,
+        public_url: &str,
+    ) -> std::result::Result<&'static str, Denial> {
+        let dpop =
+            |code: &'static str, error: &'static str, description: String| Denial::InvalidDpop {
+                code,
+                error,
+                description,
+            };
+        let cnf = claims.cnf.as_ref();
+        if cnf.is_some_and(|c| c.get("x5t#S256").is_some()) {
+            return Err(Denial::InvalidToken {
+                code: "token_binding_unsupported",
+                description: "token is bound to a TLS client certificate (cnf x5t#S256), which \
+                              this gateway does not check yet"
+                    .into(),
+            });
+        }
+        let jkt = cnf.and_then(|c| c.get("jkt"));
+        if cnf.is_some() && jkt.is_none() {
+            return Err(Denial::InvalidToken {
+                code: "token_binding_unsupported",
+                description: "token carries a cnf claim with no binding this gateway knows".into(),
+            });
+        }
+        let Some(jkt) = jkt else {
+            if dpop_scheme {
+                return Err(dpop(
+                    "dpop_token_not_bound",
+                    "invalid_token",
+                    "the DPoP scheme was used with a token that is not DPoP-bound (no cnf.jkt)"
+                        .into(),
+                ));
+            }
+            if !proofs.is_empty() {
+                return Err(dpop(
+                    "dpop_proof_without_binding",
+                    "invalid_dpop_proof",
+                    "a DPoP proof came with a token that is not DPoP-bound".into(),
+                ));
+            }
+            return Ok("bearer");
+        };
+        let Some(jkt) = jkt.as_str() else {
+            return Err(dpop(
+                "dpop_bad_claim",
+                "invalid_token",
+                "the token's cnf.jkt is not a string".into(),
+            ));
+        };
+        if !dpop_scheme {
+            return Err(dpop(
+                "dpop_bound_as_bearer",
+                "invalid_token",
+                "the token is DPoP-bound (cnf.jkt): present it with the DPoP scheme and a proof"
+                    .into(),
+            ));
+        }
+        let proof = match proofs {
+            [one] => one,
+            [] => {
+                return Err(dpop(
+                    "dpop_missing",
+                    "invalid_dpop_proof",
+                    "the DPoP scheme needs a DPoP proof header".into(),
+                ))
+            }
+            _ => {
+                return Err(dpop(
+                    "dpop_malformed",
+                    "invalid_dpop_proof",
+                    "several DPoP proof headers".into(),
+                ))
+            }
+        };
+        let proof = crate::dpop::check_proof(
+            proof,
+            &crate::dpop::ProofContext {
+                method,
+                url: public_url,
+                access_token: token,
+                jkt,
+                nonce: None,
+                now: now_unix(),
+            },
+            &self.settings.dpop.policy,
+        )
+        .map_err(|e| dpop(e.code(), "invalid_dpop_proof", e.to_string()))?;
+        // A proof is good once: remember (key, jti) for as long as it is fresh.
+        let key: [u8; 32] = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(jkt.as_bytes());
+            h.update(b"\0");
+            h.update(proof.jti.as_bytes());
+            h.finalize().into()
+        };
+        if !self.dpop_replay.entry(key).or_insert(()).is_fresh() {
+            let e = crate::dpop::DpopError::Replayed;
+            return Err(dpop(e.code(), "invalid_dpop_proof", e.to_string()));
+        }
+        Ok("dpop")
+    }
+
     /// Stages 1-6 for one request. `Ok(())` means allowed.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
         let req = session.req_header();
@@ -777,10 +916,21 @@ impl Gateway {
             .iter()
             .map(|v| v.as_bytes())
             .collect();
-        let token = match extract(&auth).map_err(|e| extract_denial(&e))? {
+        let (token, dpop_scheme) = match extract(&auth).map_err(|e| extract_denial(&e))? {
             Extracted::None => return Err(Denial::NoToken),
-            Extracted::Bearer(t) => t.to_string(),
+            Extracted::Bearer(t) => (t.to_string(), false),
+            Extracted::Dpop(_) if !self.settings.dpop.enabled => {
+                return Err(extract_denial(&ExtractError::DpopNotEnabled))
+            }
+            Extracted::Dpop(t) => (t.to_string(), true),
         };
+        let proofs: Vec<String> = req
+            .headers
+            .get_all("dpop")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        let public_url = format!("{}{}", self.public_origin, req.uri.path());
         let is_form = req
             .headers
             .get(header::CONTENT_TYPE)
@@ -810,7 +960,14 @@ impl Gateway {
         // 3. Validate
         let v = self.validator.validate(&token, now_unix()).await;
         let v = v.map_err(|e| {
-            token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1))
+            match token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)) {
+                Denial::InvalidToken { code, description } if dpop_scheme => Denial::InvalidDpop {
+                    code,
+                    error: "invalid_token",
+                    description,
+                },
+                d => d,
+            }
         })?;
         if v.cache_hit {
             self.metrics.token_cache_hits.inc();
@@ -820,14 +977,9 @@ impl Gateway {
         let claims = v.claims.clone();
         ctx.token = Some(v);
 
-        // 4. Bind: sender-constrained tokens need proof checking, which is not enabled.
-        if claims.cnf.is_some() {
-            return Err(Denial::InvalidToken {
-                code: "token_binding_unsupported",
-                description: "token is sender-constrained (cnf) but this gateway does not check DPoP or mTLS binding yet"
-                    .into(),
-            });
-        }
+        // 4. Bind
+        ctx.binding =
+            Some(self.bind(&claims, &token, dpop_scheme, &proofs, &method, &public_url)?);
 
         // 5. Classify (reading the body where it decides the interaction).
         let needs_body =
@@ -932,6 +1084,7 @@ impl ProxyHttp for Gateway {
             narrow: Vec::new(),
             if_match: None,
             entry_checks: Vec::new(),
+            binding: None,
             denial: None,
             public: false,
             upstream_status: None,
@@ -1144,6 +1297,7 @@ impl ProxyHttp for Gateway {
             patient: claims.and_then(|c| c.patient.as_deref()),
             token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
             token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
+            binding: ctx.binding,
             interaction: interaction.map(|i| i.as_str()),
             resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
             resource_id: fhir.and_then(|f| f.id.as_deref()),

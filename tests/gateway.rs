@@ -129,10 +129,16 @@ async fn credentials_in_the_wrong_place_are_refused() {
     let gw = Gateway::start(Options::default()).await;
     let token = gw.mint("user/*.rs", None);
 
-    // No token: 401 with a bare challenge.
+    // No token: 401 with bare challenges (Bearer, and DPoP with its algorithms).
     let r = gw.get("Patient/no-token-1", None).await;
     assert_eq!(r.status(), 401);
-    assert_eq!(www(&r), format!("Bearer realm=\"{}\"", gw.base));
+    assert_eq!(
+        www(&r),
+        format!(
+            "Bearer realm=\"{}\", DPoP algs=\"RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA\"",
+            gw.base
+        )
+    );
     outcome(r).await;
 
     // Token in the query string.
@@ -190,14 +196,16 @@ async fn credentials_in_the_wrong_place_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    assert!(www(&r).starts_with("DPoP "), "{}", www(&r));
+    assert!(www(&r).contains("not DPoP-bound"), "{}", www(&r));
 
-    // A sender-constrained token (cnf) is refused until binding is checked.
+    // A DPoP-bound token (cnf.jkt) presented as Bearer (tests/dpop.rs has the rest).
     let mut c = gw.claims("user/*.rs");
     c["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"});
     let bound = gw.issuer.signing_key().sign(&c);
     let r = gw.get("Patient/cnf-1", Some(&bound)).await;
     assert_eq!(r.status(), 401);
-    assert!(www(&r).contains("sender-constrained"));
+    assert!(www(&r).contains("DPoP-bound"), "{}", www(&r));
 
     for marker in [
         "no-token-1",

@@ -1,0 +1,291 @@
+//! DPoP (RFC 9449) through the real binary: proofs made here with EC and
+//! RSA keys, every failure refused with 401 and a `DPoP` challenge, and the
+//! upstream never seeing a refused request.
+
+mod support;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use fhirwall::sandbox::keys::{hs256_token, raw_token, KeyKind, SigningKey};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use support::{Gateway, Options};
+
+fn b64sha(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(bytes))
+}
+
+/// The client's key as a public JWK, and its RFC 7638 thumbprint.
+fn public_jwk(key: &SigningKey) -> (Value, String) {
+    let mut jwk = key.jwk().clone();
+    let o = jwk.as_object_mut().unwrap();
+    for m in ["kid", "use", "alg"] {
+        o.remove(m);
+    }
+    let members: &[&str] = match o["kty"].as_str().unwrap() {
+        "RSA" => &["e", "kty", "n"],
+        _ => &["crv", "kty", "x", "y"],
+    };
+    let canonical = members
+        .iter()
+        .map(|m| format!("\"{m}\":\"{}\"", o[*m].as_str().unwrap()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let tp = b64sha(format!("{{{canonical}}}").as_bytes());
+    (jwk, tp)
+}
+
+fn alg(key: &SigningKey) -> &'static str {
+    match key.kid.as_str() {
+        k if k.starts_with("rsa") => "RS256",
+        _ => "ES256",
+    }
+}
+
+struct Client {
+    key: SigningKey,
+    jwk: Value,
+    jkt: String,
+}
+
+impl Client {
+    fn new(kind: KeyKind, kid: &str) -> Client {
+        let key = SigningKey::generate(kind, kid);
+        let (jwk, jkt) = public_jwk(&key);
+        Client { key, jwk, jkt }
+    }
+
+    fn header(&self) -> Value {
+        json!({"typ": "dpop+jwt", "alg": alg(&self.key), "jwk": self.jwk})
+    }
+
+    fn claims(&self, method: &str, url: &str, token: &str) -> Value {
+        json!({"jti": format!("{:x}", rand::random::<u128>()), "htm": method, "htu": url,
+               "iat": now(), "ath": b64sha(token.as_bytes())})
+    }
+
+    fn proof(&self, method: &str, url: &str, token: &str) -> String {
+        self.key
+            .sign_json(&self.header(), &self.claims(method, url, token))
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A user/*.rs token bound to `jkt`.
+fn bound_token(gw: &Gateway, jkt: &str) -> String {
+    let mut c = gw.claims("user/*.rs");
+    c["cnf"] = json!({"jkt": jkt});
+    gw.issuer.signing_key().sign(&c)
+}
+
+async fn send(
+    gw: &Gateway,
+    rel: &str,
+    scheme: &str,
+    token: &str,
+    proofs: &[&str],
+) -> (u16, String, String) {
+    let mut r = gw
+        .client
+        .get(format!("{}/{rel}", gw.base))
+        .header("authorization", format!("{scheme} {token}"));
+    for p in proofs {
+        r = r.header("dpop", *p);
+    }
+    let r = r.send().await.unwrap();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let status = r.status().as_u16();
+    (status, www, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_proofs_pass_once() {
+    let gw = Gateway::start(Options::default()).await;
+    for (kind, kid) in [
+        (KeyKind::P256, "ec-client"),
+        (KeyKind::Rsa2048, "rsa-client"),
+    ] {
+        let client = Client::new(kind, kid);
+        let token = bound_token(&gw, &client.jkt);
+        let url = format!("{}/Patient/p1", gw.base);
+        let proof = client.proof("GET", &url, &token);
+        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+        assert_eq!(s, 200, "{kid}: {www} {body}");
+        // The same proof again: a replay.
+        let before = gw.upstream.seen().len();
+        let (s, www, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+        assert_eq!(s, 401, "{kid}");
+        assert!(
+            www.starts_with("DPoP ") && www.contains("error=\"invalid_dpop_proof\""),
+            "{www}"
+        );
+        assert!(
+            www.contains("already used") && www.contains("algs=\""),
+            "{www}"
+        );
+        assert_eq!(
+            gw.upstream.seen().len(),
+            before,
+            "a replay reached the upstream"
+        );
+        // A fresh proof passes again.
+        let proof = client.proof("GET", &url, &token);
+        let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+        assert_eq!(s, 200, "{kid}");
+    }
+    // The audit records the binding.
+    let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(audit.contains("\"binding\":\"dpop\""), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_proof_is_refused_before_the_upstream() {
+    let gw = Gateway::start(Options::default()).await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let other = Client::new(KeyKind::P256, "ec-other");
+    let token = bound_token(&gw, &client.jkt);
+    let port = gw.proxy_addr().port();
+
+    // Each case requests Patient/<id>; the upstream must never see <id>.
+
+    let url = |id: &str| format!("{}/Patient/{id}", gw.base);
+    let sign = |claims: Value| client.key.sign_json(&client.header(), &claims);
+    let claims = |id: &str| client.claims("GET", &url(id), &token);
+    let mut cases: Vec<(&str, String, &str)> = Vec::new();
+    let mut c = claims("dpop-htm");
+    c["htm"] = json!("POST");
+    cases.push(("dpop-htm", sign(c), "htm"));
+    let mut c = claims("dpop-port");
+    c["htu"] = json!(format!(
+        "http://127.0.0.1:{}/fhir/Patient/dpop-port",
+        port + 1
+    ));
+    cases.push(("dpop-port", sign(c), "htu"));
+    let mut c = claims("dpop-scheme");
+    c["htu"] = json!(format!("https://127.0.0.1:{port}/fhir/Patient/dpop-scheme"));
+    cases.push(("dpop-scheme", sign(c), "htu"));
+    let mut c = claims("dpop-slash");
+    c["htu"] = json!(format!("{}/", url("dpop-slash")));
+    cases.push(("dpop-slash", sign(c), "htu"));
+    let mut c = claims("dpop-stale");
+    c["iat"] = json!(now() - 120);
+    cases.push(("dpop-stale", sign(c), "too old"));
+    let mut c = claims("dpop-future");
+    c["iat"] = json!(now() + 120);
+    cases.push(("dpop-future", sign(c), "future"));
+    let mut c = claims("dpop-ath");
+    c["ath"] = json!(b64sha(b"another token"));
+    cases.push(("dpop-ath", sign(c), "ath"));
+    // Signed by another key, which it names: the token is not bound to it.
+    cases.push((
+        "dpop-thumbprint",
+        other.key.sign_json(
+            &other.header(),
+            &other.claims("GET", &url("dpop-thumbprint"), &token),
+        ),
+        "cnf.jkt",
+    ));
+    // Names the bound key but signed by another.
+    cases.push((
+        "dpop-signature",
+        other.key.sign_json(
+            &client.header(),
+            &client.claims("GET", &url("dpop-signature"), &token),
+        ),
+        "signature",
+    ));
+    let mut private = client.header();
+    private["jwk"]["d"] = json!("AAAA");
+    cases.push((
+        "dpop-private",
+        client.key.sign_json(&private, &claims("dpop-private")),
+        "private",
+    ));
+    let mut none = client.header();
+    none["alg"] = json!("none");
+    cases.push((
+        "dpop-none",
+        raw_token(&none, &claims("dpop-none"), b""),
+        "not allowed",
+    ));
+    let mut hs = client.header();
+    hs["alg"] = json!("HS256");
+    let hs_proof = {
+        let t = hs256_token("x", &claims("dpop-hs256"), client.key.public_pem.as_bytes());
+        // Same signature, header replaced by a dpop+jwt one naming HS256.
+        let sig = t.rsplit('.').next().unwrap().to_string();
+        let body = t.split('.').nth(1).unwrap().to_string();
+        format!(
+            "{}.{body}.{sig}",
+            URL_SAFE_NO_PAD.encode(hs.to_string().as_bytes())
+        )
+    };
+    cases.push(("dpop-hs256", hs_proof, "not allowed"));
+    let mut typ = client.header();
+    typ["typ"] = json!("JWT");
+    cases.push((
+        "dpop-typ",
+        client.key.sign_json(&typ, &claims("dpop-typ")),
+        "typ",
+    ));
+
+    for (id, proof, why) in &cases {
+        let (s, www, body) = send(&gw, &format!("Patient/{id}"), "DPoP", &token, &[proof]).await;
+        assert_eq!(s, 401, "{id}: {body}");
+        assert!(www.starts_with("DPoP realm="), "{id}: {www}");
+        assert!(www.contains("error=\"invalid_dpop_proof\""), "{id}: {www}");
+        assert!(www.contains("algs=\""), "{id}: {www}");
+        assert!(www.contains(why), "{id}: expected '{why}' in {www}");
+        assert_eq!(
+            gw.upstream.count_containing(id),
+            0,
+            "{id} reached the upstream"
+        );
+    }
+
+    // Binding mismatches.
+    let unbound = gw.mint("user/*.rs", None);
+    let proof = client.proof("GET", &url("dpop-bearer"), &token);
+    let (s, www, _) = send(&gw, "Patient/dpop-bearer", "Bearer", &token, &[]).await;
+    assert_eq!(s, 401);
+    assert!(
+        www.contains("DPoP-bound") && www.contains("error=\"invalid_token\""),
+        "{www}"
+    );
+    let (s, www, _) = send(&gw, "Patient/dpop-unbound", "DPoP", &unbound, &[&proof]).await;
+    assert_eq!(s, 401);
+    assert!(www.contains("not DPoP-bound"), "{www}");
+    let (s, www, _) = send(&gw, "Patient/dpop-extra", "Bearer", &unbound, &[&proof]).await;
+    assert_eq!(s, 401);
+    assert!(www.contains("not DPoP-bound"), "{www}");
+    let (s, www, _) = send(&gw, "Patient/dpop-noproof", "DPoP", &token, &[]).await;
+    assert_eq!(s, 401);
+    assert!(www.contains("needs a DPoP proof"), "{www}");
+    let p2 = client.proof("GET", &url("dpop-two"), &token);
+    let (s, www, _) = send(&gw, "Patient/dpop-two", "DPoP", &token, &[&p2, &p2]).await;
+    assert_eq!(s, 401);
+    assert!(www.contains("several"), "{www}");
+    for id in [
+        "dpop-bearer",
+        "dpop-unbound",
+        "dpop-extra",
+        "dpop-noproof",
+        "dpop-two",
+    ] {
+        assert_eq!(
+            gw.upstream.count_containing(id),
+            0,
+            "{id} reached the upstream"
+        );
+    }
+}
