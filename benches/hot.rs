@@ -31,6 +31,8 @@ fn issuer() -> Issuer {
         algorithms: vec![Algorithm::RS256, Algorithm::ES256],
         leeway_seconds: 30,
         require_at_jwt_typ: false,
+        require_binding: false,
+        require_binding_for_clients: Vec::new(),
     }
 }
 

@@ -185,6 +185,13 @@ pub struct IssuerConfig {
     /// Require the JWT header `typ` to be `at+jwt` (RFC 9068).
     #[serde(default)]
     pub require_at_jwt_typ: bool,
+    /// Refuse plain bearer tokens of this issuer: every token must be
+    /// sender-constrained (DPoP today; mTLS with issue 4).
+    #[serde(default)]
+    pub require_binding: bool,
+    /// Refuse plain bearer tokens issued to these clients (`client_id`).
+    #[serde(default)]
+    pub require_binding_for_clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +414,8 @@ pub struct Issuer {
     pub algorithms: Vec<Algorithm>,
     pub leeway_seconds: u64,
     pub require_at_jwt_typ: bool,
+    pub require_binding: bool,
+    pub require_binding_for_clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -652,6 +661,8 @@ impl Config {
                     algorithms,
                     leeway_seconds: c.leeway_seconds,
                     require_at_jwt_typ: c.require_at_jwt_typ,
+                    require_binding: c.require_binding,
+                    require_binding_for_clients: c.require_binding_for_clients.clone(),
                 });
             }
         }

@@ -48,6 +48,7 @@ pub const REASONS: &[&str] = &[
     "dpop_token_not_bound",
     "dpop_bound_as_bearer",
     "dpop_proof_without_binding",
+    "binding_required",
     "keys_unavailable",
     "credentials_refused",
     "insufficient_scope",

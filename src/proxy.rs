@@ -755,6 +755,25 @@ impl Gateway {
             .then_some(self.settings.dpop.algs.as_str())
     }
 
+    /// Why a plain bearer token of this issuer and client is not enough, if
+    /// configuration says so.
+    fn binding_required(&self, claims: &crate::token::Claims) -> Option<String> {
+        let issuer = self
+            .settings
+            .issuers
+            .iter()
+            .find(|i| i.name == claims.issuer_name)?;
+        if issuer.require_binding {
+            return Some(format!("issuer '{}'", issuer.name));
+        }
+        let client = claims.client_id.as_deref()?;
+        issuer
+            .require_binding_for_clients
+            .iter()
+            .any(|c| c == client)
+            .then(|| format!("client '{client}' of issuer '{}'", issuer.name))
+    }
+
     /// Stage 4, bind: a token bound to a key (`cnf.jkt`) needs a valid,
     /// fresh DPoP proof by that key for this request; an unbound token may
     /// carry no proof and may not use the DPoP scheme. Returns the binding
@@ -805,6 +824,14 @@ impl Gateway {
                     "invalid_dpop_proof",
                     "a DPoP proof came with a token that is not DPoP-bound".into(),
                 ));
+            }
+            if let Some(why) = self.binding_required(claims) {
+                return Err(Denial::InvalidToken {
+                    code: "binding_required",
+                    description: format!(
+                        "{why} requires sender-constrained tokens (DPoP); this is a plain bearer token"
+                    ),
+                });
             }
             return Ok("bearer");
         };

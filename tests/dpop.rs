@@ -289,3 +289,31 @@ async fn every_bad_proof_is_refused_before_the_upstream() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_can_be_required_per_issuer_and_client() {
+    for yaml in [
+        "    require_binding: true\n",
+        "    require_binding_for_clients: [other-app, test-app]\n",
+    ] {
+        let gw = Gateway::start(Options {
+            issuer_yaml: yaml.into(),
+            ..Options::default()
+        })
+        .await;
+        let bearer = gw.mint("user/*.rs", None);
+        let (s, www, _) = send(&gw, "Patient/bind-required-1", "Bearer", &bearer, &[]).await;
+        assert_eq!(s, 401, "{yaml}");
+        assert!(
+            www.contains("error=\"invalid_token\"") && www.contains("requires sender-constrained"),
+            "{yaml}: {www}"
+        );
+        assert_eq!(gw.upstream.count_containing("bind-required-1"), 0);
+        // A DPoP-bound token with its proof passes.
+        let client = Client::new(KeyKind::P256, "ec-client");
+        let token = bound_token(&gw, &client.jkt);
+        let proof = client.proof("GET", &format!("{}/Patient/p1", gw.base), &token);
+        let (s, www, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+        assert_eq!(s, 200, "{yaml}: {www}");
+    }
+}

@@ -21,6 +21,8 @@ fn issuer(algs: &[Algorithm]) -> Issuer {
         algorithms: algs.to_vec(),
         leeway_seconds: 30,
         require_at_jwt_typ: false,
+        require_binding: false,
+        require_binding_for_clients: Vec::new(),
     }
 }
 

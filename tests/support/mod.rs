@@ -49,6 +49,8 @@ pub struct Options {
     pub upstream_yaml: String,
     /// Appended under `jwks:` (each line indented by two spaces).
     pub jwks_yaml: String,
+    /// Extra lines for the issuer entry (indented four spaces).
+    pub issuer_yaml: String,
     /// Replaces the issuer's `jwks_uri`.
     pub jwks_uri: Option<String>,
     /// Wait for `/readyz` (else only for `/healthz`).
@@ -66,6 +68,7 @@ impl Default for Options {
             extra_yaml: String::new(),
             upstream_yaml: String::new(),
             jwks_yaml: String::new(),
+            issuer_yaml: String::new(),
             jwks_uri: None,
             expect_ready: true,
         }
@@ -147,7 +150,7 @@ impl Gateway {
             "listen: 127.0.0.1:{port}\n\
              public_base_url: {base}\n\
              upstream:\n  url: {upstream_url}\n  connect_timeout_ms: 1000\n  read_timeout_ms: {rt}\n{up_extra}\
-             issuers:\n  - name: test\n    issuer: {iss}\n    {jwks}\n    audiences: [{base}]\n    algorithms: [RS256, ES256]\n    leeway_seconds: {lw}\n\
+             issuers:\n  - name: test\n    issuer: {iss}\n    {jwks}\n    audiences: [{base}]\n    algorithms: [RS256, ES256]\n    leeway_seconds: {lw}\n{iss_extra}\
              jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
              audit:\n  sink: file\n  path: {audit}\n\
@@ -160,6 +163,7 @@ impl Gateway {
             extra = opts.extra_yaml,
             up_extra = opts.upstream_yaml,
             jwks_extra = opts.jwks_yaml,
+            iss_extra = opts.issuer_yaml,
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
