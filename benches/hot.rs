@@ -33,6 +33,7 @@ fn issuer() -> Issuer {
         require_at_jwt_typ: false,
         require_binding: false,
         require_binding_for_clients: Vec::new(),
+        introspection: None,
     }
 }
 

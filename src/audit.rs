@@ -36,6 +36,9 @@ pub struct Record<'a> {
     pub token_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_cache_hit: Option<bool>,
+    /// `jwt` or `opaque`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_kind: Option<&'a str>,
     /// How the token was bound to the client: `bearer` (not bound) or `dpop`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binding: Option<&'a str>,

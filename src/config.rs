@@ -192,6 +192,93 @@ pub struct IssuerConfig {
     /// Refuse plain bearer tokens issued to these clients (`client_id`).
     #[serde(default)]
     pub require_binding_for_clients: Vec<String>,
+    /// RFC 7662 token introspection: opaque tokens (and this issuer's JWTs)
+    /// are checked by the authorization server.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// The introspection endpoint (RFC 7662), http(s).
+    pub endpoint: String,
+    /// How fhirwall authenticates: client_secret_basic, client_secret_post
+    /// or private_key_jwt.
+    #[serde(default = "d_auth_method")]
+    pub auth_method: String,
+    pub client_id: String,
+    /// The client secret, for the client_secret_* methods…
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// …or the environment variable holding it (keeps it out of the file).
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// PEM private key (PKCS#8 RSA or EC P-256) for private_key_jwt.
+    #[serde(default)]
+    pub private_key_file: Option<String>,
+    /// Signing algorithm of the client assertion (RS256 or ES256).
+    #[serde(default)]
+    pub private_key_alg: Option<String>,
+    #[serde(default = "d_introspection_timeout")]
+    pub timeout_ms: u64,
+    /// Active results are cached no longer than the token's exp and this
+    /// ceiling: a revocation takes effect within it.
+    #[serde(default = "d_introspection_ttl")]
+    pub cache_max_ttl_seconds: u64,
+    /// Inactive results are cached this long.
+    #[serde(default = "d_introspection_negative")]
+    pub negative_cache_seconds: u64,
+}
+
+fn d_auth_method() -> String {
+    "client_secret_basic".into()
+}
+fn d_introspection_timeout() -> u64 {
+    2000
+}
+fn d_introspection_ttl() -> u64 {
+    60
+}
+fn d_introspection_negative() -> u64 {
+    10
+}
+
+/// How fhirwall authenticates to an introspection endpoint.
+#[derive(Clone)]
+pub enum ClientAuth {
+    Basic {
+        secret: String,
+    },
+    Post {
+        secret: String,
+    },
+    PrivateKeyJwt {
+        key: jsonwebtoken::EncodingKey,
+        alg: Algorithm,
+    },
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret or a key.
+        f.write_str(match self {
+            ClientAuth::Basic { .. } => "client_secret_basic",
+            ClientAuth::Post { .. } => "client_secret_post",
+            ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
+        })
+    }
+}
+
+/// Introspection settings of an issuer, validated.
+#[derive(Debug, Clone)]
+pub struct Introspection {
+    pub endpoint: Url,
+    pub client_id: String,
+    pub auth: ClientAuth,
+    pub timeout: Duration,
+    pub cache_max_ttl: Duration,
+    pub negative_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -416,6 +503,14 @@ pub struct Issuer {
     pub require_at_jwt_typ: bool,
     pub require_binding: bool,
     pub require_binding_for_clients: Vec<String>,
+    pub introspection: Option<Introspection>,
+}
+
+impl Issuer {
+    /// Verifies JWTs with keys from a JWKS (rather than only introspecting).
+    pub fn needs_keys(&self) -> bool {
+        self.jwks_uri.is_some() || self.discovery
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -605,10 +700,11 @@ impl Config {
                     None
                 }
                 (None, true) => None,
+                (None, false) if c.introspection.is_some() => None,
                 (None, false) => {
                     problem(
                         &at("jwks_uri"),
-                        "missing: set jwks_uri, or discovery: true".into(),
+                        "missing: set jwks_uri, or discovery: true (or introspection)".into(),
                     );
                     ok = false;
                     None
@@ -651,6 +747,14 @@ impl Config {
                 );
                 ok = false;
             }
+            let introspection = match &c.introspection {
+                None => None,
+                Some(ic) => {
+                    let r = validate_introspection(ic, &at("introspection"), &mut problem);
+                    ok &= r.is_some();
+                    r
+                }
+            };
             if ok {
                 issuers.push(Issuer {
                     name: c.name.clone(),
@@ -663,6 +767,7 @@ impl Config {
                     require_at_jwt_typ: c.require_at_jwt_typ,
                     require_binding: c.require_binding,
                     require_binding_for_clients: c.require_binding_for_clients.clone(),
+                    introspection,
                 });
             }
         }
@@ -932,6 +1037,128 @@ impl Config {
             forward_authorization: u.forward_authorization,
         })
     }
+}
+
+/// Validates an issuer's `introspection` section (key prefix `at`).
+fn validate_introspection(
+    c: &IntrospectionConfig,
+    at: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Introspection> {
+    let key = |k: &str| format!("{at}.{k}");
+    let mut ok = true;
+    let endpoint = match Url::parse(&c.endpoint) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+        _ => {
+            problem(
+                &key("endpoint"),
+                format!("'{}' is not an http(s) URL", c.endpoint),
+            );
+            None
+        }
+    };
+    if c.client_id.is_empty() {
+        problem(&key("client_id"), "must not be empty".into());
+        ok = false;
+    }
+    let secret = || -> Option<String> {
+        match (&c.client_secret, &c.client_secret_env) {
+            (Some(s), None) if !s.is_empty() => Some(s.clone()),
+            (None, Some(var)) => std::env::var(var).ok().filter(|s| !s.is_empty()),
+            _ => None,
+        }
+    };
+    let auth = match c.auth_method.as_str() {
+        m @ ("client_secret_basic" | "client_secret_post") => match secret() {
+            Some(secret) if m == "client_secret_basic" => Some(ClientAuth::Basic { secret }),
+            Some(secret) => Some(ClientAuth::Post { secret }),
+            None => {
+                problem(
+                    &key("client_secret"),
+                    format!(
+                        "{m} needs exactly one of client_secret or client_secret_env (naming a set, non-empty variable)"
+                    ),
+                );
+                None
+            }
+        },
+        "private_key_jwt" => {
+            let alg = match c.private_key_alg.as_deref().unwrap_or("RS256") {
+                "RS256" => Some(Algorithm::RS256),
+                "ES256" => Some(Algorithm::ES256),
+                other => {
+                    problem(
+                        &key("private_key_alg"),
+                        format!("'{other}' is not RS256 or ES256"),
+                    );
+                    None
+                }
+            };
+            let pem = match &c.private_key_file {
+                Some(f) => match std::fs::read(f) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        problem(&key("private_key_file"), format!("cannot read '{f}': {e}"));
+                        None
+                    }
+                },
+                None => {
+                    problem(
+                        &key("private_key_file"),
+                        "required with private_key_jwt".into(),
+                    );
+                    None
+                }
+            };
+            match (alg, pem) {
+                (Some(alg), Some(pem)) => {
+                    let k = match alg {
+                        Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+                        _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+                    };
+                    match k {
+                        Ok(key) => Some(ClientAuth::PrivateKeyJwt { key, alg }),
+                        Err(e) => {
+                            problem(
+                                &key("private_key_file"),
+                                format!("not a PEM private key for {alg:?}: {e}"),
+                            );
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            }
+        }
+        other => {
+            problem(
+                &key("auth_method"),
+                format!(
+                    "'{other}' is not client_secret_basic, client_secret_post or private_key_jwt"
+                ),
+            );
+            None
+        }
+    };
+    for (k, v, max) in [
+        ("timeout_ms", c.timeout_ms, 60_000),
+        ("cache_max_ttl_seconds", c.cache_max_ttl_seconds, 3600),
+        ("negative_cache_seconds", c.negative_cache_seconds, 3600),
+    ] {
+        if v == 0 || v > max {
+            problem(&key(k), format!("must be between 1 and {max}"));
+            ok = false;
+        }
+    }
+    let (endpoint, auth) = (endpoint?, auth?);
+    ok.then(|| Introspection {
+        endpoint,
+        client_id: c.client_id.clone(),
+        auth,
+        timeout: Duration::from_millis(c.timeout_ms),
+        cache_max_ttl: Duration::from_secs(c.cache_max_ttl_seconds),
+        negative_ttl: Duration::from_secs(c.negative_cache_seconds),
+    })
 }
 
 /// The certificates of a PEM bundle named at config key `key`; empty (with

@@ -50,6 +50,8 @@ pub const REASONS: &[&str] = &[
     "dpop_proof_without_binding",
     "binding_required",
     "keys_unavailable",
+    "token_inactive",
+    "introspection_unavailable",
     "credentials_refused",
     "insufficient_scope",
     "not_found",
@@ -74,6 +76,8 @@ pub struct Metrics {
     pub token_cache_hits: IntCounter,
     pub token_cache_misses: IntCounter,
     pub token_cache_entries: IntGauge,
+    introspections: IntCounterVec,
+    introspection_duration: HistogramVec,
     /// Handles resolved at start-up, so the request path never hashes labels:
     /// `[decision][0 = none, 1.. = Interaction::ALL]`.
     requests_by: Vec<Vec<IntCounter>>,
@@ -133,6 +137,25 @@ impl Metrics {
             "Verified-token cache misses",
         )
         .expect("valid metric");
+        let introspections = IntCounterVec::new(
+            Opts::new(
+                "fhirwall_introspections_total",
+                "Token introspection calls by issuer and result",
+            ),
+            &["issuer", "result"],
+        )
+        .expect("valid metric");
+        let introspection_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "fhirwall_introspection_duration_seconds",
+                "Time of token introspection calls, by issuer",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["issuer"],
+        )
+        .expect("valid metric");
         let token_cache_entries = IntGauge::new(
             "fhirwall_token_cache_entries",
             "Entries in the verified-token cache",
@@ -146,6 +169,8 @@ impl Metrics {
             Box::new(token_cache_hits.clone()),
             Box::new(token_cache_misses.clone()),
             Box::new(token_cache_entries.clone()),
+            Box::new(introspections.clone()),
+            Box::new(introspection_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -169,7 +194,9 @@ impl Metrics {
         for i in issuers {
             for r in ["success", "failure"] {
                 jwks_fetches.with_label_values(&[i, r]);
+                introspections.with_label_values(&[i, r]);
             }
+            introspection_duration.with_label_values(&[i]);
         }
         Metrics {
             registry,
@@ -177,6 +204,8 @@ impl Metrics {
             token_cache_hits,
             token_cache_misses,
             token_cache_entries,
+            introspections,
+            introspection_duration,
             requests_by,
             outcomes_by,
             duration_by,
@@ -203,6 +232,15 @@ impl Metrics {
             .expect("upstream_error is a reason");
         self.outcomes_by[r].inc();
         self.duration_by[d].observe(seconds);
+    }
+
+    pub fn introspection(&self, issuer: &str, ok: bool, seconds: f64) {
+        self.introspections
+            .with_label_values(&[issuer, if ok { "success" } else { "failure" }])
+            .inc();
+        self.introspection_duration
+            .with_label_values(&[issuer])
+            .observe(seconds);
     }
 
     pub fn jwks_fetch(&self, issuer: &str, ok: bool) {

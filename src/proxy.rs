@@ -179,11 +179,13 @@ fn new_request_id() -> String {
 
 fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
     match e {
-        TokenError::KeysUnavailable(_) => Denial::Unavailable {
-            code: e.code(),
-            description: e.to_string(),
-            retry_after_seconds: retry_after,
-        },
+        TokenError::KeysUnavailable(_) | TokenError::IntrospectionUnavailable(_) => {
+            Denial::Unavailable {
+                code: e.code(),
+                description: e.to_string(),
+                retry_after_seconds: retry_after,
+            }
+        }
         _ => Denial::InvalidToken {
             code: e.code(),
             description: e.to_string(),
@@ -1325,6 +1327,7 @@ impl ProxyHttp for Gateway {
             token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
             token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
             binding: ctx.binding,
+            token_kind: ctx.token.as_ref().map(|t| t.kind),
             interaction: interaction.map(|i| i.as_str()),
             resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
             resource_id: fhir.and_then(|f| f.id.as_deref()),

@@ -69,7 +69,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
     ));
     let audit = AuditLog::open(&settings.audit)
         .map_err(|e| format!("audit sink {:?}: {e}", settings.audit))?;
-    let validator = Validator::new(&settings, store.clone());
+    let m = metrics.clone();
+    let validator = Validator::new(
+        &settings,
+        store.clone(),
+        Arc::new(move |c: crate::token::introspect::CallRecord| {
+            m.introspection(&c.issuer, c.ok, c.seconds)
+        }),
+    );
     let listen = settings.listen.to_string();
     let admin_listen = settings.admin_listen.to_string();
     let audit_at_exit = audit.clone();

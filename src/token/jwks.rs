@@ -96,14 +96,18 @@ impl JwksStore {
     }
 
     /// True once every issuer has keys.
+    /// Every issuer that verifies JWTs with keys has them (issuers that only
+    /// introspect need none).
     pub fn ready(&self) -> bool {
-        self.issuers.iter().all(|i| i.keys.load().is_some())
+        self.issuers
+            .iter()
+            .all(|i| !i.issuer.needs_keys() || i.keys.load().is_some())
     }
 
     /// Fetches every issuer's keys once; returns the errors (issuer name, message).
     pub async fn load_all(&self) -> Vec<(String, String)> {
         let mut errors = Vec::new();
-        for ik in &self.issuers {
+        for ik in self.issuers.iter().filter(|i| i.issuer.needs_keys()) {
             let mut st = ik.fetch.lock().await;
             if let Err(e) = self.refresh_locked(ik, &mut st).await {
                 errors.push((ik.issuer.name.clone(), e));
@@ -118,7 +122,7 @@ impl JwksStore {
     pub async fn refresh_loop(self: Arc<Self>) {
         let tick = Duration::from_millis(250);
         loop {
-            for ik in &self.issuers {
+            for ik in self.issuers.iter().filter(|i| i.issuer.needs_keys()) {
                 let mut st = ik.fetch.lock().await;
                 if st.next_refresh.is_none_or(|t| t <= Instant::now()) {
                     let _ = self.refresh_locked(ik, &mut st).await;

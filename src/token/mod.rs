@@ -9,6 +9,7 @@
 //! I/O edges.
 
 pub mod cache;
+pub mod introspect;
 pub mod jwks;
 pub mod validator;
 
@@ -64,6 +65,12 @@ pub enum TokenError {
     WrongAudience(String),
     #[error("keys of issuer '{0}' are not available (JWKS endpoint unreachable); retry later")]
     KeysUnavailable(String),
+    #[error("the authorization server says the token is not active")]
+    Inactive,
+    #[error("token introspection at issuer '{0}' is not available; retry later")]
+    IntrospectionUnavailable(String),
+    #[error("token is not a JWT and no issuer is configured to introspect opaque tokens")]
+    OpaqueNotAccepted,
 }
 
 impl TokenError {
@@ -88,6 +95,9 @@ impl TokenError {
             }
             TokenError::WrongAudience(_) => "token_wrong_audience",
             TokenError::KeysUnavailable(_) => "keys_unavailable",
+            TokenError::Inactive => "token_inactive",
+            TokenError::IntrospectionUnavailable(_) => "introspection_unavailable",
+            TokenError::OpaqueNotAccepted => "token_malformed",
         }
     }
 }

@@ -23,6 +23,7 @@ fn issuer(algs: &[Algorithm]) -> Issuer {
         require_at_jwt_typ: false,
         require_binding: false,
         require_binding_for_clients: Vec::new(),
+        introspection: None,
     }
 }
 

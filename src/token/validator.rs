@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cache::TokenCache;
+use super::introspect::{CallRecord, Introspector};
 use super::jwks::JwksStore;
 use super::{inspect, token_hash, verify, Claims, TokenError};
 use crate::config::Settings;
@@ -15,6 +16,9 @@ pub struct Validator {
     pub store: Arc<JwksStore>,
     cache: TokenCache,
     max_bytes: usize,
+    /// One per issuer configured for introspection, in config order; the
+    /// first also takes opaque tokens.
+    introspectors: Vec<Introspector>,
 }
 
 /// A validated token.
@@ -23,11 +27,30 @@ pub struct Validated {
     pub claims: Arc<Claims>,
     pub hash: [u8; 32],
     pub cache_hit: bool,
+    /// `jwt` or `opaque`.
+    pub kind: &'static str,
 }
 
 impl Validator {
-    pub fn new(settings: &Settings, store: Arc<JwksStore>) -> Validator {
+    pub fn new(
+        settings: &Settings,
+        store: Arc<JwksStore>,
+        on_call: Arc<dyn Fn(CallRecord) + Send + Sync>,
+    ) -> Validator {
+        let introspectors = settings
+            .issuers
+            .iter()
+            .filter_map(|i| {
+                Introspector::new(
+                    i,
+                    &settings.jwks_roots,
+                    settings.tokens.cache_max_entries,
+                    on_call.clone(),
+                )
+            })
+            .collect();
         Validator {
+            introspectors,
             store,
             cache: TokenCache::new(
                 settings.tokens.cache_max_entries,
@@ -43,11 +66,26 @@ impl Validator {
             return Err(TokenError::TooLong(self.max_bytes));
         }
         let hash = token_hash(token);
+        // Not three dot-separated parts: an opaque token, for introspection.
+        if token.split('.').count() != 3 {
+            let i = self
+                .introspectors
+                .first()
+                .ok_or(TokenError::OpaqueNotAccepted)?;
+            let (claims, cache_hit) = i.claims(token, hash, now).await?;
+            return Ok(Validated {
+                claims,
+                hash,
+                cache_hit,
+                kind: "opaque",
+            });
+        }
         if let Some(claims) = self.cache.get(&hash, now) {
             return Ok(Validated {
                 claims,
                 hash,
                 cache_hit: true,
+                kind: "jwt",
             });
         }
         let u = inspect(token, self.max_bytes)?;
@@ -55,6 +93,20 @@ impl Validator {
             .store
             .issuer(&u.iss)
             .ok_or_else(|| TokenError::UnknownIssuer(u.iss.chars().take(128).collect()))?;
+        // A JWT of an issuer configured for introspection is introspected.
+        if let Some(i) = self
+            .introspectors
+            .iter()
+            .find(|i| i.issuer.name == ik.issuer.name)
+        {
+            let (claims, cache_hit) = i.claims(token, hash, now).await?;
+            return Ok(Validated {
+                claims,
+                hash,
+                cache_hit,
+                kind: "jwt",
+            });
+        }
         let keys = self.store.keys_for(ik, u.kid.as_deref()).await?;
         let claims = Arc::new(verify(token, &u, &ik.issuer, &keys, now)?);
         self.cache.insert(hash, claims.clone(), now);
@@ -62,6 +114,7 @@ impl Validator {
             claims,
             hash,
             cache_hit: false,
+            kind: "jwt",
         })
     }
 

@@ -1,0 +1,322 @@
+//! Stage 3 for opaque tokens (and JWTs of issuers configured for it): RFC
+//! 7662 token introspection. The answer feeds the same [`Claims`] model as
+//! a verified JWT, so scopes, patient context and binding work alike.
+//!
+//! Results are cached by the token's SHA-256: active ones no longer than
+//! the token's `exp` and the configured ceiling (so a revocation takes
+//! effect within it), inactive ones for the negative TTL. Concurrent
+//! requests with the same uncached token share one call (moka's
+//! `try_get_with`). A failed call is not cached: the request gets 503 with
+//! `Retry-After` — never an allow.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use moka::future::Cache;
+use serde_json::Value;
+
+use super::{check_claims, Claims, TokenError};
+use crate::config::{ClientAuth, Issuer};
+
+/// Largest introspection answer read.
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+/// What the authorization server said about a token.
+#[derive(Clone)]
+enum Outcome {
+    Active { claims: Arc<Claims>, ttl: Duration },
+    Inactive { ttl: Duration },
+}
+
+struct ByOutcome;
+
+impl moka::Expiry<[u8; 32], Outcome> for ByOutcome {
+    fn expire_after_create(&self, _k: &[u8; 32], v: &Outcome, _now: Instant) -> Option<Duration> {
+        Some(match v {
+            Outcome::Active { ttl, .. } | Outcome::Inactive { ttl } => *ttl,
+        })
+    }
+}
+
+/// Outcome of one introspection, for metrics.
+pub struct CallRecord {
+    pub issuer: String,
+    pub ok: bool,
+    pub seconds: f64,
+}
+
+/// Introspects tokens for one issuer.
+pub struct Introspector {
+    pub issuer: Issuer,
+    client: reqwest::Client,
+    cache: Cache<[u8; 32], Outcome>,
+    /// Called after every introspection call (metrics).
+    on_call: Arc<dyn Fn(CallRecord) + Send + Sync>,
+}
+
+impl Introspector {
+    pub fn new(
+        issuer: &Issuer,
+        roots: &[reqwest::Certificate],
+        max_entries: u64,
+        on_call: Arc<dyn Fn(CallRecord) + Send + Sync>,
+    ) -> Option<Introspector> {
+        let cfg = issuer.introspection.as_ref()?;
+        let client = reqwest::Client::builder()
+            .tls_certs_merge(roots.iter().cloned())
+            .timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("reqwest client with rustls builds");
+        Some(Introspector {
+            issuer: issuer.clone(),
+            client,
+            cache: Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(ByOutcome)
+                .build(),
+            on_call,
+        })
+    }
+
+    /// The claims of `token` (hash `hash`) at `now`, and whether they came
+    /// from the cache.
+    pub async fn claims(
+        &self,
+        token: &str,
+        hash: [u8; 32],
+        now: i64,
+    ) -> Result<(Arc<Claims>, bool), TokenError> {
+        let hit = self.cache.get(&hash).await;
+        let (outcome, cached) = match hit {
+            Some(o) => (o, true),
+            None => {
+                let o = self
+                    .cache
+                    .try_get_with(hash, self.call(token, now))
+                    .await
+                    .map_err(|e| (*e).clone())?;
+                (o, false)
+            }
+        };
+        match outcome {
+            // A cached result never outlives the token's exp.
+            Outcome::Active { claims, .. } if claims.exp > now => Ok((claims, cached)),
+            Outcome::Active { .. } => Err(TokenError::Expired {
+                exp: 0,
+                now,
+                leeway: self.issuer.leeway_seconds,
+            }),
+            Outcome::Inactive { .. } => Err(TokenError::Inactive),
+        }
+    }
+
+    /// One call to the endpoint. Errors are not cached (the caller retries).
+    async fn call(&self, token: &str, now: i64) -> Result<Outcome, TokenError> {
+        let cfg = self
+            .issuer
+            .introspection
+            .as_ref()
+            .expect("an introspector has introspection settings");
+        let unavailable = || TokenError::IntrospectionUnavailable(self.issuer.name.clone());
+        let mut form: Vec<(&str, String)> = vec![
+            ("token", token.to_string()),
+            ("token_type_hint", "access_token".into()),
+        ];
+        let mut request = self.client.post(cfg.endpoint.clone());
+        match &cfg.auth {
+            ClientAuth::Basic { secret } => {
+                // RFC 6749 §2.3.1: both parts form-encoded before Basic.
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
+                let creds = format!("{}:{}", enc(&cfg.client_id), enc(secret));
+                request = request.header(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Basic {}", STANDARD.encode(creds)),
+                );
+            }
+            ClientAuth::Post { secret } => {
+                form.push(("client_id", cfg.client_id.clone()));
+                form.push(("client_secret", secret.clone()));
+            }
+            ClientAuth::PrivateKeyJwt { key, alg } => {
+                let claims = serde_json::json!({
+                    "iss": cfg.client_id, "sub": cfg.client_id,
+                    "aud": cfg.endpoint.as_str(),
+                    "jti": crate::audit::hex(&rand::random::<[u8; 16]>()),
+                    "iat": now, "exp": now + 60,
+                });
+                let assertion =
+                    jsonwebtoken::encode(&jsonwebtoken::Header::new(*alg), &claims, key)
+                        .map_err(|_| unavailable())?;
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push(("client_assertion", assertion));
+            }
+        }
+        let started = Instant::now();
+        let result = async {
+            let resp = request.form(&form).send().await.map_err(|e| {
+                tracing::warn!(issuer = %self.issuer.name, error = %e, "introspection call failed");
+                unavailable()
+            })?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|_| unavailable())?;
+            if !status.is_success() || body.len() > MAX_ANSWER_BYTES {
+                tracing::error!(issuer = %self.issuer.name, %status, "introspection endpoint refused the call");
+                return Err(unavailable());
+            }
+            serde_json::from_slice::<Value>(&body).map_err(|_| unavailable())
+        }
+        .await;
+        (self.on_call)(CallRecord {
+            issuer: self.issuer.name.clone(),
+            ok: result.is_ok(),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        let answer = result?;
+        outcome(&answer, &self.issuer, cfg, now)
+    }
+}
+
+/// The cached outcome of an introspection answer (pure).
+fn outcome(
+    answer: &Value,
+    issuer: &Issuer,
+    cfg: &crate::config::Introspection,
+    now: i64,
+) -> Result<Outcome, TokenError> {
+    if answer.get("active").and_then(Value::as_bool) != Some(true) {
+        return Ok(Outcome::Inactive {
+            ttl: cfg.negative_ttl,
+        });
+    }
+    let claims = claims_from_answer(answer, issuer, cfg.cache_max_ttl, now)?;
+    let left = Duration::from_secs(claims.exp.saturating_sub(now).max(0) as u64);
+    Ok(Outcome::Active {
+        ttl: left.min(cfg.cache_max_ttl),
+        claims: Arc::new(claims),
+    })
+}
+
+/// An active introspection answer as [`Claims`] (pure). The answer is
+/// checked like a JWT's claims; what RFC 7662 leaves optional is filled in
+/// conservatively: no `iss` means this issuer, no `aud` means the
+/// authorization server vouches for this resource server, no `exp` means
+/// the token is trusted for the cache ceiling only.
+pub fn claims_from_answer(
+    answer: &Value,
+    issuer: &Issuer,
+    ceiling: Duration,
+    now: i64,
+) -> Result<Claims, TokenError> {
+    let mut c = answer.clone();
+    let Some(obj) = c.as_object_mut() else {
+        return Err(TokenError::BadPayload);
+    };
+    obj.entry("iss")
+        .or_insert_with(|| Value::String(issuer.issuer.clone()));
+    if !obj.contains_key("aud") {
+        if let Some(a) = issuer.audiences.first() {
+            obj.insert("aud".into(), Value::String(a.clone()));
+        }
+    }
+    obj.entry("exp")
+        .or_insert_with(|| Value::from(now + ceiling.as_secs() as i64));
+    check_claims(&c, issuer, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Introspection;
+    use serde_json::json;
+
+    fn issuer() -> Issuer {
+        Issuer {
+            name: "as".into(),
+            issuer: "https://as.example".into(),
+            jwks_uri: None,
+            discovery: false,
+            audiences: vec!["https://gw.example/fhir".into()],
+            algorithms: vec![],
+            leeway_seconds: 0,
+            require_at_jwt_typ: false,
+            require_binding: false,
+            require_binding_for_clients: vec![],
+            introspection: Some(Introspection {
+                endpoint: url::Url::parse("https://as.example/introspect").unwrap(),
+                client_id: "gw".into(),
+                auth: ClientAuth::Basic { secret: "s".into() },
+                timeout: Duration::from_secs(1),
+                cache_max_ttl: Duration::from_secs(60),
+                negative_ttl: Duration::from_secs(10),
+            }),
+        }
+    }
+
+    #[test]
+    fn answers_map_to_claims() {
+        let i = issuer();
+        let cfg = i.introspection.clone().unwrap();
+        let now = 1_000;
+        let full = json!({"active": true, "scope": "patient/*.rs launch", "client_id": "app",
+            "sub": "u1", "patient": "p1", "fhirUser": "Practitioner/d", "exp": now + 30,
+            "iss": "https://as.example", "aud": ["https://gw.example/fhir"],
+            "cnf": {"jkt": "abc"}});
+        match outcome(&full, &i, &cfg, now).unwrap() {
+            Outcome::Active { claims, ttl } => {
+                assert_eq!(claims.patient.as_deref(), Some("p1"));
+                assert_eq!(claims.client_id.as_deref(), Some("app"));
+                assert_eq!(claims.fhir_user.as_deref(), Some("Practitioner/d"));
+                assert!(claims.cnf.is_some());
+                assert_eq!(ttl, Duration::from_secs(30), "no longer than exp");
+            }
+            Outcome::Inactive { .. } => panic!("active"),
+        }
+        // Minimal answer: the ceiling bounds it.
+        match outcome(
+            &json!({"active": true, "scope": "user/*.rs"}),
+            &i,
+            &cfg,
+            now,
+        )
+        .unwrap()
+        {
+            Outcome::Active { ttl, .. } => assert_eq!(ttl, Duration::from_secs(60)),
+            Outcome::Inactive { .. } => panic!("active"),
+        }
+        for inactive in [
+            json!({"active": false}),
+            json!({}),
+            json!({"active": "true"}),
+        ] {
+            assert!(matches!(
+                outcome(&inactive, &i, &cfg, now).unwrap(),
+                Outcome::Inactive { .. }
+            ));
+        }
+        // Checked like a JWT: another issuer, another audience, expired.
+        for (bad, code) in [
+            (
+                json!({"active": true, "iss": "https://evil.example"}),
+                "token_unknown_issuer",
+            ),
+            (
+                json!({"active": true, "aud": "https://other/fhir"}),
+                "token_wrong_audience",
+            ),
+            (json!({"active": true, "exp": now - 1}), "token_expired"),
+        ] {
+            match outcome(&bad, &i, &cfg, now) {
+                Err(e) => assert_eq!(e.code(), code, "{bad}"),
+                Ok(_) => panic!("{bad} accepted"),
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Opaque tokens through the real binary, introspected (RFC 7662) at an
+//! in-process authorization server that counts its calls: caching,
+//! revocation within the ceiling, negative caching, single-flight, outages
+//! and the client authentication methods.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Router;
+use serde_json::{json, Value};
+use support::{Gateway, Options};
+
+/// How a call authenticated: the Authorization header and the form fields.
+type Auth = (Option<String>, HashMap<String, String>);
+
+/// The authorization server's introspection endpoint.
+#[derive(Default)]
+struct As {
+    /// token → answer (absent: inactive).
+    answers: Mutex<HashMap<String, Value>>,
+    calls: AtomicUsize,
+    delay_ms: AtomicU64,
+    down: AtomicBool,
+    /// How the last call authenticated: (Authorization header, form fields).
+    last_auth: Mutex<Option<Auth>>,
+}
+
+async fn introspect(
+    State(s): State<Arc<As>>,
+    headers: HeaderMap,
+    body: String,
+) -> impl IntoResponse {
+    s.calls.fetch_add(1, Ordering::SeqCst);
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if s.down.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down".to_string());
+    }
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let auth = headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_string());
+    *s.last_auth.lock().unwrap() = Some((auth, form.clone()));
+    let token = form.get("token").cloned().unwrap_or_default();
+    let answer = s
+        .answers
+        .lock()
+        .unwrap()
+        .get(&token)
+        .cloned()
+        .unwrap_or(json!({"active": false}));
+    (StatusCode::OK, answer.to_string())
+}
+
+async fn spawn_as() -> (Arc<As>, String) {
+    let s = Arc::new(As::default());
+    let app = Router::new()
+        .route("/introspect", axum::routing::post(introspect))
+        .with_state(s.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (s, format!("http://{addr}/introspect"))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn start(auth_yaml: &str, ceiling: u64, negative: u64) -> (Gateway, Arc<As>) {
+    let (as_, endpoint) = spawn_as().await;
+    let gw = Gateway::start(Options {
+        issuer_yaml: format!(
+            "    introspection:\n      endpoint: {endpoint}\n      client_id: fhirwall-gw\n{auth_yaml}      timeout_ms: 1000\n      cache_max_ttl_seconds: {ceiling}\n      negative_cache_seconds: {negative}\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    (gw, as_)
+}
+
+const BASIC: &str = "      client_secret: s3cr3t:&=\n";
+
+fn active(gw: &Gateway, scope: &str, patient: Option<&str>) -> Value {
+    let mut a = json!({"active": true, "scope": scope, "client_id": "opaque-app", "sub": "u7",
+        "exp": now() + 600, "iss": gw.issuer.issuer, "aud": gw.base});
+    if let Some(p) = patient {
+        a["patient"] = json!(p);
+    }
+    a
+}
+
+async fn get(gw: &Gateway, rel: &str, token: &str) -> (u16, String, String) {
+    let r = gw
+        .client
+        .get(format!("{}/{rel}", gw.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .or_else(|| r.headers().get("retry-after"))
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (r.status().as_u16(), www, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tokens_are_introspected_and_cached() {
+    let (gw, as_) = start(BASIC, 1, 2).await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-good".into(), active(&gw, "user/*.rs", None));
+
+    let (s, _, body) = get(&gw, "Patient/p1", "opaque-good").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 1);
+    // client_secret_basic: both parts form-encoded, then Basic.
+    let (auth, form) = as_.last_auth.lock().unwrap().clone().unwrap();
+    use base64::Engine;
+    let creds = base64::engine::general_purpose::STANDARD
+        .decode(auth.unwrap().trim_start_matches("Basic "))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(creds).unwrap(),
+        "fhirwall-gw:s3cr3t%3A%26%3D"
+    );
+    assert_eq!(form["token"], "opaque-good");
+    assert_eq!(form["token_type_hint"], "access_token");
+    assert!(!form.contains_key("client_secret"));
+
+    // Cached: no second call.
+    let (s, _, _) = get(&gw, "Patient/p1", "opaque-good").await;
+    assert_eq!(s, 200);
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 1);
+
+    // Revoked: within the 1 s ceiling the cached answer stands; after it, 401.
+    as_.answers.lock().unwrap().remove("opaque-good");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (s, www, _) = get(&gw, "Patient/revoked-1", "opaque-good").await;
+    assert_eq!(s, 401);
+    assert!(
+        www.contains("error=\"invalid_token\"") && www.contains("not active"),
+        "{www}"
+    );
+    assert_eq!(gw.upstream.count_containing("revoked-1"), 0);
+
+    // Inactive answers are cached for the negative TTL.
+    let calls = as_.calls.load(Ordering::SeqCst);
+    let (s, _, _) = get(&gw, "Patient/inactive-1", "opaque-good").await;
+    assert_eq!(s, 401);
+    assert_eq!(
+        as_.calls.load(Ordering::SeqCst),
+        calls,
+        "negative answer not cached"
+    );
+
+    // Unknown opaque token: inactive, 401, nothing upstream.
+    let (s, _, _) = get(&gw, "Patient/unknown-opaque-1", "never-issued").await;
+    assert_eq!(s, 401);
+    assert_eq!(gw.upstream.count_containing("unknown-opaque-1"), 0);
+
+    // The audit knows the token kind; never the token.
+    let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(audit.contains("\"token_kind\":\"opaque\""), "{audit}");
+    assert!(!audit.contains("opaque-good"));
+    // Metrics count the calls.
+    let m = gw
+        .client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirwall_introspections_total{issuer=\"test\",result=\"success\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_call_and_outages_fail_closed() {
+    let (gw, as_) = start(BASIC, 60, 2).await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-shared".into(), active(&gw, "user/*.rs", None));
+    as_.delay_ms.store(300, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (client, url) = (gw.client.clone(), format!("{}/Patient/p1", gw.base));
+        tasks.push(tokio::spawn(async move {
+            client
+                .get(url)
+                .bearer_auth("opaque-shared")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 1, "single-flight");
+    as_.delay_ms.store(0, Ordering::SeqCst);
+
+    // The endpoint goes down: the cached token keeps working, a new one
+    // gets 503 with Retry-After, never an allow.
+    as_.down.store(true, Ordering::SeqCst);
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-new".into(), active(&gw, "user/*.rs", None));
+    let (s, _, _) = get(&gw, "Patient/p1", "opaque-shared").await;
+    assert_eq!(s, 200);
+    let r = gw
+        .client
+        .get(format!("{}/Patient/outage-1", gw.base))
+        .bearer_auth("opaque-new")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(gw.upstream.count_containing("outage-1"), 0);
+    // Slow beyond the timeout: the same.
+    as_.down.store(false, Ordering::SeqCst);
+    as_.delay_ms.store(1500, Ordering::SeqCst);
+    let (s, _, _) = get(&gw, "Patient/slow-as-1", "opaque-new").await;
+    assert_eq!(s, 503);
+    // Back: the token works (the failure was not cached).
+    as_.delay_ms.store(0, Ordering::SeqCst);
+    let (s, _, _) = get(&gw, "Patient/p1", "opaque-new").await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspected_claims_drive_scopes_and_patient_context() {
+    let (gw, as_) = start(
+        "      auth_method: client_secret_post\n      client_secret: post-secret\n",
+        60,
+        2,
+    )
+    .await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-p1".into(), active(&gw, "patient/*.rs", Some("p1")));
+    let (s, _, _) = get(&gw, "Observation/obs-p1-0", "opaque-p1").await;
+    assert_eq!(s, 200);
+    let (auth, form) = as_.last_auth.lock().unwrap().clone().unwrap();
+    assert_eq!(auth, None, "client_secret_post sends no Authorization");
+    assert_eq!(form["client_id"], "fhirwall-gw");
+    assert_eq!(form["client_secret"], "post-secret");
+    let (s, _, body) = get(&gw, "Observation/obs-p2-0", "opaque-p1").await;
+    assert_eq!(s, 404, "{body}");
+    let (s, _, _) = get(&gw, "Patient/p2", "opaque-p1").await;
+    assert_eq!(s, 403);
+    // An answer for another audience is refused.
+    let mut other = active(&gw, "user/*.rs", None);
+    other["aud"] = json!("https://elsewhere.example/fhir");
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-aud".into(), other);
+    let (s, www, _) = get(&gw, "Patient/aud-1", "opaque-aud").await;
+    assert_eq!(s, 401, "{www}");
+    assert_eq!(gw.upstream.count_containing("aud-1"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_key_jwt_client_authentication() {
+    let dir = support::TempDir::new("pkjwt");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let key_file = dir.0.join("client.pem");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let yaml = format!(
+        "      auth_method: private_key_jwt\n      private_key_file: {}\n      private_key_alg: ES256\n",
+        key_file.display()
+    );
+    let (gw, as_) = start(&yaml, 60, 2).await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-pk".into(), active(&gw, "user/*.rs", None));
+    let (s, _, _) = get(&gw, "Patient/p1", "opaque-pk").await;
+    assert_eq!(s, 200);
+    let (_, form) = as_.last_auth.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        form["client_assertion_type"],
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    );
+    // The assertion verifies with the client's public key and names the client.
+    let decoding = jsonwebtoken::DecodingKey::from_ec_pem(key.public_key_pem().as_bytes()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.validate_aud = false;
+    let data = jsonwebtoken::decode::<Value>(&form["client_assertion"], &decoding, &v).unwrap();
+    assert_eq!(data.claims["iss"], "fhirwall-gw");
+    assert_eq!(data.claims["sub"], "fhirwall-gw");
+    assert!(data.claims["aud"]
+        .as_str()
+        .unwrap()
+        .ends_with("/introspect"));
+}
