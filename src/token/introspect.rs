@@ -159,9 +159,24 @@ impl Introspector {
                 form.push(("client_assertion", assertion));
             }
         }
+        let body = {
+            let mut b = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &form {
+                b.append_pair(k, v);
+            }
+            b.finish()
+        };
         let started = Instant::now();
         let result = async {
-            let resp = request.form(&form).send().await.map_err(|e| {
+            let resp = request
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| {
                 tracing::warn!(issuer = %self.issuer.name, error = %e, "introspection call failed");
                 unavailable()
             })?;
