@@ -53,6 +53,47 @@ pub struct Config {
     pub patient_context: PatientContextConfig,
     #[serde(default)]
     pub dpop: DpopConfig,
+    /// TLS on the proxy listener (and client certificates for RFC 8705).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the listener.
+    pub cert_file: String,
+    /// PEM private key of the listener.
+    pub key_file: String,
+    /// PEM bundle of the CAs client certificates must chain to.
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+    /// `none`, `request` (verified when sent) or `require`.
+    #[serde(default = "d_client_auth")]
+    pub client_auth: String,
+}
+
+fn d_client_auth() -> String {
+    "none".into()
+}
+
+/// Whether the listener asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    None,
+    Request,
+    Require,
+}
+
+/// TLS settings of the proxy listener, validated (files readable, PEM
+/// parsed), so that starting the listener cannot fail on them.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// DER certificates of the client CAs.
+    pub client_cas: Vec<Vec<u8>>,
+    pub client_auth: ClientAuthMode,
 }
 
 /// DPoP (RFC 9449) proof checking for DPoP-bound tokens.
@@ -463,6 +504,7 @@ pub struct Settings {
     /// Certificates from `jwks.ca_file`, parsed.
     pub jwks_roots: Vec<reqwest::Certificate>,
     pub admin_listen: SocketAddr,
+    pub tls: Option<Tls>,
     pub audit: AuditSink,
     pub server: ServerConfig,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
@@ -593,6 +635,10 @@ impl Config {
 
         let listen = parse_addr(&self.listen, "listen", &mut problem);
         let admin_listen = parse_addr(&self.admin.listen, "admin.listen", &mut problem);
+        let tls = match &self.tls {
+            None => Some(None),
+            Some(t) => validate_tls(t, &mut problem).map(Some),
+        };
         if listen.is_some() && listen == admin_listen {
             problem("admin.listen", "must differ from listen".into());
         }
@@ -931,6 +977,7 @@ impl Config {
             jwks: self.jwks.clone(),
             jwks_roots,
             admin_listen: admin_listen.expect("validated"),
+            tls: tls.expect("validated"),
             audit: audit.expect("validated"),
             server: self.server.clone(),
             forward_headers,
@@ -1037,6 +1084,81 @@ impl Config {
             forward_authorization: u.forward_authorization,
         })
     }
+}
+
+/// PEM blocks with one of `tags` in `path`, as DER; a problem at `key` when
+/// the file cannot be read or holds none.
+fn pem_blocks(
+    key: &str,
+    path: &str,
+    tags: &[&str],
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Vec<Vec<u8>>> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) => {
+            problem(key, format!("cannot read '{path}': {e}"));
+            return None;
+        }
+    };
+    let blocks: Vec<Vec<u8>> = match pem::parse_many(&text) {
+        Ok(b) => b
+            .into_iter()
+            .filter(|p| tags.contains(&p.tag()))
+            .map(|p| p.into_contents())
+            .collect(),
+        Err(e) => {
+            problem(key, format!("'{path}' is not PEM: {e}"));
+            return None;
+        }
+    };
+    if blocks.is_empty() {
+        problem(key, format!("'{path}' holds no {}", tags.join(" or ")));
+        return None;
+    }
+    Some(blocks)
+}
+
+/// Validates the `tls` section.
+fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option<Tls> {
+    let cert = pem_blocks("tls.cert_file", &t.cert_file, &["CERTIFICATE"], problem);
+    let key = pem_blocks(
+        "tls.key_file",
+        &t.key_file,
+        &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
+        problem,
+    );
+    let client_auth = match t.client_auth.as_str() {
+        "none" => Some(ClientAuthMode::None),
+        "request" => Some(ClientAuthMode::Request),
+        "require" => Some(ClientAuthMode::Require),
+        other => {
+            problem(
+                "tls.client_auth",
+                format!("'{other}' is not one of: none, request, require"),
+            );
+            None
+        }
+    };
+    let client_cas = match (&t.client_ca_file, client_auth) {
+        (Some(f), _) => pem_blocks("tls.client_ca_file", f, &["CERTIFICATE"], problem),
+        (None, Some(ClientAuthMode::None)) => Some(Vec::new()),
+        (None, Some(_)) => {
+            problem(
+                "tls.client_ca_file",
+                "required when client_auth is request or require".into(),
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let (_, _, client_auth, client_cas) = (cert?, key?, client_auth?, client_cas?);
+    Some(Tls {
+        cert_file: PathBuf::from(&t.cert_file),
+        key_file: PathBuf::from(&t.key_file),
+        client_cas,
+        client_auth,
+    })
 }
 
 /// Validates an issuer's `introspection` section (key prefix `at`).

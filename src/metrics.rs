@@ -49,6 +49,8 @@ pub const REASONS: &[&str] = &[
     "dpop_bound_as_bearer",
     "dpop_proof_without_binding",
     "binding_required",
+    "mtls_no_certificate",
+    "mtls_wrong_certificate",
     "keys_unavailable",
     "token_inactive",
     "introspection_unavailable",

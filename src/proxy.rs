@@ -134,6 +134,19 @@ impl Gateway {
     }
 }
 
+/// How the client presented its token, for stage 4.
+#[derive(Clone, Copy)]
+struct Presented<'a> {
+    token: &'a str,
+    dpop_scheme: bool,
+    proofs: &'a [String],
+    method: &'a str,
+    /// The request's URL as the client sees it (DPoP `htu`).
+    public_url: &'a str,
+    /// base64url SHA-256 of the TLS client certificate, if one was sent.
+    client_cert: Option<&'a str>,
+}
+
 /// Per-request state handed from phase to phase.
 pub struct Ctx {
     started: Instant,
@@ -783,12 +796,16 @@ impl Gateway {
     fn bind(
         &self,
         claims: &crate::token::Claims,
-        token: &str,
-        dpop_scheme: bool,
-        proofs: &[String],
-        method: &str,
-        public_url: &str,
+        p: &Presented,
     ) -> std::result::Result<&'static str, Denial> {
+        let Presented {
+            token,
+            dpop_scheme,
+            proofs,
+            method,
+            public_url,
+            client_cert,
+        } = *p;
         let dpop =
             |code: &'static str, error: &'static str, description: String| Denial::InvalidDpop {
                 code,
@@ -796,16 +813,34 @@ impl Gateway {
                 description,
             };
         let cnf = claims.cnf.as_ref();
-        if cnf.is_some_and(|c| c.get("x5t#S256").is_some()) {
-            return Err(Denial::InvalidToken {
-                code: "token_binding_unsupported",
-                description: "token is bound to a TLS client certificate (cnf x5t#S256), which \
-                              this gateway does not check yet"
-                    .into(),
-            });
+        // RFC 8705: a certificate-bound token only over a TLS connection
+        // whose client certificate has that SHA-256 thumbprint.
+        let x5t = cnf.and_then(|c| c.get("x5t#S256"));
+        if let Some(x5t) = x5t {
+            let bound = x5t.as_str().filter(|t| !t.is_empty());
+            match (bound, client_cert) {
+                (Some(want), Some(got)) if want == got => {}
+                (_, None) => {
+                    return Err(Denial::InvalidToken {
+                        code: "mtls_no_certificate",
+                        description:
+                            "the token is bound to a TLS client certificate (cnf x5t#S256) \
+                                      but none was presented"
+                                .into(),
+                    })
+                }
+                _ => {
+                    return Err(Denial::InvalidToken {
+                        code: "mtls_wrong_certificate",
+                        description: "the TLS client certificate is not the one the token is \
+                                      bound to (cnf x5t#S256)"
+                            .into(),
+                    })
+                }
+            }
         }
         let jkt = cnf.and_then(|c| c.get("jkt"));
-        if cnf.is_some() && jkt.is_none() {
+        if cnf.is_some() && jkt.is_none() && x5t.is_none() {
             return Err(Denial::InvalidToken {
                 code: "token_binding_unsupported",
                 description: "token carries a cnf claim with no binding this gateway knows".into(),
@@ -827,11 +862,14 @@ impl Gateway {
                     "a DPoP proof came with a token that is not DPoP-bound".into(),
                 ));
             }
+            if x5t.is_some() {
+                return Ok("mtls");
+            }
             if let Some(why) = self.binding_required(claims) {
                 return Err(Denial::InvalidToken {
                     code: "binding_required",
                     description: format!(
-                        "{why} requires sender-constrained tokens (DPoP); this is a plain bearer token"
+                        "{why} requires sender-constrained tokens (DPoP or mTLS); this is a plain bearer token"
                     ),
                 });
             }
@@ -960,6 +998,17 @@ impl Gateway {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .collect();
         let public_url = format!("{}{}", self.public_origin, req.uri.path());
+        // SHA-256 of the TLS client certificate (base64url), if one was
+        // presented; Pingora leaves the digest empty when none was.
+        let client_cert = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .map(|s| s.cert_digest.clone())
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
+            });
         let is_form = req
             .headers
             .get(header::CONTENT_TYPE)
@@ -1007,8 +1056,17 @@ impl Gateway {
         ctx.token = Some(v);
 
         // 4. Bind
-        ctx.binding =
-            Some(self.bind(&claims, &token, dpop_scheme, &proofs, &method, &public_url)?);
+        ctx.binding = Some(self.bind(
+            &claims,
+            &Presented {
+                token: &token,
+                dpop_scheme,
+                proofs: &proofs,
+                method: &method,
+                public_url: &public_url,
+                client_cert: client_cert.as_deref(),
+            },
+        )?);
 
         // 5. Classify (reading the body where it decides the interaction).
         let needs_body =

@@ -35,6 +35,37 @@ impl BackgroundService for JwksRefresher {
     }
 }
 
+/// The proxy listener's TLS: certificate and key, TLS 1.2+ (rustls offers
+/// nothing older), and client certificates verified against the configured
+/// CAs when requested or required (RFC 8705 binding).
+fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSettings, String> {
+    use crate::config::ClientAuthMode;
+    use pingora::tls::{CertificateDer, RootCertStore, WebPkiClientVerifier};
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut settings =
+        pingora::listeners::tls::TlsSettings::intermediate(&path(&t.cert_file), &path(&t.key_file))
+            .map_err(|e| format!("tls: {e}"))?;
+    if t.client_auth != ClientAuthMode::None {
+        let mut roots = RootCertStore::empty();
+        for der in &t.client_cas {
+            roots
+                .add(CertificateDer::from(der.clone()))
+                .map_err(|e| format!("tls.client_ca_file: {e}"))?;
+        }
+        let builder = WebPkiClientVerifier::builder(Arc::new(roots));
+        let builder = if t.client_auth == ClientAuthMode::Request {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        };
+        let verifier = builder
+            .build()
+            .map_err(|e| format!("tls.client_ca_file: {e}"))?;
+        settings.set_client_cert_verifier(verifier);
+    }
+    Ok(settings)
+}
+
 /// Builds and runs the server; returns when Pingora has shut down and
 /// every audit record is written.
 pub fn run(settings: Settings) -> Result<(), String> {
@@ -78,6 +109,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         }),
     );
     let listen = settings.listen.to_string();
+    let tls = settings.tls.clone();
     let admin_listen = settings.admin_listen.to_string();
     let audit_at_exit = audit.clone();
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
@@ -87,7 +119,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
         gateway,
         "fhirwall proxy",
     );
-    proxy.add_tcp(&listen);
+    match tls {
+        None => proxy.add_tcp(&listen),
+        Some(t) => proxy.add_tls_with_settings(&listen, None, tls_settings(&t)?),
+    }
     let mut admin = Service::new(
         "fhirwall admin".to_string(),
         Admin {

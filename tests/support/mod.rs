@@ -51,6 +51,8 @@ pub struct Options {
     pub jwks_yaml: String,
     /// Extra lines for the issuer entry (indented four spaces).
     pub issuer_yaml: String,
+    /// A `tls:` section: the proxy listens with TLS and the base is https.
+    pub tls_yaml: String,
     /// Replaces the issuer's `jwks_uri`.
     pub jwks_uri: Option<String>,
     /// Wait for `/readyz` (else only for `/healthz`).
@@ -69,6 +71,7 @@ impl Default for Options {
             upstream_yaml: String::new(),
             jwks_yaml: String::new(),
             issuer_yaml: String::new(),
+            tls_yaml: String::new(),
             jwks_uri: None,
             expect_ready: true,
         }
@@ -133,7 +136,12 @@ impl Gateway {
     ) -> Gateway {
         let port = free_port();
         let admin_port = free_port();
-        let base = format!("http://127.0.0.1:{port}/fhir");
+        let scheme = if opts.tls_yaml.is_empty() {
+            "http"
+        } else {
+            "https"
+        };
+        let base = format!("{scheme}://127.0.0.1:{port}/fhir");
         let issuer = SandboxIssuer::spawn(&base, KeyKind::Rsa2048, "k1").await;
         let dir = TempDir::new("gw");
         let audit_path = dir.0.join("audit.jsonl");
@@ -154,7 +162,7 @@ impl Gateway {
              jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
              audit:\n  sink: file\n  path: {audit}\n\
-             server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{extra}",
+             server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{tls}{extra}",
             rt = opts.read_timeout_ms,
             iss = issuer.issuer,
             lw = opts.leeway_seconds,
@@ -164,6 +172,7 @@ impl Gateway {
             up_extra = opts.upstream_yaml,
             jwks_extra = opts.jwks_yaml,
             iss_extra = opts.issuer_yaml,
+            tls = opts.tls_yaml,
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -282,6 +291,7 @@ impl Gateway {
 
     pub fn proxy_addr(&self) -> SocketAddr {
         self.base
+            .trim_start_matches("https://")
             .trim_start_matches("http://")
             .split('/')
             .next()
