@@ -151,9 +151,17 @@ async fn valid_proofs_pass_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_proof_is_refused_before_the_upstream() {
     let gw = Gateway::start(Options::default()).await;
-    let client = Client::new(KeyKind::P256, "ec-client");
-    let other = Client::new(KeyKind::P256, "ec-other");
-    let token = bound_token(&gw, &client.jkt);
+    for (kind, kid, other_kid) in [
+        (KeyKind::P256, "ec-client", "ec-other"),
+        (KeyKind::Rsa2048, "rsa-client", "rsa-other"),
+    ] {
+        bad_proofs(&gw, Client::new(kind, kid), Client::new(kind, other_kid)).await;
+    }
+}
+
+/// Every failure case with `client`'s key kind (`other` is a second key).
+async fn bad_proofs(gw: &Gateway, client: Client, other: Client) {
+    let token = bound_token(gw, &client.jkt);
     let port = gw.proxy_addr().port();
 
     // Each case requests Patient/<id>; the upstream must never see <id>.
