@@ -115,6 +115,16 @@ pub struct DpopConfig {
     /// Proof `jti`s remembered (for `max_age_seconds`) to refuse replays.
     #[serde(default = "d_dpop_replay")]
     pub replay_cache_max_entries: u64,
+    /// Issue `DPoP-Nonce` and require proofs to carry it (RFC 9449 §9).
+    #[serde(default)]
+    pub require_nonce: bool,
+    /// How long an issued nonce is good (up to twice this across a change).
+    #[serde(default = "d_nonce_lifetime")]
+    pub nonce_lifetime_seconds: u64,
+}
+
+fn d_nonce_lifetime() -> u64 {
+    120
 }
 
 impl Default for DpopConfig {
@@ -125,6 +135,8 @@ impl Default for DpopConfig {
             max_age_seconds: d_dpop_max_age(),
             leeway_seconds: d_dpop_leeway(),
             replay_cache_max_entries: d_dpop_replay(),
+            require_nonce: false,
+            nonce_lifetime_seconds: d_nonce_lifetime(),
         }
     }
 }
@@ -147,6 +159,8 @@ pub struct Dpop {
     /// The proof algorithms, space-separated, for `WWW-Authenticate` `algs`.
     pub algs: String,
     pub replay_cache_max_entries: u64,
+    /// Nonce lifetime when nonces are required.
+    pub nonce_lifetime_seconds: Option<u64>,
 }
 
 /// How requests under `patient/` scopes are treated.
@@ -873,6 +887,13 @@ impl Config {
                 problem("dpop.leeway_seconds", "must be at most 300".into());
                 ok = false;
             }
+            if !(5..=3600).contains(&d.nonce_lifetime_seconds) {
+                problem(
+                    "dpop.nonce_lifetime_seconds",
+                    "must be between 5 and 3600".into(),
+                );
+                ok = false;
+            }
             if d.replay_cache_max_entries < 1000 {
                 problem(
                     "dpop.replay_cache_max_entries",
@@ -889,6 +910,7 @@ impl Config {
                     leeway_seconds: d.leeway_seconds as i64,
                 },
                 replay_cache_max_entries: d.replay_cache_max_entries,
+                nonce_lifetime_seconds: d.require_nonce.then_some(d.nonce_lifetime_seconds),
             })
         };
         let unnarrowed = match self.patient_context.unnarrowed_search.as_str() {

@@ -357,6 +357,24 @@ fn patient_grant(
             "the request is granted only by patient/ scopes, but the token carries no patient launch context (claim 'patient')",
         ));
     };
+    // A read takes no search parameters; under patient/ scopes stray ones
+    // are refused rather than passed to a server that may read them.
+    if matches!(
+        req.interaction,
+        Interaction::Read | Interaction::Vread | Interaction::HistoryInstance
+    ) {
+        if let Some((name, _)) = req.params.iter().find(|(n, _)| {
+            !matches!(
+                n.as_str(),
+                "_format" | "_pretty" | "_summary" | "_elements" | "_since" | "_at" | "_count"
+            )
+        }) {
+            return Err(deny(format!(
+                "parameter {name} is not accepted on a {} under patient/ scopes",
+                req.interaction
+            )));
+        }
+    }
     if in_patient_compartment(req, ctx) {
         return Ok(Decision::allow(used));
     }
@@ -678,8 +696,9 @@ fn patient_search(
         // The Patient is in its own compartment by id only.
         let mut named = false;
         for (name, value) in &req.params {
+            let bare = matches!(name.as_str(), "patient" | "patient:Patient");
             for v in value.split(',') {
-                if named_patient(v, false, &opts.bases).is_some_and(|id| id != ctx) {
+                if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
                     return Err(names_other(name, value, ctx));
                 }
             }
@@ -737,9 +756,12 @@ fn patient_search(
                 None => (head, None),
             };
             // Whatever the parameter (chains and non-compartment ones too),
-            // no value may name another patient (`Patient/x`, a Patient URL).
+            // no value may name another patient (`Patient/x`, a Patient URL,
+            // or a bare id in a parameter called `patient`, which in FHIR
+            // always means one).
             for v in value.split(',') {
-                if named_patient(v, false, &opts.bases).is_some_and(|id| id != ctx) {
+                let bare = base == "patient" && matches!(modifier, None | Some("Patient"));
+                if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
                     return Err(names_other(name, value, ctx));
                 }
             }

@@ -30,9 +30,11 @@ pub enum Denial {
     /// challenge.
     InvalidDpop {
         code: &'static str,
-        /// `invalid_dpop_proof` or `invalid_token`.
+        /// `invalid_dpop_proof`, `invalid_token` or `use_dpop_nonce`.
         error: &'static str,
         description: String,
+        /// A fresh nonce to send as `DPoP-Nonce` (with `use_dpop_nonce`).
+        nonce: Option<String>,
     },
     /// The grant does not allow the request (403).
     InsufficientScope {
@@ -75,6 +77,8 @@ pub struct Answer {
     pub status: u16,
     pub www_authenticate: Option<String>,
     pub retry_after: Option<u64>,
+    /// `DPoP-Nonce` for the client to use in its next proof.
+    pub dpop_nonce: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -208,10 +212,15 @@ impl Denial {
             } => Some(*retry_after_seconds),
             _ => None,
         };
+        let dpop_nonce = match self {
+            Denial::InvalidDpop { nonce, .. } => nonce.clone(),
+            _ => None,
+        };
         Answer {
             status: self.status(),
             www_authenticate,
             retry_after,
+            dpop_nonce,
             body: body.to_string().into_bytes(),
         }
     }
@@ -232,6 +241,7 @@ mod tests {
             code: "dpop_stale",
             error: "invalid_dpop_proof",
             description: "DPoP proof iat is too old".into(),
+            nonce: None,
         }
         .answer("r", Some("ES256"));
         assert_eq!(a.status, 401);

@@ -95,9 +95,52 @@ pub struct ProofContext<'a> {
     pub access_token: &'a str,
     /// The token's `cnf.jkt`.
     pub jkt: &'a str,
-    /// A nonce the proof must carry, when the server requires one.
-    pub nonce: Option<&'a str>,
+    /// Nonces the server currently accepts; when not empty the proof must
+    /// carry one of them.
+    pub nonces: &'a [String],
     pub now: i64,
+}
+
+/// Server-issued DPoP nonces (RFC 9449 §8): a nonce names a time bucket
+/// and carries an HMAC of it under a key made at start-up, so any worker
+/// can check it without shared state. The current and the previous
+/// bucket's nonces are accepted.
+pub struct Nonces {
+    key: aws_lc_rs::hmac::Key,
+    lifetime: i64,
+}
+
+impl Nonces {
+    /// A source with a fresh random key; nonces live `lifetime_seconds`
+    /// (to twice that, across a bucket change).
+    pub fn new(lifetime_seconds: u64) -> Nonces {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key =
+            aws_lc_rs::hmac::Key::generate(aws_lc_rs::hmac::HMAC_SHA256, &rng).expect("system RNG");
+        Nonces {
+            key,
+            lifetime: lifetime_seconds.max(1) as i64,
+        }
+    }
+
+    fn for_bucket(&self, bucket: i64) -> String {
+        let b = bucket.to_be_bytes();
+        let tag = aws_lc_rs::hmac::sign(&self.key, &b);
+        let mut raw = b.to_vec();
+        raw.extend_from_slice(&tag.as_ref()[..16]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The nonce to hand out at `now`.
+    pub fn current(&self, now: i64) -> String {
+        self.for_bucket(now.div_euclid(self.lifetime))
+    }
+
+    /// The nonces accepted at `now`.
+    pub fn accepted(&self, now: i64) -> Vec<String> {
+        let b = now.div_euclid(self.lifetime);
+        vec![self.for_bucket(b), self.for_bucket(b - 1)]
+    }
 }
 
 /// A proof that passed every check.
@@ -229,8 +272,9 @@ pub fn check_proof(
     if s("ath")? != sha256_b64(ctx.access_token.as_bytes()) {
         return Err(DpopError::WrongAth);
     }
-    if let Some(nonce) = ctx.nonce {
-        if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
+    if !ctx.nonces.is_empty() {
+        let n = claims.get("nonce").and_then(Value::as_str);
+        if !n.is_some_and(|n| ctx.nonces.iter().any(|x| x == n)) {
             return Err(DpopError::NonceRequired);
         }
     }
@@ -301,7 +345,7 @@ mod tests {
             url: URL,
             access_token: TOKEN,
             jkt,
-            nonce: None,
+            nonces: &[],
             now: NOW,
         }
     }
@@ -336,6 +380,24 @@ mod tests {
         assert_eq!(
             thumbprint(&jwk).unwrap(),
             "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
+    }
+
+    #[test]
+    fn nonces_rotate_and_cannot_be_forged() {
+        let n = Nonces::new(60);
+        let other = Nonces::new(60);
+        let now = 1_000_020;
+        let cur = n.current(now);
+        assert!(n.accepted(now).contains(&cur));
+        assert!(
+            n.accepted(now + 60).contains(&cur),
+            "the previous bucket's still counts"
+        );
+        assert!(!n.accepted(now + 120).contains(&cur), "expired");
+        assert!(
+            !n.accepted(now).contains(&other.current(now)),
+            "another key's"
         );
     }
 
@@ -497,8 +559,9 @@ mod tests {
         let p = proof(&other, header(&other), claims());
         assert_eq!(check_proof(&p, &c, &policy()), Err(DpopError::WrongKey));
         // A required nonce.
+        let accepted = vec!["n-0".to_string(), "n-1".to_string()];
         let nonce_ctx = ProofContext {
-            nonce: Some("n-1"),
+            nonces: &accepted,
             ..c
         };
         let p = proof(&key, header(&key), claims());

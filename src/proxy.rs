@@ -64,6 +64,8 @@ pub struct Gateway {
     /// DPoP proofs seen, by SHA-256 of (key thumbprint, jti), for as long as
     /// a proof is fresh.
     dpop_replay: moka::sync::Cache<[u8; 32], ()>,
+    /// Issues and checks `DPoP-Nonce`s, when required.
+    dpop_nonces: Option<crate::dpop::Nonces>,
 }
 
 impl Gateway {
@@ -109,6 +111,10 @@ impl Gateway {
             bases: bases.clone(),
         };
         let public_origin = settings.public_base.origin().ascii_serialization();
+        let dpop_nonces = settings
+            .dpop
+            .nonce_lifetime_seconds
+            .map(crate::dpop::Nonces::new);
         let dpop_replay = moka::sync::Cache::builder()
             .max_capacity(settings.dpop.replay_cache_max_entries)
             .time_to_live(std::time::Duration::from_secs(
@@ -130,6 +136,7 @@ impl Gateway {
             decide_opts,
             public_origin,
             dpop_replay,
+            dpop_nonces,
         }
     }
 }
@@ -274,6 +281,9 @@ impl Gateway {
         }
         if let Some(r) = a.retry_after {
             h.insert_header(header::RETRY_AFTER, r.to_string())?;
+        }
+        if let Some(n) = &a.dpop_nonce {
+            h.insert_header("dpop-nonce", n.as_str())?;
         }
         let head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), head).await?;
@@ -811,6 +821,7 @@ impl Gateway {
                 code,
                 error,
                 description,
+                nonce: None,
             };
         let cnf = claims.cnf.as_ref();
         // RFC 8705: a certificate-bound token only over a TLS connection
@@ -907,6 +918,12 @@ impl Gateway {
                 ))
             }
         };
+        let now = now_unix();
+        let accepted = self
+            .dpop_nonces
+            .as_ref()
+            .map(|n| n.accepted(now))
+            .unwrap_or_default();
         let proof = crate::dpop::check_proof(
             proof,
             &crate::dpop::ProofContext {
@@ -914,12 +931,21 @@ impl Gateway {
                 url: public_url,
                 access_token: token,
                 jkt,
-                nonce: None,
-                now: now_unix(),
+                nonces: &accepted,
+                now,
             },
             &self.settings.dpop.policy,
         )
-        .map_err(|e| dpop(e.code(), "invalid_dpop_proof", e.to_string()))?;
+        .map_err(|e| match e {
+            // RFC 9449 §9: tell the client the nonce to use.
+            crate::dpop::DpopError::NonceRequired => Denial::InvalidDpop {
+                code: e.code(),
+                error: "use_dpop_nonce",
+                description: "Resource server requires nonce in DPoP proof".into(),
+                nonce: self.dpop_nonces.as_ref().map(|n| n.current(now)),
+            },
+            e => dpop(e.code(), "invalid_dpop_proof", e.to_string()),
+        })?;
         // A proof is good once: remember (key, jti) for as long as it is fresh.
         let key: [u8; 32] = {
             use sha2::Digest;
@@ -1043,6 +1069,7 @@ impl Gateway {
                     code,
                     error: "invalid_token",
                     description,
+                    nonce: None,
                 },
                 d => d,
             }
@@ -1271,6 +1298,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
+            resp.insert_header("dpop-nonce", n.current(now_unix()))?;
+        }
         Ok(())
     }
 

@@ -248,7 +248,7 @@ async fn bad_proofs(gw: &Gateway, client: Client, other: Client) {
     ));
 
     for (id, proof, why) in &cases {
-        let (s, www, body) = send(&gw, &format!("Patient/{id}"), "DPoP", &token, &[proof]).await;
+        let (s, www, body) = send(gw, &format!("Patient/{id}"), "DPoP", &token, &[proof]).await;
         assert_eq!(s, 401, "{id}: {body}");
         assert!(www.starts_with("DPoP realm="), "{id}: {www}");
         assert!(www.contains("error=\"invalid_dpop_proof\""), "{id}: {www}");
@@ -264,23 +264,23 @@ async fn bad_proofs(gw: &Gateway, client: Client, other: Client) {
     // Binding mismatches.
     let unbound = gw.mint("user/*.rs", None);
     let proof = client.proof("GET", &url("dpop-bearer"), &token);
-    let (s, www, _) = send(&gw, "Patient/dpop-bearer", "Bearer", &token, &[]).await;
+    let (s, www, _) = send(gw, "Patient/dpop-bearer", "Bearer", &token, &[]).await;
     assert_eq!(s, 401);
     assert!(
         www.contains("DPoP-bound") && www.contains("error=\"invalid_token\""),
         "{www}"
     );
-    let (s, www, _) = send(&gw, "Patient/dpop-unbound", "DPoP", &unbound, &[&proof]).await;
+    let (s, www, _) = send(gw, "Patient/dpop-unbound", "DPoP", &unbound, &[&proof]).await;
     assert_eq!(s, 401);
     assert!(www.contains("not DPoP-bound"), "{www}");
-    let (s, www, _) = send(&gw, "Patient/dpop-extra", "Bearer", &unbound, &[&proof]).await;
+    let (s, www, _) = send(gw, "Patient/dpop-extra", "Bearer", &unbound, &[&proof]).await;
     assert_eq!(s, 401);
     assert!(www.contains("not DPoP-bound"), "{www}");
-    let (s, www, _) = send(&gw, "Patient/dpop-noproof", "DPoP", &token, &[]).await;
+    let (s, www, _) = send(gw, "Patient/dpop-noproof", "DPoP", &token, &[]).await;
     assert_eq!(s, 401);
     assert!(www.contains("needs a DPoP proof"), "{www}");
     let p2 = client.proof("GET", &url("dpop-two"), &token);
-    let (s, www, _) = send(&gw, "Patient/dpop-two", "DPoP", &token, &[&p2, &p2]).await;
+    let (s, www, _) = send(gw, "Patient/dpop-two", "DPoP", &token, &[&p2, &p2]).await;
     assert_eq!(s, 401);
     assert!(www.contains("several"), "{www}");
     for id in [
@@ -324,4 +324,48 @@ async fn binding_can_be_required_per_issuer_and_client() {
         let (s, www, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
         assert_eq!(s, 200, "{yaml}: {www}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonces_when_required() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "dpop:\n  require_nonce: true\n  nonce_lifetime_seconds: 60\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let request = |proof: String| {
+        gw.client
+            .get(&url)
+            .header("authorization", format!("DPoP {token}"))
+            .header("dpop", proof)
+            .send()
+    };
+    // Without a nonce: use_dpop_nonce, with the nonce to use.
+    let r = request(client.proof("GET", &url, &token)).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let www = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(www.contains("error=\"use_dpop_nonce\""), "{www}");
+    let nonce = r.headers()["dpop-nonce"].to_str().unwrap().to_string();
+    // A made-up nonce: the same.
+    let mut c = client.claims("GET", &url, &token);
+    c["nonce"] = json!("made-up");
+    let r = request(client.key.sign_json(&client.header(), &c))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // With the issued nonce: served, and a nonce comes back for next time.
+    let mut c = client.claims("GET", &url, &token);
+    c["nonce"] = json!(nonce);
+    let r = request(client.key.sign_json(&client.header(), &c))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("dpop-nonce"));
+    assert_eq!(gw.upstream.count_containing("Patient/p1"), 1);
 }
