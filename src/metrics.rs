@@ -13,6 +13,10 @@ use crate::fhir::classify::Interaction;
 /// Decisions, as labels.
 pub const DECISIONS: &[&str] = &["allow", "deny", "error"];
 
+pub const TOKEN_KINDS: &[&str] = &["jwt", "opaque"];
+
+pub const BINDINGS: &[&str] = &["bearer", "dpop", "mtls"];
+
 /// Reason codes a request can end with, as labels.
 pub const REASONS: &[&str] = &[
     "allowed",
@@ -80,6 +84,8 @@ pub struct Metrics {
     pub token_cache_entries: IntGauge,
     introspections: IntCounterVec,
     introspection_duration: HistogramVec,
+    /// `[kind: jwt, opaque][binding: bearer, dpop, mtls]`.
+    bindings_by: Vec<Vec<IntCounter>>,
     /// Handles resolved at start-up, so the request path never hashes labels:
     /// `[decision][0 = none, 1.. = Interaction::ALL]`.
     requests_by: Vec<Vec<IntCounter>>,
@@ -158,6 +164,23 @@ impl Metrics {
             &["issuer"],
         )
         .expect("valid metric");
+        let bindings = IntCounterVec::new(
+            Opts::new(
+                "fhirwall_token_bindings_total",
+                "Requests whose token passed the bind stage, by token kind and binding",
+            ),
+            &["kind", "binding"],
+        )
+        .expect("valid metric");
+        let bindings_by = TOKEN_KINDS
+            .iter()
+            .map(|k| {
+                BINDINGS
+                    .iter()
+                    .map(|b| bindings.with_label_values(&[k, b]))
+                    .collect()
+            })
+            .collect();
         let token_cache_entries = IntGauge::new(
             "fhirwall_token_cache_entries",
             "Entries in the verified-token cache",
@@ -172,6 +195,7 @@ impl Metrics {
             Box::new(token_cache_misses.clone()),
             Box::new(token_cache_entries.clone()),
             Box::new(introspections.clone()),
+            Box::new(bindings.clone()),
             Box::new(introspection_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -208,6 +232,7 @@ impl Metrics {
             token_cache_entries,
             introspections,
             introspection_duration,
+            bindings_by,
             requests_by,
             outcomes_by,
             duration_by,
@@ -234,6 +259,15 @@ impl Metrics {
             .expect("upstream_error is a reason");
         self.outcomes_by[r].inc();
         self.duration_by[d].observe(seconds);
+    }
+
+    /// A token that passed the bind stage.
+    pub fn binding(&self, kind: &str, binding: &str) {
+        let k = TOKEN_KINDS.iter().position(|x| *x == kind);
+        let b = BINDINGS.iter().position(|x| *x == binding);
+        if let (Some(k), Some(b)) = (k, b) {
+            self.bindings_by[k][b].inc();
+        }
     }
 
     pub fn introspection(&self, issuer: &str, ok: bool, seconds: f64) {

@@ -1083,6 +1083,7 @@ impl Gateway {
         ctx.token = Some(v);
 
         // 4. Bind
+        let kind = ctx.token.as_ref().map_or("jwt", |t| t.kind);
         ctx.binding = Some(self.bind(
             &claims,
             &Presented {
@@ -1094,6 +1095,7 @@ impl Gateway {
                 client_cert: client_cert.as_deref(),
             },
         )?);
+        self.metrics.binding(kind, ctx.binding.unwrap_or("bearer"));
 
         // 5. Classify (reading the body where it decides the interaction).
         let needs_body =

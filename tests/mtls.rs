@@ -129,6 +129,22 @@ async fn certificate_bound_tokens_need_their_certificate() {
     assert_eq!(r.status(), 200);
     let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
     assert!(audit.contains("\"binding\":\"mtls\""), "{audit}");
+    let m = without
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirwall_token_bindings_total{binding=\"mtls\",kind=\"jwt\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fhirwall_request_outcomes_total{reason=\"mtls_wrong_certificate\"} 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
