@@ -16,6 +16,7 @@ pub mod dpop;
 pub mod extract;
 pub mod fhir;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod proxy_headers;
 pub mod route;

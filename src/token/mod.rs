@@ -340,6 +340,9 @@ pub struct Claims {
     pub jti: Option<String>,
     /// The confirmation claim (`cnf`) when the token is sender-constrained.
     pub cnf: Option<Value>,
+    /// Every claim as the token (or introspection answer) carried it, for
+    /// policies that match on claims (roles, `amr`, …).
+    pub raw: Value,
 }
 
 /// Hex SHA-256 of a token: the only form of a token that is ever stored or audited.
@@ -497,6 +500,7 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
         exp,
         jti: str_claim("jti")?,
         cnf,
+        raw: c.clone(),
     })
 }
 

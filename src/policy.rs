@@ -1,0 +1,613 @@
+//! Stage 6, second half: the operators' YAML policies (pure). Rules can
+//! only narrow what the token's scopes and patient context already grant.
+//!
+//! `policies/*.yaml` files are read in file-name order; each holds ordered
+//! `rules`. A request is matched against the rules in order:
+//!
+//! - a matching `allow` rule ends evaluation: allowed;
+//! - a matching `deny` rule ends it: refused (403), naming the rule;
+//! - a matching `require` rule refuses the request unless its requirement
+//!   (a binding, claim values) holds, then evaluation goes on;
+//! - no rule matching: allowed (the scopes already granted it).
+//!
+//! Every condition of a rule's `when` must hold (an absent one always
+//! does); a list means any of its values.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One policy file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub when: Match,
+    /// `allow`, `deny` or `require`.
+    pub effect: String,
+    #[serde(default)]
+    pub require: Option<Requirement>,
+}
+
+/// Conditions of a rule; all present ones must hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// Configured issuer names.
+    #[serde(default)]
+    pub issuer: Vec<String>,
+    #[serde(default)]
+    pub client_id: Vec<String>,
+    /// Claim name → accepted values (a claim holding a list matches when
+    /// any element does).
+    #[serde(default)]
+    pub claims: BTreeMap<String, Vec<String>>,
+    /// Raw scopes, any of which the token carries.
+    #[serde(default)]
+    pub scope: Vec<String>,
+    /// FHIR interactions (`read`, `search-type`, `delete`, …).
+    #[serde(default)]
+    pub interaction: Vec<String>,
+    #[serde(default)]
+    pub resource_type: Vec<String>,
+    /// Operation names without `$`.
+    #[serde(default)]
+    pub operation: Vec<String>,
+    /// Paths below the FHIR base: `*` matches one segment, a final `**`
+    /// any rest (e.g. `Patient/*/$everything`, `Binary/**`).
+    #[serde(default)]
+    pub path: Vec<String>,
+    /// Client addresses, as CIDR blocks (`10.0.0.0/8`, `::1/128`).
+    #[serde(default)]
+    pub source: Vec<String>,
+    /// `bearer`, `dpop` or `mtls`.
+    #[serde(default)]
+    pub binding: Vec<String>,
+    /// A UTC time window (`days` of the week, `from`–`to` as HH:MM).
+    #[serde(default)]
+    pub time: Option<TimeWindow>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindow {
+    /// `mon` … `sun`; empty: every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// HH:MM, UTC, inclusive.
+    pub from: String,
+    /// HH:MM, UTC, exclusive; before `from` means the window spans midnight.
+    pub to: String,
+}
+
+/// What a `require` rule demands.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requirement {
+    /// One of these bindings.
+    #[serde(default)]
+    pub binding: Vec<String>,
+    /// Claim name → accepted values.
+    #[serde(default)]
+    pub claims: BTreeMap<String, Vec<String>>,
+}
+
+/// A rule ready to evaluate, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub file: String,
+    pub name: String,
+    pub effect: Effect,
+    pub when: Match,
+    sources: Vec<(IpAddr, u8)>,
+    window: Option<(Vec<u8>, u16, u16)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+    Require(Requirement),
+}
+
+impl PartialEq for Requirement {
+    fn eq(&self, o: &Self) -> bool {
+        self.binding == o.binding && self.claims == o.claims
+    }
+}
+impl Eq for Requirement {}
+
+/// Every rule of every file, in order.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    pub rules: Vec<Rule>,
+}
+
+/// What is known of a request when policies are evaluated.
+#[derive(Debug, Clone)]
+pub struct PolicyInput<'a> {
+    pub issuer: &'a str,
+    pub client_id: Option<&'a str>,
+    pub claims: &'a Value,
+    pub scopes: &'a [String],
+    pub interaction: &'a str,
+    pub resource_type: Option<&'a str>,
+    pub operation: Option<&'a str>,
+    /// The path below the FHIR base.
+    pub path: &'a str,
+    pub source: Option<IpAddr>,
+    pub binding: &'a str,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+/// The policies' verdict, naming the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No rule refused it; `by` names the allowing rule, if one matched.
+    Allow {
+        by: Option<String>,
+    },
+    Deny {
+        by: String,
+        reason: String,
+    },
+}
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+const INTERACTIONS: &[&str] = &[
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "history-system",
+    "create",
+    "search-type",
+    "search-system",
+    "search-compartment",
+    "capabilities",
+    "batch",
+    "transaction",
+    "operation",
+];
+const BINDINGS: &[&str] = &["bearer", "dpop", "mtls"];
+
+fn hhmm(s: &str) -> Option<u16> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
+}
+
+fn cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (ip, bits) = match s.split_once('/') {
+        Some((ip, bits)) => (ip.parse::<IpAddr>().ok()?, bits.parse::<u8>().ok()?),
+        None => {
+            let ip = s.parse::<IpAddr>().ok()?;
+            (ip, if ip.is_ipv4() { 32 } else { 128 })
+        }
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((ip, bits))
+}
+
+fn in_cidr(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
+    let (a, b, width) = match (ip.to_canonical(), net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
+    };
+    if bits == 0 {
+        return true;
+    }
+    let shift = width - bits as u32;
+    (a >> shift) == (b >> shift)
+}
+
+impl PolicySet {
+    /// Builds the rules of one parsed file; every problem found is
+    /// reported as `(rule index, key, message)`.
+    pub fn add_file(&mut self, file: &str, spec: &PolicyFile) -> Vec<(usize, String, String)> {
+        let mut problems = Vec::new();
+        for (i, r) in spec.rules.iter().enumerate() {
+            let mut p = |key: &str, msg: String| problems.push((i, key.to_string(), msg));
+            if r.name.is_empty() {
+                p("name", "must not be empty".into());
+            }
+            if self.rules.iter().any(|o| o.name == r.name)
+                || spec.rules[..i].iter().any(|o| o.name == r.name)
+            {
+                p("name", format!("duplicate rule name '{}'", r.name));
+            }
+            let effect = match (r.effect.as_str(), &r.require) {
+                ("allow", None) => Some(Effect::Allow),
+                ("deny", None) => Some(Effect::Deny),
+                ("require", Some(req)) => {
+                    if req.binding.is_empty() && req.claims.is_empty() {
+                        p("require", "names nothing to require".into());
+                    }
+                    for b in &req.binding {
+                        if !BINDINGS.contains(&b.as_str()) {
+                            p(
+                                "require.binding",
+                                format!("'{b}' is not one of {}", BINDINGS.join(", ")),
+                            );
+                        }
+                    }
+                    Some(Effect::Require(req.clone()))
+                }
+                ("require", None) => {
+                    p("require", "effect: require needs a require section".into());
+                    None
+                }
+                ("allow" | "deny", Some(_)) => {
+                    p("require", "only used with effect: require".into());
+                    None
+                }
+                (other, _) => {
+                    p(
+                        "effect",
+                        format!("'{other}' is not one of: allow, deny, require"),
+                    );
+                    None
+                }
+            };
+            let w = &r.when;
+            for x in &w.interaction {
+                if !INTERACTIONS.contains(&x.as_str()) {
+                    p(
+                        "when.interaction",
+                        format!("'{x}' is not a FHIR interaction fhirwall knows"),
+                    );
+                }
+            }
+            for t in &w.resource_type {
+                if !crate::fhir::resource_types::is_resource_type(t) {
+                    p(
+                        "when.resource_type",
+                        format!("'{t}' is not an R4 resource type"),
+                    );
+                }
+            }
+            for b in &w.binding {
+                if !BINDINGS.contains(&b.as_str()) {
+                    p(
+                        "when.binding",
+                        format!("'{b}' is not one of {}", BINDINGS.join(", ")),
+                    );
+                }
+            }
+            let mut sources = Vec::new();
+            for s in &w.source {
+                match cidr(s) {
+                    Some(c) => sources.push(c),
+                    None => p(
+                        "when.source",
+                        format!("'{s}' is not an IP address or CIDR block"),
+                    ),
+                }
+            }
+            let window = match &w.time {
+                None => None,
+                Some(t) => {
+                    let mut days = Vec::new();
+                    for d in &t.days {
+                        match DAYS.iter().position(|x| x == d) {
+                            Some(i) => days.push(i as u8),
+                            None => p(
+                                "when.time.days",
+                                format!("'{d}' is not one of {}", DAYS.join(", ")),
+                            ),
+                        }
+                    }
+                    match (hhmm(&t.from), hhmm(&t.to)) {
+                        (Some(f), Some(to)) => Some((days, f, to)),
+                        _ => {
+                            p(
+                                "when.time",
+                                format!("from '{}' / to '{}' must be HH:MM", t.from, t.to),
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(effect) = effect {
+                self.rules.push(Rule {
+                    file: file.to_string(),
+                    name: r.name.clone(),
+                    effect,
+                    when: w.clone(),
+                    sources,
+                    window,
+                });
+            }
+        }
+        problems
+    }
+
+    /// The verdict for `input`.
+    pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
+        for r in &self.rules {
+            if !r.matches(input) {
+                continue;
+            }
+            let by = format!("{}#{}", r.file, r.name);
+            match &r.effect {
+                Effect::Allow => return Verdict::Allow { by: Some(by) },
+                Effect::Deny => {
+                    return Verdict::Deny {
+                        reason: format!("refused by policy rule {by}"),
+                        by,
+                    }
+                }
+                Effect::Require(req) => {
+                    if let Some(missing) = unmet(req, input) {
+                        return Verdict::Deny {
+                            reason: format!("policy rule {by} requires {missing}"),
+                            by,
+                        };
+                    }
+                }
+            }
+        }
+        Verdict::Allow { by: None }
+    }
+}
+
+/// A claim holds one of `values` (string, number or bool; or a list
+/// holding one).
+fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
+    let one = |v: &Value| match v {
+        Value::String(s) => values.iter().any(|x| x == s),
+        Value::Number(_) | Value::Bool(_) => values.iter().any(|x| *x == v.to_string()),
+        _ => false,
+    };
+    match claims.get(name) {
+        Some(Value::Array(a)) => a.iter().any(one),
+        Some(v) => one(v),
+        None => false,
+    }
+}
+
+fn unmet(req: &Requirement, input: &PolicyInput) -> Option<String> {
+    if !req.binding.is_empty() && !req.binding.iter().any(|b| b == input.binding) {
+        return Some(format!("a {} binding", req.binding.join(" or ")));
+    }
+    for (name, values) in &req.claims {
+        if !claim_matches(input.claims, name, values) {
+            return Some(format!("claim {name} to be one of {}", values.join(", ")));
+        }
+    }
+    None
+}
+
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut p = pattern.trim_matches('/').split('/');
+    let mut s = path.trim_matches('/').split('/');
+    loop {
+        match (p.next(), s.next()) {
+            (Some("**"), _) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl Rule {
+    fn matches(&self, i: &PolicyInput) -> bool {
+        let w = &self.when;
+        let any = |list: &[String], v: Option<&str>| {
+            list.is_empty() || v.is_some_and(|v| list.iter().any(|x| x == v))
+        };
+        any(&w.issuer, Some(i.issuer))
+            && any(&w.client_id, i.client_id)
+            && any(&w.interaction, Some(i.interaction))
+            && any(&w.resource_type, i.resource_type)
+            && any(&w.operation, i.operation)
+            && any(&w.binding, Some(i.binding))
+            && (w.scope.is_empty() || w.scope.iter().any(|s| i.scopes.contains(s)))
+            && w.claims
+                .iter()
+                .all(|(name, values)| claim_matches(i.claims, name, values))
+            && (w.path.is_empty() || w.path.iter().any(|p| path_matches(p, i.path)))
+            && (self.sources.is_empty()
+                || i.source
+                    .is_some_and(|ip| self.sources.iter().any(|c| in_cidr(ip, *c))))
+            && self.window.as_ref().is_none_or(|(days, from, to)| {
+                let day = (i.now.div_euclid(86_400) + 3).rem_euclid(7) as u8; // 1970-01-01 was a Thursday
+                let minute = (i.now.rem_euclid(86_400) / 60) as u16;
+                let in_time = if from <= to {
+                    *from <= minute && minute < *to
+                } else {
+                    minute >= *from || minute < *to
+                };
+                (days.is_empty() || days.contains(&day)) && in_time
+            })
+    }
+}
+
+/// Parses one policy file's YAML (errors carry line and column).
+pub fn parse_file(text: &str) -> Result<PolicyFile, String> {
+    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn set(yaml: &str) -> PolicySet {
+        let mut s = PolicySet::default();
+        let problems = s.add_file("t.yaml", &parse_file(yaml).unwrap());
+        assert!(problems.is_empty(), "{problems:?}");
+        s
+    }
+
+    // 2026-11-25 was a Wednesday; 14:30 UTC.
+    const WED_1430: i64 = 1_795_616_999 - (1_795_616_999 % 86_400) + 14 * 3600 + 30 * 60;
+
+    fn input<'a>(claims: &'a Value, scopes: &'a [String]) -> PolicyInput<'a> {
+        PolicyInput {
+            issuer: "hospital",
+            client_id: Some("app"),
+            claims,
+            scopes,
+            interaction: "read",
+            resource_type: Some("Observation"),
+            operation: None,
+            path: "Observation/o1",
+            source: Some("10.1.2.3".parse().unwrap()),
+            binding: "bearer",
+            now: WED_1430,
+        }
+    }
+
+    #[test]
+    fn every_match_field() {
+        let claims = json!({"roles": ["clinician", "nurse"], "amr": "mfa", "level": 2});
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let deny = |when: &str| {
+            set(&format!(
+                "rules:\n  - name: r\n    effect: deny\n    when:\n{when}"
+            ))
+        };
+        let cases: Vec<(&str, bool)> = vec![
+            ("      issuer: [hospital]\n", true),
+            ("      issuer: [other]\n", false),
+            ("      client_id: [app, x]\n", true),
+            ("      client_id: [x]\n", false),
+            ("      claims:\n        roles: [nurse]\n", true),
+            ("      claims:\n        roles: [admin]\n", false),
+            ("      claims:\n        amr: [mfa]\n", true),
+            ("      claims:\n        level: ['2']\n", true),
+            ("      claims:\n        missing: [x]\n", false),
+            ("      scope: [user/*.rs]\n", true),
+            ("      scope: [patient/*.rs]\n", false),
+            ("      interaction: [read, vread]\n", true),
+            ("      interaction: [delete]\n", false),
+            ("      resource_type: [Observation]\n", true),
+            ("      resource_type: [Condition]\n", false),
+            ("      operation: [export]\n", false),
+            ("      path: [Observation/*]\n", true),
+            ("      path: ['Observation/**']\n", true),
+            ("      path: [Condition/*]\n", false),
+            ("      path: [Observation]\n", false),
+            ("      source: [10.0.0.0/8]\n", true),
+            ("      source: [192.168.0.0/16, 10.1.2.3]\n", true),
+            ("      source: [192.168.0.0/16]\n", false),
+            ("      binding: [bearer]\n", true),
+            ("      binding: [dpop, mtls]\n", false),
+            (
+                "      time:\n        days: [wed]\n        from: '14:00'\n        to: '15:00'\n",
+                true,
+            ),
+            (
+                "      time:\n        days: [thu]\n        from: '14:00'\n        to: '15:00'\n",
+                false,
+            ),
+            (
+                "      time:\n        from: '15:00'\n        to: '16:00'\n",
+                false,
+            ),
+            (
+                "      time:\n        from: '22:00'\n        to: '15:00'\n",
+                true,
+            ),
+        ];
+        for (when, hit) in cases {
+            let v = deny(when).evaluate(&base);
+            assert_eq!(matches!(v, Verdict::Deny { .. }), hit, "{when}");
+        }
+    }
+
+    #[test]
+    fn order_effects_and_requirements() {
+        let claims = json!({"roles": ["researcher"]});
+        let scopes = vec![];
+        let s = set("rules:
+  - name: mfa-for-writes
+    effect: require
+    when: {interaction: [create, update, delete]}
+    require: {claims: {amr: [mfa]}}
+  - name: researchers-read-only-observations
+    effect: allow
+    when: {claims: {roles: [researcher]}, resource_type: [Observation]}
+  - name: no-researchers-elsewhere
+    effect: deny
+    when: {claims: {roles: [researcher]}}
+");
+        let mut i = input(&claims, &scopes);
+        assert_eq!(
+            s.evaluate(&i),
+            Verdict::Allow {
+                by: Some("t.yaml#researchers-read-only-observations".into())
+            }
+        );
+        i.resource_type = Some("Condition");
+        assert!(
+            matches!(s.evaluate(&i), Verdict::Deny { by, .. } if by == "t.yaml#no-researchers-elsewhere")
+        );
+        i.interaction = "delete";
+        match s.evaluate(&i) {
+            Verdict::Deny { by, reason } => {
+                assert_eq!(by, "t.yaml#mfa-for-writes");
+                assert!(reason.contains("amr"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        let other = json!({"roles": ["clinician"]});
+        let i = input(&other, &scopes);
+        assert_eq!(s.evaluate(&i), Verdict::Allow { by: None });
+    }
+
+    #[test]
+    fn problems_name_rule_and_key() {
+        let mut s = PolicySet::default();
+        let f = parse_file("rules:
+  - {name: a, effect: allow, when: {interaction: [reed], resource_type: [Foo], source: [300.1.1.1/8], binding: [tls]}}
+  - {name: a, effect: maybe}
+  - {name: b, effect: require}
+  - {name: c, effect: deny, when: {time: {days: [someday], from: '25:00', to: '10:00'}}}
+").unwrap();
+        let problems = s.add_file("p.yaml", &f);
+        let keys: Vec<String> = problems
+            .iter()
+            .map(|(i, k, _)| format!("{i}:{k}"))
+            .collect();
+        for want in [
+            "0:when.interaction",
+            "0:when.resource_type",
+            "0:when.source",
+            "0:when.binding",
+            "1:name",
+            "1:effect",
+            "2:require",
+            "3:when.time.days",
+            "3:when.time",
+        ] {
+            assert!(
+                keys.contains(&want.to_string()),
+                "{want} missing in {keys:?}"
+            );
+        }
+        assert!(parse_file("rules:\n  - {name: a, effect: deny, whenn: {}}\n").is_err());
+        assert!(parse_file("rules:\n  - {name: a, effect: deny}\n  rules: []\n").is_err());
+    }
+}
