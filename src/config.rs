@@ -56,6 +56,19 @@ pub struct Config {
     /// TLS on the proxy listener (and client certificates for RFC 8705).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Operators' policies: every `*.yaml` in this directory (relative to
+    /// the config file), in file-name order. See `policies/README.md`.
+    #[serde(default)]
+    pub policies: Option<PoliciesConfig>,
+    /// The directory of the config file (relative paths are below it).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesConfig {
+    pub dir: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -519,6 +532,7 @@ pub struct Settings {
     pub jwks_roots: Vec<reqwest::Certificate>,
     pub admin_listen: SocketAddr,
     pub tls: Option<Tls>,
+    pub policies: crate::policy::PolicySet,
     pub audit: AuditSink,
     pub server: ServerConfig,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
@@ -607,10 +621,11 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         file: file.clone(),
         source,
     })?;
-    let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+    let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
         file: file.clone(),
         message,
     })?;
+    config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     config
         .validate()
         .map_err(|problems| ConfigError::Invalid { file, problems })
@@ -652,6 +667,10 @@ impl Config {
         let tls = match &self.tls {
             None => Some(None),
             Some(t) => validate_tls(t, &mut problem).map(Some),
+        };
+        let policies = match &self.policies {
+            None => crate::policy::PolicySet::default(),
+            Some(pc) => load_policies(&self.base_dir.join(&pc.dir), &mut problem),
         };
         if listen.is_some() && listen == admin_listen {
             problem("admin.listen", "must differ from listen".into());
@@ -1000,6 +1019,7 @@ impl Config {
             jwks_roots,
             admin_listen: admin_listen.expect("validated"),
             tls: tls.expect("validated"),
+            policies,
             audit: audit.expect("validated"),
             server: self.server.clone(),
             forward_headers,
@@ -1139,6 +1159,48 @@ fn pem_blocks(
         return None;
     }
     Some(blocks)
+}
+
+/// Reads every `*.yaml` of `dir` in file-name order into one policy set;
+/// each problem is reported at `<dir>/<file>` with the rule and key, and a
+/// YAML error with its line and column.
+fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::policy::PolicySet {
+    let mut set = crate::policy::PolicySet::default();
+    let shown = dir.display().to_string();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect(),
+        Err(e) => {
+            problem("policies.dir", format!("cannot read '{shown}': {e}"));
+            return set;
+        }
+    };
+    files.sort();
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let at = format!("{shown}/{name}");
+        let text = match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) => {
+                problem(&at, format!("cannot read: {e}"));
+                continue;
+            }
+        };
+        match crate::policy::parse_file(&text) {
+            Ok(spec) => {
+                for (i, key, msg) in set.add_file(&name, &spec) {
+                    problem(&format!("{at}: rules[{i}].{key}"), msg);
+                }
+            }
+            Err(e) => problem(&at, e),
+        }
+    }
+    set
 }
 
 /// Validates the `tls` section.

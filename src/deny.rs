@@ -41,6 +41,8 @@ pub enum Denial {
         description: String,
         scope: Option<String>,
     },
+    /// A policy rule refused it (403); `rule` is `file#name`.
+    PolicyDenied { rule: String, description: String },
     /// Outside the FHIR base, or not a FHIR path (404).
     NotFound { description: String },
     /// Not a well-formed FHIR interaction (400).
@@ -108,6 +110,7 @@ impl Denial {
             | Denial::Unavailable { code, .. }
             | Denial::Upstream { code, .. } => code,
             Denial::InsufficientScope { .. } => "insufficient_scope",
+            Denial::PolicyDenied { .. } => "policy_denied",
             Denial::NotFound { .. } => "not_found",
             Denial::Hidden { why, .. } => why,
             Denial::MethodNotAllowed { .. } => "method_not_allowed",
@@ -124,6 +127,7 @@ impl Denial {
             | Denial::InvalidToken { description, .. }
             | Denial::InvalidDpop { description, .. }
             | Denial::InsufficientScope { description, .. }
+            | Denial::PolicyDenied { description, .. }
             | Denial::NotFound { description }
             | Denial::BadFhirRequest { description, .. }
             | Denial::MethodNotAllowed { description }
@@ -137,7 +141,7 @@ impl Denial {
         match self {
             Denial::NoToken | Denial::InvalidToken { .. } | Denial::InvalidDpop { .. } => 401,
             Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } => 400,
-            Denial::InsufficientScope { .. } => 403,
+            Denial::InsufficientScope { .. } | Denial::PolicyDenied { .. } => 403,
             Denial::NotFound { .. } | Denial::Hidden { .. } => 404,
             Denial::MethodNotAllowed { .. } => 405,
             Denial::TooLarge { .. } => 413,
@@ -169,6 +173,9 @@ impl Denial {
             Denial::InvalidToken { .. } => {
                 Some(format!("Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{desc}\""))
             }
+            Denial::PolicyDenied { .. } => Some(format!(
+                "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\""
+            )),
             Denial::InsufficientScope { scope, .. } => Some(match scope {
                 Some(s) => format!(
                     "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\", scope=\"{}\"",
@@ -185,7 +192,9 @@ impl Denial {
             Denial::InvalidRequest { .. }
             | Denial::BadFhirRequest { .. }
             | Denial::MethodNotAllowed { .. } => ("error", "invalid"),
-            Denial::InsufficientScope { .. } => ("error", "forbidden"),
+            Denial::InsufficientScope { .. } | Denial::PolicyDenied { .. } => {
+                ("error", "forbidden")
+            }
             Denial::NotFound { .. } | Denial::Hidden { .. } => ("error", "not-found"),
             Denial::TooLarge { .. } => ("error", "too-costly"),
             Denial::Unavailable { .. } => ("error", "transient"),

@@ -60,6 +60,7 @@ pub const REASONS: &[&str] = &[
     "introspection_unavailable",
     "credentials_refused",
     "insufficient_scope",
+    "policy_denied",
     "not_found",
     "outside_compartment",
     "outside_scope_filter",

@@ -373,7 +373,10 @@ impl PolicySet {
 fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
     let one = |v: &Value| match v {
         Value::String(s) => values.iter().any(|x| x == s),
-        Value::Number(_) | Value::Bool(_) => values.iter().any(|x| *x == v.to_string()),
+        Value::Number(_) | Value::Bool(_) => {
+            let text = v.to_string();
+            values.contains(&text)
+        }
         _ => false,
     };
     match claims.get(name) {

@@ -31,6 +31,7 @@ use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
 use crate::fhir::compartment::{references_other_patient, Bases};
 use crate::metrics::Metrics;
+use crate::policy::{PolicyInput, Verdict as PolicyVerdict};
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
 use crate::token::validator::{Validated, Validator};
@@ -1159,6 +1160,48 @@ impl Gateway {
             description: d.reason,
             scope: d.missing_scope,
         })?;
+        // 6b. Policies: they can only narrow what the scopes granted.
+        if !self.settings.policies.rules.is_empty() {
+            let scopes: Vec<String> = claims.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
+            let source = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            let binding = ctx.binding.unwrap_or("bearer");
+            let now = now_unix();
+            let one = |r: &FhirRequest, path: &str| {
+                self.settings.policies.evaluate(&PolicyInput {
+                    issuer: &claims.issuer_name,
+                    client_id: claims.client_id.as_deref(),
+                    claims: &claims.raw,
+                    scopes: &scopes,
+                    interaction: r.interaction.as_str(),
+                    resource_type: r.resource_type.as_deref(),
+                    operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
+                    path,
+                    source,
+                    binding,
+                    now,
+                })
+            };
+            let mut verdicts = vec![one(fhir, &rel)];
+            for e in &fhir.entries {
+                let path = match (&e.resource_type, &e.id) {
+                    (Some(t), Some(id)) => format!("{t}/{id}"),
+                    (Some(t), None) => t.clone(),
+                    _ => String::new(),
+                };
+                verdicts.push(one(e, &path));
+            }
+            for v in verdicts {
+                if let PolicyVerdict::Deny { by, reason } = v {
+                    return Err(Denial::PolicyDenied {
+                        rule: by,
+                        description: reason,
+                    });
+                }
+            }
+        }
         if d.check.is_some() {
             checkable_params(fhir)?;
         }
