@@ -297,6 +297,10 @@ pub struct IntrospectionConfig {
     /// Inactive results are cached this long.
     #[serde(default = "d_introspection_negative")]
     pub negative_cache_seconds: u64,
+    /// Refuse active answers that carry no `aud` (the server must say the
+    /// token is for this gateway).
+    #[serde(default = "d_true")]
+    pub require_aud: bool,
 }
 
 fn d_auth_method() -> String {
@@ -347,6 +351,7 @@ pub struct Introspection {
     pub timeout: Duration,
     pub cache_max_ttl: Duration,
     pub negative_ttl: Duration,
+    pub require_aud: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1253,12 +1258,18 @@ fn validate_introspection(
 ) -> Option<Introspection> {
     let key = |k: &str| format!("{at}.{k}");
     let mut ok = true;
+    // Secrets and users' tokens travel to it: https, or plain http only on
+    // the loopback interface.
+    let loopback = |u: &Url| matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
     let endpoint = match Url::parse(&c.endpoint) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+        Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && loopback(&u)) => Some(u),
         _ => {
             problem(
                 &key("endpoint"),
-                format!("'{}' is not an http(s) URL", c.endpoint),
+                format!(
+                    "'{}' is not an https URL (plain http only on loopback)",
+                    c.endpoint
+                ),
             );
             None
         }
@@ -1364,6 +1375,7 @@ fn validate_introspection(
         timeout: Duration::from_millis(c.timeout_ms),
         cache_max_ttl: Duration::from_secs(c.cache_max_ttl_seconds),
         negative_ttl: Duration::from_secs(c.negative_cache_seconds),
+        require_aud: c.require_aud,
     })
 }
 

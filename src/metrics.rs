@@ -52,6 +52,7 @@ pub const REASONS: &[&str] = &[
     "dpop_token_not_bound",
     "dpop_bound_as_bearer",
     "dpop_proof_without_binding",
+    "dpop_replay_cache_full",
     "binding_required",
     "mtls_no_certificate",
     "mtls_wrong_certificate",

@@ -118,8 +118,11 @@ impl Gateway {
             .map(crate::dpop::Nonces::new);
         let dpop_replay = moka::sync::Cache::builder()
             .max_capacity(settings.dpop.replay_cache_max_entries)
+            // A proof is good from iat - leeway to iat + max_age on the wall
+            // clock; the entry outlives that window by a margin for clock steps.
             .time_to_live(std::time::Duration::from_secs(
-                (settings.dpop.policy.max_age_seconds + settings.dpop.policy.leeway_seconds) as u64,
+                (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
+                    as u64,
             ))
             .build();
         Gateway {
@@ -560,6 +563,9 @@ impl Gateway {
         }
         h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
+            h.insert_header("dpop-nonce", n.current(now_unix()))?;
+        }
         session.write_response_header(Box::new(h), head).await?;
         if !head {
             session.write_response_body(Some(body), true).await?;
@@ -956,6 +962,20 @@ impl Gateway {
             h.update(proof.jti.as_bytes());
             h.finalize().into()
         };
+        // Full, the cache would drop new entries and let replays through:
+        // refuse instead (fail closed) until proofs age out.
+        if self.dpop_replay.entry_count() >= self.settings.dpop.replay_cache_max_entries {
+            self.dpop_replay.run_pending_tasks();
+            if self.dpop_replay.entry_count() >= self.settings.dpop.replay_cache_max_entries {
+                return Err(Denial::Unavailable {
+                    code: "dpop_replay_cache_full",
+                    description:
+                        "too many DPoP proofs in flight to check them for replay; retry later"
+                            .into(),
+                    retry_after_seconds: 1,
+                });
+            }
+        }
         if !self.dpop_replay.entry(key).or_insert(()).is_fresh() {
             let e = crate::dpop::DpopError::Replayed;
             return Err(dpop(e.code(), "invalid_dpop_proof", e.to_string()));

@@ -26,8 +26,19 @@ const MAX_ANSWER_BYTES: usize = 256 * 1024;
 /// What the authorization server said about a token.
 #[derive(Clone)]
 enum Outcome {
-    Active { claims: Arc<Claims>, ttl: Duration },
-    Inactive { ttl: Duration },
+    Active {
+        claims: Arc<Claims>,
+        ttl: Duration,
+    },
+    Inactive {
+        ttl: Duration,
+    },
+    /// Active, but not acceptable here (another audience, not an access
+    /// token, …): cached like an inactive answer, with its reason.
+    Refused {
+        error: TokenError,
+        ttl: Duration,
+    },
 }
 
 struct ByOutcome;
@@ -35,7 +46,9 @@ struct ByOutcome;
 impl moka::Expiry<[u8; 32], Outcome> for ByOutcome {
     fn expire_after_create(&self, _k: &[u8; 32], v: &Outcome, _now: Instant) -> Option<Duration> {
         Some(match v {
-            Outcome::Active { ttl, .. } | Outcome::Inactive { ttl } => *ttl,
+            Outcome::Active { ttl, .. }
+            | Outcome::Inactive { ttl }
+            | Outcome::Refused { ttl, .. } => *ttl,
         })
     }
 }
@@ -110,6 +123,7 @@ impl Introspector {
                 leeway: self.issuer.leeway_seconds,
             }),
             Outcome::Inactive { .. } => Err(TokenError::Inactive),
+            Outcome::Refused { error, .. } => Err(error),
         }
     }
 
@@ -211,7 +225,37 @@ fn outcome(
             ttl: cfg.negative_ttl,
         });
     }
-    let claims = claims_from_answer(answer, issuer, cfg.cache_max_ttl, now)?;
+    let refused = |error| {
+        Ok(Outcome::Refused {
+            error,
+            ttl: cfg.negative_ttl,
+        })
+    };
+    // Only access tokens: a refresh token the server also calls active is
+    // not one (Hydra `token_use`, Keycloak `typ`).
+    let s = |k: &str| {
+        answer
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase)
+    };
+    if s("token_use").is_some_and(|t| t != "access_token")
+        || s("typ").is_some_and(|t| t == "refresh" || t == "offline")
+        || s("token_type").is_some_and(|t| t.contains("refresh"))
+    {
+        return refused(TokenError::BadClaim("token_type"));
+    }
+    // A DPoP token must say which key it is bound to.
+    if s("token_type").as_deref() == Some("dpop") && answer.pointer("/cnf/jkt").is_none() {
+        return refused(TokenError::BadClaim("cnf"));
+    }
+    if cfg.require_aud && answer.get("aud").is_none() {
+        return refused(TokenError::MissingClaim("aud"));
+    }
+    let claims = match claims_from_answer(answer, issuer, cfg.cache_max_ttl, now) {
+        Ok(c) => c,
+        Err(e) => return refused(e),
+    };
     let left = Duration::from_secs(claims.exp.saturating_sub(now).max(0) as u64);
     Ok(Outcome::Active {
         ttl: left.min(cfg.cache_max_ttl),
@@ -271,6 +315,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 cache_max_ttl: Duration::from_secs(60),
                 negative_ttl: Duration::from_secs(10),
+                require_aud: false,
             }),
         }
     }
@@ -292,7 +337,7 @@ mod tests {
                 assert!(claims.cnf.is_some());
                 assert_eq!(ttl, Duration::from_secs(30), "no longer than exp");
             }
-            Outcome::Inactive { .. } => panic!("active"),
+            _ => panic!("active"),
         }
         // Minimal answer: the ceiling bounds it.
         match outcome(
@@ -304,7 +349,7 @@ mod tests {
         .unwrap()
         {
             Outcome::Active { ttl, .. } => assert_eq!(ttl, Duration::from_secs(60)),
-            Outcome::Inactive { .. } => panic!("active"),
+            _ => panic!("active"),
         }
         for inactive in [
             json!({"active": false}),
@@ -316,6 +361,15 @@ mod tests {
                 Outcome::Inactive { .. }
             ));
         }
+        // With require_aud, an answer without aud is refused.
+        let strict = Introspection {
+            require_aud: true,
+            ..cfg.clone()
+        };
+        assert!(matches!(
+            outcome(&json!({"active": true}), &i, &strict, now),
+            Ok(Outcome::Refused { .. })
+        ));
         // Checked like a JWT: another issuer, another audience, expired.
         for (bad, code) in [
             (
@@ -327,10 +381,22 @@ mod tests {
                 "token_wrong_audience",
             ),
             (json!({"active": true, "exp": now - 1}), "token_expired"),
+            (
+                json!({"active": true, "token_use": "refresh_token"}),
+                "token_bad_claims",
+            ),
+            (
+                json!({"active": true, "typ": "Refresh"}),
+                "token_bad_claims",
+            ),
+            (
+                json!({"active": true, "token_type": "DPoP"}),
+                "token_bad_claims",
+            ),
         ] {
             match outcome(&bad, &i, &cfg, now) {
-                Err(e) => assert_eq!(e.code(), code, "{bad}"),
-                Ok(_) => panic!("{bad} accepted"),
+                Ok(Outcome::Refused { error, .. }) => assert_eq!(error.code(), code, "{bad}"),
+                _ => panic!("{bad} accepted"),
             }
         }
     }
