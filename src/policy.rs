@@ -581,6 +581,17 @@ mod tests {
     }
 
     #[test]
+    fn readme_examples_are_valid() {
+        let readme = include_str!("../policies/README.md");
+        let start = readme.find("```yaml\nrules:").expect("example block") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let mut s = PolicySet::default();
+        let problems = s.add_file("README.md", &parse_file(&readme[start..end]).unwrap());
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(s.rules.len(), 5);
+    }
+
+    #[test]
     fn problems_name_rule_and_key() {
         let mut s = PolicySet::default();
         let f = parse_file("rules:
