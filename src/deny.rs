@@ -41,6 +41,11 @@ pub enum Denial {
         description: String,
         scope: Option<String>,
     },
+    /// Over a policy rule's rate limit: 429 with Retry-After.
+    RateLimited {
+        description: String,
+        retry_after_seconds: u64,
+    },
     /// A policy rule refused it (403); `rule` is `file#name`.
     PolicyDenied { rule: String, description: String },
     /// Outside the FHIR base, or not a FHIR path (404).
@@ -111,6 +116,7 @@ impl Denial {
             | Denial::Upstream { code, .. } => code,
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::PolicyDenied { .. } => "policy_denied",
+            Denial::RateLimited { .. } => "rate_limited",
             Denial::NotFound { .. } => "not_found",
             Denial::Hidden { why, .. } => why,
             Denial::MethodNotAllowed { .. } => "method_not_allowed",
@@ -128,6 +134,7 @@ impl Denial {
             | Denial::InvalidDpop { description, .. }
             | Denial::InsufficientScope { description, .. }
             | Denial::PolicyDenied { description, .. }
+            | Denial::RateLimited { description, .. }
             | Denial::NotFound { description }
             | Denial::BadFhirRequest { description, .. }
             | Denial::MethodNotAllowed { description }
@@ -142,6 +149,7 @@ impl Denial {
             Denial::NoToken | Denial::InvalidToken { .. } | Denial::InvalidDpop { .. } => 401,
             Denial::InvalidRequest { .. } | Denial::BadFhirRequest { .. } => 400,
             Denial::InsufficientScope { .. } | Denial::PolicyDenied { .. } => 403,
+            Denial::RateLimited { .. } => 429,
             Denial::NotFound { .. } | Denial::Hidden { .. } => 404,
             Denial::MethodNotAllowed { .. } => 405,
             Denial::TooLarge { .. } => 413,
@@ -197,6 +205,7 @@ impl Denial {
             }
             Denial::NotFound { .. } | Denial::Hidden { .. } => ("error", "not-found"),
             Denial::TooLarge { .. } => ("error", "too-costly"),
+            Denial::RateLimited { .. } => ("error", "throttled"),
             Denial::Unavailable { .. } => ("error", "transient"),
             Denial::Upstream { status: 504, .. } => ("error", "timeout"),
             Denial::Upstream { .. } => ("error", "exception"),
@@ -216,6 +225,10 @@ impl Denial {
         });
         let retry_after = match self {
             Denial::Unavailable {
+                retry_after_seconds,
+                ..
+            }
+            | Denial::RateLimited {
                 retry_after_seconds,
                 ..
             } => Some(*retry_after_seconds),

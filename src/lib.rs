@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod proxy_headers;
+pub mod ratelimit;
 pub mod route;
 pub mod sandbox;
 pub mod scope;

@@ -62,6 +62,7 @@ pub const REASONS: &[&str] = &[
     "credentials_refused",
     "insufficient_scope",
     "policy_denied",
+    "rate_limited",
     "not_found",
     "outside_compartment",
     "outside_scope_filter",

@@ -38,6 +38,20 @@ pub struct RuleSpec {
     pub effect: String,
     #[serde(default)]
     pub require: Option<Requirement>,
+    /// A token bucket for the requests this rule matches.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `requests` per `per_seconds`, as a token bucket (that many at once,
+/// refilled evenly), counted separately for each client, user or source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// `client` (client_id), `user` (sub) or `source` (client address).
+    pub per: String,
+    pub requests: u32,
+    pub per_seconds: u32,
 }
 
 /// Conditions of a rule; all present ones must hold.
@@ -109,6 +123,7 @@ pub struct Rule {
     pub file: String,
     pub name: String,
     pub effect: Effect,
+    pub rate_limit: Option<RateLimit>,
     pub when: Match,
     sources: Vec<(IpAddr, u8)>,
     window: Option<(Vec<u8>, u16, u16)>,
@@ -155,9 +170,12 @@ pub struct PolicyInput<'a> {
 /// The policies' verdict, naming the rule that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// No rule refused it; `by` names the allowing rule, if one matched.
+    /// No rule refused it; `by` names the allowing rule, if one matched;
+    /// `limits` are the rate limits of every rule that matched on the way
+    /// (`file#rule`, limit), for the caller to count.
     Allow {
         by: Option<String>,
+        limits: Vec<(String, RateLimit)>,
     },
     Deny {
         by: String,
@@ -265,6 +283,20 @@ impl PolicySet {
                     None
                 }
             };
+            if let Some(l) = &r.rate_limit {
+                if !matches!(l.per.as_str(), "client" | "user" | "source") {
+                    p(
+                        "rate_limit.per",
+                        format!("'{}' is not one of: client, user, source", l.per),
+                    );
+                }
+                if l.requests == 0 || l.per_seconds == 0 {
+                    p(
+                        "rate_limit",
+                        "requests and per_seconds must be at least 1".into(),
+                    );
+                }
+            }
             let w = &r.when;
             for x in &w.interaction {
                 if !INTERACTIONS.contains(&x.as_str()) {
@@ -330,6 +362,7 @@ impl PolicySet {
                     file: file.to_string(),
                     name: r.name.clone(),
                     effect,
+                    rate_limit: r.rate_limit.clone(),
                     when: w.clone(),
                     sources,
                     window,
@@ -341,13 +374,22 @@ impl PolicySet {
 
     /// The verdict for `input`.
     pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
+        let mut limits = Vec::new();
         for r in &self.rules {
             if !r.matches(input) {
                 continue;
             }
             let by = format!("{}#{}", r.file, r.name);
+            if let Some(l) = &r.rate_limit {
+                limits.push((by.clone(), l.clone()));
+            }
             match &r.effect {
-                Effect::Allow => return Verdict::Allow { by: Some(by) },
+                Effect::Allow => {
+                    return Verdict::Allow {
+                        by: Some(by),
+                        limits,
+                    }
+                }
                 Effect::Deny => {
                     return Verdict::Deny {
                         reason: format!("refused by policy rule {by}"),
@@ -364,7 +406,7 @@ impl PolicySet {
                 }
             }
         }
-        Verdict::Allow { by: None }
+        Verdict::Allow { by: None, limits }
     }
 }
 
@@ -560,7 +602,8 @@ mod tests {
         assert_eq!(
             s.evaluate(&i),
             Verdict::Allow {
-                by: Some("t.yaml#researchers-read-only-observations".into())
+                by: Some("t.yaml#researchers-read-only-observations".into()),
+                limits: vec![]
             }
         );
         i.resource_type = Some("Condition");
@@ -577,7 +620,13 @@ mod tests {
         }
         let other = json!({"roles": ["clinician"]});
         let i = input(&other, &scopes);
-        assert_eq!(s.evaluate(&i), Verdict::Allow { by: None });
+        assert_eq!(
+            s.evaluate(&i),
+            Verdict::Allow {
+                by: None,
+                limits: vec![]
+            }
+        );
     }
 
     #[test]
@@ -588,7 +637,7 @@ mod tests {
         let mut s = PolicySet::default();
         let problems = s.add_file("README.md", &parse_file(&readme[start..end]).unwrap());
         assert!(problems.is_empty(), "{problems:?}");
-        assert_eq!(s.rules.len(), 5);
+        assert_eq!(s.rules.len(), 6);
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Gateway {
     dpop_replay: moka::sync::Cache<[u8; 32], ()>,
     /// Issues and checks `DPoP-Nonce`s, when required.
     dpop_nonces: Option<crate::dpop::Nonces>,
+    /// Token buckets of the policy rules' rate limits.
+    limiter: crate::ratelimit::Limiter,
 }
 
 impl Gateway {
@@ -141,6 +143,7 @@ impl Gateway {
             public_origin,
             dpop_replay,
             dpop_nonces,
+            limiter: crate::ratelimit::Limiter::default(),
         }
     }
 }
@@ -1213,11 +1216,36 @@ impl Gateway {
                 };
                 verdicts.push(one(e, &path));
             }
+            let mut limits = Vec::new();
             for v in verdicts {
-                if let PolicyVerdict::Deny { by, reason } = v {
-                    return Err(Denial::PolicyDenied {
-                        rule: by,
-                        description: reason,
+                match v {
+                    PolicyVerdict::Deny { by, reason } => {
+                        return Err(Denial::PolicyDenied {
+                            rule: by,
+                            description: reason,
+                        })
+                    }
+                    PolicyVerdict::Allow { limits: l, .. } => limits.extend(l),
+                }
+            }
+            // Rate limits of the matching rules, counted once per request.
+            limits.sort_by(|a, b| a.0.cmp(&b.0));
+            limits.dedup_by(|a, b| a.0 == b.0);
+            for (rule, limit) in limits {
+                let source = source.map(|ip| ip.to_string());
+                let who = match limit.per.as_str() {
+                    "client" => claims.client_id.as_deref(),
+                    "user" => claims.sub.as_deref(),
+                    _ => source.as_deref(),
+                }
+                .unwrap_or("(none)");
+                if let Err(wait) = self.limiter.check(&rule, &limit, who) {
+                    return Err(Denial::RateLimited {
+                        description: format!(
+                            "rate limit of policy rule {rule}: {} requests per {} s per {}",
+                            limit.requests, limit.per_seconds, limit.per
+                        ),
+                        retry_after_seconds: wait.ceil().max(1.0) as u64,
                     });
                 }
             }

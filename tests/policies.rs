@@ -131,3 +131,50 @@ fn check_names_file_rule_and_key() {
     assert!(text.contains("b.yaml") && text.contains("whenn"), "{text}");
     assert!(text.contains("line"), "YAML errors carry a line: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_client() {
+    let dir = TempDir::new("policies-rate");
+    std::fs::write(
+        dir.0.join("10-limits.yaml"),
+        "rules:\n  - name: three-searches-a-minute\n    effect: allow\n    when: {interaction: [search-type]}\n    rate_limit: {per: client, requests: 3, per_seconds: 60}\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    for i in 0..3 {
+        let r = gw
+            .get(&format!("Observation?code=rate-{i}"), Some(&token))
+            .await;
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    let r = gw.get("Observation?code=rate-over", Some(&token)).await;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&wait), "{wait}");
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("throttled") && body.contains("three-searches-a-minute"),
+        "{body}"
+    );
+    assert_eq!(gw.upstream.count_containing("rate-over"), 0);
+    // Reads are not limited by that rule; another client has its own bucket.
+    assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+    let mut c = gw.claims("user/*.rs");
+    c["client_id"] = json!("another-app");
+    let other = gw.issuer.signing_key().sign(&c);
+    assert_eq!(
+        gw.get("Observation?code=rate-other", Some(&other))
+            .await
+            .status(),
+        200
+    );
+}
