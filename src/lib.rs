@@ -13,6 +13,7 @@ pub mod decide;
 pub mod demo;
 pub mod deny;
 pub mod dpop;
+pub mod explain;
 pub mod extract;
 pub mod fhir;
 pub mod metrics;

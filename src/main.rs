@@ -1,4 +1,4 @@
-//! The `fhirwall` binary: `run` (default), `check`, `demo`.
+//! The `fhirwall` binary: `run` (default), `check`, `explain`, `test`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,38 @@ enum Command {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
     },
+    /// Explain how a request would be decided, stage by stage, without
+    /// contacting the upstream (the token is given as its claims JSON).
+    Explain {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// File holding the token's claims (JSON).
+        #[arg(long)]
+        claims: PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Path below the public base (`Observation?code=x`) or full URL.
+        #[arg(long)]
+        url: String,
+        /// Request body file (a Bundle, a form).
+        #[arg(long)]
+        body: Option<PathBuf>,
+        /// bearer, dpop or mtls (assumed verified).
+        #[arg(long, default_value = "bearer")]
+        binding: String,
+        /// Client address, for `source` rules.
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
+    },
+    /// Run policy tests (`policies/tests/*.yaml` by default): each case's
+    /// claims and request must get its expected decision and rule.
+    Test {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Test files or directories.
+        #[arg(default_value = "policies/tests")]
+        paths: Vec<PathBuf>,
+    },
     /// Start a self-contained sandbox: gateway, synthetic FHIR server and a local issuer.
     Demo {
         /// Address of the demo gateway.
@@ -58,6 +90,125 @@ fn init_logs(json: bool) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn load_or_exit(config: &std::path::Path) -> Result<fhirwall::config::Settings, ExitCode> {
+    fhirwall::config::load(config).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn explain(
+    config: &std::path::Path,
+    claims: &std::path::Path,
+    method: String,
+    url: String,
+    body: Option<PathBuf>,
+    binding: String,
+    source: Option<std::net::IpAddr>,
+) -> ExitCode {
+    let settings = match load_or_exit(config) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let claims = match std::fs::read_to_string(claims)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", claims.display());
+            return ExitCode::from(2);
+        }
+    };
+    let body = match body.map(std::fs::read_to_string).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("body: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let req = fhirwall::explain::ExplainRequest {
+        method,
+        url,
+        body,
+        binding,
+        source,
+    };
+    let e = fhirwall::explain::explain(&settings, &claims, &req, now());
+    for (i, (stage, verdict)) in e.stages.iter().enumerate() {
+        println!("{}. {stage:<9} {verdict}", i + 1);
+    }
+    println!(
+        "=> {}{}",
+        e.decision.to_uppercase(),
+        e.rule.map(|r| format!(" (rule {r})")).unwrap_or_default()
+    );
+    if e.decision == "allow" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn test(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
+    let settings = match load_or_exit(config) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    if files.is_empty() {
+        eprintln!("no policy test files found");
+        return ExitCode::from(2);
+    }
+    let (mut cases, mut failed) = (0, 0);
+    for f in files {
+        let parsed = std::fs::read_to_string(&f)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                serde_saphyr::from_str::<fhirwall::explain::TestFile>(&t).map_err(|e| e.to_string())
+            });
+        let file = match parsed {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        };
+        cases += file.cases.len();
+        for failure in fhirwall::explain::run_tests(&settings, &file, now()) {
+            failed += 1;
+            println!("FAIL {}: {failure}", f.display());
+        }
+    }
+    println!("{} case(s), {} failed", cases, failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -101,6 +252,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Explain {
+            config,
+            claims,
+            method,
+            url,
+            body,
+            binding,
+            source,
+        } => explain(&config, &claims, method, url, body, binding, source),
+        Command::Test { config, paths } => test(&config, &paths),
         Command::Demo { listen, admin } => match fhirwall::demo::run(&listen, &admin) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -178,3 +178,133 @@ async fn rate_limits_per_client() {
         200
     );
 }
+
+/// A config with the hospital policy, for the offline commands.
+fn offline_config(dir: &TempDir) -> std::path::PathBuf {
+    let pol = dir.0.join("policies");
+    std::fs::create_dir_all(pol.join("tests")).unwrap();
+    std::fs::write(pol.join("10-hospital.yaml"), POLICY).unwrap();
+    let config = dir.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+         issuers:\n  - name: hospital\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [https://gw.example/fhir]\n\
+         admin:\n  listen: 127.0.0.1:3\npolicies:\n  dir: policies\n",
+    )
+    .unwrap();
+    config
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(support::bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn explain_and_test_replay_decisions_offline() {
+    let dir = TempDir::new("explain");
+    let config = offline_config(&dir);
+    let claims = dir.0.join("claims.json");
+    std::fs::write(
+        &claims,
+        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4_000_000_000u64,
+               "client_id": "test-app", "scope": "user/*.cruds patient/*.rs", "patient": "p1"})
+        .to_string(),
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let cl = claims.to_str().unwrap();
+    let (ok, out) = run(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        cl,
+        "--url",
+        "Observation?code=1",
+    ]);
+    assert!(ok, "{out}");
+    for stage in [
+        "route", "validate", "bind", "classify", "decide", "policies", "proxy",
+    ] {
+        assert!(out.contains(stage), "{stage}: {out}");
+    }
+    assert!(out.contains("=> ALLOW"), "{out}");
+    let (ok, out) = run(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        cl,
+        "--method",
+        "DELETE",
+        "--url",
+        "Observation/o1",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("=> DENY (rule 10-hospital.yaml#no-deletes)"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        cl,
+        "--url",
+        "Condition/c1",
+    ]);
+    assert!(!ok && out.contains("requires a dpop binding"), "{out}");
+
+    // Policy tests: expectations met, then one that is not.
+    let tests = dir.0.join("policies/tests/hospital.yaml");
+    let case = |name: &str, method: &str, url: &str, decision: &str, rule: &str| {
+        format!(
+            "  - name: {name}\n    claims: {{iss: 'https://as.example', aud: 'https://gw.example/fhir', exp: 4000000000, client_id: test-app, scope: 'user/*.cruds'}}\n    request: {{method: {method}, url: '{url}'}}\n    expect: {{decision: {decision}{rule}}}\n"
+        )
+    };
+    let good = format!(
+        "cases:\n{}{}{}",
+        case("reads pass", "GET", "Observation/o1", "allow", ""),
+        case(
+            "no deletes",
+            "DELETE",
+            "Observation/o1",
+            "deny",
+            ", rule: '10-hospital.yaml#no-deletes'"
+        ),
+        case(
+            "everything is refused for the app",
+            "GET",
+            "Patient/p1/$everything",
+            "deny",
+            ", rule: '10-hospital.yaml#no-everything-for-the-research-client'"
+        ),
+    );
+    std::fs::write(&tests, &good).unwrap();
+    let t = tests.to_str().unwrap();
+    let (ok, out) = run(&["test", "--config", c, t]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 case(s), 0 failed"), "{out}");
+    std::fs::write(
+        &tests,
+        format!(
+            "cases:\n{}",
+            case("wrong expectation", "DELETE", "Observation/o1", "allow", "")
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run(&["test", "--config", c, t]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL") && out.contains("wrong expectation"),
+        "{out}"
+    );
+}

@@ -1,0 +1,326 @@
+//! `fhirwall explain` and `fhirwall test`: replay the pure pipeline stages
+//! (route, validate claims, bind, classify, decide, policies, and whether
+//! the answer would be checked) for a request and a token's claims,
+//! without contacting the upstream, the issuer or the JWKS.
+//!
+//! The token is given as its claims (JSON): a signature cannot be checked
+//! offline, so `explain` says so and checks everything else.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::Settings;
+use crate::decide::{decide_with, DecideOptions};
+use crate::fhir::classify::{self, HttpRequest};
+use crate::policy::{PolicyInput, Verdict};
+use crate::route::{normalise, route, Route};
+use crate::token::check_claims;
+
+/// A request to explain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    pub method: String,
+    /// A path below the public base (`Observation?code=x`) or a full URL.
+    pub url: String,
+    /// A request body (JSON text), for Bundles and searches by POST.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// `bearer`, `dpop` or `mtls` (assumed verified).
+    #[serde(default = "d_binding")]
+    pub binding: String,
+    /// The client's address, for `source` rules.
+    #[serde(default)]
+    pub source: Option<IpAddr>,
+}
+
+fn d_binding() -> String {
+    "bearer".into()
+}
+
+/// Each stage's verdict, and the outcome.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub stages: Vec<(&'static str, String)>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The deciding policy rule (`file#rule`), if a rule decided.
+    pub rule: Option<String>,
+}
+
+impl Explanation {
+    fn deny(mut self, stage: &'static str, why: String) -> Explanation {
+        self.stages.push((stage, format!("DENY: {why}")));
+        self.decision = "deny";
+        self
+    }
+}
+
+/// Explains `req` under `claims` at `now` (Unix seconds).
+pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
+    let mut e = Explanation {
+        stages: Vec::new(),
+        decision: "allow",
+        rule: None,
+    };
+    // 1. Route
+    let target = if req.url.contains("://") {
+        match url::Url::parse(&req.url) {
+            Ok(u) => format!(
+                "{}{}",
+                u.path(),
+                u.query().map(|q| format!("?{q}")).unwrap_or_default()
+            ),
+            Err(err) => return e.deny("route", format!("'{}' is not a URL: {err}", req.url)),
+        }
+    } else {
+        format!("{}/{}", s.public_base_path, req.url.trim_start_matches('/'))
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target.clone(), None),
+    };
+    let path = match normalise(&path) {
+        Ok(p) => p,
+        Err(err) => return e.deny("route", err.to_string()),
+    };
+    let rel = match route(&path, &s.public_base_path, &s.public_routes) {
+        Route::NotFound => return e.deny("route", format!("'{path}' is not below the FHIR base")),
+        Route::Public(r) => {
+            e.stages
+                .push(("route", format!("public route '{r}': no token needed")));
+            return e;
+        }
+        Route::Fhir(r) => r,
+    };
+    e.stages.push(("route", format!("FHIR path '{rel}'")));
+
+    // 2-3. Extract, validate: the claims, without the signature.
+    e.stages.push((
+        "extract",
+        "not replayed: the token is given as its claims".into(),
+    ));
+    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+    let Some(issuer) = s.issuers.iter().find(|i| i.issuer == iss) else {
+        return e.deny("validate", format!("issuer '{iss}' is not configured"));
+    };
+    let c = match check_claims(claims, issuer, now) {
+        Ok(c) => c,
+        Err(err) => return e.deny("validate", err.to_string()),
+    };
+    e.stages.push((
+        "validate",
+        format!(
+            "claims accepted for issuer '{}' (signature not checked offline)",
+            issuer.name
+        ),
+    ));
+    // 4. Bind
+    let bound = c.cnf.as_ref().map(|cnf| {
+        if cnf.get("jkt").is_some() {
+            "dpop"
+        } else {
+            "mtls"
+        }
+    });
+    match (bound, req.binding.as_str()) {
+        (Some(b), given) if b != given => {
+            return e.deny(
+                "bind",
+                format!("the token is {b}-bound but the request is explained as {given}"),
+            )
+        }
+        (Some(b), _) => e
+            .stages
+            .push(("bind", format!("{b}-bound; proof assumed valid"))),
+        (None, "bearer") => e.stages.push(("bind", "bearer token".into())),
+        (None, other) => {
+            return e.deny(
+                "bind",
+                format!("a {other} binding needs a bound token (cnf)"),
+            )
+        }
+    }
+    // 5. Classify
+    let mut fhir = match classify::classify(HttpRequest {
+        method: &req.method,
+        path: &rel,
+        query: query.as_deref(),
+        if_none_exist: None,
+    }) {
+        Ok(f) => f,
+        Err(err) => return e.deny("classify", err.to_string()),
+    };
+    if fhir.is_bundle() {
+        let body = req.body.clone().unwrap_or_default();
+        fhir = match classify::classify_bundle(fhir, body.as_bytes()) {
+            Ok(f) => f,
+            Err(err) => return e.deny("classify", err.to_string()),
+        };
+    }
+    e.stages.push((
+        "classify",
+        format!(
+            "{} {}{}",
+            fhir.interaction,
+            fhir.resource_type.as_deref().unwrap_or(""),
+            fhir.id
+                .as_deref()
+                .map(|i| format!("/{i}"))
+                .unwrap_or_default()
+        ),
+    ));
+    // 6. Decide: scopes and patient context, then policies.
+    let opts = DecideOptions {
+        unnarrowed_search: s.unnarrowed_search,
+        bases: crate::fhir::compartment::Bases(vec![s
+            .public_base
+            .as_str()
+            .trim_end_matches('/')
+            .to_string()]),
+    };
+    let d = match decide_with(&fhir, &c.scopes, c.patient.as_deref(), &opts) {
+        Ok(d) => d,
+        Err(err) => return e.deny("decide", err.reason),
+    };
+    e.stages.push((
+        "decide",
+        format!(
+            "granted by {}",
+            if d.scopes_used.is_empty() {
+                "-".to_string()
+            } else {
+                d.scopes_used.join(" ")
+            }
+        ),
+    ));
+    let scopes: Vec<String> = c.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
+    let mut requests = vec![(&fhir, rel.clone())];
+    for entry in &fhir.entries {
+        let p = format!(
+            "{}{}",
+            entry.resource_type.as_deref().unwrap_or(""),
+            entry
+                .id
+                .as_deref()
+                .map(|i| format!("/{i}"))
+                .unwrap_or_default()
+        );
+        requests.push((entry, p));
+    }
+    for (r, p) in requests {
+        let v = s.policies.evaluate(&PolicyInput {
+            issuer: &c.issuer_name,
+            client_id: c.client_id.as_deref(),
+            claims: &c.raw,
+            scopes: &scopes,
+            interaction: r.interaction.as_str(),
+            resource_type: r.resource_type.as_deref(),
+            operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
+            path: &p,
+            source: req.source,
+            binding: &req.binding,
+            now,
+        });
+        match v {
+            Verdict::Deny { by, reason } => {
+                e.rule = Some(by);
+                return e.deny("policies", reason);
+            }
+            Verdict::Allow { by, limits } => {
+                if by.is_some() && e.rule.is_none() {
+                    e.rule.clone_from(&by);
+                }
+                let mut note = match &by {
+                    Some(b) => format!("allowed by rule {b}"),
+                    None => "no rule refused it".into(),
+                };
+                for (rule, l) in limits {
+                    note.push_str(&format!(
+                        "; rate limit {rule}: {} per {} s per {}",
+                        l.requests, l.per_seconds, l.per
+                    ));
+                }
+                e.stages.push(("policies", note));
+            }
+        }
+    }
+    // 7-8. Proxy and check.
+    let mut proxy = "forwarded to the upstream".to_string();
+    if !d.narrow.is_empty() {
+        let add: Vec<String> = d.narrow.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        proxy.push_str(&format!(", narrowed with {}", add.join("&")));
+    }
+    e.stages.push(("proxy", proxy));
+    if d.check.is_some()
+        || !d.entry_checks.is_empty()
+        || d.write.is_some()
+        || !d.entry_writes.is_empty()
+    {
+        e.stages.push((
+            "check",
+            "the answer (or, for a write, the body and the stored resource) is checked before anything is passed on".into(),
+        ));
+    }
+    e
+}
+
+/// One case of a policy test file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestCase {
+    pub name: String,
+    pub claims: Value,
+    pub request: ExplainRequest,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// The deciding rule (`file#rule`), when a rule must decide.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestFile {
+    pub cases: Vec<TestCase>,
+}
+
+/// Runs a test file's cases; the failures, described.
+pub fn run_tests(s: &Settings, file: &TestFile, now: i64) -> Vec<String> {
+    let mut failures = Vec::new();
+    for case in &file.cases {
+        let e = explain(s, &case.claims, &case.request, now);
+        let rule_ok = case.expect.rule.is_none() || case.expect.rule == e.rule;
+        if e.decision != case.expect.decision || !rule_ok {
+            let last = e
+                .stages
+                .last()
+                .map(|(st, v)| format!("{st}: {v}"))
+                .unwrap_or_default();
+            failures.push(format!(
+                "{}: expected {}{}, got {}{} ({last})",
+                case.name,
+                case.expect.decision,
+                case.expect
+                    .rule
+                    .as_deref()
+                    .map(|r| format!(" by {r}"))
+                    .unwrap_or_default(),
+                e.decision,
+                e.rule
+                    .as_deref()
+                    .map(|r| format!(" by {r}"))
+                    .unwrap_or_default(),
+            ));
+        }
+    }
+    failures
+}
