@@ -677,6 +677,21 @@ fn patient_search(
     {
         return Ok(Some(None));
     }
+    // Whatever the search, no parameter may name another patient.
+    for (name, value) in &req.params {
+        let base = name.split(['.', ':']).next().unwrap_or("");
+        let modifier = name
+            .split('.')
+            .next()
+            .and_then(|h| h.split_once(':'))
+            .map(|(_, m)| m);
+        let bare = base == "patient" && matches!(modifier, None | Some("Patient"));
+        for v in value.split(',') {
+            if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
+                return Err(names_other(name, value, ctx));
+            }
+        }
+    }
     if req.interaction == Interaction::SearchCompartment
         && !reaches_other_types(req)
         && req

@@ -308,3 +308,18 @@ fn explain_and_test_replay_decisions_offline() {
         "{out}"
     );
 }
+
+/// The shipped example policy sets pass their own tests (so `cargo test`,
+/// and .ci/run, review them like code).
+#[test]
+fn shipped_examples_pass_their_tests() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (ok, out) = run(&[
+        "test",
+        "--config",
+        &format!("{root}/policies/examples/config/example-config.yaml"),
+        &format!("{root}/policies/examples/tests"),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("15 case(s), 0 failed"), "{out}");
+}
