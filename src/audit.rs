@@ -36,6 +36,12 @@ pub struct Record<'a> {
     pub token_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_cache_hit: Option<bool>,
+    /// Break-glass-able policy rules the request passed (`file#rule`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub break_glass_rules: &'a [String],
+    /// The declared emergency's reason, when break-glass was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub break_glass_reason: Option<&'a str>,
     /// `jwt` or `opaque`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_kind: Option<&'a str>,

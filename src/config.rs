@@ -60,6 +60,9 @@ pub struct Config {
     /// the config file), in file-name order. See `policies/README.md`.
     #[serde(default)]
     pub policies: Option<PoliciesConfig>,
+    /// How an emergency is declared (break-glass): see policies/README.md.
+    #[serde(default)]
+    pub break_glass: BreakGlassConfig,
     /// The directory of the config file (relative paths are below it).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -69,6 +72,37 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct PoliciesConfig {
     pub dir: String,
+}
+
+/// Break-glass: a request carrying a reason may pass policy rules marked
+/// `break_glass: true` (never scopes or the patient context).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlassConfig {
+    /// Request header carrying the reason (stripped before the upstream
+    /// when it is an `X-Fhirwall-*` header, as the default is).
+    #[serde(default = "d_bg_header")]
+    pub header: String,
+    /// Or a token claim carrying it (set by the authorization server).
+    #[serde(default)]
+    pub claim: Option<String>,
+    /// Only tokens issued (`iat`) at most this long ago may break glass.
+    #[serde(default)]
+    pub max_token_age_seconds: Option<u64>,
+}
+
+impl Default for BreakGlassConfig {
+    fn default() -> Self {
+        BreakGlassConfig {
+            header: d_bg_header(),
+            claim: None,
+            max_token_age_seconds: None,
+        }
+    }
+}
+
+fn d_bg_header() -> String {
+    "X-Fhirwall-Break-Glass".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -538,6 +572,7 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     pub tls: Option<Tls>,
     pub policies: crate::policy::PolicySet,
+    pub break_glass: BreakGlassConfig,
     pub audit: AuditSink,
     pub server: ServerConfig,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
@@ -673,6 +708,12 @@ impl Config {
             None => Some(None),
             Some(t) => validate_tls(t, &mut problem).map(Some),
         };
+        if http::HeaderName::from_bytes(self.break_glass.header.as_bytes()).is_err() {
+            problem(
+                "break_glass.header",
+                format!("'{}' is not a header name", self.break_glass.header),
+            );
+        }
         let policies = match &self.policies {
             None => crate::policy::PolicySet::default(),
             Some(pc) => load_policies(&self.base_dir.join(&pc.dir), &mut problem),
@@ -1025,6 +1066,7 @@ impl Config {
             admin_listen: admin_listen.expect("validated"),
             tls: tls.expect("validated"),
             policies,
+            break_glass: self.break_glass.clone(),
             audit: audit.expect("validated"),
             server: self.server.clone(),
             forward_headers,

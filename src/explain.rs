@@ -34,6 +34,9 @@ pub struct ExplainRequest {
     /// The client's address, for `source` rules.
     #[serde(default)]
     pub source: Option<IpAddr>,
+    /// A break-glass reason declared with the request.
+    #[serde(default)]
+    pub break_glass: Option<String>,
 }
 
 fn d_binding() -> String {
@@ -223,13 +226,18 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             source: req.source,
             binding: &req.binding,
             now,
+            break_glass: req.break_glass.as_deref(),
         });
         match v {
             Verdict::Deny { by, reason } => {
                 e.rule = Some(by);
                 return e.deny("policies", reason);
             }
-            Verdict::Allow { by, limits } => {
+            Verdict::Allow {
+                by,
+                limits,
+                broke_glass,
+            } => {
                 if by.is_some() && e.rule.is_none() {
                     e.rule.clone_from(&by);
                 }
@@ -237,6 +245,9 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
                     Some(b) => format!("allowed by rule {b}"),
                     None => "no rule refused it".into(),
                 };
+                for rule in broke_glass {
+                    note.push_str(&format!("; BREAK-GLASS past {rule}"));
+                }
                 for (rule, l) in limits {
                     note.push_str(&format!(
                         "; rate limit {rule}: {} per {} s per {}",

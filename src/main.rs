@@ -59,6 +59,9 @@ enum Command {
         /// Client address, for `source` rules.
         #[arg(long)]
         source: Option<std::net::IpAddr>,
+        /// A break-glass reason declared with the request.
+        #[arg(long)]
+        break_glass: Option<String>,
     },
     /// Run policy tests (`policies/tests/*.yaml` by default): each case's
     /// claims and request must get its expected decision and rule.
@@ -110,11 +113,8 @@ fn load_or_exit(config: &std::path::Path) -> Result<fhirwall::config::Settings, 
 fn explain(
     config: &std::path::Path,
     claims: &std::path::Path,
-    method: String,
-    url: String,
+    mut req: fhirwall::explain::ExplainRequest,
     body: Option<PathBuf>,
-    binding: String,
-    source: Option<std::net::IpAddr>,
 ) -> ExitCode {
     let settings = match load_or_exit(config) {
         Ok(s) => s,
@@ -137,13 +137,7 @@ fn explain(
             return ExitCode::from(2);
         }
     };
-    let req = fhirwall::explain::ExplainRequest {
-        method,
-        url,
-        body,
-        binding,
-        source,
-    };
+    req.body = body;
     let e = fhirwall::explain::explain(&settings, &claims, &req, now());
     for (i, (stage, verdict)) in e.stages.iter().enumerate() {
         println!("{}. {stage:<9} {verdict}", i + 1);
@@ -260,7 +254,20 @@ fn main() -> ExitCode {
             body,
             binding,
             source,
-        } => explain(&config, &claims, method, url, body, binding, source),
+            break_glass,
+        } => explain(
+            &config,
+            &claims,
+            fhirwall::explain::ExplainRequest {
+                method,
+                url,
+                body: None,
+                binding,
+                source,
+                break_glass,
+            },
+            body,
+        ),
         Command::Test { config, paths } => test(&config, &paths),
         Command::Demo { listen, admin } => match fhirwall::demo::run(&listen, &admin) {
             Ok(()) => ExitCode::SUCCESS,

@@ -87,6 +87,7 @@ pub struct Metrics {
     pub token_cache_entries: IntGauge,
     introspections: IntCounterVec,
     introspection_duration: HistogramVec,
+    break_glass: IntCounter,
     /// `[kind: jwt, opaque][binding: bearer, dpop, mtls]`.
     bindings_by: Vec<Vec<IntCounter>>,
     /// Handles resolved at start-up, so the request path never hashes labels:
@@ -184,6 +185,11 @@ impl Metrics {
                     .collect()
             })
             .collect();
+        let break_glass = IntCounter::new(
+            "fhirwall_break_glass_total",
+            "Requests that passed a policy rule by break-glass",
+        )
+        .expect("valid metric");
         let token_cache_entries = IntGauge::new(
             "fhirwall_token_cache_entries",
             "Entries in the verified-token cache",
@@ -199,6 +205,7 @@ impl Metrics {
             Box::new(token_cache_entries.clone()),
             Box::new(introspections.clone()),
             Box::new(bindings.clone()),
+            Box::new(break_glass.clone()),
             Box::new(introspection_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -236,6 +243,7 @@ impl Metrics {
             introspections,
             introspection_duration,
             bindings_by,
+            break_glass,
             requests_by,
             outcomes_by,
             duration_by,
@@ -262,6 +270,10 @@ impl Metrics {
             .expect("upstream_error is a reason");
         self.outcomes_by[r].inc();
         self.duration_by[d].observe(seconds);
+    }
+
+    pub fn break_glass(&self) {
+        self.break_glass.inc();
     }
 
     /// A token that passed the bind stage.

@@ -41,6 +41,10 @@ pub struct RuleSpec {
     /// A token bucket for the requests this rule matches.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// A `deny` that a declared emergency (break-glass, with a reason) may
+    /// pass. Never applies to scopes or the patient context.
+    #[serde(default)]
+    pub break_glass: bool,
 }
 
 /// `requests` per `per_seconds`, as a token bucket (that many at once,
@@ -124,6 +128,7 @@ pub struct Rule {
     pub name: String,
     pub effect: Effect,
     pub rate_limit: Option<RateLimit>,
+    pub break_glass: bool,
     pub when: Match,
     sources: Vec<(IpAddr, u8)>,
     window: Option<(Vec<u8>, u16, u16)>,
@@ -165,6 +170,8 @@ pub struct PolicyInput<'a> {
     pub binding: &'a str,
     /// Unix seconds.
     pub now: i64,
+    /// A declared emergency's reason (break-glass), when there is one.
+    pub break_glass: Option<&'a str>,
 }
 
 /// The policies' verdict, naming the rule that decided it.
@@ -176,6 +183,8 @@ pub enum Verdict {
     Allow {
         by: Option<String>,
         limits: Vec<(String, RateLimit)>,
+        /// The break-glass-able deny rules the emergency passed.
+        broke_glass: Vec<String>,
     },
     Deny {
         by: String,
@@ -297,6 +306,12 @@ impl PolicySet {
                     );
                 }
             }
+            if r.break_glass && r.effect != "deny" {
+                p(
+                    "break_glass",
+                    "only a deny rule can be passed by break-glass".into(),
+                );
+            }
             let w = &r.when;
             for x in &w.interaction {
                 if !INTERACTIONS.contains(&x.as_str()) {
@@ -363,6 +378,7 @@ impl PolicySet {
                     name: r.name.clone(),
                     effect,
                     rate_limit: r.rate_limit.clone(),
+                    break_glass: r.break_glass,
                     when: w.clone(),
                     sources,
                     window,
@@ -375,6 +391,7 @@ impl PolicySet {
     /// The verdict for `input`.
     pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
         let mut limits = Vec::new();
+        let mut broke_glass = Vec::new();
         for r in &self.rules {
             if !r.matches(input) {
                 continue;
@@ -388,7 +405,11 @@ impl PolicySet {
                     return Verdict::Allow {
                         by: Some(by),
                         limits,
+                        broke_glass,
                     }
+                }
+                Effect::Deny if r.break_glass && input.break_glass.is_some() => {
+                    broke_glass.push(by);
                 }
                 Effect::Deny => {
                     return Verdict::Deny {
@@ -406,7 +427,11 @@ impl PolicySet {
                 }
             }
         }
-        Verdict::Allow { by: None, limits }
+        Verdict::Allow {
+            by: None,
+            limits,
+            broke_glass,
+        }
     }
 }
 
@@ -520,6 +545,7 @@ mod tests {
             source: Some("10.1.2.3".parse().unwrap()),
             binding: "bearer",
             now: WED_1430,
+            break_glass: None,
         }
     }
 
@@ -603,7 +629,8 @@ mod tests {
             s.evaluate(&i),
             Verdict::Allow {
                 by: Some("t.yaml#researchers-read-only-observations".into()),
-                limits: vec![]
+                limits: vec![],
+                broke_glass: vec![]
             }
         );
         i.resource_type = Some("Condition");
@@ -624,7 +651,8 @@ mod tests {
             s.evaluate(&i),
             Verdict::Allow {
                 by: None,
-                limits: vec![]
+                limits: vec![],
+                broke_glass: vec![]
             }
         );
     }
@@ -638,6 +666,31 @@ mod tests {
         let problems = s.add_file("README.md", &parse_file(&readme[start..end]).unwrap());
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(s.rules.len(), 6);
+    }
+
+    #[test]
+    fn break_glass_passes_only_marked_denies() {
+        let s = set("rules:
+  - {name: after-hours, effect: deny, break_glass: true, when: {interaction: [read]}}
+  - {name: never, effect: deny, when: {resource_type: [Condition]}}
+");
+        let claims = json!({});
+        let scopes = vec![];
+        let mut i = input(&claims, &scopes);
+        assert!(matches!(s.evaluate(&i), Verdict::Deny { by, .. } if by == "t.yaml#after-hours"));
+        i.break_glass = Some("patient unconscious in ED");
+        match s.evaluate(&i) {
+            Verdict::Allow { broke_glass, .. } => assert_eq!(broke_glass, ["t.yaml#after-hours"]),
+            v => panic!("{v:?}"),
+        }
+        i.resource_type = Some("Condition");
+        assert!(matches!(s.evaluate(&i), Verdict::Deny { by, .. } if by == "t.yaml#never"));
+        let mut bad = PolicySet::default();
+        let problems = bad.add_file(
+            "b.yaml",
+            &parse_file("rules:\n  - {name: a, effect: allow, break_glass: true}\n").unwrap(),
+        );
+        assert_eq!(problems[0].1, "break_glass");
     }
 
     #[test]

@@ -181,6 +181,9 @@ pub struct Ctx {
     entry_checks: Vec<EntryCheck>,
     /// How the token was bound: `bearer` or `dpop`.
     binding: Option<&'static str>,
+    /// Break-glass-able policy rules this request passed, and why.
+    broke_glass: Vec<String>,
+    break_glass_reason: Option<String>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -790,6 +793,43 @@ impl Gateway {
             .then_some(self.settings.dpop.algs.as_str())
     }
 
+    /// The break-glass reason declared with this request (configured
+    /// header, else claim), if break-glass is possible now: a non-empty,
+    /// printable reason of at most 500 characters, from a token young
+    /// enough when a maximum age is configured.
+    fn break_glass_reason(
+        &self,
+        session: &Session,
+        claims: &crate::token::Claims,
+        now: i64,
+    ) -> Option<String> {
+        let bg = &self.settings.break_glass;
+        let from_header = session
+            .req_header()
+            .headers
+            .get(bg.header.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let from_claim = bg
+            .claim
+            .as_deref()
+            .and_then(|c| claims.raw.get(c))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let reason = from_header.or(from_claim)?;
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 500 || reason.chars().any(char::is_control) {
+            return None;
+        }
+        if let Some(max) = bg.max_token_age_seconds {
+            let iat = claims.raw.get("iat").and_then(|v| v.as_i64())?;
+            if now.saturating_sub(iat) > max as i64 {
+                return None;
+            }
+        }
+        Some(reason.to_string())
+    }
+
     /// Why a plain bearer token of this issuer and client is not enough, if
     /// configuration says so.
     fn binding_required(&self, claims: &crate::token::Claims) -> Option<String> {
@@ -1192,6 +1232,7 @@ impl Gateway {
                 .map(|a| a.ip());
             let binding = ctx.binding.unwrap_or("bearer");
             let now = now_unix();
+            let break_glass = self.break_glass_reason(session, &claims, now);
             let one = |r: &FhirRequest, path: &str| {
                 self.settings.policies.evaluate(&PolicyInput {
                     issuer: &claims.issuer_name,
@@ -1205,6 +1246,7 @@ impl Gateway {
                     source,
                     binding,
                     now,
+                    break_glass: break_glass.as_deref(),
                 })
             };
             let mut verdicts = vec![one(fhir, &rel)];
@@ -1225,8 +1267,26 @@ impl Gateway {
                             description: reason,
                         })
                     }
-                    PolicyVerdict::Allow { limits: l, .. } => limits.extend(l),
+                    PolicyVerdict::Allow {
+                        limits: l,
+                        broke_glass,
+                        ..
+                    } => {
+                        limits.extend(l);
+                        ctx.broke_glass.extend(broke_glass);
+                    }
                 }
+            }
+            ctx.broke_glass.sort();
+            ctx.broke_glass.dedup();
+            if !ctx.broke_glass.is_empty() {
+                ctx.break_glass_reason = break_glass;
+                self.metrics.break_glass();
+                tracing::warn!(
+                    request_id = %ctx.request_id,
+                    rules = %ctx.broke_glass.join(","),
+                    "break-glass access"
+                );
             }
             // Rate limits of the matching rules, counted once per request.
             limits.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1292,6 +1352,8 @@ impl ProxyHttp for Gateway {
             if_match: None,
             entry_checks: Vec::new(),
             binding: None,
+            broke_glass: Vec::new(),
+            break_glass_reason: None,
             denial: None,
             public: false,
             upstream_status: None,
@@ -1508,6 +1570,8 @@ impl ProxyHttp for Gateway {
             token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
             token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
             binding: ctx.binding,
+            break_glass_rules: &ctx.broke_glass,
+            break_glass_reason: ctx.break_glass_reason.as_deref(),
             token_kind: ctx.token.as_ref().map(|t| t.kind),
             interaction: interaction.map(|i| i.as_str()),
             resource_type: fhir.and_then(|f| f.resource_type.as_deref()),

@@ -323,3 +323,106 @@ fn shipped_examples_pass_their_tests() {
     assert!(ok, "{out}");
     assert!(out.contains("15 case(s), 0 failed"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_passes_marked_denies_only() {
+    let dir = TempDir::new("policies-bg");
+    std::fs::write(
+        dir.0.join("10-bg.yaml"),
+        "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n  - name: no-deletes\n    effect: deny\n    when: {interaction: [delete]}\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    let with = |rel: &str, method: reqwest::Method, reason: Option<&str>, tok: &str| {
+        let mut r = gw
+            .client
+            .request(method, format!("{}/{rel}", gw.base))
+            .bearer_auth(tok);
+        if let Some(reason) = reason {
+            r = r.header("x-fhirwall-break-glass", reason);
+        }
+        r.send()
+    };
+    let get = reqwest::Method::GET;
+    assert_eq!(
+        with("Condition/cond-p1", get.clone(), None, &token)
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        with("Condition/cond-p1", get.clone(), Some("  "), &token)
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "no reason"
+    );
+    let r = with(
+        "Condition/cond-p1",
+        get.clone(),
+        Some("patient unconscious in ED"),
+        &token,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(
+        rec["break_glass_reason"], "patient unconscious in ED",
+        "{rec}"
+    );
+    assert_eq!(
+        rec["break_glass_rules"][0], "10-bg.yaml#conditions-locked",
+        "{rec}"
+    );
+    // The reason never reaches the upstream.
+    let seen = gw.upstream.seen();
+    let last = seen
+        .iter()
+        .rev()
+        .find(|s| s.uri.contains("cond-p1"))
+        .unwrap();
+    assert!(!last
+        .headers
+        .iter()
+        .any(|(k, _)| k == "x-fhirwall-break-glass"));
+    // Not break-glass-able: still refused.
+    let r = with(
+        "Observation/bg-delete-1",
+        reqwest::Method::DELETE,
+        Some("emergency"),
+        &token,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.upstream.count_containing("bg-delete-1"), 0);
+    // Scopes are never passed.
+    let narrow = gw.mint("user/Observation.rs", None);
+    let r = with("Condition/cond-p2", get, Some("emergency"), &narrow)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("Condition"));
+    let m = gw
+        .client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("fhirwall_break_glass_total 1"), "{m}");
+}
