@@ -63,6 +63,9 @@ pub struct Config {
     /// How an emergency is declared (break-glass): see policies/README.md.
     #[serde(default)]
     pub break_glass: BreakGlassConfig,
+    /// Roles: a claim's values mapped to ceilings of scopes and interactions.
+    #[serde(default)]
+    pub roles: Option<RolesConfig>,
     /// The directory of the config file (relative paths are below it).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -72,6 +75,41 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct PoliciesConfig {
     pub dir: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolesConfig {
+    /// The claim naming the user's roles (string or list); `fhirUser`
+    /// means the resource type of the `fhirUser` reference.
+    pub claim: String,
+    /// Role → its ceiling.
+    pub map: BTreeMap<String, RoleCeiling>,
+    /// Tokens with no mapped role: `deny` (default) or `allow` (no ceiling).
+    #[serde(default = "d_unmapped")]
+    pub unmapped: String,
+}
+
+fn d_unmapped() -> String {
+    "deny".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleCeiling {
+    /// The most the role's tokens may be granted (SMART scopes).
+    pub scopes: Vec<String>,
+    /// Interactions the role may use; empty: any the scopes allow.
+    #[serde(default)]
+    pub interactions: Vec<String>,
+}
+
+/// Roles, validated.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    pub claim: String,
+    pub map: BTreeMap<String, (crate::scope::ScopeSet, Vec<String>)>,
+    pub unmapped_deny: bool,
 }
 
 /// Break-glass: a request carrying a reason may pass policy rules marked
@@ -573,6 +611,7 @@ pub struct Settings {
     pub tls: Option<Tls>,
     pub policies: crate::policy::PolicySet,
     pub break_glass: BreakGlassConfig,
+    pub roles: Option<Roles>,
     pub audit: AuditSink,
     pub server: ServerConfig,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
@@ -714,6 +753,52 @@ impl Config {
                 format!("'{}' is not a header name", self.break_glass.header),
             );
         }
+        let roles = match &self.roles {
+            None => Some(None),
+            Some(r) => {
+                let mut ok = true;
+                let mut map = BTreeMap::new();
+                for (name, c) in &r.map {
+                    let set = crate::scope::ScopeSet::parse(&c.scopes.join(" "));
+                    if !set.unrecognised.is_empty() || set.scopes.len() != c.scopes.len() {
+                        problem(
+                            &format!("roles.map.{name}.scopes"),
+                            format!("not all SMART resource scopes: {:?}", c.scopes),
+                        );
+                        ok = false;
+                    }
+                    for i in &c.interactions {
+                        if !crate::fhir::classify::Interaction::ALL
+                            .iter()
+                            .any(|x| x.as_str() == i)
+                        {
+                            problem(
+                                &format!("roles.map.{name}.interactions"),
+                                format!("'{i}' is not a FHIR interaction fhirwall knows"),
+                            );
+                            ok = false;
+                        }
+                    }
+                    map.insert(name.clone(), (set, c.interactions.clone()));
+                }
+                let unmapped_deny = match r.unmapped.as_str() {
+                    "deny" => true,
+                    "allow" => false,
+                    other => {
+                        problem("roles.unmapped", format!("'{other}' is not deny or allow"));
+                        ok = false;
+                        true
+                    }
+                };
+                ok.then(|| {
+                    Some(Roles {
+                        claim: r.claim.clone(),
+                        map,
+                        unmapped_deny,
+                    })
+                })
+            }
+        };
         let policies = match &self.policies {
             None => crate::policy::PolicySet::default(),
             Some(pc) => load_policies(&self.base_dir.join(&pc.dir), &mut problem),
@@ -1067,6 +1152,7 @@ impl Config {
             tls: tls.expect("validated"),
             policies,
             break_glass: self.break_glass.clone(),
+            roles: roles.expect("validated"),
             audit: audit.expect("validated"),
             server: self.server.clone(),
             forward_headers,

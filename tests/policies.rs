@@ -426,3 +426,61 @@ async fn break_glass_passes_marked_denies_only() {
         .unwrap();
     assert!(m.contains("fhirwall_break_glass_total 1"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_ceilings_bound_the_grant() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "roles:\n  claim: roles\n  map:\n    ward-nurse: {scopes: ['user/Observation.rs'], interactions: [read, search-type]}\n    pharmacist: {scopes: ['user/MedicationRequest.cruds']}\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = |roles: serde_json::Value| {
+        let mut c = gw.claims("user/*.cruds");
+        c["roles"] = roles;
+        gw.issuer.signing_key().sign(&c)
+    };
+    let nurse = token(json!(["ward-nurse"]));
+    assert_eq!(
+        gw.get("Observation/obs-p1-0", Some(&nurse)).await.status(),
+        200
+    );
+    // The token's scopes allow Conditions; the role's ceiling does not.
+    let r = gw.get("Condition/role-cond-1", Some(&nurse)).await;
+    assert_eq!(r.status(), 403);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("ward-nurse"));
+    assert_eq!(gw.upstream.count_containing("role-cond-1"), 0);
+    let r = gw
+        .client
+        .delete(format!("{}/Observation/role-del-1", gw.base))
+        .bearer_auth(&nurse)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Two roles: the ceilings add up.
+    let both = token(json!(["ward-nurse", "pharmacist"]));
+    assert_eq!(
+        gw.get("Observation/obs-p1-0", Some(&both)).await.status(),
+        200
+    );
+    assert_ne!(
+        gw.get("MedicationRequest/role-mr-1", Some(&both))
+            .await
+            .status(),
+        403
+    );
+    // No mapped role: refused (roles.unmapped: deny by default).
+    let nobody = token(json!(["visitor"]));
+    assert_eq!(
+        gw.get("Observation/obs-p1-0", Some(&nobody)).await.status(),
+        403
+    );
+    let none = gw.mint("user/*.cruds", None);
+    assert_eq!(
+        gw.get("Observation/obs-p1-0", Some(&none)).await.status(),
+        403
+    );
+}
