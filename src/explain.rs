@@ -199,6 +199,12 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             }
         ),
     ));
+    if let Some(roles) = &s.roles {
+        match crate::policy::role_ceiling(roles, &c, &fhir, &opts) {
+            Ok(()) => e.stages.push(("roles", "within the role ceiling".into())),
+            Err(why) => return e.deny("roles", why),
+        }
+    }
     let scopes: Vec<String> = c.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
     let mut requests = vec![(&fhir, rel.clone())];
     for entry in &fhir.entries {

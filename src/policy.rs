@@ -512,6 +512,69 @@ impl Rule {
     }
 }
 
+/// Roles (pure): the request must also be allowed by the union of the
+/// ceilings of the token's roles (scopes, and interactions when listed).
+/// Returns why not.
+pub fn role_ceiling(
+    roles: &crate::config::Roles,
+    claims: &crate::token::Claims,
+    fhir: &crate::fhir::classify::FhirRequest,
+    opts: &crate::decide::DecideOptions,
+) -> Result<(), String> {
+    let names: Vec<String> = if roles.claim == "fhirUser" {
+        claims
+            .fhir_user
+            .as_deref()
+            .and_then(|u| u.rsplit('/').nth(1))
+            .map(|t| vec![t.to_string()])
+            .unwrap_or_default()
+    } else {
+        match claims.raw.get(&roles.claim) {
+            Some(Value::String(r)) => vec![r.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mapped: Vec<_> = names
+        .iter()
+        .filter_map(|n| roles.map.get_key_value(n))
+        .collect();
+    if mapped.is_empty() {
+        return if roles.unmapped_deny {
+            Err(format!(
+                "no role of the token (claim '{}') is mapped to a ceiling",
+                roles.claim
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    let requests: Vec<&crate::fhir::classify::FhirRequest> = if fhir.is_bundle() {
+        fhir.entries.iter().collect()
+    } else {
+        vec![fhir]
+    };
+    // Allowed if some role's ceiling allows it (the ceilings add up).
+    let allowed = mapped.iter().any(|(_, (scopes, interactions))| {
+        requests.iter().all(|r| {
+            interactions.is_empty() || interactions.iter().any(|i| i == r.interaction.as_str())
+        }) && crate::decide::decide_with(fhir, scopes, claims.patient.as_deref(), opts).is_ok()
+    });
+    if allowed {
+        Ok(())
+    } else {
+        let list: Vec<&str> = mapped.iter().map(|(n, _)| n.as_str()).collect();
+        Err(format!(
+            "the ceiling of role(s) {} does not allow this {}",
+            list.join(", "),
+            fhir.interaction
+        ))
+    }
+}
+
 /// Parses one policy file's YAML (errors carry line and column).
 pub fn parse_file(text: &str) -> Result<PolicyFile, String> {
     serde_saphyr::from_str(text).map_err(|e| e.to_string())

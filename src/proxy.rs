@@ -34,7 +34,6 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyInput, Verdict as PolicyVerdict};
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
-use crate::scope::ScopeSet;
 use crate::token::validator::{Validated, Validator};
 use crate::token::TokenError;
 use crate::upstream::{self, CheckedClient};
@@ -831,74 +830,6 @@ impl Gateway {
         Some(reason.to_string())
     }
 
-    /// The request must also be allowed by the union of the ceilings of
-    /// the token's roles (scopes, and interactions when listed).
-    fn role_ceiling(
-        &self,
-        roles: &crate::config::Roles,
-        claims: &crate::token::Claims,
-        fhir: &FhirRequest,
-    ) -> std::result::Result<(), Denial> {
-        let refuse = |description: String| Denial::InsufficientScope {
-            description,
-            scope: None,
-        };
-        let names: Vec<String> = if roles.claim == "fhirUser" {
-            claims
-                .fhir_user
-                .as_deref()
-                .and_then(|u| u.rsplit('/').nth(1))
-                .map(|t| vec![t.to_string()])
-                .unwrap_or_default()
-        } else {
-            match claims.raw.get(&roles.claim) {
-                Some(serde_json::Value::String(r)) => vec![r.clone()],
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect(),
-                _ => Vec::new(),
-            }
-        };
-        let mapped: Vec<(&String, &(ScopeSet, Vec<String>))> = names
-            .iter()
-            .filter_map(|n| roles.map.get_key_value(n))
-            .collect();
-        if mapped.is_empty() {
-            return if roles.unmapped_deny {
-                Err(refuse(format!(
-                    "no role of the token (claim '{}') is mapped to a ceiling",
-                    roles.claim
-                )))
-            } else {
-                Ok(())
-            };
-        }
-        let interaction_ok = |r: &FhirRequest, allowed: &[String]| {
-            allowed.is_empty() || allowed.iter().any(|i| i == r.interaction.as_str())
-        };
-        // Allowed if some role's ceiling allows it (the ceilings add up).
-        let allowed = mapped.iter().any(|(_, (scopes, interactions))| {
-            let requests: Vec<&FhirRequest> = if fhir.is_bundle() {
-                fhir.entries.iter().collect()
-            } else {
-                vec![fhir]
-            };
-            requests.iter().all(|r| interaction_ok(r, interactions))
-                && decide_with(fhir, scopes, claims.patient.as_deref(), &self.decide_opts).is_ok()
-        });
-        if allowed {
-            Ok(())
-        } else {
-            let list: Vec<&str> = mapped.iter().map(|(n, _)| n.as_str()).collect();
-            Err(refuse(format!(
-                "the ceiling of role(s) {} does not allow this {}",
-                list.join(", "),
-                fhir.interaction
-            )))
-        }
-    }
-
     /// Why a plain bearer token of this issuer and client is not enough, if
     /// configuration says so.
     fn binding_required(&self, claims: &crate::token::Claims) -> Option<String> {
@@ -1294,7 +1225,12 @@ impl Gateway {
         })?;
         // 6a. Roles: the grant is also bounded by the user's role ceiling.
         if let Some(roles) = &self.settings.roles {
-            self.role_ceiling(roles, &claims, fhir)?;
+            crate::policy::role_ceiling(roles, &claims, fhir, &self.decide_opts).map_err(|d| {
+                Denial::InsufficientScope {
+                    description: d,
+                    scope: None,
+                }
+            })?;
         }
         // 6b. Policies: they can only narrow what the scopes granted.
         if !self.settings.policies.rules.is_empty() {
