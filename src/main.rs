@@ -238,7 +238,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match fhirwall::server::run(settings) {
+            match fhirwall::server::run(settings, Some(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fhirwall: {e}");

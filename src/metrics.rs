@@ -88,6 +88,7 @@ pub struct Metrics {
     introspections: IntCounterVec,
     introspection_duration: HistogramVec,
     break_glass: IntCounter,
+    reloads: IntCounterVec,
     /// `[kind: jwt, opaque][binding: bearer, dpop, mtls]`.
     bindings_by: Vec<Vec<IntCounter>>,
     /// Handles resolved at start-up, so the request path never hashes labels:
@@ -190,6 +191,17 @@ impl Metrics {
             "Requests that passed a policy rule by break-glass",
         )
         .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "fhirwall_reloads_total",
+                "Reloads of policies, roles and break-glass on SIGHUP, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in ["success", "failure"] {
+            reloads.with_label_values(&[r]);
+        }
         let token_cache_entries = IntGauge::new(
             "fhirwall_token_cache_entries",
             "Entries in the verified-token cache",
@@ -206,6 +218,7 @@ impl Metrics {
             Box::new(introspections.clone()),
             Box::new(bindings.clone()),
             Box::new(break_glass.clone()),
+            Box::new(reloads.clone()),
             Box::new(introspection_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -244,6 +257,7 @@ impl Metrics {
             introspection_duration,
             bindings_by,
             break_glass,
+            reloads,
             requests_by,
             outcomes_by,
             duration_by,
@@ -270,6 +284,12 @@ impl Metrics {
             .expect("upstream_error is a reason");
         self.outcomes_by[r].inc();
         self.duration_by[d].observe(seconds);
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
     }
 
     pub fn break_glass(&self) {

@@ -42,6 +42,25 @@ use crate::upstream::{self, CheckedClient};
 /// classification and still be forwarded upstream.
 pub const PINGORA_BODY_BUFFER: usize = 64 * 1024;
 
+/// The operators' rules that `SIGHUP` reloads without a restart: swapped
+/// whole, so a request sees either the old set or the new one.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub policies: crate::policy::PolicySet,
+    pub roles: Option<crate::config::Roles>,
+    pub break_glass: crate::config::BreakGlassConfig,
+}
+
+impl Rules {
+    pub fn from_settings(s: &Settings) -> Rules {
+        Rules {
+            policies: s.policies.clone(),
+            roles: s.roles.clone(),
+            break_glass: s.break_glass.clone(),
+        }
+    }
+}
+
 /// Everything the request path needs, shared by all workers.
 pub struct Gateway {
     pub settings: Settings,
@@ -69,6 +88,8 @@ pub struct Gateway {
     dpop_nonces: Option<crate::dpop::Nonces>,
     /// Token buckets of the policy rules' rate limits.
     limiter: crate::ratelimit::Limiter,
+    /// Policies, roles and break-glass, reloadable.
+    pub rules: Arc<arc_swap::ArcSwap<Rules>>,
 }
 
 impl Gateway {
@@ -114,6 +135,9 @@ impl Gateway {
             bases: bases.clone(),
         };
         let public_origin = settings.public_base.origin().ascii_serialization();
+        let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::from_settings(
+            &settings,
+        )));
         let dpop_nonces = settings
             .dpop
             .nonce_lifetime_seconds
@@ -144,6 +168,7 @@ impl Gateway {
             dpop_replay,
             dpop_nonces,
             limiter: crate::ratelimit::Limiter::default(),
+            rules,
         }
     }
 }
@@ -803,7 +828,8 @@ impl Gateway {
         claims: &crate::token::Claims,
         now: i64,
     ) -> Option<String> {
-        let bg = &self.settings.break_glass;
+        let rules = self.rules.load();
+        let bg = &rules.break_glass;
         let from_header = session
             .req_header()
             .headers
@@ -1224,7 +1250,8 @@ impl Gateway {
             scope: d.missing_scope,
         })?;
         // 6a. Roles: the grant is also bounded by the user's role ceiling.
-        if let Some(roles) = &self.settings.roles {
+        let rules = self.rules.load_full();
+        if let Some(roles) = &rules.roles {
             crate::policy::role_ceiling(roles, &claims, fhir, &self.decide_opts).map_err(|d| {
                 Denial::InsufficientScope {
                     description: d,
@@ -1233,7 +1260,7 @@ impl Gateway {
             })?;
         }
         // 6b. Policies: they can only narrow what the scopes granted.
-        if !self.settings.policies.rules.is_empty() {
+        if !rules.policies.rules.is_empty() {
             let scopes: Vec<String> = claims.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
             let source = session
                 .client_addr()
@@ -1243,7 +1270,7 @@ impl Gateway {
             let now = now_unix();
             let break_glass = self.break_glass_reason(session, &claims, now);
             let one = |r: &FhirRequest, path: &str| {
-                self.settings.policies.evaluate(&PolicyInput {
+                rules.policies.evaluate(&PolicyInput {
                     issuer: &claims.issuer_name,
                     client_id: claims.client_id.as_deref(),
                     claims: &claims.raw,

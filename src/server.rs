@@ -18,6 +18,49 @@ use crate::proxy::Gateway;
 use crate::token::jwks::JwksStore;
 use crate::token::validator::Validator;
 
+/// Reloads policies, roles and break-glass settings on SIGHUP: the config
+/// file is read and validated whole; a valid one is swapped in atomically
+/// (requests in flight finish under the old rules), an invalid one is
+/// rejected, logged and counted, and the old rules keep serving. Other
+/// sections (listeners, issuers, upstream) need a restart.
+struct Reloader {
+    path: std::path::PathBuf,
+    rules: Arc<arc_swap::ArcSwap<crate::proxy::Rules>>,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload disabled");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = shutdown.changed() => return,
+            }
+            match crate::config::load(&self.path) {
+                Ok(settings) => {
+                    let rules = crate::proxy::Rules::from_settings(&settings);
+                    let n = rules.policies.rules.len();
+                    self.rules.store(Arc::new(rules));
+                    self.metrics.reload(true);
+                    tracing::info!(file = %self.path.display(), policy_rules = n, "reloaded policies, roles and break-glass");
+                }
+                Err(e) => {
+                    self.metrics.reload(false);
+                    tracing::error!(file = %self.path.display(), error = %e, "reload rejected; the previous rules keep serving");
+                }
+            }
+        }
+    }
+}
+
 /// Keeps every issuer's keys fresh, in the background.
 struct JwksRefresher(Arc<JwksStore>);
 
@@ -68,7 +111,7 @@ fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSe
 
 /// Builds and runs the server; returns when Pingora has shut down and
 /// every audit record is written.
-pub fn run(settings: Settings) -> Result<(), String> {
+pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Result<(), String> {
     let threads = if settings.server.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -113,6 +156,16 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let admin_listen = settings.admin_listen.to_string();
     let audit_at_exit = audit.clone();
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
+    let reloader = config_path.map(|path| {
+        background_service(
+            "fhirwall reload",
+            Reloader {
+                path,
+                rules: gateway.rules.clone(),
+                metrics: metrics.clone(),
+            },
+        )
+    });
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -136,6 +189,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(refresher);
+    if let Some(r) = reloader {
+        server.add_service(r);
+    }
     tracing::info!(%listen, %admin_listen, threads, "fhirwall starting");
     server.run(RunArgs::default());
     // The proxy's runtimes have stopped: write out every queued record.

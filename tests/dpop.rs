@@ -144,7 +144,7 @@ async fn valid_proofs_pass_once() {
         assert_eq!(s, 200, "{kid}");
     }
     // The audit records the binding.
-    let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
+    let audit = gw.audit_containing("\"binding\":\"dpop\"");
     assert!(audit.contains("\"binding\":\"dpop\""), "{audit}");
 }
 

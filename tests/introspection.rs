@@ -180,7 +180,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
     assert_eq!(gw.upstream.count_containing("unknown-opaque-1"), 0);
 
     // The audit knows the token kind; never the token.
-    let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
+    let audit = gw.audit_containing("\"token_kind\":\"opaque\"");
     assert!(audit.contains("\"token_kind\":\"opaque\""), "{audit}");
     assert!(!audit.contains("opaque-good"));
     // Metrics count the calls.

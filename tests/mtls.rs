@@ -127,7 +127,7 @@ async fn certificate_bound_tokens_need_their_certificate() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let audit = std::fs::read_to_string(&gw.audit_path).unwrap();
+    let audit = gw.audit_containing("\"binding\":\"mtls\"");
     assert!(audit.contains("\"binding\":\"mtls\""), "{audit}");
     let m = without
         .get(format!("{}/metrics", gw.admin))

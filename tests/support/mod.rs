@@ -270,6 +270,19 @@ impl Gateway {
             .collect()
     }
 
+    /// The audit file's text once it contains `needle` (records are written
+    /// by a batching writer thread, just after the answer): waits up to 5 s.
+    pub fn audit_containing(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+            if text.contains(needle) || Instant::now() >= deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The audit record of a request id.
     pub fn audit_for(&self, request_id: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -287,6 +300,11 @@ impl Gateway {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The gateway process's id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
