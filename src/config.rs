@@ -75,6 +75,10 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct PoliciesConfig {
     pub dir: String,
+    /// Also reload when a file of the directory (or the config) changes,
+    /// checked every couple of seconds (SIGHUP always works).
+    #[serde(default)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -610,6 +614,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     pub tls: Option<Tls>,
     pub policies: crate::policy::PolicySet,
+    /// The policy directory, when `policies.watch` asks to follow changes.
+    pub policies_watch: Option<PathBuf>,
     pub break_glass: BreakGlassConfig,
     pub roles: Option<Roles>,
     pub audit: AuditSink,
@@ -1151,6 +1157,11 @@ impl Config {
             admin_listen: admin_listen.expect("validated"),
             tls: tls.expect("validated"),
             policies,
+            policies_watch: self
+                .policies
+                .as_ref()
+                .filter(|p| p.watch)
+                .map(|p| self.base_dir.join(&p.dir)),
             break_glass: self.break_glass.clone(),
             roles: roles.expect("validated"),
             audit: audit.expect("validated"),
@@ -1327,7 +1338,19 @@ fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::p
         match crate::policy::parse_file(&text) {
             Ok(spec) => {
                 for (i, key, msg) in set.add_file(&name, &spec) {
-                    problem(&format!("{at}: rules[{i}].{key}"), msg);
+                    // The line of the rule: where its name is written.
+                    let rule = spec.rules.get(i).map(|r| r.name.as_str()).unwrap_or("");
+                    let line = text
+                        .lines()
+                        .position(|l| {
+                            l.contains("name:")
+                                && (l.contains(&format!("name: {rule}"))
+                                    || l.contains(&format!("name: '{rule}'"))
+                                    || l.contains(&format!("name: \"{rule}\"")))
+                        })
+                        .map(|n| format!(" (line {})", n + 1))
+                        .unwrap_or_default();
+                    problem(&format!("{at}{line}: rules[{i}].{key}"), msg);
                 }
             }
             Err(e) => problem(&at, e),

@@ -25,6 +25,8 @@ use crate::token::validator::Validator;
 /// sections (listeners, issuers, upstream) need a restart.
 struct Reloader {
     path: std::path::PathBuf,
+    /// A policy directory to watch for changes (with the config file).
+    watch: Option<std::path::PathBuf>,
     rules: Arc<arc_swap::ArcSwap<crate::proxy::Rules>>,
     metrics: Arc<Metrics>,
 }
@@ -39,9 +41,36 @@ impl BackgroundService for Reloader {
                 return;
             }
         };
+        // With policies.watch, a change of any policy file's (or the
+        // config file's) modification time or set of files also reloads.
+        let stamp = |dir: &Option<std::path::PathBuf>| -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
+            let mut files = vec![self.path.clone()];
+            if let Some(d) = dir {
+                if let Ok(entries) = std::fs::read_dir(d) {
+                    files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+                }
+            }
+            files.sort();
+            files
+                .into_iter()
+                .map(|f| {
+                    let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
+                    (f, m)
+                })
+                .collect()
+        };
+        let mut seen = stamp(&self.watch);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = hup.recv() => {}
+                _ = tick.tick(), if self.watch.is_some() => {
+                    let now = stamp(&self.watch);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                }
                 _ = shutdown.changed() => return,
             }
             match crate::config::load(&self.path) {
@@ -155,12 +184,14 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
     let tls = settings.tls.clone();
     let admin_listen = settings.admin_listen.to_string();
     let audit_at_exit = audit.clone();
+    let policies_watch = settings.policies_watch.clone();
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
     let reloader = config_path.map(|path| {
         background_service(
             "fhirwall reload",
             Reloader {
                 path,
+                watch: policies_watch,
                 rules: gateway.rules.clone(),
                 metrics: metrics.clone(),
             },

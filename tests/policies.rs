@@ -127,7 +127,10 @@ fn check_names_file_rule_and_key() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("a.yaml: rules[0].when.interaction"), "{text}");
+    assert!(
+        text.contains("a.yaml (line 2): rules[0].when.interaction"),
+        "{text}"
+    );
     assert!(text.contains("b.yaml") && text.contains("whenn"), "{text}");
     assert!(text.contains("line"), "YAML errors carry a line: {text}");
 }
@@ -599,4 +602,36 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
         gw.upstream.count_containing("reload-2") + gw.upstream.count_containing("reload-3"),
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_policies_reload_on_change() {
+    let dir = TempDir::new("policies-watch");
+    let gw = Gateway::start(Options {
+        extra_yaml: format!("policies:\n  dir: {}\n  watch: true\n", dir.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    let delete = |id: &'static str| {
+        gw.client
+            .delete(format!("{}/Observation/{id}", gw.base))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(delete("watch-1").await.unwrap().status(), 204);
+    std::fs::write(
+        dir.0.join("10-rules.yaml"),
+        "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .unwrap();
+    let mut status = 0;
+    for _ in 0..80 {
+        status = delete("watch-2").await.unwrap().status().as_u16();
+        if status == 403 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 403, "the new file was not picked up");
 }
