@@ -36,6 +36,9 @@ pub struct Record<'a> {
     pub token_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_cache_hit: Option<bool>,
+    /// The policy rule that decided (`file#rule`), if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_rule: Option<&'a str>,
     /// Break-glass-able policy rules the request passed (`file#rule`).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub break_glass_rules: &'a [String],

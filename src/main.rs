@@ -42,9 +42,13 @@ enum Command {
     Explain {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
-        /// File holding the token's claims (JSON).
-        #[arg(long)]
-        claims: PathBuf,
+        /// File holding the token's claims (JSON)…
+        #[arg(long, required_unless_present = "token")]
+        claims: Option<PathBuf>,
+        /// …or the token itself (a JWT: its claims are read, its signature
+        /// is not checked offline).
+        #[arg(long, conflicts_with = "claims")]
+        token: Option<String>,
         #[arg(long, default_value = "GET")]
         method: String,
         /// Path below the public base (`Observation?code=x`) or full URL.
@@ -112,7 +116,8 @@ fn load_or_exit(config: &std::path::Path) -> Result<fhirwall::config::Settings, 
 
 fn explain(
     config: &std::path::Path,
-    claims: &std::path::Path,
+    claims: Option<&std::path::Path>,
+    token: Option<&str>,
     mut req: fhirwall::explain::ExplainRequest,
     body: Option<PathBuf>,
 ) -> ExitCode {
@@ -120,13 +125,34 @@ fn explain(
         Ok(s) => s,
         Err(c) => return c,
     };
-    let claims = match std::fs::read_to_string(claims)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
-    {
+    let parsed = match (claims, token) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|t| {
+                serde_json::from_str::<serde_json::Value>(&t)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }),
+        (None, Some(t)) => {
+            use base64::Engine;
+            t.split('.')
+                .nth(1)
+                .and_then(|p| {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(p)
+                        .ok()
+                })
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .ok_or_else(|| {
+                    "--token: not a JWT with a JSON payload (give --claims for an opaque token)"
+                        .to_string()
+                })
+        }
+        (None, None) => Err("give --claims or --token".to_string()),
+    };
+    let claims = match parsed {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{}: {e}", claims.display());
+            eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -249,6 +275,7 @@ fn main() -> ExitCode {
         Command::Explain {
             config,
             claims,
+            token,
             method,
             url,
             body,
@@ -257,7 +284,8 @@ fn main() -> ExitCode {
             break_glass,
         } => explain(
             &config,
-            &claims,
+            claims.as_deref(),
+            token.as_deref(),
             fhirwall::explain::ExplainRequest {
                 method,
                 url,

@@ -438,6 +438,14 @@ impl PolicySet {
 /// A claim holds one of `values` (string, number or bool; or a list
 /// holding one).
 fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
+    // `fhirUser_type`: the resource type of the fhirUser reference.
+    if name == "fhirUser_type" {
+        let t = claims
+            .get("fhirUser")
+            .and_then(Value::as_str)
+            .and_then(|u| u.rsplit('/').nth(1));
+        return t.is_some_and(|t| values.iter().any(|v| v == t));
+    }
     let one = |v: &Value| match v {
         Value::String(s) => values.iter().any(|x| x == s),
         Value::Number(_) | Value::Bool(_) => {
@@ -614,7 +622,8 @@ mod tests {
 
     #[test]
     fn every_match_field() {
-        let claims = json!({"roles": ["clinician", "nurse"], "amr": "mfa", "level": 2});
+        let claims = json!({"roles": ["clinician", "nurse"], "amr": "mfa", "level": 2,
+                            "fhirUser": "https://ehr.example/fhir/Practitioner/d1"});
         let scopes = vec!["user/*.rs".to_string()];
         let base = input(&claims, &scopes);
         let deny = |when: &str| {
@@ -622,7 +631,8 @@ mod tests {
                 "rules:\n  - name: r\n    effect: deny\n    when:\n{when}"
             ))
         };
-        let cases: Vec<(&str, bool)> = vec![
+        let cases: Vec<(&str, bool)> =
+            vec![
             ("      issuer: [hospital]\n", true),
             ("      issuer: [other]\n", false),
             ("      client_id: [app, x]\n", true),
@@ -632,6 +642,8 @@ mod tests {
             ("      claims:\n        amr: [mfa]\n", true),
             ("      claims:\n        level: ['2']\n", true),
             ("      claims:\n        missing: [x]\n", false),
+            ("      claims:\n        fhirUser_type: [Practitioner]\n", true),
+            ("      claims:\n        fhirUser_type: [Patient]\n", false),
             ("      scope: [user/*.rs]\n", true),
             ("      scope: [patient/*.rs]\n", false),
             ("      interaction: [read, vread]\n", true),

@@ -206,6 +206,8 @@ pub struct Ctx {
     entry_checks: Vec<EntryCheck>,
     /// How the token was bound: `bearer` or `dpop`.
     binding: Option<&'static str>,
+    /// The policy rule that decided (`file#rule`), if one did.
+    policy_rule: Option<String>,
     /// Break-glass-able policy rules this request passed, and why.
     broke_glass: Vec<String>,
     break_glass_reason: Option<String>,
@@ -1298,16 +1300,20 @@ impl Gateway {
             for v in verdicts {
                 match v {
                     PolicyVerdict::Deny { by, reason } => {
+                        ctx.policy_rule = Some(by.clone());
                         return Err(Denial::PolicyDenied {
                             rule: by,
                             description: reason,
-                        })
+                        });
                     }
                     PolicyVerdict::Allow {
+                        by,
                         limits: l,
                         broke_glass,
-                        ..
                     } => {
+                        if ctx.policy_rule.is_none() {
+                            ctx.policy_rule = by;
+                        }
                         limits.extend(l);
                         ctx.broke_glass.extend(broke_glass);
                     }
@@ -1390,6 +1396,7 @@ impl ProxyHttp for Gateway {
             binding: None,
             broke_glass: Vec::new(),
             break_glass_reason: None,
+            policy_rule: None,
             denial: None,
             public: false,
             upstream_status: None,
@@ -1607,6 +1614,7 @@ impl ProxyHttp for Gateway {
             token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
             binding: ctx.binding,
             break_glass_rules: &ctx.broke_glass,
+            policy_rule: ctx.policy_rule.as_deref(),
             break_glass_reason: ctx.break_glass_reason.as_deref(),
             token_kind: ctx.token.as_ref().map(|t| t.kind),
             interaction: interaction.map(|i| i.as_str()),

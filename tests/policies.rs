@@ -93,7 +93,10 @@ async fn rules_narrow_the_grant_and_name_themselves() {
     // The audit names the rule.
     let audit = gw.audit_containing("\"reason\":\"policy_denied\"");
     assert!(audit.contains("\"reason\":\"policy_denied\""), "{audit}");
-    assert!(audit.contains("no-deletes"), "{audit}");
+    assert!(
+        audit.contains("\"policy_rule\":\"10-hospital.yaml#no-deletes\""),
+        "{audit}"
+    );
 }
 
 #[test]
@@ -265,6 +268,21 @@ fn explain_and_test_replay_decisions_offline() {
         "Condition/c1",
     ]);
     assert!(!ok && out.contains("requires a dpop binding"), "{out}");
+    // The token itself: its claims are read (the signature is not checked offline).
+    use base64::Engine;
+    let payload =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(std::fs::read(&claims).unwrap());
+    let token = format!("eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln");
+    let (ok, out) = run(&[
+        "explain",
+        "--config",
+        c,
+        "--token",
+        &token,
+        "--url",
+        "Observation?code=1",
+    ]);
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
 
     // Policy tests: expectations met, then one that is not.
     let tests = dir.0.join("policies/tests/hospital.yaml");
