@@ -654,15 +654,7 @@ async fn discovery_cache_audit_and_metrics() {
     // sent: wait (bounded) until the last request has been counted.
     let mut m = String::new();
     for _ in 0..50 {
-        m = gw
-            .client
-            .get(format!("{}/metrics", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        m = gw.metrics().await;
         if m.contains("fhirwall_request_outcomes_total{reason=\"token_expired\"} 1") {
             break;
         }

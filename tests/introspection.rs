@@ -184,15 +184,7 @@ async fn opaque_tokens_are_introspected_and_cached() {
     assert!(audit.contains("\"token_kind\":\"opaque\""), "{audit}");
     assert!(!audit.contains("opaque-good"));
     // Metrics count the calls.
-    let m = gw
-        .client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains("fhirwall_introspections_total{issuer=\"test\",result=\"success\"}"),
         "{m}"

@@ -436,15 +436,7 @@ async fn break_glass_passes_marked_denies_only() {
         .to_str()
         .unwrap()
         .contains("Condition"));
-    let m = gw
-        .client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(m.contains("fhirwall_break_glass_total 1"), "{m}");
 }
 
@@ -516,15 +508,7 @@ fn sighup(gw: &Gateway) {
 }
 
 async fn metric(gw: &Gateway, line: &str) -> bool {
-    gw.client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        .contains(line)
+    gw.metrics().await.contains(line)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,6 +302,18 @@ impl Gateway {
         }
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The gateway process's id (to send it signals).
     pub fn pid(&self) -> u32 {
         self.child.id()
