@@ -377,6 +377,10 @@ pub struct IntrospectionConfig {
     /// token is for this gateway).
     #[serde(default = "d_true")]
     pub require_aud: bool,
+    /// Send opaque tokens (not JWTs) to this issuer. Needed when several
+    /// issuers introspect; with one, it takes them by default.
+    #[serde(default)]
+    pub opaque_tokens: Option<bool>,
 }
 
 fn d_auth_method() -> String {
@@ -428,6 +432,8 @@ pub struct Introspection {
     pub cache_max_ttl: Duration,
     pub negative_ttl: Duration,
     pub require_aud: bool,
+    /// This issuer introspects opaque tokens.
+    pub opaque_tokens: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -988,6 +994,50 @@ impl Config {
             }
         }
 
+        // Opaque tokens carry no issuer: exactly one introspecting issuer
+        // takes them (the only one, or the one marked opaque_tokens).
+        let introspecting: Vec<usize> = issuers
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.introspection.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        let marked: Vec<usize> = introspecting
+            .iter()
+            .copied()
+            .filter(|n| {
+                issuers[*n]
+                    .introspection
+                    .as_ref()
+                    .is_some_and(|x| x.opaque_tokens)
+            })
+            .collect();
+        match (introspecting.as_slice(), marked.len()) {
+            ([only], 0) => {
+                if let Some(x) = issuers[*only].introspection.as_mut() {
+                    x.opaque_tokens = self.issuers.iter().filter(|c| c.introspection.is_some())
+                        .all(|c| c.introspection.as_ref().is_some_and(|x| x.opaque_tokens != Some(false)));
+                }
+            }
+            (_, 0 | 1) => {}
+            _ => problem(
+                "issuers",
+                "more than one issuer has introspection.opaque_tokens: true; opaque tokens must go to one".into(),
+            ),
+        }
+        let all_declined = self
+            .issuers
+            .iter()
+            .filter_map(|c| c.introspection.as_ref())
+            .all(|x| x.opaque_tokens == Some(false));
+        if introspecting.len() > 1 && marked.is_empty() && !all_declined {
+            problem(
+                "issuers",
+                "several issuers introspect: mark the one that takes opaque tokens with \
+                 introspection.opaque_tokens: true (or set it false on all to refuse opaque tokens)"
+                    .into(),
+            );
+        }
         if self.tokens.max_bytes < 256 || self.tokens.max_bytes > 64 * 1024 {
             problem(
                 "tokens.max_bytes",
@@ -1527,6 +1577,7 @@ fn validate_introspection(
         cache_max_ttl: Duration::from_secs(c.cache_max_ttl_seconds),
         negative_ttl: Duration::from_secs(c.negative_cache_seconds),
         require_aud: c.require_aud,
+        opaque_tokens: c.opaque_tokens.unwrap_or(false),
     })
 }
 

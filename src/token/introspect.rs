@@ -316,6 +316,7 @@ mod tests {
                 cache_max_ttl: Duration::from_secs(60),
                 negative_ttl: Duration::from_secs(10),
                 require_aud: false,
+                opaque_tokens: true,
             }),
         }
     }

@@ -70,7 +70,13 @@ impl Validator {
         if token.split('.').count() != 3 {
             let i = self
                 .introspectors
-                .first()
+                .iter()
+                .find(|i| {
+                    i.issuer
+                        .introspection
+                        .as_ref()
+                        .is_some_and(|x| x.opaque_tokens)
+                })
                 .ok_or(TokenError::OpaqueNotAccepted)?;
             let (claims, cache_hit) = i.claims(token, hash, now).await?;
             return Ok(Validated {
