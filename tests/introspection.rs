@@ -317,3 +317,53 @@ async fn private_key_jwt_client_authentication() {
         .unwrap()
         .ends_with("/introspect"));
 }
+
+#[test]
+fn several_introspecting_issuers_must_choose_who_takes_opaque_tokens() {
+    let dir = support::TempDir::new("introspect-check");
+    let config = dir.0.join("config.yaml");
+    let issuer = |name: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    issuer: https://{name}.example\n    audiences: [x]\n    introspection:\n      endpoint: https://{name}.example/introspect\n      client_id: gw\n      client_secret: s\n{extra}"
+        )
+    };
+    let write = |issuers: String| {
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\nissuers:\n{issuers}admin:\n  listen: 127.0.0.1:3\n"
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(support::bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = write(format!("{}{}", issuer("a", ""), issuer("b", "")));
+    assert!(!ok && out.contains("opaque_tokens"), "{out}");
+    let (ok, out) = write(format!(
+        "{}{}",
+        issuer("a", "      opaque_tokens: true\n"),
+        issuer("b", "")
+    ));
+    assert!(ok, "{out}");
+    let (ok, out) = write(format!(
+        "{}{}",
+        issuer("a", "      opaque_tokens: true\n"),
+        issuer("b", "      opaque_tokens: true\n")
+    ));
+    assert!(!ok && out.contains("more than one"), "{out}");
+    // Plain http to a non-loopback endpoint is refused.
+    let (ok, out) = write(issuer("a", "").replace(
+        "https://a.example/introspect",
+        "http://a.example/introspect",
+    ));
+    assert!(!ok && out.contains("not an https URL"), "{out}");
+}
