@@ -677,7 +677,10 @@ fn patient_search(
     {
         return Ok(Some(None));
     }
-    // Whatever the search, no parameter may name another patient.
+    // Whatever the search and the parameter (chains and non-compartment
+    // ones too), no value may name another patient (`Patient/x`, a Patient
+    // URL, or a bare id in a parameter called `patient`, which in FHIR
+    // always means one).
     for (name, value) in &req.params {
         let base = name.split(['.', ':']).next().unwrap_or("");
         let modifier = name
@@ -711,12 +714,6 @@ fn patient_search(
         // The Patient is in its own compartment by id only.
         let mut named = false;
         for (name, value) in &req.params {
-            let bare = matches!(name.as_str(), "patient" | "patient:Patient");
-            for v in value.split(',') {
-                if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
-                    return Err(names_other(name, value, ctx));
-                }
-            }
             if name == "_id" {
                 if value != ctx {
                     return Err(names_other(name, value, ctx));
@@ -770,16 +767,6 @@ fn patient_search(
                 Some((b, m)) => (b, Some(m)),
                 None => (head, None),
             };
-            // Whatever the parameter (chains and non-compartment ones too),
-            // no value may name another patient (`Patient/x`, a Patient URL,
-            // or a bare id in a parameter called `patient`, which in FHIR
-            // always means one).
-            for v in value.split(',') {
-                let bare = base == "patient" && matches!(modifier, None | Some("Patient"));
-                if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
-                    return Err(names_other(name, value, ctx));
-                }
-            }
             if name.starts_with("_has:") {
                 return Err(deny(format!(
                     "under patient/ scopes {name} is refused on {t}: the resources it tests need \

@@ -19,6 +19,8 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::metrics::BINDINGS;
+
 /// One policy file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,25 +195,6 @@ pub enum Verdict {
 }
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-const INTERACTIONS: &[&str] = &[
-    "read",
-    "vread",
-    "update",
-    "patch",
-    "delete",
-    "history-instance",
-    "history-type",
-    "history-system",
-    "create",
-    "search-type",
-    "search-system",
-    "search-compartment",
-    "capabilities",
-    "batch",
-    "transaction",
-    "operation",
-];
-const BINDINGS: &[&str] = &["bearer", "dpop", "mtls"];
 
 fn hhmm(s: &str) -> Option<u16> {
     let (h, m) = s.split_once(':')?;
@@ -314,7 +297,10 @@ impl PolicySet {
             }
             let w = &r.when;
             for x in &w.interaction {
-                if !INTERACTIONS.contains(&x.as_str()) {
+                if !crate::fhir::classify::Interaction::ALL
+                    .iter()
+                    .any(|i| i.as_str() == x)
+                {
                     p(
                         "when.interaction",
                         format!("'{x}' is not a FHIR interaction fhirwall knows"),
