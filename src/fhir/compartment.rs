@@ -122,21 +122,28 @@ pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) 
 /// Calls `hit` on every `reference` string found at `path` (arrays are
 /// walked at every step); true as soon as one call returns true.
 fn references_at(node: &Value, path: &str, hit: &mut dyn FnMut(&str) -> bool) -> bool {
-    match path.split_once('.') {
-        Some((head, rest)) => each(node.get(head), &mut |v| references_at(v, rest, hit)),
-        None => each(node.get(path), &mut |v| {
-            v.get("reference")
-                .and_then(Value::as_str)
-                .is_some_and(&mut *hit)
-        }),
-    }
+    any_at(node, path, &mut |v| {
+        v.get("reference")
+            .and_then(Value::as_str)
+            .is_some_and(&mut *hit)
+    })
 }
 
-fn each(v: Option<&Value>, f: &mut dyn FnMut(&Value) -> bool) -> bool {
-    match v {
-        Some(Value::Array(items)) => items.iter().any(f),
-        Some(v @ Value::Object(_)) => f(v),
-        _ => false,
+/// Calls `f` on every element at the dotted `path` below `node` (arrays
+/// are walked at every step); true as soon as one call returns true.
+pub fn any_at(node: &Value, path: &str, f: &mut dyn FnMut(&Value) -> bool) -> bool {
+    let (head, rest) = match path.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (path, None),
+    };
+    let mut one = |v: &Value| match rest {
+        Some(rest) => any_at(v, rest, f),
+        None => f(v),
+    };
+    match node.get(head) {
+        Some(Value::Array(items)) => items.iter().any(&mut one),
+        Some(v) => one(v),
+        None => false,
     }
 }
 

@@ -94,18 +94,7 @@ impl Filter {
 /// Is there an element at `path` (arrays walked) of datatype `ty` matching
 /// the token `value` (`code`, `system|code`, `|code` or `system|`)?
 fn token_at(node: &Value, path: &str, ty: &str, value: &str) -> bool {
-    match path.split_once('.') {
-        Some((head, rest)) => each(node.get(head), &mut |v| token_at(v, rest, ty, value)),
-        None => each(node.get(path), &mut |v| token_matches(v, ty, value)),
-    }
-}
-
-fn each(v: Option<&Value>, f: &mut dyn FnMut(&Value) -> bool) -> bool {
-    match v {
-        Some(Value::Array(items)) => items.iter().any(f),
-        Some(v) => f(v),
-        None => false,
-    }
+    super::compartment::any_at(node, path, &mut |v| token_matches(v, ty, value))
 }
 
 /// `value` split into (system, code): `None` system means "any system".
@@ -132,7 +121,7 @@ fn coding_matches(coding: &Value, system: Option<&str>, code: &str, code_key: &s
 fn token_matches(v: &Value, ty: &str, value: &str) -> bool {
     let (system, code) = split_token(value);
     match ty {
-        "CodeableConcept" => each(v.get("coding"), &mut |c| {
+        "CodeableConcept" => super::compartment::any_at(v, "coding", &mut |c| {
             coding_matches(c, system, code, "code")
         }),
         "Coding" => coding_matches(v, system, code, "code"),
