@@ -335,16 +335,7 @@ fn several_introspecting_issuers_must_choose_who_takes_opaque_tokens() {
             ),
         )
         .unwrap();
-        let out = std::process::Command::new(support::bin())
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        support::check(&config)
     };
     let (ok, out) = write(format!("{}{}", issuer("a", ""), issuer("b", "")));
     assert!(!ok && out.contains("opaque_tokens"), "{out}");

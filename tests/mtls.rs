@@ -197,14 +197,8 @@ fn check_reports_bad_tls_files() {
          tls:\n  cert_file: /nonexistent/server.pem\n  key_file: /nonexistent/server.key\n  client_auth: require\n",
     )
     .unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = support::check(&config);
+    assert!(!ok, "{text}");
     for key in ["tls.cert_file", "tls.key_file", "tls.client_ca_file"] {
         assert!(text.contains(key), "{key} not reported: {text}");
     }

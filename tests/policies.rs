@@ -122,14 +122,8 @@ fn check_names_file_rule_and_key() {
          admin:\n  listen: 127.0.0.1:3\npolicies:\n  dir: policies\n",
     )
     .unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = support::check(&config);
+    assert!(!ok, "{text}");
     assert!(
         text.contains("a.yaml (line 2): rules[0].when.interaction"),
         "{text}"
@@ -201,17 +195,6 @@ fn offline_config(dir: &TempDir) -> std::path::PathBuf {
     config
 }
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(support::bin())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[test]
 fn explain_and_test_replay_decisions_offline() {
     let dir = TempDir::new("explain");
@@ -226,7 +209,7 @@ fn explain_and_test_replay_decisions_offline() {
     .unwrap();
     let c = config.to_str().unwrap();
     let cl = claims.to_str().unwrap();
-    let (ok, out) = run(&[
+    let (ok, out) = support::run_bin(&[
         "explain",
         "--config",
         c,
@@ -242,7 +225,7 @@ fn explain_and_test_replay_decisions_offline() {
         assert!(out.contains(stage), "{stage}: {out}");
     }
     assert!(out.contains("=> ALLOW"), "{out}");
-    let (ok, out) = run(&[
+    let (ok, out) = support::run_bin(&[
         "explain",
         "--config",
         c,
@@ -258,7 +241,7 @@ fn explain_and_test_replay_decisions_offline() {
         out.contains("=> DENY (rule 10-hospital.yaml#no-deletes)"),
         "{out}"
     );
-    let (ok, out) = run(&[
+    let (ok, out) = support::run_bin(&[
         "explain",
         "--config",
         c,
@@ -273,7 +256,7 @@ fn explain_and_test_replay_decisions_offline() {
     let payload =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(std::fs::read(&claims).unwrap());
     let token = format!("eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln");
-    let (ok, out) = run(&[
+    let (ok, out) = support::run_bin(&[
         "explain",
         "--config",
         c,
@@ -311,7 +294,7 @@ fn explain_and_test_replay_decisions_offline() {
     );
     std::fs::write(&tests, &good).unwrap();
     let t = tests.to_str().unwrap();
-    let (ok, out) = run(&["test", "--config", c, t]);
+    let (ok, out) = support::run_bin(&["test", "--config", c, t]);
     assert!(ok, "{out}");
     assert!(out.contains("3 case(s), 0 failed"), "{out}");
     std::fs::write(
@@ -322,7 +305,7 @@ fn explain_and_test_replay_decisions_offline() {
         ),
     )
     .unwrap();
-    let (ok, out) = run(&["test", "--config", c, t]);
+    let (ok, out) = support::run_bin(&["test", "--config", c, t]);
     assert!(!ok, "{out}");
     assert!(
         out.contains("FAIL") && out.contains("wrong expectation"),
@@ -335,7 +318,7 @@ fn explain_and_test_replay_decisions_offline() {
 #[test]
 fn shipped_examples_pass_their_tests() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let (ok, out) = run(&[
+    let (ok, out) = support::run_bin(&[
         "test",
         "--config",
         &format!("{root}/policies/examples/config/example-config.yaml"),

@@ -33,6 +33,21 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Runs the `fhirwall` binary with `args`: whether it succeeded, and its
+/// stdout and stderr together.
+pub fn run_bin(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `fhirwall check --config <config>`.
+pub fn check(config: &std::path::Path) -> (bool, String) {
+    run_bin(&["check", "--config", config.to_str().unwrap()])
+}
+
 /// Extra YAML and knobs for one gateway.
 #[derive(Clone)]
 pub struct Options {
