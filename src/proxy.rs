@@ -180,8 +180,9 @@ struct Presented<'a> {
     dpop_scheme: bool,
     proofs: &'a [String],
     method: &'a str,
-    /// The request's URL as the client sees it (DPoP `htu`).
-    public_url: &'a str,
+    /// The request path as the client sent it (with the public origin, the
+    /// URL a DPoP `htu` must name).
+    path: &'a str,
     /// base64url SHA-256 of the TLS client certificate, if one was sent.
     client_cert: Option<&'a str>,
 }
@@ -826,12 +827,11 @@ impl Gateway {
     /// enough when a maximum age is configured.
     fn break_glass_reason(
         &self,
+        bg: &crate::config::BreakGlassConfig,
         session: &Session,
         claims: &crate::token::Claims,
         now: i64,
     ) -> Option<String> {
-        let rules = self.rules.load();
-        let bg = &rules.break_glass;
         let from_header = session
             .req_header()
             .headers
@@ -891,7 +891,7 @@ impl Gateway {
             dpop_scheme,
             proofs,
             method,
-            public_url,
+            path,
             client_cert,
         } = *p;
         let dpop =
@@ -1006,7 +1006,7 @@ impl Gateway {
             proof,
             &crate::dpop::ProofContext {
                 method,
-                url: public_url,
+                url: &format!("{}{path}", self.public_origin),
                 access_token: token,
                 jkt,
                 nonces: &accepted,
@@ -1115,7 +1115,6 @@ impl Gateway {
             .iter()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .collect();
-        let public_url = format!("{}{}", self.public_origin, req.uri.path());
         // SHA-256 of the TLS client certificate (base64url), if one was
         // presented; Pingora leaves the digest empty when none was.
         let client_cert = session
@@ -1183,7 +1182,7 @@ impl Gateway {
                 dpop_scheme,
                 proofs: &proofs,
                 method: &method,
-                public_url: &public_url,
+                path: req.uri.path(),
                 client_cert: client_cert.as_deref(),
             },
         )?);
@@ -1270,7 +1269,7 @@ impl Gateway {
                 .map(|a| a.ip());
             let binding = ctx.binding.unwrap_or("bearer");
             let now = now_unix();
-            let break_glass = self.break_glass_reason(session, &claims, now);
+            let break_glass = self.break_glass_reason(&rules.break_glass, session, &claims, now);
             let one = |r: &FhirRequest, path: &str| {
                 rules.policies.evaluate(&PolicyInput {
                     issuer: &claims.issuer_name,
