@@ -1,6 +1,7 @@
 //! The admin listener (separate port): `/metrics` (Prometheus text format),
 //! `/healthz` (liveness) and `/readyz` (ready once every issuer's JWKS is
-//! loaded). Served by Pingora on its own listener.
+//! loaded and the audit sink takes records). Served by Pingora on its own
+//! listener.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::token::jwks::JwksStore;
 
@@ -16,6 +18,20 @@ use crate::token::jwks::JwksStore;
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub jwks: Arc<JwksStore>,
+    pub audit: AuditLog,
+}
+
+impl Admin {
+    /// Why the gateway is not ready, if it is not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.jwks.ready() {
+            Some("not ready: JWKS of some issuer not loaded\n")
+        } else if !self.audit.ready() {
+            Some("not ready: the audit sink does not take records\n")
+        } else {
+            None
+        }
+    }
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -33,14 +49,17 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
-            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/metrics" => {
+                let m = &self.metrics;
+                m.audit.queue_depth.set(self.audit.queue_depth() as i64);
+                m.ready.set(i64::from(self.not_ready().is_none()));
+                reply(200, "text/plain; version=0.0.4", m.render())
+            }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" if self.jwks.ready() => reply(200, "text/plain", b"ready\n".to_vec()),
-            "/readyz" => reply(
-                503,
-                "text/plain",
-                b"not ready: JWKS of some issuer not loaded\n".to_vec(),
-            ),
+            "/readyz" => match self.not_ready() {
+                None => reply(200, "text/plain", b"ready\n".to_vec()),
+                Some(why) => reply(503, "text/plain", why.as_bytes().to_vec()),
+            },
             _ => reply(404, "text/plain", b"not found\n".to_vec()),
         }
     }

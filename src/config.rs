@@ -478,12 +478,64 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// `stdout` or `file`.
+    /// `stdout`, `file` or `fhir`.
     #[serde(default = "d_sink")]
     pub sink: String,
-    /// File to append to when `sink: file`.
+    /// `json` (one JSON line per record) or `audit_event` (FHIR AuditEvent
+    /// resources shaped after IHE BALP).
+    #[serde(default = "d_audit_format")]
+    pub format: String,
+    /// File to append to when `sink: file` (relative to the config file).
     #[serde(default)]
     pub path: Option<String>,
+    /// The FHIR server AuditEvents are sent to when `sink: fhir`.
+    #[serde(default)]
+    pub fhir: Option<AuditFhirConfig>,
+    /// A request goes upstream only once its decision record is written.
+    #[serde(default = "d_true")]
+    pub record_before_upstream: bool,
+    /// `batch` (every batch is fsynced before its records count as
+    /// written), `interval` or `never`.
+    #[serde(default = "d_fsync")]
+    pub fsync: String,
+    #[serde(default = "d_fsync_interval")]
+    pub fsync_interval_ms: u64,
+    /// Rotate the file when it reaches this size (0: never).
+    #[serde(default = "d_rotate_bytes")]
+    pub rotate_max_bytes: u64,
+    /// Rotate the file when it is this old (0: never).
+    #[serde(default = "d_rotate_age")]
+    pub rotate_max_age_seconds: u64,
+    /// Rotated files kept (0: all).
+    #[serde(default = "d_rotate_keep")]
+    pub rotate_keep: usize,
+    /// Records queued for the writer.
+    #[serde(default = "d_audit_queue")]
+    pub queue_capacity: usize,
+    /// When the sink fails or cannot keep up: `refuse` new requests (503)
+    /// or `spill` records to `spill_path`.
+    #[serde(default = "d_on_failure")]
+    pub on_failure: String,
+    #[serde(default)]
+    pub spill_path: Option<String>,
+    /// How often a failed sink is tried again.
+    #[serde(default = "d_audit_retry")]
+    pub retry_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFhirConfig {
+    /// FHIR base URL; batches are POSTed to it as `batch` Bundles.
+    pub endpoint: String,
+    #[serde(default = "d_audit_fhir_timeout")]
+    pub timeout_ms: u64,
+    /// Most AuditEvents per Bundle.
+    #[serde(default = "d_audit_fhir_batch")]
+    pub batch_max: usize,
+    /// Environment variable holding a bearer token for the endpoint.
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -545,6 +597,39 @@ fn d_fetch_timeout() -> u64 {
 }
 fn d_sink() -> String {
     "stdout".into()
+}
+fn d_audit_format() -> String {
+    "json".into()
+}
+fn d_fsync() -> String {
+    "batch".into()
+}
+fn d_fsync_interval() -> u64 {
+    1_000
+}
+fn d_rotate_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn d_rotate_age() -> u64 {
+    86_400
+}
+fn d_rotate_keep() -> usize {
+    30
+}
+fn d_audit_queue() -> usize {
+    16 * 1024
+}
+fn d_on_failure() -> String {
+    "refuse".into()
+}
+fn d_audit_retry() -> u64 {
+    1_000
+}
+fn d_audit_fhir_timeout() -> u64 {
+    5_000
+}
+fn d_audit_fhir_batch() -> usize {
+    100
 }
 fn d_grace() -> u64 {
     5
@@ -624,7 +709,7 @@ pub struct Settings {
     pub policies_watch: Option<PathBuf>,
     pub break_glass: BreakGlassConfig,
     pub roles: Option<Roles>,
-    pub audit: AuditSink,
+    pub audit: Audit,
     pub server: ServerConfig,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
 }
@@ -678,6 +763,67 @@ impl Issuer {
 pub enum AuditSink {
     Stdout,
     File(PathBuf),
+    Fhir {
+        endpoint: Url,
+        timeout: Duration,
+        batch_max: usize,
+        /// Bearer token read from the configured environment variable.
+        bearer_token: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditFormat {
+    /// One JSON object per line.
+    Json,
+    /// FHIR AuditEvent resources (IHE BALP), one per line in a file.
+    AuditEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Batch,
+    Interval(Duration),
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnAuditFailure {
+    Refuse,
+    Spill(PathBuf),
+}
+
+/// The validated audit section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub sink: AuditSink,
+    pub format: AuditFormat,
+    pub record_before_upstream: bool,
+    pub fsync: Fsync,
+    pub rotate_max_bytes: u64,
+    pub rotate_max_age: Option<Duration>,
+    pub rotate_keep: usize,
+    pub queue_capacity: usize,
+    pub on_failure: OnAuditFailure,
+    pub retry: Duration,
+}
+
+impl Audit {
+    /// Records to stdout as JSON lines, refusing when stdout fails.
+    pub fn stdout() -> Audit {
+        Audit {
+            sink: AuditSink::Stdout,
+            format: AuditFormat::Json,
+            record_before_upstream: true,
+            fsync: Fsync::Never,
+            rotate_max_bytes: 0,
+            rotate_max_age: None,
+            rotate_keep: 0,
+            queue_capacity: d_audit_queue(),
+            on_failure: OnAuditFailure::Refuse,
+            retry: Duration::from_millis(d_audit_retry()),
+        }
+    }
 }
 
 /// Verified context that can be forwarded upstream.
@@ -1130,25 +1276,7 @@ impl Config {
                 None
             }
         };
-        let audit = match (self.audit.sink.as_str(), &self.audit.path) {
-            ("stdout", None) => Some(AuditSink::Stdout),
-            ("stdout", Some(_)) => {
-                problem("audit.path", "only used with sink: file".into());
-                None
-            }
-            ("file", Some(path)) => Some(AuditSink::File(PathBuf::from(path))),
-            ("file", None) => {
-                problem("audit.path", "required with sink: file".into());
-                None
-            }
-            (other, _) => {
-                problem(
-                    "audit.sink",
-                    format!("'{other}' is not a sink; use stdout or file"),
-                );
-                None
-            }
-        };
+        let audit = self.validate_audit(&mut problem);
 
         if !(1024..=65536).contains(&self.server.max_classified_body_bytes) {
             problem(
@@ -1217,6 +1345,188 @@ impl Config {
             audit: audit.expect("validated"),
             server: self.server.clone(),
             forward_headers,
+        })
+    }
+
+    fn validate_audit(&self, problem: &mut impl FnMut(&str, String)) -> Option<Audit> {
+        let a = &self.audit;
+        let mut ok = true;
+        let mut bad = |key: &str, msg: String| {
+            ok = false;
+            problem(key, msg)
+        };
+        let format = match a.format.as_str() {
+            "json" => AuditFormat::Json,
+            "audit_event" => AuditFormat::AuditEvent,
+            other => {
+                bad(
+                    "audit.format",
+                    format!("'{other}' is not a format; use json or audit_event"),
+                );
+                AuditFormat::Json
+            }
+        };
+        if a.path.is_some() && a.sink != "file" {
+            bad("audit.path", "only used with sink: file".into());
+        }
+        if a.fhir.is_some() && a.sink != "fhir" {
+            bad("audit.fhir", "only used with sink: fhir".into());
+        }
+        let sink = match a.sink.as_str() {
+            "stdout" => Some(AuditSink::Stdout),
+            "file" => match &a.path {
+                Some(p) => Some(AuditSink::File(self.base_dir.join(p))),
+                None => {
+                    bad("audit.path", "required with sink: file".into());
+                    None
+                }
+            },
+            "fhir" => match &a.fhir {
+                None => {
+                    bad("audit.fhir.endpoint", "required with sink: fhir".into());
+                    None
+                }
+                Some(f) => {
+                    if format != AuditFormat::AuditEvent {
+                        bad(
+                            "audit.format",
+                            "sink: fhir sends AuditEvent resources; set format: audit_event".into(),
+                        );
+                    }
+                    let endpoint = match Url::parse(&f.endpoint) {
+                        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => Some(u),
+                        Ok(_) => {
+                            bad(
+                                "audit.fhir.endpoint",
+                                format!(
+                                    "'{}' must be https (plain http only on loopback)",
+                                    f.endpoint
+                                ),
+                            );
+                            None
+                        }
+                        Err(e) => {
+                            bad(
+                                "audit.fhir.endpoint",
+                                format!("'{}' is not a URL: {e}", f.endpoint),
+                            );
+                            None
+                        }
+                    };
+                    if !(1..=10_000).contains(&f.batch_max) {
+                        bad(
+                            "audit.fhir.batch_max",
+                            format!("{} must be between 1 and 10000", f.batch_max),
+                        );
+                    }
+                    if f.timeout_ms == 0 {
+                        bad("audit.fhir.timeout_ms", "must be more than 0".into());
+                    }
+                    let bearer_token = match &f.bearer_token_env {
+                        None => None,
+                        Some(var) => match std::env::var(var) {
+                            Ok(v) if !v.is_empty() => Some(v),
+                            _ => {
+                                bad(
+                                    "audit.fhir.bearer_token_env",
+                                    format!("environment variable {var} is not set"),
+                                );
+                                None
+                            }
+                        },
+                    };
+                    endpoint.map(|endpoint| AuditSink::Fhir {
+                        endpoint,
+                        timeout: Duration::from_millis(f.timeout_ms),
+                        batch_max: f.batch_max,
+                        bearer_token,
+                    })
+                }
+            },
+            other => {
+                bad(
+                    "audit.sink",
+                    format!("'{other}' is not a sink; use stdout, file or fhir"),
+                );
+                None
+            }
+        };
+        let fsync = match a.fsync.as_str() {
+            "batch" => Fsync::Batch,
+            "interval" if a.fsync_interval_ms > 0 => {
+                Fsync::Interval(Duration::from_millis(a.fsync_interval_ms))
+            }
+            "interval" => {
+                bad("audit.fsync_interval_ms", "must be more than 0".into());
+                Fsync::Batch
+            }
+            "never" => Fsync::Never,
+            other => {
+                bad(
+                    "audit.fsync",
+                    format!("'{other}' is not one of: batch, interval, never"),
+                );
+                Fsync::Batch
+            }
+        };
+        if !(16..=1_048_576).contains(&a.queue_capacity) {
+            bad(
+                "audit.queue_capacity",
+                format!("{} must be between 16 and 1048576", a.queue_capacity),
+            );
+        }
+        if a.retry_ms == 0 {
+            bad("audit.retry_ms", "must be more than 0".into());
+        }
+        let sink_path = match &sink {
+            Some(AuditSink::File(p)) => Some(p.clone()),
+            _ => None,
+        };
+        let on_failure = match (a.on_failure.as_str(), &a.spill_path) {
+            ("refuse", None) => OnAuditFailure::Refuse,
+            ("refuse", Some(_)) => {
+                bad(
+                    "audit.spill_path",
+                    "only used with on_failure: spill".into(),
+                );
+                OnAuditFailure::Refuse
+            }
+            ("spill", Some(p)) => {
+                let p = self.base_dir.join(p);
+                if sink_path.as_ref() == Some(&p) {
+                    bad(
+                        "audit.spill_path",
+                        "must differ from audit.path (it is where records go when that fails)"
+                            .into(),
+                    );
+                }
+                OnAuditFailure::Spill(p)
+            }
+            ("spill", None) => {
+                bad("audit.spill_path", "required with on_failure: spill".into());
+                OnAuditFailure::Refuse
+            }
+            (other, _) => {
+                bad(
+                    "audit.on_failure",
+                    format!("'{other}' is not one of: refuse, spill"),
+                );
+                OnAuditFailure::Refuse
+            }
+        };
+        let sink = sink?;
+        ok.then_some(Audit {
+            sink,
+            format,
+            record_before_upstream: a.record_before_upstream,
+            fsync,
+            rotate_max_bytes: a.rotate_max_bytes,
+            rotate_max_age: (a.rotate_max_age_seconds > 0)
+                .then(|| Duration::from_secs(a.rotate_max_age_seconds)),
+            rotate_keep: a.rotate_keep,
+            queue_capacity: a.queue_capacity,
+            on_failure,
+            retry: Duration::from_millis(a.retry_ms),
         })
     }
 
@@ -1451,6 +1761,12 @@ fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option
     })
 }
 
+/// A plain-http URL on the loopback interface (where tokens, secrets and
+/// audit records may travel without TLS).
+fn is_loopback_http(u: &Url) -> bool {
+    u.scheme() == "http" && matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+}
+
 /// Validates an issuer's `introspection` section (key prefix `at`).
 fn validate_introspection(
     c: &IntrospectionConfig,
@@ -1461,9 +1777,8 @@ fn validate_introspection(
     let mut ok = true;
     // Secrets and users' tokens travel to it: https, or plain http only on
     // the loopback interface.
-    let loopback = |u: &Url| matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
     let endpoint = match Url::parse(&c.endpoint) {
-        Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && loopback(&u)) => Some(u),
+        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => Some(u),
         _ => {
             problem(
                 &key("endpoint"),
@@ -1648,7 +1963,7 @@ admin:
             s.issuers[0].algorithms,
             vec![Algorithm::RS256, Algorithm::ES256]
         );
-        assert_eq!(s.audit, AuditSink::Stdout);
+        assert_eq!(s.audit.sink, AuditSink::Stdout);
         assert_eq!(
             s.public_routes,
             vec!["metadata", ".well-known/smart-configuration"]

@@ -4,8 +4,8 @@
 //! is registered at start-up.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::fhir::classify::Interaction;
@@ -76,7 +76,22 @@ pub const REASONS: &[&str] = &[
     "upstream_error",
     "upstream_answer_unchecked",
     "upstream_answer_too_large",
+    "audit_unavailable",
 ];
+
+/// The audit writer's metrics, shared with its thread.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    pub written_primary: IntCounter,
+    pub written_spill: IntCounter,
+    pub failures_primary: IntCounter,
+    pub failures_spill: IntCounter,
+    pub dropped: IntCounter,
+    pub sink_up: IntGauge,
+    pub rotations: IntCounter,
+    pub queue_depth: IntGauge,
+    pub queue_capacity: IntGauge,
+}
 
 /// The registry and the handles the request path uses.
 pub struct Metrics {
@@ -98,6 +113,34 @@ pub struct Metrics {
     outcomes_by: Vec<IntCounter>,
     /// Aligned with [`DECISIONS`].
     duration_by: Vec<Histogram>,
+    /// `[resource type (RESOURCE_TYPES order)][decision]`.
+    resource_by: Vec<Vec<IntCounter>>,
+    pub upstream_duration: Histogram,
+    /// Aligned with [`TOKEN_KINDS`].
+    validation_by: Vec<Histogram>,
+    jwks_keys: IntGaugeVec,
+    jwks_last_success: GaugeVec,
+    jwks_age: GaugeVec,
+    issuers: Vec<String>,
+    dpop_replays: IntCounter,
+    rate_limited: IntCounter,
+    pub ready: IntGauge,
+    pub audit: AuditMetrics,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+/// Buckets for latencies from half a millisecond to ten seconds.
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
 }
 
 impl Metrics {
@@ -125,10 +168,7 @@ impl Metrics {
                 "fhirwall_request_duration_seconds",
                 "Time from request to response, by decision",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ]),
+            .buckets(latency_buckets()),
             &["decision"],
         )
         .expect("valid metric");
@@ -207,6 +247,149 @@ impl Metrics {
             "Entries in the verified-token cache",
         )
         .expect("valid metric");
+        let resource_requests = IntCounterVec::new(
+            Opts::new(
+                "fhirwall_resource_requests_total",
+                "Requests by FHIR resource type and decision",
+            ),
+            &["resource_type", "decision"],
+        )
+        .expect("valid metric");
+        let resource_by = crate::fhir::resource_types::RESOURCE_TYPES
+            .iter()
+            .map(|t| {
+                DECISIONS
+                    .iter()
+                    .map(|d| resource_requests.with_label_values(&[t, d]))
+                    .collect()
+            })
+            .collect();
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "fhirwall_upstream_duration_seconds",
+                "Time the upstream took to answer (to its response header)",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("valid metric");
+        let validation = HistogramVec::new(
+            HistogramOpts::new(
+                "fhirwall_token_validation_duration_seconds",
+                "Time to validate a token (cache, JWKS, introspection), by token kind",
+            )
+            .buckets(vec![
+                0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1,
+                0.5, 1.0, 5.0,
+            ]),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let validation_by = TOKEN_KINDS
+            .iter()
+            .map(|k| validation.with_label_values(&[k]))
+            .collect();
+        let jwks_keys = IntGaugeVec::new(
+            Opts::new("fhirwall_jwks_keys", "Usable keys in an issuer's JWKS"),
+            &["issuer"],
+        )
+        .expect("valid metric");
+        let jwks_last_success = GaugeVec::new(
+            Opts::new(
+                "fhirwall_jwks_last_success_timestamp_seconds",
+                "Unix time of an issuer's last successful JWKS fetch",
+            ),
+            &["issuer"],
+        )
+        .expect("valid metric");
+        let jwks_age = GaugeVec::new(
+            Opts::new(
+                "fhirwall_jwks_age_seconds",
+                "Seconds since an issuer's JWKS was last fetched successfully (-1: never)",
+            ),
+            &["issuer"],
+        )
+        .expect("valid metric");
+        let dpop_replays = counter(
+            "fhirwall_dpop_replays_total",
+            "DPoP proofs refused because their jti was seen before",
+        );
+        let rate_limited = counter(
+            "fhirwall_rate_limited_total",
+            "Requests refused by a policy rule's rate limit",
+        );
+        let ready = gauge(
+            "fhirwall_ready",
+            "1 when every issuer's keys are loaded and the audit sink takes records",
+        );
+        let build = IntGaugeVec::new(
+            Opts::new("fhirwall_build_info", "Version of the running fhirwall"),
+            &["version"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let audit_written = IntCounterVec::new(
+            Opts::new(
+                "fhirwall_audit_records_written_total",
+                "Audit records written, to the sink or the spill file",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        let audit_failures = IntCounterVec::new(
+            Opts::new(
+                "fhirwall_audit_write_failures_total",
+                "Failed attempts to write audit records, by sink",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        let audit = AuditMetrics {
+            written_primary: audit_written.with_label_values(&["primary"]),
+            written_spill: audit_written.with_label_values(&["spill"]),
+            failures_primary: audit_failures.with_label_values(&["primary"]),
+            failures_spill: audit_failures.with_label_values(&["spill"]),
+            dropped: counter(
+                "fhirwall_audit_records_dropped_total",
+                "Audit records that could be written nowhere and were lost",
+            ),
+            sink_up: gauge(
+                "fhirwall_audit_sink_up",
+                "1 when the audit sink took its last write",
+            ),
+            rotations: counter(
+                "fhirwall_audit_rotations_total",
+                "Rotations of the audit file",
+            ),
+            queue_depth: gauge(
+                "fhirwall_audit_queue_depth",
+                "Audit records waiting for the writer",
+            ),
+            queue_capacity: gauge(
+                "fhirwall_audit_queue_capacity",
+                "Audit records the queue holds before requests wait or are refused",
+            ),
+        };
+        for c in [
+            Box::new(resource_requests) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_duration.clone()),
+            Box::new(validation),
+            Box::new(jwks_keys.clone()),
+            Box::new(jwks_last_success.clone()),
+            Box::new(jwks_age.clone()),
+            Box::new(dpop_replays.clone()),
+            Box::new(rate_limited.clone()),
+            Box::new(ready.clone()),
+            Box::new(build),
+            Box::new(audit_written),
+            Box::new(audit_failures),
+            Box::new(audit.dropped.clone()),
+            Box::new(audit.sink_up.clone()),
+            Box::new(audit.rotations.clone()),
+            Box::new(audit.queue_depth.clone()),
+            Box::new(audit.queue_capacity.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(denials.clone()),
@@ -246,6 +429,8 @@ impl Metrics {
                 introspections.with_label_values(&[i, r]);
             }
             introspection_duration.with_label_values(&[i]);
+            jwks_keys.with_label_values(&[i]);
+            jwks_age.with_label_values(&[i]).set(-1.0);
         }
         Metrics {
             registry,
@@ -261,7 +446,48 @@ impl Metrics {
             requests_by,
             outcomes_by,
             duration_by,
+            resource_by,
+            upstream_duration,
+            validation_by,
+            jwks_keys,
+            jwks_last_success,
+            jwks_age,
+            issuers: issuers.to_vec(),
+            dpop_replays,
+            rate_limited,
+            ready,
+            audit,
         }
+    }
+
+    /// Counts a request against its resource type (when it names one).
+    pub fn resource(&self, resource_type: Option<&str>, decision: &str) {
+        let Some(t) = resource_type.and_then(|t| {
+            crate::fhir::resource_types::RESOURCE_TYPES
+                .binary_search(&t)
+                .ok()
+        }) else {
+            return;
+        };
+        let d = DECISIONS.iter().position(|x| *x == decision).unwrap_or(2);
+        self.resource_by[t][d].inc();
+    }
+
+    /// Time spent validating a token of `kind` (`jwt` or `opaque`).
+    pub fn validation(&self, kind: &str, seconds: f64) {
+        if let Some(k) = TOKEN_KINDS.iter().position(|x| *x == kind) {
+            self.validation_by[k].observe(seconds);
+        }
+    }
+
+    /// A successful JWKS fetch of `issuer` with `keys` usable keys.
+    pub fn jwks_loaded(&self, issuer: &str, keys: usize) {
+        self.jwks_keys.with_label_values(&[issuer]).set(keys as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.jwks_last_success.with_label_values(&[issuer]).set(now);
     }
 
     /// Counts one finished request.
@@ -283,6 +509,11 @@ impl Metrics {
             .or_else(|| REASONS.iter().position(|x| *x == "upstream_error"))
             .expect("upstream_error is a reason");
         self.outcomes_by[r].inc();
+        match reason {
+            "dpop_replayed" => self.dpop_replays.inc(),
+            "rate_limited" => self.rate_limited.inc(),
+            _ => {}
+        }
         self.duration_by[d].observe(seconds);
     }
 
@@ -322,6 +553,16 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        for i in &self.issuers {
+            let last = self.jwks_last_success.with_label_values(&[i]).get();
+            if last > 0.0 {
+                self.jwks_age.with_label_values(&[i]).set(now - last);
+            }
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

@@ -21,7 +21,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorType;
 
-use crate::audit::{hex, AuditLog, Record};
+use crate::audit::{hex, AuditLog, Event, Record};
 use crate::check::rewrite_links;
 use crate::check::{judge, judge_bundle_answer, judge_write_body, narrow_bundle, Verdict};
 use crate::config::{ForwardedContext, Settings};
@@ -215,6 +215,16 @@ pub struct Ctx {
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
+    /// Names of the query parameters (for the audit record).
+    query_names: Vec<String>,
+    /// Id of the request's audit record (its decision record adds `-d`).
+    record_id: String,
+    /// Time spent validating the token.
+    validation: Option<std::time::Duration>,
+    /// When the request went upstream, and how long the upstream took to
+    /// answer.
+    upstream_started: Option<Instant>,
+    upstream_time: Option<std::time::Duration>,
 }
 
 fn now_unix() -> i64 {
@@ -499,10 +509,12 @@ impl Gateway {
                 .and_then(|b| narrow_bundle(b, &ctx.entry_checks))
                 .map(Bytes::from);
         }
+        let sent = Instant::now();
         let fetched = self
             .checked
             .fetch(method, &rel, query.as_deref(), headers, body)
             .await;
+        ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
             Ok(a) => a,
             Err(denial) => {
@@ -1090,6 +1102,7 @@ impl Gateway {
             Some(q) => classify::parse_params(q).map_err(|e| classify_denial(&e))?,
             None => Vec::new(),
         };
+        ctx.query_names = audit_param_names(&query_params);
 
         // 2. Extract
         if has_access_token_param(&query_params) {
@@ -1153,7 +1166,16 @@ impl Gateway {
         }
 
         // 3. Validate
+        let started = Instant::now();
         let v = self.validator.validate(&token, now_unix()).await;
+        let took = started.elapsed();
+        ctx.validation = Some(took);
+        let kind = match &v {
+            Ok(v) => v.kind,
+            Err(_) if token.bytes().filter(|b| *b == b'.').count() == 2 => "jwt",
+            Err(_) => "opaque",
+        };
+        self.metrics.validation(kind, took.as_secs_f64());
         let v = v.map_err(|e| {
             match token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)) {
                 Denial::InvalidToken { code, description } if dpop_scheme => Denial::InvalidDpop {
@@ -1375,6 +1397,146 @@ impl Gateway {
     }
 }
 
+/// Names of the query parameters as the audit records them: each once,
+/// at most 64; a name that does not look like a FHIR parameter name (which
+/// could carry anything) is recorded as `?`.
+fn audit_param_names(params: &[(String, String)]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (name, _) in params {
+        let looks_fhir = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        let n = if looks_fhir { name.as_str() } else { "?" };
+        if names.len() < 64 && !names.iter().any(|x| x == n) {
+            names.push(n.to_string());
+        }
+    }
+    names
+}
+
+/// The pipeline stage a reason code comes from.
+fn stage_of(reason: &str) -> &'static str {
+    match reason {
+        "allowed" => "decide",
+        "public" | "not_found" | "bad_path" | "method_not_allowed" => "route",
+        "no_token" | "token_too_long" | "credentials_refused" => "extract",
+        "insufficient_scope" => "decide",
+        "policy_denied" | "rate_limited" => "policy",
+        "outside_compartment"
+        | "outside_scope_filter"
+        | "upstream_not_found"
+        | "upstream_answer_unchecked"
+        | "upstream_answer_too_large" => "check",
+        "fhir_malformed" | "body_too_large" => "classify",
+        "audit_unavailable" => "audit",
+        r if r.starts_with("upstream_") => "proxy",
+        r if r.starts_with("dpop_")
+            || r.starts_with("mtls_")
+            || matches!(r, "binding_required" | "token_binding_unsupported") =>
+        {
+            "bind"
+        }
+        _ => "validate",
+    }
+}
+
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Gateway {
+    /// The decision, reason code and detail a request ended with.
+    fn outcome(ctx: &Ctx) -> (&'static str, &'static str, Option<String>) {
+        match &ctx.denial {
+            Some(d @ Denial::Upstream { .. }) => ("error", d.code(), Some(d.description())),
+            Some(d @ Denial::Unavailable { .. }) => ("error", d.code(), Some(d.description())),
+            // Allowed, and the upstream did not have it.
+            Some(
+                d @ Denial::Hidden {
+                    why: "upstream_not_found",
+                    ..
+                },
+            ) => ("allow", d.code(), None),
+            Some(d @ Denial::Hidden { resource, why }) => (
+                "deny",
+                d.code(),
+                Some(if *why == "outside_scope_filter" {
+                    format!("{resource} matches none of the token's scope filters; answered 404")
+                } else {
+                    format!("{resource} is outside the compartment of the token's patient; answered 404")
+                }),
+            ),
+            Some(d) => ("deny", d.code(), Some(d.description())),
+            None if ctx.public => ("allow", "public", None),
+            None => ("allow", "allowed", None),
+        }
+    }
+
+    /// The audit record of a request: its decision record (written before
+    /// it goes upstream) or its request record (when it ends).
+    fn record<'a>(&self, session: &'a Session, ctx: &'a Ctx, event: Event) -> Record<'a> {
+        let (decision, reason, detail) = Self::outcome(ctx);
+        let req = session.req_header();
+        let claims = ctx.token.as_ref().map(|t| &t.claims);
+        let path = req.uri.path();
+        let fhir = ctx.fhir.as_ref();
+        let done = event == Event::Request;
+        let status = session.response_written().map(|r| r.status.as_u16());
+        Record {
+            event,
+            id: match event {
+                Event::Request => ctx.record_id.clone(),
+                Event::Decision => format!("{}-d", ctx.record_id),
+            },
+            time: time::OffsetDateTime::from(ctx.time)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            request_id: &ctx.request_id,
+            source: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string()),
+            method: req.method.as_str(),
+            path: path.get(..512).unwrap_or(path),
+            query_params: &ctx.query_names,
+            issuer: claims.map(|c| c.issuer_name.as_str()),
+            client_id: claims.and_then(|c| c.client_id.as_deref()),
+            sub: claims.and_then(|c| c.sub.as_deref()),
+            fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
+            patient: claims.and_then(|c| c.patient.as_deref()),
+            token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
+            token_kind: ctx.token.as_ref().map(|t| t.kind),
+            token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
+            binding: ctx.binding,
+            scopes_used: &ctx.scopes_used,
+            interaction: fhir.map(|f| f.interaction.as_str()),
+            resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
+            resource_id: fhir.and_then(|f| f.id.as_deref()),
+            operation: fhir.and_then(|f| f.operation.as_ref().map(|(n, _)| n.as_str())),
+            decision,
+            reason,
+            stage: if ctx.policy_rule.is_some() && decision == "allow" {
+                "policy"
+            } else {
+                stage_of(reason)
+            },
+            policy_rule: ctx.policy_rule.as_deref(),
+            detail,
+            break_glass_rules: &ctx.broke_glass,
+            break_glass_reason: ctx.break_glass_reason.as_deref(),
+            status: done.then(|| status.unwrap_or(0)),
+            upstream_status: ctx.upstream_status,
+            request_bytes: done.then(|| session.body_bytes_read() as u64),
+            response_bytes: done.then(|| session.body_bytes_sent() as u64),
+            latency_ms: millis(ctx.started.elapsed()),
+            upstream_ms: ctx.upstream_time.map(millis),
+            validation_ms: ctx.validation.map(millis),
+        }
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
@@ -1399,6 +1561,11 @@ impl ProxyHttp for Gateway {
             denial: None,
             public: false,
             upstream_status: None,
+            query_names: Vec::new(),
+            record_id: crate::audit::new_id(),
+            validation: None,
+            upstream_started: None,
+            upstream_time: None,
         }
     }
 
@@ -1411,7 +1578,22 @@ impl ProxyHttp for Gateway {
             .filter(|v| valid_request_id(v))
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
-        match self.admit(session, ctx).await {
+        let admitted = match self.admit(session, ctx).await {
+            // Nothing goes upstream before its decision is on record.
+            Ok(()) if self.audit.records_before_upstream() => {
+                let record = self.record(session, ctx, Event::Decision);
+                self.audit
+                    .commit_decision(&record)
+                    .await
+                    .map_err(|r| Denial::Unavailable {
+                        code: "audit_unavailable",
+                        description: r.describe().into(),
+                        retry_after_seconds: 1,
+                    })
+            }
+            other => other,
+        };
+        match admitted {
             Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
                 self.checked_exchange(session, ctx).await?;
                 Ok(true)
@@ -1480,6 +1662,7 @@ impl ProxyHttp for Gateway {
             up.insert_header(name, value)?;
         }
         up.insert_header(header::HOST, self.host_header.clone())?;
+        ctx.upstream_started = Some(Instant::now());
         // The version that was checked: the write lands on it or fails.
         if let Some(v) = &ctx.if_match {
             up.insert_header(header::IF_MATCH, v.clone())?;
@@ -1494,6 +1677,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
             resp.insert_header("dpop-nonce", n.current(now_unix()))?;
@@ -1561,75 +1745,17 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
-        let (decision, reason, detail) = match &ctx.denial {
-            Some(d @ Denial::Upstream { .. }) => ("error", d.code(), Some(d.description())),
-            // Allowed, and the upstream did not have it.
-            Some(
-                d @ Denial::Hidden {
-                    why: "upstream_not_found",
-                    ..
-                },
-            ) => ("allow", d.code(), None),
-            Some(d @ Denial::Hidden { resource, why }) => (
-                "deny",
-                d.code(),
-                Some(if *why == "outside_scope_filter" {
-                    format!("{resource} matches none of the token's scope filters; answered 404")
-                } else {
-                    format!("{resource} is outside the compartment of the token's patient; answered 404")
-                }),
-            ),
-            Some(d) => ("deny", d.code(), Some(d.description())),
-            None if ctx.public => ("allow", "public", None),
-            None => ("allow", "allowed", None),
-        };
-        let latency = ctx.started.elapsed().as_secs_f64();
+        let record = self.record(session, ctx, Event::Request);
         let interaction = ctx.fhir.as_ref().map(|f| f.interaction);
-        self.metrics.request(decision, interaction, reason, latency);
-        self.metrics
-            .token_cache_entries
-            .set(self.validator.cache_entries() as i64);
-        let req = session.req_header();
-        let claims = ctx.token.as_ref().map(|t| &t.claims);
-        let path = req.uri.path();
-        let fhir = ctx.fhir.as_ref();
-        let record = Record {
-            time: time::OffsetDateTime::from(ctx.time)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-            request_id: &ctx.request_id,
-            method: req.method.as_str(),
-            path: path.get(..512).unwrap_or(path),
-            issuer: claims.map(|c| c.issuer_name.as_str()),
-            client_id: claims.and_then(|c| c.client_id.as_deref()),
-            sub: claims.and_then(|c| c.sub.as_deref()),
-            fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
-            patient: claims.and_then(|c| c.patient.as_deref()),
-            token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
-            token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
-            binding: ctx.binding,
-            break_glass_rules: &ctx.broke_glass,
-            policy_rule: ctx.policy_rule.as_deref(),
-            break_glass_reason: ctx.break_glass_reason.as_deref(),
-            token_kind: ctx.token.as_ref().map(|t| t.kind),
-            interaction: interaction.map(|i| i.as_str()),
-            resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
-            resource_id: fhir.and_then(|f| f.id.as_deref()),
-            operation: fhir.and_then(|f| f.operation.as_ref().map(|(n, _)| n.as_str())),
-            scopes_used: &ctx.scopes_used,
-            decision,
-            reason,
-            detail,
-            status,
-            upstream_status: ctx.upstream_status,
-            latency_ms: (latency * 1e6).round() / 1e3,
-        };
-        if let Err(e) = self.audit.write(&record) {
-            tracing::error!(error = %e, request_id = %ctx.request_id, "audit record could not be written");
+        let seconds = ctx.started.elapsed().as_secs_f64();
+        let m = &self.metrics;
+        m.request(record.decision, interaction, record.reason, seconds);
+        m.resource(record.resource_type, record.decision);
+        if let Some(t) = ctx.upstream_time {
+            m.upstream_duration.observe(t.as_secs_f64());
         }
+        m.token_cache_entries
+            .set(self.validator.cache_entries() as i64);
+        self.audit.record(&record).await;
     }
 }

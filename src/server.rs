@@ -170,8 +170,8 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
         &settings.jwks_roots,
         metrics.clone(),
     ));
-    let audit = AuditLog::open(&settings.audit)
-        .map_err(|e| format!("audit sink {:?}: {e}", settings.audit))?;
+    let audit = AuditLog::open(&settings.audit, metrics.audit.clone())
+        .map_err(|e| format!("audit sink: {e}"))?;
     let m = metrics.clone();
     let validator = Validator::new(
         &settings,
@@ -212,6 +212,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
         Admin {
             metrics,
             jwks: store.clone(),
+            audit: audit_at_exit.clone(),
         },
     );
     admin.add_tcp(&admin_listen);

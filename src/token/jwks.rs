@@ -191,6 +191,7 @@ impl JwksStore {
                 st.last_failed = false;
                 st.next_refresh = Some(started + self.period(f.max_age));
                 self.metrics.jwks_fetch(name, true);
+                self.metrics.jwks_loaded(name, f.keys.keys.len());
                 tracing::info!(issuer = name, keys = f.keys.keys.len(), "JWKS loaded");
                 ik.keys.store(Some(Arc::new(f.keys)));
                 Ok(f.max_age)

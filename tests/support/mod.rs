@@ -298,14 +298,15 @@ impl Gateway {
         }
     }
 
-    /// The audit record of a request id.
+    /// The audit record of a request id (its `request` record, not the
+    /// decision record written before it went upstream).
     pub fn audit_for(&self, request_id: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(r) = self
                 .audit()
                 .into_iter()
-                .find(|r| r["request_id"] == request_id)
+                .find(|r| r["request_id"] == request_id && r["event"] == "request")
             {
                 return r;
             }

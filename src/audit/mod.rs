@@ -1,0 +1,337 @@
+//! The audit trail (stage 9): one record per request, on every path —
+//! allowed, denied, upstream error, client abort. A record carries the
+//! SHA-256 of the token, never the token, and the *names* of the query
+//! parameters, never their values (which can be PHI).
+//!
+//! Records are encoded on the request's thread (JSON line or FHIR
+//! `AuditEvent`, see [`event`]) and go through a bounded queue to one writer
+//! thread ([`writer`]) that appends them to the sink. With
+//! `record_before_upstream` (the default), an allowed request goes upstream
+//! only once its *decision* record is written (group commit: one write and
+//! one fsync per batch); the full *request* record follows when the request
+//! ends. When the sink fails or the queue is full, new requests are refused
+//! with 503 (`on_failure: refuse`) or records go to a local spill file
+//! (`on_failure: spill`); records are never dropped silently.
+
+pub mod event;
+mod writer;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Audit, AuditFormat, OnAuditFailure};
+use crate::metrics::AuditMetrics;
+
+/// Which of a request's records this is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// The one complete record of a request, written when it ends.
+    #[default]
+    Request,
+    /// Written (durably) before an allowed request goes upstream.
+    Decision,
+}
+
+/// One audit record. It borrows from the request's state: building it
+/// costs no copies; it is encoded once, on the request's thread.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Record<'a> {
+    pub event: Event,
+    /// Unique id of this record (the AuditEvent id in that format).
+    pub id: String,
+    /// RFC 3339 time the request arrived.
+    pub time: String,
+    pub request_id: &'a str,
+    /// The client's IP address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Names of the query parameters (never their values).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub query_params: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<&'a str>,
+    /// Hex SHA-256 of the access token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// `jwt` or `opaque`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_cache_hit: Option<bool>,
+    /// How the token was bound to the client: `bearer`, `dpop` or `mtls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binding: Option<&'a str>,
+    /// Scopes that granted the request.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub scopes_used: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interaction: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<&'a str>,
+    /// Operation name without the `$`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<&'a str>,
+    /// allow, deny or error.
+    pub decision: &'a str,
+    /// Reason code (the metrics' `reason` label).
+    pub reason: &'a str,
+    /// The pipeline stage that decided: route, extract, validate, bind,
+    /// classify, decide, policy, check, proxy or audit.
+    pub stage: &'a str,
+    /// The policy rule that decided (`file#rule`), if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_rule: Option<&'a str>,
+    /// Human-readable reason for a denial or error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Break-glass-able policy rules the request passed (`file#rule`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub break_glass_rules: &'a [String],
+    /// The declared emergency's reason, when break-glass was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub break_glass_reason: Option<&'a str>,
+    /// Status sent to the client (absent in decision records; 0 when the
+    /// client went away before an answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    /// Request body bytes read from the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_bytes: Option<u64>,
+    /// Response body bytes sent to the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_bytes: Option<u64>,
+    /// Time from arrival to the end of the answer (or to the decision).
+    pub latency_ms: f64,
+    /// Time the upstream took to answer (to its response header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ms: Option<f64>,
+    /// Time spent validating the token (cache, JWKS, introspection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_ms: Option<f64>,
+}
+
+/// Why a request cannot be admitted for want of an audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The sink (and the spill file, if any) failed.
+    SinkFailed,
+    /// The queue is full: the sink cannot keep up.
+    Backlog,
+}
+
+impl Refusal {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::SinkFailed => "the audit sink is failing; no request is served unrecorded",
+            Refusal::Backlog => "the audit sink cannot keep up; no request is served unrecorded",
+        }
+    }
+}
+
+/// One encoded record on its way to the writer.
+struct Pending {
+    id: String,
+    bytes: Vec<u8>,
+    /// Told whether the record was written (decision records).
+    ack: Option<oneshot::Sender<bool>>,
+}
+
+enum Msg {
+    Record(Pending),
+    /// Acknowledged once every record queued before it is written (or
+    /// spilled, or counted as dropped).
+    Flush(oneshot::Sender<()>),
+}
+
+/// State shared by the handles and the writer.
+struct Shared {
+    format: AuditFormat,
+    before_upstream: bool,
+    /// Records can currently be made durable (the sink works, or the spill
+    /// file does).
+    accepting: AtomicBool,
+    spill: Option<Mutex<writer::AppendFile>>,
+    metrics: AuditMetrics,
+    capacity: usize,
+}
+
+/// The handle requests use. Clones share the queue and the writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl AuditLog {
+    /// Opens the sink (a file is created if missing, appended to) and
+    /// starts the writer thread. Fails when a file sink cannot be opened.
+    pub fn open(cfg: &Audit, metrics: AuditMetrics) -> io::Result<AuditLog> {
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        let spill = match &cfg.on_failure {
+            OnAuditFailure::Spill(path) => Some(Mutex::new(writer::AppendFile::new(path.clone()))),
+            OnAuditFailure::Refuse => None,
+        };
+        metrics.queue_capacity.set(cfg.queue_capacity as i64);
+        let shared = Arc::new(Shared {
+            format: cfg.format,
+            before_upstream: cfg.record_before_upstream,
+            accepting: AtomicBool::new(false),
+            spill,
+            metrics,
+            capacity: cfg.queue_capacity,
+        });
+        writer::start(cfg, rx, shared.clone())?;
+        Ok(AuditLog { tx, shared })
+    }
+
+    /// Whether allowed requests wait for a decision record.
+    pub fn records_before_upstream(&self) -> bool {
+        self.shared.before_upstream
+    }
+
+    /// Whether records can currently be written (for `/readyz`).
+    pub fn ready(&self) -> bool {
+        self.shared.accepting.load(Ordering::Acquire)
+    }
+
+    /// Records waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.capacity - self.tx.capacity()
+    }
+
+    fn encode(&self, record: &Record) -> Pending {
+        let bytes = match self.shared.format {
+            AuditFormat::Json => serde_json::to_vec(record),
+            AuditFormat::AuditEvent => serde_json::to_vec(&event::audit_event(record)),
+        }
+        .expect("audit records serialise");
+        Pending {
+            id: record.id.clone(),
+            bytes,
+            ack: None,
+        }
+    }
+
+    /// Writes a request's decision record and waits until it is written
+    /// (or spilled). `Err` means the request must not be served.
+    pub async fn commit_decision(&self, record: &Record<'_>) -> Result<(), Refusal> {
+        if !self.ready() {
+            return Err(Refusal::SinkFailed);
+        }
+        let mut pending = self.encode(record);
+        let (ack_tx, ack_rx) = oneshot::channel();
+        pending.ack = Some(ack_tx);
+        match self.tx.try_send(Msg::Record(pending)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Msg::Record(mut p))) => {
+                p.ack = None;
+                return self.spill_now(p).map_err(|_| Refusal::Backlog);
+            }
+            Err(_) => return Err(Refusal::SinkFailed),
+        }
+        match ack_rx.await {
+            Ok(true) => Ok(()),
+            _ => Err(Refusal::SinkFailed),
+        }
+    }
+
+    /// Queues a request's record. A full queue makes the caller wait for
+    /// the writer (or spill at once, with `on_failure: spill`).
+    pub async fn record(&self, record: &Record<'_>) {
+        let pending = self.encode(record);
+        let p = match self.tx.try_send(Msg::Record(pending)) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(Msg::Record(p))) => p,
+            Err(mpsc::error::TrySendError::Closed(Msg::Record(p))) => {
+                self.lost(p);
+                return;
+            }
+            Err(_) => unreachable!("only records are sent here"),
+        };
+        if self.shared.spill.is_some() {
+            if let Err(p) = self.spill_now(p) {
+                self.lost(p);
+            }
+            return;
+        }
+        if let Err(mpsc::error::SendError(Msg::Record(p))) = self.tx.send(Msg::Record(p)).await {
+            self.lost(p);
+        }
+    }
+
+    /// Writes a record straight to the spill file (the queue is full).
+    fn spill_now(&self, p: Pending) -> Result<(), Pending> {
+        let Some(spill) = &self.shared.spill else {
+            return Err(p);
+        };
+        let mut file = spill.lock().unwrap_or_else(|e| e.into_inner());
+        match file.append(&[&p]) {
+            Ok(()) => {
+                self.shared.metrics.written_spill.inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.metrics.failures_spill.inc();
+                tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written");
+                Err(p)
+            }
+        }
+    }
+
+    fn lost(&self, p: Pending) {
+        self.shared.metrics.dropped.inc();
+        tracing::error!(record = %p.id, "audit writer has stopped; record lost");
+    }
+
+    /// Waits until every record queued so far is written, spilled or
+    /// counted as lost. Blocking: for shutdown, outside the runtimes.
+    pub fn flush(&self) -> io::Result<()> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Msg::Flush(ack_tx))
+            .map_err(|_| writer_gone())?;
+        ack_rx.blocking_recv().map_err(|_| writer_gone())
+    }
+}
+
+fn writer_gone() -> io::Error {
+    io::Error::other("the audit writer thread has stopped")
+}
+
+/// Lowercase hex encoding of a hash.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+/// A fresh random record id.
+pub fn new_id() -> String {
+    hex(&rand::random::<[u8; 16]>())
+}
+
+#[cfg(test)]
+mod tests;

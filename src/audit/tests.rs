@@ -1,0 +1,50 @@
+use super::*;
+use crate::config::{Audit, AuditSink};
+
+fn metrics() -> AuditMetrics {
+    crate::metrics::Metrics::new(&[]).audit
+}
+
+#[test]
+fn hex_encodes_every_byte() {
+    assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+    assert_eq!(hex(&[]), "");
+}
+
+#[test]
+fn flush_writes_every_queued_record_in_order() {
+    let path =
+        std::env::temp_dir().join(format!("fhirwall-audit-test-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let cfg = Audit {
+        sink: AuditSink::File(path.clone()),
+        ..Audit::stdout()
+    };
+    let log = AuditLog::open(&cfg, metrics()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for i in 0..1000 {
+        let id = format!("r{i}");
+        let r = Record {
+            request_id: &id,
+            decision: "allow",
+            ..Record::default()
+        };
+        rt.block_on(log.record(&r));
+    }
+    log.flush().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1000);
+    assert!(ids.iter().enumerate().all(|(i, id)| *id == format!("r{i}")));
+}

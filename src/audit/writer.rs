@@ -1,0 +1,647 @@
+//! The audit writer thread: takes whatever has queued up, writes it to the
+//! sink in one go (one `write` and, with `fsync: batch`, one fsync per
+//! batch: group commit), then tells the waiting requests. When the sink
+//! fails it spills or holds records and tries the sink again every
+//! `retry`; the file sink rotates by size and age.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+use super::{Msg, Pending, Shared};
+use crate::config::{Audit, AuditSink, Fsync};
+
+/// Most records taken from the queue per batch.
+const MAX_BATCH: usize = 4096;
+
+/// A file records are appended to, opened on first use and again after a
+/// failure (so a path that was unwritable can recover).
+pub(super) struct AppendFile {
+    pub(super) path: PathBuf,
+    file: Option<File>,
+    pub(super) size: u64,
+    pub(super) opened: SystemTime,
+}
+
+impl AppendFile {
+    pub(super) fn new(path: PathBuf) -> AppendFile {
+        AppendFile {
+            path,
+            file: None,
+            size: 0,
+            opened: SystemTime::now(),
+        }
+    }
+
+    /// Opens the file for appending. A last line torn by a crash is ended,
+    /// so the next record starts on a line of its own.
+    pub(super) fn open(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&self.path)?;
+            let meta = f.metadata()?;
+            self.size = meta.len();
+            self.opened = meta.created().unwrap_or_else(|_| SystemTime::now());
+            if meta.is_file() && self.size > 0 {
+                let mut last = [0u8; 1];
+                f.seek(SeekFrom::Start(self.size - 1))?;
+                f.read_exact(&mut last)?;
+                if last[0] != b'\n' {
+                    f.write_all(b"\n")?;
+                    self.size += 1;
+                }
+            }
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("just opened"))
+    }
+
+    /// Appends records as lines with one `write` and fsyncs them.
+    pub(super) fn append(&mut self, records: &[&Pending]) -> io::Result<()> {
+        self.write(records)?;
+        self.sync()
+    }
+
+    fn write(&mut self, records: &[&Pending]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(records.iter().map(|p| p.bytes.len() + 1).sum());
+        for p in records {
+            buf.extend_from_slice(&p.bytes);
+            buf.push(b'\n');
+        }
+        let result = self.open().and_then(|f| f.write_all(&buf));
+        match result {
+            Ok(()) => {
+                self.size += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let result = match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        };
+        if result.is_err() {
+            self.file = None;
+        }
+        result
+    }
+}
+
+/// Where records go.
+enum Sink {
+    Stdout(io::Stdout),
+    File {
+        file: AppendFile,
+        max_bytes: u64,
+        max_age: Option<Duration>,
+        keep: usize,
+    },
+    Fhir(FhirSink),
+}
+
+struct FhirSink {
+    endpoint: String,
+    client: reqwest::Client,
+    batch_max: usize,
+    bearer_token: Option<String>,
+}
+
+impl FhirSink {
+    /// Sends records as `batch` Bundles of `PUT AuditEvent/{id}` entries
+    /// (so a retried batch does not duplicate events). Every entry must
+    /// succeed.
+    fn send(&self, rt: &Runtime, records: &[&Pending]) -> io::Result<()> {
+        for chunk in records.chunks(self.batch_max) {
+            let mut body = br#"{"resourceType":"Bundle","type":"batch","entry":["#.to_vec();
+            for (i, p) in chunk.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(br#"{"resource":"#);
+                body.extend_from_slice(&p.bytes);
+                body.extend_from_slice(br#","request":{"method":"PUT","url":"AuditEvent/"#);
+                body.extend_from_slice(p.id.as_bytes());
+                body.extend_from_slice(br#""}}"#);
+            }
+            body.extend_from_slice(b"]}");
+            self.post(rt, body, chunk.len())?;
+        }
+        Ok(())
+    }
+
+    fn post(&self, rt: &Runtime, body: Vec<u8>, entries: usize) -> io::Result<()> {
+        let mut req = self
+            .client
+            .post(&self.endpoint)
+            .header("content-type", "application/fhir+json")
+            .header("accept", "application/fhir+json")
+            .body(body);
+        if let Some(t) = &self.bearer_token {
+            req = req.bearer_auth(t);
+        }
+        rt.block_on(async move {
+            let resp = req.send().await.map_err(io::Error::other)?;
+            let status = resp.status();
+            let answer = resp.bytes().await.map_err(io::Error::other)?;
+            if !status.is_success() {
+                return Err(io::Error::other(format!("endpoint answered {status}")));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&answer)
+                .map_err(|e| io::Error::other(format!("endpoint answer is not JSON: {e}")))?;
+            let statuses: Vec<&str> = v["entry"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| e["response"]["status"].as_str().unwrap_or(""))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if statuses.len() != entries || statuses.iter().any(|s| !s.starts_with('2')) {
+                return Err(io::Error::other(format!(
+                    "endpoint did not accept every AuditEvent (entry statuses: {statuses:?})"
+                )));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Sink {
+    fn describe(&self) -> String {
+        match self {
+            Sink::Stdout(_) => "stdout".into(),
+            Sink::File { file, .. } => file.path.display().to_string(),
+            Sink::Fhir(f) => f.endpoint.clone(),
+        }
+    }
+
+    /// Writes records; with `sync`, makes them durable too.
+    fn write(&mut self, rt: &Runtime, records: &[&Pending], sync: bool) -> io::Result<()> {
+        match self {
+            Sink::Stdout(out) => {
+                let mut lock = out.lock();
+                for p in records {
+                    lock.write_all(&p.bytes)?;
+                    lock.write_all(b"\n")?;
+                }
+                lock.flush()
+            }
+            Sink::File { file, .. } => {
+                file.write(records)?;
+                if sync {
+                    file.sync()?;
+                }
+                Ok(())
+            }
+            Sink::Fhir(f) => f.send(rt, records),
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File { file, .. } => file.sync(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the sink can take records (at start and while it is down).
+    fn probe(&mut self, rt: &Runtime) -> io::Result<()> {
+        match self {
+            Sink::Stdout(out) => out.flush(),
+            Sink::File { file, .. } => file.open().map(|_| ()),
+            Sink::Fhir(f) => f.post(
+                rt,
+                br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_vec(),
+                0,
+            ),
+        }
+    }
+
+    /// Rotates the file when it is too big or too old: renames it to
+    /// `<name>.<UTC time>`, starts a new one and prunes old ones.
+    fn rotate_if_due(&mut self) -> io::Result<bool> {
+        let Sink::File {
+            file,
+            max_bytes,
+            max_age,
+            keep,
+        } = self
+        else {
+            return Ok(false);
+        };
+        if file.file.is_none() {
+            file.open()?;
+        }
+        let too_big = *max_bytes > 0 && file.size >= *max_bytes;
+        let too_old = max_age.is_some_and(|age| {
+            file.size > 0
+                && SystemTime::now()
+                    .duration_since(file.opened)
+                    .is_ok_and(|d| d >= age)
+        });
+        if !(too_big || too_old) {
+            return Ok(false);
+        }
+        file.sync()?;
+        file.file = None;
+        let rotated = rotated_name(&file.path);
+        std::fs::rename(&file.path, &rotated)?;
+        file.open()?;
+        file.opened = SystemTime::now();
+        if let Some(dir) = file.path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+            prune(dir, &file.path, *keep);
+        }
+        tracing::info!(rotated = %rotated.display(), "audit file rotated");
+        Ok(true)
+    }
+}
+
+/// `<path>.<YYYYMMDDTHHMMSSZ>`, with `-<n>` if that exists already.
+fn rotated_name(path: &Path) -> PathBuf {
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .unwrap_or_default();
+    let base = format!("{}.{stamp}", path.display());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{base}-{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+/// Whether `name` is `<file>.<stamp>[-n]` as [`rotated_name`] makes them.
+fn is_rotated(file: &str, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(file).and_then(|r| r.strip_prefix('.')) else {
+        return false;
+    };
+    let (stamp, n) = rest.split_once('-').unwrap_or((rest, "0"));
+    let b = stamp.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+        && !n.is_empty()
+        && n.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// Deletes the oldest rotated files beyond `keep` (0 keeps all).
+fn prune(dir: &Path, path: &Path, keep: usize) {
+    if keep == 0 {
+        return;
+    }
+    let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut rotated: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| is_rotated(file, n)))
+        .map(|e| {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            (t, e.path())
+        })
+        .collect();
+    rotated.sort();
+    let excess = rotated.len().saturating_sub(keep);
+    for (_, old) in rotated.into_iter().take(excess) {
+        if let Err(e) = std::fs::remove_file(&old) {
+            tracing::warn!(error = %e, path = %old.display(), "rotated audit file could not be removed");
+        }
+    }
+}
+
+/// The writer's state.
+struct Writer {
+    /// Runs the FHIR sink's calls and the queue's timed waits.
+    rt: Runtime,
+    sink: Sink,
+    shared: Arc<Shared>,
+    fsync: Fsync,
+    retry: Duration,
+    /// Records the sink failed to take, oldest first (refuse mode).
+    held: VecDeque<Pending>,
+    /// The sink failed; it is tried again at this time.
+    down_until: Option<Instant>,
+    /// Written but not yet fsynced (`fsync: interval`).
+    dirty_since: Option<Instant>,
+    last_error_log: Option<Instant>,
+}
+
+/// Opens the sink and starts the writer thread.
+pub(super) fn start(cfg: &Audit, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) -> io::Result<()> {
+    let mut sink = match &cfg.sink {
+        AuditSink::Stdout => Sink::Stdout(io::stdout()),
+        AuditSink::File(path) => {
+            let mut file = AppendFile::new(path.clone());
+            file.open().map_err(|e| {
+                io::Error::new(e.kind(), format!("audit.path {}: {e}", path.display()))
+            })?;
+            Sink::File {
+                file,
+                max_bytes: cfg.rotate_max_bytes,
+                max_age: cfg.rotate_max_age,
+                keep: cfg.rotate_keep,
+            }
+        }
+        AuditSink::Fhir {
+            endpoint,
+            timeout,
+            batch_max,
+            bearer_token,
+        } => Sink::Fhir(FhirSink {
+            endpoint: endpoint.to_string(),
+            client: reqwest::Client::builder()
+                .timeout(*timeout)
+                .build()
+                .map_err(io::Error::other)?,
+            batch_max: *batch_max,
+            bearer_token: bearer_token.clone(),
+        }),
+    };
+    let retry = cfg.retry;
+    let fsync = cfg.fsync;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("fhirwall-audit".into())
+        .spawn(move || {
+            let up = sink.probe(&rt);
+            let mut w = Writer {
+                rt,
+                sink,
+                shared,
+                fsync,
+                retry,
+                held: VecDeque::new(),
+                down_until: None,
+                dirty_since: None,
+                last_error_log: None,
+            };
+            match up {
+                Ok(()) => w.set_up(true),
+                Err(e) => w.failed(&e),
+            }
+            w.run(rx);
+        })?;
+    Ok(())
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Stopped (or panicked): nothing more can be recorded.
+        self.shared.accepting.store(false, Ordering::Release);
+        self.shared.metrics.sink_up.set(0);
+    }
+}
+
+impl Writer {
+    fn run(&mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut flushes = Vec::new();
+        loop {
+            let wait = self.next_wakeup();
+            let first = self.rt.block_on(async {
+                match wait {
+                    None => Ok(rx.recv().await),
+                    Some(wait) => tokio::time::timeout(wait, rx.recv()).await,
+                }
+            });
+            let first = match first {
+                Ok(m) => m,
+                Err(_) => {
+                    self.tick();
+                    continue;
+                }
+            };
+            let Some(first) = first else { break };
+            let mut next = Some(first);
+            while let Some(m) = next {
+                match m {
+                    Msg::Record(p) => batch.push(p),
+                    Msg::Flush(ack) => flushes.push(ack),
+                }
+                next = if batch.len() < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            self.write_batch(std::mem::take(&mut batch), !flushes.is_empty());
+            for ack in flushes.drain(..) {
+                let _ = ack.send(());
+            }
+        }
+        // Every handle is gone: write out what is held.
+        self.write_batch(Vec::new(), true);
+    }
+
+    /// When the loop must wake without a message: to retry the sink or to
+    /// fsync written records.
+    fn next_wakeup(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let retry = self.down_until.map(|t| t.saturating_duration_since(now));
+        let sync = match (self.fsync, self.dirty_since) {
+            (Fsync::Interval(every), Some(since)) => {
+                Some((since + every).saturating_duration_since(now))
+            }
+            _ => None,
+        };
+        match (retry, sync) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Nothing arrived in time: retry a failed sink, fsync what is dirty.
+    fn tick(&mut self) {
+        if self.down_until.is_some_and(|t| Instant::now() >= t) {
+            self.write_batch(Vec::new(), false);
+        }
+        if let (Fsync::Interval(every), Some(since)) = (self.fsync, self.dirty_since) {
+            if since.elapsed() >= every && self.down_until.is_none() {
+                match self.sink.sync() {
+                    Ok(()) => self.dirty_since = None,
+                    Err(e) => self.failed(&e),
+                }
+            }
+        }
+    }
+
+    fn set_up(&mut self, up: bool) {
+        if up && self.down_until.is_some() {
+            tracing::info!(sink = %self.sink.describe(), "audit sink works again");
+        }
+        if up {
+            self.down_until = None;
+        }
+        self.shared.metrics.sink_up.set(i64::from(up));
+        let spill_ok = self.shared.spill.is_some();
+        self.shared
+            .accepting
+            .store(up || spill_ok, Ordering::Release);
+    }
+
+    /// Counts and logs a sink failure and schedules the next attempt.
+    fn failed(&mut self, e: &io::Error) {
+        self.shared.metrics.failures_primary.inc();
+        let was_up = self.down_until.is_none();
+        self.down_until = Some(Instant::now() + self.retry);
+        self.set_up(false);
+        let quiet = self
+            .last_error_log
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+        if was_up || !quiet {
+            self.last_error_log = Some(Instant::now());
+            let mode = if self.shared.spill.is_some() {
+                "records go to the spill file"
+            } else {
+                "new requests are refused"
+            };
+            tracing::error!(error = %e, sink = %self.sink.describe(), "audit sink failed; {mode} until it works again");
+        }
+    }
+
+    /// Writes the held records and `batch`; acknowledges the waiters.
+    /// `flushing`: a flush (shutdown) is waiting — try the sink even if it
+    /// is not due, and account for every record.
+    fn write_batch(&mut self, batch: Vec<Pending>, flushing: bool) {
+        let due = flushing || self.down_until.is_none_or(|t| Instant::now() >= t);
+        if due {
+            match self.sink.rotate_if_due() {
+                Ok(true) => self.shared.metrics.rotations.inc(),
+                Ok(false) => {}
+                Err(e) => self.failed(&e),
+            }
+        }
+        let due = flushing || self.down_until.is_none_or(|t| Instant::now() >= t);
+        let sync = matches!(self.fsync, Fsync::Batch);
+        if due {
+            let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
+            let result = if all.is_empty() {
+                if self.down_until.is_some() {
+                    self.sink.probe(&self.rt)
+                } else {
+                    Ok(())
+                }
+            } else {
+                self.sink.write(&self.rt, &all, sync)
+            };
+            match result {
+                Ok(()) => {
+                    self.shared.metrics.written_primary.inc_by(all.len() as u64);
+                    if !all.is_empty() && matches!(self.fsync, Fsync::Interval(_)) {
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                    }
+                    self.held.clear();
+                    self.set_up(true);
+                    for p in batch {
+                        if let Some(ack) = p.ack {
+                            let _ = ack.send(true);
+                        }
+                    }
+                    return;
+                }
+                Err(e) => self.failed(&e),
+            }
+        }
+        self.fallback(batch, flushing);
+    }
+
+    /// The sink did not take the records: spill them, or hold them (and
+    /// refuse the waiting requests).
+    fn fallback(&mut self, batch: Vec<Pending>, flushing: bool) {
+        if let Some(spill) = &self.shared.spill {
+            let mut file = spill.lock().unwrap_or_else(|e| e.into_inner());
+            let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
+            match file.append(&all) {
+                Ok(()) => {
+                    self.shared.metrics.written_spill.inc_by(all.len() as u64);
+                    drop(file);
+                    self.held.clear();
+                    self.shared.accepting.store(true, Ordering::Release);
+                    for p in batch {
+                        if let Some(ack) = p.ack {
+                            let _ = ack.send(true);
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.shared.metrics.failures_spill.inc();
+                    self.shared.accepting.store(false, Ordering::Release);
+                    tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written either; new requests are refused");
+                }
+            }
+        }
+        for p in batch {
+            match p.ack {
+                // A decision record: its request is refused, and its request
+                // record (written later) says so.
+                Some(ack) => {
+                    let _ = ack.send(false);
+                }
+                None => self.held.push_back(p),
+            }
+        }
+        let limit = if flushing { 0 } else { self.shared.capacity };
+        if self.held.len() > limit {
+            let excess = self.held.len() - limit;
+            self.held.drain(..excess);
+            self.shared.metrics.dropped.inc_by(excess as u64);
+            tracing::error!(
+                lost = excess,
+                "audit records could not be written anywhere and were dropped"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_are_recognised_and_nothing_else() {
+        assert!(is_rotated("audit.jsonl", "audit.jsonl.20261125T181500Z"));
+        assert!(is_rotated("audit.jsonl", "audit.jsonl.20261125T181500Z-3"));
+        assert!(!is_rotated("audit.jsonl", "audit.jsonl"));
+        assert!(!is_rotated("audit.jsonl", "audit.jsonl.spill"));
+        assert!(!is_rotated("audit.jsonl", "audit.jsonl.20261125T181500Z-"));
+        assert!(!is_rotated("audit.jsonl", "audit.jsonl.2026112XT181500Z"));
+        assert!(!is_rotated("audit.jsonl", "other.jsonl.20261125T181500Z"));
+    }
+}
