@@ -1,9 +1,530 @@
-//! FHIR `AuditEvent` form of a record (IHE BALP).
+//! The FHIR R4 `AuditEvent` form of a record, shaped after the IHE Basic
+//! Audit Log Patterns (BALP 1.1) RESTful profiles:
+//!
+//! - `type` `audit-event-type#rest`, `subtype` the `restful-interaction`
+//!   code, `action` C/R/U/D/E;
+//! - agents: the client application (with its source address), the FHIR
+//!   server behind fhirwall, and the user (`sub`, `fhirUser`) as requestor,
+//!   with role codes as BALP assigns them per interaction;
+//! - entities: the patient (the token's launch context), the resource, the
+//!   query (parameter *names* only: values are replaced, as they can be PHI —
+//!   a deliberate deviation from BALP's "raw query"), and the transaction
+//!   (`X-Request-Id`), whose `detail`s carry fhirwall's own fields (reason
+//!   code, stage, rule, scopes, bytes, latencies);
+//! - break-glass: `purposeOfEvent` and the user's `purposeOfUse` `BTG`.
+//!
+//! A BALP profile is claimed in `meta.profile` only where BALP defines one
+//! (read, query, create, update, delete) and the outcome is success: BALP
+//! has no profile for failures. Outcomes: `0` allowed and answered below
+//! 400, `4` denied or a 4xx answer, `8` errors and 5xx. The token appears
+//! only as its SHA-256, in the user agent's `policy`.
 
-use serde_json::{json, Value};
+use base64::Engine;
+use serde_json::{json, Map, Value};
 
-use super::Record;
+use super::{Event, Record};
 
-pub fn audit_event(r: &Record) -> Value {
-    json!({"resourceType": "AuditEvent", "id": r.id})
+const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
+const BALP: &str = "https://profiles.ihe.net/ITI/BALP";
+const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
+const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
+
+/// What every event says about where it was recorded.
+#[derive(Debug, Clone, Default)]
+pub struct Site {
+    /// The public FHIR base URL clients use.
+    pub public_base: String,
+    /// The upstream FHIR base URL (the server agent).
+    pub upstream: String,
+    /// Configured issuer name → `iss` URL (the user's identifier system).
+    pub issuers: Vec<(String, String)>,
+}
+
+fn coding(system: &str, code: &str, display: &str) -> Value {
+    json!({"system": system, "code": code, "display": display})
+}
+
+fn dcm(code: &str, display: &str) -> Value {
+    coding(DCM, code, display)
+}
+
+/// `(BALP profile, client role, server role)` for an interaction.
+fn shape(interaction: &str) -> (Option<&'static str>, Value, Value) {
+    let source = || dcm("110153", "Source Role ID");
+    let destination = || dcm("110152", "Destination Role ID");
+    match interaction {
+        "read" | "vread" => (Some("Read"), destination(), source()),
+        "search-type" | "search-system" | "search-compartment" => {
+            (Some("Query"), source(), destination())
+        }
+        "create" => (Some("Create"), source(), destination()),
+        "update" | "patch" => (Some("Update"), source(), destination()),
+        "delete" => (
+            Some("Delete"),
+            dcm("110150", "Application"),
+            coding(
+                "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                "custodian",
+                "Custodian",
+            ),
+        ),
+        // No BALP profile: history as a read, the rest as a query.
+        i if i.starts_with("history") => (None, destination(), source()),
+        _ => (None, source(), destination()),
+    }
+}
+
+fn action(interaction: Option<&str>) -> &'static str {
+    match interaction {
+        Some("create") => "C",
+        Some("read" | "vread" | "history-instance" | "history-type" | "history-system") => "R",
+        Some("update" | "patch") => "U",
+        Some("delete") => "D",
+        _ => "E",
+    }
+}
+
+/// The `restful-interaction` code (a compartment search is a type search).
+fn subtype(interaction: &str) -> &str {
+    match interaction {
+        "search-compartment" => "search-type",
+        i => i,
+    }
+}
+
+fn outcome(r: &Record) -> &'static str {
+    let status = r.status.unwrap_or(0);
+    match r.decision {
+        "allow" if status < 400 => "0",
+        "allow" if status < 500 => "4",
+        "deny" => "4",
+        _ => "8",
+    }
+}
+
+fn detail(kind: &str, value: impl Into<String>) -> Value {
+    json!({"type": kind, "valueString": value.into()})
+}
+
+/// The AuditEvent for a record.
+pub fn audit_event(r: &Record, site: &Site) -> Value {
+    let interaction = r.interaction;
+    let (profile, client_role, server_role) = shape(interaction.unwrap_or(""));
+    let out = outcome(r);
+    let decision_event = r.event == Event::Decision;
+    let recorded = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+
+    let mut ev = Map::new();
+    ev.insert("resourceType".into(), "AuditEvent".into());
+    ev.insert("id".into(), r.id.clone().into());
+    let patient_scoped = r.patient.is_some();
+    if let Some(p) = profile.filter(|_| out == "0" && !decision_event) {
+        let name = if patient_scoped {
+            format!("Patient{p}")
+        } else {
+            p.to_string()
+        };
+        ev.insert(
+            "meta".into(),
+            json!({"profile": [format!("{BALP}/StructureDefinition/IHE.BasicAudit.{name}")]}),
+        );
+    }
+    ev.insert(
+        "type".into(),
+        coding(
+            "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "rest",
+            "RESTful Operation",
+        ),
+    );
+    if let Some(i) = interaction {
+        let code = subtype(i);
+        ev.insert(
+            "subtype".into(),
+            json!([coding(
+                "http://hl7.org/fhir/restful-interaction",
+                code,
+                code
+            )]),
+        );
+    }
+    ev.insert("action".into(), action(interaction).into());
+    let mut period = json!({"start": r.time});
+    if !decision_event {
+        period["end"] = recorded.clone().into();
+    }
+    ev.insert("period".into(), period);
+    ev.insert("recorded".into(), recorded.into());
+    ev.insert("outcome".into(), out.into());
+    let desc = match (decision_event, &r.detail) {
+        (true, _) => format!("{} ({}): forwarded to the upstream", r.decision, r.reason),
+        (false, Some(d)) => format!(
+            "{} {} ({}): {d}",
+            r.status.unwrap_or(0),
+            r.decision,
+            r.reason
+        ),
+        (false, None) => format!("{} {} ({})", r.status.unwrap_or(0), r.decision, r.reason),
+    };
+    ev.insert("outcomeDesc".into(), desc.into());
+    if r.break_glass_reason.is_some() {
+        ev.insert("purposeOfEvent".into(), json!([btg()]));
+    }
+
+    // Agents: client application, server, user.
+    let mut client_type = vec![client_role];
+    if client_type[0]["code"] != "110150" {
+        client_type.push(dcm("110150", "Application"));
+    }
+    let mut agents = vec![json!({
+        "type": {"coding": client_type},
+        "who": {"identifier": {"value": r.client_id.unwrap_or("unknown")}},
+        "requestor": r.sub.is_none(),
+    })];
+    if let Some(addr) = &r.source {
+        agents[0]["network"] = json!({"address": addr, "type": "2"});
+    }
+    agents.push(json!({
+        "type": {"coding": [server_role]},
+        "who": {"identifier": {"value": site.upstream}},
+        "requestor": false,
+        "network": {"address": site.upstream, "type": "5"},
+    }));
+    if let Some(sub) = r.sub {
+        let user_role = match interaction {
+            Some("create" | "update" | "patch" | "delete") => {
+                coding(PARTICIPATION, "AUT", "author (originator)")
+            }
+            _ => coding(PARTICIPATION, "IRCP", "information recipient"),
+        };
+        let mut types = vec![
+            user_role,
+            json!({"system": format!("{BALP}/CodeSystem/UserAgentTypes"), "code": "UserOauthAgent"}),
+        ];
+        if r.fhir_user.is_some_and(is_patient_ref) {
+            types.push(coding(
+                "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
+                "PAT",
+                "patient",
+            ));
+        }
+        let mut identifier = json!({"value": sub});
+        if let Some(iss) = r
+            .issuer
+            .and_then(|n| site.issuers.iter().find(|(name, _)| name == n))
+        {
+            identifier["system"] = iss.1.clone().into();
+        }
+        let mut who = json!({"identifier": identifier});
+        if let Some(u) = r.fhir_user {
+            who["reference"] = u.into();
+        }
+        let mut user = json!({"type": {"coding": types}, "who": who, "requestor": true});
+        if let Some(h) = &r.token_sha256 {
+            user["policy"] = json!([format!("urn:fhirwall:token-sha256:{h}")]);
+        }
+        if r.break_glass_reason.is_some() {
+            user["purposeOfUse"] = json!([btg()]);
+        }
+        agents.push(user);
+    }
+    ev.insert("agent".into(), agents.into());
+
+    let host = url::Url::parse(&site.public_base)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    ev.insert(
+        "source".into(),
+        json!({
+            "site": host,
+            "observer": {"display": format!("fhirwall {}", site.public_base)},
+            "type": [coding(
+                "http://terminology.hl7.org/CodeSystem/security-source-type",
+                "6",
+                "Security Server",
+            )],
+        }),
+    );
+
+    // Entities: patient, resource or query, transaction.
+    let mut entities = Vec::new();
+    if let Some(p) = r.patient {
+        entities.push(json!({
+            "what": {"reference": format!("Patient/{p}")},
+            "type": coding(ENTITY_TYPE, "1", "Person"),
+            "role": coding(OBJECT_ROLE, "1", "Patient"),
+        }));
+    }
+    let system_object = coding(ENTITY_TYPE, "2", "System Object");
+    let is_query = matches!(
+        interaction,
+        Some("search-type" | "search-system" | "search-compartment" | "operation")
+    );
+    if is_query {
+        let mut line = format!("{} {}{}", r.method, site.public_base_origin(), r.path);
+        for (i, name) in r.query_params.iter().enumerate() {
+            line.push(if i == 0 { '?' } else { '&' });
+            line.push_str(name);
+            line.push_str("=<redacted>");
+        }
+        entities.push(json!({
+            "type": system_object,
+            "role": coding(OBJECT_ROLE, "24", "Query"),
+            "query": base64::engine::general_purpose::STANDARD.encode(line),
+        }));
+    } else if let Some(t) = r.resource_type {
+        let what = match r.resource_id {
+            Some(id) => json!({"reference": format!("{t}/{id}")}),
+            // A create or a type-level operation: no id yet.
+            None => json!({"display": t}),
+        };
+        entities.push(json!({
+            "what": what,
+            "type": system_object,
+            "role": coding(OBJECT_ROLE, "4", "Domain Resource"),
+        }));
+    }
+    let mut details = vec![
+        detail(
+            "event",
+            if decision_event {
+                "decision"
+            } else {
+                "request"
+            },
+        ),
+        detail("decision", r.decision),
+        detail("reason", r.reason),
+        detail("stage", r.stage),
+    ];
+    if let Some(rule) = r.policy_rule {
+        details.push(detail("policy_rule", rule));
+    }
+    if !r.scopes_used.is_empty() {
+        details.push(detail("scopes_used", r.scopes_used.join(" ")));
+    }
+    if !r.query_params.is_empty() {
+        details.push(detail("query_params", r.query_params.join(",")));
+    }
+    if let Some(kind) = r.token_kind {
+        details.push(detail("token_kind", kind));
+    }
+    if let Some(b) = r.binding {
+        details.push(detail("binding", b));
+    }
+    if let Some(reason) = r.break_glass_reason {
+        details.push(detail("break_glass_reason", reason));
+    }
+    for (k, v) in [
+        ("status", r.status.map(u64::from)),
+        ("upstream_status", r.upstream_status.map(u64::from)),
+        ("request_bytes", r.request_bytes),
+        ("response_bytes", r.response_bytes),
+    ] {
+        if let Some(v) = v {
+            details.push(detail(k, v.to_string()));
+        }
+    }
+    details.push(detail("latency_ms", r.latency_ms.to_string()));
+    for (k, v) in [
+        ("upstream_ms", r.upstream_ms),
+        ("validation_ms", r.validation_ms),
+    ] {
+        if let Some(v) = v {
+            details.push(detail(k, v.to_string()));
+        }
+    }
+    entities.push(json!({
+        "what": {"identifier": {"value": r.request_id}},
+        "type": {"system": format!("{BALP}/CodeSystem/BasicAuditEntityType"), "code": "XrequestId"},
+        "detail": details,
+    }));
+    ev.insert("entity".into(), entities.into());
+    Value::Object(ev)
+}
+
+impl Site {
+    /// `scheme://host[:port]` of the public base.
+    fn public_base_origin(&self) -> String {
+        url::Url::parse(&self.public_base)
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_default()
+    }
+}
+
+fn is_patient_ref(fhir_user: &str) -> bool {
+    fhir_user.rsplit('/').nth(1).is_some_and(|t| t == "Patient")
+}
+
+fn btg() -> Value {
+    json!({"coding": [coding(
+        "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+        "BTG",
+        "break the glass",
+    )]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site() -> Site {
+        Site {
+            public_base: "https://gw.example.org/fhir".into(),
+            upstream: "http://10.0.0.5:8080/r4".into(),
+            issuers: vec![("hospital".into(), "https://idp.example.org".into())],
+        }
+    }
+
+    fn codes(v: &Value) -> Vec<String> {
+        v["coding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["code"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_allowed_patient_read_claims_balp_patient_read() {
+        let scopes = vec!["patient/Observation.rs".to_string()];
+        let r = Record {
+            id: "abc".into(),
+            time: "2026-11-25T10:00:00Z".into(),
+            request_id: "req-1",
+            source: Some("192.0.2.7".into()),
+            method: "GET",
+            path: "/fhir/Observation/o1",
+            issuer: Some("hospital"),
+            client_id: Some("app"),
+            sub: Some("u1"),
+            fhir_user: Some("https://gw.example.org/fhir/Practitioner/9"),
+            patient: Some("p1"),
+            token_sha256: Some("ff00".into()),
+            scopes_used: &scopes,
+            interaction: Some("read"),
+            resource_type: Some("Observation"),
+            resource_id: Some("o1"),
+            decision: "allow",
+            reason: "allowed",
+            stage: "decide",
+            status: Some(200),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        assert_eq!(
+            ev["meta"]["profile"][0],
+            "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"
+        );
+        assert_eq!(ev["id"], "abc");
+        assert_eq!(ev["type"]["code"], "rest");
+        assert_eq!(ev["subtype"][0]["code"], "read");
+        assert_eq!(ev["action"], "R");
+        assert_eq!(ev["outcome"], "0");
+        // Read: the client is the destination, the server the source.
+        assert_eq!(codes(&ev["agent"][0]["type"]), ["110152", "110150"]);
+        assert_eq!(ev["agent"][0]["who"]["identifier"]["value"], "app");
+        assert_eq!(ev["agent"][0]["network"]["address"], "192.0.2.7");
+        assert_eq!(codes(&ev["agent"][1]["type"]), ["110153"]);
+        let user = &ev["agent"][2];
+        assert_eq!(user["requestor"], true);
+        assert_eq!(
+            user["who"]["identifier"]["system"],
+            "https://idp.example.org"
+        );
+        assert_eq!(user["who"]["identifier"]["value"], "u1");
+        assert_eq!(user["policy"][0], "urn:fhirwall:token-sha256:ff00");
+        assert_eq!(ev["entity"][0]["what"]["reference"], "Patient/p1");
+        assert_eq!(ev["entity"][0]["role"]["code"], "1");
+        assert_eq!(ev["entity"][1]["what"]["reference"], "Observation/o1");
+        assert_eq!(ev["entity"][1]["role"]["code"], "4");
+        assert_eq!(ev["entity"][2]["type"]["code"], "XrequestId");
+        assert_eq!(ev["entity"][2]["what"]["identifier"]["value"], "req-1");
+        assert!(ev.get("purposeOfEvent").is_none());
+    }
+
+    #[test]
+    fn a_denied_search_claims_no_profile_and_keeps_no_query_values() {
+        let names = vec!["code".to_string(), "patient".to_string()];
+        let r = Record {
+            id: "x".into(),
+            request_id: "req-2",
+            method: "GET",
+            path: "/fhir/Condition",
+            query_params: &names,
+            sub: Some("u1"),
+            patient: Some("p1"),
+            interaction: Some("search-type"),
+            resource_type: Some("Condition"),
+            decision: "deny",
+            reason: "insufficient_scope",
+            stage: "decide",
+            status: Some(403),
+            break_glass_reason: Some("code blue"),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        assert!(ev.get("meta").is_none(), "no BALP profile for a failure");
+        assert_eq!(ev["outcome"], "4");
+        assert_eq!(ev["action"], "E");
+        assert_eq!(codes(&ev["agent"][0]["type"]), ["110153", "110150"]);
+        let q = ev["entity"][1]["query"].as_str().unwrap();
+        let q = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(q).unwrap())
+            .unwrap();
+        assert_eq!(
+            q,
+            "GET https://gw.example.org/fhir/Condition?code=<redacted>&patient=<redacted>"
+        );
+        assert_eq!(ev["entity"][1]["role"]["code"], "24");
+        assert_eq!(ev["purposeOfEvent"][0]["coding"][0]["code"], "BTG");
+        assert_eq!(
+            ev["agent"][2]["purposeOfUse"][0]["coding"][0]["code"],
+            "BTG"
+        );
+        assert_eq!(codes(&ev["agent"][2]["type"])[0], "IRCP");
+    }
+
+    #[test]
+    fn outcomes_follow_decision_and_status() {
+        let mut r = Record {
+            decision: "allow",
+            status: Some(200),
+            ..Record::default()
+        };
+        assert_eq!(outcome(&r), "0");
+        r.status = Some(404);
+        assert_eq!(outcome(&r), "4");
+        r.decision = "error";
+        r.status = Some(504);
+        assert_eq!(outcome(&r), "8");
+        r.decision = "deny";
+        r.status = Some(401);
+        assert_eq!(outcome(&r), "4");
+    }
+
+    #[test]
+    fn a_delete_uses_balp_delete_roles_and_author() {
+        let r = Record {
+            sub: Some("u"),
+            interaction: Some("delete"),
+            resource_type: Some("Observation"),
+            resource_id: Some("o1"),
+            decision: "allow",
+            status: Some(204),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        assert_eq!(ev["action"], "D");
+        assert_eq!(codes(&ev["agent"][0]["type"]), ["110150"]);
+        assert_eq!(codes(&ev["agent"][1]["type"]), ["custodian"]);
+        assert_eq!(codes(&ev["agent"][2]["type"])[0], "AUT");
+        assert_eq!(
+            ev["meta"]["profile"][0],
+            "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.Delete"
+        );
+    }
 }

@@ -165,6 +165,7 @@ enum Msg {
 /// State shared by the handles and the writer.
 struct Shared {
     format: AuditFormat,
+    site: event::Site,
     before_upstream: bool,
     /// Records can currently be made durable (the sink works, or the spill
     /// file does).
@@ -184,7 +185,7 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens the sink (a file is created if missing, appended to) and
     /// starts the writer thread. Fails when a file sink cannot be opened.
-    pub fn open(cfg: &Audit, metrics: AuditMetrics) -> io::Result<AuditLog> {
+    pub fn open(cfg: &Audit, site: event::Site, metrics: AuditMetrics) -> io::Result<AuditLog> {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let spill = match &cfg.on_failure {
             OnAuditFailure::Spill(path) => Some(Mutex::new(writer::AppendFile::new(path.clone()))),
@@ -193,6 +194,7 @@ impl AuditLog {
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let shared = Arc::new(Shared {
             format: cfg.format,
+            site,
             before_upstream: cfg.record_before_upstream,
             accepting: AtomicBool::new(false),
             spill,
@@ -221,7 +223,9 @@ impl AuditLog {
     fn encode(&self, record: &Record) -> Pending {
         let bytes = match self.shared.format {
             AuditFormat::Json => serde_json::to_vec(record),
-            AuditFormat::AuditEvent => serde_json::to_vec(&event::audit_event(record)),
+            AuditFormat::AuditEvent => {
+                serde_json::to_vec(&event::audit_event(record, &self.shared.site))
+            }
         }
         .expect("audit records serialise");
         Pending {

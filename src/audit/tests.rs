@@ -20,7 +20,7 @@ fn flush_writes_every_queued_record_in_order() {
         sink: AuditSink::File(path.clone()),
         ..Audit::stdout()
     };
-    let log = AuditLog::open(&cfg, metrics()).unwrap();
+    let log = AuditLog::open(&cfg, event::Site::default(), metrics()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

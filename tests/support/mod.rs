@@ -72,6 +72,9 @@ pub struct Options {
     pub jwks_uri: Option<String>,
     /// Wait for `/readyz` (else only for `/healthz`).
     pub expect_ready: bool,
+    /// Replaces the `audit:` section's lines (indented two spaces); the
+    /// default is `sink: file` with `path:` the gateway's `audit_path`.
+    pub audit_yaml: Option<String>,
 }
 
 impl Default for Options {
@@ -89,6 +92,7 @@ impl Default for Options {
             tls_yaml: String::new(),
             jwks_uri: None,
             expect_ready: true,
+            audit_yaml: None,
         }
     }
 }
@@ -100,6 +104,9 @@ pub struct Gateway {
     pub issuer: Arc<SandboxIssuer>,
     pub audit_path: PathBuf,
     pub client: reqwest::Client,
+    /// The gateway's temporary directory (config, audit file, stderr).
+    pub dir: PathBuf,
+    config: PathBuf,
     child: Child,
     _dir: TempDir,
 }
@@ -130,6 +137,24 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `fhirwall run --config <config>`, its stderr appended to
+/// `<dir>/stderr.log`.
+fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .unwrap();
+    Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start fhirwall")
 }
 
 pub fn bin() -> &'static str {
@@ -176,13 +201,16 @@ impl Gateway {
              issuers:\n  - name: test\n    issuer: {iss}\n    {jwks}\n    audiences: [{base}]\n    algorithms: [RS256, ES256]\n    leeway_seconds: {lw}\n{iss_extra}\
              jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
-             audit:\n  sink: file\n  path: {audit}\n\
+             audit:\n{audit}\
              server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{tls}{extra}",
             rt = opts.read_timeout_ms,
             iss = issuer.issuer,
             lw = opts.leeway_seconds,
             mri = opts.min_refetch_interval_seconds,
-            audit = audit_path.display(),
+            audit = opts.audit_yaml.clone().unwrap_or(format!(
+                "  sink: file\n  path: {}\n",
+                audit_path.display()
+            )),
             extra = opts.extra_yaml,
             up_extra = opts.upstream_yaml,
             jwks_extra = opts.jwks_yaml,
@@ -191,17 +219,10 @@ impl Gateway {
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let child = Command::new(bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.0.join("stderr.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("start fhirwall");
+        let child = spawn_gateway(&config, &dir.0);
         let gw = Gateway {
+            dir: dir.0.clone(),
+            config,
             base,
             admin: format!("http://127.0.0.1:{admin_port}"),
             upstream,
@@ -221,6 +242,19 @@ impl Gateway {
         })
         .await;
         gw
+    }
+
+    /// Kills the gateway process with SIGKILL (no shutdown of any kind).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the gateway again with the same configuration (after
+    /// [`Gateway::kill`]) and waits until it is ready.
+    pub async fn restart(&mut self) {
+        self.child = spawn_gateway(&self.config, &self.dir);
+        self.wait_for("readyz").await;
     }
 
     /// Waits until the admin listener answers `probe` with 200 and the

@@ -1,0 +1,563 @@
+//! The audit trail end to end: the real binary, a sandbox upstream and, for
+//! the FHIR sink, an in-process AuditEvent endpoint on loopback. What must
+//! hold: nothing reaches the upstream before its record is written, even
+//! when fhirwall is killed; a failing sink refuses requests (or spills)
+//! and recovers; records carry no query values; files rotate.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+use support::{Gateway, Options};
+
+/// Request ids the upstream saw (from the `X-Request-Id` fhirwall sends).
+fn upstream_ids(gw: &Gateway, prefix: &str) -> BTreeSet<String> {
+    gw.upstream
+        .seen()
+        .iter()
+        .flat_map(|s| s.headers.iter())
+        .filter(|(k, v)| k == "x-request-id" && v.starts_with(prefix))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Every JSON record in a file, by request id and event.
+fn records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every audit line is a whole JSON record"))
+        .collect()
+}
+
+async fn get_with_id(gw: &Gateway, rel: &str, token: &str, id: &str) -> reqwest::Response {
+    gw.client
+        .get(format!("{}/{rel}", gw.base))
+        .bearer_auth(token)
+        .header("x-request-id", id)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn wait_until(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `clients` loops of at most `each` GETs of `rel` with ids
+/// `<prefix><client>-<n>`, stopping at the first failure; returns the ids
+/// answered 200.
+fn hammer(
+    base: &str,
+    rel: &str,
+    token: &str,
+    prefix: &str,
+    clients: usize,
+    each: usize,
+) -> (Arc<Mutex<Vec<String>>>, Vec<tokio::task::JoinHandle<()>>) {
+    let ok = Arc::new(Mutex::new(Vec::new()));
+    let tasks = (0..clients)
+        .map(|c| {
+            let (ok, url, token, prefix) = (
+                ok.clone(),
+                format!("{base}/{rel}"),
+                token.to_string(),
+                prefix.to_string(),
+            );
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                for n in 0..each {
+                    let id = format!("{prefix}{c}-{n}");
+                    let r = client
+                        .get(&url)
+                        .bearer_auth(&token)
+                        .header("x-request-id", &id)
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => ok.lock().unwrap().push(id),
+                        _ => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    (ok, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_gateway_leaves_a_record_of_everything_the_upstream_saw() {
+    let mut gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("system/Observation.rs", None);
+    let (ok, tasks) = hammer(&gw.base, "Observation/obs-p1-1", &token, "kill-", 4, 400);
+    // SIGKILL mid-run: no shutdown, no flush.
+    wait_until("100 answers", 20, async || ok.lock().unwrap().len() >= 100).await;
+    gw.kill();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let answered: BTreeSet<String> = ok.lock().unwrap().iter().cloned().collect();
+    let reached = upstream_ids(&gw, "kill-");
+    assert!(answered.len() >= 100 && reached.len() >= answered.len());
+    assert!(answered.is_subset(&reached));
+    assert!(
+        answered.len() < 1600,
+        "the kill came too late to prove anything"
+    );
+    // Every request that reached the upstream has a decision record on
+    // disk, written before it went there.
+    let on_disk: BTreeSet<String> = records(&gw.audit_path)
+        .iter()
+        .filter(|r| r["event"] == "decision" && r["decision"] == "allow")
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    let missing: Vec<_> = reached.difference(&on_disk).collect();
+    assert!(missing.is_empty(), "no record of {missing:?}");
+
+    // Restarted on the same file, it goes on appending whole records.
+    gw.restart().await;
+    let (ok, tasks) = hammer(&gw.base, "Observation/obs-p1-1", &token, "again-", 2, 20);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let again = ok.lock().unwrap().clone();
+    assert_eq!(again.len(), 40);
+    for id in &again {
+        let r = gw.audit_for(id);
+        assert_eq!(
+            (r["decision"].as_str(), r["status"].as_u64()),
+            (Some("allow"), Some(200))
+        );
+    }
+    // No line is torn: `records` parses every one.
+    assert!(records(&gw.audit_path).len() > 2 * 100);
+}
+
+/// An in-process FHIR server that stores AuditEvents from batch Bundles,
+/// and can be stopped (connections refused) and started again.
+struct AuditServer {
+    events: Mutex<BTreeMap<String, Value>>,
+    bundles: AtomicUsize,
+    down: AtomicBool,
+}
+
+async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::response::Response {
+    if s.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let b: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(b["resourceType"], "Bundle");
+    assert_eq!(b["type"], "batch");
+    let mut answers = Vec::new();
+    for e in b["entry"].as_array().unwrap() {
+        let url = e["request"]["url"].as_str().unwrap();
+        let id = url.strip_prefix("AuditEvent/").unwrap();
+        assert_eq!(e["request"]["method"], "PUT");
+        assert_eq!(e["resource"]["resourceType"], "AuditEvent");
+        assert_eq!(e["resource"]["id"], id);
+        s.events
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), e["resource"].clone());
+        answers.push(json!({"response": {"status": "201 Created"}}));
+    }
+    s.bundles.fetch_add(1, Ordering::SeqCst);
+    (
+        [("content-type", "application/fhir+json")],
+        json!({"resourceType": "Bundle", "type": "batch-response", "entry": answers}).to_string(),
+    )
+        .into_response()
+}
+
+impl AuditServer {
+    fn new() -> Arc<AuditServer> {
+        Arc::new(AuditServer {
+            events: Mutex::new(BTreeMap::new()),
+            bundles: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+        })
+    }
+
+    /// Serves on `addr` (port 0: any) until the returned task is aborted.
+    async fn serve(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/fhir", axum::routing::post(take_bundle))
+            .with_state(self.clone());
+        (
+            addr,
+            tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            }),
+        )
+    }
+
+    /// Request ids of the AuditEvents received for `event` (decision or request).
+    fn request_ids(&self, event: &str) -> BTreeSet<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|ev| {
+                let tx = ev["entity"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["type"]["code"] == "XrequestId")?;
+                let detail = tx["detail"].as_array()?;
+                detail
+                    .iter()
+                    .any(|d| d["type"] == "event" && d["valueString"] == event)
+                    .then(|| {
+                        tx["what"]["identifier"]["value"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
+            })
+            .collect()
+    }
+}
+
+async fn readyz(gw: &Gateway) -> u16 {
+    gw.client
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
+    let sink = AuditServer::new();
+    let (addr, server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  retry_ms: 200\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    for n in 0..5 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("up-{n}")).await;
+        assert_eq!(r.status(), 200);
+    }
+
+    // Kill the endpoint: new connections are refused, kept ones fail.
+    sink.down.store(true, Ordering::SeqCst);
+    server.abort();
+    let _ = server.await;
+    for n in 0..5 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("down-{n}")).await;
+        assert_eq!(r.status(), 503, "served without a record");
+        assert!(r.headers().contains_key("retry-after"));
+        let body: Value = r.json().await.unwrap();
+        assert!(body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("audit"));
+    }
+    assert!(
+        upstream_ids(&gw, "down-").is_empty(),
+        "the upstream saw a refused request"
+    );
+    assert_eq!(readyz(&gw).await, 503);
+    let m = gw.metrics().await;
+    assert!(m.contains("fhirwall_audit_sink_up 0"));
+    assert!(m.contains("fhirwall_request_outcomes_total{reason=\"audit_unavailable\"} 5"));
+
+    // Start it again on the same address: the gateway recovers by itself.
+    sink.down.store(false, Ordering::SeqCst);
+    let (_, _server) = sink.serve(addr).await;
+    let mut ready = false;
+    for _ in 0..100 {
+        if readyz(&gw).await == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        ready,
+        "the gateway did not recover after the endpoint came back"
+    );
+    for n in 0..5 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("back-{n}")).await;
+        assert_eq!(r.status(), 200);
+    }
+
+    // Everything that reached the upstream had its decision event first;
+    // every request, the refused ones too, has its request event.
+    let reached: BTreeSet<String> = ["up-", "back-"]
+        .iter()
+        .flat_map(|p| upstream_ids(&gw, p))
+        .collect();
+    assert_eq!(reached.len(), 10);
+    assert!(reached.is_subset(&sink.request_ids("decision")));
+    let all: BTreeSet<String> = ["up", "down", "back"]
+        .iter()
+        .flat_map(|p| (0..5).map(move |n| format!("{p}-{n}")))
+        .collect();
+    wait_until("every request event", 10, async || {
+        all.is_subset(&sink.request_ids("request"))
+    })
+    .await;
+    let events = sink.events.lock().unwrap();
+    let refused = events
+        .values()
+        .find(|e| {
+            e["entity"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["what"]["identifier"]["value"] == "down-0")
+        })
+        .unwrap();
+    assert_eq!(refused["outcome"], "8");
+    assert!(refused["outcomeDesc"]
+        .as_str()
+        .unwrap()
+        .contains("audit_unavailable"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_spill_a_dead_endpoint_does_not_stop_service_and_nothing_is_lost() {
+    // Nothing listens on the endpoint's port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let spill =
+        std::env::temp_dir().join(format!("fhirwall-spill-{}.ndjson", rand::random::<u64>()));
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  on_failure: spill\n  spill_path: {}\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 500\n",
+            spill.display()
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    for n in 0..5 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("spill-{n}")).await;
+        assert_eq!(r.status(), 200);
+    }
+    let ids = |event: &str| -> BTreeSet<String> {
+        std::fs::read_to_string(&spill)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|ev| {
+                ev["entity"]
+                    .to_string()
+                    .contains(&format!("\"valueString\":\"{event}\""))
+            })
+            .filter_map(|ev| {
+                ev["entity"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["type"]["code"] == "XrequestId")
+                    .map(|e| {
+                        e["what"]["identifier"]["value"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
+            })
+            .collect()
+    };
+    let want: BTreeSet<String> = (0..5).map(|n| format!("spill-{n}")).collect();
+    assert_eq!(ids("decision"), want);
+    wait_until("request events in the spill file", 10, async || {
+        ids("request") == want
+    })
+    .await;
+    let m = gw.metrics().await;
+    assert!(m.contains("fhirwall_audit_sink_up 0"));
+    assert!(m.contains("fhirwall_audit_records_written_total{sink=\"spill\"} 1"));
+    assert_eq!(
+        readyz(&gw).await,
+        200,
+        "spilling keeps the gateway in service"
+    );
+    let _ = std::fs::remove_file(&spill);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_file_refuses_requests_until_it_can_be_written() {
+    let dir = support::TempDir::new("unwritable");
+    let link = dir.0.join("audit.jsonl");
+    std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: file\n  path: {}\n  retry_ms: 200\n",
+            link.display()
+        )),
+        expect_ready: false,
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "full-1").await;
+    assert_eq!(r.status(), 503);
+    assert!(upstream_ids(&gw, "full-").is_empty());
+    assert_eq!(readyz(&gw).await, 503);
+    assert!(gw
+        .metrics()
+        .await
+        .contains("fhirwall_audit_write_failures_total{sink=\"primary\"}"));
+
+    // The disk is "freed": the path now names a writable file.
+    let real = dir.0.join("real.jsonl");
+    std::fs::write(&real, "").unwrap();
+    let tmp = dir.0.join("link.tmp");
+    std::os::unix::fs::symlink(&real, &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    wait_until("ready", 10, async || readyz(&gw).await == 200).await;
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "full-2").await;
+    assert_eq!(r.status(), 200);
+    wait_until("both request records", 10, async || {
+        let recs = records(&real);
+        ["full-1", "full-2"].iter().all(|id| {
+            recs.iter()
+                .any(|r| r["request_id"] == *id && r["event"] == "request")
+        })
+    })
+    .await;
+    let recs = records(&real);
+    let refused = recs
+        .iter()
+        .find(|r| r["request_id"] == "full-1" && r["event"] == "request")
+        .unwrap();
+    assert_eq!(refused["status"], 503);
+    assert_eq!(refused["reason"], "audit_unavailable");
+    assert_eq!(refused["stage"], "audit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_file_rotates_and_keeps_the_configured_number() {
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(
+            "  sink: file\n  path: audit.jsonl\n  rotate_max_bytes: 3000\n  rotate_keep: 2\n"
+                .into(),
+        ),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    for n in 0..40 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("rot-{n}")).await;
+        assert_eq!(r.status(), 200);
+    }
+    // The relative path is the config file's directory.
+    let current = gw.dir.join("audit.jsonl");
+    wait_until("the last record", 10, async || {
+        records(&current)
+            .iter()
+            .any(|r| r["request_id"] == "rot-39" && r["event"] == "request")
+    })
+    .await;
+    let rotated: Vec<_> = std::fs::read_dir(&gw.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("audit.jsonl."))
+        .collect();
+    assert_eq!(rotated.len(), 2, "kept: {rotated:?}");
+    let m = gw.metrics().await;
+    let rotations: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("fhirwall_audit_rotations_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rotations > 2, "{rotations} rotations");
+    for name in &rotated {
+        let text = std::fs::read_to_string(gw.dir.join(name)).unwrap();
+        assert!(text.len() >= 3000 && text.ends_with('\n'));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_the_documented_fields_and_never_query_values() {
+    let gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("patient/Observation.rs", Some("p1"));
+    let r = get_with_id(
+        &gw,
+        "Observation?code=secret-code-value&_count=5",
+        &token,
+        "fields-1",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let rec = gw.audit_for("fields-1");
+    for key in [
+        "id",
+        "time",
+        "source",
+        "issuer",
+        "client_id",
+        "sub",
+        "patient",
+        "token_sha256",
+        "token_kind",
+        "binding",
+        "scopes_used",
+        "interaction",
+        "resource_type",
+        "decision",
+        "reason",
+        "stage",
+        "status",
+        "upstream_status",
+        "response_bytes",
+        "latency_ms",
+        "upstream_ms",
+        "validation_ms",
+    ] {
+        assert!(rec.get(key).is_some(), "no {key} in {rec}");
+    }
+    assert_eq!(rec["source"], "127.0.0.1");
+    assert_eq!(rec["query_params"], json!(["code", "_count"]));
+    assert_eq!(rec["scopes_used"], json!(["patient/Observation.rs"]));
+    assert_eq!(rec["patient"], "p1");
+    let text = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(!text.contains("secret-code-value"));
+    assert!(!text.contains(&token), "the token itself is in the audit");
+
+    // A denial: the deciding stage and the reason, no decision record.
+    let r = get_with_id(&gw, "Condition?code=x", &token, "fields-2").await;
+    assert_eq!(r.status(), 403);
+    let rec = gw.audit_for("fields-2");
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["reason"], "insufficient_scope");
+    assert_eq!(rec["stage"], "decide");
+    assert_eq!(rec["status"], 403);
+    assert!(rec.get("upstream_status").is_none());
+    let decisions: Vec<Value> = records(&gw.audit_path)
+        .into_iter()
+        .filter(|r| r["event"] == "decision")
+        .collect();
+    assert!(decisions.iter().any(|r| r["request_id"] == "fields-1"));
+    assert!(!decisions.iter().any(|r| r["request_id"] == "fields-2"));
+}
