@@ -77,6 +77,7 @@ pub const REASONS: &[&str] = &[
     "upstream_answer_unchecked",
     "upstream_answer_too_large",
     "audit_unavailable",
+    "client_closed",
 ];
 
 /// The audit writer's metrics, shared with its thread.

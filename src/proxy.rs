@@ -20,6 +20,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorType;
+use tracing::Instrument;
 
 use crate::audit::{hex, AuditLog, Event, Record};
 use crate::check::rewrite_links;
@@ -1069,7 +1070,10 @@ impl Gateway {
     /// Stages 1-6 for one request. `Ok(())` means allowed.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
         let req = session.req_header();
+        // Each stage runs in a span of its own (debug level: free unless
+        // asked for). Entered guards are dropped before every await.
         // 1. Route
+        let stage = tracing::debug_span!("route").entered();
         let path = normalise(req.uri.path()).map_err(|e| Denial::BadFhirRequest {
             code: "bad_path",
             description: e.to_string(),
@@ -1103,8 +1107,10 @@ impl Gateway {
             None => Vec::new(),
         };
         ctx.query_names = audit_param_names(&query_params);
+        drop(stage);
 
         // 2. Extract
+        let stage = tracing::debug_span!("extract").entered();
         if has_access_token_param(&query_params) {
             return Err(extract_denial(&ExtractError::TokenInQuery));
         }
@@ -1166,8 +1172,13 @@ impl Gateway {
         }
 
         // 3. Validate
+        drop(stage);
         let started = Instant::now();
-        let v = self.validator.validate(&token, now_unix()).await;
+        let v = self
+            .validator
+            .validate(&token, now_unix())
+            .instrument(tracing::debug_span!("validate"))
+            .await;
         let took = started.elapsed();
         ctx.validation = Some(took);
         let kind = match &v {
@@ -1196,6 +1207,7 @@ impl Gateway {
         ctx.token = Some(v);
 
         // 4. Bind
+        let stage = tracing::debug_span!("bind").entered();
         let kind = ctx.token.as_ref().map_or("jwt", |t| t.kind);
         ctx.binding = Some(self.bind(
             &claims,
@@ -1210,14 +1222,18 @@ impl Gateway {
         )?);
         self.metrics.binding(kind, ctx.binding.unwrap_or("bearer"));
 
+        drop(stage);
+
         // 5. Classify (reading the body where it decides the interaction).
+        let span = tracing::debug_span!("classify");
         let needs_body =
             is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")));
         let body = if needs_body {
-            Some(self.read_body(session).await?)
+            Some(self.read_body(session).instrument(span.clone()).await?)
         } else {
             None
         };
+        let stage = span.entered();
         let mut fhir = classify::classify(HttpRequest {
             method: &method,
             path: &rel,
@@ -1261,7 +1277,10 @@ impl Gateway {
         ctx.fhir = Some(fhir);
         let fhir = ctx.fhir.as_ref().expect("just set");
 
+        drop(stage);
+
         // 6. Decide
+        let stage = tracing::debug_span!("decide").entered();
         let d = decide_with(
             fhir,
             &claims.scopes,
@@ -1282,7 +1301,9 @@ impl Gateway {
                 }
             })?;
         }
+        drop(stage);
         // 6b. Policies: they can only narrow what the scopes granted.
+        let stage = tracing::debug_span!("policy").entered();
         if !rules.policies.rules.is_empty() {
             let scopes: Vec<String> = claims.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
             let source = session
@@ -1381,16 +1402,20 @@ impl Gateway {
                 checkable_params(entry)?;
             }
         }
+        drop(stage);
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;
         ctx.narrow = d.narrow;
         if let Some(w) = d.write {
-            self.prove_write(session, ctx, &w).await?;
+            self.prove_write(session, ctx, &w)
+                .instrument(tracing::debug_span!("prove_write"))
+                .await?;
         }
         ctx.entry_checks = d.entry_checks;
         if !d.entry_writes.is_empty() {
             let bundle = body.unwrap_or_default();
             self.prove_bundle_writes(session, ctx, &bundle, &d.entry_writes)
+                .instrument(tracing::debug_span!("prove_write"))
                 .await?;
         }
         Ok(())
@@ -1431,6 +1456,7 @@ fn stage_of(reason: &str) -> &'static str {
         | "upstream_answer_too_large" => "check",
         "fhir_malformed" | "body_too_large" => "classify",
         "audit_unavailable" => "audit",
+        "client_closed" => "proxy",
         r if r.starts_with("upstream_") => "proxy",
         r if r.starts_with("dpop_")
             || r.starts_with("mtls_")
@@ -1578,12 +1604,14 @@ impl ProxyHttp for Gateway {
             .filter(|v| valid_request_id(v))
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
-        let admitted = match self.admit(session, ctx).await {
+        let span = tracing::debug_span!("request", request_id = %ctx.request_id);
+        let admitted = match self.admit(session, ctx).instrument(span.clone()).await {
             // Nothing goes upstream before its decision is on record.
             Ok(()) if self.audit.records_before_upstream() => {
                 let record = self.record(session, ctx, Event::Decision);
                 self.audit
                     .commit_decision(&record)
+                    .instrument(tracing::debug_span!(parent: &span, "audit"))
                     .await
                     .map_err(|r| Denial::Unavailable {
                         code: "audit_unavailable",
@@ -1595,7 +1623,9 @@ impl ProxyHttp for Gateway {
         };
         match admitted {
             Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
-                self.checked_exchange(session, ctx).await?;
+                self.checked_exchange(session, ctx)
+                    .instrument(tracing::debug_span!(parent: &span, "check"))
+                    .await?;
                 Ok(true)
             }
             Ok(()) => Ok(false),
@@ -1735,7 +1765,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.denial = denial.or(Some(Denial::Upstream {
             status: 499,
-            code: "upstream_error",
+            code: "client_closed",
             description: format!("client connection failed ({})", e.etype().as_str()),
         }));
         FailToProxy {

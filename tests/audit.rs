@@ -575,3 +575,65 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
     assert!(decisions.iter().any(|r| r["request_id"] == "fields-1"));
     assert!(!decisions.iter().any(|r| r["request_id"] == "fields-2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_writes_every_queued_record_before_exit() {
+    let mut gw = Gateway::start(Options {
+        // Records after the answer only: the shutdown flush must carry them.
+        audit_yaml: Some(
+            "  sink: file\n  path: audit.jsonl\n  record_before_upstream: false\n".into(),
+        ),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let (ok, tasks) = hammer(&gw.base, "Observation/obs-p1-1", &token, "term-", 4, 400);
+    // SIGTERM while requests are in flight: those answered during the
+    // drain must be recorded as well.
+    wait_until("100 answers", 20, async || ok.lock().unwrap().len() >= 100).await;
+    let status = gw.terminate();
+    assert!(status.success(), "fhirwall exited with {status}");
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let answered = ok.lock().unwrap().clone();
+    assert!(answered.len() >= 100 && answered.len() < 1600);
+    let recorded: BTreeSet<String> = records(&gw.audit_path)
+        .iter()
+        .filter(|r| r["event"] == "request")
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    let missing: Vec<_> = answered
+        .iter()
+        .filter(|id| !recorded.contains(*id))
+        .collect();
+    assert!(missing.is_empty(), "no record of {missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_still_leaves_a_record() {
+    let gw = Gateway::start(Options {
+        read_timeout_ms: 500,
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    // The sandbox stalls on ids starting with "slow"; the client hangs up
+    // long before any answer.
+    let mut s = std::net::TcpStream::connect(gw.proxy_addr()).unwrap();
+    use std::io::Write;
+    write!(
+        s,
+        "GET /fhir/Observation/slow-1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nX-Request-Id: gone-1\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    let rec = gw.audit_for("gone-1");
+    assert_eq!(rec["decision"], "error", "{rec}");
+    assert_eq!(rec["stage"], "proxy");
+    assert_eq!(rec["interaction"], "read");
+    assert_eq!(rec["reason"], "client_closed");
+    assert_eq!(rec["status"], 0, "nothing was answered");
+    assert_eq!(rec["response_bytes"], 0);
+}

@@ -250,6 +250,17 @@ impl Gateway {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM (graceful shutdown) and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+        self.child.wait().unwrap()
+    }
+
     /// Starts the gateway again with the same configuration (after
     /// [`Gateway::kill`]) and waits until it is ready.
     pub async fn restart(&mut self) {
