@@ -228,7 +228,7 @@ async fn start_fhirwall(name: &'static str, n_tokens: usize) -> Side {
             "audit:\n  sink: stdout\n".to_string()
         } else {
             format!("audit:\n  sink: file\n  path: {}\n", audit_path.display())
-        },
+        } + &audit_extra(),
     );
     let config = dir.0.join("config.yaml");
     std::fs::write(&config, yaml).expect("write config");
@@ -267,6 +267,17 @@ async fn start_fhirwall(name: &'static str, n_tokens: usize) -> Side {
 /// a file, to see what the file write costs.
 fn audit_to_stdout() -> bool {
     std::env::var("FHIRWALL_BENCH_AUDIT").is_ok_and(|v| v == "stdout")
+}
+
+/// `FHIRWALL_BENCH_AUDIT_YAML`: extra lines for the `audit:` section
+/// (`;`-separated `key: value`), e.g. `fsync: never;record_before_upstream: false`.
+fn audit_extra() -> String {
+    std::env::var("FHIRWALL_BENCH_AUDIT_YAML")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("  {}\n", l.trim()))
+        .collect()
 }
 
 fn mint(issuer: &SandboxIssuer, n: usize) -> Vec<String> {

@@ -18,6 +18,10 @@ use tokio::sync::mpsc;
 use super::{Msg, Pending, Shared};
 use crate::config::{Audit, AuditSink, Fsync};
 
+/// How long the writer lets records gather after a busy batch that no
+/// request waits for.
+const BATCH_PAUSE: Duration = Duration::from_millis(2);
+
 /// Most records taken from the queue per batch.
 const MAX_BATCH: usize = 4096;
 
@@ -460,9 +464,17 @@ impl Writer {
                     None
                 };
             }
+            let taken = batch.len();
+            let waited_on = batch.iter().any(|p| p.ack.is_some()) || !flushes.is_empty();
             self.write_batch(std::mem::take(&mut batch), !flushes.is_empty());
             for ack in flushes.drain(..) {
                 let _ = ack.send(());
+            }
+            if taken > 1 && !waited_on {
+                // Busy, and nobody waits for these records: let the next
+                // batch gather rather than being woken for every record
+                // (a wake-up is a futex call on the sender's side).
+                std::thread::sleep(BATCH_PAUSE);
             }
         }
         // Every handle is gone: write out what is held.
@@ -563,8 +575,22 @@ impl Writer {
             match result {
                 Ok(()) => {
                     self.shared.metrics.written_primary.inc_by(all.len() as u64);
-                    if !all.is_empty() && matches!(self.fsync, Fsync::Interval(_)) {
-                        self.dirty_since.get_or_insert_with(Instant::now);
+                    if !all.is_empty() {
+                        if let Fsync::Interval(every) = self.fsync {
+                            // Under steady traffic the timed wake-up never
+                            // comes: fsync here once the interval is over.
+                            let since = *self.dirty_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= every {
+                                match self.sink.sync() {
+                                    Ok(()) => self.dirty_since = None,
+                                    Err(e) => {
+                                        self.failed(&e);
+                                        self.fallback(batch, flushing);
+                                        return;
+                                    }
+                                }
+                            }
+                        }
                     }
                     self.held.clear();
                     self.set_up(true);
