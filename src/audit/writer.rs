@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use super::{Msg, Pending, Shared};
 use crate::config::{Audit, AuditSink, Fsync};
 
-/// How long the writer lets records gather after a busy batch that no
-/// request waits for.
+/// How long the writer lets records gather after a busy batch, when no
+/// request waits for its record (`record_before_upstream: false`).
 const BATCH_PAUSE: Duration = Duration::from_millis(2);
 
 /// Most records taken from the queue per batch.
@@ -470,10 +470,11 @@ impl Writer {
             for ack in flushes.drain(..) {
                 let _ = ack.send(());
             }
-            if taken > 1 && !waited_on {
-                // Busy, and nobody waits for these records: let the next
-                // batch gather rather than being woken for every record
-                // (a wake-up is a futex call on the sender's side).
+            if taken > 1 && !waited_on && !self.shared.before_upstream {
+                // Busy, and no request ever waits for a record: let the
+                // next batch gather rather than being woken for every
+                // record (a wake-up is a futex call on the sender's side).
+                // With decision records a pause would hold up requests.
                 std::thread::sleep(BATCH_PAUSE);
             }
         }
