@@ -111,7 +111,24 @@ fn hammer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_gateway_leaves_a_record_of_everything_the_upstream_saw() {
-    let mut gw = Gateway::start(Options::default()).await;
+    // Default: decision records go through the writer, fsynced per batch.
+    killed_gateway_leaves_records(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_fsync_per_batch_requests_append_their_decision_records_themselves() {
+    killed_gateway_leaves_records(Some(
+        "  sink: file\n  path: audit.jsonl\n  fsync: never\n".into(),
+    ))
+    .await;
+}
+
+async fn killed_gateway_leaves_records(audit_yaml: Option<String>) {
+    let mut gw = Gateway::start(Options {
+        audit_yaml,
+        ..Options::default()
+    })
+    .await;
     let token = gw.mint("system/Observation.rs", None);
     let (ok, tasks) = hammer(&gw.base, "Observation/obs-p1-1", &token, "kill-", 4, 400);
     // SIGKILL mid-run: no shutdown, no flush.
@@ -423,12 +440,23 @@ async fn with_spill_a_dead_endpoint_does_not_stop_service_and_nothing_is_lost() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_audit_file_refuses_requests_until_it_can_be_written() {
+    unwritable_file_case("batch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_file_refuses_requests_also_without_fsync() {
+    // Decision records are appended by the request thread: its failure
+    // must hand over to the writer, which refuses.
+    unwritable_file_case("never").await;
+}
+
+async fn unwritable_file_case(fsync: &str) {
     let dir = support::TempDir::new("unwritable");
     let link = dir.0.join("audit.jsonl");
     std::os::unix::fs::symlink("/dev/full", &link).unwrap();
     let gw = Gateway::start(Options {
         audit_yaml: Some(format!(
-            "  sink: file\n  path: {}\n  retry_ms: 200\n",
+            "  sink: file\n  path: {}\n  retry_ms: 200\n  fsync: {fsync}\n",
             link.display()
         )),
         expect_ready: false,

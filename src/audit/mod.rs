@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{Audit, AuditFormat, OnAuditFailure};
+use crate::config::{Audit, AuditFormat, AuditSink, Fsync, OnAuditFailure};
 use crate::metrics::AuditMetrics;
 
 /// Which of a request's records this is.
@@ -170,6 +170,12 @@ struct Shared {
     /// Records can currently be made durable (the sink works, or the spill
     /// file does).
     accepting: AtomicBool,
+    /// The sink itself took its last write.
+    primary_up: AtomicBool,
+    /// The audit file, when decision records are appended to it by the
+    /// request's own thread (a file sink without `fsync: batch`): written
+    /// to the kernel before the upstream sees the request, no hand-off.
+    direct: Option<Arc<Mutex<writer::AppendFile>>>,
     spill: Option<Mutex<writer::AppendFile>>,
     metrics: AuditMetrics,
     capacity: usize,
@@ -192,16 +198,31 @@ impl AuditLog {
             OnAuditFailure::Refuse => None,
         };
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
+        let file = match &cfg.sink {
+            AuditSink::File(path) => {
+                let mut file = writer::AppendFile::new(path.clone());
+                file.open().map_err(|e| {
+                    io::Error::new(e.kind(), format!("audit.path {}: {e}", path.display()))
+                })?;
+                Some(Arc::new(Mutex::new(file)))
+            }
+            _ => None,
+        };
+        let direct = file
+            .clone()
+            .filter(|_| cfg.record_before_upstream && cfg.fsync != Fsync::Batch);
         let shared = Arc::new(Shared {
             format: cfg.format,
             site,
             before_upstream: cfg.record_before_upstream,
             accepting: AtomicBool::new(false),
+            primary_up: AtomicBool::new(false),
+            direct,
             spill,
             metrics,
             capacity: cfg.queue_capacity,
         });
-        writer::start(cfg, rx, shared.clone())?;
+        writer::start(cfg, rx, shared.clone(), file)?;
         Ok(AuditLog { tx, shared })
     }
 
@@ -242,6 +263,22 @@ impl AuditLog {
             return Err(Refusal::SinkFailed);
         }
         let mut pending = self.encode(record);
+        if let Some(file) = &self.shared.direct {
+            if self.shared.primary_up.load(Ordering::Acquire) {
+                let written = writer::lock(file).write(&[&pending]);
+                match written {
+                    Ok(()) => {
+                        self.shared.metrics.written_primary.inc();
+                        return Ok(());
+                    }
+                    // The writer thread takes it from here: it tries the
+                    // file again and spills or refuses.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit decision record could not be appended")
+                    }
+                }
+            }
+        }
         let (ack_tx, ack_rx) = oneshot::channel();
         pending.ack = Some(ack_tx);
         match self.tx.try_send(Msg::Record(pending)) {

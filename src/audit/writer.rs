@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::runtime::Runtime;
@@ -19,7 +19,7 @@ use super::{Msg, Pending, Shared};
 use crate::config::{Audit, AuditSink, Fsync};
 
 /// How long the writer lets records gather after a busy batch, when no
-/// request waits for its record (`record_before_upstream: false`).
+/// request waits for the writer.
 const BATCH_PAUSE: Duration = Duration::from_millis(2);
 
 /// Most records taken from the queue per batch.
@@ -76,7 +76,8 @@ impl AppendFile {
         self.sync()
     }
 
-    fn write(&mut self, records: &[&Pending]) -> io::Result<()> {
+    /// Appends records as lines with one `write` (no fsync).
+    pub(super) fn write(&mut self, records: &[&Pending]) -> io::Result<()> {
         let mut buf = Vec::with_capacity(records.iter().map(|p| p.bytes.len() + 1).sum());
         for p in records {
             buf.extend_from_slice(&p.bytes);
@@ -107,11 +108,19 @@ impl AppendFile {
     }
 }
 
+/// Locks a shared file; a panic elsewhere while it was held leaves nothing
+/// half-done that matters (writes are whole lines or failures).
+pub(super) fn lock(file: &Mutex<AppendFile>) -> MutexGuard<'_, AppendFile> {
+    file.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Where records go.
 enum Sink {
     Stdout(io::Stdout),
     File {
-        file: AppendFile,
+        /// Shared with the request path, which appends decision records
+        /// itself when they need no fsync of their own.
+        file: Arc<Mutex<AppendFile>>,
         max_bytes: u64,
         max_age: Option<Duration>,
         keep: usize,
@@ -190,7 +199,7 @@ impl Sink {
     fn describe(&self) -> String {
         match self {
             Sink::Stdout(_) => "stdout".into(),
-            Sink::File { file, .. } => file.path.display().to_string(),
+            Sink::File { file, .. } => lock(file).path.display().to_string(),
             Sink::Fhir(f) => f.endpoint.clone(),
         }
     }
@@ -207,6 +216,7 @@ impl Sink {
                 lock.flush()
             }
             Sink::File { file, .. } => {
+                let mut file = lock(file);
                 file.write(records)?;
                 if sync {
                     file.sync()?;
@@ -219,7 +229,7 @@ impl Sink {
 
     fn sync(&mut self) -> io::Result<()> {
         match self {
-            Sink::File { file, .. } => file.sync(),
+            Sink::File { file, .. } => lock(file).sync(),
             _ => Ok(()),
         }
     }
@@ -228,7 +238,7 @@ impl Sink {
     fn probe(&mut self, rt: &Runtime) -> io::Result<()> {
         match self {
             Sink::Stdout(out) => out.flush(),
-            Sink::File { file, .. } => file.open().map(|_| ()),
+            Sink::File { file, .. } => lock(file).open().map(|_| ()),
             Sink::Fhir(f) => f.post(
                 rt,
                 br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_vec(),
@@ -249,6 +259,7 @@ impl Sink {
         else {
             return Ok(false);
         };
+        let mut file = lock(file);
         if file.file.is_none() {
             file.open()?;
         }
@@ -365,21 +376,20 @@ struct Writer {
 }
 
 /// Opens the sink and starts the writer thread.
-pub(super) fn start(cfg: &Audit, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) -> io::Result<()> {
+pub(super) fn start(
+    cfg: &Audit,
+    rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    file: Option<Arc<Mutex<AppendFile>>>,
+) -> io::Result<()> {
     let mut sink = match &cfg.sink {
         AuditSink::Stdout => Sink::Stdout(io::stdout()),
-        AuditSink::File(path) => {
-            let mut file = AppendFile::new(path.clone());
-            file.open().map_err(|e| {
-                io::Error::new(e.kind(), format!("audit.path {}: {e}", path.display()))
-            })?;
-            Sink::File {
-                file,
-                max_bytes: cfg.rotate_max_bytes,
-                max_age: cfg.rotate_max_age,
-                keep: cfg.rotate_keep,
-            }
-        }
+        AuditSink::File(_) => Sink::File {
+            file: file.expect("a file sink comes with its file"),
+            max_bytes: cfg.rotate_max_bytes,
+            max_age: cfg.rotate_max_age,
+            keep: cfg.rotate_keep,
+        },
         AuditSink::Fhir {
             endpoint,
             timeout,
@@ -428,6 +438,7 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // Stopped (or panicked): nothing more can be recorded.
         self.shared.accepting.store(false, Ordering::Release);
+        self.shared.primary_up.store(false, Ordering::Release);
         self.shared.metrics.sink_up.set(0);
     }
 }
@@ -470,11 +481,14 @@ impl Writer {
             for ack in flushes.drain(..) {
                 let _ = ack.send(());
             }
-            if taken > 1 && !waited_on && !self.shared.before_upstream {
-                // Busy, and no request ever waits for a record: let the
+            let nobody_waits = !self.shared.before_upstream || self.shared.direct.is_some();
+            if taken > 1 && !waited_on && nobody_waits {
+                // Busy, and requests do not wait for the writer (no
+                // decision records, or requests append their own): let the
                 // next batch gather rather than being woken for every
                 // record (a wake-up is a futex call on the sender's side).
-                // With decision records a pause would hold up requests.
+                // When requests wait for their decision records, a pause
+                // would hold them up.
                 std::thread::sleep(BATCH_PAUSE);
             }
         }
@@ -522,6 +536,7 @@ impl Writer {
             self.down_until = None;
         }
         self.shared.metrics.sink_up.set(i64::from(up));
+        self.shared.primary_up.store(up, Ordering::Release);
         let spill_ok = self.shared.spill.is_some();
         self.shared
             .accepting
