@@ -1375,7 +1375,16 @@ impl Config {
         let sink = match a.sink.as_str() {
             "stdout" => Some(AuditSink::Stdout),
             "file" => match &a.path {
-                Some(p) => Some(AuditSink::File(self.base_dir.join(p))),
+                Some(p) => {
+                    let path = self.base_dir.join(p);
+                    if let Some(bad_dir) = missing_parent(&path) {
+                        bad(
+                            "audit.path",
+                            format!("directory {} does not exist", bad_dir.display()),
+                        );
+                    }
+                    Some(AuditSink::File(path))
+                }
                 None => {
                     bad("audit.path", "required with sink: file".into());
                     None
@@ -1493,6 +1502,12 @@ impl Config {
             }
             ("spill", Some(p)) => {
                 let p = self.base_dir.join(p);
+                if let Some(bad_dir) = missing_parent(&p) {
+                    bad(
+                        "audit.spill_path",
+                        format!("directory {} does not exist", bad_dir.display()),
+                    );
+                }
                 if sink_path.as_ref() == Some(&p) {
                     bad(
                         "audit.spill_path",
@@ -1761,6 +1776,12 @@ fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option
     })
 }
 
+/// The directory a file would be created in, if it does not exist.
+fn missing_parent(path: &Path) -> Option<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    (!dir.is_dir()).then(|| dir.to_path_buf())
+}
+
 /// A plain-http URL on the loopback interface (where tokens, secrets and
 /// audit records may travel without TLS).
 fn is_loopback_http(u: &Url) -> bool {
@@ -1980,6 +2001,51 @@ admin:
         let e = Config::parse(&GOOD.replace("    audiences:", "    audience: x\n    audiences:"))
             .unwrap_err();
         assert!(e.contains("audience"), "{e}");
+    }
+
+    /// Problems of GOOD plus an `audit:` section.
+    fn audit_problems(audit: &str) -> Vec<(String, String)> {
+        match Config::parse(&format!("{GOOD}audit:\n{audit}"))
+            .unwrap()
+            .validate()
+        {
+            Ok(_) => Vec::new(),
+            Err(ps) => ps.into_iter().map(|p| (p.path, p.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn audit_settings_are_checked_with_their_keys() {
+        let paths = |audit: &str| -> Vec<String> {
+            audit_problems(audit).into_iter().map(|(p, _)| p).collect()
+        };
+        assert!(paths("  sink: stdout\n").is_empty());
+        assert_eq!(paths("  sink: file\n"), ["audit.path"]);
+        assert_eq!(
+            paths("  sink: file\n  path: /nonexistent-dir-fhirwall/a.jsonl\n"),
+            ["audit.path"]
+        );
+        assert_eq!(paths("  sink: syslog\n"), ["audit.sink"]);
+        assert_eq!(paths("  format: xml\n"), ["audit.format"]);
+        assert_eq!(paths("  fsync: sometimes\n"), ["audit.fsync"]);
+        assert_eq!(paths("  on_failure: spill\n"), ["audit.spill_path"]);
+        assert_eq!(paths("  spill_path: /tmp/x\n"), ["audit.spill_path"]);
+        assert_eq!(paths("  queue_capacity: 1\n"), ["audit.queue_capacity"]);
+        // The FHIR sink sends AuditEvents, over https (or on loopback).
+        assert_eq!(
+            paths("  sink: fhir\n  fhir:\n    endpoint: https://audit.example.org/fhir\n"),
+            ["audit.format"]
+        );
+        assert_eq!(
+            paths("  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://audit.example.org/fhir\n"),
+            ["audit.fhir.endpoint"]
+        );
+        assert!(paths(
+            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://127.0.0.1:1/fhir\n"
+        )
+        .is_empty());
+        let msg = &audit_problems("  sink: file\n  path: /nonexistent-dir-fhirwall/a.jsonl\n")[0].1;
+        assert!(msg.contains("/nonexistent-dir-fhirwall"), "{msg}");
     }
 
     #[test]
