@@ -263,16 +263,6 @@ impl AuditServer {
     }
 }
 
-async fn readyz(gw: &Gateway) -> u16 {
-    gw.client
-        .get(format!("{}/readyz", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
     let sink = AuditServer::new();
@@ -308,7 +298,7 @@ async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
         upstream_ids(&gw, "down-").is_empty(),
         "the upstream saw a refused request"
     );
-    assert_eq!(readyz(&gw).await, 503);
+    assert_eq!(gw.readyz().await, 503);
     // Metrics are counted just after the answer: wait for the fifth.
     wait_until("five refusals counted", 5, async || {
         let m = gw.metrics().await;
@@ -325,7 +315,7 @@ async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
     let (_, _server) = sink.serve(addr).await;
     let mut ready = false;
     for _ in 0..100 {
-        if readyz(&gw).await == 200 {
+        if gw.readyz().await == 200 {
             ready = true;
             break;
         }
@@ -431,7 +421,7 @@ async fn with_spill_a_dead_endpoint_does_not_stop_service_and_nothing_is_lost() 
     assert!(metric(&m, "fhirwall_audit_records_written_total{sink=\"spill\"}") >= 10.0);
     assert_eq!(metric(&m, "fhirwall_audit_records_dropped_total"), 0.0);
     assert_eq!(
-        readyz(&gw).await,
+        gw.readyz().await,
         200,
         "spilling keeps the gateway in service"
     );
@@ -467,7 +457,7 @@ async fn unwritable_file_case(fsync: &str) {
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "full-1").await;
     assert_eq!(r.status(), 503);
     assert!(upstream_ids(&gw, "full-").is_empty());
-    assert_eq!(readyz(&gw).await, 503);
+    assert_eq!(gw.readyz().await, 503);
     assert!(
         metric(
             &gw.metrics().await,
@@ -481,7 +471,7 @@ async fn unwritable_file_case(fsync: &str) {
     let tmp = dir.0.join("link.tmp");
     std::os::unix::fs::symlink(&real, &tmp).unwrap();
     std::fs::rename(&tmp, &link).unwrap();
-    wait_until("ready", 10, async || readyz(&gw).await == 200).await;
+    wait_until("ready", 10, async || gw.readyz().await == 200).await;
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "full-2").await;
     assert_eq!(r.status(), 200);
     wait_until("both request records", 10, async || {
@@ -718,4 +708,67 @@ async fn the_audit_file_rotates_by_age() {
     assert_eq!((one.len(), two.len()), (1, 1));
     assert_eq!(two[0], current);
     assert_ne!(one[0], current, "not rotated by age");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_in_a_file_follow_balp() {
+    let gw = Gateway::start(Options {
+        audit_yaml: Some("  sink: file\n  path: audit.jsonl\n  format: audit_event\n".into()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("patient/Observation.rs", Some("p1"));
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "ae-1").await;
+    assert_eq!(r.status(), 200);
+    let r = get_with_id(&gw, "Condition?code=x", &token, "ae-2").await;
+    assert_eq!(r.status(), 403);
+    let event_of = |id: &str| -> Option<Value> {
+        records(&gw.dir.join("audit.jsonl")).into_iter().find(|ev| {
+            let e = ev["entity"].to_string();
+            e.contains(&format!("\"value\":\"{id}\"")) && e.contains("\"valueString\":\"request\"")
+        })
+    };
+    wait_until("both events", 5, async || {
+        event_of("ae-1").is_some() && event_of("ae-2").is_some()
+    })
+    .await;
+    let read = event_of("ae-1").unwrap();
+    assert_eq!(read["resourceType"], "AuditEvent");
+    assert_eq!(
+        read["meta"]["profile"][0],
+        "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead"
+    );
+    assert_eq!(read["outcome"], "0");
+    assert_eq!(read["entity"][0]["what"]["reference"], "Patient/p1");
+    assert_eq!(
+        read["entity"][1]["what"]["reference"],
+        "Observation/obs-p1-1"
+    );
+    assert_eq!(read["agent"][0]["network"]["address"], "127.0.0.1");
+    let denied = event_of("ae-2").unwrap();
+    assert_eq!(denied["outcome"], "4");
+    assert!(denied.get("meta").is_none());
+    assert!(denied["outcomeDesc"]
+        .as_str()
+        .unwrap()
+        .contains("insufficient_scope"));
+    let text = std::fs::read_to_string(gw.dir.join("audit.jsonl")).unwrap();
+    assert!(!text.contains(&token));
+    assert!(!text.contains("code=x"), "a query value is in the audit");
+    use base64::Engine;
+    let query = denied["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| e["query"].as_str())
+        .unwrap();
+    let query = base64::engine::general_purpose::STANDARD
+        .decode(query)
+        .unwrap();
+    assert!(
+        String::from_utf8(query)
+            .unwrap()
+            .ends_with("/fhir/Condition?code=<redacted>"),
+        "the query entity keeps names only"
+    );
 }

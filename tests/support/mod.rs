@@ -365,12 +365,18 @@ impl Gateway {
 
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
+        self.admin_get("metrics").await.text().await.unwrap()
+    }
+
+    /// The status of the admin listener's `/readyz`.
+    pub async fn readyz(&self) -> u16 {
+        self.admin_get("readyz").await.status().as_u16()
+    }
+
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/metrics", self.admin))
+            .get(format!("{}/{path}", self.admin))
             .send()
-            .await
-            .unwrap()
-            .text()
             .await
             .unwrap()
     }
