@@ -62,9 +62,27 @@ pub fn extract<'a>(authorization: &[&'a [u8]]) -> Result<Extracted<'a>, ExtractE
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
     let dpop = scheme.eq_ignore_ascii_case("dpop");
     if !dpop && !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(ExtractError::UnsupportedScheme(
-            scheme.chars().take(16).collect(),
-        ));
+        // Named only if it is a scheme we know: what stands there could be
+        // a credential sent without a scheme, never to be echoed.
+        const KNOWN: &[&str] = &[
+            "Basic",
+            "Digest",
+            "Negotiate",
+            "NTLM",
+            "HOBA",
+            "Mutual",
+            "MAC",
+            "GNAP",
+            "Token",
+            "OAuth",
+            "AWS4-HMAC-SHA256",
+            "Hawk",
+        ];
+        let named = KNOWN
+            .iter()
+            .find(|k| k.eq_ignore_ascii_case(scheme))
+            .map_or("(not a known scheme)", |k| k);
+        return Err(ExtractError::UnsupportedScheme(named.to_string()));
     }
     let token = rest.trim_matches(' ');
     if !is_b64token(token) {
@@ -116,6 +134,11 @@ mod tests {
                 "basic",
                 &[b"Basic dXNlcjpwYXNz"],
                 ExtractError::UnsupportedScheme("Basic".into()),
+            ),
+            (
+                "a bare credential is not echoed as a scheme",
+                &[b"s3cr3tOpaqueTok"],
+                ExtractError::UnsupportedScheme("(not a known scheme)".into()),
             ),
             (
                 "dpop without token",

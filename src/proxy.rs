@@ -188,6 +188,15 @@ struct Presented<'a> {
     client_cert: Option<&'a str>,
 }
 
+/// Writes to prove against the upstream's current versions before they
+/// are forwarded.
+struct Proofs {
+    write: Option<WriteCheck>,
+    entry_writes: Vec<(usize, WriteCheck)>,
+    /// The Bundle, for its entries.
+    bundle: Bytes,
+}
+
 /// Per-request state handed from phase to phase.
 pub struct Ctx {
     started: Instant,
@@ -218,6 +227,8 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// Names of the query parameters (for the audit record).
     query_names: Vec<String>,
+    /// Writes the decision left to prove against the upstream.
+    proofs: Option<Proofs>,
     /// Id of the request's audit record (its decision record adds `-d`).
     record_id: String,
     /// Time spent validating the token.
@@ -1406,16 +1417,30 @@ impl Gateway {
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;
         ctx.narrow = d.narrow;
-        if let Some(w) = d.write {
-            self.prove_write(session, ctx, &w)
-                .instrument(tracing::debug_span!("prove_write"))
-                .await?;
-        }
         ctx.entry_checks = d.entry_checks;
-        if !d.entry_writes.is_empty() {
-            let bundle = body.unwrap_or_default();
-            self.prove_bundle_writes(session, ctx, &bundle, &d.entry_writes)
-                .instrument(tracing::debug_span!("prove_write"))
+        // Proving a write fetches from the upstream: that waits for the
+        // decision record (see `request_filter`).
+        if d.write.is_some() || !d.entry_writes.is_empty() {
+            ctx.proofs = Some(Proofs {
+                write: d.write,
+                entry_writes: d.entry_writes,
+                bundle: body.unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Proves the writes a decision left to prove against the upstream's
+    /// current versions (under `patient/` scopes).
+    async fn prove(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Denial> {
+        let Some(p) = ctx.proofs.take() else {
+            return Ok(());
+        };
+        if let Some(w) = &p.write {
+            self.prove_write(session, ctx, w).await?;
+        }
+        if !p.entry_writes.is_empty() {
+            self.prove_bundle_writes(session, ctx, &p.bundle, &p.entry_writes)
                 .await?;
         }
         Ok(())
@@ -1549,7 +1574,7 @@ impl Gateway {
                 stage_of(reason)
             },
             policy_rule: ctx.policy_rule.as_deref(),
-            detail,
+            detail: detail.map(|d| crate::audit::scrub(&d)),
             break_glass_rules: &ctx.broke_glass,
             break_glass_reason: ctx.break_glass_reason.as_deref(),
             status: done.then(|| status.unwrap_or(0)),
@@ -1589,6 +1614,7 @@ impl ProxyHttp for Gateway {
             upstream_status: None,
             query_names: Vec::new(),
             record_id: crate::audit::new_id(),
+            proofs: None,
             validation: None,
             upstream_started: None,
             upstream_time: None,
@@ -1605,22 +1631,28 @@ impl ProxyHttp for Gateway {
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
         let span = tracing::debug_span!("request", request_id = %ctx.request_id);
-        let admitted = match self.admit(session, ctx).instrument(span.clone()).await {
-            // Nothing goes upstream before its decision is on record.
-            Ok(()) if self.audit.records_before_upstream() => {
-                let record = self.record(session, ctx, Event::Decision);
-                self.audit
-                    .commit_decision(&record)
-                    .instrument(tracing::debug_span!(parent: &span, "audit"))
-                    .await
-                    .map_err(|r| Denial::Unavailable {
-                        code: "audit_unavailable",
-                        description: r.describe().into(),
-                        retry_after_seconds: 1,
-                    })
-            }
-            other => other,
-        };
+        let mut admitted = self.admit(session, ctx).instrument(span.clone()).await;
+        // Nothing goes upstream — not even fhirwall's own fetches to prove
+        // a write — before the decision is on record.
+        if admitted.is_ok() && self.audit.records_before_upstream() {
+            let record = self.record(session, ctx, Event::Decision);
+            admitted = self
+                .audit
+                .commit_decision(&record)
+                .instrument(tracing::debug_span!(parent: &span, "audit"))
+                .await
+                .map_err(|r| Denial::Unavailable {
+                    code: "audit_unavailable",
+                    description: r.describe().into(),
+                    retry_after_seconds: 1,
+                });
+        }
+        if admitted.is_ok() {
+            admitted = self
+                .prove(session, ctx)
+                .instrument(tracing::debug_span!(parent: &span, "prove_write"))
+                .await;
+        }
         match admitted {
             Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
                 self.checked_exchange(session, ctx)
@@ -1721,7 +1753,10 @@ impl ProxyHttp for Gateway {
         e: &pingora::Error,
         ctx: &mut Ctx,
     ) -> FailToProxy {
+        let downstream = e.esource() == &pingora::ErrorSource::Downstream;
         let denial = match e.etype() {
+            // The client's own connection failing is no upstream error.
+            _ if downstream => None,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 Some(Denial::Upstream {
                     status: 504,
@@ -1763,7 +1798,9 @@ impl ProxyHttp for Gateway {
             Some(d) => d.status(),
             None => 0,
         };
-        ctx.denial = denial.or(Some(Denial::Upstream {
+        // A denial already decided (the client hung up on it) stays what
+        // it was: a refusal must not be recorded as a client error.
+        ctx.denial = ctx.denial.take().or(denial).or(Some(Denial::Upstream {
             status: 499,
             code: "client_closed",
             description: format!("client connection failed ({})", e.etype().as_str()),

@@ -294,18 +294,36 @@ async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
             .unwrap()
             .contains("audit"));
     }
+    // A write under a patient scope, which fhirwall proves by fetching the
+    // current version first: that fetch waits for the record too.
+    let p1 = gw.mint("patient/Observation.cru", Some("p1"));
+    let put = gw
+        .client
+        .put(format!("{}/Observation/obs-p1-1", gw.base))
+        .bearer_auth(&p1)
+        .header("content-type", "application/fhir+json")
+        .header("x-request-id", "down-put")
+        .body(
+            json!({"resourceType": "Observation", "id": "obs-p1-1", "status": "final",
+                   "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 503);
     assert!(
         upstream_ids(&gw, "down-").is_empty(),
         "the upstream saw a refused request"
     );
     assert_eq!(gw.readyz().await, 503);
-    // Metrics are counted just after the answer: wait for the fifth.
-    wait_until("five refusals counted", 5, async || {
+    // Metrics are counted just after the answer: wait for the sixth.
+    wait_until("six refusals counted", 5, async || {
         let m = gw.metrics().await;
         metric(
             &m,
             "fhirwall_request_outcomes_total{reason=\"audit_unavailable\"}",
-        ) == 5.0
+        ) == 6.0
     })
     .await;
     assert_eq!(metric(&gw.metrics().await, "fhirwall_audit_sink_up"), 0.0);

@@ -176,6 +176,11 @@ struct Shared {
     /// request's own thread (a file sink without `fsync: batch`): written
     /// to the kernel before the upstream sees the request, no hand-off.
     direct: Option<Arc<Mutex<writer::AppendFile>>>,
+    /// A request appended a record the writer has not fsynced.
+    dirty: AtomicBool,
+    /// How long a request waits for its decision record before it is
+    /// refused (a writer stuck on a hung disk or endpoint).
+    deadline: std::time::Duration,
     spill: Option<Mutex<writer::AppendFile>>,
     metrics: AuditMetrics,
     capacity: usize,
@@ -218,6 +223,11 @@ impl AuditLog {
             accepting: AtomicBool::new(false),
             primary_up: AtomicBool::new(false),
             direct,
+            dirty: AtomicBool::new(false),
+            deadline: match &cfg.sink {
+                AuditSink::Fhir { timeout, .. } => *timeout * 2 + std::time::Duration::from_secs(1),
+                _ => std::time::Duration::from_secs(5),
+            },
             spill,
             metrics,
             capacity: cfg.queue_capacity,
@@ -269,6 +279,7 @@ impl AuditLog {
                 match written {
                     Ok(()) => {
                         self.shared.metrics.written_primary.inc();
+                        self.shared.dirty.store(true, Ordering::Release);
                         return Ok(());
                     }
                     // The writer thread takes it from here: it tries the
@@ -289,9 +300,10 @@ impl AuditLog {
             }
             Err(_) => return Err(Refusal::SinkFailed),
         }
-        match ack_rx.await {
-            Ok(true) => Ok(()),
-            _ => Err(Refusal::SinkFailed),
+        match tokio::time::timeout(self.shared.deadline, ack_rx).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(_) => Err(Refusal::SinkFailed),
+            Err(_) => Err(Refusal::Backlog),
         }
     }
 
@@ -367,6 +379,31 @@ pub fn hex(bytes: &[u8]) -> String {
         s.push(DIGITS[usize::from(b & 0xf)] as char);
     }
     s
+}
+
+/// A denial's description as the audit keeps it: every `=value` (a query
+/// or form parameter, a Bundle entry's URL, a header echoed back to the
+/// client) becomes `=<redacted>`, since values can be PHI or credentials.
+pub fn scrub(detail: &str) -> String {
+    let mut out = String::with_capacity(detail.len());
+    let mut chars = detail.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '=' {
+            let mut skipped = false;
+            while let Some(&n) = chars.peek() {
+                if n.is_whitespace() || matches!(n, '&' | '\'' | '"' | ',' | ';' | ')' | ']') {
+                    break;
+                }
+                chars.next();
+                skipped = true;
+            }
+            if skipped {
+                out.push_str("<redacted>");
+            }
+        }
+    }
+    out
 }
 
 /// A fresh random record id.

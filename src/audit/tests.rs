@@ -48,3 +48,20 @@ fn flush_writes_every_queued_record_in_order() {
     assert_eq!(ids.len(), 1000);
     assert!(ids.iter().enumerate().all(|(i, id)| *id == format!("r{i}")));
 }
+
+#[test]
+fn scrub_keeps_names_and_drops_values() {
+    assert_eq!(
+        scrub("parameter 'name=M%FCller' is not valid UTF-8"),
+        "parameter 'name=<redacted>' is not valid UTF-8"
+    );
+    assert_eq!(
+        scrub("entry 2: Patient?name=Smith&birthdate=1970-01-01 is not allowed"),
+        "entry 2: Patient?name=<redacted>&birthdate=<redacted> is not allowed"
+    );
+    assert_eq!(
+        scrub("_format=xml is refused"),
+        "_format=<redacted> is refused"
+    );
+    assert_eq!(scrub("a = b, x="), "a = b, x=");
+}

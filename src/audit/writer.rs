@@ -90,6 +90,10 @@ impl AppendFile {
                 Ok(())
             }
             Err(e) => {
+                // What was written before still gets to the disk.
+                if let Some(f) = &self.file {
+                    let _ = f.sync_data();
+                }
                 self.file = None;
                 Err(e)
             }
@@ -112,6 +116,17 @@ impl AppendFile {
 /// half-done that matters (writes are whole lines or failures).
 pub(super) fn lock(file: &Mutex<AppendFile>) -> MutexGuard<'_, AppendFile> {
     file.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Fsyncs the shared file without holding its lock for the fsync, so
+/// requests appending decision records are not held up by the disk.
+fn sync_unlocked(file: &Mutex<AppendFile>) -> io::Result<()> {
+    let fd = lock(file).file.as_ref().map(File::try_clone).transpose()?;
+    let result = fd.map_or(Ok(()), |f| f.sync_data());
+    if result.is_err() {
+        lock(file).file = None;
+    }
+    result
 }
 
 /// Where records go.
@@ -216,10 +231,9 @@ impl Sink {
                 lock.flush()
             }
             Sink::File { file, .. } => {
-                let mut file = lock(file);
-                file.write(records)?;
+                lock(file).write(records)?;
                 if sync {
-                    file.sync()?;
+                    sync_unlocked(file)?;
                 }
                 Ok(())
             }
@@ -229,7 +243,7 @@ impl Sink {
 
     fn sync(&mut self) -> io::Result<()> {
         match self {
-            Sink::File { file, .. } => lock(file).sync(),
+            Sink::File { file, .. } => sync_unlocked(file),
             _ => Ok(()),
         }
     }
@@ -372,6 +386,8 @@ struct Writer {
     down_until: Option<Instant>,
     /// Written but not yet fsynced (`fsync: interval`).
     dirty_since: Option<Instant>,
+    /// The spill file took its last write.
+    spill_ok: bool,
     last_error_log: Option<Instant>,
 }
 
@@ -423,6 +439,7 @@ pub(super) fn start(
                 held: VecDeque::new(),
                 down_until: None,
                 dirty_since: None,
+                spill_ok: true,
                 last_error_log: None,
             };
             match up {
@@ -498,13 +515,19 @@ impl Writer {
 
     /// When the loop must wake without a message: to retry the sink or to
     /// fsync written records.
-    fn next_wakeup(&self) -> Option<Duration> {
+    fn next_wakeup(&mut self) -> Option<Duration> {
         let now = Instant::now();
+        if self.shared.dirty.swap(false, Ordering::AcqRel) {
+            // Requests appended decision records themselves.
+            self.dirty_since.get_or_insert(now);
+        }
         let retry = self.down_until.map(|t| t.saturating_duration_since(now));
         let sync = match (self.fsync, self.dirty_since) {
             (Fsync::Interval(every), Some(since)) => {
                 Some((since + every).saturating_duration_since(now))
             }
+            // Requests may append at any time: look every interval.
+            (Fsync::Interval(every), None) if self.shared.direct.is_some() => Some(every),
             _ => None,
         };
         match (retry, sync) {
@@ -517,6 +540,9 @@ impl Writer {
     fn tick(&mut self) {
         if self.down_until.is_some_and(|t| Instant::now() >= t) {
             self.write_batch(Vec::new(), false);
+        }
+        if self.shared.dirty.swap(false, Ordering::AcqRel) {
+            self.dirty_since.get_or_insert_with(Instant::now);
         }
         if let (Fsync::Interval(every), Some(since)) = (self.fsync, self.dirty_since) {
             if since.elapsed() >= every && self.down_until.is_none() {
@@ -537,7 +563,7 @@ impl Writer {
         }
         self.shared.metrics.sink_up.set(i64::from(up));
         self.shared.primary_up.store(up, Ordering::Release);
-        let spill_ok = self.shared.spill.is_some();
+        let spill_ok = self.shared.spill.is_some() && self.spill_ok;
         self.shared
             .accepting
             .store(up || spill_ok, Ordering::Release);
@@ -576,7 +602,8 @@ impl Writer {
             }
         }
         let due = flushing || self.down_until.is_none_or(|t| Instant::now() >= t);
-        let sync = matches!(self.fsync, Fsync::Batch);
+        // A flush (shutdown) makes everything durable, whatever the policy.
+        let sync = matches!(self.fsync, Fsync::Batch) || flushing;
         if due {
             let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
             let result = if all.is_empty() {
@@ -634,6 +661,7 @@ impl Writer {
                     self.shared.metrics.written_spill.inc_by(all.len() as u64);
                     drop(file);
                     self.held.clear();
+                    self.spill_ok = true;
                     self.shared.accepting.store(true, Ordering::Release);
                     for p in batch {
                         if let Some(ack) = p.ack {
@@ -644,6 +672,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.shared.metrics.failures_spill.inc();
+                    self.spill_ok = false;
                     self.shared.accepting.store(false, Ordering::Release);
                     tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written either; new requests are refused");
                 }
