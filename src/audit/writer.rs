@@ -154,7 +154,9 @@ impl FhirSink {
     /// Sends records as `batch` Bundles of `PUT AuditEvent/{id}` entries
     /// (so a retried batch does not duplicate events). Every entry must
     /// succeed.
-    fn send(&self, rt: &Runtime, records: &[&Pending]) -> io::Result<()> {
+    /// On failure, says how many records (a prefix) the endpoint took.
+    fn send(&self, rt: &Runtime, records: &[&Pending]) -> Result<(), (usize, io::Error)> {
+        let mut done = 0;
         for chunk in records.chunks(self.batch_max) {
             let mut body = br#"{"resourceType":"Bundle","type":"batch","entry":["#.to_vec();
             for (i, p) in chunk.iter().enumerate() {
@@ -168,7 +170,8 @@ impl FhirSink {
                 body.extend_from_slice(br#""}}"#);
             }
             body.extend_from_slice(b"]}");
-            self.post(rt, body, chunk.len())?;
+            self.post(rt, body, chunk.len()).map_err(|e| (done, e))?;
+            done += chunk.len();
         }
         Ok(())
     }
@@ -219,21 +222,28 @@ impl Sink {
         }
     }
 
-    /// Writes records; with `sync`, makes them durable too.
-    fn write(&mut self, rt: &Runtime, records: &[&Pending], sync: bool) -> io::Result<()> {
+    /// Writes records; with `sync`, makes them durable too. On failure,
+    /// says how many records (a prefix) were written all the same.
+    fn write(
+        &mut self,
+        rt: &Runtime,
+        records: &[&Pending],
+        sync: bool,
+    ) -> Result<(), (usize, io::Error)> {
+        let none = |e| (0, e);
         match self {
             Sink::Stdout(out) => {
                 let mut lock = out.lock();
                 for p in records {
-                    lock.write_all(&p.bytes)?;
-                    lock.write_all(b"\n")?;
+                    lock.write_all(&p.bytes).map_err(none)?;
+                    lock.write_all(b"\n").map_err(none)?;
                 }
-                lock.flush()
+                lock.flush().map_err(none)
             }
             Sink::File { file, .. } => {
-                lock(file).write(records)?;
+                lock(file).write(records).map_err(none)?;
                 if sync {
-                    sync_unlocked(file)?;
+                    sync_unlocked(file).map_err(none)?;
                 }
                 Ok(())
             }
@@ -608,7 +618,7 @@ impl Writer {
             let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
             let result = if all.is_empty() {
                 if self.down_until.is_some() {
-                    self.sink.probe(&self.rt)
+                    self.sink.probe(&self.rt).map_err(|e| (0, e))
                 } else {
                     Ok(())
                 }
@@ -644,7 +654,23 @@ impl Writer {
                     }
                     return;
                 }
-                Err(e) => self.failed(&e),
+                Err((done, e)) => {
+                    // What the sink took before it failed is written: only
+                    // the rest is held, spilled or refused.
+                    let mut batch = batch;
+                    let from_held = done.min(self.held.len());
+                    self.held.drain(..from_held);
+                    let rest = batch.split_off(done - from_held);
+                    self.shared.metrics.written_primary.inc_by(done as u64);
+                    for p in batch {
+                        if let Some(ack) = p.ack {
+                            let _ = ack.send(true);
+                        }
+                    }
+                    self.failed(&e);
+                    self.fallback(rest, flushing);
+                    return;
+                }
             }
         }
         self.fallback(batch, flushing);
