@@ -78,6 +78,7 @@ pub const REASONS: &[&str] = &[
     "upstream_answer_too_large",
     "audit_unavailable",
     "client_closed",
+    "abandoned",
 ];
 
 /// The audit writer's metrics, shared with its thread.

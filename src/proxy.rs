@@ -237,6 +237,57 @@ pub struct Ctx {
     /// answer.
     upstream_started: Option<Instant>,
     upstream_time: Option<std::time::Duration>,
+    /// The request's method, for a record written without the session.
+    method: Option<http::Method>,
+    /// Set once the request record is written; until then, dropping the
+    /// context (a task Pingora abandoned at shutdown, a panic) writes a
+    /// record of what is known.
+    audit: Option<AuditLog>,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        let Some(audit) = self.audit.take() else {
+            return;
+        };
+        let claims = self.token.as_ref().map(|t| &t.claims);
+        let fhir = self.fhir.as_ref();
+        let record = Record {
+            event: Event::Request,
+            id: self.record_id.clone(),
+            time: rfc3339(self.time),
+            request_id: &self.request_id,
+            method: self.method.as_ref().map_or("", |m| m.as_str()),
+            path: self.rel_path.as_deref().unwrap_or(""),
+            query_params: &self.query_names,
+            issuer: claims.map(|c| c.issuer_name.as_str()),
+            client_id: claims.and_then(|c| c.client_id.as_deref()),
+            sub: claims.and_then(|c| c.sub.as_deref()),
+            fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
+            patient: claims.and_then(|c| c.patient.as_deref()),
+            token_sha256: self.token.as_ref().map(|t| hex(&t.hash)),
+            token_kind: self.token.as_ref().map(|t| t.kind),
+            binding: self.binding,
+            scopes_used: &self.scopes_used,
+            interaction: fhir.map(|f| f.interaction.as_str()),
+            resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
+            resource_id: fhir.and_then(|f| f.id.as_deref()),
+            decision: "error",
+            reason: "abandoned",
+            stage: "proxy",
+            detail: Some("the request ended without finishing (shutdown or internal error)".into()),
+            upstream_status: self.upstream_status,
+            latency_ms: millis(self.started.elapsed()),
+            ..Record::default()
+        };
+        audit.record_now(&record);
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn now_unix() -> i64 {
@@ -1541,9 +1592,7 @@ impl Gateway {
                 Event::Request => ctx.record_id.clone(),
                 Event::Decision => format!("{}-d", ctx.record_id),
             },
-            time: time::OffsetDateTime::from(ctx.time)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            time: rfc3339(ctx.time),
             request_id: &ctx.request_id,
             source: session
                 .client_addr()
@@ -1615,6 +1664,8 @@ impl ProxyHttp for Gateway {
             query_names: Vec::new(),
             record_id: crate::audit::new_id(),
             proofs: None,
+            method: None,
+            audit: Some(self.audit.clone()),
             validation: None,
             upstream_started: None,
             upstream_time: None,
@@ -1622,6 +1673,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.method = Some(session.req_header().method.clone());
         ctx.request_id = session
             .req_header()
             .headers
@@ -1824,5 +1876,7 @@ impl ProxyHttp for Gateway {
         m.token_cache_entries
             .set(self.validator.cache_entries() as i64);
         self.audit.record(&record).await;
+        drop(record);
+        ctx.audit = None;
     }
 }

@@ -790,3 +790,40 @@ async fn audit_events_in_a_file_follow_balp() {
         "the query entity keeps names only"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_at_shutdown_still_has_its_record() {
+    let mut gw = Gateway::start(Options {
+        read_timeout_ms: 10_000,
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    // The sandbox stalls 5 s on "slow" ids; the shutdown drains for 1 s
+    // only, then Pingora drops the request's task.
+    let (base, t) = (gw.base.clone(), token.clone());
+    let pending = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let _ = client
+            .get(format!("{base}/Observation/slow-9"))
+            .bearer_auth(t)
+            .header("x-request-id", "abandoned-1")
+            .send()
+            .await;
+    });
+    wait_until("the request to reach the upstream", 5, async || {
+        !upstream_ids(&gw, "abandoned-").is_empty()
+    })
+    .await;
+    let status = gw.terminate();
+    assert!(status.success(), "fhirwall exited with {status}");
+    let rec = records(&gw.audit_path)
+        .into_iter()
+        .find(|r| r["request_id"] == "abandoned-1" && r["event"] == "request")
+        .expect("no request record of the abandoned request");
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["reason"], "abandoned");
+    assert_eq!(rec["interaction"], "read");
+    assert_eq!(rec["resource_id"], "slow-9");
+    pending.abort();
+}

@@ -331,6 +331,22 @@ impl AuditLog {
         }
     }
 
+    /// Queues a record without waiting (from a destructor): a full queue
+    /// spills it or counts it as lost.
+    pub fn record_now(&self, record: &Record<'_>) {
+        let pending = self.encode(record);
+        match self.tx.try_send(Msg::Record(pending)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Msg::Record(p)))
+            | Err(mpsc::error::TrySendError::Closed(Msg::Record(p))) => {
+                if let Err(p) = self.spill_now(p) {
+                    self.lost(p);
+                }
+            }
+            Err(_) => unreachable!("only records are sent here"),
+        }
+    }
+
     /// Writes a record straight to the spill file (the queue is full).
     fn spill_now(&self, p: Pending) -> Result<(), Pending> {
         let Some(spill) = &self.shared.spill else {
@@ -352,7 +368,7 @@ impl AuditLog {
 
     fn lost(&self, p: Pending) {
         self.shared.metrics.dropped.inc();
-        tracing::error!(record = %p.id, "audit writer has stopped; record lost");
+        tracing::error!(record = %p.id, "audit record lost: the writer has stopped or the queue is full");
     }
 
     /// Waits until every record queued so far is written, spilled or
