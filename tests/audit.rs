@@ -180,6 +180,8 @@ struct AuditServer {
     events: Mutex<BTreeMap<String, Value>>,
     bundles: AtomicUsize,
     down: AtomicBool,
+    /// Answer an empty batch with 400, as strict servers do.
+    reject_empty: AtomicBool,
 }
 
 async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::response::Response {
@@ -187,6 +189,9 @@ async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::r
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let b: Value = serde_json::from_str(&body).unwrap();
+    if s.reject_empty.load(Ordering::SeqCst) && b["entry"].as_array().unwrap().is_empty() {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     assert_eq!(b["resourceType"], "Bundle");
     assert_eq!(b["type"], "batch");
     let mut answers = Vec::new();
@@ -216,6 +221,7 @@ impl AuditServer {
             events: Mutex::new(BTreeMap::new()),
             bundles: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            reject_empty: AtomicBool::new(false),
         })
     }
 
@@ -826,4 +832,27 @@ async fn a_request_abandoned_at_shutdown_still_has_its_record() {
     assert_eq!(rec["interaction"], "read");
     assert_eq!(rec["resource_id"], "slow-9");
     pending.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_refuses_empty_bundles_still_makes_the_gateway_ready() {
+    let sink = AuditServer::new();
+    sink.reject_empty.store(true, Ordering::SeqCst);
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    // `start` waits for /readyz: it would time out if the probe's 400
+    // counted as the endpoint being down.
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://{addr}/fhir\n"
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "strict-1").await;
+    assert_eq!(r.status(), 200);
+    wait_until("the request event", 5, async || {
+        sink.request_ids("request").contains("strict-1")
+    })
+    .await;
 }

@@ -176,7 +176,27 @@ impl FhirSink {
         Ok(())
     }
 
-    fn post(&self, rt: &Runtime, body: Vec<u8>, entries: usize) -> io::Result<()> {
+    /// Whether the endpoint is there and lets fhirwall in: an empty batch
+    /// is sent; a server that refuses an empty Bundle as invalid (400,
+    /// 422) still answered, so only network errors, 401/403/407 and 5xx
+    /// count as down (else a server strict about empty Bundles would keep
+    /// the gateway unready forever).
+    fn probe(&self, rt: &Runtime) -> io::Result<()> {
+        let empty = br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_vec();
+        let (status, _) = self.exchange(rt, empty)?;
+        let refused = status.is_server_error() || matches!(status.as_u16(), 401 | 403 | 407);
+        if refused {
+            return Err(io::Error::other(format!("endpoint answered {status}")));
+        }
+        Ok(())
+    }
+
+    /// POSTs a Bundle: the status and body of the answer.
+    fn exchange(
+        &self,
+        rt: &Runtime,
+        body: Vec<u8>,
+    ) -> io::Result<(reqwest::StatusCode, bytes::Bytes)> {
         let mut req = self
             .client
             .post(&self.endpoint)
@@ -190,26 +210,32 @@ impl FhirSink {
             let resp = req.send().await.map_err(io::Error::other)?;
             let status = resp.status();
             let answer = resp.bytes().await.map_err(io::Error::other)?;
-            if !status.is_success() {
-                return Err(io::Error::other(format!("endpoint answered {status}")));
-            }
-            let v: serde_json::Value = serde_json::from_slice(&answer)
-                .map_err(|e| io::Error::other(format!("endpoint answer is not JSON: {e}")))?;
-            let statuses: Vec<&str> = v["entry"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|e| e["response"]["status"].as_str().unwrap_or(""))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if statuses.len() != entries || statuses.iter().any(|s| !s.starts_with('2')) {
-                return Err(io::Error::other(format!(
-                    "endpoint did not accept every AuditEvent (entry statuses: {statuses:?})"
-                )));
-            }
-            Ok(())
+            Ok((status, answer))
         })
+    }
+
+    /// POSTs a batch of `entries` AuditEvents; every entry must succeed.
+    fn post(&self, rt: &Runtime, body: Vec<u8>, entries: usize) -> io::Result<()> {
+        let (status, answer) = self.exchange(rt, body)?;
+        if !status.is_success() {
+            return Err(io::Error::other(format!("endpoint answered {status}")));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&answer)
+            .map_err(|e| io::Error::other(format!("endpoint answer is not JSON: {e}")))?;
+        let statuses: Vec<&str> = v["entry"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["response"]["status"].as_str().unwrap_or(""))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if statuses.len() != entries || statuses.iter().any(|s| !s.starts_with('2')) {
+            return Err(io::Error::other(format!(
+                "endpoint did not accept every AuditEvent (entry statuses: {statuses:?})"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -263,11 +289,7 @@ impl Sink {
         match self {
             Sink::Stdout(out) => out.flush(),
             Sink::File { file, .. } => lock(file).open().map(|_| ()),
-            Sink::Fhir(f) => f.post(
-                rt,
-                br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_vec(),
-                0,
-            ),
+            Sink::Fhir(f) => f.probe(rt),
         }
     }
 
