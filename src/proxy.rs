@@ -229,6 +229,8 @@ pub struct Ctx {
     query_names: Vec<String>,
     /// Writes the decision left to prove against the upstream.
     proofs: Option<Proofs>,
+    /// SHA-256 of a token that failed validation (for the audit).
+    refused_token_hash: Option<[u8; 32]>,
     /// Id of the request's audit record (its decision record adds `-d`).
     record_id: String,
     /// Time spent validating the token.
@@ -1249,6 +1251,12 @@ impl Gateway {
             Err(_) => "opaque",
         };
         self.metrics.validation(kind, took.as_secs_f64());
+        if v.is_err() {
+            // A refused token is audited by its hash too: repeated attacks
+            // with one token can then be told apart.
+            use sha2::Digest;
+            ctx.refused_token_hash = Some(sha2::Sha256::digest(token.as_bytes()).into());
+        }
         let v = v.map_err(|e| {
             match token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)) {
                 Denial::InvalidToken { code, description } if dpop_scheme => Denial::InvalidDpop {
@@ -1606,7 +1614,12 @@ impl Gateway {
             sub: claims.and_then(|c| c.sub.as_deref()),
             fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
             patient: claims.and_then(|c| c.patient.as_deref()),
-            token_sha256: ctx.token.as_ref().map(|t| hex(&t.hash)),
+            token_sha256: ctx
+                .token
+                .as_ref()
+                .map(|t| t.hash)
+                .or(ctx.refused_token_hash)
+                .map(|h| hex(&h)),
             token_kind: ctx.token.as_ref().map(|t| t.kind),
             token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
             binding: ctx.binding,
@@ -1664,6 +1677,7 @@ impl ProxyHttp for Gateway {
             query_names: Vec::new(),
             record_id: crate::audit::new_id(),
             proofs: None,
+            refused_token_hash: None,
             method: None,
             audit: Some(self.audit.clone()),
             validation: None,

@@ -610,6 +610,22 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
     assert_eq!(rec["stage"], "decide");
     assert_eq!(rec["status"], 403);
     assert!(rec.get("upstream_status").is_none());
+    // A refused token is recorded by its hash as well, never itself.
+    let forged = format!("{token}AA");
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &forged, "fields-3").await;
+    assert_eq!(r.status(), 401);
+    let rec = gw.audit_for("fields-3");
+    use sha2::Digest;
+    let want: String = sha2::Sha256::digest(forged.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(rec["token_sha256"], want);
+    assert_eq!(rec["stage"], "validate");
+    assert!(!std::fs::read_to_string(&gw.audit_path)
+        .unwrap()
+        .contains(&forged));
+
     let decisions: Vec<Value> = records(&gw.audit_path)
         .into_iter()
         .filter(|r| r["event"] == "decision")
