@@ -243,15 +243,18 @@ pub struct Ctx {
     method: Option<http::Method>,
     /// Set once the request record is written; until then, dropping the
     /// context (a task Pingora abandoned at shutdown, a panic) writes a
-    /// record of what is known.
-    audit: Option<AuditLog>,
+    /// record of what is known, and counts the request.
+    audit: Option<(AuditLog, Arc<Metrics>)>,
 }
 
 impl Drop for Ctx {
     fn drop(&mut self) {
-        let Some(audit) = self.audit.take() else {
+        let Some((audit, metrics)) = self.audit.take() else {
             return;
         };
+        let interaction = self.fhir.as_ref().map(|f| f.interaction);
+        let seconds = self.started.elapsed().as_secs_f64();
+        metrics.request("error", interaction, "abandoned", seconds);
         let claims = self.token.as_ref().map(|t| &t.claims);
         let fhir = self.fhir.as_ref();
         let record = Record {
@@ -1679,7 +1682,7 @@ impl ProxyHttp for Gateway {
             proofs: None,
             refused_token_hash: None,
             method: None,
-            audit: Some(self.audit.clone()),
+            audit: Some((self.audit.clone(), self.metrics.clone())),
             validation: None,
             upstream_started: None,
             upstream_time: None,
