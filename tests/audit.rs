@@ -182,6 +182,10 @@ struct AuditServer {
     down: AtomicBool,
     /// Answer an empty batch with 400, as strict servers do.
     reject_empty: AtomicBool,
+    /// Non-empty Bundles still accepted before answering 503 (-1: all).
+    budget: std::sync::atomic::AtomicIsize,
+    /// PUTs received, by AuditEvent id.
+    puts: Mutex<BTreeMap<String, usize>>,
 }
 
 async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::response::Response {
@@ -189,8 +193,18 @@ async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::r
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let b: Value = serde_json::from_str(&body).unwrap();
-    if s.reject_empty.load(Ordering::SeqCst) && b["entry"].as_array().unwrap().is_empty() {
+    let empty = b["entry"].as_array().unwrap().is_empty();
+    if s.reject_empty.load(Ordering::SeqCst) && empty {
         return StatusCode::BAD_REQUEST.into_response();
+    }
+    if !empty {
+        let left = s.budget.load(Ordering::SeqCst);
+        if left == 0 {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        if left > 0 {
+            s.budget.fetch_sub(1, Ordering::SeqCst);
+        }
     }
     assert_eq!(b["resourceType"], "Bundle");
     assert_eq!(b["type"], "batch");
@@ -205,6 +219,7 @@ async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::r
             .lock()
             .unwrap()
             .insert(id.to_string(), e["resource"].clone());
+        *s.puts.lock().unwrap().entry(id.to_string()).or_default() += 1;
         answers.push(json!({"response": {"status": "201 Created"}}));
     }
     s.bundles.fetch_add(1, Ordering::SeqCst);
@@ -222,6 +237,8 @@ impl AuditServer {
             bundles: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             reject_empty: AtomicBool::new(false),
+            budget: std::sync::atomic::AtomicIsize::new(-1),
+            puts: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -871,4 +888,40 @@ async fn an_endpoint_that_refuses_empty_bundles_still_makes_the_gateway_ready() 
         sink.request_ids("request").contains("strict-1")
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_sent_in_chunks_is_not_sent_twice_after_a_partial_failure() {
+    let sink = AuditServer::new();
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  retry_ms: 300\n  fhir:\n    endpoint: http://{addr}/fhir\n    batch_max: 1\n"
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    // The endpoint refuses everything: requests are refused, their request
+    // records are held.
+    sink.budget.store(0, Ordering::SeqCst);
+    for n in 0..4 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("chunk-{n}")).await;
+        assert_eq!(r.status(), 503);
+    }
+    // It takes two one-event Bundles, then fails again; later all.
+    sink.budget.store(2, Ordering::SeqCst);
+    wait_until("two chunks taken", 10, async || {
+        sink.budget.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    sink.budget.store(-1, Ordering::SeqCst);
+    let want: BTreeSet<String> = (0..4).map(|n| format!("chunk-{n}")).collect();
+    wait_until("every held record", 10, async || {
+        want.is_subset(&sink.request_ids("request"))
+    })
+    .await;
+    let puts = sink.puts.lock().unwrap();
+    let twice: Vec<_> = puts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "sent again: {twice:?}");
 }
