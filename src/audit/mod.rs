@@ -178,6 +178,9 @@ struct Shared {
     direct: Option<Arc<Mutex<writer::AppendFile>>>,
     /// A request appended a record the writer has not fsynced.
     dirty: AtomicBool,
+    /// When the writer took the batch it is writing (ms since the Unix
+    /// epoch; 0 while it waits for records).
+    busy_since_ms: std::sync::atomic::AtomicU64,
     /// How long a request waits for its decision record before it is
     /// refused (a writer stuck on a hung disk or endpoint).
     deadline: std::time::Duration,
@@ -224,6 +227,7 @@ impl AuditLog {
             primary_up: AtomicBool::new(false),
             direct,
             dirty: AtomicBool::new(false),
+            busy_since_ms: std::sync::atomic::AtomicU64::new(0),
             deadline: match &cfg.sink {
                 AuditSink::Fhir { timeout, .. } => *timeout * 2 + std::time::Duration::from_secs(1),
                 _ => std::time::Duration::from_secs(5),
@@ -243,7 +247,15 @@ impl AuditLog {
 
     /// Whether records can currently be written (for `/readyz`).
     pub fn ready(&self) -> bool {
-        self.shared.accepting.load(Ordering::Acquire)
+        self.shared.accepting.load(Ordering::Acquire) && !self.stuck()
+    }
+
+    /// The writer has been on one batch for longer than a request waits
+    /// for its decision record: it hangs (a disk, mount or endpoint that
+    /// does not answer).
+    fn stuck(&self) -> bool {
+        let since = self.shared.busy_since_ms.load(Ordering::Acquire);
+        since != 0 && epoch_ms().saturating_sub(since) > self.shared.deadline.as_millis() as u64
     }
 
     /// Records waiting for the writer.
@@ -420,6 +432,13 @@ pub fn scrub(detail: &str) -> String {
         }
     }
     out
+}
+
+/// Milliseconds since the Unix epoch.
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A fresh random record id.

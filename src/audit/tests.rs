@@ -65,3 +65,22 @@ fn scrub_keeps_names_and_drops_values() {
     );
     assert_eq!(scrub("a = b, x="), "a = b, x=");
 }
+
+#[test]
+fn a_writer_stuck_on_one_batch_makes_the_log_unready() {
+    let log = AuditLog::open(&Audit::stdout(), event::Site::default(), metrics()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !log.ready() {
+        assert!(std::time::Instant::now() < deadline, "stdout sink never ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Busy on a batch for less than the deadline: still ready.
+    let busy = &log.shared.busy_since_ms;
+    busy.store(epoch_ms() - 1_000, Ordering::Release);
+    assert!(log.ready());
+    // Longer than a request would wait for its decision record: not ready.
+    busy.store(epoch_ms() - 6_000, Ordering::Release);
+    assert!(!log.ready());
+    busy.store(0, Ordering::Release);
+    assert!(log.ready());
+}

@@ -526,7 +526,10 @@ impl Writer {
             }
             let taken = batch.len();
             let waited_on = batch.iter().any(|p| p.ack.is_some()) || !flushes.is_empty();
+            let busy = &self.shared.busy_since_ms;
+            busy.store(super::epoch_ms(), Ordering::Release);
             self.write_batch(std::mem::take(&mut batch), !flushes.is_empty());
+            self.shared.busy_since_ms.store(0, Ordering::Release);
             for ack in flushes.drain(..) {
                 let _ = ack.send(());
             }
