@@ -71,7 +71,10 @@ fn a_writer_stuck_on_one_batch_makes_the_log_unready() {
     let log = AuditLog::open(&Audit::stdout(), event::Site::default(), metrics()).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !log.ready() {
-        assert!(std::time::Instant::now() < deadline, "stdout sink never ready");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stdout sink never ready"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     // Busy on a batch for less than the deadline: still ready.
