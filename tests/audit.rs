@@ -733,7 +733,11 @@ async fn the_audit_file_rotates_by_age() {
             .any(|r| r["request_id"] == "age-1" && r["event"] == "request")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Rotated by age with no further traffic.
+    wait_until("age-1 rotated away without traffic", 5, async || {
+        !records(&current).iter().any(|r| r["request_id"] == "age-1")
+    })
+    .await;
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "age-2").await;
     assert_eq!(r.status(), 200);
     wait_until("the second record", 5, async || {

@@ -565,16 +565,27 @@ impl Writer {
             (Fsync::Interval(every), None) if self.shared.direct.is_some() => Some(every),
             _ => None,
         };
-        match (retry, sync) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A file rotated by age is looked at even when no record comes.
+        let age = match &self.sink {
+            Sink::File {
+                max_age: Some(age), ..
+            } => Some((*age).min(Duration::from_secs(60))),
+            _ => None,
+        };
+        [retry, sync, age].into_iter().flatten().min()
     }
 
     /// Nothing arrived in time: retry a failed sink, fsync what is dirty.
     fn tick(&mut self) {
         if self.down_until.is_some_and(|t| Instant::now() >= t) {
             self.write_batch(Vec::new(), false);
+        }
+        if self.down_until.is_none() {
+            match self.sink.rotate_if_due() {
+                Ok(true) => self.shared.metrics.rotations.inc(),
+                Ok(false) => {}
+                Err(e) => self.failed(&e),
+            }
         }
         if self.shared.dirty.swap(false, Ordering::AcqRel) {
             self.dirty_since.get_or_insert_with(Instant::now);
