@@ -206,34 +206,21 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         }
     }
     let scopes: Vec<String> = c.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
-    let mut requests = vec![(&fhir, rel.clone())];
-    for entry in &fhir.entries {
-        let p = format!(
-            "{}{}",
-            entry.resource_type.as_deref().unwrap_or(""),
-            entry
-                .id
-                .as_deref()
-                .map(|i| format!("/{i}"))
-                .unwrap_or_default()
-        );
-        requests.push((entry, p));
-    }
-    for (r, p) in requests {
-        let v = s.policies.evaluate(&PolicyInput {
-            issuer: &c.issuer_name,
-            client_id: c.client_id.as_deref(),
-            claims: &c.raw,
-            scopes: &scopes,
-            interaction: r.interaction.as_str(),
-            resource_type: r.resource_type.as_deref(),
-            operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
-            path: &p,
-            source: req.source,
-            binding: &req.binding,
-            now,
-            break_glass: req.break_glass.as_deref(),
-        });
+    let base = PolicyInput {
+        issuer: &c.issuer_name,
+        client_id: c.client_id.as_deref(),
+        claims: &c.raw,
+        scopes: &scopes,
+        interaction: "",
+        resource_type: None,
+        operation: None,
+        path: "",
+        source: req.source,
+        binding: &req.binding,
+        now,
+        break_glass: req.break_glass.as_deref(),
+    };
+    for v in s.policies.evaluate_each(&base, &fhir, &rel) {
         match v {
             Verdict::Deny { by, reason } => {
                 e.rule = Some(by);

@@ -157,7 +157,7 @@ pub struct PolicySet {
 }
 
 /// What is known of a request when policies are evaluated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct PolicyInput<'a> {
     pub issuer: &'a str,
     pub client_id: Option<&'a str>,
@@ -375,6 +375,36 @@ impl PolicySet {
     }
 
     /// The verdict for `input`.
+    /// Verdicts for a request and for each of its Bundle entries, in that
+    /// order: `base` with the interaction, type, operation and path of
+    /// each (`rel` is the request's path below the FHIR base).
+    pub fn evaluate_each(
+        &self,
+        base: &PolicyInput,
+        fhir: &crate::fhir::classify::FhirRequest,
+        rel: &str,
+    ) -> Vec<Verdict> {
+        let one = |r: &crate::fhir::classify::FhirRequest, path: &str| {
+            self.evaluate(&PolicyInput {
+                interaction: r.interaction.as_str(),
+                resource_type: r.resource_type.as_deref(),
+                operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
+                path,
+                ..*base
+            })
+        };
+        let mut out = vec![one(fhir, rel)];
+        for e in &fhir.entries {
+            let path = match (&e.resource_type, &e.id) {
+                (Some(t), Some(id)) => format!("{t}/{id}"),
+                (Some(t), None) => t.clone(),
+                _ => String::new(),
+            };
+            out.push(one(e, &path));
+        }
+        out
+    }
+
     pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
         let mut limits = Vec::new();
         let mut broke_glass = Vec::new();

@@ -1386,31 +1386,21 @@ impl Gateway {
             let binding = ctx.binding.unwrap_or("bearer");
             let now = now_unix();
             let break_glass = self.break_glass_reason(&rules.break_glass, session, &claims, now);
-            let one = |r: &FhirRequest, path: &str| {
-                rules.policies.evaluate(&PolicyInput {
-                    issuer: &claims.issuer_name,
-                    client_id: claims.client_id.as_deref(),
-                    claims: &claims.raw,
-                    scopes: &scopes,
-                    interaction: r.interaction.as_str(),
-                    resource_type: r.resource_type.as_deref(),
-                    operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
-                    path,
-                    source,
-                    binding,
-                    now,
-                    break_glass: break_glass.as_deref(),
-                })
+            let base = PolicyInput {
+                issuer: &claims.issuer_name,
+                client_id: claims.client_id.as_deref(),
+                claims: &claims.raw,
+                scopes: &scopes,
+                interaction: "",
+                resource_type: None,
+                operation: None,
+                path: "",
+                source,
+                binding,
+                now,
+                break_glass: break_glass.as_deref(),
             };
-            let mut verdicts = vec![one(fhir, &rel)];
-            for e in &fhir.entries {
-                let path = match (&e.resource_type, &e.id) {
-                    (Some(t), Some(id)) => format!("{t}/{id}"),
-                    (Some(t), None) => t.clone(),
-                    _ => String::new(),
-                };
-                verdicts.push(one(e, &path));
-            }
+            let verdicts = rules.policies.evaluate_each(&base, fhir, &rel);
             let mut limits = Vec::new();
             for v in verdicts {
                 match v {
