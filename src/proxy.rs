@@ -255,35 +255,12 @@ impl Drop for Ctx {
         let interaction = self.fhir.as_ref().map(|f| f.interaction);
         let seconds = self.started.elapsed().as_secs_f64();
         metrics.request("error", interaction, "abandoned", seconds);
-        let claims = self.token.as_ref().map(|t| &t.claims);
-        let fhir = self.fhir.as_ref();
         let record = Record {
-            event: Event::Request,
-            id: self.record_id.clone(),
-            time: rfc3339(self.time),
-            request_id: &self.request_id,
-            method: self.method.as_ref().map_or("", |m| m.as_str()),
-            path: self.rel_path.as_deref().unwrap_or(""),
-            query_params: &self.query_names,
-            issuer: claims.map(|c| c.issuer_name.as_str()),
-            client_id: claims.and_then(|c| c.client_id.as_deref()),
-            sub: claims.and_then(|c| c.sub.as_deref()),
-            fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
-            patient: claims.and_then(|c| c.patient.as_deref()),
-            token_sha256: self.token.as_ref().map(|t| hex(&t.hash)),
-            token_kind: self.token.as_ref().map(|t| t.kind),
-            binding: self.binding,
-            scopes_used: &self.scopes_used,
-            interaction: fhir.map(|f| f.interaction.as_str()),
-            resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
-            resource_id: fhir.and_then(|f| f.id.as_deref()),
             decision: "error",
             reason: "abandoned",
             stage: "proxy",
             detail: Some("the request ended without finishing (shutdown or internal error)".into()),
-            upstream_status: self.upstream_status,
-            latency_ms: millis(self.started.elapsed()),
-            ..Record::default()
+            ..self.record(Event::Request)
         };
         audit.record_now(&record);
     }
@@ -1580,65 +1557,81 @@ impl Gateway {
     /// The audit record of a request: its decision record (written before
     /// it goes upstream) or its request record (when it ends).
     fn record<'a>(&self, session: &'a Session, ctx: &'a Ctx, event: Event) -> Record<'a> {
-        let (decision, reason, detail) = Self::outcome(ctx);
         let req = session.req_header();
-        let claims = ctx.token.as_ref().map(|t| &t.claims);
         let path = req.uri.path();
-        let fhir = ctx.fhir.as_ref();
         let done = event == Event::Request;
         let status = session.response_written().map(|r| r.status.as_u16());
         Record {
-            event,
-            id: match event {
-                Event::Request => ctx.record_id.clone(),
-                Event::Decision => format!("{}-d", ctx.record_id),
-            },
-            time: rfc3339(ctx.time),
-            request_id: &ctx.request_id,
             source: session
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip().to_string()),
             method: req.method.as_str(),
             path: path.get(..512).unwrap_or(path),
-            query_params: &ctx.query_names,
+            status: done.then(|| status.unwrap_or(0)),
+            request_bytes: done.then(|| session.body_bytes_read() as u64),
+            response_bytes: done.then(|| session.body_bytes_sent() as u64),
+            ..ctx.record(event)
+        }
+    }
+}
+
+impl Ctx {
+    /// The audit record of what this context knows (all but what only the
+    /// session knows: source, method, path, status, bytes).
+    fn record(&self, event: Event) -> Record<'_> {
+        let (decision, reason, detail) = Gateway::outcome(self);
+        let claims = self.token.as_ref().map(|t| &t.claims);
+        let fhir = self.fhir.as_ref();
+        Record {
+            event,
+            id: match event {
+                Event::Request => self.record_id.clone(),
+                Event::Decision => format!("{}-d", self.record_id),
+            },
+            time: rfc3339(self.time),
+            request_id: &self.request_id,
+            source: None,
+            method: self.method.as_ref().map_or("", |m| m.as_str()),
+            path: self.rel_path.as_deref().unwrap_or(""),
+            query_params: &self.query_names,
             issuer: claims.map(|c| c.issuer_name.as_str()),
             client_id: claims.and_then(|c| c.client_id.as_deref()),
             sub: claims.and_then(|c| c.sub.as_deref()),
             fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
             patient: claims.and_then(|c| c.patient.as_deref()),
-            token_sha256: ctx
+            token_sha256: self
                 .token
                 .as_ref()
                 .map(|t| t.hash)
-                .or(ctx.refused_token_hash)
+                .or(self.refused_token_hash)
                 .map(|h| hex(&h)),
-            token_kind: ctx.token.as_ref().map(|t| t.kind),
-            token_cache_hit: ctx.token.as_ref().map(|t| t.cache_hit),
-            binding: ctx.binding,
-            scopes_used: &ctx.scopes_used,
+            token_kind: self.token.as_ref().map(|t| t.kind),
+            token_cache_hit: self.token.as_ref().map(|t| t.cache_hit),
+            binding: self.binding,
+            scopes_used: &self.scopes_used,
             interaction: fhir.map(|f| f.interaction.as_str()),
             resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
             resource_id: fhir.and_then(|f| f.id.as_deref()),
             operation: fhir.and_then(|f| f.operation.as_ref().map(|(n, _)| n.as_str())),
             decision,
             reason,
-            stage: if ctx.policy_rule.is_some() && decision == "allow" {
+            stage: if self.policy_rule.is_some() && decision == "allow" {
                 "policy"
             } else {
                 stage_of(reason)
             },
-            policy_rule: ctx.policy_rule.as_deref(),
+            policy_rule: self.policy_rule.as_deref(),
             detail: detail.map(|d| crate::audit::scrub(&d)),
-            break_glass_rules: &ctx.broke_glass,
-            break_glass_reason: ctx.break_glass_reason.as_deref(),
-            status: done.then(|| status.unwrap_or(0)),
-            upstream_status: ctx.upstream_status,
-            request_bytes: done.then(|| session.body_bytes_read() as u64),
-            response_bytes: done.then(|| session.body_bytes_sent() as u64),
-            latency_ms: millis(ctx.started.elapsed()),
-            upstream_ms: ctx.upstream_time.map(millis),
-            validation_ms: ctx.validation.map(millis),
+            break_glass_rules: &self.broke_glass,
+            break_glass_reason: self.break_glass_reason.as_deref(),
+            status: None,
+            upstream_status: self.upstream_status,
+            request_bytes: None,
+            response_bytes: None,
+            latency_ms: millis(self.started.elapsed()),
+            upstream_ms: self.upstream_time.map(millis),
+            validation_ms: self.validation.map(millis),
         }
     }
 }
