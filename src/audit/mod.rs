@@ -167,11 +167,10 @@ struct Shared {
     format: AuditFormat,
     site: event::Site,
     before_upstream: bool,
-    /// Records can currently be made durable (the sink works, or the spill
-    /// file does).
-    accepting: AtomicBool,
     /// The sink itself took its last write.
     primary_up: AtomicBool,
+    /// A spill file is configured and took its last write.
+    spill_ok: AtomicBool,
     /// The audit file, when decision records are appended to it by the
     /// request's own thread (a file sink without `fsync: batch`): written
     /// to the kernel before the upstream sees the request, no hand-off.
@@ -223,8 +222,8 @@ impl AuditLog {
             format: cfg.format,
             site,
             before_upstream: cfg.record_before_upstream,
-            accepting: AtomicBool::new(false),
             primary_up: AtomicBool::new(false),
+            spill_ok: AtomicBool::new(false),
             direct,
             dirty: AtomicBool::new(false),
             busy_since_ms: std::sync::atomic::AtomicU64::new(0),
@@ -247,7 +246,10 @@ impl AuditLog {
 
     /// Whether records can currently be written (for `/readyz`).
     pub fn ready(&self) -> bool {
-        self.shared.accepting.load(Ordering::Acquire) && !self.stuck()
+        // Records can be made durable: the sink works, or the spill file.
+        let accepting = self.shared.primary_up.load(Ordering::Acquire)
+            || self.shared.spill_ok.load(Ordering::Acquire);
+        accepting && !self.stuck()
     }
 
     /// The writer has been on one batch for longer than a request waits
@@ -364,7 +366,7 @@ impl AuditLog {
         let Some(spill) = &self.shared.spill else {
             return Err(p);
         };
-        let mut file = spill.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = writer::lock(spill);
         match file.append(&[&p]) {
             Ok(()) => {
                 self.shared.metrics.written_spill.inc();

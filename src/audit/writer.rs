@@ -418,8 +418,6 @@ struct Writer {
     down_until: Option<Instant>,
     /// Written but not yet fsynced (`fsync: interval`).
     dirty_since: Option<Instant>,
-    /// The spill file took its last write.
-    spill_ok: bool,
     last_error_log: Option<Instant>,
 }
 
@@ -471,9 +469,10 @@ pub(super) fn start(
                 held: VecDeque::new(),
                 down_until: None,
                 dirty_since: None,
-                spill_ok: true,
                 last_error_log: None,
             };
+            let spill = w.shared.spill.is_some();
+            w.shared.spill_ok.store(spill, Ordering::Release);
             match up {
                 Ok(()) => w.set_up(true),
                 Err(e) => w.failed(&e),
@@ -486,8 +485,8 @@ pub(super) fn start(
 impl Drop for Writer {
     fn drop(&mut self) {
         // Stopped (or panicked): nothing more can be recorded.
-        self.shared.accepting.store(false, Ordering::Release);
         self.shared.primary_up.store(false, Ordering::Release);
+        self.shared.spill_ok.store(false, Ordering::Release);
         self.shared.metrics.sink_up.set(0);
     }
 }
@@ -551,11 +550,8 @@ impl Writer {
     /// When the loop must wake without a message: to retry the sink or to
     /// fsync written records.
     fn next_wakeup(&mut self) -> Option<Duration> {
+        self.absorb_dirty();
         let now = Instant::now();
-        if self.shared.dirty.swap(false, Ordering::AcqRel) {
-            // Requests appended decision records themselves.
-            self.dirty_since.get_or_insert(now);
-        }
         let retry = self.down_until.map(|t| t.saturating_duration_since(now));
         let sync = match (self.fsync, self.dirty_since) {
             (Fsync::Interval(every), Some(since)) => {
@@ -581,22 +577,42 @@ impl Writer {
             self.write_batch(Vec::new(), false);
         }
         if self.down_until.is_none() {
-            match self.sink.rotate_if_due() {
-                Ok(true) => self.shared.metrics.rotations.inc(),
-                Ok(false) => {}
-                Err(e) => self.failed(&e),
+            self.rotate();
+        }
+        self.absorb_dirty();
+        if self.down_until.is_none() {
+            if let Err(e) = self.sync_if_due() {
+                self.failed(&e);
             }
         }
+    }
+
+    /// Requests appended decision records themselves: they are dirty.
+    fn absorb_dirty(&mut self) {
         if self.shared.dirty.swap(false, Ordering::AcqRel) {
             self.dirty_since.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// With `fsync: interval`, fsyncs what was written once the interval
+    /// since the first unsynced write is over.
+    fn sync_if_due(&mut self) -> io::Result<()> {
         if let (Fsync::Interval(every), Some(since)) = (self.fsync, self.dirty_since) {
-            if since.elapsed() >= every && self.down_until.is_none() {
-                match self.sink.sync() {
-                    Ok(()) => self.dirty_since = None,
-                    Err(e) => self.failed(&e),
-                }
+            if since.elapsed() >= every {
+                self.sink.sync()?;
+                self.dirty_since = None;
             }
+        }
+        Ok(())
+    }
+
+    /// Rotates the file if it is due, counting it; a failure marks the
+    /// sink down.
+    fn rotate(&mut self) {
+        match self.sink.rotate_if_due() {
+            Ok(true) => self.shared.metrics.rotations.inc(),
+            Ok(false) => {}
+            Err(e) => self.failed(&e),
         }
     }
 
@@ -609,10 +625,6 @@ impl Writer {
         }
         self.shared.metrics.sink_up.set(i64::from(up));
         self.shared.primary_up.store(up, Ordering::Release);
-        let spill_ok = self.shared.spill.is_some() && self.spill_ok;
-        self.shared
-            .accepting
-            .store(up || spill_ok, Ordering::Release);
     }
 
     /// Counts and logs a sink failure and schedules the next attempt.
@@ -641,11 +653,7 @@ impl Writer {
     fn write_batch(&mut self, batch: Vec<Pending>, flushing: bool) {
         let due = flushing || self.down_until.is_none_or(|t| Instant::now() >= t);
         if due {
-            match self.sink.rotate_if_due() {
-                Ok(true) => self.shared.metrics.rotations.inc(),
-                Ok(false) => {}
-                Err(e) => self.failed(&e),
-            }
+            self.rotate();
         }
         let due = flushing || self.down_until.is_none_or(|t| Instant::now() >= t);
         // A flush (shutdown) makes everything durable, whatever the policy.
@@ -664,30 +672,19 @@ impl Writer {
             match result {
                 Ok(()) => {
                     self.shared.metrics.written_primary.inc_by(all.len() as u64);
-                    if !all.is_empty() {
-                        if let Fsync::Interval(every) = self.fsync {
-                            // Under steady traffic the timed wake-up never
-                            // comes: fsync here once the interval is over.
-                            let since = *self.dirty_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= every {
-                                match self.sink.sync() {
-                                    Ok(()) => self.dirty_since = None,
-                                    Err(e) => {
-                                        self.failed(&e);
-                                        self.fallback(batch, flushing);
-                                        return;
-                                    }
-                                }
-                            }
+                    if !all.is_empty() && matches!(self.fsync, Fsync::Interval(_)) {
+                        // Under steady traffic the timed wake-up never
+                        // comes: fsync here once the interval is over.
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                        if let Err(e) = self.sync_if_due() {
+                            self.failed(&e);
+                            self.fallback(batch, flushing);
+                            return;
                         }
                     }
                     self.held.clear();
                     self.set_up(true);
-                    for p in batch {
-                        if let Some(ack) = p.ack {
-                            let _ = ack.send(true);
-                        }
-                    }
+                    ack_all(batch, true);
                     return;
                 }
                 Err((done, e)) => {
@@ -698,11 +695,7 @@ impl Writer {
                     self.held.drain(..from_held);
                     let rest = batch.split_off(done - from_held);
                     self.shared.metrics.written_primary.inc_by(done as u64);
-                    for p in batch {
-                        if let Some(ack) = p.ack {
-                            let _ = ack.send(true);
-                        }
-                    }
+                    ack_all(batch, true);
                     self.failed(&e);
                     self.fallback(rest, flushing);
                     return;
@@ -716,26 +709,20 @@ impl Writer {
     /// refuse the waiting requests).
     fn fallback(&mut self, batch: Vec<Pending>, flushing: bool) {
         if let Some(spill) = &self.shared.spill {
-            let mut file = spill.lock().unwrap_or_else(|e| e.into_inner());
+            let mut file = lock(spill);
             let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
             match file.append(&all) {
                 Ok(()) => {
                     self.shared.metrics.written_spill.inc_by(all.len() as u64);
                     drop(file);
                     self.held.clear();
-                    self.spill_ok = true;
-                    self.shared.accepting.store(true, Ordering::Release);
-                    for p in batch {
-                        if let Some(ack) = p.ack {
-                            let _ = ack.send(true);
-                        }
-                    }
+                    self.shared.spill_ok.store(true, Ordering::Release);
+                    ack_all(batch, true);
                     return;
                 }
                 Err(e) => {
                     self.shared.metrics.failures_spill.inc();
-                    self.spill_ok = false;
-                    self.shared.accepting.store(false, Ordering::Release);
+                    self.shared.spill_ok.store(false, Ordering::Release);
                     tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written either; new requests are refused");
                 }
             }
@@ -759,6 +746,15 @@ impl Writer {
                 lost = excess,
                 "audit records could not be written anywhere and were dropped"
             );
+        }
+    }
+}
+
+/// Tells the requests waiting for these records whether they were written.
+fn ack_all(batch: Vec<Pending>, written: bool) {
+    for p in batch {
+        if let Some(ack) = p.ack {
+            let _ = ack.send(written);
         }
     }
 }
