@@ -324,40 +324,45 @@ impl AuditLog {
     /// Queues a request's record. A full queue makes the caller wait for
     /// the writer (or spill at once, with `on_failure: spill`).
     pub async fn record(&self, record: &Record<'_>) {
-        let pending = self.encode(record);
-        let p = match self.tx.try_send(Msg::Record(pending)) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(Msg::Record(p))) => p,
-            Err(mpsc::error::TrySendError::Closed(Msg::Record(p))) => {
-                self.lost(p);
-                return;
+        if let Some(p) = self.queue_now(record) {
+            if let Err(mpsc::error::SendError(Msg::Record(p))) = self.tx.send(Msg::Record(p)).await
+            {
+                self.spill_or_lose(p);
             }
-            Err(_) => unreachable!("only records are sent here"),
-        };
-        if self.shared.spill.is_some() {
-            if let Err(p) = self.spill_now(p) {
-                self.lost(p);
-            }
-            return;
-        }
-        if let Err(mpsc::error::SendError(Msg::Record(p))) = self.tx.send(Msg::Record(p)).await {
-            self.lost(p);
         }
     }
 
     /// Queues a record without waiting (from a destructor): a full queue
     /// spills it or counts it as lost.
     pub fn record_now(&self, record: &Record<'_>) {
-        let pending = self.encode(record);
-        match self.tx.try_send(Msg::Record(pending)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Msg::Record(p)))
-            | Err(mpsc::error::TrySendError::Closed(Msg::Record(p))) => {
-                if let Err(p) = self.spill_now(p) {
-                    self.lost(p);
-                }
+        if let Some(p) = self.queue_now(record) {
+            self.spill_or_lose(p);
+        }
+    }
+
+    /// Queues a record if there is room. When there is none it is spilled
+    /// (with a spill file) or handed back to wait for room; when the writer
+    /// is gone it is spilled or counted as lost.
+    fn queue_now(&self, record: &Record<'_>) -> Option<Pending> {
+        match self.tx.try_send(Msg::Record(self.encode(record))) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(Msg::Record(p))) if self.shared.spill.is_none() => {
+                Some(p)
+            }
+            Err(
+                mpsc::error::TrySendError::Full(Msg::Record(p))
+                | mpsc::error::TrySendError::Closed(Msg::Record(p)),
+            ) => {
+                self.spill_or_lose(p);
+                None
             }
             Err(_) => unreachable!("only records are sent here"),
+        }
+    }
+
+    fn spill_or_lose(&self, p: Pending) {
+        if let Err(p) = self.spill_now(p) {
+            self.lost(p);
         }
     }
 
