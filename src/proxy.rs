@@ -1227,15 +1227,13 @@ impl Gateway {
         ctx.validation = Some(took);
         let kind = match &v {
             Ok(v) => v.kind,
-            Err(_) if token.bytes().filter(|b| *b == b'.').count() == 2 => "jwt",
-            Err(_) => "opaque",
+            Err(_) => crate::token::token_kind(&token),
         };
         self.metrics.validation(kind, took.as_secs_f64());
         if v.is_err() {
             // A refused token is audited by its hash too: repeated attacks
             // with one token can then be told apart.
-            use sha2::Digest;
-            ctx.refused_token_hash = Some(sha2::Sha256::digest(token.as_bytes()).into());
+            ctx.refused_token_hash = Some(crate::token::token_hash(&token));
         }
         let v = v.map_err(|e| {
             match token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)) {
@@ -1498,10 +1496,9 @@ fn audit_param_names(params: &[(String, String)]) -> Vec<String> {
 /// The pipeline stage a reason code comes from.
 fn stage_of(reason: &str) -> &'static str {
     match reason {
-        "allowed" => "decide",
+        "allowed" | "insufficient_scope" => "decide",
         "public" | "not_found" | "bad_path" | "method_not_allowed" => "route",
         "no_token" | "token_too_long" | "credentials_refused" => "extract",
-        "insufficient_scope" => "decide",
         "policy_denied" | "rate_limited" => "policy",
         "outside_compartment"
         | "outside_scope_filter"
@@ -1510,8 +1507,7 @@ fn stage_of(reason: &str) -> &'static str {
         | "upstream_answer_too_large" => "check",
         "fhir_malformed" | "body_too_large" => "classify",
         "audit_unavailable" => "audit",
-        "client_closed" => "proxy",
-        r if r.starts_with("upstream_") => "proxy",
+        r if r == "client_closed" || r.starts_with("upstream_") => "proxy",
         r if r.starts_with("dpop_")
             || r.starts_with("mtls_")
             || matches!(r, "binding_required" | "token_binding_unsupported") =>
@@ -1526,10 +1522,10 @@ fn millis(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-impl Gateway {
+impl Ctx {
     /// The decision, reason code and detail a request ended with.
-    fn outcome(ctx: &Ctx) -> (&'static str, &'static str, Option<String>) {
-        match &ctx.denial {
+    fn outcome(&self) -> (&'static str, &'static str, Option<String>) {
+        match &self.denial {
             Some(d @ Denial::Upstream { .. }) => ("error", d.code(), Some(d.description())),
             Some(d @ Denial::Unavailable { .. }) => ("error", d.code(), Some(d.description())),
             // Allowed, and the upstream did not have it.
@@ -1549,11 +1545,13 @@ impl Gateway {
                 }),
             ),
             Some(d) => ("deny", d.code(), Some(d.description())),
-            None if ctx.public => ("allow", "public", None),
+            None if self.public => ("allow", "public", None),
             None => ("allow", "allowed", None),
         }
     }
+}
 
+impl Gateway {
     /// The audit record of a request: its decision record (written before
     /// it goes upstream) or its request record (when it ends).
     fn record<'a>(&self, session: &'a Session, ctx: &'a Ctx, event: Event) -> Record<'a> {
@@ -1580,7 +1578,7 @@ impl Ctx {
     /// The audit record of what this context knows (all but what only the
     /// session knows: source, method, path, status, bytes).
     fn record(&self, event: Event) -> Record<'_> {
-        let (decision, reason, detail) = Gateway::outcome(self);
+        let (decision, reason, detail) = self.outcome();
         let claims = self.token.as_ref().map(|t| &t.claims);
         let fhir = self.fhir.as_ref();
         Record {

@@ -345,6 +345,16 @@ pub struct Claims {
     pub raw: Value,
 }
 
+/// `jwt` for a token of three dot-separated parts, else `opaque` (for
+/// introspection).
+pub fn token_kind(token: &str) -> &'static str {
+    if token.split('.').count() == 3 {
+        "jwt"
+    } else {
+        "opaque"
+    }
+}
+
 /// Hex SHA-256 of a token: the only form of a token that is ever stored or audited.
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::cache::TokenCache;
 use super::introspect::{CallRecord, Introspector};
 use super::jwks::JwksStore;
-use super::{inspect, token_hash, verify, Claims, TokenError};
+use super::{inspect, token_hash, token_kind, verify, Claims, TokenError};
 use crate::config::Settings;
 
 /// Validates access tokens for the configured issuers.
@@ -66,8 +66,7 @@ impl Validator {
             return Err(TokenError::TooLong(self.max_bytes));
         }
         let hash = token_hash(token);
-        // Not three dot-separated parts: an opaque token, for introspection.
-        if token.split('.').count() != 3 {
+        if token_kind(token) == "opaque" {
             let i = self
                 .introspectors
                 .iter()
