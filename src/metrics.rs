@@ -130,12 +130,53 @@ pub struct Metrics {
     pub audit: AuditMetrics,
 }
 
-fn counter(name: &str, help: &str) -> IntCounter {
-    IntCounter::new(name, help).expect("valid metric")
-}
+/// Makes metrics and registers each as it is made, so a metric is named in
+/// one place only.
+struct Maker(Registry);
 
-fn gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).expect("valid metric")
+impl Maker {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .expect("unique metric names");
+        c
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn float_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.add(GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets);
+        self.add(Histogram::with_opts(opts).expect("valid metric"))
+    }
+
+    fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: Vec<f64>,
+        labels: &[&str],
+    ) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets);
+        self.add(HistogramVec::new(opts, labels).expect("valid metric"))
+    }
 }
 
 /// Buckets for latencies from half a millisecond to ten seconds.
@@ -145,80 +186,63 @@ fn latency_buckets() -> Vec<f64> {
     ]
 }
 
+/// Unix time in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 impl Metrics {
     /// Registers every metric and pre-creates every label combination.
     pub fn new(issuers: &[String]) -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_requests_total",
-                "Requests by decision and FHIR interaction",
-            ),
+        let m = Maker(Registry::new());
+        let requests = m.counter_vec(
+            "fhirwall_requests_total",
+            "Requests by decision and FHIR interaction",
             &["decision", "interaction"],
-        )
-        .expect("valid metric");
-        let denials = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_request_outcomes_total",
-                "Requests by the reason code they ended with",
-            ),
+        );
+        let denials = m.counter_vec(
+            "fhirwall_request_outcomes_total",
+            "Requests by the reason code they ended with",
             &["reason"],
-        )
-        .expect("valid metric");
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "fhirwall_request_duration_seconds",
-                "Time from request to response, by decision",
-            )
-            .buckets(latency_buckets()),
+        );
+        let duration = m.histogram_vec(
+            "fhirwall_request_duration_seconds",
+            "Time from request to response, by decision",
+            latency_buckets(),
             &["decision"],
-        )
-        .expect("valid metric");
-        let jwks_fetches = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_jwks_fetches_total",
-                "JWKS fetches by issuer and result",
-            ),
+        );
+        let jwks_fetches = m.counter_vec(
+            "fhirwall_jwks_fetches_total",
+            "JWKS fetches by issuer and result",
             &["issuer", "result"],
-        )
-        .expect("valid metric");
-        let token_cache_hits = IntCounter::new(
+        );
+        let token_cache_hits = m.counter(
             "fhirwall_token_cache_hits_total",
             "Verified-token cache hits",
-        )
-        .expect("valid metric");
-        let token_cache_misses = IntCounter::new(
+        );
+        let token_cache_misses = m.counter(
             "fhirwall_token_cache_misses_total",
             "Verified-token cache misses",
-        )
-        .expect("valid metric");
-        let introspections = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_introspections_total",
-                "Token introspection calls by issuer and result",
-            ),
+        );
+        let introspections = m.counter_vec(
+            "fhirwall_introspections_total",
+            "Token introspection calls by issuer and result",
             &["issuer", "result"],
-        )
-        .expect("valid metric");
-        let introspection_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "fhirwall_introspection_duration_seconds",
-                "Time of token introspection calls, by issuer",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+        );
+        let introspection_duration = m.histogram_vec(
+            "fhirwall_introspection_duration_seconds",
+            "Time of token introspection calls, by issuer",
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             &["issuer"],
-        )
-        .expect("valid metric");
-        let bindings = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_token_bindings_total",
-                "Requests whose token passed the bind stage, by token kind and binding",
-            ),
+        );
+        let bindings = m.counter_vec(
+            "fhirwall_token_bindings_total",
+            "Requests whose token passed the bind stage, by token kind and binding",
             &["kind", "binding"],
-        )
-        .expect("valid metric");
+        );
         let bindings_by = TOKEN_KINDS
             .iter()
             .map(|k| {
@@ -228,35 +252,27 @@ impl Metrics {
                     .collect()
             })
             .collect();
-        let break_glass = IntCounter::new(
+        let break_glass = m.counter(
             "fhirwall_break_glass_total",
             "Requests that passed a policy rule by break-glass",
-        )
-        .expect("valid metric");
-        let reloads = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_reloads_total",
-                "Reloads of policies, roles and break-glass on SIGHUP, by result",
-            ),
+        );
+        let reloads = m.counter_vec(
+            "fhirwall_reloads_total",
+            "Reloads of policies, roles and break-glass on SIGHUP, by result",
             &["result"],
-        )
-        .expect("valid metric");
+        );
         for r in ["success", "failure"] {
             reloads.with_label_values(&[r]);
         }
-        let token_cache_entries = IntGauge::new(
+        let token_cache_entries = m.gauge(
             "fhirwall_token_cache_entries",
             "Entries in the verified-token cache",
-        )
-        .expect("valid metric");
-        let resource_requests = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_resource_requests_total",
-                "Requests by FHIR resource type and decision",
-            ),
+        );
+        let resource_requests = m.counter_vec(
+            "fhirwall_resource_requests_total",
+            "Requests by FHIR resource type and decision",
             &["resource_type", "decision"],
-        )
-        .expect("valid metric");
+        );
         let resource_by = crate::fhir::resource_types::RESOURCE_TYPES
             .iter()
             .map(|t| {
@@ -266,148 +282,94 @@ impl Metrics {
                     .collect()
             })
             .collect();
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "fhirwall_upstream_duration_seconds",
-                "Time the upstream took to answer (to its response header)",
-            )
-            .buckets(latency_buckets()),
-        )
-        .expect("valid metric");
-        let validation = HistogramVec::new(
-            HistogramOpts::new(
-                "fhirwall_token_validation_duration_seconds",
-                "Time to validate a token (cache, JWKS, introspection), by token kind",
-            )
-            .buckets(vec![
+        let upstream_duration = m.histogram(
+            "fhirwall_upstream_duration_seconds",
+            "Time the upstream took to answer (to its response header)",
+            latency_buckets(),
+        );
+        let validation = m.histogram_vec(
+            "fhirwall_token_validation_duration_seconds",
+            "Time to validate a token (cache, JWKS, introspection), by token kind",
+            vec![
                 0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1,
                 0.5, 1.0, 5.0,
-            ]),
+            ],
             &["kind"],
-        )
-        .expect("valid metric");
+        );
         let validation_by = TOKEN_KINDS
             .iter()
             .map(|k| validation.with_label_values(&[k]))
             .collect();
-        let jwks_keys = IntGaugeVec::new(
-            Opts::new("fhirwall_jwks_keys", "Usable keys in an issuer's JWKS"),
+        let jwks_keys = m.gauge_vec(
+            "fhirwall_jwks_keys",
+            "Usable keys in an issuer's JWKS",
             &["issuer"],
-        )
-        .expect("valid metric");
-        let jwks_last_success = GaugeVec::new(
-            Opts::new(
-                "fhirwall_jwks_last_success_timestamp_seconds",
-                "Unix time of an issuer's last successful JWKS fetch",
-            ),
+        );
+        let jwks_last_success = m.float_gauge_vec(
+            "fhirwall_jwks_last_success_timestamp_seconds",
+            "Unix time of an issuer's last successful JWKS fetch",
             &["issuer"],
-        )
-        .expect("valid metric");
-        let jwks_age = GaugeVec::new(
-            Opts::new(
-                "fhirwall_jwks_age_seconds",
-                "Seconds since an issuer's JWKS was last fetched successfully (-1: never)",
-            ),
+        );
+        let jwks_age = m.float_gauge_vec(
+            "fhirwall_jwks_age_seconds",
+            "Seconds since an issuer's JWKS was last fetched successfully (-1: never)",
             &["issuer"],
-        )
-        .expect("valid metric");
-        let dpop_replays = counter(
+        );
+        let dpop_replays = m.counter(
             "fhirwall_dpop_replays_total",
             "DPoP proofs refused because their jti was seen before",
         );
-        let rate_limited = counter(
+        let rate_limited = m.counter(
             "fhirwall_rate_limited_total",
             "Requests refused by a policy rule's rate limit",
         );
-        let ready = gauge(
+        let ready = m.gauge(
             "fhirwall_ready",
             "1 when every issuer's keys are loaded and the audit sink takes records",
         );
-        let build = IntGaugeVec::new(
-            Opts::new("fhirwall_build_info", "Version of the running fhirwall"),
+        m.gauge_vec(
+            "fhirwall_build_info",
+            "Version of the running fhirwall",
             &["version"],
         )
-        .expect("valid metric");
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let audit_written = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_audit_records_written_total",
-                "Audit records written, to the sink or the spill file",
-            ),
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        let audit_written = m.counter_vec(
+            "fhirwall_audit_records_written_total",
+            "Audit records written, to the sink or the spill file",
             &["sink"],
-        )
-        .expect("valid metric");
-        let audit_failures = IntCounterVec::new(
-            Opts::new(
-                "fhirwall_audit_write_failures_total",
-                "Failed attempts to write audit records, by sink",
-            ),
+        );
+        let audit_failures = m.counter_vec(
+            "fhirwall_audit_write_failures_total",
+            "Failed attempts to write audit records, by sink",
             &["sink"],
-        )
-        .expect("valid metric");
+        );
         let audit = AuditMetrics {
             written_primary: audit_written.with_label_values(&["primary"]),
             written_spill: audit_written.with_label_values(&["spill"]),
             failures_primary: audit_failures.with_label_values(&["primary"]),
             failures_spill: audit_failures.with_label_values(&["spill"]),
-            dropped: counter(
+            dropped: m.counter(
                 "fhirwall_audit_records_dropped_total",
                 "Audit records that could be written nowhere and were lost",
             ),
-            sink_up: gauge(
+            sink_up: m.gauge(
                 "fhirwall_audit_sink_up",
                 "1 when the audit sink took its last write",
             ),
-            rotations: counter(
+            rotations: m.counter(
                 "fhirwall_audit_rotations_total",
                 "Rotations of the audit file",
             ),
-            queue_depth: gauge(
+            queue_depth: m.gauge(
                 "fhirwall_audit_queue_depth",
                 "Audit records waiting for the writer",
             ),
-            queue_capacity: gauge(
+            queue_capacity: m.gauge(
                 "fhirwall_audit_queue_capacity",
                 "Audit records the queue holds before requests wait or are refused",
             ),
         };
-        for c in [
-            Box::new(resource_requests) as Box<dyn prometheus::core::Collector>,
-            Box::new(upstream_duration.clone()),
-            Box::new(validation),
-            Box::new(jwks_keys.clone()),
-            Box::new(jwks_last_success.clone()),
-            Box::new(jwks_age.clone()),
-            Box::new(dpop_replays.clone()),
-            Box::new(rate_limited.clone()),
-            Box::new(ready.clone()),
-            Box::new(build),
-            Box::new(audit_written),
-            Box::new(audit_failures),
-            Box::new(audit.dropped.clone()),
-            Box::new(audit.sink_up.clone()),
-            Box::new(audit.rotations.clone()),
-            Box::new(audit.queue_depth.clone()),
-            Box::new(audit.queue_capacity.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(denials.clone()),
-            Box::new(duration.clone()),
-            Box::new(jwks_fetches.clone()),
-            Box::new(token_cache_hits.clone()),
-            Box::new(token_cache_misses.clone()),
-            Box::new(token_cache_entries.clone()),
-            Box::new(introspections.clone()),
-            Box::new(bindings.clone()),
-            Box::new(break_glass.clone()),
-            Box::new(reloads.clone()),
-            Box::new(introspection_duration.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
         let duration_by = DECISIONS
             .iter()
             .map(|d| duration.with_label_values(&[d]))
@@ -435,7 +397,7 @@ impl Metrics {
             jwks_age.with_label_values(&[i]).set(-1.0);
         }
         Metrics {
-            registry,
+            registry: m.0,
             jwks_fetches,
             token_cache_hits,
             token_cache_misses,
@@ -485,11 +447,9 @@ impl Metrics {
     /// A successful JWKS fetch of `issuer` with `keys` usable keys.
     pub fn jwks_loaded(&self, issuer: &str, keys: usize) {
         self.jwks_keys.with_label_values(&[issuer]).set(keys as i64);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.jwks_last_success.with_label_values(&[issuer]).set(now);
+        self.jwks_last_success
+            .with_label_values(&[issuer])
+            .set(unix_now());
     }
 
     /// Counts one finished request.
@@ -555,10 +515,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let now = unix_now();
         for i in &self.issuers {
             let last = self.jwks_last_success.with_label_values(&[i]).get();
             if last > 0.0 {
