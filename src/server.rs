@@ -170,15 +170,15 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
         &settings.jwks_roots,
         metrics.clone(),
     ));
-    let site = crate::audit::event::Site {
-        public_base: settings.public_base.to_string(),
-        upstream: settings.upstream.url.to_string(),
-        issuers: settings
+    let site = crate::audit::event::Site::new(
+        &settings.public_base,
+        &settings.upstream.url,
+        settings
             .issuers
             .iter()
             .map(|i| (i.name.clone(), i.issuer.clone()))
             .collect(),
-    };
+    );
     let audit = AuditLog::open(&settings.audit, site, metrics.audit.clone())
         .map_err(|e| format!("audit sink: {e}"))?;
     let m = metrics.clone();

@@ -34,11 +34,30 @@ const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
 #[derive(Debug, Clone, Default)]
 pub struct Site {
     /// The public FHIR base URL clients use.
-    pub public_base: String,
+    public_base: String,
+    /// Its `scheme://host[:port]` and its host.
+    public_origin: String,
+    public_host: String,
     /// The upstream FHIR base URL (the server agent).
-    pub upstream: String,
+    upstream: String,
     /// Configured issuer name → `iss` URL (the user's identifier system).
-    pub issuers: Vec<(String, String)>,
+    issuers: Vec<(String, String)>,
+}
+
+impl Site {
+    pub fn new(
+        public_base: &url::Url,
+        upstream: &url::Url,
+        issuers: Vec<(String, String)>,
+    ) -> Site {
+        Site {
+            public_base: public_base.to_string(),
+            public_origin: public_base.origin().ascii_serialization(),
+            public_host: public_base.host_str().unwrap_or_default().to_string(),
+            upstream: upstream.to_string(),
+            issuers,
+        }
+    }
 }
 
 fn coding(system: &str, code: &str, display: &str) -> Value {
@@ -233,14 +252,10 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     }
     ev.insert("agent".into(), agents.into());
 
-    let host = url::Url::parse(&site.public_base)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .unwrap_or_default();
     ev.insert(
         "source".into(),
         json!({
-            "site": host,
+            "site": site.public_host,
             "observer": {"display": format!("fhirwall {}", site.public_base)},
             "type": [coding(
                 "http://terminology.hl7.org/CodeSystem/security-source-type",
@@ -265,7 +280,7 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
         Some("search-type" | "search-system" | "search-compartment" | "operation")
     );
     if is_query {
-        let mut line = format!("{} {}{}", r.method, site.public_base_origin(), r.path);
+        let mut line = format!("{} {}{}", r.method, site.public_origin, r.path);
         for (i, name) in r.query_params.iter().enumerate() {
             line.push(if i == 0 { '?' } else { '&' });
             line.push_str(name);
@@ -347,15 +362,6 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     Value::Object(ev)
 }
 
-impl Site {
-    /// `scheme://host[:port]` of the public base.
-    fn public_base_origin(&self) -> String {
-        url::Url::parse(&self.public_base)
-            .map(|u| u.origin().ascii_serialization())
-            .unwrap_or_default()
-    }
-}
-
 fn is_patient_ref(fhir_user: &str) -> bool {
     fhir_user.rsplit('/').nth(1).is_some_and(|t| t == "Patient")
 }
@@ -373,11 +379,11 @@ mod tests {
     use super::*;
 
     fn site() -> Site {
-        Site {
-            public_base: "https://gw.example.org/fhir".into(),
-            upstream: "http://10.0.0.5:8080/r4".into(),
-            issuers: vec![("hospital".into(), "https://idp.example.org".into())],
-        }
+        Site::new(
+            &url::Url::parse("https://gw.example.org/fhir").unwrap(),
+            &url::Url::parse("http://10.0.0.5:8080/r4").unwrap(),
+            vec![("hospital".into(), "https://idp.example.org".into())],
+        )
     }
 
     fn codes(v: &Value) -> Vec<String> {
