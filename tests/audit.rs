@@ -633,10 +633,7 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
     assert_eq!(r.status(), 401);
     let rec = gw.audit_for("fields-3");
     use sha2::Digest;
-    let want: String = sha2::Sha256::digest(forged.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let want = fhirwall::audit::hex(&sha2::Sha256::digest(forged.as_bytes()));
     assert_eq!(rec["token_sha256"], want);
     assert_eq!(rec["stage"], "validate");
     assert!(!std::fs::read_to_string(&gw.audit_path)

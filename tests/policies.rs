@@ -24,6 +24,11 @@ const POLICY: &str = "rules:
 async fn start(dir: &TempDir) -> Gateway {
     std::fs::write(dir.0.join("10-hospital.yaml"), POLICY).unwrap();
     std::fs::write(dir.0.join("README.md"), "not a policy").unwrap();
+    with_policies(dir).await
+}
+
+/// A gateway whose `policies.dir` is `dir`.
+async fn with_policies(dir: &TempDir) -> Gateway {
     Gateway::start(Options {
         extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
         ..Options::default()
@@ -140,11 +145,7 @@ async fn rate_limits_per_client() {
         "rules:\n  - name: three-searches-a-minute\n    effect: allow\n    when: {interaction: [search-type]}\n    rate_limit: {per: client, requests: 3, per_seconds: 60}\n",
     )
     .unwrap();
-    let gw = Gateway::start(Options {
-        extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
-        ..Options::default()
-    })
-    .await;
+    let gw = with_policies(&dir).await;
     let token = gw.mint("user/*.rs", None);
     for i in 0..3 {
         let r = gw
@@ -336,11 +337,7 @@ async fn break_glass_passes_marked_denies_only() {
         "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n  - name: no-deletes\n    effect: deny\n    when: {interaction: [delete]}\n",
     )
     .unwrap();
-    let gw = Gateway::start(Options {
-        extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
-        ..Options::default()
-    })
-    .await;
+    let gw = with_policies(&dir).await;
     let token = gw.mint("user/*.cruds", None);
     let with = |rel: &str, method: reqwest::Method, reason: Option<&str>, tok: &str| {
         let mut r = gw
@@ -503,11 +500,7 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
         "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
     )
     .unwrap();
-    let gw = Gateway::start(Options {
-        extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
-        ..Options::default()
-    })
-    .await;
+    let gw = with_policies(&dir).await;
     let token = gw.mint("user/*.cruds", None);
     let delete = |id: &'static str| {
         gw.client
