@@ -73,29 +73,13 @@ fn the_kubernetes_example_passes_check() {
     let text = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml")).unwrap();
     let dir = TempDir::new("k8s");
     std::fs::create_dir_all(dir.0.join("policies")).unwrap();
-    // The two ConfigMaps' data, as files (`key: |` blocks indented four).
-    let mut current: Option<(String, String)> = None;
-    let mut files = Vec::new();
-    for line in text.lines() {
-        if let Some(key) = line
-            .strip_prefix("  ")
-            .and_then(|l| l.strip_suffix(": |"))
-            .filter(|k| !k.starts_with(' '))
-        {
-            files.extend(current.take());
-            current = Some((key.to_string(), String::new()));
-        } else if let Some((_, body)) = current.as_mut() {
-            if let Some(l) = line.strip_prefix("    ") {
-                body.push_str(l);
-                body.push('\n');
-            } else if line.trim().is_empty() {
-                body.push('\n');
-            } else {
-                files.extend(current.take());
-            }
-        }
+    // The two ConfigMaps' data, as files, read with the project's YAML crate.
+    #[derive(serde::Deserialize)]
+    struct ConfigMap {
+        data: std::collections::BTreeMap<String, String>,
     }
-    files.extend(current);
+    let maps: Vec<ConfigMap> = serde_saphyr::from_multiple(&text).unwrap();
+    let files: Vec<(String, String)> = maps.into_iter().flat_map(|m| m.data).collect();
     assert!(files.iter().any(|(k, _)| k == "config.yaml"));
     assert!(files.len() >= 2, "no policy files found");
     for (key, body) in files {
