@@ -107,6 +107,12 @@ struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// CPU time (user + system) the child has used so far, from
+    /// `/proc/<pid>/stat`; `None` where there is no procfs.
+    fn cpu(&self) -> Option<Duration> {
+        process_cpu(self.child.id())
+    }
+
     fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -127,6 +133,43 @@ impl Drop for ChildGuard {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Clock ticks per second of `/proc` CPU times (`getconf CLK_TCK`; 100
+/// on every Linux we run on).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// utime + stime of process `pid` (all its threads).
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // Fields 14 and 15 of the line are the 12th and 13th after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS))
+}
+
+/// Busy CPU time of the whole machine (all but idle and iowait), from
+/// `/proc/stat`: the proxy, the generator and upstream in this process,
+/// and the kernel's own threads (network, journal, block I/O).
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq (then steal and guest
+    // times, which are not this machine's work or counted in user).
+    let busy: u64 = v
+        .iter()
+        .take(7)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    Some(Duration::from_secs_f64(busy as f64 / CLOCK_TICKS))
 }
 
 /// A temporary directory removed on drop.
@@ -464,6 +507,10 @@ struct Row {
     cache: Option<(u64, u64)>,
     /// Throughput of each round, to compare with the pass-through's round.
     rounds: Vec<f64>,
+    /// CPU used during the measured rounds by the proxy process, and by
+    /// the whole machine.
+    proxy_cpu: Duration,
+    machine_cpu: Duration,
 }
 
 impl Row {
@@ -475,6 +522,8 @@ impl Row {
             upstream_seen: 0,
             cache: Some((0, 0)).filter(|_| side.admin.is_some()),
             rounds: Vec::new(),
+            proxy_cpu: Duration::ZERO,
+            machine_cpu: Duration::ZERO,
         }
     }
 }
@@ -507,7 +556,14 @@ async fn measure(side: &Side, row: &mut Row, limits: &Limits, duration: Duration
         None => None,
     };
     let seen_before = side.upstream.count_containing("/Patient/p1");
+    let cpu_before = (side.child.cpu(), machine_busy());
     let outcome = drive(side, limits.workers, duration, limits.max_requests).await;
+    if let (Some(p0), Some(p1)) = (cpu_before.0, side.child.cpu()) {
+        row.proxy_cpu += p1.saturating_sub(p0);
+    }
+    if let (Some(m0), Some(m1)) = (cpu_before.1, machine_busy()) {
+        row.machine_cpu += m1.saturating_sub(m0);
+    }
     row.upstream_seen += side.upstream.count_containing("/Patient/p1") - seen_before;
     if let (Some(a), Some((h0, m0)), Some((h, m))) = (&side.admin, before, row.cache) {
         row.cache = cache_counters(a)
@@ -525,6 +581,10 @@ async fn measure(side: &Side, row: &mut Row, limits: &Limits, duration: Duration
     );
     row.rounds.push(outcome.throughput());
     row.outcome.merge(outcome);
+}
+
+fn per_request_us(cpu: Duration, requests: usize) -> f64 {
+    cpu.as_secs_f64() * 1e6 / requests.max(1) as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -615,12 +675,12 @@ async fn bench() -> String {
         },
     ));
     md.push_str(
-        "| side | tokens | requests | errors | req/s | p50 ms | p99 ms | vs its pass-through (total) | (median of rounds) |\n",
+        "| side | tokens | requests | errors | req/s | p50 ms | p99 ms | proxy CPU µs/req | machine CPU µs/req | vs its pass-through (total) | (median of rounds) |\n",
     );
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (r, p) in [(a1, a1), (b, a1), (a2, a2), (c, a2)] {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.2}× | {:.2}× |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {:.1} | {:.2}× | {:.2}× |\n",
             r.name,
             r.tokens,
             r.outcome.requests,
@@ -628,6 +688,8 @@ async fn bench() -> String {
             r.outcome.throughput(),
             r.outcome.percentile_ms(0.50),
             r.outcome.percentile_ms(0.99),
+            per_request_us(r.proxy_cpu, r.outcome.requests),
+            per_request_us(r.machine_cpu, r.outcome.requests),
             total_ratio(r, p),
             round_ratio(r, p),
         ));
