@@ -14,6 +14,7 @@
 //! (`on_failure: spill`); records are never dropped silently.
 
 pub mod event;
+mod queue;
 mod writer;
 
 use std::io;
@@ -21,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+use queue::{Msg, PushError, Queue};
 
 use crate::config::{Audit, AuditFormat, AuditSink, Fsync, OnAuditFailure};
 use crate::metrics::AuditMetrics;
@@ -155,15 +158,9 @@ struct Pending {
     ack: Option<oneshot::Sender<bool>>,
 }
 
-enum Msg {
-    Record(Pending),
-    /// Acknowledged once every record queued before it is written (or
-    /// spilled, or counted as dropped).
-    Flush(oneshot::Sender<()>),
-}
-
 /// State shared by the handles and the writer.
 struct Shared {
+    queue: Queue,
     format: AuditFormat,
     site: event::Site,
     before_upstream: bool,
@@ -191,15 +188,24 @@ struct Shared {
 /// The handle requests use. Clones share the queue and the writer.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+    /// Closes the queue when the last handle goes: the writer then writes
+    /// out what is queued and stops.
+    _open: Arc<OpenQueue>,
+}
+
+struct OpenQueue(Arc<Shared>);
+
+impl Drop for OpenQueue {
+    fn drop(&mut self) {
+        self.0.queue.close();
+    }
 }
 
 impl AuditLog {
     /// Opens the sink (a file is created if missing, appended to) and
     /// starts the writer thread. Fails when a file sink cannot be opened.
     pub fn open(cfg: &Audit, site: event::Site, metrics: AuditMetrics) -> io::Result<AuditLog> {
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let spill = match &cfg.on_failure {
             OnAuditFailure::Spill(path) => Some(Mutex::new(writer::AppendFile::new(path.clone()))),
             OnAuditFailure::Refuse => None,
@@ -219,6 +225,7 @@ impl AuditLog {
             .clone()
             .filter(|_| cfg.record_before_upstream && cfg.fsync != Fsync::Batch);
         let shared = Arc::new(Shared {
+            queue: Queue::new(cfg.queue_capacity),
             format: cfg.format,
             site,
             before_upstream: cfg.record_before_upstream,
@@ -235,8 +242,11 @@ impl AuditLog {
             metrics,
             capacity: cfg.queue_capacity,
         });
-        writer::start(cfg, rx, shared.clone(), file)?;
-        Ok(AuditLog { tx, shared })
+        writer::start(cfg, shared.clone(), file)?;
+        Ok(AuditLog {
+            _open: Arc::new(OpenQueue(shared.clone())),
+            shared,
+        })
     }
 
     /// Whether allowed requests wait for a decision record.
@@ -262,7 +272,7 @@ impl AuditLog {
 
     /// Records waiting for the writer.
     pub fn queue_depth(&self) -> usize {
-        self.shared.capacity - self.tx.capacity()
+        self.shared.queue.len()
     }
 
     fn encode(&self, record: &Record) -> Pending {
@@ -306,9 +316,9 @@ impl AuditLog {
         }
         let (ack_tx, ack_rx) = oneshot::channel();
         pending.ack = Some(ack_tx);
-        match self.tx.try_send(Msg::Record(pending)) {
+        match self.shared.queue.try_push(Msg::Record(pending)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Msg::Record(mut p))) => {
+            Err(PushError::Full(Msg::Record(mut p))) => {
                 p.ack = None;
                 return self.spill_now(p).map_err(|_| Refusal::Backlog);
             }
@@ -325,8 +335,7 @@ impl AuditLog {
     /// the writer (or spill at once, with `on_failure: spill`).
     pub async fn record(&self, record: &Record<'_>) {
         if let Some(p) = self.queue_now(record) {
-            if let Err(mpsc::error::SendError(Msg::Record(p))) = self.tx.send(Msg::Record(p)).await
-            {
+            if let Err(Msg::Record(p)) = self.shared.queue.push(Msg::Record(p)).await {
                 self.spill_or_lose(p);
             }
         }
@@ -344,15 +353,10 @@ impl AuditLog {
     /// (with a spill file) or handed back to wait for room; when the writer
     /// is gone it is spilled or counted as lost.
     fn queue_now(&self, record: &Record<'_>) -> Option<Pending> {
-        match self.tx.try_send(Msg::Record(self.encode(record))) {
+        match self.shared.queue.try_push(Msg::Record(self.encode(record))) {
             Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(Msg::Record(p))) if self.shared.spill.is_none() => {
-                Some(p)
-            }
-            Err(
-                mpsc::error::TrySendError::Full(Msg::Record(p))
-                | mpsc::error::TrySendError::Closed(Msg::Record(p)),
-            ) => {
+            Err(PushError::Full(Msg::Record(p))) if self.shared.spill.is_none() => Some(p),
+            Err(PushError::Full(Msg::Record(p)) | PushError::Closed(Msg::Record(p))) => {
                 self.spill_or_lose(p);
                 None
             }
@@ -394,9 +398,9 @@ impl AuditLog {
     /// counted as lost. Blocking: for shutdown, outside the runtimes.
     pub fn flush(&self) -> io::Result<()> {
         let (ack_tx, ack_rx) = oneshot::channel();
-        self.tx
-            .blocking_send(Msg::Flush(ack_tx))
-            .map_err(|_| writer_gone())?;
+        if self.shared.queue.try_push(Msg::Flush(ack_tx)).is_err() {
+            return Err(writer_gone());
+        }
         ack_rx.blocking_recv().map_err(|_| writer_gone())
     }
 }

@@ -13,23 +13,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
 
-use super::{Msg, Pending, Shared};
+use super::queue::{Msg, Take};
+use super::{Pending, Shared};
 use crate::config::{Audit, AuditSink, Fsync};
 
-/// How long the writer lets records gather after a busy batch, when no
-/// request waits for the writer.
-const BATCH_PAUSE: Duration = Duration::from_millis(2);
-
-/// Most records taken from the queue per batch.
-const MAX_BATCH: usize = 4096;
+/// How long the writer lets records nobody waits for gather into one
+/// write (request records; decision records are written at once).
+const LINGER: Duration = Duration::from_millis(2);
 
 /// A file records are appended to, opened on first use and again after a
 /// failure (so a path that was unwritable can recover).
 pub(super) struct AppendFile {
     pub(super) path: PathBuf,
-    file: Option<File>,
+    /// Shared with an fsync in progress outside the lock.
+    file: Option<Arc<File>>,
     pub(super) size: u64,
     pub(super) opened: SystemTime,
 }
@@ -46,7 +44,7 @@ impl AppendFile {
 
     /// Opens the file for appending. A last line torn by a crash is ended,
     /// so the next record starts on a line of its own.
-    pub(super) fn open(&mut self) -> io::Result<&mut File> {
+    pub(super) fn open(&mut self) -> io::Result<&File> {
         if self.file.is_none() {
             let mut f = OpenOptions::new()
                 .create(true)
@@ -65,9 +63,9 @@ impl AppendFile {
                     self.size += 1;
                 }
             }
-            self.file = Some(f);
+            self.file = Some(Arc::new(f));
         }
-        Ok(self.file.as_mut().expect("just opened"))
+        Ok(self.file.as_deref().expect("just opened"))
     }
 
     /// Appends records as lines with one `write` and fsyncs them.
@@ -83,7 +81,7 @@ impl AppendFile {
             buf.extend_from_slice(&p.bytes);
             buf.push(b'\n');
         }
-        let result = self.open().and_then(|f| f.write_all(&buf));
+        let result = self.open().and_then(|mut f| f.write_all(&buf));
         match result {
             Ok(()) => {
                 self.size += buf.len() as u64;
@@ -121,7 +119,7 @@ pub(super) fn lock(file: &Mutex<AppendFile>) -> MutexGuard<'_, AppendFile> {
 /// Fsyncs the shared file without holding its lock for the fsync, so
 /// requests appending decision records are not held up by the disk.
 fn sync_unlocked(file: &Mutex<AppendFile>) -> io::Result<()> {
-    let fd = lock(file).file.as_ref().map(File::try_clone).transpose()?;
+    let fd = lock(file).file.clone();
     let result = fd.map_or(Ok(()), |f| f.sync_data());
     if result.is_err() {
         lock(file).file = None;
@@ -406,7 +404,7 @@ fn prune(dir: &Path, path: &Path, keep: usize) {
 
 /// The writer's state.
 struct Writer {
-    /// Runs the FHIR sink's calls and the queue's timed waits.
+    /// Runs the FHIR sink's calls.
     rt: Runtime,
     sink: Sink,
     shared: Arc<Shared>,
@@ -424,7 +422,6 @@ struct Writer {
 /// Opens the sink and starts the writer thread.
 pub(super) fn start(
     cfg: &Audit,
-    rx: mpsc::Receiver<Msg>,
     shared: Arc<Shared>,
     file: Option<Arc<Mutex<AppendFile>>>,
 ) -> io::Result<()> {
@@ -477,7 +474,7 @@ pub(super) fn start(
                 Ok(()) => w.set_up(true),
                 Err(e) => w.failed(&e),
             }
-            w.run(rx);
+            w.run();
         })?;
     Ok(())
 }
@@ -492,55 +489,34 @@ impl Drop for Writer {
 }
 
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::Receiver<Msg>) {
-        let mut batch: Vec<Pending> = Vec::new();
+    fn run(&mut self) {
+        let shared = self.shared.clone();
+        let mut msgs: Vec<Msg> = Vec::new();
         let mut flushes = Vec::new();
         loop {
-            let wait = self.next_wakeup();
-            let first = self.rt.block_on(async {
-                match wait {
-                    None => Ok(rx.recv().await),
-                    Some(wait) => tokio::time::timeout(wait, rx.recv()).await,
-                }
-            });
-            let first = match first {
-                Ok(m) => m,
-                Err(_) => {
+            let tick = self.next_wakeup();
+            match shared.queue.take(&mut msgs, tick, LINGER) {
+                Take::Batch => {}
+                Take::Tick => {
                     self.tick();
                     continue;
                 }
-            };
-            let Some(first) = first else { break };
-            let mut next = Some(first);
-            while let Some(m) = next {
+                Take::Closed => break,
+            }
+            let mut batch = Vec::with_capacity(msgs.len());
+            for m in msgs.drain(..) {
                 match m {
                     Msg::Record(p) => batch.push(p),
                     Msg::Flush(ack) => flushes.push(ack),
                 }
-                next = if batch.len() < MAX_BATCH {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
             }
-            let taken = batch.len();
-            let waited_on = batch.iter().any(|p| p.ack.is_some()) || !flushes.is_empty();
-            let busy = &self.shared.busy_since_ms;
-            busy.store(super::epoch_ms(), Ordering::Release);
-            self.write_batch(std::mem::take(&mut batch), !flushes.is_empty());
-            self.shared.busy_since_ms.store(0, Ordering::Release);
+            shared
+                .busy_since_ms
+                .store(super::epoch_ms(), Ordering::Release);
+            self.write_batch(batch, !flushes.is_empty());
+            shared.busy_since_ms.store(0, Ordering::Release);
             for ack in flushes.drain(..) {
                 let _ = ack.send(());
-            }
-            let nobody_waits = !self.shared.before_upstream || self.shared.direct.is_some();
-            if taken > 1 && !waited_on && nobody_waits {
-                // Busy, and requests do not wait for the writer (no
-                // decision records, or requests append their own): let the
-                // next batch gather rather than being woken for every
-                // record (a wake-up is a futex call on the sender's side).
-                // When requests wait for their decision records, a pause
-                // would hold them up.
-                std::thread::sleep(BATCH_PAUSE);
             }
         }
         // Every handle is gone: write out what is held.
