@@ -150,6 +150,10 @@ impl Refusal {
     }
 }
 
+/// Bytes reserved for an encoded record (a JSON line is typically 500 to
+/// 900 bytes; an AuditEvent about twice that).
+const ENCODED_CAPACITY: usize = 1024;
+
 /// One encoded record on its way to the writer.
 struct Pending {
     id: String,
@@ -276,10 +280,12 @@ impl AuditLog {
     }
 
     fn encode(&self, record: &Record) -> Pending {
-        let bytes = match self.shared.format {
-            AuditFormat::Json => serde_json::to_vec(record),
+        // Sized for a typical record: no regrowth while it is written.
+        let mut bytes = Vec::with_capacity(ENCODED_CAPACITY);
+        match self.shared.format {
+            AuditFormat::Json => serde_json::to_writer(&mut bytes, record),
             AuditFormat::AuditEvent => {
-                serde_json::to_vec(&event::audit_event(record, &self.shared.site))
+                serde_json::to_writer(&mut bytes, &event::audit_event(record, &self.shared.site))
             }
         }
         .expect("audit records serialise");
