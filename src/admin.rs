@@ -12,6 +12,7 @@ use pingora::protocols::http::ServerSession;
 
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
+use crate::token::cache::TokenCache;
 use crate::token::jwks::JwksStore;
 
 /// The admin application.
@@ -19,6 +20,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub jwks: Arc<JwksStore>,
     pub audit: AuditLog,
+    pub token_cache: TokenCache,
 }
 
 impl Admin {
@@ -52,6 +54,8 @@ impl ServeHttp for Admin {
             "/metrics" => {
                 let m = &self.metrics;
                 m.audit.queue_depth.set(self.audit.queue_depth() as i64);
+                m.token_cache_entries
+                    .set(self.token_cache.entry_count() as i64);
                 m.ready.set(i64::from(self.not_ready().is_none()));
                 reply(200, "text/plain; version=0.0.4", m.render())
             }

@@ -1871,8 +1871,6 @@ impl ProxyHttp for Gateway {
         if let Some(t) = ctx.upstream_time {
             m.upstream_duration.observe(t.as_secs_f64());
         }
-        m.token_cache_entries
-            .set(self.validator.cache_entries() as i64);
         self.audit.record(&record).await;
         drop(record);
         ctx.audit = None;

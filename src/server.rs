@@ -194,6 +194,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
     let admin_listen = settings.admin_listen.to_string();
     let audit_at_exit = audit.clone();
     let policies_watch = settings.policies_watch.clone();
+    let token_cache = validator.token_cache();
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
     let reloader = config_path.map(|path| {
         background_service(
@@ -222,6 +223,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
             metrics,
             jwks: store.clone(),
             audit: audit_at_exit.clone(),
+            token_cache,
         },
     );
     admin.add_tcp(&admin_listen);

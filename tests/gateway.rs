@@ -645,6 +645,14 @@ async fn discovery_cache_audit_and_metrics() {
     assert_eq!(rec["resource_type"], "Patient");
     assert_eq!(rec["decision"], "allow");
     assert_eq!(rec["token_sha256"].as_str().unwrap().len(), 64);
+    // The cache-size gauge is read at scrape time: one token, one entry.
+    assert!(
+        gw.metrics()
+            .await
+            .lines()
+            .any(|l| l == "fhirwall_token_cache_entries 1"),
+        "the token cache holds the one token"
+    );
     tokio::time::sleep(Duration::from_millis(3100)).await;
     let r = gw.get("Patient/expired-cached-1", Some(&short)).await;
     assert_eq!(r.status(), 401, "a cached token never outlives its exp");

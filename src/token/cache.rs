@@ -28,7 +28,8 @@ impl moka::Expiry<[u8; 32], Entry> for ExpireAtTokenExp {
     }
 }
 
-/// Cache of verified claims by token hash.
+/// Cache of verified claims by token hash. Clones share the cache.
+#[derive(Clone)]
 pub struct TokenCache {
     cache: Cache<[u8; 32], Entry>,
     max_ttl: Duration,
@@ -62,7 +63,10 @@ impl TokenCache {
         self.cache.insert(hash, Entry { claims, ttl });
     }
 
+    /// Entries now (pending inserts and evictions applied first: for the
+    /// gauge at scrape time, not for the request path).
     pub fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
 }

@@ -123,7 +123,8 @@ impl Validator {
         })
     }
 
-    pub fn cache_entries(&self) -> u64 {
-        self.cache.entry_count()
+    /// The token cache (shared), for the admin listener's gauge.
+    pub fn token_cache(&self) -> TokenCache {
+        self.cache.clone()
     }
 }
