@@ -290,6 +290,22 @@ fn new_request_id() -> String {
     hex(&rand::random::<[u8; 16]>())
 }
 
+/// An HTTP/1.1 request that waits for `100 Continue` before its body.
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// The final response sent to the client, if any (not a `100 Continue`).
+fn final_response(session: &Session) -> Option<&ResponseHeader> {
+    session
+        .response_written()
+        .filter(|r| !r.status.is_informational())
+}
+
 fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
     match e {
         TokenError::KeysUnavailable(_) | TokenError::IntrospectionUnavailable(_) => {
@@ -410,6 +426,31 @@ impl Gateway {
         if declared.is_some_and(|l| l > limit) {
             return Err(too_large());
         }
+        // A client that asked to be told to go on (`Expect: 100-continue`)
+        // is told so now that its token is checked; else it would wait
+        // for its own timeout before sending the body.
+        if expects_continue(session.req_header()) {
+            let go_on =
+                ResponseHeader::build(100, Some(0)).map_err(|_| Denial::InvalidRequest {
+                    code: "fhir_malformed",
+                    description: "could not answer Expect: 100-continue".into(),
+                })?;
+            // Straight to the connection: response modules are for the
+            // final answer.
+            if let Err(e) = session
+                .downstream_session
+                .write_response_header(Box::new(go_on))
+                .await
+            {
+                return Err(Denial::InvalidRequest {
+                    code: "fhir_malformed",
+                    description: format!(
+                        "could not answer Expect: 100-continue: {}",
+                        e.etype().as_str()
+                    ),
+                });
+            }
+        }
         session.enable_retry_buffering();
         let mut body = BytesMut::new();
         loop {
@@ -439,12 +480,15 @@ impl Gateway {
     /// both upstream paths apply: client headers to remove (hop-by-hop,
     /// spoofable, fhirwall's own and `Authorization` unless forwarded), and
     /// the headers fhirwall sets (forwarding context, request id, verified
-    /// context). `Host` is each path's business.
+    /// context). `Host` is each path's business. `body_in_hand`: fhirwall
+    /// has the whole body and sends it at once, so `Expect` goes too (the
+    /// client was told to go on already; the upstream is not asked again).
     fn header_plan(
         &self,
         headers: &http::HeaderMap,
         client_ip: Option<std::net::IpAddr>,
         ctx: &Ctx,
+        body_in_hand: bool,
     ) -> (
         Vec<http::HeaderName>,
         Vec<(http::HeaderName, http::HeaderValue)>,
@@ -462,6 +506,9 @@ impl Gateway {
             .collect();
         if !self.settings.upstream.forward_authorization {
             remove.push(header::AUTHORIZATION);
+        }
+        if body_in_hand && headers.contains_key(header::EXPECT) {
+            remove.push(header::EXPECT);
         }
         let mut set = Vec::with_capacity(8);
         if let Some(ip) = client_ip {
@@ -510,7 +557,7 @@ impl Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let mut headers = req.headers.clone();
-        let (remove, set) = self.header_plan(&req.headers, client_ip, ctx);
+        let (remove, set) = self.header_plan(&req.headers, client_ip, ctx, true);
         for name in remove {
             headers.remove(&name);
         }
@@ -1558,7 +1605,7 @@ impl Gateway {
         let req = session.req_header();
         let path = req.uri.path();
         let done = event == Event::Request;
-        let status = session.response_written().map(|r| r.status.as_u16());
+        let status = final_response(session).map(|r| r.status.as_u16());
         Record {
             source: session
                 .client_addr()
@@ -1766,7 +1813,8 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let (remove, set) = self.header_plan(&up.headers, client_ip, ctx);
+        let body_in_hand = session.get_retry_buffer().is_some();
+        let (remove, set) = self.header_plan(&up.headers, client_ip, ctx, body_in_hand);
         for name in remove {
             up.remove_header(&name);
         }
@@ -1841,7 +1889,7 @@ impl ProxyHttp for Gateway {
             },
         };
         let code = match &denial {
-            Some(d) if session.response_written().is_none() => {
+            Some(d) if final_response(session).is_none() => {
                 let _ = self.answer(session, ctx, d).await;
                 d.status()
             }

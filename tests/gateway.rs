@@ -776,3 +776,88 @@ async fn periodic_refresh_honours_cache_control() {
         "with max-age 1 s expected 2-5 refreshes in 3.6 s, got {refreshed}"
     );
 }
+
+/// Reads one response head (up to the blank line) from a raw connection.
+fn read_head(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A client that sends `Expect: 100-continue` and holds its body back
+/// (as curl does for large bodies) is told to go on once its token has
+/// been checked, and its bundle goes through — without it waiting for a
+/// timeout, and without a second `100` from the upstream. A client with a
+/// bad token gets its 401 at once and never sends the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_once_the_token_is_checked() {
+    use std::io::Write;
+    let gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("user/Patient.rs", None);
+    let body = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/p1"}}
+    ]})
+    .to_string();
+    let addr = gw.proxy_addr();
+    let path = url::Url::parse(&gw.base).unwrap().path().to_string();
+    let head = move |auth: &str, len: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+             Content-Type: application/fhir+json\r\nContent-Length: {len}\r\n\
+             Expect: 100-continue\r\n\r\n"
+        )
+    };
+    let forbidden = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Condition/cond-1"}}
+    ]})
+    .to_string();
+    let (good, bad) = (head(&token, body.len()), head("not-a-token", body.len()));
+    let outside = head(&token, forbidden.len());
+    let (interim, last, refused, denied) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(good.as_bytes()).unwrap();
+        let interim = read_head(&mut s);
+        s.write_all(body.as_bytes()).unwrap();
+        let last = read_head(&mut s);
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bad.as_bytes()).unwrap();
+        let refused = read_head(&mut s);
+        // Told to go on, then refused for what the body asks.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(outside.as_bytes()).unwrap();
+        let go_on = read_head(&mut s);
+        s.write_all(forbidden.as_bytes()).unwrap();
+        (interim, last, refused, (go_on, read_head(&mut s)))
+    })
+    .await
+    .unwrap();
+    assert!(interim.starts_with("HTTP/1.1 100"), "interim: {interim:?}");
+    assert!(last.starts_with("HTTP/1.1 200"), "final: {last:?}");
+    assert!(refused.starts_with("HTTP/1.1 401"), "refused: {refused:?}");
+    assert!(denied.0.starts_with("HTTP/1.1 100"), "{denied:?}");
+    assert!(denied.1.starts_with("HTTP/1.1 403"), "{denied:?}");
+    let posts: Vec<_> = gw
+        .upstream
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1, "only the admitted bundle went upstream");
+    assert!(
+        !posts[0]
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("expect")),
+        "the body was already read: the upstream is not asked to send 100"
+    );
+}
