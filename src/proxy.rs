@@ -306,6 +306,37 @@ fn final_response(session: &Session) -> Option<&ResponseHeader> {
         .filter(|r| !r.status.is_informational())
 }
 
+/// The answer when stage 8's check of an upstream answer about `fhir`'s
+/// resource failed (`what` names that answer in the message).
+fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
+    match verdict {
+        Verdict::Hide { why } => Denial::Hidden {
+            resource: format!(
+                "{}/{}",
+                fhir.resource_type.as_deref().unwrap_or(""),
+                fhir.id.as_deref().unwrap_or("")
+            ),
+            why,
+        },
+        Verdict::Refuse { why } => Denial::InsufficientScope {
+            description: why,
+            scope: None,
+        },
+        Verdict::Unverifiable { why } => Denial::Upstream {
+            status: 502,
+            code: "upstream_answer_unchecked",
+            description: format!("{what} could not be checked: {why}"),
+        },
+        // Not a failure: callers take a pass first. Were one to get here,
+        // the request still fails closed.
+        Verdict::Pass => Denial::Upstream {
+            status: 502,
+            code: "upstream_answer_unchecked",
+            description: format!("{what} could not be checked"),
+        },
+    }
+}
+
 fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
     match e {
         TokenError::KeysUnavailable(_) | TokenError::IntrospectionUnavailable(_) => {
@@ -668,26 +699,7 @@ impl Gateway {
         let body = match judged {
             Ok(body) => body,
             Err(verdict) => {
-                let denial = match verdict {
-                    Verdict::Pass => unreachable!("a passing verdict is Ok"),
-                    Verdict::Hide { why } => Denial::Hidden {
-                        resource: format!(
-                            "{}/{}",
-                            fhir.resource_type.as_deref().unwrap_or(""),
-                            fhir.id.as_deref().unwrap_or("")
-                        ),
-                        why,
-                    },
-                    Verdict::Unverifiable { why } => Denial::Upstream {
-                        status: 502,
-                        code: "upstream_answer_unchecked",
-                        description: format!("the upstream's answer could not be checked: {why}"),
-                    },
-                    Verdict::Refuse { why } => Denial::InsufficientScope {
-                        description: why,
-                        scope: None,
-                    },
-                };
+                let denial = check_denial(verdict, fhir, "the upstream's answer");
                 let r = self.answer(session, ctx, &denial).await;
                 ctx.denial = Some(denial);
                 return r;
@@ -900,20 +912,7 @@ impl Gateway {
             {
                 Ok(None)
             }
-            Verdict::Hide { why } => Err(Denial::Hidden {
-                resource: format!(
-                    "{}/{}",
-                    fhir.resource_type.as_deref().unwrap_or(""),
-                    fhir.id.as_deref().unwrap_or("")
-                ),
-                why,
-            }),
-            Verdict::Unverifiable { why } => Err(Denial::Upstream {
-                status: 502,
-                code: "upstream_answer_unchecked",
-                description: format!("the stored resource could not be checked: {why}"),
-            }),
-            Verdict::Refuse { why } => Err(refuse(why)),
+            failed => Err(check_denial(failed, fhir, "the stored resource")),
         }
     }
 
