@@ -461,18 +461,15 @@ impl Gateway {
         // is told so now that its token is checked; else it would wait
         // for its own timeout before sending the body.
         if expects_continue(session.req_header()) {
-            let go_on =
-                ResponseHeader::build(100, Some(0)).map_err(|_| Denial::InvalidRequest {
-                    code: "fhir_malformed",
-                    description: "could not answer Expect: 100-continue".into(),
-                })?;
-            // Straight to the connection: response modules are for the
-            // final answer.
-            if let Err(e) = session
-                .downstream_session
-                .write_response_header(Box::new(go_on))
-                .await
-            {
+            // Straight to the connection (response modules are for the
+            // final answer), once (a body read twice is told once). Pingora
+            // would mark the connection to close for a header written before
+            // the body is read: not for this one, which asks for the body.
+            let client = &mut session.downstream_session;
+            client.set_close_on_response_before_downstream_finish(false);
+            let written = client.write_continue_response().await;
+            client.set_close_on_response_before_downstream_finish(true);
+            if let Err(e) = written {
                 return Err(Denial::InvalidRequest {
                     code: "fhir_malformed",
                     description: format!(
@@ -1812,7 +1809,8 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let body_in_hand = session.get_retry_buffer().is_some();
+        // Read by fhirwall (or empty): it goes at once, nothing to wait for.
+        let body_in_hand = session.is_body_done();
         let (remove, set) = self.header_plan(&up.headers, client_ip, ctx, body_in_hand);
         for name in remove {
             up.remove_header(&name);

@@ -843,6 +843,10 @@ async fn expect_100_continue_is_answered_once_the_token_is_checked() {
     .unwrap();
     assert!(interim.starts_with("HTTP/1.1 100"), "interim: {interim:?}");
     assert!(last.starts_with("HTTP/1.1 200"), "final: {last:?}");
+    assert!(
+        last.to_ascii_lowercase().contains("connection: keep-alive"),
+        "the connection stays open after a 100: {last:?}"
+    );
     assert!(refused.starts_with("HTTP/1.1 401"), "refused: {refused:?}");
     assert!(denied.0.starts_with("HTTP/1.1 100"), "{denied:?}");
     assert!(denied.1.starts_with("HTTP/1.1 403"), "{denied:?}");
