@@ -160,6 +160,19 @@ impl Queue {
         self.work.notify_one();
     }
 
+    /// The writer is gone: closes the queue and hands back what is in it.
+    /// Requests waiting for room find it closed.
+    pub(super) fn abandon(&self) -> Vec<Msg> {
+        let left = {
+            let mut st = self.lock();
+            st.closed = true;
+            self.len.store(0, Ordering::Relaxed);
+            std::mem::take(&mut st.msgs)
+        };
+        self.room.notify_waiters();
+        left
+    }
+
     /// The writer's wait for its next batch, moved into `out` (empty on
     /// entry). Records nobody waits for are left to gather for `linger`;
     /// with nothing queued, the wait ends after `tick` (if any).
@@ -302,6 +315,33 @@ mod tests {
             q.try_push(record(false).0),
             Err(PushError::Closed(_))
         ));
+    }
+
+    #[test]
+    fn a_queue_abandoned_by_its_writer_fails_its_waiters() {
+        let q = std::sync::Arc::new(Queue::new(1));
+        let (waited, ack) = record(true);
+        q.try_push(waited).ok().unwrap();
+        let (flush_tx, flush_rx) = oneshot::channel();
+        q.try_push(Msg::Flush(flush_tx)).ok().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let q2 = q.clone();
+        // Waits for room in the full queue until the writer is gone.
+        let blocked = rt.spawn(async move { q2.push(record(false).0).await.is_err() });
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+        let left = q.abandon();
+        assert_eq!(left.len(), 2);
+        drop(left);
+        assert!(ack.unwrap().blocking_recv().is_err(), "the decision fails");
+        assert!(flush_rx.blocking_recv().is_err(), "the flush returns");
+        assert!(
+            rt.block_on(blocked).unwrap(),
+            "a request waiting for room is told the queue is closed"
+        );
+        assert_eq!(q.len(), 0);
     }
 
     #[test]

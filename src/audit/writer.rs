@@ -485,6 +485,17 @@ impl Drop for Writer {
         self.shared.primary_up.store(false, Ordering::Release);
         self.shared.spill_ok.store(false, Ordering::Release);
         self.shared.metrics.sink_up.set(0);
+        // Nobody is left to take what is queued: waiting requests are
+        // refused (their acks drop), a flush returns, records are counted.
+        let left = self.shared.queue.abandon();
+        let lost = left.iter().filter(|m| matches!(m, Msg::Record(_))).count();
+        if lost > 0 {
+            self.shared.metrics.dropped.inc_by(lost as u64);
+            tracing::error!(
+                lost,
+                "the audit writer stopped with records queued; they are lost"
+            );
+        }
     }
 }
 
@@ -530,6 +541,8 @@ impl Writer {
         let now = Instant::now();
         let retry = self.down_until.map(|t| t.saturating_duration_since(now));
         let sync = match (self.fsync, self.dirty_since) {
+            // A failed sink is retried on its own schedule, not the fsync's.
+            _ if self.down_until.is_some() => None,
             (Fsync::Interval(every), Some(since)) => {
                 Some((since + every).saturating_duration_since(now))
             }
