@@ -438,6 +438,12 @@ impl Gateway {
     /// Reads the whole request body (bounded) so it can be classified; it
     /// stays in Pingora's retry buffer and is forwarded unchanged.
     async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, Denial> {
+        // Read before (to classify it, now to prove it): the same bytes.
+        if session.is_body_done() {
+            if let Some(body) = session.get_retry_buffer() {
+                return Ok(body);
+            }
+        }
         let limit = self
             .settings
             .server
