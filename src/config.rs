@@ -551,6 +551,11 @@ pub struct ServerConfig {
     /// Largest request body fhirwall reads to classify (Bundles, `_search` forms).
     #[serde(default = "d_max_body")]
     pub max_classified_body_bytes: usize,
+    /// Proxies in front of fhirwall (CIDR blocks or addresses) whose
+    /// `X-Forwarded-For` names the client. Empty: the TCP peer is the
+    /// client and the header is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn d_connect_timeout() -> u64 {
@@ -711,6 +716,8 @@ pub struct Settings {
     pub roles: Option<Roles>,
     pub audit: Audit,
     pub server: ServerConfig,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
 }
 
@@ -1288,6 +1295,17 @@ impl Config {
             );
         }
 
+        let mut trusted_proxies = Vec::new();
+        for (i, p) in self.server.trusted_proxies.iter().enumerate() {
+            match crate::client_addr::parse_cidr(p.trim()) {
+                Some(c) => trusted_proxies.push(c),
+                None => problem(
+                    &format!("server.trusted_proxies[{i}]"),
+                    format!("'{p}' is not an IP address or CIDR block (e.g. 10.0.0.0/8)"),
+                ),
+            }
+        }
+
         let mut forward_headers = Vec::new();
         for (k, v) in &self.forward_headers {
             let path = format!("forward_headers.{k}");
@@ -1344,6 +1362,7 @@ impl Config {
             roles: roles.expect("validated"),
             audit: audit.expect("validated"),
             server: self.server.clone(),
+            trusted_proxies,
             forward_headers,
         })
     }
@@ -2001,6 +2020,34 @@ admin:
         let e = Config::parse(&GOOD.replace("    audiences:", "    audience: x\n    audiences:"))
             .unwrap_err();
         assert!(e.contains("audience"), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_address_blocks_named_by_their_index() {
+        let with =
+            |list: &str| Config::parse(&format!("{GOOD}server:\n  trusted_proxies: {list}\n"));
+        let s = with("[10.0.0.0/8, '::1']").unwrap().validate().unwrap();
+        assert_eq!(s.trusted_proxies.len(), 2);
+        let problems = with("[10.0.0.0/8, ingress, 10.0.0.0/40]")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["server.trusted_proxies[1]", "server.trusted_proxies[2]"]
+        );
+        assert!(
+            problems[0].message.contains("'ingress'"),
+            "{}",
+            problems[0].message
+        );
+        assert!(Config::parse(GOOD)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .trusted_proxies
+            .is_empty());
     }
 
     /// Problems of GOOD plus an `audit:` section.

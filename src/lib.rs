@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod audit;
 pub mod check;
+pub mod client_addr;
 pub mod config;
 pub mod decide;
 pub mod demo;

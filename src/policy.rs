@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::client_addr::{in_cidr, parse_cidr, Cidr};
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -88,7 +90,9 @@ pub struct Match {
     /// any rest (e.g. `Patient/*/$everything`, `Binary/**`).
     #[serde(default)]
     pub path: Vec<String>,
-    /// Client addresses, as CIDR blocks (`10.0.0.0/8`, `::1/128`).
+    /// Client addresses, as CIDR blocks (`10.0.0.0/8`, `::1/128`): the
+    /// client as [`crate::client_addr`] resolves it (behind a trusted
+    /// proxy, from `X-Forwarded-For`).
     #[serde(default)]
     pub source: Vec<String>,
     /// `bearer`, `dpop` or `mtls`.
@@ -132,7 +136,7 @@ pub struct Rule {
     pub rate_limit: Option<RateLimit>,
     pub break_glass: bool,
     pub when: Match,
-    sources: Vec<(IpAddr, u8)>,
+    sources: Vec<Cidr>,
     window: Option<(Vec<u8>, u16, u16)>,
 }
 
@@ -200,31 +204,6 @@ fn hhmm(s: &str) -> Option<u16> {
     let (h, m) = s.split_once(':')?;
     let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
     (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
-}
-
-fn cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, bits) = match s.split_once('/') {
-        Some((ip, bits)) => (ip.parse::<IpAddr>().ok()?, bits.parse::<u8>().ok()?),
-        None => {
-            let ip = s.parse::<IpAddr>().ok()?;
-            (ip, if ip.is_ipv4() { 32 } else { 128 })
-        }
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (bits <= max).then_some((ip, bits))
-}
-
-fn in_cidr(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
-    let (a, b, width) = match (ip.to_canonical(), net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
-        _ => return false,
-    };
-    if bits == 0 {
-        return true;
-    }
-    let shift = width - bits as u32;
-    (a >> shift) == (b >> shift)
 }
 
 impl PolicySet {
@@ -325,7 +304,7 @@ impl PolicySet {
             }
             let mut sources = Vec::new();
             for s in &w.source {
-                match cidr(s) {
+                match parse_cidr(s) {
                     Some(c) => sources.push(c),
                     None => p(
                         "when.source",

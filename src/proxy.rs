@@ -241,6 +241,9 @@ pub struct Ctx {
     upstream_time: Option<std::time::Duration>,
     /// The request's method, for a record written without the session.
     method: Option<http::Method>,
+    /// The client (the peer, or behind a trusted proxy the address it
+    /// forwarded for), resolved once.
+    client: Option<crate::client_addr::Client>,
     /// Set once the request record is written; until then, dropping the
     /// context (a task Pingora abandoned at shutdown, a panic) writes a
     /// record of what is known, and counts the request.
@@ -520,7 +523,6 @@ impl Gateway {
     fn header_plan(
         &self,
         headers: &http::HeaderMap,
-        client_ip: Option<std::net::IpAddr>,
         ctx: &Ctx,
         body_in_hand: bool,
     ) -> (
@@ -545,8 +547,11 @@ impl Gateway {
             remove.push(header::EXPECT);
         }
         let mut set = Vec::with_capacity(8);
-        if let Some(ip) = client_ip {
-            if let Ok(v) = http::HeaderValue::from_str(&ip.to_string()) {
+        // The client and the trusted proxies it came through, then the
+        // peer; never what the client itself claimed.
+        if let Some(c) = &ctx.client {
+            let chain = crate::client_addr::forwarded_for(&c.chain);
+            if let Ok(v) = http::HeaderValue::from_str(&chain) {
                 set.push((http::HeaderName::from_static("x-forwarded-for"), v));
             }
         }
@@ -586,12 +591,8 @@ impl Gateway {
     /// request fhirwall sends upstream itself.
     fn checked_headers(&self, session: &Session, ctx: &Ctx) -> http::HeaderMap {
         let req = session.req_header();
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let mut headers = req.headers.clone();
-        let (remove, set) = self.header_plan(&req.headers, client_ip, ctx, true);
+        let (remove, set) = self.header_plan(&req.headers, ctx, true);
         for name in remove {
             headers.remove(&name);
         }
@@ -1403,10 +1404,7 @@ impl Gateway {
         let stage = tracing::debug_span!("policy").entered();
         if !rules.policies.rules.is_empty() {
             let scopes: Vec<String> = claims.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
-            let source = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
+            let source = ctx.client.as_ref().map(|c| c.ip);
             let binding = ctx.binding.unwrap_or("bearer");
             let now = now_unix();
             let break_glass = self.break_glass_reason(&rules.break_glass, session, &claims, now);
@@ -1609,10 +1607,6 @@ impl Gateway {
         let done = event == Event::Request;
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
-            source: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string()),
             method: req.method.as_str(),
             path: path.get(..512).unwrap_or(path),
             status: done.then(|| status.unwrap_or(0)),
@@ -1625,7 +1619,7 @@ impl Gateway {
 
 impl Ctx {
     /// The audit record of what this context knows (all but what only the
-    /// session knows: source, method, path, status, bytes).
+    /// session knows: method, path, status, bytes).
     fn record(&self, event: Event) -> Record<'_> {
         let (decision, reason, detail) = self.outcome();
         let claims = self.token.as_ref().map(|t| &t.claims);
@@ -1638,7 +1632,7 @@ impl Ctx {
             },
             time: rfc3339(self.time),
             request_id: &self.request_id,
-            source: None,
+            source: self.client.as_ref().map(|c| c.ip.to_string()),
             method: self.method.as_ref().map_or("", |m| m.as_str()),
             path: self.rel_path.as_deref().unwrap_or(""),
             query_params: &self.query_names,
@@ -1712,6 +1706,7 @@ impl ProxyHttp for Gateway {
             proofs: None,
             refused_token_hash: None,
             method: None,
+            client: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
             validation: None,
             upstream_started: None,
@@ -1721,6 +1716,18 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.method = Some(session.req_header().method.clone());
+        ctx.client = session.client_addr().and_then(|a| a.as_inet()).map(|a| {
+            crate::client_addr::resolve(
+                a.ip(),
+                session
+                    .req_header()
+                    .headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .map(|v| v.as_bytes()),
+                &self.settings.trusted_proxies,
+            )
+        });
         ctx.request_id = session
             .req_header()
             .headers
@@ -1811,13 +1818,9 @@ impl ProxyHttp for Gateway {
         up.set_uri(uri);
 
         // Headers: strip what the client may not assert, then set ours.
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         // Read by fhirwall (or empty): it goes at once, nothing to wait for.
         let body_in_hand = session.is_body_done();
-        let (remove, set) = self.header_plan(&up.headers, client_ip, ctx, body_in_hand);
+        let (remove, set) = self.header_plan(&up.headers, ctx, body_in_hand);
         for name in remove {
             up.remove_header(&name);
         }

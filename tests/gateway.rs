@@ -865,3 +865,75 @@ async fn expect_100_continue_is_answered_once_the_token_is_checked() {
         "the body was already read: the upstream is not asked to send 100"
     );
 }
+
+/// Behind a trusted proxy (an Ingress) the client is the address that
+/// proxy forwarded for: it is the audit's `source`, what policies match
+/// `source` against, and heads the X-Forwarded-For sent upstream, while
+/// whatever the client claimed itself is dropped. (Without trusted
+/// proxies the header changes nothing:
+/// `spoofable_headers_are_stripped_and_context_forwarded`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_client_is_the_forwarded_address() {
+    let dir = support::TempDir::new("trusted-proxy");
+    std::fs::write(
+        dir.0.join("10-network.yaml"),
+        "rules:\n  - name: not-from-the-lab\n    effect: deny\n    when: {source: [203.0.113.0/24]}\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(Options {
+        server_yaml: "  trusted_proxies: [127.0.0.1/32]\n".into(),
+        extra_yaml: format!("policies:\n  dir: {}\n", dir.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let get = |id: &'static str, forwarded_for: &'static str| {
+        gw.client
+            .get(format!("{}/Patient/p1", gw.base))
+            .bearer_auth(&token)
+            .header("X-Forwarded-For", forwarded_for)
+            .header("X-Request-Id", id)
+            .send()
+    };
+    let forwarded = |id: &str| -> Vec<String> {
+        let seen = gw.upstream.seen();
+        let s = seen
+            .iter()
+            .find(|s| {
+                s.headers
+                    .iter()
+                    .any(|(k, v)| k == "x-request-id" && v == id)
+            })
+            .expect("reached the upstream");
+        s.headers
+            .iter()
+            .filter(|(k, _)| k == "x-forwarded-for")
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+
+    // The client's own claim (left) is dropped; the Ingress's is taken.
+    let r = get("via-ingress-1", "192.0.2.66, 198.51.100.7")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(forwarded("via-ingress-1"), vec!["198.51.100.7, 127.0.0.1"]);
+    assert_eq!(gw.audit_for("via-ingress-1")["source"], "198.51.100.7");
+
+    // A policy on `source` sees the forwarded client.
+    let r = get("via-ingress-2", "203.0.113.9").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(gw.upstream.seen().iter().all(|s| !s
+        .headers
+        .iter()
+        .any(|(k, v)| k == "x-request-id" && v == "via-ingress-2")));
+    let rec = gw.audit_for("via-ingress-2");
+    assert_eq!(rec["source"], "203.0.113.9");
+    assert_eq!(rec["policy_rule"], "10-network.yaml#not-from-the-lab");
+
+    // An entry that is no address ends the walk at the proxy itself.
+    let r = get("via-ingress-3", "203.0.113.9, unknown").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(forwarded("via-ingress-3"), vec!["127.0.0.1"]);
+    assert_eq!(gw.audit_for("via-ingress-3")["source"], "127.0.0.1");
+}

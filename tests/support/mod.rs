@@ -62,6 +62,8 @@ pub struct Options {
     pub extra_yaml: String,
     /// Appended under `upstream:` (each line indented by two spaces).
     pub upstream_yaml: String,
+    /// Appended under `server:` (each line indented by two spaces).
+    pub server_yaml: String,
     /// Appended under `jwks:` (each line indented by two spaces).
     pub jwks_yaml: String,
     /// Extra lines for the issuer entry (indented four spaces).
@@ -87,6 +89,7 @@ impl Default for Options {
             discovery: false,
             extra_yaml: String::new(),
             upstream_yaml: String::new(),
+            server_yaml: String::new(),
             jwks_yaml: String::new(),
             issuer_yaml: String::new(),
             tls_yaml: String::new(),
@@ -202,7 +205,7 @@ impl Gateway {
              jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
              audit:\n{audit}\
-             server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{tls}{extra}",
+             server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{server_extra}{tls}{extra}",
             rt = opts.read_timeout_ms,
             iss = issuer.issuer,
             lw = opts.leeway_seconds,
@@ -213,6 +216,7 @@ impl Gateway {
             )),
             extra = opts.extra_yaml,
             up_extra = opts.upstream_yaml,
+            server_extra = opts.server_yaml,
             jwks_extra = opts.jwks_yaml,
             iss_extra = opts.issuer_yaml,
             tls = opts.tls_yaml,

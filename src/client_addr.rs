@@ -1,0 +1,237 @@
+//! Who the client is (pure): the TCP peer, or — when the peer is one of
+//! the configured trusted proxies (an Ingress, a load balancer) — the
+//! address that proxy recorded in `X-Forwarded-For`. The audit's `source`,
+//! the policies' `sources` and the `X-Forwarded-For` sent upstream all use
+//! this one answer.
+//!
+//! `X-Forwarded-For` is read from the right: each trusted proxy appends
+//! the address it received the request from, so the rightmost entry that
+//! is not a trusted proxy is the client; what lies left of it was written
+//! by the client itself and is ignored. With no trusted proxies (the
+//! default) the header is never read: the peer is the client.
+
+use std::net::IpAddr;
+
+/// An address block: network address and prefix length.
+pub type Cidr = (IpAddr, u8);
+
+/// Most `X-Forwarded-For` entries looked at (hops through trusted proxies).
+const MAX_HOPS: usize = 32;
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (a block of one).
+pub fn parse_cidr(s: &str) -> Option<Cidr> {
+    let (ip, bits) = match s.split_once('/') {
+        Some((ip, bits)) => (ip.parse::<IpAddr>().ok()?, bits.parse::<u8>().ok()?),
+        None => {
+            let ip = s.parse::<IpAddr>().ok()?;
+            (ip, if ip.is_ipv4() { 32 } else { 128 })
+        }
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((ip, bits))
+}
+
+/// Whether `ip` lies in the block (an IPv4-mapped IPv6 address counts as
+/// its IPv4 address).
+pub fn in_cidr(ip: IpAddr, (net, bits): Cidr) -> bool {
+    let (a, b, width) = match (ip.to_canonical(), net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
+    };
+    if bits == 0 {
+        return true;
+    }
+    let shift = width - bits as u32;
+    (a >> shift) == (b >> shift)
+}
+
+fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
+    proxies.iter().any(|c| in_cidr(ip, *c))
+}
+
+/// The client, and the chain to send upstream as `X-Forwarded-For`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    pub ip: IpAddr,
+    /// The client, then each trusted proxy the request passed through, the
+    /// peer last. Just the peer when it is not a trusted proxy.
+    pub chain: Vec<IpAddr>,
+}
+
+/// Resolves the client of a request from its TCP peer and its
+/// `X-Forwarded-For` header values (in the order received).
+pub fn resolve<'a>(
+    peer: IpAddr,
+    forwarded_for: impl Iterator<Item = &'a [u8]>,
+    proxies: &[Cidr],
+) -> Client {
+    let mut chain = vec![peer];
+    if !trusted(peer, proxies) {
+        return Client { ip: peer, chain };
+    }
+    let entries: Vec<&[u8]> = forwarded_for
+        .flat_map(|v| v.split(|b| *b == b','))
+        .collect();
+    let mut client = peer;
+    for entry in entries.iter().rev().take(MAX_HOPS) {
+        // An entry that is no address (a port, `unknown`, garbage) ends
+        // the walk: the last trusted hop is the client we can vouch for.
+        let Some(ip) = std::str::from_utf8(entry)
+            .ok()
+            .and_then(|e| e.trim().parse::<IpAddr>().ok())
+        else {
+            break;
+        };
+        chain.push(ip);
+        client = ip;
+        if !trusted(ip, proxies) {
+            break;
+        }
+    }
+    chain.reverse();
+    Client { ip: client, chain }
+}
+
+/// The chain as an `X-Forwarded-For` value.
+pub fn forwarded_for(chain: &[IpAddr]) -> String {
+    chain
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn nets(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|s| parse_cidr(s).unwrap()).collect()
+    }
+
+    fn run(peer: &str, xff: &[&str], proxies: &[&str]) -> (String, String) {
+        let c = resolve(ip(peer), xff.iter().map(|v| v.as_bytes()), &nets(proxies));
+        (c.ip.to_string(), forwarded_for(&c.chain))
+    }
+
+    #[test]
+    fn cidr_blocks_parse_and_match() {
+        assert_eq!(parse_cidr("10.0.0.0/8"), Some((ip("10.0.0.0"), 8)));
+        assert_eq!(parse_cidr("::1"), Some((ip("::1"), 128)));
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        assert_eq!(parse_cidr("ten"), None);
+        let net = parse_cidr("10.1.0.0/16").unwrap();
+        assert!(in_cidr(ip("10.1.200.3"), net));
+        assert!(!in_cidr(ip("10.2.0.1"), net));
+        assert!(in_cidr(ip("::ffff:10.1.0.9"), net), "IPv4-mapped");
+        assert!(in_cidr(ip("192.0.2.1"), parse_cidr("0.0.0.0/0").unwrap()));
+        assert!(!in_cidr(ip("2001:db8::1"), net));
+    }
+
+    /// Peer, X-Forwarded-For values, trusted proxies → client, chain sent
+    /// upstream.
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a str, &'a str);
+
+    #[test]
+    fn the_client_is_the_rightmost_address_not_a_trusted_proxy() {
+        let ingress = ["10.0.0.0/8"];
+        let table: &[Case] = &[
+            // No trusted proxies: the header is not read at all.
+            (
+                "198.51.100.9",
+                &["203.0.113.7"],
+                &[],
+                "198.51.100.9",
+                "198.51.100.9",
+            ),
+            // An untrusted peer cannot assert an address.
+            (
+                "198.51.100.9",
+                &["203.0.113.7"],
+                &ingress,
+                "198.51.100.9",
+                "198.51.100.9",
+            ),
+            // Through the Ingress.
+            (
+                "10.0.0.5",
+                &["203.0.113.7"],
+                &ingress,
+                "203.0.113.7",
+                "203.0.113.7, 10.0.0.5",
+            ),
+            // The client's own claim left of it is dropped.
+            (
+                "10.0.0.5",
+                &["192.0.2.66, 203.0.113.7"],
+                &ingress,
+                "203.0.113.7",
+                "203.0.113.7, 10.0.0.5",
+            ),
+            // Two trusted hops; values over several header lines.
+            (
+                "10.0.0.5",
+                &["192.0.2.66, 203.0.113.7", "10.9.9.9"],
+                &ingress,
+                "203.0.113.7",
+                "203.0.113.7, 10.9.9.9, 10.0.0.5",
+            ),
+            // Garbage ends the walk at the last trusted hop.
+            (
+                "10.0.0.5",
+                &["203.0.113.7, unknown"],
+                &ingress,
+                "10.0.0.5",
+                "10.0.0.5",
+            ),
+            (
+                "10.0.0.5",
+                &["203.0.113.7:4711"],
+                &ingress,
+                "10.0.0.5",
+                "10.0.0.5",
+            ),
+            // Only trusted addresses: the leftmost is all we know.
+            (
+                "10.0.0.5",
+                &["10.3.3.3"],
+                &ingress,
+                "10.3.3.3",
+                "10.3.3.3, 10.0.0.5",
+            ),
+            // A trusted peer that sent no header.
+            ("10.0.0.5", &[], &ingress, "10.0.0.5", "10.0.0.5"),
+            // IPv6.
+            (
+                "fd00::1",
+                &[" 2001:db8::7 "],
+                &["fd00::/8"],
+                "2001:db8::7",
+                "2001:db8::7, fd00::1",
+            ),
+        ];
+        for (peer, xff, proxies, client, chain) in table {
+            assert_eq!(
+                run(peer, xff, proxies),
+                (client.to_string(), chain.to_string()),
+                "{peer} {xff:?} {proxies:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_chain_of_trusted_hops_is_cut() {
+        let hops: Vec<String> = (0..100)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        let joined = hops.join(", ");
+        let (client, chain) = run("10.0.0.5", &[joined.as_str()], &["10.0.0.0/8"]);
+        assert_eq!(chain.split(", ").count(), MAX_HOPS + 1);
+        assert_eq!(client, hops[100 - MAX_HOPS]);
+    }
+}
