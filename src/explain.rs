@@ -11,10 +11,10 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::authorise::{authorise, Context, Refusal, Rules};
 use crate::config::Settings;
-use crate::decide::{decide_with, DecideOptions};
+use crate::decide::DecideOptions;
 use crate::fhir::classify::{self, HttpRequest};
-use crate::policy::{PolicyInput, Verdict};
 use crate::route::{normalise, route, Route};
 use crate::token::check_claims;
 
@@ -175,7 +175,8 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
                 .unwrap_or_default()
         ),
     ));
-    // 6. Decide: scopes and patient context, then policies.
+    // 6. Decide: scopes and patient context, the role ceiling, policies —
+    // the gateway's own step.
     let opts = DecideOptions {
         unnarrowed_search: s.unnarrowed_search,
         bases: crate::fhir::compartment::Bases(vec![s
@@ -184,72 +185,67 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             .trim_end_matches('/')
             .to_string()]),
     };
-    let d = match decide_with(&fhir, &c.scopes, c.patient.as_deref(), &opts) {
-        Ok(d) => d,
-        Err(err) => return e.deny("decide", err.reason),
-    };
-    e.stages.push((
-        "decide",
-        format!(
-            "granted by {}",
-            if d.scopes_used.is_empty() {
-                "-".to_string()
-            } else {
-                d.scopes_used.join(" ")
-            }
-        ),
-    ));
-    if let Some(roles) = &s.roles {
-        match crate::policy::role_ceiling(roles, &c, &fhir, &opts) {
-            Ok(()) => e.stages.push(("roles", "within the role ceiling".into())),
-            Err(why) => return e.deny("roles", why),
+    let granted = authorise(
+        &fhir,
+        &Context {
+            rel: &rel,
+            claims: &c,
+            source: req.source,
+            binding: &req.binding,
+            now,
+            break_glass: req.break_glass.as_deref(),
+        },
+        &Rules {
+            decide: &opts,
+            roles: s.roles.as_ref(),
+            policies: &s.policies,
+        },
+    );
+    let grant = match granted {
+        Ok(g) => g,
+        Err(Refusal::Scopes { reason, .. }) => return e.deny("decide", reason),
+        Err(Refusal::Roles { reason, granted_by }) => {
+            e.stages.push(("decide", granted_note(&granted_by)));
+            return e.deny("roles", reason);
         }
+        Err(Refusal::Policy {
+            rule,
+            reason,
+            granted_by,
+        }) => {
+            e.stages.push(("decide", granted_note(&granted_by)));
+            if s.roles.is_some() {
+                e.stages.push(("roles", "within the role ceiling".into()));
+            }
+            e.rule = Some(rule);
+            return e.deny("policies", reason);
+        }
+        Err(Refusal::Uncheckable(why)) => return e.deny("check", why),
+    };
+    let d = grant.decision;
+    e.stages.push(("decide", granted_note(&d.scopes_used)));
+    if s.roles.is_some() {
+        e.stages.push(("roles", "within the role ceiling".into()));
     }
-    let scopes: Vec<String> = c.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
-    let base = PolicyInput {
-        issuer: &c.issuer_name,
-        client_id: c.client_id.as_deref(),
-        claims: &c.raw,
-        scopes: &scopes,
-        interaction: "",
-        resource_type: None,
-        operation: None,
-        path: "",
-        source: req.source,
-        binding: &req.binding,
-        now,
-        break_glass: req.break_glass.as_deref(),
-    };
-    for v in s.policies.evaluate_each(&base, &fhir, &rel) {
-        match v {
-            Verdict::Deny { by, reason } => {
-                e.rule = Some(by);
-                return e.deny("policies", reason);
-            }
-            Verdict::Allow {
-                by,
-                limits,
-                broke_glass,
-            } => {
-                if by.is_some() && e.rule.is_none() {
-                    e.rule.clone_from(&by);
-                }
-                let mut note = match &by {
-                    Some(b) => format!("allowed by rule {b}"),
-                    None => "no rule refused it".into(),
-                };
-                for rule in broke_glass {
-                    note.push_str(&format!("; BREAK-GLASS past {rule}"));
-                }
-                for (rule, l) in limits {
-                    note.push_str(&format!(
-                        "; rate limit {rule}: {} per {} s per {}",
-                        l.requests, l.per_seconds, l.per
-                    ));
-                }
-                e.stages.push(("policies", note));
-            }
+    e.rule = grant.rule;
+    if s.policies.rules.is_empty() {
+        e.stages.push(("policies", "none configured".into()));
+    }
+    for allow in grant.allows {
+        let mut note = match &allow.by {
+            Some(b) => format!("allowed by rule {b}"),
+            None => "no rule refused it".into(),
+        };
+        for rule in allow.broke_glass {
+            note.push_str(&format!("; BREAK-GLASS past {rule}"));
         }
+        for (rule, l) in allow.limits {
+            note.push_str(&format!(
+                "; rate limit {rule}: {} per {} s per {}",
+                l.requests, l.per_seconds, l.per
+            ));
+        }
+        e.stages.push(("policies", note));
     }
     // 7-8. Proxy and check.
     let mut proxy = "forwarded to the upstream".to_string();
@@ -269,6 +265,15 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         ));
     }
     e
+}
+
+/// The decide stage's note: the scopes that granted the request.
+fn granted_note(scopes: &[String]) -> String {
+    if scopes.is_empty() {
+        "granted by -".into()
+    } else {
+        format!("granted by {}", scopes.join(" "))
+    }
 }
 
 /// One case of a policy test file.

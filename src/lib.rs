@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod authorise;
 pub mod check;
 pub mod client_addr;
 pub mod config;

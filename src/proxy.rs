@@ -23,16 +23,16 @@ use pingora::ErrorType;
 use tracing::Instrument;
 
 use crate::audit::{hex, AuditLog, Event, Record};
+use crate::authorise::Refusal;
 use crate::check::rewrite_links;
 use crate::check::{judge, judge_bundle_answer, judge_write_body, narrow_bundle, Verdict};
 use crate::config::{ForwardedContext, Settings};
-use crate::decide::{decide_with, DecideOptions, EntryCheck, ResponseCheck, WriteCheck};
+use crate::decide::{DecideOptions, EntryCheck, ResponseCheck, WriteCheck};
 use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
 use crate::fhir::compartment::{references_other_patient, Bases};
 use crate::metrics::Metrics;
-use crate::policy::{PolicyInput, Verdict as PolicyVerdict};
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
 use crate::token::validator::{Validated, Validator};
@@ -369,33 +369,6 @@ fn extract_denial(e: &ExtractError) -> Denial {
             description: e.to_string(),
         },
     }
-}
-
-/// An answer fhirwall must check has to come whole and as JSON: parameters
-/// that change its format or cut elements out are refused (they would make
-/// the check fail, or tell a hidden resource apart from a missing one).
-fn checkable_params(req: &FhirRequest) -> std::result::Result<(), Denial> {
-    for (name, value) in &req.params {
-        let ok = match name.as_str() {
-            "_format" => matches!(
-                value.as_str(),
-                "json" | "application/json" | "application/fhir+json"
-            ),
-            "_summary" => matches!(value.as_str(), "count" | "false"),
-            "_elements" => false,
-            _ => true,
-        };
-        if !ok {
-            return Err(Denial::BadFhirRequest {
-                code: "fhir_malformed",
-                description: format!(
-                    "{name}={value} is refused here: this answer is checked before it is passed \
-                     on, so it must be whole FHIR JSON"
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn classify_denial(e: &ClassifyError) -> Denial {
@@ -1377,116 +1350,97 @@ impl Gateway {
 
         drop(stage);
 
-        // 6. Decide
+        // 6. Decide: scopes and patient context, the role ceiling, then
+        // the policies (which can only narrow the grant); one pure step,
+        // the same `fhirwall explain` runs.
         let stage = tracing::debug_span!("decide").entered();
-        let d = decide_with(
-            fhir,
-            &claims.scopes,
-            claims.patient.as_deref(),
-            &self.decide_opts,
-        )
-        .map_err(|d| Denial::InsufficientScope {
-            description: d.reason,
-            scope: d.missing_scope,
-        })?;
-        // 6a. Roles: the grant is also bounded by the user's role ceiling.
         let rules = self.rules.load_full();
-        if let Some(roles) = &rules.roles {
-            crate::policy::role_ceiling(roles, &claims, fhir, &self.decide_opts).map_err(|d| {
-                Denial::InsufficientScope {
-                    description: d,
-                    scope: None,
-                }
-            })?;
-        }
-        drop(stage);
-        // 6b. Policies: they can only narrow what the scopes granted.
-        let stage = tracing::debug_span!("policy").entered();
-        if !rules.policies.rules.is_empty() {
-            let scopes: Vec<String> = claims.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
-            let source = ctx.client.as_ref().map(|c| c.ip);
-            let binding = ctx.binding.unwrap_or("bearer");
-            let now = now_unix();
-            let break_glass = self.break_glass_reason(&rules.break_glass, session, &claims, now);
-            let base = PolicyInput {
-                issuer: &claims.issuer_name,
-                client_id: claims.client_id.as_deref(),
-                claims: &claims.raw,
-                scopes: &scopes,
-                interaction: "",
-                resource_type: None,
-                operation: None,
-                path: "",
+        let now = now_unix();
+        // A declared emergency is read only where a policy could use it.
+        let break_glass = if rules.policies.rules.is_empty() {
+            None
+        } else {
+            self.break_glass_reason(&rules.break_glass, session, &claims, now)
+        };
+        let source = ctx.client.as_ref().map(|c| c.ip);
+        let granted = crate::authorise::authorise(
+            fhir,
+            &crate::authorise::Context {
+                rel: &rel,
+                claims: &claims,
                 source,
-                binding,
+                binding: ctx.binding.unwrap_or("bearer"),
                 now,
                 break_glass: break_glass.as_deref(),
-            };
-            let verdicts = rules.policies.evaluate_each(&base, fhir, &rel);
-            let mut limits = Vec::new();
-            for v in verdicts {
-                match v {
-                    PolicyVerdict::Deny { by, reason } => {
-                        ctx.policy_rule = Some(by.clone());
-                        return Err(Denial::PolicyDenied {
-                            rule: by,
-                            description: reason,
-                        });
-                    }
-                    PolicyVerdict::Allow {
-                        by,
-                        limits: l,
-                        broke_glass,
-                    } => {
-                        if ctx.policy_rule.is_none() {
-                            ctx.policy_rule = by;
-                        }
-                        limits.extend(l);
-                        ctx.broke_glass.extend(broke_glass);
-                    }
-                }
+            },
+            &crate::authorise::Rules {
+                decide: &self.decide_opts,
+                roles: rules.roles.as_ref(),
+                policies: &rules.policies,
+            },
+        );
+        let grant = match granted {
+            Ok(g) => g,
+            Err(Refusal::Scopes {
+                reason,
+                missing_scope,
+            }) => {
+                return Err(Denial::InsufficientScope {
+                    description: reason,
+                    scope: missing_scope,
+                })
             }
-            ctx.broke_glass.sort();
-            ctx.broke_glass.dedup();
-            if !ctx.broke_glass.is_empty() {
-                ctx.break_glass_reason = break_glass;
-                self.metrics.break_glass();
-                tracing::warn!(
-                    request_id = %ctx.request_id,
-                    rules = %ctx.broke_glass.join(","),
-                    "break-glass access"
-                );
+            Err(Refusal::Roles { reason, .. }) => {
+                return Err(Denial::InsufficientScope {
+                    description: reason,
+                    scope: None,
+                })
             }
-            // Rate limits of the matching rules, counted once per request.
-            limits.sort_by(|a, b| a.0.cmp(&b.0));
-            limits.dedup_by(|a, b| a.0 == b.0);
-            for (rule, limit) in limits {
-                let source = source.map(|ip| ip.to_string());
-                let who = match limit.per.as_str() {
-                    "client" => claims.client_id.as_deref(),
-                    "user" => claims.sub.as_deref(),
-                    _ => source.as_deref(),
-                }
-                .unwrap_or("(none)");
-                if let Err(wait) = self.limiter.check(&rule, &limit, who) {
-                    return Err(Denial::RateLimited {
-                        description: format!(
-                            "rate limit of policy rule {rule}: {} requests per {} s per {}",
-                            limit.requests, limit.per_seconds, limit.per
-                        ),
-                        retry_after_seconds: wait.ceil().max(1.0) as u64,
-                    });
-                }
+            Err(Refusal::Policy { rule, reason, .. }) => {
+                ctx.policy_rule = Some(rule.clone());
+                return Err(Denial::PolicyDenied {
+                    rule,
+                    description: reason,
+                });
+            }
+            Err(Refusal::Uncheckable(why)) => {
+                return Err(Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: why,
+                })
+            }
+        };
+        ctx.policy_rule = grant.rule;
+        ctx.broke_glass = grant.broke_glass;
+        if !ctx.broke_glass.is_empty() {
+            ctx.break_glass_reason = break_glass;
+            self.metrics.break_glass();
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                rules = %ctx.broke_glass.join(","),
+                "break-glass access"
+            );
+        }
+        // Rate limits of the matching rules, counted once per request.
+        for (rule, limit) in grant.limits {
+            let source = source.map(|ip| ip.to_string());
+            let who = match limit.per.as_str() {
+                "client" => claims.client_id.as_deref(),
+                "user" => claims.sub.as_deref(),
+                _ => source.as_deref(),
+            }
+            .unwrap_or("(none)");
+            if let Err(wait) = self.limiter.check(&rule, &limit, who) {
+                return Err(Denial::RateLimited {
+                    description: format!(
+                        "rate limit of policy rule {rule}: {} requests per {} s per {}",
+                        limit.requests, limit.per_seconds, limit.per
+                    ),
+                    retry_after_seconds: wait.ceil().max(1.0) as u64,
+                });
             }
         }
-        if d.check.is_some() {
-            checkable_params(fhir)?;
-        }
-        for c in &d.entry_checks {
-            if let Some(entry) = fhir.entries.get(c.index) {
-                checkable_params(entry)?;
-            }
-        }
+        let d = grant.decision;
         drop(stage);
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;

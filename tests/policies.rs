@@ -252,6 +252,26 @@ fn explain_and_test_replay_decisions_offline() {
         "Condition/c1",
     ]);
     assert!(!ok && out.contains("requires a dpop binding"), "{out}");
+    // What the gateway refuses after the decision, explain refuses too: an
+    // answer checked under patient scopes must come whole.
+    let patient_only = dir.0.join("patient-claims.json");
+    std::fs::write(
+        &patient_only,
+        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4_000_000_000u64,
+               "client_id": "test-app", "scope": "patient/*.rs", "patient": "p1"})
+        .to_string(),
+    )
+    .unwrap();
+    let (ok, out) = support::run_bin(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        patient_only.to_str().unwrap(),
+        "--url",
+        "Observation/o1?_elements=id",
+    ]);
+    assert!(!ok && out.contains("must be whole FHIR JSON"), "{out}");
     // The token itself: its claims are read (the signature is not checked offline).
     use base64::Engine;
     let payload =

@@ -1,0 +1,190 @@
+//! Stage 6 as one pure step, shared by the proxy (`proxy.rs`, `admit`) and
+//! `fhirwall explain`, so that what `explain` says is what the gateway
+//! does: the scopes and patient context decide, the user's role ceiling
+//! bounds that grant, the operators' policies narrow it, and a request
+//! whose answer must be checked may only ask for answers the check can
+//! read. Counting rate limits and logging break-glass stay with the
+//! caller (they have state and effects).
+
+use std::net::IpAddr;
+
+use crate::config::Roles;
+use crate::decide::{decide_with, DecideOptions, Decision};
+use crate::fhir::classify::FhirRequest;
+use crate::policy::{role_ceiling, PolicyInput, PolicySet, RateLimit, Verdict};
+use crate::token::Claims;
+
+/// What stage 6 looks at besides the classified request.
+pub struct Context<'a> {
+    /// The path below the FHIR base, as routed.
+    pub rel: &'a str,
+    pub claims: &'a Claims,
+    /// The client's address (see `client_addr`).
+    pub source: Option<IpAddr>,
+    /// `bearer`, `dpop` or `mtls`.
+    pub binding: &'a str,
+    /// Unix seconds.
+    pub now: i64,
+    /// The declared emergency, if the request declared one.
+    pub break_glass: Option<&'a str>,
+}
+
+/// The rules stage 6 applies.
+pub struct Rules<'a> {
+    pub decide: &'a DecideOptions,
+    pub roles: Option<&'a Roles>,
+    pub policies: &'a PolicySet,
+}
+
+/// What a policy that let the request through said, in order.
+#[derive(Debug, Clone)]
+pub struct PolicyAllow {
+    pub by: Option<String>,
+    pub limits: Vec<(String, RateLimit)>,
+    pub broke_glass: Vec<String>,
+}
+
+/// An allowed request.
+#[derive(Debug)]
+pub struct Grant {
+    pub decision: Decision,
+    /// The first policy rule that allowed it by name, if one did.
+    pub rule: Option<String>,
+    /// Rate limits of every matching rule, once per rule.
+    pub limits: Vec<(String, RateLimit)>,
+    /// Break-glass-able rules the declared emergency passed (sorted).
+    pub broke_glass: Vec<String>,
+    /// Each policy's allowing verdict (for `explain` to tell).
+    pub allows: Vec<PolicyAllow>,
+}
+
+/// Why stage 6 refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The scopes or patient context do not grant it.
+    Scopes {
+        reason: String,
+        missing_scope: Option<String>,
+    },
+    /// Beyond the user's role ceiling (`granted_by`: the scopes that
+    /// granted it).
+    Roles {
+        reason: String,
+        granted_by: Vec<String>,
+    },
+    /// A policy rule (`file#rule`) refused it.
+    Policy {
+        rule: String,
+        reason: String,
+        granted_by: Vec<String>,
+    },
+    /// The answer must be checked, and a parameter asks for one the check
+    /// cannot read.
+    Uncheckable(String),
+}
+
+/// Stage 6 for a classified request.
+pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Grant, Refusal> {
+    let c = cx.claims;
+    let decision =
+        decide_with(fhir, &c.scopes, c.patient.as_deref(), rules.decide).map_err(|d| {
+            Refusal::Scopes {
+                reason: d.reason,
+                missing_scope: d.missing_scope,
+            }
+        })?;
+    if let Some(roles) = rules.roles {
+        role_ceiling(roles, c, fhir, rules.decide).map_err(|reason| Refusal::Roles {
+            reason,
+            granted_by: decision.scopes_used.clone(),
+        })?;
+    }
+    let mut grant = Grant {
+        decision,
+        rule: None,
+        limits: Vec::new(),
+        broke_glass: Vec::new(),
+        allows: Vec::new(),
+    };
+    if !rules.policies.rules.is_empty() {
+        let scopes: Vec<String> = c.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
+        let base = PolicyInput {
+            issuer: &c.issuer_name,
+            client_id: c.client_id.as_deref(),
+            claims: &c.raw,
+            scopes: &scopes,
+            interaction: "",
+            resource_type: None,
+            operation: None,
+            path: "",
+            source: cx.source,
+            binding: cx.binding,
+            now: cx.now,
+            break_glass: cx.break_glass,
+        };
+        for v in rules.policies.evaluate_each(&base, fhir, cx.rel) {
+            match v {
+                Verdict::Deny { by, reason } => {
+                    return Err(Refusal::Policy {
+                        rule: by,
+                        reason,
+                        granted_by: grant.decision.scopes_used,
+                    })
+                }
+                Verdict::Allow {
+                    by,
+                    limits,
+                    broke_glass,
+                } => {
+                    if grant.rule.is_none() {
+                        grant.rule.clone_from(&by);
+                    }
+                    grant.limits.extend(limits.iter().cloned());
+                    grant.broke_glass.extend(broke_glass.iter().cloned());
+                    grant.allows.push(PolicyAllow {
+                        by,
+                        limits,
+                        broke_glass,
+                    });
+                }
+            }
+        }
+        grant.broke_glass.sort();
+        grant.broke_glass.dedup();
+        grant.limits.sort_by(|a, b| a.0.cmp(&b.0));
+        grant.limits.dedup_by(|a, b| a.0 == b.0);
+    }
+    if grant.decision.check.is_some() {
+        checkable_params(fhir)?;
+    }
+    for e in &grant.decision.entry_checks {
+        if let Some(entry) = fhir.entries.get(e.index) {
+            checkable_params(entry)?;
+        }
+    }
+    Ok(grant)
+}
+
+/// An answer fhirwall must check has to come whole and as JSON: parameters
+/// that change its format or cut elements out are refused (they would make
+/// the check fail, or tell a hidden resource apart from a missing one).
+fn checkable_params(req: &FhirRequest) -> Result<(), Refusal> {
+    for (name, value) in &req.params {
+        let ok = match name.as_str() {
+            "_format" => matches!(
+                value.as_str(),
+                "json" | "application/json" | "application/fhir+json"
+            ),
+            "_summary" => matches!(value.as_str(), "count" | "false"),
+            "_elements" => false,
+            _ => true,
+        };
+        if !ok {
+            return Err(Refusal::Uncheckable(format!(
+                "{name}={value} is refused here: this answer is checked before it is passed \
+                 on, so it must be whole FHIR JSON"
+            )));
+        }
+    }
+    Ok(())
+}
