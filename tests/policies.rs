@@ -200,14 +200,20 @@ fn offline_config(dir: &TempDir) -> std::path::PathBuf {
 fn explain_and_test_replay_decisions_offline() {
     let dir = TempDir::new("explain");
     let config = offline_config(&dir);
-    let claims = dir.0.join("claims.json");
-    std::fs::write(
-        &claims,
-        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4_000_000_000u64,
-               "client_id": "test-app", "scope": "user/*.cruds patient/*.rs", "patient": "p1"})
-        .to_string(),
-    )
-    .unwrap();
+    // A claims file for patient p1 with these scopes.
+    let claims_file = |name: &str, scope: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(
+            &path,
+            json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+                   "exp": 4_000_000_000u64, "client_id": "test-app", "scope": scope,
+                   "patient": "p1"})
+            .to_string(),
+        )
+        .unwrap();
+        path
+    };
+    let claims = claims_file("claims.json", "user/*.cruds patient/*.rs");
     let c = config.to_str().unwrap();
     let cl = claims.to_str().unwrap();
     let (ok, out) = support::run_bin(&[
@@ -254,14 +260,7 @@ fn explain_and_test_replay_decisions_offline() {
     assert!(!ok && out.contains("requires a dpop binding"), "{out}");
     // What the gateway refuses after the decision, explain refuses too: an
     // answer checked under patient scopes must come whole.
-    let patient_only = dir.0.join("patient-claims.json");
-    std::fs::write(
-        &patient_only,
-        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4_000_000_000u64,
-               "client_id": "test-app", "scope": "patient/*.rs", "patient": "p1"})
-        .to_string(),
-    )
-    .unwrap();
+    let patient_only = claims_file("patient-claims.json", "patient/*.rs");
     let (ok, out) = support::run_bin(&[
         "explain",
         "--config",
