@@ -154,6 +154,16 @@ impl Refusal {
 /// 900 bytes; an AuditEvent about twice that).
 const ENCODED_CAPACITY: usize = 1024;
 
+/// What queueing a record left to do.
+enum Queued {
+    Done,
+    /// The queue is full: wait for room.
+    Full(Pending),
+    /// Spill it (or count it as lost): the queue is full and a spill file
+    /// is configured, or the writer is gone.
+    Spill(Pending),
+}
+
 /// One encoded record on its way to the writer.
 struct Pending {
     id: String,
@@ -326,7 +336,16 @@ impl AuditLog {
             Ok(()) => {}
             Err(PushError::Full(Msg::Record(mut p))) => {
                 p.ack = None;
-                return self.spill_now(p).map_err(|_| Refusal::Backlog);
+                // File I/O on a blocking thread, not on Pingora's worker.
+                let log = self.clone();
+                let spilled = tokio::task::spawn_blocking(move || log.spill_now(p).is_ok())
+                    .await
+                    .unwrap_or(false);
+                return if spilled {
+                    Ok(())
+                } else {
+                    Err(Refusal::Backlog)
+                };
             }
             Err(_) => return Err(Refusal::SinkFailed),
         }
@@ -340,33 +359,46 @@ impl AuditLog {
     /// Queues a request's record. A full queue makes the caller wait for
     /// the writer (or spill at once, with `on_failure: spill`).
     pub async fn record(&self, record: &Record<'_>) {
-        if let Some(p) = self.queue_now(record) {
-            if let Err(Msg::Record(p)) = self.shared.queue.push(Msg::Record(p)).await {
-                self.spill_or_lose(p);
-            }
+        let p = match self.try_queue(record) {
+            Queued::Done => return,
+            Queued::Full(p) => match self.shared.queue.push(Msg::Record(p)).await {
+                Ok(()) => return,
+                Err(Msg::Record(p)) => p,
+                Err(Msg::Flush(_)) => return,
+            },
+            Queued::Spill(p) => p,
+        };
+        // File I/O on a blocking thread, not on Pingora's worker.
+        let log = self.clone();
+        if tokio::task::spawn_blocking(move || log.spill_or_lose(p))
+            .await
+            .is_err()
+        {
+            self.shared.metrics.dropped.inc();
+            tracing::error!("audit record lost: spilling it failed");
         }
     }
 
     /// Queues a record without waiting (from a destructor): a full queue
     /// spills it or counts it as lost.
     pub fn record_now(&self, record: &Record<'_>) {
-        if let Some(p) = self.queue_now(record) {
-            self.spill_or_lose(p);
+        match self.try_queue(record) {
+            Queued::Done => {}
+            Queued::Full(p) | Queued::Spill(p) => self.spill_or_lose(p),
         }
     }
 
-    /// Queues a record if there is room. When there is none it is spilled
-    /// (with a spill file) or handed back to wait for room; when the writer
-    /// is gone it is spilled or counted as lost.
-    fn queue_now(&self, record: &Record<'_>) -> Option<Pending> {
+    /// Queues a record if there is room, else says what is left to do.
+    fn try_queue(&self, record: &Record<'_>) -> Queued {
         match self.shared.queue.try_push(Msg::Record(self.encode(record))) {
-            Ok(()) => None,
-            Err(PushError::Full(Msg::Record(p))) if self.shared.spill.is_none() => Some(p),
+            Ok(()) => Queued::Done,
+            // Full, and no spill file: wait for room.
+            Err(PushError::Full(Msg::Record(p))) if self.shared.spill.is_none() => Queued::Full(p),
             Err(PushError::Full(Msg::Record(p)) | PushError::Closed(Msg::Record(p))) => {
-                self.spill_or_lose(p);
-                None
+                Queued::Spill(p)
             }
-            Err(_) => unreachable!("only records are sent here"),
+            // Only records are pushed here.
+            Err(PushError::Full(Msg::Flush(_)) | PushError::Closed(Msg::Flush(_))) => Queued::Done,
         }
     }
 

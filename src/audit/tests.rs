@@ -87,3 +87,57 @@ fn a_writer_stuck_on_one_batch_makes_the_log_unready() {
     busy.store(0, Ordering::Release);
     assert!(log.ready());
 }
+
+#[test]
+fn a_full_queue_sends_request_records_to_the_spill_file() {
+    // An endpoint that takes the connection and never answers: the writer
+    // hangs on it (its first probe), so nothing leaves the queue.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/fhir", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        drop(held);
+    });
+    let spill = std::env::temp_dir().join(format!(
+        "fhirwall-audit-spill-test-{}.jsonl",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&spill);
+    let cfg = Audit {
+        sink: AuditSink::Fhir {
+            endpoint: endpoint.parse().unwrap(),
+            timeout: std::time::Duration::from_secs(30),
+            batch_max: 10,
+            bearer_token: None,
+        },
+        format: crate::config::AuditFormat::AuditEvent,
+        queue_capacity: 2,
+        on_failure: crate::config::OnAuditFailure::Spill(spill.clone()),
+        ..Audit::stdout()
+    };
+    let log = AuditLog::open(&cfg, event::Site::default(), metrics()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let id = format!("r{i}");
+        let r = Record {
+            id: id.clone(),
+            request_id: &id,
+            decision: "allow",
+            ..Record::default()
+        };
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), log.record(&r))
+                .await
+                .expect("a full queue with a spill file does not wait")
+        });
+    }
+    assert_eq!(log.queue_depth(), 2, "two queued, behind the hung writer");
+    let spilled = std::fs::read_to_string(&spill).unwrap_or_default();
+    let _ = std::fs::remove_file(&spill);
+    assert_eq!(spilled.lines().count(), 1, "{spilled}");
+    assert!(spilled.contains("\"r2\""), "{spilled}");
+}
