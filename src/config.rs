@@ -1298,6 +1298,12 @@ impl Config {
         let mut trusted_proxies = Vec::new();
         for (i, p) in self.server.trusted_proxies.iter().enumerate() {
             match crate::client_addr::parse_cidr(p.trim()) {
+                // Trusting every address lets any client name its own
+                // audit source and pass policies on `source`.
+                Some((_, 0)) => problem(
+                    &format!("server.trusted_proxies[{i}]"),
+                    format!("'{p}' trusts every address; list your proxies' addresses"),
+                ),
                 Some(c) => trusted_proxies.push(c),
                 None => problem(
                     &format!("server.trusted_proxies[{i}]"),
@@ -2028,14 +2034,23 @@ admin:
             |list: &str| Config::parse(&format!("{GOOD}server:\n  trusted_proxies: {list}\n"));
         let s = with("[10.0.0.0/8, '::1']").unwrap().validate().unwrap();
         assert_eq!(s.trusted_proxies.len(), 2);
-        let problems = with("[10.0.0.0/8, ingress, 10.0.0.0/40]")
+        let problems = with("[10.0.0.0/8, ingress, 10.0.0.0/40, 0.0.0.0/0]")
             .unwrap()
             .validate()
             .unwrap_err();
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["server.trusted_proxies[1]", "server.trusted_proxies[2]"]
+            [
+                "server.trusted_proxies[1]",
+                "server.trusted_proxies[2]",
+                "server.trusted_proxies[3]"
+            ]
+        );
+        assert!(
+            problems[2].message.contains("every address"),
+            "{}",
+            problems[2].message
         );
         assert!(
             problems[0].message.contains("'ingress'"),
