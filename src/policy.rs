@@ -16,10 +16,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::client_addr::{in_cidr, parse_cidr, Cidr};
-
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::client_addr::{in_cidr, parse_cidr, Cidr};
 
 use crate::metrics::BINDINGS;
 
@@ -353,7 +353,6 @@ impl PolicySet {
         problems
     }
 
-    /// The verdict for `input`.
     /// Verdicts for a request and for each of its Bundle entries, in that
     /// order: `base` with the interaction, type, operation and path of
     /// each (`rel` is the request's path below the FHIR base).
@@ -384,6 +383,7 @@ impl PolicySet {
         out
     }
 
+    /// The verdict for `input`.
     pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
         let mut limits = Vec::new();
         let mut broke_glass = Vec::new();
