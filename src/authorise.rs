@@ -48,14 +48,41 @@ pub struct PolicyAllow {
 #[derive(Debug)]
 pub struct Grant {
     pub decision: Decision,
-    /// The first policy rule that allowed it by name, if one did.
-    pub rule: Option<String>,
-    /// Rate limits of every matching rule, once per rule.
-    pub limits: Vec<(String, RateLimit)>,
-    /// Break-glass-able rules the declared emergency passed (sorted).
-    pub broke_glass: Vec<String>,
-    /// Each policy's allowing verdict (for `explain` to tell).
+    /// What the policies said, for the request and each Bundle entry in
+    /// order (none when no policy is configured).
     pub allows: Vec<PolicyAllow>,
+}
+
+impl Grant {
+    /// The first policy rule that allowed it by name, if one did.
+    pub fn rule(&self) -> Option<&str> {
+        self.allows.iter().find_map(|a| a.by.as_deref())
+    }
+
+    /// Rate limits of every matching rule, once per rule.
+    pub fn limits(&self) -> Vec<(String, RateLimit)> {
+        let mut limits: Vec<_> = self
+            .allows
+            .iter()
+            .flat_map(|a| a.limits.iter().cloned())
+            .collect();
+        limits.sort_by(|a, b| a.0.cmp(&b.0));
+        limits.dedup_by(|a, b| a.0 == b.0);
+        limits
+    }
+
+    /// Break-glass-able rules the declared emergency passed (sorted, once
+    /// each).
+    pub fn broke_glass(&self) -> Vec<String> {
+        let mut rules: Vec<String> = self
+            .allows
+            .iter()
+            .flat_map(|a| a.broke_glass.iter().cloned())
+            .collect();
+        rules.sort();
+        rules.dedup();
+        rules
+    }
 }
 
 /// Why stage 6 refused.
@@ -101,9 +128,6 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
     }
     let mut grant = Grant {
         decision,
-        rule: None,
-        limits: Vec::new(),
-        broke_glass: Vec::new(),
         allows: Vec::new(),
     };
     if !rules.policies.rules.is_empty() {
@@ -135,24 +159,13 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
                     by,
                     limits,
                     broke_glass,
-                } => {
-                    if grant.rule.is_none() {
-                        grant.rule.clone_from(&by);
-                    }
-                    grant.limits.extend(limits.iter().cloned());
-                    grant.broke_glass.extend(broke_glass.iter().cloned());
-                    grant.allows.push(PolicyAllow {
-                        by,
-                        limits,
-                        broke_glass,
-                    });
-                }
+                } => grant.allows.push(PolicyAllow {
+                    by,
+                    limits,
+                    broke_glass,
+                }),
             }
         }
-        grant.broke_glass.sort();
-        grant.broke_glass.dedup();
-        grant.limits.sort_by(|a, b| a.0.cmp(&b.0));
-        grant.limits.dedup_by(|a, b| a.0 == b.0);
     }
     if grant.decision.check.is_some() {
         checkable_params(fhir)?;

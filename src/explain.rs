@@ -222,12 +222,12 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         }
         Err(Refusal::Uncheckable(why)) => return e.deny("check", why),
     };
+    e.rule = grant.rule().map(str::to_string);
     let d = grant.decision;
     e.stages.push(("decide", granted_note(&d.scopes_used)));
     if s.roles.is_some() {
         e.stages.push(("roles", "within the role ceiling".into()));
     }
-    e.rule = grant.rule;
     if s.policies.rules.is_empty() {
         e.stages.push(("policies", "none configured".into()));
     }

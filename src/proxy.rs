@@ -1410,8 +1410,8 @@ impl Gateway {
                 })
             }
         };
-        ctx.policy_rule = grant.rule;
-        ctx.broke_glass = grant.broke_glass;
+        ctx.policy_rule = grant.rule().map(str::to_string);
+        ctx.broke_glass = grant.broke_glass();
         if !ctx.broke_glass.is_empty() {
             ctx.break_glass_reason = break_glass;
             self.metrics.break_glass();
@@ -1422,8 +1422,8 @@ impl Gateway {
             );
         }
         // Rate limits of the matching rules, counted once per request.
-        for (rule, limit) in grant.limits {
-            let source = source.map(|ip| ip.to_string());
+        let source = source.map(|ip| ip.to_string());
+        for (rule, limit) in grant.limits() {
             let who = match limit.per.as_str() {
                 "client" => claims.client_id.as_deref(),
                 "user" => claims.sub.as_deref(),
@@ -1839,8 +1839,6 @@ impl ProxyHttp for Gateway {
                     code: "upstream_error",
                     description: format!("upstream failed ({})", e.etype().as_str()),
                 }),
-                // The client went away or sent garbage: nothing to answer.
-                pingora::ErrorSource::Downstream => None,
                 _ => Some(Denial::Upstream {
                     status: 502,
                     code: "upstream_error",
