@@ -196,7 +196,6 @@ struct Shared {
     deadline: std::time::Duration,
     spill: Option<Mutex<writer::AppendFile>>,
     metrics: AuditMetrics,
-    capacity: usize,
 }
 
 /// The handle requests use. Clones share the queue and the writer.
@@ -254,7 +253,6 @@ impl AuditLog {
             },
             spill,
             metrics,
-            capacity: cfg.queue_capacity,
         });
         writer::start(cfg, shared.clone(), file)?;
         Ok(AuditLog {

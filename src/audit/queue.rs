@@ -100,6 +100,11 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records it holds before a request must wait (or spill).
+    pub(super) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(super) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }

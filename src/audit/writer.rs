@@ -726,7 +726,11 @@ impl Writer {
                 None => self.held.push_back(p),
             }
         }
-        let limit = if flushing { 0 } else { self.shared.capacity };
+        let limit = if flushing {
+            0
+        } else {
+            self.shared.queue.capacity()
+        };
         if self.held.len() > limit {
             let excess = self.held.len() - limit;
             self.held.drain(..excess);
