@@ -21,13 +21,10 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
-# pingora-core builds zlib-ng from source, which needs cmake.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# flate2 with the pure-Rust zlib backend, patched in by Cargo.toml.
+COPY vendor ./vendor
 # Cargo.toml declares [[bench]] targets: cargo refuses a manifest whose
 # targets are missing, so the benches come along (they are not built).
 COPY benches ./benches
