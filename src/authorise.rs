@@ -113,7 +113,7 @@ pub enum Refusal {
 /// Stage 6 for a classified request.
 pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Grant, Refusal> {
     let c = cx.claims;
-    let decision =
+    let mut decision =
         decide_with(fhir, &c.scopes, c.patient.as_deref(), rules.decide).map_err(|d| {
             Refusal::Scopes {
                 reason: d.reason,
@@ -121,10 +121,19 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             }
         })?;
     if let Some(roles) = rules.roles {
-        role_ceiling(roles, c, fhir, rules.decide).map_err(|reason| Refusal::Roles {
-            reason,
-            granted_by: decision.scopes_used.clone(),
-        })?;
+        // The ceiling's decision replaces the token's: it is decided on
+        // the token's scopes cut down to the ceiling, so it carries the
+        // checks a narrower ceiling (e.g. `patient/`) demands.
+        match role_ceiling(roles, c, fhir, rules.decide) {
+            Ok(Some(bounded)) => decision = bounded,
+            Ok(None) => {}
+            Err(reason) => {
+                return Err(Refusal::Roles {
+                    reason,
+                    granted_by: decision.scopes_used,
+                })
+            }
+        }
     }
     let mut grant = Grant {
         decision,

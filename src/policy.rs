@@ -515,15 +515,22 @@ impl Rule {
     }
 }
 
-/// Roles (pure): the request must also be allowed by the union of the
-/// ceilings of the token's roles (scopes, and interactions when listed).
-/// Returns why not.
+/// Roles (pure): the request must also be allowed by the ceiling of one of
+/// the token's roles (its scopes, and its interactions when listed).
+///
+/// A ceiling bounds the token's scopes: the request is decided again on
+/// the part of the token's scopes the ceiling also grants
+/// ([`ScopeSet::intersect`](crate::scope::ScopeSet::intersect)), and that
+/// decision — with any answer check, narrowing or write proof the narrower
+/// scopes bring, e.g. a `patient/` ceiling over a `user/` token — is the
+/// one that stands. `Ok(None)`: no role is mapped and unmapped tokens are
+/// let through, so the token's own decision stands. `Err`: why not.
 pub fn role_ceiling(
     roles: &crate::config::Roles,
     claims: &crate::token::Claims,
     fhir: &crate::fhir::classify::FhirRequest,
     opts: &crate::decide::DecideOptions,
-) -> Result<(), String> {
+) -> Result<Option<crate::decide::Decision>, String> {
     let names: Vec<String> = if roles.claim == "fhirUser" {
         claims
             .fhir_user
@@ -552,7 +559,7 @@ pub fn role_ceiling(
                 roles.claim
             ))
         } else {
-            Ok(())
+            Ok(None)
         };
     }
     let requests: Vec<&crate::fhir::classify::FhirRequest> = if fhir.is_bundle() {
@@ -560,14 +567,20 @@ pub fn role_ceiling(
     } else {
         vec![fhir]
     };
-    // Allowed if some role's ceiling allows it (the ceilings add up).
-    let allowed = mapped.iter().any(|(_, (scopes, interactions))| {
-        requests.iter().all(|r| {
+    // Allowed if some role's ceiling allows it (the ceilings add up); the
+    // first that does decides.
+    let bounded = mapped.iter().find_map(|(_, (ceiling, interactions))| {
+        let listed = requests.iter().all(|r| {
             interactions.is_empty() || interactions.iter().any(|i| i == r.interaction.as_str())
-        }) && crate::decide::decide_with(fhir, scopes, claims.patient.as_deref(), opts).is_ok()
+        });
+        if !listed {
+            return None;
+        }
+        let scopes = claims.scopes.intersect(ceiling);
+        crate::decide::decide_with(fhir, &scopes, claims.patient.as_deref(), opts).ok()
     });
-    if allowed {
-        Ok(())
+    if let Some(decision) = bounded {
+        Ok(Some(decision))
     } else {
         let list: Vec<&str> = mapped.iter().map(|(n, _)| n.as_str()).collect();
         Err(format!(

@@ -172,6 +172,70 @@ impl Scope {
     }
 }
 
+impl Scope {
+    /// What this scope grants that `ceiling` also grants, as one scope, or
+    /// `None` when they share nothing (or share something one scope cannot
+    /// say: two different filters). The context is the narrower one:
+    /// `patient/` if either is, otherwise this scope's.
+    pub fn intersect(&self, ceiling: &Scope) -> Option<Scope> {
+        let resources = match (&self.resources, &ceiling.resources) {
+            (Resources::All, r) | (r, Resources::All) => r.clone(),
+            (Resources::Type(a), Resources::Type(b)) if a == b => self.resources.clone(),
+            _ => return None,
+        };
+        let perms = Perms(self.perms.0 & ceiling.perms.0);
+        if perms.0 == 0 {
+            return None;
+        }
+        let filter = match (&self.filter, &ceiling.filter) {
+            (None, f) | (f, None) => f.clone(),
+            (Some(a), Some(b)) if a == b => Some(a.clone()),
+            _ => return None,
+        };
+        let context = if ceiling.context == Context::Patient {
+            Context::Patient
+        } else {
+            self.context
+        };
+        let unchanged = context == self.context
+            && resources == self.resources
+            && perms == self.perms
+            && filter == self.filter;
+        let raw = if unchanged {
+            self.raw.clone()
+        } else {
+            let resource = match &resources {
+                Resources::All => "*",
+                Resources::Type(t) => t.as_str(),
+            };
+            let letters: String = [
+                Perm::Create,
+                Perm::Read,
+                Perm::Update,
+                Perm::Delete,
+                Perm::Search,
+            ]
+            .iter()
+            .filter(|p| perms.contains(**p))
+            .map(|p| p.letter())
+            .collect();
+            let mut raw = format!("{}/{resource}.{letters}", context.as_str());
+            if let Some(f) = &filter {
+                raw.push('?');
+                raw.push_str(f);
+            }
+            raw
+        };
+        Some(Scope {
+            raw,
+            context,
+            resources,
+            perms,
+            filter,
+        })
+    }
+}
+
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.raw)
@@ -207,6 +271,23 @@ impl ScopeSet {
         set
     }
 
+    /// The part of these scopes that `ceiling` also grants: every pairwise
+    /// [`Scope::intersect`], once each. Unrecognised scopes stay out (they
+    /// grant nothing either way).
+    pub fn intersect(&self, ceiling: &ScopeSet) -> ScopeSet {
+        let mut set = ScopeSet::default();
+        for s in &self.scopes {
+            for c in &ceiling.scopes {
+                if let Some(i) = s.intersect(c) {
+                    if !set.scopes.contains(&i) {
+                        set.scopes.push(i);
+                    }
+                }
+            }
+        }
+        set
+    }
+
     /// True if any scope is in the patient context.
     pub fn has_context(&self, context: Context) -> bool {
         self.scopes.iter().any(|s| s.context == context)
@@ -230,6 +311,96 @@ mod tests {
         .filter(|x| p.contains(**x))
         .map(|x| x.letter())
         .collect()
+    }
+
+    #[test]
+    fn intersection_keeps_what_both_grant() {
+        let meet = |a: &str, b: &str| {
+            Scope::parse(a)
+                .unwrap()
+                .intersect(&Scope::parse(b).unwrap())
+                .map(|s| s.raw)
+        };
+        let table: &[(&str, &str, Option<&str>)] = &[
+            // The ceiling is wider: the token's scope, as the token said it.
+            (
+                "user/Observation.rs",
+                "user/*.cruds",
+                Some("user/Observation.rs"),
+            ),
+            (
+                "user/Observation.read",
+                "user/*.*",
+                Some("user/Observation.read"),
+            ),
+            // The ceiling is narrower in context, type or letters.
+            ("user/*.rs", "patient/*.read", Some("patient/*.rs")),
+            (
+                "user/*.cruds",
+                "user/Observation.rs",
+                Some("user/Observation.rs"),
+            ),
+            (
+                "system/*.cruds",
+                "patient/Condition.r",
+                Some("patient/Condition.r"),
+            ),
+            ("user/Observation.cud", "user/Observation.rs", None),
+            ("user/Observation.rs", "user/Condition.rs", None),
+            // A patient/ token scope stays patient/ under a user/ ceiling.
+            ("patient/*.rs", "user/*.read", Some("patient/*.rs")),
+            // Filters: one side's filter holds; two different ones cannot
+            // be said in one scope, so nothing is granted.
+            (
+                "user/Observation.rs",
+                "user/Observation.rs?category=laboratory",
+                Some("user/Observation.rs?category=laboratory"),
+            ),
+            (
+                "patient/Observation.rs?category=vital-signs",
+                "user/*.rs",
+                Some("patient/Observation.rs?category=vital-signs"),
+            ),
+            (
+                "user/Observation.rs?category=vital-signs",
+                "user/Observation.rs?category=laboratory",
+                None,
+            ),
+        ];
+        for (token, ceiling, want) in table {
+            assert_eq!(
+                meet(token, ceiling).as_deref(),
+                *want,
+                "{token} under {ceiling}"
+            );
+        }
+        let i = Scope::parse("user/*.rs")
+            .unwrap()
+            .intersect(&Scope::parse("patient/Observation.read").unwrap())
+            .unwrap();
+        assert_eq!(i.context, Context::Patient);
+        assert_eq!(i.resources, Resources::Type("Observation".into()));
+        assert!(
+            i.covers(Perm::Read, Some("Observation"))
+                && !i.covers(Perm::Create, Some("Observation"))
+        );
+    }
+
+    #[test]
+    fn set_intersection_pairs_every_scope() {
+        let token = ScopeSet::parse("user/*.rs user/Observation.cu openid launch/patient");
+        let ceiling = ScopeSet::parse("patient/*.read user/Observation.cruds");
+        let raws: Vec<String> = token
+            .intersect(&ceiling)
+            .scopes
+            .into_iter()
+            .map(|s| s.raw)
+            .collect();
+        assert_eq!(
+            raws,
+            ["patient/*.rs", "user/Observation.rs", "user/Observation.cu"]
+        );
+        assert!(token.intersect(&ScopeSet::default()).scopes.is_empty());
     }
 
     #[test]

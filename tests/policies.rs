@@ -497,6 +497,76 @@ async fn role_ceilings_bound_the_grant() {
     );
 }
 
+/// A ceiling of `patient/` scopes over a `user/` token: the request is
+/// decided as the narrower scopes would decide it, with their answer check
+/// and narrowing, not merely "allowed by both".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_ceiling_confines_a_user_token_to_the_patient() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "roles:\n  claim: roles\n  map:\n    clinician: {scopes: ['patient/*.read']}\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let token = |patient: Option<&str>| {
+        let mut c = gw.claims("user/*.cruds");
+        c["roles"] = json!(["clinician"]);
+        if let Some(p) = patient {
+            c["patient"] = json!(p);
+        }
+        gw.issuer.signing_key().sign(&c)
+    };
+    let p1 = token(Some("p1"));
+    let r = gw.get("Observation/obs-p1-0", Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.status(), 200);
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["scopes_used"], json!(["patient/*.rs"]), "{rec}");
+
+    // Another patient's Observation: the answer is checked and hidden.
+    let r = gw.get("Observation/obs-p2-0", Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.contains("Patient/p2"), "{body}");
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "outside_compartment", "{rec}");
+
+    // A search naming no patient is narrowed to the token's.
+    let r = gw.get("Observation?code=ceiling-probe", Some(&p1)).await;
+    assert_eq!(r.status(), 200);
+    let seen = gw.upstream.seen();
+    let sent = seen
+        .iter()
+        .rev()
+        .find(|s| s.uri.contains("ceiling-probe"))
+        .expect("the search reached the upstream");
+    assert!(sent.uri.contains("patient=p1"), "{}", sent.uri);
+
+    // The ceiling's letters bound the token's too: `cruds` gives no
+    // delete under a `read` ceiling.
+    let before = gw.upstream.seen().len();
+    let r = gw
+        .client
+        .delete(format!("{}/Observation/obs-p1-0", gw.base))
+        .bearer_auth(&p1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Without a patient in the token, patient/ scopes grant nothing.
+    let nobody = token(None);
+    let r = gw.get("Observation/obs-p1-0", Some(&nobody)).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused request went upstream"
+    );
+}
+
 fn sighup(gw: &Gateway) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &gw.pid().to_string()])
