@@ -355,7 +355,8 @@ impl PolicySet {
 
     /// Verdicts for a request and for each of its Bundle entries, in that
     /// order: `base` with the interaction, type, operation and path of
-    /// each (`rel` is the request's path below the FHIR base).
+    /// each (`rel` is the request's path below the FHIR base; an entry's
+    /// is the path of its URL).
     pub fn evaluate_each(
         &self,
         base: &PolicyInput,
@@ -372,14 +373,9 @@ impl PolicySet {
             })
         };
         let mut out = vec![one(fhir, rel)];
-        for e in &fhir.entries {
-            let path = match (&e.resource_type, &e.id) {
-                (Some(t), Some(id)) => format!("{t}/{id}"),
-                (Some(t), None) => t.clone(),
-                _ => String::new(),
-            };
-            out.push(one(e, &path));
-        }
+        // Each entry with the whole path of its URL (a compartment search,
+        // `_history`, an operation), as it would have at the top level.
+        out.extend(fhir.entries.iter().map(|e| one(e, &e.path)));
         out
     }
 
@@ -625,6 +621,41 @@ mod tests {
             binding: "bearer",
             now: WED_1430,
             break_glass: None,
+        }
+    }
+
+    #[test]
+    fn entries_are_matched_on_their_whole_path() {
+        use crate::fhir::classify::{classify, classify_bundle, HttpRequest};
+        let claims = json!({});
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let top = classify(HttpRequest {
+            method: "POST",
+            path: "",
+            query: None,
+            if_none_exist: None,
+        })
+        .unwrap();
+        for (url, pattern) in [
+            ("Patient/p1/$everything", "Patient/*/$everything"),
+            ("Patient/vip/Observation", "Patient/vip/**"),
+            ("Observation/o1/_history/2", "Observation/*/_history/*"),
+            ("Observation/o1/_history", "**/_history"),
+            ("_history", "_history"),
+            ("$meta", "$meta"),
+        ] {
+            let bundle = json!({"resourceType": "Bundle", "type": "batch",
+                "entry": [{"request": {"method": "GET", "url": url}}]});
+            let fhir = classify_bundle(top.clone(), bundle.to_string().as_bytes()).unwrap();
+            let rules = set(&format!(
+                "rules:\n  - name: r\n    effect: deny\n    when: {{path: ['{pattern}']}}\n"
+            ));
+            let verdicts = rules.evaluate_each(&base, &fhir, "");
+            assert!(
+                matches!(verdicts[1], Verdict::Deny { .. }),
+                "{url} against {pattern}: {verdicts:?}"
+            );
         }
     }
 

@@ -95,6 +95,32 @@ async fn rules_narrow_the_grant_and_name_themselves() {
     assert_eq!(r.status(), 403);
     assert_eq!(gw.upstream.count_containing("policy-delete-2"), 0);
 
+    // A path rule sees an entry's whole path, not only its type and id:
+    // `$everything` refused at the top level is refused inside a batch.
+    let before = gw.upstream.seen().len();
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/p1/$everything"}}]});
+    let r = gw
+        .client
+        .post(format!("{}/", gw.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .body(bundle.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let www = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(status, 403);
+    assert!(
+        www.contains("no-everything-for-the-research-client"),
+        "{www}"
+    );
+    assert_eq!(gw.upstream.seen().len(), before, "the batch went upstream");
+
     // The audit names the rule.
     let audit = gw.audit_containing("\"reason\":\"policy_denied\"");
     assert!(audit.contains("\"reason\":\"policy_denied\""), "{audit}");

@@ -131,6 +131,10 @@ pub struct FhirRequest {
     pub params: Vec<(String, String)>,
     /// Entries of a batch or transaction Bundle, each classified.
     pub entries: Vec<FhirRequest>,
+    /// The path below the FHIR base that was classified, decoded and
+    /// without a trailing `/` (for an entry: its `request.url`'s path), so
+    /// that policy rules on paths see an entry's path whole.
+    pub path: String,
 }
 
 impl FhirRequest {
@@ -145,6 +149,7 @@ impl FhirRequest {
             conditional: false,
             params: Vec::new(),
             entries: Vec::new(),
+            path: String::new(),
         }
     }
 
@@ -397,6 +402,7 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
         }
     };
     r.params = params;
+    r.path = req.path.to_string();
     Ok(r)
 }
 
