@@ -923,13 +923,17 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
         Delete => vec![Need::on(Perm::Delete, t)],
         Create => vec![Need::on(Perm::Create, t)],
         SearchType | HistoryType | SearchCompartment => vec![Need::on(Perm::Search, t)],
-        SearchSystem | HistorySystem => match type_list(req) {
+        SearchSystem => match type_list(req) {
             Some(types) => types
                 .into_iter()
                 .map(|ty| Need::on(Perm::Search, Some(ty)))
                 .collect(),
             None => vec![Need::on(Perm::Search, None)],
         },
+        // R4's whole-system history takes `_count`, `_since`, `_at` and
+        // `_list`, not `_type`: a server that ignores it (HAPI does) answers
+        // with every type, so `_type` narrows nothing here.
+        HistorySystem => vec![Need::on(Perm::Search, None)],
         Capabilities => Vec::new(),
         Batch | Transaction => unreachable!("bundles are decided entry by entry"),
         Operation => operation_needs(req)?,
@@ -941,7 +945,8 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
     Ok(needs)
 }
 
-/// `_type=A,B` of a system search, when present and well-formed.
+/// `_type=A,B` of a system search, when present and well-formed (R4
+/// defines it for the whole-system search, not for history).
 fn type_list(req: &FhirRequest) -> Option<Vec<&str>> {
     let mut values = req.params.iter().filter(|(n, _)| n == "_type");
     let (_, v) = values.next()?;
@@ -1193,6 +1198,14 @@ mod tests {
                 "GET",
                 "_history",
                 true,
+            ),
+            (
+                "system history: _type is not R4's, it narrows nothing",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "_history?_type=Observation",
+                false,
             ),
             (
                 "write v1 create",

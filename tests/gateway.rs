@@ -245,6 +245,13 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
     assert_eq!(o["issue"][0]["code"], "forbidden");
     assert_eq!(gw.upstream.count_containing("cond-p1"), 0);
 
+    // Whole-system history takes no `_type` in R4 (HAPI ignores it and
+    // answers every type): it needs a wildcard search scope regardless.
+    let r = gw.get("_history?_type=Observation", Some(&obs)).await;
+    assert_eq!(r.status(), 403);
+    assert!(www(&r).contains("error=\"insufficient_scope\""));
+    assert_eq!(gw.upstream.count_containing("_history"), 0);
+
     // Write with a read scope.
     let r = gw
         .client
