@@ -1168,6 +1168,21 @@ impl Gateway {
             Route::Fhir(rel) => rel,
         };
         ctx.rel_path = Some(rel.clone());
+        let conn = proxy_headers::connection_tokens(
+            req.headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        if let Some(name) = proxy_headers::connection_names_read_header(&conn) {
+            return Err(Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: format!(
+                    "Connection lists {name}, a header fhirwall reads to decide the request: \
+                     it would be removed before the upstream reads the request"
+                ),
+            });
+        }
         let query = req.uri.query().map(str::to_string);
         let query_params = match &query {
             Some(q) => classify::parse_params(q).map_err(|e| classify_denial(&e))?,

@@ -94,6 +94,33 @@ pub fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<Stri
         .collect()
 }
 
+/// End-to-end headers that frame the request or that fhirwall reads to
+/// classify and decide it. `Connection` may not list them: a proxy removes
+/// what `Connection` lists, so the upstream would run another request than
+/// the one decided (e.g. a form `_search` whose `Content-Type` is gone is
+/// run without the body that carried its patient).
+const READ_BY_FHIRWALL: &[&str] = &[
+    "host",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "authorization",
+    "dpop",
+    "if-none-exist",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+];
+
+/// The first `Connection` token naming a header fhirwall reads, if any.
+pub fn connection_names_read_header(connection_tokens: &[String]) -> Option<&str> {
+    connection_tokens
+        .iter()
+        .find(|t| READ_BY_FHIRWALL.iter().any(|h| same(t, h)))
+        .map(String::as_str)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +159,24 @@ mod tests {
             "User-Agent",
         ] {
             assert!(!strip(name, &conn, &ctx), "{name} must pass");
+        }
+    }
+
+    #[test]
+    fn connection_may_not_list_what_fhirwall_reads() {
+        for (value, named) in [
+            ("keep-alive", None),
+            ("close", None),
+            ("Upgrade, HTTP2-Settings", None),
+            ("TE, X-Secret", None),
+            ("content-type", Some("content-type")),
+            ("keep-alive, Content-Length", Some("content-length")),
+            ("Transfer_Encoding", Some("transfer_encoding")),
+            ("If-None-Exist", Some("if-none-exist")),
+            ("close,host", Some("host")),
+        ] {
+            let tokens = connection_tokens([value.as_bytes()].into_iter());
+            assert_eq!(connection_names_read_header(&tokens), named, "{value}");
         }
     }
 

@@ -506,6 +506,32 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         h("host")[0].starts_with("127.0.0.1:"),
         "Host is the upstream's"
     );
+
+    // `Connection` may not list a header fhirwall read to decide: the
+    // upstream would run the form search without its body (and so without
+    // the patient it was decided on).
+    let before = gw.upstream.seen().len();
+    for listed in ["content-type", "Content-Length", "keep-alive, Host"] {
+        let r = gw
+            .client
+            .post(format!("{}/Observation/_search?code=conn-1", gw.base))
+            .bearer_auth(&token)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .header("Connection", listed)
+            .body("patient=p1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "Connection: {listed}");
+        let o: Value = r.json().await.unwrap();
+        let text = o["issue"][0]["diagnostics"].to_string();
+        assert!(text.contains("Connection lists"), "{o}");
+    }
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused request went upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
