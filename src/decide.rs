@@ -940,8 +940,11 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
     };
     if req.conditional {
         needs.push(Need::on(Perm::Search, t));
+        // The server runs the If-None-Exist search: its parameters reach
+        // what a query's would (an answer of 200 or 201 tells a match).
+        needs.extend(param_needs(&req.condition)?);
     }
-    needs.extend(param_needs(req)?);
+    needs.extend(param_needs(&req.params)?);
     Ok(needs)
 }
 
@@ -990,9 +993,9 @@ fn operation_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 }
 
 /// Parameters that reach other resource types, and ones refused outright.
-fn param_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
+fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
     let mut needs = Vec::new();
-    for (name, value) in &req.params {
+    for (name, value) in params {
         let base = name.split(':').next().unwrap_or(name);
         match base {
             "_filter" | "_query" | "_contained" | "_containedType" => {
@@ -1096,6 +1099,51 @@ mod tests {
         url: &str,
     ) -> Result<Decision, ScopeDenial> {
         decide(&req(method, url), &ScopeSet::parse(scopes), patient)
+    }
+
+    #[test]
+    fn a_conditional_create_search_is_decided_like_a_query() {
+        let create = |search: &str| {
+            classify(HttpRequest {
+                method: "POST",
+                path: "Observation",
+                query: None,
+                if_none_exist: Some(search),
+            })
+            .unwrap()
+        };
+        let scopes = ScopeSet::parse("user/Observation.cs");
+        for (search, ok) in [
+            ("identifier=http://lab.example|42", true),
+            ("?identifier=42", true),
+            // Each reaches Conditions or Patients the scopes do not cover:
+            // 200 (a match) or 201 (none) would tell.
+            ("_has:Condition:subject:code=hiv", false),
+            ("subject:Patient.name=Smith", false),
+            ("_filter=code eq x", false),
+            ("identifier=42&_include=Observation:subject:Patient", false),
+        ] {
+            let d = decide(&create(search), &scopes, None);
+            assert_eq!(d.is_ok(), ok, "If-None-Exist: {search}: {d:?}");
+        }
+        // With the types it reaches granted, the same search passes.
+        let wide = ScopeSet::parse("user/Observation.cs user/Condition.s");
+        assert!(decide(&create("_has:Condition:subject:code=hiv"), &wide, None).is_ok());
+        // An entry's ifNoneExist is the same search.
+        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction",
+            "entry": [{"request": {"method": "POST", "url": "Observation",
+                                   "ifNoneExist": "_has:Condition:subject:code=hiv"},
+                       "resource": {"resourceType": "Observation"}}]});
+        let base = classify(HttpRequest {
+            method: "POST",
+            path: "",
+            query: None,
+            if_none_exist: None,
+        })
+        .unwrap();
+        let t = classify_bundle(base, bundle.to_string().as_bytes()).unwrap();
+        assert!(decide(&t, &scopes, None).is_err());
+        assert!(decide(&t, &wide, None).is_ok());
     }
 
     #[test]

@@ -1236,11 +1236,26 @@ impl Gateway {
                     .starts_with("application/x-www-form-urlencoded")
             });
         let method = req.method.as_str().to_string();
-        let if_none_exist = req
-            .headers
-            .get("if-none-exist")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        // Decided like a query, so it must be one the gateway can read;
+        // never left to the upstream alone.
+        let mut ine = req.headers.get_all("if-none-exist").iter();
+        let if_none_exist = match (ine.next(), ine.next()) {
+            (None, _) => None,
+            (Some(v), None) => Some(
+                v.to_str()
+                    .map_err(|_| Denial::BadFhirRequest {
+                        code: "fhir_malformed",
+                        description: "If-None-Exist is not ASCII".into(),
+                    })?
+                    .to_string(),
+            ),
+            (Some(_), Some(_)) => {
+                return Err(Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: "more than one If-None-Exist header".into(),
+                })
+            }
+        };
 
         // A server-side cascade (HAPI's `X-Cascade: delete`) deletes
         // resources no scope was checked against.

@@ -245,6 +245,33 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
     assert_eq!(o["issue"][0]["code"], "forbidden");
     assert_eq!(gw.upstream.count_containing("cond-p1"), 0);
 
+    // A conditional create's If-None-Exist search is decided like a query:
+    // it may not reach Conditions the token cannot search (201 or 200
+    // would tell whether one matched). Two of them are refused unread.
+    let writer = gw.mint("user/Observation.cs", None);
+    let before = gw.upstream.seen().len();
+    for (headers, status) in [
+        (vec!["_has:Condition:subject:code=ine-1"], 403),
+        (vec!["identifier=ine-2", "identifier=ine-3"], 400),
+    ] {
+        let mut rq = gw
+            .client
+            .post(format!("{}/Observation", gw.base))
+            .bearer_auth(&writer)
+            .header("content-type", "application/fhir+json")
+            .body(r#"{"resourceType":"Observation","status":"final","code":{"text":"ine"}}"#);
+        for h in &headers {
+            rq = rq.header("If-None-Exist", *h);
+        }
+        let r = rq.send().await.unwrap();
+        assert_eq!(r.status(), status, "{headers:?}");
+    }
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused create went upstream"
+    );
+
     // Whole-system history takes no `_type` in R4 (HAPI ignores it and
     // answers every type): it needs a wildcard search scope regardless.
     let r = gw.get("_history?_type=Observation", Some(&obs)).await;

@@ -127,6 +127,9 @@ pub struct FhirRequest {
     pub operation: Option<(String, OperationLevel)>,
     /// Conditional create/update/patch/delete (the server runs a search).
     pub conditional: bool,
+    /// A conditional create's search (`If-None-Exist`, or an entry's
+    /// `request.ifNoneExist`), decoded like a query: decided like one.
+    pub condition: Vec<(String, String)>,
     /// Decoded query (or form) parameters, in order.
     pub params: Vec<(String, String)>,
     /// Entries of a batch or transaction Bundle, each classified.
@@ -147,6 +150,7 @@ impl FhirRequest {
             compartment: None,
             operation: None,
             conditional: false,
+            condition: Vec::new(),
             params: Vec::new(),
             entries: Vec::new(),
             path: String::new(),
@@ -301,7 +305,10 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
                 "GET" | "HEAD" => FhirRequest::new(Interaction::SearchType),
                 "POST" => {
                     let mut r = FhirRequest::new(Interaction::Create);
-                    r.conditional = req.if_none_exist.is_some();
+                    if let Some(search) = req.if_none_exist {
+                        r.conditional = true;
+                        r.condition = parse_params(search.strip_prefix('?').unwrap_or(search))?;
+                    }
                     r
                 }
                 "PUT" | "PATCH" | "DELETE" => {
