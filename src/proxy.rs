@@ -143,8 +143,12 @@ impl Gateway {
             .dpop
             .nonce_lifetime_seconds
             .map(crate::dpop::Nonces::new);
+        // No max_capacity: a size-bounded moka cache admits new entries by
+        // TinyLFU and may drop a remembered proof (which could then be
+        // replayed). The bound is checked before each insert instead, and a
+        // full set refuses new proofs (fail closed); entries leave only by
+        // age.
         let dpop_replay = moka::sync::Cache::builder()
-            .max_capacity(settings.dpop.replay_cache_max_entries)
             // A proof is good from iat - leeway to iat + max_age on the wall
             // clock; the entry outlives that window by a margin for clock steps.
             .time_to_live(std::time::Duration::from_secs(

@@ -148,6 +148,64 @@ async fn valid_proofs_pass_once() {
     assert!(audit.contains("\"binding\":\"dpop\""), "{audit}");
 }
 
+/// The replay set is bounded: once it holds `replay_cache_max_entries`
+/// fresh proofs, new proofs are refused (503, nothing upstream) rather than
+/// remembered unreliably; proofs it holds are still refused as replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replay_set_refuses_new_proofs() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let client = Client::new(KeyKind::P256, "busy-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let first = client.proof("GET", &url, &token);
+    let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&first]).await;
+    assert_eq!(s, 200, "{www} {body}");
+    let mut accepted = 1;
+    let mut refused = None;
+    // Pending inserts are counted a little late: a few may pass the bound.
+    for _ in 0..1100 {
+        let proof = client.proof("GET", &url, &token);
+        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+        match s {
+            200 => accepted += 1,
+            503 => {
+                refused = Some(body);
+                break;
+            }
+            _ => panic!("{s} {www} {body}"),
+        }
+    }
+    let body = refused.expect("the replay set never filled");
+    assert!(accepted >= 1000, "refused after {accepted} proofs");
+    assert!(body.contains("too many DPoP proofs"), "{body}");
+    let before = gw.upstream.seen().len();
+    let (s, _, _) = send(
+        &gw,
+        "Patient/p1",
+        "DPoP",
+        &token,
+        &[&client.proof("GET", &url, &token)],
+    )
+    .await;
+    assert_eq!(s, 503);
+    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&first]).await;
+    assert!(s == 401 || s == 503, "a remembered proof passed again: {s}");
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused proof went upstream"
+    );
+    let audit = gw.audit_containing("\"reason\":\"dpop_replay_cache_full\"");
+    assert!(
+        audit.contains("\"reason\":\"dpop_replay_cache_full\""),
+        "not audited"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_proof_is_refused_before_the_upstream() {
     let gw = Gateway::start(Options::default()).await;
