@@ -1346,6 +1346,10 @@ impl Gateway {
             if_none_exist: if_none_exist.as_deref(),
         })
         .map_err(|e| classify_denial(&e))?;
+        if !fhir.condition.is_empty() {
+            let searched: Vec<_> = fhir.params.iter().chain(&fhir.condition).cloned().collect();
+            ctx.query_names = audit_param_names(&searched);
+        }
         if let Some(body) = &body {
             if is_form {
                 let text = std::str::from_utf8(body).map_err(|_| Denial::BadFhirRequest {
@@ -1365,6 +1369,7 @@ impl Gateway {
                         | Interaction::SearchCompartment
                 ) {
                     fhir.params.extend(form);
+                    ctx.query_names = audit_param_names(&fhir.params);
                 } else {
                     return Err(Denial::BadFhirRequest {
                         code: "fhir_malformed",
@@ -1513,19 +1518,29 @@ impl Gateway {
 /// at most 64; a name that does not look like a FHIR parameter name (which
 /// could carry anything) is recorded as `?`.
 fn audit_param_names(params: &[(String, String)]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for (name, _) in params {
+    audit_names(params.iter().map(|(n, _)| n.as_str()))
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Parameter names as the audit shows them: once each, at most 64, and a
+/// name that does not look like a FHIR one (it could carry a value or a
+/// secret) as `?`.
+fn audit_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for name in names {
         let looks_fhir = !name.is_empty()
             && name.len() <= 64
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-        let n = if looks_fhir { name.as_str() } else { "?" };
-        if names.len() < 64 && !names.iter().any(|x| x == n) {
-            names.push(n.to_string());
+        let n = if looks_fhir { name } else { "?" };
+        if out.len() < 64 && !out.contains(&n) {
+            out.push(n);
         }
     }
-    names
+    out
 }
 
 /// The pipeline stage a reason code comes from.
@@ -1643,6 +1658,20 @@ impl Ctx {
             resource_type: fhir.and_then(|f| f.resource_type.as_deref()),
             resource_id: fhir.and_then(|f| f.id.as_deref()),
             operation: fhir.and_then(|f| f.operation.as_ref().map(|(n, _)| n.as_str())),
+            entries: fhir.map_or_else(Vec::new, |f| {
+                f.entries
+                    .iter()
+                    .map(|e| crate::audit::EntryRecord {
+                        interaction: e.interaction.as_str(),
+                        resource_type: e.resource_type.as_deref(),
+                        resource_id: e.id.as_deref(),
+                        operation: e.operation.as_ref().map(|(n, _)| n.as_str()),
+                        params: audit_names(
+                            e.params.iter().chain(&e.condition).map(|(n, _)| n.as_str()),
+                        ),
+                    })
+                    .collect()
+            }),
             decision,
             reason,
             stage: if self.policy_rule.is_some() && decision == "allow" {

@@ -245,6 +245,27 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
     assert_eq!(o["issue"][0]["code"], "forbidden");
     assert_eq!(gw.upstream.count_containing("cond-p1"), 0);
 
+    // A form `_search`: the audit names the body's parameters with the
+    // query's (names only).
+    let r = gw
+        .client
+        .post(format!("{}/Observation/_search?_count=5", gw.base))
+        .bearer_auth(&obs)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("code=form-audit-1&status=final")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(
+        rec["query_params"],
+        json!(["_count", "code", "status"]),
+        "{rec}"
+    );
+    assert!(!rec.to_string().contains("form-audit-1"), "{rec}");
+
     // A conditional create's If-None-Exist search is decided like a query:
     // it may not reach Conditions the token cannot search (201 or 200
     // would tell whether one matched). Two of them are refused unread.
@@ -375,6 +396,17 @@ async fn bundles_are_decided_entry_by_entry() {
     let good = bundle("transaction", "Observation?code=8867-4");
     let r = post(good.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // The audit names every entry (parameter names, never values).
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(
+        rec["entries"],
+        json!([
+            {"interaction": "read", "resource_type": "Patient", "resource_id": "p1"},
+            {"interaction": "search-type", "resource_type": "Observation", "params": ["code"]}
+        ]),
+        "{rec}"
+    );
     let seen = gw.upstream.seen();
     let forwarded = seen
         .iter()

@@ -303,6 +303,40 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
             "role": coding(OBJECT_ROLE, "4", "Domain Resource"),
         }));
     }
+    // A batch or transaction: one entity per entry, in order, so who read
+    // or changed which resources can be told from the record.
+    for (i, e) in r.entries.iter().enumerate() {
+        let query = matches!(
+            e.interaction,
+            "search-type" | "search-system" | "search-compartment" | "operation"
+        );
+        let what = match (e.resource_type, e.resource_id) {
+            (Some(t), Some(id)) => json!({"reference": format!("{t}/{id}")}),
+            (Some(t), None) => json!({"display": t}),
+            (None, _) => json!({"display": "(system)"}),
+        };
+        let mut entity = json!({
+            "what": what,
+            "type": system_object,
+            "role": if query {
+                coding(OBJECT_ROLE, "24", "Query")
+            } else {
+                coding(OBJECT_ROLE, "4", "Domain Resource")
+            },
+            "description": format!("entry {i}: {}", e.interaction),
+        });
+        let mut entry_details = Vec::new();
+        if let Some(op) = e.operation {
+            entry_details.push(detail("operation", op));
+        }
+        if !e.params.is_empty() {
+            entry_details.push(detail("query_params", e.params.join(",")));
+        }
+        if !entry_details.is_empty() {
+            entity["detail"] = entry_details.into();
+        }
+        entities.push(entity);
+    }
     let mut details = vec![
         detail(
             "event",
@@ -393,6 +427,56 @@ mod tests {
             .iter()
             .map(|c| c["code"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_batch_names_each_entry() {
+        use crate::audit::EntryRecord;
+        let r = Record {
+            id: "b1".into(),
+            time: "2026-11-25T10:00:00Z".into(),
+            request_id: "req-b",
+            method: "POST",
+            path: "/fhir",
+            client_id: Some("app"),
+            interaction: Some("batch"),
+            entries: vec![
+                EntryRecord {
+                    interaction: "read",
+                    resource_type: Some("Patient"),
+                    resource_id: Some("p7"),
+                    ..EntryRecord::default()
+                },
+                EntryRecord {
+                    interaction: "search-type",
+                    resource_type: Some("Observation"),
+                    params: vec!["patient", "code"],
+                    ..EntryRecord::default()
+                },
+            ],
+            decision: "allow",
+            reason: "allowed",
+            stage: "decide",
+            status: Some(200),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        let entities = ev["entity"].as_array().unwrap();
+        let entry = |i: usize| {
+            entities
+                .iter()
+                .find(|e| e["description"] == format!("entry {i}: {}", ["read", "search-type"][i]))
+                .unwrap_or_else(|| panic!("no entity for entry {i}: {entities:?}"))
+        };
+        assert_eq!(entry(0)["what"]["reference"], "Patient/p7");
+        assert_eq!(entry(0)["role"]["code"], "4");
+        assert_eq!(entry(1)["what"]["display"], "Observation");
+        assert_eq!(entry(1)["role"]["code"], "24");
+        assert_eq!(entry(1)["detail"][0]["valueString"], "patient,code");
+        // The JSON-lines record carries the same.
+        let line = serde_json::to_value(&r).unwrap();
+        assert_eq!(line["entries"][0]["resource_id"], "p7");
+        assert_eq!(line["entries"][1]["params"], json!(["patient", "code"]));
     }
 
     #[test]

@@ -40,6 +40,23 @@ pub enum Event {
     Decision,
 }
 
+/// What one batch/transaction entry asked for (never a body or a
+/// parameter's value).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EntryRecord<'a> {
+    pub interaction: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<&'a str>,
+    /// Operation name without the `$`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<&'a str>,
+    /// Names of its search parameters (and of its `ifNoneExist`'s).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<&'a str>,
+}
+
 /// One audit record. It borrows from the request's state: building it
 /// costs no copies; it is encoded once, on the request's thread.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -55,7 +72,8 @@ pub struct Record<'a> {
     pub source: Option<String>,
     pub method: &'a str,
     pub path: &'a str,
-    /// Names of the query parameters (never their values).
+    /// Names of the search parameters — the query's, a form `_search`
+    /// body's, a conditional create's `If-None-Exist` — never their values.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub query_params: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,6 +109,9 @@ pub struct Record<'a> {
     /// Operation name without the `$`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operation: Option<&'a str>,
+    /// A batch or transaction's entries, in order: what each asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<EntryRecord<'a>>,
     /// allow, deny or error.
     pub decision: &'a str,
     /// Reason code (the metrics' `reason` label).
