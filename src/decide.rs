@@ -173,6 +173,39 @@ impl Need {
         }
     }
 
+    /// Scope values that would grant this, for RFC 6750's `scope`
+    /// attribute (a space-delimited list of real scopes): in the context
+    /// the need is limited to, else in those the token already uses
+    /// (`user/` when it uses none).
+    fn scope_values(&self, held: &ScopeSet) -> String {
+        let contexts: Vec<Context> = match self.context {
+            Some(c) => vec![c],
+            None => {
+                let used: Vec<Context> = [Context::Patient, Context::User, Context::System]
+                    .into_iter()
+                    .filter(|c| held.has_context(*c))
+                    .collect();
+                if used.is_empty() {
+                    vec![Context::User]
+                } else {
+                    used
+                }
+            }
+        };
+        contexts
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}/{}.{}",
+                    c.as_str(),
+                    self.resource.as_deref().unwrap_or("*"),
+                    self.perm.letter()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     fn describe(&self) -> String {
         let ctx = self
             .context
@@ -349,7 +382,7 @@ fn patient_grant(
         }
         return Err(ScopeDenial {
             reason,
-            missing_scope: Some(missing.describe()),
+            missing_scope: Some(missing.scope_values(scopes)),
         });
     };
     let Some(ctx) = patient else {
@@ -1697,12 +1730,28 @@ mod tests {
 
     #[test]
     fn denial_names_missing_scope() {
+        // RFC 6750's scope attribute: real scope values, in the contexts
+        // the token uses; the reason says which contexts would do.
         let d = check("user/Observation.r", None, "GET", "Observation?code=1").unwrap_err();
-        assert_eq!(
-            d.missing_scope.as_deref(),
-            Some("patient|user|system/Observation.s")
-        );
+        assert_eq!(d.missing_scope.as_deref(), Some("user/Observation.s"));
         assert!(d.reason.contains("search-type"), "{}", d.reason);
+        assert!(
+            d.reason.contains("patient|user|system/Observation.s"),
+            "{}",
+            d.reason
+        );
+        for (held, want) in [
+            ("patient/Observation.r", "patient/Condition.r"),
+            (
+                "patient/Observation.r user/Patient.r",
+                "patient/Condition.r user/Condition.r",
+            ),
+            ("system/Observation.r", "system/Condition.r"),
+            ("openid", "user/Condition.r"),
+        ] {
+            let d = check(held, Some("p1"), "GET", "Condition/c1").unwrap_err();
+            assert_eq!(d.missing_scope.as_deref(), Some(want), "{held}");
+        }
         // A filter on a parameter fhirwall cannot evaluate grants nothing.
         let d = check(
             "user/Observation.rs?date=ge2020",
