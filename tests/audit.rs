@@ -574,7 +574,11 @@ async fn the_audit_file_rotates_and_keeps_the_configured_number() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_carry_the_documented_fields_and_never_query_values() {
     let gw = Gateway::start(Options::default()).await;
-    let token = gw.mint("patient/Observation.rs", Some("p1"));
+    // A token as an EHR launch issues it: with fhirUser.
+    let mut claims = gw.claims("patient/Observation.rs");
+    claims["patient"] = json!("p1");
+    claims["fhirUser"] = json!("Practitioner/dr-7");
+    let token = gw.issuer.signing_key().sign(&claims);
     let r = get_with_id(
         &gw,
         "Observation?code=secret-code-value&_count=5",
@@ -591,6 +595,7 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
         "issuer",
         "client_id",
         "sub",
+        "fhir_user",
         "patient",
         "token_sha256",
         "token_kind",
@@ -614,6 +619,7 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
     assert_eq!(rec["query_params"], json!(["code", "_count"]));
     assert_eq!(rec["scopes_used"], json!(["patient/Observation.rs"]));
     assert_eq!(rec["patient"], "p1");
+    assert_eq!(rec["fhir_user"], "Practitioner/dr-7");
     let text = std::fs::read_to_string(&gw.audit_path).unwrap();
     assert!(!text.contains("secret-code-value"));
     assert!(!text.contains(&token), "the token itself is in the audit");

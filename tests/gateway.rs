@@ -112,6 +112,11 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
         );
         let o = outcome(r).await;
         assert_eq!(o["issue"][0]["code"], "login", "{name}");
+        // The body names the failed check as the challenge does.
+        assert!(
+            o["issue"][0]["diagnostics"].to_string().contains(describes),
+            "{name}: {o}"
+        );
         assert_eq!(
             gw.upstream.count_containing(&marker),
             0,
@@ -240,9 +245,16 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
         w.contains("error=\"insufficient_scope\"") && w.contains("scope=\""),
         "{w}"
     );
-    assert!(w.contains("Condition.r"), "{w}");
+    // RFC 6750: the scope attribute lists real scope values.
+    assert!(w.ends_with("scope=\"user/Condition.r\""), "{w}");
     let o = outcome(r).await;
     assert_eq!(o["issue"][0]["code"], "forbidden");
+    assert!(
+        o["issue"][0]["diagnostics"]
+            .to_string()
+            .contains("needs scope patient|user|system/Condition.r"),
+        "{o}"
+    );
     assert_eq!(gw.upstream.count_containing("cond-p1"), 0);
 
     // A form `_search`: the audit names the body's parameters with the
@@ -418,16 +430,34 @@ async fn bundles_are_decided_entry_by_entry() {
         "the bundle body is forwarded unchanged"
     );
 
-    // Malformed bundles and unknown types are refused, not guessed.
+    // Malformed bundles and unknown types are refused, not guessed, with
+    // an OperationOutcome that says what was wrong.
     let r = post("{\"resourceType\":\"Bundle\",\"type\":\"searchset\"}".into())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    let o = outcome(r).await;
+    assert!(
+        o["issue"][0]["diagnostics"]
+            .to_string()
+            .contains("searchset"),
+        "{o}"
+    );
     let r = gw.get("Foo/unknown-type-1", Some(&token)).await;
     assert_eq!(r.status(), 400);
+    let o = outcome(r).await;
+    assert!(
+        o["issue"][0]["diagnostics"].to_string().contains("Foo"),
+        "{o}"
+    );
     let r = gw.get("Patient/p1/_bogus", Some(&token)).await;
     assert_eq!(r.status(), 400);
+    let o = outcome(r).await;
+    assert!(
+        o["issue"][0]["diagnostics"].to_string().contains("_bogus"),
+        "{o}"
+    );
     assert_eq!(
         gw.upstream.count_containing("unknown-type-1") + gw.upstream.count_containing("_bogus"),
         0
@@ -561,10 +591,9 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
             s.headers
         );
     }
-    assert!(
-        h("host")[0].starts_with("127.0.0.1:"),
-        "Host is the upstream's"
-    );
+    // Host is the upstream's, not the client's (the gateway's address).
+    assert_ne!(gw.upstream_addr, gw.proxy_addr());
+    assert_eq!(h("host"), vec![gw.upstream_addr.to_string().as_str()]);
 
     // `Connection` may not list a header fhirwall read to decide: the
     // upstream would run the form search without its body (and so without
@@ -697,6 +726,10 @@ async fn jwks_outage_keeps_loaded_keys_and_answers_503_for_new_ones() {
     assert!(r.headers().contains_key("retry-after"));
     outcome(r).await;
     assert_eq!(gw.upstream.count_containing("outage-1"), 0);
+    // After that failed fetch, loaded keys still verify new tokens.
+    let fresh = gw.mint("user/*.rs", None);
+    assert_ne!(fresh, t);
+    assert_eq!(gw.get("Patient/p1", Some(&fresh)).await.status(), 200);
     // Back up: the rotated key is picked up.
     gw.issuer.rotate_to(k3);
     gw.issuer.down.store(false, Ordering::SeqCst);

@@ -104,6 +104,8 @@ pub struct Gateway {
     pub base: String,
     pub admin: String,
     pub upstream: Arc<FhirSandbox>,
+    /// Where the upstream listens.
+    pub upstream_addr: SocketAddr,
     pub issuer: Arc<SandboxIssuer>,
     pub audit_path: PathBuf,
     pub client: reqwest::Client,
@@ -230,6 +232,7 @@ impl Gateway {
             base,
             admin: format!("http://127.0.0.1:{admin_port}"),
             upstream,
+            upstream_addr: up_addr,
             issuer,
             audit_path,
             client: reqwest::Client::builder()
