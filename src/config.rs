@@ -25,7 +25,6 @@ pub const ALLOWED_ALGORITHMS: &[&str] = &[
 pub const DEFAULT_PUBLIC_ROUTES: &[&str] = &["metadata", ".well-known/smart-configuration"];
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Address the FHIR proxy listens on, e.g. `0.0.0.0:8080`.
     pub listen: String,
@@ -69,10 +68,13 @@ pub struct Config {
     /// The directory of the config file (relative paths are below it).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// Keys that are not settings, by path (`issuers[0].audince`): each
+    /// is a problem [`Config::validate`] reports, with everything else.
+    #[serde(skip)]
+    pub unknown_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PoliciesConfig {
     pub dir: String,
     /// Also reload when a file of the directory (or the config) changes,
@@ -82,7 +84,6 @@ pub struct PoliciesConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RolesConfig {
     /// The claim naming the user's roles (string or list); `fhirUser`
     /// means the resource type of the `fhirUser` reference.
@@ -99,7 +100,6 @@ fn d_unmapped() -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RoleCeiling {
     /// The most the role's tokens may be granted (SMART scopes).
     pub scopes: Vec<String>,
@@ -119,7 +119,6 @@ pub struct Roles {
 /// Break-glass: a request carrying a reason may pass policy rules marked
 /// `break_glass: true` (never scopes or the patient context).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BreakGlassConfig {
     /// Request header carrying the reason (stripped before the upstream
     /// when it is an `X-Fhirwall-*` header, as the default is).
@@ -148,7 +147,6 @@ fn d_bg_header() -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain of the listener.
     pub cert_file: String,
@@ -187,7 +185,6 @@ pub struct Tls {
 
 /// DPoP (RFC 9449) proof checking for DPoP-bound tokens.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DpopConfig {
     /// Accept the DPoP scheme (DPoP-bound tokens are refused when off).
     #[serde(default = "d_true")]
@@ -254,7 +251,6 @@ pub struct Dpop {
 
 /// How requests under `patient/` scopes are treated.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PatientContextConfig {
     /// A type search that names no patient: `narrow` (add the patient
     /// parameter) or `refuse` (403).
@@ -275,7 +271,6 @@ fn d_unnarrowed() -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Upstream FHIR base, `http://` or `https://`, e.g. `http://10.0.0.5:8080/fhir`.
     pub url: String,
@@ -307,7 +302,6 @@ fn d_max_checked_answer() -> usize {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// Short name used in metrics and audit records.
     pub name: String,
@@ -343,7 +337,6 @@ pub struct IssuerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IntrospectionConfig {
     /// The introspection endpoint (RFC 7662), http(s).
     pub endpoint: String,
@@ -437,7 +430,6 @@ pub struct Introspection {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     #[serde(default = "d_max_token")]
     pub max_bytes: usize,
@@ -448,7 +440,6 @@ pub struct TokenConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct JwksConfig {
     /// An unknown `kid` re-fetches an issuer's JWKS at most this often.
     #[serde(default = "d_refetch")]
@@ -469,14 +460,12 @@ pub struct JwksConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// `stdout`, `file` or `fhir`.
     #[serde(default = "d_sink")]
@@ -524,7 +513,6 @@ pub struct AuditConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AuditFhirConfig {
     /// FHIR base URL; batches are POSTed to it as `batch` Bundles.
     pub endpoint: String,
@@ -539,7 +527,6 @@ pub struct AuditFhirConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Worker threads; 0 means one per core.
     #[serde(default)]
@@ -875,6 +862,22 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         .map_err(|problems| ConfigError::Invalid { file, problems })
 }
 
+/// A serde_ignored path in the form problems use: `a.b[2].c`.
+fn key_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => match key_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_path(parent),
+    }
+}
+
 fn parse_algorithm(s: &str) -> Option<Algorithm> {
     Some(match s {
         "RS256" => Algorithm::RS256,
@@ -891,9 +894,18 @@ fn parse_algorithm(s: &str) -> Option<Algorithm> {
 }
 
 impl Config {
-    /// Parses YAML text; the message carries line and column.
+    /// Parses YAML text; the message carries line and column. Keys that
+    /// are not settings do not stop the parse: they are collected, every
+    /// one by its path, for [`Config::validate`] to report as problems.
+    /// (Duplicate keys and wrong types do stop it.)
     pub fn parse(text: &str) -> Result<Config, String> {
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+        let mut unknown = Vec::new();
+        let mut config: Config = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
+        })
+        .map_err(|e| e.to_string())?;
+        config.unknown_keys = unknown;
+        Ok(config)
     }
 
     /// Checks every setting and returns the runtime form, or every problem found.
@@ -905,6 +917,13 @@ impl Config {
                 message,
             })
         };
+        for key in &self.unknown_keys {
+            problem(
+                key,
+                "unknown key: not a fhirwall setting (config.yaml is the annotated reference)"
+                    .into(),
+            );
+        }
 
         let listen = parse_addr(&self.listen, "listen", &mut problem);
         let admin_listen = parse_addr(&self.admin.listen, "admin.listen", &mut problem);
@@ -2018,14 +2037,28 @@ admin:
 
     #[test]
     fn unknown_and_duplicate_keys_are_errors() {
-        let e = Config::parse(&format!("{GOOD}\nbogus: 1\n")).unwrap_err();
-        assert!(e.contains("bogus"), "{e}");
+        // Every unknown key is reported by its path, with the other
+        // problems; none stops the others from being found.
+        let text = format!("{GOOD}\nbogus: 1\n")
+            .replace("    audiences:", "    audience: x\n    audiences:")
+            .replace("listen: 127.0.0.1:8080", "listen: nowhere\nlisten_port: 1");
+        let problems = Config::parse(&text).unwrap().validate().unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        for want in ["bogus", "issuers[0].audience", "listen_port", "listen"] {
+            assert!(paths.contains(&want), "{want} not in {paths:?}");
+        }
+        let unknown = problems.iter().find(|p| p.path == "bogus").unwrap();
+        assert!(unknown.message.contains("unknown key"), "{unknown:?}");
+        // Deeper: inside a map of roles and an optional section.
+        let text = format!(
+            "{GOOD}roles:\n  claim: roles\n  map:\n    nurse: {{scopes: [user/*.rs], scopez: [x]}}\n"
+        );
+        let problems = Config::parse(&text).unwrap().validate().unwrap_err();
+        assert_eq!(problems[0].path, "roles.map.nurse.scopez", "{problems:?}");
+        // A duplicate key still stops the parse, with its line.
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
-        let e = Config::parse(&GOOD.replace("    audiences:", "    audience: x\n    audiences:"))
-            .unwrap_err();
-        assert!(e.contains("audience"), "{e}");
     }
 
     #[test]
