@@ -58,6 +58,36 @@ fn every_supported_key_kind_verifies() {
         assert_eq!(c.fhir_user.as_deref(), Some("Practitioner/9"));
         assert_eq!(c.scopes.scopes.len(), 1);
     }
+    // One RSA key (its JWK naming no alg) signs with every RSA algorithm
+    // of the allow-list; each verifies when the issuer allows it, and only
+    // then.
+    let rsa = SigningKey::generate(KeyKind::Rsa2048, "k1");
+    let mut jwk = rsa.jwk().clone();
+    jwk.as_object_mut().unwrap().remove("alg");
+    let keys = KeySet::from_jwks(&json!({ "keys": [jwk] })).unwrap().0;
+    for alg in [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+    ] {
+        let mut header = Header::new(alg);
+        header.kid = Some("k1".into());
+        let token = rsa.sign_with_header(&header, &claims());
+        let c = check(&token, &keys, &issuer(&[alg])).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(c.sub.as_deref(), Some("u1"));
+        let other = if alg == Algorithm::RS256 {
+            Algorithm::PS256
+        } else {
+            Algorithm::RS256
+        };
+        assert!(
+            check(&token, &keys, &issuer(&[other])).is_err(),
+            "{alg:?} passed an issuer allowing only {other:?}"
+        );
+    }
 }
 
 #[test]
