@@ -33,6 +33,9 @@ pub struct SandboxIssuer {
     pub jwks_fetches: AtomicUsize,
     /// `Cache-Control` max-age sent with the JWKS.
     pub max_age_seconds: AtomicUsize,
+    /// When false, `/.well-known/openid-configuration` answers 404 (a
+    /// SMART server that publishes only `smart-configuration`).
+    pub openid_configuration: AtomicBool,
 }
 
 /// Parameters of a token to mint.
@@ -76,6 +79,7 @@ impl SandboxIssuer {
             down: AtomicBool::new(false),
             jwks_fetches: AtomicUsize::new(0),
             max_age_seconds: AtomicUsize::new(300),
+            openid_configuration: AtomicBool::new(true),
         })
     }
 
@@ -123,6 +127,7 @@ impl SandboxIssuer {
         Router::new()
             .route("/jwks.json", get(jwks_handler))
             .route("/.well-known/openid-configuration", get(discovery))
+            .route("/.well-known/smart-configuration", get(smart_configuration))
             .route("/token", get(mint_handler))
             .with_state(self)
     }
@@ -157,10 +162,25 @@ async fn jwks_handler(State(s): State<Arc<SandboxIssuer>>) -> Response {
 }
 
 async fn discovery(State(s): State<Arc<SandboxIssuer>>) -> Response {
+    if !s.openid_configuration.load(Ordering::SeqCst) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     Json(json!({
         "issuer": s.issuer,
         "jwks_uri": format!("{}/jwks.json", s.issuer),
         "token_endpoint": format!("{}/token", s.issuer),
+    }))
+    .into_response()
+}
+
+/// SMART App Launch's `.well-known/smart-configuration` (the subset a
+/// resource server reads).
+async fn smart_configuration(State(s): State<Arc<SandboxIssuer>>) -> Response {
+    Json(json!({
+        "issuer": s.issuer,
+        "jwks_uri": format!("{}/jwks.json", s.issuer),
+        "token_endpoint": format!("{}/token", s.issuer),
+        "capabilities": ["launch-standalone", "client-confidential-asymmetric"],
     }))
     .into_response()
 }

@@ -315,4 +315,52 @@ mod tests {
         assert_eq!(parse_max_age("public"), None);
         assert_eq!(parse_max_age("max-age=abc"), None);
     }
+
+    /// Discovery reads `.well-known/openid-configuration`, else SMART's
+    /// `.well-known/smart-configuration`; with neither, it names both.
+    #[tokio::test]
+    async fn discovery_falls_back_to_smart_configuration() {
+        use crate::sandbox::issuer::SandboxIssuer;
+        use crate::sandbox::keys::KeyKind;
+        use std::sync::atomic::Ordering;
+        let idp = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "k1").await;
+        idp.openid_configuration.store(false, Ordering::SeqCst);
+        let issuer = Issuer {
+            name: "smart-only".into(),
+            issuer: idp.issuer.clone(),
+            jwks_uri: None,
+            discovery: true,
+            audiences: vec!["https://fhir.example/fhir".into()],
+            algorithms: vec![jsonwebtoken::Algorithm::ES256],
+            leeway_seconds: 0,
+            require_at_jwt_typ: false,
+            require_binding: false,
+            require_binding_for_clients: Vec::new(),
+            introspection: None,
+        };
+        let metrics = Arc::new(Metrics::new(&["smart-only".to_string()]));
+        let store = JwksStore::new(
+            std::slice::from_ref(&issuer),
+            &JwksConfig::default(),
+            &[],
+            metrics.clone(),
+        );
+        assert!(store.load_all().await.is_empty());
+        assert!(store.ready());
+        assert_eq!(idp.jwks_fetches.load(Ordering::SeqCst), 1);
+
+        // An issuer publishing neither document: both are named.
+        let bad = Issuer {
+            issuer: format!("{}/nothing-here", idp.issuer),
+            ..issuer
+        };
+        let store = JwksStore::new(&[bad], &JwksConfig::default(), &[], metrics);
+        let errors = store.load_all().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0].1;
+        assert!(
+            e.contains("openid-configuration") && e.contains("smart-configuration"),
+            "{e}"
+        );
+    }
 }
