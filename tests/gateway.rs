@@ -622,6 +622,28 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     );
 }
 
+/// `server.threads: 0` (the default) runs one proxy worker per core; a
+/// number runs that many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_uses_every_core() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (threads, want) in [(0, cores), (1, 1), (3, 3)] {
+        let gw = Gateway::start(Options {
+            server_yaml: format!("  threads: {threads}\n"),
+            ..Options::default()
+        })
+        .await;
+        let token = gw.mint("user/*.rs", None);
+        assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", gw.pid())).unwrap();
+        let workers = tasks
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "fhirwall proxy")
+            .count();
+        assert_eq!(workers, want, "threads: {threads} on {cores} cores");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_and_slow_answer_502_and_504() {
     let closed = free_port();

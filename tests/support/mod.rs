@@ -207,7 +207,13 @@ impl Gateway {
              jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
              audit:\n{audit}\
-             server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{server_extra}{tls}{extra}",
+             server:\n{threads}  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{server_extra}{tls}{extra}",
+            // Two workers unless the test sets its own.
+            threads = if opts.server_yaml.contains("threads:") {
+                ""
+            } else {
+                "  threads: 2\n"
+            },
             rt = opts.read_timeout_ms,
             iss = issuer.issuer,
             lw = opts.leeway_seconds,
