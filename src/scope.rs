@@ -75,6 +75,21 @@ impl Perms {
         self.0 & p.bit() != 0
     }
 
+    /// The v2 letters, in order (`cruds` for all).
+    pub fn letters(self) -> String {
+        [
+            Perm::Create,
+            Perm::Read,
+            Perm::Update,
+            Perm::Delete,
+            Perm::Search,
+        ]
+        .iter()
+        .filter(|p| self.contains(**p))
+        .map(|p| p.letter())
+        .collect()
+    }
+
     /// Parses a scope suffix: v1 `read`/`write`/`*` or in-order v2 letters.
     pub fn parse(suffix: &str) -> Option<Perms> {
         match suffix {
@@ -208,18 +223,7 @@ impl Scope {
                 Resources::All => "*",
                 Resources::Type(t) => t.as_str(),
             };
-            let letters: String = [
-                Perm::Create,
-                Perm::Read,
-                Perm::Update,
-                Perm::Delete,
-                Perm::Search,
-            ]
-            .iter()
-            .filter(|p| perms.contains(**p))
-            .map(|p| p.letter())
-            .collect();
-            let mut raw = format!("{}/{resource}.{letters}", context.as_str());
+            let mut raw = format!("{}/{resource}.{}", context.as_str(), perms.letters());
             if let Some(f) = &filter {
                 raw.push('?');
                 raw.push_str(f);
@@ -299,18 +303,7 @@ mod tests {
     use super::*;
 
     fn perms(s: &str) -> String {
-        let p = Perms::parse(s).unwrap();
-        [
-            Perm::Create,
-            Perm::Read,
-            Perm::Update,
-            Perm::Delete,
-            Perm::Search,
-        ]
-        .iter()
-        .filter(|x| p.contains(**x))
-        .map(|x| x.letter())
-        .collect()
+        Perms::parse(s).unwrap().letters()
     }
 
     #[test]

@@ -80,33 +80,26 @@ async fn rules_narrow_the_grant_and_name_themselves() {
     );
 
     // A Bundle entry is checked too.
-    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+    let batch = |entries: serde_json::Value| {
+        gw.client
+            .post(format!("{}/", gw.base))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string())
+            .send()
+    };
+    let r = batch(json!([
         {"request": {"method": "GET", "url": "Observation/obs-p1-0"}},
-        {"request": {"method": "DELETE", "url": "Observation/policy-delete-2"}}]});
-    let r = gw
-        .client
-        .post(format!("{}/", gw.base))
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .body(bundle.to_string())
-        .send()
-        .await
-        .unwrap();
+        {"request": {"method": "DELETE", "url": "Observation/policy-delete-2"}}]))
+    .await
+    .unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(gw.upstream.count_containing("policy-delete-2"), 0);
 
     // A path rule sees an entry's whole path, not only its type and id:
     // `$everything` refused at the top level is refused inside a batch.
     let before = gw.upstream.seen().len();
-    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET", "url": "Patient/p1/$everything"}}]});
-    let r = gw
-        .client
-        .post(format!("{}/", gw.base))
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .body(bundle.to_string())
-        .send()
+    let r = batch(json!([{"request": {"method": "GET", "url": "Patient/p1/$everything"}}]))
         .await
         .unwrap();
     let status = r.status();
