@@ -1149,6 +1149,13 @@ mod tests {
         for (search, ok) in [
             ("identifier=http://lab.example|42", true),
             ("?identifier=42", true),
+            ("Observation?identifier=42", true),
+            // The type before `?` is dropped (as HAPI does): what follows
+            // is decided.
+            (
+                "Patient?_has:Condition:subject:code=B20&identifier=1",
+                false,
+            ),
             // Each reaches Conditions or Patients the scopes do not cover:
             // 200 (a match) or 201 (none) would tell.
             ("_has:Condition:subject:code=hiv", false),

@@ -190,8 +190,10 @@ impl Scope {
 impl Scope {
     /// What this scope grants that `ceiling` also grants, as one scope, or
     /// `None` when they share nothing (or share something one scope cannot
-    /// say: two different filters). The context is the narrower one:
-    /// `patient/` if either is, otherwise this scope's.
+    /// say: two different filters). The context is the narrower one, in
+    /// the order `patient/`, `user/`, `system/` (a `user/` ceiling does not
+    /// let a `system/` scope reach what only `system/` may, such as
+    /// `$export`).
     pub fn intersect(&self, ceiling: &Scope) -> Option<Scope> {
         let resources = match (&self.resources, &ceiling.resources) {
             (Resources::All, r) | (r, Resources::All) => r.clone(),
@@ -207,8 +209,15 @@ impl Scope {
             (Some(a), Some(b)) if a == b => Some(a.clone()),
             _ => return None,
         };
-        let context = if ceiling.context == Context::Patient {
-            Context::Patient
+        // Never wider than either side: patient/ < user/ < system/ (only
+        // system/ may run `$export`).
+        let rank = |c: Context| match c {
+            Context::Patient => 0,
+            Context::User => 1,
+            Context::System => 2,
+        };
+        let context = if rank(ceiling.context) < rank(self.context) {
+            ceiling.context
         } else {
             self.context
         };
@@ -338,6 +347,10 @@ mod tests {
                 "patient/Condition.r",
                 Some("patient/Condition.r"),
             ),
+            // Never wider than the ceiling: system/ under a user/ ceiling is
+            // user/ (no $export); user/ under a system/ ceiling stays user/.
+            ("system/*.read", "user/*.read", Some("user/*.rs")),
+            ("user/*.rs", "system/*.rs", Some("user/*.rs")),
             ("user/Observation.cud", "user/Observation.rs", None),
             ("user/Observation.rs", "user/Condition.rs", None),
             // A patient/ token scope stays patient/ under a user/ ceiling.

@@ -307,7 +307,7 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
                     let mut r = FhirRequest::new(Interaction::Create);
                     if let Some(search) = req.if_none_exist {
                         r.conditional = true;
-                        r.condition = parse_params(search.strip_prefix('?').unwrap_or(search))?;
+                        r.condition = condition_params(search)?;
                     }
                     r
                 }
@@ -411,6 +411,21 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
     r.params = params;
     r.path = req.path.to_string();
     Ok(r)
+}
+
+/// A conditional create's search, read as servers read it: HAPI drops all
+/// up to the first `?` (`Patient?identifier=1`, `?identifier=1`), so the
+/// parameters are what follows it. A `?` left in a name is refused: it
+/// would hide a parameter from the decision.
+fn condition_params(search: &str) -> Result<Vec<(String, String)>, ClassifyError> {
+    let query = search.split_once('?').map_or(search, |(_, q)| q);
+    let params = parse_params(query)?;
+    if let Some((name, _)) = params.iter().find(|(n, _)| n.contains('?')) {
+        return Err(ClassifyError::MalformedPath(format!(
+            "If-None-Exist parameter '{name}' is not a search parameter name"
+        )));
+    }
+    Ok(params)
 }
 
 fn operation(method: &str, seg: &str, level: OperationLevel) -> Result<FhirRequest, ClassifyError> {
@@ -820,6 +835,31 @@ mod tests {
         })
         .unwrap();
         assert!(r.conditional);
+        assert_eq!(r.interaction, Interaction::Create);
+        let ine = |search| {
+            classify(HttpRequest {
+                method: "POST",
+                path: "Patient",
+                query: None,
+                if_none_exist: Some(search),
+            })
+        };
+        let names = |search| -> Vec<String> {
+            ine(search)
+                .unwrap()
+                .condition
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        };
+        assert_eq!(names("identifier=1&name=a"), ["identifier", "name"]);
+        assert_eq!(names("?identifier=1"), ["identifier"]);
+        assert_eq!(
+            names("Patient?_has:Condition:subject:code=x"),
+            ["_has:Condition:subject:code"]
+        );
+        assert!(ine("Patient?a?b=1").is_err());
+        assert!(ine("Patient?a%3Fb=1").is_err());
         assert!(
             c("PUT", "Patient", Some("identifier=1"))
                 .unwrap()
