@@ -1025,6 +1025,30 @@ fn operation_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
     }
 }
 
+/// The first parameter that reaches resources beyond the ones a request
+/// names — other types (`_include`, `_revinclude`, `_has`, chains,
+/// `_type`), a stored search's page, or what cannot be bounded at all
+/// (`_filter`, `_query`, `_contained`) — for routes that need no token.
+pub fn reaching_param(params: &[(String, String)]) -> Option<&str> {
+    params.iter().map(|(n, _)| n.as_str()).find(|name| {
+        let base = name.split(':').next().unwrap_or(name);
+        matches!(
+            base,
+            "_include"
+                | "_revinclude"
+                | "_has"
+                | "_type"
+                | "_getpages"
+                | "_getpagesoffset"
+                | "_pageId"
+                | "_filter"
+                | "_query"
+                | "_contained"
+                | "_containedType"
+        ) || name.contains('.')
+    })
+}
+
 /// Parameters that reach other resource types, and ones refused outright.
 fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
     let mut needs = Vec::new();
@@ -1043,6 +1067,13 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                     "_cascade is refused: a cascading delete reaches resources the token's grant \
                      was not checked against",
                 ))
+            }
+            // A page of a stored search: HAPI serves whatever search the id
+            // names, whoever ran it and whatever types it holds, so only a
+            // grant on every type covers it.
+            "_getpages" | "_getpagesoffset" | "_pageId" => {
+                needs.push(Need::on(Perm::Read, None));
+                needs.push(Need::on(Perm::Search, None));
             }
             "_include" | "_revinclude" => {
                 // value: Source:param[:Target] or *
@@ -1285,6 +1316,22 @@ mod tests {
                 None,
                 "GET",
                 "_history",
+                true,
+            ),
+            (
+                "a stored search's page, named on a type: any type",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?_getpages=abc&_getpagesoffset=20",
+                false,
+            ),
+            (
+                "a stored search's page with every type granted",
+                "user/*.rs",
+                None,
+                "GET",
+                "?_getpages=abc&_getpagesoffset=20",
                 true,
             ),
             (

@@ -1165,6 +1165,22 @@ impl Gateway {
                         description: format!("public route '{rel}' only answers GET"),
                     });
                 }
+                // No token, so nothing beyond the route itself: no
+                // parameter that brings in other resources or a stored
+                // search's page.
+                if let Some(q) = req.uri.query() {
+                    let params = classify::parse_params(q).map_err(|e| classify_denial(&e))?;
+                    ctx.query_names = audit_param_names(&params);
+                    if let Some(name) = crate::decide::reaching_param(&params) {
+                        return Err(Denial::BadFhirRequest {
+                            code: "fhir_malformed",
+                            description: format!(
+                                "parameter {name} is refused on public route '{rel}': it reaches \
+                                 resources beyond the route, which need a token"
+                            ),
+                        });
+                    }
+                }
                 ctx.public = true;
                 ctx.rel_path = Some(rel);
                 return Ok(());

@@ -479,6 +479,55 @@ async fn bundles_are_decided_entry_by_entry() {
     );
 }
 
+/// A public route needs no token, so it reaches nothing beyond itself: a
+/// public provider directory does not hand out what `_revinclude`, `_has`,
+/// chains or a stored search's page would bring in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_routes_reach_nothing_beyond_themselves() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "public_routes: [Practitioner]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let r = gw.get("Practitioner?name=pub-ok-1", None).await;
+    assert!(
+        !matches!(r.status().as_u16(), 400 | 401 | 403),
+        "{}",
+        r.status()
+    );
+    assert_eq!(gw.upstream.count_containing("pub-ok-1"), 1);
+    assert_eq!(gw.get("metadata?_format=json", None).await.status(), 200);
+    let before = gw.upstream.seen().len();
+    for (i, query) in [
+        "_revinclude=Encounter:participant",
+        "_include=Practitioner:organization",
+        "_has:Observation:performer:code=x",
+        "organization.name=x",
+        "_getpages=abc",
+        "_filter=name eq x",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = gw
+            .get(&format!("Practitioner?name=pub-{i}&{query}"), None)
+            .await;
+        assert_eq!(r.status(), 400, "{query}");
+        let o = outcome(r).await;
+        assert!(
+            o["issue"][0]["diagnostics"]
+                .to_string()
+                .contains("public route"),
+            "{query}: {o}"
+        );
+    }
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused query went upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_public_paths_and_path_tricks() {
     let gw = Gateway::start(Options::default()).await;
