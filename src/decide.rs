@@ -978,6 +978,12 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
         needs.extend(param_needs(&req.condition)?);
     }
     needs.extend(param_needs(&req.params)?);
+    // Conditional references in a written resource: the server searches
+    // to resolve them, and whether the write succeeds tells the answer.
+    for (ty, params) in &req.reference_searches {
+        needs.push(Need::on(Perm::Search, ty.as_deref()));
+        needs.extend(param_needs(params)?);
+    }
     Ok(needs)
 }
 
@@ -1215,6 +1221,45 @@ mod tests {
         let t = classify_bundle(base, bundle.to_string().as_bytes()).unwrap();
         assert!(decide(&t, &scopes, None).is_err());
         assert!(decide(&t, &wide, None).is_ok());
+    }
+
+    #[test]
+    fn conditional_references_in_a_bundle_are_decided_like_queries() {
+        let base = classify(HttpRequest {
+            method: "POST",
+            path: "",
+            query: None,
+            if_none_exist: None,
+        })
+        .unwrap();
+        let tx = |reference: &str| {
+            let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction",
+                "entry": [{"request": {"method": "POST", "url": "Observation"},
+                           "resource": {"resourceType": "Observation",
+                                        "subject": {"reference": reference},
+                                        "performer": [{"reference": "Practitioner/9"}]}}]});
+            classify_bundle(base.clone(), bundle.to_string().as_bytes()).unwrap()
+        };
+        let ok = |scopes: &str, reference: &str| {
+            decide(&tx(reference), &ScopeSet::parse(scopes), None).is_ok()
+        };
+        let plain = "Patient?identifier=urn:mrn|1";
+        let probing = "Patient?identifier=urn:mrn|1&_has:Condition:subject:code=B20";
+        assert!(ok("user/Observation.c", "Patient/1"));
+        assert!(
+            !ok("user/Observation.c", plain),
+            "the Patient search needs Patient.s"
+        );
+        assert!(ok("user/Observation.c user/Patient.s", plain));
+        assert!(
+            !ok("user/Observation.c user/Patient.s", probing),
+            "_has reaches Conditions"
+        );
+        assert!(ok(
+            "user/Observation.c user/Patient.s user/Condition.s",
+            probing
+        ));
+        assert!(!ok("user/*.cruds", "Patient?_filter=name eq x"));
     }
 
     #[test]

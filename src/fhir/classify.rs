@@ -130,6 +130,11 @@ pub struct FhirRequest {
     /// A conditional create's search (`If-None-Exist`, or an entry's
     /// `request.ifNoneExist`), decoded like a query: decided like one.
     pub condition: Vec<(String, String)>,
+    /// Searches the server runs to resolve conditional references
+    /// (`"reference": "Patient?identifier=…"`) in a Bundle entry's resource:
+    /// the type searched (`None` if not a resource type) and the
+    /// parameters. Decided like queries.
+    pub reference_searches: Vec<(Option<String>, Vec<(String, String)>)>,
     /// Decoded query (or form) parameters, in order.
     pub params: Vec<(String, String)>,
     /// Entries of a batch or transaction Bundle, each classified.
@@ -151,6 +156,7 @@ impl FhirRequest {
             operation: None,
             conditional: false,
             condition: Vec::new(),
+            reference_searches: Vec::new(),
             params: Vec::new(),
             entries: Vec::new(),
             path: String::new(),
@@ -570,7 +576,41 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         }
         _ => {}
     }
+    let mut r = r;
+    if let Some(resource) = entry.get("resource") {
+        conditional_references(resource, &mut r.reference_searches)?;
+    }
     Ok(r)
+}
+
+/// Collects the searches behind conditional references (`Type?params`)
+/// anywhere in `v`.
+fn conditional_references(
+    v: &Value,
+    out: &mut Vec<(Option<String>, Vec<(String, String)>)>,
+) -> Result<(), ClassifyError> {
+    match v {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("reference", Value::String(r)) if r.contains('?') => {
+                        let (ty, query) = r.split_once('?').unwrap_or((r, ""));
+                        let ty = crate::fhir::resource_types::is_resource_type(ty)
+                            .then(|| ty.to_string());
+                        out.push((ty, condition_params(query)?));
+                    }
+                    _ => conditional_references(value, out)?,
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                conditional_references(item, out)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
