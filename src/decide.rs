@@ -980,9 +980,9 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
     needs.extend(param_needs(&req.params)?);
     // Conditional references in a written resource: the server searches
     // to resolve them, and whether the write succeeds tells the answer.
-    for (ty, params) in &req.reference_searches {
-        needs.push(Need::on(Perm::Search, ty.as_deref()));
-        needs.extend(param_needs(params)?);
+    for r in &req.reference_searches {
+        needs.push(Need::on(Perm::Search, r.resource_type.as_deref()));
+        needs.extend(param_needs(&r.params)?);
     }
     Ok(needs)
 }

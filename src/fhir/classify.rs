@@ -134,7 +134,7 @@ pub struct FhirRequest {
     /// (`"reference": "Patient?identifier=…"`) in a Bundle entry's resource:
     /// the type searched (`None` if not a resource type) and the
     /// parameters. Decided like queries.
-    pub reference_searches: Vec<(Option<String>, Vec<(String, String)>)>,
+    pub reference_searches: Vec<ReferenceSearch>,
     /// Decoded query (or form) parameters, in order.
     pub params: Vec<(String, String)>,
     /// Entries of a batch or transaction Bundle, each classified.
@@ -143,6 +143,14 @@ pub struct FhirRequest {
     /// without a trailing `/` (for an entry: its `request.url`'s path), so
     /// that policy rules on paths see an entry's path whole.
     pub path: String,
+}
+
+/// The search behind one conditional reference (`Type?params`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceSearch {
+    /// The type searched; `None` when it is not a resource type.
+    pub resource_type: Option<String>,
+    pub params: Vec<(String, String)>,
 }
 
 impl FhirRequest {
@@ -585,10 +593,7 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
 
 /// Collects the searches behind conditional references (`Type?params`)
 /// anywhere in `v`.
-fn conditional_references(
-    v: &Value,
-    out: &mut Vec<(Option<String>, Vec<(String, String)>)>,
-) -> Result<(), ClassifyError> {
+fn conditional_references(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(), ClassifyError> {
     match v {
         Value::Object(map) => {
             for (key, value) in map {
@@ -597,7 +602,10 @@ fn conditional_references(
                         let (ty, query) = r.split_once('?').unwrap_or((r, ""));
                         let ty = crate::fhir::resource_types::is_resource_type(ty)
                             .then(|| ty.to_string());
-                        out.push((ty, condition_params(query)?));
+                        out.push(ReferenceSearch {
+                            resource_type: ty,
+                            params: condition_params(query)?,
+                        });
                     }
                     _ => conditional_references(value, out)?,
                 }
