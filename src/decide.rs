@@ -1211,34 +1211,20 @@ mod tests {
             "entry": [{"request": {"method": "POST", "url": "Observation",
                                    "ifNoneExist": "_has:Condition:subject:code=hiv"},
                        "resource": {"resourceType": "Observation"}}]});
-        let base = classify(HttpRequest {
-            method: "POST",
-            path: "",
-            query: None,
-            if_none_exist: None,
-        })
-        .unwrap();
-        let t = classify_bundle(base, bundle.to_string().as_bytes()).unwrap();
+        let t = classify_bundle(req("POST", ""), bundle.to_string().as_bytes()).unwrap();
         assert!(decide(&t, &scopes, None).is_err());
         assert!(decide(&t, &wide, None).is_ok());
     }
 
     #[test]
     fn conditional_references_in_a_bundle_are_decided_like_queries() {
-        let base = classify(HttpRequest {
-            method: "POST",
-            path: "",
-            query: None,
-            if_none_exist: None,
-        })
-        .unwrap();
         let tx = |reference: &str| {
             let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction",
                 "entry": [{"request": {"method": "POST", "url": "Observation"},
                            "resource": {"resourceType": "Observation",
                                         "subject": {"reference": reference},
                                         "performer": [{"reference": "Practitioner/9"}]}}]});
-            classify_bundle(base.clone(), bundle.to_string().as_bytes()).unwrap()
+            classify_bundle(req("POST", ""), bundle.to_string().as_bytes()).unwrap()
         };
         let ok = |scopes: &str, reference: &str| {
             decide(&tx(reference), &ScopeSet::parse(scopes), None).is_ok()
