@@ -120,11 +120,12 @@ pub struct Roles {
 /// `break_glass: true` (never scopes or the patient context).
 #[derive(Debug, Clone, Deserialize)]
 pub struct BreakGlassConfig {
-    /// Request header carrying the reason (stripped before the upstream
-    /// when it is an `X-Fhirwall-*` header, as the default is).
+    /// Request header carrying the reason (never sent upstream). Ignored
+    /// when `claim` is set.
     #[serde(default = "d_bg_header")]
     pub header: String,
-    /// Or a token claim carrying it (set by the authorization server).
+    /// Or a token claim carrying it (set by the authorization server): when
+    /// set, only the claim can declare an emergency.
     #[serde(default)]
     pub claim: Option<String>,
     /// Only tokens issued (`iat`) at most this long ago may break glass.

@@ -105,10 +105,14 @@ impl Gateway {
             .as_str()
             .trim_end_matches('/')
             .to_string();
+        // Headers fhirwall reads or sets for itself never reach the
+        // upstream: the verified-context ones, and the break-glass header
+        // whatever its name.
         let context_header_names = settings
             .forward_headers
             .iter()
             .map(|(_, n)| n.as_str().to_string())
+            .chain([settings.break_glass.header.clone()])
             .collect();
         let b = &settings.public_base;
         let forwarded_proto = http::HeaderValue::from_str(b.scheme()).expect("URL scheme");
@@ -905,8 +909,9 @@ impl Gateway {
             .then_some(self.settings.dpop.algs.as_str())
     }
 
-    /// The break-glass reason declared with this request (configured
-    /// header, else claim), if break-glass is possible now: a non-empty,
+    /// The break-glass reason declared with this request (the configured
+    /// claim when there is one, else the header), if break-glass is
+    /// possible now: a non-empty,
     /// printable reason of at most 500 characters, from a token young
     /// enough when a maximum age is configured.
     fn break_glass_reason(
@@ -916,19 +921,17 @@ impl Gateway {
         claims: &crate::token::Claims,
         now: i64,
     ) -> Option<String> {
-        let from_header = session
-            .req_header()
-            .headers
-            .get(bg.header.as_str())
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let from_claim = bg
-            .claim
-            .as_deref()
-            .and_then(|c| claims.raw.get(c))
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-        let reason = from_header.or(from_claim)?;
+        // With a claim configured, the authorization server vouches for the
+        // emergency: what the client writes in the header does not count.
+        let reason = match bg.claim.as_deref() {
+            Some(c) => claims.raw.get(c).and_then(|v| v.as_str())?.to_string(),
+            None => session
+                .req_header()
+                .headers
+                .get(bg.header.as_str())
+                .and_then(|v| v.to_str().ok())?
+                .to_string(),
+        };
         let reason = reason.trim();
         if reason.is_empty() || reason.len() > 500 || reason.chars().any(char::is_control) {
             return None;

@@ -586,6 +586,71 @@ async fn a_patient_ceiling_confines_a_user_token_to_the_patient() {
     );
 }
 
+/// With `break_glass.claim` set, only the authorization server can declare
+/// an emergency: a reason the client writes in the header does not count.
+/// A break-glass header of any name never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_by_claim_ignores_the_header() {
+    let dir = TempDir::new("policies-bg-claim");
+    std::fs::write(
+        dir.0.join("10-bg.yaml"),
+        "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "policies:\n  dir: {}\nbreak_glass:\n  header: Emergency-Reason\n  claim: bg_reason\n",
+            dir.0.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let plain = gw.mint("user/*.rs", None);
+    let before = gw.upstream.seen().len();
+    let r = gw
+        .client
+        .get(format!("{}/Condition/cond-p1", gw.base))
+        .bearer_auth(&plain)
+        .header("Emergency-Reason", "typed by the client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused request went upstream"
+    );
+    let mut claims = gw.claims("user/*.rs");
+    claims["bg_reason"] = json!("cardiac arrest, ward 4");
+    let vouched = gw.issuer.signing_key().sign(&claims);
+    let r = gw
+        .client
+        .get(format!("{}/Condition/cond-p1", gw.base))
+        .bearer_auth(&vouched)
+        .header("Emergency-Reason", "typed by the client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        gw.audit_for(&id)["break_glass_reason"],
+        "cardiac arrest, ward 4"
+    );
+    let seen = gw.upstream.seen();
+    let sent = seen
+        .iter()
+        .rev()
+        .find(|s| s.uri.contains("cond-p1"))
+        .unwrap();
+    assert!(
+        !sent.headers.iter().any(|(k, _)| k == "emergency-reason"),
+        "the break-glass header reached the upstream: {:?}",
+        sent.headers
+    );
+}
+
 fn sighup(gw: &Gateway) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &gw.pid().to_string()])
