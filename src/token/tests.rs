@@ -252,7 +252,25 @@ fn leeway_is_honoured() {
     let mut c = claims();
     c["exp"] = json!(NOW - 29);
     c["nbf"] = json!(NOW + 29);
+    c["iat"] = json!(NOW + 29);
     assert!(check(&k.sign(&c), &keys, &iss).is_ok());
+    // One second past the 30 s leeway, each is refused on its own.
+    for (claim, value, code, says) in [
+        ("exp", NOW - 30, "token_expired", "expired"),
+        ("nbf", NOW + 31, "token_not_yet_valid", "not valid before"),
+        (
+            "iat",
+            NOW + 31,
+            "token_not_yet_valid",
+            "issued in the future",
+        ),
+    ] {
+        let mut c = claims();
+        c[claim] = json!(value);
+        let e = check(&k.sign(&c), &keys, &iss).unwrap_err();
+        assert_eq!(e.code(), code, "{claim}: {e}");
+        assert!(e.to_string().contains(says), "{claim}: {e}");
+    }
 }
 
 #[test]
