@@ -932,3 +932,46 @@ async fn a_backlog_sent_in_chunks_is_not_sent_twice_after_a_partial_failure() {
     let twice: Vec<_> = puts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "sent again: {twice:?}");
 }
+
+/// `audit.sink: stdout`: one JSON record per line on the process's stdout,
+/// decisions and denials alike, no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdout_sink_writes_json_lines() {
+    let gw = Gateway::start(Options {
+        audit_yaml: Some("  sink: stdout\n".into()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/Patient.rs", None);
+    let r = get_with_id(&gw, "Patient/p1", &token, "stdout-allow-1").await;
+    assert_eq!(r.status(), 200);
+    let r = get_with_id(&gw, "Condition/cond-p1", &token, "stdout-deny-1").await;
+    assert_eq!(r.status(), 403);
+    let stdout = gw.dir.join("stdout.log");
+    let read = || std::fs::read_to_string(&stdout).unwrap_or_default();
+    wait_until("both records on stdout", 5, async || {
+        let t = read();
+        t.contains("\"request_id\":\"stdout-allow-1\"")
+            && t.contains("\"request_id\":\"stdout-deny-1\"")
+    })
+    .await;
+    let text = read();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let find = |id: &str| {
+        records
+            .iter()
+            .find(|r| r["request_id"] == id && r["event"] == "request")
+            .unwrap_or_else(|| panic!("no request record for {id}: {text}"))
+    };
+    let allow = find("stdout-allow-1");
+    assert_eq!(allow["decision"], "allow");
+    assert_eq!(allow["status"], 200);
+    let deny = find("stdout-deny-1");
+    assert_eq!(deny["decision"], "deny");
+    assert_eq!(deny["reason"], "insufficient_scope");
+    assert_eq!(deny["status"], 403);
+    assert!(!text.contains(&token), "the token itself is on stdout");
+}

@@ -147,17 +147,20 @@ impl Drop for Gateway {
 /// Runs `fhirwall run --config <config>`, its stderr appended to
 /// `<dir>/stderr.log`.
 fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("stderr.log"))
-        .unwrap();
+    let append = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+            .unwrap()
+    };
     Command::new(bin())
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
+        // stdout is where `audit.sink: stdout` writes.
+        .stdout(Stdio::from(append("stdout.log")))
+        .stderr(Stdio::from(append("stderr.log")))
         .spawn()
         .expect("start fhirwall")
 }
