@@ -725,6 +725,44 @@ async fn upstream_down_and_slow_answer_502_and_504() {
     assert_eq!(rec["path"], "/fhir/Patient/slow-1");
     assert_eq!(rec["decision"], "error");
     assert_eq!(rec["reason"], "upstream_timeout");
+
+    // An upstream that never completes the TCP handshake: a listener on
+    // loopback with its accept queue full, so the kernel drops new SYNs.
+    // The connect timeout (1 s in these tests) answers 504.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(1).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => held.push(c),
+            _ => break,
+        }
+    }
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let started = std::time::Instant::now();
+    let r = gw.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 504, "after {:?}", started.elapsed());
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "upstream_timeout");
+    // The connect timed out, not a read on a connection that opened.
+    assert!(
+        rec["detail"].as_str().unwrap_or("").contains("ConnectTimedout"),
+        "{rec}"
+    );
+    drop((held, full));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
