@@ -759,7 +759,10 @@ async fn upstream_down_and_slow_answer_502_and_504() {
     assert_eq!(rec["reason"], "upstream_timeout");
     // The connect timed out, not a read on a connection that opened.
     assert!(
-        rec["detail"].as_str().unwrap_or("").contains("ConnectTimedout"),
+        rec["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ConnectTimedout"),
         "{rec}"
     );
     drop((held, full));
