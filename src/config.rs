@@ -932,10 +932,23 @@ impl Config {
             None => Some(None),
             Some(t) => validate_tls(t, &mut problem).map(Some),
         };
-        if http::HeaderName::from_bytes(self.break_glass.header.as_bytes()).is_err() {
+        let bg_header = &self.break_glass.header;
+        if http::HeaderName::from_bytes(bg_header.as_bytes()).is_err() {
             problem(
                 "break_glass.header",
-                format!("'{}' is not a header name", self.break_glass.header),
+                format!("'{bg_header}' is not a header name"),
+            );
+        } else if crate::proxy_headers::is_reserved(bg_header)
+            || bg_header.eq_ignore_ascii_case("content-type")
+        {
+            // It is removed before the upstream: it may not be one the
+            // request needs or fhirwall manages.
+            problem(
+                "break_glass.header",
+                format!(
+                    "'{bg_header}' is a header the request needs or fhirwall manages; \
+                     use a name of its own, e.g. X-Fhirwall-Break-Glass"
+                ),
             );
         }
         let roles = match &self.roles {
@@ -2167,6 +2180,27 @@ admin:
             "{problems:?}"
         );
         assert!(problems[3].message.contains("HS256"));
+    }
+
+    #[test]
+    fn the_break_glass_header_has_a_name_of_its_own() {
+        for (header, ok) in [
+            ("X-Fhirwall-Break-Glass", true),
+            ("Emergency-Reason", true),
+            ("Authorization", false),
+            ("Host", false),
+            ("content-type", false),
+            ("X-Forwarded-For", false),
+            ("Connection", false),
+        ] {
+            let text = format!("{GOOD}break_glass:\n  header: {header}\n");
+            let problems = match Config::parse(&text).unwrap().validate() {
+                Ok(_) => Vec::new(),
+                Err(p) => p,
+            };
+            let refused = problems.iter().any(|p| p.path == "break_glass.header");
+            assert_eq!(!refused, ok, "{header}: {problems:?}");
+        }
     }
 
     #[test]
