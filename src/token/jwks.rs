@@ -316,18 +316,10 @@ mod tests {
         assert_eq!(parse_max_age("max-age=abc"), None);
     }
 
-    /// Discovery reads `.well-known/openid-configuration`, else SMART's
-    /// `.well-known/smart-configuration`; with neither, it names both.
-    #[tokio::test]
-    async fn discovery_falls_back_to_smart_configuration() {
-        use crate::sandbox::issuer::SandboxIssuer;
-        use crate::sandbox::keys::KeyKind;
-        use std::sync::atomic::Ordering;
-        let idp = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "k1").await;
-        idp.openid_configuration.store(false, Ordering::SeqCst);
-        let issuer = Issuer {
-            name: "smart-only".into(),
-            issuer: idp.issuer.clone(),
+    fn sandbox_issuer(name: &str, iss: &str) -> Issuer {
+        Issuer {
+            name: name.into(),
+            issuer: iss.into(),
             jwks_uri: None,
             discovery: true,
             audiences: vec!["https://fhir.example/fhir".into()],
@@ -337,7 +329,62 @@ mod tests {
             require_binding: false,
             require_binding_for_clients: Vec::new(),
             introspection: None,
+        }
+    }
+
+    /// The unknown-`kid` re-fetch limit is per issuer: one issuer's recent
+    /// re-fetch does not stop another's, and each is limited on its own.
+    #[tokio::test]
+    async fn unknown_kid_refetches_are_limited_per_issuer() {
+        use crate::sandbox::issuer::SandboxIssuer;
+        use crate::sandbox::keys::KeyKind;
+        use std::sync::atomic::Ordering;
+        let a = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "a1").await;
+        let b = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "b1").await;
+        let issuers = [
+            sandbox_issuer("a", &a.issuer),
+            sandbox_issuer("b", &b.issuer),
+        ];
+        let cfg = JwksConfig {
+            min_refetch_interval_seconds: 60,
+            ..JwksConfig::default()
         };
+        let metrics = Arc::new(Metrics::new(&["a".to_string(), "b".to_string()]));
+        let store = JwksStore::new(&issuers, &cfg, &[], metrics);
+        assert!(store.load_all().await.is_empty());
+        let fetches = |i: &SandboxIssuer| i.jwks_fetches.load(Ordering::SeqCst);
+        assert_eq!((fetches(&a), fetches(&b)), (1, 1));
+        let ka = store.issuer(&a.issuer).unwrap();
+        let kb = store.issuer(&b.issuer).unwrap();
+        // Known kids: no fetch.
+        store.keys_for(ka, Some("a1")).await.unwrap();
+        assert_eq!(fetches(&a), 1);
+        // Start-up counts as the last attempt: within the interval an
+        // unknown kid is not re-fetched for a, nor for b.
+        let ks = store.keys_for(ka, Some("a2")).await.unwrap();
+        assert!(!ks.has_kid("a2"));
+        assert_eq!(fetches(&a), 1);
+        // Past a's interval (its state wound back), a re-fetches once ...
+        ka.fetch.lock().await.last_attempt =
+            Some(Instant::now() - std::time::Duration::from_secs(61));
+        store.keys_for(ka, Some("a3")).await.unwrap();
+        store.keys_for(ka, Some("a4")).await.unwrap();
+        assert_eq!(fetches(&a), 2);
+        // ... while b, still within its own interval, does not.
+        store.keys_for(kb, Some("b2")).await.unwrap();
+        assert_eq!(fetches(&b), 1);
+    }
+
+    /// Discovery reads `.well-known/openid-configuration`, else SMART's
+    /// `.well-known/smart-configuration`; with neither, it names both.
+    #[tokio::test]
+    async fn discovery_falls_back_to_smart_configuration() {
+        use crate::sandbox::issuer::SandboxIssuer;
+        use crate::sandbox::keys::KeyKind;
+        use std::sync::atomic::Ordering;
+        let idp = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "k1").await;
+        idp.openid_configuration.store(false, Ordering::SeqCst);
+        let issuer = sandbox_issuer("smart-only", &idp.issuer);
         let metrics = Arc::new(Metrics::new(&["smart-only".to_string()]));
         let store = JwksStore::new(
             std::slice::from_ref(&issuer),
