@@ -373,6 +373,11 @@ mod tests {
         // ... while b, still within its own interval, does not.
         store.keys_for(kb, Some("b2")).await.unwrap();
         assert_eq!(fetches(&b), 1);
+        // Past b's interval, a's fresh re-fetch does not hold b back.
+        kb.fetch.lock().await.last_attempt =
+            Some(Instant::now() - std::time::Duration::from_secs(61));
+        store.keys_for(kb, Some("b3")).await.unwrap();
+        assert_eq!((fetches(&a), fetches(&b)), (2, 2));
     }
 
     /// Discovery reads `.well-known/openid-configuration`, else SMART's
