@@ -939,7 +939,7 @@ impl Config {
                 format!("'{bg_header}' is not a header name"),
             );
         } else if crate::proxy_headers::is_reserved(bg_header)
-            || bg_header.eq_ignore_ascii_case("content-type")
+            || crate::proxy_headers::read_by_fhirwall(bg_header)
         {
             // It is removed before the upstream: it may not be one the
             // request needs or fhirwall manages.
@@ -2190,6 +2190,8 @@ admin:
             ("Authorization", false),
             ("Host", false),
             ("content-type", false),
+            ("If-None-Exist", false),
+            ("Content-Encoding", false),
             ("X-Forwarded-For", false),
             ("Connection", false),
         ] {

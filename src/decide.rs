@@ -1246,6 +1246,9 @@ mod tests {
             probing
         ));
         assert!(!ok("user/*.cruds", "Patient?_filter=name eq x"));
+        // A `?` further on does not hide the parameters before it.
+        let hidden = "Patient?identifier=urn:mrn|1&_has:Condition:subject:code=B20&_x=?";
+        assert!(!ok("user/Observation.c user/Patient.s", hidden));
     }
 
     #[test]

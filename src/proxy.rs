@@ -105,14 +105,10 @@ impl Gateway {
             .as_str()
             .trim_end_matches('/')
             .to_string();
-        // Headers fhirwall reads or sets for itself never reach the
-        // upstream: the verified-context ones, and the break-glass header
-        // whatever its name.
         let context_header_names = settings
             .forward_headers
             .iter()
             .map(|(_, n)| n.as_str().to_string())
-            .chain([settings.break_glass.header.clone()])
             .collect();
         let b = &settings.public_base;
         let forwarded_proto = http::HeaderValue::from_str(b.scheme()).expect("URL scheme");
@@ -516,9 +512,15 @@ impl Gateway {
                 .iter()
                 .map(|v| v.as_bytes()),
         );
+        let rules = self.rules.load();
+        let bg_header = rules.break_glass.header.as_str();
         let mut remove: Vec<http::HeaderName> = headers
             .keys()
-            .filter(|n| proxy_headers::strip(n.as_str(), &conn, &self.context_header_names))
+            .filter(|n| {
+                proxy_headers::strip(n.as_str(), &conn, &self.context_header_names)
+                    // The break-glass header, whatever its name (reloadable).
+                    || proxy_headers::same_name(n.as_str(), bg_header)
+            })
             .cloned()
             .collect();
         if !self.settings.upstream.forward_authorization {

@@ -113,6 +113,18 @@ const READ_BY_FHIRWALL: &[&str] = &[
     "if-modified-since",
 ];
 
+/// Does fhirwall read this header to decide a request (see
+/// [`READ_BY_FHIRWALL`])?
+pub fn read_by_fhirwall(name: &str) -> bool {
+    READ_BY_FHIRWALL.iter().any(|h| same(name, h))
+}
+
+/// Header-name equality as fhirwall compares names (ASCII case folded, `_`
+/// read as `-`).
+pub fn same_name(a: &str, b: &str) -> bool {
+    same(a, b)
+}
+
 /// The first `Connection` token naming a header fhirwall reads, if any.
 pub fn connection_names_read_header(connection_tokens: &[String]) -> Option<&str> {
     connection_tokens

@@ -599,12 +599,13 @@ fn conditional_references(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(
             for (key, value) in map {
                 match (key.as_str(), value) {
                     ("reference", Value::String(r)) if r.contains('?') => {
-                        let (ty, query) = r.split_once('?').unwrap_or((r, ""));
-                        let ty = crate::fhir::resource_types::is_resource_type(ty)
-                            .then(|| ty.to_string());
+                        // Split once, at the first `?`, as servers do: a
+                        // second split would hide what follows.
+                        let ty = r.split_once('?').map_or("", |(t, _)| t);
                         out.push(ReferenceSearch {
-                            resource_type: ty,
-                            params: condition_params(query)?,
+                            resource_type: crate::fhir::resource_types::is_resource_type(ty)
+                                .then(|| ty.to_string()),
+                            params: condition_params(r)?,
                         });
                     }
                     _ => conditional_references(value, out)?,
