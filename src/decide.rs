@@ -1033,8 +1033,9 @@ fn operation_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 
 /// The first parameter that reaches resources beyond the ones a request
 /// names — other types (`_include`, `_revinclude`, `_has`, chains,
-/// `_type`), a stored search's page, or what cannot be bounded at all
-/// (`_filter`, `_query`, `_contained`) — for routes that need no token.
+/// `_type`, `_list`, the `:in`/`:not-in`/`:mdm` modifiers), a stored
+/// search's page, or what cannot be bounded at all (`_filter`, `_query`,
+/// `_contained`) — for routes that need no token.
 pub fn reaching_param(params: &[(String, String)]) -> Option<&str> {
     params.iter().map(|(n, _)| n.as_str()).find(|name| {
         let base = name.split(':').next().unwrap_or(name);
@@ -1051,7 +1052,14 @@ pub fn reaching_param(params: &[(String, String)]) -> Option<&str> {
                 | "_query"
                 | "_contained"
                 | "_containedType"
+                | "_list"
         ) || name.contains('.')
+            // Modifiers that read other resources: a ValueSet (`:in`,
+            // `:not-in`), HAPI's MDM links (`:mdm`).
+            || name
+                .split(':')
+                .skip(1)
+                .any(|m| matches!(m, "in" | "not-in" | "mdm"))
     })
 }
 
@@ -1249,6 +1257,35 @@ mod tests {
         // A `?` further on does not hide the parameters before it.
         let hidden = "Patient?identifier=urn:mrn|1&_has:Condition:subject:code=B20&_x=?";
         assert!(!ok("user/Observation.c user/Patient.s", hidden));
+    }
+
+    #[test]
+    fn public_routes_refuse_what_reaches_beyond_them() {
+        let p = |names: &[&str]| -> Vec<(String, String)> {
+            names.iter().map(|n| (n.to_string(), "x".into())).collect()
+        };
+        for ok in [
+            &["name"][..],
+            &["_format", "_summary", "mode"],
+            &["family:exact", "_count"],
+        ] {
+            assert_eq!(reaching_param(&p(ok)), None, "{ok:?}");
+        }
+        for bad in [
+            "_include",
+            "_revinclude:iterate",
+            "_has:Observation:performer:code",
+            "organization.name",
+            "_type",
+            "_getpages",
+            "_filter",
+            "_list",
+            "code:in",
+            "code:not-in",
+            "subject:mdm",
+        ] {
+            assert_eq!(reaching_param(&p(&["name", bad])), Some(bad), "{bad}");
+        }
     }
 
     #[test]
