@@ -16,8 +16,6 @@ use crate::token::Claims;
 
 /// What stage 6 looks at besides the classified request.
 pub struct Context<'a> {
-    /// The path below the FHIR base, as routed.
-    pub rel: &'a str,
     pub claims: &'a Claims,
     /// The client's address (see `client_addr`).
     pub source: Option<IpAddr>,
@@ -155,7 +153,7 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             now: cx.now,
             break_glass: cx.break_glass,
         };
-        for v in rules.policies.evaluate_each(&base, fhir, cx.rel) {
+        for v in rules.policies.evaluate_each(&base, fhir) {
             match v {
                 Verdict::Deny { by, reason } => {
                     return Err(Refusal::Policy {

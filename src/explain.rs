@@ -188,7 +188,6 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let granted = authorise(
         &fhir,
         &Context {
-            rel: &rel,
             claims: &c,
             source: req.source,
             binding: &req.binding,

@@ -355,28 +355,26 @@ impl PolicySet {
 
     /// Verdicts for a request and for each of its Bundle entries, in that
     /// order: `base` with the interaction, type, operation and path of
-    /// each (`rel` is the request's path below the FHIR base; an entry's
-    /// is the path of its URL).
+    /// each (the path it was classified with: below the FHIR base, or an
+    /// entry's URL, so a compartment search, `_history` or an operation is
+    /// matched whole either way).
     pub fn evaluate_each(
         &self,
         base: &PolicyInput,
         fhir: &crate::fhir::classify::FhirRequest,
-        rel: &str,
     ) -> Vec<Verdict> {
-        let one = |r: &crate::fhir::classify::FhirRequest, path: &str| {
-            self.evaluate(&PolicyInput {
-                interaction: r.interaction.as_str(),
-                resource_type: r.resource_type.as_deref(),
-                operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
-                path,
-                ..*base
+        std::iter::once(fhir)
+            .chain(&fhir.entries)
+            .map(|r| {
+                self.evaluate(&PolicyInput {
+                    interaction: r.interaction.as_str(),
+                    resource_type: r.resource_type.as_deref(),
+                    operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
+                    path: &r.path,
+                    ..*base
+                })
             })
-        };
-        let mut out = vec![one(fhir, rel)];
-        // Each entry with the whole path of its URL (a compartment search,
-        // `_history`, an operation), as it would have at the top level.
-        out.extend(fhir.entries.iter().map(|e| one(e, &e.path)));
-        out
+            .collect()
     }
 
     /// The verdict for `input`.
@@ -651,7 +649,7 @@ mod tests {
             let rules = set(&format!(
                 "rules:\n  - name: r\n    effect: deny\n    when: {{path: ['{pattern}']}}\n"
             ));
-            let verdicts = rules.evaluate_each(&base, &fhir, "");
+            let verdicts = rules.evaluate_each(&base, &fhir);
             assert!(
                 matches!(verdicts[1], Verdict::Deny { .. }),
                 "{url} against {pattern}: {verdicts:?}"

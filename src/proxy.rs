@@ -1426,7 +1426,6 @@ impl Gateway {
         let granted = crate::authorise::authorise(
             fhir,
             &crate::authorise::Context {
-                rel: &rel,
                 claims: &claims,
                 source,
                 binding: ctx.binding.unwrap_or("bearer"),
