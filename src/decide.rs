@@ -1032,35 +1032,24 @@ fn operation_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 }
 
 /// The first parameter that reaches resources beyond the ones a request
-/// names — other types (`_include`, `_revinclude`, `_has`, chains,
-/// `_type`, `_list`, the `:in`/`:not-in`/`:mdm` modifiers), a stored
-/// search's page, or what cannot be bounded at all (`_filter`, `_query`,
-/// `_contained`) — for routes that need no token.
+/// names, for routes that need no token: every parameter a grant would
+/// have to cover or that is refused outright ([`param_needs`]: includes,
+/// `_has`, chains, a stored search's page, `_filter`, `_query`,
+/// `_contained`, …), and besides those `_type`, `_list` and the modifiers
+/// that read other resources (`:in`, `:not-in` on a ValueSet, HAPI's
+/// `:mdm`).
 pub fn reaching_param(params: &[(String, String)]) -> Option<&str> {
-    params.iter().map(|(n, _)| n.as_str()).find(|name| {
-        let base = name.split(':').next().unwrap_or(name);
-        matches!(
-            base,
-            "_include"
-                | "_revinclude"
-                | "_has"
-                | "_type"
-                | "_getpages"
-                | "_getpagesoffset"
-                | "_pageId"
-                | "_filter"
-                | "_query"
-                | "_contained"
-                | "_containedType"
-                | "_list"
-        ) || name.contains('.')
-            // Modifiers that read other resources: a ValueSet (`:in`,
-            // `:not-in`), HAPI's MDM links (`:mdm`).
-            || name
-                .split(':')
-                .skip(1)
-                .any(|m| matches!(m, "in" | "not-in" | "mdm"))
-    })
+    params
+        .iter()
+        .find(|p| {
+            let name = p.0.as_str();
+            let mut parts = name.split(':');
+            let base = parts.next().unwrap_or(name);
+            param_needs(std::slice::from_ref(*p)).map_or(true, |n| !n.is_empty())
+                || matches!(base, "_has" | "_type" | "_list")
+                || parts.any(|m| matches!(m, "in" | "not-in" | "mdm"))
+        })
+        .map(|p| p.0.as_str())
 }
 
 /// Parameters that reach other resource types, and ones refused outright.
