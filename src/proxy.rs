@@ -519,7 +519,7 @@ impl Gateway {
             .filter(|n| {
                 proxy_headers::strip(n.as_str(), &conn, &self.context_header_names)
                     // The break-glass header, whatever its name (reloadable).
-                    || proxy_headers::same_name(n.as_str(), bg_header)
+                    || proxy_headers::same(n.as_str(), bg_header)
             })
             .cloned()
             .collect();

@@ -36,7 +36,7 @@ const SPOOFABLE: &[&str] = &[
 ];
 
 /// Header-name equality with ASCII case folded and `_` read as `-`.
-fn same(a: &str, b: &str) -> bool {
+pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
@@ -119,17 +119,11 @@ pub fn read_by_fhirwall(name: &str) -> bool {
     READ_BY_FHIRWALL.iter().any(|h| same(name, h))
 }
 
-/// Header-name equality as fhirwall compares names (ASCII case folded, `_`
-/// read as `-`).
-pub fn same_name(a: &str, b: &str) -> bool {
-    same(a, b)
-}
-
 /// The first `Connection` token naming a header fhirwall reads, if any.
 pub fn connection_names_read_header(connection_tokens: &[String]) -> Option<&str> {
     connection_tokens
         .iter()
-        .find(|t| READ_BY_FHIRWALL.iter().any(|h| same(t, h)))
+        .find(|t| read_by_fhirwall(t))
         .map(String::as_str)
 }
 

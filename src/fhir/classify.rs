@@ -427,16 +427,17 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
     Ok(r)
 }
 
-/// A conditional create's search, read as servers read it: HAPI drops all
-/// up to the first `?` (`Patient?identifier=1`, `?identifier=1`), so the
-/// parameters are what follows it. A `?` left in a name is refused: it
-/// would hide a parameter from the decision.
+/// The search of a conditional create (`If-None-Exist`) or a conditional
+/// reference, read as servers read it: HAPI drops all up to the first `?`
+/// (`Patient?identifier=1`, `?identifier=1`), so the parameters are what
+/// follows it. A `?` left in a name is refused: it would hide a parameter
+/// from the decision.
 fn condition_params(search: &str) -> Result<Vec<(String, String)>, ClassifyError> {
     let query = search.split_once('?').map_or(search, |(_, q)| q);
     let params = parse_params(query)?;
     if let Some((name, _)) = params.iter().find(|(n, _)| n.contains('?')) {
         return Err(ClassifyError::MalformedPath(format!(
-            "If-None-Exist parameter '{name}' is not a search parameter name"
+            "'{name}' in the conditional search '{search}' is not a search parameter name"
         )));
     }
     Ok(params)
@@ -539,7 +540,7 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         )));
     }
     let if_none_exist = request.get("ifNoneExist").and_then(Value::as_str);
-    let r = classify(HttpRequest {
+    let mut r = classify(HttpRequest {
         method,
         path: path.trim_end_matches('/'),
         query,
@@ -584,7 +585,6 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         }
         _ => {}
     }
-    let mut r = r;
     if let Some(resource) = entry.get("resource") {
         conditional_references(resource, &mut r.reference_searches)?;
     }
