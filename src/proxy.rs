@@ -248,6 +248,9 @@ pub struct Ctx {
     /// The client (the peer, or behind a trusted proxy the address it
     /// forwarded for), resolved once.
     client: Option<crate::client_addr::Client>,
+    /// Header names the client's `Connection` lists, read once: refused
+    /// when they name a header the decision reads, removed upstream.
+    connection: Vec<String>,
     /// Set once the request record is written; until then, dropping the
     /// context (a task Pingora abandoned at shutdown, a panic) writes a
     /// record of what is known, and counts the request.
@@ -506,18 +509,13 @@ impl Gateway {
         Vec<http::HeaderName>,
         Vec<(http::HeaderName, http::HeaderValue)>,
     ) {
-        let conn = proxy_headers::connection_tokens(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
+        let conn = &ctx.connection;
         let rules = self.rules.load();
         let bg_header = rules.break_glass.header.as_str();
         let mut remove: Vec<http::HeaderName> = headers
             .keys()
             .filter(|n| {
-                proxy_headers::strip(n.as_str(), &conn, &self.context_header_names)
+                proxy_headers::strip(n.as_str(), conn, &self.context_header_names)
                     // The break-glass header, whatever its name (reloadable).
                     || proxy_headers::same(n.as_str(), bg_header)
             })
@@ -1193,13 +1191,7 @@ impl Gateway {
             Route::Fhir(rel) => rel,
         };
         ctx.rel_path = Some(rel.clone());
-        let conn = proxy_headers::connection_tokens(
-            req.headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
-        if let Some(name) = proxy_headers::connection_names_read_header(&conn) {
+        if let Some(name) = proxy_headers::connection_names_read_header(&ctx.connection) {
             return Err(Denial::BadFhirRequest {
                 code: "fhir_malformed",
                 description: format!(
@@ -1761,6 +1753,7 @@ impl ProxyHttp for Gateway {
             refused_token_hash: None,
             method: None,
             client: None,
+            connection: Vec::new(),
             audit: Some((self.audit.clone(), self.metrics.clone())),
             validation: None,
             upstream_started: None,
@@ -1770,6 +1763,14 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.method = Some(session.req_header().method.clone());
+        ctx.connection = proxy_headers::connection_tokens(
+            session
+                .req_header()
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
         ctx.client = session.client_addr().and_then(|a| a.as_inet()).map(|a| {
             crate::client_addr::resolve(
                 a.ip(),
