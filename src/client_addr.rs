@@ -102,6 +102,23 @@ pub fn forwarded_for(chain: &[IpAddr]) -> String {
         .join(", ")
 }
 
+/// The key of a `per: source` rate limit: an IPv4 address, or an IPv6
+/// address's /64 (one host holds a whole /64 and could rotate through it
+/// for fresh buckets).
+pub fn rate_limit_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{prefix}/64")
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +250,18 @@ mod tests {
         let (client, chain) = run("10.0.0.5", &[joined.as_str()], &["10.0.0.0/8"]);
         assert_eq!(chain.split(", ").count(), MAX_HOPS + 1);
         assert_eq!(client, hops[100 - MAX_HOPS]);
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_64() {
+        let key = |s: &str| rate_limit_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            key("2001:db8:1:2:bbbb:cccc:dddd:eeee"),
+            key("2001:db8:1:2::9")
+        );
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 }

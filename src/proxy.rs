@@ -1473,7 +1473,7 @@ impl Gateway {
             );
         }
         // Rate limits of the matching rules, counted once per request.
-        let source = source.map(rate_limit_source);
+        let source = source.map(crate::client_addr::rate_limit_key);
         for (rule, limit) in grant.limits() {
             let who = match limit.per.as_str() {
                 "client" => claims.client_id.as_deref(),
@@ -1553,23 +1553,6 @@ fn audit_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
         }
     }
     out
-}
-
-/// The key of a `per: source` rate limit: an IPv4 address, or an IPv6
-/// address's /64 (one host holds a whole /64 and could rotate through it
-/// for fresh buckets).
-fn rate_limit_source(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-                format!("{prefix}/64")
-            }
-        },
-    }
 }
 
 /// The pipeline stage a reason code comes from.
@@ -1981,23 +1964,5 @@ impl ProxyHttp for Gateway {
         self.audit.record(&record).await;
         drop(record);
         ctx.audit = None;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rate_limit_source;
-
-    #[test]
-    fn ipv6_sources_share_their_64() {
-        let key = |s: &str| rate_limit_source(s.parse().unwrap());
-        assert_eq!(key("192.0.2.7"), "192.0.2.7");
-        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
-        assert_eq!(
-            key("2001:db8:1:2:bbbb:cccc:dddd:eeee"),
-            key("2001:db8:1:2::9")
-        );
-        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 }
