@@ -13,8 +13,9 @@ use std::fmt;
 
 use crate::fhir::resource_types::is_resource_type;
 
-/// The context a clinical scope applies in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The context a clinical scope applies in, ordered from the narrowest to
+/// the widest (only `system/` may run `$export`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Context {
     Patient,
     User,
@@ -42,6 +43,15 @@ pub enum Perm {
 }
 
 impl Perm {
+    /// The letters in the order v2 scopes must write them (`cruds`).
+    pub const IN_ORDER: [Perm; 5] = [
+        Perm::Create,
+        Perm::Read,
+        Perm::Update,
+        Perm::Delete,
+        Perm::Search,
+    ];
+
     fn bit(self) -> u8 {
         match self {
             Perm::Create => 1,
@@ -77,17 +87,11 @@ impl Perms {
 
     /// The v2 letters, in order (`cruds` for all).
     pub fn letters(self) -> String {
-        [
-            Perm::Create,
-            Perm::Read,
-            Perm::Update,
-            Perm::Delete,
-            Perm::Search,
-        ]
-        .iter()
-        .filter(|p| self.contains(**p))
-        .map(|p| p.letter())
-        .collect()
+        Perm::IN_ORDER
+            .iter()
+            .filter(|p| self.contains(**p))
+            .map(|p| p.letter())
+            .collect()
     }
 
     /// Parses a scope suffix: v1 `read`/`write`/`*` or in-order v2 letters.
@@ -103,13 +107,7 @@ impl Perms {
             "" => return None,
             _ => {}
         }
-        let order = [
-            Perm::Create,
-            Perm::Read,
-            Perm::Update,
-            Perm::Delete,
-            Perm::Search,
-        ];
+        let order = Perm::IN_ORDER;
         let mut next = 0;
         let mut bits = 0u8;
         for ch in suffix.chars() {
@@ -211,16 +209,7 @@ impl Scope {
         };
         // Never wider than either side: patient/ < user/ < system/ (only
         // system/ may run `$export`).
-        let rank = |c: Context| match c {
-            Context::Patient => 0,
-            Context::User => 1,
-            Context::System => 2,
-        };
-        let context = if rank(ceiling.context) < rank(self.context) {
-            ceiling.context
-        } else {
-            self.context
-        };
+        let context = self.context.min(ceiling.context);
         let unchanged = context == self.context
             && resources == self.resources
             && perms == self.perms
