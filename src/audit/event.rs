@@ -126,6 +126,33 @@ fn detail(kind: &str, value: impl Into<String>) -> Value {
     json!({"type": kind, "valueString": value.into()})
 }
 
+/// Interactions BALP records as a query (the entity's `query`), not as a
+/// resource.
+fn is_query(interaction: &str) -> bool {
+    matches!(
+        interaction,
+        "search-type" | "search-system" | "search-compartment" | "operation"
+    )
+}
+
+/// The object role of an entity: a query, or the resource acted on.
+fn object_role(query: bool) -> Value {
+    if query {
+        coding(OBJECT_ROLE, "24", "Query")
+    } else {
+        coding(OBJECT_ROLE, "4", "Domain Resource")
+    }
+}
+
+/// The resource an entity names: `Type/id`, or the type alone when there
+/// is no id yet (a create, a type-level operation).
+fn what(resource_type: &str, id: Option<&str>) -> Value {
+    match id {
+        Some(id) => json!({"reference": format!("{resource_type}/{id}")}),
+        None => json!({"display": resource_type}),
+    }
+}
+
 /// The AuditEvent for a record.
 pub fn audit_event(r: &Record, site: &Site) -> Value {
     let interaction = r.interaction;
@@ -275,11 +302,7 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
         }));
     }
     let system_object = coding(ENTITY_TYPE, "2", "System Object");
-    let is_query = matches!(
-        interaction,
-        Some("search-type" | "search-system" | "search-compartment" | "operation")
-    );
-    if is_query {
+    if interaction.is_some_and(is_query) {
         let mut line = format!("{} {}{}", r.method, site.public_origin, r.path);
         for (i, name) in r.query_params.iter().enumerate() {
             line.push(if i == 0 { '?' } else { '&' });
@@ -288,41 +311,26 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
         }
         entities.push(json!({
             "type": system_object,
-            "role": coding(OBJECT_ROLE, "24", "Query"),
+            "role": object_role(true),
             "query": base64::engine::general_purpose::STANDARD.encode(line),
         }));
     } else if let Some(t) = r.resource_type {
-        let what = match r.resource_id {
-            Some(id) => json!({"reference": format!("{t}/{id}")}),
-            // A create or a type-level operation: no id yet.
-            None => json!({"display": t}),
-        };
         entities.push(json!({
-            "what": what,
+            "what": what(t, r.resource_id),
             "type": system_object,
-            "role": coding(OBJECT_ROLE, "4", "Domain Resource"),
+            "role": object_role(false),
         }));
     }
     // A batch or transaction: one entity per entry, in order, so who read
     // or changed which resources can be told from the record.
     for (i, e) in r.entries.iter().enumerate() {
-        let query = matches!(
-            e.interaction,
-            "search-type" | "search-system" | "search-compartment" | "operation"
-        );
-        let what = match (e.resource_type, e.resource_id) {
-            (Some(t), Some(id)) => json!({"reference": format!("{t}/{id}")}),
-            (Some(t), None) => json!({"display": t}),
-            (None, _) => json!({"display": "(system)"}),
-        };
         let mut entity = json!({
-            "what": what,
+            "what": e.resource_type.map_or_else(
+                || json!({"display": "(system)"}),
+                |t| what(t, e.resource_id),
+            ),
             "type": system_object,
-            "role": if query {
-                coding(OBJECT_ROLE, "24", "Query")
-            } else {
-                coding(OBJECT_ROLE, "4", "Domain Resource")
-            },
+            "role": object_role(is_query(e.interaction)),
             "description": format!("entry {i}: {}", e.interaction),
         });
         let mut entry_details = Vec::new();
