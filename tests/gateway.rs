@@ -130,6 +130,45 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_claims_are_honoured_with_the_configured_leeway() {
+    let gw = Gateway::start(Options {
+        leeway_seconds: 60,
+        ..Options::default()
+    })
+    .await;
+    let key = gw.issuer.signing_key();
+    let claims = gw.claims("user/*.rs");
+    let now = claims["iat"].as_i64().unwrap();
+    // Inside the leeway the clocks are taken to disagree; beyond it the
+    // token is refused. 30 s and 150 s keep clear of the 60 s edge however
+    // slow the test machine is.
+    let cases = [
+        ("exp-in-leeway", "exp", now - 30, 200, ""),
+        ("exp-beyond", "exp", now - 150, 401, "expired"),
+        ("nbf-in-leeway", "nbf", now + 30, 200, ""),
+        ("nbf-beyond", "nbf", now + 150, 401, "not valid before"),
+        ("iat-in-leeway", "iat", now + 30, 200, ""),
+        ("iat-beyond", "iat", now + 150, 401, "issued in the future"),
+    ];
+    for (name, claim, at, want, describes) in cases {
+        let mut c = claims.clone();
+        c[claim] = json!(at);
+        let marker = format!("leeway-{name}");
+        let r = gw
+            .get(&format!("Patient?_id={marker}"), Some(&key.sign(&c)))
+            .await;
+        assert_eq!(r.status(), want, "{name}");
+        let reached = gw.upstream.count_containing(&marker);
+        if want == 200 {
+            assert_eq!(reached, 1, "{name}");
+        } else {
+            assert!(www(&r).contains(describes), "{name}: {}", www(&r));
+            assert_eq!(reached, 0, "{name} reached the upstream");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_the_wrong_place_are_refused() {
     let gw = Gateway::start(Options::default()).await;
     let token = gw.mint("user/*.rs", None);
@@ -691,6 +730,45 @@ async fn the_default_uses_every_core() {
             .count();
         assert_eq!(workers, want, "threads: {threads} on {cores} cores");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_until_idle() {
+    let gw = Gateway::start(Options {
+        upstream_yaml: "  idle_timeout_ms: 400\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let peers = |from: usize| {
+        let seen = gw.upstream.seen();
+        let mut peers: Vec<_> = seen[from..].iter().map(|s| s.peer).collect();
+        peers.sort();
+        peers.dedup();
+        (seen.len() - from, peers)
+    };
+    // One request after another: a pooled connection carries them all
+    // (two workers may each hold one).
+    for _ in 0..20 {
+        assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+    }
+    let (seen, first) = peers(0);
+    assert_eq!(seen, 20);
+    assert!(
+        first.len() <= 2,
+        "20 requests used {} connections",
+        first.len()
+    );
+    // Idle past idle_timeout_ms, the pooled connections are closed and the
+    // next request opens a new one.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+    let (seen, after) = peers(20);
+    assert_eq!(seen, 1);
+    assert!(
+        !first.contains(&after[0]),
+        "a connection idle for 1.2 s was reused despite idle_timeout_ms: 400"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -23,6 +23,8 @@ pub struct Seen {
     pub uri: String,
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
+    /// The client's address: requests over one pooled connection share it.
+    pub peer: SocketAddr,
 }
 
 /// Shared state of a running sandbox upstream.
@@ -145,7 +147,11 @@ impl FhirSandbox {
     /// Serves on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
         let app = Router::new().fallback(handle).with_state(self);
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
     }
 
     /// Binds 127.0.0.1 on a free port and serves in a spawned task.
@@ -323,6 +329,7 @@ fn not_found(what: &str) -> Response {
 
 async fn handle(
     State(s): State<Arc<FhirSandbox>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -341,6 +348,7 @@ async fn handle(
             })
             .collect(),
         body_len: body.len(),
+        peer,
     });
     let Some(rel) = uri.path().strip_prefix(&s.base_path) else {
         return not_found("outside the sandbox base");
