@@ -202,8 +202,11 @@ pub fn judge_write_body(
                 "under patient/ scopes only JSON Patch (application/json-patch+json) is accepted, not '{media}'"
             ));
         }
-        let ops: Vec<Value> = serde_json::from_slice(body)
-            .map_err(|_| "the JSON Patch is not a JSON array of operations".to_string())?;
+        let ops = match crate::fhir::strict_json::parse(body) {
+            Ok(Value::Array(ops)) => ops,
+            Ok(_) => return Err("the JSON Patch is not a JSON array of operations".into()),
+            Err(e) => return Err(format!("the JSON Patch is not JSON fhirwall can read: {e}")),
+        };
         // Paths the patch may not touch: identity and every element that
         // links the resource to a patient.
         let mut guarded: Vec<&str> = vec!["resourceType", "id"];
@@ -239,8 +242,8 @@ pub fn judge_write_body(
             "under patient/ scopes the resource must be sent as FHIR JSON, not '{media}'"
         ));
     }
-    let doc: Value = serde_json::from_slice(body)
-        .map_err(|_| "the request body is not valid JSON".to_string())?;
+    let doc = crate::fhir::strict_json::parse(body)
+        .map_err(|e| format!("the request body is not JSON fhirwall can read: {e}"))?;
     if doc.get("resourceType").and_then(Value::as_str) != Some(rtype) {
         return Err(format!("the request body is not a {rtype}"));
     }

@@ -296,6 +296,12 @@ pub struct UpstreamConfig {
     /// under patient/ scopes); a larger one is refused with 502.
     #[serde(default = "d_max_checked_answer")]
     pub max_checked_answer_bytes: usize,
+    /// The upstream resolves conditional references (`"reference":
+    /// "Patient?identifier=…"`) in what is written (HAPI does unless
+    /// `allowInlineMatchUrlReferences` is off): fhirwall then reads every
+    /// written resource and decides them like searches.
+    #[serde(default = "d_true")]
+    pub resolves_conditional_references: bool,
 }
 
 fn d_max_checked_answer() -> usize {
@@ -730,6 +736,7 @@ pub struct Upstream {
     pub url: Url,
     pub max_checked_answer_bytes: usize,
     pub forward_authorization: bool,
+    pub resolves_conditional_references: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1701,6 +1708,7 @@ impl Config {
             url: url.clone(),
             max_checked_answer_bytes: u.max_checked_answer_bytes,
             forward_authorization: u.forward_authorization,
+            resolves_conditional_references: u.resolves_conditional_references,
         })
     }
 }

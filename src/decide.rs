@@ -1143,7 +1143,7 @@ fn in_patient_compartment(req: &FhirRequest, ctx: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fhir::classify::{classify, classify_bundle, HttpRequest};
+    use crate::fhir::classify::{classify, classify_bundle, classify_written_body, HttpRequest};
 
     fn req(method: &str, url: &str) -> FhirRequest {
         let (path, query) = match url.split_once('?') {
@@ -1246,6 +1246,98 @@ mod tests {
         // A `?` further on does not hide the parameters before it.
         let hidden = "Patient?identifier=urn:mrn|1&_has:Condition:subject:code=B20&_x=?";
         assert!(!ok("user/Observation.c user/Patient.s", hidden));
+
+        // A JSON Patch in an entry is a Binary's base64 data: read too.
+        use base64::Engine as _;
+        let patch_entry = |data: &str| {
+            let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch",
+                "entry": [{"request": {"method": "PATCH", "url": "Observation/o1"},
+                           "resource": {"resourceType": "Binary",
+                                        "contentType": "application/json-patch+json",
+                                        "data": data}}]});
+            classify_bundle(req("POST", ""), bundle.to_string().as_bytes())
+        };
+        let patch = serde_json::json!([{"op": "replace", "path": "/subject/reference",
+                                         "value": probing}]);
+        let data = base64::engine::general_purpose::STANDARD.encode(patch.to_string());
+        let b = patch_entry(&data).unwrap();
+        let ok = |scopes: &str| decide(&b, &ScopeSet::parse(scopes), None).is_ok();
+        assert!(!ok("user/Observation.u"));
+        assert!(ok("user/Observation.u user/Patient.s user/Condition.s"));
+        for (data, says) in [("!!", "not base64"), ("PE9icy8+", "not JSON")] {
+            let e = patch_entry(data).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn conditional_references_in_single_writes_are_decided_like_queries() {
+        let probing = "Patient?identifier=urn:mrn|1&_has:Condition:subject:code=B20";
+        let obs = |reference: &str| {
+            serde_json::json!({"resourceType": "Observation", "id": "o1",
+                               "subject": {"reference": reference}})
+            .to_string()
+        };
+        let bodies = [
+            ("POST", "Observation", obs(probing)),
+            ("PUT", "Observation/o1", obs(probing)),
+            // A patch can set the reference as a bare string ...
+            (
+                "PATCH",
+                "Observation/o1",
+                serde_json::json!([{"op": "replace", "path": "/subject/reference",
+                                    "value": probing}])
+                .to_string(),
+            ),
+            // ... or as a Reference in a FHIRPath Patch's Parameters.
+            (
+                "PATCH",
+                "Observation/o1",
+                serde_json::json!({"resourceType": "Parameters", "parameter": [{
+                    "name": "operation", "part": [
+                        {"name": "type", "valueCode": "replace"},
+                        {"name": "path", "valueString": "Observation.subject.reference"},
+                        {"name": "value", "valueString": probing}]}]})
+                .to_string(),
+            ),
+        ];
+        let writes = "user/Observation.cu";
+        for (method, url, body) in bodies {
+            let r = classify_written_body(req(method, url), body.as_bytes()).unwrap();
+            let ok = |scopes: &str| decide(&r, &ScopeSet::parse(scopes), None).is_ok();
+            assert!(
+                !ok(writes),
+                "{method} {url}: needs Patient.s and Condition.s"
+            );
+            assert!(!ok(&format!("{writes} user/Patient.s")), "{method} {url}");
+            assert!(
+                ok(&format!("{writes} user/Patient.s user/Condition.s")),
+                "{method} {url}"
+            );
+        }
+        // A plain reference, and a patch's text with a `?` that does not
+        // follow a type, need nothing more than the write.
+        for (method, url, body) in [
+            ("POST", "Observation", obs("Patient/1")),
+            (
+                "PATCH",
+                "Observation/o1",
+                serde_json::json!([{"op": "add", "path": "/note/0/text",
+                                    "value": "Not sure? Ask Patient/1?"}])
+                .to_string(),
+            ),
+        ] {
+            let r = classify_written_body(req(method, url), body.as_bytes()).unwrap();
+            assert!(r.reference_searches.is_empty(), "{method} {url}");
+            assert!(decide(&r, &ScopeSet::parse(writes), None).is_ok());
+        }
+        // A patch does not say whether a string becomes a reference: text
+        // that reads as `Type?…` counts, and one that is no search is
+        // refused (a false alarm the client can avoid, never a hole).
+        let text = serde_json::json!([{"op": "add", "path": "/note/0/text",
+                                       "value": "Patient? Not sure?"}]);
+        let e = classify_written_body(req("PATCH", "Observation/o1"), text.to_string().as_bytes());
+        assert!(e.unwrap_err().to_string().contains("'Patient? Not sure?'"));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum Denial {
     MethodNotAllowed { description: String },
     /// Body larger than what fhirwall reads to classify (413).
     TooLarge { description: String },
+    /// A body fhirwall must read to decide, in a format it does not read
+    /// (415).
+    UnsupportedMediaType { description: String },
     /// A dependency (JWKS) is unavailable: 503 with Retry-After.
     Unavailable {
         code: &'static str,
@@ -121,6 +124,7 @@ impl Denial {
             Denial::Hidden { why, .. } => why,
             Denial::MethodNotAllowed { .. } => "method_not_allowed",
             Denial::TooLarge { .. } => "body_too_large",
+            Denial::UnsupportedMediaType { .. } => "unsupported_media_type",
         }
     }
 
@@ -139,6 +143,7 @@ impl Denial {
             | Denial::BadFhirRequest { description, .. }
             | Denial::MethodNotAllowed { description }
             | Denial::TooLarge { description }
+            | Denial::UnsupportedMediaType { description }
             | Denial::Unavailable { description, .. }
             | Denial::Upstream { description, .. } => description.clone(),
         }
@@ -153,6 +158,7 @@ impl Denial {
             Denial::NotFound { .. } | Denial::Hidden { .. } => 404,
             Denial::MethodNotAllowed { .. } => 405,
             Denial::TooLarge { .. } => 413,
+            Denial::UnsupportedMediaType { .. } => 415,
             Denial::Unavailable { .. } => 503,
             Denial::Upstream { status, .. } => *status,
         }
@@ -205,6 +211,7 @@ impl Denial {
             }
             Denial::NotFound { .. } | Denial::Hidden { .. } => ("error", "not-found"),
             Denial::TooLarge { .. } => ("error", "too-costly"),
+            Denial::UnsupportedMediaType { .. } => ("error", "not-supported"),
             Denial::RateLimited { .. } => ("error", "throttled"),
             Denial::Unavailable { .. } => ("error", "transient"),
             Denial::Upstream { status: 504, .. } => ("error", "timeout"),

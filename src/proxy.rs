@@ -383,6 +383,12 @@ fn classify_denial(e: &ClassifyError) -> Denial {
         ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed {
             description: e.to_string(),
         },
+        ClassifyError::UnreadableMediaType { .. } => Denial::UnsupportedMediaType {
+            description: format!(
+                "{e} (send it as application/fhir+json, or set \
+                 upstream.resolves_conditional_references: false if the server refuses them)"
+            ),
+        },
         _ => Denial::BadFhirRequest {
             code: "fhir_malformed",
             description: e.to_string(),
@@ -1351,7 +1357,6 @@ impl Gateway {
         } else {
             None
         };
-        let stage = span.entered();
         let mut fhir = classify::classify(HttpRequest {
             method: &method,
             path: &rel,
@@ -1359,6 +1364,37 @@ impl Gateway {
             if_none_exist: if_none_exist.as_deref(),
         })
         .map_err(|e| classify_denial(&e))?;
+        // What a create, update or patch stores may hold conditional
+        // references the server would resolve by searching: read them.
+        if classify::writes_resource(&fhir)
+            && self.settings.upstream.resolves_conditional_references
+        {
+            let content_type = session
+                .req_header()
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let reads = classify::reads_written_body(&fhir, content_type.as_deref())
+                .map_err(|e| classify_denial(&e))?;
+            if reads {
+                let written = self
+                    .read_body(session)
+                    .instrument(span.clone())
+                    .await
+                    .map_err(|d| match d {
+                        Denial::TooLarge { description } => Denial::TooLarge {
+                            description: format!(
+                                "{description}: a written resource is read for conditional \
+                                 references (upstream.resolves_conditional_references)"
+                            ),
+                        },
+                        d => d,
+                    })?;
+                fhir = classify::classify_written_body(fhir, &written)
+                    .map_err(|e| classify_denial(&e))?;
+            }
+        }
+        let stage = span.entered();
         if !fhir.condition.is_empty() {
             let searched: Vec<_> = fhir.params.iter().chain(&fhir.condition).cloned().collect();
             ctx.query_names = audit_param_names(&searched);

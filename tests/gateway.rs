@@ -518,6 +518,137 @@ async fn bundles_are_decided_entry_by_entry() {
     );
 }
 
+/// A create, update or patch whose resource holds a conditional reference
+/// (`Patient?…`) makes the server search; the write's success tells what
+/// it found. Such references are decided like queries, and a body fhirwall
+/// cannot read for them is refused, all before the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_references_in_single_writes_are_decided() {
+    let gw = Gateway::start(Options::default()).await;
+    let probing = "Patient?identifier=urn:mrn|1&_has:Condition:subject:code=B20";
+    let obs = |reference: &str| {
+        json!({"resourceType": "Observation", "id": "o1", "status": "final",
+               "code": {"text": "x"}, "subject": {"reference": reference}})
+        .to_string()
+    };
+    let send = |method: &str, rel: &str, scope: &str, content_type: &str, body: String| {
+        gw.client
+            .request(method.parse().unwrap(), format!("{}/{rel}", gw.base))
+            .bearer_auth(gw.mint(scope, None))
+            .header("content-type", content_type)
+            .body(body)
+    };
+    let writes = || {
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method != "GET")
+            .count()
+    };
+    let fhir_json = "application/fhir+json";
+    let narrow = "user/Observation.cu";
+    let wide = "user/Observation.cu user/Patient.s user/Condition.s";
+    let patch = json!([{"op": "replace", "path": "/subject/reference", "value": probing}]);
+    let refused = [
+        ("POST", "Observation", "user/Observation.cu user/Patient.s", fhir_json, obs(probing), 403, "Condition.s"),
+        ("PUT", "Observation/o1", narrow, fhir_json, obs(probing), 403, "Patient"),
+        ("PATCH", "Observation/o1", narrow, "application/json-patch+json", patch.to_string(), 403, "Patient"),
+        // What fhirwall cannot read for references does not pass unread.
+        ("PUT", "Observation/o1", wide, "application/fhir+xml", "<Observation/>".into(), 415, "cannot read 'application/fhir+xml'"),
+        ("POST", "Observation", wide, fhir_json,
+         r#"{"resourceType": "Observation", "subject": {"reference": "Patient?x=1", "reference": "Patient/1"}}"#.into(),
+         400, "appears twice"),
+        ("POST", "Observation", wide, fhir_json,
+         json!({"resourceType": "Observation", "note": [{"text": "x".repeat(70_000)}]}).to_string(),
+         413, "upstream.resolves_conditional_references"),
+    ];
+    for (method, rel, scope, content_type, body, status, says) in refused {
+        let r = send(method, rel, scope, content_type, body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {rel} as {content_type}");
+        let o = outcome(r).await;
+        assert!(
+            o["issue"][0]["diagnostics"].to_string().contains(says),
+            "{method} {rel}: {o}"
+        );
+        assert_eq!(writes(), 0, "{method} {rel} reached the upstream");
+    }
+    // With the searches allowed the same writes go through, as sent.
+    for (method, rel, content_type, body, status) in [
+        ("POST", "Observation", fhir_json, obs(probing), 201),
+        ("PUT", "Observation/o1", fhir_json, obs(probing), 200),
+        (
+            "PATCH",
+            "Observation/o1",
+            "application/json-patch+json",
+            patch.to_string(),
+            200,
+        ),
+    ] {
+        let before = writes();
+        let len = body.len();
+        let r = send(method, rel, wide, content_type, body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {rel}");
+        assert_eq!(writes(), before + 1);
+        assert_eq!(gw.upstream.seen().last().unwrap().body_len, len);
+    }
+    // Binary's raw content holds no references and is not read, however
+    // large.
+    let png = "\u{89}PNG".repeat(30_000);
+    let len = png.len();
+    let r = send("POST", "Binary", "user/Binary.c", "image/png", png)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(gw.upstream.seen().last().unwrap().body_len, len);
+}
+
+/// With `upstream.resolves_conditional_references: false` the operator
+/// vouches that the server refuses conditional references: writes under
+/// `user/` scopes are streamed unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stream_unread_when_the_server_refuses_conditional_references() {
+    let gw = Gateway::start(Options {
+        upstream_yaml: "  resolves_conditional_references: false\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/Observation.cu", None);
+    for (content_type, body) in [
+        (
+            "application/fhir+json",
+            json!({"resourceType": "Observation",
+            "subject": {"reference": "Patient?identifier=urn:mrn|1"}})
+            .to_string(),
+        ),
+        ("application/fhir+xml", "<Observation/>".to_string()),
+        (
+            "application/fhir+json",
+            json!({"resourceType": "Observation",
+            "note": [{"text": "x".repeat(70_000)}]})
+            .to_string(),
+        ),
+    ] {
+        let r = gw
+            .client
+            .post(format!("{}/Observation", gw.base))
+            .bearer_auth(&token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{content_type}");
+    }
+    assert_eq!(gw.upstream.seen().len(), 3);
+}
+
 /// A public route needs no token, so it reaches nothing beyond itself: a
 /// public provider directory does not hand out what `_revinclude`, `_has`,
 /// chains or a stored search's page would bring in.

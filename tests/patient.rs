@@ -698,12 +698,14 @@ async fn writes_keep_the_compartment() {
                 .to_string(),
             "not a Observation",
         ),
+        // Not readable for conditional references: refused before the
+        // compartment is looked at, as for any scope.
         (
             "application/fhir+xml",
             "<Observation/>".to_string(),
-            "FHIR JSON",
+            "cannot read 'application/fhir+xml'",
         ),
-        (fhir, "{not json".to_string(), "not valid JSON"),
+        (fhir, "{not json".to_string(), "not JSON fhirwall can read"),
         // In p1's compartment, but also in p2's: writing into another record.
         (
             fhir,
@@ -714,7 +716,12 @@ async fn writes_keep_the_compartment() {
         ),
     ] {
         let (s, answer) = send("POST", "Observation".into(), ctype, body).await;
-        assert_eq!(s, 403, "{answer}");
+        let want = match why {
+            "cannot read 'application/fhir+xml'" => 415,
+            "not JSON fhirwall can read" => 400,
+            _ => 403,
+        };
+        assert_eq!(s, want, "{answer}");
         assert!(answer.contains(why), "{why}: {answer}");
     }
     let (s, _) = send(

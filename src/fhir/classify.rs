@@ -195,6 +195,16 @@ pub enum ClassifyError {
     MalformedQuery(String),
     #[error("malformed Bundle: {0}")]
     MalformedBundle(String),
+    #[error("the {what} is not JSON fhirwall can read: {reason}")]
+    UnreadableBody { what: String, reason: String },
+    #[error(
+        "fhirwall reads what a {interaction} writes as JSON, to decide the conditional \
+         references in it, and cannot read '{media}'"
+    )]
+    UnreadableMediaType {
+        interaction: Interaction,
+        media: String,
+    },
     #[error("Bundle entry {index}: {reason}")]
     BadEntry {
         index: usize,
@@ -456,7 +466,7 @@ fn operation(method: &str, seg: &str, level: OperationLevel) -> Result<FhirReque
 /// `batch` or `transaction`, each entry classified by its `request`.
 /// Returns the request with its interaction set and its entries filled in.
 pub fn classify_bundle(mut base: FhirRequest, body: &[u8]) -> Result<FhirRequest, ClassifyError> {
-    let bundle: Value = serde_json::from_slice(body)
+    let bundle = super::strict_json::parse(body)
         .map_err(|e| ClassifyError::MalformedBundle(format!("body is not JSON: {e}")))?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(ClassifyError::MalformedBundle(
@@ -586,40 +596,145 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         _ => {}
     }
     if let Some(resource) = entry.get("resource") {
-        conditional_references(resource, &mut r.reference_searches)?;
+        let loose = r.interaction == Interaction::Patch;
+        conditional_references(resource, loose, &mut r.reference_searches)?;
+        // A JSON Patch travels in a Bundle as a Binary's base64 data.
+        if loose && resource.get("resourceType").and_then(Value::as_str) == Some("Binary") {
+            let patch = binary_patch(resource).map_err(|why| {
+                ClassifyError::MalformedBundle(format!(
+                    "the PATCH entry for '{url}' carries a Binary whose data {why}"
+                ))
+            })?;
+            conditional_references(&patch, true, &mut r.reference_searches)?;
+        }
     }
     Ok(r)
 }
 
+/// The JSON Patch a Bundle's PATCH entry carries as a Binary's data.
+fn binary_patch(binary: &Value) -> Result<Value, String> {
+    use base64::Engine as _;
+    let data = binary
+        .get("data")
+        .and_then(Value::as_str)
+        .ok_or("is missing")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| format!("is not base64: {e}"))?;
+    super::strict_json::parse(&bytes).map_err(|e| format!("is not JSON fhirwall can read: {e}"))
+}
+
+/// Whether the server stores what the request's body holds (a create, an
+/// update or a patch), resolving the conditional references in it.
+pub fn writes_resource(req: &FhirRequest) -> bool {
+    matches!(
+        req.interaction,
+        Interaction::Create | Interaction::Update | Interaction::Patch
+    )
+}
+
+/// Whether the body of a single create, update or patch is read for
+/// conditional references (`"reference": "Patient?identifier=…"`). It must
+/// be JSON: `Content-Type` absent, `application/json` or `…+json`; another
+/// FHIR format is refused. Binary's raw content (an image, a PDF: a type
+/// that is not JSON, XML or FHIR) holds no references: `Ok(false)`.
+pub fn reads_written_body(
+    req: &FhirRequest,
+    content_type: Option<&str>,
+) -> Result<bool, ClassifyError> {
+    let media = content_type
+        .and_then(|t| t.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if media.is_empty() || media == "application/json" || media.ends_with("+json") {
+        return Ok(true);
+    }
+    let fhir_format = ["json", "xml", "fhir", "turtle"]
+        .iter()
+        .any(|f| media.contains(f));
+    if req.resource_type.as_deref() == Some("Binary") && !fhir_format {
+        return Ok(false);
+    }
+    Err(ClassifyError::UnreadableMediaType {
+        interaction: req.interaction,
+        media,
+    })
+}
+
+/// Reads the JSON body of a single create, update or patch for conditional
+/// references. The server resolves each by a search, and whether the write
+/// succeeds tells what the search found: each becomes one of
+/// `reference_searches`, decided like a query. Repeated keys are refused,
+/// so that the body means to fhirwall what it means to the server. In a
+/// patch (JSON Patch, FHIRPath Patch) a conditional reference can also be
+/// a bare string the patch puts at a `reference`: every string that reads
+/// as `Type?…` (or `?…`) counts there.
+pub fn classify_written_body(
+    mut req: FhirRequest,
+    body: &[u8],
+) -> Result<FhirRequest, ClassifyError> {
+    if body.is_empty() {
+        return Ok(req);
+    }
+    let doc = super::strict_json::parse(body).map_err(|e| ClassifyError::UnreadableBody {
+        what: format!("body of the {}", req.interaction),
+        reason: e.to_string(),
+    })?;
+    let loose = req.interaction == Interaction::Patch;
+    conditional_references(&doc, loose, &mut req.reference_searches)?;
+    Ok(req)
+}
+
 /// Collects the searches behind conditional references (`Type?params`)
-/// anywhere in `v`.
-fn conditional_references(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(), ClassifyError> {
+/// anywhere in `v`: the values of `reference` keys, and with `loose` (a
+/// patch) every string that reads as one.
+fn conditional_references(
+    v: &Value,
+    loose: bool,
+    out: &mut Vec<ReferenceSearch>,
+) -> Result<(), ClassifyError> {
     match v {
         Value::Object(map) => {
             for (key, value) in map {
                 match (key.as_str(), value) {
                     ("reference", Value::String(r)) if r.contains('?') => {
-                        // Split once, at the first `?`, as servers do: a
-                        // second split would hide what follows.
-                        let ty = r.split_once('?').map_or("", |(t, _)| t);
-                        out.push(ReferenceSearch {
-                            resource_type: crate::fhir::resource_types::is_resource_type(ty)
-                                .then(|| ty.to_string()),
-                            params: condition_params(r)?,
-                        });
+                        out.push(reference_search(r)?);
                     }
-                    _ => conditional_references(value, out)?,
+                    _ => conditional_references(value, loose, out)?,
                 }
             }
         }
         Value::Array(items) => {
             for item in items {
-                conditional_references(item, out)?;
+                conditional_references(item, loose, out)?;
             }
+        }
+        Value::String(r) if loose && reads_as_reference_search(r) => {
+            out.push(reference_search(r)?);
         }
         _ => {}
     }
     Ok(())
+}
+
+/// The search a conditional reference stands for. Split once, at the first
+/// `?`, as servers do: a second split would hide what follows.
+fn reference_search(r: &str) -> Result<ReferenceSearch, ClassifyError> {
+    let ty = r.split_once('?').map_or("", |(t, _)| t);
+    Ok(ReferenceSearch {
+        resource_type: crate::fhir::resource_types::is_resource_type(ty).then(|| ty.to_string()),
+        params: condition_params(r)?,
+    })
+}
+
+/// `Type?…`, `[base]/Type?…` or `?…`: a string a patch could make a
+/// conditional reference of.
+fn reads_as_reference_search(s: &str) -> bool {
+    let Some((before, _)) = s.split_once('?') else {
+        return false;
+    };
+    let ty = before.rsplit('/').next().unwrap_or(before);
+    before.is_empty() || crate::fhir::resource_types::is_resource_type(ty)
 }
 
 #[cfg(test)]
@@ -633,6 +748,74 @@ mod tests {
             query,
             if_none_exist: None,
         })
+    }
+
+    #[test]
+    fn written_bodies_are_read_as_json_and_raw_binaries_are_not() {
+        let create = |ty: &str| c("POST", ty, None).unwrap();
+        for (ty, content_type, reads) in [
+            ("Observation", None, Ok(true)),
+            (
+                "Observation",
+                Some("application/fhir+json; charset=utf-8"),
+                Ok(true),
+            ),
+            ("Observation", Some("Application/JSON"), Ok(true)),
+            ("Observation", Some("application/json-patch+json"), Ok(true)),
+            ("Observation", Some("application/fhir+xml"), Err(())),
+            ("Observation", Some("text/plain"), Err(())),
+            ("Binary", Some("image/png"), Ok(false)),
+            ("Binary", Some("application/pdf"), Ok(false)),
+            ("Binary", Some("application/fhir+json"), Ok(true)),
+            ("Binary", Some("application/xml"), Err(())),
+        ] {
+            let got = reads_written_body(&create(ty), content_type).map_err(|e| {
+                assert!(e.to_string().contains("cannot read"), "{e}");
+            });
+            assert_eq!(got, reads, "{ty} as {content_type:?}");
+        }
+    }
+
+    #[test]
+    fn written_bodies_yield_their_conditional_references() {
+        let body = br#"{"resourceType": "Observation",
+            "subject": {"reference": "Patient?identifier=a|1"},
+            "performer": [{"reference": "Practitioner/9"},
+                          {"reference": "http://elsewhere/Organization?name=x"}],
+            "contained": [{"resourceType": "Device", "owner": {"reference": "?name=y"}}],
+            "note": [{"text": "Patient?identifier=a|2 is only text"}]}"#;
+        let r = classify_written_body(c("POST", "Observation", None).unwrap(), body).unwrap();
+        let mut got: Vec<_> = r
+            .reference_searches
+            .iter()
+            .map(|s| (s.resource_type.as_deref(), s.params.len()))
+            .collect();
+        got.sort();
+        // Only `reference` values count in a resource (a note is text); a
+        // reference whose type fhirwall cannot name searches every type.
+        assert_eq!(got, vec![(None, 1), (None, 1), (Some("Patient"), 1)]);
+        for (body, says) in [
+            (
+                &br#"{"subject": {"reference": "Patient?x=1", "reference": "Patient/1"}}"#[..],
+                "twice",
+            ),
+            (b"<Observation/>", "not JSON"),
+            (
+                br#"{"subject": {"reference": "Patient?x?y=1"}}"#,
+                "not a search parameter",
+            ),
+        ] {
+            let e = classify_written_body(c("PUT", "Observation/1", None).unwrap(), body)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        assert!(
+            classify_written_body(c("PUT", "Observation/1", None).unwrap(), b"")
+                .unwrap()
+                .reference_searches
+                .is_empty()
+        );
     }
 
     #[test]

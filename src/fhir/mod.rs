@@ -10,3 +10,4 @@ pub mod resource_types;
 pub mod search_param;
 #[rustfmt::skip]
 mod search_params;
+pub mod strict_json;
