@@ -25,7 +25,8 @@ pub struct ExplainRequest {
     pub method: String,
     /// A path below the public base (`Observation?code=x`) or a full URL.
     pub url: String,
-    /// A request body (JSON text), for Bundles and searches by POST.
+    /// A request body (JSON text): a Bundle, a search by POST, or what a
+    /// create, update or patch writes.
     #[serde(default)]
     pub body: Option<String>,
     /// `bearer`, `dpop` or `mtls` (assumed verified).
@@ -159,6 +160,18 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     if fhir.is_bundle() {
         let body = req.body.clone().unwrap_or_default();
         fhir = match classify::classify_bundle(fhir, body.as_bytes()) {
+            Ok(f) => f,
+            Err(err) => return e.deny("classify", err.to_string()),
+        };
+    }
+    // A written resource's conditional references, as the gateway reads
+    // them (the body is taken to be JSON).
+    if let Some(body) = req
+        .body
+        .as_deref()
+        .filter(|_| classify::writes_resource(&fhir) && s.upstream.resolves_conditional_references)
+    {
+        fhir = match classify::classify_written_body(fhir, body.as_bytes()) {
             Ok(f) => f,
             Err(err) => return e.deny("classify", err.to_string()),
         };

@@ -54,7 +54,7 @@ enum Command {
         /// Path below the public base (`Observation?code=x`) or full URL.
         #[arg(long)]
         url: String,
-        /// Request body file (a Bundle, a form).
+        /// Request body file (a Bundle, a form, a written resource as JSON).
         #[arg(long)]
         body: Option<PathBuf>,
         /// bearer, dpop or mtls (assumed verified).

@@ -290,6 +290,30 @@ fn explain_and_test_replay_decisions_offline() {
         "Observation/o1?_elements=id",
     ]);
     assert!(!ok && out.contains("must be whole FHIR JSON"), "{out}");
+    // A written resource's conditional reference is decided like a search.
+    let narrow = claims_file("writer-claims.json", "user/Observation.cu");
+    let written = dir.0.join("observation.json");
+    std::fs::write(
+        &written,
+        json!({"resourceType": "Observation",
+               "subject": {"reference": "Patient?identifier=urn:mrn|1"}})
+        .to_string(),
+    )
+    .unwrap();
+    let (ok, out) = support::run_bin(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        narrow.to_str().unwrap(),
+        "--method",
+        "POST",
+        "--url",
+        "Observation",
+        "--body",
+        written.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("Patient.s"), "{out}");
     // The token itself: its claims are read (the signature is not checked offline).
     use base64::Engine;
     let payload =
