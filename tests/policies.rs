@@ -675,6 +675,77 @@ async fn break_glass_by_claim_ignores_the_header() {
     );
 }
 
+/// The break-glass header can be renamed by a reload: the new name then
+/// declares emergencies and is stripped before the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_break_glass_header_is_read_and_stripped() {
+    let dir = TempDir::new("policies-bg-reload");
+    std::fs::write(
+        dir.0.join("10-bg.yaml"),
+        "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "policies:\n  dir: {}\nbreak_glass:\n  header: Emergency-Reason\n",
+            dir.0.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let get = |header: &'static str, marker: &str| {
+        gw.client
+            .get(format!("{}/Condition/cond-p1?_marker={marker}", gw.base))
+            .bearer_auth(&token)
+            .header(header, "patient unconscious in ED")
+            .send()
+    };
+    assert_eq!(
+        get("Emergency-Reason", "before").await.unwrap().status(),
+        200
+    );
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replace("header: Emergency-Reason", "header: Code-Red-Reason"),
+    )
+    .unwrap();
+    sighup(&gw);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = get("Code-Red-Reason", "after")
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "the renamed header did not declare an emergency"
+    );
+    // The old name declares nothing any more.
+    assert_eq!(get("Emergency-Reason", "old").await.unwrap().status(), 403);
+    let seen = gw.upstream.seen();
+    let sent = |marker: &str| {
+        seen.iter()
+            .find(|s| s.uri.contains(&format!("_marker={marker}")))
+            .map(|s| s.headers.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+            .unwrap()
+    };
+    assert!(!sent("before").contains(&"emergency-reason".to_string()));
+    assert!(
+        !sent("after").contains(&"code-red-reason".to_string()),
+        "the reloaded break-glass header reached the upstream: {:?}",
+        sent("after")
+    );
+    assert_eq!(gw.upstream.count_containing("_marker=old"), 0);
+}
+
 fn sighup(gw: &Gateway) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &gw.pid().to_string()])

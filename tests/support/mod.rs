@@ -398,6 +398,11 @@ impl Gateway {
     }
 
     /// The gateway process's id (to send it signals).
+    /// The gateway's config file (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
