@@ -207,6 +207,7 @@ pub fn judge_write_body(
             Ok(_) => return Err("the JSON Patch is not a JSON array of operations".into()),
             Err(e) => return Err(format!("the JSON Patch is not JSON fhirwall can read: {e}")),
         };
+        no_conditional_reference(&Value::Array(ops.clone()), true, rtype, patient)?;
         // Paths the patch may not touch: identity and every element that
         // links the resource to a patient.
         let mut guarded: Vec<&str> = vec!["resourceType", "id"];
@@ -256,12 +257,7 @@ pub fn judge_write_body(
         ));
     }
     if w.patient.is_some() {
-        if let Some(r) = conditional_reference(&doc) {
-            return Err(format!(
-                "the {rtype} holds the conditional reference '{r}', which the server would \
-                 resolve by a search fhirwall cannot confine to Patient/{patient}"
-            ));
-        }
+        no_conditional_reference(&doc, false, rtype, patient)?;
     }
     match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
         None if w.patient.is_some() && references_other_patient(&doc, patient, bases) => {
@@ -280,16 +276,24 @@ pub fn judge_write_body(
     }
 }
 
-/// The first `reference` anywhere in `v` that is a search (`Type?params`,
-/// a "conditional reference"), if any.
-fn conditional_reference(v: &Value) -> Option<&str> {
-    match v {
-        Value::Object(m) => m.iter().find_map(|(k, v)| match (k.as_str(), v) {
-            ("reference", Value::String(r)) if r.contains('?') => Some(r.as_str()),
-            _ => conditional_reference(v),
-        }),
-        Value::Array(a) => a.iter().find_map(conditional_reference),
-        _ => None,
+/// Refuses a written resource (or a `patch`) that holds a conditional
+/// reference: the server would resolve it by a search fhirwall cannot
+/// confine to the patient's compartment.
+fn no_conditional_reference(
+    doc: &Value,
+    patch: bool,
+    rtype: &str,
+    patient: &str,
+) -> Result<(), String> {
+    let found = crate::fhir::classify::written_references(doc, patch).map_err(|e| e.to_string())?;
+    match found.first() {
+        None => Ok(()),
+        Some(r) => Err(format!(
+            "the {rtype} {} a conditional reference (a search of {}), which the server would \
+             resolve by a search fhirwall cannot confine to Patient/{patient}",
+            if patch { "patch sets" } else { "holds" },
+            r.resource_type.as_deref().unwrap_or("any type")
+        )),
     }
 }
 

@@ -627,6 +627,17 @@ fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, Sco
             req.interaction
         )));
     }
+    // The patient/ scopes that grant the searches do not confine them: the
+    // server resolves a conditional reference across every record.
+    if let Some(r) = req.reference_searches.first() {
+        return Err(deny(format!(
+            "a {} with a conditional reference (a search of {}) is refused under patient/ \
+             scopes: the server would resolve it by a search fhirwall cannot confine to \
+             Patient/{ctx}",
+            req.interaction,
+            r.resource_type.as_deref().unwrap_or("any type")
+        )));
+    }
     // Parameters on a write can widen it (e.g. HAPI's `_cascade=delete`
     // deletes other resources, possibly other patients'); only formatting
     // ones pass.
@@ -1313,6 +1324,13 @@ mod tests {
             assert!(
                 ok(&format!("{writes} user/Patient.s user/Condition.s")),
                 "{method} {url}"
+            );
+            // patient/ scopes grant the searches but cannot confine them.
+            let e = decide(&r, &ScopeSet::parse("patient/*.cruds"), Some("p1")).unwrap_err();
+            assert!(
+                e.reason.contains("cannot confine"),
+                "{method} {url}: {}",
+                e.reason
             );
         }
         // A plain reference, and a patch's text with a `?` that does not

@@ -385,8 +385,10 @@ fn classify_denial(e: &ClassifyError) -> Denial {
         },
         ClassifyError::UnreadableMediaType { .. } => Denial::UnsupportedMediaType {
             description: format!(
-                "{e} (send it as application/fhir+json, or set \
-                 upstream.resolves_conditional_references: false if the server refuses them)"
+                "{e}: send it as application/fhir+json, unencoded (a server that does not \
+                 resolve conditional references, such as HAPI with \
+                 allowInlineMatchUrlReferences off, can be declared with \
+                 upstream.resolves_conditional_references: false)"
             ),
         },
         _ => Denial::BadFhirRequest {
@@ -1369,13 +1371,34 @@ impl Gateway {
         if classify::writes_resource(&fhir)
             && self.settings.upstream.resolves_conditional_references
         {
-            let content_type = session
-                .req_header()
-                .headers
-                .get(header::CONTENT_TYPE)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            let reads = classify::reads_written_body(&fhir, content_type.as_deref())
+            let headers = &session.req_header().headers;
+            let text = |name: header::HeaderName| -> Vec<String> {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect()
+            };
+            let content_type = text(header::CONTENT_TYPE);
+            let content_encoding = text(header::CONTENT_ENCODING);
+            let security_context = text(header::HeaderName::from_static("x-security-context"));
+            if content_type.len() > 1 || content_encoding.len() > 1 {
+                return Err(Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: "a write with more than one Content-Type or Content-Encoding \
+                                  header"
+                        .into(),
+                });
+            }
+            let refs: Vec<&str> = security_context.iter().map(String::as_str).collect();
+            fhir = classify::security_context_reference(fhir, &refs)
                 .map_err(|e| classify_denial(&e))?;
+            let reads = classify::reads_written_body(
+                &fhir,
+                content_type.first().map(String::as_str),
+                content_encoding.first().map(String::as_str),
+            )
+            .map_err(|e| classify_denial(&e))?;
             if reads {
                 let written = self
                     .read_body(session)

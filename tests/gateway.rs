@@ -575,6 +575,59 @@ async fn conditional_references_in_single_writes_are_decided() {
         );
         assert_eq!(writes(), 0, "{method} {rel} reached the upstream");
     }
+    // A raw Binary's X-Security-Context becomes its securityContext
+    // reference; a gzip-encoded resource is not read; a reference in an
+    // array may be taken by the server for its first string.
+    let with_header = [
+        (
+            "POST",
+            "Binary",
+            "user/Binary.c",
+            "image/png",
+            "png".to_string(),
+            ("x-security-context", probing),
+            403,
+            "Patient",
+        ),
+        (
+            "POST",
+            "Observation",
+            wide,
+            fhir_json,
+            obs(probing),
+            ("content-encoding", "gzip"),
+            415,
+            "Content-Encoding gzip",
+        ),
+        (
+            "POST",
+            "Observation",
+            wide,
+            fhir_json,
+            json!({"resourceType": "Observation", "focus": [{"reference": [probing]}]}).to_string(),
+            ("x-unrelated", "1"),
+            400,
+            "not a string",
+        ),
+    ];
+    for (method, rel, scope, content_type, body, (name, value), status, says) in with_header {
+        let r = send(method, rel, scope, content_type, body)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {rel} with {name}");
+        let o = outcome(r).await;
+        assert!(
+            o["issue"][0]["diagnostics"].to_string().contains(says),
+            "{method} {rel}: {o}"
+        );
+        assert_eq!(
+            writes(),
+            0,
+            "{method} {rel} with {name} reached the upstream"
+        );
+    }
     // With the searches allowed the same writes go through, as sent.
     for (method, rel, content_type, body, status) in [
         ("POST", "Observation", fhir_json, obs(probing), 201),
@@ -597,6 +650,30 @@ async fn conditional_references_in_single_writes_are_decided() {
         assert_eq!(writes(), before + 1);
         assert_eq!(gw.upstream.seen().last().unwrap().body_len, len);
     }
+    let r = send(
+        "POST",
+        "Binary",
+        &format!("{wide} user/Binary.c"),
+        "image/png",
+        "png".into(),
+    )
+    .header("x-security-context", probing)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    // A C-CDA document is a Binary's raw content to the server: not read.
+    let r = send(
+        "POST",
+        "Binary",
+        "user/Binary.c",
+        "text/xml",
+        "<ClinicalDocument/>".into(),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
     // Binary's raw content holds no references and is not read, however
     // large.
     let png = "\u{89}PNG".repeat(30_000);
@@ -647,6 +724,27 @@ async fn writes_stream_unread_when_the_server_refuses_conditional_references() {
         assert_eq!(r.status(), 201, "{content_type}");
     }
     assert_eq!(gw.upstream.seen().len(), 3);
+    // Under patient/ scopes writes are still read, and a conditional
+    // reference (here set by a patch) refused.
+    let r = gw
+        .client
+        .patch(format!("{}/Observation/obs-p1-0", gw.base))
+        .bearer_auth(gw.mint("patient/*.cruds", Some("p1")))
+        .header("content-type", "application/json-patch+json")
+        .body(
+            json!([{"op": "add", "path": "/focus/0/reference",
+                    "value": "Patient?identifier=urn:mrn|P2"}])
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(outcome(r)
+        .await
+        .to_string()
+        .contains("conditional reference"));
+    assert!(gw.upstream.seen().iter().all(|s| s.method != "PATCH"));
 }
 
 /// A public route needs no token, so it reaches nothing beyond itself: a

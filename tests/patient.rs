@@ -859,6 +859,11 @@ async fn writes_keep_the_compartment() {
         json!([{"op": "move", "from": "/subject", "path": "/focus"}]),
         json!([{"op": "replace", "path": "", "value": {}}]),
         json!([{"op": "replace", "path": "/id", "value": "x"}]),
+        // A conditional reference on an element that is not a compartment
+        // link: the server's search would reach every patient's record.
+        json!([{"op": "add", "path": "/focus",
+                "value": [{"reference": "Patient?identifier=urn:mrn|P2&_has:Condition:subject:code=B20"}]}]),
+        json!([{"op": "add", "path": "/focus/0/reference", "value": "patient?identifier=urn:mrn|P2"}]),
     ] {
         let (s, body) = send(
             "PATCH",

@@ -633,42 +633,59 @@ pub fn writes_resource(req: &FhirRequest) -> bool {
     )
 }
 
+/// Media types under which a server takes a Binary's body for a FHIR
+/// resource (HAPI's strict list); under any other a Binary's body is its
+/// raw content (an image, a PDF, a C-CDA document), holding no references.
+const FHIR_MEDIA_TYPES: &[&str] = &[
+    "application/fhir+json",
+    "application/json+fhir",
+    "application/fhir+xml",
+    "application/xml+fhir",
+    "application/fhir+turtle",
+    "application/x-turtle",
+    "text/turtle",
+];
+
 /// Whether the body of a single create, update or patch is read for
 /// conditional references (`"reference": "Patient?identifier=…"`). It must
-/// be JSON: `Content-Type` absent, `application/json` or `…+json`; another
-/// FHIR format is refused. Binary's raw content (an image, a PDF: a type
-/// that is not JSON, XML or FHIR) holds no references: `Ok(false)`.
+/// be JSON (`Content-Type` absent, `application/json` or `…+json`), not
+/// content-encoded; another format or an encoding is refused. A Binary's
+/// body under a media type that is not FHIR is raw content: `Ok(false)`.
 pub fn reads_written_body(
     req: &FhirRequest,
     content_type: Option<&str>,
+    content_encoding: Option<&str>,
 ) -> Result<bool, ClassifyError> {
     let media = content_type
         .and_then(|t| t.split(';').next())
         .map(|t| t.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    if media.is_empty() || media == "application/json" || media.ends_with("+json") {
-        return Ok(true);
-    }
-    let fhir_format = ["json", "xml", "fhir", "turtle"]
-        .iter()
-        .any(|f| media.contains(f));
-    if req.resource_type.as_deref() == Some("Binary") && !fhir_format {
+    if req.resource_type.as_deref() == Some("Binary") && !FHIR_MEDIA_TYPES.contains(&media.as_str())
+    {
         return Ok(false);
     }
-    Err(ClassifyError::UnreadableMediaType {
-        interaction: req.interaction,
-        media,
-    })
+    let json = media.is_empty() || media == "application/json" || media.ends_with("+json");
+    if !json {
+        return Err(ClassifyError::UnreadableMediaType {
+            interaction: req.interaction,
+            media,
+        });
+    }
+    match content_encoding.map(str::trim) {
+        None => Ok(true),
+        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(true),
+        Some(e) => Err(ClassifyError::UnreadableMediaType {
+            interaction: req.interaction,
+            media: format!("{media} with Content-Encoding {e}"),
+        }),
+    }
 }
 
 /// Reads the JSON body of a single create, update or patch for conditional
 /// references. The server resolves each by a search, and whether the write
 /// succeeds tells what the search found: each becomes one of
 /// `reference_searches`, decided like a query. Repeated keys are refused,
-/// so that the body means to fhirwall what it means to the server. In a
-/// patch (JSON Patch, FHIRPath Patch) a conditional reference can also be
-/// a bare string the patch puts at a `reference`: every string that reads
-/// as `Type?…` (or `?…`) counts there.
+/// so that the body means to fhirwall what it means to the server.
 pub fn classify_written_body(
     mut req: FhirRequest,
     body: &[u8],
@@ -680,14 +697,46 @@ pub fn classify_written_body(
         what: format!("body of the {}", req.interaction),
         reason: e.to_string(),
     })?;
-    let loose = req.interaction == Interaction::Patch;
-    conditional_references(&doc, loose, &mut req.reference_searches)?;
+    let patch = req.interaction == Interaction::Patch;
+    req.reference_searches
+        .extend(written_references(&doc, patch)?);
     Ok(req)
 }
 
-/// Collects the searches behind conditional references (`Type?params`)
-/// anywhere in `v`: the values of `reference` keys, and with `loose` (a
-/// patch) every string that reads as one.
+/// A raw Binary's `X-Security-Context` header: the server stores it as the
+/// Binary's `securityContext` reference, and resolves it if conditional.
+pub fn security_context_reference(
+    mut req: FhirRequest,
+    values: &[&str],
+) -> Result<FhirRequest, ClassifyError> {
+    match values {
+        [] => Ok(req),
+        [v] => {
+            if v.contains('?') {
+                req.reference_searches.push(reference_search(v)?);
+            }
+            Ok(req)
+        }
+        _ => Err(ClassifyError::MalformedPath(
+            "more than one X-Security-Context header".into(),
+        )),
+    }
+}
+
+/// The searches behind the conditional references (`Type?params`) in a
+/// written resource: every `reference` value that holds a `?`. A
+/// `reference` that is neither a string nor null is refused (a server may
+/// take the first string of an array). In a `patch` (JSON Patch, FHIRPath
+/// Patch) a reference can also be a bare string the patch puts at a
+/// `reference`: every string that reads as `Type?…` counts there, and a
+/// JSON Patch `copy` or `move` onto a `reference` (whose value fhirwall
+/// cannot see) is refused.
+pub fn written_references(doc: &Value, patch: bool) -> Result<Vec<ReferenceSearch>, ClassifyError> {
+    let mut out = Vec::new();
+    conditional_references(doc, patch, &mut out)?;
+    Ok(out)
+}
+
 fn conditional_references(
     v: &Value,
     loose: bool,
@@ -695,10 +744,30 @@ fn conditional_references(
 ) -> Result<(), ClassifyError> {
     match v {
         Value::Object(map) => {
+            if loose {
+                let op = map.get("op").and_then(Value::as_str);
+                let to = map.get("path").and_then(Value::as_str).unwrap_or("");
+                if matches!(op, Some("copy" | "move")) && to.ends_with("/reference") {
+                    return Err(ClassifyError::UnreadableBody {
+                        what: "patch".into(),
+                        reason: format!(
+                            "a JSON Patch '{}' onto '{to}' sets a reference fhirwall cannot read",
+                            op.unwrap_or("")
+                        ),
+                    });
+                }
+            }
             for (key, value) in map {
                 match (key.as_str(), value) {
                     ("reference", Value::String(r)) if r.contains('?') => {
                         out.push(reference_search(r)?);
+                    }
+                    ("reference", Value::String(_) | Value::Null) => {}
+                    ("reference", _) => {
+                        return Err(ClassifyError::UnreadableBody {
+                            what: "written resource".into(),
+                            reason: format!("a 'reference' is not a string: {value}"),
+                        })
                     }
                     _ => conditional_references(value, loose, out)?,
                 }
@@ -717,24 +786,29 @@ fn conditional_references(
     Ok(())
 }
 
+/// The type a conditional reference searches, read as servers read it:
+/// before the first `?`, after the last `/` (`Patient?…`, `Patient/?…`,
+/// `[base]/Patient?…`), case ignored. `None` when it names no R4 type.
+fn searched_type(r: &str) -> Option<&'static str> {
+    let before = r.split_once('?').map_or(r, |(t, _)| t);
+    let before = before.strip_suffix('/').unwrap_or(before);
+    let ty = before.rsplit('/').next().unwrap_or(before);
+    crate::fhir::resource_types::resource_type_ignoring_case(ty)
+}
+
 /// The search a conditional reference stands for. Split once, at the first
 /// `?`, as servers do: a second split would hide what follows.
 fn reference_search(r: &str) -> Result<ReferenceSearch, ClassifyError> {
-    let ty = r.split_once('?').map_or("", |(t, _)| t);
     Ok(ReferenceSearch {
-        resource_type: crate::fhir::resource_types::is_resource_type(ty).then(|| ty.to_string()),
+        resource_type: searched_type(r).map(str::to_string),
         params: condition_params(r)?,
     })
 }
 
-/// `Type?…`, `[base]/Type?…` or `?…`: a string a patch could make a
-/// conditional reference of.
+/// `Type?…`, `Type/?…`, `[base]/Type?…` or `?…`: a string a patch could
+/// make a conditional reference of.
 fn reads_as_reference_search(s: &str) -> bool {
-    let Some((before, _)) = s.split_once('?') else {
-        return false;
-    };
-    let ty = before.rsplit('/').next().unwrap_or(before);
-    before.is_empty() || crate::fhir::resource_types::is_resource_type(ty)
+    s.starts_with('?') || s.contains('?') && searched_type(s).is_some()
 }
 
 #[cfg(test)]
@@ -753,27 +827,102 @@ mod tests {
     #[test]
     fn written_bodies_are_read_as_json_and_raw_binaries_are_not() {
         let create = |ty: &str| c("POST", ty, None).unwrap();
-        for (ty, content_type, reads) in [
-            ("Observation", None, Ok(true)),
+        for (ty, content_type, encoding, reads) in [
+            ("Observation", None, None, Ok(true)),
             (
                 "Observation",
                 Some("application/fhir+json; charset=utf-8"),
+                None,
                 Ok(true),
             ),
-            ("Observation", Some("Application/JSON"), Ok(true)),
-            ("Observation", Some("application/json-patch+json"), Ok(true)),
-            ("Observation", Some("application/fhir+xml"), Err(())),
-            ("Observation", Some("text/plain"), Err(())),
-            ("Binary", Some("image/png"), Ok(false)),
-            ("Binary", Some("application/pdf"), Ok(false)),
-            ("Binary", Some("application/fhir+json"), Ok(true)),
-            ("Binary", Some("application/xml"), Err(())),
+            (
+                "Observation",
+                Some("Application/JSON"),
+                Some("identity"),
+                Ok(true),
+            ),
+            (
+                "Observation",
+                Some("application/json-patch+json"),
+                None,
+                Ok(true),
+            ),
+            ("Observation", Some("application/fhir+xml"), None, Err(())),
+            ("Observation", Some("text/plain"), None, Err(())),
+            (
+                "Observation",
+                Some("application/fhir+json"),
+                Some("gzip"),
+                Err(()),
+            ),
+            // A Binary's body is a resource only under a FHIR media type
+            // (as HAPI decides); else it is raw content.
+            ("Binary", Some("image/png"), None, Ok(false)),
+            ("Binary", Some("application/pdf"), Some("gzip"), Ok(false)),
+            ("Binary", Some("text/xml"), None, Ok(false)),
+            ("Binary", Some("application/json"), None, Ok(false)),
+            ("Binary", None, None, Ok(false)),
+            ("Binary", Some("application/fhir+json"), None, Ok(true)),
+            ("Binary", Some("application/fhir+xml"), None, Err(())),
         ] {
-            let got = reads_written_body(&create(ty), content_type).map_err(|e| {
+            let got = reads_written_body(&create(ty), content_type, encoding).map_err(|e| {
                 assert!(e.to_string().contains("cannot read"), "{e}");
             });
-            assert_eq!(got, reads, "{ty} as {content_type:?}");
+            assert_eq!(got, reads, "{ty} as {content_type:?} {encoding:?}");
         }
+    }
+
+    #[test]
+    fn a_security_context_header_is_a_reference() {
+        let create = || c("POST", "Binary", None).unwrap();
+        let r = security_context_reference(create(), &["Patient?identifier=a|1"]).unwrap();
+        assert_eq!(
+            r.reference_searches[0].resource_type.as_deref(),
+            Some("Patient")
+        );
+        let r = security_context_reference(create(), &["Patient/1"]).unwrap();
+        assert!(r.reference_searches.is_empty());
+        assert!(security_context_reference(create(), &["Patient/1", "Patient/2"]).is_err());
+    }
+
+    #[test]
+    fn patches_count_every_string_a_server_would_read_as_a_search() {
+        let refs = |patch: serde_json::Value| {
+            written_references(&patch, true).map(|found| {
+                found
+                    .into_iter()
+                    .map(|r| r.resource_type.unwrap_or_default())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let set = |value: &str| serde_json::json!([{"op": "replace", "path": "/focus/0/reference", "value": value}]);
+        for (value, ty) in [
+            ("Patient?identifier=a|1", "Patient"),
+            ("patient?identifier=a|1", "Patient"),
+            ("Patient/?identifier=a|1", "Patient"),
+            (
+                "http://other.example/fhir/Patient?identifier=a|1",
+                "Patient",
+            ),
+            ("Tas\u{212A}?code=x", "Task"),
+            ("?identifier=a|1", ""),
+        ] {
+            assert_eq!(refs(set(value)).unwrap(), vec![ty.to_string()], "{value}");
+        }
+        for text in ["Not sure? Ask.", "Patient/1", "what is this"] {
+            assert_eq!(refs(set(text)).unwrap(), Vec::<String>::new(), "{text}");
+        }
+        // A copy or move onto a reference carries a value fhirwall cannot see.
+        for op in ["copy", "move"] {
+            let p = serde_json::json!([{"op": op, "from": "/note/0/text",
+                                        "path": "/focus/0/reference"}]);
+            assert!(
+                refs(p).unwrap_err().to_string().contains("cannot read"),
+                "{op}"
+            );
+        }
+        let p = serde_json::json!([{"op": "copy", "from": "/note/0", "path": "/note/1"}]);
+        assert!(refs(p).unwrap().is_empty());
     }
 
     #[test]
@@ -793,7 +942,10 @@ mod tests {
         got.sort();
         // Only `reference` values count in a resource (a note is text); a
         // reference whose type fhirwall cannot name searches every type.
-        assert_eq!(got, vec![(None, 1), (None, 1), (Some("Patient"), 1)]);
+        assert_eq!(
+            got,
+            vec![(None, 1), (Some("Organization"), 1), (Some("Patient"), 1)]
+        );
         for (body, says) in [
             (
                 &br#"{"subject": {"reference": "Patient?x=1", "reference": "Patient/1"}}"#[..],
@@ -803,6 +955,15 @@ mod tests {
             (
                 br#"{"subject": {"reference": "Patient?x?y=1"}}"#,
                 "not a search parameter",
+            ),
+            // A server may take the first string of an array.
+            (
+                br#"{"focus": [{"reference": ["Patient?x=1"]}]}"#,
+                "not a string",
+            ),
+            (
+                br#"{"focus": [{"reference": {"x": "Patient?x=1"}}]}"#,
+                "not a string",
             ),
         ] {
             let e = classify_written_body(c("PUT", "Observation/1", None).unwrap(), body)

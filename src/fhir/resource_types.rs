@@ -164,9 +164,35 @@ pub fn is_resource_type(name: &str) -> bool {
     RESOURCE_TYPES.binary_search(&name).is_ok()
 }
 
+/// The resource type `name` names when case is ignored, as servers that
+/// look types up in lower case (HAPI) read it: Unicode lower case, so the
+/// Kelvin sign in `TasK` is a `k`.
+pub fn resource_type_ignoring_case(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 64 {
+        return None;
+    }
+    let lower = name.to_lowercase();
+    RESOURCE_TYPES
+        .iter()
+        .copied()
+        .find(|t| t.to_ascii_lowercase() == lower)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn types_are_found_whatever_their_case() {
+        assert_eq!(resource_type_ignoring_case("patient"), Some("Patient"));
+        assert_eq!(
+            resource_type_ignoring_case("OBSERVATION"),
+            Some("Observation")
+        );
+        assert_eq!(resource_type_ignoring_case("Tas\u{212A}"), Some("Task"));
+        assert_eq!(resource_type_ignoring_case("Patients"), None);
+        assert_eq!(resource_type_ignoring_case(""), None);
+    }
 
     #[test]
     fn count_matches_the_r4_specification() {
