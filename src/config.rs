@@ -542,7 +542,8 @@ pub struct ServerConfig {
     pub grace_period_seconds: u64,
     #[serde(default = "d_shutdown")]
     pub graceful_shutdown_timeout_seconds: u64,
-    /// Largest request body fhirwall reads to classify (Bundles, `_search` forms).
+    /// Largest request body fhirwall reads to classify (Bundles, `_search`
+    /// forms, written resources).
     #[serde(default = "d_max_body")]
     pub max_classified_body_bytes: usize,
     /// Proxies in front of fhirwall (CIDR blocks or addresses) whose
@@ -636,8 +637,11 @@ fn d_grace() -> u64 {
 fn d_shutdown() -> u64 {
     25
 }
+/// The most `server.max_classified_body_bytes` may be.
+const MAX_CLASSIFIED_BODY: usize = 64 << 20;
+
 fn d_max_body() -> usize {
-    64 * 1024
+    8 << 20
 }
 
 macro_rules! default_from_serde {
@@ -1325,11 +1329,12 @@ impl Config {
         };
         let audit = self.validate_audit(&mut problem);
 
-        if !(1024..=65536).contains(&self.server.max_classified_body_bytes) {
+        if !(1024..=MAX_CLASSIFIED_BODY).contains(&self.server.max_classified_body_bytes) {
             problem(
                 "server.max_classified_body_bytes",
                 format!(
-                    "{} must be between 1024 and 65536 (Pingora's request body buffer)",
+                    "{} must be between 1024 and {MAX_CLASSIFIED_BODY} (64 MiB): each such body \
+                     is held in memory while it is decided",
                     self.server.max_classified_body_bytes
                 ),
             );

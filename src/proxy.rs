@@ -39,10 +39,6 @@ use crate::token::validator::{Validated, Validator};
 use crate::token::TokenError;
 use crate::upstream::{self, CheckedClient};
 
-/// Pingora's retry buffer: the most of a request body that can be read for
-/// classification and still be forwarded upstream.
-pub const PINGORA_BODY_BUFFER: usize = 64 * 1024;
-
 /// The operators' rules that `SIGHUP` reloads without a restart: swapped
 /// whole, so a request sees either the old set or the new one.
 #[derive(Debug, Clone)]
@@ -251,6 +247,9 @@ pub struct Ctx {
     /// Header names the client's `Connection` lists, read once: refused
     /// when they name a header the decision reads, removed upstream.
     connection: Vec<String>,
+    /// The request body, once fhirwall has read it (to classify the
+    /// request or prove a write).
+    body: Option<Bytes>,
     /// Set once the request record is written; until then, dropping the
     /// context (a task Pingora abandoned at shutdown, a panic) writes a
     /// record of what is known, and counts the request.
@@ -426,20 +425,20 @@ impl Gateway {
         Ok(())
     }
 
-    /// Reads the whole request body (bounded) so it can be classified; it
-    /// stays in Pingora's retry buffer and is forwarded unchanged.
-    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, Denial> {
+    /// Reads the whole request body (bounded) so it can be classified, and
+    /// keeps it in `ctx.body`: forwarded unchanged, from Pingora's retry
+    /// buffer when it fits there, else by fhirwall itself (see
+    /// [`Gateway::relayed`]).
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<Bytes, Denial> {
         // Read before (to classify it, now to prove it): the same bytes.
-        if session.is_body_done() {
-            if let Some(body) = session.get_retry_buffer() {
-                return Ok(body);
-            }
+        if let Some(body) = &ctx.body {
+            return Ok(body.clone());
         }
-        let limit = self
-            .settings
-            .server
-            .max_classified_body_bytes
-            .min(PINGORA_BODY_BUFFER);
+        let limit = self.settings.server.max_classified_body_bytes;
         let too_large = || Denial::TooLarge {
             description: format!(
                 "request body is larger than the {limit} bytes fhirwall reads to classify it"
@@ -498,7 +497,16 @@ impl Gateway {
                 }
             }
         }
-        Ok(body.freeze())
+        let body = body.freeze();
+        ctx.body = Some(body.clone());
+        Ok(body)
+    }
+
+    /// Whether fhirwall sends the request upstream itself: the body it
+    /// read is larger than Pingora's retry buffer, which then holds none of
+    /// it to forward.
+    fn relayed(session: &Session, ctx: &Ctx) -> bool {
+        ctx.body.is_some() && session.retry_buffer_truncated()
     }
 
     /// The proxy's header policy for a request going upstream, as a plan
@@ -591,11 +599,17 @@ impl Gateway {
         headers
     }
 
-    /// Stages 7-8 for a request whose answer must be checked: fetch it
-    /// whole, judge it, then pass it on or answer the denial instead.
+    /// Stages 7-8 for a request fhirwall sends upstream itself: one whose
+    /// answer must be checked (fetch it whole, judge it, then pass it on or
+    /// answer the denial instead), or one whose body is larger than
+    /// Pingora's retry buffer (relayed: the answer passes on as it came).
     async fn checked_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let req = session.req_header();
-        let headers = self.checked_headers(session, ctx);
+        let relay = ctx.check.is_none() && ctx.entry_checks.is_empty();
+        let mut headers = self.checked_headers(session, ctx);
+        if let Some(v) = &ctx.if_match {
+            headers.insert(header::IF_MATCH, v.clone());
+        }
         // HEAD is answered from a GET: the check needs the body.
         let head = req.method == http::Method::HEAD;
         let method = if head {
@@ -618,7 +632,7 @@ impl Gateway {
         let rel = ctx.rel_path.clone().unwrap_or_default();
         // A body read to classify the request (POST _search, a Bundle) goes
         // along; a Bundle's checked entries narrowed.
-        let mut body = session.get_retry_buffer();
+        let mut body = ctx.body.clone();
         if !ctx.entry_checks.is_empty() {
             body = body
                 .as_deref()
@@ -628,7 +642,7 @@ impl Gateway {
         let sent = Instant::now();
         let fetched = self
             .checked
-            .fetch(method, &rel, query.as_deref(), headers, body)
+            .fetch(method, &rel, query.as_deref(), headers, body, !relay)
             .await;
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
@@ -682,12 +696,8 @@ impl Gateway {
                 }),
                 v => Err(v),
             },
-            None => {
-                return Err(pingora::Error::explain(
-                    ErrorType::InternalError,
-                    "checked exchange without a check",
-                ))
-            }
+            // Relayed: nothing to judge.
+            None => Ok(answer.body.clone()),
         };
         let body = match judged {
             Ok(body) => body,
@@ -734,7 +744,7 @@ impl Gateway {
             });
         };
         let body = if w.body {
-            Some(self.read_body(session).await?)
+            Some(self.read_body(session, ctx).await?)
         } else {
             None
         };
@@ -855,7 +865,7 @@ impl Gateway {
         headers.remove(header::CONTENT_TYPE);
         let answer = self
             .checked
-            .fetch(http::Method::GET, rel, None, headers, None)
+            .fetch(http::Method::GET, rel, None, headers, None, true)
             .await?;
         let read = FhirRequest {
             interaction: Interaction::Read,
@@ -1355,7 +1365,11 @@ impl Gateway {
         let needs_body =
             is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")));
         let body = if needs_body {
-            Some(self.read_body(session).instrument(span.clone()).await?)
+            Some(
+                self.read_body(session, ctx)
+                    .instrument(span.clone())
+                    .await?,
+            )
         } else {
             None
         };
@@ -1401,7 +1415,7 @@ impl Gateway {
             .map_err(|e| classify_denial(&e))?;
             if reads {
                 let written = self
-                    .read_body(session)
+                    .read_body(session, ctx)
                     .instrument(span.clone())
                     .await
                     .map_err(|d| match d {
@@ -1796,6 +1810,7 @@ impl ProxyHttp for Gateway {
             method: None,
             client: None,
             connection: Vec::new(),
+            body: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
             validation: None,
             upstream_started: None,
@@ -1857,7 +1872,11 @@ impl ProxyHttp for Gateway {
                 .await;
         }
         match admitted {
-            Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
+            Ok(())
+                if ctx.check.is_some()
+                    || !ctx.entry_checks.is_empty()
+                    || Self::relayed(session, ctx) =>
+            {
                 self.checked_exchange(session, ctx)
                     .instrument(tracing::debug_span!(parent: &span, "check"))
                     .await?;

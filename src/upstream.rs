@@ -70,7 +70,9 @@ impl CheckedClient {
 
     /// Sends `method` `rel?query` below the upstream base with `headers`
     /// (already filtered by the proxy's header policy) and `body`, and reads
-    /// the whole answer, at most `max_body` bytes.
+    /// the whole answer, at most `max_body` bytes. An answer to be
+    /// `checked` is asked for whole, as FHIR JSON; else (a relayed write)
+    /// the client's `Accept` and preconditions go as sent.
     pub async fn fetch(
         &self,
         method: Method,
@@ -78,6 +80,7 @@ impl CheckedClient {
         query: Option<&str>,
         mut headers: HeaderMap,
         body: Option<Bytes>,
+        checked: bool,
     ) -> Result<Answer, Denial> {
         let mut url = self.base.clone();
         if !rel.is_empty() {
@@ -88,16 +91,18 @@ impl CheckedClient {
             url.push('?');
             url.push_str(q);
         }
-        for h in UNCHECKABLE {
-            headers.remove(h);
+        if checked {
+            for h in UNCHECKABLE {
+                headers.remove(h);
+            }
+            headers.insert(
+                http::header::ACCEPT,
+                http::HeaderValue::from_static("application/fhir+json"),
+            );
         }
         headers.remove(http::header::HOST);
         headers.remove(http::header::CONTENT_LENGTH);
         headers.remove(http::header::TRANSFER_ENCODING);
-        headers.insert(
-            http::header::ACCEPT,
-            http::HeaderValue::from_static("application/fhir+json"),
-        );
         headers.insert(
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
