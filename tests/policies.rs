@@ -610,12 +610,11 @@ async fn a_patient_ceiling_confines_a_user_token_to_the_patient() {
     );
 }
 
-/// With `break_glass.claim` set, only the authorization server can declare
-/// an emergency: a reason the client writes in the header does not count.
-/// A break-glass header of any name never reaches the upstream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn break_glass_by_claim_ignores_the_header() {
-    let dir = TempDir::new("policies-bg-claim");
+/// A gateway whose one rule locks Conditions unless break-glass is
+/// declared, with the header `Emergency-Reason` and `break_glass` lines
+/// `more`; the policy directory lives as long as the first value.
+async fn locked_conditions(tag: &str, more: &str) -> (TempDir, Gateway) {
+    let dir = TempDir::new(tag);
     std::fs::write(
         dir.0.join("10-bg.yaml"),
         "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n",
@@ -623,12 +622,21 @@ async fn break_glass_by_claim_ignores_the_header() {
     .unwrap();
     let gw = Gateway::start(Options {
         extra_yaml: format!(
-            "policies:\n  dir: {}\nbreak_glass:\n  header: Emergency-Reason\n  claim: bg_reason\n",
+            "policies:\n  dir: {}\nbreak_glass:\n  header: Emergency-Reason\n{more}",
             dir.0.display()
         ),
         ..Options::default()
     })
     .await;
+    (dir, gw)
+}
+
+/// With `break_glass.claim` set, only the authorization server can declare
+/// an emergency: a reason the client writes in the header does not count.
+/// A break-glass header of any name never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_by_claim_ignores_the_header() {
+    let (_dir, gw) = locked_conditions("policies-bg-claim", "  claim: bg_reason\n").await;
     let plain = gw.mint("user/*.rs", None);
     let before = gw.upstream.seen().len();
     let r = gw
@@ -679,20 +687,7 @@ async fn break_glass_by_claim_ignores_the_header() {
 /// declares emergencies and is stripped before the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reloaded_break_glass_header_is_read_and_stripped() {
-    let dir = TempDir::new("policies-bg-reload");
-    std::fs::write(
-        dir.0.join("10-bg.yaml"),
-        "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n",
-    )
-    .unwrap();
-    let gw = Gateway::start(Options {
-        extra_yaml: format!(
-            "policies:\n  dir: {}\nbreak_glass:\n  header: Emergency-Reason\n",
-            dir.0.display()
-        ),
-        ..Options::default()
-    })
-    .await;
+    let (_dir, gw) = locked_conditions("policies-bg-reload", "").await;
     let token = gw.mint("user/*.rs", None);
     let get = |header: &'static str, marker: &str| {
         gw.client
