@@ -632,6 +632,20 @@ async fn conditional_references_in_single_writes_are_decided() {
             400,
             "not a string",
         ),
+        // A Binary whose media type names FHIR (a space is a `+` to HAPI)
+        // is a resource: its securityContext is read.
+        (
+            "POST",
+            "Binary",
+            "user/Binary.c",
+            "application/fhir json",
+            json!({"resourceType": "Binary", "contentType": "text/plain", "data": "eA==",
+                   "securityContext": {"reference": probing}})
+            .to_string(),
+            ("x-unrelated", "1"),
+            403,
+            "Patient",
+        ),
     ];
     for (method, rel, scope, content_type, body, (name, value), status, says) in with_header {
         let r = send(method, rel, scope, content_type, body)

@@ -596,17 +596,20 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         _ => {}
     }
     if let Some(resource) = entry.get("resource") {
-        let loose = r.interaction == Interaction::Patch;
-        conditional_references(resource, loose, &mut r.reference_searches)?;
+        let patch = r.interaction == Interaction::Patch;
         // A JSON Patch travels in a Bundle as a Binary's base64 data.
-        if loose && resource.get("resourceType").and_then(Value::as_str) == Some("Binary") {
-            let patch = binary_patch(resource).map_err(|why| {
-                ClassifyError::MalformedBundle(format!(
-                    "the PATCH entry for '{url}' carries a Binary whose data {why}"
-                ))
-            })?;
-            conditional_references(&patch, true, &mut r.reference_searches)?;
-        }
+        let written =
+            if patch && resource.get("resourceType").and_then(Value::as_str) == Some("Binary") {
+                binary_patch(resource).map_err(|why| {
+                    ClassifyError::MalformedBundle(format!(
+                        "the PATCH entry for '{url}' carries a Binary whose data {why}"
+                    ))
+                })?
+            } else {
+                resource.clone()
+            };
+        r.reference_searches
+            .extend(written_references(&written, patch)?);
     }
     Ok(r)
 }
@@ -633,24 +636,14 @@ pub fn writes_resource(req: &FhirRequest) -> bool {
     )
 }
 
-/// Media types under which a server takes a Binary's body for a FHIR
-/// resource (HAPI's strict list); under any other a Binary's body is its
-/// raw content (an image, a PDF, a C-CDA document), holding no references.
-const FHIR_MEDIA_TYPES: &[&str] = &[
-    "application/fhir+json",
-    "application/json+fhir",
-    "application/fhir+xml",
-    "application/xml+fhir",
-    "application/fhir+turtle",
-    "application/x-turtle",
-    "text/turtle",
-];
-
 /// Whether the body of a single create, update or patch is read for
 /// conditional references (`"reference": "Patient?identifier=…"`). It must
 /// be JSON (`Content-Type` absent, `application/json` or `…+json`), not
-/// content-encoded; another format or an encoding is refused. A Binary's
-/// body under a media type that is not FHIR is raw content: `Ok(false)`.
+/// content-encoded; another format or an encoding is refused. A Binary
+/// sent under a media type that names no FHIR format is raw content (an
+/// image, a PDF, a C-CDA document as `text/xml`), holding no references:
+/// `Ok(false)`. The media type is read as HAPI reads it (spaces are `+`:
+/// `application/fhir json` is FHIR JSON), case ignored.
 pub fn reads_written_body(
     req: &FhirRequest,
     content_type: Option<&str>,
@@ -658,13 +651,17 @@ pub fn reads_written_body(
 ) -> Result<bool, ClassifyError> {
     let media = content_type
         .and_then(|t| t.split(';').next())
-        .map(|t| t.trim().to_ascii_lowercase())
+        .map(|t| t.trim().replace(' ', "+").to_ascii_lowercase())
         .unwrap_or_default();
-    if req.resource_type.as_deref() == Some("Binary") && !FHIR_MEDIA_TYPES.contains(&media.as_str())
-    {
+    let names_fhir = media.contains("fhir") || media.contains("turtle");
+    if req.resource_type.as_deref() == Some("Binary") && !names_fhir {
         return Ok(false);
     }
-    let json = media.is_empty() || media == "application/json" || media.ends_with("+json");
+    // `application/json+fhir` is FHIR JSON's name before R4.
+    let json = media.is_empty()
+        || media == "application/json"
+        || media == "application/json+fhir"
+        || media.ends_with("+json");
     if !json {
         return Err(ClassifyError::UnreadableMediaType {
             interaction: req.interaction,
@@ -726,60 +723,125 @@ pub fn security_context_reference(
 /// The searches behind the conditional references (`Type?params`) in a
 /// written resource: every `reference` value that holds a `?`. A
 /// `reference` that is neither a string nor null is refused (a server may
-/// take the first string of an array). In a `patch` (JSON Patch, FHIRPath
-/// Patch) a reference can also be a bare string the patch puts at a
-/// `reference`: every string that reads as `Type?…` counts there, and a
-/// JSON Patch `copy` or `move` onto a `reference` (whose value fhirwall
-/// cannot see) is refused.
+/// take the first string of an array). A `patch` (JSON Patch, FHIRPath
+/// Patch) can also put a bare string at a `reference`: such a value counts
+/// the same, and a JSON Patch `copy` or `move` onto a `reference` (whose
+/// value fhirwall cannot see) is refused.
 pub fn written_references(doc: &Value, patch: bool) -> Result<Vec<ReferenceSearch>, ClassifyError> {
     let mut out = Vec::new();
-    conditional_references(doc, patch, &mut out)?;
+    conditional_references(doc, &mut out)?;
+    if patch {
+        patched_references(doc, &mut out)?;
+    }
     Ok(out)
 }
 
-fn conditional_references(
-    v: &Value,
-    loose: bool,
-    out: &mut Vec<ReferenceSearch>,
-) -> Result<(), ClassifyError> {
+fn conditional_references(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(), ClassifyError> {
     match v {
         Value::Object(map) => {
-            if loose {
-                let op = map.get("op").and_then(Value::as_str);
-                let to = map.get("path").and_then(Value::as_str).unwrap_or("");
-                if matches!(op, Some("copy" | "move")) && to.ends_with("/reference") {
-                    return Err(ClassifyError::UnreadableBody {
-                        what: "patch".into(),
-                        reason: format!(
-                            "a JSON Patch '{}' onto '{to}' sets a reference fhirwall cannot read",
-                            op.unwrap_or("")
-                        ),
-                    });
-                }
-            }
             for (key, value) in map {
-                match (key.as_str(), value) {
-                    ("reference", Value::String(r)) if r.contains('?') => {
-                        out.push(reference_search(r)?);
-                    }
-                    ("reference", Value::String(_) | Value::Null) => {}
-                    ("reference", _) => {
-                        return Err(ClassifyError::UnreadableBody {
-                            what: "written resource".into(),
-                            reason: format!("a 'reference' is not a string: {value}"),
-                        })
-                    }
-                    _ => conditional_references(value, loose, out)?,
+                if key == "reference" {
+                    reference_value(value, out)?;
+                } else {
+                    conditional_references(value, out)?;
                 }
             }
         }
         Value::Array(items) => {
             for item in items {
-                conditional_references(item, loose, out)?;
+                conditional_references(item, out)?;
             }
         }
-        Value::String(r) if loose && reads_as_reference_search(r) => {
-            out.push(reference_search(r)?);
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A value that lands on a `reference`: a string (conditional when it
+/// holds a `?`, as servers tell) or null; anything else is refused.
+fn reference_value(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(), ClassifyError> {
+    match v {
+        Value::String(r) if r.contains('?') => out.push(reference_search(r)?),
+        Value::String(_) | Value::Null => {}
+        _ => {
+            return Err(ClassifyError::UnreadableBody {
+                what: "written resource".into(),
+                reason: format!("a 'reference' is not a string: {v}"),
+            })
+        }
+    }
+    Ok(())
+}
+
+/// The values a patch puts at a `reference`: a JSON Patch operation whose
+/// `path` ends in `/reference`, a FHIRPath Patch operation whose `path`
+/// ends in `.reference` or whose `name` is `reference`.
+fn patched_references(doc: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(), ClassifyError> {
+    let is_reference = |segment: &str| segment.trim().trim_matches('`') == "reference";
+    match doc {
+        // JSON Patch: an array of operations.
+        Value::Array(ops) => {
+            for op in ops {
+                let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+                if !is_reference(path.rsplit('/').next().unwrap_or("")) {
+                    continue;
+                }
+                match op.get("op").and_then(Value::as_str) {
+                    Some(kind @ ("copy" | "move")) => {
+                        return Err(ClassifyError::UnreadableBody {
+                            what: "patch".into(),
+                            reason: format!(
+                                "a JSON Patch '{kind}' onto '{path}' sets a reference fhirwall \
+                                 cannot read"
+                            ),
+                        })
+                    }
+                    _ => {
+                        if let Some(v) = op.get("value") {
+                            reference_value(v, out)?;
+                        }
+                    }
+                }
+            }
+        }
+        // FHIRPath Patch: a Parameters resource of `operation`s.
+        Value::Object(_) => {
+            let operations = doc
+                .get("parameter")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|p| p.get("name").and_then(Value::as_str) == Some("operation"));
+            for operation in operations {
+                let parts: &[Value] = operation
+                    .get("part")
+                    .and_then(Value::as_array)
+                    .map_or(&[], Vec::as_slice);
+                let part = |name: &'static str| {
+                    parts
+                        .iter()
+                        .filter(move |p| p.get("name").and_then(Value::as_str) == Some(name))
+                };
+                let text = |name: &'static str| {
+                    part(name)
+                        .flat_map(|p| p.as_object().into_iter().flatten())
+                        .filter(|(k, _)| k.starts_with("value"))
+                        .find_map(|(_, v)| v.as_str())
+                        .unwrap_or("")
+                };
+                let onto_reference = is_reference(text("path").rsplit('.').next().unwrap_or(""))
+                    || is_reference(text("name"));
+                if !onto_reference {
+                    continue;
+                }
+                for value in part("value") {
+                    for (key, v) in value.as_object().into_iter().flatten() {
+                        if key.starts_with("value") {
+                            reference_value(v, out)?;
+                        }
+                    }
+                }
+            }
         }
         _ => {}
     }
@@ -803,12 +865,6 @@ fn reference_search(r: &str) -> Result<ReferenceSearch, ClassifyError> {
         resource_type: searched_type(r).map(str::to_string),
         params: condition_params(r)?,
     })
-}
-
-/// `Type?…`, `Type/?…`, `[base]/Type?…` or `?…`: a string a patch could
-/// make a conditional reference of.
-fn reads_as_reference_search(s: &str) -> bool {
-    s.starts_with('?') || s.contains('?') && searched_type(s).is_some()
 }
 
 #[cfg(test)]
@@ -864,6 +920,12 @@ mod tests {
             ("Binary", None, None, Ok(false)),
             ("Binary", Some("application/fhir+json"), None, Ok(true)),
             ("Binary", Some("application/fhir+xml"), None, Err(())),
+            // Read as HAPI reads it: a space is a `+`.
+            ("Binary", Some("application/fhir json"), None, Ok(true)),
+            ("Binary", Some("application/json fhir"), None, Ok(true)),
+            ("Binary", Some("Application/FHIR+JSON"), None, Ok(true)),
+            ("Binary", Some("application/fhir+ndjson"), None, Err(())),
+            ("Observation", Some("application/fhir json"), None, Ok(true)),
         ] {
             let got = reads_written_body(&create(ty), content_type, encoding).map_err(|e| {
                 assert!(e.to_string().contains("cannot read"), "{e}");
@@ -886,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn patches_count_every_string_a_server_would_read_as_a_search() {
+    fn what_a_patch_puts_at_a_reference_counts() {
         let refs = |patch: serde_json::Value| {
             written_references(&patch, true).map(|found| {
                 found
@@ -895,7 +957,19 @@ mod tests {
                     .collect::<Vec<_>>()
             })
         };
-        let set = |value: &str| serde_json::json!([{"op": "replace", "path": "/focus/0/reference", "value": value}]);
+        let set = |path: &str, value: &str| serde_json::json!([{"op": "replace", "path": path, "value": value}]);
+        let fhirpath = |path: &str, name: Option<&str>, value: &str| {
+            let mut parts = vec![
+                serde_json::json!({"name": "type", "valueCode": "add"}),
+                serde_json::json!({"name": "path", "valueString": path}),
+                serde_json::json!({"name": "value", "valueString": value}),
+            ];
+            if let Some(n) = name {
+                parts.push(serde_json::json!({"name": "name", "valueString": n}));
+            }
+            serde_json::json!({"resourceType": "Parameters",
+                               "parameter": [{"name": "operation", "part": parts}]})
+        };
         for (value, ty) in [
             ("Patient?identifier=a|1", "Patient"),
             ("patient?identifier=a|1", "Patient"),
@@ -905,13 +979,37 @@ mod tests {
                 "Patient",
             ),
             ("Tas\u{212A}?code=x", "Task"),
+            // At a reference, any `?` makes a search (of a type fhirwall
+            // cannot name: every type).
             ("?identifier=a|1", ""),
+            ("Not sure? Ask", ""),
         ] {
-            assert_eq!(refs(set(value)).unwrap(), vec![ty.to_string()], "{value}");
+            assert_eq!(
+                refs(set("/focus/0/reference", value)).unwrap(),
+                vec![ty],
+                "{value}"
+            );
+            let add = fhirpath("Observation.focus[0]", Some("reference"), value);
+            assert_eq!(refs(add).unwrap(), vec![ty], "{value}");
+            let replace = fhirpath("Observation.focus[0].reference", None, value);
+            assert_eq!(refs(replace).unwrap(), vec![ty], "{value}");
         }
-        for text in ["Not sure? Ask.", "Patient/1", "what is this"] {
-            assert_eq!(refs(set(text)).unwrap(), Vec::<String>::new(), "{text}");
+        // Text elsewhere is text, whatever it says.
+        for patch in [
+            set("/note/0/text", "Patient? Not sure?"),
+            set("/focus/0/reference", "Patient/1"),
+            fhirpath("Observation.note[0].text", None, "patient?identifier=a|1"),
+        ] {
+            assert_eq!(
+                refs(patch.clone()).unwrap(),
+                Vec::<String>::new(),
+                "{patch}"
+            );
         }
+        // A Reference object anywhere in a patch is read as in a resource.
+        let p = serde_json::json!([{"op": "add", "path": "/focus",
+                                    "value": [{"reference": "Patient?x=1"}]}]);
+        assert_eq!(refs(p).unwrap(), vec!["Patient"]);
         // A copy or move onto a reference carries a value fhirwall cannot see.
         for op in ["copy", "move"] {
             let p = serde_json::json!([{"op": op, "from": "/note/0/text",
@@ -923,6 +1021,10 @@ mod tests {
         }
         let p = serde_json::json!([{"op": "copy", "from": "/note/0", "path": "/note/1"}]);
         assert!(refs(p).unwrap().is_empty());
+        // A value at a reference must be a string.
+        let p = serde_json::json!([{"op": "add", "path": "/focus/0/reference",
+                                    "value": ["Patient?x=1"]}]);
+        assert!(refs(p).unwrap_err().to_string().contains("not a string"));
     }
 
     #[test]
