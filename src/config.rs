@@ -546,6 +546,13 @@ pub struct ServerConfig {
     /// forms, written resources).
     #[serde(default = "d_max_body")]
     pub max_classified_body_bytes: usize,
+    /// The most request-body bytes all requests together may hold while
+    /// they are decided; beyond it new ones are refused with 503.
+    #[serde(default = "d_max_held")]
+    pub max_held_body_bytes: usize,
+    /// How long a body fhirwall reads may take to arrive, whole.
+    #[serde(default = "d_read_timeout")]
+    pub body_read_timeout_ms: u64,
     /// Proxies in front of fhirwall (CIDR blocks or addresses) whose
     /// `X-Forwarded-For` names the client. Empty: the TCP peer is the
     /// client and the header is ignored.
@@ -639,6 +646,10 @@ fn d_shutdown() -> u64 {
 }
 /// The most `server.max_classified_body_bytes` may be.
 const MAX_CLASSIFIED_BODY: usize = 64 << 20;
+
+fn d_max_held() -> usize {
+    256 << 20
+}
 
 fn d_max_body() -> usize {
     8 << 20
@@ -1336,6 +1347,26 @@ impl Config {
                     "{} must be between 1024 and {MAX_CLASSIFIED_BODY} (64 MiB): each such body \
                      is held in memory while it is decided",
                     self.server.max_classified_body_bytes
+                ),
+            );
+        }
+        if self.server.max_held_body_bytes < self.server.max_classified_body_bytes
+            || self.server.max_held_body_bytes > 1 << 40
+        {
+            problem(
+                "server.max_held_body_bytes",
+                format!(
+                    "{} must be at least server.max_classified_body_bytes ({}) and at most 1 TiB",
+                    self.server.max_held_body_bytes, self.server.max_classified_body_bytes
+                ),
+            );
+        }
+        if !(100..=600_000).contains(&self.server.body_read_timeout_ms) {
+            problem(
+                "server.body_read_timeout_ms",
+                format!(
+                    "{} must be between 100 and 600000",
+                    self.server.body_read_timeout_ms
                 ),
             );
         }

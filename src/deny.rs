@@ -62,6 +62,8 @@ pub enum Denial {
     /// A body fhirwall must read to decide, in a format it does not read
     /// (415).
     UnsupportedMediaType { description: String },
+    /// A body fhirwall must read did not arrive in time (408).
+    RequestTimeout { description: String },
     /// A dependency (JWKS) is unavailable: 503 with Retry-After.
     Unavailable {
         code: &'static str,
@@ -125,6 +127,7 @@ impl Denial {
             Denial::MethodNotAllowed { .. } => "method_not_allowed",
             Denial::TooLarge { .. } => "body_too_large",
             Denial::UnsupportedMediaType { .. } => "unsupported_media_type",
+            Denial::RequestTimeout { .. } => "body_timeout",
         }
     }
 
@@ -144,6 +147,7 @@ impl Denial {
             | Denial::MethodNotAllowed { description }
             | Denial::TooLarge { description }
             | Denial::UnsupportedMediaType { description }
+            | Denial::RequestTimeout { description }
             | Denial::Unavailable { description, .. }
             | Denial::Upstream { description, .. } => description.clone(),
         }
@@ -159,6 +163,7 @@ impl Denial {
             Denial::MethodNotAllowed { .. } => 405,
             Denial::TooLarge { .. } => 413,
             Denial::UnsupportedMediaType { .. } => 415,
+            Denial::RequestTimeout { .. } => 408,
             Denial::Unavailable { .. } => 503,
             Denial::Upstream { status, .. } => *status,
         }
@@ -212,6 +217,7 @@ impl Denial {
             Denial::NotFound { .. } | Denial::Hidden { .. } => ("error", "not-found"),
             Denial::TooLarge { .. } => ("error", "too-costly"),
             Denial::UnsupportedMediaType { .. } => ("error", "not-supported"),
+            Denial::RequestTimeout { .. } => ("error", "timeout"),
             Denial::RateLimited { .. } => ("error", "throttled"),
             Denial::Unavailable { .. } => ("error", "transient"),
             Denial::Upstream { status: 504, .. } => ("error", "timeout"),

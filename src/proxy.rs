@@ -87,6 +87,9 @@ pub struct Gateway {
     limiter: crate::ratelimit::Limiter,
     /// Policies, roles and break-glass, reloadable.
     pub rules: Arc<arc_swap::ArcSwap<Rules>>,
+    /// Bytes of request bodies all requests may hold together
+    /// (`server.max_held_body_bytes`), one permit a byte.
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -152,6 +155,7 @@ impl Gateway {
                     as u64,
             ))
             .build();
+        let settings_body_budget = settings.server.max_held_body_bytes;
         Gateway {
             settings,
             validator,
@@ -170,6 +174,9 @@ impl Gateway {
             dpop_nonces,
             limiter: crate::ratelimit::Limiter::default(),
             rules,
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                settings_body_budget.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         }
     }
 }
@@ -250,6 +257,8 @@ pub struct Ctx {
     /// The request body, once fhirwall has read it (to classify the
     /// request or prove a write).
     body: Option<Bytes>,
+    /// Its share of `Gateway::body_budget`, returned when the request ends.
+    body_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Set once the request record is written; until then, dropping the
     /// context (a task Pingora abandoned at shutdown, a panic) writes a
     /// record of what is known, and counts the request.
@@ -477,21 +486,51 @@ impl Gateway {
         }
         session.enable_retry_buffering();
         let mut body = BytesMut::new();
+        let server = &self.settings.server;
+        let deadline =
+            Instant::now() + std::time::Duration::from_millis(server.body_read_timeout_ms);
         loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => {
+            let read = tokio::time::timeout_at(deadline.into(), session.read_request_body());
+            match read.await {
+                Ok(Ok(Some(chunk))) => {
                     if body.len() + chunk.len() > limit {
                         return Err(too_large());
                     }
+                    // Held bytes count against the budget of all requests.
+                    let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+                    let share = Arc::clone(&self.body_budget)
+                        .try_acquire_many_owned(n)
+                        .map_err(|_| Denial::Unavailable {
+                            code: "body_budget_exhausted",
+                            description: format!(
+                                "fhirwall holds as many request-body bytes as it may \
+                                 (server.max_held_body_bytes: {}); try again",
+                                server.max_held_body_bytes
+                            ),
+                            retry_after_seconds: 1,
+                        })?;
+                    match &mut ctx.body_permit {
+                        Some(p) => p.merge(share),
+                        None => ctx.body_permit = Some(share),
+                    }
                     body.extend_from_slice(&chunk);
                 }
-                Ok(None) => break,
-                Err(e) => {
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
                     return Err(Denial::InvalidRequest {
                         code: "fhir_malformed",
                         description: format!(
                             "could not read the request body: {}",
                             e.etype().as_str()
+                        ),
+                    })
+                }
+                Err(_) => {
+                    return Err(Denial::RequestTimeout {
+                        description: format!(
+                            "the request body did not arrive whole within {} ms \
+                             (server.body_read_timeout_ms)",
+                            server.body_read_timeout_ms
                         ),
                     })
                 }
@@ -599,17 +638,80 @@ impl Gateway {
         headers
     }
 
-    /// Stages 7-8 for a request fhirwall sends upstream itself: one whose
-    /// answer must be checked (fetch it whole, judge it, then pass it on or
-    /// answer the denial instead), or one whose body is larger than
-    /// Pingora's retry buffer (relayed: the answer passes on as it came).
-    async fn checked_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    /// Stage 7 for a request whose body fhirwall read and which is larger
+    /// than Pingora's retry buffer (which then holds none of it to
+    /// forward): fhirwall sends it upstream itself, with the same path,
+    /// header plan and (for a proved write) `If-Match` as the proxy path,
+    /// and streams the answer back as it comes.
+    async fn relay_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let req = session.req_header();
-        let relay = ctx.check.is_none() && ctx.entry_checks.is_empty();
         let mut headers = self.checked_headers(session, ctx);
         if let Some(v) = &ctx.if_match {
             headers.insert(header::IF_MATCH, v.clone());
         }
+        let method = req.method.clone();
+        let query = req.uri.query().map(str::to_string);
+        let rel = ctx.rel_path.clone().unwrap_or_default();
+        let sent = Instant::now();
+        ctx.upstream_started = Some(sent);
+        let answer = self
+            .checked
+            .send(
+                method,
+                &rel,
+                query.as_deref(),
+                headers,
+                ctx.body.clone(),
+                false,
+            )
+            .await;
+        ctx.upstream_time = Some(sent.elapsed());
+        let mut answer = match answer {
+            Ok(a) => a,
+            Err(denial) => {
+                let r = self.answer(session, ctx, &denial).await;
+                ctx.denial = Some(denial);
+                return r;
+            }
+        };
+        ctx.upstream_status = Some(answer.status().as_u16());
+        let mut h = ResponseHeader::build(answer.status(), Some(answer.headers().len() + 3))?;
+        for (name, value) in answer.headers() {
+            if upstream::passes_on(name) || name == header::CONTENT_ENCODING {
+                h.append_header(name.clone(), value.clone())?;
+            }
+        }
+        match answer.content_length() {
+            Some(len) => h.insert_header(header::CONTENT_LENGTH, len.to_string())?,
+            None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
+        }
+        h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
+            h.insert_header("dpop-nonce", n.current(now_unix()))?;
+        }
+        session.write_response_header(Box::new(h), false).await?;
+        loop {
+            match answer.chunk().await {
+                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
+                Ok(None) => break,
+                // The status is out: the client sees the connection end.
+                Err(e) => {
+                    return Err(pingora::Error::explain(
+                        ErrorType::ReadError,
+                        format!("upstream failed while answering a relayed request: {e}"),
+                    ))
+                }
+            }
+        }
+        session.write_response_body(None, true).await?;
+        Ok(())
+    }
+
+    /// Stages 7-8 for a request whose answer must be checked: fetch it
+    /// whole, judge it, then pass it on or answer the denial instead.
+    async fn checked_exchange(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let req = session.req_header();
+        let headers = self.checked_headers(session, ctx);
         // HEAD is answered from a GET: the check needs the body.
         let head = req.method == http::Method::HEAD;
         let method = if head {
@@ -642,7 +744,7 @@ impl Gateway {
         let sent = Instant::now();
         let fetched = self
             .checked
-            .fetch(method, &rel, query.as_deref(), headers, body, !relay)
+            .fetch(method, &rel, query.as_deref(), headers, body)
             .await;
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
@@ -696,8 +798,12 @@ impl Gateway {
                 }),
                 v => Err(v),
             },
-            // Relayed: nothing to judge.
-            None => Ok(answer.body.clone()),
+            None => {
+                return Err(pingora::Error::explain(
+                    ErrorType::InternalError,
+                    "checked exchange without a check",
+                ))
+            }
         };
         let body = match judged {
             Ok(body) => body,
@@ -865,7 +971,7 @@ impl Gateway {
         headers.remove(header::CONTENT_TYPE);
         let answer = self
             .checked
-            .fetch(http::Method::GET, rel, None, headers, None, true)
+            .fetch(http::Method::GET, rel, None, headers, None)
             .await?;
         let read = FhirRequest {
             interaction: Interaction::Read,
@@ -1811,6 +1917,7 @@ impl ProxyHttp for Gateway {
             client: None,
             connection: Vec::new(),
             body: None,
+            body_permit: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
             validation: None,
             upstream_started: None,
@@ -1872,13 +1979,15 @@ impl ProxyHttp for Gateway {
                 .await;
         }
         match admitted {
-            Ok(())
-                if ctx.check.is_some()
-                    || !ctx.entry_checks.is_empty()
-                    || Self::relayed(session, ctx) =>
-            {
+            Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
                 self.checked_exchange(session, ctx)
                     .instrument(tracing::debug_span!(parent: &span, "check"))
+                    .await?;
+                Ok(true)
+            }
+            Ok(()) if Self::relayed(session, ctx) => {
+                self.relay_exchange(session, ctx)
+                    .instrument(tracing::debug_span!(parent: &span, "relay"))
                     .await?;
                 Ok(true)
             }

@@ -70,48 +70,17 @@ impl CheckedClient {
 
     /// Sends `method` `rel?query` below the upstream base with `headers`
     /// (already filtered by the proxy's header policy) and `body`, and reads
-    /// the whole answer, at most `max_body` bytes. An answer to be
-    /// `checked` is asked for whole, as FHIR JSON; else (a relayed write)
-    /// the client's `Accept` and preconditions go as sent.
+    /// the whole answer, at most `max_body` bytes, asked for whole, as FHIR
+    /// JSON, unencoded, to be checked.
     pub async fn fetch(
         &self,
         method: Method,
         rel: &str,
         query: Option<&str>,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Option<Bytes>,
-        checked: bool,
     ) -> Result<Answer, Denial> {
-        let mut url = self.base.clone();
-        if !rel.is_empty() {
-            url.push('/');
-            url.push_str(rel);
-        }
-        if let Some(q) = query {
-            url.push('?');
-            url.push_str(q);
-        }
-        if checked {
-            for h in UNCHECKABLE {
-                headers.remove(h);
-            }
-            headers.insert(
-                http::header::ACCEPT,
-                http::HeaderValue::from_static("application/fhir+json"),
-            );
-        }
-        headers.remove(http::header::HOST);
-        headers.remove(http::header::CONTENT_LENGTH);
-        headers.remove(http::header::TRANSFER_ENCODING);
-        headers.insert(
-            http::header::ACCEPT_ENCODING,
-            http::HeaderValue::from_static("identity"),
-        );
-        let mut request = self.client.request(method, &url).headers(headers);
-        if let Some(body) = body {
-            request = request.body(body);
-        }
-        let mut resp = request.send().await.map_err(|e| failure(&e))?;
+        let mut resp = self.send(method, rel, query, headers, body, true).await?;
         let status = resp.status().as_u16();
         let headers = std::mem::take(resp.headers_mut());
         let too_large = || Denial::Upstream {
@@ -165,8 +134,58 @@ fn failure(e: &reqwest::Error) -> Denial {
     }
 }
 
+impl CheckedClient {
+    /// Sends the request as [`CheckedClient::fetch`] does and returns the
+    /// answer as it starts, for the caller to stream on. `checked`: ask for
+    /// an answer fhirwall can judge (FHIR JSON, whole, unencoded);
+    /// otherwise (a relayed write) the client's `Accept`, `Accept-Encoding`
+    /// and preconditions go as sent.
+    pub async fn send(
+        &self,
+        method: Method,
+        rel: &str,
+        query: Option<&str>,
+        mut headers: HeaderMap,
+        body: Option<Bytes>,
+        checked: bool,
+    ) -> Result<reqwest::Response, Denial> {
+        let mut url = self.base.clone();
+        if !rel.is_empty() {
+            url.push('/');
+            url.push_str(rel);
+        }
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        if checked {
+            for h in UNCHECKABLE {
+                headers.remove(h);
+            }
+            headers.insert(
+                http::header::ACCEPT,
+                http::HeaderValue::from_static("application/fhir+json"),
+            );
+            headers.insert(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
+        }
+        headers.remove(http::header::HOST);
+        headers.remove(http::header::CONTENT_LENGTH);
+        headers.remove(http::header::TRANSFER_ENCODING);
+        let mut request = self.client.request(method, &url).headers(headers);
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        request.send().await.map_err(|e| failure(&e))
+    }
+}
+
 /// Upstream response headers that are not passed on from a checked answer:
 /// hop-by-hop and framing (fhirwall sets its own `Content-Length`).
+/// (A relayed answer keeps its `Content-Encoding`: its body passes as it
+/// came.)
 pub fn passes_on(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),

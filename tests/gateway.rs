@@ -407,6 +407,8 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
 async fn bundles_are_decided_entry_by_entry() {
     let gw = Gateway::start(Options {
         server_yaml: "  max_classified_body_bytes: 120000\n".into(),
+        // A relayed answer streams on, whatever this cap on checked ones.
+        upstream_yaml: "  max_checked_answer_bytes: 1024\n".into(),
         ..Options::default()
     })
     .await;
@@ -524,7 +526,9 @@ async fn bundles_are_decided_entry_by_entry() {
     let len = big.len();
     let r = post(big).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let answer: Value = r.json().await.unwrap();
+    let answer = r.bytes().await.unwrap();
+    assert!(answer.len() > 1024, "{} bytes", answer.len());
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(answer["type"], "batch-response", "{answer}");
     assert_eq!(posts(), 2);
     assert_eq!(gw.upstream.seen().last().unwrap().body_len, len);
@@ -542,6 +546,73 @@ async fn bundles_are_decided_entry_by_entry() {
     assert_eq!(r.status(), 413);
     assert!(outcome(r).await.to_string().contains("120000 bytes"));
     assert_eq!(posts(), 2);
+}
+
+/// Bodies fhirwall holds while it decides count against one budget for
+/// all requests, and must arrive in time: a client trickling a body is cut
+/// off with 408, and while it holds its share a request that would go past
+/// the budget is refused with 503. Neither reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_bodies_have_a_budget_and_a_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start(Options {
+        server_yaml: "  max_classified_body_bytes: 100000\n  max_held_body_bytes: 100000\n  \
+                      body_read_timeout_ms: 1500\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    let bundle = |size: usize| {
+        json!({"resourceType": "Bundle", "type": "batch", "id": "x".repeat(size),
+               "entry": [{"request": {"method": "GET", "url": "Patient/p1"}}]})
+        .to_string()
+    };
+    // 80 kB of a 90 kB body, then nothing.
+    let slow = bundle(90_000);
+    let mut trickle = tokio::net::TcpStream::connect(gw.proxy_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /fhir HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
+        slow.len()
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    trickle.write_all(&slow.as_bytes()[..80_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let post = |body: String| {
+        gw.client
+            .post(gw.base.clone())
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+    };
+    let r = post(bundle(30_000)).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(outcome(r)
+        .await
+        .to_string()
+        .contains("server.max_held_body_bytes"));
+    // The trickling client is answered 408 at its deadline.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), trickle.read_to_end(&mut answer));
+    let _ = read.await.expect("no answer to a trickled body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("server.body_read_timeout_ms"), "{answer}");
+    // Its share is back: the same request now passes.
+    assert_eq!(post(bundle(30_000)).await.unwrap().status(), 200);
+    assert_eq!(
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST")
+            .count(),
+        1
+    );
 }
 
 /// A create, update or patch whose resource holds a conditional reference
