@@ -724,7 +724,9 @@ fn patient_search(
     // Whatever the search and the parameter (chains and non-compartment
     // ones too), no value may name another patient (`Patient/x`, a Patient
     // URL, or a bare id in a parameter called `patient`, which in FHIR
-    // always means one).
+    // always means one, or in `_id` of a search for Patients, type-level or
+    // in a compartment).
+    let searches_patients = req.resource_type.as_deref() == Some("Patient");
     for (name, value) in &req.params {
         let base = name.split(['.', ':']).next().unwrap_or("");
         let modifier = name
@@ -732,7 +734,8 @@ fn patient_search(
             .next()
             .and_then(|h| h.split_once(':'))
             .map(|(_, m)| m);
-        let bare = base == "patient" && matches!(modifier, None | Some("Patient"));
+        let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
+            || searches_patients && name == "_id";
         for v in value.split(',') {
             if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
                 return Err(names_other(name, value, ctx));
@@ -1857,6 +1860,22 @@ mod tests {
                 "GET",
                 "Patient?_id=p1&_id=p2",
                 false,
+            ),
+            (
+                "patient _id of another in the own compartment",
+                "patient/Patient.s",
+                Some("p1"),
+                "GET",
+                "Patient/p1/Patient?_id=p2",
+                false,
+            ),
+            (
+                "another type's _id in the own compartment",
+                "patient/Observation.s",
+                Some("p1"),
+                "GET",
+                "Patient/p1/Observation?_id=p2",
+                true,
             ),
             (
                 "patient unscoped search (narrowed by default)",

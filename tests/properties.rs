@@ -169,7 +169,10 @@ proptest! {
             }
             // Decided from the request alone: it must not name p2.
             Ok(d) if d.check.is_none() => {
-                let names_other = path.split('/').any(|s| s == "p2") || q.as_deref().is_some_and(|q| q.contains("p2"));
+                // (A version id `p2` names no patient.)
+                let names_other = req.id.as_deref() == Some("p2")
+                    || req.compartment.as_ref().is_some_and(|c| c.id == "p2")
+                    || q.as_deref().is_some_and(|q| q.contains("p2"));
                 prop_assert!(!names_other, "{m} {path} {q:?} reached p2 under patient/ scopes of p1");
             }
             // Left to the answer check: plain reads of compartment types (not Patient) ...
@@ -186,7 +189,7 @@ proptest! {
                 prop_assert!(matches!(&d.check, Some(ResponseCheck::Search { patient: Some(patient), .. }) if patient == "p1"), "{:?}", d.check);
                 prop_assert!(matches!(req.interaction, Interaction::SearchType | Interaction::SearchCompartment | Interaction::SearchSystem), "{m} {path} {q:?}");
                 let params = q.as_deref().unwrap_or("");
-                let on_patient = path.starts_with("Patient");
+                let on_patient = req.resource_type.as_deref() == Some("Patient");
                 let names_p2 = params.split('&').any(|p| {
                     p.starts_with("patient=") && p.contains("p2")
                         || p.starts_with("subject=") && p.contains("p2")
