@@ -331,6 +331,10 @@ pub fn decide_with(
     if let Some(used) = grant(&needs, usable.iter().copied().filter(unbound)) {
         return Ok(Decision::allow(used));
     }
+    // A stored search's page under scopes that do not cover every type.
+    if let Some(d) = unbound_page(req, &usable) {
+        return Ok(d);
+    }
     // Then scopes with a query filter that are not bound to a patient.
     if let Some(Ok(d)) = filtered_grant(req, &needs, scopes, None, opts) {
         return Ok(d);
@@ -696,6 +700,50 @@ const PAGING_PARAMS: &[&str] = &[
     "_pretty",
 ];
 
+/// A server's paging link (`?_getpages=…`, `?_pageId=…`) and nothing else
+/// that names what is searched.
+fn is_stored_page(req: &FhirRequest) -> bool {
+    req.interaction == Interaction::SearchSystem
+        && req
+            .params
+            .iter()
+            .any(|(n, _)| matches!(n.as_str(), "_getpages" | "_pageId"))
+        && req
+            .params
+            .iter()
+            .all(|(n, _)| PAGING_PARAMS.contains(&n.as_str()))
+}
+
+/// A stored search's page under `user/` or `system/` scopes that search
+/// some types but not every one. The server serves whatever search the
+/// page id names, so the page is checked instead: passed on only if every
+/// resource in it is of a type the scopes grant.
+fn unbound_page(req: &FhirRequest, usable: &[&Scope]) -> Option<Decision> {
+    if !is_stored_page(req) {
+        return None;
+    }
+    let searching: Vec<&Scope> = usable
+        .iter()
+        .copied()
+        .filter(|s| s.context != Context::Patient && s.perms.contains(Perm::Search))
+        .collect();
+    if searching.is_empty() {
+        return None;
+    }
+    let mut used: Vec<String> = searching.iter().map(|s| s.raw.clone()).collect();
+    used.sort();
+    used.dedup();
+    Some(Decision {
+        scopes_used: used,
+        check: Some(ResponseCheck::Search {
+            patient: None,
+            types: granted_types(&searching),
+            filters: None,
+        }),
+        ..Decision::default()
+    })
+}
+
 /// A search under patient-only scopes: `Ok(Some(narrow))` when it can go
 /// upstream (with the answer checked), `narrow` being the parameter to add
 /// when the request names no patient; `Ok(None)` when this is not such a
@@ -709,16 +757,7 @@ fn patient_search(
     // A server's paging link (`?_getpages=…`): nothing to narrow; every page
     // is checked. It must carry a page id: `?_summary=count` alone would
     // count every patient's resources.
-    if req.interaction == Interaction::SearchSystem
-        && req
-            .params
-            .iter()
-            .any(|(n, _)| matches!(n.as_str(), "_getpages" | "_pageId"))
-        && req
-            .params
-            .iter()
-            .all(|(n, _)| PAGING_PARAMS.contains(&n.as_str()))
-    {
+    if is_stored_page(req) {
         return Ok(Some(None));
     }
     // Whatever the search and the parameter (chains and non-compartment
@@ -1499,6 +1538,30 @@ mod tests {
                 "GET",
                 "?_getpages=abc&_getpagesoffset=20",
                 true,
+            ),
+            (
+                "a stored search's page under one type: allowed, the page checked",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "?_getpages=abc&_getpagesoffset=20",
+                true,
+            ),
+            (
+                "a stored search's page without a search scope",
+                "user/Observation.r",
+                None,
+                "GET",
+                "?_getpages=abc&_getpagesoffset=20",
+                false,
+            ),
+            (
+                "a page id with a search parameter is a search of every type",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "?_getpages=abc&code=x",
+                false,
             ),
             (
                 "system history: _type is not R4's, it narrows nothing",

@@ -268,6 +268,48 @@ async fn credentials_in_the_wrong_place_are_refused() {
     }
 }
 
+/// A stored search's page (`?_getpages=…`) is served by the server
+/// whatever search its id names: under scopes that search some types but
+/// not all, the page is checked and passed on only if it holds nothing
+/// else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_stored_searches_are_checked_against_the_grant() {
+    let gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("user/Observation.rs", None);
+    // (The sandbox's page id names the type of its stored search.)
+    let r = gw
+        .get("?_getpages=Observation&_getpagesoffset=0", Some(&token))
+        .await;
+    assert_eq!(r.status(), 200);
+    let page: Value = r.json().await.unwrap();
+    let types: Vec<&str> = page["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().unwrap())
+        .collect();
+    assert!(
+        !types.is_empty() && types.iter().all(|t| *t == "Observation"),
+        "{types:?}"
+    );
+    // A page of someone else's search over Conditions: withheld.
+    let r = gw
+        .get("?_getpages=Condition&_getpagesoffset=0", Some(&token))
+        .await;
+    assert_eq!(r.status(), 403);
+    let o = outcome(r).await;
+    assert!(o.to_string().contains("Condition resources"), "{o}");
+    // Without a search scope, or with a search parameter beside the page
+    // id, it is refused before the upstream.
+    let before = gw.upstream.seen().len();
+    let read_only = gw.mint("user/Observation.r", None);
+    let r = gw.get("?_getpages=Observation", Some(&read_only)).await;
+    assert_eq!(r.status(), 403);
+    let r = gw.get("?_getpages=Observation&code=x", Some(&token)).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.upstream.seen().len(), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scopes_decide_and_denials_name_the_missing_scope() {
     let gw = Gateway::start(Options::default()).await;

@@ -429,6 +429,22 @@ async fn handle(
             let self_url = format!("http://{host}{}/{t}", s.base_path);
             fhir(StatusCode::OK, page(s.search(&[t], &params), &self_url, &params))
         }
+        // A stored search's page: here `_getpages` names the type the
+        // stored search was on (a real server's id is opaque).
+        ("GET", []) if params.iter().any(|(k, _)| k == "_getpages") => {
+            let stored: Vec<&str> = params
+                .iter()
+                .filter(|(k, _)| k == "_getpages")
+                .map(|(_, v)| v.as_str())
+                .filter(|t| all.contains(t))
+                .collect();
+            let rest: Vec<(String, String)> = params
+                .iter()
+                .filter(|(k, _)| !k.starts_with("_getpages"))
+                .cloned()
+                .collect();
+            fhir(StatusCode::OK, s.search(&stored, &rest))
+        }
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
         ("GET", ["Patient", id, "$everything"]) => {
             let mut p = params.clone();
