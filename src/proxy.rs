@@ -1651,15 +1651,23 @@ impl Gateway {
                 "break-glass access"
             );
         }
-        // Rate limits of the matching rules, counted once per request.
+        // Rate limits of the matching rules, counted once per request. A
+        // token naming no client (or no user) is its own bucket, rather
+        // than sharing one with every other such token.
         let source = source.map(crate::client_addr::rate_limit_key);
+        let own_bucket = || {
+            ctx.token.as_ref().map_or_else(
+                || "(none)".to_string(),
+                |t| format!("token:{}", hex(&t.hash[..16])),
+            )
+        };
         for (rule, limit) in grant.limits() {
             let who = match limit.per.as_str() {
-                "client" => claims.client_id.as_deref(),
-                "user" => claims.sub.as_deref(),
-                _ => source.as_deref(),
-            }
-            .unwrap_or("(none)");
+                "client" => claims.client_id.clone().unwrap_or_else(own_bucket),
+                "user" => claims.sub.clone().unwrap_or_else(own_bucket),
+                _ => source.clone().unwrap_or_else(|| "(none)".to_string()),
+            };
+            let who = who.as_str();
             if let Err(wait) = self.limiter.check(&rule, &limit, who) {
                 return Err(Denial::RateLimited {
                     description: format!(

@@ -197,6 +197,29 @@ async fn rate_limits_per_client() {
             .status(),
         200
     );
+    // Tokens naming no client are each their own bucket: one using up its
+    // limit does not throttle another.
+    let anonymous = |jti: &str| {
+        let mut c = gw.claims("user/*.rs");
+        let o = c.as_object_mut().unwrap();
+        o.remove("client_id");
+        o.remove("azp");
+        o.insert("jti".into(), json!(jti));
+        gw.issuer.signing_key().sign(&c)
+    };
+    let first = anonymous("a");
+    for i in 0..3 {
+        let r = gw
+            .get(&format!("Observation?code=anon-{i}"), Some(&first))
+            .await;
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    let r = gw.get("Observation?code=anon-over", Some(&first)).await;
+    assert_eq!(r.status(), 429);
+    let r = gw
+        .get("Observation?code=anon-second", Some(&anonymous("b")))
+        .await;
+    assert_eq!(r.status(), 200);
 }
 
 /// A config with the hospital policy, for the offline commands.
