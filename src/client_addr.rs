@@ -104,12 +104,18 @@ pub fn forwarded_for(chain: &[IpAddr]) -> String {
 
 /// The key of a `per: source` rate limit: an IPv4 address, or an IPv6
 /// address's /64 (one host holds a whole /64 and could rotate through it
-/// for fresh buckets).
+/// for fresh buckets). An IPv4 client reached through NAT64 (RFC 6052's
+/// well-known prefix `64:ff9b::/96`) is keyed by its IPv4 address, not
+/// one /64 shared by every IPv4 client of the translator.
 pub fn rate_limit_key(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => v4.to_string(),
+            None if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
+                let o = v6.octets();
+                std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]).to_string()
+            }
             None => {
                 let s = v6.segments();
                 let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
@@ -263,5 +269,8 @@ mod tests {
             key("2001:db8:1:2::9")
         );
         assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        // NAT64: each IPv4 client its own.
+        assert_eq!(key("64:ff9b::c000:207"), "192.0.2.7");
+        assert_ne!(key("64:ff9b::c000:207"), key("64:ff9b::c000:208"));
     }
 }
