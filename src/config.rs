@@ -202,6 +202,10 @@ pub struct DpopConfig {
     /// Proof `jti`s remembered (for `max_age_seconds`) to refuse replays.
     #[serde(default = "d_dpop_replay")]
     pub replay_cache_max_entries: u64,
+    /// Proofs one key may have remembered per replay window, so that one
+    /// client cannot fill the set for all; default a tenth of the set.
+    #[serde(default)]
+    pub max_proofs_per_key: Option<u64>,
     /// Issue `DPoP-Nonce` and require proofs to carry it (RFC 9449 §9).
     #[serde(default)]
     pub require_nonce: bool,
@@ -222,6 +226,7 @@ impl Default for DpopConfig {
             max_age_seconds: d_dpop_max_age(),
             leeway_seconds: d_dpop_leeway(),
             replay_cache_max_entries: d_dpop_replay(),
+            max_proofs_per_key: None,
             require_nonce: false,
             nonce_lifetime_seconds: d_nonce_lifetime(),
         }
@@ -246,6 +251,7 @@ pub struct Dpop {
     /// The proof algorithms, space-separated, for `WWW-Authenticate` `algs`.
     pub algs: String,
     pub replay_cache_max_entries: u64,
+    pub max_proofs_per_key: u64,
     /// Nonce lifetime when nonces are required.
     pub nonce_lifetime_seconds: Option<u64>,
 }
@@ -1315,6 +1321,19 @@ impl Config {
                 );
                 ok = false;
             }
+            let per_key = d
+                .max_proofs_per_key
+                .unwrap_or(d.replay_cache_max_entries / 10);
+            if per_key == 0 || per_key > d.replay_cache_max_entries {
+                problem(
+                    "dpop.max_proofs_per_key",
+                    format!(
+                        "{per_key} must be between 1 and dpop.replay_cache_max_entries ({})",
+                        d.replay_cache_max_entries
+                    ),
+                );
+                ok = false;
+            }
             ok.then(|| Dpop {
                 enabled: d.enabled,
                 algs: names.join(" "),
@@ -1324,6 +1343,7 @@ impl Config {
                     leeway_seconds: d.leeway_seconds as i64,
                 },
                 replay_cache_max_entries: d.replay_cache_max_entries,
+                max_proofs_per_key: per_key,
                 nonce_lifetime_seconds: d.require_nonce.then_some(d.nonce_lifetime_seconds),
             })
         };

@@ -81,6 +81,9 @@ pub struct Gateway {
     /// DPoP proofs seen, by SHA-256 of (key thumbprint, jti), for as long as
     /// a proof is fresh.
     dpop_replay: moka::sync::Cache<[u8; 32], ()>,
+    /// Proofs remembered per key thumbprint in the current window (as long
+    /// as a proof is remembered), against `dpop.max_proofs_per_key`.
+    dpop_per_key: moka::sync::Cache<String, Arc<std::sync::atomic::AtomicU64>>,
     /// Issues and checks `DPoP-Nonce`s, when required.
     dpop_nonces: Option<crate::dpop::Nonces>,
     /// Token buckets of the policy rules' rate limits.
@@ -147,13 +150,22 @@ impl Gateway {
         // replayed). The bound is checked before each insert instead, and a
         // full set refuses new proofs (fail closed); entries leave only by
         // age.
+        // A proof is good from iat - leeway to iat + max_age on the wall
+        // clock; the entry outlives that window by a margin for clock steps.
+        let remembered = std::time::Duration::from_secs(
+            (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
+                as u64,
+        );
         let dpop_replay = moka::sync::Cache::builder()
-            // A proof is good from iat - leeway to iat + max_age on the wall
-            // clock; the entry outlives that window by a margin for clock steps.
-            .time_to_live(std::time::Duration::from_secs(
-                (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
-                    as u64,
-            ))
+            .time_to_live(remembered)
+            .build();
+        // A key's count restarts a window after its first proof; proofs of
+        // the window before are still remembered, so a key holds at most
+        // twice its quota. (Were a counter dropped for capacity, that key
+        // would merely start counting afresh.)
+        let dpop_per_key = moka::sync::Cache::builder()
+            .time_to_live(remembered)
+            .max_capacity(settings.dpop.replay_cache_max_entries)
             .build();
         let settings_body_budget = settings.server.max_held_body_bytes;
         Gateway {
@@ -171,6 +183,7 @@ impl Gateway {
             decide_opts,
             public_origin,
             dpop_replay,
+            dpop_per_key,
             dpop_nonces,
             limiter: crate::ratelimit::Limiter::default(),
             rules,
@@ -1257,6 +1270,25 @@ impl Gateway {
                     retry_after_seconds: 1,
                 });
             }
+        }
+        if self.dpop_replay.contains_key(&key) {
+            let e = crate::dpop::DpopError::Replayed;
+            return Err(dpop(e.code(), "invalid_dpop_proof", e.to_string()));
+        }
+        // One client may not fill the set for every other.
+        let count = self
+            .dpop_per_key
+            .get_with_by_ref(jkt, Default::default)
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let quota = self.settings.dpop.max_proofs_per_key;
+        if count >= quota {
+            return Err(Denial::RateLimited {
+                description: format!(
+                    "this DPoP key has presented {quota} proofs within the replay window \
+                     (dpop.max_proofs_per_key); slow down"
+                ),
+                retry_after_seconds: 1,
+            });
         }
         if !self.dpop_replay.entry(key).or_insert(()).is_fresh() {
             let e = crate::dpop::DpopError::Replayed;

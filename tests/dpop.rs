@@ -154,7 +154,8 @@ async fn valid_proofs_pass_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_replay_set_refuses_new_proofs() {
     let gw = Gateway::start(Options {
-        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n".into(),
+        // One key may fill it here (by default a key gets a tenth).
+        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 1000\n".into(),
         ..Options::default()
     })
     .await;
@@ -166,10 +167,18 @@ async fn a_full_replay_set_refuses_new_proofs() {
     assert_eq!(s, 200, "{www} {body}");
     let mut accepted = 1;
     let mut refused = None;
-    // Pending inserts are counted a little late: a few may pass the bound.
-    for _ in 0..1100 {
-        let proof = client.proof("GET", &url, &token);
-        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    // Two keys take turns, each well inside its quota. Pending inserts are
+    // counted a little late: a few may pass the bound.
+    let second = Client::new(KeyKind::P256, "busy-client-2");
+    let second_token = bound_token(&gw, &second.jkt);
+    for i in 0..1100 {
+        let (c, t) = if i % 2 == 0 {
+            (&client, &token)
+        } else {
+            (&second, &second_token)
+        };
+        let proof = c.proof("GET", &url, t);
+        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", t, &[&proof]).await;
         match s {
             200 => accepted += 1,
             503 => {
@@ -204,6 +213,41 @@ async fn a_full_replay_set_refuses_new_proofs() {
         audit.contains("\"reason\":\"dpop_replay_cache_full\""),
         "not audited"
     );
+}
+
+/// One key may have only `max_proofs_per_key` proofs remembered at once:
+/// a busy or hostile client is slowed (429), and other clients' proofs
+/// still find room in the replay set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_cannot_fill_the_replay_set_for_all() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 50\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let url = format!("{}/Patient/p1", gw.base);
+    let busy = Client::new(KeyKind::P256, "busy-client");
+    let busy_token = bound_token(&gw, &busy.jkt);
+    for i in 0..50 {
+        let proof = busy.proof("GET", &url, &busy_token);
+        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &busy_token, &[&proof]).await;
+        assert_eq!(s, 200, "proof {i}: {www} {body}");
+    }
+    let before = gw.upstream.seen().len();
+    let proof = busy.proof("GET", &url, &busy_token);
+    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &busy_token, &[&proof]).await;
+    assert_eq!(s, 429, "{body}");
+    assert!(body.contains("dpop.max_proofs_per_key"), "{body}");
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused proof went upstream"
+    );
+    let other = Client::new(KeyKind::P256, "other-client");
+    let other_token = bound_token(&gw, &other.jkt);
+    let proof = other.proof("GET", &url, &other_token);
+    let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &other_token, &[&proof]).await;
+    assert_eq!(s, 200, "{www} {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
