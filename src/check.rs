@@ -46,11 +46,13 @@ pub fn judge(
             patient,
             types,
             filters,
+            open_types,
         } => {
             let grant = Grant {
                 patient: patient.as_deref(),
                 types: types.as_deref(),
                 filters: filters.as_deref(),
+                open_types,
             };
             return judge_search(&grant, status, content_type, body, bases);
         }
@@ -155,6 +157,8 @@ struct Grant<'a> {
     patient: Option<&'a str>,
     types: Option<&'a [String]>,
     filters: Option<&'a [Filter]>,
+    /// Types passed whoever's they are (see `ResponseCheck::Search`).
+    open_types: &'a [String],
 }
 
 /// Why `r` is outside the compartment of `patient` (when set) or matches
@@ -364,6 +368,9 @@ fn judge_search(
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("a resource");
+        if grant.open_types.iter().any(|t| t == what) {
+            continue;
+        }
         if grant.types.is_some_and(|t| !t.iter().any(|t| t == what)) {
             return Verdict::Refuse {
                 why: format!(
@@ -541,6 +548,7 @@ fn judge_everything(
         patient: None,
         types: None,
         filters: None,
+        open_types: &[],
     };
     // The shape checks of a search answer (status, JSON, searchset).
     match judge_search(&grant, status, content_type, body, bases) {
@@ -767,6 +775,7 @@ mod tests {
             patient: Some("p1".into()),
             types: None,
             filters: None,
+            open_types: Vec::new(),
         };
         judge(
             &check,
@@ -844,6 +853,7 @@ mod tests {
             patient: Some("p1".into()),
             types: Some(vec!["Observation".into()]),
             filters: None,
+            open_types: Vec::new(),
         };
         let run = |body: Value| {
             judge(

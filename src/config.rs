@@ -202,8 +202,9 @@ pub struct DpopConfig {
     /// Proof `jti`s remembered (for `max_age_seconds`) to refuse replays.
     #[serde(default = "d_dpop_replay")]
     pub replay_cache_max_entries: u64,
-    /// Proofs one key may have remembered per replay window, so that one
-    /// client cannot fill the set for all; default a tenth of the set.
+    /// Proofs one client (issuer and `client_id`, else the key) may have
+    /// remembered per replay window, so that one client cannot fill the set
+    /// for all; default a tenth of the set.
     #[serde(default)]
     pub max_proofs_per_key: Option<u64>,
     /// Issue `DPoP-Nonce` and require proofs to carry it (RFC 9449 §9).

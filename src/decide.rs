@@ -118,14 +118,17 @@ pub enum ResponseCheck {
         patient: Option<String>,
         filters: Option<Vec<Filter>>,
     },
-    /// A searchset Bundle: every resource in it must be in the compartment
+    /// A searchset Bundle: every resource in it must be of one of
+    /// `open_types` (granted by `user/` or `system/` scopes beside
+    /// `patient/` ones: passed whoever's it is), or else in the compartment
     /// (when `patient` is set), of a type the scopes grant (unless `types`
-    /// is `None`: a wildcard grant) and its matches must match one of
+    /// is `None`: a wildcard grant) and, for its matches, match one of
     /// `filters` (when set); otherwise nothing of it is passed on.
     Search {
         patient: Option<String>,
         types: Option<Vec<String>>,
         filters: Option<Vec<Filter>>,
+        open_types: Vec<String>,
     },
     /// `Patient/{patient}/$everything`: the answer may hold resources of
     /// types outside the compartment (Practitioner, Medication, …, as the
@@ -332,7 +335,7 @@ pub fn decide_with(
         return Ok(Decision::allow(used));
     }
     // A stored search's page under scopes that do not cover every type.
-    if let Some(d) = unbound_page(req, &usable) {
+    if let Some(d) = unbound_page(req, &usable, patient) {
         return Ok(d);
     }
     // Then scopes with a query filter that are not bound to a patient.
@@ -450,6 +453,7 @@ fn patient_grant(
                 patient: Some(ctx.to_string()),
                 types: granted_types(usable),
                 filters: None,
+                open_types: Vec::new(),
             }),
             narrow: narrow.into_iter().collect(),
             ..Decision::default()
@@ -580,6 +584,7 @@ fn filtered_decision(
                     patient: ctx.map(str::to_string),
                     types: Some(vec![t.to_string()]),
                     filters: Some(filters),
+                    open_types: Vec::new(),
                 }),
                 narrow,
                 None,
@@ -717,29 +722,50 @@ fn is_stored_page(req: &FhirRequest) -> bool {
 /// A stored search's page under `user/` or `system/` scopes that search
 /// some types but not every one. The server serves whatever search the
 /// page id names, so the page is checked instead: passed on only if every
-/// resource in it is of a type the scopes grant.
-fn unbound_page(req: &FhirRequest, usable: &[&Scope]) -> Option<Decision> {
+/// resource in it is of a type those scopes grant — or, with `patient/`
+/// scopes beside them and a patient context, of a type those grant and in
+/// the patient's compartment (so pages of the patient's own searches pass
+/// too).
+fn unbound_page(req: &FhirRequest, usable: &[&Scope], patient: Option<&str>) -> Option<Decision> {
     if !is_stored_page(req) {
         return None;
     }
-    let searching: Vec<&Scope> = usable
-        .iter()
-        .copied()
-        .filter(|s| s.context != Context::Patient && s.perms.contains(Perm::Search))
-        .collect();
-    if searching.is_empty() {
+    let searching = |bound: bool| -> Vec<&Scope> {
+        usable
+            .iter()
+            .copied()
+            .filter(|s| (s.context == Context::Patient) == bound && s.perms.contains(Perm::Search))
+            .collect()
+    };
+    let unbound = searching(false);
+    if unbound.is_empty() {
         return None;
     }
-    let mut used: Vec<String> = searching.iter().map(|s| s.raw.clone()).collect();
+    let bound = searching(true);
+    let check = match (granted_types(&unbound), patient) {
+        (Some(open_types), Some(ctx)) if !bound.is_empty() => ResponseCheck::Search {
+            patient: Some(ctx.to_string()),
+            types: granted_types(&bound),
+            filters: None,
+            open_types,
+        },
+        (types, _) => ResponseCheck::Search {
+            patient: None,
+            types,
+            filters: None,
+            open_types: Vec::new(),
+        },
+    };
+    let mut used: Vec<String> = unbound
+        .iter()
+        .chain(&bound)
+        .map(|s| s.raw.clone())
+        .collect();
     used.sort();
     used.dedup();
     Some(Decision {
         scopes_used: used,
-        check: Some(ResponseCheck::Search {
-            patient: None,
-            types: granted_types(&searching),
-            filters: None,
-        }),
+        check: Some(check),
         ..Decision::default()
     })
 }
@@ -1548,6 +1574,14 @@ mod tests {
                 true,
             ),
             (
+                "a stored search's page, patient/ and user/ scopes",
+                "patient/*.rs user/Practitioner.rs",
+                Some("p1"),
+                "GET",
+                "?_getpages=abc",
+                true,
+            ),
+            (
                 "a stored search's page without a search scope",
                 "user/Observation.r",
                 None,
@@ -2257,6 +2291,7 @@ mod tests {
             patient: Some("p1".into()),
             types: None,
             filters: None,
+            open_types: Vec::new(),
         });
         // (url, narrowing parameter to add: None = already narrowed)
         for (url, narrow) in [

@@ -81,9 +81,10 @@ pub struct Gateway {
     /// DPoP proofs seen, by SHA-256 of (key thumbprint, jti), for as long as
     /// a proof is fresh.
     dpop_replay: moka::sync::Cache<[u8; 32], ()>,
-    /// Proofs remembered per key thumbprint in the current window (as long
-    /// as a proof is remembered), against `dpop.max_proofs_per_key`.
-    dpop_per_key: moka::sync::Cache<String, Arc<std::sync::atomic::AtomicU64>>,
+    /// Proofs presented per client (else per key) in the current window
+    /// (as long as a proof is remembered), against
+    /// `dpop.max_proofs_per_key`.
+    dpop_per_key: moka::sync::Cache<String, Arc<ProofCount>>,
     /// Issues and checks `DPoP-Nonce`s, when required.
     dpop_nonces: Option<crate::dpop::Nonces>,
     /// Token buckets of the policy rules' rate limits.
@@ -215,6 +216,12 @@ struct Proofs {
     entry_writes: Vec<(usize, WriteCheck)>,
     /// The Bundle, for its entries.
     bundle: Bytes,
+}
+
+/// DPoP proofs one client presented in the current replay window.
+struct ProofCount {
+    since: Instant,
+    count: std::sync::atomic::AtomicU64,
 }
 
 /// Per-request state handed from phase to phase.
@@ -1275,19 +1282,36 @@ impl Gateway {
             let e = crate::dpop::DpopError::Replayed;
             return Err(dpop(e.code(), "invalid_dpop_proof", e.to_string()));
         }
-        // One client may not fill the set for every other.
-        let count = self
-            .dpop_per_key
-            .get_with_by_ref(jkt, Default::default)
+        // One client may not fill the set for every other: proofs count
+        // by client (issuer and client_id: a client may bind its tokens to
+        // any number of keys), else by key.
+        let counted_as = match &claims.client_id {
+            Some(c) => format!("client\0{}\0{c}", claims.iss),
+            None => format!("key\0{jkt}"),
+        };
+        let window = self.dpop_per_key.get_with(counted_as, || {
+            Arc::new(ProofCount {
+                since: Instant::now(),
+                count: std::sync::atomic::AtomicU64::new(0),
+            })
+        });
+        let count = window
+            .count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let quota = self.settings.dpop.max_proofs_per_key;
         if count >= quota {
+            let left = self
+                .dpop_per_key
+                .policy()
+                .time_to_live()
+                .unwrap_or_default()
+                .saturating_sub(window.since.elapsed());
             return Err(Denial::RateLimited {
                 description: format!(
-                    "this DPoP key has presented {quota} proofs within the replay window \
+                    "this client has presented {quota} DPoP proofs within the replay window \
                      (dpop.max_proofs_per_key); slow down"
                 ),
-                retry_after_seconds: 1,
+                retry_after_seconds: left.as_secs().max(1),
             });
         }
         if !self.dpop_replay.entry(key).or_insert(()).is_fresh() {
@@ -1684,20 +1708,29 @@ impl Gateway {
             );
         }
         // Rate limits of the matching rules, counted once per request. A
-        // token naming no client (or no user) is its own bucket, rather
-        // than sharing one with every other such token.
+        // token naming no user counts as its client, one naming no client
+        // by its source address: never one bucket shared by all such
+        // tokens, nor a fresh bucket per token (which a client could mint).
         let source = source.map(crate::client_addr::rate_limit_key);
-        let own_bucket = || {
-            ctx.token.as_ref().map_or_else(
-                || "(none)".to_string(),
-                |t| format!("token:{}", hex(&t.hash[..16])),
-            )
+        let by_source = || {
+            source
+                .as_ref()
+                .map_or_else(|| "(none)".to_string(), |s| format!("source:{s}"))
+        };
+        let by_client = || {
+            claims
+                .client_id
+                .as_ref()
+                .map_or_else(by_source, |c| format!("client:{c}"))
         };
         for (rule, limit) in grant.limits() {
             let who = match limit.per.as_str() {
-                "client" => claims.client_id.clone().unwrap_or_else(own_bucket),
-                "user" => claims.sub.clone().unwrap_or_else(own_bucket),
-                _ => source.clone().unwrap_or_else(|| "(none)".to_string()),
+                "client" => by_client(),
+                "user" => claims
+                    .sub
+                    .as_ref()
+                    .map_or_else(by_client, |s| format!("user:{s}")),
+                _ => by_source(),
             };
             let who = who.as_str();
             if let Err(wait) = self.limiter.check(&rule, &limit, who) {

@@ -79,8 +79,14 @@ fn now() -> i64 {
 
 /// A user/*.rs token bound to `jkt`.
 fn bound_token(gw: &Gateway, jkt: &str) -> String {
+    client_token(gw, jkt, "test-app")
+}
+
+/// A token of client `client_id` bound to the key `jkt`.
+fn client_token(gw: &Gateway, jkt: &str, client_id: &str) -> String {
     let mut c = gw.claims("user/*.rs");
     c["cnf"] = json!({"jkt": jkt});
+    c["client_id"] = json!(client_id);
     gw.issuer.signing_key().sign(&c)
 }
 
@@ -167,10 +173,10 @@ async fn a_full_replay_set_refuses_new_proofs() {
     assert_eq!(s, 200, "{www} {body}");
     let mut accepted = 1;
     let mut refused = None;
-    // Two keys take turns, each well inside its quota. Pending inserts are
-    // counted a little late: a few may pass the bound.
+    // Two clients take turns, each well inside its quota. Pending inserts
+    // are counted a little late: a few may pass the bound.
     let second = Client::new(KeyKind::P256, "busy-client-2");
-    let second_token = bound_token(&gw, &second.jkt);
+    let second_token = client_token(&gw, &second.jkt, "second-app");
     for i in 0..1100 {
         let (c, t) = if i % 2 == 0 {
             (&client, &token)
@@ -215,28 +221,54 @@ async fn a_full_replay_set_refuses_new_proofs() {
     );
 }
 
-/// One key may have only `max_proofs_per_key` proofs remembered at once:
-/// a busy or hostile client is slowed (429), and other clients' proofs
-/// still find room in the replay set.
+/// One client may have only `max_proofs_per_key` proofs remembered per
+/// window, however many keys it binds its tokens to: a busy or hostile
+/// client is slowed (429), and other clients' proofs still find room in
+/// the replay set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_key_cannot_fill_the_replay_set_for_all() {
+async fn one_client_cannot_fill_the_replay_set_for_all() {
     let gw = Gateway::start(Options {
         extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 50\n".into(),
         ..Options::default()
     })
     .await;
     let url = format!("{}/Patient/p1", gw.base);
-    let busy = Client::new(KeyKind::P256, "busy-client");
-    let busy_token = bound_token(&gw, &busy.jkt);
+    // The busy client's proofs, spread over two keys.
+    let keys = [
+        Client::new(KeyKind::P256, "busy-key-1"),
+        Client::new(KeyKind::P256, "busy-key-2"),
+    ];
+    let tokens = keys
+        .each_ref()
+        .map(|k| client_token(&gw, &k.jkt, "busy-app"));
     for i in 0..50 {
-        let proof = busy.proof("GET", &url, &busy_token);
-        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &busy_token, &[&proof]).await;
+        let proof = keys[i % 2].proof("GET", &url, &tokens[i % 2]);
+        let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &tokens[i % 2], &[&proof]).await;
         assert_eq!(s, 200, "proof {i}: {www} {body}");
     }
     let before = gw.upstream.seen().len();
-    let proof = busy.proof("GET", &url, &busy_token);
-    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &busy_token, &[&proof]).await;
-    assert_eq!(s, 429, "{body}");
+    let fresh = Client::new(KeyKind::P256, "busy-key-3");
+    let fresh_token = client_token(&gw, &fresh.jkt, "busy-app");
+    let proof = fresh.proof("GET", &url, &fresh_token);
+    let r = gw
+        .client
+        .get(format!("{}/Patient/p1", gw.base))
+        .header("authorization", format!("DPoP {fresh_token}"))
+        .header("dpop", proof)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (2..=80).contains(&wait),
+        "Retry-After {wait}: the window's rest"
+    );
+    let body = r.text().await.unwrap();
     assert!(body.contains("dpop.max_proofs_per_key"), "{body}");
     assert_eq!(
         gw.upstream.seen().len(),
@@ -244,7 +276,7 @@ async fn one_key_cannot_fill_the_replay_set_for_all() {
         "a refused proof went upstream"
     );
     let other = Client::new(KeyKind::P256, "other-client");
-    let other_token = bound_token(&gw, &other.jkt);
+    let other_token = client_token(&gw, &other.jkt, "other-app");
     let proof = other.proof("GET", &url, &other_token);
     let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &other_token, &[&proof]).await;
     assert_eq!(s, 200, "{www} {body}");

@@ -308,6 +308,27 @@ async fn pages_of_stored_searches_are_checked_against_the_grant() {
     let r = gw.get("?_getpages=Observation&code=x", Some(&token)).await;
     assert_eq!(r.status(), 403);
     assert_eq!(gw.upstream.seen().len(), before);
+    // patient/ scopes beside a user/ one (an EHR launch): pages of the
+    // patient's own searches pass, and pages of the user/ type; others are
+    // withheld (502: a patient's page holding another patient's data means
+    // the upstream did not search as asked).
+    let mixed = gw.mint("patient/*.rs user/Practitioner.rs", Some("p1"));
+    for (id, want) in [
+        ("Observation:p1", 200),
+        ("Practitioner", 200),
+        ("Observation:p2", 502),
+        ("Condition", 502),
+    ] {
+        let r = gw.get(&format!("?_getpages={id}"), Some(&mixed)).await;
+        assert_eq!(r.status(), want, "{id}");
+        if want == 200 {
+            let page: Value = r.json().await.unwrap();
+            assert!(
+                !page["entry"].as_array().unwrap().is_empty(),
+                "{id}: {page}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

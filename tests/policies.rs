@@ -197,8 +197,8 @@ async fn rate_limits_per_client() {
             .status(),
         200
     );
-    // Tokens naming no client are each their own bucket: one using up its
-    // limit does not throttle another.
+    // A token naming no client counts by its source address: a fresh token
+    // buys no fresh bucket (this test's tokens all come from 127.0.0.1).
     let anonymous = |jti: &str| {
         let mut c = gw.claims("user/*.rs");
         let o = c.as_object_mut().unwrap();
@@ -219,7 +219,14 @@ async fn rate_limits_per_client() {
     let r = gw
         .get("Observation?code=anon-second", Some(&anonymous("b")))
         .await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 429);
+    // ... while a token naming its client still has that client's bucket.
+    assert_eq!(
+        gw.get("Observation?code=rate-other-2", Some(&other))
+            .await
+            .status(),
+        200
+    );
 }
 
 /// A config with the hospital policy, for the offline commands.

@@ -429,20 +429,23 @@ async fn handle(
             let self_url = format!("http://{host}{}/{t}", s.base_path);
             fhir(StatusCode::OK, page(s.search(&[t], &params), &self_url, &params))
         }
-        // A stored search's page: here `_getpages` names the type the
-        // stored search was on (a real server's id is opaque).
+        // A stored search's page: here `_getpages` names the stored search,
+        // `Type` or `Type:patient` (a real server's id is opaque).
         ("GET", []) if params.iter().any(|(k, _)| k == "_getpages") => {
-            let stored: Vec<&str> = params
+            let id = params
                 .iter()
-                .filter(|(k, _)| k == "_getpages")
-                .map(|(_, v)| v.as_str())
-                .filter(|t| all.contains(t))
-                .collect();
-            let rest: Vec<(String, String)> = params
+                .find(|(k, _)| k == "_getpages")
+                .map_or("", |(_, v)| v.as_str());
+            let (t, patient) = id.split_once(':').unwrap_or((id, ""));
+            let stored: Vec<&str> = all.iter().copied().filter(|a| *a == t).collect();
+            let mut rest: Vec<(String, String)> = params
                 .iter()
                 .filter(|(k, _)| !k.starts_with("_getpages"))
                 .cloned()
                 .collect();
+            if !patient.is_empty() {
+                rest.push(("patient".into(), patient.to_string()));
+            }
             fhir(StatusCode::OK, s.search(&stored, &rest))
         }
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
