@@ -152,6 +152,7 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             binding: cx.binding,
             now: cx.now,
             break_glass: cx.break_glass,
+            any_type: false,
         };
         for v in rules.policies.evaluate_each(&base, fhir) {
             match v {

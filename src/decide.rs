@@ -707,7 +707,7 @@ const PAGING_PARAMS: &[&str] = &[
 
 /// A server's paging link (`?_getpages=…`, `?_pageId=…`) and nothing else
 /// that names what is searched.
-fn is_stored_page(req: &FhirRequest) -> bool {
+pub fn is_stored_page(req: &FhirRequest) -> bool {
     req.interaction == Interaction::SearchSystem
         && req
             .params

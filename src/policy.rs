@@ -178,6 +178,10 @@ pub struct PolicyInput<'a> {
     pub now: i64,
     /// A declared emergency's reason (break-glass), when there is one.
     pub break_glass: Option<&'a str>,
+    /// The request may reach resources of any type (a stored search's
+    /// page, served whatever search it names): a deny or require rule on
+    /// resource types matches it as if it named each of them.
+    pub any_type: bool,
 }
 
 /// The policies' verdict, naming the rule that decided it.
@@ -371,6 +375,7 @@ impl PolicySet {
                     resource_type: r.resource_type.as_deref(),
                     operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
                     path: &r.path,
+                    any_type: crate::decide::is_stored_page(r),
                     ..*base
                 })
             })
@@ -485,7 +490,8 @@ impl Rule {
         any(&w.issuer, Some(i.issuer))
             && any(&w.client_id, i.client_id)
             && any(&w.interaction, Some(i.interaction))
-            && any(&w.resource_type, i.resource_type)
+            && (any(&w.resource_type, i.resource_type)
+                || i.any_type && !matches!(self.effect, Effect::Allow))
             && any(&w.operation, i.operation)
             && any(&w.binding, Some(i.binding))
             && (w.scope.is_empty() || w.scope.iter().any(|s| i.scopes.contains(s)))
@@ -619,6 +625,7 @@ mod tests {
             binding: "bearer",
             now: WED_1430,
             break_glass: None,
+            any_type: false,
         }
     }
 
@@ -778,6 +785,26 @@ mod tests {
         let problems = s.add_file("README.md", &parse_file(&readme[start..end]).unwrap());
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(s.rules.len(), 6);
+    }
+
+    #[test]
+    fn a_stored_page_meets_the_deny_rules_of_every_type() {
+        let s = set("rules:
+  - {name: observations-ok, effect: allow, when: {resource_type: [Observation]}}
+  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}
+");
+        let claims = json!({});
+        let scopes = vec![];
+        let mut i = input(&claims, &scopes);
+        i.interaction = "search-system";
+        i.resource_type = None;
+        i.path = "";
+        // An ordinary system search names no type: the type rules pass by.
+        assert!(matches!(s.evaluate(&i), Verdict::Allow { by: None, .. }));
+        // A stored page may hold Conditions: denied; it is not an
+        // Observation search either, so the allow rule does not take it.
+        i.any_type = true;
+        assert!(matches!(s.evaluate(&i), Verdict::Deny { by, .. } if by == "t.yaml#no-conditions"));
     }
 
     #[test]

@@ -229,6 +229,31 @@ async fn rate_limits_per_client() {
     );
 }
 
+/// A stored search's page is served whatever search its id names: a deny
+/// rule on a resource type meets it as if it named that type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_page_meets_deny_rules_on_types() {
+    let dir = TempDir::new("policies-pages");
+    std::fs::write(
+        dir.0.join("10-types.yaml"),
+        "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n",
+    )
+    .unwrap();
+    let gw = with_policies(&dir).await;
+    let token = gw.mint("user/Observation.rs user/Condition.rs", None);
+    let r = gw.get("Observation?code=page-ok", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    let before = gw.upstream.seen().len();
+    let r = gw.get("?_getpages=Condition", Some(&token)).await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("no-conditions"));
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused page went upstream"
+    );
+}
+
 /// A config with the hospital policy, for the offline commands.
 fn offline_config(dir: &TempDir) -> std::path::PathBuf {
     let pol = dir.0.join("policies");
