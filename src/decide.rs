@@ -717,6 +717,12 @@ pub fn is_stored_page(req: &FhirRequest) -> bool {
             .params
             .iter()
             .all(|(n, _)| PAGING_PARAMS.contains(&n.as_str()))
+        // HAPI relabels a page as asked: a history page called a searchset
+        // would be judged as one.
+        && req
+            .params
+            .iter()
+            .all(|(n, v)| n != "_bundletype" || v == "searchset")
 }
 
 /// A stored search's page under `user/` or `system/` scopes that search
@@ -799,6 +805,12 @@ fn patient_search(
             .next()
             .and_then(|h| h.split_once(':'))
             .map(|(_, m)| m);
+        if searches_patients && base == "_id" && name != "_id" {
+            return Err(deny(format!(
+                "under patient/ scopes {name} is refused on a search for Patients: only \
+                 Patient/{ctx} itself is reachable"
+            )));
+        }
         let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
             || searches_patients && name == "_id";
         for v in value.split(',') {
@@ -1965,6 +1977,30 @@ mod tests {
                 "GET",
                 "Patient/p1/Patient?_id=p2",
                 false,
+            ),
+            (
+                "_id:not in the own compartment's Patients",
+                "patient/Patient.s",
+                Some("p1"),
+                "GET",
+                "Patient/p1/Patient?_id:not=p1",
+                false,
+            ),
+            (
+                "a stored page relabelled",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "?_getpages=abc&_bundletype=history",
+                false,
+            ),
+            (
+                "a stored page as HAPI links it",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "?_getpages=abc&_getpagesoffset=20&_count=20&_bundletype=searchset",
+                true,
             ),
             (
                 "another type's _id in the own compartment",
