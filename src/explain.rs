@@ -29,6 +29,9 @@ pub struct ExplainRequest {
     /// create, update or patch writes.
     #[serde(default)]
     pub body: Option<String>,
+    /// The body's `Content-Type` (JSON when absent).
+    #[serde(default)]
+    pub content_type: Option<String>,
     /// `bearer`, `dpop` or `mtls` (assumed verified).
     #[serde(default = "d_binding")]
     pub binding: String,
@@ -165,16 +168,23 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         };
     }
     // A written resource's conditional references, as the gateway reads
-    // them (the body is taken to be JSON).
+    // them.
     if let Some(body) = req
         .body
         .as_deref()
         .filter(|_| classify::writes_resource(&fhir) && s.upstream.resolves_conditional_references)
     {
-        fhir = match classify::classify_written_body(fhir, body.as_bytes()) {
-            Ok(f) => f,
+        match classify::reads_written_body(&fhir, req.content_type.as_deref(), None) {
+            Ok(true) => {
+                fhir = match classify::classify_written_body(fhir, body.as_bytes()) {
+                    Ok(f) => f,
+                    Err(err) => return e.deny("classify", err.to_string()),
+                };
+            }
+            // Raw content (a Binary's image, PDF, …): not read.
+            Ok(false) => {}
             Err(err) => return e.deny("classify", err.to_string()),
-        };
+        }
     }
     e.stages.push((
         "classify",

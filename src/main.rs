@@ -57,6 +57,10 @@ enum Command {
         /// Request body file (a Bundle, a form, a written resource as JSON).
         #[arg(long)]
         body: Option<PathBuf>,
+        /// The body's media type, as the request would send it (a written
+        /// Binary under a type that names no FHIR format is raw content).
+        #[arg(long)]
+        content_type: Option<String>,
         /// bearer, dpop or mtls (assumed verified).
         #[arg(long, default_value = "bearer")]
         binding: String,
@@ -279,6 +283,7 @@ fn main() -> ExitCode {
             method,
             url,
             body,
+            content_type,
             binding,
             source,
             break_glass,
@@ -290,6 +295,7 @@ fn main() -> ExitCode {
                 method,
                 url,
                 body: None,
+                content_type,
                 binding,
                 source,
                 break_glass,

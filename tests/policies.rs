@@ -369,6 +369,35 @@ fn explain_and_test_replay_decisions_offline() {
         written.to_str().unwrap(),
     ]);
     assert!(!ok && out.contains("Patient.s"), "{out}");
+    // The body is read as its Content-Type says: a Binary's raw content is
+    // not, an XML resource cannot be.
+    let binary = claims_file("binary-claims.json", "user/Binary.c user/Observation.c");
+    let raw = dir.0.join("scan.png");
+    std::fs::write(&raw, "PNG Patient?identifier=x").unwrap();
+    for (url, content_type, allowed) in [
+        ("Binary", "image/png", true),
+        ("Observation", "application/fhir+xml", false),
+    ] {
+        let (ok, out) = support::run_bin(&[
+            "explain",
+            "--config",
+            c,
+            "--claims",
+            binary.to_str().unwrap(),
+            "--method",
+            "POST",
+            "--url",
+            url,
+            "--body",
+            raw.to_str().unwrap(),
+            "--content-type",
+            content_type,
+        ]);
+        assert_eq!(ok, allowed, "{url} as {content_type}: {out}");
+        if !allowed {
+            assert!(out.contains("cannot read 'application/fhir+xml'"), "{out}");
+        }
+    }
     // The token itself: its claims are read (the signature is not checked offline).
     use base64::Engine;
     let payload =
