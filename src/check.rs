@@ -75,23 +75,9 @@ pub fn judge(
             }
         }
     }
-    let json_type = content_type.is_some_and(|t| {
-        let t = t.split(';').next().unwrap_or("").trim();
-        t.eq_ignore_ascii_case("application/fhir+json")
-            || t.eq_ignore_ascii_case("application/json")
-    });
-    if !json_type {
-        return Verdict::Unverifiable {
-            why: format!(
-                "upstream answer is {}, not FHIR JSON",
-                content_type.unwrap_or("untyped")
-            ),
-        };
-    }
-    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
-        return Verdict::Unverifiable {
-            why: "upstream answer is not valid JSON".into(),
-        };
+    let doc = match parse(content_type, body) {
+        Ok(doc) => doc,
+        Err(v) => return v,
     };
     let rtype = req.resource_type.as_deref().unwrap_or("");
     let id = req.id.as_deref().unwrap_or("");
@@ -189,10 +175,7 @@ pub fn judge_write_body(
     bases: &Bases,
 ) -> Result<(), String> {
     let patient = w.patient.as_deref().unwrap_or("");
-    let media = content_type
-        .and_then(|t| t.split(';').next())
-        .map(|t| t.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let media = crate::fhir::classify::media_type(content_type);
     let rtype = req.resource_type.as_deref().unwrap_or("");
     if req.interaction == Interaction::Patch {
         if w.filters.is_some() {
@@ -303,12 +286,8 @@ fn no_conditional_reference(
 
 /// The answer as JSON, or the verdict for an answer that is not.
 fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
-    let json_type = content_type.is_some_and(|t| {
-        let t = t.split(';').next().unwrap_or("").trim();
-        t.eq_ignore_ascii_case("application/fhir+json")
-            || t.eq_ignore_ascii_case("application/json")
-    });
-    if !json_type {
+    let media = crate::fhir::classify::media_type(content_type);
+    if !matches!(media.as_str(), "application/fhir+json" | "application/json") {
         return Err(Verdict::Unverifiable {
             why: format!(
                 "upstream answer is {}, not FHIR JSON",

@@ -84,7 +84,7 @@ pub struct Gateway {
     /// Proofs presented per client (else per key) in the current window
     /// (as long as a proof is remembered), against
     /// `dpop.max_proofs_per_key`.
-    dpop_per_key: moka::sync::Cache<String, Arc<ProofCount>>,
+    dpop_proof_counts: moka::sync::Cache<String, Arc<ProofCount>>,
     /// Issues and checks `DPoP-Nonce`s, when required.
     dpop_nonces: Option<crate::dpop::Nonces>,
     /// Token buckets of the policy rules' rate limits.
@@ -146,29 +146,35 @@ impl Gateway {
             .dpop
             .nonce_lifetime_seconds
             .map(crate::dpop::Nonces::new);
+        // A proof is good from iat - leeway to iat + max_age on the wall
+        // clock; it is remembered beyond that window by a margin for clock
+        // steps.
+        let remembered = std::time::Duration::from_secs(
+            (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
+                as u64,
+        );
         // No max_capacity: a size-bounded moka cache admits new entries by
         // TinyLFU and may drop a remembered proof (which could then be
         // replayed). The bound is checked before each insert instead, and a
         // full set refuses new proofs (fail closed); entries leave only by
         // age.
-        // A proof is good from iat - leeway to iat + max_age on the wall
-        // clock; the entry outlives that window by a margin for clock steps.
-        let remembered = std::time::Duration::from_secs(
-            (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
-                as u64,
-        );
         let dpop_replay = moka::sync::Cache::builder()
             .time_to_live(remembered)
             .build();
-        // A key's count restarts a window after its first proof; proofs of
-        // the window before are still remembered, so a key holds at most
-        // twice its quota. (Were a counter dropped for capacity, that key
-        // would merely start counting afresh.)
-        let dpop_per_key = moka::sync::Cache::builder()
+        // A client's count restarts a window after its first proof; proofs
+        // of the window before are still remembered, so a client holds at
+        // most twice its quota. (Were a counter dropped for capacity, that
+        // client would merely start counting afresh.)
+        let dpop_proof_counts = moka::sync::Cache::builder()
             .time_to_live(remembered)
             .max_capacity(settings.dpop.replay_cache_max_entries)
             .build();
-        let settings_body_budget = settings.server.max_held_body_bytes;
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(
+            settings
+                .server
+                .max_held_body_bytes
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Gateway {
             settings,
             validator,
@@ -184,13 +190,11 @@ impl Gateway {
             decide_opts,
             public_origin,
             dpop_replay,
-            dpop_per_key,
+            dpop_proof_counts,
             dpop_nonces,
             limiter: crate::ratelimit::Limiter::default(),
             rules,
-            body_budget: Arc::new(tokio::sync::Semaphore::new(
-                settings_body_budget.min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
+            body_budget,
         }
     }
 }
@@ -427,6 +431,24 @@ fn classify_denial(e: &ClassifyError) -> Denial {
 }
 
 impl Gateway {
+    /// Answers `denial` as the complete response and keeps it for the
+    /// request's record.
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, denial: Denial) -> Result<()> {
+        let r = self.answer(session, ctx, &denial).await;
+        ctx.denial = Some(denial);
+        r
+    }
+
+    /// Marks an upstream answer passed on to the client: the request id
+    /// and, for a DPoP-bound request, a nonce for its next proof.
+    fn stamp(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+        h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
+            h.insert_header("dpop-nonce", n.current(now_unix()))?;
+        }
+        Ok(())
+    }
+
     /// Writes a denial as the complete response.
     async fn answer(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
         let a = denial.answer(&self.realm, self.dpop_algs());
@@ -688,11 +710,7 @@ impl Gateway {
         ctx.upstream_time = Some(sent.elapsed());
         let mut answer = match answer {
             Ok(a) => a,
-            Err(denial) => {
-                let r = self.answer(session, ctx, &denial).await;
-                ctx.denial = Some(denial);
-                return r;
-            }
+            Err(denial) => return self.refuse(session, ctx, denial).await,
         };
         ctx.upstream_status = Some(answer.status().as_u16());
         let mut h = ResponseHeader::build(answer.status(), Some(answer.headers().len() + 3))?;
@@ -705,10 +723,7 @@ impl Gateway {
             Some(len) => h.insert_header(header::CONTENT_LENGTH, len.to_string())?,
             None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
         }
-        h.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
-            h.insert_header("dpop-nonce", n.current(now_unix()))?;
-        }
+        self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), false).await?;
         loop {
             match answer.chunk().await {
@@ -769,11 +784,7 @@ impl Gateway {
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
             Ok(a) => a,
-            Err(denial) => {
-                let r = self.answer(session, ctx, &denial).await;
-                ctx.denial = Some(denial);
-                return r;
-            }
+            Err(denial) => return self.refuse(session, ctx, denial).await,
         };
         ctx.upstream_status = Some(answer.status);
         let Some(fhir) = &ctx.fhir else {
@@ -829,9 +840,7 @@ impl Gateway {
             Ok(body) => body,
             Err(verdict) => {
                 let denial = check_denial(verdict, fhir, "the upstream's answer");
-                let r = self.answer(session, ctx, &denial).await;
-                ctx.denial = Some(denial);
-                return r;
+                return self.refuse(session, ctx, denial).await;
             }
         };
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
@@ -841,10 +850,7 @@ impl Gateway {
             }
         }
         h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
-            h.insert_header("dpop-nonce", n.current(now_unix()))?;
-        }
+        self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), head).await?;
         if !head {
             session.write_response_body(Some(body), true).await?;
@@ -1289,7 +1295,7 @@ impl Gateway {
             Some(c) => format!("client\0{}\0{c}", claims.iss),
             None => format!("key\0{jkt}"),
         };
-        let window = self.dpop_per_key.get_with(counted_as, || {
+        let window = self.dpop_proof_counts.get_with(counted_as, || {
             Arc::new(ProofCount {
                 since: Instant::now(),
                 count: std::sync::atomic::AtomicU64::new(0),
@@ -1301,7 +1307,7 @@ impl Gateway {
         let quota = self.settings.dpop.max_proofs_per_key;
         if count >= quota {
             let left = self
-                .dpop_per_key
+                .dpop_proof_counts
                 .policy()
                 .time_to_live()
                 .unwrap_or_default()
@@ -1558,17 +1564,19 @@ impl Gateway {
             let content_type = text(header::CONTENT_TYPE);
             let content_encoding = text(header::CONTENT_ENCODING);
             let security_context = text(header::HeaderName::from_static("x-security-context"));
-            if content_type.len() > 1 || content_encoding.len() > 1 {
+            if content_type.len() > 1 || content_encoding.len() > 1 || security_context.len() > 1 {
                 return Err(Denial::BadFhirRequest {
                     code: "fhir_malformed",
-                    description: "a write with more than one Content-Type or Content-Encoding \
-                                  header"
+                    description: "a write with more than one Content-Type, Content-Encoding or \
+                                  X-Security-Context header"
                         .into(),
                 });
             }
-            let refs: Vec<&str> = security_context.iter().map(String::as_str).collect();
-            fhir = classify::security_context_reference(fhir, &refs)
-                .map_err(|e| classify_denial(&e))?;
+            fhir = classify::security_context_reference(
+                fhir,
+                security_context.first().map(String::as_str),
+            )
+            .map_err(|e| classify_denial(&e))?;
             let reads = classify::reads_written_body(
                 &fhir,
                 content_type.first().map(String::as_str),
@@ -2065,11 +2073,7 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             Ok(()) => Ok(false),
-            Err(denial) => {
-                let result = self.answer(session, ctx, &denial).await;
-                ctx.denial = Some(denial);
-                result.map(|_| true)
-            }
+            Err(denial) => self.refuse(session, ctx, denial).await.map(|_| true),
         }
     }
 
@@ -2142,11 +2146,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
-            resp.insert_header("dpop-nonce", n.current(now_unix()))?;
-        }
-        Ok(())
+        self.stamp(resp, ctx)
     }
 
     async fn fail_to_proxy(

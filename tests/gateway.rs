@@ -794,6 +794,21 @@ async fn conditional_references_in_single_writes_are_decided() {
         );
         assert_eq!(writes(), 0, "{method} {rel} reached the upstream");
     }
+    // Two X-Security-Context headers: which one the server takes is not
+    // fhirwall's to guess.
+    let r = send("POST", "Binary", "user/Binary.c", "image/png", "png".into())
+        .header("x-security-context", "Patient/p1")
+        .header("x-security-context", probing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(outcome(r).await.to_string().contains("X-Security-Context"));
+    assert_eq!(
+        writes(),
+        0,
+        "a doubled X-Security-Context reached the upstream"
+    );
     // With the searches allowed the same writes go through, as sent.
     for (method, rel, content_type, body, status) in [
         ("POST", "Observation", fhir_json, obs(probing), 201),
