@@ -76,11 +76,7 @@ impl AppendFile {
 
     /// Appends records as lines with one `write` (no fsync).
     pub(super) fn write(&mut self, records: &[&Pending]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(records.iter().map(|p| p.bytes.len() + 1).sum());
-        for p in records {
-            buf.extend_from_slice(&p.bytes);
-            buf.push(b'\n');
-        }
+        let buf = lines(records);
         let result = self.open().and_then(|mut f| f.write_all(&buf));
         match result {
             Ok(()) => {
@@ -112,6 +108,16 @@ impl AppendFile {
 
 /// Locks a shared file; a panic elsewhere while it was held leaves nothing
 /// half-done that matters (writes are whole lines or failures).
+/// The records as one buffer of lines.
+fn lines(records: &[&Pending]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(records.iter().map(|p| p.bytes.len() + 1).sum());
+    for p in records {
+        buf.extend_from_slice(&p.bytes);
+        buf.push(b'\n');
+    }
+    buf
+}
+
 pub(super) fn lock(file: &Mutex<AppendFile>) -> MutexGuard<'_, AppendFile> {
     file.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -257,11 +263,10 @@ impl Sink {
         let none = |e| (0, e);
         match self {
             Sink::Stdout(out) => {
+                // One write for the batch: stdout is line-buffered, and a
+                // record at a time would be a system call per record.
                 let mut lock = out.lock();
-                for p in records {
-                    lock.write_all(&p.bytes).map_err(none)?;
-                    lock.write_all(b"\n").map_err(none)?;
-                }
+                lock.write_all(&lines(records)).map_err(none)?;
                 lock.flush().map_err(none)
             }
             Sink::File { file, .. } => {
