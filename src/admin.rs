@@ -1,7 +1,7 @@
 //! The admin listener (separate port): `/metrics` (Prometheus text format),
 //! `/healthz` (liveness) and `/readyz` (ready once every issuer's JWKS is
-//! loaded and the audit sink takes records). Served by Pingora on its own
-//! listener.
+//! loaded and the audit sink takes records, until a shutdown begins).
+//! Served by Pingora on its own listener.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::audit::AuditLog;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::token::cache::TokenCache;
 use crate::token::jwks::JwksStore;
@@ -21,12 +22,15 @@ pub struct Admin {
     pub jwks: Arc<JwksStore>,
     pub audit: AuditLog,
     pub token_cache: TokenCache,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl Admin {
     /// Why the gateway is not ready, if it is not.
     fn not_ready(&self) -> Option<&'static str> {
-        if !self.jwks.ready() {
+        if self.lifecycle.draining() {
+            Some("not ready: shutting down\n")
+        } else if !self.jwks.ready() {
             Some("not ready: JWKS of some issuer not loaded\n")
         } else if !self.audit.ready() {
             Some("not ready: the audit sink does not take records\n")
@@ -57,6 +61,7 @@ impl ServeHttp for Admin {
                 m.token_cache_entries
                     .set(self.token_cache.entry_count() as i64);
                 m.ready.set(i64::from(self.not_ready().is_none()));
+                m.in_flight.set(self.lifecycle.in_flight() as i64);
                 reply(200, "text/plain; version=0.0.4", m.render())
             }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),

@@ -18,6 +18,7 @@ pub mod dpop;
 pub mod explain;
 pub mod extract;
 pub mod fhir;
+pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

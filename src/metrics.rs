@@ -127,6 +127,7 @@ pub struct Metrics {
     dpop_replays: IntCounter,
     rate_limited: IntCounter,
     pub ready: IntGauge,
+    pub in_flight: IntGauge,
     pub audit: AuditMetrics,
 }
 
@@ -325,7 +326,11 @@ impl Metrics {
         );
         let ready = m.gauge(
             "fhirwall_ready",
-            "1 when every issuer's keys are loaded and the audit sink takes records",
+            "1 when every issuer's keys are loaded, the audit sink takes records and no shutdown has begun",
+        );
+        let in_flight = m.gauge(
+            "fhirwall_requests_in_flight",
+            "Requests read and not yet finished (a shutdown waits for them)",
         );
         m.gauge_vec(
             "fhirwall_build_info",
@@ -420,6 +425,7 @@ impl Metrics {
             dpop_replays,
             rate_limited,
             ready,
+            in_flight,
             audit,
         }
     }

@@ -91,6 +91,8 @@ pub struct Gateway {
     limiter: crate::ratelimit::Limiter,
     /// Policies, roles and break-glass, reloadable.
     pub rules: Arc<arc_swap::ArcSwap<Rules>>,
+    /// Draining after SIGTERM, and the requests in flight (`lifecycle.rs`).
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// Bytes of request bodies all requests may hold together
     /// (`server.max_held_body_bytes`), one permit a byte.
     body_budget: Arc<tokio::sync::Semaphore>,
@@ -195,6 +197,7 @@ impl Gateway {
             limiter: crate::ratelimit::Limiter::default(),
             rules,
             body_budget,
+            lifecycle: crate::lifecycle::Lifecycle::new(),
         }
     }
 }
@@ -287,6 +290,10 @@ pub struct Ctx {
     /// context (a task Pingora abandoned at shutdown, a panic) writes a
     /// record of what is known, and counts the request.
     audit: Option<(AuditLog, Arc<Metrics>)>,
+    /// Counts the request as in flight; dropped after `audit` has done its
+    /// work, so a shutdown that waits for no request in flight waits for
+    /// its record to be queued too.
+    _in_flight: crate::lifecycle::InFlight,
 }
 
 impl Drop for Ctx {
@@ -2000,6 +2007,7 @@ impl ProxyHttp for Gateway {
             body: None,
             body_permit: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
+            _in_flight: self.lifecycle.enter(),
             validation: None,
             upstream_started: None,
             upstream_time: None,
@@ -2007,6 +2015,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.lifecycle.draining() {
+            // Shutting down: this answer closes its connection (Pingora
+            // says `Connection: close`), so the client's next request opens
+            // a new one, which a load balancer sends to another replica.
+            session.set_keepalive(None);
+        }
         ctx.method = Some(session.req_header().method.clone());
         ctx.connection = proxy_headers::connection_tokens(
             session

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -107,6 +107,114 @@ impl BackgroundService for JwksRefresher {
     }
 }
 
+/// Shutdown, as a load balancer in front of several replicas needs it.
+///
+/// SIGTERM: `/readyz` answers 503 at once while fhirwall keeps accepting
+/// and serving for `server.grace_period_seconds` (every answer closes its
+/// connection), so the balancer stops sending before the listener closes;
+/// a second SIGTERM ends that period early. Then Pingora stops accepting
+/// and the requests in flight get `server.graceful_shutdown_timeout_seconds`
+/// to finish: the process exits as soon as none is left, every queued
+/// audit record written. Requests still running at the end are dropped and
+/// recorded as abandoned. SIGINT: at once. SIGQUIT: Pingora's own handling.
+struct Signals {
+    lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    grace: std::time::Duration,
+    drain: std::time::Duration,
+    audit: AuditLog,
+}
+
+/// How long no request may be in flight before the drain counts as done: a
+/// connection accepted just before the listener closed may still be
+/// sending its request header, which is not counted until it is read.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The next delivery of a signal, or never if it could not be listened for.
+async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, signal = name, "cannot listen for the signal");
+                None
+            }
+        };
+        let mut term = listen(SignalKind::terminate(), "SIGTERM");
+        let mut int = listen(SignalKind::interrupt(), "SIGINT");
+        let mut quit = listen(SignalKind::quit(), "SIGQUIT");
+        tokio::select! {
+            _ = next(&mut term) => {}
+            _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+            _ = next(&mut quit) => return ShutdownSignal::GracefulUpgrade,
+        }
+        self.lifecycle.start_draining();
+        tracing::info!(
+            grace_period_seconds = self.grace.as_secs(),
+            "SIGTERM: not ready; still serving through the grace period, closing connections after each answer"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(self.grace) => {}
+            _ = next(&mut term) => tracing::info!("second SIGTERM: grace period ended early"),
+            _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+        }
+        tracing::info!(
+            in_flight = self.lifecycle.in_flight(),
+            graceful_shutdown_timeout_seconds = self.drain.as_secs(),
+            "no longer accepting; waiting for the requests in flight"
+        );
+        let (lifecycle, audit) = (self.lifecycle.clone(), self.audit.clone());
+        let deadline = std::time::Instant::now() + self.drain;
+        let spawned = std::thread::Builder::new()
+            .name("fhirwall drain".into())
+            .spawn(move || exit_when_drained(&lifecycle, &audit, deadline));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot watch the drain; waiting the whole timeout");
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Pingora waits the whole drain timeout before it stops its runtimes;
+/// this ends the process as soon as no request is left in flight, once
+/// every queued audit record is written. At the deadline it leaves the rest
+/// to Pingora (which drops what is still running: those requests are
+/// recorded as abandoned, and `run` writes their records).
+fn exit_when_drained(
+    lifecycle: &crate::lifecycle::Lifecycle,
+    audit: &AuditLog,
+    deadline: std::time::Instant,
+) {
+    let mut idle_since = None;
+    loop {
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return;
+        }
+        if lifecycle.in_flight() > 0 {
+            idle_since = None;
+        } else if now.duration_since(*idle_since.get_or_insert(now)) >= QUIET {
+            if let Err(e) = audit.flush() {
+                tracing::error!(error = %e, "audit records queued at shutdown could not be written");
+                std::process::exit(1);
+            }
+            tracing::info!("no request in flight; fhirwall stopped");
+            std::process::exit(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The proxy listener's TLS: certificate and key, TLS 1.2+ (rustls offers
 /// nothing older), and client certificates verified against the configured
 /// CAs when requested or required (RFC 8705 binding).
@@ -150,8 +258,12 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
     };
     let conf = ServerConf {
         threads,
-        grace_period_seconds: Some(settings.server.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(settings.server.graceful_shutdown_timeout_seconds),
+        // Pingora's grace period starts when it stops accepting: it is the
+        // time requests in flight get (ours comes before, in `Signals`).
+        grace_period_seconds: Some(settings.server.graceful_shutdown_timeout_seconds),
+        // Then its runtimes get this long to stop: what is left then is
+        // only blocking work (a DNS lookup, say).
+        graceful_shutdown_timeout_seconds: Some(1),
         ca_file: settings
             .upstream
             .ca_file
@@ -195,7 +307,12 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
     let audit_at_exit = audit.clone();
     let policies_watch = settings.policies_watch.clone();
     let token_cache = validator.token_cache();
+    let (grace, drain) = (
+        std::time::Duration::from_secs(settings.server.grace_period_seconds),
+        std::time::Duration::from_secs(settings.server.graceful_shutdown_timeout_seconds),
+    );
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
+    let lifecycle = gateway.lifecycle.clone();
     let reloader = config_path.map(|path| {
         background_service(
             "fhirwall reload",
@@ -224,6 +341,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
             jwks: store.clone(),
             audit: audit_at_exit.clone(),
             token_cache,
+            lifecycle: lifecycle.clone(),
         },
     );
     admin.add_tcp(&admin_listen);
@@ -236,7 +354,14 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
         server.add_service(r);
     }
     tracing::info!(%listen, %admin_listen, threads, "fhirwall starting");
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            lifecycle,
+            grace,
+            drain,
+            audit: audit_at_exit.clone(),
+        }),
+    });
     // The proxy's runtimes have stopped: write out every queued record.
     if let Err(e) = audit_at_exit.flush() {
         tracing::error!(error = %e, "audit records queued at shutdown could not be written");

@@ -694,6 +694,126 @@ async fn sigterm_writes_every_queued_record_before_exit() {
     assert!(missing.is_empty(), "no record of {missing:?}");
 }
 
+/// SIGTERM with a grace period: `/readyz` says 503 at once (so a load
+/// balancer withdraws the replica) while the proxy keeps serving, each
+/// answer closing its connection; then the listener closes and, with
+/// nothing in flight, the process exits at once rather than after the
+/// drain timeout, every answered request recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_withdraws_readiness_and_keeps_serving_through_the_grace_period() {
+    let mut gw = Gateway::start(Options {
+        server_yaml: "  grace_period_seconds: 3\n  graceful_shutdown_timeout_seconds: 20\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "grace-0").await;
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.headers().get("connection").unwrap(), "close");
+    assert_eq!(gw.readyz().await, 200);
+
+    let signalled = Instant::now();
+    gw.signal_term();
+    wait_until("/readyz to answer 503", 2, async || {
+        gw.readyz().await == 503
+    })
+    .await;
+    let why = gw.admin_get("readyz").await.text().await.unwrap();
+    assert!(why.contains("shutting down"), "{why}");
+    assert_eq!(gw.admin_get("healthz").await.status(), 200);
+    assert_eq!(metric(&gw.metrics().await, "fhirwall_ready"), 0.0);
+
+    // Still serving, on new connections too; every answer, a denial as
+    // well, closes its connection.
+    let fresh = reqwest::Client::new();
+    for (rel, id, status) in [
+        ("Observation/obs-p1-1", "grace-1", 200),
+        ("Condition/cond-p1", "grace-2", 403),
+    ] {
+        let r = fresh
+            .get(format!("{}/{rel}", gw.base))
+            .bearer_auth(&token)
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{id}");
+        assert_eq!(r.headers().get("connection").unwrap(), "close", "{id}");
+    }
+    assert!(upstream_ids(&gw, "grace-").contains("grace-1"));
+    assert!(!upstream_ids(&gw, "grace-").contains("grace-2"));
+    assert!(gw.exited().is_none(), "stopped inside the grace period");
+
+    let status = gw.wait_exit(15).await;
+    assert!(status.success(), "fhirwall exited with {status}");
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900),
+        "exited after {took:?}, inside the grace period"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "waited out the drain timeout: {took:?}"
+    );
+    let recorded: BTreeSet<String> = records(&gw.audit_path)
+        .iter()
+        .filter(|r| r["event"] == "request")
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    for id in ["grace-0", "grace-1", "grace-2"] {
+        assert!(recorded.contains(id), "no record of {id}");
+    }
+}
+
+/// Once the listener has closed, a request still in flight is carried to
+/// its answer before the process exits (within the drain timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_the_listener_closes_is_answered_before_exit() {
+    let mut gw = Gateway::start(Options {
+        read_timeout_ms: 10_000,
+        server_yaml: "  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 20\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    // The sandbox stalls 5 s on "slow" ids.
+    let (base, t) = (gw.base.clone(), token.clone());
+    let pending = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(format!("{base}/Observation/slow-2"))
+            .bearer_auth(t)
+            .header("x-request-id", "drain-1")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    wait_until("the request to reach the upstream", 5, async || {
+        !upstream_ids(&gw, "drain-").is_empty()
+    })
+    .await;
+    gw.signal_term();
+    let addr = gw.proxy_addr();
+    wait_until("the listener to close", 5, async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(gw.exited().is_none(), "exited with a request in flight");
+    let answered = pending.await.unwrap();
+    assert_eq!(
+        answered.ok(),
+        Some(404),
+        "the upstream's answer came through"
+    );
+    let status = gw.wait_exit(10).await;
+    assert!(status.success(), "fhirwall exited with {status}");
+    let rec = records(&gw.audit_path)
+        .into_iter()
+        .find(|r| r["request_id"] == "drain-1" && r["event"] == "request")
+        .expect("no record of the drained request");
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    assert_eq!(rec["status"], 404, "{rec}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_still_leaves_a_record() {
     let gw = Gateway::start(Options {

@@ -210,12 +210,18 @@ impl Gateway {
              jwks:\n  min_refetch_interval_seconds: {mri}\n{jwks_extra}\
              admin:\n  listen: 127.0.0.1:{admin_port}\n\
              audit:\n{audit}\
-             server:\n{threads}  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{server_extra}{tls}{extra}",
+             server:\n{threads}{shutdown}{server_extra}{tls}{extra}",
             // Two workers unless the test sets its own.
             threads = if opts.server_yaml.contains("threads:") {
                 ""
             } else {
                 "  threads: 2\n"
+            },
+            // A quick shutdown unless the test sets its own.
+            shutdown = if opts.server_yaml.contains("grace_period_seconds:") {
+                ""
+            } else {
+                "  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n"
             },
             rt = opts.read_timeout_ms,
             iss = issuer.issuer,
@@ -268,13 +274,38 @@ impl Gateway {
 
     /// Sends SIGTERM (graceful shutdown) and waits for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal_term();
+        self.child.wait().unwrap()
+    }
+
+    /// Sends SIGTERM and returns at once (the shutdown is under way).
+    pub fn signal_term(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap()
             .success();
         assert!(ok, "kill -TERM failed");
-        self.child.wait().unwrap()
+    }
+
+    /// The process's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Waits up to `secs` for the process to exit; its status.
+    pub async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fhirwall still running after {secs} s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts the gateway again with the same configuration (after
@@ -389,7 +420,7 @@ impl Gateway {
         self.admin_get("readyz").await.status().as_u16()
     }
 
-    async fn admin_get(&self, path: &str) -> reqwest::Response {
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(format!("{}/{path}", self.admin))
             .send()

@@ -1,0 +1,80 @@
+//! Where the process is in its life, as the proxy and the admin listener
+//! need to know it: serving, or draining after SIGTERM (not ready, and
+//! every answer closes its connection, so load balancers and keep-alive
+//! clients move to other replicas), and how many requests are in flight
+//! (shutdown ends as soon as none is left). The signals themselves are
+//! handled in `server.rs`.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Lifecycle {
+    pub fn new() -> Arc<Lifecycle> {
+        Arc::new(Lifecycle::default())
+    }
+
+    /// From now on the gateway is shutting down: not ready, connections
+    /// are not kept alive.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Requests whose context is alive (from the request header read to
+    /// the last record).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+}
+
+/// One request in flight; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_while_their_guard_lives() {
+        let l = Lifecycle::new();
+        assert_eq!(l.in_flight(), 0);
+        let a = l.enter();
+        let b = l.enter();
+        assert_eq!(l.in_flight(), 2);
+        drop(a);
+        assert_eq!(l.in_flight(), 1);
+        drop(b);
+        assert_eq!(l.in_flight(), 0);
+    }
+
+    #[test]
+    fn draining_is_one_way() {
+        let l = Lifecycle::new();
+        assert!(!l.draining());
+        l.start_draining();
+        l.start_draining();
+        assert!(l.draining());
+    }
+}
