@@ -765,6 +765,25 @@ async fn sigterm_withdraws_readiness_and_keeps_serving_through_the_grace_period(
     }
 }
 
+/// An operator in a hurry: a second SIGTERM ends a long grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_grace_period() {
+    let mut gw = Gateway::start(Options {
+        server_yaml: "  grace_period_seconds: 60\n  graceful_shutdown_timeout_seconds: 60\n".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.signal_term();
+    wait_until("/readyz to answer 503", 2, async || {
+        gw.readyz().await == 503
+    })
+    .await;
+    assert!(gw.exited().is_none());
+    gw.signal_term();
+    let status = gw.wait_exit(10).await;
+    assert!(status.success(), "fhirwall exited with {status}");
+}
+
 /// Once the listener has closed, a request still in flight is carried to
 /// its answer before the process exits (within the drain timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
