@@ -9,9 +9,9 @@
 use std::net::IpAddr;
 
 use crate::config::Roles;
-use crate::decide::{decide_with, DecideOptions, Decision};
+use crate::decide::{decide_with, DecideOptions, Decision, ResponseCheck};
 use crate::fhir::classify::FhirRequest;
-use crate::policy::{role_ceiling, PolicyInput, PolicySet, RateLimit, Verdict};
+use crate::policy::{role_ceiling, PolicyInput, PolicySet, RateLimit, RefusedType, Verdict};
 use crate::token::Claims;
 
 /// What stage 6 looks at besides the classified request.
@@ -138,7 +138,8 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
         allows: Vec::new(),
     };
     if !rules.policies.rules.is_empty() {
-        let scopes: Vec<String> = c.scopes.scopes.iter().map(|s| s.raw.clone()).collect();
+        // Every scope the token carries, `launch` or `offline_access` too.
+        let scopes = c.scopes.all_raw();
         let base = PolicyInput {
             issuer: &c.issuer_name,
             client_id: c.client_id.as_deref(),
@@ -154,8 +155,13 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             break_glass: cx.break_glass,
             any_type: false,
         };
-        for v in rules.policies.evaluate_each(&base, fhir) {
-            match v {
+        for (i, judged) in rules
+            .policies
+            .evaluate_each(&base, fhir)
+            .into_iter()
+            .enumerate()
+        {
+            match judged.verdict {
                 Verdict::Deny { by, reason } => {
                     return Err(Refusal::Policy {
                         rule: by,
@@ -173,6 +179,9 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
                     broke_glass,
                 }),
             }
+            if i == 0 && !judged.refused_types.is_empty() {
+                refuse_in_answer(&mut grant.decision, judged.refused_types)?;
+            }
         }
     }
     if grant.decision.check.is_some() {
@@ -184,6 +193,39 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
         }
     }
     Ok(grant)
+}
+
+/// A stored page allowed for some types only: its answer is checked, and
+/// a resource of a refused type refuses it. The page's scope decision
+/// checks its answer already (`decide::unbound_page`, or the compartment);
+/// were there none, a check is made for the refused types alone.
+fn refuse_in_answer(decision: &mut Decision, refused: Vec<RefusedType>) -> Result<(), Refusal> {
+    if decision.check.is_none() {
+        decision.check = Some(ResponseCheck::Search {
+            patient: None,
+            types: None,
+            filters: None,
+            open_types: Vec::new(),
+            refused_types: Vec::new(),
+        });
+    }
+    match &mut decision.check {
+        Some(ResponseCheck::Search { refused_types, .. }) => {
+            refused_types.extend(refused.into_iter().map(|r| (r.resource_type, r.reason)));
+            Ok(())
+        }
+        // Not a search's check, which cannot carry the refusals: refused
+        // whole, as the first type's rule would.
+        _ => {
+            let first = refused.into_iter().next();
+            let (rule, reason) = first.map(|r| (r.rule, r.reason)).unwrap_or_default();
+            Err(Refusal::Policy {
+                rule,
+                reason,
+                granted_by: decision.scopes_used.clone(),
+            })
+        }
+    }
 }
 
 /// An answer fhirwall must check has to come whole and as JSON: parameters

@@ -47,12 +47,14 @@ pub fn judge(
             types,
             filters,
             open_types,
+            refused_types,
         } => {
             let grant = Grant {
                 patient: patient.as_deref(),
                 types: types.as_deref(),
                 filters: filters.as_deref(),
                 open_types,
+                refused_types,
             };
             return judge_search(&grant, status, content_type, body, bases);
         }
@@ -145,6 +147,8 @@ struct Grant<'a> {
     filters: Option<&'a [Filter]>,
     /// Types passed whoever's they are (see `ResponseCheck::Search`).
     open_types: &'a [String],
+    /// Types refused whatever grants them, with why.
+    refused_types: &'a [(String, String)],
 }
 
 /// Why `r` is outside the compartment of `patient` (when set) or matches
@@ -347,6 +351,11 @@ fn judge_search(
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("a resource");
+        if let Some((_, why)) = grant.refused_types.iter().find(|(t, _)| t == what) {
+            return Verdict::Refuse {
+                why: format!("the answer would hold {what} resources: {why}"),
+            };
+        }
         if grant.open_types.iter().any(|t| t == what) {
             continue;
         }
@@ -528,6 +537,7 @@ fn judge_everything(
         types: None,
         filters: None,
         open_types: &[],
+        refused_types: &[],
     };
     // The shape checks of a search answer (status, JSON, searchset).
     match judge_search(&grant, status, content_type, body, bases) {
@@ -755,6 +765,7 @@ mod tests {
             types: None,
             filters: None,
             open_types: Vec::new(),
+            refused_types: Vec::new(),
         };
         judge(
             &check,
@@ -833,6 +844,7 @@ mod tests {
             types: Some(vec!["Observation".into()]),
             filters: None,
             open_types: Vec::new(),
+            refused_types: Vec::new(),
         };
         let run = |body: Value| {
             judge(
@@ -853,6 +865,47 @@ mod tests {
             run(searchset(vec![(obs("a", "p1"), "match"), (own, "include")])),
             Verdict::Refuse { .. }
         ));
+    }
+
+    #[test]
+    fn refused_types_refuse_whatever_else_grants_them() {
+        let check = ResponseCheck::Search {
+            patient: None,
+            types: None,
+            filters: None,
+            open_types: vec!["Condition".into()],
+            refused_types: vec![(
+                "Condition".into(),
+                "refused by policy rule t.yaml#no-conditions".into(),
+            )],
+        };
+        let run = |body: Value| {
+            judge(
+                &check,
+                &req(""),
+                200,
+                Some("application/fhir+json"),
+                body.to_string().as_bytes(),
+                &Bases::default(),
+            )
+        };
+        assert_eq!(
+            run(searchset(vec![(obs("a", "p1"), "match")])),
+            Verdict::Pass
+        );
+        let cond = json!({"resourceType": "Condition", "id": "c1"});
+        for mode in ["match", "include"] {
+            match run(searchset(vec![
+                (obs("a", "p1"), "match"),
+                (cond.clone(), mode),
+            ])) {
+                Verdict::Refuse { why } => assert!(
+                    why.contains("Condition") && why.contains("t.yaml#no-conditions"),
+                    "{why}"
+                ),
+                v => panic!("{mode}: {v:?}"),
+            }
+        }
     }
 
     #[test]

@@ -123,12 +123,16 @@ pub enum ResponseCheck {
     /// `patient/` ones: passed whoever's it is), or else in the compartment
     /// (when `patient` is set), of a type the scopes grant (unless `types`
     /// is `None`: a wildcard grant) and, for its matches, match one of
-    /// `filters` (when set); otherwise nothing of it is passed on.
+    /// `filters` (when set); otherwise nothing of it is passed on. A
+    /// resource of one of `refused_types` (type, why: a policy rule that
+    /// refuses it on a stored page, `authorise.rs`) is refused whatever
+    /// else grants it.
     Search {
         patient: Option<String>,
         types: Option<Vec<String>>,
         filters: Option<Vec<Filter>>,
         open_types: Vec<String>,
+        refused_types: Vec<(String, String)>,
     },
     /// `Patient/{patient}/$everything`: the answer may hold resources of
     /// types outside the compartment (Practitioner, Medication, …, as the
@@ -454,6 +458,7 @@ fn patient_grant(
                 types: granted_types(usable),
                 filters: None,
                 open_types: Vec::new(),
+                refused_types: Vec::new(),
             }),
             narrow: narrow.into_iter().collect(),
             ..Decision::default()
@@ -585,6 +590,7 @@ fn filtered_decision(
                     types: Some(vec![t.to_string()]),
                     filters: Some(filters),
                     open_types: Vec::new(),
+                    refused_types: Vec::new(),
                 }),
                 narrow,
                 None,
@@ -754,12 +760,14 @@ fn unbound_page(req: &FhirRequest, usable: &[&Scope], patient: Option<&str>) -> 
             types: granted_types(&bound),
             filters: None,
             open_types,
+            refused_types: Vec::new(),
         },
         (types, _) => ResponseCheck::Search {
             patient: None,
             types,
             filters: None,
             open_types: Vec::new(),
+            refused_types: Vec::new(),
         },
     };
     let mut used: Vec<String> = unbound
@@ -2328,6 +2336,7 @@ mod tests {
             types: None,
             filters: None,
             open_types: Vec::new(),
+            refused_types: Vec::new(),
         });
         // (url, narrowing parameter to add: None = already narrowed)
         for (url, narrow) in [

@@ -179,9 +179,28 @@ pub struct PolicyInput<'a> {
     /// A declared emergency's reason (break-glass), when there is one.
     pub break_glass: Option<&'a str>,
     /// The request may reach resources of any type (a stored search's
-    /// page, served whatever search it names): a deny or require rule on
-    /// resource types matches it as if it named each of them.
+    /// page, served whatever search it names, as a Bundle entry): a deny or
+    /// require rule on resource types matches it as if it named each of
+    /// them. (A page as the request itself is judged type by type instead:
+    /// [`PolicySet::evaluate_page`].)
     pub any_type: bool,
+}
+
+/// A verdict, and for an allowed stored page the resource types its
+/// answer may not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judged {
+    pub verdict: Verdict,
+    pub refused_types: Vec<RefusedType>,
+}
+
+/// A resource type a policy rule refuses on a stored page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedType {
+    pub resource_type: String,
+    /// `file#rule`.
+    pub rule: String,
+    pub reason: String,
 }
 
 /// The policies' verdict, naming the rule that decided it.
@@ -361,25 +380,115 @@ impl PolicySet {
     /// order: `base` with the interaction, type, operation and path of
     /// each (the path it was classified with: below the FHIR base, or an
     /// entry's URL, so a compartment search, `_history` or an operation is
-    /// matched whole either way).
+    /// matched whole either way). A stored search's page as the request
+    /// itself is judged type by type ([`PolicySet::evaluate_page`]); as an
+    /// entry, a rule refusing any type refuses it.
     pub fn evaluate_each(
         &self,
         base: &PolicyInput,
         fhir: &crate::fhir::classify::FhirRequest,
-    ) -> Vec<Verdict> {
+    ) -> Vec<Judged> {
         std::iter::once(fhir)
             .chain(&fhir.entries)
-            .map(|r| {
-                self.evaluate(&PolicyInput {
+            .enumerate()
+            .map(|(i, r)| {
+                let page = crate::decide::is_stored_page(r);
+                let input = PolicyInput {
                     interaction: r.interaction.as_str(),
                     resource_type: r.resource_type.as_deref(),
                     operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
                     path: &r.path,
-                    any_type: crate::decide::is_stored_page(r),
+                    any_type: page && i > 0,
                     ..*base
-                })
+                };
+                if page && i == 0 {
+                    self.evaluate_page(&input)
+                } else {
+                    Judged {
+                        verdict: self.evaluate(&input),
+                        refused_types: Vec::new(),
+                    }
+                }
             })
             .collect()
+    }
+
+    /// A stored search's page names no type but may hold resources of any:
+    /// it is judged as if it named each type in turn. Allowed when some
+    /// type is, with the others' refusals to be applied to its answer;
+    /// refused when every type is. An allowed page meets the rate limits
+    /// (and records the broken glass) of every type it is allowed for.
+    pub fn evaluate_page(&self, input: &PolicyInput) -> Judged {
+        let mut refused_types = Vec::new();
+        let mut by = None;
+        let mut limits: Vec<(String, RateLimit)> = Vec::new();
+        let mut broke_glass: Vec<String> = Vec::new();
+        let mut first_refusal = None;
+        for t in crate::fhir::resource_types::RESOURCE_TYPES {
+            match self.evaluate(&PolicyInput {
+                resource_type: Some(t),
+                any_type: false,
+                ..*input
+            }) {
+                Verdict::Deny { by: rule, reason } => {
+                    first_refusal.get_or_insert_with(|| (rule.clone(), reason.clone()));
+                    refused_types.push(RefusedType {
+                        resource_type: t.to_string(),
+                        rule,
+                        reason,
+                    });
+                }
+                Verdict::Allow {
+                    by: b,
+                    limits: l,
+                    broke_glass: g,
+                } => {
+                    by = by.or(b);
+                    for x in l {
+                        if !limits.iter().any(|y| y.0 == x.0) {
+                            limits.push(x);
+                        }
+                    }
+                    for x in g {
+                        if !broke_glass.contains(&x) {
+                            broke_glass.push(x);
+                        }
+                    }
+                }
+            }
+        }
+        if refused_types.len() == crate::fhir::resource_types::RESOURCE_TYPES.len() {
+            // Refused for every type: say so in the words of a rule that
+            // names no type, if one refuses it.
+            let verdict = match self.evaluate(&PolicyInput {
+                resource_type: None,
+                any_type: false,
+                ..*input
+            }) {
+                deny @ Verdict::Deny { .. } => deny,
+                Verdict::Allow { .. } => {
+                    let (rule, reason) = first_refusal.unwrap_or_default();
+                    Verdict::Deny {
+                        by: rule,
+                        reason: format!(
+                            "policy rules refuse every resource type this stored page may hold ({reason}, …)"
+                        ),
+                    }
+                }
+            };
+            return Judged {
+                verdict,
+                refused_types: Vec::new(),
+            };
+        }
+        Judged {
+            verdict: Verdict::Allow {
+                by,
+                limits,
+                broke_glass,
+            },
+            refused_types,
+        }
     }
 
     /// The verdict for `input`.
@@ -658,7 +767,7 @@ mod tests {
             ));
             let verdicts = rules.evaluate_each(&base, &fhir);
             assert!(
-                matches!(verdicts[1], Verdict::Deny { .. }),
+                matches!(verdicts[1].verdict, Verdict::Deny { .. }),
                 "{url} against {pattern}: {verdicts:?}"
             );
         }
@@ -805,6 +914,79 @@ mod tests {
         // Observation search either, so the allow rule does not take it.
         i.any_type = true;
         assert!(matches!(s.evaluate(&i), Verdict::Deny { by, .. } if by == "t.yaml#no-conditions"));
+    }
+
+    #[test]
+    fn a_stored_page_is_judged_type_by_type() {
+        let n = crate::fhir::resource_types::RESOURCE_TYPES.len();
+        let claims = json!({"role": "nurse"});
+        let scopes = vec![];
+        let mut i = input(&claims, &scopes);
+        i.interaction = "search-system";
+        i.resource_type = None;
+        i.path = "";
+        let page = |yaml: &str| set(yaml).evaluate_page(&i);
+        let types = |j: &Judged| -> Vec<String> {
+            j.refused_types
+                .iter()
+                .map(|r| r.resource_type.clone())
+                .collect()
+        };
+
+        // One type refused: the page is allowed, that type refused in its
+        // answer, named with its rule; the allowing rule and the limits of
+        // the types it is allowed for come along.
+        let j = page("rules:
+  - {name: obs, effect: allow, rate_limit: {per: client, requests: 5, per_seconds: 1}, when: {resource_type: [Observation]}}
+  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}
+");
+        match &j.verdict {
+            Verdict::Allow { by, limits, .. } => {
+                assert_eq!(by.as_deref(), Some("t.yaml#obs"));
+                assert_eq!(limits.len(), 1, "{limits:?}");
+                assert_eq!(limits[0].0, "t.yaml#obs");
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(types(&j), ["Condition"]);
+        assert_eq!(j.refused_types[0].rule, "t.yaml#no-conditions");
+        assert!(j.refused_types[0].reason.contains("no-conditions"));
+
+        // Allowed for one type before a rule refusing the rest: only that
+        // type may be on the page.
+        let j = page(
+            "rules:
+  - {name: obs, effect: allow, when: {resource_type: [Observation]}}
+  - {name: nothing-else, effect: deny}
+",
+        );
+        assert!(matches!(j.verdict, Verdict::Allow { .. }));
+        assert_eq!(j.refused_types.len(), n - 1);
+        assert!(!types(&j).contains(&"Observation".to_string()));
+
+        // A requirement on a type the token does not meet refuses that type.
+        let j = page("rules:
+  - {name: doctors-for-conditions, effect: require, require: {claims: {role: [doctor]}}, when: {resource_type: [Condition]}}
+");
+        assert_eq!(types(&j), ["Condition"]);
+        assert!(
+            j.refused_types[0].reason.contains("requires claim role"),
+            "{j:?}"
+        );
+
+        // Refused for every type: the page is refused, in the words of the
+        // rule that names no type.
+        let j = page("rules:\n  - {name: closed, effect: deny}\n");
+        assert!(
+            matches!(&j.verdict, Verdict::Deny { by, .. } if by == "t.yaml#closed"),
+            "{j:?}"
+        );
+        assert!(j.refused_types.is_empty());
+
+        // No rule about types: allowed, nothing refused.
+        let j = page("rules:\n  - {name: obs, effect: deny, when: {interaction: [read]}}\n");
+        assert!(matches!(j.verdict, Verdict::Allow { .. }));
+        assert!(j.refused_types.is_empty());
     }
 
     #[test]

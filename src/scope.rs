@@ -251,6 +251,9 @@ pub struct ScopeSet {
     /// Scopes that look clinical (`context/…`) but are malformed, e.g.
     /// `patient/Observation.sr`, `user/Foo.read`. They grant nothing.
     pub unrecognised: Vec<String>,
+    /// Every other scope (`openid`, `launch/patient`, `offline_access`,
+    /// …): they grant no resource access but policies may match them.
+    pub other: Vec<String>,
 }
 
 impl ScopeSet {
@@ -266,11 +269,24 @@ impl ScopeSet {
                         .any(|p| raw.starts_with(p));
                     if looks_clinical {
                         set.unrecognised.push(raw.to_string());
+                    } else {
+                        set.other.push(raw.to_string());
                     }
                 }
             }
         }
         set
+    }
+
+    /// Every scope as the token carries it: resource scopes, malformed
+    /// ones and the others.
+    pub fn all_raw(&self) -> Vec<String> {
+        self.scopes
+            .iter()
+            .map(|s| s.raw.clone())
+            .chain(self.unrecognised.iter().cloned())
+            .chain(self.other.iter().cloned())
+            .collect()
     }
 
     /// The part of these scopes that `ceiling` also grants: every pairwise
@@ -487,6 +503,20 @@ mod tests {
                 "patient/Observation.rs?"
             ]
         );
+        // The others are kept for policies, which may match any scope.
+        assert_eq!(
+            set.other,
+            vec![
+                "openid",
+                "fhirUser",
+                "launch",
+                "launch/patient",
+                "offline_access",
+                "online_access",
+                "profile"
+            ]
+        );
+        assert_eq!(set.all_raw().len(), 13);
         assert!(set.has_context(Context::Patient));
         assert!(!set.has_context(Context::User));
     }

@@ -229,28 +229,51 @@ async fn rate_limits_per_client() {
     );
 }
 
-/// A stored search's page is served whatever search its id names: a deny
-/// rule on a resource type meets it as if it named that type.
+/// A stored search's page is served whatever search its id names, so it
+/// is judged type by type: under a rule denying a resource type the page
+/// is asked for, and refused only if its answer holds that type (paging
+/// through other searches keeps working); a rule refusing every type
+/// refuses it before the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_page_meets_deny_rules_on_types() {
+async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
     let dir = TempDir::new("policies-pages");
     std::fs::write(
         dir.0.join("10-types.yaml"),
-        "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n",
+        "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n  \
+         - {name: no-launch-apps, effect: deny, when: {scope: [launch]}}\n",
     )
     .unwrap();
     let gw = with_policies(&dir).await;
     let token = gw.mint("user/Observation.rs user/Condition.rs", None);
-    let r = gw.get("Observation?code=page-ok", Some(&token)).await;
+    let r = gw.get("?_getpages=Observation", Some(&token)).await;
     assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("obs-p1-1"));
+
     let before = gw.upstream.seen().len();
     let r = gw.get("?_getpages=Condition", Some(&token)).await;
     assert_eq!(r.status(), 403);
-    assert!(r.text().await.unwrap().contains("no-conditions"));
+    let text = r.text().await.unwrap();
+    assert!(text.contains("no-conditions"), "{text}");
+    assert!(
+        !text.contains("cond-p1"),
+        "a refused page's resources were passed on"
+    );
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before + 1,
+        "the page was asked for"
+    );
+
+    // (A rule may name any scope, `launch` too.)
+    let launch = gw.mint("user/Observation.rs launch", None);
+    let before = gw.upstream.seen().len();
+    let r = gw.get("?_getpages=Observation", Some(&launch)).await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("no-launch-apps"));
     assert_eq!(
         gw.upstream.seen().len(),
         before,
-        "a refused page went upstream"
+        "a page refused for every type went upstream"
     );
 }
 
