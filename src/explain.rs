@@ -281,10 +281,21 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         || d.write.is_some()
         || !d.entry_writes.is_empty()
     {
-        e.stages.push((
-            "check",
-            "the answer (or, for a write, the body and the stored resource) is checked before anything is passed on".into(),
-        ));
+        let mut note = "the answer (or, for a write, the body and the stored resource) is checked before anything is passed on".to_string();
+        if let Some(crate::decide::ResponseCheck::Search { refused_types, .. }) = &d.check {
+            if !refused_types.is_empty() {
+                let names: Vec<&str> = refused_types.iter().map(|(t, _)| t.as_str()).collect();
+                let which = if names.len() <= 5 {
+                    names.join(", ")
+                } else {
+                    format!("{} types (all but those a policy allows)", names.len())
+                };
+                note.push_str(&format!(
+                    "; a resource of a type a policy refuses on this page ({which}) refuses it"
+                ));
+            }
+        }
+        e.stages.push(("check", note));
     }
     e
 }

@@ -355,6 +355,21 @@ fn explain_and_test_replay_decisions_offline() {
         "Condition/c1",
     ]);
     assert!(!ok && out.contains("requires a dpop binding"), "{out}");
+    // A stored page may hold Conditions: allowed, and its answer refused
+    // if it does.
+    let (ok, out) = support::run_bin(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        cl,
+        "--url",
+        "?_getpages=abc",
+    ]);
+    assert!(
+        ok && out.contains("refuses on this page (Condition)"),
+        "{out}"
+    );
     // What the gateway refuses after the decision, explain refuses too: an
     // answer checked under patient scopes must come whole.
     let patient_only = claims_file("patient-claims.json", "patient/*.rs");
