@@ -9,6 +9,9 @@
 //! JSON (`Accept: application/fhir+json`), not compressed, and whole (no
 //! conditional or range headers).
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, Method};
 
@@ -40,6 +43,8 @@ pub struct CheckedClient {
     client: reqwest::Client,
     base: String,
     max_body: usize,
+    /// How long the upstream may leave the request body untaken.
+    write_timeout: std::time::Duration,
 }
 
 impl CheckedClient {
@@ -65,6 +70,7 @@ impl CheckedClient {
                 u.base_path.trim_end_matches('/')
             ),
             max_body,
+            write_timeout: u.write_timeout,
         }
     }
 
@@ -174,11 +180,113 @@ impl CheckedClient {
         headers.remove(http::header::HOST);
         headers.remove(http::header::CONTENT_LENGTH);
         headers.remove(http::header::TRANSFER_ENCODING);
-        let mut request = self.client.request(method, &url).headers(headers);
-        if let Some(body) = body {
-            request = request.body(body);
+        let request = self.client.request(method, &url).headers(headers);
+        let Some(body) = body else {
+            return request.send().await.map_err(|e| failure(&e));
+        };
+        // reqwest times reads only: an upstream that stops taking the body
+        // would hold the request for ever. The body goes in slices, and a
+        // stall longer than the write timeout ends the exchange.
+        let progress = Arc::new(Progress::new());
+        let sent = request
+            .body(reqwest::Body::wrap(PacedBody {
+                rest: body,
+                progress: progress.clone(),
+            }))
+            .send();
+        tokio::pin!(sent);
+        let every = (self.write_timeout / 4).max(std::time::Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                r = &mut sent => return r.map_err(|e| failure(&e)),
+                _ = tokio::time::sleep(every) => {
+                    if progress.stalled_for(self.write_timeout) {
+                        return Err(Denial::Upstream {
+                            status: 504,
+                            code: "upstream_timeout",
+                            description: format!(
+                                "upstream took none of the request body for {} ms (upstream.write_timeout_ms)",
+                                self.write_timeout.as_millis()
+                            ),
+                        });
+                    }
+                }
+            }
         }
-        request.send().await.map_err(|e| failure(&e))
+    }
+}
+
+/// How far a request body has been taken.
+struct Progress {
+    start: std::time::Instant,
+    /// Milliseconds from `start` when the last slice was taken.
+    last_ms: AtomicU64,
+    /// Every slice taken: what is left is reqwest's read timeout's.
+    done: AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn stalled_for(&self, limit: std::time::Duration) -> bool {
+        if self.done.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = self.start.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) >= limit.as_millis() as u64
+    }
+}
+
+/// A request body handed over a slice at a time (the client takes the
+/// next one once the last is written), each taking noted in `progress`.
+/// Its exact length is known, so it goes with a `Content-Length`.
+struct PacedBody {
+    rest: Bytes,
+    progress: Arc<Progress>,
+}
+
+/// Small enough that a stalled upstream stops the slices well before the
+/// whole body sits in socket buffers.
+const SLICE: usize = 16 * 1024;
+
+impl http_body::Body for PacedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.progress.touch();
+        if self.rest.is_empty() {
+            self.progress.done.store(true, Ordering::Relaxed);
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(SLICE);
+        let slice = self.rest.split_to(n);
+        if self.rest.is_empty() {
+            self.progress.done.store(true, Ordering::Relaxed);
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(slice))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 

@@ -839,7 +839,17 @@ async fn conditional_references_in_single_writes_are_decided() {
             .unwrap();
         assert_eq!(r.status(), status, "{method} {rel}");
         assert_eq!(writes(), before + 1);
-        assert_eq!(gw.upstream.seen().last().unwrap().body_len, len);
+        let seen = gw.upstream.seen().last().unwrap().clone();
+        assert_eq!(seen.body_len, len);
+        // Framed by length, relayed or not (no chunked upload to the
+        // legacy server).
+        assert!(
+            seen.headers
+                .iter()
+                .any(|(k, v)| k == "content-length" && *v == len.to_string()),
+            "{method} {rel}: {:?}",
+            seen.headers
+        );
     }
     let r = send(
         "POST",
@@ -1189,6 +1199,59 @@ async fn upstream_connections_are_pooled_until_idle() {
         !first.contains(&after[0]),
         "a connection idle for 1.2 s was reused despite idle_timeout_ms: 400"
     );
+}
+
+/// A body larger than Pingora's buffer is relayed by fhirwall's own
+/// client, which times reads only: an upstream that accepts the request
+/// and then takes none of its body is given up after
+/// `upstream.write_timeout_ms` (504), not held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_taking_a_relayed_body_is_given_up() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let sink = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(c); // open, never read
+        }
+    });
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        read_timeout_ms: 30_000,
+        upstream_yaml: "  write_timeout_ms: 500\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/Observation.u", None);
+    let body = json!({"resourceType": "Observation", "id": "o1",
+                      "note": [{"text": "x".repeat(6_000_000)}]})
+    .to_string();
+    let r = gw
+        .client
+        .put(format!("{}/Observation/o1", gw.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .body(body)
+        // Without the write timeout the gateway would hold it for ever.
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let o = outcome(r).await;
+    assert!(
+        o.to_string().contains("write_timeout_ms"),
+        "not the write timeout: {o}"
+    );
+    assert!(accepted.load(Ordering::SeqCst) >= 1);
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["reason"], "upstream_timeout");
+    sink.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
