@@ -625,6 +625,26 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
     changed.then(|| doc.to_string().into_bytes())
 }
 
+/// The version an entity tag names: `W/"3"`, `"3"` (or a bare `3`) → `3`.
+pub fn etag_version(tag: &str) -> &str {
+    let tag = tag.trim();
+    let tag = tag.strip_prefix("W/").unwrap_or(tag);
+    tag.strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(tag)
+}
+
+/// Whether a client's `If-Match` values (each possibly a list) admit the
+/// stored `version`: `*`, or a tag naming it (weak or strong: FHIR servers
+/// compare version ids).
+pub fn if_match_admits<'a>(values: impl IntoIterator<Item = &'a str>, version: &str) -> bool {
+    values
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || etag_version(t) == version)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,6 +885,32 @@ mod tests {
             run(searchset(vec![(obs("a", "p1"), "match"), (own, "include")])),
             Verdict::Refuse { .. }
         ));
+    }
+
+    #[test]
+    fn if_match_names_versions_weak_or_strong() {
+        assert_eq!(etag_version("W/\"3\""), "3");
+        assert_eq!(etag_version(" \"3\" "), "3");
+        assert_eq!(etag_version("3"), "3");
+        for (values, admitted) in [
+            (vec!["W/\"3\""], true),
+            (vec!["\"3\""], true),
+            (vec!["*"], true),
+            (vec!["W/\"2\", W/\"3\""], true),
+            (vec!["W/\"2\"", "W/\"3\""], true),
+            (vec!["W/\"2\""], false),
+            (vec!["W/\"33\""], false),
+            // Unquoted, read leniently: admitting only sends the proved
+            // version, which is what the client named.
+            (vec!["W/3"], true),
+            (vec![""], false),
+        ] {
+            assert_eq!(
+                if_match_admits(values.iter().copied(), "3"),
+                admitted,
+                "{values:?}"
+            );
+        }
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub enum Denial {
     UnsupportedMediaType { description: String },
     /// A body fhirwall must read did not arrive in time (408).
     RequestTimeout { description: String },
+    /// The client's `If-Match` names another version than the one stored
+    /// (and checked) now (412): the write would not land.
+    PreconditionFailed { description: String },
     /// A dependency (JWKS) is unavailable: 503 with Retry-After.
     Unavailable {
         code: &'static str,
@@ -128,6 +131,7 @@ impl Denial {
             Denial::TooLarge { .. } => "body_too_large",
             Denial::UnsupportedMediaType { .. } => "unsupported_media_type",
             Denial::RequestTimeout { .. } => "body_timeout",
+            Denial::PreconditionFailed { .. } => "precondition_failed",
         }
     }
 
@@ -148,6 +152,7 @@ impl Denial {
             | Denial::TooLarge { description }
             | Denial::UnsupportedMediaType { description }
             | Denial::RequestTimeout { description }
+            | Denial::PreconditionFailed { description }
             | Denial::Unavailable { description, .. }
             | Denial::Upstream { description, .. } => description.clone(),
         }
@@ -164,6 +169,7 @@ impl Denial {
             Denial::TooLarge { .. } => 413,
             Denial::UnsupportedMediaType { .. } => 415,
             Denial::RequestTimeout { .. } => 408,
+            Denial::PreconditionFailed { .. } => 412,
             Denial::Unavailable { .. } => 503,
             Denial::Upstream { status, .. } => *status,
         }
@@ -218,6 +224,7 @@ impl Denial {
             Denial::TooLarge { .. } => ("error", "too-costly"),
             Denial::UnsupportedMediaType { .. } => ("error", "not-supported"),
             Denial::RequestTimeout { .. } => ("error", "timeout"),
+            Denial::PreconditionFailed { .. } => ("error", "conflict"),
             Denial::RateLimited { .. } => ("error", "throttled"),
             Denial::Unavailable { .. } => ("error", "transient"),
             Denial::Upstream { status: 504, .. } => ("error", "timeout"),

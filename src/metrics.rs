@@ -79,6 +79,10 @@ pub const REASONS: &[&str] = &[
     "audit_unavailable",
     "client_closed",
     "abandoned",
+    "unsupported_media_type",
+    "body_timeout",
+    "body_budget_exhausted",
+    "precondition_failed",
 ];
 
 /// The audit writer's metrics, shared with its thread.
@@ -533,5 +537,74 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::REASONS;
+    use crate::deny::Denial;
+
+    /// Every reason code a denial can carry is counted as itself: an
+    /// unknown one would be counted as `upstream_error`.
+    #[test]
+    fn every_denial_code_is_a_counted_reason() {
+        let d = |s: &str| s.to_string();
+        let mut codes: Vec<String> = [
+            Denial::NoToken,
+            Denial::InsufficientScope {
+                description: d(""),
+                scope: None,
+            },
+            Denial::PolicyDenied {
+                rule: d(""),
+                description: d(""),
+            },
+            Denial::RateLimited {
+                description: d(""),
+                retry_after_seconds: 1,
+            },
+            Denial::NotFound { description: d("") },
+            Denial::MethodNotAllowed { description: d("") },
+            Denial::TooLarge { description: d("") },
+            Denial::UnsupportedMediaType { description: d("") },
+            Denial::RequestTimeout { description: d("") },
+            Denial::PreconditionFailed { description: d("") },
+        ]
+        .iter()
+        .map(|x| x.code().to_string())
+        .collect();
+        // Codes given where a denial is made (`code: "…"`, `why: "…"`).
+        let mut files = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for key in ["code: \"", "why: \""] {
+                for (i, _) in text.match_indices(key) {
+                    let rest = &text[i + key.len()..];
+                    let code = &rest[..rest.find('"').unwrap()];
+                    if code.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                        codes.push(code.to_string());
+                    }
+                }
+            }
+        }
+        codes.sort();
+        codes.dedup();
+        assert!(codes.len() > 20, "{codes:?}");
+        let missing: Vec<_> = codes
+            .iter()
+            .filter(|c| !REASONS.contains(&c.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "not in REASONS: {missing:?}");
     }
 }

@@ -284,6 +284,9 @@ pub struct Ctx {
     /// The request body, once fhirwall has read it (to classify the
     /// request or prove a write).
     body: Option<Bytes>,
+    /// `body` differs from what the client sent (a Bundle whose proved
+    /// entries carry `ifMatch`): fhirwall sends it upstream itself.
+    body_rewritten: bool,
     /// Its share of `Gateway::body_budget`, returned when the request ends.
     body_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Set once the request record is written; until then, dropping the
@@ -594,7 +597,7 @@ impl Gateway {
     /// read is larger than Pingora's retry buffer, which then holds none of
     /// it to forward.
     fn relayed(session: &Session, ctx: &Ctx) -> bool {
-        ctx.body.is_some() && session.retry_buffer_truncated()
+        ctx.body.is_some() && (session.retry_buffer_truncated() || ctx.body_rewritten)
     }
 
     /// The proxy's header policy for a request going upstream, as a plan
@@ -894,7 +897,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let rel = ctx.rel_path.clone().unwrap_or_default();
-        ctx.if_match = self
+        let proved = self
             .prove_one_write(
                 session,
                 ctx,
@@ -904,28 +907,53 @@ impl Gateway {
                 w,
             )
             .await?;
+        // The client's own precondition still holds: were it let go for
+        // ours, a client updating version 1 would overwrite version 2.
+        if let Some(ours) = &proved {
+            let theirs: Vec<&str> = session
+                .req_header()
+                .headers
+                .get_all(header::IF_MATCH)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("\u{0}"))
+                .collect();
+            let version = crate::check::etag_version(ours.to_str().unwrap_or(""));
+            if !theirs.is_empty() && !crate::check::if_match_admits(theirs.iter().copied(), version)
+            {
+                return Err(Denial::PreconditionFailed {
+                    description: format!(
+                        "{rel} is at version {version}, not one the request's If-Match names ({})",
+                        theirs.join(", ")
+                    ),
+                });
+            }
+        }
+        ctx.if_match = proved;
         Ok(())
     }
 
     /// Writes inside a Bundle under `patient/` scopes: each entry's resource
     /// must keep the compartment and each stored resource it changes must be
-    /// in it. (Entries carry no `If-Match` of ours: the Bundle is forwarded
-    /// as the client sent it.)
+    /// in it. Each such entry then goes with `request.ifMatch` on the version
+    /// that was checked (a client's own `ifMatch` must name it), so it
+    /// cannot land on a resource changed in between; the Bundle so
+    /// rewritten is sent upstream by fhirwall.
     async fn prove_bundle_writes(
         &self,
         session: &mut Session,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         bundle: &[u8],
         writes: &[(usize, WriteCheck)],
     ) -> std::result::Result<(), Denial> {
-        let Some(fhir) = &ctx.fhir else {
+        let Some(fhir) = ctx.fhir.clone() else {
             return Ok(());
         };
-        let doc: serde_json::Value =
+        let mut doc: serde_json::Value =
             serde_json::from_slice(bundle).map_err(|_| Denial::BadFhirRequest {
                 code: "fhir_malformed",
                 description: "the Bundle is not JSON".into(),
             })?;
+        let mut versions: Vec<(usize, http::HeaderValue)> = Vec::new();
         for (i, w) in writes {
             let (Some(entry_req), Some(entry)) =
                 (fhir.entries.get(*i), doc.pointer(&format!("/entry/{i}")))
@@ -942,39 +970,82 @@ impl Gateway {
                     scope: None,
                 });
             }
+            let theirs = entry.pointer("/request/ifMatch").map(|v| v.as_str());
             let rel = format!(
                 "{}/{}",
                 entry_req.resource_type.as_deref().unwrap_or(""),
                 entry_req.id.as_deref().unwrap_or("")
             );
-            self.prove_one_write(
-                session,
-                ctx,
-                entry_req,
-                &rel,
-                resource
-                    .as_deref()
-                    .map(|r| (Some("application/fhir+json"), r.as_bytes())),
-                w,
-            )
-            .await
-            .map_err(|d| match d {
-                Denial::InsufficientScope { description, scope } => Denial::InsufficientScope {
-                    description: format!("{} entry {i} refused: {description}", fhir.interaction),
-                    scope,
-                },
-                // A Bundle is refused whole; an entry on another patient's
-                // resource reads exactly like one on a missing resource.
-                Denial::Hidden { resource, .. } => Denial::InsufficientScope {
-                    description: format!(
-                        "{} entry {i} refused: {resource} is not known",
-                        fhir.interaction
-                    ),
-                    scope: None,
-                },
-                d => d,
-            })?;
+            let proved = self
+                .prove_one_write(
+                    session,
+                    ctx,
+                    entry_req,
+                    &rel,
+                    resource
+                        .as_deref()
+                        .map(|r| (Some("application/fhir+json"), r.as_bytes())),
+                    w,
+                )
+                .await
+                .map_err(|d| match d {
+                    Denial::InsufficientScope { description, scope } => Denial::InsufficientScope {
+                        description: format!(
+                            "{} entry {i} refused: {description}",
+                            fhir.interaction
+                        ),
+                        scope,
+                    },
+                    // A Bundle is refused whole; an entry on another
+                    // patient's resource reads exactly like one on a missing
+                    // resource.
+                    Denial::Hidden { resource, .. } => Denial::InsufficientScope {
+                        description: format!(
+                            "{} entry {i} refused: {resource} is not known",
+                            fhir.interaction
+                        ),
+                        scope: None,
+                    },
+                    d => d,
+                })?;
+            let Some(ours) = proved else { continue };
+            let version = crate::check::etag_version(ours.to_str().unwrap_or(""));
+            if let Some(theirs) = theirs {
+                // Not a string, or naming another version: the entry would
+                // fail; the Bundle is refused whole.
+                let admitted = theirs.is_some_and(|t| crate::check::if_match_admits([t], version));
+                if !admitted {
+                    return Err(Denial::PreconditionFailed {
+                        description: format!(
+                            "{} entry {i}: {rel} is at version {version}, not one its \
+                             request.ifMatch names",
+                            fhir.interaction
+                        ),
+                    });
+                }
+            }
+            versions.push((*i, ours));
         }
+        if versions.is_empty() {
+            return Ok(());
+        }
+        for (i, v) in &versions {
+            if let Some(request) = doc
+                .pointer_mut(&format!("/entry/{i}/request"))
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                request.insert(
+                    "ifMatch".into(),
+                    v.to_str().unwrap_or_default().to_string().into(),
+                );
+            }
+        }
+        let rewritten = serde_json::to_vec(&doc).map_err(|_| Denial::BadFhirRequest {
+            code: "fhir_malformed",
+            description: "the Bundle could not be written back".into(),
+        })?;
+        ctx.body = Some(Bytes::from(rewritten));
+        ctx.body_rewritten = true;
         Ok(())
     }
 
@@ -2005,6 +2076,7 @@ impl ProxyHttp for Gateway {
             client: None,
             connection: Vec::new(),
             body: None,
+            body_rewritten: false,
             body_permit: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
             _in_flight: self.lifecycle.enter(),

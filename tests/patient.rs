@@ -803,41 +803,61 @@ async fn writes_keep_the_compartment() {
     let (s, body) = send("POST", "Observation".into(), fhir, sneaky).await;
     assert_eq!(s, 403, "{body}");
     assert!(body.contains("conditional reference"), "{body}");
-    // The version that was checked goes along as If-Match, replacing the
-    // client's: for a body Pingora forwards, and for one larger than its
-    // buffer, which fhirwall sends upstream itself.
+    // The version that was checked goes along as If-Match: for a body
+    // Pingora forwards, and for one larger than its buffer, which fhirwall
+    // sends upstream itself. A client's own If-Match must name that
+    // version (else 412, as the server would answer, nothing written).
     let mut large: serde_json::Value = serde_json::from_str(&obs(Some("obs-moved"), "p1")).unwrap();
     large["note"] = json!([{"text": "x".repeat(100_000)}]);
-    for body in [obs(Some("obs-moved"), "p1"), large.to_string()] {
-        let len = body.len();
-        let r = gw
+    let put_moved = |body: String, if_match: Option<&str>| {
+        let mut r = gw
             .client
             .put(format!("{}/Observation/obs-moved", gw.base))
             .bearer_auth(&p1)
             .header("content-type", fhir)
-            .header("if-match", "W/\"1\"")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let (s, answer) = status_and_body(r).await;
-        assert_eq!(s, 200, "{answer}");
-        let put = gw
-            .upstream
-            .seen()
-            .into_iter()
-            .rev()
-            .find(|s| s.method == "PUT")
-            .unwrap();
-        assert!(put.uri.ends_with("/Observation/obs-moved"), "{}", put.uri);
-        assert_eq!(put.body_len, len);
-        let if_match: Vec<_> = put
-            .headers
-            .iter()
-            .filter(|(k, _)| k == "if-match")
-            .collect();
-        assert_eq!(if_match.len(), 1, "{:?}", put.headers);
-        assert_eq!(if_match[0].1, "W/\"2\"");
+            .body(body);
+        if let Some(v) = if_match {
+            r = r.header("if-match", v);
+        }
+        r.send()
+    };
+    for body in [obs(Some("obs-moved"), "p1"), large.to_string()] {
+        let puts = writes("PUT");
+        for stale in ["W/\"1\"", "\"1\"", "W/\"1\", W/\"3\""] {
+            let r = put_moved(body.clone(), Some(stale)).await.unwrap();
+            let (s, answer) = status_and_body(r).await;
+            assert_eq!(s, 412, "{stale}: {answer}");
+            assert!(answer.contains("version 2"), "{answer}");
+        }
+        assert_eq!(writes("PUT"), puts, "a stale If-Match reached the upstream");
+        for if_match in [
+            None,
+            Some("W/\"2\""),
+            Some("\"2\""),
+            Some("*"),
+            Some("W/\"1\", W/\"2\""),
+        ] {
+            let len = body.len();
+            let r = put_moved(body.clone(), if_match).await.unwrap();
+            let (s, answer) = status_and_body(r).await;
+            assert_eq!(s, 200, "{if_match:?}: {answer}");
+            let put = gw
+                .upstream
+                .seen()
+                .into_iter()
+                .rev()
+                .find(|s| s.method == "PUT")
+                .unwrap();
+            assert!(put.uri.ends_with("/Observation/obs-moved"), "{}", put.uri);
+            assert_eq!(put.body_len, len);
+            let if_match: Vec<_> = put
+                .headers
+                .iter()
+                .filter(|(k, _)| k == "if-match")
+                .collect();
+            assert_eq!(if_match.len(), 1, "{:?}", put.headers);
+            assert_eq!(if_match[0].1, "W/\"2\"");
+        }
     }
     // The patient's own record; not another's.
     let me =
@@ -999,6 +1019,41 @@ async fn bundles_are_checked_entry_by_entry() {
     assert_eq!(s, 200, "{body}");
     assert_eq!(bundles_seen(), 1);
 
+    // An update of a versioned resource goes with request.ifMatch on the
+    // version that was checked; a client's ifMatch must name it.
+    let mut moved = obs("p1");
+    moved["id"] = json!("obs-moved");
+    let update_moved = |if_match: Option<&str>| {
+        let mut e = json!({"resource": moved.clone(),
+                           "request": {"method": "PUT", "url": "Observation/obs-moved"}});
+        if let Some(v) = if_match {
+            e["request"]["ifMatch"] = json!(v);
+        }
+        e
+    };
+    for stale in [json!("W/\"1\""), json!(2)] {
+        let mut entry = update_moved(None);
+        entry["request"]["ifMatch"] = stale.clone();
+        let (s, body) = post_bundle("transaction", vec![create(obs("p1")), entry]).await;
+        assert_eq!(s, 412, "{stale}: {body}");
+        assert!(body.contains("entry 1"), "{body}");
+    }
+    assert_eq!(bundles_seen(), 1, "a stale ifMatch reached the upstream");
+    for if_match in [None, Some("W/\"2\"")] {
+        let (s, body) = post_bundle(
+            "transaction",
+            vec![create(obs("p1")), update_moved(if_match)],
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let sent = gw.upstream.seen().last().unwrap().clone();
+        let sent: Value = serde_json::from_slice(&sent.body).unwrap();
+        assert_eq!(sent["entry"][1]["request"]["ifMatch"], "W/\"2\"", "{sent}");
+        assert!(sent["entry"][0]["request"].get("ifMatch").is_none());
+        assert_eq!(sent["entry"][1]["resource"], moved);
+    }
+    assert_eq!(bundles_seen(), 3);
+
     // One entry outside: the whole transaction (and batch) is refused.
     for kind in ["transaction", "batch"] {
         for (entries, why) in [
@@ -1026,7 +1081,7 @@ async fn bundles_are_checked_entry_by_entry() {
         other.replace("obs-p2-1", "X"),
         missing.replace("obs-none", "X")
     );
-    assert_eq!(bundles_seen(), 1, "a refused Bundle reached the upstream");
+    assert_eq!(bundles_seen(), 3, "a refused Bundle reached the upstream");
 
     // Reads and searches inside a batch: each answer checked, a failing
     // entry replaced by its own 404; the others pass untouched.

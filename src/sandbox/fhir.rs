@@ -23,6 +23,8 @@ pub struct Seen {
     pub uri: String,
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
+    /// The body, when at most 64 KiB (tests read what was forwarded).
+    pub body: Bytes,
     /// The client's address: requests over one pooled connection share it.
     pub peer: SocketAddr,
 }
@@ -348,6 +350,11 @@ async fn handle(
             })
             .collect(),
         body_len: body.len(),
+        body: if body.len() <= 64 * 1024 {
+            body.clone()
+        } else {
+            Bytes::new()
+        },
         peer,
     });
     let Some(rel) = uri.path().strip_prefix(&s.base_path) else {
