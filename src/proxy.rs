@@ -736,14 +736,17 @@ impl Gateway {
         self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), false).await?;
         loop {
-            match answer.chunk().await {
+            match self.checked.next_chunk(&mut answer).await {
                 Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
                 Ok(None) => break,
                 // The status is out: the client sees the connection end.
                 Err(e) => {
                     return Err(pingora::Error::explain(
                         ErrorType::ReadError,
-                        format!("upstream failed while answering a relayed request: {e}"),
+                        format!(
+                            "upstream failed while answering a relayed request: {}",
+                            e.description()
+                        ),
                     ))
                 }
             }
@@ -1905,7 +1908,12 @@ fn stage_of(reason: &str) -> &'static str {
         | "upstream_not_found"
         | "upstream_answer_unchecked"
         | "upstream_answer_too_large" => "check",
-        "fhir_malformed" | "body_too_large" => "classify",
+        "fhir_malformed"
+        | "body_too_large"
+        | "unsupported_media_type"
+        | "body_timeout"
+        | "body_budget_exhausted" => "classify",
+        "precondition_failed" => "check",
         "audit_unavailable" => "audit",
         r if r == "client_closed" || r.starts_with("upstream_") => "proxy",
         r if r.starts_with("dpop_")
@@ -2310,5 +2318,22 @@ impl ProxyHttp for Gateway {
         self.audit.record(&record).await;
         drop(record);
         ctx.audit = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Only token and key reasons fall to `validate`: a reason added
+    /// without its stage would be recorded at the wrong one.
+    #[test]
+    fn every_reason_has_its_stage() {
+        for r in crate::metrics::REASONS {
+            let validating = matches!(
+                *r,
+                "keys_unavailable" | "introspection_unavailable" | "abandoned"
+            ) || r.starts_with("token_")
+                && !matches!(*r, "token_too_long" | "token_binding_unsupported");
+            assert_eq!(super::stage_of(r) == "validate", validating, "{r}");
+        }
     }
 }

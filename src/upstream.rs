@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, Method};
@@ -44,7 +45,10 @@ pub struct CheckedClient {
     base: String,
     max_body: usize,
     /// How long the upstream may leave the request body untaken.
-    write_timeout: std::time::Duration,
+    write_timeout: Duration,
+    /// How long the upstream may keep fhirwall waiting for its answer's
+    /// header (once the request is sent) and for each read of its body.
+    read_timeout: Duration,
 }
 
 impl CheckedClient {
@@ -54,7 +58,9 @@ impl CheckedClient {
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(u.connect_timeout)
-            .read_timeout(u.read_timeout)
+            // No reqwest read timeout: it counts from the send, so a long
+            // upload would eat it. Reads are timed here (`send`,
+            // `next_chunk`), as Pingora times them.
             .pool_idle_timeout(u.idle_timeout)
             .tcp_nodelay(true)
             .tls_certs_merge(u.roots.iter().cloned());
@@ -71,6 +77,7 @@ impl CheckedClient {
             ),
             max_body,
             write_timeout: u.write_timeout,
+            read_timeout: u.read_timeout,
         }
     }
 
@@ -104,7 +111,7 @@ impl CheckedClient {
             return Err(too_large());
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| failure(&e))? {
+        while let Some(chunk) = self.next_chunk(&mut resp).await? {
             if body.len() + chunk.len() > self.max_body {
                 return Err(too_large());
             }
@@ -181,12 +188,18 @@ impl CheckedClient {
         headers.remove(http::header::CONTENT_LENGTH);
         headers.remove(http::header::TRANSFER_ENCODING);
         let request = self.client.request(method, &url).headers(headers);
-        let Some(body) = body else {
-            return request.send().await.map_err(|e| failure(&e));
-        };
-        // reqwest times reads only: an upstream that stops taking the body
-        // would hold the request for ever. The body goes in slices, and a
-        // stall longer than the write timeout ends the exchange.
+        let body = body.unwrap_or_default();
+        if body.is_empty() {
+            // Nothing to pace: the answer's header is due within the read
+            // timeout.
+            return match tokio::time::timeout(self.read_timeout, request.body(body).send()).await {
+                Ok(r) => r.map_err(|e| failure(&e)),
+                Err(_) => Err(answer_timeout(self.read_timeout)),
+            };
+        }
+        // The body goes in slices: a stall of the upstream taking them
+        // longer than the write timeout ends the exchange, and once all
+        // are taken the answer's header is due within the read timeout.
         let progress = Arc::new(Progress::new());
         let sent = request
             .body(reqwest::Body::wrap(PacedBody {
@@ -195,12 +208,13 @@ impl CheckedClient {
             }))
             .send();
         tokio::pin!(sent);
-        let every = (self.write_timeout / 4).max(std::time::Duration::from_millis(10));
+        let every = (self.write_timeout.min(self.read_timeout) / 4).max(Duration::from_millis(10));
         loop {
             tokio::select! {
                 r = &mut sent => return r.map_err(|e| failure(&e)),
-                _ = tokio::time::sleep(every) => {
-                    if progress.stalled_for(self.write_timeout) {
+                _ = tokio::time::sleep(every) => match progress.stalled(self.write_timeout, self.read_timeout) {
+                    None => {}
+                    Some(Stall::Writing) => {
                         return Err(Denial::Upstream {
                             status: 504,
                             code: "upstream_timeout",
@@ -208,43 +222,86 @@ impl CheckedClient {
                                 "upstream took none of the request body for {} ms (upstream.write_timeout_ms)",
                                 self.write_timeout.as_millis()
                             ),
-                        });
+                        })
                     }
-                }
+                    Some(Stall::Answering) => return Err(answer_timeout(self.read_timeout)),
+                },
             }
+        }
+    }
+
+    /// The next piece of an answer's body, due within the read timeout.
+    pub async fn next_chunk(&self, resp: &mut reqwest::Response) -> Result<Option<Bytes>, Denial> {
+        match tokio::time::timeout(self.read_timeout, resp.chunk()).await {
+            Ok(r) => r.map_err(|e| failure(&e)),
+            Err(_) => Err(answer_timeout(self.read_timeout)),
         }
     }
 }
 
+fn answer_timeout(read_timeout: Duration) -> Denial {
+    Denial::Upstream {
+        status: 504,
+        code: "upstream_timeout",
+        description: format!(
+            "upstream did not answer within {} ms (upstream.read_timeout_ms)",
+            read_timeout.as_millis()
+        ),
+    }
+}
+
+/// Where a body's exchange is stuck.
+#[derive(Debug, PartialEq, Eq)]
+enum Stall {
+    /// The upstream takes no more of the body.
+    Writing,
+    /// The body is all taken; no answer comes.
+    Answering,
+}
+
 /// How far a request body has been taken.
 struct Progress {
-    start: std::time::Instant,
-    /// Milliseconds from `start` when the last slice was taken.
+    start: Instant,
+    /// Milliseconds from `start` when the last slice was taken, plus one
+    /// (0: the client has not asked for the body yet, e.g. still
+    /// connecting, which the connect timeout bounds).
     last_ms: AtomicU64,
-    /// Every slice taken: what is left is reqwest's read timeout's.
+    /// Every slice taken (the last may still be on its way).
     done: AtomicBool,
 }
 
 impl Progress {
     fn new() -> Progress {
         Progress {
-            start: std::time::Instant::now(),
+            start: Instant::now(),
             last_ms: AtomicU64::new(0),
             done: AtomicBool::new(false),
         }
     }
 
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
+        let ms = self.start.elapsed().as_millis() as u64 + 1;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn stalled_for(&self, limit: std::time::Duration) -> bool {
-        if self.done.load(Ordering::Relaxed) {
-            return false;
+    /// Whether the exchange has been stuck too long: taking no slice for
+    /// `write`, or, all taken, with no answer for `read`.
+    fn stalled(&self, write: Duration, read: Duration) -> Option<Stall> {
+        self.stalled_at(self.start.elapsed().as_millis() as u64 + 1, write, read)
+    }
+
+    /// [`Progress::stalled`] at `now` (milliseconds from `start`, plus one).
+    fn stalled_at(&self, now: u64, write: Duration, read: Duration) -> Option<Stall> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
         }
-        let now = self.start.elapsed().as_millis() as u64;
-        now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) >= limit.as_millis() as u64
+        let idle = now.saturating_sub(last);
+        if self.done.load(Ordering::Relaxed) {
+            (idle >= read.as_millis() as u64).then_some(Stall::Answering)
+        } else {
+            (idle >= write.as_millis() as u64).then_some(Stall::Writing)
+        }
     }
 }
 
@@ -308,4 +365,24 @@ pub fn passes_on(name: &HeaderName) -> bool {
             | "content-encoding"
             | "x-request-id"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_exchange_stalls_by_the_write_then_the_read_timeout() {
+        let (write, read) = (Duration::from_millis(40), Duration::from_millis(120));
+        let p = Progress::new();
+        // Not asked for the body yet (connecting): never stalled here.
+        assert_eq!(p.stalled_at(10_000, write, read), None);
+        p.last_ms.store(100, Ordering::Relaxed);
+        assert_eq!(p.stalled_at(139, write, read), None);
+        assert_eq!(p.stalled_at(140, write, read), Some(Stall::Writing));
+        // All taken: the read timeout counts from the last slice.
+        p.done.store(true, Ordering::Relaxed);
+        assert_eq!(p.stalled_at(219, write, read), None);
+        assert_eq!(p.stalled_at(220, write, read), Some(Stall::Answering));
+    }
 }

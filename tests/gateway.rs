@@ -1254,6 +1254,38 @@ async fn an_upstream_that_stops_taking_a_relayed_body_is_given_up() {
     sink.abort();
 }
 
+/// Once a relayed body is all taken, the write timeout is done with: an
+/// upstream slow to answer meets the read timeout (counted from then), not
+/// the shorter write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_body_taken_whole_waits_for_the_answer_by_the_read_timeout() {
+    let gw = Gateway::start(Options {
+        read_timeout_ms: 1_000,
+        upstream_yaml: "  write_timeout_ms: 300\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/Observation.u", None);
+    // The sandbox takes the body, then stalls 5 s on "slow" ids.
+    let body = json!({"resourceType": "Observation", "id": "slow-3",
+                      "note": [{"text": "x".repeat(200_000)}]})
+    .to_string();
+    let r = gw
+        .client
+        .put(format!("{}/Observation/slow-3", gw.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .body(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let o = outcome(r).await.to_string();
+    assert!(o.contains("read_timeout_ms"), "{o}");
+    assert!(!o.contains("write_timeout_ms"), "{o}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_and_slow_answer_502_and_504() {
     let closed = free_port();
