@@ -211,7 +211,7 @@ fn refuse_in_answer(decision: &mut Decision, refused: Vec<RefusedType>) -> Resul
     }
     match &mut decision.check {
         Some(ResponseCheck::Search { refused_types, .. }) => {
-            refused_types.extend(refused.into_iter().map(|r| (r.resource_type, r.reason)));
+            refused_types.extend(refused);
             Ok(())
         }
         // Not a search's check, which cannot carry the refusals: refused

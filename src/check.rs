@@ -9,11 +9,13 @@
 //! is there. An answer that cannot be judged (not JSON, not the resource
 //! asked for) is refused as an upstream error — never passed on unchecked.
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::decide::{EntryCheck, ResponseCheck, WriteCheck};
 use crate::fhir::classify::{FhirRequest, Interaction};
 use crate::fhir::compartment::{in_compartment, references_other_patient, Bases};
+use crate::fhir::json_edit::{self, JsonEdit};
 use crate::fhir::search_param::Filter;
 
 /// What to do with the upstream's answer.
@@ -29,6 +31,9 @@ pub enum Verdict {
     /// Answer 403: the answer reaches beyond the grant (e.g. an included
     /// resource outside the compartment).
     Refuse { why: String },
+    /// Answer 403: a policy rule (`file#rule`) refuses what the answer
+    /// holds.
+    PolicyRefuse { rule: String, why: String },
 }
 
 /// Judges an upstream answer (`status`, `content_type`, `body`) to `req`.
@@ -147,8 +152,8 @@ struct Grant<'a> {
     filters: Option<&'a [Filter]>,
     /// Types passed whoever's they are (see `ResponseCheck::Search`).
     open_types: &'a [String],
-    /// Types refused whatever grants them, with why.
-    refused_types: &'a [(String, String)],
+    /// Types refused whatever grants them, with the rule.
+    refused_types: &'a [crate::policy::RefusedType],
 }
 
 /// Why `r` is outside the compartment of `patient` (when set) or matches
@@ -351,9 +356,21 @@ fn judge_search(
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or("a resource");
-        if let Some((_, why)) = grant.refused_types.iter().find(|(t, _)| t == what) {
-            return Verdict::Refuse {
-                why: format!("the answer would hold {what} resources: {why}"),
+        if let Some(r) = grant.refused_types.iter().find(|r| r.resource_type == what) {
+            return Verdict::PolicyRefuse {
+                rule: r.rule.clone(),
+                why: format!("the answer would hold {what} resources: {}", r.reason),
+            };
+        }
+        if !grant.refused_types.is_empty() && !crate::fhir::resource_types::is_resource_type(what) {
+            let r = &grant.refused_types[0];
+            return Verdict::PolicyRefuse {
+                rule: r.rule.clone(),
+                why: format!(
+                    "the answer would hold {what} resources, which policy rules were not judged \
+                     for (they refuse some types here: {}, …)",
+                    r.resource_type
+                ),
             };
         }
         if grant.open_types.iter().any(|t| t == what) {
@@ -402,19 +419,43 @@ fn judge_search(
 /// The batch/transaction body with each checked entry's `request.url`
 /// narrowed by its parameters; `None` when the body is not a Bundle.
 pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
-    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let text = std::str::from_utf8(body).ok()?;
+    let top = json_edit::parse(text)?;
+    let entries = json_edit::elements(top.get("entry")?)?;
+    let mut edit = JsonEdit::new(text);
     for c in checks.iter().filter(|c| !c.narrow.is_empty()) {
-        let url = doc.pointer_mut(&format!("/entry/{}/request/url", c.index))?;
-        let mut u = url.as_str()?.to_string();
+        let entry = json_edit::members(entries.get(c.index)?)?;
+        let request = json_edit::members(entry.get("request")?)?;
+        let url = *request.get("url")?;
+        let mut u: String = serde_json::from_str(url.get()).ok()?;
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         for (n, v) in &c.narrow {
             q.append_pair(n, v);
         }
         u.push(if u.contains('?') { '&' } else { '?' });
         u.push_str(&q.finish());
-        *url = Value::String(u);
+        edit.replace(url, json_edit::string(&u))?;
     }
-    Some(doc.to_string().into_bytes())
+    edit.finish().map(String::into_bytes)
+}
+
+/// The batch/transaction body with `request.ifMatch` of each entry
+/// `(index, entity tag)` set (replacing the client's); `None` when it
+/// cannot be edited.
+pub fn bundle_with_if_match(body: &[u8], tags: &[(usize, String)]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let top = json_edit::parse(text)?;
+    let entries = json_edit::elements(top.get("entry")?)?;
+    let mut edit = JsonEdit::new(text);
+    for (i, tag) in tags {
+        let entry = json_edit::members(entries.get(*i)?)?;
+        let request = *entry.get("request")?;
+        match json_edit::members(request)?.get("ifMatch") {
+            Some(theirs) => edit.replace(theirs, json_edit::string(tag))?,
+            None => edit.insert_first(request, "ifMatch", &json_edit::string(tag))?,
+        }
+    }
+    edit.finish().map(String::into_bytes)
 }
 
 /// Judges a batch/transaction response entry by entry: each checked entry's
@@ -464,6 +505,7 @@ pub fn judge_bundle_answer(
             ),
         });
     }
+    let mut withheld: Vec<(usize, Value)> = Vec::new();
     for c in checks {
         let (Some(entry), Some(entry_req)) = (entries.get_mut(c.index), req.entries.get(c.index))
         else {
@@ -491,7 +533,9 @@ pub fn judge_bundle_answer(
         let (status, issue, text) = match &verdict {
             Verdict::Pass => continue,
             Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
-            Verdict::Refuse { why } => ("403 Forbidden", "forbidden", why.clone()),
+            Verdict::Refuse { why } | Verdict::PolicyRefuse { why, .. } => {
+                ("403 Forbidden", "forbidden", why.clone())
+            }
             Verdict::Unverifiable { why } => ("502 Bad Gateway", "exception", why.clone()),
         };
         *entry = serde_json::json!({
@@ -503,8 +547,24 @@ pub fn judge_bundle_answer(
                 }
             }
         });
+        withheld.push((c.index, entry.clone()));
     }
-    Ok(doc.to_string().into_bytes())
+    if withheld.is_empty() {
+        return Ok(body.to_vec());
+    }
+    // The passed entries as the upstream wrote them; written back from the
+    // tree only if the text cannot be edited.
+    let spliced = || -> Option<Vec<u8>> {
+        let text = std::str::from_utf8(body).ok()?;
+        let top = json_edit::parse(text)?;
+        let raw = json_edit::elements(top.get("entry")?)?;
+        let mut edit = JsonEdit::new(text);
+        for (i, entry) in &withheld {
+            edit.replace(raw.get(*i)?, entry.to_string())?;
+        }
+        edit.finish().map(String::into_bytes)
+    };
+    Ok(spliced().unwrap_or_else(|| doc.to_string().into_bytes()))
 }
 
 /// Types outside the Patient compartment that `$everything` may return as
@@ -584,16 +644,61 @@ fn judge_everything(
 /// (and is decided and checked again), and drops a `total` that no entry
 /// backs. `None` when there is nothing to change.
 pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Option<Vec<u8>> {
+    let rewrite = |u: &str| -> Option<String> {
+        let rest = u.strip_prefix(upstream_base)?;
+        (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            .then(|| format!("{public_base}{rest}"))
+    };
+    // Edited in place, numbers as written; from the tree only if the text
+    // cannot be edited (the total must go all the same).
+    let spliced = || -> Option<Option<Vec<u8>>> {
+        let text = std::str::from_utf8(body).ok()?;
+        let top = json_edit::parse(text)?;
+        let mut edit = JsonEdit::new(text);
+        let mut fix = |raw: &RawValue| -> Option<()> {
+            if let Ok(u) = serde_json::from_str::<String>(raw.get()) {
+                if let Some(new) = rewrite(&u) {
+                    edit.replace(raw, json_edit::string(&new))?;
+                }
+            }
+            Some(())
+        };
+        let links = top.get("link").and_then(|l| json_edit::elements(l));
+        for l in links.iter().flatten() {
+            if let Some(url) = json_edit::members(l).and_then(|m| m.get("url").copied()) {
+                fix(url)?;
+            }
+        }
+        let entries = top.get("entry").and_then(|e| json_edit::elements(e));
+        for e in entries.iter().flatten() {
+            if let Some(url) = json_edit::members(e).and_then(|m| m.get("fullUrl").copied()) {
+                fix(url)?;
+            }
+        }
+        // A total with no entry to check proves nothing: an upstream that
+        // ignored the narrowing would be counting every patient's
+        // resources (`_summary=count`, `_count=0`). It is dropped.
+        if entries.as_ref().is_none_or(|e| e.is_empty()) {
+            if let Some(total) = top.get("total") {
+                if total.get().trim() != "0" {
+                    edit.remove_member("total", total)?;
+                }
+            }
+        }
+        if !edit.changed() {
+            return Some(None);
+        }
+        edit.finish().map(|t| Some(t.into_bytes()))
+    };
+    if let Some(out) = spliced() {
+        return out;
+    }
     let mut doc: Value = serde_json::from_slice(body).ok()?;
     let mut changed = false;
     let mut fix = |v: &mut Value| {
-        if let Some(u) = v.as_str() {
-            if let Some(rest) = u.strip_prefix(upstream_base) {
-                if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
-                    *v = Value::String(format!("{public_base}{rest}"));
-                    changed = true;
-                }
-            }
+        if let Some(new) = v.as_str().and_then(rewrite) {
+            *v = Value::String(new);
+            changed = true;
         }
     };
     if let Some(links) = doc.get_mut("link").and_then(Value::as_array_mut) {
@@ -610,9 +715,6 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
             }
         }
     }
-    // A total with no entry to check proves nothing: an upstream that
-    // ignored the narrowing would be counting every patient's resources
-    // (`_summary=count`, `_count=0`). It is dropped.
     let no_entries = doc
         .get("entry")
         .and_then(Value::as_array)
@@ -920,10 +1022,11 @@ mod tests {
             types: None,
             filters: None,
             open_types: vec!["Condition".into()],
-            refused_types: vec![(
-                "Condition".into(),
-                "refused by policy rule t.yaml#no-conditions".into(),
-            )],
+            refused_types: vec![crate::policy::RefusedType {
+                resource_type: "Condition".into(),
+                rule: "t.yaml#no-conditions".into(),
+                reason: "refused by policy rule t.yaml#no-conditions".into(),
+            }],
         };
         let run = |body: Value| {
             judge(
@@ -940,18 +1043,70 @@ mod tests {
             Verdict::Pass
         );
         let cond = json!({"resourceType": "Condition", "id": "c1"});
-        for mode in ["match", "include"] {
+        // A refused type, and (rules being judged for R4 types only) a type
+        // R4 does not know or a resource naming none.
+        let r5 = json!({"resourceType": "SubscriptionTopic", "id": "t1"});
+        let nameless = json!({"id": "x1"});
+        for (other, mode) in [
+            (&cond, "match"),
+            (&cond, "include"),
+            (&r5, "match"),
+            (&nameless, "include"),
+        ] {
             match run(searchset(vec![
                 (obs("a", "p1"), "match"),
-                (cond.clone(), mode),
+                (other.clone(), mode),
             ])) {
-                Verdict::Refuse { why } => assert!(
-                    why.contains("Condition") && why.contains("t.yaml#no-conditions"),
-                    "{why}"
-                ),
-                v => panic!("{mode}: {v:?}"),
+                Verdict::PolicyRefuse { rule, why } => {
+                    assert_eq!(rule, "t.yaml#no-conditions");
+                    assert!(why.contains("would hold"), "{why}");
+                }
+                v => panic!("{other} {mode}: {v:?}"),
             }
         }
+    }
+
+    /// What fhirwall edits in a Bundle leaves the rest as written: a
+    /// decimal keeps its precision (`5.10` is not `5.1` in FHIR).
+    #[test]
+    fn edited_bundles_keep_their_numbers_as_written() {
+        let answer = r#"{"resourceType":"Bundle","type":"searchset","total":1,
+            "link":[{"relation":"next","url":"http://up:9/r4?_getpages=x"}],
+            "entry":[{"fullUrl":"http://up:9/r4/Observation/a",
+              "resource":{"resourceType":"Observation","id":"a","valueQuantity":{"value":5.10}}}]}"#;
+        let out = rewrite_links(answer.as_bytes(), "http://up:9/r4", "https://gw/fhir").unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains(r#"{"value":5.10}"#), "{out}");
+        assert!(out.contains("https://gw/fhir?_getpages=x"), "{out}");
+
+        let bundle = r#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"resource":{"resourceType":"Observation","valueQuantity":{"value":1.50E2}},
+             "request":{"method":"PUT","url":"Observation/o1","ifMatch":"W/\"1\""}},
+            {"request":{"method":"GET","url":"Condition?_count=10"}}]}"#;
+        let tagged = bundle_with_if_match(bundle.as_bytes(), &[(0, "W/\"2\"".into())]).unwrap();
+        let tagged = String::from_utf8(tagged).unwrap();
+        assert!(tagged.contains("1.50E2"), "{tagged}");
+        let v: Value = serde_json::from_str(&tagged).unwrap();
+        assert_eq!(v["entry"][0]["request"]["ifMatch"], "W/\"2\"");
+        let checks = [EntryCheck {
+            index: 1,
+            narrow: vec![("patient".into(), "p1".into())],
+            check: ResponseCheck::Search {
+                patient: Some("p1".into()),
+                types: None,
+                filters: None,
+                open_types: Vec::new(),
+                refused_types: Vec::new(),
+            },
+        }];
+        let narrowed = narrow_bundle(tagged.as_bytes(), &checks).unwrap();
+        let narrowed = String::from_utf8(narrowed).unwrap();
+        assert!(narrowed.contains("1.50E2"), "{narrowed}");
+        let v: Value = serde_json::from_str(&narrowed).unwrap();
+        assert_eq!(
+            v["entry"][1]["request"]["url"],
+            "Condition?_count=10&patient=p1"
+        );
     }
 
     #[test]
@@ -1053,6 +1208,23 @@ mod tests {
         let mut wrong = answer.clone();
         wrong["type"] = json!("transaction-response");
         assert!(run(&wrong).is_err());
+        // The entries passed on are as the upstream wrote them.
+        let text = answer.to_string().replace(
+            r#""id":"o1""#,
+            r#""id":"o1","valueQuantity":{"value":5.10}"#,
+        );
+        let out = judge_bundle_answer(
+            &checks,
+            &b,
+            200,
+            Some("application/fhir+json"),
+            text.as_bytes(),
+            &Bases::default(),
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains(r#"{"value":5.10}"#), "{out}");
+        assert!(!out.contains("Patient/p2"), "{out}");
     }
 
     #[test]

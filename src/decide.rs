@@ -124,15 +124,16 @@ pub enum ResponseCheck {
     /// (when `patient` is set), of a type the scopes grant (unless `types`
     /// is `None`: a wildcard grant) and, for its matches, match one of
     /// `filters` (when set); otherwise nothing of it is passed on. A
-    /// resource of one of `refused_types` (type, why: a policy rule that
-    /// refuses it on a stored page, `authorise.rs`) is refused whatever
-    /// else grants it.
+    /// resource of one of `refused_types` (a policy rule refuses it on a
+    /// stored page, `authorise.rs`) refuses the answer whatever else grants
+    /// it, and so does one of a type not in R4 when any is refused (the
+    /// rules were judged for R4 types only).
     Search {
         patient: Option<String>,
         types: Option<Vec<String>>,
         filters: Option<Vec<Filter>>,
         open_types: Vec<String>,
-        refused_types: Vec<(String, String)>,
+        refused_types: Vec<crate::policy::RefusedType>,
     },
     /// `Patient/{patient}/$everything`: the answer may hold resources of
     /// types outside the compartment (Practitioner, Medication, …, as the

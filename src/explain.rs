@@ -284,7 +284,10 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         let mut note = "the answer (or, for a write, the body and the stored resource) is checked before anything is passed on".to_string();
         if let Some(crate::decide::ResponseCheck::Search { refused_types, .. }) = &d.check {
             if !refused_types.is_empty() {
-                let names: Vec<&str> = refused_types.iter().map(|(t, _)| t.as_str()).collect();
+                let names: Vec<&str> = refused_types
+                    .iter()
+                    .map(|r| r.resource_type.as_str())
+                    .collect();
                 let which = if names.len() <= 5 {
                     names.join(", ")
                 } else {

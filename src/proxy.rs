@@ -374,6 +374,10 @@ fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
             description: why,
             scope: None,
         },
+        Verdict::PolicyRefuse { rule, why } => Denial::PolicyDenied {
+            description: format!("refused by policy rule {rule}: {why}"),
+            rule,
+        },
         Verdict::Unverifiable { why } => Denial::Upstream {
             status: 502,
             code: "upstream_answer_unchecked",
@@ -445,6 +449,10 @@ impl Gateway {
     /// request's record.
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, denial: Denial) -> Result<()> {
         let r = self.answer(session, ctx, &denial).await;
+        // A rule that refused an answer (a stored page's) is the record's.
+        if let Denial::PolicyDenied { rule, .. } = &denial {
+            ctx.policy_rule = Some(rule.clone());
+        }
         ctx.denial = Some(denial);
         r
     }
@@ -951,7 +959,7 @@ impl Gateway {
         let Some(fhir) = ctx.fhir.clone() else {
             return Ok(());
         };
-        let mut doc: serde_json::Value =
+        let doc: serde_json::Value =
             serde_json::from_slice(bundle).map_err(|_| Denial::BadFhirRequest {
                 code: "fhir_malformed",
                 description: "the Bundle is not JSON".into(),
@@ -1032,20 +1040,15 @@ impl Gateway {
         if versions.is_empty() {
             return Ok(());
         }
-        for (i, v) in &versions {
-            if let Some(request) = doc
-                .pointer_mut(&format!("/entry/{i}/request"))
-                .and_then(serde_json::Value::as_object_mut)
-            {
-                request.insert(
-                    "ifMatch".into(),
-                    v.to_str().unwrap_or_default().to_string().into(),
-                );
+        let tags: Vec<(usize, String)> = versions
+            .iter()
+            .map(|(i, v)| (*i, v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        let rewritten = crate::check::bundle_with_if_match(bundle, &tags).ok_or_else(|| {
+            Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: "the Bundle could not be given its entries' ifMatch".into(),
             }
-        }
-        let rewritten = serde_json::to_vec(&doc).map_err(|_| Denial::BadFhirRequest {
-            code: "fhir_malformed",
-            description: "the Bundle could not be written back".into(),
         })?;
         ctx.body = Some(Bytes::from(rewritten));
         ctx.body_rewritten = true;

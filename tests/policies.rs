@@ -252,6 +252,7 @@ async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
     let before = gw.upstream.seen().len();
     let r = gw.get("?_getpages=Condition", Some(&token)).await;
     assert_eq!(r.status(), 403);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let text = r.text().await.unwrap();
     assert!(text.contains("no-conditions"), "{text}");
     assert!(
@@ -263,6 +264,9 @@ async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
         before + 1,
         "the page was asked for"
     );
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "policy_denied", "{rec}");
+    assert_eq!(rec["policy_rule"], "10-types.yaml#no-conditions", "{rec}");
 
     // (A rule may name any scope, `launch` too.)
     let launch = gw.mint("user/Observation.rs launch", None);
