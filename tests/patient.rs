@@ -1053,6 +1053,27 @@ async fn bundles_are_checked_entry_by_entry() {
         assert_eq!(sent["entry"][1]["resource"], moved);
     }
     assert_eq!(bundles_seen(), 3);
+    // The Bundle goes on as written but for the ifMatch: a decimal keeps
+    // its precision.
+    let written = r#"{"resourceType":"Bundle","type":"transaction","entry":[{"resource":
+        {"resourceType":"Observation","id":"obs-moved","status":"final",
+         "subject":{"reference":"Patient/p1"},"valueQuantity":{"value":5.10,"unit":"mg/dL"}},
+        "request":{"method":"PUT","url":"Observation/obs-moved"}}]}"#;
+    let r = gw
+        .client
+        .post(gw.base.clone())
+        .bearer_auth(&p1)
+        .header("content-type", "application/fhir+json")
+        .body(written)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = gw.upstream.seen().last().unwrap().clone();
+    let sent = String::from_utf8(sent.body.to_vec()).unwrap();
+    assert!(sent.contains(r#""value":5.10,"unit":"mg/dL""#), "{sent}");
+    assert!(sent.contains(r#""ifMatch":"W/\"2\"""#), "{sent}");
+    assert_eq!(bundles_seen(), 4);
 
     // One entry outside: the whole transaction (and batch) is refused.
     for kind in ["transaction", "batch"] {
@@ -1081,7 +1102,7 @@ async fn bundles_are_checked_entry_by_entry() {
         other.replace("obs-p2-1", "X"),
         missing.replace("obs-none", "X")
     );
-    assert_eq!(bundles_seen(), 3, "a refused Bundle reached the upstream");
+    assert_eq!(bundles_seen(), 4, "a refused Bundle reached the upstream");
 
     // Reads and searches inside a batch: each answer checked, a failing
     // entry replaced by its own 404; the others pass untouched.
