@@ -124,6 +124,31 @@ struct Signals {
     audit: AuditLog,
 }
 
+/// Taken for good by whatever ends the process (the drain thread, a
+/// signal during the drain, `run` returning), so two never race to exit.
+static ENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Writes out every queued audit record, once the process is ending:
+/// whether all got out (none lost meanwhile). A later caller waits here
+/// for the first to end the process.
+fn final_flush(audit: &AuditLog) -> bool {
+    std::mem::forget(ENDING.lock().unwrap_or_else(|e| e.into_inner()));
+    let before = audit.lost_count();
+    match audit.flush() {
+        Err(e) => {
+            tracing::error!(error = %e, "audit records queued at shutdown could not be written");
+            false
+        }
+        Ok(()) => {
+            let lost = audit.lost_count().saturating_sub(before);
+            if lost > 0 {
+                tracing::error!(lost, "audit records lost at shutdown");
+            }
+            lost == 0
+        }
+    }
+}
+
 /// How long no request may be in flight before the drain counts as done: a
 /// connection accepted just before the listener closed may still be
 /// sending its request header, which is not counted until it is read.
@@ -173,6 +198,20 @@ impl ShutdownSignalWatch for Signals {
             graceful_shutdown_timeout_seconds = self.drain.as_secs(),
             "no longer accepting; waiting for the requests in flight"
         );
+        // Pingora listens for no signal from now on: SIGINT (or SIGTERM
+        // again) during the drain stops at once.
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = next(&mut int) => {}
+                _ = next(&mut term) => {}
+            }
+            tracing::warn!("signal during the drain: stopping at once");
+            let ok = tokio::task::spawn_blocking(move || final_flush(&audit))
+                .await
+                .unwrap_or(false);
+            std::process::exit(if ok { 130 } else { 1 });
+        });
         let (lifecycle, audit) = (self.lifecycle.clone(), self.audit.clone());
         let deadline = std::time::Instant::now() + self.drain;
         let spawned = std::thread::Builder::new()
@@ -204,12 +243,9 @@ fn exit_when_drained(
         if lifecycle.in_flight() > 0 {
             idle_since = None;
         } else if now.duration_since(*idle_since.get_or_insert(now)) >= QUIET {
-            if let Err(e) = audit.flush() {
-                tracing::error!(error = %e, "audit records queued at shutdown could not be written");
-                std::process::exit(1);
-            }
+            let ok = final_flush(audit);
             tracing::info!("no request in flight; fhirwall stopped");
-            std::process::exit(0);
+            std::process::exit(if ok { 0 } else { 1 });
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -363,8 +399,8 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
         }),
     });
     // The proxy's runtimes have stopped: write out every queued record.
-    if let Err(e) = audit_at_exit.flush() {
-        tracing::error!(error = %e, "audit records queued at shutdown could not be written");
+    if !final_flush(&audit_at_exit) {
+        return Err("audit records queued at shutdown could not all be written".into());
     }
     tracing::info!("fhirwall stopped");
     Ok(())

@@ -784,6 +784,49 @@ async fn a_second_sigterm_ends_the_grace_period() {
     assert!(status.success(), "fhirwall exited with {status}");
 }
 
+/// SIGINT during the drain stops at once (exit 130), not after the
+/// request still in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_the_drain_stops_at_once() {
+    let mut gw = Gateway::start(Options {
+        read_timeout_ms: 10_000,
+        server_yaml: "  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 20\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let (base, t) = (gw.base.clone(), token.clone());
+    let pending = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .get(format!("{base}/Observation/slow-4"))
+            .bearer_auth(t)
+            .header("x-request-id", "interrupted-1")
+            .send()
+            .await;
+    });
+    wait_until("the request to reach the upstream", 5, async || {
+        !upstream_ids(&gw, "interrupted-").is_empty()
+    })
+    .await;
+    gw.signal_term();
+    let addr = gw.proxy_addr();
+    wait_until("the listener to close", 5, async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    let signalled = Instant::now();
+    gw.signal("INT");
+    let status = gw.wait_exit(10).await;
+    assert_eq!(status.code(), Some(130), "{status}");
+    // The stalled request had about 5 s to go.
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        signalled.elapsed()
+    );
+    pending.abort();
+}
+
 /// Once the listener has closed, a request still in flight is carried to
 /// its answer before the process exits (within the drain timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

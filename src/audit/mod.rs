@@ -451,6 +451,11 @@ impl AuditLog {
         tracing::error!(record = %p.id, "audit record lost: the writer has stopped or the queue is full");
     }
 
+    /// Records counted as lost since start (`fhirwall_audit_records_dropped_total`).
+    pub fn lost_count(&self) -> u64 {
+        self.shared.metrics.dropped.get()
+    }
+
     /// Waits until every record queued so far is written, spilled or
     /// counted as lost. Blocking: for shutdown, outside the runtimes.
     pub fn flush(&self) -> io::Result<()> {
