@@ -458,6 +458,43 @@ pub fn bundle_with_if_match(body: &[u8], tags: &[(usize, String)]) -> Option<Vec
     edit.finish().map(String::into_bytes)
 }
 
+/// Each entry's status in a batch/transaction response Bundle (the code of
+/// its `response.status`, e.g. `201` of "201 Created"); `None` when the
+/// body is not such a Bundle.
+pub fn entry_statuses(body: &[u8]) -> Option<Vec<Option<u16>>> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        entry: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        response: Option<Response>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Response {
+        status: Option<String>,
+    }
+    let doc: Doc = serde_json::from_slice(body).ok()?;
+    if !matches!(
+        doc.kind.as_deref(),
+        Some("batch-response" | "transaction-response")
+    ) {
+        return None;
+    }
+    Some(
+        doc.entry
+            .iter()
+            .map(|e| {
+                let status = e.response.as_ref()?.status.as_deref()?;
+                status.split_whitespace().next()?.parse().ok()
+            })
+            .collect(),
+    )
+}
+
 /// Judges a batch/transaction response entry by entry: each checked entry's
 /// answer passes, or is replaced by an entry carrying only its own denial
 /// (404 as if absent, 403, or 502) — the other entries are untouched. The
@@ -1151,6 +1188,22 @@ mod tests {
             "https://gw/fhir"
         )
         .is_none());
+    }
+
+    #[test]
+    fn entry_statuses_are_read_from_response_bundles() {
+        let answer = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"response": {"status": "201 Created"}},
+            {"response": {"status": "404"}},
+            {"response": {}},
+            {"response": {"status": "OK"}}]});
+        assert_eq!(
+            entry_statuses(answer.to_string().as_bytes()),
+            Some(vec![Some(201), Some(404), None, None])
+        );
+        let search = json!({"resourceType": "Bundle", "type": "searchset", "entry": []});
+        assert_eq!(entry_statuses(search.to_string().as_bytes()), None);
+        assert_eq!(entry_statuses(b"not json"), None);
     }
 
     #[test]

@@ -284,6 +284,12 @@ pub struct Ctx {
     /// The request body, once fhirwall has read it (to classify the
     /// request or prove a write).
     body: Option<Bytes>,
+    /// A batch/transaction answer as it passes (up to
+    /// `upstream.max_checked_answer_bytes`), read for its entries'
+    /// statuses at its end; `None` when not collected or too large.
+    answer_buf: Option<BytesMut>,
+    /// Each Bundle entry's answered status, once read (for the record).
+    entry_statuses: Vec<Option<u16>>,
     /// `body` differs from what the client sent (a Bundle whose proved
     /// entries carry `ifMatch`): fhirwall sends it upstream itself.
     body_rewritten: bool,
@@ -604,6 +610,42 @@ impl Gateway {
     /// Whether fhirwall sends the request upstream itself: the body it
     /// read is larger than Pingora's retry buffer, which then holds none of
     /// it to forward.
+    /// Whether to keep a batch/transaction's answer as it passes, to read
+    /// its entries' statuses for the record: a 2xx, not encoded.
+    fn collects_answer(
+        &self,
+        ctx: &Ctx,
+        status: u16,
+        headers: &http::HeaderMap,
+    ) -> Option<BytesMut> {
+        let bundle = ctx.fhir.as_ref().is_some_and(|f| !f.entries.is_empty());
+        let identity = headers
+            .get(header::CONTENT_ENCODING)
+            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        (bundle && identity && (200..300).contains(&status)).then(BytesMut::new)
+    }
+
+    /// Keeps a piece of a collected answer; at its end, reads the entries'
+    /// statuses. An answer larger than `upstream.max_checked_answer_bytes`
+    /// is let go (its entries' statuses stay unknown).
+    fn collect_answer(&self, ctx: &mut Ctx, piece: Option<&Bytes>, end: bool) {
+        let Some(buf) = ctx.answer_buf.as_mut() else {
+            return;
+        };
+        if let Some(p) = piece {
+            if buf.len() + p.len() > self.settings.upstream.max_checked_answer_bytes {
+                ctx.answer_buf = None;
+                return;
+            }
+            buf.extend_from_slice(p);
+        }
+        if end {
+            if let Some(buf) = ctx.answer_buf.take() {
+                ctx.entry_statuses = crate::check::entry_statuses(&buf).unwrap_or_default();
+            }
+        }
+    }
+
     fn relayed(session: &Session, ctx: &Ctx) -> bool {
         ctx.body.is_some() && (session.retry_buffer_truncated() || ctx.body_rewritten)
     }
@@ -741,12 +783,19 @@ impl Gateway {
             Some(len) => h.insert_header(header::CONTENT_LENGTH, len.to_string())?,
             None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
         }
+        ctx.answer_buf = self.collects_answer(ctx, answer.status().as_u16(), answer.headers());
         self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), false).await?;
         loop {
             match self.checked.next_chunk(&mut answer).await {
-                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
-                Ok(None) => break,
+                Ok(Some(chunk)) => {
+                    self.collect_answer(ctx, Some(&chunk), false);
+                    session.write_response_body(Some(chunk), false).await?
+                }
+                Ok(None) => {
+                    self.collect_answer(ctx, None, true);
+                    break;
+                }
                 // The status is out: the client sees the connection end.
                 Err(e) => {
                     return Err(pingora::Error::explain(
@@ -864,6 +913,9 @@ impl Gateway {
                 return self.refuse(session, ctx, denial).await;
             }
         };
+        if !fhir.entries.is_empty() {
+            ctx.entry_statuses = crate::check::entry_statuses(&body).unwrap_or_default();
+        }
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
         for (name, value) in &answer.headers {
             if upstream::passes_on(name) {
@@ -2022,7 +2074,8 @@ impl Ctx {
             entries: fhir.map_or_else(Vec::new, |f| {
                 f.entries
                     .iter()
-                    .map(|e| crate::audit::EntryRecord {
+                    .enumerate()
+                    .map(|(i, e)| crate::audit::EntryRecord {
                         interaction: e.interaction.as_str(),
                         resource_type: e.resource_type.as_deref(),
                         resource_id: e.id.as_deref(),
@@ -2030,6 +2083,7 @@ impl Ctx {
                         params: audit_names(
                             e.params.iter().chain(&e.condition).map(|(n, _)| n.as_str()),
                         ),
+                        status: self.entry_statuses.get(i).copied().flatten(),
                     })
                     .collect()
             }),
@@ -2087,6 +2141,8 @@ impl ProxyHttp for Gateway {
             client: None,
             connection: Vec::new(),
             body: None,
+            answer_buf: None,
+            entry_statuses: Vec::new(),
             body_rewritten: false,
             body_permit: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
@@ -2243,7 +2299,19 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        ctx.answer_buf = self.collects_answer(ctx, resp.status.as_u16(), &resp.headers);
         self.stamp(resp, ctx)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        self.collect_answer(ctx, body.as_ref(), end_of_stream);
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -2309,6 +2377,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        // Pingora may end a body without a last piece marked as such: a
+        // collected answer is read here (cut short, it reads as nothing).
+        self.collect_answer(ctx, None, true);
         let record = self.record(session, ctx, Event::Request);
         let interaction = ctx.fhir.as_ref().map(|f| f.interaction);
         let seconds = ctx.started.elapsed().as_secs_f64();

@@ -516,7 +516,9 @@ async fn bundles_are_decided_entry_by_entry() {
     let good = bundle("transaction", "Observation?code=8867-4");
     let r = post(good.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    // The audit names every entry (parameter names, never values).
+    // The audit names every entry (parameter names, never values); this
+    // answer is larger than max_checked_answer_bytes, so it is not read for
+    // the entries' statuses.
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let rec = gw.audit_for(&id);
     assert_eq!(
@@ -527,6 +529,20 @@ async fn bundles_are_decided_entry_by_entry() {
         ]),
         "{rec}"
     );
+    // A smaller one is: each entry with the status it was answered with.
+    let r = post(bundle("batch", "Patient/none-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let statuses: Vec<Value> = gw.audit_for(&id)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(200), json!(404)]);
     let seen = gw.upstream.seen();
     let forwarded = seen
         .iter()
@@ -593,8 +609,18 @@ async fn bundles_are_decided_entry_by_entry() {
     assert!(answer.len() > 1024, "{} bytes", answer.len());
     let answer: Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(answer["type"], "batch-response", "{answer}");
-    assert_eq!(posts(), 2);
+    assert_eq!(posts(), 3);
     assert_eq!(gw.upstream.seen().last().unwrap().body_len, len);
+    // A relayed answer is read for the entries' statuses too.
+    let r = post(padded("batch", "Patient/none-2", 90_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["entries"][0]["status"], 200, "{rec}");
+    assert_eq!(rec["entries"][1]["status"], 404, "{rec}");
     // Refused as a small one would be: nothing reaches the upstream.
     let r = post(padded("transaction", "Condition/cond-big-1", 90_000))
         .send()
@@ -608,7 +634,7 @@ async fn bundles_are_decided_entry_by_entry() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert!(outcome(r).await.to_string().contains("120000 bytes"));
-    assert_eq!(posts(), 2);
+    assert_eq!(posts(), 4);
 }
 
 /// Bodies fhirwall holds while it decides count against one budget for

@@ -1129,6 +1129,25 @@ async fn bundles_are_checked_entry_by_entry() {
     assert_eq!(b["entry"][2]["resource"]["type"], "searchset");
     assert_eq!(entry_ids(&b["entry"][2]["resource"]), ["cond-p1"]);
     assert_eq!(b["entry"][3]["resource"]["id"], "p1");
+    // The record has each entry's status as the client got it.
+    let r = gw
+        .client
+        .post(gw.base.clone())
+        .bearer_auth(&p1)
+        .header("content-type", "application/fhir+json")
+        .body(
+            json!({"resourceType": "Bundle", "type": "batch", "entry": [
+                get("Observation/obs-p1-0"), get("Observation/obs-p2-0")]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["entries"][0]["status"], 200, "{rec}");
+    assert_eq!(rec["entries"][1]["status"], 404, "{rec}");
     // A transaction with a read: the same per-entry check.
     let (s, body) = post_bundle(
         "transaction",

@@ -340,6 +340,9 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
         if !e.params.is_empty() {
             entry_details.push(detail("query_params", e.params.join(",")));
         }
+        if let Some(s) = e.status {
+            entry_details.push(detail("status", s.to_string()));
+        }
         if !entry_details.is_empty() {
             entity["detail"] = entry_details.into();
         }
@@ -453,6 +456,7 @@ mod tests {
                     interaction: "read",
                     resource_type: Some("Patient"),
                     resource_id: Some("p7"),
+                    status: Some(404),
                     ..EntryRecord::default()
                 },
                 EntryRecord {
@@ -478,12 +482,16 @@ mod tests {
         };
         assert_eq!(entry(0)["what"]["reference"], "Patient/p7");
         assert_eq!(entry(0)["role"]["code"], "4");
+        assert_eq!(entry(0)["detail"][0]["type"], "status");
+        assert_eq!(entry(0)["detail"][0]["valueString"], "404");
         assert_eq!(entry(1)["what"]["display"], "Observation");
         assert_eq!(entry(1)["role"]["code"], "24");
         assert_eq!(entry(1)["detail"][0]["valueString"], "patient,code");
         // The JSON-lines record carries the same.
         let line = serde_json::to_value(&r).unwrap();
         assert_eq!(line["entries"][0]["resource_id"], "p7");
+        assert_eq!(line["entries"][0]["status"], 404);
+        assert!(line["entries"][1].get("status").is_none());
         assert_eq!(line["entries"][1]["params"], json!(["patient", "code"]));
     }
 

@@ -55,6 +55,10 @@ pub struct EntryRecord<'a> {
     /// Names of its search parameters (and of its `ifNoneExist`'s).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub params: Vec<&'a str>,
+    /// The status the upstream answered it with (its `response.status` in
+    /// the response Bundle), when fhirwall read that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 /// One audit record. It borrows from the request's state: building it
