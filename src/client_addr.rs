@@ -104,25 +104,59 @@ pub fn forwarded_for(chain: &[IpAddr]) -> String {
 
 /// The key of a `per: source` rate limit: an IPv4 address, or an IPv6
 /// address's /64 (one host holds a whole /64 and could rotate through it
-/// for fresh buckets). An IPv4 client reached through NAT64 (RFC 6052's
-/// well-known prefix `64:ff9b::/96`) is keyed by its IPv4 address, not
-/// one /64 shared by every IPv4 client of the translator.
-pub fn rate_limit_key(ip: IpAddr) -> String {
+/// for fresh buckets). An IPv4 client reached through NAT64 (an address in
+/// one of `nat64`, `server.nat64_prefixes`) is keyed by its IPv4 address,
+/// not one /64 shared by every IPv4 client of the translator.
+pub fn rate_limit_key(ip: IpAddr, nat64: &[Cidr]) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => v4.to_string(),
-            None if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
-                let o = v6.octets();
-                std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]).to_string()
-            }
-            None => {
-                let s = v6.segments();
-                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-                format!("{prefix}/64")
-            }
+            None => match nat64.iter().find_map(|p| embedded_ipv4(v6, *p)) {
+                Some(v4) => v4.to_string(),
+                None => {
+                    let s = v6.segments();
+                    let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                    format!("{prefix}/64")
+                }
+            },
         },
     }
+}
+
+/// The NAT64 prefix lengths RFC 6052 (section 2.2) defines.
+pub const NAT64_PREFIX_LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
+
+/// The IPv4 address RFC 6052 embeds in `v6` under the NAT64 prefix
+/// `prefix`, if `v6` lies in it: after the prefix, skipping bits 64–71.
+pub fn embedded_ipv4(v6: std::net::Ipv6Addr, prefix: Cidr) -> Option<std::net::Ipv4Addr> {
+    let (IpAddr::V6(_), bits) = prefix else {
+        return None;
+    };
+    if !in_cidr(IpAddr::V6(v6), prefix) {
+        return None;
+    }
+    let o = v6.octets();
+    let at: &[usize; 4] = match bits {
+        32 => &[4, 5, 6, 7],
+        40 => &[5, 6, 7, 9],
+        48 => &[6, 7, 9, 10],
+        56 => &[7, 9, 10, 11],
+        64 => &[9, 10, 11, 12],
+        96 => &[12, 13, 14, 15],
+        _ => return None,
+    };
+    Some(std::net::Ipv4Addr::new(
+        o[at[0]], o[at[1]], o[at[2]], o[at[3]],
+    ))
+}
+
+/// RFC 6052's well-known prefix.
+pub fn well_known_nat64() -> Cidr {
+    (
+        IpAddr::V6(std::net::Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0)),
+        96,
+    )
 }
 
 #[cfg(test)]
@@ -260,7 +294,8 @@ mod tests {
 
     #[test]
     fn ipv6_sources_share_their_64() {
-        let key = |s: &str| rate_limit_key(s.parse().unwrap());
+        let wk = [well_known_nat64()];
+        let key = |s: &str| rate_limit_key(s.parse().unwrap(), &wk);
         assert_eq!(key("192.0.2.7"), "192.0.2.7");
         assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
         assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
@@ -272,5 +307,27 @@ mod tests {
         // NAT64: each IPv4 client its own.
         assert_eq!(key("64:ff9b::c000:207"), "192.0.2.7");
         assert_ne!(key("64:ff9b::c000:207"), key("64:ff9b::c000:208"));
+        // Not configured: a /64 like any other.
+        assert_eq!(rate_limit_key(ip("64:ff9b::c000:207"), &[]), "64:ff9b::/64");
+    }
+
+    /// RFC 6052 section 2.4's examples: 192.0.2.33 under each prefix length.
+    #[test]
+    fn nat64_addresses_embed_ipv4_as_rfc_6052_says() {
+        for (prefix, addr) in [
+            ("2001:db8::/32", "2001:db8:c000:221::"),
+            ("2001:db8:100::/40", "2001:db8:1c0:2:21::"),
+            ("2001:db8:122::/48", "2001:db8:122:c000:2:2100::"),
+            ("2001:db8:122:300::/56", "2001:db8:122:3c0:0:221::"),
+            ("2001:db8:122:344::/64", "2001:db8:122:344:c0:2:2100:0"),
+            ("2001:db8:122:344::/96", "2001:db8:122:344::192.0.2.33"),
+            ("64:ff9b::/96", "64:ff9b::192.0.2.33"),
+        ] {
+            let p = parse_cidr(prefix).unwrap();
+            assert_eq!(rate_limit_key(ip(addr), &[p]), "192.0.2.33", "{prefix}");
+        }
+        // Outside the prefix: not unwrapped.
+        let p = parse_cidr("2001:db8:122:344::/64").unwrap();
+        assert_eq!(embedded_ipv4("2001:db8:999::1".parse().unwrap(), p), None);
     }
 }

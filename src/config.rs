@@ -565,6 +565,14 @@ pub struct ServerConfig {
     /// client and the header is ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// NAT64 prefixes (RFC 6052) IPv4 clients may reach fhirwall through:
+    /// such a client is rate-limited by its IPv4 address.
+    #[serde(default = "d_nat64")]
+    pub nat64_prefixes: Vec<String>,
+}
+
+fn d_nat64() -> Vec<String> {
+    vec!["64:ff9b::/96".into()]
 }
 
 fn d_connect_timeout() -> u64 {
@@ -734,6 +742,8 @@ pub struct Settings {
     pub server: ServerConfig,
     /// `server.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<crate::client_addr::Cidr>,
+    /// `server.nat64_prefixes`, parsed.
+    pub nat64_prefixes: Vec<crate::client_addr::Cidr>,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
 }
 
@@ -1409,6 +1419,25 @@ impl Config {
             }
         }
 
+        let mut nat64_prefixes = Vec::new();
+        for (i, p) in self.server.nat64_prefixes.iter().enumerate() {
+            let key = format!("server.nat64_prefixes[{i}]");
+            match crate::client_addr::parse_cidr(p.trim()) {
+                Some(c @ (std::net::IpAddr::V6(_), bits))
+                    if crate::client_addr::NAT64_PREFIX_LENGTHS.contains(&bits) =>
+                {
+                    nat64_prefixes.push(c)
+                }
+                _ => problem(
+                    &key,
+                    format!(
+                        "'{p}' is not a NAT64 prefix: an IPv6 block of length 32, 40, 48, 56, 64 \
+                         or 96 (RFC 6052), e.g. 64:ff9b::/96"
+                    ),
+                ),
+            }
+        }
+
         let mut forward_headers = Vec::new();
         for (k, v) in &self.forward_headers {
             let path = format!("forward_headers.{k}");
@@ -1466,6 +1495,7 @@ impl Config {
             audit: audit.expect("validated"),
             server: self.server.clone(),
             trusted_proxies,
+            nat64_prefixes,
             forward_headers,
         })
     }
@@ -2138,6 +2168,30 @@ admin:
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn nat64_prefixes_are_rfc_6052_blocks() {
+        let s = Config::parse(GOOD).unwrap().validate().unwrap();
+        assert_eq!(
+            s.nat64_prefixes,
+            vec![crate::client_addr::well_known_nat64()]
+        );
+        let c = Config::parse(&format!(
+            "{GOOD}server:\n  nat64_prefixes: [64:ff9b:1::/48, 10.0.0.0/8, 2001:db8::/36, nope]\n"
+        ))
+        .unwrap();
+        let problems = c.validate().unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.nat64_prefixes[1]",
+                "server.nat64_prefixes[2]",
+                "server.nat64_prefixes[3]"
+            ],
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -1855,7 +1855,8 @@ impl Gateway {
         // token naming no user counts as its client, one naming no client
         // by its source address: never one bucket shared by all such
         // tokens, nor a fresh bucket per token (which a client could mint).
-        let source = source.map(crate::client_addr::rate_limit_key);
+        let nat64 = &self.settings.nat64_prefixes;
+        let source = source.map(|ip| crate::client_addr::rate_limit_key(ip, nat64));
         let by_source = || {
             source
                 .as_ref()
