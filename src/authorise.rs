@@ -251,3 +251,44 @@ fn checkable_params(req: &FhirRequest) -> Result<(), Refusal> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> Vec<RefusedType> {
+        vec![RefusedType {
+            resource_type: "Condition".into(),
+            rule: "t.yaml#no-conditions".into(),
+            reason: "refused by policy rule t.yaml#no-conditions".into(),
+        }]
+    }
+
+    #[test]
+    fn a_page_s_refused_types_join_its_answer_check_or_refuse_it() {
+        // No check yet: one is made for the refused types alone.
+        let mut d = Decision::default();
+        refuse_in_answer(&mut d, refused()).unwrap();
+        match &d.check {
+            Some(ResponseCheck::Search {
+                types: None,
+                refused_types,
+                ..
+            }) => assert_eq!(refused_types.len(), 1),
+            c => panic!("{c:?}"),
+        }
+        // A search's check carries them beside its own grant.
+        refuse_in_answer(&mut d, refused()).unwrap();
+        assert!(matches!(&d.check,
+            Some(ResponseCheck::Search { refused_types, .. }) if refused_types.len() == 2));
+        // Any other check cannot: refused whole, by the rule.
+        let mut d = Decision {
+            check: Some(ResponseCheck::in_compartment("p1")),
+            ..Decision::default()
+        };
+        match refuse_in_answer(&mut d, refused()) {
+            Err(Refusal::Policy { rule, .. }) => assert_eq!(rule, "t.yaml#no-conditions"),
+            r => panic!("{r:?}"),
+        }
+    }
+}

@@ -1053,6 +1053,13 @@ async fn bundles_are_checked_entry_by_entry() {
         assert_eq!(sent["entry"][1]["resource"], moved);
     }
     assert_eq!(bundles_seen(), 3);
+    // A delete too goes on the version checked.
+    let (s, body) = post_bundle("transaction", vec![delete("obs-moved")]).await;
+    assert_eq!(s, 200, "{body}");
+    let sent = gw.upstream.seen().last().unwrap().clone();
+    let sent: Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(sent["entry"][0]["request"]["ifMatch"], "W/\"2\"", "{sent}");
+    assert_eq!(bundles_seen(), 4);
     // The Bundle goes on as written but for the ifMatch: a decimal keeps
     // its precision.
     let written = r#"{"resourceType":"Bundle","type":"transaction","entry":[{"resource":
@@ -1073,7 +1080,7 @@ async fn bundles_are_checked_entry_by_entry() {
     let sent = String::from_utf8(sent.body.to_vec()).unwrap();
     assert!(sent.contains(r#""value":5.10,"unit":"mg/dL""#), "{sent}");
     assert!(sent.contains(r#""ifMatch":"W/\"2\"""#), "{sent}");
-    assert_eq!(bundles_seen(), 4);
+    assert_eq!(bundles_seen(), 5);
 
     // One entry outside: the whole transaction (and batch) is refused.
     for kind in ["transaction", "batch"] {
@@ -1102,7 +1109,7 @@ async fn bundles_are_checked_entry_by_entry() {
         other.replace("obs-p2-1", "X"),
         missing.replace("obs-none", "X")
     );
-    assert_eq!(bundles_seen(), 4, "a refused Bundle reached the upstream");
+    assert_eq!(bundles_seen(), 5, "a refused Bundle reached the upstream");
 
     // Reads and searches inside a batch: each answer checked, a failing
     // entry replaced by its own 404; the others pass untouched.
