@@ -784,28 +784,31 @@ async fn a_second_sigterm_ends_the_grace_period() {
     assert!(status.success(), "fhirwall exited with {status}");
 }
 
-/// SIGINT during the drain stops at once (exit 130), not after the
-/// request still in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigint_during_the_drain_stops_at_once() {
-    let mut gw = Gateway::start(Options {
+/// A gateway draining after SIGTERM (no grace period, 20 s to drain) with
+/// one request in flight: `GET Observation/slow-<id>` (the sandbox stalls
+/// 5 s on it) with request id `<id>`, whose answer's status the handle
+/// gives. Returns once the listener has closed.
+async fn draining_with_one_request(id: &str) -> (Gateway, tokio::task::JoinHandle<Option<u16>>) {
+    let gw = Gateway::start(Options {
         read_timeout_ms: 10_000,
         server_yaml: "  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 20\n".into(),
         ..Options::default()
     })
     .await;
     let token = gw.mint("system/Observation.rs", None);
-    let (base, t) = (gw.base.clone(), token.clone());
+    let (url, id_header) = (format!("{}/Observation/slow-{id}", gw.base), id.to_string());
     let pending = tokio::spawn(async move {
-        let _ = reqwest::Client::new()
-            .get(format!("{base}/Observation/slow-4"))
-            .bearer_auth(t)
-            .header("x-request-id", "interrupted-1")
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .header("x-request-id", id_header)
             .send()
-            .await;
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
     });
     wait_until("the request to reach the upstream", 5, async || {
-        !upstream_ids(&gw, "interrupted-").is_empty()
+        upstream_ids(&gw, id).contains(id)
     })
     .await;
     gw.signal_term();
@@ -814,6 +817,14 @@ async fn sigint_during_the_drain_stops_at_once() {
         tokio::net::TcpStream::connect(addr).await.is_err()
     })
     .await;
+    (gw, pending)
+}
+
+/// SIGINT during the drain stops at once (exit 130), not after the
+/// request still in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_the_drain_stops_at_once() {
+    let (mut gw, pending) = draining_with_one_request("interrupted-1").await;
     let signalled = Instant::now();
     gw.signal("INT");
     let status = gw.wait_exit(10).await;
@@ -831,41 +842,10 @@ async fn sigint_during_the_drain_stops_at_once() {
 /// its answer before the process exits (within the drain timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_when_the_listener_closes_is_answered_before_exit() {
-    let mut gw = Gateway::start(Options {
-        read_timeout_ms: 10_000,
-        server_yaml: "  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 20\n".into(),
-        ..Options::default()
-    })
-    .await;
-    let token = gw.mint("system/Observation.rs", None);
-    // The sandbox stalls 5 s on "slow" ids.
-    let (base, t) = (gw.base.clone(), token.clone());
-    let pending = tokio::spawn(async move {
-        reqwest::Client::new()
-            .get(format!("{base}/Observation/slow-2"))
-            .bearer_auth(t)
-            .header("x-request-id", "drain-1")
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-    });
-    wait_until("the request to reach the upstream", 5, async || {
-        !upstream_ids(&gw, "drain-").is_empty()
-    })
-    .await;
-    gw.signal_term();
-    let addr = gw.proxy_addr();
-    wait_until("the listener to close", 5, async || {
-        tokio::net::TcpStream::connect(addr).await.is_err()
-    })
-    .await;
+    let (mut gw, pending) = draining_with_one_request("drain-1").await;
     assert!(gw.exited().is_none(), "exited with a request in flight");
     let answered = pending.await.unwrap();
-    assert_eq!(
-        answered.ok(),
-        Some(404),
-        "the upstream's answer came through"
-    );
+    assert_eq!(answered, Some(404), "the upstream's answer came through");
     let status = gw.wait_exit(10).await;
     assert!(status.success(), "fhirwall exited with {status}");
     let rec = records(&gw.audit_path)

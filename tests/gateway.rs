@@ -1227,6 +1227,26 @@ async fn upstream_connections_are_pooled_until_idle() {
     );
 }
 
+/// `PUT Observation/<id>` under `user/Observation.u` with a note of
+/// `note_len` bytes (over 64 KiB: relayed by fhirwall); the client gives
+/// up after 20 s (without the gateway's own timeouts it would wait for
+/// ever).
+async fn put_large_observation(gw: &Gateway, id: &str, note_len: usize) -> reqwest::Response {
+    let token = gw.mint("user/Observation.u", None);
+    let body = json!({"resourceType": "Observation", "id": id,
+                      "note": [{"text": "x".repeat(note_len)}]})
+    .to_string();
+    gw.client
+        .put(format!("{}/Observation/{id}", gw.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .body(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A body larger than Pingora's buffer is relayed by fhirwall's own
 /// client, which times reads only: an upstream that accepts the request
 /// and then takes none of its body is given up after
@@ -1251,21 +1271,7 @@ async fn an_upstream_that_stops_taking_a_relayed_body_is_given_up() {
         ..Options::default()
     })
     .await;
-    let token = gw.mint("user/Observation.u", None);
-    let body = json!({"resourceType": "Observation", "id": "o1",
-                      "note": [{"text": "x".repeat(6_000_000)}]})
-    .to_string();
-    let r = gw
-        .client
-        .put(format!("{}/Observation/o1", gw.base))
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .body(body)
-        // Without the write timeout the gateway would hold it for ever.
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await
-        .unwrap();
+    let r = put_large_observation(&gw, "o1", 6_000_000).await;
     assert_eq!(r.status(), 504);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let o = outcome(r).await;
@@ -1291,21 +1297,8 @@ async fn a_relayed_body_taken_whole_waits_for_the_answer_by_the_read_timeout() {
         ..Options::default()
     })
     .await;
-    let token = gw.mint("user/Observation.u", None);
     // The sandbox takes the body, then stalls 5 s on "slow" ids.
-    let body = json!({"resourceType": "Observation", "id": "slow-3",
-                      "note": [{"text": "x".repeat(200_000)}]})
-    .to_string();
-    let r = gw
-        .client
-        .put(format!("{}/Observation/slow-3", gw.base))
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .body(body)
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await
-        .unwrap();
+    let r = put_large_observation(&gw, "slow-3", 200_000).await;
     assert_eq!(r.status(), 504);
     let o = outcome(r).await.to_string();
     assert!(o.contains("read_timeout_ms"), "{o}");
