@@ -996,6 +996,18 @@ mod tests {
         ));
     }
 
+    /// `check` on a 200 FHIR JSON answer `body` to a request for `path`.
+    fn judge_answer(check: &ResponseCheck, path: &str, body: Value) -> Verdict {
+        judge(
+            check,
+            &req(path),
+            200,
+            Some("application/fhir+json"),
+            body.to_string().as_bytes(),
+            &Bases::default(),
+        )
+    }
+
     #[test]
     fn searches_hold_only_granted_types() {
         let check = ResponseCheck::Search {
@@ -1005,16 +1017,7 @@ mod tests {
             open_types: Vec::new(),
             refused_types: Vec::new(),
         };
-        let run = |body: Value| {
-            judge(
-                &check,
-                &req("Observation"),
-                200,
-                Some("application/fhir+json"),
-                body.to_string().as_bytes(),
-                &Bases::default(),
-            )
-        };
+        let run = |body: Value| judge_answer(&check, "Observation", body);
         assert_eq!(
             run(searchset(vec![(obs("a", "p1"), "match")])),
             Verdict::Pass
@@ -1065,16 +1068,7 @@ mod tests {
                 reason: "refused by policy rule t.yaml#no-conditions".into(),
             }],
         };
-        let run = |body: Value| {
-            judge(
-                &check,
-                &req(""),
-                200,
-                Some("application/fhir+json"),
-                body.to_string().as_bytes(),
-                &Bases::default(),
-            )
-        };
+        let run = |body: Value| judge_answer(&check, "", body);
         assert_eq!(
             run(searchset(vec![(obs("a", "p1"), "match")])),
             Verdict::Pass
