@@ -304,8 +304,11 @@ fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
             ),
         });
     }
-    serde_json::from_slice::<Value>(body).map_err(|_| Verdict::Unverifiable {
-        why: "upstream answer is not valid JSON".into(),
+    // Strictly: with a key repeated, what is judged (the last) and what a
+    // client reads (maybe the first) could differ, and the answer passes
+    // on as written.
+    crate::fhir::strict_json::parse(body).map_err(|_| Verdict::Unverifiable {
+        why: "upstream answer is not valid JSON, or repeats a key".into(),
     })
 }
 
@@ -460,10 +463,13 @@ pub fn bundle_with_if_match(body: &[u8], tags: &[(usize, String)]) -> Option<Vec
 
 /// Each entry's status in a batch/transaction response Bundle (the code of
 /// its `response.status`, e.g. `201` of "201 Created"); `None` when the
-/// body is not such a Bundle.
-pub fn entry_statuses(body: &[u8]) -> Option<Vec<Option<u16>>> {
+/// body is not such a Bundle of `entries` entries (the answer to the
+/// request, entry for entry).
+pub fn entry_statuses(body: &[u8], entries: usize) -> Option<Vec<Option<u16>>> {
     #[derive(serde::Deserialize)]
     struct Doc {
+        #[serde(rename = "resourceType")]
+        resource_type: Option<String>,
         #[serde(rename = "type")]
         kind: Option<String>,
         #[serde(default)]
@@ -478,10 +484,13 @@ pub fn entry_statuses(body: &[u8]) -> Option<Vec<Option<u16>>> {
         status: Option<String>,
     }
     let doc: Doc = serde_json::from_slice(body).ok()?;
-    if !matches!(
-        doc.kind.as_deref(),
-        Some("batch-response" | "transaction-response")
-    ) {
+    if doc.resource_type.as_deref() != Some("Bundle")
+        || !matches!(
+            doc.kind.as_deref(),
+            Some("batch-response" | "transaction-response")
+        )
+        || doc.entry.len() != entries
+    {
         return None;
     }
     Some(
@@ -1097,6 +1106,38 @@ mod tests {
         }
     }
 
+    /// An answer repeating a key is not judged: the key judged (the last)
+    /// and the one a client reads (maybe the first) could differ.
+    #[test]
+    fn answers_repeating_a_key_are_unverifiable() {
+        let check = ResponseCheck::Search {
+            patient: Some("p1".into()),
+            types: None,
+            filters: None,
+            open_types: Vec::new(),
+            refused_types: Vec::new(),
+        };
+        for body in [
+            r#"{"resourceType":"Bundle","type":"searchset","total":9,"total":9}"#,
+            r#"{"resourceType":"Bundle","type":"searchset","entry":[],"entry":[]}"#,
+        ] {
+            assert!(
+                matches!(
+                    judge(
+                        &check,
+                        &req("Observation"),
+                        200,
+                        Some("application/fhir+json"),
+                        body.as_bytes(),
+                        &Bases::default()
+                    ),
+                    Verdict::Unverifiable { .. }
+                ),
+                "{body}"
+            );
+        }
+    }
+
     /// What fhirwall edits in a Bundle leaves the rest as written: a
     /// decimal keeps its precision (`5.10` is not `5.1` in FHIR).
     #[test]
@@ -1191,13 +1232,18 @@ mod tests {
             {"response": {"status": "404"}},
             {"response": {}},
             {"response": {"status": "OK"}}]});
+        let text = answer.to_string();
         assert_eq!(
-            entry_statuses(answer.to_string().as_bytes()),
+            entry_statuses(text.as_bytes(), 4),
             Some(vec![Some(201), Some(404), None, None])
         );
+        // Not the answer to the request, entry for entry: nothing.
+        assert_eq!(entry_statuses(text.as_bytes(), 3), None);
         let search = json!({"resourceType": "Bundle", "type": "searchset", "entry": []});
-        assert_eq!(entry_statuses(search.to_string().as_bytes()), None);
-        assert_eq!(entry_statuses(b"not json"), None);
+        assert_eq!(entry_statuses(search.to_string().as_bytes(), 0), None);
+        assert_eq!(entry_statuses(b"not json", 0), None);
+        let doubled = r#"{"resourceType":"Bundle","type":"batch-response","entry":[],"entry":[]}"#;
+        assert_eq!(entry_statuses(doubled.as_bytes(), 0), None);
     }
 
     #[test]

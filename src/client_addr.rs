@@ -128,7 +128,10 @@ pub fn rate_limit_key(ip: IpAddr, nat64: &[Cidr]) -> String {
 pub const NAT64_PREFIX_LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
 
 /// The IPv4 address RFC 6052 embeds in `v6` under the NAT64 prefix
-/// `prefix`, if `v6` lies in it: after the prefix, skipping bits 64–71.
+/// `prefix`, if `v6` lies in it and is in that form: after the prefix,
+/// skipping bits 64–71, which must be zero, as must the suffix after the
+/// IPv4 address (else a native host in the prefix could vary those bits
+/// into fresh rate-limit keys).
 pub fn embedded_ipv4(v6: std::net::Ipv6Addr, prefix: Cidr) -> Option<std::net::Ipv4Addr> {
     let (IpAddr::V6(_), bits) = prefix else {
         return None;
@@ -137,15 +140,20 @@ pub fn embedded_ipv4(v6: std::net::Ipv6Addr, prefix: Cidr) -> Option<std::net::I
         return None;
     }
     let o = v6.octets();
-    let at: &[usize; 4] = match bits {
-        32 => &[4, 5, 6, 7],
-        40 => &[5, 6, 7, 9],
-        48 => &[6, 7, 9, 10],
-        56 => &[7, 9, 10, 11],
-        64 => &[9, 10, 11, 12],
-        96 => &[12, 13, 14, 15],
+    // The IPv4 address's octets, and where the zero suffix starts.
+    let (at, suffix): (&[usize; 4], usize) = match bits {
+        32 => (&[4, 5, 6, 7], 9),
+        40 => (&[5, 6, 7, 9], 10),
+        48 => (&[6, 7, 9, 10], 11),
+        56 => (&[7, 9, 10, 11], 12),
+        64 => (&[9, 10, 11, 12], 13),
+        96 => (&[12, 13, 14, 15], 16),
         _ => return None,
     };
+    let u_zero = bits == 96 || o[8] == 0;
+    if !u_zero || o[suffix..].iter().any(|b| *b != 0) {
+        return None;
+    }
     Some(std::net::Ipv4Addr::new(
         o[at[0]], o[at[1]], o[at[2]], o[at[3]],
     ))
@@ -326,8 +334,18 @@ mod tests {
             let p = parse_cidr(prefix).unwrap();
             assert_eq!(rate_limit_key(ip(addr), &[p]), "192.0.2.33", "{prefix}");
         }
-        // Outside the prefix: not unwrapped.
+        // Outside the prefix, or not in RFC 6052's form (bits 64-71 or the
+        // suffix set): not unwrapped, keyed by its /64.
         let p = parse_cidr("2001:db8:122:344::/64").unwrap();
         assert_eq!(embedded_ipv4("2001:db8:999::1".parse().unwrap(), p), None);
+        assert_eq!(
+            embedded_ipv4("2001:db8:122:344:c0:2:2100:1".parse().unwrap(), p),
+            None
+        );
+        let p40 = parse_cidr("2001:db8:100::/40").unwrap();
+        assert_eq!(
+            embedded_ipv4("2001:db8:1c0:2:121::".parse().unwrap(), p40),
+            None
+        );
     }
 }

@@ -288,6 +288,8 @@ pub struct Ctx {
     /// `upstream.max_checked_answer_bytes`), read for its entries'
     /// statuses at its end; `None` when not collected or too large.
     answer_buf: Option<BytesMut>,
+    /// `answer_buf`'s share of `Gateway::body_budget`.
+    answer_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Each Bundle entry's answered status, once read (for the record).
     entry_statuses: Vec<Option<u16>>,
     /// `body` differs from what the client sent (a Bundle whose proved
@@ -607,9 +609,6 @@ impl Gateway {
         Ok(body)
     }
 
-    /// Whether fhirwall sends the request upstream itself: the body it
-    /// read is larger than Pingora's retry buffer, which then holds none of
-    /// it to forward.
     /// Whether to keep a batch/transaction's answer as it passes, to read
     /// its entries' statuses for the record: a 2xx, not encoded.
     fn collects_answer(
@@ -626,26 +625,44 @@ impl Gateway {
     }
 
     /// Keeps a piece of a collected answer; at its end, reads the entries'
-    /// statuses. An answer larger than `upstream.max_checked_answer_bytes`
-    /// is let go (its entries' statuses stay unknown).
+    /// statuses. What is kept counts against `server.max_held_body_bytes`
+    /// with the bodies fhirwall holds; an answer larger than
+    /// `upstream.max_checked_answer_bytes`, or beyond that budget, is let
+    /// go (its entries' statuses stay unknown; the answer passes on as
+    /// ever).
     fn collect_answer(&self, ctx: &mut Ctx, piece: Option<&Bytes>, end: bool) {
         let Some(buf) = ctx.answer_buf.as_mut() else {
             return;
         };
-        if let Some(p) = piece {
-            if buf.len() + p.len() > self.settings.upstream.max_checked_answer_bytes {
+        if let Some(p) = piece.filter(|p| !p.is_empty()) {
+            let share = u32::try_from(p.len())
+                .ok()
+                .filter(|_| buf.len() + p.len() <= self.settings.upstream.max_checked_answer_bytes)
+                .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok());
+            let Some(share) = share else {
                 ctx.answer_buf = None;
+                ctx.answer_permit = None;
                 return;
-            }
+            };
             buf.extend_from_slice(p);
+            match ctx.answer_permit.as_mut() {
+                Some(held) => held.merge(share),
+                None => ctx.answer_permit = Some(share),
+            }
         }
         if end {
             if let Some(buf) = ctx.answer_buf.take() {
-                ctx.entry_statuses = crate::check::entry_statuses(&buf).unwrap_or_default();
+                let entries = ctx.fhir.as_ref().map_or(0, |f| f.entries.len());
+                ctx.entry_statuses =
+                    crate::check::entry_statuses(&buf, entries).unwrap_or_default();
             }
+            ctx.answer_permit = None;
         }
     }
 
+    /// Whether fhirwall sends the request upstream itself: the body it
+    /// read is larger than Pingora's retry buffer, which then holds none of
+    /// it to forward (or fhirwall rewrote it).
     fn relayed(session: &Session, ctx: &Ctx) -> bool {
         ctx.body.is_some() && (session.retry_buffer_truncated() || ctx.body_rewritten)
     }
@@ -841,10 +858,17 @@ impl Gateway {
         // along; a Bundle's checked entries narrowed.
         let mut body = ctx.body.clone();
         if !ctx.entry_checks.is_empty() {
-            body = body
+            let narrowed = body
                 .as_deref()
-                .and_then(|b| narrow_bundle(b, &ctx.entry_checks))
-                .map(Bytes::from);
+                .and_then(|b| narrow_bundle(b, &ctx.entry_checks));
+            let Some(narrowed) = narrowed else {
+                let denial = Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: "the Bundle's entries could not be narrowed".into(),
+                };
+                return self.refuse(session, ctx, denial).await;
+            };
+            body = Some(Bytes::from(narrowed));
         }
         let sent = Instant::now();
         let fetched = self
@@ -914,7 +938,8 @@ impl Gateway {
             }
         };
         if !fhir.entries.is_empty() {
-            ctx.entry_statuses = crate::check::entry_statuses(&body).unwrap_or_default();
+            ctx.entry_statuses =
+                crate::check::entry_statuses(&body, fhir.entries.len()).unwrap_or_default();
         }
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
         for (name, value) in &answer.headers {
@@ -2143,6 +2168,7 @@ impl ProxyHttp for Gateway {
             connection: Vec::new(),
             body: None,
             answer_buf: None,
+            answer_permit: None,
             entry_statuses: Vec::new(),
             body_rewritten: false,
             body_permit: None,

@@ -202,15 +202,18 @@ impl ShutdownSignalWatch for Signals {
         // again) during the drain stops at once.
         let audit = self.audit.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = next(&mut int) => {}
-                _ = next(&mut term) => {}
-            }
+            // The shell's codes: 128 + the signal's number.
+            let code = tokio::select! {
+                _ = next(&mut int) => 130,
+                _ = next(&mut term) => 143,
+            };
             tracing::warn!("signal during the drain: stopping at once");
-            let ok = tokio::task::spawn_blocking(move || final_flush(&audit))
-                .await
-                .unwrap_or(false);
-            std::process::exit(if ok { 130 } else { 1 });
+            // Exits from the blocking thread itself: were this task dropped
+            // with its runtime meanwhile, the process still ends.
+            tokio::task::spawn_blocking(move || {
+                let ok = final_flush(&audit);
+                std::process::exit(if ok { code } else { 1 })
+            });
         });
         let (lifecycle, audit) = (self.lifecycle.clone(), self.audit.clone());
         let deadline = std::time::Instant::now() + self.drain;
