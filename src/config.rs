@@ -213,6 +213,11 @@ pub struct DpopConfig {
     /// How long an issued nonce is good (up to twice this across a change).
     #[serde(default = "d_nonce_lifetime")]
     pub nonce_lifetime_seconds: u64,
+    /// A secret (32 to 1024 bytes) the nonces are made with, shared by
+    /// every replica, so a nonce one issues another accepts; without it
+    /// each process makes its own at start.
+    #[serde(default)]
+    pub nonce_key_file: Option<String>,
 }
 
 fn d_nonce_lifetime() -> u64 {
@@ -230,6 +235,7 @@ impl Default for DpopConfig {
             max_proofs_per_key: None,
             require_nonce: false,
             nonce_lifetime_seconds: d_nonce_lifetime(),
+            nonce_key_file: None,
         }
     }
 }
@@ -255,6 +261,18 @@ pub struct Dpop {
     pub max_proofs_per_key: u64,
     /// Nonce lifetime when nonces are required.
     pub nonce_lifetime_seconds: Option<u64>,
+    /// The nonces' key from `dpop.nonce_key_file`, if one is set.
+    pub nonce_key: Option<Secret>,
+}
+
+/// Secret bytes: never printed.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
 }
 
 /// How requests under `patient/` scopes are treated.
@@ -1325,6 +1343,36 @@ impl Config {
                 );
                 ok = false;
             }
+            let nonce_key = match &d.nonce_key_file {
+                None => None,
+                Some(f) => match std::fs::read(self.base_dir.join(f)) {
+                    Ok(k) if (32..=1024).contains(&k.len()) => Some(Secret(k)),
+                    Ok(k) => {
+                        problem(
+                            "dpop.nonce_key_file",
+                            format!(
+                                "'{f}' holds {} bytes; the key must be 32 to 1024 bytes \
+                                 (e.g. head -c 32 /dev/urandom > {f})",
+                                k.len()
+                            ),
+                        );
+                        ok = false;
+                        None
+                    }
+                    Err(e) => {
+                        problem("dpop.nonce_key_file", format!("'{f}' cannot be read: {e}"));
+                        ok = false;
+                        None
+                    }
+                },
+            };
+            if nonce_key.is_some() && !d.require_nonce {
+                problem(
+                    "dpop.nonce_key_file",
+                    "set without dpop.require_nonce: true, it would not be used".into(),
+                );
+                ok = false;
+            }
             if d.replay_cache_max_entries < 1000 {
                 problem(
                     "dpop.replay_cache_max_entries",
@@ -1356,6 +1404,7 @@ impl Config {
                 replay_cache_max_entries: d.replay_cache_max_entries,
                 max_proofs_per_key: per_key,
                 nonce_lifetime_seconds: d.require_nonce.then_some(d.nonce_lifetime_seconds),
+                nonce_key,
             })
         };
         let unnarrowed = match self.patient_context.unnarrowed_search.as_str() {
@@ -2168,6 +2217,55 @@ admin:
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn a_nonce_key_file_must_hold_a_key_and_be_used() {
+        let dir = std::env::temp_dir().join(format!("fhirwall-nonce-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, short) = (dir.join("good.key"), dir.join("short.key"));
+        std::fs::write(&good, [1u8; 32]).unwrap();
+        std::fs::write(&short, [1u8; 16]).unwrap();
+        let with = |extra: &str| {
+            Config::parse(&format!("{GOOD}dpop:\n{extra}"))
+                .unwrap()
+                .validate()
+        };
+        let s = with(&format!(
+            "  require_nonce: true\n  nonce_key_file: {}\n",
+            good.display()
+        ))
+        .unwrap();
+        assert_eq!(s.dpop.nonce_key.as_ref().unwrap().0, [1u8; 32]);
+        assert!(
+            !format!("{:?}", s.dpop).contains("[1, 1"),
+            "the key is printed"
+        );
+        for (extra, why) in [
+            (
+                format!(
+                    "  require_nonce: true\n  nonce_key_file: {}\n",
+                    short.display()
+                ),
+                "16 bytes",
+            ),
+            (
+                format!(
+                    "  require_nonce: true\n  nonce_key_file: {}\n",
+                    dir.join("missing.key").display()
+                ),
+                "cannot be read",
+            ),
+            (
+                format!("  nonce_key_file: {}\n", good.display()),
+                "require_nonce",
+            ),
+        ] {
+            let problems = with(&extra).unwrap_err();
+            assert_eq!(problems[0].path, "dpop.nonce_key_file", "{problems:?}");
+            assert!(problems[0].message.contains(why), "{problems:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

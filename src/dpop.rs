@@ -102,9 +102,9 @@ pub struct ProofContext<'a> {
 }
 
 /// Server-issued DPoP nonces (RFC 9449 §8): a nonce names a time bucket
-/// and carries an HMAC of it under a key made at start-up, so any worker
-/// can check it without shared state. The current and the previous
-/// bucket's nonces are accepted.
+/// and carries an HMAC of it under a key made at start-up (or configured,
+/// shared by replicas), so any worker can check it without shared state.
+/// The current and the previous bucket's nonces are accepted.
 pub struct Nonces {
     key: aws_lc_rs::hmac::Key,
     lifetime: i64,
@@ -119,6 +119,15 @@ impl Nonces {
             aws_lc_rs::hmac::Key::generate(aws_lc_rs::hmac::HMAC_SHA256, &rng).expect("system RNG");
         Nonces {
             key,
+            lifetime: lifetime_seconds.max(1) as i64,
+        }
+    }
+
+    /// A source with the key `secret` (shared by replicas: each accepts
+    /// the others' nonces).
+    pub fn with_key(secret: &[u8], lifetime_seconds: u64) -> Nonces {
+        Nonces {
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret),
             lifetime: lifetime_seconds.max(1) as i64,
         }
     }
@@ -385,6 +394,13 @@ mod tests {
 
     #[test]
     fn nonces_rotate_and_cannot_be_forged() {
+        // Two replicas sharing a key accept each other's nonces.
+        let shared = [7u8; 32];
+        let (a, b) = (Nonces::with_key(&shared, 60), Nonces::with_key(&shared, 60));
+        assert!(b.accepted(1_000).contains(&a.current(1_000)));
+        assert!(!Nonces::with_key(&[8u8; 32], 60)
+            .accepted(1_000)
+            .contains(&a.current(1_000)));
         let n = Nonces::new(60);
         let other = Nonces::new(60);
         let now = 1_000_020;

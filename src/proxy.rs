@@ -144,10 +144,14 @@ impl Gateway {
         let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::from_settings(
             &settings,
         )));
-        let dpop_nonces = settings
-            .dpop
-            .nonce_lifetime_seconds
-            .map(crate::dpop::Nonces::new);
+        let dpop_nonces =
+            settings
+                .dpop
+                .nonce_lifetime_seconds
+                .map(|lifetime| match &settings.dpop.nonce_key {
+                    Some(key) => crate::dpop::Nonces::with_key(&key.0, lifetime),
+                    None => crate::dpop::Nonces::new(lifetime),
+                });
         // A proof is good from iat - leeway to iat + max_age on the wall
         // clock; it is remembered beyond that window by a margin for clock
         // steps.

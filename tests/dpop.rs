@@ -503,3 +503,58 @@ async fn nonces_when_required() {
     assert!(r.headers().contains_key("dpop-nonce"));
     assert_eq!(gw.upstream.count_containing("Patient/p1"), 1);
 }
+
+/// Replicas sharing `dpop.nonce_key_file` accept each other's nonces (a
+/// client's next request may reach another replica); without the shared
+/// key, a nonce from one is refused by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_a_nonce_key_accept_each_others_nonces() {
+    let dir = support::TempDir::new("nonce-key");
+    let key = dir.0.join("dpop-nonce.key");
+    std::fs::write(&key, [42u8; 32]).unwrap();
+    let nonces = |shared: bool| Options {
+        extra_yaml: format!(
+            "dpop:\n  require_nonce: true\n  nonce_lifetime_seconds: 60\n{}",
+            if shared {
+                format!("  nonce_key_file: {}\n", key.display())
+            } else {
+                String::new()
+            }
+        ),
+        ..Options::default()
+    };
+    let a = Gateway::start(nonces(true)).await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    // Replica A hands out a nonce.
+    let token_a = bound_token(&a, &client.jkt);
+    let url_a = format!("{}/Patient/p1", a.base);
+    let r = a
+        .client
+        .get(&url_a)
+        .header("authorization", format!("DPoP {token_a}"))
+        .header("dpop", client.proof("GET", &url_a, &token_a))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let nonce = r.headers()["dpop-nonce"].to_str().unwrap().to_string();
+    // Replica B takes it with the shared key, and refuses it without.
+    for (shared, status) in [(true, 200), (false, 401)] {
+        let b = Gateway::start(nonces(shared)).await;
+        let token_b = bound_token(&b, &client.jkt);
+        let url_b = format!("{}/Patient/p1", b.base);
+        let mut c = client.claims("GET", &url_b, &token_b);
+        c["nonce"] = json!(nonce);
+        let r = b
+            .client
+            .get(&url_b)
+            .header("authorization", format!("DPoP {token_b}"))
+            .header("dpop", client.key.sign_json(&client.header(), &c))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "shared key: {shared}");
+        let reached = b.upstream.count_containing("Patient/p1");
+        assert_eq!(reached, usize::from(status == 200), "shared key: {shared}");
+    }
+}
