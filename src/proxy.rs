@@ -630,18 +630,20 @@ impl Gateway {
 
     /// Keeps a piece of a collected answer; at its end, reads the entries'
     /// statuses. What is kept counts against `server.max_held_body_bytes`
-    /// with the bodies fhirwall holds; an answer larger than
-    /// `upstream.max_checked_answer_bytes`, or beyond that budget, is let
-    /// go (its entries' statuses stay unknown; the answer passes on as
-    /// ever).
+    /// with the bodies fhirwall holds, and may take only its first half
+    /// (request bodies keep the rest); an answer larger than
+    /// `upstream.max_checked_answer_bytes`, or beyond that, is let go (its
+    /// entries' statuses stay unknown; the answer passes on as ever).
     fn collect_answer(&self, ctx: &mut Ctx, piece: Option<&Bytes>, end: bool) {
         let Some(buf) = ctx.answer_buf.as_mut() else {
             return;
         };
         if let Some(p) = piece.filter(|p| !p.is_empty()) {
+            let reserve = self.settings.server.max_held_body_bytes / 2;
             let share = u32::try_from(p.len())
                 .ok()
                 .filter(|_| buf.len() + p.len() <= self.settings.upstream.max_checked_answer_bytes)
+                .filter(|_| self.body_budget.available_permits() >= reserve + p.len())
                 .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok());
             let Some(share) = share else {
                 ctx.answer_buf = None;

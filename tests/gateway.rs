@@ -702,6 +702,41 @@ async fn held_bodies_have_a_budget_and_a_deadline() {
             .count(),
         1
     );
+    // Answers kept for the entries' statuses may take only half the budget:
+    // a batch answered in 30 kB is read for them, one answered in 80 kB is
+    // passed on whole but not read.
+    for (entries, read) in [(150, true), (400, false)] {
+        let body = json!({"resourceType": "Bundle", "type": "batch",
+            "entry": vec![json!({"request": {"method": "GET", "url": "Patient/p1"}}); entries]})
+        .to_string();
+        let r = gw
+            .client
+            .post(gw.base.clone())
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["entry"].as_array().unwrap().len(), entries);
+        let size = answer.to_string().len();
+        assert!(read == (size < 50_000), "{entries} entries: {size} bytes");
+        let rec = gw.audit_for(&id);
+        let statuses = rec["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["status"] == 200)
+            .count();
+        assert_eq!(
+            statuses,
+            if read { entries } else { 0 },
+            "{entries} entries"
+        );
+    }
 }
 
 /// A create, update or patch whose resource holds a conditional reference
