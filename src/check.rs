@@ -307,8 +307,8 @@ fn parse(content_type: Option<&str>, body: &[u8]) -> Result<Value, Verdict> {
     // Strictly: with a key repeated, what is judged (the last) and what a
     // client reads (maybe the first) could differ, and the answer passes
     // on as written.
-    crate::fhir::strict_json::parse(body).map_err(|_| Verdict::Unverifiable {
-        why: "upstream answer is not valid JSON, or repeats a key".into(),
+    crate::fhir::strict_json::parse(body).map_err(|e| Verdict::Unverifiable {
+        why: format!("upstream answer is not valid JSON, or repeats a key: {e}"),
     })
 }
 
@@ -465,7 +465,7 @@ pub fn bundle_with_if_match(body: &[u8], tags: &[(usize, String)]) -> Option<Vec
 /// its `response.status`, e.g. `201` of "201 Created"); `None` when the
 /// body is not such a Bundle of `entries` entries (the answer to the
 /// request, entry for entry).
-pub fn entry_statuses(body: &[u8], entries: usize) -> Option<Vec<Option<u16>>> {
+pub fn entry_statuses(body: impl std::io::Read, entries: usize) -> Option<Vec<Option<u16>>> {
     #[derive(serde::Deserialize)]
     struct Doc {
         #[serde(rename = "resourceType")]
@@ -483,7 +483,7 @@ pub fn entry_statuses(body: &[u8], entries: usize) -> Option<Vec<Option<u16>>> {
     struct Response {
         status: Option<String>,
     }
-    let doc: Doc = serde_json::from_slice(body).ok()?;
+    let doc: Doc = serde_json::from_reader(body).ok()?;
     if doc.resource_type.as_deref() != Some("Bundle")
         || !matches!(
             doc.kind.as_deref(),
@@ -502,6 +502,36 @@ pub fn entry_statuses(body: &[u8], entries: usize) -> Option<Vec<Option<u16>>> {
             })
             .collect(),
     )
+}
+
+/// A body kept as the pieces it came in, read in order (no copy into one
+/// buffer).
+pub struct Pieces {
+    pieces: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl Pieces {
+    pub fn new(pieces: Vec<bytes::Bytes>) -> Pieces {
+        Pieces {
+            pieces: pieces.into(),
+        }
+    }
+}
+
+impl std::io::Read for Pieces {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(front) = self.pieces.front_mut() {
+            if front.is_empty() {
+                self.pieces.pop_front();
+                continue;
+            }
+            let n = front.len().min(out.len());
+            out[..n].copy_from_slice(&front[..n]);
+            bytes::Buf::advance(front, n);
+            return Ok(n);
+        }
+        Ok(0)
+    }
 }
 
 /// Judges a batch/transaction response entry by entry: each checked entry's
@@ -1239,9 +1269,19 @@ mod tests {
         );
         // Not the answer to the request, entry for entry: nothing.
         assert_eq!(entry_statuses(text.as_bytes(), 3), None);
+        // Read from the pieces it came in, the same.
+        let pieces: Vec<bytes::Bytes> = text
+            .as_bytes()
+            .chunks(7)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        assert_eq!(
+            entry_statuses(Pieces::new(pieces), 4),
+            Some(vec![Some(201), Some(404), None, None])
+        );
         let search = json!({"resourceType": "Bundle", "type": "searchset", "entry": []});
         assert_eq!(entry_statuses(search.to_string().as_bytes(), 0), None);
-        assert_eq!(entry_statuses(b"not json", 0), None);
+        assert_eq!(entry_statuses(&b"not json"[..], 0), None);
         let doubled = r#"{"resourceType":"Bundle","type":"batch-response","entry":[],"entry":[]}"#;
         assert_eq!(entry_statuses(doubled.as_bytes(), 0), None);
     }

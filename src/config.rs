@@ -677,6 +677,20 @@ fn d_grace() -> u64 {
 fn d_shutdown() -> u64 {
     25
 }
+/// A regular file's bytes, read only if it holds at most `max` (a device
+/// or a FIFO named by mistake is refused, not read for ever); a larger
+/// one reads as its first `max + 1` bytes, for the caller to refuse.
+fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The most `server.max_classified_body_bytes` may be.
 const MAX_CLASSIFIED_BODY: usize = 64 << 20;
 
@@ -1345,7 +1359,7 @@ impl Config {
             }
             let nonce_key = match &d.nonce_key_file {
                 None => None,
-                Some(f) => match std::fs::read(self.base_dir.join(f)) {
+                Some(f) => match read_small_file(&self.base_dir.join(f), 1024) {
                     Ok(k) if (32..=1024).contains(&k.len()) => Some(Secret(k)),
                     Ok(k) => {
                         problem(
@@ -1353,7 +1367,11 @@ impl Config {
                             format!(
                                 "'{f}' holds {} bytes; the key must be 32 to 1024 bytes \
                                  (e.g. head -c 32 /dev/urandom > {f})",
-                                k.len()
+                                if k.len() > 1024 {
+                                    "more than 1024".to_string()
+                                } else {
+                                    k.len().to_string()
+                                }
                             ),
                         );
                         ok = false;
@@ -2259,6 +2277,10 @@ admin:
             (
                 format!("  nonce_key_file: {}\n", good.display()),
                 "require_nonce",
+            ),
+            (
+                "  require_nonce: true\n  nonce_key_file: /dev/urandom\n".to_string(),
+                "not a regular file",
             ),
         ] {
             let problems = with(&extra).unwrap_err();

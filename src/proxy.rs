@@ -291,11 +291,13 @@ pub struct Ctx {
     /// A batch/transaction answer as it passes (up to
     /// `upstream.max_checked_answer_bytes`), read for its entries'
     /// statuses at its end; `None` when not collected or too large.
-    answer_buf: Option<BytesMut>,
+    answer_buf: Option<Vec<Bytes>>,
     /// `answer_buf`'s share of `Gateway::body_budget`.
     answer_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Each Bundle entry's answered status, once read (for the record).
     entry_statuses: Vec<Option<u16>>,
+    /// The entries whose answer fhirwall withheld (checked Bundles).
+    entry_withheld: Vec<bool>,
     /// `body` differs from what the client sent (a Bundle whose proved
     /// entries carry `ifMatch`): fhirwall sends it upstream itself.
     body_rewritten: bool,
@@ -620,12 +622,12 @@ impl Gateway {
         ctx: &Ctx,
         status: u16,
         headers: &http::HeaderMap,
-    ) -> Option<BytesMut> {
+    ) -> Option<Vec<Bytes>> {
         let bundle = ctx.fhir.as_ref().is_some_and(|f| !f.entries.is_empty());
         let identity = headers
             .get(header::CONTENT_ENCODING)
             .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        (bundle && identity && (200..300).contains(&status)).then(BytesMut::new)
+        (bundle && identity && (200..300).contains(&status)).then(Vec::new)
     }
 
     /// Keeps a piece of a collected answer; at its end, reads the entries'
@@ -640,17 +642,21 @@ impl Gateway {
         };
         if let Some(p) = piece.filter(|p| !p.is_empty()) {
             let reserve = self.settings.server.max_held_body_bytes / 2;
+            let held: usize = buf.iter().map(Bytes::len).sum();
+            // Taken first, then checked: what is left must stay at least
+            // half the budget.
             let share = u32::try_from(p.len())
                 .ok()
-                .filter(|_| buf.len() + p.len() <= self.settings.upstream.max_checked_answer_bytes)
-                .filter(|_| self.body_budget.available_permits() >= reserve + p.len())
-                .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok());
+                .filter(|_| held + p.len() <= self.settings.upstream.max_checked_answer_bytes)
+                .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok())
+                .filter(|_| self.body_budget.available_permits() >= reserve);
             let Some(share) = share else {
                 ctx.answer_buf = None;
                 ctx.answer_permit = None;
                 return;
             };
-            buf.extend_from_slice(p);
+            // The piece itself, not a copy: memory as counted.
+            buf.push(p.clone());
             match ctx.answer_permit.as_mut() {
                 Some(held) => held.merge(share),
                 None => ctx.answer_permit = Some(share),
@@ -660,7 +666,8 @@ impl Gateway {
             if let Some(buf) = ctx.answer_buf.take() {
                 let entries = ctx.fhir.as_ref().map_or(0, |f| f.entries.len());
                 ctx.entry_statuses =
-                    crate::check::entry_statuses(&buf, entries).unwrap_or_default();
+                    crate::check::entry_statuses(crate::check::Pieces::new(buf), entries)
+                        .unwrap_or_default();
             }
             ctx.answer_permit = None;
         }
@@ -807,6 +814,7 @@ impl Gateway {
             None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
         }
         ctx.answer_buf = self.collects_answer(ctx, answer.status().as_u16(), answer.headers());
+        ctx.answer_permit = None;
         self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), false).await?;
         loop {
@@ -944,8 +952,13 @@ impl Gateway {
             }
         };
         if !fhir.entries.is_empty() {
-            ctx.entry_statuses =
-                crate::check::entry_statuses(&body, fhir.entries.len()).unwrap_or_default();
+            // What the upstream answered each entry, and which answers the
+            // client did not get (replaced by a denial).
+            let n = fhir.entries.len();
+            let upstream = crate::check::entry_statuses(&answer.body[..], n).unwrap_or_default();
+            let client = crate::check::entry_statuses(&body[..], n).unwrap_or_default();
+            ctx.entry_withheld = (0..n).map(|i| upstream.get(i) != client.get(i)).collect();
+            ctx.entry_statuses = upstream;
         }
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
         for (name, value) in &answer.headers {
@@ -2116,6 +2129,7 @@ impl Ctx {
                             e.params.iter().chain(&e.condition).map(|(n, _)| n.as_str()),
                         ),
                         status: self.entry_statuses.get(i).copied().flatten(),
+                        withheld: self.entry_withheld.get(i).copied().unwrap_or(false),
                     })
                     .collect()
             }),
@@ -2176,6 +2190,7 @@ impl ProxyHttp for Gateway {
             answer_buf: None,
             answer_permit: None,
             entry_statuses: Vec::new(),
+            entry_withheld: Vec::new(),
             body_rewritten: false,
             body_permit: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),
@@ -2333,6 +2348,7 @@ impl ProxyHttp for Gateway {
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         ctx.answer_buf = self.collects_answer(ctx, resp.status.as_u16(), &resp.headers);
+        ctx.answer_permit = None;
         self.stamp(resp, ctx)
     }
 

@@ -1136,7 +1136,8 @@ async fn bundles_are_checked_entry_by_entry() {
     assert_eq!(b["entry"][2]["resource"]["type"], "searchset");
     assert_eq!(entry_ids(&b["entry"][2]["resource"]), ["cond-p1"]);
     assert_eq!(b["entry"][3]["resource"]["id"], "p1");
-    // The record has each entry's status as the client got it.
+    // The record has each entry's status as the upstream answered it, and
+    // marks the answer fhirwall withheld.
     let r = gw
         .client
         .post(gw.base.clone())
@@ -1154,7 +1155,9 @@ async fn bundles_are_checked_entry_by_entry() {
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let rec = gw.audit_for(&id);
     assert_eq!(rec["entries"][0]["status"], 200, "{rec}");
-    assert_eq!(rec["entries"][1]["status"], 404, "{rec}");
+    assert!(rec["entries"][0].get("withheld").is_none(), "{rec}");
+    assert_eq!(rec["entries"][1]["status"], 200, "{rec}");
+    assert_eq!(rec["entries"][1]["withheld"], true, "{rec}");
     // A transaction with a read: the same per-entry check.
     let (s, body) = post_bundle(
         "transaction",

@@ -343,6 +343,9 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
         if let Some(s) = e.status {
             entry_details.push(detail("status", s.to_string()));
         }
+        if e.withheld {
+            entry_details.push(detail("withheld", "true"));
+        }
         if !entry_details.is_empty() {
             entity["detail"] = entry_details.into();
         }
@@ -457,6 +460,7 @@ mod tests {
                     resource_type: Some("Patient"),
                     resource_id: Some("p7"),
                     status: Some(404),
+                    withheld: true,
                     ..EntryRecord::default()
                 },
                 EntryRecord {
@@ -484,6 +488,7 @@ mod tests {
         assert_eq!(entry(0)["role"]["code"], "4");
         assert_eq!(entry(0)["detail"][0]["type"], "status");
         assert_eq!(entry(0)["detail"][0]["valueString"], "404");
+        assert_eq!(entry(0)["detail"][1]["type"], "withheld");
         assert_eq!(entry(1)["what"]["display"], "Observation");
         assert_eq!(entry(1)["role"]["code"], "24");
         assert_eq!(entry(1)["detail"][0]["valueString"], "patient,code");

@@ -59,6 +59,10 @@ pub struct EntryRecord<'a> {
     /// the response Bundle), when fhirwall read that.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// fhirwall withheld the upstream's answer to it (the client got a
+    /// denial in its place: a check of the answer failed).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
 }
 
 /// One audit record. It borrows from the request's state: building it
