@@ -483,13 +483,7 @@ async fn bundles_are_decided_entry_by_entry() {
         ]})
         .to_string()
     };
-    let post = |body: String| {
-        gw.client
-            .post(gw.base.clone())
-            .bearer_auth(&token)
-            .header("content-type", "application/fhir+json")
-            .body(body)
-    };
+    let post = |body: String| gw.post_bundle(&token, body);
 
     let bad = bundle("transaction", "Condition/cond-bundle-1");
     let r = post(bad.clone()).send().await.unwrap();
@@ -670,14 +664,7 @@ async fn held_bodies_have_a_budget_and_a_deadline() {
     trickle.write_all(head.as_bytes()).await.unwrap();
     trickle.write_all(&slow.as_bytes()[..80_000]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let post = |body: String| {
-        gw.client
-            .post(gw.base.clone())
-            .bearer_auth(&token)
-            .header("content-type", "application/fhir+json")
-            .body(body)
-            .send()
-    };
+    let post = |body: String| gw.post_bundle(&token, body).send();
     let r = post(bundle(30_000)).await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
@@ -709,15 +696,7 @@ async fn held_bodies_have_a_budget_and_a_deadline() {
         let body = json!({"resourceType": "Bundle", "type": "batch",
             "entry": vec![json!({"request": {"method": "GET", "url": "Patient/p1"}}); entries]})
         .to_string();
-        let r = gw
-            .client
-            .post(gw.base.clone())
-            .bearer_auth(&token)
-            .header("content-type", "application/fhir+json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.post_bundle(&token, body).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
         let answer: Value = r.json().await.unwrap();

@@ -1066,15 +1066,7 @@ async fn bundles_are_checked_entry_by_entry() {
         {"resourceType":"Observation","id":"obs-moved","status":"final",
          "subject":{"reference":"Patient/p1"},"valueQuantity":{"value":5.10,"unit":"mg/dL"}},
         "request":{"method":"PUT","url":"Observation/obs-moved"}}]}"#;
-    let r = gw
-        .client
-        .post(gw.base.clone())
-        .bearer_auth(&p1)
-        .header("content-type", "application/fhir+json")
-        .body(written)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post_bundle(&p1, written).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let sent = gw.upstream.seen().last().unwrap().clone();
     let sent = String::from_utf8(sent.body.to_vec()).unwrap();
@@ -1138,19 +1130,9 @@ async fn bundles_are_checked_entry_by_entry() {
     assert_eq!(b["entry"][3]["resource"]["id"], "p1");
     // The record has each entry's status as the upstream answered it, and
     // marks the answer fhirwall withheld.
-    let r = gw
-        .client
-        .post(gw.base.clone())
-        .bearer_auth(&p1)
-        .header("content-type", "application/fhir+json")
-        .body(
-            json!({"resourceType": "Bundle", "type": "batch", "entry": [
-                get("Observation/obs-p1-0"), get("Observation/obs-p2-0")]})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        get("Observation/obs-p1-0"), get("Observation/obs-p2-0")]});
+    let r = gw.post_bundle(&p1, batch.to_string()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let rec = gw.audit_for(&id);

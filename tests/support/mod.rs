@@ -415,6 +415,20 @@ impl Gateway {
         }
     }
 
+    /// `POST` of FHIR JSON `body` (a batch or transaction) to the base with
+    /// `token`, to be sent.
+    pub fn post_bundle(
+        &self,
+        token: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.base.clone())
+            .bearer_auth(token)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+    }
+
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.admin_get("metrics").await.text().await.unwrap()
