@@ -2259,6 +2259,17 @@ admin:
             !format!("{:?}", s.dpop).contains("[1, 1"),
             "the key is printed"
         );
+        // A relative path is below the config file's directory.
+        let mut c = Config::parse(&format!(
+            "{GOOD}dpop:\n  require_nonce: true\n  nonce_key_file: good.key\n"
+        ))
+        .unwrap();
+        assert!(
+            c.validate().is_err(),
+            "good.key found outside the config's directory"
+        );
+        c.base_dir = dir.clone();
+        assert_eq!(c.validate().unwrap().dpop.nonce_key.unwrap().0, [1u8; 32]);
         for (extra, why) in [
             (
                 format!(
