@@ -423,13 +423,11 @@ fn judge_search(
 /// narrowed by its parameters; `None` when the body is not a Bundle.
 pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
-    let top = json_edit::parse(text)?;
-    let entries = json_edit::elements(top.get("entry")?)?;
+    let entries = json_edit::bundle_entries(text)?;
     let mut edit = JsonEdit::new(text);
     for c in checks.iter().filter(|c| !c.narrow.is_empty()) {
-        let entry = json_edit::members(entries.get(c.index)?)?;
-        let request = json_edit::members(entry.get("request")?)?;
-        let url = *request.get("url")?;
+        let request = json_edit::member(entries.get(c.index)?, "request")?;
+        let url = json_edit::member(request, "url")?;
         let mut u: String = serde_json::from_str(url.get()).ok()?;
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         for (n, v) in &c.narrow {
@@ -447,13 +445,11 @@ pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
 /// cannot be edited.
 pub fn bundle_with_if_match(body: &[u8], tags: &[(usize, String)]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
-    let top = json_edit::parse(text)?;
-    let entries = json_edit::elements(top.get("entry")?)?;
+    let entries = json_edit::bundle_entries(text)?;
     let mut edit = JsonEdit::new(text);
     for (i, tag) in tags {
-        let entry = json_edit::members(entries.get(*i)?)?;
-        let request = *entry.get("request")?;
-        match json_edit::members(request)?.get("ifMatch") {
+        let request = json_edit::member(entries.get(*i)?, "request")?;
+        match json_edit::member(request, "ifMatch") {
             Some(theirs) => edit.replace(theirs, json_edit::string(tag))?,
             None => edit.insert_first(request, "ifMatch", &json_edit::string(tag))?,
         }
@@ -632,8 +628,7 @@ pub fn judge_bundle_answer(
     // tree only if the text cannot be edited.
     let spliced = || -> Option<Vec<u8>> {
         let text = std::str::from_utf8(body).ok()?;
-        let top = json_edit::parse(text)?;
-        let raw = json_edit::elements(top.get("entry")?)?;
+        let raw = json_edit::bundle_entries(text)?;
         let mut edit = JsonEdit::new(text);
         for (i, entry) in &withheld {
             edit.replace(raw.get(*i)?, entry.to_string())?;
@@ -741,13 +736,13 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
         };
         let links = top.get("link").and_then(|l| json_edit::elements(l));
         for l in links.iter().flatten() {
-            if let Some(url) = json_edit::members(l).and_then(|m| m.get("url").copied()) {
+            if let Some(url) = json_edit::member(l, "url") {
                 fix(url)?;
             }
         }
         let entries = top.get("entry").and_then(|e| json_edit::elements(e));
         for e in entries.iter().flatten() {
-            if let Some(url) = json_edit::members(e).and_then(|m| m.get("fullUrl").copied()) {
+            if let Some(url) = json_edit::member(e, "fullUrl") {
                 fix(url)?;
             }
         }
@@ -804,7 +799,7 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
 }
 
 /// The version an entity tag names: `W/"3"`, `"3"` (or a bare `3`) → `3`.
-pub fn etag_version(tag: &str) -> &str {
+fn etag_version(tag: &str) -> &str {
     let tag = tag.trim();
     let tag = tag.strip_prefix("W/").unwrap_or(tag);
     tag.strip_prefix('"')

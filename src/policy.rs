@@ -423,7 +423,6 @@ impl PolicySet {
         let mut by = None;
         let mut limits: Vec<(String, RateLimit)> = Vec::new();
         let mut broke_glass: Vec<String> = Vec::new();
-        let mut first_refusal = None;
         for t in crate::fhir::resource_types::RESOURCE_TYPES {
             match self.evaluate(&PolicyInput {
                 resource_type: Some(t),
@@ -431,7 +430,6 @@ impl PolicySet {
                 ..*input
             }) {
                 Verdict::Deny { by: rule, reason } => {
-                    first_refusal.get_or_insert_with(|| (rule.clone(), reason.clone()));
                     refused_types.push(RefusedType {
                         resource_type: t.to_string(),
                         rule,
@@ -467,11 +465,12 @@ impl PolicySet {
             }) {
                 deny @ Verdict::Deny { .. } => deny,
                 Verdict::Allow { .. } => {
-                    let (rule, reason) = first_refusal.unwrap_or_default();
+                    let first = refused_types.swap_remove(0);
                     Verdict::Deny {
-                        by: rule,
+                        by: first.rule,
                         reason: format!(
-                            "policy rules refuse every resource type this stored page may hold ({reason}, …)"
+                            "policy rules refuse every resource type this stored page may hold ({}, …)",
+                            first.reason
                         ),
                     }
                 }

@@ -229,6 +229,14 @@ struct Proofs {
     bundle: Bytes,
 }
 
+/// One write to prove: the path it lands on, what it stores (with its
+/// Content-Type), and the client's `If-Match` values (none: empty).
+struct Target<'a> {
+    rel: &'a str,
+    body: Option<(Option<&'a str>, &'a [u8])>,
+    preconditions: &'a [&'a str],
+}
+
 /// DPoP proofs one client presented in the current replay window.
 struct ProofCount {
     since: Instant,
@@ -571,10 +579,8 @@ impl Gateway {
                         return Err(too_large());
                     }
                     // Held bytes count against the budget of all requests.
-                    let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-                    let share = Arc::clone(&self.body_budget)
-                        .try_acquire_many_owned(n)
-                        .map_err(|_| Denial::Unavailable {
+                    if !self.hold(&mut ctx.body_permit, chunk.len()) {
+                        return Err(Denial::Unavailable {
                             code: "body_budget_exhausted",
                             description: format!(
                                 "fhirwall holds as many request-body bytes as it may \
@@ -582,10 +588,7 @@ impl Gateway {
                                 server.max_held_body_bytes
                             ),
                             retry_after_seconds: 1,
-                        })?;
-                    match &mut ctx.body_permit {
-                        Some(p) => p.merge(share),
-                        None => ctx.body_permit = Some(share),
+                        });
                     }
                     body.extend_from_slice(&chunk);
                 }
@@ -615,19 +618,29 @@ impl Gateway {
         Ok(body)
     }
 
-    /// Whether to keep a batch/transaction's answer as it passes, to read
-    /// its entries' statuses for the record: a 2xx, not encoded.
-    fn collects_answer(
-        &self,
-        ctx: &Ctx,
-        status: u16,
-        headers: &http::HeaderMap,
-    ) -> Option<Vec<Bytes>> {
+    /// Adds `bytes` to the share of `Gateway::body_budget` held in `slot`;
+    /// false when the budget has no room for them.
+    fn hold(&self, slot: &mut Option<tokio::sync::OwnedSemaphorePermit>, bytes: usize) -> bool {
+        let share = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok());
+        match (share, slot.as_mut()) {
+            (None, _) => return false,
+            (Some(share), Some(held)) => held.merge(share),
+            (Some(share), None) => *slot = Some(share),
+        }
+        true
+    }
+
+    /// Starts keeping a batch/transaction's answer as it passes, to read
+    /// its entries' statuses for the record, if it is a 2xx, not encoded.
+    fn start_collecting(&self, ctx: &mut Ctx, status: u16, headers: &http::HeaderMap) {
         let bundle = ctx.fhir.as_ref().is_some_and(|f| !f.entries.is_empty());
         let identity = headers
             .get(header::CONTENT_ENCODING)
             .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        (bundle && identity && (200..300).contains(&status)).then(Vec::new)
+        ctx.answer_buf = (bundle && identity && (200..300).contains(&status)).then(Vec::new);
+        ctx.answer_permit = None;
     }
 
     /// Keeps a piece of a collected answer; at its end, reads the entries'
@@ -645,22 +658,16 @@ impl Gateway {
             let held: usize = buf.iter().map(Bytes::len).sum();
             // Taken first, then checked: what is left must stay at least
             // half the budget.
-            let share = u32::try_from(p.len())
-                .ok()
-                .filter(|_| held + p.len() <= self.settings.upstream.max_checked_answer_bytes)
-                .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok())
-                .filter(|_| self.body_budget.available_permits() >= reserve);
-            let Some(share) = share else {
+            let kept = held + p.len() <= self.settings.upstream.max_checked_answer_bytes
+                && self.hold(&mut ctx.answer_permit, p.len())
+                && self.body_budget.available_permits() >= reserve;
+            if !kept {
                 ctx.answer_buf = None;
                 ctx.answer_permit = None;
                 return;
-            };
+            }
             // The piece itself, not a copy: memory as counted.
             buf.push(p.clone());
-            match ctx.answer_permit.as_mut() {
-                Some(held) => held.merge(share),
-                None => ctx.answer_permit = Some(share),
-            }
         }
         if end {
             if let Some(buf) = ctx.answer_buf.take() {
@@ -813,8 +820,7 @@ impl Gateway {
             Some(len) => h.insert_header(header::CONTENT_LENGTH, len.to_string())?,
             None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
         }
-        ctx.answer_buf = self.collects_answer(ctx, answer.status().as_u16(), answer.headers());
-        ctx.answer_permit = None;
+        self.start_collecting(ctx, answer.status().as_u16(), answer.headers());
         self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), false).await?;
         loop {
@@ -1004,38 +1010,26 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let rel = ctx.rel_path.clone().unwrap_or_default();
-        let proved = self
+        let theirs: Vec<&str> = session
+            .req_header()
+            .headers
+            .get_all(header::IF_MATCH)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("(not text)"))
+            .collect();
+        ctx.if_match = self
             .prove_one_write(
                 session,
                 ctx,
                 &fhir,
-                &rel,
-                body.as_deref().map(|b| (content_type.as_deref(), b)),
+                Target {
+                    rel: &rel,
+                    body: body.as_deref().map(|b| (content_type.as_deref(), b)),
+                    preconditions: &theirs,
+                },
                 w,
             )
             .await?;
-        // The client's own precondition still holds: were it let go for
-        // ours, a client updating version 1 would overwrite version 2.
-        if let Some(ours) = &proved {
-            let theirs: Vec<&str> = session
-                .req_header()
-                .headers
-                .get_all(header::IF_MATCH)
-                .iter()
-                .map(|v| v.to_str().unwrap_or("\u{0}"))
-                .collect();
-            let version = crate::check::etag_version(ours.to_str().unwrap_or(""));
-            if !theirs.is_empty() && !crate::check::if_match_admits(theirs.iter().copied(), version)
-            {
-                return Err(Denial::PreconditionFailed {
-                    description: format!(
-                        "{rel} is at version {version}, not one the request's If-Match names ({})",
-                        theirs.join(", ")
-                    ),
-                });
-            }
-        }
-        ctx.if_match = proved;
         Ok(())
     }
 
@@ -1077,7 +1071,12 @@ impl Gateway {
                     scope: None,
                 });
             }
-            let theirs = entry.pointer("/request/ifMatch").map(|v| v.as_str());
+            // A client's `ifMatch` that is not a string names no version.
+            let theirs: Vec<&str> = entry
+                .pointer("/request/ifMatch")
+                .map(|v| v.as_str().unwrap_or("(not a string)"))
+                .into_iter()
+                .collect();
             let rel = format!(
                 "{}/{}",
                 entry_req.resource_type.as_deref().unwrap_or(""),
@@ -1088,10 +1087,13 @@ impl Gateway {
                     session,
                     ctx,
                     entry_req,
-                    &rel,
-                    resource
-                        .as_deref()
-                        .map(|r| (Some("application/fhir+json"), r.as_bytes())),
+                    Target {
+                        rel: &rel,
+                        body: resource
+                            .as_deref()
+                            .map(|r| (Some("application/fhir+json"), r.as_bytes())),
+                        preconditions: &theirs,
+                    },
                     w,
                 )
                 .await
@@ -1113,25 +1115,15 @@ impl Gateway {
                         ),
                         scope: None,
                     },
+                    // An entry that would fail: the Bundle is refused whole.
+                    Denial::PreconditionFailed { description } => Denial::PreconditionFailed {
+                        description: format!("{} entry {i}: {description}", fhir.interaction),
+                    },
                     d => d,
                 })?;
-            let Some(ours) = proved else { continue };
-            let version = crate::check::etag_version(ours.to_str().unwrap_or(""));
-            if let Some(theirs) = theirs {
-                // Not a string, or naming another version: the entry would
-                // fail; the Bundle is refused whole.
-                let admitted = theirs.is_some_and(|t| crate::check::if_match_admits([t], version));
-                if !admitted {
-                    return Err(Denial::PreconditionFailed {
-                        description: format!(
-                            "{} entry {i}: {rel} is at version {version}, not one its \
-                             request.ifMatch names",
-                            fhir.interaction
-                        ),
-                    });
-                }
+            if let Some(ours) = proved {
+                versions.push((*i, ours));
             }
-            versions.push((*i, ours));
         }
         if versions.is_empty() {
             return Ok(());
@@ -1151,17 +1143,22 @@ impl Gateway {
         Ok(())
     }
 
-    /// The checks of one write (`fhir` at `rel`, with its body): returns the
-    /// `If-Match` for the version of the stored resource that was checked.
+    /// The checks of one write (`fhir` at its target, with its body): returns
+    /// the `If-Match` for the version of the stored resource that was
+    /// checked, which the client's own `If-Match` must name (else 412).
     async fn prove_one_write(
         &self,
         session: &Session,
         ctx: &Ctx,
         fhir: &FhirRequest,
-        rel: &str,
-        body: Option<(Option<&str>, &[u8])>,
+        target: Target<'_>,
         w: &WriteCheck,
     ) -> std::result::Result<Option<http::HeaderValue>, Denial> {
+        let Target {
+            rel,
+            body,
+            preconditions,
+        } = target;
         let refuse = |description: String| Denial::InsufficientScope {
             description,
             scope: None,
@@ -1215,7 +1212,21 @@ impl Gateway {
                 }
                 let version =
                     stored.and_then(|d| d.pointer("/meta/versionId")?.as_str().map(str::to_string));
-                Ok(version.and_then(|v| http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok()))
+                let Some(v) = version else { return Ok(None) };
+                // The client's own precondition still holds: were it let go
+                // for ours, a client updating version 1 would overwrite
+                // version 2.
+                if !preconditions.is_empty()
+                    && !crate::check::if_match_admits(preconditions.iter().copied(), &v)
+                {
+                    return Err(Denial::PreconditionFailed {
+                        description: format!(
+                            "{rel} is at version {v}, not one its If-Match names ({})",
+                            preconditions.join(", ")
+                        ),
+                    });
+                }
+                Ok(http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok())
             }
             // Under patient/ scopes an update never creates (so a 404 for
             // another patient's id cannot be told from a missing one).
@@ -2347,8 +2358,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
-        ctx.answer_buf = self.collects_answer(ctx, resp.status.as_u16(), &resp.headers);
-        ctx.answer_permit = None;
+        self.start_collecting(ctx, resp.status.as_u16(), &resp.headers);
         self.stamp(resp, ctx)
     }
 

@@ -149,6 +149,13 @@ fn final_flush(audit: &AuditLog) -> bool {
     }
 }
 
+/// Ends the process once the audit queue is written: with `code`, or 1
+/// when records were lost.
+fn exit_after_flush(audit: &AuditLog, code: i32) -> ! {
+    let ok = final_flush(audit);
+    std::process::exit(if ok { code } else { 1 })
+}
+
 /// How long no request may be in flight before the drain counts as done: a
 /// connection accepted just before the listener closed may still be
 /// sending its request header, which is not counted until it is read.
@@ -210,10 +217,7 @@ impl ShutdownSignalWatch for Signals {
             tracing::warn!("signal during the drain: stopping at once");
             // Exits from the blocking thread itself: were this task dropped
             // with its runtime meanwhile, the process still ends.
-            tokio::task::spawn_blocking(move || {
-                let ok = final_flush(&audit);
-                std::process::exit(if ok { code } else { 1 })
-            });
+            tokio::task::spawn_blocking(move || exit_after_flush(&audit, code));
         });
         let (lifecycle, audit) = (self.lifecycle.clone(), self.audit.clone());
         let deadline = std::time::Instant::now() + self.drain;
@@ -246,9 +250,8 @@ fn exit_when_drained(
         if lifecycle.in_flight() > 0 {
             idle_since = None;
         } else if now.duration_since(*idle_since.get_or_insert(now)) >= QUIET {
-            let ok = final_flush(audit);
-            tracing::info!("no request in flight; fhirwall stopped");
-            std::process::exit(if ok { 0 } else { 1 });
+            tracing::info!("no request in flight; fhirwall stopping");
+            exit_after_flush(audit, 0);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

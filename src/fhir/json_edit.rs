@@ -30,6 +30,16 @@ pub fn elements(raw: &RawValue) -> Option<Vec<&RawValue>> {
     serde_json::from_str(raw.get()).ok()
 }
 
+/// An object's member `name`.
+pub fn member<'a>(raw: &'a RawValue, name: &str) -> Option<&'a RawValue> {
+    members(raw)?.get(name).copied()
+}
+
+/// The entries of a Bundle's text, borrowed from it.
+pub fn bundle_entries(text: &str) -> Option<Vec<&RawValue>> {
+    elements(parse(text)?.get("entry")?)
+}
+
 /// The document's top-level members, borrowed from `text`.
 pub fn parse(text: &str) -> Option<HashMap<Cow<'_, str>, &RawValue>> {
     serde_json::from_str(text).ok()
