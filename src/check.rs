@@ -952,14 +952,19 @@ mod tests {
                "entry": entries.into_iter().map(|(r, mode)| json!({"resource": r, "search": {"mode": mode}})).collect::<Vec<_>>()})
     }
 
-    fn judge_search_json(status: u16, body: Value) -> Verdict {
-        let check = ResponseCheck::Search {
-            patient: Some("p1".into()),
+    /// A search's check in the compartment of `patient`, any type.
+    fn search_in(patient: &str) -> ResponseCheck {
+        ResponseCheck::Search {
+            patient: Some(patient.into()),
             types: None,
             filters: None,
             open_types: Vec::new(),
             refused_types: Vec::new(),
-        };
+        }
+    }
+
+    fn judge_search_json(status: u16, body: Value) -> Verdict {
+        let check = search_in("p1");
         judge(
             &check,
             &req("Observation"),
@@ -1135,13 +1140,7 @@ mod tests {
     /// and the one a client reads (maybe the first) could differ.
     #[test]
     fn answers_repeating_a_key_are_unverifiable() {
-        let check = ResponseCheck::Search {
-            patient: Some("p1".into()),
-            types: None,
-            filters: None,
-            open_types: Vec::new(),
-            refused_types: Vec::new(),
-        };
+        let check = search_in("p1");
         for body in [
             r#"{"resourceType":"Bundle","type":"searchset","total":9,"total":9}"#,
             r#"{"resourceType":"Bundle","type":"searchset","entry":[],"entry":[]}"#,
@@ -1188,13 +1187,7 @@ mod tests {
         let checks = [EntryCheck {
             index: 1,
             narrow: vec![("patient".into(), "p1".into())],
-            check: ResponseCheck::Search {
-                patient: Some("p1".into()),
-                types: None,
-                filters: None,
-                open_types: Vec::new(),
-                refused_types: Vec::new(),
-            },
+            check: search_in("p1"),
         }];
         let narrowed = narrow_bundle(tagged.as_bytes(), &checks).unwrap();
         let narrowed = String::from_utf8(narrowed).unwrap();

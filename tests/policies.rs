@@ -27,6 +27,19 @@ async fn start(dir: &TempDir) -> Gateway {
     with_policies(dir).await
 }
 
+/// Three searches `Observation?code=<prefix>-<i>` with `token`, each
+/// served, then the answer to a fourth (`<prefix>-over`).
+async fn past_three_searches(gw: &Gateway, token: &str, prefix: &str) -> reqwest::Response {
+    for i in 0..3 {
+        let r = gw
+            .get(&format!("Observation?code={prefix}-{i}"), Some(token))
+            .await;
+        assert_eq!(r.status(), 200, "request {prefix}-{i}");
+    }
+    gw.get(&format!("Observation?code={prefix}-over"), Some(token))
+        .await
+}
+
 /// A gateway whose `policies.dir` is `dir`.
 async fn with_policies(dir: &TempDir) -> Gateway {
     Gateway::start(Options {
@@ -166,13 +179,7 @@ async fn rate_limits_per_client() {
     .unwrap();
     let gw = with_policies(&dir).await;
     let token = gw.mint("user/*.rs", None);
-    for i in 0..3 {
-        let r = gw
-            .get(&format!("Observation?code=rate-{i}"), Some(&token))
-            .await;
-        assert_eq!(r.status(), 200, "request {i}");
-    }
-    let r = gw.get("Observation?code=rate-over", Some(&token)).await;
+    let r = past_three_searches(&gw, &token, "rate").await;
     assert_eq!(r.status(), 429);
     let wait: u64 = r.headers()["retry-after"]
         .to_str()
@@ -207,14 +214,7 @@ async fn rate_limits_per_client() {
         o.insert("jti".into(), json!(jti));
         gw.issuer.signing_key().sign(&c)
     };
-    let first = anonymous("a");
-    for i in 0..3 {
-        let r = gw
-            .get(&format!("Observation?code=anon-{i}"), Some(&first))
-            .await;
-        assert_eq!(r.status(), 200, "request {i}");
-    }
-    let r = gw.get("Observation?code=anon-over", Some(&first)).await;
+    let r = past_three_searches(&gw, &anonymous("a"), "anon").await;
     assert_eq!(r.status(), 429);
     let r = gw
         .get("Observation?code=anon-second", Some(&anonymous("b")))
