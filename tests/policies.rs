@@ -317,15 +317,13 @@ fn explain_and_test_replay_decisions_offline() {
     let claims = claims_file("claims.json", "user/*.cruds patient/*.rs");
     let c = config.to_str().unwrap();
     let cl = claims.to_str().unwrap();
-    let (ok, out) = support::run_bin(&[
-        "explain",
-        "--config",
-        c,
-        "--claims",
-        cl,
-        "--url",
-        "Observation?code=1",
-    ]);
+    // `fhirwall explain` with this config and a claims file.
+    let explain = |claims: &str, rest: &[&str]| {
+        let mut args = vec!["explain", "--config", c, "--claims", claims];
+        args.extend_from_slice(rest);
+        support::run_bin(&args)
+    };
+    let (ok, out) = explain(cl, &["--url", "Observation?code=1"]);
     assert!(ok, "{out}");
     for stage in [
         "route", "validate", "bind", "classify", "decide", "policies", "proxy",
@@ -333,43 +331,17 @@ fn explain_and_test_replay_decisions_offline() {
         assert!(out.contains(stage), "{stage}: {out}");
     }
     assert!(out.contains("=> ALLOW"), "{out}");
-    let (ok, out) = support::run_bin(&[
-        "explain",
-        "--config",
-        c,
-        "--claims",
-        cl,
-        "--method",
-        "DELETE",
-        "--url",
-        "Observation/o1",
-    ]);
+    let (ok, out) = explain(cl, &["--method", "DELETE", "--url", "Observation/o1"]);
     assert!(!ok, "{out}");
     assert!(
         out.contains("=> DENY (rule 10-hospital.yaml#no-deletes)"),
         "{out}"
     );
-    let (ok, out) = support::run_bin(&[
-        "explain",
-        "--config",
-        c,
-        "--claims",
-        cl,
-        "--url",
-        "Condition/c1",
-    ]);
+    let (ok, out) = explain(cl, &["--url", "Condition/c1"]);
     assert!(!ok && out.contains("requires a dpop binding"), "{out}");
     // A stored page may hold Conditions: allowed, and its answer refused
     // if it does.
-    let (ok, out) = support::run_bin(&[
-        "explain",
-        "--config",
-        c,
-        "--claims",
-        cl,
-        "--url",
-        "?_getpages=abc",
-    ]);
+    let (ok, out) = explain(cl, &["--url", "?_getpages=abc"]);
     assert!(
         ok && out.contains("refuses on this page (Condition)"),
         "{out}"
@@ -377,15 +349,10 @@ fn explain_and_test_replay_decisions_offline() {
     // What the gateway refuses after the decision, explain refuses too: an
     // answer checked under patient scopes must come whole.
     let patient_only = claims_file("patient-claims.json", "patient/*.rs");
-    let (ok, out) = support::run_bin(&[
-        "explain",
-        "--config",
-        c,
-        "--claims",
+    let (ok, out) = explain(
         patient_only.to_str().unwrap(),
-        "--url",
-        "Observation/o1?_elements=id",
-    ]);
+        &["--url", "Observation/o1?_elements=id"],
+    );
     assert!(!ok && out.contains("must be whole FHIR JSON"), "{out}");
     // A written resource's conditional reference is decided like a search.
     let narrow = claims_file("writer-claims.json", "user/Observation.cu");
@@ -397,19 +364,17 @@ fn explain_and_test_replay_decisions_offline() {
         .to_string(),
     )
     .unwrap();
-    let (ok, out) = support::run_bin(&[
-        "explain",
-        "--config",
-        c,
-        "--claims",
+    let (ok, out) = explain(
         narrow.to_str().unwrap(),
-        "--method",
-        "POST",
-        "--url",
-        "Observation",
-        "--body",
-        written.to_str().unwrap(),
-    ]);
+        &[
+            "--method",
+            "POST",
+            "--url",
+            "Observation",
+            "--body",
+            written.to_str().unwrap(),
+        ],
+    );
     assert!(!ok && out.contains("Patient.s"), "{out}");
     // The body is read as its Content-Type says: a Binary's raw content is
     // not, an XML resource cannot be.
@@ -420,21 +385,19 @@ fn explain_and_test_replay_decisions_offline() {
         ("Binary", "image/png", true),
         ("Observation", "application/fhir+xml", false),
     ] {
-        let (ok, out) = support::run_bin(&[
-            "explain",
-            "--config",
-            c,
-            "--claims",
+        let (ok, out) = explain(
             binary.to_str().unwrap(),
-            "--method",
-            "POST",
-            "--url",
-            url,
-            "--body",
-            raw.to_str().unwrap(),
-            "--content-type",
-            content_type,
-        ]);
+            &[
+                "--method",
+                "POST",
+                "--url",
+                url,
+                "--body",
+                raw.to_str().unwrap(),
+                "--content-type",
+                content_type,
+            ],
+        );
         assert_eq!(ok, allowed, "{url} as {content_type}: {out}");
         if !allowed {
             assert!(out.contains("cannot read 'application/fhir+xml'"), "{out}");
