@@ -1,6 +1,7 @@
 //! The admin listener (separate port): `/metrics` (Prometheus text format),
 //! `/healthz` (liveness) and `/readyz` (ready once every issuer's JWKS is
-//! loaded and the audit sink takes records, until a shutdown begins).
+//! loaded, the audit sink takes records and Redis, if it must, answers,
+//! until a shutdown begins).
 //! Served by Pingora on its own listener.
 
 use std::sync::Arc;
@@ -23,19 +24,22 @@ pub struct Admin {
     pub audit: AuditLog,
     pub token_cache: TokenCache,
     pub lifecycle: Arc<Lifecycle>,
+    pub shared: Arc<crate::shared::SharedState>,
 }
 
 impl Admin {
     /// Why the gateway is not ready, if it is not.
-    fn not_ready(&self) -> Option<&'static str> {
+    fn not_ready(&self) -> Option<String> {
         if self.lifecycle.draining() {
-            Some("not ready: shutting down\n")
+            Some("not ready: shutting down\n".into())
         } else if !self.jwks.ready() {
-            Some("not ready: JWKS of some issuer not loaded\n")
+            Some("not ready: JWKS of some issuer not loaded\n".into())
         } else if !self.audit.ready() {
-            Some("not ready: the audit sink does not take records\n")
+            Some("not ready: the audit sink does not take records\n".into())
         } else {
-            None
+            self.shared
+                .not_ready()
+                .map(|why| format!("not ready: {why} (redis.on_failure: refuse)\n"))
         }
     }
 }
@@ -67,7 +71,7 @@ impl ServeHttp for Admin {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => match self.not_ready() {
                 None => reply(200, "text/plain", b"ready\n".to_vec()),
-                Some(why) => reply(503, "text/plain", why.as_bytes().to_vec()),
+                Some(why) => reply(503, "text/plain", why.into_bytes()),
             },
             _ => reply(404, "text/plain", b"not found\n".to_vec()),
         }

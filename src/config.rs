@@ -65,6 +65,10 @@ pub struct Config {
     /// Roles: a claim's values mapped to ceilings of scopes and interactions.
     #[serde(default)]
     pub roles: Option<RolesConfig>,
+    /// State shared by replicas (DPoP proofs seen, rate-limit buckets)
+    /// kept in Redis; without it, each process keeps its own.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// The directory of the config file (relative paths are below it).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -106,6 +110,54 @@ pub struct RoleCeiling {
     /// Interactions the role may use; empty: any the scopes allow.
     #[serde(default)]
     pub interactions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisConfig {
+    /// `redis://host[:port][/db]`, without credentials.
+    pub url: String,
+    /// ACL user name (Redis 6+), if the server has users.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (relative to the config file).
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// Prefix of every key fhirwall writes.
+    #[serde(default = "d_redis_prefix")]
+    pub key_prefix: String,
+    /// How long one command may take before Redis counts as unavailable.
+    #[serde(default = "d_redis_timeout")]
+    pub timeout_ms: u64,
+    /// Redis unavailable: `refuse` (503 for requests that need it) or
+    /// `local` (this process's own state, as without Redis).
+    #[serde(default = "d_redis_on_failure")]
+    pub on_failure: String,
+}
+
+fn d_redis_prefix() -> String {
+    "fhirwall:".into()
+}
+fn d_redis_timeout() -> u64 {
+    200
+}
+fn d_redis_on_failure() -> String {
+    "refuse".into()
+}
+
+/// Redis, validated.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// The URL as configured (it holds no credentials).
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    /// `on_failure: local`.
+    pub fallback_local: bool,
 }
 
 /// Roles, validated.
@@ -777,6 +829,7 @@ pub struct Settings {
     /// `server.nat64_prefixes`, parsed.
     pub nat64_prefixes: Vec<crate::client_addr::Cidr>,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
+    pub redis: Option<Redis>,
 }
 
 #[derive(Debug, Clone)]
@@ -1533,6 +1586,11 @@ impl Config {
             }
         }
 
+        let redis = self
+            .redis
+            .as_ref()
+            .map(|r| self.validate_redis(r, &mut problem));
+
         if !p.is_empty() {
             return Err(p);
         }
@@ -1564,6 +1622,127 @@ impl Config {
             trusted_proxies,
             nat64_prefixes,
             forward_headers,
+            redis: redis.map(|r| r.expect("validated")),
+        })
+    }
+
+    fn validate_redis(
+        &self,
+        r: &RedisConfig,
+        problem: &mut impl FnMut(&str, String),
+    ) -> Option<Redis> {
+        let mut ok = true;
+        let mut bad = |key: &str, msg: String| {
+            ok = false;
+            problem(key, msg)
+        };
+        let mut addr = None;
+        match Url::parse(&r.url) {
+            Err(e) => bad("redis.url", format!("'{}' is not a URL: {e}", r.url)),
+            Ok(u) if u.scheme() == "rediss" => bad(
+                "redis.url",
+                "rediss:// (TLS) is not supported by this build: use redis:// on a network \
+                 only the replicas reach, or a local TLS tunnel"
+                    .into(),
+            ),
+            Ok(u) if u.scheme() != "redis" => {
+                bad("redis.url", format!("'{}' must start with redis://", r.url))
+            }
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => bad(
+                "redis.url",
+                "must not hold credentials (they would be shown wherever the URL is): \
+                 use redis.username and redis.password_file"
+                    .into(),
+            ),
+            Ok(u) if u.query().is_some() || u.fragment().is_some() => bad(
+                "redis.url",
+                format!("'{}' may not have a query or fragment", r.url),
+            ),
+            Ok(u) => {
+                let db = match u.path().trim_start_matches('/') {
+                    "" => Some(0),
+                    n => n
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|d| (0..=1_000_000).contains(d)),
+                };
+                match (u.host_str(), db) {
+                    (None | Some(""), _) => bad("redis.url", format!("'{}' names no host", r.url)),
+                    (_, None) => bad(
+                        "redis.url",
+                        format!("the path of '{}' must be a database number, e.g. /0", r.url),
+                    ),
+                    (Some(h), Some(db)) => {
+                        let host = h.trim_start_matches('[').trim_end_matches(']').to_string();
+                        addr = Some((host, u.port().unwrap_or(6379), db));
+                    }
+                }
+            }
+        }
+        if r.username.as_deref().is_some_and(str::is_empty) {
+            bad("redis.username", "must not be empty".into());
+        }
+        let password = match &r.password_file {
+            None => None,
+            Some(f) => match read_small_file(&self.base_dir.join(f), 512) {
+                Ok(b) => {
+                    let text = String::from_utf8(b).ok();
+                    match text.as_deref().map(|t| t.trim_end_matches(['\n', '\r'])) {
+                        Some(t) if !t.is_empty() && t.len() <= 512 => {
+                            Some(Secret(t.as_bytes().to_vec()))
+                        }
+                        _ => {
+                            bad(
+                                "redis.password_file",
+                                format!("'{f}' must hold one password of 1 to 512 bytes of UTF-8"),
+                            );
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    bad("redis.password_file", format!("'{f}' cannot be read: {e}"));
+                    None
+                }
+            },
+        };
+        if r.key_prefix.is_empty()
+            || r.key_prefix.len() > 64
+            || !r.key_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            bad(
+                "redis.key_prefix",
+                format!(
+                    "'{}' must be 1 to 64 printable ASCII characters without spaces",
+                    r.key_prefix
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&r.timeout_ms) {
+            bad("redis.timeout_ms", "must be between 1 and 10000".into());
+        }
+        let fallback_local = match r.on_failure.as_str() {
+            "refuse" => false,
+            "local" => true,
+            other => {
+                bad(
+                    "redis.on_failure",
+                    format!("'{other}' is not one of: refuse, local"),
+                );
+                false
+            }
+        };
+        let (host, port, db) = addr?;
+        ok.then(|| Redis {
+            url: r.url.clone(),
+            host,
+            port,
+            db,
+            username: r.username.clone(),
+            password,
+            key_prefix: r.key_prefix.clone(),
+            timeout: Duration::from_millis(r.timeout_ms),
+            fallback_local,
         })
     }
 

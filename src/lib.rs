@@ -28,5 +28,6 @@ pub mod route;
 pub mod sandbox;
 pub mod scope;
 pub mod server;
+pub mod shared;
 pub mod token;
 pub mod upstream;

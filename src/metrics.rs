@@ -53,6 +53,7 @@ pub const REASONS: &[&str] = &[
     "dpop_bound_as_bearer",
     "dpop_proof_without_binding",
     "dpop_replay_cache_full",
+    "dpop_replay_check_unavailable",
     "binding_required",
     "mtls_no_certificate",
     "mtls_wrong_certificate",
@@ -83,6 +84,7 @@ pub const REASONS: &[&str] = &[
     "body_timeout",
     "body_budget_exhausted",
     "precondition_failed",
+    "rate_limit_unavailable",
 ];
 
 /// The audit writer's metrics, shared with its thread.
@@ -97,6 +99,23 @@ pub struct AuditMetrics {
     pub rotations: IntCounter,
     pub queue_depth: IntGauge,
     pub queue_capacity: IntGauge,
+}
+
+/// Metrics of the Redis shared state, registered only when Redis is
+/// configured.
+#[derive(Clone)]
+pub struct RedisMetrics {
+    pub up: IntGauge,
+    commands: IntCounterVec,
+    pub duration: Histogram,
+    pub fallbacks: IntCounter,
+}
+
+impl RedisMetrics {
+    /// Counts a command by outcome: `ok`, `error` or `timeout`.
+    pub fn commands(&self, outcome: &str) {
+        self.commands.with_label_values(&[outcome]).inc();
+    }
 }
 
 /// The registry and the handles the request path uses.
@@ -181,6 +200,37 @@ impl Maker {
     ) -> HistogramVec {
         let opts = HistogramOpts::new(name, help).buckets(buckets);
         self.add(HistogramVec::new(opts, labels).expect("valid metric"))
+    }
+}
+
+impl Metrics {
+    /// Registers the Redis metrics (once: Redis is configured).
+    pub fn redis(&self) -> RedisMetrics {
+        let m = Maker(self.registry.clone());
+        let commands = m.counter_vec(
+            "fhirwall_redis_commands_total",
+            "Commands sent to Redis (shared state), by outcome: ok, error, timeout",
+            &["outcome"],
+        );
+        for o in ["ok", "error", "timeout"] {
+            commands.with_label_values(&[o]);
+        }
+        RedisMetrics {
+            up: m.gauge(
+                "fhirwall_redis_up",
+                "1 when Redis (shared state) answered the last command or ping",
+            ),
+            commands,
+            duration: m.histogram(
+                "fhirwall_redis_command_duration_seconds",
+                "Time Redis took to answer a command",
+                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+            ),
+            fallbacks: m.counter(
+                "fhirwall_redis_fallbacks_total",
+                "Checks this process decided alone because Redis was unavailable (redis.on_failure: local)",
+            ),
+        }
     }
 }
 
@@ -330,7 +380,7 @@ impl Metrics {
         );
         let ready = m.gauge(
             "fhirwall_ready",
-            "1 when every issuer's keys are loaded, the audit sink takes records and no shutdown has begun",
+            "1 when every issuer's keys are loaded, the audit sink takes records, Redis (if it must) answers and no shutdown has begun",
         );
         let in_flight = m.gauge(
             "fhirwall_requests_in_flight",

@@ -78,17 +78,11 @@ pub struct Gateway {
     /// `scheme://host[:port]` of the public base: DPoP `htu` is checked
     /// against it and the request path.
     public_origin: String,
-    /// DPoP proofs seen, by SHA-256 of (key thumbprint, jti), for as long as
-    /// a proof is fresh.
-    dpop_replay: moka::sync::Cache<[u8; 32], ()>,
-    /// Proofs presented per client (else per key) in the current window
-    /// (as long as a proof is remembered), against
-    /// `dpop.max_proofs_per_key`.
-    dpop_proof_counts: moka::sync::Cache<String, Arc<ProofCount>>,
     /// Issues and checks `DPoP-Nonce`s, when required.
     dpop_nonces: Option<crate::dpop::Nonces>,
-    /// Token buckets of the policy rules' rate limits.
-    limiter: crate::ratelimit::Limiter,
+    /// DPoP proofs seen (and counted per client) and the rate limits'
+    /// buckets: in Redis when configured (shared by the replicas), else here.
+    pub shared: Arc<crate::shared::SharedState>,
     /// Policies, roles and break-glass, reloadable.
     pub rules: Arc<arc_swap::ArcSwap<Rules>>,
     /// Draining after SIGTERM, and the requests in flight (`lifecycle.rs`).
@@ -159,22 +153,14 @@ impl Gateway {
             (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
                 as u64,
         );
-        // No max_capacity: a size-bounded moka cache admits new entries by
-        // TinyLFU and may drop a remembered proof (which could then be
-        // replayed). The bound is checked before each insert instead, and a
-        // full set refuses new proofs (fail closed); entries leave only by
-        // age.
-        let dpop_replay = moka::sync::Cache::builder()
-            .time_to_live(remembered)
-            .build();
-        // A client's count restarts a window after its first proof; proofs
-        // of the window before are still remembered, so a client holds at
-        // most twice its quota. (Were a counter dropped for capacity, that
-        // client would merely start counting afresh.)
-        let dpop_proof_counts = moka::sync::Cache::builder()
-            .time_to_live(remembered)
-            .max_capacity(settings.dpop.replay_cache_max_entries)
-            .build();
+        let shared = Arc::new(crate::shared::SharedState::new(
+            crate::shared::DpopLimits {
+                remembered,
+                max_entries: settings.dpop.replay_cache_max_entries,
+                quota: settings.dpop.max_proofs_per_key,
+            },
+            settings.redis.clone().map(|r| (r, metrics.redis())),
+        ));
         let body_budget = Arc::new(tokio::sync::Semaphore::new(
             settings
                 .server
@@ -195,10 +181,8 @@ impl Gateway {
             bases,
             decide_opts,
             public_origin,
-            dpop_replay,
-            dpop_proof_counts,
             dpop_nonces,
-            limiter: crate::ratelimit::Limiter::default(),
+            shared,
             rules,
             body_budget,
             lifecycle: crate::lifecycle::Lifecycle::new(),
@@ -235,12 +219,6 @@ struct Target<'a> {
     rel: &'a str,
     body: Option<(Option<&'a str>, &'a [u8])>,
     preconditions: &'a [&'a str],
-}
-
-/// DPoP proofs one client presented in the current replay window.
-struct ProofCount {
-    since: Instant,
-    count: std::sync::atomic::AtomicU64,
 }
 
 /// Per-request state handed from phase to phase.
@@ -1308,12 +1286,13 @@ impl Gateway {
     /// Stage 4, bind: a token bound to a key (`cnf.jkt`) needs a valid,
     /// fresh DPoP proof by that key for this request; an unbound token may
     /// carry no proof and may not use the DPoP scheme. Returns the binding
-    /// for the audit record.
+    /// for the audit record, and a DPoP proof to remember (the caller does,
+    /// in the shared replay set).
     fn bind(
         &self,
         claims: &crate::token::Claims,
         p: &Presented,
-    ) -> std::result::Result<&'static str, Denial> {
+    ) -> std::result::Result<(&'static str, Option<crate::shared::Proof>), Denial> {
         let Presented {
             token,
             dpop_scheme,
@@ -1380,7 +1359,7 @@ impl Gateway {
                 ));
             }
             if x5t.is_some() {
-                return Ok("mtls");
+                return Ok(("mtls", None));
             }
             if let Some(why) = self.binding_required(claims) {
                 return Err(Denial::InvalidToken {
@@ -1390,7 +1369,7 @@ impl Gateway {
                     ),
                 });
             }
-            return Ok("bearer");
+            return Ok(("bearer", None));
         };
         let Some(jkt) = jkt.as_str() else {
             return Err(dpop(
@@ -1452,70 +1431,67 @@ impl Gateway {
             },
             e => dpop(e.code(), "invalid_dpop_proof", e.to_string()),
         })?;
-        // A proof is good once: remember (key, jti) for as long as it is fresh.
-        let key: [u8; 32] = {
-            use sha2::Digest;
-            let mut h = sha2::Sha256::new();
-            h.update(jkt.as_bytes());
-            h.update(b"\0");
-            h.update(proof.jti.as_bytes());
-            h.finalize().into()
-        };
-        // Full, the cache would drop new entries and let replays through:
-        // refuse instead (fail closed) until proofs age out.
-        if self.dpop_replay.entry_count() >= self.settings.dpop.replay_cache_max_entries {
-            self.dpop_replay.run_pending_tasks();
-            if self.dpop_replay.entry_count() >= self.settings.dpop.replay_cache_max_entries {
-                return Err(Denial::Unavailable {
-                    code: "dpop_replay_cache_full",
-                    description:
-                        "too many DPoP proofs in flight to check them for replay; retry later"
-                            .into(),
-                    retry_after_seconds: 1,
-                });
-            }
-        }
-        if self.dpop_replay.contains_key(&key) {
-            let e = crate::dpop::DpopError::Replayed;
-            return Err(dpop(e.code(), "invalid_dpop_proof", e.to_string()));
-        }
-        // One client may not fill the set for every other: proofs count
-        // by client (issuer and client_id: a client may bind its tokens to
-        // any number of keys), else by key.
+        // A proof is good once: the caller remembers it (see
+        // `remember_proof`), counted against its client (issuer and
+        // client_id: a client may bind its tokens to any number of keys),
+        // else its key.
         let counted_as = match &claims.client_id {
             Some(c) => format!("client\0{}\0{c}", claims.iss),
             None => format!("key\0{jkt}"),
         };
-        let window = self.dpop_proof_counts.get_with(counted_as, || {
-            Arc::new(ProofCount {
-                since: Instant::now(),
-                count: std::sync::atomic::AtomicU64::new(0),
-            })
-        });
-        let count = window
-            .count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let quota = self.settings.dpop.max_proofs_per_key;
-        if count >= quota {
-            let left = self
-                .dpop_proof_counts
-                .policy()
-                .time_to_live()
-                .unwrap_or_default()
-                .saturating_sub(window.since.elapsed());
-            return Err(Denial::RateLimited {
-                description: format!(
-                    "this client has presented {quota} DPoP proofs within the replay window \
-                     (dpop.max_proofs_per_key); slow down"
-                ),
-                retry_after_seconds: left.as_secs().max(1),
-            });
+        Ok((
+            "dpop",
+            Some(crate::shared::Proof {
+                jkt: jkt.to_string(),
+                jti: proof.jti,
+                counted_as,
+            }),
+        ))
+    }
+
+    /// Remembers a DPoP proof in the (shared) replay set: a proof is good
+    /// once, and one client may not fill the set for every other.
+    async fn remember_proof(
+        &self,
+        proof: &crate::shared::Proof,
+    ) -> std::result::Result<(), Denial> {
+        use crate::shared::ProofOutcome;
+        let outcome = self.shared.remember_proof(proof).await.map_err(|e| {
+            tracing::warn!(error = %e.0, "DPoP replay check unavailable");
+            Denial::Unavailable {
+                code: "dpop_replay_check_unavailable",
+                description: "the DPoP replay check (Redis) is unavailable; retry later".into(),
+                retry_after_seconds: 1,
+            }
+        })?;
+        match outcome {
+            ProofOutcome::Fresh => Ok(()),
+            ProofOutcome::Replayed => {
+                let e = crate::dpop::DpopError::Replayed;
+                Err(Denial::InvalidDpop {
+                    code: e.code(),
+                    error: "invalid_dpop_proof",
+                    description: e.to_string(),
+                    nonce: None,
+                })
+            }
+            ProofOutcome::OverQuota(left) => {
+                let quota = self.settings.dpop.max_proofs_per_key;
+                Err(Denial::RateLimited {
+                    description: format!(
+                        "this client has presented {quota} DPoP proofs within the replay window \
+                         (dpop.max_proofs_per_key); slow down"
+                    ),
+                    retry_after_seconds: left.as_secs().max(1),
+                })
+            }
+            ProofOutcome::Full => Err(Denial::Unavailable {
+                code: "dpop_replay_cache_full",
+                description: "too many DPoP proofs in flight to check them for replay; retry later"
+                    .into(),
+                retry_after_seconds: 1,
+            }),
         }
-        if !self.dpop_replay.entry(key).or_insert(()).is_fresh() {
-            let e = crate::dpop::DpopError::Replayed;
-            return Err(dpop(e.code(), "invalid_dpop_proof", e.to_string()));
-        }
-        Ok("dpop")
     }
 
     /// Stages 1-6 for one request. `Ok(())` means allowed.
@@ -1702,9 +1678,10 @@ impl Gateway {
         ctx.token = Some(v);
 
         // 4. Bind
-        let stage = tracing::debug_span!("bind").entered();
+        let span = tracing::debug_span!("bind");
+        let stage = span.clone().entered();
         let kind = ctx.token.as_ref().map_or("jwt", |t| t.kind);
-        ctx.binding = Some(self.bind(
+        let (binding, proof) = self.bind(
             &claims,
             &Presented {
                 token: &token,
@@ -1714,10 +1691,13 @@ impl Gateway {
                 path: req.uri.path(),
                 client_cert: client_cert.as_deref(),
             },
-        )?);
-        self.metrics.binding(kind, ctx.binding.unwrap_or("bearer"));
-
+        )?;
         drop(stage);
+        if let Some(proof) = proof {
+            self.remember_proof(&proof).instrument(span).await?;
+        }
+        ctx.binding = Some(binding);
+        self.metrics.binding(kind, binding);
 
         // 5. Classify (reading the body where it decides the interaction).
         let span = tracing::debug_span!("classify");
@@ -1923,17 +1903,36 @@ impl Gateway {
                 .as_ref()
                 .map_or_else(by_source, |c| format!("client:{c}"))
         };
-        for (rule, limit) in grant.limits() {
-            let who = match limit.per.as_str() {
-                "client" => by_client(),
-                "user" => claims
-                    .sub
-                    .as_ref()
-                    .map_or_else(by_client, |s| format!("user:{s}")),
-                _ => by_source(),
-            };
-            let who = who.as_str();
-            if let Err(wait) = self.limiter.check(&rule, &limit, who) {
+        let limits: Vec<_> = grant
+            .limits()
+            .into_iter()
+            .map(|(rule, limit)| {
+                let who = match limit.per.as_str() {
+                    "client" => by_client(),
+                    "user" => claims
+                        .sub
+                        .as_ref()
+                        .map_or_else(by_client, |s| format!("user:{s}")),
+                    _ => by_source(),
+                };
+                (rule, limit, who)
+            })
+            .collect();
+        let d = grant.decision;
+        drop(stage);
+        for (rule, limit, who) in limits {
+            let taken = self.shared.take(&rule, &limit, &who).await.map_err(|e| {
+                tracing::warn!(error = %e.0, rule = %rule, "rate limit unavailable");
+                Denial::Unavailable {
+                    code: "rate_limit_unavailable",
+                    description: format!(
+                        "the rate limit of policy rule {rule} cannot be counted (Redis is \
+                         unavailable); retry later"
+                    ),
+                    retry_after_seconds: 1,
+                }
+            })?;
+            if let Err(wait) = taken {
                 return Err(Denial::RateLimited {
                     description: format!(
                         "rate limit of policy rule {rule}: {} requests per {} s per {}",
@@ -1943,8 +1942,6 @@ impl Gateway {
                 });
             }
         }
-        let d = grant.decision;
-        drop(stage);
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;
         ctx.narrow = d.narrow;
@@ -2013,7 +2010,7 @@ fn stage_of(reason: &str) -> &'static str {
         "allowed" | "insufficient_scope" => "decide",
         "public" | "not_found" | "bad_path" | "method_not_allowed" => "route",
         "no_token" | "token_too_long" | "credentials_refused" => "extract",
-        "policy_denied" | "rate_limited" => "policy",
+        "policy_denied" | "rate_limited" | "rate_limit_unavailable" => "policy",
         "outside_compartment"
         | "outside_scope_filter"
         | "upstream_not_found"

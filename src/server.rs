@@ -107,6 +107,23 @@ impl BackgroundService for JwksRefresher {
     }
 }
 
+/// Connects to Redis (shared state) and pings it every second, so that
+/// `/readyz` and `fhirwall_redis_up` say whether it answers.
+struct RedisMonitor(Arc<crate::shared::SharedState>);
+
+#[async_trait]
+impl BackgroundService for RedisMonitor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(redis) = self.0.redis() else {
+            return;
+        };
+        tokio::select! {
+            _ = redis.run(std::time::Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 /// Shutdown, as a load balancer in front of several replicas needs it.
 ///
 /// SIGTERM: `/readyz` answers 503 at once while fhirwall keeps accepting
@@ -355,6 +372,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
     );
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
     let lifecycle = gateway.lifecycle.clone();
+    let shared = gateway.shared.clone();
     let reloader = config_path.map(|path| {
         background_service(
             "fhirwall reload",
@@ -384,6 +402,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
             audit: audit_at_exit.clone(),
             token_cache,
             lifecycle: lifecycle.clone(),
+            shared: shared.clone(),
         },
     );
     admin.add_tcp(&admin_listen);
@@ -392,6 +411,9 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(refresher);
+    if shared.redis().is_some() {
+        server.add_service(background_service("fhirwall redis", RedisMonitor(shared)));
+    }
     if let Some(r) = reloader {
         server.add_service(r);
     }

@@ -1,0 +1,563 @@
+//! State that replicas behind one load balancer must share, so that they
+//! behave as one: the DPoP proofs already seen (a proof replayed against
+//! another replica is refused too), each client's count of them, and the
+//! policies' rate-limit buckets. In Redis when `redis:` is configured
+//! (one Lua script per check, so each is atomic and one round trip), in
+//! this process otherwise.
+//!
+//! Redis keys hold hashes, never a client id, user or source address:
+//! `{prefix}dpop:{<client hash>}:jti:<proof hash>`,
+//! `{prefix}dpop:{<client hash>}:count` and `{prefix}rl:<bucket hash>`.
+//! Every key expires by itself. Buckets are timed by Redis's clock, so
+//! replicas whose clocks differ still share one rate.
+//!
+//! When Redis does not answer within `redis.timeout_ms`, a check is
+//! *unavailable*: the request is refused with 503 (`on_failure: refuse`),
+//! or this process's own state decides (`on_failure: local`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Redis;
+use crate::metrics::RedisMetrics;
+use crate::policy::RateLimit;
+use crate::ratelimit::Limiter;
+
+/// A DPoP proof to remember: its key (the binding key's thumbprint and the
+/// proof's `jti`) and who it counts against.
+pub struct Proof {
+    pub jkt: String,
+    pub jti: String,
+    /// Issuer and `client_id`, else the key: whose quota it takes.
+    pub counted_as: String,
+}
+
+/// What remembering a proof found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProofOutcome {
+    /// Not seen before: now remembered.
+    Fresh,
+    /// Seen before: a replay.
+    Replayed,
+    /// The client presented its quota of proofs this window; the window's
+    /// rest.
+    OverQuota(Duration),
+    /// This process's set is full (local state only).
+    Full,
+}
+
+/// Redis did not answer (or answered with an error): why.
+#[derive(Debug, Clone)]
+pub struct Unavailable(pub String);
+
+/// DPoP settings the stores need.
+pub struct DpopLimits {
+    /// How long a proof is remembered (its validity window plus margins).
+    pub remembered: Duration,
+    /// Proofs this process remembers at most (local state).
+    pub max_entries: u64,
+    /// Proofs one client may have remembered per window.
+    pub quota: u64,
+}
+
+/// One client's proofs in the current window (local state).
+struct ProofCount {
+    since: Instant,
+    count: std::sync::atomic::AtomicU64,
+}
+
+/// This process's own state.
+struct Local {
+    replay: moka::sync::Cache<[u8; 32], ()>,
+    counts: moka::sync::Cache<String, Arc<ProofCount>>,
+    limiter: Limiter,
+}
+
+/// The shared state: Redis (if configured) and this process's own.
+pub struct SharedState {
+    dpop: DpopLimits,
+    local: Local,
+    redis: Option<RedisStore>,
+}
+
+impl SharedState {
+    pub fn new(dpop: DpopLimits, redis: Option<(Redis, RedisMetrics)>) -> SharedState {
+        // No max_capacity: a size-bounded moka cache admits new entries by
+        // TinyLFU and may drop a remembered proof (which could then be
+        // replayed). The bound is checked before each insert instead, and a
+        // full set refuses new proofs (fail closed); entries leave only by
+        // age.
+        let replay = moka::sync::Cache::builder()
+            .time_to_live(dpop.remembered)
+            .build();
+        // A client's count restarts a window after its first proof; proofs
+        // of the window before are still remembered, so a client holds at
+        // most twice its quota. (Were a counter dropped for capacity, that
+        // client would merely start counting afresh.)
+        let counts = moka::sync::Cache::builder()
+            .time_to_live(dpop.remembered)
+            .max_capacity(dpop.max_entries)
+            .build();
+        SharedState {
+            local: Local {
+                replay,
+                counts,
+                limiter: Limiter::default(),
+            },
+            redis: redis.map(|(cfg, metrics)| RedisStore::new(cfg, metrics)),
+            dpop,
+        }
+    }
+
+    /// The Redis store, if one is configured.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        self.redis.as_ref()
+    }
+
+    /// Why requests needing the shared state are refused now, if they are:
+    /// Redis is configured with `on_failure: refuse` and does not answer.
+    pub fn not_ready(&self) -> Option<String> {
+        let r = self.redis.as_ref()?;
+        (!r.cfg.fallback_local && !r.up.load(Ordering::Relaxed))
+            .then(|| format!("Redis at {} does not answer", r.cfg.url))
+    }
+
+    /// Remembers a DPoP proof, unless it was seen before or its client is
+    /// over its quota.
+    pub async fn remember_proof(&self, p: &Proof) -> Result<ProofOutcome, Unavailable> {
+        let key = proof_key(&p.jkt, &p.jti);
+        if let Some(r) = &self.redis {
+            match r.remember_proof(&key, &p.counted_as, &self.dpop).await {
+                Ok(o) => return Ok(o),
+                Err(e) if r.cfg.fallback_local => r.fell_back(&e),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.remember_locally(key, &p.counted_as))
+    }
+
+    fn remember_locally(&self, key: [u8; 32], counted_as: &str) -> ProofOutcome {
+        let l = &self.local;
+        // Full, the cache would drop new entries and let replays through:
+        // refuse instead (fail closed) until proofs age out.
+        if l.replay.entry_count() >= self.dpop.max_entries {
+            l.replay.run_pending_tasks();
+            if l.replay.entry_count() >= self.dpop.max_entries {
+                return ProofOutcome::Full;
+            }
+        }
+        if l.replay.contains_key(&key) {
+            return ProofOutcome::Replayed;
+        }
+        let window = l.counts.get_with(counted_as.to_string(), || {
+            Arc::new(ProofCount {
+                since: Instant::now(),
+                count: std::sync::atomic::AtomicU64::new(0),
+            })
+        });
+        if window.count.fetch_add(1, Ordering::Relaxed) >= self.dpop.quota {
+            let left = self.dpop.remembered.saturating_sub(window.since.elapsed());
+            return ProofOutcome::OverQuota(left);
+        }
+        if l.replay.entry(key).or_insert(()).is_fresh() {
+            ProofOutcome::Fresh
+        } else {
+            ProofOutcome::Replayed
+        }
+    }
+
+    /// Counts one request against a rate limit of policy rule `rule` for
+    /// `who`; the seconds to wait when its bucket is empty.
+    pub async fn take(
+        &self,
+        rule: &str,
+        limit: &RateLimit,
+        who: &str,
+    ) -> Result<Result<(), f64>, Unavailable> {
+        if let Some(r) = &self.redis {
+            match r.take(rule, limit, who).await {
+                Ok(o) => return Ok(o),
+                Err(e) if r.cfg.fallback_local => r.fell_back(&e),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.local.limiter.check(rule, limit, who))
+    }
+}
+
+/// The replay key of a proof: SHA-256 of the key's thumbprint and the jti.
+fn proof_key(jkt: &str, jti: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(jkt.as_bytes());
+    h.update(b"\0");
+    h.update(jti.as_bytes());
+    h.finalize().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// SHA-256 of `parts` joined by NUL, in hex.
+fn digest(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update(b"\0");
+        }
+        h.update(p.as_bytes());
+    }
+    hex(&h.finalize())
+}
+
+/// The Redis keys of a proof and of its client's count. Both carry the
+/// client's hash as a hash tag (`{…}`), so they would land in one slot.
+pub fn proof_keys(prefix: &str, proof: &[u8; 32], counted_as: &str) -> (String, String) {
+    let client = digest(&[counted_as]);
+    (
+        format!("{prefix}dpop:{{{client}}}:jti:{}", hex(proof)),
+        format!("{prefix}dpop:{{{client}}}:count"),
+    )
+}
+
+/// The Redis key of a rate-limit bucket: the rule, the limit (a changed
+/// limit starts a new bucket) and who.
+pub fn bucket_key(prefix: &str, rule: &str, limit: &RateLimit, who: &str) -> String {
+    let shape = format!("{}/{}/{}", limit.requests, limit.per_seconds, limit.per);
+    format!("{prefix}rl:{}", digest(&[rule, &shape, who]))
+}
+
+/// KEYS: the proof, its client's count. ARGV: milliseconds a proof is
+/// remembered, the client's quota. Returns `{0}` replayed, `{1}` fresh,
+/// `{2, ms}` over the quota with the window's rest. The same order of
+/// steps as the local state: seen? counted, remembered.
+const PROOF_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, 0}
+end
+local n = redis.call('INCR', KEYS[2])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+if n > tonumber(ARGV[2]) then
+  local left = redis.call('PTTL', KEYS[2])
+  if left < 0 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[1])
+    left = tonumber(ARGV[1])
+  end
+  return {2, left}
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return {1, 0}
+";
+
+/// A token bucket (the arithmetic of `ratelimit::Bucket::take`) timed by
+/// Redis's clock. KEYS: the bucket. ARGV: capacity, refill per second.
+/// Returns `{1, 0}` taken or `{0, ms}` the wait for a token. Time is kept
+/// in whole microseconds (exact in a Lua number).
+const BUCKET_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cap = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1]) or cap
+local at = tonumber(b[2]) or now
+tokens = math.min(cap, tokens + math.max(0, now - at) * rate)
+local taken = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+else
+  wait = math.ceil((1 - tokens) / rate / 1000)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((cap - tokens) / rate / 1000) + 1000)
+return {taken, wait}
+";
+
+/// The Redis side: one multiplexed connection (reconnected by the
+/// connection manager), made by [`RedisStore::run`].
+pub struct RedisStore {
+    cfg: Redis,
+    conn: OnceLock<redis::aio::ConnectionManager>,
+    /// The last command (or ping) was answered.
+    up: AtomicBool,
+    proof_script: redis::Script,
+    bucket_script: redis::Script,
+    metrics: RedisMetrics,
+    /// When a fallback to local state was last logged.
+    last_fallback_log: Mutex<Option<Instant>>,
+}
+
+impl RedisStore {
+    fn new(cfg: Redis, metrics: RedisMetrics) -> RedisStore {
+        metrics.up.set(0);
+        RedisStore {
+            cfg,
+            conn: OnceLock::new(),
+            up: AtomicBool::new(false),
+            proof_script: redis::Script::new(PROOF_SCRIPT),
+            bucket_script: redis::Script::new(BUCKET_SCRIPT),
+            metrics,
+            last_fallback_log: Mutex::new(None),
+        }
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        let c = &self.cfg;
+        let mut settings = redis::RedisConnectionInfo::default().set_db(c.db);
+        if let Some(u) = &c.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &c.password {
+            settings = settings.set_password(String::from_utf8_lossy(&p.0));
+        }
+        use redis::IntoConnectionInfo;
+        let info = redis::ConnectionAddr::Tcp(c.host.clone(), c.port)
+            .into_connection_info()?
+            .set_redis_settings(settings);
+        redis::Client::open(info)
+    }
+
+    /// Connects and then pings Redis every `every`, keeping `up` (and the
+    /// `fhirwall_redis_up` gauge) true to what it finds. Runs until the
+    /// process ends.
+    pub async fn run(&self, every: Duration) {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.cfg.timeout))
+            .set_response_timeout(Some(self.cfg.timeout))
+            .set_max_delay(Duration::from_secs(1))
+            .set_number_of_retries(2);
+        let manager = self
+            .client()
+            .and_then(|c| redis::aio::ConnectionManager::new_lazy_with_config(c, config));
+        match manager {
+            Ok(m) => {
+                let _ = self.conn.set(m);
+            }
+            Err(e) => {
+                // Only a malformed address gets here: configuration checks
+                // rule that out, but say so rather than stay silent.
+                tracing::error!(url = %self.cfg.url, error = %e, "cannot set up the Redis client");
+                return;
+            }
+        }
+        let mut was_up = None;
+        loop {
+            let ok = self.ping().await;
+            if was_up != Some(ok) {
+                if ok {
+                    tracing::info!(url = %self.cfg.url, "Redis answers");
+                } else {
+                    tracing::error!(url = %self.cfg.url, "Redis does not answer");
+                }
+                was_up = Some(ok);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let cmd = redis::cmd("PING");
+        self.call("ping", |mut c| async move {
+            cmd.query_async::<String>(&mut c).await
+        })
+        .await
+        .is_ok()
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+        self.metrics.up.set(i64::from(up));
+    }
+
+    /// Runs one command with the configured timeout, recording its outcome.
+    async fn call<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(conn) = self.conn.get() else {
+            self.metrics.commands("error");
+            return Err(Unavailable("not connected yet".into()));
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.cfg.timeout, f(conn.clone())).await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(v)) => {
+                self.metrics.commands("ok");
+                self.set_up(true);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.metrics.commands("error");
+                // An error Redis answered with (a script error, OOM) says
+                // it is there; a lost connection says it is not.
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.set_up(false);
+                }
+                Err(Unavailable(format!("Redis {what}: {e}")))
+            }
+            Err(_) => {
+                self.metrics.commands("timeout");
+                self.set_up(false);
+                Err(Unavailable(format!(
+                    "Redis {what}: no answer within {} ms (redis.timeout_ms)",
+                    self.cfg.timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn remember_proof(
+        &self,
+        proof: &[u8; 32],
+        counted_as: &str,
+        dpop: &DpopLimits,
+    ) -> Result<ProofOutcome, Unavailable> {
+        let (proof_key, count_key) = proof_keys(&self.cfg.key_prefix, proof, counted_as);
+        let ms = dpop.remembered.as_millis() as u64;
+        let mut inv = self.proof_script.key(proof_key);
+        inv.key(count_key).arg(ms).arg(dpop.quota);
+        let (what, left): (i64, i64) = self
+            .call("DPoP replay check", |mut c| async move {
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(match what {
+            0 => ProofOutcome::Replayed,
+            1 => ProofOutcome::Fresh,
+            _ => ProofOutcome::OverQuota(Duration::from_millis(left.max(0) as u64)),
+        })
+    }
+
+    async fn take(
+        &self,
+        rule: &str,
+        limit: &RateLimit,
+        who: &str,
+    ) -> Result<Result<(), f64>, Unavailable> {
+        let key = bucket_key(&self.cfg.key_prefix, rule, limit, who);
+        let capacity = f64::from(limit.requests);
+        let rate = capacity / f64::from(limit.per_seconds);
+        let mut inv = self.bucket_script.key(key);
+        inv.arg(limit.requests).arg(format!("{rate:.17}"));
+        let (taken, wait_ms): (i64, i64) = self
+            .call("rate limit", |mut c| async move {
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(if taken == 1 {
+            Ok(())
+        } else {
+            Err(wait_ms.max(1) as f64 / 1000.0)
+        })
+    }
+
+    /// `on_failure: local`: counts (and now and then logs) a check this
+    /// process decided alone.
+    fn fell_back(&self, e: &Unavailable) {
+        self.metrics.fallbacks.inc();
+        let mut last = self
+            .last_fallback_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            tracing::warn!(error = %e.0, "Redis unavailable: this process's own state decides (redis.on_failure: local)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_entries: u64, quota: u64) -> DpopLimits {
+        DpopLimits {
+            remembered: Duration::from_secs(60),
+            max_entries,
+            quota,
+        }
+    }
+
+    fn proof(jti: &str, client: &str) -> Proof {
+        Proof {
+            jkt: "thumb".into(),
+            jti: jti.into(),
+            counted_as: client.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn local_state_refuses_replays_counts_clients_and_fills_up() {
+        let s = SharedState::new(limits(3, 2), None);
+        assert_eq!(
+            s.remember_proof(&proof("a", "c1")).await.unwrap(),
+            ProofOutcome::Fresh
+        );
+        assert_eq!(
+            s.remember_proof(&proof("a", "c1")).await.unwrap(),
+            ProofOutcome::Replayed
+        );
+        assert_eq!(
+            s.remember_proof(&proof("b", "c1")).await.unwrap(),
+            ProofOutcome::Fresh
+        );
+        assert!(matches!(
+            s.remember_proof(&proof("c", "c1")).await.unwrap(),
+            ProofOutcome::OverQuota(d) if d > Duration::from_secs(50)
+        ));
+        assert_eq!(
+            s.remember_proof(&proof("d", "c2")).await.unwrap(),
+            ProofOutcome::Fresh
+        );
+        // moka counts entries eventually.
+        s.local.replay.run_pending_tasks();
+        assert_eq!(
+            s.remember_proof(&proof("e", "c2")).await.unwrap(),
+            ProofOutcome::Full
+        );
+        assert!(s.not_ready().is_none());
+    }
+
+    #[test]
+    fn keys_hold_hashes_only_and_share_a_hash_tag() {
+        let p = proof_key("thumb", "jti-1");
+        let (a, b) = proof_keys("fw:", &p, "client\0https://iss\0app-7");
+        assert!(
+            a.starts_with("fw:dpop:{") && b.starts_with("fw:dpop:{"),
+            "{a} {b}"
+        );
+        let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
+        assert_eq!(tag(&a), tag(&b));
+        assert!(!a.contains("app-7") && !b.contains("app-7"));
+        assert_ne!(proof_keys("fw:", &p, "client\0https://iss\0app-8").0, a);
+        let limit = RateLimit {
+            requests: 3,
+            per_seconds: 60,
+            per: "user".into(),
+        };
+        let k = bucket_key("fw:", "rule-1", &limit, "user:alice");
+        assert!(k.starts_with("fw:rl:") && !k.contains("alice"), "{k}");
+        let other = RateLimit {
+            requests: 4,
+            ..limit.clone()
+        };
+        assert_ne!(bucket_key("fw:", "rule-1", &other, "user:alice"), k);
+    }
+}
