@@ -2417,6 +2417,100 @@ admin:
     }
 
     #[test]
+    fn redis_settings_are_checked_and_the_password_kept_secret() {
+        let dir = std::env::temp_dir().join(format!("fhirwall-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("redis.pw"), "s3cret-pw\n").unwrap();
+        std::fs::write(dir.join("empty.pw"), "\n").unwrap();
+        let with = |redis: &str| {
+            let mut c = Config::parse(&format!("{GOOD}redis:\n{redis}")).unwrap();
+            c.base_dir = dir.clone();
+            c.validate()
+        };
+        let s = with(
+            "  url: redis://cache.internal:6380/3\n  username: fhirwall\n  password_file: redis.pw\n  on_failure: local\n",
+        )
+        .unwrap();
+        let r = s.redis.unwrap();
+        assert_eq!((r.host.as_str(), r.port, r.db), ("cache.internal", 6380, 3));
+        assert_eq!(r.password.as_ref().unwrap().0, b"s3cret-pw");
+        assert!(r.fallback_local);
+        assert_eq!(
+            (r.key_prefix.as_str(), r.timeout),
+            ("fhirwall:", Duration::from_millis(200))
+        );
+        assert!(
+            !format!("{r:?}").contains("s3cret"),
+            "the password is printed"
+        );
+        let r = with("  url: redis://[::1]\n").unwrap().redis.unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.port, r.db, r.fallback_local),
+            ("::1", 6379, 0, false)
+        );
+        assert!(Config::parse(GOOD)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .redis
+            .is_none());
+        for (redis, path, why) in [
+            ("  url: redis://:pw@cache/0\n", "redis.url", "credentials"),
+            ("  url: redis://user@cache/0\n", "redis.url", "credentials"),
+            ("  url: rediss://cache/0\n", "redis.url", "TLS"),
+            ("  url: http://cache/0\n", "redis.url", "redis://"),
+            (
+                "  url: redis://cache/zero\n",
+                "redis.url",
+                "database number",
+            ),
+            ("  url: redis://cache/0?x=1\n", "redis.url", "query"),
+            ("  url: cache:6379\n", "redis.url", "redis://"),
+            (
+                "  url: redis://cache\n  password_file: missing.pw\n",
+                "redis.password_file",
+                "cannot be read",
+            ),
+            (
+                "  url: redis://cache\n  password_file: empty.pw\n",
+                "redis.password_file",
+                "1 to 512 bytes",
+            ),
+            (
+                "  url: redis://cache\n  key_prefix: \"a b\"\n",
+                "redis.key_prefix",
+                "printable",
+            ),
+            (
+                "  url: redis://cache\n  timeout_ms: 0\n",
+                "redis.timeout_ms",
+                "between",
+            ),
+            (
+                "  url: redis://cache\n  on_failure: ignore\n",
+                "redis.on_failure",
+                "refuse, local",
+            ),
+            (
+                "  url: redis://cache\n  username: \"\"\n",
+                "redis.username",
+                "empty",
+            ),
+            (
+                "  url: redis://cache\n  pasword_file: x\n",
+                "redis.pasword_file",
+                "unknown key",
+            ),
+        ] {
+            let problems = with(redis).unwrap_err();
+            assert_eq!(problems.len(), 1, "{redis}: {problems:?}");
+            assert_eq!(problems[0].path, path, "{redis}: {problems:?}");
+            assert!(problems[0].message.contains(why), "{redis}: {problems:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_nonce_key_file_must_hold_a_key_and_be_used() {
         let dir = std::env::temp_dir().join(format!("fhirwall-nonce-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -33,7 +33,16 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_and_docs_name_only_exported_metrics() {
-    let gw = Gateway::start(Options::default()).await;
+    // With `redis:` (and nothing there, `on_failure: local` keeps it
+    // ready), so that the Redis metrics are exported too.
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "redis:\n  url: redis://127.0.0.1:{}/0\n  on_failure: local\n",
+            support::free_port()
+        ),
+        ..Options::default()
+    })
+    .await;
     let exported: BTreeSet<String> = gw
         .metrics()
         .await

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod dpop;
+
 use fhirwall::sandbox::fhir::FhirSandbox;
 use fhirwall::sandbox::issuer::{Mint, SandboxIssuer};
 use fhirwall::sandbox::keys::KeyKind;
@@ -77,6 +79,9 @@ pub struct Options {
     /// Replaces the `audit:` section's lines (indented two spaces); the
     /// default is `sink: file` with `path:` the gateway's `audit_path`.
     pub audit_yaml: Option<String>,
+    /// Start a replica: this public base URL and issuer (another
+    /// gateway's), behind which this one listens on its own port.
+    pub replica_of: Option<(String, Arc<SandboxIssuer>)>,
 }
 
 impl Default for Options {
@@ -96,6 +101,7 @@ impl Default for Options {
             jwks_uri: None,
             expect_ready: true,
             audit_yaml: None,
+            replica_of: None,
         }
     }
 }
@@ -189,8 +195,16 @@ impl Gateway {
         } else {
             "https"
         };
-        let base = format!("{scheme}://127.0.0.1:{port}/fhir");
-        let issuer = SandboxIssuer::spawn(&base, KeyKind::Rsa2048, "k1").await;
+        // The URL this gateway is reached at, and the public one its
+        // config names (another's, for a replica behind one balancer).
+        let own = format!("{scheme}://127.0.0.1:{port}/fhir");
+        let (base, issuer) = match &opts.replica_of {
+            Some((public, issuer)) => (public.clone(), issuer.clone()),
+            None => (
+                own.clone(),
+                SandboxIssuer::spawn(&own, KeyKind::Rsa2048, "k1").await,
+            ),
+        };
         let dir = TempDir::new("gw");
         let audit_path = dir.0.join("audit.jsonl");
         let jwks = match (&opts.jwks_uri, opts.discovery) {
@@ -244,7 +258,7 @@ impl Gateway {
         let gw = Gateway {
             dir: dir.0.clone(),
             config,
-            base,
+            base: own,
             admin: format!("http://127.0.0.1:{admin_port}"),
             upstream,
             upstream_addr: up_addr,
@@ -264,6 +278,16 @@ impl Gateway {
         })
         .await;
         gw
+    }
+
+    /// A replica of this gateway: the same upstream, issuer and public URL,
+    /// its own port (its `base`) and `opts`.
+    pub async fn replica(&self, opts: Options) -> Gateway {
+        let opts = Options {
+            replica_of: Some((self.base.clone(), self.issuer.clone())),
+            ..opts
+        };
+        Gateway::start_with(opts, self.upstream.clone(), self.upstream_addr).await
     }
 
     /// Kills the gateway process with SIGKILL (no shutdown of any kind).

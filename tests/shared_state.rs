@@ -1,0 +1,111 @@
+//! `redis:` when Redis is not there: a Redis that accepts connections and
+//! never answers, and one that was never started. What needs the shared
+//! state is refused (`on_failure: refuse`) or decided by this process
+//! alone (`on_failure: local`). With a real Redis: `tests/redis.rs`.
+
+mod support;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use fhirwall::sandbox::keys::KeyKind;
+use support::dpop::{bound_token, send, Client};
+use support::{free_port, Gateway, Options};
+
+/// A port that accepts connections and never says a word.
+fn silent_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    port
+}
+
+/// The value of the metric line starting with `name` (labels included).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in metrics"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_times_out_and_dpop_requests_are_refused() {
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 100\n",
+            silent_port()
+        ),
+        expect_ready: false,
+        ..Options::default()
+    })
+    .await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let started = Instant::now();
+    let (s, _, body) = send(
+        &gw,
+        "Patient/p1",
+        "DPoP",
+        &token,
+        &[&client.proof("GET", &url, &token)],
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(body.contains("DPoP replay check"), "{body}");
+    assert!(
+        gw.upstream.seen().is_empty(),
+        "a request reached the upstream"
+    );
+    let audit = gw.audit_containing("dpop_replay_check_unavailable");
+    assert!(audit.contains("\"status\":503"), "{audit}");
+    // A plain bearer token needs no shared state.
+    let bearer = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Patient/p1", Some(&bearer)).await.status(), 200);
+    assert_eq!(gw.readyz().await, 503);
+    let why = gw.admin_get("readyz").await.text().await.unwrap();
+    assert!(why.contains("does not answer"), "{why}");
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "fhirwall_redis_up"), 0.0);
+    assert!(metric(&m, "fhirwall_redis_commands_total{outcome=\"timeout\"}") >= 1.0);
+    assert_eq!(metric(&m, "fhirwall_ready"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_local_decides_with_this_process_state() {
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 100\n  on_failure: local\n",
+            free_port()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let proof = client.proof("GET", &url, &token);
+    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 200, "{body}");
+    // The replay is still caught, by this process.
+    let (s, www, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 401);
+    assert!(www.contains("already used"), "{www}");
+    assert_eq!(gw.upstream.seen().len(), 1);
+    let m = gw.metrics().await;
+    assert!(metric(&m, "fhirwall_redis_fallbacks_total") >= 2.0, "{m}");
+    assert_eq!(metric(&m, "fhirwall_redis_up"), 0.0);
+    // Ready: with `local`, a missing Redis refuses nothing.
+    assert_eq!(gw.readyz().await, 200);
+}
