@@ -1456,14 +1456,15 @@ impl Gateway {
         proof: &crate::shared::Proof,
     ) -> std::result::Result<(), Denial> {
         use crate::shared::ProofOutcome;
-        let outcome = self.shared.remember_proof(proof).await.map_err(|e| {
-            tracing::warn!(error = %e.0, "DPoP replay check unavailable");
-            Denial::Unavailable {
+        let outcome = self
+            .shared
+            .remember_proof(proof)
+            .await
+            .map_err(|_| Denial::Unavailable {
                 code: "dpop_replay_check_unavailable",
                 description: "the DPoP replay check (Redis) is unavailable; retry later".into(),
                 retry_after_seconds: 1,
-            }
-        })?;
+            })?;
         match outcome {
             ProofOutcome::Fresh => Ok(()),
             ProofOutcome::Replayed => {
@@ -1921,17 +1922,18 @@ impl Gateway {
         let d = grant.decision;
         drop(stage);
         for (rule, limit, who) in limits {
-            let taken = self.shared.take(&rule, &limit, &who).await.map_err(|e| {
-                tracing::warn!(error = %e.0, rule = %rule, "rate limit unavailable");
-                Denial::Unavailable {
-                    code: "rate_limit_unavailable",
-                    description: format!(
-                        "the rate limit of policy rule {rule} cannot be counted (Redis is \
+            let taken =
+                self.shared
+                    .take(&rule, &limit, &who)
+                    .await
+                    .map_err(|_| Denial::Unavailable {
+                        code: "rate_limit_unavailable",
+                        description: format!(
+                            "the rate limit of policy rule {rule} cannot be counted (Redis is \
                          unavailable); retry later"
-                    ),
-                    retry_after_seconds: 1,
-                }
-            })?;
+                        ),
+                        retry_after_seconds: 1,
+                    })?;
             if let Err(wait) = taken {
                 return Err(Denial::RateLimited {
                     description: format!(

@@ -296,8 +296,8 @@ pub struct RedisStore {
     proof_script: redis::Script,
     bucket_script: redis::Script,
     metrics: RedisMetrics,
-    /// When a fallback to local state was last logged.
-    last_fallback_log: Mutex<Option<Instant>>,
+    /// When a failed command was last logged.
+    last_log: Mutex<Option<Instant>>,
 }
 
 impl RedisStore {
@@ -310,7 +310,7 @@ impl RedisStore {
             proof_script: redis::Script::new(PROOF_SCRIPT),
             bucket_script: redis::Script::new(BUCKET_SCRIPT),
             metrics,
-            last_fallback_log: Mutex::new(None),
+            last_log: Mutex::new(None),
         }
     }
 
@@ -338,7 +338,7 @@ impl RedisStore {
             .set_connection_timeout(Some(self.cfg.timeout))
             .set_response_timeout(Some(self.cfg.timeout))
             .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(2);
+            .set_number_of_retries(0);
         let manager = self
             .client()
             .and_then(|c| redis::aio::ConnectionManager::new_lazy_with_config(c, config));
@@ -368,13 +368,17 @@ impl RedisStore {
         }
     }
 
+    /// Pings Redis; any failure (also a refused login) counts as down.
     async fn ping(&self) -> bool {
         let cmd = redis::cmd("PING");
-        self.call("ping", |mut c| async move {
-            cmd.query_async::<String>(&mut c).await
-        })
-        .await
-        .is_ok()
+        let ok = self
+            .call("ping", |mut c| async move {
+                cmd.query_async::<String>(&mut c).await
+            })
+            .await
+            .is_ok();
+        self.set_up(ok);
+        ok
     }
 
     fn set_up(&self, up: bool) {
@@ -404,23 +408,42 @@ impl RedisStore {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.metrics.commands("error");
+                // The connection's own timeouts (connect, response) are
+                // ours too.
+                self.metrics
+                    .commands(if e.is_timeout() { "timeout" } else { "error" });
                 // An error Redis answered with (a script error, OOM) says
                 // it is there; a lost connection says it is not.
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                     self.set_up(false);
                 }
-                Err(Unavailable(format!("Redis {what}: {e}")))
+                Err(self.failed(format!("Redis {what}: {e}")))
             }
             Err(_) => {
                 self.metrics.commands("timeout");
                 self.set_up(false);
-                Err(Unavailable(format!(
+                Err(self.failed(format!(
                     "Redis {what}: no answer within {} ms (redis.timeout_ms)",
                     self.cfg.timeout.as_millis()
                 )))
             }
         }
+    }
+
+    /// Logs why a command failed, at most once every ten seconds (an
+    /// outage would otherwise log every request), and returns it.
+    fn failed(&self, why: String) -> Unavailable {
+        let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            let then = if self.cfg.fallback_local {
+                "this process's own state decides (redis.on_failure: local)"
+            } else {
+                "requests that need it are refused (redis.on_failure: refuse)"
+            };
+            tracing::warn!(url = %self.cfg.url, error = %why, then, "Redis command failed");
+        }
+        Unavailable(why)
     }
 
     async fn remember_proof(
@@ -468,18 +491,10 @@ impl RedisStore {
         })
     }
 
-    /// `on_failure: local`: counts (and now and then logs) a check this
-    /// process decided alone.
-    fn fell_back(&self, e: &Unavailable) {
+    /// `on_failure: local`: counts a check this process decided alone
+    /// (`failed` logged why).
+    fn fell_back(&self, _: &Unavailable) {
         self.metrics.fallbacks.inc();
-        let mut last = self
-            .last_fallback_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            *last = Some(Instant::now());
-            tracing::warn!(error = %e.0, "Redis unavailable: this process's own state decides (redis.on_failure: local)");
-        }
     }
 }
 

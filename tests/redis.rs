@@ -20,6 +20,8 @@ struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: TempDir,
+    /// Extra `redis-server` arguments (users, passwords).
+    args: Vec<String>,
 }
 
 fn redis_server_binary() -> String {
@@ -40,10 +42,15 @@ fn redis_server_binary() -> String {
 
 impl RedisServer {
     fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> RedisServer {
         let mut r = RedisServer {
             port: free_port(),
             child: None,
             dir: TempDir::new("redis"),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         r.restart();
         r
@@ -55,6 +62,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
             .args(["--dir", &self.dir.0.display().to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,7 +81,10 @@ impl RedisServer {
         };
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        // Up, whether or not it wants a login first.
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
     }
 
     fn stop(&mut self) {
@@ -287,4 +298,70 @@ async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
             .status(),
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_limited_to_the_prefix_is_enough_and_a_wrong_password_is_not() {
+    // The least a replica needs: its own keys, scripts, no dangerous commands.
+    let redis = RedisServer::start_with(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "fhirwall",
+        "on",
+        ">s3cret-pw",
+        "~fhirwall:*",
+        "+@all",
+        "-@dangerous",
+    ]);
+    let dir = TempDir::new("redis-auth");
+    std::fs::write(dir.0.join("good.pw"), "s3cret-pw\n").unwrap();
+    std::fs::write(dir.0.join("bad.pw"), "guess\n").unwrap();
+    let with = |file: &str, ready: bool| Options {
+        extra_yaml: redis.yaml(&format!(
+            "  username: fhirwall\n  password_file: {}\n",
+            dir.0.join(file).display()
+        )),
+        expect_ready: ready,
+        ..Options::default()
+    };
+    let gw = Gateway::start(with("good.pw", true)).await;
+    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let proof = client.proof("GET", &url, &token);
+    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 401);
+
+    let refused = Gateway::start(with("bad.pw", false)).await;
+    let token = bound_token(&refused, &client.jkt);
+    let url = format!("{}/Patient/p1", refused.base);
+    let (s, _, body) = send(
+        &refused,
+        "Patient/p1",
+        "DPoP",
+        &token,
+        &[&client.proof("GET", &url, &token)],
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(refused.upstream.seen().is_empty());
+    assert_eq!(refused.readyz().await, 503);
+    // The log says why, without the password.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(refused.dir.join("stderr.log")).unwrap_or_default();
+        if log.contains("Redis command failed") {
+            assert!(!log.contains("guess"), "the password is logged");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log of the refused login: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
