@@ -122,6 +122,16 @@ pub struct RedisConfig {
     /// A file holding the password (relative to the config file).
     #[serde(default)]
     pub password_file: Option<String>,
+    /// With `rediss://`: CA certificates (PEM) the server's certificate
+    /// must chain to, instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// With `rediss://`: fhirwall's client certificate chain and key (PEM),
+    /// for a server that asks for one (Redis's `tls-auth-clients`).
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    #[serde(default)]
+    pub client_key_file: Option<String>,
     /// Prefix of every key fhirwall writes.
     #[serde(default = "d_redis_prefix")]
     pub key_prefix: String,
@@ -154,10 +164,21 @@ pub struct Redis {
     pub db: i64,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// `rediss://`: TLS, with these settings.
+    pub tls: Option<RedisTls>,
     pub key_prefix: String,
     pub timeout: Duration,
     /// `on_failure: local`.
     pub fallback_local: bool,
+}
+
+/// TLS to Redis, validated.
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    /// PEM CA certificates (else the system's).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate chain and key.
+    pub client: Option<(Vec<u8>, Secret)>,
 }
 
 /// Roles, validated.
@@ -1639,15 +1660,10 @@ impl Config {
         let mut addr = None;
         match Url::parse(&r.url) {
             Err(e) => bad("redis.url", format!("'{}' is not a URL: {e}", r.url)),
-            Ok(u) if u.scheme() == "rediss" => bad(
+            Ok(u) if u.scheme() != "redis" && u.scheme() != "rediss" => bad(
                 "redis.url",
-                "rediss:// (TLS) is not supported by this build: use redis:// on a network \
-                 only the replicas reach, or a local TLS tunnel"
-                    .into(),
+                format!("'{}' must start with redis:// or rediss:// (TLS)", r.url),
             ),
-            Ok(u) if u.scheme() != "redis" => {
-                bad("redis.url", format!("'{}' must start with redis://", r.url))
-            }
             Ok(u) if !u.username().is_empty() || u.password().is_some() => bad(
                 "redis.url",
                 "must not hold credentials (they would be shown wherever the URL is): \
@@ -1659,12 +1675,12 @@ impl Config {
                 format!("'{}' may not have a query or fragment", r.url),
             ),
             Ok(u) => {
-                let db = match u.path().trim_start_matches('/') {
-                    "" => Some(0),
-                    n => n
-                        .parse::<i64>()
-                        .ok()
-                        .filter(|d| (0..=1_000_000).contains(d)),
+                let db = match u.path() {
+                    "" | "/" => Some(0),
+                    p => p
+                        .strip_prefix('/')
+                        .filter(|n| n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|n| n.parse::<i64>().ok()),
                 };
                 match (u.host_str(), db) {
                     (None | Some(""), _) => bad("redis.url", format!("'{}' names no host", r.url)),
@@ -1672,19 +1688,29 @@ impl Config {
                         "redis.url",
                         format!("the path of '{}' must be a database number, e.g. /0", r.url),
                     ),
+                    _ if u.port() == Some(0) => {
+                        bad("redis.url", format!("'{}' names port 0", r.url))
+                    }
                     (Some(h), Some(db)) => {
                         let host = h.trim_start_matches('[').trim_end_matches(']').to_string();
-                        addr = Some((host, u.port().unwrap_or(6379), db));
+                        let tls = u.scheme() == "rediss";
+                        addr = Some((host, u.port().unwrap_or(6379), db, tls));
                     }
                 }
             }
         }
         if r.username.as_deref().is_some_and(str::is_empty) {
             bad("redis.username", "must not be empty".into());
+        } else if r.username.is_some() && r.password_file.is_none() {
+            // Redis logs in only with a password.
+            bad(
+                "redis.username",
+                "needs redis.password_file (a user logs in with its password)".into(),
+            );
         }
         let password = match &r.password_file {
             None => None,
-            Some(f) => match read_small_file(&self.base_dir.join(f), 512) {
+            Some(f) => match read_small_file(&self.base_dir.join(f), 1024) {
                 Ok(b) => {
                     let text = String::from_utf8(b).ok();
                     match text.as_deref().map(|t| t.trim_end_matches(['\n', '\r'])) {
@@ -1706,6 +1732,53 @@ impl Config {
                 }
             },
         };
+        let tls_wanted = addr.as_ref().is_some_and(|a| a.3);
+        // PEM read as the Redis client reads it (rustls), so what passes
+        // here loads there.
+        let mut pem_file = |key: &str, file: &Option<String>, is_key: bool| {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let f = file.as_ref()?;
+            if addr.is_some() && !tls_wanted {
+                bad(key, "is only used with a rediss:// (TLS) redis.url".into());
+                return None;
+            }
+            let text = match read_small_file(&self.base_dir.join(f), 1 << 20) {
+                Ok(t) => t,
+                Err(e) => {
+                    bad(key, format!("'{f}' cannot be read: {e}"));
+                    return None;
+                }
+            };
+            let found = if is_key {
+                PrivateKeyDer::from_pem_slice(&text)
+                    .map(|_| ())
+                    .map_err(|e| format!("'{f}' holds no PEM private key: {e}"))
+            } else {
+                match CertificateDer::pem_slice_iter(&text).collect::<Result<Vec<_>, _>>() {
+                    Ok(certs) if !certs.is_empty() => Ok(()),
+                    Ok(_) => Err(format!("'{f}' holds no PEM certificate")),
+                    Err(e) => Err(format!("'{f}' holds no PEM certificate: {e}")),
+                }
+            };
+            match found {
+                Ok(()) => Some(text),
+                Err(why) => {
+                    bad(key, why);
+                    None
+                }
+            }
+        };
+        let ca_pem = pem_file("redis.ca_file", &r.ca_file, false);
+        let cert = pem_file("redis.client_cert_file", &r.client_cert_file, false);
+        let key = pem_file("redis.client_key_file", &r.client_key_file, true);
+        if r.client_cert_file.is_some() != r.client_key_file.is_some() {
+            bad(
+                "redis.client_cert_file",
+                "redis.client_cert_file and redis.client_key_file go together".into(),
+            );
+        }
+        let client = cert.zip(key).map(|(c, k)| (c, Secret(k)));
         if r.key_prefix.is_empty()
             || r.key_prefix.len() > 64
             || !r.key_prefix.bytes().all(|b| b.is_ascii_graphic())
@@ -1732,7 +1805,7 @@ impl Config {
                 false
             }
         };
-        let (host, port, db) = addr?;
+        let (host, port, db, tls) = addr?;
         ok.then(|| Redis {
             url: r.url.clone(),
             host,
@@ -1740,6 +1813,7 @@ impl Config {
             db,
             username: r.username.clone(),
             password,
+            tls: tls.then_some(RedisTls { ca_pem, client }),
             key_prefix: r.key_prefix.clone(),
             timeout: Duration::from_millis(r.timeout_ms),
             fallback_local,
@@ -2422,6 +2496,10 @@ admin:
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("redis.pw"), "s3cret-pw\n").unwrap();
         std::fs::write(dir.join("empty.pw"), "\n").unwrap();
+        std::fs::write(dir.join("long.pw"), format!("{}\n", "p".repeat(512))).unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["redis".into()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.join("not.pem"), "hello").unwrap();
         let with = |redis: &str| {
             let mut c = Config::parse(&format!("{GOOD}redis:\n{redis}")).unwrap();
             c.base_dir = dir.clone();
@@ -2443,7 +2521,14 @@ admin:
             !format!("{r:?}").contains("s3cret"),
             "the password is printed"
         );
-        let r = with("  url: redis://[::1]\n").unwrap().redis.unwrap();
+        let r = with("  url: rediss://[::1]\n  ca_file: ca.pem\n  password_file: long.pw\n")
+            .unwrap()
+            .redis
+            .unwrap();
+        assert!(r.tls.as_ref().unwrap().ca_pem.is_some());
+        assert_eq!(r.password.unwrap().0.len(), 512);
+        let r = with("  url: redis://[::1]/\n").unwrap().redis.unwrap();
+        assert!(r.tls.is_none());
         assert_eq!(
             (r.host.as_str(), r.port, r.db, r.fallback_local),
             ("::1", 6379, 0, false)
@@ -2457,7 +2542,39 @@ admin:
         for (redis, path, why) in [
             ("  url: redis://:pw@cache/0\n", "redis.url", "credentials"),
             ("  url: redis://user@cache/0\n", "redis.url", "credentials"),
-            ("  url: rediss://cache/0\n", "redis.url", "TLS"),
+            ("  url: redis://cache//3\n", "redis.url", "database number"),
+            ("  url: redis://cache/+3\n", "redis.url", "database number"),
+            ("  url: redis://cache:0/\n", "redis.url", "port 0"),
+            (
+                "  url: redis://cache\n  username: fhirwall\n",
+                "redis.username",
+                "password_file",
+            ),
+            (
+                "  url: redis://cache\n  ca_file: ca.pem\n",
+                "redis.ca_file",
+                "rediss://",
+            ),
+            (
+                "  url: rediss://cache\n  ca_file: not.pem\n",
+                "redis.ca_file",
+                "no PEM",
+            ),
+            (
+                "  url: rediss://cache\n  client_cert_file: ca.pem\n  client_key_file: ca.pem\n",
+                "redis.client_key_file",
+                "no PEM private key",
+            ),
+            (
+                "  url: rediss://cache\n  ca_file: missing.pem\n",
+                "redis.ca_file",
+                "cannot be read",
+            ),
+            (
+                "  url: rediss://cache\n  client_cert_file: ca.pem\n",
+                "redis.client_cert_file",
+                "go together",
+            ),
             ("  url: http://cache/0\n", "redis.url", "redis://"),
             (
                 "  url: redis://cache/zero\n",

@@ -218,12 +218,12 @@ impl Metrics {
         RedisMetrics {
             up: m.gauge(
                 "fhirwall_redis_up",
-                "1 when Redis (shared state) answered the last command or ping",
+                "1 when the last probe of Redis (shared state) passed and no command failed since",
             ),
             commands,
             duration: m.histogram(
                 "fhirwall_redis_command_duration_seconds",
-                "Time Redis took to answer a command",
+                "Time a Redis command took, a (re)connection included",
                 vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
             ),
             fallbacks: m.counter(

@@ -330,6 +330,10 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
             .map(|p| p.display().to_string()),
         ..ServerConf::default()
     };
+    // Libraries that build rustls configurations without naming a crypto
+    // provider (the Redis client's TLS) use the process's default: the
+    // same aws-lc-rs as everything else. (Already set: fine.)
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

@@ -16,7 +16,7 @@
 //! or this process's own state decides (`on_failure: local`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -130,7 +130,21 @@ impl SharedState {
     pub async fn remember_proof(&self, p: &Proof) -> Result<ProofOutcome, Unavailable> {
         let key = proof_key(&p.jkt, &p.jti);
         if let Some(r) = &self.redis {
+            // This process's own record first: a proof it accepted while
+            // Redis was away (`on_failure: local`), or that Redis lost, is
+            // still a replay here.
+            if self.local.replay.contains_key(&key) {
+                return Ok(ProofOutcome::Replayed);
+            }
             match r.remember_proof(&key, &p.counted_as, &self.dpop).await {
+                Ok(ProofOutcome::Fresh) => {
+                    // Kept here too while there is room (Redis bounds the
+                    // set then), for the case above.
+                    if self.local.replay.entry_count() < self.dpop.max_entries {
+                        self.local.replay.insert(key, ());
+                    }
+                    return Ok(ProofOutcome::Fresh);
+                }
                 Ok(o) => return Ok(o),
                 Err(e) if r.cfg.fallback_local => r.fell_back(&e),
                 Err(e) => return Err(e),
@@ -287,10 +301,12 @@ return {taken, wait}
 ";
 
 /// The Redis side: one multiplexed connection (reconnected by the
-/// connection manager), made by [`RedisStore::run`].
+/// connection manager, replaced by [`RedisStore::run`]'s probe when that
+/// fails).
 pub struct RedisStore {
     cfg: Redis,
-    conn: OnceLock<redis::aio::ConnectionManager>,
+    /// Replaced when a probe fails (see [`RedisStore::probe`]).
+    conn: arc_swap::ArcSwapOption<redis::aio::ConnectionManager>,
     /// The last command (or ping) was answered.
     up: AtomicBool,
     proof_script: redis::Script,
@@ -305,7 +321,7 @@ impl RedisStore {
         metrics.up.set(0);
         RedisStore {
             cfg,
-            conn: OnceLock::new(),
+            conn: arc_swap::ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             proof_script: redis::Script::new(PROOF_SCRIPT),
             bucket_script: redis::Script::new(BUCKET_SCRIPT),
@@ -324,43 +340,58 @@ impl RedisStore {
             settings = settings.set_password(String::from_utf8_lossy(&p.0));
         }
         use redis::IntoConnectionInfo;
-        let info = redis::ConnectionAddr::Tcp(c.host.clone(), c.port)
-            .into_connection_info()?
-            .set_redis_settings(settings);
-        redis::Client::open(info)
+        let addr = match &c.tls {
+            None => redis::ConnectionAddr::Tcp(c.host.clone(), c.port),
+            Some(_) => redis::ConnectionAddr::TcpTls {
+                host: c.host.clone(),
+                port: c.port,
+                insecure: false,
+                tls_params: None,
+            },
+        };
+        let info = addr.into_connection_info()?.set_redis_settings(settings);
+        match &c.tls {
+            Some(tls) if tls.ca_pem.is_some() || tls.client.is_some() => {
+                let certs = redis::TlsCertificates {
+                    client_tls: tls
+                        .client
+                        .as_ref()
+                        .map(|(cert, key)| redis::ClientTlsConfig {
+                            client_cert: cert.clone(),
+                            client_key: key.0.clone(),
+                        }),
+                    root_cert: tls.ca_pem.clone(),
+                };
+                redis::Client::build_with_tls(info, certs)
+            }
+            _ => redis::Client::open(info),
+        }
     }
 
-    /// Connects and then pings Redis every `every`, keeping `up` (and the
-    /// `fhirwall_redis_up` gauge) true to what it finds. Runs until the
-    /// process ends.
-    pub async fn run(&self, every: Duration) {
+    /// A new connection manager (it connects on first use). Errors only
+    /// for an address configuration checks rule out.
+    fn connect(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.cfg.timeout))
             .set_response_timeout(Some(self.cfg.timeout))
-            .set_max_delay(Duration::from_secs(1))
+            // A failed connect is reported to the command that needed it
+            // (and the next one connects again), not retried behind it.
             .set_number_of_retries(0);
-        let manager = self
-            .client()
-            .and_then(|c| redis::aio::ConnectionManager::new_lazy_with_config(c, config));
-        match manager {
-            Ok(m) => {
-                let _ = self.conn.set(m);
-            }
-            Err(e) => {
-                // Only a malformed address gets here: configuration checks
-                // rule that out, but say so rather than stay silent.
-                tracing::error!(url = %self.cfg.url, error = %e, "cannot set up the Redis client");
-                return;
-            }
-        }
+        self.client()
+            .and_then(|c| redis::aio::ConnectionManager::new_lazy_with_config(c, config))
+    }
+
+    /// Probes Redis every `every`, keeping `up` (and `fhirwall_redis_up`)
+    /// true to what it finds. Runs until the process ends.
+    pub async fn run(&self, every: Duration) {
         let mut was_up = None;
         loop {
-            let ok = self.ping().await;
+            let ok = self.probe().await;
             if was_up != Some(ok) {
                 if ok {
                     tracing::info!(url = %self.cfg.url, "Redis answers");
                 } else {
-                    tracing::error!(url = %self.cfg.url, "Redis does not answer");
+                    tracing::error!(url = %self.cfg.url, "Redis does not answer as fhirwall needs");
                 }
                 was_up = Some(ok);
             }
@@ -368,16 +399,39 @@ impl RedisStore {
         }
     }
 
-    /// Pings Redis; any failure (also a refused login) counts as down.
-    async fn ping(&self) -> bool {
-        let cmd = redis::cmd("PING");
+    /// Writes a short-lived key under the prefix: what the checks need
+    /// (login, database, permission on the keys, memory for a write), so
+    /// an answer is "up" only when they could pass. A failed probe starts
+    /// over with a new connection: the connection manager reconnects by
+    /// itself only after I/O errors, and keeps a refused login or
+    /// database selection (a rotated password, a user created later)
+    /// until it is replaced.
+    async fn probe(&self) -> bool {
+        if self.conn.load().is_none() {
+            match self.connect() {
+                Ok(m) => self.conn.store(Some(Arc::new(m))),
+                Err(e) => {
+                    let _ = self.failed(format!("Redis client: {e}"));
+                    return false;
+                }
+            }
+        }
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}probe", self.cfg.key_prefix))
+            .arg(1)
+            .arg("PX")
+            .arg(10_000);
         let ok = self
-            .call("ping", |mut c| async move {
-                cmd.query_async::<String>(&mut c).await
+            .call("probe (SET)", |mut c| async move {
+                cmd.query_async::<()>(&mut c).await
             })
             .await
             .is_ok();
-        self.set_up(ok);
+        if ok {
+            self.set_up(true);
+        } else if let Ok(m) = self.connect() {
+            self.conn.store(Some(Arc::new(m)));
+        }
         ok
     }
 
@@ -387,47 +441,45 @@ impl RedisStore {
     }
 
     /// Runs one command with the configured timeout, recording its outcome.
+    /// A failure of any kind marks Redis down until the next probe passes.
     async fn call<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, Unavailable>
     where
         F: FnOnce(redis::aio::ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let Some(conn) = self.conn.get() else {
+        let Some(conn) = self.conn.load_full() else {
             self.metrics.commands("error");
             return Err(Unavailable("not connected yet".into()));
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(self.cfg.timeout, f(conn.clone())).await;
+        let result = tokio::time::timeout(self.cfg.timeout, f((*conn).clone())).await;
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        match result {
+        let why = match result {
             Ok(Ok(v)) => {
                 self.metrics.commands("ok");
-                self.set_up(true);
-                Ok(v)
+                return Ok(v);
             }
             Ok(Err(e)) => {
                 // The connection's own timeouts (connect, response) are
                 // ours too.
                 self.metrics
                     .commands(if e.is_timeout() { "timeout" } else { "error" });
-                // An error Redis answered with (a script error, OOM) says
-                // it is there; a lost connection says it is not.
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                    self.set_up(false);
-                }
-                Err(self.failed(format!("Redis {what}: {e}")))
+                format!("Redis {what}: {e}")
             }
             Err(_) => {
                 self.metrics.commands("timeout");
-                self.set_up(false);
-                Err(self.failed(format!(
+                format!(
                     "Redis {what}: no answer within {} ms (redis.timeout_ms)",
                     self.cfg.timeout.as_millis()
-                )))
+                )
             }
-        }
+        };
+        // An error reply (out of memory, read-only, no permission) refuses
+        // the checks as surely as a lost connection.
+        self.set_up(false);
+        Err(self.failed(why))
     }
 
     /// Logs why a command failed, at most once every ten seconds (an

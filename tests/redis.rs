@@ -20,8 +20,10 @@ struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: TempDir,
-    /// Extra `redis-server` arguments (users, passwords).
+    /// Extra `redis-server` arguments (users, passwords, TLS).
     args: Vec<String>,
+    /// Listens with TLS only (on `port`).
+    tls: bool,
 }
 
 fn redis_server_binary() -> String {
@@ -45,12 +47,41 @@ impl RedisServer {
         RedisServer::start_with(&[])
     }
 
+    /// A server that speaks TLS only, with `pki`'s server certificate,
+    /// asking clients for certificates of its CA.
+    fn start_tls(pki: &Pki) -> RedisServer {
+        let dir = TempDir::new("redis-tls");
+        let file = |name: &str, text: &str| {
+            let p = dir.0.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let args = [
+            "--tls-cert-file".to_string(),
+            file("server.crt", &pki.server_cert),
+            "--tls-key-file".to_string(),
+            file("server.key", &pki.server_key),
+            "--tls-ca-cert-file".to_string(),
+            file("ca.crt", &pki.ca),
+        ];
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            dir,
+            args: args.to_vec(),
+            tls: true,
+        };
+        r.restart();
+        r
+    }
+
     fn start_with(args: &[&str]) -> RedisServer {
         let mut r = RedisServer {
             port: free_port(),
             child: None,
             dir: TempDir::new("redis"),
             args: args.iter().map(|a| a.to_string()).collect(),
+            tls: false,
         };
         r.restart();
         r
@@ -58,8 +89,14 @@ impl RedisServer {
 
     /// Starts the server (again) on its port, and waits until it answers.
     fn restart(&mut self) {
+        let port = self.port.to_string();
+        let ports = match self.tls {
+            true => vec!["--port", "0", "--tls-port", &port],
+            false => vec!["--port", &port],
+        };
         let child = Command::new(redis_server_binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
             .args(["--dir", &self.dir.0.display().to_string()])
             .args(&self.args)
@@ -79,6 +116,10 @@ impl RedisServer {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if self.tls {
+            // Listening is all a plain client can see.
+            return true;
+        }
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let mut buf = [0u8; 7];
         // Up, whether or not it wants a login first.
@@ -106,6 +147,47 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// issued (PEM).
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: a leaf named like its CA looks self-signed to
+    // OpenSSL (Redis), which then refuses it.
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "fhirwall test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0].as_str());
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(vec!["fhirwall".into()]);
+    Pki {
+        ca: ca_cert.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
     }
 }
 
@@ -300,47 +382,66 @@ async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
     );
 }
 
+/// Sends one command as `user` (RESP) and returns the first line of the
+/// answer.
+fn command(port: u16, login: (&str, &str), args: &[&str]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    for cmd in [&["AUTH", login.0, login.1][..], args] {
+        out.extend(format!("*{}\r\n", cmd.len()).bytes());
+        for a in cmd {
+            out.extend(format!("${}\r\n{a}\r\n", a.len()).bytes());
+        }
+    }
+    s.write_all(&out).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    // Two lines: AUTH's answer, then the command's.
+    while answer.iter().filter(|b| **b == b'\n').count() < 2 {
+        s.read_exact(&mut byte).unwrap();
+        answer.push(byte[0]);
+    }
+    let text = String::from_utf8(answer).unwrap();
+    assert!(text.starts_with("+OK"), "admin login: {text}");
+    text.lines().nth(1).unwrap().to_string()
+}
+
+/// Waits until `/readyz` answers `status`.
+async fn until_ready(gw: &Gateway, status: u16, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.readyz().await != status {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status}: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acl_user_limited_to_the_prefix_is_enough_and_a_wrong_password_is_not() {
-    // The least a replica needs: its own keys, scripts, no dangerous commands.
-    let redis = RedisServer::start_with(&[
-        "--user",
-        "default",
-        "off",
-        "--user",
-        "fhirwall",
-        "on",
-        ">s3cret-pw",
-        "~fhirwall:*",
-        "+@all",
-        "-@dangerous",
-    ]);
+async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
+    let redis = RedisServer::start_with(&["--requirepass", "admin-pw"]);
+    let admin = ("default", "admin-pw");
     let dir = TempDir::new("redis-auth");
-    std::fs::write(dir.0.join("good.pw"), "s3cret-pw\n").unwrap();
-    std::fs::write(dir.0.join("bad.pw"), "guess\n").unwrap();
-    let with = |file: &str, ready: bool| Options {
+    std::fs::write(dir.0.join("limits.yaml"), "rules:\n  - name: searches-limited\n    effect: allow\n    when: {interaction: [search-type]}\n    rate_limit: {per: client, requests: 2, per_seconds: 60}\n").unwrap();
+    std::fs::write(dir.0.join("pw"), "s3cret-pw\n").unwrap();
+    let gw = Gateway::start(Options {
         extra_yaml: redis.yaml(&format!(
-            "  username: fhirwall\n  password_file: {}\n",
-            dir.0.join(file).display()
+            "  username: fhirwall\n  password_file: {}\npolicies:\n  dir: {}\n",
+            dir.0.join("pw").display(),
+            dir.0.display()
         )),
-        expect_ready: ready,
+        expect_ready: false,
         ..Options::default()
-    };
-    let gw = Gateway::start(with("good.pw", true)).await;
+    })
+    .await;
+    // The user does not exist yet: no login, nothing that needs Redis passes.
     let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
     let token = bound_token(&gw, &client.jkt);
     let url = format!("{}/Patient/p1", gw.base);
-    let proof = client.proof("GET", &url, &token);
-    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
-    assert_eq!(s, 200, "{body}");
-    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
-    assert_eq!(s, 401);
-
-    let refused = Gateway::start(with("bad.pw", false)).await;
-    let token = bound_token(&refused, &client.jkt);
-    let url = format!("{}/Patient/p1", refused.base);
     let (s, _, body) = send(
-        &refused,
+        &gw,
         "Patient/p1",
         "DPoP",
         &token,
@@ -348,14 +449,13 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_and_a_wrong_password_is_not
     )
     .await;
     assert_eq!(s, 503, "{body}");
-    assert!(refused.upstream.seen().is_empty());
-    assert_eq!(refused.readyz().await, 503);
-    // The log says why, without the password.
+    assert!(gw.upstream.seen().is_empty());
+    assert_eq!(gw.readyz().await, 503);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let log = std::fs::read_to_string(refused.dir.join("stderr.log")).unwrap_or_default();
-        if log.contains("Redis command failed") {
-            assert!(!log.contains("guess"), "the password is logged");
+        let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap_or_default();
+        if log.contains("Password authentication failed") {
+            assert!(!log.contains("s3cret-pw"), "the password is logged");
             break;
         }
         assert!(
@@ -363,5 +463,194 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_and_a_wrong_password_is_not
             "no log of the refused login: {log}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The least a replica needs: its own keys and scripts, nothing
+    // dangerous. Once it exists, the gateway logs in by itself.
+    let created = command(
+        redis.port,
+        admin,
+        &[
+            "ACL",
+            "SETUSER",
+            "fhirwall",
+            "on",
+            ">s3cret-pw",
+            "~fhirwall:*",
+            "+@all",
+            "-@dangerous",
+        ],
+    );
+    assert_eq!(created, "+OK");
+    until_ready(&gw, 200, "after the user was created").await;
+    let proof = client.proof("GET", &url, &token);
+    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 401);
+    // The rate-limit script runs under the same user.
+    let bearer = gw.mint("user/*.rs", None);
+    for i in 0..2 {
+        let r = gw
+            .get(&format!("Observation?code=acl-{i}"), Some(&bearer))
+            .await;
+        assert_eq!(r.status(), 200, "search {i}");
+    }
+    let r = gw.get("Observation?code=acl-over", Some(&bearer)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(gw.upstream.count_containing("acl-over"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_out_of_memory_refuses_and_reports_not_ready() {
+    let redis = RedisServer::start_with(&["--requirepass", "admin-pw"]);
+    let admin = ("default", "admin-pw");
+    let dir = TempDir::new("redis-oom");
+    std::fs::write(dir.0.join("pw"), "admin-pw\n").unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: redis.yaml(&format!(
+            "  password_file: {}\n",
+            dir.0.join("pw").display()
+        )),
+        ..Options::default()
+    })
+    .await;
+    // Memory full, and nothing may be evicted (Redis's default policy).
+    assert_eq!(
+        command(redis.port, admin, &["CONFIG", "SET", "maxmemory", "1"]),
+        "+OK"
+    );
+    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let (s, _, body) = send(
+        &gw,
+        "Patient/p1",
+        "DPoP",
+        &token,
+        &[&client.proof("GET", &url, &token)],
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(gw.upstream.seen().is_empty());
+    until_ready(&gw, 503, "with Redis out of memory").await;
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "fhirwall_redis_up"), 0.0);
+    assert!(metric(&m, "fhirwall_redis_commands_total{outcome=\"error\"}") >= 1.0);
+
+    assert_eq!(
+        command(redis.port, admin, &["CONFIG", "SET", "maxmemory", "0"]),
+        "+OK"
+    );
+    until_ready(&gw, 200, "with memory again").await;
+    let (s, _, body) = send(
+        &gw,
+        "Patient/p1",
+        "DPoP",
+        &token,
+        &[&client.proof("GET", &url, &token)],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_local_still_refuses_replays_across_a_redis_outage() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::start(Options {
+        extra_yaml: redis.yaml("  on_failure: local\n"),
+        ..Options::default()
+    })
+    .await;
+    until_ready(&gw, 200, "Redis up").await;
+    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let dpop = |p: String| {
+        let (gw, token) = (&gw, &token);
+        async move { send(gw, "Patient/p1", "DPoP", token, &[&p]).await.0 }
+    };
+    // Accepted with Redis there, replayed with Redis gone.
+    let before_outage = client.proof("GET", &url, &token);
+    assert_eq!(dpop(before_outage.clone()).await, 200);
+    redis.stop();
+    assert_eq!(dpop(before_outage).await, 401, "replay during the outage");
+    // Accepted during the outage, replayed once Redis is back (empty).
+    let during_outage = client.proof("GET", &url, &token);
+    assert_eq!(dpop(during_outage.clone()).await, 200);
+    redis.restart();
+    until_ready(&gw, 200, "Redis back").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&gw.metrics().await, "fhirwall_redis_up") != 1.0 {
+        assert!(Instant::now() < deadline, "Redis never seen again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dpop(during_outage).await, 401, "replay after the outage");
+    assert_eq!(gw.upstream.seen().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_a_client_certificate_and_only_with_a_trusted_server() {
+    let pki = pki();
+    let redis = RedisServer::start_tls(&pki);
+    let dir = TempDir::new("redis-tls-client");
+    for (name, text) in [
+        ("ca.crt", &pki.ca),
+        ("client.crt", &pki.client_cert),
+        ("client.key", &pki.client_key),
+    ] {
+        std::fs::write(dir.0.join(name), text).unwrap();
+    }
+    let path = |name: &str| dir.0.join(name).display().to_string();
+    let with = |tls_yaml: String, ready: bool| Options {
+        extra_yaml: format!(
+            "redis:\n  url: rediss://127.0.0.1:{}/0\n  timeout_ms: 500\n{tls_yaml}",
+            redis.port
+        ),
+        expect_ready: ready,
+        ..Options::default()
+    };
+    let client_yaml = format!(
+        "  client_cert_file: {}\n  client_key_file: {}\n",
+        path("client.crt"),
+        path("client.key")
+    );
+    let gw = Gateway::start(with(
+        format!("  ca_file: {}\n{client_yaml}", path("ca.crt")),
+        true,
+    ))
+    .await;
+    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let proof = client.proof("GET", &url, &token);
+    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 401, "the replay check over TLS let a replay through");
+
+    // A server certificate the system does not trust, and no client
+    // certificate for a server that wants one: no Redis, nothing passes.
+    for (tls_yaml, what) in [
+        (client_yaml.clone(), "untrusted server"),
+        (
+            format!("  ca_file: {}\n", path("ca.crt")),
+            "no client certificate",
+        ),
+    ] {
+        let gw = Gateway::start(with(tls_yaml, false)).await;
+        let token = bound_token(&gw, &client.jkt);
+        let url = format!("{}/Patient/p1", gw.base);
+        let (s, _, body) = send(
+            &gw,
+            "Patient/p1",
+            "DPoP",
+            &token,
+            &[&client.proof("GET", &url, &token)],
+        )
+        .await;
+        assert_eq!(s, 503, "{what}: {body}");
+        assert!(gw.upstream.seen().is_empty(), "{what}");
+        assert_eq!(gw.readyz().await, 503, "{what}");
     }
 }

@@ -360,10 +360,14 @@ impl Gateway {
                     return;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not answer /{probe} with 200 in 30 s"
-            );
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!(
+                    "gateway did not answer /{probe} with 200 in 30 s; the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
