@@ -6,8 +6,9 @@
 //! this process otherwise.
 //!
 //! Redis keys hold hashes, never a client id, user or source address:
-//! `{prefix}dpop:{<client hash>}:jti:<proof hash>`,
-//! `{prefix}dpop:{<client hash>}:count` and `{prefix}rl:<bucket hash>`.
+//! `{prefix}dpop:jti:<proof hash>`, `{prefix}dpop:count:<client hash>`,
+//! `{prefix}rl:<bucket hash>` (and `{prefix}probe`, see
+//! [`RedisStore::run`]).
 //! Every key expires by itself. Buckets are timed by Redis's clock, so
 //! replicas whose clocks differ still share one rate.
 //!
@@ -136,7 +137,11 @@ impl SharedState {
             if self.local.replay.contains_key(&key) {
                 return Ok(ProofOutcome::Replayed);
             }
-            match r.remember_proof(&key, &p.counted_as, &self.dpop).await {
+            let asked = match r.skipped() {
+                Some(e) => Err(e),
+                None => r.remember_proof(&key, &p.counted_as, &self.dpop).await,
+            };
+            match asked {
                 Ok(ProofOutcome::Fresh) => {
                     // Kept here too while there is room (Redis bounds the
                     // set then), for the case above.
@@ -192,7 +197,11 @@ impl SharedState {
         who: &str,
     ) -> Result<Result<(), f64>, Unavailable> {
         if let Some(r) = &self.redis {
-            match r.take(rule, limit, who).await {
+            let asked = match r.skipped() {
+                Some(e) => Err(e),
+                None => r.take(rule, limit, who).await,
+            };
+            match asked {
                 Ok(o) => return Ok(o),
                 Err(e) if r.cfg.fallback_local => r.fell_back(&e),
                 Err(e) => return Err(e),
@@ -233,13 +242,12 @@ fn digest(parts: &[&str]) -> String {
     hex(&h.finalize())
 }
 
-/// The Redis keys of a proof and of its client's count. Both carry the
-/// client's hash as a hash tag (`{…}`), so they would land in one slot.
+/// The Redis keys of a proof (by key thumbprint and `jti` only, as in
+/// this process's set) and of its client's count.
 pub fn proof_keys(prefix: &str, proof: &[u8; 32], counted_as: &str) -> (String, String) {
-    let client = digest(&[counted_as]);
     (
-        format!("{prefix}dpop:{{{client}}}:jti:{}", hex(proof)),
-        format!("{prefix}dpop:{{{client}}}:count"),
+        format!("{prefix}dpop:jti:{}", hex(proof)),
+        format!("{prefix}dpop:count:{}", digest(&[counted_as])),
     )
 }
 
@@ -435,6 +443,13 @@ impl RedisStore {
         ok
     }
 
+    /// With `on_failure: local`, Redis is not asked while it is down (until
+    /// a probe passes): each check would wait `timeout_ms` for nothing.
+    fn skipped(&self) -> Option<Unavailable> {
+        (self.cfg.fallback_local && !self.up.load(Ordering::Relaxed))
+            .then(|| Unavailable("Redis is down (until a probe passes)".into()))
+    }
+
     fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Relaxed);
         self.metrics.up.set(i64::from(up));
@@ -603,17 +618,19 @@ mod tests {
     }
 
     #[test]
-    fn keys_hold_hashes_only_and_share_a_hash_tag() {
+    fn keys_hold_hashes_only() {
         let p = proof_key("thumb", "jti-1");
         let (a, b) = proof_keys("fw:", &p, "client\0https://iss\0app-7");
         assert!(
-            a.starts_with("fw:dpop:{") && b.starts_with("fw:dpop:{"),
+            a.starts_with("fw:dpop:jti:") && b.starts_with("fw:dpop:count:"),
             "{a} {b}"
         );
-        let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
-        assert_eq!(tag(&a), tag(&b));
-        assert!(!a.contains("app-7") && !b.contains("app-7"));
-        assert_ne!(proof_keys("fw:", &p, "client\0https://iss\0app-8").0, a);
+        assert!(!a.contains("app-7") && !b.contains("app-7") && !a.contains("jti-1"));
+        // A proof is one proof whoever it is counted against.
+        let (a8, b8) = proof_keys("fw:", &p, "client\0https://iss\0app-8");
+        assert_eq!(a8, a);
+        assert_ne!(b8, b);
+        assert_ne!(proof_keys("fw:", &proof_key("thumb", "jti-2"), "x").0, a);
         let limit = RateLimit {
             requests: 3,
             per_seconds: 60,

@@ -111,3 +111,36 @@ async fn on_failure_local_decides_with_this_process_state() {
     // Ready: with `local`, a missing Redis refuses nothing.
     assert_eq!(gw.readyz().await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_local_does_not_wait_for_a_redis_that_is_down() {
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 3000\n  on_failure: local\n",
+            silent_port()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    for i in 0..3 {
+        let started = Instant::now();
+        let (s, _, body) = send(
+            &gw,
+            "Patient/p1",
+            "DPoP",
+            &token,
+            &[&client.proof("GET", &url, &token)],
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        // Redis would take timeout_ms (3 s) to say nothing.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "request {i} waited {:?} for a Redis known to be down",
+            started.elapsed()
+        );
+    }
+}
