@@ -851,6 +851,24 @@ pub struct Settings {
     pub nat64_prefixes: Vec<crate::client_addr::Cidr>,
     pub forward_headers: Vec<(ForwardedContext, http::HeaderName)>,
     pub redis: Option<Redis>,
+    /// The settings a reload does not apply, each section as read, to tell
+    /// which of them a reloaded file changed ([`Settings::needs_restart`]).
+    pub restart_only: Vec<(&'static str, String)>,
+}
+
+impl Settings {
+    /// The sections that differ between the running settings and `new`
+    /// but that only a restart applies (everything but policies, roles
+    /// and break-glass). Files they name are read at start only: a
+    /// changed file behind an unchanged name is not seen here.
+    pub fn needs_restart(&self, new: &Settings) -> Vec<&'static str> {
+        self.restart_only
+            .iter()
+            .zip(&new.restart_only)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| a.0)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1644,7 +1662,34 @@ impl Config {
             nat64_prefixes,
             forward_headers,
             redis: redis.map(|r| r.expect("validated")),
+            restart_only: self.restart_only(),
         })
+    }
+
+    /// Each section a reload does not apply, as read (Debug of plain data).
+    fn restart_only(&self) -> Vec<(&'static str, String)> {
+        let d = |v: &dyn fmt::Debug| format!("{v:?}");
+        vec![
+            ("listen", d(&self.listen)),
+            ("public_base_url", d(&self.public_base_url)),
+            ("public_routes", d(&self.public_routes)),
+            ("upstream", d(&self.upstream)),
+            ("issuers", d(&self.issuers)),
+            ("tokens", d(&self.tokens)),
+            ("jwks", d(&self.jwks)),
+            ("admin", d(&self.admin)),
+            ("audit", d(&self.audit)),
+            ("server", d(&self.server)),
+            ("forward_headers", d(&self.forward_headers)),
+            ("patient_context", d(&self.patient_context)),
+            ("dpop", d(&self.dpop)),
+            ("tls", d(&self.tls)),
+            ("redis", d(&self.redis)),
+            (
+                "policies.watch",
+                d(&self.policies.as_ref().map(|p| p.watch)),
+            ),
+        ]
     }
 
     fn validate_redis(
@@ -2488,6 +2533,34 @@ admin:
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_tells_the_sections_only_a_restart_applies() {
+        let load = |extra: &str| {
+            Config::parse(&format!("{GOOD}{extra}"))
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        let running = load("");
+        assert!(running.needs_restart(&load("")).is_empty());
+        // What a reload applies is not listed.
+        assert!(running
+            .needs_restart(&load("break_glass:\n  header: X-Emergency\n"))
+            .is_empty());
+        assert_eq!(
+            running.needs_restart(&load(
+                "dpop:\n  max_age_seconds: 30\nserver:\n  threads: 3\n"
+            )),
+            ["server", "dpop"]
+        );
+        let audiences = GOOD.replace(
+            "audiences: [http://localhost:8080/fhir]",
+            "audiences: [http://localhost:8080/fhir, https://fhir.example.org]",
+        );
+        let new = Config::parse(&audiences).unwrap().validate().unwrap();
+        assert_eq!(running.needs_restart(&new), ["issuers"]);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct Metrics {
     introspection_duration: HistogramVec,
     break_glass: IntCounter,
     reloads: IntCounterVec,
+    /// 1 while a reloaded file holds changes only a restart applies.
+    pub restart_pending: IntGauge,
     /// `[kind: jwt, opaque][binding: bearer, dpop, mtls]`.
     bindings_by: Vec<Vec<IntCounter>>,
     /// Handles resolved at start-up, so the request path never hashes labels:
@@ -319,6 +321,10 @@ impl Metrics {
         for r in ["success", "failure"] {
             reloads.with_label_values(&[r]);
         }
+        let restart_pending = m.gauge(
+            "fhirwall_config_restart_pending",
+            "1 when the last reload found changed settings that only a restart applies (see the log)",
+        );
         let token_cache_entries = m.gauge(
             "fhirwall_token_cache_entries",
             "Entries in the verified-token cache",
@@ -466,6 +472,7 @@ impl Metrics {
             bindings_by,
             break_glass,
             reloads,
+            restart_pending,
             requests_by,
             outcomes_by,
             duration_by,

@@ -29,6 +29,9 @@ struct Reloader {
     watch: Option<std::path::PathBuf>,
     rules: Arc<arc_swap::ArcSwap<crate::proxy::Rules>>,
     metrics: Arc<Metrics>,
+    /// The running settings (a reload applies only the rules of a new
+    /// file; the rest is compared with these).
+    running: Settings,
 }
 
 #[async_trait]
@@ -79,7 +82,22 @@ impl BackgroundService for Reloader {
                     let n = rules.policies.rules.len();
                     self.rules.store(Arc::new(rules));
                     self.metrics.reload(true);
-                    tracing::info!(file = %self.path.display(), policy_rules = n, "reloaded policies, roles and break-glass");
+                    // Say so when the file changed what a reload cannot
+                    // apply: it would otherwise look applied.
+                    let pending = self.running.needs_restart(&settings);
+                    self.metrics
+                        .restart_pending
+                        .set(i64::from(!pending.is_empty()));
+                    if pending.is_empty() {
+                        tracing::info!(file = %self.path.display(), policy_rules = n, "reloaded policies, roles and break-glass");
+                    } else {
+                        tracing::warn!(
+                            file = %self.path.display(),
+                            policy_rules = n,
+                            not_applied = %pending.join(", "),
+                            "reloaded policies, roles and break-glass; the changes to the other settings named take effect only after a restart"
+                        );
+                    }
                 }
                 Err(e) => {
                     self.metrics.reload(false);
@@ -385,6 +403,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
                 watch: policies_watch,
                 rules: gateway.rules.clone(),
                 metrics: metrics.clone(),
+                running: gateway.settings.clone(),
             },
         )
     });

@@ -965,3 +965,57 @@ async fn watched_policies_reload_on_change() {
     }
     assert_eq!(status, 403, "the new file was not picked up");
 }
+
+/// Waits (bounded) until the metrics hold `line`.
+async fn until_metric(gw: &Gateway, line: &str) {
+    for _ in 0..50 {
+        if metric(gw, line).await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("metrics never showed {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_what_only_a_restart_applies() {
+    let dir = TempDir::new("policies-restart");
+    std::fs::write(
+        dir.0.join("10-rules.yaml"),
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
+    )
+    .unwrap();
+    let gw = with_policies(&dir).await;
+    assert!(metric(&gw, "fhirwall_config_restart_pending 0").await);
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    let changed = original
+        .replace("read_timeout_ms: 5000", "read_timeout_ms: 6000")
+        .replace("leeway_seconds: 0", "leeway_seconds: 30");
+    assert_ne!(changed, original);
+    std::fs::write(gw.config_path(), &changed).unwrap();
+    sighup(&gw);
+    until_metric(&gw, "fhirwall_config_restart_pending 1").await;
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("fhirwall_reloads_total{result=\"success\"} 1"),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("reload"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("only after a restart"))
+        .unwrap_or_else(|| panic!("no warning in {log}"));
+    assert!(
+        line.contains("upstream, issuers") && !line.contains("dpop"),
+        "{line}"
+    );
+    // Back as it runs: nothing pending.
+    std::fs::write(gw.config_path(), &original).unwrap();
+    sighup(&gw);
+    until_metric(&gw, "fhirwall_config_restart_pending 0").await;
+    assert!(metric(&gw, "fhirwall_reloads_total{result=\"success\"} 2").await);
+}
