@@ -660,6 +660,14 @@ pub struct ServerConfig {
     /// such a client is rate-limited by its IPv4 address.
     #[serde(default = "d_nat64")]
     pub nat64_prefixes: Vec<String>,
+    /// The Unix socket a process started with `run --upgrade` takes the
+    /// listeners over on (zero-downtime restart; see config.yaml).
+    #[serde(default = "d_upgrade_sock")]
+    pub upgrade_sock: String,
+}
+
+fn d_upgrade_sock() -> String {
+    "/tmp/fhirwall_upgrade.sock".into()
 }
 
 fn d_nat64() -> Vec<String> {
@@ -854,6 +862,8 @@ pub struct Settings {
     /// The settings a reload does not apply, each section as read, to tell
     /// which of them a reloaded file changed ([`Settings::needs_restart`]).
     pub restart_only: Vec<(&'static str, String)>,
+    /// `server.upgrade_sock`, below the config file's directory if relative.
+    pub upgrade_sock: PathBuf,
 }
 
 impl Settings {
@@ -1561,6 +1571,29 @@ impl Config {
             );
         }
 
+        let upgrade_sock = self.base_dir.join(&self.server.upgrade_sock);
+        match upgrade_sock.parent() {
+            _ if self.server.upgrade_sock.is_empty() => {
+                problem("server.upgrade_sock", "must not be empty".into())
+            }
+            // A Unix socket's path holds at most 107 bytes.
+            _ if upgrade_sock.as_os_str().len() > 107 => problem(
+                "server.upgrade_sock",
+                format!(
+                    "'{}' is longer than a Unix socket path may be (107 bytes)",
+                    upgrade_sock.display()
+                ),
+            ),
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => problem(
+                "server.upgrade_sock",
+                format!(
+                    "the directory of '{}' does not exist",
+                    upgrade_sock.display()
+                ),
+            ),
+            _ => {}
+        }
+
         let mut trusted_proxies = Vec::new();
         for (i, p) in self.server.trusted_proxies.iter().enumerate() {
             match crate::client_addr::parse_cidr(p.trim()) {
@@ -1663,6 +1696,7 @@ impl Config {
             forward_headers,
             redis: redis.map(|r| r.expect("validated")),
             restart_only: self.restart_only(),
+            upgrade_sock,
         })
     }
 
@@ -2533,6 +2567,36 @@ admin:
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn the_upgrade_socket_is_below_the_config_and_must_fit() {
+        let mut c = Config::parse(&format!("{GOOD}server:\n  upgrade_sock: up.sock\n")).unwrap();
+        c.base_dir = std::env::temp_dir();
+        assert_eq!(
+            c.validate().unwrap().upgrade_sock,
+            std::env::temp_dir().join("up.sock")
+        );
+        assert_eq!(
+            Config::parse(GOOD)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .upgrade_sock,
+            PathBuf::from("/tmp/fhirwall_upgrade.sock")
+        );
+        for (sock, why) in [
+            ("/nonexistent-dir/up.sock".to_string(), "does not exist"),
+            (format!("/tmp/{}.sock", "x".repeat(120)), "107 bytes"),
+            ("\"\"".to_string(), "empty"),
+        ] {
+            let problems = Config::parse(&format!("{GOOD}server:\n  upgrade_sock: {sock}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert_eq!(problems[0].path, "server.upgrade_sock", "{problems:?}");
+            assert!(problems[0].message.contains(why), "{problems:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,11 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
+        /// Take over the listeners of a running fhirwall (zero-downtime
+        /// restart): start this, then send the old process SIGQUIT within
+        /// 30 s. Both use `server.upgrade_sock`.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a configuration without starting; reports every problem.
     Check {
@@ -241,6 +246,7 @@ fn main() -> ExitCode {
     init_logs(cli.log_json);
     let command = cli.command.unwrap_or(Command::Run {
         config: "config.yaml".into(),
+        upgrade: false,
     });
     match command {
         Command::Check { config } => match fhirwall::config::load(&config) {
@@ -260,7 +266,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             let settings = match fhirwall::config::load(&config) {
                 Ok(s) => s,
                 Err(e) => {
@@ -268,7 +274,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match fhirwall::server::run(settings, Some(config)) {
+            match fhirwall::server::run(settings, Some(config), upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fhirwall: {e}");

@@ -5,8 +5,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use pingora::server::configuration::Opt;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{
+    ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -151,12 +154,20 @@ impl BackgroundService for RedisMonitor {
 /// and the requests in flight get `server.graceful_shutdown_timeout_seconds`
 /// to finish: the process exits as soon as none is left, every queued
 /// audit record written. Requests still running at the end are dropped and
-/// recorded as abandoned. SIGINT: at once. SIGQUIT: Pingora's own handling.
+/// recorded as abandoned. SIGINT: at once.
+///
+/// SIGQUIT: zero-downtime restart. A new process started with
+/// `run --upgrade` waits on `server.upgrade_sock`; this one hands it the
+/// listening sockets, closes each connection after its next answer, keeps
+/// serving for Pingora's five seconds while both accept, then drains as
+/// after SIGTERM (exiting once no request is left).
 struct Signals {
     lifecycle: Arc<crate::lifecycle::Lifecycle>,
     grace: std::time::Duration,
     drain: std::time::Duration,
     audit: AuditLog,
+    /// Pingora's phases: when the sockets have been handed over.
+    phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
 }
 
 /// Taken for good by whatever ends the process (the drain thread, a
@@ -206,6 +217,38 @@ async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
+impl Signals {
+    /// SIGQUIT: answers close their connections from now on; once Pingora
+    /// has handed the sockets over and stopped accepting (five seconds
+    /// later), the drain ends the process as soon as no request is left.
+    fn upgrade(&self) -> ShutdownSignal {
+        self.lifecycle.start_draining();
+        tracing::info!("SIGQUIT: handing the listeners to the new process (server.upgrade_sock), then draining");
+        let phases = self.phases.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (lifecycle, audit, drain) = (self.lifecycle.clone(), self.audit.clone(), self.drain);
+        let spawned = std::thread::Builder::new()
+            .name("fhirwall handover".into())
+            .spawn(move || {
+                let Some(mut phases) = phases else { return };
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    match phases.blocking_recv() {
+                        // Handed over, and the listeners no longer accept.
+                        Ok(ExecutionPhase::ShutdownStarted) => break,
+                        Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return,
+                    }
+                }
+                let deadline = std::time::Instant::now() + drain;
+                exit_when_drained(&lifecycle, &audit, deadline);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot watch the handover; waiting the whole drain timeout");
+        }
+        ShutdownSignal::GracefulUpgrade
+    }
+}
+
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
@@ -223,7 +266,7 @@ impl ShutdownSignalWatch for Signals {
         tokio::select! {
             _ = next(&mut term) => {}
             _ = next(&mut int) => return ShutdownSignal::FastShutdown,
-            _ = next(&mut quit) => return ShutdownSignal::GracefulUpgrade,
+            _ = next(&mut quit) => return self.upgrade(),
         }
         self.lifecycle.start_draining();
         tracing::info!(
@@ -325,7 +368,14 @@ fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSe
 
 /// Builds and runs the server; returns when Pingora has shut down and
 /// every audit record is written.
-pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Result<(), String> {
+///
+/// `upgrade`: take the listening sockets over from a running fhirwall
+/// (which is sent SIGQUIT) instead of binding them.
+pub fn run(
+    settings: Settings,
+    config_path: Option<std::path::PathBuf>,
+    upgrade: bool,
+) -> Result<(), String> {
     let threads = if settings.server.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -346,14 +396,23 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
             .ca_file
             .as_ref()
             .map(|p| p.display().to_string()),
+        upgrade_sock: settings.upgrade_sock.display().to_string(),
+        // `run --upgrade` waits this many seconds for the old process's
+        // sockets (it must be sent SIGQUIT meanwhile).
+        upgrade_sock_connect_accept_max_retries: Some(30),
         ..ServerConf::default()
     };
     // Libraries that build rustls configurations without naming a crypto
     // provider (the Redis client's TLS) use the process's default: the
     // same aws-lc-rs as everything else. (Already set: fine.)
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
+    let settings_upgrade_sock = settings.upgrade_sock.display().to_string();
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    let phases = server.watch_execution_phase();
 
     let issuer_names: Vec<String> = settings.issuers.iter().map(|i| i.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&issuer_names));
@@ -429,6 +488,26 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
         },
     );
     admin.add_tcp(&admin_listen);
+    if upgrade {
+        // Ready before taking the sockets over: keys loaded (the old
+        // process keeps serving meanwhile).
+        let loaded = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(store.load_all()));
+        match loaded {
+            Ok(errors) => {
+                for (issuer, e) in errors {
+                    tracing::error!(issuer = %issuer, error = %e, "JWKS load before the takeover failed; not ready until it succeeds");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot load the JWKS before the takeover"),
+        }
+        tracing::info!(upgrade_sock = %settings_upgrade_sock, "waiting for the running fhirwall's sockets (send it SIGQUIT)");
+    }
+    // Takes the listening sockets over from the old process with
+    // `--upgrade` (waiting up to 30 s); nothing to do otherwise.
+    server.bootstrap();
     let refresher = background_service("fhirwall jwks", JwksRefresher(store));
 
     server.add_service(proxy);
@@ -447,6 +526,7 @@ pub fn run(settings: Settings, config_path: Option<std::path::PathBuf>) -> Resul
             grace,
             drain,
             audit: audit_at_exit.clone(),
+            phases: std::sync::Mutex::new(Some(phases)),
         }),
     });
     // The proxy's runtimes have stopped: write out every queued record.

@@ -462,9 +462,21 @@ impl RedisStore {
         F: FnOnce(redis::aio::ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let Some(conn) = self.conn.load_full() else {
-            self.metrics.commands("error");
-            return Err(Unavailable("not connected yet".into()));
+        // Connected on first use if the probe has not yet (a request can
+        // come first).
+        let conn = match self.conn.load_full() {
+            Some(c) => c,
+            None => match self.connect() {
+                Ok(m) => {
+                    let m = Arc::new(m);
+                    self.conn.store(Some(m.clone()));
+                    m
+                }
+                Err(e) => {
+                    self.metrics.commands("error");
+                    return Err(self.failed(format!("Redis client: {e}")));
+                }
+            },
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.cfg.timeout, f((*conn).clone())).await;
