@@ -98,7 +98,7 @@ impl BackgroundService for Reloader {
                             file = %self.path.display(),
                             policy_rules = n,
                             not_applied = %pending.join(", "),
-                            "reloaded policies, roles and break-glass; the changes to the other settings named take effect only after a restart"
+                            "reloaded policies, roles and break-glass; the changes to the other settings named take effect only after a restart (without downtime: run --upgrade, then SIGQUIT this process)"
                         );
                     }
                 }
