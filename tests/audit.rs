@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
-use support::{Gateway, Options};
+use support::{metric, Gateway, Options};
 
 /// Request ids the upstream saw (from the `X-Request-Id` fhirwall sends).
 fn upstream_ids(gw: &Gateway, prefix: &str) -> BTreeSet<String> {
@@ -45,15 +45,6 @@ async fn get_with_id(gw: &Gateway, rel: &str, token: &str, id: &str) -> reqwest:
         .header("x-request-id", id)
         .send()
         .await
-        .unwrap()
-}
-
-/// The value of one series in a metrics text (`name{labels}` as printed).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in the metrics"))
-        .parse()
         .unwrap()
 }
 

@@ -12,8 +12,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::dpop::{bound_token, send, Client};
-use support::{free_port, Gateway, Options, TempDir};
+use support::dpop::Caller;
+use support::{free_port, metric, Gateway, Options, TempDir};
 
 /// A `redis-server` on 127.0.0.1, stopped when dropped.
 struct RedisServer {
@@ -202,28 +202,17 @@ async fn replicas(redis: &RedisServer, extra_yaml: &str) -> (Gateway, Gateway) {
     (a, b)
 }
 
-/// The value of the metric line starting with `name` (labels included).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in metrics"))
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proof_replayed_at_another_replica_is_refused() {
     let redis = RedisServer::start();
     let (a, b) = replicas(&redis, "").await;
-    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
-    let token = bound_token(&a, &client.jkt);
     // The URL both replicas are reached at (behind the balancer).
-    let url = format!("{}/Patient/p1", a.base);
-    let proof = client.proof("GET", &url, &token);
-    let (s, www, body) = send(&a, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let caller = Caller::new(&a);
+    let proof = caller.proof();
+    let (s, www, body) = caller.with(&a, &proof).await;
     assert_eq!(s, 200, "{www} {body}");
     let before = a.upstream.seen().len();
-    let (s, www, _) = send(&b, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let (s, www, _) = caller.with(&b, &proof).await;
     assert_eq!(s, 401, "the other replica took a replayed proof");
     assert!(
         www.contains("invalid_dpop_proof") && www.contains("already used"),
@@ -237,8 +226,8 @@ async fn a_proof_replayed_at_another_replica_is_refused() {
     let audit = b.audit_containing("\"reason\":\"dpop_replayed\"");
     assert!(audit.contains("dpop_replayed"), "{audit}");
     // A fresh proof passes at either.
-    let fresh = client.proof("GET", &url, &token);
-    let (s, _, _) = send(&b, "Patient/p1", "DPoP", &token, &[&fresh]).await;
+    let fresh = caller.proof();
+    let (s, _, _) = caller.with(&b, &fresh).await;
     assert_eq!(s, 200);
     let m = b.metrics().await;
     assert_eq!(metric(&m, "fhirwall_redis_up"), 1.0, "{m}");
@@ -295,29 +284,13 @@ async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
         ..Options::default()
     })
     .await;
-    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
-    let (s, _, _) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let caller = Caller::new(&gw);
+    let (s, _, _) = caller.fresh(&gw).await;
     assert_eq!(s, 200);
 
     redis.stop();
     let before = gw.upstream.seen().len();
-    let (s, _, body) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 503, "{body}");
     assert!(
         body.contains("replay check") && body.contains("Redis"),
@@ -365,14 +338,7 @@ async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (s, _, body) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(
         gw.get("Observation?code=back", Some(&bearer))
@@ -437,17 +403,8 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
     })
     .await;
     // The user does not exist yet: no login, nothing that needs Redis passes.
-    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
-    let (s, _, body) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let caller = Caller::new(&gw);
+    let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 503, "{body}");
     assert!(gw.upstream.seen().is_empty());
     assert_eq!(gw.readyz().await, 503);
@@ -483,10 +440,10 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
     );
     assert_eq!(created, "+OK");
     until_ready(&gw, 200, "after the user was created").await;
-    let proof = client.proof("GET", &url, &token);
-    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let proof = caller.proof();
+    let (s, _, body) = caller.with(&gw, &proof).await;
     assert_eq!(s, 200, "{body}");
-    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let (s, _, _) = caller.with(&gw, &proof).await;
     assert_eq!(s, 401);
     // The rate-limit script runs under the same user.
     let bearer = gw.mint("user/*.rs", None);
@@ -520,17 +477,8 @@ async fn a_redis_out_of_memory_refuses_and_reports_not_ready() {
         command(redis.port, admin, &["CONFIG", "SET", "maxmemory", "1"]),
         "+OK"
     );
-    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
-    let (s, _, body) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let caller = Caller::new(&gw);
+    let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 503, "{body}");
     assert!(gw.upstream.seen().is_empty());
     until_ready(&gw, 503, "with Redis out of memory").await;
@@ -543,14 +491,7 @@ async fn a_redis_out_of_memory_refuses_and_reports_not_ready() {
         "+OK"
     );
     until_ready(&gw, 200, "with memory again").await;
-    let (s, _, body) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 200, "{body}");
 }
 
@@ -563,20 +504,15 @@ async fn on_failure_local_still_refuses_replays_across_a_redis_outage() {
     })
     .await;
     until_ready(&gw, 200, "Redis up").await;
-    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
-    let dpop = |p: String| {
-        let (gw, token) = (&gw, &token);
-        async move { send(gw, "Patient/p1", "DPoP", token, &[&p]).await.0 }
-    };
+    let caller = Caller::new(&gw);
+    let dpop = async |p: String| caller.with(&gw, &p).await.0;
     // Accepted with Redis there, replayed with Redis gone.
-    let before_outage = client.proof("GET", &url, &token);
+    let before_outage = caller.proof();
     assert_eq!(dpop(before_outage.clone()).await, 200);
     redis.stop();
     assert_eq!(dpop(before_outage).await, 401, "replay during the outage");
     // Accepted during the outage, replayed once Redis is back (empty).
-    let during_outage = client.proof("GET", &url, &token);
+    let during_outage = caller.proof();
     assert_eq!(dpop(during_outage.clone()).await, 200);
     redis.restart();
     until_ready(&gw, 200, "Redis back").await;
@@ -620,13 +556,11 @@ async fn over_tls_with_a_client_certificate_and_only_with_a_trusted_server() {
         true,
     ))
     .await;
-    let client = Client::new(fhirwall::sandbox::keys::KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
-    let proof = client.proof("GET", &url, &token);
-    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let caller = Caller::new(&gw);
+    let proof = caller.proof();
+    let (s, _, body) = caller.with(&gw, &proof).await;
     assert_eq!(s, 200, "{body}");
-    let (s, _, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let (s, _, _) = caller.with(&gw, &proof).await;
     assert_eq!(s, 401, "the replay check over TLS let a replay through");
 
     // A server certificate the system does not trust, and no client
@@ -639,16 +573,7 @@ async fn over_tls_with_a_client_certificate_and_only_with_a_trusted_server() {
         ),
     ] {
         let gw = Gateway::start(with(tls_yaml, false)).await;
-        let token = bound_token(&gw, &client.jkt);
-        let url = format!("{}/Patient/p1", gw.base);
-        let (s, _, body) = send(
-            &gw,
-            "Patient/p1",
-            "DPoP",
-            &token,
-            &[&client.proof("GET", &url, &token)],
-        )
-        .await;
+        let (s, _, body) = Caller::new(&gw).fresh(&gw).await;
         assert_eq!(s, 503, "{what}: {body}");
         assert!(gw.upstream.seen().is_empty(), "{what}");
         assert_eq!(gw.readyz().await, 503, "{what}");

@@ -8,9 +8,8 @@ mod support;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use fhirwall::sandbox::keys::KeyKind;
-use support::dpop::{bound_token, send, Client};
-use support::{free_port, Gateway, Options};
+use support::dpop::Caller;
+use support::{free_port, metric, Gateway, Options};
 
 /// A port that accepts connections and never says a word.
 fn silent_port() -> u16 {
@@ -25,15 +24,6 @@ fn silent_port() -> u16 {
     port
 }
 
-/// The value of the metric line starting with `name` (labels included).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in metrics"))
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_redis_times_out_and_dpop_requests_are_refused() {
     let gw = Gateway::start(Options {
@@ -45,18 +35,9 @@ async fn a_silent_redis_times_out_and_dpop_requests_are_refused() {
         ..Options::default()
     })
     .await;
-    let client = Client::new(KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
+    let caller = Caller::new(&gw);
     let started = Instant::now();
-    let (s, _, body) = send(
-        &gw,
-        "Patient/p1",
-        "DPoP",
-        &token,
-        &[&client.proof("GET", &url, &token)],
-    )
-    .await;
+    let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 503, "{body}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -92,14 +73,12 @@ async fn on_failure_local_decides_with_this_process_state() {
         ..Options::default()
     })
     .await;
-    let client = Client::new(KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
-    let proof = client.proof("GET", &url, &token);
-    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let caller = Caller::new(&gw);
+    let proof = caller.proof();
+    let (s, _, body) = caller.with(&gw, &proof).await;
     assert_eq!(s, 200, "{body}");
     // The replay is still caught, by this process.
-    let (s, www, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    let (s, www, _) = caller.with(&gw, &proof).await;
     assert_eq!(s, 401);
     assert!(www.contains("already used"), "{www}");
     assert_eq!(gw.upstream.seen().len(), 1);
@@ -122,19 +101,10 @@ async fn on_failure_local_does_not_wait_for_a_redis_that_is_down() {
         ..Options::default()
     })
     .await;
-    let client = Client::new(KeyKind::P256, "ec-client");
-    let token = bound_token(&gw, &client.jkt);
-    let url = format!("{}/Patient/p1", gw.base);
+    let caller = Caller::new(&gw);
     for i in 0..3 {
         let started = Instant::now();
-        let (s, _, body) = send(
-            &gw,
-            "Patient/p1",
-            "DPoP",
-            &token,
-            &[&client.proof("GET", &url, &token)],
-        )
-        .await;
+        let (s, _, body) = caller.fresh(&gw).await;
         assert_eq!(s, 200, "{body}");
         // Redis would take timeout_ms (3 s) to say nothing.
         assert!(

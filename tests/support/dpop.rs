@@ -111,3 +111,36 @@ pub async fn send(
     let status = r.status().as_u16();
     (status, www, r.text().await.unwrap())
 }
+
+/// A DPoP client with a bound `user/*.rs` token, reading `Patient/p1` at
+/// the URL clients use (`public`: one replica's base stands for all).
+pub struct Caller {
+    pub client: Client,
+    pub token: String,
+    pub url: String,
+}
+
+impl Caller {
+    /// An EC client of `gw`'s issuer, reading through `gw`'s base URL.
+    pub fn new(gw: &Gateway) -> Caller {
+        let client = Client::new(KeyKind::P256, "ec-client");
+        let token = bound_token(gw, &client.jkt);
+        let url = format!("{}/Patient/p1", gw.base);
+        Caller { client, token, url }
+    }
+
+    /// A fresh proof for `GET Patient/p1`.
+    pub fn proof(&self) -> String {
+        self.client.proof("GET", &self.url, &self.token)
+    }
+
+    /// `GET Patient/p1` at `gw` with `proof`: status, challenge, body.
+    pub async fn with(&self, gw: &Gateway, proof: &str) -> (u16, String, String) {
+        send(gw, "Patient/p1", "DPoP", &self.token, &[proof]).await
+    }
+
+    /// `GET Patient/p1` at `gw` with a fresh proof.
+    pub async fn fresh(&self, gw: &Gateway) -> (u16, String, String) {
+        self.with(gw, &self.proof()).await
+    }
+}

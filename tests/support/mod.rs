@@ -150,6 +150,15 @@ impl Drop for Gateway {
     }
 }
 
+/// The value of one series in a metrics text (`name{labels}` as printed).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in the metrics"))
+        .parse()
+        .unwrap()
+}
+
 /// Runs `fhirwall run --config <config>`, its stderr appended to
 /// `<dir>/stderr.log`.
 fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path) -> Child {
