@@ -661,13 +661,10 @@ pub struct ServerConfig {
     #[serde(default = "d_nat64")]
     pub nat64_prefixes: Vec<String>,
     /// The Unix socket a process started with `run --upgrade` takes the
-    /// listeners over on (zero-downtime restart; see config.yaml).
-    #[serde(default = "d_upgrade_sock")]
-    pub upgrade_sock: String,
-}
-
-fn d_upgrade_sock() -> String {
-    "/tmp/fhirwall_upgrade.sock".into()
+    /// listening sockets over on (zero-downtime restart; see config.yaml).
+    /// Unset: no takeover (SIGQUIT is ignored).
+    #[serde(default)]
+    pub upgrade_sock: Option<String>,
 }
 
 fn d_nat64() -> Vec<String> {
@@ -761,6 +758,43 @@ fn d_shutdown() -> u64 {
 /// A regular file's bytes, read only if it holds at most `max` (a device
 /// or a FIFO named by mistake is refused, not read for ever); a larger
 /// one reads as its first `max + 1` bytes, for the caller to refuse.
+/// `server.upgrade_sock`: whoever listens there is handed the proxy's
+/// listening sockets, so it must live in a directory only fhirwall's
+/// user (or root) can write to — not `/tmp`.
+fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = "server.upgrade_sock";
+    // A Unix socket's path holds at most 107 bytes.
+    if sock.as_os_str().len() > 107 {
+        problem(
+            key,
+            format!(
+                "'{}' is longer than a Unix socket path may be (107 bytes)",
+                sock.display()
+            ),
+        );
+        return None;
+    }
+    let dir = match sock.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => problem(key, format!("'{}' is not a directory", dir.display())),
+        Ok(m) if m.permissions().mode() & 0o022 != 0 => problem(
+            key,
+            format!(
+                "'{}' is writable by other users, who could take the listening sockets \
+                 over: use a directory only fhirwall's user can write to (e.g. /run/fhirwall)",
+                dir.display()
+            ),
+        ),
+        Ok(_) => return Some(sock.to_path_buf()),
+        Err(e) => problem(key, format!("its directory '{}': {e}", dir.display())),
+    }
+    None
+}
+
 fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
@@ -863,7 +897,7 @@ pub struct Settings {
     /// which of them a reloaded file changed ([`Settings::needs_restart`]).
     pub restart_only: Vec<(&'static str, String)>,
     /// `server.upgrade_sock`, below the config file's directory if relative.
-    pub upgrade_sock: PathBuf,
+    pub upgrade_sock: Option<PathBuf>,
 }
 
 impl Settings {
@@ -1571,28 +1605,11 @@ impl Config {
             );
         }
 
-        let upgrade_sock = self.base_dir.join(&self.server.upgrade_sock);
-        match upgrade_sock.parent() {
-            _ if self.server.upgrade_sock.is_empty() => {
-                problem("server.upgrade_sock", "must not be empty".into())
-            }
-            // A Unix socket's path holds at most 107 bytes.
-            _ if upgrade_sock.as_os_str().len() > 107 => problem(
-                "server.upgrade_sock",
-                format!(
-                    "'{}' is longer than a Unix socket path may be (107 bytes)",
-                    upgrade_sock.display()
-                ),
-            ),
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => problem(
-                "server.upgrade_sock",
-                format!(
-                    "the directory of '{}' does not exist",
-                    upgrade_sock.display()
-                ),
-            ),
-            _ => {}
-        }
+        let upgrade_sock = self
+            .server
+            .upgrade_sock
+            .as_ref()
+            .and_then(|sock| check_upgrade_sock(&self.base_dir.join(sock), &mut problem));
 
         let mut trusted_proxies = Vec::new();
         for (i, p) in self.server.trusted_proxies.iter().enumerate() {
@@ -1700,9 +1717,15 @@ impl Config {
         })
     }
 
-    /// Each section a reload does not apply, as read (Debug of plain data).
+    /// Each section a reload does not apply, as read: the SHA-256 of its
+    /// Debug form (plain data, maps ordered), so that no secret written
+    /// inline (a client secret) is kept in the settings.
     fn restart_only(&self) -> Vec<(&'static str, String)> {
-        let d = |v: &dyn fmt::Debug| format!("{v:?}");
+        use sha2::Digest;
+        let d = |v: &dyn fmt::Debug| {
+            let hash = sha2::Sha256::digest(format!("{v:?}").as_bytes());
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
         vec![
             ("listen", d(&self.listen)),
             ("public_base_url", d(&self.public_base_url)),
@@ -1720,8 +1743,9 @@ impl Config {
             ("tls", d(&self.tls)),
             ("redis", d(&self.redis)),
             (
+                // The watcher follows the directory it started with.
                 "policies.watch",
-                d(&self.policies.as_ref().map(|p| p.watch)),
+                d(&self.policies.as_ref().filter(|p| p.watch).map(|p| &p.dir)),
             ),
         ]
     }
@@ -2570,12 +2594,16 @@ admin:
     }
 
     #[test]
-    fn the_upgrade_socket_is_below_the_config_and_must_fit() {
+    fn the_upgrade_socket_is_below_the_config_in_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fhirwall-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let mut c = Config::parse(&format!("{GOOD}server:\n  upgrade_sock: up.sock\n")).unwrap();
-        c.base_dir = std::env::temp_dir();
+        c.base_dir = dir.clone();
         assert_eq!(
             c.validate().unwrap().upgrade_sock,
-            std::env::temp_dir().join("up.sock")
+            Some(dir.join("up.sock"))
         );
         assert_eq!(
             Config::parse(GOOD)
@@ -2583,20 +2611,34 @@ admin:
                 .validate()
                 .unwrap()
                 .upgrade_sock,
-            PathBuf::from("/tmp/fhirwall_upgrade.sock")
+            None
         );
+        let open = dir.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         for (sock, why) in [
-            ("/nonexistent-dir/up.sock".to_string(), "does not exist"),
-            (format!("/tmp/{}.sock", "x".repeat(120)), "107 bytes"),
-            ("\"\"".to_string(), "empty"),
+            // Where anyone could listen first and be handed the sockets.
+            ("/tmp/fhirwall.sock".to_string(), "writable by other users"),
+            (
+                format!("{}/up.sock", open.display()),
+                "writable by other users",
+            ),
+            ("/nonexistent-dir/up.sock".to_string(), "No such file"),
+            (
+                format!("{}/{}.sock", dir.display(), "x".repeat(120)),
+                "107 bytes",
+            ),
+            (format!("{}/file/up.sock", dir.display()), "not a directory"),
         ] {
+            std::fs::write(dir.join("file"), "").unwrap();
             let problems = Config::parse(&format!("{GOOD}server:\n  upgrade_sock: {sock}\n"))
                 .unwrap()
                 .validate()
                 .unwrap_err();
             assert_eq!(problems[0].path, "server.upgrade_sock", "{problems:?}");
-            assert!(problems[0].message.contains(why), "{problems:?}");
+            assert!(problems[0].message.contains(why), "{sock}: {problems:?}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

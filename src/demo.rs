@@ -122,5 +122,5 @@ server:
 "#,
         iss = issuer.issuer
     );
-    crate::server::run(settings, None, false)
+    crate::server::run(settings, None, None)
 }

@@ -1,9 +1,11 @@
 //! Where the process is in its life, as the proxy and the admin listener
 //! need to know it: serving, or draining after SIGTERM (not ready, and
 //! every answer closes its connection, so load balancers and keep-alive
-//! clients move to other replicas), and how many requests are in flight
-//! (shutdown ends as soon as none is left). The signals themselves are
-//! handled in `server.rs`.
+//! clients move to other replicas), or handing its sockets over to a new
+//! process (SIGQUIT: still ready, since both answer on the same sockets,
+//! but closing every connection after its answer), and how many requests
+//! are in flight (shutdown ends as soon as none is left). The signals
+//! themselves are handled in `server.rs`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct Lifecycle {
     draining: AtomicBool,
+    handing_over: AtomicBool,
     in_flight: AtomicUsize,
 }
 
@@ -27,6 +30,17 @@ impl Lifecycle {
 
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// From now on a new process shares the sockets and takes over:
+    /// connections are not kept alive (readiness is unchanged).
+    pub fn start_handing_over(&self) {
+        self.handing_over.store(true, Ordering::Release);
+    }
+
+    /// Answers close their connection: draining or handing over.
+    pub fn closing_connections(&self) -> bool {
+        self.draining() || self.handing_over.load(Ordering::Acquire)
     }
 
     /// Requests whose context is alive (from the request header read to
@@ -75,6 +89,14 @@ mod tests {
         assert!(!l.draining());
         l.start_draining();
         l.start_draining();
-        assert!(l.draining());
+        assert!(l.draining() && l.closing_connections());
+    }
+
+    #[test]
+    fn handing_over_closes_connections_but_stays_ready() {
+        let l = Lifecycle::new();
+        assert!(!l.closing_connections());
+        l.start_handing_over();
+        assert!(l.closing_connections() && !l.draining());
     }
 }

@@ -31,11 +31,17 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
-        /// Take over the listeners of a running fhirwall (zero-downtime
-        /// restart): start this, then send the old process SIGQUIT within
-        /// 30 s. Both use `server.upgrade_sock`.
+        /// Take the listening sockets over from a running fhirwall
+        /// (zero-downtime restart) through `server.upgrade_sock`, once
+        /// this one's keys are loaded: send the running one SIGQUIT within
+        /// five seconds of the "waiting" log line, or name it with
+        /// --upgrade-from.
         #[arg(long)]
         upgrade: bool,
+        /// Like --upgrade, and this process sends the running one (this
+        /// pid) SIGQUIT itself when it is ready.
+        #[arg(long, value_name = "PID")]
+        upgrade_from: Option<i32>,
     },
     /// Validate a configuration without starting; reports every problem.
     Check {
@@ -247,6 +253,7 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run {
         config: "config.yaml".into(),
         upgrade: false,
+        upgrade_from: None,
     });
     match command {
         Command::Check { config } => match fhirwall::config::load(&config) {
@@ -266,7 +273,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config, upgrade } => {
+        Command::Run {
+            config,
+            upgrade,
+            upgrade_from,
+        } => {
+            let upgrade =
+                (upgrade || upgrade_from.is_some()).then_some(fhirwall::server::Takeover {
+                    from_pid: upgrade_from,
+                });
             let settings = match fhirwall::config::load(&config) {
                 Ok(s) => s,
                 Err(e) => {

@@ -2212,7 +2212,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if self.lifecycle.draining() {
+        if self.lifecycle.closing_connections() {
             // Shutting down: this answer closes its connection (Pingora
             // says `Connection: close`), so the client's next request opens
             // a new one, which a load balancer sends to another replica.

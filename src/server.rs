@@ -168,6 +168,8 @@ struct Signals {
     audit: AuditLog,
     /// Pingora's phases: when the sockets have been handed over.
     phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
+    /// `server.upgrade_sock`: where a new process waits for the sockets.
+    upgrade_sock: Option<std::path::PathBuf>,
 }
 
 /// Taken for good by whatever ends the process (the drain thread, a
@@ -217,13 +219,59 @@ async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
+/// The signal streams a stop listens to.
+type Stream = Option<tokio::signal::unix::Signal>;
+
+/// From now on (Pingora listening for no signal), SIGINT or SIGTERM stops
+/// at once, once the audit queue is written.
+fn stop_on_signal(mut term: Stream, mut int: Stream, audit: AuditLog, during: &'static str) {
+    tokio::spawn(async move {
+        // The shell's codes: 128 + the signal's number.
+        let code = tokio::select! {
+            _ = next(&mut int) => 130,
+            _ = next(&mut term) => 143,
+        };
+        tracing::warn!("signal during the {during}: stopping at once");
+        // Exits from the blocking thread itself: were this task dropped
+        // with its runtime meanwhile, the process still ends.
+        tokio::task::spawn_blocking(move || exit_after_flush(&audit, code));
+    });
+}
+
 impl Signals {
-    /// SIGQUIT: answers close their connections from now on; once Pingora
-    /// has handed the sockets over and stopped accepting (five seconds
-    /// later), the drain ends the process as soon as no request is left.
-    fn upgrade(&self) -> ShutdownSignal {
-        self.lifecycle.start_draining();
-        tracing::info!("SIGQUIT: handing the listeners to the new process (server.upgrade_sock), then draining");
+    /// SIGQUIT: hands the listening sockets to the process that waits on
+    /// `server.upgrade_sock` (`run --upgrade`), if one does: answers close
+    /// their connections from now on, and once Pingora has handed the
+    /// sockets over and stopped accepting (five seconds later) the drain
+    /// ends the process as soon as no request is left. `None`: nothing
+    /// waits, this process goes on serving.
+    async fn upgrade(&self, term: &mut Stream, int: &mut Stream) -> Option<ShutdownSignal> {
+        let Some(sock) = &self.upgrade_sock else {
+            tracing::error!(
+                "SIGQUIT ignored: server.upgrade_sock is not set (no zero-downtime restart)"
+            );
+            return None;
+        };
+        // The new process binds the socket when it is ready for the
+        // sockets (and removes it once it has them): wait a little for it.
+        let deadline = std::time::Instant::now() + WAIT_FOR_NEW;
+        let waiting = || {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_socket())
+        };
+        while !waiting() {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!(
+                    upgrade_sock = %sock.display(),
+                    "SIGQUIT ignored: no new process waits for the sockets (start `fhirwall run --upgrade` first); still serving"
+                );
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.lifecycle.start_handing_over();
+        tracing::info!(upgrade_sock = %sock.display(), "SIGQUIT: handing the listening sockets to the new process, then draining");
+        stop_on_signal(term.take(), int.take(), self.audit.clone(), "handover");
         let phases = self.phases.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (lifecycle, audit, drain) = (self.lifecycle.clone(), self.audit.clone(), self.drain);
         let spawned = std::thread::Builder::new()
@@ -245,9 +293,13 @@ impl Signals {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot watch the handover; waiting the whole drain timeout");
         }
-        ShutdownSignal::GracefulUpgrade
+        Some(ShutdownSignal::GracefulUpgrade)
     }
 }
+
+/// How long SIGQUIT waits for a new process to be listening on
+/// `server.upgrade_sock` before it is ignored.
+const WAIT_FOR_NEW: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -263,10 +315,16 @@ impl ShutdownSignalWatch for Signals {
         let mut term = listen(SignalKind::terminate(), "SIGTERM");
         let mut int = listen(SignalKind::interrupt(), "SIGINT");
         let mut quit = listen(SignalKind::quit(), "SIGQUIT");
-        tokio::select! {
-            _ = next(&mut term) => {}
-            _ = next(&mut int) => return ShutdownSignal::FastShutdown,
-            _ = next(&mut quit) => return self.upgrade(),
+        loop {
+            tokio::select! {
+                _ = next(&mut term) => break,
+                _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+                _ = next(&mut quit) => {
+                    if let Some(handover) = self.upgrade(&mut term, &mut int).await {
+                        return handover;
+                    }
+                }
+            }
         }
         self.lifecycle.start_draining();
         tracing::info!(
@@ -285,18 +343,7 @@ impl ShutdownSignalWatch for Signals {
         );
         // Pingora listens for no signal from now on: SIGINT (or SIGTERM
         // again) during the drain stops at once.
-        let audit = self.audit.clone();
-        tokio::spawn(async move {
-            // The shell's codes: 128 + the signal's number.
-            let code = tokio::select! {
-                _ = next(&mut int) => 130,
-                _ = next(&mut term) => 143,
-            };
-            tracing::warn!("signal during the drain: stopping at once");
-            // Exits from the blocking thread itself: were this task dropped
-            // with its runtime meanwhile, the process still ends.
-            tokio::task::spawn_blocking(move || exit_after_flush(&audit, code));
-        });
+        stop_on_signal(term, int, self.audit.clone(), "drain");
         let (lifecycle, audit) = (self.lifecycle.clone(), self.audit.clone());
         let deadline = std::time::Instant::now() + self.drain;
         let spawned = std::thread::Builder::new()
@@ -366,16 +413,76 @@ fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSe
     Ok(settings)
 }
 
+/// `run --upgrade`: how the running process learns a new one waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover {
+    /// Send this process SIGQUIT once ready (else the operator does,
+    /// within five seconds of the "waiting" log line).
+    pub from_pid: Option<i32>,
+}
+
+/// A new process takes the listening sockets over only once it can serve:
+/// every issuer's keys loaded (else it gives up, and the running process
+/// is not disturbed). Then it tells the running process (SIGQUIT) if asked
+/// to, and receives the sockets on `sock` through Pingora's bootstrap.
+fn take_over_when_ready(
+    server: &mut Server,
+    store: &JwksStore,
+    takeover: &Takeover,
+    sock: &std::path::Path,
+) -> Result<(), String> {
+    let errors = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("not taking over: {e}"))?
+        .block_on(store.load_all());
+    if let Some((issuer, e)) = errors.into_iter().next() {
+        return Err(format!(
+            "not taking over: the JWKS of issuer '{issuer}' could not be loaded ({e}); \
+             the running process keeps serving"
+        ));
+    }
+    if let Some(pid) = takeover.from_pid {
+        let pid = rustix::process::Pid::from_raw(pid)
+            .ok_or_else(|| format!("not taking over: {pid} is not a process id"))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::QUIT)
+            .map_err(|e| format!("not taking over: cannot signal process {pid:?}: {e}"))?;
+    }
+    tracing::info!(upgrade_sock = %sock.display(), "waiting for the running fhirwall's sockets (send it SIGQUIT)");
+    // Blocks until the sockets arrive (Pingora gives up after about five
+    // seconds, and the process ends).
+    server.bootstrap();
+    // Gone once used, so that a socket there always means a process
+    // waiting (what SIGQUIT looks for).
+    if let Err(e) = std::fs::remove_file(sock) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(upgrade_sock = %sock.display(), error = %e, "cannot remove the upgrade socket");
+        }
+    }
+    Ok(())
+}
+
 /// Builds and runs the server; returns when Pingora has shut down and
 /// every audit record is written.
 ///
 /// `upgrade`: take the listening sockets over from a running fhirwall
-/// (which is sent SIGQUIT) instead of binding them.
+/// instead of binding them (see [`Takeover`]).
 pub fn run(
     settings: Settings,
     config_path: Option<std::path::PathBuf>,
-    upgrade: bool,
+    upgrade: Option<Takeover>,
 ) -> Result<(), String> {
+    let takeover_sock = match (&upgrade, &settings.upgrade_sock) {
+        (Some(_), None) => {
+            return Err(
+                "--upgrade needs server.upgrade_sock in the configuration (the running \
+                        process must have it too)"
+                    .into(),
+            )
+        }
+        (Some(_), Some(sock)) => Some(sock.clone()),
+        (None, _) => None,
+    };
     let threads = if settings.server.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -396,19 +503,20 @@ pub fn run(
             .ca_file
             .as_ref()
             .map(|p| p.display().to_string()),
-        upgrade_sock: settings.upgrade_sock.display().to_string(),
-        // `run --upgrade` waits this many seconds for the old process's
-        // sockets (it must be sent SIGQUIT meanwhile).
-        upgrade_sock_connect_accept_max_retries: Some(30),
+        upgrade_sock: settings
+            .upgrade_sock
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         ..ServerConf::default()
     };
     // Libraries that build rustls configurations without naming a crypto
     // provider (the Redis client's TLS) use the process's default: the
     // same aws-lc-rs as everything else. (Already set: fine.)
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let settings_upgrade_sock = settings.upgrade_sock.display().to_string();
+    let upgrade_sock = settings.upgrade_sock.clone();
     let opt = Opt {
-        upgrade,
+        upgrade: upgrade.is_some(),
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
@@ -488,26 +596,11 @@ pub fn run(
         },
     );
     admin.add_tcp(&admin_listen);
-    if upgrade {
-        // Ready before taking the sockets over: keys loaded (the old
-        // process keeps serving meanwhile).
-        let loaded = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map(|rt| rt.block_on(store.load_all()));
-        match loaded {
-            Ok(errors) => {
-                for (issuer, e) in errors {
-                    tracing::error!(issuer = %issuer, error = %e, "JWKS load before the takeover failed; not ready until it succeeds");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot load the JWKS before the takeover"),
-        }
-        tracing::info!(upgrade_sock = %settings_upgrade_sock, "waiting for the running fhirwall's sockets (send it SIGQUIT)");
+    if let (Some(takeover), Some(sock)) = (&upgrade, &takeover_sock) {
+        take_over_when_ready(&mut server, &store, takeover, sock)?;
+    } else {
+        server.bootstrap();
     }
-    // Takes the listening sockets over from the old process with
-    // `--upgrade` (waiting up to 30 s); nothing to do otherwise.
-    server.bootstrap();
     let refresher = background_service("fhirwall jwks", JwksRefresher(store));
 
     server.add_service(proxy);
@@ -527,6 +620,7 @@ pub fn run(
             drain,
             audit: audit_at_exit.clone(),
             phases: std::sync::Mutex::new(Some(phases)),
+            upgrade_sock,
         }),
     });
     // The proxy's runtimes have stopped: write out every queued record.

@@ -315,8 +315,12 @@ pub struct RedisStore {
     cfg: Redis,
     /// Replaced when a probe fails (see [`RedisStore::probe`]).
     conn: arc_swap::ArcSwapOption<redis::aio::ConnectionManager>,
-    /// The last command (or ping) was answered.
+    /// The last probe passed and no command failed since (readiness).
     up: AtomicBool,
+    /// A command or probe failed and no probe has passed since: with
+    /// `on_failure: local`, Redis is not asked meanwhile. (Unlike `up`,
+    /// false at start: a process asks Redis until it has seen it fail.)
+    failing: AtomicBool,
     proof_script: redis::Script,
     bucket_script: redis::Script,
     metrics: RedisMetrics,
@@ -331,6 +335,7 @@ impl RedisStore {
             cfg,
             conn: arc_swap::ArcSwapOption::empty(),
             up: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
             proof_script: redis::Script::new(PROOF_SCRIPT),
             bucket_script: redis::Script::new(BUCKET_SCRIPT),
             metrics,
@@ -446,12 +451,13 @@ impl RedisStore {
     /// With `on_failure: local`, Redis is not asked while it is down (until
     /// a probe passes): each check would wait `timeout_ms` for nothing.
     fn skipped(&self) -> Option<Unavailable> {
-        (self.cfg.fallback_local && !self.up.load(Ordering::Relaxed))
+        (self.cfg.fallback_local && self.failing.load(Ordering::Relaxed))
             .then(|| Unavailable("Redis is down (until a probe passes)".into()))
     }
 
     fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Relaxed);
+        self.failing.store(!up, Ordering::Relaxed);
         self.metrics.up.set(i64::from(up));
     }
 

@@ -498,13 +498,16 @@ async fn a_redis_out_of_memory_refuses_and_reports_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_local_still_refuses_replays_across_a_redis_outage() {
     let mut redis = RedisServer::start();
-    let gw = Gateway::start(Options {
-        extra_yaml: redis.yaml("  on_failure: local\n"),
-        ..Options::default()
-    })
-    .await;
-    until_ready(&gw, 200, "Redis up").await;
+    let (gw, other) = replicas(&redis, "  on_failure: local\n").await;
     let caller = Caller::new(&gw);
+    // Redis is asked while it answers, from the start: the replicas share.
+    let shared = caller.proof();
+    assert_eq!(caller.with(&gw, &shared).await.0, 200);
+    assert_eq!(
+        caller.with(&other, &shared).await.0,
+        401,
+        "replay at the other replica"
+    );
     let dpop = async |p: String| caller.with(&gw, &p).await.0;
     // Accepted with Redis there, replayed with Redis gone.
     let before_outage = caller.proof();
@@ -522,7 +525,7 @@ async fn on_failure_local_still_refuses_replays_across_a_redis_outage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(dpop(during_outage).await, 401, "replay after the outage");
-    assert_eq!(gw.upstream.seen().len(), 2);
+    assert_eq!(gw.upstream.seen().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

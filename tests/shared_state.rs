@@ -92,7 +92,7 @@ async fn on_failure_local_decides_with_this_process_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_failure_local_does_not_wait_for_a_redis_that_is_down() {
+async fn on_failure_local_does_not_wait_for_a_redis_known_to_be_down() {
     let gw = Gateway::start(Options {
         extra_yaml: format!(
             "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 3000\n  on_failure: local\n",
@@ -102,6 +102,17 @@ async fn on_failure_local_does_not_wait_for_a_redis_that_is_down() {
     })
     .await;
     let caller = Caller::new(&gw);
+    // Until a command has failed, Redis is asked (and a request may wait
+    // for it): the first probe's timeout tells.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &gw.metrics().await,
+        "fhirwall_redis_commands_total{outcome=\"timeout\"}",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "the probe never timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for i in 0..3 {
         let started = Instant::now();
         let (s, _, body) = caller.fresh(&gw).await;

@@ -1,9 +1,13 @@
-//! Zero-downtime restart: a second `fhirwall run --upgrade` takes the
-//! listening sockets over from a running one (SIGQUIT), under load, with
+//! Zero-downtime restart: a second `fhirwall run --upgrade-from <pid>`
+//! takes the listening sockets over from a running one, under load, with
 //! no request failing; the old one drains and exits, the new one serves.
+//! And when no new process is ready (none started, or one that cannot load
+//! its keys), the running one is not disturbed.
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,44 +23,57 @@ impl Drop for Process {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
-    let socks = TempDir::new("upgrade");
-    let sock = socks.0.join("upgrade.sock");
-    let mut old = Gateway::start(Options {
+/// A directory only this user can write to, for the upgrade socket.
+fn private_dir(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// A gateway whose config names `sock` as its upgrade socket.
+async fn with_upgrade_sock(sock: &Path) -> Gateway {
+    Gateway::start(Options {
         server_yaml: format!("  upgrade_sock: {}\n", sock.display()),
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+/// `fhirwall run` with `args` on `config`, its log in `log`.
+fn spawn(config: &Path, args: &[&str], log: &PathBuf) -> Process {
+    Process(
+        Command::new(bin())
+            .arg("run")
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn log_of(gw: &Gateway) -> String {
+    std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
+    let socks = private_dir("upgrade");
+    let mut old = with_upgrade_sock(&socks.0.join("upgrade.sock")).await;
     let token = old.mint("user/*.rs", None);
     assert_eq!(old.get("Patient/p1", Some(&token)).await.status(), 200);
 
-    // The new process: same configuration, waiting for the sockets.
-    let log = socks.0.join("new.log");
-    let new = Process(
-        Command::new(bin())
-            .args(["run", "--upgrade", "--config"])
-            .arg(old.config_path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("waiting for the running fhirwall's sockets")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the new process never got ready to take over"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    // Requests all along: keep-alive connections and new ones.
-    let (client, url, t) = (
+    // Requests all along, on kept-alive connections and on new ones (which
+    // no client-side retry hides).
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (kept, url, t) = (
         old.client.clone(),
         format!("{}/Patient/p1", old.base),
         token.clone(),
@@ -65,15 +82,21 @@ async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
         let mut outcomes = Vec::new();
         let until = Instant::now() + Duration::from_secs(9);
         while Instant::now() < until {
-            let r = client.get(&url).bearer_auth(&t).send().await;
-            outcomes.push(r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()));
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            for client in [&kept, &fresh] {
+                let r = client.get(&url).bearer_auth(&t).send().await;
+                outcomes.push(r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         outcomes
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    old.signal("QUIT");
-    let status = old.wait_exit(20).await;
+    // The new process: same configuration; it signals the old one itself
+    // once its keys are loaded.
+    let log = socks.0.join("new.log");
+    let pid = old.pid().to_string();
+    let mut new = spawn(old.config_path(), &["--upgrade-from", &pid], &log);
+    let status = old.wait_exit(30).await;
     assert!(status.success(), "the old process ended with {status}");
     let outcomes = load.await.unwrap();
     let failed: Vec<_> = outcomes.iter().filter(|o| *o != &Ok(200)).collect();
@@ -84,13 +107,14 @@ async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
         outcomes.len(),
         &failed[..failed.len().min(5)]
     );
-    assert!(outcomes.len() > 100, "{} requests", outcomes.len());
+    assert!(outcomes.len() > 200, "{} requests", outcomes.len());
 
     // Served by the new process alone now; once it stops, nothing answers.
     assert_eq!(old.get("Patient/p1", Some(&token)).await.status(), 200);
-    let new_log = std::fs::read_to_string(&log).unwrap();
-    assert!(new_log.contains("fhirwall starting"), "{new_log}");
-    let mut new = new;
+    assert!(
+        !socks.0.join("upgrade.sock").exists(),
+        "the used socket is left"
+    );
     let ok = Command::new("kill")
         .args(["-TERM", &new.0.id().to_string()])
         .status()
@@ -98,13 +122,98 @@ async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
         .success();
     assert!(ok);
     assert!(new.0.wait().unwrap().success());
+    let new_log = std::fs::read_to_string(&log).unwrap();
     assert!(
-        old.client
-            .get(format!("{}/Patient/p1", old.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .is_err(),
+        new_log.contains("waiting for the running fhirwall"),
+        "{new_log}"
+    );
+    assert!(
+        fresh_get(&old.base, &token).await.is_err(),
         "something still answers"
     );
+}
+
+async fn fresh_get(base: &str, token: &str) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .get(format!("{base}/Patient/p1"))
+        .bearer_auth(token)
+        .send()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_with_no_new_process_waiting_changes_nothing() {
+    let socks = private_dir("upgrade-none");
+    let mut with_sock = with_upgrade_sock(&socks.0.join("upgrade.sock")).await;
+    let mut without = Gateway::start(Options::default()).await;
+    with_sock.signal("QUIT");
+    without.signal("QUIT");
+    // The first waits (five seconds) for a new process, then goes on.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for (gw, why) in [
+        (&mut with_sock, "no new process waits"),
+        (&mut without, "server.upgrade_sock is not set"),
+    ] {
+        assert!(gw.exited().is_none(), "{why}: the process ended");
+        let token = gw.mint("user/*.rs", None);
+        assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+        assert_eq!(gw.readyz().await, 200, "{why}");
+        let log = log_of(gw);
+        assert!(
+            log.contains("SIGQUIT ignored") && log.contains(why),
+            "{why}: {log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_cannot_serve_does_not_take_over() {
+    let socks = private_dir("upgrade-bad");
+    let mut old = with_upgrade_sock(&socks.0.join("upgrade.sock")).await;
+    // Its configuration names keys it cannot load.
+    let dead = format!("http://127.0.0.1:{}/jwks.json", support::free_port());
+    let config = std::fs::read_to_string(old.config_path()).unwrap();
+    let jwks_line = config
+        .lines()
+        .find(|l| l.trim_start().starts_with("jwks_uri:"))
+        .unwrap()
+        .to_string();
+    let bad = socks.0.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        config.replace(&jwks_line, &format!("    jwks_uri: {dead}")),
+    )
+    .unwrap();
+    let log = socks.0.join("new.log");
+    let pid = old.pid().to_string();
+    let mut new = spawn(&bad, &["--upgrade-from", &pid], &log);
+    let status = new.0.wait().unwrap();
+    assert!(!status.success());
+    let new_log = std::fs::read_to_string(&log).unwrap();
+    assert!(new_log.contains("not taking over"), "{new_log}");
+    // Not signalled: still serving, still ready.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(old.exited().is_none());
+    let token = old.mint("user/*.rs", None);
+    assert_eq!(old.get("Patient/p1", Some(&token)).await.status(), 200);
+    assert!(!log_of(&old).contains("SIGQUIT"));
+
+    // And --upgrade needs an upgrade socket in the configuration.
+    let no_sock = socks.0.join("no-sock.yaml");
+    std::fs::write(
+        &no_sock,
+        config.replace(
+            &format!(
+                "  upgrade_sock: {}\n",
+                socks.0.join("upgrade.sock").display()
+            ),
+            "",
+        ),
+    )
+    .unwrap();
+    let log = socks.0.join("no-sock.log");
+    let status = spawn(&no_sock, &["--upgrade"], &log).0.wait().unwrap();
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("needs server.upgrade_sock"), "{text}");
 }
