@@ -258,8 +258,12 @@ fn main() -> ExitCode {
     match command {
         Command::Check { config } => match fhirwall::config::load(&config) {
             Ok(s) => {
+                let shared = match &s.redis {
+                    Some(r) => format!(", shared state in {}", r.url),
+                    None => String::new(),
+                };
                 println!(
-                    "{}: OK ({} issuer(s), proxy {}, admin {}, upstream {})",
+                    "{}: OK ({} issuer(s), proxy {}, admin {}, upstream {}{shared})",
                     config.display(),
                     s.issuers.len(),
                     s.listen,

@@ -89,6 +89,12 @@ async fn on_failure_local_decides_with_this_process_state() {
     assert_eq!(metric(&m, "fhirwall_redis_up"), 0.0);
     // Ready: with `local`, a missing Redis refuses nothing.
     assert_eq!(gw.readyz().await, 200);
+    // `check` names where the shared state lives.
+    let (ok, out) = support::check(gw.config_path());
+    assert!(
+        ok && out.contains("shared state in redis://127.0.0.1:"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
