@@ -966,15 +966,15 @@ async fn watched_policies_reload_on_change() {
     assert_eq!(status, 403, "the new file was not picked up");
 }
 
-/// Waits (bounded) until the metrics hold `line`.
-async fn until_metric(gw: &Gateway, line: &str) {
+/// Waits (bounded) until the metrics' `series` has `value`.
+async fn until_metric(gw: &Gateway, series: &str, value: f64) {
     for _ in 0..50 {
-        if metric(gw, line).await {
+        if support::metric(&gw.metrics().await, series) == value {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    panic!("metrics never showed {line}");
+    panic!("{series} never was {value}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -986,7 +986,8 @@ async fn a_reload_names_what_only_a_restart_applies() {
     )
     .unwrap();
     let gw = with_policies(&dir).await;
-    assert!(metric(&gw, "fhirwall_config_restart_pending 0").await);
+    let pending = "fhirwall_config_restart_pending";
+    assert_eq!(support::metric(&gw.metrics().await, pending), 0.0);
     let original = std::fs::read_to_string(gw.config_path()).unwrap();
     let changed = original
         .replace("read_timeout_ms: 5000", "read_timeout_ms: 6000")
@@ -994,16 +995,9 @@ async fn a_reload_names_what_only_a_restart_applies() {
     assert_ne!(changed, original);
     std::fs::write(gw.config_path(), &changed).unwrap();
     sighup(&gw);
-    until_metric(&gw, "fhirwall_config_restart_pending 1").await;
-    let m = gw.metrics().await;
-    assert!(
-        m.contains("fhirwall_reloads_total{result=\"success\"} 1"),
-        "{}",
-        m.lines()
-            .filter(|l| l.contains("reload"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    until_metric(&gw, pending, 1.0).await;
+    let reloads = "fhirwall_reloads_total{result=\"success\"}";
+    assert_eq!(support::metric(&gw.metrics().await, reloads), 1.0);
     let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
     let line = log
         .lines()
@@ -1016,6 +1010,6 @@ async fn a_reload_names_what_only_a_restart_applies() {
     // Back as it runs: nothing pending.
     std::fs::write(gw.config_path(), &original).unwrap();
     sighup(&gw);
-    until_metric(&gw, "fhirwall_config_restart_pending 0").await;
-    assert!(metric(&gw, "fhirwall_reloads_total{result=\"success\"} 2").await);
+    until_metric(&gw, pending, 0.0).await;
+    assert_eq!(support::metric(&gw.metrics().await, reloads), 2.0);
 }
