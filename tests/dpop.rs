@@ -156,11 +156,7 @@ async fn one_client_cannot_fill_the_replay_set_for_all() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    let wait: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = support::retry_after(&r);
     assert!(
         (2..=80).contains(&wait),
         "Retry-After {wait}: the window's rest"

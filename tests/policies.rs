@@ -181,11 +181,7 @@ async fn rate_limits_per_client() {
     let token = gw.mint("user/*.rs", None);
     let r = past_three_searches(&gw, &token, "rate").await;
     assert_eq!(r.status(), 429);
-    let wait: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = support::retry_after(&r);
     assert!((1..=20).contains(&wait), "{wait}");
     let body = r.text().await.unwrap();
     assert!(

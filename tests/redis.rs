@@ -253,11 +253,7 @@ async fn a_rate_limit_is_counted_across_replicas() {
     }
     let r = b.get("Observation?code=shared-over", Some(&token)).await;
     assert_eq!(r.status(), 429, "the fourth search, at the other replica");
-    let wait: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = support::retry_after(&r);
     assert!((1..=20).contains(&wait), "{wait}");
     assert_eq!(a.upstream.count_containing("shared-over"), 0);
     // Another client has its own bucket, in Redis too.

@@ -150,6 +150,15 @@ impl Drop for Gateway {
     }
 }
 
+/// The seconds an answer's `Retry-After` asks for.
+pub fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// The value of one series in a metrics text (`name{labels}` as printed).
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
