@@ -1605,11 +1605,13 @@ impl Config {
             );
         }
 
-        let upgrade_sock = self
-            .server
-            .upgrade_sock
-            .as_ref()
-            .and_then(|sock| check_upgrade_sock(&self.base_dir.join(sock), &mut problem));
+        let upgrade_sock = self.server.upgrade_sock.as_ref().and_then(|sock| {
+            // Absolute: the old and the new process may have other
+            // working directories.
+            let path = self.base_dir.join(sock);
+            let path = std::path::absolute(&path).unwrap_or(path);
+            check_upgrade_sock(&path, &mut problem)
+        });
 
         let mut trusted_proxies = Vec::new();
         for (i, p) in self.server.trusted_proxies.iter().enumerate() {

@@ -255,11 +255,7 @@ impl Signals {
         // The new process binds the socket when it is ready for the
         // sockets (and removes it once it has them): wait a little for it.
         let deadline = std::time::Instant::now() + WAIT_FOR_NEW;
-        let waiting = || {
-            use std::os::unix::fs::FileTypeExt;
-            std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_socket())
-        };
-        while !waiting() {
+        while !listening_at(sock) {
             if std::time::Instant::now() >= deadline {
                 tracing::error!(
                     upgrade_sock = %sock.display(),
@@ -295,6 +291,24 @@ impl Signals {
         }
         Some(ShutdownSignal::GracefulUpgrade)
     }
+}
+
+/// Whether some process listens on the Unix socket `path` (Linux: a
+/// listening entry for it in `/proc/net/unix`). A socket file alone can be
+/// left over by a process that died: handing the sockets to it would leave
+/// none serving.
+fn listening_at(path: &std::path::Path) -> bool {
+    const ACCEPTING: u32 = 0x0001_0000; // __SO_ACCEPTCON
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7..].join(" ") == want
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & ACCEPTING != 0)
+    })
 }
 
 /// How long SIGQUIT waits for a new process to be listening on

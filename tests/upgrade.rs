@@ -142,10 +142,13 @@ async fn fresh_get(base: &str, token: &str) -> reqwest::Result<reqwest::Response
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigquit_with_no_new_process_waiting_changes_nothing() {
+async fn sigquit_with_no_new_process_listening_changes_nothing() {
     let socks = private_dir("upgrade-none");
     let mut with_sock = with_upgrade_sock(&socks.0.join("upgrade.sock")).await;
     let mut without = Gateway::start(Options::default()).await;
+    // A socket file left by a process that died: nobody listens there.
+    drop(std::os::unix::net::UnixListener::bind(socks.0.join("upgrade.sock")).unwrap());
+    assert!(socks.0.join("upgrade.sock").exists());
     with_sock.signal("QUIT");
     without.signal("QUIT");
     // The first waits (five seconds) for a new process, then goes on.
