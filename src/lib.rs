@@ -24,6 +24,7 @@ pub mod policy;
 pub mod proxy;
 pub mod proxy_headers;
 pub mod ratelimit;
+pub mod resolve;
 pub mod route;
 pub mod sandbox;
 pub mod scope;

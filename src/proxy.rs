@@ -83,6 +83,8 @@ pub struct Gateway {
     /// DPoP proofs seen (and counted per client) and the rate limits'
     /// buckets: in Redis when configured (shared by the replicas), else here.
     pub shared: Arc<crate::shared::SharedState>,
+    /// The upstream's addresses (a host name resolved off the workers).
+    upstream_addrs: crate::resolve::Addresses,
     /// Policies, roles and break-glass, reloadable.
     pub rules: Arc<arc_swap::ArcSwap<Rules>>,
     /// Draining after SIGTERM, and the requests in flight (`lifecycle.rs`).
@@ -153,6 +155,11 @@ impl Gateway {
             (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
                 as u64,
         );
+        let upstream_addrs = crate::resolve::Addresses::new(
+            settings.upstream.url.host_str().unwrap_or_default(),
+            settings.upstream.url.port_or_known_default().unwrap_or(80),
+            settings.upstream.connect_timeout,
+        );
         let shared = Arc::new(crate::shared::SharedState::new(
             crate::shared::DpopLimits {
                 remembered,
@@ -183,6 +190,7 @@ impl Gateway {
             public_origin,
             dpop_nonces,
             shared,
+            upstream_addrs,
             rules,
             body_budget,
             lifecycle: crate::lifecycle::Lifecycle::new(),
@@ -263,6 +271,10 @@ pub struct Ctx {
     /// answer.
     upstream_started: Option<Instant>,
     upstream_time: Option<std::time::Duration>,
+    /// The upstream's addresses for this request, and which connection
+    /// attempt this is (a refused connect tries the next address).
+    upstream_addrs: Option<Arc<Vec<std::net::SocketAddr>>>,
+    connect_attempt: usize,
     /// The request's method, for a record written without the session.
     method: Option<http::Method>,
     /// The client (the peer, or behind a trusted proxy the address it
@@ -2208,6 +2220,8 @@ impl ProxyHttp for Gateway {
             validation: None,
             upstream_started: None,
             upstream_time: None,
+            upstream_addrs: None,
+            connect_attempt: 0,
         }
     }
 
@@ -2288,9 +2302,24 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let u = &self.settings.upstream;
-        let mut peer = HttpPeer::new(u.addr.as_str(), u.tls, u.sni.clone());
+        let addrs = match &ctx.upstream_addrs {
+            Some(a) => a.clone(),
+            None => {
+                let a = self
+                    .upstream_addrs
+                    .get()
+                    .await
+                    .map_err(|why| pingora::Error::explain(ErrorType::ConnectNoRoute, why))?;
+                ctx.upstream_addrs = Some(a.clone());
+                a
+            }
+        };
+        let addr = crate::resolve::nth(&addrs, ctx.connect_attempt).ok_or_else(|| {
+            pingora::Error::explain(ErrorType::ConnectNoRoute, "the upstream has no address")
+        })?;
+        let mut peer = HttpPeer::new(addr, u.tls, u.sni.clone());
         peer.options.connection_timeout = Some(u.connect_timeout);
         peer.options.total_connection_timeout = Some(u.connect_timeout * 2);
         peer.options.read_timeout = Some(u.read_timeout);
@@ -2372,6 +2401,23 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
+    /// A connection that could not be made sent nothing: the next of the
+    /// upstream's addresses may take the request (a bounded few).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<pingora::Error>,
+    ) -> Box<pingora::Error> {
+        let addrs = ctx.upstream_addrs.as_ref().map_or(0, |a| a.len());
+        if crate::resolve::may_retry(addrs, ctx.connect_attempt) {
+            ctx.connect_attempt += 1;
+            e.set_retry(true);
+        }
+        e
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -2392,6 +2438,16 @@ impl ProxyHttp for Gateway {
                     ),
                 })
             }
+            // The upstream's name does not resolve (see `resolve.rs`).
+            ErrorType::ConnectNoRoute if e.context.is_some() => Some(Denial::Upstream {
+                status: 502,
+                code: "upstream_unreachable",
+                description: e
+                    .context
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+            }),
             ErrorType::ConnectRefused
             | ErrorType::ConnectNoRoute
             | ErrorType::ConnectError

@@ -1320,6 +1320,28 @@ async fn a_relayed_body_taken_whole_waits_for_the_answer_by_the_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_named_by_host_is_resolved_off_the_workers() {
+    // (A name that stops resolving after start is answered 502 and
+    // recorded, never a panic: `resolve.rs`'s tests; `check` refuses one
+    // that does not resolve at start.)
+    let (upstream, addr) = fhirwall::sandbox::fhir::FhirSandbox::spawn("/r4").await;
+    let named = Gateway::start_with(
+        Options {
+            upstream_url: Some(format!("http://localhost:{}/r4", addr.port())),
+            ..Options::default()
+        },
+        upstream,
+        addr,
+    )
+    .await;
+    let token = named.mint("user/*.rs", None);
+    for _ in 0..3 {
+        assert_eq!(named.get("Patient/p1", Some(&token)).await.status(), 200);
+    }
+    assert_eq!(named.upstream.count_containing("/r4/Patient/p1"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_and_slow_answer_502_and_504() {
     let closed = free_port();
     let gw = Gateway::start(Options {
