@@ -84,7 +84,7 @@ pub struct Gateway {
     /// buckets: in Redis when configured (shared by the replicas), else here.
     pub shared: Arc<crate::shared::SharedState>,
     /// The upstream's addresses (a host name resolved off the workers).
-    upstream_addrs: crate::resolve::Addresses,
+    upstream_addrs: Arc<crate::resolve::Addresses>,
     /// Policies, roles and break-glass, reloadable.
     pub rules: Arc<arc_swap::ArcSwap<Rules>>,
     /// Draining after SIGTERM, and the requests in flight (`lifecycle.rs`).
@@ -155,11 +155,11 @@ impl Gateway {
             (settings.dpop.policy.max_age_seconds + 2 * settings.dpop.policy.leeway_seconds + 5)
                 as u64,
         );
-        let upstream_addrs = crate::resolve::Addresses::new(
+        let upstream_addrs = Arc::new(crate::resolve::Addresses::new(
             settings.upstream.url.host_str().unwrap_or_default(),
             settings.upstream.url.port_or_known_default().unwrap_or(80),
             settings.upstream.connect_timeout,
-        );
+        ));
         let shared = Arc::new(crate::shared::SharedState::new(
             crate::shared::DpopLimits {
                 remembered,
