@@ -918,6 +918,9 @@ impl Settings {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub addr: String,
+    /// The address the host resolved to at start (`resolve.rs` looks the
+    /// name up again as the proxy runs).
+    pub resolved: SocketAddr,
     pub tls: bool,
     pub sni: String,
     /// `Host` header sent upstream (host, plus port when not the default).
@@ -2206,6 +2209,7 @@ impl Config {
         };
         ok.then(|| Upstream {
             addr: resolved.to_string(),
+            resolved,
             tls,
             sni: host.trim_matches(|c| c == '[' || c == ']').to_string(),
             host_header,

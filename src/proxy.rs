@@ -157,7 +157,7 @@ impl Gateway {
         );
         let upstream_addrs = Arc::new(crate::resolve::Addresses::new(
             settings.upstream.url.host_str().unwrap_or_default(),
-            settings.upstream.url.port_or_known_default().unwrap_or(80),
+            settings.upstream.resolved,
             settings.upstream.connect_timeout,
         ));
         let shared = Arc::new(crate::shared::SharedState::new(
@@ -271,9 +271,10 @@ pub struct Ctx {
     /// answer.
     upstream_started: Option<Instant>,
     upstream_time: Option<std::time::Duration>,
-    /// The upstream's addresses for this request, and which connection
-    /// attempt this is (a refused connect tries the next address).
-    upstream_addrs: Option<Arc<Vec<std::net::SocketAddr>>>,
+    /// The upstream's addresses for this request, where it starts among
+    /// them, and which connection attempt this is (a connection that
+    /// cannot be made tries the next address).
+    upstream_addrs: Option<(Arc<Vec<std::net::SocketAddr>>, usize)>,
     connect_attempt: usize,
     /// The request's method, for a record written without the session.
     method: Option<http::Method>,
@@ -2304,19 +2305,11 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let u = &self.settings.upstream;
-        let addrs = match &ctx.upstream_addrs {
-            Some(a) => a.clone(),
-            None => {
-                let a = self
-                    .upstream_addrs
-                    .get()
-                    .await
-                    .map_err(|why| pingora::Error::explain(ErrorType::ConnectNoRoute, why))?;
-                ctx.upstream_addrs = Some(a.clone());
-                a
-            }
-        };
-        let addr = crate::resolve::nth(&addrs, ctx.connect_attempt).ok_or_else(|| {
+        let (addrs, start) = ctx
+            .upstream_addrs
+            .get_or_insert_with(|| self.upstream_addrs.get())
+            .clone();
+        let addr = crate::resolve::nth(&addrs, start, ctx.connect_attempt).ok_or_else(|| {
             pingora::Error::explain(ErrorType::ConnectNoRoute, "the upstream has no address")
         })?;
         let mut peer = HttpPeer::new(addr, u.tls, u.sni.clone());
@@ -2402,7 +2395,9 @@ impl ProxyHttp for Gateway {
     }
 
     /// A connection that could not be made sent nothing: the next of the
-    /// upstream's addresses may take the request (a bounded few).
+    /// upstream's addresses may take the request (a bounded few), and
+    /// later requests start there. Not after a TLS failure: every address
+    /// would present the same certificate.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -2410,10 +2405,23 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         mut e: Box<pingora::Error>,
     ) -> Box<pingora::Error> {
-        let addrs = ctx.upstream_addrs.as_ref().map_or(0, |a| a.len());
-        if crate::resolve::may_retry(addrs, ctx.connect_attempt) {
-            ctx.connect_attempt += 1;
-            e.set_retry(true);
+        let reachability = matches!(
+            e.etype(),
+            ErrorType::ConnectRefused
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectTimedout
+                | ErrorType::ConnectError
+        );
+        let Some((addrs, start)) = &ctx.upstream_addrs else {
+            return e;
+        };
+        if reachability {
+            self.upstream_addrs
+                .failed(start.wrapping_add(ctx.connect_attempt));
+            if crate::resolve::may_retry(addrs.len(), ctx.connect_attempt) {
+                ctx.connect_attempt += 1;
+                e.set_retry(true);
+            }
         }
         e
     }
@@ -2438,16 +2446,6 @@ impl ProxyHttp for Gateway {
                     ),
                 })
             }
-            // The upstream's name does not resolve (see `resolve.rs`).
-            ErrorType::ConnectNoRoute if e.context.is_some() => Some(Denial::Upstream {
-                status: 502,
-                code: "upstream_unreachable",
-                description: e
-                    .context
-                    .as_ref()
-                    .map(|c| c.to_string())
-                    .unwrap_or_default(),
-            }),
             ErrorType::ConnectRefused
             | ErrorType::ConnectNoRoute
             | ErrorType::ConnectError

@@ -1,22 +1,24 @@
-//! The upstream's addresses, for stage 7. An IP address is used as
-//! configured; a host name is resolved off the workers' threads (tokio's
-//! `lookup_host`), at most one lookup at a time, and kept for [`TTL`].
-//! After that, requests go on with the addresses they have while one
-//! lookup runs in the background (a slow DNS server delays nobody), and
-//! a failed lookup keeps them for [`RETRY`] more (a DNS blip does not
-//! take the upstream away). Only the very first lookup is waited for. Pingora's `HttpPeer::new` would resolve on the worker
-//! thread itself, blocking every request it serves, and panic when the
-//! name does not resolve (a panicking request leaves no audit record).
+//! The upstream's addresses, for stage 7 (the requests Pingora proxies).
+//! Configuration checks resolve the upstream host at start; an IP address
+//! stays as configured, a host name is looked up again every [`TTL`] in
+//! the background (tokio's `lookup_host`, off the workers' threads, one
+//! lookup at a time) while requests go on with the addresses they have,
+//! so the proxy follows the name's changes without a restart and a slow
+//! or failing DNS server delays no request. A failed lookup keeps the
+//! last addresses for [`RETRY`] more.
 //!
-//! Every address a name has is kept: a request whose connection is
-//! refused or times out (nothing sent yet, so safe to retry) goes to the
-//! next one ([`Addresses::nth`]).
+//! Every address a name has is used: a connection that cannot be made
+//! (nothing sent yet, so safe to retry) goes to the next one, and
+//! requests start at the address after the last one that failed.
+//! (fhirwall's own client, for checked answers and relayed bodies, is
+//! reqwest's: it resolves the name for each new connection.)
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 
 /// How long a lookup's answer is used before the name is looked up again.
 pub const TTL: Duration = Duration::from_secs(30);
@@ -39,56 +41,50 @@ pub struct Addresses {
     port: u16,
     /// How long a lookup may take.
     timeout: Duration,
-    /// An IP address as configured: never looked up.
-    fixed: Option<Arc<Vec<SocketAddr>>>,
-    last: ArcSwapOption<Resolved>,
-    /// One lookup at a time; the others wait for its answer.
-    lookup: tokio::sync::Mutex<()>,
+    /// An IP address: never looked up.
+    fixed: bool,
+    last: ArcSwap<Resolved>,
     /// A background lookup is under way.
-    refreshing: std::sync::atomic::AtomicBool,
+    refreshing: AtomicBool,
+    /// Where requests start (after an address that failed).
+    start: AtomicUsize,
 }
 
 impl Addresses {
-    pub fn new(host: &str, port: u16, timeout: Duration) -> Addresses {
+    /// `host` as configured, and `first`, what it resolved to at start.
+    pub fn new(host: &str, first: SocketAddr, timeout: Duration) -> Addresses {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let fixed = bare
-            .parse::<IpAddr>()
-            .ok()
-            .map(|ip| Arc::new(vec![SocketAddr::new(ip, port)]));
         Addresses {
             host: bare.to_string(),
-            port,
+            port: first.port(),
             timeout,
-            fixed,
-            last: ArcSwapOption::empty(),
-            lookup: tokio::sync::Mutex::new(()),
-            refreshing: std::sync::atomic::AtomicBool::new(false),
+            fixed: bare.parse::<IpAddr>().is_ok(),
+            last: ArcSwap::from_pointee(Resolved {
+                at: Instant::now(),
+                addrs: Arc::new(vec![first]),
+            }),
+            refreshing: AtomicBool::new(false),
+            start: AtomicUsize::new(0),
         }
     }
 
-    /// The addresses to try, in order; an error says why there are none.
-    pub async fn get(self: &Arc<Self>) -> Result<Arc<Vec<SocketAddr>>, String> {
-        if let Some(f) = &self.fixed {
-            return Ok(f.clone());
+    /// The addresses to try, and the index to start at. Never waits: an
+    /// expired answer serves while a new lookup runs.
+    pub fn get(self: &Arc<Self>) -> (Arc<Vec<SocketAddr>>, usize) {
+        let r = self.last.load();
+        if !self.fixed && r.at.elapsed() >= TTL {
+            self.refresh_in_background();
         }
-        if let Some(r) = self.last.load_full() {
-            if r.at.elapsed() >= TTL {
-                self.refresh_in_background();
-            }
-            return Ok(r.addrs.clone());
-        }
-        // Nothing yet: wait for one lookup (shared with the others).
-        let _one = self.lookup.lock().await;
-        if let Some(r) = self.last.load_full() {
-            return Ok(r.addrs.clone());
-        }
-        self.look_up()
-            .await
-            .map_err(|why| format!("cannot resolve the upstream host '{}': {why}", self.host))
+        (r.addrs.clone(), self.start.load(Ordering::Relaxed))
+    }
+
+    /// A connection to the `index`-th address could not be made: later
+    /// requests start at the next one.
+    pub fn failed(&self, index: usize) {
+        self.start.store(index.wrapping_add(1), Ordering::Relaxed);
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -97,19 +93,18 @@ impl Addresses {
             if let Err(why) = me.look_up().await {
                 tracing::warn!(host = %me.host, error = %why, "cannot look the upstream up again; its last addresses serve on");
                 // Kept a little longer, then tried again.
-                if let Some(r) = me.last.load_full() {
-                    me.last.store(Some(Arc::new(Resolved {
-                        at: Instant::now() - TTL + RETRY,
-                        addrs: r.addrs.clone(),
-                    })));
-                }
+                let addrs = me.last.load().addrs.clone();
+                let at = Instant::now()
+                    .checked_sub(TTL - RETRY)
+                    .unwrap_or_else(Instant::now);
+                me.last.store(Arc::new(Resolved { at, addrs }));
             }
             me.refreshing.store(false, Ordering::Release);
         });
     }
 
     /// One lookup; its addresses are kept when there are any.
-    async fn look_up(&self) -> Result<Arc<Vec<SocketAddr>>, String> {
+    async fn look_up(&self) -> Result<(), String> {
         let looked = tokio::time::timeout(
             self.timeout,
             tokio::net::lookup_host((self.host.as_str(), self.port)),
@@ -121,12 +116,11 @@ impl Addresses {
                 if addrs.is_empty() {
                     return Err("it has no address".into());
                 }
-                let addrs = Arc::new(addrs);
-                self.last.store(Some(Arc::new(Resolved {
+                self.last.store(Arc::new(Resolved {
                     at: Instant::now(),
-                    addrs: addrs.clone(),
-                })));
-                Ok(addrs)
+                    addrs: Arc::new(addrs),
+                }));
+                Ok(())
             }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
@@ -134,12 +128,13 @@ impl Addresses {
     }
 }
 
-/// The address for a request's `attempt`-th connection (0 first).
-pub fn nth(addrs: &[SocketAddr], attempt: usize) -> Option<SocketAddr> {
-    (!addrs.is_empty()).then(|| addrs[attempt % addrs.len()])
+/// The address for a request's connection `attempt` (0 first), starting
+/// at `start`.
+pub fn nth(addrs: &[SocketAddr], start: usize, attempt: usize) -> Option<SocketAddr> {
+    (!addrs.is_empty()).then(|| addrs[start.wrapping_add(attempt) % addrs.len()])
 }
 
-/// Whether a request whose `attempt`-th connection failed may try another
+/// Whether a request whose connection `attempt` failed may try another
 /// address.
 pub fn may_retry(addrs: usize, attempt: usize) -> bool {
     attempt + 1 < addrs.min(MAX_TRIES)
@@ -149,57 +144,42 @@ pub fn may_retry(addrs: usize, attempt: usize) -> bool {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn an_ip_address_is_never_looked_up() {
-        for (host, want) in [("127.0.0.1", "127.0.0.1:8080"), ("[::1]", "[::1]:8080")] {
-            let a = Arc::new(Addresses::new(host, 8080, Duration::from_millis(10)));
-            let got = a.get().await.unwrap();
-            assert_eq!(got.len(), 1);
-            assert_eq!(got[0].to_string(), want);
-        }
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
     }
 
     #[tokio::test]
-    async fn a_name_that_does_not_resolve_is_an_error_not_a_panic() {
+    async fn an_ip_address_is_never_looked_up_again() {
         let a = Arc::new(Addresses::new(
-            "fhirwall-no-such-host.invalid",
-            80,
-            Duration::from_secs(5),
+            "[::1]",
+            addr("[::1]:8080"),
+            Duration::from_secs(1),
         ));
-        let e = a.get().await.unwrap_err();
-        assert!(e.contains("fhirwall-no-such-host.invalid"), "{e}");
-    }
-
-    #[tokio::test]
-    async fn localhost_resolves_and_is_kept() {
-        let a = Arc::new(Addresses::new("localhost", 8080, Duration::from_secs(5)));
-        let first = a.get().await.unwrap();
-        assert!(first
-            .iter()
-            .all(|s| s.ip().is_loopback() && s.port() == 8080));
-        let again = a.get().await.unwrap();
-        assert!(
-            Arc::ptr_eq(&first, &again),
-            "looked up again within the TTL"
-        );
+        a.last.store(Arc::new(Resolved {
+            at: Instant::now() - TTL - Duration::from_secs(1),
+            addrs: Arc::new(vec![addr("[::1]:8080")]),
+        }));
+        let _ = a.get();
+        assert!(!a.refreshing.load(Ordering::Acquire));
     }
 
     #[tokio::test]
     async fn expired_addresses_serve_while_one_lookup_runs_behind() {
-        let a = Arc::new(Addresses::new("localhost", 8080, Duration::from_secs(5)));
-        let old: Arc<Vec<SocketAddr>> = Arc::new(vec!["10.9.9.9:8080".parse().unwrap()]);
-        a.last.store(Some(Arc::new(Resolved {
+        let old = addr("10.9.9.9:8080");
+        let a = Arc::new(Addresses::new("localhost", old, Duration::from_secs(5)));
+        a.last.store(Arc::new(Resolved {
             at: Instant::now() - TTL - Duration::from_secs(1),
-            addrs: old.clone(),
-        })));
+            addrs: Arc::new(vec![old]),
+        }));
         // Not waited for: the expired addresses, at once.
-        assert!(Arc::ptr_eq(&a.get().await.unwrap(), &old));
+        assert_eq!(a.get().0[..], [old]);
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let now = a.get().await.unwrap();
-            if now.iter().all(|s| s.ip().is_loopback()) {
-                break;
-            }
+        while !a
+            .get()
+            .0
+            .iter()
+            .all(|s| s.ip().is_loopback() && s.port() == 8080)
+        {
             assert!(
                 Instant::now() < deadline,
                 "the background lookup never landed"
@@ -208,18 +188,43 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_failed_lookup_keeps_the_last_addresses() {
+        let last = addr("10.9.9.9:80");
+        let a = Arc::new(Addresses::new(
+            "fhirwall-no-such-host.invalid",
+            last,
+            Duration::from_secs(5),
+        ));
+        a.last.store(Arc::new(Resolved {
+            at: Instant::now() - TTL - Duration::from_secs(1),
+            addrs: Arc::new(vec![last]),
+        }));
+        assert_eq!(a.get().0[..], [last]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.refreshing.load(Ordering::Acquire) || a.last.load().at.elapsed() >= TTL {
+            assert!(Instant::now() < deadline, "the failed lookup never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = a.last.load();
+        assert_eq!(r.addrs[..], [last]);
+        // Tried again after RETRY, not TTL.
+        assert!(r.at.elapsed() >= TTL - RETRY - Duration::from_millis(100));
+    }
+
     #[test]
-    fn retries_go_round_the_addresses_a_bounded_number_of_times() {
-        let addrs: Vec<SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(nth(&addrs, 0), Some(addrs[0]));
-        assert_eq!(nth(&addrs, 1), Some(addrs[1]));
+    fn retries_go_round_the_addresses_from_the_last_that_failed() {
+        let addrs = [addr("10.0.0.1:80"), addr("10.0.0.2:80")];
+        assert_eq!(nth(&addrs, 0, 0), Some(addrs[0]));
+        assert_eq!(nth(&addrs, 0, 1), Some(addrs[1]));
+        assert_eq!(nth(&addrs, 1, 1), Some(addrs[0]));
         assert!(may_retry(2, 0));
         assert!(!may_retry(2, 1));
         assert!(!may_retry(1, 0));
         assert!(may_retry(5, 1) && !may_retry(5, MAX_TRIES - 1));
-        assert_eq!(nth(&[], 0), None);
+        assert_eq!(nth(&[], 0, 0), None);
+        let a = Addresses::new("h", addrs[0], Duration::from_secs(1));
+        a.failed(0);
+        assert_eq!(a.start.load(Ordering::Relaxed), 1);
     }
 }
