@@ -789,7 +789,12 @@ fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Op
                 dir.display()
             ),
         ),
-        Ok(_) => return Some(sock.to_path_buf()),
+        // One spelling for the old and the new process, whatever their
+        // working directories or symlinks (SIGQUIT compares names).
+        Ok(_) => {
+            let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            return Some(sock.file_name().map_or(dir.clone(), |f| dir.join(f)));
+        }
         Err(e) => problem(key, format!("its directory '{}': {e}", dir.display())),
     }
     None

@@ -226,7 +226,7 @@ impl Metrics {
             duration: m.histogram(
                 "fhirwall_redis_command_duration_seconds",
                 "Time a Redis command took, a (re)connection included",
-                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             ),
             fallbacks: m.counter(
                 "fhirwall_redis_fallbacks_total",

@@ -298,16 +298,30 @@ impl Signals {
 /// left over by a process that died: handing the sockets to it would leave
 /// none serving.
 fn listening_at(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
     const ACCEPTING: u32 = 0x0001_0000; // __SO_ACCEPTCON
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+                                        // Bytes: a socket name need not be UTF-8.
+    let Ok(table) = std::fs::read("/proc/net/unix") else {
         return false;
     };
-    let want = path.as_os_str().to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() >= 8
-            && fields[7..].join(" ") == want
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & ACCEPTING != 0)
+    let want = path.as_os_str().as_bytes();
+    table.split(|b| *b == b'\n').skip(1).any(|line| {
+        // "Num RefCount Protocol Flags Type St Inode Path": the path is
+        // what follows the seventh field.
+        let mut rest = line;
+        let mut flags = None;
+        for i in 0..7 {
+            let start = rest.iter().position(|b| *b != b' ').unwrap_or(rest.len());
+            rest = &rest[start..];
+            let end = rest.iter().position(|b| *b == b' ').unwrap_or(rest.len());
+            if i == 3 {
+                flags = std::str::from_utf8(&rest[..end])
+                    .ok()
+                    .and_then(|f| u32::from_str_radix(f, 16).ok());
+            }
+            rest = &rest[end..];
+        }
+        rest.strip_prefix(b" ") == Some(want) && flags.is_some_and(|f| f & ACCEPTING != 0)
     })
 }
 
@@ -643,4 +657,26 @@ pub fn run(
     }
     tracing::info!("fhirwall stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening_at;
+
+    #[test]
+    fn a_socket_counts_while_someone_listens_on_it() {
+        let dir = std::env::temp_dir().join(format!("fhirwall listen {}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("up grade.sock");
+        let _ = std::fs::remove_file(&path);
+        assert!(!listening_at(&path));
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(listening_at(&path), "a listener with spaces in its path");
+        assert!(!listening_at(&dir.join("up")), "a prefix of its name");
+        drop(listener);
+        // The file is left behind; nobody listens.
+        assert!(path.exists());
+        assert!(!listening_at(&path));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1321,9 +1321,9 @@ async fn a_relayed_body_taken_whole_waits_for_the_answer_by_the_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_named_by_host_is_resolved_off_the_workers() {
-    // (A name that stops resolving after start is answered 502 and
-    // recorded, never a panic: `resolve.rs`'s tests; `check` refuses one
-    // that does not resolve at start.)
+    // (Looked up again in the background, its last addresses kept through
+    // a failed lookup: `resolve.rs`'s tests; `check` refuses a name that
+    // does not resolve at start.)
     let (upstream, addr) = fhirwall::sandbox::fhir::FhirSandbox::spawn("/r4").await;
     let named = Gateway::start_with(
         Options {
