@@ -500,6 +500,17 @@ pub fn run(
     config_path: Option<std::path::PathBuf>,
     upgrade: Option<Takeover>,
 ) -> Result<(), String> {
+    // Until Pingora listens for SIGQUIT (once serving), its default action
+    // would kill the process (with a core dump): installing tokio's handler
+    // now makes it harmless; it is looked at only once serving.
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        rt.block_on(async {
+            let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit());
+        });
+    }
     let takeover_sock = match (&upgrade, &settings.upgrade_sock) {
         (Some(_), None) => {
             return Err(
