@@ -49,6 +49,12 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// Whether a policy rule has a rate limit (which the shared state
+    /// counts).
+    pub fn any_rate_limit(&self) -> bool {
+        self.policies.rules.iter().any(|r| r.rate_limit.is_some())
+    }
+
     pub fn from_settings(s: &Settings) -> Rules {
         Rules {
             policies: s.policies.clone(),
@@ -166,8 +172,10 @@ impl Gateway {
                 max_entries: settings.dpop.replay_cache_max_entries,
                 quota: settings.dpop.max_proofs_per_key,
             },
+            settings.dpop.enabled,
             settings.redis.clone().map(|r| (r, metrics.redis())),
         ));
+        shared.set_rate_limited(rules.load().any_rate_limit());
         let body_budget = Arc::new(tokio::sync::Semaphore::new(
             settings
                 .server

@@ -35,6 +35,8 @@ struct Reloader {
     /// The running settings (a reload applies only the rules of a new
     /// file; the rest is compared with these).
     running: Settings,
+    /// Told whether the rules in force have rate limits.
+    shared: Arc<crate::shared::SharedState>,
 }
 
 #[async_trait]
@@ -83,6 +85,7 @@ impl BackgroundService for Reloader {
                 Ok(settings) => {
                     let rules = crate::proxy::Rules::from_settings(&settings);
                     let n = rules.policies.rules.len();
+                    self.shared.set_rate_limited(rules.any_rate_limit());
                     self.rules.store(Arc::new(rules));
                     self.metrics.reload(true);
                     // Say so when the file changed what a reload cannot
@@ -610,6 +613,7 @@ pub fn run(
                 rules: gateway.rules.clone(),
                 metrics: metrics.clone(),
                 running: gateway.settings.clone(),
+                shared: gateway.shared.clone(),
             },
         )
     });

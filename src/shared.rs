@@ -82,10 +82,18 @@ pub struct SharedState {
     dpop: DpopLimits,
     local: Local,
     redis: Option<RedisStore>,
+    /// Something needs the shared state: DPoP is on, or a policy rule has
+    /// a rate limit (updated on reload). Redis down matters only then.
+    dpop_enabled: bool,
+    rate_limited: AtomicBool,
 }
 
 impl SharedState {
-    pub fn new(dpop: DpopLimits, redis: Option<(Redis, RedisMetrics)>) -> SharedState {
+    pub fn new(
+        dpop: DpopLimits,
+        dpop_enabled: bool,
+        redis: Option<(Redis, RedisMetrics)>,
+    ) -> SharedState {
         // No max_capacity: a size-bounded moka cache admits new entries by
         // TinyLFU and may drop a remembered proof (which could then be
         // replayed). The bound is checked before each insert instead, and a
@@ -110,6 +118,8 @@ impl SharedState {
             },
             redis: redis.map(|(cfg, metrics)| RedisStore::new(cfg, metrics)),
             dpop,
+            dpop_enabled,
+            rate_limited: AtomicBool::new(false),
         }
     }
 
@@ -118,10 +128,19 @@ impl SharedState {
         self.redis.as_ref()
     }
 
+    /// Whether a policy rule (of the rules in force) has a rate limit.
+    pub fn set_rate_limited(&self, any: bool) {
+        self.rate_limited.store(any, Ordering::Relaxed);
+    }
+
     /// Why requests needing the shared state are refused now, if they are:
-    /// Redis is configured with `on_failure: refuse` and does not answer.
+    /// Redis is configured with `on_failure: refuse`, something needs it
+    /// (DPoP, a rate limit) and it does not answer.
     pub fn not_ready(&self) -> Option<String> {
         let r = self.redis.as_ref()?;
+        if !self.dpop_enabled && !self.rate_limited.load(Ordering::Relaxed) {
+            return None;
+        }
         (!r.cfg.fallback_local && !r.up.load(Ordering::Relaxed))
             .then(|| format!("Redis at {} does not answer", r.cfg.url))
     }
@@ -605,7 +624,7 @@ mod tests {
 
     #[tokio::test]
     async fn local_state_refuses_replays_counts_clients_and_fills_up() {
-        let s = SharedState::new(limits(3, 2), None);
+        let s = SharedState::new(limits(3, 2), true, None);
         assert_eq!(
             s.remember_proof(&proof("a", "c1")).await.unwrap(),
             ProofOutcome::Fresh

@@ -131,3 +131,52 @@ async fn on_failure_local_does_not_wait_for_a_redis_known_to_be_down() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_redis_does_not_make_the_gateway_unready_until_a_rule_needs_it() {
+    let dir = support::TempDir::new("redis-unused");
+    let rules = dir.0.join("10-rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
+    )
+    .unwrap();
+    // DPoP off and no rate limit: nothing asks Redis, so its silence is
+    // no reason to be unready (start waits for /readyz 200).
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 100\ndpop:\n  enabled: false\npolicies:\n  dir: {}\n",
+            silent_port(),
+            dir.0.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &gw.metrics().await,
+        "fhirwall_redis_commands_total{outcome=\"timeout\"}",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "the probe never timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.readyz().await, 200);
+    // A reloaded rule with a rate limit needs it.
+    std::fs::write(
+        &rules,
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}, rate_limit: {per: client, requests: 5, per_seconds: 60}}\n",
+    )
+    .unwrap();
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.readyz().await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "still ready with a rate limit and no Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 503);
+}
