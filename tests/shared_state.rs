@@ -24,17 +24,30 @@ fn silent_port() -> u16 {
     port
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_redis_times_out_and_dpop_requests_are_refused() {
-    let gw = Gateway::start(Options {
-        extra_yaml: format!(
-            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 100\n",
-            silent_port()
-        ),
-        expect_ready: false,
+/// A gateway whose `redis.url` names `port` on loopback; `redis` is more
+/// of that section (indented), `more` top-level YAML after it.
+async fn with_redis(port: u16, redis: &str, more: &str, ready: bool) -> Gateway {
+    Gateway::start(Options {
+        extra_yaml: format!("redis:\n  url: redis://127.0.0.1:{port}/0\n{redis}{more}"),
+        expect_ready: ready,
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+/// Waits (bounded) until a Redis command (the probe) has timed out.
+async fn until_a_timeout(gw: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let timeouts = "fhirwall_redis_commands_total{outcome=\"timeout\"}";
+    while metric(&gw.metrics().await, timeouts) < 1.0 {
+        assert!(Instant::now() < deadline, "the probe never timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_times_out_and_dpop_requests_are_refused() {
+    let gw = with_redis(silent_port(), "  timeout_ms: 100\n", "", false).await;
     let caller = Caller::new(&gw);
     let started = Instant::now();
     let (s, _, body) = caller.fresh(&gw).await;
@@ -65,14 +78,8 @@ async fn a_silent_redis_times_out_and_dpop_requests_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_local_decides_with_this_process_state() {
-    let gw = Gateway::start(Options {
-        extra_yaml: format!(
-            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 100\n  on_failure: local\n",
-            free_port()
-        ),
-        ..Options::default()
-    })
-    .await;
+    let local = "  timeout_ms: 100\n  on_failure: local\n";
+    let gw = with_redis(free_port(), local, "", true).await;
     let caller = Caller::new(&gw);
     let proof = caller.proof();
     let (s, _, body) = caller.with(&gw, &proof).await;
@@ -99,26 +106,12 @@ async fn on_failure_local_decides_with_this_process_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_local_does_not_wait_for_a_redis_known_to_be_down() {
-    let gw = Gateway::start(Options {
-        extra_yaml: format!(
-            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 3000\n  on_failure: local\n",
-            silent_port()
-        ),
-        ..Options::default()
-    })
-    .await;
+    let local = "  timeout_ms: 3000\n  on_failure: local\n";
+    let gw = with_redis(silent_port(), local, "", true).await;
     let caller = Caller::new(&gw);
     // Until a command has failed, Redis is asked (and a request may wait
     // for it): the first probe's timeout tells.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
-        &gw.metrics().await,
-        "fhirwall_redis_commands_total{outcome=\"timeout\"}",
-    ) < 1.0
-    {
-        assert!(Instant::now() < deadline, "the probe never timed out");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_a_timeout(&gw).await;
     for i in 0..3 {
         let started = Instant::now();
         let (s, _, body) = caller.fresh(&gw).await;
@@ -143,24 +136,12 @@ async fn an_unused_redis_does_not_make_the_gateway_unready_until_a_rule_needs_it
     .unwrap();
     // DPoP off and no rate limit: nothing asks Redis, so its silence is
     // no reason to be unready (start waits for /readyz 200).
-    let gw = Gateway::start(Options {
-        extra_yaml: format!(
-            "redis:\n  url: redis://127.0.0.1:{}/0\n  timeout_ms: 100\ndpop:\n  enabled: false\npolicies:\n  dir: {}\n",
-            silent_port(),
-            dir.0.display()
-        ),
-        ..Options::default()
-    })
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(
-        &gw.metrics().await,
-        "fhirwall_redis_commands_total{outcome=\"timeout\"}",
-    ) < 1.0
-    {
-        assert!(Instant::now() < deadline, "the probe never timed out");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let more = format!(
+        "dpop:\n  enabled: false\npolicies:\n  dir: {}\n",
+        dir.0.display()
+    );
+    let gw = with_redis(silent_port(), "  timeout_ms: 100\n", &more, true).await;
+    until_a_timeout(&gw).await;
     assert_eq!(gw.readyz().await, 200);
     // A reloaded rule with a rate limit needs it.
     std::fs::write(
