@@ -764,17 +764,6 @@ fn d_shutdown() -> u64 {
 fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let key = "server.upgrade_sock";
-    // A Unix socket's path holds at most 107 bytes.
-    if sock.as_os_str().len() > 107 {
-        problem(
-            key,
-            format!(
-                "'{}' is longer than a Unix socket path may be (107 bytes)",
-                sock.display()
-            ),
-        );
-        return None;
-    }
     let dir = match sock.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -793,7 +782,19 @@ fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Op
         // working directories or symlinks (SIGQUIT compares names).
         Ok(_) => {
             let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-            return Some(sock.file_name().map_or(dir.clone(), |f| dir.join(f)));
+            let sock = sock.file_name().map_or(dir.clone(), |f| dir.join(f));
+            // A Unix socket's path holds at most 107 bytes.
+            if sock.as_os_str().len() > 107 {
+                problem(
+                    key,
+                    format!(
+                        "'{}' is longer than a Unix socket path may be (107 bytes)",
+                        sock.display()
+                    ),
+                );
+                return None;
+            }
+            return Some(sock);
         }
         Err(e) => problem(key, format!("its directory '{}': {e}", dir.display())),
     }
@@ -925,7 +926,7 @@ pub struct Upstream {
     pub addr: String,
     /// The address the host resolved to at start (`resolve.rs` looks the
     /// name up again as the proxy runs).
-    pub resolved: SocketAddr,
+    pub resolved: Vec<SocketAddr>,
     pub tls: bool,
     pub sni: String,
     /// `Host` header sent upstream (host, plus port when not the default).
@@ -2196,7 +2197,8 @@ impl Config {
                 ok &= !roots.is_empty();
             }
         }
-        // Host may be a name; pingora connects to a socket address, so resolve at start.
+        // Host may be a name; pingora connects to a socket address, so
+        // resolve at start (every address; `resolve.rs` follows the name).
         let addr = format!("{host}:{port}");
         let addr = addr.trim_start_matches('[').replace("]:", ":");
         let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(
@@ -2204,7 +2206,8 @@ impl Config {
             port,
         ))
         .ok()
-        .and_then(|mut a| a.next());
+        .map(|a| a.collect::<Vec<_>>())
+        .filter(|a| !a.is_empty());
         let Some(resolved) = resolved else {
             problem(
                 "upstream.url",
@@ -2213,7 +2216,7 @@ impl Config {
             return None;
         };
         ok.then(|| Upstream {
-            addr: resolved.to_string(),
+            addr: resolved[0].to_string(),
             resolved,
             tls,
             sni: host.trim_matches(|c| c == '[' || c == ']').to_string(),

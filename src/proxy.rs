@@ -90,7 +90,7 @@ pub struct Gateway {
     /// buckets: in Redis when configured (shared by the replicas), else here.
     pub shared: Arc<crate::shared::SharedState>,
     /// The upstream's addresses (a host name resolved off the workers).
-    upstream_addrs: Arc<crate::resolve::Addresses>,
+    pub upstream_addrs: Arc<crate::resolve::Addresses>,
     /// Policies, roles and break-glass, reloadable.
     pub rules: Arc<arc_swap::ArcSwap<Rules>>,
     /// Draining after SIGTERM, and the requests in flight (`lifecycle.rs`).
@@ -163,8 +163,8 @@ impl Gateway {
         );
         let upstream_addrs = Arc::new(crate::resolve::Addresses::new(
             settings.upstream.url.host_str().unwrap_or_default(),
-            settings.upstream.resolved,
-            settings.upstream.connect_timeout,
+            settings.upstream.url.port_or_known_default().unwrap_or(80),
+            settings.upstream.resolved.clone(),
         ));
         let shared = Arc::new(crate::shared::SharedState::new(
             crate::shared::DpopLimits {
@@ -2404,8 +2404,9 @@ impl ProxyHttp for Gateway {
 
     /// A connection that could not be made sent nothing: the next of the
     /// upstream's addresses may take the request (a bounded few), and
-    /// later requests start there. Not after a TLS failure: every address
-    /// would present the same certificate.
+    /// later requests start there. Not after a failure reported as TLS's:
+    /// every address would present the same certificate. (A handshake
+    /// that stalls counts as a connect timeout, and is retried.)
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -2424,8 +2425,7 @@ impl ProxyHttp for Gateway {
             return e;
         };
         if reachability {
-            self.upstream_addrs
-                .failed(start.wrapping_add(ctx.connect_attempt));
+            self.upstream_addrs.failed(*start, ctx.connect_attempt);
             if crate::resolve::may_retry(addrs.len(), ctx.connect_attempt) {
                 ctx.connect_attempt += 1;
                 e.set_retry(true);

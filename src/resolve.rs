@@ -1,11 +1,12 @@
 //! The upstream's addresses, for stage 7 (the requests Pingora proxies).
-//! Configuration checks resolve the upstream host at start; an IP address
-//! stays as configured, a host name is looked up again every [`TTL`] in
-//! the background (tokio's `lookup_host`, off the workers' threads, one
-//! lookup at a time) while requests go on with the addresses they have,
-//! so the proxy follows the name's changes without a restart and a slow
-//! or failing DNS server delays no request. A failed lookup keeps the
-//! last addresses for [`RETRY`] more.
+//! Configuration checks resolve the upstream host at start (every
+//! address); an IP address stays as configured, a host name is looked up
+//! again every [`TTL`] by a background service (and at once when a
+//! connection fails), with tokio's `lookup_host`, off the workers'
+//! threads, one lookup at a time, while requests go on with the addresses
+//! they have: the proxy follows the name's changes without a restart, and
+//! a slow or failing DNS server delays no request. A failed lookup keeps
+//! the last addresses (and is tried again after [`RETRY`]).
 //!
 //! Every address a name has is used: a connection that cannot be made
 //! (nothing sent yet, so safe to retry) goes to the next one, and
@@ -27,6 +28,9 @@ pub const TTL: Duration = Duration::from_secs(30);
 /// name is looked up again.
 pub const RETRY: Duration = Duration::from_secs(5);
 
+/// How long one lookup may take (it runs in the background).
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// At most this many of a name's addresses are tried for one request.
 pub const MAX_TRIES: usize = 3;
 
@@ -39,8 +43,6 @@ struct Resolved {
 pub struct Addresses {
     host: String,
     port: u16,
-    /// How long a lookup may take.
-    timeout: Duration,
     /// An IP address: never looked up.
     fixed: bool,
     last: ArcSwap<Resolved>,
@@ -51,17 +53,16 @@ pub struct Addresses {
 }
 
 impl Addresses {
-    /// `host` as configured, and `first`, what it resolved to at start.
-    pub fn new(host: &str, first: SocketAddr, timeout: Duration) -> Addresses {
+    /// `host` as configured, and what it resolved to at start (not empty).
+    pub fn new(host: &str, port: u16, at_start: Vec<SocketAddr>) -> Addresses {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         Addresses {
             host: bare.to_string(),
-            port: first.port(),
-            timeout,
+            port,
             fixed: bare.parse::<IpAddr>().is_ok(),
             last: ArcSwap::from_pointee(Resolved {
                 at: Instant::now(),
-                addrs: Arc::new(vec![first]),
+                addrs: Arc::new(at_start),
             }),
             refreshing: AtomicBool::new(false),
             start: AtomicUsize::new(0),
@@ -78,10 +79,30 @@ impl Addresses {
         (r.addrs.clone(), self.start.load(Ordering::Relaxed))
     }
 
-    /// A connection to the `index`-th address could not be made: later
-    /// requests start at the next one.
-    pub fn failed(&self, index: usize) {
-        self.start.store(index.wrapping_add(1), Ordering::Relaxed);
+    /// A request that started at `start` could not connect on its
+    /// `attempt`: later requests start after that address, unless another
+    /// request has moved the start meanwhile; and the name is looked up
+    /// again (its addresses may have changed).
+    pub fn failed(self: &Arc<Self>, start: usize, attempt: usize) {
+        let next = start.wrapping_add(attempt).wrapping_add(1);
+        let _ = self
+            .start
+            .compare_exchange(start, next, Ordering::Relaxed, Ordering::Relaxed);
+        if !self.fixed {
+            self.refresh_in_background();
+        }
+    }
+
+    /// Looks the name up every [`TTL`], whether requests come or not (the
+    /// background service of `server.rs`).
+    pub async fn keep_fresh(self: Arc<Self>) {
+        if self.fixed {
+            return;
+        }
+        loop {
+            tokio::time::sleep(TTL).await;
+            self.refresh_in_background();
+        }
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
@@ -106,7 +127,7 @@ impl Addresses {
     /// One lookup; its addresses are kept when there are any.
     async fn look_up(&self) -> Result<(), String> {
         let looked = tokio::time::timeout(
-            self.timeout,
+            LOOKUP_TIMEOUT,
             tokio::net::lookup_host((self.host.as_str(), self.port)),
         )
         .await;
@@ -123,7 +144,7 @@ impl Addresses {
                 Ok(())
             }
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+            Err(_) => Err(format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs())),
         }
     }
 }
@@ -150,11 +171,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_ip_address_is_never_looked_up_again() {
-        let a = Arc::new(Addresses::new(
-            "[::1]",
-            addr("[::1]:8080"),
-            Duration::from_secs(1),
-        ));
+        let a = Arc::new(Addresses::new("[::1]", 8080, vec![addr("[::1]:8080")]));
         a.last.store(Arc::new(Resolved {
             at: Instant::now() - TTL - Duration::from_secs(1),
             addrs: Arc::new(vec![addr("[::1]:8080")]),
@@ -166,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn expired_addresses_serve_while_one_lookup_runs_behind() {
         let old = addr("10.9.9.9:8080");
-        let a = Arc::new(Addresses::new("localhost", old, Duration::from_secs(5)));
+        let a = Arc::new(Addresses::new("localhost", 8080, vec![old]));
         a.last.store(Arc::new(Resolved {
             at: Instant::now() - TTL - Duration::from_secs(1),
             addrs: Arc::new(vec![old]),
@@ -193,8 +210,8 @@ mod tests {
         let last = addr("10.9.9.9:80");
         let a = Arc::new(Addresses::new(
             "fhirwall-no-such-host.invalid",
-            last,
-            Duration::from_secs(5),
+            80,
+            vec![last],
         ));
         a.last.store(Arc::new(Resolved {
             at: Instant::now() - TTL - Duration::from_secs(1),
@@ -223,8 +240,13 @@ mod tests {
         assert!(!may_retry(1, 0));
         assert!(may_retry(5, 1) && !may_retry(5, MAX_TRIES - 1));
         assert_eq!(nth(&[], 0, 0), None);
-        let a = Addresses::new("h", addrs[0], Duration::from_secs(1));
-        a.failed(0);
+        let a = Arc::new(Addresses::new("10.0.0.1", 80, addrs.to_vec()));
+        a.failed(0, 0);
         assert_eq!(a.start.load(Ordering::Relaxed), 1);
+        // A request that saw the old start does not move it back.
+        a.failed(0, 1);
+        assert_eq!(a.start.load(Ordering::Relaxed), 1);
+        a.failed(1, 0);
+        assert_eq!(a.start.load(Ordering::Relaxed), 2);
     }
 }

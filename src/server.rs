@@ -148,6 +148,19 @@ impl BackgroundService for RedisMonitor {
     }
 }
 
+/// Looks the upstream's host name up again every 30 s (`resolve.rs`).
+struct UpstreamDns(Arc<crate::resolve::Addresses>);
+
+#[async_trait]
+impl BackgroundService for UpstreamDns {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::select! {
+            _ = self.0.clone().keep_fresh() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 /// Shutdown, as a load balancer in front of several replicas needs it.
 ///
 /// SIGTERM: `/readyz` answers 503 at once while fhirwall keeps accepting
@@ -604,6 +617,7 @@ pub fn run(
     let gateway = Gateway::new(settings, validator, metrics.clone(), audit);
     let lifecycle = gateway.lifecycle.clone();
     let shared = gateway.shared.clone();
+    let upstream_dns = gateway.upstream_addrs.clone();
     let reloader = config_path.map(|path| {
         background_service(
             "fhirwall reload",
@@ -649,6 +663,10 @@ pub fn run(
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(refresher);
+    server.add_service(background_service(
+        "fhirwall upstream dns",
+        UpstreamDns(upstream_dns),
+    ));
     if shared.redis().is_some() {
         server.add_service(background_service("fhirwall redis", RedisMonitor(shared)));
     }
