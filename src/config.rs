@@ -923,9 +923,8 @@ impl Settings {
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    pub addr: String,
-    /// The address the host resolved to at start (`resolve.rs` looks the
-    /// name up again as the proxy runs).
+    /// The addresses the host resolved to at start, never empty
+    /// (`resolve.rs` looks the name up again as the proxy runs).
     pub resolved: Vec<SocketAddr>,
     pub tls: bool,
     pub sni: String,
@@ -2216,7 +2215,6 @@ impl Config {
             return None;
         };
         ok.then(|| Upstream {
-            addr: resolved[0].to_string(),
             resolved,
             tls,
             sni: host.trim_matches(|c| c == '[' || c == ']').to_string(),

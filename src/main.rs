@@ -268,7 +268,7 @@ fn main() -> ExitCode {
                     s.issuers.len(),
                     s.listen,
                     s.admin_listen,
-                    s.upstream.addr
+                    s.upstream.resolved[0]
                 );
                 ExitCode::SUCCESS
             }

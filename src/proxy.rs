@@ -414,6 +414,16 @@ fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
     }
 }
 
+/// A failed DPoP binding (with no nonce to hand out).
+fn dpop_denial(code: &'static str, error: &'static str, description: String) -> Denial {
+    Denial::InvalidDpop {
+        code,
+        error,
+        description,
+        nonce: None,
+    }
+}
+
 fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
     match e {
         TokenError::KeysUnavailable(_) | TokenError::IntrospectionUnavailable(_) => {
@@ -1322,13 +1332,7 @@ impl Gateway {
             path,
             client_cert,
         } = *p;
-        let dpop =
-            |code: &'static str, error: &'static str, description: String| Denial::InvalidDpop {
-                code,
-                error,
-                description,
-                nonce: None,
-            };
+        let dpop = dpop_denial;
         let cnf = claims.cnf.as_ref();
         // RFC 8705: a certificate-bound token only over a TLS connection
         // whose client certificate has that SHA-256 thumbprint.
@@ -1490,12 +1494,7 @@ impl Gateway {
             ProofOutcome::Fresh => Ok(()),
             ProofOutcome::Replayed => {
                 let e = crate::dpop::DpopError::Replayed;
-                Err(Denial::InvalidDpop {
-                    code: e.code(),
-                    error: "invalid_dpop_proof",
-                    description: e.to_string(),
-                    nonce: None,
-                })
+                Err(dpop_denial(e.code(), "invalid_dpop_proof", e.to_string()))
             }
             ProofOutcome::OverQuota(left) => {
                 let quota = self.settings.dpop.max_proofs_per_key;

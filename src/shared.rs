@@ -156,12 +156,11 @@ impl SharedState {
             if self.local.replay.contains_key(&key) {
                 return Ok(ProofOutcome::Replayed);
             }
-            let asked = match r.skipped() {
-                Some(e) => Err(e),
-                None => r.remember_proof(&key, &p.counted_as, &self.dpop).await,
-            };
-            match asked {
-                Ok(ProofOutcome::Fresh) => {
+            match r
+                .ask(r.remember_proof(&key, &p.counted_as, &self.dpop))
+                .await
+            {
+                Some(Ok(ProofOutcome::Fresh)) => {
                     // Kept here too while there is room (Redis bounds the
                     // set then), for the case above.
                     if self.local.replay.entry_count() < self.dpop.max_entries {
@@ -169,9 +168,8 @@ impl SharedState {
                     }
                     return Ok(ProofOutcome::Fresh);
                 }
-                Ok(o) => return Ok(o),
-                Err(e) if r.cfg.fallback_local => r.fell_back(&e),
-                Err(e) => return Err(e),
+                Some(decided) => return decided,
+                None => {}
             }
         }
         Ok(self.remember_locally(key, &p.counted_as))
@@ -216,14 +214,8 @@ impl SharedState {
         who: &str,
     ) -> Result<Result<(), f64>, Unavailable> {
         if let Some(r) = &self.redis {
-            let asked = match r.skipped() {
-                Some(e) => Err(e),
-                None => r.take(rule, limit, who).await,
-            };
-            match asked {
-                Ok(o) => return Ok(o),
-                Err(e) if r.cfg.fallback_local => r.fell_back(&e),
-                Err(e) => return Err(e),
+            if let Some(decided) = r.ask(r.take(rule, limit, who)).await {
+                return decided;
             }
         }
         Ok(self.local.limiter.check(rule, limit, who))
@@ -467,11 +459,26 @@ impl RedisStore {
         ok
     }
 
-    /// With `on_failure: local`, Redis is not asked while it is down (until
-    /// a probe passes): each check would wait `timeout_ms` for nothing.
-    fn skipped(&self) -> Option<Unavailable> {
-        (self.cfg.fallback_local && self.failing.load(Ordering::Relaxed))
-            .then(|| Unavailable("Redis is down (until a probe passes)".into()))
+    /// Runs a check in Redis. `None`: this process decides instead
+    /// (`on_failure: local`, counted): the check failed (`failed` logged
+    /// why), or Redis is down and not asked until a probe passes (each
+    /// check would wait `timeout_ms` for nothing).
+    async fn ask<T>(
+        &self,
+        check: impl std::future::Future<Output = Result<T, Unavailable>>,
+    ) -> Option<Result<T, Unavailable>> {
+        let local = self.cfg.fallback_local;
+        if local && self.failing.load(Ordering::Relaxed) {
+            self.metrics.fallbacks.inc();
+            return None;
+        }
+        match check.await {
+            Err(_) if local => {
+                self.metrics.fallbacks.inc();
+                None
+            }
+            decided => Some(decided),
+        }
     }
 
     fn set_up(&self, up: bool) {
@@ -593,12 +600,6 @@ impl RedisStore {
         } else {
             Err(wait_ms.max(1) as f64 / 1000.0)
         })
-    }
-
-    /// `on_failure: local`: counts a check this process decided alone
-    /// (`failed` logged why).
-    fn fell_back(&self, _: &Unavailable) {
-        self.metrics.fallbacks.inc();
     }
 }
 
