@@ -305,14 +305,7 @@ async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
     );
     // What needs no shared state still passes.
     assert_eq!(gw.get("Patient/p1", Some(&bearer)).await.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.readyz().await != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed 200 without Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gw.until_readyz(503, "without Redis").await;
     let why = gw.admin_get("readyz").await.text().await.unwrap();
     assert!(why.contains("Redis at redis://127.0.0.1"), "{why}");
     let m = gw.metrics().await;
@@ -326,14 +319,7 @@ async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
     }
 
     redis.restart();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.readyz().await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed 503 with Redis back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gw.until_readyz(200, "with Redis back").await;
     let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(
@@ -367,18 +353,6 @@ fn command(port: u16, login: (&str, &str), args: &[&str]) -> String {
     let text = String::from_utf8(answer).unwrap();
     assert!(text.starts_with("+OK"), "admin login: {text}");
     text.lines().nth(1).unwrap().to_string()
-}
-
-/// Waits until `/readyz` answers `status`.
-async fn until_ready(gw: &Gateway, status: u16, why: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.readyz().await != status {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never answered {status}: {why}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,7 +409,7 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
         ],
     );
     assert_eq!(created, "+OK");
-    until_ready(&gw, 200, "after the user was created").await;
+    gw.until_readyz(200, "after the user was created").await;
     let proof = caller.proof();
     let (s, _, body) = caller.with(&gw, &proof).await;
     assert_eq!(s, 200, "{body}");
@@ -477,7 +451,7 @@ async fn a_redis_out_of_memory_refuses_and_reports_not_ready() {
     let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 503, "{body}");
     assert!(gw.upstream.seen().is_empty());
-    until_ready(&gw, 503, "with Redis out of memory").await;
+    gw.until_readyz(503, "with Redis out of memory").await;
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "fhirwall_redis_up"), 0.0);
     assert!(metric(&m, "fhirwall_redis_commands_total{outcome=\"error\"}") >= 1.0);
@@ -486,7 +460,7 @@ async fn a_redis_out_of_memory_refuses_and_reports_not_ready() {
         command(redis.port, admin, &["CONFIG", "SET", "maxmemory", "0"]),
         "+OK"
     );
-    until_ready(&gw, 200, "with memory again").await;
+    gw.until_readyz(200, "with memory again").await;
     let (s, _, body) = caller.fresh(&gw).await;
     assert_eq!(s, 200, "{body}");
 }
@@ -514,7 +488,7 @@ async fn on_failure_local_still_refuses_replays_across_a_redis_outage() {
     let during_outage = caller.proof();
     assert_eq!(dpop(during_outage.clone()).await, 200);
     redis.restart();
-    until_ready(&gw, 200, "Redis back").await;
+    gw.until_readyz(200, "Redis back").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric(&gw.metrics().await, "fhirwall_redis_up") != 1.0 {
         assert!(Instant::now() < deadline, "Redis never seen again");

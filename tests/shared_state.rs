@@ -150,14 +150,8 @@ async fn an_unused_redis_does_not_make_the_gateway_unready_until_a_rule_needs_it
     )
     .unwrap();
     gw.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.readyz().await != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "still ready with a rate limit and no Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gw.until_readyz(503, "still ready with a rate limit and no Redis")
+        .await;
     let token = gw.mint("user/*.rs", None);
     assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 503);
 }

@@ -480,6 +480,19 @@ impl Gateway {
         self.admin_get("metrics").await.text().await.unwrap()
     }
 
+    /// Waits (up to 10 s) until `/readyz` answers `status`; `why` names
+    /// the moment in the failure.
+    pub async fn until_readyz(&self, status: u16, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.readyz().await != status {
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {status}: {why}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The status of the admin listener's `/readyz`.
     pub async fn readyz(&self) -> u16 {
         self.admin_get("readyz").await.status().as_u16()
