@@ -471,15 +471,12 @@ pub struct Takeover {
 /// to, and receives the sockets on `sock` through Pingora's bootstrap.
 fn take_over_when_ready(
     server: &mut Server,
+    startup: &tokio::runtime::Runtime,
     store: &JwksStore,
     takeover: &Takeover,
     sock: &std::path::Path,
 ) -> Result<(), String> {
-    let errors = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("not taking over: {e}"))?
-        .block_on(store.load_all());
+    let errors = startup.block_on(store.load_all());
     if let Some((issuer, e)) = errors.into_iter().next() {
         return Err(format!(
             "not taking over: the JWKS of issuer '{issuer}' could not be loaded ({e}); \
@@ -516,28 +513,24 @@ pub fn run(
     config_path: Option<std::path::PathBuf>,
     upgrade: Option<Takeover>,
 ) -> Result<(), String> {
+    // A runtime for start-up work (and the keys a takeover loads first).
     // Until Pingora listens for SIGQUIT (once serving), its default action
     // would kill the process (with a core dump): installing tokio's handler
     // now makes it harmless; it is looked at only once serving.
-    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+    let startup = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
-    {
-        rt.block_on(async {
-            let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit());
-        });
+        .map_err(|e| format!("cannot start: {e}"))?;
+    startup.block_on(async {
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit());
+    });
+    if upgrade.is_some() && settings.upgrade_sock.is_none() {
+        return Err(
+            "--upgrade needs server.upgrade_sock in the configuration (the running \
+                    process must have it too)"
+                .into(),
+        );
     }
-    let takeover_sock = match (&upgrade, &settings.upgrade_sock) {
-        (Some(_), None) => {
-            return Err(
-                "--upgrade needs server.upgrade_sock in the configuration (the running \
-                        process must have it too)"
-                    .into(),
-            )
-        }
-        (Some(_), Some(sock)) => Some(sock.clone()),
-        (None, _) => None,
-    };
     let threads = if settings.server.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -653,11 +646,12 @@ pub fn run(
         },
     );
     admin.add_tcp(&admin_listen);
-    if let (Some(takeover), Some(sock)) = (&upgrade, &takeover_sock) {
-        take_over_when_ready(&mut server, &store, takeover, sock)?;
+    if let (Some(takeover), Some(sock)) = (&upgrade, &upgrade_sock) {
+        take_over_when_ready(&mut server, &startup, &store, takeover, sock)?;
     } else {
         server.bootstrap();
     }
+    drop(startup);
     let refresher = background_service("fhirwall jwks", JwksRefresher(store));
 
     server.add_service(proxy);
