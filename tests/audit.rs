@@ -531,6 +531,87 @@ async fn unwritable_file_case(fsync: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_the_gateway_unready_until_there_is_room() {
+    full_disk_case("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spill_file_on_the_same_full_disk_is_no_fallback() {
+    full_disk_case("  on_failure: spill\n  spill_path: {d}/spill.jsonl\n").await;
+}
+
+/// The audit file (and `extra`'s spill file, `{d}` for the disk) lives
+/// on a 1 MiB tmpfs, filled before the gateway starts, in a mount
+/// namespace of the gateway's own. Opening a file still works on a full
+/// disk: only asking for room tells.
+async fn full_disk_case(extra: &str) {
+    let dir = support::TempDir::new("fulldisk");
+    let disk = dir.0.join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: file\n  path: {d}/audit.jsonl\n  retry_ms: 200\n{extra}",
+            d = disk.display(),
+            extra = extra.replace("{d}", &disk.display().to_string()),
+        )),
+        namespace_setup: Some(format!(
+            "mount -t tmpfs -o size=1m tmpfs {d}; dd if=/dev/zero of={d}/fill bs=64k 2>/dev/null || true",
+            d = disk.display()
+        )),
+        expect_ready: false,
+        ..Options::default()
+    })
+    .await;
+    let fill = gw.own_path(&disk.join("fill"));
+    assert!(
+        std::fs::metadata(&fill).unwrap().len() >= 900 * 1024,
+        "the tmpfs was filled"
+    );
+    // Unready from the start, before any request has failed: the start-up
+    // probe found no room.
+    let text = gw.metrics().await;
+    assert_eq!(metric(&text, "fhirwall_audit_sink_up"), 0.0);
+    assert!(
+        metric(
+            &text,
+            "fhirwall_audit_write_failures_total{sink=\"primary\"}"
+        ) >= 1.0
+    );
+    assert_eq!(gw.readyz().await, 503);
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "disk-1").await;
+    assert_eq!(r.status(), 503);
+    assert!(upstream_ids(&gw, "disk-").is_empty());
+
+    // Room again: ready within a few retries, and served.
+    std::fs::remove_file(&fill).unwrap();
+    wait_until("ready", 10, async || gw.readyz().await == 200).await;
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "disk-2").await;
+    assert_eq!(r.status(), 200);
+    // With a spill file, records may be in either.
+    let written = || {
+        let mut recs = records(&gw.own_path(&disk.join("audit.jsonl")));
+        recs.extend(records(&gw.own_path(&disk.join("spill.jsonl"))));
+        recs
+    };
+    wait_until("both request records", 10, async || {
+        let recs = written();
+        ["disk-1", "disk-2"].iter().all(|id| {
+            recs.iter()
+                .any(|r| r["request_id"] == *id && r["event"] == "request")
+        })
+    })
+    .await;
+    let recs = written();
+    let refused = recs
+        .iter()
+        .find(|r| r["request_id"] == "disk-1" && r["event"] == "request")
+        .unwrap();
+    assert_eq!(refused["status"], 503);
+    assert_eq!(refused["reason"], "audit_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_file_rotates_and_keeps_the_configured_number() {
     let gw = Gateway::start(Options {
         audit_yaml: Some(

@@ -22,6 +22,24 @@ use crate::config::{Audit, AuditSink, Fsync};
 /// write (request records; decision records are written at once).
 const LINGER: Duration = Duration::from_millis(2);
 
+/// How much room the file sink's probe asks the file system for: a
+/// batch of typical records.
+const PROBE_ROOM: u64 = 64 * 1024;
+
+/// Errors that say the file system cannot take more (as opposed to "this
+/// file system cannot tell", e.g. no `fallocate`).
+fn no_room(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    [
+        Errno::NOSPC,
+        Errno::DQUOT,
+        Errno::FBIG,
+        Errno::ROFS,
+        Errno::IO,
+    ]
+    .contains(&e)
+}
+
 /// A file records are appended to, opened on first use and again after a
 /// failure (so a path that was unwritable can recover).
 pub(super) struct AppendFile {
@@ -66,6 +84,27 @@ impl AppendFile {
             self.file = Some(Arc::new(f));
         }
         Ok(self.file.as_deref().expect("just opened"))
+    }
+
+    /// Whether records can be appended: the file opens and the file
+    /// system gives it room for [`PROBE_ROOM`] more bytes. Opening alone
+    /// succeeds on a full disk, and the gateway would call itself ready
+    /// while every record fails. The room is reserved past the end
+    /// (`fallocate` keeping the size), so readers see nothing and the
+    /// next records use it. File systems without `fallocate` (some
+    /// network and FUSE ones) and files that are not regular (a FIFO,
+    /// `/dev/stdout`) cannot tell: they pass on the open alone.
+    pub(super) fn probe(&mut self) -> io::Result<()> {
+        let size = self.size;
+        let f = self.open()?;
+        match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, size, PROBE_ROOM) {
+            Ok(()) => Ok(()),
+            Err(e) if no_room(e) => {
+                self.file = None;
+                Err(io::Error::from(e))
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     /// Appends records as lines with one `write` and fsyncs them.
@@ -291,7 +330,7 @@ impl Sink {
     fn probe(&mut self, rt: &Runtime) -> io::Result<()> {
         match self {
             Sink::Stdout(out) => out.flush(),
-            Sink::File { file, .. } => lock(file).open().map(|_| ()),
+            Sink::File { file, .. } => lock(file).probe(),
             Sink::Fhir(f) => f.probe(rt),
         }
     }
@@ -473,7 +512,12 @@ pub(super) fn start(
                 dirty_since: None,
                 last_error_log: None,
             };
-            let spill = w.shared.spill.is_some();
+            // A spill file on a full disk is no fallback.
+            let spill = w
+                .shared
+                .spill
+                .as_ref()
+                .is_some_and(|f| lock(f).probe().is_ok());
             w.shared.spill_ok.store(spill, Ordering::Release);
             match up {
                 Ok(()) => w.set_up(true),

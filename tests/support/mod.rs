@@ -82,6 +82,11 @@ pub struct Options {
     /// Start a replica: this public base URL and issuer (another
     /// gateway's), behind which this one listens on its own port.
     pub replica_of: Option<(String, Arc<SandboxIssuer>)>,
+    /// Shell commands run before the gateway in a mount namespace of its
+    /// own (`unshare --user --map-root-user --mount`), e.g. to mount a
+    /// small tmpfs; the test reaches its files through
+    /// [`Gateway::own_path`].
+    pub namespace_setup: Option<String>,
 }
 
 impl Default for Options {
@@ -102,6 +107,7 @@ impl Default for Options {
             expect_ready: true,
             audit_yaml: None,
             replica_of: None,
+            namespace_setup: None,
         }
     }
 }
@@ -118,6 +124,7 @@ pub struct Gateway {
     /// The gateway's temporary directory (config, audit file, stderr).
     pub dir: PathBuf,
     config: PathBuf,
+    namespace_setup: Option<String>,
     child: Child,
     _dir: TempDir,
 }
@@ -169,8 +176,9 @@ pub fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// Runs `fhirwall run --config <config>`, its stderr appended to
-/// `<dir>/stderr.log`.
-fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path) -> Child {
+/// `<dir>/stderr.log`; after `setup` in a mount namespace of its own if
+/// given (the child's pid is then the gateway's: `sh` execs it).
+fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path, setup: Option<&str>) -> Child {
     let append = |name: &str| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -178,8 +186,17 @@ fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path) -> Child {
             .open(dir.join(name))
             .unwrap()
     };
-    Command::new(bin())
-        .args(["run", "--config"])
+    let mut cmd = match setup {
+        None => Command::new(bin()),
+        Some(setup) => {
+            let mut c = Command::new("unshare");
+            c.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+                .arg(format!("set -e; {setup}; exec \"$0\" \"$@\""))
+                .arg(bin());
+            c
+        }
+    };
+    cmd.args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
         // stdout is where `audit.sink: stdout` writes.
@@ -272,10 +289,11 @@ impl Gateway {
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let child = spawn_gateway(&config, &dir.0);
+        let child = spawn_gateway(&config, &dir.0, opts.namespace_setup.as_deref());
         let gw = Gateway {
             dir: dir.0.clone(),
             config,
+            namespace_setup: opts.namespace_setup.clone(),
             base: own,
             admin: format!("http://127.0.0.1:{admin_port}"),
             upstream,
@@ -358,7 +376,7 @@ impl Gateway {
     /// Starts the gateway again with the same configuration (after
     /// [`Gateway::kill`]) and waits until it is ready.
     pub async fn restart(&mut self) {
-        self.child = spawn_gateway(&self.config, &self.dir);
+        self.child = spawn_gateway(&self.config, &self.dir, self.namespace_setup.as_deref());
         self.wait_for("readyz").await;
     }
 
@@ -510,6 +528,13 @@ impl Gateway {
     /// The gateway's config file (rewrite it, then SIGHUP, to reload).
     pub fn config_path(&self) -> &std::path::Path {
         &self.config
+    }
+
+    /// `path` as the gateway process sees it (in its own mount namespace
+    /// with [`Options::namespace_setup`]).
+    pub fn own_path(&self, path: &std::path::Path) -> PathBuf {
+        let rel = path.strip_prefix("/").expect("an absolute path");
+        PathBuf::from(format!("/proc/{}/root", self.pid())).join(rel)
     }
 
     pub fn pid(&self) -> u32 {
