@@ -461,16 +461,23 @@ impl RedisStore {
 
     /// Runs a check in Redis. `None`: this process decides instead
     /// (`on_failure: local`, counted): the check failed (`failed` logged
-    /// why), or Redis is down and not asked until a probe passes (each
-    /// check would wait `timeout_ms` for nothing).
+    /// why), or Redis is down. Once a command or probe has failed, Redis
+    /// is not asked until a probe passes (each check would wait
+    /// `timeout_ms` for a Redis that may say nothing): under `refuse` the
+    /// check is refused at once.
     async fn ask<T>(
         &self,
         check: impl std::future::Future<Output = Result<T, Unavailable>>,
     ) -> Option<Result<T, Unavailable>> {
         let local = self.cfg.fallback_local;
-        if local && self.failing.load(Ordering::Relaxed) {
-            self.metrics.fallbacks.inc();
-            return None;
+        if self.failing.load(Ordering::Relaxed) {
+            if local {
+                self.metrics.fallbacks.inc();
+                return None;
+            }
+            return Some(Err(Unavailable(
+                "Redis is down until a probe passes".into(),
+            )));
         }
         match check.await {
             Err(_) if local => {

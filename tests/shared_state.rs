@@ -106,8 +106,19 @@ async fn on_failure_local_decides_with_this_process_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_local_does_not_wait_for_a_redis_known_to_be_down() {
-    let local = "  timeout_ms: 3000\n  on_failure: local\n";
-    let gw = with_redis(silent_port(), local, "", true).await;
+    no_wait_for_a_redis_known_to_be_down("  on_failure: local\n", 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_refuse_refuses_at_once_while_redis_is_known_to_be_down() {
+    no_wait_for_a_redis_known_to_be_down("", 503).await;
+}
+
+/// A silent Redis with a 3 s `timeout_ms`: once a command (the probe) has
+/// timed out, DPoP requests get `status` without waiting for Redis again.
+async fn no_wait_for_a_redis_known_to_be_down(mode: &str, status: u16) {
+    let redis = format!("  timeout_ms: 3000\n{mode}");
+    let gw = with_redis(silent_port(), &redis, "", status == 200).await;
     let caller = Caller::new(&gw);
     // Until a command has failed, Redis is asked (and a request may wait
     // for it): the first probe's timeout tells.
@@ -115,12 +126,18 @@ async fn on_failure_local_does_not_wait_for_a_redis_known_to_be_down() {
     for i in 0..3 {
         let started = Instant::now();
         let (s, _, body) = caller.fresh(&gw).await;
-        assert_eq!(s, 200, "{body}");
+        assert_eq!(s, status, "{body}");
         // Redis would take timeout_ms (3 s) to say nothing.
         assert!(
             started.elapsed() < Duration::from_millis(1500),
             "request {i} waited {:?} for a Redis known to be down",
             started.elapsed()
+        );
+    }
+    if status == 503 {
+        assert!(
+            gw.upstream.seen().is_empty(),
+            "a request reached the upstream"
         );
     }
 }
