@@ -1618,14 +1618,18 @@ impl Gateway {
                 use base64::Engine;
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
             });
-        let is_form = req
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.to_ascii_lowercase()
-                    .starts_with("application/x-www-form-urlencoded")
+        let mut content_types = req.headers.get_all(header::CONTENT_TYPE).iter();
+        let content_type = content_types
+            .next()
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+        if content_types.next().is_some() {
+            return Err(Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: "more than one Content-Type header".into(),
             });
+        }
+        let is_form = classify::form_body(content_type.as_deref())
+            .map_err(|description| Denial::UnsupportedMediaType { description })?;
         let method = req.method.as_str().to_string();
         // Decided like a query, so it must be one the gateway can read;
         // never left to the upstream alone.
@@ -1827,6 +1831,18 @@ impl Gateway {
                         ),
                     });
                 }
+            } else if !body.is_empty() && !fhir.is_bundle() {
+                // A search's body is read for parameters only as a form; a
+                // server may read other bodies (multipart/form-data) for
+                // parameters fhirwall would not have seen.
+                return Err(Denial::UnsupportedMediaType {
+                    description: format!(
+                        "the body of a {} must be a form (application/x-www-form-urlencoded), \
+                         not '{}'",
+                        fhir.interaction,
+                        classify::media_type(content_type.as_deref()).escape_default()
+                    ),
+                });
             }
             if fhir.is_bundle() {
                 fhir = classify::classify_bundle(fhir, body).map_err(|e| classify_denial(&e))?;

@@ -1180,6 +1180,103 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     );
 }
 
+/// Parameters fhirwall would not recognise but the upstream would read as
+/// `_include` and co. (HAPI drops a leading `?`, trims whitespace around
+/// names in batch entries, decodes a form in the charset it names, may
+/// read multipart bodies for parameters) are refused before the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_the_upstream_would_read_otherwise_are_refused() {
+    let gw = Gateway::start(Options::default()).await;
+    let obs = gw.mint("user/Observation.rs", None);
+    let diagnostics = |o: &Value| o["issue"][0]["diagnostics"].to_string();
+
+    for rel in [
+        "Observation??_include=Observation:subject:Patient&code=hidden-1",
+        "Observation?code=hidden-2&%09_revinclude=Provenance:target",
+        "Observation?code=hidden-3&_include%20=Observation:subject:Patient",
+    ] {
+        let r = gw.get(rel, Some(&obs)).await;
+        assert_eq!(r.status(), 400, "{rel}");
+        let o = outcome(r).await;
+        assert!(
+            diagnostics(&o).contains("is not a search parameter name"),
+            "{rel}: {o}"
+        );
+    }
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET",
+                     "url": "Observation?code=hidden-4&\t_include=Observation:subject:Patient"}}
+    ]});
+    let r = gw
+        .post_bundle(&obs, batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let o = outcome(r).await;
+    assert!(
+        diagnostics(&o).contains("is not a search parameter name"),
+        "{o}"
+    );
+
+    // A form is read as UTF-8 only; a search's body is a form or nothing.
+    let utf16: Vec<u8> = "_include=Observation:subject:Patient&code=hidden-5"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let multipart = "--b\r\nContent-Disposition: form-data; name=\"_include\"\r\n\r\n\
+                     Observation:subject:Patient\r\n--b--\r\n";
+    for (content_type, body, says) in [
+        (
+            "application/x-www-form-urlencoded; charset=UTF-16LE",
+            utf16,
+            "not as charset 'UTF-16LE'",
+        ),
+        (
+            "multipart/form-data; boundary=b",
+            multipart.as_bytes().to_vec(),
+            "must be a form (application/x-www-form-urlencoded), not 'multipart/form-data'",
+        ),
+    ] {
+        let r = gw
+            .client
+            .post(format!("{}/Observation/_search?code=hidden-6", gw.base))
+            .bearer_auth(&obs)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{content_type}");
+        let o = outcome(r).await;
+        assert!(diagnostics(&o).contains(says), "{content_type}: {o}");
+    }
+    assert_eq!(
+        gw.upstream.count_containing("hidden-"),
+        0,
+        "a refused request reached the upstream"
+    );
+    // The refusals reach no other route either: nothing at all went up.
+    assert!(gw.upstream.seen().is_empty(), "{:?}", gw.upstream.seen());
+
+    // A UTF-8 form, said or not, is a form.
+    for content_type in [
+        "application/x-www-form-urlencoded; charset=\"utf-8\"",
+        "Application/X-WWW-Form-Urlencoded",
+    ] {
+        let r = gw
+            .client
+            .post(format!("{}/Observation/_search", gw.base))
+            .bearer_auth(&obs)
+            .header("content-type", content_type)
+            .body("code=shown-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{content_type}");
+    }
+}
+
 /// `server.threads: 0` (the default) runs one proxy worker per core; a
 /// number runs that many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,9 +282,33 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
                 "parameter with an empty name".into(),
             ));
         }
-        out.push((name, decode(value)?));
+        if !is_param_name(&name) {
+            return Err(ClassifyError::MalformedQuery(format!(
+                "'{}' is not a search parameter name (letters, digits and _ - . : only)",
+                name.escape_default()
+            )));
+        }
+        let value = decode(value)?;
+        if value.chars().any(char::is_control) {
+            return Err(ClassifyError::MalformedQuery(format!(
+                "the value of parameter '{name}' holds a control character"
+            )));
+        }
+        out.push((name, value));
     }
     Ok(out)
+}
+
+/// Whether `name` is spelt as FHIR search parameter names, modifiers,
+/// chains and `_has` are (`_include:iterate`, `subject:Patient.name`,
+/// `_has:Observation:patient:code`). Anything else is refused rather than
+/// left for the upstream to read otherwise: HAPI drops a leading `?`
+/// (`Observation??_include=…`), and the parser of its batch entries and
+/// match URLs trims whitespace around names, so `?_include` or
+/// `\t_include`, names fhirwall would not know, become `_include` there.
+pub fn is_param_name(name: &str) -> bool {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
 fn not_allowed(method: &str, what: &str) -> ClassifyError {
@@ -444,13 +468,9 @@ pub fn classify(req: HttpRequest<'_>) -> Result<FhirRequest, ClassifyError> {
 /// from the decision.
 fn condition_params(search: &str) -> Result<Vec<(String, String)>, ClassifyError> {
     let query = search.split_once('?').map_or(search, |(_, q)| q);
-    let params = parse_params(query)?;
-    if let Some((name, _)) = params.iter().find(|(n, _)| n.contains('?')) {
-        return Err(ClassifyError::MalformedPath(format!(
-            "'{name}' in the conditional search '{search}' is not a search parameter name"
-        )));
-    }
-    Ok(params)
+    // A '?' left in a name (`Patient?_has:…` read from after a second
+    // '?') is refused by parse_params with every other odd name.
+    parse_params(query)
 }
 
 fn operation(method: &str, seg: &str, level: OperationLevel) -> Result<FhirRequest, ClassifyError> {
@@ -645,6 +665,34 @@ pub fn media_type(content_type: Option<&str>) -> String {
         .and_then(|t| t.split(';').next())
         .map(|t| t.trim().to_ascii_lowercase())
         .unwrap_or_default()
+}
+
+/// Whether a request's body is a form (`application/x-www-form-urlencoded`,
+/// case ignored), whose parameters count as search parameters. A form in a
+/// charset other than UTF-8 is refused (`Err` says why): fhirwall reads
+/// forms as UTF-8, and a servlet container decodes them in the charset
+/// named, so a UTF-16 `_include` would be noise here and a parameter there.
+pub fn form_body(content_type: Option<&str>) -> Result<bool, String> {
+    let Some(ct) = content_type else {
+        return Ok(false);
+    };
+    if media_type(Some(ct)) != "application/x-www-form-urlencoded" {
+        return Ok(false);
+    }
+    for param in ct.split(';').skip(1) {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        if !name.trim().eq_ignore_ascii_case("charset") {
+            continue;
+        }
+        let charset = value.trim().trim_matches('"');
+        if !charset.eq_ignore_ascii_case("utf-8") && !charset.eq_ignore_ascii_case("utf8") {
+            return Err(format!(
+                "a form body is read as UTF-8, not as charset '{}'",
+                charset.escape_default()
+            ));
+        }
+    }
+    Ok(true)
 }
 
 /// Whether the body of a single create, update or patch is read for
@@ -983,7 +1031,6 @@ mod tests {
             // At a reference, any `?` makes a search (of a type fhirwall
             // cannot name: every type).
             ("?identifier=a|1", ""),
-            ("Not sure? Ask", ""),
         ] {
             assert_eq!(
                 refs(set("/focus/0/reference", value)).unwrap(),
@@ -995,6 +1042,9 @@ mod tests {
             let replace = fhirpath("Observation.focus[0].reference", None, value);
             assert_eq!(refs(replace).unwrap(), vec![ty], "{value}");
         }
+        // A search whose parameter names no server would read as such is
+        // refused, not guessed.
+        assert!(refs(set("/focus/0/reference", "Not sure? Ask")).is_err());
         // Text elsewhere is text, whatever it says.
         for patch in [
             set("/note/0/text", "Patient? Not sure?"),
@@ -1467,5 +1517,64 @@ mod tests {
                 "{name} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn parameter_names_are_spelt_as_fhir_spells_them_or_refused() {
+        for name in [
+            "_include",
+            "_include:iterate",
+            "_has:Observation:patient:code",
+            "subject:Patient.name",
+            "general-practitioner",
+            "code:not-in",
+            "_typeFilter",
+        ] {
+            let q = format!("{name}=x");
+            assert_eq!(parse_params(&q).unwrap()[0].0, name);
+        }
+        // Names HAPI reads as `_include` (a leading `?` dropped, whitespace
+        // around a name trimmed in batch entries and match URLs), and
+        // others no server means by a search parameter.
+        for query in [
+            "?_include=Observation:subject:Patient",
+            "%3F_include=Observation:subject:Patient",
+            "%09_include=Observation:subject:Patient",
+            "_include%09=Observation:subject:Patient",
+            "+_revinclude=Provenance:target",
+            "code=x&%5Finclude%20=Observation:subject",
+            "%255Finclude=Observation:subject",
+            "patient[]=1",
+            "name;_include=x",
+        ] {
+            let e = parse_params(query).unwrap_err();
+            assert!(
+                e.to_string().contains("is not a search parameter name"),
+                "{query}: {e}"
+            );
+        }
+        // Control characters in a value are refused too (a server may trim
+        // them away); spaces are values' own.
+        assert!(parse_params("code=%09x").is_err());
+        assert!(parse_params("code=x%0A").is_err());
+        assert_eq!(parse_params("name=John+Smith").unwrap()[0].1, "John Smith");
+        // The same in a query, a Bundle entry and a conditional create.
+        assert!(c(
+            "GET",
+            "Observation",
+            Some("?_include=Observation:subject:Patient")
+        )
+        .is_err());
+        let base = c("POST", "", None).unwrap();
+        let batch = br#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"request":{"method":"GET","url":"Observation?\t_include=Observation:subject:Patient"}}]}"#;
+        assert!(classify_bundle(base, batch).is_err());
+        let created = classify(HttpRequest {
+            method: "POST",
+            path: "Observation",
+            query: None,
+            if_none_exist: Some("identifier=1&\t_has:Observation:patient:code=x"),
+        });
+        assert!(created.is_err());
     }
 }
