@@ -572,7 +572,8 @@ fn filtered_decision(
         }
         SearchType => {
             let mut narrow = Vec::new();
-            if !filters.iter().any(|f| f.carried_by(&req.params)) {
+            // Only the query confines: a form body may go unread upstream.
+            if !filters.iter().any(|f| f.carried_by(req.query_params())) {
                 narrow.extend(filter_narrowing(&filters));
             }
             if let Some(ctx) = ctx {
@@ -846,12 +847,15 @@ fn patient_search(
     let (narrowed, add) = if t == "Patient" {
         // The Patient is in its own compartment by id only.
         let mut named = false;
-        for (name, value) in &req.params {
+        // Only the query's parameters confine the search: a form body's are
+        // checked alike, but the narrowing is then added to the query.
+        let in_query = req.query_params().len();
+        for (i, (name, value)) in req.params.iter().enumerate() {
             if name == "_id" {
                 if value != ctx {
                     return Err(names_other(name, value, ctx));
                 }
-                named = true;
+                named |= i < in_query;
             } else if let Some(has) = name.strip_prefix("_has:") {
                 // `_has:X:p:…` on Patient: X resources whose `p` is this
                 // patient — inside only when `p` links X to a Patient.
@@ -891,7 +895,8 @@ fn patient_search(
             )));
         }
         let mut narrowed = false;
-        for (name, value) in &req.params {
+        let in_query = req.query_params().len();
+        for (i, (name, value)) in req.params.iter().enumerate() {
             let (head, chained) = match name.split_once('.') {
                 Some((h, _)) => (h, true),
                 None => (name.as_str(), false),
@@ -933,8 +938,9 @@ fn patient_search(
                     None => names_ctx = false,
                 }
             }
-            // One value only: `a,b` is an OR, wider than the patient.
-            narrowed |= names_ctx && !value.contains(',');
+            // One value only: `a,b` is an OR, wider than the patient; and
+            // in the query (see `in_query`).
+            narrowed |= names_ctx && !value.contains(',') && i < in_query;
         }
         let add = match links.iter().find(|l| l.patient_only) {
             Some(l) => (l.name.to_string(), ctx.to_string()),
@@ -2177,6 +2183,25 @@ mod tests {
         assert!(
             matches!(&d.check, Some(ResponseCheck::Search { filters: Some(f), .. }) if f == &vec![lab.clone(), vs.clone()])
         );
+        // A form body carrying the filter and the patient is checked, but
+        // does not confine the search: both go into the query.
+        let mut form = req("POST", "Observation/_search?code=x");
+        form.params.extend([
+            ("category".to_string(), LAB.to_string()),
+            ("patient".to_string(), "p1".to_string()),
+        ]);
+        form.form_params = 2;
+        let scopes = ScopeSet::parse(&format!("patient/Observation.rs?category={LAB}"));
+        let d = decide(&form, &scopes, Some("p1")).unwrap();
+        assert_eq!(
+            d.narrow,
+            vec![
+                ("category".to_string(), LAB.to_string()),
+                ("patient".to_string(), "p1".to_string())
+            ]
+        );
+        form.params[2].1 = "p2".into();
+        assert!(decide(&form, &scopes, Some("p1")).is_err());
         // Patient-bound filter: compartment and filter.
         let d = check(
             &format!("patient/Observation.rs?category={LAB}"),

@@ -1628,7 +1628,11 @@ impl Gateway {
                 description: "more than one Content-Type header".into(),
             });
         }
-        let is_form = classify::form_body(content_type.as_deref())
+        let content_encoding = req
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let is_form = classify::form_body(content_type.as_deref(), content_encoding.as_deref())
             .map_err(|description| Denial::UnsupportedMediaType { description })?;
         let method = req.method.as_str().to_string();
         // Decided like a query, so it must be one the gateway can read;
@@ -1813,20 +1817,26 @@ impl Gateway {
                     return Err(extract_denial(&ExtractError::TokenInBody));
                 }
                 // Form parameters are search parameters: they count like the
-                // query's. Anywhere else a form body is not understood.
-                if matches!(
+                // query's (but never as what confines the search, see
+                // `FhirRequest::form_params`). A form is a search's body only
+                // in `POST …/_search`, where servers read it: on a GET a
+                // server reads the query alone.
+                let searches = matches!(
                     fhir.interaction,
                     Interaction::SearchType
                         | Interaction::SearchSystem
                         | Interaction::SearchCompartment
-                ) {
+                );
+                if searches && method == "POST" && rel.ends_with("_search") {
+                    fhir.form_params = form.len();
                     fhir.params.extend(form);
                     ctx.query_names = audit_param_names(&fhir.params);
                 } else {
                     return Err(Denial::BadFhirRequest {
                         code: "fhir_malformed",
                         description: format!(
-                            "a form-encoded body is accepted only for searches, not for a {}",
+                            "a form-encoded body is accepted only as the body of POST …/_search, \
+                             not for a {} by {method}",
                             fhir.interaction
                         ),
                     });

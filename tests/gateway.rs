@@ -1262,7 +1262,7 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
     // A UTF-8 form, said or not, is a form.
     for content_type in [
         "application/x-www-form-urlencoded; charset=\"utf-8\"",
-        "Application/X-WWW-Form-Urlencoded",
+        "application/x-www-form-urlencoded",
     ] {
         let r = gw
             .client

@@ -469,6 +469,59 @@ async fn post_search_bodies_are_decided_and_narrowed() {
     let (s, body) = post("patient=p2").await;
     assert_eq!(s, 403, "{body}");
     assert_eq!(gw.upstream.seen().len(), before);
+
+    // The body naming the patient does not confine the search: a server
+    // may leave a body unread, so the patient goes into the query too.
+    let (s, body) = post("patient=p1&code=form-named-1").await;
+    assert_eq!(s, 200, "{body}");
+    let seen = gw.upstream.seen();
+    let sent = seen.last().unwrap();
+    assert!(
+        sent.uri.starts_with("/r4/Observation/_search?") && sent.uri.contains("patient=p1"),
+        "the narrowing is not in the query: {}",
+        sent.uri
+    );
+
+    // A form body where servers read none (a GET, whose query alone they
+    // read), or spelt so they would not read it, is refused: fhirwall
+    // would decide on parameters the upstream never sees.
+    let before = gw.upstream.seen().len();
+    for (method, content_type, status) in [
+        ("GET", "application/x-www-form-urlencoded", 400),
+        ("POST", "Application/x-www-form-urlencoded", 415),
+    ] {
+        let r = gw
+            .client
+            .request(
+                method.parse().unwrap(),
+                format!("{}/Condition/_search?code=hidden-form-1", gw.base),
+            )
+            .bearer_auth(&p1)
+            .header("content-type", content_type)
+            .body("patient=p1")
+            .send()
+            .await
+            .unwrap();
+        let (s, body) = status_and_body(r).await;
+        assert_eq!(s, status, "{method} {content_type}: {body}");
+    }
+    let r = gw
+        .client
+        .get(format!("{}/Condition?code=hidden-form-2", gw.base))
+        .bearer_auth(&p1)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("patient=p1")
+        .send()
+        .await
+        .unwrap();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("only as the body of POST"), "{body}");
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused search went upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

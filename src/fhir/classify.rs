@@ -135,8 +135,13 @@ pub struct FhirRequest {
     /// the type searched (`None` if not a resource type) and the
     /// parameters. Decided like queries.
     pub reference_searches: Vec<ReferenceSearch>,
-    /// Decoded query (or form) parameters, in order.
+    /// Decoded query parameters, in order, then a form `_search` body's.
     pub params: Vec<(String, String)>,
+    /// How many of `params`, at the end, came from a form body. Such a
+    /// parameter counts for every check but never as the one that confines
+    /// a search (to the patient, or to a scope's filter): fhirwall then
+    /// adds that to the query, which every server reads.
+    pub form_params: usize,
     /// Entries of a batch or transaction Bundle, each classified.
     pub entries: Vec<FhirRequest>,
     /// The path below the FHIR base that was classified, decoded and
@@ -166,9 +171,15 @@ impl FhirRequest {
             condition: Vec::new(),
             reference_searches: Vec::new(),
             params: Vec::new(),
+            form_params: 0,
             entries: Vec::new(),
             path: String::new(),
         }
+    }
+
+    /// The query's parameters (without a form body's).
+    pub fn query_params(&self) -> &[(String, String)] {
+        &self.params[..self.params.len().saturating_sub(self.form_params)]
     }
 
     /// True when this is a batch or transaction whose body must be read to classify it.
@@ -667,17 +678,38 @@ pub fn media_type(content_type: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-/// Whether a request's body is a form (`application/x-www-form-urlencoded`,
-/// case ignored), whose parameters count as search parameters. A form in a
-/// charset other than UTF-8 is refused (`Err` says why): fhirwall reads
-/// forms as UTF-8, and a servlet container decodes them in the charset
-/// named, so a UTF-16 `_include` would be noise here and a parameter there.
-pub fn form_body(content_type: Option<&str>) -> Result<bool, String> {
+/// Whether a request's body is a form (`application/x-www-form-urlencoded`),
+/// whose parameters count as search parameters. Refused (`Err` says why):
+/// the media type in another case (servers match it exactly and would
+/// leave the body unread), a Content-Encoding, and a charset other than
+/// UTF-8 (fhirwall reads forms as UTF-8, and a servlet container decodes
+/// them in the charset named, so a UTF-16 `_include` would be noise here
+/// and a parameter there).
+pub fn form_body(
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+) -> Result<bool, String> {
+    const FORM: &str = "application/x-www-form-urlencoded";
     let Some(ct) = content_type else {
         return Ok(false);
     };
-    if media_type(Some(ct)) != "application/x-www-form-urlencoded" {
+    if media_type(Some(ct)) != FORM {
         return Ok(false);
+    }
+    // Servers match the form media type case-sensitively (HAPI, Tomcat):
+    // another spelling is a body they leave unread.
+    if ct.split(';').next().map(str::trim) != Some(FORM) {
+        return Err(format!(
+            "write the form media type as {FORM}, in lower case (servers leave \
+             '{}' unread)",
+            ct.escape_default()
+        ));
+    }
+    if let Some(e) = content_encoding.filter(|e| !e.trim().eq_ignore_ascii_case("identity")) {
+        return Err(format!(
+            "a form body is read unencoded, not with Content-Encoding '{}'",
+            e.escape_default()
+        ));
     }
     for param in ct.split(';').skip(1) {
         let (name, value) = param.split_once('=').unwrap_or((param, ""));
