@@ -638,6 +638,14 @@ pub fn judge_bundle_answer(
     Ok(spliced().unwrap_or_else(|| doc.to_string().into_bytes()))
 }
 
+/// `u` moved from the upstream's base to the public one, if it is under
+/// the upstream's (the base itself, or followed by `/` or `?`).
+pub fn rewrite_url(u: &str, upstream_base: &str, public_base: &str) -> Option<String> {
+    let rest = u.strip_prefix(upstream_base)?;
+    (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+        .then(|| format!("{public_base}{rest}"))
+}
+
 /// Types outside the Patient compartment that `$everything` may return as
 /// what the patient's resources reference: shared reference data about
 /// providers, places and products, never a patient's own content.
@@ -713,13 +721,10 @@ fn judge_everything(
 /// Rewrites a checked searchset's paging links and `fullUrl`s from the
 /// upstream's base to the public base, so paging goes through the gateway
 /// (and is decided and checked again), and drops a `total` that no entry
-/// backs. `None` when there is nothing to change.
+/// backs (an OperationOutcome entry, `search.mode: outcome`, backs none).
+/// `None` when there is nothing to change.
 pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Option<Vec<u8>> {
-    let rewrite = |u: &str| -> Option<String> {
-        let rest = u.strip_prefix(upstream_base)?;
-        (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
-            .then(|| format!("{public_base}{rest}"))
-    };
+    let rewrite = |u: &str| rewrite_url(u, upstream_base, public_base);
     // Edited in place, numbers as written; from the tree only if the text
     // cannot be edited (the total must go all the same).
     let spliced = || -> Option<Option<Vec<u8>>> {
@@ -749,7 +754,13 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
         // A total with no entry to check proves nothing: an upstream that
         // ignored the narrowing would be counting every patient's
         // resources (`_summary=count`, `_count=0`). It is dropped.
-        if entries.as_ref().is_none_or(|e| e.is_empty()) {
+        let backed = entries.iter().flatten().any(|e| {
+            let mode = json_edit::member(e, "search").and_then(|s| json_edit::member(s, "mode"));
+            mode.is_none_or(|m| {
+                serde_json::from_str::<String>(m.get()).ok().as_deref() != Some("outcome")
+            })
+        });
+        if !backed {
             if let Some(total) = top.get("total") {
                 if total.get().trim() != "0" {
                     edit.remove_member("total", total)?;
@@ -786,11 +797,11 @@ pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Opt
             }
         }
     }
-    let no_entries = doc
+    let backed = doc
         .get("entry")
         .and_then(Value::as_array)
-        .is_none_or(|e| e.is_empty());
-    if no_entries {
+        .is_some_and(|e| e.iter().any(|e| e["search"]["mode"] != "outcome"));
+    if !backed {
         if let Some(obj) = doc.as_object_mut() {
             changed |= obj.remove("total").is_some_and(|t| t != 0);
         }
@@ -1237,6 +1248,29 @@ mod tests {
         let zero = json!({"resourceType": "Bundle", "type": "searchset", "total": 0});
         assert!(rewrite_links(
             zero.to_string().as_bytes(),
+            "http://up:9/r4",
+            "https://gw/fhir"
+        )
+        .is_none());
+        // An OperationOutcome entry (a warning) backs no count; a resource
+        // entry does.
+        let outcome = json!({"resourceType": "OperationOutcome", "issue": []});
+        let warned = json!({"resourceType": "Bundle", "type": "searchset", "total": 42,
+            "entry": [{"resource": outcome, "search": {"mode": "outcome"}}]});
+        let out = rewrite_links(
+            warned.to_string().as_bytes(),
+            "http://up:9/r4",
+            "https://gw/fhir",
+        )
+        .unwrap();
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert!(out.get("total").is_none(), "{out}");
+        let matched = json!({"resourceType": "Bundle", "type": "searchset", "total": 42,
+            "entry": [{"resource": {"resourceType": "Observation", "id": "a"},
+                       "search": {"mode": "match"}},
+                      {"resource": outcome, "search": {"mode": "outcome"}}]});
+        assert!(rewrite_links(
+            matched.to_string().as_bytes(),
             "http://up:9/r4",
             "https://gw/fhir"
         )

@@ -489,8 +489,24 @@ impl Gateway {
     }
 
     /// Marks an upstream answer passed on to the client: the request id
-    /// and, for a DPoP-bound request, a nonce for its next proof.
+    /// and, for a DPoP-bound request, a nonce for its next proof. The
+    /// upstream's cookies stay behind (a client's never reach it), and a
+    /// `Location` or `Content-Location` under the upstream's base (a
+    /// create's new resource) is moved to the public base.
     fn stamp(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+        h.remove_header(&header::SET_COOKIE);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let moved = h.headers.get(&name).and_then(|v| {
+                crate::check::rewrite_url(
+                    v.to_str().ok()?,
+                    self.settings.upstream.url.as_str().trim_end_matches('/'),
+                    &self.realm,
+                )
+            });
+            if let Some(public) = moved {
+                h.insert_header(name, public)?;
+            }
+        }
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
             h.insert_header("dpop-nonce", n.current(now_unix()))?;
@@ -1632,6 +1648,8 @@ impl Gateway {
             .headers
             .get(header::CONTENT_ENCODING)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        classify::fhir_charset(content_type.as_deref())
+            .map_err(|description| Denial::UnsupportedMediaType { description })?;
         let is_form = classify::form_body(content_type.as_deref(), content_encoding.as_deref())
             .map_err(|description| Denial::UnsupportedMediaType { description })?;
         let method = req.method.as_str().to_string();

@@ -4,7 +4,9 @@
 //! `Forwarded`, `X-Real-IP`, `X-Original-URL`, …, also spelled with
 //! underscores), fhirwall's own `X-Fhirwall-*` namespace and any header
 //! configured to carry verified context are removed before fhirwall sets
-//! its own.
+//! its own; so are headers an upstream may act on that fhirwall does not
+//! decide (a PUT's `Content-Location`, cookies, forwarded client
+//! certificates, asserted users).
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), except the framing headers
 /// (`Transfer-Encoding`, `Content-Length`) Pingora manages itself.
@@ -33,6 +35,41 @@ const SPOOFABLE: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+];
+
+/// Headers an upstream may act on that fhirwall neither decides nor sets:
+/// a PUT's `Content-Location` (HAPI updates the resource it names, not the
+/// one in the path that was decided), the client's session cookie, a
+/// client certificate as a TLS-terminating proxy forwards it (Tomcat's
+/// `SSLValve` trusts `ssl_client_cert`; RFC 9440's `Client-Cert`), and a
+/// user as an authenticating proxy asserts it. Removed; a context header
+/// configured under one of these names (`forward_headers`) is then
+/// fhirwall's own.
+const NOT_FORWARDED: &[&str] = &[
+    "content-location",
+    "cookie",
+    "ssl-client-cert",
+    "ssl-client-verify",
+    "ssl-client-s-dn",
+    "ssl-client-i-dn",
+    "x-ssl-client-cert",
+    "x-ssl-cert",
+    "x-client-cert",
+    "x-client-certificate",
+    "x-client-verify",
+    "client-cert",
+    "client-cert-chain",
+    "x-arr-clientcert",
+    "x-amzn-mtls-clientcert",
+    "remote-user",
+    "x-remote-user",
+    "x-user",
+    "x-webauth-user",
+    "x-authenticated-user",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
 ];
 
 /// Header-name equality with ASCII case folded and `_` read as `-`.
@@ -80,6 +117,7 @@ pub fn is_reserved(name: &str) -> bool {
 pub fn strip(name: &str, connection_tokens: &[String], context_headers: &[String]) -> bool {
     always_managed(name)
         || has_prefix(name, "x-fhirwall-")
+        || NOT_FORWARDED.iter().any(|h| same(name, h))
         || connection_tokens.iter().any(|t| same(t, name))
         || context_headers.iter().any(|c| same(c, name))
 }
@@ -153,6 +191,11 @@ mod tests {
             "X_PATIENT",
             "x-secret",
             "X-Request-Id",
+            "Content-Location",
+            "Cookie",
+            "ssl_client_cert",
+            "Client-Cert",
+            "X-Remote-User",
         ] {
             assert!(strip(name, &conn, &ctx), "{name} must be stripped");
         }

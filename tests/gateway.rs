@@ -1109,6 +1109,10 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         .header("X-Request-Id", "client-chosen-id")
         .header("Connection", "keep-alive, X-Hop")
         .header("X-Hop", "secret")
+        .header("Content-Location", "Patient/p2")
+        .header("Cookie", "JSESSIONID=someone-elses")
+        .header("ssl_client_cert", "-----BEGIN CERTIFICATE-----")
+        .header("X-Remote-User", "admin")
         .send()
         .await
         .unwrap();
@@ -1142,6 +1146,10 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         "forwarded",
         "x-hop",
         "authorization",
+        "content-location",
+        "cookie",
+        "ssl_client_cert",
+        "x-remote-user",
     ] {
         assert!(
             h(gone).is_empty(),
@@ -1149,6 +1157,26 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
             s.headers
         );
     }
+
+    // A create's answer: the new resource's URL under the public base (the
+    // upstream built it from the Host fhirwall sent), and none of the
+    // upstream's session cookies.
+    let writer = gw.mint("user/Observation.c", None);
+    let r = gw
+        .client
+        .post(format!("{}/Observation", gw.base))
+        .bearer_auth(&writer)
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        r.headers()["location"],
+        format!("{}/Observation/new-1/_history/1", gw.base).as_str()
+    );
+    assert!(r.headers().get("set-cookie").is_none(), "{:?}", r.headers());
     // Host is the upstream's, not the client's (the gateway's address).
     assert_ne!(gw.upstream_addr, gw.proxy_addr());
     assert_eq!(h("host"), vec![gw.upstream_addr.to_string().as_str()]);
@@ -1251,6 +1279,21 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
         let o = outcome(r).await;
         assert!(diagnostics(&o).contains(says), "{content_type}: {o}");
     }
+    // FHIR content is UTF-8: a server reading it as Shift_JIS would see
+    // other text than fhirwall decided on.
+    let writer = gw.mint("user/Observation.u", None);
+    let r = gw
+        .client
+        .put(format!("{}/Observation/hidden-7", gw.base))
+        .bearer_auth(&writer)
+        .header("content-type", "application/fhir+json; charset=Shift_JIS")
+        .body(r#"{"resourceType":"Observation","id":"hidden-7","status":"final"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let o = outcome(r).await;
+    assert!(diagnostics(&o).contains("not charset 'Shift_JIS'"), "{o}");
     assert_eq!(
         gw.upstream.count_containing("hidden-"),
         0,

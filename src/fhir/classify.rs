@@ -711,20 +711,47 @@ pub fn form_body(
             e.escape_default()
         ));
     }
-    for param in ct.split(';').skip(1) {
-        let (name, value) = param.split_once('=').unwrap_or((param, ""));
-        if !name.trim().eq_ignore_ascii_case("charset") {
-            continue;
-        }
-        let charset = value.trim().trim_matches('"');
-        if !charset.eq_ignore_ascii_case("utf-8") && !charset.eq_ignore_ascii_case("utf8") {
-            return Err(format!(
-                "a form body is read as UTF-8, not as charset '{}'",
-                charset.escape_default()
-            ));
-        }
+    if let Some(charset) = other_charset(ct) {
+        return Err(format!(
+            "a form body is read as UTF-8, not as charset '{}'",
+            charset.escape_default()
+        ));
     }
     Ok(true)
+}
+
+/// A `charset` parameter of a Content-Type that is not UTF-8, if any.
+fn other_charset(content_type: &str) -> Option<&str> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        let charset = value.trim().trim_matches('"');
+        (name.trim().eq_ignore_ascii_case("charset")
+            && !charset.eq_ignore_ascii_case("utf-8")
+            && !charset.eq_ignore_ascii_case("utf8"))
+        .then_some(charset)
+    })
+}
+
+/// Refuses a FHIR or JSON body in a charset other than UTF-8 (`Err` says
+/// why). FHIR is UTF-8 only; fhirwall reads such bodies (Bundles, written
+/// resources) as UTF-8, while a server decoding them in the charset named
+/// could read other text (in Shift_JIS, bytes fhirwall reads inside one
+/// string end it). Other media types (a Binary's raw content) keep theirs.
+pub fn fhir_charset(content_type: Option<&str>) -> Result<(), String> {
+    let Some(ct) = content_type else {
+        return Ok(());
+    };
+    let media = media_type(Some(ct)).replace(' ', "+");
+    if !(media.contains("json") || media.contains("fhir")) {
+        return Ok(());
+    }
+    match other_charset(ct) {
+        Some(charset) => Err(format!(
+            "FHIR content is UTF-8, not charset '{}'",
+            charset.escape_default()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Whether the body of a single create, update or patch is read for
@@ -1608,5 +1635,44 @@ mod tests {
             if_none_exist: Some("identifier=1&\t_has:Observation:patient:code=x"),
         });
         assert!(created.is_err());
+    }
+
+    #[test]
+    fn bodies_fhirwall_reads_are_utf8() {
+        for ct in [
+            "application/fhir+json",
+            "application/fhir+json; charset=UTF-8",
+            "application/json;charset=\"utf8\"",
+            "text/plain; charset=iso-8859-1",
+            "image/png",
+        ] {
+            assert!(fhir_charset(Some(ct)).is_ok(), "{ct}");
+        }
+        for ct in [
+            "application/fhir+json; charset=Shift_JIS",
+            "application/json; charset=utf-16",
+            "application/fhir json; charset=GBK",
+        ] {
+            assert!(fhir_charset(Some(ct)).is_err(), "{ct}");
+        }
+        assert_eq!(
+            form_body(
+                Some("application/x-www-form-urlencoded; charset=UTF-8"),
+                None
+            ),
+            Ok(true)
+        );
+        assert!(form_body(
+            Some("application/x-www-form-urlencoded; charset=utf-16le"),
+            None
+        )
+        .is_err());
+        assert!(form_body(Some("Application/x-www-form-urlencoded"), None).is_err());
+        assert!(form_body(Some("application/x-www-form-urlencoded"), Some("gzip")).is_err());
+        assert_eq!(
+            form_body(Some("application/x-www-form-urlencoded"), Some("identity")),
+            Ok(true)
+        );
+        assert_eq!(form_body(Some("application/fhir+json"), None), Ok(false));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
@@ -489,10 +489,29 @@ async fn handle(
             fhir(StatusCode::OK, s.search(&types, &p))
         }
         ("POST", []) => fhir(StatusCode::OK, s.bundle(&body)),
-        ("POST", [t]) => fhir(
-            StatusCode::CREATED,
-            json!({"resourceType": t, "id": "new-1"}),
-        ),
+        ("POST", [t]) => {
+            // As HAPI answers a create: the new resource's absolute URL,
+            // built from the Host it was sent; and, as a servlet container
+            // would, a session cookie.
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            let location = format!("http://{host}{}/{t}/new-1/_history/1", s.base_path);
+            let mut r = fhir(
+                StatusCode::CREATED,
+                json!({"resourceType": t, "id": "new-1"}),
+            );
+            for (name, value) in [
+                (header::LOCATION, location.as_str()),
+                (header::SET_COOKIE, "JSESSIONID=sandbox-1; Path=/; HttpOnly"),
+            ] {
+                if let Ok(v) = header::HeaderValue::from_str(value) {
+                    r.headers_mut().insert(name, v);
+                }
+            }
+            r
+        }
         ("PUT", [t, id]) | ("PATCH", [t, id]) => {
             fhir(StatusCode::OK, json!({"resourceType": t, "id": id}))
         }
