@@ -75,12 +75,9 @@ pub fn resolve<'a>(
         .collect();
     let mut client = peer;
     for entry in entries.iter().rev().take(MAX_HOPS) {
-        // An entry that is no address (a port, `unknown`, garbage) ends
-        // the walk: the last trusted hop is the client we can vouch for.
-        let Some(ip) = std::str::from_utf8(entry)
-            .ok()
-            .and_then(|e| e.trim().parse::<IpAddr>().ok())
-        else {
+        // An entry that is no address (`unknown`, garbage) ends the walk:
+        // the last trusted hop is the client we can vouch for.
+        let Some(ip) = std::str::from_utf8(entry).ok().and_then(entry_ip) else {
             break;
         };
         chain.push(ip);
@@ -91,6 +88,24 @@ pub fn resolve<'a>(
     }
     chain.reverse();
     Client { ip: client, chain }
+}
+
+/// The address of an `X-Forwarded-For` entry: a bare address, or one with
+/// a port as some proxies write them (`203.0.113.7:4711`, Azure's
+/// Application Gateway; `[2001:db8::1]:4711`, `[2001:db8::1]`). Without
+/// this, such a proxy would make itself every request's client.
+fn entry_ip(entry: &str) -> Option<IpAddr> {
+    let e = entry.trim();
+    if let Ok(ip) = e.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = e.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    e.strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|v6| v6.parse::<std::net::Ipv6Addr>().ok())
+        .map(IpAddr::V6)
 }
 
 /// The chain as an `X-Forwarded-For` value.
@@ -254,9 +269,24 @@ mod tests {
                 "10.0.0.5",
                 "10.0.0.5",
             ),
+            // An address with a port, as some proxies write it.
             (
                 "10.0.0.5",
                 &["203.0.113.7:4711"],
+                &ingress,
+                "203.0.113.7",
+                "203.0.113.7, 10.0.0.5",
+            ),
+            (
+                "fd00::1",
+                &["[2001:db8::7]:4711, [fd00::9]"],
+                &["fd00::/8"],
+                "2001:db8::7",
+                "2001:db8::7, fd00::9, fd00::1",
+            ),
+            (
+                "10.0.0.5",
+                &["203.0.113.7:port"],
                 &ingress,
                 "10.0.0.5",
                 "10.0.0.5",
