@@ -954,14 +954,8 @@ async fn writes_stream_unread_when_the_server_refuses_conditional_references() {
         ),
     ] {
         let r = gw
-            .client
-            .post(format!("{}/Observation", gw.base))
-            .bearer_auth(&token)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+            .send("POST", "Observation", &token, content_type, body)
+            .await;
         assert_eq!(r.status(), 201, "{content_type}");
     }
     assert_eq!(gw.upstream.seen().len(), 3);
@@ -1163,14 +1157,14 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     // upstream's session cookies.
     let writer = gw.mint("user/Observation.c", None);
     let r = gw
-        .client
-        .post(format!("{}/Observation", gw.base))
-        .bearer_auth(&writer)
-        .header("content-type", "application/fhir+json")
-        .body(r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#)
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "POST",
+            "Observation",
+            &writer,
+            "application/fhir+json",
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#,
+        )
+        .await;
     assert_eq!(r.status(), 201);
     assert_eq!(
         r.headers()["location"],
@@ -1267,14 +1261,14 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
         ),
     ] {
         let r = gw
-            .client
-            .post(format!("{}/Observation/_search?code=hidden-6", gw.base))
-            .bearer_auth(&obs)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+            .send(
+                "POST",
+                "Observation/_search?code=hidden-6",
+                &obs,
+                content_type,
+                body,
+            )
+            .await;
         assert_eq!(r.status(), 415, "{content_type}");
         let o = outcome(r).await;
         assert!(diagnostics(&o).contains(says), "{content_type}: {o}");
@@ -1283,14 +1277,14 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
     // other text than fhirwall decided on.
     let writer = gw.mint("user/Observation.u", None);
     let r = gw
-        .client
-        .put(format!("{}/Observation/hidden-7", gw.base))
-        .bearer_auth(&writer)
-        .header("content-type", "application/fhir+json; charset=Shift_JIS")
-        .body(r#"{"resourceType":"Observation","id":"hidden-7","status":"final"}"#)
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "PUT",
+            "Observation/hidden-7",
+            &writer,
+            "application/fhir+json; charset=Shift_JIS",
+            r#"{"resourceType":"Observation","id":"hidden-7","status":"final"}"#,
+        )
+        .await;
     assert_eq!(r.status(), 415);
     let o = outcome(r).await;
     assert!(diagnostics(&o).contains("not charset 'Shift_JIS'"), "{o}");
@@ -1308,14 +1302,14 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
         "application/x-www-form-urlencoded",
     ] {
         let r = gw
-            .client
-            .post(format!("{}/Observation/_search", gw.base))
-            .bearer_auth(&obs)
-            .header("content-type", content_type)
-            .body("code=shown-1")
-            .send()
-            .await
-            .unwrap();
+            .send(
+                "POST",
+                "Observation/_search",
+                &obs,
+                content_type,
+                "code=shown-1",
+            )
+            .await;
         assert_eq!(r.status(), 200, "{content_type}");
     }
 }

@@ -491,29 +491,26 @@ async fn post_search_bodies_are_decided_and_narrowed() {
         ("POST", "Application/x-www-form-urlencoded", 415),
     ] {
         let r = gw
-            .client
-            .request(
-                method.parse().unwrap(),
-                format!("{}/Condition/_search?code=hidden-form-1", gw.base),
+            .send(
+                method,
+                "Condition/_search?code=hidden-form-1",
+                &p1,
+                content_type,
+                "patient=p1",
             )
-            .bearer_auth(&p1)
-            .header("content-type", content_type)
-            .body("patient=p1")
-            .send()
-            .await
-            .unwrap();
+            .await;
         let (s, body) = status_and_body(r).await;
         assert_eq!(s, status, "{method} {content_type}: {body}");
     }
     let r = gw
-        .client
-        .get(format!("{}/Condition?code=hidden-form-2", gw.base))
-        .bearer_auth(&p1)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("patient=p1")
-        .send()
-        .await
-        .unwrap();
+        .send(
+            "GET",
+            "Condition?code=hidden-form-2",
+            &p1,
+            "application/x-www-form-urlencoded",
+            "patient=p1",
+        )
+        .await;
     let (s, body) = status_and_body(r).await;
     assert_eq!(s, 400, "{body}");
     assert!(body.contains("only as the body of POST"), "{body}");

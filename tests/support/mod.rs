@@ -437,6 +437,26 @@ impl Gateway {
         r.send().await.unwrap()
     }
 
+    /// Sends `method` to `rel` under the base with a bearer token, a
+    /// Content-Type and a body.
+    pub async fn send(
+        &self,
+        method: &str,
+        rel: &str,
+        token: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .request(method.parse().unwrap(), format!("{}/{rel}", self.base))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The audit file's lines, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit_path)
