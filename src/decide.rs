@@ -1054,9 +1054,16 @@ fn grant<'a>(
 
 /// What a single (non-bundle) request needs.
 fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
+    let mut needs = own_needs(req)?;
+    needs.extend(reaching_needs(req)?);
+    Ok(needs)
+}
+
+/// What the interaction itself needs.
+fn own_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
     use Interaction::*;
     let t = req.resource_type.as_deref();
-    let mut needs = match req.interaction {
+    Ok(match req.interaction {
         Read | Vread | HistoryInstance => vec![Need::on(Perm::Read, t)],
         Update | Patch => vec![Need::on(Perm::Update, t)],
         Delete => vec![Need::on(Perm::Delete, t)],
@@ -1076,7 +1083,14 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
         Capabilities => Vec::new(),
         Batch | Transaction => unreachable!("bundles are decided entry by entry"),
         Operation => operation_needs(req)?,
-    };
+    })
+}
+
+/// What the request's parameters, conditional search and conditional
+/// references reach beyond the interaction itself.
+fn reaching_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
+    let t = req.resource_type.as_deref();
+    let mut needs = Vec::new();
     if req.conditional {
         needs.push(Need::on(Perm::Search, t));
         // The server runs the If-None-Exist search: its parameters reach
@@ -1091,6 +1105,47 @@ fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
         needs.extend(param_needs(&r.params)?);
     }
     Ok(needs)
+}
+
+/// The resource types a request (not a Bundle) reaches, for the policies:
+/// every type its scopes must cover — its own, and those its includes,
+/// `_has`, chains and conditional searches reach — and `true` when it may
+/// reach any type (a whole-system search or history, `$everything`,
+/// `$export`, an include of `*` or without a target type). A request the
+/// scopes could not judge reaches any type. `by_nature: false` leaves out
+/// what the interaction reaches by itself (an operation a rule allowed by
+/// name), keeping what its parameters reach.
+pub fn reached_types(req: &FhirRequest, by_nature: bool) -> (bool, Vec<String>) {
+    if req.is_bundle() {
+        return (false, Vec::new());
+    }
+    // The interaction's own type is the policies' own business; beyond it,
+    // what it reaches by nature (a system search: `_type`'s or any) and by
+    // its parameters.
+    let own = match req.interaction {
+        Interaction::SearchSystem | Interaction::HistorySystem | Interaction::Operation
+            if by_nature =>
+        {
+            own_needs(req)
+        }
+        _ => Ok(Vec::new()),
+    };
+    let Ok(needs) = own.and_then(|mut n| {
+        n.extend(reaching_needs(req)?);
+        Ok(n)
+    }) else {
+        return (true, Vec::new());
+    };
+    let mut any = false;
+    let mut types: Vec<String> = Vec::new();
+    for n in needs {
+        match n.resource {
+            None => any = true,
+            Some(t) if !types.contains(&t) => types.push(t),
+            Some(_) => {}
+        }
+    }
+    (any, types)
 }
 
 /// `_type=A,B` of a system search, when present and well-formed (R4

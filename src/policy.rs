@@ -404,13 +404,98 @@ impl PolicySet {
                 if page && i == 0 {
                     self.evaluate_page(&input)
                 } else {
+                    let verdict = match self.evaluate(&input) {
+                        Verdict::Allow {
+                            by,
+                            limits,
+                            mut broke_glass,
+                        } if !page => match self.evaluate_reached(&input, r, by.as_deref()) {
+                            Ok(more) => {
+                                for g in more {
+                                    if !broke_glass.contains(&g) {
+                                        broke_glass.push(g);
+                                    }
+                                }
+                                Verdict::Allow {
+                                    by,
+                                    limits,
+                                    broke_glass,
+                                }
+                            }
+                            Err(deny) => deny,
+                        },
+                        v => v,
+                    };
                     Judged {
-                        verdict: self.evaluate(&input),
+                        verdict,
                         refused_types: Vec::new(),
                     }
                 }
             })
             .collect()
+    }
+
+    /// The types a request reaches beyond its own (includes, `_has`,
+    /// chains, `_type`, conditional searches; every type for a whole-system
+    /// search or history, `$everything`, `$export`, an include of `*`): each
+    /// must be allowed as a direct read and search of it by the same
+    /// caller, else a rule refusing that type (an allow-list's catch-all
+    /// too) would be evaded by reaching it indirectly. An operation a rule
+    /// allowed by name (`operation: [export]`) reaches what it reaches by
+    /// the operator's word; its parameters' reach is still judged. `Ok`:
+    /// rules whose glass the declared emergency broke on the way; `Err`:
+    /// the refusal.
+    fn evaluate_reached(
+        &self,
+        input: &PolicyInput,
+        r: &crate::fhir::classify::FhirRequest,
+        allowed_by: Option<&str>,
+    ) -> Result<Vec<String>, Verdict> {
+        let named = r.operation.is_some()
+            && self.rules.iter().any(|rule| {
+                !rule.when.operation.is_empty()
+                    && matches!(rule.effect, Effect::Allow)
+                    && allowed_by.is_some_and(|by| {
+                        by.strip_prefix(rule.file.as_str())
+                            .and_then(|rest| rest.strip_prefix('#'))
+                            == Some(rule.name.as_str())
+                    })
+            });
+        let (any, reached) = crate::decide::reached_types(r, !named);
+        let own = r.resource_type.as_deref();
+        let types: Vec<&str> = if any {
+            crate::fhir::resource_types::RESOURCE_TYPES.to_vec()
+        } else {
+            reached.iter().map(String::as_str).collect()
+        };
+        let mut broke_glass = Vec::new();
+        for t in types {
+            if Some(t) == own {
+                continue;
+            }
+            for interaction in ["read", "search-type"] {
+                match self.evaluate(&PolicyInput {
+                    interaction,
+                    resource_type: Some(t),
+                    operation: None,
+                    path: t,
+                    any_type: false,
+                    ..*input
+                }) {
+                    Verdict::Deny { by, reason } => {
+                        return Err(Verdict::Deny {
+                            by,
+                            reason: format!(
+                                "{reason}: the request reaches {t} resources (by {interaction}), \
+                                 which the policies refuse to this caller"
+                            ),
+                        })
+                    }
+                    Verdict::Allow { broke_glass: g, .. } => broke_glass.extend(g),
+                }
+            }
+        }
+        Ok(broke_glass)
     }
 
     /// A stored search's page names no type but may hold resources of any:
@@ -735,6 +820,90 @@ mod tests {
             break_glass: None,
             any_type: false,
         }
+    }
+
+    #[test]
+    fn types_a_request_reaches_are_judged_as_direct_reads_and_searches() {
+        use crate::fhir::classify::{classify, HttpRequest};
+        let claims = json!({"roles": ["research-viewer"]});
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let verdict = |rules: &PolicySet, method: &str, url: &str| {
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let fhir = classify(HttpRequest {
+                method,
+                path,
+                query: (!query.is_empty()).then_some(query),
+                if_none_exist: None,
+            })
+            .unwrap();
+            match rules.evaluate_each(&base, &fhir).remove(0).verdict {
+                Verdict::Allow { .. } => Ok(()),
+                Verdict::Deny { by, reason } => Err(format!("{by}: {reason}")),
+            }
+        };
+        // An allow-list: Observations only, then nothing else.
+        let research = set("rules:
+  - name: research
+    effect: allow
+    when: {claims: {roles: [research-viewer]}, resource_type: [Observation], interaction: [read, search-type]}
+  - name: nothing-else
+    effect: deny
+    when: {claims: {roles: [research-viewer]}}
+");
+        assert!(verdict(&research, "GET", "Observation?code=x").is_ok());
+        assert!(verdict(
+            &research,
+            "GET",
+            "Observation?_include=Observation:has-member:Observation"
+        )
+        .is_ok());
+        for url in [
+            "Observation?_include=Observation:subject:Patient",
+            "Observation?_include=Observation:subject",
+            "Observation?_include=*",
+            "Observation?_revinclude=Provenance:target",
+            "Observation?_has:Condition:subject:code=x",
+            "Observation?subject:Patient.name=Smith",
+        ] {
+            let e = verdict(&research, "GET", url).unwrap_err();
+            assert!(e.starts_with("t.yaml#nothing-else"), "{url}: {e}");
+            assert!(e.contains("the request reaches"), "{url}: {e}");
+        }
+        // A deny-list: no DocumentReference for this client, whichever way.
+        let no_docs = set("rules:
+  - name: no-docs
+    effect: deny
+    when: {client_id: [app], resource_type: [DocumentReference]}
+");
+        // An operation allowed by name reaches what it reaches, by the
+        // operator's word.
+        let export_only = set("rules:
+  - name: export
+    effect: allow
+    when: {client_id: [app], operation: [export]}
+  - name: nothing-else
+    effect: deny
+    when: {client_id: [app]}
+");
+        assert!(verdict(&export_only, "GET", "$export").is_ok());
+        assert!(verdict(&export_only, "GET", "Observation").is_err());
+        assert!(verdict(&no_docs, "GET", "Encounter?patient=p1").is_ok());
+        for (method, url) in [
+            ("GET", "DocumentReference?patient=p1"),
+            (
+                "GET",
+                "Encounter?patient=p1&_revinclude=DocumentReference:encounter",
+            ),
+            ("GET", "Patient/p1/$everything"),
+            ("GET", "_history"),
+            ("GET", "?_type=Encounter,DocumentReference"),
+            ("GET", "Patient?_has:DocumentReference:patient:type=x"),
+        ] {
+            let e = verdict(&no_docs, method, url).unwrap_err();
+            assert!(e.starts_with("t.yaml#no-docs"), "{url}: {e}");
+        }
+        assert!(verdict(&no_docs, "GET", "?_type=Encounter,Condition").is_ok());
     }
 
     #[test]

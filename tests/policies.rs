@@ -277,6 +277,45 @@ async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_type_is_not_reached_through_includes_or_everything() {
+    let dir = TempDir::new("policies-reach");
+    std::fs::write(
+        dir.0.join("10-types.yaml"),
+        "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n",
+    )
+    .unwrap();
+    let gw = with_policies(&dir).await;
+    let token = gw.mint("user/*.rs", None);
+    assert_eq!(
+        gw.get("Observation?code=reach-0", Some(&token))
+            .await
+            .status(),
+        200
+    );
+    let before = gw.upstream.seen().len();
+    for rel in [
+        "Patient?_id=p1&_revinclude=Condition:subject&code=reach-1",
+        "Patient?_has:Condition:subject:code=reach-2",
+        "Patient/p1/$everything",
+        "_history",
+        "Observation?code=reach-3&_include=*",
+    ] {
+        let r = gw.get(rel, Some(&token)).await;
+        assert_eq!(r.status(), 403, "{rel}");
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains("no-conditions") && text.contains("reaches Condition"),
+            "{rel}: {text}"
+        );
+    }
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a request reaching a refused type went upstream"
+    );
+}
+
 /// A config with the hospital policy, for the offline commands.
 fn offline_config(dir: &TempDir) -> std::path::PathBuf {
     let pol = dir.0.join("policies");
@@ -473,7 +512,7 @@ fn shipped_examples_pass_their_tests() {
         &format!("{root}/policies/examples/tests"),
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("15 case(s), 0 failed"), "{out}");
+    assert!(out.contains("16 case(s), 0 failed"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
