@@ -7,7 +7,7 @@
 
 mod support;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{Gateway, Options};
 
 /// Bytes that only p2's (Bob's) resources contain. (Their ids may appear:
@@ -519,6 +519,50 @@ async fn post_search_bodies_are_decided_and_narrowed() {
         before,
         "a refused search went upstream"
     );
+}
+
+/// Bundle members in shapes HAPI's lenient parser reads but fhirwall
+/// would not (a one-element array for a single value) are refused: an
+/// `ifNoneExist` in an array made an unchecked conditional create, whose
+/// answer (with `Prefer: return=representation`) is the matched resource;
+/// a PATCH entry's `ifMatch` that is a match URL patches what it finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_members_in_shapes_fhirwall_would_not_read_are_refused() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/Observation.c", Some("p1"));
+    let writer = gw.mint("user/Observation.u", None);
+    let patch = json!({"resourceType": "Binary", "contentType": "application/json-patch+json",
+        "data": "W3sib3AiOiJ0ZXN0IiwicGF0aCI6Ii9zdGF0dXMiLCJ2YWx1ZSI6ImZpbmFsIn1d"});
+    for (token, entry, says) in [
+        (
+            &p1,
+            json!({"request": {"method": "POST", "url": "Observation", "ifNoneExist": ["_id=obs-p2-0"]},
+                   "resource": {"resourceType": "Observation", "status": "final",
+                                "subject": {"reference": "Patient/p1"}}}),
+            "ifNoneExist is not a string",
+        ),
+        (
+            &writer,
+            json!({"request": {"method": "PATCH", "url": "Observation/obs-p1-0",
+                               "ifMatch": "Observation?subject:Patient.family=Smith"},
+                   "resource": patch}),
+            "is not an entity tag",
+        ),
+    ] {
+        for kind in ["transaction", "batch"] {
+            let bundle = json!({"resourceType": "Bundle", "type": kind, "entry": [entry]});
+            let r = gw
+                .post_bundle(token, bundle.to_string())
+                .header("Prefer", "return=representation")
+                .send()
+                .await
+                .unwrap();
+            let (s, body) = status_and_body(r).await;
+            assert_eq!(s, 400, "{kind}: {body}");
+            assert!(body.contains(says), "{kind}: {body}");
+        }
+    }
+    assert!(gw.upstream.seen().is_empty(), "{:?}", gw.upstream.seen());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1081,11 +1125,12 @@ async fn bundles_are_checked_entry_by_entry() {
         }
         e
     };
-    for stale in [json!("W/\"1\""), json!(2)] {
+    // (An ifMatch that is no string is not FHIR's: refused as malformed.)
+    for (stale, status) in [(json!("W/\"1\""), 412), (json!(2), 400)] {
         let mut entry = update_moved(None);
         entry["request"]["ifMatch"] = stale.clone();
         let (s, body) = post_bundle("transaction", vec![create(obs("p1")), entry]).await;
-        assert_eq!(s, 412, "{stale}: {body}");
+        assert_eq!(s, status, "{stale}: {body}");
         assert!(body.contains("entry 1"), "{body}");
     }
     assert_eq!(bundles_seen(), 1, "a stale ifMatch reached the upstream");

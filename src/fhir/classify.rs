@@ -550,6 +550,38 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
     let request = entry
         .get("request")
         .ok_or_else(|| ClassifyError::MalformedBundle("entry has no request".into()))?;
+    // HAPI's parser is lenient about shapes (a one-element array for a
+    // single value, an object for an array): a member fhirwall would read
+    // as absent could be read there. So each member it decides on must
+    // have its FHIR shape.
+    if !request.is_object() {
+        return Err(ClassifyError::MalformedBundle(
+            "entry.request is not an object".into(),
+        ));
+    }
+    if entry.get("resource").is_some_and(|r| !r.is_object()) {
+        return Err(ClassifyError::MalformedBundle(
+            "entry.resource is not an object".into(),
+        ));
+    }
+    for key in ["ifNoneExist", "ifMatch", "ifNoneMatch", "ifModifiedSince"] {
+        if request.get(key).is_some_and(|v| !v.is_string()) {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "entry.request.{key} is not a string"
+            )));
+        }
+    }
+    // HAPI reads a PATCH entry's ifMatch as a match URL when it is one: a
+    // conditional patch on whatever the search finds. Only a version tag
+    // is accepted.
+    if let Some(tag) = request.get("ifMatch").and_then(Value::as_str) {
+        if !is_entity_tag(tag) {
+            return Err(ClassifyError::MalformedBundle(format!(
+                "entry.request.ifMatch '{}' is not an entity tag (W/\"1\")",
+                tag.escape_default()
+            )));
+        }
+    }
     let method = request
         .get("method")
         .and_then(Value::as_str)
@@ -645,6 +677,16 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
             .extend(written_references(written, patch)?);
     }
     Ok(r)
+}
+
+/// `W/"x"` or `"x"`, with no quote inside.
+fn is_entity_tag(tag: &str) -> bool {
+    let t = tag.trim();
+    let opaque = t.strip_prefix("W/").unwrap_or(t);
+    opaque.len() >= 2
+        && opaque.starts_with('"')
+        && opaque.ends_with('"')
+        && !opaque[1..opaque.len() - 1].contains('"')
 }
 
 /// The JSON Patch a Bundle's PATCH entry carries as a Binary's data.
@@ -914,17 +956,53 @@ fn patched_references(doc: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(),
         }
         // FHIRPath Patch: a Parameters resource of `operation`s.
         Value::Object(_) => {
-            let operations = doc
-                .get("parameter")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter(|p| p.get("name").and_then(Value::as_str) == Some("operation"));
-            for operation in operations {
-                let parts: &[Value] = operation
-                    .get("part")
-                    .and_then(Value::as_array)
-                    .map_or(&[], Vec::as_slice);
+            // Read as HAPI's lenient parser reads it: one object where an
+            // array is due is one element; a name that is no string is
+            // refused (it could be read as "operation" there).
+            let elements = |v: Option<&Value>| -> Vec<Value> {
+                match v {
+                    Some(Value::Array(a)) => a.clone(),
+                    Some(o @ Value::Object(_)) => vec![o.clone()],
+                    _ => Vec::new(),
+                }
+            };
+            let named = |p: &Value| -> Result<Option<String>, ClassifyError> {
+                match p.get("name") {
+                    None => Ok(None),
+                    Some(Value::String(n)) => Ok(Some(n.clone())),
+                    Some(_) => Err(ClassifyError::UnreadableBody {
+                        what: "patch".into(),
+                        reason: "a FHIRPath Patch parameter's name is not a string".into(),
+                    }),
+                }
+            };
+            let mut operations = Vec::new();
+            for p in elements(doc.get("parameter")) {
+                if named(&p)?.as_deref() == Some("operation") {
+                    operations.push(p);
+                }
+            }
+            for operation in &operations {
+                let parts = elements(operation.get("part"));
+                for p in &parts {
+                    // The path and name an operation works on are strings.
+                    if matches!(named(p)?.as_deref(), Some("path" | "name" | "type")) {
+                        let odd = p
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .any(|(k, v)| k.starts_with("value") && !v.is_string());
+                        if odd {
+                            return Err(ClassifyError::UnreadableBody {
+                                what: "patch".into(),
+                                reason: "a FHIRPath Patch operation's path, name or type is \
+                                         not a string"
+                                    .into(),
+                            });
+                        }
+                    }
+                }
+                let parts = parts.as_slice();
                 let part = |name: &'static str| {
                     parts
                         .iter()
@@ -1674,5 +1752,62 @@ mod tests {
             Ok(true)
         );
         assert_eq!(form_body(Some("application/fhir+json"), None), Ok(false));
+    }
+
+    #[test]
+    fn bundle_entries_and_patches_are_read_in_the_shapes_servers_read() {
+        let base = c("POST", "", None).unwrap();
+        let entry = |e: serde_json::Value| {
+            let b = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [e]});
+            classify_bundle(base.clone(), b.to_string().as_bytes())
+        };
+        let obs = serde_json::json!({"resourceType": "Observation", "status": "final"});
+        // HAPI reads a one-element array as the single value: an
+        // ifNoneExist fhirwall would not see.
+        assert!(entry(
+            serde_json::json!({"request": {"method": "POST", "url": "Observation",
+            "ifNoneExist": ["_id=x"]}, "resource": obs})
+        )
+        .is_err());
+        assert!(entry(
+            serde_json::json!({"request": {"method": "POST", "url": "Observation"},
+            "resource": [obs]})
+        )
+        .is_err());
+        assert!(
+            entry(serde_json::json!({"request": [{"method": "GET", "url": "Observation"}]}))
+                .is_err()
+        );
+        // A PATCH entry's ifMatch is a version tag, never a match URL.
+        let patch = serde_json::json!({"resourceType": "Binary",
+            "contentType": "application/json-patch+json", "data": "W10="});
+        let patched = |tag: &str| {
+            entry(
+                serde_json::json!({"request": {"method": "PATCH", "url": "Observation/o1",
+                "ifMatch": tag}, "resource": patch}),
+            )
+        };
+        assert!(patched("W/\"3\"").is_ok());
+        assert!(patched("\"3\"").is_ok());
+        assert!(patched("Observation?subject:Patient.family=Smith").is_err());
+        assert!(patched("W/3").is_err());
+        // A FHIRPath Patch's parameter as one object is one parameter; a
+        // name that is no string is refused.
+        let op = serde_json::json!({"name": "operation", "part": [
+            {"name": "type", "valueCode": "replace"},
+            {"name": "path", "valueString": "Observation.performer[0].reference"},
+            {"name": "value", "valueString": "Patient?identifier=urn:mrn|123"}]});
+        let one = serde_json::json!({"resourceType": "Parameters", "parameter": op});
+        let found = written_references(&one, true).unwrap();
+        assert_eq!(found[0].resource_type.as_deref(), Some("Patient"));
+        let mut odd = op.clone();
+        odd["name"] = serde_json::json!(["operation"]);
+        let odd = serde_json::json!({"resourceType": "Parameters", "parameter": [odd]});
+        assert!(written_references(&odd, true).is_err());
+        let mut odd_path = op.clone();
+        odd_path["part"][1]["valueString"] =
+            serde_json::json!(["Observation.performer[0].reference"]);
+        let odd_path = serde_json::json!({"resourceType": "Parameters", "parameter": [odd_path]});
+        assert!(written_references(&odd_path, true).is_err());
     }
 }
