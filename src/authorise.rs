@@ -57,15 +57,24 @@ impl Grant {
         self.allows.iter().find_map(|a| a.by.as_deref())
     }
 
-    /// Rate limits of every matching rule, once per rule.
-    pub fn limits(&self) -> Vec<(String, RateLimit)> {
-        let mut limits: Vec<_> = self
-            .allows
-            .iter()
-            .flat_map(|a| a.limits.iter().cloned())
-            .collect();
+    /// Rate limits of every matching rule, once per rule, with how many
+    /// requests it counts: each Bundle entry it matched (a batch of 1,000
+    /// searches is 1,000 searches), else the request itself.
+    pub fn limits(&self) -> Vec<(String, RateLimit, u32)> {
+        let mut limits: Vec<(String, RateLimit, u32)> = Vec::new();
+        for (i, a) in self.allows.iter().enumerate() {
+            for (rule, limit) in &a.limits {
+                let n = u32::from(i > 0);
+                match limits.iter_mut().find(|l| &l.0 == rule) {
+                    Some(l) => l.2 += n,
+                    None => limits.push((rule.clone(), limit.clone(), n)),
+                }
+            }
+        }
+        for l in &mut limits {
+            l.2 = l.2.max(1);
+        }
         limits.sort_by(|a, b| a.0.cmp(&b.0));
-        limits.dedup_by(|a, b| a.0 == b.0);
         limits
     }
 
@@ -240,7 +249,11 @@ fn checkable_params(req: &FhirRequest) -> Result<(), Refusal> {
             ),
             "_summary" => matches!(value.as_str(), "count" | "false"),
             "_elements" => false,
-            _ => true,
+            // With a modifier (HAPI's `_elements:exclude`), these cut or
+            // change the answer too.
+            n => !["_format", "_summary", "_elements", "_pretty"]
+                .iter()
+                .any(|p| n.strip_prefix(p).is_some_and(|rest| rest.starts_with(':'))),
         };
         if !ok {
             return Err(Refusal::Uncheckable(format!(
@@ -289,6 +302,33 @@ mod tests {
         match refuse_in_answer(&mut d, refused()) {
             Err(Refusal::Policy { rule, .. }) => assert_eq!(rule, "t.yaml#no-conditions"),
             r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn checked_answers_come_whole_whatever_the_modifier() {
+        use crate::fhir::classify::{classify, HttpRequest};
+        let check = |q: &str| {
+            checkable_params(
+                &classify(HttpRequest {
+                    method: "GET",
+                    path: "Observation",
+                    query: Some(q),
+                    if_none_exist: None,
+                })
+                .unwrap(),
+            )
+        };
+        assert!(check("code=x&_summary=count&_format=json").is_ok());
+        for q in [
+            "_elements=id",
+            "_elements:exclude=subject",
+            "_summary=true",
+            "_summary:x=count",
+            "_format:x=json",
+            "_format=xml",
+        ] {
+            assert!(check(q).is_err(), "{q}");
         }
     }
 }

@@ -347,9 +347,24 @@ fn judge_search(
             why: "upstream answer to a search is not a searchset Bundle".into(),
         };
     }
-    let entries = doc.get("entry").and_then(Value::as_array);
+    // Shapes a lenient client would read as entries (one object for the
+    // array, an array for the resource) cannot be judged.
+    let entries = match doc.get("entry") {
+        None => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(_) => {
+            return Verdict::Unverifiable {
+                why: "upstream searchset's entry is not an array".into(),
+            }
+        }
+    };
     for e in entries.into_iter().flatten() {
         let Some(r) = e.get("resource") else { continue };
+        if !r.is_object() {
+            return Verdict::Unverifiable {
+                why: "upstream searchset holds an entry whose resource is not an object".into(),
+            };
+        }
         let mode = e.pointer("/search/mode").and_then(Value::as_str);
         let outcome = r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome");
         if outcome && mode == Some("outcome") {
@@ -1000,6 +1015,20 @@ mod tests {
             ]),
         ] {
             assert_eq!(judge_search_json(200, ok.clone()), Verdict::Pass, "{ok}");
+        }
+        // Shapes a lenient client would read as entries are not judged.
+        let one_entry = json!({"resourceType": "Bundle", "type": "searchset",
+            "entry": {"resource": obs("b", "p2")}});
+        let arrayed = json!({"resourceType": "Bundle", "type": "searchset",
+            "entry": [{"resource": [obs("b", "p2")]}]});
+        for odd in [one_entry, arrayed] {
+            assert!(
+                matches!(
+                    judge_search_json(200, odd.clone()),
+                    Verdict::Unverifiable { .. }
+                ),
+                "{odd}"
+            );
         }
         // A match of another patient: the upstream ignored the narrowing.
         assert!(matches!(

@@ -1962,46 +1962,54 @@ impl Gateway {
                 .as_ref()
                 .map_or_else(|| "(none)".to_string(), |s| format!("source:{s}"))
         };
+        // A client or user is named within its issuer: another issuer's
+        // namesake is another caller.
+        let iss = &claims.issuer_name;
         let by_client = || {
             claims
                 .client_id
                 .as_ref()
-                .map_or_else(by_source, |c| format!("client:{c}"))
+                .map_or_else(by_source, |c| format!("client:{iss}/{c}"))
         };
         let limits: Vec<_> = grant
             .limits()
             .into_iter()
-            .map(|(rule, limit)| {
+            .map(|(rule, limit, n)| {
                 let who = match limit.per.as_str() {
                     "client" => by_client(),
                     "user" => claims
                         .sub
                         .as_ref()
-                        .map_or_else(by_client, |s| format!("user:{s}")),
+                        .map_or_else(by_client, |s| format!("user:{iss}/{s}")),
                     _ => by_source(),
                 };
-                (rule, limit, who)
+                (rule, limit, who, n)
             })
             .collect();
         let d = grant.decision;
         drop(stage);
-        for (rule, limit, who) in limits {
-            let taken =
-                self.shared
-                    .take(&rule, &limit, &who)
-                    .await
-                    .map_err(|_| Denial::Unavailable {
-                        code: "rate_limit_unavailable",
-                        description: format!(
-                            "the rate limit of policy rule {rule} cannot be counted (Redis is \
+        for (rule, limit, who, n) in limits {
+            let taken = self
+                .shared
+                .take(&rule, &limit, &who, n)
+                .await
+                .map_err(|_| Denial::Unavailable {
+                    code: "rate_limit_unavailable",
+                    description: format!(
+                        "the rate limit of policy rule {rule} cannot be counted (Redis is \
                          unavailable); retry later"
-                        ),
-                        retry_after_seconds: 1,
-                    })?;
+                    ),
+                    retry_after_seconds: 1,
+                })?;
             if let Err(wait) = taken {
+                let entries = if n > 1 {
+                    format!(" (this Bundle counts {n})")
+                } else {
+                    String::new()
+                };
                 return Err(Denial::RateLimited {
                     description: format!(
-                        "rate limit of policy rule {rule}: {} requests per {} s per {}",
+                        "rate limit of policy rule {rule}: {} requests per {} s per {}{entries}",
                         limit.requests, limit.per_seconds, limit.per
                     ),
                     retry_after_seconds: wait.ceil().max(1.0) as u64,

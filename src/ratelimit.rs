@@ -23,16 +23,21 @@ impl Bucket {
         }
     }
 
-    /// Takes one token at `now`, or says how many seconds until one is there.
-    pub fn take(&mut self, capacity: f64, rate: f64, now: f64) -> Result<(), f64> {
+    /// Takes `n` tokens at `now` (a batch counts each entry), or says how
+    /// many seconds until they are there. More than the capacity never
+    /// are: refused with a wait of the whole window.
+    pub fn take(&mut self, capacity: f64, rate: f64, now: f64, n: f64) -> Result<(), f64> {
         let elapsed = (now - self.updated).max(0.0);
         self.tokens = (self.tokens + elapsed * rate).min(capacity);
         self.updated = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if n > capacity {
+            return Err(capacity / rate);
+        }
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
         } else {
-            Err((1.0 - self.tokens) / rate)
+            Err((n - self.tokens) / rate)
         }
     }
 }
@@ -58,9 +63,10 @@ impl Default for Limiter {
 }
 
 impl Limiter {
-    /// Counts one request against `limit` of rule `rule` for `who`; the
-    /// seconds to wait when the bucket is empty.
-    pub fn check(&self, rule: &str, limit: &RateLimit, who: &str) -> Result<(), f64> {
+    /// Counts `n` requests (a request, or a batch's entries) against
+    /// `limit` of rule `rule` for `who`; the seconds to wait when the
+    /// bucket holds too few.
+    pub fn check(&self, rule: &str, limit: &RateLimit, who: &str, n: u32) -> Result<(), f64> {
         let capacity = f64::from(limit.requests);
         let rate = capacity / f64::from(limit.per_seconds);
         let now = self.origin.elapsed().as_secs_f64();
@@ -70,7 +76,7 @@ impl Limiter {
                 Arc::new(Mutex::new(Bucket::full(capacity, now)))
             });
         let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        b.take(capacity, rate, now)
+        b.take(capacity, rate, now, f64::from(n))
     }
 }
 
@@ -83,22 +89,22 @@ mod tests {
         // 3 per 60 s: 3 at once, then one every 20 s.
         let (cap, rate) = (3.0, 3.0 / 60.0);
         let mut b = Bucket::full(cap, 0.0);
-        assert!(b.take(cap, rate, 0.0).is_ok());
-        assert!(b.take(cap, rate, 0.0).is_ok());
-        assert!(b.take(cap, rate, 0.0).is_ok());
-        let wait = b.take(cap, rate, 0.0).unwrap_err();
+        assert!(b.take(cap, rate, 0.0, 1.0).is_ok());
+        assert!(b.take(cap, rate, 0.0, 1.0).is_ok());
+        assert!(b.take(cap, rate, 0.0, 1.0).is_ok());
+        let wait = b.take(cap, rate, 0.0, 1.0).unwrap_err();
         assert!((wait - 20.0).abs() < 1e-9, "{wait}");
-        assert!(b.take(cap, rate, 10.0).is_err());
-        assert!(b.take(cap, rate, 20.0).is_ok());
+        assert!(b.take(cap, rate, 10.0, 1.0).is_err());
+        assert!(b.take(cap, rate, 20.0, 1.0).is_ok());
         // Never more than the capacity, however long idle.
         let mut b = Bucket::full(cap, 0.0);
         for _ in 0..3 {
-            b.take(cap, rate, 0.0).unwrap();
+            b.take(cap, rate, 0.0, 1.0).unwrap();
         }
         for i in 0..3 {
-            assert!(b.take(cap, rate, 10_000.0).is_ok(), "{i}");
+            assert!(b.take(cap, rate, 10_000.0, 1.0).is_ok(), "{i}");
         }
-        assert!(b.take(cap, rate, 10_000.0).is_err());
+        assert!(b.take(cap, rate, 10_000.0, 1.0).is_err());
     }
 
     #[test]
@@ -109,10 +115,15 @@ mod tests {
             requests: 2,
             per_seconds: 3600,
         };
-        assert!(l.check("r", &limit, "a").is_ok());
-        assert!(l.check("r", &limit, "a").is_ok());
-        assert!(l.check("r", &limit, "a").is_err());
-        assert!(l.check("r", &limit, "b").is_ok());
-        assert!(l.check("other-rule", &limit, "a").is_ok());
+        assert!(l.check("r", &limit, "a", 1).is_ok());
+        assert!(l.check("r", &limit, "a", 1).is_ok());
+        assert!(l.check("r", &limit, "a", 1).is_err());
+        assert!(l.check("r", &limit, "b", 1).is_ok());
+        assert!(l.check("other-rule", &limit, "a", 1).is_ok());
+        // A batch counts each entry; more than the capacity never passes.
+        assert!(l.check("batch", &limit, "a", 2).is_ok());
+        assert!(l.check("batch", &limit, "a", 1).is_err());
+        assert_eq!(l.check("big", &limit, "a", 3), Err(3600.0));
+        assert!(l.check("big", &limit, "a", 2).is_ok());
     }
 }

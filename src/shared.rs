@@ -212,13 +212,14 @@ impl SharedState {
         rule: &str,
         limit: &RateLimit,
         who: &str,
+        n: u32,
     ) -> Result<Result<(), f64>, Unavailable> {
         if let Some(r) = &self.redis {
-            if let Some(decided) = r.ask(r.take(rule, limit, who)).await {
+            if let Some(decided) = r.ask(r.take(rule, limit, who, n)).await {
                 return decided;
             }
         }
-        Ok(self.local.limiter.check(rule, limit, who))
+        Ok(self.local.limiter.check(rule, limit, who, n))
     }
 }
 
@@ -306,13 +307,16 @@ local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(b[1]) or cap
 local at = tonumber(b[2]) or now
 tokens = math.min(cap, tokens + math.max(0, now - at) * rate)
+local n = tonumber(ARGV[3])
 local taken = 0
 local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if n > cap then
+  wait = math.ceil(cap / rate / 1000)
+elseif tokens >= n then
+  tokens = tokens - n
   taken = 1
 else
-  wait = math.ceil((1 - tokens) / rate / 1000)
+  wait = math.ceil((n - tokens) / rate / 1000)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.0f', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((cap - tokens) / rate / 1000) + 1000)
@@ -591,12 +595,13 @@ impl RedisStore {
         rule: &str,
         limit: &RateLimit,
         who: &str,
+        n: u32,
     ) -> Result<Result<(), f64>, Unavailable> {
         let key = bucket_key(&self.cfg.key_prefix, rule, limit, who);
         let capacity = f64::from(limit.requests);
         let rate = capacity / f64::from(limit.per_seconds);
         let mut inv = self.bucket_script.key(key);
-        inv.arg(limit.requests).arg(format!("{rate:.17}"));
+        inv.arg(limit.requests).arg(format!("{rate:.17}")).arg(n);
         let (taken, wait_ms): (i64, i64) = self
             .call("rate limit", |mut c| async move {
                 inv.invoke_async(&mut c).await

@@ -223,6 +223,49 @@ async fn rate_limits_per_client() {
             .status(),
         200
     );
+
+    // A batch counts each entry the rule matches: four searches are more
+    // than the bucket ever holds, two leave room for one more.
+    let mut c = gw.claims("user/*.rs");
+    c["client_id"] = json!("batch-app");
+    let batcher = gw.issuer.signing_key().sign(&c);
+    let batch = |n: usize, tag: &str| {
+        let entries: Vec<_> = (0..n)
+            .map(|i| json!({"request": {"method": "GET", "url": format!("Observation?code={tag}-{i}")}}))
+            .collect();
+        json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string()
+    };
+    let before = gw.upstream.seen().len();
+    let r = gw
+        .post_bundle(&batcher, batch(4, "batch-big"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("this Bundle counts 4"));
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a throttled batch went upstream"
+    );
+    let r = gw
+        .post_bundle(&batcher, batch(2, "batch-two"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        gw.get("Observation?code=batch-third", Some(&batcher))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.get("Observation?code=batch-fourth", Some(&batcher))
+            .await
+            .status(),
+        429
+    );
 }
 
 /// A stored search's page is served whatever search its id names, so it
