@@ -622,6 +622,20 @@ impl PolicySet {
     }
 }
 
+/// The claim `name`: a top-level claim of that name, else, for a dotted
+/// name, the nested one it spells (`realm_access.roles`, where Keycloak
+/// puts realm roles). A claim whose own name holds dots (a namespaced
+/// `https://example.org/roles`) is found by its name first.
+pub fn claim<'a>(claims: &'a Value, name: &str) -> Option<&'a Value> {
+    if let Some(v) = claims.get(name) {
+        return Some(v);
+    }
+    if !name.contains('.') {
+        return None;
+    }
+    name.split('.').try_fold(claims, |v, key| v.get(key))
+}
+
 /// A claim holds one of `values` (string, number or bool; or a list
 /// holding one).
 fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
@@ -641,7 +655,7 @@ fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
         }
         _ => false,
     };
-    match claims.get(name) {
+    match claim(claims, name) {
         Some(Value::Array(a)) => a.iter().any(one),
         Some(v) => one(v),
         None => false,
@@ -732,7 +746,7 @@ pub fn role_ceiling(
             .map(|t| vec![t.to_string()])
             .unwrap_or_default()
     } else {
-        match claims.raw.get(&roles.claim) {
+        match claim(&claims.raw, &roles.claim) {
             Some(Value::String(r)) => vec![r.clone()],
             Some(Value::Array(a)) => a
                 .iter()
@@ -820,6 +834,22 @@ mod tests {
             break_glass: None,
             any_type: false,
         }
+    }
+
+    #[test]
+    fn claims_are_found_by_name_then_by_dotted_path() {
+        let claims = json!({
+            "realm_access": {"roles": ["research-viewer"]},
+            "https://example.org/roles": ["admin"],
+            "tier": 2
+        });
+        let m = |name: &str, v: &str| claim_matches(&claims, name, &[v.to_string()]);
+        assert!(m("realm_access.roles", "research-viewer"));
+        assert!(!m("realm_access.roles", "admin"));
+        assert!(m("https://example.org/roles", "admin"));
+        assert!(m("tier", "2"));
+        assert!(!m("realm_access.missing", "research-viewer"));
+        assert!(!m("roles", "research-viewer"));
     }
 
     #[test]

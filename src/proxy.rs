@@ -1290,7 +1290,9 @@ impl Gateway {
         // With a claim configured, the authorization server vouches for the
         // emergency: what the client writes in the header does not count.
         let reason = match bg.claim.as_deref() {
-            Some(c) => claims.raw.get(c).and_then(|v| v.as_str())?.to_string(),
+            Some(c) => crate::policy::claim(&claims.raw, c)
+                .and_then(|v| v.as_str())?
+                .to_string(),
             None => session
                 .req_header()
                 .headers
