@@ -954,17 +954,21 @@ impl Gateway {
                 &answer.body,
                 &self.bases,
             ) {
+                // Bundles (searches, `$everything`, an instance's history)
+                // point through the gateway, not at the upstream.
                 Verdict::Pass => Ok(match check {
-                    ResponseCheck::Search { .. } | ResponseCheck::Everything { .. } => {
-                        rewrite_links(
-                            &answer.body,
-                            self.settings.upstream.url.as_str().trim_end_matches('/'),
-                            &self.realm,
-                        )
-                        .map(Bytes::from)
-                        .unwrap_or(answer.body.clone())
+                    ResponseCheck::Resource { .. }
+                        if fhir.interaction != Interaction::HistoryInstance =>
+                    {
+                        answer.body.clone()
                     }
-                    ResponseCheck::Resource { .. } => answer.body.clone(),
+                    _ => rewrite_links(
+                        &answer.body,
+                        self.settings.upstream.url.as_str().trim_end_matches('/'),
+                        &self.realm,
+                    )
+                    .map(Bytes::from)
+                    .unwrap_or(answer.body.clone()),
                 }),
                 v => Err(v),
             },

@@ -95,6 +95,19 @@ async fn reads_by_id_answer_only_the_context_patients_compartment() {
         }
     }
 
+    // An instance's history points through the gateway, not at the
+    // upstream it came from.
+    let (_, body) = status_and_body(gw.get("Observation/obs-p1-0/_history", Some(&p1)).await).await;
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        h["link"][0]["url"],
+        format!("{}/Observation/obs-p1-0/_history", gw.base)
+    );
+    assert_eq!(
+        h["entry"][0]["fullUrl"],
+        format!("{}/Observation/obs-p1-0", gw.base)
+    );
+
     // A resource that does not exist looks exactly like one that is hidden.
     let (s, missing) = status_and_body(gw.get("Observation/no-such-1", Some(&p1)).await).await;
     assert_eq!(s, 404);

@@ -404,10 +404,21 @@ async fn handle(
                 let mut versions = earlier_versions(t, id);
                 versions.push(r.clone());
                 versions.reverse();
-                let entries: Vec<Value> = versions.into_iter().map(|v| json!({"resource": v})).collect();
+                // Absolute URLs from the Host it was sent, as HAPI's.
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost");
+                let url = format!("http://{host}{}/{t}/{id}", s.base_path);
+                let entries: Vec<Value> = versions
+                    .into_iter()
+                    .map(|v| json!({"fullUrl": url, "resource": v}))
+                    .collect();
                 fhir(
                     StatusCode::OK,
-                    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries}),
+                    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(),
+                           "link": [{"relation": "self", "url": format!("{url}/_history")}],
+                           "entry": entries}),
                 )
             }
             None => not_found(&format!("{t}/{id} is not known")),
