@@ -455,6 +455,16 @@ fn extract_denial(e: &ExtractError) -> Denial {
     }
 }
 
+/// Whether a request says it carries a body (a non-zero Content-Length,
+/// or any Transfer-Encoding).
+fn declares_body(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0))
+}
+
 fn classify_denial(e: &ClassifyError) -> Denial {
     match e {
         ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed {
@@ -1654,7 +1664,7 @@ impl Gateway {
             .headers
             .get(header::CONTENT_ENCODING)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        classify::fhir_charset(content_type.as_deref())
+        classify::check_content_type(content_type.as_deref())
             .map_err(|description| Denial::UnsupportedMediaType { description })?;
         let is_form = classify::form_body(content_type.as_deref(), content_encoding.as_deref())
             .map_err(|description| Denial::UnsupportedMediaType { description })?;
@@ -2021,6 +2031,18 @@ impl Gateway {
                     retry_after_seconds: wait.ceil().max(1.0) as u64,
                 });
             }
+        }
+        // A checked answer is fetched by fhirwall, which sends only a body
+        // it read: one it did not read (a Parameters body of
+        // `POST …/$everything`) would be dropped unseen, so the upstream
+        // would run another request than the client's.
+        if d.check.is_some() && body.is_none() && declares_body(&session.req_header().headers) {
+            return Err(Denial::BadFhirRequest {
+                code: "fhir_malformed",
+                description: "this request's answer is checked and its body is not read: send \
+                              its parameters in the query (e.g. GET …/$everything?_since=…)"
+                    .into(),
+            });
         }
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;

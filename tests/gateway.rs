@@ -1273,6 +1273,22 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
         let o = outcome(r).await;
         assert!(diagnostics(&o).contains(says), "{content_type}: {o}");
     }
+    // A Content-Type HAPI reads as a form (it only asks that it start like
+    // one) while the Bundle is parsed as JSON: the Bundle's text would
+    // carry URL parameters (`_cascade=delete`) nobody decided.
+    let bundle = json!({"resourceType": "Bundle", "type": "batch",
+        "implicitRules": "x&_cascade=delete&code=hidden-8",
+        "entry": [{"request": {"method": "GET", "url": "Observation?code=hidden-8"}}]})
+    .to_string();
+    for content_type in [
+        "application/x-www-form-urlencoded, application/fhir+json",
+        "application/x-www-form-urlencodedX",
+    ] {
+        let r = gw
+            .send("POST", "?_pretty=false", &obs, content_type, bundle.clone())
+            .await;
+        assert_eq!(r.status(), 415, "{content_type}");
+    }
     // FHIR content is UTF-8: a server reading it as Shift_JIS would see
     // other text than fhirwall decided on.
     let writer = gw.mint("user/Observation.u", None);

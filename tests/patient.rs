@@ -578,6 +578,32 @@ async fn bundle_members_in_shapes_fhirwall_would_not_read_are_refused() {
     assert!(gw.upstream.seen().is_empty(), "{:?}", gw.upstream.seen());
 }
 
+/// A checked request's answer is fetched by fhirwall, which sends only
+/// bodies it read: a body it does not read is refused, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_request_with_a_body_fhirwall_does_not_read_is_refused() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let params = json!({"resourceType": "Parameters",
+        "parameter": [{"name": "_since", "valueInstant": "2020-01-01T00:00:00Z"}]});
+    let r = gw
+        .send(
+            "POST",
+            "Patient/p1/$everything",
+            &p1,
+            "application/fhir+json",
+            params.to_string(),
+        )
+        .await;
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("its body is not read"), "{body}");
+    assert!(gw.upstream.seen().is_empty(), "{:?}", gw.upstream.seen());
+    // Without a body it is served.
+    let (s, body) = status_and_body(gw.get("Patient/p1/$everything", Some(&p1)).await).await;
+    assert_eq!(s, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuse_mode_requires_searches_to_name_the_patient() {
     let gw = Gateway::start(Options {
