@@ -1988,6 +1988,15 @@ impl Config {
                         );
                     }
                     let endpoint = match Url::parse(&f.endpoint) {
+                        Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                            bad(
+                                "audit.fhir.endpoint",
+                                "must not hold credentials (they would be shown wherever the \
+                                 URL is): use audit.fhir.bearer_token_env"
+                                    .into(),
+                            );
+                            None
+                        }
                         Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => Some(u),
                         Ok(_) => {
                             bad(
@@ -2133,6 +2142,15 @@ impl Config {
     fn validate_upstream(&self, problem: &mut impl FnMut(&str, String)) -> Option<Upstream> {
         let u = &self.upstream;
         let url = match Url::parse(&u.url) {
+            Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+                problem(
+                    "upstream.url",
+                    "must not hold credentials: the upstream URL is shown in logs and audit \
+                     records"
+                        .into(),
+                );
+                return None;
+            }
             Ok(url) => url,
             Err(e) => {
                 problem("upstream.url", format!("'{}' is not a URL: {e}", u.url));
@@ -2603,6 +2621,22 @@ admin:
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused() {
+        let text = GOOD.replace("http://127.0.0.1:9090/r4", "http://svc:secret@127.0.0.1:9090/r4")
+            + "audit:\n  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: https://u:p@audit.example/fhir\n";
+        let problems = Config::parse(&text).unwrap().validate().unwrap_err();
+        for key in ["upstream.url", "audit.fhir.endpoint"] {
+            let p = problems.iter().find(|p| p.path == key);
+            assert!(
+                p.is_some_and(
+                    |p| p.message.contains("credentials") && !p.message.contains("secret")
+                ),
+                "{key}: {problems:?}"
+            );
+        }
     }
 
     #[test]

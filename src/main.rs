@@ -102,9 +102,40 @@ enum Command {
     },
 }
 
+/// Libraries whose debug and trace logs print what fhirwall never logs
+/// (Pingora: request headers with the Authorization token, query values,
+/// body bytes; hyper and reqwest likewise): a `RUST_LOG` that turns
+/// debug or trace on for everything holds them at `info`, unless it names
+/// them itself.
+const QUIET_BELOW_INFO: &[&str] = &[
+    "pingora",
+    "pingora_core",
+    "pingora_proxy",
+    "pingora_http",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+];
+
 fn init_logs(json: bool) {
-    let filter =
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let verbose_for_all = asked.split(',').any(|d| {
+        let d = d.trim();
+        !d.contains('=') && (d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace"))
+    });
+    for target in QUIET_BELOW_INFO {
+        let named = asked
+            .split(',')
+            .any(|d| d.trim().split(['=', '[']).next() == Some(target));
+        if verbose_for_all && !named {
+            if let Ok(d) = format!("{target}=info").parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -455,6 +455,19 @@ fn extract_denial(e: &ExtractError) -> Denial {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (a path may
+/// hold raw UTF-8), for what is recorded.
+fn capped(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Whether a request says it carries a body (a non-zero Content-Length,
 /// or any Transfer-Encoding).
 fn declares_body(headers: &http::HeaderMap) -> bool {
@@ -1565,7 +1578,7 @@ impl Gateway {
         ) {
             Route::NotFound => {
                 return Err(Denial::NotFound {
-                    description: format!("'{path}' is not below the FHIR base"),
+                    description: format!("'{}' is not below the FHIR base", capped(&path, 200)),
                 })
             }
             Route::Public(rel) => {
@@ -1580,6 +1593,11 @@ impl Gateway {
                 if let Some(q) = req.uri.query() {
                     let params = classify::parse_params(q).map_err(|e| classify_denial(&e))?;
                     ctx.query_names = audit_param_names(&params);
+                    // A token in a query is refused here too: it would
+                    // reach the upstream's access logs.
+                    if has_access_token_param(&params) {
+                        return Err(extract_denial(&ExtractError::TokenInQuery));
+                    }
                     if let Some(name) = crate::decide::reaching_param(&params) {
                         return Err(Denial::BadFhirRequest {
                             code: "fhir_malformed",
@@ -2179,7 +2197,7 @@ impl Gateway {
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
             method: req.method.as_str(),
-            path: path.get(..512).unwrap_or(path),
+            path: capped(path, 512),
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
             response_bytes: done.then(|| session.body_bytes_sent() as u64),
@@ -2268,6 +2286,24 @@ impl Ctx {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
+
+    /// What Pingora's own error log lines say about a request: method,
+    /// path (capped) and request id — never the query, whose values may be
+    /// PHI (Pingora's default prints the whole request line).
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {}{} request_id={}",
+            req.method,
+            capped(req.uri.path(), 200),
+            if req.uri.query().is_some() {
+                "?…"
+            } else {
+                ""
+            },
+            ctx.request_id
+        )
+    }
 
     fn new_ctx(&self) -> Ctx {
         Ctx {

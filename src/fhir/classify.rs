@@ -284,7 +284,10 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
                 .decode_utf8()
                 .map(|c| c.into_owned())
                 .map_err(|_| {
-                    ClassifyError::MalformedQuery(format!("parameter '{pair}' is not valid UTF-8"))
+                    ClassifyError::MalformedQuery(format!(
+                        "parameter '{}' is not valid UTF-8",
+                        name.escape_default()
+                    ))
                 })
         };
         let name = decode(name)?;
@@ -923,16 +926,25 @@ fn conditional_references(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(
 }
 
 /// A value that lands on a `reference`: a string (conditional when it
-/// holds a `?`, as servers tell) or null; anything else is refused.
+/// holds a `?`, as servers tell) or null; an object is an element named
+/// `reference` that holds a Reference (`Consent.provision.data.reference`,
+/// `Contract.term.asset.context.reference`), read like any other; anything
+/// else is refused (named by its JSON type only: the value may be PHI).
 fn reference_value(v: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(), ClassifyError> {
     match v {
         Value::String(r) if r.contains('?') => out.push(reference_search(r)?),
         Value::String(_) | Value::Null => {}
+        Value::Object(_) => conditional_references(v, out)?,
         _ => {
+            let kind = match v {
+                Value::Array(_) => "an array",
+                Value::Number(_) => "a number",
+                _ => "a boolean",
+            };
             return Err(ClassifyError::UnreadableBody {
                 what: "written resource".into(),
-                reason: format!("a 'reference' is not a string: {v}"),
-            })
+                reason: format!("a 'reference' is {kind}, not a string"),
+            });
         }
     }
     Ok(())
@@ -1266,16 +1278,21 @@ mod tests {
                 br#"{"focus": [{"reference": ["Patient?x=1"]}]}"#,
                 "not a string",
             ),
-            (
-                br#"{"focus": [{"reference": {"x": "Patient?x=1"}}]}"#,
-                "not a string",
-            ),
         ] {
             let e = classify_written_body(c("PUT", "Observation/1", None).unwrap(), body)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(says), "{e}");
         }
+        // An object where a string is due is an element named `reference`
+        // holding a Reference (Consent.provision.data.reference): read as one.
+        assert!(classify_written_body(
+            c("PUT", "Observation/1", None).unwrap(),
+            br#"{"focus": [{"reference": {"x": "Patient?x=1"}}]}"#
+        )
+        .unwrap()
+        .reference_searches
+        .is_empty());
         assert!(
             classify_written_body(c("PUT", "Observation/1", None).unwrap(), b"")
                 .unwrap()
@@ -1831,5 +1848,23 @@ mod tests {
             serde_json::json!(["Observation.performer[0].reference"]);
         let odd_path = serde_json::json!({"resourceType": "Parameters", "parameter": [odd_path]});
         assert!(written_references(&odd_path, true).is_err());
+    }
+
+    #[test]
+    fn an_element_named_reference_may_hold_a_reference() {
+        // Consent.provision.data.reference is a Reference object.
+        let consent = serde_json::json!({"resourceType": "Consent", "provision": {"data": [
+            {"meaning": "related",
+             "reference": {"reference": "DocumentReference/9", "display": "HIV test"}}]}});
+        assert!(written_references(&consent, false).unwrap().is_empty());
+        let conditional = serde_json::json!({"resourceType": "Consent", "provision": {"data": [
+            {"reference": {"reference": "DocumentReference?identifier=x"}}]}});
+        let found = written_references(&conditional, false).unwrap();
+        assert_eq!(found[0].resource_type.as_deref(), Some("DocumentReference"));
+        // Anything else is refused, saying what it is, never what it holds.
+        let odd = serde_json::json!({"resourceType": "Observation",
+            "subject": {"reference": ["Patient/secret-name"]}});
+        let e = written_references(&odd, false).unwrap_err().to_string();
+        assert!(e.contains("an array") && !e.contains("secret-name"), "{e}");
     }
 }

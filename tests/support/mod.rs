@@ -87,6 +87,8 @@ pub struct Options {
     /// small tmpfs; the test reaches its files through
     /// [`Gateway::own_path`].
     pub namespace_setup: Option<String>,
+    /// `RUST_LOG` for the gateway (default `warn`).
+    pub rust_log: Option<String>,
 }
 
 impl Default for Options {
@@ -108,6 +110,7 @@ impl Default for Options {
             audit_yaml: None,
             replica_of: None,
             namespace_setup: None,
+            rust_log: None,
         }
     }
 }
@@ -125,6 +128,7 @@ pub struct Gateway {
     pub dir: PathBuf,
     config: PathBuf,
     namespace_setup: Option<String>,
+    rust_log: String,
     child: Child,
     _dir: TempDir,
 }
@@ -178,7 +182,12 @@ pub fn metric(text: &str, series: &str) -> f64 {
 /// Runs `fhirwall run --config <config>`, its stderr appended to
 /// `<dir>/stderr.log`; after `setup` in a mount namespace of its own if
 /// given (the child's pid is then the gateway's: `sh` execs it).
-fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path, setup: Option<&str>) -> Child {
+fn spawn_gateway(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    setup: Option<&str>,
+    rust_log: &str,
+) -> Child {
     let append = |name: &str| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -198,7 +207,7 @@ fn spawn_gateway(config: &std::path::Path, dir: &std::path::Path, setup: Option<
     };
     cmd.args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", rust_log)
         // stdout is where `audit.sink: stdout` writes.
         .stdout(Stdio::from(append("stdout.log")))
         .stderr(Stdio::from(append("stderr.log")))
@@ -289,11 +298,13 @@ impl Gateway {
         );
         let config = dir.0.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let child = spawn_gateway(&config, &dir.0, opts.namespace_setup.as_deref());
+        let rust_log = opts.rust_log.clone().unwrap_or_else(|| "warn".into());
+        let child = spawn_gateway(&config, &dir.0, opts.namespace_setup.as_deref(), &rust_log);
         let gw = Gateway {
             dir: dir.0.clone(),
             config,
             namespace_setup: opts.namespace_setup.clone(),
+            rust_log,
             base: own,
             admin: format!("http://127.0.0.1:{admin_port}"),
             upstream,
@@ -376,7 +387,12 @@ impl Gateway {
     /// Starts the gateway again with the same configuration (after
     /// [`Gateway::kill`]) and waits until it is ready.
     pub async fn restart(&mut self) {
-        self.child = spawn_gateway(&self.config, &self.dir, self.namespace_setup.as_deref());
+        self.child = spawn_gateway(
+            &self.config,
+            &self.dir,
+            self.namespace_setup.as_deref(),
+            &self.rust_log,
+        );
         self.wait_for("readyz").await;
     }
 
