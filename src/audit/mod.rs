@@ -490,9 +490,14 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The most of a denial's description a record keeps: a client without a
+/// token must not be able to fill the audit with long paths or names.
+const MAX_DETAIL: usize = 1024;
+
 /// A denial's description as the audit keeps it: every `=value` (a query
 /// or form parameter, a Bundle entry's URL, a header echoed back to the
-/// client) becomes `=<redacted>`, since values can be PHI or credentials.
+/// client) becomes `=<redacted>`, since values can be PHI or credentials;
+/// at most [`MAX_DETAIL`] bytes, cut at a character boundary and marked.
 pub fn scrub(detail: &str) -> String {
     let mut out = String::with_capacity(detail.len());
     let mut chars = detail.chars().peekable();
@@ -510,6 +515,15 @@ pub fn scrub(detail: &str) -> String {
             if skipped {
                 out.push_str("<redacted>");
             }
+        }
+        if out.len() > MAX_DETAIL {
+            let mut end = MAX_DETAIL;
+            while !out.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.truncate(end);
+            out.push('…');
+            break;
         }
     }
     out

@@ -64,6 +64,14 @@ fn scrub_keeps_names_and_drops_values() {
         "_format=<redacted> is refused"
     );
     assert_eq!(scrub("a = b, x="), "a = b, x=");
+    // Long details are cut, at a character boundary, and say so.
+    let long = format!("'{}' is not below the FHIR base", "é".repeat(2000));
+    let kept = scrub(&long);
+    assert!(
+        kept.len() <= 1024 + '…'.len_utf8() + 4 && kept.ends_with('…'),
+        "{}",
+        kept.len()
+    );
 }
 
 #[test]
