@@ -1123,12 +1123,13 @@ pub fn reached_types(req: &FhirRequest, by_nature: bool) -> (bool, Vec<String>) 
     // what it reaches by nature (a system search: `_type`'s or any) and by
     // its parameters.
     let own = match req.interaction {
-        Interaction::SearchSystem | Interaction::HistorySystem | Interaction::Operation
-            if by_nature =>
-        {
+        _ if !by_nature => Ok(Vec::new()),
+        Interaction::SearchSystem | Interaction::HistorySystem | Interaction::Operation => {
             own_needs(req)
         }
-        _ => Ok(Vec::new()),
+        // Any other interaction reaching every type by nature
+        // (`Patient/p1/*`).
+        _ => own_needs(req).map(|n| n.into_iter().filter(|n| n.resource.is_none()).collect()),
     };
     let Ok(needs) = own.and_then(|mut n| {
         n.extend(reaching_needs(req)?);
@@ -1256,21 +1257,31 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                 needs.push(Need::on(Perm::Search, reached));
             }
             _ if name.starts_with("_has:") => {
-                let ty = name
-                    .split(':')
-                    .nth(1)
-                    .filter(|t| crate::fhir::resource_types::is_resource_type(t));
-                needs.push(Need::on(Perm::Search, ty));
+                // `_has:T1:p1:_has:T2:p2:…:param`: every T searched.
+                let parts: Vec<&str> = name.split(':').collect();
+                let mut i = 0;
+                while i + 1 < parts.len() && parts[i] == "_has" {
+                    let ty = Some(parts[i + 1])
+                        .filter(|t| crate::fhir::resource_types::is_resource_type(t));
+                    needs.push(Need::on(Perm::Search, ty));
+                    i += 3;
+                }
             }
             _ if name.contains('.') => {
-                // Chained: param:Type.x or param.x — reaches Type (or any type).
-                let head = name.split('.').next().unwrap_or("");
-                let ty = head
-                    .split(':')
-                    .nth(1)
-                    .filter(|t| crate::fhir::resource_types::is_resource_type(t));
-                needs.push(Need::on(Perm::Search, ty));
+                // Chained: `p:Type.q.r`: each hop reaches its type, named
+                // (`q:Type`) or not (any type), but the last, which is a
+                // parameter of the type before it.
+                let hops: Vec<&str> = name.split('.').collect();
+                for hop in &hops[..hops.len() - 1] {
+                    let ty = hop
+                        .split(':')
+                        .nth(1)
+                        .filter(|t| crate::fhir::resource_types::is_resource_type(t));
+                    needs.push(Need::on(Perm::Search, ty));
+                }
             }
+            // `_list=id`: the List resource's entries.
+            "_list" => needs.push(Need::on(Perm::Read, Some("List"))),
             _ => {}
         }
     }

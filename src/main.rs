@@ -124,7 +124,9 @@ fn init_logs(json: bool) {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let verbose_for_all = asked.split(',').any(|d| {
         let d = d.trim();
-        !d.contains('=') && (d.eq_ignore_ascii_case("debug") || d.eq_ignore_ascii_case("trace"))
+        !d.contains('=')
+            && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_ok_and(|l| l > tracing_subscriber::filter::LevelFilter::INFO)
     });
     for target in QUIET_BELOW_INFO {
         let named = asked

@@ -470,10 +470,12 @@ impl PolicySet {
         };
         let mut broke_glass = Vec::new();
         for t in types {
-            if Some(t) == own {
-                continue;
-            }
             for interaction in ["read", "search-type"] {
+                // The request's own type was judged for its interaction; a
+                // conditional write also searches its own type.
+                if Some(t) == own && !(r.conditional && interaction == "search-type") {
+                    continue;
+                }
                 match self.evaluate(&PolicyInput {
                     interaction,
                     resource_type: Some(t),
@@ -929,11 +931,44 @@ mod tests {
             ("GET", "_history"),
             ("GET", "?_type=Encounter,DocumentReference"),
             ("GET", "Patient?_has:DocumentReference:patient:type=x"),
+            (
+                "GET",
+                "Patient?_has:Encounter:patient:_has:DocumentReference:encounter:type=x",
+            ),
+            (
+                "GET",
+                "Encounter?subject:Patient.link:DocumentReference.type=x",
+            ),
+            ("GET", "Patient/p1/*"),
         ] {
             let e = verdict(&no_docs, method, url).unwrap_err();
             assert!(e.starts_with("t.yaml#no-docs"), "{url}: {e}");
         }
         assert!(verdict(&no_docs, "GET", "?_type=Encounter,Condition").is_ok());
+        // A conditional create searches its own type.
+        let no_patient_search = set("rules:
+  - name: no-patient-search
+    effect: deny
+    when: {client_id: [app], resource_type: [Patient], interaction: [search-type]}
+");
+        let create = |ine: Option<&str>| {
+            let fhir = classify(HttpRequest {
+                method: "POST",
+                path: "Patient",
+                query: None,
+                if_none_exist: ine,
+            })
+            .unwrap();
+            matches!(
+                no_patient_search
+                    .evaluate_each(&base, &fhir)
+                    .remove(0)
+                    .verdict,
+                Verdict::Allow { .. }
+            )
+        };
+        assert!(create(None));
+        assert!(!create(Some("name=Smith&birthdate=1970-01-01")));
     }
 
     #[test]

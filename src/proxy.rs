@@ -1668,20 +1668,29 @@ impl Gateway {
                 use base64::Engine;
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
             });
-        let mut content_types = req.headers.get_all(header::CONTENT_TYPE).iter();
-        let content_type = content_types
-            .next()
-            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
-        if content_types.next().is_some() {
-            return Err(Denial::BadFhirRequest {
-                code: "fhir_malformed",
-                description: "more than one Content-Type header".into(),
-            });
-        }
-        let content_encoding = req
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        // Read as written, or refused: a value that is not visible ASCII
+        // would be judged as something else than the upstream reads.
+        let one_ascii = |name: header::HeaderName| -> std::result::Result<Option<String>, Denial> {
+            let mut values = req.headers.get_all(&name).iter();
+            let first = values.next();
+            if values.next().is_some() {
+                return Err(Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: format!("more than one {name} header"),
+                });
+            }
+            first
+                .map(|v| {
+                    v.to_str()
+                        .map(str::to_string)
+                        .map_err(|_| Denial::UnsupportedMediaType {
+                            description: format!("{name} is not visible ASCII"),
+                        })
+                })
+                .transpose()
+        };
+        let content_type = one_ascii(header::CONTENT_TYPE)?;
+        let content_encoding = one_ascii(header::CONTENT_ENCODING)?;
         classify::check_content_type(content_type.as_deref())
             .map_err(|description| Denial::UnsupportedMediaType { description })?;
         let is_form = classify::form_body(content_type.as_deref(), content_encoding.as_deref())
@@ -1859,7 +1868,8 @@ impl Gateway {
             ctx.query_names = audit_param_names(&searched);
         }
         if let Some(body) = &body {
-            if is_form {
+            // An empty form carries no parameters: no body at all.
+            if is_form && !body.is_empty() {
                 let text = std::str::from_utf8(body).map_err(|_| Denial::BadFhirRequest {
                     code: "fhir_malformed",
                     description: "form body is not UTF-8".into(),
@@ -2055,12 +2065,18 @@ impl Gateway {
         // `POST …/$everything`) would be dropped unseen, so the upstream
         // would run another request than the client's.
         if d.check.is_some() && body.is_none() && declares_body(&session.req_header().headers) {
-            return Err(Denial::BadFhirRequest {
-                code: "fhir_malformed",
-                description: "this request's answer is checked and its body is not read: send \
-                              its parameters in the query (e.g. GET …/$everything?_since=…)"
-                    .into(),
-            });
+            // HAPI's client sends `POST …/$everything` with an empty
+            // Parameters: read it, and pass that (and only that) on.
+            let unread = self.read_body(session, ctx).await?;
+            if !classify::is_empty_parameters(&unread) {
+                return Err(Denial::BadFhirRequest {
+                    code: "fhir_malformed",
+                    description: "this request's answer is checked and its body is not read: \
+                                  send its parameters in the query (e.g. GET \
+                                  …/$everything?_since=…)"
+                        .into(),
+                });
+            }
         }
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;

@@ -295,8 +295,10 @@ return {1, 0}
 ";
 
 /// A token bucket (the arithmetic of `ratelimit::Bucket::take`) timed by
-/// Redis's clock. KEYS: the bucket. ARGV: capacity, refill per second.
-/// Returns `{1, 0}` taken or `{0, ms}` the wait for a token. Time is kept
+/// Redis's clock. KEYS: the bucket. ARGV: capacity, refill per second,
+/// tokens to take (a Bundle's matching entries). Returns `{1, 0}` taken or
+/// `{0, ms}` the wait for them (the whole window when they exceed the
+/// capacity). Time is kept
 /// in whole microseconds (exact in a Lua number).
 const BUCKET_SCRIPT: &str = r"
 local t = redis.call('TIME')

@@ -1298,6 +1298,24 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
             .await;
         assert_eq!(r.status(), 415, "{content_type}");
     }
+    // A Content-Type that is not visible ASCII is refused, not read as
+    // something else than the upstream reads.
+    let r = gw
+        .client
+        .post(format!("{}?_pretty=false", gw.base))
+        .bearer_auth(&obs)
+        .header(
+            "content-type",
+            reqwest::header::HeaderValue::from_bytes(
+                b"application/x-www-form-urlencoded, application/fhir+json; x=\xe9",
+            )
+            .unwrap(),
+        )
+        .body(bundle.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
     // FHIR content is UTF-8: a server reading it as Shift_JIS would see
     // other text than fhirwall decided on.
     let writer = gw.mint("user/Observation.u", None);

@@ -599,9 +599,28 @@ async fn a_checked_request_with_a_body_fhirwall_does_not_read_is_refused() {
     assert_eq!(s, 400, "{body}");
     assert!(body.contains("its body is not read"), "{body}");
     assert!(gw.upstream.seen().is_empty(), "{:?}", gw.upstream.seen());
-    // Without a body it is served.
+    // Without a body it is served; so is HAPI's client's POST with an
+    // empty Parameters, which is passed on as it came.
     let (s, body) = status_and_body(gw.get("Patient/p1/$everything", Some(&p1)).await).await;
     assert_eq!(s, 200, "{body}");
+    let empty = r#"{"resourceType":"Parameters"}"#;
+    let r = gw
+        .send(
+            "POST",
+            "Patient/p1/$everything",
+            &p1,
+            "application/fhir+json",
+            empty,
+        )
+        .await;
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 200, "{body}");
+    let seen = gw.upstream.seen();
+    let sent = seen.last().unwrap();
+    assert_eq!(
+        (sent.method.as_str(), &sent.body[..]),
+        ("POST", empty.as_bytes())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,10 @@ impl AppendFile {
     /// network and FUSE ones) and files that are not regular (a FIFO,
     /// `/dev/stdout`) cannot tell: they pass on the open alone.
     pub(super) fn probe(&mut self) -> io::Result<()> {
+        // Opened first: opening is what learns the size of a file that
+        // exists (room below its end is allocated already and proves
+        // nothing).
+        self.open()?;
         let size = self.size;
         let f = self.open()?;
         match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, size, PROBE_ROOM) {

@@ -682,6 +682,27 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
     Ok(r)
 }
 
+/// Whether a body is a FHIR Parameters resource carrying no parameter
+/// (`{"resourceType":"Parameters"}`, as HAPI's client sends an operation
+/// invoked with none), or nothing at all.
+pub fn is_empty_parameters(body: &[u8]) -> bool {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return true;
+    }
+    let Ok(v) = super::strict_json::parse(body) else {
+        return false;
+    };
+    let Some(o) = v.as_object() else {
+        return false;
+    };
+    o.get("resourceType").and_then(Value::as_str) == Some("Parameters")
+        && o.iter().all(|(k, v)| match k.as_str() {
+            "resourceType" | "id" | "meta" => true,
+            "parameter" => v.as_array().is_some_and(Vec::is_empty),
+            _ => false,
+        })
+}
+
 /// `W/"x"` or `"x"`, with no quote inside.
 fn is_entity_tag(tag: &str) -> bool {
     let t = tag.trim();
@@ -742,8 +763,9 @@ pub fn form_body(
     // starts with the form type (`…urlencodedX`, `…urlencoded, application/
     // fhir+json`): anything so spelt is a form here too, and must be one
     // exactly.
-    let head = ct.trim_start();
-    let starts = head.len() >= FORM.len() && head[..FORM.len()].eq_ignore_ascii_case(FORM);
+    let head = ct.trim_start().as_bytes();
+    let starts =
+        head.len() >= FORM.len() && head[..FORM.len()].eq_ignore_ascii_case(FORM.as_bytes());
     if !starts {
         return Ok(false);
     }

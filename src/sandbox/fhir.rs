@@ -467,7 +467,7 @@ async fn handle(
             fhir(StatusCode::OK, s.search(&stored, &rest))
         }
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
-        ("GET", ["Patient", id, "$everything"]) => {
+        ("GET" | "POST", ["Patient", id, "$everything"]) => {
             let mut p = params.clone();
             p.push(("patient".into(), id.to_string()));
             let mut b = s.search(&["Observation", "Condition"], &p);
