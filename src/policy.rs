@@ -388,6 +388,10 @@ impl PolicySet {
         base: &PolicyInput,
         fhir: &crate::fhir::classify::FhirRequest,
     ) -> Vec<Judged> {
+        // The verdicts on reached types depend on the caller (the same for
+        // every entry), the type and the interaction only: judged once
+        // each per request, however many entries reach them.
+        let reached = std::cell::RefCell::new(std::collections::HashMap::new());
         std::iter::once(fhir)
             .chain(&fhir.entries)
             .enumerate()
@@ -409,7 +413,12 @@ impl PolicySet {
                             by,
                             limits,
                             mut broke_glass,
-                        } if !page => match self.evaluate_reached(&input, r, by.as_deref()) {
+                        } if !page => match self.evaluate_reached(
+                            &input,
+                            r,
+                            by.as_deref(),
+                            &mut reached.borrow_mut(),
+                        ) {
                             Ok(more) => {
                                 for g in more {
                                     if !broke_glass.contains(&g) {
@@ -450,6 +459,7 @@ impl PolicySet {
         input: &PolicyInput,
         r: &crate::fhir::classify::FhirRequest,
         allowed_by: Option<&str>,
+        judged: &mut std::collections::HashMap<(String, &'static str), Verdict>,
     ) -> Result<Vec<String>, Verdict> {
         let named = r.operation.is_some()
             && self.rules.iter().any(|rule| {
@@ -476,14 +486,20 @@ impl PolicySet {
                 if Some(t) == own && !(r.conditional && interaction == "search-type") {
                     continue;
                 }
-                match self.evaluate(&PolicyInput {
-                    interaction,
-                    resource_type: Some(t),
-                    operation: None,
-                    path: t,
-                    any_type: false,
-                    ..*input
-                }) {
+                let verdict = judged
+                    .entry((t.to_string(), interaction))
+                    .or_insert_with(|| {
+                        self.evaluate(&PolicyInput {
+                            interaction,
+                            resource_type: Some(t),
+                            operation: None,
+                            path: t,
+                            any_type: false,
+                            ..*input
+                        })
+                    })
+                    .clone();
+                match verdict {
                     Verdict::Deny { by, reason } => {
                         return Err(Verdict::Deny {
                             by,
