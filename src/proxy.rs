@@ -2033,6 +2033,16 @@ impl Gateway {
         let d = grant.decision;
         drop(stage);
         for (rule, limit, who, n) in limits {
+            // More entries than the bucket ever holds: no wait helps.
+            if n > limit.requests {
+                return Err(Denial::TooLarge {
+                    description: format!(
+                        "this Bundle has {n} entries that policy rule {rule} counts; it allows at \
+                         most {} per {} s: split it",
+                        limit.requests, limit.per_seconds
+                    ),
+                });
+            }
             let taken = self
                 .shared
                 .take(&rule, &limit, &who, n)

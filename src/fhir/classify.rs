@@ -817,7 +817,15 @@ pub fn check_content_type(content_type: Option<&str>) -> Result<(), String> {
     // One media type: servers read a list each their own way (HAPI takes
     // the body as a form if the list starts with one, and parses it as the
     // first FHIR type in it).
-    if ct.contains(',') {
+    // (A comma inside a quoted parameter, `boundary="a,b"`, is a value's.)
+    let mut quoted = false;
+    let listed = ct.chars().any(|c| {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        c == ',' && !quoted
+    });
+    if listed {
         return Err(format!(
             "Content-Type names one media type, not a list ('{}')",
             ct.escape_default()
@@ -1813,6 +1821,7 @@ mod tests {
         ))
         .is_err());
         assert!(check_content_type(Some("text/plain, image/png")).is_err());
+        assert!(check_content_type(Some("multipart/form-data; boundary=\"a,b\"")).is_ok());
     }
 
     #[test]
