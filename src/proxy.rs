@@ -2251,6 +2251,7 @@ impl Ctx {
             method: self.method.as_ref().map_or("", |m| m.as_str()),
             path: self.rel_path.as_deref().unwrap_or(""),
             query_params: &self.query_names,
+            narrowed_with: self.narrow.iter().map(|(n, _)| n.as_str()).collect(),
             issuer: claims.map(|c| c.issuer_name.as_str()),
             client_id: claims.and_then(|c| c.client_id.as_deref()),
             sub: claims.and_then(|c| c.sub.as_deref()),

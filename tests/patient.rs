@@ -483,6 +483,14 @@ async fn post_search_bodies_are_decided_and_narrowed() {
     assert_eq!(s, 403, "{body}");
     assert_eq!(gw.upstream.seen().len(), before);
 
+    // What fhirwall added to confine a search is on record (names only).
+    let r = gw.get("Observation?code=narrow-audit-1", Some(&p1)).await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["narrowed_with"], json!(["patient"]), "{rec}");
+    assert!(!rec.to_string().contains("narrow-audit-1"), "{rec}");
+
     // The body naming the patient does not confine the search: a server
     // may leave a body unread, so the patient goes into the query too.
     let (s, body) = post("patient=p1&code=form-named-1").await;

@@ -373,6 +373,9 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     if !r.query_params.is_empty() {
         details.push(detail("query_params", r.query_params.join(",")));
     }
+    if !r.narrowed_with.is_empty() {
+        details.push(detail("narrowed_with", r.narrowed_with.join(",")));
+    }
     if let Some(kind) = r.token_kind {
         details.push(detail("token_kind", kind));
     }

@@ -84,6 +84,11 @@ pub struct Record<'a> {
     /// body's, a conditional create's `If-None-Exist` — never their values.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub query_params: &'a [String],
+    /// Names of the parameters fhirwall added to the query sent upstream
+    /// to confine it (the context patient, a scope's filter), never their
+    /// values.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub narrowed_with: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub issuer: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
