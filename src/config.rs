@@ -677,6 +677,11 @@ fn d_connect_timeout() -> u64 {
 fn d_read_timeout() -> u64 {
     30_000
 }
+/// Whether a URL holds a user or password (shown wherever the URL is).
+fn has_credentials(u: &Url) -> bool {
+    !u.username().is_empty() || u.password().is_some()
+}
+
 fn d_idle_timeout() -> u64 {
     60_000
 }
@@ -1777,7 +1782,7 @@ impl Config {
                 "redis.url",
                 format!("'{}' must start with redis:// or rediss:// (TLS)", r.url),
             ),
-            Ok(u) if !u.username().is_empty() || u.password().is_some() => bad(
+            Ok(u) if has_credentials(&u) => bad(
                 "redis.url",
                 "must not hold credentials (they would be shown wherever the URL is): \
                  use redis.username and redis.password_file"
@@ -1988,7 +1993,7 @@ impl Config {
                         );
                     }
                     let endpoint = match Url::parse(&f.endpoint) {
-                        Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                        Ok(u) if has_credentials(&u) => {
                             bad(
                                 "audit.fhir.endpoint",
                                 "must not hold credentials (they would be shown wherever the \
@@ -2142,7 +2147,7 @@ impl Config {
     fn validate_upstream(&self, problem: &mut impl FnMut(&str, String)) -> Option<Upstream> {
         let u = &self.upstream;
         let url = match Url::parse(&u.url) {
-            Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+            Ok(url) if has_credentials(&url) => {
                 problem(
                     "upstream.url",
                     "must not hold credentials: the upstream URL is shown in logs and audit \

@@ -465,11 +465,7 @@ impl PolicySet {
             && self.rules.iter().any(|rule| {
                 !rule.when.operation.is_empty()
                     && matches!(rule.effect, Effect::Allow)
-                    && allowed_by.is_some_and(|by| {
-                        by.strip_prefix(rule.file.as_str())
-                            .and_then(|rest| rest.strip_prefix('#'))
-                            == Some(rule.name.as_str())
-                    })
+                    && allowed_by == Some(rule.id().as_str())
             });
         let (any, reached) = crate::decide::reached_types(r, !named);
         let own = r.resource_type.as_deref();
@@ -601,7 +597,7 @@ impl PolicySet {
             if !r.matches(input) {
                 continue;
             }
-            let by = format!("{}#{}", r.file, r.name);
+            let by = r.id();
             if let Some(l) = &r.rate_limit {
                 limits.push((by.clone(), l.clone()));
             }
@@ -707,6 +703,11 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 }
 
 impl Rule {
+    /// How verdicts name the rule: `file#name`.
+    fn id(&self) -> String {
+        format!("{}#{}", self.file, self.name)
+    }
+
     fn matches(&self, i: &PolicyInput) -> bool {
         let w = &self.when;
         let any = |list: &[String], v: Option<&str>| {

@@ -455,19 +455,6 @@ fn extract_denial(e: &ExtractError) -> Denial {
     }
 }
 
-/// At most `max` bytes of `s`, cut at a character boundary (a path may
-/// hold raw UTF-8), for what is recorded.
-fn capped(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// Whether a request says it carries a body (a non-zero Content-Length,
 /// or any Transfer-Encoding).
 fn declares_body(headers: &http::HeaderMap) -> bool {
@@ -511,6 +498,12 @@ impl Gateway {
         r
     }
 
+    /// The upstream's base URL as its answers spell it, without a trailing
+    /// `/` (links under it are moved to the public base).
+    fn upstream_base(&self) -> &str {
+        self.settings.upstream.url.as_str().trim_end_matches('/')
+    }
+
     /// Marks an upstream answer passed on to the client: the request id
     /// and, for a DPoP-bound request, a nonce for its next proof. The
     /// upstream's cookies stay behind (a client's never reach it), and a
@@ -520,11 +513,7 @@ impl Gateway {
         h.remove_header(&header::SET_COOKIE);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let moved = h.headers.get(&name).and_then(|v| {
-                crate::check::rewrite_url(
-                    v.to_str().ok()?,
-                    self.settings.upstream.url.as_str().trim_end_matches('/'),
-                    &self.realm,
-                )
+                crate::check::rewrite_url(v.to_str().ok()?, self.upstream_base(), &self.realm)
             });
             if let Some(public) = moved {
                 h.insert_header(name, public)?;
@@ -985,13 +974,9 @@ impl Gateway {
                     {
                         answer.body.clone()
                     }
-                    _ => rewrite_links(
-                        &answer.body,
-                        self.settings.upstream.url.as_str().trim_end_matches('/'),
-                        &self.realm,
-                    )
-                    .map(Bytes::from)
-                    .unwrap_or(answer.body.clone()),
+                    _ => rewrite_links(&answer.body, self.upstream_base(), &self.realm)
+                        .map(Bytes::from)
+                        .unwrap_or(answer.body.clone()),
                 }),
                 v => Err(v),
             },
@@ -1578,7 +1563,10 @@ impl Gateway {
         ) {
             Route::NotFound => {
                 return Err(Denial::NotFound {
-                    description: format!("'{}' is not below the FHIR base", capped(&path, 200)),
+                    description: format!(
+                        "'{}' is not below the FHIR base",
+                        crate::audit::capped(&path, 200)
+                    ),
                 })
             }
             Route::Public(rel) => {
@@ -1822,15 +1810,13 @@ impl Gateway {
                     .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                     .collect()
             };
-            let content_type = text(header::CONTENT_TYPE);
-            let content_encoding = text(header::CONTENT_ENCODING);
+            // (Content-Type and Content-Encoding: one each, visible
+            // ASCII, checked above for every request.)
             let security_context = text(header::HeaderName::from_static("x-security-context"));
-            if content_type.len() > 1 || content_encoding.len() > 1 || security_context.len() > 1 {
+            if security_context.len() > 1 {
                 return Err(Denial::BadFhirRequest {
                     code: "fhir_malformed",
-                    description: "a write with more than one Content-Type, Content-Encoding or \
-                                  X-Security-Context header"
-                        .into(),
+                    description: "a write with more than one X-Security-Context header".into(),
                 });
             }
             fhir = classify::security_context_reference(
@@ -1840,8 +1826,8 @@ impl Gateway {
             .map_err(|e| classify_denial(&e))?;
             let reads = classify::reads_written_body(
                 &fhir,
-                content_type.first().map(String::as_str),
-                content_encoding.first().map(String::as_str),
+                content_type.as_deref(),
+                content_encoding.as_deref(),
             )
             .map_err(|e| classify_denial(&e))?;
             if reads {
@@ -2223,7 +2209,7 @@ impl Gateway {
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
             method: req.method.as_str(),
-            path: capped(path, 512),
+            path: crate::audit::capped(path, 512),
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
             response_bytes: done.then(|| session.body_bytes_sent() as u64),
@@ -2322,7 +2308,7 @@ impl ProxyHttp for Gateway {
         format!(
             "{} {}{} request_id={}",
             req.method,
-            capped(req.uri.path(), 200),
+            crate::audit::capped(req.uri.path(), 200),
             if req.uri.query().is_some() {
                 "?…"
             } else {

@@ -495,6 +495,19 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (a path may
+/// hold raw UTF-8), for what is recorded and logged.
+pub fn capped(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The most of a denial's description a record keeps: a client without a
 /// token must not be able to fill the audit with long paths or names.
 const MAX_DETAIL: usize = 1024;
@@ -522,10 +535,7 @@ pub fn scrub(detail: &str) -> String {
             }
         }
         if out.len() > MAX_DETAIL {
-            let mut end = MAX_DETAIL;
-            while !out.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = capped(&out, MAX_DETAIL).len();
             out.truncate(end);
             out.push('…');
             break;

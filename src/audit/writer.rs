@@ -99,9 +99,13 @@ impl AppendFile {
         // exists (room below its end is allocated already and proves
         // nothing).
         self.open()?;
-        let size = self.size;
-        let f = self.open()?;
-        match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, size, PROBE_ROOM) {
+        let f = self.file.as_deref().expect("just opened");
+        match rustix::fs::fallocate(
+            f,
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.size,
+            PROBE_ROOM,
+        ) {
             Ok(()) => Ok(()),
             Err(e) if no_room(e) => {
                 self.file = None;

@@ -1016,34 +1016,34 @@ fn patched_references(doc: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(),
             // Read as HAPI's lenient parser reads it: one object where an
             // array is due is one element; a name that is no string is
             // refused (it could be read as "operation" there).
-            let elements = |v: Option<&Value>| -> Vec<Value> {
+            fn elements(v: Option<&Value>) -> &[Value] {
                 match v {
-                    Some(Value::Array(a)) => a.clone(),
-                    Some(o @ Value::Object(_)) => vec![o.clone()],
-                    _ => Vec::new(),
+                    Some(Value::Array(a)) => a,
+                    Some(o @ Value::Object(_)) => std::slice::from_ref(o),
+                    _ => &[],
                 }
-            };
-            let named = |p: &Value| -> Result<Option<String>, ClassifyError> {
+            }
+            fn named(p: &Value) -> Result<Option<&str>, ClassifyError> {
                 match p.get("name") {
                     None => Ok(None),
-                    Some(Value::String(n)) => Ok(Some(n.clone())),
+                    Some(Value::String(n)) => Ok(Some(n.as_str())),
                     Some(_) => Err(ClassifyError::UnreadableBody {
                         what: "patch".into(),
                         reason: "a FHIRPath Patch parameter's name is not a string".into(),
                     }),
                 }
-            };
+            }
             let mut operations = Vec::new();
             for p in elements(doc.get("parameter")) {
-                if named(&p)?.as_deref() == Some("operation") {
+                if named(p)? == Some("operation") {
                     operations.push(p);
                 }
             }
             for operation in &operations {
                 let parts = elements(operation.get("part"));
-                for p in &parts {
+                for p in parts {
                     // The path and name an operation works on are strings.
-                    if matches!(named(p)?.as_deref(), Some("path" | "name" | "type")) {
+                    if matches!(named(p)?, Some("path" | "name" | "type")) {
                         let odd = p
                             .as_object()
                             .into_iter()
@@ -1059,7 +1059,6 @@ fn patched_references(doc: &Value, out: &mut Vec<ReferenceSearch>) -> Result<(),
                         }
                     }
                 }
-                let parts = parts.as_slice();
                 let part = |name: &'static str| {
                     parts
                         .iter()
