@@ -204,6 +204,55 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
     Ok(grant)
 }
 
+/// A stored page that a `Patient/{patient}/$everything` of this caller
+/// gave (`pages.rs` remembers whose): judged as that operation's answer
+/// (what the patient's resources reference passes, every compartment
+/// resource must be the patient's) when the page is allowed as a stored
+/// page in `patient`'s context, its check is the plain compartment check
+/// (no filter, no type granted beyond the compartment, none refused by a
+/// policy), and the operation itself is allowed to this token now, by the
+/// same scopes, role ceiling and policies. `None` leaves the page judged
+/// as any stored page.
+pub fn everything_page(
+    page: &FhirRequest,
+    grant: &Grant,
+    patient: &str,
+    cx: &Context,
+    rules: &Rules,
+) -> Option<ResponseCheck> {
+    if !crate::decide::is_stored_page(page)
+        || cx.claims.patient.as_deref() != Some(patient)
+        || !grant.decision.entry_checks.is_empty()
+    {
+        return None;
+    }
+    match &grant.decision.check {
+        Some(ResponseCheck::Search {
+            patient: Some(p),
+            filters: None,
+            open_types,
+            refused_types,
+            ..
+        }) if p == patient && open_types.is_empty() && refused_types.is_empty() => {}
+        _ => return None,
+    }
+    let path = format!("Patient/{patient}/$everything");
+    let operation = crate::fhir::classify::classify(crate::fhir::classify::HttpRequest {
+        method: "GET",
+        path: &path,
+        query: None,
+        if_none_exist: None,
+    })
+    .ok()?;
+    let everything = authorise(&operation, cx, rules).ok()?;
+    match everything.decision.check {
+        Some(ResponseCheck::Everything { patient: p }) if p == patient => {
+            Some(ResponseCheck::Everything { patient: p })
+        }
+        _ => None,
+    }
+}
+
 /// A stored page allowed for some types only: its answer is checked, and
 /// a resource of a refused type refuses it. The page's scope decision
 /// checks its answer already (`decide::unbound_page`, or the compartment);
@@ -330,5 +379,106 @@ mod tests {
         ] {
             assert!(check(q).is_err(), "{q}");
         }
+    }
+}
+
+#[cfg(test)]
+mod everything_pages {
+    use super::*;
+    use crate::fhir::classify::{classify, HttpRequest};
+    use crate::scope::ScopeSet;
+
+    fn claims(scope: &str, patient: &str) -> Claims {
+        Claims {
+            issuer_name: "main".into(),
+            iss: "https://idp".into(),
+            sub: Some("u1".into()),
+            client_id: Some("app".into()),
+            fhir_user: None,
+            patient: Some(patient.into()),
+            scopes: ScopeSet::parse(scope),
+            exp: i64::MAX,
+            jti: None,
+            cnf: None,
+            raw: serde_json::json!({"client_id": "app"}),
+        }
+    }
+
+    fn get(path: &str, query: &str) -> FhirRequest {
+        classify(HttpRequest {
+            method: "GET",
+            path,
+            query: Some(query),
+            if_none_exist: None,
+        })
+        .unwrap()
+    }
+
+    /// The check `everything_page` gives `page` for a token of `scope` in
+    /// `Patient/p1`'s context, under `policies`.
+    fn judged(scope: &str, page: &FhirRequest, policies: &PolicySet) -> Option<ResponseCheck> {
+        let c = claims(scope, "p1");
+        let cx = Context {
+            claims: &c,
+            source: None,
+            binding: "bearer",
+            now: 0,
+            break_glass: None,
+        };
+        let opts = DecideOptions::default();
+        let rules = Rules {
+            decide: &opts,
+            roles: None,
+            policies,
+        };
+        // Every page asked for here is allowed as a search of its own.
+        let grant = authorise(page, &cx, &rules).expect("the page is allowed");
+        everything_page(page, &grant, "p1", &cx, &rules)
+    }
+
+    #[test]
+    fn a_page_is_judged_as_everything_only_when_the_operation_is_allowed_now() {
+        let none = PolicySet::default();
+        let page = get("", "_getpages=abc&_getpagesoffset=2&_count=2");
+        assert_eq!(
+            judged("patient/*.rs", &page, &none),
+            Some(ResponseCheck::Everything {
+                patient: "p1".into()
+            })
+        );
+        // Searches that are no page.
+        for (path, query) in [("Observation", "code=x"), ("Patient/p1/Condition", "")] {
+            assert_eq!(judged("patient/*.rs", &get(path, query), &none), None);
+        }
+        // A policy refusing the operation to this client. (Scopes alone
+        // cannot tell them apart: a stored page and `$everything` both
+        // need `patient/*.rs`.)
+        let mut refusing = PolicySet::default();
+        let problems = refusing.add_file(
+            "t.yaml",
+            &crate::policy::parse_file(
+                "rules:\n  - name: no-everything\n    effect: deny\n    when: {client_id: [app], operation: [everything]}\n",
+            )
+            .unwrap(),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(judged("patient/*.rs", &page, &refusing), None);
+        // The page's own patient context must be the operation's.
+        let c = claims("patient/*.rs", "p2");
+        let cx = Context {
+            claims: &c,
+            source: None,
+            binding: "bearer",
+            now: 0,
+            break_glass: None,
+        };
+        let opts = DecideOptions::default();
+        let rules = Rules {
+            decide: &opts,
+            roles: None,
+            policies: &none,
+        };
+        let grant = authorise(&page, &cx, &rules).unwrap();
+        assert_eq!(everything_page(&page, &grant, "p1", &cx, &rules), None);
     }
 }

@@ -20,6 +20,7 @@ pub mod extract;
 pub mod fhir;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pages;
 pub mod policy;
 pub mod proxy;
 pub mod proxy_headers;

@@ -33,6 +33,7 @@ use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
 use crate::fhir::compartment::{references_other_patient, Bases};
 use crate::metrics::Metrics;
+use crate::pages::{EverythingPages, Origin};
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
 use crate::token::validator::{Validated, Validator};
@@ -98,6 +99,8 @@ pub struct Gateway {
     /// Bytes of request bodies all requests may hold together
     /// (`server.max_held_body_bytes`), one permit a byte.
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Whose `$everything` gave which page ids (`pages.rs`).
+    everything_pages: EverythingPages,
 }
 
 impl Gateway {
@@ -201,6 +204,7 @@ impl Gateway {
             upstream_addrs,
             rules,
             body_budget,
+            everything_pages: EverythingPages::default(),
             lifecycle: crate::lifecycle::Lifecycle::new(),
         }
     }
@@ -967,8 +971,18 @@ impl Gateway {
                 &self.bases,
             ) {
                 // Bundles (searches, `$everything`, an instance's history)
-                // point through the gateway, not at the upstream.
+                // point through the gateway, not at the upstream. The page
+                // ids of a `$everything` answer are its caller's.
                 Verdict::Pass => Ok(match check {
+                    ResponseCheck::Everything { patient } => {
+                        if let Some(t) = &ctx.token {
+                            self.everything_pages
+                                .remember(&answer.body, &Origin::of(&t.claims, patient));
+                        }
+                        rewrite_links(&answer.body, self.upstream_base(), &self.realm)
+                            .map(Bytes::from)
+                            .unwrap_or(answer.body.clone())
+                    }
                     ResponseCheck::Resource { .. }
                         if fhir.interaction != Interaction::HistoryInstance =>
                     {
@@ -1924,22 +1938,20 @@ impl Gateway {
             self.break_glass_reason(&rules.break_glass, session, &claims, now)
         };
         let source = ctx.client.as_ref().map(|c| c.ip);
-        let granted = crate::authorise::authorise(
-            fhir,
-            &crate::authorise::Context {
-                claims: &claims,
-                source,
-                binding: ctx.binding.unwrap_or("bearer"),
-                now,
-                break_glass: break_glass.as_deref(),
-            },
-            &crate::authorise::Rules {
-                decide: &self.decide_opts,
-                roles: rules.roles.as_ref(),
-                policies: &rules.policies,
-            },
-        );
-        let grant = match granted {
+        let cx = crate::authorise::Context {
+            claims: &claims,
+            source,
+            binding: ctx.binding.unwrap_or("bearer"),
+            now,
+            break_glass: break_glass.as_deref(),
+        };
+        let applied = crate::authorise::Rules {
+            decide: &self.decide_opts,
+            roles: rules.roles.as_ref(),
+            policies: &rules.policies,
+        };
+        let granted = crate::authorise::authorise(fhir, &cx, &applied);
+        let mut grant = match granted {
             Ok(g) => g,
             Err(Refusal::Scopes {
                 reason,
@@ -1970,6 +1982,19 @@ impl Gateway {
                 })
             }
         };
+        // A later page of this caller's own `$everything` is judged as it.
+        if let Some(patient) = claims.patient.as_deref() {
+            if self
+                .everything_pages
+                .made_for(fhir, &Origin::of(&claims, patient))
+            {
+                if let Some(check) =
+                    crate::authorise::everything_page(fhir, &grant, patient, &cx, &applied)
+                {
+                    grant.decision.check = Some(check);
+                }
+            }
+        }
         ctx.policy_rule = grant.rule().map(str::to_string);
         ctx.broke_glass = grant.broke_glass();
         if !ctx.broke_glass.is_empty() {

@@ -1447,3 +1447,79 @@ async fn operations_under_patient_scopes() {
         assert_eq!(s, 403, "{rel}");
     }
 }
+
+/// Every page of `Patient/{id}/$everything` as the client walks it: the
+/// status of each page and every resource id passed on.
+async fn walk_everything(gw: &Gateway, first: &str, token: &str) -> (Vec<u16>, Vec<String>) {
+    let mut statuses = Vec::new();
+    let mut ids = Vec::new();
+    let mut next = Some(format!("{}/{first}", gw.base));
+    while let Some(url) = next.take() {
+        assert!(
+            url.starts_with(&gw.base),
+            "a page outside the gateway: {url}"
+        );
+        let r = gw.client.get(&url).bearer_auth(token).send().await.unwrap();
+        let (s, body) = status_and_body(r).await;
+        statuses.push(s);
+        assert!(statuses.len() < 20, "endless paging: {statuses:?}");
+        if s != 200 {
+            assert_nothing_of_p2(&url, &body);
+            break;
+        }
+        let b: Value = serde_json::from_str(&body).unwrap();
+        ids.extend(entry_ids(&b));
+        next = b["link"].as_array().and_then(|links| {
+            links
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str().map(str::to_string))
+        });
+    }
+    (statuses, ids)
+}
+
+/// `$everything` pages as a server's stored search (`?_getpages=…`): its
+/// later pages are judged as `$everything` (what the patient's resources
+/// reference passes) for the caller whose `$everything` made the page id,
+/// and as any stored page for anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_pages_of_everything_are_judged_as_everything_for_its_caller() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let first = "Patient/p1/$everything?_count=2";
+    let (statuses, ids) = walk_everything(&gw, first, &p1).await;
+    assert!(statuses.len() >= 3, "too few pages to test: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?} {ids:?}");
+    let (_, whole) = walk_everything(&gw, "Patient/p1/$everything", &p1).await;
+    assert_eq!(ids, whole, "the pages hold what one answer holds");
+    assert!(ids.contains(&"dr-1".to_string()), "{ids:?}");
+    let last = statuses.len() - 1;
+    let dr_page = format!(
+        "?_getpages=everything:p1&_getpagesoffset={}&_count=2&_bundletype=searchset",
+        2 * last
+    );
+
+    // Anyone else asking for the same page gets it judged as a stored
+    // search: the Practitioner is in no patient's compartment.
+    let other_user = gw.issuer.mint(&fhirwall::sandbox::issuer::Mint {
+        scope: "patient/*.rs".into(),
+        patient: Some("p1".into()),
+        sub: "user-2".into(),
+        client_id: "test-app".into(),
+        lifetime_seconds: 600,
+    });
+    let p2 = gw.mint("patient/*.rs", Some("p2"));
+    for (who, token) in [("another user", &other_user), ("another patient", &p2)] {
+        let (s, body) = status_and_body(gw.get(&dr_page, Some(token)).await).await;
+        assert_eq!(s, 502, "{who}: {body}");
+        assert!(
+            !body.contains("dr-1") && !body.contains("\"Practitioner\""),
+            "{who}: {body}"
+        );
+    }
+    // ... while the caller itself still walks it.
+    let (s, body) = status_and_body(gw.get(&dr_page, Some(&p1)).await).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("dr-1"), "{body}");
+}

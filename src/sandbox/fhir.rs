@@ -232,6 +232,56 @@ impl FhirSandbox {
         json!({"resourceType": "Bundle", "type": kind, "entry": entries})
     }
 
+    /// `Patient/{id}/$everything`, paged as HAPI pages it: with `_count`,
+    /// a `next` link to the stored result (`?_getpages=everything:{id}`,
+    /// the offset in `_getpagesoffset`).
+    fn everything(&self, id: &str, params: &[(String, String)], base: &str) -> Value {
+        let mut p: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| !k.starts_with("_getpages") && k != "_count" && k != "_bundletype")
+            .cloned()
+            .collect();
+        p.push(("patient".into(), id.to_string()));
+        let mut b = self.search(&["Observation", "Condition"], &p);
+        let mut entries = b["entry"].as_array().cloned().unwrap_or_default();
+        if let Some(r) = self.resources.get(&("Patient".into(), id.to_string())) {
+            entries.insert(0, json!({"resource": r}));
+        }
+        // What the patient's resources reference comes along (the
+        // Practitioner performer) — and, for p3, a misbehaving server's
+        // extra: another patient's Condition.
+        let mut extra = vec![("Practitioner", "dr-1")];
+        if id == "p3" {
+            extra.push(("Condition", "cond-p2"));
+        }
+        for (t, x) in extra {
+            if let Some(r) = self.resources.get(&(t.to_string(), x.to_string())) {
+                entries.push(json!({"resource": r}));
+            }
+        }
+        let number = |n: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == n)
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+        };
+        let total = entries.len();
+        b["total"] = json!(total);
+        if let Some(count) = number("_count") {
+            let offset = number("_getpagesoffset").unwrap_or(0);
+            entries = entries.into_iter().skip(offset).take(count).collect();
+            if offset + count < total {
+                let next = format!(
+                    "{base}?_getpages=everything:{id}&_getpagesoffset={}&_count={count}&_bundletype=searchset",
+                    offset + count
+                );
+                b["link"] = json!([{"relation": "next", "url": next}]);
+            }
+        }
+        b["entry"] = Value::Array(entries);
+        b
+    }
+
     fn search(&self, types: &[&str], params: &[(String, String)]) -> Value {
         let entries: Vec<Value> = self
             .resources
@@ -448,12 +498,21 @@ async fn handle(
             fhir(StatusCode::OK, page(s.search(&[t], &params), &self_url, &params))
         }
         // A stored search's page: here `_getpages` names the stored search,
-        // `Type` or `Type:patient` (a real server's id is opaque).
+        // `Type`, `Type:patient` or `everything:patient` (a real server's id
+        // is opaque).
         ("GET", []) if params.iter().any(|(k, _)| k == "_getpages") => {
             let id = params
                 .iter()
                 .find(|(k, _)| k == "_getpages")
                 .map_or("", |(_, v)| v.as_str());
+            if let Some(patient) = id.strip_prefix("everything:") {
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost");
+                let base = format!("http://{host}{}", s.base_path);
+                return fhir(StatusCode::OK, s.everything(patient, &params, &base));
+            }
             let (t, patient) = id.split_once(':').unwrap_or((id, ""));
             let stored: Vec<&str> = all.iter().copied().filter(|a| *a == t).collect();
             let mut rest: Vec<(String, String)> = params
@@ -468,26 +527,12 @@ async fn handle(
         }
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
         ("GET" | "POST", ["Patient", id, "$everything"]) => {
-            let mut p = params.clone();
-            p.push(("patient".into(), id.to_string()));
-            let mut b = s.search(&["Observation", "Condition"], &p);
-            let entries = b["entry"].as_array_mut().unwrap();
-            if let Some(r) = s.resources.get(&("Patient".into(), id.to_string())) {
-                entries.insert(0, json!({"resource": r}));
-            }
-            // What the patient's resources reference comes along (the
-            // Practitioner performer) — and, for p3, a misbehaving server's
-            // extra: another patient's Condition.
-            let mut extra = vec![("Practitioner", "dr-1")];
-            if *id == "p3" {
-                extra.push(("Condition", "cond-p2"));
-            }
-            for (t, x) in extra {
-                if let Some(r) = s.resources.get(&(t.to_string(), x.to_string())) {
-                    entries.push(json!({"resource": r}));
-                }
-            }
-            fhir(StatusCode::OK, b)
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            let base = format!("http://{host}{}", s.base_path);
+            fhir(StatusCode::OK, s.everything(id, &params, &base))
         }
         ("GET", ["Patient", id, t]) => {
             let mut p = params.clone();

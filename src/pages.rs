@@ -1,0 +1,219 @@
+//! Later pages of `Patient/{id}/$everything`.
+//!
+//! A server pages `$everything` as a stored search: page 2 on is
+//! `GET [base]?_getpages={id}&_getpagesoffset=…` (HAPI; `_pageId` on
+//! others), which names neither the patient nor the operation. Judged as
+//! any stored page under `patient/` scopes, every resource in it must be in
+//! the patient's compartment, so the Practitioner or Medication that the
+//! operation rightly returns makes the page a 502.
+//!
+//! So the gateway remembers which caller's `$everything` answer (checked
+//! and passed on) carried which page ids, and judges a later page as that
+//! operation's answer again — for the same caller (issuer, client, user)
+//! in the same patient context, and only if the operation itself is
+//! allowed to that token now (`authorise::everything_page`). Anyone else
+//! asking for the page, or a page id the gateway has not seen or has
+//! forgotten (another instance's, or after [`REMEMBERED`] unused), is
+//! judged as any stored page: fail closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fhir::classify::{FhirRequest, Interaction};
+use crate::fhir::json_edit;
+use crate::token::Claims;
+
+/// How long a page id is remembered after its last use: HAPI keeps a
+/// stored search an hour by default.
+pub const REMEMBERED: Duration = Duration::from_secs(3600);
+
+/// At most this many page ids are remembered; past it the least used are
+/// forgotten (their pages then fail closed).
+pub const MAX_REMEMBERED: u64 = 100_000;
+
+/// A page id longer than this is not remembered (real ones are UUIDs).
+const MAX_PAGE_ID: usize = 256;
+
+/// Who ran the `$everything` a page id came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    issuer: String,
+    client_id: Option<String>,
+    sub: Option<String>,
+    patient: String,
+}
+
+impl Origin {
+    /// The caller of `claims` in the context of `patient`.
+    pub fn of(claims: &Claims, patient: &str) -> Origin {
+        Origin {
+            issuer: claims.issuer_name.clone(),
+            client_id: claims.client_id.clone(),
+            sub: claims.sub.clone(),
+            patient: patient.to_string(),
+        }
+    }
+}
+
+/// The page ids of `$everything` answers passed on, and whose they are.
+pub struct EverythingPages {
+    origins: moka::sync::Cache<String, Arc<Origin>>,
+}
+
+impl Default for EverythingPages {
+    fn default() -> Self {
+        EverythingPages {
+            origins: moka::sync::Cache::builder()
+                .time_to_idle(REMEMBERED)
+                .max_capacity(MAX_REMEMBERED)
+                .build(),
+        }
+    }
+}
+
+impl EverythingPages {
+    /// Remembers the page ids in the links of `body`, a `$everything`
+    /// answer passed on to `origin`'s caller.
+    pub fn remember(&self, body: &[u8], origin: &Origin) {
+        let ids = page_ids(body);
+        if ids.is_empty() {
+            return;
+        }
+        let origin = Arc::new(origin.clone());
+        for id in ids {
+            self.origins.insert(id, origin.clone());
+        }
+    }
+
+    /// Whether `req` is a stored page whose id a `$everything` of
+    /// `origin`'s caller, in the same patient context, gave.
+    pub fn made_for(&self, req: &FhirRequest, origin: &Origin) -> bool {
+        page_id(req)
+            .and_then(|id| self.origins.get(id))
+            .is_some_and(|o| *o == *origin)
+    }
+}
+
+/// The page id a stored page asks for (`_getpages` or `_pageId`).
+pub fn page_id(req: &FhirRequest) -> Option<&str> {
+    if req.interaction != Interaction::SearchSystem || !crate::decide::is_stored_page(req) {
+        return None;
+    }
+    let mut ids = req
+        .params
+        .iter()
+        .filter(|(n, _)| n == "_getpages" || n == "_pageId");
+    // Two ids: which one the server serves is its choice.
+    match (ids.next(), ids.next()) {
+        (Some((_, v)), None) => Some(v.as_str()),
+        _ => None,
+    }
+}
+
+/// The page ids (`_getpages`, `_pageId`) the links of a Bundle carry.
+pub fn page_ids(body: &[u8]) -> Vec<String> {
+    let Some(top) = std::str::from_utf8(body).ok().and_then(json_edit::parse) else {
+        return Vec::new();
+    };
+    let links = top.get("link").and_then(|l| json_edit::elements(l));
+    let mut ids: Vec<String> = Vec::new();
+    for link in links.iter().flatten() {
+        let Some(url) = json_edit::member(link, "url")
+            .and_then(|u| serde_json::from_str::<String>(u.get()).ok())
+        else {
+            continue;
+        };
+        let Some((_, query)) = url.split_once('?') else {
+            continue;
+        };
+        let query = query.split('#').next().unwrap_or("");
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if (name == "_getpages" || name == "_pageId")
+                && !value.is_empty()
+                && value.len() <= MAX_PAGE_ID
+                && !ids.iter().any(|i| *i == value)
+            {
+                ids.push(value.into_owned());
+            }
+        }
+    }
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::classify::{classify, HttpRequest};
+
+    fn get(query: &str) -> FhirRequest {
+        classify(HttpRequest {
+            method: "GET",
+            path: "",
+            query: Some(query),
+            if_none_exist: None,
+        })
+        .unwrap()
+    }
+
+    fn origin(sub: &str, patient: &str) -> Origin {
+        Origin {
+            issuer: "main".into(),
+            client_id: Some("app".into()),
+            sub: Some(sub.into()),
+            patient: patient.into(),
+        }
+    }
+
+    #[test]
+    fn page_ids_are_read_from_every_link() {
+        let body = br#"{"resourceType":"Bundle","link":[
+            {"relation":"self","url":"http://up/fhir/Patient/p1/$everything?_count=2"},
+            {"relation":"next","url":"http://up/fhir?_getpages=abc-1&_getpagesoffset=2&_count=2"},
+            {"relation":"last","url":"http://up/fhir?_getpages=abc-1&_getpagesoffset=8"},
+            {"relation":"previous","url":"http://other/fhir?_pageId=x%20y#frag"},
+            {"relation":"odd","url":7}
+        ]}"#;
+        assert_eq!(page_ids(body), ["abc-1", "x y"]);
+        assert!(page_ids(b"not json").is_empty());
+        assert!(page_ids(br#"{"link":{"url":"?_getpages=a"}}"#).is_empty());
+        let long = format!(r#"{{"link":[{{"url":"?_getpages={}"}}]}}"#, "a".repeat(257));
+        assert!(page_ids(long.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn a_page_is_made_for_its_origin_only() {
+        let pages = EverythingPages::default();
+        let body = br#"{"link":[{"relation":"next","url":"http://up/fhir?_getpages=abc&_getpagesoffset=2"}]}"#;
+        pages.remember(body, &origin("u1", "p1"));
+        let page = get("_getpages=abc&_getpagesoffset=4&_count=2&_bundletype=searchset");
+        assert!(pages.made_for(&page, &origin("u1", "p1")));
+        for (what, other) in [
+            ("another user", origin("u2", "p1")),
+            ("another patient", origin("u1", "p2")),
+            (
+                "another issuer",
+                Origin {
+                    issuer: "other".into(),
+                    ..origin("u1", "p1")
+                },
+            ),
+            (
+                "no client",
+                Origin {
+                    client_id: None,
+                    ..origin("u1", "p1")
+                },
+            ),
+        ] {
+            assert!(!pages.made_for(&page, &other), "{what}");
+        }
+        for (what, q) in [
+            ("an unknown page id", "_getpages=abd"),
+            ("a search beside the page id", "_getpages=abc&code=x"),
+            ("two page ids", "_getpages=abc&_getpages=abc"),
+            ("relabelled as history", "_getpages=abc&_bundletype=history"),
+        ] {
+            assert!(!pages.made_for(&get(q), &origin("u1", "p1")), "{what}");
+        }
+    }
+}
