@@ -1306,13 +1306,39 @@ impl Config {
                 problem(&at("issuer"), format!("duplicate issuer '{}'", c.issuer));
                 ok = false;
             }
-            if Url::parse(&c.issuer).is_err() {
-                problem(&at("issuer"), format!("'{}' is not a URL", c.issuer));
-                ok = false;
+            match Url::parse(&c.issuer) {
+                Err(_) => {
+                    problem(&at("issuer"), format!("'{}' is not a URL", c.issuer));
+                    ok = false;
+                }
+                // Discovery fetches where the keys are from the issuer.
+                Ok(u) if c.discovery && !is_secure_or_loopback(&u) => {
+                    problem(
+                        &at("issuer"),
+                        format!(
+                            "'{}' is not https (plain http only on loopback): discovery would \
+                             fetch where the signing keys are over plain http",
+                            c.issuer
+                        ),
+                    );
+                    ok = false;
+                }
+                Ok(_) => {}
             }
             let jwks_uri = match (&c.jwks_uri, c.discovery) {
                 (Some(u), false) => match Url::parse(u) {
-                    Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+                    Ok(url) if is_secure_or_loopback(&url) => Some(url),
+                    Ok(url) if url.scheme() == "http" => {
+                        problem(
+                            &at("jwks_uri"),
+                            format!(
+                                "'{u}' is not https (plain http only on loopback): anyone on \
+                                 the way could swap the signing keys"
+                            ),
+                        );
+                        ok = false;
+                        None
+                    }
                     _ => {
                         problem(&at("jwks_uri"), format!("'{u}' is not an http(s) URL"));
                         ok = false;
@@ -2399,6 +2425,12 @@ fn is_loopback_http(u: &Url) -> bool {
     u.scheme() == "http" && matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
 }
 
+/// An https URL, or plain http on the loopback interface: what keys,
+/// secrets and tokens may be fetched or sent over.
+pub fn is_secure_or_loopback(u: &Url) -> bool {
+    u.scheme() == "https" || is_loopback_http(u)
+}
+
 /// Validates an issuer's `introspection` section (key prefix `at`).
 fn validate_introspection(
     c: &IntrospectionConfig,
@@ -2600,6 +2632,72 @@ admin:
             s.public_routes,
             vec!["metadata", ".well-known/smart-configuration"]
         );
+    }
+
+    #[test]
+    fn signing_keys_come_over_tls_or_loopback() {
+        let with = |issuer: &str, keys: &str| {
+            GOOD.replace(
+                "    issuer: http://127.0.0.1:9999",
+                &format!("    issuer: {issuer}"),
+            )
+            .replace("    jwks_uri: http://127.0.0.1:9999/jwks.json", keys)
+        };
+        for (text, path, ok) in [
+            (
+                with(
+                    "https://idp.example",
+                    "    jwks_uri: https://idp.example/certs",
+                ),
+                "",
+                true,
+            ),
+            (
+                with(
+                    "http://idp.example",
+                    "    jwks_uri: https://idp.example/certs",
+                ),
+                "",
+                true,
+            ),
+            (
+                with(
+                    "https://idp.example",
+                    "    jwks_uri: http://localhost:1/certs",
+                ),
+                "",
+                true,
+            ),
+            (
+                with(
+                    "https://idp.example",
+                    "    jwks_uri: http://idp.example/certs",
+                ),
+                "issuers[0].jwks_uri",
+                false,
+            ),
+            (with("https://idp.example", "    discovery: true"), "", true),
+            (
+                with("http://127.0.0.1:1/realm", "    discovery: true"),
+                "",
+                true,
+            ),
+            (
+                with("http://idp.example/realm", "    discovery: true"),
+                "issuers[0].issuer",
+                false,
+            ),
+        ] {
+            match Config::parse(&text).unwrap().validate() {
+                Ok(_) => assert!(ok, "{text}"),
+                Err(p) => {
+                    assert!(!ok, "{p:?}");
+                    assert_eq!(p.len(), 1, "{p:?}");
+                    assert_eq!(p[0].path, path);
+                    assert!(p[0].message.contains("not https"), "{p:?}");
+                }
+            }
+        }
     }
 
     #[test]

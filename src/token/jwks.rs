@@ -71,7 +71,20 @@ impl JwksStore {
         let client = reqwest::Client::builder()
             .tls_certs_merge(roots.iter().cloned())
             .timeout(Duration::from_millis(cfg.fetch_timeout_ms))
-            .redirect(reqwest::redirect::Policy::limited(3))
+            // Keys decide which tokens are genuine: a redirect may not
+            // leave TLS (https → plain http off the loopback interface).
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.previous().len() >= 3 {
+                    attempt.error("more than 3 redirects")
+                } else if !crate::config::is_secure_or_loopback(attempt.url()) {
+                    let to = attempt.url().clone();
+                    attempt.error(format!(
+                        "redirected to {to}, which is not https (plain http only on loopback)"
+                    ))
+                } else {
+                    attempt.follow()
+                }
+            }))
             .build()
             .expect("reqwest client with rustls builds");
         JwksStore {
@@ -234,24 +247,36 @@ impl JwksStore {
         for doc in ["openid-configuration", "smart-configuration"] {
             let url = format!("{base}/.well-known/{doc}");
             let url = Url::parse(&url).map_err(|e| format!("{url}: {e}"))?;
-            match self.get_json(&url).await {
-                Ok((v, _)) => {
-                    if let Some(i) = v.get("issuer").and_then(Value::as_str) {
-                        if i != issuer.issuer {
-                            errors.push(format!(
-                                "{url}: issuer '{i}' differs from configured '{}'",
-                                issuer.issuer
-                            ));
-                            continue;
-                        }
-                    }
-                    match v.get("jwks_uri").and_then(Value::as_str).map(Url::parse) {
-                        Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => return Ok(u),
-                        _ => errors.push(format!("{url}: no usable jwks_uri")),
-                    }
+            let v = match self.get_json(&url).await {
+                Ok((v, _)) => v,
+                // Not published: the next document may be.
+                Err(e) => {
+                    errors.push(e);
+                    continue;
                 }
-                Err(e) => errors.push(e),
+            };
+            // A document that is published speaks for the issuer: one that
+            // names another issuer (or, for OpenID, none) is an error, not
+            // a reason to believe the next document.
+            match v.get("issuer").and_then(Value::as_str) {
+                Some(i) if i != issuer.issuer => {
+                    return Err(format!(
+                        "{url}: issuer '{i}' differs from configured '{}'",
+                        issuer.issuer
+                    ))
+                }
+                None if doc == "openid-configuration" => {
+                    return Err(format!("{url}: names no issuer"));
+                }
+                _ => {}
             }
+            return match v.get("jwks_uri").and_then(Value::as_str).map(Url::parse) {
+                Some(Ok(u)) if crate::config::is_secure_or_loopback(&u) => Ok(u),
+                Some(Ok(u)) => Err(format!(
+                    "{url}: jwks_uri {u} is not https (plain http only on loopback)"
+                )),
+                _ => Err(format!("{url}: no usable jwks_uri")),
+            };
         }
         Err(format!("discovery failed: {}", errors.join("; ")))
     }
@@ -262,7 +287,7 @@ impl JwksStore {
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| format!("{url}: {}", with_causes(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
@@ -277,13 +302,35 @@ impl JwksStore {
         {
             return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
         }
-        let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
-        if body.len() > MAX_DOC_BYTES {
-            return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
+        // Read piece by piece: a body without a length is cut off at the
+        // bound, not held whole first.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(piece) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            if body.len() + piece.len() > MAX_DOC_BYTES {
+                return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
+            }
+            body.extend_from_slice(&piece);
         }
         let v = serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
         Ok((v, max_age))
     }
+}
+
+/// An error and what caused it, as one line (reqwest's own says "error
+/// following redirect" and keeps why in its source).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// `max-age` of a Cache-Control value (`no-store`/`no-cache` mean 0).
@@ -378,6 +425,144 @@ mod tests {
             Some(Instant::now() - std::time::Duration::from_secs(61));
         store.keys_for(kb, Some("b3")).await.unwrap();
         assert_eq!((fetches(&a), fetches(&b)), (2, 2));
+    }
+
+    /// Serves `router` on `ip` (a loopback address) at a free port.
+    async fn serve_on(ip: &str, router: axum::Router) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        addr
+    }
+
+    /// An issuer whose keys are served over plain http at 127.0.0.2: on
+    /// the loopback interface, but not a name fhirwall takes for it, so it
+    /// stands for a plain-http host elsewhere.
+    async fn plain_http_idp() -> (Arc<crate::sandbox::issuer::SandboxIssuer>, String) {
+        use crate::sandbox::issuer::SandboxIssuer;
+        use crate::sandbox::keys::KeyKind;
+        let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let idp = SandboxIssuer::new(
+            &format!("http://{addr}"),
+            "https://fhir.example/fhir",
+            KeyKind::P256,
+            "k1",
+        );
+        let app = idp.clone().router();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (idp, format!("http://{addr}/jwks.json"))
+    }
+
+    /// A sandbox issuer on 127.0.0.1 (its base URL).
+    async fn idp_on_loopback() -> String {
+        use crate::sandbox::issuer::SandboxIssuer;
+        use crate::sandbox::keys::KeyKind;
+        SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "k1")
+            .await
+            .issuer
+            .clone()
+    }
+
+    async fn load_one(issuer: Issuer) -> Vec<(String, String)> {
+        let metrics = Arc::new(Metrics::new(std::slice::from_ref(&issuer.name)));
+        JwksStore::new(&[issuer], &JwksConfig::default(), &[], metrics)
+            .load_all()
+            .await
+    }
+
+    /// Keys travel over TLS (plain http only on loopback): neither a
+    /// redirect nor a discovery document can send the fetch elsewhere.
+    #[tokio::test]
+    async fn keys_are_not_fetched_over_plain_http_off_loopback() {
+        use axum::response::{IntoResponse, Redirect};
+        use axum::routing::get;
+        use axum::Json;
+        let (idp, plain) = plain_http_idp().await;
+        // Redirected from a loopback address to the plain-http host.
+        let to = plain.clone();
+        let redirector = serve_on(
+            "127.0.0.1",
+            axum::Router::new().route(
+                "/jwks.json",
+                get(move || {
+                    let to = to.clone();
+                    async move { Redirect::temporary(&to).into_response() }
+                }),
+            ),
+        )
+        .await;
+        let errors = load_one(Issuer {
+            jwks_uri: Some(Url::parse(&format!("http://{redirector}/jwks.json")).unwrap()),
+            discovery: false,
+            ..sandbox_issuer("redirected", "https://idp.example")
+        })
+        .await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].1.contains("not https"), "{errors:?}");
+        // Discovery: documents set once the server's address is known.
+        type Docs = Arc<std::sync::Mutex<(serde_json::Value, serde_json::Value)>>;
+        let docs: Docs = Arc::default();
+        let (openid, smart) = (docs.clone(), docs.clone());
+        let discovery = serve_on(
+            "127.0.0.1",
+            axum::Router::new()
+                .route(
+                    "/.well-known/openid-configuration",
+                    get(move || {
+                        let d = openid.lock().unwrap().0.clone();
+                        async move { Json(d) }
+                    }),
+                )
+                .route(
+                    "/.well-known/smart-configuration",
+                    get(move || {
+                        let d = smart.lock().unwrap().1.clone();
+                        async move { Json(d) }
+                    }),
+                ),
+        )
+        .await;
+        let iss = format!("http://{discovery}");
+        let discovered = sandbox_issuer("discovered", &iss);
+        // A jwks_uri over plain http.
+        *docs.lock().unwrap() = (
+            serde_json::json!({"issuer": iss, "jwks_uri": plain}),
+            serde_json::json!({"issuer": iss, "jwks_uri": plain}),
+        );
+        let errors = load_one(discovered.clone()).await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].1.contains("not https"), "{errors:?}");
+        // An OpenID document naming another issuer (or none) is not passed
+        // over for a SMART one that names none.
+        let good = format!("{}/jwks.json", idp_on_loopback().await);
+        for openid in [
+            serde_json::json!({"issuer": "https://other.example", "jwks_uri": good}),
+            serde_json::json!({"jwks_uri": good}),
+        ] {
+            *docs.lock().unwrap() = (openid, serde_json::json!({"jwks_uri": good}));
+            let errors = load_one(discovered.clone()).await;
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].1.contains("differs") || errors[0].1.contains("names no issuer"),
+                "{errors:?}"
+            );
+        }
+        // The same documents naming this issuer load its keys.
+        *docs.lock().unwrap() = (
+            serde_json::json!({"issuer": iss, "jwks_uri": good}),
+            serde_json::json!({}),
+        );
+        assert!(load_one(discovered).await.is_empty());
+        // Nothing reached the plain-http host.
+        assert_eq!(
+            idp.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
     }
 
     /// Discovery reads `.well-known/openid-configuration`, else SMART's
