@@ -1378,6 +1378,22 @@ impl Gateway {
         } = *p;
         let dpop = dpop_denial;
         let cnf = claims.cnf.as_ref();
+        // Every confirmation method the token names must be one enforced
+        // here: one that is not (`jwk`, `kid`, `jku`, `x5t#s256` misspelt)
+        // would otherwise be dropped beside one that is.
+        let unknown = cnf
+            .and_then(serde_json::Value::as_object)
+            .and_then(|c| c.keys().find(|k| !matches!(k.as_str(), "jkt" | "x5t#S256")));
+        if let Some(member) = unknown {
+            return Err(Denial::InvalidToken {
+                code: "token_binding_unsupported",
+                description: format!(
+                    "token carries a cnf member this gateway does not enforce ('{}'); only jkt \
+                     (DPoP) and x5t#S256 (mTLS) are",
+                    member.chars().take(32).collect::<String>()
+                ),
+            });
+        }
         // RFC 8705: a certificate-bound token only over a TLS connection
         // whose client certificate has that SHA-256 thumbprint.
         let x5t = cnf.and_then(|c| c.get("x5t#S256"));

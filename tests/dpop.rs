@@ -451,3 +451,42 @@ async fn replicas_sharing_a_nonce_key_accept_each_others_nonces() {
         assert_eq!(reached, usize::from(status == 200), "shared key: {shared}");
     }
 }
+
+/// A `cnf` naming a confirmation method beside the one enforced (or only
+/// ones that are not) is refused: the other would be silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cnf_member_that_is_not_enforced_refuses_the_token() {
+    let gw = Gateway::start(Options::default()).await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    for (i, extra) in [
+        json!({"jwk": {"kty": "EC"}}),
+        json!({"kid": "k"}),
+        json!({"x5t#s256": "misspelt"}),
+        json!({"jku": "https://keys.example/"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = gw.claims("user/*.rs");
+        let mut cnf = json!({"jkt": client.jkt});
+        for (k, v) in extra.as_object().unwrap() {
+            cnf[k] = v.clone();
+        }
+        c["cnf"] = cnf;
+        let token = gw.issuer.signing_key().sign(&c);
+        let rel = format!("Patient/cnf-extra-{i}");
+        let url = format!("{}/{rel}", gw.base);
+        let proof = client.proof("GET", &url, &token);
+        let (s, www, body) = send(&gw, &rel, "DPoP", &token, &[&proof]).await;
+        assert_eq!(s, 401, "{extra}: {body}");
+        assert!(www.contains("invalid_token"), "{extra}: {www}");
+        assert!(body.contains("does not enforce"), "{extra}: {body}");
+    }
+    assert_eq!(gw.upstream.count_containing("cnf-extra"), 0);
+    // The same token with its jkt alone passes.
+    let token = bound_token(&gw, &client.jkt);
+    let url = format!("{}/Patient/p1", gw.base);
+    let proof = client.proof("GET", &url, &token);
+    let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 200, "{body}");
+}

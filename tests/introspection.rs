@@ -247,6 +247,16 @@ async fn concurrent_requests_share_one_call_and_outages_fail_closed() {
     as_.delay_ms.store(0, Ordering::SeqCst);
     let (s, _, _) = get(&gw, "Patient/p1", "opaque-new").await;
     assert_eq!(s, 200);
+    // An answer larger than fhirwall reads (256 KiB) is no answer: 503.
+    let mut huge = active(&gw, "user/*.rs", None);
+    huge["padding"] = json!("x".repeat(300 * 1024));
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-huge".into(), huge);
+    let (s, _, body) = get(&gw, "Patient/huge-answer-1", "opaque-huge").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(gw.upstream.count_containing("huge-answer-1"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,4 +367,47 @@ fn several_introspecting_issuers_must_choose_who_takes_opaque_tokens() {
         "http://a.example/introspect",
     ));
     assert!(!ok && out.contains("not an https URL"), "{out}");
+}
+
+/// A JWT of an introspected issuer that binds itself (`cnf`) keeps that
+/// binding whatever the answer says: an answer that leaves it out (or
+/// names another key) does not make a stolen bound token a bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_introspected_jwt_keeps_its_own_binding() {
+    let (gw, as_) = start(BASIC, 60, 2).await;
+    let mut claims = gw.claims("user/*.rs");
+    claims["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"});
+    let bound = gw.issuer.signing_key().sign(&claims);
+    let plain = gw.issuer.signing_key().sign(&gw.claims("user/*.rs"));
+    for (token, answer_cnf, case) in [
+        (&bound, None, "bound-no-cnf-1"),
+        (
+            &bound,
+            Some(json!({"jkt": "another-key"})),
+            "bound-other-cnf-1",
+        ),
+        (
+            &bound,
+            Some(json!({"x5t#S256": "a-certificate"})),
+            "bound-cert-cnf-1",
+        ),
+    ] {
+        let mut answer = active(&gw, "user/*.rs", None);
+        if let Some(c) = answer_cnf {
+            answer["cnf"] = c;
+        }
+        as_.answers.lock().unwrap().insert(token.clone(), answer);
+        let (s, www, body) = get(&gw, &format!("Patient/{case}"), token).await;
+        assert_eq!(s, 401, "{case}: {body}");
+        assert!(www.contains("invalid_token"), "{case}: {www}");
+        assert!(body.contains("does not confirm"), "{case}: {body}");
+        assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
+    }
+    // An unbound JWT with an unbound answer is a bearer token, as before.
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert(plain.clone(), active(&gw, "user/*.rs", None));
+    let (s, _, body) = get(&gw, "Patient/p1", &plain).await;
+    assert_eq!(s, 200, "{body}");
 }

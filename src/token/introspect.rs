@@ -195,10 +195,19 @@ impl Introspector {
                 unavailable()
             })?;
             let status = resp.status();
-            let body = resp.bytes().await.map_err(|_| unavailable())?;
-            if !status.is_success() || body.len() > MAX_ANSWER_BYTES {
+            if !status.is_success() {
                 tracing::error!(issuer = %self.issuer.name, %status, "introspection endpoint refused the call");
                 return Err(unavailable());
+            }
+            // Read piece by piece, cut off at the bound.
+            let mut resp = resp;
+            let mut body = Vec::new();
+            while let Some(piece) = resp.chunk().await.map_err(|_| unavailable())? {
+                if body.len() + piece.len() > MAX_ANSWER_BYTES {
+                    tracing::error!(issuer = %self.issuer.name, "introspection answer larger than {MAX_ANSWER_BYTES} bytes");
+                    return Err(unavailable());
+                }
+                body.extend_from_slice(&piece);
             }
             serde_json::from_slice::<Value>(&body).map_err(|_| unavailable())
         }

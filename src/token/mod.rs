@@ -71,6 +71,8 @@ pub enum TokenError {
     IntrospectionUnavailable(String),
     #[error("token is not a JWT and no issuer is configured to introspect opaque tokens")]
     OpaqueNotAccepted,
+    #[error("the token binds itself to a key or certificate (cnf) that the authorization server's introspection answer does not confirm")]
+    UnconfirmedBinding,
 }
 
 impl TokenError {
@@ -88,7 +90,9 @@ impl TokenError {
             | TokenError::AmbiguousKey(_)
             | TokenError::KeyAlgorithmMismatch { .. } => "token_unknown_key",
             TokenError::BadSignature => "token_bad_signature",
-            TokenError::MissingClaim(_) | TokenError::BadClaim(_) => "token_bad_claims",
+            TokenError::MissingClaim(_)
+            | TokenError::BadClaim(_)
+            | TokenError::UnconfirmedBinding => "token_bad_claims",
             TokenError::Expired { .. } => "token_expired",
             TokenError::NotYetValid { .. } | TokenError::IssuedInFuture { .. } => {
                 "token_not_yet_valid"
@@ -109,6 +113,9 @@ pub struct Unverified {
     pub kid: Option<String>,
     pub typ: Option<String>,
     pub iss: String,
+    /// The payload's `cnf` as written (unverified: it may only ever make a
+    /// check stricter).
+    pub cnf: Option<Value>,
 }
 
 fn b64_json(part: &str) -> Option<Value> {
@@ -175,6 +182,7 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
         kid,
         typ,
         iss,
+        cnf: payload.get("cnf").cloned(),
     })
 }
 

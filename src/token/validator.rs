@@ -105,6 +105,12 @@ impl Validator {
             .find(|i| i.issuer.name == ik.issuer.name)
         {
             let (claims, cache_hit) = i.claims(token, hash, now).await?;
+            // The token's own binding is a floor: an answer that leaves it
+            // out (or names another) would make a stolen bound token a
+            // bearer token.
+            if u.cnf.is_some() && claims.cnf != u.cnf {
+                return Err(TokenError::UnconfirmedBinding);
+            }
             return Ok(Validated {
                 claims,
                 hash,
