@@ -1221,6 +1221,19 @@ impl Config {
             None => crate::policy::PolicySet::default(),
             Some(pc) => load_policies(&self.base_dir.join(&pc.dir), &mut problem),
         };
+        if let Some(pc) = &self.policies {
+            let names: Vec<&str> = self.issuers.iter().map(|i| i.name.as_str()).collect();
+            for (file, rule, issuer) in policies.unknown_issuers(&names) {
+                problem(
+                    &format!("{}/{file}: rule '{rule}' when.issuer", pc.dir),
+                    format!(
+                        "'{issuer}' is not the name of a configured issuer ({}): the condition \
+                         could never hold",
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
         if listen.is_some() && listen == admin_listen {
             problem("admin.listen", "must differ from listen".into());
         }

@@ -160,6 +160,23 @@ pub struct PolicySet {
     pub rules: Vec<Rule>,
 }
 
+impl PolicySet {
+    /// Rules whose `when.issuer` names an issuer not among `names` (such a
+    /// condition never holds: a deny rule naming it would refuse nothing),
+    /// as (file, rule, issuer).
+    pub fn unknown_issuers<'a>(&'a self, names: &[&str]) -> Vec<(&'a str, &'a str, &'a str)> {
+        let mut out = Vec::new();
+        for r in &self.rules {
+            for i in &r.when.issuer {
+                if !names.contains(&i.as_str()) {
+                    out.push((r.file.as_str(), r.name.as_str(), i.as_str()));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// What is known of a request when policies are evaluated.
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyInput<'a> {

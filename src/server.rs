@@ -81,7 +81,39 @@ impl BackgroundService for Reloader {
                 }
                 _ = shutdown.changed() => return,
             }
-            match crate::config::load(&self.path) {
+            let loaded = crate::config::load(&self.path).and_then(|settings| {
+                // Issuers change only on restart: rules naming one the
+                // running gateway does not have would never match.
+                let running: Vec<&str> = self
+                    .running
+                    .issuers
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect();
+                let foreign: Vec<String> = settings
+                    .policies
+                    .unknown_issuers(&running)
+                    .into_iter()
+                    .map(|(file, rule, issuer)| format!("{file}#{rule} names issuer '{issuer}'"))
+                    .collect();
+                if foreign.is_empty() {
+                    Ok(settings)
+                } else {
+                    Err(crate::config::ConfigError::Invalid {
+                        file: self.path.display().to_string(),
+                        problems: vec![crate::config::Problem {
+                            path: "policies".into(),
+                            message: format!(
+                                "name issuers this running gateway does not have (issuers \
+                                 change only on restart; running: {}): {}",
+                                running.join(", "),
+                                foreign.join("; ")
+                            ),
+                        }],
+                    })
+                }
+            });
+            match loaded {
                 Ok(settings) => {
                     let rules = crate::proxy::Rules::from_settings(&settings);
                     let n = rules.policies.rules.len();

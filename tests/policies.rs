@@ -167,6 +167,18 @@ fn check_names_file_rule_and_key() {
     );
     assert!(text.contains("b.yaml") && text.contains("whenn"), "{text}");
     assert!(text.contains("line"), "YAML errors carry a line: {text}");
+    // A rule naming an issuer that is not configured could never hold.
+    std::fs::write(
+        pol.join("c.yaml"),
+        "rules:\n  - {name: z, effect: deny, when: {issuer: [lokal], interaction: [delete]}}\n",
+    )
+    .unwrap();
+    let (ok, text) = support::check(&config);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("c.yaml: rule 'z' when.issuer") && text.contains("'lokal'"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1016,6 +1028,37 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
         gw.upstream.count_containing("reload-2") + gw.upstream.count_containing("reload-3"),
         0
     );
+
+    // The issuer renamed in config.yaml and the rules following it: the
+    // running gateway still names its tokens' issuer `test` (issuers
+    // change on restart only), so rules naming `renamed` would never hold
+    // and the deletes they refuse would go through. Rejected whole.
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replace("  - name: test\n", "  - name: renamed\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &file,
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n  - {name: no-deletes, effect: deny, when: {issuer: [renamed], interaction: [delete]}}\n",
+    )
+    .unwrap();
+    sighup(&gw);
+    let mut counted = false;
+    for _ in 0..50 {
+        if metric(&gw, "fhirwall_reloads_total{result=\"failure\"} 2").await {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        counted,
+        "a reload naming an issuer not running was not refused"
+    );
+    assert_eq!(delete("reload-4").await.unwrap().status(), 403);
+    assert_eq!(gw.upstream.count_containing("reload-4"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
