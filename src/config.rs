@@ -2418,12 +2418,70 @@ fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option
         (None, None) => None,
     };
     let (_, _, client_auth, client_cas) = (cert?, key?, client_auth?, client_cas?);
+    // Built as the listener builds it (rustls), so that what passes here
+    // starts there: a key that does not fit the certificate, or that
+    // rustls cannot read, would stop the listener only once it starts.
+    if let Err(e) = tls_server_fits(&t.cert_file, &t.key_file) {
+        problem("tls.key_file", e);
+        return None;
+    }
+    if client_auth != ClientAuthMode::None {
+        if let Err(e) = client_verifier_builds(&client_cas) {
+            problem("tls.client_ca_file", e);
+            return None;
+        }
+    }
     Some(Tls {
         cert_file: PathBuf::from(&t.cert_file),
         key_file: PathBuf::from(&t.key_file),
         client_cas,
         client_auth,
     })
+}
+
+/// Whether a TLS server can be made of this certificate chain and key.
+fn tls_server_fits(cert_file: &str, key_file: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!("'{cert_file}' (tls.cert_file) cannot be read as certificates: {e}")
+        })?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("'{key_file}' cannot be read as a private key: {e}"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!(
+                "'{key_file}' and the certificate in '{cert_file}' (tls.cert_file) do not make a \
+                 TLS server: {e} (is the key the certificate's?)"
+            )
+        })?;
+    Ok(())
+}
+
+/// Whether client certificates can be verified against these CAs.
+fn client_verifier_builds(cas: &[Vec<u8>]) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in cas {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| format!("a CA certificate cannot be used: {e}"))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider,
+    )
+    .build()
+    .map_err(|e| format!("client certificates cannot be verified against it: {e}"))?;
+    Ok(())
 }
 
 /// The directory a file would be created in, if it does not exist.

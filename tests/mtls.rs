@@ -203,3 +203,51 @@ fn check_reports_bad_tls_files() {
         assert!(text.contains(key), "{key} not reported: {text}");
     }
 }
+
+/// `check` builds the listener's TLS as `run` does: a key that is not the
+/// certificate's, or one rustls cannot read, is reported (the listener
+/// would otherwise fail only as it starts, after `check` said OK).
+#[test]
+fn check_refuses_a_key_that_is_not_the_certificate_s() {
+    let dir = TempDir::new("mtls-pair");
+    let pki = ca();
+    let (cert, key, _) = leaf(&pki, &["127.0.0.1"]);
+    let (_, other_key, _) = leaf(&pki, &["127.0.0.1"]);
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let cert_file = dir.0.join("server.pem");
+    std::fs::write(&cert_file, cert).unwrap();
+    let config = dir.0.join("config.yaml");
+    let write = |key_pem: &str| {
+        let key_file = dir.0.join("server.key");
+        std::fs::write(&key_file, key_pem).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+                 issuers:\n  - name: a\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [x]\n\
+                 admin:\n  listen: 127.0.0.1:3\n\
+                 tls:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_auth: require\n",
+                cert_file.display(),
+                key_file.display(),
+                ca_file.display()
+            ),
+        )
+        .unwrap();
+    };
+    write(&key);
+    let (ok, text) = support::check(&config);
+    assert!(ok, "the matching pair: {text}");
+    for (what, bad) in [
+        ("another key", other_key.as_str()),
+        (
+            "a key that is not one",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ),
+    ] {
+        write(bad);
+        let (ok, text) = support::check(&config);
+        assert!(!ok, "{what}: {text}");
+        assert!(text.contains("tls.key_file"), "{what}: {text}");
+    }
+}
