@@ -1083,6 +1083,30 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         .map_err(|problems| ConfigError::Invalid { file, problems })
 }
 
+/// `text` with the user information of every URL in it (`scheme://user:
+/// password@host`) replaced by `***`.
+fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '\'' | '"' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(i) => {
+                out.push_str("***");
+                out.push_str(&tail[i..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A serde_ignored path in the form problems use: `a.b[2].c`.
 fn key_path(path: &serde_ignored::Path) -> String {
     use serde_ignored::Path;
@@ -1121,10 +1145,18 @@ impl Config {
     /// (Duplicate keys and wrong types do stop it.)
     pub fn parse(text: &str) -> Result<Config, String> {
         let mut unknown = Vec::new();
-        let mut config: Config = serde_saphyr::with_deserializer_from_str(text, |de| {
-            serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
-        })
-        .map_err(|e| e.to_string())?;
+        // No source snippet in the message: the lines around an error may
+        // hold a client secret or a password, and the message goes to the
+        // terminal and, on a rejected reload, to the log.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let mut config: Config =
+            serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+                serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
+            })
+            .map_err(|e| {
+                e.to_string()
+                    .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+            })?;
         config.unknown_keys = unknown;
         Ok(config)
     }
@@ -1132,10 +1164,12 @@ impl Config {
     /// Checks every setting and returns the runtime form, or every problem found.
     pub fn validate(&self) -> Result<Settings, Vec<Problem>> {
         let mut p = Vec::new();
+        // A URL echoed in a problem never shows its credentials (they are
+        // refused, and the message is printed and logged).
         let mut problem = |path: &str, message: String| {
             p.push(Problem {
                 path: path.to_string(),
-                message,
+                message: without_userinfo(&message),
             })
         };
         for key in &self.unknown_keys {
@@ -2703,6 +2737,49 @@ admin:
             s.public_routes,
             vec!["metadata", ".well-known/smart-configuration"]
         );
+    }
+
+    #[test]
+    fn urls_in_problems_never_show_credentials() {
+        assert_eq!(
+            without_userinfo("'http://gw:S3cret@idp/x' and 'redis://:pw@c:6379/0', http://plain/"),
+            "'http://***@idp/x' and 'redis://***@c:6379/0', http://plain/"
+        );
+        assert_eq!(without_userinfo("no url at all"), "no url at all");
+        assert_eq!(without_userinfo("ftp://a@b@c"), "ftp://***@c");
+        let text = GOOD.replace(
+            "    audiences: [http://localhost:8080/fhir]",
+            "    audiences: [http://localhost:8080/fhir]\n    introspection:\n      endpoint: http://gw:IntroSecret1@idp.example/introspect\n      client_id: gw\n      client_secret: s",
+        ) + "redis:\n  url: http://user:RedisSecret2@cache/0\n";
+        let problems = Config::parse(&text).unwrap().validate().unwrap_err();
+        let shown = format!("{problems:?}");
+        assert!(
+            shown.contains("issuers[0].introspection.endpoint"),
+            "{shown}"
+        );
+        assert!(shown.contains("redis.url"), "{shown}");
+        for secret in ["IntroSecret1", "RedisSecret2"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_show_no_source_lines() {
+        let text = GOOD.replace(
+            "    audiences: [http://localhost:8080/fhir]",
+            "    audiences: [http://localhost:8080/fhir]\n    introspection:\n      endpoint: https://idp.example/introspect\n      client_id: gw\n      client_secret: SuperSecretValue123\n      client_secret: Another456",
+        );
+        let e = Config::parse(&text).err().unwrap();
+        assert!(e.contains("duplicate mapping key: client_secret"), "{e}");
+        assert!(e.contains("line "), "{e}");
+        assert!(
+            !e.contains("SuperSecret") && !e.contains("Another456"),
+            "{e}"
+        );
+        assert!(!e.contains("DuplicateKeyPolicy"), "{e}");
+        let text = text.replace("      client_secret: Another456", "      timeout_ms: x");
+        let e = Config::parse(&text).err().unwrap();
+        assert!(e.contains("line ") && !e.contains("SuperSecret"), "{e}");
     }
 
     #[test]
