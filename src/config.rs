@@ -1526,6 +1526,17 @@ impl Config {
         if self.tokens.cache_max_entries == 0 {
             problem("tokens.cache_max_entries", "must be at least 1".into());
         }
+        // A cached token is not checked against its key again: a key
+        // withdrawn from the JWKS keeps serving its cached tokens this long.
+        if self.tokens.cache_max_ttl_seconds > 3600 {
+            problem(
+                "tokens.cache_max_ttl_seconds",
+                format!(
+                    "{} must not be more than 3600",
+                    self.tokens.cache_max_ttl_seconds
+                ),
+            );
+        }
         let j = &self.jwks;
         if j.refresh_min_seconds == 0 || j.refresh_min_seconds > j.refresh_max_seconds {
             problem(
@@ -1535,6 +1546,17 @@ impl Config {
         }
         if j.fetch_timeout_ms == 0 {
             problem("jwks.fetch_timeout_ms", "must be at least 1".into());
+        }
+        // Every token naming an unknown kid may make a fetch this often:
+        // 0 would let anyone drive the identity provider's load.
+        if !(1..=3600).contains(&j.min_refetch_interval_seconds) {
+            problem(
+                "jwks.min_refetch_interval_seconds",
+                format!(
+                    "{} must be between 1 and 3600",
+                    j.min_refetch_interval_seconds
+                ),
+            );
         }
         let jwks_roots = match &j.ca_file {
             Some(ca) => pem_bundle("jwks.ca_file", ca, &mut problem),
@@ -1681,6 +1703,25 @@ impl Config {
                 ),
             );
         }
+        // Bounded: a deadline beyond them overflows the clock (a panic at
+        // SIGTERM, before the audit's last flush).
+        for (key, value, max) in [
+            ("server.threads", self.server.threads as u64, 1024),
+            (
+                "server.grace_period_seconds",
+                self.server.grace_period_seconds,
+                86_400,
+            ),
+            (
+                "server.graceful_shutdown_timeout_seconds",
+                self.server.graceful_shutdown_timeout_seconds,
+                86_400,
+            ),
+        ] {
+            if value > max {
+                problem(key, format!("{value} must not be more than {max}"));
+            }
+        }
         if !(100..=600_000).contains(&self.server.body_read_timeout_ms) {
             problem(
                 "server.body_read_timeout_ms",
@@ -1757,6 +1798,21 @@ impl Config {
                         format!(
                             "'{v}' is a hop-by-hop or forwarding header fhirwall manages itself"
                         ),
+                    );
+                } else if crate::proxy_headers::read_by_fhirwall(n.as_str()) {
+                    // The client's would be replaced upstream by the
+                    // context: a write's Content-Type or pinned If-Match.
+                    problem(
+                        &path,
+                        format!("'{v}' is a header the request needs and fhirwall reads"),
+                    );
+                } else if let Some((other, _)) = forward_headers
+                    .iter()
+                    .find(|(_, m): &&(ForwardedContext, http::HeaderName)| *m == n)
+                {
+                    problem(
+                        &path,
+                        format!("'{v}' already carries {other:?}: one header per context"),
                     );
                 }
                 forward_headers.push((c, n));
@@ -2737,6 +2793,75 @@ admin:
             s.public_routes,
             vec!["metadata", ".well-known/smart-configuration"]
         );
+    }
+
+    #[test]
+    fn numbers_with_no_sane_use_are_refused() {
+        for (yaml, path) in [
+            (
+                "jwks:\n  min_refetch_interval_seconds: 0\n",
+                "jwks.min_refetch_interval_seconds",
+            ),
+            ("server:\n  threads: 1000000\n", "server.threads"),
+            (
+                "server:\n  graceful_shutdown_timeout_seconds: 18446744073709551615\n",
+                "server.graceful_shutdown_timeout_seconds",
+            ),
+            (
+                "server:\n  grace_period_seconds: 100000\n",
+                "server.grace_period_seconds",
+            ),
+            (
+                "tokens:\n  cache_max_ttl_seconds: 86400\n",
+                "tokens.cache_max_ttl_seconds",
+            ),
+        ] {
+            let problems = Config::parse(&format!("{GOOD}{yaml}"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].path, path);
+        }
+        for yaml in [
+            "jwks:\n  min_refetch_interval_seconds: 1\n",
+            "server:\n  threads: 64\n  grace_period_seconds: 30\n",
+            "tokens:\n  cache_max_ttl_seconds: 3600\n",
+        ] {
+            assert!(
+                Config::parse(&format!("{GOOD}{yaml}"))
+                    .unwrap()
+                    .validate()
+                    .is_ok(),
+                "{yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn context_headers_never_replace_what_the_request_needs() {
+        for (yaml, ok) in [
+            (
+                "forward_headers: {sub: X-User-Sub, patient: X-Patient}\n",
+                true,
+            ),
+            ("forward_headers: {sub: Content-Type}\n", false),
+            ("forward_headers: {patient: If-Match}\n", false),
+            ("forward_headers: {sub: If-None-Exist}\n", false),
+            (
+                "forward_headers: {client_id: X-Who, issuer: x-who}\n",
+                false,
+            ),
+        ] {
+            let r = Config::parse(&format!("{GOOD}{yaml}")).unwrap().validate();
+            match r {
+                Ok(_) => assert!(ok, "{yaml}"),
+                Err(p) => {
+                    assert!(!ok, "{yaml}: {p:?}");
+                    assert!(p[0].path.starts_with("forward_headers."), "{p:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -758,6 +758,8 @@ impl Gateway {
             .collect();
         if !self.settings.upstream.forward_authorization {
             remove.push(header::AUTHORIZATION);
+            // A DPoP proof is checked here and of no use without its token.
+            remove.push(http::HeaderName::from_static("dpop"));
         }
         if body_in_hand && headers.contains_key(header::EXPECT) {
             remove.push(header::EXPECT);

@@ -24,6 +24,17 @@ async fn valid_proofs_pass_once() {
         let proof = client.proof("GET", &url, &token);
         let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
         assert_eq!(s, 200, "{kid}: {www} {body}");
+        // Neither the token nor its proof goes upstream.
+        let sent = gw.upstream.seen().pop().unwrap();
+        assert!(
+            !sent
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("dpop")
+                    || n.eq_ignore_ascii_case("authorization")),
+            "{:?}",
+            sent.headers
+        );
         // The same proof again: a replay.
         let before = gw.upstream.seen().len();
         let (s, www, _) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
