@@ -1078,6 +1078,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         message,
     })?;
     config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    config.resolve_paths();
     config
         .validate()
         .map_err(|problems| ConfigError::Invalid { file, problems })
@@ -1139,6 +1140,40 @@ fn parse_algorithm(s: &str) -> Option<Algorithm> {
 }
 
 impl Config {
+    /// Makes the certificate and key files' relative paths relative to the
+    /// configuration file, as every other file it names is (not to the
+    /// working directory, which an upgrade may start from elsewhere).
+    fn resolve_paths(&mut self) {
+        let base = self.base_dir.clone();
+        let at = |p: &mut String| {
+            if !p.is_empty() {
+                *p = base.join(&*p).to_string_lossy().into_owned();
+            }
+        };
+        if let Some(t) = &mut self.tls {
+            at(&mut t.cert_file);
+            at(&mut t.key_file);
+            if let Some(f) = &mut t.client_ca_file {
+                at(f);
+            }
+        }
+        if let Some(f) = &mut self.upstream.ca_file {
+            at(f);
+        }
+        if let Some(f) = &mut self.jwks.ca_file {
+            at(f);
+        }
+        for i in &mut self.issuers {
+            if let Some(f) = i
+                .introspection
+                .as_mut()
+                .and_then(|x| x.private_key_file.as_mut())
+            {
+                at(f);
+            }
+        }
+    }
+
     /// Parses YAML text; the message carries line and column. Keys that
     /// are not settings do not stop the parse: they are collected, every
     /// one by its path, for [`Config::validate`] to report as problems.

@@ -65,6 +65,54 @@ impl Explanation {
     }
 }
 
+/// Explains `req` with `token` (a JWT) at `now`: its header is checked as
+/// the gateway checks it (size, shape, algorithm, `crit`, `typ`), its
+/// claims as [`explain`] does; only the signature is not.
+pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) -> Explanation {
+    let e = Explanation {
+        stages: Vec::new(),
+        decision: "allow",
+        rule: None,
+    };
+    let u = match crate::token::inspect(token, s.tokens.max_bytes) {
+        Ok(u) => u,
+        Err(err) => return e.deny("validate", err.to_string()),
+    };
+    let Some(issuer) = s.issuers.iter().find(|i| i.issuer == u.iss) else {
+        return e.deny(
+            "validate",
+            format!(
+                "issuer '{}' is not configured",
+                u.iss.chars().take(128).collect::<String>()
+            ),
+        );
+    };
+    if let Err(err) = crate::token::header_fits(&u, issuer) {
+        return e.deny("validate", err.to_string());
+    }
+    use base64::Engine;
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let Some(claims) = claims else {
+        return e.deny("validate", "the token's payload is not JSON".into());
+    };
+    let mut out = explain(s, &claims, req, now);
+    for (stage, note) in &mut out.stages {
+        if *stage == "extract" {
+            *note = "the token's header and claims are read; its signature is not checked offline"
+                .into();
+        }
+    }
+    out
+}
+
 /// Explains `req` under `claims` at `now` (Unix seconds).
 pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
     let mut e = Explanation {
@@ -96,6 +144,22 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let rel = match route(&path, &s.public_base_path, &s.public_routes) {
         Route::NotFound => return e.deny("route", format!("'{path}' is not below the FHIR base")),
         Route::Public(r) => {
+            use crate::route::PublicRefusal;
+            let refused = match crate::route::check_public(&req.method, query.as_deref()) {
+                Ok(_) => None,
+                Err(PublicRefusal::Method) => Some(format!("public route '{r}' only answers GET")),
+                Err(PublicRefusal::Query(err)) => Some(err.to_string()),
+                Err(PublicRefusal::TokenInQuery) => {
+                    Some("a token in the query (access_token) is refused".into())
+                }
+                Err(PublicRefusal::Reaching(name)) => Some(format!(
+                    "parameter {name} is refused on public route '{r}': it reaches resources \
+                     beyond the route, which need a token"
+                )),
+            };
+            if let Some(why) = refused {
+                return e.deny("route", why);
+            }
             e.stages
                 .push(("route", format!("public route '{r}': no token needed")));
             return e;
@@ -124,14 +188,41 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             issuer.name
         ),
     ));
-    // 4. Bind
-    let bound = c.cnf.as_ref().map(|cnf| {
-        if cnf.get("jkt").is_some() {
-            "dpop"
-        } else {
-            "mtls"
-        }
-    });
+    // 4. Bind, as the gateway binds (a proof or certificate assumed valid).
+    if let Some(member) = crate::token::unenforced_cnf_member(c.cnf.as_ref()) {
+        return e.deny(
+            "bind",
+            format!(
+                "the token's cnf names '{member}', a confirmation method fhirwall does not enforce"
+            ),
+        );
+    }
+    let has = |m: &str| c.cnf.as_ref().and_then(|x| x.get(m)).is_some();
+    let bound = if has("jkt") {
+        Some("dpop")
+    } else if has("x5t#S256") {
+        Some("mtls")
+    } else {
+        None
+    };
+    if req.binding == "dpop" && !s.dpop.enabled {
+        return e.deny(
+            "bind",
+            "DPoP is disabled (dpop.enabled: false): the DPoP scheme is refused".into(),
+        );
+    }
+    let takes_certificates = s
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_auth != crate::config::ClientAuthMode::None);
+    if has("x5t#S256") && !takes_certificates {
+        return e.deny(
+            "bind",
+            "the token is bound to a client certificate (cnf x5t#S256), but the listener takes \
+             none (no tls section, or client_auth: none)"
+                .into(),
+        );
+    }
     match (bound, req.binding.as_str()) {
         (Some(b), given) if b != given => {
             return e.deny(
@@ -142,7 +233,15 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         (Some(b), _) => e
             .stages
             .push(("bind", format!("{b}-bound; proof assumed valid"))),
-        (None, "bearer") => e.stages.push(("bind", "bearer token".into())),
+        (None, "bearer") => {
+            if let Some(why) = crate::token::binding_required(&s.issuers, &c) {
+                return e.deny(
+                    "bind",
+                    format!("{why} requires sender-constrained tokens (DPoP or mTLS); this is a plain bearer token"),
+                );
+            }
+            e.stages.push(("bind", "bearer token".into()))
+        }
         (None, other) => {
             return e.deny(
                 "bind",

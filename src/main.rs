@@ -173,6 +173,8 @@ fn explain(
         Ok(s) => s,
         Err(c) => return c,
     };
+    // A token given alone is read whole, header too (`explain_token`).
+    let token_only = if claims.is_none() { token } else { None };
     let parsed = match (claims, token) {
         (Some(path), _) => std::fs::read_to_string(path)
             .map_err(|e| format!("{}: {e}", path.display()))
@@ -180,21 +182,11 @@ fn explain(
                 serde_json::from_str::<serde_json::Value>(&t)
                     .map_err(|e| format!("{}: {e}", path.display()))
             }),
-        (None, Some(t)) => {
-            use base64::Engine;
-            t.split('.')
-                .nth(1)
-                .and_then(|p| {
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD
-                        .decode(p)
-                        .ok()
-                })
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .ok_or_else(|| {
-                    "--token: not a JWT with a JSON payload (give --claims for an opaque token)"
-                        .to_string()
-                })
+        (None, Some(t)) if fhirwall::token::token_kind(t) == "opaque" => {
+            Err("--token: not a JWT (give --claims for an opaque token)".to_string())
         }
+        // Read below, header too.
+        (None, Some(_)) => Ok(serde_json::Value::Null),
         (None, None) => Err("give --claims or --token".to_string()),
     };
     let claims = match parsed {
@@ -212,7 +204,10 @@ fn explain(
         }
     };
     req.body = body;
-    let e = fhirwall::explain::explain(&settings, &claims, &req, now());
+    let e = match token_only {
+        Some(t) => fhirwall::explain::explain_token(&settings, t, &req, now()),
+        None => fhirwall::explain::explain(&settings, &claims, &req, now()),
+    };
     for (i, (stage, verdict)) in e.stages.iter().enumerate() {
         println!("{}. {stage:<9} {verdict}", i + 1);
     }

@@ -469,6 +469,25 @@ fn declares_body(headers: &http::HeaderMap) -> bool {
             .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0))
 }
 
+/// The denial for a refused request to public route `rel`.
+fn public_denial(r: &crate::route::PublicRefusal, rel: &str) -> Denial {
+    use crate::route::PublicRefusal;
+    match r {
+        PublicRefusal::Method => Denial::MethodNotAllowed {
+            description: format!("public route '{rel}' only answers GET"),
+        },
+        PublicRefusal::Query(e) => classify_denial(e),
+        PublicRefusal::TokenInQuery => extract_denial(&ExtractError::TokenInQuery),
+        PublicRefusal::Reaching(name) => Denial::BadFhirRequest {
+            code: "fhir_malformed",
+            description: format!(
+                "parameter {name} is refused on public route '{rel}': it reaches resources \
+                 beyond the route, which need a token"
+            ),
+        },
+    }
+}
+
 fn classify_denial(e: &ClassifyError) -> Denial {
     match e {
         ClassifyError::MethodNotAllowed { .. } => Denial::MethodNotAllowed {
@@ -1344,20 +1363,7 @@ impl Gateway {
     /// Why a plain bearer token of this issuer and client is not enough, if
     /// configuration says so.
     fn binding_required(&self, claims: &crate::token::Claims) -> Option<String> {
-        let issuer = self
-            .settings
-            .issuers
-            .iter()
-            .find(|i| i.name == claims.issuer_name)?;
-        if issuer.require_binding {
-            return Some(format!("issuer '{}'", issuer.name));
-        }
-        let client = claims.client_id.as_deref()?;
-        issuer
-            .require_binding_for_clients
-            .iter()
-            .any(|c| c == client)
-            .then(|| format!("client '{client}' of issuer '{}'", issuer.name))
+        crate::token::binding_required(&self.settings.issuers, claims)
     }
 
     /// Stage 4, bind: a token bound to a key (`cnf.jkt`) needs a valid,
@@ -1383,10 +1389,7 @@ impl Gateway {
         // Every confirmation method the token names must be one enforced
         // here: one that is not (`jwk`, `kid`, `jku`, `x5t#s256` misspelt)
         // would otherwise be dropped beside one that is.
-        let unknown = cnf
-            .and_then(serde_json::Value::as_object)
-            .and_then(|c| c.keys().find(|k| !matches!(k.as_str(), "jkt" | "x5t#S256")));
-        if let Some(member) = unknown {
+        if let Some(member) = crate::token::unenforced_cnf_member(cnf) {
             return Err(Denial::InvalidToken {
                 code: "token_binding_unsupported",
                 description: format!(
@@ -1602,32 +1605,14 @@ impl Gateway {
                 })
             }
             Route::Public(rel) => {
-                if !matches!(req.method, http::Method::GET | http::Method::HEAD) {
-                    return Err(Denial::MethodNotAllowed {
-                        description: format!("public route '{rel}' only answers GET"),
-                    });
-                }
                 // No token, so nothing beyond the route itself: no
                 // parameter that brings in other resources or a stored
-                // search's page.
-                if let Some(q) = req.uri.query() {
-                    let params = classify::parse_params(q).map_err(|e| classify_denial(&e))?;
+                // search's page (`route::check_public`, as explain does).
+                if let Some(Ok(params)) = req.uri.query().map(classify::parse_params) {
                     ctx.query_names = audit_param_names(&params);
-                    // A token in a query is refused here too: it would
-                    // reach the upstream's access logs.
-                    if has_access_token_param(&params) {
-                        return Err(extract_denial(&ExtractError::TokenInQuery));
-                    }
-                    if let Some(name) = crate::decide::reaching_param(&params) {
-                        return Err(Denial::BadFhirRequest {
-                            code: "fhir_malformed",
-                            description: format!(
-                                "parameter {name} is refused on public route '{rel}': it reaches \
-                                 resources beyond the route, which need a token"
-                            ),
-                        });
-                    }
                 }
+                crate::route::check_public(req.method.as_str(), req.uri.query())
+                    .map_err(|r| public_denial(&r, &rel))?;
                 ctx.public = true;
                 ctx.rel_path = Some(rel);
                 return Ok(());

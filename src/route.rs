@@ -17,6 +17,42 @@ pub enum Route {
     NotFound,
 }
 
+/// Why a request to a public route is refused: it has no token, so it may
+/// do nothing beyond reading the route itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicRefusal {
+    /// Not GET or HEAD.
+    Method,
+    /// A query fhirwall cannot read.
+    Query(crate::fhir::classify::ClassifyError),
+    /// `access_token` in the query (it would reach the upstream's logs).
+    TokenInQuery,
+    /// A parameter that reaches resources beyond the route (`_include`, a
+    /// stored page, …), named.
+    Reaching(String),
+}
+
+/// Checks a request to a public route; its query parameters when allowed.
+pub fn check_public(
+    method: &str,
+    query: Option<&str>,
+) -> Result<Vec<(String, String)>, PublicRefusal> {
+    if !matches!(method, "GET" | "HEAD") {
+        return Err(PublicRefusal::Method);
+    }
+    let Some(q) = query else {
+        return Ok(Vec::new());
+    };
+    let params = crate::fhir::classify::parse_params(q).map_err(PublicRefusal::Query)?;
+    if crate::extract::has_access_token_param(&params) {
+        return Err(PublicRefusal::TokenInQuery);
+    }
+    if let Some(name) = crate::decide::reaching_param(&params) {
+        return Err(PublicRefusal::Reaching(name.to_string()));
+    }
+    Ok(params)
+}
+
 /// Why a path is refused before routing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {

@@ -206,7 +206,8 @@ fn check_reports_bad_tls_files() {
 
 /// `check` builds the listener's TLS as `run` does: a key that is not the
 /// certificate's, or one rustls cannot read, is reported (the listener
-/// would otherwise fail only as it starts, after `check` said OK).
+/// would otherwise fail only as it starts, after `check` said OK). Its
+/// files are found relative to the configuration file.
 #[test]
 fn check_refuses_a_key_that_is_not_the_certificate_s() {
     let dir = TempDir::new("mtls-pair");
@@ -223,18 +224,14 @@ fn check_refuses_a_key_that_is_not_the_certificate_s() {
         std::fs::write(&key_file, key_pem).unwrap();
         std::fs::write(
             &config,
-            format!(
-                "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+            "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
                  issuers:\n  - name: a\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [x]\n\
                  admin:\n  listen: 127.0.0.1:3\n\
-                 tls:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_auth: require\n",
-                cert_file.display(),
-                key_file.display(),
-                ca_file.display()
-            ),
+                 tls:\n  cert_file: server.pem\n  key_file: server.key\n  client_ca_file: ca.pem\n  client_auth: require\n",
         )
         .unwrap();
     };
+    // Named relative to the configuration file (the test runs elsewhere).
     write(&key);
     let (ok, text) = support::check(&config);
     assert!(ok, "the matching pair: {text}");

@@ -1140,3 +1140,126 @@ async fn a_reload_names_what_only_a_restart_applies() {
     until_metric(&gw, pending, 0.0).await;
     assert_eq!(support::metric(&gw.metrics().await, reloads), 2.0);
 }
+
+/// `explain` refuses what the gateway refuses before any decision: a
+/// bearer token where binding is required, the DPoP scheme with DPoP off,
+/// a certificate-bound token without a TLS listener taking certificates, a
+/// cnf method fhirwall does not enforce, a public route asked for more
+/// than a read of itself, and a token header the issuer does not accept.
+#[test]
+fn explain_refuses_what_the_gateway_refuses_before_deciding() {
+    let dir = TempDir::new("explain-parity");
+    let config = dir.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+         issuers:\n  - name: hospital\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [https://gw.example/fhir]\n\
+         \x20   require_at_jwt_typ: true\n    require_binding_for_clients: [strict-app]\n\
+         admin:\n  listen: 127.0.0.1:3\ndpop:\n  enabled: false\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let claims = |name: &str, extra: serde_json::Value| {
+        let mut v = json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+                           "exp": 4_000_000_000u64, "client_id": "test-app", "scope": "user/*.rs"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let path = dir.0.join(name);
+        std::fs::write(&path, v.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let explain = |claims: &str, rest: &[&str]| {
+        let mut args = vec!["explain", "--config", c, "--claims", claims];
+        args.extend_from_slice(rest);
+        support::run_bin(&args)
+    };
+    let plain = claims("plain.json", json!({}));
+    let (ok, out) = explain(&plain, &["--url", "Observation?code=1"]);
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
+    let (ok, out) = explain(&plain, &["--url", "metadata"]);
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
+    for (what, file, extra, args, why) in [
+        (
+            "binding required",
+            "strict.json",
+            json!({"client_id": "strict-app"}),
+            vec!["--url", "Observation?code=1"],
+            "requires sender-constrained tokens",
+        ),
+        (
+            "DPoP disabled",
+            "dpop.json",
+            json!({"cnf": {"jkt": "abc"}}),
+            vec!["--url", "Observation?code=1", "--binding", "dpop"],
+            "DPoP is disabled",
+        ),
+        (
+            "no TLS listener",
+            "mtls.json",
+            json!({"cnf": {"x5t#S256": "abc"}}),
+            vec!["--url", "Observation?code=1", "--binding", "mtls"],
+            "takes none",
+        ),
+        (
+            "cnf method not enforced",
+            "kid.json",
+            json!({"cnf": {"jkt": "abc", "kid": "k"}}),
+            vec!["--url", "Observation?code=1", "--binding", "dpop"],
+            "does not enforce",
+        ),
+        (
+            "public route written to",
+            "plain.json",
+            json!({}),
+            vec!["--method", "DELETE", "--url", "metadata"],
+            "only answers GET",
+        ),
+        (
+            "public route reaching beyond itself",
+            "plain.json",
+            json!({}),
+            vec!["--url", "metadata?_include=*"],
+            "reaches resources beyond the route",
+        ),
+    ] {
+        let path = claims(file, extra);
+        let (ok, out) = explain(&path, &args);
+        assert!(!ok, "{what}: {out}");
+        assert!(
+            out.contains("=> DENY") && out.contains(why),
+            "{what}: {out}"
+        );
+    }
+    // A token's header, checked as the gateway checks it.
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let payload = b64(
+        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+                             "exp": 4_000_000_000u64, "client_id": "test-app", "scope": "user/*.rs"}),
+    );
+    for (header, why) in [
+        (json!({"alg": "none"}), "not allowed"),
+        (json!({"alg": "HS256", "typ": "at+jwt"}), "not allowed"),
+        (json!({"alg": "ES256"}), "typ"),
+        (json!({"alg": "ES256", "typ": "at+jwt"}), ""),
+    ] {
+        let token = format!("{}.{payload}.c2ln", b64(header.clone()));
+        let (ok, out) = support::run_bin(&[
+            "explain",
+            "--config",
+            c,
+            "--token",
+            &token,
+            "--url",
+            "Observation?code=1",
+        ]);
+        if why.is_empty() {
+            assert!(ok && out.contains("=> ALLOW"), "{header}: {out}");
+        } else {
+            assert!(!ok && out.contains(why), "{header}: {out}");
+        }
+    }
+}

@@ -353,6 +353,31 @@ pub struct Claims {
     pub raw: Value,
 }
 
+/// The first member of a `cnf` claim naming a confirmation method fhirwall
+/// does not enforce (only `jkt`, DPoP, and `x5t#S256`, mTLS, are): such a
+/// token is refused, since that binding would silently be dropped.
+pub fn unenforced_cnf_member(cnf: Option<&Value>) -> Option<&str> {
+    cnf.and_then(Value::as_object)
+        .and_then(|c| c.keys().find(|k| !matches!(k.as_str(), "jkt" | "x5t#S256")))
+        .map(String::as_str)
+}
+
+/// Why sender-constrained tokens are required of `claims`' caller (its
+/// issuer's `require_binding`, or its client named in
+/// `require_binding_for_clients`), if they are.
+pub fn binding_required(issuers: &[crate::config::Issuer], claims: &Claims) -> Option<String> {
+    let issuer = issuers.iter().find(|i| i.name == claims.issuer_name)?;
+    if issuer.require_binding {
+        return Some(format!("issuer '{}'", issuer.name));
+    }
+    let client = claims.client_id.as_deref()?;
+    issuer
+        .require_binding_for_clients
+        .iter()
+        .any(|c| c == client)
+        .then(|| format!("client '{client}' of issuer '{}'", issuer.name))
+}
+
 /// `jwt` for a token of three dot-separated parts, else `opaque` (for
 /// introspection).
 pub fn token_kind(token: &str) -> &'static str {
@@ -368,14 +393,9 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Verifies `token` (already [`inspect`]ed) for `issuer` with `keys` at time `now` (Unix seconds).
-pub fn verify(
-    token: &str,
-    u: &Unverified,
-    issuer: &Issuer,
-    keys: &KeySet,
-    now: i64,
-) -> Result<Claims, TokenError> {
+/// Whether an [`inspect`]ed token's header fits `issuer` (an algorithm it
+/// allows, `typ` `at+jwt` where required): its algorithm.
+pub fn header_fits(u: &Unverified, issuer: &Issuer) -> Result<Algorithm, TokenError> {
     let alg = algorithm(&u.alg)
         .filter(|a| issuer.algorithms.contains(a))
         .ok_or_else(|| TokenError::AlgorithmNotAllowed(u.alg.clone()))?;
@@ -386,6 +406,18 @@ pub fn verify(
             u.typ.clone().unwrap_or_else(|| "(none)".into()),
         ));
     }
+    Ok(alg)
+}
+
+/// Verifies `token` (already [`inspect`]ed) for `issuer` with `keys` at time `now` (Unix seconds).
+pub fn verify(
+    token: &str,
+    u: &Unverified,
+    issuer: &Issuer,
+    keys: &KeySet,
+    now: i64,
+) -> Result<Claims, TokenError> {
+    let alg = header_fits(u, issuer)?;
     let key = match &u.kid {
         Some(kid) => {
             let key = keys
