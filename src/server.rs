@@ -546,15 +546,19 @@ pub fn run(
     upgrade: Option<Takeover>,
 ) -> Result<(), String> {
     // A runtime for start-up work (and the keys a takeover loads first).
-    // Until Pingora listens for SIGQUIT (once serving), its default action
-    // would kill the process (with a core dump): installing tokio's handler
-    // now makes it harmless; it is looked at only once serving.
+    // Until Pingora listens for SIGQUIT and the reloader for SIGHUP (once
+    // serving), their default actions would kill the process (SIGQUIT with
+    // a core dump; a SIGHUP sent for a reload while the keys load):
+    // installing tokio's handlers now makes them harmless; they are looked
+    // at only once serving.
     let startup = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start: {e}"))?;
     startup.block_on(async {
-        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit());
+        use tokio::signal::unix::{signal, SignalKind};
+        let _ = signal(SignalKind::quit());
+        let _ = signal(SignalKind::hangup());
     });
     if upgrade.is_some() && settings.upgrade_sock.is_none() {
         return Err(

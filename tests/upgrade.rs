@@ -201,8 +201,9 @@ async fn a_new_process_that_cannot_serve_does_not_take_over() {
     assert_eq!(old.get("Patient/p1", Some(&token)).await.status(), 200);
     assert!(!log_of(&old).contains("SIGQUIT"));
 
-    // A SIGQUIT that reaches a starting process (here: one waiting for
-    // sockets nobody sends) does not kill it; it gives up by itself.
+    // A SIGHUP (a reload) or SIGQUIT that reaches a starting process
+    // (here: one waiting for sockets nobody sends) does not kill it; it
+    // gives up by itself.
     let log = socks.0.join("waiting.log");
     let mut waiting = spawn(old.config_path(), &["--upgrade"], &log);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -213,12 +214,15 @@ async fn a_new_process_that_cannot_serve_does_not_take_over() {
         assert!(Instant::now() < deadline, "never waited for sockets");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ok = Command::new("kill")
-        .args(["-QUIT", &waiting.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    for sig in ["-HUP", "-QUIT"] {
+        let ok = Command::new("kill")
+            .args([sig, &waiting.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let status = waiting.0.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), None, "killed by the signal: {status}");
