@@ -26,6 +26,10 @@ const MAX_DOC_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Default)]
 struct FetchState {
     last_attempt: Option<Instant>,
+    /// The last fetch an unknown kid made: those come at most once per
+    /// `min_refetch_interval_seconds` (start-up and periodic refreshes do
+    /// not count, so a key rotated in just after one is fetched at once).
+    last_miss_fetch: Option<Instant>,
     last_failed: bool,
     /// When the periodic refresh is next due; set by every fetch.
     next_refresh: Option<Instant>,
@@ -174,7 +178,7 @@ impl JwksStore {
         if hit(&current) {
             return Ok(current.expect("hit implies keys"));
         }
-        let recent = st.last_attempt.is_some_and(|t| {
+        let recent = st.last_miss_fetch.is_some_and(|t| {
             t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds)
         });
         if recent {
@@ -183,6 +187,7 @@ impl JwksStore {
                 _ => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
             };
         }
+        st.last_miss_fetch = Some(Instant::now());
         match self.refresh_locked(ik, &mut st).await {
             Ok(_) => Ok(ik.keys.load_full().expect("refresh stored keys")),
             Err(_) => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
@@ -406,25 +411,26 @@ mod tests {
         // Known kids: no fetch.
         store.keys_for(ka, Some("a1")).await.unwrap();
         assert_eq!(fetches(&a), 1);
-        // Start-up counts as the last attempt: within the interval an
-        // unknown kid is not re-fetched for a, nor for b.
+        // Start-up is no unknown kid's fetch: the first unknown kid
+        // fetches at once (a key rotated in just after a refresh) ...
         let ks = store.keys_for(ka, Some("a2")).await.unwrap();
         assert!(!ks.has_kid("a2"));
-        assert_eq!(fetches(&a), 1);
-        // Past a's interval (its state wound back), a re-fetches once ...
-        ka.fetch.lock().await.last_attempt =
-            Some(Instant::now() - std::time::Duration::from_secs(61));
+        assert_eq!(fetches(&a), 2);
+        // ... and within the interval the next ones do not.
         store.keys_for(ka, Some("a3")).await.unwrap();
         store.keys_for(ka, Some("a4")).await.unwrap();
         assert_eq!(fetches(&a), 2);
-        // ... while b, still within its own interval, does not.
-        store.keys_for(kb, Some("b2")).await.unwrap();
-        assert_eq!(fetches(&b), 1);
-        // Past b's interval, a's fresh re-fetch does not hold b back.
-        kb.fetch.lock().await.last_attempt =
+        // Past a's interval (its state wound back), a re-fetches once ...
+        ka.fetch.lock().await.last_miss_fetch =
             Some(Instant::now() - std::time::Duration::from_secs(61));
+        store.keys_for(ka, Some("a5")).await.unwrap();
+        store.keys_for(ka, Some("a6")).await.unwrap();
+        assert_eq!(fetches(&a), 3);
+        // ... while b's interval is its own: its first miss fetches, its
+        // second (within the interval) does not.
+        store.keys_for(kb, Some("b2")).await.unwrap();
         store.keys_for(kb, Some("b3")).await.unwrap();
-        assert_eq!((fetches(&a), fetches(&b)), (2, 2));
+        assert_eq!((fetches(&a), fetches(&b)), (3, 2));
     }
 
     /// Serves `router` on `ip` (a loopback address) at a free port.
