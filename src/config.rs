@@ -2131,11 +2131,8 @@ impl Config {
             "file" => match &a.path {
                 Some(p) => {
                     let path = self.base_dir.join(p);
-                    if let Some(bad_dir) = missing_parent(&path) {
-                        bad(
-                            "audit.path",
-                            format!("directory {} does not exist", bad_dir.display()),
-                        );
+                    if let Some(why) = unwritable(&path) {
+                        bad("audit.path", why);
                     }
                     Some(AuditSink::File(path))
                 }
@@ -2265,11 +2262,8 @@ impl Config {
             }
             ("spill", Some(p)) => {
                 let p = self.base_dir.join(p);
-                if let Some(bad_dir) = missing_parent(&p) {
-                    bad(
-                        "audit.spill_path",
-                        format!("directory {} does not exist", bad_dir.display()),
-                    );
+                if let Some(why) = unwritable(&p) {
+                    bad("audit.spill_path", why);
                 }
                 if sink_path.as_ref() == Some(&p) {
                     bad(
@@ -2609,10 +2603,35 @@ fn client_verifier_builds(cas: &[Vec<u8>]) -> Result<(), String> {
     Ok(())
 }
 
-/// The directory a file would be created in, if it does not exist.
-fn missing_parent(path: &Path) -> Option<PathBuf> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
-    (!dir.is_dir()).then(|| dir.to_path_buf())
+/// Why a file fhirwall appends to (and creates if missing) cannot be: a
+/// directory in its place, a missing directory, or no write access (for
+/// the user running this; `run` as another user may differ).
+fn unwritable(path: &Path) -> Option<String> {
+    use rustix::fs::{access, Access};
+    if path.is_dir() {
+        return Some(format!("{} is a directory", path.display()));
+    }
+    if path.exists() {
+        return access(path, Access::WRITE_OK)
+            .err()
+            .map(|e| format!("{} cannot be written by this user: {e}", path.display()));
+    }
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d,
+        None => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Some(format!("directory {} does not exist", dir.display()));
+    }
+    access(dir, Access::WRITE_OK | Access::EXEC_OK)
+        .err()
+        .map(|e| {
+            format!(
+                "{} cannot be created in {} by this user: {e}",
+                path.display(),
+                dir.display()
+            )
+        })
 }
 
 /// A plain-http URL on the loopback interface (where tokens, secrets and
@@ -3431,6 +3450,22 @@ admin:
         .is_empty());
         let msg = &audit_problems("  sink: file\n  path: /nonexistent-dir-fhirwall/a.jsonl\n")[0].1;
         assert!(msg.contains("/nonexistent-dir-fhirwall"), "{msg}");
+        // A directory where the file should be: it cannot be appended to.
+        let dir = std::env::temp_dir();
+        let p = audit_problems(&format!("  sink: file\n  path: {}\n", dir.display()));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].0 == "audit.path" && p[0].1.contains("is a directory"),
+            "{p:?}"
+        );
+        let p = audit_problems(&format!(
+            "  on_failure: spill\n  spill_path: {}\n",
+            dir.display()
+        ));
+        assert!(
+            p[0].0 == "audit.spill_path" && p[0].1.contains("is a directory"),
+            "{p:?}"
+        );
     }
 
     #[test]
