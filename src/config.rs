@@ -479,6 +479,16 @@ pub struct IntrospectionConfig {
     /// issuers introspect; with one, it takes them by default.
     #[serde(default)]
     pub opaque_tokens: Option<bool>,
+    /// Introspections a client address may have answered inactive (or
+    /// refused) per minute; past it, its tokens not already cached are
+    /// refused (429) without a call until the minute is over, so made-up
+    /// tokens cannot drive the authorization server's load. 0: no limit.
+    #[serde(default = "d_inactive_budget")]
+    pub max_inactive_per_source_per_minute: u32,
+}
+
+fn d_inactive_budget() -> u32 {
+    60
 }
 
 fn d_auth_method() -> String {
@@ -532,6 +542,8 @@ pub struct Introspection {
     pub require_aud: bool,
     /// This issuer introspects opaque tokens.
     pub opaque_tokens: bool,
+    /// Inactive answers a client address may have per minute (0: no limit).
+    pub max_inactive_per_source_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -2772,6 +2784,7 @@ fn validate_introspection(
         negative_ttl: Duration::from_secs(c.negative_cache_seconds),
         require_aud: c.require_aud,
         opaque_tokens: c.opaque_tokens.unwrap_or(false),
+        max_inactive_per_source_per_minute: c.max_inactive_per_source_per_minute,
     })
 }
 

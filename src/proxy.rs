@@ -430,6 +430,10 @@ fn dpop_denial(code: &'static str, error: &'static str, description: String) -> 
 
 fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
     match e {
+        TokenError::IntrospectionThrottled(wait) => Denial::RateLimited {
+            description: e.to_string(),
+            retry_after_seconds: *wait,
+        },
         TokenError::KeysUnavailable(_) | TokenError::IntrospectionUnavailable(_) => {
             Denial::Unavailable {
                 code: e.code(),
@@ -1736,9 +1740,13 @@ impl Gateway {
         // 3. Validate
         drop(stage);
         let started = Instant::now();
+        let source = ctx
+            .client
+            .as_ref()
+            .map(|c| crate::client_addr::rate_limit_key(c.ip, &self.settings.nat64_prefixes));
         let v = self
             .validator
-            .validate(&token, now_unix())
+            .validate(&token, now_unix(), source.as_deref())
             .instrument(tracing::debug_span!("validate"))
             .await;
         let took = started.elapsed();

@@ -411,3 +411,61 @@ async fn an_introspected_jwt_keeps_its_own_binding() {
     let (s, _, body) = get(&gw, "Patient/p1", &plain).await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// Made-up tokens cannot drive the authorization server's load: past
+/// `max_inactive_per_source_per_minute` inactive answers, an address's
+/// tokens that are not cached are refused (429) without a call, while its
+/// cached tokens and other addresses go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_sending_inactive_tokens_stops_being_introspected() {
+    let (as_, endpoint) = spawn_as().await;
+    let gw = Gateway::start(Options {
+        issuer_yaml: format!(
+            "    introspection:\n      endpoint: {endpoint}\n      client_id: fhirwall-gw\n{BASIC}      max_inactive_per_source_per_minute: 5\n"
+        ),
+        server_yaml: "  trusted_proxies: [127.0.0.1/32]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-known".into(), active(&gw, "user/*.rs", None));
+    let from = |who: &'static str, token: String, rel: &'static str| {
+        gw.client
+            .get(format!("{}/{rel}", gw.base))
+            .bearer_auth(token)
+            .header("x-forwarded-for", who)
+            .send()
+    };
+    let r = from("10.0.0.1", "opaque-known".into(), "Patient/p1")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for i in 0..5 {
+        let r = from("10.0.0.1", format!("made-up-{i}"), "Patient/p1")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{i}");
+    }
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 6);
+    // The sixth made-up token: no call, 429 with a wait.
+    let r = from("10.0.0.1", "made-up-5".into(), "Patient/throttled-1")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let wait = support::retry_after(&r);
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 6);
+    assert_eq!(gw.upstream.count_containing("throttled-1"), 0);
+    // Its cached token still works; another address is introspected.
+    let r = from("10.0.0.1", "opaque-known".into(), "Patient/p1")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = from("10.0.0.2", "made-up-6".into(), "Patient/p1")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 7);
+}

@@ -53,6 +53,9 @@ impl moka::Expiry<[u8; 32], Outcome> for ByOutcome {
     }
 }
 
+/// The window of `max_inactive_per_source_per_minute`.
+const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+
 /// Outcome of one introspection, for metrics.
 pub struct CallRecord {
     pub issuer: String,
@@ -60,11 +63,20 @@ pub struct CallRecord {
     pub seconds: f64,
 }
 
+/// A client address's inactive answers in the current minute.
+struct Budget {
+    since: Instant,
+    spent: u32,
+}
+
 /// Introspects tokens for one issuer.
 pub struct Introspector {
     pub issuer: Issuer,
     client: reqwest::Client,
     cache: Cache<[u8; 32], Outcome>,
+    /// Inactive (or refused) answers per client address this minute
+    /// (`max_inactive_per_source_per_minute`).
+    budgets: moka::sync::Cache<String, Arc<std::sync::Mutex<Budget>>>,
     /// Called after every introspection call (metrics).
     on_call: Arc<dyn Fn(CallRecord) + Send + Sync>,
 }
@@ -90,27 +102,79 @@ impl Introspector {
                 .max_capacity(max_entries)
                 .expire_after(ByOutcome)
                 .build(),
+            // An address forgotten early (capacity) only starts afresh.
+            budgets: moka::sync::Cache::builder()
+                .time_to_idle(BUDGET_WINDOW)
+                .max_capacity(100_000)
+                .build(),
             on_call,
         })
     }
 
+    /// Seconds until `source` may have tokens introspected again, when it
+    /// spent this minute's budget of inactive answers.
+    fn over_budget(&self, source: Option<&str>) -> Option<u64> {
+        let limit = self.limit()?;
+        let b = self.budgets.get(source?)?;
+        let b = b.lock().unwrap_or_else(|e| e.into_inner());
+        let left = BUDGET_WINDOW.checked_sub(b.since.elapsed())?;
+        (b.spent >= limit).then(|| left.as_secs().max(1))
+    }
+
+    /// Counts an inactive (or refused) answer for `source`.
+    fn spend(&self, source: Option<&str>) {
+        let (Some(_), Some(source)) = (self.limit(), source) else {
+            return;
+        };
+        let b = self.budgets.get_with(source.to_string(), || {
+            Arc::new(std::sync::Mutex::new(Budget {
+                since: Instant::now(),
+                spent: 0,
+            }))
+        });
+        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+        if b.since.elapsed() >= BUDGET_WINDOW {
+            b.since = Instant::now();
+            b.spent = 0;
+        }
+        b.spent = b.spent.saturating_add(1);
+    }
+
+    fn limit(&self) -> Option<u32> {
+        let n = self
+            .issuer
+            .introspection
+            .as_ref()
+            .map_or(0, |c| c.max_inactive_per_source_per_minute);
+        (n > 0).then_some(n)
+    }
+
     /// The claims of `token` (hash `hash`) at `now`, and whether they came
-    /// from the cache.
+    /// from the cache. `source` is the client's address (its rate-limit
+    /// key): one whose tokens were inactive too often this minute has no
+    /// new ones introspected until the minute is over.
     pub async fn claims(
         &self,
         token: &str,
         hash: [u8; 32],
         now: i64,
+        source: Option<&str>,
     ) -> Result<(Arc<Claims>, bool), TokenError> {
         let hit = self.cache.get(&hash).await;
         let (outcome, cached) = match hit {
             Some(o) => (o, true),
             None => {
+                if let Some(wait) = self.over_budget(source) {
+                    return Err(TokenError::IntrospectionThrottled(wait));
+                }
                 let o = self
                     .cache
                     .try_get_with(hash, self.call(token, now))
                     .await
                     .map_err(|e| (*e).clone())?;
+                if !matches!(o, Outcome::Active { .. }) {
+                    self.spend(source);
+                }
                 (o, false)
             }
         };
@@ -326,6 +390,7 @@ mod tests {
                 negative_ttl: Duration::from_secs(10),
                 require_aud: false,
                 opaque_tokens: true,
+                max_inactive_per_source_per_minute: 60,
             }),
         }
     }

@@ -73,6 +73,8 @@ pub enum TokenError {
     OpaqueNotAccepted,
     #[error("the token binds itself to a key or certificate (cnf) that the authorization server's introspection answer does not confirm")]
     UnconfirmedBinding,
+    #[error("too many tokens from this address were not active this minute; new tokens are not introspected for {0} s")]
+    IntrospectionThrottled(u64),
 }
 
 impl TokenError {
@@ -101,6 +103,7 @@ impl TokenError {
             TokenError::KeysUnavailable(_) => "keys_unavailable",
             TokenError::Inactive => "token_inactive",
             TokenError::IntrospectionUnavailable(_) => "introspection_unavailable",
+            TokenError::IntrospectionThrottled(_) => "rate_limited",
             TokenError::OpaqueNotAccepted => "token_malformed",
         }
     }

@@ -60,8 +60,14 @@ impl Validator {
         }
     }
 
-    /// Validates `token` at `now` (Unix seconds).
-    pub async fn validate(&self, token: &str, now: i64) -> Result<Validated, TokenError> {
+    /// Validates `token` at `now` (Unix seconds), for a client at `source`
+    /// (its rate-limit key: introspection budgets are per address).
+    pub async fn validate(
+        &self,
+        token: &str,
+        now: i64,
+        source: Option<&str>,
+    ) -> Result<Validated, TokenError> {
         if token.len() > self.max_bytes {
             return Err(TokenError::TooLong(self.max_bytes));
         }
@@ -77,7 +83,7 @@ impl Validator {
                         .is_some_and(|x| x.opaque_tokens)
                 })
                 .ok_or(TokenError::OpaqueNotAccepted)?;
-            let (claims, cache_hit) = i.claims(token, hash, now).await?;
+            let (claims, cache_hit) = i.claims(token, hash, now, source).await?;
             return Ok(Validated {
                 claims,
                 hash,
@@ -104,7 +110,7 @@ impl Validator {
             .iter()
             .find(|i| i.issuer.name == ik.issuer.name)
         {
-            let (claims, cache_hit) = i.claims(token, hash, now).await?;
+            let (claims, cache_hit) = i.claims(token, hash, now, source).await?;
             // The token's own binding is a floor: an answer that leaves it
             // out (or names another) would make a stolen bound token a
             // bearer token.
