@@ -1393,15 +1393,24 @@ impl Gateway {
         // Every confirmation method the token names must be one enforced
         // here: one that is not (`jwk`, `kid`, `jku`, `x5t#s256` misspelt)
         // would otherwise be dropped beside one that is.
+        // A token refused before its proof is looked at: challenged in the
+        // scheme it came with (RFC 9449 §7.1).
+        let invalid = |code: &'static str, description: String| {
+            if dpop_scheme {
+                dpop(code, "invalid_token", description)
+            } else {
+                Denial::InvalidToken { code, description }
+            }
+        };
         if let Some(member) = crate::token::unenforced_cnf_member(cnf) {
-            return Err(Denial::InvalidToken {
-                code: "token_binding_unsupported",
-                description: format!(
+            return Err(invalid(
+                "token_binding_unsupported",
+                format!(
                     "token carries a cnf member this gateway does not enforce ('{}'); only jkt \
                      (DPoP) and x5t#S256 (mTLS) are",
                     member.chars().take(32).collect::<String>()
                 ),
-            });
+            ));
         }
         // RFC 8705: a certificate-bound token only over a TLS connection
         // whose client certificate has that SHA-256 thumbprint.
@@ -1411,21 +1420,20 @@ impl Gateway {
             match (bound, client_cert) {
                 (Some(want), Some(got)) if want == got => {}
                 (_, None) => {
-                    return Err(Denial::InvalidToken {
-                        code: "mtls_no_certificate",
-                        description:
-                            "the token is bound to a TLS client certificate (cnf x5t#S256) \
-                                      but none was presented"
-                                .into(),
-                    })
+                    return Err(invalid(
+                        "mtls_no_certificate",
+                        "the token is bound to a TLS client certificate (cnf x5t#S256) but none \
+                         was presented"
+                            .into(),
+                    ))
                 }
                 _ => {
-                    return Err(Denial::InvalidToken {
-                        code: "mtls_wrong_certificate",
-                        description: "the TLS client certificate is not the one the token is \
-                                      bound to (cnf x5t#S256)"
+                    return Err(invalid(
+                        "mtls_wrong_certificate",
+                        "the TLS client certificate is not the one the token is bound to (cnf \
+                         x5t#S256)"
                             .into(),
-                    })
+                    ))
                 }
             }
         }
@@ -1472,6 +1480,14 @@ impl Gateway {
                 "the token's cnf.jkt is not a string".into(),
             ));
         };
+        if !self.settings.dpop.enabled {
+            return Err(Denial::InvalidToken {
+                code: "token_binding_unsupported",
+                description: "the token is DPoP-bound (cnf.jkt) and DPoP is not enabled on this \
+                              gateway (dpop.enabled: false)"
+                    .into(),
+            });
+        }
         if !dpop_scheme {
             return Err(dpop(
                 "dpop_bound_as_bearer",

@@ -490,7 +490,11 @@ async fn a_cnf_member_that_is_not_enforced_refuses_the_token() {
         let proof = client.proof("GET", &url, &token);
         let (s, www, body) = send(&gw, &rel, "DPoP", &token, &[&proof]).await;
         assert_eq!(s, 401, "{extra}: {body}");
-        assert!(www.contains("invalid_token"), "{extra}: {www}");
+        // Challenged in the scheme it came with.
+        assert!(
+            www.starts_with("DPoP ") && www.contains("invalid_token"),
+            "{extra}: {www}"
+        );
         assert!(body.contains("does not enforce"), "{extra}: {body}");
     }
     assert_eq!(gw.upstream.count_containing("cnf-extra"), 0);
@@ -500,4 +504,26 @@ async fn a_cnf_member_that_is_not_enforced_refuses_the_token() {
     let proof = client.proof("GET", &url, &token);
     let (s, _, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
     assert_eq!(s, 200, "{body}");
+}
+
+/// With DPoP off, a DPoP-bound token is refused as a binding the gateway
+/// does not support (it was told to use the DPoP scheme, which is refused
+/// too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dpop_off_a_bound_token_is_refused_as_unsupported() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "dpop:\n  enabled: false\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let token = bound_token(&gw, &client.jkt);
+    let (s, www, body) = send(&gw, "Patient/dpop-off-1", "Bearer", &token, &[]).await;
+    assert_eq!(s, 401, "{body}");
+    assert!(
+        www.starts_with("Bearer ") && www.contains("invalid_token"),
+        "{www}"
+    );
+    assert!(body.contains("DPoP is not enabled"), "{body}");
+    assert_eq!(gw.upstream.count_containing("dpop-off"), 0);
 }
