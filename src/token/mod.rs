@@ -45,7 +45,7 @@ pub enum TokenError {
     UnknownIssuer(String),
     #[error("no key in the issuer's JWKS has kid '{0}'")]
     UnknownKid(String),
-    #[error("token has no kid and the issuer's JWKS has {0} usable keys for its algorithm")]
+    #[error("the token's key is ambiguous: the issuer's JWKS has {0} usable keys for its kid (or, without a kid, for its algorithm)")]
     AmbiguousKey(usize),
     #[error("key '{kid}' cannot be used with algorithm {alg}")]
     KeyAlgorithmMismatch { kid: String, alg: String },
@@ -423,18 +423,31 @@ pub fn verify(
     let alg = header_fits(u, issuer)?;
     let key = match &u.kid {
         Some(kid) => {
-            let key = keys
+            // RFC 7517 §4.5 lets keys of different types share a kid: the
+            // one for the token's algorithm is taken (two would be
+            // ambiguous).
+            let named: Vec<&VerifyKey> = keys
                 .keys
                 .iter()
-                .find(|k| k.kid.as_deref() == Some(kid.as_str()))
-                .ok_or_else(|| TokenError::UnknownKid(kid.chars().take(64).collect()))?;
-            if !key.algorithms.contains(&alg) {
-                return Err(TokenError::KeyAlgorithmMismatch {
-                    kid: kid.chars().take(64).collect(),
-                    alg: u.alg.clone(),
-                });
+                .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .collect();
+            if named.is_empty() {
+                return Err(TokenError::UnknownKid(kid.chars().take(64).collect()));
             }
-            key
+            let fitting: Vec<&VerifyKey> = named
+                .into_iter()
+                .filter(|k| k.algorithms.contains(&alg))
+                .collect();
+            match fitting.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(TokenError::KeyAlgorithmMismatch {
+                        kid: kid.chars().take(64).collect(),
+                        alg: u.alg.clone(),
+                    })
+                }
+                more => return Err(TokenError::AmbiguousKey(more.len())),
+            }
         }
         None => {
             let fitting: Vec<&VerifyKey> = keys

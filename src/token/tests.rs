@@ -338,3 +338,28 @@ fn scp_array_and_azp() {
     assert_eq!(got.client_id.as_deref(), Some("azp-app"));
     assert_eq!(got.scopes.scopes[0].raw, "user/Patient.rs");
 }
+
+/// Keys of different types may share a kid (RFC 7517 §4.5): the token's
+/// algorithm picks one; two that fit it are ambiguous.
+#[test]
+fn a_kid_shared_by_keys_of_different_types() {
+    let rsa = SigningKey::generate(KeyKind::Rsa2048, "k");
+    let ec = SigningKey::generate(KeyKind::P256, "k");
+    let both = issuer(&[Algorithm::RS256, Algorithm::ES256]);
+    let set = keyset(&[&rsa, &ec]);
+    for key in [&rsa, &ec] {
+        check(&key.sign(&claims()), &set, &both).unwrap_or_else(|e| panic!("{}: {e}", key.kid));
+    }
+    let ec2 = SigningKey::generate(KeyKind::P256, "k");
+    let twice = keyset(&[&ec, &ec2]);
+    assert!(matches!(
+        check(&ec.sign(&claims()), &twice, &both),
+        Err(TokenError::AmbiguousKey(2))
+    ));
+    // A kid whose keys fit no allowed algorithm of the token's.
+    let only_rsa = keyset(&[&rsa]);
+    assert!(matches!(
+        check(&ec.sign(&claims()), &only_rsa, &both),
+        Err(TokenError::KeyAlgorithmMismatch { .. })
+    ));
+}
