@@ -538,6 +538,27 @@ impl Gateway {
     /// create's new resource) is moved to the public base.
     fn stamp(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
         h.remove_header(&header::SET_COOKIE);
+        // The upstream's own challenge (its realm and scheme, e.g. Basic)
+        // is not the client's to answer: the client authenticates to
+        // fhirwall. A 401 keeps a challenge (RFC 9110 §11.6.1), fhirwall's.
+        if h.headers.contains_key(header::WWW_AUTHENTICATE) {
+            h.remove_header(&header::WWW_AUTHENTICATE);
+        }
+        if h.status == http::StatusCode::UNAUTHORIZED {
+            let scheme = if ctx.binding == Some("dpop") {
+                "DPoP"
+            } else {
+                "Bearer"
+            };
+            h.insert_header(
+                header::WWW_AUTHENTICATE,
+                format!(
+                    "{scheme} realm=\"{}\", error=\"invalid_token\", error_description=\"the \
+                     upstream FHIR server refused the request as unauthenticated\"",
+                    self.realm
+                ),
+            )?;
+        }
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let moved = h.headers.get(&name).and_then(|v| {
                 crate::check::rewrite_url(v.to_str().ok()?, self.upstream_base(), &self.realm)

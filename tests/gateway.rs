@@ -1180,6 +1180,23 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         format!("{}/Observation/new-1/_history/1", gw.base).as_str()
     );
     assert!(r.headers().get("set-cookie").is_none(), "{:?}", r.headers());
+    // The upstream's own challenge (its realm, Basic) is not passed on: a
+    // 401 carries fhirwall's.
+    let reader = gw.mint("user/*.rs", None);
+    let r = gw.get("Observation/upstream-401", Some(&reader)).await;
+    assert_eq!(r.status(), 401);
+    let challenges: Vec<&str> = r
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(challenges.len(), 1, "{challenges:?}");
+    assert!(
+        challenges[0].starts_with(&format!("Bearer realm=\"{}\"", gw.base))
+            && challenges[0].contains("upstream FHIR server refused"),
+        "{challenges:?}"
+    );
     // Host is the upstream's, not the client's (the gateway's address).
     assert_ne!(gw.upstream_addr, gw.proxy_addr());
     assert_eq!(h("host"), vec![gw.upstream_addr.to_string().as_str()]);

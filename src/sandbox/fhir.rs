@@ -441,6 +441,13 @@ async fn handle(
             "<Observation xmlns=\"http://hl7.org/fhir\"><subject><reference value=\"Patient/p2\"/></subject></Observation>",
         )
             .into_response(),
+        // An upstream that wants credentials of its own.
+        ("GET", ["Observation", "upstream-401"]) => (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", "Basic realm=\"hapi-internal\"")],
+            "",
+        )
+            .into_response(),
         ("GET", ["Observation", "wrong-answer"]) => match s.resources.get(&("Observation".into(), "obs-p2-0".into())) {
             Some(r) => fhir(StatusCode::OK, r.clone()),
             None => not_found("gone"),
