@@ -375,34 +375,66 @@ fn several_introspecting_issuers_must_choose_who_takes_opaque_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_introspected_jwt_keeps_its_own_binding() {
     let (gw, as_) = start(BASIC, 60, 2).await;
-    let mut claims = gw.claims("user/*.rs");
-    claims["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"});
-    let bound = gw.issuer.signing_key().sign(&claims);
+    let jkt = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
+    // A fresh bound token per case: an answer is cached by token.
+    let bound = |case: &str| {
+        let mut claims = gw.claims("user/*.rs");
+        claims["cnf"] = json!({"jkt": jkt});
+        claims["jti"] = json!(case);
+        gw.issuer.signing_key().sign(&claims)
+    };
     let plain = gw.issuer.signing_key().sign(&gw.claims("user/*.rs"));
-    for (token, answer_cnf, case) in [
-        (&bound, None, "bound-no-cnf-1"),
+    for (answer_cnf, case, refusal) in [
+        (None, "bound-no-cnf-1", "does not confirm"),
         (
-            &bound,
             Some(json!({"jkt": "another-key"})),
             "bound-other-cnf-1",
+            "does not confirm",
         ),
         (
-            &bound,
             Some(json!({"x5t#S256": "a-certificate"})),
             "bound-cert-cnf-1",
+            "does not confirm",
+        ),
+        // Confirmed: the binding holds, so as Bearer it is refused by bind.
+        (
+            Some(json!({"jkt": jkt})),
+            "bound-same-cnf-1",
+            "present it with the DPoP scheme",
         ),
     ] {
+        let token = bound(case);
         let mut answer = active(&gw, "user/*.rs", None);
         if let Some(c) = answer_cnf {
             answer["cnf"] = c;
         }
         as_.answers.lock().unwrap().insert(token.clone(), answer);
-        let (s, www, body) = get(&gw, &format!("Patient/{case}"), token).await;
+        let calls = as_.calls.load(Ordering::SeqCst);
+        let (s, www, body) = get(&gw, &format!("Patient/{case}"), &token).await;
+        assert_eq!(
+            as_.calls.load(Ordering::SeqCst),
+            calls + 1,
+            "{case}: introspected"
+        );
         assert_eq!(s, 401, "{case}: {body}");
         assert!(www.contains("invalid_token"), "{case}: {www}");
-        assert!(body.contains("does not confirm"), "{case}: {body}");
+        assert!(body.contains(refusal), "{case}: {body}");
         assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
     }
+    // An expired JWT is refused without a call.
+    let calls = as_.calls.load(Ordering::SeqCst);
+    let mut old = gw.claims("user/*.rs");
+    old["exp"] = json!(now() - 120);
+    old["iat"] = json!(now() - 720);
+    let expired = gw.issuer.signing_key().sign(&old);
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert(expired.clone(), active(&gw, "user/*.rs", None));
+    let (s, www, _) = get(&gw, "Patient/expired-jwt-1", &expired).await;
+    assert_eq!(s, 401, "{www}");
+    assert!(www.contains("expired"), "{www}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), calls);
     // An unbound JWT with an unbound answer is a bearer token, as before.
     as_.answers
         .lock()
@@ -468,4 +500,32 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(as_.calls.load(Ordering::SeqCst), 7);
+    // A burst of concurrent made-up tokens from one address: the budget is
+    // taken before each call, so no more calls than it allows are made.
+    as_.delay_ms.store(200, Ordering::SeqCst);
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let r = gw
+                .client
+                .get(format!("{}/Patient/p1", gw.base))
+                .bearer_auth(format!("burst-{i}"))
+                .header("x-forwarded-for", "10.0.0.3")
+                .send();
+            tokio::spawn(async move { r.await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in burst {
+        statuses.push(t.await.unwrap());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 12);
 }

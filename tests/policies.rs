@@ -1202,6 +1202,13 @@ fn explain_refuses_what_the_gateway_refuses_before_deciding() {
             "takes none",
         ),
         (
+            "cnf naming no binding",
+            "empty-cnf.json",
+            json!({"cnf": {}}),
+            vec!["--url", "Observation?code=1"],
+            "no binding this gateway knows",
+        ),
+        (
             "cnf method not enforced",
             "kid.json",
             json!({"cnf": {"jkt": "abc", "kid": "k"}}),

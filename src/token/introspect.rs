@@ -63,7 +63,8 @@ pub struct CallRecord {
     pub seconds: f64,
 }
 
-/// A client address's inactive answers in the current minute.
+/// A client address's inactive answers in the current minute (and calls
+/// in flight for it).
 struct Budget {
     since: Instant,
     spent: u32,
@@ -111,20 +112,14 @@ impl Introspector {
         })
     }
 
-    /// Seconds until `source` may have tokens introspected again, when it
-    /// spent this minute's budget of inactive answers.
-    fn over_budget(&self, source: Option<&str>) -> Option<u64> {
-        let limit = self.limit()?;
-        let b = self.budgets.get(source?)?;
-        let b = b.lock().unwrap_or_else(|e| e.into_inner());
-        let left = BUDGET_WINDOW.checked_sub(b.since.elapsed())?;
-        (b.spent >= limit).then(|| left.as_secs().max(1))
-    }
-
-    /// Counts an inactive (or refused) answer for `source`.
-    fn spend(&self, source: Option<&str>) {
-        let (Some(_), Some(source)) = (self.limit(), source) else {
-            return;
+    /// Takes one unit of `source`'s budget for a call (made before the
+    /// call, so that a burst of concurrent made-up tokens cannot all pass
+    /// the check): `Ok(true)` when taken (give it back with [`refund`] if
+    /// the answer is active), `Ok(false)` when no budget applies, `Err`
+    /// with the seconds to wait when it is spent.
+    fn reserve(&self, source: Option<&str>) -> Result<bool, u64> {
+        let (Some(limit), Some(source)) = (self.limit(), source) else {
+            return Ok(false);
         };
         let b = self.budgets.get_with(source.to_string(), || {
             Arc::new(std::sync::Mutex::new(Budget {
@@ -133,11 +128,24 @@ impl Introspector {
             }))
         });
         let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
-        if b.since.elapsed() >= BUDGET_WINDOW {
+        let elapsed = b.since.elapsed();
+        if elapsed >= BUDGET_WINDOW {
             b.since = Instant::now();
             b.spent = 0;
+        } else if b.spent >= limit {
+            return Err((BUDGET_WINDOW - elapsed).as_secs().max(1));
         }
-        b.spent = b.spent.saturating_add(1);
+        b.spent += 1;
+        Ok(true)
+    }
+
+    /// Gives back a unit [`reserve`] took: the answer was active (or the
+    /// endpoint failed, which is not the client's doing).
+    fn refund(&self, source: Option<&str>) {
+        if let Some(b) = source.and_then(|s| self.budgets.get(s)) {
+            let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+            b.spent = b.spent.saturating_sub(1);
+        }
     }
 
     fn limit(&self) -> Option<u32> {
@@ -164,18 +172,23 @@ impl Introspector {
         let (outcome, cached) = match hit {
             Some(o) => (o, true),
             None => {
-                if let Some(wait) = self.over_budget(source) {
-                    return Err(TokenError::IntrospectionThrottled(wait));
-                }
-                let o = self
+                let reserved = self
+                    .reserve(source)
+                    .map_err(TokenError::IntrospectionThrottled)?;
+                let called = self
                     .cache
                     .try_get_with(hash, self.call(token, now))
                     .await
-                    .map_err(|e| (*e).clone())?;
-                if !matches!(o, Outcome::Active { .. }) {
-                    self.spend(source);
+                    .map_err(|e| (*e).clone());
+                if reserved
+                    && !matches!(
+                        called,
+                        Ok(Outcome::Inactive { .. } | Outcome::Refused { .. })
+                    )
+                {
+                    self.refund(source);
                 }
-                (o, false)
+                (called?, false)
             }
         };
         match outcome {

@@ -78,7 +78,8 @@ impl JwksStore {
             // Keys decide which tokens are genuine: a redirect may not
             // leave TLS (https → plain http off the loopback interface).
             .redirect(reqwest::redirect::Policy::custom(|attempt| {
-                if attempt.previous().len() >= 3 {
+                // `previous` holds the first URL too: three redirects.
+                if attempt.previous().len() > 3 {
                     attempt.error("more than 3 redirects")
                 } else if !crate::config::is_secure_or_loopback(attempt.url()) {
                     let to = attempt.url().clone();

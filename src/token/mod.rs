@@ -119,6 +119,9 @@ pub struct Unverified {
     /// The payload's `cnf` as written (unverified: it may only ever make a
     /// check stricter).
     pub cnf: Option<Value>,
+    /// The payload's `exp` when a number (unverified: only ever used to
+    /// refuse).
+    pub exp: Option<i64>,
 }
 
 fn b64_json(part: &str) -> Option<Value> {
@@ -186,6 +189,7 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
         typ,
         iss,
         cnf: payload.get("cnf").cloned(),
+        exp: payload.get("exp").and_then(Value::as_f64).map(|e| e as i64),
     })
 }
 

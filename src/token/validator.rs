@@ -110,6 +110,12 @@ impl Validator {
             .iter()
             .find(|i| i.issuer.name == ik.issuer.name)
         {
+            // One that says it has expired is refused without a call (nor
+            // a charge to its sender's budget of inactive answers).
+            let leeway = ik.issuer.leeway_seconds;
+            if let Some(exp) = u.exp.filter(|e| e.saturating_add(leeway as i64) < now) {
+                return Err(TokenError::Expired { exp, now, leeway });
+            }
             let (claims, cache_hit) = i.claims(token, hash, now, source).await?;
             // The token's own binding is a floor: an answer that leaves it
             // out (or names another) would make a stolen bound token a
