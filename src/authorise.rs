@@ -206,8 +206,9 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
 
 /// A stored page that a `Patient/{patient}/$everything` of this caller
 /// gave (`pages.rs` remembers whose): judged as that operation's answer
-/// (what the patient's resources reference passes, every compartment
-/// resource must be the patient's) when the page is allowed as a stored
+/// (the shared types it returns, Practitioner, Medication, …, pass; every
+/// resource of a compartment type must be the patient's) when the page is
+/// allowed as a stored
 /// page in `patient`'s context, its check is the plain compartment check
 /// (no filter, no type granted beyond the compartment, none refused by a
 /// policy), and the operation itself is allowed to this token now, by the

@@ -428,6 +428,9 @@ fn patient_grant(
         && req.id.as_deref() == Some(ctx)
         && matches!(&req.operation, Some((n, OperationLevel::Instance)) if n == "everything")
         && !reaches_other_types(req)
+        // A stored search's id is no parameter of the operation: a server
+        // might serve that search instead, or echo the id in its links.
+        && !req.params.iter().any(|(n, _)| n == "_getpages" || n == "_pageId")
     {
         return Ok(Decision {
             scopes_used: used,

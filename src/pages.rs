@@ -55,9 +55,13 @@ impl Origin {
     }
 }
 
+/// Callers one page id is remembered for (a server may hand the same
+/// stored result to two callers of one patient).
+const ORIGINS_PER_PAGE: usize = 4;
+
 /// The page ids of `$everything` answers passed on, and whose they are.
 pub struct EverythingPages {
-    origins: moka::sync::Cache<String, Arc<Origin>>,
+    origins: moka::sync::Cache<String, Arc<std::sync::Mutex<Vec<Origin>>>>,
 }
 
 impl Default for EverythingPages {
@@ -72,16 +76,19 @@ impl Default for EverythingPages {
 }
 
 impl EverythingPages {
-    /// Remembers the page ids in the links of `body`, a `$everything`
-    /// answer passed on to `origin`'s caller.
-    pub fn remember(&self, body: &[u8], origin: &Origin) {
-        let ids = page_ids(body);
-        if ids.is_empty() {
-            return;
-        }
-        let origin = Arc::new(origin.clone());
-        for id in ids {
-            self.origins.insert(id, origin.clone());
+    /// Remembers the page ids in the paging links of `body`, a
+    /// `$everything` answer of the upstream at `upstream_base` passed on
+    /// to `origin`'s caller.
+    pub fn remember(&self, body: &[u8], upstream_base: &str, origin: &Origin) {
+        for id in page_ids(body, upstream_base) {
+            let callers = self.origins.get_with(id, Default::default);
+            let mut callers = callers.lock().unwrap_or_else(|e| e.into_inner());
+            if !callers.contains(origin) {
+                if callers.len() == ORIGINS_PER_PAGE {
+                    callers.remove(0);
+                }
+                callers.push(origin.clone());
+            }
         }
     }
 
@@ -90,7 +97,7 @@ impl EverythingPages {
     pub fn made_for(&self, req: &FhirRequest, origin: &Origin) -> bool {
         page_id(req)
             .and_then(|id| self.origins.get(id))
-            .is_some_and(|o| *o == *origin)
+            .is_some_and(|o| o.lock().unwrap_or_else(|e| e.into_inner()).contains(origin))
     }
 }
 
@@ -110,19 +117,30 @@ pub fn page_id(req: &FhirRequest) -> Option<&str> {
     }
 }
 
-/// The page ids (`_getpages`, `_pageId`) the links of a Bundle carry.
-pub fn page_ids(body: &[u8]) -> Vec<String> {
+/// The page ids (`_getpages`, `_pageId`) the paging links of a Bundle
+/// carry (`next`, `previous`, `prev`, `first`, `last`; never `self`, which
+/// may echo what the client asked for) under `upstream_base`.
+pub fn page_ids(body: &[u8], upstream_base: &str) -> Vec<String> {
     let Some(top) = std::str::from_utf8(body).ok().and_then(json_edit::parse) else {
         return Vec::new();
     };
     let links = top.get("link").and_then(|l| json_edit::elements(l));
     let mut ids: Vec<String> = Vec::new();
+    let text = |raw: Option<&serde_json::value::RawValue>| {
+        raw.and_then(|u| serde_json::from_str::<String>(u.get()).ok())
+    };
     for link in links.iter().flatten() {
-        let Some(url) = json_edit::member(link, "url")
-            .and_then(|u| serde_json::from_str::<String>(u.get()).ok())
-        else {
+        let paging = text(json_edit::member(link, "relation"))
+            .is_some_and(|r| matches!(r.as_str(), "next" | "previous" | "prev" | "first" | "last"));
+        let Some(url) = text(json_edit::member(link, "url")) else {
             continue;
         };
+        let under_base = url
+            .strip_prefix(upstream_base)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']));
+        if !paging || !under_base {
+            continue;
+        }
         let Some((_, query)) = url.split_once('?') else {
             continue;
         };
@@ -167,26 +185,39 @@ mod tests {
     #[test]
     fn page_ids_are_read_from_every_link() {
         let body = br#"{"resourceType":"Bundle","link":[
-            {"relation":"self","url":"http://up/fhir/Patient/p1/$everything?_count=2"},
+            {"relation":"self","url":"http://up/fhir/Patient/p1/$everything?_getpages=echoed"},
             {"relation":"next","url":"http://up/fhir?_getpages=abc-1&_getpagesoffset=2&_count=2"},
             {"relation":"last","url":"http://up/fhir?_getpages=abc-1&_getpagesoffset=8"},
-            {"relation":"previous","url":"http://other/fhir?_pageId=x%20y#frag"},
+            {"relation":"previous","url":"http://up/fhir?_pageId=x%20y#frag"},
+            {"relation":"first","url":"http://other/fhir?_getpages=elsewhere"},
+            {"relation":"prev","url":"http://up/fhirx?_getpages=sibling-base"},
             {"relation":"odd","url":7}
         ]}"#;
-        assert_eq!(page_ids(body), ["abc-1", "x y"]);
-        assert!(page_ids(b"not json").is_empty());
-        assert!(page_ids(br#"{"link":{"url":"?_getpages=a"}}"#).is_empty());
-        let long = format!(r#"{{"link":[{{"url":"?_getpages={}"}}]}}"#, "a".repeat(257));
-        assert!(page_ids(long.as_bytes()).is_empty());
+        assert_eq!(page_ids(body, "http://up/fhir"), ["abc-1", "x y"]);
+        assert!(page_ids(b"not json", "http://up/fhir").is_empty());
+        assert!(page_ids(
+            br#"{"link":{"relation":"next","url":"http://up/fhir?_getpages=a"}}"#,
+            "http://up/fhir"
+        )
+        .is_empty());
+        let long = format!(
+            r#"{{"link":[{{"relation":"next","url":"http://up/fhir?_getpages={}"}}]}}"#,
+            "a".repeat(257)
+        );
+        assert!(page_ids(long.as_bytes(), "http://up/fhir").is_empty());
     }
 
     #[test]
     fn a_page_is_made_for_its_origin_only() {
         let pages = EverythingPages::default();
         let body = br#"{"link":[{"relation":"next","url":"http://up/fhir?_getpages=abc&_getpagesoffset=2"}]}"#;
-        pages.remember(body, &origin("u1", "p1"));
+        pages.remember(body, "http://up/fhir", &origin("u1", "p1"));
         let page = get("_getpages=abc&_getpagesoffset=4&_count=2&_bundletype=searchset");
         assert!(pages.made_for(&page, &origin("u1", "p1")));
+        // The same stored result given to a second caller: both keep it.
+        pages.remember(body, "http://up/fhir", &origin("u3", "p1"));
+        assert!(pages.made_for(&page, &origin("u1", "p1")));
+        assert!(pages.made_for(&page, &origin("u3", "p1")));
         for (what, other) in [
             ("another user", origin("u2", "p1")),
             ("another patient", origin("u1", "p2")),

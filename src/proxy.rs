@@ -1022,8 +1022,11 @@ impl Gateway {
                 Verdict::Pass => Ok(match check {
                     ResponseCheck::Everything { patient } => {
                         if let Some(t) = &ctx.token {
-                            self.everything_pages
-                                .remember(&answer.body, &Origin::of(&t.claims, patient));
+                            self.everything_pages.remember(
+                                &answer.body,
+                                self.upstream_base(),
+                                &Origin::of(&t.claims, patient),
+                            );
                         }
                         rewrite_links(&answer.body, self.upstream_base(), &self.realm)
                             .map(Bytes::from)

@@ -1522,4 +1522,23 @@ async fn later_pages_of_everything_are_judged_as_everything_for_its_caller() {
     let (s, body) = status_and_body(gw.get(&dr_page, Some(&p1)).await).await;
     assert_eq!(s, 200, "{body}");
     assert!(body.contains("dr-1"), "{body}");
+    // A stored search's id is no parameter of the operation.
+    let before = gw.upstream.seen().len();
+    let (s, body) = status_and_body(
+        gw.get("Patient/p1/$everything?_getpages=anything", Some(&p1))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    assert_eq!(gw.upstream.seen().len(), before);
+    // Later pages of a misbehaving server's answer are judged as the
+    // first: another patient's resource refuses the page holding it.
+    let p3 = gw.mint("patient/*.rs", Some("p3"));
+    let (statuses, ids) = walk_everything(&gw, "Patient/p3/$everything?_count=1", &p3).await;
+    assert_eq!(*statuses.last().unwrap(), 403, "{statuses:?} {ids:?}");
+    assert!(
+        statuses[..statuses.len() - 1].iter().all(|s| *s == 200),
+        "{statuses:?}"
+    );
+    assert!(!ids.contains(&"cond-p2".to_string()), "{ids:?}");
 }
