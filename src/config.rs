@@ -749,7 +749,8 @@ fn d_rotate_age() -> u64 {
     86_400
 }
 fn d_rotate_keep() -> usize {
-    30
+    // Audit records are kept: deleting them is the operator's choice.
+    0
 }
 fn d_audit_queue() -> usize {
     16 * 1024

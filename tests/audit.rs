@@ -658,6 +658,45 @@ async fn the_audit_file_rotates_and_keeps_the_configured_number() {
         let text = std::fs::read_to_string(gw.dir.join(name)).unwrap();
         assert!(text.len() >= 3000 && text.ends_with('\n'));
     }
+    // Each deletion is logged: audit records leave for good there.
+    let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
+    assert!(log.contains("rotated audit file deleted"), "{log}");
+}
+
+/// By default rotated files are all kept: deleting audit records is the
+/// operator's choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_audit_files_are_kept_by_default() {
+    let gw = Gateway::start(Options {
+        audit_yaml: Some("  sink: file\n  path: audit.jsonl\n  rotate_max_bytes: 3000\n".into()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    for n in 0..40 {
+        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("keep-{n}")).await;
+        assert_eq!(r.status(), 200);
+    }
+    let current = gw.dir.join("audit.jsonl");
+    wait_until("the last record", 10, async || {
+        records(&current)
+            .iter()
+            .any(|r| r["request_id"] == "keep-39" && r["event"] == "request")
+    })
+    .await;
+    let rotated = std::fs::read_dir(&gw.dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("audit.jsonl.")
+        })
+        .count();
+    let rotations = metric(&gw.metrics().await, "fhirwall_audit_rotations_total");
+    assert!(rotated >= 5, "{rotated} rotated files");
+    assert_eq!(rotated as f64, rotations, "every rotated file is kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

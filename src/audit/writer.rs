@@ -48,6 +48,8 @@ pub(super) struct AppendFile {
     file: Option<Arc<File>>,
     pub(super) size: u64,
     pub(super) opened: SystemTime,
+    /// A rotation that failed is not tried again before this.
+    rotate_after: Option<Instant>,
 }
 
 impl AppendFile {
@@ -57,6 +59,7 @@ impl AppendFile {
             file: None,
             size: 0,
             opened: SystemTime::now(),
+            rotate_after: None,
         }
     }
 
@@ -366,13 +369,22 @@ impl Sink {
                     .duration_since(file.opened)
                     .is_ok_and(|d| d >= age)
         });
-        if !(too_big || too_old) {
+        let paused = file.rotate_after.is_some_and(|t| Instant::now() < t);
+        if !(too_big || too_old) || paused {
             return Ok(false);
         }
         file.sync()?;
-        file.file = None;
         let rotated = rotated_name(&file.path);
-        std::fs::rename(&file.path, &rotated)?;
+        // A rotation that cannot be made (a directory fhirwall may not
+        // write in) leaves the records going to the file they go to: the
+        // sink is not down for it. Tried again in a minute.
+        if let Err(e) = std::fs::rename(&file.path, &rotated) {
+            tracing::error!(error = %e, path = %file.path.display(), "audit file could not be rotated; records go on being appended to it");
+            file.rotate_after = Some(Instant::now() + Duration::from_secs(60));
+            return Ok(false);
+        }
+        file.rotate_after = None;
+        file.file = None;
         file.open()?;
         file.opened = SystemTime::now();
         if let Some(dir) = file.path.parent() {
@@ -448,8 +460,14 @@ fn prune(dir: &Path, path: &Path, keep: usize) {
     rotated.sort();
     let excess = rotated.len().saturating_sub(keep);
     for (_, old) in rotated.into_iter().take(excess) {
-        if let Err(e) = std::fs::remove_file(&old) {
-            tracing::warn!(error = %e, path = %old.display(), "rotated audit file could not be removed");
+        // Every deletion is said: audit records leave for good here.
+        match std::fs::remove_file(&old) {
+            Ok(()) => {
+                tracing::warn!(path = %old.display(), keep, "rotated audit file deleted (audit.rotate_keep)")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %old.display(), "rotated audit file could not be removed")
+            }
         }
     }
 }
