@@ -827,8 +827,8 @@ fn patient_search(
         let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
             || searches_patients && name == "_id";
         for v in value.split(',') {
-            if named_patient(v, bare, &opts.bases).is_some_and(|id| id != ctx) {
-                return Err(names_other(name, value, ctx));
+            if let Some(other) = named_patient(v, bare, &opts.bases).filter(|id| *id != ctx) {
+                return Err(names_other(name, other, ctx));
             }
         }
     }
@@ -937,7 +937,7 @@ fn patient_search(
             for v in value.split(',') {
                 match named_patient(v, bare_is_patient, &opts.bases) {
                     Some(id) if id == ctx => {}
-                    Some(_) => return Err(names_other(name, value, ctx)),
+                    Some(other) => return Err(names_other(name, other, ctx)),
                     None => names_ctx = false,
                 }
             }
@@ -988,9 +988,12 @@ fn granted_types(scopes: &[&Scope]) -> Option<Vec<String>> {
     Some(types)
 }
 
-fn names_other(name: &str, value: &str, ctx: &str) -> ScopeDenial {
+/// Names the other patient (what a security review needs), never the
+/// rest of the value: other values in it may be a name or a birth date.
+fn names_other(name: &str, other: &str, ctx: &str) -> ScopeDenial {
+    let other: String = other.chars().take(128).collect();
     deny(format!(
-        "search parameter {name}={value} names a patient other than the token's (Patient/{ctx})"
+        "search parameter {name} names patient '{other}', other than the token's (Patient/{ctx})"
     ))
 }
 

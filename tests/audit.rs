@@ -1265,3 +1265,42 @@ async fn the_stdout_sink_writes_json_lines() {
     assert_eq!(deny["status"], 403);
     assert!(!text.contains(&token), "the token itself is on stdout");
 }
+
+/// A refusal names what was refused, never the values a client searched
+/// with: the other patient a search named, not the rest of its list; a
+/// Bundle entry's path, not its query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_no_searched_values() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let r = get_with_id(
+        &gw,
+        "Observation?patient=p2,Smith-1970-01-01&code=x",
+        &p1,
+        "values-1",
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    let rec = gw.audit_for("values-1").to_string();
+    assert!(rec.contains("names patient 'p2'"), "{rec}");
+    assert!(!rec.contains("Smith"), "{rec}");
+    let user = gw.mint("user/*.rs", None);
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "/Patient?name=John Smith&birthdate=1970-01-01"}}]});
+    let r = gw
+        .client
+        .post(format!("{}/", gw.base))
+        .bearer_auth(&user)
+        .header("content-type", "application/fhir+json")
+        .header("x-request-id", "values-2")
+        .body(bundle.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let rec = gw.audit_for("values-2").to_string();
+    assert!(rec.contains("must be relative"), "{rec}");
+    for value in ["Smith", "1970"] {
+        assert!(!rec.contains(value), "{value}: {rec}");
+    }
+}

@@ -599,8 +599,16 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         .and_then(Value::as_str)
         .ok_or_else(|| ClassifyError::MalformedBundle("entry.request.url is missing".into()))?;
     if url.contains("://") || url.starts_with('/') || url.contains('#') {
+        // Its path only: the query may hold a name or a birth date.
+        let shown: String = url
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect();
         return Err(ClassifyError::MalformedBundle(format!(
-            "entry.request.url '{url}' must be relative to the FHIR base"
+            "entry.request.url '{shown}' must be relative to the FHIR base"
         )));
     }
     let (raw_path, query) = match url.split_once('?') {
