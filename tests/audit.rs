@@ -1100,7 +1100,8 @@ async fn audit_events_in_a_file_follow_balp() {
     );
     assert_eq!(read["agent"][0]["network"]["address"], "127.0.0.1");
     let denied = event_of("ae-2").unwrap();
-    assert_eq!(denied["outcome"], "4");
+    assert_eq!(denied["outcome"], "8");
+    assert_eq!(denied["type"]["code"], "110113");
     assert!(denied.get("meta").is_none());
     assert!(denied["outcomeDesc"]
         .as_str()

@@ -117,7 +117,7 @@ fn outcome(r: &Record) -> &'static str {
     match r.decision {
         "allow" if status < 400 => "0",
         "allow" if status < 500 => "4",
-        "deny" => "4",
+        // A refused request is a security alert (BALP), a serious failure.
         _ => "8",
     }
 }
@@ -178,14 +178,18 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
             json!({"profile": [format!("{BALP}/StructureDefinition/IHE.BasicAudit.{name}")]}),
         );
     }
-    ev.insert(
-        "type".into(),
+    // A refusal is a Security Alert (DICOM 110113), as BALP records an
+    // access control denial; anything else a RESTful operation.
+    let event_type = if r.decision == "deny" {
+        dcm("110113", "Security Alert")
+    } else {
         coding(
             "http://terminology.hl7.org/CodeSystem/audit-event-type",
             "rest",
             "RESTful Operation",
-        ),
-    );
+        )
+    };
+    ev.insert("type".into(), event_type);
     if let Some(i) = interaction {
         let code = subtype(i);
         ev.insert(
@@ -232,6 +236,12 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     })];
     if let Some(addr) = &r.source {
         agents[0]["network"] = json!({"address": addr, "type": "2"});
+    }
+    // With no user (a backend service's token, a token refused before its
+    // claims were read) the token's hash goes with the client, the
+    // requestor: repeated use of one token stays traceable.
+    if let (None, Some(h)) = (r.sub, &r.token_sha256) {
+        agents[0]["policy"] = json!([format!("urn:fhirwall:token-sha256:{h}")]);
     }
     agents.push(json!({
         "type": {"coding": [server_role]},
@@ -583,7 +593,13 @@ mod tests {
         };
         let ev = audit_event(&r, &site());
         assert!(ev.get("meta").is_none(), "no BALP profile for a failure");
-        assert_eq!(ev["outcome"], "4");
+        // A denial is a Security Alert, a serious failure (BALP).
+        assert_eq!(ev["outcome"], "8");
+        assert_eq!(ev["type"]["code"], "110113");
+        assert_eq!(
+            ev["type"]["system"],
+            "http://dicom.nema.org/resources/ontology/DCM"
+        );
         assert_eq!(ev["action"], "E");
         assert_eq!(codes(&ev["agent"][0]["type"]), ["110153", "110150"]);
         let q = ev["entity"][1]["query"].as_str().unwrap();
@@ -617,7 +633,35 @@ mod tests {
         assert_eq!(outcome(&r), "8");
         r.decision = "deny";
         r.status = Some(401);
-        assert_eq!(outcome(&r), "4");
+        assert_eq!(outcome(&r), "8");
+    }
+
+    #[test]
+    fn a_token_without_a_user_is_traced_by_its_hash_on_the_client() {
+        let r = Record {
+            decision: "deny",
+            reason: "token_bad_signature",
+            status: Some(401),
+            token_sha256: Some("ab12".into()),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        assert_eq!(ev["agent"][0]["requestor"], true);
+        assert_eq!(
+            ev["agent"][0]["policy"][0],
+            "urn:fhirwall:token-sha256:ab12"
+        );
+        // With a user, it is the user's.
+        let r = Record {
+            sub: Some("u1"),
+            ..r
+        };
+        let ev = audit_event(&r, &site());
+        assert!(ev["agent"][0].get("policy").is_none());
+        assert_eq!(
+            ev["agent"][2]["policy"][0],
+            "urn:fhirwall:token-sha256:ab12"
+        );
     }
 
     #[test]
