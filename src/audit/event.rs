@@ -208,9 +208,18 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     }
     ev.insert("period".into(), period);
     ev.insert("recorded".into(), recorded.into());
-    ev.insert("outcome".into(), out.into());
+    // A decision record is written before the request goes on: it has no
+    // outcome yet (the request record that follows has it), and a report
+    // counting successful reads must not count it.
+    if !decision_event {
+        ev.insert("outcome".into(), out.into());
+    }
     let desc = match (decision_event, &r.detail) {
-        (true, _) => format!("{} ({}): forwarded to the upstream", r.decision, r.reason),
+        (true, _) => format!(
+            "{} ({}): authorised, about to go upstream; its outcome is in the request's \
+             second record",
+            r.decision, r.reason
+        ),
         (false, Some(d)) => format!(
             "{} {} ({}): {d}",
             r.status.unwrap_or(0),
@@ -634,6 +643,34 @@ mod tests {
         r.decision = "deny";
         r.status = Some(401);
         assert_eq!(outcome(&r), "8");
+    }
+
+    #[test]
+    fn a_decision_record_claims_no_outcome() {
+        let r = Record {
+            event: Event::Decision,
+            sub: Some("u1"),
+            interaction: Some("read"),
+            resource_type: Some("Observation"),
+            resource_id: Some("o1"),
+            decision: "allow",
+            reason: "allowed",
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        assert!(ev.get("outcome").is_none(), "{ev}");
+        assert!(ev.get("meta").is_none(), "{ev}");
+        assert!(ev["outcomeDesc"].as_str().unwrap().contains("authorised"));
+        // Its request record has one.
+        let ev = audit_event(
+            &Record {
+                event: Event::Request,
+                status: Some(200),
+                ..r
+            },
+            &site(),
+        );
+        assert_eq!(ev["outcome"], "0");
     }
 
     #[test]
