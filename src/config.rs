@@ -1105,17 +1105,23 @@ fn without_userinfo(text: &str) -> String {
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
-        let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '\'' | '"' | '`') || c.is_whitespace())
+        // The user information ends at the URL's last '@' (a password may
+        // hold '/', '?' or '#'): hiding a path with an '@' in it is the
+        // lesser harm. Without one, the authority runs to '/', '?' or '#'.
+        let url_end = tail
+            .find(|c: char| matches!(c, '\'' | '"' | '`') || c.is_whitespace())
             .unwrap_or(tail.len());
-        match tail[..end].rfind('@') {
-            Some(i) => {
+        rest = match tail[..url_end].rfind('@') {
+            Some(at) => {
                 out.push_str("***");
-                out.push_str(&tail[i..end]);
+                &tail[at..]
             }
-            None => out.push_str(&tail[..end]),
-        }
-        rest = &tail[end..];
+            None => {
+                let host_end = tail[..url_end].find(['/', '?', '#']).unwrap_or(url_end);
+                out.push_str(&tail[..host_end]);
+                &tail[host_end..]
+            }
+        };
     }
     out.push_str(rest);
     out
@@ -2940,6 +2946,10 @@ admin:
         );
         assert_eq!(without_userinfo("no url at all"), "no url at all");
         assert_eq!(without_userinfo("ftp://a@b@c"), "ftp://***@c");
+        assert_eq!(
+            without_userinfo("'https://gw:pa/ss?w#rd@idp/x'"),
+            "'https://***@idp/x'"
+        );
         let text = GOOD.replace(
             "    audiences: [http://localhost:8080/fhir]",
             "    audiences: [http://localhost:8080/fhir]\n    introspection:\n      endpoint: http://gw:IntroSecret1@idp.example/introspect\n      client_id: gw\n      client_secret: s",
