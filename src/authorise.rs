@@ -415,10 +415,21 @@ mod everything_pages {
         .unwrap()
     }
 
-    /// The check `everything_page` gives `page` for a token of `scope` in
-    /// `Patient/p1`'s context, under `policies`.
+    /// The check `everything_page` gives `page` as a page of
+    /// `Patient/p1/$everything`, for a token of `scope` in `Patient/p1`'s
+    /// context, under `policies`.
     fn judged(scope: &str, page: &FhirRequest, policies: &PolicySet) -> Option<ResponseCheck> {
-        let c = claims(scope, "p1");
+        judged_in("p1", scope, page, policies)
+    }
+
+    /// The same for a token in `context`'s patient context.
+    fn judged_in(
+        context: &str,
+        scope: &str,
+        page: &FhirRequest,
+        policies: &PolicySet,
+    ) -> Option<ResponseCheck> {
+        let c = claims(scope, context);
         let cx = Context {
             claims: &c,
             source: None,
@@ -465,21 +476,6 @@ mod everything_pages {
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(judged("patient/*.rs", &page, &refusing), None);
         // The page's own patient context must be the operation's.
-        let c = claims("patient/*.rs", "p2");
-        let cx = Context {
-            claims: &c,
-            source: None,
-            binding: "bearer",
-            now: 0,
-            break_glass: None,
-        };
-        let opts = DecideOptions::default();
-        let rules = Rules {
-            decide: &opts,
-            roles: None,
-            policies: &none,
-        };
-        let grant = authorise(&page, &cx, &rules).unwrap();
-        assert_eq!(everything_page(&page, &grant, "p1", &cx, &rules), None);
+        assert_eq!(judged_in("p2", "patient/*.rs", &page, &none), None);
     }
 }
