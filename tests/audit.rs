@@ -1207,6 +1207,11 @@ async fn a_backlog_sent_in_chunks_is_not_sent_twice_after_a_partial_failure() {
         let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("chunk-{n}")).await;
         assert_eq!(r.status(), 503);
     }
+    // The records the writer holds while the sink is down (taken from the
+    // queue and tried again every retry_ms) show in the queue depth.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let depth = metric(&gw.metrics().await, "fhirwall_audit_queue_depth");
+    assert!(depth >= 4.0, "{depth}");
     // It takes two one-event Bundles, then fails again; later all.
     sink.budget.store(2, Ordering::SeqCst);
     wait_until("two chunks taken", 10, async || {

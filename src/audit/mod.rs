@@ -230,6 +230,8 @@ struct Shared {
     deadline: std::time::Duration,
     spill: Option<Mutex<writer::AppendFile>>,
     metrics: AuditMetrics,
+    /// Request records the writer holds while the sink is down.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 /// The handle requests use. Clones share the queue and the writer.
@@ -287,6 +289,7 @@ impl AuditLog {
             },
             spill,
             metrics,
+            held: std::sync::atomic::AtomicUsize::new(0),
         });
         writer::start(cfg, shared.clone(), file)?;
         Ok(AuditLog {
@@ -316,9 +319,10 @@ impl AuditLog {
         since != 0 && epoch_ms().saturating_sub(since) > self.shared.deadline.as_millis() as u64
     }
 
-    /// Records waiting for the writer.
+    /// Records waiting for the writer: queued, and held by it while the
+    /// sink is down.
     pub fn queue_depth(&self) -> usize {
-        self.shared.queue.len()
+        self.shared.queue.len() + self.shared.held.load(Ordering::Relaxed)
     }
 
     fn encode(&self, record: &Record) -> Pending {

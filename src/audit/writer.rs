@@ -715,6 +715,11 @@ impl Writer {
     /// `flushing`: a flush (shutdown) is waiting — try the sink even if it
     /// is not due, and account for every record.
     fn write_batch(&mut self, batch: Vec<Pending>, flushing: bool) {
+        self.write_or_hold(batch, flushing);
+        self.shared.held.store(self.held.len(), Ordering::Relaxed);
+    }
+
+    fn write_or_hold(&mut self, batch: Vec<Pending>, flushing: bool) {
         let due = flushing || self.down_until.is_none_or(|t| Instant::now() >= t);
         if due {
             self.rotate();
@@ -806,9 +811,12 @@ impl Writer {
         } else {
             self.shared.queue.capacity()
         };
+        // Past the bound the newest go: while the sink is down new
+        // requests are refused, so those are refusals' records; the oldest
+        // are those of requests served before it failed.
         if self.held.len() > limit {
             let excess = self.held.len() - limit;
-            self.held.drain(..excess);
+            self.held.truncate(limit);
             self.shared.metrics.dropped.inc_by(excess as u64);
             tracing::error!(
                 lost = excess,
