@@ -288,8 +288,10 @@ pub struct Ctx {
     /// cannot be made tries the next address).
     upstream_addrs: Option<(Arc<Vec<std::net::SocketAddr>>, usize)>,
     connect_attempt: usize,
-    /// The request's method, for a record written without the session.
+    /// The request's method and path (capped as recorded), for a record
+    /// written without the session.
     method: Option<http::Method>,
+    path: String,
     /// The client (the peer, or behind a trusted proxy the address it
     /// forwarded for), resolved once.
     client: Option<crate::client_addr::Client>,
@@ -336,6 +338,8 @@ impl Drop for Ctx {
             decision: "error",
             reason: "abandoned",
             stage: "proxy",
+            // No answer was sent (as the documentation says of status 0).
+            status: Some(0),
             detail: Some("the request ended without finishing (shutdown or internal error)".into()),
             ..self.record(Event::Request)
         };
@@ -2311,7 +2315,7 @@ impl Ctx {
             request_id: &self.request_id,
             source: self.client.as_ref().map(|c| c.ip.to_string()),
             method: self.method.as_ref().map_or("", |m| m.as_str()),
-            path: self.rel_path.as_deref().unwrap_or(""),
+            path: &self.path,
             query_params: &self.query_names,
             narrowed_with: self.narrow.iter().map(|(n, _)| n.as_str()).collect(),
             issuer: claims.map(|c| c.issuer_name.as_str()),
@@ -2419,6 +2423,7 @@ impl ProxyHttp for Gateway {
             proofs: None,
             refused_token_hash: None,
             method: None,
+            path: String::new(),
             client: None,
             connection: Vec::new(),
             body: None,
@@ -2446,6 +2451,7 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
         }
         ctx.method = Some(session.req_header().method.clone());
+        ctx.path = crate::audit::capped(session.req_header().uri.path(), 512).to_string();
         ctx.connection = proxy_headers::connection_tokens(
             session
                 .req_header()

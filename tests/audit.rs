@@ -1162,7 +1162,38 @@ async fn a_request_abandoned_at_shutdown_still_has_its_record() {
     assert_eq!(rec["reason"], "abandoned");
     assert_eq!(rec["interaction"], "read");
     assert_eq!(rec["resource_id"], "slow-9");
+    // As every record: the public path, and status 0 for no answer sent.
+    assert!(
+        rec["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/fhir/Observation/slow-9"),
+        "{rec}"
+    );
+    assert_eq!(rec["status"], 0, "{rec}");
     pending.abort();
+}
+
+/// An endpoint path that takes no batch (a 404: a wrong path) is not an
+/// audit sink: the gateway does not become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_audit_endpoint_path_keeps_the_gateway_unready() {
+    let sink = AuditServer::new();
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://{addr}/not-fhir\n"
+        )),
+        expect_ready: false,
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.readyz().await, 503);
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "wrong-path-1").await;
+    assert_eq!(r.status(), 503);
+    assert!(upstream_ids(&gw, "wrong-path-").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

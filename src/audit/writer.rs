@@ -232,13 +232,15 @@ impl FhirSink {
 
     /// Whether the endpoint is there and lets fhirwall in: an empty batch
     /// is sent; a server that refuses an empty Bundle as invalid (400,
-    /// 422) still answered, so only network errors, 401/403/407 and 5xx
-    /// count as down (else a server strict about empty Bundles would keep
+    /// 422) still answered, so only network errors, 401/403/407, a path
+    /// that takes no batch (404/405/410) and 5xx count as down (else a server strict about empty Bundles would keep
     /// the gateway unready forever).
     fn probe(&self, rt: &Runtime) -> io::Result<()> {
         let empty = br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_vec();
         let (status, _) = self.exchange(rt, empty)?;
-        let refused = status.is_server_error() || matches!(status.as_u16(), 401 | 403 | 407);
+        // 404/405/410: no FHIR base takes batches there (a wrong path).
+        let refused = status.is_server_error()
+            || matches!(status.as_u16(), 401 | 403 | 404 | 405 | 407 | 410);
         if refused {
             return Err(io::Error::other(format!("endpoint answered {status}")));
         }
