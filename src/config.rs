@@ -1105,12 +1105,20 @@ fn without_userinfo(text: &str) -> String {
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
-        // The user information ends at the URL's last '@' (a password may
-        // hold '/', '?' or '#'): hiding a path with an '@' in it is the
-        // lesser harm. Without one, the authority runs to '/', '?' or '#'.
-        let url_end = tail
-            .find(|c: char| matches!(c, '\'' | '"' | '`') || c.is_whitespace())
-            .unwrap_or(tail.len());
+        // The user information ends at the last '@' on the line (a
+        // password may hold '/', '?', '#', a quote or a space, mostly in a
+        // URL that failed to parse, the one echoed): hiding more of the
+        // line is the lesser harm. Without one, the authority runs to the
+        // first '/', '?', '#', quote or space.
+        let line_end = tail.find('\n').unwrap_or(tail.len());
+        // ... or before the next URL on it.
+        let line_end = tail[..line_end].find("://").unwrap_or(line_end);
+        let url_end = match tail[..line_end].rfind('@') {
+            Some(_) => line_end,
+            None => tail
+                .find(|c: char| matches!(c, '\'' | '"' | '`') || c.is_whitespace())
+                .unwrap_or(tail.len()),
+        };
         rest = match tail[..url_end].rfind('@') {
             Some(at) => {
                 out.push_str("***");
@@ -2949,6 +2957,10 @@ admin:
         assert_eq!(
             without_userinfo("'https://gw:pa/ss?w#rd@idp/x'"),
             "'https://***@idp/x'"
+        );
+        assert_eq!(
+            without_userinfo("'http://gw:pa ss@idp/x' is not a URL\nnext: http://h/"),
+            "'http://***@idp/x' is not a URL\nnext: http://h/"
         );
         let text = GOOD.replace(
             "    audiences: [http://localhost:8080/fhir]",

@@ -856,7 +856,8 @@ fn patient_search(
         for (i, (name, value)) in req.params.iter().enumerate() {
             if name == "_id" {
                 if value != ctx {
-                    return Err(names_other(name, value, ctx));
+                    let other = value.split(',').find(|v| *v != ctx).unwrap_or(value);
+                    return Err(names_other(name, other, ctx));
                 }
                 named |= i < in_query;
             } else if let Some(has) = name.strip_prefix("_has:") {
@@ -991,9 +992,20 @@ fn granted_types(scopes: &[&Scope]) -> Option<Vec<String>> {
 /// Names the other patient (what a security review needs), never the
 /// rest of the value: other values in it may be a name or a birth date.
 fn names_other(name: &str, other: &str, ctx: &str) -> ScopeDenial {
-    let other: String = other.chars().take(128).collect();
+    // Shown only when it is spelt as a FHIR id: anything else the client
+    // typed (a name, a birth date) stays out of the denial and the audit.
+    let is_id = !other.is_empty()
+        && other.len() <= 64
+        && other
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let named = if is_id {
+        format!("patient '{other}'")
+    } else {
+        "a patient".to_string()
+    };
     deny(format!(
-        "search parameter {name} names patient '{other}', other than the token's (Patient/{ctx})"
+        "search parameter {name} names {named}, other than the token's (Patient/{ctx})"
     ))
 }
 

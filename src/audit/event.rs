@@ -117,9 +117,33 @@ fn outcome(r: &Record) -> &'static str {
     match r.decision {
         "allow" if status < 400 => "0",
         "allow" if status < 500 => "4",
-        // A refused request is a security alert (BALP), a serious failure.
+        // An access-control refusal is a security alert (BALP), a serious
+        // failure; a request refused for its form (malformed, too large,
+        // throttled, a write conflict) a minor one.
+        "deny" if !is_access_refusal(r.reason) => "4",
         _ => "8",
     }
+}
+
+/// Whether a denial's reason is access control refusing the caller (its
+/// token, binding, scopes, policies or patient context), not the request's
+/// form or the gateway's availability.
+fn is_access_refusal(reason: &str) -> bool {
+    (reason.starts_with("token_") || reason.starts_with("dpop_") || reason.starts_with("mtls_"))
+        && !matches!(
+            reason,
+            "dpop_replay_cache_full" | "dpop_replay_check_unavailable" | "token_too_long"
+        )
+        || matches!(
+            reason,
+            "no_token"
+                | "binding_required"
+                | "credentials_refused"
+                | "insufficient_scope"
+                | "policy_denied"
+                | "outside_compartment"
+                | "outside_scope_filter"
+        )
 }
 
 fn detail(kind: &str, value: impl Into<String>) -> Value {
@@ -180,7 +204,7 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     }
     // A refusal is a Security Alert (DICOM 110113), as BALP records an
     // access control denial; anything else a RESTful operation.
-    let event_type = if r.decision == "deny" {
+    let event_type = if r.decision == "deny" && is_access_refusal(r.reason) {
         dcm("110113", "Security Alert")
     } else {
         coding(
@@ -642,7 +666,19 @@ mod tests {
         assert_eq!(outcome(&r), "8");
         r.decision = "deny";
         r.status = Some(401);
+        r.reason = "token_expired";
         assert_eq!(outcome(&r), "8");
+        // Refused for its form, not its access: a minor failure.
+        for reason in [
+            "fhir_malformed",
+            "rate_limited",
+            "body_too_large",
+            "not_found",
+        ] {
+            r.reason = reason;
+            assert_eq!(outcome(&r), "4", "{reason}");
+            assert_eq!(audit_event(&r, &site())["type"]["code"], "rest", "{reason}");
+        }
     }
 
     #[test]

@@ -381,6 +381,22 @@ impl Sink {
         // write in) leaves the records going to the file they go to: the
         // sink is not down for it. Tried again in a minute.
         if let Err(e) = std::fs::rename(&file.path, &rotated) {
+            // Still the file at its path: records go on to it. Moved or
+            // deleted by someone else: a new one is started there, as
+            // records in a file nobody can find are lost.
+            use std::os::unix::fs::MetadataExt;
+            let open = file.file.as_ref().and_then(|f| f.metadata().ok());
+            let at_path = std::fs::metadata(&file.path).ok();
+            let same = open
+                .zip(at_path)
+                .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
+            if !same {
+                tracing::error!(error = %e, path = %file.path.display(), "audit file was moved or deleted by someone else; a new one is started at its path");
+                file.file = None;
+                file.open()?;
+                file.opened = SystemTime::now();
+                return Ok(true);
+            }
             tracing::error!(error = %e, path = %file.path.display(), "audit file could not be rotated; records go on being appended to it");
             file.rotate_after = Some(Instant::now() + Duration::from_secs(60));
             return Ok(false);
