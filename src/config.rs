@@ -76,6 +76,9 @@ pub struct Config {
     /// is a problem [`Config::validate`] reports, with everything else.
     #[serde(skip)]
     pub unknown_keys: Vec<String>,
+    /// When [`load`] began reading the files.
+    #[serde(skip, default = "std::time::SystemTime::now")]
+    pub loaded_at: std::time::SystemTime,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -907,6 +910,11 @@ pub struct Settings {
     pub policies: crate::policy::PolicySet,
     /// The policy directory, when `policies.watch` asks to follow changes.
     pub policies_watch: Option<PathBuf>,
+    /// The policy directory, when policies are configured.
+    pub policies_dir: Option<PathBuf>,
+    /// When the files were read (a change after it, during start-up, is
+    /// reloaded once fhirwall serves).
+    pub loaded_at: std::time::SystemTime,
     pub break_glass: BreakGlassConfig,
     pub roles: Option<Roles>,
     pub audit: Audit,
@@ -1081,6 +1089,9 @@ impl ForwardedContext {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    // Before anything is read: a file changed while it is read counts as
+    // changed since.
+    let loaded_at = std::time::SystemTime::now();
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: file.clone(),
@@ -1091,6 +1102,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         message,
     })?;
     config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    config.loaded_at = loaded_at;
     config.resolve_paths();
     config
         .validate()
@@ -1910,6 +1922,8 @@ impl Config {
                 .as_ref()
                 .filter(|p| p.watch)
                 .map(|p| self.base_dir.join(&p.dir)),
+            policies_dir: self.policies.as_ref().map(|p| self.base_dir.join(&p.dir)),
+            loaded_at: self.loaded_at,
             break_glass: self.break_glass.clone(),
             roles: roles.expect("validated"),
             audit: audit.expect("validated"),

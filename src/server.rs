@@ -81,68 +81,93 @@ impl BackgroundService for Reloader {
                 }
                 _ = shutdown.changed() => return,
             }
-            let loaded = crate::config::load(&self.path).and_then(|settings| {
-                // Issuers change only on restart: rules naming one the
-                // running gateway does not have would never match.
-                let running: Vec<&str> = self
-                    .running
-                    .issuers
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect();
-                let foreign: Vec<String> = settings
-                    .policies
-                    .unknown_issuers(&running)
-                    .into_iter()
-                    .map(|(file, rule, issuer)| format!("{file}#{rule} names issuer '{issuer}'"))
-                    .collect();
-                if foreign.is_empty() {
-                    Ok(settings)
+            self.reload();
+        }
+    }
+}
+
+impl Reloader {
+    /// Reads the configuration and policies again and applies the rules
+    /// (the rest takes a restart); a bad set is rejected whole.
+    fn reload(&self) {
+        let loaded = crate::config::load(&self.path).and_then(|settings| {
+            // Issuers change only on restart: rules naming one the
+            // running gateway does not have would never match.
+            let running: Vec<&str> = self
+                .running
+                .issuers
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect();
+            let foreign: Vec<String> = settings
+                .policies
+                .unknown_issuers(&running)
+                .into_iter()
+                .map(|(file, rule, issuer)| format!("{file}#{rule} names issuer '{issuer}'"))
+                .collect();
+            if foreign.is_empty() {
+                Ok(settings)
+            } else {
+                Err(crate::config::ConfigError::Invalid {
+                    file: self.path.display().to_string(),
+                    problems: vec![crate::config::Problem {
+                        path: "policies".into(),
+                        message: format!(
+                            "name issuers this running gateway does not have (issuers \
+                             change only on restart; running: {}): {}",
+                            running.join(", "),
+                            foreign.join("; ")
+                        ),
+                    }],
+                })
+            }
+        });
+        match loaded {
+            Ok(settings) => {
+                let rules = crate::proxy::Rules::from_settings(&settings);
+                let n = rules.policies.rules.len();
+                self.shared.set_rate_limited(rules.any_rate_limit());
+                self.rules.store(Arc::new(rules));
+                self.metrics.reload(true);
+                // Say so when the file changed what a reload cannot
+                // apply: it would otherwise look applied.
+                let pending = self.running.needs_restart(&settings);
+                self.metrics
+                    .restart_pending
+                    .set(i64::from(!pending.is_empty()));
+                if pending.is_empty() {
+                    tracing::info!(file = %self.path.display(), policy_rules = n, "reloaded policies, roles and break-glass");
                 } else {
-                    Err(crate::config::ConfigError::Invalid {
-                        file: self.path.display().to_string(),
-                        problems: vec![crate::config::Problem {
-                            path: "policies".into(),
-                            message: format!(
-                                "name issuers this running gateway does not have (issuers \
-                                 change only on restart; running: {}): {}",
-                                running.join(", "),
-                                foreign.join("; ")
-                            ),
-                        }],
-                    })
-                }
-            });
-            match loaded {
-                Ok(settings) => {
-                    let rules = crate::proxy::Rules::from_settings(&settings);
-                    let n = rules.policies.rules.len();
-                    self.shared.set_rate_limited(rules.any_rate_limit());
-                    self.rules.store(Arc::new(rules));
-                    self.metrics.reload(true);
-                    // Say so when the file changed what a reload cannot
-                    // apply: it would otherwise look applied.
-                    let pending = self.running.needs_restart(&settings);
-                    self.metrics
-                        .restart_pending
-                        .set(i64::from(!pending.is_empty()));
-                    if pending.is_empty() {
-                        tracing::info!(file = %self.path.display(), policy_rules = n, "reloaded policies, roles and break-glass");
-                    } else {
-                        tracing::warn!(
-                            file = %self.path.display(),
-                            policy_rules = n,
-                            not_applied = %pending.join(", "),
-                            "reloaded policies, roles and break-glass; the changes to the other settings named take effect only after a restart (without downtime: run --upgrade, then SIGQUIT this process)"
-                        );
-                    }
-                }
-                Err(e) => {
-                    self.metrics.reload(false);
-                    tracing::error!(file = %self.path.display(), error = %e, "reload rejected; the previous rules keep serving");
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        policy_rules = n,
+                        not_applied = %pending.join(", "),
+                        "reloaded policies, roles and break-glass; the changes to the other settings named take effect only after a restart (without downtime: run --upgrade, then SIGQUIT this process)"
+                    );
                 }
             }
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(file = %self.path.display(), error = %e, "reload rejected; the previous rules keep serving");
+            }
         }
+    }
+
+    /// Whether the configuration file or a policy file changed since the
+    /// running settings were read (a reload asked for while fhirwall
+    /// started, a SIGHUP then unheard, is not lost).
+    fn changed_since_load(&self) -> bool {
+        let mut files = vec![self.path.clone()];
+        if let Some(d) = &self.running.policies_dir {
+            if let Ok(entries) = std::fs::read_dir(d) {
+                files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        }
+        files.iter().any(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > self.running.loaded_at)
+        })
     }
 }
 
@@ -647,18 +672,13 @@ pub fn run(
     let lifecycle = gateway.lifecycle.clone();
     let shared = gateway.shared.clone();
     let upstream_dns = gateway.upstream_addrs.clone();
-    let reloader = config_path.map(|path| {
-        background_service(
-            "fhirwall reload",
-            Reloader {
-                path,
-                watch: policies_watch,
-                rules: gateway.rules.clone(),
-                metrics: metrics.clone(),
-                running: gateway.settings.clone(),
-                shared: gateway.shared.clone(),
-            },
-        )
+    let reloader = config_path.map(|path| Reloader {
+        path,
+        watch: policies_watch,
+        rules: gateway.rules.clone(),
+        metrics: metrics.clone(),
+        running: gateway.settings.clone(),
+        shared: gateway.shared.clone(),
     });
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -688,6 +708,14 @@ pub fn run(
         server.bootstrap();
     }
     drop(startup);
+    // Files changed while fhirwall started (loading keys, waiting for a
+    // takeover's sockets) are read again before it serves: the reload
+    // they were changed for was asked of the process being replaced, or
+    // its SIGHUP was not yet heard.
+    if let Some(r) = reloader.as_ref().filter(|r| r.changed_since_load()) {
+        tracing::info!(file = %r.path.display(), "the configuration or policies changed while fhirwall started: reloading before serving");
+        r.reload();
+    }
     let refresher = background_service("fhirwall jwks", JwksRefresher(store));
 
     server.add_service(proxy);
@@ -701,7 +729,7 @@ pub fn run(
         server.add_service(background_service("fhirwall redis", RedisMonitor(shared)));
     }
     if let Some(r) = reloader {
-        server.add_service(r);
+        server.add_service(background_service("fhirwall reload", r));
     }
     tracing::info!(%listen, %admin_listen, threads, "fhirwall starting");
     server.run(RunArgs {

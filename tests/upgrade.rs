@@ -247,3 +247,85 @@ async fn a_new_process_that_cannot_serve_does_not_take_over() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("needs server.upgrade_sock"), "{text}");
 }
+
+/// Policies changed while a new process starts (here: while it waits for
+/// the sockets) are in force once it serves: the reload they were changed
+/// for is not lost to the start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_changed_during_start_up_are_in_force_when_serving() {
+    let socks = private_dir("upgrade-rules");
+    let rules = socks.0.join("policies");
+    std::fs::create_dir_all(&rules).unwrap();
+    let file = rules.join("10-rules.yaml");
+    std::fs::write(
+        &file,
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
+    )
+    .unwrap();
+    let mut old = Gateway::start(Options {
+        server_yaml: format!(
+            "  upgrade_sock: {}\n",
+            socks.0.join("upgrade.sock").display()
+        ),
+        extra_yaml: format!("policies:\n  dir: {}\n", rules.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = old.mint("user/*.cruds", None);
+    let log = socks.0.join("new.log");
+    let mut new = spawn(old.config_path(), &["--upgrade"], &log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting for the running fhirwall")
+    {
+        assert!(Instant::now() < deadline, "never waited for sockets");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The operator changes the rules and reloads: the running process
+    // takes them, the starting one has read the files already.
+    std::fs::write(
+        &file,
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .unwrap();
+    old.signal("QUIT");
+    let status = old.wait_exit(30).await;
+    assert!(status.success(), "the old process ended with {status}");
+    // Served by the new process: the changed rules hold.
+    let mut code = 0;
+    for _ in 0..50 {
+        let r = old
+            .client
+            .delete(format!("{}/Observation/startup-rules-1", old.base))
+            .bearer_auth(&token)
+            .send()
+            .await;
+        if let Ok(r) = r {
+            code = r.status().as_u16();
+            if code == 403 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        code,
+        403,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(old.upstream.count_containing("startup-rules-1"), 0);
+    let ok = Command::new("kill")
+        .args(["-TERM", &new.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(new.0.wait().unwrap().success());
+    let new_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        new_log.contains("changed while fhirwall started"),
+        "{new_log}"
+    );
+}
