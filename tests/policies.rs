@@ -40,6 +40,14 @@ async fn past_three_searches(gw: &Gateway, token: &str, prefix: &str) -> reqwest
         .await
 }
 
+/// A gateway whose policy directory (`tag`'s) holds `file` with `yaml`.
+async fn with_rules(tag: &str, file: &str, yaml: &str) -> (TempDir, Gateway) {
+    let dir = TempDir::new(tag);
+    std::fs::write(dir.0.join(file), yaml).unwrap();
+    let gw = with_policies(&dir).await;
+    (dir, gw)
+}
+
 /// A gateway whose `policies.dir` is `dir`.
 async fn with_policies(dir: &TempDir) -> Gateway {
     Gateway::start(Options {
@@ -183,13 +191,12 @@ fn check_names_file_rule_and_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_per_client() {
-    let dir = TempDir::new("policies-rate");
-    std::fs::write(
-        dir.0.join("10-limits.yaml"),
+    let (_dir, gw) = with_rules(
+        "policies-rate",
+        "10-limits.yaml",
         "rules:\n  - name: three-searches-a-minute\n    effect: allow\n    when: {interaction: [search-type]}\n    rate_limit: {per: client, requests: 3, per_seconds: 60}\n",
     )
-    .unwrap();
-    let gw = with_policies(&dir).await;
+    .await;
     let token = gw.mint("user/*.rs", None);
     let r = past_three_searches(&gw, &token, "rate").await;
     assert_eq!(r.status(), 429);
@@ -293,14 +300,13 @@ async fn rate_limits_per_client() {
 /// refuses it before the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
-    let dir = TempDir::new("policies-pages");
-    std::fs::write(
-        dir.0.join("10-types.yaml"),
+    let (_dir, gw) = with_rules(
+        "policies-pages",
+        "10-types.yaml",
         "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n  \
          - {name: no-launch-apps, effect: deny, when: {scope: [launch]}}\n",
     )
-    .unwrap();
-    let gw = with_policies(&dir).await;
+    .await;
     let token = gw.mint("user/Observation.rs user/Condition.rs", None);
     let r = gw.get("?_getpages=Observation", Some(&token)).await;
     assert_eq!(r.status(), 200);
@@ -340,13 +346,12 @@ async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_type_is_not_reached_through_includes_or_everything() {
-    let dir = TempDir::new("policies-reach");
-    std::fs::write(
-        dir.0.join("10-types.yaml"),
+    let (_dir, gw) = with_rules(
+        "policies-reach",
+        "10-types.yaml",
         "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n",
     )
-    .unwrap();
-    let gw = with_policies(&dir).await;
+    .await;
     let token = gw.mint("user/*.rs", None);
     assert_eq!(
         gw.get("Observation?code=reach-0", Some(&token))
@@ -578,13 +583,12 @@ fn shipped_examples_pass_their_tests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_passes_marked_denies_only() {
-    let dir = TempDir::new("policies-bg");
-    std::fs::write(
-        dir.0.join("10-bg.yaml"),
+    let (_dir, gw) = with_rules(
+        "policies-bg",
+        "10-bg.yaml",
         "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n  - name: no-deletes\n    effect: deny\n    when: {interaction: [delete]}\n",
     )
-    .unwrap();
-    let gw = with_policies(&dir).await;
+    .await;
     let token = gw.mint("user/*.cruds", None);
     let with = |rel: &str, method: reqwest::Method, reason: Option<&str>, tok: &str| {
         let mut r = gw
@@ -941,14 +945,13 @@ async fn metric(gw: &Gateway, line: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
-    let dir = TempDir::new("policies-reload");
-    let file = dir.0.join("10-rules.yaml");
-    std::fs::write(
-        &file,
+    let (dir, gw) = with_rules(
+        "policies-reload",
+        "10-rules.yaml",
         "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
     )
-    .unwrap();
-    let gw = with_policies(&dir).await;
+    .await;
+    let file = dir.0.join("10-rules.yaml");
     let token = gw.mint("user/*.cruds", None);
     let delete = |id: &'static str| {
         gw.client
@@ -1088,13 +1091,12 @@ async fn until_metric(gw: &Gateway, series: &str, value: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_names_what_only_a_restart_applies() {
-    let dir = TempDir::new("policies-restart");
-    std::fs::write(
-        dir.0.join("10-rules.yaml"),
+    let (_dir, gw) = with_rules(
+        "policies-restart",
+        "10-rules.yaml",
         "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
     )
-    .unwrap();
-    let gw = with_policies(&dir).await;
+    .await;
     let pending = "fhirwall_config_restart_pending";
     assert_eq!(support::metric(&gw.metrics().await, pending), 0.0);
     let original = std::fs::read_to_string(gw.config_path()).unwrap();

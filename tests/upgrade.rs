@@ -16,6 +16,37 @@ use support::{bin, Gateway, Options, TempDir};
 /// Kills the process when dropped (a failed test leaves none behind).
 struct Process(std::process::Child);
 
+impl Process {
+    /// Sends it `signal` (`TERM`, `HUP`, …).
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// Sends it SIGTERM and asserts it exits cleanly.
+    fn terminate(&mut self) {
+        self.signal("TERM");
+        assert!(self.0.wait().unwrap().success());
+    }
+}
+
+/// Waits (bounded) until the starting process logging to `log` waits for
+/// the running one's sockets.
+async fn until_waiting_for_sockets(log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("waiting for the running fhirwall")
+    {
+        assert!(Instant::now() < deadline, "never waited for sockets");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -115,13 +146,7 @@ async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
         !socks.0.join("upgrade.sock").exists(),
         "the used socket is left"
     );
-    let ok = Command::new("kill")
-        .args(["-TERM", &new.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    assert!(new.0.wait().unwrap().success());
+    new.terminate();
     let new_log = std::fs::read_to_string(&log).unwrap();
     assert!(
         new_log.contains("waiting for the running fhirwall"),
@@ -206,21 +231,9 @@ async fn a_new_process_that_cannot_serve_does_not_take_over() {
     // gives up by itself.
     let log = socks.0.join("waiting.log");
     let mut waiting = spawn(old.config_path(), &["--upgrade"], &log);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("waiting for the running fhirwall")
-    {
-        assert!(Instant::now() < deadline, "never waited for sockets");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for sig in ["-HUP", "-QUIT"] {
-        let ok = Command::new("kill")
-            .args([sig, &waiting.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+    until_waiting_for_sockets(&log).await;
+    for sig in ["HUP", "QUIT"] {
+        waiting.signal(sig);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status = waiting.0.wait().unwrap();
@@ -274,14 +287,7 @@ async fn policies_changed_during_start_up_are_in_force_when_serving() {
     let token = old.mint("user/*.cruds", None);
     let log = socks.0.join("new.log");
     let mut new = spawn(old.config_path(), &["--upgrade"], &log);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("waiting for the running fhirwall")
-    {
-        assert!(Instant::now() < deadline, "never waited for sockets");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_waiting_for_sockets(&log).await;
     // The operator changes the rules and reloads: the running process
     // takes them, the starting one has read the files already.
     std::fs::write(
@@ -316,13 +322,7 @@ async fn policies_changed_during_start_up_are_in_force_when_serving() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(old.upstream.count_containing("startup-rules-1"), 0);
-    let ok = Command::new("kill")
-        .args(["-TERM", &new.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    assert!(new.0.wait().unwrap().success());
+    new.terminate();
     let new_log = std::fs::read_to_string(&log).unwrap();
     assert!(
         new_log.contains("changed while fhirwall started"),
