@@ -2204,7 +2204,7 @@ impl Config {
                             );
                             None
                         }
-                        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => Some(u),
+                        Ok(u) if is_secure_or_loopback(&u) => Some(u),
                         Ok(_) => {
                             bad(
                                 "audit.fhir.endpoint",
@@ -2586,7 +2586,7 @@ fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option
         return None;
     }
     if client_auth != ClientAuthMode::None {
-        if let Err(e) = client_verifier_builds(&client_cas) {
+        if let Err(e) = client_verifier(&client_cas, client_auth == ClientAuthMode::Request) {
             problem("tls.client_ca_file", e);
             return None;
         }
@@ -2625,8 +2625,13 @@ fn tls_server_fits(cert_file: &str, key_file: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether client certificates can be verified against these CAs.
-fn client_verifier_builds(cas: &[Vec<u8>]) -> Result<(), String> {
+/// The verifier of client certificates against the CAs `cas` (DER); with
+/// `optional`, a client may present none. `check` builds it as the
+/// listener does (`server::tls_settings`), so what passes one starts.
+pub fn client_verifier(
+    cas: &[Vec<u8>],
+    optional: bool,
+) -> Result<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
     for der in cas {
@@ -2635,13 +2640,18 @@ fn client_verifier_builds(cas: &[Vec<u8>]) -> Result<(), String> {
             .map_err(|e| format!("a CA certificate cannot be used: {e}"))?;
     }
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
         provider,
-    )
-    .build()
-    .map_err(|e| format!("client certificates cannot be verified against it: {e}"))?;
-    Ok(())
+    );
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder
+        .build()
+        .map_err(|e| format!("client certificates cannot be verified against it: {e}"))
 }
 
 /// Why a file fhirwall appends to (and creates if missing) cannot be: a
@@ -2675,16 +2685,11 @@ fn unwritable(path: &Path) -> Option<String> {
         })
 }
 
-/// A plain-http URL on the loopback interface (where tokens, secrets and
-/// audit records may travel without TLS).
-fn is_loopback_http(u: &Url) -> bool {
-    u.scheme() == "http" && matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
-}
-
 /// An https URL, or plain http on the loopback interface: what keys,
-/// secrets and tokens may be fetched or sent over.
+/// secrets, tokens and audit records may be fetched or sent over.
 pub fn is_secure_or_loopback(u: &Url) -> bool {
-    u.scheme() == "https" || is_loopback_http(u)
+    u.scheme() == "https"
+        || u.scheme() == "http" && matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
 }
 
 /// Validates an issuer's `introspection` section (key prefix `at`).
@@ -2698,7 +2703,7 @@ fn validate_introspection(
     // Secrets and users' tokens travel to it: https, or plain http only on
     // the loopback interface.
     let endpoint = match Url::parse(&c.endpoint) {
-        Ok(u) if u.scheme() == "https" || is_loopback_http(&u) => Some(u),
+        Ok(u) if is_secure_or_loopback(&u) => Some(u),
         _ => {
             problem(
                 &key("endpoint"),

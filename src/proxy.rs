@@ -1392,12 +1392,6 @@ impl Gateway {
         Some(reason.to_string())
     }
 
-    /// Why a plain bearer token of this issuer and client is not enough, if
-    /// configuration says so.
-    fn binding_required(&self, claims: &crate::token::Claims) -> Option<String> {
-        crate::token::binding_required(&self.settings.issuers, claims)
-    }
-
     /// Stage 4, bind: a token bound to a key (`cnf.jkt`) needs a valid,
     /// fresh DPoP proof by that key for this request; an unbound token may
     /// carry no proof and may not use the DPoP scheme. Returns the binding
@@ -1491,7 +1485,7 @@ impl Gateway {
             if x5t.is_some() {
                 return Ok(("mtls", None));
             }
-            if let Some(why) = self.binding_required(claims) {
+            if let Some(why) = crate::token::binding_required(&self.settings.issuers, claims) {
                 return Err(Denial::InvalidToken {
                     code: "binding_required",
                     description: format!(
@@ -1656,11 +1650,17 @@ impl Gateway {
                 // No token, so nothing beyond the route itself: no
                 // parameter that brings in other resources or a stored
                 // search's page (`route::check_public`, as explain does).
-                if let Some(Ok(params)) = req.uri.query().map(classify::parse_params) {
-                    ctx.query_names = audit_param_names(&params);
+                match crate::route::check_public(req.method.as_str(), req.uri.query()) {
+                    Ok(params) => ctx.query_names = audit_param_names(&params),
+                    Err(refusal) => {
+                        // The refused request's parameter names, for its
+                        // record, when its query can be read at all.
+                        if let Some(Ok(params)) = req.uri.query().map(classify::parse_params) {
+                            ctx.query_names = audit_param_names(&params);
+                        }
+                        return Err(public_denial(&refusal, &rel));
+                    }
                 }
-                crate::route::check_public(req.method.as_str(), req.uri.query())
-                    .map_err(|r| public_denial(&r, &rel))?;
                 ctx.public = true;
                 ctx.rel_path = Some(rel);
                 return Ok(());

@@ -28,8 +28,6 @@ use crate::token::validator::Validator;
 /// sections (listeners, issuers, upstream) need a restart.
 struct Reloader {
     path: std::path::PathBuf,
-    /// A policy directory to watch for changes (with the config file).
-    watch: Option<std::path::PathBuf>,
     rules: Arc<arc_swap::ArcSwap<crate::proxy::Rules>>,
     metrics: Arc<Metrics>,
     /// The running settings (a reload applies only the rules of a new
@@ -51,29 +49,15 @@ impl BackgroundService for Reloader {
         };
         // With policies.watch, a change of any policy file's (or the
         // config file's) modification time or set of files also reloads.
-        let stamp = |dir: &Option<std::path::PathBuf>| -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
-            let mut files = vec![self.path.clone()];
-            if let Some(d) = dir {
-                if let Ok(entries) = std::fs::read_dir(d) {
-                    files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
-                }
-            }
-            files.sort();
-            files
-                .into_iter()
-                .map(|f| {
-                    let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
-                    (f, m)
-                })
-                .collect()
-        };
-        let mut seen = stamp(&self.watch);
+        let watch = self.running.policies_watch.as_deref();
+        let stamp = || self.stamp(watch);
+        let mut seen = stamp();
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = hup.recv() => {}
-                _ = tick.tick(), if self.watch.is_some() => {
-                    let now = stamp(&self.watch);
+                _ = tick.tick(), if watch.is_some() => {
+                    let now = stamp();
                     if now == seen {
                         continue;
                     }
@@ -157,17 +141,31 @@ impl Reloader {
     /// running settings were read (a reload asked for while fhirwall
     /// started, a SIGHUP then unheard, is not lost).
     fn changed_since_load(&self) -> bool {
+        self.stamp(self.running.policies_dir.as_deref())
+            .iter()
+            .any(|(_, modified)| modified.is_some_and(|t| t > self.running.loaded_at))
+    }
+
+    /// The configuration file and the files in policy directory `dir`,
+    /// sorted, each with its modification time.
+    fn stamp(
+        &self,
+        dir: Option<&std::path::Path>,
+    ) -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
         let mut files = vec![self.path.clone()];
-        if let Some(d) = &self.running.policies_dir {
+        if let Some(d) = dir {
             if let Ok(entries) = std::fs::read_dir(d) {
                 files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
             }
         }
-        files.iter().any(|f| {
-            std::fs::metadata(f)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t > self.running.loaded_at)
-        })
+        files.sort();
+        files
+            .into_iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
+                (f, m)
+            })
+            .collect()
     }
 }
 
@@ -488,27 +486,14 @@ fn exit_when_drained(
 /// CAs when requested or required (RFC 8705 binding).
 fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSettings, String> {
     use crate::config::ClientAuthMode;
-    use pingora::tls::{CertificateDer, RootCertStore, WebPkiClientVerifier};
     let path = |p: &std::path::Path| p.display().to_string();
     let mut settings =
         pingora::listeners::tls::TlsSettings::intermediate(&path(&t.cert_file), &path(&t.key_file))
             .map_err(|e| format!("tls: {e}"))?;
     if t.client_auth != ClientAuthMode::None {
-        let mut roots = RootCertStore::empty();
-        for der in &t.client_cas {
-            roots
-                .add(CertificateDer::from(der.clone()))
+        let verifier =
+            crate::config::client_verifier(&t.client_cas, t.client_auth == ClientAuthMode::Request)
                 .map_err(|e| format!("tls.client_ca_file: {e}"))?;
-        }
-        let builder = WebPkiClientVerifier::builder(Arc::new(roots));
-        let builder = if t.client_auth == ClientAuthMode::Request {
-            builder.allow_unauthenticated()
-        } else {
-            builder
-        };
-        let verifier = builder
-            .build()
-            .map_err(|e| format!("tls.client_ca_file: {e}"))?;
         settings.set_client_cert_verifier(verifier);
     }
     Ok(settings)
@@ -662,7 +647,6 @@ pub fn run(
     let tls = settings.tls.clone();
     let admin_listen = settings.admin_listen.to_string();
     let audit_at_exit = audit.clone();
-    let policies_watch = settings.policies_watch.clone();
     let token_cache = validator.token_cache();
     let (grace, drain) = (
         std::time::Duration::from_secs(settings.server.grace_period_seconds),
@@ -674,7 +658,6 @@ pub fn run(
     let upstream_dns = gateway.upstream_addrs.clone();
     let reloader = config_path.map(|path| Reloader {
         path,
-        watch: policies_watch,
         rules: gateway.rules.clone(),
         metrics: metrics.clone(),
         running: gateway.settings.clone(),
