@@ -276,16 +276,14 @@ impl Introspector {
                 tracing::error!(issuer = %self.issuer.name, %status, "introspection endpoint refused the call");
                 return Err(unavailable());
             }
-            // Read piece by piece, cut off at the bound.
-            let mut resp = resp;
-            let mut body = Vec::new();
-            while let Some(piece) = resp.chunk().await.map_err(|_| unavailable())? {
-                if body.len() + piece.len() > MAX_ANSWER_BYTES {
+            let body = match super::read_capped(resp, MAX_ANSWER_BYTES).await {
+                Ok(body) => body,
+                Err(super::ReadError::TooLarge) => {
                     tracing::error!(issuer = %self.issuer.name, "introspection answer larger than {MAX_ANSWER_BYTES} bytes");
                     return Err(unavailable());
                 }
-                body.extend_from_slice(&piece);
-            }
+                Err(super::ReadError::Http(_)) => return Err(unavailable()),
+            };
             serde_json::from_slice::<Value>(&body).map_err(|_| unavailable())
         }
         .await;

@@ -308,16 +308,14 @@ impl JwksStore {
         {
             return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
         }
-        // Read piece by piece: a body without a length is cut off at the
-        // bound, not held whole first.
-        let mut resp = resp;
-        let mut body = Vec::new();
-        while let Some(piece) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
-            if body.len() + piece.len() > MAX_DOC_BYTES {
-                return Err(format!("{url}: document larger than {MAX_DOC_BYTES} bytes"));
-            }
-            body.extend_from_slice(&piece);
-        }
+        let body = super::read_capped(resp, MAX_DOC_BYTES)
+            .await
+            .map_err(|e| match e {
+                super::ReadError::TooLarge => {
+                    format!("{url}: document larger than {MAX_DOC_BYTES} bytes")
+                }
+                super::ReadError::Http(e) => format!("{url}: {}", with_causes(&e)),
+            })?;
         let v = serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
         Ok((v, max_age))
     }

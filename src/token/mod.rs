@@ -360,6 +360,30 @@ pub struct Claims {
     pub raw: Value,
 }
 
+/// Why [`read_capped`] stopped.
+pub(crate) enum ReadError {
+    /// The body is longer than allowed.
+    TooLarge,
+    /// The connection failed while it was read.
+    Http(reqwest::Error),
+}
+
+/// A response body read piece by piece, refused once longer than `max`
+/// bytes (a body without a declared length is not held whole first).
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, ReadError> {
+    let mut body = Vec::new();
+    while let Some(piece) = resp.chunk().await.map_err(ReadError::Http)? {
+        if body.len() + piece.len() > max {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&piece);
+    }
+    Ok(body)
+}
+
 /// The first member of a `cnf` claim naming a confirmation method fhirwall
 /// does not enforce (only `jkt`, DPoP, and `x5t#S256`, mTLS, are): such a
 /// token is refused, since that binding would silently be dropped.
