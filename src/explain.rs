@@ -148,20 +148,8 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let rel = match route(&path, &s.public_base_path, &s.public_routes) {
         Route::NotFound => return e.deny("route", format!("'{path}' is not below the FHIR base")),
         Route::Public(r) => {
-            use crate::route::PublicRefusal;
-            let refused = match crate::route::check_public(&req.method, query.as_deref()) {
-                Ok(_) => None,
-                Err(PublicRefusal::Method) => Some(format!("public route '{r}' only answers GET")),
-                Err(PublicRefusal::Query(err)) => Some(err.to_string()),
-                Err(PublicRefusal::TokenInQuery) => {
-                    Some("a token in the query (access_token) is refused".into())
-                }
-                Err(PublicRefusal::Reaching(name)) => Some(format!(
-                    "parameter {name} is refused on public route '{r}': it reaches resources \
-                     beyond the route, which need a token"
-                )),
-            };
-            if let Some(why) = refused {
+            if let Err(refusal) = crate::route::check_public(&req.method, query.as_deref()) {
+                let why = crate::proxy::public_denial(&refusal, &r).description();
                 return e.deny("route", why);
             }
             e.stages

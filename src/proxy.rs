@@ -477,8 +477,9 @@ fn declares_body(headers: &http::HeaderMap) -> bool {
             .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0))
 }
 
-/// The denial for a refused request to public route `rel`.
-fn public_denial(r: &crate::route::PublicRefusal, rel: &str) -> Denial {
+/// The denial for a refused request to public route `rel` (`explain`
+/// gives its description too).
+pub(crate) fn public_denial(r: &crate::route::PublicRefusal, rel: &str) -> Denial {
     use crate::route::PublicRefusal;
     match r {
         PublicRefusal::Method => Denial::MethodNotAllowed {
