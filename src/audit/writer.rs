@@ -65,6 +65,15 @@ impl AppendFile {
 
     /// Opens the file for appending. A last line torn by a crash is ended,
     /// so the next record starts on a line of its own.
+    /// Opens the file at the path afresh (a new one after a rotation, or
+    /// one moved away), its age counted from now.
+    fn start_anew(&mut self) -> io::Result<()> {
+        self.file = None;
+        self.open()?;
+        self.opened = SystemTime::now();
+        Ok(())
+    }
+
     pub(super) fn open(&mut self) -> io::Result<&File> {
         if self.file.is_none() {
             let mut f = OpenOptions::new()
@@ -392,9 +401,7 @@ impl Sink {
                 .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
             if !same {
                 tracing::error!(error = %e, path = %file.path.display(), "audit file was moved or deleted by someone else; a new one is started at its path");
-                file.file = None;
-                file.open()?;
-                file.opened = SystemTime::now();
+                file.start_anew()?;
                 return Ok(true);
             }
             tracing::error!(error = %e, path = %file.path.display(), "audit file could not be rotated; records go on being appended to it");
@@ -402,9 +409,7 @@ impl Sink {
             return Ok(false);
         }
         file.rotate_after = None;
-        file.file = None;
-        file.open()?;
-        file.opened = SystemTime::now();
+        file.start_anew()?;
         if let Some(dir) = file.path.parent() {
             let dir = if dir.as_os_str().is_empty() {
                 Path::new(".")
