@@ -2039,7 +2039,10 @@ impl Gateway {
             }
         };
         // A later page of this caller's own `$everything` is judged as it.
-        if let Some(patient) = claims.patient.as_deref() {
+        // (Only a stored page is looked up: the caller's names are not
+        // copied for every request.)
+        let stored_page = crate::pages::page_id(fhir).is_some();
+        if let Some(patient) = claims.patient.as_deref().filter(|_| stored_page) {
             if self
                 .everything_pages
                 .made_for(fhir, &Origin::of(&claims, patient))
