@@ -1785,9 +1785,12 @@ impl Gateway {
         // 3. Validate
         drop(stage);
         let started = Instant::now();
+        // The client's address as its introspection budget names it (made
+        // only where an issuer introspects).
         let source = ctx
             .client
             .as_ref()
+            .filter(|_| self.validator.introspects())
             .map(|c| crate::client_addr::rate_limit_key(c.ip, &self.settings.nat64_prefixes));
         let v = self
             .validator

@@ -141,6 +141,11 @@ impl Validator {
         })
     }
 
+    /// Whether any issuer's tokens are introspected.
+    pub fn introspects(&self) -> bool {
+        !self.introspectors.is_empty()
+    }
+
     /// The token cache (shared), for the admin listener's gauge.
     pub fn token_cache(&self) -> TokenCache {
         self.cache.clone()
