@@ -808,7 +808,9 @@ impl Gateway {
         if !self.settings.upstream.forward_authorization {
             remove.push(header::AUTHORIZATION);
             // A DPoP proof is checked here and of no use without its token.
-            remove.push(http::HeaderName::from_static("dpop"));
+            if headers.contains_key("dpop") {
+                remove.push(http::HeaderName::from_static("dpop"));
+            }
         }
         if body_in_hand && headers.contains_key(header::EXPECT) {
             remove.push(header::EXPECT);
