@@ -283,6 +283,13 @@ pub struct DpopConfig {
     /// for all; default a tenth of the set.
     #[serde(default)]
     pub max_proofs_per_key: Option<u64>,
+    /// Proofs one user of a client (issuer, `client_id` and a `sub` other
+    /// than the client's own) may have remembered per window, counted
+    /// before the client's, so that one user cannot spend the client's
+    /// quota for its other users; default a hundredth of the client's, at
+    /// least 1000 (at most the client's).
+    #[serde(default)]
+    pub max_proofs_per_user: Option<u64>,
     /// Issue `DPoP-Nonce` and require proofs to carry it (RFC 9449 §9).
     #[serde(default)]
     pub require_nonce: bool,
@@ -309,6 +316,7 @@ impl Default for DpopConfig {
             leeway_seconds: d_dpop_leeway(),
             replay_cache_max_entries: d_dpop_replay(),
             max_proofs_per_key: None,
+            max_proofs_per_user: None,
             require_nonce: false,
             nonce_lifetime_seconds: d_nonce_lifetime(),
             nonce_key_file: None,
@@ -335,6 +343,7 @@ pub struct Dpop {
     pub algs: String,
     pub replay_cache_max_entries: u64,
     pub max_proofs_per_key: u64,
+    pub max_proofs_per_user: u64,
     /// Nonce lifetime when nonces are required.
     pub nonce_lifetime_seconds: Option<u64>,
     /// The nonces' key from `dpop.nonce_key_file`, if one is set.
@@ -1729,6 +1738,16 @@ impl Config {
                 );
                 ok = false;
             }
+            let per_user = d
+                .max_proofs_per_user
+                .unwrap_or((per_key / 100).max(1000).min(per_key));
+            if per_user == 0 || per_user > per_key {
+                problem(
+                    "dpop.max_proofs_per_user",
+                    format!("{per_user} must be between 1 and dpop.max_proofs_per_key ({per_key})"),
+                );
+                ok = false;
+            }
             ok.then(|| Dpop {
                 enabled: d.enabled,
                 algs: names.join(" "),
@@ -1739,6 +1758,7 @@ impl Config {
                 },
                 replay_cache_max_entries: d.replay_cache_max_entries,
                 max_proofs_per_key: per_key,
+                max_proofs_per_user: per_user,
                 nonce_lifetime_seconds: d.require_nonce.then_some(d.nonce_lifetime_seconds),
                 nonce_key,
             })
@@ -2935,6 +2955,41 @@ admin:
                     .validate()
                     .is_ok(),
                 "{yaml}"
+            );
+        }
+    }
+
+    /// A user's proof quota defaults to a hundredth of its client's, at
+    /// least 1000 and at most the client's; set, it must fit in the
+    /// client's.
+    #[test]
+    fn a_user_proof_quota_fits_in_its_client_quota() {
+        let quotas = |yaml: &str| {
+            Config::parse(&format!("{GOOD}dpop:\n{yaml}"))
+                .unwrap()
+                .validate()
+                .map(|s| (s.dpop.max_proofs_per_key, s.dpop.max_proofs_per_user))
+        };
+        assert_eq!(quotas("  enabled: true\n").unwrap(), (100_000, 1000));
+        assert_eq!(
+            quotas("  replay_cache_max_entries: 10000000\n").unwrap(),
+            (1_000_000, 10_000)
+        );
+        assert_eq!(quotas("  max_proofs_per_key: 300\n").unwrap(), (300, 300));
+        assert_eq!(
+            quotas("  max_proofs_per_key: 300\n  max_proofs_per_user: 20\n").unwrap(),
+            (300, 20)
+        );
+        for yaml in [
+            "  max_proofs_per_key: 300\n  max_proofs_per_user: 301\n",
+            "  max_proofs_per_user: 0\n",
+        ] {
+            let problems = quotas(yaml).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].path, "dpop.max_proofs_per_user");
+            assert!(
+                problems[0].message.contains("max_proofs_per_key"),
+                "{problems:?}"
             );
         }
     }

@@ -174,6 +174,7 @@ impl Gateway {
                 remembered,
                 max_entries: settings.dpop.replay_cache_max_entries,
                 quota: settings.dpop.max_proofs_per_key,
+                user_quota: settings.dpop.max_proofs_per_user,
             },
             settings.dpop.enabled,
             settings.redis.clone().map(|r| (r, metrics.redis())),
@@ -1569,10 +1570,19 @@ impl Gateway {
         // A proof is good once: the caller remembers it (see
         // `remember_proof`), counted against its client (issuer and
         // client_id: a client may bind its tokens to any number of keys),
-        // else its key.
-        let counted_as = match &claims.client_id {
-            Some(c) => format!("client\0{}\0{c}", claims.iss),
-            None => format!("key\0{jkt}"),
+        // else its key; and first against its user (a `sub` other than the
+        // client's own: a backend service's tokens name no other user), so
+        // that one user cannot spend the client's quota for all its users.
+        let (counted_as, user) = match &claims.client_id {
+            Some(c) => (
+                format!("client\0{}\0{c}", claims.iss),
+                claims
+                    .sub
+                    .as_deref()
+                    .filter(|s| s != c)
+                    .map(|s| format!("user\0{}\0{c}\0{s}", claims.iss)),
+            ),
+            None => (format!("key\0{jkt}"), None),
         };
         Ok((
             "dpop",
@@ -1580,6 +1590,7 @@ impl Gateway {
                 jkt: jkt.to_string(),
                 jti: proof.jti,
                 counted_as,
+                user,
             }),
         ))
     }
@@ -1590,7 +1601,7 @@ impl Gateway {
         &self,
         proof: &crate::shared::Proof,
     ) -> std::result::Result<(), Denial> {
-        use crate::shared::ProofOutcome;
+        use crate::shared::{ProofOutcome, Quota};
         let outcome = self
             .shared
             .remember_proof(proof)
@@ -1606,12 +1617,20 @@ impl Gateway {
                 let e = crate::dpop::DpopError::Replayed;
                 Err(dpop_denial(e.code(), "invalid_dpop_proof", e.to_string()))
             }
-            ProofOutcome::OverQuota(left) => {
-                let quota = self.settings.dpop.max_proofs_per_key;
+            ProofOutcome::OverQuota(level, left) => {
+                let d = &self.settings.dpop;
+                let (who, quota, key) = match level {
+                    Quota::Client => ("this client", d.max_proofs_per_key, "max_proofs_per_key"),
+                    Quota::User => (
+                        "this user of this client",
+                        d.max_proofs_per_user,
+                        "max_proofs_per_user",
+                    ),
+                };
                 Err(Denial::RateLimited {
                     description: format!(
-                        "this client has presented {quota} DPoP proofs within the replay window \
-                         (dpop.max_proofs_per_key); slow down"
+                        "{who} has presented {quota} DPoP proofs within the replay window \
+                         (dpop.{key}); slow down"
                     ),
                     retry_after_seconds: left.as_secs().max(1),
                 })

@@ -1,13 +1,13 @@
 //! State that replicas behind one load balancer must share, so that they
 //! behave as one: the DPoP proofs already seen (a proof replayed against
-//! another replica is refused too), each client's count of them, and the
+//! another replica is refused too), each client's and user's count of them, and the
 //! policies' rate-limit buckets. In Redis when `redis:` is configured
 //! (one Lua script per check, so each is atomic and one round trip), in
 //! this process otherwise.
 //!
 //! Redis keys hold hashes, never a client id, user or source address:
-//! `{prefix}dpop:jti:<proof hash>`, `{prefix}dpop:count:<client hash>`,
-//! `{prefix}rl:<bucket hash>` (and `{prefix}probe`, see
+//! `{prefix}dpop:jti:<proof hash>`, `{prefix}dpop:count:<client or user
+//! hash>`, `{prefix}rl:<bucket hash>` (and `{prefix}probe`, see
 //! [`RedisStore::run`]).
 //! Every key expires by itself. Buckets are timed by Redis's clock, so
 //! replicas whose clocks differ still share one rate.
@@ -34,6 +34,18 @@ pub struct Proof {
     pub jti: String,
     /// Issuer and `client_id`, else the key: whose quota it takes.
     pub counted_as: String,
+    /// The user of that client (issuer, `client_id` and `sub`) whose own,
+    /// smaller quota it takes first, when the token names one.
+    pub user: Option<String>,
+}
+
+/// Whose quota a proof exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// The client's, shared by all its users (`dpop.max_proofs_per_key`).
+    Client,
+    /// The user's own (`dpop.max_proofs_per_user`).
+    User,
 }
 
 /// What remembering a proof found.
@@ -43,9 +55,9 @@ pub enum ProofOutcome {
     Fresh,
     /// Seen before: a replay.
     Replayed,
-    /// The client presented its quota of proofs this window; the window's
-    /// rest.
-    OverQuota(Duration),
+    /// The client, or this user of it, presented its quota of proofs this
+    /// window; the window's rest.
+    OverQuota(Quota, Duration),
     /// This process's set is full (local state only).
     Full,
 }
@@ -62,9 +74,11 @@ pub struct DpopLimits {
     pub max_entries: u64,
     /// Proofs one client may have remembered per window.
     pub quota: u64,
+    /// Proofs one user of a client may have remembered per window.
+    pub user_quota: u64,
 }
 
-/// One client's proofs in the current window (local state).
+/// One client's (or user's) proofs in the current window (local state).
 struct ProofCount {
     since: Instant,
     count: std::sync::atomic::AtomicU64,
@@ -156,10 +170,7 @@ impl SharedState {
             if self.local.replay.contains_key(&key) {
                 return Ok(ProofOutcome::Replayed);
             }
-            match r
-                .ask(r.remember_proof(&key, &p.counted_as, &self.dpop))
-                .await
-            {
+            match r.ask(r.remember_proof(&key, p, &self.dpop)).await {
                 Some(Ok(ProofOutcome::Fresh)) => {
                     // Kept here too while there is room (Redis bounds the
                     // set then), for the case above.
@@ -172,10 +183,10 @@ impl SharedState {
                 None => {}
             }
         }
-        Ok(self.remember_locally(key, &p.counted_as))
+        Ok(self.remember_locally(key, p))
     }
 
-    fn remember_locally(&self, key: [u8; 32], counted_as: &str) -> ProofOutcome {
+    fn remember_locally(&self, key: [u8; 32], p: &Proof) -> ProofOutcome {
         let l = &self.local;
         // Full, the cache would drop new entries and let replays through:
         // refuse instead (fail closed) until proofs age out.
@@ -188,15 +199,24 @@ impl SharedState {
         if l.replay.contains_key(&key) {
             return ProofOutcome::Replayed;
         }
-        let window = l.counts.get_with(counted_as.to_string(), || {
-            Arc::new(ProofCount {
-                since: Instant::now(),
-                count: std::sync::atomic::AtomicU64::new(0),
-            })
-        });
-        if window.count.fetch_add(1, Ordering::Relaxed) >= self.dpop.quota {
-            let left = self.dpop.remembered.saturating_sub(window.since.elapsed());
-            return ProofOutcome::OverQuota(left);
+        // The user's own quota first: a user over it takes nothing from
+        // the client's, which the client's other users share.
+        let counted = [
+            (p.user.as_deref(), self.dpop.user_quota, Quota::User),
+            (Some(p.counted_as.as_str()), self.dpop.quota, Quota::Client),
+        ];
+        for (who, quota, level) in counted {
+            let Some(who) = who else { continue };
+            let window = l.counts.get_with(who.to_string(), || {
+                Arc::new(ProofCount {
+                    since: Instant::now(),
+                    count: std::sync::atomic::AtomicU64::new(0),
+                })
+            });
+            if window.count.fetch_add(1, Ordering::Relaxed) >= quota {
+                let left = self.dpop.remembered.saturating_sub(window.since.elapsed());
+                return ProofOutcome::OverQuota(level, left);
+            }
         }
         if l.replay.entry(key).or_insert(()).is_fresh() {
             ProofOutcome::Fresh
@@ -255,11 +275,17 @@ fn digest(parts: &[&str]) -> String {
 }
 
 /// The Redis keys of a proof (by key thumbprint and `jti` only, as in
-/// this process's set) and of its client's count.
-pub fn proof_keys(prefix: &str, proof: &[u8; 32], counted_as: &str) -> (String, String) {
+/// this process's set), of its client's count and of its user's, if any.
+pub fn proof_keys(
+    prefix: &str,
+    proof: &[u8; 32],
+    counted_as: &str,
+    user: Option<&str>,
+) -> (String, String, Option<String>) {
     (
         format!("{prefix}dpop:jti:{}", hex(proof)),
         format!("{prefix}dpop:count:{}", digest(&[counted_as])),
+        user.map(|u| format!("{prefix}dpop:count:{}", digest(&[u]))),
     )
 }
 
@@ -270,24 +296,39 @@ pub fn bucket_key(prefix: &str, rule: &str, limit: &RateLimit, who: &str) -> Str
     format!("{prefix}rl:{}", digest(&[rule, &shape, who]))
 }
 
-/// KEYS: the proof, its client's count. ARGV: milliseconds a proof is
-/// remembered, the client's quota. Returns `{0}` replayed, `{1}` fresh,
-/// `{2, ms}` over the quota with the window's rest. The same order of
-/// steps as the local state: seen? counted, remembered.
+/// KEYS: the proof, its client's count, and its user's count if the
+/// token names a user. ARGV: milliseconds a proof is remembered, the
+/// client's quota, the user's quota. Returns `{0}` replayed, `{1}` fresh,
+/// `{2, ms}` over the client's quota and `{3, ms}` over the user's, with
+/// the window's rest. The same order of steps as the local state: seen?
+/// counted (the user first, then the client), remembered.
 const PROOF_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, 0}
 end
-local n = redis.call('INCR', KEYS[2])
-if n == 1 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
-end
-if n > tonumber(ARGV[2]) then
-  local left = redis.call('PTTL', KEYS[2])
+local function over(key, quota)
+  local n = redis.call('INCR', key)
+  if n == 1 then
+    redis.call('PEXPIRE', key, ARGV[1])
+  end
+  if n <= tonumber(quota) then
+    return nil
+  end
+  local left = redis.call('PTTL', key)
   if left < 0 then
-    redis.call('PEXPIRE', KEYS[2], ARGV[1])
+    redis.call('PEXPIRE', key, ARGV[1])
     left = tonumber(ARGV[1])
   end
+  return left
+end
+if KEYS[3] then
+  local left = over(KEYS[3], ARGV[3])
+  if left then
+    return {3, left}
+  end
+end
+local left = over(KEYS[2], ARGV[2])
+if left then
   return {2, left}
 end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
@@ -573,13 +614,22 @@ impl RedisStore {
     async fn remember_proof(
         &self,
         proof: &[u8; 32],
-        counted_as: &str,
+        p: &Proof,
         dpop: &DpopLimits,
     ) -> Result<ProofOutcome, Unavailable> {
-        let (proof_key, count_key) = proof_keys(&self.cfg.key_prefix, proof, counted_as);
+        let (proof_key, count_key, user_key) = proof_keys(
+            &self.cfg.key_prefix,
+            proof,
+            &p.counted_as,
+            p.user.as_deref(),
+        );
         let ms = dpop.remembered.as_millis() as u64;
         let mut inv = self.proof_script.key(proof_key);
-        inv.key(count_key).arg(ms).arg(dpop.quota);
+        inv.key(count_key);
+        if let Some(k) = user_key {
+            inv.key(k);
+        }
+        inv.arg(ms).arg(dpop.quota).arg(dpop.user_quota);
         let (what, left): (i64, i64) = self
             .call("DPoP replay check", |mut c| async move {
                 inv.invoke_async(&mut c).await
@@ -588,7 +638,19 @@ impl RedisStore {
         Ok(match what {
             0 => ProofOutcome::Replayed,
             1 => ProofOutcome::Fresh,
-            _ => ProofOutcome::OverQuota(Duration::from_millis(left.max(0) as u64)),
+            2 | 3 => ProofOutcome::OverQuota(
+                if what == 3 {
+                    Quota::User
+                } else {
+                    Quota::Client
+                },
+                Duration::from_millis(left.max(0) as u64),
+            ),
+            other => {
+                return Err(self.failed(format!(
+                    "Redis DPoP replay check: unexpected answer {other}"
+                )));
+            }
         })
     }
 
@@ -626,6 +688,7 @@ mod tests {
             remembered: Duration::from_secs(60),
             max_entries,
             quota,
+            user_quota: quota,
         }
     }
 
@@ -634,6 +697,14 @@ mod tests {
             jkt: "thumb".into(),
             jti: jti.into(),
             counted_as: client.into(),
+            user: None,
+        }
+    }
+
+    fn user_proof(jti: &str, client: &str, user: &str) -> Proof {
+        Proof {
+            user: Some(format!("{client}\0{user}")),
+            ..proof(jti, client)
         }
     }
 
@@ -654,7 +725,7 @@ mod tests {
         );
         assert!(matches!(
             s.remember_proof(&proof("c", "c1")).await.unwrap(),
-            ProofOutcome::OverQuota(d) if d > Duration::from_secs(50)
+            ProofOutcome::OverQuota(Quota::Client, d) if d > Duration::from_secs(50)
         ));
         assert_eq!(
             s.remember_proof(&proof("d", "c2")).await.unwrap(),
@@ -669,20 +740,78 @@ mod tests {
         assert!(s.not_ready().is_none());
     }
 
+    /// A user has a quota of its own within its client's: one user over it
+    /// is refused without spending the client's, which its other users
+    /// still have; the client's still bounds them all.
+    #[tokio::test]
+    async fn local_state_counts_each_user_before_the_client() {
+        let s = SharedState::new(
+            DpopLimits {
+                user_quota: 2,
+                ..limits(100, 5)
+            },
+            true,
+            None,
+        );
+        let outcome = async |jti: &str, user: &str| {
+            s.remember_proof(&user_proof(jti, "c1", user))
+                .await
+                .unwrap()
+        };
+        assert_eq!(outcome("a1", "alice").await, ProofOutcome::Fresh);
+        assert_eq!(outcome("a2", "alice").await, ProofOutcome::Fresh);
+        for jti in ["a3", "a4", "a5", "a6"] {
+            assert!(matches!(
+                outcome(jti, "alice").await,
+                ProofOutcome::OverQuota(Quota::User, _)
+            ));
+        }
+        // Alice's refused proofs took none of the client's five.
+        assert_eq!(outcome("b1", "bob").await, ProofOutcome::Fresh);
+        assert_eq!(outcome("b2", "bob").await, ProofOutcome::Fresh);
+        assert_eq!(outcome("c1", "carol").await, ProofOutcome::Fresh);
+        assert!(matches!(
+            outcome("c2", "carol").await,
+            ProofOutcome::OverQuota(Quota::Client, _)
+        ));
+        // A proof without a user counts against the client only.
+        assert!(matches!(
+            s.remember_proof(&proof("n1", "c1")).await.unwrap(),
+            ProofOutcome::OverQuota(Quota::Client, _)
+        ));
+        assert_eq!(
+            s.remember_proof(&proof("n2", "c2")).await.unwrap(),
+            ProofOutcome::Fresh
+        );
+    }
+
     #[test]
     fn keys_hold_hashes_only() {
         let p = proof_key("thumb", "jti-1");
-        let (a, b) = proof_keys("fw:", &p, "client\0https://iss\0app-7");
+        let (a, b, u) = proof_keys(
+            "fw:",
+            &p,
+            "client\0https://iss\0app-7",
+            Some("user\0https://iss\0app-7\0alice"),
+        );
+        let u = u.unwrap();
         assert!(
-            a.starts_with("fw:dpop:jti:") && b.starts_with("fw:dpop:count:"),
-            "{a} {b}"
+            a.starts_with("fw:dpop:jti:")
+                && b.starts_with("fw:dpop:count:")
+                && u.starts_with("fw:dpop:count:"),
+            "{a} {b} {u}"
         );
         assert!(!a.contains("app-7") && !b.contains("app-7") && !a.contains("jti-1"));
+        assert!(!u.contains("alice") && u != b, "{u}");
         // A proof is one proof whoever it is counted against.
-        let (a8, b8) = proof_keys("fw:", &p, "client\0https://iss\0app-8");
+        let (a8, b8, u8) = proof_keys("fw:", &p, "client\0https://iss\0app-8", None);
         assert_eq!(a8, a);
         assert_ne!(b8, b);
-        assert_ne!(proof_keys("fw:", &proof_key("thumb", "jti-2"), "x").0, a);
+        assert!(u8.is_none());
+        assert_ne!(
+            proof_keys("fw:", &proof_key("thumb", "jti-2"), "x", None).0,
+            a
+        );
         let limit = RateLimit {
             requests: 3,
             per_seconds: 60,

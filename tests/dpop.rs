@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use fhirwall::sandbox::keys::{hs256_token, raw_token, KeyKind};
 use serde_json::{json, Value};
-use support::dpop::{b64sha, bound_token, client_token, now, send, Client};
+use support::dpop::{b64sha, bound_token, client_token, now, send, user_token, Client};
 use support::{Gateway, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,14 +141,14 @@ async fn one_client_cannot_fill_the_replay_set_for_all() {
     })
     .await;
     let url = format!("{}/Patient/p1", gw.base);
-    // The busy client's proofs, spread over two keys.
+    // The busy client's proofs, spread over two keys of two users (each
+    // well inside a user's quota).
     let keys = [
         Client::new(KeyKind::P256, "busy-key-1"),
         Client::new(KeyKind::P256, "busy-key-2"),
     ];
-    let tokens = keys
-        .each_ref()
-        .map(|k| client_token(&gw, &k.jkt, "busy-app"));
+    let users = ["user-1", "user-2"];
+    let tokens = [0, 1].map(|i| user_token(&gw, &keys[i].jkt, "busy-app", users[i]));
     for i in 0..50 {
         let proof = keys[i % 2].proof("GET", &url, &tokens[i % 2]);
         let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &tokens[i % 2], &[&proof]).await;
@@ -156,7 +156,7 @@ async fn one_client_cannot_fill_the_replay_set_for_all() {
     }
     let before = gw.upstream.seen().len();
     let fresh = Client::new(KeyKind::P256, "busy-key-3");
-    let fresh_token = client_token(&gw, &fresh.jkt, "busy-app");
+    let fresh_token = user_token(&gw, &fresh.jkt, "busy-app", "user-3");
     let proof = fresh.proof("GET", &url, &fresh_token);
     let r = gw
         .client
@@ -184,6 +184,73 @@ async fn one_client_cannot_fill_the_replay_set_for_all() {
     let proof = other.proof("GET", &url, &other_token);
     let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &other_token, &[&proof]).await;
     assert_eq!(s, 200, "{www} {body}");
+}
+
+/// Within its client's quota, one user (`sub`) may have only
+/// `max_proofs_per_user` proofs remembered per window: a user over it is
+/// slowed (429) without spending the client's quota, which the client's
+/// other users still have. A token whose `sub` is the client itself (a
+/// backend service) counts against the client only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_spend_the_client_quota_for_its_other_users() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 40\n  \
+                     max_proofs_per_user: 10\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let url = format!("{}/Patient/p1", gw.base);
+    // `n` proofs of user `sub` (fresh key each), every one answered `want`;
+    // the last answer.
+    let proofs = async |sub: &str, n: usize, want: u16| {
+        let key = Client::new(KeyKind::P256, &format!("key-{sub}"));
+        let token = user_token(&gw, &key.jkt, "shared-app", sub);
+        let mut last = None;
+        for i in 0..n {
+            let r = gw
+                .client
+                .get(&url)
+                .header("authorization", format!("DPoP {token}"))
+                .header("dpop", key.proof("GET", &url, &token))
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            let wait = r
+                .headers()
+                .contains_key("retry-after")
+                .then(|| support::retry_after(&r));
+            let body = r.text().await.unwrap();
+            assert_eq!(s, want, "{sub}, proof {i}: {body}");
+            last = Some((wait, body));
+        }
+        last.unwrap()
+    };
+    proofs("alice", 10, 200).await;
+    let before = gw.upstream.seen().len();
+    let (wait, body) = proofs("alice", 5, 429).await;
+    assert!(body.contains("dpop.max_proofs_per_user"), "{body}");
+    let wait = wait.expect("no Retry-After");
+    assert!((2..=80).contains(&wait), "Retry-After {wait}");
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused proof went upstream"
+    );
+    // Alice's refused proofs took nothing from the client's 40.
+    proofs("bob", 10, 200).await;
+    proofs("carol", 8, 200).await;
+    // The app itself as the user: the client's quota only.
+    proofs("shared-app", 12, 200).await;
+    let before = gw.upstream.seen().len();
+    let (_, body) = proofs("dave", 1, 429).await;
+    assert!(body.contains("dpop.max_proofs_per_key"), "{body}");
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused proof went upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

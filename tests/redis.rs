@@ -234,6 +234,49 @@ async fn a_proof_replayed_at_another_replica_is_refused() {
     assert!(metric(&m, "fhirwall_redis_commands_total{outcome=\"ok\"}") >= 2.0);
 }
 
+/// The DPoP proof quotas, a user's and its client's, are counted across
+/// replicas: a user over its own is refused at either without spending the
+/// client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof_quotas_are_counted_across_replicas() {
+    let redis = RedisServer::start();
+    let (a, b) = replicas(
+        &redis,
+        "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 6\n  max_proofs_per_user: 3\n",
+    )
+    .await;
+    let alice = Caller::of(&a, "shared-app", "alice");
+    for gw in [&a, &b, &a] {
+        let (s, _, body) = alice.fresh(gw).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let before = a.upstream.seen().len();
+    for gw in [&b, &a] {
+        let (s, _, body) = alice.fresh(gw).await;
+        assert_eq!(s, 429, "{body}");
+        assert!(body.contains("dpop.max_proofs_per_user"), "{body}");
+    }
+    assert_eq!(
+        a.upstream.seen().len(),
+        before,
+        "a refused proof went upstream"
+    );
+    let bob = Caller::of(&a, "shared-app", "bob");
+    for gw in [&b, &a, &b] {
+        let (s, _, body) = bob.fresh(gw).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let before = a.upstream.seen().len();
+    let (s, _, body) = Caller::of(&a, "shared-app", "carol").fresh(&a).await;
+    assert_eq!(s, 429, "{body}");
+    assert!(body.contains("dpop.max_proofs_per_key"), "{body}");
+    assert_eq!(
+        a.upstream.seen().len(),
+        before,
+        "a refused proof went upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_is_counted_across_replicas() {
     let redis = RedisServer::start();

@@ -82,9 +82,15 @@ pub fn bound_token(gw: &Gateway, jkt: &str) -> String {
 
 /// A token of client `client_id` bound to the key `jkt`.
 pub fn client_token(gw: &Gateway, jkt: &str, client_id: &str) -> String {
+    user_token(gw, jkt, client_id, "user-1")
+}
+
+/// A token of client `client_id` for user `sub`, bound to the key `jkt`.
+pub fn user_token(gw: &Gateway, jkt: &str, client_id: &str, sub: &str) -> String {
     let mut c = gw.claims("user/*.rs");
     c["cnf"] = json!({"jkt": jkt});
     c["client_id"] = json!(client_id);
+    c["sub"] = json!(sub);
     gw.issuer.signing_key().sign(&c)
 }
 
@@ -123,8 +129,13 @@ pub struct Caller {
 impl Caller {
     /// An EC client of `gw`'s issuer, reading through `gw`'s base URL.
     pub fn new(gw: &Gateway) -> Caller {
+        Caller::of(gw, "test-app", "user-1")
+    }
+
+    /// An EC client like [`Caller::new`] for user `sub` of `client_id`.
+    pub fn of(gw: &Gateway, client_id: &str, sub: &str) -> Caller {
         let client = Client::new(KeyKind::P256, "ec-client");
-        let token = bound_token(gw, &client.jkt);
+        let token = user_token(gw, &client.jkt, client_id, sub);
         let url = format!("{}/Patient/p1", gw.base);
         Caller { client, token, url }
     }

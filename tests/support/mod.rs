@@ -473,10 +473,12 @@ impl Gateway {
             .unwrap()
     }
 
-    /// The audit file's lines, parsed.
+    /// The audit file's whole lines, parsed (a line still being written,
+    /// without its newline yet, is left out).
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
