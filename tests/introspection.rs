@@ -179,6 +179,28 @@ async fn opaque_tokens_are_introspected_and_cached() {
     assert_eq!(s, 401);
     assert_eq!(gw.upstream.count_containing("unknown-opaque-1"), 0);
 
+    // An opaque token may have two dots: it is no JWT (its first part is
+    // no JOSE header), so it is introspected too.
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque.with.dots".into(), active(&gw, "user/*.rs", None));
+    let calls = as_.calls.load(Ordering::SeqCst);
+    let (s, _, body) = get(&gw, "Patient/p1", "opaque.with.dots").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), calls + 1);
+    // A JWT is not: `alg: none` is refused without a call.
+    let none =
+        fhirwall::sandbox::keys::raw_token(&json!({"alg": "none"}), &gw.claims("user/*.rs"), b"x");
+    let (s, www, _) = get(&gw, "Patient/none-jwt-1", &none).await;
+    assert_eq!(s, 401, "{www}");
+    assert_eq!(
+        as_.calls.load(Ordering::SeqCst),
+        calls + 1,
+        "a JWT was introspected"
+    );
+    assert_eq!(gw.upstream.count_containing("none-jwt-1"), 0);
+
     // The audit knows the token kind; never the token.
     let audit = gw.audit_containing("\"token_kind\":\"opaque\"");
     assert!(audit.contains("\"token_kind\":\"opaque\""), "{audit}");

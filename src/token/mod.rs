@@ -409,10 +409,13 @@ pub fn binding_required(issuers: &[crate::config::Issuer], claims: &Claims) -> O
         .then(|| format!("client '{client}' of issuer '{}'", issuer.name))
 }
 
-/// `jwt` for a token of three dot-separated parts, else `opaque` (for
+/// `jwt` for a token of three dot-separated parts whose first is a JSON
+/// object (a JOSE header, well-formed or not), else `opaque` (for
 /// introspection).
 pub fn token_kind(token: &str) -> &'static str {
-    if token.split('.').count() == 3 {
+    let mut parts = token.split('.');
+    let header = parts.next().filter(|_| parts.count() == 2);
+    if header.and_then(b64_json).is_some_and(|h| h.is_object()) {
         "jwt"
     } else {
         "opaque"

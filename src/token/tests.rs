@@ -363,3 +363,27 @@ fn a_kid_shared_by_keys_of_different_types() {
         Err(TokenError::KeyAlgorithmMismatch { .. })
     ));
 }
+
+/// A JWT is three dot-separated parts whose first is a JSON object, well
+/// formed or not (it is then refused as a JWT, never introspected);
+/// anything else is opaque, dots or not.
+#[test]
+fn token_kinds() {
+    let good = raw_token(&json!({"alg": "RS256"}), &claims(), b"sig");
+    let none = raw_token(&json!({"alg": "none"}), &claims(), b"");
+    let array = raw_token(&json!(["alg"]), &claims(), b"sig");
+    for (token, kind) in [
+        (good.as_str(), "jwt"),
+        (none.as_str(), "jwt"),
+        (array.as_str(), "opaque"),
+        ("opaque-token", "opaque"),
+        ("abc.def.ghi", "opaque"),
+        ("a.b", "opaque"),
+        ("a.b.c.d", "opaque"),
+        ("..", "opaque"),
+    ] {
+        assert_eq!(token_kind(token), kind, "{token}");
+    }
+    let four = format!("{good}.x");
+    assert_eq!(token_kind(&four), "opaque");
+}

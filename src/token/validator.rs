@@ -72,24 +72,10 @@ impl Validator {
             return Err(TokenError::TooLong(self.max_bytes));
         }
         let hash = token_hash(token);
-        if token_kind(token) == "opaque" {
-            let i = self
-                .introspectors
-                .iter()
-                .find(|i| {
-                    i.issuer
-                        .introspection
-                        .as_ref()
-                        .is_some_and(|x| x.opaque_tokens)
-                })
-                .ok_or(TokenError::OpaqueNotAccepted)?;
-            let (claims, cache_hit) = i.claims(token, hash, now, source).await?;
-            return Ok(Validated {
-                claims,
-                hash,
-                cache_hit,
-                kind: "opaque",
-            });
+        // Fewer or more than three dot-separated parts: opaque. (Three
+        // parts are looked at more closely below, only if they are no JWT.)
+        if token.split('.').count() != 3 {
+            return self.opaque(token, hash, now, source).await;
         }
         if let Some(claims) = self.cache.get(&hash, now) {
             return Ok(Validated {
@@ -99,7 +85,15 @@ impl Validator {
                 kind: "jwt",
             });
         }
-        let u = inspect(token, self.max_bytes)?;
+        let u = match inspect(token, self.max_bytes) {
+            Ok(u) => u,
+            // An opaque token that happens to have two dots (its first part
+            // no JOSE header) is introspected where opaque tokens are.
+            Err(_) if token_kind(token) == "opaque" && self.opaque_introspector().is_some() => {
+                return self.opaque(token, hash, now, source).await;
+            }
+            Err(e) => return Err(e),
+        };
         let ik = self
             .store
             .issuer(&u.iss)
@@ -138,6 +132,36 @@ impl Validator {
             hash,
             cache_hit: false,
             kind: "jwt",
+        })
+    }
+
+    /// The introspector that opaque tokens go to, if any takes them.
+    fn opaque_introspector(&self) -> Option<&Introspector> {
+        self.introspectors.iter().find(|i| {
+            i.issuer
+                .introspection
+                .as_ref()
+                .is_some_and(|x| x.opaque_tokens)
+        })
+    }
+
+    /// Validates an opaque token by introspection.
+    async fn opaque(
+        &self,
+        token: &str,
+        hash: [u8; 32],
+        now: i64,
+        source: Option<&str>,
+    ) -> Result<Validated, TokenError> {
+        let i = self
+            .opaque_introspector()
+            .ok_or(TokenError::OpaqueNotAccepted)?;
+        let (claims, cache_hit) = i.claims(token, hash, now, source).await?;
+        Ok(Validated {
+            claims,
+            hash,
+            cache_hit,
+            kind: "opaque",
         })
     }
 
