@@ -1,7 +1,7 @@
 //! The admin listener (separate port): `/metrics` (Prometheus text format),
-//! `/healthz` (liveness) and `/readyz` (ready once every issuer's JWKS is
-//! loaded, the audit sink takes records and Redis, if it must, answers,
-//! until a shutdown begins).
+//! `/healthz` (liveness) and `/readyz` (ready once the proxy listens,
+//! every issuer's JWKS is loaded, the audit sink takes records and Redis,
+//! if it must, answers, until a shutdown begins).
 //! Served by Pingora on its own listener.
 
 use std::sync::Arc;
@@ -32,6 +32,8 @@ impl Admin {
     fn not_ready(&self) -> Option<String> {
         if self.lifecycle.draining() {
             Some("not ready: shutting down\n".into())
+        } else if !self.lifecycle.listening() {
+            Some("not ready: the proxy listener is not listening yet\n".into())
         } else if !self.jwks.ready() {
             Some("not ready: JWKS of some issuer not loaded\n".into())
         } else if !self.audit.ready() {

@@ -19,6 +19,7 @@ pub mod explain;
 pub mod extract;
 pub mod fhir;
 pub mod lifecycle;
+pub mod listening;
 pub mod metrics;
 pub mod pages;
 pub mod policy;

@@ -1,5 +1,6 @@
 //! Where the process is in its life, as the proxy and the admin listener
-//! need to know it: serving, or draining after SIGTERM (not ready, and
+//! need to know it: starting (the proxy's sockets not yet bound), serving,
+//! or draining after SIGTERM (not ready, and
 //! every answer closes its connection, so load balancers and keep-alive
 //! clients move to other replicas), or handing its sockets over to a new
 //! process (SIGQUIT: still ready, since both answer on the same sockets,
@@ -12,6 +13,8 @@ use std::sync::Arc;
 
 #[derive(Debug, Default)]
 pub struct Lifecycle {
+    /// The proxy's listening sockets are bound (or taken over).
+    listening: AtomicBool,
     draining: AtomicBool,
     handing_over: AtomicBool,
     in_flight: AtomicUsize,
@@ -20,6 +23,15 @@ pub struct Lifecycle {
 impl Lifecycle {
     pub fn new() -> Arc<Lifecycle> {
         Arc::new(Lifecycle::default())
+    }
+
+    /// The proxy's listening sockets are bound: it can be ready.
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
     }
 
     /// From now on the gateway is shutting down: not ready, connections

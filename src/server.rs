@@ -16,6 +16,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::config::Settings;
+use crate::listening::Watched;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::token::jwks::JwksStore;
@@ -270,7 +271,7 @@ fn final_flush(audit: &AuditLog) -> bool {
 
 /// Ends the process once the audit queue is written: with `code`, or 1
 /// when records were lost.
-fn exit_after_flush(audit: &AuditLog, code: i32) -> ! {
+pub(crate) fn exit_after_flush(audit: &AuditLog, code: i32) -> ! {
     let ok = final_flush(audit);
     std::process::exit(if ok { code } else { 1 })
 }
@@ -701,8 +702,14 @@ pub fn run(
     }
     let refresher = background_service("fhirwall jwks", JwksRefresher(store));
 
-    server.add_service(proxy);
-    server.add_service(admin);
+    // Watched: the proxy is ready once its sockets are bound; a listener
+    // that cannot start stops fhirwall.
+    server.add_service(Watched::new(
+        proxy,
+        Some(lifecycle.clone()),
+        audit_at_exit.clone(),
+    ));
+    server.add_service(Watched::new(admin, None, audit_at_exit.clone()));
     server.add_service(refresher);
     server.add_service(background_service(
         "fhirwall upstream dns",

@@ -2,7 +2,9 @@
 //! takes the listening sockets over from a running one, under load, with
 //! no request failing; the old one drains and exits, the new one serves.
 //! And when no new process is ready (none started, or one that cannot load
-//! its keys), the running one is not disturbed.
+//! its keys), the running one is not disturbed. A process started without
+//! a takeover is not ready until it holds its port, and one whose listener
+//! cannot start stops.
 
 mod support;
 
@@ -327,5 +329,117 @@ async fn policies_changed_during_start_up_are_in_force_when_serving() {
     assert!(
         new_log.contains("changed while fhirwall started"),
         "{new_log}"
+    );
+}
+
+/// `config` with its admin listener on a fresh port and, if given, its
+/// proxy listener at `listen`; written beside it under `name`.
+fn variant(config: &Path, name: &str, listen: Option<&str>) -> PathBuf {
+    let text = std::fs::read_to_string(config).unwrap();
+    let mut out = String::new();
+    let mut in_admin = false;
+    for line in text.lines() {
+        let line = match (line, in_admin) {
+            (l, _) if l.starts_with("listen: ") && listen.is_some() => {
+                format!("listen: {}", listen.unwrap())
+            }
+            (l, true) if l.starts_with("  listen: ") => {
+                format!("  listen: 127.0.0.1:{}", support::free_port())
+            }
+            (l, _) => l.to_string(),
+        };
+        in_admin = line == "admin:" || (in_admin && line.starts_with("  "));
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let path = config.with_file_name(name);
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// The admin URL of a config written by [`variant`].
+fn admin_of(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let after = text.split("admin:\n  listen: ").nth(1).unwrap();
+    format!("http://{}", after.lines().next().unwrap())
+}
+
+/// A process started (without a takeover) while another still holds its
+/// port is not ready, saying why, until Pingora's retries bind the port
+/// once it is free; then it serves. A proxy listener that cannot be bound
+/// at all stops the process with exit code 1, instead of leaving its
+/// admin listener answering for a proxy nobody can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_is_ready_only_once_it_holds_its_port() {
+    let mut old = Gateway::start(Options::default()).await;
+    let token = old.mint("user/*.rs", None);
+    let config = variant(old.config_path(), "second.yaml", None);
+    let log = old.dir.join("second.log");
+    let mut second = spawn(&config, &[], &log);
+    let admin = admin_of(&config);
+    let client = reqwest::Client::new();
+    let readyz = async || match client.get(format!("{admin}/readyz")).send().await {
+        Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap())),
+        Err(_) => None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((status, body)) = readyz().await {
+            if body.contains("proxy listener") {
+                assert_eq!(status, 503, "{body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never said why it was not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still not ready while the old process holds the port.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(readyz().await.map(|r| r.0), Some(503));
+    assert!(old.terminate().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readyz().await.map(|r| r.0) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready once the port was free"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = old.upstream.seen().len();
+    let r = client
+        .get(format!("{}/Patient/p1", old.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(old.upstream.seen().len(), served + 1);
+    second.terminate();
+
+    // An address not on this host (TEST-NET-1): no retries, no serving.
+    let port = support::free_port();
+    let config = variant(
+        old.config_path(),
+        "unbindable.yaml",
+        Some(&format!("192.0.2.1:{port}")),
+    );
+    let log = old.dir.join("unbindable.log");
+    let mut third = spawn(&config, &[], &log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = third.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running with no proxy listener"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("listener could not start") && text.contains("192.0.2.1"),
+        "{text}"
     );
 }
