@@ -428,7 +428,7 @@ impl PolicySet {
                     let verdict = match self.evaluate(&input) {
                         Verdict::Allow {
                             by,
-                            limits,
+                            mut limits,
                             mut broke_glass,
                         } if !page => match self.evaluate_reached(
                             &input,
@@ -437,11 +437,7 @@ impl PolicySet {
                             &mut reached.borrow_mut(),
                         ) {
                             Ok(more) => {
-                                for g in more {
-                                    if !broke_glass.contains(&g) {
-                                        broke_glass.push(g);
-                                    }
-                                }
+                                merge(&mut limits, &mut broke_glass, more);
                                 Verdict::Allow {
                                     by,
                                     limits,
@@ -466,32 +462,78 @@ impl PolicySet {
     /// search or history, `$everything`, `$export`, an include of `*`): each
     /// must be allowed as a direct read and search of it by the same
     /// caller, else a rule refusing that type (an allow-list's catch-all
-    /// too) would be evaded by reaching it indirectly. An operation a rule
-    /// allowed by name (`operation: [export]`) reaches what it reaches by
-    /// the operator's word; its parameters' reach is still judged. `Ok`:
-    /// rules whose glass the declared emergency broke on the way; `Err`:
-    /// the refusal.
+    /// too) would be evaded by reaching it indirectly; and each such read
+    /// or search meets its rate limits. An operation a rule allowed by
+    /// name (`operation: [export]`) reaches what it reaches by nature
+    /// unless a rule before that one refuses it (first match: the allow
+    /// stands over a later catch-all, not over an earlier refusal); its
+    /// parameters' reach is judged by every rule. `Ok`: the rate limits and
+    /// the rules whose glass the declared emergency broke on the way;
+    /// `Err`: the refusal.
     fn evaluate_reached(
         &self,
         input: &PolicyInput,
         r: &crate::fhir::classify::FhirRequest,
         allowed_by: Option<&str>,
         judged: &mut std::collections::HashMap<(String, &'static str), Verdict>,
-    ) -> Result<Vec<String>, Verdict> {
-        let named = r.operation.is_some()
-            && self.rules.iter().any(|rule| {
+    ) -> Result<Reach, Verdict> {
+        let named_at = r.operation.as_ref().and_then(|_| {
+            self.rules.iter().position(|rule| {
                 !rule.when.operation.is_empty()
                     && matches!(rule.effect, Effect::Allow)
                     && allowed_by == Some(rule.id().as_str())
-            });
-        let (any, reached) = crate::decide::reached_types(r, !named);
+            })
+        });
+        let mut reach = Reach::default();
+        let (any, reached) = crate::decide::reached_types(r, named_at.is_none());
+        self.judge_reach(
+            input,
+            r,
+            any,
+            &reached,
+            &self.rules,
+            Some(judged),
+            &mut reach,
+        )?;
+        if let Some(at) = named_at {
+            let (any, by_nature) = crate::decide::reached_types(r, true);
+            let by_nature: Vec<String> = by_nature
+                .into_iter()
+                .filter(|t| !reached.contains(t))
+                .collect();
+            self.judge_reach(
+                input,
+                r,
+                any,
+                &by_nature,
+                &self.rules[..at],
+                None,
+                &mut reach,
+            )?;
+        }
+        Ok(reach)
+    }
+
+    /// Judges `types` (every type when `any`) as reached by `r`, by
+    /// `rules`, into `reach` (through `judged`, the verdicts of every rule
+    /// already given this request, when `rules` are all).
+    #[allow(clippy::too_many_arguments)]
+    fn judge_reach(
+        &self,
+        input: &PolicyInput,
+        r: &crate::fhir::classify::FhirRequest,
+        any: bool,
+        types: &[String],
+        rules: &[Rule],
+        mut judged: Option<&mut std::collections::HashMap<(String, &'static str), Verdict>>,
+        reach: &mut Reach,
+    ) -> Result<(), Verdict> {
         let own = r.resource_type.as_deref();
         let types: Vec<&str> = if any {
             crate::fhir::resource_types::RESOURCE_TYPES.to_vec()
         } else {
-            reached.iter().map(String::as_str).collect()
+            types.iter().map(String::as_str).collect()
         };
-        let mut broke_glass = Vec::new();
         for t in types {
             for interaction in ["read", "search-type"] {
                 // The request's own type was judged for its interaction; a
@@ -499,19 +541,21 @@ impl PolicySet {
                 if Some(t) == own && !(r.conditional && interaction == "search-type") {
                     continue;
                 }
-                let verdict = judged
-                    .entry((t.to_string(), interaction))
-                    .or_insert_with(|| {
-                        self.evaluate(&PolicyInput {
-                            interaction,
-                            resource_type: Some(t),
-                            operation: None,
-                            path: t,
-                            any_type: false,
-                            ..*input
-                        })
-                    })
-                    .clone();
+                let as_direct = PolicyInput {
+                    interaction,
+                    resource_type: Some(t),
+                    operation: None,
+                    path: t,
+                    any_type: false,
+                    ..*input
+                };
+                let verdict = match judged.as_deref_mut() {
+                    Some(judged) => judged
+                        .entry((t.to_string(), interaction))
+                        .or_insert_with(|| first_match(rules, &as_direct))
+                        .clone(),
+                    None => first_match(rules, &as_direct),
+                };
                 match verdict {
                     Verdict::Deny { by, reason } => {
                         return Err(Verdict::Deny {
@@ -522,11 +566,22 @@ impl PolicySet {
                             ),
                         })
                     }
-                    Verdict::Allow { broke_glass: g, .. } => broke_glass.extend(g),
+                    Verdict::Allow {
+                        limits,
+                        broke_glass,
+                        ..
+                    } => merge(
+                        &mut reach.limits,
+                        &mut reach.broke_glass,
+                        Reach {
+                            limits,
+                            broke_glass,
+                        },
+                    ),
                 }
             }
         }
-        Ok(broke_glass)
+        Ok(())
     }
 
     /// A stored search's page names no type but may hold resources of any:
@@ -608,9 +663,40 @@ impl PolicySet {
 
     /// The verdict for `input`.
     pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
+        first_match(&self.rules, input)
+    }
+}
+
+/// What the types a request reaches add to its verdict: their rules' rate
+/// limits and broken glass.
+#[derive(Default)]
+struct Reach {
+    limits: Vec<(String, RateLimit)>,
+    broke_glass: Vec<String>,
+}
+
+/// Adds `more` to `limits` and `broke_glass`, each rule once.
+fn merge(limits: &mut Vec<(String, RateLimit)>, broke_glass: &mut Vec<String>, more: Reach) {
+    for l in more.limits {
+        if !limits.iter().any(|x| x.0 == l.0) {
+            limits.push(l);
+        }
+    }
+    for g in more.broke_glass {
+        if !broke_glass.contains(&g) {
+            broke_glass.push(g);
+        }
+    }
+}
+
+/// The verdict of the first of `rules` that decides `input` (allow, deny,
+/// or a requirement unmet), with the rate limits and broken glass of the
+/// rules matched on the way; allowed when none decides.
+fn first_match(rules: &[Rule], input: &PolicyInput) -> Verdict {
+    {
         let mut limits = Vec::new();
         let mut broke_glass = Vec::new();
-        for r in &self.rules {
+        for r in rules {
             if !r.matches(input) {
                 continue;
             }
@@ -954,6 +1040,22 @@ mod tests {
 ");
         assert!(verdict(&export_only, "GET", "$export").is_ok());
         assert!(verdict(&export_only, "GET", "Observation").is_err());
+        // But not over a refusal before it: first match.
+        let docs_first = set("rules:
+  - name: no-docs
+    effect: deny
+    when: {resource_type: [DocumentReference]}
+  - name: app-everything
+    effect: allow
+    when: {client_id: [app], operation: [everything, export]}
+  - name: nothing-else
+    effect: deny
+    when: {client_id: [app]}
+");
+        for url in ["Patient/p1/$everything", "$export"] {
+            let e = verdict(&docs_first, "GET", url).unwrap_err();
+            assert!(e.starts_with("t.yaml#no-docs"), "{url}: {e}");
+        }
         assert!(verdict(&no_docs, "GET", "Encounter?patient=p1").is_ok());
         for (method, url) in [
             ("GET", "DocumentReference?patient=p1"),
@@ -1003,6 +1105,55 @@ mod tests {
         };
         assert!(create(None));
         assert!(!create(Some("name=Smith&birthdate=1970-01-01")));
+    }
+
+    /// A type a request reaches meets the rate limits of its direct read
+    /// and search, each rule once: a system search by `_type` is counted
+    /// like a search of that type.
+    #[test]
+    fn types_a_request_reaches_meet_their_rate_limits() {
+        use crate::fhir::classify::{classify, HttpRequest};
+        let claims = json!({});
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let rules = set("rules:
+  - name: obs-searches
+    effect: allow
+    when: {resource_type: [Observation], interaction: [search-type]}
+    rate_limit: {per: client, requests: 3, per_seconds: 60}
+  - name: searches
+    effect: allow
+    when: {interaction: [search-type, search-system]}
+    rate_limit: {per: client, requests: 10, per_seconds: 60}
+");
+        let limits = |url: &str| {
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let fhir = classify(HttpRequest {
+                method: "GET",
+                path,
+                query: (!query.is_empty()).then_some(query),
+                if_none_exist: None,
+            })
+            .unwrap();
+            match rules.evaluate_each(&base, &fhir).remove(0).verdict {
+                Verdict::Allow { limits, .. } => {
+                    let mut names: Vec<String> = limits.into_iter().map(|l| l.0).collect();
+                    names.sort();
+                    names
+                }
+                v => panic!("{url}: {v:?}"),
+            }
+        };
+        assert_eq!(limits("Observation?code=x"), ["t.yaml#obs-searches"]);
+        assert_eq!(
+            limits("?_type=Observation&code=x"),
+            ["t.yaml#obs-searches", "t.yaml#searches"]
+        );
+        assert_eq!(
+            limits("Encounter?_revinclude=Observation:encounter"),
+            ["t.yaml#obs-searches", "t.yaml#searches"]
+        );
+        assert_eq!(limits("Encounter?patient=p1"), ["t.yaml#searches"]);
     }
 
     #[test]
