@@ -1274,36 +1274,49 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                 needs.push(Need::on(Perm::Read, reached));
                 needs.push(Need::on(Perm::Search, reached));
             }
-            _ if name.starts_with("_has:") => {
-                // `_has:T1:p1:_has:T2:p2:…:param`: every T searched.
-                let parts: Vec<&str> = name.split(':').collect();
-                let mut i = 0;
-                while i + 1 < parts.len() && parts[i] == "_has" {
-                    let ty = Some(parts[i + 1])
-                        .filter(|t| crate::fhir::resource_types::is_resource_type(t));
-                    needs.push(Need::on(Perm::Search, ty));
-                    i += 3;
-                }
-            }
-            _ if name.contains('.') => {
-                // Chained: `p:Type.q.r`: each hop reaches its type, named
-                // (`q:Type`) or not (any type), but the last, which is a
-                // parameter of the type before it.
-                let hops: Vec<&str> = name.split('.').collect();
-                for hop in &hops[..hops.len() - 1] {
-                    let ty = hop
-                        .split(':')
-                        .nth(1)
-                        .filter(|t| crate::fhir::resource_types::is_resource_type(t));
-                    needs.push(Need::on(Perm::Search, ty));
-                }
-            }
+            _ if name.starts_with("_has:") || name.contains('.') => chain_needs(name, &mut needs),
             // `_list=id`: the List resource's entries.
             "_list" => needs.push(Need::on(Perm::Read, Some("List"))),
+            // A chained sort (`_sort=subject.birthdate`, HAPI): the order
+            // tells the linked resources' values, so it searches their type
+            // like a chain.
+            "_sort" => {
+                for key in value.split(',') {
+                    let key = key.trim().trim_start_matches('-');
+                    if key.contains('.') {
+                        chain_needs(key, &mut needs);
+                    }
+                }
+            }
             _ => {}
         }
     }
     Ok(needs)
+}
+
+/// The types a reverse chain (`_has:T:p:rest`) or a chain (`p:Type.rest`)
+/// searches, however they nest: each `_has` searches its `T`, each chained
+/// hop its type, named (`p:Type`) or not (any type); `rest` is a parameter
+/// of that type, itself perhaps a chain or a reverse chain
+/// (`subject:Patient._has:Condition:subject:code`,
+/// `_has:Encounter:subject:diagnosis:Condition.code`). A last plain
+/// parameter reaches nothing further.
+fn chain_needs(mut name: &str, needs: &mut Vec<Need>) {
+    let is_type = |t: &&str| crate::fhir::resource_types::is_resource_type(t);
+    loop {
+        let (ty, rest) = if let Some(has) = name.strip_prefix("_has:") {
+            let mut parts = has.splitn(3, ':');
+            let ty = parts.next().filter(is_type);
+            let _link = parts.next();
+            (ty, parts.next().unwrap_or(""))
+        } else if let Some((hop, rest)) = name.split_once('.') {
+            (hop.split(':').nth(1).filter(is_type), rest)
+        } else {
+            return;
+        };
+        needs.push(Need::on(Perm::Search, ty));
+        name = rest;
+    }
 }
 
 fn reaches_other_types(req: &FhirRequest) -> bool {
@@ -1923,6 +1936,86 @@ mod tests {
                 "GET",
                 "Observation?subject.name=peter",
                 false,
+            ),
+            (
+                "chain ending in _has needs the _has type",
+                "user/Observation.rs user/Patient.rs",
+                None,
+                "GET",
+                "Observation?subject:Patient._has:Condition:subject:code=B20",
+                false,
+            ),
+            (
+                "chain ending in _has granted",
+                "user/Observation.rs user/Patient.rs user/Condition.s",
+                None,
+                "GET",
+                "Observation?subject:Patient._has:Condition:subject:code=B20",
+                true,
+            ),
+            (
+                "chain inside _has needs the chained type",
+                "user/Patient.rs user/Encounter.s",
+                None,
+                "GET",
+                "Patient?_has:Encounter:subject:diagnosis:Condition.code=B20",
+                false,
+            ),
+            (
+                "chain inside _has granted",
+                "user/Patient.rs user/Encounter.s user/Condition.s",
+                None,
+                "GET",
+                "Patient?_has:Encounter:subject:diagnosis:Condition.code=B20",
+                true,
+            ),
+            (
+                "untyped chain inside _has needs wildcard",
+                "user/Patient.rs user/Encounter.s user/Condition.s",
+                None,
+                "GET",
+                "Patient?_has:Encounter:subject:diagnosis.code=B20",
+                false,
+            ),
+            (
+                "_has inside a chain inside _has",
+                "user/Patient.rs user/Encounter.s user/Condition.s",
+                None,
+                "GET",
+                "Patient?_has:Encounter:subject:diagnosis:Condition._has:Provenance:target:agent=x",
+                false,
+            ),
+            (
+                "chained sort needs the linked type",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?_sort=-subject:Patient.birthdate",
+                false,
+            ),
+            (
+                "chained sort granted",
+                "user/Observation.rs user/Patient.s",
+                None,
+                "GET",
+                "Observation?_sort=date,-subject:Patient.birthdate",
+                true,
+            ),
+            (
+                "untyped chained sort needs wildcard",
+                "user/Observation.rs user/Patient.s",
+                None,
+                "GET",
+                "Observation?_sort=subject.birthdate",
+                false,
+            ),
+            (
+                "plain sort",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?_sort=-date,code",
+                true,
             ),
             (
                 "_filter refused",

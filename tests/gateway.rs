@@ -368,6 +368,22 @@ async fn scopes_decide_and_denials_name_the_missing_scope() {
     );
     assert_eq!(gw.upstream.count_containing("cond-p1"), 0);
 
+    // Conditions reached through a reverse chain at the end of a chain, or
+    // a chain inside a reverse chain, need a Condition scope too.
+    let obs_pat = gw.mint(
+        "user/Observation.rs user/Patient.rs user/Encounter.rs",
+        None,
+    );
+    for query in [
+        "Observation?subject:Patient._has:Condition:subject:code=oracle-1",
+        "Patient?_has:Encounter:subject:diagnosis:Condition.code=oracle-2",
+    ] {
+        let r = gw.get(query, Some(&obs_pat)).await;
+        assert_eq!(r.status(), 403, "{query}");
+        assert!(www(&r).contains("user/Condition.s"), "{query}: {}", www(&r));
+    }
+    assert_eq!(gw.upstream.count_containing("oracle-"), 0);
+
     // A form `_search`: the audit names the body's parameters with the
     // query's (names only).
     let r = gw
