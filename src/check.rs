@@ -443,13 +443,17 @@ pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
     for c in checks.iter().filter(|c| !c.narrow.is_empty()) {
         let request = json_edit::member(entries.get(c.index)?, "request")?;
         let url = json_edit::member(request, "url")?;
-        let mut u: String = serde_json::from_str(url.get()).ok()?;
+        let u: String = serde_json::from_str(url.get()).ok()?;
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         for (n, v) in &c.narrow {
             q.append_pair(n, v);
         }
-        u.push(if u.contains('?') { '&' } else { '?' });
-        u.push_str(&q.finish());
+        // The narrowing first, as in a request's own query.
+        let u = match u.split_once('?') {
+            Some((path, rest)) if !rest.is_empty() => format!("{path}?{}&{rest}", q.finish()),
+            Some((path, _)) => format!("{path}?{}", q.finish()),
+            None => format!("{u}?{}", q.finish()),
+        };
         edit.replace(url, json_edit::string(&u))?;
     }
     edit.finish().map(String::into_bytes)
@@ -1235,7 +1239,7 @@ mod tests {
         let v: Value = serde_json::from_str(&narrowed).unwrap();
         assert_eq!(
             v["entry"][1]["request"]["url"],
-            "Condition?_count=10&patient=p1"
+            "Condition?patient=p1&_count=10"
         );
     }
 
@@ -1415,7 +1419,8 @@ mod tests {
     fn bundle_entries_are_narrowed() {
         let body = json!({"resourceType": "Bundle", "type": "batch", "entry": [
             {"request": {"method": "GET", "url": "Observation?code=1"}},
-            {"request": {"method": "GET", "url": "Condition"}}]});
+            {"request": {"method": "GET", "url": "Condition"}},
+            {"request": {"method": "GET", "url": "Encounter?"}}]});
         let checks = vec![
             EntryCheck {
                 index: 0,
@@ -1427,18 +1432,24 @@ mod tests {
                 check: ResponseCheck::in_compartment("p1"),
                 narrow: vec![("category".into(), "a|b".into())],
             },
+            EntryCheck {
+                index: 2,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: vec![("patient".into(), "p1".into())],
+            },
         ];
         let out: Value =
             serde_json::from_slice(&narrow_bundle(body.to_string().as_bytes(), &checks).unwrap())
                 .unwrap();
         assert_eq!(
             out["entry"][0]["request"]["url"],
-            "Observation?code=1&patient=p1"
+            "Observation?patient=p1&code=1"
         );
         assert_eq!(
             out["entry"][1]["request"]["url"],
             "Condition?category=a%7Cb"
         );
+        assert_eq!(out["entry"][2]["request"]["url"], "Encounter?patient=p1");
     }
 
     #[test]

@@ -675,6 +675,10 @@ pub struct ServerConfig {
     /// How long a body fhirwall reads may take to arrive, whole.
     #[serde(default = "d_read_timeout")]
     pub body_read_timeout_ms: u64,
+    /// The most parameters (query and form together; each Bundle entry's
+    /// on its own) a request may carry, below the upstream's own limit.
+    #[serde(default = "d_max_parameters")]
+    pub max_parameters: usize,
     /// Proxies in front of fhirwall (CIDR blocks or addresses) whose
     /// `X-Forwarded-For` names the client. Empty: the TCP peer is the
     /// client and the header is ignored.
@@ -700,6 +704,9 @@ fn d_connect_timeout() -> u64 {
 }
 fn d_read_timeout() -> u64 {
     30_000
+}
+fn d_max_parameters() -> usize {
+    100
 }
 /// Whether a URL holds a user or password (shown wherever the URL is).
 fn has_credentials(u: &Url) -> bool {
@@ -1776,6 +1783,15 @@ impl Config {
         };
         let audit = self.validate_audit(&mut problem);
 
+        if !(1..=1000).contains(&self.server.max_parameters) {
+            problem(
+                "server.max_parameters",
+                format!(
+                    "{} must be between 1 and 1000 (and below the upstream's own limit)",
+                    self.server.max_parameters
+                ),
+            );
+        }
         if !(1024..=MAX_CLASSIFIED_BODY).contains(&self.server.max_classified_body_bytes) {
             problem(
                 "server.max_classified_body_bytes",
@@ -2936,6 +2952,8 @@ admin:
                 "tokens:\n  cache_max_ttl_seconds: 86400\n",
                 "tokens.cache_max_ttl_seconds",
             ),
+            ("server:\n  max_parameters: 0\n", "server.max_parameters"),
+            ("server:\n  max_parameters: 1001\n", "server.max_parameters"),
         ] {
             let problems = Config::parse(&format!("{GOOD}{yaml}"))
                 .unwrap()

@@ -283,6 +283,9 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             Err(err) => return e.deny("classify", err.to_string()),
         }
     }
+    if let Err(err) = fhir.within_parameter_limit(s.server.max_parameters) {
+        return e.deny("classify", err.to_string());
+    }
     e.stages.push((
         "classify",
         format!(

@@ -956,18 +956,23 @@ impl Gateway {
         } else {
             req.method.clone()
         };
-        let mut query = req.uri.query().map(str::to_string);
-        for (name, value) in &ctx.narrow {
-            let q = query.get_or_insert_with(String::new);
-            if !q.is_empty() {
-                q.push('&');
+        // The narrowing goes first: a server that reads only so many
+        // parameters reads it whatever follows.
+        let query = match (ctx.narrow.as_slice(), req.uri.query()) {
+            ([], q) => q.map(str::to_string),
+            (narrow, q) => {
+                let mut s = url::form_urlencoded::Serializer::new(String::new());
+                for (name, value) in narrow {
+                    s.append_pair(name, value);
+                }
+                let mut s = s.finish();
+                if let Some(q) = q.filter(|q| !q.is_empty()) {
+                    s.push('&');
+                    s.push_str(q);
+                }
+                Some(s)
             }
-            q.push_str(
-                &url::form_urlencoded::Serializer::new(String::new())
-                    .append_pair(name, value)
-                    .finish(),
-            );
-        }
+        };
         let rel = ctx.rel_path.clone().unwrap_or_default();
         // A body read to classify the request (POST _search, a Bundle) goes
         // along; a Bundle's checked entries narrowed.
@@ -2000,6 +2005,8 @@ impl Gateway {
                 fhir = classify::classify_bundle(fhir, body).map_err(|e| classify_denial(&e))?;
             }
         }
+        fhir.within_parameter_limit(self.settings.server.max_parameters)
+            .map_err(|e| classify_denial(&e))?;
         ctx.fhir = Some(fhir);
         let fhir = ctx.fhir.as_ref().expect("just set");
 

@@ -189,6 +189,35 @@ impl FhirRequest {
             Interaction::Batch | Interaction::Transaction
         )
     }
+
+    /// Refuses a request, or a Bundle entry, carrying more than `max`
+    /// parameters (its query's, its form's and its `If-None-Exist`
+    /// search's). A server stops reading parameters at a limit of its own
+    /// (Tomcat's `maxParameterCount`: current versions drop those past
+    /// 1000 without failing the request), so one well below it keeps every
+    /// parameter fhirwall decided on — the patient it narrowed a search
+    /// to above all — in what the server reads.
+    pub fn within_parameter_limit(&self, max: usize) -> Result<(), ClassifyError> {
+        let over = |r: &FhirRequest| {
+            let count = r.params.len() + r.condition.len();
+            (count > max).then_some(ClassifyError::TooManyParameters { count, max })
+        };
+        if let Some(e) = over(self) {
+            return Err(e);
+        }
+        match self
+            .entries
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| over(e).map(|x| (i, x)))
+        {
+            Some((index, reason)) => Err(ClassifyError::BadEntry {
+                index,
+                reason: Box::new(reason),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Why a request could not be classified.
@@ -216,6 +245,11 @@ pub enum ClassifyError {
         interaction: Interaction,
         media: String,
     },
+    #[error(
+        "{count} parameters, more than server.max_parameters ({max}): a server that stops \
+         reading parameters at a limit of its own would leave out some that fhirwall decided on"
+    )]
+    TooManyParameters { count: usize, max: usize },
     #[error("Bundle entry {index}: {reason}")]
     BadEntry {
         index: usize,
@@ -1904,5 +1938,46 @@ mod tests {
             "subject": {"reference": ["Patient/secret-name"]}});
         let e = written_references(&odd, false).unwrap_err().to_string();
         assert!(e.contains("an array") && !e.contains("secret-name"), "{e}");
+    }
+
+    #[test]
+    fn parameters_are_counted_against_the_limit() {
+        let req = |url: &str, ine: Option<&str>| {
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            classify(HttpRequest {
+                method: if ine.is_some() { "POST" } else { "GET" },
+                path,
+                query: (!query.is_empty()).then_some(query),
+                if_none_exist: ine,
+            })
+            .unwrap()
+        };
+        let three = req("Observation?a=1&b=2&c=3", None);
+        assert!(three.within_parameter_limit(3).is_ok());
+        assert_eq!(
+            three.within_parameter_limit(2),
+            Err(ClassifyError::TooManyParameters { count: 3, max: 2 })
+        );
+        // A conditional create's search counts too.
+        let create = req("Observation", Some("identifier=x&code=y&status=z"));
+        assert!(create.within_parameter_limit(2).is_err());
+        // Each Bundle entry on its own.
+        let top = req("", Some("")).clone();
+        let bundle = |urls: &[&str]| {
+            let entries: Vec<serde_json::Value> = urls
+                .iter()
+                .map(|u| serde_json::json!({"request": {"method": "GET", "url": u}}))
+                .collect();
+            let b =
+                serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+            classify_bundle(top.clone(), b.to_string().as_bytes()).unwrap()
+        };
+        assert!(bundle(&["Observation?a=1&b=2", "Condition?c=3&d=4"])
+            .within_parameter_limit(2)
+            .is_ok());
+        assert!(matches!(
+            bundle(&["Observation?a=1", "Condition?b=1&c=3&d=4"]).within_parameter_limit(2),
+            Err(ClassifyError::BadEntry { index: 1, .. })
+        ));
     }
 }
