@@ -77,10 +77,11 @@ impl Default for EverythingPages {
 
 impl EverythingPages {
     /// Remembers the page ids in the paging links of `body`, a
-    /// `$everything` answer of the upstream at `upstream_base` passed on
-    /// to `origin`'s caller.
-    pub fn remember(&self, body: &[u8], upstream_base: &str, origin: &Origin) {
-        for id in page_ids(body, upstream_base) {
+    /// `$everything` answer passed on to `origin`'s caller, under one of
+    /// `bases` (the upstream's, and the public one a server told its
+    /// public address links under).
+    pub fn remember(&self, body: &[u8], bases: &[&str], origin: &Origin) {
+        for id in page_ids(body, bases) {
             let callers = self.origins.get_with(id, Default::default);
             let mut callers = callers.lock().unwrap_or_else(|e| e.into_inner());
             if !callers.contains(origin) {
@@ -119,8 +120,8 @@ pub fn page_id(req: &FhirRequest) -> Option<&str> {
 
 /// The page ids (`_getpages`, `_pageId`) the paging links of a Bundle
 /// carry (`next`, `previous`, `prev`, `first`, `last`; never `self`, which
-/// may echo what the client asked for) under `upstream_base`.
-pub fn page_ids(body: &[u8], upstream_base: &str) -> Vec<String> {
+/// may echo what the client asked for) under one of `bases`.
+pub fn page_ids(body: &[u8], bases: &[&str]) -> Vec<String> {
     let Some(top) = std::str::from_utf8(body).ok().and_then(json_edit::parse) else {
         return Vec::new();
     };
@@ -135,9 +136,10 @@ pub fn page_ids(body: &[u8], upstream_base: &str) -> Vec<String> {
         let Some(url) = text(json_edit::member(link, "url")) else {
             continue;
         };
-        let under_base = url
-            .strip_prefix(upstream_base)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']));
+        let under_base = bases.iter().any(|base| {
+            url.strip_prefix(base)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+        });
         if !paging || !under_base {
             continue;
         }
@@ -193,29 +195,34 @@ mod tests {
             {"relation":"prev","url":"http://up/fhirx?_getpages=sibling-base"},
             {"relation":"odd","url":7}
         ]}"#;
-        assert_eq!(page_ids(body, "http://up/fhir"), ["abc-1", "x y"]);
-        assert!(page_ids(b"not json", "http://up/fhir").is_empty());
+        assert_eq!(page_ids(body, &["http://up/fhir"]), ["abc-1", "x y"]);
+        // A server told its public address links under that one.
+        assert_eq!(
+            page_ids(body, &["https://gw/fhir", "http://other/fhir"]),
+            ["elsewhere"]
+        );
+        assert!(page_ids(b"not json", &["http://up/fhir"]).is_empty());
         assert!(page_ids(
             br#"{"link":{"relation":"next","url":"http://up/fhir?_getpages=a"}}"#,
-            "http://up/fhir"
+            &["http://up/fhir"]
         )
         .is_empty());
         let long = format!(
             r#"{{"link":[{{"relation":"next","url":"http://up/fhir?_getpages={}"}}]}}"#,
             "a".repeat(257)
         );
-        assert!(page_ids(long.as_bytes(), "http://up/fhir").is_empty());
+        assert!(page_ids(long.as_bytes(), &["http://up/fhir"]).is_empty());
     }
 
     #[test]
     fn a_page_is_made_for_its_origin_only() {
         let pages = EverythingPages::default();
         let body = br#"{"link":[{"relation":"next","url":"http://up/fhir?_getpages=abc&_getpagesoffset=2"}]}"#;
-        pages.remember(body, "http://up/fhir", &origin("u1", "p1"));
+        pages.remember(body, &["http://up/fhir"], &origin("u1", "p1"));
         let page = get("_getpages=abc&_getpagesoffset=4&_count=2&_bundletype=searchset");
         assert!(pages.made_for(&page, &origin("u1", "p1")));
         // The same stored result given to a second caller: both keep it.
-        pages.remember(body, "http://up/fhir", &origin("u3", "p1"));
+        pages.remember(body, &["http://up/fhir"], &origin("u3", "p1"));
         assert!(pages.made_for(&page, &origin("u1", "p1")));
         assert!(pages.made_for(&page, &origin("u3", "p1")));
         for (what, other) in [

@@ -1037,7 +1037,7 @@ impl Gateway {
                         if let Some(t) = &ctx.token {
                             self.everything_pages.remember(
                                 &answer.body,
-                                self.upstream_base(),
+                                &[self.upstream_base(), &self.realm],
                                 &Origin::of(&t.claims, patient),
                             );
                         }
