@@ -485,7 +485,15 @@ impl PolicySet {
             })
         });
         let mut reach = Reach::default();
-        let (any, reached) = crate::decide::reached_types(r, named_at.is_none());
+        let (any, mut reached) = crate::decide::reached_types(r, named_at.is_none());
+        // The request's own type, read by another name, is judged as that
+        // reading too (`own_reading`).
+        if let Some(t) = r.resource_type.as_deref() {
+            let reads = ["read", "search-type"].iter().any(|i| own_reading(r, i));
+            if reads && !reached.iter().any(|x| x == t) {
+                reached.push(t.to_string());
+            }
+        }
         self.judge_reach(
             input,
             r,
@@ -536,9 +544,9 @@ impl PolicySet {
         };
         for t in types {
             for interaction in ["read", "search-type"] {
-                // The request's own type was judged for its interaction; a
-                // conditional write also searches its own type.
-                if Some(t) == own && !(r.conditional && interaction == "search-type") {
+                // The request's own type was judged for its interaction,
+                // and is judged here only as what that reads it as.
+                if Some(t) == own && !own_reading(r, interaction) {
                     continue;
                 }
                 let as_direct = PolicyInput {
@@ -595,11 +603,53 @@ impl PolicySet {
         let mut limits: Vec<(String, RateLimit)> = Vec::new();
         let mut broke_glass: Vec<String> = Vec::new();
         for t in crate::fhir::resource_types::RESOURCE_TYPES {
-            match self.evaluate(&PolicyInput {
+            // A page of a stored search is a search of each type it may
+            // hold: judged as one too, after its own interaction.
+            let as_page = self.evaluate(&PolicyInput {
                 resource_type: Some(t),
                 any_type: false,
                 ..*input
-            }) {
+            });
+            let verdict = match as_page {
+                Verdict::Allow {
+                    limits,
+                    broke_glass,
+                    by,
+                } if input.interaction != "search-type" => {
+                    match self.evaluate(&PolicyInput {
+                        interaction: "search-type",
+                        resource_type: Some(t),
+                        operation: None,
+                        path: t,
+                        any_type: false,
+                        ..*input
+                    }) {
+                        Verdict::Allow {
+                            limits: l,
+                            broke_glass: g,
+                            ..
+                        } => {
+                            let (mut limits, mut broke_glass) = (limits, broke_glass);
+                            merge(
+                                &mut limits,
+                                &mut broke_glass,
+                                Reach {
+                                    limits: l,
+                                    broke_glass: g,
+                                },
+                            );
+                            Verdict::Allow {
+                                by,
+                                limits,
+                                broke_glass,
+                            }
+                        }
+                        deny => deny,
+                    }
+                }
+                v => v,
+            };
+            match verdict {
                 Verdict::Deny { by: rule, reason } => {
                     refused_types.push(RefusedType {
                         resource_type: t.to_string(),
@@ -664,6 +714,20 @@ impl PolicySet {
     /// The verdict for `input`.
     pub fn evaluate(&self, input: &PolicyInput) -> Verdict {
         first_match(&self.rules, input)
+    }
+}
+
+/// Whether a request does to its own type what `interaction` does, by
+/// another name, so that a rule on that `read` or `search-type` is not
+/// dodged by the other spelling: a vread or an instance's history reads
+/// it; a compartment search (`Patient/p1/Condition`) or a type's history
+/// searches it, and so does a conditional write.
+fn own_reading(r: &crate::fhir::classify::FhirRequest, interaction: &str) -> bool {
+    use crate::fhir::classify::Interaction::*;
+    match interaction {
+        "read" => matches!(r.interaction, Vread | HistoryInstance),
+        "search-type" => r.conditional || matches!(r.interaction, SearchCompartment | HistoryType),
+        _ => false,
     }
 }
 
@@ -1154,6 +1218,81 @@ mod tests {
             ["t.yaml#obs-searches", "t.yaml#searches"]
         );
         assert_eq!(limits("Encounter?patient=p1"), ["t.yaml#searches"]);
+    }
+
+    /// A rule on `read` or `search-type` of a type is not dodged by
+    /// another spelling of it: a vread or an instance's history is a read;
+    /// a compartment search, a type's history or a stored page holding the
+    /// type is a search of it.
+    #[test]
+    fn a_type_read_by_another_name_meets_the_rules_on_that_reading() {
+        use crate::fhir::classify::{classify, HttpRequest};
+        let claims = json!({});
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let rules = set("rules:
+  - name: no-condition-searches
+    effect: deny
+    when: {resource_type: [Condition], interaction: [search-type]}
+  - name: no-allergy-reads
+    effect: deny
+    when: {resource_type: [AllergyIntolerance], interaction: [read]}
+  - name: obs-searches
+    effect: allow
+    when: {resource_type: [Observation], interaction: [search-type]}
+    rate_limit: {per: client, requests: 3, per_seconds: 60}
+");
+        let judged = |url: &str| {
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let fhir = classify(HttpRequest {
+                method: "GET",
+                path,
+                query: (!query.is_empty()).then_some(query),
+                if_none_exist: None,
+            })
+            .unwrap();
+            rules.evaluate_each(&base, &fhir).remove(0)
+        };
+        let denied_by = |url: &str| match judged(url).verdict {
+            Verdict::Deny { by, .. } => Some(by),
+            Verdict::Allow { .. } => None,
+        };
+        for (url, rule) in [
+            ("Condition?code=x", Some("t.yaml#no-condition-searches")),
+            ("Patient/p1/Condition", Some("t.yaml#no-condition-searches")),
+            ("Condition/_history", Some("t.yaml#no-condition-searches")),
+            ("Condition/c1", None),
+            ("Condition/c1/_history", None),
+            ("AllergyIntolerance/a1", Some("t.yaml#no-allergy-reads")),
+            (
+                "AllergyIntolerance/a1/_history/2",
+                Some("t.yaml#no-allergy-reads"),
+            ),
+            (
+                "AllergyIntolerance/a1/_history",
+                Some("t.yaml#no-allergy-reads"),
+            ),
+            ("AllergyIntolerance?code=x", None),
+        ] {
+            assert_eq!(denied_by(url).as_deref(), rule, "{url}");
+        }
+        match judged("Patient/p1/Observation").verdict {
+            Verdict::Allow { limits, .. } => {
+                assert_eq!(limits.len(), 1, "{limits:?}");
+                assert_eq!(limits[0].0, "t.yaml#obs-searches");
+            }
+            v => panic!("{v:?}"),
+        }
+        // A stored page may hold Conditions: those are refused in its
+        // answer.
+        let page = judged("?_getpages=abc");
+        assert!(matches!(page.verdict, Verdict::Allow { .. }));
+        let refused: Vec<&str> = page
+            .refused_types
+            .iter()
+            .map(|r| r.resource_type.as_str())
+            .collect();
+        assert_eq!(refused, ["Condition"]);
     }
 
     #[test]
