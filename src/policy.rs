@@ -307,6 +307,14 @@ impl PolicySet {
                         "requests and per_seconds must be at least 1".into(),
                     );
                 }
+                // A bucket idle a day is forgotten (full again): longer
+                // windows would be kept only while used.
+                if l.per_seconds > 86_400 {
+                    p(
+                        "rate_limit.per_seconds",
+                        format!("{} is more than a day (86400)", l.per_seconds),
+                    );
+                }
             }
             if r.break_glass && r.effect != "deny" {
                 p(
@@ -331,6 +339,33 @@ impl PolicySet {
                     p(
                         "when.resource_type",
                         format!("'{t}' is not an R4 resource type"),
+                    );
+                }
+            }
+            for o in &w.operation {
+                // Matched against the name the classifier keeps: without
+                // its `$` (a rule naming `$everything` would never hold).
+                let name = o.strip_prefix('$').unwrap_or(o);
+                if !crate::fhir::classify::is_valid_operation(&format!("${name}")) {
+                    p(
+                        "when.operation",
+                        format!("'{o}' is not an operation name (letters, digits, - and _)"),
+                    );
+                } else if name != o {
+                    p(
+                        "when.operation",
+                        format!("'{o}': name operations without the $ ('{name}')"),
+                    );
+                }
+            }
+            for pattern in &w.path {
+                if pattern.contains(['?', '#', '%']) {
+                    p(
+                        "when.path",
+                        format!(
+                            "'{pattern}': a path pattern is matched against the decoded path below \
+                             the FHIR base, without a query"
+                        ),
                     );
                 }
             }
@@ -1579,6 +1614,10 @@ mod tests {
   - {name: a, effect: maybe}
   - {name: b, effect: require}
   - {name: c, effect: deny, when: {time: {days: [someday], from: '25:00', to: '10:00'}}}
+  - {name: d, effect: deny, when: {operation: [$everything], path: ['Patient?name=x']}}
+  - {name: e, effect: deny, when: {operation: ['every thing']}}
+  - {name: f, effect: deny, when: {operation: [everything, export, member-match], path: ['Patient/*/$everything']}}
+  - {name: g, effect: allow, rate_limit: {per: client, requests: 6, per_seconds: 604800}}
 ").unwrap();
         let problems = s.add_file("p.yaml", &f);
         let keys: Vec<String> = problems
@@ -1595,12 +1634,19 @@ mod tests {
             "2:require",
             "3:when.time.days",
             "3:when.time",
+            "4:when.operation",
+            "4:when.path",
+            "5:when.operation",
+            "7:rate_limit.per_seconds",
         ] {
             assert!(
                 keys.contains(&want.to_string()),
                 "{want} missing in {keys:?}"
             );
         }
+        assert!(!keys.iter().any(|k| k.starts_with("6:")), "{keys:?}");
+        let dollar = problems.iter().find(|(i, _, _)| *i == 4).unwrap();
+        assert!(dollar.2.contains("'everything'"), "{problems:?}");
         assert!(parse_file("rules:\n  - {name: a, effect: deny, whenn: {}}\n").is_err());
         assert!(parse_file("rules:\n  - {name: a, effect: deny}\n  rules: []\n").is_err());
     }

@@ -278,7 +278,9 @@ fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-fn is_valid_operation(seg: &str) -> bool {
+/// An operation's path segment: `$` and a name of letters, digits, `-`
+/// and `_`.
+pub fn is_valid_operation(seg: &str) -> bool {
     seg.len() > 1
         && seg.len() <= 64
         && seg.starts_with('$')
