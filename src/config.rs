@@ -79,6 +79,10 @@ pub struct Config {
     /// When [`load`] began reading the files.
     #[serde(skip, default = "std::time::SystemTime::now")]
     pub loaded_at: std::time::SystemTime,
+    /// Read for a reload ([`load_for_reload`]): the upstream's host name
+    /// is not looked up.
+    #[serde(skip)]
+    pub for_reload: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1105,6 +1109,19 @@ impl ForwardedContext {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    load_with(path, false)
+}
+
+/// Like [`load`], for a reload (SIGHUP): the upstream's host name is not
+/// looked up. Only a restart applies the upstream, and a lookup failing
+/// meanwhile (a headless service with no ready endpoints, a DNS outage)
+/// must not keep new rules, an emergency deny above all, from applying.
+/// The settings' `upstream.resolved` is then empty.
+pub fn load_for_reload(path: &Path) -> Result<Settings, ConfigError> {
+    load_with(path, true)
+}
+
+fn load_with(path: &Path, for_reload: bool) -> Result<Settings, ConfigError> {
     // Before anything is read: a file changed while it is read counts as
     // changed since.
     let loaded_at = std::time::SystemTime::now();
@@ -1119,6 +1136,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     })?;
     config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     config.loaded_at = loaded_at;
+    config.for_reload = for_reload;
     config.resolve_paths();
     config
         .validate()
@@ -2458,13 +2476,17 @@ impl Config {
         // resolve at start (every address; `resolve.rs` follows the name).
         let addr = format!("{host}:{port}");
         let addr = addr.trim_start_matches('[').replace("]:", ":");
-        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&(
-            host.trim_matches(|c| c == '[' || c == ']'),
-            port,
-        ))
-        .ok()
-        .map(|a| a.collect::<Vec<_>>())
-        .filter(|a| !a.is_empty());
+        let resolved = if self.for_reload {
+            Some(Vec::new())
+        } else {
+            std::net::ToSocketAddrs::to_socket_addrs(&(
+                host.trim_matches(|c| c == '[' || c == ']'),
+                port,
+            ))
+            .ok()
+            .map(|a| a.collect::<Vec<_>>())
+            .filter(|a| !a.is_empty())
+        };
         let Some(resolved) = resolved else {
             problem(
                 "upstream.url",

@@ -75,7 +75,7 @@ impl Reloader {
     /// Reads the configuration and policies again and applies the rules
     /// (the rest takes a restart); a bad set is rejected whole.
     fn reload(&self) {
-        let loaded = crate::config::load(&self.path).and_then(|settings| {
+        let loaded = crate::config::load_for_reload(&self.path).and_then(|settings| {
             // Issuers change only on restart: rules naming one the
             // running gateway does not have would never match.
             let running: Vec<&str> = self

@@ -1125,6 +1125,47 @@ async fn a_reload_names_what_only_a_restart_applies() {
     assert_eq!(support::metric(&gw.metrics().await, reloads), 2.0);
 }
 
+/// A reload does not look the upstream's host name up (only a restart
+/// applies the upstream): a name that does not resolve now keeps no
+/// emergency rule from applying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_rules_while_the_upstream_name_does_not_resolve() {
+    let (dir, gw) = with_rules(
+        "policies-dns",
+        "10-rules.yaml",
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
+    )
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    assert_eq!(
+        gw.get("Observation/obs-p1-0", Some(&token)).await.status(),
+        200
+    );
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    let up = format!("url: http://{}/r4", gw.upstream_addr);
+    assert!(original.contains(&up), "{original}");
+    // RFC 2606: `.invalid` never resolves.
+    let changed = original.replace(&up, "url: http://fhir-upstream.invalid:8080/r4");
+    std::fs::write(gw.config_path(), changed).unwrap();
+    std::fs::write(
+        dir.0.join("10-rules.yaml"),
+        "rules:\n  - {name: no-observations, effect: deny, when: {resource_type: [Observation]}}\n",
+    )
+    .unwrap();
+    sighup(&gw);
+    until_metric(&gw, "fhirwall_reloads_total{result=\"success\"}", 1.0).await;
+    let before = gw.upstream.seen().len();
+    let r = gw.get("Observation/obs-p1-0", Some(&token)).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.upstream.seen().len(), before);
+    // The running upstream still serves; its change waits for a restart.
+    assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+    assert_eq!(
+        support::metric(&gw.metrics().await, "fhirwall_config_restart_pending"),
+        1.0
+    );
+}
+
 /// `explain` refuses what the gateway refuses before any decision: a
 /// bearer token where binding is required, the DPoP scheme with DPoP off,
 /// a certificate-bound token without a TLS listener taking certificates, a
