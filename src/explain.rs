@@ -25,10 +25,18 @@ pub struct ExplainRequest {
     pub method: String,
     /// A path below the public base (`Observation?code=x`) or a full URL.
     pub url: String,
-    /// A request body (JSON text): a Bundle, a search by POST, or what a
+    /// A request body: a Bundle, a search by POST (a form, with
+    /// `content_type: application/x-www-form-urlencoded`), or what a
     /// create, update or patch writes.
     #[serde(default)]
     pub body: Option<String>,
+    /// A conditional create's `If-None-Exist` header.
+    #[serde(default)]
+    pub if_none_exist: Option<String>,
+    /// When the request is made (RFC 3339, e.g. `2026-11-25T14:30:00Z`),
+    /// for `time` rules and token ages; now when absent.
+    #[serde(default)]
+    pub at: Option<String>,
     /// The body's `Content-Type` (JSON when absent).
     #[serde(default)]
     pub content_type: Option<String>,
@@ -117,12 +125,18 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     out
 }
 
-/// Explains `req` under `claims` at `now` (Unix seconds).
+/// Explains `req` under `claims` at `now` (Unix seconds), or at the
+/// request's own `at`.
 pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
     let mut e = Explanation {
         stages: Vec::new(),
         decision: "allow",
         rule: None,
+    };
+    let now = match req.at.as_deref().map(at) {
+        None => now,
+        Some(Ok(t)) => t,
+        Some(Err(why)) => return e.deny("request", why),
     };
     // 1. Route
     let target = if req.url.contains("://") {
@@ -247,18 +261,50 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             )
         }
     }
-    // 5. Classify
+    // 5. Classify, reading the body where the gateway does.
     let mut fhir = match classify::classify(HttpRequest {
         method: &req.method,
         path: &rel,
         query: query.as_deref(),
-        if_none_exist: None,
+        if_none_exist: req.if_none_exist.as_deref(),
     }) {
         Ok(f) => f,
         Err(err) => return e.deny("classify", err.to_string()),
     };
+    let is_form = match classify::check_content_type(req.content_type.as_deref())
+        .and_then(|()| classify::form_body(req.content_type.as_deref(), None))
+    {
+        Ok(f) => f,
+        Err(why) => return e.deny("classify", why),
+    };
+    let body = req.body.as_deref().unwrap_or("");
+    if is_form && !body.is_empty() {
+        use classify::FormError;
+        match classify::add_form(&mut fhir, &req.method, &rel, body) {
+            Ok(()) => {}
+            Err(FormError::AccessToken) => {
+                return e.deny(
+                    "extract",
+                    "an access_token form parameter (RFC 6750 §2.2) is not accepted".into(),
+                )
+            }
+            Err(FormError::Malformed(err)) => return e.deny("classify", err.to_string()),
+            Err(FormError::NotASearch(why)) => return e.deny("classify", why),
+        }
+    } else if !body.is_empty()
+        && !fhir.is_bundle()
+        && req.method == "POST"
+        && (rel.is_empty() || rel.ends_with("_search"))
+    {
+        return e.deny(
+            "classify",
+            format!(
+                "the body of a {} must be a form (application/x-www-form-urlencoded)",
+                fhir.interaction
+            ),
+        );
+    }
     if fhir.is_bundle() {
-        let body = req.body.clone().unwrap_or_default();
         fhir = match classify::classify_bundle(fhir, body.as_bytes()) {
             Ok(f) => f,
             Err(err) => return e.deny("classify", err.to_string()),
@@ -308,6 +354,27 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             .trim_end_matches('/')
             .to_string()]),
     };
+    // The declared emergency, as the gateway accepts it.
+    let break_glass =
+        crate::policy::break_glass_reason(&s.break_glass, req.break_glass.as_deref(), claims, now);
+    if break_glass.is_none() {
+        let declared = match &s.break_glass.claim {
+            Some(c) => claims.get(c).is_some() || req.break_glass.is_some(),
+            None => req.break_glass.is_some(),
+        };
+        if declared {
+            let why = match &s.break_glass.claim {
+                Some(c) => format!(
+                    "not accepted: break_glass.claim is set, so only the token's '{c}' claim \
+                     declares one (a non-empty string; the header does not count)"
+                ),
+                None => "not accepted: empty, over 500 characters, control characters, or \
+                         a token older than break_glass.max_token_age_seconds"
+                    .into(),
+            };
+            e.stages.push(("break-glass", why));
+        }
+    }
     let granted = authorise(
         &fhir,
         &Context {
@@ -315,7 +382,7 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
             source: req.source,
             binding: &req.binding,
             now,
-            break_glass: req.break_glass.as_deref(),
+            break_glass: break_glass.as_deref(),
         },
         &Rules {
             decide: &opts,
@@ -401,6 +468,13 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         e.stages.push(("check", note));
     }
     e
+}
+
+/// Unix seconds of an RFC 3339 time (`2026-11-25T14:30:00Z`).
+fn at(text: &str) -> Result<i64, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| format!("at: '{text}' is not an RFC 3339 time ({e})"))
 }
 
 /// The decide stage's note: the scopes that granted the request.

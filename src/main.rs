@@ -25,6 +25,8 @@ struct Cli {
     command: Option<Command>,
 }
 
+// Parsed once per process: the size of its largest variant is no cost.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
@@ -65,7 +67,8 @@ enum Command {
         /// Path below the public base (`Observation?code=x`) or full URL.
         #[arg(long)]
         url: String,
-        /// Request body file (a Bundle, a form, a written resource as JSON).
+        /// Request body file (a Bundle, a written resource as JSON, or a
+        /// form with --content-type application/x-www-form-urlencoded).
         #[arg(long)]
         body: Option<PathBuf>,
         /// The body's media type, as the request would send it (a written
@@ -81,6 +84,13 @@ enum Command {
         /// A break-glass reason declared with the request.
         #[arg(long)]
         break_glass: Option<String>,
+        /// A conditional create's If-None-Exist header.
+        #[arg(long)]
+        if_none_exist: Option<String>,
+        /// When the request is made (RFC 3339, e.g. 2026-11-25T14:30:00Z),
+        /// for time rules and token ages; now by default.
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Run policy tests (`policies/tests/*.yaml` by default): each case's
     /// claims and request must get its expected decision and rule.
@@ -340,6 +350,8 @@ fn main() -> ExitCode {
             binding,
             source,
             break_glass,
+            if_none_exist,
+            at,
         } => explain(
             &config,
             claims.as_deref(),
@@ -352,6 +364,8 @@ fn main() -> ExitCode {
                 binding,
                 source,
                 break_glass,
+                if_none_exist,
+                at,
             },
             body,
         ),

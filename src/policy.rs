@@ -752,6 +752,35 @@ impl PolicySet {
     }
 }
 
+/// The emergency a request declares, if the break-glass settings `bg`
+/// accept it: with `bg.claim` set, that claim of the token (the
+/// authorization server vouches for it; what the client writes in the
+/// header does not count), else the header's value (`header`); not empty,
+/// at most 500 characters, no control characters, and from a token at
+/// most `bg.max_token_age_seconds` old at `now` when that is set.
+pub fn break_glass_reason(
+    bg: &crate::config::BreakGlassConfig,
+    header: Option<&str>,
+    claims: &Value,
+    now: i64,
+) -> Option<String> {
+    let reason = match bg.claim.as_deref() {
+        Some(c) => claim(claims, c).and_then(|v| v.as_str())?,
+        None => header?,
+    };
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 500 || reason.chars().any(char::is_control) {
+        return None;
+    }
+    if let Some(max) = bg.max_token_age_seconds {
+        let iat = claims.get("iat").and_then(|v| v.as_i64())?;
+        if now.saturating_sub(iat) > max as i64 {
+            return None;
+        }
+    }
+    Some(reason.to_string())
+}
+
 /// Whether a request does to its own type what `interaction` does, by
 /// another name, so that a rule on that `read` or `search-type` is not
 /// dodged by the other spelling: a vread or an instance's history reads

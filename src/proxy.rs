@@ -1375,30 +1375,12 @@ impl Gateway {
         claims: &crate::token::Claims,
         now: i64,
     ) -> Option<String> {
-        // With a claim configured, the authorization server vouches for the
-        // emergency: what the client writes in the header does not count.
-        let reason = match bg.claim.as_deref() {
-            Some(c) => crate::policy::claim(&claims.raw, c)
-                .and_then(|v| v.as_str())?
-                .to_string(),
-            None => session
-                .req_header()
-                .headers
-                .get(bg.header.as_str())
-                .and_then(|v| v.to_str().ok())?
-                .to_string(),
-        };
-        let reason = reason.trim();
-        if reason.is_empty() || reason.len() > 500 || reason.chars().any(char::is_control) {
-            return None;
-        }
-        if let Some(max) = bg.max_token_age_seconds {
-            let iat = claims.raw.get("iat").and_then(|v| v.as_i64())?;
-            if now.saturating_sub(iat) > max as i64 {
-                return None;
-            }
-        }
-        Some(reason.to_string())
+        let header = session
+            .req_header()
+            .headers
+            .get(bg.header.as_str())
+            .and_then(|v| v.to_str().ok());
+        crate::policy::break_glass_reason(bg, header, &claims.raw, now)
     }
 
     /// Stage 4, bind: a token bound to a key (`cnf.jkt`) needs a valid,
@@ -1959,35 +1941,15 @@ impl Gateway {
                     code: "fhir_malformed",
                     description: "form body is not UTF-8".into(),
                 })?;
-                let form = classify::parse_params(text).map_err(|e| classify_denial(&e))?;
-                if has_access_token_param(&form) {
-                    return Err(extract_denial(&ExtractError::TokenInBody));
-                }
-                // Form parameters are search parameters: they count like the
-                // query's (but never as what confines the search, see
-                // `FhirRequest::form_params`). A form is a search's body only
-                // in `POST …/_search`, where servers read it: on a GET a
-                // server reads the query alone.
-                let searches = matches!(
-                    fhir.interaction,
-                    Interaction::SearchType
-                        | Interaction::SearchSystem
-                        | Interaction::SearchCompartment
-                );
-                if searches && method == "POST" && rel.ends_with("_search") {
-                    fhir.form_params = form.len();
-                    fhir.params.extend(form);
-                    ctx.query_names = audit_param_names(&fhir.params);
-                } else {
-                    return Err(Denial::BadFhirRequest {
+                classify::add_form(&mut fhir, &method, &rel, text).map_err(|e| match e {
+                    classify::FormError::Malformed(e) => classify_denial(&e),
+                    classify::FormError::AccessToken => extract_denial(&ExtractError::TokenInBody),
+                    classify::FormError::NotASearch(description) => Denial::BadFhirRequest {
                         code: "fhir_malformed",
-                        description: format!(
-                            "a form-encoded body is accepted only as the body of POST …/_search, \
-                             not for a {} by {method}",
-                            fhir.interaction
-                        ),
-                    });
-                }
+                        description,
+                    },
+                })?;
+                ctx.query_names = audit_param_names(&fhir.params);
             } else if !body.is_empty() && !fhir.is_bundle() {
                 // A search's body is read for parameters only as a form; a
                 // server may read other bodies (multipart/form-data) for

@@ -1295,3 +1295,152 @@ fn explain_refuses_what_the_gateway_refuses_before_deciding() {
         }
     }
 }
+
+/// `fhirwall test` (and `explain`) read a request as the gateway does: a
+/// POST `_search` form's parameters, a conditional create's
+/// `If-None-Exist`, a break-glass reason only when the gateway would accept
+/// it, and `time` rules at the case's own `at`.
+#[test]
+fn policy_tests_read_forms_conditions_emergencies_and_time_like_the_gateway() {
+    let dir = TempDir::new("explain-reads");
+    let rules = dir.0.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("10-rules.yaml"),
+        "rules:\n\
+         \x20 - {name: no-patients, effect: deny, when: {resource_type: [Patient]}}\n\
+         \x20 - {name: conditions-locked, effect: deny, break_glass: true, when: {resource_type: [Condition]}}\n\
+         \x20 - {name: no-deletes-wed-afternoon, effect: deny, when: {interaction: [delete], time: {days: [wed], from: '14:00', to: '15:00'}}}\n",
+    )
+    .unwrap();
+    let config = dir.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+             issuers:\n  - name: hospital\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [https://gw.example/fhir]\n\
+             admin:\n  listen: 127.0.0.1:3\npolicies:\n  dir: {}\nbreak_glass:\n  max_token_age_seconds: 600\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    // 2026-11-25 (a Wednesday) 16:00 UTC.
+    let four_pm = 1_795_622_400i64;
+    let claims = |iat: i64| {
+        format!(
+            "{{iss: 'https://as.example', aud: 'https://gw.example/fhir', exp: 4000000000, iat: {iat}, client_id: test-app, scope: 'user/*.cruds'}}"
+        )
+    };
+    let case = |name: &str, iat: i64, request: &str, expect: &str| {
+        format!(
+            "  - name: {name}\n    claims: {}\n    request: {{{request}}}\n    expect: {{{expect}}}\n",
+            claims(iat)
+        )
+    };
+    let form = "content_type: application/x-www-form-urlencoded";
+    let cases = [
+        case(
+            "a form's include reaches Patients",
+            four_pm,
+            &format!("method: POST, url: Observation/_search, {form}, body: '_include=Observation:subject:Patient'"),
+            "decision: deny, rule: '10-rules.yaml#no-patients'",
+        ),
+        case(
+            "a plain form search passes",
+            four_pm,
+            &format!("method: POST, url: Observation/_search, {form}, body: 'code=1'"),
+            "decision: allow",
+        ),
+        case(
+            "a form is a POST _search body only",
+            four_pm,
+            &format!("method: POST, url: Observation, {form}, body: 'code=1'"),
+            "decision: deny",
+        ),
+        case(
+            "a token in a form is refused",
+            four_pm,
+            &format!("method: POST, url: Observation/_search, {form}, body: 'access_token=x'"),
+            "decision: deny",
+        ),
+        case(
+            "a conditional create searches Conditions",
+            four_pm,
+            "method: POST, url: Observation, if_none_exist: '_has:Condition:subject:code=x', body: '{\"resourceType\":\"Observation\"}'",
+            "decision: deny, rule: '10-rules.yaml#conditions-locked'",
+        ),
+        case(
+            "break-glass from a fresh token",
+            four_pm - 60,
+            "method: GET, url: Condition/c1, break_glass: code blue, at: '2026-11-25T16:00:00Z'",
+            "decision: allow",
+        ),
+        case(
+            "break-glass from a token too old",
+            four_pm - 3600,
+            "method: GET, url: Condition/c1, break_glass: code blue, at: '2026-11-25T16:00:00Z'",
+            "decision: deny, rule: '10-rules.yaml#conditions-locked'",
+        ),
+        case(
+            "break-glass with an empty reason",
+            four_pm - 60,
+            "method: GET, url: Condition/c1, break_glass: ' ', at: '2026-11-25T16:00:00Z'",
+            "decision: deny, rule: '10-rules.yaml#conditions-locked'",
+        ),
+        case(
+            "deletes in the window",
+            four_pm - 7200,
+            "method: DELETE, url: Observation/o1, at: '2026-11-25T14:30:00Z'",
+            "decision: deny, rule: '10-rules.yaml#no-deletes-wed-afternoon'",
+        ),
+        case(
+            "deletes after it",
+            four_pm,
+            "method: DELETE, url: Observation/o1, at: '2026-11-25T16:00:00+00:00'",
+            "decision: allow",
+        ),
+        case(
+            "a time that is none",
+            four_pm,
+            "method: GET, url: Observation/o1, at: 'Wednesday afternoon'",
+            "decision: deny",
+        ),
+    ];
+    let tests = dir.0.join("cases.yaml");
+    std::fs::write(&tests, format!("cases:\n{}", cases.concat())).unwrap();
+    let (ok, out) = support::run_bin(&[
+        "test",
+        "--config",
+        config.to_str().unwrap(),
+        tests.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("11 case(s), 0 failed"), "{out}");
+    // explain says why an emergency does not count.
+    let claims_file = dir.0.join("old.json");
+    std::fs::write(
+        &claims_file,
+        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4_000_000_000u64,
+               "iat": four_pm - 3600, "client_id": "test-app", "scope": "user/*.rs"})
+        .to_string(),
+    )
+    .unwrap();
+    let (ok, out) = support::run_bin(&[
+        "explain",
+        "--config",
+        config.to_str().unwrap(),
+        "--claims",
+        claims_file.to_str().unwrap(),
+        "--url",
+        "Condition/c1",
+        "--break-glass",
+        "code blue",
+        "--at",
+        "2026-11-25T16:00:00Z",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("break-glass") && out.contains("max_token_age_seconds"),
+        "{out}"
+    );
+}

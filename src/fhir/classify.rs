@@ -795,6 +795,48 @@ pub fn media_type(content_type: Option<&str>) -> String {
 /// UTF-8 (fhirwall reads forms as UTF-8, and a servlet container decodes
 /// them in the charset named, so a UTF-16 `_include` would be noise here
 /// and a parameter there).
+/// Why a form body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormError {
+    /// Not a form fhirwall can read.
+    Malformed(ClassifyError),
+    /// It carries `access_token` (RFC 6750 §2.2, not accepted).
+    AccessToken,
+    /// A form is the body of a search by POST only.
+    NotASearch(String),
+}
+
+/// Adds the parameters of `form`, the body of `fhir` (sent by `method` to
+/// `rel`), as a server reads them: a form is a search's body only in
+/// `POST …/_search` (on a GET a server reads the query alone), where its
+/// parameters count like the query's, but never as what confines the
+/// search (see [`FhirRequest::form_params`]).
+pub fn add_form(
+    fhir: &mut FhirRequest,
+    method: &str,
+    rel: &str,
+    form: &str,
+) -> Result<(), FormError> {
+    let params = parse_params(form).map_err(FormError::Malformed)?;
+    if params.iter().any(|(n, _)| n == "access_token") {
+        return Err(FormError::AccessToken);
+    }
+    let searches = matches!(
+        fhir.interaction,
+        Interaction::SearchType | Interaction::SearchSystem | Interaction::SearchCompartment
+    );
+    if !(searches && method == "POST" && rel.ends_with("_search")) {
+        return Err(FormError::NotASearch(format!(
+            "a form-encoded body is accepted only as the body of POST …/_search, not for a {} \
+             by {method}",
+            fhir.interaction
+        )));
+    }
+    fhir.form_params = params.len();
+    fhir.params.extend(params);
+    Ok(())
+}
+
 pub fn form_body(
     content_type: Option<&str>,
     content_encoding: Option<&str>,
