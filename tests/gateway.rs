@@ -89,6 +89,16 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             with(&|c| c["exp"] = json!("9999999999")),
             "exp",
         ),
+        (
+            "patient-not-an-id",
+            with(&|c| c["patient"] = json!("p1,p2")),
+            "not a FHIR resource id",
+        ),
+        (
+            "patient-with-parameter",
+            with(&|c| c["patient"] = json!("p1&_id=p2")),
+            "not a FHIR resource id",
+        ),
     ];
     for (name, token, describes) in cases {
         let marker = format!("hostile-{name}");

@@ -270,7 +270,8 @@ pub struct HttpRequest<'a> {
     pub if_none_exist: Option<&'a str>,
 }
 
-fn is_valid_id(id: &str) -> bool {
+/// A FHIR resource id: 1 to 64 of `A-Z a-z 0-9 - .`.
+pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id

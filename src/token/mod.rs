@@ -53,6 +53,8 @@ pub enum TokenError {
     BadSignature,
     #[error("claim '{0}' is missing")]
     MissingClaim(&'static str),
+    #[error("claim '{0}' is not a FHIR resource id (1 to 64 of A-Z a-z 0-9 - .)")]
+    NotAnId(&'static str),
     #[error("claim '{0}' has the wrong type")]
     BadClaim(&'static str),
     #[error("token expired at {exp} (now {now}, leeway {leeway}s)")]
@@ -94,6 +96,7 @@ impl TokenError {
             TokenError::BadSignature => "token_bad_signature",
             TokenError::MissingClaim(_)
             | TokenError::BadClaim(_)
+            | TokenError::NotAnId(_)
             | TokenError::UnconfirmedBinding => "token_bad_claims",
             TokenError::Expired { .. } => "token_expired",
             TokenError::NotYetValid { .. } | TokenError::IssuedInFuture { .. } => {
@@ -592,7 +595,15 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
         sub: str_claim("sub")?,
         client_id,
         fhir_user: str_claim("fhirUser")?,
-        patient: str_claim("patient")?,
+        // The patient context becomes search parameters and compartment
+        // references: only an id can be one (a comma would be an OR, an
+        // `&` another parameter).
+        patient: match str_claim("patient")? {
+            Some(p) if !crate::fhir::classify::is_valid_id(&p) => {
+                return Err(TokenError::NotAnId("patient"))
+            }
+            p => p,
+        },
         scopes: ScopeSet::parse(&scope),
         exp,
         jti: str_claim("jti")?,
