@@ -127,6 +127,8 @@ fn bench_tokens(c: &mut Criterion) {
         cache.insert(
             token_hash(&token),
             Arc::new(verify(&token, &u, &iss, &keys, NOW).unwrap()),
+            Arc::new(keys.clone()),
+            u.kid.as_deref(),
             NOW,
         );
         c.bench_function(&format!("token/cached-{name}"), |b| {

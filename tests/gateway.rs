@@ -1691,6 +1691,60 @@ async fn upstream_down_and_slow_answer_502_and_504() {
     drop((held, full));
 }
 
+/// An issuer that withdraws every key (`{"keys": []}`, a compromised key
+/// pulled) is believed: the keys loaded before are dropped and its tokens
+/// are refused (401, nothing upstream), cached ones too, until it
+/// publishes a key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_jwks_drops_the_keys_loaded_before() {
+    let gw = Gateway::start(Options {
+        min_refetch_interval_seconds: 1,
+        ..Options::default()
+    })
+    .await;
+    let old = gw.issuer.signing_key();
+    let cached = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Patient/p1", Some(&cached)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    gw.issuer.set_keys(Vec::new());
+    // An unknown kid makes fhirwall look again: it finds no key.
+    let stranger = SigningKey::generate(KeyKind::P256, "k-stranger");
+    let r = gw
+        .get("Patient/p1", Some(&stranger.sign(&gw.claims("user/*.rs"))))
+        .await;
+    assert_eq!(r.status(), 401);
+    let m = gw.metrics().await;
+    assert_eq!(
+        support::metric(&m, "fhirwall_jwks_keys{issuer=\"test\"}"),
+        0.0,
+        "{m}"
+    );
+    // A token (never seen, so not cached) signed by the withdrawn key.
+    let before = gw.upstream.seen().len();
+    let r = gw
+        .get(
+            "Patient/withdrawn-1",
+            Some(&old.sign(&gw.claims("user/*.rs"))),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    assert!(www(&r).contains("invalid_token"), "{}", www(&r));
+    // Nor one verified (and cached) before the key was withdrawn.
+    let r = gw.get("Patient/withdrawn-2", Some(&cached)).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(gw.upstream.seen().len(), before);
+    // A key published again is taken at the next look.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    gw.issuer
+        .rotate_to(SigningKey::generate(KeyKind::P256, "k-back"));
+    assert_eq!(
+        gw.get("Patient/p1", Some(&gw.mint("user/*.rs", None)))
+            .await
+            .status(),
+        200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kid_refetches_once_and_key_rotation_works() {
     let gw = Gateway::start(Options {

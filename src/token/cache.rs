@@ -7,11 +7,22 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 
-use super::Claims;
+use super::{Claims, KeySet};
+
+/// A cached token: its claims, and what they were verified with — the
+/// issuer's key set then and the token's `kid` — so that a hit can be
+/// refused once that key is no longer published
+/// ([`super::jwks::JwksStore::still_published`]).
+#[derive(Clone)]
+pub struct Hit {
+    pub claims: Arc<Claims>,
+    pub keys: Arc<KeySet>,
+    pub kid: Option<Arc<str>>,
+}
 
 #[derive(Clone)]
 struct Entry {
-    claims: Arc<Claims>,
+    hit: Hit,
     ttl: Duration,
 }
 
@@ -48,19 +59,32 @@ impl TokenCache {
 
     /// Cached claims for this hash, if still valid at `now` (Unix seconds).
     /// The expiry is re-checked here, so a hit never outlives `exp`.
-    pub fn get(&self, hash: &[u8; 32], now: i64) -> Option<Arc<Claims>> {
+    pub fn get(&self, hash: &[u8; 32], now: i64) -> Option<Hit> {
         let e = self.cache.get(hash)?;
-        (e.claims.exp > now).then_some(e.claims)
+        (e.hit.claims.exp > now).then_some(e.hit)
     }
 
-    /// Stores verified claims until `exp` (capped by the ceiling).
-    pub fn insert(&self, hash: [u8; 32], claims: Arc<Claims>, now: i64) {
+    /// Stores claims verified with `keys` (the token naming `kid`) until
+    /// `exp` (capped by the ceiling).
+    pub fn insert(
+        &self,
+        hash: [u8; 32],
+        claims: Arc<Claims>,
+        keys: Arc<KeySet>,
+        kid: Option<&str>,
+        now: i64,
+    ) {
         let left = claims.exp.saturating_sub(now);
         if left <= 0 {
             return;
         }
         let ttl = Duration::from_secs(left as u64).min(self.max_ttl);
-        self.cache.insert(hash, Entry { claims, ttl });
+        let hit = Hit {
+            claims,
+            keys,
+            kid: kid.map(Arc::from),
+        };
+        self.cache.insert(hash, Entry { hit, ttl });
     }
 
     /// Entries now (pending inserts and evictions applied first: for the

@@ -62,6 +62,8 @@ pub struct JwksStore {
 struct Fetched {
     keys: KeySet,
     max_age: Option<Duration>,
+    /// Where from (for messages).
+    uri: String,
 }
 
 impl JwksStore {
@@ -111,6 +113,22 @@ impl JwksStore {
     /// The configured issuer whose `iss` is exactly `iss`.
     pub fn issuer(&self, iss: &str) -> Option<&IssuerKeys> {
         self.issuers.iter().find(|i| i.issuer.issuer == iss)
+    }
+
+    /// Whether the key a cached token was verified with is still
+    /// published: the issuer's key set is the one it was verified against,
+    /// or still holds its `kid`. (A token without a kid is verified again
+    /// after any new key set.)
+    pub fn still_published(&self, hit: &super::cache::Hit) -> bool {
+        let Some(ik) = self.issuer(&hit.claims.iss) else {
+            return false;
+        };
+        let current = ik.keys.load();
+        match current.as_ref() {
+            Some(keys) if Arc::ptr_eq(keys, &hit.keys) => true,
+            Some(keys) => hit.kid.as_deref().is_some_and(|kid| keys.has_kid(kid)),
+            None => false,
+        }
     }
 
     /// True once every issuer has keys.
@@ -206,6 +224,31 @@ impl JwksStore {
         let result = self.fetch(ik).await;
         let name = ik.issuer.name.as_str();
         match result {
+            // An issuer that publishes no key we can use once it had keys
+            // has retired them (a compromised key pulled): its answer
+            // stands, and every token of it is refused until it publishes
+            // one. (At start it is an error: not ready.)
+            Ok(f) if f.keys.keys.is_empty() && ik.keys.load().is_some() => {
+                st.last_failed = false;
+                st.next_refresh = Some(started + self.period(f.max_age));
+                self.metrics.jwks_fetch(name, true);
+                self.metrics.jwks_loaded(name, 0);
+                tracing::error!(
+                    issuer = name,
+                    "JWKS holds no usable signature key: the keys loaded before are dropped and every token of this issuer is refused until it publishes one"
+                );
+                ik.keys.store(Some(Arc::new(f.keys)));
+                Ok(f.max_age)
+            }
+            Ok(f) if f.keys.keys.is_empty() => {
+                st.last_failed = true;
+                st.next_refresh =
+                    Some(started + Duration::from_secs(self.cfg.refresh_min_seconds.min(30)));
+                self.metrics.jwks_fetch(name, false);
+                let e = format!("{}: JWKS holds no usable signature key", f.uri);
+                tracing::warn!(issuer = name, error = %e, "JWKS fetch failed");
+                Err(e)
+            }
             Ok(f) => {
                 st.last_failed = false;
                 st.next_refresh = Some(started + self.period(f.max_age));
@@ -240,10 +283,11 @@ impl JwksStore {
         for s in skipped {
             tracing::warn!(issuer = %ik.issuer.name, jwks_uri = %uri, "JWKS key skipped: {s}");
         }
-        if keys.keys.is_empty() {
-            return Err(format!("{uri}: JWKS holds no usable signature key"));
-        }
-        Ok(Fetched { keys, max_age })
+        Ok(Fetched {
+            keys,
+            max_age,
+            uri: uri.to_string(),
+        })
     }
 
     /// OpenID/SMART discovery: the `jwks_uri` of `issuer`.

@@ -77,9 +77,16 @@ impl Validator {
         if token.split('.').count() != 3 {
             return self.opaque(token, hash, now, source).await;
         }
-        if let Some(claims) = self.cache.get(&hash, now) {
+        // A cached token stands while the key it was verified with is
+        // still published (a key the issuer withdrew refuses its tokens at
+        // once, cached or not).
+        if let Some(hit) = self
+            .cache
+            .get(&hash, now)
+            .filter(|h| self.store.still_published(h))
+        {
             return Ok(Validated {
-                claims,
+                claims: hit.claims,
                 hash,
                 cache_hit: true,
                 kind: "jwt",
@@ -126,7 +133,8 @@ impl Validator {
         }
         let keys = self.store.keys_for(ik, u.kid.as_deref()).await?;
         let claims = Arc::new(verify(token, &u, &ik.issuer, &keys, now)?);
-        self.cache.insert(hash, claims.clone(), now);
+        self.cache
+            .insert(hash, claims.clone(), keys, u.kid.as_deref(), now);
         Ok(Validated {
             claims,
             hash,
