@@ -970,7 +970,9 @@ impl Settings {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// The addresses the host resolved to at start, never empty
-    /// (`resolve.rs` looks the name up again as the proxy runs).
+    /// (`resolve.rs` looks the name up again as the proxy runs); empty
+    /// only in settings read for a reload ([`load_for_reload`]), which
+    /// never apply the upstream.
     pub resolved: Vec<SocketAddr>,
     pub tls: bool,
     pub sni: String,
@@ -1766,7 +1768,11 @@ impl Config {
             let per_user = d
                 .max_proofs_per_user
                 .unwrap_or((per_key / 100).max(1000).min(per_key));
-            if per_user == 0 || per_user > per_key {
+            // (Not when the client's quota is wrong already: its default
+            // would be too.)
+            if (1..=d.replay_cache_max_entries).contains(&per_key)
+                && (per_user == 0 || per_user > per_key)
+            {
                 problem(
                     "dpop.max_proofs_per_user",
                     format!("{per_user} must be between 1 and dpop.max_proofs_per_key ({per_key})"),
@@ -3032,6 +3038,10 @@ admin:
                 "{problems:?}"
             );
         }
+        // A wrong client quota is one problem, not two.
+        let problems = quotas("  max_proofs_per_key: 0\n").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "dpop.max_proofs_per_key");
     }
 
     #[test]

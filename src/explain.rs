@@ -359,14 +359,16 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         crate::policy::break_glass_reason(&s.break_glass, req.break_glass.as_deref(), claims, now);
     if break_glass.is_none() {
         let declared = match &s.break_glass.claim {
-            Some(c) => claims.get(c).is_some() || req.break_glass.is_some(),
+            Some(c) => crate::policy::claim(claims, c).is_some() || req.break_glass.is_some(),
             None => req.break_glass.is_some(),
         };
         if declared {
             let why = match &s.break_glass.claim {
                 Some(c) => format!(
                     "not accepted: break_glass.claim is set, so only the token's '{c}' claim \
-                     declares one (a non-empty string; the header does not count)"
+                     declares one (a string, not empty, at most 500 characters, no control \
+                     characters, from a token no older than \
+                     break_glass.max_token_age_seconds; the header does not count)"
                 ),
                 None => "not accepted: empty, over 500 characters, control characters, or \
                          a token older than break_glass.max_token_age_seconds"

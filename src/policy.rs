@@ -520,15 +520,59 @@ impl PolicySet {
             })
         });
         let mut reach = Reach::default();
-        let (any, mut reached) = crate::decide::reached_types(r, named_at.is_none());
         // The request's own type, read by another name, is judged as that
-        // reading too (`own_reading`).
+        // reading too (`own_reading`): by every rule, or, when a rule that
+        // names this interaction allowed it, by the rules before that one
+        // (first match: `allow {interaction: [search-compartment]}` before
+        // a catch-all deny allows compartment searches without plain ones).
         if let Some(t) = r.resource_type.as_deref() {
-            let reads = ["read", "search-type"].iter().any(|i| own_reading(r, i));
-            if reads && !reached.iter().any(|x| x == t) {
-                reached.push(t.to_string());
+            let allowed_at = self.rules.iter().position(|rule| {
+                matches!(rule.effect, Effect::Allow)
+                    && rule
+                        .when
+                        .interaction
+                        .iter()
+                        .any(|i| i == r.interaction.as_str())
+                    && allowed_by == Some(rule.id().as_str())
+            });
+            let rules = &self.rules[..allowed_at.unwrap_or(self.rules.len())];
+            for interaction in ["read", "search-type"]
+                .into_iter()
+                .filter(|i| own_reading(r, i))
+            {
+                let as_direct = PolicyInput {
+                    interaction,
+                    resource_type: Some(t),
+                    operation: None,
+                    path: t,
+                    any_type: false,
+                    ..*input
+                };
+                match first_match(rules, &as_direct) {
+                    Verdict::Deny { by, reason } => {
+                        return Err(Verdict::Deny {
+                            by,
+                            reason: format!(
+                                "{reason}: the request reads {t} resources (as a {interaction})"
+                            ),
+                        })
+                    }
+                    Verdict::Allow {
+                        limits,
+                        broke_glass,
+                        ..
+                    } => merge(
+                        &mut reach.limits,
+                        &mut reach.broke_glass,
+                        Reach {
+                            limits,
+                            broke_glass,
+                        },
+                    ),
+                }
             }
         }
+        let (any, reached) = crate::decide::reached_types(r, named_at.is_none());
         self.judge_reach(
             input,
             r,
@@ -579,9 +623,10 @@ impl PolicySet {
         };
         for t in types {
             for interaction in ["read", "search-type"] {
-                // The request's own type was judged for its interaction,
-                // and is judged here only as what that reads it as.
-                if Some(t) == own && !own_reading(r, interaction) {
+                // The request's own type was judged for its interaction (and
+                // above as what that reads it as); a conditional write also
+                // searches its own type.
+                if Some(t) == own && !(r.conditional && interaction == "search-type") {
                     continue;
                 }
                 let as_direct = PolicyInput {
@@ -638,52 +683,11 @@ impl PolicySet {
         let mut limits: Vec<(String, RateLimit)> = Vec::new();
         let mut broke_glass: Vec<String> = Vec::new();
         for t in crate::fhir::resource_types::RESOURCE_TYPES {
-            // A page of a stored search is a search of each type it may
-            // hold: judged as one too, after its own interaction.
-            let as_page = self.evaluate(&PolicyInput {
+            let verdict = self.evaluate(&PolicyInput {
                 resource_type: Some(t),
                 any_type: false,
                 ..*input
             });
-            let verdict = match as_page {
-                Verdict::Allow {
-                    limits,
-                    broke_glass,
-                    by,
-                } if input.interaction != "search-type" => {
-                    match self.evaluate(&PolicyInput {
-                        interaction: "search-type",
-                        resource_type: Some(t),
-                        operation: None,
-                        path: t,
-                        any_type: false,
-                        ..*input
-                    }) {
-                        Verdict::Allow {
-                            limits: l,
-                            broke_glass: g,
-                            ..
-                        } => {
-                            let (mut limits, mut broke_glass) = (limits, broke_glass);
-                            merge(
-                                &mut limits,
-                                &mut broke_glass,
-                                Reach {
-                                    limits: l,
-                                    broke_glass: g,
-                                },
-                            );
-                            Verdict::Allow {
-                                by,
-                                limits,
-                                broke_glass,
-                            }
-                        }
-                        deny => deny,
-                    }
-                }
-                v => v,
-            };
             match verdict {
                 Verdict::Deny { by: rule, reason } => {
                     refused_types.push(RefusedType {
@@ -785,12 +789,13 @@ pub fn break_glass_reason(
 /// another name, so that a rule on that `read` or `search-type` is not
 /// dodged by the other spelling: a vread or an instance's history reads
 /// it; a compartment search (`Patient/p1/Condition`) or a type's history
-/// searches it, and so does a conditional write.
+/// searches it. (A conditional write's search of its own type is judged
+/// with the types it reaches.)
 fn own_reading(r: &crate::fhir::classify::FhirRequest, interaction: &str) -> bool {
     use crate::fhir::classify::Interaction::*;
     match interaction {
         "read" => matches!(r.interaction, Vread | HistoryInstance),
-        "search-type" => r.conditional || matches!(r.interaction, SearchCompartment | HistoryType),
+        "search-type" => matches!(r.interaction, SearchCompartment | HistoryType),
         _ => false,
     }
 }
@@ -1286,8 +1291,7 @@ mod tests {
 
     /// A rule on `read` or `search-type` of a type is not dodged by
     /// another spelling of it: a vread or an instance's history is a read;
-    /// a compartment search, a type's history or a stored page holding the
-    /// type is a search of it.
+    /// a compartment search or a type's history is a search of it.
     #[test]
     fn a_type_read_by_another_name_meets_the_rules_on_that_reading() {
         use crate::fhir::classify::{classify, HttpRequest};
@@ -1347,16 +1351,60 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
-        // A stored page may hold Conditions: those are refused in its
-        // answer.
-        let page = judged("?_getpages=abc");
-        assert!(matches!(page.verdict, Verdict::Allow { .. }));
-        let refused: Vec<&str> = page
-            .refused_types
-            .iter()
-            .map(|r| r.resource_type.as_str())
-            .collect();
-        assert_eq!(refused, ["Condition"]);
+        // An allow naming the interaction stands over a later catch-all:
+        // compartment searches without plain ones.
+        let compartment_only = set("rules:
+  - name: compartment-searches
+    effect: allow
+    when: {interaction: [search-compartment, vread]}
+  - name: nothing-else
+    effect: deny
+    when: {}
+");
+        let verdict = |url: &str| {
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let fhir = classify(HttpRequest {
+                method: "GET",
+                path,
+                query: (!query.is_empty()).then_some(query),
+                if_none_exist: None,
+            })
+            .unwrap();
+            match compartment_only
+                .evaluate_each(&base, &fhir)
+                .remove(0)
+                .verdict
+            {
+                Verdict::Allow { .. } => None,
+                Verdict::Deny { by, .. } => Some(by),
+            }
+        };
+        assert_eq!(verdict("Patient/p1/Observation"), None);
+        assert_eq!(verdict("Observation/o1/_history/2"), None);
+        assert_eq!(
+            verdict("Observation?code=x").as_deref(),
+            Some("t.yaml#nothing-else")
+        );
+        // But not over a refusal before it.
+        let docs_first = set("rules:
+  - name: no-condition-searches
+    effect: deny
+    when: {resource_type: [Condition], interaction: [search-type]}
+  - name: compartment-searches
+    effect: allow
+    when: {interaction: [search-compartment]}
+");
+        let fhir = classify(HttpRequest {
+            method: "GET",
+            path: "Patient/p1/Condition",
+            query: None,
+            if_none_exist: None,
+        })
+        .unwrap();
+        assert!(matches!(
+            docs_first.evaluate_each(&base, &fhir).remove(0).verdict,
+            Verdict::Deny { .. }
+        ));
     }
 
     #[test]

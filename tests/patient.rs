@@ -295,6 +295,8 @@ async fn searches_are_narrowed_to_the_context_patient() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("server.max_parameters"), "{body}");
     assert_eq!(gw.upstream.count_containing("many-"), 0);
     let (s, body) = get("Patient?gender=male").await;
     assert_eq!(s, 200, "{body}");

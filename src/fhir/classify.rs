@@ -789,13 +789,6 @@ pub fn media_type(content_type: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-/// Whether a request's body is a form (`application/x-www-form-urlencoded`),
-/// whose parameters count as search parameters. Refused (`Err` says why):
-/// the media type in another case (servers match it exactly and would
-/// leave the body unread), a Content-Encoding, and a charset other than
-/// UTF-8 (fhirwall reads forms as UTF-8, and a servlet container decodes
-/// them in the charset named, so a UTF-16 `_include` would be noise here
-/// and a parameter there).
 /// Why a form body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormError {
@@ -838,6 +831,13 @@ pub fn add_form(
     Ok(())
 }
 
+/// Whether a request's body is a form (`application/x-www-form-urlencoded`),
+/// whose parameters count as search parameters. Refused (`Err` says why):
+/// the media type in another case (servers match it exactly and would
+/// leave the body unread), a Content-Encoding, and a charset other than
+/// UTF-8 (fhirwall reads forms as UTF-8, and a servlet container decodes
+/// them in the charset named, so a UTF-16 `_include` would be noise here
+/// and a parameter there).
 pub fn form_body(
     content_type: Option<&str>,
     content_encoding: Option<&str>,
