@@ -16,6 +16,7 @@
 //! forgotten (another instance's, or after [`REMEMBERED`] unused), is
 //! judged as any stored page: fail closed.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ pub const REMEMBERED: Duration = Duration::from_secs(3600);
 /// forgotten (their pages then fail closed).
 pub const MAX_REMEMBERED: u64 = 100_000;
 
+/// At most this many page ids are remembered for one caller (issuer,
+/// client, user), so that one cannot crowd out every other's: past it, its
+/// new ones are not remembered (its later pages fail closed).
+pub const MAX_PER_CALLER: usize = 1000;
+
 /// A page id longer than this is not remembered (real ones are UUIDs).
 const MAX_PAGE_ID: usize = 256;
 
@@ -44,6 +50,16 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// Who the caller is, whatever the patient: what [`MAX_PER_CALLER`]
+    /// counts.
+    fn caller(&self) -> (String, Option<String>, Option<String>) {
+        (
+            self.issuer.clone(),
+            self.client_id.clone(),
+            self.sub.clone(),
+        )
+    }
+
     /// The caller of `claims` in the context of `patient`.
     pub fn of(claims: &Claims, patient: &str) -> Origin {
         Origin {
@@ -59,18 +75,42 @@ impl Origin {
 /// stored result to two callers of one patient).
 const ORIGINS_PER_PAGE: usize = 4;
 
+/// Page ids remembered per caller.
+type Counts = moka::sync::Cache<(String, Option<String>, Option<String>), Arc<AtomicUsize>>;
+
 /// The page ids of `$everything` answers passed on, and whose they are.
 pub struct EverythingPages {
     origins: moka::sync::Cache<String, Arc<std::sync::Mutex<Vec<Origin>>>>,
+    /// How many of them each caller holds (a forgotten id is uncounted).
+    per_caller: Counts,
+}
+
+/// One caller's count goes down by one (a page id forgotten for it).
+fn uncount(counts: &Counts, origin: &Origin) {
+    if let Some(n) = counts.get(&origin.caller()) {
+        let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
 }
 
 impl Default for EverythingPages {
     fn default() -> Self {
+        let per_caller: Counts = moka::sync::Cache::builder()
+            .time_to_idle(REMEMBERED)
+            .max_capacity(MAX_REMEMBERED)
+            .build();
+        let counts = per_caller.clone();
         EverythingPages {
             origins: moka::sync::Cache::builder()
                 .time_to_idle(REMEMBERED)
                 .max_capacity(MAX_REMEMBERED)
+                .eviction_listener(move |_id, origins: Arc<std::sync::Mutex<Vec<Origin>>>, _| {
+                    let origins = origins.lock().unwrap_or_else(|e| e.into_inner());
+                    for o in origins.iter() {
+                        uncount(&counts, o);
+                    }
+                })
                 .build(),
+            per_caller,
         }
     }
 }
@@ -81,14 +121,23 @@ impl EverythingPages {
     /// `bases` (the upstream's, and the public one a server told its
     /// public address links under).
     pub fn remember(&self, body: &[u8], bases: &[&str], origin: &Origin) {
+        let count = self.per_caller.get_with(origin.caller(), Default::default);
         for id in page_ids(body, bases) {
+            if count.load(Ordering::Relaxed) >= MAX_PER_CALLER {
+                tracing::debug!(
+                    max = MAX_PER_CALLER,
+                    "$everything page id not remembered: this caller holds the most"
+                );
+                return;
+            }
             let callers = self.origins.get_with(id, Default::default);
             let mut callers = callers.lock().unwrap_or_else(|e| e.into_inner());
             if !callers.contains(origin) {
                 if callers.len() == ORIGINS_PER_PAGE {
-                    callers.remove(0);
+                    uncount(&self.per_caller, &callers.remove(0));
                 }
                 callers.push(origin.clone());
+                count.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -253,5 +302,37 @@ mod tests {
         ] {
             assert!(!pages.made_for(&get(q), &origin("u1", "p1")), "{what}");
         }
+    }
+
+    /// One caller holds at most MAX_PER_CALLER page ids: past it its new
+    /// ones are not remembered, and other callers' still are.
+    #[test]
+    fn one_caller_cannot_crowd_out_the_others() {
+        let pages = EverythingPages::default();
+        let body = |id: usize| {
+            format!(
+                r#"{{"link":[{{"relation":"next","url":"http://up/fhir?_getpages=id-{id}"}}]}}"#
+            )
+        };
+        for i in 0..MAX_PER_CALLER + 5 {
+            pages.remember(body(i).as_bytes(), &["http://up/fhir"], &origin("u1", "p1"));
+        }
+        let page = |i: usize| get(&format!("_getpages=id-{i}"));
+        assert!(pages.made_for(&page(0), &origin("u1", "p1")));
+        assert!(pages.made_for(&page(MAX_PER_CALLER - 1), &origin("u1", "p1")));
+        assert!(!pages.made_for(&page(MAX_PER_CALLER), &origin("u1", "p1")));
+        // The same caller for another patient counts against the same cap.
+        pages.remember(
+            body(90_000).as_bytes(),
+            &["http://up/fhir"],
+            &origin("u1", "p2"),
+        );
+        assert!(!pages.made_for(&page(90_000), &origin("u1", "p2")));
+        pages.remember(
+            body(90_001).as_bytes(),
+            &["http://up/fhir"],
+            &origin("u2", "p1"),
+        );
+        assert!(pages.made_for(&page(90_001), &origin("u2", "p1")));
     }
 }
