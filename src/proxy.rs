@@ -267,6 +267,10 @@ pub struct Ctx {
     /// Break-glass-able policy rules this request passed, and why.
     broke_glass: Vec<String>,
     break_glass_reason: Option<String>,
+    /// The rules the request was decided by (a reload meanwhile changes
+    /// nothing for it: the break-glass header it was read from is the one
+    /// kept from the upstream).
+    rules: Option<Arc<Rules>>,
     denial: Option<Denial>,
     public: bool,
     upstream_status: Option<u16>,
@@ -795,7 +799,10 @@ impl Gateway {
         Vec<(http::HeaderName, http::HeaderValue)>,
     ) {
         let conn = &ctx.connection;
-        let rules = self.rules.load();
+        let rules = match &ctx.rules {
+            Some(r) => r.clone(),
+            None => self.rules.load_full(),
+        };
         let bg_header = rules.break_glass.header.as_str();
         let mut remove: Vec<http::HeaderName> = headers
             .keys()
@@ -1979,6 +1986,7 @@ impl Gateway {
         // the same `fhirwall explain` runs.
         let stage = tracing::debug_span!("decide").entered();
         let rules = self.rules.load_full();
+        ctx.rules = Some(rules.clone());
         let now = now_unix();
         // A declared emergency is read only where a policy could use it.
         let break_glass = if rules.policies.rules.is_empty() {
@@ -2411,6 +2419,7 @@ impl ProxyHttp for Gateway {
             binding: None,
             broke_glass: Vec::new(),
             break_glass_reason: None,
+            rules: None,
             policy_rule: None,
             denial: None,
             public: false,
