@@ -1073,6 +1073,19 @@ mod tests {
     // 2026-11-25 was a Wednesday; 14:30 UTC.
     const WED_1430: i64 = 1_795_616_999 - (1_795_616_999 % 86_400) + 14 * 3600 + 30 * 60;
 
+    /// `method url` classified (`url` below the FHIR base, with its query).
+    fn request(method: &str, url: &str) -> crate::fhir::classify::FhirRequest {
+        use crate::fhir::classify::{classify, HttpRequest};
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        classify(HttpRequest {
+            method,
+            path,
+            query: (!query.is_empty()).then_some(query),
+            if_none_exist: None,
+        })
+        .unwrap()
+    }
+
     fn input<'a>(claims: &'a Value, scopes: &'a [String]) -> PolicyInput<'a> {
         PolicyInput {
             issuer: "hospital",
@@ -1114,14 +1127,7 @@ mod tests {
         let scopes = vec!["user/*.rs".to_string()];
         let base = input(&claims, &scopes);
         let verdict = |rules: &PolicySet, method: &str, url: &str| {
-            let (path, query) = url.split_once('?').unwrap_or((url, ""));
-            let fhir = classify(HttpRequest {
-                method,
-                path,
-                query: (!query.is_empty()).then_some(query),
-                if_none_exist: None,
-            })
-            .unwrap();
+            let fhir = request(method, url);
             match rules.evaluate_each(&base, &fhir).remove(0).verdict {
                 Verdict::Allow { .. } => Ok(()),
                 Verdict::Deny { by, reason } => Err(format!("{by}: {reason}")),
@@ -1245,7 +1251,6 @@ mod tests {
     /// like a search of that type.
     #[test]
     fn types_a_request_reaches_meet_their_rate_limits() {
-        use crate::fhir::classify::{classify, HttpRequest};
         let claims = json!({});
         let scopes = vec!["user/*.rs".to_string()];
         let base = input(&claims, &scopes);
@@ -1260,14 +1265,7 @@ mod tests {
     rate_limit: {per: client, requests: 10, per_seconds: 60}
 ");
         let limits = |url: &str| {
-            let (path, query) = url.split_once('?').unwrap_or((url, ""));
-            let fhir = classify(HttpRequest {
-                method: "GET",
-                path,
-                query: (!query.is_empty()).then_some(query),
-                if_none_exist: None,
-            })
-            .unwrap();
+            let fhir = request("GET", url);
             match rules.evaluate_each(&base, &fhir).remove(0).verdict {
                 Verdict::Allow { limits, .. } => {
                     let mut names: Vec<String> = limits.into_iter().map(|l| l.0).collect();
@@ -1294,7 +1292,6 @@ mod tests {
     /// a compartment search or a type's history is a search of it.
     #[test]
     fn a_type_read_by_another_name_meets_the_rules_on_that_reading() {
-        use crate::fhir::classify::{classify, HttpRequest};
         let claims = json!({});
         let scopes = vec!["user/*.rs".to_string()];
         let base = input(&claims, &scopes);
@@ -1311,14 +1308,7 @@ mod tests {
     rate_limit: {per: client, requests: 3, per_seconds: 60}
 ");
         let judged = |url: &str| {
-            let (path, query) = url.split_once('?').unwrap_or((url, ""));
-            let fhir = classify(HttpRequest {
-                method: "GET",
-                path,
-                query: (!query.is_empty()).then_some(query),
-                if_none_exist: None,
-            })
-            .unwrap();
+            let fhir = request("GET", url);
             rules.evaluate_each(&base, &fhir).remove(0)
         };
         let denied_by = |url: &str| match judged(url).verdict {
@@ -1362,14 +1352,7 @@ mod tests {
     when: {}
 ");
         let verdict = |url: &str| {
-            let (path, query) = url.split_once('?').unwrap_or((url, ""));
-            let fhir = classify(HttpRequest {
-                method: "GET",
-                path,
-                query: (!query.is_empty()).then_some(query),
-                if_none_exist: None,
-            })
-            .unwrap();
+            let fhir = request("GET", url);
             match compartment_only
                 .evaluate_each(&base, &fhir)
                 .remove(0)
@@ -1394,13 +1377,7 @@ mod tests {
     effect: allow
     when: {interaction: [search-compartment]}
 ");
-        let fhir = classify(HttpRequest {
-            method: "GET",
-            path: "Patient/p1/Condition",
-            query: None,
-            if_none_exist: None,
-        })
-        .unwrap();
+        let fhir = request("GET", "Patient/p1/Condition");
         assert!(matches!(
             docs_first.evaluate_each(&base, &fhir).remove(0).verdict,
             Verdict::Deny { .. }
