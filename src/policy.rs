@@ -540,36 +540,10 @@ impl PolicySet {
                 .into_iter()
                 .filter(|i| own_reading(r, i))
             {
-                let as_direct = PolicyInput {
-                    interaction,
-                    resource_type: Some(t),
-                    operation: None,
-                    path: t,
-                    any_type: false,
-                    ..*input
-                };
-                match first_match(rules, &as_direct) {
-                    Verdict::Deny { by, reason } => {
-                        return Err(Verdict::Deny {
-                            by,
-                            reason: format!(
-                                "{reason}: the request reads {t} resources (as a {interaction})"
-                            ),
-                        })
-                    }
-                    Verdict::Allow {
-                        limits,
-                        broke_glass,
-                        ..
-                    } => merge(
-                        &mut reach.limits,
-                        &mut reach.broke_glass,
-                        Reach {
-                            limits,
-                            broke_glass,
-                        },
-                    ),
-                }
+                let verdict = first_match(rules, &as_direct(input, interaction, t));
+                reach.take(verdict, |reason| {
+                    format!("{reason}: the request reads {t} resources (as a {interaction})")
+                })?;
             }
         }
         let (any, reached) = crate::decide::reached_types(r, named_at.is_none());
@@ -629,44 +603,20 @@ impl PolicySet {
                 if Some(t) == own && !(r.conditional && interaction == "search-type") {
                     continue;
                 }
-                let as_direct = PolicyInput {
-                    interaction,
-                    resource_type: Some(t),
-                    operation: None,
-                    path: t,
-                    any_type: false,
-                    ..*input
-                };
+                let direct = as_direct(input, interaction, t);
                 let verdict = match judged.as_deref_mut() {
                     Some(judged) => judged
                         .entry((t.to_string(), interaction))
-                        .or_insert_with(|| first_match(rules, &as_direct))
+                        .or_insert_with(|| first_match(rules, &direct))
                         .clone(),
-                    None => first_match(rules, &as_direct),
+                    None => first_match(rules, &direct),
                 };
-                match verdict {
-                    Verdict::Deny { by, reason } => {
-                        return Err(Verdict::Deny {
-                            by,
-                            reason: format!(
-                                "{reason}: the request reaches {t} resources (by {interaction}), \
-                                 which the policies refuse to this caller"
-                            ),
-                        })
-                    }
-                    Verdict::Allow {
-                        limits,
-                        broke_glass,
-                        ..
-                    } => merge(
-                        &mut reach.limits,
-                        &mut reach.broke_glass,
-                        Reach {
-                            limits,
-                            broke_glass,
-                        },
-                    ),
-                }
+                reach.take(verdict, |reason| {
+                    format!(
+                        "{reason}: the request reaches {t} resources (by {interaction}), which \
+                         the policies refuse to this caller"
+                    )
+                })?;
             }
         }
         Ok(())
@@ -806,6 +756,51 @@ fn own_reading(r: &crate::fhir::classify::FhirRequest, interaction: &str) -> boo
 struct Reach {
     limits: Vec<(String, RateLimit)>,
     broke_glass: Vec<String>,
+}
+
+impl Reach {
+    /// Adds what an allowing `verdict` brings (its rate limits and broken
+    /// glass); a refusal is returned, its reason completed by `why`.
+    fn take(
+        &mut self,
+        verdict: Verdict,
+        why: impl FnOnce(String) -> String,
+    ) -> Result<(), Verdict> {
+        match verdict {
+            Verdict::Deny { by, reason } => Err(Verdict::Deny {
+                by,
+                reason: why(reason),
+            }),
+            Verdict::Allow {
+                limits,
+                broke_glass,
+                ..
+            } => {
+                merge(
+                    &mut self.limits,
+                    &mut self.broke_glass,
+                    Reach {
+                        limits,
+                        broke_glass,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `input` as a direct `interaction` (`read`, `search-type`) of type `t`:
+/// how a request reaching `t` is judged.
+fn as_direct<'a>(input: &PolicyInput<'a>, interaction: &'a str, t: &'a str) -> PolicyInput<'a> {
+    PolicyInput {
+        interaction,
+        resource_type: Some(t),
+        operation: None,
+        path: t,
+        any_type: false,
+        ..*input
+    }
 }
 
 /// Adds `more` to `limits` and `broke_glass`, each rule once.
