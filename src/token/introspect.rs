@@ -315,17 +315,27 @@ fn outcome(
             ttl: cfg.negative_ttl,
         })
     };
-    // Only access tokens: a refresh token the server also calls active is
-    // not one (Hydra `token_use`, Keycloak `typ`).
+    // Only access tokens: a refresh or ID token the server also calls
+    // active is not one (Hydra `token_use`; Keycloak `typ`: `Bearer` or
+    // `DPoP` for access tokens, `Refresh`, `Offline`, `ID`, `Logout`, … for
+    // the others).
     let s = |k: &str| {
         answer
             .get(k)
             .and_then(Value::as_str)
             .map(str::to_ascii_lowercase)
     };
+    const NOT_ACCESS: [&str; 6] = [
+        "refresh",
+        "offline",
+        "id",
+        "id_token",
+        "logout",
+        "serialized-id",
+    ];
     if s("token_use").is_some_and(|t| t != "access_token")
-        || s("typ").is_some_and(|t| t == "refresh" || t == "offline")
-        || s("token_type").is_some_and(|t| t.contains("refresh"))
+        || s("typ").is_some_and(|t| NOT_ACCESS.contains(&t.as_str()))
+        || s("token_type").is_some_and(|t| t.contains("refresh") || t == "id_token")
     {
         return refused(TokenError::BadClaim("token_type"));
     }
@@ -425,6 +435,14 @@ mod tests {
             }
             _ => panic!("active"),
         }
+        // Keycloak's access tokens say `typ: Bearer` (or DPoP).
+        for typ in ["Bearer", "DPoP"] {
+            let answer = json!({"active": true, "scope": "user/*.rs", "typ": typ});
+            assert!(
+                matches!(outcome(&answer, &i, &cfg, now), Ok(Outcome::Active { .. })),
+                "{typ}"
+            );
+        }
         // Minimal answer: the ceiling bounds it.
         match outcome(
             &json!({"active": true, "scope": "user/*.rs"}),
@@ -473,6 +491,11 @@ mod tests {
             ),
             (
                 json!({"active": true, "typ": "Refresh"}),
+                "token_bad_claims",
+            ),
+            (json!({"active": true, "typ": "ID"}), "token_bad_claims"),
+            (
+                json!({"active": true, "token_type": "id_token"}),
                 "token_bad_claims",
             ),
             (
