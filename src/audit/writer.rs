@@ -143,9 +143,13 @@ impl AppendFile {
                 Ok(())
             }
             Err(e) => {
-                // What was written before still gets to the disk.
-                if let Some(f) = &self.file {
-                    let _ = f.sync_data();
+                // What was written before still gets to the disk, or the
+                // loss is said.
+                if let Some(Err(se)) = self.file.as_ref().map(|f| f.sync_data()) {
+                    tracing::error!(
+                        error = %se,
+                        "audit: records written to the file before this failure could not be fsynced and may be lost"
+                    );
                 }
                 self.file = None;
                 Err(e)
