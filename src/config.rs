@@ -288,7 +288,8 @@ pub struct DpopConfig {
     #[serde(default)]
     pub max_proofs_per_key: Option<u64>,
     /// Proofs one user of a client (issuer, `client_id` and a `sub` other
-    /// than the client's own) may have remembered per window, counted
+    /// than the client's own, on a token with `patient/` or `user/`
+    /// scopes) may have remembered per window, counted
     /// before the client's, so that one user cannot spend the client's
     /// quota for its other users; default a hundredth of the client's, at
     /// least 1000 (at most the client's).

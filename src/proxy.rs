@@ -1565,15 +1565,19 @@ impl Gateway {
         // `remember_proof`), counted against its client (issuer and
         // client_id: a client may bind its tokens to any number of keys),
         // else its key; and first against its user (a `sub` other than the
-        // client's own: a backend service's tokens name no other user), so
-        // that one user cannot spend the client's quota for all its users.
+        // client's own, on a token with `patient/` or `user/` scopes: a
+        // backend service acts as itself whatever its `sub`), so that one
+        // user cannot spend the client's quota for all its users.
+        use crate::scope::Context;
+        let for_a_user =
+            claims.scopes.has_context(Context::Patient) || claims.scopes.has_context(Context::User);
         let (counted_as, user) = match &claims.client_id {
             Some(c) => (
                 format!("client\0{}\0{c}", claims.iss),
                 claims
                     .sub
                     .as_deref()
-                    .filter(|s| s != c)
+                    .filter(|s| s != c && for_a_user)
                     .map(|s| format!("user\0{}\0{c}\0{s}", claims.iss)),
             ),
             None => (format!("key\0{jkt}"), None),

@@ -189,12 +189,13 @@ async fn one_client_cannot_fill_the_replay_set_for_all() {
 /// Within its client's quota, one user (`sub`) may have only
 /// `max_proofs_per_user` proofs remembered per window: a user over it is
 /// slowed (429) without spending the client's quota, which the client's
-/// other users still have. A token whose `sub` is the client itself (a
-/// backend service) counts against the client only.
+/// other users still have. A token whose `sub` is the client itself, or
+/// with `system/` scopes only (a backend service), counts against the
+/// client only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_cannot_spend_the_client_quota_for_its_other_users() {
     let gw = Gateway::start(Options {
-        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 40\n  \
+        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 52\n  \
                      max_proofs_per_user: 10\n"
             .into(),
         ..Options::default()
@@ -202,10 +203,18 @@ async fn one_user_cannot_spend_the_client_quota_for_its_other_users() {
     .await;
     let url = format!("{}/Patient/p1", gw.base);
     // `n` proofs of user `sub` (fresh key each), every one answered `want`;
-    // the last answer.
+    // the last answer. A `sub` starting `svc` holds system/ scopes only.
     let proofs = async |sub: &str, n: usize, want: u16| {
         let key = Client::new(KeyKind::P256, &format!("key-{sub}"));
-        let token = user_token(&gw, &key.jkt, "shared-app", sub);
+        let token = if sub.starts_with("svc") {
+            let mut c = gw.claims("system/*.rs");
+            c["cnf"] = serde_json::json!({"jkt": key.jkt});
+            c["client_id"] = serde_json::json!("shared-app");
+            c["sub"] = serde_json::json!(sub);
+            gw.issuer.signing_key().sign(&c)
+        } else {
+            user_token(&gw, &key.jkt, "shared-app", sub)
+        };
         let mut last = None;
         for i in 0..n {
             let r = gw
@@ -238,11 +247,13 @@ async fn one_user_cannot_spend_the_client_quota_for_its_other_users() {
         before,
         "a refused proof went upstream"
     );
-    // Alice's refused proofs took nothing from the client's 40.
+    // Alice's refused proofs took nothing from the client's 52.
     proofs("bob", 10, 200).await;
     proofs("carol", 8, 200).await;
-    // The app itself as the user: the client's quota only.
+    // The app itself as the user, or a backend service (system/ scopes)
+    // whatever its sub: the client's quota only.
     proofs("shared-app", 12, 200).await;
+    proofs("svc-batch", 12, 200).await;
     let before = gw.upstream.seen().len();
     let (_, body) = proofs("dave", 1, 429).await;
     assert!(body.contains("dpop.max_proofs_per_key"), "{body}");
