@@ -247,6 +247,8 @@ pub struct Ctx {
     started: Instant,
     time: SystemTime,
     request_id: String,
+    /// `request_id` is the client's own `X-Request-Id`.
+    request_id_from_client: bool,
     rel_path: Option<String>,
     fhir: Option<FhirRequest>,
     token: Option<Validated>,
@@ -2322,6 +2324,7 @@ impl Ctx {
             },
             time: rfc3339(self.time),
             request_id: &self.request_id,
+            request_id_from_client: self.request_id_from_client,
             source: self.client.as_ref().map(|c| c.ip.to_string()),
             method: self.method.as_ref().map_or("", |m| m.as_str()),
             path: &self.path,
@@ -2412,6 +2415,7 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             time: SystemTime::now(),
             request_id: String::new(),
+            request_id_from_client: false,
             rel_path: None,
             fhir: None,
             token: None,
@@ -2482,14 +2486,14 @@ impl ProxyHttp for Gateway {
                 &self.settings.trusted_proxies,
             )
         });
-        ctx.request_id = session
+        let theirs = session
             .req_header()
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| valid_request_id(v))
-            .map(str::to_string)
-            .unwrap_or_else(new_request_id);
+            .filter(|v| valid_request_id(v));
+        ctx.request_id_from_client = theirs.is_some();
+        ctx.request_id = theirs.map_or_else(new_request_id, str::to_string);
         let span = tracing::debug_span!("request", request_id = %ctx.request_id);
         let mut admitted = self.admit(session, ctx).instrument(span.clone()).await;
         // Nothing goes upstream — not even fhirwall's own fetches to prove

@@ -777,6 +777,13 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
         assert!(rec.get(key).is_some(), "no {key} in {rec}");
     }
     assert_eq!(rec["source"], "127.0.0.1");
+    // The id is the client's: the record says so (one fhirwall made does
+    // not carry the field).
+    assert_eq!(rec["request_id_from_client"], true, "{rec}");
+    let r = gw.get("Observation/obs-p1-1", Some(&token)).await;
+    let own = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mine = gw.audit_for(&own);
+    assert!(mine.get("request_id_from_client").is_none(), "{mine}");
     assert_eq!(rec["query_params"], json!(["code", "_count"]));
     assert_eq!(rec["scopes_used"], json!(["patient/Observation.rs"]));
     assert_eq!(rec["patient"], "p1");

@@ -75,6 +75,10 @@ pub struct Record<'a> {
     /// RFC 3339 time the request arrived.
     pub time: String,
     pub request_id: &'a str,
+    /// The request id is the client's own `X-Request-Id` (present only
+    /// then): chosen by the client, so it may repeat another request's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub request_id_from_client: bool,
     /// The client's IP address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
