@@ -422,6 +422,10 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     if let Some(kind) = r.token_kind {
         details.push(detail("token_kind", kind));
     }
+    // The X-Request-Id entity's value was chosen by the client.
+    if r.request_id_from_client {
+        details.push(detail("request_id_from_client", "true"));
+    }
     if let Some(b) = r.binding {
         details.push(detail("binding", b));
     }
@@ -601,7 +605,23 @@ mod tests {
         assert_eq!(ev["entity"][1]["role"]["code"], "4");
         assert_eq!(ev["entity"][2]["type"]["code"], "XrequestId");
         assert_eq!(ev["entity"][2]["what"]["identifier"]["value"], "req-1");
+        let detail_types = |ev: &Value| -> Vec<String> {
+            ev["entity"][2]["detail"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["type"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert!(!detail_types(&ev).contains(&"request_id_from_client".to_string()));
         assert!(ev.get("purposeOfEvent").is_none());
+        // A client-chosen request id is marked.
+        let theirs = Record {
+            request_id_from_client: true,
+            ..r.clone()
+        };
+        let ev = audit_event(&theirs, &site());
+        assert!(detail_types(&ev).contains(&"request_id_from_client".to_string()));
     }
 
     #[test]
