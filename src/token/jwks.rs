@@ -221,40 +221,32 @@ impl JwksStore {
     ) -> Result<Option<Duration>, String> {
         let started = Instant::now();
         st.last_attempt = Some(started);
-        let result = self.fetch(ik).await;
+        // An issuer that publishes no key we can use once it had keys has
+        // retired them (a compromised key pulled): its answer stands, and
+        // every token of it is refused until it publishes one. At start it
+        // is a failed fetch: not ready.
+        let result = self.fetch(ik).await.and_then(|f| {
+            if f.keys.keys.is_empty() && ik.keys.load().is_none() {
+                Err(format!("{}: JWKS holds no usable signature key", f.uri))
+            } else {
+                Ok(f)
+            }
+        });
         let name = ik.issuer.name.as_str();
         match result {
-            // An issuer that publishes no key we can use once it had keys
-            // has retired them (a compromised key pulled): its answer
-            // stands, and every token of it is refused until it publishes
-            // one. (At start it is an error: not ready.)
-            Ok(f) if f.keys.keys.is_empty() && ik.keys.load().is_some() => {
-                st.last_failed = false;
-                st.next_refresh = Some(started + self.period(f.max_age));
-                self.metrics.jwks_fetch(name, true);
-                self.metrics.jwks_loaded(name, 0);
-                tracing::error!(
-                    issuer = name,
-                    "JWKS holds no usable signature key: the keys loaded before are dropped and every token of this issuer is refused until it publishes one"
-                );
-                ik.keys.store(Some(Arc::new(f.keys)));
-                Ok(f.max_age)
-            }
-            Ok(f) if f.keys.keys.is_empty() => {
-                st.last_failed = true;
-                st.next_refresh =
-                    Some(started + Duration::from_secs(self.cfg.refresh_min_seconds.min(30)));
-                self.metrics.jwks_fetch(name, false);
-                let e = format!("{}: JWKS holds no usable signature key", f.uri);
-                tracing::warn!(issuer = name, error = %e, "JWKS fetch failed");
-                Err(e)
-            }
             Ok(f) => {
                 st.last_failed = false;
                 st.next_refresh = Some(started + self.period(f.max_age));
                 self.metrics.jwks_fetch(name, true);
                 self.metrics.jwks_loaded(name, f.keys.keys.len());
-                tracing::info!(issuer = name, keys = f.keys.keys.len(), "JWKS loaded");
+                if f.keys.keys.is_empty() {
+                    tracing::error!(
+                        issuer = name,
+                        "JWKS holds no usable signature key: the keys loaded before are dropped and every token of this issuer is refused until it publishes one"
+                    );
+                } else {
+                    tracing::info!(issuer = name, keys = f.keys.keys.len(), "JWKS loaded");
+                }
                 ik.keys.store(Some(Arc::new(f.keys)));
                 Ok(f.max_age)
             }
