@@ -102,16 +102,7 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
             return e.deny("validate", err.to_string());
         }
     }
-    use base64::Engine;
-    let claims = token
-        .split('.')
-        .nth(1)
-        .and_then(|p| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p)
-                .ok()
-        })
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let claims = token.split('.').nth(1).and_then(crate::token::b64_json);
     let Some(claims) = claims else {
         return e.deny("validate", "the token's payload is not JSON".into());
     };
@@ -293,15 +284,11 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         }
     } else if !body.is_empty()
         && !fhir.is_bundle()
-        && req.method == "POST"
-        && (rel.is_empty() || rel.ends_with("_search"))
+        && classify::body_classifies(&req.method, &rel, is_form)
     {
         return e.deny(
             "classify",
-            format!(
-                "the body of a {} must be a form (application/x-www-form-urlencoded)",
-                fhir.interaction
-            ),
+            classify::not_a_form(fhir.interaction, req.content_type.as_deref()),
         );
     }
     if fhir.is_bundle() {

@@ -1873,9 +1873,7 @@ impl Gateway {
 
         // 5. Classify (reading the body where it decides the interaction).
         let span = tracing::debug_span!("classify");
-        let needs_body =
-            is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")));
-        let body = if needs_body {
+        let body = if classify::body_classifies(&method, &rel, is_form) {
             Some(
                 self.read_body(session, ctx)
                     .instrument(span.clone())
@@ -1964,16 +1962,8 @@ impl Gateway {
                 })?;
                 ctx.query_names = audit_param_names(&fhir.params);
             } else if !body.is_empty() && !fhir.is_bundle() {
-                // A search's body is read for parameters only as a form; a
-                // server may read other bodies (multipart/form-data) for
-                // parameters fhirwall would not have seen.
                 return Err(Denial::UnsupportedMediaType {
-                    description: format!(
-                        "the body of a {} must be a form (application/x-www-form-urlencoded), \
-                         not '{}'",
-                        fhir.interaction,
-                        classify::media_type(content_type.as_deref()).escape_default()
-                    ),
+                    description: classify::not_a_form(fhir.interaction, content_type.as_deref()),
                 });
             }
             if fhir.is_bundle() {

@@ -789,6 +789,24 @@ pub fn media_type(content_type: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
+/// Whether fhirwall reads a request's body to classify it: a form (its
+/// parameters), or what is POSTed to the base (a Bundle) or to
+/// `…/_search`.
+pub fn body_classifies(method: &str, rel: &str, is_form: bool) -> bool {
+    is_form || (method == "POST" && (rel.is_empty() || rel.ends_with("_search")))
+}
+
+/// Why a body read to classify a request (see [`body_classifies`]) that is
+/// neither a form nor a Bundle is refused: a search's body is read for
+/// parameters only as a form, and a server may read other bodies
+/// (multipart/form-data) for parameters fhirwall would not have seen.
+pub fn not_a_form(interaction: Interaction, content_type: Option<&str>) -> String {
+    format!(
+        "the body of a {interaction} must be a form (application/x-www-form-urlencoded), not '{}'",
+        media_type(content_type).escape_default()
+    )
+}
+
 /// Why a form body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormError {

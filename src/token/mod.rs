@@ -127,7 +127,8 @@ pub struct Unverified {
     pub exp: Option<i64>,
 }
 
-fn b64_json(part: &str) -> Option<Value> {
+/// A base64url part of a JWS decoded as JSON.
+pub fn b64_json(part: &str) -> Option<Value> {
     let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
