@@ -345,10 +345,11 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let break_glass =
         crate::policy::break_glass_reason(&s.break_glass, req.break_glass.as_deref(), claims, now);
     if break_glass.is_none() {
-        let declared = match &s.break_glass.claim {
-            Some(c) => crate::policy::claim(claims, c).is_some() || req.break_glass.is_some(),
-            None => req.break_glass.is_some(),
-        };
+        let declared = req.break_glass.is_some()
+            || s.break_glass
+                .claim
+                .as_deref()
+                .is_some_and(|c| crate::policy::claim(claims, c).is_some());
         if declared {
             let why = match &s.break_glass.claim {
                 Some(c) => format!(
