@@ -318,6 +318,9 @@ pub struct Ctx {
     entry_statuses: Vec<Option<u16>>,
     /// The entries whose answer fhirwall withheld (checked Bundles).
     entry_withheld: Vec<bool>,
+    /// The status of the answer whose header went to the client, once one
+    /// did (for the record of a request dropped before it finished).
+    answered: Option<u16>,
     /// `body` differs from what the client sent (a Bundle whose proved
     /// entries carry `ifMatch`): fhirwall sends it upstream itself.
     body_rewritten: bool,
@@ -345,9 +348,17 @@ impl Drop for Ctx {
             decision: "error",
             reason: "abandoned",
             stage: "proxy",
-            // No answer was sent (as the documentation says of status 0).
-            status: Some(0),
-            detail: Some("the request ended without finishing (shutdown or internal error)".into()),
+            // The status whose header the client got, or 0 for none (as
+            // the documentation says of status 0).
+            status: Some(self.answered.unwrap_or(0)),
+            detail: Some(match self.answered {
+                None => "the request ended without finishing (shutdown or internal error)".into(),
+                Some(s) => format!(
+                    "the request ended without finishing (shutdown or internal error) after \
+                     the header of its {s} answer was sent: the client got part of the answer \
+                     at most"
+                ),
+            }),
             ..self.record(Event::Request)
         };
         audit.record_now(&record);
@@ -548,7 +559,8 @@ impl Gateway {
     /// upstream's cookies stay behind (a client's never reach it), and a
     /// `Location` or `Content-Location` under the upstream's base (a
     /// create's new resource) is moved to the public base.
-    fn stamp(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    fn stamp(&self, h: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        ctx.answered = Some(h.status.as_u16());
         h.remove_header(&header::SET_COOKIE);
         // The upstream's own challenge (its realm and scheme, e.g. Basic)
         // is not the client's to answer: the client authenticates to
@@ -587,7 +599,7 @@ impl Gateway {
     }
 
     /// Writes a denial as the complete response.
-    async fn answer(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
+    async fn answer(&self, session: &mut Session, ctx: &mut Ctx, denial: &Denial) -> Result<()> {
         let a = denial.answer(&self.realm, self.dpop_algs());
         let mut h = ResponseHeader::build(a.status, Some(6))?;
         h.insert_header(header::CONTENT_TYPE, "application/fhir+json")?;
@@ -605,6 +617,7 @@ impl Gateway {
         }
         let head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), head).await?;
+        ctx.answered = Some(a.status);
         if !head {
             session
                 .write_response_body(Some(Bytes::from(a.body)), true)
@@ -2435,6 +2448,7 @@ impl ProxyHttp for Gateway {
             answer_permit: None,
             entry_statuses: Vec::new(),
             entry_withheld: Vec::new(),
+            answered: None,
             body_rewritten: false,
             body_permit: None,
             audit: Some((self.audit.clone(), self.metrics.clone())),

@@ -1214,6 +1214,55 @@ async fn a_request_abandoned_at_shutdown_still_has_its_record() {
     pending.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_after_its_answer_began_records_the_status_sent() {
+    let mut gw = Gateway::start(Options {
+        read_timeout_ms: 10_000,
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    // The sandbox sends the header and a first piece of "trickle" at once,
+    // the rest never within the 1 s the shutdown drains.
+    let (base, t) = (gw.base.clone(), token.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let pending = tokio::spawn(async move {
+        let mut answer = reqwest::Client::new()
+            .get(format!("{base}/Observation/trickle"))
+            .bearer_auth(t)
+            .header("x-request-id", "cut-short-1")
+            .send()
+            .await
+            .expect("the answer's header");
+        let first = answer.chunk().await;
+        let _ = tx.send((answer.status().as_u16(), first.is_ok()));
+        let _ = answer.chunk().await;
+    });
+    let (status, got_first) = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+        .await
+        .expect("the answer's header within 5 s")
+        .unwrap();
+    assert_eq!((status, got_first), (200, true));
+    let exit = gw.terminate();
+    assert!(exit.success(), "fhirwall exited with {exit}");
+    let rec = records(&gw.audit_path)
+        .into_iter()
+        .find(|r| r["request_id"] == "cut-short-1" && r["event"] == "request")
+        .expect("no request record of the request cut short");
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["reason"], "abandoned");
+    // The client got a 200's header: the record says so, not "no answer".
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert!(
+        rec["detail"]
+            .as_str()
+            .unwrap()
+            .contains("200 answer was sent"),
+        "{rec}"
+    );
+    pending.abort();
+}
+
 /// An endpoint path that takes no batch (a 404: a wrong path) is not an
 /// audit sink: the gateway does not become ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -372,6 +372,29 @@ fn fhir(status: StatusCode, body: Value) -> Response {
         .into_response()
 }
 
+/// A body that sends its first piece at once and ends after a stall,
+/// unfinished as JSON.
+struct Trickle {
+    first: Option<Bytes>,
+    stall: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        self.stall.as_mut().poll(cx).map(|()| None)
+    }
+}
+
 fn not_found(what: &str) -> Response {
     fhir(
         StatusCode::NOT_FOUND,
@@ -439,6 +462,17 @@ async fn handle(
             StatusCode::OK,
             [("content-type", "application/fhir+xml")],
             "<Observation xmlns=\"http://hl7.org/fhir\"><subject><reference value=\"Patient/p2\"/></subject></Observation>",
+        )
+            .into_response(),
+        // An answer whose header and first bytes come at once and whose
+        // rest never does (5 s), for the tests of requests cut short.
+        ("GET", ["Observation", "trickle"]) => (
+            StatusCode::OK,
+            [("content-type", "application/fhir+json")],
+            axum::body::Body::new(Trickle {
+                first: Some(Bytes::from_static(b"{\"resourceType\": \"Observation\", ")),
+                stall: Box::pin(tokio::time::sleep(Duration::from_secs(5))),
+            }),
         )
             .into_response(),
         // An upstream that wants credentials of its own.
