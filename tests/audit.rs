@@ -663,13 +663,15 @@ async fn the_audit_file_rotates_and_keeps_the_configured_number() {
     assert!(log.contains("rotated audit file deleted"), "{log}");
 }
 
-/// An audit file deleted from under fhirwall: at its next rotation a new
-/// one is started at its path (records written to the deleted file are
-/// beyond help; later ones are not lost with it).
+/// An audit file moved or deleted from under fhirwall (a logrotate of
+/// the host's own, a clean-up job): the next record goes to a new file at
+/// its path, not after the old one where nobody looks. With the defaults
+/// a request is answered only once its decision record is in the file at
+/// the path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_audit_file_deleted_underneath_is_started_again() {
+async fn an_audit_file_moved_or_deleted_underneath_is_started_again_at_once() {
     let gw = Gateway::start(Options {
-        audit_yaml: Some("  sink: file\n  path: audit.jsonl\n  rotate_max_bytes: 3000\n".into()),
+        audit_yaml: Some("  sink: file\n  path: audit.jsonl\n".into()),
         ..Options::default()
     })
     .await;
@@ -677,23 +679,39 @@ async fn an_audit_file_deleted_underneath_is_started_again() {
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "gone-0").await;
     assert_eq!(r.status(), 200);
     let current = gw.dir.join("audit.jsonl");
-    wait_until("the first record", 10, async || {
-        records(&current)
+    let decided = |path: &std::path::Path, id: &str| {
+        records(path)
             .iter()
-            .any(|r| r["request_id"] == "gone-0")
-    })
-    .await;
+            .any(|r| r["request_id"] == id && r["event"] == "decision")
+    };
+    assert!(decided(&current, "gone-0"));
+    // Moved away, as logrotate's `create` does.
+    let moved = gw.dir.join("audit.jsonl.1");
+    std::fs::rename(&current, &moved).unwrap();
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "gone-1").await;
+    assert_eq!(r.status(), 200);
+    assert!(decided(&current, "gone-1"), "not in a file at the path");
+    assert!(!decided(&moved, "gone-1"), "appended to the moved file");
+    // Deleted.
     std::fs::remove_file(&current).unwrap();
-    for n in 1..30 {
-        let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("gone-{n}")).await;
-        assert_eq!(r.status(), 200);
-    }
-    wait_until("the last record in a file at the path", 10, async || {
-        records(&current)
-            .iter()
-            .any(|r| r["request_id"] == "gone-29" && r["event"] == "request")
-    })
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "gone-2").await;
+    assert_eq!(r.status(), 200);
+    assert!(decided(&current, "gone-2"), "not in a file at the path");
+    wait_until(
+        "the request record in the file at the path",
+        10,
+        async || {
+            records(&current)
+                .iter()
+                .any(|r| r["request_id"] == "gone-2" && r["event"] == "request")
+        },
+    )
     .await;
+    // Counted, and said in the log.
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "fhirwall_audit_rotations_total"), 2.0);
+    let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
+    assert!(log.contains("moved or deleted by someone else"), "{log}");
 }
 
 /// By default rotated files are all kept: deleting audit records is the

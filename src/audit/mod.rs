@@ -354,8 +354,17 @@ impl AuditLog {
         }
         let mut pending = self.encode(record);
         if let Some(file) = &self.shared.direct {
-            if self.shared.primary_up.load(Ordering::Acquire) {
-                let written = writer::lock(file).write(&[&pending]);
+            // Not while the writer holds the file (a rotation, a reopen):
+            // a request thread does not wait on a disk; the queue takes it.
+            let file = match file.try_lock() {
+                Ok(f) => Some(f),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut file) = file.filter(|_| self.shared.primary_up.load(Ordering::Acquire))
+            {
+                let written = file.write(&[&pending]);
+                drop(file);
                 match written {
                     Ok(()) => {
                         self.shared.metrics.written_primary.inc();

@@ -50,6 +50,8 @@ pub(super) struct AppendFile {
     pub(super) opened: SystemTime,
     /// A rotation that failed is not tried again before this.
     rotate_after: Option<Instant>,
+    /// The open file's device and inode: what the path must still name.
+    ident: (u64, u64),
 }
 
 impl AppendFile {
@@ -60,6 +62,22 @@ impl AppendFile {
             size: 0,
             opened: SystemTime::now(),
             rotate_after: None,
+            ident: (0, 0),
+        }
+    }
+
+    /// Whether the open file is no longer the one at its path: moved or
+    /// deleted by someone else (a logrotate of its own, a clean-up job).
+    /// Records appended to it would go where nobody looks, or nowhere.
+    /// A path that cannot be looked at for another reason says nothing.
+    fn moved_away(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if self.file.is_none() {
+            return false;
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) != self.ident,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
         }
     }
 
@@ -75,13 +93,20 @@ impl AppendFile {
     }
 
     pub(super) fn open(&mut self) -> io::Result<&File> {
+        use std::os::unix::fs::MetadataExt;
         if self.file.is_none() {
+            let existed = self.path.exists();
             let mut f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .read(true)
                 .open(&self.path)?;
+            if !existed {
+                // The new name is durable only once its directory is.
+                sync_dir(&self.path)?;
+            }
             let meta = f.metadata()?;
+            self.ident = (meta.dev(), meta.ino());
             self.size = meta.len();
             self.opened = meta.created().unwrap_or_else(|_| SystemTime::now());
             if meta.is_file() && self.size > 0 {
@@ -169,8 +194,25 @@ impl AppendFile {
     }
 }
 
-/// Locks a shared file; a panic elsewhere while it was held leaves nothing
-/// half-done that matters (writes are whole lines or failures).
+/// Fsyncs the directory holding `path`, so a file created or renamed in
+/// it survives a power loss. File systems that cannot fsync a directory
+/// (they say `EINVAL`) keep their entries by their own means.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => Ok(()),
+        r => r.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("fsync of directory {} failed: {e}", dir.display()),
+            )
+        }),
+    }
+}
+
 /// The records as one buffer of lines.
 fn lines(records: &[&Pending]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(records.iter().map(|p| p.bytes.len() + 1).sum());
@@ -181,6 +223,8 @@ fn lines(records: &[&Pending]) -> Vec<u8> {
     buf
 }
 
+/// Locks a shared file; a panic elsewhere while it was held leaves nothing
+/// half-done that matters (writes are whole lines or failures).
 pub(super) fn lock(file: &Mutex<AppendFile>) -> MutexGuard<'_, AppendFile> {
     file.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -374,6 +418,11 @@ impl Sink {
             return Ok(false);
         };
         let mut file = lock(file);
+        if file.moved_away() {
+            tracing::error!(path = %file.path.display(), "audit file was moved or deleted by someone else (rotated outside fhirwall?); a new one is started at its path");
+            file.start_anew()?;
+            return Ok(true);
+        }
         if file.file.is_none() {
             file.open()?;
         }
@@ -413,6 +462,7 @@ impl Sink {
             return Ok(false);
         }
         file.rotate_after = None;
+        // Opening the new file fsyncs the directory: the rename with it.
         file.start_anew()?;
         if let Some(dir) = file.path.parent() {
             let dir = if dir.as_os_str().is_empty() {
@@ -420,9 +470,6 @@ impl Sink {
             } else {
                 dir
             };
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
             prune(dir, &file.path, *keep);
         }
         tracing::info!(rotated = %rotated.display(), "audit file rotated");
@@ -611,7 +658,13 @@ impl Writer {
             match shared.queue.take(&mut msgs, tick, LINGER) {
                 Take::Batch => {}
                 Take::Tick => {
+                    // Retries, rotations and fsyncs can hang on a disk
+                    // too: readiness sees it as it sees a batch's.
+                    shared
+                        .busy_since_ms
+                        .store(super::epoch_ms(), Ordering::Release);
                     self.tick();
+                    shared.busy_since_ms.store(0, Ordering::Release);
                     continue;
                 }
                 Take::Closed => break,
@@ -759,6 +812,15 @@ impl Writer {
             let result = if all.is_empty() {
                 if self.down_until.is_some() {
                     self.sink.probe(&self.rt).map_err(|e| (0, e))
+                } else if flushing {
+                    // Records requests appended themselves since the last
+                    // fsync (`fsync: interval`).
+                    self.shared.dirty.store(false, Ordering::Release);
+                    let synced = self.sink.sync().map_err(|e| (0, e));
+                    if synced.is_ok() {
+                        self.dirty_since = None;
+                    }
+                    synced
                 } else {
                     Ok(())
                 }
