@@ -828,7 +828,9 @@ impl Gateway {
             })
             .cloned()
             .collect();
-        if !self.settings.upstream.forward_authorization {
+        // On a public route credentials were never looked at: an upstream
+        // must not act on them as if fhirwall had checked them.
+        if !self.settings.upstream.forward_authorization || ctx.public {
             remove.push(header::AUTHORIZATION);
             // A DPoP proof is checked here and of no use without its token.
             if headers.contains_key("dpop") {

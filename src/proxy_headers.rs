@@ -6,7 +6,12 @@
 //! configured to carry verified context are removed before fhirwall sets
 //! its own; so are headers an upstream may act on that fhirwall does not
 //! decide (a PUT's `Content-Location`, cookies, forwarded client
-//! certificates, asserted users).
+//! certificates, asserted users, a server's own switches that change what
+//! a write does). Every header whose name holds an `_` goes too (nginx's
+//! default): a server or framework that reads `_` as `-` (CGI, WSGI,
+//! PHP-FPM, some proxies) would otherwise act on `X_Cascade` or
+//! `If_None_Exist`, which fhirwall, reading only the `-` spelling, did
+//! not decide.
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), except the framing headers
 /// (`Transfer-Encoding`, `Content-Length`) Pingora manages itself.
@@ -35,6 +40,14 @@ const SPOOFABLE: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    // Jetty's ForwardedRequestCustomizer: mark the request secure, give it
+    // TLS attributes.
+    "x-proxied-https",
+    "proxy-auth-cert",
+    "proxy-ssl-id",
+    "x-original-host",
+    "x-host",
+    "x-forwarded",
 ];
 
 /// Headers an upstream may act on that fhirwall neither decides nor sets:
@@ -70,7 +83,24 @@ const NOT_FORWARDED: &[&str] = &[
     "x-auth-request-email",
     "x-auth-request-preferred-username",
     "x-auth-request-groups",
+    // HAPI FHIR's switches (JpaConstants, HapiHeaderConstants; every
+    // `HAPI-` header goes too): an update that drops the stored tags and
+    // security labels it does not repeat, an update-as-create without the
+    // existence check (the version fhirwall pinned is not checked), a past
+    // version rewritten in place, a write retried on a version conflict,
+    // and the provenance recorded in `meta.source`.
+    "x-meta-snapshot-mode",
+    "x-upsert-extistence-check",
+    "x-upsert-existence-check",
+    "x-rewrite-history",
+    "x-retry-on-version-conflict",
+    "x-request-source",
 ];
+
+/// Name prefixes of headers an upstream or a proxy in front of it acts on
+/// (HAPI's own switches; an Envoy or Istio sidecar's retries and routing,
+/// which could repeat a write fhirwall decided once).
+const NOT_FORWARDED_PREFIXES: &[&str] = &["hapi-", "x-envoy-"];
 
 /// Header-name equality with ASCII case folded and `_` read as `-`.
 pub fn same(a: &str, b: &str) -> bool {
@@ -116,8 +146,10 @@ pub fn is_reserved(name: &str) -> bool {
 /// `context_headers` are the configured verified-context header names.
 pub fn strip(name: &str, connection_tokens: &[String], context_headers: &[String]) -> bool {
     always_managed(name)
+        || name.contains('_')
         || has_prefix(name, "x-fhirwall-")
         || NOT_FORWARDED.iter().any(|h| same(name, h))
+        || NOT_FORWARDED_PREFIXES.iter().any(|p| has_prefix(name, p))
         || connection_tokens.iter().any(|t| same(t, name))
         || context_headers.iter().any(|c| same(c, name))
 }
@@ -196,6 +228,18 @@ mod tests {
             "ssl_client_cert",
             "Client-Cert",
             "X-Remote-User",
+            "X_Cascade",
+            "If_None_Exist",
+            "x_security_context",
+            "X-Meta-Snapshot-Mode",
+            "X-Upsert-Extistence-Check",
+            "X-Rewrite-History",
+            "HAPI-Rewrite-History",
+            "HAPI-Request-Id",
+            "x-envoy-retry-on",
+            "X-Proxied-Https",
+            "Proxy-auth-cert",
+            "X-Forwarded",
         ] {
             assert!(strip(name, &conn, &ctx), "{name} must be stripped");
         }
@@ -206,6 +250,9 @@ mod tests {
             "If-Match",
             "Content-Length",
             "User-Agent",
+            "X-Cascade",
+            "If-None-Exist",
+            "X-Security-Context",
         ] {
             assert!(!strip(name, &conn, &ctx), "{name} must pass");
         }

@@ -1115,6 +1115,54 @@ async fn routes_public_paths_and_path_tricks() {
     }
 }
 
+/// `upstream.forward_authorization: true` passes on the token fhirwall
+/// validated, never credentials on a public route, which nothing checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_credentials_are_only_those_fhirwall_checked() {
+    let gw = Gateway::start(Options {
+        upstream_yaml: "  forward_authorization: true\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let r = gw.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    let forged = "eyJhbGciOiJub25lIn0.eyJzY29wZSI6InVzZXIvKi4qIn0.";
+    for (scheme, value) in [
+        ("Bearer", format!("Bearer {forged}")),
+        ("Basic", "Basic YWRtaW46YWRtaW4=".to_string()),
+    ] {
+        let r = gw
+            .client
+            .get(format!("{}/metadata", gw.base))
+            .header("Authorization", &value)
+            .header("DPoP", "not-a-proof")
+            .header("x-request-id", format!("public-{scheme}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let seen = gw.upstream.seen();
+    let auth_of = |uri: &str| -> Vec<Vec<String>> {
+        seen.iter()
+            .filter(|s| s.uri == uri)
+            .map(|s| {
+                s.headers
+                    .iter()
+                    .filter(|(k, _)| k == "authorization" || k == "dpop")
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(
+        auth_of("/r4/Patient/p1"),
+        vec![vec![format!("Bearer {token}")]]
+    );
+    assert_eq!(auth_of("/r4/metadata"), vec![Vec::<String>::new(); 2]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofable_headers_are_stripped_and_context_forwarded() {
     let gw = Gateway::start(Options {
@@ -1142,6 +1190,11 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         .header("Cookie", "JSESSIONID=someone-elses")
         .header("ssl_client_cert", "-----BEGIN CERTIFICATE-----")
         .header("X-Remote-User", "admin")
+        .header("X_Cascade", "delete")
+        .header("X-Meta-Snapshot-Mode", "SECURITY_LABEL")
+        .header("HAPI-Rewrite-History", "true")
+        .header("x-envoy-retry-on", "5xx")
+        .header("X-Proxied-Https", "on")
         .send()
         .await
         .unwrap();
@@ -1179,6 +1232,11 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         "cookie",
         "ssl_client_cert",
         "x-remote-user",
+        "x_cascade",
+        "x-meta-snapshot-mode",
+        "hapi-rewrite-history",
+        "x-envoy-retry-on",
+        "x-proxied-https",
     ] {
         assert!(
             h(gone).is_empty(),
