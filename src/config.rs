@@ -1838,6 +1838,25 @@ impl Config {
                 ),
             );
         }
+        // A checked answer takes three times its size of the same budget
+        // (text, parsed tree, copy passed on): one of the largest must fit.
+        let answer_share = self
+            .upstream
+            .max_checked_answer_bytes
+            .saturating_mul(crate::upstream::ANSWER_WEIGHT);
+        if self.server.max_held_body_bytes < answer_share {
+            problem(
+                "server.max_held_body_bytes",
+                format!(
+                    "{} is less than {} (three times upstream.max_checked_answer_bytes, {}): \
+                     an answer of that size, held to be checked, takes three times its size \
+                     of this budget and would always be refused",
+                    self.server.max_held_body_bytes,
+                    answer_share,
+                    self.upstream.max_checked_answer_bytes
+                ),
+            );
+        }
         // Bounded: a deadline beyond them overflows the clock (a panic at
         // SIGTERM, before the audit's last flush).
         for (key, value, max) in [
@@ -2983,6 +3002,11 @@ admin:
             ),
             ("server:\n  max_parameters: 0\n", "server.max_parameters"),
             ("server:\n  max_parameters: 1001\n", "server.max_parameters"),
+            // Below three times upstream.max_checked_answer_bytes (16 MiB).
+            (
+                "server:\n  max_held_body_bytes: 50331647\n",
+                "server.max_held_body_bytes",
+            ),
         ] {
             let problems = Config::parse(&format!("{GOOD}{yaml}"))
                 .unwrap()
@@ -2995,6 +3019,7 @@ admin:
             "jwks:\n  min_refetch_interval_seconds: 1\n",
             "server:\n  threads: 64\n  grace_period_seconds: 30\n",
             "tokens:\n  cache_max_ttl_seconds: 3600\n",
+            "server:\n  max_held_body_bytes: 50331648\n",
         ] {
             assert!(
                 Config::parse(&format!("{GOOD}{yaml}"))

@@ -83,6 +83,7 @@ pub const REASONS: &[&str] = &[
     "unsupported_media_type",
     "body_timeout",
     "body_budget_exhausted",
+    "answer_budget_exhausted",
     "precondition_failed",
     "rate_limit_unavailable",
 ];

@@ -131,7 +131,18 @@ impl Gateway {
         });
         let host_header = http::HeaderValue::from_str(&settings.upstream.host_header)
             .expect("validated upstream host");
-        let checked = CheckedClient::new(&settings.upstream);
+        // Request bodies and checked answers held, together.
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(
+            settings
+                .server
+                .max_held_body_bytes
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
+        let checked = CheckedClient::new(
+            &settings.upstream,
+            body_budget.clone(),
+            settings.server.max_held_body_bytes,
+        );
         let bases = Bases(vec![
             realm.clone(),
             settings
@@ -180,12 +191,6 @@ impl Gateway {
             settings.redis.clone().map(|r| (r, metrics.redis())),
         ));
         shared.set_rate_limited(rules.load().any_rate_limit());
-        let body_budget = Arc::new(tokio::sync::Semaphore::new(
-            settings
-                .server
-                .max_held_body_bytes
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
         Gateway {
             settings,
             validator,
@@ -1022,6 +1027,22 @@ impl Gateway {
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
             Ok(a) => a,
+            // A resource asked for by id that is too large to check could
+            // be anyone's: a 502 would tell that it exists (and is large)
+            // where another patient's is answered 404.
+            Err(Denial::Upstream {
+                code: "upstream_answer_too_large",
+                ..
+            }) if ctx.entry_checks.is_empty()
+                && matches!(ctx.check, Some(ResponseCheck::Resource { .. }))
+                && ctx.fhir.is_some() =>
+            {
+                let hide = Verdict::Hide {
+                    why: "upstream_answer_too_large",
+                };
+                let denial = ctx.fhir.as_ref().map(|f| check_denial(hide, f, ""));
+                return self.refuse(session, ctx, denial.expect("tested")).await;
+            }
             Err(denial) => return self.refuse(session, ctx, denial).await,
         };
         ctx.upstream_status = Some(answer.status);
@@ -2249,6 +2270,7 @@ fn stage_of(reason: &str) -> &'static str {
         | "unsupported_media_type"
         | "body_timeout"
         | "body_budget_exhausted" => "classify",
+        "answer_budget_exhausted" => "check",
         "precondition_failed" => "check",
         "audit_unavailable" => "audit",
         r if r == "client_closed" || r.starts_with("upstream_") => "proxy",
@@ -2279,6 +2301,20 @@ impl Ctx {
                     ..
                 },
             ) => ("allow", d.code(), None),
+            Some(
+                d @ Denial::Hidden {
+                    resource,
+                    why: "upstream_answer_too_large",
+                },
+            ) => (
+                "error",
+                d.code(),
+                Some(format!(
+                    "{resource}: the upstream's answer is larger than \
+                     upstream.max_checked_answer_bytes, so whether it is in the grant could \
+                     not be checked; answered 404, as another patient's would be"
+                )),
+            ),
             Some(d @ Denial::Hidden { resource, why }) => (
                 "deny",
                 d.code(),

@@ -31,12 +31,19 @@ const UNCHECKABLE: &[HeaderName] = &[
     http::header::RANGE,
 ];
 
+/// How many bytes of the memory budget each byte of a checked answer
+/// takes while fhirwall holds it: the text, the tree parsed from it to
+/// judge it, and the copy passed on (links rewritten).
+pub const ANSWER_WEIGHT: usize = 3;
+
 /// The upstream's whole answer.
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Its share of the memory budget, given back when it is dropped.
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// HTTP client for checked exchanges (its own connection pool).
@@ -49,10 +56,20 @@ pub struct CheckedClient {
     /// How long the upstream may keep fhirwall waiting for its answer's
     /// header (once the request is sent) and for each read of its body.
     read_timeout: Duration,
+    /// The memory all requests together may hold
+    /// (`server.max_held_body_bytes`, shared with request bodies): each
+    /// answer read takes [`ANSWER_WEIGHT`] times its size of it.
+    budget: Arc<tokio::sync::Semaphore>,
+    /// `server.max_held_body_bytes`, for the message.
+    budget_bytes: usize,
 }
 
 impl CheckedClient {
-    pub fn new(u: &Upstream) -> CheckedClient {
+    pub fn new(
+        u: &Upstream,
+        budget: Arc<tokio::sync::Semaphore>,
+        budget_bytes: usize,
+    ) -> CheckedClient {
         let max_body = u.max_checked_answer_bytes;
         let mut b = reqwest::Client::builder()
             .no_proxy()
@@ -78,6 +95,8 @@ impl CheckedClient {
             max_body,
             write_timeout: u.write_timeout,
             read_timeout: u.read_timeout,
+            budget,
+            budget_bytes,
         }
     }
 
@@ -111,9 +130,30 @@ impl CheckedClient {
             return Err(too_large());
         }
         let mut body = BytesMut::new();
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         while let Some(chunk) = self.next_chunk(&mut resp).await? {
             if body.len() + chunk.len() > self.max_body {
                 return Err(too_large());
+            }
+            // Held answers count against the memory of all requests: many
+            // large ones at once are refused, not held until memory runs out.
+            let share = u32::try_from(chunk.len() * ANSWER_WEIGHT)
+                .ok()
+                .and_then(|n| Arc::clone(&self.budget).try_acquire_many_owned(n).ok());
+            match (share, held.as_mut()) {
+                (None, _) => {
+                    return Err(Denial::Unavailable {
+                        code: "answer_budget_exhausted",
+                        description: format!(
+                            "fhirwall holds as many request bodies and upstream answers being \
+                             checked as it may (server.max_held_body_bytes: {}); try again",
+                            self.budget_bytes
+                        ),
+                        retry_after_seconds: 1,
+                    })
+                }
+                (Some(share), Some(h)) => h.merge(share),
+                (Some(share), None) => held = Some(share),
             }
             body.extend_from_slice(&chunk);
         }
@@ -121,6 +161,7 @@ impl CheckedClient {
             status,
             headers,
             body: body.freeze(),
+            _held: held,
         })
     }
 }

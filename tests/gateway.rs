@@ -677,6 +677,8 @@ async fn held_bodies_have_a_budget_and_a_deadline() {
         server_yaml: "  max_classified_body_bytes: 100000\n  max_held_body_bytes: 100000\n  \
                       body_read_timeout_ms: 1500\n"
             .into(),
+        // Within the budget a third of it: an answer held takes thrice.
+        upstream_yaml: "  max_checked_answer_bytes: 33333\n".into(),
         ..Options::default()
     })
     .await;

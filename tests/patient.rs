@@ -231,6 +231,78 @@ async fn checked_reads_report_upstream_failures() {
     assert!(body.contains("upstream_unreachable"), "{body}");
 }
 
+/// Answers held to be checked share the memory budget of request bodies
+/// (three times their size): one more that does not fit is refused with
+/// 503 while the others are held, and served once they are let go. A read
+/// whose answer is too large to check is answered as another patient's
+/// would be (404), not with a 502 that tells it exists; a search still
+/// gets its 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_held_to_be_checked_are_bounded() {
+    let gw = Gateway::start(Options {
+        read_timeout_ms: 10_000,
+        server_yaml: "  max_classified_body_bytes: 1024\n  max_held_body_bytes: 3072\n".into(),
+        upstream_yaml: "  max_checked_answer_bytes: 1024\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+
+    // Too large to check: 404 for a read, with the reason on record.
+    let r = gw.get("Observation/large", Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 404, "{body}");
+    assert!(!body.contains("xxxxxxxx"), "{body}");
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "upstream_answer_too_large", "{rec}");
+    assert_eq!(rec["decision"], "error", "{rec}");
+    // Unchecked (user/ scopes), it passes whole.
+    let user = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Observation/large", Some(&user)).await.status(), 200);
+    // A search too large to check: 502.
+    let (s, body) = status_and_body(gw.get("Observation", Some(&p1)).await).await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("larger than"), "{body}");
+
+    // 900 bytes of an answer held (2,700 of the 3,072), the rest stalled.
+    let (base, t) = (gw.base.clone(), p1.clone());
+    let held = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(format!("{base}/Observation/trickle"))
+            .bearer_auth(t)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let refused = loop {
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        if gw.upstream.count_containing("trickle") == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        }
+        let r = gw.get("Observation/obs-p1-0", Some(&p1)).await;
+        if r.status() == 503 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let id = refused.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("max_held_body_bytes"), "{body}");
+    assert_eq!(gw.audit_for(&id)["reason"], "answer_budget_exhausted");
+    // The stalled answer ends unfinished (502); its share is given back.
+    assert_eq!(held.await.unwrap().unwrap(), 502);
+    let r = gw.get("Observation/obs-p1-0", Some(&p1)).await;
+    assert_eq!(r.status(), 200);
+}
+
 /// Entry resource ids of a searchset answer.
 fn entry_ids(bundle: &Value) -> Vec<String> {
     bundle["entry"]

@@ -464,17 +464,28 @@ async fn handle(
             "<Observation xmlns=\"http://hl7.org/fhir\"><subject><reference value=\"Patient/p2\"/></subject></Observation>",
         )
             .into_response(),
-        // An answer whose header and first bytes come at once and whose
-        // rest never does (5 s), for the tests of requests cut short.
+        // An answer whose header and first 900 bytes come at once and whose
+        // rest never does (5 s), for the tests of requests cut short and
+        // of answers held.
         ("GET", ["Observation", "trickle"]) => (
             StatusCode::OK,
             [("content-type", "application/fhir+json")],
             axum::body::Body::new(Trickle {
-                first: Some(Bytes::from_static(b"{\"resourceType\": \"Observation\", ")),
+                first: Some(Bytes::from(format!(
+                    "{{\"resourceType\": \"Observation\",{:880}",
+                    ""
+                ))),
                 stall: Box::pin(tokio::time::sleep(Duration::from_secs(5))),
             }),
         )
             .into_response(),
+        // Patient p1's Observation with a 2,000-character note.
+        ("GET", ["Observation", "large"]) => fhir(
+            StatusCode::OK,
+            json!({"resourceType": "Observation", "id": "large", "status": "final",
+                   "code": {"text": "large"}, "subject": {"reference": "Patient/p1"},
+                   "valueString": "x".repeat(2000)}),
+        ),
         // An upstream that wants credentials of its own.
         ("GET", ["Observation", "upstream-401"]) => (
             StatusCode::UNAUTHORIZED,
