@@ -190,7 +190,14 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     let mut ev = Map::new();
     ev.insert("resourceType".into(), "AuditEvent".into());
     ev.insert("id".into(), r.id.clone().into());
-    let patient_scoped = r.patient.is_some();
+    // The data is the context patient's only when a `patient/` scope
+    // granted the request (its compartment enforced). Under `user/` or
+    // `system/` scopes the launch patient says nothing of whose data was
+    // touched: it is a detail, not the Patient entity (else a search for
+    // who accessed another patient's data would miss this access, and
+    // name the launch patient instead).
+    let patient_scoped =
+        r.patient.is_some() && r.scopes_used.iter().any(|s| s.starts_with("patient/"));
     if let Some(p) = profile.filter(|_| out == "0" && !decision_event) {
         let name = if patient_scoped {
             format!("Patient{p}")
@@ -337,7 +344,7 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
 
     // Entities: patient, resource or query, transaction.
     let mut entities = Vec::new();
-    if let Some(p) = r.patient {
+    if let Some(p) = r.patient.filter(|_| patient_scoped) {
         entities.push(json!({
             "what": {"reference": format!("Patient/{p}")},
             "type": coding(ENTITY_TYPE, "1", "Person"),
@@ -412,6 +419,9 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     }
     if !r.scopes_used.is_empty() {
         details.push(detail("scopes_used", r.scopes_used.join(" ")));
+    }
+    if let Some(p) = r.patient.filter(|_| !patient_scoped) {
+        details.push(detail("launch_patient", format!("Patient/{p}")));
     }
     if !r.query_params.is_empty() {
         details.push(detail("query_params", r.query_params.join(",")));
@@ -550,6 +560,41 @@ mod tests {
         assert_eq!(line["entries"][1]["params"], json!(["patient", "code"]));
     }
 
+    /// A token with a launch patient whose `user/` scope granted the read:
+    /// the resource may be anyone's, so no PatientRead and no Patient
+    /// entity naming the launch patient.
+    #[test]
+    fn a_read_under_user_scopes_names_no_patient_as_its_subject() {
+        let scopes = vec!["user/Observation.rs".to_string()];
+        let r = Record {
+            id: "u".into(),
+            request_id: "req-u",
+            method: "GET",
+            path: "/fhir/Observation/o9",
+            patient: Some("p1"),
+            scopes_used: &scopes,
+            interaction: Some("read"),
+            resource_type: Some("Observation"),
+            resource_id: Some("o9"),
+            decision: "allow",
+            reason: "allowed",
+            stage: "decide",
+            status: Some(200),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        assert_eq!(
+            ev["meta"]["profile"][0],
+            "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.Read"
+        );
+        let entities = ev["entity"].as_array().unwrap();
+        assert!(
+            !entities.iter().any(|e| e["role"]["code"] == "1"),
+            "{entities:?}"
+        );
+        assert!(ev.to_string().contains(r#""launch_patient""#), "{ev}");
+    }
+
     #[test]
     fn an_allowed_patient_read_claims_balp_patient_read() {
         let scopes = vec!["patient/Observation.rs".to_string()];
@@ -655,14 +700,29 @@ mod tests {
         );
         assert_eq!(ev["action"], "E");
         assert_eq!(codes(&ev["agent"][0]["type"]), ["110153", "110150"]);
-        let q = ev["entity"][1]["query"].as_str().unwrap();
+        // Nothing was granted under a patient/ scope: the launch patient
+        // is a detail, not whose data this was.
+        let entities = ev["entity"].as_array().unwrap();
+        assert!(
+            entities.iter().all(|e| e["role"]["code"] != "1"),
+            "{entities:?}"
+        );
+        let launch = ev["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["detail"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["type"] == "launch_patient")
+            .expect("the launch patient kept as a detail");
+        assert_eq!(launch["valueString"], "Patient/p1");
+        let q = ev["entity"][0]["query"].as_str().unwrap();
         let q = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(q).unwrap())
             .unwrap();
         assert_eq!(
             q,
             "GET https://gw.example.org/fhir/Condition?code=<redacted>&patient=<redacted>"
         );
-        assert_eq!(ev["entity"][1]["role"]["code"], "24");
+        assert_eq!(ev["entity"][0]["role"]["code"], "24");
         assert_eq!(ev["purposeOfEvent"][0]["coding"][0]["code"], "BTG");
         assert_eq!(
             ev["agent"][2]["purposeOfUse"][0]["coding"][0]["code"],

@@ -541,7 +541,8 @@ pub fn scrub(detail: &str) -> String {
         if c == '=' {
             let mut skipped = false;
             while let Some(&n) = chars.peek() {
-                if n.is_whitespace() || matches!(n, '&' | '\'' | '"' | ',' | ';' | ')' | ']') {
+                // Not at a comma: FHIR's lists of values (`name=Smith,Jones`).
+                if n.is_whitespace() || matches!(n, '&' | '\'' | '"' | ';' | ')' | ']') {
                     break;
                 }
                 chars.next();

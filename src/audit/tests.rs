@@ -64,6 +64,11 @@ fn scrub_keeps_names_and_drops_values() {
         "_format=<redacted> is refused"
     );
     assert_eq!(scrub("a = b, x="), "a = b, x=");
+    // A list of values goes whole.
+    assert_eq!(
+        scrub("'Patient?name=Smith,Jones&_elements=id,name' refused"),
+        "'Patient?name=<redacted>&_elements=<redacted>' refused"
+    );
     // Long details are cut, at a character boundary, and say so.
     let long = format!("'{}' is not below the FHIR base", "é".repeat(2000));
     let kept = scrub(&long);

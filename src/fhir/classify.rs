@@ -635,15 +635,17 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         .get("url")
         .and_then(Value::as_str)
         .ok_or_else(|| ClassifyError::MalformedBundle("entry.request.url is missing".into()))?;
+    // What messages show of the URL: its path only (a query may hold a
+    // name or a birth date), marked when a query was cut.
+    let shown: String = {
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut shown: String = path.chars().take(200).collect();
+        if !query.is_empty() {
+            shown.push_str("?…");
+        }
+        shown
+    };
     if url.contains("://") || url.starts_with('/') || url.contains('#') {
-        // Its path only: the query may hold a name or a birth date.
-        let shown: String = url
-            .split('?')
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect();
         return Err(ClassifyError::MalformedBundle(format!(
             "entry.request.url '{shown}' must be relative to the FHIR base"
         )));
@@ -653,11 +655,11 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         None => (url, None),
     };
     let path = percent_decode_str(raw_path).decode_utf8().map_err(|_| {
-        ClassifyError::MalformedBundle(format!("entry.request.url '{url}' is not valid UTF-8"))
+        ClassifyError::MalformedBundle(format!("entry.request.url '{shown}' is not valid UTF-8"))
     })?;
     if path.contains("..") || path.contains(';') || path.contains('\\') {
         return Err(ClassifyError::MalformedBundle(format!(
-            "entry.request.url '{url}' is not a plain path"
+            "entry.request.url '{shown}' is not a plain path"
         )));
     }
     let if_none_exist = request.get("ifNoneExist").and_then(Value::as_str);
@@ -682,26 +684,26 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
     match (method, resource_type) {
         ("POST", _) if r.interaction != Interaction::Create => {
             return Err(ClassifyError::MalformedBundle(format!(
-                "a POST entry must create a resource at '[type]', not '{url}' ({}): \
+                "a POST entry must create a resource at '[type]', not '{shown}' ({}): \
                  searches in a Bundle use GET, operations are not accepted in Bundles",
                 r.interaction
             )))
         }
         ("POST" | "PUT", Some(t)) if t != r.resource_type.as_deref() => {
             return Err(ClassifyError::MalformedBundle(format!(
-                "the entry's resource is a {} but its URL '{url}' writes a {}",
+                "the entry's resource is a {} but its URL '{shown}' writes a {}",
                 t.unwrap_or("(no resourceType)"),
                 r.resource_type.as_deref().unwrap_or("(nothing)")
             )))
         }
         ("POST" | "PUT", None) => {
             return Err(ClassifyError::MalformedBundle(format!(
-                "the {method} entry for '{url}' carries no resource"
+                "the {method} entry for '{shown}' carries no resource"
             )))
         }
         ("GET" | "HEAD" | "DELETE", Some(_)) => {
             return Err(ClassifyError::MalformedBundle(format!(
-                "a {method} entry ('{url}') may not carry a resource"
+                "a {method} entry ('{shown}') may not carry a resource"
             )))
         }
         _ => {}
@@ -714,7 +716,7 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
             if patch && resource.get("resourceType").and_then(Value::as_str) == Some("Binary") {
                 decoded = binary_patch(resource).map_err(|why| {
                     ClassifyError::MalformedBundle(format!(
-                        "the PATCH entry for '{url}' carries a Binary whose data {why}"
+                        "the PATCH entry for '{shown}' carries a Binary whose data {why}"
                     ))
                 })?;
                 &decoded
@@ -1791,6 +1793,21 @@ mod tests {
             classify_bundle(base.clone(), batch).unwrap().interaction,
             Interaction::Batch
         );
+
+        // Messages show an entry URL's path, never its query's values.
+        for entry in [
+            r#"{"request":{"method":"POST","url":"Patient/_search?name=Jane%20Doe"},"resource":{"resourceType":"Patient"}}"#,
+            r#"{"request":{"method":"PUT","url":"Patient/1?name=Jane%20Doe"}}"#,
+            r#"{"request":{"method":"GET","url":"Patient/1?name=Jane%20Doe"},"resource":{"resourceType":"Patient"}}"#,
+            r#"{"request":{"method":"GET","url":"Patient/..;?name=Jane%20Doe"}}"#,
+        ] {
+            let body = format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{entry}]}}"#);
+            let e = classify_bundle(base.clone(), body.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("Jane") && e.contains("Patient"), "{e}");
+            assert!(e.contains("?…"), "{e}");
+        }
 
         let bad: &[(&str, &[u8])] = &[
             ("not json", b"<Bundle/>"),
