@@ -1368,9 +1368,29 @@ impl Gateway {
                         )));
                     }
                 }
-                let version =
-                    stored.and_then(|d| d.pointer("/meta/versionId")?.as_str().map(str::to_string));
-                let Some(v) = version else { return Ok(None) };
+                let unusable = |why: &str| {
+                    check_denial(
+                        Verdict::Unverifiable {
+                            why: format!("the stored resource's meta.versionId {why}"),
+                        },
+                        fhir,
+                        "the stored resource",
+                    )
+                };
+                // A version fhirwall cannot pin the write to fails closed;
+                // only a server that keeps none (no meta.versionId) gets
+                // the write unpinned.
+                let v = match stored.as_ref().and_then(|d| d.pointer("/meta/versionId")) {
+                    None => return Ok(None),
+                    Some(serde_json::Value::String(v)) => v.clone(),
+                    Some(_) => return Err(unusable("is not a string")),
+                };
+                let pin = http::HeaderValue::from_str(&format!("W/\"{v}\""))
+                    .ok()
+                    .filter(|_| !v.is_empty() && !v.contains('"'));
+                let Some(pin) = pin else {
+                    return Err(unusable("cannot be sent in If-Match"));
+                };
                 // The client's own precondition still holds: were it let go
                 // for ours, a client updating version 1 would overwrite
                 // version 2.
@@ -1384,17 +1404,35 @@ impl Gateway {
                         ),
                     });
                 }
-                Ok(http::HeaderValue::from_str(&format!("W/\"{v}\"")).ok())
+                Ok(Some(pin))
             }
             // Under patient/ scopes an update never creates (so a 404 for
             // another patient's id cannot be told from a missing one).
+            // Under a scope with a query filter neither: nothing pins the
+            // write to the absence fhirwall saw, so a resource created at
+            // that id meanwhile, outside the filter, would be overwritten.
+            Verdict::Hide {
+                why: "upstream_not_found",
+            } if fhir.interaction == Interaction::Update
+                && answer.status == 404
+                && w.patient.is_none()
+                && w.filters.is_none() =>
+            {
+                Ok(None)
+            }
             Verdict::Hide {
                 why: "upstream_not_found",
             } if fhir.interaction == Interaction::Update
                 && answer.status == 404
                 && w.patient.is_none() =>
             {
-                Ok(None)
+                Err(refuse(format!(
+                    "{}/{} does not exist, and under a scope with a query filter an update may \
+                     not create it (the write could not be held to the absence fhirwall saw); \
+                     create it with POST",
+                    fhir.resource_type.as_deref().unwrap_or(""),
+                    fhir.id.as_deref().unwrap_or("")
+                )))
             }
             failed => Err(check_denial(failed, fhir, "the stored resource")),
         }

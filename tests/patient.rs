@@ -943,6 +943,18 @@ async fn writes_keep_the_compartment() {
     let (s, body) = send("POST", "Observation".into(), fhir, obs(None, "p1")).await;
     assert_eq!(s, 201, "{body}");
     assert_eq!(writes("POST"), 1);
+    // A stored version fhirwall cannot pin the write to (a number, not
+    // FHIR's string): refused, not sent unpinned.
+    let (s, body) = send(
+        "PUT",
+        "Observation/numeric-version".into(),
+        fhir,
+        obs(Some("numeric-version"), "p1"),
+    )
+    .await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("versionId is not a string"), "{body}");
+    assert_eq!(writes("PUT"), 0);
     for (ctype, body, why) in [
         (fhir, obs(None, "p2"), "outside the compartment"),
         (
@@ -1489,6 +1501,47 @@ async fn query_filtered_scopes_grant_only_their_filter() {
     assert_eq!(s, 403, "{body}");
     assert!(body.contains("scope filters"), "{body}");
     assert_eq!(posts(), 1);
+    // An update that would create: refused, since nothing could hold the
+    // write to the absence fhirwall saw (a resource outside the filter
+    // created there meanwhile would be overwritten).
+    let lab_obs = |id: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "subject": {"reference": "Patient/p3"}})
+    };
+    let puts = || {
+        gw.upstream
+            .seen()
+            .iter()
+            .filter(|s| s.method == "PUT")
+            .count()
+    };
+    let r = gw
+        .send(
+            "PUT",
+            "Observation/lab-new",
+            &writer,
+            "application/fhir+json",
+            lab_obs("lab-new").to_string(),
+        )
+        .await;
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains("may not create it"), "{body}");
+    assert_eq!(puts(), 0);
+    // An update of one that exists and stays in the filter goes, pinned.
+    let r = gw
+        .send(
+            "PUT",
+            "Observation/obs-p2-1",
+            &writer,
+            "application/fhir+json",
+            lab_obs("obs-p2-1").to_string(),
+        )
+        .await;
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(puts(), 1);
 
     // A filter fhirwall cannot evaluate grants nothing.
     let dated = gw.mint("user/Observation.rs?date=ge2020", None);

@@ -479,6 +479,14 @@ async fn handle(
             }),
         )
             .into_response(),
+        // Patient p1's Observation whose version is a number, not the
+        // string FHIR says (a write to it cannot be pinned).
+        ("GET", ["Observation", "numeric-version"]) => fhir(
+            StatusCode::OK,
+            json!({"resourceType": "Observation", "id": "numeric-version", "status": "final",
+                   "meta": {"versionId": 3},
+                   "code": {"text": "odd"}, "subject": {"reference": "Patient/p1"}}),
+        ),
         // Patient p1's Observation with a 2,000-character note.
         ("GET", ["Observation", "large"]) => fhir(
             StatusCode::OK,
