@@ -359,7 +359,13 @@ fn judge_search(
         }
     };
     for e in entries.into_iter().flatten() {
-        let Some(r) = e.get("resource") else { continue };
+        // An entry without a resource is nothing a searchset holds, and its
+        // fullUrl and response would pass unjudged.
+        let Some(r) = e.get("resource") else {
+            return Verdict::Unverifiable {
+                why: "upstream searchset holds an entry without a resource".into(),
+            };
+        };
         if !r.is_object() {
             return Verdict::Unverifiable {
                 why: "upstream searchset holds an entry whose resource is not an object".into(),
@@ -402,8 +408,13 @@ fn judge_search(
             };
         }
         // Includes are other resource types: a scope filter is on the
-        // searched type, so it judges the matches only.
-        let filters = if mode == Some("include") {
+        // searched type, so it judges the matches only. A resource of a
+        // filtered type is judged by the filter whatever its label: the
+        // upstream's `search.mode` is no proof it is not a match.
+        let filtered_type = grant
+            .filters
+            .is_some_and(|fs| fs.iter().any(|f| f.resource_type == what));
+        let filters = if mode == Some("include") && !filtered_type {
             None
         } else {
             grant.filters
@@ -1005,6 +1016,49 @@ mod tests {
         )
     }
 
+    /// A scope filter judges every resource of its type, whatever the
+    /// upstream labelled it: an `include` label is no proof it is not a
+    /// match (a filtered grant carries no includes).
+    #[test]
+    fn scope_filters_judge_entries_labelled_include() {
+        let lab = |id: &str, code: &str| {
+            json!({"resourceType": "Observation", "id": id,
+                   "category": [{"coding": [{"code": code}]}]})
+        };
+        let check = ResponseCheck::Search {
+            patient: None,
+            types: None,
+            filters: Some(vec![crate::fhir::search_param::Filter::parse(
+                "Observation",
+                "category=laboratory",
+            )
+            .unwrap()]),
+            open_types: Vec::new(),
+            refused_types: Vec::new(),
+        };
+        let run = |body: Value| {
+            judge(
+                &check,
+                &req("Observation"),
+                200,
+                Some("application/fhir+json"),
+                body.to_string().as_bytes(),
+                &Bases::default(),
+            )
+        };
+        assert_eq!(
+            run(searchset(vec![(lab("a", "laboratory"), "match")])),
+            Verdict::Pass
+        );
+        for mode in ["match", "include"] {
+            let body = searchset(vec![
+                (lab("a", "laboratory"), "match"),
+                (lab("b", "vital-signs"), mode),
+            ]);
+            assert_ne!(run(body), Verdict::Pass, "{mode}");
+        }
+    }
+
     #[test]
     fn searches() {
         let patient = |id: &str| json!({"resourceType": "Patient", "id": id});
@@ -1025,7 +1079,10 @@ mod tests {
             "entry": {"resource": obs("b", "p2")}});
         let arrayed = json!({"resourceType": "Bundle", "type": "searchset",
             "entry": [{"resource": [obs("b", "p2")]}]});
-        for odd in [one_entry, arrayed] {
+        // An entry without a resource (its fullUrl would pass unjudged).
+        let bare = json!({"resourceType": "Bundle", "type": "searchset",
+            "entry": [{"fullUrl": "http://up/fhir/Observation/b", "search": {"mode": "match"}}]});
+        for odd in [one_entry, arrayed, bare] {
             assert!(
                 matches!(
                     judge_search_json(200, odd.clone()),

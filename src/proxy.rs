@@ -403,6 +403,19 @@ fn expects_continue(req: &RequestHeader) -> bool {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// A `Cache-Control` value that lets a shared cache keep an answer to a
+/// request with credentials (RFC 9111 §3.5: `public`, `s-maxage`,
+/// `must-revalidate`).
+fn shared_cacheable(value: &[u8]) -> bool {
+    value.split(|b| *b == b',').any(|d| {
+        let d = d.trim_ascii();
+        let name = d.split(|b| *b == b'=').next().unwrap_or(d).trim_ascii();
+        [&b"public"[..], b"s-maxage", b"must-revalidate"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    })
+}
+
 /// The final response sent to the client, if any (not a `100 Continue`).
 fn final_response(session: &Session) -> Option<&ResponseHeader> {
     session
@@ -595,6 +608,17 @@ impl Gateway {
             if let Some(public) = moved {
                 h.insert_header(name, public)?;
             }
+        }
+        // An answer given for a token is that caller's: a cache shared by
+        // several clients (a CDN, a corporate proxy before fhirwall) may
+        // not keep it for the next, whatever the upstream allowed.
+        if !ctx.public
+            && h.headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .any(|v| shared_cacheable(v.as_bytes()))
+        {
+            h.insert_header(header::CACHE_CONTROL, "private")?;
         }
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {

@@ -303,6 +303,22 @@ async fn answers_held_to_be_checked_are_bounded() {
     assert_eq!(r.status(), 200);
 }
 
+/// An answer given for a token never tells a shared cache it may keep it
+/// for others, checked (patient/) or passed on as it comes (user/).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_for_a_token_are_private_to_its_caller() {
+    let gw = Gateway::start(Options::default()).await;
+    for token in [
+        gw.mint("patient/*.rs", Some("p1")),
+        gw.mint("user/*.rs", None),
+    ] {
+        let r = gw.get("Observation/cacheable", Some(&token)).await;
+        assert_eq!(r.status(), 200);
+        let cc: Vec<_> = r.headers().get_all("cache-control").iter().collect();
+        assert_eq!(cc, ["private"]);
+    }
+}
+
 /// Entry resource ids of a searchset answer.
 fn entry_ids(bundle: &Value) -> Vec<String> {
     bundle["entry"]

@@ -487,6 +487,19 @@ async fn handle(
                    "meta": {"versionId": 3},
                    "code": {"text": "odd"}, "subject": {"reference": "Patient/p1"}}),
         ),
+        // Patient p1's Observation, which the server lets any cache keep.
+        ("GET", ["Observation", "cacheable"]) => {
+            let mut r = fhir(
+                StatusCode::OK,
+                json!({"resourceType": "Observation", "id": "cacheable", "status": "final",
+                       "code": {"text": "cacheable"}, "subject": {"reference": "Patient/p1"}}),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("public, max-age=600"),
+            );
+            r
+        }
         // Patient p1's Observation with a 2,000-character note.
         ("GET", ["Observation", "large"]) => fhir(
             StatusCode::OK,
