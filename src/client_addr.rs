@@ -28,7 +28,16 @@ pub fn parse_cidr(s: &str) -> Option<Cidr> {
         }
     };
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    (bits <= max).then_some((ip, bits))
+    if bits > max {
+        return None;
+    }
+    // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block it
+    // maps: addresses are compared as IPv4 (see `in_cidr`), so kept as
+    // written it would never match.
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if ip.is_ipv6() && bits >= 96 => Some((IpAddr::V4(v4), bits - 96)),
+        _ => Some((ip, bits)),
+    }
 }
 
 /// Whether `ip` lies in the block (an IPv4-mapped IPv6 address counts as
@@ -209,6 +218,13 @@ mod tests {
         assert!(in_cidr(ip("10.1.200.3"), net));
         assert!(!in_cidr(ip("10.2.0.1"), net));
         assert!(in_cidr(ip("::ffff:10.1.0.9"), net), "IPv4-mapped");
+        // A block written IPv4-mapped is its IPv4 block.
+        let mapped = parse_cidr("::ffff:10.1.0.0/112").unwrap();
+        assert_eq!(mapped, (ip("10.1.0.0"), 16));
+        assert!(in_cidr(ip("10.1.200.3"), mapped));
+        assert!(in_cidr(ip("::ffff:10.1.200.3"), mapped));
+        assert!(!in_cidr(ip("10.2.0.1"), mapped));
+        assert_eq!(parse_cidr("::ffff:192.0.2.1"), Some((ip("192.0.2.1"), 32)));
         assert!(in_cidr(ip("192.0.2.1"), parse_cidr("0.0.0.0/0").unwrap()));
         assert!(!in_cidr(ip("2001:db8::1"), net));
     }
