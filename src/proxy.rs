@@ -390,10 +390,6 @@ fn valid_request_id(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn new_request_id() -> String {
-    hex(&rand::random::<[u8; 16]>())
-}
-
 /// An HTTP/1.1 request that waits for `100 Continue` before its body.
 fn expects_continue(req: &RequestHeader) -> bool {
     req.version == http::Version::HTTP_11
@@ -888,8 +884,18 @@ impl Gateway {
                 host.clone(),
             ));
         }
-        if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
+        // fhirwall's own id, never the client's: servers keep it as the
+        // request's identity (HAPI records it in a write's meta.source), and
+        // a client could repeat another request's. It is the audit record's
+        // `id` (and `request_id`, unless the client chose that).
+        if let Ok(v) = http::HeaderValue::from_str(&ctx.record_id) {
             set.push((http::HeaderName::from_static("x-request-id"), v));
+        }
+        // The client's own id, for tracing across, marked as the client's.
+        if ctx.request_id_from_client {
+            if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
+                set.push((http::HeaderName::from_static("x-client-request-id"), v));
+            }
         }
         if let Some(t) = &ctx.token {
             let c = &t.claims;
@@ -2597,7 +2603,9 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .filter(|v| valid_request_id(v));
         ctx.request_id_from_client = theirs.is_some();
-        ctx.request_id = theirs.map_or_else(new_request_id, str::to_string);
+        // fhirwall's own id is the request record's: the same either way
+        // when the client chose none.
+        ctx.request_id = theirs.map_or_else(|| ctx.record_id.clone(), str::to_string);
         let span = tracing::debug_span!("request", request_id = %ctx.request_id);
         let mut admitted = self.admit(session, ctx).instrument(span.clone()).await;
         // Nothing goes upstream — not even fhirwall's own fetches to prove

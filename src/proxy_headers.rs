@@ -37,6 +37,7 @@ const SPOOFABLE: &[&str] = &[
     "x-original-uri",
     "x-rewrite-url",
     "x-request-id",
+    "x-client-request-id",
     "x-http-method-override",
     "x-http-method",
     "x-method-override",

@@ -18,13 +18,14 @@ use axum::response::IntoResponse;
 use serde_json::{json, Value};
 use support::{metric, Gateway, Options};
 
-/// Request ids the upstream saw (from the `X-Request-Id` fhirwall sends).
+/// The client-chosen request ids the upstream saw (fhirwall passes them
+/// on as `X-Client-Request-Id`; its `X-Request-Id` is its own).
 fn upstream_ids(gw: &Gateway, prefix: &str) -> BTreeSet<String> {
     gw.upstream
         .seen()
         .iter()
         .flat_map(|s| s.headers.iter())
-        .filter(|(k, v)| k == "x-request-id" && v.starts_with(prefix))
+        .filter(|(k, v)| k == "x-client-request-id" && v.starts_with(prefix))
         .map(|(_, v)| v.clone())
         .collect()
 }

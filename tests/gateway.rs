@@ -1186,6 +1186,7 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         .header("X_Fhirwall_Sub", "admin")
         .header("Forwarded", "for=6.6.6.6")
         .header("X-Request-Id", "client-chosen-id")
+        .header("X-Client-Request-Id", "spoofed")
         .header("Connection", "keep-alive, X-Hop")
         .header("X-Hop", "secret")
         .header("Content-Location", "Patient/p2")
@@ -1222,7 +1223,13 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     assert_eq!(h("x-forwarded-proto"), vec!["http"]);
     assert_eq!(h("x-fhirwall-patient"), vec!["p1"]);
     assert_eq!(h("x-fhirwall-sub"), vec!["user-1"]);
-    assert_eq!(h("x-request-id"), vec!["client-chosen-id"]);
+    // fhirwall's own id (the audit record's), the client's marked as such.
+    let own = gw.audit_for("client-chosen-id")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(h("x-request-id"), vec![own.as_str()]);
+    assert_eq!(h("x-client-request-id"), vec!["client-chosen-id"]);
     for gone in [
         "x_forwarded_uri",
         "x-original-url",
@@ -2172,7 +2179,7 @@ async fn behind_a_trusted_proxy_the_client_is_the_forwarded_address() {
             .find(|s| {
                 s.headers
                     .iter()
-                    .any(|(k, v)| k == "x-request-id" && v == id)
+                    .any(|(k, v)| k == "x-client-request-id" && v == id)
             })
             .expect("reached the upstream");
         s.headers
@@ -2196,7 +2203,7 @@ async fn behind_a_trusted_proxy_the_client_is_the_forwarded_address() {
     assert!(gw.upstream.seen().iter().all(|s| !s
         .headers
         .iter()
-        .any(|(k, v)| k == "x-request-id" && v == "via-ingress-2")));
+        .any(|(k, v)| k == "x-client-request-id" && v == "via-ingress-2")));
     let rec = gw.audit_for("via-ingress-2");
     assert_eq!(rec["source"], "203.0.113.9");
     assert_eq!(rec["policy_rule"], "10-network.yaml#not-from-the-lab");

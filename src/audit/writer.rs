@@ -635,9 +635,33 @@ impl Drop for Writer {
         self.shared.spill_ok.store(false, Ordering::Release);
         self.shared.metrics.sink_up.set(0);
         // Nobody is left to take what is queued: waiting requests are
-        // refused (their acks drop), a flush returns, records are counted.
+        // refused (their acks drop), a flush returns. Request records (held
+        // while the sink was down, or queued) go to the spill file if there
+        // is one; what cannot is counted lost.
         let left = self.shared.queue.abandon();
-        let lost = left.iter().filter(|m| matches!(m, Msg::Record(_))).count();
+        let mut orphans: Vec<Pending> = self.held.drain(..).collect();
+        let mut lost = 0;
+        for m in left {
+            match m {
+                Msg::Record(p) if p.ack.is_none() => orphans.push(p),
+                Msg::Record(_) => lost += 1,
+                Msg::Flush(_) => {}
+            }
+        }
+        if !orphans.is_empty() {
+            let spilled = self.shared.spill.as_ref().is_some_and(|spill| {
+                let all: Vec<&Pending> = orphans.iter().collect();
+                lock(spill).append(&all).is_ok()
+            });
+            if spilled {
+                self.shared
+                    .metrics
+                    .written_spill
+                    .inc_by(orphans.len() as u64);
+            } else {
+                lost += orphans.len();
+            }
+        }
         if lost > 0 {
             self.shared.metrics.dropped.inc_by(lost as u64);
             tracing::error!(
