@@ -550,4 +550,43 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
         "{statuses:?}"
     );
     assert_eq!(as_.calls.load(Ordering::SeqCst), 12);
+    // An endpoint that fails (throttled, overloaded by the flood itself):
+    // failed calls count too, else made-up tokens would each be a call.
+    as_.delay_ms.store(0, Ordering::SeqCst);
+    as_.down.store(true, Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let r = from("10.0.0.4", format!("while-down-{i}"), "Patient/p1")
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [503, 503, 503, 503, 503, 429, 429, 429]);
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 17);
+}
+
+/// An introspected token's `exp` is judged as a JWT's: with the issuer's
+/// leeway, and a refusal names the real expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspected_expiry_honours_the_leeway() {
+    let (as_, endpoint) = spawn_as().await;
+    let gw = Gateway::start(Options {
+        issuer_yaml: format!(
+            "    introspection:\n      endpoint: {endpoint}\n      client_id: fhirwall-gw\n{BASIC}"
+        ),
+        leeway_seconds: 30,
+        ..Options::default()
+    })
+    .await;
+    let (just, long) = (now() - 5, now() - 120);
+    for (token, exp) in [("just-expired", just), ("long-expired", long)] {
+        let mut a = active(&gw, "user/*.rs", None);
+        a["exp"] = json!(exp);
+        as_.answers.lock().unwrap().insert(token.into(), a);
+    }
+    let (s, _, body) = get(&gw, "Patient/p1", "just-expired").await;
+    assert_eq!(s, 200, "{body}");
+    let (s, www, body) = get(&gw, "Patient/p1", "long-expired").await;
+    assert_eq!(s, 401, "{body}");
+    assert!(body.contains(&format!("expired at {long}")), "{www} {body}");
 }

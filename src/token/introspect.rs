@@ -139,8 +139,10 @@ impl Introspector {
         Ok(true)
     }
 
-    /// Gives back a unit [`reserve`] took: the answer was active (or the
-    /// endpoint failed, which is not the client's doing).
+    /// Gives back a unit [`reserve`] took: the answer was active. A failed
+    /// call is not given back: an endpoint that fails or throttles under a
+    /// flood of made-up tokens would otherwise let the flood through
+    /// uncounted (errors are not cached), every one a call.
     fn refund(&self, source: Option<&str>) {
         if let Some(b) = source.and_then(|s| self.budgets.get(s)) {
             let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,12 +182,7 @@ impl Introspector {
                     .try_get_with(hash, self.call(token, now))
                     .await
                     .map_err(|e| (*e).clone());
-                if reserved
-                    && !matches!(
-                        called,
-                        Ok(Outcome::Inactive { .. } | Outcome::Refused { .. })
-                    )
-                {
+                if reserved && matches!(called, Ok(Outcome::Active { .. })) {
                     self.refund(source);
                 }
                 (called?, false)
@@ -193,9 +190,14 @@ impl Introspector {
         };
         match outcome {
             // A cached result never outlives the token's exp.
-            Outcome::Active { claims, .. } if claims.exp > now => Ok((claims, cached)),
-            Outcome::Active { .. } => Err(TokenError::Expired {
-                exp: 0,
+            // (Within the leeway, as a JWT.)
+            Outcome::Active { claims, .. }
+                if claims.exp.saturating_add(self.issuer.leeway_seconds as i64) > now =>
+            {
+                Ok((claims, cached))
+            }
+            Outcome::Active { claims, .. } => Err(TokenError::Expired {
+                exp: claims.exp,
                 now,
                 leeway: self.issuer.leeway_seconds,
             }),
