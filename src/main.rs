@@ -42,7 +42,9 @@ enum Command {
         upgrade: bool,
         /// Like --upgrade, and this process sends the running one (this
         /// pid) SIGQUIT itself when it is ready.
-        #[arg(long, value_name = "PID")]
+        /// (A positive process id: kill(2) reads 0 and negative ones as
+        /// process groups, -1 as every process.)
+        #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
         upgrade_from: Option<i32>,
     },
     /// Validate a configuration without starting; reports every problem.

@@ -527,7 +527,10 @@ fn take_over_when_ready(
         ));
     }
     if let Some(pid) = takeover.from_pid {
+        // Never 0 or negative: kill(2) would signal a process group, or
+        // every process.
         let pid = rustix::process::Pid::from_raw(pid)
+            .filter(|_| pid > 0)
             .ok_or_else(|| format!("not taking over: {pid} is not a process id"))?;
         rustix::process::kill_process(pid, rustix::process::Signal::QUIT)
             .map_err(|e| format!("not taking over: cannot signal process {pid:?}: {e}"))?;

@@ -443,3 +443,19 @@ async fn a_process_is_ready_only_once_it_holds_its_port() {
         "{text}"
     );
 }
+
+/// `--upgrade-from` takes a process id only: kill(2) reads 0 and negative
+/// numbers as process groups, -1 as every process the user may signal.
+#[test]
+fn upgrade_from_refuses_what_is_not_a_process_id() {
+    for pid in ["-1", "0", "-1234"] {
+        let (ok, out) = support::run_bin(&[
+            "run",
+            "--config",
+            "config.yaml",
+            &format!("--upgrade-from={pid}"),
+        ]);
+        assert!(!ok, "{pid}: {out}");
+        assert!(out.contains("is not in 1.."), "{pid}: {out}");
+    }
+}
