@@ -76,9 +76,9 @@ pub struct Config {
     /// is a problem [`Config::validate`] reports, with everything else.
     #[serde(skip)]
     pub unknown_keys: Vec<String>,
-    /// When [`load`] began reading the files.
-    #[serde(skip, default = "std::time::SystemTime::now")]
-    pub loaded_at: std::time::SystemTime,
+    /// The files [`load`] read, as they were before it read them.
+    #[serde(skip)]
+    pub loaded_stamp: FilesStamp,
     /// Read for a reload ([`load_for_reload`]): the upstream's host name
     /// is not looked up.
     #[serde(skip)]
@@ -933,9 +933,9 @@ pub struct Settings {
     pub policies_watch: Option<PathBuf>,
     /// The policy directory, when policies are configured.
     pub policies_dir: Option<PathBuf>,
-    /// When the files were read (a change after it, during start-up, is
-    /// reloaded once fhirwall serves).
-    pub loaded_at: std::time::SystemTime,
+    /// The files read, as they were just before (any change since, during
+    /// start-up, is reloaded once fhirwall serves).
+    pub loaded_stamp: FilesStamp,
     pub break_glass: BreakGlassConfig,
     pub roles: Option<Roles>,
     pub audit: Audit,
@@ -1124,10 +1124,33 @@ pub fn load_for_reload(path: &Path) -> Result<Settings, ConfigError> {
     load_with(path, true)
 }
 
+/// Files and their modification times (absent: unreadable or gone).
+pub type FilesStamp = Vec<(PathBuf, Option<std::time::SystemTime>)>;
+
+/// The configuration file and every entry of the policy directory `dir`,
+/// sorted, each with its modification time: what a reload would read. Two
+/// stamps differ when a file changed, was added, removed or renamed.
+pub fn files_stamp(config: &Path, dir: Option<&Path>) -> FilesStamp {
+    let mut files = vec![config.to_path_buf()];
+    if let Some(d) = dir {
+        if let Ok(entries) = std::fs::read_dir(d) {
+            files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
+            (f, m)
+        })
+        .collect()
+}
+
 fn load_with(path: &Path, for_reload: bool) -> Result<Settings, ConfigError> {
-    // Before anything is read: a file changed while it is read counts as
+    // Each before it is read: a file changed while it is read counts as
     // changed since.
-    let loaded_at = std::time::SystemTime::now();
+    let config_stamp = files_stamp(path, None);
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: file.clone(),
@@ -1138,9 +1161,20 @@ fn load_with(path: &Path, for_reload: bool) -> Result<Settings, ConfigError> {
         message,
     })?;
     config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    config.loaded_at = loaded_at;
     config.for_reload = for_reload;
     config.resolve_paths();
+    let dir = config
+        .policies
+        .as_ref()
+        .map(|p| config.base_dir.join(&p.dir));
+    let mut stamp = files_stamp(path, dir.as_deref());
+    // The configuration file as it was before it was read.
+    for (f, m) in &mut stamp {
+        if let Some((_, before)) = config_stamp.iter().find(|(c, _)| c == f) {
+            *m = *before;
+        }
+    }
+    config.loaded_stamp = stamp;
     config
         .validate()
         .map_err(|problems| ConfigError::Invalid { file, problems })
@@ -2003,7 +2037,7 @@ impl Config {
                 .filter(|p| p.watch)
                 .map(|p| self.base_dir.join(&p.dir)),
             policies_dir: self.policies.as_ref().map(|p| self.base_dir.join(&p.dir)),
-            loaded_at: self.loaded_at,
+            loaded_stamp: self.loaded_stamp.clone(),
             break_glass: self.break_glass.clone(),
             roles: roles.expect("validated"),
             audit: audit.expect("validated"),
@@ -2580,16 +2614,44 @@ fn pem_blocks(
 fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::policy::PolicySet {
     let mut set = crate::policy::PolicySet::default();
     let shown = dir.display().to_string();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .collect(),
+    let entries: Vec<std::io::Result<std::fs::DirEntry>> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.collect(),
         Err(e) => {
             problem("policies.dir", format!("cannot read '{shown}': {e}"));
             return set;
         }
     };
+    // Every `.yaml`/`.yml` name (in any case) is a policy file, and must
+    // be one that can be read: a rule skipped without a word (a symlink
+    // into a volume not mounted, a directory) would look enforced.
+    let mut files: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let path = match entry {
+            Ok(e) => e.path(),
+            Err(e) => {
+                problem("policies.dir", format!("cannot list '{shown}': {e}"));
+                continue;
+            }
+        };
+        let policy = path
+            .extension()
+            .is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+        if !policy {
+            continue;
+        }
+        if path.is_file() {
+            files.push(path);
+        } else {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            problem(
+                &format!("{shown}/{name}"),
+                match std::fs::metadata(&path) {
+                    Ok(_) => "is not a regular file".into(),
+                    Err(e) => format!("cannot be read ({e}; a dangling symlink?)"),
+                },
+            );
+        }
+    }
     files.sort();
     for f in files {
         let name = f

@@ -139,34 +139,17 @@ impl Reloader {
     }
 
     /// Whether the configuration file or a policy file changed since the
-    /// running settings were read (a reload asked for while fhirwall
-    /// started, a SIGHUP then unheard, is not lost).
+    /// running settings were read: modified, added, removed or renamed (a
+    /// reload asked for while fhirwall started, a SIGHUP then unheard, is
+    /// not lost).
     fn changed_since_load(&self) -> bool {
-        self.stamp(self.running.policies_dir.as_deref())
-            .iter()
-            .any(|(_, modified)| modified.is_some_and(|t| t > self.running.loaded_at))
+        self.stamp(self.running.policies_dir.as_deref()) != self.running.loaded_stamp
     }
 
     /// The configuration file and the files in policy directory `dir`,
     /// sorted, each with its modification time.
-    fn stamp(
-        &self,
-        dir: Option<&std::path::Path>,
-    ) -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>)> {
-        let mut files = vec![self.path.clone()];
-        if let Some(d) = dir {
-            if let Ok(entries) = std::fs::read_dir(d) {
-                files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
-            }
-        }
-        files.sort();
-        files
-            .into_iter()
-            .map(|f| {
-                let m = std::fs::metadata(&f).and_then(|m| m.modified()).ok();
-                (f, m)
-            })
-            .collect()
+    fn stamp(&self, dir: Option<&std::path::Path>) -> crate::config::FilesStamp {
+        crate::config::files_stamp(&self.path, dir)
     }
 }
 

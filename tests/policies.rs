@@ -382,6 +382,43 @@ async fn a_refused_type_is_not_reached_through_includes_or_everything() {
     );
 }
 
+/// Every `.yaml`/`.yml` entry of the policy directory, in any case, is a
+/// policy file and must be readable: one skipped without a word (a
+/// symlink into a volume not mounted, a directory) would look enforced.
+/// Other names are not policies.
+#[test]
+fn every_policy_file_is_read_or_named() {
+    let dir = TempDir::new("policies-entries");
+    let pol = dir.0.join("policies");
+    std::fs::create_dir_all(pol.join("d.yml")).unwrap();
+    std::fs::write(
+        pol.join("a.yaml"),
+        "rules:\n  - {name: ok, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pol.join("B.YAML"),
+        "rules:\n  - {name: upper, effect: deny, when: {interaction: [reed]}}\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(dir.0.join("not-mounted/deny.yaml"), pol.join("c.yaml")).unwrap();
+    std::fs::write(pol.join("README.md"), "not a policy").unwrap();
+    std::fs::write(pol.join("e.yaml.off"), "not: [a policy").unwrap();
+    let config = offline_config(&dir);
+    let (ok, text) = support::check(&config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("B.YAML") && text.contains("reed"), "{text}");
+    assert!(
+        text.contains("c.yaml: cannot be read") && text.contains("dangling symlink"),
+        "{text}"
+    );
+    assert!(text.contains("d.yml: is not a regular file"), "{text}");
+    assert!(
+        !text.contains("README") && !text.contains("e.yaml.off"),
+        "{text}"
+    );
+}
+
 /// A config with the hospital policy, for the offline commands.
 fn offline_config(dir: &TempDir) -> std::path::PathBuf {
     let pol = dir.0.join("policies");

@@ -277,6 +277,13 @@ async fn policies_changed_during_start_up_are_in_force_when_serving() {
         "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
     )
     .unwrap();
+    // Kept ready, switched off by its name.
+    let off = rules.join("20-no-deletes.yaml.off");
+    std::fs::write(
+        &off,
+        "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .unwrap();
     let mut old = Gateway::start(Options {
         server_yaml: format!(
             "  upgrade_sock: {}\n",
@@ -290,13 +297,10 @@ async fn policies_changed_during_start_up_are_in_force_when_serving() {
     let log = socks.0.join("new.log");
     let mut new = spawn(old.config_path(), &["--upgrade"], &log);
     until_waiting_for_sockets(&log).await;
-    // The operator changes the rules and reloads: the running process
-    // takes them, the starting one has read the files already.
-    std::fs::write(
-        &file,
-        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
-    )
-    .unwrap();
+    // The operator switches the deny on by its name (a rename keeps the
+    // file's old modification time) and reloads: the running process
+    // takes it, the starting one has read the files already.
+    std::fs::rename(&off, rules.join("20-no-deletes.yaml")).unwrap();
     old.signal("QUIT");
     let status = old.wait_exit(30).await;
     assert!(status.success(), "the old process ended with {status}");
