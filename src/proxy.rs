@@ -2203,9 +2203,9 @@ impl Gateway {
             .collect();
         let d = grant.decision;
         drop(stage);
-        for (rule, limit, who, n) in limits {
+        for (rule, limit, _, n) in &limits {
             // More entries than the bucket ever holds: no wait helps.
-            if n > limit.requests {
+            if *n > limit.requests {
                 return Err(Denial::TooLarge {
                     description: format!(
                         "this Bundle has {n} entries that policy rule {rule} counts; it allows at \
@@ -2214,32 +2214,50 @@ impl Gateway {
                     ),
                 });
             }
-            let taken = self
-                .shared
-                .take(&rule, &limit, &who, n)
-                .await
-                .map_err(|_| Denial::Unavailable {
-                    code: "rate_limit_unavailable",
-                    description: format!(
-                        "the rate limit of policy rule {rule} cannot be counted (Redis is \
-                         unavailable); retry later"
-                    ),
-                    retry_after_seconds: 1,
-                })?;
-            if let Err(wait) = taken {
-                let entries = if n > 1 {
-                    format!(" (this Bundle counts {n})")
-                } else {
-                    String::new()
-                };
-                return Err(Denial::RateLimited {
-                    description: format!(
-                        "rate limit of policy rule {rule}: {} requests per {} s per {}{entries}",
-                        limit.requests, limit.per_seconds, limit.per
-                    ),
-                    retry_after_seconds: wait.ceil().max(1.0) as u64,
-                });
-            }
+        }
+        // Counted against every limit at once: a request one limit
+        // refuses spends nothing of the others (a user over its own limit
+        // does not empty its client's bucket for the client's other users).
+        let asks: Vec<crate::ratelimit::Ask> = limits
+            .iter()
+            .map(|(rule, limit, who, n)| crate::ratelimit::Ask {
+                rule,
+                limit,
+                who,
+                n: *n,
+            })
+            .collect();
+        let taken = self
+            .shared
+            .take_all(&asks)
+            .await
+            .map_err(|_| Denial::Unavailable {
+                code: "rate_limit_unavailable",
+                description: format!(
+                    "the rate limits of policy rules {} cannot be counted (Redis is \
+                     unavailable); retry later",
+                    limits
+                        .iter()
+                        .map(|(rule, ..)| rule.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                retry_after_seconds: 1,
+            })?;
+        if let Err((i, wait)) = taken {
+            let (rule, limit, _, n) = &limits[i];
+            let entries = if *n > 1 {
+                format!(" (this Bundle counts {n})")
+            } else {
+                String::new()
+            };
+            return Err(Denial::RateLimited {
+                description: format!(
+                    "rate limit of policy rule {rule}: {} requests per {} s per {}{entries}",
+                    limit.requests, limit.per_seconds, limit.per
+                ),
+                retry_after_seconds: wait.ceil().max(1.0) as u64,
+            });
         }
         // A checked answer is fetched by fhirwall, which sends only a body
         // it read: one it did not read (a Parameters body of

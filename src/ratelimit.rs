@@ -27,19 +27,40 @@ impl Bucket {
     /// many seconds until they are there. More than the capacity never
     /// are: refused with a wait of the whole window.
     pub fn take(&mut self, capacity: f64, rate: f64, now: f64, n: f64) -> Result<(), f64> {
+        self.refill(capacity, rate, now);
+        self.holds(capacity, rate, n)?;
+        self.tokens -= n;
+        Ok(())
+    }
+
+    /// Adds what `rate` gave since the last update, up to `capacity`.
+    fn refill(&mut self, capacity: f64, rate: f64, now: f64) {
         let elapsed = (now - self.updated).max(0.0);
         self.tokens = (self.tokens + elapsed * rate).min(capacity);
         self.updated = now;
+    }
+
+    /// Whether `n` tokens are there (after [`Bucket::refill`]), or the
+    /// seconds until they are.
+    fn holds(&self, capacity: f64, rate: f64, n: f64) -> Result<(), f64> {
         if n > capacity {
-            return Err(capacity / rate);
-        }
-        if self.tokens >= n {
-            self.tokens -= n;
+            Err(capacity / rate)
+        } else if self.tokens >= n {
             Ok(())
         } else {
             Err((n - self.tokens) / rate)
         }
     }
+}
+
+/// One rate limit a request is counted against: `n` tokens (a request, or
+/// a batch's entries) of `limit` of policy rule `rule`, for `who`.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub rule: &'a str,
+    pub limit: &'a RateLimit,
+    pub who: &'a str,
+    pub n: u32,
 }
 
 /// Every rule's buckets.
@@ -67,16 +88,73 @@ impl Limiter {
     /// `limit` of rule `rule` for `who`; the seconds to wait when the
     /// bucket holds too few.
     pub fn check(&self, rule: &str, limit: &RateLimit, who: &str, n: u32) -> Result<(), f64> {
-        let capacity = f64::from(limit.requests);
-        let rate = capacity / f64::from(limit.per_seconds);
+        self.check_all(&[Ask {
+            rule,
+            limit,
+            who,
+            n,
+        }])
+        .map_err(|(_, wait)| wait)
+    }
+
+    /// Counts a request against every limit in `asks` at once: its tokens
+    /// are taken from each bucket only if every one holds them, so a
+    /// request refused by one limit spends nothing of the others (one
+    /// user's refused requests must not empty its client's bucket). When
+    /// refused: the first refusing ask's index and its wait.
+    pub fn check_all(&self, asks: &[Ask]) -> Result<(), (usize, f64)> {
         let now = self.origin.elapsed().as_secs_f64();
-        let bucket = self
-            .buckets
-            .get_with(format!("{rule}\u{0}{}\u{0}{who}", limit.per), || {
+        let shape = |a: &Ask| {
+            let capacity = f64::from(a.limit.requests);
+            (capacity, capacity / f64::from(a.limit.per_seconds))
+        };
+        // Locked in key order (two requests never wait on each other in
+        // a circle); a key asked twice is one bucket asked for both.
+        let mut keyed: Vec<(String, usize)> = asks
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("{}\u{0}{}\u{0}{}", a.rule, a.limit.per, a.who), i))
+            .collect();
+        keyed.sort();
+        let mut buckets: Vec<(Arc<Mutex<Bucket>>, Vec<usize>)> = Vec::new();
+        let mut last: Option<&str> = None;
+        for (key, i) in &keyed {
+            if last == Some(key.as_str()) {
+                if let Some((_, asked)) = buckets.last_mut() {
+                    asked.push(*i);
+                }
+                continue;
+            }
+            last = Some(key);
+            let (capacity, _) = shape(&asks[*i]);
+            let b = self.buckets.get_with(key.clone(), || {
                 Arc::new(Mutex::new(Bucket::full(capacity, now)))
             });
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        b.take(capacity, rate, now, f64::from(n))
+            buckets.push((b, vec![*i]));
+        }
+        let mut held: Vec<_> = buckets
+            .iter()
+            .map(|(b, asked)| (b.lock().unwrap_or_else(|p| p.into_inner()), asked))
+            .collect();
+        let mut refused: Option<(usize, f64)> = None;
+        for (b, asked) in &mut held {
+            let (capacity, rate) = shape(&asks[asked[0]]);
+            b.refill(capacity, rate, now);
+            let n: f64 = asked.iter().map(|i| f64::from(asks[*i].n)).sum();
+            if let Err(wait) = b.holds(capacity, rate, n) {
+                let first = *asked.iter().min().unwrap_or(&0);
+                if refused.is_none_or(|(j, _)| first < j) {
+                    refused = Some((first, wait));
+                }
+            }
+        }
+        if let Some(r) = refused {
+            return Err(r);
+        }
+        for (b, asked) in &mut held {
+            b.tokens -= asked.iter().map(|i| f64::from(asks[*i].n)).sum::<f64>();
+        }
+        Ok(())
     }
 }
 
@@ -125,5 +203,46 @@ mod tests {
         assert!(l.check("batch", &limit, "a", 1).is_err());
         assert_eq!(l.check("big", &limit, "a", 3), Err(3600.0));
         assert!(l.check("big", &limit, "a", 2).is_ok());
+    }
+
+    /// A request counted against several limits takes from all or none:
+    /// refused by one, it spends nothing of the others.
+    #[test]
+    fn a_request_refused_by_one_limit_spends_none_of_the_others() {
+        let per = |per: &str, requests: u32| RateLimit {
+            requests,
+            per_seconds: 3600,
+            per: per.into(),
+        };
+        let (client, user) = (per("client", 3), per("user", 1));
+        let l = Limiter::default();
+        let ask = |who_user: &'static str| {
+            [
+                Ask {
+                    rule: "a.yaml#per-client",
+                    limit: &client,
+                    who: "client:app",
+                    n: 1,
+                },
+                Ask {
+                    rule: "b.yaml#per-user",
+                    limit: &user,
+                    who: who_user,
+                    n: 1,
+                },
+            ]
+        };
+        assert!(l.check_all(&ask("u1")).is_ok());
+        // u1 is over its own limit many times over: the client's bucket
+        // keeps its two tokens for the app's other users.
+        for _ in 0..10 {
+            let (index, wait) = l.check_all(&ask("u1")).unwrap_err();
+            assert_eq!(index, 1);
+            assert!(wait > 0.0);
+        }
+        assert!(l.check_all(&ask("u2")).is_ok());
+        assert!(l.check_all(&ask("u3")).is_ok());
+        // Now the client's is empty: refused by the first ask.
+        assert_eq!(l.check_all(&ask("u4")).unwrap_err().0, 0);
     }
 }

@@ -225,21 +225,22 @@ impl SharedState {
         }
     }
 
-    /// Counts one request against a rate limit of policy rule `rule` for
-    /// `who`; the seconds to wait when its bucket is empty.
-    pub async fn take(
+    /// Counts a request against every rate limit in `asks` at once: taken
+    /// from all their buckets, or (refused) from none. When refused, the
+    /// first refusing ask's index and the seconds to wait.
+    pub async fn take_all(
         &self,
-        rule: &str,
-        limit: &RateLimit,
-        who: &str,
-        n: u32,
-    ) -> Result<Result<(), f64>, Unavailable> {
+        asks: &[crate::ratelimit::Ask<'_>],
+    ) -> Result<Result<(), (usize, f64)>, Unavailable> {
+        if asks.is_empty() {
+            return Ok(Ok(()));
+        }
         if let Some(r) = &self.redis {
-            if let Some(decided) = r.ask(r.take(rule, limit, who, n)).await {
+            if let Some(decided) = r.ask(r.take_all(asks)).await {
                 return decided;
             }
         }
-        Ok(self.local.limiter.check(rule, limit, who, n))
+        Ok(self.local.limiter.check_all(asks))
     }
 }
 
@@ -335,35 +336,40 @@ redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return {1, 0}
 ";
 
-/// A token bucket (the arithmetic of `ratelimit::Bucket::take`) timed by
-/// Redis's clock. KEYS: the bucket. ARGV: capacity, refill per second,
-/// tokens to take (a Bundle's matching entries). Returns `{1, 0}` taken or
-/// `{0, ms}` the wait for them (the whole window when they exceed the
-/// capacity). Time is kept
-/// in whole microseconds (exact in a Lua number).
-const BUCKET_SCRIPT: &str = r"
+/// Token buckets (the arithmetic of `ratelimit::Bucket::take`) timed by
+/// Redis's clock, taken from together: every bucket gives its tokens or
+/// none does. KEYS: the buckets (each once). ARGV: for each, its capacity,
+/// refill per second and tokens to take (a Bundle's matching entries).
+/// Returns `{1, 0, 0}` taken, or `{0, ms, i}`: the wait for the first
+/// bucket `i` (from 0) that holds too few (the whole window when asked for
+/// more than its capacity). Time is kept in whole microseconds (exact in a
+/// Lua number).
+const BUCKETS_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cap = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2]) / 1000000
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(b[1]) or cap
-local at = tonumber(b[2]) or now
-tokens = math.min(cap, tokens + math.max(0, now - at) * rate)
-local n = tonumber(ARGV[3])
-local taken = 0
-local wait = 0
-if n > cap then
-  wait = math.ceil(cap / rate / 1000)
-elseif tokens >= n then
-  tokens = tokens - n
-  taken = 1
-else
-  wait = math.ceil((n - tokens) / rate / 1000)
+local state = {}
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[3 * i - 2])
+  local rate = tonumber(ARGV[3 * i - 1]) / 1000000
+  local n = tonumber(ARGV[3 * i])
+  local b = redis.call('HMGET', KEYS[i], 'tokens', 'at')
+  local tokens = tonumber(b[1]) or cap
+  local at = tonumber(b[2]) or now
+  tokens = math.min(cap, tokens + math.max(0, now - at) * rate)
+  if n > cap then
+    return {0, math.ceil(cap / rate / 1000), i - 1}
+  end
+  if tokens < n then
+    return {0, math.ceil((n - tokens) / rate / 1000), i - 1}
+  end
+  state[i] = {cap, rate, tokens - n}
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.0f', now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((cap - tokens) / rate / 1000) + 1000)
-return {taken, wait}
+for i = 1, #KEYS do
+  local cap, rate, tokens = state[i][1], state[i][2], state[i][3]
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil((cap - tokens) / rate / 1000) + 1000)
+end
+return {1, 0, 0}
 ";
 
 /// The Redis side: one multiplexed connection (reconnected by the
@@ -380,7 +386,7 @@ pub struct RedisStore {
     /// false at start: a process asks Redis until it has seen it fail.)
     failing: AtomicBool,
     proof_script: redis::Script,
-    bucket_script: redis::Script,
+    buckets_script: redis::Script,
     metrics: RedisMetrics,
     /// When a failed command was last logged.
     last_log: Mutex<Option<Instant>>,
@@ -395,7 +401,7 @@ impl RedisStore {
             up: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             proof_script: redis::Script::new(PROOF_SCRIPT),
-            bucket_script: redis::Script::new(BUCKET_SCRIPT),
+            buckets_script: redis::Script::new(BUCKETS_SCRIPT),
             metrics,
             last_log: Mutex::new(None),
         }
@@ -654,19 +660,30 @@ impl RedisStore {
         })
     }
 
-    async fn take(
+    async fn take_all(
         &self,
-        rule: &str,
-        limit: &RateLimit,
-        who: &str,
-        n: u32,
-    ) -> Result<Result<(), f64>, Unavailable> {
-        let key = bucket_key(&self.cfg.key_prefix, rule, limit, who);
-        let capacity = f64::from(limit.requests);
-        let rate = capacity / f64::from(limit.per_seconds);
-        let mut inv = self.bucket_script.key(key);
-        inv.arg(limit.requests).arg(format!("{rate:.17}")).arg(n);
-        let (taken, wait_ms): (i64, i64) = self
+        asks: &[crate::ratelimit::Ask<'_>],
+    ) -> Result<Result<(), (usize, f64)>, Unavailable> {
+        // One key once (its asks summed): the script reads each bucket
+        // once, so a repeated key would be charged only for its last ask.
+        let mut buckets: Vec<(String, &RateLimit, u64, usize)> = Vec::new();
+        for (i, a) in asks.iter().enumerate() {
+            let key = bucket_key(&self.cfg.key_prefix, a.rule, a.limit, a.who);
+            match buckets.iter_mut().find(|(k, ..)| *k == key) {
+                Some((_, _, n, _)) => *n += u64::from(a.n),
+                None => buckets.push((key, a.limit, u64::from(a.n), i)),
+            }
+        }
+        let mut inv = self.buckets_script.prepare_invoke();
+        for (key, limit, n, _) in &buckets {
+            let capacity = f64::from(limit.requests);
+            let rate = capacity / f64::from(limit.per_seconds);
+            inv.key(key)
+                .arg(limit.requests)
+                .arg(format!("{rate:.17}"))
+                .arg(*n);
+        }
+        let (taken, wait_ms, index): (i64, i64, i64) = self
             .call("rate limit", |mut c| async move {
                 inv.invoke_async(&mut c).await
             })
@@ -674,7 +691,11 @@ impl RedisStore {
         Ok(if taken == 1 {
             Ok(())
         } else {
-            Err(wait_ms.max(1) as f64 / 1000.0)
+            let first = usize::try_from(index)
+                .ok()
+                .and_then(|i| buckets.get(i))
+                .map_or(0, |b| b.3);
+            Err((first, wait_ms.max(1) as f64 / 1000.0))
         })
     }
 }

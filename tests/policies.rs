@@ -293,6 +293,53 @@ async fn rate_limits_per_client() {
     );
 }
 
+/// A request counted against several limits is taken from all or none:
+/// one user over its own limit does not empty its client's bucket for the
+/// client's other users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_by_one_limit_spends_none_of_the_others() {
+    let (_dir, gw) = with_rules(
+        "policies-rate-all",
+        "10-limits.yaml",
+        "rules:\n  - name: user-budget\n    effect: require\n    require: {binding: [bearer]}\n    when: {interaction: [search-type]}\n    rate_limit: {per: user, requests: 2, per_seconds: 3600}\n  - name: client-budget\n    effect: allow\n    when: {interaction: [search-type]}\n    rate_limit: {per: client, requests: 4, per_seconds: 3600}\n",
+    )
+    .await;
+    let as_user = |sub: &str| {
+        let mut c = gw.claims("user/*.rs");
+        c["sub"] = json!(sub);
+        gw.issuer.signing_key().sign(&c)
+    };
+    let (u1, u2, u3) = (as_user("u1"), as_user("u2"), as_user("u3"));
+    let search = |token: &str, tag: String| {
+        let (gw, token) = (&gw, token.to_string());
+        async move {
+            let r = gw
+                .get(&format!("Observation?code={tag}"), Some(&token))
+                .await;
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    for i in 0..2 {
+        assert_eq!(search(&u1, format!("all-u1-{i}")).await.0, 200);
+    }
+    for i in 2..8 {
+        let (status, body) = search(&u1, format!("all-u1-{i}")).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("user-budget"), "{body}");
+    }
+    // The client's bucket still holds the two u1's refusals did not take.
+    for i in 0..2 {
+        let (status, body) = search(&u2, format!("all-u2-{i}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = search(&u3, "all-u3".into()).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("client-budget"), "{body}");
+    assert_eq!(gw.upstream.count_containing("all-u1-"), 2);
+    assert_eq!(gw.upstream.count_containing("all-u3"), 0);
+}
+
 /// A stored search's page is served whatever search its id names, so it
 /// is judged type by type: under a rule denying a resource type the page
 /// is asked for, and refused only if its answer holds that type (paging

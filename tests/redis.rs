@@ -309,6 +309,45 @@ async fn a_rate_limit_is_counted_across_replicas() {
     );
 }
 
+/// In Redis too, a request is taken from every limit or none: a user
+/// over its own limit (at either replica) spends nothing of its client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_by_one_limit_spends_none_of_the_others_in_redis() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new("redis-policies-all");
+    std::fs::write(
+        dir.0.join("10-limits.yaml"),
+        "rules:\n  - name: user-budget\n    effect: require\n    require: {binding: [bearer]}\n    when: {interaction: [search-type]}\n    rate_limit: {per: user, requests: 2, per_seconds: 3600}\n  - name: client-budget\n    effect: allow\n    when: {interaction: [search-type]}\n    rate_limit: {per: client, requests: 4, per_seconds: 3600}\n",
+    )
+    .unwrap();
+    let (a, b) = replicas(&redis, &format!("policies:\n  dir: {}\n", dir.0.display())).await;
+    let as_user = |sub: &str| {
+        let mut c = a.claims("user/*.rs");
+        c["sub"] = serde_json::json!(sub);
+        a.issuer.signing_key().sign(&c)
+    };
+    let (u1, u2, u3) = (as_user("u1"), as_user("u2"), as_user("u3"));
+    let mut got = Vec::new();
+    for (i, gw) in [&a, &b, &a, &b, &a, &b].into_iter().enumerate() {
+        got.push(
+            gw.get(&format!("Observation?code=all-u1-{i}"), Some(&u1))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(got, [200, 200, 429, 429, 429, 429]);
+    for (i, gw) in [&b, &a].into_iter().enumerate() {
+        let r = gw
+            .get(&format!("Observation?code=all-u2-{i}"), Some(&u2))
+            .await;
+        assert_eq!(r.status(), 200, "u2 request {i}");
+    }
+    let r = b.get("Observation?code=all-u3", Some(&u3)).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("client-budget"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
     let mut redis = RedisServer::start();
