@@ -80,7 +80,13 @@ pub struct Config {
     #[serde(skip)]
     pub loaded_stamp: FilesStamp,
     /// Read for a reload ([`load_for_reload`]): the upstream's host name
-    /// is not looked up.
+    /// is not looked up, and the files of settings only a restart applies
+    /// (keys, certificates, passwords; the audit file's and the upgrade
+    /// socket's directories) are neither read nor judged: the running
+    /// process keeps what it read at start, and a file gone since (a
+    /// rotated secret, a volume not mounted) must not keep new rules, an
+    /// emergency deny above all, from applying. The settings hold
+    /// placeholders for them.
     #[serde(skip)]
     pub for_reload: bool,
 }
@@ -1116,10 +1122,13 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 }
 
 /// Like [`load`], for a reload (SIGHUP): the upstream's host name is not
-/// looked up. Only a restart applies the upstream, and a lookup failing
-/// meanwhile (a headless service with no ready endpoints, a DNS outage)
-/// must not keep new rules, an emergency deny above all, from applying.
-/// The settings' `upstream.resolved` is then empty.
+/// looked up, and the files of restart-only settings are not read (see
+/// `Config::for_reload`). Only a restart applies them, and a lookup
+/// failing meanwhile (a headless service with no ready endpoints, a DNS
+/// outage) or a file gone must not keep new rules, an emergency deny
+/// above all, from applying. Only the rules of what this returns may be
+/// used: `upstream.resolved` is empty, and keys and certificates are
+/// placeholders.
 pub fn load_for_reload(path: &Path) -> Result<Settings, ConfigError> {
     load_with(path, true)
 }
@@ -1329,7 +1338,7 @@ impl Config {
         let admin_listen = parse_addr(&self.admin.listen, "admin.listen", &mut problem);
         let tls = match &self.tls {
             None => Some(None),
-            Some(t) => validate_tls(t, &mut problem).map(Some),
+            Some(t) => validate_tls(t, self.for_reload, &mut problem).map(Some),
         };
         let bg_header = &self.break_glass.header;
         if http::HeaderName::from_bytes(bg_header.as_bytes()).is_err() {
@@ -1596,7 +1605,12 @@ impl Config {
             let introspection = match &c.introspection {
                 None => None,
                 Some(ic) => {
-                    let r = validate_introspection(ic, &at("introspection"), &mut problem);
+                    let r = validate_introspection(
+                        ic,
+                        &at("introspection"),
+                        self.for_reload,
+                        &mut problem,
+                    );
                     ok &= r.is_some();
                     r
                 }
@@ -1704,8 +1718,8 @@ impl Config {
             );
         }
         let jwks_roots = match &j.ca_file {
-            Some(ca) => pem_bundle("jwks.ca_file", ca, &mut problem),
-            None => Vec::new(),
+            Some(ca) if !self.for_reload => pem_bundle("jwks.ca_file", ca, &mut problem),
+            _ => Vec::new(),
         };
 
         let dpop = {
@@ -1748,6 +1762,8 @@ impl Config {
             }
             let nonce_key = match &d.nonce_key_file {
                 None => None,
+                // Read at start only (see `Config::for_reload`).
+                Some(_) if self.for_reload => Some(Secret(Vec::new())),
                 Some(f) => match read_small_file(&self.base_dir.join(f), 1024) {
                     Ok(k) if (32..=1024).contains(&k.len()) => Some(Secret(k)),
                     Ok(k) => {
@@ -1925,6 +1941,9 @@ impl Config {
             // working directories.
             let path = self.base_dir.join(sock);
             let path = std::path::absolute(&path).unwrap_or(path);
+            if self.for_reload {
+                return Some(path);
+            }
             check_upgrade_sock(&path, &mut problem)
         });
 
@@ -2147,6 +2166,7 @@ impl Config {
         }
         let password = match &r.password_file {
             None => None,
+            Some(_) if self.for_reload => Some(Secret(Vec::new())),
             Some(f) => match read_small_file(&self.base_dir.join(f), 1024) {
                 Ok(b) => {
                     let text = String::from_utf8(b).ok();
@@ -2179,6 +2199,9 @@ impl Config {
             if addr.is_some() && !tls_wanted {
                 bad(key, "is only used with a rediss:// (TLS) redis.url".into());
                 return None;
+            }
+            if self.for_reload {
+                return Some(Vec::new());
             }
             let text = match read_small_file(&self.base_dir.join(f), 1 << 20) {
                 Ok(t) => t,
@@ -2286,7 +2309,7 @@ impl Config {
             "file" => match &a.path {
                 Some(p) => {
                     let path = self.base_dir.join(p);
-                    if let Some(why) = unwritable(&path) {
+                    if let Some(why) = unwritable(&path).filter(|_| !self.for_reload) {
                         bad("audit.path", why);
                     }
                     Some(AuditSink::File(path))
@@ -2417,7 +2440,7 @@ impl Config {
             }
             ("spill", Some(p)) => {
                 let p = self.base_dir.join(p);
-                if let Some(why) = unwritable(&p) {
+                if let Some(why) = unwritable(&p).filter(|_| !self.for_reload) {
                     bad("audit.spill_path", why);
                 }
                 if sink_path.as_ref() == Some(&p) {
@@ -2527,7 +2550,7 @@ impl Config {
                     "only used with an https upstream".into(),
                 );
                 ok = false;
-            } else {
+            } else if !self.for_reload {
                 roots = pem_bundle("upstream.ca_file", ca, problem);
                 ok &= !roots.is_empty();
             }
@@ -2691,9 +2714,22 @@ fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::p
 }
 
 /// Validates the `tls` section.
-fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option<Tls> {
-    let cert = pem_blocks("tls.cert_file", &t.cert_file, &["CERTIFICATE"], problem);
-    let key = pem_blocks(
+/// The listener's TLS. `for_reload`: its files are not read (see
+/// `Config::for_reload`), and what they hold is not judged.
+fn validate_tls(
+    t: &TlsConfig,
+    for_reload: bool,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Tls> {
+    let pem = |key: &str, file: &str, tags: &[&str], problem: &mut dyn FnMut(&str, String)| {
+        if for_reload {
+            Some(Vec::new())
+        } else {
+            pem_blocks(key, file, tags, &mut |k: &str, m: String| problem(k, m))
+        }
+    };
+    let cert = pem("tls.cert_file", &t.cert_file, &["CERTIFICATE"], problem);
+    let key = pem(
         "tls.key_file",
         &t.key_file,
         &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
@@ -2712,7 +2748,7 @@ fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option
         }
     };
     let client_cas = match (&t.client_ca_file, client_auth) {
-        (Some(f), _) => pem_blocks("tls.client_ca_file", f, &["CERTIFICATE"], problem),
+        (Some(f), _) => pem("tls.client_ca_file", f, &["CERTIFICATE"], problem),
         (None, Some(ClientAuthMode::None)) => Some(Vec::new()),
         (None, Some(_)) => {
             problem(
@@ -2724,6 +2760,14 @@ fn validate_tls(t: &TlsConfig, problem: &mut impl FnMut(&str, String)) -> Option
         (None, None) => None,
     };
     let (_, _, client_auth, client_cas) = (cert?, key?, client_auth?, client_cas?);
+    if for_reload {
+        return Some(Tls {
+            cert_file: PathBuf::from(&t.cert_file),
+            key_file: PathBuf::from(&t.key_file),
+            client_cas,
+            client_auth,
+        });
+    }
     // Built as the listener builds it (rustls), so that what passes here
     // starts there: a key that does not fit the certificate, or that
     // rustls cannot read, would stop the listener only once it starts.
@@ -2839,9 +2883,12 @@ pub fn is_secure_or_loopback(u: &Url) -> bool {
 }
 
 /// Validates an issuer's `introspection` section (key prefix `at`).
+/// An issuer's introspection settings. `for_reload`: the private key file
+/// is not read (see `Config::for_reload`); a placeholder stands for it.
 fn validate_introspection(
     c: &IntrospectionConfig,
     at: &str,
+    for_reload: bool,
     problem: &mut impl FnMut(&str, String),
 ) -> Option<Introspection> {
     let key = |k: &str| format!("{at}.{k}");
@@ -2899,6 +2946,7 @@ fn validate_introspection(
                 }
             };
             let pem = match &c.private_key_file {
+                Some(_) if for_reload => None,
                 Some(f) => match std::fs::read(f) {
                     Ok(b) => Some(b),
                     Err(e) => {
@@ -2915,6 +2963,12 @@ fn validate_introspection(
                 }
             };
             match (alg, pem) {
+                (Some(alg), None) if for_reload && c.private_key_file.is_some() => {
+                    Some(ClientAuth::PrivateKeyJwt {
+                        key: jsonwebtoken::EncodingKey::from_secret(&[]),
+                        alg,
+                    })
+                }
                 (Some(alg), Some(pem)) => {
                     let k = match alg {
                         Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),

@@ -1027,6 +1027,52 @@ async fn metric(gw: &Gateway, line: &str) -> bool {
     gw.metrics().await.contains(line)
 }
 
+/// A reload reads the rules, not the files only a restart applies: a
+/// secret gone since start (a rotated mount, here the DPoP nonce key) does
+/// not keep a new deny from applying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_rules_though_a_restart_only_file_is_gone() {
+    let dir = TempDir::new("policies-reload-secret");
+    std::fs::write(
+        dir.0.join("10-rules.yaml"),
+        "rules:\n  - {name: reads-ok, effect: allow, when: {interaction: [read]}}\n",
+    )
+    .unwrap();
+    let secrets = TempDir::new("policies-reload-secret-key");
+    let key = secrets.0.join("nonce.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!(
+            "policies:\n  dir: {}\ndpop:\n  require_nonce: true\n  nonce_key_file: {}\n",
+            dir.0.display(),
+            key.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    let delete = |id: &'static str| {
+        gw.client
+            .delete(format!("{}/Observation/{id}", gw.base))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(delete("secret-1").await.unwrap().status(), 204);
+    std::fs::remove_file(&key).unwrap();
+    std::fs::write(
+        dir.0.join("20-emergency.yaml"),
+        "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .unwrap();
+    sighup(&gw);
+    until_metric(&gw, "fhirwall_reloads_total{result=\"success\"}", 1.0).await;
+    assert_eq!(delete("secret-2").await.unwrap().status(), 403);
+    assert_eq!(gw.upstream.count_containing("secret-2"), 0);
+    // A start, by contrast, needs the file: check says where.
+    let (ok, text) = support::check(gw.config_path());
+    assert!(!ok && text.contains("dpop.nonce_key_file"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
     let (dir, gw) = with_rules(
