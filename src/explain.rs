@@ -59,7 +59,9 @@ fn d_binding() -> String {
 #[derive(Debug, Clone)]
 pub struct Explanation {
     pub stages: Vec<(&'static str, String)>,
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or `error`: the question itself is not one the
+    /// gateway could be asked (a time or URL that does not parse), so
+    /// nothing was decided.
     pub decision: &'static str,
     /// The deciding policy rule (`file#rule`), if a rule decided.
     pub rule: Option<String>,
@@ -69,6 +71,14 @@ impl Explanation {
     fn deny(mut self, stage: &'static str, why: String) -> Explanation {
         self.stages.push((stage, format!("DENY: {why}")));
         self.decision = "deny";
+        self
+    }
+
+    /// The question cannot be asked as given: no decision (a test case
+    /// expecting a deny must not pass on its own broken input).
+    fn error(mut self, stage: &'static str, why: String) -> Explanation {
+        self.stages.push((stage, format!("ERROR: {why}")));
+        self.decision = "error";
         self
     }
 }
@@ -127,7 +137,7 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let now = match req.at.as_deref().map(at) {
         None => now,
         Some(Ok(t)) => t,
-        Some(Err(why)) => return e.deny("request", why),
+        Some(Err(why)) => return e.error("request", why),
     };
     // 1. Route
     let target = if req.url.contains("://") {
@@ -137,7 +147,7 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
                 u.path(),
                 u.query().map(|q| format!("?{q}")).unwrap_or_default()
             ),
-            Err(err) => return e.deny("route", format!("'{}' is not a URL: {err}", req.url)),
+            Err(err) => return e.error("route", format!("'{}' is not a URL: {err}", req.url)),
         }
     } else {
         format!("{}/{}", s.public_base_path, req.url.trim_start_matches('/'))
@@ -508,7 +518,8 @@ pub fn run_tests(s: &Settings, file: &TestFile, now: i64) -> Vec<String> {
     for case in &file.cases {
         let e = explain(s, &case.claims, &case.request, now);
         let rule_ok = case.expect.rule.is_none() || case.expect.rule == e.rule;
-        if e.decision != case.expect.decision || !rule_ok {
+        // A case whose own input is broken fails, whatever it expects.
+        if e.decision == "error" || e.decision != case.expect.decision || !rule_ok {
             let last = e
                 .stages
                 .last()

@@ -228,10 +228,11 @@ fn explain(
         e.decision.to_uppercase(),
         e.rule.map(|r| format!(" (rule {r})")).unwrap_or_default()
     );
-    if e.decision == "allow" {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    match e.decision {
+        "allow" => ExitCode::SUCCESS,
+        // Nothing was decided: the question itself is malformed.
+        "error" => ExitCode::from(2),
+        _ => ExitCode::from(1),
     }
 }
 

@@ -648,6 +648,35 @@ fn explain_and_test_replay_decisions_offline() {
         out.contains("FAIL") && out.contains("wrong expectation"),
         "{out}"
     );
+    // A case whose own input is broken (a time that does not parse) fails
+    // even when it expects a deny: nothing was decided.
+    std::fs::write(
+        &tests,
+        "cases:\n  - name: broken time\n    claims: {iss: 'https://as.example', aud: 'https://gw.example/fhir', exp: 4000000000, client_id: test-app, scope: 'user/*.cruds'}\n    request: {method: DELETE, url: 'Observation/o1', at: 'yesterday'}\n    expect: {decision: deny}\n",
+    )
+    .unwrap();
+    let (ok, out) = support::run_bin(&["test", "--config", c, t]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("broken time") && out.contains("got error"),
+        "{out}"
+    );
+    // explain says so with its own exit code: 2, not a deny's 1.
+    let claims = dir.0.join("claims.json");
+    std::fs::write(
+        &claims,
+        r#"{"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4000000000, "scope": "user/*.rs"}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["explain", "--config", c, "--claims"])
+        .arg(&claims)
+        .args(["--url", "Observation/o1", "--at", "yesterday"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("=> ERROR"), "{text}");
 }
 
 /// The shipped example policy sets pass their own tests (so `cargo test`,
