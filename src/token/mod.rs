@@ -45,7 +45,7 @@ pub enum TokenError {
     UnknownIssuer(String),
     #[error("no key in the issuer's JWKS has kid '{0}'")]
     UnknownKid(String),
-    #[error("the token's key is ambiguous: the issuer's JWKS has {0} usable keys for its kid (or, without a kid, for its algorithm)")]
+    #[error("the token's key is ambiguous: the issuer's JWKS has {0} usable keys for its kid (or, without a kid, for its algorithm: none, or more than the 3 fhirwall tries)")]
     AmbiguousKey(usize),
     #[error("key '{kid}' cannot be used with algorithm {alg}")]
     KeyAlgorithmMismatch { kid: String, alg: String },
@@ -447,6 +447,9 @@ pub fn header_fits(u: &Unverified, issuer: &Issuer) -> Result<Algorithm, TokenEr
     Ok(alg)
 }
 
+/// The most keys a token without a `kid` is tried against.
+pub const MAX_KEYS_WITHOUT_KID: usize = 3;
+
 /// Verifies `token` (already [`inspect`]ed) for `issuer` with `keys` at time `now` (Unix seconds).
 pub fn verify(
     token: &str,
@@ -456,7 +459,7 @@ pub fn verify(
     now: i64,
 ) -> Result<Claims, TokenError> {
     let alg = header_fits(u, issuer)?;
-    let key = match &u.kid {
+    let candidates: Vec<&VerifyKey> = match &u.kid {
         Some(kid) => {
             // RFC 7517 §4.5 lets keys of different types share a kid: the
             // one for the token's algorithm is taken (two would be
@@ -474,7 +477,7 @@ pub fn verify(
                 .filter(|k| k.algorithms.contains(&alg))
                 .collect();
             match fitting.as_slice() {
-                [one] => *one,
+                [one] => vec![*one],
                 [] => {
                     return Err(TokenError::KeyAlgorithmMismatch {
                         kid: kid.chars().take(64).collect(),
@@ -484,16 +487,20 @@ pub fn verify(
                 more => return Err(TokenError::AmbiguousKey(more.len())),
             }
         }
+        // No kid: each key of the token's algorithm is tried (during a
+        // rotation an issuer publishes the old and the new one), but only
+        // a few, so that a forged token cannot cost a verification per key
+        // of a large set.
         None => {
             let fitting: Vec<&VerifyKey> = keys
                 .keys
                 .iter()
                 .filter(|k| k.algorithms.contains(&alg))
                 .collect();
-            match fitting.as_slice() {
-                [one] => *one,
-                _ => return Err(TokenError::AmbiguousKey(fitting.len())),
+            if fitting.is_empty() || fitting.len() > MAX_KEYS_WITHOUT_KID {
+                return Err(TokenError::AmbiguousKey(fitting.len()));
             }
+            fitting
         }
     };
     let mut validation = Validation::new(alg);
@@ -501,16 +508,22 @@ pub fn verify(
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let data = jsonwebtoken::decode::<Value>(token, &key.key, &validation).map_err(|e| match e
-        .kind()
-    {
-        jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-        jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
-            TokenError::BadPayload
+    let mut outcome = Err(TokenError::BadSignature);
+    for key in candidates {
+        outcome = jsonwebtoken::decode::<Value>(token, &key.key, &validation).map_err(|e| match e
+            .kind()
+        {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
+            jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
+                TokenError::BadPayload
+            }
+            _ => TokenError::BadSignature,
+        });
+        if !matches!(outcome, Err(TokenError::BadSignature)) {
+            break;
         }
-        _ => TokenError::BadSignature,
-    })?;
-    check_claims(&data.claims, issuer, now)
+    }
+    check_claims(&outcome?.claims, issuer, now)
 }
 
 /// Checks the claims of a token whose signature is valid.

@@ -387,3 +387,37 @@ fn token_kinds() {
     let four = format!("{good}.x");
     assert_eq!(token_kind(&four), "opaque");
 }
+
+/// A token without a `kid` is tried against the few keys of its algorithm
+/// (an issuer rotating publishes the old and the new one): it verifies
+/// with the one that signed it; a forged one with none; and a set with
+/// more such keys than fhirwall tries is ambiguous.
+#[test]
+fn a_token_without_a_kid_is_tried_against_the_keys_of_its_algorithm() {
+    let (old, new) = (
+        SigningKey::generate(KeyKind::Rsa2048, "old"),
+        SigningKey::generate(KeyKind::Rsa2048, "new"),
+    );
+    let ec = SigningKey::generate(KeyKind::P256, "ec");
+    let rs = issuer(&[Algorithm::RS256, Algorithm::ES256]);
+    let set = keyset(&[&old, &new, &ec]);
+    let no_kid = |k: &SigningKey| k.sign_with_header(&Header::new(Algorithm::RS256), &claims());
+    for k in [&old, &new] {
+        let c = check(&no_kid(k), &set, &rs).unwrap_or_else(|e| panic!("{}: {e}", k.kid));
+        assert_eq!(c.sub.as_deref(), Some("u1"));
+    }
+    let stranger = SigningKey::generate(KeyKind::Rsa2048, "stranger");
+    assert!(matches!(
+        check(&no_kid(&stranger), &set, &rs),
+        Err(TokenError::BadSignature)
+    ));
+    let more: Vec<SigningKey> = (0..MAX_KEYS_WITHOUT_KID)
+        .map(|i| SigningKey::generate(KeyKind::Rsa2048, &format!("extra-{i}")))
+        .collect();
+    let mut all: Vec<&SigningKey> = more.iter().collect();
+    all.push(&old);
+    assert!(matches!(
+        check(&no_kid(&old), &keyset(&all), &rs),
+        Err(TokenError::AmbiguousKey(n)) if n == MAX_KEYS_WITHOUT_KID + 1
+    ));
+}
