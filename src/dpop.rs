@@ -192,7 +192,9 @@ pub fn thumbprint(jwk: &Value) -> Result<String, String> {
 }
 
 /// `url` per RFC 9449 §4.3: scheme and host lowercased, default port
-/// dropped, dot segments resolved, query and fragment removed.
+/// dropped, dot segments resolved, percent-encodings normalised (RFC 3986
+/// §6.2.2: hex digits in upper case, unreserved characters decoded, so
+/// `%7ep1` is `~p1`), query and fragment removed.
 pub fn normalise_htu(url: &str) -> Option<String> {
     let mut u = url::Url::parse(url).ok()?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
@@ -200,7 +202,37 @@ pub fn normalise_htu(url: &str) -> Option<String> {
     }
     u.set_query(None);
     u.set_fragment(None);
+    let path = normal_percent_encoding(u.path());
+    u.set_path(&path);
     Some(u.to_string())
+}
+
+/// `path` with every percent-encoding in upper case, and those of
+/// unreserved characters (letters, digits, `-._~`) decoded.
+fn normal_percent_encoding(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if let (b'%', Some(&h), Some(&l)) = (b[i], b.get(i + 1), b.get(i + 2)) {
+            if let (Some(h), Some(l)) = (hex(h), hex(l)) {
+                let byte = (h * 16 + l) as u8;
+                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                    out.push(byte as char);
+                } else {
+                    out.push_str(&format!("%{byte:02X}"));
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Whole characters, as the path holds them.
+        let c = path[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(c);
+        i += c.len_utf8().max(1);
+    }
+    out
 }
 
 /// Checks a DPoP proof against the request, the token and its `cnf.jkt`.
@@ -428,6 +460,24 @@ mod tests {
             (URL, "https://fhir.example.org/fhir/Patient/p1/", false),
             (URL, "https://fhir.example.org/fhir/Patient/p2", false),
             (URL, "https://other.example.org/fhir/Patient/p1", false),
+            (URL, "https://fhir.example.org/fhir/Patient/%70%31", true),
+            (URL, "https://fhir.example.org/fhir/%50atient/p1", true),
+            (
+                "https://fhir.example.org/fhir/Patient/~p1",
+                "https://fhir.example.org/fhir/Patient/%7ep1",
+                true,
+            ),
+            (
+                "https://fhir.example.org/fhir/a%2fb",
+                "https://fhir.example.org/fhir/a%2Fb",
+                true,
+            ),
+            // An encoded reserved character is not the character.
+            (
+                "https://fhir.example.org/fhir/a%2Fb",
+                "https://fhir.example.org/fhir/a/b",
+                false,
+            ),
         ] {
             assert_eq!(normalise_htu(a) == normalise_htu(b), same, "{a} vs {b}");
         }
