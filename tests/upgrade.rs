@@ -463,3 +463,34 @@ fn upgrade_from_refuses_what_is_not_a_process_id() {
         assert!(out.contains("is not in 1.."), "{pid}: {out}");
     }
 }
+
+/// DPoP state kept in this process alone while the configuration implies
+/// another process serves the same clients (a zero-downtime restart) is
+/// said at start: replays across the handover, nonces refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_process_dpop_state_is_warned_of() {
+    let socks = private_dir("upgrade-dpop-warn");
+    let gw = Gateway::start(Options {
+        server_yaml: format!(
+            "  upgrade_sock: {}\n",
+            socks.0.join("upgrade.sock").display()
+        ),
+        extra_yaml: "dpop:\n  require_nonce: true\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
+    assert!(log.contains("not known to the one taking over"), "{log}");
+    assert!(log.contains("each process makes its own nonces"), "{log}");
+    // Without an upgrade socket (one process), nothing to say.
+    let single = Gateway::start(Options {
+        extra_yaml: "dpop:\n  require_nonce: true\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let log = std::fs::read_to_string(single.dir.join("stderr.log")).unwrap();
+    assert!(
+        !log.contains("taking over") && !log.contains("own nonces"),
+        "{log}"
+    );
+}
