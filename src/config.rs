@@ -2659,7 +2659,12 @@ fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::p
         let policy = path
             .extension()
             .is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
-        if !policy {
+        // Hidden names are editors' and tools' (an Emacs lock
+        // `.#10-rules.yaml` is a dangling symlink), never policies.
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !policy || hidden {
             continue;
         }
         if path.is_file() {

@@ -403,13 +403,39 @@ fn expects_continue(req: &RequestHeader) -> bool {
 /// request with credentials (RFC 9111 §3.5: `public`, `s-maxage`,
 /// `must-revalidate`).
 fn shared_cacheable(value: &[u8]) -> bool {
-    value.split(|b| *b == b',').any(|d| {
-        let d = d.trim_ascii();
-        let name = d.split(|b| *b == b'=').next().unwrap_or(d).trim_ascii();
+    directives(value).any(|(name, _)| {
         [&b"public"[..], b"s-maxage", b"must-revalidate"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
     })
+}
+
+/// A `Cache-Control` value's directives: (name, the whole directive).
+fn directives(value: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    value.split(|b| *b == b',').filter_map(|d| {
+        let d = d.trim_ascii();
+        let name = d.split(|b| *b == b'=').next().unwrap_or(d).trim_ascii();
+        (!d.is_empty()).then_some((name, d))
+    })
+}
+
+/// The upstream's `Cache-Control` values made `private`: `public` and
+/// `s-maxage` (what only shared caches read) dropped, every other
+/// directive kept (`no-store`, `no-cache`, `max-age`, `must-revalidate`:
+/// what the upstream asked of any cache still holds).
+fn private_cache_control<'a>(values: impl Iterator<Item = &'a [u8]>) -> String {
+    let mut out = vec!["private".to_string()];
+    for v in values {
+        for (name, d) in directives(v) {
+            let dropped = [&b"public"[..], b"s-maxage", b"private"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n));
+            if !dropped {
+                out.push(String::from_utf8_lossy(d).into_owned());
+            }
+        }
+    }
+    out.join(", ")
 }
 
 /// The final response sent to the client, if any (not a `100 Continue`).
@@ -614,7 +640,13 @@ impl Gateway {
                 .iter()
                 .any(|v| shared_cacheable(v.as_bytes()))
         {
-            h.insert_header(header::CACHE_CONTROL, "private")?;
+            let kept = private_cache_control(
+                h.headers
+                    .get_all(header::CACHE_CONTROL)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            );
+            h.insert_header(header::CACHE_CONTROL, kept)?;
         }
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
@@ -2871,6 +2903,35 @@ impl ProxyHttp for Gateway {
 
 #[cfg(test)]
 mod tests {
+    /// What lets a shared cache keep an answer given for a token goes;
+    /// what any cache must do stays.
+    #[test]
+    fn cache_control_made_private_keeps_the_rest() {
+        use super::{private_cache_control, shared_cacheable};
+        for (upstream, shared, private) in [
+            (&["public, max-age=600"][..], true, "private, max-age=600"),
+            (
+                &["no-cache, no-store, max-age=0, must-revalidate"][..],
+                true,
+                "private, no-cache, no-store, max-age=0, must-revalidate",
+            ),
+            (
+                &["s-maxage=60", "max-age=5"][..],
+                true,
+                "private, max-age=5",
+            ),
+            (&["Public"][..], true, "private"),
+            (&["max-age=60"][..], false, ""),
+            (&["no-store"][..], false, ""),
+        ] {
+            let values = || upstream.iter().map(|v| v.as_bytes());
+            assert_eq!(values().any(shared_cacheable), shared, "{upstream:?}");
+            if shared {
+                assert_eq!(private_cache_control(values()), private, "{upstream:?}");
+            }
+        }
+    }
+
     /// Only token and key reasons fall to `validate`: a reason added
     /// without its stage would be recorded at the wrong one.
     #[test]

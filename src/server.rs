@@ -532,11 +532,6 @@ fn take_over_when_ready(
     Ok(())
 }
 
-/// Builds and runs the server; returns when Pingora has shut down and
-/// every audit record is written.
-///
-/// `upgrade`: take the listening sockets over from a running fhirwall
-/// instead of binding them (see [`Takeover`]).
 /// Says at start where DPoP's state is this process's alone although the
 /// configuration implies another process serves the same clients: proofs
 /// remembered here are not remembered there (a replay accepted across a
@@ -567,6 +562,11 @@ fn warn_of_per_process_state(settings: &Settings) {
     }
 }
 
+/// Builds and runs the server; returns when Pingora has shut down and
+/// every audit record is written.
+///
+/// `upgrade`: take the listening sockets over from a running fhirwall
+/// instead of binding them (see [`Takeover`]).
 pub fn run(
     settings: Settings,
     config_path: Option<std::path::PathBuf>,

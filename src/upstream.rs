@@ -123,16 +123,36 @@ impl CheckedClient {
                 self.max_body
             ),
         };
+        // An error answer too large to read is judged by its status alone
+        // (its body is never passed on as it is): only a 2xx one too large
+        // is "too large", which a read answers as if absent.
+        let error = !(200..300).contains(&status);
         if resp
             .content_length()
             .is_some_and(|l| l > self.max_body as u64)
         {
+            if error {
+                return Ok(Answer {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                    _held: None,
+                });
+            }
             return Err(too_large());
         }
         let mut body = BytesMut::new();
         let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         while let Some(chunk) = self.next_chunk(&mut resp).await? {
             if body.len() + chunk.len() > self.max_body {
+                if error {
+                    return Ok(Answer {
+                        status,
+                        headers,
+                        body: Bytes::new(),
+                        _held: None,
+                    });
+                }
                 return Err(too_large());
             }
             // Held answers count against the memory of all requests: many

@@ -30,6 +30,18 @@ fn upstream_ids(gw: &Gateway, prefix: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The client's own request id an AuditEvent's transaction entity names
+/// (its `client_request_id` detail; the entity's identifier is the id
+/// fhirwall sent upstream).
+fn client_request_id(tx: &Value) -> String {
+    tx["detail"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["type"] == "client_request_id"))
+        .and_then(|d| d["valueString"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Every JSON record in a file, by request id and event.
 fn records(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -267,12 +279,7 @@ impl AuditServer {
                 detail
                     .iter()
                     .any(|d| d["type"] == "event" && d["valueString"] == event)
-                    .then(|| {
-                        tx["what"]["identifier"]["value"]
-                            .as_str()
-                            .unwrap()
-                            .to_string()
-                    })
+                    .then(|| client_request_id(tx))
             })
             .collect()
     }
@@ -387,7 +394,7 @@ async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|x| x["what"]["identifier"]["value"] == "down-0")
+                .any(|x| x["type"]["code"] == "XrequestId" && client_request_id(x) == "down-0")
         })
         .unwrap();
     assert_eq!(refused["outcome"], "8");
@@ -434,12 +441,7 @@ async fn with_spill_a_dead_endpoint_does_not_stop_service_and_nothing_is_lost() 
                     .unwrap()
                     .iter()
                     .find(|e| e["type"]["code"] == "XrequestId")
-                    .map(|e| {
-                        e["what"]["identifier"]["value"]
-                            .as_str()
-                            .unwrap()
-                            .to_string()
-                    })
+                    .map(client_request_id)
             })
             .collect()
     };
@@ -1138,7 +1140,8 @@ async fn audit_events_in_a_file_follow_balp() {
     let event_of = |id: &str| -> Option<Value> {
         records(&gw.dir.join("audit.jsonl")).into_iter().find(|ev| {
             let e = ev["entity"].to_string();
-            e.contains(&format!("\"value\":\"{id}\"")) && e.contains("\"valueString\":\"request\"")
+            e.contains(&format!("\"valueString\":\"{id}\""))
+                && e.contains("\"valueString\":\"request\"")
         })
     };
     wait_until("both events", 5, async || {

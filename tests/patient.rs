@@ -257,6 +257,14 @@ async fn answers_held_to_be_checked_are_bounded() {
     let rec = gw.audit_for(&id);
     assert_eq!(rec["reason"], "upstream_answer_too_large", "{rec}");
     assert_eq!(rec["decision"], "error", "{rec}");
+    // A large error page is judged by its status: a server error stays
+    // one (502), it says nothing of whether a resource exists.
+    let r = gw.get("Observation/large-error", Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("upstream answered 500"), "{body}");
+    assert_eq!(gw.audit_for(&id)["reason"], "upstream_answer_unchecked");
     // Unchecked (user/ scopes), it passes whole.
     let user = gw.mint("user/*.rs", None);
     assert_eq!(gw.get("Observation/large", Some(&user)).await.status(), 200);
@@ -315,7 +323,7 @@ async fn answers_for_a_token_are_private_to_its_caller() {
         let r = gw.get("Observation/cacheable", Some(&token)).await;
         assert_eq!(r.status(), 200);
         let cc: Vec<_> = r.headers().get_all("cache-control").iter().collect();
-        assert_eq!(cc, ["private"]);
+        assert_eq!(cc, ["private, max-age=600"]);
     }
 }
 

@@ -450,6 +450,8 @@ fn every_policy_file_is_read_or_named() {
     .unwrap();
     std::os::unix::fs::symlink(dir.0.join("not-mounted/deny.yaml"), pol.join("c.yaml")).unwrap();
     std::fs::write(pol.join("README.md"), "not a policy").unwrap();
+    // An editor's lock: a hidden dangling symlink, not a policy.
+    std::os::unix::fs::symlink("user@host.1234", pol.join(".#a.yaml")).unwrap();
     std::fs::write(pol.join("e.yaml.off"), "not: [a policy").unwrap();
     let config = offline_config(&dir);
     let (ok, text) = support::check(&config);
@@ -461,7 +463,7 @@ fn every_policy_file_is_read_or_named() {
     );
     assert!(text.contains("d.yml: is not a regular file"), "{text}");
     assert!(
-        !text.contains("README") && !text.contains("e.yaml.off"),
+        !text.contains("README") && !text.contains("e.yaml.off") && !text.contains(".#a.yaml"),
         "{text}"
     );
 }

@@ -432,9 +432,9 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     if let Some(kind) = r.token_kind {
         details.push(detail("token_kind", kind));
     }
-    // The X-Request-Id entity's value was chosen by the client.
+    // The client's own X-Request-Id (the entity names fhirwall's).
     if r.request_id_from_client {
-        details.push(detail("request_id_from_client", "true"));
+        details.push(detail("client_request_id", r.request_id));
     }
     if let Some(b) = r.binding {
         details.push(detail("binding", b));
@@ -461,8 +461,15 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
             details.push(detail(k, v.to_string()));
         }
     }
+    // The X-Request-Id the upstream got: fhirwall's own, the request
+    // record's id (also in its decision record's).
+    let sent = if decision_event {
+        r.id.strip_suffix("-d").unwrap_or(&r.id)
+    } else {
+        &r.id
+    };
     entities.push(json!({
-        "what": {"identifier": {"value": r.request_id}},
+        "what": {"identifier": {"value": sent}},
         "type": {"system": format!("{BALP}/CodeSystem/BasicAuditEntityType"), "code": "XrequestId"},
         "detail": details,
     }));
@@ -649,7 +656,9 @@ mod tests {
         assert_eq!(ev["entity"][1]["what"]["reference"], "Observation/o1");
         assert_eq!(ev["entity"][1]["role"]["code"], "4");
         assert_eq!(ev["entity"][2]["type"]["code"], "XrequestId");
-        assert_eq!(ev["entity"][2]["what"]["identifier"]["value"], "req-1");
+        // The id the upstream got (fhirwall's, the record's), not the
+        // request id a client may have chosen.
+        assert_eq!(ev["entity"][2]["what"]["identifier"]["value"], "abc");
         let detail_types = |ev: &Value| -> Vec<String> {
             ev["entity"][2]["detail"]
                 .as_array()
@@ -658,15 +667,32 @@ mod tests {
                 .map(|d| d["type"].as_str().unwrap().to_string())
                 .collect()
         };
-        assert!(!detail_types(&ev).contains(&"request_id_from_client".to_string()));
+        assert!(!detail_types(&ev).contains(&"client_request_id".to_string()));
         assert!(ev.get("purposeOfEvent").is_none());
-        // A client-chosen request id is marked.
+        // A client-chosen request id is a detail of its own.
         let theirs = Record {
             request_id_from_client: true,
             ..r.clone()
         };
         let ev = audit_event(&theirs, &site());
-        assert!(detail_types(&ev).contains(&"request_id_from_client".to_string()));
+        assert!(detail_types(&ev).contains(&"client_request_id".to_string()));
+        assert!(ev.to_string().contains(r#""valueString":"req-1""#), "{ev}");
+        assert_eq!(ev["entity"][2]["what"]["identifier"]["value"], "abc");
+        // A decision record names the id its request went upstream with.
+        let decided = Record {
+            id: "abc-d".into(),
+            event: Event::Decision,
+            ..r.clone()
+        };
+        let ev = audit_event(&decided, &site());
+        let xid = ev["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"]["code"] == "XrequestId")
+            .unwrap()
+            .clone();
+        assert_eq!(xid["what"]["identifier"]["value"], "abc");
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub(super) struct AppendFile {
     rotate_after: Option<Instant>,
     /// The open file's device and inode: what the path must still name.
     ident: (u64, u64),
+    /// The file was created and its directory's fsync failed: tried again
+    /// at the next open.
+    dir_unsynced: bool,
 }
 
 impl AppendFile {
@@ -63,6 +66,7 @@ impl AppendFile {
             opened: SystemTime::now(),
             rotate_after: None,
             ident: (0, 0),
+            dir_unsynced: false,
         }
     }
 
@@ -101,9 +105,11 @@ impl AppendFile {
                 .append(true)
                 .read(true)
                 .open(&self.path)?;
-            if !existed {
+            if !existed || self.dir_unsynced {
                 // The new name is durable only once its directory is.
+                self.dir_unsynced = true;
                 sync_dir(&self.path)?;
+                self.dir_unsynced = false;
             }
             let meta = f.metadata()?;
             self.ident = (meta.dev(), meta.ino());
@@ -196,14 +202,19 @@ impl AppendFile {
 
 /// Fsyncs the directory holding `path`, so a file created or renamed in
 /// it survives a power loss. File systems that cannot fsync a directory
-/// (they say `EINVAL`) keep their entries by their own means.
+/// (they say `EINVAL`) keep their entries by their own means; a directory
+/// that may be written but not read (`EACCES` on open) cannot be fsynced.
 fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    let cannot_tell =
+        [rustix::io::Errno::INVAL, rustix::io::Errno::ACCESS].map(|e| Some(e.raw_os_error()));
     match File::open(dir).and_then(|d| d.sync_all()) {
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => Ok(()),
+        // A file system that cannot fsync a directory, or a directory
+        // fhirwall may write in but not open: nothing more can be done.
+        Err(e) if cannot_tell.contains(&e.raw_os_error()) => Ok(()),
         r => r.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -420,6 +431,11 @@ impl Sink {
         let mut file = lock(file);
         if file.moved_away() {
             tracing::error!(path = %file.path.display(), "audit file was moved or deleted by someone else (rotated outside fhirwall?); a new one is started at its path");
+            // What requests appended to it since the last fsync, made
+            // durable where it now is.
+            if let Some(Err(e)) = file.file.as_ref().map(|f| f.sync_data()) {
+                tracing::error!(error = %e, "audit: records in the moved file could not be fsynced and may be lost");
+            }
             file.start_anew()?;
             return Ok(true);
         }

@@ -500,6 +500,13 @@ async fn handle(
             );
             r
         }
+        // A server error with a large page.
+        ("GET", ["Observation", "large-error"]) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/html")],
+            format!("<html>{}</html>", "x".repeat(2000)),
+        )
+            .into_response(),
         // Patient p1's Observation with a 2,000-character note.
         ("GET", ["Observation", "large"]) => fhir(
             StatusCode::OK,

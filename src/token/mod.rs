@@ -75,7 +75,7 @@ pub enum TokenError {
     OpaqueNotAccepted,
     #[error("the token binds itself to a key or certificate (cnf) that the authorization server's introspection answer does not confirm")]
     UnconfirmedBinding,
-    #[error("too many tokens from this address were not active this minute; new tokens are not introspected for {0} s")]
+    #[error("too many tokens from this address were not active, or could not be introspected, this minute; new tokens are not introspected for {0} s")]
     IntrospectionThrottled(u64),
 }
 
