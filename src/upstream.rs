@@ -115,45 +115,40 @@ impl CheckedClient {
         let mut resp = self.send(method, rel, query, headers, body, true).await?;
         let status = resp.status().as_u16();
         let headers = std::mem::take(resp.headers_mut());
-        let too_large = || Denial::Upstream {
-            status: 502,
-            code: "upstream_answer_too_large",
-            description: format!(
-                "the upstream's answer is larger than the {} bytes fhirwall reads to check it",
-                self.max_body
-            ),
-        };
         // An error answer too large to read is judged by its status alone
         // (its body is never passed on as it is): only a 2xx one too large
         // is "too large", which a read answers as if absent.
-        let error = !(200..300).contains(&status);
-        if resp
-            .content_length()
-            .is_some_and(|l| l > self.max_body as u64)
-        {
-            if error {
-                return Ok(Answer {
+        let max_body = self.max_body;
+        let too_large = move |headers: HeaderMap| {
+            if (200..300).contains(&status) {
+                Err(Denial::Upstream {
+                    status: 502,
+                    code: "upstream_answer_too_large",
+                    description: format!(
+                        "the upstream's answer is larger than the {max_body} bytes fhirwall \
+                         reads to check it"
+                    ),
+                })
+            } else {
+                Ok(Answer {
                     status,
                     headers,
                     body: Bytes::new(),
                     _held: None,
-                });
+                })
             }
-            return Err(too_large());
+        };
+        if resp
+            .content_length()
+            .is_some_and(|l| l > self.max_body as u64)
+        {
+            return too_large(headers);
         }
         let mut body = BytesMut::new();
         let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         while let Some(chunk) = self.next_chunk(&mut resp).await? {
             if body.len() + chunk.len() > self.max_body {
-                if error {
-                    return Ok(Answer {
-                        status,
-                        headers,
-                        body: Bytes::new(),
-                        _held: None,
-                    });
-                }
-                return Err(too_large());
+                return too_large(headers);
             }
             // Held answers count against the memory of all requests: many
             // large ones at once are refused, not held until memory runs out.
