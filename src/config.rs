@@ -79,7 +79,8 @@ pub struct Config {
     /// The files [`load`] read, as they were before it read them.
     #[serde(skip)]
     pub loaded_stamp: FilesStamp,
-    /// Read for a reload ([`load_for_reload`]): the upstream's host name
+    /// Read for a reload ([`load_for_reload`]) or the offline commands
+    /// ([`load_offline`]): the upstream's host name
     /// is not looked up, and the files of settings only a restart applies
     /// (keys, certificates, passwords; the audit file's and the upgrade
     /// socket's directories) are neither read nor judged: the running
@@ -1130,6 +1131,14 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 /// used: `upstream.resolved` is empty, and keys and certificates are
 /// placeholders.
 pub fn load_for_reload(path: &Path) -> Result<Settings, ConfigError> {
+    load_with(path, true)
+}
+
+/// Like [`load_for_reload`], for the offline commands (`explain`, `test`):
+/// they decide from the rules and the claims alone, so they run where the
+/// gateway's secrets, certificates and upstream are not (a CI job that
+/// reviews policy changes). `check` still reads everything, as `run`.
+pub fn load_offline(path: &Path) -> Result<Settings, ConfigError> {
     load_with(path, true)
 }
 

@@ -167,8 +167,11 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The settings `explain` and `test` decide with: without the upstream's
+/// lookup or the files only serving needs (keys, certificates, the audit
+/// directory).
 fn load_or_exit(config: &std::path::Path) -> Result<fhirwall::config::Settings, ExitCode> {
-    fhirwall::config::load(config).map_err(|e| {
+    fhirwall::config::load_offline(config).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
     })

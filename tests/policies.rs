@@ -468,6 +468,47 @@ fn every_policy_file_is_read_or_named() {
     );
 }
 
+/// The offline commands decide from the rules and the claims: they run
+/// without the secrets, certificates and upstream that serving needs (a
+/// CI job reviewing policies), which `check` still requires.
+#[test]
+fn explain_and_test_need_no_serving_secrets() {
+    let dir = TempDir::new("policies-offline-secrets");
+    let config = offline_config(&dir);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace(
+        "upstream:\n  url: http://127.0.0.1:2/fhir\n",
+        "upstream:\n  url: http://fhir.internal.invalid/fhir\n",
+    );
+    text.push_str(
+        "dpop:\n  require_nonce: true\n  nonce_key_file: /run/secrets/absent.key\n\
+         tls:\n  cert_file: /run/secrets/absent.pem\n  key_file: /run/secrets/absent-key.pem\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let claims = dir.0.join("claims.json");
+    std::fs::write(
+        &claims,
+        r#"{"iss": "https://as.example", "aud": "https://gw.example/fhir", "exp": 4000000000, "client_id": "test-app", "scope": "user/*.rs"}"#,
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let (ok, out) = support::run_bin(&[
+        "explain",
+        "--config",
+        c,
+        "--claims",
+        claims.to_str().unwrap(),
+        "--url",
+        "Observation/o1",
+    ]);
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
+    let (ok, out) = support::check(&config);
+    assert!(!ok, "{out}");
+    for key in ["dpop.nonce_key_file", "tls.cert_file", "upstream.url"] {
+        assert!(out.contains(key), "{key}: {out}");
+    }
+}
+
 /// A config with the hospital policy, for the offline commands.
 fn offline_config(dir: &TempDir) -> std::path::PathBuf {
     let pol = dir.0.join("policies");
