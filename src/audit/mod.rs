@@ -354,17 +354,10 @@ impl AuditLog {
         }
         let mut pending = self.encode(record);
         if let Some(file) = &self.shared.direct {
-            // Not while the writer holds the file (a rotation, a reopen):
-            // a request thread does not wait on a disk; the queue takes it.
-            let file = match file.try_lock() {
-                Ok(f) => Some(f),
-                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            };
-            if let Some(mut file) = file.filter(|_| self.shared.primary_up.load(Ordering::Acquire))
-            {
-                let written = file.write(&[&pending]);
-                drop(file);
+            if self.shared.primary_up.load(Ordering::Acquire) {
+                // Waits for another request's append, or for the writer's
+                // rotation (rare; a hung disk shows in readiness).
+                let written = writer::lock(file).write(&[&pending]);
                 match written {
                     Ok(()) => {
                         self.shared.metrics.written_primary.inc();
