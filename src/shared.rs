@@ -290,11 +290,12 @@ pub fn proof_keys(
     )
 }
 
-/// The Redis key of a rate-limit bucket: the rule, the limit (a changed
-/// limit starts a new bucket) and who.
+/// The Redis key of a rate-limit bucket: the rule, what it counts by and
+/// who, as this process's buckets are keyed. Not the limit's numbers: a
+/// limit tightened by a reload (during an attack) applies to the bucket as
+/// it is, its tokens cut to the new capacity, instead of a fresh full one.
 pub fn bucket_key(prefix: &str, rule: &str, limit: &RateLimit, who: &str) -> String {
-    let shape = format!("{}/{}/{}", limit.requests, limit.per_seconds, limit.per);
-    format!("{prefix}rl:{}", digest(&[rule, &shape, who]))
+    format!("{prefix}rl:{}", digest(&[rule, &limit.per, who]))
 }
 
 /// KEYS: the proof, its client's count, and its user's count if the
@@ -844,6 +845,9 @@ mod tests {
             requests: 4,
             ..limit.clone()
         };
-        assert_ne!(bucket_key("fw:", "rule-1", &other, "user:alice"), k);
+        // A changed limit is the same bucket (tightened, it applies at once).
+        assert_eq!(bucket_key("fw:", "rule-1", &other, "user:alice"), k);
+        assert_ne!(bucket_key("fw:", "rule-2", &other, "user:alice"), k);
+        assert_ne!(bucket_key("fw:", "rule-1", &other, "user:bob"), k);
     }
 }

@@ -348,6 +348,58 @@ async fn a_request_refused_by_one_limit_spends_none_of_the_others_in_redis() {
     assert!(r.text().await.unwrap().contains("client-budget"));
 }
 
+/// A limit tightened by a reload applies to the bucket as it is (its
+/// tokens cut to the new capacity), not to a fresh full one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tightened_limit_applies_to_the_bucket_as_it_is() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new("redis-policies-tighten");
+    let file = dir.0.join("10-limits.yaml");
+    let limit = |n: u32| {
+        format!("rules:\n  - name: searches\n    effect: allow\n    when: {{interaction: [search-type]}}\n    rate_limit: {{per: client, requests: {n}, per_seconds: 3600}}\n")
+    };
+    std::fs::write(&file, limit(5)).unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!("{}policies:\n  dir: {}\n", redis.yaml(""), dir.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    for i in 0..4 {
+        let r = gw
+            .get(&format!("Observation?code=tight-{i}"), Some(&token))
+            .await;
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    // One token left; the limit goes down to 3 an hour.
+    std::fs::write(&file, limit(3)).unwrap();
+    gw.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if metric(
+            &gw.metrics().await,
+            "fhirwall_reloads_total{result=\"success\"}",
+        ) == 1.0
+        {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the reload did not apply");
+    let statuses: Vec<u16> = {
+        let mut out = Vec::new();
+        for i in 4..7 {
+            let r = gw
+                .get(&format!("Observation?code=tight-{i}"), Some(&token))
+                .await;
+            out.push(r.status().as_u16());
+        }
+        out
+    };
+    assert_eq!(statuses, [200, 429, 429]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_what_needs_it_is_refused_until_it_is_back() {
     let mut redis = RedisServer::start();
