@@ -486,6 +486,14 @@ pub struct IntrospectionConfig {
     /// Signing algorithm of the client assertion (RS256 or ES256).
     #[serde(default)]
     pub private_key_alg: Option<String>,
+    /// The `kid` the client assertion names (the key's id as registered
+    /// with the authorization server, for one that holds several).
+    #[serde(default)]
+    pub private_key_id: Option<String>,
+    /// The client assertion's `aud` (default: the endpoint). Some servers
+    /// want their issuer or token endpoint there.
+    #[serde(default)]
+    pub assertion_audience: Option<String>,
     #[serde(default = "d_introspection_timeout")]
     pub timeout_ms: u64,
     /// Active results are cached no longer than the token's exp and this
@@ -568,6 +576,10 @@ pub struct Introspection {
     pub opaque_tokens: bool,
     /// Inactive answers a client address may have per minute (0: no limit).
     pub max_inactive_per_source_per_minute: u32,
+    /// private_key_jwt: the assertion's `kid`, if one is configured.
+    pub assertion_kid: Option<String>,
+    /// private_key_jwt: the assertion's `aud` (the endpoint by default).
+    pub assertion_audience: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -3022,7 +3034,31 @@ fn validate_introspection(
             ok = false;
         }
     }
+    let private_key_jwt = c.auth_method == "private_key_jwt";
+    for (k, v) in [
+        ("private_key_id", &c.private_key_id),
+        ("assertion_audience", &c.assertion_audience),
+    ] {
+        match v {
+            Some(_) if !private_key_jwt => {
+                problem(
+                    &key(k),
+                    "only used with auth_method: private_key_jwt".into(),
+                );
+                ok = false;
+            }
+            Some(v) if v.is_empty() || v.len() > 1024 || v.chars().any(char::is_control) => {
+                problem(&key(k), "must be 1 to 1024 printable characters".into());
+                ok = false;
+            }
+            _ => {}
+        }
+    }
     let (endpoint, auth) = (endpoint?, auth?);
+    let assertion_audience = c
+        .assertion_audience
+        .clone()
+        .unwrap_or_else(|| endpoint.as_str().to_string());
     ok.then(|| Introspection {
         endpoint,
         client_id: c.client_id.clone(),
@@ -3033,6 +3069,8 @@ fn validate_introspection(
         require_aud: c.require_aud,
         opaque_tokens: c.opaque_tokens.unwrap_or(false),
         max_inactive_per_source_per_minute: c.max_inactive_per_source_per_minute,
+        assertion_kid: c.private_key_id.clone(),
+        assertion_audience,
     })
 }
 

@@ -348,6 +348,39 @@ async fn private_key_jwt_client_authentication() {
         .as_str()
         .unwrap()
         .ends_with("/introspect"));
+    assert!(data.header.kid.is_none());
+
+    // A server that holds several keys of the client, or wants its issuer
+    // as the audience: both configurable.
+    let yaml = format!(
+        "{yaml}      private_key_id: client-key-2\n      assertion_audience: https://as.example/realms/h\n"
+    );
+    let (gw, as_) = start(&yaml, 60, 2).await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-pk2".into(), active(&gw, "user/*.rs", None));
+    let (s, _, _) = get(&gw, "Patient/p1", "opaque-pk2").await;
+    assert_eq!(s, 200);
+    let (_, form) = as_.last_auth.lock().unwrap().clone().unwrap();
+    let data = jsonwebtoken::decode::<Value>(&form["client_assertion"], &decoding, &v).unwrap();
+    assert_eq!(data.header.kid.as_deref(), Some("client-key-2"));
+    assert_eq!(data.claims["aud"], "https://as.example/realms/h");
+    // With another method they would mean nothing: a configuration error.
+    let dir2 = support::TempDir::new("pkjwt-check");
+    let config = dir2.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+         issuers:\n  - name: a\n    issuer: https://a.example\n    audiences: [x]\n    introspection:\n      endpoint: https://a.example/introspect\n      client_id: gw\n      client_secret: s\n      private_key_id: k\n\
+         admin:\n  listen: 127.0.0.1:3\n",
+    )
+    .unwrap();
+    let (ok, out) = support::check(&config);
+    assert!(
+        !ok && out.contains("private_key_id") && out.contains("only used with"),
+        "{out}"
+    );
 }
 
 #[test]

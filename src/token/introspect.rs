@@ -238,13 +238,14 @@ impl Introspector {
             ClientAuth::PrivateKeyJwt { key, alg } => {
                 let claims = serde_json::json!({
                     "iss": cfg.client_id, "sub": cfg.client_id,
-                    "aud": cfg.endpoint.as_str(),
+                    "aud": cfg.assertion_audience,
                     "jti": crate::audit::hex(&rand::random::<[u8; 16]>()),
                     "iat": now, "exp": now + 60,
                 });
+                let mut header = jsonwebtoken::Header::new(*alg);
+                header.kid = cfg.assertion_kid.clone();
                 let assertion =
-                    jsonwebtoken::encode(&jsonwebtoken::Header::new(*alg), &claims, key)
-                        .map_err(|_| unavailable())?;
+                    jsonwebtoken::encode(&header, &claims, key).map_err(|_| unavailable())?;
                 form.push((
                     "client_assertion_type",
                     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
@@ -414,6 +415,8 @@ mod tests {
                 require_aud: false,
                 opaque_tokens: true,
                 max_inactive_per_source_per_minute: 60,
+                assertion_kid: None,
+                assertion_audience: "https://as.example/introspect".into(),
             }),
         }
     }
