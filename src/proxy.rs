@@ -788,15 +788,7 @@ impl Gateway {
     /// Adds `bytes` to the share of `Gateway::body_budget` held in `slot`;
     /// false when the budget has no room for them.
     fn hold(&self, slot: &mut Option<tokio::sync::OwnedSemaphorePermit>, bytes: usize) -> bool {
-        let share = u32::try_from(bytes)
-            .ok()
-            .and_then(|n| Arc::clone(&self.body_budget).try_acquire_many_owned(n).ok());
-        match (share, slot.as_mut()) {
-            (None, _) => return false,
-            (Some(share), Some(held)) => held.merge(share),
-            (Some(share), None) => *slot = Some(share),
-        }
-        true
+        upstream::hold(&self.body_budget, slot, bytes)
     }
 
     /// Starts keeping a batch/transaction's answer as it passes, to read
@@ -1089,23 +1081,24 @@ impl Gateway {
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
             Ok(a) => a,
-            // A resource asked for by id that is too large to check could
-            // be anyone's: a 502 would tell that it exists (and is large)
-            // where another patient's is answered 404.
-            Err(Denial::Upstream {
-                code: "upstream_answer_too_large",
-                ..
-            }) if ctx.entry_checks.is_empty()
-                && matches!(ctx.check, Some(ResponseCheck::Resource { .. }))
-                && ctx.fhir.is_some() =>
-            {
-                let hide = Verdict::Hide {
-                    why: "upstream_answer_too_large",
+            Err(denial) => {
+                // A resource asked for by id that is too large to check
+                // could be anyone's: a 502 would tell that it exists (and
+                // is large) where another patient's is answered 404.
+                let hidden = match (&ctx.fhir, &ctx.check) {
+                    (Some(f), Some(ResponseCheck::Resource { .. }))
+                        if ctx.entry_checks.is_empty()
+                            && denial.code() == "upstream_answer_too_large" =>
+                    {
+                        let hide = Verdict::Hide {
+                            why: "upstream_answer_too_large",
+                        };
+                        Some(check_denial(hide, f, ""))
+                    }
+                    _ => None,
                 };
-                let denial = ctx.fhir.as_ref().map(|f| check_denial(hide, f, ""));
-                return self.refuse(session, ctx, denial.expect("tested")).await;
+                return self.refuse(session, ctx, hidden.unwrap_or(denial)).await;
             }
-            Err(denial) => return self.refuse(session, ctx, denial).await,
         };
         ctx.upstream_status = Some(answer.status);
         let Some(fhir) = &ctx.fhir else {
@@ -1477,17 +1470,11 @@ impl Gateway {
                 why: "upstream_not_found",
             } if fhir.interaction == Interaction::Update
                 && answer.status == 404
-                && w.patient.is_none()
-                && w.filters.is_none() =>
-            {
-                Ok(None)
-            }
-            Verdict::Hide {
-                why: "upstream_not_found",
-            } if fhir.interaction == Interaction::Update
-                && answer.status == 404
                 && w.patient.is_none() =>
             {
+                if w.filters.is_none() {
+                    return Ok(None);
+                }
                 Err(refuse(format!(
                     "{}/{} does not exist, and under a scope with a query filter an update may \
                      not create it (the write could not be held to the absence fhirwall saw); \

@@ -86,7 +86,9 @@ impl Default for Limiter {
 impl Limiter {
     /// Counts `n` requests (a request, or a batch's entries) against
     /// `limit` of rule `rule` for `who`; the seconds to wait when the
-    /// bucket holds too few.
+    /// bucket holds too few. (One limit: the tests' shorthand for
+    /// [`Limiter::check_all`].)
+    #[cfg(test)]
     pub fn check(&self, rule: &str, limit: &RateLimit, who: &str, n: u32) -> Result<(), f64> {
         self.check_all(&[Ask {
             rule,
@@ -132,16 +134,19 @@ impl Limiter {
             });
             buckets.push((b, vec![*i]));
         }
+        // Each bucket locked, with the tokens its asks want together.
         let mut held: Vec<_> = buckets
             .iter()
-            .map(|(b, asked)| (b.lock().unwrap_or_else(|p| p.into_inner()), asked))
+            .map(|(b, asked)| {
+                let n: f64 = asked.iter().map(|i| f64::from(asks[*i].n)).sum();
+                (b.lock().unwrap_or_else(|p| p.into_inner()), asked, n)
+            })
             .collect();
         let mut refused: Option<(usize, f64)> = None;
-        for (b, asked) in &mut held {
+        for (b, asked, n) in &mut held {
             let (capacity, rate) = shape(&asks[asked[0]]);
             b.refill(capacity, rate, now);
-            let n: f64 = asked.iter().map(|i| f64::from(asks[*i].n)).sum();
-            if let Err(wait) = b.holds(capacity, rate, n) {
+            if let Err(wait) = b.holds(capacity, rate, *n) {
                 let first = *asked.iter().min().unwrap_or(&0);
                 if refused.is_none_or(|(j, _)| first < j) {
                     refused = Some((first, wait));
@@ -151,8 +156,8 @@ impl Limiter {
         if let Some(r) = refused {
             return Err(r);
         }
-        for (b, asked) in &mut held {
-            b.tokens -= asked.iter().map(|i| f64::from(asks[*i].n)).sum::<f64>();
+        for (b, _, n) in &mut held {
+            b.tokens -= *n;
         }
         Ok(())
     }

@@ -36,6 +36,24 @@ const UNCHECKABLE: &[HeaderName] = &[
 /// judge it, and the copy passed on (links rewritten).
 pub const ANSWER_WEIGHT: usize = 3;
 
+/// Adds `bytes` to the share of `budget` held in `slot`; false when the
+/// budget has no room for them (what `slot` held stays held).
+pub fn hold(
+    budget: &Arc<tokio::sync::Semaphore>,
+    slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    bytes: usize,
+) -> bool {
+    let share = u32::try_from(bytes)
+        .ok()
+        .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
+    match (share, slot.as_mut()) {
+        (None, _) => return false,
+        (Some(share), Some(held)) => held.merge(share),
+        (Some(share), None) => *slot = Some(share),
+    }
+    true
+}
+
 /// The upstream's whole answer.
 #[derive(Debug)]
 pub struct Answer {
@@ -152,23 +170,16 @@ impl CheckedClient {
             }
             // Held answers count against the memory of all requests: many
             // large ones at once are refused, not held until memory runs out.
-            let share = u32::try_from(chunk.len() * ANSWER_WEIGHT)
-                .ok()
-                .and_then(|n| Arc::clone(&self.budget).try_acquire_many_owned(n).ok());
-            match (share, held.as_mut()) {
-                (None, _) => {
-                    return Err(Denial::Unavailable {
-                        code: "answer_budget_exhausted",
-                        description: format!(
-                            "fhirwall holds as many request bodies and upstream answers being \
-                             checked as it may (server.max_held_body_bytes: {}); try again",
-                            self.budget_bytes
-                        ),
-                        retry_after_seconds: 1,
-                    })
-                }
-                (Some(share), Some(h)) => h.merge(share),
-                (Some(share), None) => held = Some(share),
+            if !hold(&self.budget, &mut held, chunk.len() * ANSWER_WEIGHT) {
+                return Err(Denial::Unavailable {
+                    code: "answer_budget_exhausted",
+                    description: format!(
+                        "fhirwall holds as many request bodies and upstream answers being \
+                         checked as it may (server.max_held_body_bytes: {}); try again",
+                        self.budget_bytes
+                    ),
+                    retry_after_seconds: 1,
+                });
             }
             body.extend_from_slice(&chunk);
         }

@@ -70,6 +70,19 @@ impl AppendFile {
         }
     }
 
+    /// Fsyncs the open file before it is let go (a write failed, or it was
+    /// moved away): what was appended to it gets to the disk, or the loss
+    /// is said.
+    fn sync_before_leaving(&self) {
+        if let Some(Err(e)) = self.file.as_ref().map(|f| f.sync_data()) {
+            tracing::error!(
+                error = %e,
+                path = %self.path.display(),
+                "audit: records appended to the file before it was let go could not be fsynced and may be lost"
+            );
+        }
+    }
+
     /// Whether the open file is no longer the one at its path: moved or
     /// deleted by someone else (a logrotate of its own, a clean-up job).
     /// Records appended to it would go where nobody looks, or nowhere.
@@ -174,14 +187,7 @@ impl AppendFile {
                 Ok(())
             }
             Err(e) => {
-                // What was written before still gets to the disk, or the
-                // loss is said.
-                if let Some(Err(se)) = self.file.as_ref().map(|f| f.sync_data()) {
-                    tracing::error!(
-                        error = %se,
-                        "audit: records written to the file before this failure could not be fsynced and may be lost"
-                    );
-                }
+                self.sync_before_leaving();
                 self.file = None;
                 Err(e)
             }
@@ -205,10 +211,7 @@ impl AppendFile {
 /// (they say `EINVAL`) keep their entries by their own means; a directory
 /// that may be written but not read (`EACCES` on open) cannot be fsynced.
 fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let cannot_tell =
         [rustix::io::Errno::INVAL, rustix::io::Errno::ACCESS].map(|e| Some(e.raw_os_error()));
     match File::open(dir).and_then(|d| d.sync_all()) {
@@ -221,6 +224,14 @@ fn sync_dir(path: &Path) -> io::Result<()> {
                 format!("fsync of directory {} failed: {e}", dir.display()),
             )
         }),
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
 }
 
@@ -433,9 +444,7 @@ impl Sink {
             tracing::error!(path = %file.path.display(), "audit file was moved or deleted by someone else (rotated outside fhirwall?); a new one is started at its path");
             // What requests appended to it since the last fsync, made
             // durable where it now is.
-            if let Some(Err(e)) = file.file.as_ref().map(|f| f.sync_data()) {
-                tracing::error!(error = %e, "audit: records in the moved file could not be fsynced and may be lost");
-            }
+            file.sync_before_leaving();
             file.start_anew()?;
             return Ok(true);
         }
@@ -480,14 +489,7 @@ impl Sink {
         file.rotate_after = None;
         // Opening the new file fsyncs the directory: the rename with it.
         file.start_anew()?;
-        if let Some(dir) = file.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            prune(dir, &file.path, *keep);
-        }
+        prune(parent_dir(&file.path), &file.path, *keep);
         tracing::info!(rotated = %rotated.display(), "audit file rotated");
         Ok(true)
     }
