@@ -1086,6 +1086,18 @@ async fn a_reloaded_break_glass_header_is_read_and_stripped() {
     assert_eq!(gw.upstream.count_containing("_marker=old"), 0);
 }
 
+/// `DELETE Observation/{id}` with `token`: the status answered.
+async fn delete_observation(gw: &Gateway, token: &str, id: &str) -> u16 {
+    gw.client
+        .delete(format!("{}/Observation/{id}", gw.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 fn sighup(gw: &Gateway) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &gw.pid().to_string()])
@@ -1123,13 +1135,8 @@ async fn a_reload_applies_rules_though_a_restart_only_file_is_gone() {
     })
     .await;
     let token = gw.mint("user/*.cruds", None);
-    let delete = |id: &'static str| {
-        gw.client
-            .delete(format!("{}/Observation/{id}", gw.base))
-            .bearer_auth(&token)
-            .send()
-    };
-    assert_eq!(delete("secret-1").await.unwrap().status(), 204);
+    let delete = |id: &'static str| delete_observation(&gw, &token, id);
+    assert_eq!(delete("secret-1").await, 204);
     std::fs::remove_file(&key).unwrap();
     std::fs::write(
         dir.0.join("20-emergency.yaml"),
@@ -1137,8 +1144,9 @@ async fn a_reload_applies_rules_though_a_restart_only_file_is_gone() {
     )
     .unwrap();
     sighup(&gw);
-    until_metric(&gw, "fhirwall_reloads_total{result=\"success\"}", 1.0).await;
-    assert_eq!(delete("secret-2").await.unwrap().status(), 403);
+    gw.until_metric("fhirwall_reloads_total{result=\"success\"}", 1.0)
+        .await;
+    assert_eq!(delete("secret-2").await, 403);
     assert_eq!(gw.upstream.count_containing("secret-2"), 0);
     // A start, by contrast, needs the file: check says where.
     let (ok, text) = support::check(gw.config_path());
@@ -1155,13 +1163,8 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
     .await;
     let file = dir.0.join("10-rules.yaml");
     let token = gw.mint("user/*.cruds", None);
-    let delete = |id: &'static str| {
-        gw.client
-            .delete(format!("{}/Observation/{id}", gw.base))
-            .bearer_auth(&token)
-            .send()
-    };
-    assert_eq!(delete("reload-1").await.unwrap().status(), 204);
+    let delete = |id: &'static str| delete_observation(&gw, &token, id);
+    assert_eq!(delete("reload-1").await, 204);
 
     // Load runs while the rules change: no request fails for the reload.
     let mut load = Vec::new();
@@ -1203,7 +1206,7 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
     // The new rules are in force (bounded wait for the signal to land).
     let mut status = 0;
     for _ in 0..50 {
-        status = delete("reload-2").await.unwrap().status().as_u16();
+        status = delete("reload-2").await;
         if status == 403 {
             break;
         }
@@ -1215,8 +1218,9 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
     // A broken file: rejected whole, counted, the previous rules keep serving.
     std::fs::write(&file, "rules:\n  - {name: x, effect: perhaps}\n").unwrap();
     sighup(&gw);
-    until_metric(&gw, "fhirwall_reloads_total{result=\"failure\"}", 1.0).await;
-    assert_eq!(delete("reload-3").await.unwrap().status(), 403);
+    gw.until_metric("fhirwall_reloads_total{result=\"failure\"}", 1.0)
+        .await;
+    assert_eq!(delete("reload-3").await, 403);
     assert_eq!(
         gw.get("Observation/obs-p1-0", Some(&token)).await.status(),
         200
@@ -1243,8 +1247,9 @@ async fn sighup_reloads_rules_atomically_and_rejects_bad_ones() {
     .unwrap();
     sighup(&gw);
     // (Refused: the failure count goes up.)
-    until_metric(&gw, "fhirwall_reloads_total{result=\"failure\"}", 2.0).await;
-    assert_eq!(delete("reload-4").await.unwrap().status(), 403);
+    gw.until_metric("fhirwall_reloads_total{result=\"failure\"}", 2.0)
+        .await;
+    assert_eq!(delete("reload-4").await, 403);
     assert_eq!(gw.upstream.count_containing("reload-4"), 0);
 }
 
@@ -1257,13 +1262,8 @@ async fn watched_policies_reload_on_change() {
     })
     .await;
     let token = gw.mint("user/*.cruds", None);
-    let delete = |id: &'static str| {
-        gw.client
-            .delete(format!("{}/Observation/{id}", gw.base))
-            .bearer_auth(&token)
-            .send()
-    };
-    assert_eq!(delete("watch-1").await.unwrap().status(), 204);
+    let delete = |id: &'static str| delete_observation(&gw, &token, id);
+    assert_eq!(delete("watch-1").await, 204);
     std::fs::write(
         dir.0.join("10-rules.yaml"),
         "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
@@ -1271,7 +1271,7 @@ async fn watched_policies_reload_on_change() {
     .unwrap();
     let mut status = 0;
     for _ in 0..80 {
-        status = delete("watch-2").await.unwrap().status().as_u16();
+        status = delete("watch-2").await;
         if status == 403 {
             break;
         }
@@ -1281,16 +1281,6 @@ async fn watched_policies_reload_on_change() {
 }
 
 /// Waits (bounded) until the metrics' `series` has `value`.
-async fn until_metric(gw: &Gateway, series: &str, value: f64) {
-    for _ in 0..50 {
-        if support::metric(&gw.metrics().await, series) == value {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("{series} never was {value}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_names_what_only_a_restart_applies() {
     let (_dir, gw) = with_rules(
@@ -1308,7 +1298,7 @@ async fn a_reload_names_what_only_a_restart_applies() {
     assert_ne!(changed, original);
     std::fs::write(gw.config_path(), &changed).unwrap();
     sighup(&gw);
-    until_metric(&gw, pending, 1.0).await;
+    gw.until_metric(pending, 1.0).await;
     let reloads = "fhirwall_reloads_total{result=\"success\"}";
     assert_eq!(support::metric(&gw.metrics().await, reloads), 1.0);
     let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
@@ -1323,7 +1313,7 @@ async fn a_reload_names_what_only_a_restart_applies() {
     // Back as it runs: nothing pending.
     std::fs::write(gw.config_path(), &original).unwrap();
     sighup(&gw);
-    until_metric(&gw, pending, 0.0).await;
+    gw.until_metric(pending, 0.0).await;
     assert_eq!(support::metric(&gw.metrics().await, reloads), 2.0);
 }
 
@@ -1355,7 +1345,8 @@ async fn a_reload_applies_rules_while_the_upstream_name_does_not_resolve() {
     )
     .unwrap();
     sighup(&gw);
-    until_metric(&gw, "fhirwall_reloads_total{result=\"success\"}", 1.0).await;
+    gw.until_metric("fhirwall_reloads_total{result=\"success\"}", 1.0)
+        .await;
     let before = gw.upstream.seen().len();
     let r = gw.get("Observation/obs-p1-0", Some(&token)).await;
     assert_eq!(r.status(), 403);

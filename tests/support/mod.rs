@@ -536,6 +536,17 @@ impl Gateway {
         self.admin_get("metrics").await.text().await.unwrap()
     }
 
+    /// Waits (up to 5 s) until the metrics' `series` reads `value`.
+    pub async fn until_metric(&self, series: &str, value: f64) {
+        for _ in 0..50 {
+            if metric(&self.metrics().await, series) == value {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{series} never was {value}");
+    }
+
     /// Waits (up to 10 s) until `/readyz` answers `status`; `why` names
     /// the moment in the failure.
     pub async fn until_readyz(&self, status: u16, why: &str) {
