@@ -1989,7 +1989,7 @@ impl Gateway {
         )?;
         drop(stage);
         if let Some(proof) = proof {
-            self.remember_proof(&proof).instrument(span).await?;
+            Box::pin(self.remember_proof(&proof).instrument(span)).await?;
         }
         ctx.binding = Some(binding);
         self.metrics.binding(kind, binding);
@@ -2246,23 +2246,24 @@ impl Gateway {
                 n: *n,
             })
             .collect();
-        let taken = self
-            .shared
-            .take_all(&asks)
-            .await
-            .map_err(|_| Denial::Unavailable {
-                code: "rate_limit_unavailable",
-                description: format!(
-                    "the rate limits of policy rules {} cannot be counted (Redis is \
+        // Boxed, as the other waits that only some requests make: the
+        // pipeline's future stays small for the rest.
+        let taken =
+            Box::pin(self.shared.take_all(&asks))
+                .await
+                .map_err(|_| Denial::Unavailable {
+                    code: "rate_limit_unavailable",
+                    description: format!(
+                        "the rate limits of policy rules {} cannot be counted (Redis is \
                      unavailable); retry later",
-                    limits
-                        .iter()
-                        .map(|(rule, ..)| rule.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                retry_after_seconds: 1,
-            })?;
+                        limits
+                            .iter()
+                            .map(|(rule, ..)| rule.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    retry_after_seconds: 1,
+                })?;
         if let Err((i, wait)) = taken {
             let (rule, limit, _, n) = &limits[i];
             let entries = if *n > 1 {
@@ -2536,12 +2537,16 @@ impl Ctx {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context inside its per-request futures
+    /// (several times over, one copy per stage that owns it) and moves them
+    /// about; a pointer moves for free where the whole context (well over a
+    /// KiB) would be copied each time.
+    type CTX = Box<Ctx>;
 
     /// What Pingora's own error log lines say about a request: method,
     /// path (capped) and request id — never the query, whose values may be
     /// PHI (Pingora's default prints the whole request line).
-    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+    fn request_summary(&self, session: &Session, ctx: &Self::CTX) -> String {
         let req = session.req_header();
         format!(
             "{} {}{} request_id={}",
@@ -2556,8 +2561,8 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
+    fn new_ctx(&self) -> Self::CTX {
+        Box::new(Ctx {
             started: Instant::now(),
             time: SystemTime::now(),
             request_id: String::new(),
@@ -2601,10 +2606,10 @@ impl ProxyHttp for Gateway {
             upstream_time: None,
             upstream_addrs: None,
             connect_attempt: 0,
-        }
+        })
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         if self.lifecycle.closing_connections() {
             // Shutting down: this answer closes its connection (Pingora
             // says `Connection: close`), so the client's next request opens
@@ -2660,31 +2665,45 @@ impl ProxyHttp for Gateway {
                     retry_after_seconds: 1,
                 });
         }
-        if admitted.is_ok() {
-            admitted = self
-                .prove(session, ctx)
-                .instrument(tracing::debug_span!(parent: &span, "prove_write"))
-                .await;
+        // Writes to prove are few: their wait is boxed (as the checked
+        // and relayed exchanges' and a refusal's), so every other request
+        // carries and copies a small future.
+        if admitted.is_ok() && ctx.proofs.is_some() {
+            admitted = Box::pin(
+                self.prove(session, ctx)
+                    .instrument(tracing::debug_span!(parent: &span, "prove_write")),
+            )
+            .await;
         }
         match admitted {
             Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
-                self.checked_exchange(session, ctx)
-                    .instrument(tracing::debug_span!(parent: &span, "check"))
-                    .await?;
+                Box::pin(
+                    self.checked_exchange(session, ctx)
+                        .instrument(tracing::debug_span!(parent: &span, "check")),
+                )
+                .await?;
                 Ok(true)
             }
             Ok(()) if Self::relayed(session, ctx) => {
-                self.relay_exchange(session, ctx)
-                    .instrument(tracing::debug_span!(parent: &span, "relay"))
-                    .await?;
+                Box::pin(
+                    self.relay_exchange(session, ctx)
+                        .instrument(tracing::debug_span!(parent: &span, "relay")),
+                )
+                .await?;
                 Ok(true)
             }
             Ok(()) => Ok(false),
-            Err(denial) => self.refuse(session, ctx, denial).await.map(|_| true),
+            Err(denial) => Box::pin(self.refuse(session, ctx, denial))
+                .await
+                .map(|_| true),
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let u = &self.settings.upstream;
         let (addrs, start) = ctx
             .upstream_addrs
@@ -2708,7 +2727,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         up: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         let u = &self.settings.upstream;
         // Path: the normalised path we classified, mapped below the upstream base.
@@ -2756,7 +2775,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
@@ -2769,7 +2788,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> Result<Option<std::time::Duration>> {
         self.collect_answer(ctx, body.as_ref(), end_of_stream);
         Ok(None)
@@ -2784,7 +2803,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
         mut e: Box<pingora::Error>,
     ) -> Box<pingora::Error> {
         let reachability = matches!(
@@ -2811,7 +2830,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         e: &pingora::Error,
-        ctx: &mut Ctx,
+        ctx: &mut Self::CTX,
     ) -> FailToProxy {
         let downstream = e.esource() == &pingora::ErrorSource::Downstream;
         let denial = match e.etype() {
@@ -2869,7 +2888,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut Self::CTX,
+    ) {
         // Pingora may end a body without a last piece marked as such: a
         // collected answer is read here (cut short, it reads as nothing).
         self.collect_answer(ctx, None, true);

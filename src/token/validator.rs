@@ -62,6 +62,11 @@ impl Validator {
 
     /// Validates `token` at `now` (Unix seconds), for a client at `source`
     /// (its rate-limit key: introspection budgets are per address).
+    ///
+    /// Every path that waits (a key fetch, an introspection call) is boxed:
+    /// a cached token, the common case, then builds a future of a few
+    /// hundred bytes instead of several KiB, which every request's
+    /// pipeline would otherwise carry and copy.
     pub async fn validate(
         &self,
         token: &str,
@@ -75,7 +80,7 @@ impl Validator {
         // Fewer or more than three dot-separated parts: opaque. (Three
         // parts are looked at more closely below, only if they are no JWT.)
         if token.split('.').count() != 3 {
-            return self.opaque(token, hash, now, source).await;
+            return Box::pin(self.opaque(token, hash, now, source)).await;
         }
         // A cached token stands while the key it was verified with is
         // still published (a key the issuer withdrew refuses its tokens at
@@ -97,7 +102,7 @@ impl Validator {
             // An opaque token that happens to have two dots (its first part
             // no JOSE header) is introspected where opaque tokens are.
             Err(_) if token_kind(token) == "opaque" && self.opaque_introspector().is_some() => {
-                return self.opaque(token, hash, now, source).await;
+                return Box::pin(self.opaque(token, hash, now, source)).await;
             }
             Err(e) => return Err(e),
         };
@@ -117,7 +122,7 @@ impl Validator {
             if let Some(exp) = u.exp.filter(|e| e.saturating_add(leeway as i64) < now) {
                 return Err(TokenError::Expired { exp, now, leeway });
             }
-            let (claims, cache_hit) = i.claims(token, hash, now, source).await?;
+            let (claims, cache_hit) = Box::pin(i.claims(token, hash, now, source)).await?;
             // The token's own binding is a floor: an answer that leaves it
             // out (or names another) would make a stolen bound token a
             // bearer token.
@@ -131,7 +136,7 @@ impl Validator {
                 kind: "jwt",
             });
         }
-        let keys = self.store.keys_for(ik, u.kid.as_deref()).await?;
+        let keys = Box::pin(self.store.keys_for(ik, u.kid.as_deref())).await?;
         let claims = Arc::new(verify(token, &u, &ik.issuer, &keys, now)?);
         self.cache
             .insert(hash, claims.clone(), keys, u.kid.as_deref(), now);
