@@ -32,6 +32,8 @@ impl Admin {
     fn not_ready(&self) -> Option<String> {
         if self.lifecycle.draining() {
             Some("not ready: shutting down\n".into())
+        } else if self.lifecycle.stopped() {
+            Some("not ready: the proxy listener stopped serving; fhirwall is ending\n".into())
         } else if !self.lifecycle.listening() {
             Some("not ready: the proxy listener is not listening yet\n".into())
         } else if !self.jwks.ready() {

@@ -15,6 +15,8 @@ use std::sync::Arc;
 pub struct Lifecycle {
     /// The proxy's listening sockets are bound (or taken over).
     listening: AtomicBool,
+    /// The proxy's service ended while the process went on.
+    stopped: AtomicBool,
     draining: AtomicBool,
     handing_over: AtomicBool,
     in_flight: AtomicUsize,
@@ -32,6 +34,17 @@ impl Lifecycle {
 
     pub fn listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
+    }
+
+    /// The proxy's service ended while the process goes on: not ready
+    /// (the process is on its way out).
+    pub fn set_stopped(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.listening.store(false, Ordering::Release);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// From now on the gateway is shutting down: not ready, connections

@@ -6,7 +6,12 @@
 //! it replaces), and a listener that cannot start (an address not on this
 //! host, a port still held after the retries) ends fhirwall with exit code
 //! 1 instead of leaving the other listener answering alone (`/readyz`
-//! saying ready for a proxy nobody can reach).
+//! saying ready for a proxy nobody can reach). So does a service that
+//! ends while the process is not shutting down — a panic while serving, or
+//! one at start after taking over sockets another process handed it (they
+//! are in the table before the service runs, so "bound" says nothing
+//! then): the proxy is no longer ready the moment it is gone, and the
+//! process ends so that its supervisor starts a new one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,21 +31,32 @@ pub struct Watched<S> {
     addresses: Vec<String>,
     /// Told once the sockets are bound (the proxy's: readiness).
     lifecycle: Option<Arc<Lifecycle>>,
-    /// Written out before a failed start ends the process.
-    audit: AuditLog,
+    /// Ends the process with the given code (after writing out the
+    /// audit), from a blocking thread.
+    exit: Arc<dyn Fn(i32) + Send + Sync>,
 }
 
 impl<S: pingora::services::Service + 'static> Watched<S> {
     /// Watches `inner`; `lifecycle`, if given, learns when its sockets are
     /// bound.
     pub fn new(inner: S, lifecycle: Option<Arc<Lifecycle>>, audit: AuditLog) -> Watched<S> {
+        let exit = Arc::new(move |code| crate::server::exit_after_flush(&audit, code));
+        Watched::with_exit(inner, lifecycle, exit)
+    }
+
+    /// Watches `inner`, ending the process by `exit` when it fails.
+    fn with_exit(
+        inner: S,
+        lifecycle: Option<Arc<Lifecycle>>,
+        exit: Arc<dyn Fn(i32) + Send + Sync>,
+    ) -> Watched<S> {
         Watched {
             name: inner.name().to_string(),
             threads: inner.threads(),
             addresses: inner.listen_addresses().unwrap_or_default(),
             inner: Some(inner),
             lifecycle,
-            audit,
+            exit,
         }
     }
 }
@@ -75,6 +91,7 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
             return;
         };
         let bound = Arc::new(AtomicBool::new(false));
+        let stopping = shutdown.clone();
         let watch = fds.clone().map(|fds| {
             let (bound, addresses, lifecycle) = (
                 bound.clone(),
@@ -98,26 +115,46 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
         if let Some(w) = watch {
             w.abort();
         }
-        let Err(e) = run else { return };
-        let Ok(panic) = e.try_into_panic() else {
-            return;
+        let why = match run {
+            Ok(()) => None,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => Some(panic_message(panic)),
+                // Cancelled: the runtime itself is going away.
+                Err(_) => return,
+            },
         };
-        let why = panic_message(panic);
-        if bound.load(Ordering::Acquire) {
-            // After serving (its clean-up at shutdown): nothing to stop.
-            tracing::error!(service = %self.name, error = %why, "service failed after serving");
+        if *stopping.borrow() {
+            // Its clean-up at shutdown (or after handing its sockets over):
+            // nothing to stop.
+            if let Some(why) = why {
+                tracing::error!(service = %self.name, error = %why, "service failed while stopping");
+            }
             return;
         }
-        tracing::error!(
-            service = %self.name,
-            listen = %self.addresses.join(", "),
-            error = %why,
-            "listener could not start: stopping"
-        );
-        let audit = self.audit.clone();
+        // Gone while the process goes on: not ready from this moment.
+        if let Some(l) = &self.lifecycle {
+            l.set_stopped();
+        }
+        let why = why.unwrap_or_else(|| "it returned".into());
+        if bound.load(Ordering::Acquire) {
+            tracing::error!(
+                service = %self.name,
+                listen = %self.addresses.join(", "),
+                error = %why,
+                "listener stopped serving: stopping"
+            );
+        } else {
+            tracing::error!(
+                service = %self.name,
+                listen = %self.addresses.join(", "),
+                error = %why,
+                "listener could not start: stopping"
+            );
+        }
+        let exit = self.exit.clone();
         // From a blocking thread of its own: this runtime may be dropped
         // meanwhile; the process still ends.
-        tokio::task::spawn_blocking(move || crate::server::exit_after_flush(&audit, 1));
+        tokio::task::spawn_blocking(move || exit(1));
     }
 
     fn name(&self) -> &str {
@@ -139,5 +176,119 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
         Some(self.addresses.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::server::Fds;
+    use pingora::services::Service;
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+
+    /// A listening service that puts its socket in the table, then
+    /// panics, returns, or serves until shutdown.
+    struct Fake {
+        addr: String,
+        fd: std::os::fd::RawFd,
+        ends: &'static str,
+    }
+
+    #[async_trait]
+    impl Service for Fake {
+        async fn start_service(
+            &mut self,
+            fds: Option<ListenFds>,
+            mut shutdown: ShutdownWatch,
+            _listeners_per_fd: usize,
+        ) {
+            if let Some(fds) = fds {
+                fds.lock().add(self.addr.clone(), self.fd);
+            }
+            // Long enough for the watch to see the socket bound.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self.ends {
+                "panics" => panic!("the accept loop failed"),
+                "returns" => {}
+                _ => {
+                    let _ = shutdown.changed().await;
+                }
+            }
+        }
+
+        fn name(&self) -> &str {
+            "fake proxy"
+        }
+
+        fn threads(&self) -> Option<usize> {
+            Some(1)
+        }
+    }
+
+    /// Runs a watched fake to its end; returns the exit codes asked for
+    /// and the lifecycle. `stop`: shutdown is signalled after 300 ms.
+    async fn run(ends: &'static str, stop: bool) -> (Vec<i32>, Arc<Lifecycle>) {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap().to_string();
+        let lifecycle = Lifecycle::new();
+        let codes = Arc::new(Mutex::new(Vec::new()));
+        let exit = {
+            let codes = codes.clone();
+            Arc::new(move |code| codes.lock().unwrap().push(code))
+        };
+        let fake = Fake {
+            addr: addr.clone(),
+            fd: socket.as_raw_fd(),
+            ends,
+        };
+        let mut watched = Watched::with_exit(fake, Some(lifecycle.clone()), exit);
+        watched.addresses = vec![addr];
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let fds: ListenFds = Arc::new(Fds::new().into());
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if stop {
+                let _ = tx.send(true);
+            }
+            tx
+        });
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            watched.start_service(Some(fds), rx, 1),
+        )
+        .await
+        .expect("the watched service ends");
+        // The exit runs on a blocking thread.
+        for _ in 0..100 {
+            if !codes.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(stopper.await);
+        let codes = codes.lock().unwrap().clone();
+        (codes, lifecycle)
+    }
+
+    /// A proxy service that fails after its sockets were bound (or taken
+    /// over) is no longer ready, and the process ends with 1.
+    #[tokio::test]
+    async fn a_service_failing_while_serving_is_not_ready_and_ends_the_process() {
+        for ends in ["panics", "returns"] {
+            let (codes, lifecycle) = run(ends, false).await;
+            assert_eq!(codes, vec![1], "{ends}");
+            assert!(!lifecycle.listening(), "{ends}");
+            assert!(lifecycle.stopped(), "{ends}");
+        }
+    }
+
+    /// Ending at shutdown is the normal end: nothing to stop.
+    #[tokio::test]
+    async fn a_service_ending_at_shutdown_stops_nothing() {
+        let (codes, lifecycle) = run("serves", true).await;
+        assert!(codes.is_empty());
+        assert!(lifecycle.listening());
+        assert!(!lifecycle.stopped());
     }
 }
