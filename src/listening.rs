@@ -136,21 +136,17 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
             l.set_stopped();
         }
         let why = why.unwrap_or_else(|| "it returned".into());
-        if bound.load(Ordering::Acquire) {
-            tracing::error!(
-                service = %self.name,
-                listen = %self.addresses.join(", "),
-                error = %why,
-                "listener stopped serving: stopping"
-            );
+        let what = if bound.load(Ordering::Acquire) {
+            "listener stopped serving: stopping"
         } else {
-            tracing::error!(
-                service = %self.name,
-                listen = %self.addresses.join(", "),
-                error = %why,
-                "listener could not start: stopping"
-            );
-        }
+            "listener could not start: stopping"
+        };
+        tracing::error!(
+            service = %self.name,
+            listen = %self.addresses.join(", "),
+            error = %why,
+            "{what}"
+        );
         let exit = self.exit.clone();
         // From a blocking thread of its own: this runtime may be dropped
         // meanwhile; the process still ends.

@@ -2248,22 +2248,20 @@ impl Gateway {
             .collect();
         // Boxed, as the other waits that only some requests make: the
         // pipeline's future stays small for the rest.
-        let taken =
-            Box::pin(self.shared.take_all(&asks))
-                .await
-                .map_err(|_| Denial::Unavailable {
-                    code: "rate_limit_unavailable",
-                    description: format!(
-                        "the rate limits of policy rules {} cannot be counted (Redis is \
-                     unavailable); retry later",
-                        limits
-                            .iter()
-                            .map(|(rule, ..)| rule.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    retry_after_seconds: 1,
-                })?;
+        let taken = Box::pin(self.shared.take_all(&asks)).await;
+        let taken = taken.map_err(|_| Denial::Unavailable {
+            code: "rate_limit_unavailable",
+            description: format!(
+                "the rate limits of policy rules {} cannot be counted (Redis is \
+                 unavailable); retry later",
+                limits
+                    .iter()
+                    .map(|(rule, ..)| rule.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            retry_after_seconds: 1,
+        })?;
         if let Err((i, wait)) = taken {
             let (rule, limit, _, n) = &limits[i];
             let entries = if *n > 1 {
