@@ -1812,6 +1812,43 @@ async fn an_emptied_jwks_drops_the_keys_loaded_before() {
     );
 }
 
+/// An issuer that replaces a key under the same `kid` (a key pulled and
+/// a new one published in its place) is believed for cached tokens too:
+/// a token verified with the old key is refused once the new key set is
+/// seen (401, nothing upstream), while the new key's tokens pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() {
+    let gw = Gateway::start(Options {
+        min_refetch_interval_seconds: 1,
+        ..Options::default()
+    })
+    .await;
+    let kid = gw.issuer.signing_key().kid.clone();
+    let cached = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Patient/p1", Some(&cached)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    gw.issuer
+        .set_keys(vec![SigningKey::generate(KeyKind::P256, &kid)]);
+    // An unknown kid makes fhirwall look again: it finds the new key.
+    let stranger = SigningKey::generate(KeyKind::P256, "k-stranger");
+    let r = gw
+        .get("Patient/p1", Some(&stranger.sign(&gw.claims("user/*.rs"))))
+        .await;
+    assert_eq!(r.status(), 401);
+    let before = gw.upstream.seen().len();
+    let r = gw.get("Patient/replaced-1", Some(&cached)).await;
+    assert_eq!(r.status(), 401);
+    assert!(www(&r).contains("invalid_token"), "{}", www(&r));
+    assert_eq!(gw.upstream.seen().len(), before);
+    // The key now published under that kid verifies its own tokens.
+    assert_eq!(
+        gw.get("Patient/p1", Some(&gw.mint("user/*.rs", None)))
+            .await
+            .status(),
+        200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kid_refetches_once_and_key_rotation_works() {
     let gw = Gateway::start(Options {

@@ -117,8 +117,9 @@ impl JwksStore {
 
     /// Whether the key a cached token was verified with is still
     /// published: the issuer's key set is the one it was verified against,
-    /// or still holds its `kid`. (A token without a kid is verified again
-    /// after any new key set.)
+    /// or still publishes the same key(s) under its `kid` (a key replaced
+    /// under the kid refuses the tokens cached under the old one). A token
+    /// without a kid is verified again after any new key set.
     pub fn still_published(&self, hit: &super::cache::Hit) -> bool {
         let Some(ik) = self.issuer(&hit.claims.iss) else {
             return false;
@@ -126,7 +127,10 @@ impl JwksStore {
         let current = ik.keys.load();
         match current.as_ref() {
             Some(keys) if Arc::ptr_eq(keys, &hit.keys) => true,
-            Some(keys) => hit.kid.as_deref().is_some_and(|kid| keys.has_kid(kid)),
+            Some(keys) => hit
+                .kid
+                .as_deref()
+                .is_some_and(|kid| keys.still_holds(&hit.keys, kid)),
             None => false,
         }
     }

@@ -220,6 +220,10 @@ pub struct VerifyKey {
     /// Algorithms this key may verify (its family, narrowed by the JWK `alg`).
     pub algorithms: Vec<Algorithm>,
     key: DecodingKey,
+    /// The public key as published (its type, curve and components) and
+    /// the algorithms it verifies: two keys are the same key when these
+    /// are equal (a key replaced under its `kid` is not).
+    identity: String,
 }
 
 impl VerifyKey {
@@ -265,6 +269,22 @@ impl KeySet {
 
     pub fn has_kid(&self, kid: &str) -> bool {
         self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+
+    /// Whether every key `earlier` published under `kid` is still
+    /// published here, under that kid, as the same key. (A key added
+    /// beside them changes nothing; one replaced under the kid does.)
+    pub fn still_holds(&self, earlier: &KeySet, kid: &str) -> bool {
+        fn under<'a>(set: &'a KeySet, kid: &str) -> Vec<&'a str> {
+            set.keys
+                .iter()
+                .filter(|k| k.kid.as_deref() == Some(kid))
+                .map(|k| k.identity.as_str())
+                .collect()
+        }
+        let now = under(self, kid);
+        let then = under(earlier, kid);
+        !then.is_empty() && then.iter().all(|k| now.contains(k))
     }
 }
 
@@ -337,10 +357,19 @@ pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
             }
         },
     };
+    let identity = format!(
+        "{kty} {} {} {} {} {} {algorithms:?}",
+        s("crv").unwrap_or(""),
+        s("n").unwrap_or(""),
+        s("e").unwrap_or(""),
+        s("x").unwrap_or(""),
+        s("y").unwrap_or("")
+    );
     Ok(VerifyKey {
         kid: s("kid").map(str::to_string),
         algorithms,
         key,
+        identity,
     })
 }
 

@@ -421,3 +421,33 @@ fn a_token_without_a_kid_is_tried_against_the_keys_of_its_algorithm() {
         Err(TokenError::AmbiguousKey(n)) if n == MAX_KEYS_WITHOUT_KID + 1
     ));
 }
+
+/// A key set fetched again holds a cached token's key when the same key
+/// is still published under its kid — not when another key took the kid,
+/// or its `alg` changed.
+#[test]
+fn a_new_key_set_still_holds_a_kid_only_with_the_same_key() {
+    let a = SigningKey::generate(KeyKind::P256, "k1");
+    let b = SigningKey::generate(KeyKind::P256, "k2");
+    let replaced = SigningKey::generate(KeyKind::P256, "k1");
+    let set = |keys: &[&SigningKey]| KeySet::from_jwks(&jwks(keys)).unwrap().0;
+    let then = set(&[&a]);
+    assert!(set(&[&a]).still_holds(&then, "k1"), "the same key again");
+    assert!(
+        set(&[&b, &a]).still_holds(&then, "k1"),
+        "a key added beside"
+    );
+    assert!(!set(&[&replaced]).still_holds(&then, "k1"), "replaced");
+    assert!(!set(&[&b]).still_holds(&then, "k1"), "withdrawn");
+    assert!(!set(&[&a]).still_holds(&then, "k2"), "a kid it never had");
+    // An RSA key published without `alg` verifies RS* and PS*; the same
+    // key narrowed to RS256 is not the key a PS256 token was verified by.
+    let rsa = SigningKey::generate(KeyKind::Rsa2048, "r1");
+    let mut wide = rsa.jwk().clone();
+    wide.as_object_mut().unwrap().remove("alg");
+    let mut narrowed = rsa.jwk().clone();
+    narrowed["alg"] = json!("RS256");
+    let of = |jwk: &Value| KeySet::from_jwks(&json!({ "keys": [jwk] })).unwrap().0;
+    assert!(of(&wide).still_holds(&of(&wide), "r1"));
+    assert!(!of(&narrowed).still_holds(&of(&wide), "r1"), "alg narrowed");
+}
