@@ -275,16 +275,15 @@ impl KeySet {
     /// published here, under that kid, as the same key. (A key added
     /// beside them changes nothing; one replaced under the kid does.)
     pub fn still_holds(&self, earlier: &KeySet, kid: &str) -> bool {
-        fn under<'a>(set: &'a KeySet, kid: &str) -> Vec<&'a str> {
+        // (Asked on cache hits after each refresh: no allocation.)
+        fn under<'a>(set: &'a KeySet, kid: &'a str) -> impl Iterator<Item = &'a str> {
             set.keys
                 .iter()
-                .filter(|k| k.kid.as_deref() == Some(kid))
+                .filter(move |k| k.kid.as_deref() == Some(kid))
                 .map(|k| k.identity.as_str())
-                .collect()
         }
-        let now = under(self, kid);
-        let then = under(earlier, kid);
-        !then.is_empty() && then.iter().all(|k| now.contains(k))
+        under(earlier, kid).next().is_some()
+            && under(earlier, kid).all(|then| under(self, kid).any(|now| now == then))
     }
 }
 
