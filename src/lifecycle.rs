@@ -63,9 +63,10 @@ impl Lifecycle {
         self.handing_over.store(true, Ordering::Release);
     }
 
-    /// Answers close their connection: draining or handing over.
+    /// Answers close their connection: draining, handing over, or the
+    /// proxy's service stopped (the process is ending).
     pub fn closing_connections(&self) -> bool {
-        self.draining() || self.handing_over.load(Ordering::Acquire)
+        self.draining() || self.stopped() || self.handing_over.load(Ordering::Acquire)
     }
 
     /// Requests whose context is alive (from the request header read to

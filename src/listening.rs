@@ -69,6 +69,18 @@ fn all_bound(fds: &ListenFds, addresses: &[String]) -> bool {
     addresses.iter().all(|a| table.get(a).is_some())
 }
 
+/// How long a stopped proxy lets its requests in flight finish before the
+/// process ends.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until no request is in flight, or `at_most`.
+fn wait_for_requests(lifecycle: &Lifecycle, at_most: Duration) {
+    let deadline = std::time::Instant::now() + at_most;
+    while lifecycle.in_flight() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A panic's message.
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     match p.downcast::<String>() {
@@ -148,9 +160,17 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
             "{what}"
         );
         let exit = self.exit.clone();
+        let lifecycle = self.lifecycle.clone();
         // From a blocking thread of its own: this runtime may be dropped
-        // meanwhile; the process still ends.
-        tokio::task::spawn_blocking(move || exit(1));
+        // meanwhile; the process still ends. Requests in flight on the
+        // connections already accepted (their tasks outlive the accept
+        // loop) finish first, for a while, and leave their records.
+        tokio::task::spawn_blocking(move || {
+            if let Some(l) = lifecycle {
+                wait_for_requests(&l, IN_FLIGHT_WAIT);
+            }
+            exit(1)
+        });
     }
 
     fn name(&self) -> &str {
@@ -225,6 +245,12 @@ mod tests {
     /// Runs a watched fake to its end; returns the exit codes asked for
     /// and the lifecycle. `stop`: shutdown is signalled after 300 ms.
     async fn run(ends: &'static str, stop: bool) -> (Vec<i32>, Arc<Lifecycle>) {
+        run_holding(ends, stop, false).await
+    }
+
+    /// `hold`: a request is in flight until 300 ms after the service
+    /// ended (no exit is asked for before it ends).
+    async fn run_holding(ends: &'static str, stop: bool, hold: bool) -> (Vec<i32>, Arc<Lifecycle>) {
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap().to_string();
         let lifecycle = Lifecycle::new();
@@ -238,6 +264,7 @@ mod tests {
             fd: socket.as_raw_fd(),
             ends,
         };
+        let request = hold.then(|| lifecycle.enter());
         let mut watched = Watched::with_exit(fake, Some(lifecycle.clone()), exit);
         watched.addresses = vec![addr];
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -255,6 +282,15 @@ mod tests {
         )
         .await
         .expect("the watched service ends");
+        if let Some(request) = request {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                codes.lock().unwrap().is_empty(),
+                "exit asked for with a request in flight"
+            );
+            assert!(lifecycle.closing_connections());
+            drop(request);
+        }
         // The exit runs on a blocking thread.
         for _ in 0..100 {
             if !codes.lock().unwrap().is_empty() {
@@ -277,6 +313,15 @@ mod tests {
             assert!(!lifecycle.listening(), "{ends}");
             assert!(lifecycle.stopped(), "{ends}");
         }
+    }
+
+    /// Requests in flight on connections accepted before finish first
+    /// (their records are written); answers close their connections.
+    #[tokio::test]
+    async fn a_stopped_proxy_ends_the_process_once_its_requests_are_done() {
+        let (codes, lifecycle) = run_holding("panics", false, true).await;
+        assert_eq!(codes, vec![1]);
+        assert_eq!(lifecycle.in_flight(), 0);
     }
 
     /// Ending at shutdown is the normal end: nothing to stop.

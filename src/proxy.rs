@@ -2247,8 +2247,13 @@ impl Gateway {
             })
             .collect();
         // Boxed, as the other waits that only some requests make: the
-        // pipeline's future stays small for the rest.
-        let taken = Box::pin(self.shared.take_all(&asks)).await;
+        // pipeline's future stays small for the rest (and requests that no
+        // limit counts make no allocation for it).
+        let taken = if asks.is_empty() {
+            Ok(Ok(()))
+        } else {
+            Box::pin(self.shared.take_all(&asks)).await
+        };
         let taken = taken.map_err(|_| Denial::Unavailable {
             code: "rate_limit_unavailable",
             description: format!(

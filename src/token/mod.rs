@@ -260,7 +260,10 @@ impl KeySet {
         let mut skipped = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             match verify_key(k) {
-                Ok(key) => set.keys.push(key),
+                Ok(mut key) => {
+                    key.identity = key_identity(k, &key.algorithms);
+                    set.keys.push(key)
+                }
                 Err(why) => skipped.push(format!("keys[{i}]: {why}")),
             }
         }
@@ -356,20 +359,29 @@ pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
             }
         },
     };
-    let identity = format!(
-        "{kty} {} {} {} {} {} {algorithms:?}",
-        s("crv").unwrap_or(""),
-        s("n").unwrap_or(""),
-        s("e").unwrap_or(""),
-        s("x").unwrap_or(""),
-        s("y").unwrap_or("")
-    );
     Ok(VerifyKey {
         kid: s("kid").map(str::to_string),
         algorithms,
         key,
-        identity,
+        // Set for a JWKS's keys only (a DPoP proof's key is compared by
+        // its thumbprint).
+        identity: String::new(),
     })
+}
+
+/// A JWKS key's identity: its type, curve, public components and the
+/// algorithms it verifies.
+fn key_identity(k: &Value, algorithms: &[Algorithm]) -> String {
+    let s = |name: &str| k.get(name).and_then(Value::as_str).unwrap_or("");
+    format!(
+        "{} {} {} {} {} {} {algorithms:?}",
+        s("kty"),
+        s("crv"),
+        s("n"),
+        s("e"),
+        s("x"),
+        s("y")
+    )
 }
 
 /// A verified access token's claims, in the shape every later stage uses.
