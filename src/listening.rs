@@ -147,7 +147,9 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
         if let Some(l) = &self.lifecycle {
             l.set_stopped();
         }
-        let why = why.unwrap_or_else(|| "it returned".into());
+        let why = why.unwrap_or_else(|| {
+            "its accept loops ended (a panic in one is in the log above)".into()
+        });
         let what = if bound.load(Ordering::Acquire) {
             "listener stopped serving: stopping"
         } else {
