@@ -30,12 +30,8 @@ pub struct Admin {
 impl Admin {
     /// Why the gateway is not ready, if it is not.
     fn not_ready(&self) -> Option<String> {
-        if self.lifecycle.draining() {
-            Some("not ready: shutting down\n".into())
-        } else if self.lifecycle.stopped() {
-            Some("not ready: the proxy listener stopped serving; fhirwall is ending\n".into())
-        } else if !self.lifecycle.listening() {
-            Some("not ready: the proxy listener is not listening yet\n".into())
+        if let Some(why) = self.lifecycle.not_ready() {
+            Some(format!("not ready: {why}\n"))
         } else if !self.jwks.ready() {
             Some("not ready: JWKS of some issuer not loaded\n".into())
         } else if !self.audit.ready() {

@@ -47,6 +47,20 @@ impl Lifecycle {
         self.stopped.load(Ordering::Acquire)
     }
 
+    /// Why the proxy is not ready as far as its life goes, if it is not
+    /// (`/readyz` asks the rest).
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.draining() {
+            Some("shutting down")
+        } else if self.stopped() {
+            Some("the proxy listener stopped serving; fhirwall is ending")
+        } else if !self.listening() {
+            Some("the proxy listener is not listening yet")
+        } else {
+            None
+        }
+    }
+
     /// From now on the gateway is shutting down: not ready, connections
     /// are not kept alive.
     pub fn start_draining(&self) {
@@ -121,8 +135,32 @@ mod tests {
     #[test]
     fn handing_over_closes_connections_but_stays_ready() {
         let l = Lifecycle::new();
+        l.set_listening();
         assert!(!l.closing_connections());
         l.start_handing_over();
         assert!(l.closing_connections() && !l.draining());
+        assert_eq!(l.not_ready(), None);
+    }
+
+    /// Ready once listening; not ready, and closing connections, once the
+    /// proxy's service stopped, whatever came before.
+    #[test]
+    fn a_stopped_proxy_is_not_ready_and_closes_connections() {
+        let l = Lifecycle::new();
+        assert_eq!(
+            l.not_ready(),
+            Some("the proxy listener is not listening yet")
+        );
+        l.set_listening();
+        assert_eq!(l.not_ready(), None);
+        assert!(!l.closing_connections());
+        l.set_stopped();
+        assert_eq!(
+            l.not_ready(),
+            Some("the proxy listener stopped serving; fhirwall is ending")
+        );
+        assert!(l.closing_connections());
+        l.start_draining();
+        assert_eq!(l.not_ready(), Some("shutting down"));
     }
 }
