@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct Lifecycle {
@@ -87,6 +88,24 @@ impl Lifecycle {
     /// the last record).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits (blocking this thread) until no request has been in flight
+    /// for `quiet`: true then, false at `deadline`.
+    pub fn wait_until_idle(&self, deadline: Instant, quiet: Duration) -> bool {
+        let mut idle_since = None;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if self.in_flight() > 0 {
+                idle_since = None;
+            } else if now.duration_since(*idle_since.get_or_insert(now)) >= quiet {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Counts a request as in flight until the returned guard is dropped.

@@ -73,14 +73,6 @@ fn all_bound(fds: &ListenFds, addresses: &[String]) -> bool {
 /// process ends.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
 
-/// Waits until no request is in flight, or `at_most`.
-fn wait_for_requests(lifecycle: &Lifecycle, at_most: Duration) {
-    let deadline = std::time::Instant::now() + at_most;
-    while lifecycle.in_flight() > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A panic's message.
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     match p.downcast::<String>() {
@@ -169,7 +161,7 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
         // loop) finish first, for a while, and leave their records.
         tokio::task::spawn_blocking(move || {
             if let Some(l) = lifecycle {
-                wait_for_requests(&l, IN_FLIGHT_WAIT);
+                l.wait_until_idle(std::time::Instant::now() + IN_FLIGHT_WAIT, Duration::ZERO);
             }
             exit(1)
         });

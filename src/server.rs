@@ -449,19 +449,9 @@ fn exit_when_drained(
     audit: &AuditLog,
     deadline: std::time::Instant,
 ) {
-    let mut idle_since = None;
-    loop {
-        let now = std::time::Instant::now();
-        if now >= deadline {
-            return;
-        }
-        if lifecycle.in_flight() > 0 {
-            idle_since = None;
-        } else if now.duration_since(*idle_since.get_or_insert(now)) >= QUIET {
-            tracing::info!("no request in flight; fhirwall stopping");
-            exit_after_flush(audit, 0);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    if lifecycle.wait_until_idle(deadline, QUIET) {
+        tracing::info!("no request in flight; fhirwall stopping");
+        exit_after_flush(audit, 0);
     }
 }
 
