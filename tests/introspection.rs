@@ -315,6 +315,25 @@ async fn introspected_claims_drive_scopes_and_patient_context() {
     assert_eq!(gw.upstream.count_containing("aud-1"), 0);
 }
 
+/// Starts a gateway whose issuer introspects with `yaml`'s client
+/// authentication, has an opaque `token` introspected (answered active)
+/// and returns the client assertion fhirwall sent with the call.
+async fn client_assertion(yaml: &str, token: &str) -> String {
+    let (gw, as_) = start(yaml, 60, 2).await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert(token.into(), active(&gw, "user/*.rs", None));
+    let (s, _, _) = get(&gw, "Patient/p1", token).await;
+    assert_eq!(s, 200);
+    let (_, form) = as_.last_auth.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        form["client_assertion_type"],
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    );
+    form["client_assertion"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_key_jwt_client_authentication() {
     let dir = support::TempDir::new("pkjwt");
@@ -325,23 +344,12 @@ async fn private_key_jwt_client_authentication() {
         "      auth_method: private_key_jwt\n      private_key_file: {}\n      private_key_alg: ES256\n",
         key_file.display()
     );
-    let (gw, as_) = start(&yaml, 60, 2).await;
-    as_.answers
-        .lock()
-        .unwrap()
-        .insert("opaque-pk".into(), active(&gw, "user/*.rs", None));
-    let (s, _, _) = get(&gw, "Patient/p1", "opaque-pk").await;
-    assert_eq!(s, 200);
-    let (_, form) = as_.last_auth.lock().unwrap().clone().unwrap();
-    assert_eq!(
-        form["client_assertion_type"],
-        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-    );
+    let assertion = client_assertion(&yaml, "opaque-pk").await;
     // The assertion verifies with the client's public key and names the client.
     let decoding = jsonwebtoken::DecodingKey::from_ec_pem(key.public_key_pem().as_bytes()).unwrap();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
     v.validate_aud = false;
-    let data = jsonwebtoken::decode::<Value>(&form["client_assertion"], &decoding, &v).unwrap();
+    let data = jsonwebtoken::decode::<Value>(&assertion, &decoding, &v).unwrap();
     assert_eq!(data.claims["iss"], "fhirwall-gw");
     assert_eq!(data.claims["sub"], "fhirwall-gw");
     assert!(data.claims["aud"]
@@ -355,15 +363,8 @@ async fn private_key_jwt_client_authentication() {
     let yaml = format!(
         "{yaml}      private_key_id: client-key-2\n      assertion_audience: https://as.example/realms/h\n"
     );
-    let (gw, as_) = start(&yaml, 60, 2).await;
-    as_.answers
-        .lock()
-        .unwrap()
-        .insert("opaque-pk2".into(), active(&gw, "user/*.rs", None));
-    let (s, _, _) = get(&gw, "Patient/p1", "opaque-pk2").await;
-    assert_eq!(s, 200);
-    let (_, form) = as_.last_auth.lock().unwrap().clone().unwrap();
-    let data = jsonwebtoken::decode::<Value>(&form["client_assertion"], &decoding, &v).unwrap();
+    let assertion = client_assertion(&yaml, "opaque-pk2").await;
+    let data = jsonwebtoken::decode::<Value>(&assertion, &decoding, &v).unwrap();
     assert_eq!(data.header.kid.as_deref(), Some("client-key-2"));
     assert_eq!(data.claims["aud"], "https://as.example/realms/h");
     // With another method they would mean nothing: a configuration error.

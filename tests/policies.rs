@@ -30,12 +30,7 @@ async fn start(dir: &TempDir) -> Gateway {
 /// Three searches `Observation?code=<prefix>-<i>` with `token`, each
 /// served, then the answer to a fourth (`<prefix>-over`).
 async fn past_three_searches(gw: &Gateway, token: &str, prefix: &str) -> reqwest::Response {
-    for i in 0..3 {
-        let r = gw
-            .get(&format!("Observation?code={prefix}-{i}"), Some(token))
-            .await;
-        assert_eq!(r.status(), 200, "request {prefix}-{i}");
-    }
+    gw.searches_served(token, prefix, 3).await;
     gw.get(&format!("Observation?code={prefix}-over"), Some(token))
         .await
 }

@@ -365,12 +365,7 @@ async fn a_tightened_limit_applies_to_the_bucket_as_it_is() {
     })
     .await;
     let token = gw.mint("user/*.rs", None);
-    for i in 0..4 {
-        let r = gw
-            .get(&format!("Observation?code=tight-{i}"), Some(&token))
-            .await;
-        assert_eq!(r.status(), 200, "request {i}");
-    }
+    gw.searches_served(&token, "tight", 4).await;
     // One token left; the limit goes down to 3 an hour.
     std::fs::write(&file, limit(3)).unwrap();
     gw.signal("HUP");
@@ -540,12 +535,7 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
     assert_eq!(s, 401);
     // The rate-limit script runs under the same user.
     let bearer = gw.mint("user/*.rs", None);
-    for i in 0..2 {
-        let r = gw
-            .get(&format!("Observation?code=acl-{i}"), Some(&bearer))
-            .await;
-        assert_eq!(r.status(), 200, "search {i}");
-    }
+    gw.searches_served(&bearer, "acl", 2).await;
     let r = gw.get("Observation?code=acl-over", Some(&bearer)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(gw.upstream.count_containing("acl-over"), 0);

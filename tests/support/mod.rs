@@ -453,6 +453,17 @@ impl Gateway {
         r.send().await.unwrap()
     }
 
+    /// `n` searches `Observation?code=<prefix>-<i>` with `token`, each
+    /// served (200): a rate limit's budget spent.
+    pub async fn searches_served(&self, token: &str, prefix: &str, n: usize) {
+        for i in 0..n {
+            let r = self
+                .get(&format!("Observation?code={prefix}-{i}"), Some(token))
+                .await;
+            assert_eq!(r.status(), 200, "request {prefix}-{i}");
+        }
+    }
+
     /// Sends `method` to `rel` under the base with a bearer token, a
     /// Content-Type and a body.
     pub async fn send(
