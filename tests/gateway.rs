@@ -1849,6 +1849,37 @@ async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() 
     );
 }
 
+/// Two keys of the token's algorithm under one kid make a fresh token
+/// naming it ambiguous; a token cached before the second key came gets the
+/// same answer, not a pass from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_key_under_a_tokens_kid_refuses_it_cached_or_fresh() {
+    let gw = Gateway::start(Options {
+        min_refetch_interval_seconds: 1,
+        ..Options::default()
+    })
+    .await;
+    let kid = gw.issuer.signing_key().kid.clone();
+    let cached = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Patient/p1", Some(&cached)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The old key stays published; another RSA key joins it under its kid.
+    gw.issuer
+        .rotate_to(SigningKey::generate(KeyKind::Rsa2048, &kid));
+    let stranger = SigningKey::generate(KeyKind::P256, "k-stranger");
+    let r = gw
+        .get("Patient/p1", Some(&stranger.sign(&gw.claims("user/*.rs"))))
+        .await;
+    assert_eq!(r.status(), 401, "the unknown kid makes fhirwall look again");
+    let before = gw.upstream.seen().len();
+    for token in [cached, gw.mint("user/*.rs", None)] {
+        let r = gw.get("Patient/p1", Some(&token)).await;
+        assert_eq!(r.status(), 401);
+        assert!(www(&r).contains("invalid_token"), "{}", www(&r));
+    }
+    assert_eq!(gw.upstream.seen().len(), before, "nothing went upstream");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kid_refetches_once_and_key_rotation_works() {
     let gw = Gateway::start(Options {

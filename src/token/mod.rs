@@ -274,9 +274,11 @@ impl KeySet {
         self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
     }
 
-    /// Whether every key `earlier` published under `kid` is still
-    /// published here, under that kid, as the same key. (A key added
-    /// beside them changes nothing; one replaced under the kid does.)
+    /// Whether the keys published here under `kid` are exactly those
+    /// `earlier` published under it. A key added under another kid changes
+    /// nothing; a key replaced, withdrawn or added under this kid does, so
+    /// the cached token is verified again and gets the answer a fresh one
+    /// would (a second key of its algorithm under the kid is ambiguous).
     pub fn still_holds(&self, earlier: &KeySet, kid: &str) -> bool {
         // (Asked on cache hits after each refresh: no allocation.)
         fn under<'a>(set: &'a KeySet, kid: &'a str) -> impl Iterator<Item = &'a str> {
@@ -285,8 +287,11 @@ impl KeySet {
                 .filter(move |k| k.kid.as_deref() == Some(kid))
                 .map(|k| k.identity.as_str())
         }
-        under(earlier, kid).next().is_some()
-            && under(earlier, kid).all(|then| under(self, kid).any(|now| now == then))
+        let then = under(earlier, kid).count();
+        then > 0
+            && under(self, kid).count() == then
+            && under(earlier, kid).all(|was| under(self, kid).any(|now| now == was))
+            && under(self, kid).all(|now| under(earlier, kid).any(|was| was == now))
     }
 }
 

@@ -440,6 +440,13 @@ fn a_new_key_set_still_holds_a_kid_only_with_the_same_key() {
     assert!(!set(&[&replaced]).still_holds(&then, "k1"), "replaced");
     assert!(!set(&[&b]).still_holds(&then, "k1"), "withdrawn");
     assert!(!set(&[&a]).still_holds(&then, "k2"), "a kid it never had");
+    // A second key under the kid: a fresh token naming it would be refused
+    // as ambiguous, so the cached one is verified again too.
+    assert!(
+        !set(&[&a, &replaced]).still_holds(&then, "k1"),
+        "another key added under the kid"
+    );
+    assert!(!set(&[&a, &a]).still_holds(&then, "k1"), "the key twice");
     // An RSA key published without `alg` verifies RS* and PS*; the same
     // key narrowed to RS256 is not the key a PS256 token was verified by.
     let rsa = SigningKey::generate(KeyKind::Rsa2048, "r1");
