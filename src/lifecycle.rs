@@ -20,6 +20,9 @@ pub struct Lifecycle {
     stopped: AtomicBool,
     draining: AtomicBool,
     handing_over: AtomicBool,
+    /// The proxy's listener stopped and, after lingering, the connections
+    /// waiting for a next request were dropped: no request can arrive.
+    released: AtomicBool,
     in_flight: AtomicUsize,
 }
 
@@ -90,6 +93,24 @@ impl Lifecycle {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// The proxy's listener stopped and its waiting connections were
+    /// dropped ([`crate::listening::Lingering`]).
+    pub fn release_connections(&self) {
+        self.released.store(true, Ordering::Release);
+    }
+
+    /// Waits (blocking this thread) until the proxy's waiting connections
+    /// were dropped: true then, false at `deadline`.
+    pub fn wait_until_released(&self, deadline: Instant) -> bool {
+        while !self.released.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Waits (blocking this thread) until no request has been in flight
     /// for `quiet`: true then, false at `deadline`.
     pub fn wait_until_idle(&self, deadline: Instant, quiet: Duration) -> bool {
@@ -128,6 +149,21 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_released_once_the_listener_let_them_go() {
+        let l = Lifecycle::new();
+        let soon = Instant::now() + Duration::from_millis(30);
+        assert!(!l.wait_until_released(soon), "released before it was");
+        assert!(Instant::now() >= soon);
+        let later = l.clone();
+        let releasing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            later.release_connections();
+        });
+        assert!(l.wait_until_released(Instant::now() + Duration::from_secs(5)));
+        releasing.join().unwrap();
+    }
 
     #[test]
     fn requests_are_counted_while_their_guard_lives() {

@@ -12,16 +12,66 @@
 //! are in the table before the service runs, so "bound" says nothing
 //! then): the proxy is no longer ready the moment it is gone, and the
 //! process ends so that its supervisor starts a new one.
+//!
+//! When the proxy's listener stops at shutdown or after a handover,
+//! Pingora drops every connection waiting for its next request. A
+//! connection accepted just before, its request on the way, would be
+//! reset, so the proxy's app lingers ([`Lingering`]) before letting them
+//! go: requests that arrive meanwhile are answered (closing their
+//! connections, as every answer of a process on its way out).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
 use pingora::server::{ListenFds, ShutdownWatch};
 
 use crate::audit::AuditLog;
 use crate::lifecycle::Lifecycle;
+
+/// How long the proxy's stopped listener keeps the connections waiting
+/// for a next request: long enough for a request sent on a connection
+/// accepted just before it stopped to arrive and be answered.
+pub const LINGER: Duration = Duration::from_millis(500);
+
+/// A Pingora app whose waiting connections outlive its stopped listener by
+/// `linger` (Pingora drops them in the app's cleanup); then the lifecycle
+/// learns that no request can arrive any more.
+pub struct Lingering<A> {
+    app: Arc<A>,
+    linger: Duration,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl<A> Lingering<A> {
+    pub fn new(app: A, linger: Duration, lifecycle: Arc<Lifecycle>) -> Lingering<A> {
+        Lingering {
+            app: Arc::new(app),
+            linger,
+            lifecycle,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.app.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(self.linger).await;
+        self.app.cleanup().await;
+        self.lifecycle.release_connections();
+    }
+}
 
 /// A listening service run by Pingora, watched.
 pub struct Watched<S> {

@@ -16,7 +16,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::config::Settings;
-use crate::listening::Watched;
+use crate::listening::{Lingering, Watched, LINGER};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::token::jwks::JwksStore;
@@ -449,7 +449,9 @@ fn exit_when_drained(
     audit: &AuditLog,
     deadline: std::time::Instant,
 ) {
-    if lifecycle.wait_until_idle(deadline, QUIET) {
+    // First the proxy's listener lingers for the requests already on
+    // their way (`listening::Lingering`), then the last answers go out.
+    if lifecycle.wait_until_released(deadline) && lifecycle.wait_until_idle(deadline, QUIET) {
         tracing::info!("no request in flight; fhirwall stopping");
         exit_after_flush(audit, 0);
     }
@@ -672,10 +674,11 @@ pub fn run(
         shared: gateway.shared.clone(),
     });
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "fhirwall proxy",
+    let mut app = pingora::proxy::HttpProxy::new(gateway, server.configuration.clone());
+    app.handle_init_modules();
+    let mut proxy = Service::new(
+        "fhirwall proxy".to_string(),
+        Lingering::new(app, LINGER, lifecycle.clone()),
     );
     match tls {
         None => proxy.add_tcp(&listen),

@@ -948,6 +948,82 @@ async fn sigterm_withdraws_readiness_and_keeps_serving_through_the_grace_period(
     }
 }
 
+/// When the listener stops, connections already accepted keep waiting a
+/// moment for their request: one accepted just before (its request on the
+/// way) and an idle kept-alive one are both answered — closing their
+/// connections — rather than reset, and the process then exits with every
+/// answer recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_when_the_listener_stops_are_answered_not_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut gw = Gateway::start(Options {
+        server_yaml: "  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 20\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let kept = reqwest::Client::new();
+    let first = kept
+        .get(format!("{}/Observation/obs-p1-1", gw.base))
+        .bearer_auth(&token)
+        .header("x-request-id", "linger-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_ne!(first.headers().get("connection").unwrap(), "close");
+    first.bytes().await.unwrap();
+    let mut accepted = tokio::net::TcpStream::connect(gw.proxy_addr())
+        .await
+        .unwrap();
+
+    gw.signal_term();
+    let addr = gw.proxy_addr();
+    wait_until("the listener to close", 5, async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    let request = format!(
+        "GET /fhir/Observation/obs-p1-1 HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {token}\r\nX-Request-Id: linger-1\r\n\r\n"
+    );
+    accepted.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), accepted.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends with its connection")
+        .expect("the connection was not reset");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    let r = kept
+        .get(format!("{}/Observation/obs-p1-1", gw.base))
+        .bearer_auth(&token)
+        .header("x-request-id", "linger-2")
+        .send()
+        .await
+        .expect("the kept-alive connection still answers");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get("connection").unwrap(), "close");
+    assert_eq!(
+        upstream_ids(&gw, "linger-"),
+        ["linger-0", "linger-1", "linger-2"]
+            .map(String::from)
+            .into()
+    );
+
+    let status = gw.wait_exit(15).await;
+    assert!(status.success(), "fhirwall exited with {status}");
+    let recorded: BTreeSet<String> = records(&gw.audit_path)
+        .iter()
+        .filter(|r| r["event"] == "request")
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    for id in ["linger-0", "linger-1", "linger-2"] {
+        assert!(recorded.contains(id), "no record of {id}");
+    }
+}
+
 /// An operator in a hurry: a second SIGTERM ends a long grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_ends_the_grace_period() {

@@ -92,6 +92,9 @@ fn log_of(gw: &Gateway) -> String {
     std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap_or_default()
 }
 
+/// Clients sending requests across a takeover.
+const LOADS: usize = 4;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
     let socks = private_dir("upgrade");
@@ -99,30 +102,39 @@ async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
     let token = old.mint("user/*.rs", None);
     assert_eq!(old.get("Patient/p1", Some(&token)).await.status(), 200);
 
-    // Requests all along, on kept-alive connections and on new ones (which
-    // no client-side retry hides).
+    // Requests all along from a few clients, on kept-alive connections and
+    // on new ones (which no client-side retry hides).
     let fresh = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let (kept, url, t) = (
-        old.client.clone(),
-        format!("{}/Patient/p1", old.base),
-        token.clone(),
-    );
-    let load = tokio::spawn(async move {
-        let mut outcomes = Vec::new();
-        let until = Instant::now() + Duration::from_secs(9);
-        while Instant::now() < until {
-            for client in [&kept, &fresh] {
-                let r = client.get(&url).bearer_auth(&t).send().await;
-                outcomes.push(r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        outcomes
-    });
+    let url = format!("{}/Patient/p1", old.base);
+    let loads: Vec<_> = (0..LOADS)
+        .map(|_| {
+            let (kept, fresh, url, t) = (
+                old.client.clone(),
+                fresh.clone(),
+                url.clone(),
+                token.clone(),
+            );
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let until = Instant::now() + Duration::from_secs(9);
+                while Instant::now() < until {
+                    for (name, client) in [("kept-alive", &kept), ("new", &fresh)] {
+                        let r = client.get(&url).bearer_auth(&t).send().await;
+                        outcomes.push(
+                            r.map(|r| r.status().as_u16())
+                                .map_err(|e| format!("{name} connection: {e:?}")),
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                outcomes
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The new process: same configuration; it signals the old one itself
     // once its keys are loaded.
@@ -131,7 +143,10 @@ async fn a_new_process_takes_the_sockets_over_without_a_failed_request() {
     let mut new = spawn(old.config_path(), &["--upgrade-from", &pid], &log);
     let status = old.wait_exit(30).await;
     assert!(status.success(), "the old process ended with {status}");
-    let outcomes = load.await.unwrap();
+    let mut outcomes = Vec::new();
+    for load in loads {
+        outcomes.extend(load.await.unwrap());
+    }
     let failed: Vec<_> = outcomes.iter().filter(|o| *o != &Ok(200)).collect();
     assert!(
         failed.is_empty(),
