@@ -99,6 +99,18 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             with(&|c| c["patient"] = json!("p1&_id=p2")),
             "not a FHIR resource id",
         ),
+        // A claim that could not be a header to the upstream would reach
+        // it as no header at all.
+        (
+            "sub-with-line-break",
+            with(&|c| c["sub"] = json!("user-1\r\nX-Fhirwall-Patient: p2")),
+            "claim 'sub' holds a control character",
+        ),
+        (
+            "scope-with-control",
+            with(&|c| c["scope"] = json!("user/*.rs\u{1}")),
+            "claim 'scope' holds a control character",
+        ),
     ];
     for (name, token, describes) in cases {
         let marker = format!("hostile-{name}");

@@ -57,6 +57,8 @@ pub enum TokenError {
     NotAnId(&'static str),
     #[error("claim '{0}' has the wrong type")]
     BadClaim(&'static str),
+    #[error("claim '{0}' holds a control character")]
+    ControlCharacter(&'static str),
     #[error("token expired at {exp} (now {now}, leeway {leeway}s)")]
     Expired { exp: i64, now: i64, leeway: u64 },
     #[error("token is not valid before {nbf} (now {now}, leeway {leeway}s)")]
@@ -96,6 +98,7 @@ impl TokenError {
             TokenError::BadSignature => "token_bad_signature",
             TokenError::MissingClaim(_)
             | TokenError::BadClaim(_)
+            | TokenError::ControlCharacter(_)
             | TokenError::NotAnId(_)
             | TokenError::UnconfirmedBinding => "token_bad_claims",
             TokenError::Expired { .. } => "token_expired",
@@ -575,10 +578,20 @@ pub fn verify(
 pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, TokenError> {
     let leeway = issuer.leeway_seconds;
     let lw = leeway as i64;
+    // Claims become audit fields and, configured so, headers to the
+    // upstream (`forward_headers`): one that could not be a header value
+    // would reach the upstream as no header at all, which it may read as
+    // "no restriction". No identity or scope has a control character.
+    let text = |name: &'static str, s: &str| -> Result<(), TokenError> {
+        match s.chars().any(char::is_control) {
+            true => Err(TokenError::ControlCharacter(name)),
+            false => Ok(()),
+        }
+    };
     let str_claim = |name: &'static str| -> Result<Option<String>, TokenError> {
         match c.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::String(s)) => text(name, s).map(|()| Some(s.clone())),
             Some(_) => Err(TokenError::BadClaim(name)),
         }
     };
@@ -639,6 +652,7 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
         (None, Some(_)) => return Err(TokenError::BadClaim("scp")),
         (None, None) => String::new(),
     };
+    text("scope", &scope)?;
     let client_id = match str_claim("client_id")? {
         Some(c) => Some(c),
         None => str_claim("azp")?,

@@ -140,6 +140,43 @@ fn hostile_tokens_are_refused() {
             with(&|c| drop(c.as_object_mut().unwrap().remove("aud"))),
             "token_bad_claims",
         ),
+        // Claims that could not be a header value to the upstream.
+        (
+            "sub with a line break",
+            with(&|c| c["sub"] = json!("u1\r\nX-Fhirwall-Patient: p2")),
+            "token_bad_claims",
+        ),
+        (
+            "client_id with a NUL",
+            with(&|c| c["client_id"] = json!("app\u{0}")),
+            "token_bad_claims",
+        ),
+        (
+            "azp with a tab",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("client_id");
+                c["azp"] = json!("app\t2");
+            }),
+            "token_bad_claims",
+        ),
+        (
+            "fhirUser with a C1 control",
+            with(&|c| c["fhirUser"] = json!("Practitioner/9\u{85}")),
+            "token_bad_claims",
+        ),
+        (
+            "scope with DEL",
+            with(&|c| c["scope"] = json!("user/*.rs\u{7f}")),
+            "token_bad_claims",
+        ),
+        (
+            "scp list with a line break",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("scope");
+                c["scp"] = json!(["user/*.rs", "openid\nuser/*.cruds"]);
+            }),
+            "token_bad_claims",
+        ),
         (
             "audience list without ours",
             with(&|c| c["aud"] = json!(["a", "b"])),
