@@ -272,9 +272,13 @@ enum Sink {
         max_bytes: u64,
         max_age: Option<Duration>,
         keep: usize,
+        /// How a rotation renames the file (a failing one in tests).
+        rename: Rename,
     },
     Fhir(FhirSink),
 }
+
+type Rename = fn(&Path, &Path) -> io::Result<()>;
 
 struct FhirSink {
     endpoint: String,
@@ -435,6 +439,7 @@ impl Sink {
             max_bytes,
             max_age,
             keep,
+            rename,
         } = self
         else {
             return Ok(false);
@@ -467,17 +472,12 @@ impl Sink {
         // A rotation that cannot be made (a directory fhirwall may not
         // write in) leaves the records going to the file they go to: the
         // sink is not down for it. Tried again in a minute.
-        if let Err(e) = std::fs::rename(&file.path, &rotated) {
+        if let Err(e) = rename(&file.path, &rotated) {
             // Still the file at its path: records go on to it. Moved or
-            // deleted by someone else: a new one is started there, as
-            // records in a file nobody can find are lost.
-            use std::os::unix::fs::MetadataExt;
-            let open = file.file.as_ref().and_then(|f| f.metadata().ok());
-            let at_path = std::fs::metadata(&file.path).ok();
-            let same = open
-                .zip(at_path)
-                .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
-            if !same {
+            // deleted by someone else meanwhile (the file was synced just
+            // above): a new one is started there, as records in a file
+            // nobody can find are lost.
+            if file.moved_away() {
                 tracing::error!(error = %e, path = %file.path.display(), "audit file was moved or deleted by someone else; a new one is started at its path");
                 file.start_anew()?;
                 return Ok(true);
@@ -594,6 +594,7 @@ pub(super) fn start(
             max_bytes: cfg.rotate_max_bytes,
             max_age: cfg.rotate_max_age,
             keep: cfg.rotate_keep,
+            rename: |from, to| std::fs::rename(from, to),
         },
         AuditSink::Fhir {
             endpoint,
@@ -969,6 +970,91 @@ fn ack_all(batch: Vec<Pending>, written: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A file sink at `dir/audit.jsonl` holding a line, due for rotation
+    /// (over 10 bytes), renaming by `rename`.
+    fn due_for_rotation(dir: &Path, rename: Rename) -> (Sink, Arc<Mutex<AppendFile>>) {
+        let path = dir.join("audit.jsonl");
+        let mut f = AppendFile::new(path.clone());
+        f.open()
+            .unwrap()
+            .write_all(b"{\"a\":\"record\"}\n")
+            .unwrap();
+        f.size = 15;
+        let file = Arc::new(Mutex::new(f));
+        let sink = Sink::File {
+            file: file.clone(),
+            max_bytes: 10,
+            max_age: None,
+            keep: 0,
+            rename,
+        };
+        (sink, file)
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fhirwall-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A rename refused (a directory fhirwall may not write in) leaves the
+    /// sink up, writing on to the same file, and is tried again only after
+    /// a pause; then a rename that works rotates.
+    #[test]
+    fn a_rotation_that_cannot_be_made_goes_on_in_the_same_file_and_is_retried_later() {
+        static TRIED: AtomicUsize = AtomicUsize::new(0);
+        let dir = scratch("rotation-refused");
+        let (mut sink, file) = due_for_rotation(&dir, |_, _| {
+            TRIED.fetch_add(1, Ordering::SeqCst);
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        });
+        let ident = lock(&file).ident;
+        assert!(!sink.rotate_if_due().expect("not a sink failure"));
+        assert_eq!(TRIED.load(Ordering::SeqCst), 1);
+        assert_eq!(lock(&file).ident, ident, "the same file is kept");
+        assert!(lock(&file).file.is_some());
+        assert!(!sink.rotate_if_due().unwrap());
+        assert_eq!(TRIED.load(Ordering::SeqCst), 1, "paused, not tried again");
+        lock(&file).rotate_after = Some(Instant::now());
+        let Sink::File { rename, .. } = &mut sink else {
+            unreachable!()
+        };
+        *rename = |from, to| std::fs::rename(from, to);
+        assert!(
+            sink.rotate_if_due().unwrap(),
+            "rotated once the pause ended"
+        );
+        assert_ne!(lock(&file).ident, ident, "a new file at the path");
+        let rotated: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| is_rotated("audit.jsonl", n))
+            .collect();
+        assert_eq!(rotated.len(), 1, "{rotated:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A rename that fails because someone else moved the file meanwhile
+    /// starts a new file at the path (records in a file nobody finds are
+    /// lost).
+    #[test]
+    fn a_rotation_that_fails_because_the_file_was_moved_starts_a_new_one() {
+        let dir = scratch("rotation-moved");
+        let (mut sink, file) = due_for_rotation(&dir, |from, _| {
+            std::fs::rename(from, from.with_extension("taken"))?;
+            Err(io::Error::from(io::ErrorKind::NotFound))
+        });
+        let ident = lock(&file).ident;
+        assert!(sink.rotate_if_due().unwrap());
+        assert_ne!(lock(&file).ident, ident, "a new file at the path");
+        assert!(dir.join("audit.jsonl").exists());
+        assert!(lock(&file).rotate_after.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn rotated_names_are_recognised_and_nothing_else() {
