@@ -1824,12 +1824,10 @@ async fn an_emptied_jwks_drops_the_keys_loaded_before() {
     );
 }
 
-/// An issuer that replaces a key under the same `kid` (a key pulled and
-/// a new one published in its place) is believed for cached tokens too:
-/// a token verified with the old key is refused once the new key set is
-/// seen (401, nothing upstream), while the new key's tokens pass.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() {
+/// A gateway holding a token in its cache (returned), after the issuer's
+/// keys were changed by `change` (given the signing key's kid) and
+/// fhirwall fetched them (an unknown kid made it look again).
+async fn cached_then_keys_changed(change: impl FnOnce(&Gateway, &str)) -> (Gateway, String) {
     let gw = Gateway::start(Options {
         min_refetch_interval_seconds: 1,
         ..Options::default()
@@ -1839,14 +1837,26 @@ async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() 
     let cached = gw.mint("user/*.rs", None);
     assert_eq!(gw.get("Patient/p1", Some(&cached)).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    gw.issuer
-        .set_keys(vec![SigningKey::generate(KeyKind::P256, &kid)]);
-    // An unknown kid makes fhirwall look again: it finds the new key.
+    change(&gw, &kid);
     let stranger = SigningKey::generate(KeyKind::P256, "k-stranger");
     let r = gw
         .get("Patient/p1", Some(&stranger.sign(&gw.claims("user/*.rs"))))
         .await;
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 401, "the unknown kid makes fhirwall look again");
+    (gw, cached)
+}
+
+/// An issuer that replaces a key under the same `kid` (a key pulled and
+/// a new one published in its place) is believed for cached tokens too:
+/// a token verified with the old key is refused once the new key set is
+/// seen (401, nothing upstream), while the new key's tokens pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() {
+    let (gw, cached) = cached_then_keys_changed(|gw, kid| {
+        gw.issuer
+            .set_keys(vec![SigningKey::generate(KeyKind::P256, kid)])
+    })
+    .await;
     let before = gw.upstream.seen().len();
     let r = gw.get("Patient/replaced-1", Some(&cached)).await;
     assert_eq!(r.status(), 401);
@@ -1866,23 +1876,12 @@ async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() 
 /// same answer, not a pass from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_key_under_a_tokens_kid_refuses_it_cached_or_fresh() {
-    let gw = Gateway::start(Options {
-        min_refetch_interval_seconds: 1,
-        ..Options::default()
+    // The old key stays published; another RSA key joins it under its kid.
+    let (gw, cached) = cached_then_keys_changed(|gw, kid| {
+        gw.issuer
+            .rotate_to(SigningKey::generate(KeyKind::Rsa2048, kid))
     })
     .await;
-    let kid = gw.issuer.signing_key().kid.clone();
-    let cached = gw.mint("user/*.rs", None);
-    assert_eq!(gw.get("Patient/p1", Some(&cached)).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // The old key stays published; another RSA key joins it under its kid.
-    gw.issuer
-        .rotate_to(SigningKey::generate(KeyKind::Rsa2048, &kid));
-    let stranger = SigningKey::generate(KeyKind::P256, "k-stranger");
-    let r = gw
-        .get("Patient/p1", Some(&stranger.sign(&gw.claims("user/*.rs"))))
-        .await;
-    assert_eq!(r.status(), 401, "the unknown kid makes fhirwall look again");
     let before = gw.upstream.seen().len();
     for token in [cached, gw.mint("user/*.rs", None)] {
         let r = gw.get("Patient/p1", Some(&token)).await;
