@@ -1259,12 +1259,17 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                 needs.push(Need::on(Perm::Search, None));
             }
             "_include" | "_revinclude" => {
-                // value: Source:param[:Target] or *
+                // value: Source:param[:Target] or *. A `*` parameter
+                // (`Observation:*:Patient`) includes whatever the matches
+                // reference, the target notwithstanding (HAPI's match-all
+                // does not apply it): any type.
                 let mut parts = value.split(':');
                 let source = parts.next().unwrap_or("");
-                let _param = parts.next();
+                let param = parts.next();
                 let target = parts.next();
-                let reached = if base == "_include" {
+                let reached = if param == Some("*") {
+                    None
+                } else if base == "_include" {
                     target
                 } else {
                     Some(source)
@@ -1880,6 +1885,38 @@ mod tests {
                 "GET",
                 "Observation?_include=Observation:subject:Patient",
                 true,
+            ),
+            (
+                "include of every parameter needs wildcard, whatever its target",
+                "user/Observation.rs user/Patient.rs",
+                None,
+                "GET",
+                "Observation?_include=Observation:*:Patient",
+                false,
+            ),
+            (
+                "iterated include of every parameter needs wildcard",
+                "user/Observation.rs user/Patient.rs",
+                None,
+                "GET",
+                "Observation?_include:iterate=Observation:*:Patient",
+                false,
+            ),
+            (
+                "include of every parameter with a wildcard grant",
+                "user/*.rs",
+                None,
+                "GET",
+                "Observation?_include=Observation:*:Patient",
+                true,
+            ),
+            (
+                "revinclude of every parameter needs wildcard",
+                "user/Patient.rs user/Observation.rs",
+                None,
+                "GET",
+                "Patient?_revinclude=Observation:*",
+                false,
             ),
             (
                 "include without target needs wildcard",

@@ -1333,6 +1333,49 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     );
 }
 
+/// `_include=Source:*:Target` includes whatever the matches reference
+/// (HAPI's match-all ignores the target): it needs a grant on every type,
+/// in the query and in a search form alike, not only on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_include_of_every_parameter_needs_every_type() {
+    let gw = Gateway::start(Options::default()).await;
+    let named = gw.mint("user/Observation.rs user/Patient.rs", None);
+    let r = gw
+        .get(
+            "Observation?code=star-1&_include:iterate=Observation:*:Patient",
+            Some(&named),
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+    assert!(www(&r).contains("insufficient_scope"), "{}", www(&r));
+    let r = gw
+        .send(
+            "POST",
+            "Observation/_search?code=star-2",
+            &named,
+            "application/x-www-form-urlencoded",
+            "_include=Observation:*:Patient",
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+    for marker in ["star-1", "star-2"] {
+        assert_eq!(
+            gw.upstream.count_containing(marker),
+            0,
+            "{marker} went upstream"
+        );
+    }
+    let every = gw.mint("user/*.rs", None);
+    let r = gw
+        .get(
+            "Observation?code=star-3&_include=Observation:*:Patient",
+            Some(&every),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.upstream.count_containing("star-3"), 1);
+}
+
 /// Parameters fhirwall would not recognise but the upstream would read as
 /// `_include` and co. (HAPI drops a leading `?`, trims whitespace around
 /// names in batch entries, decodes a form in the charset it names, may

@@ -408,6 +408,8 @@ async fn a_refused_type_is_not_reached_through_includes_or_everything() {
         "Patient/p1/$everything",
         "_history",
         "Observation?code=reach-3&_include=*",
+        "Observation?code=reach-4&_include=Observation:*:Patient",
+        "Observation?code=reach-5&_include:iterate=Observation:*:Patient",
     ] {
         let r = gw.get(rel, Some(&token)).await;
         assert_eq!(r.status(), 403, "{rel}");
