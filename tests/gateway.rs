@@ -99,6 +99,16 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             with(&|c| c["patient"] = json!("p1&_id=p2")),
             "not a FHIR resource id",
         ),
+        (
+            "id-token",
+            with(&|c| c["typ"] = json!("ID")),
+            "not an access token (its typ is 'ID')",
+        ),
+        (
+            "cognito-id-token",
+            with(&|c| c["token_use"] = json!("id")),
+            "not an access token (its token_use is 'id')",
+        ),
         // A claim that could not be a header to the upstream would reach
         // it as no header at all.
         (

@@ -59,6 +59,8 @@ pub enum TokenError {
     BadClaim(&'static str),
     #[error("claim '{0}' holds a control character")]
     ControlCharacter(&'static str),
+    #[error("the token is not an access token (its {0} is '{1}')")]
+    NotAccessToken(&'static str, String),
     #[error("token expired at {exp} (now {now}, leeway {leeway}s)")]
     Expired { exp: i64, now: i64, leeway: u64 },
     #[error("token is not valid before {nbf} (now {now}, leeway {leeway}s)")]
@@ -99,6 +101,7 @@ impl TokenError {
             TokenError::MissingClaim(_)
             | TokenError::BadClaim(_)
             | TokenError::ControlCharacter(_)
+            | TokenError::NotAccessToken(..)
             | TokenError::NotAnId(_)
             | TokenError::UnconfirmedBinding => "token_bad_claims",
             TokenError::Expired { .. } => "token_expired",
@@ -574,6 +577,40 @@ pub fn verify(
     check_claims(&outcome?.claims, issuer, now)
 }
 
+/// Refuses a token that says it is not an access token: an ID, refresh or
+/// logout token its issuer signs (or its server calls active) too.
+/// Keycloak's `typ` is `Bearer` or `DPoP` for access tokens and `ID`,
+/// `Refresh`, `Offline`, `Logout`, … for the others; Cognito's `token_use`
+/// is `access` or `id`, Hydra's `access_token` or `refresh_token`; an
+/// introspection answer's `token_type` may be an RFC 8693 URN.
+fn access_token_only(c: &Value) -> Result<(), TokenError> {
+    const NOT_ACCESS: [&str; 6] = [
+        "refresh",
+        "offline",
+        "id",
+        "id_token",
+        "logout",
+        "serialized-id",
+    ];
+    let refuses =
+        |name: &'static str, says: &dyn Fn(&str) -> bool| match c.get(name).and_then(Value::as_str)
+        {
+            Some(v) if says(&v.to_ascii_lowercase()) => Err(TokenError::NotAccessToken(
+                name,
+                v.chars().take(64).collect(),
+            )),
+            _ => Ok(()),
+        };
+    refuses("token_use", &|t| !matches!(t, "access" | "access_token"))?;
+    refuses("typ", &|t| NOT_ACCESS.contains(&t))?;
+    refuses("token_type", &|t| {
+        let kind = t
+            .strip_prefix("urn:ietf:params:oauth:token-type:")
+            .unwrap_or(t);
+        kind.contains("refresh") || kind == "id_token"
+    })
+}
+
 /// Checks the claims of a token whose signature is valid.
 pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, TokenError> {
     let leeway = issuer.leeway_seconds;
@@ -614,6 +651,7 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
     if iss != issuer.issuer {
         return Err(TokenError::UnknownIssuer(iss));
     }
+    access_token_only(c)?;
     let exp = time_claim("exp")?.ok_or(TokenError::MissingClaim("exp"))?;
     if exp.saturating_add(lw) <= now {
         return Err(TokenError::Expired { exp, now, leeway });

@@ -140,6 +140,27 @@ fn hostile_tokens_are_refused() {
             with(&|c| drop(c.as_object_mut().unwrap().remove("aud"))),
             "token_bad_claims",
         ),
+        // Tokens that say they are not access tokens.
+        (
+            "Keycloak ID token",
+            with(&|c| c["typ"] = json!("ID")),
+            "token_bad_claims",
+        ),
+        (
+            "Keycloak refresh token",
+            with(&|c| c["typ"] = json!("Refresh")),
+            "token_bad_claims",
+        ),
+        (
+            "Cognito ID token",
+            with(&|c| c["token_use"] = json!("id")),
+            "token_bad_claims",
+        ),
+        (
+            "an RFC 8693 ID token type",
+            with(&|c| c["token_type"] = json!("urn:ietf:params:oauth:token-type:id_token")),
+            "token_bad_claims",
+        ),
         // Claims that could not be a header value to the upstream.
         (
             "sub with a line break",
@@ -273,6 +294,34 @@ fn hostile_tokens_are_refused() {
         let e = check(&token, &keys, &iss).expect_err(name);
         assert_eq!(e.code(), code, "{name}: {e}");
     }
+}
+
+/// Access tokens that say so pass.
+#[test]
+fn tokens_saying_they_are_access_tokens_pass() {
+    let rsa = SigningKey::generate(KeyKind::Rsa2048, "rsa1");
+    let (keys, iss) = (keyset(&[&rsa]), issuer(&[Algorithm::RS256]));
+    for (k, v) in [
+        ("typ", "Bearer"),
+        ("typ", "DPoP"),
+        ("token_use", "access"),
+        ("token_use", "access_token"),
+        (
+            "token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+    ] {
+        let mut c = claims();
+        c[k] = json!(v);
+        check(&rsa.sign(&c), &keys, &iss).unwrap_or_else(|e| panic!("{k} {v}: {e}"));
+    }
+    let mut c = claims();
+    c["typ"] = json!("ID");
+    let e = check(&rsa.sign(&c), &keys, &iss).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the token is not an access token (its typ is 'ID')"
+    );
 }
 
 fn with_scope(s: &str) -> Value {
