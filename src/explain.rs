@@ -105,12 +105,10 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
             ),
         );
     };
-    // An issuer that introspects has its tokens judged by its answer, not
-    // by their header (as the gateway does).
-    if issuer.introspection.is_none() {
-        if let Err(err) = crate::token::header_fits(&u, issuer) {
-            return e.deny("validate", err.to_string());
-        }
+    // The header is held to the issuer's algorithms and typ, also for an
+    // issuer that introspects (as the gateway does).
+    if let Err(err) = crate::token::header_fits(&u, issuer) {
+        return e.deny("validate", err.to_string());
     }
     let claims = token.split('.').nth(1).and_then(crate::token::b64_json);
     let Some(claims) = claims else {

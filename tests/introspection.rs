@@ -500,6 +500,58 @@ async fn an_introspected_jwt_keeps_its_own_binding() {
     assert_eq!(s, 200, "{body}");
 }
 
+/// A JWT of an introspecting issuer is held to the issuer's header rules
+/// (`algorithms`, `require_at_jwt_typ`) as a verified one is: refused
+/// before any call; the same claims under a fitting header are
+/// introspected and pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_introspected_jwt_is_held_to_its_issuers_header_rules() {
+    use jsonwebtoken::{Algorithm, Header};
+    let (as_, endpoint) = spawn_as().await;
+    let gw = Gateway::start(Options {
+        issuer_yaml: format!(
+            "    require_at_jwt_typ: true\n    introspection:\n      endpoint: {endpoint}\n      client_id: fhirwall-gw\n{BASIC}"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let key = gw.issuer.signing_key();
+    let header = |alg: Algorithm, typ: &str| {
+        let mut h = Header::new(alg);
+        h.kid = Some(key.kid.clone());
+        h.typ = Some(typ.into());
+        h
+    };
+    for (case, header, says) in [
+        ("typ-jwt-1", header(Algorithm::RS256, "JWT"), "typ 'jwt'"),
+        ("ps256-1", header(Algorithm::PS256, "at+jwt"), "'PS256'"),
+    ] {
+        let mut claims = gw.claims("user/*.rs");
+        claims["jti"] = json!(case);
+        let token = key.sign_with_header(&header, &claims);
+        as_.answers
+            .lock()
+            .unwrap()
+            .insert(token.clone(), active(&gw, "user/*.rs", None));
+        let calls = as_.calls.load(Ordering::SeqCst);
+        let (s, www, body) = get(&gw, &format!("Patient/{case}"), &token).await;
+        assert_eq!(s, 401, "{case}: {body}");
+        assert!(www.contains("invalid_token"), "{case}: {www}");
+        assert!(body.contains(says), "{case}: {body}");
+        assert_eq!(as_.calls.load(Ordering::SeqCst), calls, "{case}: a call");
+        assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
+    }
+    let fits = key.sign(&gw.claims("user/*.rs"));
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert(fits.clone(), active(&gw, "user/*.rs", None));
+    let calls = as_.calls.load(Ordering::SeqCst);
+    let (s, _, body) = get(&gw, "Patient/p1", &fits).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), calls + 1);
+}
+
 /// Made-up tokens cannot drive the authorization server's load: past
 /// `max_inactive_per_source_per_minute` inactive answers, an address's
 /// tokens that are not cached are refused (429) without a call, while its
