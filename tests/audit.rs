@@ -976,6 +976,14 @@ async fn connections_waiting_when_the_listener_stops_are_answered_not_dropped() 
     let mut accepted = tokio::net::TcpStream::connect(gw.proxy_addr())
         .await
         .unwrap();
+    // Taken from the kernel's queue by fhirwall (a connection still queued
+    // when the listener closes is reset by the kernel, whatever fhirwall
+    // does).
+    let port = gw.proxy_addr().port();
+    wait_until("fhirwall to accept the connection", 5, async || {
+        accept_queue(port) == Some(0)
+    })
+    .await;
 
     gw.signal_term();
     let addr = gw.proxy_addr();
@@ -1022,6 +1030,20 @@ async fn connections_waiting_when_the_listener_stops_are_answered_not_dropped() 
     for id in ["linger-0", "linger-1", "linger-2"] {
         assert!(recorded.contains(id), "no record of {id}");
     }
+}
+
+/// How many connections wait in the kernel's queue of the IPv4 socket
+/// listening on `port` (Linux: a listening socket's `rx_queue` in
+/// `/proc/net/tcp`).
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let listening = *f.get(3)? == "0A";
+        let rx = f.get(4)?.split(':').nth(1)?;
+        (listening && local_port == port).then(|| u64::from_str_radix(rx, 16).ok())?
+    })
 }
 
 /// An operator in a hurry: a second SIGTERM ends a long grace period.
