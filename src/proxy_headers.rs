@@ -49,6 +49,12 @@ const SPOOFABLE: &[&str] = &[
     "x-original-host",
     "x-host",
     "x-forwarded",
+    // The client's address as CDNs and load balancers assert it (Tomcat's
+    // RemoteIpValve and the like can be told to believe any of them).
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
 ];
 
 /// Headers an upstream may act on that fhirwall neither decides nor sets:
@@ -84,6 +90,17 @@ const NOT_FORWARDED: &[&str] = &[
     "x-auth-request-email",
     "x-auth-request-preferred-username",
     "x-auth-request-groups",
+    // A storage partition or tenant chosen by the caller: HAPI's
+    // RequestHeaderPartitionInterceptor (`_ALL` reads every partition; a
+    // create lands in the first named), the IBM/LinuxForHealth server's
+    // tenant and datastore (and the URL it builds links from). fhirwall
+    // decides nothing per partition, so the client may not pick one.
+    "x-request-partition-ids",
+    "x-partition-name",
+    "x-fhir-tenant-id",
+    "x-fhir-dsid",
+    "x-fhir-forwarded-url",
+    "x-tenant-id",
     // HAPI FHIR's switches (JpaConstants, HapiHeaderConstants; every
     // `HAPI-` header goes too): an update that drops the stored tags and
     // security labels it does not repeat, an update-as-create without the
@@ -100,8 +117,19 @@ const NOT_FORWARDED: &[&str] = &[
 
 /// Name prefixes of headers an upstream or a proxy in front of it acts on
 /// (HAPI's own switches; an Envoy or Istio sidecar's retries and routing,
-/// which could repeat a write fhirwall decided once).
-const NOT_FORWARDED_PREFIXES: &[&str] = &["hapi-", "x-envoy-"];
+/// which could repeat a write fhirwall decided once), and of the users
+/// authenticating proxies assert (Google IAP, an AWS load balancer's OIDC,
+/// Azure App Service's authentication), which an upstream once behind one
+/// may still believe.
+const NOT_FORWARDED_PREFIXES: &[&str] = &[
+    "hapi-",
+    "x-envoy-",
+    "x-goog-authenticated-user-",
+    "x-goog-iap-",
+    "x-amzn-oidc-",
+    "x-ms-client-principal",
+    "x-ms-token-",
+];
 
 /// Header-name equality with ASCII case folded and `_` read as `-`.
 pub fn same(a: &str, b: &str) -> bool {
@@ -241,6 +269,21 @@ mod tests {
             "X-Proxied-Https",
             "Proxy-auth-cert",
             "X-Forwarded",
+            "CF-Connecting-IP",
+            "Fastly-Client-IP",
+            "X-Cluster-Client-IP",
+            "X-Original-Forwarded-For",
+            "X-Request-Partition-IDs",
+            "X-FHIR-TENANT-ID",
+            "X-FHIR-DSID",
+            "X-FHIR-Forwarded-URL",
+            "X-Tenant-ID",
+            "X-Goog-Authenticated-User-Email",
+            "X-Goog-IAP-JWT-Assertion",
+            "X-Amzn-Oidc-Identity",
+            "X-MS-CLIENT-PRINCIPAL-NAME",
+            "X-MS-CLIENT-PRINCIPAL",
+            "X-MS-TOKEN-AAD-ACCESS-TOKEN",
         ] {
             assert!(strip(name, &conn, &ctx), "{name} must be stripped");
         }

@@ -1220,6 +1220,13 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         .header("HAPI-Rewrite-History", "true")
         .header("x-envoy-retry-on", "5xx")
         .header("X-Proxied-Https", "on")
+        .header("X-Request-Partition-IDs", "_ALL")
+        .header("X-FHIR-TENANT-ID", "other-hospital")
+        .header("CF-Connecting-IP", "6.6.6.6")
+        .header(
+            "X-Goog-Authenticated-User-Email",
+            "accounts.google.com:admin@example.org",
+        )
         .send()
         .await
         .unwrap();
@@ -1268,6 +1275,10 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         "hapi-rewrite-history",
         "x-envoy-retry-on",
         "x-proxied-https",
+        "x-request-partition-ids",
+        "x-fhir-tenant-id",
+        "cf-connecting-ip",
+        "x-goog-authenticated-user-email",
     ] {
         assert!(
             h(gone).is_empty(),
