@@ -648,6 +648,13 @@ impl Gateway {
             );
             h.insert_header(header::CACHE_CONTROL, kept)?;
         }
+        // With no caching policy at all, a browser may keep the answer on
+        // heuristics (its Last-Modified) and give it, unasked, to the next
+        // user of the same browser on a shared workstation. An answer
+        // given for a token without one is not to be stored.
+        if !ctx.public && !h.headers.contains_key(header::CACHE_CONTROL) {
+            h.insert_header(header::CACHE_CONTROL, "no-store")?;
+        }
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
             h.insert_header("dpop-nonce", n.current(now_unix()))?;

@@ -312,19 +312,34 @@ async fn answers_held_to_be_checked_are_bounded() {
 }
 
 /// An answer given for a token never tells a shared cache it may keep it
-/// for others, checked (patient/) or passed on as it comes (user/).
+/// for others, checked (patient/) or passed on as it comes (user/); one
+/// the upstream gave no caching policy is not to be stored at all (a
+/// browser would keep it on heuristics). Public routes are left as they
+/// come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_for_a_token_are_private_to_its_caller() {
     let gw = Gateway::start(Options::default()).await;
+    let cache_control = |r: &reqwest::Response| -> Vec<String> {
+        r.headers()
+            .get_all("cache-control")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
     for token in [
         gw.mint("patient/*.rs", Some("p1")),
         gw.mint("user/*.rs", None),
     ] {
         let r = gw.get("Observation/cacheable", Some(&token)).await;
         assert_eq!(r.status(), 200);
-        let cc: Vec<_> = r.headers().get_all("cache-control").iter().collect();
-        assert_eq!(cc, ["private, max-age=600"]);
+        assert_eq!(cache_control(&r), ["private, max-age=600"]);
+        let r = gw.get("Observation/obs-p1-1", Some(&token)).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(cache_control(&r), ["no-store"]);
     }
+    let r = gw.get("metadata", None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(cache_control(&r), Vec::<String>::new());
 }
 
 /// Entry resource ids of a searchset answer.
