@@ -61,6 +61,15 @@ async fn get_with_id(gw: &Gateway, rel: &str, token: &str, id: &str) -> reqwest:
         .unwrap()
 }
 
+/// The request ids of the request records in the gateway's audit file.
+fn recorded_request_ids(gw: &Gateway) -> BTreeSet<String> {
+    records(&gw.audit_path)
+        .iter()
+        .filter(|r| r["event"] == "request")
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 async fn wait_until(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f().await {
@@ -865,11 +874,7 @@ async fn sigterm_writes_every_queued_record_before_exit() {
     }
     let answered = ok.lock().unwrap().clone();
     assert!(answered.len() >= 100 && answered.len() < 1600);
-    let recorded: BTreeSet<String> = records(&gw.audit_path)
-        .iter()
-        .filter(|r| r["event"] == "request")
-        .map(|r| r["request_id"].as_str().unwrap().to_string())
-        .collect();
+    let recorded = recorded_request_ids(&gw);
     let missing: Vec<_> = answered
         .iter()
         .filter(|id| !recorded.contains(*id))
@@ -938,11 +943,7 @@ async fn sigterm_withdraws_readiness_and_keeps_serving_through_the_grace_period(
         took < Duration::from_secs(15),
         "waited out the drain timeout: {took:?}"
     );
-    let recorded: BTreeSet<String> = records(&gw.audit_path)
-        .iter()
-        .filter(|r| r["event"] == "request")
-        .map(|r| r["request_id"].as_str().unwrap().to_string())
-        .collect();
+    let recorded = recorded_request_ids(&gw);
     for id in ["grace-0", "grace-1", "grace-2"] {
         assert!(recorded.contains(id), "no record of {id}");
     }
@@ -1022,11 +1023,7 @@ async fn connections_waiting_when_the_listener_stops_are_answered_not_dropped() 
 
     let status = gw.wait_exit(15).await;
     assert!(status.success(), "fhirwall exited with {status}");
-    let recorded: BTreeSet<String> = records(&gw.audit_path)
-        .iter()
-        .filter(|r| r["event"] == "request")
-        .map(|r| r["request_id"].as_str().unwrap().to_string())
-        .collect();
+    let recorded = recorded_request_ids(&gw);
     for id in ["linger-0", "linger-1", "linger-2"] {
         assert!(recorded.contains(id), "no record of {id}");
     }
