@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::ErrorType;
 use tracing::Instrument;
 
@@ -436,6 +436,18 @@ fn private_cache_control<'a>(values: impl Iterator<Item = &'a [u8]>) -> String {
         }
     }
     out.join(", ")
+}
+
+/// What caused a Pingora error, for the log: the innermost cause's text
+/// (an I/O or TLS or parse error), never an error's context, which may
+/// hold bytes read from the wire; a Pingora error at the root gives its
+/// type only.
+fn error_cause(e: &pingora::Error) -> String {
+    let root = e.root_cause();
+    match root.downcast_ref::<pingora::Error>() {
+        Some(inner) => inner.etype().as_str().to_string(),
+        None => crate::audit::capped(&root.to_string(), 300).to_string(),
+    }
 }
 
 /// The final response sent to the client, if any (not a `100 Continue`).
@@ -2556,6 +2568,38 @@ impl ProxyHttp for Gateway {
     /// What Pingora's own error log lines say about a request: method,
     /// path (capped) and request id — never the query, whose values may be
     /// PHI (Pingora's default prints the whole request line).
+    /// Pingora's own line for a failed request prints the error whole,
+    /// and for an upstream answer it could not parse its context is the
+    /// raw bytes read (headers fhirwall strips, body bytes): fhirwall
+    /// logs the failure itself, without the context.
+    fn suppress_error_log(&self, session: &Session, ctx: &Self::CTX, e: &pingora::Error) -> bool {
+        let summary = self.request_summary(session, ctx);
+        let (kind, source, cause) = (e.etype().as_str(), e.esource().as_str(), error_cause(e));
+        if e.esource() == &pingora::ErrorSource::Downstream {
+            tracing::warn!(error = kind, source, cause, request = %summary, "fail to proxy");
+        } else {
+            tracing::error!(error = kind, source, cause, request = %summary, "fail to proxy");
+        }
+        true
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        session: &Session,
+        ctx: &Self::CTX,
+        e: &pingora::Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        tracing::warn!(
+            error = e.etype().as_str(),
+            source = e.esource().as_str(),
+            cause = error_cause(e),
+            request = %self.request_summary(session, ctx),
+            "fail to proxy; retrying"
+        );
+        true
+    }
+
     fn request_summary(&self, session: &Session, ctx: &Self::CTX) -> String {
         let req = session.req_header();
         format!(

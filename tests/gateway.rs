@@ -1647,6 +1647,53 @@ async fn put_large_observation(gw: &Gateway, id: &str, note_len: usize) -> reqwe
         .unwrap()
 }
 
+/// An upstream answer Pingora cannot parse is a 502, and the failure is
+/// logged by its kind: none of the bytes read (a cookie fhirwall strips,
+/// resource data) reach the log, as Pingora's own line would print them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_upstream_answer_is_logged_without_its_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            let _ = c
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nSet-Cookie: session=SECRET-COOKIE\r\n\
+                      Bad Header\x01: x\r\nContent-Length: 40\r\n\r\n\
+                      {\"resourceType\":\"Patient\",\"PHI-MARK\":1}",
+                )
+                .await;
+        }
+    });
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let r = gw.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 502);
+    let log = || std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !log().contains("fail to proxy") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failure logged: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = log();
+    assert!(log.contains("InvalidHTTPHeader"), "{log}");
+    for secret in ["SECRET-COOKIE", "PHI-MARK", "Bad Header"] {
+        assert!(!log.contains(secret), "{secret} logged: {log}");
+    }
+    upstream.abort();
+}
+
 /// A body larger than Pingora's buffer is relayed by fhirwall's own
 /// client, which times reads only: an upstream that accepts the request
 /// and then takes none of its body is given up after
