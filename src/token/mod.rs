@@ -488,6 +488,14 @@ pub fn header_fits(u: &Unverified, issuer: &Issuer) -> Result<Algorithm, TokenEr
     let alg = algorithm(&u.alg)
         .filter(|a| issuer.algorithms.contains(a))
         .ok_or_else(|| TokenError::AlgorithmNotAllowed(u.alg.clone()))?;
+    typ_fits(u, issuer)?;
+    Ok(alg)
+}
+
+/// The header's `typ`, when the issuer requires RFC 9068's `at+jwt`
+/// (also of the JWTs it introspects; its `algorithms` are those fhirwall
+/// verifies with its keys, which an introspected token is not).
+pub fn typ_fits(u: &Unverified, issuer: &Issuer) -> Result<(), TokenError> {
     if issuer.require_at_jwt_typ
         && !matches!(u.typ.as_deref(), Some("at+jwt" | "application/at+jwt"))
     {
@@ -495,7 +503,7 @@ pub fn header_fits(u: &Unverified, issuer: &Issuer) -> Result<Algorithm, TokenEr
             u.typ.clone().unwrap_or_else(|| "(none)".into()),
         ));
     }
-    Ok(alg)
+    Ok(())
 }
 
 /// The most keys a token without a `kid` is tried against.
