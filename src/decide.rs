@@ -1262,17 +1262,18 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                 // value: Source:param[:Target] or *. A `*` parameter
                 // (`Observation:*:Patient`) includes whatever the matches
                 // reference, the target notwithstanding (HAPI's match-all
-                // does not apply it): any type.
+                // does not apply it): any type. A reverse one
+                // (`Observation:*`) still returns its source type only.
                 let mut parts = value.split(':');
                 let source = parts.next().unwrap_or("");
                 let param = parts.next();
                 let target = parts.next();
-                let reached = if param == Some("*") {
-                    None
-                } else if base == "_include" {
-                    target
-                } else {
+                let reached = if base != "_include" {
                     Some(source)
+                } else if param == Some("*") {
+                    None
+                } else {
+                    target
                 };
                 let reached = reached
                     .filter(|t| *t != "*" && crate::fhir::resource_types::is_resource_type(t));
@@ -1911,8 +1912,16 @@ mod tests {
                 true,
             ),
             (
-                "revinclude of every parameter needs wildcard",
+                "revinclude of every parameter needs its source",
                 "user/Patient.rs user/Observation.rs",
+                None,
+                "GET",
+                "Patient?_revinclude=Observation:*",
+                true,
+            ),
+            (
+                "revinclude of every parameter without its source",
+                "user/Patient.rs",
                 None,
                 "GET",
                 "Patient?_revinclude=Observation:*",
