@@ -410,6 +410,20 @@ fn shared_cacheable(value: &[u8]) -> bool {
     })
 }
 
+/// Whether an answer says how long it may be kept, or that it may not be
+/// (`Expires`, or a `Cache-Control` with `max-age`, `s-maxage`, `no-store`
+/// or `no-cache`): a cache keeps one that says neither on heuristics.
+fn caching_explicit(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::EXPIRES)
+        || headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            directives(v.as_bytes()).any(|(name, _)| {
+                [&b"max-age"[..], b"s-maxage", b"no-store", b"no-cache"]
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n))
+            })
+        })
+}
+
 /// A `Cache-Control` value's directives: (name, the whole directive).
 fn directives(value: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     value.split(|b| *b == b',').filter_map(|d| {
@@ -660,12 +674,20 @@ impl Gateway {
             );
             h.insert_header(header::CACHE_CONTROL, kept)?;
         }
-        // With no caching policy at all, a browser may keep the answer on
-        // heuristics (its Last-Modified) and give it, unasked, to the next
-        // user of the same browser on a shared workstation. An answer
-        // given for a token without one is not to be stored.
-        if !ctx.public && !h.headers.contains_key(header::CACHE_CONTROL) {
-            h.insert_header(header::CACHE_CONTROL, "no-store")?;
+        // Without a lifetime or a ban from the upstream, a browser may keep
+        // the answer on heuristics (its Last-Modified) and give it,
+        // unasked, to the next user of the same browser on a shared
+        // workstation. An answer given for a token without one is not to
+        // be stored.
+        if !ctx.public && !caching_explicit(&h.headers) {
+            let mut value: Vec<String> = h
+                .headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            value.push("no-store".into());
+            h.insert_header(header::CACHE_CONTROL, value.join(", "))?;
         }
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {

@@ -259,9 +259,10 @@ pub(crate) fn exit_after_flush(audit: &AuditLog, code: i32) -> ! {
     std::process::exit(if ok { code } else { 1 })
 }
 
-/// How long no request may be in flight before the drain counts as done: a
-/// connection accepted just before the listener closed may still be
-/// sending its request header, which is not counted until it is read.
+/// How long no request may be in flight before the drain counts as done,
+/// once the stopped listener's waiting connections were let go
+/// (`listening::Lingering`): a request whose header was read but whose
+/// context is not yet made is not counted for that moment.
 const QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The next delivery of a signal, or never if it could not be listened for.

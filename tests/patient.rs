@@ -336,6 +336,9 @@ async fn answers_for_a_token_are_private_to_its_caller() {
         let r = gw.get("Observation/obs-p1-1", Some(&token)).await;
         assert_eq!(r.status(), 200);
         assert_eq!(cache_control(&r), ["no-store"]);
+        let r = gw.get("Observation/private-only", Some(&token)).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(cache_control(&r), ["private, no-store"]);
     }
     let r = gw.get("metadata", None).await;
     assert_eq!(r.status(), 200);

@@ -500,6 +500,19 @@ async fn handle(
             );
             r
         }
+        // Patient p1's Observation marked private, with no lifetime.
+        ("GET", ["Observation", "private-only"]) => {
+            let mut r = fhir(
+                StatusCode::OK,
+                json!({"resourceType": "Observation", "id": "private-only", "status": "final",
+                       "code": {"text": "private"}, "subject": {"reference": "Patient/p1"}}),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("private"),
+            );
+            r
+        }
         // A server error with a large page.
         ("GET", ["Observation", "large-error"]) => (
             StatusCode::INTERNAL_SERVER_ERROR,
