@@ -1549,6 +1549,16 @@ impl Config {
             }
             let jwks_uri = match (&c.jwks_uri, c.discovery) {
                 (Some(u), false) => match Url::parse(u) {
+                    Ok(url) if has_credentials(&url) => {
+                        problem(
+                            &at("jwks_uri"),
+                            "must not hold credentials (they would be shown wherever the URL \
+                             is, and a key set is public)"
+                                .into(),
+                        );
+                        ok = false;
+                        None
+                    }
                     Ok(url) if is_secure_or_loopback(&url) => Some(url),
                     Ok(url) if url.scheme() == "http" => {
                         problem(
@@ -2922,6 +2932,15 @@ fn validate_introspection(
     // Secrets and users' tokens travel to it: https, or plain http only on
     // the loopback interface.
     let endpoint = match Url::parse(&c.endpoint) {
+        Ok(u) if has_credentials(&u) => {
+            problem(
+                &key("endpoint"),
+                "must not hold credentials (they would be shown wherever the URL is): \
+                 use auth_method with client_secret_env or private_key_file"
+                    .into(),
+            );
+            None
+        }
         Ok(u) if is_secure_or_loopback(&u) => Some(u),
         _ => {
             problem(
@@ -3409,14 +3428,26 @@ admin:
 
     #[test]
     fn urls_with_credentials_are_refused() {
-        let text = GOOD.replace("http://127.0.0.1:9090/r4", "http://svc:secret@127.0.0.1:9090/r4")
-            + "audit:\n  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: https://u:p@audit.example/fhir\n";
+        let text = GOOD.replace("http://127.0.0.1:9090/r4", "http://svc:hunter2@127.0.0.1:9090/r4")
+            .replace("http://127.0.0.1:9999/jwks.json", "https://k:hunter2@idp.example/jwks")
+            .replace(
+                "admin:\n",
+                "  - name: other\n    issuer: https://other.example\n    audiences: [x]\n    \
+                 introspection:\n      endpoint: https://gw:hunter2@other.example/introspect\n      \
+                 client_id: gw\n      client_secret: s\nadmin:\n",
+            )
+            + "audit:\n  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: https://u:hunter2@audit.example/fhir\n";
         let problems = Config::parse(&text).unwrap().validate().unwrap_err();
-        for key in ["upstream.url", "audit.fhir.endpoint"] {
+        for key in [
+            "upstream.url",
+            "audit.fhir.endpoint",
+            "issuers[0].jwks_uri",
+            "issuers[1].introspection.endpoint",
+        ] {
             let p = problems.iter().find(|p| p.path == key);
             assert!(
                 p.is_some_and(
-                    |p| p.message.contains("credentials") && !p.message.contains("secret")
+                    |p| p.message.contains("credentials") && !p.message.contains("hunter2")
                 ),
                 "{key}: {problems:?}"
             );
