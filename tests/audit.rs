@@ -1402,6 +1402,40 @@ async fn a_wrong_audit_endpoint_path_keeps_the_gateway_unready() {
     assert!(upstream_ids(&gw, "wrong-path-").is_empty());
 }
 
+/// Records go to the configured endpoint only: one that redirects (here
+/// to a working sink) is not followed, so it is no audit sink and the
+/// gateway does not become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_endpoint_that_redirects_is_not_followed() {
+    let sink = AuditServer::new();
+    let (sink_addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let moved = axum::Router::new().fallback(move || async move {
+        (
+            StatusCode::TEMPORARY_REDIRECT,
+            [("location", format!("http://{sink_addr}/fhir"))],
+        )
+    });
+    let redirector = tokio::spawn(async move { axum::serve(listener, moved).await });
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://{addr}/fhir\n"
+        )),
+        expect_ready: false,
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.readyz().await, 503);
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "redirected-1").await;
+    assert_eq!(r.status(), 503);
+    assert!(upstream_ids(&gw, "redirected-").is_empty());
+    assert!(sink.request_ids("request").is_empty());
+    redirector.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_refuses_empty_bundles_still_makes_the_gateway_ready() {
     let sink = AuditServer::new();

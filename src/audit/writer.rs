@@ -321,8 +321,10 @@ impl FhirSink {
     fn probe(&self, rt: &Runtime) -> io::Result<()> {
         let empty = br#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_vec();
         let (status, _) = self.exchange(rt, empty)?;
-        // 404/405/410: no FHIR base takes batches there (a wrong path).
+        // 404/405/410: no FHIR base takes batches there (a wrong path); a
+        // redirect is not followed, so records would not be taken either.
         let refused = status.is_server_error()
+            || status.is_redirection()
             || matches!(status.as_u16(), 401 | 403 | 404 | 405 | 407 | 410);
         if refused {
             return Err(io::Error::other(format!("endpoint answered {status}")));
@@ -603,8 +605,11 @@ pub(super) fn start(
             bearer_token,
         } => Sink::Fhir(FhirSink {
             endpoint: endpoint.to_string(),
+            // Records go to the configured endpoint only: a redirect
+            // (anywhere, plain http too) is a failed delivery.
             client: reqwest::Client::builder()
                 .timeout(*timeout)
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(io::Error::other)?,
             batch_max: *batch_max,
