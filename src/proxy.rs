@@ -2376,21 +2376,23 @@ impl Gateway {
 
 /// Names of the query parameters as the audit records them: each once,
 /// at most 64; a name that does not look like a FHIR parameter name (which
-/// could carry anything) is recorded as `?`.
+/// could carry anything), or that was given no value, is recorded as `?`.
 fn audit_param_names(params: &[(String, String)]) -> Vec<String> {
-    audit_names(params.iter().map(|(n, _)| n.as_str()))
+    audit_names(params.iter().map(|(n, v)| (n.as_str(), v.as_str())))
         .into_iter()
         .map(str::to_string)
         .collect()
 }
 
-/// Parameter names as the audit shows them: once each, at most 64, and a
-/// name that does not look like a FHIR one (it could carry a value or a
-/// secret) as `?`.
-fn audit_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+/// Parameter names (with their values) as the audit shows them: once
+/// each, at most 64, and as `?` a name that does not look like a FHIR one
+/// (it could carry a value or a secret) or that has no value (a word
+/// without `=`, `?Smith`, is a value typed where a name goes).
+fn audit_names<'a>(params: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<&'a str> {
     let mut out: Vec<&str> = Vec::new();
-    for name in names {
+    for (name, value) in params {
         let looks_fhir = !name.is_empty()
+            && !value.is_empty()
             && name.len() <= 64
             && name
                 .bytes()
@@ -2550,7 +2552,10 @@ impl Ctx {
                         resource_id: e.id.as_deref(),
                         operation: e.operation.as_ref().map(|(n, _)| n.as_str()),
                         params: audit_names(
-                            e.params.iter().chain(&e.condition).map(|(n, _)| n.as_str()),
+                            e.params
+                                .iter()
+                                .chain(&e.condition)
+                                .map(|(n, v)| (n.as_str(), v.as_str())),
                         ),
                         status: self.entry_statuses.get(i).copied().flatten(),
                         withheld: self.entry_withheld.get(i).copied().unwrap_or(false),

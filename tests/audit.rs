@@ -772,7 +772,7 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
     let token = gw.issuer.signing_key().sign(&claims);
     let r = get_with_id(
         &gw,
-        "Observation?code=secret-code-value&_count=5",
+        "Observation?code=secret-code-value&_count=5&Smith-Jones",
         &token,
         "fields-1",
     )
@@ -814,12 +814,14 @@ async fn records_carry_the_documented_fields_and_never_query_values() {
     let own = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mine = gw.audit_for(&own);
     assert!(mine.get("request_id_from_client").is_none(), "{mine}");
-    assert_eq!(rec["query_params"], json!(["code", "_count"]));
+    // A word without a value (a value typed where a name goes) is no name.
+    assert_eq!(rec["query_params"], json!(["code", "_count", "?"]));
     assert_eq!(rec["scopes_used"], json!(["patient/Observation.rs"]));
     assert_eq!(rec["patient"], "p1");
     assert_eq!(rec["fhir_user"], "Practitioner/dr-7");
     let text = std::fs::read_to_string(&gw.audit_path).unwrap();
     assert!(!text.contains("secret-code-value"));
+    assert!(!text.contains("Smith-Jones"));
     assert!(!text.contains(&token), "the token itself is in the audit");
 
     // A denial: the deciding stage and the reason, no decision record.
