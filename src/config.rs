@@ -363,7 +363,7 @@ pub struct Dpop {
 }
 
 /// Secret bytes: never printed.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub Vec<u8>);
 
 impl std::fmt::Debug for Secret {
@@ -1046,7 +1046,7 @@ pub enum AuditSink {
         timeout: Duration,
         batch_max: usize,
         /// Bearer token read from the configured environment variable.
-        bearer_token: Option<String>,
+        bearer_token: Option<Secret>,
     },
 }
 
@@ -2403,7 +2403,7 @@ impl Config {
                     let bearer_token = match &f.bearer_token_env {
                         None => None,
                         Some(var) => match std::env::var(var) {
-                            Ok(v) if !v.is_empty() => Some(v),
+                            Ok(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
                             _ => {
                                 bad(
                                     "audit.fhir.bearer_token_env",
@@ -3424,6 +3424,32 @@ admin:
         let e =
             Config::parse(&GOOD.replace("admin:\n", "listen: 1.2.3.4:1\nadmin:\n")).unwrap_err();
         assert!(e.to_lowercase().contains("duplicate"), "{e}");
+    }
+
+    /// The audit endpoint's bearer token is read from the environment and
+    /// never printed with the settings.
+    #[test]
+    fn the_audit_bearer_token_is_kept_out_of_debug_output() {
+        let var = format!("FHIRWALL_TEST_AUDIT_TOKEN_{}", std::process::id());
+        // SAFETY: a variable only this test reads, set before it is read.
+        unsafe { std::env::set_var(&var, "tok-hunter2") };
+        let text = format!(
+            "{GOOD}audit:\n  sink: fhir\n  format: audit_event\n  fhir:\n    \
+             endpoint: https://audit.example/fhir\n    bearer_token_env: {var}\n"
+        );
+        let s = Config::parse(&text).unwrap().validate().unwrap();
+        match &s.audit.sink {
+            AuditSink::Fhir { bearer_token, .. } => {
+                assert_eq!(
+                    bearer_token.as_ref().map(|t| &t.0[..]),
+                    Some(&b"tok-hunter2"[..])
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let shown = format!("{s:?}");
+        assert!(shown.contains("Secret(11 bytes)"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -613,7 +613,9 @@ pub(super) fn start(
                 .build()
                 .map_err(io::Error::other)?,
             batch_max: *batch_max,
-            bearer_token: bearer_token.clone(),
+            bearer_token: bearer_token
+                .as_ref()
+                .map(|t| String::from_utf8_lossy(&t.0).into_owned()),
         }),
     };
     let retry = cfg.retry;
