@@ -2592,9 +2592,6 @@ impl ProxyHttp for Gateway {
     /// KiB) would be copied each time.
     type CTX = Box<Ctx>;
 
-    /// What Pingora's own error log lines say about a request: method,
-    /// path (capped) and request id — never the query, whose values may be
-    /// PHI (Pingora's default prints the whole request line).
     /// Pingora's own line for a failed request prints the error whole,
     /// and for an upstream answer it could not parse its context is the
     /// raw bytes read (headers fhirwall strips, body bytes): fhirwall
@@ -2627,6 +2624,9 @@ impl ProxyHttp for Gateway {
         true
     }
 
+    /// What error log lines say about a request: method, path (capped)
+    /// and request id — never the query, whose values may be PHI
+    /// (Pingora's default prints the whole request line).
     fn request_summary(&self, session: &Session, ctx: &Self::CTX) -> String {
         let req = session.req_header();
         format!(
