@@ -1382,15 +1382,13 @@ async fn a_request_abandoned_after_its_answer_began_records_the_status_sent() {
     pending.abort();
 }
 
-/// An endpoint path that takes no batch (a 404: a wrong path) is not an
-/// audit sink: the gateway does not become ready.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_audit_endpoint_path_keeps_the_gateway_unready() {
-    let sink = AuditServer::new();
-    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+/// A gateway whose FHIR audit sink is `endpoint`, which takes no records:
+/// it does not become ready, and a request (id `id`) is refused (503)
+/// with nothing upstream.
+async fn refused_for_want_of_an_audit_sink(endpoint: String, id: &str) -> Gateway {
     let gw = Gateway::start(Options {
         audit_yaml: Some(format!(
-            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://{addr}/not-fhir\n"
+            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: {endpoint}\n"
         )),
         expect_ready: false,
         ..Options::default()
@@ -1399,9 +1397,19 @@ async fn a_wrong_audit_endpoint_path_keeps_the_gateway_unready() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(gw.readyz().await, 503);
     let token = gw.mint("system/Observation.rs", None);
-    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "wrong-path-1").await;
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, id).await;
     assert_eq!(r.status(), 503);
-    assert!(upstream_ids(&gw, "wrong-path-").is_empty());
+    assert!(upstream_ids(&gw, id).is_empty());
+    gw
+}
+
+/// An endpoint path that takes no batch (a 404: a wrong path) is not an
+/// audit sink: the gateway does not become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_audit_endpoint_path_keeps_the_gateway_unready() {
+    let sink = AuditServer::new();
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    refused_for_want_of_an_audit_sink(format!("http://{addr}/not-fhir"), "wrong-path-1").await;
 }
 
 /// Records go to the configured endpoint only: one that redirects (here
@@ -1420,20 +1428,7 @@ async fn an_audit_endpoint_that_redirects_is_not_followed() {
         )
     });
     let redirector = tokio::spawn(async move { axum::serve(listener, moved).await });
-    let gw = Gateway::start(Options {
-        audit_yaml: Some(format!(
-            "  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: http://{addr}/fhir\n"
-        )),
-        expect_ready: false,
-        ..Options::default()
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(gw.readyz().await, 503);
-    let token = gw.mint("system/Observation.rs", None);
-    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "redirected-1").await;
-    assert_eq!(r.status(), 503);
-    assert!(upstream_ids(&gw, "redirected-").is_empty());
+    refused_for_want_of_an_audit_sink(format!("http://{addr}/fhir"), "redirected-1").await;
     assert!(sink.request_ids("request").is_empty());
     redirector.abort();
 }
