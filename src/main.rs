@@ -61,7 +61,8 @@ enum Command {
         #[arg(long, required_unless_present = "token")]
         claims: Option<PathBuf>,
         /// …or the token itself (a JWT: its claims are read, its signature
-        /// is not checked offline).
+        /// is not checked offline); `-` reads it from standard input, which
+        /// keeps a live token out of `ps` and shell history.
         #[arg(long, conflicts_with = "claims")]
         token: Option<String>,
         #[arg(long, default_value = "GET")]
@@ -361,7 +362,18 @@ fn main() -> ExitCode {
         } => explain(
             &config,
             claims.as_deref(),
-            token.as_deref(),
+            match token.as_deref() {
+                Some("-") => {
+                    let mut t = String::new();
+                    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
+                        eprintln!("--token -: standard input: {e}");
+                        return ExitCode::from(2);
+                    }
+                    Some(t.trim().to_string())
+                }
+                other => other.map(str::to_string),
+            }
+            .as_deref(),
             fhirwall::explain::ExplainRequest {
                 method,
                 url,

@@ -643,6 +643,31 @@ fn explain_and_test_replay_decisions_offline() {
         "Observation?code=1",
     ]);
     assert!(ok && out.contains("=> ALLOW"), "{out}");
+    // `--token -`: from standard input, off the command line.
+    let mut child = std::process::Command::new(support::bin())
+        .args([
+            "explain",
+            "--config",
+            c,
+            "--token",
+            "-",
+            "--url",
+            "Observation?code=1",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{token}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("=> ALLOW"), "{text}");
 
     // Policy tests: expectations met, then one that is not.
     let tests = dir.0.join("policies/tests/hospital.yaml");
