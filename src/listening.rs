@@ -35,22 +35,20 @@ use crate::lifecycle::Lifecycle;
 /// How long the proxy's stopped listener keeps the connections waiting
 /// for a next request: long enough for a request sent on a connection
 /// accepted just before it stopped to arrive and be answered.
-pub const LINGER: Duration = Duration::from_millis(500);
+const LINGER: Duration = Duration::from_millis(500);
 
 /// A Pingora app whose waiting connections outlive its stopped listener by
-/// `linger` (Pingora drops them in the app's cleanup); then the lifecycle
-/// learns that no request can arrive any more.
+/// `LINGER` (Pingora drops them in the app's cleanup); then the
+/// lifecycle learns that no request can arrive any more.
 pub struct Lingering<A> {
     app: Arc<A>,
-    linger: Duration,
     lifecycle: Arc<Lifecycle>,
 }
 
 impl<A> Lingering<A> {
-    pub fn new(app: A, linger: Duration, lifecycle: Arc<Lifecycle>) -> Lingering<A> {
+    pub fn new(app: A, lifecycle: Arc<Lifecycle>) -> Lingering<A> {
         Lingering {
             app: Arc::new(app),
-            linger,
             lifecycle,
         }
     }
@@ -67,7 +65,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Lingering<A> {
     }
 
     async fn cleanup(&self) {
-        tokio::time::sleep(self.linger).await;
+        tokio::time::sleep(LINGER).await;
         self.app.cleanup().await;
         self.lifecycle.release_connections();
     }

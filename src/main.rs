@@ -189,6 +189,20 @@ fn explain(
         Ok(s) => s,
         Err(c) => return c,
     };
+    // `--token -`: from standard input (kept out of `ps` and history).
+    let stdin_token;
+    let token = match token {
+        Some("-") => {
+            let mut t = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
+                eprintln!("--token -: standard input: {e}");
+                return ExitCode::from(2);
+            }
+            stdin_token = t;
+            Some(stdin_token.trim())
+        }
+        other => other,
+    };
     // A token given alone is read whole, header too (`explain_token`).
     let token_only = if claims.is_none() { token } else { None };
     let parsed = match (claims, token) {
@@ -362,18 +376,7 @@ fn main() -> ExitCode {
         } => explain(
             &config,
             claims.as_deref(),
-            match token.as_deref() {
-                Some("-") => {
-                    let mut t = String::new();
-                    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
-                        eprintln!("--token -: standard input: {e}");
-                        return ExitCode::from(2);
-                    }
-                    Some(t.trim().to_string())
-                }
-                other => other.map(str::to_string),
-            }
-            .as_deref(),
+            token.as_deref(),
             fhirwall::explain::ExplainRequest {
                 method,
                 url,

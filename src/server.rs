@@ -16,7 +16,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::audit::AuditLog;
 use crate::config::Settings;
-use crate::listening::{Lingering, Watched, LINGER};
+use crate::listening::{Lingering, Watched};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::token::jwks::JwksStore;
@@ -679,7 +679,7 @@ pub fn run(
     app.handle_init_modules();
     let mut proxy = Service::new(
         "fhirwall proxy".to_string(),
-        Lingering::new(app, LINGER, lifecycle.clone()),
+        Lingering::new(app, lifecycle.clone()),
     );
     match tls {
         None => proxy.add_tcp(&listen),

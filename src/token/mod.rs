@@ -628,10 +628,10 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
     // would reach the upstream as no header at all, which it may read as
     // "no restriction". No identity or scope has a control character.
     let text = |name: &'static str, s: &str| -> Result<(), TokenError> {
-        match s.chars().any(char::is_control) {
-            true => Err(TokenError::ControlCharacter(name)),
-            false => Ok(()),
+        if s.chars().any(char::is_control) {
+            return Err(TokenError::ControlCharacter(name));
         }
+        Ok(())
     };
     let str_claim = |name: &'static str| -> Result<Option<String>, TokenError> {
         match c.get(name) {
