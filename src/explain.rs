@@ -105,13 +105,7 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
             ),
         );
     };
-    // The header is held to the issuer's algorithms and typ; for an issuer
-    // that introspects, to its typ only (as the gateway does).
-    let fits = match issuer.introspection {
-        None => crate::token::header_fits(&u, issuer).map(|_| ()),
-        Some(_) => crate::token::typ_fits(&u, issuer),
-    };
-    if let Err(err) = fits {
+    if let Err(err) = crate::token::header_precheck(&u, issuer) {
         return e.deny("validate", err.to_string());
     }
     let claims = token.split('.').nth(1).and_then(crate::token::b64_json);

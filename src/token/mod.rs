@@ -506,6 +506,17 @@ pub fn typ_fits(u: &Unverified, issuer: &Issuer) -> Result<(), TokenError> {
     Ok(())
 }
 
+/// The header check a token of `issuer` meets before anything else: its
+/// `typ` alone for an issuer that introspects (its `algorithms` are those
+/// fhirwall verifies with its keys, which an introspected token is not),
+/// [`header_fits`] otherwise. The gateway and `fhirwall explain` both use it.
+pub fn header_precheck(u: &Unverified, issuer: &Issuer) -> Result<(), TokenError> {
+    match issuer.introspection {
+        Some(_) => typ_fits(u, issuer),
+        None => header_fits(u, issuer).map(|_| ()),
+    }
+}
+
 /// The most keys a token without a `kid` is tried against.
 pub const MAX_KEYS_WITHOUT_KID: usize = 3;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::cache::TokenCache;
 use super::introspect::{CallRecord, Introspector};
 use super::jwks::JwksStore;
-use super::{inspect, token_hash, token_kind, typ_fits, verify, Claims, TokenError};
+use super::{header_precheck, inspect, token_hash, token_kind, verify, Claims, TokenError};
 use crate::config::Settings;
 
 /// Validates access tokens for the configured issuers.
@@ -119,7 +119,7 @@ impl Validator {
             // One whose header has not the `typ` the issuer requires, or
             // that says it has expired, is refused without a call (nor a
             // charge to its sender's budget of inactive answers).
-            typ_fits(&u, &ik.issuer)?;
+            header_precheck(&u, &ik.issuer)?;
             let leeway = ik.issuer.leeway_seconds;
             if let Some(exp) = u.exp.filter(|e| e.saturating_add(leeway as i64) < now) {
                 return Err(TokenError::Expired { exp, now, leeway });
