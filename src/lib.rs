@@ -34,3 +34,19 @@ pub mod server;
 pub mod shared;
 pub mod token;
 pub mod upstream;
+
+/// An error and what caused it, as one line (reqwest's own says "error
+/// following redirect" and keeps why in its source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

@@ -1403,6 +1403,25 @@ async fn refused_for_want_of_an_audit_sink(endpoint: String, id: &str) -> Gatewa
     gw
 }
 
+/// An endpoint's query may hold a key (`?subscription-key=`): a sink that
+/// cannot be reached is logged without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_audit_endpoint_is_logged_without_its_query() {
+    let closed = support::free_port();
+    let gw = refused_for_want_of_an_audit_sink(
+        format!("http://127.0.0.1:{closed}/fhir?subscription-key=KEY-IN-QUERY"),
+        "closed-sink-1",
+    )
+    .await;
+    let log = gw.stderr_containing("audit sink failed").await;
+    assert!(log.contains("127.0.0.1"), "{log}");
+    assert!(
+        log.contains("Connection refused"),
+        "the cause is logged: {log}"
+    );
+    assert!(!log.contains("KEY-IN-QUERY"), "{log}");
+}
+
 /// An endpoint path that takes no batch (a 404: a wrong path) is not an
 /// audit sink: the gateway does not become ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -683,3 +683,28 @@ async fn introspected_expiry_honours_the_leeway() {
     assert_eq!(s, 401, "{body}");
     assert!(body.contains(&format!("expired at {long}")), "{www} {body}");
 }
+
+/// An endpoint's query may hold a key (`?subscription-key=`): a failed
+/// call is logged with the issuer, never with the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_is_logged_without_the_endpoints_query() {
+    let (as_, endpoint) = spawn_as().await;
+    let gw = Gateway::start(Options {
+        issuer_yaml: format!(
+            "    introspection:\n      endpoint: {endpoint}?subscription-key=KEY-IN-QUERY\n      client_id: fhirwall-gw\n{BASIC}      timeout_ms: 300\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert("opaque-slow".into(), active(&gw, "user/*.rs", None));
+    as_.delay_ms.store(1000, Ordering::SeqCst);
+    let (s, _, _) = get(&gw, "Patient/slow-call-1", "opaque-slow").await;
+    assert_eq!(s, 503);
+    assert_eq!(gw.upstream.count_containing("slow-call-1"), 0);
+    let log = gw.stderr_containing("introspection call failed").await;
+    assert!(log.contains("timed out"), "the cause is logged: {log}");
+    assert!(!log.contains("KEY-IN-QUERY"), "{log}");
+}

@@ -348,9 +348,16 @@ impl FhirSink {
             req = req.bearer_auth(t);
         }
         rt.block_on(async move {
-            let resp = req.send().await.map_err(io::Error::other)?;
+            // reqwest's errors name the URL, whose query may hold a key.
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| io::Error::other(crate::error_chain(&e.without_url())))?;
             let status = resp.status();
-            let answer = resp.bytes().await.map_err(io::Error::other)?;
+            let answer = resp
+                .bytes()
+                .await
+                .map_err(|e| io::Error::other(crate::error_chain(&e.without_url())))?;
             Ok((status, answer))
         })
     }
@@ -385,7 +392,11 @@ impl Sink {
         match self {
             Sink::Stdout(_) => "stdout".into(),
             Sink::File { file, .. } => lock(file).path.display().to_string(),
-            Sink::Fhir(f) => f.endpoint.clone(),
+            // Its query may hold a key (`?subscription-key=`): not logged.
+            Sink::Fhir(f) => match f.endpoint.split_once('?') {
+                Some((base, _)) => format!("{base}?…"),
+                None => f.endpoint.clone(),
+            },
         }
     }
 

@@ -271,6 +271,8 @@ impl Introspector {
                 .send()
                 .await
                 .map_err(|e| {
+                // Without the URL: its query may hold a key.
+                let e = crate::error_chain(&e.without_url());
                 tracing::warn!(issuer = %self.issuer.name, error = %e, "introspection call failed");
                 unavailable()
             })?;

@@ -333,7 +333,7 @@ impl JwksStore {
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| format!("{url}: {}", with_causes(&e)))?;
+            .map_err(|e| format!("{url}: {}", crate::error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
@@ -354,27 +354,11 @@ impl JwksStore {
                 super::ReadError::TooLarge => {
                     format!("{url}: document larger than {MAX_DOC_BYTES} bytes")
                 }
-                super::ReadError::Http(e) => format!("{url}: {}", with_causes(&e)),
+                super::ReadError::Http(e) => format!("{url}: {}", crate::error_chain(&e)),
             })?;
         let v = serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
         Ok((v, max_age))
     }
-}
-
-/// An error and what caused it, as one line (reqwest's own says "error
-/// following redirect" and keeps why in its source).
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
 }
 
 /// `max-age` of a Cache-Control value (`no-store`/`no-cache` mean 0).

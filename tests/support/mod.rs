@@ -484,6 +484,22 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The gateway's stderr once it contains `needle`: waits up to 5 s.
+    pub async fn stderr_containing(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "'{needle}' not logged: {log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The audit file's whole lines, parsed (a line still being written,
     /// without its newline yet, is left out).
     pub fn audit(&self) -> Vec<serde_json::Value> {
