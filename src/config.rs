@@ -1105,7 +1105,7 @@ impl Audit {
 }
 
 /// Verified context that can be forwarded upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardedContext {
     Sub,
     ClientId,
@@ -1113,6 +1113,9 @@ pub enum ForwardedContext {
     FhirUser,
     Scope,
     Issuer,
+    /// `claim:<name>`: any claim of the verified token (a tenant or
+    /// partition the authorization server puts in its tokens).
+    Claim(String),
 }
 
 impl ForwardedContext {
@@ -1124,7 +1127,13 @@ impl ForwardedContext {
             "fhir_user" => Self::FhirUser,
             "scope" => Self::Scope,
             "issuer" => Self::Issuer,
-            _ => return None,
+            _ => {
+                let name = s.strip_prefix("claim:")?;
+                if name.is_empty() || name.chars().any(|c| c.is_control()) {
+                    return None;
+                }
+                Self::Claim(name.to_string())
+            }
         })
     }
 }
@@ -2021,7 +2030,8 @@ impl Config {
             if ctx.is_none() {
                 problem(
                     &path,
-                    "unknown context; use sub, client_id, patient, fhir_user, scope or issuer"
+                    "unknown context; use sub, client_id, patient, fhir_user, scope, issuer \
+                     or claim:<name> (a claim of the token)"
                         .into(),
                 );
             }
@@ -3269,6 +3279,16 @@ admin:
             ("forward_headers: {sub: If-None-Exist}\n", false),
             (
                 "forward_headers: {client_id: X-Who, issuer: x-who}\n",
+                false,
+            ),
+            (
+                "forward_headers: {\"claim:tenant\": X-Request-Partition-IDs}\n",
+                true,
+            ),
+            ("forward_headers: {\"claim:\": X-Tenant}\n", false),
+            ("forward_headers: {\"tenant\": X-Tenant}\n", false),
+            (
+                "forward_headers: {\"claim:tenant\": X-T, \"claim:org\": x-t}\n",
                 false,
             ),
         ] {

@@ -112,6 +112,7 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     let Some(claims) = claims else {
         return e.deny("validate", "the token's payload is not JSON".into());
     };
+
     let mut out = explain(s, &claims, req, now);
     for (stage, note) in &mut out.stages {
         if *stage == "extract" {
@@ -180,7 +181,11 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let Some(issuer) = s.issuers.iter().find(|i| i.issuer == iss) else {
         return e.deny("validate", format!("issuer '{iss}' is not configured"));
     };
-    let c = match check_claims(claims, issuer, now) {
+    let checked = check_claims(claims, issuer, now).and_then(|c| {
+        crate::token::forwarded_claims_fit(claims, &s.forward_headers)?;
+        Ok(c)
+    });
+    let c = match checked {
         Ok(c) => c,
         Err(err) => return e.deny("validate", err.to_string()),
     };

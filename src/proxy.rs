@@ -972,6 +972,10 @@ impl Gateway {
                     ForwardedContext::FhirUser => c.fhir_user.clone(),
                     ForwardedContext::Scope => Some(ctx.scopes_used.join(" ")),
                     ForwardedContext::Issuer => Some(c.iss.clone()),
+                    // Checked when the token was validated.
+                    ForwardedContext::Claim(name) => crate::token::claim_header_value(&c.raw, name)
+                        .ok()
+                        .flatten(),
                 };
                 if let Some(v) = value.and_then(|v| http::HeaderValue::from_str(&v).ok()) {
                     set.push((name.clone(), v));
@@ -1981,7 +1985,11 @@ impl Gateway {
             .validator
             .validate(&token, now_unix(), source.as_deref())
             .instrument(tracing::debug_span!("validate"))
-            .await;
+            .await
+            .and_then(|v| {
+                crate::token::forwarded_claims_fit(&v.claims.raw, &self.settings.forward_headers)?;
+                Ok(v)
+            });
         let took = started.elapsed();
         ctx.validation = Some(took);
         let kind = match &v {

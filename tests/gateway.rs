@@ -1354,6 +1354,71 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     );
 }
 
+/// A partitioned upstream (HAPI's `X-Request-Partition-IDs`) gets its
+/// partition from the token (`forward_headers: claim:<name>`), never from
+/// the client: a string claim, a list joined by commas, no claim no header;
+/// a claim that cannot be a header value refuses the token, 401, nothing
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_claim_is_forwarded_as_the_partition_header() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "forward_headers:\n  \"claim:tenant\": X-Request-Partition-IDs\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let key = gw.issuer.signing_key();
+    let with_tenant = |tenant: Value| {
+        let mut c = gw.claims("user/*.rs");
+        if !tenant.is_null() {
+            c["tenant"] = tenant;
+        }
+        key.sign(&c)
+    };
+    let partition_seen = |id: &str| -> Vec<String> {
+        let seen = gw.upstream.seen();
+        let s = seen
+            .iter()
+            .find(|s| s.uri.ends_with(id))
+            .unwrap_or_else(|| panic!("{id} did not reach the upstream"));
+        s.headers
+            .iter()
+            .filter(|(k, _)| k == "x-request-partition-ids")
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let send = |id: &'static str, token: String| {
+        let r = gw
+            .client
+            .get(format!("{}/Patient/{id}", gw.base))
+            .bearer_auth(token)
+            .header("X-Request-Partition-IDs", "_ALL")
+            .send();
+        async move { r.await.unwrap() }
+    };
+    for (id, tenant, expected) in [
+        ("part-string", json!("hospital-a"), vec!["hospital-a"]),
+        ("part-list", json!(["1", 2]), vec!["1,2"]),
+        ("part-none", Value::Null, vec![]),
+    ] {
+        let r = send(id, with_tenant(tenant)).await;
+        assert_eq!(r.status(), 404, "{id}: the sandbox has no such patient");
+        assert_eq!(partition_seen(id), expected, "{id}");
+    }
+    for (id, tenant) in [
+        ("part-object", json!({"id": "a"})),
+        ("part-empty", json!([])),
+        ("part-control", json!("a\u{7}b")),
+        ("part-nested", json!([["a"]])),
+    ] {
+        let r = send(id, with_tenant(tenant)).await;
+        assert_eq!(r.status(), 401, "{id}");
+        assert!(www(&r).contains("invalid_token"), "{id}: {}", www(&r));
+        let body = outcome(r).await;
+        assert!(body.to_string().contains("tenant"), "{id}: {body}");
+        assert_eq!(gw.upstream.count_containing(id), 0, "{id}");
+    }
+}
+
 /// `_include=Source:*:Target` includes whatever the matches reference
 /// (HAPI's match-all ignores the target): it needs a grant on every type,
 /// in the query and in a search form alike, not only on the target.

@@ -1384,8 +1384,9 @@ async fn a_reload_applies_rules_while_the_upstream_name_does_not_resolve() {
 /// `explain` refuses what the gateway refuses before any decision: a
 /// bearer token where binding is required, the DPoP scheme with DPoP off,
 /// a certificate-bound token without a TLS listener taking certificates, a
-/// cnf method fhirwall does not enforce, a public route asked for more
-/// than a read of itself, and a token header the issuer does not accept.
+/// cnf method fhirwall does not enforce, a claim `forward_headers` forwards
+/// that cannot be a header value, a public route asked for more than a
+/// read of itself, and a token header the issuer does not accept.
 #[test]
 fn explain_refuses_what_the_gateway_refuses_before_deciding() {
     let dir = TempDir::new("explain-parity");
@@ -1395,7 +1396,8 @@ fn explain_refuses_what_the_gateway_refuses_before_deciding() {
         "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
          issuers:\n  - name: hospital\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [https://gw.example/fhir]\n\
          \x20   require_at_jwt_typ: true\n    require_binding_for_clients: [strict-app]\n\
-         admin:\n  listen: 127.0.0.1:3\ndpop:\n  enabled: false\n",
+         admin:\n  listen: 127.0.0.1:3\ndpop:\n  enabled: false\n\
+         forward_headers:\n  \"claim:tenant\": X-Tenant\n",
     )
     .unwrap();
     let c = config.to_str().unwrap();
@@ -1440,6 +1442,13 @@ fn explain_refuses_what_the_gateway_refuses_before_deciding() {
             json!({"cnf": {"x5t#S256": "abc"}}),
             vec!["--url", "Observation?code=1", "--binding", "mtls"],
             "takes none",
+        ),
+        (
+            "forwarded claim not a header value",
+            "tenant.json",
+            json!({"tenant": {"id": "a"}}),
+            vec!["--url", "Observation?code=1"],
+            "cannot be forwarded upstream",
         ),
         (
             "cnf naming no binding",

@@ -59,6 +59,8 @@ pub enum TokenError {
     BadClaim(&'static str),
     #[error("claim '{0}' holds a control character")]
     ControlCharacter(&'static str),
+    #[error("claim '{0}' cannot be forwarded upstream as forward_headers asks: it must be a string, number or boolean, or an array of them, without control characters")]
+    UnforwardableClaim(String),
     #[error("the token is not an access token (its {0} is '{1}')")]
     NotAccessToken(&'static str, String),
     #[error("token expired at {exp} (now {now}, leeway {leeway}s)")]
@@ -101,6 +103,7 @@ impl TokenError {
             TokenError::MissingClaim(_)
             | TokenError::BadClaim(_)
             | TokenError::ControlCharacter(_)
+            | TokenError::UnforwardableClaim(_)
             | TokenError::NotAccessToken(..)
             | TokenError::NotAnId(_)
             | TokenError::UnconfirmedBinding => "token_bad_claims",
@@ -628,6 +631,49 @@ fn access_token_only(c: &Value) -> Result<(), TokenError> {
             .unwrap_or(t);
         kind.contains("refresh") || kind == "id_token"
     })
+}
+
+/// A claim of a verified token as the value of a header to the upstream
+/// (`forward_headers: {claim:<name>: Header}`): a string as it is, a
+/// number or boolean as its JSON text, an array of those joined by `,`
+/// (HAPI's partition header takes a list so). No claim (or `null`): no
+/// header. Any other shape, an empty array, or a control character is
+/// refused — it would reach the upstream as no header at all, which it may
+/// read as "no restriction".
+pub fn claim_header_value(claims: &Value, name: &str) -> Result<Option<String>, TokenError> {
+    let refused = || TokenError::UnforwardableClaim(name.chars().take(64).collect());
+    let scalar = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(s) if !s.chars().any(char::is_control) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    };
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(scalar)
+            .collect::<Option<Vec<_>>>()
+            .map(|parts| Some(parts.join(",")))
+            .ok_or_else(refused),
+        Some(v) => scalar(v).map(Some).ok_or_else(refused),
+    }
+}
+
+/// Whether every claim `forward_headers` forwards can be a header value
+/// ([`claim_header_value`]).
+pub fn forwarded_claims_fit(
+    claims: &Value,
+    forwarded: &[(crate::config::ForwardedContext, http::HeaderName)],
+) -> Result<(), TokenError> {
+    for (what, _) in forwarded {
+        if let crate::config::ForwardedContext::Claim(name) = what {
+            claim_header_value(claims, name)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks the claims of a token whose signature is valid.

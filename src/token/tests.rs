@@ -544,3 +544,30 @@ fn a_new_key_set_still_holds_a_kid_only_with_the_same_key() {
     assert!(of(&wide).still_holds(&of(&wide), "r1"));
     assert!(!of(&narrowed).still_holds(&of(&wide), "r1"), "alg narrowed");
 }
+
+#[test]
+fn a_forwarded_claim_is_a_header_value_or_refused() {
+    let c = json!({"s": "hospital-a", "n": 7, "b": true, "l": ["1", 2, false],
+        "none": null, "o": {"a": 1}, "e": [], "deep": [["a"]], "ctl": "a\u{0}b",
+        "ctl-in-list": ["a", "b\nc"], "u": "Zoë"});
+    for (name, want) in [
+        ("s", Some("hospital-a")),
+        ("n", Some("7")),
+        ("b", Some("true")),
+        ("l", Some("1,2,false")),
+        ("u", Some("Zoë")),
+        ("missing", None),
+        ("none", None),
+    ] {
+        assert_eq!(
+            claim_header_value(&c, name).unwrap().as_deref(),
+            want,
+            "{name}"
+        );
+    }
+    for name in ["o", "e", "deep", "ctl", "ctl-in-list"] {
+        let err = claim_header_value(&c, name).unwrap_err();
+        assert_eq!(err.code(), "token_bad_claims", "{name}");
+        assert!(err.to_string().contains(name), "{name}: {err}");
+    }
+}
