@@ -674,11 +674,14 @@ fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, Sco
     let t = req.resource_type.as_deref().unwrap_or("");
     if t == "Patient" {
         return match (req.interaction, req.id.as_deref()) {
+            // The stored record is fetched too: one linked to another
+            // patient's record (`Patient.link`) is shared with it, so not
+            // writable, and the write is pinned to the version checked.
             (Update | Patch, Some(id)) if id == ctx => Ok(Some(WriteCheck {
                 patient: Some(ctx.into()),
                 filters: None,
                 body: true,
-                existing: false,
+                existing: true,
             })),
             (Create, _) => Err(deny(format!(
                 "creating a Patient is outside the compartment of Patient/{ctx}"
@@ -2703,8 +2706,8 @@ mod tests {
             ("PUT", "Observation/o1", w(true, true)),
             ("PATCH", "Observation/o1", w(true, true)),
             ("DELETE", "Observation/o1", w(false, true)),
-            ("PUT", "Patient/p1", w(true, false)),
-            ("PATCH", "Patient/p1", w(true, false)),
+            ("PUT", "Patient/p1", w(true, true)),
+            ("PATCH", "Patient/p1", w(true, true)),
         ] {
             let d = check("patient/*.cruds", Some("p1"), method, url).unwrap();
             assert_eq!(d.write, want, "{method} {url}");

@@ -945,6 +945,111 @@ async fn property_nothing_outside_the_grant_reaches_the_client() {
     );
 }
 
+/// The patient's own record linked to another patient's (`Patient.link`,
+/// an MPI's `seealso` or `replaced-by`) is in both compartments: under
+/// patient/ scopes it is then read-only, like any shared resource — a PUT
+/// could otherwise drop the link. Unlinked, its writes are pinned to the
+/// version fhirwall checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patients_own_record_linked_to_another_is_read_only() {
+    use axum::extract::State;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    #[derive(Default)]
+    struct Upstream {
+        linked: AtomicBool,
+        /// (method, If-Match) of every write received.
+        writes: Mutex<Vec<(String, Option<String>)>>,
+    }
+    const FHIR: &str = "application/fhir+json";
+    async fn read(State(up): State<Arc<Upstream>>) -> impl axum::response::IntoResponse {
+        let mut me = json!({"resourceType": "Patient", "id": "p1", "meta": {"versionId": "3"},
+            "name": [{"family": "Example"}]});
+        if up.linked.load(Ordering::SeqCst) {
+            me["link"] = json!([{"other": {"reference": "Patient/p2"}, "type": "seealso"}]);
+        }
+        ([("content-type", FHIR)], me.to_string())
+    }
+    async fn write(
+        State(up): State<Arc<Upstream>>,
+        method: axum::http::Method,
+        headers: axum::http::HeaderMap,
+    ) -> impl axum::response::IntoResponse {
+        let if_match = headers
+            .get("if-match")
+            .map(|v| v.to_str().unwrap().to_string());
+        up.writes
+            .lock()
+            .unwrap()
+            .push((method.to_string(), if_match));
+        (
+            [("content-type", FHIR)],
+            json!({"resourceType": "Patient", "id": "p1"}).to_string(),
+        )
+    }
+    let up = Arc::new(Upstream::default());
+    let app = axum::Router::new()
+        .route(
+            "/r4/Patient/p1",
+            axum::routing::get(read).put(write).patch(write),
+        )
+        .with_state(up.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        ..Options::default()
+    })
+    .await;
+    let p1 = gw.mint("patient/Patient.ru", Some("p1"));
+    let send = |method: &'static str, ctype: &'static str, body: Value| {
+        let r = gw
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}/Patient/p1", gw.base),
+            )
+            .bearer_auth(&p1)
+            .header("content-type", ctype)
+            .body(body.to_string())
+            .send();
+        async move { status_and_body(r.await.unwrap()).await }
+    };
+    let put = json!({"resourceType": "Patient", "id": "p1", "active": true});
+    let patch = json!([{"op": "replace", "path": "/active", "value": true}]);
+    let jp = "application/json-patch+json";
+    let (s, body) = send("PUT", FHIR, put.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = send("PATCH", jp, patch.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let pinned = Some("W/\"3\"".to_string());
+    assert_eq!(
+        *up.writes.lock().unwrap(),
+        [("PUT".into(), pinned.clone()), ("PATCH".into(), pinned)]
+    );
+
+    up.linked.store(true, Ordering::SeqCst);
+    let mut keeps_link = put.clone();
+    keeps_link["link"] = json!([{"other": {"reference": "Patient/p2"}, "type": "seealso"}]);
+    for (method, ctype, body) in [
+        ("PUT", FHIR, put),
+        ("PUT", FHIR, keeps_link),
+        ("PATCH", jp, patch),
+    ] {
+        let (s, answer) = send(method, ctype, body).await;
+        assert_eq!(s, 403, "{method}: {answer}");
+        assert!(answer.contains("another patient"), "{method}: {answer}");
+    }
+    assert_eq!(
+        up.writes.lock().unwrap().len(),
+        2,
+        "no write reached the upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_keep_the_compartment() {
     use serde_json::json;
