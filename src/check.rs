@@ -258,8 +258,9 @@ pub fn judge_write_body(
     match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
         None if w.patient.is_some() && references_other_patient(&doc, patient, bases) => {
             Err(format!(
-                "the {rtype} would also reference another patient on a compartment element; \
-                 under the scopes of Patient/{patient} it may reference no other patient there"
+                "the {rtype} would also reference another patient (or one by identifier \
+                 alone) on a compartment element; under the scopes of Patient/{patient} it may \
+                 reference no other patient there"
             ))
         }
         None => Ok(()),

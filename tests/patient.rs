@@ -1126,6 +1126,17 @@ async fn writes_keep_the_compartment() {
             .to_string(),
             "reference another patient",
         ),
+        // A subject named by identifier alone (another patient's MRN),
+        // p1 only as performer: readers resolving it would file it as the
+        // other patient's.
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": {"type": "Patient", "identifier": {"system": "urn:mrn", "value": "P2"}},
+                   "performer": [{"reference": "Patient/p1"}]})
+            .to_string(),
+            "by identifier",
+        ),
     ] {
         let (s, answer) = send("POST", "Observation".into(), ctype, body).await;
         let want = match why {

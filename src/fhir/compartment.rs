@@ -102,8 +102,10 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
 
 /// Does `resource` reference, on one of its compartment paths, a Patient
 /// other than `Patient/{patient}` (relative, or under one of `bases`, or
-/// any absolute URL to a Patient)? A resource written under a patient's
-/// scopes must not also land in another patient's compartment.
+/// any absolute URL to a Patient), or anyone by identifier alone (a
+/// logical reference, which fhirwall cannot tie to a record and readers
+/// may resolve to another patient's)? A resource written under a
+/// patient's scopes must not also land in another patient's compartment.
 pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
     let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
         return false;
@@ -112,10 +114,12 @@ pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) 
         let names_patient = r.starts_with("Patient/") || r.contains("/Patient/");
         names_patient && !bases.names_patient(r, patient)
     };
+    let logical = |v: &Value| v.get("reference").is_none() && v.get("identifier").is_some();
     link_params(rtype).iter().any(|p| {
-        p.paths
-            .iter()
-            .any(|path| references_at(resource, path, &mut |r| other(r)))
+        p.paths.iter().any(|path| {
+            references_at(resource, path, &mut |r| other(r))
+                || any_at(resource, path, &mut |v| logical(v))
+        })
     })
 }
 
@@ -254,6 +258,22 @@ mod tests {
             ),
             (
                 json!({"resourceType": "Observation", "focus": [{"reference": "Patient/p2"}]}),
+                false,
+            ),
+            // By identifier alone on a compartment path: anyone's.
+            (
+                json!({"resourceType": "Observation", "performer": [{"reference": "Patient/p1"}],
+                       "subject": {"type": "Patient", "identifier": {"system": "urn:mrn", "value": "2"}}}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1",
+                       "identifier": {"system": "urn:mrn", "value": "1"}}}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "focus": [{"identifier": {"value": "2"}}]}),
                 false,
             ),
         ] {
