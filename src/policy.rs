@@ -368,6 +368,21 @@ impl PolicySet {
                         ),
                     );
                 }
+                let segments: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+                let last = segments.len() - 1;
+                let misplaced = segments.iter().enumerate().find(|(n, seg)| {
+                    seg.contains('*') && !(**seg == "*" || (**seg == "**" && *n == last))
+                });
+                if let Some((_, seg)) = misplaced {
+                    p(
+                        "when.path",
+                        format!(
+                            "'{pattern}': '{seg}' — a '*' stands for one whole segment, and '**' \
+                             only as the last one for any rest (e.g. 'Patient/*/$everything', \
+                             'Observation/**')"
+                        ),
+                    );
+                }
             }
             for b in &w.binding {
                 if !BINDINGS.contains(&b.as_str()) {
@@ -400,12 +415,32 @@ impl PolicySet {
                             ),
                         }
                     }
-                    match (hhmm(&t.from), hhmm(&t.to)) {
+                    // `to` may be 24:00, the end of the day.
+                    let to = if t.to == "24:00" {
+                        Some(24 * 60)
+                    } else {
+                        hhmm(&t.to)
+                    };
+                    match (hhmm(&t.from), to) {
+                        (Some(f), Some(to)) if f == to => {
+                            p(
+                                "when.time",
+                                format!(
+                                    "from '{}' and to '{}' are the same: an empty window (a whole \
+                                     day is from '00:00' to '24:00')",
+                                    t.from, t.to
+                                ),
+                            );
+                            None
+                        }
                         (Some(f), Some(to)) => Some((days, f, to)),
                         _ => {
                             p(
                                 "when.time",
-                                format!("from '{}' / to '{}' must be HH:MM", t.from, t.to),
+                                format!(
+                                    "from '{}' / to '{}' must be HH:MM (to may be 24:00)",
+                                    t.from, t.to
+                                ),
                             );
                             None
                         }
@@ -924,8 +959,10 @@ fn path_matches(pattern: &str, path: &str) -> bool {
     let mut s = path.trim_matches('/').split('/');
     loop {
         match (p.next(), s.next()) {
+            // Only ever the last segment (`add_file` refuses others).
             (Some("**"), _) => return true,
-            (Some("*"), Some(_)) => {}
+            // One segment: not the empty path of the base itself.
+            (Some("*"), Some(seg)) if !seg.is_empty() => {}
             (Some(a), Some(b)) if a == b => {}
             (None, None) => return true,
             _ => return false,
@@ -1396,7 +1433,7 @@ mod tests {
             ("Patient/p1/$everything", "Patient/*/$everything"),
             ("Patient/vip/Observation", "Patient/vip/**"),
             ("Observation/o1/_history/2", "Observation/*/_history/*"),
-            ("Observation/o1/_history", "**/_history"),
+            ("Observation/o1/_history", "Observation/*/_history"),
             ("_history", "_history"),
             ("$meta", "$meta"),
         ] {
@@ -1469,6 +1506,14 @@ mod tests {
             (
                 "      time:\n        from: '22:00'\n        to: '15:00'\n",
                 true,
+            ),
+            (
+                "      time:\n        days: [wed]\n        from: '00:00'\n        to: '24:00'\n",
+                true,
+            ),
+            (
+                "      time:\n        days: [tue]\n        from: '00:00'\n        to: '24:00'\n",
+                false,
             ),
         ];
         for (when, hit) in cases {
@@ -1667,6 +1712,10 @@ mod tests {
   - {name: e, effect: deny, when: {operation: ['every thing']}}
   - {name: f, effect: deny, when: {operation: [everything, export, member-match], path: ['Patient/*/$everything']}}
   - {name: g, effect: allow, rate_limit: {per: client, requests: 6, per_seconds: 604800}}
+  - {name: h, effect: allow, when: {path: ['**/$everything']}}
+  - {name: i, effect: deny, when: {path: ['Obs*']}}
+  - {name: j, effect: deny, when: {time: {days: [sat], from: '00:00', to: '00:00'}}}
+  - {name: k, effect: deny, when: {time: {days: [sun], from: '00:00', to: '24:00'}, path: [Patient/**, '*']}}
 ").unwrap();
         let problems = s.add_file("p.yaml", &f);
         let keys: Vec<String> = problems
@@ -1687,6 +1736,9 @@ mod tests {
             "4:when.path",
             "5:when.operation",
             "7:rate_limit.per_seconds",
+            "8:when.path",
+            "9:when.path",
+            "10:when.time",
         ] {
             assert!(
                 keys.contains(&want.to_string()),
@@ -1694,9 +1746,28 @@ mod tests {
             );
         }
         assert!(!keys.iter().any(|k| k.starts_with("6:")), "{keys:?}");
+        assert!(!keys.iter().any(|k| k.starts_with("11:")), "{keys:?}");
         let dollar = problems.iter().find(|(i, _, _)| *i == 4).unwrap();
         assert!(dollar.2.contains("'everything'"), "{problems:?}");
         assert!(parse_file("rules:\n  - {name: a, effect: deny, whenn: {}}\n").is_err());
         assert!(parse_file("rules:\n  - {name: a, effect: deny}\n  rules: []\n").is_err());
+    }
+
+    #[test]
+    fn path_patterns_match_whole_segments() {
+        for (pattern, path, want) in [
+            ("Observation/*", "Observation/o1", true),
+            ("Observation/*", "Observation", false),
+            ("Observation/**", "Observation", true),
+            ("Observation/**", "Observation/o1/_history/2", true),
+            ("**", "", true),
+            ("*", "Patient", true),
+            // The base itself (a batch, a system search) is no segment.
+            ("*", "", false),
+            ("Patient/*/$everything", "Patient/p1/$everything", true),
+            ("Patient/*/$everything", "Patient//$everything", false),
+        ] {
+            assert_eq!(path_matches(pattern, path), want, "{pattern} ~ {path:?}");
+        }
     }
 }
