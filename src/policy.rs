@@ -630,12 +630,26 @@ impl PolicySet {
         } else {
             types.iter().map(String::as_str).collect()
         };
+        // A whole-system search or history reaching a type is also judged
+        // as that interaction of it (so a rule on `search-system` or
+        // `history-*` of a type holds for it), beyond the read and search
+        // every reached type is judged as.
+        use crate::fhir::classify::Interaction;
+        let interactions: &[&'static str] = match r.interaction {
+            Interaction::SearchSystem => &["read", "search-type", "search-system"],
+            Interaction::HistorySystem => {
+                &["read", "search-type", "history-type", "history-system"]
+            }
+            _ => &["read", "search-type"],
+        };
         for t in types {
-            for interaction in ["read", "search-type"] {
-                // The request's own type was judged for its interaction (and
-                // above as what that reads it as); a conditional write also
-                // searches its own type.
-                if Some(t) == own && !(r.conditional && interaction == "search-type") {
+            for &interaction in interactions {
+                // The request's own type was judged for its interaction and
+                // above as what that reads it as; any other reading of it (an
+                // operation's, a write's conditional search) is judged here.
+                if Some(t) == own
+                    && (interaction == r.interaction.as_str() || own_reading(r, interaction))
+                {
                     continue;
                 }
                 let direct = as_direct(input, interaction, t);
@@ -1276,6 +1290,41 @@ mod tests {
         };
         assert!(create(None));
         assert!(!create(Some("name=Smith&birthdate=1970-01-01")));
+
+        // An operation on a type reads that type too: a rule on reading
+        // Patient holds for its $everything and $export, also before an
+        // allow naming the operation.
+        let no_patient_reads = set("rules:
+  - name: no-patient-reads
+    effect: deny
+    when: {client_id: [app], resource_type: [Patient], interaction: [read, search-type]}
+  - name: everything
+    effect: allow
+    when: {client_id: [app], operation: [everything, export]}
+");
+        for url in [
+            "Patient/p1/$everything",
+            "Patient/$everything",
+            "Patient/$export",
+        ] {
+            let e = verdict(&no_patient_reads, "GET", url).unwrap_err();
+            assert!(e.starts_with("t.yaml#no-patient-reads"), "{url}: {e}");
+        }
+        assert!(verdict(&no_patient_reads, "GET", "Group/g1/$export").is_err());
+        // A whole-system search or history reaching a type is judged as
+        // that interaction of it, and a history as its type's history.
+        for (rule, url) in [
+            ("[history-type]", "_history"),
+            ("[history-system]", "_history"),
+            ("[search-system]", "?_type=DocumentReference"),
+        ] {
+            let rules = set(&format!(
+                "rules:\n  - name: r\n    effect: deny\n    when: {{resource_type: [DocumentReference], interaction: {rule}}}\n"
+            ));
+            let e = verdict(&rules, "GET", url).unwrap_err();
+            assert!(e.starts_with("t.yaml#r"), "{rule} {url}: {e}");
+            assert!(verdict(&rules, "GET", "?_type=Encounter").is_ok(), "{rule}");
+        }
     }
 
     /// A type a request reaches meets the rate limits of its direct read

@@ -426,6 +426,36 @@ async fn a_refused_type_is_not_reached_through_includes_or_everything() {
     );
 }
 
+/// An operation on a type reads that type too: a rule refusing reads of
+/// Patient holds for `Patient/p1/$everything`, though an allow naming the
+/// operation follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_on_reading_a_type_holds_for_its_operations() {
+    let (_dir, gw) = with_rules(
+        "policies-own-type",
+        "10-types.yaml",
+        "rules:\n  - {name: no-patient-reads, effect: deny, when: {resource_type: [Patient], interaction: [read, search-type]}}\n  \
+         - {name: everything, effect: allow, when: {operation: [everything]}}\n",
+    )
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let r = gw.get("Observation?code=own-0", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    let before = gw.upstream.seen().len();
+    let r = gw.get("Patient/p1/$everything", Some(&token)).await;
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("no-patient-reads") && text.contains("reaches Patient"),
+        "{text}"
+    );
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "the operation went upstream"
+    );
+}
+
 /// Every `.yaml`/`.yml` entry of the policy directory, in any case, is a
 /// policy file and must be readable: one skipped without a word (a
 /// symlink into a volume not mounted, a directory) would look enforced.
