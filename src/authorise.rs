@@ -212,15 +212,16 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
 /// page in `patient`'s context, its check is the plain compartment check
 /// (no filter, no type granted beyond the compartment, none refused by a
 /// policy), and the operation itself is allowed to this token now, by the
-/// same scopes, role ceiling and policies. `None` leaves the page judged
-/// as any stored page.
+/// same scopes, role ceiling and policies: the check, and the break-glass
+/// rules the operation passed now (the page is widened by them, so they are
+/// audited with it). `None` leaves the page judged as any stored page.
 pub fn everything_page(
     page: &FhirRequest,
     grant: &Grant,
     patient: &str,
     cx: &Context,
     rules: &Rules,
-) -> Option<ResponseCheck> {
+) -> Option<(ResponseCheck, Vec<String>)> {
     if !crate::decide::is_stored_page(page)
         || cx.claims.patient.as_deref() != Some(patient)
         || !grant.decision.entry_checks.is_empty()
@@ -246,9 +247,10 @@ pub fn everything_page(
     })
     .ok()?;
     let everything = authorise(&operation, cx, rules).ok()?;
+    let broke_glass = everything.broke_glass();
     match everything.decision.check {
         Some(ResponseCheck::Everything { patient: p }) if p == patient => {
-            Some(ResponseCheck::Everything { patient: p })
+            Some((ResponseCheck::Everything { patient: p }, broke_glass))
         }
         _ => None,
     }
@@ -445,7 +447,10 @@ mod everything_pages {
         };
         // Every page asked for here is allowed as a search of its own.
         let grant = authorise(page, &cx, &rules).expect("the page is allowed");
-        everything_page(page, &grant, "p1", &cx, &rules)
+        everything_page(page, &grant, "p1", &cx, &rules).map(|(check, glass)| {
+            assert!(glass.is_empty(), "{glass:?}");
+            check
+        })
     }
 
     #[test]
@@ -477,5 +482,49 @@ mod everything_pages {
         assert_eq!(judged("patient/*.rs", &page, &refusing), None);
         // The page's own patient context must be the operation's.
         assert_eq!(judged_in("p2", "patient/*.rs", &page, &none), None);
+    }
+
+    /// A page widened only because the caller declares an emergency again
+    /// names the break-glass rule it passed, for its audit record.
+    #[test]
+    fn a_page_widened_by_break_glass_names_the_rule() {
+        let mut glass = PolicySet::default();
+        let problems = glass.add_file(
+            "t.yaml",
+            &crate::policy::parse_file(
+                "rules:\n  - name: no-everything\n    effect: deny\n    break_glass: true\n    when: {operation: [everything]}\n",
+            )
+            .unwrap(),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let page = get("", "_getpages=abc&_getpagesoffset=2&_count=2");
+        let c = claims("patient/*.rs", "p1");
+        let opts = DecideOptions::default();
+        let rules = Rules {
+            decide: &opts,
+            roles: None,
+            policies: &glass,
+        };
+        let judged = |reason: Option<&str>| {
+            let cx = Context {
+                claims: &c,
+                source: None,
+                binding: "bearer",
+                now: 0,
+                break_glass: reason,
+            };
+            let grant = authorise(&page, &cx, &rules).expect("the page is allowed");
+            everything_page(&page, &grant, "p1", &cx, &rules)
+        };
+        assert_eq!(judged(None), None);
+        assert_eq!(
+            judged(Some("patient unconscious")),
+            Some((
+                ResponseCheck::Everything {
+                    patient: "p1".into()
+                },
+                vec!["t.yaml#no-everything".to_string()]
+            ))
+        );
     }
 }

@@ -789,6 +789,60 @@ fn shipped_examples_pass_their_tests() {
     assert!(out.contains("16 case(s), 0 failed"), "{out}");
 }
 
+/// A later page of `$everything` is widened to the operation's answer
+/// (the Practitioners it references) only while the operation is allowed:
+/// when that takes a declared emergency, each such page is audited as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_everything_widened_by_break_glass_is_audited() {
+    let (_dir, gw) = with_rules(
+        "policies-bg-pages",
+        "10-bg.yaml",
+        "rules:\n  - name: no-everything\n    effect: deny\n    break_glass: true\n    when: {operation: [everything]}\n",
+    )
+    .await;
+    let token = gw.mint("patient/*.rs", Some("p1"));
+    let get = |url: String, reason: Option<&'static str>| {
+        let mut r = gw.client.get(url).bearer_auth(&token);
+        if let Some(reason) = reason {
+            r = r.header("x-fhirwall-break-glass", reason);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    let reason = "patient unconscious in ED";
+    let first = format!("{}/Patient/p1/$everything?_count=2", gw.base);
+    assert_eq!(get(first.clone(), None).await.status(), 403);
+    // Walk the pages in the emergency, to the one holding the Practitioner.
+    let mut next = Some(first);
+    let mut practitioner_page = None;
+    while let Some(url) = next.take() {
+        let r = get(url.clone(), Some(reason)).await;
+        assert_eq!(r.status(), 200, "{url}");
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let page: serde_json::Value = r.json().await.unwrap();
+        let rec = gw.audit_for(&id);
+        assert_eq!(
+            rec["break_glass_rules"],
+            json!(["10-bg.yaml#no-everything"]),
+            "{url}: {rec}"
+        );
+        assert_eq!(rec["break_glass_reason"], reason, "{rec}");
+        if page.to_string().contains("\"Practitioner\"") {
+            practitioner_page = Some(url.clone());
+        }
+        next = page["link"].as_array().and_then(|links| {
+            links
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str().map(str::to_string))
+        });
+    }
+    // Without the emergency that page is any stored page: the
+    // Practitioner is in no patient's compartment.
+    let page = practitioner_page.expect("a page with the Practitioner");
+    assert!(page.contains("_getpages="), "{page}");
+    assert_eq!(get(page, None).await.status(), 502);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_passes_marked_denies_only() {
     let (_dir, gw) = with_rules(
