@@ -97,8 +97,13 @@ impl CheckedClient {
             // upload would eat it. Reads are timed here (`send`,
             // `next_chunk`), as Pingora times them.
             .pool_idle_timeout(u.idle_timeout)
-            .tcp_nodelay(true)
-            .tls_certs_merge(u.roots.iter().cloned());
+            .tcp_nodelay(true);
+        // `upstream.ca_file` is the upstream's trust, as Pingora holds it on
+        // the proxied path: its CAs instead of the system's, not beside
+        // them (else one path would pin the upstream and the other not).
+        if !u.roots.is_empty() {
+            b = b.tls_certs_only(u.roots.iter().cloned());
+        }
         if !u.verify_tls {
             b = b.tls_danger_accept_invalid_certs(true);
         }

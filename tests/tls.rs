@@ -119,6 +119,41 @@ async fn https_upstream_with_untrusted_certificate_is_502() {
     );
 }
 
+/// `upstream.ca_file` is the upstream's whole trust on every path: an
+/// upstream whose CA the system trusts (`SSL_CERT_FILE` here) but the file
+/// does not is refused by the proxied path (a `user/` read) and by
+/// fhirwall's own client (a `patient/` read, whose answer it checks) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_ca_file_replaces_the_systems_cas_on_every_path() {
+    let pki = pki();
+    let other = self::pki();
+    let dir = TempDir::new("tls-only");
+    let system_ca = dir.0.join("system-ca.pem");
+    std::fs::write(&system_ca, &pki.ca_pem).unwrap();
+    let ca_file = dir.0.join("other-ca.pem");
+    std::fs::write(&ca_file, &other.ca_pem).unwrap();
+    let (upstream, plain) = FhirSandbox::spawn("/r4").await;
+    let port = tls_relay(&pki, plain.to_string()).await;
+    let opts = Options {
+        upstream_url: Some(format!("https://localhost:{port}/r4")),
+        upstream_yaml: format!("  ca_file: {}\n", ca_file.display()),
+        namespace_setup: Some(format!("export SSL_CERT_FILE={}", system_ca.display())),
+        ..Options::default()
+    };
+    let gw = Gateway::start_with(opts, upstream, plain).await;
+    let user = gw.mint("user/*.rs", None);
+    let r = gw.get("Patient/only-user-1", Some(&user)).await;
+    assert_eq!(r.status(), 502);
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let r = gw.get("Observation/obs-p1-0", Some(&p1)).await;
+    assert_eq!(r.status(), 502, "{}", r.text().await.unwrap());
+    assert_eq!(
+        gw.upstream.seen().len(),
+        0,
+        "nothing sent over TLS the file does not trust"
+    );
+}
+
 /// The JWKS over https: trusted through `jwks.ca_file`, the gateway gets
 /// ready and verifies tokens with the keys fetched over TLS; without it, it
 /// never becomes ready and tokens get 503, never an allow.
