@@ -3113,6 +3113,7 @@ fn pem_bundle(
     let certs = std::fs::read(path)
         .map_err(|e| e.to_string())
         .and_then(|pem| {
+            only_certificates(&pem)?;
             reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("not a PEM certificate bundle: {e}"))
         });
@@ -3125,6 +3126,27 @@ fn pem_bundle(
         Err(e) => {
             problem(key, format!("cannot use '{path}': {e}"));
             Vec::new()
+        }
+    }
+}
+
+/// A CA file holds certificates only: a key, CRL or request beside them
+/// (which reqwest would skip) makes Pingora's loader fail when the proxy
+/// starts, so `check` refuses it too.
+fn only_certificates(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::pem::{from_buf, SectionKind};
+    let mut rest = pem;
+    loop {
+        match from_buf(&mut rest) {
+            Ok(None) => return Ok(()),
+            Ok(Some((SectionKind::Certificate, _))) => {}
+            Ok(Some((kind, _))) => {
+                return Err(format!(
+                    "it holds a {kind:?} block beside the certificates; a CA file must hold \
+                     certificates only"
+                ))
+            }
+            Err(e) => return Err(format!("not a PEM certificate bundle: {e}")),
         }
     }
 }
@@ -3301,6 +3323,51 @@ admin:
                 }
             }
         }
+    }
+
+    /// A CA file with a key or CRL beside its certificates is refused by
+    /// `check` (Pingora's loader would fail on it when the proxy starts).
+    #[test]
+    fn a_ca_file_holds_certificates_only() {
+        let issued = rcgen::generate_simple_self_signed(vec!["ca.example".into()]).unwrap();
+        let cert = issued.cert.pem();
+        let dir = std::env::temp_dir().join(format!("fhirwall-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text, refused) in [
+            ("certs.pem", cert.clone(), None),
+            (
+                "with-key.pem",
+                format!("{cert}{}", issued.signing_key.serialize_pem()),
+                Some("PrivateKey"),
+            ),
+            (
+                "with-crl.pem",
+                format!("{cert}-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"),
+                Some("Crl"),
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let mut problems = Vec::new();
+            let certs = pem_bundle("upstream.ca_file", path.to_str().unwrap(), &mut |k, m| {
+                problems.push((k.to_string(), m))
+            });
+            match refused {
+                None => assert!(
+                    problems.is_empty() && certs.len() == 1,
+                    "{name}: {problems:?}"
+                ),
+                Some(kind) => {
+                    assert_eq!(problems.len(), 1, "{name}");
+                    assert_eq!(problems[0].0, "upstream.ca_file");
+                    assert!(
+                        problems[0].1.contains(kind) && problems[0].1.contains("certificates only"),
+                        "{name}: {problems:?}"
+                    );
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
