@@ -1452,8 +1452,17 @@ impl Config {
                 );
             }
         }
-        if listen.is_some() && listen == admin_listen {
-            problem("admin.listen", "must differ from listen".into());
+        if let (Some(a), Some(b)) = (listen, admin_listen) {
+            if sockets_clash(a, b) {
+                problem(
+                    "admin.listen",
+                    format!(
+                        "{b} takes the port of listen ({a}): one of them listens on every \
+                         address (0.0.0.0 or [::], which also takes IPv4), so the second \
+                         could not be bound"
+                    ),
+                );
+            }
         }
 
         let public_base = match Url::parse(&self.public_base_url) {
@@ -2794,6 +2803,17 @@ fn validate_tls(
         }
     };
     let client_cas = match (&t.client_ca_file, client_auth) {
+        // Certificates would never be asked for: every token bound to one
+        // would get 401, while the setting looks like mTLS is on.
+        (Some(_), Some(ClientAuthMode::None)) => {
+            problem(
+                "tls.client_ca_file",
+                "is used only with client_auth: request or require (client_auth is none, the \
+                 default, so no client certificate is asked for)"
+                    .into(),
+            );
+            None
+        }
         (Some(f), _) => pem("tls.client_ca_file", f, &["CERTIFICATE"], problem),
         (None, Some(ClientAuthMode::None)) => Some(Vec::new()),
         (None, Some(_)) => {
@@ -3151,6 +3171,19 @@ fn only_certificates(pem: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Whether two listening sockets cannot both be bound: the same address,
+/// or the same port where one listens on every address of a family that
+/// takes the other (`[::]` takes IPv4 too on Linux).
+fn sockets_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.ip() == b.ip() || covers(a, b) || covers(b, a)
+}
+
 fn parse_addr(s: &str, path: &str, problem: &mut impl FnMut(&str, String)) -> Option<SocketAddr> {
     match s.parse() {
         Ok(a) => Some(a),
@@ -3323,6 +3356,33 @@ admin:
                 }
             }
         }
+    }
+
+    #[test]
+    fn listeners_that_cannot_both_be_bound_clash() {
+        for (a, b, clash) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080", true),
+            ("0.0.0.0:8080", "127.0.0.1:8080", true),
+            ("127.0.0.1:8080", "0.0.0.0:8080", true),
+            ("[::]:9901", "0.0.0.0:9901", true),
+            ("[::]:9901", "127.0.0.1:9901", true),
+            ("0.0.0.0:9901", "[::1]:9901", false),
+            ("127.0.0.1:8080", "127.0.0.2:8080", false),
+            ("0.0.0.0:8080", "0.0.0.0:9901", false),
+        ] {
+            let (a, b): (SocketAddr, SocketAddr) = (a.parse().unwrap(), b.parse().unwrap());
+            assert_eq!(sockets_clash(a, b), clash, "{a} {b}");
+        }
+        // The proxy on every IPv4 address, the admin listener on the
+        // loopback one, the same port.
+        let text = GOOD.replace("listen: 127.0.0.1:8080", "listen: 0.0.0.0:9901");
+        let problems = Config::parse(&text).unwrap().validate().unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == "admin.listen" && p.message.contains("0.0.0.0:9901")),
+            "{problems:?}"
+        );
     }
 
     /// A CA file with a key or CRL beside its certificates is refused by

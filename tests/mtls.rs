@@ -202,6 +202,21 @@ fn check_reports_bad_tls_files() {
     for key in ["tls.cert_file", "tls.key_file", "tls.client_ca_file"] {
         assert!(text.contains(key), "{key} not reported: {text}");
     }
+    // Client CAs without client_auth: no certificate would be asked for.
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+         issuers:\n  - name: a\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [x]\n\
+         admin:\n  listen: 127.0.0.1:3\n\
+         tls:\n  cert_file: /nonexistent/server.pem\n  key_file: /nonexistent/server.key\n  client_ca_file: ca.pem\n",
+    )
+    .unwrap();
+    let (ok, text) = support::check(&config);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("tls.client_ca_file") && text.contains("client_auth is none"),
+        "{text}"
+    );
 }
 
 /// `check` builds the listener's TLS as `run` does: a key that is not the
