@@ -2600,6 +2600,12 @@ impl Config {
                     "only used with an https upstream".into(),
                 );
                 ok = false;
+            } else if !u.verify_tls {
+                problem(
+                    "upstream.ca_file",
+                    "not used with verify_tls: false (nothing is verified); remove one".into(),
+                );
+                ok = false;
             } else if !self.for_reload {
                 roots = pem_bundle("upstream.ca_file", ca, problem);
                 ok &= !roots.is_empty();
@@ -2747,17 +2753,19 @@ fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::p
         match crate::policy::parse_file(&text) {
             Ok(spec) => {
                 for (i, key, msg) in set.add_file(&name, &spec) {
-                    // The line of the rule: where its name is written.
+                    // The line of the rule: where its name is written (the
+                    // n-th such line for the n-th rule of that name).
                     let rule = spec.rules.get(i).map(|r| r.name.as_str()).unwrap_or("");
+                    let earlier = spec.rules[..i.min(spec.rules.len())]
+                        .iter()
+                        .filter(|r| r.name == rule)
+                        .count();
                     let line = text
                         .lines()
-                        .position(|l| {
-                            l.contains("name:")
-                                && (l.contains(&format!("name: {rule}"))
-                                    || l.contains(&format!("name: '{rule}'"))
-                                    || l.contains(&format!("name: \"{rule}\"")))
-                        })
-                        .map(|n| format!(" (line {})", n + 1))
+                        .enumerate()
+                        .filter(|(_, l)| names_rule(l, rule))
+                        .nth(earlier)
+                        .map(|(n, _)| format!(" (line {})", n + 1))
                         .unwrap_or_default();
                     problem(&format!("{at}{line}: rules[{i}].{key}"), msg);
                 }
@@ -3171,6 +3179,18 @@ fn only_certificates(pem: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Whether a policy file's `line` writes `name: <rule>` (block or flow
+/// style, quoted or not): the whole name, not a longer one it begins.
+fn names_rule(line: &str, rule: &str) -> bool {
+    line.match_indices("name:").any(|(at, _)| {
+        let value = line[at + 5..].trim_start().trim_start_matches(['\'', '"']);
+        value.strip_prefix(rule).is_some_and(|rest| {
+            let rest = rest.trim_start_matches(['\'', '"']);
+            rest.is_empty() || rest.starts_with([',', '}', ' ', '\t', '#'])
+        })
+    })
+}
+
 /// Whether two listening sockets cannot both be bound: the same address,
 /// or the same port where one listens on every address of a family that
 /// takes the other (`[::]` takes IPv4 too on Linux).
@@ -3359,6 +3379,45 @@ admin:
     }
 
     #[test]
+    fn a_rules_line_is_where_its_whole_name_is_written() {
+        for (line, rule, want) in [
+            ("  - name: deny", "deny", true),
+            ("  - name: deny-exports", "deny", false),
+            ("  - name: 'deny'  # the catch-all", "deny", true),
+            ("  - {name: \"a\", effect: deny}", "a", true),
+            ("  - {name: ab, effect: deny}", "a", false),
+            ("    effect: deny", "deny", false),
+        ] {
+            assert_eq!(names_rule(line, rule), want, "{line}");
+        }
+        let dir = std::env::temp_dir().join(format!("fhirwall-lines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("p.yaml"),
+            "rules:\n  - name: deny-exports\n    effect: deny\n  - name: a\n    effect: deny\n  \
+             - name: a\n    effect: deny\n  - name: deny\n    effect: maybe\n",
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        load_policies(&dir, &mut |k: &str, _m: String| {
+            problems.push(k.to_string())
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("(line 6): rules[2].name")),
+            "the second 'a' is on line 6: {problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("(line 8): rules[3].effect")),
+            "'deny' is on line 8, not deny-exports' line 2: {problems:?}"
+        );
+    }
+
+    #[test]
     fn listeners_that_cannot_both_be_bound_clash() {
         for (a, b, clash) in [
             ("127.0.0.1:8080", "127.0.0.1:8080", true),
@@ -3428,6 +3487,18 @@ admin:
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();
+        // Nor is one accepted where nothing is verified.
+        let text = GOOD.replace(
+            "  url: http://127.0.0.1:9090/r4\n",
+            "  url: https://127.0.0.1:9090/r4\n  verify_tls: false\n  ca_file: ca.pem\n",
+        );
+        let problems = Config::parse(&text).unwrap().validate().unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == "upstream.ca_file" && p.message.contains("verify_tls")),
+            "{problems:?}"
+        );
     }
 
     #[test]
