@@ -563,9 +563,12 @@ impl std::io::Read for Pieces {
 
 /// Judges a batch/transaction response entry by entry: each checked entry's
 /// answer passes, or is replaced by an entry carrying only its own denial
-/// (404 as if absent, 403, or 502) — the other entries are untouched. The
-/// whole answer is refused (502) when it is not the response Bundle of the
-/// request, entry for entry.
+/// (404 as if absent, 403, or 502) — the other entries are untouched but
+/// for a passed search or history, whose links are moved to the public
+/// base and unbacked `total` dropped as for one asked alone
+/// ([`rewrite_links`]). The whole answer is refused (502) when it is not
+/// the response Bundle of the request, entry for entry.
+#[allow(clippy::too_many_arguments)]
 pub fn judge_bundle_answer(
     checks: &[EntryCheck],
     req: &FhirRequest,
@@ -573,6 +576,8 @@ pub fn judge_bundle_answer(
     content_type: Option<&str>,
     body: &[u8],
     bases: &Bases,
+    upstream_base: &str,
+    public_base: &str,
 ) -> Result<Vec<u8>, Verdict> {
     let mut doc = parse(content_type, body)?;
     if status != 200 {
@@ -609,6 +614,8 @@ pub fn judge_bundle_answer(
         });
     }
     let mut withheld: Vec<(usize, Value)> = Vec::new();
+    // Passed entries whose resource is a Bundle (a search's, a history's).
+    let mut relinked: Vec<usize> = Vec::new();
     for c in checks {
         let (Some(entry), Some(entry_req)) = (entries.get_mut(c.index), req.entries.get(c.index))
         else {
@@ -634,7 +641,16 @@ pub fn judge_bundle_answer(
             bases,
         );
         let (status, issue, text) = match &verdict {
-            Verdict::Pass => continue,
+            Verdict::Pass => {
+                if entry
+                    .pointer("/resource/resourceType")
+                    .and_then(Value::as_str)
+                    == Some("Bundle")
+                {
+                    relinked.push(c.index);
+                }
+                continue;
+            }
             Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
             Verdict::Refuse { why } | Verdict::PolicyRefuse { why, .. } => {
                 ("403 Forbidden", "forbidden", why.clone())
@@ -652,9 +668,10 @@ pub fn judge_bundle_answer(
         });
         withheld.push((c.index, entry.clone()));
     }
-    if withheld.is_empty() {
+    if withheld.is_empty() && relinked.is_empty() {
         return Ok(body.to_vec());
     }
+    let relink = |resource: &[u8]| rewrite_links(resource, upstream_base, public_base);
     // The passed entries as the upstream wrote them; written back from the
     // tree only if the text cannot be edited.
     let spliced = || -> Option<Vec<u8>> {
@@ -664,9 +681,29 @@ pub fn judge_bundle_answer(
         for (i, entry) in &withheld {
             edit.replace(raw.get(*i)?, entry.to_string())?;
         }
+        for i in &relinked {
+            let resource = json_edit::member(raw.get(*i)?, "resource")?;
+            if let Some(new) = relink(resource.get().as_bytes()) {
+                edit.replace(resource, String::from_utf8(new).ok()?)?;
+            }
+        }
         edit.finish().map(String::into_bytes)
     };
-    Ok(spliced().unwrap_or_else(|| doc.to_string().into_bytes()))
+    Ok(spliced().unwrap_or_else(|| {
+        if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
+            for i in &relinked {
+                let Some(resource) = entries.get_mut(*i).and_then(|e| e.get_mut("resource")) else {
+                    continue;
+                };
+                if let Some(new) = relink(resource.to_string().as_bytes())
+                    .and_then(|n| serde_json::from_slice(&n).ok())
+                {
+                    *resource = new;
+                }
+            }
+        }
+        doc.to_string().into_bytes()
+    }))
 }
 
 /// `u` moved from the upstream's base to the public one, if it is under
@@ -1439,6 +1476,8 @@ mod tests {
                 Some("application/fhir+json"),
                 a.to_string().as_bytes(),
                 &Bases::default(),
+                "http://up:9/r4",
+                "https://gw/fhir",
             )
         };
         let out: Value = serde_json::from_slice(&run(&answer).unwrap()).unwrap();
@@ -1466,11 +1505,80 @@ mod tests {
             Some("application/fhir+json"),
             text.as_bytes(),
             &Bases::default(),
+            "http://up:9/r4",
+            "https://gw/fhir",
         )
         .unwrap();
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains(r#"{"value":5.10}"#), "{out}");
         assert!(!out.contains("Patient/p2"), "{out}");
+    }
+
+    /// A search answered inside a batch is passed on as one asked alone:
+    /// its links through the gateway, a total no entry backs dropped.
+    #[test]
+    fn searches_in_a_bundle_answer_are_relinked() {
+        use crate::fhir::classify::classify_bundle;
+        let request = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Observation?code=x&_count=0"}},
+            {"request": {"method": "GET", "url": "Observation/o1"}}]});
+        let b = classify_bundle(
+            classify(HttpRequest {
+                method: "POST",
+                path: "",
+                query: None,
+                if_none_exist: None,
+            })
+            .unwrap(),
+            request.to_string().as_bytes(),
+        )
+        .unwrap();
+        let checks = vec![
+            EntryCheck {
+                index: 0,
+                check: ResponseCheck::Search {
+                    patient: Some("p1".into()),
+                    types: None,
+                    filters: None,
+                    open_types: Vec::new(),
+                    refused_types: Vec::new(),
+                },
+                narrow: Vec::new(),
+            },
+            EntryCheck {
+                index: 1,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: Vec::new(),
+            },
+        ];
+        let text = r#"{"resourceType":"Bundle","type":"batch-response","entry":[
+            {"resource":{"resourceType":"Bundle","type":"searchset","total":5,
+              "link":[{"relation":"self","url":"http://up:9/r4/Observation?code=x"}]},
+             "response":{"status":"200 OK"}},
+            {"resource":{"resourceType":"Observation","id":"o1","valueQuantity":{"value":5.10},
+              "subject":{"reference":"Patient/p1"}},"response":{"status":"200 OK"}}]}"#;
+        let out = judge_bundle_answer(
+            &checks,
+            &b,
+            200,
+            Some("application/fhir+json"),
+            text.as_bytes(),
+            &Bases::default(),
+            "http://up:9/r4",
+            "https://gw/fhir",
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let search = &v["entry"][0]["resource"];
+        assert!(search.get("total").is_none(), "{out}");
+        assert_eq!(
+            search["link"][0]["url"],
+            "https://gw/fhir/Observation?code=x"
+        );
+        assert!(!out.contains("http://up:9"), "{out}");
+        // The other entries as the upstream wrote them.
+        assert!(out.contains(r#"{"value":5.10}"#), "{out}");
     }
 
     #[test]

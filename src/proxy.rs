@@ -1164,6 +1164,8 @@ impl Gateway {
                 content_type,
                 &answer.body,
                 &self.bases,
+                self.upstream_base(),
+                &self.realm,
             )
             .map(Bytes::from),
             Some(check) => match judge(
