@@ -52,22 +52,52 @@ impl BackgroundService for Reloader {
         // config file's) modification time or set of files also reloads.
         let watch = self.running.policies_watch.as_deref();
         let stamp = || self.stamp(watch);
-        let mut seen = stamp();
+        let mut files = Settling::new(stamp());
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = hup.recv() => {}
                 _ = tick.tick(), if watch.is_some() => {
-                    let now = stamp();
-                    if now == seen {
+                    if !files.settled_change(stamp()) {
                         continue;
                     }
-                    seen = now;
                 }
                 _ = shutdown.changed() => return,
             }
             self.reload();
         }
+    }
+}
+
+/// Watched files' stamps, polled: a change is acted on once the next poll
+/// finds them unchanged, so a directory being replaced (`rm *.yaml && cp
+/// new/*.yaml`) is not applied half-written — or empty — in between.
+struct Settling<T> {
+    applied: T,
+    pending: Option<T>,
+}
+
+impl<T: PartialEq> Settling<T> {
+    fn new(applied: T) -> Settling<T> {
+        Settling {
+            applied,
+            pending: None,
+        }
+    }
+
+    /// Takes a poll's stamp: whether a change has now settled.
+    fn settled_change(&mut self, now: T) -> bool {
+        if now == self.applied {
+            self.pending = None;
+            return false;
+        }
+        if self.pending.as_ref() == Some(&now) {
+            self.applied = now;
+            self.pending = None;
+            return true;
+        }
+        self.pending = Some(now);
+        false
     }
 }
 
@@ -111,6 +141,14 @@ impl Reloader {
             Ok(settings) => {
                 let rules = crate::proxy::Rules::from_settings(&settings);
                 let n = rules.policies.rules.len();
+                let before = self.rules.load().policies.rules.len();
+                if n == 0 && before > 0 {
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        policy_rules_before = before,
+                        "the reload leaves no policy rule: every rule (emergency denies too) is gone; if the policy directory was being replaced, check it and reload again"
+                    );
+                }
                 self.shared.set_rate_limited(rules.any_rate_limit());
                 self.rules.store(Arc::new(rules));
                 self.metrics.reload(true);
@@ -753,7 +791,21 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::listening_at;
+    use super::{listening_at, Settling};
+
+    #[test]
+    fn a_change_is_applied_once_it_has_settled() {
+        let mut s = Settling::new(1);
+        assert!(!s.settled_change(1), "no change");
+        assert!(!s.settled_change(2), "changed: wait a poll");
+        assert!(!s.settled_change(3), "still changing");
+        assert!(s.settled_change(3), "settled");
+        assert!(!s.settled_change(3), "applied once");
+        // Changed and changed back before settling: nothing to apply.
+        assert!(!s.settled_change(4));
+        assert!(!s.settled_change(3));
+        assert!(!s.settled_change(3));
+    }
 
     #[test]
     fn a_socket_counts_while_someone_listens_on_it() {

@@ -1386,6 +1386,25 @@ async fn watched_policies_reload_on_change() {
     assert_eq!(status, 403, "the new file was not picked up");
 }
 
+/// A reload that leaves no rule at all (a policy directory emptied, as
+/// while being replaced) is applied but said loudly: every emergency deny
+/// is gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_leaving_no_rule_is_warned_about() {
+    let (dir, gw) = with_rules(
+        "policies-emptied",
+        "10-rules.yaml",
+        "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    assert_eq!(delete_observation(&gw, &token, "emptied-1").await, 403);
+    std::fs::remove_file(dir.0.join("10-rules.yaml")).unwrap();
+    sighup(&gw);
+    let log = gw.stderr_containing("leaves no policy rule").await;
+    assert!(log.contains("policy_rules_before"), "{log}");
+}
+
 /// Waits (bounded) until the metrics' `series` has `value`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_names_what_only_a_restart_applies() {
