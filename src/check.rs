@@ -1436,25 +1436,43 @@ mod tests {
         assert_eq!(entry_statuses(doubled.as_bytes(), 0), None);
     }
 
+    /// `request` (a Bundle) POSTed to the base, classified.
+    fn posted_bundle(request: &Value) -> FhirRequest {
+        let post = classify(HttpRequest {
+            method: "POST",
+            path: "",
+            query: None,
+            if_none_exist: None,
+        })
+        .unwrap();
+        crate::fhir::classify::classify_bundle(post, request.to_string().as_bytes()).unwrap()
+    }
+
+    /// A 200 FHIR JSON `text` answering `b`, judged by `checks` (upstream
+    /// `http://up:9/r4`, public `https://gw/fhir`): the text passed on.
+    fn passed_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> String {
+        let out = judge_bundle_answer(
+            checks,
+            b,
+            200,
+            Some("application/fhir+json"),
+            text.as_bytes(),
+            &Bases::default(),
+            "http://up:9/r4",
+            "https://gw/fhir",
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn bundle_answers_are_judged_entry_by_entry() {
-        use crate::fhir::classify::classify_bundle;
         let request = json!({"resourceType": "Bundle", "type": "batch", "entry": [
             {"request": {"method": "GET", "url": "Observation/o1"}},
             {"request": {"method": "GET", "url": "Observation/o2"}},
             {"request": {"method": "DELETE", "url": "Observation/o3"}},
             {"request": {"method": "GET", "url": "Observation/o4"}}]});
-        let b = classify_bundle(
-            classify(HttpRequest {
-                method: "POST",
-                path: "",
-                query: None,
-                if_none_exist: None,
-            })
-            .unwrap(),
-            request.to_string().as_bytes(),
-        )
-        .unwrap();
+        let b = posted_bundle(&request);
         let checks: Vec<EntryCheck> = [0, 1, 3]
             .into_iter()
             .map(|index| EntryCheck {
@@ -1498,18 +1516,7 @@ mod tests {
             r#""id":"o1""#,
             r#""id":"o1","valueQuantity":{"value":5.10}"#,
         );
-        let out = judge_bundle_answer(
-            &checks,
-            &b,
-            200,
-            Some("application/fhir+json"),
-            text.as_bytes(),
-            &Bases::default(),
-            "http://up:9/r4",
-            "https://gw/fhir",
-        )
-        .unwrap();
-        let out = String::from_utf8(out).unwrap();
+        let out = passed_bundle_answer(&checks, &b, &text);
         assert!(out.contains(r#"{"value":5.10}"#), "{out}");
         assert!(!out.contains("Patient/p2"), "{out}");
     }
@@ -1518,21 +1525,10 @@ mod tests {
     /// its links through the gateway, a total no entry backs dropped.
     #[test]
     fn searches_in_a_bundle_answer_are_relinked() {
-        use crate::fhir::classify::classify_bundle;
         let request = json!({"resourceType": "Bundle", "type": "batch", "entry": [
             {"request": {"method": "GET", "url": "Observation?code=x&_count=0"}},
             {"request": {"method": "GET", "url": "Observation/o1"}}]});
-        let b = classify_bundle(
-            classify(HttpRequest {
-                method: "POST",
-                path: "",
-                query: None,
-                if_none_exist: None,
-            })
-            .unwrap(),
-            request.to_string().as_bytes(),
-        )
-        .unwrap();
+        let b = posted_bundle(&request);
         let checks = vec![
             EntryCheck {
                 index: 0,
@@ -1557,18 +1553,7 @@ mod tests {
              "response":{"status":"200 OK"}},
             {"resource":{"resourceType":"Observation","id":"o1","valueQuantity":{"value":5.10},
               "subject":{"reference":"Patient/p1"}},"response":{"status":"200 OK"}}]}"#;
-        let out = judge_bundle_answer(
-            &checks,
-            &b,
-            200,
-            Some("application/fhir+json"),
-            text.as_bytes(),
-            &Bases::default(),
-            "http://up:9/r4",
-            "https://gw/fhir",
-        )
-        .unwrap();
-        let out = String::from_utf8(out).unwrap();
+        let out = passed_bundle_answer(&checks, &b, text);
         let v: Value = serde_json::from_str(&out).unwrap();
         let search = &v["entry"][0]["resource"];
         assert!(search.get("total").is_none(), "{out}");
