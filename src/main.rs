@@ -321,8 +321,14 @@ fn main() -> ExitCode {
                     Some(r) => format!(", shared state in {}", r.url),
                     None => String::new(),
                 };
+                // How many rules were read: an emptied policy directory
+                // shows here, not only once it is reloaded.
+                let rules = match &s.policies_dir {
+                    Some(_) => format!(", {} policy rule(s)", s.policies.rules.len()),
+                    None => String::new(),
+                };
                 println!(
-                    "{}: OK ({} issuer(s), proxy {}, admin {}, upstream {}{shared})",
+                    "{}: OK ({} issuer(s), proxy {}, admin {}, upstream {}{shared}{rules})",
                     config.display(),
                     s.issuers.len(),
                     s.listen,

@@ -182,6 +182,18 @@ fn check_names_file_rule_and_key() {
         text.contains("c.yaml: rule 'z' when.issuer") && text.contains("'lokal'"),
         "{text}"
     );
+    // Mended: check says how many rules it read.
+    for f in ["b.yaml", "c.yaml"] {
+        std::fs::remove_file(pol.join(f)).unwrap();
+    }
+    std::fs::write(
+        pol.join("a.yaml"),
+        "rules:\n  - {name: x, effect: deny, when: {interaction: [delete]}}\n  \
+         - {name: w, effect: deny, when: {interaction: [patch]}}\n",
+    )
+    .unwrap();
+    let (ok, text) = support::check(&config);
+    assert!(ok && text.contains("2 policy rule(s)"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
