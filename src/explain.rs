@@ -112,7 +112,6 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     let Some(claims) = claims else {
         return e.deny("validate", "the token's payload is not JSON".into());
     };
-
     let mut out = explain(s, &claims, req, now);
     for (stage, note) in &mut out.stages {
         if *stage == "extract" {

@@ -50,3 +50,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+/// A failed call's error for the log: its causes, without the URL, whose
+/// query may hold a key (`?subscription-key=`).
+pub fn call_error(e: reqwest::Error) -> String {
+    error_chain(&e.without_url())
+}

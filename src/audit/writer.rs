@@ -348,16 +348,15 @@ impl FhirSink {
             req = req.bearer_auth(t);
         }
         rt.block_on(async move {
-            // reqwest's errors name the URL, whose query may hold a key.
             let resp = req
                 .send()
                 .await
-                .map_err(|e| io::Error::other(crate::error_chain(&e.without_url())))?;
+                .map_err(|e| io::Error::other(crate::call_error(e)))?;
             let status = resp.status();
             let answer = resp
                 .bytes()
                 .await
-                .map_err(|e| io::Error::other(crate::error_chain(&e.without_url())))?;
+                .map_err(|e| io::Error::other(crate::call_error(e)))?;
             Ok((status, answer))
         })
     }

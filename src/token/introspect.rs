@@ -271,8 +271,7 @@ impl Introspector {
                 .send()
                 .await
                 .map_err(|e| {
-                // Without the URL: its query may hold a key.
-                let e = crate::error_chain(&e.without_url());
+                let e = crate::call_error(e);
                 tracing::warn!(issuer = %self.issuer.name, error = %e, "introspection call failed");
                 unavailable()
             })?;
