@@ -3140,11 +3140,7 @@ fn pem_bundle(
 ) -> Vec<reqwest::Certificate> {
     let certs = std::fs::read(path)
         .map_err(|e| e.to_string())
-        .and_then(|pem| {
-            only_certificates(&pem)?;
-            reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("not a PEM certificate bundle: {e}"))
-        });
+        .and_then(|pem| ca_certificates(&pem));
     match certs {
         Ok(certs) if !certs.is_empty() => certs,
         Ok(_) => {
@@ -3158,16 +3154,20 @@ fn pem_bundle(
     }
 }
 
-/// A CA file holds certificates only: a key, CRL or request beside them
-/// (which reqwest would skip) makes Pingora's loader fail when the proxy
-/// starts, so `check` refuses it too.
-fn only_certificates(pem: &[u8]) -> Result<(), String> {
+/// A CA file's certificates. It holds certificates only: a key, CRL or
+/// request beside them (which reqwest would skip) makes Pingora's loader
+/// fail when the proxy starts, so `check` refuses it too.
+fn ca_certificates(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
     use rustls::pki_types::pem::{from_buf, SectionKind};
     let mut rest = pem;
+    let mut certs = Vec::new();
     loop {
         match from_buf(&mut rest) {
-            Ok(None) => return Ok(()),
-            Ok(Some((SectionKind::Certificate, _))) => {}
+            Ok(None) => return Ok(certs),
+            Ok(Some((SectionKind::Certificate, der))) => certs.push(
+                reqwest::Certificate::from_der(&der)
+                    .map_err(|e| format!("not a PEM certificate bundle: {e}"))?,
+            ),
             Ok(Some((kind, _))) => {
                 return Err(format!(
                     "it holds a {kind:?} block beside the certificates; a CA file must hold \
