@@ -2081,6 +2081,20 @@ impl Config {
             .as_ref()
             .map(|r| self.validate_redis(r, &mut problem));
 
+        // Only a start builds the clients (a reload keeps them).
+        if !self.for_reload && !crate::trust::system_has_roots() {
+            let needs = needs_system_roots(
+                &issuers,
+                !jwks_roots.is_empty(),
+                upstream.as_ref(),
+                audit.as_ref(),
+                redis.as_ref().and_then(|r| r.as_ref()),
+            );
+            for (key, url, ca_key) in needs {
+                problem(&key, crate::trust::no_roots_message(&url, ca_key));
+            }
+        }
+
         if !p.is_empty() {
             return Err(p);
         }
@@ -2947,6 +2961,68 @@ fn unwritable(path: &Path) -> Option<String> {
                 dir.display()
             )
         })
+}
+
+/// The https endpoints fhirwall's own clients would verify against the
+/// system's CA certificates alone, each with its key and the setting
+/// that could name its CA instead: on a machine without any
+/// ([`crate::trust::system_has_roots`]) they cannot be reached.
+/// `jwks_cas`: `jwks.ca_file` names CAs (for keys, discovery and
+/// introspection), which may be the ones these endpoints need.
+fn needs_system_roots(
+    issuers: &[Issuer],
+    jwks_cas: bool,
+    upstream: Option<&Upstream>,
+    audit: Option<&Audit>,
+    redis: Option<&Redis>,
+) -> Vec<(String, Url, Option<&'static str>)> {
+    let mut needs = Vec::new();
+    let https = |u: &Url| u.scheme() == "https";
+    if !jwks_cas {
+        for (i, c) in issuers.iter().enumerate() {
+            let mut urls = Vec::new();
+            if c.discovery {
+                if let Ok(u) = Url::parse(&c.issuer) {
+                    urls.push(("issuer", u));
+                }
+            }
+            if let Some(u) = &c.jwks_uri {
+                urls.push(("jwks_uri", u.clone()));
+            }
+            if let Some(t) = &c.introspection {
+                urls.push(("introspection.endpoint", t.endpoint.clone()));
+            }
+            for (k, u) in urls.into_iter().filter(|(_, u)| https(u)) {
+                needs.push((format!("issuers[{i}].{k}"), u, Some("jwks.ca_file")));
+            }
+        }
+    }
+    if let Some(u) = upstream {
+        if u.tls && u.verify_tls && u.roots.is_empty() && u.ca_file.is_none() {
+            needs.push((
+                "upstream.url".into(),
+                u.url.clone(),
+                Some("upstream.ca_file"),
+            ));
+        }
+    }
+    if let Some(Audit {
+        sink: AuditSink::Fhir { endpoint, .. },
+        ..
+    }) = audit
+    {
+        if https(endpoint) {
+            needs.push(("audit.fhir.endpoint".into(), endpoint.clone(), None));
+        }
+    }
+    if let Some(r) = redis {
+        if matches!(&r.tls, Some(t) if t.ca_pem.is_none()) {
+            if let Ok(u) = Url::parse(&r.url) {
+                needs.push(("redis.url".into(), u, Some("redis.ca_file")));
+            }
+        }
+    }
+    needs
 }
 
 /// An https URL, or plain http on the loopback interface: what keys,

@@ -33,6 +33,7 @@ pub mod scope;
 pub mod server;
 pub mod shared;
 pub mod token;
+pub mod trust;
 pub mod upstream;
 
 /// An error and what caused it, as one line (reqwest's own says "error

@@ -101,9 +101,11 @@ impl CheckedClient {
         // `upstream.ca_file` is the upstream's trust, as Pingora holds it on
         // the proxied path: its CAs instead of the system's, not beside
         // them (else one path would pin the upstream and the other not).
-        if !u.roots.is_empty() {
-            b = b.tls_certs_only(u.roots.iter().cloned());
-        }
+        b = if u.roots.is_empty() {
+            crate::trust::trusting(b, &[])
+        } else {
+            b.tls_certs_only(u.roots.iter().cloned())
+        };
         if !u.verify_tls {
             b = b.tls_danger_accept_invalid_certs(true);
         }

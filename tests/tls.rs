@@ -199,3 +199,163 @@ async fn jwks_over_https_needs_a_trusted_ca() {
         }
     }
 }
+
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` naming an empty file and directory:
+/// what a slim image without the `ca-certificates` package gives the
+/// verifier (no CA certificate at all).
+fn no_system_cas(dir: &TempDir) -> String {
+    let file = dir.0.join("no-cas.pem");
+    std::fs::write(&file, "").unwrap();
+    let cas = dir.0.join("no-cas");
+    std::fs::create_dir_all(&cas).unwrap();
+    format!(
+        "export SSL_CERT_FILE={} SSL_CERT_DIR={}",
+        file.display(),
+        cas.display()
+    )
+}
+
+/// A machine without CA certificates: a gateway whose endpoints are all
+/// plain http on loopback starts and serves (it panicked building its
+/// HTTPS clients), checked answers included; keys over https are
+/// verified against `jwks.ca_file` alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_without_ca_certificates_serves_what_needs_none() {
+    let dir = TempDir::new("no-cas");
+    let gw = Gateway::start(Options {
+        namespace_setup: Some(no_system_cas(&dir)),
+        ..Options::default()
+    })
+    .await;
+    let user = gw.mint("user/*.rs", None);
+    assert_eq!(gw.get("Patient/p1", Some(&user)).await.status(), 200);
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let r = gw.get("Observation/obs-p1-0", Some(&p1)).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let pki = pki();
+    let ca_file = dir.0.join("idp-ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let (upstream, plain) = FhirSandbox::spawn("/r4").await;
+    let idp = SandboxIssuer::spawn("unused", KeyKind::P256, "k-tls").await;
+    let port = tls_relay(&pki, idp.issuer.trim_start_matches("http://").to_string()).await;
+    let gw = Gateway::start_with(
+        Options {
+            jwks_uri: Some(format!("https://localhost:{port}/jwks.json")),
+            jwks_yaml: format!("  ca_file: {}\n", ca_file.display()),
+            namespace_setup: Some(no_system_cas(&dir)),
+            ..Options::default()
+        },
+        upstream,
+        plain,
+    )
+    .await;
+    let token = idp.signing_key().sign(&gw.claims("user/*.rs"));
+    assert_eq!(gw.get("Patient/p1", Some(&token)).await.status(), 200);
+}
+
+/// On a machine without CA certificates, `check` (and so `run`) names
+/// every https endpoint that would have nothing to be verified against,
+/// at its key, and says how to give it one; one whose CA is configured
+/// passes.
+#[test]
+fn check_names_https_endpoints_a_machine_without_cas_cannot_verify() {
+    let dir = TempDir::new("no-cas-check");
+    let file = dir.0.join("no-cas.pem");
+    std::fs::write(&file, "").unwrap();
+    let cas = dir.0.join("no-cas");
+    std::fs::create_dir_all(&cas).unwrap();
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, pki().ca_pem).unwrap();
+    let config = dir.0.join("config.yaml");
+    let check = |upstream: &str, jwks: &str, extra: &str, system_cas: bool| {
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:1
+public_base_url: https://gw.example/fhir
+upstream:
+  url: {upstream}
+issuers:
+  - name: a
+    issuer: https://a.example
+    audiences: [x]
+    jwks_uri: https://a.example/jwks
+  - name: b
+    issuer: https://b.example
+    audiences: [x]
+    discovery: true
+    introspection:
+      endpoint: https://b.example/introspect
+      client_id: gw
+      client_secret: s
+  - name: c
+    issuer: http://127.0.0.1:4
+    audiences: [x]
+    jwks_uri: http://127.0.0.1:4/jwks
+{jwks}admin:
+  listen: 127.0.0.1:3
+{extra}"
+            ),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new(support::bin());
+        cmd.args(["check", "--config", config.to_str().unwrap()]);
+        if !system_cas {
+            cmd.env("SSL_CERT_FILE", &file).env("SSL_CERT_DIR", &cas);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let audit = "audit:\n  sink: fhir\n  format: audit_event\n  fhir:\n    endpoint: https://audit.example/fhir\n";
+    let redis = format!(
+        "redis:\n  url: rediss://127.0.0.1:6\n  password_file: {}\n",
+        {
+            let pw = dir.0.join("redis.pw");
+            std::fs::write(&pw, "a-long-enough-redis-password").unwrap();
+            pw.display().to_string()
+        }
+    );
+    let extra = format!("{audit}{redis}");
+    let (ok, out) = check("https://127.0.0.1:2/fhir", "", &extra, false);
+    assert!(!ok, "{out}");
+    for key in [
+        "issuers[0].jwks_uri",
+        "issuers[1].issuer",
+        "issuers[1].introspection.endpoint",
+        "upstream.url",
+        "audit.fhir.endpoint",
+        "redis.url",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(key) && l.contains("no CA certificates")),
+            "{key} not named: {out}"
+        );
+    }
+    assert!(
+        out.contains("jwks.ca_file") && out.contains("upstream.ca_file"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("issuers[2]"),
+        "plain http on loopback needs none: {out}"
+    );
+    // The same configuration on a machine with CAs passes.
+    let (ok, out) = check("https://127.0.0.1:2/fhir", "", &extra, true);
+    assert!(ok, "{out}");
+    // CAs configured, plain http: nothing to say.
+    let jwks = format!("jwks:\n  ca_file: {}\n", ca_file.display());
+    let upstream = format!("https://127.0.0.1:2/fhir\n  ca_file: {}", ca_file.display());
+    let (ok, out) = check(&upstream, &jwks, "", false);
+    assert!(ok, "{out}");
+    let (ok, out) = check("http://127.0.0.1:2/fhir", "", "", false);
+    assert!(
+        !ok && out.contains("issuers[0].jwks_uri") && !out.contains("upstream"),
+        "{out}"
+    );
+}

@@ -617,7 +617,7 @@ pub(super) fn start(
             endpoint: endpoint.to_string(),
             // Records go to the configured endpoint only: a redirect
             // (anywhere, plain http too) is a failed delivery.
-            client: reqwest::Client::builder()
+            client: crate::trust::trusting(reqwest::Client::builder(), &[])
                 .timeout(*timeout)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()

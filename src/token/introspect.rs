@@ -90,8 +90,7 @@ impl Introspector {
         on_call: Arc<dyn Fn(CallRecord) + Send + Sync>,
     ) -> Option<Introspector> {
         let cfg = issuer.introspection.as_ref()?;
-        let client = reqwest::Client::builder()
-            .tls_certs_merge(roots.iter().cloned())
+        let client = crate::trust::trusting(reqwest::Client::builder(), roots)
             .timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()

@@ -67,15 +67,15 @@ struct Fetched {
 }
 
 impl JwksStore {
-    /// `roots` are CAs trusted in addition to the system's (`jwks.ca_file`).
+    /// `roots` are CAs trusted in addition to the system's (`jwks.ca_file`;
+    /// alone on a machine without any: `trust::trusting`).
     pub fn new(
         issuers: &[Issuer],
         cfg: &JwksConfig,
         roots: &[reqwest::Certificate],
         metrics: Arc<Metrics>,
     ) -> JwksStore {
-        let client = reqwest::Client::builder()
-            .tls_certs_merge(roots.iter().cloned())
+        let client = crate::trust::trusting(reqwest::Client::builder(), roots)
             .timeout(Duration::from_millis(cfg.fetch_timeout_ms))
             // Keys decide which tokens are genuine: a redirect may not
             // leave TLS (https → plain http off the loopback interface).
