@@ -96,6 +96,7 @@ pub struct AuditMetrics {
     pub failures_primary: IntCounter,
     pub failures_spill: IntCounter,
     pub dropped: IntCounter,
+    pub refused: IntCounter,
     pub sink_up: IntGauge,
     pub rotations: IntCounter,
     pub queue_depth: IntGauge,
@@ -418,6 +419,10 @@ impl Metrics {
             dropped: m.counter(
                 "fhirwall_audit_records_dropped_total",
                 "Audit records that could be written nowhere and were lost",
+            ),
+            refused: m.counter(
+                "fhirwall_audit_records_refused_total",
+                "Audit records the audit endpoint refused for themselves (too large or invalid)",
             ),
             sink_up: m.gauge(
                 "fhirwall_audit_sink_up",

@@ -2400,6 +2400,20 @@ fn audit_param_names(params: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
+/// Parameter names a record lists for all of a Bundle's entries together.
+const MAX_ENTRY_PARAM_NAMES: usize = 256;
+
+/// `names`, as many as `left` allows (taken from it): when some do not fit,
+/// the last one kept is `…` (more were there).
+fn within_budget<'a>(mut names: Vec<&'a str>, left: &mut usize) -> Vec<&'a str> {
+    if names.len() > *left {
+        names.truncate(left.saturating_sub(1));
+        names.push("…");
+    }
+    *left = left.saturating_sub(names.len());
+    names
+}
+
 /// Parameter names (with their values) as the audit shows them: once
 /// each, at most 64, and as `?` a name that does not look like a FHIR one
 /// (it could carry a value or a secret) or that has no value (a word
@@ -2559,6 +2573,11 @@ impl Ctx {
             resource_id: fhir.and_then(|f| f.id.as_deref()),
             operation: fhir.and_then(|f| f.operation.as_ref().map(|(n, _)| n.as_str())),
             entries: fhir.map_or_else(Vec::new, |f| {
+                // A record is bounded: the entries' parameter names count
+                // against one budget (a Bundle of 1000 entries each naming
+                // 64 long parameters would otherwise make a record of
+                // megabytes, more than an audit endpoint takes).
+                let mut names_left = MAX_ENTRY_PARAM_NAMES;
                 f.entries
                     .iter()
                     .enumerate()
@@ -2567,11 +2586,14 @@ impl Ctx {
                         resource_type: e.resource_type.as_deref(),
                         resource_id: e.id.as_deref(),
                         operation: e.operation.as_ref().map(|(n, _)| n.as_str()),
-                        params: audit_names(
-                            e.params
-                                .iter()
-                                .chain(&e.condition)
-                                .map(|(n, v)| (n.as_str(), v.as_str())),
+                        params: within_budget(
+                            audit_names(
+                                e.params
+                                    .iter()
+                                    .chain(&e.condition)
+                                    .map(|(n, v)| (n.as_str(), v.as_str())),
+                            ),
+                            &mut names_left,
                         ),
                         status: self.entry_statuses.get(i).copied().flatten(),
                         withheld: self.entry_withheld.get(i).copied().unwrap_or(false),
@@ -3011,6 +3033,22 @@ impl ProxyHttp for Gateway {
 
 #[cfg(test)]
 mod tests {
+    /// A Bundle's entries share one budget of parameter names in a
+    /// record; an entry cut short ends with `…`.
+    #[test]
+    fn entry_parameter_names_share_a_budget() {
+        use super::within_budget;
+        let mut left = 5;
+        assert_eq!(within_budget(vec!["a", "b"], &mut left), ["a", "b"]);
+        assert_eq!(
+            within_budget(vec!["c", "d", "e", "f"], &mut left),
+            ["c", "d", "…"]
+        );
+        assert_eq!(left, 0);
+        assert_eq!(within_budget(vec!["g"], &mut left), ["…"]);
+        assert!(within_budget(vec![], &mut left).is_empty());
+    }
+
     /// What lets a shared cache keep an answer given for a token goes;
     /// what any cache must do stays.
     #[test]

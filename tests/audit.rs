@@ -199,11 +199,19 @@ struct AuditServer {
     budget: std::sync::atomic::AtomicIsize,
     /// PUTs received, by AuditEvent id.
     puts: Mutex<BTreeMap<String, usize>>,
+    /// Bundles larger than this are answered 413, as by a proxy's limit.
+    max_body: AtomicUsize,
+    /// AuditEvents holding this text get an entry status of 400, as by a
+    /// server validating each (the others are stored).
+    refuse_marker: Mutex<Option<String>>,
 }
 
 async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::response::Response {
     if s.down.load(Ordering::SeqCst) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if body.len() > s.max_body.load(Ordering::SeqCst) {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
     let b: Value = serde_json::from_str(&body).unwrap();
     let empty = b["entry"].as_array().unwrap().is_empty();
@@ -228,6 +236,11 @@ async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::r
         assert_eq!(e["request"]["method"], "PUT");
         assert_eq!(e["resource"]["resourceType"], "AuditEvent");
         assert_eq!(e["resource"]["id"], id);
+        let marker = s.refuse_marker.lock().unwrap().clone();
+        if marker.is_some_and(|m| e["resource"].to_string().contains(&m)) {
+            answers.push(json!({"response": {"status": "400 Bad Request"}}));
+            continue;
+        }
         s.events
             .lock()
             .unwrap()
@@ -252,6 +265,8 @@ impl AuditServer {
             reject_empty: AtomicBool::new(false),
             budget: std::sync::atomic::AtomicIsize::new(-1),
             puts: Mutex::new(BTreeMap::new()),
+            max_body: AtomicUsize::new(usize::MAX),
+            refuse_marker: Mutex::new(None),
         })
     }
 
@@ -1596,4 +1611,85 @@ async fn refusals_name_no_searched_values() {
     for value in ["Smith", "1970"] {
         assert!(!rec.contains(value), "{value}: {rec}");
     }
+}
+
+/// A record the audit endpoint refuses for itself does not stop the sink:
+/// held, it was sent first forever and every request got 503 until a
+/// restart. Too large (413): a batch of many entries, whose decision
+/// record is refused (the request gets 503, nothing upstream), is counted
+/// and let go, and the next request is served and recorded. Invalid (an
+/// entry status of 400 while the endpoint takes the records beside it):
+/// the same, once it is sent with others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
+    let sink = AuditServer::new();
+    sink.max_body.store(64 * 1024, Ordering::SeqCst);
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  retry_ms: 200\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let entries: Vec<Value> = (0..600)
+        .map(|i| json!({"request": {"method": "GET", "url": format!("Observation/refused-{i}")}}))
+        .collect();
+    let r = gw
+        .client
+        .post(&gw.base)
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .header("x-request-id", "too-large-1")
+        .body(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "its decision could not be recorded");
+    assert_eq!(gw.upstream.count_containing("refused-"), 0);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "after-large").await;
+    assert_eq!(r.status(), 200, "the refused record blocks no other");
+    assert!(
+        sink.request_ids("request").contains("after-large") || {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            sink.request_ids("request").contains("after-large")
+        }
+    );
+    let m = gw.metrics().await;
+    assert!(
+        support::metric(&m, "fhirwall_audit_records_refused_total") >= 2.0,
+        "{m}"
+    );
+    assert_eq!(support::metric(&m, "fhirwall_audit_sink_up"), 1.0);
+
+    *sink.refuse_marker.lock().unwrap() = Some("invalid-1".into());
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "invalid-1").await;
+    assert_eq!(r.status(), 503, "its decision could not be recorded");
+    // Sent alone, the endpoint's refusal cannot be told from one of every
+    // record: the sink is down until the record goes with others.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("after-invalid-{n}");
+        if get_with_id(&gw, "Observation/obs-p1-1", &token, &id)
+            .await
+            .status()
+            == 200
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused after {n} requests"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let m = gw.metrics().await;
+    assert!(
+        support::metric(&m, "fhirwall_audit_records_refused_total") >= 3.0,
+        "{m}"
+    );
+    assert!(!sink.request_ids("request").contains("invalid-1"));
 }

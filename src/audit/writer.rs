@@ -289,28 +289,78 @@ struct FhirSink {
 
 impl FhirSink {
     /// Sends records as `batch` Bundles of `PUT AuditEvent/{id}` entries
-    /// (so a retried batch does not duplicate events). Every entry must
-    /// succeed.
-    /// On failure, says how many records (a prefix) the endpoint took.
-    fn send(&self, rt: &Runtime, records: &[&Pending]) -> Result<(), (usize, io::Error)> {
+    /// (so a retried batch does not duplicate events), at most `batch_max`
+    /// records and, unless one record is larger, [`MAX_POST_BYTES`] each.
+    /// Every entry must succeed; but a record the endpoint refuses for
+    /// itself ([`PostError::record_refused`]) while it takes others, or
+    /// because it is too large, is reported (by index) rather than failing
+    /// the sink: held, it would be sent first forever and block every
+    /// record after it.
+    fn send(&self, rt: &Runtime, records: &[&Pending]) -> Result<Vec<usize>, Partial> {
         let mut done = 0;
-        for chunk in records.chunks(self.batch_max) {
-            let mut body = br#"{"resourceType":"Bundle","type":"batch","entry":["#.to_vec();
-            for (i, p) in chunk.iter().enumerate() {
-                if i > 0 {
-                    body.push(b',');
+        let mut refused = Vec::new();
+        for chunk in chunks(records, self.batch_max, MAX_POST_BYTES) {
+            let own = match self.post(rt, bundle(chunk), chunk.len()) {
+                Ok(()) => Ok(Vec::new()),
+                // The endpoint judged each entry: the refused ones are the
+                // records' own if it took some of the others.
+                Err(PostError::Entries(statuses)) => {
+                    let took = statuses.iter().filter(|s| s.starts_with('2')).count();
+                    let alone = statuses
+                        .iter()
+                        .all(|s| s.starts_with('2') || entry_refused(s));
+                    if took > 0 && alone {
+                        let bad = statuses
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| !s.starts_with('2'));
+                        Ok(bad.map(|(i, _)| i).collect())
+                    } else {
+                        Err(PostError::Entries(statuses).into())
+                    }
                 }
-                body.extend_from_slice(br#"{"resource":"#);
-                body.extend_from_slice(&p.bytes);
-                body.extend_from_slice(br#","request":{"method":"PUT","url":"AuditEvent/"#);
-                body.extend_from_slice(p.id.as_bytes());
-                body.extend_from_slice(br#""}}"#);
+                // The Bundle as a whole: one record at a time tells which.
+                Err(e) if e.record_refused() && chunk.len() > 1 => self.one_by_one(rt, chunk),
+                Err(e) if e.too_large() => Ok(vec![0]),
+                Err(e) => Err(e.into()),
+            };
+            match own {
+                Ok(own) => refused.extend(own.into_iter().map(|i| done + i)),
+                Err(error) => {
+                    return Err(Partial {
+                        done,
+                        refused,
+                        error,
+                    })
+                }
             }
-            body.extend_from_slice(b"]}");
-            self.post(rt, body, chunk.len()).map_err(|e| (done, e))?;
             done += chunk.len();
         }
-        Ok(())
+        Ok(refused)
+    }
+
+    /// Sends `chunk`'s records one at a time: the indexes of those refused
+    /// for themselves, if the endpoint took any of the others or found
+    /// them too large (an endpoint refusing all of them refuses every
+    /// record: a profile it enforces, a wrong path).
+    fn one_by_one(&self, rt: &Runtime, chunk: &[&Pending]) -> io::Result<Vec<usize>> {
+        let mut took = 0;
+        let mut refused = Vec::new();
+        for (i, p) in chunk.iter().enumerate() {
+            match self.post(rt, bundle(std::slice::from_ref(p)), 1) {
+                Ok(()) => took += 1,
+                Err(e) if e.too_large() => refused.push((i, true)),
+                Err(e) if e.record_refused() => refused.push((i, false)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if took == 0 && refused.iter().any(|(_, large)| !large) {
+            return Err(io::Error::other(format!(
+                "endpoint refused each of {} AuditEvents sent alone",
+                chunk.len()
+            )));
+        }
+        Ok(refused.into_iter().map(|(i, _)| i).collect())
     }
 
     /// Whether the endpoint is there and lets fhirwall in: an empty batch
@@ -362,13 +412,16 @@ impl FhirSink {
     }
 
     /// POSTs a batch of `entries` AuditEvents; every entry must succeed.
-    fn post(&self, rt: &Runtime, body: Vec<u8>, entries: usize) -> io::Result<()> {
-        let (status, answer) = self.exchange(rt, body)?;
+    fn post(&self, rt: &Runtime, body: Vec<u8>, entries: usize) -> Result<(), PostError> {
+        let (status, answer) = self.exchange(rt, body).map_err(PostError::Down)?;
         if !status.is_success() {
-            return Err(io::Error::other(format!("endpoint answered {status}")));
+            return Err(PostError::Status(status));
         }
-        let v: serde_json::Value = serde_json::from_slice(&answer)
-            .map_err(|e| io::Error::other(format!("endpoint answer is not JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&answer).map_err(|e| {
+            PostError::Down(io::Error::other(format!(
+                "endpoint answer is not JSON: {e}"
+            )))
+        })?;
         let statuses: Vec<&str> = v["entry"]
             .as_array()
             .map(|a| {
@@ -377,13 +430,118 @@ impl FhirSink {
                     .collect()
             })
             .unwrap_or_default();
-        if statuses.len() != entries || statuses.iter().any(|s| !s.starts_with('2')) {
-            return Err(io::Error::other(format!(
-                "endpoint did not accept every AuditEvent (entry statuses: {statuses:?})"
-            )));
+        if statuses.len() != entries {
+            return Err(PostError::Down(io::Error::other(format!(
+                "endpoint answered {} entries for {entries} AuditEvents",
+                statuses.len()
+            ))));
+        }
+        if statuses.iter().any(|s| !s.starts_with('2')) {
+            let statuses = statuses.into_iter().map(str::to_string).collect();
+            return Err(PostError::Entries(statuses));
         }
         Ok(())
     }
+}
+
+/// Bundles POSTed to an audit endpoint stay under this size unless one
+/// record alone is larger: endpoints limit request bodies (nginx's
+/// default is 1 MiB).
+const MAX_POST_BYTES: usize = 1 << 20;
+
+/// `records` in runs of at most `max` records and `max_bytes` (a record
+/// larger than that goes alone).
+fn chunks<'a, 'p>(
+    records: &'a [&'p Pending],
+    max: usize,
+    max_bytes: usize,
+) -> impl Iterator<Item = &'a [&'p Pending]> {
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < max.max(1) {
+            bytes += rest[n].bytes.len() + 64;
+            if n > 0 && bytes > max_bytes {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// A `batch` Bundle of `PUT AuditEvent/{id}` entries.
+fn bundle(records: &[&Pending]) -> Vec<u8> {
+    let size: usize = records.iter().map(|p| p.bytes.len() + 64).sum();
+    let mut body = Vec::with_capacity(size + 64);
+    body.extend_from_slice(br#"{"resourceType":"Bundle","type":"batch","entry":["#);
+    for (i, p) in records.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(br#"{"resource":"#);
+        body.extend_from_slice(&p.bytes);
+        body.extend_from_slice(br#","request":{"method":"PUT","url":"AuditEvent/"#);
+        body.extend_from_slice(p.id.as_bytes());
+        body.extend_from_slice(br#""}}"#);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// An entry status (`"400 Bad Request"`) refusing that entry for itself:
+/// a client error other than a timeout or a rate limit.
+fn entry_refused(status: &str) -> bool {
+    status.starts_with('4') && !status.starts_with("408") && !status.starts_with("429")
+}
+
+/// Why a POST to the audit endpoint did not take every record.
+enum PostError {
+    /// No answer, or not one that says anything of the records.
+    Down(io::Error),
+    /// The Bundle refused as a whole.
+    Status(reqwest::StatusCode),
+    /// Some entries refused (their statuses, in order).
+    Entries(Vec<String>),
+}
+
+impl PostError {
+    /// The records themselves may be what the endpoint refuses: 400, 413
+    /// or 422 (not an authorisation, a path or the server failing).
+    fn record_refused(&self) -> bool {
+        matches!(self, PostError::Status(s) if matches!(s.as_u16(), 400 | 413 | 422))
+    }
+
+    /// 413: too large, whatever the endpoint thinks of other records.
+    fn too_large(&self) -> bool {
+        matches!(self, PostError::Status(s) if s.as_u16() == 413)
+    }
+}
+
+impl From<PostError> for io::Error {
+    fn from(e: PostError) -> io::Error {
+        match e {
+            PostError::Down(e) => e,
+            PostError::Status(s) => io::Error::other(format!("endpoint answered {s}")),
+            PostError::Entries(statuses) => io::Error::other(format!(
+                "endpoint did not accept every AuditEvent (entry statuses: {statuses:?})"
+            )),
+        }
+    }
+}
+
+/// A write that failed part-way: the first `done` records were taken
+/// (but those in `refused`, refused for themselves), the rest not.
+struct Partial {
+    done: usize,
+    refused: Vec<usize>,
+    error: io::Error,
 }
 
 impl Sink {
@@ -399,29 +557,36 @@ impl Sink {
         }
     }
 
-    /// Writes records; with `sync`, makes them durable too. On failure,
-    /// says how many records (a prefix) were written all the same.
+    /// Writes records; with `sync`, makes them durable too. Says which
+    /// records the sink refused for themselves (by index: the FHIR
+    /// endpoint's judgement), and on failure how many records (a prefix)
+    /// it took all the same.
     fn write(
         &mut self,
         rt: &Runtime,
         records: &[&Pending],
         sync: bool,
-    ) -> Result<(), (usize, io::Error)> {
-        let none = |e| (0, e);
+    ) -> Result<Vec<usize>, Partial> {
+        let none = |error| Partial {
+            done: 0,
+            refused: Vec::new(),
+            error,
+        };
         match self {
             Sink::Stdout(out) => {
                 // One write for the batch: stdout is line-buffered, and a
                 // record at a time would be a system call per record.
                 let mut lock = out.lock();
                 lock.write_all(&lines(records)).map_err(none)?;
-                lock.flush().map_err(none)
+                lock.flush().map_err(none)?;
+                Ok(Vec::new())
             }
             Sink::File { file, .. } => {
                 lock(file).write(records).map_err(none)?;
                 if sync {
                     sync_unlocked(file).map_err(none)?;
                 }
-                Ok(())
+                Ok(Vec::new())
             }
             Sink::Fhir(f) => f.send(rt, records),
         }
@@ -869,28 +1034,43 @@ impl Writer {
         let sync = matches!(self.fsync, Fsync::Batch) || flushing;
         if due {
             let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
+            let none = |error| Partial {
+                done: 0,
+                refused: Vec::new(),
+                error,
+            };
             let result = if all.is_empty() {
                 if self.down_until.is_some() {
-                    self.sink.probe(&self.rt).map_err(|e| (0, e))
+                    self.sink.probe(&self.rt).map(|()| Vec::new()).map_err(none)
                 } else if flushing {
                     // Records requests appended themselves since the last
                     // fsync (`fsync: interval`).
                     self.shared.dirty.store(false, Ordering::Release);
-                    let synced = self.sink.sync().map_err(|e| (0, e));
+                    let synced = self.sink.sync().map(|()| Vec::new()).map_err(none);
                     if synced.is_ok() {
                         self.dirty_since = None;
                     }
                     synced
                 } else {
-                    Ok(())
+                    Ok(Vec::new())
                 }
             } else {
                 self.sink.write(&self.rt, &all, sync)
             };
+            let all = all.len();
+            // Records refused for themselves leave the batch (and the
+            // held ones) first: they are answered, spilled or lost below.
+            let mut batch = batch;
+            let refused = match &result {
+                Ok(r) | Err(Partial { refused: r, .. }) => self.take_refused(r, &mut batch),
+            };
+            let result = result.map_err(|p| (p.done - refused.len(), p.error));
+            let all = all - refused.len();
+            self.refused(refused);
             match result {
-                Ok(()) => {
-                    self.shared.metrics.written_primary.inc_by(all.len() as u64);
-                    if !all.is_empty() && matches!(self.fsync, Fsync::Interval(_)) {
+                Ok(_) => {
+                    self.shared.metrics.written_primary.inc_by(all as u64);
+                    if all > 0 && matches!(self.fsync, Fsync::Interval(_)) {
                         // Under steady traffic the timed wake-up never
                         // comes: fsync here once the interval is over.
                         self.dirty_since.get_or_insert_with(Instant::now);
@@ -908,7 +1088,6 @@ impl Writer {
                 Err((done, e)) => {
                     // What the sink took before it failed is written: only
                     // the rest is held, spilled or refused.
-                    let mut batch = batch;
                     let from_held = done.min(self.held.len());
                     self.held.drain(..from_held);
                     let rest = batch.split_off(done - from_held);
@@ -921,6 +1100,73 @@ impl Writer {
             }
         }
         self.fallback(batch, flushing);
+    }
+
+    /// Takes the records at indexes `refused` (ascending, over the held
+    /// records then `batch`) out of both.
+    fn take_refused(&mut self, refused: &[usize], batch: &mut Vec<Pending>) -> Vec<Pending> {
+        let held = self.held.len();
+        let mut out = Vec::with_capacity(refused.len());
+        for &i in refused.iter().rev() {
+            let p = if i < held {
+                self.held.remove(i)
+            } else {
+                (i - held < batch.len()).then(|| batch.remove(i - held))
+            };
+            out.extend(p);
+        }
+        out.reverse();
+        out
+    }
+
+    /// Records the sink refused for themselves (an audit endpoint that
+    /// finds them too large or invalid): a decision record's request is
+    /// refused; the others go to the spill file, if there is one, else are
+    /// lost. Either way they are counted and logged by id, since sending
+    /// them again would only be refused again, ahead of every record after
+    /// them.
+    fn refused(&mut self, refused: Vec<Pending>) {
+        if refused.is_empty() {
+            return;
+        }
+        self.shared.metrics.refused.inc_by(refused.len() as u64);
+        let ids: Vec<String> = refused.iter().map(|p| p.id.clone()).collect();
+        let mut kept = Vec::new();
+        let mut lost = 0;
+        for p in refused {
+            match p.ack {
+                Some(ack) => {
+                    let _ = ack.send(false);
+                }
+                None => kept.push(p),
+            }
+        }
+        let mut spilled = false;
+        if let (Some(spill), false) = (&self.shared.spill, kept.is_empty()) {
+            let mut file = lock(spill);
+            let all: Vec<&Pending> = kept.iter().collect();
+            match file.append(&all) {
+                Ok(()) => {
+                    self.shared.metrics.written_spill.inc_by(all.len() as u64);
+                    spilled = true;
+                }
+                Err(e) => {
+                    self.shared.metrics.failures_spill.inc();
+                    tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written");
+                }
+            }
+        }
+        if !spilled {
+            lost = kept.len();
+            self.shared.metrics.dropped.inc_by(lost as u64);
+        }
+        tracing::error!(
+            ids = ?ids,
+            spilled = kept.len() - lost,
+            lost,
+            sink = %self.sink.describe(),
+            "the audit endpoint refused these records themselves (too large or invalid); not sent again"
+        );
     }
 
     /// The sink did not take the records: spill them, or hold them (and
@@ -989,6 +1235,41 @@ mod tests {
     use super::*;
 
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Bundles for the audit endpoint hold at most `max` records and stay
+    /// under the byte bound, but a record larger than it goes alone.
+    #[test]
+    fn records_are_sent_in_bounded_bundles() {
+        let p = |n: usize| Pending {
+            id: format!("{n}"),
+            bytes: vec![b'x'; n],
+            ack: None,
+        };
+        let records = [p(100), p(100), p(100), p(5000), p(100), p(100)];
+        let all: Vec<&Pending> = records.iter().collect();
+        let sizes = |max, bytes| {
+            chunks(&all, max, bytes)
+                .map(|c| c.iter().map(|p| p.bytes.len()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            sizes(2, 1 << 20),
+            [vec![100, 100], vec![100, 5000], vec![100, 100]]
+        );
+        assert_eq!(
+            sizes(100, 1000),
+            [vec![100, 100, 100], vec![5000], vec![100, 100]]
+        );
+        assert_eq!(sizes(0, 0).len(), 6, "one record at least per Bundle");
+        let b: serde_json::Value = serde_json::from_slice(&bundle(&[&Pending {
+            id: "a1".into(),
+            bytes: br#"{"resourceType":"AuditEvent","id":"a1"}"#.to_vec(),
+            ack: None,
+        }]))
+        .unwrap();
+        assert_eq!(b["entry"][0]["request"]["url"], "AuditEvent/a1");
+        assert_eq!(b["entry"][0]["resource"]["id"], "a1");
+    }
 
     /// A file sink at `dir/audit.jsonl` holding a line, due for rotation
     /// (over 10 bytes), renaming by `rename`.
