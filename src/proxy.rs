@@ -2783,6 +2783,15 @@ impl ProxyHttp for Gateway {
                     description: r.describe().into(),
                     retry_after_seconds: 1,
                 });
+        } else if admitted.is_ok() && !self.audit.ready() {
+            // Only a request record follows: while it could not be
+            // written, nothing is served (`on_failure: refuse`; with a
+            // spill file the audit is ready while the spill file works).
+            admitted = Err(Denial::Unavailable {
+                code: "audit_unavailable",
+                description: crate::audit::Refusal::SinkFailed.describe().into(),
+                retry_after_seconds: 1,
+            });
         }
         // Writes to prove are few: their wait is boxed (as the checked
         // and relayed exchanges' and a refusal's), so every other request

@@ -1693,3 +1693,64 @@ async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
     );
     assert!(!sink.request_ids("request").contains("invalid-1"));
 }
+
+/// With `record_before_upstream: false` only a request record follows the
+/// answer; still, once the sink is known to fail, nothing is served
+/// (`on_failure: refuse`) until it works again, as the documentation
+/// promises for every setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_decision_records_a_failing_sink_still_refuses_requests() {
+    let sink = AuditServer::new();
+    let (addr, server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  record_before_upstream: false\n  retry_ms: 200\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "up-0").await;
+    assert_eq!(r.status(), 200);
+
+    server.abort();
+    let _ = server.await;
+    // The failure shows once a record fails to go: a request served
+    // before that is recorded later (held).
+    let mut n = 0;
+    wait_until("the failing sink refuses", 10, async || {
+        n += 1;
+        let path = format!("Observation/before-fail-{n}");
+        get_with_id(&gw, &path, &token, &format!("before-{n}"))
+            .await
+            .status()
+            == 503
+    })
+    .await;
+    for n in 0..3 {
+        let r = get_with_id(
+            &gw,
+            &format!("Observation/down-{n}"),
+            &token,
+            &format!("down-{n}"),
+        )
+        .await;
+        assert_eq!(r.status(), 503, "served while records cannot be written");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    assert_eq!(gw.upstream.count_containing("Observation/down-"), 0);
+    assert_eq!(gw.readyz().await, 503);
+
+    let (_, _server) = sink.serve(addr).await;
+    wait_until("served again", 10, async || {
+        get_with_id(&gw, "Observation/obs-p1-1", &token, "back-0")
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    wait_until("held records written", 10, async || {
+        sink.request_ids("request").contains("down-2")
+    })
+    .await;
+}
