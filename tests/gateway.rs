@@ -1485,6 +1485,31 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
             "{rel}: {o}"
         );
     }
+    // What is typed where a name goes is often a value: never echoed, in
+    // the answer or the audit record.
+    let r = gw
+        .client
+        .get(format!(
+            "{}/Observation?code=x&John+Smith+1970-01-01",
+            gw.base
+        ))
+        .bearer_auth(&obs)
+        .header("x-request-id", "typed-name-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let o = outcome(r).await;
+    assert!(
+        diagnostics(&o).contains("parameter 2 is not a search parameter name"),
+        "{o}"
+    );
+    assert!(!o.to_string().contains("Smith"), "{o}");
+    let record = gw.audit_for("typed-name-1");
+    assert_eq!(record["reason"], "fhir_malformed", "{record}");
+    assert!(!record.to_string().contains("Smith"), "{record}");
+    assert_eq!(gw.upstream.count_containing("Smith"), 0);
+
     let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET",
                      "url": "Observation?code=hidden-4&\t_include=Observation:subject:Patient"}}

@@ -310,10 +310,13 @@ fn id(seg: &str) -> Result<String, ClassifyError> {
 /// a `_search` form body) into name/value pairs. `+` is a space.
 pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
     let mut out = Vec::new();
-    for pair in raw.split('&') {
+    // Messages never show a name or value: they reach the audit record,
+    // and what is typed where a name goes is often a value (`?Smith`).
+    for (n, pair) in raw.split('&').enumerate() {
         if pair.is_empty() {
             continue;
         }
+        let n = n + 1;
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let decode = |s: &str| -> Result<String, ClassifyError> {
             let s = s.replace('+', " ");
@@ -322,8 +325,7 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
                 .map(|c| c.into_owned())
                 .map_err(|_| {
                     ClassifyError::MalformedQuery(format!(
-                        "parameter '{}' is not valid UTF-8",
-                        name.escape_default()
+                        "parameter {n} is not valid UTF-8 once percent-decoded"
                     ))
                 })
         };
@@ -335,8 +337,8 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
         }
         if !is_param_name(&name) {
             return Err(ClassifyError::MalformedQuery(format!(
-                "'{}' is not a search parameter name (letters, digits and _ - . : only)",
-                name.escape_default()
+                "parameter {n} is not a search parameter name (letters, digits and _ - . : \
+                 only; not shown, as it may be a value typed where a name goes)"
             )));
         }
         let value = decode(value)?;
