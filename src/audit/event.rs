@@ -132,7 +132,11 @@ fn is_access_refusal(reason: &str) -> bool {
     (reason.starts_with("token_") || reason.starts_with("dpop_") || reason.starts_with("mtls_"))
         && !matches!(
             reason,
-            "dpop_replay_cache_full" | "dpop_replay_check_unavailable" | "token_too_long"
+            "dpop_replay_cache_full"
+                | "dpop_replay_check_unavailable"
+                | "token_too_long"
+                // RFC 9449's routine challenge: every client meets it.
+                | "dpop_nonce_required"
         )
         || matches!(
             reason,
@@ -780,6 +784,7 @@ mod tests {
             "rate_limited",
             "body_too_large",
             "not_found",
+            "dpop_nonce_required",
         ] {
             r.reason = reason;
             assert_eq!(outcome(&r), "4", "{reason}");

@@ -367,6 +367,7 @@ impl AuditLog {
                     // The writer thread takes it from here: it tries the
                     // file again and spills or refuses.
                     Err(e) => {
+                        self.shared.metrics.failures_primary.inc();
                         tracing::warn!(error = %e, "audit decision record could not be appended")
                     }
                 }
