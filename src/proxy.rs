@@ -1432,10 +1432,22 @@ impl Gateway {
         }
         let mut headers = self.checked_headers(session, ctx);
         headers.remove(header::CONTENT_TYPE);
+        // A stored resource too large to check could be anyone's: a 502
+        // would tell that it exists where another patient's is 404.
         let answer = self
             .checked
             .fetch(http::Method::GET, rel, None, headers, None)
-            .await?;
+            .await
+            .map_err(|denial| match denial.code() {
+                "upstream_answer_too_large" => check_denial(
+                    Verdict::Hide {
+                        why: "upstream_answer_too_large",
+                    },
+                    fhir,
+                    "",
+                ),
+                _ => denial,
+            })?;
         let read = FhirRequest {
             interaction: Interaction::Read,
             params: Vec::new(),

@@ -257,6 +257,29 @@ async fn answers_held_to_be_checked_are_bounded() {
     let rec = gw.audit_for(&id);
     assert_eq!(rec["reason"], "upstream_answer_too_large", "{rec}");
     assert_eq!(rec["decision"], "error", "{rec}");
+    // So too for a write, whose stored resource is fetched to prove it:
+    // too large to check is answered as a missing one is, nothing written.
+    let p2 = gw.mint("patient/*.cruds", Some("p2"));
+    for path in ["Observation/large", "Observation/no-such-large"] {
+        let r = gw
+            .client
+            .delete(format!("{}/{path}", gw.base))
+            .bearer_auth(&p2)
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let (s, body) = status_and_body(r).await;
+        assert_eq!(s, 404, "{path}: {body}");
+        assert!(!body.contains("larger than"), "{body}");
+        if path == "Observation/large" {
+            assert_eq!(gw.audit_for(&id)["reason"], "upstream_answer_too_large");
+        }
+    }
+    assert!(
+        !gw.upstream.seen().iter().any(|r| r.method == "DELETE"),
+        "nothing deleted"
+    );
     // A large error page is judged by its status: a server error stays
     // one (502), it says nothing of whether a resource exists.
     let r = gw.get("Observation/large-error", Some(&p1)).await;
