@@ -107,6 +107,19 @@ pub struct DecideOptions {
     pub bases: Bases,
 }
 
+impl DecideOptions {
+    /// The options the configuration gives: a patient may be named under
+    /// the public base and the upstream's (the gateway's and `fhirwall
+    /// explain`'s alike).
+    pub fn from_settings(s: &crate::config::Settings) -> DecideOptions {
+        let base = |u: &url::Url| u.as_str().trim_end_matches('/').to_string();
+        DecideOptions {
+            unnarrowed_search: s.unnarrowed_search,
+            bases: Bases(vec![base(&s.public_base), base(&s.upstream.url)]),
+        }
+    }
+}
+
 /// A check stage 8 must make on the upstream's answer before it is passed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseCheck {

@@ -87,6 +87,11 @@ impl Explanation {
 /// the gateway checks it (size, shape, algorithm, `crit`, `typ`), its
 /// claims as [`explain`] does; only the signature is not.
 pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) -> Explanation {
+    // A public route, or a path the gateway does not route, is answered
+    // before the token is looked at.
+    if let Err(done) = route_stage(s, req, now) {
+        return done;
+    }
     let e = Explanation {
         stages: Vec::new(),
         decision: "allow",
@@ -108,6 +113,16 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     if let Err(err) = crate::token::header_precheck(&u, issuer) {
         return e.deny("validate", err.to_string());
     }
+    if issuer.introspection.is_some() {
+        return e.error(
+            "validate",
+            format!(
+                "issuer '{}' introspects its tokens: the gateway judges the introspection \
+                 answer, not the token's own claims; give that answer as --claims",
+                issuer.name
+            ),
+        );
+    }
     let claims = token.split('.').nth(1).and_then(crate::token::b64_json);
     let Some(claims) = claims else {
         return e.deny("validate", "the token's payload is not JSON".into());
@@ -122,9 +137,15 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     out
 }
 
-/// Explains `req` under `claims` at `now` (Unix seconds), or at the
-/// request's own `at`.
-pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
+/// Stage 1 as the gateway runs it: `Ok` with the FHIR path and query
+/// below the base (and the time to judge at) when the request goes on to
+/// its token; `Err` with the whole explanation when it is decided here (a
+/// public route, a path not routed, a question that cannot be asked).
+fn route_stage(
+    s: &Settings,
+    req: &ExplainRequest,
+    now: i64,
+) -> Result<(Explanation, String, Option<String>, i64), Explanation> {
     let mut e = Explanation {
         stages: Vec::new(),
         decision: "allow",
@@ -133,17 +154,20 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     let now = match req.at.as_deref().map(at) {
         None => now,
         Some(Ok(t)) => t,
-        Some(Err(why)) => return e.error("request", why),
+        Some(Err(why)) => return Err(e.error("request", why)),
     };
     // 1. Route
-    let target = if req.url.contains("://") {
+    // A full URL (`https://…/fhir/Observation?…`), not a path whose query
+    // holds one (`Observation?subject=https://…`).
+    let full = req.url.split('?').next().is_some_and(|p| p.contains("://"));
+    let target = if full {
         match url::Url::parse(&req.url) {
             Ok(u) => format!(
                 "{}{}",
                 u.path(),
                 u.query().map(|q| format!("?{q}")).unwrap_or_default()
             ),
-            Err(err) => return e.error("route", format!("'{}' is not a URL: {err}", req.url)),
+            Err(err) => return Err(e.error("route", format!("'{}' is not a URL: {err}", req.url))),
         }
     } else {
         format!("{}/{}", s.public_base_path, req.url.trim_start_matches('/'))
@@ -154,22 +178,48 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     };
     let path = match normalise(&path) {
         Ok(p) => p,
-        Err(err) => return e.deny("route", err.to_string()),
+        Err(err) => return Err(e.deny("route", err.to_string())),
     };
     let rel = match route(&path, &s.public_base_path, &s.public_routes) {
-        Route::NotFound => return e.deny("route", format!("'{path}' is not below the FHIR base")),
+        Route::NotFound => {
+            return Err(e.deny("route", format!("'{path}' is not below the FHIR base")))
+        }
         Route::Public(r) => {
             if let Err(refusal) = crate::route::check_public(&req.method, query.as_deref()) {
                 let why = crate::proxy::public_denial(&refusal, &r).description();
-                return e.deny("route", why);
+                return Err(e.deny("route", why));
             }
             e.stages
                 .push(("route", format!("public route '{r}': no token needed")));
-            return e;
+            return Err(e);
         }
         Route::Fhir(r) => r,
     };
     e.stages.push(("route", format!("FHIR path '{rel}'")));
+    // The query is read before the token: a malformed one is refused
+    // first, then a token in it (RFC 6750 §2.3 is not accepted).
+    let params = match query.as_deref().map(classify::parse_params) {
+        Some(Err(err)) => return Err(e.deny("classify", err.to_string())),
+        Some(Ok(p)) => p,
+        None => Vec::new(),
+    };
+    if crate::extract::has_access_token_param(&params) {
+        return Err(e.deny(
+            "extract",
+            "an access_token query parameter (RFC 6750 §2.3) is not accepted".into(),
+        ));
+    }
+    Ok((e, rel, query, now))
+}
+
+/// Explains `req` under `claims` at `now` (Unix seconds), or at the
+/// request's own `at`. `claims` are a JWT's, or an introspection answer
+/// (it has `active`), judged as the gateway judges the answer.
+pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
+    let (mut e, rel, query, now) = match route_stage(s, req, now) {
+        Ok(routed) => routed,
+        Err(done) => return done,
+    };
 
     // 2-3. Extract, validate: the claims, without the signature.
     e.stages.push((
@@ -177,11 +227,36 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         "not replayed: the token is given as its claims".into(),
     ));
     let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
-    let Some(issuer) = s.issuers.iter().find(|i| i.issuer == iss) else {
+    let answer = claims.get("active").is_some();
+    let issuer = if answer {
+        // The issuer whose introspection gave it (a JWT's issuer that
+        // introspects), else the one opaque tokens go to.
+        s.issuers
+            .iter()
+            .find(|i| i.introspection.is_some() && i.issuer == iss)
+            .or_else(|| {
+                s.issuers
+                    .iter()
+                    .find(|i| i.introspection.as_ref().is_some_and(|x| x.opaque_tokens))
+            })
+    } else {
+        s.issuers.iter().find(|i| i.issuer == iss)
+    };
+    let Some(issuer) = issuer else {
+        if answer {
+            return e.deny(
+                "validate",
+                "an introspection answer, and no issuer's introspection takes opaque tokens".into(),
+            );
+        }
         return e.deny("validate", format!("issuer '{iss}' is not configured"));
     };
-    let checked = check_claims(claims, issuer, now).and_then(|c| {
-        crate::token::forwarded_claims_fit(claims, &s.forward_headers)?;
+    let checked = match &issuer.introspection {
+        Some(cfg) if answer => crate::token::introspect::answer_claims(claims, issuer, cfg, now),
+        _ => check_claims(claims, issuer, now),
+    };
+    let checked = checked.and_then(|c| {
+        crate::token::forwarded_claims_fit(&c.raw, &s.forward_headers)?;
         Ok(c)
     });
     let c = match checked {
@@ -205,6 +280,25 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         );
     }
     let has = |m: &str| c.cnf.as_ref().and_then(|x| x.get(m)).is_some();
+    // Shapes the gateway never accepts: a key thumbprint that is not a
+    // string, a certificate thumbprint no certificate can match.
+    let text = |m: &str| {
+        c.cnf
+            .as_ref()
+            .and_then(|x| x.get(m))
+            .map(|v| v.as_str().is_some_and(|t| !t.is_empty()))
+    };
+    if text("jkt") == Some(false) {
+        return e.deny("bind", "the token's cnf.jkt is not a string".into());
+    }
+    if text("x5t#S256") == Some(false) {
+        return e.deny(
+            "bind",
+            "the token's cnf x5t#S256 is not a certificate thumbprint: no client certificate \
+             matches it"
+                .into(),
+        );
+    }
     if c.cnf.is_some() && !has("jkt") && !has("x5t#S256") {
         return e.deny(
             "bind",
@@ -343,14 +437,7 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
     ));
     // 6. Decide: scopes and patient context, the role ceiling, policies —
     // the gateway's own step.
-    let opts = DecideOptions {
-        unnarrowed_search: s.unnarrowed_search,
-        bases: crate::fhir::compartment::Bases(vec![s
-            .public_base
-            .as_str()
-            .trim_end_matches('/')
-            .to_string()]),
-    };
+    let opts = DecideOptions::from_settings(s);
     // The declared emergency, as the gateway accepts it.
     let break_glass =
         crate::policy::break_glass_reason(&s.break_glass, req.break_glass.as_deref(), claims, now);

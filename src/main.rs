@@ -57,7 +57,9 @@ enum Command {
     Explain {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
-        /// File holding the token's claims (JSON)…
+        /// File holding the token's claims (JSON), or for a token the
+        /// gateway introspects, the introspection answer (it has `active`;
+        /// judged as the gateway judges the answer)…
         #[arg(long, required_unless_present = "token")]
         claims: Option<PathBuf>,
         /// …or the token itself (a JWT: its claims are read, its signature
@@ -213,7 +215,7 @@ fn explain(
                     .map_err(|e| format!("{}: {e}", path.display()))
             }),
         (None, Some(t)) if fhirwall::token::token_kind(t) == "opaque" => {
-            Err("--token: not a JWT (give --claims for an opaque token)".to_string())
+            Err("--token: not a JWT (give its introspection answer as --claims)".to_string())
         }
         // Read below, header too.
         (None, Some(_)) => Ok(serde_json::Value::Null),

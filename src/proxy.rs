@@ -143,19 +143,8 @@ impl Gateway {
             body_budget.clone(),
             settings.server.max_held_body_bytes,
         );
-        let bases = Bases(vec![
-            realm.clone(),
-            settings
-                .upstream
-                .url
-                .as_str()
-                .trim_end_matches('/')
-                .to_string(),
-        ]);
-        let decide_opts = DecideOptions {
-            unnarrowed_search: settings.unnarrowed_search,
-            bases: bases.clone(),
-        };
+        let decide_opts = DecideOptions::from_settings(&settings);
+        let bases = decide_opts.bases.clone();
         let public_origin = settings.public_base.origin().ascii_serialization();
         let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::from_settings(
             &settings,

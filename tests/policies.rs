@@ -1635,6 +1635,151 @@ fn explain_refuses_what_the_gateway_refuses_before_deciding() {
     }
 }
 
+/// `fhirwall explain` reaches the gateway's verdict where it used not to:
+/// an introspection answer given as claims is judged as the gateway
+/// judges the answer (inactive, `active` not a boolean, a DPoP token
+/// without its key; an answer without `iss`, `exp` or, with `require_aud:
+/// false`, `aud` is filled in as the gateway fills it); a JWT of an
+/// issuer that introspects cannot be explained from its own claims; a
+/// public route is answered before the token is looked at; a token in the
+/// query is refused; a reference under the upstream's base names the
+/// patient; a `cnf` the gateway can never match is refused.
+#[test]
+fn explain_reaches_the_gateways_verdict() {
+    let dir = TempDir::new("explain-parity-2");
+    let config = dir.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\npublic_base_url: https://gw.example/fhir\nupstream:\n  url: http://127.0.0.1:2/fhir\n\
+         issuers:\n  - name: hospital\n    issuer: https://as.example\n    jwks_uri: https://as.example/jwks\n    audiences: [https://gw.example/fhir]\n\
+         \x20 - name: opaque\n    issuer: https://op.example\n    audiences: [https://gw.example/fhir]\n    introspection:\n\
+         \x20     endpoint: https://op.example/introspect\n      client_id: gw\n      client_secret: s\n      require_aud: false\n\
+         admin:\n  listen: 127.0.0.1:3\n\
+         tls:\n  cert_file: absent.pem\n  key_file: absent.key\n  client_auth: request\n  client_ca_file: absent-ca.pem\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let write = |name: &str, v: serde_json::Value| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, v.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let explain = |claims: &str, rest: &[&str]| {
+        let mut args = vec!["explain", "--config", c, "--claims", claims];
+        args.extend_from_slice(rest);
+        support::run_bin(&args)
+    };
+    let read = ["--url", "Observation?code=1"];
+    // Introspection answers.
+    let answer = |name: &str, v: serde_json::Value| write(name, v);
+    for (what, v, verdict) in [
+        (
+            "active",
+            json!({"active": true, "iss": "https://op.example", "aud": "https://gw.example/fhir",
+                   "exp": 4_000_000_000u64, "scope": "user/*.rs"}),
+            "=> ALLOW",
+        ),
+        (
+            "no iss, exp or aud: filled in",
+            json!({"active": true, "scope": "user/*.rs"}),
+            "=> ALLOW",
+        ),
+        (
+            "inactive",
+            json!({"active": false, "iss": "https://op.example", "exp": 4_000_000_000u64,
+                   "scope": "user/*.rs"}),
+            "not active",
+        ),
+        (
+            "active as a string",
+            json!({"active": "true", "scope": "user/*.rs"}),
+            "not active",
+        ),
+        (
+            "a DPoP token without its key",
+            json!({"active": true, "token_type": "DPoP", "scope": "user/*.rs"}),
+            "cnf",
+        ),
+        (
+            "another issuer's",
+            json!({"active": true, "iss": "https://as.example", "scope": "user/*.rs"}),
+            "=> DENY",
+        ),
+    ] {
+        let (ok, out) = explain(&answer("answer.json", v), &read);
+        assert_eq!(ok, verdict == "=> ALLOW", "{what}: {out}");
+        assert!(out.contains(verdict), "{what}: {out}");
+    }
+    // A JWT of the introspecting issuer: its answer decides, not its claims.
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let jwt = |iss: &str, alg: &str| {
+        format!(
+            "{}.{}.c2ln",
+            b64(json!({"alg": alg})),
+            b64(json!({"iss": iss, "aud": "https://gw.example/fhir",
+                       "exp": 4_000_000_000u64, "scope": "user/*.rs"}))
+        )
+    };
+    let by_token = |token: &str, url: &str| {
+        support::run_bin(&["explain", "--config", c, "--token", token, "--url", url])
+    };
+    let (ok, out) = by_token(&jwt("https://op.example", "ES256"), "Observation?code=1");
+    assert!(
+        !ok && out.contains("=> ERROR") && out.contains("introspects"),
+        "{out}"
+    );
+    // A public route never reads the token: even one the gateway refuses.
+    let (ok, out) = by_token(&jwt("https://unknown.example", "HS256"), "metadata");
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
+    let (ok, out) = by_token(&jwt("https://as.example", "HS256"), "Observation?code=1");
+    assert!(!ok && out.contains("=> DENY"), "{out}");
+
+    let plain = write(
+        "plain.json",
+        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+               "exp": 4_000_000_000u64, "scope": "user/*.rs"}),
+    );
+    let (ok, out) = explain(&plain, &["--url", "Observation?code=1&access_token=abc"]);
+    assert!(!ok && out.contains("access_token"), "{out}");
+    // The patient named under the upstream's base, as the gateway reads it.
+    let p1 = write(
+        "p1.json",
+        json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+               "exp": 4_000_000_000u64, "scope": "patient/Observation.rs", "patient": "p1"}),
+    );
+    let (ok, out) = explain(
+        &p1,
+        &[
+            "--url",
+            "Observation?subject=http://127.0.0.1:2/fhir/Patient/p1",
+        ],
+    );
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
+    // Bindings no request can satisfy.
+    for (cnf, binding, why) in [
+        (json!({"jkt": 5}), "dpop", "not a string"),
+        (
+            json!({"x5t#S256": ""}),
+            "mtls",
+            "not a certificate thumbprint",
+        ),
+    ] {
+        let bound = write(
+            "bound.json",
+            json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+                   "exp": 4_000_000_000u64, "scope": "user/*.rs", "cnf": cnf}),
+        );
+        let (ok, out) = explain(
+            &bound,
+            &["--url", "Observation?code=1", "--binding", binding],
+        );
+        assert!(!ok && out.contains(why), "{cnf}: {out}");
+    }
+}
+
 /// `fhirwall test` (and `explain`) read a request as the gateway does: a
 /// POST `_search` form's parameters, a conditional create's
 /// `If-None-Exist`, a break-glass reason only when the gateway would accept

@@ -307,17 +307,37 @@ fn outcome(
     cfg: &crate::config::Introspection,
     now: i64,
 ) -> Result<Outcome, TokenError> {
-    if answer.get("active").and_then(Value::as_bool) != Some(true) {
-        return Ok(Outcome::Inactive {
+    match answer_claims(answer, issuer, cfg, now) {
+        Ok(claims) => {
+            let left = Duration::from_secs(claims.exp.saturating_sub(now).max(0) as u64);
+            Ok(Outcome::Active {
+                ttl: left.min(cfg.cache_max_ttl),
+                claims: Arc::new(claims),
+            })
+        }
+        Err(TokenError::Inactive) => Ok(Outcome::Inactive {
             ttl: cfg.negative_ttl,
-        });
-    }
-    let refused = |error| {
-        Ok(Outcome::Refused {
+        }),
+        Err(error) => Ok(Outcome::Refused {
             error,
             ttl: cfg.negative_ttl,
-        })
-    };
+        }),
+    }
+}
+
+/// What an introspection answer says of its token (pure): its claims when
+/// it is active and they hold, else why not (`Inactive` when the server
+/// does not call it active). The gateway's judgement and `fhirwall
+/// explain`'s.
+pub fn answer_claims(
+    answer: &Value,
+    issuer: &Issuer,
+    cfg: &crate::config::Introspection,
+    now: i64,
+) -> Result<Claims, TokenError> {
+    if answer.get("active").and_then(Value::as_bool) != Some(true) {
+        return Err(TokenError::Inactive);
+    }
     // Only access tokens: a refresh or ID token the server also calls
     // active is refused by the claims' check (`check_claims`), as a JWT
     // saying so is.
@@ -329,20 +349,12 @@ fn outcome(
     };
     // A DPoP token must say which key it is bound to.
     if s("token_type").as_deref() == Some("dpop") && answer.pointer("/cnf/jkt").is_none() {
-        return refused(TokenError::BadClaim("cnf"));
+        return Err(TokenError::BadClaim("cnf"));
     }
     if cfg.require_aud && answer.get("aud").is_none() {
-        return refused(TokenError::MissingClaim("aud"));
+        return Err(TokenError::MissingClaim("aud"));
     }
-    let claims = match claims_from_answer(answer, issuer, cfg.cache_max_ttl, now) {
-        Ok(c) => c,
-        Err(e) => return refused(e),
-    };
-    let left = Duration::from_secs(claims.exp.saturating_sub(now).max(0) as u64);
-    Ok(Outcome::Active {
-        ttl: left.min(cfg.cache_max_ttl),
-        claims: Arc::new(claims),
-    })
+    claims_from_answer(answer, issuer, cfg.cache_max_ttl, now)
 }
 
 /// An active introspection answer as [`Claims`] (pure). The answer is
@@ -350,7 +362,7 @@ fn outcome(
 /// conservatively: no `iss` means this issuer, no `aud` means the
 /// authorization server vouches for this resource server, no `exp` means
 /// the token is trusted for the cache ceiling only.
-pub fn claims_from_answer(
+fn claims_from_answer(
     answer: &Value,
     issuer: &Issuer,
     ceiling: Duration,
