@@ -341,6 +341,24 @@ pub fn parse_params(raw: &str) -> Result<Vec<(String, String)>, ClassifyError> {
                  only; not shown, as it may be a value typed where a name goes)"
             )));
         }
+        // HAPI splits a name's qualifier at its first `:` or `.`:
+        // `_include.x` is an `_include` there, a chain here.
+        if name.starts_with('_') && name.split(':').next().is_some_and(|b| b.contains('.')) {
+            return Err(ClassifyError::MalformedQuery(format!(
+                "parameter '{name}': a '.' in a parameter starting with '_' (the server would \
+                 read what follows as a qualifier of the name before it)"
+            )));
+        }
+        // Read as the request's method by servlet filters some servers
+        // run (Spring's HiddenHttpMethodFilter): a POST would become a
+        // DELETE there.
+        if name == "_method" {
+            return Err(ClassifyError::MalformedQuery(
+                "parameter '_method' is not accepted: a server may read it as the request's \
+                 method"
+                    .into(),
+            ));
+        }
         let value = decode(value)?;
         if value.chars().any(char::is_control) {
             return Err(ClassifyError::MalformedQuery(format!(
@@ -656,9 +674,15 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         Some((p, q)) => (p, Some(q)),
         None => (url, None),
     };
-    let path = percent_decode_str(raw_path).decode_utf8().map_err(|_| {
-        ClassifyError::MalformedBundle(format!("entry.request.url '{shown}' is not valid UTF-8"))
-    })?;
+    // Servers run an entry's path as written (HAPI does not decode it,
+    // or decodes its segments apart): `Observation%2Fo1`, `o%31`.
+    if raw_path.contains('%') {
+        return Err(ClassifyError::MalformedBundle(format!(
+            "entry.request.url '{shown}' has a percent-encoded path: an entry's path is \
+             read as written"
+        )));
+    }
+    let path = raw_path;
     if path.contains("..") || path.contains(';') || path.contains('\\') {
         return Err(ClassifyError::MalformedBundle(format!(
             "entry.request.url '{shown}' is not a plain path"
@@ -1971,6 +1995,33 @@ mod tests {
             entry(serde_json::json!({"request": [{"method": "GET", "url": "Observation"}]}))
                 .is_err()
         );
+        // An entry's path is run as written: a percent-encoded one would
+        // name another id, or split differently, there than here.
+        for url in [
+            "Observation/o%31",
+            "Observation%2Fo1",
+            "Patient/%24everything",
+        ] {
+            let e = entry(serde_json::json!({"request": {"method": "DELETE", "url": url}}));
+            assert!(
+                e.as_ref()
+                    .is_err_and(|e| e.to_string().contains("percent-encoded")),
+                "{url}: {e:?}"
+            );
+        }
+        assert!(entry(serde_json::json!({"request": {"method": "GET",
+            "url": "Observation?code=a%20b"}}))
+        .is_ok());
+        // HAPI reads `_include.x` as `_include` (a qualifier after '.'); a
+        // servlet filter may read `_method` as the request's method.
+        for query in [
+            "_include.x=Observation:performer",
+            "_revinclude.y=Provenance:target",
+            "_method=DELETE&code=x",
+        ] {
+            assert!(parse_params(query).is_err(), "{query}");
+        }
+        assert!(parse_params("subject.name=x&_has:Observation:patient:code=y").is_ok());
         // A PATCH entry's ifMatch is a version tag, never a match URL.
         let patch = serde_json::json!({"resourceType": "Binary",
             "contentType": "application/json-patch+json", "data": "W10="});
