@@ -185,7 +185,10 @@ fn route_stage(
             return Err(e.deny("route", format!("'{path}' is not below the FHIR base")))
         }
         Route::Public(r) => {
-            if let Err(refusal) = crate::route::check_public(&req.method, query.as_deref()) {
+            let has_body = req.body.as_deref().is_some_and(|b| !b.is_empty());
+            if let Err(refusal) =
+                crate::route::check_public(&req.method, query.as_deref(), has_body)
+            {
                 let why = crate::proxy::public_denial(&refusal, &r).description();
                 return Err(e.deny("route", why));
             }

@@ -560,6 +560,10 @@ pub(crate) fn public_denial(r: &crate::route::PublicRefusal, rel: &str) -> Denia
         },
         PublicRefusal::Query(e) => classify_denial(e),
         PublicRefusal::TokenInQuery => extract_denial(&ExtractError::TokenInQuery),
+        PublicRefusal::Body => Denial::BadFhirRequest {
+            code: "fhir_malformed",
+            description: format!("public route '{rel}' takes no request body"),
+        },
         PublicRefusal::Reaching(name) => Denial::BadFhirRequest {
             code: "fhir_malformed",
             description: format!(
@@ -1843,7 +1847,8 @@ impl Gateway {
                 // No token, so nothing beyond the route itself: no
                 // parameter that brings in other resources or a stored
                 // search's page (`route::check_public`, as explain does).
-                match crate::route::check_public(req.method.as_str(), req.uri.query()) {
+                let has_body = declares_body(&req.headers);
+                match crate::route::check_public(req.method.as_str(), req.uri.query(), has_body) {
                     Ok(params) => ctx.query_names = audit_param_names(&params),
                     Err(refusal) => {
                         // The refused request's parameter names, for its

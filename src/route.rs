@@ -30,15 +30,22 @@ pub enum PublicRefusal {
     /// A parameter that reaches resources beyond the route (`_include`, a
     /// stored page, …), named.
     Reaching(String),
+    /// A body: some servlet containers read a form body's parameters on a
+    /// GET without a query, which nothing here would have judged.
+    Body,
 }
 
 /// Checks a request to a public route; its query parameters when allowed.
 pub fn check_public(
     method: &str,
     query: Option<&str>,
+    has_body: bool,
 ) -> Result<Vec<(String, String)>, PublicRefusal> {
     if !matches!(method, "GET" | "HEAD") {
         return Err(PublicRefusal::Method);
+    }
+    if has_body {
+        return Err(PublicRefusal::Body);
     }
     let Some(q) = query else {
         return Ok(Vec::new());

@@ -1083,6 +1083,21 @@ async fn public_routes_reach_nothing_beyond_themselves() {
             "{query}: {o}"
         );
     }
+    // Nor through a body, which some servlet containers read as a GET's
+    // parameters when it has no query.
+    let r = gw
+        .client
+        .get(format!("{}/Practitioner", gw.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("_revinclude=Encounter:participant")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(outcome(r)
+        .await
+        .to_string()
+        .contains("takes no request body"));
     assert_eq!(
         gw.upstream.seen().len(),
         before,
@@ -1485,6 +1500,26 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
             "{rel}: {o}"
         );
     }
+    // Read by the server as something else: an `_include` (qualified
+    // after '.'), the request's method (a servlet filter).
+    for rel in [
+        "Observation?code=hidden-6&_include.x=Observation:performer",
+        "Observation?code=hidden-7&_method=DELETE",
+    ] {
+        let r = gw.get(rel, Some(&obs)).await;
+        assert_eq!(r.status(), 400, "{rel}");
+    }
+    // A batch entry's path is run as written: not decoded here either.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation%2Fhidden-8"}}
+    ]});
+    let r = gw
+        .post_bundle(&obs, batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(outcome(r).await.to_string().contains("percent-encoded"));
     // What is typed where a name goes is often a value: never echoed, in
     // the answer or the audit record.
     let r = gw
