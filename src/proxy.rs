@@ -621,6 +621,10 @@ impl Gateway {
     fn stamp(&self, h: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         ctx.answered = Some(h.status.as_u16());
         h.remove_header(&header::SET_COOKIE);
+        // The upstream's product and version (HAPI names both on every
+        // answer) are not the client's to know.
+        h.remove_header("x-powered-by");
+        h.remove_header(&header::SERVER);
         // The upstream's own challenge (its realm and scheme, e.g. Basic)
         // is not the client's to answer: the client authenticates to
         // fhirwall. A 401 keeps a challenge (RFC 9110 §11.6.1), fhirwall's.
@@ -2911,6 +2915,11 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // An interim answer (100 Continue to a body fhirwall streams) is
+        // passed on as it is: it is not the upstream's answer.
+        if resp.status.is_informational() {
+            return Ok(());
+        }
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         self.start_collecting(ctx, resp.status.as_u16(), &resp.headers);

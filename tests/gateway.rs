@@ -2519,3 +2519,37 @@ async fn behind_a_trusted_proxy_the_client_is_the_forwarded_address() {
     assert_eq!(forwarded("via-ingress-3"), vec!["127.0.0.1"]);
     assert_eq!(gw.audit_for("via-ingress-3")["source"], "127.0.0.1");
 }
+
+/// The upstream names its product and version on every answer (HAPI's
+/// `X-Powered-By`, `Server`); fhirwall passes neither on, whether the
+/// answer is proxied, checked (patient/ scopes) or on a public route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_product_and_version_are_not_passed_on() {
+    let gw = Gateway::start(Options::default()).await;
+    let direct = gw
+        .client
+        .get(format!("http://{}/r4/metadata", gw.upstream_addr))
+        .send()
+        .await
+        .unwrap();
+    assert!(direct.headers().contains_key("x-powered-by"));
+    assert!(direct.headers().contains_key("server"));
+    let user = gw.mint("user/*.rs", None);
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    for (path, token) in [
+        ("metadata", None),
+        ("Patient/p1", Some(&user)),
+        ("Observation/obs-p1-0", Some(&p1)),
+        ("Observation/no-such-1", Some(&p1)),
+    ] {
+        let r = gw.get(path, token.map(String::as_str)).await;
+        assert!(
+            matches!(r.status().as_u16(), 200 | 404),
+            "{path}: {}",
+            r.status()
+        );
+        for name in ["x-powered-by", "server"] {
+            assert!(!r.headers().contains_key(name), "{path}: {name} passed on");
+        }
+    }
+}

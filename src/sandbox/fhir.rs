@@ -402,7 +402,30 @@ fn not_found(what: &str) -> Response {
     )
 }
 
+/// Every answer names its server and product, as HAPI's do
+/// (`X-Powered-By: HAPI FHIR 7.x REST Server …`).
 async fn handle(
+    state: State<Arc<FhirSandbox>>,
+    peer: ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut r = answer(state, peer, method, uri, headers, body).await;
+    let h = r.headers_mut();
+    h.insert(
+        "x-powered-by",
+        axum::http::HeaderValue::from_static("fhirwall sandbox FHIR server"),
+    );
+    h.insert(
+        "server",
+        axum::http::HeaderValue::from_static("fhirwall-sandbox/1"),
+    );
+    r
+}
+
+async fn answer(
     State(s): State<Arc<FhirSandbox>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
