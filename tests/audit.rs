@@ -1754,3 +1754,72 @@ async fn without_decision_records_a_failing_sink_still_refuses_requests() {
     })
     .await;
 }
+
+/// A write that the disk fills part-way through leaves no torn line: the
+/// file is cut back to where it was (it had a partial record, then the
+/// next open ended it as a line that is no JSON), and the records go whole
+/// once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_short_by_a_full_disk_leaves_no_torn_line() {
+    use std::io::Write;
+    let dir = support::TempDir::new("partial");
+    let disk = dir.0.join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: file\n  path: {d}/audit.jsonl\n  retry_ms: 200\n",
+            d = disk.display()
+        )),
+        namespace_setup: Some(format!(
+            "mount -t tmpfs -o size=1m tmpfs {d}",
+            d = disk.display()
+        )),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "partial-0").await;
+    assert_eq!(r.status(), 200);
+    // No room left but what fhirwall reserved at start (64 KiB).
+    let fill = gw.own_path(&disk.join("fill"));
+    {
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+    // A decision record of about 100 KiB: a Bundle of 1000 reads.
+    let entries: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"request": {"method": "GET",
+                   "url": format!("Observation/partial-entry-with-a-long-id-{i}")}})
+        })
+        .collect();
+    let r = gw
+        .client
+        .post(&gw.base)
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .header("x-request-id", "partial-1")
+        .body(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "its decision could not be recorded");
+    assert_eq!(gw.upstream.count_containing("partial-entry"), 0);
+
+    std::fs::remove_file(&fill).unwrap();
+    wait_until("ready", 10, async || gw.readyz().await == 200).await;
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "partial-2").await;
+    assert_eq!(r.status(), 200);
+    let audit = gw.own_path(&disk.join("audit.jsonl"));
+    wait_until("the records after", 10, async || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        text.contains("\"partial-2\"") && text.contains("\"partial-1\"")
+    })
+    .await;
+    // Every line is a whole record (`records` fails on a torn one).
+    let recs = records(&audit);
+    assert!(recs
+        .iter()
+        .any(|r| r["request_id"] == "partial-1" && r["event"] == "request"));
+}

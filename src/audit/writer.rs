@@ -187,6 +187,16 @@ impl AppendFile {
                 Ok(())
             }
             Err(e) => {
+                // A write the disk filled part-way through is cut back: a
+                // partial record would become a line that is no JSON (the
+                // records are written again, whole).
+                if let Some(f) = &self.file {
+                    if f.metadata()
+                        .is_ok_and(|m| m.is_file() && m.len() > self.size)
+                    {
+                        let _ = f.set_len(self.size);
+                    }
+                }
                 self.sync_before_leaving();
                 self.file = None;
                 Err(e)
