@@ -1054,14 +1054,14 @@ impl Gateway {
                     break;
                 }
                 // The status is out: the client sees the connection end.
+                // The record says why (a timeout is no other error).
                 Err(e) => {
+                    let description = e.description();
+                    ctx.denial = Some(e);
                     return Err(pingora::Error::explain(
                         ErrorType::ReadError,
-                        format!(
-                            "upstream failed while answering a relayed request: {}",
-                            e.description()
-                        ),
-                    ))
+                        format!("upstream failed while answering a relayed request: {description}"),
+                    ));
                 }
             }
         }

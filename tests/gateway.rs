@@ -1865,6 +1865,14 @@ async fn a_relayed_body_taken_whole_waits_for_the_answer_by_the_read_timeout() {
     let o = outcome(r).await.to_string();
     assert!(o.contains("read_timeout_ms"), "{o}");
     assert!(!o.contains("write_timeout_ms"), "{o}");
+
+    // An answer whose header came and whose body stalls: the client sees
+    // the connection end, the record says it was the read timeout.
+    let r = put_large_observation(&gw, "trickle", 200_000).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(r.bytes().await.is_err(), "the body was cut short");
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "upstream_timeout", "{rec}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -490,7 +490,7 @@ async fn answer(
         // An answer whose header and first 900 bytes come at once and whose
         // rest never does (5 s), for the tests of requests cut short and
         // of answers held.
-        ("GET", ["Observation", "trickle"]) => (
+        ("GET", ["Observation", "trickle"]) | ("PUT", ["Observation", "trickle"]) => (
             StatusCode::OK,
             [("content-type", "application/fhir+json")],
             axum::body::Body::new(Trickle {
