@@ -46,6 +46,8 @@ enum WriterState {
 
 struct State {
     msgs: Vec<Msg>,
+    /// Bytes of the records queued.
+    bytes: usize,
     writer: WriterState,
     /// A queued message is waited for.
     urgent: bool,
@@ -75,8 +77,17 @@ pub(super) struct Queue {
     /// Requests waiting for room sleep here (asynchronously).
     room: Notify,
     capacity: usize,
+    /// Bytes of records it holds before a request must wait ([`max_bytes`]).
+    max_bytes: usize,
     /// Messages queued (for the queue-depth gauge, read without the lock).
     len: AtomicUsize,
+}
+
+/// Bytes of records a queue of `capacity` records (or the writer's hold of
+/// as many) keeps: room for typical records (under 2 KiB) at its capacity,
+/// 64 MiB at least. Records of large Bundles cannot fill memory by count.
+pub(super) fn max_bytes(capacity: usize) -> usize {
+    capacity.saturating_mul(2048).max(64 << 20)
 }
 
 impl Queue {
@@ -84,6 +95,7 @@ impl Queue {
         Queue {
             state: Mutex::new(State {
                 msgs: Vec::with_capacity(capacity.min(4096)),
+                bytes: 0,
                 writer: WriterState::Busy,
                 urgent: false,
                 closed: false,
@@ -91,6 +103,7 @@ impl Queue {
             work: Condvar::new(),
             room: Notify::new(),
             capacity: capacity.max(1),
+            max_bytes: max_bytes(capacity),
             len: AtomicUsize::new(0),
         }
     }
@@ -120,8 +133,14 @@ impl Queue {
         if st.closed {
             return Err(PushError::Closed(msg));
         }
-        if st.msgs.len() >= self.capacity && matches!(msg, Msg::Record(_)) {
-            return Err(PushError::Full(msg));
+        if let Msg::Record(p) = &msg {
+            // A record larger than the bound alone goes into an empty
+            // queue (it could never go otherwise).
+            let over = !st.msgs.is_empty() && st.bytes + p.bytes.len() > self.max_bytes;
+            if st.msgs.len() >= self.capacity || over {
+                return Err(PushError::Full(msg));
+            }
+            st.bytes += p.bytes.len();
         }
         st.urgent |= msg.urgent();
         st.msgs.push(msg);
@@ -172,6 +191,7 @@ impl Queue {
             let mut st = self.lock();
             st.closed = true;
             self.len.store(0, Ordering::Relaxed);
+            st.bytes = 0;
             std::mem::take(&mut st.msgs)
         };
         self.room.notify_waiters();
@@ -197,6 +217,7 @@ impl Queue {
                 let until = *linger_until.get_or_insert(now + linger);
                 if self.batch_ready(&st) || now >= until {
                     std::mem::swap(&mut st.msgs, out);
+                    st.bytes = 0;
                     st.urgent = false;
                     st.writer = WriterState::Busy;
                     self.len.store(0, Ordering::Relaxed);
@@ -249,6 +270,35 @@ mod tests {
         } else {
             (Msg::Record(p), None)
         }
+    }
+
+    /// Bytes bound a queue too: records of large Bundles wait (or spill)
+    /// before memory fills; one larger than the bound goes alone.
+    #[test]
+    fn a_queue_holds_so_many_bytes() {
+        let q = Queue::new(100);
+        let big = |n: usize| {
+            Msg::Record(Pending {
+                id: "r".into(),
+                bytes: vec![b'x'; n],
+                ack: None,
+            })
+        };
+        let third = max_bytes(100) / 3;
+        for _ in 0..3 {
+            assert!(q.try_push(big(third)).is_ok());
+        }
+        assert!(matches!(q.try_push(big(third)), Err(PushError::Full(_))));
+        let mut out = Vec::new();
+        assert!(matches!(
+            q.take(&mut out, None, Duration::ZERO),
+            Take::Batch
+        ));
+        assert!(
+            q.try_push(big(4 * third)).is_ok(),
+            "alone, a larger one goes"
+        );
+        assert!(matches!(q.try_push(big(10)), Err(PushError::Full(_))));
     }
 
     #[test]

@@ -1219,6 +1219,18 @@ impl Writer {
         // Past the bound the newest go: while the sink is down new
         // requests are refused, so those are refusals' records; the oldest
         // are those of requests served before it failed.
+        // Bytes bound the hold too (records of large Bundles).
+        let max_bytes = super::queue::max_bytes(limit);
+        let mut bytes = 0;
+        let fits = self
+            .held
+            .iter()
+            .take_while(|p| {
+                bytes += p.bytes.len();
+                bytes <= max_bytes
+            })
+            .count();
+        let limit = limit.min(fits);
         if self.held.len() > limit {
             let excess = self.held.len() - limit;
             self.held.truncate(limit);
