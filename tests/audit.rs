@@ -51,6 +51,40 @@ fn records(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// A gateway whose audit goes to the FHIR endpoint at `addr` (retried
+/// every 200 ms), with `extra` audit settings.
+async fn with_fhir_sink(addr: SocketAddr, extra: &str) -> Gateway {
+    Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: fhir\n  format: audit_event\n  retry_ms: 200\n{extra}  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
+        )),
+        ..Options::default()
+    })
+    .await
+}
+
+/// POSTs a batch of `n` reads (`{url}{i}`) with request id `id`.
+async fn batch_of_reads(
+    gw: &Gateway,
+    token: &str,
+    id: &str,
+    n: usize,
+    url: &str,
+) -> reqwest::Response {
+    let entries: Vec<Value> = (0..n)
+        .map(|i| json!({"request": {"method": "GET", "url": format!("{url}{i}")}}))
+        .collect();
+    gw.client
+        .post(&gw.base)
+        .bearer_auth(token)
+        .header("content-type", "application/fhir+json")
+        .header("x-request-id", id)
+        .body(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn get_with_id(gw: &Gateway, rel: &str, token: &str, id: &str) -> reqwest::Response {
     gw.client
         .get(format!("{}/{rel}", gw.base))
@@ -313,13 +347,7 @@ impl AuditServer {
 async fn a_dead_audit_endpoint_refuses_requests_until_it_is_back() {
     let sink = AuditServer::new();
     let (addr, server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
-    let gw = Gateway::start(Options {
-        audit_yaml: Some(format!(
-            "  sink: fhir\n  format: audit_event\n  retry_ms: 200\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
-        )),
-        ..Options::default()
-    })
-    .await;
+    let gw = with_fhir_sink(addr, "").await;
     let token = gw.mint("system/Observation.rs", None);
     for n in 0..5 {
         let r = get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("up-{n}")).await;
@@ -1625,37 +1653,17 @@ async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
     let sink = AuditServer::new();
     sink.max_body.store(64 * 1024, Ordering::SeqCst);
     let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
-    let gw = Gateway::start(Options {
-        audit_yaml: Some(format!(
-            "  sink: fhir\n  format: audit_event\n  retry_ms: 200\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
-        )),
-        ..Options::default()
-    })
-    .await;
+    let gw = with_fhir_sink(addr, "").await;
     let token = gw.mint("system/Observation.rs", None);
-    let entries: Vec<Value> = (0..600)
-        .map(|i| json!({"request": {"method": "GET", "url": format!("Observation/refused-{i}")}}))
-        .collect();
-    let r = gw
-        .client
-        .post(&gw.base)
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .header("x-request-id", "too-large-1")
-        .body(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = batch_of_reads(&gw, &token, "too-large-1", 600, "Observation/refused-").await;
     assert_eq!(r.status(), 503, "its decision could not be recorded");
     assert_eq!(gw.upstream.count_containing("refused-"), 0);
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "after-large").await;
     assert_eq!(r.status(), 200, "the refused record blocks no other");
-    assert!(
-        sink.request_ids("request").contains("after-large") || {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            sink.request_ids("request").contains("after-large")
-        }
-    );
+    wait_until("its request record", 5, async || {
+        sink.request_ids("request").contains("after-large")
+    })
+    .await;
     let m = gw.metrics().await;
     assert!(
         support::metric(&m, "fhirwall_audit_records_refused_total") >= 2.0,
@@ -1702,13 +1710,7 @@ async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
 async fn without_decision_records_a_failing_sink_still_refuses_requests() {
     let sink = AuditServer::new();
     let (addr, server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
-    let gw = Gateway::start(Options {
-        audit_yaml: Some(format!(
-            "  sink: fhir\n  format: audit_event\n  record_before_upstream: false\n  retry_ms: 200\n  fhir:\n    endpoint: http://{addr}/fhir\n    timeout_ms: 1000\n"
-        )),
-        ..Options::default()
-    })
-    .await;
+    let gw = with_fhir_sink(addr, "  record_before_upstream: false\n").await;
     let token = gw.mint("system/Observation.rs", None);
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "up-0").await;
     assert_eq!(r.status(), 200);
@@ -1788,22 +1790,8 @@ async fn a_write_cut_short_by_a_full_disk_leaves_no_torn_line() {
         while f.write_all(&block).is_ok() {}
     }
     // A decision record of about 100 KiB: a Bundle of 1000 reads.
-    let entries: Vec<Value> = (0..1000)
-        .map(|i| {
-            json!({"request": {"method": "GET",
-                   "url": format!("Observation/partial-entry-with-a-long-id-{i}")}})
-        })
-        .collect();
-    let r = gw
-        .client
-        .post(&gw.base)
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .header("x-request-id", "partial-1")
-        .body(json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let url = "Observation/partial-entry-with-a-long-id-";
+    let r = batch_of_reads(&gw, &token, "partial-1", 1000, url).await;
     assert_eq!(r.status(), 503, "its decision could not be recorded");
     assert_eq!(gw.upstream.count_containing("partial-entry"), 0);
 
