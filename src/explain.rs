@@ -127,7 +127,7 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     let Some(claims) = claims else {
         return e.deny("validate", "the token's payload is not JSON".into());
     };
-    let mut out = explain(s, &claims, req, now);
+    let mut out = explain_claims(s, &claims, false, req, now);
     for (stage, note) in &mut out.stages {
         if *stage == "extract" {
             *note = "the token's header and claims are read; its signature is not checked offline"
@@ -219,6 +219,18 @@ fn route_stage(
 /// request's own `at`. `claims` are a JWT's, or an introspection answer
 /// (it has `active`), judged as the gateway judges the answer.
 pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
+    explain_claims(s, claims, true, req, now)
+}
+
+/// [`explain`]; `may_be_answer`: the claims may be an introspection
+/// answer (not when they are a JWT's payload, which may say `active` too).
+fn explain_claims(
+    s: &Settings,
+    claims: &Value,
+    may_be_answer: bool,
+    req: &ExplainRequest,
+    now: i64,
+) -> Explanation {
     let (mut e, rel, query, now) = match route_stage(s, req, now) {
         Ok(routed) => routed,
         Err(done) => return done,
@@ -230,7 +242,7 @@ pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> 
         "not replayed: the token is given as its claims".into(),
     ));
     let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
-    let answer = claims.get("active").is_some();
+    let answer = may_be_answer && claims.get("active").is_some();
     let issuer = if answer {
         // The issuer whose introspection gave it (a JWT's issuer that
         // introspects), else the one opaque tokens go to.

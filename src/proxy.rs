@@ -2918,6 +2918,10 @@ impl ProxyHttp for Gateway {
         // An interim answer (100 Continue to a body fhirwall streams) is
         // passed on as it is: it is not the upstream's answer.
         if resp.status.is_informational() {
+            // (103 Early Hints may carry headers: not these.)
+            resp.remove_header(&header::SET_COOKIE);
+            resp.remove_header("x-powered-by");
+            resp.remove_header(&header::SERVER);
             return Ok(());
         }
         ctx.upstream_status = Some(resp.status.as_u16());

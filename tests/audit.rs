@@ -1658,48 +1658,44 @@ async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
     let r = batch_of_reads(&gw, &token, "too-large-1", 600, "Observation/refused-").await;
     assert_eq!(r.status(), 503, "its decision could not be recorded");
     assert_eq!(gw.upstream.count_containing("refused-"), 0);
-    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "after-large").await;
-    assert_eq!(r.status(), 200, "the refused record blocks no other");
-    wait_until("its request record", 5, async || {
-        sink.request_ids("request").contains("after-large")
-    })
-    .await;
-    let m = gw.metrics().await;
-    assert!(
-        support::metric(&m, "fhirwall_audit_records_refused_total") >= 2.0,
-        "{m}"
+    // Sent alone, a refused record cannot be told from an endpoint that
+    // refuses every record: the sink fails until it goes with others that
+    // are taken (the requests refused meanwhile have records too).
+    let served_again = async |prefix: &str| {
+        let mut n = 0;
+        wait_until("served again", 10, async || {
+            n += 1;
+            let id = format!("{prefix}-{n}");
+            get_with_id(&gw, "Observation/obs-p1-1", &token, &id)
+                .await
+                .status()
+                == 200
+        })
+        .await;
+        let last = format!("{prefix}-{n}");
+        wait_until("its request record", 5, async || {
+            sink.request_ids("request").contains(&last)
+        })
+        .await;
+    };
+    served_again("after-large").await;
+    let refused =
+        || async { support::metric(&gw.metrics().await, "fhirwall_audit_records_refused_total") };
+    let after_large = refused().await;
+    assert!(after_large >= 1.0, "the large request record set aside");
+    assert_eq!(
+        support::metric(&gw.metrics().await, "fhirwall_audit_sink_up"),
+        1.0
     );
-    assert_eq!(support::metric(&m, "fhirwall_audit_sink_up"), 1.0);
 
-    *sink.refuse_marker.lock().unwrap() = Some("invalid-1".into());
-    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "invalid-1").await;
+    *sink.refuse_marker.lock().unwrap() = Some("zz-poison-record".into());
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "zz-poison-record").await;
     assert_eq!(r.status(), 503, "its decision could not be recorded");
-    // Sent alone, the endpoint's refusal cannot be told from one of every
-    // record: the sink is down until the record goes with others.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let id = format!("after-invalid-{n}");
-        if get_with_id(&gw, "Observation/obs-p1-1", &token, &id)
-            .await
-            .status()
-            == 200
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still refused after {n} requests"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let m = gw.metrics().await;
+    served_again("after-invalid").await;
     assert!(
-        support::metric(&m, "fhirwall_audit_records_refused_total") >= 3.0,
-        "{m}"
+        refused().await > after_large,
+        "the invalid record set aside"
     );
-    assert!(!sink.request_ids("request").contains("invalid-1"));
 }
 
 /// With `record_before_upstream: false` only a request record follows the
@@ -1810,4 +1806,35 @@ async fn a_write_cut_short_by_a_full_disk_leaves_no_torn_line() {
     assert!(recs
         .iter()
         .any(|r| r["request_id"] == "partial-1" && r["event"] == "request"));
+}
+
+/// An endpoint that refuses every record (a body limit below any record)
+/// is a failing sink, not a sink whose records are each set aside: with
+/// only request records written (`record_before_upstream: false`), the
+/// gateway stops serving instead of serving while every record is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_endpoint_refusing_every_record_is_a_failing_sink() {
+    let sink = AuditServer::new();
+    sink.max_body.store(200, Ordering::SeqCst);
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = with_fhir_sink(addr, "  record_before_upstream: false\n").await;
+    let token = gw.mint("system/Observation.rs", None);
+    let mut n = 0;
+    wait_until("requests refused", 10, async || {
+        n += 1;
+        let path = format!("Observation/all-refused-{n}");
+        get_with_id(&gw, &path, &token, &format!("all-refused-{n}"))
+            .await
+            .status()
+            == 503
+    })
+    .await;
+    assert_eq!(gw.readyz().await, 503);
+    let m = gw.metrics().await;
+    assert_eq!(support::metric(&m, "fhirwall_audit_sink_up"), 0.0, "{m}");
+    assert_eq!(
+        support::metric(&m, "fhirwall_audit_records_refused_total"),
+        0.0,
+        "{m}"
+    );
 }

@@ -1736,6 +1736,17 @@ fn explain_reaches_the_gateways_verdict() {
     assert!(ok && out.contains("=> ALLOW"), "{out}");
     let (ok, out) = by_token(&jwt("https://as.example", "HS256"), "Observation?code=1");
     assert!(!ok && out.contains("=> DENY"), "{out}");
+    // A JWT's payload may say `active` too: it is no introspection answer.
+    let active = format!(
+        "{}.{}.c2ln",
+        b64(json!({"alg": "ES256"})),
+        b64(
+            json!({"iss": "https://as.example", "aud": "https://gw.example/fhir",
+                   "exp": 4_000_000_000u64, "scope": "user/*.rs", "active": true})
+        )
+    );
+    let (ok, out) = by_token(&active, "Observation?code=1");
+    assert!(ok && out.contains("=> ALLOW"), "{out}");
 
     let plain = write(
         "plain.json",

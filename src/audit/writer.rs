@@ -302,24 +302,39 @@ impl FhirSink {
     /// (so a retried batch does not duplicate events), at most `batch_max`
     /// records and, unless one record is larger, [`MAX_POST_BYTES`] each.
     /// Every entry must succeed; but a record the endpoint refuses for
-    /// itself ([`PostError::record_refused`]) while it takes others, or
-    /// because it is too large, is reported (by index) rather than failing
-    /// the sink: held, it would be sent first forever and block every
-    /// record after it.
+    /// itself ([`PostError::record_refused`], or a 4xx entry status) is
+    /// reported (by index) rather than failing the sink, if the endpoint
+    /// took other records in the same write: held, it would be sent first
+    /// forever and block every record after it. An endpoint that takes
+    /// none refuses every record (a profile it enforces, a body limit below
+    /// any record, a wrong path): the sink fails.
     fn send(&self, rt: &Runtime, records: &[&Pending]) -> Result<Vec<usize>, Partial> {
         let mut done = 0;
+        let mut took = 0;
         let mut refused = Vec::new();
+        // What was taken so far, when the write fails here: records
+        // refused while none was taken were not written either.
+        let failed = |done, took, refused: Vec<usize>, error| match took {
+            0 => Partial {
+                done: 0,
+                refused: Vec::new(),
+                error,
+            },
+            _ => Partial {
+                done,
+                refused,
+                error,
+            },
+        };
         for chunk in chunks(records, self.batch_max, MAX_POST_BYTES) {
             let own = match self.post(rt, bundle(chunk), chunk.len()) {
                 Ok(()) => Ok(Vec::new()),
-                // The endpoint judged each entry: the refused ones are the
-                // records' own if it took some of the others.
+                // The endpoint judged each entry.
                 Err(PostError::Entries(statuses)) => {
-                    let took = statuses.iter().filter(|s| s.starts_with('2')).count();
-                    let alone = statuses
+                    if statuses
                         .iter()
-                        .all(|s| s.starts_with('2') || entry_refused(s));
-                    if took > 0 && alone {
+                        .all(|s| s.starts_with('2') || entry_refused(s))
+                    {
                         let bad = statuses
                             .iter()
                             .enumerate()
@@ -331,46 +346,41 @@ impl FhirSink {
                 }
                 // The Bundle as a whole: one record at a time tells which.
                 Err(e) if e.record_refused() && chunk.len() > 1 => self.one_by_one(rt, chunk),
-                Err(e) if e.too_large() => Ok(vec![0]),
+                Err(e) if e.record_refused() => Ok(vec![0]),
                 Err(e) => Err(e.into()),
             };
             match own {
-                Ok(own) => refused.extend(own.into_iter().map(|i| done + i)),
-                Err(error) => {
-                    return Err(Partial {
-                        done,
-                        refused,
-                        error,
-                    })
+                Ok(own) => {
+                    took += chunk.len() - own.len();
+                    refused.extend(own.into_iter().map(|i| done + i));
                 }
+                Err(error) => return Err(failed(done, took, refused, error)),
             }
             done += chunk.len();
+        }
+        if took == 0 && !refused.is_empty() {
+            let error = io::Error::other(format!(
+                "endpoint refused each of the {} AuditEvents sent, and took none",
+                refused.len()
+            ));
+            return Err(failed(done, took, refused, error));
         }
         Ok(refused)
     }
 
-    /// Sends `chunk`'s records one at a time: the indexes of those refused
-    /// for themselves, if the endpoint took any of the others or found
-    /// them too large (an endpoint refusing all of them refuses every
-    /// record: a profile it enforces, a wrong path).
+    /// Sends `chunk`'s records one at a time: the indexes of those the
+    /// endpoint refused for themselves.
     fn one_by_one(&self, rt: &Runtime, chunk: &[&Pending]) -> io::Result<Vec<usize>> {
-        let mut took = 0;
         let mut refused = Vec::new();
         for (i, p) in chunk.iter().enumerate() {
             match self.post(rt, bundle(std::slice::from_ref(p)), 1) {
-                Ok(()) => took += 1,
-                Err(e) if e.too_large() => refused.push((i, true)),
-                Err(e) if e.record_refused() => refused.push((i, false)),
+                Ok(()) => {}
+                Err(e) if e.record_refused() => refused.push(i),
+                Err(PostError::Entries(s)) if s.iter().all(|s| entry_refused(s)) => refused.push(i),
                 Err(e) => return Err(e.into()),
             }
         }
-        if took == 0 && refused.iter().any(|(_, large)| !large) {
-            return Err(io::Error::other(format!(
-                "endpoint refused each of {} AuditEvents sent alone",
-                chunk.len()
-            )));
-        }
-        Ok(refused.into_iter().map(|(i, _)| i).collect())
+        Ok(refused)
     }
 
     /// Whether the endpoint is there and lets fhirwall in: an empty batch
@@ -471,10 +481,10 @@ fn chunks<'a, 'p>(
         if rest.is_empty() {
             return None;
         }
-        let mut bytes = 0;
+        let mut bytes = ENTRY_WRAPPER;
         let mut n = 0;
         while n < rest.len() && n < max.max(1) {
-            bytes += rest[n].bytes.len() + 64;
+            bytes += rest[n].bytes.len() + ENTRY_WRAPPER + rest[n].id.len();
             if n > 0 && bytes > max_bytes {
                 break;
             }
@@ -485,6 +495,9 @@ fn chunks<'a, 'p>(
         Some(chunk)
     })
 }
+
+/// Bytes a Bundle adds around each record (besides its id), and once.
+const ENTRY_WRAPPER: usize = 96;
 
 /// A `batch` Bundle of `PUT AuditEvent/{id}` entries.
 fn bundle(records: &[&Pending]) -> Vec<u8> {
@@ -526,11 +539,6 @@ impl PostError {
     /// or 422 (not an authorisation, a path or the server failing).
     fn record_refused(&self) -> bool {
         matches!(self, PostError::Status(s) if matches!(s.as_u16(), 400 | 413 | 422))
-    }
-
-    /// 413: too large, whatever the endpoint thinks of other records.
-    fn too_large(&self) -> bool {
-        matches!(self, PostError::Status(s) if s.as_u16() == 413)
     }
 }
 
@@ -1162,6 +1170,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.shared.metrics.failures_spill.inc();
+                    self.shared.spill_ok.store(false, Ordering::Release);
                     tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written");
                 }
             }
