@@ -92,6 +92,11 @@ pub(super) fn max_bytes(capacity: usize) -> usize {
 
 impl Queue {
     pub(super) fn new(capacity: usize) -> Queue {
+        Queue::bounded(capacity, max_bytes(capacity))
+    }
+
+    /// A queue of `capacity` records and `max_bytes` bytes of them.
+    fn bounded(capacity: usize, max_bytes: usize) -> Queue {
         Queue {
             state: Mutex::new(State {
                 msgs: Vec::with_capacity(capacity.min(4096)),
@@ -103,7 +108,7 @@ impl Queue {
             work: Condvar::new(),
             room: Notify::new(),
             capacity: capacity.max(1),
-            max_bytes: max_bytes(capacity),
+            max_bytes,
             len: AtomicUsize::new(0),
         }
     }
@@ -276,7 +281,7 @@ mod tests {
     /// before memory fills; one larger than the bound goes alone.
     #[test]
     fn a_queue_holds_so_many_bytes() {
-        let q = Queue::new(100);
+        let q = Queue::bounded(100, 3000);
         let big = |n: usize| {
             Msg::Record(Pending {
                 id: "r".into(),
@@ -284,7 +289,7 @@ mod tests {
                 ack: None,
             })
         };
-        let third = max_bytes(100) / 3;
+        let third = 1000;
         for _ in 0..3 {
             assert!(q.try_push(big(third)).is_ok());
         }
