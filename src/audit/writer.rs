@@ -315,11 +315,7 @@ impl FhirSink {
         // What was taken so far, when the write fails here: records
         // refused while none was taken were not written either.
         let failed = |done, took, refused: Vec<usize>, error| match took {
-            0 => Partial {
-                done: 0,
-                refused: Vec::new(),
-                error,
-            },
+            0 => Partial::from(error),
             _ => Partial {
                 done,
                 refused,
@@ -484,7 +480,7 @@ fn chunks<'a, 'p>(
         let mut bytes = ENTRY_WRAPPER;
         let mut n = 0;
         while n < rest.len() && n < max.max(1) {
-            bytes += rest[n].bytes.len() + ENTRY_WRAPPER + rest[n].id.len();
+            bytes += entry_size(rest[n]);
             if n > 0 && bytes > max_bytes {
                 break;
             }
@@ -499,10 +495,15 @@ fn chunks<'a, 'p>(
 /// Bytes a Bundle adds around each record (besides its id), and once.
 const ENTRY_WRAPPER: usize = 96;
 
+/// Bytes `p` takes in a Bundle (at most).
+fn entry_size(p: &Pending) -> usize {
+    p.bytes.len() + ENTRY_WRAPPER + p.id.len()
+}
+
 /// A `batch` Bundle of `PUT AuditEvent/{id}` entries.
 fn bundle(records: &[&Pending]) -> Vec<u8> {
-    let size: usize = records.iter().map(|p| p.bytes.len() + 64).sum();
-    let mut body = Vec::with_capacity(size + 64);
+    let size: usize = records.iter().map(|p| entry_size(p)).sum();
+    let mut body = Vec::with_capacity(size + ENTRY_WRAPPER);
     body.extend_from_slice(br#"{"resourceType":"Bundle","type":"batch","entry":["#);
     for (i, p) in records.iter().enumerate() {
         if i > 0 {
@@ -562,6 +563,17 @@ struct Partial {
     error: io::Error,
 }
 
+/// A write that failed before any record was taken.
+impl From<io::Error> for Partial {
+    fn from(error: io::Error) -> Partial {
+        Partial {
+            done: 0,
+            refused: Vec::new(),
+            error,
+        }
+    }
+}
+
 impl Sink {
     fn describe(&self) -> String {
         match self {
@@ -585,11 +597,7 @@ impl Sink {
         records: &[&Pending],
         sync: bool,
     ) -> Result<Vec<usize>, Partial> {
-        let none = |error| Partial {
-            done: 0,
-            refused: Vec::new(),
-            error,
-        };
+        let none = Partial::from;
         match self {
             Sink::Stdout(out) => {
                 // One write for the batch: stdout is line-buffered, and a
@@ -1052,11 +1060,7 @@ impl Writer {
         let sync = matches!(self.fsync, Fsync::Batch) || flushing;
         if due {
             let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
-            let none = |error| Partial {
-                done: 0,
-                refused: Vec::new(),
-                error,
-            };
+            let none = Partial::from;
             let result = if all.is_empty() {
                 if self.down_until.is_some() {
                     self.sink.probe(&self.rt).map(|()| Vec::new()).map_err(none)
@@ -1150,7 +1154,6 @@ impl Writer {
         self.shared.metrics.refused.inc_by(refused.len() as u64);
         let ids: Vec<String> = refused.iter().map(|p| p.id.clone()).collect();
         let mut kept = Vec::new();
-        let mut lost = 0;
         for p in refused {
             match p.ack {
                 Some(ack) => {
@@ -1159,26 +1162,10 @@ impl Writer {
                 None => kept.push(p),
             }
         }
-        let mut spilled = false;
-        if let (Some(spill), false) = (&self.shared.spill, kept.is_empty()) {
-            let mut file = lock(spill);
-            let all: Vec<&Pending> = kept.iter().collect();
-            match file.append(&all) {
-                Ok(()) => {
-                    self.shared.metrics.written_spill.inc_by(all.len() as u64);
-                    spilled = true;
-                }
-                Err(e) => {
-                    self.shared.metrics.failures_spill.inc();
-                    self.shared.spill_ok.store(false, Ordering::Release);
-                    tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written");
-                }
-            }
-        }
-        if !spilled {
-            lost = kept.len();
-            self.shared.metrics.dropped.inc_by(lost as u64);
-        }
+        let kept: Vec<&Pending> = kept.iter().collect();
+        let spilled = !kept.is_empty() && self.spill(&kept);
+        let lost = if spilled { 0 } else { kept.len() };
+        self.shared.metrics.dropped.inc_by(lost as u64);
         tracing::error!(
             ids = ?ids,
             spilled = kept.len() - lost,
@@ -1188,27 +1175,40 @@ impl Writer {
         );
     }
 
+    /// Appends `records` to the spill file, if there is one: whether they
+    /// are there. Counted either way; a failure marks the spill file
+    /// failing (new requests are refused), a success working again.
+    fn spill(&self, records: &[&Pending]) -> bool {
+        let Some(spill) = &self.shared.spill else {
+            return false;
+        };
+        let mut file = lock(spill);
+        match file.append(records) {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .written_spill
+                    .inc_by(records.len() as u64);
+                self.shared.spill_ok.store(true, Ordering::Release);
+                true
+            }
+            Err(e) => {
+                self.shared.metrics.failures_spill.inc();
+                self.shared.spill_ok.store(false, Ordering::Release);
+                tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written; new requests are refused");
+                false
+            }
+        }
+    }
+
     /// The sink did not take the records: spill them, or hold them (and
     /// refuse the waiting requests).
     fn fallback(&mut self, batch: Vec<Pending>, flushing: bool) {
-        if let Some(spill) = &self.shared.spill {
-            let mut file = lock(spill);
-            let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
-            match file.append(&all) {
-                Ok(()) => {
-                    self.shared.metrics.written_spill.inc_by(all.len() as u64);
-                    drop(file);
-                    self.held.clear();
-                    self.shared.spill_ok.store(true, Ordering::Release);
-                    ack_all(batch, true);
-                    return;
-                }
-                Err(e) => {
-                    self.shared.metrics.failures_spill.inc();
-                    self.shared.spill_ok.store(false, Ordering::Release);
-                    tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written either; new requests are refused");
-                }
-            }
+        let all: Vec<&Pending> = self.held.iter().chain(batch.iter()).collect();
+        if self.spill(&all) {
+            self.held.clear();
+            ack_all(batch, true);
+            return;
         }
         for p in batch {
             match p.ack {
