@@ -462,6 +462,33 @@ fn final_response(session: &Session) -> Option<&ResponseHeader> {
 
 /// The answer when stage 8's check of an upstream answer about `fhir`'s
 /// resource failed (`what` names that answer in the message).
+/// Why a request is refused when its record cannot be written.
+fn audit_denial(r: crate::audit::Refusal) -> Denial {
+    Denial::Unavailable {
+        code: "audit_unavailable",
+        description: r.describe().into(),
+        retry_after_seconds: 1,
+    }
+}
+
+/// Drops what an upstream's answer says that is not the client's: its
+/// cookies, and its product and version (HAPI names both on every answer).
+fn drop_upstream_private(h: &mut ResponseHeader) {
+    h.remove_header(&header::SET_COOKIE);
+    h.remove_header("x-powered-by");
+    h.remove_header(&header::SERVER);
+}
+
+/// The answer to a resource asked for by id whose stored form is too large
+/// to check: it could be anyone's, so it is answered 404 as another
+/// patient's would be (a 502 would tell that it exists, and is large).
+fn hidden_too_large(fhir: &FhirRequest) -> Denial {
+    let hide = Verdict::Hide {
+        why: "upstream_answer_too_large",
+    };
+    check_denial(hide, fhir, "")
+}
+
 fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
     match verdict {
         Verdict::Hide { why } => Denial::Hidden {
@@ -620,11 +647,7 @@ impl Gateway {
     /// create's new resource) is moved to the public base.
     fn stamp(&self, h: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         ctx.answered = Some(h.status.as_u16());
-        h.remove_header(&header::SET_COOKIE);
-        // The upstream's product and version (HAPI names both on every
-        // answer) are not the client's to know.
-        h.remove_header("x-powered-by");
-        h.remove_header(&header::SERVER);
+        drop_upstream_private(h);
         // The upstream's own challenge (its realm and scheme, e.g. Basic)
         // is not the client's to answer: the client authenticates to
         // fhirwall. A 401 keeps a challenge (RFC 9110 §11.6.1), fhirwall's.
@@ -1124,18 +1147,13 @@ impl Gateway {
         let answer = match fetched {
             Ok(a) => a,
             Err(denial) => {
-                // A resource asked for by id that is too large to check
-                // could be anyone's: a 502 would tell that it exists (and
-                // is large) where another patient's is answered 404.
+                // A resource asked for by id, too large to check.
                 let hidden = match (&ctx.fhir, &ctx.check) {
                     (Some(f), Some(ResponseCheck::Resource { .. }))
                         if ctx.entry_checks.is_empty()
                             && denial.code() == "upstream_answer_too_large" =>
                     {
-                        let hide = Verdict::Hide {
-                            why: "upstream_answer_too_large",
-                        };
-                        Some(check_denial(hide, f, ""))
+                        Some(hidden_too_large(f))
                     }
                     _ => None,
                 };
@@ -1429,20 +1447,13 @@ impl Gateway {
         }
         let mut headers = self.checked_headers(session, ctx);
         headers.remove(header::CONTENT_TYPE);
-        // A stored resource too large to check could be anyone's: a 502
-        // would tell that it exists where another patient's is 404.
+        // A stored resource too large to check: as if absent.
         let answer = self
             .checked
             .fetch(http::Method::GET, rel, None, headers, None)
             .await
             .map_err(|denial| match denial.code() {
-                "upstream_answer_too_large" => check_denial(
-                    Verdict::Hide {
-                        why: "upstream_answer_too_large",
-                    },
-                    fhir,
-                    "",
-                ),
+                "upstream_answer_too_large" => hidden_too_large(fhir),
                 _ => denial,
             })?;
         let read = FhirRequest {
@@ -2788,20 +2799,12 @@ impl ProxyHttp for Gateway {
                 .commit_decision(&record)
                 .instrument(tracing::debug_span!(parent: &span, "audit"))
                 .await
-                .map_err(|r| Denial::Unavailable {
-                    code: "audit_unavailable",
-                    description: r.describe().into(),
-                    retry_after_seconds: 1,
-                });
+                .map_err(audit_denial);
         } else if admitted.is_ok() && !self.audit.ready() {
             // Only a request record follows: while it could not be
             // written, nothing is served (`on_failure: refuse`; with a
             // spill file the audit is ready while the spill file works).
-            admitted = Err(Denial::Unavailable {
-                code: "audit_unavailable",
-                description: crate::audit::Refusal::SinkFailed.describe().into(),
-                retry_after_seconds: 1,
-            });
+            admitted = Err(audit_denial(crate::audit::Refusal::SinkFailed));
         }
         // Writes to prove are few: their wait is boxed (as the checked
         // and relayed exchanges' and a refusal's), so every other request
@@ -2919,9 +2922,7 @@ impl ProxyHttp for Gateway {
         // passed on as it is: it is not the upstream's answer.
         if resp.status.is_informational() {
             // (103 Early Hints may carry headers: not these.)
-            resp.remove_header(&header::SET_COOKIE);
-            resp.remove_header("x-powered-by");
-            resp.remove_header(&header::SERVER);
+            drop_upstream_private(resp);
             return Ok(());
         }
         ctx.upstream_status = Some(resp.status.as_u16());
