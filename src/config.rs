@@ -1035,6 +1035,11 @@ impl Issuer {
     pub fn needs_keys(&self) -> bool {
         self.jwks_uri.is_some() || self.discovery
     }
+
+    /// Opaque tokens are introspected by this issuer.
+    pub fn takes_opaque_tokens(&self) -> bool {
+        self.introspection.as_ref().is_some_and(|x| x.opaque_tokens)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1692,12 +1697,7 @@ impl Config {
         let marked: Vec<usize> = introspecting
             .iter()
             .copied()
-            .filter(|n| {
-                issuers[*n]
-                    .introspection
-                    .as_ref()
-                    .is_some_and(|x| x.opaque_tokens)
-            })
+            .filter(|n| issuers[*n].takes_opaque_tokens())
             .collect();
         match (introspecting.as_slice(), marked.len()) {
             ([only], 0) => {
@@ -2998,7 +2998,7 @@ fn needs_system_roots(
         }
     }
     if let Some(u) = upstream {
-        if u.tls && u.verify_tls && u.roots.is_empty() && u.ca_file.is_none() {
+        if u.tls && u.verify_tls && u.ca_file.is_none() {
             needs.push((
                 "upstream.url".into(),
                 u.url.clone(),

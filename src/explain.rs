@@ -89,9 +89,10 @@ impl Explanation {
 pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) -> Explanation {
     // A public route, or a path the gateway does not route, is answered
     // before the token is looked at.
-    if let Err(done) = route_stage(s, req, now) {
-        return done;
-    }
+    let routed = match route_stage(s, req, now) {
+        Ok(routed) => routed,
+        Err(done) => return done,
+    };
     let e = Explanation {
         stages: Vec::new(),
         decision: "allow",
@@ -127,7 +128,7 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     let Some(claims) = claims else {
         return e.deny("validate", "the token's payload is not JSON".into());
     };
-    let mut out = explain_claims(s, &claims, false, req, now);
+    let mut out = explain_claims(s, &claims, false, req, routed);
     for (stage, note) in &mut out.stages {
         if *stage == "extract" {
             *note = "the token's header and claims are read; its signature is not checked offline"
@@ -137,15 +138,15 @@ pub fn explain_token(s: &Settings, token: &str, req: &ExplainRequest, now: i64) 
     out
 }
 
+/// A request past stage 1: the explanation so far, the FHIR path and
+/// query below the base, and the time to judge at.
+type Routed = (Explanation, String, Option<String>, i64);
+
 /// Stage 1 as the gateway runs it: `Ok` with the FHIR path and query
 /// below the base (and the time to judge at) when the request goes on to
 /// its token; `Err` with the whole explanation when it is decided here (a
 /// public route, a path not routed, a question that cannot be asked).
-fn route_stage(
-    s: &Settings,
-    req: &ExplainRequest,
-    now: i64,
-) -> Result<(Explanation, String, Option<String>, i64), Explanation> {
+fn route_stage(s: &Settings, req: &ExplainRequest, now: i64) -> Result<Routed, Explanation> {
     let mut e = Explanation {
         stages: Vec::new(),
         decision: "allow",
@@ -219,22 +220,23 @@ fn route_stage(
 /// request's own `at`. `claims` are a JWT's, or an introspection answer
 /// (it has `active`), judged as the gateway judges the answer.
 pub fn explain(s: &Settings, claims: &Value, req: &ExplainRequest, now: i64) -> Explanation {
-    explain_claims(s, claims, true, req, now)
+    match route_stage(s, req, now) {
+        Ok(routed) => explain_claims(s, claims, true, req, routed),
+        Err(done) => done,
+    }
 }
 
-/// [`explain`]; `may_be_answer`: the claims may be an introspection
-/// answer (not when they are a JWT's payload, which may say `active` too).
+/// [`explain`] past its route stage (`routed`, from [`route_stage`]);
+/// `may_be_answer`: the claims may be an introspection answer (not when
+/// they are a JWT's payload, which may say `active` too).
 fn explain_claims(
     s: &Settings,
     claims: &Value,
     may_be_answer: bool,
     req: &ExplainRequest,
-    now: i64,
+    routed: Routed,
 ) -> Explanation {
-    let (mut e, rel, query, now) = match route_stage(s, req, now) {
-        Ok(routed) => routed,
-        Err(done) => return done,
-    };
+    let (mut e, rel, query, now) = routed;
 
     // 2-3. Extract, validate: the claims, without the signature.
     e.stages.push((
@@ -249,11 +251,7 @@ fn explain_claims(
         s.issuers
             .iter()
             .find(|i| i.introspection.is_some() && i.issuer == iss)
-            .or_else(|| {
-                s.issuers
-                    .iter()
-                    .find(|i| i.introspection.as_ref().is_some_and(|x| x.opaque_tokens))
-            })
+            .or_else(|| s.issuers.iter().find(|i| i.takes_opaque_tokens()))
     } else {
         s.issuers.iter().find(|i| i.issuer == iss)
     };

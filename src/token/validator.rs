@@ -152,12 +152,9 @@ impl Validator {
 
     /// The introspector that opaque tokens go to, if any takes them.
     fn opaque_introspector(&self) -> Option<&Introspector> {
-        self.introspectors.iter().find(|i| {
-            i.issuer
-                .introspection
-                .as_ref()
-                .is_some_and(|x| x.opaque_tokens)
-        })
+        self.introspectors
+            .iter()
+            .find(|i| i.issuer.takes_opaque_tokens())
     }
 
     /// Validates an opaque token by introspection.
