@@ -2563,3 +2563,70 @@ async fn the_upstreams_product_and_version_are_not_passed_on() {
         }
     }
 }
+
+/// An upstream's interim answer (103 Early Hints) is passed on without the
+/// upstream's private headers, and it is not the upstream's answer: when
+/// the upstream then stalls, the record says the read timed out, with no
+/// upstream status, and the client's final answer is fhirwall's 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut c, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            let _ = c
+                .write_all(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </r4/Patient/p2>; rel=preload\r\n\
+                      Set-Cookie: session=SECRET-COOKIE\r\nServer: Legacy-FHIR/1.0\r\n\
+                      X-Powered-By: HAPI FHIR 5.0\r\n\r\n",
+                )
+                .await;
+            held.push(c); // and then nothing
+        }
+    });
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        read_timeout_ms: 500,
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let mut c = tokio::net::TcpStream::connect(gw.proxy_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /fhir/Patient/p1 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n",
+        gw.proxy_addr()
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    assert!(text.starts_with("HTTP/1.1 103"), "{text}");
+    for private in ["SECRET-COOKIE", "Legacy-FHIR", "HAPI FHIR"] {
+        assert!(!text.contains(private), "{private} passed on: {text}");
+    }
+    let final_head = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .expect("a final answer after the interim one");
+    assert!(final_head.starts_with("HTTP/1.1 504"), "{text}");
+    let id = final_head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("the final answer names its request")
+        .to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "upstream_timeout", "{rec}");
+    assert_eq!(rec["status"], 504, "{rec}");
+    assert!(rec.get("upstream_status").is_none(), "{rec}");
+    upstream.abort();
+}
