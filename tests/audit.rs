@@ -238,6 +238,9 @@ struct AuditServer {
     /// AuditEvents holding this text get an entry status of 400, as by a
     /// server validating each (the others are stored).
     refuse_marker: Mutex<Option<String>>,
+    /// Bundles of more entries than this are answered 413, as by a body
+    /// limit that only single records fit under.
+    max_entries: AtomicUsize,
 }
 
 async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::response::Response {
@@ -248,6 +251,9 @@ async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::r
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
     let b: Value = serde_json::from_str(&body).unwrap();
+    if b["entry"].as_array().unwrap().len() > s.max_entries.load(Ordering::SeqCst) {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
     let empty = b["entry"].as_array().unwrap().is_empty();
     if s.reject_empty.load(Ordering::SeqCst) && empty {
         return StatusCode::BAD_REQUEST.into_response();
@@ -301,6 +307,7 @@ impl AuditServer {
             puts: Mutex::new(BTreeMap::new()),
             max_body: AtomicUsize::new(usize::MAX),
             refuse_marker: Mutex::new(None),
+            max_entries: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -1696,6 +1703,49 @@ async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
         refused().await > after_large,
         "the invalid record set aside"
     );
+}
+
+/// Under a body limit only single records fit under, a Bundle holding an
+/// invalid record is refused whole (413), then sent one record at a time:
+/// the invalid one, refused by its entry status, is set aside, and the
+/// records sent beside it are taken, so requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_record_in_a_bundle_refused_whole_is_found_one_by_one() {
+    let sink = AuditServer::new();
+    sink.max_entries.store(1, Ordering::SeqCst);
+    *sink.refuse_marker.lock().unwrap() = Some("zz-poison-record".into());
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = with_fhir_sink(addr, "").await;
+    let token = gw.mint("system/Observation.rs", None);
+    assert_eq!(
+        get_with_id(&gw, "Observation/obs-p1-1", &token, "first")
+            .await
+            .status(),
+        200
+    );
+    let r = get_with_id(&gw, "Observation/obs-p1-2", &token, "zz-poison-record").await;
+    assert_eq!(r.status(), 503, "its decision could not be recorded");
+    assert_eq!(gw.upstream.count_containing("obs-p1-2"), 0);
+    // Its request record, held, goes with the next records: a Bundle of
+    // more than one is refused whole, so each is sent alone.
+    let mut n = 0;
+    wait_until("served again", 10, async || {
+        n += 1;
+        get_with_id(&gw, "Observation/obs-p1-1", &token, &format!("again-{n}"))
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    wait_until("the invalid record set aside", 5, async || {
+        support::metric(&gw.metrics().await, "fhirwall_audit_records_refused_total") >= 1.0
+    })
+    .await;
+    wait_until("the records sent beside it", 5, async || {
+        sink.request_ids("request").contains("first")
+    })
+    .await;
+    assert!(!sink.request_ids("request").contains("zz-poison-record"));
 }
 
 /// With `record_before_upstream: false` only a request record follows the
