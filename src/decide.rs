@@ -840,6 +840,16 @@ fn patient_search(
                  Patient/{ctx} itself is reachable"
             )));
         }
+        // A chained sort (`_sort=Condition:focus.code`) orders the
+        // patient's resources by values of the resources they link to,
+        // which need not be the patient's: repeated, the order tells those
+        // values.
+        if base == "_sort" && value.split(',').any(|k| k.contains('.')) {
+            return Err(deny(format!(
+                "under patient/ scopes a chained sort ({name}={value}) is refused: the resources \
+                 it sorts by need not be Patient/{ctx}'s"
+            )));
+        }
         let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
             || searches_patients && name == "_id";
         for v in value.split(',') {
@@ -888,7 +898,12 @@ fn patient_search(
                          would test need not be Patient/{ctx}'s"
                     )));
                 }
-                if !compartment::link_params(x).iter().any(|l| l.name == p) {
+                // (A Patient is in its own compartment by id only: one
+                // whose `link` names this patient is another's record.)
+                let links_back = compartment::link_params(x)
+                    .iter()
+                    .any(|l| l.name == p && !(x == "Patient" && p == "link"));
+                if !links_back {
                     return Err(deny(format!(
                         "under patient/ scopes {name} must reach back through a parameter that \
                          links {x} to the patient, which '{p}' does not"
@@ -2675,12 +2690,23 @@ mod tests {
             "Observation?subject:Patient.link:Patient.birthdate=lt1980",
             "Patient?_has:Observation:patient:focus.code=x",
             "Patient?_has:Observation:patient:_has:Provenance:target:agent=x",
+            // A Patient whose `link` names p1 is another's record.
+            "Patient?_has:Patient:link:birthdate=ge1980-01-01",
+            // Sorted by the values of linked resources (HAPI's chained
+            // sort): the order tells them.
+            "Observation?patient=p1&_sort=Condition:focus.code",
+            "Observation?performer=Patient/p1&_sort=-Patient:subject.birthdate",
+            "Observation?patient=p1&_sort=date,subject.birthdate",
+            "Patient/p1/Observation?_sort=Observation:derived-from.date",
+            "Patient?_id=p1&_sort=general-practitioner.name",
         ] {
             assert!(run(url, &opts).is_err(), "{url}");
         }
         for url in [
             "Patient?_has:Observation:patient:code=x",
             "Patient?_id=p1&_has:Observation:subject:code=x",
+            "Observation?patient=p1&_sort=-date,code",
+            "Patient/p1/Observation?_sort=date",
         ] {
             assert!(run(url, &opts).is_ok(), "{url}");
         }

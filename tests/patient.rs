@@ -567,6 +567,23 @@ async fn searches_are_narrowed_to_the_context_patient() {
         assert_eq!(s, 403, "{rel}");
     }
     assert_eq!(gw.upstream.count_containing("_filter"), 0);
+
+    // Orders and filters by resources that need not be the patient's: a
+    // chained sort (HAPI), a Patient linked to this one.
+    for rel in [
+        "Observation?patient=p1&_sort=Condition:focus.code",
+        "Patient/p1/Observation?_sort=-Patient:subject.birthdate",
+        "Patient?_has:Patient:link:birthdate=ge1980-01-01",
+    ] {
+        let (s, body) = get(rel).await;
+        assert_eq!(s, 403, "{rel}");
+        assert!(
+            body.contains("need not be") || body.contains("does not"),
+            "{rel}: {body}"
+        );
+    }
+    assert_eq!(gw.upstream.count_containing("_sort"), 0);
+    assert_eq!(gw.upstream.count_containing("_has"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
