@@ -24,6 +24,8 @@ use crate::token::{algorithm, verify_key};
 pub enum DpopError {
     #[error("DPoP proof is not a compact JWS")]
     Malformed,
+    #[error("DPoP proof is larger than {MAX_PROOF_BYTES} bytes")]
+    TooLarge,
     #[error("DPoP proof header typ must be 'dpop+jwt'")]
     BadType,
     #[error("DPoP proof algorithm '{0}' is not allowed")]
@@ -57,6 +59,7 @@ impl DpopError {
     pub fn code(&self) -> &'static str {
         match self {
             DpopError::Malformed => "dpop_malformed",
+            DpopError::TooLarge => "dpop_too_large",
             DpopError::BadType => "dpop_bad_typ",
             DpopError::AlgNotAllowed(_) => "dpop_alg_not_allowed",
             DpopError::BadJwk(_) => "dpop_bad_jwk",
@@ -235,12 +238,21 @@ fn normal_percent_encoding(path: &str) -> String {
     out
 }
 
+/// The largest proof read. A proof is a header with a public key (an
+/// RSA-8192 `jwk` is about 1.5 KB) and a handful of claims: anything much
+/// larger is padding, which would be decoded, parsed and hashed for
+/// nothing (Pingora lets a header reach 1 MiB).
+pub const MAX_PROOF_BYTES: usize = 8 * 1024;
+
 /// Checks a DPoP proof against the request, the token and its `cnf.jkt`.
 pub fn check_proof(
     proof: &str,
     ctx: &ProofContext,
     policy: &DpopPolicy,
 ) -> Result<Proof, DpopError> {
+    if proof.len() > MAX_PROOF_BYTES {
+        return Err(DpopError::TooLarge);
+    }
     let mut parts = proof.split('.');
     let (Some(h), Some(c), Some(sig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -512,6 +524,12 @@ mod tests {
         oct["jwk"] = json!({"kty": "oct", "k": "c2VjcmV0"});
         let cases: Vec<(&str, String, DpopError)> = vec![
             ("not a JWS", "abc".into(), DpopError::Malformed),
+            // Signed by the bound key, every claim right: padded.
+            (
+                "padded",
+                with(&|c| c["pad"] = json!("A".repeat(MAX_PROOF_BYTES))),
+                DpopError::TooLarge,
+            ),
             ("typ", proof(&key, typ, claims()), DpopError::BadType),
             (
                 "HS256",

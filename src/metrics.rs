@@ -35,6 +35,7 @@ pub const REASONS: &[&str] = &[
     "token_wrong_audience",
     "token_binding_unsupported",
     "dpop_malformed",
+    "dpop_too_large",
     "dpop_bad_typ",
     "dpop_alg_not_allowed",
     "dpop_bad_jwk",

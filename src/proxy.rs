@@ -1651,10 +1651,10 @@ impl Gateway {
         }
         let jkt = cnf.and_then(|c| c.get("jkt"));
         if cnf.is_some() && jkt.is_none() && x5t.is_none() {
-            return Err(Denial::InvalidToken {
-                code: "token_binding_unsupported",
-                description: "token carries a cnf claim with no binding this gateway knows".into(),
-            });
+            return Err(invalid(
+                "token_binding_unsupported",
+                "token carries a cnf claim with no binding this gateway knows".into(),
+            ));
         }
         let Some(jkt) = jkt else {
             if dpop_scheme {

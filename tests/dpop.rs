@@ -310,6 +310,10 @@ async fn bad_proofs(gw: &Gateway, client: Client, other: Client) {
     let mut c = claims("dpop-ath");
     c["ath"] = json!(b64sha(b"another token"));
     cases.push(("dpop-ath", sign(c), "ath"));
+    // Right in every claim and signed by the bound key, but padded.
+    let mut c = claims("dpop-padded");
+    c["pad"] = json!("A".repeat(20_000));
+    cases.push(("dpop-padded", sign(c), "larger than"));
     // Signed by another key, which it names: the token is not bound to it.
     cases.push((
         "dpop-thumbprint",
@@ -575,6 +579,19 @@ async fn a_cnf_member_that_is_not_enforced_refuses_the_token() {
         );
         assert!(body.contains("does not enforce"), "{extra}: {body}");
     }
+    // A cnf with no binding at all, in the DPoP scheme.
+    let mut c = gw.claims("user/*.rs");
+    c["cnf"] = json!({});
+    let token = gw.issuer.signing_key().sign(&c);
+    let url = format!("{}/Patient/cnf-extra-empty", gw.base);
+    let proof = client.proof("GET", &url, &token);
+    let (s, www, body) = send(&gw, "Patient/cnf-extra-empty", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 401, "{body}");
+    assert!(
+        www.starts_with("DPoP ") && www.contains("invalid_token"),
+        "{www}"
+    );
+    assert!(body.contains("no binding this gateway knows"), "{body}");
     assert_eq!(gw.upstream.count_containing("cnf-extra"), 0);
     // The same token with its jkt alone passes.
     let token = bound_token(&gw, &client.jkt);
