@@ -318,12 +318,11 @@ fn explain_claims(
             "the token carries a cnf claim with no binding this gateway knows".into(),
         );
     }
-    let bound = if has("jkt") {
-        Some("dpop")
-    } else if has("x5t#S256") {
-        Some("mtls")
-    } else {
-        None
+    let bound = match (has("jkt"), has("x5t#S256")) {
+        (true, true) => Some("dpop+mtls"),
+        (true, false) => Some("dpop"),
+        (false, true) => Some("mtls"),
+        (false, false) => None,
     };
     if req.binding == "dpop" && !s.dpop.enabled {
         return e.deny(
@@ -344,7 +343,8 @@ fn explain_claims(
         );
     }
     match (bound, req.binding.as_str()) {
-        (Some(b), given) if b != given => {
+        // Bound both ways: sent in the DPoP scheme, over the certificate.
+        (Some(b), given) if b != given && !(b == "dpop+mtls" && given == "dpop") => {
             return e.deny(
                 "bind",
                 format!("the token is {b}-bound but the request is explained as {given}"),
@@ -480,7 +480,7 @@ fn explain_claims(
         &Context {
             claims: &c,
             source: req.source,
-            binding: &req.binding,
+            binding: bound.unwrap_or(&req.binding),
             now,
             break_glass: break_glass.as_deref(),
         },

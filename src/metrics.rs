@@ -15,7 +15,7 @@ pub const DECISIONS: &[&str] = &["allow", "deny", "error"];
 
 pub const TOKEN_KINDS: &[&str] = &["jwt", "opaque"];
 
-pub const BINDINGS: &[&str] = &["bearer", "dpop", "mtls"];
+pub const BINDINGS: &[&str] = &["bearer", "dpop", "mtls", "dpop+mtls"];
 
 /// Reason codes a request can end with, as labels.
 pub const REASONS: &[&str] = &[

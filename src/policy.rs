@@ -956,8 +956,14 @@ fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
     }
 }
 
+/// Whether a request's binding (`bearer`, `dpop`, `mtls`, or `dpop+mtls`
+/// for a token bound both ways) holds `wanted`.
+pub fn binding_holds(binding: &str, wanted: &str) -> bool {
+    binding.split('+').any(|b| b == wanted)
+}
+
 fn unmet(req: &Requirement, input: &PolicyInput) -> Option<String> {
-    if !req.binding.is_empty() && !req.binding.iter().any(|b| b == input.binding) {
+    if !req.binding.is_empty() && !req.binding.iter().any(|b| binding_holds(input.binding, b)) {
         return Some(format!("a {} binding", req.binding.join(" or ")));
     }
     for (name, values) in &req.claims {
@@ -1001,7 +1007,7 @@ impl Rule {
             && (any(&w.resource_type, i.resource_type)
                 || i.any_type && !matches!(self.effect, Effect::Allow))
             && any(&w.operation, i.operation)
-            && any(&w.binding, Some(i.binding))
+            && (w.binding.is_empty() || w.binding.iter().any(|b| binding_holds(i.binding, b)))
             && (w.scope.is_empty() || w.scope.iter().any(|s| i.scopes.contains(s)))
             && w.claims
                 .iter()
@@ -1568,6 +1574,42 @@ mod tests {
         for (when, hit) in cases {
             let v = deny(when).evaluate(&base);
             assert_eq!(matches!(v, Verdict::Deny { .. }), hit, "{when}");
+        }
+    }
+
+    /// A token bound both ways (DPoP and a certificate) holds each
+    /// binding: rules on either see it, rules on bearer do not.
+    #[test]
+    fn a_token_bound_both_ways_holds_each_binding() {
+        let claims = json!({});
+        let scopes = vec![];
+        let s = set("rules:
+  - {name: no-mtls, effect: deny, when: {binding: [mtls]}}
+");
+        let mut i = input(&claims, &scopes);
+        for (binding, denied) in [
+            ("dpop+mtls", true),
+            ("mtls", true),
+            ("dpop", false),
+            ("bearer", false),
+        ] {
+            i.binding = binding;
+            assert_eq!(
+                matches!(s.evaluate(&i), Verdict::Deny { .. }),
+                denied,
+                "{binding}"
+            );
+        }
+        let s = set("rules:
+  - {name: bound, effect: require, require: {binding: [mtls]}}
+");
+        for (binding, refused) in [("dpop+mtls", false), ("dpop", true), ("bearer", true)] {
+            i.binding = binding;
+            assert_eq!(
+                matches!(s.evaluate(&i), Verdict::Deny { .. }),
+                refused,
+                "{binding}"
+            );
         }
     }
 

@@ -34,6 +34,7 @@ use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Inter
 use crate::fhir::compartment::{references_other_patient, Bases};
 use crate::metrics::Metrics;
 use crate::pages::{EverythingPages, Origin};
+use crate::policy::binding_holds;
 use crate::proxy_headers;
 use crate::route::{normalise, route, Route};
 use crate::token::validator::{Validated, Validator};
@@ -655,7 +656,7 @@ impl Gateway {
             h.remove_header(&header::WWW_AUTHENTICATE);
         }
         if h.status == http::StatusCode::UNAUTHORIZED {
-            let scheme = if ctx.binding == Some("dpop") {
+            let scheme = if ctx.binding.is_some_and(|b| binding_holds(b, "dpop")) {
                 "DPoP"
             } else {
                 "Bearer"
@@ -710,8 +711,10 @@ impl Gateway {
             h.insert_header(header::CACHE_CONTROL, value.join(", "))?;
         }
         h.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let (Some(n), Some("dpop")) = (&self.dpop_nonces, ctx.binding) {
-            h.insert_header("dpop-nonce", n.current(now_unix()))?;
+        if let Some(n) = &self.dpop_nonces {
+            if ctx.binding.is_some_and(|b| binding_holds(b, "dpop")) {
+                h.insert_header("dpop-nonce", n.current(now_unix()))?;
+            }
         }
         Ok(())
     }
@@ -1774,8 +1777,11 @@ impl Gateway {
             ),
             None => (format!("key\0{jkt}"), None),
         };
+        // Bound both ways, both held (the certificate was checked above):
+        // a policy on either binding sees it.
+        let binding = if x5t.is_some() { "dpop+mtls" } else { "dpop" };
         Ok((
-            "dpop",
+            binding,
             Some(crate::shared::Proof {
                 jkt: jkt.to_string(),
                 jti: proof.jti,

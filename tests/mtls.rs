@@ -150,6 +150,57 @@ async fn certificate_bound_tokens_need_their_certificate() {
     );
 }
 
+/// A token bound both to a DPoP key and to a certificate needs both: its
+/// proof in the DPoP scheme, over that certificate. Served, it is recorded
+/// and counted as bound both ways (a policy on either binding sees it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_bound_both_ways_needs_its_proof_and_its_certificate() {
+    use fhirwall::sandbox::keys::KeyKind;
+    let pki = ca();
+    let dir = TempDir::new("mtls-dpop");
+    let gw = start("request", &dir, &pki).await;
+    let (cert_a, key_a, thumb_a) = leaf(&pki, &["client-a"]);
+    let dpop = support::dpop::Client::new(KeyKind::P256, "ec-client");
+    let mut c = gw.claims("user/*.rs");
+    c["cnf"] = json!({"jkt": dpop.jkt, "x5t#S256": thumb_a});
+    let token = gw.issuer.signing_key().sign(&c);
+    let with_a = client(&pki.ca_pem, Some((&cert_a, &key_a)));
+    let without = client(&pki.ca_pem, None);
+    let get = |c: &reqwest::Client, rel: &str| {
+        let url = format!("{}/{rel}", gw.base);
+        c.get(&url)
+            .header("authorization", format!("DPoP {token}"))
+            .header("dpop", dpop.proof("GET", &url, &token))
+            .send()
+    };
+    let r = get(&with_a, "Patient/p1").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = get(&without, "Patient/both-no-cert").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = with_a
+        .get(format!("{}/Patient/both-no-proof", gw.base))
+        .header("authorization", format!("DPoP {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(gw.upstream.count_containing("both-no"), 0);
+    let audit = gw.audit_containing("\"binding\":\"dpop+mtls\"");
+    assert!(audit.contains("\"binding\":\"dpop+mtls\""), "{audit}");
+    let m = without
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("fhirwall_token_bindings_total{binding=\"dpop+mtls\",kind=\"jwt\"} 1"),
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_client_certificates_and_untrusted_ones() {
     let pki = ca();

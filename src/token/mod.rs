@@ -756,9 +756,16 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
         (None, None) => String::new(),
     };
     text("scope", &scope)?;
+    // RFC 9068's `client_id`; else OIDC's `azp`; else Okta's `cid` (its
+    // access tokens carry neither of the others): without it a policy rule
+    // on `client_id` could never match an Okta token, and its limits would
+    // fall back to the caller's address.
     let client_id = match str_claim("client_id")? {
         Some(c) => Some(c),
-        None => str_claim("azp")?,
+        None => match str_claim("azp")? {
+            Some(c) => Some(c),
+            None => str_claim("cid")?,
+        },
     };
     let cnf = match c.get("cnf") {
         None | Some(Value::Null) => None,

@@ -423,6 +423,15 @@ fn scp_array_and_azp() {
     let got = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256])).unwrap();
     assert_eq!(got.client_id.as_deref(), Some("azp-app"));
     assert_eq!(got.scopes.scopes[0].raw, "user/Patient.rs");
+    // An Okta access token: `cid`, `uid`, `scp`, and no other client claim.
+    c.as_object_mut().unwrap().remove("azp");
+    c["cid"] = json!("0oa-okta-app");
+    c["uid"] = json!("00u-user");
+    let got = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256])).unwrap();
+    assert_eq!(got.client_id.as_deref(), Some("0oa-okta-app"));
+    c["cid"] = json!(7);
+    let bad = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256]));
+    assert!(bad.is_err(), "a cid that is no string");
 }
 
 /// Keys of different types may share a kid (RFC 7517 §4.5): the token's
