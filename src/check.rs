@@ -34,6 +34,11 @@ pub enum Verdict {
     /// Answer 403: a policy rule (`file#rule`) refuses what the answer
     /// holds.
     PolicyRefuse { rule: String, why: String },
+    /// Pass the searchset on without these entries (by index): resources
+    /// it includes (`search.mode: include`) that are outside the grant.
+    /// Left out as if they did not exist: refusing the whole answer would
+    /// tell that they do.
+    Trim { entries: Vec<usize> },
 }
 
 /// Judges an upstream answer (`status`, `content_type`, `body`) to `req`.
@@ -359,7 +364,8 @@ fn judge_search(
             }
         }
     };
-    for e in entries.into_iter().flatten() {
+    let mut trimmed = Vec::new();
+    for (i, e) in entries.into_iter().flatten().enumerate() {
         // An entry without a resource is nothing a searchset holds, and its
         // fullUrl and response would pass unjudged.
         let Some(r) = e.get("resource") else {
@@ -423,6 +429,10 @@ fn judge_search(
         let Some(why) = outside_grant(r, grant.patient, filters, bases) else {
             continue;
         };
+        if mode == Some("include") {
+            trimmed.push(i);
+            continue;
+        }
         let inside_what = match why {
             "outside_compartment" => format!(
                 "outside the compartment of Patient/{}",
@@ -430,20 +440,39 @@ fn judge_search(
             ),
             _ => "that match none of the token's scope filters".to_string(),
         };
-        return if mode == Some("include") {
-            Verdict::Refuse {
-                why: format!("the search would include {what} resources {inside_what}"),
-            }
-        } else {
-            Verdict::Unverifiable {
-                why: format!(
-                    "the upstream's search answer holds {what} resources {inside_what} \
-                     (did it ignore a narrowing parameter?)"
-                ),
-            }
+        return Verdict::Unverifiable {
+            why: format!(
+                "the upstream's search answer holds {what} resources {inside_what} \
+                 (did it ignore a narrowing parameter?)"
+            ),
         };
     }
-    Verdict::Pass
+    if trimmed.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::Trim { entries: trimmed }
+    }
+}
+
+/// A Bundle's text without the entries at `drop` (indexes), everything
+/// else byte for byte; `None` if it is not a Bundle with those entries.
+pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let top = json_edit::parse(text)?;
+    let array = top.get("entry")?;
+    let entries = json_edit::elements(array)?;
+    if drop.iter().any(|i| *i >= entries.len()) {
+        return None;
+    }
+    let kept: Vec<&str> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !drop.contains(i))
+        .map(|(_, e)| e.get())
+        .collect();
+    let mut edit = JsonEdit::new(text);
+    edit.replace(array, format!("[{}]", kept.join(",")))?;
+    edit.finish().map(String::into_bytes)
 }
 
 /// The batch/transaction body with each checked entry's `request.url`
@@ -614,8 +643,9 @@ pub fn judge_bundle_answer(
         });
     }
     let mut withheld: Vec<(usize, Value)> = Vec::new();
-    // Passed entries whose resource is a Bundle (a search's, a history's).
-    let mut relinked: Vec<usize> = Vec::new();
+    // Passed entries whose resource is a Bundle (a search's, a history's),
+    // with the entries of it to leave out (includes outside the grant).
+    let mut relinked: Vec<(usize, Vec<usize>)> = Vec::new();
     for c in checks {
         let (Some(entry), Some(entry_req)) = (entries.get_mut(c.index), req.entries.get(c.index))
         else {
@@ -640,22 +670,27 @@ pub fn judge_bundle_answer(
             resource.as_bytes(),
             bases,
         );
-        let (status, issue, text) = match &verdict {
+        let (status, issue, text) = match verdict {
             Verdict::Pass => {
                 if entry
                     .pointer("/resource/resourceType")
                     .and_then(Value::as_str)
                     == Some("Bundle")
                 {
-                    relinked.push(c.index);
+                    relinked.push((c.index, Vec::new()));
                 }
+                continue;
+            }
+            // (Only a searchset is trimmed: a Bundle.)
+            Verdict::Trim { entries } => {
+                relinked.push((c.index, entries));
                 continue;
             }
             Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
             Verdict::Refuse { why } | Verdict::PolicyRefuse { why, .. } => {
-                ("403 Forbidden", "forbidden", why.clone())
+                ("403 Forbidden", "forbidden", why)
             }
-            Verdict::Unverifiable { why } => ("502 Bad Gateway", "exception", why.clone()),
+            Verdict::Unverifiable { why } => ("502 Bad Gateway", "exception", why),
         };
         *entry = serde_json::json!({
             "response": {
@@ -671,7 +706,17 @@ pub fn judge_bundle_answer(
     if withheld.is_empty() && relinked.is_empty() {
         return Ok(body.to_vec());
     }
-    let relink = |resource: &[u8]| rewrite_links(resource, upstream_base, public_base);
+    // A passed Bundle, trimmed, its links through the gateway.
+    let relink = |resource: &[u8], drop: &[usize]| -> Option<Vec<u8>> {
+        let trimmed = match drop {
+            [] => None,
+            drop => Some(without_entries(resource, drop)?),
+        };
+        let text = trimmed.as_deref().unwrap_or(resource);
+        rewrite_links(text, upstream_base, public_base)
+            .or(trimmed)
+            .or_else(|| Some(resource.to_vec()))
+    };
     // The passed entries as the upstream wrote them; written back from the
     // tree only if the text cannot be edited.
     let spliced = || -> Option<Vec<u8>> {
@@ -681,9 +726,10 @@ pub fn judge_bundle_answer(
         for (i, entry) in &withheld {
             edit.replace(raw.get(*i)?, entry.to_string())?;
         }
-        for i in &relinked {
+        for (i, drop) in &relinked {
             let resource = json_edit::member(raw.get(*i)?, "resource")?;
-            if let Some(new) = relink(resource.get().as_bytes()) {
+            let new = relink(resource.get().as_bytes(), drop)?;
+            if new != resource.get().as_bytes() {
                 edit.replace(resource, String::from_utf8(new).ok()?)?;
             }
         }
@@ -691,11 +737,18 @@ pub fn judge_bundle_answer(
     };
     Ok(spliced().unwrap_or_else(|| {
         if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
-            for i in &relinked {
+            for (i, drop) in &relinked {
                 let Some(resource) = entries.get_mut(*i).and_then(|e| e.get_mut("resource")) else {
                     continue;
                 };
-                if let Some(new) = relink(resource.to_string().as_bytes())
+                if let Some(list) = resource.get_mut("entry").and_then(Value::as_array_mut) {
+                    let mut at = 0;
+                    list.retain(|_| {
+                        at += 1;
+                        !drop.contains(&(at - 1))
+                    });
+                }
+                if let Some(new) = relink(resource.to_string().as_bytes(), &[])
                     .and_then(|n| serde_json::from_slice(&n).ok())
                 {
                     *resource = new;
@@ -1146,14 +1199,22 @@ mod tests {
             ),
             Verdict::Unverifiable { .. }
         ));
-        // An include outside the compartment: beyond the grant.
-        assert!(matches!(
+        // Includes outside the compartment: left out, as if they did not
+        // exist (a refusal would tell that they do).
+        assert_eq!(
             judge_search_json(
                 200,
-                searchset(vec![(obs("a", "p1"), "match"), (patient("p2"), "include")])
+                searchset(vec![
+                    (patient("p2"), "include"),
+                    (obs("a", "p1"), "match"),
+                    (patient("p1"), "include"),
+                    (obs("c", "p3"), "include"),
+                ])
             ),
-            Verdict::Refuse { .. }
-        ));
+            Verdict::Trim {
+                entries: vec![0, 3]
+            }
+        );
         // An OperationOutcome dressed as a match proves nothing.
         assert!(matches!(
             judge_search_json(200, searchset(vec![(outcome.clone(), "match")])),
@@ -1172,6 +1233,29 @@ mod tests {
             judge_search_json(500, json!({})),
             Verdict::Unverifiable { .. }
         ));
+    }
+
+    /// Entries are left out of the text itself: the rest, decimals
+    /// included, stays as the upstream wrote it.
+    #[test]
+    fn entries_are_left_out_byte_for_byte() {
+        let text = br#"{"resourceType":"Bundle","type":"searchset","total":2,"entry":[
+  {"resource":{"resourceType":"Observation","id":"a","valueQuantity":{"value":5.10}}},
+  {"resource":{"resourceType":"Patient","id":"p2"},"search":{"mode":"include"}},
+  {"resource":{"resourceType":"Observation","id":"b","valueQuantity":{"value":1.50}}},
+  {"resource":{"resourceType":"Patient","id":"p3"},"search":{"mode":"include"}}
+ ],"link":[]}"#;
+        let kept = String::from_utf8(without_entries(text, &[1, 3]).unwrap()).unwrap();
+        assert!(kept.contains("5.10") && kept.contains("1.50"), "{kept}");
+        assert!(!kept.contains("p2") && !kept.contains("p3"), "{kept}");
+        let v: Value = serde_json::from_str(&kept).unwrap();
+        assert_eq!(v["entry"].as_array().unwrap().len(), 2);
+        assert_eq!(v["link"], json!([]));
+        let all = String::from_utf8(without_entries(text, &[0, 1, 2, 3]).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&all).unwrap();
+        assert_eq!(v["entry"], json!([]));
+        assert!(without_entries(text, &[4]).is_none(), "no such entry");
+        assert!(without_entries(b"{\"entry\":{}}", &[0]).is_none());
     }
 
     /// `check` on a 200 FHIR JSON answer `body` to a request for `path`.
@@ -1564,6 +1648,29 @@ mod tests {
         assert!(!out.contains("http://up:9"), "{out}");
         // The other entries as the upstream wrote them.
         assert!(out.contains(r#"{"value":5.10}"#), "{out}");
+
+        // An include outside the compartment is left out of the entry's
+        // search, the rest of it kept.
+        let text = r#"{"resourceType":"Bundle","type":"batch-response","entry":[
+            {"resource":{"resourceType":"Bundle","type":"searchset","entry":[
+              {"resource":{"resourceType":"Observation","id":"o9","valueQuantity":{"value":2.50},
+                "subject":{"reference":"Patient/p1"},"focus":[{"reference":"Condition/c2"}]},
+               "search":{"mode":"match"}},
+              {"resource":{"resourceType":"Condition","id":"c2","code":{"text":"SECRET-DX"},
+                "subject":{"reference":"Patient/p2"}},"search":{"mode":"include"}}]},
+             "response":{"status":"200 OK"}},
+            {"resource":{"resourceType":"Observation","id":"o1",
+              "subject":{"reference":"Patient/p1"}},"response":{"status":"200 OK"}}]}"#;
+        let out = passed_bundle_answer(&checks, &b, text);
+        assert!(!out.contains("SECRET-DX"), "{out}");
+        assert!(out.contains(r#"{"value":2.50}"#), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["entry"][0]["response"]["status"], "200 OK");
+        assert_eq!(
+            v["entry"][0]["resource"]["entry"].as_array().unwrap().len(),
+            1
+        );
+        assert_eq!(v["entry"][1]["resource"]["id"], "o1");
     }
 
     #[test]

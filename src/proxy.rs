@@ -313,6 +313,9 @@ pub struct Ctx {
     entry_statuses: Vec<Option<u16>>,
     /// The entries whose answer fhirwall withheld (checked Bundles).
     entry_withheld: Vec<bool>,
+    /// Included resources left out of a checked search's answer (outside
+    /// the grant).
+    left_out: usize,
     /// The status of the answer whose header went to the client, once one
     /// did (for the record of a request dropped before it finished).
     answered: Option<u16>,
@@ -515,7 +518,7 @@ fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
         },
         // Not a failure: callers take a pass first. Were one to get here,
         // the request still fails closed.
-        Verdict::Pass => Denial::Upstream {
+        Verdict::Pass | Verdict::Trim { .. } => Denial::Upstream {
             status: 502,
             code: "upstream_answer_unchecked",
             description: format!("{what} could not be checked"),
@@ -1194,6 +1197,20 @@ impl Gateway {
                 &answer.body,
                 &self.bases,
             ) {
+                // Included resources outside the grant are left out.
+                Verdict::Trim { entries } => {
+                    ctx.left_out = entries.len();
+                    match crate::check::without_entries(&answer.body, &entries) {
+                        Some(kept) => Ok(rewrite_links(&kept, self.upstream_base(), &self.realm)
+                            .map(Bytes::from)
+                            .unwrap_or_else(|| Bytes::from(kept))),
+                        None => Err(Verdict::Unverifiable {
+                            why: "the upstream's search answer could not be trimmed of \
+                                  resources outside the grant"
+                                .into(),
+                        }),
+                    }
+                }
                 // Bundles (searches, `$everything`, an instance's history)
                 // point through the gateway, not at the upstream. The page
                 // ids of a `$everything` answer are its caller's.
@@ -2535,6 +2552,14 @@ impl Ctx {
             ),
             Some(d) => ("deny", d.code(), Some(d.description())),
             None if self.public => ("allow", "public", None),
+            None if self.left_out > 0 => (
+                "allow",
+                "allowed",
+                Some(format!(
+                    "{} included resources outside the grant left out of the answer",
+                    self.left_out
+                )),
+            ),
             None => ("allow", "allowed", None),
         }
     }
@@ -2742,6 +2767,7 @@ impl ProxyHttp for Gateway {
             answer_permit: None,
             entry_statuses: Vec::new(),
             entry_withheld: Vec::new(),
+            left_out: 0,
             answered: None,
             body_rewritten: false,
             body_permit: None,

@@ -491,10 +491,20 @@ async fn searches_are_narrowed_to_the_context_patient() {
     assert!(body.contains("outside the compartment"), "{body}");
     assert_nothing_of_p2("Observation?performer", &body);
 
-    // An include that leaves the compartment (the Practitioner) is refused.
+    // An include that leaves the compartment (the Practitioner) is left
+    // out, as if it did not exist: a refusal would tell that it does.
     let (s, body) = get("Observation?patient=p1&_include=Observation:performer").await;
-    assert_eq!(s, 403, "{body}");
+    assert_eq!(s, 200, "{body}");
     assert!(!body.contains("Welby"), "{body}");
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&body).unwrap()),
+        ["obs-moved", "obs-p1-0", "obs-p1-1"]
+    );
+    assert!(
+        gw.audit_containing("included resources outside the grant left out")
+            .contains("\"detail\":\"1 included resources outside the grant left out"),
+        "the record says what was left out"
+    );
 
     // An include that stays inside (the patient itself) passes, with a token
     // that grants both types; without Patient in the grant it is refused.
