@@ -36,6 +36,8 @@ struct Reloader {
     running: Settings,
     /// Told whether the rules in force have rate limits.
     shared: Arc<crate::shared::SharedState>,
+    /// The files as the last load (at start, or a reload) read them.
+    read: std::sync::Mutex<crate::config::FilesStamp>,
 }
 
 #[async_trait]
@@ -48,6 +50,13 @@ impl BackgroundService for Reloader {
                 return;
             }
         };
+        // A SIGHUP sent since the check before serving and until now was
+        // not heard (a signal is not kept for a listener not yet made):
+        // a change since the last load is applied now.
+        if self.changed_since_load() {
+            tracing::info!(file = %self.path.display(), "the configuration or policies changed before fhirwall listened for SIGHUP: reloading");
+            self.reload();
+        }
         // With policies.watch, a change of any policy file's (or the
         // config file's) modification time or set of files also reloads.
         let watch = self.running.policies_watch.as_deref();
@@ -66,6 +75,19 @@ impl BackgroundService for Reloader {
             }
             self.reload();
         }
+    }
+}
+
+/// What a reload from `old` to `new` lifts for every token, if anything:
+/// all role ceilings, or the refusal of tokens with no mapped role (a
+/// file cut short while written may still be valid YAML).
+fn widened(old: &crate::proxy::Rules, new: &crate::proxy::Rules) -> Option<&'static str> {
+    match (&old.roles, &new.roles) {
+        (Some(_), None) => Some("it removes every role ceiling (roles)"),
+        (Some(o), Some(n)) if o.unmapped_deny && !n.unmapped_deny => {
+            Some("tokens with no mapped role now pass with no ceiling (roles.unmapped: allow)")
+        }
+        _ => None,
     }
 }
 
@@ -105,6 +127,8 @@ impl Reloader {
     /// Reads the configuration and policies again and applies the rules
     /// (the rest takes a restart); a bad set is rejected whole.
     fn reload(&self) {
+        *self.read.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.stamp(self.running.policies_dir.as_deref());
         let loaded = crate::config::load_for_reload(&self.path).and_then(|settings| {
             // Issuers change only on restart: rules naming one the
             // running gateway does not have would never match.
@@ -142,6 +166,12 @@ impl Reloader {
                 let rules = crate::proxy::Rules::from_settings(&settings);
                 let n = rules.policies.rules.len();
                 let before = self.rules.load().policies.rules.len();
+                if let Some(what) = widened(&self.rules.load(), &rules) {
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        "the reload widens every token's reach: {what}; if the file was being written, check it and reload again"
+                    );
+                }
                 if n == 0 && before > 0 {
                     tracing::warn!(
                         file = %self.path.display(),
@@ -176,12 +206,13 @@ impl Reloader {
         }
     }
 
-    /// Whether the configuration file or a policy file changed since the
-    /// running settings were read: modified, added, removed or renamed (a
-    /// reload asked for while fhirwall started, a SIGHUP then unheard, is
-    /// not lost).
+    /// Whether the configuration file or a policy file changed since they
+    /// were last read (at start, or by a reload): modified, added, removed
+    /// or renamed (a reload asked for while fhirwall started, a SIGHUP
+    /// then unheard, is not lost).
     fn changed_since_load(&self) -> bool {
-        self.stamp(self.running.policies_dir.as_deref()) != self.running.loaded_stamp
+        let now = self.stamp(self.running.policies_dir.as_deref());
+        now != *self.read.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The configuration file and the files in policy directory `dir`,
@@ -711,6 +742,7 @@ pub fn run(
         metrics: metrics.clone(),
         running: gateway.settings.clone(),
         shared: gateway.shared.clone(),
+        read: std::sync::Mutex::new(gateway.settings.loaded_stamp.clone()),
     });
 
     let mut app = pingora::proxy::HttpProxy::new(gateway, server.configuration.clone());
@@ -791,7 +823,115 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::{listening_at, Settling};
+    use super::{listening_at, Reloader, Settling};
+    use pingora::services::background::BackgroundService;
+    use std::sync::Arc;
+
+    /// A reload that lifts every role ceiling, or lets tokens with no
+    /// mapped role through, is told apart from one that does not.
+    #[test]
+    fn reloads_that_lift_role_ceilings_are_named() {
+        let rules = |roles: &str| {
+            let dir = std::env::temp_dir().join(format!(
+                "fhirwall widened {} {}",
+                std::process::id(),
+                roles.len()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = dir.join("config.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "listen: 127.0.0.1:8080\npublic_base_url: http://localhost:8080/fhir\n\
+                     upstream:\n  url: http://127.0.0.1:9090/r4\nissuers:\n  - name: local\n    \
+                     issuer: http://127.0.0.1:9999\n    jwks_uri: http://127.0.0.1:9999/jwks.json\n    \
+                     audiences: [http://localhost:8080/fhir]\nadmin:\n  listen: 127.0.0.1:9901\n\
+                     {roles}"
+                ),
+            )
+            .unwrap();
+            let s = crate::config::load_for_reload(&config).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            crate::proxy::Rules::from_settings(&s)
+        };
+        let map = "  claim: roles\n  map:\n    clinician: {scopes: [patient/*.read]}\n";
+        let deny = rules(&format!("roles:\n{map}"));
+        let allow = rules(&format!("roles:\n{map}  unmapped: allow\n"));
+        let none = rules("");
+        assert!(super::widened(&deny, &none).is_some());
+        assert!(super::widened(&deny, &allow).is_some());
+        assert!(super::widened(&allow, &none).is_some());
+        assert!(super::widened(&deny, &deny).is_none());
+        assert!(super::widened(&none, &deny).is_none());
+        assert!(super::widened(&allow, &deny).is_none());
+        assert!(super::widened(&none, &none).is_none());
+    }
+
+    /// A policy added after the settings were read, while nothing yet
+    /// listened for SIGHUP (its signal then lost), is applied once the
+    /// reloader starts.
+    #[tokio::test]
+    async fn a_change_made_before_sighup_was_heard_is_applied_at_start() {
+        let dir = std::env::temp_dir().join(format!("fhirwall catch-up {}", std::process::id()));
+        let policies = dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        let config = dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:8080\npublic_base_url: http://localhost:8080/fhir\n\
+                 upstream:\n  url: http://127.0.0.1:9090/r4\nissuers:\n  - name: local\n    \
+                 issuer: http://127.0.0.1:9999\n    jwks_uri: http://127.0.0.1:9999/jwks.json\n    \
+                 audiences: [http://localhost:8080/fhir]\nadmin:\n  listen: 127.0.0.1:9901\n\
+                 policies:\n  dir: {}\n",
+                policies.display()
+            ),
+        )
+        .unwrap();
+        let settings = crate::config::load_for_reload(&config).unwrap();
+        let rules = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::proxy::Rules::from_settings(&settings),
+        ));
+        assert_eq!(rules.load().policies.rules.len(), 0);
+        std::fs::write(
+            policies.join("late.yaml"),
+            "rules:\n  - {name: emergency, effect: deny, when: {resource_type: [Observation]}}\n",
+        )
+        .unwrap();
+        let reloader = Reloader {
+            path: config,
+            rules: rules.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::new(&["local".to_string()])),
+            read: std::sync::Mutex::new(settings.loaded_stamp.clone()),
+            running: settings,
+            shared: Arc::new(crate::shared::SharedState::new(
+                crate::shared::DpopLimits {
+                    remembered: std::time::Duration::from_secs(60),
+                    max_entries: 10,
+                    quota: 10,
+                    user_quota: 10,
+                },
+                false,
+                None,
+            )),
+        };
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        let reloader = Arc::new(reloader);
+        let running = tokio::spawn({
+            let r = reloader.clone();
+            async move { r.start(watch).await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while rules.load().policies.rules.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "not reloaded");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        // Read once: nothing changed since.
+        assert!(!reloader.changed_since_load());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_change_is_applied_once_it_has_settled() {
