@@ -1262,6 +1262,31 @@ fn without_userinfo(text: &str) -> String {
     out
 }
 
+/// `text` with the query of every URL in it cut to `?…`: an endpoint's
+/// query may hold a key (`?apikey=`), and problems are printed and, on a
+/// rejected reload, logged. A URL ends at a quote or white space.
+fn without_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let url_end = tail
+            .find(|c: char| matches!(c, '\'' | '"' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..url_end].find('?') {
+            Some(q) => {
+                out.push_str(&tail[..q]);
+                out.push_str("?…");
+            }
+            None => out.push_str(&tail[..url_end]),
+        }
+        rest = &tail[url_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A serde_ignored path in the form problems use: `a.b[2].c`.
 fn key_path(path: &serde_ignored::Path) -> String {
     use serde_ignored::Path;
@@ -1337,15 +1362,29 @@ impl Config {
         // No source snippet in the message: the lines around an error may
         // hold a client secret or a password, and the message goes to the
         // terminal and, on a rejected reload, to the log.
-        let options = serde_saphyr::options! { with_snippet: false };
-        let mut config: Config =
-            serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-                serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
-            })
-            .map_err(|e| {
-                e.to_string()
-                    .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
-            })?;
+        // A tag (`!env NAME`) is refused, not read as the text after it (a
+        // secret `NAME`).
+        let options = serde_saphyr::options! { with_snippet: false, reject_unsupported_tags: true };
+        let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
+        });
+        let mut config: Config = match parsed {
+            Ok(c) => c,
+            // The keys met before the error are named too: a misspelt
+            // `admn:` is what makes `admin` missing.
+            Err(e) => {
+                let mut message = e
+                    .to_string()
+                    .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+                if !unknown.is_empty() {
+                    message.push_str(&format!(
+                        "; also, not fhirwall settings (unknown keys): {}",
+                        unknown.join(", ")
+                    ));
+                }
+                return Err(message);
+            }
+        };
         config.unknown_keys = unknown;
         Ok(config)
     }
@@ -1358,7 +1397,7 @@ impl Config {
         let mut problem = |path: &str, message: String| {
             p.push(Problem {
                 path: path.to_string(),
-                message: without_userinfo(&message),
+                message: without_query(&without_userinfo(&message)),
             })
         };
         for key in &self.unknown_keys {
@@ -1478,6 +1517,26 @@ impl Config {
                         "must not carry a query or fragment".into(),
                     );
                 }
+                // It is the realm of every challenge and the base of every
+                // rewritten link: no credentials in it.
+                if has_credentials(&u) {
+                    problem(
+                        "public_base_url",
+                        "must not carry a user name or password".into(),
+                    );
+                }
+                // Requests are routed by their decoded path, which an
+                // escaped or `;` path would never equal (every request
+                // would get 404, or 400).
+                if u.path().contains('%') || u.path().contains(';') {
+                    problem(
+                        "public_base_url",
+                        format!(
+                            "its path '{}' must be plain: no escaped characters (a space), no ';'",
+                            u.path()
+                        ),
+                    );
+                }
                 Some(u)
             }
             Ok(_) => {
@@ -1512,10 +1571,28 @@ impl Config {
                 || r.contains(';')
                 || r.contains("//")
                 || r.contains('\\');
+            // A route that would serve patient data, or every type's, to
+            // anyone without a token, scopes, policies or a check of the
+            // answer.
+            let first = r.split('/').next().unwrap_or("");
+            let reaches_patients = crate::fhir::compartment::is_compartment_type(first)
+                || r.split('/')
+                    .any(|s| matches!(s, "_history" | "_search" | "$export" | "$everything"))
+                || first.starts_with('_')
+                || first.starts_with('$');
             if bad {
                 problem(
                     &format!("public_routes[{i}]"),
                     format!("'{r}' must be a plain path below the FHIR base (no '..', '%', '?', '#', ';', '//')"),
+                );
+            } else if reaches_patients {
+                problem(
+                    &format!("public_routes[{i}]"),
+                    format!(
+                        "'{r}' would serve patient data without a token: a public route may not \
+                         be a type in the Patient compartment, a system-level interaction or \
+                         operation, or a history, search, $export or $everything"
+                    ),
                 );
             } else {
                 public_routes.push(r.trim_end_matches('/').to_string());
@@ -1750,6 +1827,17 @@ impl Config {
             problem(
                 "jwks.refresh_min_seconds",
                 "must be at least 1 and not more than jwks.refresh_max_seconds".into(),
+            );
+        }
+        // A week at most: keys older than that are stale anyway, and a
+        // larger period would overflow the time of the next refresh.
+        if j.refresh_max_seconds > 604_800 {
+            problem(
+                "jwks.refresh_max_seconds",
+                format!(
+                    "{} must not be more than 604800 (a week)",
+                    j.refresh_max_seconds
+                ),
             );
         }
         if j.fetch_timeout_ms == 0 {
@@ -3328,6 +3416,74 @@ admin:
         );
     }
 
+    /// Problems `extra` (appended to GOOD) gives, as (path, message).
+    fn problems_of(extra: &str) -> Vec<(String, String)> {
+        match Config::parse(&format!("{GOOD}{extra}")).unwrap().validate() {
+            Ok(_) => Vec::new(),
+            Err(p) => p.into_iter().map(|p| (p.path, p.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn public_routes_may_not_serve_patient_data() {
+        let p = problems_of(
+            "public_routes: [Patient, Observation/x, _history, _search, $export, \
+             Group/g1/$export, ValueSet, CodeSystem/$lookup, StructureDefinition]\n",
+        );
+        let paths: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "public_routes[0]",
+                "public_routes[1]",
+                "public_routes[2]",
+                "public_routes[3]",
+                "public_routes[4]",
+                "public_routes[5]"
+            ],
+            "{p:?}"
+        );
+        assert!(p[0].1.contains("patient data without a token"), "{p:?}");
+    }
+
+    #[test]
+    fn a_misspelt_required_key_is_named_with_the_error_it_causes() {
+        let e = Config::parse(&GOOD.replace("admin:\n", "admn:\n")).unwrap_err();
+        assert!(e.contains("admin") && e.contains("admn"), "{e}");
+        // A tag is refused, not taken for the text after it.
+        let tagged = GOOD.replace("listen: 127.0.0.1:8080", "listen: !env FHIRWALL_LISTEN");
+        assert!(Config::parse(&tagged).is_err());
+    }
+
+    #[test]
+    fn endpoint_queries_and_base_credentials_are_not_echoed_or_taken() {
+        let p = problems_of(
+            "audit:\n  sink: fhir\n  fhir:\n    endpoint: ftp://audit.example/fhir?apikey=S3cr3t\n",
+        );
+        assert!(!p.is_empty());
+        assert!(!format!("{p:?}").contains("S3cr3t"), "{p:?}");
+        for base in [
+            "http://u:pw@localhost:8080/fhir",
+            "http://localhost:8080/my%20fhir",
+            "http://localhost:8080/fhir;v4",
+        ] {
+            let text = GOOD.replace(
+                "http://localhost:8080/fhir\nupstream",
+                &format!("{base}\nupstream"),
+            );
+            let p = Config::parse(&text)
+                .unwrap()
+                .validate()
+                .err()
+                .unwrap_or_default();
+            assert!(
+                p.iter().any(|p| p.path == "public_base_url"),
+                "{base}: {:?}",
+                p.iter().map(|p| &p.path).collect::<Vec<_>>()
+            );
+        }
+    }
+
     #[test]
     fn numbers_with_no_sane_use_are_refused() {
         for (yaml, path) in [
@@ -3349,6 +3505,10 @@ admin:
                 "tokens.cache_max_ttl_seconds",
             ),
             ("server:\n  max_parameters: 0\n", "server.max_parameters"),
+            (
+                "jwks:\n  refresh_min_seconds: 10000000000000000000\n  refresh_max_seconds: 10000000000000000000\n",
+                "jwks.refresh_max_seconds",
+            ),
             ("server:\n  max_parameters: 1001\n", "server.max_parameters"),
             // Below three times upstream.max_checked_answer_bytes (16 MiB).
             (

@@ -1107,7 +1107,11 @@ pub fn role_ceiling(
 
 /// Parses one policy file's YAML (errors carry line and column).
 pub fn parse_file(text: &str) -> Result<PolicyFile, String> {
-    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    // No source snippet: a rule's lines may hold a patient's id or claim
+    // values, and the message is logged on a rejected reload (it still
+    // names line and column). A tag is refused, not read as its text.
+    let options = serde_saphyr::options! { with_snippet: false, reject_unsupported_tags: true };
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
