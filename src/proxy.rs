@@ -526,6 +526,10 @@ fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
     }
 }
 
+/// How many referenced resources one request's writes may make fhirwall
+/// look up (under `patient/` scopes).
+const MAX_PROVED_REFERENCES: usize = 32;
+
 /// A failed DPoP binding (with no nonce to hand out).
 fn dpop_denial(code: &'static str, error: &'static str, description: String) -> Denial {
     Denial::InvalidDpop {
@@ -1312,10 +1316,12 @@ impl Gateway {
             .iter()
             .map(|v| v.to_str().unwrap_or("(not text)"))
             .collect();
+        let mut proved = Vec::new();
         ctx.if_match = self
             .prove_one_write(
                 session,
                 ctx,
+                &mut proved,
                 &fhir,
                 Target {
                     rel: &rel,
@@ -1350,6 +1356,8 @@ impl Gateway {
                 description: "the Bundle is not JSON".into(),
             })?;
         let mut versions: Vec<(usize, http::HeaderValue)> = Vec::new();
+        // References proved once for the whole Bundle.
+        let mut proved = Vec::new();
         for (i, w) in writes {
             let (Some(entry_req), Some(entry)) =
                 (fhir.entries.get(*i), doc.pointer(&format!("/entry/{i}")))
@@ -1381,6 +1389,7 @@ impl Gateway {
                 .prove_one_write(
                     session,
                     ctx,
+                    &mut proved,
                     entry_req,
                     Target {
                         rel: &rel,
@@ -1445,6 +1454,7 @@ impl Gateway {
         &self,
         session: &Session,
         ctx: &Ctx,
+        proved: &mut Vec<(String, String)>,
         fhir: &FhirRequest,
         target: Target<'_>,
         w: &WriteCheck,
@@ -1461,6 +1471,9 @@ impl Gateway {
         if w.body {
             let (content_type, body) = body.unwrap_or((None, b""));
             judge_write_body(fhir, content_type, body, w, &self.bases).map_err(refuse)?;
+            if let Some(p) = &w.patient {
+                self.prove_references(session, ctx, proved, body, p).await?;
+            }
         }
         if !w.existing {
             return Ok(None);
@@ -1572,6 +1585,101 @@ impl Gateway {
             }
             failed => Err(check_denial(failed, fhir, "the stored resource")),
         }
+    }
+
+    /// Under the scopes of `Patient/{patient}`, every resource of the
+    /// compartment's types that a written `body` references must be in the
+    /// compartment (fetched and judged), and no other Patient referenced:
+    /// the upstream looks references up, so the write's answer would tell
+    /// whether another patient's resource exists. A missing one and another
+    /// patient's are refused alike. `proved` holds those already proved for
+    /// this request; at most [`MAX_PROVED_REFERENCES`] are looked up.
+    async fn prove_references(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        proved: &mut Vec<(String, String)>,
+        body: &[u8],
+        patient: &str,
+    ) -> std::result::Result<(), Denial> {
+        let refuse = |description: String| Denial::InsufficientScope {
+            description,
+            scope: None,
+        };
+        // (judge_write_body read it as JSON first.)
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Ok(());
+        };
+        let refs = crate::fhir::compartment::references_to_prove(&doc, patient, &self.bases)
+            .map_err(|r| {
+                refuse(format!(
+                    "the written resource references another patient ({}); under the scopes of \
+                     Patient/{patient} it may reference no other",
+                    r.chars().take(80).collect::<String>()
+                ))
+            })?;
+        for (t, id) in refs {
+            if proved.iter().any(|(pt, pid)| *pt == t && *pid == id) {
+                continue;
+            }
+            if proved.len() >= MAX_PROVED_REFERENCES {
+                return Err(Denial::TooLarge {
+                    description: format!(
+                        "the written resources reference more than {MAX_PROVED_REFERENCES} \
+                         resources of the patient's compartment, each of which fhirwall must \
+                         look up: split the request"
+                    ),
+                });
+            }
+            let not_known = || {
+                refuse(format!(
+                    "the written resource references {t}/{}, which is not known in the \
+                     compartment of Patient/{patient}",
+                    id.chars().take(64).collect::<String>()
+                ))
+            };
+            let rel = format!("{t}/{id}");
+            let Ok(read) = classify::classify(HttpRequest {
+                method: "GET",
+                path: &rel,
+                query: None,
+                if_none_exist: None,
+            }) else {
+                return Err(not_known());
+            };
+            if read.interaction != Interaction::Read {
+                return Err(not_known());
+            }
+            let mut headers = self.checked_headers(session, ctx);
+            headers.remove(header::CONTENT_TYPE);
+            let answer = match self
+                .checked
+                .fetch(http::Method::GET, &rel, None, headers, None)
+                .await
+            {
+                Ok(a) => a,
+                // Too large to check: as if absent.
+                Err(d) if d.code() == "upstream_answer_too_large" => return Err(not_known()),
+                Err(d) => return Err(d),
+            };
+            let content_type = answer
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            match judge(
+                &ResponseCheck::in_compartment(patient),
+                &read,
+                answer.status,
+                content_type,
+                &answer.body,
+                &self.bases,
+            ) {
+                Verdict::Pass => proved.push((t, id)),
+                Verdict::Hide { .. } | Verdict::Refuse { .. } => return Err(not_known()),
+                failed => return Err(check_denial(failed, &read, "a referenced resource")),
+            }
+        }
+        Ok(())
     }
 
     /// The DPoP algorithms for `WWW-Authenticate`, when DPoP is enabled.

@@ -1187,6 +1187,45 @@ async fn writes_keep_the_compartment() {
             .to_string(),
             "by identifier",
         ),
+        // References the upstream would look up: another patient's
+        // resource and a missing one are refused alike (the upstream's 201
+        // or 400 would tell which exists), as is another Patient anywhere.
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": {"reference": "Patient/p1"},
+                   "hasMember": [{"reference": "Observation/obs-p2-0"}]})
+            .to_string(),
+            "Observation/obs-p2-0, which is not known in the compartment",
+        ),
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": {"reference": "Patient/p1"},
+                   "hasMember": [{"reference": "Observation/no-such"}]})
+            .to_string(),
+            "Observation/no-such, which is not known in the compartment",
+        ),
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": {"reference": "Patient/p1"},
+                   "focus": [{"reference": "Patient/p2"}]})
+            .to_string(),
+            "references another patient (Patient/p2)",
+        ),
+        // The subject a contained Patient (another's MRN), p1 only as
+        // performer.
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "contained": [{"resourceType": "Patient", "id": "x",
+                       "identifier": [{"system": "urn:mrn", "value": "P2"}]}],
+                   "subject": {"reference": "#x"},
+                   "performer": [{"reference": "Patient/p1"}]})
+            .to_string(),
+            "reference another patient",
+        ),
     ] {
         let (s, answer) = send("POST", "Observation".into(), ctype, body).await;
         let want = match why {
@@ -1206,6 +1245,13 @@ async fn writes_keep_the_compartment() {
     .await;
     assert_eq!(s, 403);
     assert_eq!(writes("POST"), 1, "refused creates reached the upstream");
+    // A reference to the patient's own resource is proved and passes.
+    let own = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "Patient/p1"},
+        "hasMember": [{"reference": "Observation/obs-p1-1"}]});
+    let (s, body) = send("POST", "Observation".into(), fhir, own.to_string()).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(writes("POST"), 2);
 
     // Update: the stored resource and the new one must both be inside.
     let (s, body) = send(

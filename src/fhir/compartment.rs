@@ -110,9 +110,24 @@ pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) 
     let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
         return false;
     };
+    // A contained Patient (`#x`) is no record fhirwall can tie to this
+    // patient: readers may resolve it, by its identifier, to another's.
+    let contained_patient = |r: &str| {
+        r.strip_prefix('#').is_some_and(|id| {
+            resource
+                .get("contained")
+                .and_then(Value::as_array)
+                .is_some_and(|c| {
+                    c.iter().any(|x| {
+                        x.get("resourceType").and_then(Value::as_str) == Some("Patient")
+                            && x.get("id").and_then(Value::as_str) == Some(id)
+                    })
+                })
+        })
+    };
     let other = |r: &str| {
         let names_patient = r.starts_with("Patient/") || r.contains("/Patient/");
-        names_patient && !bases.names_patient(r, patient)
+        names_patient && !bases.names_patient(r, patient) || contained_patient(r)
     };
     let logical = |v: &Value| v.get("reference").is_none() && v.get("identifier").is_some();
     link_params(rtype).iter().any(|p| {
@@ -121,6 +136,81 @@ pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) 
                 || any_at(resource, path, &mut |v| logical(v))
         })
     })
+}
+
+/// The resources a resource written under the scopes of
+/// `Patient/{patient}` references, anywhere in it, that the upstream would
+/// look up (HAPI refuses a write whose reference has no target): each
+/// `(type, id)` of a Patient-compartment type, to be proved in the
+/// compartment before the write goes. Otherwise the write's answer (201,
+/// or 400 "not found") would tell whether another patient's resource
+/// exists, which a read of it hides. `Err` with the reference when it
+/// names another Patient: refused as it stands. Not looked up: this
+/// patient, contained resources (`#id`), a transaction's own entries
+/// (`urn:`), other servers' URLs, and types outside the compartment
+/// (Practitioner, Organization, Medication…).
+pub fn references_to_prove(
+    resource: &Value,
+    patient: &str,
+    bases: &Bases,
+) -> Result<Vec<(String, String)>, String> {
+    let mut found = Vec::new();
+    let mut other = None;
+    let mut visit = |r: &str| {
+        if other.is_some() || r.starts_with('#') || r.starts_with("urn:") {
+            return;
+        }
+        let rel = match bases
+            .0
+            .iter()
+            .find_map(|b| r.strip_prefix(b.as_str()).and_then(|r| r.strip_prefix('/')))
+        {
+            Some(rel) => rel,
+            None if r.contains("://") => return,
+            None => r,
+        };
+        let mut parts = rel.split('/');
+        let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        if t == "Patient" {
+            if !bases.names_patient(rel, patient) {
+                other = Some(r.to_string());
+            }
+            return;
+        }
+        if is_compartment_type(t) && !id.is_empty() {
+            let key = (t.to_string(), id.to_string());
+            if !found.contains(&key) {
+                found.push(key);
+            }
+        }
+    };
+    every_reference(resource, &mut visit);
+    match other {
+        Some(r) => Err(r),
+        None => Ok(found),
+    }
+}
+
+/// Calls `f` on every `reference` string anywhere below `node`.
+fn every_reference(node: &Value, f: &mut dyn FnMut(&str)) {
+    match node {
+        Value::Object(m) => {
+            if let Some(Value::String(r)) = m.get("reference") {
+                f(r);
+            }
+            for v in m.values() {
+                every_reference(v, f);
+            }
+        }
+        Value::Array(a) => {
+            for v in a {
+                every_reference(v, f);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Calls `hit` on every `reference` string found at `path` (arrays are
@@ -162,6 +252,43 @@ mod tests {
             "https://gw.example/fhir".into(),
             "http://legacy:8080/baseR4".into(),
         ])
+    }
+
+    #[test]
+    fn written_references_to_prove() {
+        let r = json!({"resourceType": "Observation",
+            "subject": {"reference": "Patient/p1"},
+            "encounter": {"reference": "Encounter/e1"},
+            "basedOn": [{"reference": "https://gw.example/fhir/ServiceRequest/s1"},
+                        {"reference": "Encounter/e1/_history/2"}],
+            "performer": [{"reference": "Practitioner/d1"}, {"reference": "#c"}],
+            "hasMember": [{"reference": "urn:uuid:0e0c"},
+                          {"reference": "https://other.example/fhir/Observation/o9"}],
+            "contained": [{"resourceType": "Provenance", "id": "c",
+                           "target": [{"reference": "Condition/c7"}]}]});
+        let got = references_to_prove(&r, "p1", &bases()).unwrap();
+        let mut got: Vec<(&str, &str)> =
+            got.iter().map(|(t, i)| (t.as_str(), i.as_str())).collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                ("Condition", "c7"),
+                ("Encounter", "e1"),
+                ("ServiceRequest", "s1")
+            ]
+        );
+        for other in ["Patient/p2", "http://legacy:8080/baseR4/Patient/p2"] {
+            let mut r = r.clone();
+            r["focus"] = json!([{"reference": other}]);
+            assert_eq!(
+                references_to_prove(&r, "p1", &bases()),
+                Err(other.to_string())
+            );
+        }
+        let mut r = r.clone();
+        r["focus"] = json!([{"reference": "Patient/p1/_history/3"}]);
+        assert!(references_to_prove(&r, "p1", &bases()).is_ok());
     }
 
     #[test]
@@ -274,6 +401,20 @@ mod tests {
             (
                 json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
                        "focus": [{"identifier": {"value": "2"}}]}),
+                false,
+            ),
+            // A contained Patient as subject (p1 only as performer).
+            (
+                json!({"resourceType": "Observation", "performer": [{"reference": "Patient/p1"}],
+                       "contained": [{"resourceType": "Patient", "id": "x"}],
+                       "subject": {"reference": "#x"}}),
+                true,
+            ),
+            // A contained resource of another type: not a patient.
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "contained": [{"resourceType": "Device", "id": "d"}],
+                       "device": {"reference": "#d"}}),
                 false,
             ),
         ] {
