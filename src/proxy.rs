@@ -316,6 +316,12 @@ pub struct Ctx {
     /// Included resources left out of a checked search's answer (outside
     /// the grant).
     left_out: usize,
+    /// A write under `patient/` scopes: the details of a failure answer
+    /// that may name other patients' resources are withheld
+    /// ([`withheld_error`]).
+    withhold_error_detail: bool,
+    /// The body that replaces the upstream's, once it is withheld.
+    replaced_body: Option<Bytes>,
     /// The status of the answer whose header went to the client, once one
     /// did (for the record of a request dropped before it finished).
     answered: Option<u16>,
@@ -524,6 +530,48 @@ fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
             description: format!("{what} could not be checked"),
         },
     }
+}
+
+/// The OperationOutcome that replaces the upstream's answer to a write
+/// under `patient/` scopes that failed with 409, 412 or 5xx: its details
+/// may name other patients' resources (HAPI's 409 to a DELETE names the
+/// first resource referencing the deleted one, whoever's it is). The
+/// status goes on; 400 and 422 (the written body's own faults) keep their
+/// details.
+fn withheld_error(ctx: &Ctx, status: u16) -> Option<Bytes> {
+    if !ctx.withhold_error_detail || !(status == 409 || status == 412 || status >= 500) {
+        return None;
+    }
+    let code = if status == 409 {
+        "conflict"
+    } else {
+        "exception"
+    };
+    let outcome = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": format!(
+            "fhirwall: the upstream refused the write ({status}); its details are withheld \
+             under patient/ scopes, since they may name other patients' resources"
+        )}]
+    });
+    Some(Bytes::from(outcome.to_string()))
+}
+
+/// An answer's header for a body of `len` bytes fhirwall writes instead.
+fn replace_body_headers(h: &mut ResponseHeader, len: usize) -> Result<()> {
+    for name in [
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+        header::ETAG,
+        header::LAST_MODIFIED,
+        header::LOCATION,
+        header::CONTENT_LOCATION,
+    ] {
+        h.remove_header(&name);
+    }
+    h.insert_header(header::CONTENT_TYPE, "application/fhir+json")?;
+    h.insert_header(header::CONTENT_LENGTH, len.to_string())?;
+    Ok(())
 }
 
 /// How many referenced resources one request's writes may make fhirwall
@@ -1074,6 +1122,13 @@ impl Gateway {
             None => h.insert_header(header::TRANSFER_ENCODING, "chunked")?,
         }
         self.start_collecting(ctx, answer.status().as_u16(), answer.headers());
+        if let Some(outcome) = withheld_error(ctx, answer.status().as_u16()) {
+            replace_body_headers(&mut h, outcome.len())?;
+            self.stamp(&mut h, ctx)?;
+            session.write_response_header(Box::new(h), false).await?;
+            session.write_response_body(Some(outcome), true).await?;
+            return Ok(());
+        }
         self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), false).await?;
         loop {
@@ -1566,22 +1621,16 @@ impl Gateway {
             // Under a scope with a query filter neither: nothing pins the
             // write to the absence fhirwall saw, so a resource created at
             // that id meanwhile, outside the filter, would be overwritten.
+            // (Under a filter, a missing one is answered as one outside
+            // the filter is, 404: which ids exist outside it stays unknown.)
             Verdict::Hide {
                 why: "upstream_not_found",
             } if fhir.interaction == Interaction::Update
                 && answer.status == 404
-                && w.patient.is_none() =>
+                && w.patient.is_none()
+                && w.filters.is_none() =>
             {
-                if w.filters.is_none() {
-                    return Ok(None);
-                }
-                Err(refuse(format!(
-                    "{}/{} does not exist, and under a scope with a query filter an update may \
-                     not create it (the write could not be held to the absence fhirwall saw); \
-                     create it with POST",
-                    fhir.resource_type.as_deref().unwrap_or(""),
-                    fhir.id.as_deref().unwrap_or("")
-                )))
+                Ok(None)
             }
             failed => Err(check_denial(failed, fhir, "the stored resource")),
         }
@@ -2532,6 +2581,7 @@ impl Gateway {
             return Ok(());
         };
         if let Some(w) = &p.write {
+            ctx.withhold_error_detail = w.patient.is_some();
             self.prove_write(session, ctx, w).await?;
         }
         if !p.entry_writes.is_empty() {
@@ -2876,6 +2926,8 @@ impl ProxyHttp for Gateway {
             entry_statuses: Vec::new(),
             entry_withheld: Vec::new(),
             left_out: 0,
+            withhold_error_detail: false,
+            replaced_body: None,
             answered: None,
             body_rewritten: false,
             body_permit: None,
@@ -3067,6 +3119,16 @@ impl ProxyHttp for Gateway {
         }
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        // (A body-less answer holds no details, and would give the body
+        // filter no call to write fhirwall's.)
+        let bodiless = resp
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+        if let Some(outcome) = withheld_error(ctx, resp.status.as_u16()).filter(|_| !bodiless) {
+            replace_body_headers(resp, outcome.len())?;
+            ctx.replaced_body = Some(outcome);
+        }
         self.start_collecting(ctx, resp.status.as_u16(), &resp.headers);
         self.stamp(resp, ctx)
     }
@@ -3078,6 +3140,11 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<std::time::Duration>> {
+        if ctx.replaced_body.is_some() {
+            // The upstream's bytes go nowhere; fhirwall's once.
+            *body = ctx.replaced_body.as_mut().map(std::mem::take);
+            return Ok(None);
+        }
         self.collect_answer(ctx, body.as_ref(), end_of_stream);
         Ok(None)
     }

@@ -1100,6 +1100,102 @@ async fn the_patients_own_record_linked_to_another_is_read_only() {
     );
 }
 
+/// A write's failure answer may name other patients' resources (HAPI's
+/// 409 to a DELETE names the first resource that references the deleted
+/// one, whoever's it is): under patient/ scopes its details are withheld,
+/// its status kept; a 400 (the written body's own fault) keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
+    const FHIR: &str = "application/fhir+json";
+    async fn read() -> impl axum::response::IntoResponse {
+        let o = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "1"},
+            "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}});
+        ([("content-type", FHIR)], o.to_string())
+    }
+    async fn delete() -> impl axum::response::IntoResponse {
+        let o = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+            "code": "processing", "diagnostics": "Unable to delete Observation/o1 because at \
+            least one resource has a reference to this resource. First reference found was \
+            resource DiagnosticReport/dr-of-p2 in path DiagnosticReport.result"}]});
+        (
+            axum::http::StatusCode::CONFLICT,
+            [("content-type", FHIR)],
+            o.to_string(),
+        )
+    }
+    async fn put(body: String) -> impl axum::response::IntoResponse {
+        let (status, why) = if body.len() > 100_000 {
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "HAPI-0550: index of Condition/c-of-p2 failed",
+            )
+        } else {
+            (
+                axum::http::StatusCode::BAD_REQUEST,
+                "Observation.status: minimum required = 1",
+            )
+        };
+        let o = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+            "code": "processing", "diagnostics": why}]});
+        (status, [("content-type", FHIR)], o.to_string())
+    }
+    let app = axum::Router::new().route(
+        "/r4/Observation/o1",
+        axum::routing::get(read).delete(delete).put(put),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        ..Options::default()
+    })
+    .await;
+    let p1 = gw.mint("patient/Observation.rud", Some("p1"));
+    let r = gw
+        .client
+        .delete(format!("{}/Observation/o1", gw.base))
+        .bearer_auth(&p1)
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 409, "{body}");
+    assert!(!body.contains("dr-of-p2"), "{body}");
+    assert!(body.contains("withheld"), "{body}");
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["upstream_status"], 409, "{rec}");
+    let put = |text: String| {
+        let o = json!({"resourceType": "Observation", "id": "o1", "status": "final",
+            "code": {"text": text}, "subject": {"reference": "Patient/p1"}});
+        let r = gw
+            .client
+            .put(format!("{}/Observation/o1", gw.base))
+            .bearer_auth(&p1)
+            .header("content-type", FHIR)
+            .body(o.to_string())
+            .send();
+        async move { status_and_body(r.await.unwrap()).await }
+    };
+    let (s, body) = put("x".into()).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body.contains("minimum required"),
+        "a 400 keeps its details: {body}"
+    );
+    // Through fhirwall's own client (a body larger than Pingora's retry
+    // buffer is relayed by it).
+    let (s, body) = put("x".repeat(200_000)).await;
+    assert_eq!(s, 500, "{body}");
+    assert!(
+        !body.contains("c-of-p2") && body.contains("withheld"),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_keep_the_compartment() {
     use serde_json::json;
@@ -1755,8 +1851,8 @@ async fn query_filtered_scopes_grant_only_their_filter() {
     assert_eq!(s, 403, "{body}");
     assert!(body.contains("scope filters"), "{body}");
     assert_eq!(posts(), 1);
-    // An update that would create: refused, since nothing could hold the
-    // write to the absence fhirwall saw (a resource outside the filter
+    // An update that would create: refused (404), since nothing could hold
+    // the write to the absence fhirwall saw (a resource outside the filter
     // created there meanwhile would be overwritten).
     let lab_obs = |id: &str| {
         json!({"resourceType": "Observation", "id": id, "status": "final",
@@ -1779,9 +1875,25 @@ async fn query_filtered_scopes_grant_only_their_filter() {
             lab_obs("lab-new").to_string(),
         )
         .await;
-    let (s, body) = status_and_body(r).await;
-    assert_eq!(s, 403, "{body}");
-    assert!(body.contains("may not create it"), "{body}");
+    let (s, absent) = status_and_body(r).await;
+    // Answered as one that exists outside the filter is: which ids exist
+    // outside it stays unknown, as it does to reads.
+    let r = gw
+        .send(
+            "PUT",
+            "Observation/obs-p1-0",
+            &writer,
+            "application/fhir+json",
+            lab_obs("obs-p1-0").to_string(),
+        )
+        .await;
+    let (s_outside, outside) = status_and_body(r).await;
+    assert_eq!((s, s_outside), (404, 404), "{absent} / {outside}");
+    assert_eq!(
+        absent.replace("lab-new", "X"),
+        outside.replace("obs-p1-0", "X"),
+        "told apart"
+    );
     assert_eq!(puts(), 0);
     // An update of one that exists and stays in the filter goes, pinned.
     let r = gw
