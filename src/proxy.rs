@@ -1311,6 +1311,26 @@ impl Gateway {
                 return self.refuse(session, ctx, denial).await;
             }
         };
+        // An earlier version is read only while the resource still is in
+        // the grant: one moved to another patient (a misfiled record,
+        // corrected) is theirs, every version of it, as its history is.
+        if let (Interaction::Vread, Some(check @ ResponseCheck::Resource { .. })) =
+            (fhir.interaction, &ctx.check)
+        {
+            let (fhir, check) = (fhir.clone(), check.clone());
+            if let Err(denial) = self
+                .current_version_inside(session, ctx, &fhir, &check)
+                .await
+            {
+                return self.refuse(session, ctx, denial).await;
+            }
+        }
+        let Some(fhir) = &ctx.fhir else {
+            return Err(pingora::Error::explain(
+                ErrorType::InternalError,
+                "checked exchange without a request",
+            ));
+        };
         if !fhir.entries.is_empty() {
             // What the upstream answered each entry, and which answers the
             // client did not get (replaced by a denial).
@@ -1729,6 +1749,57 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+
+    /// For a vread: the resource's current version must pass `check` too
+    /// (fetched and judged as a read); else it is hidden, as another
+    /// patient's is.
+    async fn current_version_inside(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        vread: &FhirRequest,
+        check: &ResponseCheck,
+    ) -> std::result::Result<(), Denial> {
+        let read = FhirRequest {
+            interaction: Interaction::Read,
+            version_id: None,
+            ..vread.clone()
+        };
+        let rel = format!(
+            "{}/{}",
+            read.resource_type.as_deref().unwrap_or(""),
+            read.id.as_deref().unwrap_or("")
+        );
+        let mut headers = self.checked_headers(session, ctx);
+        headers.remove(header::CONTENT_TYPE);
+        let answer = self
+            .checked
+            .fetch(http::Method::GET, &rel, None, headers, None)
+            .await
+            .map_err(|d| match d.code() {
+                "upstream_answer_too_large" => hidden_too_large(vread),
+                _ => d,
+            })?;
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        match judge(
+            check,
+            &read,
+            answer.status,
+            content_type,
+            &answer.body,
+            &self.bases,
+        ) {
+            Verdict::Pass => Ok(()),
+            failed => Err(check_denial(
+                failed,
+                vread,
+                "the resource's current version",
+            )),
+        }
     }
 
     /// The DPoP algorithms for `WWW-Authenticate`, when DPoP is enabled.

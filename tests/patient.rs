@@ -95,6 +95,21 @@ async fn reads_by_id_answer_only_the_context_patients_compartment() {
         }
     }
 
+    // Bob's own earlier version, of a resource since moved to Alice (a
+    // misfiled record corrected): no longer his, every version of it, as
+    // its history is.
+    let p2 = gw.mint("patient/*.rs", Some("p2"));
+    let r = gw.get("Observation/obs-moved/_history/1", Some(&p2)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 404, "{body}");
+    assert!(!body.contains("Glucose"), "{body}");
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "outside_compartment", "{rec}");
+    let (s, body) =
+        status_and_body(gw.get("Observation/obs-p2-0/_history/1", Some(&p2)).await).await;
+    assert_eq!(s, 200, "his own, unmoved: {body}");
+
     // An instance's history points through the gateway, not at the
     // upstream it came from.
     let (_, body) = status_and_body(gw.get("Observation/obs-p1-0/_history", Some(&p1)).await).await;
