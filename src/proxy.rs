@@ -1412,9 +1412,11 @@ impl Gateway {
     /// Writes inside a Bundle under `patient/` scopes: each entry's resource
     /// must keep the compartment and each stored resource it changes must be
     /// in it. Each such entry then goes with `request.ifMatch` on the version
-    /// that was checked (a client's own `ifMatch` must name it), so it
-    /// cannot land on a resource changed in between; the Bundle so
-    /// rewritten is sent upstream by fhirwall.
+    /// that was checked (a client's own `ifMatch` must name it), so an
+    /// update or patch cannot land on a resource changed in between; the
+    /// Bundle so rewritten is sent upstream by fhirwall. (A delete goes with
+    /// it too, but HAPI does not apply `If-Match` to deletes: one changed
+    /// between the proof and the delete is deleted as it then is.)
     async fn prove_bundle_writes(
         &self,
         session: &mut Session,

@@ -1684,7 +1684,8 @@ async fn bundles_are_checked_entry_by_entry() {
         assert_eq!(sent["entry"][1]["resource"], moved);
     }
     assert_eq!(bundles_seen(), 3);
-    // A delete too goes on the version checked.
+    // A delete too is sent with the version checked (which HAPI does not
+    // apply to deletes: README, the limits of patient/ scopes).
     let (s, body) = post_bundle("transaction", vec![delete("obs-moved")]).await;
     assert_eq!(s, 200, "{body}");
     let sent = gw.upstream.seen().last().unwrap().clone();
