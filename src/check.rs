@@ -681,11 +681,18 @@ pub fn judge_bundle_answer(
                 }
                 continue;
             }
-            // (Only a searchset is trimmed: a Bundle.)
-            Verdict::Trim { entries } => {
+            // (Only a searchset is trimmed: a Bundle, which must be the
+            // entry's resource to be trimmed.)
+            Verdict::Trim { entries } if entry.get("resource").is_some() => {
                 relinked.push((c.index, entries));
                 continue;
             }
+            Verdict::Trim { .. } => (
+                "502 Bad Gateway",
+                "exception",
+                "the upstream answered a search entry with a Bundle in place of its outcome"
+                    .to_string(),
+            ),
             Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
             Verdict::Refuse { why } | Verdict::PolicyRefuse { why, .. } => {
                 ("403 Forbidden", "forbidden", why)

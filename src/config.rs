@@ -1575,7 +1575,10 @@ impl Config {
             // anyone without a token, scopes, policies or a check of the
             // answer.
             let first = r.split('/').next().unwrap_or("");
+            // (Binary, Bundle and Linkage are outside the compartment but
+            // may hold anything, patient documents too.)
             let reaches_patients = crate::fhir::compartment::is_compartment_type(first)
+                || matches!(first, "Binary" | "Bundle" | "Linkage")
                 || r.split('/')
                     .any(|s| matches!(s, "_history" | "_search" | "$export" | "$everything"))
                 || first.starts_with('_')
@@ -3428,7 +3431,7 @@ admin:
     fn public_routes_may_not_serve_patient_data() {
         let p = problems_of(
             "public_routes: [Patient, Observation/x, _history, _search, $export, \
-             Group/g1/$export, ValueSet, CodeSystem/$lookup, StructureDefinition]\n",
+             Group/g1/$export, Binary, ValueSet, CodeSystem/$lookup, StructureDefinition]\n",
         );
         let paths: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
@@ -3439,7 +3442,8 @@ admin:
                 "public_routes[2]",
                 "public_routes[3]",
                 "public_routes[4]",
-                "public_routes[5]"
+                "public_routes[5]",
+                "public_routes[6]"
             ],
             "{p:?}"
         );

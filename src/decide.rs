@@ -289,6 +289,19 @@ pub fn decide_with(
                 missing_scope: None,
             };
             match decide_with(entry, scopes, patient, opts) {
+                // A checked vread needs the current version checked too
+                // (one moved to another patient is theirs), which is done
+                // for a vread alone, not inside a Bundle.
+                Ok(Decision {
+                    check: Some(ResponseCheck::Resource { .. }),
+                    ..
+                }) if entry.interaction == Interaction::Vread => {
+                    return Err(refused(
+                        "a version of a resource (vread) inside a Bundle cannot be checked \
+                         against its current version: read it alone"
+                            .into(),
+                    ))
+                }
                 Ok(Decision {
                     check: Some(check),
                     narrow,
@@ -2595,6 +2608,14 @@ mod tests {
                 narrow: Vec::new()
             }]
         );
+        // A vread inside: refused (its current version is checked alone).
+        let body = br#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"request":{"method":"GET","url":"Observation/o1/_history/1"}}]}"#;
+        let b = classify_bundle(req("POST", ""), body).unwrap();
+        let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1"));
+        assert!(d.is_err_and(|e| e.reason.contains("vread")));
+        // Under user/ scopes nothing is checked: allowed.
+        assert!(decide(&b, &ScopeSet::parse("user/*.rs"), None).is_ok());
     }
 
     #[test]

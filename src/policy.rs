@@ -21,8 +21,6 @@ use serde_json::Value;
 
 use crate::client_addr::{in_cidr, parse_cidr, Cidr};
 
-use crate::metrics::BINDINGS;
-
 /// One policy file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -269,10 +267,10 @@ impl PolicySet {
                         p("require", "names nothing to require".into());
                     }
                     for b in &req.binding {
-                        if !BINDINGS.contains(&b.as_str()) {
+                        if !RULE_BINDINGS.contains(&b.as_str()) {
                             p(
                                 "require.binding",
-                                format!("'{b}' is not one of {}", BINDINGS.join(", ")),
+                                format!("'{b}' is not one of {}", RULE_BINDINGS.join(", ")),
                             );
                         }
                     }
@@ -385,10 +383,10 @@ impl PolicySet {
                 }
             }
             for b in &w.binding {
-                if !BINDINGS.contains(&b.as_str()) {
+                if !RULE_BINDINGS.contains(&b.as_str()) {
                     p(
                         "when.binding",
-                        format!("'{b}' is not one of {}", BINDINGS.join(", ")),
+                        format!("'{b}' is not one of {}", RULE_BINDINGS.join(", ")),
                     );
                 }
             }
@@ -955,6 +953,10 @@ fn claim_matches(claims: &Value, name: &str, values: &[String]) -> bool {
         None => false,
     }
 }
+
+/// The bindings a rule may name (a token bound both ways holds `dpop` and
+/// `mtls`; `dpop+mtls` is how it is recorded, not a value to match).
+const RULE_BINDINGS: &[&str] = &["bearer", "dpop", "mtls"];
 
 /// Whether a request's binding (`bearer`, `dpop`, `mtls`, or `dpop+mtls`
 /// for a token bound both ways) holds `wanted`.
@@ -1604,6 +1606,15 @@ mod tests {
                 "{binding}"
             );
         }
+        // The recorded label is no value a rule may name (it would never
+        // match: a deny on it would let everything through).
+        let mut named = PolicySet::default();
+        let problems = named.add_file(
+            "t.yaml",
+            &parse_file("rules:\n  - {name: both, effect: deny, when: {binding: [dpop+mtls]}}\n")
+                .unwrap(),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
         let s = set("rules:
   - {name: bound, effect: require, require: {binding: [mtls]}}
 ");

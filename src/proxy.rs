@@ -1325,6 +1325,9 @@ impl Gateway {
                 return self.refuse(session, ctx, denial).await;
             }
         }
+        // A Bundle with writes under patient/ scopes that failed whole.
+        let withheld = withheld_error(ctx, answer.status);
+        let body = withheld.clone().unwrap_or(body);
         let Some(fhir) = &ctx.fhir else {
             return Err(pingora::Error::explain(
                 ErrorType::InternalError,
@@ -1347,6 +1350,9 @@ impl Gateway {
             }
         }
         h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        if withheld.is_some() {
+            replace_body_headers(&mut h, body.len())?;
+        }
         self.stamp(&mut h, ctx)?;
         session.write_response_header(Box::new(h), head).await?;
         if !head {
@@ -2658,6 +2664,7 @@ impl Gateway {
             self.prove_write(session, ctx, w).await?;
         }
         if !p.entry_writes.is_empty() {
+            ctx.withhold_error_detail |= p.entry_writes.iter().any(|(_, w)| w.patient.is_some());
             self.prove_bundle_writes(session, ctx, &p.bundle, &p.entry_writes)
                 .await?;
         }
@@ -3197,7 +3204,9 @@ impl ProxyHttp for Gateway {
         let bodiless = resp
             .headers
             .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() == b"0");
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n == 0);
         if let Some(outcome) = withheld_error(ctx, resp.status.as_u16()).filter(|_| !bodiless) {
             replace_body_headers(resp, outcome.len())?;
             ctx.replaced_body = Some(outcome);

@@ -1154,10 +1154,13 @@ async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
             "code": "processing", "diagnostics": why}]});
         (status, [("content-type", FHIR)], o.to_string())
     }
-    let app = axum::Router::new().route(
-        "/r4/Observation/o1",
-        axum::routing::get(read).delete(delete).put(put),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/r4/Observation/o1",
+            axum::routing::get(read).delete(delete).put(put),
+        )
+        // A Bundle fails whole, as a transaction whose DELETE HAPI refuses.
+        .route("/r4", axum::routing::post(delete));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1209,6 +1212,27 @@ async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
         !body.contains("c-of-p2") && body.contains("withheld"),
         "{body}"
     );
+    // The same for Bundles with writes: passed through (a transaction of
+    // writes alone) or checked (a batch with a read too).
+    let delete = json!({"request": {"method": "DELETE", "url": "Observation/o1"}});
+    let read = json!({"request": {"method": "GET", "url": "Observation/o1"}});
+    for (kind, entries) in [
+        ("transaction", vec![delete.clone()]),
+        ("batch", vec![read, delete]),
+    ] {
+        let bundle = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
+        let r = gw
+            .post_bundle(&p1, bundle.to_string())
+            .send()
+            .await
+            .unwrap();
+        let (s, body) = status_and_body(r).await;
+        assert_eq!(s, 409, "{kind}: {body}");
+        assert!(
+            !body.contains("dr-of-p2") && body.contains("withheld"),
+            "{kind}: {body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1522,6 +1546,12 @@ async fn writes_keep_the_compartment() {
         json!([{"op": "add", "path": "/focus",
                 "value": [{"reference": "Patient?identifier=urn:mrn|P2&_has:Condition:subject:code=B20"}]}]),
         json!([{"op": "add", "path": "/focus/0/reference", "value": "patient?identifier=urn:mrn|P2"}]),
+        // A reference the upstream would look up, set as a plain string:
+        // another patient's, and a missing one.
+        json!([{"op": "add", "path": "/derivedFrom", "value": [{}]},
+               {"op": "add", "path": "/derivedFrom/0/reference", "value": "Observation/obs-p2-0"}]),
+        json!([{"op": "add", "path": "/derivedFrom", "value": [{}]},
+               {"op": "add", "path": "/derivedFrom/0/reference", "value": "Observation/no-such"}]),
     ] {
         let (s, body) = send(
             "PATCH",

@@ -187,6 +187,19 @@ pub fn references_to_prove(
         }
     };
     every_reference(resource, &mut visit);
+    // A JSON Patch sets a reference as a plain string at a path ending in
+    // `/reference` (`{"op": "add", "path": "/focus/0/reference", "value":
+    // "Condition/c9"}`).
+    if let Value::Array(ops) = resource {
+        for op in ops {
+            let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+            if path.rsplit('/').next().map(str::trim) == Some("reference") {
+                if let Some(Value::String(r)) = op.get("value") {
+                    visit(r);
+                }
+            }
+        }
+    }
     match other {
         Some(r) => Err(r),
         None => Ok(found),
@@ -289,6 +302,23 @@ mod tests {
         let mut r = r.clone();
         r["focus"] = json!([{"reference": "Patient/p1/_history/3"}]);
         assert!(references_to_prove(&r, "p1", &bases()).is_ok());
+        // A JSON Patch: references as objects and as plain strings.
+        let patch = json!([
+            {"op": "add", "path": "/derivedFrom", "value": [{"reference": "Observation/o2"}]},
+            {"op": "replace", "path": "/hasMember/0/reference", "value": "Observation/o3"},
+            {"op": "replace", "path": "/status", "value": "Observation/not-a-reference"}
+        ]);
+        let mut got = references_to_prove(&patch, "p1", &bases()).unwrap();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                ("Observation".to_string(), "o2".to_string()),
+                ("Observation".into(), "o3".into())
+            ]
+        );
+        let other = json!([{"op": "add", "path": "/focus/0/reference", "value": "Patient/p2"}]);
+        assert!(references_to_prove(&other, "p1", &bases()).is_err());
     }
 
     #[test]
