@@ -829,6 +829,23 @@ mod tests {
 
     /// A reload that lifts every role ceiling, or lets tokens with no
     /// mapped role through, is told apart from one that does not.
+    /// `dir/config.yaml`: a loopback gateway with one issuer, and `extra`.
+    fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+        let config = dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:8080\npublic_base_url: http://localhost:8080/fhir\n\
+                 upstream:\n  url: http://127.0.0.1:9090/r4\nissuers:\n  - name: local\n    \
+                 issuer: http://127.0.0.1:9999\n    jwks_uri: http://127.0.0.1:9999/jwks.json\n    \
+                 audiences: [http://localhost:8080/fhir]\nadmin:\n  listen: 127.0.0.1:9901\n\
+                 {extra}"
+            ),
+        )
+        .unwrap();
+        config
+    }
+
     #[test]
     fn reloads_that_lift_role_ceilings_are_named() {
         let rules = |roles: &str| {
@@ -838,18 +855,7 @@ mod tests {
                 roles.len()
             ));
             std::fs::create_dir_all(&dir).unwrap();
-            let config = dir.join("config.yaml");
-            std::fs::write(
-                &config,
-                format!(
-                    "listen: 127.0.0.1:8080\npublic_base_url: http://localhost:8080/fhir\n\
-                     upstream:\n  url: http://127.0.0.1:9090/r4\nissuers:\n  - name: local\n    \
-                     issuer: http://127.0.0.1:9999\n    jwks_uri: http://127.0.0.1:9999/jwks.json\n    \
-                     audiences: [http://localhost:8080/fhir]\nadmin:\n  listen: 127.0.0.1:9901\n\
-                     {roles}"
-                ),
-            )
-            .unwrap();
+            let config = write_config(&dir, roles);
             let s = crate::config::load_for_reload(&config).unwrap();
             std::fs::remove_dir_all(&dir).unwrap();
             crate::proxy::Rules::from_settings(&s)
@@ -875,19 +881,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fhirwall catch-up {}", std::process::id()));
         let policies = dir.join("policies");
         std::fs::create_dir_all(&policies).unwrap();
-        let config = dir.join("config.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:8080\npublic_base_url: http://localhost:8080/fhir\n\
-                 upstream:\n  url: http://127.0.0.1:9090/r4\nissuers:\n  - name: local\n    \
-                 issuer: http://127.0.0.1:9999\n    jwks_uri: http://127.0.0.1:9999/jwks.json\n    \
-                 audiences: [http://localhost:8080/fhir]\nadmin:\n  listen: 127.0.0.1:9901\n\
-                 policies:\n  dir: {}\n",
-                policies.display()
-            ),
-        )
-        .unwrap();
+        let config = write_config(&dir, &format!("policies:\n  dir: {}\n", policies.display()));
         let settings = crate::config::load_for_reload(&config).unwrap();
         let rules = Arc::new(arc_swap::ArcSwap::from_pointee(
             crate::proxy::Rules::from_settings(&settings),

@@ -132,14 +132,7 @@ async fn certificate_bound_tokens_need_their_certificate() {
     assert_eq!(r.status(), 200);
     let audit = gw.audit_containing("\"binding\":\"mtls\"");
     assert!(audit.contains("\"binding\":\"mtls\""), "{audit}");
-    let m = without
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains("fhirwall_token_bindings_total{binding=\"mtls\",kind=\"jwt\"} 1"),
         "{m}"
@@ -187,14 +180,7 @@ async fn a_token_bound_both_ways_needs_its_proof_and_its_certificate() {
     assert_eq!(gw.upstream.count_containing("both-no"), 0);
     let audit = gw.audit_containing("\"binding\":\"dpop+mtls\"");
     assert!(audit.contains("\"binding\":\"dpop+mtls\""), "{audit}");
-    let m = without
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains("fhirwall_token_bindings_total{binding=\"dpop+mtls\",kind=\"jwt\"} 1"),
         "{m}"
