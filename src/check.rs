@@ -607,12 +607,12 @@ pub fn judge_bundle_answer(
     bases: &Bases,
     upstream_base: &str,
     public_base: &str,
-) -> Result<Vec<u8>, Verdict> {
+) -> Result<(Vec<u8>, usize), Verdict> {
     let mut doc = parse(content_type, body)?;
     if status != 200 {
         // The whole Bundle failed: an OperationOutcome holds no entry's data.
         return if doc.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome") {
-            Ok(body.to_vec())
+            Ok((body.to_vec(), 0))
         } else {
             Err(Verdict::Unverifiable {
                 why: format!("upstream answered the Bundle with {status} and no OperationOutcome"),
@@ -710,8 +710,10 @@ pub fn judge_bundle_answer(
         });
         withheld.push((c.index, entry.clone()));
     }
+    // Included resources left out of the entries' searches.
+    let left_out = relinked.iter().map(|(_, drop)| drop.len()).sum();
     if withheld.is_empty() && relinked.is_empty() {
-        return Ok(body.to_vec());
+        return Ok((body.to_vec(), 0));
     }
     // A passed Bundle, trimmed, its links through the gateway.
     let relink = |resource: &[u8], drop: &[usize]| -> Option<Vec<u8>> {
@@ -742,7 +744,7 @@ pub fn judge_bundle_answer(
         }
         edit.finish().map(String::into_bytes)
     };
-    Ok(spliced().unwrap_or_else(|| {
+    let text = spliced().unwrap_or_else(|| {
         if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
             for (i, drop) in &relinked {
                 let Some(resource) = entries.get_mut(*i).and_then(|e| e.get_mut("resource")) else {
@@ -763,7 +765,8 @@ pub fn judge_bundle_answer(
             }
         }
         doc.to_string().into_bytes()
-    }))
+    });
+    Ok((text, left_out))
 }
 
 /// `u` moved from the upstream's base to the public one, if it is under
@@ -1553,7 +1556,7 @@ mod tests {
             "https://gw/fhir",
         )
         .unwrap();
-        String::from_utf8(out).unwrap()
+        String::from_utf8(out.0).unwrap()
     }
 
     #[test]
@@ -1589,7 +1592,7 @@ mod tests {
                 "https://gw/fhir",
             )
         };
-        let out: Value = serde_json::from_slice(&run(&answer).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&run(&answer).unwrap().0).unwrap();
         assert_eq!(out["entry"][0]["resource"]["id"], "o1");
         assert_eq!(out["entry"][1]["response"]["status"], "404 Not Found");
         assert!(!out.to_string().contains("Patient/p2"), "{out}");
@@ -1668,6 +1671,18 @@ mod tests {
              "response":{"status":"200 OK"}},
             {"resource":{"resourceType":"Observation","id":"o1",
               "subject":{"reference":"Patient/p1"}},"response":{"status":"200 OK"}}]}"#;
+        let (_, left_out) = judge_bundle_answer(
+            &checks,
+            &b,
+            200,
+            Some("application/fhir+json"),
+            text.as_bytes(),
+            &Bases::default(),
+            "http://up:9/r4",
+            "https://gw/fhir",
+        )
+        .unwrap();
+        assert_eq!(left_out, 1, "counted for the record");
         let out = passed_bundle_answer(&checks, &b, text);
         assert!(!out.contains("SECRET-DX"), "{out}");
         assert!(out.contains(r#"{"value":2.50}"#), "{out}");

@@ -1247,7 +1247,10 @@ impl Gateway {
                 self.upstream_base(),
                 &self.realm,
             )
-            .map(Bytes::from),
+            .map(|(body, left_out)| {
+                ctx.left_out = left_out;
+                Bytes::from(body)
+            }),
             Some(check) => match judge(
                 check,
                 fhir,
