@@ -1262,6 +1262,43 @@ fn without_userinfo(text: &str) -> String {
     out
 }
 
+/// What a public route may start with: the server's description, and
+/// conformance, terminology, knowledge and directory resources (none
+/// holds a patient's data).
+const PUBLIC_ROUTE_TYPES: &[&str] = &[
+    ".well-known",
+    "metadata",
+    "ActivityDefinition",
+    "CapabilityStatement",
+    "CodeSystem",
+    "CompartmentDefinition",
+    "ConceptMap",
+    "Endpoint",
+    "GraphDefinition",
+    "HealthcareService",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Library",
+    "Location",
+    "Measure",
+    "Medication",
+    "MedicationKnowledge",
+    "MessageDefinition",
+    "NamingSystem",
+    "OperationDefinition",
+    "Organization",
+    "OrganizationAffiliation",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Questionnaire",
+    "SearchParameter",
+    "StructureDefinition",
+    "StructureMap",
+    "TerminologyCapabilities",
+    "ValueSet",
+];
+
 /// `text` with the query of every URL in it cut to `?…`: an endpoint's
 /// query may hold a key (`?apikey=`), and problems are printed and, on a
 /// rejected reload, logged. A URL ends at a quote or white space.
@@ -1571,18 +1608,16 @@ impl Config {
                 || r.contains(';')
                 || r.contains("//")
                 || r.contains('\\');
-            // A route that would serve patient data, or every type's, to
-            // anyone without a token, scopes, policies or a check of the
-            // answer.
+            // A route served to anyone without a token, scopes, policies or
+            // a check of the answer: only the server's description,
+            // conformance, terminology, knowledge and directory resources
+            // (many types outside the Patient compartment still hold
+            // patients' data: Task, Device, Binary, Bundle…), and no
+            // history, search or bulk operation of them.
             let first = r.split('/').next().unwrap_or("");
-            // (Binary, Bundle and Linkage are outside the compartment but
-            // may hold anything, patient documents too.)
-            let reaches_patients = crate::fhir::compartment::is_compartment_type(first)
-                || matches!(first, "Binary" | "Bundle" | "Linkage")
+            let reaches_patients = !PUBLIC_ROUTE_TYPES.contains(&first)
                 || r.split('/')
-                    .any(|s| matches!(s, "_history" | "_search" | "$export" | "$everything"))
-                || first.starts_with('_')
-                || first.starts_with('$');
+                    .any(|s| matches!(s, "_history" | "_search" | "$export" | "$everything"));
             if bad {
                 problem(
                     &format!("public_routes[{i}]"),
@@ -1592,9 +1627,11 @@ impl Config {
                 problem(
                     &format!("public_routes[{i}]"),
                     format!(
-                        "'{r}' would serve patient data without a token: a public route may not \
-                         be a type in the Patient compartment, a system-level interaction or \
-                         operation, or a history, search, $export or $everything"
+                        "'{r}' could serve patient data without a token: a public route must \
+                         start with one of {} (the server's description; conformance, \
+                         terminology, knowledge and directory resources), and may not be a \
+                         history, search, $export or $everything",
+                        PUBLIC_ROUTE_TYPES.join(", ")
                     ),
                 );
             } else {
@@ -3431,7 +3468,8 @@ admin:
     fn public_routes_may_not_serve_patient_data() {
         let p = problems_of(
             "public_routes: [Patient, Observation/x, _history, _search, $export, \
-             Group/g1/$export, Binary, ValueSet, CodeSystem/$lookup, StructureDefinition]\n",
+             Group/g1/$export, Binary, Task, ValueSet/_history, ValueSet, CodeSystem/$lookup, \
+             StructureDefinition, .well-known/udap, Practitioner]\n",
         );
         let paths: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
@@ -3443,11 +3481,13 @@ admin:
                 "public_routes[3]",
                 "public_routes[4]",
                 "public_routes[5]",
-                "public_routes[6]"
+                "public_routes[6]",
+                "public_routes[7]",
+                "public_routes[8]"
             ],
             "{p:?}"
         );
-        assert!(p[0].1.contains("patient data without a token"), "{p:?}");
+        assert!(p[0].1.contains("could serve patient data"), "{p:?}");
     }
 
     #[test]

@@ -295,10 +295,17 @@ pub fn decide_with(
                 Ok(Decision {
                     check: Some(ResponseCheck::Resource { .. }),
                     ..
-                }) if entry.interaction == Interaction::Vread => {
+                }) if entry.interaction == Interaction::Vread
+                    || entry.interaction == Interaction::HistoryInstance
+                        && entry
+                            .params
+                            .iter()
+                            .any(|(n, _)| n == "_at" || n == "_since") =>
+                {
                     return Err(refused(
-                        "a version of a resource (vread) inside a Bundle cannot be checked \
-                         against its current version: read it alone"
+                        "a version of a resource (vread, or a history with _at or _since) \
+                         inside a Bundle cannot be checked against its current version: read it \
+                         alone"
                             .into(),
                     ))
                 }
@@ -2614,6 +2621,20 @@ mod tests {
         let b = classify_bundle(req("POST", ""), body).unwrap();
         let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1"));
         assert!(d.is_err_and(|e| e.reason.contains("vread")));
+        // So is a history that may leave the current version out.
+        for (url, ok) in [
+            ("Observation/o1/_history?_at=le2020-01-01", false),
+            ("Observation/o1/_history?_since=2020-01-01", false),
+            ("Observation/o1/_history", true),
+        ] {
+            let body = format!(
+                r#"{{"resourceType":"Bundle","type":"batch","entry":[
+                {{"request":{{"method":"GET","url":"{url}"}}}}]}}"#
+            );
+            let b = classify_bundle(req("POST", ""), body.as_bytes()).unwrap();
+            let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1"));
+            assert_eq!(d.is_ok(), ok, "{url}");
+        }
         // Under user/ scopes nothing is checked: allowed.
         assert!(decide(&b, &ScopeSet::parse("user/*.rs"), None).is_ok());
     }

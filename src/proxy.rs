@@ -1317,8 +1317,11 @@ impl Gateway {
         // An earlier version is read only while the resource still is in
         // the grant: one moved to another patient (a misfiled record,
         // corrected) is theirs, every version of it, as its history is.
-        if let (Interaction::Vread, Some(check @ ResponseCheck::Resource { .. })) =
-            (fhir.interaction, &ctx.check)
+        // (So is a history: `_at` leaves the current version out.)
+        if let (
+            Interaction::Vread | Interaction::HistoryInstance,
+            Some(check @ ResponseCheck::Resource { .. }),
+        ) = (fhir.interaction, &ctx.check)
         {
             let (fhir, check) = (fhir.clone(), check.clone());
             if let Err(denial) = self
@@ -3204,12 +3207,13 @@ impl ProxyHttp for Gateway {
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         // (A body-less answer holds no details, and would give the body
         // filter no call to write fhirwall's.)
-        let bodiless = resp
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|n| n == 0);
+        let bodiless = !resp.headers.contains_key(header::TRANSFER_ENCODING)
+            && resp
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|n| n == 0);
         if let Some(outcome) = withheld_error(ctx, resp.status.as_u16()).filter(|_| !bodiless) {
             replace_body_headers(resp, outcome.len())?;
             ctx.replaced_body = Some(outcome);
