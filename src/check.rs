@@ -600,6 +600,7 @@ impl std::io::Read for Pieces {
 #[allow(clippy::too_many_arguments)]
 pub fn judge_bundle_answer(
     checks: &[EntryCheck],
+    writes: &[usize],
     req: &FhirRequest,
     status: u16,
     content_type: Option<&str>,
@@ -710,6 +711,27 @@ pub fn judge_bundle_answer(
         });
         withheld.push((c.index, entry.clone()));
     }
+    // Writes under patient/ scopes that failed: their outcome may name
+    // other patients' resources.
+    for i in writes {
+        let Some(entry) = entries.get_mut(*i) else {
+            continue;
+        };
+        let status = entry
+            .pointer("/response/status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let code: u16 = status
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if let Some(outcome) = withheld_write_outcome(code) {
+            *entry = serde_json::json!({"response": {"status": status, "outcome": outcome}});
+            withheld.push((*i, entry.clone()));
+        }
+    }
     // Included resources left out of the entries' searches.
     let left_out = relinked.iter().map(|(_, drop)| drop.len()).sum();
     if withheld.is_empty() && relinked.is_empty() {
@@ -767,6 +789,29 @@ pub fn judge_bundle_answer(
         doc.to_string().into_bytes()
     });
     Ok((text, left_out))
+}
+
+/// The OperationOutcome that stands for a write's failure answer under
+/// `patient/` scopes (409, 412, 5xx), whose details may name other
+/// patients' resources (HAPI's 409 to a DELETE names the first resource
+/// referencing the deleted one). `None` for other statuses: 400 and 422
+/// are the written body's own faults.
+pub fn withheld_write_outcome(status: u16) -> Option<Value> {
+    if !(status == 409 || status == 412 || status >= 500) {
+        return None;
+    }
+    let code = if status == 409 {
+        "conflict"
+    } else {
+        "exception"
+    };
+    Some(serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": format!(
+            "fhirwall: the upstream refused the write ({status}); its details are withheld \
+             under patient/ scopes, since they may name other patients' resources"
+        )}]
+    }))
 }
 
 /// `u` moved from the upstream's base to the public one, if it is under
@@ -1547,6 +1592,7 @@ mod tests {
     fn passed_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> String {
         let out = judge_bundle_answer(
             checks,
+            &[],
             b,
             200,
             Some("application/fhir+json"),
@@ -1583,6 +1629,7 @@ mod tests {
         let run = |a: &Value| {
             judge_bundle_answer(
                 &checks,
+                &[],
                 &b,
                 200,
                 Some("application/fhir+json"),
@@ -1673,6 +1720,7 @@ mod tests {
               "subject":{"reference":"Patient/p1"}},"response":{"status":"200 OK"}}]}"#;
         let (_, left_out) = judge_bundle_answer(
             &checks,
+            &[],
             &b,
             200,
             Some("application/fhir+json"),

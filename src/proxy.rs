@@ -322,6 +322,9 @@ pub struct Ctx {
     withhold_error_detail: bool,
     /// The body that replaces the upstream's, once it is withheld.
     replaced_body: Option<Bytes>,
+    /// Write entries of a Bundle under `patient/` scopes: a failed one's
+    /// outcome is withheld (the answer is then fetched and judged).
+    withheld_entries: Vec<usize>,
     /// The status of the answer whose header went to the client, once one
     /// did (for the record of a request dropped before it finished).
     answered: Option<u16>,
@@ -539,22 +542,10 @@ fn check_denial(verdict: Verdict, fhir: &FhirRequest, what: &str) -> Denial {
 /// status goes on; 400 and 422 (the written body's own faults) keep their
 /// details.
 fn withheld_error(ctx: &Ctx, status: u16) -> Option<Bytes> {
-    if !ctx.withhold_error_detail || !(status == 409 || status == 412 || status >= 500) {
+    if !ctx.withhold_error_detail {
         return None;
     }
-    let code = if status == 409 {
-        "conflict"
-    } else {
-        "exception"
-    };
-    let outcome = serde_json::json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": code, "diagnostics": format!(
-            "fhirwall: the upstream refused the write ({status}); its details are withheld \
-             under patient/ scopes, since they may name other patients' resources"
-        )}]
-    });
-    Some(Bytes::from(outcome.to_string()))
+    crate::check::withheld_write_outcome(status).map(|o| Bytes::from(o.to_string()))
 }
 
 /// An answer's header for a body of `len` bytes fhirwall writes instead.
@@ -1237,20 +1228,23 @@ impl Gateway {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
         let judged: std::result::Result<Bytes, Verdict> = match &ctx.check {
-            _ if !ctx.entry_checks.is_empty() => judge_bundle_answer(
-                &ctx.entry_checks,
-                fhir,
-                answer.status,
-                content_type,
-                &answer.body,
-                &self.bases,
-                self.upstream_base(),
-                &self.realm,
-            )
-            .map(|(body, left_out)| {
-                ctx.left_out = left_out;
-                Bytes::from(body)
-            }),
+            _ if !ctx.entry_checks.is_empty() || !ctx.withheld_entries.is_empty() => {
+                judge_bundle_answer(
+                    &ctx.entry_checks,
+                    &ctx.withheld_entries,
+                    fhir,
+                    answer.status,
+                    content_type,
+                    &answer.body,
+                    &self.bases,
+                    self.upstream_base(),
+                    &self.realm,
+                )
+                .map(|(body, left_out)| {
+                    ctx.left_out = left_out;
+                    Bytes::from(body)
+                })
+            }
             Some(check) => match judge(
                 check,
                 fhir,
@@ -2671,6 +2665,14 @@ impl Gateway {
         }
         if !p.entry_writes.is_empty() {
             ctx.withhold_error_detail |= p.entry_writes.iter().any(|(_, w)| w.patient.is_some());
+            // A batch answers each entry: a failed one's outcome is
+            // withheld in the checked exchange.
+            ctx.withheld_entries = p
+                .entry_writes
+                .iter()
+                .filter(|(_, w)| w.patient.is_some())
+                .map(|(i, _)| *i)
+                .collect();
             self.prove_bundle_writes(session, ctx, &p.bundle, &p.entry_writes)
                 .await?;
         }
@@ -3014,6 +3016,7 @@ impl ProxyHttp for Gateway {
             left_out: 0,
             withhold_error_detail: false,
             replaced_body: None,
+            withheld_entries: Vec::new(),
             answered: None,
             body_rewritten: false,
             body_permit: None,
@@ -3095,7 +3098,11 @@ impl ProxyHttp for Gateway {
             .await;
         }
         match admitted {
-            Ok(()) if ctx.check.is_some() || !ctx.entry_checks.is_empty() => {
+            Ok(())
+                if ctx.check.is_some()
+                    || !ctx.entry_checks.is_empty()
+                    || !ctx.withheld_entries.is_empty() =>
+            {
                 Box::pin(
                     self.checked_exchange(session, ctx)
                         .instrument(tracing::debug_span!(parent: &span, "check")),

@@ -1138,6 +1138,35 @@ async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
             o.to_string(),
         )
     }
+    /// A transaction fails whole, as HAPI's does when a DELETE in it is
+    /// refused; a batch answers each entry, the DELETE's with a 409.
+    async fn bundle(body: String) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let b: Value = serde_json::from_str(&body).unwrap();
+        if b["type"] == "transaction" {
+            return delete().await.into_response();
+        }
+        let leak = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error",
+            "code": "processing", "diagnostics": "First reference found was resource \
+            DiagnosticReport/dr-of-p2 in path DiagnosticReport.result"}]});
+        let entries: Vec<Value> = b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| match e["request"]["method"].as_str() {
+                Some("GET") => json!({"resource": {"resourceType": "Observation", "id": "o1",
+                    "status": "final", "subject": {"reference": "Patient/p1"}},
+                    "response": {"status": "200 OK"}}),
+                _ => json!({"response": {"status": "409 Conflict", "outcome": leak}}),
+            })
+            .collect();
+        (
+            [("content-type", FHIR)],
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+                .to_string(),
+        )
+            .into_response()
+    }
     async fn put(body: String) -> impl axum::response::IntoResponse {
         let (status, why) = if body.len() > 100_000 {
             (
@@ -1159,8 +1188,7 @@ async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
             "/r4/Observation/o1",
             axum::routing::get(read).delete(delete).put(put),
         )
-        // A Bundle fails whole, as a transaction whose DELETE HAPI refuses.
-        .route("/r4", axum::routing::post(delete));
+        .route("/r4", axum::routing::post(bundle));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1212,14 +1240,16 @@ async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
         !body.contains("c-of-p2") && body.contains("withheld"),
         "{body}"
     );
-    // The same for Bundles with writes: passed through (a transaction of
-    // writes alone) or checked (a batch with a read too).
+    // The same for Bundles with writes: a transaction that fails whole,
+    // and a batch's failed entry (alone, or with a read).
     let delete = json!({"request": {"method": "DELETE", "url": "Observation/o1"}});
     let read = json!({"request": {"method": "GET", "url": "Observation/o1"}});
-    for (kind, entries) in [
-        ("transaction", vec![delete.clone()]),
-        ("batch", vec![read, delete]),
+    for (kind, entries, status) in [
+        ("transaction", vec![delete.clone()], 409),
+        ("batch", vec![delete.clone()], 200),
+        ("batch", vec![read, delete], 200),
     ] {
+        let n = entries.len();
         let bundle = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
         let r = gw
             .post_bundle(&p1, bundle.to_string())
@@ -1227,11 +1257,22 @@ async fn failed_writes_under_patient_scopes_tell_nothing_of_others() {
             .await
             .unwrap();
         let (s, body) = status_and_body(r).await;
-        assert_eq!(s, 409, "{kind}: {body}");
+        assert_eq!(s, status, "{kind}: {body}");
         assert!(
             !body.contains("dr-of-p2") && body.contains("withheld"),
             "{kind}: {body}"
         );
+        if status == 200 {
+            let b: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                b["entry"][n - 1]["response"]["status"],
+                "409 Conflict",
+                "{body}"
+            );
+            if n == 2 {
+                assert_eq!(b["entry"][0]["resource"]["id"], "o1", "{body}");
+            }
+        }
     }
 }
 
