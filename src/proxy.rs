@@ -2666,11 +2666,17 @@ impl Gateway {
         if !p.entry_writes.is_empty() {
             ctx.withhold_error_detail |= p.entry_writes.iter().any(|(_, w)| w.patient.is_some());
             // A batch answers each entry: a failed one's outcome is
-            // withheld in the checked exchange.
+            // withheld in the checked exchange. (A transaction fails
+            // whole, and its answer is withheld as a write's is: it keeps
+            // the proxy path, unbounded by the checked answer's size.)
+            let batch = ctx
+                .fhir
+                .as_ref()
+                .is_some_and(|f| f.interaction == Interaction::Batch);
             ctx.withheld_entries = p
                 .entry_writes
                 .iter()
-                .filter(|(_, w)| w.patient.is_some())
+                .filter(|(_, w)| batch && w.patient.is_some())
                 .map(|(i, _)| *i)
                 .collect();
             self.prove_bundle_writes(session, ctx, &p.bundle, &p.entry_writes)
