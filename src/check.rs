@@ -180,14 +180,15 @@ fn outside_grant(
 
 /// Judges the body of a write under `patient/` scopes (create, update,
 /// patch of `req`'s type and id): the resource as it would be stored must
-/// be in the compartment of `Patient/{patient}`. Returns why not.
+/// be in the compartment of `Patient/{patient}`. Returns why not, or the
+/// resources it references that must be looked up ([`to_prove`]).
 pub fn judge_write_body(
     req: &FhirRequest,
     content_type: Option<&str>,
     body: &[u8],
     w: &WriteCheck,
     bases: &Bases,
-) -> Result<(), String> {
+) -> Result<Vec<(String, String)>, String> {
     let patient = w.patient.as_deref().unwrap_or("");
     let media = crate::fhir::classify::media_type(content_type);
     let rtype = req.resource_type.as_deref().unwrap_or("");
@@ -237,7 +238,7 @@ pub fn judge_write_body(
                 }
             }
         }
-        return Ok(());
+        return to_prove(&Value::Array(ops), w, bases);
     }
     if media != "application/fhir+json" && media != "application/json" {
         return Err(format!(
@@ -268,7 +269,7 @@ pub fn judge_write_body(
                  reference no other patient there"
             ))
         }
-        None => Ok(()),
+        None => to_prove(&doc, w, bases),
         Some("outside_compartment") => Err(format!(
             "the {rtype} would be outside the compartment of Patient/{patient}"
         )),
@@ -276,6 +277,23 @@ pub fn judge_write_body(
             "the {rtype} would match none of the token's scope filters"
         )),
     }
+}
+
+/// Under the scopes of a patient, the resources a written `doc` (or a JSON
+/// Patch) references that must be looked up before the write goes
+/// ([`references_to_prove`](crate::fhir::compartment::references_to_prove));
+/// refused when it references another Patient. None otherwise.
+fn to_prove(doc: &Value, w: &WriteCheck, bases: &Bases) -> Result<Vec<(String, String)>, String> {
+    let Some(patient) = w.patient.as_deref() else {
+        return Ok(Vec::new());
+    };
+    crate::fhir::compartment::references_to_prove(doc, patient, bases).map_err(|r| {
+        format!(
+            "the written resource references another patient ({}); under the scopes of \
+             Patient/{patient} it may reference no other",
+            r.chars().take(80).collect::<String>()
+        )
+    })
 }
 
 /// Refuses a written resource (or a `patch`) that holds a conditional
@@ -554,7 +572,7 @@ pub fn entry_statuses(body: impl std::io::Read, entries: usize) -> Option<Vec<Op
             .iter()
             .map(|e| {
                 let status = e.response.as_ref()?.status.as_deref()?;
-                status.split_whitespace().next()?.parse().ok()
+                status_code(status)
             })
             .collect(),
     )
@@ -652,11 +670,10 @@ pub fn judge_bundle_answer(
         else {
             continue;
         };
-        let code: u16 = entry
+        let code = entry
             .pointer("/response/status")
             .and_then(Value::as_str)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
+            .and_then(status_code)
             .unwrap_or(0);
         let resource = entry
             .get("resource")
@@ -722,11 +739,7 @@ pub fn judge_bundle_answer(
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let code: u16 = status
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let code = status_code(&status).unwrap_or(0);
         if let Some(outcome) = withheld_write_outcome(code) {
             *entry = serde_json::json!({"response": {"status": status, "outcome": outcome}});
             withheld.push((*i, entry.clone()));
@@ -789,6 +802,11 @@ pub fn judge_bundle_answer(
         doc.to_string().into_bytes()
     });
     Ok((text, left_out))
+}
+
+/// The code of a Bundle entry's `response.status` (`201` of "201 Created").
+fn status_code(status: &str) -> Option<u16> {
+    status.split_whitespace().next()?.parse().ok()
 }
 
 /// The OperationOutcome that stands for a write's failure answer under
@@ -1588,9 +1606,10 @@ mod tests {
     }
 
     /// A 200 FHIR JSON `text` answering `b`, judged by `checks` (upstream
-    /// `http://up:9/r4`, public `https://gw/fhir`): the text passed on.
-    fn passed_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> String {
-        let out = judge_bundle_answer(
+    /// `http://up:9/r4`, public `https://gw/fhir`): the text passed on, and
+    /// how many included resources were left out of it.
+    fn judged_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> (String, usize) {
+        let (out, left_out) = judge_bundle_answer(
             checks,
             &[],
             b,
@@ -1602,7 +1621,12 @@ mod tests {
             "https://gw/fhir",
         )
         .unwrap();
-        String::from_utf8(out.0).unwrap()
+        (String::from_utf8(out).unwrap(), left_out)
+    }
+
+    /// [`judged_bundle_answer`]'s text.
+    fn passed_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> String {
+        judged_bundle_answer(checks, b, text).0
     }
 
     #[test]
@@ -1718,20 +1742,8 @@ mod tests {
              "response":{"status":"200 OK"}},
             {"resource":{"resourceType":"Observation","id":"o1",
               "subject":{"reference":"Patient/p1"}},"response":{"status":"200 OK"}}]}"#;
-        let (_, left_out) = judge_bundle_answer(
-            &checks,
-            &[],
-            &b,
-            200,
-            Some("application/fhir+json"),
-            text.as_bytes(),
-            &Bases::default(),
-            "http://up:9/r4",
-            "https://gw/fhir",
-        )
-        .unwrap();
+        let (out, left_out) = judged_bundle_answer(&checks, &b, text);
         assert_eq!(left_out, 1, "counted for the record");
-        let out = passed_bundle_answer(&checks, &b, text);
         assert!(!out.contains("SECRET-DX"), "{out}");
         assert!(out.contains(r#"{"value":2.50}"#), "{out}");
         let v: Value = serde_json::from_str(&out).unwrap();

@@ -1553,25 +1553,15 @@ impl Gateway {
         };
         if w.body {
             let (content_type, body) = body.unwrap_or((None, b""));
-            judge_write_body(fhir, content_type, body, w, &self.bases).map_err(refuse)?;
+            let refs =
+                judge_write_body(fhir, content_type, body, w, &self.bases).map_err(refuse)?;
             if let Some(p) = &w.patient {
-                self.prove_references(session, ctx, proved, body, p).await?;
+                self.prove_references(session, ctx, proved, refs, p).await?;
             }
         }
         if !w.existing {
             return Ok(None);
         }
-        let mut headers = self.checked_headers(session, ctx);
-        headers.remove(header::CONTENT_TYPE);
-        // A stored resource too large to check: as if absent.
-        let answer = self
-            .checked
-            .fetch(http::Method::GET, rel, None, headers, None)
-            .await
-            .map_err(|denial| match denial.code() {
-                "upstream_answer_too_large" => hidden_too_large(fhir),
-                _ => denial,
-            })?;
         let read = FhirRequest {
             interaction: Interaction::Read,
             params: Vec::new(),
@@ -1582,18 +1572,15 @@ impl Gateway {
             patient: w.patient.clone(),
             filters: w.filters.clone(),
         };
-        let content_type = answer
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
-        match judge(
-            &check,
-            &read,
-            answer.status,
-            content_type,
-            &answer.body,
-            &self.bases,
-        ) {
+        // A stored resource too large to check: as if absent.
+        let (verdict, answer) = self
+            .judge_stored(session, ctx, rel, &read, &check)
+            .await
+            .map_err(|denial| match denial.code() {
+                "upstream_answer_too_large" => hidden_too_large(fhir),
+                _ => denial,
+            })?;
+        match verdict {
             Verdict::Pass => {
                 let stored = serde_json::from_slice::<serde_json::Value>(&answer.body).ok();
                 if let (Some(p), Some(doc)) = (&w.patient, &stored) {
@@ -1665,10 +1652,10 @@ impl Gateway {
     }
 
     /// Under the scopes of `Patient/{patient}`, every resource of the
-    /// compartment's types that a written `body` references must be in the
-    /// compartment (fetched and judged), and no other Patient referenced:
-    /// the upstream looks references up, so the write's answer would tell
-    /// whether another patient's resource exists. A missing one and another
+    /// compartment's types that a written body references (`refs`, as
+    /// [`judge_write_body`] found them) must be in the compartment (fetched
+    /// and judged): the upstream looks references up, so the write's
+    /// answer would tell whether another patient's resource exists. A missing one and another
     /// patient's are refused alike. `proved` holds those already proved for
     /// this request; at most [`MAX_PROVED_REFERENCES`] are looked up.
     async fn prove_references(
@@ -1676,25 +1663,13 @@ impl Gateway {
         session: &Session,
         ctx: &Ctx,
         proved: &mut Vec<(String, String)>,
-        body: &[u8],
+        refs: Vec<(String, String)>,
         patient: &str,
     ) -> std::result::Result<(), Denial> {
         let refuse = |description: String| Denial::InsufficientScope {
             description,
             scope: None,
         };
-        // (judge_write_body read it as JSON first.)
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return Ok(());
-        };
-        let refs = crate::fhir::compartment::references_to_prove(&doc, patient, &self.bases)
-            .map_err(|r| {
-                refuse(format!(
-                    "the written resource references another patient ({}); under the scopes of \
-                     Patient/{patient} it may reference no other",
-                    r.chars().take(80).collect::<String>()
-                ))
-            })?;
         for (t, id) in refs {
             if proved.iter().any(|(pt, pid)| *pt == t && *pid == id) {
                 continue;
@@ -1727,36 +1702,53 @@ impl Gateway {
             if read.interaction != Interaction::Read {
                 return Err(not_known());
             }
-            let mut headers = self.checked_headers(session, ctx);
-            headers.remove(header::CONTENT_TYPE);
-            let answer = match self
-                .checked
-                .fetch(http::Method::GET, &rel, None, headers, None)
-                .await
-            {
-                Ok(a) => a,
+            let check = ResponseCheck::in_compartment(patient);
+            let verdict = match self.judge_stored(session, ctx, &rel, &read, &check).await {
+                Ok((verdict, _)) => verdict,
                 // Too large to check: as if absent.
                 Err(d) if d.code() == "upstream_answer_too_large" => return Err(not_known()),
                 Err(d) => return Err(d),
             };
-            let content_type = answer
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok());
-            match judge(
-                &ResponseCheck::in_compartment(patient),
-                &read,
-                answer.status,
-                content_type,
-                &answer.body,
-                &self.bases,
-            ) {
+            match verdict {
                 Verdict::Pass => proved.push((t, id)),
                 Verdict::Hide { .. } | Verdict::Refuse { .. } => return Err(not_known()),
                 failed => return Err(check_denial(failed, &read, "a referenced resource")),
             }
         }
         Ok(())
+    }
+
+    /// A stored resource fhirwall reads for itself (GET `rel`: no query,
+    /// no body), judged by `check` as the read `read`: the verdict, and
+    /// the answer. One too large to check is the fetch's denial
+    /// `upstream_answer_too_large`, for each caller to hide as it must.
+    async fn judge_stored(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        rel: &str,
+        read: &FhirRequest,
+        check: &ResponseCheck,
+    ) -> std::result::Result<(Verdict, upstream::Answer), Denial> {
+        let mut headers = self.checked_headers(session, ctx);
+        headers.remove(header::CONTENT_TYPE);
+        let answer = self
+            .checked
+            .fetch(http::Method::GET, rel, None, headers, None)
+            .await?;
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let verdict = judge(
+            check,
+            read,
+            answer.status,
+            content_type,
+            &answer.body,
+            &self.bases,
+        );
+        Ok((verdict, answer))
     }
 
     /// For a vread: the resource's current version must pass `check` too
@@ -1779,28 +1771,14 @@ impl Gateway {
             read.resource_type.as_deref().unwrap_or(""),
             read.id.as_deref().unwrap_or("")
         );
-        let mut headers = self.checked_headers(session, ctx);
-        headers.remove(header::CONTENT_TYPE);
-        let answer = self
-            .checked
-            .fetch(http::Method::GET, &rel, None, headers, None)
+        let (verdict, _) = self
+            .judge_stored(session, ctx, &rel, &read, check)
             .await
             .map_err(|d| match d.code() {
                 "upstream_answer_too_large" => hidden_too_large(vread),
                 _ => d,
             })?;
-        let content_type = answer
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
-        match judge(
-            check,
-            &read,
-            answer.status,
-            content_type,
-            &answer.body,
-            &self.bases,
-        ) {
+        match verdict {
             Verdict::Pass => Ok(()),
             failed => Err(check_denial(
                 failed,

@@ -57,16 +57,22 @@ pub fn is_compartment_type(resource_type: &str) -> bool {
 pub struct Bases(pub Vec<String>);
 
 impl Bases {
+    /// What an absolute `reference` under one of these bases names below
+    /// it (`Observation/o1`).
+    fn below<'r>(&self, reference: &'r str) -> Option<&'r str> {
+        self.0.iter().find_map(|b| {
+            reference
+                .strip_prefix(b.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+        })
+    }
+
     /// Does this `Reference.reference` value name `Patient/{patient}`
     /// (optionally with a `/_history/{v}` suffix)?
     pub fn names_patient(&self, reference: &str, patient: &str) -> bool {
         let rel = match reference.strip_prefix("Patient/") {
             Some(_) => reference,
-            None => match self.0.iter().find_map(|b| {
-                reference
-                    .strip_prefix(b.as_str())
-                    .and_then(|r| r.strip_prefix('/'))
-            }) {
+            None => match self.below(reference) {
                 Some(r) => r,
                 None => return false,
             },
@@ -160,11 +166,7 @@ pub fn references_to_prove(
         if other.is_some() || r.starts_with('#') || r.starts_with("urn:") {
             return;
         }
-        let rel = match bases
-            .0
-            .iter()
-            .find_map(|b| r.strip_prefix(b.as_str()).and_then(|r| r.strip_prefix('/')))
-        {
+        let rel = match bases.below(r) {
             Some(rel) => rel,
             None if r.contains("://") => return,
             None => r,
