@@ -3198,16 +3198,19 @@ impl ProxyHttp for Gateway {
         ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         // (A body-less answer holds no details, and would give the body
         // filter no call to write fhirwall's.)
-        let bodiless = !resp.headers.contains_key(header::TRANSFER_ENCODING)
-            && resp
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .is_some_and(|n| n == 0);
-        if let Some(outcome) = withheld_error(ctx, resp.status.as_u16()).filter(|_| !bodiless) {
-            replace_body_headers(resp, outcome.len())?;
-            ctx.replaced_body = Some(outcome);
+        let bodiless = |h: &ResponseHeader| {
+            !h.headers.contains_key(header::TRANSFER_ENCODING)
+                && h.headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n == 0)
+        };
+        if let Some(outcome) = withheld_error(ctx, resp.status.as_u16()) {
+            if !bodiless(resp) {
+                replace_body_headers(resp, outcome.len())?;
+                ctx.replaced_body = Some(outcome);
+            }
         }
         self.start_collecting(ctx, resp.status.as_u16(), &resp.headers);
         self.stamp(resp, ctx)
