@@ -384,92 +384,138 @@ fn judge_search(
     };
     let mut trimmed = Vec::new();
     for (i, e) in entries.into_iter().flatten().enumerate() {
-        // An entry without a resource is nothing a searchset holds, and its
-        // fullUrl and response would pass unjudged.
-        let Some(r) = e.get("resource") else {
-            return Verdict::Unverifiable {
-                why: "upstream searchset holds an entry without a resource".into(),
-            };
-        };
-        if !r.is_object() {
-            return Verdict::Unverifiable {
-                why: "upstream searchset holds an entry whose resource is not an object".into(),
-            };
+        match judge_search_entry(grant, e, bases) {
+            EntryJudgement::Keep => {}
+            EntryJudgement::Trim => trimmed.push(i),
+            EntryJudgement::Fail(v) => return v,
         }
-        let mode = e.pointer("/search/mode").and_then(Value::as_str);
-        let outcome = r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome");
-        if outcome && mode == Some("outcome") {
-            continue;
-        }
-        let what = r
-            .get("resourceType")
-            .and_then(Value::as_str)
-            .unwrap_or("a resource");
-        if let Some(r) = grant.refused_types.iter().find(|r| r.resource_type == what) {
-            return Verdict::PolicyRefuse {
-                rule: r.rule.clone(),
-                why: format!("the answer would hold {what} resources: {}", r.reason),
-            };
-        }
-        if !grant.refused_types.is_empty() && !crate::fhir::resource_types::is_resource_type(what) {
-            let r = &grant.refused_types[0];
-            return Verdict::PolicyRefuse {
-                rule: r.rule.clone(),
-                why: format!(
-                    "the answer would hold {what} resources, which policy rules were not judged \
-                     for (they refuse some types here: {}, …)",
-                    r.resource_type
-                ),
-            };
-        }
-        if grant.open_types.iter().any(|t| t == what) {
-            continue;
-        }
-        if grant.types.is_some_and(|t| !t.iter().any(|t| t == what)) {
-            return Verdict::Refuse {
-                why: format!(
-                    "the answer would hold {what} resources, which the token's scopes do not grant"
-                ),
-            };
-        }
-        // Includes are other resource types: a scope filter is on the
-        // searched type, so it judges the matches only. A resource of a
-        // filtered type is judged by the filter whatever its label: the
-        // upstream's `search.mode` is no proof it is not a match.
-        let filtered_type = grant
-            .filters
-            .is_some_and(|fs| fs.iter().any(|f| f.resource_type == what));
-        let filters = if mode == Some("include") && !filtered_type {
-            None
-        } else {
-            grant.filters
-        };
-        let Some(why) = outside_grant(r, grant.patient, filters, bases) else {
-            continue;
-        };
-        if mode == Some("include") {
-            trimmed.push(i);
-            continue;
-        }
-        let inside_what = match why {
-            "outside_compartment" => format!(
-                "outside the compartment of Patient/{}",
-                grant.patient.unwrap_or("")
-            ),
-            _ => "that match none of the token's scope filters".to_string(),
-        };
-        return Verdict::Unverifiable {
-            why: format!(
-                "the upstream's search answer holds {what} resources {inside_what} \
-                 (did it ignore a narrowing parameter?)"
-            ),
-        };
     }
     if trimmed.is_empty() {
         Verdict::Pass
     } else {
         Verdict::Trim { entries: trimmed }
     }
+}
+
+/// Whether one entry (its JSON text) of the answer to a search checked by
+/// `check` is kept while the answer is read entry by entry
+/// ([`crate::fhir::entry_sieve`]): not when it is an included resource
+/// outside the grant, which [`judge`] would leave out too. Anything else
+/// is kept, to be judged with the whole answer (an entry that does not
+/// parse, or fails the answer, included).
+pub fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> bool {
+    let ResponseCheck::Search {
+        patient,
+        types,
+        filters,
+        open_types,
+        refused_types,
+    } = check
+    else {
+        return true;
+    };
+    let grant = Grant {
+        patient: patient.as_deref(),
+        types: types.as_deref(),
+        filters: filters.as_deref(),
+        open_types,
+        refused_types,
+    };
+    let Ok(e) = serde_json::from_slice::<Value>(entry) else {
+        return true;
+    };
+    !matches!(judge_search_entry(&grant, &e, bases), EntryJudgement::Trim)
+}
+
+/// How one entry of a searchset answer stands.
+enum EntryJudgement {
+    Keep,
+    /// An included resource outside the grant: left out.
+    Trim,
+    /// The whole answer fails.
+    Fail(Verdict),
+}
+
+fn judge_search_entry(grant: &Grant, e: &Value, bases: &Bases) -> EntryJudgement {
+    // An entry without a resource is nothing a searchset holds, and its
+    // fullUrl and response would pass unjudged.
+    let Some(r) = e.get("resource") else {
+        return EntryJudgement::Fail(Verdict::Unverifiable {
+            why: "upstream searchset holds an entry without a resource".into(),
+        });
+    };
+    if !r.is_object() {
+        return EntryJudgement::Fail(Verdict::Unverifiable {
+            why: "upstream searchset holds an entry whose resource is not an object".into(),
+        });
+    }
+    let mode = e.pointer("/search/mode").and_then(Value::as_str);
+    let outcome = r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome");
+    if outcome && mode == Some("outcome") {
+        return EntryJudgement::Keep;
+    }
+    let what = r
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("a resource");
+    if let Some(r) = grant.refused_types.iter().find(|r| r.resource_type == what) {
+        return EntryJudgement::Fail(Verdict::PolicyRefuse {
+            rule: r.rule.clone(),
+            why: format!("the answer would hold {what} resources: {}", r.reason),
+        });
+    }
+    if !grant.refused_types.is_empty() && !crate::fhir::resource_types::is_resource_type(what) {
+        let r = &grant.refused_types[0];
+        return EntryJudgement::Fail(Verdict::PolicyRefuse {
+            rule: r.rule.clone(),
+            why: format!(
+                "the answer would hold {what} resources, which policy rules were not judged \
+                 for (they refuse some types here: {}, …)",
+                r.resource_type
+            ),
+        });
+    }
+    if grant.open_types.iter().any(|t| t == what) {
+        return EntryJudgement::Keep;
+    }
+    if grant.types.is_some_and(|t| !t.iter().any(|t| t == what)) {
+        return EntryJudgement::Fail(Verdict::Refuse {
+            why: format!(
+                "the answer would hold {what} resources, which the token's scopes do not grant"
+            ),
+        });
+    }
+    // Includes are other resource types: a scope filter is on the
+    // searched type, so it judges the matches only. A resource of a
+    // filtered type is judged by the filter whatever its label: the
+    // upstream's `search.mode` is no proof it is not a match.
+    let filtered_type = grant
+        .filters
+        .is_some_and(|fs| fs.iter().any(|f| f.resource_type == what));
+    let filters = if mode == Some("include") && !filtered_type {
+        None
+    } else {
+        grant.filters
+    };
+    let Some(why) = outside_grant(r, grant.patient, filters, bases) else {
+        return EntryJudgement::Keep;
+    };
+    if mode == Some("include") {
+        return EntryJudgement::Trim;
+    }
+    let inside_what = match why {
+        "outside_compartment" => format!(
+            "outside the compartment of Patient/{}",
+            grant.patient.unwrap_or("")
+        ),
+        _ => "that match none of the token's scope filters".to_string(),
+    };
+    EntryJudgement::Fail(Verdict::Unverifiable {
+        why: format!(
+            "the upstream's search answer holds {what} resources {inside_what} \
+             (did it ignore a narrowing parameter?)"
+        ),
+    })
 }
 
 /// A Bundle's text without the entries at `drop` (indexes), everything

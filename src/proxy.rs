@@ -316,6 +316,9 @@ pub struct Ctx {
     /// Included resources left out of a checked search's answer (outside
     /// the grant).
     left_out: usize,
+    /// Entries of a checked search's answer let go unjudged, each larger
+    /// than `upstream.max_checked_answer_bytes` by itself.
+    too_large_entries: usize,
     /// A write under `patient/` scopes: the details of a failure answer
     /// that may name other patients' resources are withheld
     /// ([`withheld_error`]).
@@ -1195,9 +1198,21 @@ impl Gateway {
             body = Some(Bytes::from(narrowed));
         }
         let sent = Instant::now();
+        // A search's answer too large to hold whole is read entry by entry,
+        // its includes outside the grant let go as they come: whether it is
+        // too large then depends only on what the caller may see.
+        let bases = &self.bases;
+        let search_keep = |e: &[u8]| match &ctx.check {
+            Some(check) => crate::check::search_entry_kept(check, e, bases),
+            None => true,
+        };
+        let sieve = matches!(ctx.check, Some(ResponseCheck::Search { .. }))
+            && ctx.entry_checks.is_empty()
+            && ctx.withheld_entries.is_empty();
+        let keep: Option<crate::upstream::EntryKeep> = sieve.then_some(&search_keep);
         let fetched = self
             .checked
-            .fetch(method, &rel, query.as_deref(), headers, body)
+            .fetch(method, &rel, query.as_deref(), headers, body, keep)
             .await;
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
@@ -1217,6 +1232,8 @@ impl Gateway {
             }
         };
         ctx.upstream_status = Some(answer.status);
+        ctx.left_out = answer.left_out;
+        ctx.too_large_entries = answer.too_large;
         let Some(fhir) = &ctx.fhir else {
             return Err(pingora::Error::explain(
                 ErrorType::InternalError,
@@ -1255,7 +1272,7 @@ impl Gateway {
             ) {
                 // Included resources outside the grant are left out.
                 Verdict::Trim { entries } => {
-                    ctx.left_out = entries.len();
+                    ctx.left_out += entries.len();
                     match crate::check::without_entries(&answer.body, &entries) {
                         Some(kept) => Ok(rewrite_links(&kept, self.upstream_base(), &self.realm)
                             .map(Bytes::from)
@@ -1734,7 +1751,7 @@ impl Gateway {
         headers.remove(header::CONTENT_TYPE);
         let answer = self
             .checked
-            .fetch(http::Method::GET, rel, None, headers, None)
+            .fetch(http::Method::GET, rel, None, headers, None, None)
             .await?;
         let content_type = answer
             .headers
@@ -2782,14 +2799,23 @@ impl Ctx {
             ),
             Some(d) => ("deny", d.code(), Some(d.description())),
             None if self.public => ("allow", "public", None),
-            None if self.left_out > 0 => (
-                "allow",
-                "allowed",
-                Some(format!(
-                    "{} included resources outside the grant left out of the answer",
-                    self.left_out
-                )),
-            ),
+            None if self.left_out > 0 || self.too_large_entries > 0 => {
+                let mut detail = Vec::new();
+                if self.left_out > 0 {
+                    detail.push(format!(
+                        "{} included resources outside the grant left out of the answer",
+                        self.left_out
+                    ));
+                }
+                if self.too_large_entries > 0 {
+                    detail.push(format!(
+                        "{} entries larger than upstream.max_checked_answer_bytes left out \
+                         unjudged",
+                        self.too_large_entries
+                    ));
+                }
+                ("allow", "allowed", Some(detail.join("; ")))
+            }
             None => ("allow", "allowed", None),
         }
     }
@@ -2998,6 +3024,7 @@ impl ProxyHttp for Gateway {
             entry_statuses: Vec::new(),
             entry_withheld: Vec::new(),
             left_out: 0,
+            too_large_entries: 0,
             withhold_error_detail: false,
             replaced_body: None,
             withheld_entries: Vec::new(),

@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::Upstream;
 use crate::deny::Denial;
+use crate::fhir::entry_sieve::{EntrySieve, SieveError};
 
 /// Client headers that would make the answer uncheckable or partial.
 const UNCHECKABLE: &[HeaderName] = &[
@@ -60,9 +61,26 @@ pub struct Answer {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Entries of a Bundle too large to hold whole that were let go as it
+    /// was read: turned down by its [`EntryKeep`], and each too large to
+    /// judge by itself.
+    pub left_out: usize,
+    pub too_large: usize,
     /// Its share of the memory budget, given back when it is dropped.
     _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+/// Which entries of a 2xx Bundle answer larger than
+/// `upstream.max_checked_answer_bytes` to keep, each judged alone as the
+/// answer is read ([`crate::fhir::entry_sieve`]): only what is kept then
+/// counts against the cap, so whether an answer is too large never
+/// depends on what is left out of it.
+pub type EntryKeep<'a> = &'a (dyn Fn(&[u8]) -> bool + Sync);
+
+/// How many bytes of a sieved answer are read at most, as a multiple of
+/// `upstream.max_checked_answer_bytes`: an answer that never ends is cut
+/// off.
+const MAX_SIEVED_FACTOR: usize = 16;
 
 /// HTTP client for checked exchanges (its own connection pool).
 pub struct CheckedClient {
@@ -128,7 +146,9 @@ impl CheckedClient {
     /// Sends `method` `rel?query` below the upstream base with `headers`
     /// (already filtered by the proxy's header policy) and `body`, and reads
     /// the whole answer, at most `max_body` bytes, asked for whole, as FHIR
-    /// JSON, unencoded, to be checked.
+    /// JSON, unencoded, to be checked. With `keep`, a 2xx answer larger
+    /// than that is read as a Bundle entry by entry, keeping those `keep`
+    /// accepts (see [`EntryKeep`]).
     pub async fn fetch(
         &self,
         method: Method,
@@ -136,6 +156,7 @@ impl CheckedClient {
         query: Option<&str>,
         headers: HeaderMap,
         body: Option<Bytes>,
+        keep: Option<EntryKeep<'_>>,
     ) -> Result<Answer, Denial> {
         let mut resp = self.send(method, rel, query, headers, body, true).await?;
         let status = resp.status().as_u16();
@@ -159,41 +180,132 @@ impl CheckedClient {
                     status,
                     headers,
                     body: Bytes::new(),
+                    left_out: 0,
+                    too_large: 0,
                     _held: None,
                 })
             }
         };
-        if resp
-            .content_length()
-            .is_some_and(|l| l > self.max_body as u64)
+        let ok = (200..300).contains(&status);
+        let sieve = keep.filter(|_| ok);
+        if sieve.is_none()
+            && resp
+                .content_length()
+                .is_some_and(|l| l > self.max_body as u64)
         {
             return too_large(headers);
         }
         let mut body = BytesMut::new();
         let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
-        while let Some(chunk) = self.next_chunk(&mut resp).await? {
-            if body.len() + chunk.len() > self.max_body {
-                return too_large(headers);
+        let mut chunk = self.next_chunk(&mut resp).await?;
+        while let Some(c) = chunk.take() {
+            if body.len() + c.len() > self.max_body {
+                match sieve {
+                    Some(keep) => {
+                        return self
+                            .sieved(resp, status, headers, body.freeze(), c, held, keep)
+                            .await
+                    }
+                    None => return too_large(headers),
+                }
             }
             // Held answers count against the memory of all requests: many
             // large ones at once are refused, not held until memory runs out.
-            if !hold(&self.budget, &mut held, chunk.len() * ANSWER_WEIGHT) {
-                return Err(Denial::Unavailable {
-                    code: "answer_budget_exhausted",
-                    description: format!(
-                        "fhirwall holds as many request bodies and upstream answers being \
-                         checked as it may (server.max_held_body_bytes: {}); try again",
-                        self.budget_bytes
-                    ),
-                    retry_after_seconds: 1,
-                });
+            if !hold(&self.budget, &mut held, c.len() * ANSWER_WEIGHT) {
+                return Err(self.budget_exhausted());
             }
-            body.extend_from_slice(&chunk);
+            body.extend_from_slice(&c);
+            chunk = self.next_chunk(&mut resp).await?;
         }
         Ok(Answer {
             status,
             headers,
             body: body.freeze(),
+            left_out: 0,
+            too_large: 0,
+            _held: held,
+        })
+    }
+
+    fn budget_exhausted(&self) -> Denial {
+        Denial::Unavailable {
+            code: "answer_budget_exhausted",
+            description: format!(
+                "fhirwall holds as many request bodies and upstream answers being checked as \
+                 it may (server.max_held_body_bytes: {}); try again",
+                self.budget_bytes
+            ),
+            retry_after_seconds: 1,
+        }
+    }
+
+    /// Reads the rest of an answer grown too large to hold whole (`read`
+    /// so far, then `next`) entry by entry, keeping the entries `keep`
+    /// accepts: only what is kept counts against the cap.
+    #[allow(clippy::too_many_arguments)]
+    async fn sieved(
+        &self,
+        mut resp: reqwest::Response,
+        status: u16,
+        headers: HeaderMap,
+        read: Bytes,
+        next: Bytes,
+        mut held: Option<tokio::sync::OwnedSemaphorePermit>,
+        keep: EntryKeep<'_>,
+    ) -> Result<Answer, Denial> {
+        let max_body = self.max_body;
+        let unjudgeable = |why: String| Denial::Upstream {
+            status: 502,
+            code: "upstream_answer_too_large",
+            description: why,
+        };
+        let failed = |e: SieveError| match e {
+            SieveError::TooLarge => unjudgeable(format!(
+                "the upstream's answer is larger than the {max_body} bytes fhirwall reads to \
+                 check it, even with the resources outside the grant left out"
+            )),
+            SieveError::Malformed(why) => Denial::Upstream {
+                status: 502,
+                code: "upstream_answer_unchecked",
+                description: format!(
+                    "the upstream's answer, larger than {max_body} bytes, could not be read \
+                     entry by entry: {why}"
+                ),
+            },
+        };
+        let mut sieve = EntrySieve::new(max_body, |e: &[u8]| keep(e));
+        let mut total = read.len();
+        let mut held_bytes = read.len();
+        sieve.push(&read).map_err(failed)?;
+        drop(read);
+        let mut chunk = Some(next);
+        while let Some(c) = chunk.take() {
+            total += c.len();
+            if total > max_body.saturating_mul(MAX_SIEVED_FACTOR) {
+                return Err(unjudgeable(format!(
+                    "the upstream's answer is longer than {MAX_SIEVED_FACTOR} times the \
+                     {max_body} bytes fhirwall reads to check it"
+                )));
+            }
+            sieve.push(&c).map_err(failed)?;
+            // What the sieve holds (what it keeps and the entry it reads)
+            // counts against the memory of all requests, at its highest.
+            let now = sieve.held();
+            if now > held_bytes {
+                if !hold(&self.budget, &mut held, (now - held_bytes) * ANSWER_WEIGHT) {
+                    return Err(self.budget_exhausted());
+                }
+                held_bytes = now;
+            }
+            chunk = self.next_chunk(&mut resp).await?;
+        }
+        let sieved = sieve.finish().map_err(failed)?;
+        Ok(Answer {
+            status,
+            headers,
+            body: Bytes::from(sieved.body),
+            left_out: sieved.left_out,
+            too_large: sieved.too_large,
             _held: held,
         })
     }

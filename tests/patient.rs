@@ -349,6 +349,134 @@ async fn answers_held_to_be_checked_are_bounded() {
     assert_eq!(r.status(), 200);
 }
 
+/// A search's answer larger than `upstream.max_checked_answer_bytes` is
+/// read entry by entry, included resources outside the grant let go as
+/// they come: only what the caller may see counts against the cap. Padded
+/// with the caller's own data to near the cap, an include of another
+/// patient's resource answers the same whether that resource exists or
+/// not (before, a 502 told it did). The caller's own data over the cap is
+/// still a 502; an entry larger than the cap by itself is let go unjudged,
+/// on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
+    let obs = |id: &str, patient: &str, code: &str, focus: Option<&str>, pad: usize| {
+        let mut o = json!({
+            "resourceType": "Observation", "id": id, "status": "final",
+            "code": {"coding": [{"system": "http://example.org", "code": code}]},
+            "subject": {"reference": format!("Patient/{patient}")},
+            "note": [{"text": "x".repeat(pad)}]
+        });
+        if let Some(f) = focus {
+            o["focus"] = json!([{"reference": f}]);
+        }
+        o
+    };
+    let mut bob = obs("foreign-big", "p2", "bob", None, 0);
+    bob["note"] = json!([{"text": format!("Bob {}", "y".repeat(2000))}]);
+    let mut huge = obs("foreign-huge", "p2", "bob", None, 0);
+    huge["note"] = json!([{"text": format!("Bob {}", "y".repeat(6000))}]);
+    let extra = vec![
+        obs(
+            "oracle-a",
+            "p1",
+            "oracle-a",
+            Some("Observation/foreign-big"),
+            2500,
+        ),
+        obs(
+            "oracle-b",
+            "p1",
+            "oracle-b",
+            Some("Observation/foreign-nil"),
+            2500,
+        ),
+        obs(
+            "oracle-c",
+            "p1",
+            "oracle-c",
+            Some("Observation/foreign-huge"),
+            100,
+        ),
+        obs("oracle-d", "p1", "oracle-d", None, 6000),
+        obs("oracle-e1", "p1", "oracle-e", None, 2500),
+        obs("oracle-e2", "p1", "oracle-e", None, 2500),
+        bob,
+        huge,
+    ];
+    let (upstream, addr) = fhirwall::sandbox::fhir::FhirSandbox::spawn_with("/r4", extra).await;
+    let gw = Gateway::start_with(
+        Options {
+            upstream_yaml: "  max_checked_answer_bytes: 4096\n".into(),
+            ..Options::default()
+        },
+        upstream,
+        addr,
+    )
+    .await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let search = |code: &str| format!("Observation?code={code}&_include=Observation:focus");
+
+    // Own 2.5 KB, another patient's 2 KB included: over the cap whole.
+    let r = gw.get(&search("oracle-a"), Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, with_other) = status_and_body(r).await;
+    assert_eq!(s, 200, "{with_other}");
+    assert_nothing_of_p2("include of a large resource of p2", &with_other);
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&with_other).unwrap()),
+        ["oracle-a"]
+    );
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    assert_eq!(
+        rec["detail"], "1 included resources outside the grant left out of the answer",
+        "{rec}"
+    );
+    // The same search whose include names nothing: the same answer (same
+    // length: only the searched code and the focus differ, by a letter).
+    let (s, without) = status_and_body(gw.get(&search("oracle-b"), Some(&p1)).await).await;
+    assert_eq!(s, 200, "{without}");
+    assert_eq!(with_other.len(), without.len(), "{with_other}\n{without}");
+    assert_eq!(
+        with_other
+            .replace("oracle-a", "oracle-b")
+            .replace("foreign-big", "foreign-nil"),
+        without
+    );
+
+    // Another patient's resource larger than the cap by itself: let go
+    // unjudged, on record.
+    let r = gw.get(&search("oracle-c"), Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 200, "{body}");
+    assert_nothing_of_p2("include of a huge resource of p2", &body);
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&body).unwrap()),
+        ["oracle-c"]
+    );
+    let rec = gw.audit_for(&id);
+    assert_eq!(
+        rec["detail"], "1 entries larger than upstream.max_checked_answer_bytes left out unjudged",
+        "{rec}"
+    );
+    // So is the caller's own, for it could be anyone's.
+    let (s, body) = status_and_body(gw.get("Observation?code=oracle-d", Some(&p1)).await).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        entry_ids(&serde_json::from_str(&body).unwrap()),
+        Vec::<String>::new()
+    );
+    // The caller's own data over the cap: too large, 502.
+    let r = gw.get("Observation?code=oracle-e", Some(&p1)).await;
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("larger than"), "{body}");
+    assert!(!body.contains("xxxx"), "{body}");
+    assert_eq!(gw.audit_for(&id)["reason"], "upstream_answer_too_large");
+}
+
 /// An answer given for a token never tells a shared cache it may keep it
 /// for others, checked (patient/) or passed on as it comes (user/); one
 /// the upstream gave no caching policy is not to be stored at all (a

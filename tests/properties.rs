@@ -205,3 +205,103 @@ proptest! {
         }
     }
 }
+
+/// JSON values whose strings hold what could confuse a framer (quotes,
+/// backslashes, brackets, the word `entry`, non-ASCII).
+fn tricky_json() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let text = prop::collection::vec(
+        prop::sample::select(vec![
+            "\"",
+            "\\",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "entry",
+            "a",
+            " ",
+            "\n",
+            "é",
+            "\u{1F600}",
+        ]),
+        0..8,
+    )
+    .prop_map(|v| v.concat());
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        text.clone().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 24, 4, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec!["entry", "resource", "id", "x", "drop", "\"q\""]),
+                    inner
+                ),
+                0..4
+            )
+            .prop_map(|kv| Value::Object(
+                kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+            )),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The entry sieve keeps exactly the entries its judge accepts, in
+    /// order, and the Bundle around them byte for byte, however the
+    /// answer is cut into chunks and laid out; what it keeps parses.
+    #[test]
+    fn entry_sieve_keeps_what_its_judge_accepts(
+        entries in prop::collection::vec((tricky_json(), any::<bool>()), 0..6),
+        around in prop::collection::vec(
+            (prop::sample::select(vec!["resourceType", "link", "total", "meta"]), tricky_json()),
+            0..3,
+        ),
+        pretty in any::<bool>(),
+        chunk in 1usize..40,
+    ) {
+        use fhirwall::fhir::entry_sieve::EntrySieve;
+        use serde_json::{json, Value};
+        let mut bundle = serde_json::Map::new();
+        for (k, v) in &around {
+            bundle.insert(k.to_string(), v.clone());
+        }
+        // Each entry is an object; `keep` is carried in a member the judge reads.
+        let entry_values: Vec<Value> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (v, keep))| json!({"n": i, "keep": keep, "resource": v}))
+            .collect();
+        bundle.insert("entry".into(), Value::Array(entry_values.clone()));
+        let doc = Value::Object(bundle);
+        let text = if pretty {
+            serde_json::to_vec_pretty(&doc).unwrap()
+        } else {
+            serde_json::to_vec(&doc).unwrap()
+        };
+        let mut sieve = EntrySieve::new(1 << 20, |e: &[u8]| {
+            let e: Value = serde_json::from_slice(e).expect("a framed entry parses");
+            e["keep"] == Value::Bool(true)
+        });
+        for c in text.chunks(chunk) {
+            sieve.push(c).unwrap();
+        }
+        let out = sieve.finish().unwrap();
+        let got: Value = serde_json::from_slice(&out.body).expect("what is kept parses");
+        let mut want = doc.clone();
+        want["entry"] = Value::Array(
+            entry_values.into_iter().filter(|e| e["keep"] == Value::Bool(true)).collect(),
+        );
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(out.kept + out.left_out, entries.len());
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod classify;
 pub mod compartment;
+pub mod entry_sieve;
 pub mod json_edit;
 #[rustfmt::skip]
 mod patient_compartment;

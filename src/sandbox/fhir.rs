@@ -112,8 +112,15 @@ fn earlier_versions(t: &str, id: &str) -> Vec<Value> {
 
 impl FhirSandbox {
     pub fn new(base_path: &str) -> Arc<FhirSandbox> {
+        FhirSandbox::with_resources(base_path, Vec::new())
+    }
+
+    /// A sandbox holding `extra` resources besides the synthetic ones (a
+    /// test's own data).
+    pub fn with_resources(base_path: &str, extra: Vec<Value>) -> Arc<FhirSandbox> {
         let resources = synthetic_resources()
             .into_iter()
+            .chain(extra)
             .map(|r| {
                 (
                     (
@@ -158,11 +165,16 @@ impl FhirSandbox {
 
     /// Binds 127.0.0.1 on a free port and serves in a spawned task.
     pub async fn spawn(base_path: &str) -> (Arc<FhirSandbox>, SocketAddr) {
+        FhirSandbox::spawn_with(base_path, Vec::new()).await
+    }
+
+    /// [`FhirSandbox::spawn`] holding `extra` resources too.
+    pub async fn spawn_with(base_path: &str, extra: Vec<Value>) -> (Arc<FhirSandbox>, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind sandbox upstream");
         let addr = listener.local_addr().expect("local addr");
-        let s = FhirSandbox::new(base_path);
+        let s = FhirSandbox::with_resources(base_path, extra);
         tokio::spawn(s.clone().serve(listener));
         (s, addr)
     }
