@@ -870,6 +870,17 @@ fn patient_search(
                  it sorts by need not be Patient/{ctx}'s"
             )));
         }
+        // `_list=id` tests membership in List/id (HAPI searches it as
+        // `_has:List:item:_id=id`), which need not be the patient's: the
+        // answer would tell whether the patient is on another's List (a
+        // worklist, another patient's).
+        if base == "_list" {
+            return Err(deny(format!(
+                "under patient/ scopes {name} is refused: the List it names need not be \
+                 Patient/{ctx}'s, and the answer would tell whether it holds the patient's \
+                 resources"
+            )));
+        }
         let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
             || searches_patients && name == "_id";
         for v in value.split(',') {
@@ -1221,7 +1232,13 @@ pub fn reached_types(req: &FhirRequest, by_nature: bool) -> (bool, Vec<String>) 
 /// `_type=A,B` of a system search, when present and well-formed (R4
 /// defines it for the whole-system search, not for history).
 fn type_list(req: &FhirRequest) -> Option<Vec<&str>> {
-    let mut values = req.params.iter().filter(|(n, _)| n == "_type");
+    // Only the query confines: a server may leave a form body unread (as
+    // HAPI does one sent with a Content-Encoding), and search every type.
+    let query = req.query_params();
+    if req.params[query.len()..].iter().any(|(n, _)| n == "_type") {
+        return None;
+    }
+    let mut values = query.iter().filter(|(n, _)| n == "_type");
     let (_, v) = values.next()?;
     if values.next().is_some() {
         return None;
@@ -1332,8 +1349,12 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                 needs.push(Need::on(Perm::Search, reached));
             }
             _ if name.starts_with("_has:") || name.contains('.') => chain_needs(name, &mut needs),
-            // `_list=id`: the List resource's entries.
-            "_list" => needs.push(Need::on(Perm::Read, Some("List"))),
+            // `_list=id`: the List resource's entries. HAPI runs it as
+            // `_has:List:item:_id=id`, a search of Lists.
+            "_list" => {
+                needs.push(Need::on(Perm::Read, Some("List")));
+                needs.push(Need::on(Perm::Search, Some("List")));
+            }
             // A chained sort (`_sort=subject.birthdate`, HAPI): the order
             // tells the linked resources' values, so it searches their type
             // like a chain.
@@ -2639,6 +2660,25 @@ mod tests {
         assert!(decide(&b, &ScopeSet::parse("user/*.rs"), None).is_ok());
     }
 
+    /// A system search's `_type` confines it only in the query: a server
+    /// may leave the form body unread and search every type.
+    #[test]
+    fn a_type_list_in_a_form_body_confines_nothing() {
+        let grant = ScopeSet::parse("user/Observation.rs");
+        let mut r = req("POST", "_search");
+        crate::fhir::classify::add_form(&mut r, "POST", "_search", "_type=Observation").unwrap();
+        assert!(decide(&r, &grant, None).is_err());
+        assert!(decide(&req("GET", "?_type=Observation"), &grant, None).is_ok());
+        let mut r = req("POST", "_search?_type=Observation");
+        crate::fhir::classify::add_form(&mut r, "POST", "_search", "_type=Observation,Patient")
+            .unwrap();
+        assert!(decide(&r, &grant, None).is_err());
+        // A form with no _type leaves the query's list as it is.
+        let mut r = req("POST", "_search?_type=Observation");
+        crate::fhir::classify::add_form(&mut r, "POST", "_search", "code=x").unwrap();
+        assert!(decide(&r, &grant, None).is_ok());
+    }
+
     #[test]
     fn patient_searches_are_narrowed_or_refused() {
         let opts = DecideOptions {
@@ -2741,6 +2781,12 @@ mod tests {
             "Observation?patient=p1&_sort=date,subject.birthdate",
             "Patient/p1/Observation?_sort=Observation:derived-from.date",
             "Patient?_id=p1&_sort=general-practitioner.name",
+            // Membership in a List that need not be the patient's (HAPI:
+            // `_has:List:item:_id`).
+            "Patient?_list=9001",
+            "Observation?patient=p1&_list=9001,9002",
+            "Patient/p1/Observation?_list=9001",
+            "Observation?_list:missing=false",
         ] {
             assert!(run(url, &opts).is_err(), "{url}");
         }

@@ -601,6 +601,17 @@ async fn searches_are_narrowed_to_the_context_patient() {
         );
     }
     assert_eq!(gw.upstream.count_containing("other-"), 0);
+    // Membership in a List that need not be the patient's (HAPI searches
+    // `_list=id` as `_has:List:item:_id=id`): refused before the upstream.
+    for rel in [
+        "Patient?_list=9001",
+        "Observation?patient=p1&_list=9001,9002",
+    ] {
+        let (s, body) = get(rel).await;
+        assert_eq!(s, 403, "{rel}: {body}");
+        assert!(body.contains("the List it names"), "{rel}: {body}");
+    }
+    assert_eq!(gw.upstream.count_containing("_list"), 0);
 
     // $everything: the patient's own, with what it references (the
     // Practitioner); an answer holding another patient's resource is refused.
@@ -863,6 +874,23 @@ async fn post_search_bodies_are_decided_and_narrowed() {
     let (s, body) = status_and_body(r).await;
     assert_eq!(s, 400, "{body}");
     assert!(body.contains("only as the body of POST"), "{body}");
+    // A form sent with a Content-Encoding, `identity` too, is one HAPI
+    // leaves unread: its `_type` would confine nothing there, and the
+    // system search would reach every type.
+    let obs_only = gw.mint("user/Observation.rs", None);
+    let r = gw
+        .client
+        .post(format!("{}/_search", gw.base))
+        .bearer_auth(&obs_only)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-encoding", "identity")
+        .body("_type=Observation")
+        .send()
+        .await
+        .unwrap();
+    let (s, body) = status_and_body(r).await;
+    assert_eq!(s, 415, "{body}");
+    assert!(body.contains("without a Content-Encoding header"), "{body}");
     assert_eq!(
         gw.upstream.seen().len(),
         before,
