@@ -1851,8 +1851,10 @@ impl Config {
         if self.tokens.cache_max_entries == 0 {
             problem("tokens.cache_max_entries", "must be at least 1".into());
         }
-        // A cached token is not checked against its key again: a key
-        // withdrawn from the JWKS keeps serving its cached tokens this long.
+        // A cached token is checked again on every hit that its key is
+        // still published (a withdrawn key ends it), but not against a
+        // revocation the issuer cannot publish in the JWKS: this bounds how
+        // long such a token is served from the cache.
         if self.tokens.cache_max_ttl_seconds > 3600 {
             problem(
                 "tokens.cache_max_ttl_seconds",

@@ -2821,6 +2821,11 @@ impl Ctx {
     }
 }
 
+/// The most of a request's method recorded and logged: a method is any
+/// token, as long as the request head allows (1 MiB), and a client without
+/// a token must not fill the audit with it.
+const MAX_METHOD_RECORDED: usize = 32;
+
 impl Gateway {
     /// The audit record of a request: its decision record (written before
     /// it goes upstream) or its request record (when it ends).
@@ -2830,7 +2835,7 @@ impl Gateway {
         let done = event == Event::Request;
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
-            method: req.method.as_str(),
+            method: crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
             path: crate::audit::capped(path, 512),
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
@@ -2857,7 +2862,9 @@ impl Ctx {
             request_id: &self.request_id,
             request_id_from_client: self.request_id_from_client,
             source: self.client.as_ref().map(|c| c.ip.to_string()),
-            method: self.method.as_ref().map_or("", |m| m.as_str()),
+            method: self.method.as_ref().map_or("", |m| {
+                crate::audit::capped(m.as_str(), MAX_METHOD_RECORDED)
+            }),
             path: &self.path,
             query_params: &self.query_names,
             narrowed_with: self.narrow.iter().map(|(n, _)| n.as_str()).collect(),
@@ -2977,7 +2984,7 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         format!(
             "{} {}{} request_id={}",
-            req.method,
+            crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
             crate::audit::capped(req.uri.path(), 200),
             if req.uri.query().is_some() {
                 "?…"

@@ -1888,3 +1888,37 @@ async fn an_audit_endpoint_refusing_every_record_is_a_failing_sink() {
         "{m}"
     );
 }
+
+/// A method is any token, as long as the request head allows (1 MiB): the
+/// record and the error log keep at most 32 bytes of it, so a client
+/// without a token cannot fill the audit with one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_method_is_recorded_cut_short() {
+    let gw = Gateway::start(Options::default()).await;
+    let method = "M".repeat(100_000);
+    let mut s = std::net::TcpStream::connect(gw.proxy_addr()).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "{method} /fhir/Patient HTTP/1.1\r\nHost: x\r\nX-Request-Id: long-method-1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    let rec = gw.audit_for("long-method-1");
+    let recorded = rec["method"].as_str().unwrap_or("");
+    assert_eq!(
+        recorded,
+        "M".repeat(32),
+        "{} bytes recorded",
+        recorded.len()
+    );
+    assert!(
+        rec.to_string().len() < 4096,
+        "{} bytes",
+        rec.to_string().len()
+    );
+    assert!(gw.upstream.seen().is_empty());
+}

@@ -491,6 +491,22 @@ async fn an_introspected_jwt_keeps_its_own_binding() {
     assert_eq!(s, 401, "{www}");
     assert!(www.contains("expired"), "{www}");
     assert_eq!(as_.calls.load(Ordering::SeqCst), calls);
+    // A JWT whose own audience is another resource server is refused
+    // without a call, whatever the answer would say.
+    let calls = as_.calls.load(Ordering::SeqCst);
+    let mut elsewhere = gw.claims("user/*.rs");
+    elsewhere["aud"] = json!(["https://billing.example"]);
+    let elsewhere = gw.issuer.signing_key().sign(&elsewhere);
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert(elsewhere.clone(), active(&gw, "user/*.rs", None));
+    let (s, www, body) = get(&gw, "Patient/aud-elsewhere-1", &elsewhere).await;
+    assert_eq!(s, 401, "{body}");
+    assert!(www.contains("invalid_token"), "{www}");
+    assert!(body.contains("audience"), "{body}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), calls);
+    assert_eq!(gw.upstream.count_containing("aud-elsewhere"), 0);
     // An unbound JWT with an unbound answer is a bearer token, as before.
     as_.answers
         .lock()

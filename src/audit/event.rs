@@ -200,8 +200,11 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     // touched: it is a detail, not the Patient entity (else a search for
     // who accessed another patient's data would miss this access, and
     // name the launch patient instead).
-    let patient_scoped =
-        r.patient.is_some() && r.scopes_used.iter().any(|s| s.starts_with("patient/"));
+    // Every scope used must be a `patient/` one: a page or a Bundle a
+    // `user/` scope granted too may hold anyone's.
+    let patient_scoped = r.patient.is_some()
+        && !r.scopes_used.is_empty()
+        && r.scopes_used.iter().all(|s| s.starts_with("patient/"));
     if let Some(p) = profile.filter(|_| out == "0" && !decision_event) {
         let name = if patient_scoped {
             format!("Patient{p}")
@@ -604,6 +607,38 @@ mod tests {
             "{entities:?}"
         );
         assert!(ev.to_string().contains(r#""launch_patient""#), "{ev}");
+    }
+
+    /// A request both a `patient/` and a `user/` scope granted (a page, a
+    /// Bundle's entries) may hold anyone's data: no Patient profile.
+    #[test]
+    fn a_grant_mixing_patient_and_user_scopes_claims_no_patient() {
+        let scopes = vec![
+            "user/Observation.rs".to_string(),
+            "patient/Condition.rs".to_string(),
+        ];
+        let r = Record {
+            id: "m".into(),
+            request_id: "req-m",
+            method: "GET",
+            path: "/fhir",
+            patient: Some("p1"),
+            scopes_used: &scopes,
+            interaction: Some("search-system"),
+            decision: "allow",
+            reason: "allowed",
+            stage: "decide",
+            status: Some(200),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        let profile = ev["meta"]["profile"][0].as_str().unwrap_or("");
+        assert!(!profile.contains(".Patient"), "{profile}");
+        let entities = ev["entity"].as_array().unwrap();
+        assert!(
+            !entities.iter().any(|e| e["role"]["code"] == "1"),
+            "{entities:?}"
+        );
     }
 
     #[test]

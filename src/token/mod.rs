@@ -134,6 +134,9 @@ pub struct Unverified {
     /// The payload's `exp` when a number (unverified: only ever used to
     /// refuse).
     pub exp: Option<i64>,
+    /// The payload's `aud` as written (unverified: only ever used to
+    /// refuse).
+    pub aud: Option<Value>,
 }
 
 /// A base64url part of a JWS decoded as JSON.
@@ -203,7 +206,25 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
         iss,
         cnf: payload.get("cnf").cloned(),
         exp: payload.get("exp").and_then(Value::as_f64).map(|e| e as i64),
+        aud: payload.get("aud").cloned(),
     })
+}
+
+/// Refuses an `aud` claim (a string or an array of strings) that names
+/// none of `issuer`'s audiences.
+pub fn audience_fits(aud: &Value, issuer: &Issuer) -> Result<(), TokenError> {
+    let auds: Vec<&str> = match aud {
+        Value::String(a) => vec![a.as_str()],
+        Value::Array(a) => a
+            .iter()
+            .map(|v| v.as_str().ok_or(TokenError::BadClaim("aud")))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(TokenError::BadClaim("aud")),
+    };
+    if !auds.iter().any(|a| issuer.audiences.iter().any(|x| x == a)) {
+        return Err(TokenError::WrongAudience(issuer.name.clone()));
+    }
+    Ok(())
 }
 
 /// The allow-listed asymmetric algorithm of that name.
@@ -731,18 +752,7 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
             return Err(TokenError::IssuedInFuture { iat, now, leeway });
         }
     }
-    let auds: Vec<&str> = match c.get("aud") {
-        None => return Err(TokenError::MissingClaim("aud")),
-        Some(Value::String(a)) => vec![a.as_str()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().ok_or(TokenError::BadClaim("aud")))
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(TokenError::BadClaim("aud")),
-    };
-    if !auds.iter().any(|a| issuer.audiences.iter().any(|x| x == a)) {
-        return Err(TokenError::WrongAudience(issuer.name.clone()));
-    }
+    audience_fits(c.get("aud").ok_or(TokenError::MissingClaim("aud"))?, issuer)?;
     let scope = match (c.get("scope"), c.get("scp")) {
         (Some(Value::String(s)), _) => s.clone(),
         (Some(_), _) => return Err(TokenError::BadClaim("scope")),

@@ -120,6 +120,12 @@ impl Validator {
             // that says it has expired, is refused without a call (nor a
             // charge to its sender's budget of inactive answers).
             header_precheck(&u, &ik.issuer)?;
+            // So is one whose own `aud` names another resource server: an
+            // answer without `aud` (`require_aud: false`) would otherwise
+            // let it through here.
+            if let Some(aud) = &u.aud {
+                super::audience_fits(aud, &ik.issuer)?;
+            }
             let leeway = ik.issuer.leeway_seconds;
             if let Some(exp) = u.exp.filter(|e| e.saturating_add(leeway as i64) < now) {
                 return Err(TokenError::Expired { exp, now, leeway });
