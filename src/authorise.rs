@@ -221,7 +221,7 @@ pub fn everything_page(
     patient: &str,
     cx: &Context,
     rules: &Rules,
-) -> Option<(ResponseCheck, Vec<String>)> {
+) -> Option<(ResponseCheck, PolicyAllow)> {
     if !crate::decide::is_stored_page(page)
         || cx.claims.patient.as_deref() != Some(patient)
         || !grant.decision.entry_checks.is_empty()
@@ -247,10 +247,20 @@ pub fn everything_page(
     })
     .ok()?;
     let everything = authorise(&operation, cx, rules).ok()?;
-    let broke_glass = everything.broke_glass();
+    // The operation's break-glass rules and rate limits go with its pages
+    // (else paging would be the way round a limit on `$everything`).
+    let allow = PolicyAllow {
+        by: None,
+        limits: everything
+            .limits()
+            .into_iter()
+            .map(|(rule, limit, _)| (rule, limit))
+            .collect(),
+        broke_glass: everything.broke_glass(),
+    };
     match everything.decision.check {
         Some(ResponseCheck::Everything { patient: p }) if p == patient => {
-            Some((ResponseCheck::Everything { patient: p }, broke_glass))
+            Some((ResponseCheck::Everything { patient: p }, allow))
         }
         _ => None,
     }
@@ -447,8 +457,8 @@ mod everything_pages {
         };
         // Every page asked for here is allowed as a search of its own.
         let grant = authorise(page, &cx, &rules).expect("the page is allowed");
-        everything_page(page, &grant, "p1", &cx, &rules).map(|(check, glass)| {
-            assert!(glass.is_empty(), "{glass:?}");
+        everything_page(page, &grant, "p1", &cx, &rules).map(|(check, allow)| {
+            assert!(allow.broke_glass.is_empty(), "{:?}", allow.broke_glass);
             check
         })
     }
@@ -514,7 +524,7 @@ mod everything_pages {
                 break_glass: reason,
             };
             let grant = authorise(&page, &cx, &rules).expect("the page is allowed");
-            everything_page(&page, &grant, "p1", &cx, &rules)
+            everything_page(&page, &grant, "p1", &cx, &rules).map(|(c, a)| (c, a.broke_glass))
         };
         assert_eq!(judged(None), None);
         assert_eq!(

@@ -427,6 +427,20 @@ pub fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> 
     !matches!(judge_search_entry(&grant, &e, bases), EntryJudgement::Trim)
 }
 
+/// An instance history's Bundle without its paging links (all but
+/// `self`), or `None` when it has none. Under a checked grant a later page
+/// could not be judged as the history (its resource's current version
+/// fetched): a server serves a stored page whatever it is called, and
+/// called a searchset it would be judged as one. Without the link, the
+/// page's id is never known to the caller.
+pub fn without_paging_links(body: &[u8]) -> Option<Vec<u8>> {
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let links = doc.get_mut("link")?.as_array_mut()?;
+    let before = links.len();
+    links.retain(|l| l.get("relation").and_then(Value::as_str) == Some("self"));
+    (links.len() != before).then(|| doc.to_string().into_bytes())
+}
+
 /// How one entry of a searchset answer stands.
 enum EntryJudgement {
     Keep,
@@ -479,24 +493,26 @@ fn judge_search_entry(grant: &Grant, e: &Value, bases: &Bases) -> EntryJudgement
         return EntryJudgement::Keep;
     }
     if grant.types.is_some_and(|t| !t.iter().any(|t| t == what)) {
+        // An included resource of a type the scopes do not grant is left
+        // out as one outside the compartment is (a refusal would tell
+        // that it exists).
+        if mode == Some("include") {
+            return EntryJudgement::Trim;
+        }
         return EntryJudgement::Fail(Verdict::Refuse {
             why: format!(
                 "the answer would hold {what} resources, which the token's scopes do not grant"
             ),
         });
     }
-    // Includes are other resource types: a scope filter is on the
-    // searched type, so it judges the matches only. A resource of a
-    // filtered type is judged by the filter whatever its label: the
-    // upstream's `search.mode` is no proof it is not a match.
+    // A scope filter is on its type: it judges resources of that type,
+    // whatever their label (the upstream's `search.mode` is no proof one
+    // is not a match), and no other (includes; a stored page's other
+    // types, which scopes without a filter grant).
     let filtered_type = grant
         .filters
         .is_some_and(|fs| fs.iter().any(|f| f.resource_type == what));
-    let filters = if mode == Some("include") && !filtered_type {
-        None
-    } else {
-        grant.filters
-    };
+    let filters = if filtered_type { grant.filters } else { None };
     let Some(why) = outside_grant(r, grant.patient, filters, bases) else {
         return EntryJudgement::Keep;
     };
@@ -710,7 +726,7 @@ pub fn judge_bundle_answer(
     let mut withheld: Vec<(usize, Value)> = Vec::new();
     // Passed entries whose resource is a Bundle (a search's, a history's),
     // with the entries of it to leave out (includes outside the grant).
-    let mut relinked: Vec<(usize, Vec<usize>)> = Vec::new();
+    let mut relinked: Vec<(usize, Vec<usize>, bool)> = Vec::new();
     for c in checks {
         let (Some(entry), Some(entry_req)) = (entries.get_mut(c.index), req.entries.get(c.index))
         else {
@@ -741,14 +757,15 @@ pub fn judge_bundle_answer(
                     .and_then(Value::as_str)
                     == Some("Bundle")
                 {
-                    relinked.push((c.index, Vec::new()));
+                    let history = entry_req.interaction == Interaction::HistoryInstance;
+                    relinked.push((c.index, Vec::new(), history));
                 }
                 continue;
             }
             // (Only a searchset is trimmed: a Bundle, which must be the
             // entry's resource to be trimmed.)
             Verdict::Trim { entries } if entry.get("resource").is_some() => {
-                relinked.push((c.index, entries));
+                relinked.push((c.index, entries, false));
                 continue;
             }
             Verdict::Trim { .. } => (
@@ -792,13 +809,14 @@ pub fn judge_bundle_answer(
         }
     }
     // Included resources left out of the entries' searches.
-    let left_out = relinked.iter().map(|(_, drop)| drop.len()).sum();
+    let left_out = relinked.iter().map(|(_, drop, _)| drop.len()).sum();
     if withheld.is_empty() && relinked.is_empty() {
         return Ok((body.to_vec(), 0));
     }
     // A passed Bundle, trimmed, its links through the gateway.
-    let relink = |resource: &[u8], drop: &[usize]| -> Option<Vec<u8>> {
+    let relink = |resource: &[u8], drop: &[usize], history: bool| -> Option<Vec<u8>> {
         let trimmed = match drop {
+            [] if history => without_paging_links(resource),
             [] => None,
             drop => Some(without_entries(resource, drop)?),
         };
@@ -816,9 +834,9 @@ pub fn judge_bundle_answer(
         for (i, entry) in &withheld {
             edit.replace(raw.get(*i)?, entry.to_string())?;
         }
-        for (i, drop) in &relinked {
+        for (i, drop, history) in &relinked {
             let resource = json_edit::member(raw.get(*i)?, "resource")?;
-            let new = relink(resource.get().as_bytes(), drop)?;
+            let new = relink(resource.get().as_bytes(), drop, *history)?;
             if new != resource.get().as_bytes() {
                 edit.replace(resource, String::from_utf8(new).ok()?)?;
             }
@@ -827,7 +845,7 @@ pub fn judge_bundle_answer(
     };
     let text = spliced().unwrap_or_else(|| {
         if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
-            for (i, drop) in &relinked {
+            for (i, drop, history) in &relinked {
                 let Some(resource) = entries.get_mut(*i).and_then(|e| e.get_mut("resource")) else {
                     continue;
                 };
@@ -838,7 +856,7 @@ pub fn judge_bundle_answer(
                         !drop.contains(&(at - 1))
                     });
                 }
-                if let Some(new) = relink(resource.to_string().as_bytes(), &[])
+                if let Some(new) = relink(resource.to_string().as_bytes(), &[], *history)
                     .and_then(|n| serde_json::from_slice(&n).ok())
                 {
                     *resource = new;
@@ -1403,10 +1421,53 @@ mod tests {
             run(searchset(vec![(obs("a", "p1"), "match")])),
             Verdict::Pass
         );
+        // Included, a type not granted is left out (a refusal would tell
+        // it exists); as a match, the answer is refused.
         let own = json!({"resourceType": "Patient", "id": "p1"});
+        assert_eq!(
+            run(searchset(vec![
+                (obs("a", "p1"), "match"),
+                (own.clone(), "include")
+            ])),
+            Verdict::Trim { entries: vec![1] }
+        );
         assert!(matches!(
-            run(searchset(vec![(obs("a", "p1"), "match"), (own, "include")])),
+            run(searchset(vec![(obs("a", "p1"), "match"), (own, "match")])),
             Verdict::Refuse { .. }
+        ));
+    }
+
+    /// A stored page under a filtered scope beside a plain one: the filter
+    /// judges its own type only.
+    #[test]
+    fn a_filter_judges_only_its_own_type() {
+        let check = ResponseCheck::Search {
+            patient: Some("p1".into()),
+            types: Some(vec!["Condition".into(), "Observation".into()]),
+            filters: Some(vec![
+                Filter::parse("Observation", "category=laboratory").unwrap()
+            ]),
+            open_types: Vec::new(),
+            refused_types: Vec::new(),
+        };
+        let run = |body: Value| judge_answer(&check, "Observation", body);
+        let lab = |id: &str, category: &str| {
+            let mut o = obs(id, "p1");
+            o["category"] = json!([{"coding": [{"code": category}]}]);
+            o
+        };
+        let condition = json!({"resourceType": "Condition", "id": "c1",
+            "subject": {"reference": "Patient/p1"}});
+        assert_eq!(
+            run(searchset(vec![
+                (lab("a", "laboratory"), "match"),
+                (condition, "match")
+            ])),
+            Verdict::Pass
+        );
+        assert!(matches!(
+            run(searchset(vec![(lab("b", "vital-signs"), "match")])),
+            Verdict::Unverifiable { .. }
         ));
     }
 

@@ -373,7 +373,7 @@ pub fn decide_with(
         return Ok(Decision::allow(used));
     }
     // A stored search's page under scopes that do not cover every type.
-    if let Some(d) = unbound_page(req, &usable, patient) {
+    if let Some(d) = stored_page(req, scopes, patient) {
         return Ok(d);
     }
     // Then scopes with a query filter that are not bound to a patient.
@@ -741,6 +741,14 @@ fn patient_write(req: &FhirRequest, ctx: &str) -> Result<Option<WriteCheck>, Sco
 /// Parameters that only page through, format or count a result: a search
 /// made only of them (a server's paging link) names nothing.
 const PAGING_PARAMS: &[&str] = &[
+    // HAPI repeats the search's includes in its paging links; a page's
+    // every entry is judged whatever they are.
+    "_include",
+    "_include:iterate",
+    "_include:recurse",
+    "_revinclude",
+    "_revinclude:iterate",
+    "_revinclude:recurse",
     "_getpages",
     "_getpagesoffset",
     "_pageId",
@@ -772,50 +780,105 @@ pub fn is_stored_page(req: &FhirRequest) -> bool {
             .all(|(n, v)| n != "_bundletype" || v == "searchset")
 }
 
-/// A stored search's page under `user/` or `system/` scopes that search
-/// some types but not every one. The server serves whatever search the
-/// page id names, so the page is checked instead: passed on only if every
-/// resource in it is of a type those scopes grant — or, with `patient/`
-/// scopes beside them and a patient context, of a type those grant and in
-/// the patient's compartment (so pages of the patient's own searches pass
-/// too).
-fn unbound_page(req: &FhirRequest, usable: &[&Scope], patient: Option<&str>) -> Option<Decision> {
+/// A stored search's page under scopes that search some types but not
+/// every one, or some only within a patient's compartment or a filter.
+/// The server serves whatever search the page id names, so the page is
+/// checked instead: passed on only if every resource in it is of a type
+/// those scopes search, in the patient's compartment where they are
+/// `patient/` scopes, and matching a scope's filter where the only scopes
+/// for its type have one. `user/` (or `system/`) scopes beside `patient/`
+/// ones let their types through whoever's they are (an EHR launch's
+/// pages of the patient's own searches pass too); filtered scopes are
+/// then left aside.
+fn stored_page(req: &FhirRequest, scopes: &ScopeSet, patient: Option<&str>) -> Option<Decision> {
     if !is_stored_page(req) {
         return None;
     }
-    let searching = |bound: bool| -> Vec<&Scope> {
-        usable
+    let searching = |bound: bool, filtered: bool| -> Vec<&Scope> {
+        scopes
+            .scopes
             .iter()
-            .copied()
-            .filter(|s| (s.context == Context::Patient) == bound && s.perms.contains(Perm::Search))
+            .filter(|s| {
+                (s.context == Context::Patient) == bound
+                    && s.filter.is_some() == filtered
+                    && s.perms.contains(Perm::Search)
+            })
             .collect()
     };
-    let unbound = searching(false);
-    if unbound.is_empty() {
-        return None;
-    }
-    let bound = searching(true);
-    let check = match (granted_types(&unbound), patient) {
-        (Some(open_types), Some(ctx)) if !bound.is_empty() => ResponseCheck::Search {
-            patient: Some(ctx.to_string()),
-            types: granted_types(&bound),
-            filters: None,
-            open_types,
-            refused_types: Vec::new(),
-        },
-        (types, _) => ResponseCheck::Search {
-            patient: None,
-            types,
-            filters: None,
-            open_types: Vec::new(),
-            refused_types: Vec::new(),
-        },
+    let bound_ok = patient.is_some();
+    let (unbound, bound) = (searching(false, false), searching(true, false));
+    let (unbound_f, bound_f) = (searching(false, true), searching(true, true));
+    let bound_any = bound_ok && (!bound.is_empty() || !bound_f.is_empty());
+    let unbound_any = !unbound.is_empty() || !unbound_f.is_empty();
+    let mut used: Vec<&Scope> = Vec::new();
+    let check = match (unbound_any, bound_any) {
+        (false, false) => return None,
+        // Both: the patient's types in the compartment, the user's open.
+        (true, true) if !unbound.is_empty() && !bound.is_empty() => {
+            used.extend(unbound.iter().chain(&bound));
+            match granted_types(&unbound) {
+                Some(open_types) => ResponseCheck::Search {
+                    patient: patient.map(str::to_string),
+                    types: granted_types(&bound),
+                    filters: None,
+                    open_types,
+                    refused_types: Vec::new(),
+                },
+                None => ResponseCheck::Search {
+                    patient: None,
+                    types: None,
+                    filters: None,
+                    open_types: Vec::new(),
+                    refused_types: Vec::new(),
+                },
+            }
+        }
+        // One kind only (or, of both, one has filtered scopes only: those
+        // are left aside).
+        (u, b) => {
+            let patient_side = b && (!u || unbound.is_empty());
+            let (plain, filtered) = if patient_side {
+                (&bound, &bound_f)
+            } else {
+                (&unbound, &unbound_f)
+            };
+            // A filter binds a type only when no plain scope covers it.
+            let mut filters = Vec::new();
+            let mut filtered_types = Vec::new();
+            for s in filtered.iter() {
+                let Resources::Type(t) = &s.resources else {
+                    continue;
+                };
+                if plain.iter().any(|p| p.covers(Perm::Search, Some(t))) {
+                    continue;
+                }
+                let Some(f) = s.filter.as_deref().and_then(|q| Filter::parse(t, q).ok()) else {
+                    continue;
+                };
+                filters.push(f);
+                filtered_types.push(t.clone());
+                used.push(s);
+            }
+            used.extend(plain.iter());
+            if used.is_empty() {
+                return None;
+            }
+            let types = granted_types(plain).map(|mut types| {
+                types.extend(filtered_types);
+                types.sort();
+                types.dedup();
+                types
+            });
+            ResponseCheck::Search {
+                patient: patient.filter(|_| patient_side).map(str::to_string),
+                types,
+                filters: (!filters.is_empty()).then_some(filters),
+                open_types: Vec::new(),
+                refused_types: Vec::new(),
+            }
+        }
     };
-    let mut used: Vec<String> = unbound
-        .iter()
-        .chain(&bound)
-        .map(|s| s.raw.clone())
-        .collect();
+    let mut used: Vec<String> = used.iter().map(|s| s.raw.clone()).collect();
     used.sort();
     used.dedup();
     Some(Decision {
@@ -2658,6 +2721,60 @@ mod tests {
         }
         // Under user/ scopes nothing is checked: allowed.
         assert!(decide(&b, &ScopeSet::parse("user/*.rs"), None).is_ok());
+    }
+
+    /// A stored page (a server's `next` link) under scopes that search
+    /// some types within the patient's compartment or a filter: allowed,
+    /// its answer checked against exactly that grant.
+    #[test]
+    fn stored_pages_are_checked_against_the_grant_they_fall_under() {
+        let page = "?_getpages=abc&_getpagesoffset=10&_count=10&_include=Observation:performer&_bundletype=searchset";
+        let run = |scopes: &str, patient: Option<&str>| {
+            decide(&req("GET", page), &ScopeSet::parse(scopes), patient)
+        };
+        let search = |patient: Option<&str>, types: Option<&[&str]>, filters: Option<&str>| {
+            Some(ResponseCheck::Search {
+                patient: patient.map(str::to_string),
+                types: types.map(|t| t.iter().map(|t| t.to_string()).collect()),
+                filters: filters.map(|q| vec![Filter::parse("Observation", q).unwrap()]),
+                open_types: Vec::new(),
+                refused_types: Vec::new(),
+            })
+        };
+        let d = run("patient/Observation.rs patient/Condition.rs", Some("p1")).unwrap();
+        assert_eq!(
+            d.check,
+            search(Some("p1"), Some(&["Condition", "Observation"]), None)
+        );
+        let d = run("patient/Observation.rs?category=laboratory", Some("p1")).unwrap();
+        assert_eq!(
+            d.check,
+            search(
+                Some("p1"),
+                Some(&["Observation"]),
+                Some("category=laboratory")
+            )
+        );
+        assert_eq!(
+            d.scopes_used,
+            ["patient/Observation.rs?category=laboratory"]
+        );
+        // A plain scope for the type makes its filter moot.
+        let d = run(
+            "patient/Observation.rs patient/Observation.rs?category=laboratory",
+            Some("p1"),
+        )
+        .unwrap();
+        assert_eq!(d.check, search(Some("p1"), Some(&["Observation"]), None));
+        let d = run("user/Observation.rs?category=laboratory", None).unwrap();
+        assert_eq!(
+            d.check,
+            search(None, Some(&["Observation"]), Some("category=laboratory"))
+        );
+        // patient/ scopes without a patient context grant no page.
+        assert!(run("patient/Observation.rs", None).is_err());
+        // Nor does a filter fhirwall cannot evaluate.
+        assert!(run("patient/Observation.rs?code:text=x", Some("p1")).is_err());
     }
 
     /// A system search's `_type` confines it only in the query: a server

@@ -1305,6 +1305,15 @@ impl Gateway {
                     {
                         answer.body.clone()
                     }
+                    // A history's later pages are not offered.
+                    ResponseCheck::Resource { .. } => {
+                        let body = crate::check::without_paging_links(&answer.body)
+                            .map(Bytes::from)
+                            .unwrap_or_else(|| answer.body.clone());
+                        rewrite_links(&body, self.upstream_base(), &self.realm)
+                            .map(Bytes::from)
+                            .unwrap_or(body)
+                    }
                     _ => rewrite_links(&answer.body, self.upstream_base(), &self.realm)
                         .map(Bytes::from)
                         .unwrap_or(answer.body.clone()),
@@ -2493,16 +2502,13 @@ impl Gateway {
                 .everything_pages
                 .made_for(fhir, &Origin::of(&claims, patient))
             {
-                if let Some((check, broke_glass)) =
+                if let Some((check, allow)) =
                     crate::authorise::everything_page(fhir, &grant, patient, &cx, &applied)
                 {
                     grant.decision.check = Some(check);
-                    // Widened by an emergency: audited as one.
-                    grant.allows.push(crate::authorise::PolicyAllow {
-                        by: None,
-                        limits: Vec::new(),
-                        broke_glass,
-                    });
+                    // Widened by an emergency: audited as one; and counted
+                    // against the operation's rate limits.
+                    grant.allows.push(allow);
                 }
             }
         }

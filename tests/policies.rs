@@ -1939,3 +1939,45 @@ fn policy_tests_read_forms_conditions_emergencies_and_time_like_the_gateway() {
         "{out}"
     );
 }
+
+/// A rate limit on `$everything` counts the operation's later pages too
+/// (a page of the caller's own `$everything` is judged as it): paging is
+/// no way round the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_on_everything_counts_its_pages() {
+    let (_dir, gw) = with_rules(
+        "policies-everything-rate",
+        "10-limits.yaml",
+        "rules:\n  - name: everything-budget\n    effect: allow\n    when: {operation: [everything]}\n    rate_limit: {per: user, requests: 2, per_seconds: 3600}\n",
+    )
+    .await;
+    let token = gw.mint("patient/*.rs", Some("p1"));
+    let r = gw
+        .get("Patient/p1/$everything?_count=2", Some(&token))
+        .await;
+    assert_eq!(r.status(), 200);
+    let first: serde_json::Value = r.json().await.unwrap();
+    let next = |page: &serde_json::Value| -> String {
+        let url = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str())
+            .expect("a next page")
+            .to_string();
+        url.strip_prefix(&gw.base)
+            .map(|rest| rest.trim_start_matches('/'))
+            .unwrap_or_else(|| panic!("{url} is not through the gateway"))
+            .to_string()
+    };
+    let second_page = next(&first);
+    let r = gw.get(&second_page, Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    let second: serde_json::Value = r.json().await.unwrap();
+    let before = gw.upstream.seen().len();
+    let r = gw.get(&next(&second), Some(&token)).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("everything-budget"));
+    assert_eq!(gw.upstream.seen().len(), before, "nothing went upstream");
+}

@@ -211,7 +211,31 @@ impl FhirSandbox {
 
     /// A batch or transaction, entry by entry: reads and searches answered
     /// from the data, writes acknowledged (nothing is stored).
-    fn bundle(&self, body: &[u8]) -> Value {
+    /// An instance's history Bundle, its URLs on `host`, as HAPI links it
+    /// (its next page a stored search's id).
+    fn history(&self, t: &str, id: &str, host: &str) -> Option<Value> {
+        let r = self.resources.get(&(t.to_string(), id.to_string()))?;
+        let mut versions = earlier_versions(t, id);
+        versions.push(r.clone());
+        versions.reverse();
+        let url = format!("http://{host}{}/{t}/{id}", self.base_path);
+        let entries: Vec<Value> = versions
+            .into_iter()
+            .map(|v| json!({"fullUrl": url, "resource": v}))
+            .collect();
+        let next = format!(
+            "http://{host}{}?_getpages=history-{t}-{id}&_getpagesoffset=20&_count=20&_bundletype=history",
+            self.base_path
+        );
+        Some(
+            json!({"resourceType": "Bundle", "type": "history", "total": entries.len(),
+               "link": [{"relation": "self", "url": format!("{url}/_history")},
+                        {"relation": "next", "url": next}],
+               "entry": entries}),
+        )
+    }
+
+    fn bundle(&self, body: &[u8], host: &str) -> Value {
         let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let kind = match doc["type"].as_str() {
             Some("transaction") => "transaction-response",
@@ -234,6 +258,10 @@ impl FhirSandbox {
                         None => json!({"response": {"status": "404 Not Found"}}),
                     },
                     ("GET", [t]) => json!({"resource": self.search(&[t], &params), "response": {"status": "200 OK"}}),
+                    ("GET", [t, id, "_history"]) => match self.history(t, id, host) {
+                        Some(h) => json!({"resource": h, "response": {"status": "200 OK"}}),
+                        None => json!({"response": {"status": "404 Not Found"}}),
+                    },
                     ("POST", _) => json!({"response": {"status": "201 Created"}}),
                     ("PUT", _) | ("PATCH", _) => json!({"response": {"status": "200 OK"}}),
                     ("DELETE", _) => json!({"response": {"status": "204 No Content"}}),
@@ -577,30 +605,17 @@ async fn answer(
             Some(r) => fhir(StatusCode::OK, r.clone()),
             None => not_found(&format!("{t}/{id} is not known")),
         },
-        ("GET", [t, id, "_history"]) => match s.resources.get(&(t.to_string(), id.to_string())) {
-            Some(r) => {
-                let mut versions = earlier_versions(t, id);
-                versions.push(r.clone());
-                versions.reverse();
-                // Absolute URLs from the Host it was sent, as HAPI's.
-                let host = headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost");
-                let url = format!("http://{host}{}/{t}/{id}", s.base_path);
-                let entries: Vec<Value> = versions
-                    .into_iter()
-                    .map(|v| json!({"fullUrl": url, "resource": v}))
-                    .collect();
-                fhir(
-                    StatusCode::OK,
-                    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(),
-                           "link": [{"relation": "self", "url": format!("{url}/_history")}],
-                           "entry": entries}),
-                )
+        ("GET", [t, id, "_history"]) => {
+            // Absolute URLs from the Host it was sent, as HAPI's.
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            match s.history(t, id, host) {
+                Some(h) => fhir(StatusCode::OK, h),
+                None => not_found(&format!("{t}/{id} is not known")),
             }
-            None => not_found(&format!("{t}/{id} is not known")),
-        },
+        }
         ("GET", [t, id, "_history", v]) => {
             let current = s.resources.get(&(t.to_string(), id.to_string()));
             let version = earlier_versions(t, id)
@@ -626,8 +641,8 @@ async fn answer(
             fhir(StatusCode::OK, page(s.search(&[t], &params), &self_url, &params))
         }
         // A stored search's page: here `_getpages` names the stored search,
-        // `Type`, `Type:patient` or `everything:patient` (a real server's id
-        // is opaque).
+        // `Type`, `Type:patient`, `Type:patient:category` or
+        // `everything:patient` (a real server's id is opaque).
         ("GET", []) if params.iter().any(|(k, _)| k == "_getpages") => {
             let id = params
                 .iter()
@@ -642,6 +657,7 @@ async fn answer(
                 return fhir(StatusCode::OK, s.everything(patient, &params, &base));
             }
             let (t, patient) = id.split_once(':').unwrap_or((id, ""));
+            let (patient, category) = patient.split_once(':').unwrap_or((patient, ""));
             let stored: Vec<&str> = all.iter().copied().filter(|a| *a == t).collect();
             let mut rest: Vec<(String, String)> = params
                 .iter()
@@ -650,6 +666,9 @@ async fn answer(
                 .collect();
             if !patient.is_empty() {
                 rest.push(("patient".into(), patient.to_string()));
+            }
+            if !category.is_empty() {
+                rest.push(("category".into(), category.to_string()));
             }
             fhir(StatusCode::OK, s.search(&stored, &rest))
         }
@@ -672,7 +691,13 @@ async fn answer(
             };
             fhir(StatusCode::OK, s.search(&types, &p))
         }
-        ("POST", []) => fhir(StatusCode::OK, s.bundle(&body)),
+        ("POST", []) => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            fhir(StatusCode::OK, s.bundle(&body, host))
+        }
         ("POST", [t]) => {
             // As HAPI answers a create: the new resource's absolute URL,
             // built from the Host it was sent; and, as a servlet container
