@@ -517,10 +517,20 @@ pub struct IntrospectionConfig {
     /// tokens cannot drive the authorization server's load. 0: no limit.
     #[serde(default = "d_inactive_budget")]
     pub max_inactive_per_source_per_minute: u32,
+    /// Calls to the endpoint in flight at once; a token not already cached
+    /// that would make one more gets 503 without a call, so a flood of
+    /// made-up tokens from many addresses cannot drive the authorization
+    /// server beyond this (the budget per address bounds each one).
+    #[serde(default = "d_max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
 }
 
 fn d_inactive_budget() -> u32 {
     60
+}
+
+fn d_max_concurrent_calls() -> u32 {
+    32
 }
 
 fn d_auth_method() -> String {
@@ -576,6 +586,8 @@ pub struct Introspection {
     pub opaque_tokens: bool,
     /// Inactive answers a client address may have per minute (0: no limit).
     pub max_inactive_per_source_per_minute: u32,
+    /// Calls to the endpoint in flight at once.
+    pub max_concurrent_calls: u32,
     /// private_key_jwt: the assertion's `kid`, if one is configured.
     pub assertion_kid: Option<String>,
     /// private_key_jwt: the assertion's `aud` (the endpoint by default).
@@ -3291,6 +3303,11 @@ fn validate_introspection(
         ("timeout_ms", c.timeout_ms, 60_000),
         ("cache_max_ttl_seconds", c.cache_max_ttl_seconds, 3600),
         ("negative_cache_seconds", c.negative_cache_seconds, 3600),
+        (
+            "max_concurrent_calls",
+            u64::from(c.max_concurrent_calls),
+            4096,
+        ),
     ] {
         if v == 0 || v > max {
             problem(&key(k), format!("must be between 1 and {max}"));
@@ -3332,6 +3349,7 @@ fn validate_introspection(
         require_aud: c.require_aud,
         opaque_tokens: c.opaque_tokens.unwrap_or(false),
         max_inactive_per_source_per_minute: c.max_inactive_per_source_per_minute,
+        max_concurrent_calls: c.max_concurrent_calls,
         assertion_kid: c.private_key_id.clone(),
         assertion_audience,
     })

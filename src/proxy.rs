@@ -588,13 +588,13 @@ fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
             description: e.to_string(),
             retry_after_seconds: *wait,
         },
-        TokenError::KeysUnavailable(_) | TokenError::IntrospectionUnavailable(_) => {
-            Denial::Unavailable {
-                code: e.code(),
-                description: e.to_string(),
-                retry_after_seconds: retry_after,
-            }
-        }
+        TokenError::KeysUnavailable(_)
+        | TokenError::IntrospectionUnavailable(_)
+        | TokenError::IntrospectionBusy { .. } => Denial::Unavailable {
+            code: e.code(),
+            description: e.to_string(),
+            retry_after_seconds: retry_after,
+        },
         _ => Denial::InvalidToken {
             code: e.code(),
             description: e.to_string(),

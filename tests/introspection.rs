@@ -281,6 +281,75 @@ async fn concurrent_requests_share_one_call_and_outages_fail_closed() {
     assert_eq!(gw.upstream.count_containing("huge-answer-1"), 0);
 }
 
+/// However many addresses send them, at most
+/// `introspection.max_concurrent_calls` introspections are in flight: a
+/// token not cached that would make one more gets 503 at once, without a
+/// call, and it costs its address none of its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_are_bounded_per_issuer() {
+    let (gw, as_) = start(
+        &format!(
+            "{BASIC}      max_concurrent_calls: 2\n      max_inactive_per_source_per_minute: 3\n"
+        ),
+        60,
+        2,
+    )
+    .await;
+    for i in 0..6 {
+        as_.answers
+            .lock()
+            .unwrap()
+            .insert(format!("opaque-busy-{i}"), active(&gw, "user/*.rs", None));
+    }
+    as_.delay_ms.store(800, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let (client, url) = (gw.client.clone(), format!("{}/Patient/p1", gw.base));
+        tasks.push(tokio::spawn(async move {
+            client
+                .get(url)
+                .bearer_auth(format!("opaque-busy-{i}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    // Both calls in flight: a third token is refused without a call.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while as_.calls.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the calls never began"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 2..6 {
+        let r = gw
+            .client
+            .get(format!("{}/Patient/busy-{i}", gw.base))
+            .bearer_auth(format!("opaque-busy-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        let body = r.text().await.unwrap();
+        assert!(body.contains("max_concurrent_calls: 2"), "{body}");
+    }
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 2, "no call was made");
+    assert_eq!(gw.upstream.count_containing("busy-"), 0);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // Once they are answered, the next token is introspected: the four
+    // refusals spent none of the address's budget of 3.
+    as_.delay_ms.store(0, Ordering::SeqCst);
+    let (s, _, body) = get(&gw, "Patient/p1", "opaque-busy-5").await;
+    assert_eq!(s, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn introspected_claims_drive_scopes_and_patient_context() {
     let (gw, as_) = start(

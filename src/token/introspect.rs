@@ -78,6 +78,8 @@ pub struct Introspector {
     /// Inactive (or refused) answers per client address this minute
     /// (`max_inactive_per_source_per_minute`).
     budgets: moka::sync::Cache<String, Arc<std::sync::Mutex<Budget>>>,
+    /// Calls in flight (`max_concurrent_calls`).
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// Called after every introspection call (metrics).
     on_call: Arc<dyn Fn(CallRecord) + Send + Sync>,
 }
@@ -107,6 +109,9 @@ impl Introspector {
                 .time_to_idle(BUDGET_WINDOW)
                 .max_capacity(100_000)
                 .build(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                cfg.max_concurrent_calls as usize,
+            )),
             on_call,
         })
     }
@@ -181,7 +186,14 @@ impl Introspector {
                     .try_get_with(hash, self.call(token, now))
                     .await
                     .map_err(|e| (*e).clone());
-                if reserved && matches!(called, Ok(Outcome::Active { .. })) {
+                // An active answer, or no call made (too many in flight),
+                // costs the address nothing.
+                if reserved
+                    && matches!(
+                        called,
+                        Ok(Outcome::Active { .. }) | Err(TokenError::IntrospectionBusy { .. })
+                    )
+                {
                     self.refund(source);
                 }
                 (called?, false)
@@ -212,6 +224,14 @@ impl Introspector {
             .introspection
             .as_ref()
             .expect("an introspector has introspection settings");
+        // At most so many calls at once, whoever sends the tokens: past
+        // it, refused at once rather than queued.
+        let Ok(_in_flight) = self.in_flight.try_acquire() else {
+            return Err(TokenError::IntrospectionBusy {
+                issuer: self.issuer.name.clone(),
+                limit: cfg.max_concurrent_calls,
+            });
+        };
         let unavailable = || TokenError::IntrospectionUnavailable(self.issuer.name.clone());
         let mut form: Vec<(&str, String)> = vec![
             ("token", token.to_string()),
@@ -412,6 +432,7 @@ mod tests {
                 require_aud: false,
                 opaque_tokens: true,
                 max_inactive_per_source_per_minute: 60,
+                max_concurrent_calls: 32,
                 assertion_kid: None,
                 assertion_audience: "https://as.example/introspect".into(),
             }),

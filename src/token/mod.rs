@@ -77,6 +77,8 @@ pub enum TokenError {
     Inactive,
     #[error("token introspection at issuer '{0}' is not available; retry later")]
     IntrospectionUnavailable(String),
+    #[error("as many token introspections at issuer '{issuer}' are in flight as fhirwall makes at once (introspection.max_concurrent_calls: {limit}); retry later")]
+    IntrospectionBusy { issuer: String, limit: u32 },
     #[error("token is not a JWT and no issuer is configured to introspect opaque tokens")]
     OpaqueNotAccepted,
     #[error("the token binds itself to a key or certificate (cnf) that the authorization server's introspection answer does not confirm")]
@@ -114,7 +116,9 @@ impl TokenError {
             TokenError::WrongAudience(_) => "token_wrong_audience",
             TokenError::KeysUnavailable(_) => "keys_unavailable",
             TokenError::Inactive => "token_inactive",
-            TokenError::IntrospectionUnavailable(_) => "introspection_unavailable",
+            TokenError::IntrospectionUnavailable(_) | TokenError::IntrospectionBusy { .. } => {
+                "introspection_unavailable"
+            }
             TokenError::IntrospectionThrottled(_) => "rate_limited",
             TokenError::OpaqueNotAccepted => "token_malformed",
         }
