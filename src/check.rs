@@ -434,11 +434,37 @@ pub fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> 
 /// called a searchset it would be judged as one. Without the link, the
 /// page's id is never known to the caller.
 pub fn without_paging_links(body: &[u8]) -> Option<Vec<u8>> {
-    let mut doc: Value = serde_json::from_slice(body).ok()?;
-    let links = doc.get_mut("link")?.as_array_mut()?;
-    let before = links.len();
-    links.retain(|l| l.get("relation").and_then(Value::as_str) == Some("self"));
-    (links.len() != before).then(|| doc.to_string().into_bytes())
+    // Edited in place: the rest (numbers as written) stays byte for byte.
+    let text = std::str::from_utf8(body).ok()?;
+    let top = json_edit::parse(text)?;
+    let array = top.get("link")?;
+    let links = json_edit::elements(array)?;
+    let kept: Vec<&str> = links
+        .iter()
+        .filter(|l| {
+            json_edit::member(l, "relation")
+                .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+                .as_deref()
+                == Some("self")
+        })
+        .map(|l| l.get())
+        .collect();
+    if kept.len() == links.len() {
+        return None;
+    }
+    let mut edit = JsonEdit::new(text);
+    edit.replace(array, format!("[{}]", kept.join(",")))?;
+    edit.finish().map(String::into_bytes)
+}
+
+/// A searchset as [`without_entries`] writes it (its entries joined by
+/// `,`, without the upstream's spacing between them), whether or not any
+/// were left out: passed on as the upstream spaced it, an answer from
+/// which nothing was left out would look unlike one trimmed, and tell
+/// that a resource outside the grant is there. The body as it is when it
+/// has no entries to rewrite.
+pub fn entries_written_one_way(body: &[u8]) -> Vec<u8> {
+    without_entries(body, &[]).unwrap_or_else(|| body.to_vec())
 }
 
 /// How one entry of a searchset answer stands.
@@ -815,9 +841,12 @@ pub fn judge_bundle_answer(
     }
     // A passed Bundle, trimmed, its links through the gateway.
     let relink = |resource: &[u8], drop: &[usize], history: bool| -> Option<Vec<u8>> {
+        // A search's entries are written one way whether some were left
+        // out or not (`without_entries`): the upstream's spacing between
+        // them would tell.
         let trimmed = match drop {
             [] if history => without_paging_links(resource),
-            [] => None,
+            [] => without_entries(resource, &[]),
             drop => Some(without_entries(resource, drop)?),
         };
         let text = trimmed.as_deref().unwrap_or(resource);

@@ -1314,9 +1314,12 @@ impl Gateway {
                             .map(Bytes::from)
                             .unwrap_or(body)
                     }
-                    _ => rewrite_links(&answer.body, self.upstream_base(), &self.realm)
-                        .map(Bytes::from)
-                        .unwrap_or(answer.body.clone()),
+                    ResponseCheck::Search { .. } => {
+                        let body = crate::check::entries_written_one_way(&answer.body);
+                        rewrite_links(&body, self.upstream_base(), &self.realm)
+                            .map(Bytes::from)
+                            .unwrap_or_else(|| Bytes::from(body))
+                    }
                 }),
                 v => Err(v),
             },

@@ -417,6 +417,20 @@ async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
         obs("oracle-d", "p1", "oracle-d", None, 6000),
         obs("oracle-e1", "p1", "oracle-e", None, 2500),
         obs("oracle-e2", "p1", "oracle-e", None, 2500),
+        obs(
+            "oracle-f",
+            "p1",
+            "oracle-f",
+            Some("Observation/obs-p2-0"),
+            10,
+        ),
+        obs(
+            "oracle-g",
+            "p1",
+            "oracle-g",
+            Some("Observation/obs-p2-9"),
+            10,
+        ),
         bob,
         huge,
     ];
@@ -460,6 +474,35 @@ async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
             .replace("foreign-big", "foreign-nil"),
         without
     );
+
+    // Written by a server that spaces its JSON (`_pretty=true`), an answer
+    // from which an include was left out looks like one from which none
+    // was: the entries are written one way, read whole or entry by entry.
+    for (with, without, swaps) in [
+        (
+            "oracle-f",
+            "oracle-g",
+            [("oracle-f", "oracle-g"), ("obs-p2-0", "obs-p2-9")],
+        ),
+        (
+            "oracle-a",
+            "oracle-b",
+            [("oracle-a", "oracle-b"), ("foreign-big", "foreign-nil")],
+        ),
+    ] {
+        let pretty = |code: &str| format!("{}&_pretty=true", search(code));
+        let (s, with_other) = status_and_body(gw.get(&pretty(with), Some(&p1)).await).await;
+        assert_eq!(s, 200, "{with_other}");
+        assert_nothing_of_p2("pretty include", &with_other);
+        let (s, none) = status_and_body(gw.get(&pretty(without), Some(&p1)).await).await;
+        assert_eq!(s, 200, "{none}");
+        assert!(none.contains("\n  "), "spaced by the upstream: {none}");
+        let mut swapped = with_other.clone();
+        for (a, b) in swaps {
+            swapped = swapped.replace(a, b);
+        }
+        assert_eq!(swapped, none);
+    }
 
     // Another patient's resource larger than the cap by itself: let go
     // unjudged, on record.

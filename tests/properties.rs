@@ -257,8 +257,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// The entry sieve keeps exactly the entries its judge accepts, in
-    /// order, and the Bundle around them byte for byte, however the
-    /// answer is cut into chunks and laid out; what it keeps parses.
+    /// order, and the Bundle around them, however the answer is cut into
+    /// chunks and laid out; what it keeps parses to what was sent less
+    /// the entries turned down.
     #[test]
     fn entry_sieve_keeps_what_its_judge_accepts(
         entries in prop::collection::vec((tricky_json(), any::<bool>()), 0..6),

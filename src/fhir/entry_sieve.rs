@@ -66,6 +66,10 @@ pub struct EntrySieve<F: FnMut(&[u8]) -> bool> {
     /// The name before that `:` was `entry`.
     key_is_entry: bool,
     seen_entry: bool,
+    /// Between entries: what may come next (`Some(true)`: an entry or `]`,
+    /// just after `[`; `Some(false)`: `,` or `]`, after an entry; `None`:
+    /// an entry, after a `,`).
+    between: Option<bool>,
     before: Vec<u8>,
     kept: Vec<u8>,
     after: Vec<u8>,
@@ -109,6 +113,7 @@ impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
             awaiting_value: false,
             key_is_entry: false,
             seen_entry: false,
+            between: Some(true),
             before: Vec::new(),
             kept: Vec::new(),
             after: Vec::new(),
@@ -247,14 +252,32 @@ impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
         if value_start {
             self.awaiting_value = false;
         }
-        if self.region == Region::Between && !matches!(b, b',' | b']') {
-            // An entry begins.
-            if b != b'{' {
-                return Err(SieveError::Malformed("an entry is not an object"));
+        if self.region == Region::Between {
+            // Commas only between entries, exactly one.
+            match (b, self.between) {
+                (b',', Some(false)) => {
+                    self.between = None;
+                    return Ok(());
+                }
+                (b']', Some(_)) => {}
+                (b',' | b']', _) => {
+                    return Err(SieveError::Malformed(
+                        "the entries are not separated by commas",
+                    ))
+                }
+                (b'{', Some(true) | None) => {
+                    // An entry begins.
+                    self.region = Region::Entry;
+                    self.stack.push(true);
+                    return self.put(&[b]);
+                }
+                (b'{', Some(false)) => {
+                    return Err(SieveError::Malformed(
+                        "the entries are not separated by commas",
+                    ))
+                }
+                _ => return Err(SieveError::Malformed("an entry is not an object")),
             }
-            self.region = Region::Entry;
-            self.stack.push(true);
-            return self.put(&[b]);
         }
         match b {
             b'"' => {
@@ -299,6 +322,7 @@ impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
                     (Region::Entry, 2) => {
                         self.put(&[b])?;
                         self.region = Region::Between;
+                        self.between = Some(false);
                         self.end_entry()
                     }
                     (Region::Between, 1) => {
@@ -516,6 +540,22 @@ mod tests {
                 "the Bundle has two entry members",
             ),
             (br#"{"entry":[{]}"#, "brackets do not match"),
+            (
+                br#"{"entry":[{},]}"#,
+                "the entries are not separated by commas",
+            ),
+            (
+                br#"{"entry":[,{}]}"#,
+                "the entries are not separated by commas",
+            ),
+            (
+                br#"{"entry":[{}{}]}"#,
+                "the entries are not separated by commas",
+            ),
+            (
+                br#"{"entry":[{},,{}]}"#,
+                "the entries are not separated by commas",
+            ),
             (br#"{"a":1}}"#, "something follows the Bundle"),
             (br#"{"a":1} {"#, "something follows the Bundle"),
         ];

@@ -638,7 +638,17 @@ async fn answer(
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("localhost");
             let self_url = format!("http://{host}{}/{t}", s.base_path);
-            fhir(StatusCode::OK, page(s.search(&[t], &params), &self_url, &params))
+            let answer = page(s.search(&[t], &params), &self_url, &params);
+            // `_pretty=true`: indented, as HAPI writes it.
+            if params.iter().any(|(k, v)| k == "_pretty" && v == "true") {
+                return (
+                    StatusCode::OK,
+                    [("content-type", "application/fhir+json")],
+                    serde_json::to_string_pretty(&answer).unwrap_or_default(),
+                )
+                    .into_response();
+            }
+            fhir(StatusCode::OK, answer)
         }
         // A stored search's page: here `_getpages` names the stored search,
         // `Type`, `Type:patient`, `Type:patient:category` or
