@@ -2818,8 +2818,8 @@ impl Ctx {
                 }
                 if self.too_large_entries > 0 {
                     detail.push(format!(
-                        "{} entries larger than upstream.max_checked_answer_bytes left out \
-                         unjudged",
+                        "{} entries left out unjudged, too large for what \
+                         upstream.max_checked_answer_bytes leaves",
                         self.too_large_entries
                     ));
                 }

@@ -9,8 +9,9 @@
 //! tell whether the other patient's resource exists. Read through this
 //! sieve, only what is kept counts: each element of the Bundle's top-level
 //! `entry` array is held alone, judged by the caller's `keep`, and either
-//! kept or let go; an element larger than the cap by itself is let go
-//! unjudged (it could be anyone's), as are those `keep` turns down.
+//! kept or let go; an element larger than what the cap leaves of what is
+//! kept is let go unjudged (it could be anyone's), as are those `keep`
+//! turns down. So what is held never passes the cap.
 //!
 //! This only finds where entries begin and end (strings, escapes and
 //! nesting); it does not parse. What it keeps is parsed whole by
@@ -74,7 +75,8 @@ pub struct EntrySieve<F: FnMut(&[u8]) -> bool> {
     kept: Vec<u8>,
     after: Vec<u8>,
     current: Vec<u8>,
-    /// The entry being read is larger than the cap: let go unjudged.
+    /// The entry being read is larger than the cap leaves: let go
+    /// unjudged.
     current_over: bool,
     kept_entries: usize,
     left_out: usize,
@@ -91,7 +93,7 @@ pub struct Sieved {
     pub kept: usize,
     /// Entries `keep` turned down.
     pub left_out: usize,
-    /// Entries let go unjudged, each larger than the cap by itself.
+    /// Entries let go unjudged, each larger than what the cap left.
     pub too_large: usize,
 }
 
@@ -141,8 +143,12 @@ impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
             Region::After => self.after.extend_from_slice(bytes),
             Region::Between => return Ok(()),
             Region::Entry => {
+                // An entry may take what the cap leaves of what is kept
+                // (and its comma): what is held never passes the cap, so
+                // the memory an answer takes depends on what is kept only.
+                let room = self.cap.saturating_sub(self.kept_len() + 1);
                 if !self.current_over {
-                    if self.current.len() + bytes.len() > self.cap {
+                    if self.current.len() + bytes.len() > room {
                         self.current_over = true;
                         self.current = Vec::new();
                     } else {
@@ -467,10 +473,12 @@ mod tests {
         assert!(text.len() > 1000);
         let out = sieve(&text, 1000, 50).unwrap();
         assert_eq!((out.kept, out.left_out), (1, 2));
-        // What is kept above the cap is too large.
+        // An entry larger than what the cap leaves of what is kept is let
+        // go unjudged: what is held never passes the cap.
         let mine = json!({"resourceType": "Bundle", "entry": [{"resource": {"text": big}}, {"resource": {"text": big}}]});
-        let err = sieve(&serde_json::to_vec(&mine).unwrap(), 1000, 50).unwrap_err();
-        assert_eq!(err, SieveError::TooLarge);
+        let out = sieve(&serde_json::to_vec(&mine).unwrap(), 1000, 50).unwrap();
+        assert_eq!((out.kept, out.left_out, out.too_large), (1, 0, 1));
+        assert!(out.body.len() <= 1000);
         // So is the Bundle around its entries.
         let around =
             json!({"resourceType": "Bundle", "meta": {"x": "y".repeat(2000)}, "entry": []});
