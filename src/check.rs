@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::decide::{EntryCheck, ResponseCheck, WriteCheck};
 use crate::fhir::classify::{FhirRequest, Interaction};
 use crate::fhir::compartment::{in_compartment, references_other_patient, Bases};
+use crate::fhir::entry_sieve::Sift;
 use crate::fhir::json_edit::{self, JsonEdit};
 use crate::fhir::search_param::Filter;
 
@@ -397,13 +398,120 @@ fn judge_search(
     }
 }
 
+/// The verdict on one entry of a batch or transaction answer, checked by
+/// `check` as the answer to `entry_req`.
+fn judge_entry(
+    check: &ResponseCheck,
+    entry_req: &FhirRequest,
+    entry: &Value,
+    bases: &Bases,
+) -> Verdict {
+    let code = entry
+        .pointer("/response/status")
+        .and_then(Value::as_str)
+        .and_then(status_code)
+        .unwrap_or(0);
+    let resource = entry
+        .get("resource")
+        .or_else(|| entry.pointer("/response/outcome"))
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    judge(
+        check,
+        entry_req,
+        code,
+        Some("application/fhir+json"),
+        resource.as_bytes(),
+        bases,
+    )
+}
+
+/// The entry written in place of one the verdict does not pass.
+fn refused_entry(verdict: Verdict) -> Value {
+    let (status, issue, text) = match verdict {
+        Verdict::Pass | Verdict::Trim { .. } => (
+            "502 Bad Gateway",
+            "exception",
+            "the upstream answered a search entry with a Bundle in place of its outcome"
+                .to_string(),
+        ),
+        Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
+        Verdict::Refuse { why } | Verdict::PolicyRefuse { why, .. } => {
+            ("403 Forbidden", "forbidden", why)
+        }
+        Verdict::Unverifiable { why } => ("502 Bad Gateway", "exception", why),
+    };
+    serde_json::json!({
+        "response": {
+            "status": status,
+            "outcome": {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": issue, "diagnostics": format!("fhirwall: {text}")}]
+            }
+        }
+    })
+}
+
+/// What becomes of one entry (index `index`, its text, or `None` when
+/// too large to hold) of a batch or transaction answer read entry by entry
+/// ([`crate::fhir::entry_sieve`]): one its check does not pass is replaced
+/// as [`judge_bundle_answer`] would; one too large to hold is answered as
+/// if absent when it is a read by id (another patient's of that size
+/// would be), else as an entry that could not be checked. Anything else is
+/// kept, to be judged with the whole answer.
+pub fn bundle_entry_sift(
+    checks: &[EntryCheck],
+    req: &FhirRequest,
+    index: usize,
+    entry: Option<&[u8]>,
+    bases: &Bases,
+) -> Sift {
+    let check = checks.iter().find(|c| c.index == index);
+    let replace = |v: Verdict| Sift::Replace(refused_entry(v).to_string().into_bytes());
+    let Some(entry) = entry else {
+        return replace(match check.map(|c| &c.check) {
+            Some(ResponseCheck::Resource { .. }) => Verdict::Hide {
+                why: "upstream_answer_too_large",
+            },
+            _ => Verdict::Unverifiable {
+                why: "the upstream's answer to this entry is larger than fhirwall reads to \
+                      check it"
+                    .into(),
+            },
+        });
+    };
+    let (Some(c), Some(entry_req)) = (check, req.entries.get(index)) else {
+        return Sift::Keep;
+    };
+    let Ok(entry) = serde_json::from_slice::<Value>(entry) else {
+        return Sift::Keep;
+    };
+    match judge_entry(&c.check, entry_req, &entry, bases) {
+        Verdict::Pass => Sift::Keep,
+        Verdict::Trim { .. } if entry.get("resource").is_some() => Sift::Keep,
+        v => replace(v),
+    }
+}
+
 /// Whether one entry (its JSON text) of the answer to a search checked by
 /// `check` is kept while the answer is read entry by entry
 /// ([`crate::fhir::entry_sieve`]): not when it is an included resource
 /// outside the grant, which [`judge`] would leave out too. Anything else
 /// is kept, to be judged with the whole answer (an entry that does not
 /// parse, or fails the answer, included).
-pub fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> bool {
+pub fn search_entry_sift(check: &ResponseCheck, entry: Option<&[u8]>, bases: &Bases) -> Sift {
+    // Too large to hold: it could be anyone's.
+    let Some(entry) = entry else {
+        return Sift::Drop;
+    };
+    if search_entry_kept(check, entry, bases) {
+        Sift::Keep
+    } else {
+        Sift::Drop
+    }
+}
+
+fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> bool {
     let ResponseCheck::Search {
         patient,
         types,
@@ -758,25 +866,7 @@ pub fn judge_bundle_answer(
         else {
             continue;
         };
-        let code = entry
-            .pointer("/response/status")
-            .and_then(Value::as_str)
-            .and_then(status_code)
-            .unwrap_or(0);
-        let resource = entry
-            .get("resource")
-            .or_else(|| entry.pointer("/response/outcome"))
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        let verdict = judge(
-            &c.check,
-            entry_req,
-            code,
-            Some("application/fhir+json"),
-            resource.as_bytes(),
-            bases,
-        );
-        let (status, issue, text) = match verdict {
+        match judge_entry(&c.check, entry_req, entry, bases) {
             Verdict::Pass => {
                 if entry
                     .pointer("/resource/resourceType")
@@ -786,36 +876,17 @@ pub fn judge_bundle_answer(
                     let history = entry_req.interaction == Interaction::HistoryInstance;
                     relinked.push((c.index, Vec::new(), history));
                 }
-                continue;
             }
             // (Only a searchset is trimmed: a Bundle, which must be the
             // entry's resource to be trimmed.)
             Verdict::Trim { entries } if entry.get("resource").is_some() => {
                 relinked.push((c.index, entries, false));
-                continue;
             }
-            Verdict::Trim { .. } => (
-                "502 Bad Gateway",
-                "exception",
-                "the upstream answered a search entry with a Bundle in place of its outcome"
-                    .to_string(),
-            ),
-            Verdict::Hide { .. } => ("404 Not Found", "not-found", "not_found".to_string()),
-            Verdict::Refuse { why } | Verdict::PolicyRefuse { why, .. } => {
-                ("403 Forbidden", "forbidden", why)
+            verdict => {
+                *entry = refused_entry(verdict);
+                withheld.push((c.index, entry.clone()));
             }
-            Verdict::Unverifiable { why } => ("502 Bad Gateway", "exception", why),
-        };
-        *entry = serde_json::json!({
-            "response": {
-                "status": status,
-                "outcome": {
-                    "resourceType": "OperationOutcome",
-                    "issue": [{"severity": "error", "code": issue, "diagnostics": format!("fhirwall: {text}")}]
-                }
-            }
-        });
-        withheld.push((c.index, entry.clone()));
+        }
     }
     // Writes under patient/ scopes that failed: their outcome may name
     // other patients' resources.

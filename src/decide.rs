@@ -309,6 +309,25 @@ pub fn decide_with(
                             .into(),
                     ))
                 }
+                // A checked search's includes may be others' resources,
+                // left out of its answer; inside a Bundle the search's
+                // answer is held whole as one entry, so its size would
+                // count them (a search alone is read entry by entry).
+                Ok(Decision {
+                    check: Some(ResponseCheck::Search { .. }),
+                    ..
+                }) if entry.params.iter().any(|(n, _)| {
+                    let base = n.split(':').next().unwrap_or("");
+                    base == "_include" || base == "_revinclude"
+                }) =>
+                {
+                    return Err(refused(
+                        "a checked search's _include or _revinclude inside a Bundle is refused: \
+                         the resources it brings in need not be in the grant, and the entry's \
+                         size would tell whether they exist; search alone"
+                            .into(),
+                    ))
+                }
                 Ok(Decision {
                     check: Some(check),
                     narrow,

@@ -32,6 +32,7 @@ use crate::deny::Denial;
 use crate::extract::{extract, has_access_token_param, ExtractError, Extracted};
 use crate::fhir::classify::{self, ClassifyError, FhirRequest, HttpRequest, Interaction};
 use crate::fhir::compartment::{references_other_patient, Bases};
+use crate::fhir::entry_sieve::Sift;
 use crate::metrics::Metrics;
 use crate::pages::{EverythingPages, Origin};
 use crate::policy::binding_holds;
@@ -1198,18 +1199,29 @@ impl Gateway {
             body = Some(Bytes::from(narrowed));
         }
         let sent = Instant::now();
-        // A search's answer too large to hold whole is read entry by entry,
-        // its includes outside the grant let go as they come: whether it is
-        // too large then depends only on what the caller may see.
+        // An answer too large to hold whole is read entry by entry: a
+        // search's includes outside the grant let go as they come, a
+        // Bundle's entries its checks do not pass replaced as they come.
+        // Whether it is too large then depends only on what the caller may
+        // see.
         let bases = &self.bases;
-        let search_keep = |e: &[u8]| match &ctx.check {
-            Some(check) => crate::check::search_entry_kept(check, e, bases),
-            None => true,
+        let bundle = !ctx.entry_checks.is_empty() || !ctx.withheld_entries.is_empty();
+        let search_keep = |_: usize, e: Option<&[u8]>| match &ctx.check {
+            Some(check) => crate::check::search_entry_sift(check, e, bases),
+            None => Sift::Drop,
         };
-        let sieve = matches!(ctx.check, Some(ResponseCheck::Search { .. }))
-            && ctx.entry_checks.is_empty()
-            && ctx.withheld_entries.is_empty();
-        let keep: Option<crate::upstream::EntryKeep> = sieve.then_some(&search_keep);
+        let (entry_checks, fhir_req) = (&ctx.entry_checks, ctx.fhir.as_ref());
+        let bundle_keep = |i: usize, e: Option<&[u8]>| match fhir_req {
+            Some(f) => crate::check::bundle_entry_sift(entry_checks, f, i, e, bases),
+            None => Sift::Drop,
+        };
+        let keep: Option<crate::upstream::EntryKeep> = if bundle {
+            Some(&bundle_keep)
+        } else if matches!(ctx.check, Some(ResponseCheck::Search { .. })) {
+            Some(&search_keep)
+        } else {
+            None
+        };
         let fetched = self
             .checked
             .fetch(method, &rel, query.as_deref(), headers, body, keep)
@@ -1258,8 +1270,10 @@ impl Gateway {
                     &self.realm,
                 )
                 .map(|(body, left_out)| {
-                    ctx.left_out = left_out;
-                    Bytes::from(body)
+                    ctx.left_out += left_out;
+                    // Written one way, whether entries were replaced as
+                    // read or after (the upstream's spacing would tell).
+                    Bytes::from(crate::check::entries_written_one_way(&body))
                 })
             }
             Some(check) => match judge(

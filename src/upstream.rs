@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderName, Method};
 
 use crate::config::Upstream;
 use crate::deny::Denial;
-use crate::fhir::entry_sieve::{EntrySieve, SieveError};
+use crate::fhir::entry_sieve::{EntrySieve, SieveError, Sift};
 
 /// Client headers that would make the answer uncheckable or partial.
 const UNCHECKABLE: &[HeaderName] = &[
@@ -75,7 +75,7 @@ pub struct Answer {
 /// answer is read ([`crate::fhir::entry_sieve`]): only what is kept then
 /// counts against the cap, so whether an answer is too large never
 /// depends on what is left out of it.
-pub type EntryKeep<'a> = &'a (dyn Fn(&[u8]) -> bool + Sync);
+pub type EntryKeep<'a> = &'a (dyn Fn(usize, Option<&[u8]>) -> Sift + Sync);
 
 /// How many bytes of a sieved answer are read at most, as a multiple of
 /// `upstream.max_checked_answer_bytes`: an answer that never ends is cut
@@ -273,7 +273,7 @@ impl CheckedClient {
                 ),
             },
         };
-        let mut sieve = EntrySieve::new(max_body, |e: &[u8]| keep(e));
+        let mut sieve = EntrySieve::new(max_body, |i, e: Option<&[u8]>| keep(i, e));
         let mut total = read.len();
         let mut held_bytes = read.len();
         sieve.push(&read).map_err(failed)?;

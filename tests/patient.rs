@@ -542,6 +542,43 @@ async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
         "3 included resources outside the grant left out of the answer"
     );
 
+    // In a batch: another patient's resource read by id is replaced by a
+    // 404 as it comes, and only what is kept counts against the cap: the
+    // same answer whether it exists or not, spaced or not.
+    for pretty in ["", "?_pretty=true"] {
+        let batch = |own: &str, other: &str| {
+            json!({"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "GET", "url": format!("Observation/{own}")}},
+                {"request": {"method": "GET", "url": format!("Observation/{other}")}}]})
+        };
+        let (s, with_other) = post_fhir(&gw, &p1, pretty, &batch("oracle-a", "foreign-big")).await;
+        assert_eq!(s, 200, "{with_other}");
+        assert_nothing_of_p2("batch read of a large resource of p2", &with_other);
+        let (s, none) = post_fhir(&gw, &p1, pretty, &batch("oracle-b", "foreign-nil")).await;
+        assert_eq!(s, 200, "{none}");
+        assert_eq!(
+            with_other
+                .replace("oracle-a", "oracle-b")
+                .replace("foreign-big", "foreign-nil"),
+            none,
+            "{pretty}"
+        );
+        let answer: Value = serde_json::from_str(&none).unwrap();
+        assert_eq!(answer["entry"][1]["response"]["status"], "404 Not Found");
+    }
+    // A checked search's includes inside a Bundle: refused (the entry is
+    // held whole, its size would count them).
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation?code=oracle-f&_include=Observation:focus"}}]});
+    let before = gw.upstream.seen().len();
+    let (s, body) = post_fhir(&gw, &p1, "", &batch).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(
+        body.contains("_include or _revinclude inside a Bundle"),
+        "{body}"
+    );
+    assert_eq!(gw.upstream.seen().len(), before);
+
     // Another patient's resource larger than the cap by itself: let go
     // unjudged, on record.
     let r = gw.get(&search("oracle-c"), Some(&p1)).await;

@@ -270,7 +270,7 @@ proptest! {
         pretty in any::<bool>(),
         chunk in 1usize..40,
     ) {
-        use fhirwall::fhir::entry_sieve::EntrySieve;
+        use fhirwall::fhir::entry_sieve::{EntrySieve, Sift};
         use serde_json::{json, Value};
         let mut bundle = serde_json::Map::new();
         for (k, v) in &around {
@@ -289,9 +289,9 @@ proptest! {
         } else {
             serde_json::to_vec(&doc).unwrap()
         };
-        let mut sieve = EntrySieve::new(1 << 20, |e: &[u8]| {
-            let e: Value = serde_json::from_slice(e).expect("a framed entry parses");
-            e["keep"] == Value::Bool(true)
+        let mut sieve = EntrySieve::new(1 << 20, |_, e: Option<&[u8]>| {
+            let e: Value = serde_json::from_slice(e.expect("held")).expect("a framed entry parses");
+            if e["keep"] == Value::Bool(true) { Sift::Keep } else { Sift::Drop }
         });
         for c in text.chunks(chunk) {
             sieve.push(c).unwrap();

@@ -20,6 +20,16 @@
 //! (not an object, a second `entry` member, an entry that is not an object,
 //! brackets that do not match, a truncated answer) is an error.
 
+/// What becomes of one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sift {
+    Keep,
+    /// Let go.
+    Drop,
+    /// Written in its place (a refusal, the entry's answer withheld).
+    Replace(Vec<u8>),
+}
+
 /// Why the sieve stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SieveError {
@@ -46,8 +56,9 @@ enum Region {
 }
 
 /// Frames the top-level `entry` array of a JSON object fed in chunks,
-/// keeping the entries `keep` accepts.
-pub struct EntrySieve<F: FnMut(&[u8]) -> bool> {
+/// keeping the entries `keep` accepts. `keep` is given each entry's index
+/// and text, or `None` for one too large to hold (see [`Sieved`]).
+pub struct EntrySieve<F: FnMut(usize, Option<&[u8]>) -> Sift> {
     keep: F,
     cap: usize,
     region: Region,
@@ -81,6 +92,8 @@ pub struct EntrySieve<F: FnMut(&[u8]) -> bool> {
     kept_entries: usize,
     left_out: usize,
     too_large: usize,
+    /// Entries met so far.
+    seen: usize,
 }
 
 /// What the sieve kept.
@@ -89,15 +102,16 @@ pub struct Sieved {
     /// The Bundle with the kept entries only (same bytes, entries joined
     /// by `,`).
     pub body: Vec<u8>,
-    /// Entries kept.
+    /// Entries written (kept, or replaced).
     pub kept: usize,
     /// Entries `keep` turned down.
     pub left_out: usize,
-    /// Entries let go unjudged, each larger than what the cap left.
+    /// Entries too large for what the cap left (given to `keep` as
+    /// `None`: let go, or replaced).
     pub too_large: usize,
 }
 
-impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
+impl<F: FnMut(usize, Option<&[u8]>) -> Sift> EntrySieve<F> {
     /// A sieve keeping at most `cap` bytes, entries judged by `keep`.
     pub fn new(cap: usize, keep: F) -> Self {
         EntrySieve {
@@ -124,6 +138,7 @@ impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
             kept_entries: 0,
             left_out: 0,
             too_large: 0,
+            seen: 0,
         }
     }
 
@@ -166,18 +181,31 @@ impl<F: FnMut(&[u8]) -> bool> EntrySieve<F> {
 
     fn end_entry(&mut self) -> Result<(), SieveError> {
         let entry = std::mem::take(&mut self.current);
-        if self.current_over {
+        let index = self.seen;
+        self.seen += 1;
+        let sift = if self.current_over {
             self.too_large += 1;
-        } else if !(self.keep)(&entry) {
-            self.left_out += 1;
+            (self.keep)(index, None)
         } else {
-            if self.kept_entries > 0 {
-                self.kept.push(b',');
-            }
-            self.kept.extend_from_slice(&entry);
-            self.kept_entries += 1;
-            if self.kept_len() > self.cap {
-                return Err(SieveError::TooLarge);
+            (self.keep)(index, Some(&entry))
+        };
+        let written = match &sift {
+            Sift::Keep if !self.current_over => Some(&entry[..]),
+            Sift::Replace(with) => Some(&with[..]),
+            Sift::Keep | Sift::Drop => None,
+        };
+        match written {
+            None if self.current_over => {}
+            None => self.left_out += 1,
+            Some(text) => {
+                if self.kept_entries > 0 {
+                    self.kept.push(b',');
+                }
+                self.kept.extend_from_slice(text);
+                self.kept_entries += 1;
+                if self.kept_len() > self.cap {
+                    return Err(SieveError::TooLarge);
+                }
             }
         }
         self.current_over = false;
@@ -390,9 +418,14 @@ mod tests {
     /// Sieves `body` fed in chunks of `chunk` bytes, keeping entries
     /// without `"drop": true`.
     fn sieve(body: &[u8], cap: usize, chunk: usize) -> Result<Sieved, SieveError> {
-        let mut s = EntrySieve::new(cap, |e: &[u8]| {
+        let mut s = EntrySieve::new(cap, |_, e: Option<&[u8]>| {
+            let Some(e) = e else { return Sift::Drop };
             let e: Value = serde_json::from_slice(e).expect("an entry parses");
-            e.get("drop") != Some(&Value::Bool(true))
+            if e.get("drop") == Some(&Value::Bool(true)) {
+                Sift::Drop
+            } else {
+                Sift::Keep
+            }
         });
         for c in body.chunks(chunk.max(1)) {
             s.push(c)?;
@@ -446,9 +479,12 @@ mod tests {
         ]});
         let text = serde_json::to_vec(&b).unwrap();
         let mut judged = Vec::new();
-        let mut s = EntrySieve::new(1000, |e: &[u8]| {
-            judged.push(e.len());
-            true
+        let mut s = EntrySieve::new(1000, |_, e: Option<&[u8]>| match e {
+            Some(e) => {
+                judged.push(e.len());
+                Sift::Keep
+            }
+            None => Sift::Drop,
         });
         for c in text.chunks(100) {
             s.push(c).unwrap();
@@ -459,6 +495,40 @@ mod tests {
         assert_eq!(got["entry"].as_array().unwrap().len(), 2);
         assert_eq!(got["entry"][1]["resource"]["id"], "c");
         assert_eq!(judged.len(), 2, "the large entry is never judged");
+    }
+
+    /// A batch's entries keep their places: one is replaced, not let go,
+    /// also when it is too large to hold; `keep` is told each index.
+    #[test]
+    fn entries_may_be_replaced_in_place() {
+        let big = "x".repeat(4000);
+        let b = json!({"resourceType": "Bundle", "entry": [
+            {"resource": {"id": "a"}},
+            {"resource": {"id": "b", "text": big}},
+            {"resource": {"id": "c"}}
+        ]});
+        let text = serde_json::to_vec(&b).unwrap();
+        let mut told = Vec::new();
+        let mut s = EntrySieve::new(1000, |i, e: Option<&[u8]>| {
+            told.push((i, e.is_some()));
+            match (i, e) {
+                (_, None) => Sift::Replace(br#"{"response":{"status":"404 Not Found"}}"#.to_vec()),
+                (2, Some(_)) => {
+                    Sift::Replace(br#"{"response":{"status":"403 Forbidden"}}"#.to_vec())
+                }
+                _ => Sift::Keep,
+            }
+        });
+        for c in text.chunks(64) {
+            s.push(c).unwrap();
+        }
+        let out = s.finish().unwrap();
+        assert_eq!(told, [(0, true), (1, false), (2, true)]);
+        assert_eq!((out.kept, out.left_out, out.too_large), (3, 0, 1));
+        let got: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(got["entry"][0]["resource"]["id"], "a");
+        assert_eq!(got["entry"][1]["response"]["status"], "404 Not Found");
+        assert_eq!(got["entry"][2]["response"]["status"], "403 Forbidden");
     }
 
     #[test]

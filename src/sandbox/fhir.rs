@@ -706,7 +706,16 @@ async fn answer(
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("localhost");
-            fhir(StatusCode::OK, s.bundle(&body, host))
+            let answer = s.bundle(&body, host);
+            if params.iter().any(|(k, v)| k == "_pretty" && v == "true") {
+                return (
+                    StatusCode::OK,
+                    [("content-type", "application/fhir+json")],
+                    serde_json::to_string_pretty(&answer).unwrap_or_default(),
+                )
+                    .into_response();
+            }
+            fhir(StatusCode::OK, answer)
         }
         ("POST", [t]) => {
             // As HAPI answers a create: the new resource's absolute URL,
