@@ -469,16 +469,19 @@ pub fn bundle_entry_sift(
     let check = checks.iter().find(|c| c.index == index);
     let replace = |v: Verdict| Sift::Replace(refused_entry(v).to_string().into_bytes());
     let Some(entry) = entry else {
-        return replace(match check.map(|c| &c.check) {
-            Some(ResponseCheck::Resource { .. }) => Verdict::Hide {
+        return match check.map(|c| &c.check) {
+            Some(ResponseCheck::Resource { .. }) => replace(Verdict::Hide {
                 why: "upstream_answer_too_large",
-            },
-            _ => Verdict::Unverifiable {
+            }),
+            Some(_) => replace(Verdict::Unverifiable {
                 why: "the upstream's answer to this entry is larger than fhirwall reads to \
                       check it"
                     .into(),
-            },
-        });
+            }),
+            // Not checked (a write's answer): no refusal may stand in for
+            // what was done; the answer fails whole, as too large.
+            None => Sift::Fail,
+        };
     };
     let (Some(c), Some(entry_req)) = (check, req.entries.get(index)) else {
         return Sift::Keep;
@@ -491,6 +494,15 @@ pub fn bundle_entry_sift(
         Verdict::Trim { .. } if entry.get("resource").is_some() => Sift::Keep,
         v => replace(v),
     }
+}
+
+/// The status of one Bundle entry's `response` (its JSON text).
+pub fn response_status(entry: &[u8]) -> Option<u16> {
+    let entry: Value = serde_json::from_slice(entry).ok()?;
+    entry
+        .pointer("/response/status")
+        .and_then(Value::as_str)
+        .and_then(status_code)
 }
 
 /// Whether one entry (its JSON text) of the answer to a search checked by
@@ -1834,6 +1846,57 @@ mod tests {
     /// [`judged_bundle_answer`]'s text.
     fn passed_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> String {
         judged_bundle_answer(checks, b, text).0
+    }
+
+    /// Read entry by entry: a checked entry that fails is replaced as the
+    /// whole answer's judgement replaces it (so judged again, it stays
+    /// the same); one too large to hold is a 404 for a read, and the
+    /// whole answer fails when it is an unchecked one (a write's).
+    #[test]
+    fn bundle_entries_are_sifted_as_judged_whole() {
+        let request = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Observation/o1"}},
+            {"request": {"method": "GET", "url": "Observation/o2"}},
+            {"request": {"method": "DELETE", "url": "Observation/o3"}}]});
+        let b = posted_bundle(&request);
+        let checks: Vec<EntryCheck> = [0, 1]
+            .into_iter()
+            .map(|index| EntryCheck {
+                index,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: Vec::new(),
+            })
+            .collect();
+        let bases = Bases::default();
+        let sift = |i: usize, e: Option<Value>| {
+            let text = e.map(|e| e.to_string());
+            bundle_entry_sift(&checks, &b, i, text.as_deref().map(str::as_bytes), &bases)
+        };
+        let own = json!({"resource": obs("o1", "p1"), "response": {"status": "200 OK"}});
+        assert_eq!(sift(0, Some(own)), Sift::Keep);
+        let other = json!({"resource": obs("o2", "p2"), "response": {"status": "200 OK"}});
+        let Sift::Replace(hidden) = sift(1, Some(other)) else {
+            panic!("another patient's entry is replaced")
+        };
+        let missing = json!({"response": {"status": "404 Not Found"}});
+        assert_eq!(sift(1, Some(missing)), Sift::Replace(hidden.clone()));
+        assert_eq!(sift(1, None), Sift::Replace(hidden.clone()));
+        assert_eq!(sift(2, None), Sift::Fail);
+        assert_eq!(
+            sift(2, Some(json!({"response": {"status": "204 No Content"}}))),
+            Sift::Keep
+        );
+        // Judged whole afterwards, the replacement stays as it is.
+        let answer = format!(
+            r#"{{"resourceType":"Bundle","type":"batch-response","entry":[{},{},{}]}}"#,
+            json!({"resource": obs("o1", "p1"), "response": {"status": "200 OK"}}),
+            String::from_utf8(hidden.clone()).unwrap(),
+            json!({"response": {"status": "204 No Content"}})
+        );
+        let (out, _) = judged_bundle_answer(&checks, &b, &answer);
+        let out: Value = serde_json::from_str(&out).unwrap();
+        let hidden: Value = serde_json::from_slice(&hidden).unwrap();
+        assert_eq!(out["entry"][1], hidden);
     }
 
     #[test]

@@ -316,15 +316,17 @@ pub fn decide_with(
                 Ok(Decision {
                     check: Some(ResponseCheck::Search { .. }),
                     ..
-                }) if entry.params.iter().any(|(n, _)| {
-                    let base = n.split(':').next().unwrap_or("");
-                    base == "_include" || base == "_revinclude"
-                }) =>
+                }) if is_stored_page(entry)
+                    || entry.params.iter().any(|(n, _)| {
+                        let base = n.split(':').next().unwrap_or("");
+                        base == "_include" || base == "_revinclude"
+                    }) =>
                 {
                     return Err(refused(
-                        "a checked search's _include or _revinclude inside a Bundle is refused: \
-                         the resources it brings in need not be in the grant, and the entry's \
-                         size would tell whether they exist; search alone"
+                        "a checked search's _include or _revinclude, or a stored search's page \
+                         (which brings the includes of its search), inside a Bundle is \
+                         refused: the resources it brings in need not be in the grant, and the \
+                         entry's size would tell whether they exist; search alone"
                             .into(),
                     ))
                 }

@@ -1211,9 +1211,22 @@ impl Gateway {
             None => Sift::Drop,
         };
         let (entry_checks, fhir_req) = (&ctx.entry_checks, ctx.fhir.as_ref());
-        let bundle_keep = |i: usize, e: Option<&[u8]>| match fhir_req {
-            Some(f) => crate::check::bundle_entry_sift(entry_checks, f, i, e, bases),
-            None => Sift::Drop,
+        // The entries replaced as they came, with what the upstream
+        // answered them (for the record).
+        let replaced = std::sync::Mutex::new(Vec::<(usize, Option<u16>)>::new());
+        let bundle_keep = |i: usize, e: Option<&[u8]>| {
+            let Some(f) = fhir_req else {
+                return Sift::Fail;
+            };
+            let sift = crate::check::bundle_entry_sift(entry_checks, f, i, e, bases);
+            if matches!(sift, Sift::Replace(_)) {
+                let status = e.and_then(crate::check::response_status);
+                replaced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((i, status));
+            }
+            sift
         };
         let keep: Option<crate::upstream::EntryKeep> = if bundle {
             Some(&bundle_keep)
@@ -1381,7 +1394,14 @@ impl Gateway {
             // What the upstream answered each entry, and which answers the
             // client did not get (replaced by a denial).
             let n = fhir.entries.len();
-            let upstream = crate::check::entry_statuses(&answer.body[..], n).unwrap_or_default();
+            let mut upstream =
+                crate::check::entry_statuses(&answer.body[..], n).unwrap_or_default();
+            // (What the upstream answered those replaced as they came.)
+            for (i, status) in replaced.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                if let Some(s) = upstream.get_mut(i) {
+                    *s = status;
+                }
+            }
             let client = crate::check::entry_statuses(&body[..], n).unwrap_or_default();
             ctx.entry_withheld = (0..n).map(|i| upstream.get(i) != client.get(i)).collect();
             ctx.entry_statuses = upstream;
@@ -2831,11 +2851,20 @@ impl Ctx {
                     ));
                 }
                 if self.too_large_entries > 0 {
-                    detail.push(format!(
-                        "{} entries left out unjudged, too large for what \
-                         upstream.max_checked_answer_bytes leaves",
-                        self.too_large_entries
-                    ));
+                    let bundle = self.fhir.as_ref().is_some_and(|f| !f.entries.is_empty());
+                    detail.push(if bundle {
+                        format!(
+                            "{} entries too large for what upstream.max_checked_answer_bytes \
+                             leaves, their answers withheld unjudged",
+                            self.too_large_entries
+                        )
+                    } else {
+                        format!(
+                            "{} entries left out unjudged, too large for what \
+                             upstream.max_checked_answer_bytes leaves",
+                            self.too_large_entries
+                        )
+                    });
                 }
                 ("allow", "allowed", Some(detail.join("; ")))
             }

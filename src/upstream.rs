@@ -187,11 +187,16 @@ impl CheckedClient {
             }
         };
         let ok = (200..300).contains(&status);
-        let sieve = keep.filter(|_| ok);
-        if sieve.is_none()
-            && resp
-                .content_length()
-                .is_some_and(|l| l > self.max_body as u64)
+        // A 2xx answer with entries to judge one by one is read so from
+        // its first byte, whatever its size: one path, whose accounting
+        // counts only what is kept (had the sieve begun only past the cap,
+        // whether it began would depend on what is left out).
+        if let Some(keep) = keep.filter(|_| ok) {
+            return self.sieved(resp, status, headers, keep).await;
+        }
+        if resp
+            .content_length()
+            .is_some_and(|l| l > self.max_body as u64)
         {
             return too_large(headers);
         }
@@ -200,14 +205,7 @@ impl CheckedClient {
         let mut chunk = self.next_chunk(&mut resp).await?;
         while let Some(c) = chunk.take() {
             if body.len() + c.len() > self.max_body {
-                match sieve {
-                    Some(keep) => {
-                        return self
-                            .sieved(resp, status, headers, body.freeze(), c, held, keep)
-                            .await
-                    }
-                    None => return too_large(headers),
-                }
+                return too_large(headers);
             }
             // Held answers count against the memory of all requests: many
             // large ones at once are refused, not held until memory runs out.
@@ -239,20 +237,16 @@ impl CheckedClient {
         }
     }
 
-    /// Reads the rest of an answer grown too large to hold whole (`read`
-    /// so far, then `next`) entry by entry, keeping the entries `keep`
-    /// accepts: only what is kept counts against the cap.
-    #[allow(clippy::too_many_arguments)]
+    /// Reads an answer entry by entry, keeping the entries `keep` accepts:
+    /// only what is kept counts against the cap.
     async fn sieved(
         &self,
         mut resp: reqwest::Response,
         status: u16,
         headers: HeaderMap,
-        read: Bytes,
-        next: Bytes,
-        mut held: Option<tokio::sync::OwnedSemaphorePermit>,
         keep: EntryKeep<'_>,
     ) -> Result<Answer, Denial> {
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let max_body = self.max_body;
         let unjudgeable = |why: String| Denial::Upstream {
             status: 502,
@@ -268,17 +262,13 @@ impl CheckedClient {
                 status: 502,
                 code: "upstream_answer_unchecked",
                 description: format!(
-                    "the upstream's answer, larger than {max_body} bytes, could not be read \
-                     entry by entry: {why}"
+                    "the upstream's answer could not be read entry by entry: {why}"
                 ),
             },
         };
         let mut sieve = EntrySieve::new(max_body, |i, e: Option<&[u8]>| keep(i, e));
-        let mut total = read.len();
-        let mut held_bytes = read.len();
-        sieve.push(&read).map_err(failed)?;
-        drop(read);
-        let mut chunk = Some(next);
+        let (mut total, mut held_bytes) = (0usize, 0usize);
+        let mut chunk = self.next_chunk(&mut resp).await?;
         while let Some(c) = chunk.take() {
             total += c.len();
             if total > max_body.saturating_mul(MAX_SIEVED_FACTOR) {

@@ -289,7 +289,7 @@ async fn concurrent_requests_share_one_call_and_outages_fail_closed() {
 async fn calls_in_flight_are_bounded_per_issuer() {
     let (gw, as_) = start(
         &format!(
-            "{BASIC}      max_concurrent_calls: 2\n      max_inactive_per_source_per_minute: 3\n"
+            "{BASIC}      max_concurrent_calls: 2\n      max_inactive_per_source_per_minute: 6\n"
         ),
         60,
         2,
@@ -325,17 +325,27 @@ async fn calls_in_flight_are_bounded_per_issuer() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for i in 2..6 {
-        let r = gw
-            .client
-            .get(format!("{}/Patient/busy-{i}", gw.base))
-            .bearer_auth(format!("opaque-busy-{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
-        assert!(r.headers().contains_key("retry-after"));
-        let body = r.text().await.unwrap();
+    // (All at once: each waits 250 ms for a call to end, well within the
+    // 800 ms the two take.)
+    let refused: Vec<_> = (2..6)
+        .map(|i| {
+            let (client, url) = (gw.client.clone(), format!("{}/Patient/busy-{i}", gw.base));
+            tokio::spawn(async move {
+                let r = client
+                    .get(url)
+                    .bearer_auth(format!("opaque-busy-{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry = r.headers().contains_key("retry-after");
+                (r.status().as_u16(), retry, r.text().await.unwrap())
+            })
+        })
+        .collect();
+    for t in refused {
+        let (status, retry, body) = t.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(retry);
         assert!(body.contains("max_concurrent_calls: 2"), "{body}");
     }
     assert_eq!(as_.calls.load(Ordering::SeqCst), 2, "no call was made");
@@ -344,10 +354,35 @@ async fn calls_in_flight_are_bounded_per_issuer() {
         assert_eq!(t.await.unwrap(), 200);
     }
     // Once they are answered, the next token is introspected: the four
-    // refusals spent none of the address's budget of 3.
+    // refusals spent none of the address's budget of 6.
     as_.delay_ms.store(0, Ordering::SeqCst);
     let (s, _, body) = get(&gw, "Patient/p1", "opaque-busy-5").await;
     assert_eq!(s, 200, "{body}");
+    // A burst just over the bound, of quick calls: the one over waits for
+    // one to end (at most 250 ms) and is served.
+    as_.delay_ms.store(100, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let token = format!("opaque-burst-{i}");
+        as_.answers
+            .lock()
+            .unwrap()
+            .insert(token.clone(), active(&gw, "user/*.rs", None));
+        let (client, url) = (gw.client.clone(), format!("{}/Patient/p1", gw.base));
+        tasks.push(tokio::spawn(async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -566,18 +566,48 @@ async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
         let answer: Value = serde_json::from_str(&none).unwrap();
         assert_eq!(answer["entry"][1]["response"]["status"], "404 Not Found");
     }
-    // A checked search's includes inside a Bundle: refused (the entry is
-    // held whole, its size would count them).
+    // The record says which entry's answer was withheld, and what the
+    // upstream answered it (when it was small enough to read).
     let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET", "url": "Observation?code=oracle-f&_include=Observation:focus"}}]});
-    let before = gw.upstream.seen().len();
-    let (s, body) = post_fhir(&gw, &p1, "", &batch).await;
-    assert_eq!(s, 403, "{body}");
-    assert!(
-        body.contains("_include or _revinclude inside a Bundle"),
-        "{body}"
+        {"request": {"method": "GET", "url": "Observation/oracle-a"}},
+        {"request": {"method": "GET", "url": "Observation/obs-p2-0"}},
+        {"request": {"method": "GET", "url": "Observation/foreign-big"}}]});
+    let r = gw
+        .client
+        .post(format!("{}/", gw.base))
+        .bearer_auth(&p1)
+        .header("content-type", "application/fhir+json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.status(), 200);
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["entries"][1]["status"], 200, "{rec}");
+    assert_eq!(rec["entries"][1]["withheld"], true, "{rec}");
+    assert_eq!(rec["entries"][2]["withheld"], true, "{rec}");
+    assert_ne!(rec["entries"][0]["withheld"], true, "{rec}");
+    assert_eq!(
+        rec["detail"],
+        "1 entries too large for what upstream.max_checked_answer_bytes leaves, their answers withheld unjudged",
+        "{rec}"
     );
-    assert_eq!(gw.upstream.seen().len(), before);
+    // A checked search's includes inside a Bundle, or a stored search's
+    // page (which brings its search's includes): refused (the entry is
+    // held whole, its size would count them).
+    for url in [
+        "Observation?code=oracle-f&_include=Observation:focus",
+        "?_getpages=Observation:p1&_getpagesoffset=0&_count=10",
+    ] {
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": url}}]});
+        let before = gw.upstream.seen().len();
+        let (s, body) = post_fhir(&gw, &p1, "", &batch).await;
+        assert_eq!(s, 403, "{url}: {body}");
+        assert!(body.contains("inside a Bundle is refused"), "{url}: {body}");
+        assert_eq!(gw.upstream.seen().len(), before);
+    }
 
     // Another patient's resource larger than the cap by itself: let go
     // unjudged, on record.

@@ -28,6 +28,9 @@ pub enum Sift {
     Drop,
     /// Written in its place (a refusal, the entry's answer withheld).
     Replace(Vec<u8>),
+    /// The whole answer fails as too large (an entry that may be neither
+    /// held nor replaced).
+    Fail,
 }
 
 /// Why the sieve stopped.
@@ -190,6 +193,7 @@ impl<F: FnMut(usize, Option<&[u8]>) -> Sift> EntrySieve<F> {
             (self.keep)(index, Some(&entry))
         };
         let written = match &sift {
+            Sift::Fail => return Err(SieveError::TooLarge),
             Sift::Keep if !self.current_over => Some(&entry[..]),
             Sift::Replace(with) => Some(&with[..]),
             Sift::Keep | Sift::Drop => None,

@@ -71,6 +71,10 @@ struct Budget {
 }
 
 /// Introspects tokens for one issuer.
+/// How long a call waits for one in flight to end when
+/// `max_concurrent_calls` are.
+const BUSY_WAIT: Duration = Duration::from_millis(250);
+
 pub struct Introspector {
     pub issuer: Issuer,
     client: reqwest::Client,
@@ -225,8 +229,10 @@ impl Introspector {
             .as_ref()
             .expect("an introspector has introspection settings");
         // At most so many calls at once, whoever sends the tokens: past
-        // it, refused at once rather than queued.
-        let Ok(_in_flight) = self.in_flight.try_acquire() else {
+        // it, a token waits a moment for one to end (a burst of new
+        // sessions), then is refused rather than queued.
+        let wait = BUSY_WAIT.min(cfg.timeout);
+        let Ok(Ok(_in_flight)) = tokio::time::timeout(wait, self.in_flight.acquire()).await else {
             return Err(TokenError::IntrospectionBusy {
                 issuer: self.issuer.name.clone(),
                 limit: cfg.max_concurrent_calls,
