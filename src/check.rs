@@ -53,20 +53,8 @@ pub fn judge(
 ) -> Verdict {
     let (patient, filters) = match check {
         ResponseCheck::Resource { patient, filters } => (patient.as_deref(), filters.as_deref()),
-        ResponseCheck::Search {
-            patient,
-            types,
-            filters,
-            open_types,
-            refused_types,
-        } => {
-            let grant = Grant {
-                patient: patient.as_deref(),
-                types: types.as_deref(),
-                filters: filters.as_deref(),
-                open_types,
-                refused_types,
-            };
+        ResponseCheck::Search { .. } => {
+            let grant = Grant::of(check).expect("a search's check");
             return judge_search(&grant, status, content_type, body, bases);
         }
         ResponseCheck::Everything { patient } => {
@@ -160,6 +148,29 @@ struct Grant<'a> {
     open_types: &'a [String],
     /// Types refused whatever grants them, with the rule.
     refused_types: &'a [crate::policy::RefusedType],
+}
+
+impl<'a> Grant<'a> {
+    /// What a search's check lets its answer hold.
+    fn of(check: &'a ResponseCheck) -> Option<Grant<'a>> {
+        let ResponseCheck::Search {
+            patient,
+            types,
+            filters,
+            open_types,
+            refused_types,
+        } = check
+        else {
+            return None;
+        };
+        Some(Grant {
+            patient: patient.as_deref(),
+            types: types.as_deref(),
+            filters: filters.as_deref(),
+            open_types,
+            refused_types,
+        })
+    }
 }
 
 /// Why `r` is outside the compartment of `patient` (when set) or matches
@@ -524,22 +535,8 @@ pub fn search_entry_sift(check: &ResponseCheck, entry: Option<&[u8]>, bases: &Ba
 }
 
 fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> bool {
-    let ResponseCheck::Search {
-        patient,
-        types,
-        filters,
-        open_types,
-        refused_types,
-    } = check
-    else {
+    let Some(grant) = Grant::of(check) else {
         return true;
-    };
-    let grant = Grant {
-        patient: patient.as_deref(),
-        types: types.as_deref(),
-        filters: filters.as_deref(),
-        open_types,
-        refused_types,
     };
     let Ok(e) = serde_json::from_slice::<Value>(entry) else {
         return true;

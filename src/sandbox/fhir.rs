@@ -403,6 +403,20 @@ fn page(mut bundle: Value, self_url: &str, params: &[(String, String)]) -> Value
     bundle
 }
 
+/// A 200 FHIR JSON answer, indented as HAPI writes it when `params` ask
+/// `_pretty=true`.
+fn fhir_as_asked(params: &[(String, String)], body: Value) -> Response {
+    if !params.iter().any(|(k, v)| k == "_pretty" && v == "true") {
+        return fhir(StatusCode::OK, body);
+    }
+    (
+        StatusCode::OK,
+        [("content-type", "application/fhir+json")],
+        serde_json::to_string_pretty(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
 fn fhir(status: StatusCode, body: Value) -> Response {
     (
         status,
@@ -639,16 +653,7 @@ async fn answer(
                 .unwrap_or("localhost");
             let self_url = format!("http://{host}{}/{t}", s.base_path);
             let answer = page(s.search(&[t], &params), &self_url, &params);
-            // `_pretty=true`: indented, as HAPI writes it.
-            if params.iter().any(|(k, v)| k == "_pretty" && v == "true") {
-                return (
-                    StatusCode::OK,
-                    [("content-type", "application/fhir+json")],
-                    serde_json::to_string_pretty(&answer).unwrap_or_default(),
-                )
-                    .into_response();
-            }
-            fhir(StatusCode::OK, answer)
+            fhir_as_asked(&params, answer)
         }
         // A stored search's page: here `_getpages` names the stored search,
         // `Type`, `Type:patient`, `Type:patient:category` or
@@ -706,16 +711,7 @@ async fn answer(
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("localhost");
-            let answer = s.bundle(&body, host);
-            if params.iter().any(|(k, v)| k == "_pretty" && v == "true") {
-                return (
-                    StatusCode::OK,
-                    [("content-type", "application/fhir+json")],
-                    serde_json::to_string_pretty(&answer).unwrap_or_default(),
-                )
-                    .into_response();
-            }
-            fhir(StatusCode::OK, answer)
+            fhir_as_asked(&params, s.bundle(&body, host))
         }
         ("POST", [t]) => {
             // As HAPI answers a create: the new resource's absolute URL,
