@@ -319,7 +319,7 @@ pub fn decide_with(
                 }) if is_stored_page(entry)
                     || entry.params.iter().any(|(n, _)| {
                         let base = n.split(':').next().unwrap_or("");
-                        base == "_include" || base == "_revinclude"
+                        matches!(base, "_include" | "_revinclude" | "_getpages" | "_pageId")
                     }) =>
                 {
                     return Err(refused(

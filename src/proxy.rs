@@ -1239,6 +1239,15 @@ impl Gateway {
             .checked
             .fetch(method, &rel, query.as_deref(), headers, body, keep)
             .await;
+        let replaced = replaced.into_inner().unwrap_or_else(|p| p.into_inner());
+        // Entries replaced as they came are final: judged again, a refusal
+        // would read as the upstream's own answer.
+        let still_judged: Vec<EntryCheck> = ctx
+            .entry_checks
+            .iter()
+            .filter(|c| !replaced.iter().any(|(i, _)| *i == c.index))
+            .cloned()
+            .collect();
         ctx.upstream_time = Some(sent.elapsed());
         let answer = match fetched {
             Ok(a) => a,
@@ -1272,7 +1281,7 @@ impl Gateway {
         let judged: std::result::Result<Bytes, Verdict> = match &ctx.check {
             _ if !ctx.entry_checks.is_empty() || !ctx.withheld_entries.is_empty() => {
                 judge_bundle_answer(
-                    &ctx.entry_checks,
+                    &still_judged,
                     &ctx.withheld_entries,
                     fhir,
                     answer.status,
@@ -1397,7 +1406,7 @@ impl Gateway {
             let mut upstream =
                 crate::check::entry_statuses(&answer.body[..], n).unwrap_or_default();
             // (What the upstream answered those replaced as they came.)
-            for (i, status) in replaced.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            for (i, status) in replaced {
                 if let Some(s) = upstream.get_mut(i) {
                     *s = status;
                 }

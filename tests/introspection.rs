@@ -383,6 +383,14 @@ async fn calls_in_flight_are_bounded_per_issuer() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
+    // The address's budget of 6 is whole: six inactive tokens are each
+    // asked about (401), the seventh is not (429). (Had the refusals while
+    // busy spent it, fewer would be.)
+    as_.delay_ms.store(0, Ordering::SeqCst);
+    for i in 0..7 {
+        let (s, _, body) = get(&gw, "Patient/p1", &format!("opaque-made-up-{i}")).await;
+        assert_eq!(s, if i < 6 { 401 } else { 429 }, "{i}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

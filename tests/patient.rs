@@ -499,7 +499,8 @@ async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
 
     // Written by a server that spaces its JSON (`_pretty=true`), an answer
     // from which an include was left out looks like one from which none
-    // was: the entries are written one way, read whole or entry by entry.
+    // was: the entries are written one way (whether the answer is larger
+    // than the cap or not).
     for (with, without, swaps) in [
         (
             "oracle-f",
@@ -593,12 +594,25 @@ async fn searches_too_large_to_hold_count_only_what_the_caller_may_see() {
         "1 entries too large for what upstream.max_checked_answer_bytes leaves, their answers withheld unjudged",
         "{rec}"
     );
+    // A search entry too large to hold (the caller's own, over the cap):
+    // its refusal says so, and is not judged again as the upstream's.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation?code=oracle-e"}}]});
+    let (s, body) = post_fhir(&gw, &p1, "", &batch).await;
+    assert_eq!(s, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["entry"][0]["response"]["status"], "502 Bad Gateway");
+    assert!(
+        body.contains("larger than fhirwall reads to check it"),
+        "{body}"
+    );
     // A checked search's includes inside a Bundle, or a stored search's
     // page (which brings its search's includes): refused (the entry is
     // held whole, its size would count them).
     for url in [
         "Observation?code=oracle-f&_include=Observation:focus",
         "?_getpages=Observation:p1&_getpagesoffset=0&_count=10",
+        "Observation?_getpages=Observation:p1",
     ] {
         let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
             {"request": {"method": "GET", "url": url}}]});

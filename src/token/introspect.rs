@@ -70,11 +70,11 @@ struct Budget {
     spent: u32,
 }
 
-/// Introspects tokens for one issuer.
 /// How long a call waits for one in flight to end when
 /// `max_concurrent_calls` are.
 const BUSY_WAIT: Duration = Duration::from_millis(250);
 
+/// Introspects tokens for one issuer.
 pub struct Introspector {
     pub issuer: Issuer,
     client: reqwest::Client,
