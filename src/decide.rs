@@ -1140,12 +1140,7 @@ fn granted_types(scopes: &[&Scope]) -> Option<Vec<String>> {
 fn names_other(name: &str, other: &str, ctx: &str) -> ScopeDenial {
     // Shown only when it is spelt as a FHIR id: anything else the client
     // typed (a name, a birth date) stays out of the denial and the audit.
-    let is_id = !other.is_empty()
-        && other.len() <= 64
-        && other
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    let named = if is_id {
+    let named = if spelt_as_id(other) {
         format!("patient '{other}'")
     } else {
         "a patient".to_string()
@@ -1179,6 +1174,63 @@ fn named_patient<'a>(value: &'a str, bare_is_patient: bool, bases: &Bases) -> Op
         return None;
     }
     bare_is_patient.then_some(value)
+}
+
+/// Spelt as a FHIR id (what may be shown in a denial or the audit: not a
+/// name or a birth date the client typed).
+fn spelt_as_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// The patients a request names, by id: its `Patient/{id}` (read, history,
+/// operation, compartment), and the patients its parameters name
+/// (`patient=`, a `Patient/{id}` reference, a Patient search's `_id`),
+/// also in a Bundle's entries; only values spelt as FHIR ids, at most 32.
+/// Whose data it reaches, for the audit, whatever the token's launch
+/// patient (under `user/` scopes, `Observation?patient=p2` reads p2's).
+pub fn patients_named(req: &FhirRequest, bases: &Bases) -> Vec<String> {
+    let mut named: Vec<String> = Vec::new();
+    let mut add = |id: &str| {
+        if spelt_as_id(id) && named.len() < 32 && !named.iter().any(|n| n == id) {
+            named.push(id.to_string());
+        }
+    };
+    for r in std::iter::once(req).chain(&req.entries) {
+        if let Some(c) = r
+            .compartment
+            .as_ref()
+            .filter(|c| c.resource_type == "Patient")
+        {
+            add(&c.id);
+        }
+        if r.resource_type.as_deref() == Some("Patient") {
+            if let Some(id) = &r.id {
+                add(id);
+            }
+        }
+        let searches_patients = r.resource_type.as_deref() == Some("Patient");
+        for (name, value) in &r.params {
+            // A chain's value names what it chains to, not a patient.
+            if name.contains('.') {
+                continue;
+            }
+            let (base, modifier) = match name.split_once(':') {
+                Some((b, m)) => (b, Some(m)),
+                None => (name.as_str(), None),
+            };
+            let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
+                || searches_patients && name == "_id";
+            for v in value.split(',') {
+                if let Some(id) = named_patient(v, bare, bases) {
+                    add(id);
+                }
+            }
+        }
+    }
+    named
 }
 
 /// A read, vread or instance history of a (non-Patient) compartment type,
@@ -2742,6 +2794,33 @@ mod tests {
         }
         // Under user/ scopes nothing is checked: allowed.
         assert!(decide(&b, &ScopeSet::parse("user/*.rs"), None).is_ok());
+    }
+
+    /// Whose data a request reaches, for the audit: its Patient, its
+    /// compartment, the patients its parameters name (spelt as ids).
+    #[test]
+    fn the_patients_a_request_names() {
+        let bases = Bases(vec!["https://gw/fhir".into()]);
+        for (url, want) in [
+            ("Observation?patient=p2", vec!["p2"]),
+            (
+                "Observation?subject=Patient/p2,Patient/p3&code=x",
+                vec!["p2", "p3"],
+            ),
+            ("Observation?subject=https://gw/fhir/Patient/p4", vec!["p4"]),
+            ("Patient/p5/$everything", vec!["p5"]),
+            ("Patient/p6/Observation?patient=p6", vec!["p6"]),
+            ("Patient/p7", vec!["p7"]),
+            ("Patient?_id=p8", vec!["p8"]),
+            // Not ids, or not patients: nothing.
+            ("Observation?subject=Group/g1&code=p9", vec![]),
+            ("Patient?name=Alice", vec![]),
+            ("Observation?subject:Patient.name=Alice", vec![]),
+            ("Observation?patient=Alice%20Smith", vec![]),
+            ("Observation?subject=https://evil/fhir/Patient/p1", vec![]),
+        ] {
+            assert_eq!(patients_named(&req("GET", url), &bases), want, "{url}");
+        }
     }
 
     /// A stored page (a server's `next` link) under scopes that search

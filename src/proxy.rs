@@ -2898,6 +2898,11 @@ impl Gateway {
         Record {
             method: crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
             path: crate::audit::capped(path, 512),
+            patients: ctx
+                .fhir
+                .as_ref()
+                .map(|f| crate::decide::patients_named(f, &self.bases))
+                .unwrap_or_default(),
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
             response_bytes: done.then(|| session.body_bytes_sent() as u64),
@@ -2934,6 +2939,8 @@ impl Ctx {
             sub: claims.and_then(|c| c.sub.as_deref()),
             fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
             patient: claims.and_then(|c| c.patient.as_deref()),
+            // (Filled in by `Gateway::record`, which knows the bases.)
+            patients: Vec::new(),
             token_sha256: self
                 .token
                 .as_ref()

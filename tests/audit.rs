@@ -1922,3 +1922,23 @@ async fn a_long_method_is_recorded_cut_short() {
     );
     assert!(gw.upstream.seen().is_empty());
 }
+
+/// Under `user/` scopes the record names the patients a request reaches
+/// (a search's `patient=`, `Patient/{id}/$everything`), beside the
+/// token's launch patient: an accounting of who read whose data finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_names_the_patients_a_request_reaches() {
+    let gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("user/*.rs", Some("p1"));
+    for (rel, id, want) in [
+        ("Observation?patient=p2", "named-1", json!(["p2"])),
+        ("Patient/p3/$everything", "named-2", json!(["p3"])),
+        ("Observation?code=8867-4", "named-3", Value::Null),
+    ] {
+        let r = get_with_id(&gw, rel, &token, id).await;
+        assert_eq!(r.status(), 200, "{rel}");
+        let rec = gw.audit_for(id);
+        assert_eq!(rec["patients"], want, "{rel}: {rec}");
+        assert_eq!(rec["patient"], "p1", "the launch patient, as before");
+    }
+}

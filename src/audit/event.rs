@@ -358,6 +358,16 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
             "role": coding(OBJECT_ROLE, "1", "Patient"),
         }));
     }
+    // Under other scopes, the patients the request names are whose data
+    // it reaches (a search for another patient, their `$everything`).
+    // (Under `patient/` scopes it names none but the launch patient.)
+    for p in r.patients.iter().filter(|_| !patient_scoped) {
+        entities.push(json!({
+            "what": {"reference": format!("Patient/{p}")},
+            "type": coding(ENTITY_TYPE, "1", "Person"),
+            "role": coding(OBJECT_ROLE, "1", "Patient"),
+        }));
+    }
     let system_object = coding(ENTITY_TYPE, "2", "System Object");
     if interaction.is_some_and(is_query) {
         let mut line = format!("{} {}{}", r.method, site.public_origin, r.path);
@@ -607,6 +617,39 @@ mod tests {
             "{entities:?}"
         );
         assert!(ev.to_string().contains(r#""launch_patient""#), "{ev}");
+    }
+
+    /// Under `user/` scopes, a search naming a patient records that
+    /// patient as an entity (whose data it reaches), not the launch one.
+    #[test]
+    fn a_user_search_records_the_patients_it_names() {
+        let scopes = vec!["user/Observation.rs".to_string()];
+        let r = Record {
+            id: "n".into(),
+            request_id: "req-n",
+            method: "GET",
+            path: "/fhir/Observation",
+            patient: Some("p1"),
+            patients: vec!["p2".into()],
+            query_params: &[],
+            scopes_used: &scopes,
+            interaction: Some("search-type"),
+            resource_type: Some("Observation"),
+            decision: "allow",
+            reason: "allowed",
+            stage: "decide",
+            status: Some(200),
+            ..Record::default()
+        };
+        let ev = audit_event(&r, &site());
+        let patients: Vec<&Value> = ev["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["role"]["code"] == "1")
+            .collect();
+        assert_eq!(patients.len(), 1, "{ev}");
+        assert_eq!(patients[0]["what"]["reference"], "Patient/p2");
     }
 
     /// A request both a `patient/` and a `user/` scope granted (a page, a

@@ -101,8 +101,14 @@ pub struct Record<'a> {
     pub sub: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fhir_user: Option<&'a str>,
+    /// The token's launch patient.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patient: Option<&'a str>,
+    /// The patients the request names by id (its `Patient/{id}`, its
+    /// compartment, a patient parameter's value): whose data it reaches,
+    /// whatever the launch patient (`decide::patients_named`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub patients: Vec<String>,
     /// Hex SHA-256 of the access token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
