@@ -874,12 +874,16 @@ fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Op
     None
 }
 
+/// A regular file's bytes, at most `max + 1` (the caller tells a file too
+/// large by its length). Anything else named by mistake (a FIFO, a device,
+/// a directory) is refused before it is opened: opening a FIFO waits for a
+/// writer, which would hang `fhirwall check`.
 fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    if !file.metadata()?.is_file() {
+    if !std::fs::metadata(path)?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
+    let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.take(max + 1).read_to_end(&mut bytes)?;
     Ok(bytes)
@@ -2810,6 +2814,20 @@ impl Config {
     }
 }
 
+/// The most of a PEM file (key, certificate, CA bundle) read: a system CA
+/// bundle is a few hundred KiB.
+const MAX_PEM_BYTES: u64 = 4 << 20;
+
+/// A PEM file's bytes ([`read_small_file`]), refused when larger than
+/// [`MAX_PEM_BYTES`].
+fn read_pem_file(path: &str) -> Result<Vec<u8>, String> {
+    let bytes = read_small_file(Path::new(path), MAX_PEM_BYTES).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!("larger than {MAX_PEM_BYTES} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// PEM blocks with one of `tags` in `path`, as DER; a problem at `key` when
 /// the file cannot be read or holds none.
 fn pem_blocks(
@@ -2818,7 +2836,7 @@ fn pem_blocks(
     tags: &[&str],
     problem: &mut impl FnMut(&str, String),
 ) -> Option<Vec<Vec<u8>>> {
-    let text = match std::fs::read(path) {
+    let text = match read_pem_file(path) {
         Ok(t) => t,
         Err(e) => {
             problem(key, format!("cannot read '{path}': {e}"));
@@ -3248,7 +3266,7 @@ fn validate_introspection(
             };
             let pem = match &c.private_key_file {
                 Some(_) if for_reload => None,
-                Some(f) => match std::fs::read(f) {
+                Some(f) => match read_pem_file(f) {
                     Ok(b) => Some(b),
                     Err(e) => {
                         problem(&key("private_key_file"), format!("cannot read '{f}': {e}"));
@@ -3362,9 +3380,7 @@ fn pem_bundle(
     path: &str,
     problem: &mut impl FnMut(&str, String),
 ) -> Vec<reqwest::Certificate> {
-    let certs = std::fs::read(path)
-        .map_err(|e| e.to_string())
-        .and_then(|pem| ca_certificates(&pem));
+    let certs = read_pem_file(path).and_then(|pem| ca_certificates(&pem));
     match certs {
         Ok(certs) if !certs.is_empty() => certs,
         Ok(_) => {
@@ -3785,6 +3801,33 @@ admin:
                     );
                 }
             }
+        }
+        // A FIFO (or a directory) named by mistake is refused, not read: a
+        // FIFO would hang `check`.
+        let fifo = dir.join("fifo.pem");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for path in [fifo.to_str().unwrap(), dir.to_str().unwrap()] {
+            let mut problems = Vec::new();
+            let certs = pem_bundle("upstream.ca_file", path, &mut |k, m| {
+                problems.push((k.to_string(), m))
+            });
+            assert!(certs.is_empty());
+            assert!(
+                problems.len() == 1 && problems[0].1.contains("not a regular file"),
+                "{path}: {problems:?}"
+            );
+            let mut problems = Vec::new();
+            assert!(
+                pem_blocks("tls.key_file", path, &["PRIVATE KEY"], &mut |k, m| {
+                    problems.push((k.to_string(), m))
+                })
+                .is_none()
+            );
+            assert!(problems[0].1.contains("not a regular file"), "{problems:?}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
         // Nor is one accepted where nothing is verified.
