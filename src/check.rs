@@ -527,21 +527,13 @@ pub fn search_entry_sift(check: &ResponseCheck, entry: Option<&[u8]>, bases: &Ba
     let Some(entry) = entry else {
         return Sift::Drop;
     };
-    if search_entry_kept(check, entry, bases) {
-        Sift::Keep
-    } else {
-        Sift::Drop
+    let (Some(grant), Ok(e)) = (Grant::of(check), serde_json::from_slice::<Value>(entry)) else {
+        return Sift::Keep;
+    };
+    match judge_search_entry(&grant, &e, bases) {
+        EntryJudgement::Trim => Sift::Drop,
+        _ => Sift::Keep,
     }
-}
-
-fn search_entry_kept(check: &ResponseCheck, entry: &[u8], bases: &Bases) -> bool {
-    let Some(grant) = Grant::of(check) else {
-        return true;
-    };
-    let Ok(e) = serde_json::from_slice::<Value>(entry) else {
-        return true;
-    };
-    !matches!(judge_search_entry(&grant, &e, bases), EntryJudgement::Trim)
 }
 
 /// An instance history's Bundle without its paging links (all but

@@ -965,8 +965,7 @@ fn patient_search(
                  resources"
             )));
         }
-        let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
-            || searches_patients && name == "_id";
+        let bare = bare_id_is_patient(name, base, modifier, searches_patients);
         for v in value.split(',') {
             if let Some(other) = named_patient(v, bare, &opts.bases).filter(|id| *id != ctx) {
                 return Err(names_other(name, other, ctx));
@@ -1176,6 +1175,19 @@ fn named_patient<'a>(value: &'a str, bare_is_patient: bool, bases: &Bases) -> Op
     bare_is_patient.then_some(value)
 }
 
+/// Whether a bare id in parameter `name` (its `base` and `modifier`) is a
+/// Patient's: in one called `patient`, which in FHIR always means one, or
+/// in `_id` of a search for Patients.
+fn bare_id_is_patient(
+    name: &str,
+    base: &str,
+    modifier: Option<&str>,
+    searches_patients: bool,
+) -> bool {
+    base == "patient" && matches!(modifier, None | Some("Patient"))
+        || searches_patients && name == "_id"
+}
+
 /// Spelt as a FHIR id (what may be shown in a denial or the audit: not a
 /// name or a birth date the client typed).
 fn spelt_as_id(v: &str) -> bool {
@@ -1221,8 +1233,7 @@ pub fn patients_named(req: &FhirRequest, bases: &Bases) -> Vec<String> {
                 Some((b, m)) => (b, Some(m)),
                 None => (name.as_str(), None),
             };
-            let bare = base == "patient" && matches!(modifier, None | Some("Patient"))
-                || searches_patients && name == "_id";
+            let bare = bare_id_is_patient(name, base, modifier, searches_patients);
             for v in value.split(',') {
                 if let Some(id) = named_patient(v, bare, bases) {
                     add(id);

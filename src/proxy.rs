@@ -317,6 +317,8 @@ pub struct Ctx {
     /// Included resources left out of a checked search's answer (outside
     /// the grant).
     left_out: usize,
+    /// The patients the request names (`decide::patients_named`).
+    patients: Vec<String>,
     /// Entries of a checked search's answer let go unjudged, each larger
     /// than `upstream.max_checked_answer_bytes` by itself.
     too_large_entries: usize,
@@ -2476,6 +2478,8 @@ impl Gateway {
         }
         fhir.within_parameter_limit(self.settings.server.max_parameters)
             .map_err(|e| classify_denial(&e))?;
+        // Whose data it reaches, for both of its records.
+        ctx.patients = crate::decide::patients_named(&fhir, &self.bases);
         ctx.fhir = Some(fhir);
         let fhir = ctx.fhir.as_ref().expect("just set");
 
@@ -2898,11 +2902,6 @@ impl Gateway {
         Record {
             method: crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
             path: crate::audit::capped(path, 512),
-            patients: ctx
-                .fhir
-                .as_ref()
-                .map(|f| crate::decide::patients_named(f, &self.bases))
-                .unwrap_or_default(),
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
             response_bytes: done.then(|| session.body_bytes_sent() as u64),
@@ -2939,8 +2938,7 @@ impl Ctx {
             sub: claims.and_then(|c| c.sub.as_deref()),
             fhir_user: claims.and_then(|c| c.fhir_user.as_deref()),
             patient: claims.and_then(|c| c.patient.as_deref()),
-            // (Filled in by `Gateway::record`, which knows the bases.)
-            patients: Vec::new(),
+            patients: &self.patients,
             token_sha256: self
                 .token
                 .as_ref()
@@ -3099,6 +3097,7 @@ impl ProxyHttp for Gateway {
             entry_statuses: Vec::new(),
             entry_withheld: Vec::new(),
             left_out: 0,
+            patients: Vec::new(),
             too_large_entries: 0,
             withhold_error_detail: false,
             replaced_body: None,

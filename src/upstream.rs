@@ -61,20 +61,19 @@ pub struct Answer {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// Entries of a Bundle too large to hold whole that were let go as it
-    /// was read: turned down by its [`EntryKeep`], and each too large to
-    /// judge by itself.
+    /// Entries of a Bundle read entry by entry that were let go: turned
+    /// down by its [`EntryKeep`] ...
     pub left_out: usize,
+    /// ... and too large for what the cap left of what was kept.
     pub too_large: usize,
     /// Its share of the memory budget, given back when it is dropped.
     _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Which entries of a 2xx Bundle answer larger than
-/// `upstream.max_checked_answer_bytes` to keep, each judged alone as the
-/// answer is read ([`crate::fhir::entry_sieve`]): only what is kept then
-/// counts against the cap, so whether an answer is too large never
-/// depends on what is left out of it.
+/// What becomes of each entry of a 2xx Bundle answer, judged alone as
+/// the answer is read ([`crate::fhir::entry_sieve`]): only what is kept
+/// counts against `upstream.max_checked_answer_bytes`, so whether an
+/// answer is too large never depends on what is left out of it.
 pub type EntryKeep<'a> = &'a (dyn Fn(usize, Option<&[u8]>) -> Sift + Sync);
 
 /// How many bytes of a sieved answer are read at most, as a multiple of
@@ -146,9 +145,8 @@ impl CheckedClient {
     /// Sends `method` `rel?query` below the upstream base with `headers`
     /// (already filtered by the proxy's header policy) and `body`, and reads
     /// the whole answer, at most `max_body` bytes, asked for whole, as FHIR
-    /// JSON, unencoded, to be checked. With `keep`, a 2xx answer larger
-    /// than that is read as a Bundle entry by entry, keeping those `keep`
-    /// accepts (see [`EntryKeep`]).
+    /// JSON, unencoded, to be checked. With `keep`, a 2xx answer is read
+    /// as a Bundle entry by entry instead (see [`EntryKeep`]).
     pub async fn fetch(
         &self,
         method: Method,
@@ -202,18 +200,16 @@ impl CheckedClient {
         }
         let mut body = BytesMut::new();
         let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
-        let mut chunk = self.next_chunk(&mut resp).await?;
-        while let Some(c) = chunk.take() {
-            if body.len() + c.len() > self.max_body {
+        while let Some(chunk) = self.next_chunk(&mut resp).await? {
+            if body.len() + chunk.len() > self.max_body {
                 return too_large(headers);
             }
             // Held answers count against the memory of all requests: many
             // large ones at once are refused, not held until memory runs out.
-            if !hold(&self.budget, &mut held, c.len() * ANSWER_WEIGHT) {
+            if !hold(&self.budget, &mut held, chunk.len() * ANSWER_WEIGHT) {
                 return Err(self.budget_exhausted());
             }
-            body.extend_from_slice(&c);
-            chunk = self.next_chunk(&mut resp).await?;
+            body.extend_from_slice(&chunk);
         }
         Ok(Answer {
             status,
@@ -266,10 +262,9 @@ impl CheckedClient {
                 ),
             },
         };
-        let mut sieve = EntrySieve::new(max_body, |i, e: Option<&[u8]>| keep(i, e));
+        let mut sieve = EntrySieve::new(max_body, keep);
         let (mut total, mut held_bytes) = (0usize, 0usize);
-        let mut chunk = self.next_chunk(&mut resp).await?;
-        while let Some(c) = chunk.take() {
+        while let Some(c) = self.next_chunk(&mut resp).await? {
             total += c.len();
             if total > max_body.saturating_mul(MAX_SIEVED_FACTOR) {
                 return Err(unjudgeable(format!(
@@ -287,7 +282,6 @@ impl CheckedClient {
                 }
                 held_bytes = now;
             }
-            chunk = self.next_chunk(&mut resp).await?;
         }
         let sieved = sieve.finish().map_err(failed)?;
         Ok(Answer {

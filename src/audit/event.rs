@@ -351,22 +351,21 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
 
     // Entities: patient, resource or query, transaction.
     let mut entities = Vec::new();
-    if let Some(p) = r.patient.filter(|_| patient_scoped) {
-        entities.push(json!({
+    let patient_entity = |p: &str| {
+        json!({
             "what": {"reference": format!("Patient/{p}")},
             "type": coding(ENTITY_TYPE, "1", "Person"),
             "role": coding(OBJECT_ROLE, "1", "Patient"),
-        }));
+        })
+    };
+    if let Some(p) = r.patient.filter(|_| patient_scoped) {
+        entities.push(patient_entity(p));
     }
     // Under other scopes, the patients the request names are whose data
     // it reaches (a search for another patient, their `$everything`).
     // (Under `patient/` scopes it names none but the launch patient.)
     for p in r.patients.iter().filter(|_| !patient_scoped) {
-        entities.push(json!({
-            "what": {"reference": format!("Patient/{p}")},
-            "type": coding(ENTITY_TYPE, "1", "Person"),
-            "role": coding(OBJECT_ROLE, "1", "Patient"),
-        }));
+        entities.push(patient_entity(p));
     }
     let system_object = coding(ENTITY_TYPE, "2", "System Object");
     if interaction.is_some_and(is_query) {
@@ -630,7 +629,7 @@ mod tests {
             method: "GET",
             path: "/fhir/Observation",
             patient: Some("p1"),
-            patients: vec!["p2".into()],
+            patients: &["p2".to_string()],
             query_params: &[],
             scopes_used: &scopes,
             interaction: Some("search-type"),

@@ -107,8 +107,8 @@ pub struct Record<'a> {
     /// The patients the request names by id (its `Patient/{id}`, its
     /// compartment, a patient parameter's value): whose data it reaches,
     /// whatever the launch patient (`decide::patients_named`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub patients: Vec<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub patients: &'a [String],
     /// Hex SHA-256 of the access token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,

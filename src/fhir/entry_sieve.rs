@@ -289,6 +289,9 @@ impl<F: FnMut(usize, Option<&[u8]>) -> Sift> EntrySieve<F> {
         let value_start = depth == 1 && self.awaiting_value;
         if value_start {
             self.awaiting_value = false;
+            if self.key_is_entry && self.seen_entry {
+                return Err(SieveError::Malformed("the Bundle has two entry members"));
+            }
         }
         if self.region == Region::Between {
             // Commas only between entries, exactly one.
@@ -319,9 +322,6 @@ impl<F: FnMut(usize, Option<&[u8]>) -> Sift> EntrySieve<F> {
         }
         match b {
             b'"' => {
-                if value_start && self.key_is_entry && self.seen_entry {
-                    return Err(SieveError::Malformed("the Bundle has two entry members"));
-                }
                 self.in_str = true;
                 if depth == 1 && self.expect_key {
                     self.capturing = true;
@@ -331,17 +331,11 @@ impl<F: FnMut(usize, Option<&[u8]>) -> Sift> EntrySieve<F> {
             }
             b'{' | b'[' => {
                 if value_start && b == b'[' && self.key_is_entry {
-                    if self.seen_entry {
-                        return Err(SieveError::Malformed("the Bundle has two entry members"));
-                    }
                     self.seen_entry = true;
                     self.put(&[b])?;
                     self.stack.push(false);
                     self.region = Region::Between;
                     return Ok(());
-                }
-                if value_start && self.key_is_entry && self.seen_entry {
-                    return Err(SieveError::Malformed("the Bundle has two entry members"));
                 }
                 if depth >= MAX_DEPTH {
                     return Err(SieveError::Malformed("nested too deep"));
@@ -388,12 +382,7 @@ impl<F: FnMut(usize, Option<&[u8]>) -> Sift> EntrySieve<F> {
                 }
                 self.put(&[b])
             }
-            _ => {
-                if value_start && self.key_is_entry && self.seen_entry {
-                    return Err(SieveError::Malformed("the Bundle has two entry members"));
-                }
-                self.put(&[b])
-            }
+            _ => self.put(&[b]),
         }
     }
 
