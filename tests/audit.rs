@@ -651,6 +651,16 @@ async fn full_disk_case(extra: &str) {
         ) >= 1.0
     );
     assert_eq!(gw.readyz().await, 503);
+    // Still unready after the sink's retries, with no record to write
+    // (an empty append to a spill file succeeds on a full disk).
+    wait_until("two retries", 10, async || {
+        metric(
+            &gw.metrics().await,
+            "fhirwall_audit_write_failures_total{sink=\"primary\"}",
+        ) >= 3.0
+    })
+    .await;
+    assert_eq!(gw.readyz().await, 503);
     let token = gw.mint("system/Observation.rs", None);
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "disk-1").await;
     assert_eq!(r.status(), 503);

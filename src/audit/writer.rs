@@ -1183,7 +1183,14 @@ impl Writer {
             return false;
         };
         let mut file = lock(spill);
-        match file.append(records) {
+        // Nothing to write (the sink's retry with no records): an empty
+        // append succeeds on a full disk, so ask for room instead.
+        let result = if records.is_empty() {
+            file.probe()
+        } else {
+            file.append(records)
+        };
+        match result {
             Ok(()) => {
                 self.shared
                     .metrics
@@ -1194,8 +1201,11 @@ impl Writer {
             }
             Err(e) => {
                 self.shared.metrics.failures_spill.inc();
-                self.shared.spill_ok.store(false, Ordering::Release);
-                tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written; new requests are refused");
+                let was_ok = self.shared.spill_ok.swap(false, Ordering::AcqRel);
+                // A probe failing again at each retry is logged once.
+                if was_ok || !records.is_empty() {
+                    tracing::error!(error = %e, path = %file.path.display(), "audit spill file could not be written; new requests are refused");
+                }
                 false
             }
         }
