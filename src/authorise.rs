@@ -78,6 +78,21 @@ impl Grant {
         limits
     }
 
+    /// Why no wait for a rate limit helps this request, if none does: a
+    /// Bundle with more entries a rule counts than its bucket ever holds
+    /// (the gateway answers 413).
+    pub fn beyond_any_bucket(&self) -> Option<String> {
+        self.limits().into_iter().find_map(|(rule, limit, n)| {
+            (n > limit.requests).then(|| {
+                format!(
+                    "this Bundle has {n} entries that policy rule {rule} counts; it allows at \
+                     most {} per {} s: split it",
+                    limit.requests, limit.per_seconds
+                )
+            })
+        })
+    }
+
     /// Break-glass-able rules the declared emergency passed (sorted, once
     /// each).
     pub fn broke_glass(&self) -> Vec<String> {
@@ -162,7 +177,6 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             binding: cx.binding,
             now: cx.now,
             break_glass: cx.break_glass,
-            any_type: false,
         };
         for (i, judged) in rules
             .policies

@@ -512,6 +512,11 @@ fn explain_claims(
         Err(Refusal::Uncheckable(why)) => return e.deny("check", why),
     };
     e.rule = grant.rule().map(str::to_string);
+    if let Some(why) = grant.beyond_any_bucket() {
+        e.stages
+            .push(("decide", granted_note(&grant.decision.scopes_used)));
+        return e.deny("policies", format!("413: {why}"));
+    }
     let d = grant.decision;
     e.stages.push(("decide", granted_note(&d.scopes_used)));
     if s.roles.is_some() {

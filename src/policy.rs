@@ -193,12 +193,6 @@ pub struct PolicyInput<'a> {
     pub now: i64,
     /// A declared emergency's reason (break-glass), when there is one.
     pub break_glass: Option<&'a str>,
-    /// The request may reach resources of any type (a stored search's
-    /// page, served whatever search it names, as a Bundle entry): a deny or
-    /// require rule on resource types matches it as if it named each of
-    /// them. (A page as the request itself is judged type by type instead:
-    /// [`PolicySet::evaluate_page`].)
-    pub any_type: bool,
 }
 
 /// A verdict, and for an allowed stored page the resource types its
@@ -367,6 +361,24 @@ impl PolicySet {
                     );
                 }
                 let segments: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+                let first = segments[0];
+                // What a path below the base begins with (the empty
+                // pattern is the base itself: a batch, a system search).
+                let starts_well = (first.is_empty() && segments.len() == 1)
+                    || ["*", "**", "_history", "_search", "metadata"].contains(&first)
+                    || crate::fhir::resource_types::is_resource_type(first)
+                    || first.starts_with('$') && crate::fhir::classify::is_valid_operation(first);
+                if !starts_well {
+                    p(
+                        "when.path",
+                        format!(
+                            "'{pattern}': '{first}' begins no path below the FHIR base (a \
+                             resource type, spelt as in R4, '*', '**', '_history', '_search', \
+                             'metadata' or a '$operation'); write paths without the base \
+                             ('Patient/**', not '/fhir/Patient/**'), or the rule never holds"
+                        ),
+                    );
+                }
                 let last = segments.len() - 1;
                 let misplaced = segments.iter().enumerate().find(|(n, seg)| {
                     seg.contains('*') && !(**seg == "*" || (**seg == "**" && *n == last))
@@ -487,11 +499,27 @@ impl PolicySet {
                     resource_type: r.resource_type.as_deref(),
                     operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
                     path: &r.path,
-                    any_type: page && i > 0,
                     ..*base
                 };
                 if page && i == 0 {
                     self.evaluate_page(&input)
+                } else if page {
+                    // A Bundle entry's answer is not trimmed by type: a
+                    // page that may hold a refused type is refused.
+                    let mut judged = self.evaluate_page(&input);
+                    if !judged.refused_types.is_empty() {
+                        let first = judged.refused_types.swap_remove(0);
+                        judged.verdict = Verdict::Deny {
+                            by: first.rule,
+                            reason: format!(
+                                "{}: a stored page may hold {} resources, and a Bundle entry's \
+                                 answer is not trimmed by type",
+                                first.reason, first.resource_type
+                            ),
+                        };
+                        judged.refused_types.clear();
+                    }
+                    judged
                 } else {
                     let verdict = match self.evaluate(&input) {
                         Verdict::Allow {
@@ -669,21 +697,36 @@ impl PolicySet {
         Ok(())
     }
 
-    /// A stored search's page names no type but may hold resources of any:
-    /// it is judged as if it named each type in turn. Allowed when some
-    /// type is, with the others' refusals to be applied to its answer;
-    /// refused when every type is. An allowed page meets the rate limits
-    /// (and records the broken glass) of every type it is allowed for.
+    /// A stored search's page names no type but may hold resources of any,
+    /// and continues a search whatever it was: each type is judged as a
+    /// read and a search of it (path and all, as a type a request reaches
+    /// is: [`as_direct`]). Allowed when some type is, with the others'
+    /// refusals to be applied to its answer; refused when every type is.
+    /// An allowed page meets the rate limits (and records the broken
+    /// glass) of every type it is allowed for.
     pub fn evaluate_page(&self, input: &PolicyInput) -> Judged {
         let mut refused_types = Vec::new();
         let mut by = None;
         let mut limits: Vec<(String, RateLimit)> = Vec::new();
         let mut broke_glass: Vec<String> = Vec::new();
         for t in crate::fhir::resource_types::RESOURCE_TYPES {
-            let verdict = self.evaluate(&PolicyInput {
-                resource_type: Some(t),
-                any_type: false,
-                ..*input
+            let mut reach = Reach::default();
+            let mut allowed_by = None;
+            let mut denied = None;
+            for interaction in ["read", "search-type"] {
+                let v = self.evaluate(&as_direct(input, interaction, t));
+                if let Verdict::Allow { by: Some(b), .. } = &v {
+                    allowed_by = Some(b.clone());
+                }
+                if let Err(deny) = reach.take(v, |reason| reason) {
+                    denied = Some(deny);
+                    break;
+                }
+            }
+            let verdict = denied.unwrap_or(Verdict::Allow {
+                by: allowed_by,
+                limits: reach.limits,
+                broke_glass: reach.broke_glass,
             });
             match verdict {
                 Verdict::Deny { by: rule, reason } => {
@@ -717,7 +760,6 @@ impl PolicySet {
             // names no type, if one refuses it.
             let verdict = match self.evaluate(&PolicyInput {
                 resource_type: None,
-                any_type: false,
                 ..*input
             }) {
                 deny @ Verdict::Deny { .. } => deny,
@@ -845,7 +887,6 @@ fn as_direct<'a>(input: &PolicyInput<'a>, interaction: &'a str, t: &'a str) -> P
         resource_type: Some(t),
         operation: None,
         path: t,
-        any_type: false,
         ..*input
     }
 }
@@ -1006,8 +1047,7 @@ impl Rule {
         any(&w.issuer, Some(i.issuer))
             && any(&w.client_id, i.client_id)
             && any(&w.interaction, Some(i.interaction))
-            && (any(&w.resource_type, i.resource_type)
-                || i.any_type && !matches!(self.effect, Effect::Allow))
+            && any(&w.resource_type, i.resource_type)
             && any(&w.operation, i.operation)
             && (w.binding.is_empty() || w.binding.iter().any(|b| binding_holds(i.binding, b)))
             && (w.scope.is_empty() || w.scope.iter().any(|s| i.scopes.contains(s)))
@@ -1158,7 +1198,6 @@ mod tests {
             binding: "bearer",
             now: WED_1430,
             break_glass: None,
-            any_type: false,
         }
     }
 
@@ -1689,23 +1728,48 @@ mod tests {
     }
 
     #[test]
-    fn a_stored_page_meets_the_deny_rules_of_every_type() {
-        let s = set("rules:
-  - {name: observations-ok, effect: allow, when: {resource_type: [Observation]}}
-  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}
-");
+    fn a_stored_page_in_a_bundle_meets_the_rules_of_every_type() {
+        use crate::fhir::classify::{classify, classify_bundle, HttpRequest};
         let claims = json!({});
-        let scopes = vec![];
-        let mut i = input(&claims, &scopes);
-        i.interaction = "search-system";
-        i.resource_type = None;
-        i.path = "";
-        // An ordinary system search names no type: the type rules pass by.
-        assert!(matches!(s.evaluate(&i), Verdict::Allow { by: None, .. }));
-        // A stored page may hold Conditions: denied; it is not an
-        // Observation search either, so the allow rule does not take it.
-        i.any_type = true;
-        assert!(matches!(s.evaluate(&i), Verdict::Deny { by, .. } if by == "t.yaml#no-conditions"));
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let top = classify(HttpRequest {
+            method: "POST",
+            path: "",
+            query: None,
+            if_none_exist: None,
+        })
+        .unwrap();
+        let bundle = json!({"resourceType": "Bundle", "type": "batch",
+            "entry": [{"request": {"method": "GET", "url": "?_getpages=abc&_getpagesoffset=20"}}]});
+        let fhir = classify_bundle(top, bundle.to_string().as_bytes()).unwrap();
+        let entry = |yaml: &str| set(yaml).evaluate_each(&base, &fhir).remove(1);
+        // A page may hold Conditions: refused whole (an entry's answer is
+        // not trimmed), whether the rule names the type or its path; the
+        // allow rule for Observations does not take it.
+        for rule in [
+            "{name: no-conditions, effect: deny, when: {resource_type: [Condition]}}",
+            "{name: no-conditions, effect: deny, when: {path: ['Condition/**']}}",
+            "{name: no-conditions, effect: deny, when: {path: ['*']}}",
+        ] {
+            let j = entry(&format!(
+                "rules:\n  - {{name: obs, effect: allow, when: {{resource_type: [Observation]}}}}\n  - {rule}\n"
+            ));
+            assert!(
+                matches!(&j.verdict, Verdict::Deny { by, reason }
+                    if by == "t.yaml#no-conditions" && reason.contains("may hold")),
+                "{rule}: {j:?}"
+            );
+            assert!(j.refused_types.is_empty());
+        }
+        // A rule on one record only, or on other interactions, leaves it.
+        for rule in [
+            "{name: vip, effect: deny, when: {path: ['Patient/vip/**']}}",
+            "{name: no-writes, effect: deny, when: {interaction: [create, update]}}",
+        ] {
+            let j = entry(&format!("rules:\n  - {rule}\n"));
+            assert!(matches!(j.verdict, Verdict::Allow { .. }), "{rule}: {j:?}");
+        }
     }
 
     #[test]
@@ -1775,8 +1839,37 @@ mod tests {
         );
         assert!(j.refused_types.is_empty());
 
-        // No rule about types: allowed, nothing refused.
-        let j = page("rules:\n  - {name: obs, effect: deny, when: {interaction: [read]}}\n");
+        // A rule on a type's path refuses that type on the page, as it
+        // refuses an include of it (a page's own path is empty).
+        let j = page(
+            "rules:\n  - {name: no-docs, effect: deny, when: {path: ['DocumentReference/**']}}\n",
+        );
+        assert!(matches!(j.verdict, Verdict::Allow { .. }));
+        assert_eq!(types(&j), ["DocumentReference"]);
+        assert_eq!(j.refused_types[0].rule, "t.yaml#no-docs");
+
+        // A page continues a search, whatever it was: an allow-list of
+        // reads and searches lets its types through (not only
+        // `search-system`), a refusal of searches of a type refuses it.
+        let j = page("rules:
+  - {name: no-doc-search, effect: deny, when: {interaction: [search-type], resource_type: [DocumentReference]}}
+  - {name: viewer, effect: allow, when: {interaction: [read, search-type], resource_type: [Observation, DocumentReference]}}
+  - {name: nothing-else, effect: deny}
+");
+        match &j.verdict {
+            Verdict::Allow { by, .. } => assert_eq!(by.as_deref(), Some("t.yaml#viewer")),
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(j.refused_types.len(), n - 1);
+        assert!(!types(&j).contains(&"Observation".to_string()));
+        assert!(j
+            .refused_types
+            .iter()
+            .any(|r| r.resource_type == "DocumentReference" && r.rule == "t.yaml#no-doc-search"));
+
+        // No rule about types or what a page does: allowed, nothing
+        // refused.
+        let j = page("rules:\n  - {name: obs, effect: deny, when: {interaction: [create]}}\n");
         assert!(matches!(j.verdict, Verdict::Allow { .. }));
         assert!(j.refused_types.is_empty());
     }
@@ -1822,6 +1915,9 @@ mod tests {
   - {name: i, effect: deny, when: {path: ['Obs*']}}
   - {name: j, effect: deny, when: {time: {days: [sat], from: '00:00', to: '00:00'}}}
   - {name: k, effect: deny, when: {time: {days: [sun], from: '00:00', to: '24:00'}, path: [Patient/**, '*']}}
+  - {name: l, effect: deny, when: {path: ['/fhir/Patient/vip/**']}}
+  - {name: m, effect: deny, when: {path: ['patient/*']}}
+  - {name: n, effect: deny, when: {path: ['', '$meta', _history, '_search', metadata, '**', 'Patient/*/$everything']}}
 ").unwrap();
         let problems = s.add_file("p.yaml", &f);
         let keys: Vec<String> = problems
@@ -1845,6 +1941,8 @@ mod tests {
             "8:when.path",
             "9:when.path",
             "10:when.time",
+            "12:when.path",
+            "13:when.path",
         ] {
             assert!(
                 keys.contains(&want.to_string()),
@@ -1853,6 +1951,9 @@ mod tests {
         }
         assert!(!keys.iter().any(|k| k.starts_with("6:")), "{keys:?}");
         assert!(!keys.iter().any(|k| k.starts_with("11:")), "{keys:?}");
+        assert!(!keys.iter().any(|k| k.starts_with("14:")), "{keys:?}");
+        let base = problems.iter().find(|(i, _, _)| *i == 12).unwrap();
+        assert!(base.2.contains("without the base"), "{problems:?}");
         let dollar = problems.iter().find(|(i, _, _)| *i == 4).unwrap();
         assert!(dollar.2.contains("'everything'"), "{problems:?}");
         assert!(parse_file("rules:\n  - {name: a, effect: deny, whenn: {}}\n").is_err());

@@ -2608,20 +2608,11 @@ impl Gateway {
                 (rule, limit, who, n)
             })
             .collect();
+        if let Some(description) = grant.beyond_any_bucket() {
+            return Err(Denial::TooLarge { description });
+        }
         let d = grant.decision;
         drop(stage);
-        for (rule, limit, _, n) in &limits {
-            // More entries than the bucket ever holds: no wait helps.
-            if *n > limit.requests {
-                return Err(Denial::TooLarge {
-                    description: format!(
-                        "this Bundle has {n} entries that policy rule {rule} counts; it allows at \
-                         most {} per {} s: split it",
-                        limit.requests, limit.per_seconds
-                    ),
-                });
-            }
-        }
         // Counted against every limit at once: a request one limit
         // refuses spends nothing of the others (a user over its own limit
         // does not empty its client's bucket for the client's other users).

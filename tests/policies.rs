@@ -348,54 +348,69 @@ async fn a_request_refused_by_one_limit_spends_none_of_the_others() {
 }
 
 /// A stored search's page is served whatever search its id names, so it
-/// is judged type by type: under a rule denying a resource type the page
-/// is asked for, and refused only if its answer holds that type (paging
-/// through other searches keeps working); a rule refusing every type
-/// refuses it before the upstream.
+/// is judged type by type, as a read and a search of each: under a rule
+/// denying a resource type (by name or by path) the page is asked for,
+/// and refused only if its answer holds that type (paging through other
+/// searches keeps working, under an allow-list of reads and searches
+/// too); a rule refusing every type refuses it before the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_page_is_refused_only_for_the_types_rules_deny() {
-    let (_dir, gw) = with_rules(
-        "policies-pages",
-        "10-types.yaml",
-        "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n  \
-         - {name: no-launch-apps, effect: deny, when: {scope: [launch]}}\n",
-    )
-    .await;
-    let token = gw.mint("user/Observation.rs user/Condition.rs", None);
-    let r = gw.get("?_getpages=Observation", Some(&token)).await;
-    assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("obs-p1-1"));
+    for (rules, rule) in [
+        (
+            "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n  \
+             - {name: no-launch-apps, effect: deny, when: {scope: [launch]}}\n",
+            "no-conditions",
+        ),
+        (
+            "rules:\n  - {name: no-condition-paths, effect: deny, when: {path: ['Condition/**']}}\n",
+            "no-condition-paths",
+        ),
+        (
+            "rules:\n  - {name: viewer, effect: allow, when: {interaction: [read, search-type], resource_type: [Observation]}}\n  \
+             - {name: nothing-else, effect: deny}\n",
+            "nothing-else",
+        ),
+    ] {
+        let (_dir, gw) = with_rules("policies-pages", "10-types.yaml", rules).await;
+        let token = gw.mint("user/Observation.rs user/Condition.rs", None);
+        let r = gw.get("?_getpages=Observation", Some(&token)).await;
+        assert_eq!(r.status(), 200, "{rule}");
+        assert!(r.text().await.unwrap().contains("obs-p1-1"));
 
-    let before = gw.upstream.seen().len();
-    let r = gw.get("?_getpages=Condition", Some(&token)).await;
-    assert_eq!(r.status(), 403);
-    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let text = r.text().await.unwrap();
-    assert!(text.contains("no-conditions"), "{text}");
-    assert!(
-        !text.contains("cond-p1"),
-        "a refused page's resources were passed on"
-    );
-    assert_eq!(
-        gw.upstream.seen().len(),
-        before + 1,
-        "the page was asked for"
-    );
-    let rec = gw.audit_for(&id);
-    assert_eq!(rec["reason"], "policy_denied", "{rec}");
-    assert_eq!(rec["policy_rule"], "10-types.yaml#no-conditions", "{rec}");
+        let before = gw.upstream.seen().len();
+        let r = gw.get("?_getpages=Condition", Some(&token)).await;
+        assert_eq!(r.status(), 403, "{rule}");
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let text = r.text().await.unwrap();
+        assert!(text.contains(rule), "{text}");
+        assert!(
+            !text.contains("cond-p1"),
+            "a refused page's resources were passed on"
+        );
+        assert_eq!(
+            gw.upstream.seen().len(),
+            before + 1,
+            "the page was asked for"
+        );
+        let rec = gw.audit_for(&id);
+        assert_eq!(rec["reason"], "policy_denied", "{rec}");
+        assert_eq!(rec["policy_rule"], format!("10-types.yaml#{rule}"), "{rec}");
+        if rule != "no-conditions" {
+            continue;
+        }
 
-    // (A rule may name any scope, `launch` too.)
-    let launch = gw.mint("user/Observation.rs launch", None);
-    let before = gw.upstream.seen().len();
-    let r = gw.get("?_getpages=Observation", Some(&launch)).await;
-    assert_eq!(r.status(), 403);
-    assert!(r.text().await.unwrap().contains("no-launch-apps"));
-    assert_eq!(
-        gw.upstream.seen().len(),
-        before,
-        "a page refused for every type went upstream"
-    );
+        // (A rule may name any scope, `launch` too.)
+        let launch = gw.mint("user/Observation.rs launch", None);
+        let before = gw.upstream.seen().len();
+        let r = gw.get("?_getpages=Observation", Some(&launch)).await;
+        assert_eq!(r.status(), 403);
+        assert!(r.text().await.unwrap().contains("no-launch-apps"));
+        assert_eq!(
+            gw.upstream.seen().len(),
+            before,
+            "a page refused for every type went upstream"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -670,6 +685,48 @@ fn explain_and_test_replay_decisions_offline() {
             assert!(out.contains("cannot read 'application/fhir+xml'"), "{out}");
         }
     }
+    // A Bundle with more entries than a rule's bucket ever holds: the
+    // gateway answers 413 whatever the bucket holds, and explain says so.
+    std::fs::write(
+        dir.0.join("policies/20-limits.yaml"),
+        "rules:\n  - {name: two-searches, effect: allow, when: {scope: [user/Observation.rs], interaction: [search-type]}, \
+         rate_limit: {per: client, requests: 2, per_seconds: 60}}\n",
+    )
+    .unwrap();
+    let searcher = claims_file("searcher-claims.json", "user/Observation.rs");
+    let batch = |n: usize| {
+        let path = dir.0.join(format!("batch-{n}.json"));
+        let entries: Vec<_> = (0..n)
+            .map(|i| json!({"request": {"method": "GET", "url": format!("Observation?code={i}")}}))
+            .collect();
+        std::fs::write(
+            &path,
+            json!({"resourceType": "Bundle", "type": "batch", "entry": entries}).to_string(),
+        )
+        .unwrap();
+        path
+    };
+    for (n, allowed) in [(2, true), (3, false)] {
+        let body = batch(n);
+        let (ok, out) = explain(
+            searcher.to_str().unwrap(),
+            &[
+                "--method",
+                "POST",
+                "--url",
+                "",
+                "--body",
+                body.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(ok, allowed, "{n} entries: {out}");
+        assert_eq!(
+            out.contains("413: this Bundle has 3 entries that policy rule 20-limits.yaml#two-searches counts"),
+            !allowed,
+            "{out}"
+        );
+    }
+    std::fs::remove_file(dir.0.join("policies/20-limits.yaml")).unwrap();
     // The token itself: its claims are read (the signature is not checked offline).
     use base64::Engine;
     let payload =
@@ -798,7 +855,7 @@ fn shipped_examples_pass_their_tests() {
         &format!("{root}/policies/examples/tests"),
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("16 case(s), 0 failed"), "{out}");
+    assert!(out.contains("18 case(s), 0 failed"), "{out}");
 }
 
 /// A later page of `$everything` is widened to the operation's answer
