@@ -41,8 +41,11 @@ pub enum Denial {
         description: String,
         scope: Option<String>,
     },
-    /// Over a policy rule's rate limit: 429 with Retry-After.
+    /// Over a rate limit: 429 with Retry-After. `code`: whose limit
+    /// (`rate_limited` for a policy rule's, `dpop_quota_exceeded`,
+    /// `introspection_throttled`).
     RateLimited {
+        code: &'static str,
         description: String,
         retry_after_seconds: u64,
     },
@@ -121,10 +124,10 @@ impl Denial {
             | Denial::InvalidDpop { code, .. }
             | Denial::BadFhirRequest { code, .. }
             | Denial::Unavailable { code, .. }
-            | Denial::Upstream { code, .. } => code,
+            | Denial::Upstream { code, .. }
+            | Denial::RateLimited { code, .. } => code,
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::PolicyDenied { .. } => "policy_denied",
-            Denial::RateLimited { .. } => "rate_limited",
             Denial::NotFound { .. } => "not_found",
             Denial::Hidden { why, .. } => why,
             Denial::MethodNotAllowed { .. } => "method_not_allowed",

@@ -312,10 +312,11 @@ pub fn check_proof(
         (Some(a), Some(b)) if a == b => {}
         _ => return Err(DpopError::WrongUrl),
     }
-    let iat = claims
-        .get("iat")
-        .and_then(Value::as_i64)
-        .ok_or(DpopError::BadClaim("iat"))?;
+    let iat = match claims.get("iat") {
+        Some(Value::Number(n)) => crate::token::numeric_date(n),
+        _ => None,
+    }
+    .ok_or(DpopError::BadClaim("iat"))?;
     if iat > ctx.now + policy.leeway_seconds {
         return Err(DpopError::Future);
     }
@@ -639,6 +640,12 @@ mod tests {
         for (name, p, want) in cases {
             assert_eq!(check_proof(&p, &c, &policy()), Err(want), "{name}");
         }
+        // A NumericDate may have a fraction (RFC 7519): rounded down, as
+        // the access token's times are; past the window it is stale still.
+        let p = with(&|c| c["iat"] = json!(NOW as f64 - 0.25));
+        assert!(check_proof(&p, &c, &policy()).is_ok());
+        let p = with(&|c| c["iat"] = json!(NOW as f64 - 60.5));
+        assert_eq!(check_proof(&p, &c, &policy()), Err(DpopError::Stale));
         // The right proof for another key than the token is bound to.
         let p = proof(&other, header(&other), claims());
         assert_eq!(check_proof(&p, &c, &policy()), Err(DpopError::WrongKey));

@@ -65,6 +65,8 @@ pub const REASONS: &[&str] = &[
     "insufficient_scope",
     "policy_denied",
     "rate_limited",
+    "dpop_quota_exceeded",
+    "introspection_throttled",
     "not_found",
     "outside_compartment",
     "outside_scope_filter",
@@ -625,6 +627,7 @@ mod tests {
                 description: d(""),
             },
             Denial::RateLimited {
+                code: "rate_limited",
                 description: d(""),
                 retry_after_seconds: 1,
             },

@@ -588,6 +588,7 @@ fn dpop_denial(code: &'static str, error: &'static str, description: String) -> 
 fn token_denial(e: &TokenError, retry_after: u64) -> Denial {
     match e {
         TokenError::IntrospectionThrottled(wait) => Denial::RateLimited {
+            code: e.code(),
             description: e.to_string(),
             retry_after_seconds: *wait,
         },
@@ -2064,23 +2065,25 @@ impl Gateway {
         // A proof is good once: the caller remembers it (see
         // `remember_proof`), counted against its client (issuer and
         // client_id: a client may bind its tokens to any number of keys),
-        // else its key; and first against its user (a `sub` other than the
-        // client's own, on a token with `patient/` or `user/` scopes: a
-        // backend service acts as itself whatever its `sub`), so that one
-        // user cannot spend the client's quota for all its users.
+        // else its subject (a token naming no client, as an introspection
+        // answer may not: its user would otherwise get a quota per key it
+        // binds a token to), else its key; and first against its user (a
+        // `sub` other than the client's own, on a token with `patient/` or
+        // `user/` scopes: a backend service acts as itself whatever its
+        // `sub`), so that one user cannot spend the client's quota for all
+        // its users.
         use crate::scope::Context;
         let for_a_user =
             claims.scopes.has_context(Context::Patient) || claims.scopes.has_context(Context::User);
-        let (counted_as, user) = match &claims.client_id {
-            Some(c) => (
+        let (counted_as, user) = match (&claims.client_id, &claims.sub) {
+            (Some(c), sub) => (
                 format!("client\0{}\0{c}", claims.iss),
-                claims
-                    .sub
-                    .as_deref()
+                sub.as_deref()
                     .filter(|s| s != c && for_a_user)
                     .map(|s| format!("user\0{}\0{c}\0{s}", claims.iss)),
             ),
-            None => (format!("key\0{jkt}"), None),
+            (None, Some(s)) => (format!("subject\0{}\0{s}", claims.iss), None),
+            (None, None) => (format!("key\0{jkt}"), None),
         };
         // Bound both ways, both held (the certificate was checked above):
         // a policy on either binding sees it.
@@ -2121,7 +2124,11 @@ impl Gateway {
             ProofOutcome::OverQuota(level, left) => {
                 let d = &self.settings.dpop;
                 let (who, quota, key) = match level {
-                    Quota::Client => ("this client", d.max_proofs_per_key, "max_proofs_per_key"),
+                    Quota::Client => (
+                        "this client (or, for tokens naming none, this subject)",
+                        d.max_proofs_per_key,
+                        "max_proofs_per_key",
+                    ),
                     Quota::User => (
                         "this user of this client",
                         d.max_proofs_per_user,
@@ -2129,6 +2136,7 @@ impl Gateway {
                     ),
                 };
                 Err(Denial::RateLimited {
+                    code: "dpop_quota_exceeded",
                     description: format!(
                         "{who} has presented {quota} DPoP proofs within the replay window \
                          (dpop.{key}); slow down"
@@ -2654,6 +2662,7 @@ impl Gateway {
                 String::new()
             };
             return Err(Denial::RateLimited {
+                code: "rate_limited",
                 description: format!(
                     "rate limit of policy rule {rule}: {} requests per {} s per {}{entries}",
                     limit.requests, limit.per_seconds, limit.per
@@ -3496,7 +3505,10 @@ mod tests {
         for r in crate::metrics::REASONS {
             let validating = matches!(
                 *r,
-                "keys_unavailable" | "introspection_unavailable" | "abandoned"
+                "keys_unavailable"
+                    | "introspection_unavailable"
+                    | "introspection_throttled"
+                    | "abandoned"
             ) || r.starts_with("token_")
                 && !matches!(*r, "token_too_long" | "token_binding_unsupported");
             assert_eq!(super::stage_of(r) == "validate", validating, "{r}");

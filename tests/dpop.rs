@@ -622,3 +622,66 @@ async fn with_dpop_off_a_bound_token_is_refused_as_unsupported() {
     assert!(body.contains("DPoP is not enabled"), "{body}");
     assert_eq!(gw.upstream.count_containing("dpop-off"), 0);
 }
+
+/// A token naming no client (an introspection answer need not) counts its
+/// proofs against its subject, not against each key its user binds a
+/// token to: one user with many keys still meets one quota (429, reason
+/// `dpop_quota_exceeded` at the bind stage, not a policy rate limit), and
+/// other users are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_of_tokens_naming_no_client_meets_one_quota_however_many_keys() {
+    let gw = Gateway::start(Options {
+        extra_yaml: "dpop:\n  replay_cache_max_entries: 1000\n  max_proofs_per_key: 20\n  \
+                     max_proofs_per_user: 10\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let url = format!("{}/Patient/p1", gw.base);
+    let token_for = |key: &Client, sub: &str| {
+        let mut c = gw.claims("user/*.rs");
+        c["cnf"] = serde_json::json!({"jkt": key.jkt});
+        c.as_object_mut().unwrap().remove("client_id");
+        c["sub"] = serde_json::json!(sub);
+        gw.issuer.signing_key().sign(&c)
+    };
+    // Four keys, five proofs each: the subject's 20.
+    for k in 0..4 {
+        let key = Client::new(KeyKind::P256, &format!("mallory-{k}"));
+        let token = token_for(&key, "mallory");
+        for i in 0..5 {
+            let proof = key.proof("GET", &url, &token);
+            let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+            assert_eq!(s, 200, "key {k}, proof {i}: {www} {body}");
+        }
+    }
+    let before = gw.upstream.seen().len();
+    let key = Client::new(KeyKind::P256, "mallory-5");
+    let token = token_for(&key, "mallory");
+    let r = gw
+        .client
+        .get(&url)
+        .header("authorization", format!("DPoP {token}"))
+        .header("dpop", key.proof("GET", &url, &token))
+        .header("x-request-id", "no-client-over-quota")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("dpop.max_proofs_per_key"), "{body}");
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a proof over the subject's quota went upstream"
+    );
+    let rec = gw.audit_for("no-client-over-quota");
+    assert_eq!(rec["reason"], "dpop_quota_exceeded", "{rec}");
+    assert_eq!(rec["stage"], "bind", "{rec}");
+    // Another user of tokens naming no client has a quota of its own.
+    let key = Client::new(KeyKind::P256, "trudy");
+    let token = token_for(&key, "trudy");
+    let proof = key.proof("GET", &url, &token);
+    let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 200, "{www} {body}");
+}

@@ -733,6 +733,10 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
     assert!((1..=60).contains(&wait), "{wait}");
     assert_eq!(as_.calls.load(Ordering::SeqCst), 6);
     assert_eq!(gw.upstream.count_containing("throttled-1"), 0);
+    // Recorded as the validate stage's throttle, not a policy's rate limit.
+    let rec = gw.audit_for(r.headers()["x-request-id"].to_str().unwrap());
+    assert_eq!(rec["reason"], "introspection_throttled", "{rec}");
+    assert_eq!(rec["stage"], "validate", "{rec}");
     // Its cached token still works; another address is introspected.
     let r = from("10.0.0.1", "opaque-known".into(), "Patient/p1")
         .await

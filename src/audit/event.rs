@@ -134,6 +134,7 @@ fn is_access_refusal(reason: &str) -> bool {
             reason,
             "dpop_replay_cache_full"
                 | "dpop_replay_check_unavailable"
+                | "dpop_quota_exceeded"
                 | "token_too_long"
                 // RFC 9449's routine challenge: every client meets it.
                 | "dpop_nonce_required"

@@ -119,7 +119,7 @@ impl TokenError {
             TokenError::IntrospectionUnavailable(_) | TokenError::IntrospectionBusy { .. } => {
                 "introspection_unavailable"
             }
-            TokenError::IntrospectionThrottled(_) => "rate_limited",
+            TokenError::IntrospectionThrottled(_) => "introspection_throttled",
             TokenError::OpaqueNotAccepted => "token_malformed",
         }
     }
@@ -725,15 +725,7 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
     let time_claim = |name: &'static str| -> Result<Option<i64>, TokenError> {
         match c.get(name) {
             None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .or_else(|| {
-                    n.as_f64()
-                        .filter(|f| f.is_finite())
-                        .map(|f| f.floor() as i64)
-                })
-                .map(Some)
-                .ok_or(TokenError::BadClaim(name)),
+            Some(Value::Number(n)) => numeric_date(n).map(Some).ok_or(TokenError::BadClaim(name)),
             Some(_) => Err(TokenError::BadClaim(name)),
         }
     };
@@ -806,6 +798,16 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
         jti: str_claim("jti")?,
         cnf,
         raw: c.clone(),
+    })
+}
+
+/// A JWT NumericDate (RFC 7519 §2) in whole seconds: a fraction (as
+/// `time.time()` or `Date.now() / 1000` write it) is rounded down.
+pub fn numeric_date(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite())
+            .map(|f| f.floor() as i64)
     })
 }
 
