@@ -477,13 +477,15 @@ impl RedisStore {
         }
     }
 
-    /// Writes a short-lived key under the prefix: what the checks need
-    /// (login, database, permission on the keys, memory for a write), so
-    /// an answer is "up" only when they could pass. A failed probe starts
-    /// over with a new connection: the connection manager reconnects by
-    /// itself only after I/O errors, and keeps a refused login or
-    /// database selection (a rotated password, a user created later)
-    /// until it is replaced.
+    /// Runs both checks' scripts on short-lived probe keys under the
+    /// prefix: what the checks need (login, database, permission on the
+    /// keys and on scripts, `TIME` in a script, memory for a write), so an
+    /// answer is "up" only when they could pass (a user allowed `SET` but
+    /// not scripts would pass a plain write and refuse every check). A
+    /// failed probe starts over with a new connection: the connection
+    /// manager reconnects by itself only after I/O errors, and keeps a
+    /// refused login or database selection (a rotated password, a user
+    /// created later) until it is replaced.
     async fn probe(&self) -> bool {
         if self.conn.load().is_none() {
             match self.connect() {
@@ -494,21 +496,43 @@ impl RedisStore {
                 }
             }
         }
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(format!("{}probe", self.cfg.key_prefix))
-            .arg(1)
-            .arg("PX")
-            .arg(10_000);
-        let ok = self
-            .call("probe (SET)", |mut c| async move {
-                cmd.query_async::<()>(&mut c).await
+        let prefix = &self.cfg.key_prefix;
+        // A proof key of its own each time (a remembered one would end the
+        // script before its writes), kept 10 s.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mut proof = self
+            .proof_script
+            .key(format!("{prefix}dpop:jti:probe-{nonce}"));
+        proof
+            .key(format!("{prefix}dpop:count:probe"))
+            .arg(10_000)
+            .arg(i64::MAX)
+            .arg(i64::MAX);
+        let proof_ok = self
+            .call("probe (DPoP replay script)", |mut c| async move {
+                proof.invoke_async::<(i64, i64)>(&mut c).await
             })
             .await
-            .is_ok();
+            .is_ok_and(|(what, _)| what == 1);
+        // A bucket of one, taken nothing from.
+        let mut bucket = self.buckets_script.key(format!("{prefix}rl:probe"));
+        bucket.arg(1).arg(1).arg(0);
+        let ok = proof_ok
+            && self
+                .call("probe (rate-limit script)", |mut c| async move {
+                    bucket.invoke_async::<(i64, i64, i64)>(&mut c).await
+                })
+                .await
+                .is_ok_and(|(taken, ..)| taken == 1);
         if ok {
             self.set_up(true);
-        } else if let Ok(m) = self.connect() {
-            self.conn.store(Some(Arc::new(m)));
+        } else {
+            self.set_up(false);
+            if let Ok(m) = self.connect() {
+                self.conn.store(Some(Arc::new(m)));
+            }
         }
         ok
     }

@@ -510,8 +510,34 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Its keys but no scripts (a common least-privilege ACL): a plain
+    // write would pass, the checks' scripts do not, so it is not ready.
+    let created = command(
+        redis.port,
+        admin,
+        &[
+            "ACL",
+            "SETUSER",
+            "fhirwall",
+            "on",
+            ">s3cret-pw",
+            "~fhirwall:*",
+            "+@read",
+            "+@write",
+        ],
+    );
+    assert_eq!(created, "+OK");
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(gw.readyz().await, 503, "ready without scripts");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (s, _, body) = caller.fresh(&gw).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(gw.upstream.seen().is_empty());
+
     // The least a replica needs: its own keys and scripts, nothing
-    // dangerous. Once it exists, the gateway logs in by itself.
+    // dangerous. Once it may, the gateway uses it by itself.
     let created = command(
         redis.port,
         admin,
