@@ -75,6 +75,10 @@ pub fn resolve<'a>(
     forwarded_for: impl Iterator<Item = &'a [u8]>,
     proxies: &[Cidr],
 ) -> Client {
+    // An IPv4 client of a dual-stack (`[::]`) listener, or written so by a
+    // proxy, is named as IPv4 (`::ffff:203.0.113.7` is 203.0.113.7), so
+    // the audit and the upstream see one form whatever the listener.
+    let peer = peer.to_canonical();
     let mut chain = vec![peer];
     if !trusted(peer, proxies) {
         return Client { ip: peer, chain };
@@ -86,7 +90,11 @@ pub fn resolve<'a>(
     for entry in entries.iter().rev().take(MAX_HOPS) {
         // An entry that is no address (`unknown`, garbage) ends the walk:
         // the last trusted hop is the client we can vouch for.
-        let Some(ip) = std::str::from_utf8(entry).ok().and_then(entry_ip) else {
+        let Some(ip) = std::str::from_utf8(entry)
+            .ok()
+            .and_then(entry_ip)
+            .map(|ip| ip.to_canonical())
+        else {
             break;
         };
         chain.push(ip);
@@ -322,6 +330,21 @@ mod tests {
             ),
             // A trusted peer that sent no header.
             ("10.0.0.5", &[], &ingress, "10.0.0.5", "10.0.0.5"),
+            // IPv4 as a dual-stack listener or a proxy writes it: IPv4.
+            (
+                "::ffff:198.51.100.9",
+                &["203.0.113.7"],
+                &ingress,
+                "198.51.100.9",
+                "198.51.100.9",
+            ),
+            (
+                "::ffff:10.0.0.5",
+                &["::ffff:203.0.113.7"],
+                &ingress,
+                "203.0.113.7",
+                "203.0.113.7, 10.0.0.5",
+            ),
             // IPv6.
             (
                 "fd00::1",

@@ -55,6 +55,17 @@ const SPOOFABLE: &[&str] = &[
     "fastly-client-ip",
     "x-cluster-client-ip",
     "x-original-forwarded-for",
+    "client-ip",
+    "forwarded-for",
+    "x-proxyuser-ip",
+    // The scheme as proxies assert it (ingress-nginx's `X-Scheme`, IIS
+    // ARR's `X-ARR-SSL`, Microsoft's `Front-End-Https`): a framework that
+    // believes one builds its links, and judges the request secure, from
+    // the client's word.
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "x-arr-ssl",
 ];
 
 /// Headers an upstream may act on that fhirwall neither decides nor sets:
@@ -86,10 +97,13 @@ const NOT_FORWARDED: &[&str] = &[
     "x-user",
     "x-webauth-user",
     "x-authenticated-user",
-    "x-auth-request-user",
-    "x-auth-request-email",
-    "x-auth-request-preferred-username",
-    "x-auth-request-groups",
+    // Users, tokens and claims as authenticating gateways assert them
+    // (oauth2-proxy's `X-Auth-Request-*` under the prefixes below, Kong's
+    // consumers and OIDC plugins, lua-resty-openidc).
+    "x-userinfo",
+    "x-access-token",
+    "x-id-token",
+    "x-credential-identifier",
     // A storage partition or tenant chosen by the caller: HAPI's
     // RequestHeaderPartitionInterceptor (`_ALL` reads every partition; a
     // create lands in the first named), the IBM/LinuxForHealth server's
@@ -129,6 +143,14 @@ const NOT_FORWARDED_PREFIXES: &[&str] = &[
     "x-amzn-oidc-",
     "x-ms-client-principal",
     "x-ms-token-",
+    // oauth2-proxy (`X-Auth-Request-User`, `-Access-Token`, …), Kong
+    // (`X-Consumer-Id`, `X-Authenticated-Userid`, `-Scope`), Cloudflare
+    // Access, Pomerium.
+    "x-auth-request-",
+    "x-consumer-",
+    "x-authenticated-",
+    "cf-access-",
+    "x-pomerium-",
 ];
 
 /// Header-name equality with ASCII case folded and `_` read as `-`.
@@ -272,6 +294,24 @@ mod tests {
             "CF-Connecting-IP",
             "Fastly-Client-IP",
             "X-Cluster-Client-IP",
+            "Client-IP",
+            "Forwarded-For",
+            "X-ProxyUser-IP",
+            "X-Scheme",
+            "X-Url-Scheme",
+            "Front-End-Https",
+            "X-ARR-SSL",
+            "X-Auth-Request-User",
+            "X-Auth-Request-Access-Token",
+            "X-Authenticated-Userid",
+            "X-Authenticated-Scope",
+            "X-Consumer-Username",
+            "X-Credential-Identifier",
+            "X-Userinfo",
+            "X-Access-Token",
+            "X-Id-Token",
+            "Cf-Access-Jwt-Assertion",
+            "X-Pomerium-Jwt-Assertion",
             "X-Original-Forwarded-For",
             "X-Request-Partition-IDs",
             "X-FHIR-TENANT-ID",

@@ -1275,6 +1275,10 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         .header("X-Request-Partition-IDs", "_ALL")
         .header("X-FHIR-TENANT-ID", "other-hospital")
         .header("CF-Connecting-IP", "6.6.6.6")
+        .header("X-Scheme", "https")
+        .header("X-Auth-Request-Access-Token", "someone-elses-token")
+        .header("X-Authenticated-Scope", "system/*.cruds")
+        .header("X-Consumer-Username", "admin")
         .header(
             "X-Goog-Authenticated-User-Email",
             "accounts.google.com:admin@example.org",
@@ -1330,6 +1334,10 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
         "x-request-partition-ids",
         "x-fhir-tenant-id",
         "cf-connecting-ip",
+        "x-scheme",
+        "x-auth-request-access-token",
+        "x-authenticated-scope",
+        "x-consumer-username",
         "x-goog-authenticated-user-email",
     ] {
         assert!(
