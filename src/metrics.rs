@@ -123,6 +123,17 @@ impl RedisMetrics {
     }
 }
 
+/// Why a client certificate was refused, as `fhirwall_tls_client_certificates_refused_total` says.
+pub const TLS_CERT_REASONS: &[&str] = &[
+    "expired",
+    "not_yet_valid",
+    "unknown_issuer",
+    "revoked",
+    "wrong_purpose",
+    "bad_signature",
+    "other",
+];
+
 /// The registry and the handles the request path uses.
 pub struct Metrics {
     pub registry: Registry,
@@ -156,6 +167,7 @@ pub struct Metrics {
     issuers: Vec<String>,
     dpop_replays: IntCounter,
     rate_limited: IntCounter,
+    tls_client_certs_refused: IntCounterVec,
     pub ready: IntGauge,
     pub in_flight: IntGauge,
     pub audit: AuditMetrics,
@@ -211,6 +223,26 @@ impl Maker {
 }
 
 impl Metrics {
+    /// Counts a client certificate the handshake refused, by why.
+    pub fn tls_client_cert_refused(&self, e: &rustls::Error) {
+        use rustls::CertificateError as C;
+        let reason = match e {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::Expired | C::ExpiredContext { .. } => "expired",
+                C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+                C::UnknownIssuer => "unknown_issuer",
+                C::Revoked => "revoked",
+                C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong_purpose",
+                C::BadSignature | C::UnsupportedSignatureAlgorithmContext { .. } => "bad_signature",
+                _ => "other",
+            },
+            _ => "other",
+        };
+        self.tls_client_certs_refused
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     /// Registers the Redis metrics (once: Redis is configured).
     pub fn redis(&self) -> RedisMetrics {
         let m = Maker(self.registry.clone());
@@ -381,6 +413,15 @@ impl Metrics {
             "Seconds since an issuer's JWKS was last fetched successfully (-1: never)",
             &["issuer"],
         );
+        let tls_client_certs_refused = m.counter_vec(
+            "fhirwall_tls_client_certificates_refused_total",
+            "Client certificates the TLS handshake refused (tls.client_auth), by why; \
+             the connection ends before any request, so no request record counts them",
+            &["reason"],
+        );
+        for r in TLS_CERT_REASONS {
+            tls_client_certs_refused.with_label_values(&[r]);
+        }
         let dpop_replays = m.counter(
             "fhirwall_dpop_replays_total",
             "DPoP proofs refused because their jti was seen before",
@@ -493,6 +534,7 @@ impl Metrics {
             jwks_age,
             issuers: issuers.to_vec(),
             dpop_replays,
+            tls_client_certs_refused,
             rate_limited,
             ready,
             in_flight,

@@ -529,8 +529,11 @@ fn exit_when_drained(
 
 /// The proxy listener's TLS: certificate and key, TLS 1.2+ (rustls offers
 /// nothing older), and client certificates verified against the configured
-/// CAs when requested or required (RFC 8705 binding).
-fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSettings, String> {
+/// CAs when requested or required (RFC 8705 binding), each refusal counted.
+fn tls_settings(
+    t: &crate::config::Tls,
+    metrics: Arc<Metrics>,
+) -> Result<pingora::listeners::tls::TlsSettings, String> {
     use crate::config::ClientAuthMode;
     let path = |p: &std::path::Path| p.display().to_string();
     let mut settings =
@@ -540,9 +543,84 @@ fn tls_settings(t: &crate::config::Tls) -> Result<pingora::listeners::tls::TlsSe
         let verifier =
             crate::config::client_verifier(&t.client_cas, t.client_auth == ClientAuthMode::Request)
                 .map_err(|e| format!("tls.client_ca_file: {e}"))?;
-        settings.set_client_cert_verifier(verifier);
+        settings.set_client_cert_verifier(Arc::new(CountingVerifier {
+            inner: verifier,
+            metrics,
+        }));
     }
     Ok(settings)
+}
+
+/// A client certificate verifier that counts what it refuses: a refused
+/// certificate ends the handshake inside rustls, before any request (and
+/// so any record) exists, and would otherwise leave no trace.
+struct CountingVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for CountingVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CountingVerifier")
+            .field(&self.inner)
+            .finish()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for CountingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now);
+        if let Err(e) = &verified {
+            self.metrics.tls_client_cert_refused(e);
+            tracing::debug!(error = %e, "client certificate refused in the TLS handshake");
+        }
+        verified
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
 }
 
 /// `run --upgrade`: how the running process learns a new one waits.
@@ -753,7 +831,7 @@ pub fn run(
     );
     match tls {
         None => proxy.add_tcp(&listen),
-        Some(t) => proxy.add_tls_with_settings(&listen, None, tls_settings(&t)?),
+        Some(t) => proxy.add_tls_with_settings(&listen, None, tls_settings(&t, metrics.clone())?),
     }
     let mut admin = Service::new(
         "fhirwall admin".to_string(),

@@ -216,6 +216,18 @@ async fn required_client_certificates_and_untrusted_ones() {
         r.as_ref().is_err_and(|e| !e.is_timeout()),
         "an untrusted client certificate was accepted, or the handshake hung: {r:?}"
     );
+    // No request record counts it: the metric does (a rogue CA named as
+    // ours fails on the signature).
+    let m = gw.metrics().await;
+    let refused: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("fhirwall_tls_client_certificates_refused_total{"))
+        .filter(|l| !l.ends_with(" 0"))
+        .collect();
+    assert_eq!(
+        refused,
+        ["fhirwall_tls_client_certificates_refused_total{reason=\"bad_signature\"} 1"]
+    );
     // A trusted one: served.
     let (cert, key, _) = leaf(&pki, &["client"]);
     let r = client(&pki.ca_pem, Some((&cert, &key)))
