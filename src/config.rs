@@ -1418,8 +1418,16 @@ impl Config {
         // A tag (`!env NAME`) is refused, not read as the text after it (a
         // secret `NAME`).
         let options = serde_saphyr::options! { with_snippet: false, reject_unsupported_tags: true };
+        // The key a wrong value sits under is named (`upstream.url: …`), as
+        // the problems found later are, besides its line and column.
+        let mut at = String::new();
         let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-            serde_ignored::deserialize(de, |path| unknown.push(key_path(&path)))
+            let mut ignored = |path: serde_ignored::Path| unknown.push(key_path(&path));
+            let de = serde_ignored::Deserializer::new(de, &mut ignored);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                at = e.path().to_string();
+                e.into_inner()
+            })
         });
         let mut config: Config = match parsed {
             Ok(c) => c,
@@ -1429,6 +1437,9 @@ impl Config {
                 let mut message = e
                     .to_string()
                     .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+                if !at.is_empty() && at != "." {
+                    message = format!("{at}: {message}");
+                }
                 if !unknown.is_empty() {
                     message.push_str(&format!(
                         "; also, not fhirwall settings (unknown keys): {}",
@@ -3893,6 +3904,11 @@ admin:
         let text = text.replace("      client_secret: Another456", "      timeout_ms: x");
         let e = Config::parse(&text).err().unwrap();
         assert!(e.contains("line ") && !e.contains("SuperSecret"), "{e}");
+        // A wrong value is named by its key path, as later problems are.
+        assert!(
+            e.starts_with("issuers[0].introspection.timeout_ms: "),
+            "{e}"
+        );
     }
 
     #[test]
