@@ -1703,6 +1703,26 @@ async fn writes_keep_the_compartment() {
             .to_string(),
             "by identifier",
         ),
+        // The same with an empty reference beside the identifier (HAPI
+        // reads `null` or "" as no reference at all).
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": {"reference": null, "type": "Patient",
+                               "identifier": {"system": "urn:mrn", "value": "P2"}},
+                   "performer": [{"reference": "Patient/p1"}]})
+            .to_string(),
+            "by identifier",
+        ),
+        (
+            fhir,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": {"reference": " ", "type": "Patient",
+                               "identifier": {"system": "urn:mrn", "value": "P2"}},
+                   "performer": [{"reference": "Patient/p1"}]})
+            .to_string(),
+            "by identifier",
+        ),
         // References the upstream would look up: another patient's
         // resource and a missing one are refused alike (the upstream's 201
         // or 400 would tell which exists), as is another Patient anywhere.

@@ -135,7 +135,14 @@ pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) 
         let names_patient = r.starts_with("Patient/") || r.contains("/Patient/");
         names_patient && !bases.names_patient(r, patient) || contained_patient(r)
     };
-    let logical = |v: &Value| v.get("reference").is_none() && v.get("identifier").is_some();
+    // A `reference` of null or blank text is no reference: HAPI parses
+    // `{"reference": null}` as an empty one, and keeps the identifier.
+    let logical = |v: &Value| {
+        v.get("reference")
+            .and_then(Value::as_str)
+            .is_none_or(|r| r.trim().is_empty())
+            && v.get("identifier").is_some()
+    };
     link_params(rtype).iter().any(|p| {
         p.paths.iter().any(|path| {
             references_at(resource, path, &mut |r| other(r))
