@@ -715,6 +715,102 @@ pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
     edit.finish().map(String::into_bytes)
 }
 
+/// Whether a Bundle's ids keep what its `checked` entries (writes proved
+/// in a compartment or a filter) were proved to reference. The upstream
+/// gives each entry the id its `fullUrl` names (else a POSTed resource's
+/// own `id`), maps it to the id the entry ends up with (a conditional
+/// create's match, a conditional update's target), and rewrites every
+/// reference to it in the whole Bundle (HAPI's transaction processor).
+/// So an entry creating `Patient?identifier=<p2's MRN>` with `fullUrl:
+/// Patient/p1` would turn a checked entry's `Patient/p1` into `Patient/p2`.
+/// Hence, beside checked entries: a `fullUrl` is a `urn:uuid:`/`urn:oid:`
+/// placeholder, or names the very resource its entry's request names
+/// (`PUT Patient/p1` with `…/Patient/p1`); no two entries share one; a
+/// POST without a `fullUrl` carries no `id`; and a checked entry names
+/// another entry's placeholder only when that entry is checked too.
+pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
+    let Some(entries) = doc.get("entry").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let mut placeholders: Vec<(&str, usize)> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let request = entry.get("request");
+        let field = |name: &str| request.and_then(|r| r.get(name)).and_then(Value::as_str);
+        let (method, url) = (field("method").unwrap_or(""), field("url").unwrap_or(""));
+        let full = match entry.get("fullUrl") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(f)) => Some(f.as_str()),
+            Some(_) => return Err(format!("entry {i}'s fullUrl is not a string")),
+        };
+        match full {
+            Some(f) => {
+                if seen.contains(&f) {
+                    return Err(format!("two entries have the fullUrl {f}"));
+                }
+                seen.push(f);
+                if f.starts_with("urn:uuid:") || f.starts_with("urn:oid:") {
+                    placeholders.push((f, i));
+                    continue;
+                }
+                // `Type/id`, no query: the entry ends as the resource its
+                // fullUrl names, so references to it keep their meaning.
+                let plain = !url.contains('?')
+                    && url.split('/').count() == 2
+                    && url.split('/').all(|s| !s.is_empty());
+                let names_it = f == url || f.ends_with(&format!("/{url}"));
+                if !(plain && names_it) {
+                    return Err(format!(
+                        "entry {i}'s fullUrl ({f}) is neither a urn:uuid: placeholder nor the \
+                         resource its request names ({method} {url}): the upstream would put \
+                         what the entry ends up as in place of every reference to it"
+                    ));
+                }
+            }
+            None => {
+                let own_id = entry.pointer("/resource/id").is_some_and(|v| !v.is_null());
+                if method.eq_ignore_ascii_case("POST") && own_id {
+                    return Err(format!(
+                        "entry {i} creates a resource with an id of its own and no fullUrl: \
+                         the upstream would put the new resource in place of every reference \
+                         to that id"
+                    ));
+                }
+            }
+        }
+    }
+    for &c in checked {
+        let Some(resource) = entries.get(c).and_then(|e| e.get("resource")) else {
+            continue;
+        };
+        let mut unchecked = None;
+        every_string(resource, &mut |v| {
+            if unchecked.is_none() {
+                unchecked = placeholders
+                    .iter()
+                    .find(|(p, j)| *p == v && !checked.contains(j))
+                    .map(|(p, j)| (p.to_string(), *j));
+            }
+        });
+        if let Some((p, j)) = unchecked {
+            return Err(format!(
+                "entry {c} references entry {j} ({p}), which these scopes do not confine: \
+                 the upstream would put what that entry ends up as in its place"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn every_string<'a>(v: &'a Value, f: &mut impl FnMut(&'a str)) {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(a) => a.iter().for_each(|x| every_string(x, f)),
+        Value::Object(o) => o.values().for_each(|x| every_string(x, f)),
+        _ => {}
+    }
+}
+
 /// The batch/transaction body with `request.ifMatch` of each entry
 /// `(index, entity tag)` set (replacing the client's); `None` when it
 /// cannot be edited.
@@ -1191,6 +1287,76 @@ pub fn if_match_admits<'a>(values: impl IntoIterator<Item = &'a str>, version: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundle_ids_keep_what_checked_entries_reference() {
+        let doc = |entries: Value| json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+        let obs = |subject: &str| {
+            json!({"resource": {"resourceType": "Observation",
+            "subject": {"reference": subject}}, "request": {"method": "POST", "url": "Observation"}})
+        };
+        let ok = |d: Value, checked: &[usize]| bundle_ids_hold(&d, checked);
+        // Placeholders, own-resource fullUrls, no fullUrl: fine.
+        assert!(ok(doc(json!([
+            {"fullUrl": "urn:uuid:a", "resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
+            {"fullUrl": "urn:oid:1.2.3", "resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
+            {"fullUrl": "https://x/fhir/Patient/p1", "request": {"method": "PUT", "url": "Patient/p1"}},
+            {"fullUrl": "Observation/o1", "request": {"method": "DELETE", "url": "Observation/o1"}},
+            obs("urn:uuid:a"),
+        ])), &[0, 4]).is_ok());
+        // A fullUrl naming something else than its request, or its
+        // request conditional; shared; not a string.
+        for (entries, why) in [
+            (
+                json!([{"fullUrl": "Patient/p1", "request": {"method": "POST", "url": "Patient"}}, obs("Patient/p1")]),
+                "fullUrl (Patient/p1)",
+            ),
+            (
+                json!([{"fullUrl": "Patient/p1", "request": {"method": "PUT", "url": "Patient?identifier=x"}}, obs("Patient/p1")]),
+                "fullUrl (Patient/p1)",
+            ),
+            (
+                json!([{"fullUrl": "Patient/p1", "request": {"method": "PUT", "url": "Patient/p2"}}, obs("Patient/p1")]),
+                "fullUrl (Patient/p1)",
+            ),
+            (
+                json!([{"fullUrl": "xPatient/p1", "request": {"method": "PUT", "url": "Patient/p1"}}, obs("Patient/p1")]),
+                "fullUrl (xPatient/p1)",
+            ),
+            (
+                json!([{"fullUrl": "urn:uuid:a", "request": {"method": "POST", "url": "Patient"}},
+                    {"fullUrl": "urn:uuid:a", "request": {"method": "POST", "url": "Patient"}}, obs("Patient/p1")]),
+                "two entries",
+            ),
+            (
+                json!([{"fullUrl": 7, "request": {"method": "POST", "url": "Patient"}}, obs("Patient/p1")]),
+                "not a string",
+            ),
+            (
+                json!([{"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "POST", "url": "Patient"}}, obs("Patient/p1")]),
+                "an id of its own",
+            ),
+            (
+                json!([{"fullUrl": "urn:uuid:p", "request": {"method": "POST", "url": "Patient"}}, obs("urn:uuid:p")]),
+                "references entry 0",
+            ),
+        ] {
+            let e = ok(doc(entries), &[1]).err().unwrap_or_default();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        // A placeholder named anywhere in a checked entry, not only in a
+        // reference (the upstream rewrites matching uris too).
+        let mut tagged = obs("Patient/p1");
+        tagged["resource"]["derivedFrom"] =
+            json!([{"reference": "Patient/p1", "display": "urn:uuid:p"}]);
+        let e = ok(
+            doc(
+                json!([{"fullUrl": "urn:uuid:p", "request": {"method": "POST", "url": "Patient"}}, tagged]),
+            ),
+            &[1],
+        );
+        assert!(e.is_err());
+    }
     use crate::fhir::classify::{classify, HttpRequest};
     use serde_json::json;
 

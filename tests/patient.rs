@@ -2508,3 +2508,90 @@ async fn get_owned(gw: &Gateway, token: &str, rel: String) -> (u16, String) {
     let r = gw.get(&rel, Some(token)).await;
     status_and_body(r).await
 }
+
+/// A transaction's ids are rewritten by the upstream (HAPI maps each
+/// entry's fullUrl, else a POSTed resource's id, to what the entry ends up
+/// as, in every reference of the Bundle): beside a write checked against
+/// the patient's compartment, an entry granted by another scope may not
+/// take the name of what the checked entry references (`fullUrl:
+/// Patient/p1` on a conditional create matching another patient), nor be
+/// referenced by it through a placeholder. Refused before the upstream;
+/// placeholders between checked entries and fullUrls naming the entry's
+/// own resource pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_cannot_swap_what_a_checked_entry_references() {
+    let gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("patient/Observation.c user/Patient.crus", Some("p1"));
+    let obs = |subject: &str| {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "HIV positive"},
+               "subject": {"reference": subject}, "performer": [{"reference": "Patient/p1"}]})
+    };
+    let p2_by_mrn = json!({"resourceType": "Patient",
+        "identifier": [{"system": "urn:mrn", "value": "P2-MRN"}]});
+    let observation_entry = |subject: &str| json!({"resource": obs(subject), "request": {"method": "POST", "url": "Observation"}});
+    let refused = [
+        (
+            "a conditional create named Patient/p1",
+            vec![
+                json!({"fullUrl": "Patient/p1", "resource": p2_by_mrn,
+                   "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|P2-MRN"}}),
+                observation_entry("Patient/p1"),
+            ],
+            "fullUrl (Patient/p1)",
+        ),
+        (
+            "a created Patient with the id p1",
+            vec![
+                json!({"resource": {"resourceType": "Patient", "id": "p1"},
+                   "request": {"method": "POST", "url": "Patient"}}),
+                observation_entry("Patient/p1"),
+            ],
+            "an id of its own",
+        ),
+        (
+            "an update of another patient named Patient/p1",
+            vec![
+                json!({"fullUrl": "http://elsewhere/fhir/Patient/p1",
+                   "resource": {"resourceType": "Patient", "id": "p2"},
+                   "request": {"method": "PUT", "url": "Patient/p2"}}),
+                observation_entry("Patient/p1"),
+            ],
+            "fullUrl (http://elsewhere/fhir/Patient/p1)",
+        ),
+        (
+            "a placeholder of an entry no patient scope confines",
+            vec![
+                json!({"fullUrl": "urn:uuid:0b6a1a7e-0000-4000-8000-000000000001", "resource": p2_by_mrn,
+                   "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|P2-MRN"}}),
+                observation_entry("urn:uuid:0b6a1a7e-0000-4000-8000-000000000001"),
+            ],
+            "references entry 0",
+        ),
+    ];
+    let before = gw.upstream.seen().len();
+    for (what, entries, why) in refused {
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+        let (s, body) = post_fhir(&gw, &token, "", &bundle).await;
+        assert_eq!(s, 403, "{what}: {body}");
+        assert!(body.contains(why), "{what}: {body}");
+    }
+    assert_eq!(
+        gw.upstream.seen().len(),
+        before,
+        "a refused transaction reached the upstream"
+    );
+
+    // Checked entries referring to each other by placeholder, and a
+    // fullUrl naming the entry's own resource: served.
+    let first = "urn:uuid:0b6a1a7e-0000-4000-8000-000000000002";
+    let mut grouped = obs("Patient/p1");
+    grouped["hasMember"] = json!([{"reference": first}]);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": first, "resource": obs("Patient/p1"), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": grouped, "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": format!("{}/Patient/p1", gw.base), "resource": {"resourceType": "Patient", "id": "p1"},
+         "request": {"method": "PUT", "url": "Patient/p1"}},
+    ]});
+    let (s, body) = post_fhir(&gw, &token, "", &bundle).await;
+    assert_eq!(s, 200, "{body}");
+}
