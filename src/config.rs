@@ -780,7 +780,7 @@ fn d_refresh_min() -> u64 {
     60
 }
 fn d_refresh_max() -> u64 {
-    86_400
+    3_600
 }
 fn d_fetch_timeout() -> u64 {
     5_000

@@ -2152,6 +2152,65 @@ async fn a_key_replaced_under_its_kid_refuses_tokens_cached_under_the_old_one() 
     );
 }
 
+/// An issuer that replaces its key under the same kid, or signs without
+/// a kid, is looked at again when a token does not verify against the
+/// loaded key (no stranger kid needed to notice): the new key's tokens
+/// pass at once, within the shared re-fetch budget; forged tokens under
+/// the known kid cost at most one fetch per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_replaced_under_its_kid_or_without_one_is_fetched_again() {
+    let gw = Gateway::start(Options {
+        min_refetch_interval_seconds: 2,
+        ..Options::default()
+    })
+    .await;
+    let fetches = || gw.issuer.jwks_fetches.load(Ordering::SeqCst);
+    let kid = gw.issuer.signing_key().kid.clone();
+    assert_eq!(
+        gw.get("Patient/p1", Some(&gw.mint("user/*.rs", None)))
+            .await
+            .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Same kid, new key of the same type (the sandbox's is RSA): its
+    // token is verified after one fetch.
+    gw.issuer
+        .set_keys(vec![SigningKey::generate(KeyKind::Rsa2048, &kid)]);
+    let before = fetches();
+    let r = gw
+        .get("Patient/p1", Some(&gw.mint("user/*.rs", None)))
+        .await;
+    assert_eq!(r.status(), 200, "{}", www(&r));
+    assert_eq!(fetches() - before, 1);
+    // Forged tokens under that kid: refused, at most one more fetch.
+    let forger = SigningKey::generate(KeyKind::Rsa2048, &kid);
+    let before = fetches();
+    for i in 0..5 {
+        let r = gw
+            .get(
+                &format!("Patient/forged-{i}"),
+                Some(&forger.sign(&gw.claims("user/*.rs"))),
+            )
+            .await;
+        assert_eq!(r.status(), 401);
+    }
+    assert!(fetches() - before <= 1, "{} fetches", fetches() - before);
+    assert_eq!(gw.upstream.count_containing("forged-"), 0);
+    // An issuer signing without a kid rotates its key: found the same way.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    gw.issuer
+        .set_keys(vec![SigningKey::generate(KeyKind::P256, "unnamed")]);
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = None;
+    let token = gw
+        .issuer
+        .signing_key()
+        .sign_with_header(&h, &gw.claims("user/*.rs"));
+    let r = gw.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 200, "{}", www(&r));
+}
+
 /// Two keys of the token's algorithm under one kid make a fresh token
 /// naming it ambiguous; a token cached before the second key came gets the
 /// same answer, not a pass from the cache.

@@ -217,6 +217,37 @@ impl JwksStore {
         }
     }
 
+    /// Keys again for a token the loaded `stale` set could not verify
+    /// though it held the token's kid (or the token has none): an issuer
+    /// may replace a key under the same kid, or sign without one. A set
+    /// loaded since is returned at once; else one re-fetch, under the same
+    /// budget as an unknown kid's (at most one per
+    /// `min_refetch_interval_seconds`, shared), so forged tokens cost no
+    /// more fetches than made-up kids do. `None`: nothing newer to try.
+    pub async fn keys_after_failure(
+        &self,
+        ik: &IssuerKeys,
+        stale: &Arc<KeySet>,
+    ) -> Option<Arc<KeySet>> {
+        let newer = |ks: Option<Arc<KeySet>>| ks.filter(|k| !Arc::ptr_eq(k, stale));
+        if let Some(k) = newer(ik.keys.load_full()) {
+            return Some(k);
+        }
+        let mut st = ik.fetch.lock().await;
+        if let Some(k) = newer(ik.keys.load_full()) {
+            return Some(k);
+        }
+        let recent = st.last_miss_fetch.is_some_and(|t| {
+            t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds)
+        });
+        if recent {
+            return None;
+        }
+        st.last_miss_fetch = Some(Instant::now());
+        self.refresh_locked(ik, &mut st).await.ok()?;
+        newer(ik.keys.load_full())
+    }
+
     /// Fetches and stores keys; the caller holds the issuer's fetch lock.
     async fn refresh_locked(
         &self,

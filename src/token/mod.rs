@@ -182,7 +182,9 @@ pub fn inspect(token: &str, max_bytes: usize) -> Result<Unverified, TokenError> 
     let typ = match header.get("typ") {
         None => None,
         Some(Value::String(typ)) => {
-            if !["jwt", "at+jwt", "application/at+jwt"].contains(&typ.to_ascii_lowercase().as_str())
+            // RFC 7515 §4.1.9: `application/jwt` is `jwt` spelt in full.
+            if !["jwt", "application/jwt", "at+jwt", "application/at+jwt"]
+                .contains(&typ.to_ascii_lowercase().as_str())
             {
                 return Err(TokenError::BadTyp(typ.chars().take(32).collect()));
             }
@@ -749,14 +751,25 @@ pub fn check_claims(c: &Value, issuer: &Issuer, now: i64) -> Result<Claims, Toke
         }
     }
     audience_fits(c.get("aud").ok_or(TokenError::MissingClaim("aud"))?, issuer)?;
+    // A list of scopes is read as the space-separated string RFC 9068
+    // asks for: Duende/IdentityServer, Spring Authorization Server and
+    // UAA write `scope` as an array, Azure and Okta `scp`. Each item one
+    // scope (an item holding a space would read as two).
+    let words = |a: &[Value], name: &'static str| -> Result<String, TokenError> {
+        a.iter()
+            .map(|v| {
+                v.as_str()
+                    .filter(|w| !w.is_empty() && !w.contains(char::is_whitespace))
+                    .ok_or(TokenError::BadClaim(name))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|w| w.join(" "))
+    };
     let scope = match (c.get("scope"), c.get("scp")) {
         (Some(Value::String(s)), _) => s.clone(),
+        (Some(Value::Array(a)), _) => words(a, "scope")?,
         (Some(_), _) => return Err(TokenError::BadClaim("scope")),
-        (None, Some(Value::Array(a))) => a
-            .iter()
-            .map(|v| v.as_str().ok_or(TokenError::BadClaim("scp")))
-            .collect::<Result<Vec<_>, _>>()?
-            .join(" "),
+        (None, Some(Value::Array(a))) => words(a, "scp")?,
         (None, Some(Value::String(s))) => s.clone(),
         (None, Some(_)) => return Err(TokenError::BadClaim("scp")),
         (None, None) => String::new(),

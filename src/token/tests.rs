@@ -377,6 +377,13 @@ fn at_jwt_typ_can_be_required() {
             .code(),
         "token_header_refused"
     );
+    // Not required: `JWT` in any of its spellings passes.
+    iss.require_at_jwt_typ = false;
+    for typ in ["JWT", "application/jwt", "at+JWT"] {
+        h.typ = Some(typ.into());
+        let got = check(&k.sign_with_header(&h, &claims()), &keys, &iss);
+        assert!(got.is_ok(), "{typ}: {got:?}");
+    }
 }
 
 #[test]
@@ -432,6 +439,31 @@ fn scp_array_and_azp() {
     c["cid"] = json!(7);
     let bad = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256]));
     assert!(bad.is_err(), "a cid that is no string");
+}
+
+/// `scope` as an array (Duende/IdentityServer, Spring Authorization
+/// Server, UAA) is read as the list of scopes it is; an item that is not
+/// one scope (not text, empty, holding a space) refuses the token.
+#[test]
+fn scope_as_an_array() {
+    let k = SigningKey::generate(KeyKind::P256, "k");
+    let mut c = claims();
+    c["scope"] = json!(["openid", "patient/Observation.rs"]);
+    let got = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256])).unwrap();
+    let raw: Vec<&str> = got.scopes.scopes.iter().map(|s| s.raw.as_str()).collect();
+    assert_eq!(raw, ["patient/Observation.rs"]);
+    for bad in [
+        json!(["openid", 7]),
+        json!(["", "user/*.rs"]),
+        json!(["patient/Observation.rs user/*.cruds"]),
+    ] {
+        c["scope"] = bad.clone();
+        let got = check(&k.sign(&c), &keyset(&[&k]), &issuer(&[Algorithm::ES256]));
+        assert!(
+            matches!(got, Err(TokenError::BadClaim("scope"))),
+            "{bad}: {got:?}"
+        );
+    }
 }
 
 /// Keys of different types may share a kid (RFC 7517 §4.5): the token's

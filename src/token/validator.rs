@@ -144,8 +144,26 @@ impl Validator {
                 kind: "jwt",
             });
         }
-        let keys = Box::pin(self.store.keys_for(ik, u.kid.as_deref())).await?;
-        let claims = Arc::new(verify(token, &u, &ik.issuer, &keys, now)?);
+        let mut keys = Box::pin(self.store.keys_for(ik, u.kid.as_deref())).await?;
+        let claims = match verify(token, &u, &ik.issuer, &keys, now) {
+            // The loaded key under its kid (or every key, for a token
+            // without one) does not verify it: the issuer may have
+            // replaced it. Tried once more against a newer set, if one
+            // can be had.
+            Err(
+                e @ (TokenError::BadSignature
+                | TokenError::KeyAlgorithmMismatch { .. }
+                | TokenError::AmbiguousKey(0)),
+            ) => match Box::pin(self.store.keys_after_failure(ik, &keys)).await {
+                Some(newer) => {
+                    keys = newer;
+                    verify(token, &u, &ik.issuer, &keys, now)?
+                }
+                None => return Err(e),
+            },
+            verified => verified?,
+        };
+        let claims = Arc::new(claims);
         self.cache
             .insert(hash, claims.clone(), keys, u.kid.as_deref(), now);
         Ok(Validated {
