@@ -222,9 +222,11 @@ pub fn judge_write_body(
             Err(e) => return Err(format!("the JSON Patch is not JSON fhirwall can read: {e}")),
         };
         no_conditional_reference(&Value::Array(ops.clone()), true, rtype, patient)?;
-        // Paths the patch may not touch: identity and every element that
-        // links the resource to a patient.
-        let mut guarded: Vec<&str> = vec!["resourceType", "id"];
+        // Paths the patch may not touch: identity, every element that
+        // links the resource to a patient, and the contained resources
+        // such a link may point at (`#id`: a contained Patient holding
+        // another's identifier is refused in a written body too).
+        let mut guarded: Vec<&str> = vec!["resourceType", "id", "contained"];
         if rtype == "Patient" {
             guarded.push("link");
         }

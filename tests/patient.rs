@@ -1942,6 +1942,11 @@ async fn writes_keep_the_compartment() {
         json!([{"op": "move", "from": "/subject", "path": "/focus"}]),
         json!([{"op": "replace", "path": "", "value": {}}]),
         json!([{"op": "replace", "path": "/id", "value": "x"}]),
+        // A contained resource a compartment link may point at (`#pr`):
+        // made another patient's by identifier.
+        json!([{"op": "add", "path": "/contained", "value": [{"resourceType": "Patient", "id": "pr",
+                "identifier": [{"system": "urn:mrn", "value": "P2"}]}]}]),
+        json!([{"op": "replace", "path": "/contained/0/identifier/0/value", "value": "P2"}]),
         // A conditional reference on an element that is not a compartment
         // link: the server's search would reach every patient's record.
         json!([{"op": "add", "path": "/focus",
