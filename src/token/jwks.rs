@@ -287,6 +287,13 @@ impl JwksStore {
             }
             Err(e) => {
                 st.last_failed = true;
+                // A jwks_uri learnt by discovery is learnt again after a
+                // failed fetch: an issuer that moved its keys (a new
+                // tenant, a custom domain) says so in its discovery
+                // document, which a process would otherwise never read again.
+                if ik.issuer.jwks_uri.is_none() {
+                    ik.jwks_uri.store(None);
+                }
                 st.next_refresh =
                     Some(started + Duration::from_secs(self.cfg.refresh_min_seconds.min(30)));
                 self.metrics.jwks_fetch(name, false);
@@ -623,6 +630,54 @@ mod tests {
             idp.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst),
             0
         );
+    }
+
+    /// A jwks_uri learnt by discovery is learnt again after a fetch from
+    /// it fails: an issuer that moved its keys is followed (a configured
+    /// one is kept).
+    #[tokio::test]
+    async fn a_discovered_jwks_uri_is_learnt_again_after_a_failed_fetch() {
+        use crate::sandbox::issuer::SandboxIssuer;
+        use crate::sandbox::keys::KeyKind;
+        use axum::routing::get;
+        use axum::Json;
+        use std::sync::atomic::Ordering;
+        let old = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "old").await;
+        let new = SandboxIssuer::spawn("https://fhir.example/fhir", KeyKind::P256, "new").await;
+        let doc: Arc<std::sync::Mutex<serde_json::Value>> = Arc::default();
+        let served = doc.clone();
+        let discovery = serve_on(
+            "127.0.0.1",
+            axum::Router::new().route(
+                "/.well-known/openid-configuration",
+                get(move || {
+                    let v = served.lock().unwrap().clone();
+                    async move { Json(v) }
+                }),
+            ),
+        )
+        .await;
+        let iss = format!("http://{discovery}");
+        let point_to = |idp: &SandboxIssuer| {
+            *doc.lock().unwrap() =
+                serde_json::json!({"issuer": iss, "jwks_uri": format!("{}/jwks.json", idp.issuer)});
+        };
+        point_to(&old);
+        let metrics = Arc::new(Metrics::new(&["moving".to_string()]));
+        let cfg = JwksConfig {
+            min_refetch_interval_seconds: 0,
+            ..JwksConfig::default()
+        };
+        let store = JwksStore::new(&[sandbox_issuer("moving", &iss)], &cfg, &[], metrics);
+        assert!(store.load_all().await.is_empty());
+        let ik = store.issuer(&iss).unwrap();
+        // The keys move; the old address fails.
+        point_to(&new);
+        old.down.store(true, Ordering::SeqCst);
+        assert!(store.keys_for(ik, Some("new")).await.is_err());
+        let keys = store.keys_for(ik, Some("new")).await.unwrap();
+        assert!(keys.has_kid("new"));
+        assert_eq!(new.jwks_fetches.load(Ordering::SeqCst), 1);
     }
 
     /// Discovery reads `.well-known/openid-configuration`, else SMART's
