@@ -1184,6 +1184,17 @@ mod tests {
         .unwrap()
     }
 
+    /// A batch `POST` of GET entries at `urls`, classified.
+    fn batch_of(urls: &[&str]) -> crate::fhir::classify::FhirRequest {
+        let entries: Vec<Value> = urls
+            .iter()
+            .map(|u| json!({"request": {"method": "GET", "url": u}}))
+            .collect();
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+        crate::fhir::classify::classify_bundle(request("POST", ""), bundle.to_string().as_bytes())
+            .unwrap()
+    }
+
     fn input<'a>(claims: &'a Value, scopes: &'a [String]) -> PolicyInput<'a> {
         PolicyInput {
             issuer: "hospital",
@@ -1518,17 +1529,9 @@ mod tests {
 
     #[test]
     fn entries_are_matched_on_their_whole_path() {
-        use crate::fhir::classify::{classify, classify_bundle, HttpRequest};
         let claims = json!({});
         let scopes = vec!["user/*.rs".to_string()];
         let base = input(&claims, &scopes);
-        let top = classify(HttpRequest {
-            method: "POST",
-            path: "",
-            query: None,
-            if_none_exist: None,
-        })
-        .unwrap();
         for (url, pattern) in [
             ("Patient/p1/$everything", "Patient/*/$everything"),
             ("Patient/vip/Observation", "Patient/vip/**"),
@@ -1537,9 +1540,7 @@ mod tests {
             ("_history", "_history"),
             ("$meta", "$meta"),
         ] {
-            let bundle = json!({"resourceType": "Bundle", "type": "batch",
-                "entry": [{"request": {"method": "GET", "url": url}}]});
-            let fhir = classify_bundle(top.clone(), bundle.to_string().as_bytes()).unwrap();
+            let fhir = batch_of(&[url]);
             let rules = set(&format!(
                 "rules:\n  - name: r\n    effect: deny\n    when: {{path: ['{pattern}']}}\n"
             ));
@@ -1729,20 +1730,10 @@ mod tests {
 
     #[test]
     fn a_stored_page_in_a_bundle_meets_the_rules_of_every_type() {
-        use crate::fhir::classify::{classify, classify_bundle, HttpRequest};
         let claims = json!({});
         let scopes = vec!["user/*.rs".to_string()];
         let base = input(&claims, &scopes);
-        let top = classify(HttpRequest {
-            method: "POST",
-            path: "",
-            query: None,
-            if_none_exist: None,
-        })
-        .unwrap();
-        let bundle = json!({"resourceType": "Bundle", "type": "batch",
-            "entry": [{"request": {"method": "GET", "url": "?_getpages=abc&_getpagesoffset=20"}}]});
-        let fhir = classify_bundle(top, bundle.to_string().as_bytes()).unwrap();
+        let fhir = batch_of(&["?_getpages=abc&_getpagesoffset=20"]);
         let entry = |yaml: &str| set(yaml).evaluate_each(&base, &fhir).remove(1);
         // A page may hold Conditions: refused whole (an entry's answer is
         // not trimmed), whether the rule names the type or its path; the

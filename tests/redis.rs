@@ -510,23 +510,22 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Its keys but no scripts (a common least-privilege ACL): a plain
-    // write would pass, the checks' scripts do not, so it is not ready.
-    let created = command(
-        redis.port,
-        admin,
-        &[
+    // The user fhirwall logs in as, with these permissions on its keys.
+    let set_user = |allowed: &[&str]| {
+        let mut args = vec![
             "ACL",
             "SETUSER",
             "fhirwall",
             "on",
             ">s3cret-pw",
             "~fhirwall:*",
-            "+@read",
-            "+@write",
-        ],
-    );
-    assert_eq!(created, "+OK");
+        ];
+        args.extend_from_slice(allowed);
+        assert_eq!(command(redis.port, admin, &args), "+OK");
+    };
+    // Its keys but no scripts (a common least-privilege ACL): a plain
+    // write would pass, the checks' scripts do not, so it is not ready.
+    set_user(&["+@read", "+@write"]);
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
         assert_eq!(gw.readyz().await, 503, "ready without scripts");
@@ -538,21 +537,7 @@ async fn an_acl_user_limited_to_the_prefix_is_enough_once_it_exists() {
 
     // The least a replica needs: its own keys and scripts, nothing
     // dangerous. Once it may, the gateway uses it by itself.
-    let created = command(
-        redis.port,
-        admin,
-        &[
-            "ACL",
-            "SETUSER",
-            "fhirwall",
-            "on",
-            ">s3cret-pw",
-            "~fhirwall:*",
-            "+@all",
-            "-@dangerous",
-        ],
-    );
-    assert_eq!(created, "+OK");
+    set_user(&["+@all", "-@dangerous"]);
     gw.until_readyz(200, "after the user was created").await;
     let proof = caller.proof();
     let (s, _, body) = caller.with(&gw, &proof).await;
