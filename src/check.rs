@@ -745,39 +745,44 @@ pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
             Some(Value::String(f)) => Some(f.as_str()),
             Some(_) => return Err(format!("entry {i}'s fullUrl is not a string")),
         };
-        match full {
-            Some(f) => {
-                if seen.contains(&f) {
-                    return Err(format!("two entries have the fullUrl {f}"));
-                }
-                seen.push(f);
-                if f.starts_with("urn:uuid:") || f.starts_with("urn:oid:") {
-                    placeholders.push((f, i));
-                    continue;
-                }
-                // `Type/id`, no query: the entry ends as the resource its
-                // fullUrl names, so references to it keep their meaning.
-                let plain = !url.contains('?')
-                    && url.split('/').count() == 2
-                    && url.split('/').all(|s| !s.is_empty());
-                let names_it = f == url || f.ends_with(&format!("/{url}"));
-                if !(plain && names_it) {
-                    return Err(format!(
-                        "entry {i}'s fullUrl ({f}) is neither a urn:uuid: placeholder nor the \
-                         resource its request names ({method} {url}): the upstream would put \
-                         what the entry ends up as in place of every reference to it"
-                    ));
-                }
+        // `Type/id`, no query: the entry ends as the resource it names,
+        // so references to that name keep their meaning.
+        let plain = !url.contains('?')
+            && url.split('/').count() == 2
+            && url.split('/').all(|s| !s.is_empty());
+        if let Some(f) = full {
+            if seen.contains(&f) {
+                return Err(format!("two entries have the fullUrl {f}"));
             }
-            None => {
-                let own_id = entry.pointer("/resource/id").is_some_and(|v| !v.is_null());
-                if method.eq_ignore_ascii_case("POST") && own_id {
-                    return Err(format!(
-                        "entry {i} creates a resource with an id of its own and no fullUrl: \
-                         the upstream would put the new resource in place of every reference \
-                         to that id"
-                    ));
-                }
+            seen.push(f);
+            if f.starts_with("urn:uuid:") || f.starts_with("urn:oid:") {
+                placeholders.push((f, i));
+                continue;
+            }
+            let names_it = f == url || f.ends_with(&format!("/{url}"));
+            if !(plain && names_it) {
+                return Err(format!(
+                    "entry {i}'s fullUrl ({f}) is neither a urn:uuid: placeholder nor the \
+                     resource its request names ({method} {url}): the upstream would put \
+                     what the entry ends up as in place of every reference to it"
+                ));
+            }
+        }
+        // Without a placeholder the upstream names the entry by its
+        // resource's own id too: it must be the one its request names (a
+        // conditional update or a create has none to give).
+        if let Some(id) = entry.pointer("/resource/id").filter(|v| !v.is_null()) {
+            let named = plain
+                && !method.eq_ignore_ascii_case("POST")
+                && id
+                    .as_str()
+                    .is_some_and(|id| url.split('/').nth(1) == Some(id));
+            if !named {
+                return Err(format!(
+                    "entry {i}'s resource has an id of its own ({id}) that its request \
+                     ({method} {url}) does not name, and no urn:uuid: fullUrl: the upstream \
+                     would put what the entry ends up as in place of every reference to that id"
+                ));
             }
         }
     }
@@ -1302,10 +1307,12 @@ mod tests {
         assert!(ok(doc(json!([
             {"fullUrl": "urn:uuid:a", "resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
             {"fullUrl": "urn:oid:1.2.3", "resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
-            {"fullUrl": "https://x/fhir/Patient/p1", "request": {"method": "PUT", "url": "Patient/p1"}},
+            {"fullUrl": "https://x/fhir/Patient/p1", "resource": {"resourceType": "Patient", "id": "p1"},
+             "request": {"method": "PUT", "url": "Patient/p1"}},
+            {"resource": {"resourceType": "Patient", "id": "p3"}, "request": {"method": "PUT", "url": "Patient/p3"}},
             {"fullUrl": "Observation/o1", "request": {"method": "DELETE", "url": "Observation/o1"}},
             obs("urn:uuid:a"),
-        ])), &[0, 4]).is_ok());
+        ])), &[0, 5]).is_ok());
         // A fullUrl naming something else than its request, or its
         // request conditional; shared; not a string.
         for (entries, why) in [
@@ -1336,6 +1343,15 @@ mod tests {
             ),
             (
                 json!([{"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "POST", "url": "Patient"}}, obs("Patient/p1")]),
+                "an id of its own",
+            ),
+            (
+                json!([{"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "PUT", "url": "Patient?identifier=x"}}, obs("Patient/p1")]),
+                "an id of its own",
+            ),
+            (
+                json!([{"fullUrl": "https://x/fhir/Patient/p2", "resource": {"resourceType": "Patient", "id": "p1"},
+                        "request": {"method": "PUT", "url": "Patient/p2"}}, obs("Patient/p1")]),
                 "an id of its own",
             ),
             (

@@ -1895,7 +1895,13 @@ impl Config {
         if j.refresh_min_seconds == 0 || j.refresh_min_seconds > j.refresh_max_seconds {
             problem(
                 "jwks.refresh_min_seconds",
-                "must be at least 1 and not more than jwks.refresh_max_seconds".into(),
+                format!(
+                    "{} must be at least 1 and not more than jwks.refresh_max_seconds ({}; \
+                     its default is {}, the longest a withdrawn key keeps verifying new tokens)",
+                    j.refresh_min_seconds,
+                    j.refresh_max_seconds,
+                    d_refresh_max()
+                ),
             );
         }
         // A week at most: keys older than that are stale anyway, and a

@@ -489,6 +489,7 @@ impl PolicySet {
         // every entry), the type and the interaction only: judged once
         // each per request, however many entries reach them.
         let reached = std::cell::RefCell::new(std::collections::HashMap::new());
+        let page_entries = std::cell::RefCell::new(std::collections::HashMap::new());
         std::iter::once(fhir)
             .chain(&fhir.entries)
             .enumerate()
@@ -505,8 +506,13 @@ impl PolicySet {
                     self.evaluate_page(&input)
                 } else if page {
                     // A Bundle entry's answer is not trimmed by type: a
-                    // page that may hold a refused type is refused.
-                    let mut judged = self.evaluate_page(&input);
+                    // page that may hold a refused type is refused. Page
+                    // entries alike to the rules are judged once.
+                    let mut judged = page_entries
+                        .borrow_mut()
+                        .entry((input.interaction, input.path))
+                        .or_insert_with(|| self.evaluate_page(&input))
+                        .clone();
                     if !judged.refused_types.is_empty() {
                         let first = judged.refused_types.swap_remove(0);
                         judged.verdict = Verdict::Deny {
@@ -709,14 +715,38 @@ impl PolicySet {
         let mut by = None;
         let mut limits: Vec<(String, RateLimit)> = Vec::new();
         let mut broke_glass: Vec<String> = Vec::new();
+        // Rules written for what the page is as a request (its
+        // `search-system` interaction, or the base's empty path) hold for
+        // it too, type by type: a refusal of whole-system searches reaches
+        // their pages. Only those rules: an allow-list's catch-all would
+        // otherwise refuse every page its reads and searches allow.
+        let own: Vec<Rule> = self
+            .rules
+            .iter()
+            .filter(|r| {
+                r.when.interaction.iter().any(|i| i == input.interaction)
+                    || r.when.path.iter().any(|p| path_matches(p, input.path))
+            })
+            .cloned()
+            .collect();
         for t in crate::fhir::resource_types::RESOURCE_TYPES {
             let mut reach = Reach::default();
             let mut allowed_by = None;
             let mut denied = None;
-            for interaction in ["read", "search-type"] {
-                let v = self.evaluate(&as_direct(input, interaction, t));
+            let as_itself = PolicyInput {
+                resource_type: Some(t),
+                ..*input
+            };
+            for judged in ["read", "search-type", ""] {
+                let v = if judged.is_empty() {
+                    first_match(&own, &as_itself)
+                } else {
+                    self.evaluate(&as_direct(input, judged, t))
+                };
                 if let Verdict::Allow { by: Some(b), .. } = &v {
-                    allowed_by = Some(b.clone());
+                    if !judged.is_empty() {
+                        allowed_by = Some(b.clone());
+                    }
                 }
                 if let Err(deny) = reach.take(v, |reason| reason) {
                     denied = Some(deny);
@@ -1857,6 +1887,24 @@ mod tests {
             .refused_types
             .iter()
             .any(|r| r.resource_type == "DocumentReference" && r.rule == "t.yaml#no-doc-search"));
+
+        // Rules on what the page is as a request (a whole-system search,
+        // the base's path) hold for it, type by type; the allow-list above
+        // is not disturbed by them.
+        for rule in [
+            "{name: no-system-searches, effect: deny, when: {interaction: [search-system]}}",
+            "{name: no-system-searches, effect: deny, when: {path: ['']}}",
+        ] {
+            let j = page(&format!("rules:\n  - {rule}\n"));
+            assert!(
+                matches!(&j.verdict, Verdict::Deny { by, .. } if by == "t.yaml#no-system-searches"),
+                "{rule}: {j:?}"
+            );
+        }
+        let j = page("rules:
+  - {name: no-system-conditions, effect: deny, when: {interaction: [search-system], resource_type: [Condition]}}
+");
+        assert_eq!(types(&j), ["Condition"]);
 
         // No rule about types or what a page does: allowed, nothing
         // refused.

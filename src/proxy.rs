@@ -1513,11 +1513,17 @@ impl Gateway {
                 code: "fhir_malformed",
                 description: "the Bundle is not JSON".into(),
             })?;
-        let checked: Vec<usize> = writes.iter().map(|(i, _)| *i).collect();
-        crate::check::bundle_ids_hold(&doc, &checked).map_err(|why| Denial::InsufficientScope {
-            description: format!("{} refused: {why}", fhir.interaction),
-            scope: None,
-        })?;
+        // A transaction's ids are substituted across its entries (a
+        // batch's entries are each processed alone).
+        if fhir.interaction == Interaction::Transaction {
+            let checked: Vec<usize> = writes.iter().map(|(i, _)| *i).collect();
+            crate::check::bundle_ids_hold(&doc, &checked).map_err(|why| {
+                Denial::InsufficientScope {
+                    description: format!("{} refused: {why}", fhir.interaction),
+                    scope: None,
+                }
+            })?;
+        }
         let mut versions: Vec<(usize, http::HeaderValue)> = Vec::new();
         // References proved once for the whole Bundle.
         let mut proved = Vec::new();

@@ -2554,6 +2554,16 @@ async fn a_transaction_cannot_swap_what_a_checked_entry_references() {
             "an id of its own",
         ),
         (
+            "a conditional update whose resource has the id p1",
+            vec![
+                json!({"resource": {"resourceType": "Patient", "id": "p1",
+                       "identifier": [{"system": "urn:mrn", "value": "P2-MRN"}]},
+                   "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|P2-MRN"}}),
+                observation_entry("Patient/p1"),
+            ],
+            "Patient?identifier=urn:mrn|P2-MRN) does not name",
+        ),
+        (
             "an update of another patient named Patient/p1",
             vec![
                 json!({"fullUrl": "http://elsewhere/fhir/Patient/p1",
@@ -2598,5 +2608,12 @@ async fn a_transaction_cannot_swap_what_a_checked_entry_references() {
          "request": {"method": "PUT", "url": "Patient/p1"}},
     ]});
     let (s, body) = post_fhir(&gw, &token, "", &bundle).await;
+    assert_eq!(s, 200, "{body}");
+    // A batch's entries are processed each alone: no id crosses them.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "copied"}, "request": {"method": "POST", "url": "Patient"}},
+        observation_entry("Patient/p1"),
+    ]});
+    let (s, body) = post_fhir(&gw, &token, "", &batch).await;
     assert_eq!(s, 200, "{body}");
 }

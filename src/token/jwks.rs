@@ -31,6 +31,10 @@ struct FetchState {
     /// not count, so a key rotated in just after one is fetched at once).
     last_miss_fetch: Option<Instant>,
     last_failed: bool,
+    /// The last fetch failed and the jwks_uri came from discovery: the
+    /// next one asks discovery again (keeping the old address if that
+    /// fails too).
+    rediscover: bool,
     /// When the periodic refresh is next due; set by every fetch.
     next_refresh: Option<Instant>,
 }
@@ -260,7 +264,8 @@ impl JwksStore {
         // retired them (a compromised key pulled): its answer stands, and
         // every token of it is refused until it publishes one. At start it
         // is a failed fetch: not ready.
-        let result = self.fetch(ik).await.and_then(|f| {
+        let rediscover = std::mem::take(&mut st.rediscover);
+        let result = self.fetch(ik, rediscover).await.and_then(|f| {
             if f.keys.keys.is_empty() && ik.keys.load().is_none() {
                 Err(format!("{}: JWKS holds no usable signature key", f.uri))
             } else {
@@ -287,13 +292,11 @@ impl JwksStore {
             }
             Err(e) => {
                 st.last_failed = true;
-                // A jwks_uri learnt by discovery is learnt again after a
-                // failed fetch: an issuer that moved its keys (a new
-                // tenant, a custom domain) says so in its discovery
-                // document, which a process would otherwise never read again.
-                if ik.issuer.jwks_uri.is_none() {
-                    ik.jwks_uri.store(None);
-                }
+                // A jwks_uri learnt by discovery is looked up again at the
+                // next fetch: an issuer that moved its keys (a new tenant,
+                // a custom domain) says so in its discovery document,
+                // which a process would otherwise never read again.
+                st.rediscover = ik.issuer.jwks_uri.is_none();
                 st.next_refresh =
                     Some(started + Duration::from_secs(self.cfg.refresh_min_seconds.min(30)));
                 self.metrics.jwks_fetch(name, false);
@@ -303,8 +306,21 @@ impl JwksStore {
         }
     }
 
-    async fn fetch(&self, ik: &IssuerKeys) -> Result<Fetched, String> {
+    /// Fetches the issuer's keys; `rediscover`: ask discovery for the
+    /// jwks_uri again first (the one known stays if discovery fails).
+    async fn fetch(&self, ik: &IssuerKeys, rediscover: bool) -> Result<Fetched, String> {
         let uri = match ik.jwks_uri.load_full() {
+            Some(known) if rediscover => match self.discover(&ik.issuer).await {
+                Ok(u) => {
+                    let u = Arc::new(u);
+                    ik.jwks_uri.store(Some(u.clone()));
+                    u
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %ik.issuer.name, error = %e, "discovery failed; the jwks_uri known is kept");
+                    known
+                }
+            },
             Some(u) => u,
             None => {
                 let u = Arc::new(self.discover(&ik.issuer).await?);
@@ -678,6 +694,15 @@ mod tests {
         let keys = store.keys_for(ik, Some("new")).await.unwrap();
         assert!(keys.has_kid("new"));
         assert_eq!(new.jwks_fetches.load(Ordering::SeqCst), 1);
+        // A failed fetch while discovery is down too: the address known
+        // stays in use (loaded keys are not tied to discovery).
+        new.down.store(true, Ordering::SeqCst);
+        assert!(store.keys_for(ik, Some("other")).await.is_err());
+        *doc.lock().unwrap() = serde_json::json!({});
+        new.down.store(false, Ordering::SeqCst);
+        let keys = store.keys_for(ik, Some("other")).await.unwrap();
+        assert!(keys.has_kid("new"));
+        assert_eq!(new.jwks_fetches.load(Ordering::SeqCst), 3);
     }
 
     /// Discovery reads `.well-known/openid-configuration`, else SMART's
