@@ -359,21 +359,47 @@ pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
                 s("n").ok_or("RSA key without n")?,
                 s("e").ok_or("RSA key without e")?,
             );
+            // What the verifier takes (aws-lc's RSA_PKCS1_2048_8192 and
+            // PSS alike): any other size would load, then fail every
+            // token as a bad signature.
+            let bits = URL_SAFE_NO_PAD
+                .decode(n)
+                .map(|n| {
+                    let n: Vec<u8> = n.into_iter().skip_while(|b| *b == 0).collect();
+                    n.first()
+                        .map_or(0, |b| (n.len() - 1) * 8 + (8 - b.leading_zeros() as usize))
+                })
+                .map_err(|_| "RSA key whose n is not base64url")?;
+            if !(2048..=8192).contains(&bits) {
+                return Err(format!(
+                    "RSA modulus of {bits} bits: only 2048 to 8192 bits are verified"
+                ));
+            }
             let key =
                 DecodingKey::from_rsa_components(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
             use Algorithm::*;
             (vec![RS256, RS384, RS512, PS256, PS384, PS512], key)
         }
         "EC" => {
-            let alg = match s("crv") {
-                Some("P-256") => Algorithm::ES256,
-                Some("P-384") => Algorithm::ES384,
+            let (alg, size) = match s("crv") {
+                Some("P-256") => (Algorithm::ES256, 32),
+                Some("P-384") => (Algorithm::ES384, 48),
                 other => return Err(format!("unsupported EC curve {other:?}")),
             };
             let (x, y) = (
                 s("x").ok_or("EC key without x")?,
                 s("y").ok_or("EC key without y")?,
             );
+            // RFC 7518 §6.2.1.2: each coordinate the curve's full size.
+            for (name, c) in [("x", x), ("y", y)] {
+                let len = URL_SAFE_NO_PAD.decode(c).map_or(0, |c| c.len());
+                if len != size {
+                    return Err(format!(
+                        "EC key whose {name} is not {size} bytes, as {} needs",
+                        s("crv").unwrap_or_default()
+                    ));
+                }
+            }
             let key =
                 DecodingKey::from_ec_components(x, y).map_err(|e| format!("bad EC key: {e}"))?;
             (vec![alg], key)

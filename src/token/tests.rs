@@ -405,10 +405,25 @@ fn jwks_filtering() {
     wrong_alg["alg"] = json!("ES256");
     keys.push(wrong_alg);
     keys.push(json!({"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AA", "y": "AA"}));
+    // Sizes the verifier would refuse at every token: said at load.
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    keys.push(json!({"kty": "RSA", "kid": "rsa1024", "n": b64(&[0xc5; 128]), "e": "AQAB"}));
+    keys.push(json!({"kty": "EC", "kid": "short", "crv": "P-256", "x": b64(&[7; 31]), "y": b64(&[7; 32])}));
     let (set, skipped) = KeySet::from_jwks(&doc).unwrap();
     assert_eq!(set.keys.len(), 1, "{skipped:?}");
-    assert_eq!(skipped.len(), 5, "{skipped:?}");
+    assert_eq!(skipped.len(), 7, "{skipped:?}");
     assert!(skipped[0].contains("private or secret"), "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.contains("RSA modulus of 1024 bits")),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped.iter().any(|s| s.contains("x is not 32 bytes")),
+        "{skipped:?}"
+    );
     // An HS256 token against a JWKS holding a symmetric key is still refused.
     let hs = hs256_token("h", &claims(), b"secret");
     assert_eq!(
