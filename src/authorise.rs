@@ -78,21 +78,6 @@ impl Grant {
         limits
     }
 
-    /// Why no wait for a rate limit helps this request, if none does: a
-    /// Bundle with more entries a rule counts than its bucket ever holds
-    /// (the gateway answers 413).
-    pub fn beyond_any_bucket(&self) -> Option<String> {
-        self.limits().into_iter().find_map(|(rule, limit, n)| {
-            (n > limit.requests).then(|| {
-                format!(
-                    "this Bundle has {n} entries that policy rule {rule} counts; it allows at \
-                     most {} per {} s: split it",
-                    limit.requests, limit.per_seconds
-                )
-            })
-        })
-    }
-
     /// Break-glass-able rules the declared emergency passed (sorted, once
     /// each).
     pub fn broke_glass(&self) -> Vec<String> {
@@ -339,6 +324,21 @@ fn checkable_params(req: &FhirRequest) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// Why no wait for a rate limit helps a request with these `limits` (a
+/// grant's [`Grant::limits`]), if none does: a Bundle with more entries a
+/// rule counts than its bucket ever holds (the gateway answers 413).
+pub fn beyond_any_bucket(limits: &[(String, RateLimit, u32)]) -> Option<String> {
+    limits.iter().find_map(|(rule, limit, n)| {
+        (*n > limit.requests).then(|| {
+            format!(
+                "this Bundle has {n} entries that policy rule {rule} counts; it allows at \
+                 most {} per {} s: split it",
+                limit.requests, limit.per_seconds
+            )
+        })
+    })
 }
 
 #[cfg(test)]

@@ -727,9 +727,10 @@ pub fn narrow_bundle(body: &[u8], checks: &[EntryCheck]) -> Option<Vec<u8>> {
 /// Patient/p1` would turn a checked entry's `Patient/p1` into `Patient/p2`.
 /// Hence, beside checked entries: a `fullUrl` is a `urn:uuid:`/`urn:oid:`
 /// placeholder, or names the very resource its entry's request names
-/// (`PUT Patient/p1` with `…/Patient/p1`); no two entries share one; a
-/// POST without a `fullUrl` carries no `id`; and a checked entry names
-/// another entry's placeholder only when that entry is checked too.
+/// (`PUT Patient/p1` with `…/Patient/p1`); no two entries share one;
+/// without a placeholder, a resource's own `id` is the one its request
+/// names; and a checked entry names another entry's placeholder only when
+/// that entry is checked too.
 pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
     let Some(entries) = doc.get("entry").and_then(Value::as_array) else {
         return Ok(());
@@ -745,11 +746,14 @@ pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
             Some(Value::String(f)) => Some(f.as_str()),
             Some(_) => return Err(format!("entry {i}'s fullUrl is not a string")),
         };
-        // `Type/id`, no query: the entry ends as the resource it names,
-        // so references to that name keep their meaning.
-        let plain = !url.contains('?')
-            && url.split('/').count() == 2
-            && url.split('/').all(|s| !s.is_empty());
+        // The id of a `Type/id` request (no query): the entry ends as the
+        // resource it names, so references to that name keep their meaning.
+        let url_id = url
+            .split_once('/')
+            .filter(|(t, id)| {
+                !url.contains('?') && !t.is_empty() && !id.is_empty() && !id.contains('/')
+            })
+            .map(|(_, id)| id);
         if let Some(f) = full {
             if seen.contains(&f) {
                 return Err(format!("two entries have the fullUrl {f}"));
@@ -760,7 +764,7 @@ pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
                 continue;
             }
             let names_it = f == url || f.ends_with(&format!("/{url}"));
-            if !(plain && names_it) {
+            if !(url_id.is_some() && names_it) {
                 return Err(format!(
                     "entry {i}'s fullUrl ({f}) is neither a urn:uuid: placeholder nor the \
                      resource its request names ({method} {url}): the upstream would put \
@@ -772,11 +776,8 @@ pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
         // resource's own id too: it must be the one its request names (a
         // conditional update or a create has none to give).
         if let Some(id) = entry.pointer("/resource/id").filter(|v| !v.is_null()) {
-            let named = plain
-                && !method.eq_ignore_ascii_case("POST")
-                && id
-                    .as_str()
-                    .is_some_and(|id| url.split('/').nth(1) == Some(id));
+            let named =
+                !method.eq_ignore_ascii_case("POST") && url_id.is_some() && id.as_str() == url_id;
             if !named {
                 return Err(format!(
                     "entry {i}'s resource has an id of its own ({id}) that its request \
@@ -786,6 +787,10 @@ pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
             }
         }
     }
+    let unconfined: Vec<(&str, usize)> = placeholders
+        .into_iter()
+        .filter(|(_, j)| !checked.contains(j))
+        .collect();
     for &c in checked {
         let Some(resource) = entries.get(c).and_then(|e| e.get("resource")) else {
             continue;
@@ -793,10 +798,7 @@ pub fn bundle_ids_hold(doc: &Value, checked: &[usize]) -> Result<(), String> {
         let mut unchecked = None;
         every_string(resource, &mut |v| {
             if unchecked.is_none() {
-                unchecked = placeholders
-                    .iter()
-                    .find(|(p, j)| *p == v && !checked.contains(j))
-                    .map(|(p, j)| (p.to_string(), *j));
+                unchecked = unconfined.iter().find(|(p, _)| *p == v).copied();
             }
         });
         if let Some((p, j)) = unchecked {
@@ -2016,6 +2018,18 @@ mod tests {
         (String::from_utf8(out).unwrap(), left_out)
     }
 
+    /// Entry checks at `indexes`, each in Patient/p1's compartment.
+    fn in_p1(indexes: &[usize]) -> Vec<EntryCheck> {
+        indexes
+            .iter()
+            .map(|&index| EntryCheck {
+                index,
+                check: ResponseCheck::in_compartment("p1"),
+                narrow: Vec::new(),
+            })
+            .collect()
+    }
+
     /// [`judged_bundle_answer`]'s text.
     fn passed_bundle_answer(checks: &[EntryCheck], b: &FhirRequest, text: &str) -> String {
         judged_bundle_answer(checks, b, text).0
@@ -2032,14 +2046,7 @@ mod tests {
             {"request": {"method": "GET", "url": "Observation/o2"}},
             {"request": {"method": "DELETE", "url": "Observation/o3"}}]});
         let b = posted_bundle(&request);
-        let checks: Vec<EntryCheck> = [0, 1]
-            .into_iter()
-            .map(|index| EntryCheck {
-                index,
-                check: ResponseCheck::in_compartment("p1"),
-                narrow: Vec::new(),
-            })
-            .collect();
+        let checks = in_p1(&[0, 1]);
         let bases = Bases::default();
         let sift = |i: usize, e: Option<Value>| {
             let text = e.map(|e| e.to_string());
@@ -2080,14 +2087,7 @@ mod tests {
             {"request": {"method": "DELETE", "url": "Observation/o3"}},
             {"request": {"method": "GET", "url": "Observation/o4"}}]});
         let b = posted_bundle(&request);
-        let checks: Vec<EntryCheck> = [0, 1, 3]
-            .into_iter()
-            .map(|index| EntryCheck {
-                index,
-                check: ResponseCheck::in_compartment("p1"),
-                narrow: Vec::new(),
-            })
-            .collect();
+        let checks = in_p1(&[0, 1, 3]);
         let answer = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
             {"resource": obs("o1", "p1"), "response": {"status": "200 OK"}},
             {"resource": obs("o2", "p2"), "response": {"status": "200 OK"}},

@@ -512,7 +512,7 @@ fn explain_claims(
         Err(Refusal::Uncheckable(why)) => return e.deny("check", why),
     };
     e.rule = grant.rule().map(str::to_string);
-    if let Some(why) = grant.beyond_any_bucket() {
+    if let Some(why) = crate::authorise::beyond_any_bucket(&grant.limits()) {
         e.stages
             .push(("decide", granted_note(&grant.decision.scopes_used)));
         return e.deny("policies", format!("413: {why}"));

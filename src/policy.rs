@@ -733,20 +733,24 @@ impl PolicySet {
             let mut reach = Reach::default();
             let mut allowed_by = None;
             let mut denied = None;
-            let as_itself = PolicyInput {
-                resource_type: Some(t),
-                ..*input
-            };
-            for judged in ["read", "search-type", ""] {
-                let v = if judged.is_empty() {
-                    first_match(&own, &as_itself)
-                } else {
-                    self.evaluate(&as_direct(input, judged, t))
-                };
-                if let Verdict::Allow { by: Some(b), .. } = &v {
-                    if !judged.is_empty() {
-                        allowed_by = Some(b.clone());
-                    }
+            // (rules, the type as they judge it, whether an allow names
+            // the rule the page is allowed by)
+            let judgements = [
+                (&self.rules[..], as_direct(input, "read", t), true),
+                (&self.rules[..], as_direct(input, "search-type", t), true),
+                (
+                    &own[..],
+                    PolicyInput {
+                        resource_type: Some(t),
+                        ..*input
+                    },
+                    false,
+                ),
+            ];
+            for (rules, judged, names_allower) in judgements {
+                let v = first_match(rules, &judged);
+                if let (true, Verdict::Allow { by: Some(b), .. }) = (names_allower, &v) {
+                    allowed_by = Some(b.clone());
                 }
                 if let Err(deny) = reach.take(v, |reason| reason) {
                     denied = Some(deny);
@@ -772,16 +776,14 @@ impl PolicySet {
                     broke_glass: g,
                 } => {
                     by = by.or(b);
-                    for x in l {
-                        if !limits.iter().any(|y| y.0 == x.0) {
-                            limits.push(x);
-                        }
-                    }
-                    for x in g {
-                        if !broke_glass.contains(&x) {
-                            broke_glass.push(x);
-                        }
-                    }
+                    merge(
+                        &mut limits,
+                        &mut broke_glass,
+                        Reach {
+                            limits: l,
+                            broke_glass: g,
+                        },
+                    );
                 }
             }
         }

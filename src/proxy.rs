@@ -2612,8 +2612,11 @@ impl Gateway {
                 .as_ref()
                 .map_or_else(by_source, |c| format!("client:{iss}/{c}"))
         };
-        let limits: Vec<_> = grant
-            .limits()
+        let counted = grant.limits();
+        if let Some(description) = crate::authorise::beyond_any_bucket(&counted) {
+            return Err(Denial::TooLarge { description });
+        }
+        let limits: Vec<_> = counted
             .into_iter()
             .map(|(rule, limit, n)| {
                 let who = match limit.per.as_str() {
@@ -2627,9 +2630,6 @@ impl Gateway {
                 (rule, limit, who, n)
             })
             .collect();
-        if let Some(description) = grant.beyond_any_bucket() {
-            return Err(Denial::TooLarge { description });
-        }
         let d = grant.decision;
         drop(stage);
         // Counted against every limit at once: a request one limit

@@ -32,7 +32,8 @@ use crate::ratelimit::Limiter;
 pub struct Proof {
     pub jkt: String,
     pub jti: String,
-    /// Issuer and `client_id`, else the key: whose quota it takes.
+    /// Issuer and `client_id`, else issuer and `sub`, else the key: whose
+    /// quota it takes.
     pub counted_as: String,
     /// The user of that client (issuer, `client_id` and `sub`) whose own,
     /// smaller quota it takes first, when the token names one.
@@ -496,36 +497,38 @@ impl RedisStore {
                 }
             }
         }
-        let prefix = &self.cfg.key_prefix;
-        // A proof key of its own each time (a remembered one would end the
-        // script before its writes), kept 10 s.
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let mut proof = self
-            .proof_script
-            .key(format!("{prefix}dpop:jti:probe-{nonce}"));
-        proof
-            .key(format!("{prefix}dpop:count:probe"))
-            .arg(10_000)
-            .arg(i64::MAX)
-            .arg(i64::MAX);
-        let proof_ok = self
-            .call("probe (DPoP replay script)", |mut c| async move {
-                proof.invoke_async::<(i64, i64)>(&mut c).await
-            })
-            .await
-            .is_ok_and(|(what, _)| what == 1);
-        // A bucket of one, taken nothing from.
-        let mut bucket = self.buckets_script.key(format!("{prefix}rl:probe"));
-        bucket.arg(1).arg(1).arg(0);
-        let ok = proof_ok
-            && self
-                .call("probe (rate-limit script)", |mut c| async move {
-                    bucket.invoke_async::<(i64, i64, i64)>(&mut c).await
-                })
-                .await
-                .is_ok_and(|(taken, ..)| taken == 1);
+        // The checks themselves, on probe keys: a proof never seen (a
+        // remembered one would end the script before its writes), counted
+        // against a quota it cannot meet and kept 10 s; a bucket of one,
+        // taken nothing from.
+        let proof = Proof {
+            jkt: String::new(),
+            jti: String::new(),
+            counted_as: "probe".into(),
+            user: None,
+        };
+        let limits = DpopLimits {
+            remembered: Duration::from_secs(10),
+            max_entries: 0,
+            quota: u64::MAX,
+            user_quota: u64::MAX,
+        };
+        let fresh = matches!(
+            self.remember_proof(&rand::random(), &proof, &limits).await,
+            Ok(ProofOutcome::Fresh)
+        );
+        let bucket = RateLimit {
+            per: "client".into(),
+            requests: 1,
+            per_seconds: 1,
+        };
+        let ask = crate::ratelimit::Ask {
+            rule: "probe",
+            limit: &bucket,
+            who: "probe",
+            n: 0,
+        };
+        let ok = fresh && matches!(self.take_all(&[ask]).await, Ok(Ok(())));
         if ok {
             self.set_up(true);
         } else {

@@ -123,6 +123,21 @@ async fn get(gw: &Gateway, rel: &str, token: &str) -> (u16, String, String) {
     (r.status().as_u16(), www, r.text().await.unwrap())
 }
 
+/// `GET {rel}` with `token` as a task of its own: the status answered.
+fn spawn_get(gw: &Gateway, rel: &str, token: String) -> tokio::task::JoinHandle<u16> {
+    let (client, url) = (gw.client.clone(), format!("{}/{rel}", gw.base));
+    tokio::spawn(async move {
+        client
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tokens_are_introspected_and_cached() {
     let (gw, as_) = start(BASIC, 1, 2).await;
@@ -223,17 +238,7 @@ async fn concurrent_requests_share_one_call_and_outages_fail_closed() {
     as_.delay_ms.store(300, Ordering::SeqCst);
     let mut tasks = Vec::new();
     for _ in 0..10 {
-        let (client, url) = (gw.client.clone(), format!("{}/Patient/p1", gw.base));
-        tasks.push(tokio::spawn(async move {
-            client
-                .get(url)
-                .bearer_auth("opaque-shared")
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
+        tasks.push(spawn_get(&gw, "Patient/p1", "opaque-shared".into()));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -304,17 +309,7 @@ async fn calls_in_flight_are_bounded_per_issuer() {
     as_.delay_ms.store(800, Ordering::SeqCst);
     let mut tasks = Vec::new();
     for i in 0..2 {
-        let (client, url) = (gw.client.clone(), format!("{}/Patient/p1", gw.base));
-        tasks.push(tokio::spawn(async move {
-            client
-                .get(url)
-                .bearer_auth(format!("opaque-busy-{i}"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
+        tasks.push(spawn_get(&gw, "Patient/p1", format!("opaque-busy-{i}")));
     }
     // Both calls in flight: a third token is refused without a call.
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
@@ -368,17 +363,7 @@ async fn calls_in_flight_are_bounded_per_issuer() {
             .lock()
             .unwrap()
             .insert(token.clone(), active(&gw, "user/*.rs", None));
-        let (client, url) = (gw.client.clone(), format!("{}/Patient/p1", gw.base));
-        tasks.push(tokio::spawn(async move {
-            client
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
+        tasks.push(spawn_get(&gw, "Patient/p1", token));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);

@@ -205,20 +205,33 @@ impl JwksStore {
         if hit(&current) {
             return Ok(current.expect("hit implies keys"));
         }
+        match self.refetch_for_miss(ik, &mut st).await {
+            None => match (current, st.last_failed) {
+                (Some(k), false) => Ok(k),
+                _ => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
+            },
+            Some(Ok(_)) => Ok(ik.keys.load_full().expect("refresh stored keys")),
+            Some(Err(_)) => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
+        }
+    }
+
+    /// The re-fetch a miss may make (an unknown kid, a key that no longer
+    /// verifies): at most one per `min_refetch_interval_seconds`, shared by
+    /// every miss. `None`: one was made too recently. The caller holds the
+    /// issuer's fetch lock.
+    async fn refetch_for_miss(
+        &self,
+        ik: &IssuerKeys,
+        st: &mut FetchState,
+    ) -> Option<Result<Option<Duration>, String>> {
         let recent = st.last_miss_fetch.is_some_and(|t| {
             t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds)
         });
         if recent {
-            return match (current, st.last_failed) {
-                (Some(k), false) => Ok(k),
-                _ => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
-            };
+            return None;
         }
         st.last_miss_fetch = Some(Instant::now());
-        match self.refresh_locked(ik, &mut st).await {
-            Ok(_) => Ok(ik.keys.load_full().expect("refresh stored keys")),
-            Err(_) => Err(TokenError::KeysUnavailable(ik.issuer.name.clone())),
-        }
+        Some(self.refresh_locked(ik, st).await)
     }
 
     /// Keys again for a token the loaded `stale` set could not verify
@@ -241,14 +254,7 @@ impl JwksStore {
         if let Some(k) = newer(ik.keys.load_full()) {
             return Some(k);
         }
-        let recent = st.last_miss_fetch.is_some_and(|t| {
-            t.elapsed() < Duration::from_secs(self.cfg.min_refetch_interval_seconds)
-        });
-        if recent {
-            return None;
-        }
-        st.last_miss_fetch = Some(Instant::now());
-        self.refresh_locked(ik, &mut st).await.ok()?;
+        self.refetch_for_miss(ik, &mut st).await?.ok()?;
         newer(ik.keys.load_full())
     }
 

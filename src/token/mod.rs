@@ -362,14 +362,12 @@ pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
             // What the verifier takes (aws-lc's RSA_PKCS1_2048_8192 and
             // PSS alike): any other size would load, then fail every
             // token as a bad signature.
-            let bits = URL_SAFE_NO_PAD
+            let n_bytes = URL_SAFE_NO_PAD
                 .decode(n)
-                .map(|n| {
-                    let n: Vec<u8> = n.into_iter().skip_while(|b| *b == 0).collect();
-                    n.first()
-                        .map_or(0, |b| (n.len() - 1) * 8 + (8 - b.leading_zeros() as usize))
-                })
                 .map_err(|_| "RSA key whose n is not base64url")?;
+            let bits = n_bytes.iter().position(|b| *b != 0).map_or(0, |i| {
+                (n_bytes.len() - i) * 8 - n_bytes[i].leading_zeros() as usize
+            });
             if !(2048..=8192).contains(&bits) {
                 return Err(format!(
                     "RSA modulus of {bits} bits: only 2048 to 8192 bits are verified"
