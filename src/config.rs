@@ -889,6 +889,29 @@ fn read_small_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The largest configuration or policy file read: far beyond any real one,
+/// small enough that a wrong name (a log, an image) is refused at once.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// A regular file's text ([`read_small_file`]): a FIFO or a device named
+/// by mistake is refused rather than read for ever, a file larger than
+/// `max` or not UTF-8 is refused by what is wrong with it.
+fn read_text_file(path: &Path, max: u64) -> std::io::Result<String> {
+    let bytes = read_small_file(path, max)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB: not a configuration file",
+            max >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        std::io::Error::other(format!(
+            "not UTF-8 text (an invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
 /// The most `server.max_classified_body_bytes` may be.
 const MAX_CLASSIFIED_BODY: usize = 64 << 20;
 
@@ -1212,7 +1235,7 @@ fn load_with(path: &Path, for_reload: bool) -> Result<Settings, ConfigError> {
     // changed since.
     let config_stamp = files_stamp(path, None);
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_text_file(path, MAX_CONFIG_BYTES).map_err(|source| ConfigError::Read {
         file: file.clone(),
         source,
     })?;
@@ -2934,7 +2957,7 @@ fn load_policies(dir: &Path, problem: &mut impl FnMut(&str, String)) -> crate::p
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let at = format!("{shown}/{name}");
-        let text = match std::fs::read_to_string(&f) {
+        let text = match read_text_file(&f, MAX_CONFIG_BYTES) {
             Ok(t) => t,
             Err(e) => {
                 problem(&at, format!("cannot read: {e}"));
@@ -3891,6 +3914,40 @@ admin:
         for secret in ["IntroSecret1", "RedisSecret2"] {
             assert!(!shown.contains(secret), "{shown}");
         }
+    }
+
+    #[test]
+    fn config_file_must_be_a_small_regular_text_file() {
+        let dir = std::env::temp_dir().join(format!("fhirwall-cfgfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A FIFO named by mistake is refused at once, not waited on (the
+        // test would hang).
+        let fifo = dir.join("config.yaml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let Err(err) = load(&fifo) else {
+            panic!("a FIFO is not a configuration")
+        };
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        std::fs::remove_file(&fifo).unwrap();
+        // Too large: refused by its size, not parsed.
+        let big = dir.join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        let Err(err) = load(&big) else {
+            panic!("a huge file is refused")
+        };
+        assert!(err.to_string().contains("larger than 16 MiB"), "{err}");
+        // Not UTF-8: the offset of the first bad byte.
+        let bin = dir.join("bin.yaml");
+        std::fs::write(&bin, b"server:\n  \xff\n").unwrap();
+        let Err(err) = load(&bin) else {
+            panic!("binary is refused")
+        };
+        assert!(err.to_string().contains("offset 10"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
