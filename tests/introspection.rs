@@ -604,6 +604,30 @@ async fn an_introspected_jwt_keeps_its_own_binding() {
     assert!(body.contains("audience"), "{body}");
     assert_eq!(as_.calls.load(Ordering::SeqCst), calls);
     assert_eq!(gw.upstream.count_containing("aud-elsewhere"), 0);
+    // The same bound JWT with a dot more or less is no opaque token: an
+    // authorization server that reads it leniently would answer for the
+    // JWT inside (the endpoint here answers for the very string), past
+    // the binding floor. Refused without a call.
+    let token = bound("misspelt-1");
+    let (h, rest) = token.split_once('.').unwrap();
+    let (p, _) = rest.split_once('.').unwrap();
+    for (case, misspelt) in [
+        ("trailing-dot-1", format!("{token}.")),
+        ("leading-dot-1", format!(".{token}")),
+        ("no-signature-1", format!("{h}.{p}")),
+    ] {
+        as_.answers
+            .lock()
+            .unwrap()
+            .insert(misspelt.clone(), active(&gw, "user/*.rs", None));
+        let calls = as_.calls.load(Ordering::SeqCst);
+        let (s, www, body) = get(&gw, &format!("Patient/{case}"), &misspelt).await;
+        assert_eq!(s, 401, "{case}: {body}");
+        assert!(www.contains("invalid_token"), "{case}: {www}");
+        assert!(body.contains("JWS compact"), "{case}: {body}");
+        assert_eq!(as_.calls.load(Ordering::SeqCst), calls, "{case}");
+        assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
+    }
     // An unbound JWT with an unbound answer is a bearer token, as before.
     as_.answers
         .lock()

@@ -531,6 +531,33 @@ pub fn token_kind(token: &str) -> &'static str {
     }
 }
 
+/// A token that is not three dot-separated parts is opaque to fhirwall
+/// and introspected, unless it is a JWS spelt with a dot more or less
+/// (`h.p.s.`, `.h.p.s`, `h.p`): some authorization servers read those
+/// leniently (a split that drops empty parts) and would answer for the
+/// JWT inside, which then skipped every check fhirwall holds an
+/// introspected JWT to (its own `aud`, `exp`, `typ`, binding). Refused:
+/// a first part that is a JOSE header, unless it is a JWE's (`enc`, five
+/// parts, what an issuer encrypting its tokens sends), and any empty part.
+pub fn not_a_misspelt_jws(token: &str) -> Result<(), TokenError> {
+    let mut parts = token.split('.');
+    let first = parts.next().unwrap_or_default();
+    let rest = parts.clone().count();
+    if rest == 0 {
+        return Ok(());
+    }
+    if let Some(header) = b64_json(first).filter(Value::is_object) {
+        return match header.get("enc") {
+            Some(_) if rest == 4 && !first.is_empty() => Ok(()),
+            _ => Err(TokenError::NotJwt),
+        };
+    }
+    if first.is_empty() || parts.any(str::is_empty) {
+        return Err(TokenError::NotJwt);
+    }
+    Ok(())
+}
+
 /// Hex SHA-256 of a token: the only form of a token that is ever stored or audited.
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()

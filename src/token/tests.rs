@@ -530,6 +530,36 @@ fn token_kinds() {
     assert_eq!(token_kind(&four), "opaque");
 }
 
+/// A token of other than three parts is introspected as opaque, but a
+/// JWS with a stray dot is refused (an authorization server may read it
+/// as the JWT inside, past the checks fhirwall holds JWTs to); a JWE's
+/// five parts are opaque.
+#[test]
+fn a_jws_with_a_dot_more_or_less_is_not_opaque() {
+    let good = raw_token(&json!({"alg": "RS256"}), &claims(), b"sig");
+    let (h, rest) = good.split_once('.').unwrap();
+    let (p, _) = rest.split_once('.').unwrap();
+    let jwe_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"dir","enc":"A256GCM"}"#);
+    let jwe = format!("{jwe_header}..iv.ciphertext.tag");
+    let jws_header_five = format!("{h}.{p}.a.b.c");
+    for (token, refused) in [
+        (format!("{good}."), true),
+        (format!(".{good}"), true),
+        (format!("{good}.."), true),
+        (format!("{h}.{p}"), true),
+        (jws_header_five, true),
+        (format!("{jwe}."), true),
+        ("a..b.c".to_string(), true),
+        ("a.b.c.".to_string(), true),
+        (jwe, false),
+        ("opaque-token".to_string(), false),
+        ("a.b".to_string(), false),
+        ("a.b.c.d".to_string(), false),
+    ] {
+        assert_eq!(not_a_misspelt_jws(&token).is_err(), refused, "{token}");
+    }
+}
+
 /// A token without a `kid` is tried against the few keys of its algorithm
 /// (an issuer rotating publishes the old and the new one): it verifies
 /// with the one that signed it; a forged one with none; and a set with

@@ -8,7 +8,10 @@ use std::time::Duration;
 use super::cache::TokenCache;
 use super::introspect::{CallRecord, Introspector};
 use super::jwks::JwksStore;
-use super::{header_precheck, inspect, token_hash, token_kind, verify, Claims, TokenError};
+use super::{
+    header_precheck, inspect, not_a_misspelt_jws, token_hash, token_kind, verify, Claims,
+    TokenError,
+};
 use crate::config::Settings;
 
 /// Validates access tokens for the configured issuers.
@@ -80,6 +83,7 @@ impl Validator {
         // Fewer or more than three dot-separated parts: opaque. (Three
         // parts are looked at more closely below, only if they are no JWT.)
         if token.split('.').count() != 3 {
+            not_a_misspelt_jws(token)?;
             return Box::pin(self.opaque(token, hash, now, source)).await;
         }
         // A cached token stands while the key it was verified with is
