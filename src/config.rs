@@ -835,12 +835,13 @@ fn d_shutdown() -> u64 {
 /// listening sockets, so it must live in a directory only fhirwall's
 /// user (or root) can write to — not `/tmp`.
 fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let key = "server.upgrade_sock";
     let dir = match sock.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    let me = rustix::process::geteuid().as_raw();
     match std::fs::metadata(dir) {
         Ok(m) if !m.is_dir() => problem(key, format!("'{}' is not a directory", dir.display())),
         Ok(m) if m.permissions().mode() & 0o022 != 0 => problem(
@@ -849,6 +850,30 @@ fn check_upgrade_sock(sock: &Path, problem: &mut impl FnMut(&str, String)) -> Op
                 "'{}' is writable by other users, who could take the listening sockets \
                  over: use a directory only fhirwall's user can write to (e.g. /run/fhirwall)",
                 dir.display()
+            ),
+        ),
+        // Its owner could put a socket of its own there.
+        Ok(m) if m.uid() != me && m.uid() != 0 => problem(
+            key,
+            format!(
+                "'{}' belongs to user {}, not to fhirwall's user ({me}) or root: its owner \
+                 could take the listening sockets over",
+                dir.display(),
+                m.uid()
+            ),
+        ),
+        // Pingora makes the socket connectable by anyone who can reach
+        // it, and the waiting process takes the first sockets sent: a
+        // local user connecting first would hand it sockets of their own
+        // (and have the port once the old process is gone).
+        Ok(m) if m.permissions().mode() & 0o011 != 0 => problem(
+            key,
+            format!(
+                "'{}' can be entered by other users (mode {:o}), who could connect first \
+                 and hand the new process sockets of their own: make it 0700 (systemd: \
+                 RuntimeDirectoryMode=0700)",
+                dir.display(),
+                m.permissions().mode() & 0o777
             ),
         ),
         // One spelling for the old and the new process, whatever their
@@ -4143,7 +4168,15 @@ admin:
         let open = dir.join("open");
         std::fs::create_dir_all(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // Not writable by others, but others may reach the socket in it.
+        let enterable = dir.join("enterable");
+        std::fs::create_dir_all(&enterable).unwrap();
+        std::fs::set_permissions(&enterable, std::fs::Permissions::from_mode(0o711)).unwrap();
         for (sock, why) in [
+            (
+                format!("{}/up.sock", enterable.display()),
+                "can be entered by other users (mode 711)",
+            ),
             // Where anyone could listen first and be handed the sockets.
             ("/tmp/fhirwall.sock".to_string(), "writable by other users"),
             (
@@ -4164,6 +4197,25 @@ admin:
                 .unwrap_err();
             assert_eq!(problems[0].path, "server.upgrade_sock", "{problems:?}");
             assert!(problems[0].message.contains(why), "{sock}: {problems:?}");
+        }
+        // A private directory of another user: its owner could listen
+        // there. (Only root can give a directory away; CI runs as root.)
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.join("theirs");
+            std::fs::create_dir_all(&theirs).unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let problems = Config::parse(&format!(
+                "{GOOD}server:\n  upgrade_sock: {}/up.sock\n",
+                theirs.display()
+            ))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+            assert!(
+                problems[0].message.contains("belongs to user 65534"),
+                "{problems:?}"
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
