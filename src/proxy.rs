@@ -3419,6 +3419,10 @@ impl ProxyHttp for Gateway {
         };
         let code = match &denial {
             Some(d) if final_response(session).is_none() => {
+                // Pingora drops the connection after this answer (it is
+                // not reused below): said so, or a client sending its next
+                // request on it meets a closed connection.
+                session.set_keepalive(None);
                 let _ = self.answer(session, ctx, d).await;
                 d.status()
             }

@@ -1955,6 +1955,9 @@ async fn upstream_down_and_slow_answer_502_and_504() {
     let token = gw.mint("user/*.rs", None);
     let r = gw.get("Patient/p1", Some(&token)).await;
     assert_eq!(r.status(), 502);
+    // The connection is not kept after a failed proxying, and the answer
+    // says so (a client reusing it would meet a closed connection).
+    assert_eq!(r.headers()["connection"], "close");
     let o = outcome(r).await;
     assert!(o["issue"][0]["diagnostics"]
         .as_str()
@@ -1962,9 +1965,8 @@ async fn upstream_down_and_slow_answer_502_and_504() {
         .contains("upstream"));
     // Pingora logs the failure; the log names the request, never its query
     // values (PHI).
-    // (A fresh client: the gateway may close the first request's
-    // connection after its 502.)
-    let r = reqwest::Client::new()
+    let r = gw
+        .client
         .get(format!(
             "{}/Patient?family=Secretname-1&birthdate=1970",
             gw.base
