@@ -24,6 +24,23 @@ pub struct Lifecycle {
     /// waiting for a next request were dropped: no request can arrive.
     released: AtomicBool,
     in_flight: AtomicUsize,
+    /// Pingora's table of the listening sockets, once the proxy has it:
+    /// what a SIGQUIT hands the new process.
+    listen_fds: ListenFdsSlot,
+}
+
+/// Pingora's table of listening sockets (not `Debug`).
+#[derive(Default)]
+struct ListenFdsSlot(std::sync::OnceLock<pingora::server::ListenFds>);
+
+impl std::fmt::Debug for ListenFdsSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "ListenFds(known)"
+        } else {
+            "ListenFds(not yet)"
+        })
+    }
 }
 
 impl Lifecycle {
@@ -127,6 +144,17 @@ impl Lifecycle {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Pingora's table of the listening sockets, as the proxy's service
+    /// is handed it (the first one given is kept: there is one).
+    pub fn keep_listen_fds(&self, fds: &pingora::server::ListenFds) {
+        let _ = self.listen_fds.0.set(fds.clone());
+    }
+
+    /// The listening sockets' table, once the proxy's service started.
+    pub fn listen_fds(&self) -> Option<pingora::server::ListenFds> {
+        self.listen_fds.0.get().cloned()
     }
 
     /// Counts a request as in flight until the returned guard is dropped.

@@ -142,6 +142,9 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
         let Some(mut inner) = self.inner.take() else {
             return;
         };
+        if let (Some(lifecycle), Some(fds)) = (&self.lifecycle, &fds) {
+            lifecycle.keep_listen_fds(fds);
+        }
         let bound = Arc::new(AtomicBool::new(false));
         let stopping = shutdown.clone();
         let watch = fds.clone().map(|fds| {

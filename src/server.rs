@@ -366,10 +366,15 @@ fn stop_on_signal(mut term: Stream, mut int: Stream, audit: AuditLog, during: &'
 impl Signals {
     /// SIGQUIT: hands the listening sockets to the process that waits on
     /// `server.upgrade_sock` (`run --upgrade`), if one does: answers close
-    /// their connections from now on, and once Pingora has handed the
-    /// sockets over and stopped accepting (five seconds later) the drain
-    /// ends the process as soon as no request is left. `None`: nothing
-    /// waits, this process goes on serving.
+    /// their connections from now on, and once both processes have
+    /// accepted for five seconds this one stops accepting and the drain
+    /// ends it as soon as no request is left. `None`: nothing waits, or
+    /// the sockets could not be handed over; this process goes on serving.
+    ///
+    /// The sockets are sent here, not by Pingora's `GracefulUpgrade`,
+    /// which stops the process whether or not the send worked: a new
+    /// process that went away after it was seen waiting (it gave up, was
+    /// killed) would leave none serving.
     async fn upgrade(&self, term: &mut Stream, int: &mut Stream) -> Option<ShutdownSignal> {
         let Some(sock) = &self.upgrade_sock else {
             tracing::error!(
@@ -390,8 +395,26 @@ impl Signals {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        let Some(fds) = self.lifecycle.listen_fds() else {
+            tracing::error!("SIGQUIT ignored: the listening sockets are not bound yet");
+            return None;
+        };
+        let path = sock.to_string_lossy().into_owned();
+        // Blocking: the send retries a missing socket for a few seconds.
+        let sent = tokio::task::spawn_blocking(move || fds.lock().send_to_sock(path.as_str()))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(error) = sent {
+            tracing::error!(
+                upgrade_sock = %sock.display(),
+                %error,
+                "SIGQUIT ignored: the listening sockets could not be handed to the new process (it went away?); still serving"
+            );
+            return None;
+        }
         self.lifecycle.start_handing_over();
-        tracing::info!(upgrade_sock = %sock.display(), "SIGQUIT: handing the listening sockets to the new process, then draining");
+        tracing::info!(upgrade_sock = %sock.display(), "SIGQUIT: the listening sockets are handed to the new process; both accept for five seconds, then this one drains");
         stop_on_signal(term.take(), int.take(), self.audit.clone(), "handover");
         let phases = self.phases.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (lifecycle, audit, drain) = (self.lifecycle.clone(), self.audit.clone(), self.drain);
@@ -414,7 +437,10 @@ impl Signals {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot watch the handover; waiting the whole drain timeout");
         }
-        Some(ShutdownSignal::GracefulUpgrade)
+        // The new process starts accepting meanwhile (Pingora waits as
+        // long after its own send); then this one stops.
+        tokio::time::sleep(BOTH_ACCEPT).await;
+        Some(ShutdownSignal::GracefulTerminate)
     }
 }
 
@@ -449,6 +475,9 @@ fn listening_at(path: &std::path::Path) -> bool {
         rest.strip_prefix(b" ") == Some(want) && flags.is_some_and(|f| f & ACCEPTING != 0)
     })
 }
+
+/// How long both processes accept after the sockets were handed over.
+const BOTH_ACCEPT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long SIGQUIT waits for a new process to be listening on
 /// `server.upgrade_sock` before it is ignored.

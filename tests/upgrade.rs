@@ -211,6 +211,42 @@ async fn sigquit_with_no_new_process_listening_changes_nothing() {
     }
 }
 
+/// A new process seen waiting that is gone when the sockets are sent (it
+/// gave up, was killed): the running one goes on serving, rather than
+/// stopping with nothing left to take over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_gone_before_the_send_leaves_the_old_one_serving() {
+    let socks = private_dir("upgrade-gone");
+    let sock = socks.0.join("upgrade.sock");
+    let mut old = with_upgrade_sock(&sock).await;
+    // Listening under the socket's name (as /proc/net/unix lists it), but
+    // the name itself gone: a connect finds nothing.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::remove_file(&sock).unwrap();
+    old.signal("QUIT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_of(&old).contains("could not be handed to the new process") {
+        assert!(Instant::now() < deadline, "{}", log_of(&old));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        old.exited().is_none(),
+        "the process ended: {}",
+        log_of(&old)
+    );
+    let token = old.mint("user/*.rs", None);
+    let r = old.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    // Kept alive: no handover is under way.
+    assert_ne!(
+        r.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    assert_eq!(old.readyz().await, 200);
+    drop(listener);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_that_cannot_serve_does_not_take_over() {
     let socks = private_dir("upgrade-bad");
