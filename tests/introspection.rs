@@ -216,6 +216,25 @@ async fn opaque_tokens_are_introspected_and_cached() {
     );
     assert_eq!(gw.upstream.count_containing("none-jwt-1"), 0);
 
+    // An answer that is no object with a boolean `active` is a failing
+    // endpoint (503, asked again next time), not an inactive token.
+    for (token, answer) in [
+        ("odd-array", json!([])),
+        ("odd-string", json!("ok")),
+        ("odd-error", json!({"error": "invalid_client"})),
+        ("odd-active", json!({"active": "true"})),
+    ] {
+        as_.answers.lock().unwrap().insert(token.into(), answer);
+        for _ in 0..2 {
+            let calls = as_.calls.load(Ordering::SeqCst);
+            let (s, retry, body) = get(&gw, &format!("Patient/{token}-1"), token).await;
+            assert_eq!(s, 503, "{token}: {body}");
+            assert!(!retry.is_empty(), "{token}: a Retry-After");
+            assert_eq!(as_.calls.load(Ordering::SeqCst), calls + 1, "{token}");
+        }
+        assert_eq!(gw.upstream.count_containing(token), 0, "{token}");
+    }
+
     // The audit knows the token kind; never the token.
     let audit = gw.audit_containing("\"token_kind\":\"opaque\"");
     assert!(audit.contains("\"token_kind\":\"opaque\""), "{audit}");
@@ -784,6 +803,35 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
         "{statuses:?}"
     );
     assert_eq!(as_.calls.load(Ordering::SeqCst), 12);
+    // A burst on one token (a dashboard whose token just expired): one
+    // call, paid once, not once by each request waiting for its answer.
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let r = gw
+                .client
+                .get(format!("{}/Patient/p1", gw.base))
+                .bearer_auth("expired-for-all")
+                .header("x-forwarded-for", "10.0.0.5")
+                .send();
+            tokio::spawn(async move { r.await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in burst {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses, [401; 10]);
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 13);
+    as_.delay_ms.store(0, Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let r = from("10.0.0.5", format!("after-burst-{i}"), "Patient/p1")
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 429]);
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 17);
     // An endpoint that fails (throttled, overloaded by the flood itself):
     // failed calls count too, else made-up tokens would each be a call.
     as_.delay_ms.store(0, Ordering::SeqCst);
@@ -796,7 +844,7 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
         statuses.push(r.status().as_u16());
     }
     assert_eq!(statuses, [503, 503, 503, 503, 503, 429, 429, 429]);
-    assert_eq!(as_.calls.load(Ordering::SeqCst), 17);
+    assert_eq!(as_.calls.load(Ordering::SeqCst), 22);
 }
 
 /// An introspected token's `exp` is judged as a JWT's: with the issuer's

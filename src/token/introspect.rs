@@ -182,17 +182,25 @@ impl Introspector {
         let (outcome, cached) = match hit {
             Some(o) => (o, true),
             None => {
-                let reserved = self
-                    .reserve(source)
-                    .map_err(TokenError::IntrospectionThrottled)?;
+                // Only the request that makes the call pays for it: the
+                // others asking for the same token meanwhile wait for its
+                // answer (a dashboard's burst on an expired token costs
+                // one unit, not one each).
+                let reserved = std::sync::atomic::AtomicBool::new(false);
                 let called = self
                     .cache
-                    .try_get_with(hash, self.call(token, now))
+                    .try_get_with(hash, async {
+                        let taken = self
+                            .reserve(source)
+                            .map_err(TokenError::IntrospectionThrottled)?;
+                        reserved.store(taken, std::sync::atomic::Ordering::Relaxed);
+                        self.call(token, now).await
+                    })
                     .await
                     .map_err(|e| (*e).clone());
                 // An active answer, or no call made (too many in flight),
                 // costs the address nothing.
-                if reserved
+                if reserved.load(std::sync::atomic::Ordering::Relaxed)
                     && matches!(
                         called,
                         Ok(Outcome::Active { .. }) | Err(TokenError::IntrospectionBusy { .. })
@@ -313,7 +321,16 @@ impl Introspector {
                 }
                 Err(super::ReadError::Http(_)) => return Err(unavailable()),
             };
-            serde_json::from_slice::<Value>(&body).map_err(|_| unavailable())
+            // RFC 7662 §2.2: an object with a boolean `active`. Anything
+            // else (`[]`, `"ok"`, `{"error": …}`, a proxy's page) is a
+            // failing endpoint, not a token found inactive: 503, and not
+            // cached nor charged as an inactive answer.
+            let answer = serde_json::from_slice::<Value>(&body).map_err(|_| unavailable())?;
+            if !answer.get("active").is_some_and(Value::is_boolean) {
+                tracing::error!(issuer = %self.issuer.name, "introspection answer is not a JSON object with a boolean 'active'");
+                return Err(unavailable());
+            }
+            Ok(answer)
         }
         .await;
         (self.on_call)(CallRecord {
