@@ -688,6 +688,15 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
             "entry.request.url '{shown}' is not a plain path"
         )));
     }
+    // HAPI reads `PUT Patient/p1/` as the id `p1/`, which is no id: what
+    // fhirwall would prove (Patient/p1) is not what runs. Reads and
+    // searches split on '/' alike on both sides; a POST names its type.
+    if path.ends_with('/') && matches!(method, "PUT" | "PATCH" | "DELETE") {
+        return Err(ClassifyError::MalformedBundle(format!(
+            "entry.request.url '{shown}' ends with '/': a {method} entry names its resource \
+             as Type/id"
+        )));
+    }
     let if_none_exist = request.get("ifNoneExist").and_then(Value::as_str);
     let mut r = classify(HttpRequest {
         method,
@@ -2010,6 +2019,24 @@ mod tests {
         assert!(entry(serde_json::json!({"request": {"method": "GET",
             "url": "Observation?code=a%20b"}}))
         .is_ok());
+        // HAPI reads `Patient/p1/` as the id `p1/`: a write so named is
+        // refused, not proved as Patient/p1; a read splits alike.
+        let patient = serde_json::json!({"resourceType": "Patient", "id": "p1"});
+        for (method, body) in [("PUT", Some(&patient)), ("DELETE", None)] {
+            let mut e = serde_json::json!({"request": {"method": method, "url": "Patient/p1/"}});
+            if let Some(b) = body {
+                e["resource"] = b.clone();
+            }
+            let e = entry(e);
+            assert!(
+                e.as_ref()
+                    .is_err_and(|e| e.to_string().contains("ends with '/'")),
+                "{method}: {e:?}"
+            );
+        }
+        assert!(
+            entry(serde_json::json!({"request": {"method": "GET", "url": "Patient/p1/"}})).is_ok()
+        );
         // HAPI reads `_include.x` as `_include` (a qualifier after '.'); a
         // servlet filter may read `_method` as the request's method.
         for query in [
