@@ -694,6 +694,75 @@ async fn full_disk_case(extra: &str) {
     assert_eq!(refused["reason"], "audit_unavailable");
 }
 
+/// During a handover two processes append to one audit file. A write the
+/// full disk refuses is cut back to where the file ended when it began,
+/// never to an end this process knew from before: the other process's
+/// records written since (here a line the test appends) stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_cuts_back_only_its_own_bytes() {
+    use std::io::Write;
+    let dir = support::TempDir::new("sharedfile");
+    let disk = dir.0.join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let gw = Gateway::start(Options {
+        audit_yaml: Some(format!(
+            "  sink: file\n  path: {}/audit.jsonl\n  retry_ms: 200\n",
+            disk.display()
+        )),
+        namespace_setup: Some(format!(
+            "mount -t tmpfs -o size=1m tmpfs {}",
+            disk.display()
+        )),
+        ..Options::default()
+    })
+    .await;
+    let audit = gw.own_path(&disk.join("audit.jsonl"));
+    let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "shared-1").await;
+    assert_eq!(r.status(), 200);
+    wait_until("the first request's record", 10, async || {
+        records(&audit)
+            .iter()
+            .any(|r| r["request_id"] == "shared-1" && r["event"] == "request")
+    })
+    .await;
+    // The disk filled by another file, then the other process's line
+    // appended until no room is left (the room fhirwall reserved past the
+    // end included), and ended.
+    let mut fill = std::fs::File::create(gw.own_path(&disk.join("fill"))).unwrap();
+    while fill.write_all(&[0u8; 4096]).is_ok() {}
+    drop(fill);
+    let mut other = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .unwrap();
+    other.write_all(b"{\"other\":\"").unwrap();
+    while other.write_all(&[b'x'; 512]).is_ok() {}
+    let len = std::fs::metadata(&audit).unwrap().len();
+    other.set_len(len - 3).unwrap();
+    other.write_all(b"\"}\n").unwrap();
+    let full = std::fs::read_to_string(&audit).unwrap();
+    let theirs = full.lines().last().unwrap().to_string();
+    assert!(theirs.starts_with("{\"other\":") && theirs.len() > 1000);
+    // This request's record cannot be written: refused (503).
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "shared-2").await;
+    assert_eq!(r.status(), 503);
+    // Room again: the other process's line is whole, where it was.
+    std::fs::remove_file(gw.own_path(&disk.join("fill"))).unwrap();
+    wait_until("ready", 10, async || gw.readyz().await == 200).await;
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "shared-3").await;
+    assert_eq!(r.status(), 200);
+    wait_until("the third request's record", 10, async || {
+        records(&audit)
+            .iter()
+            .any(|r| r["request_id"] == "shared-3" && r["event"] == "request")
+    })
+    .await;
+    let now = std::fs::read_to_string(&audit).unwrap();
+    assert!(now.starts_with(&full), "the file was cut back past its end");
+    assert!(now.lines().any(|l| l == theirs));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_file_rotates_and_keeps_the_configured_number() {
     let gw = Gateway::start(Options {

@@ -113,7 +113,7 @@ impl AppendFile {
         use std::os::unix::fs::MetadataExt;
         if self.file.is_none() {
             let existed = self.path.exists();
-            let mut f = OpenOptions::new()
+            let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .read(true)
@@ -124,19 +124,23 @@ impl AppendFile {
                 sync_dir(&self.path)?;
                 self.dir_unsynced = false;
             }
+            // Another process may be appending (a handover): its record
+            // half written is no torn line to end.
+            let alone = Exclusive::take(&f);
             let meta = f.metadata()?;
             self.ident = (meta.dev(), meta.ino());
             self.size = meta.len();
             self.opened = meta.created().unwrap_or_else(|_| SystemTime::now());
             if meta.is_file() && self.size > 0 {
                 let mut last = [0u8; 1];
-                f.seek(SeekFrom::Start(self.size - 1))?;
-                f.read_exact(&mut last)?;
+                (&f).seek(SeekFrom::Start(self.size - 1))?;
+                (&f).read_exact(&mut last)?;
                 if last[0] != b'\n' {
-                    f.write_all(b"\n")?;
+                    (&f).write_all(b"\n")?;
                     self.size += 1;
                 }
             }
+            drop(alone);
             self.file = Some(Arc::new(f));
         }
         Ok(self.file.as_deref().expect("just opened"))
@@ -180,23 +184,33 @@ impl AppendFile {
     /// Appends records as lines with one `write` (no fsync).
     pub(super) fn write(&mut self, records: &[&Pending]) -> io::Result<()> {
         let buf = lines(records);
-        let result = self.open().and_then(|mut f| f.write_all(&buf));
-        match result {
+        self.open()?;
+        let file = self.file.clone().expect("just opened");
+        // The end is read, and the write made, with the file to this
+        // process alone: during a handover the other process appends to
+        // the same file, and a cut-back to an end known from earlier would
+        // take its records (synced, their requests served) with it.
+        let alone = Exclusive::take(&file);
+        let end = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        match (&*file).write_all(&buf) {
             Ok(()) => {
-                self.size += buf.len() as u64;
+                self.size = end.unwrap_or(self.size) + buf.len() as u64;
                 Ok(())
             }
             Err(e) => {
                 // A write the disk filled part-way through is cut back: a
                 // partial record would become a line that is no JSON (the
                 // records are written again, whole).
-                if let Some(f) = &self.file {
-                    if f.metadata()
-                        .is_ok_and(|m| m.is_file() && m.len() > self.size)
-                    {
-                        let _ = f.set_len(self.size);
+                if let Some(end) = end {
+                    if file.metadata().is_ok_and(|m| m.len() > end) {
+                        let _ = file.set_len(end);
                     }
                 }
+                drop(alone);
                 self.sync_before_leaving();
                 self.file = None;
                 Err(e)
@@ -213,6 +227,26 @@ impl AppendFile {
             self.file = None;
         }
         result
+    }
+}
+
+/// An exclusive `flock` on an audit file, released when dropped: the old
+/// and the new process of a handover append to the same file, and each
+/// judges its end (a torn line to end, a failed write to cut back) with
+/// the file to itself. Where locks are not supported nothing is waited
+/// for.
+struct Exclusive<'a>(&'a File);
+
+impl<'a> Exclusive<'a> {
+    fn take(file: &'a File) -> Exclusive<'a> {
+        let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive);
+        Exclusive(file)
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, rustix::fs::FlockOperation::Unlock);
     }
 }
 
