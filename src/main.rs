@@ -349,6 +349,9 @@ fn main() -> ExitCode {
             upgrade,
             upgrade_from,
         } => {
+            // A reload's SIGHUP or the handover's SIGQUIT arriving while
+            // the configuration loads must not end the process.
+            fhirwall::server::disarm_early_signals();
             let upgrade =
                 (upgrade || upgrade_from.is_some()).then_some(fhirwall::server::Takeover {
                     from_pid: upgrade_from,

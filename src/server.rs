@@ -731,6 +731,27 @@ fn warn_of_per_process_state(settings: &Settings) {
     }
 }
 
+/// Makes SIGQUIT and SIGHUP harmless from now on (tokio's handlers stay
+/// for the life of the process; nothing looks at them until serving): by
+/// default either ends the process, and `run` is sent them for a reload
+/// or a handover before it serves. `main` calls this before it even reads
+/// the configuration (which may wait for a DNS lookup); needs a runtime.
+pub fn disarm_quit_and_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _ = signal(SignalKind::quit());
+    let _ = signal(SignalKind::hangup());
+}
+
+/// Like [`disarm_quit_and_hangup`], from outside any runtime.
+pub fn disarm_early_signals() {
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        rt.block_on(async { disarm_quit_and_hangup() });
+    }
+}
+
 /// Builds and runs the server; returns when Pingora has shut down and
 /// every audit record is written.
 ///
@@ -751,11 +772,7 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start: {e}"))?;
-    startup.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let _ = signal(SignalKind::quit());
-        let _ = signal(SignalKind::hangup());
-    });
+    startup.block_on(async { disarm_quit_and_hangup() });
     if upgrade.is_some() && settings.upgrade_sock.is_none() {
         return Err(
             "--upgrade needs server.upgrade_sock in the configuration (the running \

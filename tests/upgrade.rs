@@ -545,3 +545,69 @@ async fn per_process_dpop_state_is_warned_of() {
         "{log}"
     );
 }
+
+/// A SIGHUP (a reload sent to every fhirwall) or a SIGQUIT reaching a
+/// process still loading its configuration does not end it: here the
+/// upstream's name waits on a DNS server that never answers (a socket of
+/// the test's, the process's `/etc/resolv.conf` pointing at it in a mount
+/// namespace of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_while_the_configuration_loads_do_not_end_the_process() {
+    let gw = Gateway::start(Options::default()).await;
+    let dir = TempDir::new("slow-dns");
+    let dns = std::net::UdpSocket::bind("127.0.0.77:53").expect("a DNS port (tests run as root)");
+    dns.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let resolv = dir.0.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.77\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    let config = dir.0.join("config.yaml");
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let url = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("url: "))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config,
+        text.replace(&url, "http://upstream.fhirwall-slow-dns.test:9/r4"),
+    )
+    .unwrap();
+    let log = dir.0.join("stderr.log");
+    let mut child = Process(
+        Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+            .arg(format!(
+                "set -e; mount --bind {} /etc/resolv.conf; exec \"$0\" \"$@\"",
+                resolv.display()
+            ))
+            .arg(bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    // The lookup has begun: the process is loading its configuration.
+    let mut query = [0u8; 512];
+    let got = tokio::task::spawn_blocking(move || dns.recv_from(&mut query).map(|_| dns))
+        .await
+        .unwrap();
+    let _dns = got.unwrap_or_else(|e| {
+        panic!(
+            "no DNS query: {e}; {}",
+            std::fs::read_to_string(&log).unwrap()
+        )
+    });
+    child.signal("HUP");
+    child.signal("QUIT");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "a signal ended the process: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
