@@ -424,6 +424,12 @@ pub struct UpstreamConfig {
     /// written resource and decides them like searches.
     #[serde(default = "d_true")]
     pub resolves_conditional_references: bool,
+    /// Ids that are numbers written with leading zeros (`0123`) pass. Off
+    /// by default: HAPI's JPA server reads an all-digit id as its database
+    /// key, so `Patient/0123` and `?patient=0123` reach Patient/123 there,
+    /// which fhirwall's audit and `path` rules would not see.
+    #[serde(default)]
+    pub allow_zero_padded_ids: bool,
 }
 
 fn d_max_checked_answer() -> usize {
@@ -1077,6 +1083,7 @@ pub struct Upstream {
     pub max_checked_answer_bytes: usize,
     pub forward_authorization: bool,
     pub resolves_conditional_references: bool,
+    pub allow_zero_padded_ids: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -2875,6 +2882,7 @@ impl Config {
             max_checked_answer_bytes: u.max_checked_answer_bytes,
             forward_authorization: u.forward_authorization,
             resolves_conditional_references: u.resolves_conditional_references,
+            allow_zero_padded_ids: u.allow_zero_padded_ids,
         })
     }
 }

@@ -436,6 +436,14 @@ fn explain_claims(
     if let Err(err) = fhir.within_parameter_limit(s.server.max_parameters) {
         return e.deny("classify", err.to_string());
     }
+    let opts = DecideOptions::from_settings(s);
+    if !s.upstream.allow_zero_padded_ids {
+        let patients = crate::decide::patients_named(&fhir, &opts.bases);
+        if let Some(id) = classify::zero_padded_id(&fhir, &patients) {
+            let err = classify::ClassifyError::ZeroPaddedId(id.to_string());
+            return e.deny("classify", err.to_string());
+        }
+    }
     e.stages.push((
         "classify",
         format!(
@@ -450,7 +458,6 @@ fn explain_claims(
     ));
     // 6. Decide: scopes and patient context, the role ceiling, policies —
     // the gateway's own step.
-    let opts = DecideOptions::from_settings(s);
     // The declared emergency, as the gateway accepts it.
     let break_glass =
         crate::policy::break_glass_reason(&s.break_glass, req.break_glass.as_deref(), claims, now);

@@ -2499,6 +2499,13 @@ impl Gateway {
             .map_err(|e| classify_denial(&e))?;
         // Whose data it reaches, for both of its records.
         ctx.patients = crate::decide::patients_named(&fhir, &self.bases);
+        if !self.settings.upstream.allow_zero_padded_ids {
+            if let Some(id) = classify::zero_padded_id(&fhir, &ctx.patients) {
+                return Err(classify_denial(&ClassifyError::ZeroPaddedId(
+                    id.to_string(),
+                )));
+            }
+        }
         ctx.fhir = Some(fhir);
         let fhir = ctx.fhir.as_ref().expect("just set");
 

@@ -1522,6 +1522,57 @@ async fn an_include_of_every_parameter_needs_every_type() {
     assert_eq!(gw.upstream.count_containing("star-3"), 1);
 }
 
+/// HAPI reads an all-digit id as its database key: `0123` is Patient/123
+/// there, so the audit and `path` rules would see another id than the one
+/// served. Such ids are refused before the upstream unless the operator
+/// says the server's ids have leading zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_with_leading_zeros_are_no_ids_unless_allowed() {
+    let gw = Gateway::start(Options::default()).await;
+    let token = gw.mint("user/*.rs", None);
+    for rel in [
+        "Patient/0123",
+        "Observation?patient=0124",
+        "Observation?subject=Patient/0125",
+        "Patient?_id=p1,0126",
+        "Patient/0127/Observation",
+    ] {
+        let r = gw.get(rel, Some(&token)).await;
+        assert_eq!(r.status(), 400, "{rel}");
+        let o = outcome(r).await;
+        assert!(o.to_string().contains("leading zeros"), "{rel}: {o}");
+    }
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/0128"}}
+    ]});
+    let r = gw
+        .post_bundle(&token, batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(outcome(r).await.to_string().contains("leading zeros"));
+    assert_eq!(gw.upstream.count_containing("/012"), 0);
+    assert_eq!(gw.upstream.count_containing("=012"), 0);
+    assert_eq!(gw.upstream.count_containing("Bundle"), 0);
+    // Values that are no ids (a code) and plain numbers pass.
+    for rel in ["Observation?code=0129", "Patient/130", "Patient/0"] {
+        let r = gw.get(rel, Some(&token)).await;
+        assert_ne!(r.status(), 400, "{rel}");
+    }
+    assert_eq!(gw.upstream.count_containing("code=0129"), 1);
+    // Allowed: passed on as written.
+    let allowed = Gateway::start(Options {
+        upstream_yaml: "  allow_zero_padded_ids: true\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = allowed.mint("user/*.rs", None);
+    let r = allowed.get("Patient/0123", Some(&token)).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(allowed.upstream.count_containing("Patient/0123"), 1);
+}
+
 /// Parameters fhirwall would not recognise but the upstream would read as
 /// `_include` and co. (HAPI drops a leading `?`, trims whitespace around
 /// names in batch entries, decodes a form in the charset it names, may

@@ -250,6 +250,13 @@ pub enum ClassifyError {
          reading parameters at a limit of its own would leave out some that fhirwall decided on"
     )]
     TooManyParameters { count: usize, max: usize },
+    #[error(
+        "the id '{0}' is a number written with leading zeros: the upstream may read it as \
+         the number (HAPI reads all-digit ids as its database keys), another id than fhirwall \
+         would decide on and record; write it without them (a server whose ids have them: \
+         upstream.allow_zero_padded_ids)"
+    )]
+    ZeroPaddedId(String),
     #[error("Bundle entry {index}: {reason}")]
     BadEntry {
         index: usize,
@@ -304,6 +311,32 @@ fn id(seg: &str) -> Result<String, ClassifyError> {
     } else {
         Err(ClassifyError::MalformedId(seg.to_string()))
     }
+}
+
+/// A number written with leading zeros (`0123`) among the ids `req`
+/// names: its own, its compartment's and its entries', its `_id` values,
+/// and `patients` (the patients it names by parameter,
+/// `decide::patients_named`). HAPI's JPA server reads an all-digit id as
+/// its database key, so `0123` is 123 there, while fhirwall would decide,
+/// audit and match `path` rules by `0123`.
+pub fn zero_padded_id<'a>(req: &'a FhirRequest, patients: &'a [String]) -> Option<&'a str> {
+    let padded =
+        |id: &&str| id.len() > 1 && id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit());
+    std::iter::once(req)
+        .chain(&req.entries)
+        .flat_map(|r| {
+            r.id.as_deref()
+                .into_iter()
+                .chain(r.compartment.as_ref().map(|c| c.id.as_str()))
+                .chain(
+                    r.params
+                        .iter()
+                        .filter(|(n, _)| n == "_id")
+                        .flat_map(|(_, v)| v.split(',')),
+                )
+        })
+        .chain(patients.iter().map(String::as_str))
+        .find(padded)
 }
 
 /// Decodes an `application/x-www-form-urlencoded` string (a query string or
@@ -1976,6 +2009,42 @@ mod tests {
             "application/fhir+json; x=\"a, application/fhir+xml;\""
         ))
         .is_err());
+    }
+
+    #[test]
+    fn zero_padded_ids_are_found_wherever_the_request_names_ids() {
+        let ids = |method: &str, path: &str, query: Option<&str>| {
+            let r = c(method, path, query).unwrap();
+            zero_padded_id(&r, &[]).map(str::to_string)
+        };
+        assert_eq!(ids("GET", "Patient/0123", None).as_deref(), Some("0123"));
+        assert_eq!(ids("GET", "Patient/00", None).as_deref(), Some("00"));
+        assert_eq!(
+            ids("GET", "Patient/012/Observation", None).as_deref(),
+            Some("012")
+        );
+        assert_eq!(
+            ids("GET", "Observation", Some("_id=a,07")).as_deref(),
+            Some("07")
+        );
+        for (path, query) in [
+            ("Patient/0", None),
+            ("Patient/123", None),
+            ("Patient/0a1", None),
+            ("Observation", Some("code=0123")),
+        ] {
+            assert_eq!(ids("GET", path, query), None, "{path} {query:?}");
+        }
+        let r = c("GET", "Observation", None).unwrap();
+        assert_eq!(
+            zero_padded_id(&r, &["p1".into(), "0042".into()]),
+            Some("0042")
+        );
+        // A Bundle's entries too.
+        let b = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Patient/0999"}}]});
+        let r = classify_bundle(c("POST", "", None).unwrap(), b.to_string().as_bytes()).unwrap();
+        assert_eq!(zero_padded_id(&r, &[]), Some("0999"));
     }
 
     #[test]
