@@ -241,6 +241,24 @@ struct AuditServer {
     /// Bundles of more entries than this are answered 413, as by a body
     /// limit that only single records fit under.
     max_entries: AtomicUsize,
+    /// The resources the server holds, when it checks references (HAPI's
+    /// JPA server does by default): an AuditEvent whose agent or entity
+    /// references another gets an entry status of 400.
+    holds: Mutex<Option<BTreeSet<String>>>,
+}
+
+/// The references an AuditEvent's agents (`who`) and entities (`what`)
+/// make.
+fn event_references(ev: &Value) -> Vec<String> {
+    let mut refs = Vec::new();
+    for (list, key) in [("agent", "who"), ("entity", "what")] {
+        for item in ev[list].as_array().into_iter().flatten() {
+            if let Some(r) = item[key]["reference"].as_str() {
+                refs.push(r.to_string());
+            }
+        }
+    }
+    refs
 }
 
 async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::response::Response {
@@ -277,7 +295,12 @@ async fn take_bundle(State(s): State<Arc<AuditServer>>, body: String) -> axum::r
         assert_eq!(e["resource"]["resourceType"], "AuditEvent");
         assert_eq!(e["resource"]["id"], id);
         let marker = s.refuse_marker.lock().unwrap().clone();
-        if marker.is_some_and(|m| e["resource"].to_string().contains(&m)) {
+        let dangling = s.holds.lock().unwrap().as_ref().is_some_and(|held| {
+            event_references(&e["resource"])
+                .iter()
+                .any(|r| !held.contains(r))
+        });
+        if dangling || marker.is_some_and(|m| e["resource"].to_string().contains(&m)) {
             answers.push(json!({"response": {"status": "400 Bad Request"}}));
             continue;
         }
@@ -308,6 +331,7 @@ impl AuditServer {
             max_body: AtomicUsize::new(usize::MAX),
             refuse_marker: Mutex::new(None),
             max_entries: AtomicUsize::new(usize::MAX),
+            holds: Mutex::new(None),
         })
     }
 
@@ -1781,6 +1805,78 @@ async fn a_record_the_audit_endpoint_refuses_does_not_block_the_others() {
     assert!(
         refused().await > after_large,
         "the invalid record set aside"
+    );
+}
+
+/// A repository that checks references refuses an AuditEvent naming a
+/// resource it does not hold: one that is not there (a read answered 404,
+/// a deleted one) or a user on another server (an absolute fhirUser). Such
+/// an event is sent again with its references as text, and taken: the
+/// request is served, not refused because its record could not be kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_checking_references_gets_them_as_text() {
+    let sink = AuditServer::new();
+    *sink.holds.lock().unwrap() = Some(BTreeSet::from(["Patient/p1".to_string()]));
+    let (addr, _server) = sink.serve("127.0.0.1:0".parse().unwrap()).await;
+    let gw = with_fhir_sink(addr, "").await;
+    let token = gw.mint("user/Patient.rs", None);
+    let r = get_with_id(&gw, "Patient/p1", &token, "held-1").await;
+    assert_eq!(r.status(), 200);
+    let r = get_with_id(&gw, "Patient/not-there-1", &token, "dangling-1").await;
+    assert_eq!(r.status(), 404, "served, its record kept");
+    let mut claims = gw.claims("user/Patient.rs");
+    claims["fhirUser"] = json!("https://ehr.example.org/fhir/Practitioner/dr-7");
+    let remote = gw.issuer.signing_key().sign(&claims);
+    let r = get_with_id(&gw, "Patient/p1", &remote, "remote-user-1").await;
+    assert_eq!(r.status(), 200, "served, its record kept");
+    wait_until("every request event", 10, async || {
+        let ids = sink.request_ids("request");
+        ["held-1", "dangling-1", "remote-user-1"]
+            .iter()
+            .all(|id| ids.contains(*id))
+    })
+    .await;
+    let events = sink.events.lock().unwrap().clone();
+    let of = |id: &str| {
+        events
+            .values()
+            .filter(|ev| {
+                ev["entity"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["type"]["code"] == "XrequestId" && client_request_id(e) == id)
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // Kept as they were where the repository holds what they name.
+    for ev in of("held-1") {
+        let refs = event_references(&ev);
+        assert!(
+            !refs.is_empty() && refs.iter().all(|r| r == "Patient/p1"),
+            "{ev}"
+        );
+    }
+    // As text where not.
+    for ev in of("dangling-1") {
+        assert!(event_references(&ev).is_empty(), "{ev}");
+        assert!(
+            ev.to_string()
+                .contains(r#""display":"Patient/not-there-1""#),
+            "{ev}"
+        );
+    }
+    for ev in of("remote-user-1") {
+        assert!(
+            ev.to_string()
+                .contains(r#""display":"https://ehr.example.org/fhir/Practitioner/dr-7""#),
+            "{ev}"
+        );
+    }
+    assert_eq!(
+        support::metric(&gw.metrics().await, "fhirwall_audit_records_refused_total"),
+        0.0
     );
 }
 

@@ -569,9 +569,17 @@ fn epoch_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A fresh random record id.
+/// A fresh random record id: 32 hex digits, never digits alone (once in
+/// about 3.4 million ids they would be): a FHIR server that assigns
+/// numeric ids itself (HAPI's JPA server) refuses such an id from a client,
+/// and the AuditEvent would be set aside.
 pub fn new_id() -> String {
-    hex(&rand::random::<[u8; 16]>())
+    loop {
+        let id = hex(&rand::random::<[u8; 16]>());
+        if !id.bytes().all(|b| b.is_ascii_digit()) {
+            return id;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -388,6 +388,18 @@ impl FhirSink {
             }
             done += chunk.len();
         }
+        // Refused for themselves: once more with their references as
+        // text. A repository that checks references (HAPI's JPA server
+        // does by default) refuses an event naming a resource it does not
+        // hold: one deleted by the request audited, an id that was never
+        // there, a fhirUser on another server, all of which the gateway's
+        // records name. Set aside, a decision record would refuse its
+        // request and a request record be lost.
+        if !refused.is_empty() {
+            let again = self.without_references(rt, records, &refused);
+            took += again.len();
+            refused.retain(|i| !again.contains(i));
+        }
         if took == 0 && !refused.is_empty() {
             let error = io::Error::other(format!(
                 "endpoint refused each of the {} AuditEvents sent, and took none",
@@ -396,6 +408,47 @@ impl FhirSink {
             return Err(failed(done, took, refused, error));
         }
         Ok(refused)
+    }
+
+    /// Sends the `refused` of `records` again with their references
+    /// turned into text ([`references_as_text`]), in one Bundle: the
+    /// indexes the endpoint took this time.
+    fn without_references(
+        &self,
+        rt: &Runtime,
+        records: &[&Pending],
+        refused: &[usize],
+    ) -> Vec<usize> {
+        let again: Vec<(usize, Pending)> = refused
+            .iter()
+            .filter_map(|&i| {
+                references_as_text(&records[i].bytes).map(|bytes| {
+                    let id = records[i].id.clone();
+                    (
+                        i,
+                        Pending {
+                            id,
+                            bytes,
+                            ack: None,
+                        },
+                    )
+                })
+            })
+            .collect();
+        if again.is_empty() {
+            return Vec::new();
+        }
+        let sent: Vec<&Pending> = again.iter().map(|(_, p)| p).collect();
+        match self.post(rt, bundle(&sent), sent.len()) {
+            Ok(()) => again.iter().map(|(i, _)| *i).collect(),
+            Err(PostError::Entries(statuses)) => again
+                .iter()
+                .zip(&statuses)
+                .filter(|(_, s)| s.starts_with('2'))
+                .map(|((i, _), _)| *i)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Sends `chunk`'s records one at a time: the indexes of those the
@@ -551,6 +604,28 @@ fn bundle(records: &[&Pending]) -> Vec<u8> {
     }
     body.extend_from_slice(b"]}");
     body
+}
+
+/// An AuditEvent with the `reference` of each agent's `who` and each
+/// entity's `what` moved to its `display` (what it names stays readable,
+/// no longer a link a repository checks); `None` when it has none.
+fn references_as_text(event: &[u8]) -> Option<Vec<u8>> {
+    let mut ev: serde_json::Value = serde_json::from_slice(event).ok()?;
+    let mut moved = false;
+    for (list, key) in [("agent", "who"), ("entity", "what")] {
+        let Some(items) = ev.get_mut(list).and_then(serde_json::Value::as_array_mut) else {
+            continue;
+        };
+        for item in items {
+            if let Some(r) = item.get_mut(key).and_then(serde_json::Value::as_object_mut) {
+                if let Some(reference) = r.remove("reference") {
+                    r.entry("display").or_insert(reference);
+                    moved = true;
+                }
+            }
+        }
+    }
+    moved.then(|| serde_json::to_vec(&ev).ok()).flatten()
 }
 
 /// An entry status (`"400 Bad Request"`) refusing that entry for itself:
