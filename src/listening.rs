@@ -79,6 +79,10 @@ pub struct Watched<S> {
     addresses: Vec<String>,
     /// Told once the sockets are bound (the proxy's: readiness).
     lifecycle: Option<Arc<Lifecycle>>,
+    /// The process's life, for a service beside the proxy (the admin
+    /// listener): when it fails, the proxy's requests in flight finish
+    /// before the process ends, as when the proxy itself fails.
+    beside: Option<Arc<Lifecycle>>,
     /// Ends the process with the given code (after writing out the
     /// audit), from a blocking thread.
     exit: Arc<dyn Fn(i32) + Send + Sync>,
@@ -104,8 +108,17 @@ impl<S: pingora::services::Service + 'static> Watched<S> {
             addresses: inner.listen_addresses().unwrap_or_default(),
             inner: Some(inner),
             lifecycle,
+            beside: None,
             exit,
         }
+    }
+
+    /// A service beside the proxy's `lifecycle` (the admin listener): its
+    /// failure ends the process as the proxy's does, once the requests in
+    /// flight are done, without standing for the proxy's readiness.
+    pub fn beside(mut self, lifecycle: Arc<Lifecycle>) -> Watched<S> {
+        self.beside = Some(lifecycle);
+        self
     }
 }
 
@@ -189,6 +202,9 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
         // Gone while the process goes on: not ready from this moment.
         if let Some(l) = &self.lifecycle {
             l.set_stopped();
+        } else if let Some(l) = &self.beside {
+            // The process is ending: answers close their connections.
+            l.start_draining();
         }
         let why = why.unwrap_or_else(|| {
             "its accept loops ended (a panic in one is in the log above)".into()
@@ -205,7 +221,7 @@ impl<S: pingora::services::Service + 'static> pingora::services::Service for Wat
             "{what}"
         );
         let exit = self.exit.clone();
-        let lifecycle = self.lifecycle.clone();
+        let lifecycle = self.lifecycle.clone().or_else(|| self.beside.clone());
         // From a blocking thread of its own: this runtime may be dropped
         // meanwhile; the process still ends. Requests in flight on the
         // connections already accepted (their tasks outlive the accept
@@ -296,6 +312,17 @@ mod tests {
     /// `hold`: a request is in flight until 300 ms after the service
     /// ended (no exit is asked for before it ends).
     async fn run_holding(ends: &'static str, stop: bool, hold: bool) -> (Vec<i32>, Arc<Lifecycle>) {
+        run_as(ends, stop, hold, false).await
+    }
+
+    /// `beside`: the fake is a service beside the proxy (the admin
+    /// listener), not the proxy.
+    async fn run_as(
+        ends: &'static str,
+        stop: bool,
+        hold: bool,
+        beside: bool,
+    ) -> (Vec<i32>, Arc<Lifecycle>) {
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap().to_string();
         let lifecycle = Lifecycle::new();
@@ -310,7 +337,11 @@ mod tests {
             ends,
         };
         let request = hold.then(|| lifecycle.enter());
-        let mut watched = Watched::with_exit(fake, Some(lifecycle.clone()), exit);
+        let mut watched = if beside {
+            Watched::with_exit(fake, None, exit).beside(lifecycle.clone())
+        } else {
+            Watched::with_exit(fake, Some(lifecycle.clone()), exit)
+        };
         watched.addresses = vec![addr];
         let (tx, rx) = tokio::sync::watch::channel(false);
         let fds: ListenFds = Arc::new(Fds::new().into());
@@ -367,6 +398,18 @@ mod tests {
         let (codes, lifecycle) = run_holding("panics", false, true).await;
         assert_eq!(codes, vec![1]);
         assert_eq!(lifecycle.in_flight(), 0);
+    }
+
+    /// The admin listener failing ends the process too, but only once the
+    /// proxy's requests in flight are done (answers closing their
+    /// connections meanwhile), and without calling the proxy stopped.
+    #[tokio::test]
+    async fn a_failing_admin_listener_lets_the_proxys_requests_finish() {
+        let (codes, lifecycle) = run_as("panics", false, true, true).await;
+        assert_eq!(codes, vec![1]);
+        assert_eq!(lifecycle.in_flight(), 0);
+        assert!(!lifecycle.stopped());
+        assert!(lifecycle.draining());
     }
 
     /// Ending at shutdown is the normal end: nothing to stop.

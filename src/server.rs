@@ -296,6 +296,17 @@ struct Signals {
     upgrade_sock: Option<std::path::PathBuf>,
 }
 
+/// SIGINT asked Pingora for its fast shutdown: `run` then exits 130, as
+/// a SIGINT during the drain does (Pingora's own end would be 0).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// SIGINT while serving (or in the grace period): stop at once.
+fn interrupted() -> ShutdownSignal {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Release);
+    tracing::warn!("SIGINT: stopping at once");
+    ShutdownSignal::FastShutdown
+}
+
 /// Taken for good by whatever ends the process (the drain thread, a
 /// signal during the drain, `run` returning), so two never race to exit.
 static ENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -500,7 +511,7 @@ impl ShutdownSignalWatch for Signals {
         loop {
             tokio::select! {
                 _ = next(&mut term) => break,
-                _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+                _ = next(&mut int) => return interrupted(),
                 _ = next(&mut quit) => {
                     if let Some(handover) = self.upgrade(&mut term, &mut int).await {
                         return handover;
@@ -516,7 +527,7 @@ impl ShutdownSignalWatch for Signals {
         tokio::select! {
             _ = tokio::time::sleep(self.grace) => {}
             _ = next(&mut term) => tracing::info!("second SIGTERM: grace period ended early"),
-            _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+            _ = next(&mut int) => return interrupted(),
         }
         tracing::info!(
             in_flight = self.lifecycle.in_flight(),
@@ -914,7 +925,7 @@ pub fn run(
         Some(lifecycle.clone()),
         audit_at_exit.clone(),
     ));
-    server.add_service(Watched::new(admin, None, audit_at_exit.clone()));
+    server.add_service(Watched::new(admin, None, audit_at_exit.clone()).beside(lifecycle.clone()));
     server.add_service(refresher);
     server.add_service(background_service(
         "fhirwall upstream dns",
@@ -938,6 +949,9 @@ pub fn run(
         }),
     });
     // The proxy's runtimes have stopped: write out every queued record.
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Acquire) {
+        exit_after_flush(&audit_at_exit, 130);
+    }
     if !final_flush(&audit_at_exit) {
         return Err("audit records queued at shutdown could not all be written".into());
     }

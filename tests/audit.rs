@@ -1271,6 +1271,30 @@ async fn sigint_during_the_drain_stops_at_once() {
     pending.abort();
 }
 
+/// SIGINT while serving, or in the grace period after SIGTERM, stops at
+/// once with the shell's code for it (130), as during the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_while_serving_stops_with_130() {
+    for grace in [false, true] {
+        let mut gw = Gateway::start(Options {
+            server_yaml: if grace {
+                "  grace_period_seconds: 30\n  graceful_shutdown_timeout_seconds: 1\n".into()
+            } else {
+                String::new()
+            },
+            ..Options::default()
+        })
+        .await;
+        if grace {
+            gw.signal_term();
+            wait_until("not ready", 5, async || gw.readyz().await == 503).await;
+        }
+        gw.signal("INT");
+        let status = gw.wait_exit(10).await;
+        assert_eq!(status.code(), Some(130), "grace {grace}: {status}");
+    }
+}
+
 /// Once the listener has closed, a request still in flight is carried to
 /// its answer before the process exits (within the drain timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
