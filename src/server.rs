@@ -283,7 +283,7 @@ impl BackgroundService for UpstreamDns {
 /// SIGQUIT: zero-downtime restart. A new process started with
 /// `run --upgrade` waits on `server.upgrade_sock`; this one hands it the
 /// listening sockets, closes each connection after its next answer, keeps
-/// serving for Pingora's five seconds while both accept, then drains as
+/// serving for five seconds (`BOTH_ACCEPT`) while both accept, then drains as
 /// after SIGTERM (exiting once no request is left).
 struct Signals {
     lifecycle: Arc<crate::lifecycle::Lifecycle>,
@@ -406,7 +406,13 @@ impl Signals {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let Some(fds) = self.lifecycle.listen_fds() else {
+        // Only a whole table: the new process would bind what is missing
+        // itself, and fail on the ports this one holds.
+        let Some(fds) = self
+            .lifecycle
+            .listen_fds()
+            .filter(|_| self.lifecycle.listening())
+        else {
             tracing::error!("SIGQUIT ignored: the listening sockets are not bound yet");
             return None;
         };
@@ -423,6 +429,20 @@ impl Signals {
                 "SIGQUIT ignored: the listening sockets could not be handed to the new process (it went away?); still serving"
             );
             return None;
+        }
+        // Sent is not yet received: the new process takes a connection
+        // about once a second, and removes the socket once it has read the
+        // sockets. One killed meanwhile never does: this one goes on.
+        let deadline = std::time::Instant::now() + RECEIPT_WAIT;
+        while sock.exists() {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!(
+                    upgrade_sock = %sock.display(),
+                    "SIGQUIT ignored: the new process did not take the listening sockets sent to it (it went away?); still serving"
+                );
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         self.lifecycle.start_handing_over();
         tracing::info!(upgrade_sock = %sock.display(), "SIGQUIT: the listening sockets are handed to the new process; both accept for five seconds, then this one drains");
@@ -486,6 +506,10 @@ fn listening_at(path: &std::path::Path) -> bool {
         rest.strip_prefix(b" ") == Some(want) && flags.is_some_and(|f| f & ACCEPTING != 0)
     })
 }
+
+/// How long the new process has to read the sockets sent to it (it looks
+/// for a connection once a second).
+const RECEIPT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long both processes accept after the sockets were handed over.
 const BOTH_ACCEPT: std::time::Duration = std::time::Duration::from_secs(5);

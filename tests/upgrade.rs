@@ -247,6 +247,40 @@ async fn a_new_process_gone_before_the_send_leaves_the_old_one_serving() {
     drop(listener);
 }
 
+/// One that is still listening but never reads the sockets (killed
+/// between its connection's arrival and its next look): sent is not
+/// received, and the running one goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_sent_but_never_read_leave_the_old_one_serving() {
+    let socks = private_dir("upgrade-unread");
+    let sock = socks.0.join("upgrade.sock");
+    let mut old = with_upgrade_sock(&sock).await;
+    // Listening, never accepting: the connection and the sockets wait in
+    // its backlog.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    old.signal("QUIT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_of(&old).contains("did not take the listening sockets") {
+        assert!(Instant::now() < deadline, "{}", log_of(&old));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        old.exited().is_none(),
+        "the process ended: {}",
+        log_of(&old)
+    );
+    let token = old.mint("user/*.rs", None);
+    let r = old.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    assert_ne!(
+        r.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    assert_eq!(old.readyz().await, 200);
+    drop(listener);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_that_cannot_serve_does_not_take_over() {
     let socks = private_dir("upgrade-bad");
