@@ -439,16 +439,27 @@ impl FhirSink {
             return Vec::new();
         }
         let sent: Vec<&Pending> = again.iter().map(|(_, p)| p).collect();
-        match self.post(rt, bundle(&sent), sent.len()) {
-            Ok(()) => again.iter().map(|(i, _)| *i).collect(),
-            Err(PostError::Entries(statuses)) => again
-                .iter()
-                .zip(&statuses)
-                .filter(|(_, s)| s.starts_with('2'))
-                .map(|((i, _), _)| *i)
-                .collect(),
-            Err(_) => Vec::new(),
+        // In Bundles of the usual size (a backlog's refused records may be
+        // many: every record of a user whose fhirUser is on another server).
+        let mut taken = Vec::new();
+        let mut at = 0;
+        for chunk in chunks(&sent, self.batch_max, MAX_POST_BYTES) {
+            let indexes = &again[at..at + chunk.len()];
+            at += chunk.len();
+            match self.post(rt, bundle(chunk), chunk.len()) {
+                Ok(()) => taken.extend(indexes.iter().map(|(i, _)| *i)),
+                Err(PostError::Entries(statuses)) => taken.extend(
+                    indexes
+                        .iter()
+                        .zip(&statuses)
+                        .filter(|(_, s)| s.starts_with('2'))
+                        .map(|((i, _), _)| *i),
+                ),
+                // Not taken this time either: set aside as before.
+                Err(_) => {}
+            }
         }
+        taken
     }
 
     /// Sends `chunk`'s records one at a time: the indexes of those the

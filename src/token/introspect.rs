@@ -323,8 +323,8 @@ impl Introspector {
             };
             // RFC 7662 §2.2: an object with a boolean `active`. Anything
             // else (`[]`, `"ok"`, `{"error": …}`, a proxy's page) is a
-            // failing endpoint, not a token found inactive: 503, and not
-            // cached nor charged as an inactive answer.
+            // failing endpoint, not a token found inactive: 503, not
+            // cached (the call is charged as any failed call).
             let answer = serde_json::from_slice::<Value>(&body).map_err(|_| unavailable())?;
             if !answer.get("active").is_some_and(Value::is_boolean) {
                 tracing::error!(issuer = %self.issuer.name, "introspection answer is not a JSON object with a boolean 'active'");
