@@ -1205,43 +1205,57 @@ fn spelt_as_id(v: &str) -> bool {
 /// patient (under `user/` scopes, `Observation?patient=p2` reads p2's).
 pub fn patients_named(req: &FhirRequest, bases: &Bases) -> Vec<String> {
     let mut named: Vec<String> = Vec::new();
-    let mut add = |id: &str| {
+    each_patient_named(req, bases, |id| {
         if spelt_as_id(id) && named.len() < 32 && !named.iter().any(|n| n == id) {
             named.push(id.to_string());
         }
-    };
+    });
+    named
+}
+
+/// Every value by which `req` names a patient, as written (any length,
+/// any characters, every one): what [`patients_named`] keeps of, and what
+/// `classify::numeric_alias` looks at whole. Beside `patient=` and
+/// `Patient/{id}` references, a `:Patient` modifier's bare id
+/// (`subject:Patient=123`), a chain to a patient's `_id`
+/// (`patient._id=123`), and the search of a conditional create.
+pub fn each_patient_named<'r>(req: &'r FhirRequest, bases: &Bases, mut f: impl FnMut(&'r str)) {
     for r in std::iter::once(req).chain(&req.entries) {
         if let Some(c) = r
             .compartment
             .as_ref()
             .filter(|c| c.resource_type == "Patient")
         {
-            add(&c.id);
-        }
-        if r.resource_type.as_deref() == Some("Patient") {
-            if let Some(id) = &r.id {
-                add(id);
-            }
+            f(&c.id);
         }
         let searches_patients = r.resource_type.as_deref() == Some("Patient");
-        for (name, value) in &r.params {
-            // A chain's value names what it chains to, not a patient.
-            if name.contains('.') {
-                continue;
+        if searches_patients {
+            if let Some(id) = &r.id {
+                f(id);
             }
+        }
+        for (name, value) in r.params.iter().chain(&r.condition) {
+            // A chain's value names what it chains to, not a patient,
+            // unless it chains to a patient's own id.
+            let (name, chained_id) = match name.split_once('.') {
+                Some((link, "_id")) => (link, true),
+                Some(_) => continue,
+                None => (name.as_str(), false),
+            };
             let (base, modifier) = match name.split_once(':') {
                 Some((b, m)) => (b, Some(m)),
-                None => (name.as_str(), None),
+                None => (name, None),
             };
-            let bare = bare_id_is_patient(name, base, modifier, searches_patients);
+            let bare = bare_id_is_patient(name, base, modifier, searches_patients && !chained_id)
+                || modifier == Some("Patient")
+                || chained_id && base == "patient";
             for v in value.split(',') {
                 if let Some(id) = named_patient(v, bare, bases) {
-                    add(id);
+                    f(id.split_once("/_history/").map_or(id, |(id, _)| id));
                 }
             }
         }
     }
-    named
 }
 
 /// A read, vread or instance history of a (non-Patient) compartment type,

@@ -438,8 +438,9 @@ fn explain_claims(
     }
     let opts = DecideOptions::from_settings(s);
     if !s.upstream.allow_zero_padded_ids {
-        let patients = crate::decide::patients_named(&fhir, &opts.bases);
-        if let Some(id) = classify::zero_padded_id(&fhir, &patients) {
+        let mut named = Vec::new();
+        crate::decide::each_patient_named(&fhir, &opts.bases, |id| named.push(id));
+        if let Some(id) = classify::numeric_alias(&fhir, &named) {
             let err = classify::ClassifyError::ZeroPaddedId(id.to_string());
             return e.deny("classify", err.to_string());
         }

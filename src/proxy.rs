@@ -2500,7 +2500,9 @@ impl Gateway {
         // Whose data it reaches, for both of its records.
         ctx.patients = crate::decide::patients_named(&fhir, &self.bases);
         if !self.settings.upstream.allow_zero_padded_ids {
-            if let Some(id) = classify::zero_padded_id(&fhir, &ctx.patients) {
+            let mut named = Vec::new();
+            crate::decide::each_patient_named(&fhir, &self.bases, |id| named.push(id));
+            if let Some(id) = classify::numeric_alias(&fhir, &named) {
                 return Err(classify_denial(&ClassifyError::ZeroPaddedId(
                     id.to_string(),
                 )));
@@ -2589,16 +2591,10 @@ impl Gateway {
             }
         }
         ctx.policy_rule = grant.rule().map(str::to_string);
-        ctx.broke_glass = grant.broke_glass();
-        if !ctx.broke_glass.is_empty() {
-            ctx.break_glass_reason = break_glass;
-            self.metrics.break_glass();
-            tracing::warn!(
-                request_id = %ctx.request_id,
-                rules = %ctx.broke_glass.join(","),
-                "break-glass access"
-            );
-        }
+        // Recorded, counted and logged once nothing here refuses the
+        // request any more (a rate limit, a 413): an emergency access that
+        // did not happen is no break-glass access.
+        let broke_glass = grant.broke_glass();
         // Rate limits of the matching rules, counted once per request. A
         // token naming no user counts as its client, one naming no client
         // by its source address: never one bucket shared by all such
@@ -2705,6 +2701,16 @@ impl Gateway {
                         .into(),
                 });
             }
+        }
+        if !broke_glass.is_empty() {
+            ctx.break_glass_reason = break_glass;
+            self.metrics.break_glass();
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                rules = %broke_glass.join(","),
+                "break-glass access"
+            );
+            ctx.broke_glass = broke_glass;
         }
         ctx.scopes_used = d.scopes_used;
         ctx.check = d.check;

@@ -917,7 +917,7 @@ async fn break_glass_passes_marked_denies_only() {
     let (_dir, gw) = with_rules(
         "policies-bg",
         "10-bg.yaml",
-        "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n  - name: no-deletes\n    effect: deny\n    when: {interaction: [delete]}\n",
+        "rules:\n  - name: conditions-locked\n    effect: deny\n    break_glass: true\n    when: {resource_type: [Condition]}\n  - name: no-deletes\n    effect: deny\n    when: {interaction: [delete]}\n  - name: one-condition-read\n    effect: require\n    require: {binding: [bearer]}\n    when: {resource_type: [Condition]}\n    rate_limit: {per: client, requests: 1, per_seconds: 3600}\n",
     )
     .await;
     let token = gw.mint("user/*.cruds", None);
@@ -998,8 +998,35 @@ async fn break_glass_passes_marked_denies_only() {
         .to_str()
         .unwrap()
         .contains("Condition"));
+    // An emergency access a later check refuses (the rate limit) did not
+    // happen: not recorded, counted or logged as break-glass.
+    let r = with(
+        "Condition/cond-p1",
+        reqwest::Method::GET,
+        Some("still unconscious"),
+        &token,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 429);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rec = gw.audit_for(&id);
+    assert_eq!(rec["reason"], "rate_limited", "{rec}");
+    assert!(
+        rec.get("break_glass_rules")
+            .is_none_or(|r| r.as_array().is_some_and(|a| a.is_empty())),
+        "{rec}"
+    );
+    assert!(
+        rec.get("break_glass_reason")
+            .is_none_or(serde_json::Value::is_null),
+        "{rec}"
+    );
     let m = gw.metrics().await;
     assert!(m.contains("fhirwall_break_glass_total 1"), "{m}");
+    assert!(!std::fs::read_to_string(gw.dir.join("stderr.log"))
+        .unwrap()
+        .contains("still unconscious"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -251,9 +251,10 @@ pub enum ClassifyError {
     )]
     TooManyParameters { count: usize, max: usize },
     #[error(
-        "the id '{0}' is a number written with leading zeros: the upstream may read it as \
-         the number (HAPI reads all-digit ids as its database keys), another id than fhirwall \
-         would decide on and record; write it without them (a server whose ids have them: \
+        "the id '{0}' is a number written with leading zeros or with other than ASCII \
+         digits: the upstream may read it as the number (HAPI reads all-digit ids as its \
+         database keys), another id than fhirwall would decide on and record; write it as \
+         the plain number (a server whose ids have leading zeros: \
          upstream.allow_zero_padded_ids)"
     )]
     ZeroPaddedId(String),
@@ -313,15 +314,18 @@ fn id(seg: &str) -> Result<String, ClassifyError> {
     }
 }
 
-/// A number written with leading zeros (`0123`) among the ids `req`
-/// names: its own, its compartment's and its entries', its `_id` values,
-/// and `patients` (the patients it names by parameter,
-/// `decide::patients_named`). HAPI's JPA server reads an all-digit id as
-/// its database key, so `0123` is 123 there, while fhirwall would decide,
-/// audit and match `path` rules by `0123`.
-pub fn zero_padded_id<'a>(req: &'a FhirRequest, patients: &'a [String]) -> Option<&'a str> {
-    let padded =
-        |id: &&str| id.len() > 1 && id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit());
+/// An id `req` names that a server reading all-digit ids as numbers
+/// would take for another: digits with leading zeros (`0123`) or digits
+/// other than ASCII's (`١٢٣`). HAPI's JPA server reads an all-digit id as
+/// its database key (Java's `isNumeric`, `parseLong`: any length, any
+/// Unicode digit), so both are 123 there, while fhirwall would decide,
+/// audit and match `path` rules by what was written. Looked at: its own
+/// id, its compartment's and its entries', `_id` values, and `patients`,
+/// every value naming a patient (`decide::each_patient_named`).
+pub fn numeric_alias<'a>(req: &'a FhirRequest, patients: &[&'a str]) -> Option<&'a str> {
+    let alias = |id: &&str| {
+        id.chars().all(char::is_numeric) && (!id.is_ascii() || id.len() > 1 && id.starts_with('0'))
+    };
     std::iter::once(req)
         .chain(&req.entries)
         .flat_map(|r| {
@@ -331,12 +335,13 @@ pub fn zero_padded_id<'a>(req: &'a FhirRequest, patients: &'a [String]) -> Optio
                 .chain(
                     r.params
                         .iter()
+                        .chain(&r.condition)
                         .filter(|(n, _)| n == "_id")
                         .flat_map(|(_, v)| v.split(',')),
                 )
         })
-        .chain(patients.iter().map(String::as_str))
-        .find(padded)
+        .chain(patients.iter().copied())
+        .find(alias)
 }
 
 /// Decodes an `application/x-www-form-urlencoded` string (a query string or
@@ -2012,10 +2017,10 @@ mod tests {
     }
 
     #[test]
-    fn zero_padded_ids_are_found_wherever_the_request_names_ids() {
+    fn numeric_aliases_are_found_wherever_the_request_names_ids() {
         let ids = |method: &str, path: &str, query: Option<&str>| {
             let r = c(method, path, query).unwrap();
-            zero_padded_id(&r, &[]).map(str::to_string)
+            numeric_alias(&r, &[]).map(str::to_string)
         };
         assert_eq!(ids("GET", "Patient/0123", None).as_deref(), Some("0123"));
         assert_eq!(ids("GET", "Patient/00", None).as_deref(), Some("00"));
@@ -2036,15 +2041,16 @@ mod tests {
             assert_eq!(ids("GET", path, query), None, "{path} {query:?}");
         }
         let r = c("GET", "Observation", None).unwrap();
+        assert_eq!(numeric_alias(&r, &["p1", "0042"]), Some("0042"));
         assert_eq!(
-            zero_padded_id(&r, &["p1".into(), "0042".into()]),
-            Some("0042")
+            numeric_alias(&r, &["\u{661}\u{662}"]),
+            Some("\u{661}\u{662}")
         );
         // A Bundle's entries too.
         let b = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
             {"request": {"method": "GET", "url": "Patient/0999"}}]});
         let r = classify_bundle(c("POST", "", None).unwrap(), b.to_string().as_bytes()).unwrap();
-        assert_eq!(zero_padded_id(&r, &[]), Some("0999"));
+        assert_eq!(numeric_alias(&r, &[]), Some("0999"));
     }
 
     #[test]
