@@ -182,6 +182,22 @@ fn what(resource_type: &str, id: Option<&str>) -> Value {
     }
 }
 
+/// Whether a refusal at the bind stage (`reason`) says the sender did
+/// not prove it holds the token's key or certificate, as opposed to a
+/// token that is not bound, or a proof fhirwall could not check for want
+/// of capacity.
+fn possession_failed(reason: &str) -> bool {
+    (reason.starts_with("dpop_") || reason.starts_with("mtls_"))
+        && !matches!(
+            reason,
+            "dpop_quota_exceeded"
+                | "dpop_replay_cache_full"
+                | "dpop_replay_check_unavailable"
+                | "dpop_proof_without_binding"
+                | "dpop_token_not_bound"
+        )
+}
+
 /// The AuditEvent for a record.
 pub fn audit_event(r: &Record, site: &Site) -> Value {
     let interaction = r.interaction;
@@ -277,10 +293,14 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
     if client_type[0]["code"] != "110150" {
         client_type.push(dcm("110150", "Application"));
     }
+    // A token whose proof of possession failed (a stolen bound token
+    // replayed without its key) names its owner, not who sent it: the
+    // user is no requestor then; the client at the source address is.
+    let possessed = !(r.stage == "bind" && r.decision == "deny" && possession_failed(r.reason));
     let mut agents = vec![json!({
         "type": {"coding": client_type},
         "who": {"identifier": {"value": r.client_id.unwrap_or("unknown")}},
-        "requestor": r.sub.is_none(),
+        "requestor": r.sub.is_none() || !possessed,
     })];
     if let Some(addr) = &r.source {
         agents[0]["network"] = json!({"address": addr, "type": "2"});
@@ -326,7 +346,7 @@ pub fn audit_event(r: &Record, site: &Site) -> Value {
         if let Some(u) = r.fhir_user {
             who["reference"] = u.into();
         }
-        let mut user = json!({"type": {"coding": types}, "who": who, "requestor": true});
+        let mut user = json!({"type": {"coding": types}, "who": who, "requestor": possessed});
         if let Some(h) = &r.token_sha256 {
             user["policy"] = json!([format!("urn:fhirwall:token-sha256:{h}")]);
         }
@@ -682,6 +702,41 @@ mod tests {
             !entities.iter().any(|e| e["role"]["code"] == "1"),
             "{entities:?}"
         );
+    }
+
+    #[test]
+    fn a_failed_proof_of_possession_names_no_user_as_requestor() {
+        for (stage, decision, reason, user_requests) in [
+            ("bind", "deny", "dpop_wrong_key", false),
+            ("bind", "deny", "mtls_wrong_certificate", false),
+            ("bind", "deny", "dpop_bound_as_bearer", false),
+            // The token is no bound one, or the proof was not judged.
+            ("bind", "deny", "binding_required", true),
+            ("bind", "deny", "dpop_quota_exceeded", true),
+            ("decide", "deny", "insufficient_scope", true),
+            ("bind", "allow", "allowed", true),
+        ] {
+            let r = Record {
+                id: "pop".into(),
+                request_id: "req-pop",
+                method: "GET",
+                path: "/fhir/Observation/o1",
+                client_id: Some("app"),
+                sub: Some("victim"),
+                interaction: Some("read"),
+                decision,
+                reason,
+                stage,
+                status: Some(401),
+                ..Record::default()
+            };
+            let ev = audit_event(&r, &site());
+            let agents = ev["agent"].as_array().unwrap();
+            let user = agents.last().unwrap();
+            assert_eq!(user["who"]["identifier"]["value"], "victim");
+            assert_eq!(user["requestor"], user_requests, "{reason}");
+            assert_eq!(agents[0]["requestor"], !user_requests, "{reason}");
+        }
     }
 
     #[test]
