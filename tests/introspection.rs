@@ -123,6 +123,23 @@ async fn get(gw: &Gateway, rel: &str, token: &str) -> (u16, String, String) {
     (r.status().as_u16(), www, r.text().await.unwrap())
 }
 
+/// `token`, which the endpoint would call active, is refused (401
+/// `invalid_token`, the body saying `says`) for `GET Patient/{case}`
+/// without a call, and nothing reaches the upstream.
+async fn refused_without_a_call(gw: &Gateway, as_: &As, case: &str, token: &str, says: &str) {
+    as_.answers
+        .lock()
+        .unwrap()
+        .insert(token.to_string(), active(gw, "user/*.rs", None));
+    let calls = as_.calls.load(Ordering::SeqCst);
+    let (s, www, body) = get(gw, &format!("Patient/{case}"), token).await;
+    assert_eq!(s, 401, "{case}: {body}");
+    assert!(www.contains("invalid_token"), "{case}: {www}");
+    assert!(body.contains(says), "{case}: {body}");
+    assert_eq!(as_.calls.load(Ordering::SeqCst), calls, "{case}: a call");
+    assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
+}
+
 /// `GET {rel}` with `token` as a task of its own: the status answered.
 fn spawn_get(gw: &Gateway, rel: &str, token: String) -> tokio::task::JoinHandle<u16> {
     let (client, url) = (gw.client.clone(), format!("{}/{rel}", gw.base));
@@ -635,17 +652,7 @@ async fn an_introspected_jwt_keeps_its_own_binding() {
         ("leading-dot-1", format!(".{token}")),
         ("no-signature-1", format!("{h}.{p}")),
     ] {
-        as_.answers
-            .lock()
-            .unwrap()
-            .insert(misspelt.clone(), active(&gw, "user/*.rs", None));
-        let calls = as_.calls.load(Ordering::SeqCst);
-        let (s, www, body) = get(&gw, &format!("Patient/{case}"), &misspelt).await;
-        assert_eq!(s, 401, "{case}: {body}");
-        assert!(www.contains("invalid_token"), "{case}: {www}");
-        assert!(body.contains("JWS compact"), "{case}: {body}");
-        assert_eq!(as_.calls.load(Ordering::SeqCst), calls, "{case}");
-        assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
+        refused_without_a_call(&gw, &as_, case, &misspelt, "JWS compact").await;
     }
     // An unbound JWT with an unbound answer is a bearer token, as before.
     as_.answers
@@ -692,17 +699,7 @@ async fn an_introspected_jwt_is_held_to_its_issuers_typ() {
         let mut claims = gw.claims("user/*.rs");
         claims["jti"] = json!(case);
         let token = key.sign_with_header(&header, &claims);
-        as_.answers
-            .lock()
-            .unwrap()
-            .insert(token.clone(), active(&gw, "user/*.rs", None));
-        let calls = as_.calls.load(Ordering::SeqCst);
-        let (s, www, body) = get(&gw, &format!("Patient/{case}"), &token).await;
-        assert_eq!(s, 401, "{case}: {body}");
-        assert!(www.contains("invalid_token"), "{case}: {www}");
-        assert!(body.contains(says), "{case}: {body}");
-        assert_eq!(as_.calls.load(Ordering::SeqCst), calls, "{case}: a call");
-        assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
+        refused_without_a_call(&gw, &as_, case, &token, says).await;
     }
     let fits = key.sign_with_header(&header(Algorithm::PS256, "at+jwt"), &gw.claims("user/*.rs"));
     as_.answers

@@ -211,6 +211,26 @@ async fn sigquit_with_no_new_process_listening_changes_nothing() {
     }
 }
 
+/// Once `old` has logged `why` its SIGQUIT came to nothing: it goes on
+/// serving, ready, keeping connections alive (no handover under way).
+async fn still_serving_once_logged(old: &mut Gateway, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_of(old).contains(why) {
+        assert!(Instant::now() < deadline, "{}", log_of(old));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(old.exited().is_none(), "the process ended: {}", log_of(old));
+    let token = old.mint("user/*.rs", None);
+    let r = old.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    assert_ne!(
+        r.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    assert_eq!(old.readyz().await, 200);
+}
+
 /// A new process seen waiting that is gone when the sockets are sent (it
 /// gave up, was killed): the running one goes on serving, rather than
 /// stopping with nothing left to take over.
@@ -224,26 +244,7 @@ async fn a_new_process_gone_before_the_send_leaves_the_old_one_serving() {
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     std::fs::remove_file(&sock).unwrap();
     old.signal("QUIT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_of(&old).contains("could not be handed to the new process") {
-        assert!(Instant::now() < deadline, "{}", log_of(&old));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        old.exited().is_none(),
-        "the process ended: {}",
-        log_of(&old)
-    );
-    let token = old.mint("user/*.rs", None);
-    let r = old.get("Patient/p1", Some(&token)).await;
-    assert_eq!(r.status(), 200);
-    // Kept alive: no handover is under way.
-    assert_ne!(
-        r.headers().get("connection").map(|v| v.to_str().unwrap()),
-        Some("close")
-    );
-    assert_eq!(old.readyz().await, 200);
+    still_serving_once_logged(&mut old, "could not be handed to the new process").await;
     drop(listener);
 }
 
@@ -259,25 +260,7 @@ async fn sockets_sent_but_never_read_leave_the_old_one_serving() {
     // its backlog.
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     old.signal("QUIT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log_of(&old).contains("did not take the listening sockets") {
-        assert!(Instant::now() < deadline, "{}", log_of(&old));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        old.exited().is_none(),
-        "the process ended: {}",
-        log_of(&old)
-    );
-    let token = old.mint("user/*.rs", None);
-    let r = old.get("Patient/p1", Some(&token)).await;
-    assert_eq!(r.status(), 200);
-    assert_ne!(
-        r.headers().get("connection").map(|v| v.to_str().unwrap()),
-        Some("close")
-    );
-    assert_eq!(old.readyz().await, 200);
+    still_serving_once_logged(&mut old, "did not take the listening sockets").await;
     drop(listener);
 }
 
