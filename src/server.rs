@@ -74,6 +74,13 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
             }
             self.reload();
+            // What is in force is what that reload read, whichever asked
+            // for it: a file put back as it was before a SIGHUP's reload
+            // (its modification time kept: `cp -p`, a backup moved back)
+            // differs from it, and is applied.
+            if watch.is_some() {
+                files = Settling::new(self.read.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            }
         }
     }
 }

@@ -1482,6 +1482,49 @@ async fn watched_policies_reload_on_change() {
     assert_eq!(status, 403, "the new file was not picked up");
 }
 
+/// With a watch, a SIGHUP's reload counts as applied too: a file put back
+/// afterwards as it was (its modification time kept, as `cp -p` or a
+/// backup moved back does) is a change the watch applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_applies_a_file_restored_after_a_sighup() {
+    let dir = TempDir::new("policies-restore");
+    let file = dir.0.join("10-rules.yaml");
+    let original = "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n";
+    std::fs::write(&file, original).unwrap();
+    let stamp = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let gw = Gateway::start(Options {
+        extra_yaml: format!("policies:\n  dir: {}\n  watch: true\n", dir.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    let delete = |id: &'static str| delete_observation(&gw, &token, id);
+    assert_eq!(delete("restore-1").await, 403);
+    // Replaced and applied by a SIGHUP (before the watch's own poll).
+    std::fs::write(&file, "rules: []\n").unwrap();
+    sighup(&gw);
+    gw.until_metric("fhirwall_reloads_total{result=\"success\"}", 1.0)
+        .await;
+    assert_eq!(delete("restore-2").await, 204);
+    // Put back as it was, modification time included.
+    std::fs::write(&file, original).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(stamp)
+        .unwrap();
+    let mut status = 0;
+    for _ in 0..80 {
+        status = delete("restore-3").await;
+        if status == 403 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 403, "the restored file was not applied");
+}
+
 /// A reload that leaves no rule at all (a policy directory emptied, as
 /// while being replaced) is applied but said loudly: every emergency deny
 /// is gone with it.
