@@ -3464,6 +3464,11 @@ impl ProxyHttp for Gateway {
         // Pingora may end a body without a last piece marked as such: a
         // collected answer is read here (cut short, it reads as nothing).
         self.collect_answer(ctx, None, true);
+        // Written from here on, even if this task is dropped while it
+        // waits for room in the queue (`AuditLog::record`): no longer the
+        // context's to write as abandoned (which made two records, and
+        // counted the request twice).
+        ctx.audit = None;
         let record = self.record(session, ctx, Event::Request);
         let interaction = ctx.fhir.as_ref().map(|f| f.interaction);
         let seconds = ctx.started.elapsed().as_secs_f64();
@@ -3474,8 +3479,6 @@ impl ProxyHttp for Gateway {
             m.upstream_duration.observe(t.as_secs_f64());
         }
         self.audit.record(&record).await;
-        drop(record);
-        ctx.audit = None;
     }
 }
 

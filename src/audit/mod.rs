@@ -208,6 +208,25 @@ enum Queued {
     Spill(Pending),
 }
 
+/// A copy of a record [`AuditLog::record`] waits to queue: if that wait is
+/// dropped unfinished, the copy is spilled or counted lost on the spot.
+struct Unsent<'a> {
+    log: &'a AuditLog,
+    copy: Option<(String, Vec<u8>)>,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some((id, bytes)) = self.copy.take() {
+            self.log.spill_or_lose(Pending {
+                id,
+                bytes,
+                ack: None,
+            });
+        }
+    }
+}
+
 /// One encoded record on its way to the writer.
 struct Pending {
     id: String,
@@ -410,11 +429,22 @@ impl AuditLog {
     pub async fn record(&self, record: &Record<'_>) {
         let p = match self.try_queue(record) {
             Queued::Done => return,
-            Queued::Full(p) => match self.shared.queue.push(Msg::Record(p)).await {
-                Ok(()) => return,
-                Err(Msg::Record(p)) => p,
-                Err(Msg::Flush(_)) => return,
-            },
+            Queued::Full(p) => {
+                // Dropped while waiting for room (shutdown ends the
+                // request's task at the drain deadline), the record is
+                // still written out or counted lost, never gone unsaid.
+                let mut unsent = Unsent {
+                    log: self,
+                    copy: Some((p.id.clone(), p.bytes.clone())),
+                };
+                let pushed = self.shared.queue.push(Msg::Record(p)).await;
+                unsent.copy = None;
+                match pushed {
+                    Ok(()) => return,
+                    Err(Msg::Record(p)) => p,
+                    Err(Msg::Flush(_)) => return,
+                }
+            }
             Queued::Spill(p) => p,
         };
         // File I/O on a blocking thread, not on Pingora's worker.

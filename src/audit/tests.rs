@@ -154,3 +154,51 @@ fn a_full_queue_sends_request_records_to_the_spill_file() {
     assert_eq!(spilled.lines().count(), 1, "{spilled}");
     assert!(spilled.contains("\"r2\""), "{spilled}");
 }
+
+/// A request record waiting for room in a full queue (no spill file) whose
+/// wait is dropped (shutdown ends the request's task) is counted as lost
+/// and logged, never gone unsaid.
+#[test]
+fn a_record_whose_wait_for_room_is_dropped_is_counted_lost() {
+    // The writer hangs on an endpoint that never answers: nothing leaves
+    // the queue.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/fhir", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        drop(held);
+    });
+    let cfg = Audit {
+        sink: AuditSink::Fhir {
+            endpoint: endpoint.parse().unwrap(),
+            timeout: std::time::Duration::from_secs(30),
+            batch_max: 10,
+            bearer_token: None,
+        },
+        format: crate::config::AuditFormat::AuditEvent,
+        queue_capacity: 2,
+        ..Audit::stdout()
+    };
+    let log = AuditLog::open(&cfg, event::Site::default(), metrics()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let id = format!("r{i}");
+        let r = Record {
+            id: id.clone(),
+            request_id: &id,
+            decision: "allow",
+            ..Record::default()
+        };
+        let waited = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_millis(300), log.record(&r)).await
+        });
+        // Two fit; the third waits for room, and its wait is dropped.
+        assert_eq!(waited.is_err(), i == 2, "r{i}");
+    }
+    assert_eq!(log.queue_depth(), 2);
+    assert_eq!(log.lost_count(), 1, "the third record counted lost");
+}
