@@ -1204,13 +1204,21 @@ fn spelt_as_id(v: &str) -> bool {
 /// Whose data it reaches, for the audit, whatever the token's launch
 /// patient (under `user/` scopes, `Observation?patient=p2` reads p2's).
 pub fn patients_named(req: &FhirRequest, bases: &Bases) -> Vec<String> {
-    let mut named: Vec<String> = Vec::new();
-    each_patient_named(req, bases, |id| {
-        if spelt_as_id(id) && named.len() < 32 && !named.iter().any(|n| n == id) {
-            named.push(id.to_string());
+    let mut named = Vec::new();
+    each_patient_named(req, bases, |id| named.push(id));
+    patients_of(&named)
+}
+
+/// What [`patients_named`] keeps of the values [`each_patient_named`]
+/// gave: those spelt as FHIR ids, once each, at most 32.
+pub fn patients_of(named: &[&str]) -> Vec<String> {
+    let mut kept: Vec<String> = Vec::new();
+    for id in named {
+        if spelt_as_id(id) && kept.len() < 32 && !kept.iter().any(|n| n == id) {
+            kept.push(id.to_string());
         }
-    });
-    named
+    }
+    kept
 }
 
 /// Every value by which `req` names a patient, as written (any length,

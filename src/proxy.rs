@@ -2497,17 +2497,19 @@ impl Gateway {
         }
         fhir.within_parameter_limit(self.settings.server.max_parameters)
             .map_err(|e| classify_denial(&e))?;
-        // Whose data it reaches, for both of its records.
-        ctx.patients = crate::decide::patients_named(&fhir, &self.bases);
+        // The values naming patients, walked once: whose data it reaches
+        // for both of its records, and ids the upstream would read as
+        // numbers.
+        let mut named = Vec::new();
+        crate::decide::each_patient_named(&fhir, &self.bases, |id| named.push(id));
         if !self.settings.upstream.allow_zero_padded_ids {
-            let mut named = Vec::new();
-            crate::decide::each_patient_named(&fhir, &self.bases, |id| named.push(id));
             if let Some(id) = classify::numeric_alias(&fhir, &named) {
                 return Err(classify_denial(&ClassifyError::ZeroPaddedId(
                     id.to_string(),
                 )));
             }
         }
+        ctx.patients = crate::decide::patients_of(&named);
         ctx.fhir = Some(fhir);
         let fhir = ctx.fhir.as_ref().expect("just set");
 
