@@ -140,6 +140,27 @@ async fn refused_without_a_call(gw: &Gateway, as_: &As, case: &str, token: &str,
     assert_eq!(gw.upstream.count_containing(case), 0, "{case}");
 }
 
+/// `GET Patient/p1` once with each of `tokens`, all at once, from client
+/// address `from` (forwarded by the trusted proxy): the statuses, in order.
+async fn burst(gw: &Gateway, from: &str, tokens: impl Iterator<Item = String>) -> Vec<u16> {
+    let sent: Vec<_> = tokens
+        .map(|token| {
+            let r = gw
+                .client
+                .get(format!("{}/Patient/p1", gw.base))
+                .bearer_auth(token)
+                .header("x-forwarded-for", from)
+                .send();
+            tokio::spawn(async move { r.await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in sent {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
 /// `GET {rel}` with `token` as a task of its own: the status answered.
 fn spawn_get(gw: &Gateway, rel: &str, token: String) -> tokio::task::JoinHandle<u16> {
     let (client, url) = (gw.client.clone(), format!("{}/{rel}", gw.base));
@@ -775,21 +796,7 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
     // A burst of concurrent made-up tokens from one address: the budget is
     // taken before each call, so no more calls than it allows are made.
     as_.delay_ms.store(200, Ordering::SeqCst);
-    let burst: Vec<_> = (0..20)
-        .map(|i| {
-            let r = gw
-                .client
-                .get(format!("{}/Patient/p1", gw.base))
-                .bearer_auth(format!("burst-{i}"))
-                .header("x-forwarded-for", "10.0.0.3")
-                .send();
-            tokio::spawn(async move { r.await.unwrap().status().as_u16() })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in burst {
-        statuses.push(t.await.unwrap());
-    }
+    let statuses = burst(&gw, "10.0.0.3", (0..20).map(|i| format!("burst-{i}"))).await;
     assert!(
         statuses.iter().all(|s| *s == 401 || *s == 429),
         "{statuses:?}"
@@ -802,21 +809,12 @@ async fn an_address_sending_inactive_tokens_stops_being_introspected() {
     assert_eq!(as_.calls.load(Ordering::SeqCst), 12);
     // A burst on one token (a dashboard whose token just expired): one
     // call, paid once, not once by each request waiting for its answer.
-    let burst: Vec<_> = (0..10)
-        .map(|_| {
-            let r = gw
-                .client
-                .get(format!("{}/Patient/p1", gw.base))
-                .bearer_auth("expired-for-all")
-                .header("x-forwarded-for", "10.0.0.5")
-                .send();
-            tokio::spawn(async move { r.await.unwrap().status().as_u16() })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in burst {
-        statuses.push(t.await.unwrap());
-    }
+    let statuses = burst(
+        &gw,
+        "10.0.0.5",
+        (0..10).map(|_| "expired-for-all".to_string()),
+    )
+    .await;
     assert_eq!(statuses, [401; 10]);
     assert_eq!(as_.calls.load(Ordering::SeqCst), 13);
     as_.delay_ms.store(0, Ordering::SeqCst);

@@ -1668,6 +1668,13 @@ async fn writes_keep_the_compartment() {
     assert_eq!(s, 502, "{body}");
     assert!(body.contains("versionId is not a string"), "{body}");
     assert_eq!(writes("PUT"), 0);
+    // An Observation of `subject`, p1 only as performer.
+    let by_mrn = |subject: Value| {
+        let body = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "x"}, "subject": subject,
+            "performer": [{"reference": "Patient/p1"}]});
+        (fhir, body.to_string(), "by identifier")
+    };
     for (ctype, body, why) in [
         (fhir, obs(None, "p2"), "outside the compartment"),
         (
@@ -1695,34 +1702,13 @@ async fn writes_keep_the_compartment() {
         // A subject named by identifier alone (another patient's MRN),
         // p1 only as performer: readers resolving it would file it as the
         // other patient's.
-        (
-            fhir,
-            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-                   "subject": {"type": "Patient", "identifier": {"system": "urn:mrn", "value": "P2"}},
-                   "performer": [{"reference": "Patient/p1"}]})
-            .to_string(),
-            "by identifier",
-        ),
+        by_mrn(json!({"type": "Patient", "identifier": {"system": "urn:mrn", "value": "P2"}})),
         // The same with an empty reference beside the identifier (HAPI
         // reads `null` or "" as no reference at all).
-        (
-            fhir,
-            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-                   "subject": {"reference": null, "type": "Patient",
-                               "identifier": {"system": "urn:mrn", "value": "P2"}},
-                   "performer": [{"reference": "Patient/p1"}]})
-            .to_string(),
-            "by identifier",
-        ),
-        (
-            fhir,
-            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-                   "subject": {"reference": " ", "type": "Patient",
-                               "identifier": {"system": "urn:mrn", "value": "P2"}},
-                   "performer": [{"reference": "Patient/p1"}]})
-            .to_string(),
-            "by identifier",
-        ),
+        by_mrn(json!({"reference": null, "type": "Patient",
+                      "identifier": {"system": "urn:mrn", "value": "P2"}})),
+        by_mrn(json!({"reference": " ", "type": "Patient",
+                      "identifier": {"system": "urn:mrn", "value": "P2"}})),
         // References the upstream would look up: another patient's
         // resource and a missing one are refused alike (the upstream's 201
         // or 400 would tell which exists), as is another Patient anywhere.

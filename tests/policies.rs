@@ -1471,15 +1471,7 @@ async fn watched_policies_reload_on_change() {
         "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
     )
     .unwrap();
-    let mut status = 0;
-    for _ in 0..80 {
-        status = delete("watch-2").await;
-        if status == 403 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(status, 403, "the new file was not picked up");
+    until_delete_refused(&delete, "watch-2", "the new file was not picked up").await;
 }
 
 /// With a watch, a SIGHUP's reload counts as applied too: a file put back
@@ -1514,15 +1506,25 @@ async fn a_watch_applies_a_file_restored_after_a_sighup() {
         .unwrap()
         .set_modified(stamp)
         .unwrap();
+    until_delete_refused(&delete, "restore-3", "the restored file was not applied").await;
+}
+
+/// Sends `delete(id)` every 100 ms, for at most 8 s, until it is refused
+/// (403): a watched policy change applied; `what` says which when not.
+async fn until_delete_refused<F: std::future::Future<Output = u16>>(
+    delete: &impl Fn(&'static str) -> F,
+    id: &'static str,
+    what: &str,
+) {
     let mut status = 0;
     for _ in 0..80 {
-        status = delete("restore-3").await;
+        status = delete(id).await;
         if status == 403 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(status, 403, "the restored file was not applied");
+    assert_eq!(status, 403, "{what}");
 }
 
 /// A reload that leaves no rule at all (a policy directory emptied, as

@@ -101,10 +101,10 @@ fn a_writer_stuck_on_one_batch_makes_the_log_unready() {
     assert!(log.ready());
 }
 
-#[test]
-fn a_full_queue_sends_request_records_to_the_spill_file() {
-    // An endpoint that takes the connection and never answers: the writer
-    // hangs on it (its first probe), so nothing leaves the queue.
+/// A log whose queue holds two records, in front of a FHIR endpoint that
+/// takes the connection and never answers: the writer hangs on it (its
+/// first probe), so nothing leaves the queue.
+fn behind_a_hung_endpoint(on_failure: crate::config::OnAuditFailure) -> AuditLog {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}/fhir", listener.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -112,11 +112,6 @@ fn a_full_queue_sends_request_records_to_the_spill_file() {
         std::thread::sleep(std::time::Duration::from_secs(60));
         drop(held);
     });
-    let spill = std::env::temp_dir().join(format!(
-        "fhirwall-audit-spill-test-{}.jsonl",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&spill);
     let cfg = Audit {
         sink: AuditSink::Fhir {
             endpoint: endpoint.parse().unwrap(),
@@ -126,10 +121,20 @@ fn a_full_queue_sends_request_records_to_the_spill_file() {
         },
         format: crate::config::AuditFormat::AuditEvent,
         queue_capacity: 2,
-        on_failure: crate::config::OnAuditFailure::Spill(spill.clone()),
+        on_failure,
         ..Audit::stdout()
     };
-    let log = AuditLog::open(&cfg, event::Site::default(), metrics()).unwrap();
+    AuditLog::open(&cfg, event::Site::default(), metrics()).unwrap()
+}
+
+#[test]
+fn a_full_queue_sends_request_records_to_the_spill_file() {
+    let spill = std::env::temp_dir().join(format!(
+        "fhirwall-audit-spill-test-{}.jsonl",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&spill);
+    let log = behind_a_hung_endpoint(crate::config::OnAuditFailure::Spill(spill.clone()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,27 +165,7 @@ fn a_full_queue_sends_request_records_to_the_spill_file() {
 /// and logged, never gone unsaid.
 #[test]
 fn a_record_whose_wait_for_room_is_dropped_is_counted_lost() {
-    // The writer hangs on an endpoint that never answers: nothing leaves
-    // the queue.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}/fhir", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let held: Vec<_> = listener.incoming().take(4).collect();
-        std::thread::sleep(std::time::Duration::from_secs(60));
-        drop(held);
-    });
-    let cfg = Audit {
-        sink: AuditSink::Fhir {
-            endpoint: endpoint.parse().unwrap(),
-            timeout: std::time::Duration::from_secs(30),
-            batch_max: 10,
-            bearer_token: None,
-        },
-        format: crate::config::AuditFormat::AuditEvent,
-        queue_capacity: 2,
-        ..Audit::stdout()
-    };
-    let log = AuditLog::open(&cfg, event::Site::default(), metrics()).unwrap();
+    let log = behind_a_hung_endpoint(crate::config::OnAuditFailure::Refuse);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
