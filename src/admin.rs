@@ -57,7 +57,20 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path = session.req_header().uri.path().to_string();
+        let req = session.req_header();
+        if req.method != http::Method::GET && req.method != http::Method::HEAD {
+            let mut r = reply(
+                405,
+                "text/plain",
+                b"method not allowed: GET or HEAD\n".to_vec(),
+            );
+            r.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static("GET, HEAD"),
+            );
+            return r;
+        }
+        let path = req.uri.path().to_string();
         match path.as_str() {
             "/metrics" => {
                 let m = &self.metrics;

@@ -22,7 +22,8 @@ pub fn run(listen: &str, admin: &str) -> Result<(), String> {
                 .build()
                 .expect("sandbox runtime");
             rt.block_on(async move {
-                let (_fhir, upstream) = FhirSandbox::spawn("/r4").await;
+                let (fhir, upstream) = FhirSandbox::spawn("/r4").await;
+                fhir.forget_requests();
                 let issuer = SandboxIssuer::spawn(&audience, KeyKind::P256, "sandbox-key-1").await;
                 tx.send((upstream, issuer)).expect("demo main thread waits");
                 std::future::pending::<()>().await;

@@ -374,6 +374,7 @@ impl Drop for Ctx {
             }),
             ..self.record(Event::Request)
         };
+        metrics.resource(record.resource_type, "error");
         audit.record_now(&record);
     }
 }
@@ -2350,10 +2351,16 @@ impl Gateway {
             Err(_) => crate::token::token_kind(&token),
         };
         self.metrics.validation(kind, took.as_secs_f64());
-        if v.is_err() {
+        if let Err(e) = &v {
             // A refused token is audited by its hash too: repeated attacks
             // with one token can then be told apart.
             ctx.refused_token_hash = Some(crate::token::token_hash(&token));
+            // It was not in the cache of verified tokens (one too long is
+            // refused before the cache is asked): a flood of forged tokens
+            // shows in the hit ratio.
+            if !matches!(e, crate::token::TokenError::TooLong(_)) {
+                self.metrics.token_cache_misses.inc();
+            }
         }
         let v = v.map_err(|e| {
             match token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)) {
@@ -3444,6 +3451,11 @@ impl ProxyHttp for Gateway {
             Some(d) => d.status(),
             None => 0,
         };
+        // An attempt that failed upstream (a timeout above all) took this
+        // long: its record and the upstream histogram show it.
+        if !downstream && ctx.upstream_time.is_none() {
+            ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        }
         // A denial already decided (the client hung up on it) stays what
         // it was: a refusal must not be recorded as a client error.
         ctx.denial = ctx.denial.take().or(denial).or(Some(Denial::Upstream {
@@ -3542,6 +3554,7 @@ mod tests {
                     | "introspection_unavailable"
                     | "introspection_throttled"
                     | "abandoned"
+                    | "other"
             ) || r.starts_with("token_")
                 && !matches!(*r, "token_too_long" | "token_binding_unsupported");
             assert_eq!(super::stage_of(r) == "validate", validating, "{r}");

@@ -192,4 +192,20 @@ async fn every_printed_example_answers_as_labelled() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // A lifetime beyond a day, or not positive, is refused (an overflowing
+    // one panicked the sandbox's task in a debug build).
+    for lifetime in ["9223372036854775807", "86401", "0", "-5"] {
+        let r = client
+            .get(format!("{mint}&lifetime_seconds={lifetime}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "lifetime_seconds={lifetime}");
+    }
+    let r = client
+        .get(format!("{mint}&lifetime_seconds=86400"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -122,6 +122,9 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             "claim 'scope' holds a control character",
         ),
     ];
+    // Each refused token missed the cache of verified tokens (the
+    // oversized one was refused before it was looked up).
+    let missed = cases.len() as f64 - 1.0;
     for (name, token, describes) in cases {
         let marker = format!("hostile-{name}");
         let r = gw.get(&format!("Patient/{marker}"), Some(&token)).await;
@@ -155,6 +158,12 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             "{name} reached the upstream"
         );
     }
+    let m = gw.metrics().await;
+    assert_eq!(
+        support::metric(&m, "fhirwall_token_cache_misses_total"),
+        missed
+    );
+    assert_eq!(support::metric(&m, "fhirwall_token_cache_hits_total"), 0.0);
     // Records carry the token hash, never the token.
     let audit = gw.audit_containing("\"reason\":\"token_expired\"");
     assert!(!audit.contains(&key.sign(&claims)[..40]));
@@ -2070,6 +2079,19 @@ async fn upstream_down_and_slow_answer_502_and_504() {
     assert_eq!(rec["path"], "/fhir/Patient/slow-1");
     assert_eq!(rec["decision"], "error");
     assert_eq!(rec["reason"], "upstream_timeout");
+    // The time the upstream was waited for is recorded and measured.
+    assert!(
+        rec["upstream_ms"].as_f64().is_some_and(|ms| ms >= 250.0),
+        "{rec}"
+    );
+    let m = gw.metrics().await;
+    let series = "fhirwall_upstream_duration_seconds";
+    assert_eq!(support::metric(&m, &format!("{series}_count")), 1.0, "{m}");
+    assert_eq!(
+        support::metric(&m, &format!("{series}_bucket{{le=\"0.1\"}}")),
+        0.0,
+        "{m}"
+    );
 
     // An upstream that never completes the TCP handshake: a listener on
     // loopback with its accept queue full, so the kernel drops new SYNs.
@@ -2453,6 +2475,18 @@ async fn discovery_cache_audit_and_metrics() {
         .await
         .unwrap();
     assert_eq!(h.status(), 200);
+    // The admin endpoints are read-only: a probe or a scanner that posts
+    // is told so.
+    for path in ["healthz", "readyz", "metrics"] {
+        let r = gw
+            .client
+            .post(format!("{}/{path}", gw.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD", "{path}");
+    }
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct FhirSandbox {
     pub base_path: String,
     resources: BTreeMap<(String, String), Value>,
     seen: Mutex<Vec<Seen>>,
+    /// Whether requests are kept in `seen` (tests read them; `demo`, left
+    /// running, does not keep them).
+    keep_seen: std::sync::atomic::AtomicBool,
 }
 
 /// Synthetic data: three patients, their Observations and Conditions.
@@ -135,7 +138,16 @@ impl FhirSandbox {
             base_path: base_path.trim_end_matches('/').to_string(),
             resources,
             seen: Mutex::new(Vec::new()),
+            keep_seen: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Stops keeping received requests (and forgets those kept): a
+    /// long-running sandbox would otherwise grow with every request.
+    pub fn forget_requests(&self) {
+        self.keep_seen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.seen.lock().unwrap().clear();
     }
 
     /// Every request received so far.
@@ -487,26 +499,28 @@ async fn answer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    s.seen.lock().unwrap().push(Seen {
-        method: method.to_string(),
-        uri: uri.to_string(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body_len: body.len(),
-        body: if body.len() <= 64 * 1024 {
-            body.clone()
-        } else {
-            Bytes::new()
-        },
-        peer,
-    });
+    if s.keep_seen.load(std::sync::atomic::Ordering::Relaxed) {
+        s.seen.lock().unwrap().push(Seen {
+            method: method.to_string(),
+            uri: uri.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body_len: body.len(),
+            body: if body.len() <= 64 * 1024 {
+                body.clone()
+            } else {
+                Bytes::new()
+            },
+            peer,
+        });
+    }
     let Some(rel) = uri.path().strip_prefix(&s.base_path) else {
         return not_found("outside the sandbox base");
     };

@@ -38,6 +38,9 @@ pub struct SandboxIssuer {
     pub openid_configuration: AtomicBool,
 }
 
+/// The longest lifetime `/token` mints (a day).
+pub const MAX_MINTED_LIFETIME: i64 = 86_400;
+
 /// Parameters of a token to mint.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Mint {
@@ -103,7 +106,7 @@ impl SandboxIssuer {
         let now = now();
         let mut c = json!({
             "iss": self.issuer, "aud": self.audience, "sub": m.sub, "client_id": m.client_id,
-            "scope": m.scope, "iat": now, "exp": now + m.lifetime_seconds,
+            "scope": m.scope, "iat": now, "exp": now.saturating_add(m.lifetime_seconds),
             "jti": super::super::audit::hex(&rand::random::<[u8; 12]>()),
         });
         if let Some(p) = &m.patient {
@@ -187,6 +190,10 @@ async fn smart_configuration(State(s): State<Arc<SandboxIssuer>>) -> Response {
 
 /// `GET /token?scope=…&patient=…`: a signed token (sandbox only).
 async fn mint_handler(State(s): State<Arc<SandboxIssuer>>, Query(m): Query<Mint>) -> Response {
+    if !(1..=MAX_MINTED_LIFETIME).contains(&m.lifetime_seconds) {
+        let why = format!("lifetime_seconds must be 1 to {MAX_MINTED_LIFETIME}\n");
+        return (StatusCode::BAD_REQUEST, why).into_response();
+    }
     Json(json!({"access_token": s.mint(&m), "token_type": "Bearer", "expires_in": m.lifetime_seconds, "scope": m.scope}))
         .into_response()
 }
