@@ -918,7 +918,7 @@ impl std::io::Read for Pieces {
 /// ([`rewrite_links`]). The whole answer is refused (502) when it is not
 /// the response Bundle of the request, entry for entry.
 #[allow(clippy::too_many_arguments)]
-pub fn judge_bundle_answer(
+pub fn judge_bundle_answer<B: AsRef<str>>(
     checks: &[EntryCheck],
     writes: &[usize],
     req: &FhirRequest,
@@ -926,7 +926,7 @@ pub fn judge_bundle_answer(
     content_type: Option<&str>,
     body: &[u8],
     bases: &Bases,
-    upstream_base: &str,
+    upstream_bases: &[B],
     public_base: &str,
 ) -> Result<(Vec<u8>, usize), Verdict> {
     let mut doc = parse(content_type, body)?;
@@ -1027,7 +1027,7 @@ pub fn judge_bundle_answer(
             drop => Some(without_entries(resource, drop)?),
         };
         let text = trimmed.as_deref().unwrap_or(resource);
-        rewrite_links(text, upstream_base, public_base)
+        rewrite_links(text, upstream_bases, public_base)
             .or(trimmed)
             .or_else(|| Some(resource.to_vec()))
     };
@@ -1102,12 +1102,29 @@ pub fn withheld_write_outcome(status: u16) -> Option<Value> {
     }))
 }
 
-/// `u` moved from the upstream's base to the public one, if it is under
-/// the upstream's (the base itself, or followed by `/` or `?`).
-pub fn rewrite_url(u: &str, upstream_base: &str, public_base: &str) -> Option<String> {
-    let rest = u.strip_prefix(upstream_base)?;
-    (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
-        .then(|| format!("{public_base}{rest}"))
+/// `u` moved from an upstream base ([`Settings::upstream_bases`]) to the
+/// public one, if it is under one (the base itself, or followed by `/` or
+/// `?`) and not under the public base already.
+///
+/// [`Settings::upstream_bases`]: crate::config::Settings::upstream_bases
+pub fn rewrite_url<B: AsRef<str>>(
+    u: &str,
+    upstream_bases: &[B],
+    public_base: &str,
+) -> Option<String> {
+    let below = |base: &str| {
+        u.strip_prefix(base)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+    };
+    // Already the gateway's (an upstream base may be a prefix of it: the
+    // public origin with an upstream at `/`).
+    if below(public_base).is_some() {
+        return None;
+    }
+    upstream_bases
+        .iter()
+        .find_map(|b| below(b.as_ref()))
+        .map(|rest| format!("{public_base}{rest}"))
 }
 
 /// Types outside the Patient compartment that `$everything` may return as
@@ -1187,8 +1204,12 @@ fn judge_everything(
 /// (and is decided and checked again), and drops a `total` that no entry
 /// backs (an OperationOutcome entry, `search.mode: outcome`, backs none).
 /// `None` when there is nothing to change.
-pub fn rewrite_links(body: &[u8], upstream_base: &str, public_base: &str) -> Option<Vec<u8>> {
-    let rewrite = |u: &str| rewrite_url(u, upstream_base, public_base);
+pub fn rewrite_links<B: AsRef<str>>(
+    body: &[u8],
+    upstream_bases: &[B],
+    public_base: &str,
+) -> Option<Vec<u8>> {
+    let rewrite = |u: &str| rewrite_url(u, upstream_bases, public_base);
     // Edited in place, numbers as written; from the tree only if the text
     // cannot be edited (the total must go all the same).
     let spliced = || -> Option<Option<Vec<u8>>> {
@@ -1860,7 +1881,7 @@ mod tests {
             "link":[{"relation":"next","url":"http://up:9/r4?_getpages=x"}],
             "entry":[{"fullUrl":"http://up:9/r4/Observation/a",
               "resource":{"resourceType":"Observation","id":"a","valueQuantity":{"value":5.10}}}]}"#;
-        let out = rewrite_links(answer.as_bytes(), "http://up:9/r4", "https://gw/fhir").unwrap();
+        let out = rewrite_links(answer.as_bytes(), &["http://up:9/r4"], "https://gw/fhir").unwrap();
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains(r#"{"value":5.10}"#), "{out}");
         assert!(out.contains("https://gw/fhir?_getpages=x"), "{out}");
@@ -1889,6 +1910,32 @@ mod tests {
         );
     }
 
+    /// A URL is moved from the first upstream base it is under, unless it
+    /// is the gateway's already (the forwarded base of an upstream at `/`
+    /// is the public origin, a prefix of the public base).
+    #[test]
+    fn urls_move_from_any_upstream_base_but_not_from_the_public_one() {
+        let bases = ["http://up:9/r4", "https://gw"];
+        let moved = |u: &str| rewrite_url(u, &bases, "https://gw/fhir");
+        assert_eq!(moved("https://gw/fhir/Patient/1"), None);
+        assert_eq!(moved("https://gw/fhir?_getpages=a"), None);
+        assert_eq!(
+            moved("https://gw/Patient/1").as_deref(),
+            Some("https://gw/fhir/Patient/1")
+        );
+        assert_eq!(
+            moved("http://up:9/r4?_getpages=a").as_deref(),
+            Some("https://gw/fhir?_getpages=a")
+        );
+        assert_eq!(moved("https://gw.evil/Patient/1"), None);
+        assert_eq!(moved("http://up:9/r45/Patient/1"), None);
+        // `/fhirx` is not under `/fhir`: an upstream path of its own.
+        assert_eq!(
+            moved("https://gw/fhirx/Patient/1").as_deref(),
+            Some("https://gw/fhir/fhirx/Patient/1")
+        );
+    }
+
     #[test]
     fn paging_links_are_rewritten_to_the_public_base() {
         let body = json!({"resourceType": "Bundle", "type": "searchset",
@@ -1900,7 +1947,7 @@ mod tests {
             "entry": [{"fullUrl": "http://up:9/r4/Observation/a"}]});
         let out = rewrite_links(
             body.to_string().as_bytes(),
-            "http://up:9/r4",
+            &["http://up:9/r4"],
             "https://gw/fhir",
         )
         .unwrap();
@@ -1913,12 +1960,12 @@ mod tests {
         assert_eq!(out["link"][2]["url"], "http://up:9/r4x/Observation");
         assert_eq!(out["link"][3]["url"], "https://other/r4/Observation");
         assert_eq!(out["entry"][0]["fullUrl"], "https://gw/fhir/Observation/a");
-        assert!(rewrite_links(b"{}", "http://up:9/r4", "https://gw/fhir").is_none());
+        assert!(rewrite_links(b"{}", &["http://up:9/r4"], "https://gw/fhir").is_none());
         // A count with nothing to check is dropped; a zero count stays.
         let count = json!({"resourceType": "Bundle", "type": "searchset", "total": 42});
         let out = rewrite_links(
             count.to_string().as_bytes(),
-            "http://up:9/r4",
+            &["http://up:9/r4"],
             "https://gw/fhir",
         )
         .unwrap();
@@ -1927,7 +1974,7 @@ mod tests {
         let zero = json!({"resourceType": "Bundle", "type": "searchset", "total": 0});
         assert!(rewrite_links(
             zero.to_string().as_bytes(),
-            "http://up:9/r4",
+            &["http://up:9/r4"],
             "https://gw/fhir"
         )
         .is_none());
@@ -1938,7 +1985,7 @@ mod tests {
             "entry": [{"resource": outcome, "search": {"mode": "outcome"}}]});
         let out = rewrite_links(
             warned.to_string().as_bytes(),
-            "http://up:9/r4",
+            &["http://up:9/r4"],
             "https://gw/fhir",
         )
         .unwrap();
@@ -1950,7 +1997,7 @@ mod tests {
                       {"resource": outcome, "search": {"mode": "outcome"}}]});
         assert!(rewrite_links(
             matched.to_string().as_bytes(),
-            "http://up:9/r4",
+            &["http://up:9/r4"],
             "https://gw/fhir"
         )
         .is_none());
@@ -2011,7 +2058,7 @@ mod tests {
             Some("application/fhir+json"),
             text.as_bytes(),
             &Bases::default(),
-            "http://up:9/r4",
+            &["http://up:9/r4"],
             "https://gw/fhir",
         )
         .unwrap();
@@ -2102,7 +2149,7 @@ mod tests {
                 Some("application/fhir+json"),
                 a.to_string().as_bytes(),
                 &Bases::default(),
-                "http://up:9/r4",
+                &["http://up:9/r4"],
                 "https://gw/fhir",
             )
         };

@@ -1043,6 +1043,28 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The bases the upstream may write its links and absolute references
+    /// under, without a trailing `/`: its URL as configured and, if it
+    /// differs, the public origin with the upstream's path. A server that
+    /// takes the `X-Forwarded-Host`/`-Proto` fhirwall sends (HAPI's
+    /// `ApacheProxyAddressStrategy`, Tomcat's `RemoteIpValve`, Spring's
+    /// forwarded-header support) writes its links that second way: the
+    /// gateway's host, its own path.
+    pub fn upstream_bases(&self) -> Vec<String> {
+        let own = self.upstream.url.as_str().trim_end_matches('/').to_string();
+        let forwarded = format!(
+            "{}{}",
+            self.public_base.origin().ascii_serialization(),
+            self.upstream.url.path().trim_end_matches('/')
+        );
+        let public = self.public_base.as_str().trim_end_matches('/');
+        let mut bases = vec![own];
+        if forwarded != bases[0] && forwarded != public {
+            bases.push(forwarded);
+        }
+        bases
+    }
+
     /// The sections that differ between the running settings and `new`
     /// but that only a restart applies (everything but policies, roles
     /// and break-glass). Files they name are read at start only: a
@@ -3562,6 +3584,38 @@ admin:
         assert_eq!(
             s.public_routes,
             vec!["metadata", ".well-known/smart-configuration"]
+        );
+    }
+
+    /// The upstream's links may be under its URL or, when it builds them
+    /// from the forwarded host, under the public origin with its own path;
+    /// a second base that is the public base or the first is not listed.
+    #[test]
+    fn the_upstream_writes_links_under_its_url_or_the_forwarded_host() {
+        let bases = |public: &str, upstream: &str| {
+            let yaml = GOOD
+                .replace(
+                    "http://localhost:8080/fhir\nupstream",
+                    &format!("{public}\nupstream"),
+                )
+                .replace("http://127.0.0.1:9090/r4", upstream);
+            Config::parse(&yaml)
+                .unwrap()
+                .validate()
+                .unwrap()
+                .upstream_bases()
+        };
+        assert_eq!(
+            bases("https://gw.example/fhir", "http://127.0.0.1:9090/r4"),
+            ["http://127.0.0.1:9090/r4", "https://gw.example/r4"]
+        );
+        assert_eq!(
+            bases("https://gw.example:8443/fhir/", "http://127.0.0.1:9090/"),
+            ["http://127.0.0.1:9090", "https://gw.example:8443"]
+        );
+        assert_eq!(
+            bases("https://gw.example/fhir", "http://127.0.0.1:9090/fhir"),
+            ["http://127.0.0.1:9090/fhir"]
         );
     }
 

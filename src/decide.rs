@@ -109,13 +109,20 @@ pub struct DecideOptions {
 
 impl DecideOptions {
     /// The options the configuration gives: a patient may be named under
-    /// the public base and the upstream's (the gateway's and `fhirwall
-    /// explain`'s alike).
+    /// the public base and the upstream's ([`Settings::upstream_bases`]),
+    /// the gateway's and `fhirwall explain`'s alike.
+    ///
+    /// [`Settings::upstream_bases`]: crate::config::Settings::upstream_bases
     pub fn from_settings(s: &crate::config::Settings) -> DecideOptions {
         let base = |u: &url::Url| u.as_str().trim_end_matches('/').to_string();
         DecideOptions {
             unnarrowed_search: s.unnarrowed_search,
-            bases: Bases(vec![base(&s.public_base), base(&s.upstream.url)]),
+            bases: Bases(
+                [base(&s.public_base)]
+                    .into_iter()
+                    .chain(s.upstream_bases())
+                    .collect(),
+            ),
         }
     }
 }

@@ -120,7 +120,7 @@ impl EverythingPages {
     /// `$everything` answer passed on to `origin`'s caller, under one of
     /// `bases` (the upstream's, and the public one a server told its
     /// public address links under).
-    pub fn remember(&self, body: &[u8], bases: &[&str], origin: &Origin) {
+    pub fn remember<B: AsRef<str>>(&self, body: &[u8], bases: &[B], origin: &Origin) {
         let count = self.per_caller.get_with(origin.caller(), Default::default);
         for id in page_ids(body, bases) {
             if count.load(Ordering::Relaxed) >= MAX_PER_CALLER {
@@ -170,7 +170,7 @@ pub fn page_id(req: &FhirRequest) -> Option<&str> {
 /// The page ids (`_getpages`, `_pageId`) the paging links of a Bundle
 /// carry (`next`, `previous`, `prev`, `first`, `last`; never `self`, which
 /// may echo what the client asked for) under one of `bases`.
-pub fn page_ids(body: &[u8], bases: &[&str]) -> Vec<String> {
+pub fn page_ids<B: AsRef<str>>(body: &[u8], bases: &[B]) -> Vec<String> {
     let Some(top) = std::str::from_utf8(body).ok().and_then(json_edit::parse) else {
         return Vec::new();
     };
@@ -186,7 +186,7 @@ pub fn page_ids(body: &[u8], bases: &[&str]) -> Vec<String> {
             continue;
         };
         let under_base = bases.iter().any(|base| {
-            url.strip_prefix(base)
+            url.strip_prefix(base.as_ref())
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
         });
         if !paging || !under_base {

@@ -74,6 +74,11 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub audit: AuditLog,
     realm: String,
+    /// [`crate::config::Settings::upstream_bases`].
+    upstream_bases: Vec<String>,
+    /// Where a `$everything` answer's paging links may point: the
+    /// upstream bases and the public base.
+    paging_bases: Vec<String>,
     context_header_names: Vec<String>,
     /// `X-Forwarded-Proto` and `X-Forwarded-Host`, fixed by the public base URL.
     forwarded_proto: http::HeaderValue,
@@ -146,6 +151,12 @@ impl Gateway {
             settings.server.max_held_body_bytes,
         );
         let decide_opts = DecideOptions::from_settings(&settings);
+        let upstream_bases = settings.upstream_bases();
+        let paging_bases = upstream_bases
+            .iter()
+            .cloned()
+            .chain([realm.clone()])
+            .collect();
         let bases = decide_opts.bases.clone();
         let public_origin = settings.public_base.origin().ascii_serialization();
         let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::from_settings(
@@ -188,6 +199,8 @@ impl Gateway {
             metrics,
             audit,
             realm,
+            upstream_bases,
+            paging_bases,
             context_header_names,
             forwarded_proto,
             forwarded_host,
@@ -689,10 +702,11 @@ impl Gateway {
         r
     }
 
-    /// The upstream's base URL as its answers spell it, without a trailing
-    /// `/` (links under it are moved to the public base).
-    fn upstream_base(&self) -> &str {
-        self.settings.upstream.url.as_str().trim_end_matches('/')
+    /// The upstream's base URLs as its answers may spell them, without a
+    /// trailing `/` (links under them are moved to the public base):
+    /// [`crate::config::Settings::upstream_bases`].
+    fn upstream_bases(&self) -> &[String] {
+        &self.upstream_bases
     }
 
     /// Marks an upstream answer passed on to the client: the request id
@@ -726,7 +740,7 @@ impl Gateway {
         }
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let moved = h.headers.get(&name).and_then(|v| {
-                crate::check::rewrite_url(v.to_str().ok()?, self.upstream_base(), &self.realm)
+                crate::check::rewrite_url(v.to_str().ok()?, self.upstream_bases(), &self.realm)
             });
             if let Some(public) = moved {
                 h.insert_header(name, public)?;
@@ -1292,7 +1306,7 @@ impl Gateway {
                     content_type,
                     &answer.body,
                     &self.bases,
-                    self.upstream_base(),
+                    self.upstream_bases(),
                     &self.realm,
                 )
                 .map(|(body, left_out)| {
@@ -1314,7 +1328,7 @@ impl Gateway {
                 Verdict::Trim { entries } => {
                     ctx.left_out += entries.len();
                     match crate::check::without_entries(&answer.body, &entries) {
-                        Some(kept) => Ok(rewrite_links(&kept, self.upstream_base(), &self.realm)
+                        Some(kept) => Ok(rewrite_links(&kept, self.upstream_bases(), &self.realm)
                             .map(Bytes::from)
                             .unwrap_or_else(|| Bytes::from(kept))),
                         None => Err(Verdict::Unverifiable {
@@ -1332,11 +1346,11 @@ impl Gateway {
                         if let Some(t) = &ctx.token {
                             self.everything_pages.remember(
                                 &answer.body,
-                                &[self.upstream_base(), &self.realm],
+                                &self.paging_bases,
                                 &Origin::of(&t.claims, patient),
                             );
                         }
-                        rewrite_links(&answer.body, self.upstream_base(), &self.realm)
+                        rewrite_links(&answer.body, self.upstream_bases(), &self.realm)
                             .map(Bytes::from)
                             .unwrap_or(answer.body.clone())
                     }
@@ -1350,13 +1364,13 @@ impl Gateway {
                         let body = crate::check::without_paging_links(&answer.body)
                             .map(Bytes::from)
                             .unwrap_or_else(|| answer.body.clone());
-                        rewrite_links(&body, self.upstream_base(), &self.realm)
+                        rewrite_links(&body, self.upstream_bases(), &self.realm)
                             .map(Bytes::from)
                             .unwrap_or(body)
                     }
                     ResponseCheck::Search { .. } => {
                         let body = crate::check::entries_written_one_way(&answer.body);
-                        rewrite_links(&body, self.upstream_base(), &self.realm)
+                        rewrite_links(&body, self.upstream_bases(), &self.realm)
                             .map(Bytes::from)
                             .unwrap_or_else(|| Bytes::from(body))
                     }

@@ -2494,6 +2494,60 @@ async fn later_pages_of_everything_are_judged_as_everything_for_its_caller() {
     assert!(!ids.contains(&"cond-p2".to_string()), "{ids:?}");
 }
 
+/// An upstream that builds its links from the `X-Forwarded-Host` and
+/// `-Proto` fhirwall sends, keeping its own path (HAPI with
+/// `ApacheProxyAddressStrategy`, a servlet container behind a proxy): the
+/// links are the gateway's host with the upstream's path, and are moved
+/// to the public base like links under the upstream's own URL — pages of
+/// `$everything` and of a search, and a create's `Location`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_built_from_the_forwarded_host_are_moved_to_the_public_base() {
+    let gw = Gateway::start(Options::default()).await;
+    gw.upstream.trust_forwarded_headers();
+    let forwarded_base = format!(
+        "{}/r4",
+        gw.base
+            .strip_suffix("/fhir")
+            .expect("the public base ends in /fhir")
+    );
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let (statuses, ids) = walk_everything(&gw, "Patient/p1/$everything?_count=2", &p1).await;
+    assert!(statuses.len() >= 3, "too few pages to test: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?} {ids:?}");
+    assert!(ids.contains(&"dr-1".to_string()), "{ids:?}");
+
+    let (s, body) =
+        status_and_body(gw.get("Observation?patient=p1&_count=1", Some(&p1)).await).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(!body.contains(&forwarded_base), "{body}");
+    let b: Value = serde_json::from_str(&body).unwrap();
+    let next = b["link"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+        .and_then(|l| l["url"].as_str())
+        .expect("a next page");
+    assert!(
+        next.starts_with(&format!("{}/Observation?", gw.base)),
+        "{next}"
+    );
+
+    let writer = gw.mint("user/Observation.c", None);
+    let r = gw
+        .send(
+            "POST",
+            "Observation",
+            &writer,
+            "application/fhir+json",
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#,
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        r.headers()["location"],
+        format!("{}/Observation/new-1/_history/1", gw.base).as_str()
+    );
+}
+
 /// `GET rel` with `token`: status and body.
 async fn get_owned(gw: &Gateway, token: &str, rel: String) -> (u16, String) {
     let r = gw.get(&rel, Some(token)).await;

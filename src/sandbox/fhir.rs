@@ -37,6 +37,8 @@ pub struct FhirSandbox {
     /// Whether requests are kept in `seen` (tests read them; `demo`, left
     /// running, does not keep them).
     keep_seen: std::sync::atomic::AtomicBool,
+    /// See [`FhirSandbox::trust_forwarded_headers`].
+    trust_forwarded: std::sync::atomic::AtomicBool,
 }
 
 /// Synthetic data: three patients, their Observations and Conditions.
@@ -139,7 +141,34 @@ impl FhirSandbox {
             resources,
             seen: Mutex::new(Vec::new()),
             keep_seen: std::sync::atomic::AtomicBool::new(true),
+            trust_forwarded: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Builds its links from `X-Forwarded-Proto` and `X-Forwarded-Host`
+    /// when they are sent, as HAPI does with `ApacheProxyAddressStrategy`
+    /// (its own path kept).
+    pub fn trust_forwarded_headers(&self) {
+        self.trust_forwarded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `scheme://host` of the links in an answer to a request with
+    /// `headers`: the `Host` it was sent (HAPI's default), or the
+    /// forwarded ones if trusted.
+    fn origin(&self, headers: &HeaderMap) -> String {
+        let get = |name: &str| headers.get(name).and_then(|h| h.to_str().ok());
+        let host = get("host").unwrap_or("localhost");
+        if self
+            .trust_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(forwarded) = get("x-forwarded-host") {
+                let proto = get("x-forwarded-proto").unwrap_or("http");
+                return format!("{proto}://{forwarded}");
+            }
+        }
+        format!("http://{host}")
     }
 
     /// Stops keeping received requests (and forgets those kept): a
@@ -223,20 +252,20 @@ impl FhirSandbox {
 
     /// A batch or transaction, entry by entry: reads and searches answered
     /// from the data, writes acknowledged (nothing is stored).
-    /// An instance's history Bundle, its URLs on `host`, as HAPI links it
+    /// An instance's history Bundle, its URLs at `origin`, as HAPI links it
     /// (its next page a stored search's id).
-    fn history(&self, t: &str, id: &str, host: &str) -> Option<Value> {
+    fn history(&self, t: &str, id: &str, origin: &str) -> Option<Value> {
         let r = self.resources.get(&(t.to_string(), id.to_string()))?;
         let mut versions = earlier_versions(t, id);
         versions.push(r.clone());
         versions.reverse();
-        let url = format!("http://{host}{}/{t}/{id}", self.base_path);
+        let url = format!("{origin}{}/{t}/{id}", self.base_path);
         let entries: Vec<Value> = versions
             .into_iter()
             .map(|v| json!({"fullUrl": url, "resource": v}))
             .collect();
         let next = format!(
-            "http://{host}{}?_getpages=history-{t}-{id}&_getpagesoffset=20&_count=20&_bundletype=history",
+            "{origin}{}?_getpages=history-{t}-{id}&_getpagesoffset=20&_count=20&_bundletype=history",
             self.base_path
         );
         Some(
@@ -247,7 +276,7 @@ impl FhirSandbox {
         )
     }
 
-    fn bundle(&self, body: &[u8], host: &str) -> Value {
+    fn bundle(&self, body: &[u8], origin: &str) -> Value {
         let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let kind = match doc["type"].as_str() {
             Some("transaction") => "transaction-response",
@@ -270,7 +299,7 @@ impl FhirSandbox {
                         None => json!({"response": {"status": "404 Not Found"}}),
                     },
                     ("GET", [t]) => json!({"resource": self.search(&[t], &params), "response": {"status": "200 OK"}}),
-                    ("GET", [t, id, "_history"]) => match self.history(t, id, host) {
+                    ("GET", [t, id, "_history"]) => match self.history(t, id, origin) {
                         Some(h) => json!({"resource": h, "response": {"status": "200 OK"}}),
                         None => json!({"response": {"status": "404 Not Found"}}),
                     },
@@ -635,11 +664,8 @@ async fn answer(
         },
         ("GET", [t, id, "_history"]) => {
             // Absolute URLs from the Host it was sent, as HAPI's.
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            match s.history(t, id, host) {
+            let origin = s.origin(&headers);
+            match s.history(t, id, &origin) {
                 Some(h) => fhir(StatusCode::OK, h),
                 None => not_found(&format!("{t}/{id} is not known")),
             }
@@ -661,11 +687,8 @@ async fn answer(
             if method == Method::POST {
                 params.extend(url::form_urlencoded::parse(&body).into_owned());
             }
-            let host = headers
-                .get("host")
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            let self_url = format!("http://{host}{}/{t}", s.base_path);
+            let origin = s.origin(&headers);
+            let self_url = format!("{origin}{}/{t}", s.base_path);
             let answer = page(s.search(&[t], &params), &self_url, &params);
             fhir_as_asked(&params, answer)
         }
@@ -678,11 +701,8 @@ async fn answer(
                 .find(|(k, _)| k == "_getpages")
                 .map_or("", |(_, v)| v.as_str());
             if let Some(patient) = id.strip_prefix("everything:") {
-                let host = headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost");
-                let base = format!("http://{host}{}", s.base_path);
+                let origin = s.origin(&headers);
+                let base = format!("{origin}{}", s.base_path);
                 return fhir(StatusCode::OK, s.everything(patient, &params, &base));
             }
             let (t, patient) = id.split_once(':').unwrap_or((id, ""));
@@ -703,11 +723,8 @@ async fn answer(
         }
         ("GET", []) => fhir(StatusCode::OK, s.search(&all, &params)),
         ("GET" | "POST", ["Patient", id, "$everything"]) => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            let base = format!("http://{host}{}", s.base_path);
+            let origin = s.origin(&headers);
+            let base = format!("{origin}{}", s.base_path);
             fhir(StatusCode::OK, s.everything(id, &params, &base))
         }
         ("GET", ["Patient", id, t]) => {
@@ -721,21 +738,15 @@ async fn answer(
             fhir(StatusCode::OK, s.search(&types, &p))
         }
         ("POST", []) => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            fhir_as_asked(&params, s.bundle(&body, host))
+            let origin = s.origin(&headers);
+            fhir_as_asked(&params, s.bundle(&body, &origin))
         }
         ("POST", [t]) => {
             // As HAPI answers a create: the new resource's absolute URL,
             // built from the Host it was sent; and, as a servlet container
             // would, a session cookie.
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            let location = format!("http://{host}{}/{t}/new-1/_history/1", s.base_path);
+            let origin = s.origin(&headers);
+            let location = format!("{origin}{}/{t}/new-1/_history/1", s.base_path);
             let mut r = fhir(
                 StatusCode::CREATED,
                 json!({"resourceType": t, "id": "new-1"}),
