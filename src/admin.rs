@@ -1,7 +1,7 @@
 //! The admin listener (separate port): `/metrics` (Prometheus text format),
 //! `/healthz` (liveness) and `/readyz` (ready once the proxy listens,
 //! every issuer's JWKS is loaded, the audit sink takes records and Redis,
-//! if it must, answers, until a shutdown begins).
+//! if it must, has answered since start, until a shutdown begins).
 //! Served by Pingora on its own listener.
 
 use std::sync::Arc;

@@ -148,16 +148,30 @@ impl SharedState {
         self.rate_limited.store(any, Ordering::Relaxed);
     }
 
-    /// Why requests needing the shared state are refused now, if they are:
-    /// Redis is configured with `on_failure: refuse`, something needs it
-    /// (DPoP, a rate limit) and it does not answer.
+    /// Why this process should get no traffic, if it should not: Redis
+    /// is configured with `on_failure: refuse`, something needs it (DPoP,
+    /// a rate limit) and it has not answered the checks' probe since the
+    /// process started (a wrong password, a missing ACL permission, an
+    /// unreachable address: a new replica that could never pass a check
+    /// stays out of the load balancer, and a rolling update stops there).
+    ///
+    /// Once it has answered, an outage does not make the process unready:
+    /// every replica shares one Redis, so all would leave the load balancer
+    /// together, and the requests that need no shared state (bearer
+    /// tokens, rules without a rate limit) would fail with those that do.
+    /// Those that need it are refused (503) and `fhirwall_redis_up` says
+    /// so.
     pub fn not_ready(&self) -> Option<String> {
         let r = self.redis.as_ref()?;
         if !self.dpop_enabled && !self.rate_limited.load(Ordering::Relaxed) {
             return None;
         }
-        (!r.cfg.fallback_local && !r.up.load(Ordering::Relaxed))
-            .then(|| format!("Redis at {} does not answer", r.cfg.url))
+        (!r.cfg.fallback_local && !r.answered.load(Ordering::Relaxed)).then(|| {
+            format!(
+                "Redis at {} has not answered since start (the checks' probe fails)",
+                r.cfg.url
+            )
+        })
     }
 
     /// Remembers a DPoP proof, unless it was seen before or its client is
@@ -381,8 +395,10 @@ pub struct RedisStore {
     cfg: Redis,
     /// Replaced when a probe fails (see [`RedisStore::probe`]).
     conn: arc_swap::ArcSwapOption<redis::aio::ConnectionManager>,
-    /// The last probe passed and no command failed since (readiness).
+    /// The last probe passed and no command failed since.
     up: AtomicBool,
+    /// A probe has passed since start (readiness).
+    answered: AtomicBool,
     /// A command or probe failed and no probe has passed since: with
     /// `on_failure: local`, Redis is not asked meanwhile. (Unlike `up`,
     /// false at start: a process asks Redis until it has seen it fail.)
@@ -401,6 +417,7 @@ impl RedisStore {
             cfg,
             conn: arc_swap::ArcSwapOption::empty(),
             up: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             proof_script: redis::Script::new(PROOF_SCRIPT),
             buckets_script: redis::Script::new(BUCKETS_SCRIPT),
@@ -485,8 +502,9 @@ impl RedisStore {
     /// not scripts would pass a plain write and refuse every check). A
     /// failed probe starts over with a new connection: the connection
     /// manager reconnects by itself only after I/O errors, and keeps a
-    /// refused login or database selection (a rotated password, a user
-    /// created later) until it is replaced.
+    /// refused login or database selection (a user created later, a
+    /// password set back to the configured one) until it is replaced. The
+    /// password is the one read at start: a rotated one needs a restart.
     async fn probe(&self) -> bool {
         if self.conn.load().is_none() {
             match self.connect() {
@@ -570,6 +588,9 @@ impl RedisStore {
     }
 
     fn set_up(&self, up: bool) {
+        if up {
+            self.answered.store(true, Ordering::Relaxed);
+        }
         self.up.store(up, Ordering::Relaxed);
         self.failing.store(!up, Ordering::Relaxed);
         self.metrics.up.set(i64::from(up));
