@@ -182,6 +182,18 @@ impl Denial {
     /// `dpop_algs` the DPoP proof algorithms when DPoP is enabled (a `DPoP`
     /// challenge then accompanies `Bearer` on 401s without a token).
     pub fn answer(&self, realm: &str, dpop_algs: Option<&str>) -> Answer {
+        self.answer_to(realm, dpop_algs, false)
+    }
+
+    /// [`Denial::answer`] to a request that used the `DPoP` scheme (with
+    /// DPoP enabled): its challenges — a malformed request or token, a
+    /// scope or policy refusal — are `DPoP` ones with the algorithms
+    /// (RFC 9449 §7.1), not `Bearer`, a scheme its token is refused under.
+    pub fn answer_to(&self, realm: &str, dpop_algs: Option<&str>, dpop_scheme: bool) -> Answer {
+        let (scheme, algs) = match dpop_algs {
+            Some(a) if dpop_scheme => ("DPoP", format!(", algs=\"{}\"", quoted(a))),
+            _ => ("Bearer", String::new()),
+        };
         let realm = quoted(realm);
         let desc = quoted(&self.description());
         let dpop = dpop_algs
@@ -195,21 +207,21 @@ impl Denial {
                     .map(|a| format!(", algs=\"{}\"", quoted(a)))
                     .unwrap_or_default()
             )),
-            Denial::InvalidRequest { .. } => {
-                Some(format!("Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{desc}\""))
-            }
-            Denial::InvalidToken { .. } => {
-                Some(format!("Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{desc}\""))
-            }
+            Denial::InvalidRequest { .. } => Some(format!(
+                "{scheme} realm=\"{realm}\", error=\"invalid_request\", error_description=\"{desc}\"{algs}"
+            )),
+            Denial::InvalidToken { .. } => Some(format!(
+                "{scheme} realm=\"{realm}\", error=\"invalid_token\", error_description=\"{desc}\"{algs}"
+            )),
             Denial::PolicyDenied { .. } => Some(format!(
-                "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\""
+                "{scheme} realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\"{algs}"
             )),
             Denial::InsufficientScope { scope, .. } => Some(match scope {
                 Some(s) => format!(
-                    "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\", scope=\"{}\"",
+                    "{scheme} realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\", scope=\"{}\"{algs}",
                     quoted(s)
                 ),
-                None => format!("Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\""),
+                None => format!("{scheme} realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\"{algs}"),
             }),
             _ => None,
         };

@@ -50,6 +50,19 @@ pub fn has_access_token_param(params: &[(String, String)]) -> bool {
 }
 
 /// Extracts the token from the `Authorization` header values.
+/// Whether the request names the `DPoP` scheme (one `Authorization`
+/// header, whatever follows the scheme): its challenges are then `DPoP`
+/// ones (RFC 9449 §7.1), a malformed token's too.
+pub fn names_dpop_scheme(authorization: &[&[u8]]) -> bool {
+    match authorization {
+        [one] => one
+            .split(|b| *b == b' ')
+            .next()
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"dpop")),
+        _ => false,
+    }
+}
+
 pub fn extract<'a>(authorization: &[&'a [u8]]) -> Result<Extracted<'a>, ExtractError> {
     let value = match authorization {
         [] => return Ok(Extracted::None),

@@ -273,6 +273,8 @@ pub struct Ctx {
     entry_checks: Vec<EntryCheck>,
     /// How the token was bound: `bearer` or `dpop`.
     binding: Option<&'static str>,
+    /// The request named the `DPoP` scheme: its challenges are `DPoP`.
+    dpop_scheme: bool,
     /// The policy rule that decided (`file#rule`), if one did.
     policy_rule: Option<String>,
     /// Break-glass-able policy rules this request passed, and why.
@@ -789,7 +791,7 @@ impl Gateway {
 
     /// Writes a denial as the complete response.
     async fn answer(&self, session: &mut Session, ctx: &mut Ctx, denial: &Denial) -> Result<()> {
-        let a = denial.answer(&self.realm, self.dpop_algs());
+        let a = denial.answer_to(&self.realm, self.dpop_algs(), ctx.dpop_scheme);
         let mut h = ResponseHeader::build(a.status, Some(6))?;
         h.insert_header(header::CONTENT_TYPE, "application/fhir+json")?;
         h.insert_header(header::CONTENT_LENGTH, a.body.len().to_string())?;
@@ -2254,6 +2256,7 @@ impl Gateway {
             .iter()
             .map(|v| v.as_bytes())
             .collect();
+        ctx.dpop_scheme = crate::extract::names_dpop_scheme(&auth);
         let (token, dpop_scheme) = match extract(&auth).map_err(|e| extract_denial(&e))? {
             Extracted::None => return Err(Denial::NoToken),
             Extracted::Bearer(t) => (t.to_string(), false),
@@ -3123,6 +3126,7 @@ impl ProxyHttp for Gateway {
             if_match: None,
             entry_checks: Vec::new(),
             binding: None,
+            dpop_scheme: false,
             broke_glass: Vec::new(),
             break_glass_reason: None,
             rules: None,

@@ -685,3 +685,39 @@ async fn a_user_of_tokens_naming_no_client_meets_one_quota_however_many_keys() {
     let (s, www, body) = send(&gw, "Patient/p1", "DPoP", &token, &[&proof]).await;
     assert_eq!(s, 200, "{www} {body}");
 }
+
+/// A request made with the `DPoP` scheme is challenged with `DPoP` (RFC
+/// 9449 §7.1) whatever it is refused for: a scope that does not cover it
+/// (403), a token that is no b64token (401). A `Bearer` challenge would
+/// name a scheme its bound token is refused under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_dpop_requests_are_dpop_challenges() {
+    let gw = Gateway::start(Options::default()).await;
+    let client = Client::new(KeyKind::P256, "ec-client");
+    let mut claims = gw.claims("user/Patient.rs");
+    claims["cnf"] = json!({"jkt": client.jkt});
+    let token = gw.issuer.signing_key().sign(&claims);
+    let url = format!("{}/Observation/obs-p1-0", gw.base);
+    let proof = client.proof("GET", &url, &token);
+    let (s, www, body) = send(&gw, "Observation/obs-p1-0", "DPoP", &token, &[&proof]).await;
+    assert_eq!(s, 403, "{body}");
+    assert!(
+        www.starts_with(&format!(
+            "DPoP realm=\"{}\", error=\"insufficient_scope\"",
+            gw.base
+        )) && www.contains("algs=\""),
+        "{www}"
+    );
+    let (s, www, _) = send(&gw, "Patient/p1", "DPoP", "abc!def", &[&proof]).await;
+    assert_eq!(s, 401);
+    assert!(
+        www.starts_with("DPoP realm=") && www.contains("algs=\""),
+        "{www}"
+    );
+    // The same refusals of a Bearer request stay Bearer.
+    let bearer = gw.mint("user/Patient.rs", None);
+    let (s, www, _) = send(&gw, "Observation/obs-p1-0", "Bearer", &bearer, &[]).await;
+    assert_eq!(s, 403);
+    assert!(www.starts_with("Bearer realm="), "{www}");
+    assert_eq!(gw.upstream.count_containing("obs-p1-0"), 0);
+}
