@@ -37,7 +37,10 @@ impl Bucket {
     fn refill(&mut self, capacity: f64, rate: f64, now: f64) {
         let elapsed = (now - self.updated).max(0.0);
         self.tokens = (self.tokens + elapsed * rate).min(capacity);
-        self.updated = now;
+        // A request that read the clock before another took the bucket's
+        // lock comes in with an earlier `now`: going back to it would give
+        // the time between again.
+        self.updated = self.updated.max(now);
     }
 
     /// Whether `n` tokens are there (after [`Bucket::refill`]), or the
@@ -166,6 +169,18 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `now` read before another request updated the bucket (it waited
+    /// for the lock) neither refills it nor moves its clock back.
+    #[test]
+    fn a_late_clock_reading_gives_nothing_twice() {
+        // 2 per 10 s: a token every 5 s.
+        let mut b = Bucket::full(2.0, 0.0);
+        assert!(b.take(2.0, 0.2, 10.0, 2.0).is_ok());
+        assert!(b.take(2.0, 0.2, 5.0, 1.0).is_err());
+        assert!(b.take(2.0, 0.2, 10.0, 1.0).is_err());
+        assert!(b.take(2.0, 0.2, 15.0, 1.0).is_ok());
+    }
 
     #[test]
     fn bucket_refills_evenly() {
