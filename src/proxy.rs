@@ -506,9 +506,28 @@ fn audit_denial(r: crate::audit::Refusal) -> Denial {
     }
 }
 
+/// Cache directives addressed to CDNs, which take them over
+/// `Cache-Control`.
+const CDN_CACHE_HEADERS: &[&str] = &[
+    "cdn-cache-control",
+    "cloudflare-cdn-cache-control",
+    "surrogate-control",
+    "edge-control",
+];
+
 /// Drops what an upstream's answer says that is not the client's: its
-/// cookies, and its product and version (HAPI names both on every answer).
+/// hop-by-hop headers (and those its `Connection` lists), its cookies, and
+/// its product and version (HAPI names both on every answer).
 fn drop_upstream_private(h: &mut ResponseHeader) {
+    let hop_by_hop = crate::proxy_headers::response_hop_by_hop(
+        h.headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(|v| v.as_bytes()),
+    );
+    for name in hop_by_hop {
+        h.remove_header(&name);
+    }
     h.remove_header(&header::SET_COOKIE);
     h.remove_header("x-powered-by");
     h.remove_header(&header::SERVER);
@@ -764,6 +783,14 @@ impl Gateway {
                     .map(|v| v.as_bytes()),
             );
             h.insert_header(header::CACHE_CONTROL, kept)?;
+        }
+        // Nor may a CDN keep it by the headers addressed to it, which it
+        // reads instead of Cache-Control (RFC 9213, Surrogate-Control,
+        // Akamai's Edge-Control).
+        if !ctx.public {
+            for name in CDN_CACHE_HEADERS {
+                h.remove_header(*name);
+            }
         }
         // Without a lifetime or a ban from the upstream, a browser may keep
         // the answer on heuristics (its Last-Modified) and give it,
@@ -3339,6 +3366,18 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // No request fhirwall sends asks to switch protocols (a client's
+        // `Upgrade` is not forwarded): an upstream that does would have
+        // the rest of the connection pass between client and upstream
+        // unseen. A failure (502).
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(pingora::Error::create(
+                ErrorType::Custom("upstream switched protocols unasked"),
+                pingora::ErrorSource::Upstream,
+                None,
+                None,
+            ));
+        }
         // An interim answer (100 Continue to a body fhirwall streams) is
         // passed on as it is: it is not the upstream's answer.
         if resp.status.is_informational() {

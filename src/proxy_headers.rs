@@ -215,6 +215,26 @@ pub fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<Stri
         .collect()
 }
 
+/// The headers of an upstream answer that are not the client's (RFC 9110
+/// §7.6.1): the hop-by-hop ones and those its `Connection` headers
+/// (`values`) list — but not those that frame or describe the body,
+/// which only a broken server would list, and which Pingora or the client
+/// need.
+pub fn response_hop_by_hop<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    const KEPT: &[&str] = &[
+        "content-length",
+        "transfer-encoding",
+        "content-type",
+        "content-encoding",
+    ];
+    HOP_BY_HOP
+        .iter()
+        .map(|h| h.to_string())
+        .chain(connection_tokens(values))
+        .filter(|h| !KEPT.contains(&h.as_str()))
+        .collect()
+}
+
 /// End-to-end headers that frame the request or that fhirwall reads to
 /// classify and decide it. `Connection` may not list them: a proxy removes
 /// what `Connection` lists, so the upstream would run another request than
@@ -251,6 +271,34 @@ pub fn connection_names_read_header(connection_tokens: &[String]) -> Option<&str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answers_hop_by_hop_headers_are_dropped_but_not_its_framing() {
+        let drop = response_hop_by_hop(
+            [
+                b"close, X-Internal".as_slice(),
+                b"Content-Length, transfer-encoding, Content-Type".as_slice(),
+            ]
+            .into_iter(),
+        );
+        for name in [
+            "connection",
+            "keep-alive",
+            "upgrade",
+            "trailer",
+            "x-internal",
+        ] {
+            assert!(drop.iter().any(|d| d == name), "{name}: {drop:?}");
+        }
+        for name in [
+            "content-length",
+            "transfer-encoding",
+            "content-type",
+            "close",
+        ] {
+            assert!(!drop.iter().any(|d| d == name), "{name}: {drop:?}");
+        }
+    }
 
     #[test]
     fn strip_table() {

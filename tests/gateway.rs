@@ -2830,3 +2830,59 @@ async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
     assert!(rec.get("upstream_status").is_none(), "{rec}");
     upstream.abort();
 }
+
+/// An upstream answer's hop-by-hop headers (and those its `Connection`
+/// lists) stay behind; an upstream that switches protocols, which no
+/// request fhirwall sends asks for (the client's `Upgrade` is not
+/// forwarded), is a failure, never a tunnel between client and upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let answer: &[u8] = if head.contains("/switch") {
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                      Upgrade: websocket\r\n\r\nRAW-TUNNEL-BYTES"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n\
+                      Connection: X-Internal-Route\r\nX-Internal-Route: db-7\r\n\
+                      Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\
+                      Upgrade: h2c\r\nContent-Length: 42\r\n\r\n\
+                      {\"resourceType\":\"Patient\",\"id\":\"p1\",\"a\":1}"
+                };
+                let _ = c.write_all(answer).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            });
+        }
+    });
+    let gw = Gateway::start(Options {
+        upstream_url: Some(format!("http://{addr}/r4")),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.rs", None);
+    let r = gw.get("Patient/p1", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+    for name in [
+        "x-internal-route",
+        "keep-alive",
+        "proxy-authenticate",
+        "upgrade",
+    ] {
+        assert!(r.headers().get(name).is_none(), "{name}: {:?}", r.headers());
+    }
+    assert_eq!(r.headers()["content-type"], "application/fhir+json");
+    assert_eq!(r.text().await.unwrap().len(), 42);
+
+    let r = gw.get("Patient/switch", Some(&token)).await;
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("RAW-TUNNEL"), "{body}");
+    upstream.abort();
+}

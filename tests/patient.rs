@@ -683,6 +683,10 @@ async fn answers_for_a_token_are_private_to_its_caller() {
         let r = gw.get("Observation/cacheable", Some(&token)).await;
         assert_eq!(r.status(), 200);
         assert_eq!(cache_control(&r), ["private, max-age=600"]);
+        // A CDN reads its own header before Cache-Control: not passed on.
+        for name in ["cdn-cache-control", "surrogate-control"] {
+            assert!(r.headers().get(name).is_none(), "{name}: {:?}", r.headers());
+        }
         let r = gw.get("Observation/obs-p1-1", Some(&token)).await;
         assert_eq!(r.status(), 200);
         assert_eq!(cache_control(&r), ["no-store"]);

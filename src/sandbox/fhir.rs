@@ -618,6 +618,13 @@ async fn answer(
                 header::CACHE_CONTROL,
                 axum::http::HeaderValue::from_static("public, max-age=600"),
             );
+            // And told the CDNs so, in their own headers.
+            for name in ["cdn-cache-control", "surrogate-control"] {
+                r.headers_mut().insert(
+                    name,
+                    axum::http::HeaderValue::from_static("public, max-age=600"),
+                );
+            }
             r
         }
         // Patient p1's Observation marked private, with no lifetime.
