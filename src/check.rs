@@ -1104,7 +1104,7 @@ pub fn withheld_write_outcome(status: u16) -> Option<Value> {
 
 /// `u` moved from an upstream base ([`Settings::upstream_bases`]) to the
 /// public one, if it is under one (the base itself, or followed by `/` or
-/// `?`) and not under the public base already.
+/// `?`) and not under a public base that is longer ([`moved_from`]).
 ///
 /// [`Settings::upstream_bases`]: crate::config::Settings::upstream_bases
 pub fn rewrite_url<B: AsRef<str>>(
@@ -1112,19 +1112,63 @@ pub fn rewrite_url<B: AsRef<str>>(
     upstream_bases: &[B],
     public_base: &str,
 ) -> Option<String> {
+    moved_from(u, upstream_bases.iter().map(|b| b.as_ref()), public_base)
+}
+
+/// `u` under the longest of `upstream_bases` and `public_base` it is under
+/// (the base itself, or followed by `/` or `?`), moved to `public_base` if
+/// that is an upstream base. The longest: one base may be a prefix of
+/// another (the public origin, for an upstream at `/` that builds its
+/// links from the forwarded host, is a prefix of the public base; a public
+/// base at `/` is a prefix of that upstream's).
+fn moved_from<'b>(
+    u: &str,
+    upstream_bases: impl Iterator<Item = &'b str>,
+    public_base: &str,
+) -> Option<String> {
     let below = |base: &str| {
         u.strip_prefix(base)
-            .filter(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
     };
-    // Already the gateway's (an upstream base may be a prefix of it: the
-    // public origin with an upstream at `/`).
-    if below(public_base).is_some() {
+    let upstream = upstream_bases
+        .filter(|b| below(b))
+        .max_by_key(|b| b.len())?;
+    if below(public_base) && public_base.len() >= upstream.len() {
         return None;
     }
-    upstream_bases
-        .iter()
-        .find_map(|b| below(b.as_ref()))
-        .map(|rest| format!("{public_base}{rest}"))
+    Some(format!("{public_base}{}", &u[upstream.len()..]))
+}
+
+/// A `Link` header value (RFC 8288) with each `<target>` replaced by
+/// `moved(target)` where that gives one.
+pub fn rewrite_link_targets(value: &str, moved: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let Some(close) = rest[open..].find('>').map(|c| open + c) else {
+            break;
+        };
+        let target = &rest[open + 1..close];
+        out.push_str(&rest[..=open]);
+        match moved(target) {
+            Some(m) => out.push_str(&m),
+            None => out.push_str(target),
+        }
+        out.push('>');
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A path-absolute reference (`/r4/Patient/1`, as a `Location` may be)
+/// moved from the upstream's base path to the public one, as
+/// [`rewrite_url`] moves absolute ones. (`//host/…` is no path.)
+pub fn rewrite_path(u: &str, upstream_path: &str, public_path: &str) -> Option<String> {
+    if !u.starts_with('/') || u.starts_with("//") {
+        return None;
+    }
+    moved_from(u, std::iter::once(upstream_path), public_path)
 }
 
 /// Types outside the Patient compartment that `$everything` may return as
@@ -1934,6 +1978,54 @@ mod tests {
             moved("https://gw/fhirx/Patient/1").as_deref(),
             Some("https://gw/fhir/fhirx/Patient/1")
         );
+    }
+
+    #[test]
+    fn link_header_targets_are_moved_and_the_rest_kept() {
+        let moved = |u: &str| rewrite_url(u, &["http://up:9/r4"], "https://gw/fhir");
+        assert_eq!(
+            rewrite_link_targets(
+                "<http://up:9/r4/Patient/p2>; rel=\"preload\", <https://other/x>; rel=next",
+                moved
+            ),
+            "<https://gw/fhir/Patient/p2>; rel=\"preload\", <https://other/x>; rel=next"
+        );
+        assert_eq!(rewrite_link_targets("no target <", moved), "no target <");
+        assert_eq!(rewrite_link_targets("", moved), "");
+    }
+
+    /// A public base at `/` is a prefix of the upstream's forwarded base:
+    /// the longer base decides. Path-absolute references move alike.
+    #[test]
+    fn the_longest_base_a_url_is_under_decides() {
+        let bases = ["http://up:9/r4", "https://gw/r4"];
+        let moved = |u: &str| rewrite_url(u, &bases, "https://gw");
+        assert_eq!(
+            moved("https://gw/r4/Patient/1").as_deref(),
+            Some("https://gw/Patient/1")
+        );
+        assert_eq!(moved("https://gw/Patient/1"), None);
+        assert_eq!(moved("https://gw/r45/Patient/1"), None);
+
+        let path = |u: &str, up: &str, public: &str| rewrite_path(u, up, public);
+        assert_eq!(
+            path("/r4/Patient/1/_history/1", "/r4", "/fhir").as_deref(),
+            Some("/fhir/Patient/1/_history/1")
+        );
+        assert_eq!(path("/fhir/Patient/1", "/r4", "/fhir"), None);
+        assert_eq!(
+            path("/r4/Patient/1", "/r4", "").as_deref(),
+            Some("/Patient/1")
+        );
+        assert_eq!(path("/Patient/1", "/r4", ""), None);
+        assert_eq!(
+            path("/Patient/1", "", "/fhir").as_deref(),
+            Some("/fhir/Patient/1")
+        );
+        assert_eq!(path("/fhir/Patient/1", "", "/fhir"), None);
+        assert_eq!(path("/fhir/Patient/1", "/fhir", "/fhir"), None);
+        assert_eq!(path("//evil/r4/Patient/1", "/r4", "/fhir"), None);
+        assert_eq!(path("https://gw/r4", "/r4", "/fhir"), None);
     }
 
     #[test]

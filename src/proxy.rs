@@ -730,6 +730,41 @@ impl Gateway {
         &self.upstream_bases
     }
 
+    /// `u` (absolute, or path-absolute as a `Location` may be) moved from
+    /// the upstream's base to the public one, if it is under the former.
+    fn moved_url(&self, u: &str) -> Option<String> {
+        crate::check::rewrite_url(u, self.upstream_bases(), &self.realm).or_else(|| {
+            crate::check::rewrite_path(
+                u,
+                &self.settings.upstream.base_path,
+                &self.settings.public_base_path,
+            )
+        })
+    }
+
+    /// Moves the targets of an answer's `Link` headers (RFC 8288,
+    /// `<url>; rel=…`, also on a 103) from the upstream's base to the
+    /// public one.
+    fn move_links(&self, h: &mut ResponseHeader) -> Result<()> {
+        let values: Vec<String> = h
+            .headers
+            .get_all(header::LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        let moved: Vec<String> = values
+            .iter()
+            .map(|v| crate::check::rewrite_link_targets(v, |u| self.moved_url(u)))
+            .collect();
+        if moved != values {
+            h.remove_header(&header::LINK);
+            for v in moved {
+                h.append_header(header::LINK, v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Marks an upstream answer passed on to the client: the request id
     /// and, for a DPoP-bound request, a nonce for its next proof. The
     /// upstream's cookies stay behind (a client's never reach it), and a
@@ -760,13 +795,15 @@ impl Gateway {
             )?;
         }
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
-            let moved = h.headers.get(&name).and_then(|v| {
-                crate::check::rewrite_url(v.to_str().ok()?, self.upstream_bases(), &self.realm)
-            });
+            let moved = h
+                .headers
+                .get(&name)
+                .and_then(|v| self.moved_url(v.to_str().ok()?));
             if let Some(public) = moved {
                 h.insert_header(name, public)?;
             }
         }
+        self.move_links(h)?;
         // An answer given for a token is that caller's: a cache shared by
         // several clients (a CDN, a corporate proxy before fhirwall) may
         // not keep it for the next, whatever the upstream allowed.
@@ -3383,6 +3420,7 @@ impl ProxyHttp for Gateway {
         if resp.status.is_informational() {
             // (103 Early Hints may carry headers: not these.)
             drop_upstream_private(resp);
+            self.move_links(resp)?;
             return Ok(());
         }
         ctx.upstream_status = Some(resp.status.as_u16());

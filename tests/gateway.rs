@@ -2814,6 +2814,12 @@ async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
     for private in ["SECRET-COOKIE", "Legacy-FHIR", "HAPI FHIR"] {
         assert!(!text.contains(private), "{private} passed on: {text}");
     }
+    // Its link is under the public base, as the client may follow it.
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("link: </fhir/patient/p2>; rel=preload"),
+        "{text}"
+    );
     let final_head = text
         .split("\r\n\r\n")
         .nth(1)
@@ -2836,7 +2842,7 @@ async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
 /// request fhirwall sends asks for (the client's `Upgrade` is not
 /// forwarded), is a failure, never a tunnel between client and upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind() {
+async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind_its_paths_move() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -2853,7 +2859,8 @@ async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind() {
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n\
                       Connection: X-Internal-Route\r\nX-Internal-Route: db-7\r\n\
                       Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\
-                      Upgrade: h2c\r\nContent-Length: 42\r\n\r\n\
+                      Upgrade: h2c\r\nContent-Location: /r4/Patient/p1/_history/3\r\n\
+                      Content-Length: 42\r\n\r\n\
                       {\"resourceType\":\"Patient\",\"id\":\"p1\",\"a\":1}"
                 };
                 let _ = c.write_all(answer).await;
@@ -2878,6 +2885,11 @@ async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind() {
         assert!(r.headers().get(name).is_none(), "{name}: {:?}", r.headers());
     }
     assert_eq!(r.headers()["content-type"], "application/fhir+json");
+    // A path-absolute URL under the upstream's path is moved too.
+    assert_eq!(
+        r.headers()["content-location"],
+        "/fhir/Patient/p1/_history/3"
+    );
     assert_eq!(r.text().await.unwrap().len(), 42);
 
     let r = gw.get("Patient/switch", Some(&token)).await;
