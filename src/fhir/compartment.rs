@@ -58,13 +58,17 @@ pub struct Bases(pub Vec<String>);
 
 impl Bases {
     /// What an absolute `reference` under one of these bases names below
-    /// it (`Observation/o1`).
+    /// it (`Observation/o1`): below the longest it is under (a public base
+    /// at `/` is a prefix of the upstream's base on the same host).
     fn below<'r>(&self, reference: &'r str) -> Option<&'r str> {
-        self.0.iter().find_map(|b| {
-            reference
-                .strip_prefix(b.as_str())
-                .and_then(|r| r.strip_prefix('/'))
-        })
+        self.0
+            .iter()
+            .filter_map(|b| {
+                reference
+                    .strip_prefix(b.as_str())
+                    .and_then(|r| r.strip_prefix('/'))
+            })
+            .min_by_key(|rest| rest.len())
     }
 
     /// Does this `Reference.reference` value name `Patient/{patient}`
@@ -398,6 +402,17 @@ mod tests {
         ] {
             assert_eq!(b.names_patient(r, "p1"), ok, "{r}");
         }
+    }
+
+    /// A public base at `/` is a prefix of the upstream's base on the same
+    /// host (links built from the forwarded host): the longer decides.
+    #[test]
+    fn references_below_the_longest_base() {
+        let b = Bases(vec!["https://gw".into(), "https://gw/r4".into()]);
+        assert!(b.names_patient("https://gw/r4/Patient/p1", "p1"));
+        assert!(b.names_patient("https://gw/Patient/p1", "p1"));
+        assert!(!b.names_patient("https://gw/r4/Patient/p2", "p1"));
+        assert!(!b.names_patient("https://gw/r5/Patient/p1", "p1"));
     }
 
     #[test]
