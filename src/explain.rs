@@ -483,21 +483,59 @@ fn explain_claims(
             e.stages.push(("break-glass", why));
         }
     }
-    let granted = authorise(
-        &fhir,
-        &Context {
-            claims: &c,
-            source: req.source,
-            binding: bound.unwrap_or(&req.binding),
-            now,
-            break_glass: break_glass.as_deref(),
-        },
-        &Rules {
-            decide: &opts,
-            roles: s.roles.as_ref(),
-            policies: &s.policies,
-        },
-    );
+    let decide_from = |source: Option<IpAddr>| {
+        authorise(
+            &fhir,
+            &Context {
+                claims: &c,
+                source,
+                binding: bound.unwrap_or(&req.binding),
+                now,
+                break_glass: break_glass.as_deref(),
+            },
+            &Rules {
+                decide: &opts,
+                roles: s.roles.as_ref(),
+                policies: &s.policies,
+            },
+        )
+    };
+    let granted = decide_from(req.source);
+    // The gateway always knows the client's address. Without one here, a
+    // rule on `source` never holds: if the decision would be another from
+    // an address in one of the rules' blocks, the question is not one the
+    // gateway could be asked (a test of such a policy would pass without
+    // testing it).
+    if req.source.is_none() {
+        let outcome = |g: &Result<crate::authorise::Grant, Refusal>| match g {
+            Ok(g) => (true, g.rule().map(str::to_string)),
+            Err(Refusal::Policy { rule, .. }) => (false, Some(rule.clone())),
+            Err(_) => (false, None),
+        };
+        let without = outcome(&granted);
+        let differs = s
+            .policies
+            .rules
+            .iter()
+            .flat_map(|r| r.when.source.iter().map(move |b| (r, b)))
+            .find(|(_, block)| {
+                let addr = block
+                    .split('/')
+                    .next()
+                    .and_then(|a| a.parse::<IpAddr>().ok());
+                addr.is_some_and(|a| outcome(&decide_from(Some(a))) != without)
+            });
+        if let Some((r, block)) = differs {
+            return e.error(
+                "request",
+                format!(
+                    "the decision depends on the client's address (rule {}#{} names {block}): \
+                     give the request's source, as --source or source:",
+                    r.file, r.name
+                ),
+            );
+        }
+    }
     let grant = match granted {
         Ok(g) => g,
         Err(Refusal::Scopes { reason, .. }) => return e.deny("decide", reason),

@@ -268,7 +268,12 @@ fn test(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
                 .into_iter()
                 .flatten()
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                // Any case, as policy files are read.
+                .filter(|f| {
+                    f.extension().is_some_and(|x| {
+                        x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml")
+                    })
+                })
                 .collect();
             found.sort();
             files.extend(found);
@@ -294,6 +299,14 @@ fn test(config: &std::path::Path, paths: &[PathBuf]) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // A file without cases tests nothing: said, not passed.
+        if file.cases.is_empty() {
+            eprintln!(
+                "{}: no cases (a test file lists them under cases:)",
+                f.display()
+            );
+            return ExitCode::from(2);
+        }
         cases += file.cases.len();
         for failure in fhirwall::explain::run_tests(&settings, &file, now()) {
             failed += 1;

@@ -65,36 +65,36 @@ pub struct RateLimit {
 #[serde(deny_unknown_fields)]
 pub struct Match {
     /// Configured issuer names.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub issuer: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub client_id: Vec<String>,
     /// Claim name → accepted values (a claim holding a list matches when
     /// any element does).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty_claims")]
     pub claims: BTreeMap<String, Vec<String>>,
     /// Raw scopes, any of which the token carries.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub scope: Vec<String>,
     /// FHIR interactions (`read`, `search-type`, `delete`, …).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub interaction: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub resource_type: Vec<String>,
     /// Operation names without `$`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub operation: Vec<String>,
     /// Paths below the FHIR base: `*` matches one segment, a final `**`
     /// any rest (e.g. `Patient/*/$everything`, `Binary/**`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub path: Vec<String>,
     /// Client addresses, as CIDR blocks (`10.0.0.0/8`, `::1/128`): the
     /// client as [`crate::client_addr`] resolves it (behind a trusted
     /// proxy, from `X-Forwarded-For`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub source: Vec<String>,
     /// `bearer`, `dpop` or `mtls`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty")]
     pub binding: Vec<String>,
     /// A UTC time window (`days` of the week, `from`–`to` as HH:MM).
     #[serde(default)]
@@ -121,9 +121,36 @@ pub struct Requirement {
     #[serde(default)]
     pub binding: Vec<String>,
     /// Claim name → accepted values.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty_claims")]
     pub claims: BTreeMap<String, Vec<String>>,
 }
+
+/// A condition's list of values, which may not be empty: elsewhere a list
+/// means any of its values, and an empty one (a template left blank, every
+/// value edited out) would read as "any request" where absent, as "no
+/// request" under `claims` — an allow for everyone or a deny for no one,
+/// with nothing said.
+fn non_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(EMPTY_LIST));
+    }
+    Ok(v)
+}
+
+/// `claims`, each with at least one value, and at least one claim.
+fn non_empty_claims<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
+    let m = BTreeMap::<String, Vec<String>>::deserialize(d)?;
+    if m.is_empty() || m.values().any(Vec::is_empty) {
+        return Err(serde::de::Error::custom(EMPTY_LIST));
+    }
+    Ok(m)
+}
+
+const EMPTY_LIST: &str = "an empty list (or map) of values: list the values the condition \
+     accepts, or leave the key out for any value";
 
 /// A rule ready to evaluate, with where it came from.
 #[derive(Debug, Clone)]
@@ -316,6 +343,14 @@ impl PolicySet {
             }
             let w = &r.when;
             for x in &w.interaction {
+                if x == "capabilities" {
+                    p(
+                        "when.interaction",
+                        "'capabilities' never holds: /metadata is a public route, answered \
+                         before any policy"
+                            .into(),
+                    );
+                }
                 if !crate::fhir::classify::Interaction::ALL
                     .iter()
                     .any(|i| i.as_str() == x)
@@ -365,16 +400,24 @@ impl PolicySet {
                 // What a path below the base begins with (the empty
                 // pattern is the base itself: a batch, a system search).
                 let starts_well = (first.is_empty() && segments.len() == 1)
-                    || ["*", "**", "_history", "_search", "metadata"].contains(&first)
+                    || ["*", "**", "_history", "_search"].contains(&first)
                     || crate::fhir::resource_types::is_resource_type(first)
                     || first.starts_with('$') && crate::fhir::classify::is_valid_operation(first);
-                if !starts_well {
+                if first == "metadata" || first == ".well-known" {
+                    p(
+                        "when.path",
+                        format!(
+                            "'{pattern}' never holds: '{first}' is a public route, answered \
+                             before any policy"
+                        ),
+                    );
+                } else if !starts_well {
                     p(
                         "when.path",
                         format!(
                             "'{pattern}': '{first}' begins no path below the FHIR base (a \
-                             resource type, spelt as in R4, '*', '**', '_history', '_search', \
-                             'metadata' or a '$operation'); write paths without the base \
+                             resource type, spelt as in R4, '*', '**', '_history', '_search' \
+                             or a '$operation'); write paths without the base \
                              ('Patient/**', not '/fhir/Patient/**'), or the rule never holds"
                         ),
                     );
@@ -603,7 +646,7 @@ impl PolicySet {
                     && allowed_by == Some(rule.id().as_str())
             });
             let rules = &self.rules[..allowed_at.unwrap_or(self.rules.len())];
-            for interaction in ["read", "search-type"]
+            for interaction in ["read", "search-type", "history-instance"]
                 .into_iter()
                 .filter(|i| own_reading(r, i))
             {
@@ -667,10 +710,19 @@ impl PolicySet {
         // `history-*` of a type holds for it), beyond the read and search
         // every reached type is judged as.
         use crate::fhir::classify::Interaction;
+        // So is a compartment search of every type (`Patient/p1/*`), as
+        // a compartment search of each: `Patient/p1/Condition` would be.
         let interactions: &[&'static str] = match r.interaction {
             Interaction::SearchSystem => &["read", "search-type", "search-system"],
-            Interaction::HistorySystem => {
-                &["read", "search-type", "history-type", "history-system"]
+            Interaction::HistorySystem => &[
+                "read",
+                "search-type",
+                "history-instance",
+                "history-type",
+                "history-system",
+            ],
+            Interaction::SearchCompartment if own.is_none() => {
+                &["read", "search-type", "search-compartment"]
             }
             _ => &["read", "search-type"],
         };
@@ -857,16 +909,19 @@ pub fn break_glass_reason(
 }
 
 /// Whether a request does to its own type what `interaction` does, by
-/// another name, so that a rule on that `read` or `search-type` is not
-/// dodged by the other spelling: a vread or an instance's history reads
-/// it; a compartment search (`Patient/p1/Condition`) or a type's history
-/// searches it. (A conditional write's search of its own type is judged
-/// with the types it reaches.)
+/// another name, so that a rule on that `read`, `search-type` or
+/// `history-instance` is not dodged by the other spelling: a vread or an
+/// instance's history reads it; a compartment search (`Patient/p1/Condition`)
+/// or a type's history searches it; a vread (an earlier version) or a
+/// type's history (every instance's) reads instances' histories. (A
+/// conditional write's search of its own type is judged with the types it
+/// reaches.)
 fn own_reading(r: &crate::fhir::classify::FhirRequest, interaction: &str) -> bool {
     use crate::fhir::classify::Interaction::*;
     match interaction {
         "read" => matches!(r.interaction, Vread | HistoryInstance),
         "search-type" => matches!(r.interaction, SearchCompartment | HistoryType),
+        "history-instance" => matches!(r.interaction, Vread | HistoryType),
         _ => false,
     }
 }
@@ -1258,6 +1313,93 @@ mod tests {
         assert!(m("tier", "2"));
         assert!(!m("realm_access.missing", "research-viewer"));
         assert!(!m("roles", "research-viewer"));
+    }
+
+    /// An empty list in a condition is refused where it is written: it
+    /// would allow everyone (`client_id: []`) or deny no one (`claims`).
+    #[test]
+    fn an_empty_condition_list_is_refused_with_its_line() {
+        for (yaml, line) in [
+            (
+                "rules:\n  - name: a\n    effect: allow\n    when: {client_id: []}\n",
+                4,
+            ),
+            (
+                "rules:\n  - name: a\n    effect: deny\n    when:\n      claims: {roles: []}\n",
+                5,
+            ),
+            (
+                "rules:\n  - name: a\n    effect: deny\n    when:\n      claims: {}\n",
+                5,
+            ),
+            (
+                "rules:\n  - name: a\n    effect: require\n    require: {claims: {acr: []}}\n",
+                4,
+            ),
+        ] {
+            let e = parse_file(yaml).unwrap_err();
+            assert!(e.contains("empty list"), "{yaml}: {e}");
+            assert!(e.contains(&format!("line {line}")), "{yaml}: {e}");
+        }
+        // Absent keys, and a time window's empty days, are fine.
+        assert!(parse_file("rules:\n  - name: a\n    effect: deny\n    when: {}\n").is_ok());
+        assert!(parse_file(
+            "rules:\n  - name: a\n    effect: deny\n    when: {time: {days: [], from: '08:00', to: '18:00'}}\n"
+        )
+        .is_ok());
+    }
+
+    /// A rule on a compartment search of a type holds for the compartment
+    /// search of every type; one on an instance's history for a vread (an
+    /// earlier version) and for a type's or the system's history.
+    #[test]
+    fn compartment_and_history_rules_are_not_dodged_by_another_spelling() {
+        let claims = json!({});
+        let scopes = vec!["user/*.rs".to_string()];
+        let base = input(&claims, &scopes);
+        let verdict = |rules: &PolicySet, url: &str| {
+            let fhir = request("GET", url);
+            match rules.evaluate_each(&base, &fhir).remove(0).verdict {
+                Verdict::Allow { .. } => Ok(()),
+                Verdict::Deny { by, reason } => Err(format!("{by}: {reason}")),
+            }
+        };
+        let no_condition_compartment = set("rules:
+  - {name: no-cc, effect: deny, when: {interaction: [search-compartment], resource_type: [Condition]}}
+");
+        for url in ["Patient/p1/Condition", "Patient/p1/*"] {
+            let e = verdict(&no_condition_compartment, url).unwrap_err();
+            assert!(e.starts_with("t.yaml#no-cc"), "{url}: {e}");
+        }
+        for url in ["Patient/p1/Observation", "Condition?patient=p1"] {
+            assert!(verdict(&no_condition_compartment, url).is_ok(), "{url}");
+        }
+        let no_versions = set("rules:
+  - {name: no-versions, effect: deny, when: {interaction: [history-instance], resource_type: [Observation]}}
+");
+        for url in [
+            "Observation/o1/_history",
+            "Observation/o1/_history/3",
+            "Observation/_history",
+            "_history",
+        ] {
+            let e = verdict(&no_versions, url).unwrap_err();
+            assert!(e.starts_with("t.yaml#no-versions"), "{url}: {e}");
+        }
+        for url in [
+            "Observation/o1",
+            "Condition/c1/_history/2",
+            "Observation?code=x",
+        ] {
+            assert!(verdict(&no_versions, url).is_ok(), "{url}");
+        }
+        // An allow-list naming vread still allows it.
+        let reads = set("rules:
+  - {name: reads, effect: allow, when: {interaction: [read, vread]}}
+  - {name: nothing-else, effect: deny, when: {}}
+");
+        assert!(verdict(&reads, "Observation/o1/_history/3").is_ok());
+        assert!(verdict(&reads, "Observation/o1/_history").is_err());
     }
 
     #[test]
@@ -1958,7 +2100,8 @@ mod tests {
   - {name: k, effect: deny, when: {time: {days: [sun], from: '00:00', to: '24:00'}, path: [Patient/**, '*']}}
   - {name: l, effect: deny, when: {path: ['/fhir/Patient/vip/**']}}
   - {name: m, effect: deny, when: {path: ['patient/*']}}
-  - {name: n, effect: deny, when: {path: ['', '$meta', _history, '_search', metadata, '**', 'Patient/*/$everything']}}
+  - {name: n, effect: deny, when: {path: ['', '$meta', _history, '_search', '**', 'Patient/*/$everything']}}
+  - {name: o, effect: deny, when: {interaction: [capabilities], path: [metadata, .well-known/smart-configuration]}}
 ").unwrap();
         let problems = s.add_file("p.yaml", &f);
         let keys: Vec<String> = problems
@@ -1984,6 +2127,8 @@ mod tests {
             "10:when.time",
             "12:when.path",
             "13:when.path",
+            "15:when.interaction",
+            "15:when.path",
         ] {
             assert!(
                 keys.contains(&want.to_string()),
@@ -1995,6 +2140,16 @@ mod tests {
         assert!(!keys.iter().any(|k| k.starts_with("14:")), "{keys:?}");
         let base = problems.iter().find(|(i, _, _)| *i == 12).unwrap();
         assert!(base.2.contains("without the base"), "{problems:?}");
+        let public: Vec<&str> = problems
+            .iter()
+            .filter(|(i, _, _)| *i == 15)
+            .map(|(_, _, m)| m.as_str())
+            .collect();
+        assert_eq!(public.len(), 3, "{public:?}");
+        assert!(
+            public.iter().all(|m| m.contains("public route")),
+            "{public:?}"
+        );
         let dollar = problems.iter().find(|(i, _, _)| *i == 4).unwrap();
         assert!(dollar.2.contains("'everything'"), "{problems:?}");
         assert!(parse_file("rules:\n  - {name: a, effect: deny, whenn: {}}\n").is_err());

@@ -2110,3 +2110,38 @@ async fn a_limit_on_everything_counts_its_pages() {
     assert!(r.text().await.unwrap().contains("everything-budget"));
     assert_eq!(gw.upstream.seen().len(), before, "nothing went upstream");
 }
+
+/// `fhirwall test` finds test files spelt in any case, as policy files are
+/// read; a file without cases, or a case whose decision would differ with
+/// the client's address a `source` rule names, fails instead of passing
+/// untested.
+#[test]
+fn policy_tests_cannot_pass_without_testing() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config = format!("{root}/policies/examples/config/example-config.yaml");
+    let dir = support::TempDir::new("policy-tests");
+    let case = |source: &str| {
+        format!(
+            "cases:\n  - name: research reads\n    claims: {{iss: https://idp.example.org/realms/hospital, aud: http://localhost:8080/fhir, exp: 4000000000, client_id: research-portal, roles: [research-viewer], scope: user/*.rs}}\n    request: {{method: GET, url: Observation?code=8867-4{source}}}\n    expect: {{decision: deny}}\n"
+        )
+    };
+    std::fs::write(dir.0.join("Outside.YAML"), case(", source: 192.0.2.1")).unwrap();
+    let (ok, out) = support::run_bin(&["test", "--config", &config, dir.0.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 case(s), 0 failed"), "{out}");
+
+    // Without a source the deny would hold only because no rule on
+    // `source` can: an error, not a pass.
+    std::fs::write(dir.0.join("Outside.YAML"), case("")).unwrap();
+    let (ok, out) = support::run_bin(&["test", "--config", &config, dir.0.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("depends on the client's address") && out.contains("10.50.0.0/16"),
+        "{out}"
+    );
+
+    std::fs::write(dir.0.join("Outside.YAML"), "cases: []\n").unwrap();
+    let (ok, out) = support::run_bin(&["test", "--config", &config, dir.0.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("no cases"), "{out}");
+}
