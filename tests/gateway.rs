@@ -109,6 +109,13 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             with(&|c| c["token_use"] = json!("id")),
             "not an access token (its token_use is 'id')",
         ),
+        // An OpenID Connect ID token of an app that is its own API (its
+        // `aud` an accepted audience), typed as any JWT.
+        (
+            "oidc-id-token",
+            with(&|c| c["at_hash"] = json!("77QmUPtjPfzWtF2AnpK9RQ")),
+            "not an access token (its at_hash is 'present",
+        ),
         // A claim that could not be a header to the upstream would reach
         // it as no header at all.
         (

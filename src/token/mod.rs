@@ -413,6 +413,11 @@ pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
         "oct" => return Err("symmetric key (kty oct) is never used".into()),
         other => return Err(format!("unsupported kty '{other}'")),
     };
+    // A JWK's `alg` is a string (RFC 7517 §4.4): another shape is no
+    // absent `alg` (which leaves the key every algorithm of its family).
+    if k.get("alg").is_some_and(|a| !a.is_string()) {
+        return Err("alg is not a string".into());
+    }
     let algorithms = match s("alg") {
         None => family,
         Some(a) => match algorithm(a) {
@@ -701,6 +706,18 @@ fn access_token_only(c: &Value) -> Result<(), TokenError> {
             )),
             _ => Ok(()),
         };
+    // Claims only an OpenID Connect ID token carries (the hashes of the
+    // access token, code and state issued beside it): an ID token whose
+    // `aud` is an accepted audience (an app that is its own API) is no
+    // access token, whatever its `typ` says.
+    for name in ["at_hash", "c_hash", "s_hash"] {
+        if c.get(name).is_some() {
+            return Err(TokenError::NotAccessToken(
+                name,
+                "present: an ID token's claim".into(),
+            ));
+        }
+    }
     refuses("token_use", &|t| !matches!(t, "access" | "access_token"))?;
     refuses("typ", &|t| NOT_ACCESS.contains(&t))?;
     refuses("token_type", &|t| {

@@ -410,9 +410,19 @@ fn jwks_filtering() {
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     keys.push(json!({"kty": "RSA", "kid": "rsa1024", "n": b64(&[0xc5; 128]), "e": "AQAB"}));
     keys.push(json!({"kty": "EC", "kid": "short", "crv": "P-256", "x": b64(&[7; 31]), "y": b64(&[7; 32])}));
+    // An `alg` that is no string is no absent one (which would leave the
+    // key every RSA algorithm).
+    let mut listed_alg = rsa.jwk().clone();
+    listed_alg["kid"] = json!("listed");
+    listed_alg["alg"] = json!(["RS256"]);
+    keys.push(listed_alg);
     let (set, skipped) = KeySet::from_jwks(&doc).unwrap();
     assert_eq!(set.keys.len(), 1, "{skipped:?}");
-    assert_eq!(skipped.len(), 7, "{skipped:?}");
+    assert_eq!(skipped.len(), 8, "{skipped:?}");
+    assert!(
+        skipped.iter().any(|s| s.contains("alg is not a string")),
+        "{skipped:?}"
+    );
     assert!(skipped[0].contains("private or secret"), "{skipped:?}");
     assert!(
         skipped
