@@ -1366,16 +1366,7 @@ async fn spoofable_headers_are_stripped_and_context_forwarded() {
     // A create's answer: the new resource's URL under the public base (the
     // upstream built it from the Host fhirwall sent), and none of the
     // upstream's session cookies.
-    let writer = gw.mint("user/Observation.c", None);
-    let r = gw
-        .send(
-            "POST",
-            "Observation",
-            &writer,
-            "application/fhir+json",
-            r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#,
-        )
-        .await;
+    let r = gw.create_observation().await;
     assert_eq!(r.status(), 201);
     assert_eq!(
         r.headers()["location"],
@@ -1900,22 +1891,16 @@ async fn put_large_observation(gw: &Gateway, id: &str, note_len: usize) -> reqwe
 /// resource data) reach the log, as Pingora's own line would print them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unparsable_upstream_answer_is_logged_without_its_bytes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let upstream = tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf).await;
-            let _ = c
-                .write_all(
-                    b"HTTP/1.1 200 OK\r\nSet-Cookie: session=SECRET-COOKIE\r\n\
-                      Bad Header\x01: x\r\nContent-Length: 40\r\n\r\n\
-                      {\"resourceType\":\"Patient\",\"PHI-MARK\":1}",
-                )
-                .await;
-        }
-    });
+    let (addr, upstream) = support::raw_upstream(
+        |_| {
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: session=SECRET-COOKIE\r\n\
+              Bad Header\x01: x\r\nContent-Length: 40\r\n\r\n\
+              {\"resourceType\":\"Patient\",\"PHI-MARK\":1}"
+                .to_vec()
+        },
+        Duration::ZERO,
+    )
+    .await;
     let gw = Gateway::start(Options {
         upstream_url: Some(format!("http://{addr}/r4")),
         ..Options::default()
@@ -2778,23 +2763,17 @@ async fn the_upstreams_product_and_version_are_not_passed_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let upstream = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut c, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf).await;
-            let _ = c
-                .write_all(
-                    b"HTTP/1.1 103 Early Hints\r\nLink: </r4/Patient/p2>; rel=preload\r\n\
-                      Set-Cookie: session=SECRET-COOKIE\r\nServer: Legacy-FHIR/1.0\r\n\
-                      X-Powered-By: HAPI FHIR 5.0\r\n\r\n",
-                )
-                .await;
-            held.push(c); // and then nothing
-        }
-    });
+    // An interim answer, and then nothing.
+    let (addr, upstream) = support::raw_upstream(
+        |_| {
+            b"HTTP/1.1 103 Early Hints\r\nLink: </r4/Patient/p2>; rel=preload\r\n\
+              Set-Cookie: session=SECRET-COOKIE\r\nServer: Legacy-FHIR/1.0\r\n\
+              X-Powered-By: HAPI FHIR 5.0\r\n\r\n"
+                .to_vec()
+        },
+        Duration::from_secs(30),
+    )
+    .await;
     let gw = Gateway::start(Options {
         upstream_url: Some(format!("http://{addr}/r4")),
         read_timeout_ms: 500,
@@ -2850,31 +2829,24 @@ async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
 /// forwarded), is a failure, never a tunnel between client and upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind_its_paths_move() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let upstream = tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let n = c.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let answer: &[u8] = if head.contains("/switch") {
-                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+    let (addr, upstream) = support::raw_upstream(
+        |head| {
+            let answer: &[u8] = if head.contains("/switch") {
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
                       Upgrade: websocket\r\n\r\nRAW-TUNNEL-BYTES"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n\
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n\
                       Connection: X-Internal-Route\r\nX-Internal-Route: db-7\r\n\
                       Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\
                       Upgrade: h2c\r\nContent-Location: /r4/Patient/p1/_history/3\r\n\
                       Content-Length: 42\r\n\r\n\
                       {\"resourceType\":\"Patient\",\"id\":\"p1\",\"a\":1}"
-                };
-                let _ = c.write_all(answer).await;
-                tokio::time::sleep(Duration::from_secs(3)).await;
-            });
-        }
-    });
+            };
+            answer.to_vec()
+        },
+        Duration::from_secs(3),
+    )
+    .await;
     let gw = Gateway::start(Options {
         upstream_url: Some(format!("http://{addr}/r4")),
         ..Options::default()

@@ -2535,16 +2535,7 @@ async fn links_built_from_the_forwarded_host_are_moved_to_the_public_base() {
         "{next}"
     );
 
-    let writer = gw.mint("user/Observation.c", None);
-    let r = gw
-        .send(
-            "POST",
-            "Observation",
-            &writer,
-            "application/fhir+json",
-            r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#,
-        )
-        .await;
+    let r = gw.create_observation().await;
     assert_eq!(r.status(), 201);
     assert_eq!(
         r.headers()["location"],

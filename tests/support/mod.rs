@@ -22,6 +22,34 @@ use fhirwall::sandbox::keys::KeyKind;
 /// and outgoing connections never land, so a port released here cannot be
 /// handed to a concurrent test before the gateway binds it. Each test
 /// binary (one process) walks its own stretch, seeded by its pid.
+/// An upstream on 127.0.0.1 that reads each connection's first request
+/// and writes `answer(request head)` as raw bytes (a broken or unusual
+/// server), then keeps the connection open, silent, for `hold`.
+#[allow(dead_code)]
+pub async fn raw_upstream(
+    answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+    hold: std::time::Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = std::sync::Arc::new(answer);
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                let _ = c
+                    .write_all(&answer(&String::from_utf8_lossy(&buf[..n])))
+                    .await;
+                tokio::time::sleep(hold).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -462,6 +490,21 @@ impl Gateway {
                 .await;
             assert_eq!(r.status(), 200, "request {prefix}-{i}");
         }
+    }
+
+    /// Creates an Observation under `user/Observation.c` (the sandbox
+    /// answers 201 with a `Location`, and a session cookie).
+    #[allow(dead_code)]
+    pub async fn create_observation(&self) -> reqwest::Response {
+        let writer = self.mint("user/Observation.c", None);
+        self.send(
+            "POST",
+            "Observation",
+            &writer,
+            "application/fhir+json",
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"loc"}}"#,
+        )
+        .await
     }
 
     /// Sends `method` to `rel` under the base with a bearer token, a
