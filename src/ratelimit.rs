@@ -66,9 +66,55 @@ pub struct Ask<'a> {
     pub n: u32,
 }
 
+/// A bucket, and how long it may idle: past its limit's window it is full
+/// again anyway, and forgetting it changes nothing.
+struct Held {
+    idle: Duration,
+    bucket: Mutex<Bucket>,
+}
+
+/// Each bucket is dropped once idle for its own window (not a day, the
+/// longest window: many callers' buckets of a one-minute limit, a site
+/// rotating through its /64s, would fill the table for a day, and a full
+/// table may refuse to keep new callers' buckets, whose limits would then
+/// not hold).
+struct IdleForItsWindow;
+
+impl moka::Expiry<String, Arc<Held>> for IdleForItsWindow {
+    fn expire_after_create(
+        &self,
+        _k: &String,
+        v: &Arc<Held>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.idle)
+    }
+
+    fn expire_after_read(
+        &self,
+        _k: &String,
+        v: &Arc<Held>,
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+        _modified: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.idle)
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &String,
+        v: &Arc<Held>,
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.idle)
+    }
+}
+
 /// Every rule's buckets.
 pub struct Limiter {
-    buckets: moka::sync::Cache<String, Arc<Mutex<Bucket>>>,
+    buckets: moka::sync::Cache<String, Arc<Held>>,
     origin: std::time::Instant,
 }
 
@@ -77,9 +123,7 @@ impl Default for Limiter {
         Limiter {
             buckets: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
-                // A bucket idle this long is full again anyway for any
-                // limit of up to a day.
-                .time_to_idle(Duration::from_secs(86_400))
+                .expire_after(IdleForItsWindow)
                 .build(),
             origin: std::time::Instant::now(),
         }
@@ -121,7 +165,7 @@ impl Limiter {
             .map(|(i, a)| (format!("{}\u{0}{}\u{0}{}", a.rule, a.limit.per, a.who), i))
             .collect();
         keyed.sort();
-        let mut buckets: Vec<(Arc<Mutex<Bucket>>, Vec<usize>)> = Vec::new();
+        let mut buckets: Vec<(Arc<Held>, Vec<usize>)> = Vec::new();
         let mut last: Option<&str> = None;
         for (key, i) in &keyed {
             if last == Some(key.as_str()) {
@@ -132,8 +176,13 @@ impl Limiter {
             }
             last = Some(key);
             let (capacity, _) = shape(&asks[*i]);
+            let window = asks[*i].limit.per_seconds;
             let b = self.buckets.get_with(key.clone(), || {
-                Arc::new(Mutex::new(Bucket::full(capacity, now)))
+                Arc::new(Held {
+                    // (A second more: a bucket read at its window's end.)
+                    idle: Duration::from_secs(u64::from(window) + 1),
+                    bucket: Mutex::new(Bucket::full(capacity, now)),
+                })
             });
             buckets.push((b, vec![*i]));
         }
@@ -142,7 +191,7 @@ impl Limiter {
             .iter()
             .map(|(b, asked)| {
                 let n: f64 = asked.iter().map(|i| f64::from(asks[*i].n)).sum();
-                (b.lock().unwrap_or_else(|p| p.into_inner()), asked, n)
+                (b.bucket.lock().unwrap_or_else(|p| p.into_inner()), asked, n)
             })
             .collect();
         let mut refused: Option<(usize, f64)> = None;
@@ -169,6 +218,26 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bucket idle past its window (full again) is forgotten; one of a
+    /// longer window is kept.
+    #[test]
+    fn a_bucket_is_kept_only_while_its_window_could_matter() {
+        let limiter = Limiter::default();
+        let limit = |per_seconds| RateLimit {
+            per: "source".into(),
+            requests: 1,
+            per_seconds,
+        };
+        let (short, long) = (limit(1), limit(3600));
+        assert!(limiter.check("r", &short, "a", 1).is_ok());
+        assert!(limiter.check("r", &short, "a", 1).is_err());
+        assert!(limiter.check("r", &long, "b", 1).is_ok());
+        std::thread::sleep(Duration::from_millis(2300));
+        limiter.buckets.run_pending_tasks();
+        assert_eq!(limiter.buckets.entry_count(), 1);
+        assert!(limiter.check("r", &long, "b", 1).is_err());
+    }
 
     /// A `now` read before another request updated the bucket (it waited
     /// for the lock) neither refills it nor moves its clock back.
