@@ -1168,7 +1168,11 @@ pub fn rewrite_path(u: &str, upstream_path: &str, public_path: &str) -> Option<S
     if !u.starts_with('/') || u.starts_with("//") {
         return None;
     }
+    // With the public base at `/` (an empty path) the rest alone could be
+    // no path: empty, a query (`?_getpages=…`), or `//host/…` (another
+    // host; `///host/…` too, to a browser). One `/` leads.
     moved_from(u, std::iter::once(upstream_path), public_path)
+        .map(|m| format!("/{}", m.trim_start_matches('/')))
 }
 
 /// Types outside the Patient compartment that `$everything` may return as
@@ -2025,6 +2029,16 @@ mod tests {
         assert_eq!(path("/fhir/Patient/1", "", "/fhir"), None);
         assert_eq!(path("/fhir/Patient/1", "/fhir", "/fhir"), None);
         assert_eq!(path("//evil/r4/Patient/1", "/r4", "/fhir"), None);
+        // A public base at `/`: still a path on the gateway.
+        assert_eq!(path("/r4", "/r4", "").as_deref(), Some("/"));
+        assert_eq!(
+            path("/r4?_getpages=x", "/r4", "").as_deref(),
+            Some("/?_getpages=x")
+        );
+        assert_eq!(
+            path("/r4//evil.example/x", "/r4", "").as_deref(),
+            Some("/evil.example/x")
+        );
         assert_eq!(path("https://gw/r4", "/r4", "/fhir"), None);
     }
 

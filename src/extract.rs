@@ -49,7 +49,6 @@ pub fn has_access_token_param(params: &[(String, String)]) -> bool {
     params.iter().any(|(n, _)| n == "access_token")
 }
 
-/// Extracts the token from the `Authorization` header values.
 /// Whether the request names the `DPoP` scheme (one `Authorization`
 /// header, whatever follows the scheme): its challenges are then `DPoP`
 /// ones (RFC 9449 §7.1), a malformed token's too.
@@ -63,6 +62,7 @@ pub fn names_dpop_scheme(authorization: &[&[u8]]) -> bool {
     }
 }
 
+/// Extracts the token from the `Authorization` header values.
 pub fn extract<'a>(authorization: &[&'a [u8]]) -> Result<Extracted<'a>, ExtractError> {
     let value = match authorization {
         [] => return Ok(Extracted::None),

@@ -506,6 +506,29 @@ fn audit_denial(r: crate::audit::Refusal) -> Denial {
     }
 }
 
+/// The headers an answer's `Connection` lists (and the hop-by-hop ones):
+/// not passed on, on the paths where fhirwall builds the client's answer
+/// from one it fetched (its `Connection` is dropped before the answer is
+/// stamped).
+fn listed_hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
+    crate::proxy_headers::response_hop_by_hop(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+}
+
+/// An upstream that switched protocols unasked (fhirwall never forwards
+/// `Upgrade`): a failure, never passed on.
+fn switched_protocols() -> Denial {
+    Denial::Upstream {
+        status: 502,
+        code: "upstream_error",
+        description: "upstream switched protocols unasked".into(),
+    }
+}
+
 /// Cache directives addressed to CDNs, which take them over
 /// `Cache-Control`.
 const CDN_CACHE_HEADERS: &[&str] = &[
@@ -1190,9 +1213,15 @@ impl Gateway {
             Err(denial) => return self.refuse(session, ctx, denial).await,
         };
         ctx.upstream_status = Some(answer.status().as_u16());
+        if answer.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return self.refuse(session, ctx, switched_protocols()).await;
+        }
         let mut h = ResponseHeader::build(answer.status(), Some(answer.headers().len() + 3))?;
+        let listed = listed_hop_by_hop(answer.headers());
         for (name, value) in answer.headers() {
-            if upstream::passes_on(name) || name == header::CONTENT_ENCODING {
+            if (upstream::passes_on(name) || name == header::CONTENT_ENCODING)
+                && !listed.iter().any(|l| l == name.as_str())
+            {
                 h.append_header(name.clone(), value.clone())?;
             }
         }
@@ -1500,8 +1529,9 @@ impl Gateway {
             ctx.entry_statuses = upstream;
         }
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
+        let listed = listed_hop_by_hop(&answer.headers);
         for (name, value) in &answer.headers {
-            if upstream::passes_on(name) {
+            if upstream::passes_on(name) && !listed.iter().any(|l| l == name.as_str()) {
                 h.append_header(name.clone(), value.clone())?;
             }
         }
@@ -2420,11 +2450,20 @@ impl Gateway {
             .validator
             .validate(&token, now_unix(), source.as_deref())
             .instrument(tracing::debug_span!("validate"))
-            .await
-            .and_then(|v| {
-                crate::token::forwarded_claims_fit(&v.claims.raw, &self.settings.forward_headers)?;
-                Ok(v)
-            });
+            .await;
+        // A refused token was not in the cache of verified tokens (one too
+        // long is refused before the cache is asked): a flood of forged
+        // tokens shows in the hit ratio. (One refused below, for a claim it
+        // cannot forward, was looked up like any other.)
+        match &v {
+            Ok(v) if v.cache_hit => self.metrics.token_cache_hits.inc(),
+            Err(crate::token::TokenError::TooLong(_)) => {}
+            _ => self.metrics.token_cache_misses.inc(),
+        }
+        let v = v.and_then(|v| {
+            crate::token::forwarded_claims_fit(&v.claims.raw, &self.settings.forward_headers)?;
+            Ok(v)
+        });
         let took = started.elapsed();
         ctx.validation = Some(took);
         let kind = match &v {
@@ -2432,16 +2471,10 @@ impl Gateway {
             Err(_) => crate::token::token_kind(&token),
         };
         self.metrics.validation(kind, took.as_secs_f64());
-        if let Err(e) = &v {
+        if v.is_err() {
             // A refused token is audited by its hash too: repeated attacks
             // with one token can then be told apart.
             ctx.refused_token_hash = Some(crate::token::token_hash(&token));
-            // It was not in the cache of verified tokens (one too long is
-            // refused before the cache is asked): a flood of forged tokens
-            // shows in the hit ratio.
-            if !matches!(e, crate::token::TokenError::TooLong(_)) {
-                self.metrics.token_cache_misses.inc();
-            }
         }
         let v = v.map_err(|e| {
             match token_denial(&e, self.settings.jwks.min_refetch_interval_seconds.max(1)) {
@@ -2454,11 +2487,6 @@ impl Gateway {
                 d => d,
             }
         })?;
-        if v.cache_hit {
-            self.metrics.token_cache_hits.inc();
-        } else {
-            self.metrics.token_cache_misses.inc();
-        }
         let claims = v.claims.clone();
         ctx.token = Some(v);
 

@@ -69,8 +69,16 @@ pub struct Ask<'a> {
 /// A bucket, and how long it may idle: past its limit's window it is full
 /// again anyway, and forgetting it changes nothing.
 struct Held {
-    idle: Duration,
+    /// Seconds; the window of the limit that last used it (a reload may
+    /// lengthen it).
+    idle: std::sync::atomic::AtomicU64,
     bucket: Mutex<Bucket>,
+}
+
+impl Held {
+    fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// Each bucket is dropped once idle for its own window (not a day, the
@@ -87,7 +95,7 @@ impl moka::Expiry<String, Arc<Held>> for IdleForItsWindow {
         v: &Arc<Held>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
-        Some(v.idle)
+        Some(v.idle())
     }
 
     fn expire_after_read(
@@ -98,7 +106,7 @@ impl moka::Expiry<String, Arc<Held>> for IdleForItsWindow {
         _left: Option<Duration>,
         _modified: std::time::Instant,
     ) -> Option<Duration> {
-        Some(v.idle)
+        Some(v.idle())
     }
 
     fn expire_after_update(
@@ -108,7 +116,7 @@ impl moka::Expiry<String, Arc<Held>> for IdleForItsWindow {
         _now: std::time::Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
-        Some(v.idle)
+        Some(v.idle())
     }
 }
 
@@ -177,13 +185,18 @@ impl Limiter {
             last = Some(key);
             let (capacity, _) = shape(&asks[*i]);
             let window = asks[*i].limit.per_seconds;
+            // (A second more: a bucket read at its window's end.)
+            let idle = u64::from(window) + 1;
             let b = self.buckets.get_with(key.clone(), || {
                 Arc::new(Held {
-                    // (A second more: a bucket read at its window's end.)
-                    idle: Duration::from_secs(u64::from(window) + 1),
+                    idle: idle.into(),
                     bucket: Mutex::new(Bucket::full(capacity, now)),
                 })
             });
+            // A window changed by a reload: the bucket's expiry follows now.
+            if b.idle.swap(idle, std::sync::atomic::Ordering::Relaxed) != idle {
+                self.buckets.insert(key.clone(), b.clone());
+            }
             buckets.push((b, vec![*i]));
         }
         // Each bucket locked, with the tokens its asks want together.
@@ -233,9 +246,14 @@ mod tests {
         assert!(limiter.check("r", &short, "a", 1).is_ok());
         assert!(limiter.check("r", &short, "a", 1).is_err());
         assert!(limiter.check("r", &long, "b", 1).is_ok());
+        // A rule whose window a reload lengthened: its bucket is kept as
+        // long as the new window says.
+        assert!(limiter.check("r", &short, "c", 1).is_ok());
+        assert!(limiter.check("r", &long, "c", 1).is_err());
         std::thread::sleep(Duration::from_millis(2300));
         limiter.buckets.run_pending_tasks();
-        assert_eq!(limiter.buckets.entry_count(), 1);
+        assert_eq!(limiter.buckets.entry_count(), 2);
+        assert!(limiter.check("r", &long, "c", 1).is_err());
         assert!(limiter.check("r", &long, "b", 1).is_err());
     }
 

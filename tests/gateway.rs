@@ -2831,18 +2831,26 @@ async fn an_interim_answer_then_a_stall_is_a_timeout_not_the_answer() {
 async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind_its_paths_move() {
     let (addr, upstream) = support::raw_upstream(
         |head| {
-            let answer: &[u8] = if head.contains("/switch") {
-                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+            if head.contains("/switch") {
+                return b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
                       Upgrade: websocket\r\n\r\nRAW-TUNNEL-BYTES"
+                    .to_vec();
+            }
+            // p1's Observation, or p1 (42 bytes).
+            let body = if head.contains("/Observation/") {
+                r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p1"}}"#
             } else {
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n\
-                      Connection: X-Internal-Route\r\nX-Internal-Route: db-7\r\n\
-                      Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\
-                      Upgrade: h2c\r\nContent-Location: /r4/Patient/p1/_history/3\r\n\
-                      Content-Length: 42\r\n\r\n\
-                      {\"resourceType\":\"Patient\",\"id\":\"p1\",\"a\":1}"
+                r#"{"resourceType":"Patient","id":"p1","a":1}"#
             };
-            answer.to_vec()
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n\
+                 Connection: X-Internal-Route\r\nX-Internal-Route: db-7\r\n\
+                 Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\
+                 Upgrade: h2c\r\nContent-Location: /r4/Patient/p1/_history/3\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
         },
         Duration::from_secs(3),
     )
@@ -2853,6 +2861,18 @@ async fn an_upstreams_hop_by_hop_headers_and_protocol_switch_stay_behind_its_pat
     })
     .await;
     let token = gw.mint("user/*.rs", None);
+    // Passed on as it came (user/), and fetched and checked (patient/).
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let r = gw.get("Observation/o1", Some(&p1)).await;
+    assert_eq!(r.status(), 200);
+    for name in [
+        "x-internal-route",
+        "keep-alive",
+        "proxy-authenticate",
+        "upgrade",
+    ] {
+        assert!(r.headers().get(name).is_none(), "{name}: {:?}", r.headers());
+    }
     let r = gw.get("Patient/p1", Some(&token)).await;
     assert_eq!(r.status(), 200);
     for name in [

@@ -413,9 +413,10 @@ pub(crate) fn verify_key(k: &Value) -> Result<VerifyKey, String> {
         "oct" => return Err("symmetric key (kty oct) is never used".into()),
         other => return Err(format!("unsupported kty '{other}'")),
     };
-    // A JWK's `alg` is a string (RFC 7517 §4.4): another shape is no
-    // absent `alg` (which leaves the key every algorithm of its family).
-    if k.get("alg").is_some_and(|a| !a.is_string()) {
+    // A JWK's `alg` is a string (RFC 7517 §4.4): another shape (but
+    // `null`, as a serialiser may write an absent member) is no absent
+    // `alg` (which leaves the key every algorithm of its family).
+    if k.get("alg").is_some_and(|a| !a.is_string() && !a.is_null()) {
         return Err("alg is not a string".into());
     }
     let algorithms = match s("alg") {

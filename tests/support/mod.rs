@@ -16,12 +16,6 @@ use fhirwall::sandbox::fhir::FhirSandbox;
 use fhirwall::sandbox::issuer::{Mint, SandboxIssuer};
 use fhirwall::sandbox::keys::KeyKind;
 
-/// A free loopback port for a gateway listener, which must be named in its
-/// config before it binds. Taken below the kernel's ephemeral range
-/// (32768+ on Linux), where the in-process sandboxes' `127.0.0.1:0` binds
-/// and outgoing connections never land, so a port released here cannot be
-/// handed to a concurrent test before the gateway binds it. Each test
-/// binary (one process) walks its own stretch, seeded by its pid.
 /// An upstream on 127.0.0.1 that reads each connection's first request
 /// and writes `answer(request head)` as raw bytes (a broken or unusual
 /// server), then keeps the connection open, silent, for `hold`.
@@ -50,6 +44,12 @@ pub async fn raw_upstream(
     (addr, task)
 }
 
+/// A free loopback port for a gateway listener, which must be named in its
+/// config before it binds. Taken below the kernel's ephemeral range
+/// (32768+ on Linux), where the in-process sandboxes' `127.0.0.1:0` binds
+/// and outgoing connections never land, so a port released here cannot be
+/// handed to a concurrent test before the gateway binds it. Each test
+/// binary (one process) walks its own stretch, seeded by its pid.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
