@@ -55,6 +55,21 @@ pub fn in_cidr(ip: IpAddr, (net, bits): Cidr) -> bool {
     (a >> shift) == (b >> shift)
 }
 
+/// The first and last addresses of a block.
+pub fn cidr_ends((net, bits): Cidr) -> [IpAddr; 2] {
+    let (n, width) = match net {
+        IpAddr::V4(a) => (u32::from(a) as u128, 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    let host_bits = width - u32::from(bits).min(width);
+    let mask = u128::MAX.checked_shr(128 - host_bits).unwrap_or(0);
+    let ip = |n: u128| match net {
+        IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::from(n as u32)),
+        IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(n)),
+    };
+    [ip(n & !mask), ip(n | mask)]
+}
+
 fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
     proxies.iter().any(|c| in_cidr(ip, *c))
 }

@@ -519,8 +519,13 @@ fn explain_claims(
             .iter()
             .flat_map(|r| r.when.source.iter().map(move |b| (r, b)))
             .find(|(_, block)| {
-                block_ends(block)
+                // Its first and last addresses: the last tells a block
+                // apart from a smaller one at its start (an earlier
+                // `10.0.0.0/24` within a later `10.0.0.0/8`).
+                crate::client_addr::parse_cidr(block)
+                    .map(crate::client_addr::cidr_ends)
                     .into_iter()
+                    .flatten()
                     .any(|a| outcome(&decide_from(Some(a))) != without)
             });
         if let Some((r, block)) = differs {
@@ -620,50 +625,6 @@ fn explain_claims(
 }
 
 /// Unix seconds of an RFC 3339 time (`2026-11-25T14:30:00Z`).
-/// The first and last addresses of a `source` block (`10.0.0.0/8`, an
-/// address alone): probes of a decision that may depend on the client's
-/// address (the last one tells a block apart from a smaller one at its
-/// start, as an earlier `10.0.0.0/24` within a later `10.0.0.0/8`).
-fn block_ends(block: &str) -> Vec<IpAddr> {
-    let (addr, prefix) = block.split_once('/').unwrap_or((block, ""));
-    let Ok(addr) = addr.parse::<IpAddr>() else {
-        return Vec::new();
-    };
-    let host_bits = |width: u32| {
-        let prefix = prefix.parse::<u32>().unwrap_or(width).min(width);
-        width - prefix
-    };
-    let (first, last) = match addr {
-        IpAddr::V4(a) => {
-            let bits = host_bits(32);
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX >> (32 - bits)
-            };
-            let n = u32::from(a);
-            (
-                IpAddr::from(std::net::Ipv4Addr::from(n & !mask)),
-                IpAddr::from(std::net::Ipv4Addr::from(n | mask)),
-            )
-        }
-        IpAddr::V6(a) => {
-            let bits = host_bits(128);
-            let mask = if bits == 0 {
-                0
-            } else {
-                u128::MAX >> (128 - bits)
-            };
-            let n = u128::from(a);
-            (
-                IpAddr::from(std::net::Ipv6Addr::from(n & !mask)),
-                IpAddr::from(std::net::Ipv6Addr::from(n | mask)),
-            )
-        }
-    };
-    vec![first, last]
-}
-
 fn at(text: &str) -> Result<i64, String> {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
@@ -741,12 +702,18 @@ pub fn run_tests(s: &Settings, file: &TestFile, now: i64) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::block_ends;
+    use crate::client_addr::{cidr_ends, parse_cidr};
 
     #[test]
     fn a_blocks_ends_are_probed() {
-        let ends =
-            |b: &str| -> Vec<String> { block_ends(b).iter().map(ToString::to_string).collect() };
+        let ends = |b: &str| -> Vec<String> {
+            parse_cidr(b)
+                .map(cidr_ends)
+                .into_iter()
+                .flatten()
+                .map(|a| a.to_string())
+                .collect()
+        };
         assert_eq!(ends("10.0.0.0/8"), ["10.0.0.0", "10.255.255.255"]);
         assert_eq!(ends("10.50.3.4/16"), ["10.50.0.0", "10.50.255.255"]);
         assert_eq!(ends("192.0.2.7"), ["192.0.2.7", "192.0.2.7"]);
