@@ -1557,14 +1557,7 @@ async fn numbers_with_leading_zeros_are_no_ids_unless_allowed() {
         let o = outcome(r).await;
         assert!(o.to_string().contains("leading zeros"), "{rel}: {o}");
     }
-    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET", "url": "Patient/0128"}}
-    ]});
-    let r = gw
-        .post_bundle(&token, batch.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = gw.batch_get(&token, "Patient/0128").await;
     assert_eq!(r.status(), 400);
     assert!(outcome(r).await.to_string().contains("leading zeros"));
     for needle in ["/012", "=012", "013", "%D9"] {
@@ -1622,14 +1615,7 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
         assert_eq!(r.status(), 400, "{rel}");
     }
     // A batch entry's path is run as written: not decoded here either.
-    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET", "url": "Observation%2Fhidden-8"}}
-    ]});
-    let r = gw
-        .post_bundle(&obs, batch.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = gw.batch_get(&obs, "Observation%2Fhidden-8").await;
     assert_eq!(r.status(), 400);
     assert!(outcome(r).await.to_string().contains("percent-encoded"));
     // What is typed where a name goes is often a value: never echoed, in
@@ -1657,15 +1643,12 @@ async fn parameters_the_upstream_would_read_otherwise_are_refused() {
     assert!(!record.to_string().contains("Smith"), "{record}");
     assert_eq!(gw.upstream.count_containing("Smith"), 0);
 
-    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET",
-                     "url": "Observation?code=hidden-4&\t_include=Observation:subject:Patient"}}
-    ]});
     let r = gw
-        .post_bundle(&obs, batch.to_string())
-        .send()
-        .await
-        .unwrap();
+        .batch_get(
+            &obs,
+            "Observation?code=hidden-4&\t_include=Observation:subject:Patient",
+        )
+        .await;
     assert_eq!(r.status(), 400);
     let o = outcome(r).await;
     assert!(

@@ -601,6 +601,18 @@ impl Gateway {
             .body(body)
     }
 
+    /// POSTs a batch of one `GET url` entry.
+    #[allow(dead_code)]
+    pub async fn batch_get(&self, token: &str, url: &str) -> reqwest::Response {
+        let batch = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": url}}
+        ]});
+        self.post_bundle(token, batch.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.admin_get("metrics").await.text().await.unwrap()
