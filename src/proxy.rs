@@ -506,19 +506,6 @@ fn audit_denial(r: crate::audit::Refusal) -> Denial {
     }
 }
 
-/// The headers an answer's `Connection` lists (and the hop-by-hop ones):
-/// not passed on, on the paths where fhirwall builds the client's answer
-/// from one it fetched (its `Connection` is dropped before the answer is
-/// stamped).
-fn listed_hop_by_hop(headers: &http::HeaderMap) -> Vec<String> {
-    crate::proxy_headers::response_hop_by_hop(
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .map(|v| v.as_bytes()),
-    )
-}
-
 /// An upstream that switched protocols unasked (fhirwall never forwards
 /// `Upgrade`): a failure, never passed on.
 fn switched_protocols() -> Denial {
@@ -1217,11 +1204,8 @@ impl Gateway {
             return self.refuse(session, ctx, switched_protocols()).await;
         }
         let mut h = ResponseHeader::build(answer.status(), Some(answer.headers().len() + 3))?;
-        let listed = listed_hop_by_hop(answer.headers());
         for (name, value) in answer.headers() {
-            if (upstream::passes_on(name) || name == header::CONTENT_ENCODING)
-                && !listed.iter().any(|l| l == name.as_str())
-            {
+            if upstream::passes_on(name) || name == header::CONTENT_ENCODING {
                 h.append_header(name.clone(), value.clone())?;
             }
         }
@@ -1529,9 +1513,8 @@ impl Gateway {
             ctx.entry_statuses = upstream;
         }
         let mut h = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
-        let listed = listed_hop_by_hop(&answer.headers);
         for (name, value) in &answer.headers {
-            if upstream::passes_on(name) && !listed.iter().any(|l| l == name.as_str()) {
+            if upstream::passes_on(name) {
                 h.append_header(name.clone(), value.clone())?;
             }
         }

@@ -517,23 +517,15 @@ impl http_body::Body for PacedBody {
     }
 }
 
-/// Upstream response headers that are not passed on from a checked answer:
-/// hop-by-hop and framing (fhirwall sets its own `Content-Length`).
+/// Upstream response headers that are not copied from a checked answer:
+/// framing (fhirwall sets its own `Content-Length`) and the request id.
 /// (A relayed answer keeps its `Content-Encoding`: its body passes as it
-/// came.)
+/// came.) Hop-by-hop headers, and those `Connection` lists, are copied and
+/// left to the answer's stamp, which drops them on every path alike.
 pub fn passes_on(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "content-length"
-            | "content-encoding"
-            | "x-request-id"
+        "transfer-encoding" | "content-length" | "content-encoding" | "x-request-id"
     )
 }
 
