@@ -76,9 +76,6 @@ pub struct Gateway {
     realm: String,
     /// [`crate::config::Settings::upstream_bases`].
     upstream_bases: Vec<String>,
-    /// Where a `$everything` answer's paging links may point: the
-    /// upstream bases and the public base.
-    paging_bases: Vec<String>,
     context_header_names: Vec<String>,
     /// `X-Forwarded-Proto` and `X-Forwarded-Host`, fixed by the public base URL.
     forwarded_proto: http::HeaderValue,
@@ -152,11 +149,6 @@ impl Gateway {
         );
         let decide_opts = DecideOptions::from_settings(&settings);
         let upstream_bases = settings.upstream_bases();
-        let paging_bases = upstream_bases
-            .iter()
-            .cloned()
-            .chain([realm.clone()])
-            .collect();
         let bases = decide_opts.bases.clone();
         let public_origin = settings.public_base.origin().ascii_serialization();
         let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::from_settings(
@@ -200,7 +192,6 @@ impl Gateway {
             audit,
             realm,
             upstream_bases,
-            paging_bases,
             context_header_names,
             forwarded_proto,
             forwarded_host,
@@ -1425,7 +1416,9 @@ impl Gateway {
                         if let Some(t) = &ctx.token {
                             self.everything_pages.remember(
                                 &answer.body,
-                                &self.paging_bases,
+                                // The public base and the upstream's:
+                                // where its paging links may point.
+                                &self.bases.0,
                                 &Origin::of(&t.claims, patient),
                             );
                         }
