@@ -395,13 +395,13 @@ pub struct RedisStore {
     cfg: Redis,
     /// Replaced when a probe fails (see [`RedisStore::probe`]).
     conn: arc_swap::ArcSwapOption<redis::aio::ConnectionManager>,
-    /// The last probe passed and no command failed since.
-    up: AtomicBool,
-    /// A probe has passed since start (readiness).
+    /// A probe has passed since start (readiness). Whether Redis is up
+    /// now (the last probe passed, no command failed since) is
+    /// `!failing` once it has, and the `fhirwall_redis_up` gauge.
     answered: AtomicBool,
     /// A command or probe failed and no probe has passed since: with
-    /// `on_failure: local`, Redis is not asked meanwhile. (Unlike `up`,
-    /// false at start: a process asks Redis until it has seen it fail.)
+    /// `on_failure: local`, Redis is not asked meanwhile. (False at
+    /// start: a process asks Redis until it has seen it fail.)
     failing: AtomicBool,
     proof_script: redis::Script,
     buckets_script: redis::Script,
@@ -416,7 +416,6 @@ impl RedisStore {
         RedisStore {
             cfg,
             conn: arc_swap::ArcSwapOption::empty(),
-            up: AtomicBool::new(false),
             answered: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             proof_script: redis::Script::new(PROOF_SCRIPT),
@@ -591,7 +590,6 @@ impl RedisStore {
         if up {
             self.answered.store(true, Ordering::Relaxed);
         }
-        self.up.store(up, Ordering::Relaxed);
         self.failing.store(!up, Ordering::Relaxed);
         self.metrics.up.set(i64::from(up));
     }
