@@ -518,12 +518,62 @@ pub fn response_status(entry: &[u8]) -> Option<u16> {
         .and_then(status_code)
 }
 
+/// Whether a search's answer holds its matches only: the request names no
+/// `_include`/`_revinclude` and is no stored search's page (which brings
+/// its search's includes, whatever they were). Its matches are narrowed
+/// to what the caller may see, so what becomes of them may be told.
+pub fn brings_only_matches(req: &FhirRequest) -> bool {
+    !crate::decide::is_stored_page(req)
+        && !req.params.iter().any(|(n, _)| {
+            let base = n.split(':').next().unwrap_or("");
+            matches!(
+                base,
+                "_include" | "_revinclude" | "_getpages" | "_getpagesoffset" | "_pageId"
+            )
+        })
+}
+
+/// A searchset (its text) with a warning entry at the end of its
+/// entries (`search.mode: outcome`, an OperationOutcome with issue
+/// `incomplete`): `left_out` matches were too large to check and are not
+/// in it. `None` if it is not a Bundle with an `entry` array.
+pub fn with_left_out_warning(body: &[u8], left_out: usize) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let top = json_edit::parse(text)?;
+    let array = top.get("entry")?;
+    let mut entries: Vec<String> = json_edit::elements(array)?
+        .iter()
+        .map(|e| e.get().to_string())
+        .collect();
+    let warning = serde_json::json!({
+        "search": {"mode": "outcome"},
+        "resource": {
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "warning",
+                "code": "incomplete",
+                "diagnostics": format!(
+                    "fhirwall: {left_out} of this page's entries were left out: each is larger \
+                     than what upstream.max_checked_answer_bytes leaves once the page's other \
+                     entries are kept, too large for fhirwall to check it; ask for smaller pages \
+                     (_count)"
+                )
+            }]
+        }
+    });
+    entries.push(warning.to_string());
+    let mut edit = JsonEdit::new(text);
+    edit.replace(array, format!("[{}]", entries.join(",")))?;
+    edit.finish().map(String::into_bytes)
+}
+
 /// Whether one entry (its JSON text) of the answer to a search checked by
 /// `check` is kept while the answer is read entry by entry
 /// ([`crate::fhir::entry_sieve`]): not when it is an included resource
 /// outside the grant, which [`judge`] would leave out too. Anything else
 /// is kept, to be judged with the whole answer (an entry that does not
-/// parse, or fails the answer, included).
+/// parse, or fails the answer, included). One too large to hold is let go
+/// unjudged: it could be anyone's (but see [`with_left_out_warning`]).
 pub fn search_entry_sift(check: &ResponseCheck, entry: Option<&[u8]>, bases: &Bases) -> Sift {
     // Too large to hold: it could be anyone's.
     let Some(entry) = entry else {

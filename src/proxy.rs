@@ -1463,6 +1463,23 @@ impl Gateway {
                 return self.refuse(session, ctx, denial).await;
             }
         };
+        // Matches too large to check were let go unjudged (they could be
+        // anyone's). A search that brings its matches only, narrowed to
+        // the caller's, says so: its page is short. One that may bring
+        // includes (another patient's, maybe) does not.
+        let body = match &ctx.check {
+            Some(ResponseCheck::Search { .. })
+                if ctx.too_large_entries > 0
+                    && ctx.entry_checks.is_empty()
+                    && ctx.withheld_entries.is_empty()
+                    && crate::check::brings_only_matches(fhir) =>
+            {
+                crate::check::with_left_out_warning(&body, ctx.too_large_entries)
+                    .map(Bytes::from)
+                    .unwrap_or(body)
+            }
+            _ => body,
+        };
         // An earlier version is read only while the resource still is in
         // the grant: one moved to another patient (a misfiled record,
         // corrected) is theirs, every version of it, as its history is.
@@ -2987,6 +3004,17 @@ impl Ctx {
                         format!(
                             "{} entries too large for what upstream.max_checked_answer_bytes \
                              leaves, their answers withheld unjudged",
+                            self.too_large_entries
+                        )
+                    } else if self
+                        .fhir
+                        .as_ref()
+                        .is_some_and(crate::check::brings_only_matches)
+                    {
+                        format!(
+                            "{} entries left out unjudged, too large for what \
+                             upstream.max_checked_answer_bytes leaves; the answer ends with a \
+                             warning saying so",
                             self.too_large_entries
                         )
                     } else {
