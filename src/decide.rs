@@ -405,18 +405,27 @@ pub fn decide_with(
         return Ok(d);
     }
     // Then scopes with a query filter that are not bound to a patient.
-    if let Some(Ok(d)) = filtered_grant(req, &needs, scopes, None, opts) {
-        return Ok(d);
-    }
+    let mut filtered_refusal = match filtered_grant(req, &needs, scopes, None, opts) {
+        Some(Ok(d)) => return Ok(d),
+        Some(Err(e)) => Some(e),
+        None => None,
+    };
     // Then patient scopes: unfiltered if the request stays in the
     // compartment, else filtered ones (compartment and filter).
     let patient_result = patient_grant(req, &needs, &usable, scopes, patient, opts);
     if patient_result.is_err() {
-        if let Some(Ok(d)) = filtered_grant(req, &needs, scopes, Some(patient), opts) {
-            return Ok(d);
+        match filtered_grant(req, &needs, scopes, Some(patient), opts) {
+            Some(Ok(d)) => return Ok(d),
+            Some(Err(e)) => filtered_refusal = Some(e),
+            None => {}
         }
     }
-    patient_result
+    // A filtered scope that covers the request but refuses it tells more
+    // than "no scope grants it".
+    match (patient_result, filtered_refusal) {
+        (Err(e), Some(filtered)) if e.missing_scope.is_some() => Err(filtered),
+        (result, _) => result,
+    }
 }
 
 /// The request under unfiltered scopes including `patient/` ones: needs a
@@ -463,23 +472,11 @@ fn patient_grant(
             "the request is granted only by patient/ scopes, but the token carries no patient launch context (claim 'patient')",
         ));
     };
-    // A read takes no search parameters; under patient/ scopes stray ones
-    // are refused rather than passed to a server that may read them.
-    if matches!(
-        req.interaction,
-        Interaction::Read | Interaction::Vread | Interaction::HistoryInstance
-    ) {
-        if let Some((name, _)) = req.params.iter().find(|(n, _)| {
-            !matches!(
-                n.as_str(),
-                "_format" | "_pretty" | "_summary" | "_elements" | "_since" | "_at" | "_count"
-            )
-        }) {
-            return Err(deny(format!(
-                "parameter {name} is not accepted on a {} under patient/ scopes",
-                req.interaction
-            )));
-        }
+    if let Some(name) = stray_read_param(req) {
+        return Err(deny(format!(
+            "parameter {name} is not accepted on a {} under patient/ scopes",
+            req.interaction
+        )));
     }
     if in_patient_compartment(req, ctx) {
         return Ok(Decision::allow(used));
@@ -599,6 +596,30 @@ fn filtered_grant(
     Some(filtered_decision(req, t, ctx, filters, used, opts))
 }
 
+/// The first parameter of a read, vread or instance history that is none
+/// of those a checked answer is judged with. A read takes no search
+/// parameters; where its answer is checked stray ones are refused rather
+/// than passed to a server that may read them (HAPI's `_offset` on a
+/// history leaves out its newest versions, the one that tells whose the
+/// resource now is among them).
+fn stray_read_param(req: &FhirRequest) -> Option<&str> {
+    if !matches!(
+        req.interaction,
+        Interaction::Read | Interaction::Vread | Interaction::HistoryInstance
+    ) {
+        return None;
+    }
+    req.params
+        .iter()
+        .find(|(n, _)| {
+            !matches!(
+                n.as_str(),
+                "_format" | "_pretty" | "_summary" | "_elements" | "_since" | "_at" | "_count"
+            )
+        })
+        .map(|(n, _)| n.as_str())
+}
+
 fn filtered_decision(
     req: &FhirRequest,
     t: &str,
@@ -617,6 +638,12 @@ fn filtered_decision(
     };
     match req.interaction {
         Read | Vread | HistoryInstance => {
+            if let Some(name) = stray_read_param(req) {
+                return Err(deny(format!(
+                    "parameter {name} is not accepted on a {} under a scope with a filter",
+                    req.interaction
+                )));
+            }
             if let Some(ctx) = ctx {
                 let own_patient = t == "Patient" && req.id.as_deref() == Some(ctx);
                 if !own_patient && !read_checkable(req) {
@@ -2818,19 +2845,39 @@ mod tests {
         let b = classify_bundle(req("POST", ""), body).unwrap();
         let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1"));
         assert!(d.is_err_and(|e| e.reason.contains("vread")));
-        // So is a history that may leave the current version out.
-        for (url, ok) in [
-            ("Observation/o1/_history?_at=le2020-01-01", false),
-            ("Observation/o1/_history?_since=2020-01-01", false),
-            ("Observation/o1/_history", true),
+        // So is a history that may leave the current version out, under
+        // patient/ scopes or a filter, bound to a patient or not (HAPI's
+        // `_offset` skips the newest versions).
+        for (scopes, patient) in [
+            ("patient/*.rs", Some("p1")),
+            ("patient/Observation.rs?category=laboratory", Some("p1")),
+            ("user/Observation.rs?category=laboratory", None),
         ] {
-            let body = format!(
-                r#"{{"resourceType":"Bundle","type":"batch","entry":[
-                {{"request":{{"method":"GET","url":"{url}"}}}}]}}"#
-            );
-            let b = classify_bundle(req("POST", ""), body.as_bytes()).unwrap();
-            let d = decide(&b, &ScopeSet::parse("patient/*.rs"), Some("p1"));
-            assert_eq!(d.is_ok(), ok, "{url}");
+            for (url, ok) in [
+                ("Observation/o1/_history?_at=le2020-01-01", false),
+                ("Observation/o1/_history?_since=2020-01-01", false),
+                ("Observation/o1/_history?_offset=1", false),
+                ("Observation/o1/_history?_getpagesoffset=1", false),
+                ("Observation/o1/_history?_count=5", true),
+                ("Observation/o1/_history", true),
+            ] {
+                let body = format!(
+                    r#"{{"resourceType":"Bundle","type":"batch","entry":[
+                    {{"request":{{"method":"GET","url":"{url}"}}}}]}}"#
+                );
+                let b = classify_bundle(req("POST", ""), body.as_bytes()).unwrap();
+                let d = decide(&b, &ScopeSet::parse(scopes), patient);
+                assert_eq!(d.is_ok(), ok, "{scopes} {url}: {d:?}");
+                // Alone, the current version is fetched and checked too,
+                // but a stray parameter is refused all the same.
+                if url.contains("_offset") {
+                    let d = check(scopes, patient, "GET", url);
+                    assert!(
+                        d.as_ref().is_err_and(|e| e.reason.contains("_offset")),
+                        "{scopes} {url}: {d:?}"
+                    );
+                }
+            }
         }
         // Under user/ scopes nothing is checked: allowed.
         assert!(decide(&b, &ScopeSet::parse("user/*.rs"), None).is_ok());
