@@ -999,6 +999,15 @@ fn patient_search(
                  resources"
             )));
         }
+        // Microsoft's `_not-referenced=Type:param`: the matches no `Type`
+        // resource points to, whoever's it is (another patient's
+        // Observation naming p1 as performer), and whatever the type.
+        if base == "_not-referenced" {
+            return Err(deny(format!(
+                "under patient/ scopes {name} is refused: the resources it tests need not be \
+                 Patient/{ctx}'s"
+            )));
+        }
         let bare = bare_id_is_patient(name, base, modifier, searches_patients);
         for v in value.split(',') {
             if let Some(other) = named_patient(v, bare, &opts.bases).filter(|id| *id != ctx) {
@@ -1569,11 +1578,77 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
                     }
                 }
             }
+            // Microsoft's reverse-reference test (`Type:param`, `*:*`):
+            // the matches no `Type.param` points to, the complement of a
+            // `_has`, which tells who has such resources.
+            "_not-referenced" => {
+                let ty = value
+                    .split(':')
+                    .next()
+                    .filter(|t| crate::fhir::resource_types::is_resource_type(t));
+                needs.push(Need::on(Perm::Search, ty));
+            }
+            // A parameter starting with `_` is the server's to define, and
+            // servers keep adding ones that read other resources
+            // (Microsoft's `_not-referenced`), or match names whatever
+            // their case (`_LIST` as `_list`): one fhirwall does not know,
+            // spelt exactly, is refused rather than passed unjudged.
+            _ if base.starts_with('_') && !KNOWN_SPECIAL_PARAMS.contains(&base) => {
+                return Err(deny(format!(
+                    "search parameter {base} is not one fhirwall knows (names starting with '_' \
+                     are matched exactly, case included: a server may read an unknown one as \
+                     reaching other resources)"
+                )))
+            }
             _ => {}
         }
     }
     Ok(needs)
 }
+
+/// Parameters starting with `_` that fhirwall knows (besides those
+/// [`param_needs`] judges or refuses by name): FHIR R4's common and result
+/// parameters, history's, paging ones (HAPI, IBM, Google), `$export`'s
+/// (Bulk Data, and Microsoft's), and HAPI's `_language`, `_narrative`.
+/// None of them reaches a resource the request does not name.
+const KNOWN_SPECIAL_PARAMS: &[&str] = &[
+    "_id",
+    "_lastUpdated",
+    "_tag",
+    "_profile",
+    "_security",
+    "_source",
+    "_text",
+    "_content",
+    "_type",
+    "_has",
+    "_count",
+    "_summary",
+    "_total",
+    "_elements",
+    "_format",
+    "_pretty",
+    "_since",
+    "_at",
+    "_offset",
+    "_page",
+    "_page_token",
+    "_bundletype",
+    "_language",
+    "_narrative",
+    "_outputFormat",
+    "_typeFilter",
+    "_until",
+    "_till",
+    "_container",
+    "_anonymizationConfig",
+    "_anonymizationConfigEtag",
+    "_anonymizationConfigCollectionReference",
+    "_isParallel",
+    "_maxCount",
+    "_includeHistory",
+    "_includeDeleted",
+];
 
 /// The types a reverse chain (`_has:T:p:rest`) or a chain (`p:Type.rest`)
 /// searches, however they nest: each `_has` searches its `T`, each chained
@@ -1605,6 +1680,7 @@ fn reaches_other_types(req: &FhirRequest) -> bool {
         n.starts_with("_include")
             || n.starts_with("_revinclude")
             || n.starts_with("_has:")
+            || n.starts_with("_not-referenced")
             || n.contains('.')
     })
 }
@@ -2232,6 +2308,90 @@ mod tests {
                 None,
                 "GET",
                 "Patient?_has:Observation:patient:code=1234",
+                true,
+            ),
+            // Microsoft's `_not-referenced`: the complement of a `_has`.
+            (
+                "not-referenced needs type",
+                "user/Patient.rs",
+                None,
+                "GET",
+                "Patient?_not-referenced=Condition:subject",
+                false,
+            ),
+            (
+                "not-referenced with type",
+                "user/Patient.rs user/Condition.s",
+                None,
+                "GET",
+                "Patient?_not-referenced=Condition:subject",
+                true,
+            ),
+            (
+                "not-referenced by any type",
+                "user/Patient.rs user/Condition.s",
+                None,
+                "GET",
+                "Patient?_not-referenced=*:*",
+                false,
+            ),
+            (
+                "not-referenced under patient scopes",
+                "patient/*.rs",
+                Some("p1"),
+                "GET",
+                "Patient?_not-referenced=*:*",
+                false,
+            ),
+            (
+                "not-referenced compartment search under patient scopes",
+                "patient/*.rs",
+                Some("p1"),
+                "GET",
+                "Patient/p1/Observation?_not-referenced=DiagnosticReport:result",
+                false,
+            ),
+            // A `_` parameter fhirwall does not know, or spelt otherwise
+            // (a server may match `_LIST` as `_list`): refused.
+            (
+                "unknown special parameter",
+                "user/*.rs",
+                None,
+                "GET",
+                "Observation?_frobnicate=1",
+                false,
+            ),
+            (
+                "special parameter in another case",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?_LIST=worklist-1",
+                false,
+            ),
+            (
+                "special parameter in another case, patient",
+                "patient/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Observation?_Id=o1",
+                false,
+            ),
+            (
+                "known special parameters",
+                "user/Observation.rs",
+                None,
+                "GET",
+                "Observation?_lastUpdated=gt2020&_tag=x&_security:not=R&_total=accurate\
+                 &_elements=id&_summary=false&_count=5&_source=s&_profile=p",
+                true,
+            ),
+            (
+                "known special parameters, patient",
+                "patient/Observation.rs",
+                Some("p1"),
+                "GET",
+                "Observation?_lastUpdated=gt2020&_count=5",
                 true,
             ),
             (

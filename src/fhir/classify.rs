@@ -278,10 +278,13 @@ pub struct HttpRequest<'a> {
     pub if_none_exist: Option<&'a str>,
 }
 
-/// A FHIR resource id: 1 to 64 of `A-Z a-z 0-9 - .`.
+/// A FHIR resource id: 1 to 64 of `A-Z a-z 0-9 - .`, not dots alone (a
+/// URL's `.` and `..` are dot segments, which a server resolving the URL
+/// removes: `Patient/.?name=x` runs as a search of Patients).
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
+        && !id.bytes().all(|b| b == b'.')
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
@@ -721,6 +724,7 @@ fn classify_entry(entry: &Value) -> Result<FhirRequest, ClassifyError> {
         )));
     }
     let path = raw_path;
+    // (A `.` segment is no id, type or operation: see is_valid_id.)
     if path.contains("..") || path.contains(';') || path.contains('\\') {
         return Err(ClassifyError::MalformedBundle(format!(
             "entry.request.url '{shown}' is not a plain path"
@@ -2093,6 +2097,30 @@ mod tests {
         }
         assert!(entry(serde_json::json!({"request": {"method": "GET",
             "url": "Observation?code=a%20b"}}))
+        .is_ok());
+        // A server that resolves the URL (Microsoft's) removes `.` and
+        // `..` segments: `Patient/.?name=x` would run as a search of
+        // Patients, a DELETE of `Observation/.?code=x` as a conditional
+        // delete. Refused, as at the top level; so are ids of dots alone
+        // and empty segments.
+        for (method, url) in [
+            ("GET", "Patient/.?name=smith"),
+            ("GET", "Patient/./p1"),
+            ("GET", "./Patient/p1"),
+            ("DELETE", "Observation/.?code=x&_count=50"),
+            ("DELETE", "Observation/..."),
+            ("GET", "Patient/../Observation/o1"),
+            ("GET", "Patient//p1"),
+        ] {
+            let e = entry(serde_json::json!({"request": {"method": method, "url": url}}));
+            assert!(e.is_err(), "{method} {url}: {e:?}");
+        }
+        assert!(!is_valid_id("."));
+        assert!(!is_valid_id("..."));
+        assert!(is_valid_id("a.b"));
+        assert!(is_valid_id("1.2.840"));
+        assert!(entry(serde_json::json!({"request": {"method": "GET",
+            "url": "Observation/1.2.840"}}))
         .is_ok());
         // HAPI reads `Patient/p1/` as the id `p1/`: a write so named is
         // refused, not proved as Patient/p1; a read splits alike.
