@@ -1355,12 +1355,10 @@ fn without_userinfo(text: &str) -> String {
     out
 }
 
-/// What a public route may start with: the server's description, and
-/// conformance, terminology, knowledge and directory resources (none
-/// holds a patient's data).
+/// The resource types a public route may name (besides `metadata` and
+/// `.well-known`): conformance, terminology, knowledge and directory
+/// resources (none holds a patient's data).
 const PUBLIC_ROUTE_TYPES: &[&str] = &[
-    ".well-known",
-    "metadata",
     "ActivityDefinition",
     "CapabilityStatement",
     "CodeSystem",
@@ -1391,6 +1389,41 @@ const PUBLIC_ROUTE_TYPES: &[&str] = &[
     "TerminologyCapabilities",
     "ValueSet",
 ];
+
+/// Operations a public route may name: terminology ones, which read code
+/// systems, value sets and concept maps only.
+const PUBLIC_OPERATIONS: &[&str] = &[
+    "$expand",
+    "$lookup",
+    "$validate-code",
+    "$subsumes",
+    "$translate",
+    "$versions",
+];
+
+/// Whether a public route (below the base, without its leading and
+/// trailing `/`) has a shape that serves no patient's data: `metadata`, a
+/// path below `.well-known`, or one of [`PUBLIC_ROUTE_TYPES`] as `Type`,
+/// `Type/id`, `Type/$op` or `Type/id/$op` with `$op` one of
+/// [`PUBLIC_OPERATIONS`]. Anything else (a history, `_search`, a
+/// compartment such as `Practitioner/1/Patient`, an operation such as
+/// `Questionnaire/$populate?subject=Patient/1`) may read a patient's data.
+fn public_route_shape(route: &str) -> bool {
+    let segs: Vec<&str> = route.split('/').collect();
+    let op = |s: &str| PUBLIC_OPERATIONS.contains(&s);
+    let id = |s: &str| crate::fhir::classify::is_valid_id(s);
+    match segs.as_slice() {
+        ["metadata"] => true,
+        [".well-known", rest @ ..] => !rest.is_empty() && rest.iter().all(|s| !s.is_empty()),
+        [t, rest @ ..] if PUBLIC_ROUTE_TYPES.contains(t) => match rest {
+            [] => true,
+            [x] => id(x) || op(x),
+            [i, x] => id(i) && op(x),
+            _ => false,
+        },
+        _ => false,
+    }
+}
 
 /// `text` with the query of every URL in it cut to `?…`: an endpoint's
 /// query may hold a key (`?apikey=`), and problems are printed and, on a
@@ -1718,10 +1751,7 @@ impl Config {
             // (many types outside the Patient compartment still hold
             // patients' data: Task, Device, Binary, Bundle…), and no
             // history, search or bulk operation of them.
-            let first = r.split('/').next().unwrap_or("");
-            let reaches_patients = !PUBLIC_ROUTE_TYPES.contains(&first)
-                || r.split('/')
-                    .any(|s| matches!(s, "_history" | "_search" | "$export" | "$everything"));
+            let reaches_patients = !public_route_shape(r.trim_end_matches('/'));
             if bad {
                 problem(
                     &format!("public_routes[{i}]"),
@@ -1731,11 +1761,15 @@ impl Config {
                 problem(
                     &format!("public_routes[{i}]"),
                     format!(
-                        "'{r}' could serve patient data without a token: a public route must \
-                         start with one of {} (the server's description; conformance, \
-                         terminology, knowledge and directory resources), and may not be a \
-                         history, search, $export or $everything",
-                        PUBLIC_ROUTE_TYPES.join(", ")
+                        "'{r}' could serve patient data without a token: a public route is \
+                         one of {} (the server's description; conformance, terminology, \
+                         knowledge and directory resources) as Type, Type/id, or one of its \
+                         terminology operations ({}) as Type/$op or Type/id/$op, or a path \
+                         below .well-known; no history, compartment or other operation (an \
+                         operation such as $populate, $evaluate-measure or $apply reads a \
+                         patient's data, a compartment search lists it)",
+                        PUBLIC_ROUTE_TYPES.join(", "),
+                        PUBLIC_OPERATIONS.join(", ")
                     ),
                 );
             } else {
@@ -3631,8 +3665,12 @@ admin:
     fn public_routes_may_not_serve_patient_data() {
         let p = problems_of(
             "public_routes: [Patient, Observation/x, _history, _search, $export, \
-             Group/g1/$export, Binary, Task, ValueSet/_history, ValueSet, CodeSystem/$lookup, \
-             StructureDefinition, .well-known/udap, Practitioner]\n",
+             Group/g1/$export, Binary, Task, ValueSet/_history, Questionnaire/$populate, \
+             Measure/$evaluate-measure, PlanDefinition/p1/$apply, Library/$evaluate, \
+             Practitioner/123/Patient, ValueSet/_search, CodeSystem/c1/_history/1, metadata/x, \
+             ValueSet/$expand/x, Questionnaire/q1/$populate, \
+             ValueSet, CodeSystem/$lookup, ValueSet/vs1/$expand, ConceptMap/$translate, \
+             StructureDefinition, StructureDefinition/sd-1, .well-known/udap, Practitioner]\n",
         );
         let paths: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
@@ -3646,11 +3684,38 @@ admin:
                 "public_routes[5]",
                 "public_routes[6]",
                 "public_routes[7]",
-                "public_routes[8]"
+                "public_routes[8]",
+                "public_routes[9]",
+                "public_routes[10]",
+                "public_routes[11]",
+                "public_routes[12]",
+                "public_routes[13]",
+                "public_routes[14]",
+                "public_routes[15]",
+                "public_routes[16]",
+                "public_routes[17]",
+                "public_routes[18]",
             ],
             "{p:?}"
         );
         assert!(p[0].1.contains("could serve patient data"), "{p:?}");
+        let s = Config::parse(&format!(
+            "{GOOD}public_routes: [ValueSet, CodeSystem/$lookup, ValueSet/vs1/$expand, \
+             StructureDefinition/sd-1/, .well-known/udap]\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(
+            s.public_routes[2..],
+            [
+                "ValueSet",
+                "CodeSystem/$lookup",
+                "ValueSet/vs1/$expand",
+                "StructureDefinition/sd-1",
+                ".well-known/udap"
+            ]
+        );
     }
 
     #[test]
