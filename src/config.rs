@@ -53,21 +53,21 @@ pub struct Config {
     #[serde(default)]
     pub dpop: DpopConfig,
     /// TLS on the proxy listener (and client certificates for RFC 8705).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub tls: Option<TlsConfig>,
     /// Operators' policies: every `*.yaml` in this directory (relative to
     /// the config file), in file-name order. See `policies/README.md`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub policies: Option<PoliciesConfig>,
     /// How an emergency is declared (break-glass): see policies/README.md.
     #[serde(default)]
     pub break_glass: BreakGlassConfig,
     /// Roles: a claim's values mapped to ceilings of scopes and interactions.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub roles: Option<RolesConfig>,
     /// State shared by replicas (DPoP proofs seen, rate-limit buckets)
     /// kept in Redis; without it, each process keeps its own.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub redis: Option<RedisConfig>,
     /// The directory of the config file (relative paths are below it).
     #[serde(skip)]
@@ -131,20 +131,20 @@ pub struct RedisConfig {
     /// `redis://host[:port][/db]`, without credentials.
     pub url: String,
     /// ACL user name (Redis 6+), if the server has users.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub username: Option<String>,
     /// A file holding the password (relative to the config file).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub password_file: Option<String>,
     /// With `rediss://`: CA certificates (PEM) the server's certificate
     /// must chain to, instead of the system's.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub ca_file: Option<String>,
     /// With `rediss://`: fhirwall's client certificate chain and key (PEM),
     /// for a server that asks for one (Redis's `tls-auth-clients`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub client_cert_file: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub client_key_file: Option<String>,
     /// Prefix of every key fhirwall writes.
     #[serde(default = "d_redis_prefix")]
@@ -213,10 +213,10 @@ pub struct BreakGlassConfig {
     pub header: String,
     /// Or a token claim carrying it (set by the authorization server): when
     /// set, only the claim can declare an emergency.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub claim: Option<String>,
     /// Only tokens issued (`iat`) at most this long ago may break glass.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub max_token_age_seconds: Option<u64>,
 }
 
@@ -241,7 +241,7 @@ pub struct TlsConfig {
     /// PEM private key of the listener.
     pub key_file: String,
     /// PEM bundle of the CAs client certificates must chain to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub client_ca_file: Option<String>,
     /// `none`, `request` (verified when sent) or `require`.
     #[serde(default = "d_client_auth")]
@@ -292,7 +292,7 @@ pub struct DpopConfig {
     /// Proofs one client (issuer and `client_id`, else the key) may have
     /// remembered per replay window, so that one client cannot fill the set
     /// for all; default a tenth of the set.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub max_proofs_per_key: Option<u64>,
     /// Proofs one user of a client (issuer, `client_id` and a `sub` other
     /// than the client's own, on a token with `patient/` or `user/`
@@ -300,7 +300,7 @@ pub struct DpopConfig {
     /// before the client's, so that one user cannot spend the client's
     /// quota for its other users; default a hundredth of the client's, at
     /// least 1000 (at most the client's).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub max_proofs_per_user: Option<u64>,
     /// Issue `DPoP-Nonce` and require proofs to carry it (RFC 9449 §9).
     #[serde(default)]
@@ -311,7 +311,7 @@ pub struct DpopConfig {
     /// A secret (32 to 1024 bytes) the nonces are made with, shared by
     /// every replica, so a nonce one issues another accepts; without it
     /// each process makes its own at start.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub nonce_key_file: Option<String>,
 }
 
@@ -409,7 +409,7 @@ pub struct UpstreamConfig {
     #[serde(default = "d_true")]
     pub verify_tls: bool,
     /// PEM bundle of CAs to trust for the upstream (https only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub ca_file: Option<String>,
     /// Pass the client's `Authorization` header on to the upstream.
     #[serde(default)]
@@ -443,7 +443,7 @@ pub struct IssuerConfig {
     /// Exact `iss` value of the tokens.
     pub issuer: String,
     /// JWKS location; when absent, `discovery` must be true.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub jwks_uri: Option<String>,
     /// Find `jwks_uri` via `{issuer}/.well-known/openid-configuration`,
     /// then `{issuer}/.well-known/smart-configuration`.
@@ -467,7 +467,7 @@ pub struct IssuerConfig {
     pub require_binding_for_clients: Vec<String>,
     /// RFC 7662 token introspection: opaque tokens (and this issuer's JWTs)
     /// are checked by the authorization server.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub introspection: Option<IntrospectionConfig>,
 }
 
@@ -481,24 +481,24 @@ pub struct IntrospectionConfig {
     pub auth_method: String,
     pub client_id: String,
     /// The client secret, for the client_secret_* methods…
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub client_secret: Option<String>,
     /// …or the environment variable holding it (keeps it out of the file).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub client_secret_env: Option<String>,
     /// PEM private key (PKCS#8 RSA or EC P-256) for private_key_jwt.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub private_key_file: Option<String>,
     /// Signing algorithm of the client assertion (RS256 or ES256).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub private_key_alg: Option<String>,
     /// The `kid` the client assertion names (the key's id as registered
     /// with the authorization server, for one that holds several).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub private_key_id: Option<String>,
     /// The client assertion's `aud` (default: the endpoint). Some servers
     /// want their issuer or token endpoint there.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub assertion_audience: Option<String>,
     #[serde(default = "d_introspection_timeout")]
     pub timeout_ms: u64,
@@ -515,7 +515,7 @@ pub struct IntrospectionConfig {
     pub require_aud: bool,
     /// Send opaque tokens (not JWTs) to this issuer. Needed when several
     /// issuers introspect; with one, it takes them by default.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub opaque_tokens: Option<bool>,
     /// Introspections a client address may have answered inactive (or
     /// refused) per minute; past it, its tokens not already cached are
@@ -626,7 +626,7 @@ pub struct JwksConfig {
     pub fetch_timeout_ms: u64,
     /// PEM bundle of extra CAs to trust for JWKS and discovery over https
     /// (added to the system roots), e.g. a hospital's internal CA.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub ca_file: Option<String>,
 }
 
@@ -646,10 +646,10 @@ pub struct AuditConfig {
     #[serde(default = "d_audit_format")]
     pub format: String,
     /// File to append to when `sink: file` (relative to the config file).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub path: Option<String>,
     /// The FHIR server AuditEvents are sent to when `sink: fhir`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub fhir: Option<AuditFhirConfig>,
     /// A request goes upstream only once its decision record is written.
     #[serde(default = "d_true")]
@@ -676,7 +676,7 @@ pub struct AuditConfig {
     /// or `spill` records to `spill_path`.
     #[serde(default = "d_on_failure")]
     pub on_failure: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub spill_path: Option<String>,
     /// How often a failed sink is tried again.
     #[serde(default = "d_audit_retry")]
@@ -693,7 +693,7 @@ pub struct AuditFhirConfig {
     #[serde(default = "d_audit_fhir_batch")]
     pub batch_max: usize,
     /// Environment variable holding a bearer token for the endpoint.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub bearer_token_env: Option<String>,
 }
 
@@ -733,7 +733,7 @@ pub struct ServerConfig {
     /// The Unix socket a process started with `run --upgrade` takes the
     /// listening sockets over on (zero-downtime restart; see config.yaml).
     /// Unset: no takeover (SIGQUIT is ignored).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub upgrade_sock: Option<String>,
 }
 
@@ -1448,6 +1448,24 @@ fn without_query(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// An optional setting given with a value. A key written with none
+/// (`roles:`, `tls:` with every line below it commented out, a template
+/// that rendered empty) is an error, not the setting left out: read as
+/// "none", it would turn off role ceilings, policies, TLS or a limit
+/// without a word.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)?.map(Some).ok_or_else(|| {
+        serde::de::Error::custom(
+            "the key has no value: give it one, or remove the key (left empty, it would turn \
+             the setting off)",
+        )
+    })
 }
 
 /// A serde_ignored path in the form problems use: `a.b[2].c`.
@@ -4124,6 +4142,35 @@ admin:
             e.starts_with("issuers[0].introspection.timeout_ms: "),
             "{e}"
         );
+    }
+
+    /// A key written without a value (a template that rendered empty,
+    /// every line below it commented out) is an error naming it, not the
+    /// setting turned off.
+    #[test]
+    fn a_setting_written_without_a_value_is_an_error() {
+        for (extra, key) in [
+            ("roles:\n", "roles"),
+            ("policies:\n", "policies"),
+            ("tls:\n  # cert_file: c.pem\n", "tls"),
+            ("redis: ~\n", "redis"),
+            (
+                "break_glass:\n  max_token_age_seconds:\n",
+                "break_glass.max_token_age_seconds",
+            ),
+            ("break_glass:\n  claim: null\n", "break_glass.claim"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}{extra}")).err();
+            let e = e.unwrap_or_else(|| panic!("{extra:?} parsed"));
+            assert!(
+                e.starts_with(&format!("{key}: ")) && e.contains("has no value"),
+                "{extra:?}: {e}"
+            );
+            assert!(e.contains("line "), "{e}");
+        }
+        // Left out, they are simply not set.
+        let c = Config::parse(GOOD).unwrap();
+        assert!(c.roles.is_none() && c.tls.is_none() && c.policies.is_none());
     }
 
     #[test]
