@@ -1043,6 +1043,80 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What the configuration allows but that weakens a guarantee: `run`
+    /// logs each at start, `check` prints them (the configuration is
+    /// still valid).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let loopback = |host: &str| {
+            matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1")
+                || host
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        };
+        let u = &self.upstream;
+        if !u.tls && !loopback(u.url.host_str().unwrap_or("")) {
+            w.push(
+                "upstream.url: plain http off the loopback interface: requests and answers, \
+                 patients' data, cross the network unencrypted; use https"
+                    .into(),
+            );
+        }
+        if u.tls && !u.verify_tls {
+            w.push(
+                "upstream.verify_tls: false: the upstream's certificate is not checked, so \
+                 anyone on the path can read the requests and answer in its place"
+                    .into(),
+            );
+        }
+        if let Some(r) = &self.redis {
+            if r.tls.is_none() && !loopback(&r.host) {
+                w.push(format!(
+                    "redis.url: plain redis:// off the loopback interface{}: anyone on the path \
+                     can read it and answer the DPoP replay and rate-limit checks in its place \
+                     (a replayed proof would pass); use rediss://",
+                    if r.password.is_some() {
+                        ", with the password sent in clear"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        if self.break_glass.claim.is_none() && self.policies.rules.iter().any(|r| r.break_glass) {
+            w.push(format!(
+                "break_glass.claim is not set: an emergency is declared by the {} header, which \
+                 any caller may send, so every caller whose token the break_glass rules' deny \
+                 would refuse can pass it by declaring one (it is on record); set \
+                 break_glass.claim to have the authorization server vouch for it",
+                self.break_glass.header
+            ));
+        }
+        let d = &self.dpop;
+        if d.enabled && self.redis.is_none() && self.upgrade_sock.is_some() {
+            w.push(
+                "dpop is on without redis: the proofs this process has seen are not known to \
+                 the one taking over at a zero-downtime restart (a proof can be replayed to it \
+                 within dpop.max_age_seconds); configure redis to share them"
+                    .into(),
+            );
+        }
+        if d.enabled
+            && d.nonce_lifetime_seconds.is_some()
+            && d.nonce_key.is_none()
+            && (self.redis.is_some() || self.upgrade_sock.is_some())
+        {
+            w.push(
+                "dpop.require_nonce without dpop.nonce_key_file: each process makes its own \
+                 nonces, which another replica or the process taking over at a restart \
+                 refuses; give every process the same dpop.nonce_key_file"
+                    .into(),
+            );
+        }
+        w
+    }
+
     /// The bases the upstream may write its links and absolute references
     /// under, without a trailing `/`: its URL as configured and, if it
     /// differs, the public origin with the upstream's path. A server that
@@ -2898,6 +2972,20 @@ impl Config {
             );
             ok = false;
         }
+        // The clients' tokens are bearer credentials: sent where nobody
+        // verifies who reads them, they can be replayed.
+        if u.forward_authorization && (!tls && !is_secure_or_loopback(&url) || tls && !u.verify_tls)
+        {
+            problem(
+                "upstream.forward_authorization",
+                "the clients' tokens would go to an upstream nobody verifies (plain http off \
+                 the loopback interface, or https with verify_tls: false), where anyone on the \
+                 path could take and replay them; use https with verify_tls: true, or leave \
+                 forward_authorization off"
+                    .into(),
+            );
+            ok = false;
+        }
         let mut roots = Vec::new();
         if let Some(ca) = &u.ca_file {
             if !tls {
@@ -4054,6 +4142,74 @@ admin:
         );
     }
 
+    /// Clients' tokens go only where the upstream is verified; an upstream
+    /// reached in clear, or unverified, is said to be so.
+    #[test]
+    fn tokens_are_forwarded_only_to_a_verified_upstream() {
+        let with = |upstream: &str| {
+            Config::parse(&GOOD.replace("  url: http://127.0.0.1:9090/r4\n", upstream))
+                .unwrap()
+                .validate()
+        };
+        for (upstream, warning) in [
+            ("  url: http://127.0.0.1:9090/r4\n", None),
+            ("  url: http://[::1]:9090/r4\n", None),
+            ("  url: https://10.0.0.5/r4\n", None),
+            (
+                "  url: http://10.0.0.5:9090/r4\n",
+                Some("upstream.url: plain http"),
+            ),
+            (
+                "  url: https://10.0.0.5/r4\n  verify_tls: false\n",
+                Some("upstream.verify_tls: false"),
+            ),
+        ] {
+            let w = with(upstream).unwrap().warnings();
+            match warning {
+                None => assert!(w.is_empty(), "{upstream}: {w:?}"),
+                Some(start) => {
+                    assert!(w.len() == 1 && w[0].starts_with(start), "{upstream}: {w:?}")
+                }
+            }
+            let forwarding = format!("{upstream}  forward_authorization: true\n");
+            let result = with(&forwarding);
+            match warning {
+                None => assert!(result.is_ok(), "{forwarding}: {:?}", result.err()),
+                Some(_) => {
+                    let p = result.err().unwrap_or_default();
+                    assert!(
+                        p.iter().any(|p| p.path == "upstream.forward_authorization"),
+                        "{forwarding}: {p:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A break-glass rule whose emergency anyone may declare by a header
+    /// is said to be so; vouched for by a claim, it is not.
+    #[test]
+    fn break_glass_declared_by_a_header_is_warned_of() {
+        let mut s = Config::parse(GOOD).unwrap().validate().unwrap();
+        let warned = |s: &Settings| s.warnings().iter().any(|w| w.starts_with("break_glass"));
+        assert!(!warned(&s));
+        let problems = s.policies.add_file(
+            "t.yaml",
+            &crate::policy::parse_file(
+                "rules:\n  - name: nights\n    effect: deny\n    break_glass: true\n    when: {interaction: [read]}\n",
+            )
+            .unwrap(),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(warned(&s));
+        assert!(s
+            .warnings()
+            .iter()
+            .any(|w| w.contains("X-Fhirwall-Break-Glass header")));
+        s.break_glass.claim = Some("break_glass_reason".into());
+        assert!(!warned(&s));
+    }
+
     #[test]
     fn urls_in_problems_never_show_credentials() {
         assert_eq!(
@@ -4459,7 +4615,24 @@ admin:
             .unwrap();
         assert!(r.tls.as_ref().unwrap().ca_pem.is_some());
         assert_eq!(r.password.unwrap().0.len(), 512);
-        let r = with("  url: redis://[::1]/\n").unwrap().redis.unwrap();
+        // Off loopback, plain redis:// is said to be readable and
+        // answerable by anyone on the path (a warning, not a problem).
+        let warned = |s: Settings| {
+            s.warnings()
+                .into_iter()
+                .filter(|w| w.starts_with("redis.url"))
+                .collect::<Vec<_>>()
+        };
+        let w = warned(
+            with("  url: redis://cache.internal:6380/3\n  password_file: redis.pw\n").unwrap(),
+        );
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("with the password sent in clear"), "{w:?}");
+        assert!(warned(with("  url: redis://127.0.0.1/\n").unwrap()).is_empty());
+        assert!(warned(with("  url: rediss://cache.internal\n").unwrap()).is_empty());
+        let r = with("  url: redis://[::1]/\n").unwrap();
+        assert!(warned(r.clone()).is_empty());
+        let r = r.redis.unwrap();
         assert!(r.tls.is_none());
         assert_eq!(
             (r.host.as_str(), r.port, r.db, r.fallback_local),

@@ -350,6 +350,10 @@ fn main() -> ExitCode {
                     s.admin_listen,
                     s.upstream.resolved[0]
                 );
+                // Valid, but weaker than it may look: said as `run` says it.
+                for warning in s.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

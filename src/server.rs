@@ -743,36 +743,6 @@ fn take_over_when_ready(
     Ok(())
 }
 
-/// Says at start where DPoP's state is this process's alone although the
-/// configuration implies another process serves the same clients: proofs
-/// remembered here are not remembered there (a replay accepted across a
-/// zero-downtime restart or by another replica), and nonces made here are
-/// refused there (clients loop on `use_dpop_nonce`).
-fn warn_of_per_process_state(settings: &Settings) {
-    let d = &settings.dpop;
-    if !d.enabled {
-        return;
-    }
-    if settings.redis.is_none() && settings.upgrade_sock.is_some() {
-        tracing::warn!(
-            "dpop is on without redis: the proofs this process has seen are not known to the \
-             one taking over at a zero-downtime restart (a proof can be replayed to it within \
-             dpop.max_age_seconds); configure redis to share them"
-        );
-    }
-    let nonces = d.nonce_lifetime_seconds.is_some();
-    if nonces
-        && d.nonce_key.is_none()
-        && (settings.redis.is_some() || settings.upgrade_sock.is_some())
-    {
-        tracing::warn!(
-            "dpop.require_nonce without dpop.nonce_key_file: each process makes its own nonces, \
-             which another replica or the process taking over at a restart refuses; give every \
-             process the same dpop.nonce_key_file"
-        );
-    }
-}
-
 /// Makes SIGQUIT and SIGHUP harmless from now on (tokio's handlers stay
 /// for the life of the process; nothing looks at them until serving): by
 /// default either ends the process, and `run` is sent them for a reload
@@ -822,7 +792,9 @@ pub fn run(
                 .into(),
         );
     }
-    warn_of_per_process_state(&settings);
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
     let threads = if settings.server.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -2509,6 +2509,50 @@ fn check_reports_every_problem_and_run_refuses_to_start() {
         "{}",
         String::from_utf8_lossy(&good.stderr)
     );
+    assert!(
+        !String::from_utf8_lossy(&good.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    // Valid but weaker than it may look: `check` says so, as `run` does
+    // at start; clients' tokens sent in clear are refused.
+    let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"))
+        .unwrap()
+        .replace("http://127.0.0.1:9090/r4", "http://10.0.0.5:9090/r4");
+    let plain = dir.0.join("plain.yaml");
+    std::fs::write(&plain, &reference).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["check", "--config"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: upstream.url: plain http off the loopback interface"),
+        "{err}"
+    );
+    std::fs::write(
+        &plain,
+        reference.replace(
+            "forward_authorization: false",
+            "forward_authorization: true",
+        ),
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let out = std::process::Command::new(support::bin())
+            .args([cmd, "--config"])
+            .arg(&plain)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("upstream.forward_authorization: the clients' tokens would go"),
+            "{cmd}: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
