@@ -306,6 +306,29 @@ fn sync_unlocked(file: &Mutex<AppendFile>) -> io::Result<()> {
     result
 }
 
+/// Fsyncs `fd` when it is a regular file (stdout sent to one: `> audit.jsonl`,
+/// systemd's `StandardOutput=append:`); says whether it did. A pipe or a
+/// terminal cannot be fsynced: its reader (the container runtime,
+/// journald) keeps the records as durably as it does.
+fn sync_if_file(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    let regular = is_regular_file(fd);
+    if regular {
+        rustix::fs::fdatasync(fd).map_err(io::Error::from)?;
+    }
+    Ok(regular)
+}
+
+fn is_regular_file(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    })
+}
+
+fn sync_stdout() -> io::Result<()> {
+    use std::os::fd::AsFd;
+    sync_if_file(io::stdout().as_fd()).map(|_| ())
+}
+
 /// Where records go.
 enum Sink {
     Stdout(io::Stdout),
@@ -725,6 +748,9 @@ impl Sink {
                 let mut lock = out.lock();
                 lock.write_all(&lines(records)).map_err(none)?;
                 lock.flush().map_err(none)?;
+                if sync {
+                    sync_stdout().map_err(none)?;
+                }
                 Ok(Vec::new())
             }
             Sink::File { file, .. } => {
@@ -741,7 +767,8 @@ impl Sink {
     fn sync(&mut self) -> io::Result<()> {
         match self {
             Sink::File { file, .. } => sync_unlocked(file),
-            _ => Ok(()),
+            Sink::Stdout(_) => sync_stdout(),
+            Sink::Fhir(_) => Ok(()),
         }
     }
 
@@ -911,7 +938,19 @@ pub(super) fn start(
     file: Option<Arc<Mutex<AppendFile>>>,
 ) -> io::Result<()> {
     let mut sink = match &cfg.sink {
-        AuditSink::Stdout => Sink::Stdout(io::stdout()),
+        AuditSink::Stdout => {
+            use std::os::fd::AsFd;
+            let out = io::stdout();
+            if !is_regular_file(out.as_fd()) && cfg.fsync != Fsync::Never {
+                tracing::warn!(
+                    "audit records go to stdout, which is no file (a pipe or a terminal): no \
+                     fsync can make them durable, so they are as safe from a power loss as its \
+                     reader (the container runtime, journald) keeps them; use audit.sink: file \
+                     for records on disk before the upstream sees the request"
+                );
+            }
+            Sink::Stdout(out)
+        }
         AuditSink::File(_) => Sink::File {
             file: file.expect("a file sink comes with its file"),
             max_bytes: cfg.rotate_max_bytes,
@@ -1398,6 +1437,21 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Bundles for the audit endpoint hold at most `max` records and stay
+    /// Stdout sent to a file is fsynced as a file sink is; a pipe cannot
+    /// be, and is not tried.
+    #[test]
+    fn stdout_is_fsynced_when_it_is_a_file() {
+        use std::os::fd::AsFd;
+        let dir = std::env::temp_dir().join(format!("fhirwall-stdout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = File::create(dir.join("out.jsonl")).unwrap();
+        assert!(sync_if_file(file.as_fd()).unwrap());
+        let (reader, writer) = std::io::pipe().unwrap();
+        assert!(!sync_if_file(writer.as_fd()).unwrap());
+        assert!(!sync_if_file(reader.as_fd()).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// under the byte bound, but a record larger than it goes alone.
     #[test]
     fn records_are_sent_in_bounded_bundles() {
