@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -98,6 +99,14 @@ impl AppendFile {
         }
     }
 
+    /// Whether the open file has been deleted (no name links to it).
+    fn unlinked(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.file
+            .as_ref()
+            .is_some_and(|f| f.metadata().is_ok_and(|m| m.nlink() == 0))
+    }
+
     /// Opens the file for appending. A last line torn by a crash is ended,
     /// so the next record starts on a line of its own.
     /// Opens the file at the path afresh (a new one after a rotation, or
@@ -113,10 +122,13 @@ impl AppendFile {
         use std::os::unix::fs::MetadataExt;
         if self.file.is_none() {
             let existed = self.path.exists();
+            // Records name patients, users and addresses: a new file is
+            // the owner's and its group's (a log shipper), no one else's.
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .read(true)
+                .mode(0o640)
                 .open(&self.path)?;
             if !existed || self.dir_unsynced {
                 // The new name is durable only once its directory is.
@@ -126,7 +138,7 @@ impl AppendFile {
             }
             // Another process may be appending (a handover): its record
             // half written is no torn line to end.
-            let alone = Exclusive::take(&f);
+            let alone = Exclusive::take(&f)?;
             let meta = f.metadata()?;
             self.ident = (meta.dev(), meta.ino());
             self.size = meta.len();
@@ -190,7 +202,13 @@ impl AppendFile {
         // process alone: during a handover the other process appends to
         // the same file, and a cut-back to an end known from earlier would
         // take its records (synced, their requests served) with it.
-        let alone = Exclusive::take(&file);
+        let alone = match Exclusive::take(&file) {
+            Ok(alone) => alone,
+            Err(e) => {
+                self.file = None;
+                return Err(e);
+            }
+        };
         let end = file
             .metadata()
             .ok()
@@ -234,13 +252,37 @@ impl AppendFile {
 /// and the new process of a handover append to the same file, and each
 /// judges its end (a torn line to end, a failed write to cut back) with
 /// the file to itself. Where locks are not supported nothing is waited
-/// for.
+/// for. The other process holds it for one write; held longer (anyone who
+/// may open the file can lock it), the write fails as the sink's would,
+/// rather than hold a request, or every request, without bound.
 struct Exclusive<'a>(&'a File);
 
+/// How long [`Exclusive::take`] waits for another process's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
 impl<'a> Exclusive<'a> {
-    fn take(file: &'a File) -> Exclusive<'a> {
-        let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive);
-        Exclusive(file)
+    fn take(file: &'a File) -> io::Result<Exclusive<'a>> {
+        use rustix::fs::FlockOperation::NonBlockingLockExclusive;
+        let start = Instant::now();
+        loop {
+            match rustix::fs::flock(file, NonBlockingLockExclusive) {
+                Ok(()) => return Ok(Exclusive(file)),
+                Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
+                // Not supported here (some network file systems).
+                Err(_) => return Ok(Exclusive(file)),
+            }
+            if start.elapsed() >= LOCK_WAIT {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the audit file has been locked (flock) by another process for over \
+                         {} s; fhirwall appends only while it holds the lock",
+                        LOCK_WAIT.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -757,6 +799,16 @@ impl Sink {
                 lock(file).write(records).map_err(none)?;
                 if sync {
                     sync_unlocked(file).map_err(none)?;
+                    // Deleted since it was last looked at (a clean-up
+                    // job): the records are durable in a file nobody can
+                    // find. Written again, to a new file at its path,
+                    // before their requests proceed.
+                    if lock(file).unlinked() {
+                        tracing::error!(path = %lock(file).path.display(), "audit file was deleted by someone else while records were written to it; they are written again to a new one at its path");
+                        lock(file).start_anew().map_err(none)?;
+                        lock(file).write(records).map_err(none)?;
+                        sync_unlocked(file).map_err(none)?;
+                    }
                 }
                 Ok(Vec::new())
             }
@@ -818,11 +870,35 @@ impl Sink {
             return Ok(false);
         }
         file.sync()?;
+        // During a handover the other process appends to this file and
+        // may rotate it at the same moment: under the file's lock, it is
+        // renamed only if still at its path (else the other rotated it,
+        // and the new file at the path is the one to write to), and never
+        // over an existing file.
+        let Some(fd) = file.file.clone() else {
+            return Ok(false);
+        };
+        let alone = match Exclusive::take(&fd) {
+            Ok(alone) => alone,
+            Err(e) => {
+                tracing::error!(error = %e, path = %file.path.display(), "audit file could not be rotated; records go on being appended to it");
+                file.rotate_after = Some(Instant::now() + Duration::from_secs(60));
+                return Ok(false);
+            }
+        };
+        if file.moved_away() {
+            drop(alone);
+            tracing::info!(path = %file.path.display(), "audit file was rotated by another process (a handover); writing to the new one");
+            file.start_anew()?;
+            return Ok(true);
+        }
         let rotated = rotated_name(&file.path);
+        let renamed = rename(&file.path, &rotated);
+        drop(alone);
         // A rotation that cannot be made (a directory fhirwall may not
         // write in) leaves the records going to the file they go to: the
         // sink is not down for it. Tried again in a minute.
-        if let Err(e) = rename(&file.path, &rotated) {
+        if let Err(e) = renamed {
             // Still the file at its path: records go on to it. Moved or
             // deleted by someone else meanwhile (the file was synced just
             // above): a new one is started there, as records in a file
@@ -842,6 +918,18 @@ impl Sink {
         prune(parent_dir(&file.path), &file.path, *keep);
         tracing::info!(rotated = %rotated.display(), "audit file rotated");
         Ok(true)
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (which a plain rename would
+/// replace, losing a rotated file another process made under that name
+/// a moment before). A file system that cannot tell (`EINVAL`) renames
+/// plainly.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL) => std::fs::rename(from, to),
+        r => r.map_err(io::Error::from),
     }
 }
 
@@ -956,7 +1044,7 @@ pub(super) fn start(
             max_bytes: cfg.rotate_max_bytes,
             max_age: cfg.rotate_max_age,
             keep: cfg.rotate_keep,
-            rename: |from, to| std::fs::rename(from, to),
+            rename: rename_no_replace,
         },
         AuditSink::Fhir {
             endpoint,
@@ -1512,6 +1600,115 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// A new audit file is its owner's and its group's only; another
+    /// process holding the file's lock makes a write fail after a bounded
+    /// wait (as the sink's would), rather than hang it; released, the
+    /// file is written again.
+    #[test]
+    fn audit_files_are_private_and_a_held_lock_does_not_hang_a_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("lock-held");
+        let path = dir.join("audit.jsonl");
+        let mut f = AppendFile::new(path.clone());
+        f.open().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o007, 0, "{mode:o}");
+        assert_eq!(mode & 0o600, 0o600, "{mode:o}");
+        let record = Pending {
+            id: "r1".into(),
+            bytes: b"{\"a\":1}".to_vec(),
+            ack: None,
+        };
+        // Another open file description: flock conflicts as another
+        // process's would.
+        let other = File::open(&path).unwrap();
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let start = Instant::now();
+        let e = f.write(&[&record]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(start.elapsed() >= LOCK_WAIT, "{:?}", start.elapsed());
+        assert!(start.elapsed() < LOCK_WAIT * 5, "{:?}", start.elapsed());
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::Unlock).unwrap();
+        f.write(&[&record]).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A rotation never renames over a file (another process's rotated
+    /// file of the same second), and one that waited for the file's lock
+    /// while the other process of a handover rotated it writes to the new
+    /// file instead of rotating that one away.
+    #[test]
+    fn rotations_by_two_processes_lose_no_file() {
+        let dir = scratch("rotation-race");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let e = rename_no_replace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "b");
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "a");
+
+        let (mut sink, file) = due_for_rotation(&dir, rename_no_replace);
+        let path = lock(&file).path.clone();
+        // The other process holds the lock, rotates the file and starts a
+        // new one, then lets go.
+        let other = File::open(&path).unwrap();
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let ours = std::thread::spawn(move || {
+            let rotated = sink.rotate_if_due();
+            (sink, rotated)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let theirs = dir.join("audit.jsonl.theirs");
+        std::fs::rename(&path, &theirs).unwrap();
+        std::fs::write(&path, "").unwrap();
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::Unlock).unwrap();
+        let (_sink, rotated) = ours.join().unwrap();
+        assert!(rotated.unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&theirs).unwrap(),
+            "{\"a\":\"record\"}\n",
+            "the other's rotated file is whole"
+        );
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "audit.jsonl", "audit.jsonl.theirs", "b"]);
+        // Ours now writes to the new file at the path.
+        let record = Pending {
+            id: "r".into(),
+            bytes: b"{}".to_vec(),
+            ack: None,
+        };
+        lock(&file).write(&[&record]).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Records fsynced into a file deleted meanwhile are written again to
+    /// a new file at its path before they count as written.
+    #[test]
+    fn records_written_to_a_deleted_file_are_written_again() {
+        let dir = scratch("deleted");
+        let (mut sink, file) = due_for_rotation(&dir, rename_no_replace);
+        let path = lock(&file).path.clone();
+        std::fs::remove_file(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let record = Pending {
+            id: "r".into(),
+            bytes: b"{\"b\":2}".to_vec(),
+            ack: None,
+        };
+        assert!(sink.write(&rt, &[&record], true).is_ok());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"b\":2}\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A rename refused (a directory fhirwall may not write in) leaves the
