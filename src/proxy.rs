@@ -3047,7 +3047,13 @@ impl Gateway {
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
             method: crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
-            path: crate::audit::capped(path, 512),
+            // As request_filter keeps it (`audit::recorded_path`); a
+            // request it never saw keeps its path only if plain ASCII.
+            path: if ctx.path.is_empty() && path.bytes().all(|b| b.is_ascii_graphic()) {
+                crate::audit::capped(path, 512)
+            } else {
+                &ctx.path
+            },
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
             response_bytes: done.then(|| session.body_bytes_sent() as u64),
@@ -3270,7 +3276,7 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
         }
         ctx.method = Some(session.req_header().method.clone());
-        ctx.path = crate::audit::capped(session.req_header().uri.path(), 512).to_string();
+        ctx.path = crate::audit::recorded_path(session.req_header().uri.path());
         ctx.connection = proxy_headers::connection_tokens(
             session
                 .req_header()

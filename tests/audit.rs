@@ -2141,3 +2141,47 @@ async fn the_record_names_the_patients_a_request_reaches() {
         assert_eq!(rec["patient"], "p1", "the launch patient, as before");
     }
 }
+
+/// A path with characters that break or hide a line (Unicode's line
+/// separator, a bidi override), sent raw or percent-encoded, is kept in
+/// the record as text a reader sees as written: the raw path
+/// percent-encoded, the decoded one in the detail by its code points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_break_or_hide_lines_are_recorded_visibly() {
+    let gw = Gateway::start(Options::default()).await;
+    let addr = gw.proxy_addr();
+    let raw = "/fhir/x\u{2028}{\"forged\":1}\u{202E}y";
+    // (Not below the base: refused for that, the decoded path named.)
+    let encoded = "/elsewhere/%E2%80%A8z%E2%80%AE";
+    for (id, path) in [("uni-raw", raw), ("uni-encoded", encoded)] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: gw\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, _) = tokio::task::spawn_blocking(move || support::raw_request(addr, &request))
+            .await
+            .unwrap();
+        assert!((400..500).contains(&status), "{id}: {status}");
+    }
+    let rec = gw.audit_for("uni-raw");
+    assert_eq!(
+        rec["path"], "/fhir/x%E2%80%A8{\"forged\":1}%E2%80%AEy",
+        "{rec}"
+    );
+    let rec = gw.audit_for("uni-encoded");
+    assert_eq!(rec["path"], encoded, "{rec}");
+    assert!(
+        rec["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\\u{2028}z\\u{202E}"),
+        "{rec}"
+    );
+    let text = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(
+        !text.contains('\u{2028}') && !text.contains('\u{202E}'),
+        "{text}"
+    );
+    for line in text.lines() {
+        serde_json::from_str::<Value>(line).unwrap();
+    }
+}

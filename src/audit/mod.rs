@@ -567,6 +567,12 @@ pub fn scrub(detail: &str) -> String {
     let mut out = String::with_capacity(detail.len());
     let mut chars = detail.chars().peekable();
     while let Some(c) = chars.next() {
+        // A character that breaks or hides a line is written as its code
+        // (JSON escapes only C0 controls, `"` and `\`).
+        if invisible(c) {
+            out.push_str(&format!("\\u{{{:04X}}}", c as u32));
+            continue;
+        }
         out.push(c);
         if c == '=' {
             let mut skipped = false;
@@ -590,6 +596,38 @@ pub fn scrub(detail: &str) -> String {
         }
     }
     out
+}
+
+/// A character a reader of records would not see as written: controls,
+/// Unicode's line and paragraph separators (which split a JSON line for
+/// readers that break lines on them) and format characters (bidi
+/// overrides, zero-width ones) that change how a path reads.
+pub fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{AD}'
+                | '\u{600}'..='\u{605}'
+                | '\u{61C}'
+                | '\u{6DD}'
+                | '\u{70F}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+/// A request's path as a record keeps it: anything but printable ASCII
+/// percent-encoded (a client may send raw UTF-8, a line separator or a
+/// bidi override included), at most 512 bytes.
+pub fn recorded_path(path: &str) -> String {
+    let encoded: std::borrow::Cow<str> =
+        percent_encoding::utf8_percent_encode(path, percent_encoding::CONTROLS).into();
+    capped(&encoded, 512).to_string()
 }
 
 /// Milliseconds since the Unix epoch.
