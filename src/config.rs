@@ -1680,6 +1680,14 @@ impl Config {
             None => Some(None),
             Some(t) => validate_tls(t, self.for_reload, &mut problem).map(Some),
         };
+        if let Some(age) = self.break_glass.max_token_age_seconds {
+            if !(1..=86_400).contains(&age) {
+                problem(
+                    "break_glass.max_token_age_seconds",
+                    format!("{age} must be between 1 and 86400 (a day)"),
+                );
+            }
+        }
         let bg_header = &self.break_glass.header;
         if http::HeaderName::from_bytes(bg_header.as_bytes()).is_err() {
             problem(
@@ -2118,8 +2126,11 @@ impl Config {
                 ),
             );
         }
-        if j.fetch_timeout_ms == 0 {
-            problem("jwks.fetch_timeout_ms", "must be at least 1".into());
+        if !(1..=60_000).contains(&j.fetch_timeout_ms) {
+            problem(
+                "jwks.fetch_timeout_ms",
+                "must be between 1 and 60000 (a request waiting for keys waits this long)".into(),
+            );
         }
         // Every token naming an unknown kid may make a fetch this often:
         // 0 would let anyone drive the identity provider's load.
@@ -2796,8 +2807,11 @@ impl Config {
                             format!("{} must be between 1 and 10000", f.batch_max),
                         );
                     }
-                    if f.timeout_ms == 0 {
-                        bad("audit.fhir.timeout_ms", "must be more than 0".into());
+                    if !(1..=60_000).contains(&f.timeout_ms) {
+                        bad(
+                            "audit.fhir.timeout_ms",
+                            "must be between 1 and 60000".into(),
+                        );
                     }
                     let bearer_token = match &f.bearer_token_env {
                         None => None,
@@ -2830,11 +2844,14 @@ impl Config {
         };
         let fsync = match a.fsync.as_str() {
             "batch" => Fsync::Batch,
-            "interval" if a.fsync_interval_ms > 0 => {
+            "interval" if (1..=60_000).contains(&a.fsync_interval_ms) => {
                 Fsync::Interval(Duration::from_millis(a.fsync_interval_ms))
             }
             "interval" => {
-                bad("audit.fsync_interval_ms", "must be more than 0".into());
+                bad(
+                    "audit.fsync_interval_ms",
+                    "must be between 1 and 60000 (longer is fsync: never in effect; say so)".into(),
+                );
                 Fsync::Batch
             }
             "never" => Fsync::Never,
@@ -2852,8 +2869,13 @@ impl Config {
                 format!("{} must be between 16 and 1048576", a.queue_capacity),
             );
         }
-        if a.retry_ms == 0 {
-            bad("audit.retry_ms", "must be more than 0".into());
+        if !(1..=60_000).contains(&a.retry_ms) {
+            bad(
+                "audit.retry_ms",
+                "must be between 1 and 60000 (requests are refused until the sink is tried \
+                 again)"
+                    .into(),
+            );
         }
         let sink_path = match &sink {
             Some(AuditSink::File(p)) => Some(p.clone()),
@@ -2954,14 +2976,17 @@ impl Config {
             None => host.to_string(),
         };
         let mut ok = true;
-        for (k, v) in [
-            ("connect_timeout_ms", u.connect_timeout_ms),
-            ("read_timeout_ms", u.read_timeout_ms),
-            ("write_timeout_ms", u.write_timeout_ms),
-            ("idle_timeout_ms", u.idle_timeout_ms),
+        for (k, v, max) in [
+            ("connect_timeout_ms", u.connect_timeout_ms, 60_000),
+            ("read_timeout_ms", u.read_timeout_ms, 3_600_000),
+            ("write_timeout_ms", u.write_timeout_ms, 3_600_000),
+            ("idle_timeout_ms", u.idle_timeout_ms, 3_600_000),
         ] {
-            if v == 0 {
-                problem(&format!("upstream.{k}"), "must be at least 1".into());
+            if !(1..=max).contains(&v) {
+                problem(
+                    &format!("upstream.{k}"),
+                    format!("must be between 1 and {max}"),
+                );
                 ok = false;
             }
         }
@@ -3335,6 +3360,16 @@ fn unwritable(path: &Path) -> Option<String> {
     if path.is_dir() {
         return Some(format!("{} is a directory", path.display()));
     }
+    // A pipe, a terminal or a device (`/dev/stdout`) cannot be fsynced,
+    // and a rotation would rename it away: records to stdout go with
+    // `sink: stdout`.
+    if path.exists() && !path.is_file() {
+        return Some(format!(
+            "{} is not a regular file (a pipe or a device cannot be fsynced or rotated); for \
+             stdout use audit.sink: stdout",
+            path.display()
+        ));
+    }
     if path.exists() {
         return access(path, Access::WRITE_OK)
             .err()
@@ -3568,6 +3603,36 @@ fn validate_introspection(
         }
     }
     let private_key_jwt = c.auth_method == "private_key_jwt";
+    // A setting of the other method is a mistake about which one is used
+    // (a key file nobody reads, a secret that is not sent).
+    for (k, set, wanted) in [
+        ("private_key_file", c.private_key_file.is_some(), true),
+        ("private_key_alg", c.private_key_alg.is_some(), true),
+        ("client_secret", c.client_secret.is_some(), false),
+        ("client_secret_env", c.client_secret_env.is_some(), false),
+    ] {
+        if set
+            && wanted != private_key_jwt
+            && matches!(
+                c.auth_method.as_str(),
+                "client_secret_basic" | "client_secret_post" | "private_key_jwt"
+            )
+        {
+            problem(
+                &key(k),
+                format!(
+                    "not used with auth_method: {} (only with {})",
+                    c.auth_method,
+                    if wanted {
+                        "private_key_jwt"
+                    } else {
+                        "client_secret_basic or client_secret_post"
+                    }
+                ),
+            );
+            ok = false;
+        }
+    }
     for (k, v) in [
         ("private_key_id", &c.private_key_id),
         ("assertion_audience", &c.assertion_audience),
@@ -4475,6 +4540,87 @@ admin:
         }
     }
 
+    /// Waits and intervals have an upper bound as well as a lower one: a
+    /// day-long fsync interval is `never`, an hour-long retry refuses
+    /// every request for an hour, and a token age beyond `i64` turned
+    /// negative.
+    #[test]
+    fn waits_and_ages_are_bounded() {
+        for (extra, key) in [
+            (
+                "audit:\n  fsync: interval\n  fsync_interval_ms: 86400000\n",
+                "audit.fsync_interval_ms",
+            ),
+            ("audit:\n  retry_ms: 3600000\n", "audit.retry_ms"),
+            (
+                "jwks:\n  fetch_timeout_ms: 600000\n",
+                "jwks.fetch_timeout_ms",
+            ),
+            (
+                "break_glass:\n  max_token_age_seconds: 18446744073709551615\n",
+                "break_glass.max_token_age_seconds",
+            ),
+            (
+                "break_glass:\n  max_token_age_seconds: 0\n",
+                "break_glass.max_token_age_seconds",
+            ),
+        ] {
+            let p = problems_of(extra);
+            assert!(p.iter().any(|(k, _)| k == key), "{extra}: {p:?}");
+        }
+        let p = problems_of("");
+        assert!(p.is_empty(), "{p:?}");
+        let slow = GOOD.replace(
+            "  url: http://127.0.0.1:9090/r4\n",
+            "  url: http://127.0.0.1:9090/r4\n  connect_timeout_ms: 600000\n  read_timeout_ms: 3600001\n",
+        );
+        let p: Vec<String> = Config::parse(&slow)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.path)
+            .collect();
+        assert_eq!(
+            p,
+            ["upstream.connect_timeout_ms", "upstream.read_timeout_ms"]
+        );
+        assert!(problems_of("break_glass:\n  max_token_age_seconds: 900\n").is_empty());
+    }
+
+    /// A setting of the client authentication method not chosen is named
+    /// as unused (a key file nobody reads, a secret never sent).
+    #[test]
+    fn introspection_settings_of_the_other_method_are_problems() {
+        let with = |auth: &str| {
+            let text = GOOD.replace(
+                "admin:\n",
+                &format!(
+                    "  - name: other\n    issuer: https://other.example\n    audiences: [x]\n    \
+                     introspection:\n      endpoint: https://other.example/introspect\n      \
+                     client_id: gw\n{auth}admin:\n"
+                ),
+            );
+            match Config::parse(&text).unwrap().validate() {
+                Ok(_) => Vec::new(),
+                Err(p) => p.into_iter().map(|p| p.path).collect::<Vec<_>>(),
+            }
+        };
+        assert!(with("      client_secret: s\n").is_empty());
+        assert_eq!(
+            with("      client_secret: s\n      private_key_file: k.pem\n      private_key_alg: ES256\n"),
+            [
+                "issuers[1].introspection.private_key_file",
+                "issuers[1].introspection.private_key_alg"
+            ]
+        );
+        let p = with("      auth_method: private_key_jwt\n      private_key_file: /nonexistent-k.pem\n      client_secret_env: X\n");
+        assert!(
+            p.contains(&"issuers[1].introspection.client_secret_env".to_string()),
+            "{p:?}"
+        );
+    }
+
     #[test]
     fn the_upgrade_socket_is_below_the_config_in_a_private_directory() {
         use std::os::unix::fs::PermissionsExt;
@@ -4914,6 +5060,12 @@ admin:
         ));
         assert!(
             p[0].0 == "audit.spill_path" && p[0].1.contains("is a directory"),
+            "{p:?}"
+        );
+        // Nor a pipe or a device, which cannot be fsynced or rotated.
+        let p = audit_problems("  sink: file\n  path: /dev/null\n");
+        assert!(
+            p.len() == 1 && p[0].0 == "audit.path" && p[0].1.contains("not a regular file"),
             "{p:?}"
         );
     }

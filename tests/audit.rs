@@ -564,20 +564,56 @@ async fn an_unwritable_audit_file_refuses_requests_also_without_fsync() {
     unwritable_file_case("never").await;
 }
 
+/// The audit file lives on a 1 MiB tmpfs in a mount namespace of the
+/// gateway's own, with room at start; the disk is filled while it runs,
+/// so the next record cannot be written (by the writer, or with `fsync:
+/// never` by the request thread).
 async fn unwritable_file_case(fsync: &str) {
     let dir = support::TempDir::new("unwritable");
-    let link = dir.0.join("audit.jsonl");
-    std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+    let disk = dir.0.join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let file = disk.join("audit.jsonl");
     let gw = Gateway::start(Options {
         audit_yaml: Some(format!(
             "  sink: file\n  path: {}\n  retry_ms: 200\n  fsync: {fsync}\n",
-            link.display()
+            file.display()
         )),
-        expect_ready: false,
+        namespace_setup: Some(format!(
+            "mount -t tmpfs -o size=1m tmpfs {}",
+            disk.display()
+        )),
         ..Options::default()
     })
     .await;
     let token = gw.mint("system/Observation.rs", None);
+    let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "room-1").await;
+    assert_eq!(r.status(), 200);
+    let real = gw.own_path(&file);
+    wait_until("the first request record", 10, async || {
+        records(&real)
+            .iter()
+            .any(|r| r["request_id"] == "room-1" && r["event"] == "request")
+    })
+    .await;
+    // The disk fills up, the audit file's last page too (with records of
+    // nothing, `{}`, which readers skip as naming no request).
+    let fill = gw.own_path(&disk.join("fill"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let mut audit = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&real)
+            .unwrap();
+        while audit.write_all(b"{}\n").is_ok() {}
+        // (A line cut short by the last write is cut off: the page stays
+        // full all the same.)
+        let text = std::fs::read(&real).unwrap();
+        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        audit.set_len(whole as u64).unwrap();
+    }
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "full-1").await;
     assert_eq!(r.status(), 503);
     assert!(upstream_ids(&gw, "full-").is_empty());
@@ -589,12 +625,8 @@ async fn unwritable_file_case(fsync: &str) {
         ) >= 1.0
     );
 
-    // The disk is "freed": the path now names a writable file.
-    let real = dir.0.join("real.jsonl");
-    std::fs::write(&real, "").unwrap();
-    let tmp = dir.0.join("link.tmp");
-    std::os::unix::fs::symlink(&real, &tmp).unwrap();
-    std::fs::rename(&tmp, &link).unwrap();
+    // Room again.
+    std::fs::remove_file(&fill).unwrap();
     wait_until("ready", 10, async || gw.readyz().await == 200).await;
     let r = get_with_id(&gw, "Observation/obs-p1-1", &token, "full-2").await;
     assert_eq!(r.status(), 200);
