@@ -2536,11 +2536,7 @@ impl Config {
             ("dpop", d(&self.dpop)),
             ("tls", d(&self.tls)),
             ("redis", d(&self.redis)),
-            (
-                // The watcher follows the directory it started with.
-                "policies.watch",
-                d(&self.policies.as_ref().filter(|p| p.watch).map(|p| &p.dir)),
-            ),
+            // (policies.dir and policies.watch are followed by a reload.)
         ]
     }
 

@@ -38,6 +38,25 @@ struct Reloader {
     shared: Arc<crate::shared::SharedState>,
     /// The files as the last load (at start, or a reload) read them.
     read: std::sync::Mutex<crate::config::FilesStamp>,
+    /// The policy directory the last load read, and the one to watch
+    /// (`policies.watch`): a reload may name others, which it follows.
+    dirs: std::sync::Mutex<PolicyDirs>,
+}
+
+/// Where the policies are read from, and watched.
+#[derive(Clone, Default, PartialEq)]
+struct PolicyDirs {
+    read: Option<std::path::PathBuf>,
+    watched: Option<std::path::PathBuf>,
+}
+
+impl PolicyDirs {
+    fn of(s: &Settings) -> PolicyDirs {
+        PolicyDirs {
+            read: s.policies_dir.clone(),
+            watched: s.policies_watch.clone(),
+        }
+    }
 }
 
 #[async_trait]
@@ -58,15 +77,17 @@ impl BackgroundService for Reloader {
             self.reload();
         }
         // With policies.watch, a change of any policy file's (or the
-        // config file's) modification time or set of files also reloads.
-        let watch = self.running.policies_watch.as_deref();
-        let stamp = || self.stamp(watch);
+        // config file's) modification time or set of files also reloads
+        // (the directory the last reload named, watched or not).
+        let watched = || self.dirs().watched;
+        let stamp = || self.stamp(watched().as_deref());
         let mut files = Settling::new(stamp());
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
+            let watching = watched().is_some();
             tokio::select! {
                 _ = hup.recv() => {}
-                _ = tick.tick(), if watch.is_some() => {
+                _ = tick.tick(), if watching => {
                     if !files.settled_change(stamp()) {
                         continue;
                     }
@@ -78,7 +99,7 @@ impl BackgroundService for Reloader {
             // for it: a file put back as it was before a SIGHUP's reload
             // (its modification time kept: `cp -p`, a backup moved back)
             // differs from it, and is applied.
-            if watch.is_some() {
+            if watched().is_some() {
                 files = Settling::new(self.read.lock().unwrap_or_else(|e| e.into_inner()).clone());
             }
         }
@@ -133,9 +154,13 @@ impl<T: PartialEq> Settling<T> {
 impl Reloader {
     /// Reads the configuration and policies again and applies the rules
     /// (the rest takes a restart); a bad set is rejected whole.
+    fn dirs(&self) -> PolicyDirs {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn reload(&self) {
         *self.read.lock().unwrap_or_else(|e| e.into_inner()) =
-            self.stamp(self.running.policies_dir.as_deref());
+            self.stamp(self.dirs().read.as_deref());
         let loaded = crate::config::load_for_reload(&self.path).and_then(|settings| {
             // Issuers change only on restart: rules naming one the
             // running gateway does not have would never match.
@@ -188,6 +213,15 @@ impl Reloader {
                 }
                 self.shared.set_rate_limited(rules.any_rate_limit());
                 self.rules.store(Arc::new(rules));
+                // Another policy directory (or watch turned on or off):
+                // followed from now on, its files as this reload read
+                // them.
+                let dirs = PolicyDirs::of(&settings);
+                if dirs != self.dirs() {
+                    *self.read.lock().unwrap_or_else(|e| e.into_inner()) =
+                        self.stamp(dirs.read.as_deref());
+                    *self.dirs.lock().unwrap_or_else(|e| e.into_inner()) = dirs;
+                }
                 self.metrics.reload(true);
                 // Say so when the file changed what a reload cannot
                 // apply: it would otherwise look applied.
@@ -218,7 +252,7 @@ impl Reloader {
     /// or renamed (a reload asked for while fhirwall started, a SIGHUP
     /// then unheard, is not lost).
     fn changed_since_load(&self) -> bool {
-        let now = self.stamp(self.running.policies_dir.as_deref());
+        let now = self.stamp(self.dirs().read.as_deref());
         now != *self.read.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -881,6 +915,7 @@ pub fn run(
         running: gateway.settings.clone(),
         shared: gateway.shared.clone(),
         read: std::sync::Mutex::new(gateway.settings.loaded_stamp.clone()),
+        dirs: std::sync::Mutex::new(PolicyDirs::of(&gateway.settings)),
     });
 
     let mut app = pingora::proxy::HttpProxy::new(gateway, server.configuration.clone());
@@ -1038,6 +1073,7 @@ mod tests {
             rules: rules.clone(),
             metrics: Arc::new(crate::metrics::Metrics::new(&["local".to_string()])),
             read: std::sync::Mutex::new(settings.loaded_stamp.clone()),
+            dirs: std::sync::Mutex::new(super::PolicyDirs::of(&settings)),
             running: settings,
             shared: Arc::new(crate::shared::SharedState::new(
                 crate::shared::DpopLimits {

@@ -1474,6 +1474,41 @@ async fn watched_policies_reload_on_change() {
     until_delete_refused(&delete, "watch-2", "the new file was not picked up").await;
 }
 
+/// A reload that names another policy directory is followed: the watch
+/// looks at the new one from then on, and nothing waits for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_follows_a_policy_directory_a_reload_names() {
+    let (old, new) = (TempDir::new("policies-old"), TempDir::new("policies-new"));
+    let gw = Gateway::start(Options {
+        extra_yaml: format!("policies:\n  dir: {}\n  watch: true\n", old.0.display()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/*.cruds", None);
+    let delete = |id: &'static str| delete_observation(&gw, &token, id);
+    assert_eq!(delete("moved-1").await, 204);
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replace(&old.0.display().to_string(), &new.0.display().to_string()),
+    )
+    .unwrap();
+    sighup(&gw);
+    gw.until_metric("fhirwall_reloads_total{result=\"success\"}", 1.0)
+        .await;
+    assert_eq!(
+        support::metric(&gw.metrics().await, "fhirwall_config_restart_pending"),
+        0.0
+    );
+    // A rule in the new directory is picked up by the watch alone.
+    std::fs::write(
+        new.0.join("10-rules.yaml"),
+        "rules:\n  - {name: no-deletes, effect: deny, when: {interaction: [delete]}}\n",
+    )
+    .unwrap();
+    until_delete_refused(&delete, "moved-2", "the new directory was not watched").await;
+}
+
 /// With a watch, a SIGHUP's reload counts as applied too: a file put back
 /// afterwards as it was (its modification time kept, as `cp -p` or a
 /// backup moved back does) is a change the watch applies.
