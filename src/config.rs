@@ -418,6 +418,10 @@ pub struct UpstreamConfig {
     /// under patient/ scopes); a larger one is refused with 502.
     #[serde(default = "d_max_checked_answer")]
     pub max_checked_answer_bytes: usize,
+    /// The most an answer read to be checked may take to arrive whole,
+    /// from its header on (each read is also timed by `read_timeout_ms`).
+    #[serde(default = "d_checked_answer_timeout")]
+    pub checked_answer_timeout_ms: u64,
     /// The upstream resolves conditional references (`"reference":
     /// "Patient?identifier=…"`) in what is written (HAPI does unless
     /// `allowInlineMatchUrlReferences` is off): fhirwall then reads every
@@ -434,6 +438,10 @@ pub struct UpstreamConfig {
 
 fn d_max_checked_answer() -> usize {
     16 * 1024 * 1024
+}
+
+fn d_checked_answer_timeout() -> u64 {
+    120_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1177,6 +1185,7 @@ pub struct Upstream {
     /// The upstream FHIR base URL as configured.
     pub url: Url,
     pub max_checked_answer_bytes: usize,
+    pub checked_answer_timeout: Duration,
     pub forward_authorization: bool,
     pub resolves_conditional_references: bool,
     pub allow_zero_padded_ids: bool,
@@ -2977,6 +2986,11 @@ impl Config {
             ("read_timeout_ms", u.read_timeout_ms, 3_600_000),
             ("write_timeout_ms", u.write_timeout_ms, 3_600_000),
             ("idle_timeout_ms", u.idle_timeout_ms, 3_600_000),
+            (
+                "checked_answer_timeout_ms",
+                u.checked_answer_timeout_ms,
+                3_600_000,
+            ),
         ] {
             if !(1..=max).contains(&v) {
                 problem(
@@ -3063,6 +3077,7 @@ impl Config {
             roots,
             url: url.clone(),
             max_checked_answer_bytes: u.max_checked_answer_bytes,
+            checked_answer_timeout: Duration::from_millis(u.checked_answer_timeout_ms),
             forward_authorization: u.forward_authorization,
             resolves_conditional_references: u.resolves_conditional_references,
             allow_zero_padded_ids: u.allow_zero_padded_ids,

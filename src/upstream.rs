@@ -91,6 +91,10 @@ pub struct CheckedClient {
     /// How long the upstream may keep fhirwall waiting for its answer's
     /// header (once the request is sent) and for each read of its body.
     read_timeout: Duration,
+    /// How long an answer to be checked may take to arrive whole: an
+    /// upstream sending a byte within each read timeout would otherwise
+    /// hold the request, and the memory it took, for as long as it likes.
+    answer_timeout: Duration,
     /// The memory all requests together may hold
     /// (`server.max_held_body_bytes`, shared with request bodies): each
     /// answer read takes [`ANSWER_WEIGHT`] times its size of it.
@@ -137,6 +141,7 @@ impl CheckedClient {
             max_body,
             write_timeout: u.write_timeout,
             read_timeout: u.read_timeout,
+            answer_timeout: u.checked_answer_timeout,
             budget,
             budget_bytes,
         }
@@ -200,7 +205,8 @@ impl CheckedClient {
         }
         let mut body = BytesMut::new();
         let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
-        while let Some(chunk) = self.next_chunk(&mut resp).await? {
+        let deadline = Instant::now() + self.answer_timeout;
+        while let Some(chunk) = self.chunk_before(&mut resp, deadline).await? {
             if body.len() + chunk.len() > self.max_body {
                 return too_large(headers);
             }
@@ -264,7 +270,8 @@ impl CheckedClient {
         };
         let mut sieve = EntrySieve::new(max_body, keep);
         let (mut total, mut held_bytes) = (0usize, 0usize);
-        while let Some(c) = self.next_chunk(&mut resp).await? {
+        let deadline = Instant::now() + self.answer_timeout;
+        while let Some(c) = self.chunk_before(&mut resp, deadline).await? {
             total += c.len();
             if total > max_body.saturating_mul(MAX_SIEVED_FACTOR) {
                 return Err(unjudgeable(format!(
@@ -406,6 +413,33 @@ impl CheckedClient {
             Ok(r) => r.map_err(|e| failure(&e)),
             Err(_) => Err(answer_timeout(self.read_timeout)),
         }
+    }
+}
+
+impl CheckedClient {
+    /// The answer's next piece, as [`CheckedClient::next_chunk`], and
+    /// only before `deadline` (the whole answer's).
+    async fn chunk_before(
+        &self,
+        resp: &mut reqwest::Response,
+        deadline: Instant,
+    ) -> Result<Option<Bytes>, Denial> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < self.read_timeout {
+            return match tokio::time::timeout(left, resp.chunk()).await {
+                Ok(r) => r.map_err(|e| failure(&e)),
+                Err(_) => Err(Denial::Upstream {
+                    status: 504,
+                    code: "upstream_timeout",
+                    description: format!(
+                        "the upstream's answer did not arrive whole within {} ms \
+                         (upstream.checked_answer_timeout_ms)",
+                        self.answer_timeout.as_millis()
+                    ),
+                }),
+            };
+        }
+        self.next_chunk(resp).await
     }
 }
 

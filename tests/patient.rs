@@ -380,6 +380,33 @@ async fn answers_held_to_be_checked_are_bounded() {
     assert_eq!(r.status(), 200);
 }
 
+/// An answer read to be checked must arrive whole within
+/// `upstream.checked_answer_timeout_ms`, however quick each read: one
+/// that drips is a 504, not held as long as the upstream likes; given
+/// the time, the same answer passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_answer_must_arrive_whole_in_time() {
+    for (limit, want) in [(1500, 504), (20_000, 200)] {
+        let gw = Gateway::start(Options {
+            read_timeout_ms: 1000,
+            upstream_yaml: format!("  checked_answer_timeout_ms: {limit}\n"),
+            ..Options::default()
+        })
+        .await;
+        let p1 = gw.mint("patient/*.rs", Some("p1"));
+        let r = gw.get("Observation/drip", Some(&p1)).await;
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let (s, body) = status_and_body(r).await;
+        assert_eq!(s, want, "{limit}: {body}");
+        if want == 504 {
+            assert!(body.contains("checked_answer_timeout_ms"), "{body}");
+            assert_eq!(gw.audit_for(&id)["reason"], "upstream_timeout");
+        } else {
+            assert!(body.contains("\"drip\""), "{body}");
+        }
+    }
+}
+
 /// A search's answer larger than `upstream.max_checked_answer_bytes` is
 /// read entry by entry, included resources outside the grant let go as
 /// they come: only what the caller may see counts against the cap. Padded

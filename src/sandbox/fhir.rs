@@ -490,6 +490,43 @@ impl http_body::Body for Trickle {
     }
 }
 
+/// A body that comes a space at a time, one every `every`, between its
+/// `head` and its `tail` (`left` spaces in all): each read is quick, the
+/// whole slow.
+struct Drip {
+    head: Option<Bytes>,
+    tail: Option<Bytes>,
+    left: usize,
+    every: Duration,
+    next: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Drip {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
+        }
+        if self.left == 0 {
+            return Poll::Ready(self.tail.take().map(|t| Ok(http_body::Frame::data(t))));
+        }
+        if self.next.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let every = self.every;
+        self.next = Box::pin(tokio::time::sleep(every));
+        self.left -= 1;
+        Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b" ")))))
+    }
+}
+
 fn not_found(what: &str) -> Response {
     fhir(
         StatusCode::NOT_FOUND,
@@ -596,6 +633,24 @@ async fn answer(
                     ""
                 ))),
                 stall: Box::pin(tokio::time::sleep(Duration::from_secs(5))),
+            }),
+        )
+            .into_response(),
+        // Patient p1's Observation, whose answer comes a space every
+        // 100 ms for 5 s: each read quick, the whole slow.
+        ("GET", ["Observation", "drip"]) => (
+            StatusCode::OK,
+            [("content-type", "application/fhir+json")],
+            axum::body::Body::new(Drip {
+                head: Some(Bytes::from_static(
+                    b"{\"resourceType\": \"Observation\", \"id\": \"drip\",",
+                )),
+                tail: Some(Bytes::from_static(
+                    b"\"status\": \"final\", \"code\": {\"text\": \"drip\"}, \"subject\": {\"reference\": \"Patient/p1\"}}",
+                )),
+                left: 50,
+                every: Duration::from_millis(100),
+                next: Box::pin(tokio::time::sleep(Duration::from_millis(100))),
             }),
         )
             .into_response(),
