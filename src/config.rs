@@ -414,6 +414,11 @@ pub struct UpstreamConfig {
     /// Pass the client's `Authorization` header on to the upstream.
     #[serde(default)]
     pub forward_authorization: bool,
+    /// Accept that the tokens go to an upstream nobody verifies (plain
+    /// http off loopback, or `verify_tls: false`): a mesh's sidecar
+    /// encrypting the hop, say. Warned of at start.
+    #[serde(default)]
+    pub forward_authorization_unverified: bool,
     /// Largest upstream answer fhirwall reads whole to check it (reads by id
     /// under patient/ scopes); a larger one is refused with 502.
     #[serde(default = "d_max_checked_answer")]
@@ -1051,32 +1056,45 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What the rules (reloadable: policies, break-glass) allow but that
+    /// weakens a guarantee; a reload logs them too.
+    pub fn rule_warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.break_glass.claim.is_none() && self.policies.rules.iter().any(|r| r.break_glass) {
+            w.push(format!(
+                "break_glass.claim is not set: an emergency is declared by the {} header, which \
+                 any caller may send, so every caller whose token the break_glass rules' deny \
+                 would refuse can pass it by declaring one (it is on record); set \
+                 break_glass.claim to have the authorization server vouch for it",
+                self.break_glass.header
+            ));
+        }
+        w
+    }
+
     /// What the configuration allows but that weakens a guarantee: `run`
     /// logs each at start, `check` prints them (the configuration is
     /// still valid).
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        let loopback = |host: &str| {
-            matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1")
-                || host
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| a.is_loopback())
-        };
+        let loopback = is_loopback_host;
         let u = &self.upstream;
+        let tokens = if u.forward_authorization {
+            ", the clients' tokens with them (forward_authorization_unverified)"
+        } else {
+            ""
+        };
         if !u.tls && !loopback(u.url.host_str().unwrap_or("")) {
-            w.push(
+            w.push(format!(
                 "upstream.url: plain http off the loopback interface: requests and answers, \
-                 patients' data, cross the network unencrypted; use https"
-                    .into(),
-            );
+                 patients' data, cross the network unencrypted{tokens}; use https"
+            ));
         }
         if u.tls && !u.verify_tls {
-            w.push(
+            w.push(format!(
                 "upstream.verify_tls: false: the upstream's certificate is not checked, so \
-                 anyone on the path can read the requests and answer in its place"
-                    .into(),
-            );
+                 anyone on the path can read the requests{tokens} and answer in its place"
+            ));
         }
         if let Some(r) = &self.redis {
             if r.tls.is_none() && !loopback(&r.host) {
@@ -1092,15 +1110,7 @@ impl Settings {
                 ));
             }
         }
-        if self.break_glass.claim.is_none() && self.policies.rules.iter().any(|r| r.break_glass) {
-            w.push(format!(
-                "break_glass.claim is not set: an emergency is declared by the {} header, which \
-                 any caller may send, so every caller whose token the break_glass rules' deny \
-                 would refuse can pass it by declaring one (it is on record); set \
-                 break_glass.claim to have the authorization server vouch for it",
-                self.break_glass.header
-            ));
-        }
+        w.extend(self.rule_warnings());
         let d = &self.dpop;
         if d.enabled && self.redis.is_none() && self.upgrade_sock.is_some() {
             w.push(
@@ -3009,14 +3019,22 @@ impl Config {
         }
         // The clients' tokens are bearer credentials: sent where nobody
         // verifies who reads them, they can be replayed.
-        if u.forward_authorization && (!tls && !is_secure_or_loopback(&url) || tls && !u.verify_tls)
-        {
+        let unverified = !tls && !is_secure_or_loopback(&url) || tls && !u.verify_tls;
+        if u.forward_authorization_unverified && !u.forward_authorization {
+            problem(
+                "upstream.forward_authorization_unverified",
+                "only used with forward_authorization: true".into(),
+            );
+            ok = false;
+        }
+        if u.forward_authorization && unverified && !u.forward_authorization_unverified {
             problem(
                 "upstream.forward_authorization",
                 "the clients' tokens would go to an upstream nobody verifies (plain http off \
                  the loopback interface, or https with verify_tls: false), where anyone on the \
-                 path could take and replay them; use https with verify_tls: true, or leave \
-                 forward_authorization off"
+                 path could take and replay them; use https with verify_tls: true, leave \
+                 forward_authorization off, or accept it with \
+                 forward_authorization_unverified: true (a sidecar encrypting the hop)"
                     .into(),
             );
             ok = false;
@@ -3469,8 +3487,14 @@ fn needs_system_roots(
 /// An https URL, or plain http on the loopback interface: what keys,
 /// secrets, tokens and audit records may be fetched or sent over.
 pub fn is_secure_or_loopback(u: &Url) -> bool {
-    u.scheme() == "https"
-        || u.scheme() == "http" && matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+    u.scheme() == "https" || u.scheme() == "http" && is_loopback_host(u.host_str().unwrap_or(""))
+}
+
+/// `localhost`, `127.0.0.1` or `::1` (bracketed or not): the loopback
+/// addresses trusted with plain http. (Not the rest of `127.0.0.0/8`,
+/// which the tests use as addresses off it.)
+pub fn is_loopback_host(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1")
 }
 
 /// Validates an issuer's `introspection` section (key prefix `at`).
@@ -4251,11 +4275,20 @@ admin:
             let result = with(&forwarding);
             match warning {
                 None => assert!(result.is_ok(), "{forwarding}: {:?}", result.err()),
-                Some(_) => {
+                Some(start) => {
                     let p = result.err().unwrap_or_default();
                     assert!(
                         p.iter().any(|p| p.path == "upstream.forward_authorization"),
                         "{forwarding}: {p:?}"
+                    );
+                    // Accepted explicitly (a sidecar encrypting the hop):
+                    // valid, and warned of, tokens named.
+                    let accepted =
+                        format!("{forwarding}  forward_authorization_unverified: true\n");
+                    let w = with(&accepted).unwrap().warnings();
+                    assert!(
+                        w.len() == 1 && w[0].starts_with(start) && w[0].contains("tokens"),
+                        "{accepted}: {w:?}"
                     );
                 }
             }

@@ -423,7 +423,11 @@ pub fn decide_with(
     // A filtered scope that covers the request but refuses it tells more
     // than "no scope grants it".
     match (patient_result, filtered_refusal) {
-        (Err(e), Some(filtered)) if e.missing_scope.is_some() => Err(filtered),
+        // (The scope that would grant it is still named to the client.)
+        (Err(e), Some(filtered)) if e.missing_scope.is_some() => Err(ScopeDenial {
+            missing_scope: e.missing_scope,
+            ..filtered
+        }),
         (result, _) => result,
     }
 }
@@ -1595,8 +1599,8 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
             // spelt exactly, is refused rather than passed unjudged.
             _ if base.starts_with('_') && !KNOWN_SPECIAL_PARAMS.contains(&base) => {
                 return Err(deny(format!(
-                    "search parameter {base} is not one fhirwall knows (names starting with '_' \
-                     are matched exactly, case included: a server may read an unknown one as \
+                    "parameter {base} is not one fhirwall knows (names starting with '_' are \
+                     matched exactly, case included: a server may read an unknown one as \
                      reaching other resources)"
                 )))
             }
@@ -1608,8 +1612,10 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
 
 /// Parameters starting with `_` that fhirwall knows (besides those
 /// [`param_needs`] judges or refuses by name): FHIR R4's common and result
-/// parameters, history's, paging ones (HAPI, IBM, Google), `$export`'s
-/// (Bulk Data, and Microsoft's), and HAPI's `_language`, `_narrative`.
+/// parameters, history's, paging ones (HAPI, IBM, Google, Medplum),
+/// `$export`'s (Bulk Data, and Microsoft's), deletes without history
+/// (Microsoft's `_hardDelete`, HAPI's `_expunge`), and HAPI's `_language`,
+/// `_narrative`. (HAPI's `_mdm` is not: it brings linked patients.)
 /// None of them reaches a resource the request does not name.
 const KNOWN_SPECIAL_PARAMS: &[&str] = &[
     "_id",
@@ -1648,6 +1654,13 @@ const KNOWN_SPECIAL_PARAMS: &[&str] = &[
     "_maxCount",
     "_includeHistory",
     "_includeDeleted",
+    // Deletes that leave no history (Microsoft, Smile/HAPI), paging and
+    // history markers (Medplum's cursor, IBM's).
+    "_hardDelete",
+    "_expunge",
+    "_cursor",
+    "_before",
+    "_changeIdMarker",
 ];
 
 /// The types a reverse chain (`_has:T:p:rest`) or a chain (`p:Type.rest`)

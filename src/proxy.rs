@@ -328,6 +328,9 @@ pub struct Ctx {
     /// Entries of a checked search's answer let go unjudged, each larger
     /// than `upstream.max_checked_answer_bytes` by itself.
     too_large_entries: usize,
+    /// A checked search's answer ends with a warning that it is short
+    /// (`check::with_left_out_warning`).
+    warned_short: bool,
     /// A write under `patient/` scopes: the details of a failure answer
     /// that may name other patients' resources are withheld
     /// ([`withheld_error`]).
@@ -1474,9 +1477,13 @@ impl Gateway {
                     && ctx.withheld_entries.is_empty()
                     && crate::check::brings_only_matches(fhir) =>
             {
-                crate::check::with_left_out_warning(&body, ctx.too_large_entries)
-                    .map(Bytes::from)
-                    .unwrap_or(body)
+                match crate::check::with_left_out_warning(&body, ctx.too_large_entries) {
+                    Some(warned) => {
+                        ctx.warned_short = true;
+                        Bytes::from(warned)
+                    }
+                    None => body,
+                }
             }
             _ => body,
         };
@@ -3006,11 +3013,7 @@ impl Ctx {
                              leaves, their answers withheld unjudged",
                             self.too_large_entries
                         )
-                    } else if self
-                        .fhir
-                        .as_ref()
-                        .is_some_and(crate::check::brings_only_matches)
-                    {
+                    } else if self.warned_short {
                         format!(
                             "{} entries left out unjudged, too large for what \
                              upstream.max_checked_answer_bytes leaves; the answer ends with a \
@@ -3042,18 +3045,13 @@ impl Gateway {
     /// it goes upstream) or its request record (when it ends).
     fn record<'a>(&self, session: &'a Session, ctx: &'a Ctx, event: Event) -> Record<'a> {
         let req = session.req_header();
-        let path = req.uri.path();
         let done = event == Event::Request;
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
             method: crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
-            // As request_filter keeps it (`audit::recorded_path`); a
-            // request it never saw keeps its path only if plain ASCII.
-            path: if ctx.path.is_empty() && path.bytes().all(|b| b.is_ascii_graphic()) {
-                crate::audit::capped(path, 512)
-            } else {
-                &ctx.path
-            },
+            // As request_filter (or, for a request it never saw,
+            // logging) keeps it: `audit::recorded_path`.
+            path: &ctx.path,
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
             response_bytes: done.then(|| session.body_bytes_sent() as u64),
@@ -3252,6 +3250,7 @@ impl ProxyHttp for Gateway {
             left_out: 0,
             patients: Vec::new(),
             too_large_entries: 0,
+            warned_short: false,
             withhold_error_detail: false,
             replaced_body: None,
             withheld_entries: Vec::new(),
@@ -3608,6 +3607,10 @@ impl ProxyHttp for Gateway {
         _e: Option<&pingora::Error>,
         ctx: &mut Self::CTX,
     ) {
+        // A request request_filter never saw (refused as Pingora read it).
+        if ctx.path.is_empty() {
+            ctx.path = crate::audit::recorded_path(session.req_header().uri.path());
+        }
         // Pingora may end a body without a last piece marked as such: a
         // collected answer is read here (cut short, it reads as nothing).
         self.collect_answer(ctx, None, true);

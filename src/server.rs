@@ -214,13 +214,17 @@ impl Reloader {
                 self.shared.set_rate_limited(rules.any_rate_limit());
                 self.rules.store(Arc::new(rules));
                 // Another policy directory (or watch turned on or off):
-                // followed from now on, its files as this reload read
-                // them.
+                // followed from now on. Its files are stamped as never
+                // read: one changed while this reload read them is applied
+                // by the next look (the watch's poll, a SIGHUP).
                 let dirs = PolicyDirs::of(&settings);
                 if dirs != self.dirs() {
-                    *self.read.lock().unwrap_or_else(|e| e.into_inner()) =
-                        self.stamp(dirs.read.as_deref());
+                    self.read.lock().unwrap_or_else(|e| e.into_inner()).clear();
                     *self.dirs.lock().unwrap_or_else(|e| e.into_inner()) = dirs;
+                }
+                // What the new rules allow but weakens a guarantee.
+                for warning in settings.rule_warnings() {
+                    tracing::warn!(file = %self.path.display(), "{warning}");
                 }
                 self.metrics.reload(true);
                 // Say so when the file changed what a reload cannot

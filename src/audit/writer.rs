@@ -138,7 +138,7 @@ impl AppendFile {
             }
             // Another process may be appending (a handover): its record
             // half written is no torn line to end.
-            let alone = Exclusive::take(&f)?;
+            let alone = Exclusive::take(&f, &self.path)?;
             let meta = f.metadata()?;
             self.ident = (meta.dev(), meta.ino());
             self.size = meta.len();
@@ -202,7 +202,7 @@ impl AppendFile {
         // process alone: during a handover the other process appends to
         // the same file, and a cut-back to an end known from earlier would
         // take its records (synced, their requests served) with it.
-        let alone = match Exclusive::take(&file) {
+        let alone = match Exclusive::take(&file, &self.path) {
             Ok(alone) => alone,
             Err(e) => {
                 self.file = None;
@@ -261,7 +261,7 @@ struct Exclusive<'a>(&'a File);
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 impl<'a> Exclusive<'a> {
-    fn take(file: &'a File) -> io::Result<Exclusive<'a>> {
+    fn take(file: &'a File, path: &Path) -> io::Result<Exclusive<'a>> {
         use rustix::fs::FlockOperation::NonBlockingLockExclusive;
         let start = Instant::now();
         loop {
@@ -275,8 +275,9 @@ impl<'a> Exclusive<'a> {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the audit file has been locked (flock) by another process for over \
-                         {} s; fhirwall appends only while it holds the lock",
+                        "{} has been locked (flock) by another process for over {} s; \
+                         fhirwall appends only while it holds the lock",
+                        path.display(),
                         LOCK_WAIT.as_secs()
                     ),
                 ));
@@ -878,7 +879,7 @@ impl Sink {
         let Some(fd) = file.file.clone() else {
             return Ok(false);
         };
-        let alone = match Exclusive::take(&fd) {
+        let alone = match Exclusive::take(&fd, &file.path) {
             Ok(alone) => alone,
             Err(e) => {
                 tracing::error!(error = %e, path = %file.path.display(), "audit file could not be rotated; records go on being appended to it");
@@ -923,12 +924,15 @@ impl Sink {
 
 /// Renames `from` to `to` unless `to` exists (which a plain rename would
 /// replace, losing a rotated file another process made under that name
-/// a moment before). A file system that cannot tell (`EINVAL`) renames
-/// plainly.
+/// a moment before). Where that cannot be asked (`EINVAL`, `ENOSYS`,
+/// `EOPNOTSUPP`) it renames plainly.
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
+    use rustix::io::Errno;
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Err(rustix::io::Errno::INVAL) => std::fs::rename(from, to),
+        // Not supported by the file system, the kernel or a seccomp
+        // profile.
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => std::fs::rename(from, to),
         r => r.map_err(io::Error::from),
     }
 }
@@ -1524,7 +1528,6 @@ mod tests {
 
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Bundles for the audit endpoint hold at most `max` records and stay
     /// Stdout sent to a file is fsynced as a file sink is; a pipe cannot
     /// be, and is not tried.
     #[test]
@@ -1540,6 +1543,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Bundles for the audit endpoint hold at most `max` records and stay
     /// under the byte bound, but a record larger than it goes alone.
     #[test]
     fn records_are_sent_in_bounded_bundles() {
