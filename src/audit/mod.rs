@@ -381,14 +381,19 @@ impl AuditLog {
         if let Some(file) = &self.shared.direct {
             if self.shared.primary_up.load(Ordering::Acquire) {
                 // Waits for another request's append, or for the writer's
-                // rotation (rare; a hung disk shows in readiness).
-                let written = writer::lock(file).write(&[&pending]);
+                // rotation (rare; a hung disk shows in readiness), but not
+                // for another process's lock on the file (a handover's
+                // other process appending): the writer thread waits for
+                // that, off Pingora's worker.
+                let written =
+                    writer::lock(file).write_within(&[&pending], std::time::Duration::ZERO);
                 match written {
                     Ok(()) => {
                         self.shared.metrics.written_primary.inc();
                         self.shared.dirty.store(true, Ordering::Release);
                         return Ok(());
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // The writer thread takes it from here: it tries the
                     // file again and spills or refuses.
                     Err(e) => {

@@ -195,6 +195,13 @@ impl AppendFile {
 
     /// Appends records as lines with one `write` (no fsync).
     pub(super) fn write(&mut self, records: &[&Pending]) -> io::Result<()> {
+        self.write_within(records, LOCK_WAIT)
+    }
+
+    /// As [`AppendFile::write`], waiting at most `wait` for another
+    /// process's lock on the file (zero: one try, `WouldBlock` when it is
+    /// held, nothing written): a request thread does not wait on it.
+    pub(super) fn write_within(&mut self, records: &[&Pending], wait: Duration) -> io::Result<()> {
         let buf = lines(records);
         self.open()?;
         let file = self.file.clone().expect("just opened");
@@ -202,8 +209,10 @@ impl AppendFile {
         // process alone: during a handover the other process appends to
         // the same file, and a cut-back to an end known from earlier would
         // take its records (synced, their requests served) with it.
-        let alone = match Exclusive::take(&file, &self.path) {
+        let alone = match Exclusive::take_within(&file, &self.path, wait) {
             Ok(alone) => alone,
+            // Busy, not broken: the file stays open.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
             Err(e) => {
                 self.file = None;
                 return Err(e);
@@ -262,23 +271,35 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 impl<'a> Exclusive<'a> {
     fn take(file: &'a File, path: &Path) -> io::Result<Exclusive<'a>> {
+        Exclusive::take_within(file, path, LOCK_WAIT)
+    }
+
+    /// As [`Exclusive::take`], waiting at most `wait` (zero: one try,
+    /// `WouldBlock` when the lock is another's).
+    fn take_within(file: &'a File, path: &Path, wait: Duration) -> io::Result<Exclusive<'a>> {
         use rustix::fs::FlockOperation::NonBlockingLockExclusive;
         let start = Instant::now();
         loop {
             match rustix::fs::flock(file, NonBlockingLockExclusive) {
                 Ok(()) => return Ok(Exclusive(file)),
+                Err(rustix::io::Errno::WOULDBLOCK) if wait.is_zero() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("{} is locked by another process", path.display()),
+                    ))
+                }
                 Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
                 // Not supported here (some network file systems).
                 Err(_) => return Ok(Exclusive(file)),
             }
-            if start.elapsed() >= LOCK_WAIT {
+            if start.elapsed() >= wait {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "{} has been locked (flock) by another process for over {} s; \
                          fhirwall appends only while it holds the lock",
                         path.display(),
-                        LOCK_WAIT.as_secs()
+                        wait.as_secs_f32()
                     ),
                 ));
             }
@@ -1629,6 +1650,11 @@ mod tests {
         // process's would.
         let other = File::open(&path).unwrap();
         rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        // A request thread tries once and leaves it to the writer thread,
+        // the file kept open.
+        let e = f.write_within(&[&record], Duration::ZERO).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        assert!(f.file.is_some());
         let start = Instant::now();
         let e = f.write(&[&record]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
