@@ -3267,6 +3267,13 @@ impl ProxyHttp for Gateway {
         })
     }
 
+    /// The path a record keeps is known from the first: a request dropped
+    /// before `request_filter` (the client gone) is recorded with it.
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
+        ctx.path = crate::audit::recorded_path(session.req_header().uri.path());
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         if self.lifecycle.closing_connections() {
             // Shutting down: this answer closes its connection (Pingora
@@ -3275,7 +3282,6 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
         }
         ctx.method = Some(session.req_header().method.clone());
-        ctx.path = crate::audit::recorded_path(session.req_header().uri.path());
         ctx.connection = proxy_headers::connection_tokens(
             session
                 .req_header()

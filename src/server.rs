@@ -216,7 +216,9 @@ impl Reloader {
                 // Another policy directory (or watch turned on or off):
                 // followed from now on. Its files are stamped as never
                 // read: one changed while this reload read them is applied
-                // by the next look (the watch's poll, a SIGHUP).
+                // by the next look (with a watch, a second reload a poll
+                // or two later, whether or not one changed; else the next
+                // SIGHUP).
                 let dirs = PolicyDirs::of(&settings);
                 if dirs != self.dirs() {
                     self.read.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -424,19 +424,23 @@ impl CheckedClient {
         resp: &mut reqwest::Response,
         deadline: Instant,
     ) -> Result<Option<Bytes>, Denial> {
+        let late = || Denial::Upstream {
+            status: 504,
+            code: "upstream_timeout",
+            description: format!(
+                "the upstream's answer did not arrive whole within {} ms \
+                 (upstream.checked_answer_timeout_ms)",
+                self.answer_timeout.as_millis()
+            ),
+        };
         let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
         if left < self.read_timeout {
             return match tokio::time::timeout(left, resp.chunk()).await {
                 Ok(r) => r.map_err(|e| failure(&e)),
-                Err(_) => Err(Denial::Upstream {
-                    status: 504,
-                    code: "upstream_timeout",
-                    description: format!(
-                        "the upstream's answer did not arrive whole within {} ms \
-                         (upstream.checked_answer_timeout_ms)",
-                        self.answer_timeout.as_millis()
-                    ),
-                }),
+                Err(_) => Err(late()),
             };
         }
         self.next_chunk(resp).await

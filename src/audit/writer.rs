@@ -119,6 +119,12 @@ impl AppendFile {
     }
 
     pub(super) fn open(&mut self) -> io::Result<&File> {
+        self.open_within(LOCK_WAIT)
+    }
+
+    /// As [`AppendFile::open`], waiting at most `wait` for another
+    /// process's lock on the file ([`Exclusive::take_within`]).
+    fn open_within(&mut self, wait: Duration) -> io::Result<&File> {
         use std::os::unix::fs::MetadataExt;
         if self.file.is_none() {
             let existed = self.path.exists();
@@ -138,7 +144,7 @@ impl AppendFile {
             }
             // Another process may be appending (a handover): its record
             // half written is no torn line to end.
-            let alone = Exclusive::take(&f, &self.path)?;
+            let alone = Exclusive::take_within(&f, &self.path, wait)?;
             let meta = f.metadata()?;
             self.ident = (meta.dev(), meta.ino());
             self.size = meta.len();
@@ -203,7 +209,7 @@ impl AppendFile {
     /// held, nothing written): a request thread does not wait on it.
     pub(super) fn write_within(&mut self, records: &[&Pending], wait: Duration) -> io::Result<()> {
         let buf = lines(records);
-        self.open()?;
+        self.open_within(wait)?;
         let file = self.file.clone().expect("just opened");
         // The end is read, and the write made, with the file to this
         // process alone: during a handover the other process appends to
@@ -266,29 +272,27 @@ impl AppendFile {
 /// rather than hold a request, or every request, without bound.
 struct Exclusive<'a>(&'a File);
 
-/// How long [`Exclusive::take`] waits for another process's lock.
+/// How long a writer waits for another process's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 impl<'a> Exclusive<'a> {
-    fn take(file: &'a File, path: &Path) -> io::Result<Exclusive<'a>> {
-        Exclusive::take_within(file, path, LOCK_WAIT)
-    }
-
-    /// As [`Exclusive::take`], waiting at most `wait` (zero: one try,
-    /// `WouldBlock` when the lock is another's).
+    /// Takes the lock, waiting at most `wait` for another process's (zero:
+    /// one try, `WouldBlock` when the lock is another's).
     fn take_within(file: &'a File, path: &Path, wait: Duration) -> io::Result<Exclusive<'a>> {
         use rustix::fs::FlockOperation::NonBlockingLockExclusive;
         let start = Instant::now();
         loop {
             match rustix::fs::flock(file, NonBlockingLockExclusive) {
                 Ok(()) => return Ok(Exclusive(file)),
+                // Interrupted: asked again at once.
+                Err(rustix::io::Errno::INTR) => continue,
                 Err(rustix::io::Errno::WOULDBLOCK) if wait.is_zero() => {
                     return Err(io::Error::new(
                         io::ErrorKind::WouldBlock,
                         format!("{} is locked by another process", path.display()),
                     ))
                 }
-                Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {}
                 // Not supported here (some network file systems).
                 Err(_) => return Ok(Exclusive(file)),
             }
@@ -391,6 +395,31 @@ fn is_regular_file(fd: std::os::fd::BorrowedFd<'_>) -> bool {
 fn sync_stdout() -> io::Result<()> {
     use std::os::fd::AsFd;
     sync_if_file(io::stdout().as_fd()).map(|_| ())
+}
+
+/// Appends records to the shared file, waiting up to [`LOCK_WAIT`] for
+/// another process's lock on it without holding the file's mutex while
+/// it waits: request threads appending their own records (`fsync:
+/// interval`/`never`) take that mutex, and would wait behind it.
+fn write_unlocked(file: &Mutex<AppendFile>, records: &[&Pending]) -> io::Result<()> {
+    let start = Instant::now();
+    loop {
+        match lock(file).write_within(records, Duration::ZERO) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{e} for over {} s; fhirwall appends only while it holds the lock",
+                        LOCK_WAIT.as_secs()
+                    ),
+                ))
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Where records go.
@@ -818,7 +847,7 @@ impl Sink {
                 Ok(Vec::new())
             }
             Sink::File { file, .. } => {
-                lock(file).write(records).map_err(none)?;
+                write_unlocked(file, records).map_err(none)?;
                 if sync {
                     sync_unlocked(file).map_err(none)?;
                     // Deleted since it was last looked at (a clean-up
@@ -828,7 +857,7 @@ impl Sink {
                     if lock(file).unlinked() {
                         tracing::error!(path = %lock(file).path.display(), "audit file was deleted by someone else while records were written to it; they are written again to a new one at its path");
                         lock(file).start_anew().map_err(none)?;
-                        lock(file).write(records).map_err(none)?;
+                        write_unlocked(file, records).map_err(none)?;
                         sync_unlocked(file).map_err(none)?;
                     }
                 }
@@ -900,8 +929,11 @@ impl Sink {
         let Some(fd) = file.file.clone() else {
             return Ok(false);
         };
-        let alone = match Exclusive::take(&fd, &file.path) {
+        let alone = match Exclusive::take_within(&fd, &file.path, Duration::ZERO) {
             Ok(alone) => alone,
+            // The other process is appending: tried again at the next
+            // batch, not waited for with the file's mutex held.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => {
                 tracing::error!(error = %e, path = %file.path.display(), "audit file could not be rotated; records go on being appended to it");
                 file.rotate_after = Some(Instant::now() + Duration::from_secs(60));
@@ -1666,10 +1698,49 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The writer waits for another process's lock without holding the
+    /// file's mutex (request threads take it to append their own records),
+    /// and writes once the lock is free.
+    #[test]
+    fn the_writer_waits_for_a_lock_without_the_files_mutex() {
+        let dir = scratch("lock-wait");
+        let path = dir.join("audit.jsonl");
+        let file = Arc::new(Mutex::new(AppendFile::new(path.clone())));
+        lock(&file).open().unwrap();
+        let other = File::open(&path).unwrap();
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let record = Pending {
+                    id: "w".into(),
+                    bytes: b"{\"w\":1}".to_vec(),
+                    ack: None,
+                };
+                write_unlocked(&file, &[&record])
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        // The mutex is free while the writer waits: taken at once, many
+        // times over.
+        for _ in 0..20 {
+            let start = Instant::now();
+            drop(lock(&file));
+            assert!(start.elapsed() < LOCK_WAIT / 2, "{:?}", start.elapsed());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::Unlock).unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"w\":1}\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A rotation never renames over a file (another process's rotated
     /// file of the same second), and one that waited for the file's lock
-    /// while the other process of a handover rotated it writes to the new
-    /// file instead of rotating that one away.
+    /// while the other process of a handover holds the file's lock is put
+    /// off (not waited for with the file's mutex held), and once the other
+    /// has rotated it, writes to the new file instead of rotating that one
+    /// away.
     #[test]
     fn rotations_by_two_processes_lose_no_file() {
         let dir = scratch("rotation-race");
@@ -1687,17 +1758,12 @@ mod tests {
         // new one, then lets go.
         let other = File::open(&path).unwrap();
         rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).unwrap();
-        let ours = std::thread::spawn(move || {
-            let rotated = sink.rotate_if_due();
-            (sink, rotated)
-        });
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(!sink.rotate_if_due().unwrap(), "put off");
         let theirs = dir.join("audit.jsonl.theirs");
         std::fs::rename(&path, &theirs).unwrap();
         std::fs::write(&path, "").unwrap();
         rustix::fs::flock(&other, rustix::fs::FlockOperation::Unlock).unwrap();
-        let (_sink, rotated) = ours.join().unwrap();
-        assert!(rotated.unwrap());
+        assert!(sink.rotate_if_due().unwrap());
         assert_eq!(
             std::fs::read_to_string(&theirs).unwrap(),
             "{\"a\":\"record\"}\n",
