@@ -965,8 +965,9 @@ impl std::io::Read for Pieces {
 /// (404 as if absent, 403, or 502) — the other entries are untouched but
 /// for a passed search or history, whose links are moved to the public
 /// base and unbacked `total` dropped as for one asked alone
-/// ([`rewrite_links`]). The whole answer is refused (502) when it is not
-/// the response Bundle of the request, entry for entry.
+/// ([`rewrite_links`]), as are the answer's own links, its entries'
+/// `fullUrl`s and `response.location`s. The whole answer is refused (502)
+/// when it is not the response Bundle of the request, entry for entry.
 #[allow(clippy::too_many_arguments)]
 pub fn judge_bundle_answer<B: AsRef<str>>(
     checks: &[EntryCheck],
@@ -1063,8 +1064,11 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
     }
     // Included resources left out of the entries' searches.
     let left_out = relinked.iter().map(|(_, drop, _)| drop.len()).sum();
+    // The answer's own links, its entries' `fullUrl`s and where writes
+    // went (`response.location`) point through the gateway too.
+    let outer = |text: Vec<u8>| rewrite_links(&text, upstream_bases, public_base).unwrap_or(text);
     if withheld.is_empty() && relinked.is_empty() {
-        return Ok((body.to_vec(), 0));
+        return Ok((outer(body.to_vec()), 0));
     }
     // A passed Bundle, trimmed, its links through the gateway.
     let relink = |resource: &[u8], drop: &[usize], history: bool| -> Option<Vec<u8>> {
@@ -1121,7 +1125,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
         }
         doc.to_string().into_bytes()
     });
-    Ok((text, left_out))
+    Ok((outer(text), left_out))
 }
 
 /// The code of a Bundle entry's `response.status` (`201` of "201 Created").
@@ -1297,8 +1301,9 @@ fn judge_everything(
     Verdict::Pass
 }
 
-/// Rewrites a checked searchset's paging links and `fullUrl`s from the
-/// upstream's base to the public base, so paging goes through the gateway
+/// Rewrites a checked searchset's (or batch answer's) paging links,
+/// `fullUrl`s and entries' `response.location`s from the upstream's base
+/// to the public base, so paging goes through the gateway
 /// (and is decided and checked again), and drops a `total` that no entry
 /// backs (an OperationOutcome entry, `search.mode: outcome`, backs none).
 /// `None` when there is nothing to change.
@@ -1331,6 +1336,12 @@ pub fn rewrite_links<B: AsRef<str>>(
         let entries = top.get("entry").and_then(|e| json_edit::elements(e));
         for e in entries.iter().flatten() {
             if let Some(url) = json_edit::member(e, "fullUrl") {
+                fix(url)?;
+            }
+            // A batch or transaction answer's entries: where a write went.
+            if let Some(url) =
+                json_edit::member(e, "response").and_then(|r| json_edit::member(r, "location"))
+            {
                 fix(url)?;
             }
         }
@@ -1376,6 +1387,9 @@ pub fn rewrite_links<B: AsRef<str>>(
     if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
         for e in entries {
             if let Some(u) = e.get_mut("fullUrl") {
+                fix(u);
+            }
+            if let Some(u) = e.pointer_mut("/response/location") {
                 fix(u);
             }
         }

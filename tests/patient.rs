@@ -380,6 +380,34 @@ async fn answers_held_to_be_checked_are_bounded() {
     assert_eq!(r.status(), 200);
 }
 
+/// A checked batch's answer points through the gateway: its own link and
+/// its entries' `fullUrl`s, as the upstream wrote them under its own base,
+/// are moved to the public base (a client following them would reach the
+/// upstream, or nothing; and they name the upstream's host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_batch_answer_points_through_the_gateway() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/obs-p1-0"}},
+        {"request": {"method": "GET", "url": "Patient/p1"}}]});
+    let (s, body) = post_fhir(&gw, &p1, "", &batch).await;
+    assert_eq!(s, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["link"][0]["url"], gw.base, "{body}");
+    assert_eq!(
+        answer["entry"][0]["fullUrl"],
+        format!("{}/Observation/obs-p1-0", gw.base),
+        "{body}"
+    );
+    assert_eq!(
+        answer["entry"][1]["fullUrl"],
+        format!("{}/Patient/p1", gw.base),
+        "{body}"
+    );
+    assert!(!body.contains("/r4"), "the upstream's base: {body}");
+}
+
 /// An answer read to be checked must arrive whole within
 /// `upstream.checked_answer_timeout_ms`, however quick each read: one
 /// that drips is a 504, not held as long as the upstream likes; given

@@ -294,8 +294,11 @@ impl FhirSandbox {
                 let params: Vec<(String, String)> =
                     url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
                 match (method, segs.as_slice()) {
+                    // Read entries with their absolute fullUrl, as HAPI
+                    // writes them.
                     ("GET", [t, id]) => match self.resources.get(&(t.to_string(), id.to_string())) {
-                        Some(r) => json!({"resource": r, "response": {"status": "200 OK"}}),
+                        Some(r) => json!({"fullUrl": format!("{origin}{}/{t}/{id}", self.base_path),
+                            "resource": r, "response": {"status": "200 OK"}}),
                         None => json!({"response": {"status": "404 Not Found"}}),
                     },
                     ("GET", [t]) => json!({"resource": self.search(&[t], &params), "response": {"status": "200 OK"}}),
@@ -310,7 +313,9 @@ impl FhirSandbox {
                 }
             })
             .collect();
-        json!({"resourceType": "Bundle", "type": kind, "entry": entries})
+        json!({"resourceType": "Bundle", "type": kind,
+            "link": [{"relation": "self", "url": format!("{origin}{}", self.base_path)}],
+            "entry": entries})
     }
 
     /// `Patient/{id}/$everything`, paged as HAPI pages it: with `_count`,
