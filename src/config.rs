@@ -3285,7 +3285,22 @@ fn validate_tls(
             );
             None
         }
-        (Some(f), _) => pem("tls.client_ca_file", f, &["CERTIFICATE"], problem),
+        (Some(f), _) => {
+            // A revocation list (or a key) beside the CAs would be dropped
+            // without a word: revocation is not checked.
+            if let Err(e) = read_pem_file(f).and_then(|b| ca_certificates(&b).map(|_| ())) {
+                if e.contains("block beside") {
+                    problem(
+                        "tls.client_ca_file",
+                        format!(
+                            "'{f}': {e} (revocation lists are not read: fhirwall does not check \
+                             revocation)"
+                        ),
+                    );
+                }
+            }
+            pem("tls.client_ca_file", f, &["CERTIFICATE"], problem)
+        }
         (None, Some(ClientAuthMode::None)) => Some(Vec::new()),
         (None, Some(_)) => {
             problem(

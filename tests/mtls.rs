@@ -305,6 +305,23 @@ fn check_refuses_a_key_that_is_not_the_certificate_s() {
     write(&key);
     let (ok, text) = support::check(&config);
     assert!(ok, "the matching pair: {text}");
+    // A revocation list beside the client CAs is refused, not dropped:
+    // revocation is not checked.
+    std::fs::write(
+        &ca_file,
+        format!(
+            "{}-----BEGIN X509 CRL-----\nMIIB\n-----END X509 CRL-----\n",
+            pki.ca_pem
+        ),
+    )
+    .unwrap();
+    let (ok, text) = support::check(&config);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("tls.client_ca_file") && text.contains("revocation"),
+        "{text}"
+    );
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
     for (what, bad) in [
         ("another key", other_key.as_str()),
         (
