@@ -1077,14 +1077,13 @@ impl Settings {
     /// still valid).
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        let loopback = is_loopback_host;
         let u = &self.upstream;
         let tokens = if u.forward_authorization {
             ", the clients' tokens with them (forward_authorization_unverified)"
         } else {
             ""
         };
-        if !u.tls && !loopback(u.url.host_str().unwrap_or("")) {
+        if !u.tls && !is_loopback_host(u.url.host_str().unwrap_or("")) {
             w.push(format!(
                 "upstream.url: plain http off the loopback interface: requests and answers, \
                  patients' data, cross the network unencrypted{tokens}; use https"
@@ -1097,7 +1096,7 @@ impl Settings {
             ));
         }
         if let Some(r) = &self.redis {
-            if r.tls.is_none() && !loopback(&r.host) {
+            if r.tls.is_none() && !is_loopback_host(&r.host) {
                 w.push(format!(
                     "redis.url: plain redis:// off the loopback interface{}: anyone on the path \
                      can read it and answer the DPoP replay and rate-limit checks in its place \
@@ -1881,8 +1880,8 @@ impl Config {
                     &format!("public_routes[{i}]"),
                     format!(
                         "'{r}' could serve patient data without a token: a public route is \
-                         one of {} (the server's description; conformance, terminology, \
-                         knowledge and directory resources) as Type, Type/id, or one of its \
+                         one of {} (conformance, terminology, knowledge and directory \
+                         resources) as Type, Type/id, or one of its \
                          terminology operations ({}) as Type/$op or Type/id/$op, or a path \
                          below .well-known; no history, compartment or other operation (an \
                          operation such as $populate, $evaluate-measure or $apply reads a \

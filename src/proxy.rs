@@ -3049,8 +3049,7 @@ impl Gateway {
         let status = final_response(session).map(|r| r.status.as_u16());
         Record {
             method: crate::audit::capped(req.method.as_str(), MAX_METHOD_RECORDED),
-            // As request_filter (or, for a request it never saw,
-            // logging) keeps it: `audit::recorded_path`.
+            // As early_request_filter keeps it (`audit::recorded_path`).
             path: &ctx.path,
             status: done.then(|| status.unwrap_or(0)),
             request_bytes: done.then(|| session.body_bytes_read() as u64),
@@ -3267,8 +3266,9 @@ impl ProxyHttp for Gateway {
         })
     }
 
-    /// The path a record keeps is known from the first: a request dropped
-    /// before `request_filter` (the client gone) is recorded with it.
+    /// The path a record keeps is known from the first (Pingora runs this
+    /// before anything that may end the request, `logging` included): a
+    /// request dropped before `request_filter` is recorded with it.
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
         ctx.path = crate::audit::recorded_path(session.req_header().uri.path());
         Ok(())
@@ -3613,10 +3613,6 @@ impl ProxyHttp for Gateway {
         _e: Option<&pingora::Error>,
         ctx: &mut Self::CTX,
     ) {
-        // A request request_filter never saw (refused as Pingora read it).
-        if ctx.path.is_empty() {
-            ctx.path = crate::audit::recorded_path(session.req_header().uri.path());
-        }
         // Pingora may end a body without a last piece marked as such: a
         // collected answer is read here (cut short, it reads as nothing).
         self.collect_answer(ctx, None, true);

@@ -152,12 +152,13 @@ impl<T: PartialEq> Settling<T> {
 }
 
 impl Reloader {
-    /// Reads the configuration and policies again and applies the rules
-    /// (the rest takes a restart); a bad set is rejected whole.
+    /// Where the policies are read from and watched now.
     fn dirs(&self) -> PolicyDirs {
         self.dirs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Reads the configuration and policies again and applies the rules
+    /// (the rest takes a restart); a bad set is rejected whole.
     fn reload(&self) {
         *self.read.lock().unwrap_or_else(|e| e.into_inner()) =
             self.stamp(self.dirs().read.as_deref());

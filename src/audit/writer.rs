@@ -107,8 +107,6 @@ impl AppendFile {
             .is_some_and(|f| f.metadata().is_ok_and(|m| m.nlink() == 0))
     }
 
-    /// Opens the file for appending. A last line torn by a crash is ended,
-    /// so the next record starts on a line of its own.
     /// Opens the file at the path afresh (a new one after a rotation, or
     /// one moved away), its age counted from now.
     fn start_anew(&mut self) -> io::Result<()> {
@@ -118,6 +116,8 @@ impl AppendFile {
         Ok(())
     }
 
+    /// Opens the file for appending. A last line torn by a crash is ended,
+    /// so the next record starts on a line of its own.
     pub(super) fn open(&mut self) -> io::Result<&File> {
         self.open_within(LOCK_WAIT)
     }
@@ -275,6 +275,20 @@ struct Exclusive<'a>(&'a File);
 /// How long a writer waits for another process's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
+/// The failure of a write that waited `wait` for another process's lock
+/// on the file at `path`.
+fn held_too_long(path: &Path, wait: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "{} has been locked (flock) by another process for over {} s; fhirwall appends \
+             only while it holds the lock",
+            path.display(),
+            wait.as_secs_f32()
+        ),
+    )
+}
+
 impl<'a> Exclusive<'a> {
     /// Takes the lock, waiting at most `wait` for another process's (zero:
     /// one try, `WouldBlock` when the lock is another's).
@@ -297,15 +311,7 @@ impl<'a> Exclusive<'a> {
                 Err(_) => return Ok(Exclusive(file)),
             }
             if start.elapsed() >= wait {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{} has been locked (flock) by another process for over {} s; \
-                         fhirwall appends only while it holds the lock",
-                        path.display(),
-                        wait.as_secs_f32()
-                    ),
-                ));
+                return Err(held_too_long(path, wait));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -409,13 +415,7 @@ fn write_unlocked(file: &Mutex<AppendFile>, records: &[&Pending]) -> io::Result<
                 std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{e} for over {} s; fhirwall appends only while it holds the lock",
-                        LOCK_WAIT.as_secs()
-                    ),
-                ))
+                return Err(held_too_long(&lock(file).path, LOCK_WAIT))
             }
             result => return result,
         }
