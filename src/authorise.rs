@@ -162,6 +162,7 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             binding: cx.binding,
             now: cx.now,
             break_glass: cx.break_glass,
+            special_params: &rules.decide.special_params,
         };
         for (i, judged) in rules
             .policies

@@ -439,6 +439,12 @@ pub struct UpstreamConfig {
     /// which fhirwall's audit and `path` rules would not see.
     #[serde(default)]
     pub allow_zero_padded_ids: bool,
+    /// Parameters starting with `_` the upstream defines, beyond those
+    /// fhirwall knows, that reach nothing beyond the resources a request
+    /// names (a paging cursor continuing the same search, say): passed as
+    /// reaching nothing. Any other unknown `_` parameter is refused.
+    #[serde(default)]
+    pub special_params: Vec<String>,
 }
 
 fn d_max_checked_answer() -> usize {
@@ -1198,6 +1204,8 @@ pub struct Upstream {
     pub forward_authorization: bool,
     pub resolves_conditional_references: bool,
     pub allow_zero_padded_ids: bool,
+    /// `upstream.special_params`, checked ([`special_param_problem`]).
+    pub special_params: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -3038,6 +3046,12 @@ impl Config {
             );
             ok = false;
         }
+        for (i, name) in u.special_params.iter().enumerate() {
+            if let Some(why) = special_param_problem(name, &u.special_params[..i]) {
+                problem(&format!("upstream.special_params[{i}]"), why);
+                ok = false;
+            }
+        }
         let mut roots = Vec::new();
         if let Some(ca) = &u.ca_file {
             if !tls {
@@ -3098,8 +3112,48 @@ impl Config {
             forward_authorization: u.forward_authorization,
             resolves_conditional_references: u.resolves_conditional_references,
             allow_zero_padded_ids: u.allow_zero_padded_ids,
+            special_params: u.special_params.clone(),
         })
     }
+}
+
+/// Why `name` cannot be one of `upstream.special_params` (`before`: the
+/// ones listed before it), if it cannot: it must be a plain `_` name
+/// (modifiers and chains are the parameter's, not its name's), not one
+/// fhirwall judges by what it reaches or refuses ([`JUDGED_SPECIAL_PARAMS`],
+/// in any case: a server may match names whatever their case), nor one it
+/// already knows, nor listed twice.
+///
+/// [`JUDGED_SPECIAL_PARAMS`]: crate::decide::JUDGED_SPECIAL_PARAMS
+fn special_param_problem(name: &str, before: &[String]) -> Option<String> {
+    let plain = name.len() > 1
+        && name.starts_with('_')
+        && name[1..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !plain {
+        return Some(format!(
+            "'{name}' is not a parameter name starting with '_' (letters, digits, '_' and '-' \
+             after it; no modifier or chain)"
+        ));
+    }
+    if let Some(judged) = crate::decide::JUDGED_SPECIAL_PARAMS
+        .iter()
+        .find(|j| j.eq_ignore_ascii_case(name))
+    {
+        return Some(format!(
+            "'{name}' is {judged}, which reaches other resources or cannot be bounded to a \
+             grant: fhirwall judges it itself (a server may match it whatever its case), and \
+             it cannot be passed as reaching nothing"
+        ));
+    }
+    if crate::decide::KNOWN_SPECIAL_PARAMS.contains(&name) {
+        return Some(format!("'{name}' is already known to fhirwall; remove it"));
+    }
+    if before.iter().any(|b| b == name) {
+        return Some(format!("'{name}' is listed twice"));
+    }
+    None
 }
 
 /// The most of a PEM file (key, certificate, CA bundle) read: a system CA
@@ -4253,6 +4307,60 @@ admin:
                 .iter()
                 .any(|p| p.path == "upstream.ca_file" && p.message.contains("verify_tls")),
             "{problems:?}"
+        );
+    }
+
+    /// `upstream.special_params` takes plain `_` names fhirwall does not
+    /// know; never one it judges by what it reaches, in any case.
+    #[test]
+    fn special_params_are_plain_unknown_names() {
+        let with = |list: &str| {
+            let text = GOOD.replace(
+                "  url: http://127.0.0.1:9090/r4\n",
+                &format!("  url: http://127.0.0.1:9090/r4\n  special_params: {list}\n"),
+            );
+            let config = Config::parse(&text).map_err(|e| vec![e.to_string()])?;
+            match config.validate() {
+                Ok(s) => Ok(s.upstream.special_params),
+                Err(p) => Err(p
+                    .into_iter()
+                    .map(|p| format!("{}: {}", p.path, p.message))
+                    .collect::<Vec<_>>()),
+            }
+        };
+        assert_eq!(
+            with("[_skip, _vendor-cursor_2]").unwrap(),
+            ["_skip", "_vendor-cursor_2"]
+        );
+        assert_eq!(with("[]").unwrap(), Vec::<String>::new());
+        let p =
+            with("[skip, _, '_a:b', _a.b, _INCLUDE, _Has, _mdm, _sort, _getpages, _count, _x, _x]")
+                .unwrap_err();
+        let want = [
+            ("[0]", "not a parameter name"),
+            ("[1]", "not a parameter name"),
+            ("[2]", "not a parameter name"),
+            ("[3]", "not a parameter name"),
+            ("[4]", "is _include, which reaches"),
+            ("[5]", "is _has, which reaches"),
+            ("[6]", "is _mdm, which reaches"),
+            ("[7]", "is _sort, which reaches"),
+            ("[8]", "is _getpages, which reaches"),
+            ("[9]", "already known"),
+            ("[11]", "listed twice"),
+        ];
+        assert_eq!(p.len(), want.len(), "{p:#?}");
+        for (p, (at, says)) in p.iter().zip(want) {
+            assert!(
+                p.starts_with(&format!("upstream.special_params{at}: ")) && p.contains(says),
+                "{p} ({at}: {says})"
+            );
+        }
+        // Given without a value: an error naming the key and line.
+        let p = with("").unwrap_err();
+        assert!(
+            p[0].contains("special_params") && p[0].contains("line 6"),
+            "{p:?}"
         );
     }
 

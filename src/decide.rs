@@ -105,6 +105,10 @@ pub struct DecideOptions {
     pub unnarrowed_search: UnnarrowedSearch,
     /// Base URLs under which an absolute reference may name a patient.
     pub bases: Bases,
+    /// Parameters starting with `_` the upstream defines that reach
+    /// nothing beyond the request's own resources, besides those fhirwall
+    /// knows ([`KNOWN_SPECIAL_PARAMS`]): `upstream.special_params`.
+    pub special_params: Vec<String>,
 }
 
 impl DecideOptions {
@@ -123,6 +127,7 @@ impl DecideOptions {
                     .chain(s.upstream_bases())
                     .collect(),
             ),
+            special_params: s.upstream.special_params.clone(),
         }
     }
 }
@@ -383,7 +388,7 @@ pub fn decide_with(
             ..Decision::default()
         });
     }
-    let needs = needs(req)?;
+    let needs = needs(req, &opts.special_params)?;
     if needs.is_empty() {
         return Ok(Decision::allow(Vec::new()));
     }
@@ -1349,9 +1354,9 @@ fn grant<'a>(
 }
 
 /// What a single (non-bundle) request needs.
-fn needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
+fn needs(req: &FhirRequest, special: &[String]) -> Result<Vec<Need>, ScopeDenial> {
     let mut needs = own_needs(req)?;
-    needs.extend(reaching_needs(req)?);
+    needs.extend(reaching_needs(req, special)?);
     Ok(needs)
 }
 
@@ -1383,22 +1388,23 @@ fn own_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 }
 
 /// What the request's parameters, conditional search and conditional
-/// references reach beyond the interaction itself.
-fn reaching_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
+/// references reach beyond the interaction itself; `special`: the
+/// upstream's own `_` parameters ([`DecideOptions::special_params`]).
+fn reaching_needs(req: &FhirRequest, special: &[String]) -> Result<Vec<Need>, ScopeDenial> {
     let t = req.resource_type.as_deref();
     let mut needs = Vec::new();
     if req.conditional {
         needs.push(Need::on(Perm::Search, t));
         // The server runs the If-None-Exist search: its parameters reach
         // what a query's would (an answer of 200 or 201 tells a match).
-        needs.extend(param_needs(&req.condition)?);
+        needs.extend(param_needs(&req.condition, special)?);
     }
-    needs.extend(param_needs(&req.params)?);
+    needs.extend(param_needs(&req.params, special)?);
     // Conditional references in a written resource: the server searches
     // to resolve them, and whether the write succeeds tells the answer.
     for r in &req.reference_searches {
         needs.push(Need::on(Perm::Search, r.resource_type.as_deref()));
-        needs.extend(param_needs(&r.params)?);
+        needs.extend(param_needs(&r.params, special)?);
     }
     Ok(needs)
 }
@@ -1410,8 +1416,13 @@ fn reaching_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 /// `$export`, an include of `*` or without a target type). A request the
 /// scopes could not judge reaches any type. `by_nature: false` leaves out
 /// what the interaction reaches by itself (an operation a rule allowed by
-/// name), keeping what its parameters reach.
-pub fn reached_types(req: &FhirRequest, by_nature: bool) -> (bool, Vec<String>) {
+/// name), keeping what its parameters reach. `special`: the upstream's
+/// own `_` parameters ([`DecideOptions::special_params`]).
+pub fn reached_types(
+    req: &FhirRequest,
+    by_nature: bool,
+    special: &[String],
+) -> (bool, Vec<String>) {
     if req.is_bundle() {
         return (false, Vec::new());
     }
@@ -1428,7 +1439,7 @@ pub fn reached_types(req: &FhirRequest, by_nature: bool) -> (bool, Vec<String>) 
         _ => own_needs(req).map(|n| n.into_iter().filter(|n| n.resource.is_none()).collect()),
     };
     let Ok(needs) = own.and_then(|mut n| {
-        n.extend(reaching_needs(req)?);
+        n.extend(reaching_needs(req, special)?);
         Ok(n)
     }) else {
         return (true, Vec::new());
@@ -1501,23 +1512,26 @@ fn operation_needs(req: &FhirRequest) -> Result<Vec<Need>, ScopeDenial> {
 /// `_has`, chains, a stored search's page, `_filter`, `_query`,
 /// `_contained`, …), and besides those `_type`, `_list` and the modifiers
 /// that read other resources (`:in`, `:not-in` on a ValueSet, HAPI's
-/// `:mdm`).
-pub fn reaching_param(params: &[(String, String)]) -> Option<&str> {
+/// `:mdm`). `special`: the upstream's own `_` parameters
+/// ([`DecideOptions::special_params`]), which reach nothing.
+pub fn reaching_param<'p>(params: &'p [(String, String)], special: &[String]) -> Option<&'p str> {
     params
         .iter()
         .find(|p| {
             let name = p.0.as_str();
             let mut parts = name.split(':');
             let base = parts.next().unwrap_or(name);
-            param_needs(std::slice::from_ref(*p)).map_or(true, |n| !n.is_empty())
+            param_needs(std::slice::from_ref(*p), special).map_or(true, |n| !n.is_empty())
                 || matches!(base, "_has" | "_type" | "_list")
                 || parts.any(|m| matches!(m, "in" | "not-in" | "mdm"))
         })
         .map(|p| p.0.as_str())
 }
 
-/// Parameters that reach other resource types, and ones refused outright.
-fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
+/// Parameters that reach other resource types, and ones refused outright;
+/// `special`: the upstream's own `_` parameters that reach nothing
+/// ([`DecideOptions::special_params`]).
+fn param_needs(params: &[(String, String)], special: &[String]) -> Result<Vec<Need>, ScopeDenial> {
     let mut needs = Vec::new();
     for (name, value) in params {
         let base = name.split(':').next().unwrap_or(name);
@@ -1597,11 +1611,16 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
             // (Microsoft's `_not-referenced`), or match names whatever
             // their case (`_LIST` as `_list`): one fhirwall does not know,
             // spelt exactly, is refused rather than passed unjudged.
-            _ if base.starts_with('_') && !KNOWN_SPECIAL_PARAMS.contains(&base) => {
+            _ if base.starts_with('_')
+                && !KNOWN_SPECIAL_PARAMS.contains(&base)
+                && !special.iter().any(|s| s == base) =>
+            {
                 return Err(deny(format!(
                     "parameter {base} is not one fhirwall knows (names starting with '_' are \
                      matched exactly, case included: a server may read an unknown one as \
-                     reaching other resources)"
+                     reaching other resources); if the upstream defines it and it reaches \
+                     nothing beyond the resources the request names, list it in \
+                     upstream.special_params"
                 )))
             }
             _ => {}
@@ -1617,7 +1636,7 @@ fn param_needs(params: &[(String, String)]) -> Result<Vec<Need>, ScopeDenial> {
 /// (Microsoft's `_hardDelete`, HAPI's `_expunge`), and HAPI's `_language`,
 /// `_narrative`. (HAPI's `_mdm` is not: it brings linked patients.)
 /// None of them reaches a resource the request does not name.
-const KNOWN_SPECIAL_PARAMS: &[&str] = &[
+pub const KNOWN_SPECIAL_PARAMS: &[&str] = &[
     "_id",
     "_lastUpdated",
     "_tag",
@@ -1661,6 +1680,29 @@ const KNOWN_SPECIAL_PARAMS: &[&str] = &[
     "_cursor",
     "_before",
     "_changeIdMarker",
+];
+
+/// Parameters starting with `_` that [`param_needs`] judges by name (what
+/// they reach, or refuses them), and HAPI's `_mdm` (it brings linked
+/// patients), `_type` (it narrows a system search), `_has`: none may be
+/// declared as reaching nothing (`upstream.special_params`), in any case.
+pub const JUDGED_SPECIAL_PARAMS: &[&str] = &[
+    "_filter",
+    "_query",
+    "_contained",
+    "_containedType",
+    "_cascade",
+    "_getpages",
+    "_getpagesoffset",
+    "_pageId",
+    "_include",
+    "_revinclude",
+    "_has",
+    "_list",
+    "_sort",
+    "_not-referenced",
+    "_mdm",
+    "_type",
 ];
 
 /// The types a reverse chain (`_has:T:p:rest`) or a chain (`p:Type.rest`)
@@ -1923,7 +1965,7 @@ mod tests {
             &["_format", "_summary", "mode"],
             &["family:exact", "_count"],
         ] {
-            assert_eq!(reaching_param(&p(ok)), None, "{ok:?}");
+            assert_eq!(reaching_param(&p(ok), &[]), None, "{ok:?}");
         }
         for bad in [
             "_include",
@@ -1938,7 +1980,7 @@ mod tests {
             "code:not-in",
             "subject:mdm",
         ] {
-            assert_eq!(reaching_param(&p(&["name", bad])), Some(bad), "{bad}");
+            assert_eq!(reaching_param(&p(&["name", bad]), &[]), Some(bad), "{bad}");
         }
     }
 
@@ -3156,11 +3198,48 @@ mod tests {
         assert!(decide(&r, &grant, None).is_ok());
     }
 
+    /// The upstream's own `_` parameters, listed, reach nothing; a name
+    /// fhirwall judges is judged whatever the list says.
+    #[test]
+    fn listed_special_params_reach_nothing() {
+        let listed = DecideOptions {
+            special_params: vec!["_skip".into(), "_include".into()],
+            ..DecideOptions::default()
+        };
+        let grant = ScopeSet::parse("user/Observation.rs");
+        let run = |url: &str, o: &DecideOptions| decide_with(&req("GET", url), &grant, None, o);
+        let plain = DecideOptions::default();
+        let refused = run("Observation?code=x&_skip=5", &plain).unwrap_err();
+        assert!(
+            refused.reason.contains("upstream.special_params"),
+            "{refused:?}"
+        );
+        assert!(run("Observation?code=x&_skip=5", &listed).is_ok());
+        assert!(run("Observation?code=x&_skip:exact=5", &listed).is_ok());
+        assert!(run("Observation?code=x&_SKIP=5", &listed).is_err());
+        assert!(run("Observation?_include=Observation:subject:Patient", &listed).is_err());
+        // The policies read it alike: it reaches no type.
+        let r = req("GET", "Observation?code=x&_skip=5");
+        assert_eq!(reached_types(&r, true, &[]), (true, Vec::new()));
+        assert_eq!(
+            reached_types(&r, true, &listed.special_params),
+            (false, Vec::new())
+        );
+        // So do public routes.
+        let p = |q: &str| crate::fhir::classify::parse_params(q).unwrap();
+        assert_eq!(reaching_param(&p("name=x&_skip=1"), &[]), Some("_skip"));
+        assert_eq!(
+            reaching_param(&p("name=x&_skip=1"), &listed.special_params),
+            None
+        );
+    }
+
     #[test]
     fn patient_searches_are_narrowed_or_refused() {
         let opts = DecideOptions {
             unnarrowed_search: UnnarrowedSearch::Narrow,
             bases: Bases(vec!["https://gw/fhir".into()]),
+            ..DecideOptions::default()
         };
         let strict = DecideOptions {
             unnarrowed_search: UnnarrowedSearch::Refuse,

@@ -187,9 +187,12 @@ fn route_stage(s: &Settings, req: &ExplainRequest, now: i64) -> Result<Routed, E
         }
         Route::Public(r) => {
             let has_body = req.body.as_deref().is_some_and(|b| !b.is_empty());
-            if let Err(refusal) =
-                crate::route::check_public(&req.method, query.as_deref(), has_body)
-            {
+            if let Err(refusal) = crate::route::check_public(
+                &req.method,
+                query.as_deref(),
+                has_body,
+                &s.upstream.special_params,
+            ) {
                 let why = crate::proxy::public_denial(&refusal, &r).description();
                 return Err(e.deny("route", why));
             }

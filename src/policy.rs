@@ -220,6 +220,9 @@ pub struct PolicyInput<'a> {
     pub now: i64,
     /// A declared emergency's reason (break-glass), when there is one.
     pub break_glass: Option<&'a str>,
+    /// The upstream's own `_` parameters that reach nothing
+    /// (`upstream.special_params`).
+    pub special_params: &'a [String],
 }
 
 /// A verdict, and for an allowed stored page the resource types its
@@ -656,7 +659,8 @@ impl PolicySet {
                 })?;
             }
         }
-        let (any, reached) = crate::decide::reached_types(r, named_at.is_none());
+        let (any, reached) =
+            crate::decide::reached_types(r, named_at.is_none(), input.special_params);
         self.judge_reach(
             input,
             r,
@@ -667,7 +671,7 @@ impl PolicySet {
             &mut reach,
         )?;
         if let Some(at) = named_at {
-            let (any, by_nature) = crate::decide::reached_types(r, true);
+            let (any, by_nature) = crate::decide::reached_types(r, true, input.special_params);
             let by_nature: Vec<String> = by_nature
                 .into_iter()
                 .filter(|t| !reached.contains(t))
@@ -1296,6 +1300,7 @@ mod tests {
             binding: "bearer",
             now: WED_1430,
             break_glass: None,
+            special_params: &[],
         }
     }
 

@@ -2304,7 +2304,12 @@ impl Gateway {
                 // parameter that brings in other resources or a stored
                 // search's page (`route::check_public`, as explain does).
                 let has_body = declares_body(&req.headers);
-                match crate::route::check_public(req.method.as_str(), req.uri.query(), has_body) {
+                match crate::route::check_public(
+                    req.method.as_str(),
+                    req.uri.query(),
+                    has_body,
+                    &self.decide_opts.special_params,
+                ) {
                     Ok(params) => ctx.query_names = audit_param_names(&params),
                     Err(refusal) => {
                         // The refused request's parameter names, for its

@@ -36,10 +36,13 @@ pub enum PublicRefusal {
 }
 
 /// Checks a request to a public route; its query parameters when allowed.
+/// `special`: the upstream's own `_` parameters that reach nothing
+/// (`upstream.special_params`).
 pub fn check_public(
     method: &str,
     query: Option<&str>,
     has_body: bool,
+    special: &[String],
 ) -> Result<Vec<(String, String)>, PublicRefusal> {
     if !matches!(method, "GET" | "HEAD") {
         return Err(PublicRefusal::Method);
@@ -54,7 +57,7 @@ pub fn check_public(
     if crate::extract::has_access_token_param(&params) {
         return Err(PublicRefusal::TokenInQuery);
     }
-    if let Some(name) = crate::decide::reaching_param(&params) {
+    if let Some(name) = crate::decide::reaching_param(&params, special) {
         return Err(PublicRefusal::Reaching(name.to_string()));
     }
     Ok(params)

@@ -2180,3 +2180,70 @@ fn policy_tests_cannot_pass_without_testing() {
     assert!(!ok, "{out}");
     assert!(out.contains("no cases"), "{out}");
 }
+
+/// A `_` parameter the upstream defines is refused until
+/// `upstream.special_params` lists it; listed, it passes as reaching
+/// nothing — the scopes, a rule refusing another type and a public route
+/// alike — spelt exactly as listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_special_params_pass_as_reaching_nothing() {
+    let rules =
+        "rules:\n  - {name: no-conditions, effect: deny, when: {resource_type: [Condition]}}\n";
+    let (_dir, plain) = with_rules("special-plain", "10-types.yaml", rules).await;
+    let token = plain.mint("user/Observation.rs", None);
+    let r = plain
+        .get("Observation?code=special-0&_skip=10", Some(&token))
+        .await;
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("_skip is not one fhirwall knows")
+            && text.contains("upstream.special_params"),
+        "{text}"
+    );
+    assert_eq!(plain.upstream.count_containing("special-0"), 0);
+
+    let dir = TempDir::new("special-listed");
+    std::fs::write(dir.0.join("10-types.yaml"), rules).unwrap();
+    let gw = Gateway::start(Options {
+        upstream_yaml: "  special_params: [_skip, _vendorCursor]\n".into(),
+        extra_yaml: format!(
+            "policies:\n  dir: {}\npublic_routes: [Practitioner]\n",
+            dir.0.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.mint("user/Observation.rs", None);
+    for rel in [
+        "Observation?code=special-1&_skip=10",
+        "Observation?code=special-2&_vendorCursor=abc",
+    ] {
+        assert_eq!(gw.get(rel, Some(&token)).await.status(), 200, "{rel}");
+    }
+    let r = gw.get("Practitioner?name=special-3&_skip=10", None).await;
+    assert!(
+        !matches!(r.status().as_u16(), 400 | 401 | 403),
+        "{}",
+        r.status()
+    );
+    for needle in ["special-1", "special-2", "special-3"] {
+        assert_eq!(gw.upstream.count_containing(needle), 1, "{needle}");
+    }
+    // Spelt otherwise, or not listed: refused, as before.
+    for rel in [
+        "Observation?code=special-4&_SKIP=10",
+        "Observation?code=special-5&_other=1",
+    ] {
+        assert_eq!(gw.get(rel, Some(&token)).await.status(), 403, "{rel}");
+    }
+    assert_eq!(
+        gw.get("Practitioner?name=special-6&_other=1", None)
+            .await
+            .status(),
+        400
+    );
+    for needle in ["special-4", "special-5", "special-6"] {
+        assert_eq!(gw.upstream.count_containing(needle), 0, "{needle}");
+    }
+}
