@@ -1092,6 +1092,20 @@ impl Gateway {
             remove.push(header::EXPECT);
         }
         let mut set = Vec::with_capacity(8);
+        // A search whose answer is checked is handled strictly: a lenient
+        // server would drop a parameter it does not support, the
+        // narrowing too, and count every patient's matches in its total.
+        let searched = |c: &ResponseCheck| matches!(c, ResponseCheck::Search { .. });
+        if ctx.check.as_ref().is_some_and(searched)
+            || ctx.entry_checks.iter().any(|e| searched(&e.check))
+        {
+            let name = http::HeaderName::from_static("prefer");
+            let prefer =
+                proxy_headers::strict_handling(headers.get_all(&name).iter().map(|v| v.as_bytes()));
+            let value = http::HeaderValue::from_str(&prefer)
+                .unwrap_or(http::HeaderValue::from_static("handling=strict"));
+            set.push((name, value));
+        }
         // The client and the trusted proxies it came through, then the
         // peer; never what the client itself claimed.
         if let Some(c) = &ctx.client {

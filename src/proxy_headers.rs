@@ -268,9 +268,60 @@ pub fn connection_names_read_header(connection_tokens: &[String]) -> Option<&str
         .map(String::as_str)
 }
 
+/// The `Prefer` value for a search whose answer fhirwall checks: the
+/// client's preferences (every `Prefer` line) but `handling`, then
+/// `handling=strict` (RFC 7240; FHIR's search handling). A server told to
+/// be lenient (Microsoft's default) drops a search parameter it does not
+/// support, the narrowing fhirwall added too, and answers with what the
+/// narrowing would have left out: its entries are then checked away,
+/// but its `total` counts every patient's matches. Strict, it refuses.
+pub fn strict_handling<'a>(values: impl Iterator<Item = &'a [u8]>) -> String {
+    let mut kept: Vec<&str> = values
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| {
+            let token = p.split(['=', ';']).next().unwrap_or("").trim();
+            !p.is_empty() && !token.eq_ignore_ascii_case("handling")
+        })
+        .collect();
+    kept.push("handling=strict");
+    kept.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checked_search_is_handled_strictly() {
+        for (lines, want) in [
+            (&[][..], "handling=strict"),
+            (&["handling=lenient"][..], "handling=strict"),
+            (
+                &[
+                    "return=minimal, Handling = lenient",
+                    "respond-async; wait=10",
+                ][..],
+                "return=minimal, respond-async; wait=10, handling=strict",
+            ),
+            (
+                &["handling;x=1, , return=representation"][..],
+                "return=representation, handling=strict",
+            ),
+        ] {
+            assert_eq!(
+                strict_handling(lines.iter().map(|l| l.as_bytes())),
+                want,
+                "{lines:?}"
+            );
+        }
+        // Not UTF-8: dropped, not passed on unread.
+        assert_eq!(
+            strict_handling([b"handling=lenient\xff".as_slice()].into_iter()),
+            "handling=strict"
+        );
+    }
 
     #[test]
     fn an_answers_hop_by_hop_headers_are_dropped_but_not_its_framing() {

@@ -2756,3 +2756,70 @@ async fn a_transaction_cannot_swap_what_a_checked_entry_references() {
     let (s, body) = post_fhir(&gw, &token, "", &batch).await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// A search whose answer is checked goes upstream with
+/// `Prefer: handling=strict` (the client's other preferences kept): a
+/// lenient server would drop a narrowing it does not support and count
+/// every patient's matches. One fhirwall does not check passes as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_searches_are_handled_strictly() {
+    let gw = Gateway::start(Options::default()).await;
+    let p1 = gw.mint("patient/*.rs", Some("p1"));
+    let user = gw.mint("user/*.rs", None);
+    let prefer_seen = |needle: &str| -> Vec<String> {
+        let seen = gw.upstream.seen();
+        let s = seen
+            .iter()
+            .rev()
+            .find(|s| s.uri.contains(needle) || s.method == needle)
+            .unwrap();
+        s.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("prefer"))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let send = |rel: String, token: &str| {
+        gw.client
+            .get(format!("{}/{rel}", gw.base))
+            .bearer_auth(token)
+            .header("prefer", "handling=lenient, return=representation")
+            .send()
+    };
+    let r = send("Observation?code=strict-1".into(), &p1).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        prefer_seen("strict-1"),
+        ["return=representation, handling=strict"]
+    );
+    // Named by the client, the patient is still checked for.
+    let r = send("Observation?patient=p1&code=strict-2".into(), &p1)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        prefer_seen("strict-2"),
+        ["return=representation, handling=strict"]
+    );
+    // Without a Prefer of its own, the search is told strict all the same.
+    assert_eq!(
+        gw.get("Observation?code=strict-3", Some(&p1))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(prefer_seen("strict-3"), ["handling=strict"]);
+    // A checked search in a batch.
+    let r = gw.batch_get(&p1, "Observation?code=strict-4").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(prefer_seen("POST"), ["handling=strict"]);
+    // Not checked: as the client sent it.
+    let r = send("Observation?code=strict-5".into(), &user)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        prefer_seen("strict-5"),
+        ["handling=lenient, return=representation"]
+    );
+}
