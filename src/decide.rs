@@ -409,6 +409,20 @@ pub fn decide_with(
     if let Some(d) = stored_page(req, scopes, patient) {
         return Ok(d);
     }
+    // Patient scopes, unfiltered: when they take the request as it is
+    // (it stays in the compartment by itself, or names the patient: no
+    // narrowing added), they give all of it that filtered scopes not
+    // bound to a patient would, and more (`Observation?patient=p1` whole
+    // rather than narrowed to `user/Observation.rs?category=…`'s filter).
+    let patient_result = patient_grant(req, &needs, &usable, scopes, patient, opts);
+    if let Ok(d) = &patient_result {
+        let whole = d.narrow.is_empty()
+            && matches!(d.check, None | Some(ResponseCheck::Search { .. }))
+            && d.write.is_none();
+        if whole {
+            return patient_result;
+        }
+    }
     // Then scopes with a query filter that are not bound to a patient.
     let mut filtered_refusal = match filtered_grant(req, &needs, scopes, None, opts) {
         Some(Ok(d)) => return Ok(d),
@@ -417,7 +431,6 @@ pub fn decide_with(
     };
     // Then patient scopes: unfiltered if the request stays in the
     // compartment, else filtered ones (compartment and filter).
-    let patient_result = patient_grant(req, &needs, &usable, scopes, patient, opts);
     if patient_result.is_err() {
         match filtered_grant(req, &needs, scopes, Some(patient), opts) {
             Some(Ok(d)) => return Ok(d),
@@ -3196,6 +3209,34 @@ mod tests {
         let mut r = req("POST", "_search?_type=Observation");
         crate::fhir::classify::add_form(&mut r, "POST", "_search", "code=x").unwrap();
         assert!(decide(&r, &grant, None).is_ok());
+    }
+
+    /// A `patient/` grant that takes a search as it is (it names the
+    /// patient) wins over a filtered `user/` one, which would narrow it to
+    /// its filter; one that would have to narrow it does not.
+    #[test]
+    fn a_patient_grant_taking_the_request_whole_wins_over_a_filter() {
+        let grant =
+            ScopeSet::parse("user/Observation.rs?category=laboratory patient/Observation.rs");
+        let run = |url: &str| decide(&req("GET", url), &grant, Some("p1")).unwrap();
+        for url in ["Observation?patient=p1", "Patient/p1/Observation"] {
+            let d = run(url);
+            assert!(d.narrow.is_empty(), "{url}: {d:?}");
+            assert!(
+                matches!(
+                    &d.check,
+                    Some(ResponseCheck::Search { patient: Some(p), filters: None, .. }) if p == "p1"
+                ),
+                "{url}: {d:?}"
+            );
+            assert_eq!(d.scopes_used, ["patient/Observation.rs"], "{url}");
+        }
+        // Naming no patient: either grant narrows; the filter's is kept.
+        let d = run("Observation?code=x");
+        assert!(d.narrow.iter().any(|(n, _)| n == "category"), "{d:?}");
+        // Another patient: the filter grants it, narrowed.
+        let d = run("Observation?patient=p2");
+        assert!(d.narrow.iter().any(|(n, _)| n == "category"), "{d:?}");
     }
 
     /// The upstream's own `_` parameters, listed, reach nothing; a name
