@@ -96,6 +96,12 @@ pub struct Match {
     /// `bearer`, `dpop` or `mtls`.
     #[serde(default, deserialize_with = "non_empty")]
     pub binding: Vec<String>,
+    /// Parameter names, any of which the request carries (in its query, a
+    /// search's form body or a conditional create's `If-None-Exist`):
+    /// matched without a modifier (`_include` holds for
+    /// `_include:iterate`), in any case.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub param: Vec<String>,
     /// A UTC time window (`days` of the week, `from`–`to` as HH:MM).
     #[serde(default)]
     pub time: Option<TimeWindow>,
@@ -223,6 +229,9 @@ pub struct PolicyInput<'a> {
     /// The upstream's own `_` parameters that reach nothing
     /// (`upstream.special_params`).
     pub special_params: &'a [String],
+    /// The request's parameters, and its conditional create's
+    /// (`If-None-Exist`), for `when.param`; none for a type it reaches.
+    pub params: [&'a [(String, String)]; 2],
 }
 
 /// A verdict, and for an allowed stored page the resource types its
@@ -440,6 +449,22 @@ impl PolicySet {
                     );
                 }
             }
+            for name in &w.param {
+                let plain = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                if !plain {
+                    p(
+                        "when.param",
+                        format!(
+                            "'{name}' is not a parameter name (letters, digits, '_', '-', '.'); \
+                             name it without a modifier or value ('_include', not \
+                             '_include:iterate'), or the rule never holds"
+                        ),
+                    );
+                }
+            }
             for b in &w.binding {
                 if !RULE_BINDINGS.contains(&b.as_str()) {
                     p(
@@ -546,6 +571,7 @@ impl PolicySet {
                     resource_type: r.resource_type.as_deref(),
                     operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
                     path: &r.path,
+                    params: [&r.params, &r.condition],
                     ..*base
                 };
                 if page && i == 0 {
@@ -782,6 +808,7 @@ impl PolicySet {
             .filter(|r| {
                 r.when.interaction.iter().any(|i| i == input.interaction)
                     || r.when.path.iter().any(|p| path_matches(p, input.path))
+                    || !r.when.param.is_empty() && carries_param(&r.when.param, input.params)
             })
             .cloned()
             .collect();
@@ -971,15 +998,26 @@ impl Reach {
 }
 
 /// `input` as a direct `interaction` (`read`, `search-type`) of type `t`:
-/// how a request reaching `t` is judged.
+/// how a request reaching `t` is judged (without the request's
+/// parameters: they are judged with the request).
 fn as_direct<'a>(input: &PolicyInput<'a>, interaction: &'a str, t: &'a str) -> PolicyInput<'a> {
     PolicyInput {
         interaction,
         resource_type: Some(t),
         operation: None,
         path: t,
+        params: [&[], &[]],
         ..*input
     }
+}
+
+/// Whether any of `params` is named one of `names` (ASCII case ignored:
+/// a server may read `_EXPUNGE` as `_expunge`), its modifier aside.
+fn carries_param(names: &[String], params: [&[(String, String)]; 2]) -> bool {
+    params.iter().flat_map(|p| p.iter()).any(|(n, _)| {
+        let base = n.split(':').next().unwrap_or(n);
+        names.iter().any(|x| x.eq_ignore_ascii_case(base))
+    })
 }
 
 /// Adds `more` to `limits` and `broke_glass`, each rule once.
@@ -1146,6 +1184,7 @@ impl Rule {
                 .iter()
                 .all(|(name, values)| claim_matches(i.claims, name, values))
             && (w.path.is_empty() || w.path.iter().any(|p| path_matches(p, i.path)))
+            && (w.param.is_empty() || carries_param(&w.param, i.params))
             && (self.sources.is_empty()
                 || i.source
                     .is_some_and(|ip| self.sources.iter().any(|c| in_cidr(ip, *c))))
@@ -1301,6 +1340,7 @@ mod tests {
             now: WED_1430,
             break_glass: None,
             special_params: &[],
+            params: [&[], &[]],
         }
     }
 
@@ -2085,6 +2125,92 @@ mod tests {
             &parse_file("rules:\n  - {name: a, effect: allow, break_glass: true}\n").unwrap(),
         );
         assert_eq!(problems[0].1, "break_glass");
+    }
+
+    /// `when.param` holds for a request (or Bundle entry, or conditional
+    /// create) carrying a named parameter, modifier aside, in any case;
+    /// not for the types it reaches; for a stored page, type by type.
+    #[test]
+    fn rules_on_parameters() {
+        let claims = json!({});
+        let scopes = vec!["user/*.cruds".to_string()];
+        let base = input(&claims, &scopes);
+        let rules = set("rules:
+  - {name: no-erasing, effect: deny, when: {interaction: [delete], param: [_expunge, _hardDelete]}}
+  - {name: no-includes-of-conditions, effect: deny, when: {resource_type: [Condition], param: [_include]}}
+  - {name: no-paging, effect: deny, when: {param: [_getpages]}}
+");
+        let verdict = |fhir: &crate::fhir::classify::FhirRequest, at: usize| match rules
+            .evaluate_each(&base, fhir)
+            .remove(at)
+            .verdict
+        {
+            Verdict::Allow { .. } => Ok(()),
+            Verdict::Deny { by, .. } => Err(by),
+        };
+        for (method, url, by) in [
+            ("DELETE", "Observation/o1?_expunge=true", Some("no-erasing")),
+            (
+                "DELETE",
+                "Observation/o1?_HardDelete=true",
+                Some("no-erasing"),
+            ),
+            (
+                "DELETE",
+                "Observation?code=x&_expunge:x=true",
+                Some("no-erasing"),
+            ),
+            ("DELETE", "Observation/o1", None),
+            ("GET", "Observation/o1?_expunge=true", None),
+            (
+                "GET",
+                "Condition?_include:iterate=Condition:subject",
+                Some("no-includes-of-conditions"),
+            ),
+            ("GET", "Condition?code=x", None),
+            // Reaching Condition is judged as a plain search of it.
+            (
+                "GET",
+                "Patient?_revinclude=Condition:subject&_include=Patient:link",
+                None,
+            ),
+            ("GET", "?_getpages=abc", Some("no-paging")),
+        ] {
+            let got = verdict(&request(method, url), 0);
+            let want = by.map(|b| format!("t.yaml#{b}"));
+            assert_eq!(got.err(), want, "{method} {url}");
+        }
+        // A Bundle entry's own parameters.
+        let entries = batch_of(&["Condition?_include=Condition:subject", "Condition?code=y"]);
+        assert_eq!(
+            verdict(&entries, 1).unwrap_err(),
+            "t.yaml#no-includes-of-conditions"
+        );
+        assert!(verdict(&entries, 2).is_ok());
+        // A conditional create's search.
+        use crate::fhir::classify::{classify, HttpRequest};
+        let create = classify(HttpRequest {
+            method: "POST",
+            path: "Condition",
+            query: None,
+            if_none_exist: Some("_include=Condition:subject"),
+        })
+        .unwrap();
+        assert_eq!(
+            verdict(&create, 0).unwrap_err(),
+            "t.yaml#no-includes-of-conditions"
+        );
+        // Names only, without modifiers or values.
+        let mut bad = PolicySet::default();
+        let problems = bad.add_file(
+            "b.yaml",
+            &parse_file(
+                "rules:\n  - {name: a, effect: deny, when: {param: ['_include:iterate', 'a=b', '']}}\n",
+            )
+            .unwrap(),
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().all(|p| p.1 == "when.param"), "{problems:?}");
     }
 
     #[test]

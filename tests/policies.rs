@@ -855,7 +855,7 @@ fn shipped_examples_pass_their_tests() {
         &format!("{root}/policies/examples/tests"),
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("18 case(s), 0 failed"), "{out}");
+    assert!(out.contains("19 case(s), 0 failed"), "{out}");
 }
 
 /// A later page of `$everything` is widened to the operation's answer
@@ -2246,4 +2246,54 @@ async fn listed_special_params_pass_as_reaching_nothing() {
     for needle in ["special-4", "special-5", "special-6"] {
         assert_eq!(gw.upstream.count_containing(needle), 0, "{needle}");
     }
+}
+
+/// A rule on a parameter: deletes that erase history are refused, naming
+/// the rule, in a batch too, and reach nothing upstream; plain deletes
+/// pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_refuses_requests_carrying_a_parameter() {
+    let (_dir, gw) = with_rules(
+        "policies-param",
+        "10-erasing.yaml",
+        "rules:\n  - {name: no-erasing, effect: deny, when: {interaction: [delete], param: [_expunge, _hardDelete]}}\n",
+    )
+    .await;
+    let token = gw.mint("user/Observation.rds", None);
+    for rel in [
+        "Observation/erase-1?_expunge=true",
+        "Observation/erase-2?_hardDelete=true",
+    ] {
+        let r = gw
+            .client
+            .delete(format!("{}/{rel}", gw.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{rel}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("10-erasing.yaml#no-erasing"), "{rel}: {text}");
+    }
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "DELETE", "url": "Observation/erase-3?_expunge=true"}}
+    ]});
+    let r = gw
+        .post_bundle(&token, batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    for needle in ["erase-1", "erase-2"] {
+        assert_eq!(gw.upstream.count_containing(needle), 0, "{needle}");
+    }
+    assert!(
+        !gw.upstream
+            .seen()
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.body).contains("erase-3")),
+        "the batch reached the upstream"
+    );
+    assert_ne!(delete_observation(&gw, &token, "erase-4").await, 403);
+    assert_eq!(gw.upstream.count_containing("erase-4"), 1);
 }
