@@ -1545,6 +1545,19 @@ pub fn reaching_param<'p>(params: &'p [(String, String)], special: &[String]) ->
 /// `special`: the upstream's own `_` parameters that reach nothing
 /// ([`DecideOptions::special_params`]).
 fn param_needs(params: &[(String, String)], special: &[String]) -> Result<Vec<Need>, ScopeDenial> {
+    // Which of two stored pages a server serves is its choice, and a
+    // page fhirwall could not name is judged as no operation's page (a
+    // `$everything`'s rules, its limits, would not hold for it).
+    let ids = params
+        .iter()
+        .filter(|(n, _)| matches!(n.as_str(), "_getpages" | "_pageId"))
+        .count();
+    if ids > 1 {
+        return Err(deny(
+            "more than one stored search page id (_getpages, _pageId): which page the server \
+             serves would be its choice",
+        ));
+    }
     let mut needs = Vec::new();
     for (name, value) in params {
         let base = name.split(':').next().unwrap_or(name);

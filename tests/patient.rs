@@ -2580,6 +2580,21 @@ async fn later_pages_of_everything_are_judged_as_everything_for_its_caller() {
     let (s, body) = status_and_body(gw.get(&dr_page, Some(&p1)).await).await;
     assert_eq!(s, 200, "{body}");
     assert!(body.contains("dr-1"), "{body}");
+    // Asked with a second id, the page would be judged as no operation's
+    // (its rules and limits dodged): refused before the upstream.
+    let before = gw.upstream.seen().len();
+    for twice in [
+        format!("{dr_page}&_getpages=everything:p1"),
+        format!("{dr_page}&_pageId=junk"),
+    ] {
+        let (s, body) = status_and_body(gw.get(&twice, Some(&p1)).await).await;
+        assert_eq!(s, 403, "{twice}: {body}");
+        assert!(
+            body.contains("more than one stored search page id"),
+            "{body}"
+        );
+    }
+    assert_eq!(gw.upstream.seen().len(), before);
     // A stored search's id is no parameter of the operation.
     let before = gw.upstream.seen().len();
     let (s, body) = status_and_body(
