@@ -210,8 +210,11 @@ impl Denial {
             Denial::InvalidRequest { .. } => Some(format!(
                 "{scheme} realm=\"{realm}\", error=\"invalid_request\", error_description=\"{desc}\"{algs}"
             )),
+            // Refused under Bearer: the DPoP challenge says the other
+            // scheme (and its algorithms) would be heard (RFC 9449 §7.1).
             Denial::InvalidToken { .. } => Some(format!(
-                "{scheme} realm=\"{realm}\", error=\"invalid_token\", error_description=\"{desc}\"{algs}"
+                "{scheme} realm=\"{realm}\", error=\"invalid_token\", error_description=\"{desc}\"{algs}{}",
+                if dpop_scheme { "" } else { dpop.as_str() }
             )),
             Denial::PolicyDenied { .. } => Some(format!(
                 "{scheme} realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{desc}\"{algs}"
@@ -305,6 +308,26 @@ mod tests {
         assert_eq!(
             a.www_authenticate.as_deref(),
             Some("DPoP realm=\"r\", error=\"invalid_dpop_proof\", error_description=\"DPoP proof iat is too old\", algs=\"ES256\"")
+        );
+        // A token refused under Bearer: the DPoP challenge goes along
+        // (RFC 9449 §7.1); under DPoP, its algorithms are in its own.
+        let expired = Denial::InvalidToken {
+            code: "token_expired",
+            description: "token expired".into(),
+        };
+        assert_eq!(
+            expired.answer("r", Some("ES256")).www_authenticate.as_deref(),
+            Some("Bearer realm=\"r\", error=\"invalid_token\", error_description=\"token expired\", DPoP algs=\"ES256\"")
+        );
+        assert_eq!(
+            expired.answer_to("r", Some("ES256"), true).www_authenticate.as_deref(),
+            Some("DPoP realm=\"r\", error=\"invalid_token\", error_description=\"token expired\", algs=\"ES256\"")
+        );
+        assert_eq!(
+            expired.answer("r", None).www_authenticate.as_deref(),
+            Some(
+                "Bearer realm=\"r\", error=\"invalid_token\", error_description=\"token expired\""
+            )
         );
     }
 

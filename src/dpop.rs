@@ -3,7 +3,7 @@
 //! token's `cnf.jkt` and `now` in; the proof's `jti` (for the caller's
 //! replay cache) or a [`DpopError`] out.
 //!
-//! Checks, in order: JWS shape; header `typ` = `dpop+jwt`, an allowed
+//! Checks, in order: JWS shape; header `typ` = `dpop+jwt` (a media type), an allowed
 //! asymmetric `alg`, a public `jwk` (private members refused) that fits
 //! the `alg` and verifies the signature; claims `htm` = method, `htu` = the
 //! request's public URL without query and fragment (RFC 3986 normalised),
@@ -265,7 +265,14 @@ pub fn check_proof(
     let claims = b64_json(c)
         .filter(Value::is_object)
         .ok_or(DpopError::Malformed)?;
-    if header.get("typ").and_then(Value::as_str) != Some("dpop+jwt") {
+    // A media type: its case does not count, nor an `application/` prefix
+    // (RFC 7515 §4.1.9).
+    let typ = header.get("typ").and_then(Value::as_str).unwrap_or("");
+    let typ = typ
+        .get(..12)
+        .filter(|p| p.eq_ignore_ascii_case("application/"))
+        .map_or(typ, |_| &typ[12..]);
+    if !typ.eq_ignore_ascii_case("dpop+jwt") {
         return Err(DpopError::BadType);
     }
     let alg_name = header.get("alg").and_then(Value::as_str).unwrap_or("");
@@ -423,6 +430,32 @@ mod tests {
                 }),
                 "{kind:?}"
             );
+        }
+    }
+
+    /// `typ` is a media type: any case, with or without `application/`;
+    /// anything else is refused.
+    #[test]
+    fn typ_is_read_as_a_media_type() {
+        let key = SigningKey::generate(KeyKind::P256, "k");
+        let jkt = thumbprint(&public_jwk(&key)).unwrap();
+        for (typ, ok) in [
+            ("DPoP+JWT", true),
+            ("application/dpop+jwt", true),
+            ("Application/DPoP+jwt", true),
+            ("application/jwt", false),
+            ("dpop+jwt ", false),
+            ("xapplication/dpop+jwt", false),
+            ("applicatiön/dpop+jwt", false),
+        ] {
+            let mut h = header(&key);
+            h["typ"] = json!(typ);
+            let got = check_proof(&proof(&key, h, claims()), &ctx(&jkt), &policy());
+            if ok {
+                assert!(got.is_ok(), "{typ}: {got:?}");
+            } else {
+                assert_eq!(got, Err(DpopError::BadType), "{typ}");
+            }
         }
     }
 

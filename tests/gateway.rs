@@ -148,6 +148,11 @@ async fn hostile_tokens_are_refused_before_the_upstream() {
             w.contains(describes),
             "{name}: '{w}' should name '{describes}'"
         );
+        // Refused under Bearer, the DPoP scheme is offered (RFC 9449 §7.1).
+        assert!(
+            w.ends_with("\", DPoP algs=\"RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA\""),
+            "{name}: {w}"
+        );
         assert!(
             !w.contains(&token[..20.min(token.len())]) || token.len() < 20,
             "{name}: token echoed"
