@@ -1117,6 +1117,16 @@ impl Settings {
         }
         w.extend(self.rule_warnings());
         let d = &self.dpop;
+        if d.enabled && self.redis.as_ref().is_some_and(|r| r.fallback_local) {
+            w.push(
+                "redis.on_failure: local with dpop on: while Redis cannot be reached, each \
+                 process checks a DPoP proof only against those it saw itself (and does not \
+                 record in Redis those it accepts meanwhile), so a proof replayed to another \
+                 replica passes within dpop.max_age_seconds; use on_failure: refuse to keep \
+                 the replay check whole"
+                    .into(),
+            );
+        }
         if d.enabled && self.redis.is_none() && self.upgrade_sock.is_some() {
             w.push(
                 "dpop is on without redis: the proofs this process has seen are not known to \
@@ -5042,6 +5052,27 @@ admin:
             assert!(problems[0].message.contains(why), "{redis}: {problems:?}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Redis given up for this process's own memory: DPoP proofs can be
+    /// replayed across replicas meanwhile, which is said.
+    #[test]
+    fn local_redis_fallback_with_dpop_is_warned_of() {
+        let warned = |extra: &str| {
+            let s = Config::parse(&format!("{GOOD}{extra}"))
+                .unwrap()
+                .validate()
+                .unwrap();
+            s.warnings()
+                .iter()
+                .any(|w| w.starts_with("redis.on_failure: local with dpop on"))
+        };
+        let redis = "redis:\n  url: redis://127.0.0.1:6379/0\n";
+        assert!(warned(&format!("{redis}  on_failure: local\n")));
+        assert!(!warned(redis));
+        assert!(!warned(&format!(
+            "{redis}  on_failure: local\ndpop:\n  enabled: false\n"
+        )));
     }
 
     #[test]
