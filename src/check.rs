@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::decide::{EntryCheck, ResponseCheck, WriteCheck};
 use crate::fhir::classify::{FhirRequest, Interaction};
-use crate::fhir::compartment::{in_compartment, references_other_patient, Bases};
+use crate::fhir::compartment::{in_compartment, references_other_patient, Bases, SharedResources};
 use crate::fhir::entry_sieve::Sift;
 use crate::fhir::json_edit::{self, JsonEdit};
 use crate::fhir::search_param::Filter;
@@ -173,21 +173,39 @@ impl<'a> Grant<'a> {
     }
 }
 
-/// Why `r` is outside the compartment of `patient` (when set) or matches
-/// none of `filters` (when set); `None` when it is inside.
+/// Why `r` is outside the compartment of `patient` (when set), or also in
+/// another patient's where such resources are left out
+/// (`shared_with_other_patient`), or matches none of `filters` (when
+/// set); `None` when it is inside.
 fn outside_grant(
     r: &Value,
     patient: Option<&str>,
     filters: Option<&[Filter]>,
     bases: &Bases,
 ) -> Option<&'static str> {
-    if patient.is_some_and(|p| !in_compartment(r, p, bases)) {
-        return Some("outside_compartment");
+    if let Some(p) = patient {
+        if !in_compartment(r, p, bases) {
+            return Some("outside_compartment");
+        }
+        if shared_left_out(r, p, bases) {
+            return Some(SHARED);
+        }
     }
     if filters.is_some_and(|fs| !fs.iter().any(|f| f.matches(r))) {
         return Some("outside_scope_filter");
     }
     None
+}
+
+/// The reason a resource also in another patient's compartment is left
+/// out for.
+const SHARED: &str = "shared_with_other_patient";
+
+/// Whether `r`, in the compartment of `patient`, is left out as also in
+/// another patient's (`patient_context.shared_resources: leave_out`).
+fn shared_left_out(r: &Value, patient: &str, bases: &Bases) -> bool {
+    bases.shared == SharedResources::LeaveOut
+        && crate::fhir::compartment::names_other_patient(r, patient, bases)
 }
 
 /// Judges the body of a write under `patient/` scopes (create, update,
@@ -276,6 +294,10 @@ pub fn judge_write_body(
         no_conditional_reference(&doc, false, rtype, patient)?;
     }
     match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
+        Some(SHARED) => Err(format!(
+            "the {rtype} would also reference another patient on a compartment element; \
+             under the scopes of Patient/{patient} it may reference no other patient there"
+        )),
         None if w.patient.is_some() && references_other_patient(&doc, patient, bases) => {
             Err(format!(
                 "the {rtype} would also reference another patient (or one by identifier \
@@ -703,7 +725,9 @@ fn judge_search_entry(grant: &Grant, e: &Value, bases: &Bases) -> EntryJudgement
     let Some(why) = outside_grant(r, grant.patient, filters, bases) else {
         return EntryJudgement::Keep;
     };
-    if mode == Some("include") {
+    // Also another patient's: left out, as if absent, match or not (a
+    // narrowed search rightly finds it).
+    if mode == Some("include") || why == SHARED {
         return EntryJudgement::Trim;
     }
     let inside_what = match why {
@@ -1246,7 +1270,8 @@ const EVERYTHING_SHARED_TYPES: &[&str] = &[
 /// `Patient/{patient}/$everything`: resources of types outside the
 /// compartment may come along (the operation returns what the patient's
 /// resources reference), but every resource of a compartment type must be
-/// in the patient's compartment — otherwise nothing is passed on (403).
+/// in the patient's compartment — otherwise nothing is passed on (403);
+/// one also in another patient's is left out where such are.
 fn judge_everything(
     patient: &str,
     status: u16,
@@ -1271,12 +1296,14 @@ fn judge_everything(
             why: "upstream answer is not valid JSON".into(),
         };
     };
-    for r in doc
+    let mut shared = Vec::new();
+    for (i, r) in doc
         .get("entry")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|e| e.get("resource"))
+        .enumerate()
+        .filter_map(|(i, e)| Some((i, e.get("resource")?)))
     {
         let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
         if t == "OperationOutcome" || EVERYTHING_SHARED_TYPES.contains(&t) {
@@ -1297,8 +1324,16 @@ fn judge_everything(
                 ),
             };
         }
+        // Also another patient's (a Group with other members): left out.
+        if shared_left_out(r, patient, bases) {
+            shared.push(i);
+        }
     }
-    Verdict::Pass
+    if shared.is_empty() {
+        Verdict::Pass
+    } else {
+        Verdict::Trim { entries: shared }
+    }
 }
 
 /// Rewrites a checked searchset's (or batch answer's) paging links,
@@ -1531,7 +1566,7 @@ mod tests {
             status,
             Some("application/fhir+json; charset=utf-8"),
             body.to_string().as_bytes(),
-            &Bases(vec!["http://gw/fhir".into()]),
+            &Bases::new(vec!["http://gw/fhir".into()]),
         )
     }
 

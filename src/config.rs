@@ -379,14 +379,24 @@ pub struct PatientContextConfig {
     /// parameter) or `refuse` (403).
     #[serde(default = "d_unnarrowed")]
     pub unnarrowed_search: String,
+    /// A resource in the patient's compartment that also names another
+    /// Patient there: `leave_out` (404 for a read, left out of searches
+    /// and `$everything`) or `pass` (the CompartmentDefinition's reading).
+    #[serde(default = "d_shared_resources")]
+    pub shared_resources: String,
 }
 
 impl Default for PatientContextConfig {
     fn default() -> Self {
         PatientContextConfig {
             unnarrowed_search: d_unnarrowed(),
+            shared_resources: d_shared_resources(),
         }
     }
+}
+
+fn d_shared_resources() -> String {
+    "leave_out".into()
 }
 
 fn d_unnarrowed() -> String {
@@ -1030,6 +1040,8 @@ pub struct Settings {
     pub issuers: Vec<Issuer>,
     pub tokens: TokenConfig,
     pub unnarrowed_search: crate::decide::UnnarrowedSearch,
+    /// `patient_context.shared_resources`.
+    pub shared_resources: crate::fhir::compartment::SharedResources,
     pub dpop: Dpop,
     pub jwks: JwksConfig,
     /// Certificates from `jwks.ca_file`, parsed.
@@ -2307,6 +2319,17 @@ impl Config {
                 nonce_key,
             })
         };
+        let shared_resources = match self.patient_context.shared_resources.as_str() {
+            "leave_out" => Some(crate::fhir::compartment::SharedResources::LeaveOut),
+            "pass" => Some(crate::fhir::compartment::SharedResources::Pass),
+            other => {
+                problem(
+                    "patient_context.shared_resources",
+                    format!("'{other}' is not one of: leave_out, pass"),
+                );
+                None
+            }
+        };
         let unnarrowed = match self.patient_context.unnarrowed_search.as_str() {
             "narrow" => Some(crate::decide::UnnarrowedSearch::Narrow),
             "refuse" => Some(crate::decide::UnnarrowedSearch::Refuse),
@@ -2521,6 +2544,7 @@ impl Config {
             issuers,
             tokens: self.tokens.clone(),
             unnarrowed_search: unnarrowed.expect("validated"),
+            shared_resources: shared_resources.expect("validated"),
             dpop: dpop.expect("validated"),
             jwks: self.jwks.clone(),
             jwks_roots,

@@ -121,12 +121,13 @@ impl DecideOptions {
         let base = |u: &url::Url| u.as_str().trim_end_matches('/').to_string();
         DecideOptions {
             unnarrowed_search: s.unnarrowed_search,
-            bases: Bases(
-                [base(&s.public_base)]
+            bases: Bases {
+                urls: [base(&s.public_base)]
                     .into_iter()
                     .chain(s.upstream_bases())
                     .collect(),
-            ),
+                shared: s.shared_resources,
+            },
             special_params: s.upstream.special_params.clone(),
         }
     }
@@ -1228,7 +1229,7 @@ fn named_patient<'a>(value: &'a str, bare_is_patient: bool, bases: &Bases) -> Op
         if id.is_empty() || id.contains('/') {
             return None;
         }
-        return Some(if bases.0.iter().any(|b| b == prefix) {
+        return Some(if bases.urls.iter().any(|b| b == prefix) {
             id
         } else {
             value
@@ -3128,7 +3129,7 @@ mod tests {
     /// compartment, the patients its parameters name (spelt as ids).
     #[test]
     fn the_patients_a_request_names() {
-        let bases = Bases(vec!["https://gw/fhir".into()]);
+        let bases = Bases::new(vec!["https://gw/fhir".into()]);
         for (url, want) in [
             ("Observation?patient=p2", vec!["p2"]),
             (
@@ -3292,7 +3293,7 @@ mod tests {
     fn patient_searches_are_narrowed_or_refused() {
         let opts = DecideOptions {
             unnarrowed_search: UnnarrowedSearch::Narrow,
-            bases: Bases(vec!["https://gw/fhir".into()]),
+            bases: Bases::new(vec!["https://gw/fhir".into()]),
             ..DecideOptions::default()
         };
         let strict = DecideOptions {

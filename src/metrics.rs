@@ -70,6 +70,7 @@ pub const REASONS: &[&str] = &[
     "not_found",
     "outside_compartment",
     "outside_scope_filter",
+    "shared_with_other_patient",
     "upstream_not_found",
     "bad_path",
     "fhir_malformed",

@@ -1411,9 +1411,17 @@ impl Gateway {
                 &answer.body,
                 &self.bases,
             ) {
-                // Included resources outside the grant are left out.
+                // Included resources outside the grant, and resources also
+                // in another patient's compartment, are left out.
                 Verdict::Trim { entries } => {
                     ctx.left_out += entries.len();
+                    if let (ResponseCheck::Everything { patient }, Some(t)) = (check, &ctx.token) {
+                        self.everything_pages.remember(
+                            &answer.body,
+                            &self.bases.urls,
+                            &Origin::of(&t.claims, patient),
+                        );
+                    }
                     match crate::check::without_entries(&answer.body, &entries) {
                         Some(kept) => Ok(rewrite_links(&kept, self.upstream_bases(), &self.realm)
                             .map(Bytes::from)
@@ -1435,7 +1443,7 @@ impl Gateway {
                                 &answer.body,
                                 // The public base and the upstream's:
                                 // where its paging links may point.
-                                &self.bases.0,
+                                &self.bases.urls,
                                 &Origin::of(&t.claims, patient),
                             );
                         }
@@ -2952,6 +2960,7 @@ fn stage_of(reason: &str) -> &'static str {
         "policy_denied" | "rate_limited" | "rate_limit_unavailable" => "policy",
         "outside_compartment"
         | "outside_scope_filter"
+        | "shared_with_other_patient"
         | "upstream_not_found"
         | "upstream_answer_unchecked"
         | "upstream_answer_too_large" => "check",

@@ -57,7 +57,8 @@ async fn reads_by_id_answer_only_the_context_patients_compartment() {
     for (path, ok) in [
         ("Observation/obs-p1-0", true),
         ("Condition/cond-p1", true),
-        ("Observation/obs-shared", true), // p1 is a performer
+        // p1 is a performer, p2 the subject: p2's too, left out.
+        ("Observation/obs-shared", false),
         ("Observation/obs-moved", true),
         ("Observation/obs-moved/_history/2", true),
         ("Observation/obs-p1-0/_history", true),
@@ -87,12 +88,15 @@ async fn reads_by_id_answer_only_the_context_patients_compartment() {
             );
             let rec = gw.audit_for(&id);
             assert_eq!(rec["decision"], "deny", "{path}: {rec}");
-            assert_eq!(rec["reason"], "outside_compartment", "{path}: {rec}");
+            let why = if path == "Observation/obs-shared" {
+                "shared_with_other_patient"
+            } else {
+                "outside_compartment"
+            };
+            assert_eq!(rec["reason"], why, "{path}: {rec}");
             assert_eq!(rec["upstream_status"], 200, "{path}: {rec}");
         }
-        if path != "Observation/obs-shared" {
-            assert_nothing_of_p2(path, &body);
-        }
+        assert_nothing_of_p2(path, &body);
     }
 
     // Bob's own earlier version, of a resource since moved to Alice (a
@@ -930,12 +934,12 @@ async fn searches_are_narrowed_to_the_context_patient() {
         ["cond-p1"]
     );
 
-    // The (lenient) upstream ignores `performer`: its answer holds every
-    // patient's Observations, so nothing of it is passed on.
-    let (s, body) = get("Observation?performer=Patient/p1").await;
+    // The (lenient) upstream ignores `asserter`: its answer holds every
+    // patient's Conditions, so nothing of it is passed on.
+    let (s, body) = get("Condition?asserter=Patient/p1").await;
     assert_eq!(s, 502, "{body}");
     assert!(body.contains("outside the compartment"), "{body}");
-    assert_nothing_of_p2("Observation?performer", &body);
+    assert_nothing_of_p2("Condition?asserter", &body);
 
     // An include that leaves the compartment (the Practitioner) is left
     // out, as if it did not exist: a refusal would tell that it does.
@@ -1935,14 +1939,15 @@ async fn writes_keep_the_compartment() {
     assert_eq!(s, 404, "{body}");
     assert_eq!(writes("PUT"), puts);
     // A resource shared with another patient (p1 performer, p2 subject)
-    // may be read but not changed or deleted.
+    // is left out (as absent: 404), so neither changed nor deleted; where
+    // shared resources pass (`resources_shared_with_another_patient_…`),
+    // it may be read but not written either (403).
     let mut shared = obs(Some("obs-shared"), "p1");
     shared = shared.replace("\"status\":\"final\"", "\"status\":\"amended\"");
     let (s, body) = send("PUT", "Observation/obs-shared".into(), fhir, shared).await;
-    assert_eq!(s, 403, "{body}");
-    assert!(body.contains("shared with another patient"), "{body}");
+    assert_eq!(s, 404, "{body}");
     let (s, _) = send("DELETE", "Observation/obs-shared".into(), "", String::new()).await;
-    assert_eq!(s, 403);
+    assert_eq!(s, 404);
     assert_eq!(writes("PUT"), puts);
     // A conditional reference would be resolved by the server: refused.
     let sneaky = json!({"resourceType": "Observation", "status": "final",
@@ -2837,4 +2842,118 @@ async fn checked_searches_are_handled_strictly() {
         prefer_seen("strict-5"),
         ["handling=lenient, return=representation"]
     );
+}
+
+/// A resource in the patient's compartment that also names another
+/// Patient there (`obs-shared`: p2's Observation, p1 its performer) is
+/// left out by default — a read is 404, a search and `$everything` pass
+/// without it — and passed with `shared_resources: pass`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_shared_with_another_patient_are_left_out() {
+    let ids = |body: &str| entry_ids(&serde_json::from_str(body).unwrap());
+    for (pass, extra) in [
+        (false, String::new()),
+        (
+            true,
+            "patient_context:\n  shared_resources: pass\n".to_string(),
+        ),
+    ] {
+        let gw = Gateway::start(Options {
+            extra_yaml: extra,
+            ..Options::default()
+        })
+        .await;
+        let p1 = gw.mint("patient/*.rs", Some("p1"));
+        let r = gw.get("Observation/obs-shared", Some(&p1)).await;
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let (s, body) = status_and_body(r).await;
+        if pass {
+            assert_eq!(s, 200, "{body}");
+        } else {
+            assert_eq!(s, 404, "{body}");
+            assert_nothing_of_p2("read", &body);
+            assert_eq!(gw.audit_for(&id)["reason"], "shared_with_other_patient");
+            // Counted under its own reason, not `other` (bounded wait: the
+            // logging phase counts it just after the answer).
+            let line = "fhirwall_request_outcomes_total{reason=\"shared_with_other_patient\"} 1";
+            let mut m = String::new();
+            for _ in 0..50 {
+                m = gw.metrics().await;
+                if m.contains(line) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(m.contains(line), "{m}");
+        }
+        let (s, body) =
+            status_and_body(gw.get("Observation?performer=Patient/p1", Some(&p1)).await).await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(
+            ids(&body).contains(&"obs-shared".to_string()),
+            pass,
+            "{body}"
+        );
+        if !pass {
+            assert_nothing_of_p2("search", &body);
+        }
+        let (s, body) = status_and_body(gw.get("Patient/p1/$everything", Some(&p1)).await).await;
+        assert_eq!(s, 200, "{body}");
+        let got = ids(&body);
+        assert!(got.contains(&"obs-p1-0".to_string()), "{body}");
+        assert_eq!(got.contains(&"obs-shared".to_string()), pass, "{body}");
+        // Paged: every page, as the whole (with 6 a page, the first
+        // is the one left short, its next one holding the Practitioner).
+        for count in [6, 2] {
+            let first = format!("Patient/p1/$everything?_count={count}");
+            let (statuses, paged) = walk_everything(&gw, &first, &p1).await;
+            assert!(
+                statuses.len() > 1 && statuses.iter().all(|s| *s == 200),
+                "{count}: {statuses:?}"
+            );
+            assert_eq!(paged, got, "{count}");
+        }
+        // Whoever's it is, p2 reads its own Observation only when shared
+        // ones pass.
+        let p2 = gw.mint("patient/*.rs", Some("p2"));
+        let s = gw.get("Observation/obs-shared", Some(&p2)).await.status();
+        assert_eq!(s, if pass { 200 } else { 404 });
+        // Written by neither: as absent (404), or, passed, as another
+        // patient's too (403).
+        let writer = gw.mint("patient/*.cruds", Some("p1"));
+        let body = json!({"resourceType": "Observation", "id": "obs-shared",
+            "status": "amended", "code": {"text": "x"},
+            "subject": {"reference": "Patient/p1"}});
+        let r = gw
+            .client
+            .put(format!("{}/Observation/obs-shared", gw.base))
+            .bearer_auth(&writer)
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let (s, text) = status_and_body(r).await;
+        if pass {
+            assert_eq!(s, 403, "{text}");
+            assert!(text.contains("shared with another patient"), "{text}");
+        } else {
+            assert_eq!(s, 404, "{text}");
+        }
+        let r = gw
+            .client
+            .delete(format!("{}/Observation/obs-shared", gw.base))
+            .bearer_auth(&writer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), if pass { 403 } else { 404 });
+        assert!(
+            !gw.upstream
+                .seen()
+                .iter()
+                .any(|s| s.method == "PUT" || s.method == "DELETE"),
+            "a write reached the upstream"
+        );
+    }
 }

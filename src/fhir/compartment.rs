@@ -52,16 +52,44 @@ pub fn is_compartment_type(resource_type: &str) -> bool {
 
 /// How references to the context patient may be spelled: relative
 /// (`Patient/{id}`) or absolute below one of these FHIR base URLs (the
-/// gateway's public base and the upstream's), without a trailing slash.
+/// gateway's public base and the upstream's), without a trailing slash;
+/// and whether a resource also in other patients' compartments counts as
+/// the patient's.
 #[derive(Debug, Clone, Default)]
-pub struct Bases(pub Vec<String>);
+pub struct Bases {
+    pub urls: Vec<String>,
+    pub shared: SharedResources,
+}
+
+/// What becomes, under `patient/` scopes, of a resource in the patient's
+/// compartment that also names another Patient on a compartment path (a
+/// Group listing other members, an Observation of another patient that
+/// this one performed, a Coverage whose subscriber is another patient):
+/// `patient_context.shared_resources`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SharedResources {
+    /// Left out: a read is answered 404, a search or `$everything` passes
+    /// without it.
+    #[default]
+    LeaveOut,
+    /// Passed, as the CompartmentDefinition has it.
+    Pass,
+}
 
 impl Bases {
+    /// `urls`, shared resources left out.
+    pub fn new(urls: Vec<String>) -> Bases {
+        Bases {
+            urls,
+            shared: SharedResources::default(),
+        }
+    }
+
     /// What an absolute `reference` under one of these bases names below
     /// it (`Observation/o1`): below the longest it is under (a public base
     /// at `/` is a prefix of the upstream's base on the same host).
     fn below<'r>(&self, reference: &'r str) -> Option<&'r str> {
-        self.0
+        self.urls
             .iter()
             .filter_map(|b| {
                 reference
@@ -107,6 +135,27 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
         p.paths
             .iter()
             .any(|path| references_at(resource, path, &mut |r| bases.names_patient(r, patient)))
+    })
+}
+
+/// Is `resource` also in another patient's compartment: does it name, on
+/// one of its compartment paths, a Patient other than `Patient/{patient}`
+/// (relative, or an absolute URL to a Patient not under `bases`)? A
+/// Patient is judged by its id alone ([`in_compartment`]): never.
+pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
+    let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
+        return false;
+    };
+    if rtype == "Patient" {
+        return false;
+    }
+    let other = |r: &str| {
+        (r.starts_with("Patient/") || r.contains("/Patient/")) && !bases.names_patient(r, patient)
+    };
+    link_params(rtype).iter().any(|p| {
+        p.paths
+            .iter()
+            .any(|path| references_at(resource, path, &mut |r| other(r)))
     })
 }
 
@@ -270,11 +319,55 @@ pub fn any_at(node: &Value, path: &str, f: &mut dyn FnMut(&Value) -> bool) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources_naming_other_patients() {
+        let bases = Bases::new(vec!["https://gw/fhir".into()]);
+        for (resource, other) in [
+            (
+                json!({"resourceType": "Group", "member": [
+                    {"entity": {"reference": "Patient/p1"}}, {"entity": {"reference": "Patient/p2"}}]}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Group", "member": [{"entity": {"reference": "https://gw/fhir/Patient/p1"}}]}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "performer": [{"reference": "https://elsewhere/fhir/Patient/p1"}]}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "performer": [{"reference": "Practitioner/d1"}]}),
+                false,
+            ),
+            // Not a compartment element: Observation.focus.
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "focus": [{"reference": "Patient/p2"}]}),
+                false,
+            ),
+            // A Patient is judged by its id.
+            (
+                json!({"resourceType": "Patient", "id": "p1",
+                       "link": [{"other": {"reference": "Patient/p2"}}]}),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                names_other_patient(&resource, "p1", &bases),
+                other,
+                "{resource}"
+            );
+        }
+    }
     use crate::fhir::resource_types::RESOURCE_TYPES;
     use serde_json::json;
 
     fn bases() -> Bases {
-        Bases(vec![
+        Bases::new(vec![
             "https://gw.example/fhir".into(),
             "http://legacy:8080/baseR4".into(),
         ])
@@ -408,7 +501,7 @@ mod tests {
     /// host (links built from the forwarded host): the longer decides.
     #[test]
     fn references_below_the_longest_base() {
-        let b = Bases(vec!["https://gw".into(), "https://gw/r4".into()]);
+        let b = Bases::new(vec!["https://gw".into(), "https://gw/r4".into()]);
         assert!(b.names_patient("https://gw/r4/Patient/p1", "p1"));
         assert!(b.names_patient("https://gw/Patient/p1", "p1"));
         assert!(!b.names_patient("https://gw/r4/Patient/p2", "p1"));

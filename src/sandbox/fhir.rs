@@ -231,6 +231,18 @@ impl FhirSandbox {
                 };
                 r["subject"]["reference"] == want.as_str()
             }
+            "performer" => {
+                let want = if v.contains('/') {
+                    v.clone()
+                } else {
+                    format!("Patient/{v}")
+                };
+                r["performer"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["reference"] == want.as_str())
+            }
             "code" => r["code"]["coding"][0]["code"] == v.rsplit('|').next().unwrap_or(v),
             // Token search on category: `code`, `system|code`, OR-ed with `,`.
             "category" => v.split(',').any(|want| {
@@ -327,9 +339,18 @@ impl FhirSandbox {
             .filter(|(k, _)| !k.starts_with("_getpages") && k != "_count" && k != "_bundletype")
             .cloned()
             .collect();
+        let mut by_performer = p.clone();
         p.push(("patient".into(), id.to_string()));
         let mut b = self.search(&["Observation", "Condition"], &p);
         let mut entries = b["entry"].as_array().cloned().unwrap_or_default();
+        // The compartment's other links: what the patient performed.
+        by_performer.push(("performer".into(), format!("Patient/{id}")));
+        let performed = self.search(&["Observation"], &by_performer);
+        for e in performed["entry"].as_array().into_iter().flatten() {
+            if !entries.contains(e) {
+                entries.push(e.clone());
+            }
+        }
         if let Some(r) = self.resources.get(&("Patient".into(), id.to_string())) {
             entries.insert(0, json!({"resource": r}));
         }
