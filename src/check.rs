@@ -746,7 +746,9 @@ fn judge_search_entry(grant: &Grant, e: &Value, bases: &Bases) -> EntryJudgement
 }
 
 /// A Bundle's text without the entries at `drop` (indexes), everything
-/// else byte for byte; `None` if it is not a Bundle with those entries.
+/// else byte for byte — but its `total` when a dropped entry is no
+/// include (a match left out as if absent, which the total would count);
+/// `None` if it is not a Bundle with those entries.
 pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
     let top = json_edit::parse(text)?;
@@ -761,8 +763,20 @@ pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
         .filter(|(i, _)| !drop.contains(i))
         .map(|(_, e)| e.get())
         .collect();
+    let match_dropped = drop.iter().any(|i| {
+        let mode =
+            json_edit::member(entries[*i], "search").and_then(|s| json_edit::member(s, "mode"));
+        mode.and_then(|m| serde_json::from_str::<String>(m.get()).ok())
+            .as_deref()
+            != Some("include")
+    });
     let mut edit = JsonEdit::new(text);
     edit.replace(array, format!("[{}]", kept.join(",")))?;
+    if match_dropped {
+        if let Some(total) = top.get("total") {
+            edit.remove_member("total", total)?;
+        }
+    }
     edit.finish().map(String::into_bytes)
 }
 
@@ -1843,9 +1857,22 @@ mod tests {
         let v: Value = serde_json::from_str(&kept).unwrap();
         assert_eq!(v["entry"].as_array().unwrap().len(), 2);
         assert_eq!(v["link"], json!([]));
+        // Includes only left out: the matches' total stands.
+        assert_eq!(v["total"], 2);
         let all = String::from_utf8(without_entries(text, &[0, 1, 2, 3]).unwrap()).unwrap();
         let v: Value = serde_json::from_str(&all).unwrap();
         assert_eq!(v["entry"], json!([]));
+        // A match left out (as absent): the total, which counts it, goes.
+        assert!(v.get("total").is_none(), "{v}");
+        let one = String::from_utf8(without_entries(text, &[2]).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&one).unwrap();
+        assert!(
+            v.get("total").is_none() && v["entry"].as_array().unwrap().len() == 3,
+            "{v}"
+        );
+        let after = br#"{"entry":[{"resource":{"id":"a"},"search":{"mode":"match"}}],"total":1}"#;
+        let v: Value = serde_json::from_slice(&without_entries(after, &[0]).unwrap()).unwrap();
+        assert_eq!(v, json!({"entry": []}));
         assert!(without_entries(text, &[4]).is_none(), "no such entry");
         assert!(without_entries(b"{\"entry\":{}}", &[0]).is_none());
     }

@@ -2894,6 +2894,9 @@ async fn resources_shared_with_another_patient_are_left_out() {
             pass,
             "{body}"
         );
+        // The total, which counts it, goes with it.
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v.get("total").is_some(), pass, "{body}");
         if !pass {
             assert_nothing_of_p2("search", &body);
         }
