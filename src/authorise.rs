@@ -163,7 +163,7 @@ pub fn authorise(fhir: &FhirRequest, cx: &Context, rules: &Rules) -> Result<Gran
             now: cx.now,
             break_glass: cx.break_glass,
             special_params: &rules.decide.special_params,
-            params: [&[], &[]],
+            request: None,
         };
         for (i, judged) in rules
             .policies

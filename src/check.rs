@@ -294,11 +294,9 @@ pub fn judge_write_body(
         no_conditional_reference(&doc, false, rtype, patient)?;
     }
     match outside_grant(&doc, w.patient.as_deref(), w.filters.as_deref(), bases) {
-        Some(SHARED) => Err(format!(
-            "the {rtype} would also reference another patient on a compartment element; \
-             under the scopes of Patient/{patient} it may reference no other patient there"
-        )),
-        None if w.patient.is_some() && references_other_patient(&doc, patient, bases) => {
+        Some(SHARED) | None
+            if w.patient.is_some() && references_other_patient(&doc, patient, bases) =>
+        {
             Err(format!(
                 "the {rtype} would also reference another patient (or one by identifier \
                  alone) on a compartment element; under the scopes of Patient/{patient} it may \
@@ -1055,7 +1053,8 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
     let mut withheld: Vec<(usize, Value)> = Vec::new();
     // Passed entries whose resource is a Bundle (a search's, a history's),
     // with the entries of it to leave out (includes outside the grant).
-    let mut relinked: Vec<(usize, Vec<usize>, bool)> = Vec::new();
+    // (entry, entries left out, a history, its total to go)
+    let mut relinked: Vec<(usize, Vec<usize>, bool, bool)> = Vec::new();
     for c in checks {
         let (Some(entry), Some(entry_req)) = (entries.get_mut(c.index), req.entries.get(c.index))
         else {
@@ -1069,13 +1068,13 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
                     == Some("Bundle")
                 {
                     let history = entry_req.interaction == Interaction::HistoryInstance;
-                    relinked.push((c.index, Vec::new(), history));
+                    relinked.push((c.index, Vec::new(), history, counts_hidden(&c.check, bases)));
                 }
             }
             // (Only a searchset is trimmed: a Bundle, which must be the
             // entry's resource to be trimmed.)
             Verdict::Trim { entries } if entry.get("resource").is_some() => {
-                relinked.push((c.index, entries, false));
+                relinked.push((c.index, entries, false, counts_hidden(&c.check, bases)));
             }
             verdict => {
                 *entry = refused_entry(verdict);
@@ -1101,7 +1100,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
         }
     }
     // Included resources left out of the entries' searches.
-    let left_out = relinked.iter().map(|(_, drop, _)| drop.len()).sum();
+    let left_out = relinked.iter().map(|(_, drop, _, _)| drop.len()).sum();
     // The answer's own links, its entries' `fullUrl`s and where writes
     // went (`response.location`) point through the gateway too.
     let outer = |text: Vec<u8>| rewrite_links(&text, upstream_bases, public_base).unwrap_or(text);
@@ -1109,7 +1108,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
         return Ok((outer(body.to_vec()), 0));
     }
     // A passed Bundle, trimmed, its links through the gateway.
-    let relink = |resource: &[u8], drop: &[usize], history: bool| -> Option<Vec<u8>> {
+    let relink = |resource: &[u8], drop: &[usize], history: bool, no_total: bool| {
         // A search's entries are written one way whether some were left
         // out or not (`without_entries`): the upstream's spacing between
         // them would tell.
@@ -1117,6 +1116,10 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
             [] if history => without_paging_links(resource),
             [] => without_entries(resource, &[]),
             drop => Some(without_entries(resource, drop)?),
+        };
+        let trimmed = match trimmed {
+            Some(t) if no_total => Some(without_total(&t).unwrap_or(t)),
+            t => t,
         };
         let text = trimmed.as_deref().unwrap_or(resource);
         rewrite_links(text, upstream_bases, public_base)
@@ -1132,9 +1135,9 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
         for (i, entry) in &withheld {
             edit.replace(raw.get(*i)?, entry.to_string())?;
         }
-        for (i, drop, history) in &relinked {
+        for (i, drop, history, no_total) in &relinked {
             let resource = json_edit::member(raw.get(*i)?, "resource")?;
-            let new = relink(resource.get().as_bytes(), drop, *history)?;
+            let new = relink(resource.get().as_bytes(), drop, *history, *no_total)?;
             if new != resource.get().as_bytes() {
                 edit.replace(resource, String::from_utf8(new).ok()?)?;
             }
@@ -1143,7 +1146,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
     };
     let text = spliced().unwrap_or_else(|| {
         if let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) {
-            for (i, drop, history) in &relinked {
+            for (i, drop, history, no_total) in &relinked {
                 let Some(resource) = entries.get_mut(*i).and_then(|e| e.get_mut("resource")) else {
                     continue;
                 };
@@ -1154,7 +1157,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
                         !drop.contains(&(at - 1))
                     });
                 }
-                if let Some(new) = relink(resource.to_string().as_bytes(), &[], *history)
+                if let Some(new) = relink(resource.to_string().as_bytes(), &[], *history, *no_total)
                     .and_then(|n| serde_json::from_slice(&n).ok())
                 {
                     *resource = new;
@@ -1164,6 +1167,33 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
         doc.to_string().into_bytes()
     });
     Ok((outer(text), left_out))
+}
+
+/// Whether the answer to a search or `$everything` checked by `check` may
+/// count matches left out as if absent in its `total`: resources also in
+/// another patient's compartment, left out under a patient's grant
+/// (`patient_context.shared_resources: leave_out`) on any page. Its total
+/// then goes, on every page.
+pub fn counts_hidden(check: &ResponseCheck, bases: &Bases) -> bool {
+    bases.shared == SharedResources::LeaveOut
+        && matches!(
+            check,
+            ResponseCheck::Search {
+                patient: Some(_),
+                ..
+            } | ResponseCheck::Everything { .. }
+        )
+}
+
+/// A Bundle's text without its `total`; `None` when it has none (or is
+/// not JSON fhirwall can edit).
+pub fn without_total(body: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let top = json_edit::parse(text)?;
+    let total = top.get("total")?;
+    let mut edit = JsonEdit::new(text);
+    edit.remove_member("total", total)?;
+    edit.finish().map(String::into_bytes)
 }
 
 /// The code of a Bundle entry's `response.status` (`201` of "201 Created").

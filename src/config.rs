@@ -3181,8 +3181,20 @@ fn special_param_problem(name: &str, before: &[String]) -> Option<String> {
              it cannot be passed as reaching nothing"
         ));
     }
-    if crate::decide::KNOWN_SPECIAL_PARAMS.contains(&name) {
-        return Some(format!("'{name}' is already known to fhirwall; remove it"));
+    // Known in another case: fhirwall's own checks of it (what a checked
+    // read takes, say) match its exact spelling only.
+    if let Some(known) = crate::decide::KNOWN_SPECIAL_PARAMS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(name))
+    {
+        return Some(if *known == name {
+            format!("'{name}' is already known to fhirwall; remove it")
+        } else {
+            format!(
+                "'{name}' is {known} in another case, which fhirwall judges by its exact \
+                 spelling; a server matching it whatever its case would read it as {known}"
+            )
+        });
     }
     if before.iter().any(|b| b == name) {
         return Some(format!("'{name}' is listed twice"));
@@ -4368,7 +4380,7 @@ admin:
         );
         assert_eq!(with("[]").unwrap(), Vec::<String>::new());
         let p =
-            with("[skip, _, '_a:b', _a.b, _INCLUDE, _Has, _mdm, _sort, _getpages, _count, _x, _x]")
+            with("[skip, _, '_a:b', _a.b, _INCLUDE, _Has, _mdm, _sort, _getpages, _count, _x, _x, _Elements]")
                 .unwrap_err();
         let want = [
             ("[0]", "not a parameter name"),
@@ -4382,6 +4394,7 @@ admin:
             ("[8]", "is _getpages, which reaches"),
             ("[9]", "already known"),
             ("[11]", "listed twice"),
+            ("[12]", "is _elements in another case"),
         ];
         assert_eq!(p.len(), want.len(), "{p:#?}");
         for (p, (at, says)) in p.iter().zip(want) {

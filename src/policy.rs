@@ -229,9 +229,11 @@ pub struct PolicyInput<'a> {
     /// The upstream's own `_` parameters that reach nothing
     /// (`upstream.special_params`).
     pub special_params: &'a [String],
-    /// The request's parameters, and its conditional create's
-    /// (`If-None-Exist`), for `when.param`; none for a type it reaches.
-    pub params: [&'a [(String, String)]; 2],
+    /// The request (or Bundle entry) whose parameters `when.param` reads:
+    /// its query and form body's, its conditional create's
+    /// (`If-None-Exist`), its written conditional references'; `None` for
+    /// a type it reaches.
+    pub request: Option<&'a crate::fhir::classify::FhirRequest>,
 }
 
 /// A verdict, and for an allowed stored page the resource types its
@@ -453,14 +455,15 @@ impl PolicySet {
                 let plain = !name.is_empty()
                     && name
                         .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
                 if !plain {
                     p(
                         "when.param",
                         format!(
-                            "'{name}' is not a parameter name (letters, digits, '_', '-', '.'); \
-                             name it without a modifier or value ('_include', not \
-                             '_include:iterate'), or the rule never holds"
+                            "'{name}' is not a parameter name (letters, digits, '_', '-'); \
+                             name it without a modifier, chain or value ('_include', not \
+                             '_include:iterate'; 'subject', not 'subject.name'), or the rule \
+                             never holds"
                         ),
                     );
                 }
@@ -571,7 +574,7 @@ impl PolicySet {
                     resource_type: r.resource_type.as_deref(),
                     operation: r.operation.as_ref().map(|(n, _)| n.as_str()),
                     path: &r.path,
-                    params: [&r.params, &r.condition],
+                    request: Some(r),
                     ..*base
                 };
                 if page && i == 0 {
@@ -580,9 +583,12 @@ impl PolicySet {
                     // A Bundle entry's answer is not trimmed by type: a
                     // page that may hold a refused type is refused. Page
                     // entries alike to the rules are judged once.
+                    // (Alike: the same path and parameter names, which
+                    // `when.param` reads.)
+                    let names: Vec<&str> = r.params.iter().map(|(n, _)| n.as_str()).collect();
                     let mut judged = page_entries
                         .borrow_mut()
-                        .entry((input.interaction, input.path))
+                        .entry((input.interaction, input.path, names))
                         .or_insert_with(|| self.evaluate_page(&input))
                         .clone();
                     if !judged.refused_types.is_empty() {
@@ -808,7 +814,7 @@ impl PolicySet {
             .filter(|r| {
                 r.when.interaction.iter().any(|i| i == input.interaction)
                     || r.when.path.iter().any(|p| path_matches(p, input.path))
-                    || !r.when.param.is_empty() && carries_param(&r.when.param, input.params)
+                    || !r.when.param.is_empty() && carries_param(&r.when.param, input.request)
             })
             .cloned()
             .collect();
@@ -1006,18 +1012,29 @@ fn as_direct<'a>(input: &PolicyInput<'a>, interaction: &'a str, t: &'a str) -> P
         resource_type: Some(t),
         operation: None,
         path: t,
-        params: [&[], &[]],
+        request: None,
         ..*input
     }
 }
 
-/// Whether any of `params` is named one of `names` (ASCII case ignored:
-/// a server may read `_EXPUNGE` as `_expunge`), its modifier aside.
-fn carries_param(names: &[String], params: [&[(String, String)]; 2]) -> bool {
-    params.iter().flat_map(|p| p.iter()).any(|(n, _)| {
-        let base = n.split(':').next().unwrap_or(n);
-        names.iter().any(|x| x.eq_ignore_ascii_case(base))
-    })
+/// Whether any parameter of `request` is named one of `names` (ASCII
+/// case ignored: a server may read `_EXPUNGE` as `_expunge`), its
+/// modifier or chain aside.
+fn carries_param(names: &[String], request: Option<&crate::fhir::classify::FhirRequest>) -> bool {
+    let Some(r) = request else {
+        return false;
+    };
+    let searches = r.reference_searches.iter().map(|s| s.params.as_slice());
+    [r.params.as_slice(), r.condition.as_slice()]
+        .into_iter()
+        .chain(searches)
+        .flatten()
+        .any(|(n, _)| {
+            // Without its modifier or chain (`subject:Patient.name`,
+            // `subject.name`: a search on `subject`).
+            let base = n.split([':', '.']).next().unwrap_or(n);
+            names.iter().any(|x| x.eq_ignore_ascii_case(base))
+        })
 }
 
 /// Adds `more` to `limits` and `broke_glass`, each rule once.
@@ -1184,7 +1201,7 @@ impl Rule {
                 .iter()
                 .all(|(name, values)| claim_matches(i.claims, name, values))
             && (w.path.is_empty() || w.path.iter().any(|p| path_matches(p, i.path)))
-            && (w.param.is_empty() || carries_param(&w.param, i.params))
+            && (w.param.is_empty() || carries_param(&w.param, i.request))
             && (self.sources.is_empty()
                 || i.source
                     .is_some_and(|ip| self.sources.iter().any(|c| in_cidr(ip, *c))))
@@ -1340,7 +1357,7 @@ mod tests {
             now: WED_1430,
             break_glass: None,
             special_params: &[],
-            params: [&[], &[]],
+            request: None,
         }
     }
 
@@ -2139,6 +2156,9 @@ mod tests {
   - {name: no-erasing, effect: deny, when: {interaction: [delete], param: [_expunge, _hardDelete]}}
   - {name: no-includes-of-conditions, effect: deny, when: {resource_type: [Condition], param: [_include]}}
   - {name: no-paging, effect: deny, when: {param: [_getpages]}}
+  - {name: no-late-pages, effect: deny, when: {param: [_getpagesoffset]}}
+  - {name: no-has, effect: deny, when: {param: [_has]}}
+  - {name: no-organization-chains, effect: deny, when: {resource_type: [Patient], param: [organization]}}
 ");
         let verdict = |fhir: &crate::fhir::classify::FhirRequest, at: usize| match rules
             .evaluate_each(&base, fhir)
@@ -2175,6 +2195,17 @@ mod tests {
                 None,
             ),
             ("GET", "?_getpages=abc", Some("no-paging")),
+            // A chain is a search on its first parameter.
+            (
+                "GET",
+                "Patient?organization.name=x",
+                Some("no-organization-chains"),
+            ),
+            (
+                "GET",
+                "Patient?organization:Organization.name=x",
+                Some("no-organization-chains"),
+            ),
         ] {
             let got = verdict(&request(method, url), 0);
             let want = by.map(|b| format!("t.yaml#{b}"));
@@ -2187,6 +2218,30 @@ mod tests {
             "t.yaml#no-includes-of-conditions"
         );
         assert!(verdict(&entries, 2).is_ok());
+        // Stored pages in a Bundle, alike but for their parameters: each
+        // judged with its own.
+        let pages = batch_of(&["?_getpages=abc", "?_getpages=abc&_getpagesoffset=500"]);
+        let rules_on_pages = set("rules:
+  - {name: no-late-pages, effect: deny, when: {param: [_getpagesoffset]}}
+");
+        let judged = rules_on_pages.evaluate_each(&base, &pages);
+        assert!(
+            matches!(judged[1].verdict, Verdict::Allow { .. }),
+            "{judged:?}"
+        );
+        assert!(
+            matches!(&judged[2].verdict, Verdict::Deny { by, .. } if by == "t.yaml#no-late-pages"),
+            "{judged:?}"
+        );
+        // The searches a written conditional reference makes.
+        let mut write = request("POST", "Observation");
+        write.reference_searches = crate::fhir::classify::written_references(
+            &json!({"resourceType": "Observation",
+                    "subject": {"reference": "Patient?_has:Condition:subject:code=x"}}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(verdict(&write, 0).unwrap_err(), "t.yaml#no-has");
         // A conditional create's search.
         use crate::fhir::classify::{classify, HttpRequest};
         let create = classify(HttpRequest {
@@ -2205,11 +2260,11 @@ mod tests {
         let problems = bad.add_file(
             "b.yaml",
             &parse_file(
-                "rules:\n  - {name: a, effect: deny, when: {param: ['_include:iterate', 'a=b', '']}}\n",
+                "rules:\n  - {name: a, effect: deny, when: {param: ['_include:iterate', 'a=b', '', subject.name]}}\n",
             )
             .unwrap(),
         );
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems.iter().all(|p| p.1 == "when.param"), "{problems:?}");
     }
 

@@ -1488,6 +1488,14 @@ impl Gateway {
                 return self.refuse(session, ctx, denial).await;
             }
         };
+        // Matches left out as if absent (on this page or another) would
+        // be counted by the total: it goes.
+        let body = match &ctx.check {
+            Some(c) if crate::check::counts_hidden(c, &self.bases) => {
+                crate::check::without_total(&body).map_or(body, Bytes::from)
+            }
+            _ => body,
+        };
         // Matches too large to check were let go unjudged (they could be
         // anyone's). A search that brings its matches only, narrowed to
         // the caller's, says so: its page is short. One that may bring

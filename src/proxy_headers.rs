@@ -268,24 +268,28 @@ pub fn connection_names_read_header(connection_tokens: &[String]) -> Option<&str
         .map(String::as_str)
 }
 
-/// The `Prefer` value for a search whose answer fhirwall checks: the
-/// client's preferences (every `Prefer` line) but `handling`, then
-/// `handling=strict` (RFC 7240; FHIR's search handling). A server told to
-/// be lenient (Microsoft's default) drops a search parameter it does not
-/// support, the narrowing fhirwall added too, and answers with what the
-/// narrowing would have left out: its entries are then checked away,
-/// but its `total` counts every patient's matches. Strict, it refuses.
+/// The `Prefer` value for a search whose answer fhirwall checks:
+/// `handling=strict` first (RFC 7240; FHIR's search handling), then the
+/// client's plain preferences (every `Prefer` line): none that mentions
+/// `handling` anywhere (`return=minimal;handling=lenient`) or holds a
+/// quote (which a parser honouring quotes could let swallow what
+/// follows). First, on the one line: Microsoft's server reads the line
+/// that starts with `handling=`. A server told to be lenient (Microsoft's
+/// default) drops a search parameter it does not support, the narrowing
+/// fhirwall added too, and answers with what the narrowing would have
+/// left out: its entries are then checked away, but its `total` counts
+/// every patient's matches. Strict, it refuses.
 pub fn strict_handling<'a>(values: impl Iterator<Item = &'a [u8]>) -> String {
-    let mut kept: Vec<&str> = values
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| {
-            let token = p.split(['=', ';']).next().unwrap_or("").trim();
-            !p.is_empty() && !token.eq_ignore_ascii_case("handling")
-        })
-        .collect();
-    kept.push("handling=strict");
+    let mut kept: Vec<&str> = vec!["handling=strict"];
+    kept.extend(
+        values
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| {
+                !p.is_empty() && !p.contains('"') && !p.to_ascii_lowercase().contains("handling")
+            }),
+    );
     kept.join(", ")
 }
 
@@ -303,11 +307,16 @@ mod tests {
                     "return=minimal, Handling = lenient",
                     "respond-async; wait=10",
                 ][..],
-                "return=minimal, respond-async; wait=10, handling=strict",
+                "handling=strict, return=minimal, respond-async; wait=10",
             ),
             (
                 &["handling;x=1, , return=representation"][..],
-                "return=representation, handling=strict",
+                "handling=strict, return=representation",
+            ),
+            // Smuggled in a parameter, or behind a quote: dropped.
+            (
+                &["return=minimal;handling=lenient, x=\"", "wait=5"][..],
+                "handling=strict, wait=5",
             ),
         ] {
             assert_eq!(

@@ -140,8 +140,13 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
 
 /// Is `resource` also in another patient's compartment: does it name, on
 /// one of its compartment paths, a Patient other than `Patient/{patient}`
-/// (relative, or an absolute URL to a Patient not under `bases`)? A
-/// Patient is judged by its id alone ([`in_compartment`]): never.
+/// — relative, an absolute URL to a Patient not under `bases`, a
+/// contained Patient (`#x`), or one by identifier alone (no `reference`)
+/// where that can only be a Patient (`type: Patient`, or a parameter
+/// whose every path holds Patients)? A Patient is judged by its id alone
+/// ([`in_compartment`]): never. (A write is held to more:
+/// [`references_other_patient`] counts any reference by identifier alone
+/// on a compartment path.)
 pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
     let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
         return false;
@@ -149,13 +154,36 @@ pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bo
     if rtype == "Patient" {
         return false;
     }
-    let other = |r: &str| {
-        (r.starts_with("Patient/") || r.contains("/Patient/")) && !bases.names_patient(r, patient)
+    let contained_patient = |id: &str| {
+        resource
+            .get("contained")
+            .and_then(Value::as_array)
+            .is_some_and(|c| {
+                c.iter().any(|x| {
+                    x.get("resourceType").and_then(Value::as_str) == Some("Patient")
+                        && x.get("id").and_then(Value::as_str) == Some(id)
+                })
+            })
+    };
+    let other = |r: &str| match r.strip_prefix('#') {
+        Some(id) => contained_patient(id),
+        None => {
+            (r.starts_with("Patient/") || r.contains("/Patient/"))
+                && !bases.names_patient(r, patient)
+        }
     };
     link_params(rtype).iter().any(|p| {
-        p.paths
-            .iter()
-            .any(|path| references_at(resource, path, &mut |r| other(r)))
+        let logical = |v: &Value| {
+            v.get("reference")
+                .and_then(Value::as_str)
+                .is_none_or(|r| r.trim().is_empty())
+                && v.get("identifier").is_some()
+                && (p.patient_only || v.get("type").and_then(Value::as_str) == Some("Patient"))
+        };
+        p.paths.iter().any(|path| {
+            references_at(resource, path, &mut |r| other(r))
+                || any_at(resource, path, &mut |v| logical(v))
+        })
     })
 }
 
@@ -348,6 +376,23 @@ mod tests {
                 json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
                        "focus": [{"reference": "Patient/p2"}]}),
                 false,
+            ),
+            // Another patient by identifier alone, or contained.
+            (
+                json!({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/p1"}},
+                    {"entity": {"type": "Patient", "identifier": {"system": "urn:mrn", "value": "2"}}}]}),
+                true,
+            ),
+            (
+                json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+                       "performer": [{"identifier": {"system": "urn:npi", "value": "9"}}]}),
+                false,
+            ),
+            (
+                json!({"resourceType": "Observation", "performer": [{"reference": "Patient/p1"}],
+                       "contained": [{"resourceType": "Patient", "id": "x"}],
+                       "subject": {"reference": "#x"}}),
+                true,
             ),
             // A Patient is judged by its id.
             (
