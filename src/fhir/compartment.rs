@@ -148,12 +148,37 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
 /// [`references_other_patient`] counts any reference by identifier alone
 /// on a compartment path.)
 pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
+    resource.get("resourceType").and_then(Value::as_str) != Some("Patient")
+        && other_patient_on_paths(resource, patient, bases, &|p, v| {
+            p.patient_only || v.get("type").and_then(Value::as_str) == Some("Patient")
+        })
+}
+
+/// Does `resource` reference, on one of its compartment paths, a Patient
+/// other than `Patient/{patient}` (relative, or under one of `bases`, or
+/// any absolute URL to a Patient), or anyone by identifier alone (a
+/// logical reference, which fhirwall cannot tie to a record and readers
+/// may resolve to another patient's)? A resource written under a
+/// patient's scopes must not also land in another patient's compartment.
+pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
+    other_patient_on_paths(resource, patient, bases, &|_, _| true)
+}
+
+/// Whether one of `resource`'s compartment paths references a Patient
+/// other than `Patient/{patient}`: relative, an absolute URL to a Patient
+/// not under `bases`, or a contained Patient (`#x`: no record fhirwall
+/// can tie to this patient; readers may resolve it, by its identifier, to
+/// another's); or holds a reference by identifier alone that
+/// `logical_counts` (given the parameter and the reference) counts.
+fn other_patient_on_paths(
+    resource: &Value,
+    patient: &str,
+    bases: &Bases,
+    logical_counts: &dyn Fn(&LinkParam, &Value) -> bool,
+) -> bool {
     let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
         return false;
     };
-    if rtype == "Patient" {
-        return false;
-    }
     let contained_patient = |id: &str| {
         resource
             .get("contained")
@@ -172,50 +197,6 @@ pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bo
                 && !bases.names_patient(r, patient)
         }
     };
-    link_params(rtype).iter().any(|p| {
-        let logical = |v: &Value| {
-            v.get("reference")
-                .and_then(Value::as_str)
-                .is_none_or(|r| r.trim().is_empty())
-                && v.get("identifier").is_some()
-                && (p.patient_only || v.get("type").and_then(Value::as_str) == Some("Patient"))
-        };
-        p.paths.iter().any(|path| {
-            references_at(resource, path, &mut |r| other(r))
-                || any_at(resource, path, &mut |v| logical(v))
-        })
-    })
-}
-
-/// Does `resource` reference, on one of its compartment paths, a Patient
-/// other than `Patient/{patient}` (relative, or under one of `bases`, or
-/// any absolute URL to a Patient), or anyone by identifier alone (a
-/// logical reference, which fhirwall cannot tie to a record and readers
-/// may resolve to another patient's)? A resource written under a
-/// patient's scopes must not also land in another patient's compartment.
-pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
-    let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
-        return false;
-    };
-    // A contained Patient (`#x`) is no record fhirwall can tie to this
-    // patient: readers may resolve it, by its identifier, to another's.
-    let contained_patient = |r: &str| {
-        r.strip_prefix('#').is_some_and(|id| {
-            resource
-                .get("contained")
-                .and_then(Value::as_array)
-                .is_some_and(|c| {
-                    c.iter().any(|x| {
-                        x.get("resourceType").and_then(Value::as_str) == Some("Patient")
-                            && x.get("id").and_then(Value::as_str) == Some(id)
-                    })
-                })
-        })
-    };
-    let other = |r: &str| {
-        let names_patient = r.starts_with("Patient/") || r.contains("/Patient/");
-        names_patient && !bases.names_patient(r, patient) || contained_patient(r)
-    };
     // A `reference` of null or blank text is no reference: HAPI parses
     // `{"reference": null}` as an empty one, and keeps the identifier.
     let logical = |v: &Value| {
@@ -227,7 +208,7 @@ pub fn references_other_patient(resource: &Value, patient: &str, bases: &Bases) 
     link_params(rtype).iter().any(|p| {
         p.paths.iter().any(|path| {
             references_at(resource, path, &mut |r| other(r))
-                || any_at(resource, path, &mut |v| logical(v))
+                || any_at(resource, path, &mut |v| logical(v) && logical_counts(p, v))
         })
     })
 }
