@@ -556,16 +556,33 @@ pub fn brings_only_matches(req: &FhirRequest) -> bool {
 /// A searchset (its text) with a warning entry at the end of its
 /// entries (`search.mode: outcome`, an OperationOutcome with issue
 /// `incomplete`): `left_out` matches were too large to check and are not
-/// in it. `None` if it is not a Bundle with an `entry` array.
+/// in it (its only entry when none is left). `None` if it is not a
+/// Bundle whose `entry`, when it has one, is an array.
 pub fn with_left_out_warning(body: &[u8], left_out: usize) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
     let top = json_edit::parse(text)?;
-    let array = top.get("entry")?;
+    let Some(array) = top.get("entry") else {
+        // Every entry left out (and with them the array): the warning
+        // alone.
+        let mut doc: Value = serde_json::from_slice(body).ok()?;
+        let warning = left_out_warning(left_out);
+        doc.as_object_mut()?
+            .insert("entry".into(), Value::Array(vec![warning]));
+        return Some(doc.to_string().into_bytes());
+    };
     let mut entries: Vec<String> = json_edit::elements(array)?
         .iter()
         .map(|e| e.get().to_string())
         .collect();
-    let warning = serde_json::json!({
+    entries.push(left_out_warning(left_out).to_string());
+    let mut edit = JsonEdit::new(text);
+    edit.replace(array, format!("[{}]", entries.join(",")))?;
+    edit.finish().map(String::into_bytes)
+}
+
+/// The warning entry [`with_left_out_warning`] adds.
+fn left_out_warning(left_out: usize) -> Value {
+    serde_json::json!({
         "search": {"mode": "outcome"},
         "resource": {
             "resourceType": "OperationOutcome",
@@ -580,11 +597,7 @@ pub fn with_left_out_warning(body: &[u8], left_out: usize) -> Option<Vec<u8>> {
                 )
             }]
         }
-    });
-    entries.push(warning.to_string());
-    let mut edit = JsonEdit::new(text);
-    edit.replace(array, format!("[{}]", entries.join(",")))?;
-    edit.finish().map(String::into_bytes)
+    })
 }
 
 /// Whether one entry (its JSON text) of the answer to a search checked by
@@ -745,8 +758,9 @@ fn judge_search_entry(grant: &Grant, e: &Value, bases: &Bases) -> EntryJudgement
 
 /// A Bundle's text without the entries at `drop` (indexes), everything
 /// else byte for byte — but its `total` when a dropped entry is no
-/// include (a match left out as if absent, which the total would count);
-/// `None` if it is not a Bundle with those entries.
+/// include (a match left out as if absent, which the total would count),
+/// and its `entry` when none is left (an empty array, which no server
+/// writes, would tell); `None` if it is not a Bundle with those entries.
 pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(body).ok()?;
     let top = json_edit::parse(text)?;
@@ -768,14 +782,41 @@ pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
             .as_deref()
             != Some("include")
     });
-    let mut edit = JsonEdit::new(text);
-    edit.replace(array, format!("[{}]", kept.join(",")))?;
-    if match_dropped {
-        if let Some(total) = top.get("total") {
-            edit.remove_member("total", total)?;
+    let spliced = || {
+        let mut edit = JsonEdit::new(text);
+        // No entry left: none at all, as a server writes a page without
+        // matches (an empty array would tell that some were left out).
+        if kept.is_empty() {
+            edit.remove_member("entry", array)?;
+        } else {
+            edit.replace(array, format!("[{}]", kept.join(",")))?;
         }
-    }
-    edit.finish().map(String::into_bytes)
+        if match_dropped {
+            if let Some(total) = top.get("total") {
+                edit.remove_member("total", total)?;
+            }
+        }
+        edit.finish().map(String::into_bytes)
+    };
+    spliced().or_else(|| {
+        // Edits the text cannot take (two members side by side at the
+        // start, a key spelt with escapes): from the tree.
+        let mut doc: Value = serde_json::from_slice(body).ok()?;
+        let obj = doc.as_object_mut()?;
+        let mut at = 0;
+        let list = obj.get_mut("entry")?.as_array_mut()?;
+        list.retain(|_| {
+            at += 1;
+            !drop.contains(&(at - 1))
+        });
+        if list.is_empty() {
+            obj.remove("entry");
+        }
+        if match_dropped {
+            obj.remove("total");
+        }
+        Some(doc.to_string().into_bytes())
+    })
 }
 
 /// The batch/transaction body with each checked entry's `request.url`
@@ -1119,6 +1160,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
         };
         let trimmed = match trimmed {
             Some(t) if no_total => Some(without_total(&t).unwrap_or(t)),
+            None if no_total => without_total(resource),
             t => t,
         };
         let text = trimmed.as_deref().unwrap_or(resource);
@@ -1188,12 +1230,19 @@ pub fn counts_hidden(check: &ResponseCheck, bases: &Bases) -> bool {
 /// A Bundle's text without its `total`; `None` when it has none (or is
 /// not JSON fhirwall can edit).
 pub fn without_total(body: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(body).ok()?;
-    let top = json_edit::parse(text)?;
-    let total = top.get("total")?;
-    let mut edit = JsonEdit::new(text);
-    edit.remove_member("total", total)?;
-    edit.finish().map(String::into_bytes)
+    let spliced = || {
+        let text = std::str::from_utf8(body).ok()?;
+        let top = json_edit::parse(text)?;
+        let mut edit = JsonEdit::new(text);
+        edit.remove_member("total", top.get("total")?)?;
+        edit.finish().map(String::into_bytes)
+    };
+    spliced().or_else(|| {
+        // A key the text spells otherwise (`"tot\u0061l"`): from the tree.
+        let mut doc: Value = serde_json::from_slice(body).ok()?;
+        doc.as_object_mut()?.remove("total")?;
+        Some(doc.to_string().into_bytes())
+    })
 }
 
 /// The code of a Bundle entry's `response.status` (`201` of "201 Created").
@@ -1891,7 +1940,9 @@ mod tests {
         assert_eq!(v["total"], 2);
         let all = String::from_utf8(without_entries(text, &[0, 1, 2, 3]).unwrap()).unwrap();
         let v: Value = serde_json::from_str(&all).unwrap();
-        assert_eq!(v["entry"], json!([]));
+        // None left: no entry at all, as a server writes a page without
+        // matches.
+        assert!(v.get("entry").is_none(), "{v}");
         // A match left out (as absent): the total, which counts it, goes.
         assert!(v.get("total").is_none(), "{v}");
         let one = String::from_utf8(without_entries(text, &[2]).unwrap()).unwrap();
@@ -1902,7 +1953,20 @@ mod tests {
         );
         let after = br#"{"entry":[{"resource":{"id":"a"},"search":{"mode":"match"}}],"total":1}"#;
         let v: Value = serde_json::from_slice(&without_entries(after, &[0]).unwrap()).unwrap();
-        assert_eq!(v, json!({"entry": []}));
+        assert_eq!(v, json!({}));
+        // An empty array as the upstream wrote it is written alike.
+        let empty = br#"{"resourceType":"Bundle","entry":[ ],"total":0}"#;
+        let v: Value = serde_json::from_slice(&entries_written_one_way(empty)).unwrap();
+        assert_eq!(v, json!({"resourceType": "Bundle", "total": 0}));
+        // A total however spelt goes.
+        let escaped = br#"{"resourceType":"Bundle","tot\u0061l":3}"#;
+        let v: Value = serde_json::from_slice(&without_total(escaped).unwrap()).unwrap();
+        assert_eq!(v, json!({"resourceType": "Bundle"}));
+        assert!(without_total(br#"{"resourceType":"Bundle"}"#).is_none());
+        // Every entry left out as too large: the warning alone.
+        let warned = with_left_out_warning(br#"{"resourceType":"Bundle"}"#, 2).unwrap();
+        let v: Value = serde_json::from_slice(&warned).unwrap();
+        assert_eq!(v["entry"][0]["search"]["mode"], "outcome", "{v}");
         assert!(without_entries(text, &[4]).is_none(), "no such entry");
         assert!(without_entries(b"{\"entry\":{}}", &[0]).is_none());
     }
@@ -2481,6 +2545,13 @@ mod tests {
         assert!(!out.contains("http://up:9"), "{out}");
         // The other entries as the upstream wrote them.
         assert!(out.contains(r#"{"value":5.10}"#), "{out}");
+        // A total of 0 (`_summary=count`, nothing visible matched) goes too
+        // where shared resources are left out: it would tell them from
+        // none.
+        let zero = text.replace(r#""total":5"#, r#""total":0"#);
+        let out = passed_bundle_answer(&checks, &b, &zero);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert!(v["entry"][0]["resource"].get("total").is_none(), "{out}");
 
         // An include outside the compartment is left out of the entry's
         // search, the rest of it kept.

@@ -1447,9 +1447,12 @@ impl Gateway {
                                 &Origin::of(&t.claims, patient),
                             );
                         }
-                        rewrite_links(&answer.body, self.upstream_bases(), &self.realm)
+                        // Written one way, as a trimmed one is (the
+                        // upstream's spacing would tell).
+                        let body = crate::check::entries_written_one_way(&answer.body);
+                        rewrite_links(&body, self.upstream_bases(), &self.realm)
                             .map(Bytes::from)
-                            .unwrap_or(answer.body.clone())
+                            .unwrap_or_else(|| Bytes::from(body))
                     }
                     ResponseCheck::Resource { .. }
                         if fhir.interaction != Interaction::HistoryInstance =>

@@ -2898,6 +2898,8 @@ async fn resources_shared_with_another_patient_are_left_out() {
         // inside a batch as well.
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v.get("total").is_some(), pass, "{body}");
+        // Nothing left: no entry at all, as an answer without matches.
+        assert_eq!(v.get("entry").is_some(), pass, "{body}");
         let (s, body) = status_and_body(gw.get("Observation?patient=p1", Some(&p1)).await).await;
         assert_eq!(s, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();

@@ -142,15 +142,14 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
 /// one of its compartment paths, a Patient other than `Patient/{patient}`
 /// — relative, an absolute URL to a Patient not under `bases`, a
 /// contained Patient (`#x`), or one by identifier alone (no `reference`)
-/// where that can only be a Patient (`type: Patient`, or a parameter
-/// whose every path holds Patients)? A Patient is judged by its id alone
+/// that says it is a Patient's (`type: Patient`)? A Patient is judged by its id alone
 /// ([`in_compartment`]): never. (A write is held to more:
 /// [`references_other_patient`] counts any reference by identifier alone
 /// on a compartment path.)
 pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
     resource.get("resourceType").and_then(Value::as_str) != Some("Patient")
-        && other_patient_on_paths(resource, patient, bases, &|p, v| {
-            p.patient_only || v.get("type").and_then(Value::as_str) == Some("Patient")
+        && other_patient_on_paths(resource, patient, bases, &|_, v| {
+            v.get("type").and_then(Value::as_str) == Some("Patient")
         })
 }
 
