@@ -791,16 +791,10 @@ pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
         } else {
             edit.replace(array, format!("[{}]", kept.join(",")))?;
         }
-        if match_dropped {
-            if let Some(total) = top.get("total") {
-                edit.remove_member("total", total)?;
-            }
-        }
         edit.finish().map(String::into_bytes)
     };
-    spliced().or_else(|| {
-        // Edits the text cannot take (two members side by side at the
-        // start, a key spelt with escapes): from the tree.
+    let out = spliced().or_else(|| {
+        // An `entry` key the text spells with escapes: from the tree.
         let mut doc: Value = serde_json::from_slice(body).ok()?;
         let obj = doc.as_object_mut()?;
         let mut at = 0;
@@ -812,10 +806,14 @@ pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
         if list.is_empty() {
             obj.remove("entry");
         }
-        if match_dropped {
-            obj.remove("total");
-        }
         Some(doc.to_string().into_bytes())
+    })?;
+    // The total, in a second pass over what is left: removed with the
+    // entries in one, side by side at the start, the two edits would
+    // overlap (and the page, rewritten from the tree, tell).
+    Some(match match_dropped {
+        true => without_total(&out).unwrap_or(out),
+        false => out,
     })
 }
 
@@ -1230,19 +1228,20 @@ pub fn counts_hidden(check: &ResponseCheck, bases: &Bases) -> bool {
 /// A Bundle's text without its `total`; `None` when it has none (or is
 /// not JSON fhirwall can edit).
 pub fn without_total(body: &[u8]) -> Option<Vec<u8>> {
-    let spliced = || {
-        let text = std::str::from_utf8(body).ok()?;
-        let top = json_edit::parse(text)?;
-        let mut edit = JsonEdit::new(text);
-        edit.remove_member("total", top.get("total")?)?;
-        edit.finish().map(String::into_bytes)
-    };
-    spliced().or_else(|| {
-        // A key the text spells otherwise (`"tot\u0061l"`): from the tree.
-        let mut doc: Value = serde_json::from_slice(body).ok()?;
-        doc.as_object_mut()?.remove("total")?;
-        Some(doc.to_string().into_bytes())
-    })
+    let text = std::str::from_utf8(body).ok()?;
+    // Keys decoded: no total here is none however spelt.
+    let top = json_edit::parse(text)?;
+    let total = top.get("total")?;
+    let mut edit = JsonEdit::new(text);
+    if edit.remove_member("total", total).is_some() {
+        if let Some(out) = edit.finish() {
+            return Some(out.into_bytes());
+        }
+    }
+    // A key the text spells otherwise (`"tot\u0061l"`): from the tree.
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    doc.as_object_mut()?.remove("total")?;
+    Some(doc.to_string().into_bytes())
 }
 
 /// The code of a Bundle entry's `response.status` (`201` of "201 Created").
@@ -1954,6 +1953,13 @@ mod tests {
         let after = br#"{"entry":[{"resource":{"id":"a"},"search":{"mode":"match"}}],"total":1}"#;
         let v: Value = serde_json::from_slice(&without_entries(after, &[0]).unwrap()).unwrap();
         assert_eq!(v, json!({}));
+        // Side by side at the start, both go in two passes over the text:
+        // the rest as the upstream wrote it (a page rewritten from the
+        // tree would tell its matches were left out).
+        let first =
+            br#"{"total":1, "entry":[{"resource":{"id":"a"}}], "type":"searchset", "id":"s"}"#;
+        let out = String::from_utf8(without_entries(first, &[0]).unwrap()).unwrap();
+        assert_eq!(out, r#"{ "type":"searchset", "id":"s"}"#);
         // An empty array as the upstream wrote it is written alike.
         let empty = br#"{"resourceType":"Bundle","entry":[ ],"total":0}"#;
         let v: Value = serde_json::from_slice(&entries_written_one_way(empty)).unwrap();

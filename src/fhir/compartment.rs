@@ -142,14 +142,17 @@ pub fn in_compartment(resource: &Value, patient: &str, bases: &Bases) -> bool {
 /// one of its compartment paths, a Patient other than `Patient/{patient}`
 /// — relative, an absolute URL to a Patient not under `bases`, a
 /// contained Patient (`#x`), or one by identifier alone (no `reference`)
-/// that says it is a Patient's (`type: Patient`)? A Patient is judged by its id alone
+/// that says it is a Patient's (`type: Patient`) or sits where the
+/// parameter searches Patients only (`Coverage.beneficiary`; also
+/// `Observation.subject`, whose identifier-only Device is then taken for
+/// another patient: it fails closed)? A Patient is judged by its id alone
 /// ([`in_compartment`]): never. (A write is held to more:
 /// [`references_other_patient`] counts any reference by identifier alone
 /// on a compartment path.)
 pub fn names_other_patient(resource: &Value, patient: &str, bases: &Bases) -> bool {
     resource.get("resourceType").and_then(Value::as_str) != Some("Patient")
-        && other_patient_on_paths(resource, patient, bases, &|_, v| {
-            v.get("type").and_then(Value::as_str) == Some("Patient")
+        && other_patient_on_paths(resource, patient, bases, &|p, v| {
+            p.patient_only || v.get("type").and_then(Value::as_str) == Some("Patient")
         })
 }
 
@@ -367,6 +370,11 @@ mod tests {
                 json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
                        "performer": [{"identifier": {"system": "urn:npi", "value": "9"}}]}),
                 false,
+            ),
+            (
+                json!({"resourceType": "Coverage", "subscriber": {"reference": "Patient/p1"},
+                       "beneficiary": {"identifier": {"system": "urn:mrn", "value": "2"}}}),
+                true,
             ),
             (
                 json!({"resourceType": "Observation", "performer": [{"reference": "Patient/p1"}],
