@@ -797,12 +797,8 @@ pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
         // An `entry` key the text spells with escapes: from the tree.
         let mut doc: Value = serde_json::from_slice(body).ok()?;
         let obj = doc.as_object_mut()?;
-        let mut at = 0;
         let list = obj.get_mut("entry")?.as_array_mut()?;
-        list.retain(|_| {
-            at += 1;
-            !drop.contains(&(at - 1))
-        });
+        drop_at(list, drop);
         if list.is_empty() {
             obj.remove("entry");
         }
@@ -815,6 +811,15 @@ pub fn without_entries(body: &[u8], drop: &[usize]) -> Option<Vec<u8>> {
         true => without_total(&out).unwrap_or(out),
         false => out,
     })
+}
+
+/// Removes the elements of `list` at the indexes `drop`.
+fn drop_at(list: &mut Vec<Value>, drop: &[usize]) {
+    let mut at = 0;
+    list.retain(|_| {
+        at += 1;
+        !drop.contains(&(at - 1))
+    });
 }
 
 /// The batch/transaction body with each checked entry's `request.url`
@@ -1191,11 +1196,7 @@ pub fn judge_bundle_answer<B: AsRef<str>>(
                     continue;
                 };
                 if let Some(list) = resource.get_mut("entry").and_then(Value::as_array_mut) {
-                    let mut at = 0;
-                    list.retain(|_| {
-                        at += 1;
-                        !drop.contains(&(at - 1))
-                    });
+                    drop_at(list, drop);
                 }
                 if let Some(new) = relink(resource.to_string().as_bytes(), &[], *history, *no_total)
                     .and_then(|n| serde_json::from_slice(&n).ok())

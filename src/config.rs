@@ -3160,11 +3160,8 @@ impl Config {
 ///
 /// [`JUDGED_SPECIAL_PARAMS`]: crate::decide::JUDGED_SPECIAL_PARAMS
 fn special_param_problem(name: &str, before: &[String]) -> Option<String> {
-    let plain = name.len() > 1
-        && name.starts_with('_')
-        && name[1..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let plain =
+        name.len() > 1 && name.starts_with('_') && crate::fhir::classify::is_plain_param_name(name);
     if !plain {
         return Some(format!(
             "'{name}' is not a parameter name starting with '_' (letters, digits, '_' and '-' \

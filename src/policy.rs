@@ -97,9 +97,10 @@ pub struct Match {
     #[serde(default, deserialize_with = "non_empty")]
     pub binding: Vec<String>,
     /// Parameter names, any of which the request carries (in its query, a
-    /// search's form body or a conditional create's `If-None-Exist`):
-    /// matched without a modifier (`_include` holds for
-    /// `_include:iterate`), in any case.
+    /// search's form body, a conditional create's `If-None-Exist` or a
+    /// written conditional reference's search): matched without a
+    /// modifier or chain (`_include` holds for `_include:iterate`,
+    /// `subject` for `subject.name`), in any case.
     #[serde(default, deserialize_with = "non_empty")]
     pub param: Vec<String>,
     /// A UTC time window (`days` of the week, `from`–`to` as HH:MM).
@@ -452,11 +453,7 @@ impl PolicySet {
                 }
             }
             for name in &w.param {
-                let plain = !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
-                if !plain {
+                if !crate::fhir::classify::is_plain_param_name(name) {
                     p(
                         "when.param",
                         format!(
@@ -814,7 +811,7 @@ impl PolicySet {
             .filter(|r| {
                 r.when.interaction.iter().any(|i| i == input.interaction)
                     || r.when.path.iter().any(|p| path_matches(p, input.path))
-                    || !r.when.param.is_empty() && carries_param(&r.when.param, input.request)
+                    || carries_param(&r.when.param, input.request)
             })
             .cloned()
             .collect();

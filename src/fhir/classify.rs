@@ -423,6 +423,15 @@ pub fn is_param_name(name: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
+/// Whether `name` is a search parameter's name alone: no modifier, chain
+/// or `_has` path (letters, digits, `_` and `-`).
+pub fn is_plain_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
 fn not_allowed(method: &str, what: &str) -> ClassifyError {
     ClassifyError::MethodNotAllowed {
         method: method.to_string(),
