@@ -221,22 +221,20 @@ impl FhirSandbox {
     }
 
     fn matches(&self, r: &Value, params: &[(String, String)]) -> bool {
+        // A reference parameter's value: `Type/id`, or a bare id taken as
+        // a Patient's.
+        let reference = |v: &str| {
+            if v.contains('/') {
+                v.to_string()
+            } else {
+                format!("Patient/{v}")
+            }
+        };
         params.iter().all(|(k, v)| match k.as_str() {
             "_id" => r["id"] == *v,
-            "patient" | "subject" => {
-                let want = if v.contains('/') {
-                    v.clone()
-                } else {
-                    format!("Patient/{v}")
-                };
-                r["subject"]["reference"] == want.as_str()
-            }
+            "patient" | "subject" => r["subject"]["reference"] == reference(v).as_str(),
             "performer" => {
-                let want = if v.contains('/') {
-                    v.clone()
-                } else {
-                    format!("Patient/{v}")
-                };
+                let want = reference(v);
                 r["performer"]
                     .as_array()
                     .into_iter()
