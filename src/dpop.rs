@@ -266,13 +266,12 @@ pub fn check_proof(
         .filter(Value::is_object)
         .ok_or(DpopError::Malformed)?;
     // A media type: its case does not count, nor an `application/` prefix
-    // (RFC 7515 §4.1.9).
+    // (RFC 7515 §4.1.9), as for the access token's (`token::inspect`).
     let typ = header.get("typ").and_then(Value::as_str).unwrap_or("");
-    let typ = typ
-        .get(..12)
-        .filter(|p| p.eq_ignore_ascii_case("application/"))
-        .map_or(typ, |_| &typ[12..]);
-    if !typ.eq_ignore_ascii_case("dpop+jwt") {
+    if !matches!(
+        typ.to_ascii_lowercase().as_str(),
+        "dpop+jwt" | "application/dpop+jwt"
+    ) {
         return Err(DpopError::BadType);
     }
     let alg_name = header.get("alg").and_then(Value::as_str).unwrap_or("");
